@@ -1,0 +1,233 @@
+//! The command line: clap derive with a `PERMD_*` environment variable for every flag,
+//! validated once into typed settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+
+use crate::http::{HttpConfig, Token};
+use crate::sync::SyncConfig;
+
+/// permd: an in-memory permission cache that mirrors a precomputed permission table
+/// from Postgres and answers checks from memory over HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "permd", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info` or `permd=debug,info`).
+    #[arg(long, env = "PERMD_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log format.
+    #[arg(
+        long,
+        env = "PERMD_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// Human-readable lines without colour.
+    Plain,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply permd's migrations (schema `permd`: tuples, limits, changelog, triggers,
+    /// write_token(), digest(), prune_changelog()) to a database. Idempotent.
+    Migrate(MigrateArgs),
+    /// Mirror the database's permd.tuples/permd.limits into memory and serve the HTTP API.
+    Serve(ServeArgs),
+    /// Start a throwaway Postgres from this machine's own binaries, seed it with demo
+    /// data, serve, and print curl commands to try. Ctrl-C stops and removes everything.
+    Demo(DemoArgs),
+}
+
+/// `permd migrate`
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Postgres connection URL, e.g. postgres://user:pass@host:5432/db.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// `permd serve`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Postgres connection URL of the database holding schema `permd`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Everything about the server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `permd demo`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Seed this existing database instead of starting a throwaway Postgres.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Keep the throwaway cluster in this directory (reused on the next run) instead of
+    /// a temporary one removed at exit.
+    #[arg(long, env = "PERMD_DEMO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of demo users to seed.
+    #[arg(long, env = "PERMD_DEMO_USERS", default_value_t = 10_000)]
+    pub users: u32,
+    /// Everything about the server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Server flags shared by `serve` and `demo`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to serve HTTP on. Anything but loopback requires a token.
+    #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Bearer token required on every route but /livez and /readyz. Prefer the
+    /// environment variable or --token-file: a flag is visible in `ps`.
+    #[arg(long, env = "PERMD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the bearer token from this file (surrounding whitespace is ignored).
+    #[arg(long, env = "PERMD_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Poll the changelog this often when no NOTIFY arrives (milliseconds).
+    #[arg(long, env = "PERMD_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub poll_interval_ms: u64,
+    /// Longest wait for an `at_least` token before answering 503 stale (milliseconds).
+    #[arg(long, env = "PERMD_MAX_WAIT_MS", default_value_t = 1000)]
+    pub max_wait_ms: u64,
+    /// Most checks in one batch request.
+    #[arg(long, env = "PERMD_MAX_BATCH", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch: u64,
+    /// Largest request body (bytes).
+    #[arg(long, env = "PERMD_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// Longest time to answer one request (milliseconds).
+    #[arg(long, env = "PERMD_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
+    /// /readyz answers 503 once the mirror has not caught up with Postgres for this
+    /// long (milliseconds).
+    #[arg(long, env = "PERMD_READY_MAX_LAG_MS", default_value_t = 10_000)]
+    pub ready_max_lag_ms: u64,
+    /// On SIGTERM/SIGINT, wait at most this long for in-flight requests (milliseconds).
+    #[arg(long, env = "PERMD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+    /// A statement to Postgres that takes longer than this marks the connection dead
+    /// (milliseconds). Full loads are exempt.
+    #[arg(long, env = "PERMD_QUERY_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub query_timeout_ms: u64,
+}
+
+/// Validated settings of a daemon.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to serve HTTP.
+    pub listen: SocketAddr,
+    /// The sync side.
+    pub sync: SyncConfig,
+    /// The HTTP side.
+    pub http: HttpConfig,
+    /// Bound on graceful shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl ServerArgs {
+    /// Validates the flags into settings for `database_url`.
+    pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => Token::new(token.as_str()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read the token file {}", path.display()))?;
+                Some(Token::new(text).context("the token file is empty")?)
+            }
+            (None, None) => None,
+        };
+        if token.is_none() && !self.listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \
+                 or listen on a loopback address",
+                self.listen
+            );
+        }
+        let mut sync = SyncConfig::new(database_url);
+        sync.poll_interval = Duration::from_millis(self.poll_interval_ms);
+        sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
+        let http = HttpConfig {
+            token,
+            max_batch: usize::try_from(self.max_batch).unwrap_or(usize::MAX),
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            body_limit: self.body_limit,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            ready_max_lag: Duration::from_millis(self.ready_max_lag_ms),
+        };
+        Ok(Settings {
+            listen: self.listen,
+            sync,
+            http,
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(args).expect("valid arguments");
+        match cli.command {
+            Command::Serve(serve) => serve,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn loopback_needs_no_token() {
+        let serve = parse(&["permd", "serve", "--database-url", "postgres://x/y"]);
+        let settings = serve.server.settings(&serve.database_url).expect("valid");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:7700");
+        assert!(settings.http.token.is_none());
+    }
+
+    #[test]
+    fn other_addresses_refuse_to_start_without_a_token() {
+        let serve = parse(&[
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--listen",
+            "0.0.0.0:7700",
+        ]);
+        let error = serve.server.settings("u").expect_err("must refuse");
+        assert!(error.to_string().contains("without a token"), "{error}");
+        let serve = parse(&[
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--listen",
+            "0.0.0.0:7700",
+            "--token",
+            "s3cret",
+        ]);
+        let settings = serve.server.settings("u").expect("token given");
+        assert!(!format!("{settings:?}").contains("s3cret"));
+    }
+}

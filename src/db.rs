@@ -1,0 +1,28 @@
+//! One-off database work for the CLI and the tests: migrations (sqlx's embedded,
+//! checksummed migrator) and small helpers. The daemon's sync path does not use this.
+
+use anyhow::Context as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+/// A small pool for one-off work.
+pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = database_url.parse().context("parse the database URL")?;
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.application_name("permd-cli"))
+        .await
+        .context("connect to the database")
+}
+
+/// Applies every pending migration. Idempotent: applied ones are skipped (and their
+/// checksums verified); concurrent runs are serialised by sqlx's advisory lock.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    // Every migration in `migrations/`, embedded at build time.
+    let mut migrator = sqlx::migrate!("./migrations");
+    // Migrations of the optional reference model may be recorded by a newer permd;
+    // they are not ours to undo.
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await.context("apply migrations")?;
+    Ok(())
+}

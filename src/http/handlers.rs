@@ -1,0 +1,289 @@
+//! One function per route. Each validates its input, waits for `at_least` if asked, and
+//! answers from the store.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{identifier, ApiError, ApiJson, ApiPath, ApiQuery};
+use super::App;
+use crate::store::Xid;
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// A read-your-writes token: the text of `permd.write_token()`, or the same number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenRepr {
+    Text(String),
+    Number(u64),
+}
+
+fn parse_token(token: Option<&TokenRepr>) -> Result<Option<Xid>, ApiError> {
+    match token {
+        None => Ok(None),
+        Some(TokenRepr::Number(n)) => Ok(Some(Xid(*n))),
+        Some(TokenRepr::Text(t)) if t.is_empty() => Ok(None),
+        Some(TokenRepr::Text(t)) => t.trim().parse().map(|n| Some(Xid(n))).map_err(|_| {
+            ApiError::bad_request(format!(
+                "`at_least` must be a token from permd.write_token() (an unsigned integer), got {t:?}"
+            ))
+        }),
+    }
+}
+
+impl App {
+    /// The revision to answer at: waits (bounded) until the token's write is applied.
+    async fn fresh(&self, at_least: Option<&TokenRepr>) -> Result<Xid, ApiError> {
+        match parse_token(at_least)? {
+            None => Ok(self.store.watermark()),
+            Some(token) => self
+                .store
+                .wait_past(token, self.config.max_wait)
+                .await
+                .map_err(|stale| {
+                    self.metrics.stale();
+                    ApiError::Stale {
+                        revision: stale.watermark,
+                    }
+                }),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct CheckQuery {
+    subject: String,
+    permission: String,
+    #[serde(default)]
+    object: String,
+    at_least: Option<TokenRepr>,
+}
+
+/// `GET /v1/check?subject=&permission=[&object=][&at_least=]`
+pub(super) async fn check(State(app): State<App>, ApiQuery(q): ApiQuery<CheckQuery>) -> ApiResult {
+    let started = Instant::now();
+    identifier("subject", &q.subject, false)?;
+    identifier("permission", &q.permission, false)?;
+    identifier("object", &q.object, true)?;
+    let revision = app.fresh(q.at_least.as_ref()).await?;
+    let allowed = app.store.check(&q.subject, &q.permission, &q.object);
+    app.metrics.checks(u64::from(allowed), u64::from(!allowed));
+    app.metrics.latency(started.elapsed());
+    Ok(Json(
+        json!({ "allowed": allowed, "revision": revision.to_string() }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct CheckItem {
+    subject: String,
+    permission: String,
+    #[serde(default)]
+    object: String,
+}
+
+#[derive(Deserialize)]
+pub(super) struct BatchRequest {
+    checks: Vec<CheckItem>,
+    at_least: Option<TokenRepr>,
+}
+
+/// `POST /v1/check` with `{"checks":[{subject,permission,object?}],"at_least"?}`
+pub(super) async fn check_batch(
+    State(app): State<App>,
+    ApiJson(body): ApiJson<BatchRequest>,
+) -> ApiResult {
+    let started = Instant::now();
+    if body.checks.len() > app.config.max_batch {
+        return Err(ApiError::Invalid {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "{} checks in one request; at most {} are allowed",
+                body.checks.len(),
+                app.config.max_batch
+            ),
+        });
+    }
+    for (i, c) in body.checks.iter().enumerate() {
+        identifier(&format!("checks[{i}].subject"), &c.subject, false)?;
+        identifier(&format!("checks[{i}].permission"), &c.permission, false)?;
+        identifier(&format!("checks[{i}].object"), &c.object, true)?;
+    }
+    let revision = app.fresh(body.at_least.as_ref()).await?;
+    let results = app.store.check_many(
+        body.checks
+            .iter()
+            .map(|c| (c.subject.as_str(), c.permission.as_str(), c.object.as_str())),
+    );
+    let allowed = results.iter().filter(|a| **a).count() as u64;
+    app.metrics.checks(allowed, results.len() as u64 - allowed);
+    app.metrics.latency(started.elapsed());
+    Ok(Json(
+        json!({ "results": results, "revision": revision.to_string() }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct PermissionsQuery {
+    #[serde(default)]
+    object: String,
+    at_least: Option<TokenRepr>,
+}
+
+/// `GET /v1/subjects/{subject}/permissions[?object=]`
+pub(super) async fn permissions(
+    State(app): State<App>,
+    ApiPath(subject): ApiPath,
+    ApiQuery(q): ApiQuery<PermissionsQuery>,
+) -> ApiResult {
+    identifier("subject", &subject, false)?;
+    identifier("object", &q.object, true)?;
+    let revision = app.fresh(q.at_least.as_ref()).await?;
+    let permissions = app.store.permissions_of(&subject, &q.object);
+    Ok(Json(json!({
+        "subject": subject,
+        "object": q.object,
+        "permissions": permissions,
+        "revision": revision.to_string(),
+    })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct ObjectsQuery {
+    permission: String,
+    at_least: Option<TokenRepr>,
+}
+
+/// `GET /v1/subjects/{subject}/objects?permission=`
+pub(super) async fn objects(
+    State(app): State<App>,
+    ApiPath(subject): ApiPath,
+    ApiQuery(q): ApiQuery<ObjectsQuery>,
+) -> ApiResult {
+    identifier("subject", &subject, false)?;
+    identifier("permission", &q.permission, false)?;
+    let revision = app.fresh(q.at_least.as_ref()).await?;
+    let objects = app.store.objects_of(&subject, &q.permission);
+    Ok(Json(json!({
+        "subject": subject,
+        "permission": q.permission,
+        "objects": objects,
+        "revision": revision.to_string(),
+    })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct FreshQuery {
+    at_least: Option<TokenRepr>,
+}
+
+/// `GET /v1/subjects/{subject}/limits`
+pub(super) async fn limits(
+    State(app): State<App>,
+    ApiPath(subject): ApiPath,
+    ApiQuery(q): ApiQuery<FreshQuery>,
+) -> ApiResult {
+    identifier("subject", &subject, false)?;
+    let revision = app.fresh(q.at_least.as_ref()).await?;
+    let limits = app.store.limits_of(&subject);
+    Ok(Json(
+        json!({ "subject": subject, "limits": limits, "revision": revision.to_string() }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct CheckLimitQuery {
+    subject: String,
+    limit: String,
+    usage: String,
+    at_least: Option<TokenRepr>,
+}
+
+/// `GET /v1/check-limit?subject=&limit=&usage=`: allowed while usage < limit. A subject
+/// without that limit is not allowed (`"limit": null`): limits fail closed.
+pub(super) async fn check_limit(
+    State(app): State<App>,
+    ApiQuery(q): ApiQuery<CheckLimitQuery>,
+) -> ApiResult {
+    identifier("subject", &q.subject, false)?;
+    identifier("limit", &q.limit, false)?;
+    let usage: i64 = q.usage.trim().parse().map_err(|_| {
+        ApiError::bad_request(format!("`usage` must be an integer, got {:?}", q.usage))
+    })?;
+    let revision = app.fresh(q.at_least.as_ref()).await?;
+    let limit = app.store.limit(&q.subject, &q.limit);
+    let allowed = limit.is_some_and(|limit| usage < limit);
+    Ok(Json(
+        json!({ "allowed": allowed, "limit": limit, "revision": revision.to_string() }),
+    ))
+}
+
+/// `GET /v1/status`
+pub(super) async fn status(State(app): State<App>) -> ApiResult {
+    let report = app.status.report();
+    let counts = app.store.counts();
+    let revision = app.store.watermark().to_string();
+    Ok(Json(json!({
+        "ready": app.status.is_ready(app.config.ready_max_lag.as_secs_f64()),
+        "revision": revision,
+        "watermark": revision,
+        "tuples": counts.tuples,
+        "subjects": counts.subjects,
+        "limits": counts.limits,
+        "connected": report.connected,
+        "loaded": report.loaded,
+        "lag_seconds": report.lag_seconds,
+        "last_full_load_at": report.last_full_load_at,
+        "last_full_load_ms": report.last_full_load_ms,
+        "reloads": report.reloads,
+        "reconnects": report.reconnects,
+        "last_error": report.last_error,
+    })))
+}
+
+/// `GET /v1/digest[?at_least=]`: walks every row, so it runs on a blocking thread.
+pub(super) async fn digest(State(app): State<App>, ApiQuery(q): ApiQuery<FreshQuery>) -> ApiResult {
+    app.fresh(q.at_least.as_ref()).await?;
+    // Read the revision before the digest: the state can only be newer than it.
+    let revision = app.store.watermark();
+    let store = app.store.clone();
+    let digest = tokio::task::spawn_blocking(move || store.digest())
+        .await
+        .map_err(|_| ApiError::Timeout)?;
+    Ok(Json(
+        json!({ "digest": digest, "revision": revision.to_string() }),
+    ))
+}
+
+/// `GET /livez`: the process answers.
+pub(super) async fn livez() -> impl IntoResponse {
+    Json(json!({ "live": true }))
+}
+
+/// `GET /readyz`: 200 once loaded and recently caught up, else 503.
+pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
+    let ready = app.status.is_ready(app.config.ready_max_lag.as_secs_f64());
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "ready": ready, "lag_seconds": app.status.lag_seconds() })),
+    )
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub(super) async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(&app.store, &app.status),
+    )
+}

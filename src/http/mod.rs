@@ -1,0 +1,159 @@
+//! The HTTP API: `router(app)` and its handlers. Reads the store only.
+//!
+//! Invariant: no handler talks to Postgres. A request that must see a write
+//! (`at_least`) waits on the store's watermark, bounded, and never queries the database.
+
+mod error;
+mod handlers;
+mod metrics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+pub use error::ApiError;
+pub(crate) use metrics::Metrics;
+
+use crate::store::Store;
+use crate::sync::Status;
+
+/// A bearer token. Its `Debug` never shows it, so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a token; `None` for an empty one.
+    pub fn new(token: impl Into<String>) -> Option<Self> {
+        let token = token.into();
+        (!token.trim().is_empty()).then(|| Self(token.trim().to_owned()))
+    }
+
+    /// Compares in time independent of where the two differ.
+    fn matches(&self, candidate: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        let mut diff = expected.len() ^ candidate.len();
+        for (i, byte) in expected.iter().enumerate() {
+            diff |= usize::from(byte ^ candidate.get(i).copied().unwrap_or(!byte));
+        }
+        diff == 0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+/// Limits and switches of the HTTP side.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Required as `Authorization: Bearer …` on every route but `/livez` and `/readyz`.
+    pub token: Option<Token>,
+    /// Most checks in one batch request.
+    pub max_batch: usize,
+    /// Longest wait for an `at_least` token before answering 503 stale.
+    pub max_wait: Duration,
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+    /// Longest time to answer any request.
+    pub request_timeout: Duration,
+    /// `/readyz` is 503 when the mirror has not caught up for longer than this.
+    pub ready_max_lag: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_batch: 10_000,
+            max_wait: Duration::from_secs(1),
+            body_limit: 2 * 1024 * 1024,
+            request_timeout: Duration::from_secs(10),
+            ready_max_lag: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every handler shares: a cheap clone (three `Arc`s and the store handle).
+#[derive(Clone)]
+pub struct App {
+    store: Store,
+    status: Status,
+    metrics: Arc<Metrics>,
+    config: Arc<HttpConfig>,
+}
+
+impl App {
+    /// The handler state over `store` and `status`.
+    pub fn new(store: Store, status: Status, config: HttpConfig) -> Self {
+        Self {
+            store,
+            status,
+            metrics: Arc::default(),
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// The whole API. Tests drive it with `oneshot` without a socket.
+pub fn router(app: App) -> Router {
+    let api = Router::new()
+        .route(
+            "/v1/check",
+            get(handlers::check).post(handlers::check_batch),
+        )
+        .route(
+            "/v1/subjects/{subject}/permissions",
+            get(handlers::permissions),
+        )
+        .route("/v1/subjects/{subject}/objects", get(handlers::objects))
+        .route("/v1/subjects/{subject}/limits", get(handlers::limits))
+        .route("/v1/check-limit", get(handlers::check_limit))
+        .route("/v1/status", get(handlers::status))
+        .route("/v1/digest", get(handlers::digest))
+        .route("/metrics", get(handlers::metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authorize));
+    Router::new()
+        .route("/livez", get(handlers::livez))
+        .route("/readyz", get(handlers::readyz))
+        .merge(api)
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(app.config.body_limit))
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
+        .with_state(app)
+}
+
+/// Checks the bearer token, when one is configured.
+async fn authorize(State(app): State<App>, request: Request, next: Next) -> Response {
+    if let Some(token) = &app.config.token {
+        let presented = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        if !token.matches(presented) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Bounds every request's time and counts 4xx answers.
+async fn guard(State(app): State<App>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(app.config.request_timeout, next.run(request)).await {
+        Ok(response) => {
+            if response.status().is_client_error() {
+                app.metrics.client_error();
+            }
+            response
+        }
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}

@@ -1,0 +1,163 @@
+//! permd: an in-memory permission cache.
+//!
+//! Postgres holds the precomputed permission set (`permd.tuples`, `permd.limits`), filled
+//! by triggers at write time. permd loads it into memory, follows a trigger-fed changelog
+//! (LISTEN/NOTIFY is the doorbell) and answers checks from memory over HTTP.
+//!
+//! Data flows one way: Postgres → [`sync`] → [`store`] → [`http`].
+//!
+//! - [`config`]: the command line, validated into [`config::Settings`].
+//! - [`store`]: the mirror; no I/O, never fails.
+//! - [`sync`]: loader (snapshot COPY), applier (changelog cursor), doorbell.
+//! - [`http`]: the API; reads the store only.
+//! - [`db`]: migrations and one-off queries for the CLI.
+//! - [`embedded`]: a throwaway Postgres for the demo and the tests.
+//! - [`demo`]: `permd demo`.
+
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod embedded;
+pub mod http;
+pub mod store;
+pub mod sync;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::http::App;
+use crate::store::Store;
+use crate::sync::{Applier, Status};
+
+/// A running daemon: the applier and the HTTP server, stopped by the shutdown token.
+pub struct Daemon {
+    store: Store,
+    status: Status,
+    local_addr: SocketAddr,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    shutdown_timeout: Duration,
+    ready_max_lag: Duration,
+}
+
+impl Daemon {
+    /// Binds the listener (failing fast if the address is taken), then starts the
+    /// applier and the server. Answers `/readyz` 503 until loaded and caught up.
+    pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listen on {}", settings.listen))?;
+        let local_addr = listener.local_addr().context("read the bound address")?;
+        let store = Store::new();
+        let status = Status::default();
+        let tasks = TaskTracker::new();
+
+        let applier = Applier::new(store.clone(), status.clone(), settings.sync.clone());
+        tasks.spawn(applier.run(shutdown.clone()));
+
+        let ready_max_lag = settings.http.ready_max_lag;
+        let app = App::new(store.clone(), status.clone(), settings.http);
+        let router = http::router(app);
+        let listener = listener.tap_io(|tcp| {
+            // Checks are small request/response pairs: never wait to coalesce them.
+            let _ = tcp.set_nodelay(true);
+        });
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "http server failed");
+                stop.cancel();
+            }
+        });
+        tasks.close();
+        tracing::info!(addr = %local_addr, "serving http");
+        Ok(Self {
+            store,
+            status,
+            local_addr,
+            tasks,
+            shutdown,
+            shutdown_timeout: settings.shutdown_timeout,
+            ready_max_lag,
+        })
+    }
+
+    /// The address the server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The mirror.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The sync status.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// Waits until ready (loaded and caught up), at most `timeout`. False on timeout.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.status.is_ready(self.ready_max_lag.as_secs_f64()) {
+                return true;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return false,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        false
+    }
+
+    /// Waits for the shutdown token, then for in-flight requests and the applier, at
+    /// most the configured shutdown timeout.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        tracing::info!(
+            timeout_ms = self.shutdown_timeout.as_millis() as u64,
+            "shutting down"
+        );
+        if tokio::time::timeout(self.shutdown_timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown timeout reached with work in flight; exiting anyway");
+        } else {
+            tracing::info!("stopped");
+        }
+    }
+}
+
+/// Cancels `token` on SIGINT (Ctrl-C) or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            () = terminate => tracing::info!("SIGTERM received"),
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,52 @@
+//! The `permd` binary: parse the command line, set up logging, call the library.
+
+use clap::Parser as _;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use permd::config::{Cli, Command, LogFormat};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(
+            matches!(cli.log_format, LogFormat::Text)
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("permd: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    match command {
+        Command::Migrate(args) => {
+            let pool = permd::db::pool(&args.database_url).await?;
+            permd::db::migrate(&pool).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let settings = args.server.settings(&args.database_url)?;
+            permd::cancel_on_signals(shutdown.clone());
+            let daemon = permd::Daemon::start(settings, shutdown).await?;
+            daemon.wait().await;
+            Ok(())
+        }
+        Command::Demo(args) => {
+            permd::cancel_on_signals(shutdown.clone());
+            permd::demo::run(args, shutdown).await
+        }
+    }
+}

@@ -1,0 +1,699 @@
+//! One immutable-by-swap generation of the mirrored permission set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use md5::{Digest as _, Md5};
+
+use super::interner::Interner;
+use super::Hasher;
+
+/// `expires_at` of a tuple that never expires.
+pub(crate) const NEVER: i64 = i64::MAX;
+/// Permission ids below this live in the inline bitset.
+const INLINE_BITS: u32 = 64;
+/// The wildcard subject and object.
+pub(crate) const WILDCARD: &str = "*";
+
+/// One stored tuple, as the loader and applier hand it to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TupleRow {
+    /// The permission name.
+    pub permission: String,
+    /// Microseconds since the Unix epoch, or `None` for never.
+    pub expires_at: Option<i64>,
+}
+
+/// A permission held past the inline bitset, or one that expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    permission: u32,
+    expires_at: i64,
+}
+
+/// The permissions a subject holds on one object: 16 bytes in the common case (no
+/// expiry, fewer than 64 permission names in the whole set).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Grant {
+    /// Permanent permissions with id < 64.
+    bits: u64,
+    /// Everything else: expiring permissions and ids >= 64. Usually `None`.
+    extra: Option<Box<[Slot]>>,
+}
+
+impl Grant {
+    fn from_slots(mut slots: Vec<Slot>) -> Self {
+        let mut bits = 0u64;
+        slots.retain(|s| {
+            if s.expires_at == NEVER && s.permission < INLINE_BITS {
+                bits |= 1 << s.permission;
+                false
+            } else {
+                true
+            }
+        });
+        slots.sort_unstable_by_key(|s| s.permission);
+        let extra = (!slots.is_empty()).then(|| slots.into_boxed_slice());
+        Self { bits, extra }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bits == 0 && self.extra.is_none()
+    }
+
+    #[inline]
+    fn allows(&self, permission: u32, now: &mut Now) -> bool {
+        if permission < INLINE_BITS && self.bits & (1 << permission) != 0 {
+            return true;
+        }
+        match &self.extra {
+            None => false,
+            Some(extra) => extra
+                .iter()
+                .any(|s| s.permission == permission && s.expires_at > now.get()),
+        }
+    }
+
+    /// Every stored (permission, expires_at) pair, expired ones included.
+    fn rows(&self) -> impl Iterator<Item = (u32, i64)> + '_ {
+        let bits = self.bits;
+        (0..INLINE_BITS)
+            .filter(move |p| bits & (1 << p) != 0)
+            .map(|p| (p, NEVER))
+            .chain(
+                self.extra
+                    .iter()
+                    .flat_map(|e| e.iter().map(|s| (s.permission, s.expires_at))),
+            )
+    }
+
+    fn row_count(&self) -> u64 {
+        u64::from(self.bits.count_ones()) + self.extra.as_ref().map_or(0, |e| e.len() as u64)
+    }
+}
+
+/// Everything stored for one subject: grants by object, sorted by object id so a check is
+/// a binary search and listing is a scan of exactly this subject's objects; and limits.
+#[derive(Debug, Default)]
+struct SubjectEntry {
+    grants: Vec<(u32, Grant)>,
+    limits: Vec<(u32, i64)>,
+}
+
+impl SubjectEntry {
+    #[inline]
+    fn grant(&self, object: u32) -> Option<&Grant> {
+        self.grants
+            .binary_search_by_key(&object, |(o, _)| *o)
+            .ok()
+            .map(|i| &self.grants[i].1)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.grants.is_empty() && self.limits.is_empty()
+    }
+}
+
+/// The wall clock, read at most once per check and only when an expiring tuple is met.
+pub(crate) struct Now(Option<i64>);
+
+impl Now {
+    pub(crate) fn lazy() -> Self {
+        Self(None)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fixed(micros: i64) -> Self {
+        Self(Some(micros))
+    }
+
+    fn get(&mut self) -> i64 {
+        *self.0.get_or_insert_with(now_micros)
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub(crate) fn now_micros() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// One generation of the mirror. The applier mutates it in place for incremental changes;
+/// a full reload builds a new one aside and swaps it in.
+pub(crate) struct State {
+    /// Subject string to its entry. Sharded so checks on different subjects proceed in
+    /// parallel while the applier writes one shard at a time.
+    subjects: DashMap<Box<str>, SubjectEntry, Hasher>,
+    objects: Interner,
+    permissions: Interner,
+    limit_names: Interner,
+    /// Stored tuple rows (expired ones included), kept by the single writer.
+    tuples: AtomicU64,
+    /// Stored limit rows.
+    limits: AtomicU64,
+}
+
+impl State {
+    pub(crate) fn with_capacity(subjects: usize, objects: usize) -> Self {
+        let state = Self {
+            subjects: DashMap::with_capacity_and_hasher(subjects, Hasher::default()),
+            objects: Interner::with_capacity(objects),
+            permissions: Interner::with_capacity(64),
+            limit_names: Interner::with_capacity(16),
+            tuples: AtomicU64::new(0),
+            limits: AtomicU64::new(0),
+        };
+        // The global object gets id 0 and the wildcard id 1, so neither is ever missing.
+        state.objects.intern("");
+        state.objects.intern(WILDCARD);
+        state
+    }
+
+    /// Number of stored tuple rows, expired ones included.
+    pub(crate) fn tuple_count(&self) -> u64 {
+        self.tuples.load(Ordering::Relaxed)
+    }
+
+    /// Number of stored limit rows.
+    pub(crate) fn limit_count(&self) -> u64 {
+        self.limits.load(Ordering::Relaxed)
+    }
+
+    /// Number of subjects with at least one tuple or limit.
+    pub(crate) fn subject_count(&self) -> usize {
+        self.subjects.len()
+    }
+
+    #[inline]
+    fn subject_allows(
+        &self,
+        subject: &str,
+        objects: &[u32],
+        permission: u32,
+        now: &mut Now,
+    ) -> bool {
+        match self.subjects.get(subject) {
+            None => false,
+            Some(entry) => objects
+                .iter()
+                .any(|&o| entry.grant(o).is_some_and(|g| g.allows(permission, now))),
+        }
+    }
+
+    /// Whether `subject` (or `*`) holds `permission` on `object` (or on `*` when `object`
+    /// is not the global object ''), counting only unexpired tuples.
+    pub(crate) fn check(
+        &self,
+        subject: &str,
+        permission: &str,
+        object: &str,
+        now: &mut Now,
+    ) -> bool {
+        let Some(permission) = self.permissions.get(permission) else {
+            return false;
+        };
+        let exact = self.objects.get(object);
+        let mut candidates = [0u32; 2];
+        let mut n = 0;
+        if let Some(o) = exact {
+            candidates[n] = o;
+            n += 1;
+        }
+        if !object.is_empty() && object != WILDCARD {
+            candidates[n] = 1; // the id of WILDCARD, fixed in with_capacity
+            n += 1;
+        }
+        let candidates = &candidates[..n];
+        self.subject_allows(subject, candidates, permission, now)
+            || (subject != WILDCARD && self.subject_allows(WILDCARD, candidates, permission, now))
+    }
+
+    /// The permissions `subject` holds on `object` ('' for global ones), wildcards and
+    /// expiry applied, sorted.
+    pub(crate) fn permissions_of(
+        &self,
+        subject: &str,
+        object: &str,
+        now: &mut Now,
+    ) -> Vec<Arc<str>> {
+        let mut objects = Vec::with_capacity(2);
+        if let Some(o) = self.objects.get(object) {
+            objects.push(o);
+        }
+        if !object.is_empty() && object != WILDCARD {
+            objects.push(1);
+        }
+        let mut held = BTreeSet::new();
+        for s in [subject, WILDCARD] {
+            if let Some(entry) = self.subjects.get(s) {
+                for &o in &objects {
+                    if let Some(g) = entry.grant(o) {
+                        for (p, expires_at) in g.rows() {
+                            if expires_at > now.get() {
+                                held.insert(p);
+                            }
+                        }
+                    }
+                }
+            }
+            if subject == WILDCARD {
+                break;
+            }
+        }
+        held.into_iter().map(|p| self.permissions.name(p)).collect()
+    }
+
+    /// The objects on which `subject` holds `permission` (never the global object; `*`
+    /// when it is held on every object), wildcards and expiry applied, sorted.
+    pub(crate) fn objects_of(
+        &self,
+        subject: &str,
+        permission: &str,
+        now: &mut Now,
+    ) -> Vec<Arc<str>> {
+        let Some(permission) = self.permissions.get(permission) else {
+            return Vec::new();
+        };
+        let mut found = BTreeSet::new();
+        for s in [subject, WILDCARD] {
+            if let Some(entry) = self.subjects.get(s) {
+                for (o, g) in &entry.grants {
+                    if *o != 0 && g.allows(permission, now) {
+                        found.insert(*o);
+                    }
+                }
+            }
+            if subject == WILDCARD {
+                break;
+            }
+        }
+        let mut names: Vec<Arc<str>> = found.into_iter().map(|o| self.objects.name(o)).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The limits of `subject`: its own values, over those of `*`.
+    pub(crate) fn limits_of(&self, subject: &str) -> BTreeMap<Arc<str>, i64> {
+        let mut limits = BTreeMap::new();
+        for s in [WILDCARD, subject] {
+            if let Some(entry) = self.subjects.get(s) {
+                for &(name, value) in &entry.limits {
+                    limits.insert(self.limit_names.name(name), value);
+                }
+            }
+        }
+        limits
+    }
+
+    /// The value of one limit of `subject` (its own, else that of `*`).
+    pub(crate) fn limit(&self, subject: &str, name: &str) -> Option<i64> {
+        let name = self.limit_names.get(name)?;
+        let find = |s: &str| {
+            let entry = self.subjects.get(s)?;
+            entry
+                .limits
+                .binary_search_by_key(&name, |(n, _)| *n)
+                .ok()
+                .map(|i| entry.limits[i].1)
+        };
+        find(subject).or_else(|| find(WILDCARD))
+    }
+
+    /// Replaces everything `subject` holds on `object` with `rows` (empty: removes it).
+    pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
+        let slots: Vec<Slot> = rows
+            .iter()
+            .map(|r| Slot {
+                permission: self.permissions.intern(&r.permission),
+                expires_at: r.expires_at.unwrap_or(NEVER),
+            })
+            .collect();
+        let grant = Grant::from_slots(slots);
+        let added = grant.row_count();
+        let removed;
+        if grant.is_empty() {
+            let Some(object) = self.objects.get(object) else {
+                return;
+            };
+            let Some(mut entry) = self.subjects.get_mut(subject) else {
+                return;
+            };
+            removed = match entry.grants.binary_search_by_key(&object, |(o, _)| *o) {
+                Ok(i) => entry.grants.remove(i).1.row_count(),
+                Err(_) => 0,
+            };
+            let empty = entry.is_empty();
+            drop(entry);
+            if empty {
+                self.subjects.remove_if(subject, |_, e| e.is_empty());
+            }
+        } else {
+            let object = self.objects.intern(object);
+            let mut entry = self.subjects.entry(subject.into()).or_default();
+            removed = match entry.grants.binary_search_by_key(&object, |(o, _)| *o) {
+                Ok(i) => std::mem::replace(&mut entry.grants[i].1, grant).row_count(),
+                Err(i) => {
+                    entry.grants.insert(i, (object, grant));
+                    0
+                }
+            };
+        }
+        self.adjust(&self.tuples, added, removed);
+    }
+
+    /// Replaces every limit of `subject` with `rows` (empty: removes them).
+    pub(crate) fn set_limits(&self, subject: &str, rows: &[(String, i64)]) {
+        let mut limits: Vec<(u32, i64)> = rows
+            .iter()
+            .map(|(name, value)| (self.limit_names.intern(name), *value))
+            .collect();
+        limits.sort_unstable();
+        let added = limits.len() as u64;
+        let removed;
+        if limits.is_empty() {
+            let Some(mut entry) = self.subjects.get_mut(subject) else {
+                return;
+            };
+            removed = std::mem::take(&mut entry.limits).len() as u64;
+            let empty = entry.is_empty();
+            drop(entry);
+            if empty {
+                self.subjects.remove_if(subject, |_, e| e.is_empty());
+            }
+        } else {
+            let mut entry = self.subjects.entry(subject.into()).or_default();
+            removed = std::mem::replace(&mut entry.limits, limits).len() as u64;
+        }
+        self.adjust(&self.limits, added, removed);
+    }
+
+    fn adjust(&self, counter: &AtomicU64, added: u64, removed: u64) {
+        // Only the single writer updates the counters, so load-then-store cannot lose one.
+        let value = counter.load(Ordering::Relaxed);
+        counter.store(
+            value.saturating_add(added).saturating_sub(removed),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The order-independent digest of every stored row, the same value as the SQL
+    /// function `permd.digest()`: `<tuples>:<limits>:<sum of row hashes, 16 hex digits>`.
+    pub(crate) fn digest(&self) -> String {
+        let mut sum = 0u64;
+        let mut tuples = 0u64;
+        let mut limits = 0u64;
+        let mut line = Vec::with_capacity(256);
+        self.objects.with_names(|objects| {
+            self.permissions.with_names(|permissions| {
+                self.limit_names.with_names(|limit_names| {
+                    for entry in &self.subjects {
+                        let subject = entry.key();
+                        for (o, grant) in &entry.grants {
+                            for (p, expires_at) in grant.rows() {
+                                line.clear();
+                                push_fields(
+                                    &mut line,
+                                    &["t", subject, name_at(objects, *o), name_at(permissions, p)],
+                                );
+                                line.push(0x1f);
+                                if expires_at != NEVER {
+                                    line.extend_from_slice(expires_at.to_string().as_bytes());
+                                }
+                                sum = sum.wrapping_add(row_hash(&line));
+                                tuples += 1;
+                            }
+                        }
+                        for (n, value) in &entry.limits {
+                            line.clear();
+                            push_fields(&mut line, &["l", subject, name_at(limit_names, *n)]);
+                            line.push(0x1f);
+                            line.extend_from_slice(value.to_string().as_bytes());
+                            sum = sum.wrapping_add(row_hash(&line));
+                            limits += 1;
+                        }
+                    }
+                });
+            });
+        });
+        format!("{tuples}:{limits}:{sum:016x}")
+    }
+}
+
+fn name_at(names: &[Arc<str>], id: u32) -> &str {
+    names.get(id as usize).map_or("", |n| n)
+}
+
+fn push_fields(line: &mut Vec<u8>, fields: &[&str]) {
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            line.push(0x1f);
+        }
+        line.extend_from_slice(f.as_bytes());
+    }
+}
+
+/// The first 8 bytes of md5, big-endian: `permd.row_hash()` in SQL.
+fn row_hash(line: &[u8]) -> u64 {
+    let hash = Md5::digest(line);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Builds a `State` from a full snapshot, off the async runtime. Rows arrive in any
+/// order; each subject's grants are sorted once at the end instead of on every insert.
+pub(crate) struct StateBuilder {
+    state: State,
+    pending: std::collections::HashMap<Box<str>, Vec<(u32, Slot)>, Hasher>,
+    limits: std::collections::HashMap<Box<str>, Vec<(u32, i64)>, Hasher>,
+}
+
+impl StateBuilder {
+    /// `tuples_hint` is an estimate of the number of tuple rows, used to pre-size.
+    pub(crate) fn new(tuples_hint: usize) -> Self {
+        let subjects = (tuples_hint / 8).max(16);
+        Self {
+            state: State::with_capacity(subjects, (tuples_hint / 4).max(16)),
+            pending: std::collections::HashMap::with_capacity_and_hasher(
+                subjects,
+                Hasher::default(),
+            ),
+            limits: std::collections::HashMap::with_hasher(Hasher::default()),
+        }
+    }
+
+    /// Adds one tuple row; `expires_at` in microseconds since the Unix epoch.
+    pub(crate) fn tuple(
+        &mut self,
+        subject: &str,
+        object: &str,
+        permission: &str,
+        expires_at: Option<i64>,
+    ) {
+        let slot = Slot {
+            permission: self.state.permissions.intern(permission),
+            expires_at: expires_at.unwrap_or(NEVER),
+        };
+        let object = self.state.objects.intern(object);
+        match self.pending.get_mut(subject) {
+            Some(rows) => rows.push((object, slot)),
+            None => {
+                self.pending.insert(subject.into(), vec![(object, slot)]);
+            }
+        }
+    }
+
+    /// Adds one limit row.
+    pub(crate) fn limit(&mut self, subject: &str, name: &str, value: i64) {
+        let name = self.state.limit_names.intern(name);
+        match self.limits.get_mut(subject) {
+            Some(rows) => rows.push((name, value)),
+            None => {
+                self.limits.insert(subject.into(), vec![(name, value)]);
+            }
+        }
+    }
+
+    /// Sorts and packs every subject's rows and returns the finished state.
+    pub(crate) fn finish(self) -> State {
+        let Self {
+            state,
+            pending,
+            mut limits,
+        } = self;
+        let mut tuples = 0u64;
+        for (subject, mut rows) in pending {
+            rows.sort_unstable_by_key(|(o, s)| (*o, s.permission));
+            let mut grants: Vec<(u32, Grant)> = Vec::new();
+            let mut start = 0;
+            while start < rows.len() {
+                let object = rows[start].0;
+                let end = start
+                    + rows[start..]
+                        .iter()
+                        .take_while(|(o, _)| *o == object)
+                        .count();
+                let grant = Grant::from_slots(rows[start..end].iter().map(|(_, s)| *s).collect());
+                tuples += grant.row_count();
+                grants.push((object, grant));
+                start = end;
+            }
+            grants.shrink_to_fit();
+            let mut subject_limits = limits.remove(&subject).unwrap_or_default();
+            subject_limits.sort_unstable();
+            subject_limits.shrink_to_fit();
+            state.subjects.insert(
+                subject,
+                SubjectEntry {
+                    grants,
+                    limits: subject_limits,
+                },
+            );
+        }
+        let mut limit_rows = 0u64;
+        for entry in state.subjects.iter() {
+            limit_rows += entry.limits.len() as u64;
+        }
+        for (subject, mut rows) in limits {
+            rows.sort_unstable();
+            rows.shrink_to_fit();
+            limit_rows += rows.len() as u64;
+            state.subjects.insert(
+                subject,
+                SubjectEntry {
+                    grants: Vec::new(),
+                    limits: rows,
+                },
+            );
+        }
+        state.tuples.store(tuples, Ordering::Relaxed);
+        state.limits.store(limit_rows, Ordering::Relaxed);
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(permission: &str, expires_at: Option<i64>) -> TupleRow {
+        TupleRow {
+            permission: permission.into(),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn set_grant_replaces_and_removes() {
+        let state = State::with_capacity(4, 4);
+        state.set_grant("u1", "doc:1", &[row("read", None), row("write", None)]);
+        assert!(state.check("u1", "read", "doc:1", &mut Now::lazy()));
+        assert!(state.check("u1", "write", "doc:1", &mut Now::lazy()));
+        assert!(!state.check("u1", "read", "doc:2", &mut Now::lazy()));
+        assert_eq!(state.tuple_count(), 2);
+        state.set_grant("u1", "doc:1", &[row("read", None)]);
+        assert!(!state.check("u1", "write", "doc:1", &mut Now::lazy()));
+        assert_eq!(state.tuple_count(), 1);
+        state.set_grant("u1", "doc:1", &[]);
+        assert!(!state.check("u1", "read", "doc:1", &mut Now::lazy()));
+        assert_eq!(state.tuple_count(), 0);
+        assert_eq!(state.subject_count(), 0);
+    }
+
+    #[test]
+    fn expiry_is_applied_at_read_time() {
+        let state = State::with_capacity(4, 4);
+        state.set_grant("u1", "", &[row("EXPORT", Some(1_000)), row("VIEW", None)]);
+        assert!(state.check("u1", "EXPORT", "", &mut Now::fixed(999)));
+        assert!(!state.check("u1", "EXPORT", "", &mut Now::fixed(1_000)));
+        assert!(state.check("u1", "VIEW", "", &mut Now::fixed(5_000)));
+        let held = state.permissions_of("u1", "", &mut Now::fixed(2_000));
+        assert_eq!(held, vec![Arc::from("VIEW")]);
+        // Expired rows are still stored, and counted in the digest.
+        assert_eq!(state.tuple_count(), 2);
+    }
+
+    #[test]
+    fn wildcards_cover_subjects_and_objects_but_not_global() {
+        let state = State::with_capacity(4, 4);
+        state.set_grant("*", "doc:public", &[row("read", None)]);
+        state.set_grant("admin", "*", &[row("delete", None)]);
+        assert!(state.check("anyone", "read", "doc:public", &mut Now::lazy()));
+        assert!(!state.check("anyone", "read", "doc:other", &mut Now::lazy()));
+        assert!(state.check("admin", "delete", "doc:never-seen", &mut Now::lazy()));
+        assert!(!state.check("admin", "delete", "", &mut Now::lazy()));
+        assert_eq!(
+            state.objects_of("admin", "delete", &mut Now::lazy()),
+            vec![Arc::from("*")]
+        );
+        assert_eq!(
+            state.objects_of("bob", "read", &mut Now::lazy()),
+            vec![Arc::from("doc:public")]
+        );
+    }
+
+    #[test]
+    fn many_permission_names_spill_past_the_bitset() {
+        let state = State::with_capacity(4, 4);
+        let rows: Vec<TupleRow> = (0..100).map(|i| row(&format!("p{i}"), None)).collect();
+        state.set_grant("u", "o", &rows);
+        for i in 0..100 {
+            assert!(
+                state.check("u", &format!("p{i}"), "o", &mut Now::lazy()),
+                "p{i}"
+            );
+        }
+        assert_eq!(state.permissions_of("u", "o", &mut Now::lazy()).len(), 100);
+        assert_eq!(state.tuple_count(), 100);
+    }
+
+    #[test]
+    fn limits_prefer_the_subject_over_the_wildcard() {
+        let state = State::with_capacity(4, 4);
+        state.set_limits("*", &[("projects".into(), 1), ("seats".into(), 2)]);
+        state.set_limits("u1", &[("projects".into(), 10)]);
+        assert_eq!(state.limit("u1", "projects"), Some(10));
+        assert_eq!(state.limit("u1", "seats"), Some(2));
+        assert_eq!(state.limit("u1", "storage"), None);
+        assert_eq!(state.limits_of("u1").get("projects"), Some(&10));
+        state.set_limits("u1", &[]);
+        assert_eq!(state.limit("u1", "projects"), Some(1));
+        assert_eq!(state.limit_count(), 2);
+    }
+
+    #[test]
+    fn builder_and_incremental_writes_agree() {
+        let mut builder = StateBuilder::new(0);
+        builder.tuple("u1", "o1", "read", None);
+        builder.tuple("u2", "o1", "read", Some(5));
+        builder.tuple("u1", "o1", "write", None);
+        builder.tuple("u1", "", "ADMIN", None);
+        builder.limit("u3", "projects", 3);
+        let built = builder.finish();
+
+        let live = State::with_capacity(4, 4);
+        live.set_grant("u1", "", &[row("ADMIN", None)]);
+        live.set_grant("u1", "o1", &[row("write", None), row("read", None)]);
+        live.set_grant("u2", "o1", &[row("read", Some(5))]);
+        live.set_limits("u3", &[("projects".into(), 3)]);
+
+        assert_eq!(built.digest(), live.digest());
+        assert_eq!(built.tuple_count(), 4);
+        assert_eq!(built.limit_count(), 1);
+        assert!(built.digest().starts_with("4:1:"));
+    }
+
+    #[test]
+    fn digest_matches_the_sql_definition() {
+        // The SQL digest of ('u1','','ADMIN', 1700000000000000) alone, computed by
+        // permd.digest() on Postgres: the row hash of its canonical line.
+        let line = b"t\x1fu1\x1f\x1fADMIN\x1f1700000000000000";
+        let state = State::with_capacity(1, 1);
+        state.set_grant("u1", "", &[row("ADMIN", Some(1_700_000_000_000_000))]);
+        assert_eq!(state.digest(), format!("1:0:{:016x}", row_hash(line)));
+    }
+}

@@ -1,0 +1,322 @@
+//! The applier: the one task that owns the changelog cursor and every write to the store.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::loader::{self, Loaded};
+use super::{parse_xid, Cursor, Error, Status, SyncConfig};
+use crate::store::{Store, TupleRow, Xid};
+
+/// The doorbell channel rung by the changelog triggers.
+const CHANNEL: &str = "permd_changes";
+
+/// One poll of the changelog, in one statement so the horizon, the retention mark, the
+/// changed keys and their current rows come from one snapshot.
+///
+/// Rows are tagged; the columns mean, by tag:
+/// - `h` (one row): a = horizon xmin, b = pruned xid, n = pruned id
+/// - `e` (at most one): a = xid of the batch's last row, n = its id, b = rows in the batch
+/// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object
+/// - `t`: a current tuple of a changed key: a = subject, b = object, c = permission,
+///   n = expires_at (µs since the epoch, NULL = never)
+/// - `l`: a current limit of a changed subject: a = subject, c = name, n = value
+const POLL: &str = "
+WITH h AS MATERIALIZED (
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, r.pruned_xid, r.pruned_id
+    FROM permd.retention r
+), b AS MATERIALIZED (
+    SELECT c.xid, c.id, c.kind, c.subject, c.object
+    FROM permd.changelog c
+    WHERE (c.xid, c.id) > ($1::text::xid8, $2::int8) AND c.xid < (SELECT xmin FROM h)
+    ORDER BY c.xid, c.id
+    LIMIT $3
+), k AS MATERIALIZED (
+    SELECT DISTINCT kind, subject, object FROM b
+)
+SELECT 'h' AS tag, h.xmin::text AS a, h.pruned_xid::text AS b, NULL::text AS c, h.pruned_id AS n
+FROM h
+UNION ALL
+SELECT 'e', l.xid::text, (SELECT count(*) FROM b)::text, NULL, l.id
+FROM (SELECT xid, id FROM b ORDER BY xid DESC, id DESC LIMIT 1) l
+UNION ALL
+SELECT 'k', k.kind::text, k.subject, k.object, NULL FROM k
+UNION ALL
+SELECT 't', t.subject, t.object, t.permission, permd.epoch_micros(t.expires_at)
+FROM k JOIN permd.tuples t ON k.kind = 't' AND t.subject = k.subject AND t.object = k.object
+UNION ALL
+SELECT 'l', l.subject, NULL, l.name, l.value
+FROM (SELECT DISTINCT subject FROM k WHERE kind = 'l') s
+JOIN permd.limits l ON l.subject = s.subject
+";
+
+/// What one poll found.
+enum Polled {
+    /// Everything below the horizon is applied.
+    CaughtUp,
+    /// A full batch was applied; more rows are waiting.
+    More,
+    /// The changelog cannot bring us up to date (TRUNCATE, or pruned past our cursor).
+    Reload(&'static str),
+}
+
+/// The sync task. Owns the cursor; the only writer of the store.
+pub struct Applier {
+    store: Store,
+    status: Status,
+    config: SyncConfig,
+    /// `None` until the first full load, and again when a reload is needed.
+    cursor: Option<Cursor>,
+}
+
+impl Applier {
+    /// An applier that will fill `store` and report into `status`.
+    pub fn new(store: Store, status: Status, config: SyncConfig) -> Self {
+        Self {
+            store,
+            status,
+            config,
+            cursor: None,
+        }
+    }
+
+    /// Runs until `shutdown`: connects (with backoff), listens, loads, then applies the
+    /// changelog on every doorbell, reader request and tick. Connection loss is logged and
+    /// retried; the cursor survives it, so no change is lost or skipped.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            if !first {
+                self.status.reconnected();
+            }
+            first = false;
+            match self.session(&shutdown).await {
+                Ok(()) => return,
+                Err(error) => {
+                    let message = error.to_string();
+                    tracing::warn!(error = %message, retry_in_ms = backoff.as_millis() as u64, "sync connection failed");
+                    self.status.failed(&message);
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.config.max_backoff);
+        }
+    }
+
+    /// One connection's life: connect, LISTEN, (re)load if needed, then poll until an
+    /// error or shutdown (the only `Ok`).
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
+        let (mut client, doorbell, closed) = self.connect().await?;
+        tokio::pin!(closed);
+        // LISTEN before loading: a change committed after it rings, one committed before
+        // it is in the snapshot or the changelog.
+        self.timed(client.batch_execute(&format!("LISTEN {CHANNEL}")))
+            .await?;
+        self.status.set_connected(true);
+        tracing::info!("connected to postgres, listening on {CHANNEL}");
+
+        if self.cursor.is_none() {
+            self.reload(&mut client, "start").await?;
+        }
+        loop {
+            let polled = tokio::select! {
+                polled = self.poll(&client) => polled?,
+                result = &mut closed => return Err(result),
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            match polled {
+                Polled::More => continue,
+                Polled::Reload(why) => {
+                    self.reload(&mut client, why).await?;
+                    continue;
+                }
+                Polled::CaughtUp => {}
+            }
+            tokio::select! {
+                () = doorbell.notified() => {}
+                () = self.store.wanted() => {}
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+                result = &mut closed => return Err(result),
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Opens the connection and spawns the task that drives it, forwarding notifications
+    /// to the returned doorbell. The returned future resolves when the connection ends.
+    async fn connect(&self) -> Result<(Client, Arc<Notify>, impl Future<Output = Error>), Error> {
+        let mut config: tokio_postgres::Config = self.config.database_url.parse()?;
+        if config.get_application_name().is_none() {
+            config.application_name("permd");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10));
+        let (client, mut connection) = self.timed(config.connect(NoTls)).await?;
+        let doorbell = Arc::new(Notify::new());
+        let ring = Arc::clone(&doorbell);
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => ring.notify_one(),
+                    Ok(AsyncMessage::Notice(notice)) => {
+                        tracing::debug!(notice = %notice.message(), "postgres notice");
+                    }
+                    Ok(_) => {}
+                    Err(error) => return Error::Postgres(error),
+                }
+            }
+            Error::Closed
+        });
+        let closed = async move { driver.await.unwrap_or(Error::Closed) };
+        Ok((client, doorbell, closed))
+    }
+
+    /// Loads a full snapshot, swaps it in and moves the cursor to its xmin.
+    async fn reload(&mut self, client: &mut Client, why: &str) -> Result<(), Error> {
+        tracing::info!(reason = why, "full load starting");
+        let started = Instant::now();
+        let Loaded { state, xmin, rows } = loader::load(client).await?;
+        let old = self.store.replace(state);
+        // The old generation may be large: free it off the async runtime.
+        tokio::task::spawn_blocking(move || drop(old));
+        self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
+        self.store.advance(xmin);
+        let took = started.elapsed();
+        self.status.full_load_done(took.as_millis() as u64);
+        tracing::info!(
+            reason = why,
+            rows,
+            took_ms = took.as_millis() as u64,
+            "full load swapped in"
+        );
+        Ok(())
+    }
+
+    /// Reads and applies one batch of the changelog.
+    async fn poll(&mut self, client: &Client) -> Result<Polled, Error> {
+        let cursor = self.cursor.unwrap_or_default();
+        let xid = cursor.xid.to_string();
+        let rows = self
+            .timed(client.query(POLL, &[&xid, &cursor.id, &self.config.batch_rows]))
+            .await?;
+
+        let mut horizon = None;
+        let mut pruned = Cursor::default();
+        let mut last: Option<(Cursor, i64)> = None;
+        let mut grant_keys: Vec<(String, String)> = Vec::new();
+        let mut limit_keys: Vec<String> = Vec::new();
+        let mut tuples: HashMap<(String, String), Vec<TupleRow>> = HashMap::new();
+        let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+        let mut reload = false;
+        for row in &rows {
+            let tag: &str = row.try_get(0)?;
+            let a: Option<String> = row.try_get(1)?;
+            let b: Option<String> = row.try_get(2)?;
+            let c: Option<String> = row.try_get(3)?;
+            let n: Option<i64> = row.try_get(4)?;
+            let a = a.unwrap_or_default();
+            match tag {
+                "h" => {
+                    horizon = Some(parse_xid(&a)?);
+                    pruned = Cursor {
+                        xid: parse_xid(b.as_deref().unwrap_or("0"))?,
+                        id: n.unwrap_or(0),
+                    };
+                }
+                "e" => {
+                    let count = b.as_deref().unwrap_or("0").parse::<i64>().unwrap_or(0);
+                    last = Some((
+                        Cursor {
+                            xid: parse_xid(&a)?,
+                            id: n.unwrap_or(0),
+                        },
+                        count,
+                    ));
+                }
+                "k" => match a.as_str() {
+                    "t" => grant_keys.push((b.unwrap_or_default(), c.unwrap_or_default())),
+                    "l" => limit_keys.push(b.unwrap_or_default()),
+                    _ => reload = true,
+                },
+                "t" => tuples
+                    .entry((a, b.unwrap_or_default()))
+                    .or_default()
+                    .push(TupleRow {
+                        permission: c.unwrap_or_default(),
+                        expires_at: n,
+                    }),
+                "l" => limits
+                    .entry(a)
+                    .or_default()
+                    .push((c.unwrap_or_default(), n.unwrap_or(0))),
+                other => return Err(Error::Protocol(format!("unknown poll row tag {other:?}"))),
+            }
+        }
+        let horizon = horizon.ok_or_else(|| Error::Protocol("poll returned no horizon".into()))?;
+
+        if cursor < pruned {
+            return Ok(Polled::Reload("changelog pruned past the cursor"));
+        }
+        if reload {
+            return Ok(Polled::Reload("TRUNCATE in the changelog"));
+        }
+        for (subject, object) in &grant_keys {
+            let rows = tuples
+                .remove(&(subject.clone(), object.clone()))
+                .unwrap_or_default();
+            self.store.set_grant(subject, object, &rows);
+        }
+        for subject in &limit_keys {
+            let rows = limits.remove(subject).unwrap_or_default();
+            self.store.set_limits(subject, &rows);
+        }
+
+        match last {
+            Some((last, count)) if count >= self.config.batch_rows => {
+                // Rows of `last.xid` may remain; every smaller xid is complete.
+                self.cursor = Some(last);
+                self.store.advance(Xid(last.xid));
+                Ok(Polled::More)
+            }
+            _ => {
+                // Everything below the horizon is applied; jump the cursor there so a
+                // later prune of rows we already hold does not force a reload.
+                let caught_up = Cursor {
+                    xid: horizon,
+                    id: 0,
+                };
+                let applied = last.map_or(cursor, |(l, _)| l);
+                self.cursor = Some(applied.max(caught_up));
+                self.store.advance(Xid(horizon));
+                self.status.caught_up();
+                Ok(Polled::CaughtUp)
+            }
+        }
+    }
+
+    /// Bounds one round trip, so a silently dead server is noticed.
+    async fn timed<T, E>(&self, fut: impl Future<Output = Result<T, E>>) -> Result<T, Error>
+    where
+        Error: From<E>,
+    {
+        match tokio::time::timeout(self.config.query_timeout, fut).await {
+            Ok(result) => result.map_err(Error::from),
+            Err(_) => Err(Error::Timeout(self.config.query_timeout)),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Keeping the store equal to Postgres: the loader (snapshot COPY), the applier (the
+//! changelog cursor, the only writer of the store) and the doorbell (LISTEN/NOTIFY).
+//!
+//! Invariant: nothing committed is skipped. The applier reads the changelog only below
+//! the oldest running transaction (`pg_snapshot_xmin`), in (xid, id) order, and re-reads
+//! the current rows of each changed key, so replay is idempotent.
+
+mod applier;
+mod copy;
+mod loader;
+mod status;
+
+use std::time::Duration;
+
+pub use applier::Applier;
+pub use status::{Status, StatusReport};
+
+/// What can go wrong talking to Postgres. Every error ends the current connection; the
+/// applier reconnects with backoff and never loses its place.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database refused or dropped us, or a query failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// A COPY stream was not what we asked for.
+    #[error("binary COPY: {0}")]
+    Copy(String),
+    /// The database answered something we cannot interpret.
+    #[error("unexpected answer from postgres: {0}")]
+    Protocol(String),
+    /// A query did not answer in time; the connection is presumed dead.
+    #[error("postgres did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The blocking state builder died.
+    #[error("state builder failed: {0}")]
+    Builder(String),
+    /// The connection ended.
+    #[error("connection to postgres closed")]
+    Closed,
+}
+
+/// How the applier talks to Postgres.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// libpq-style URL or key=value string of the source database.
+    pub database_url: String,
+    /// How often to poll the changelog when no NOTIFY arrives.
+    pub poll_interval: Duration,
+    /// The longest any one statement may take before the connection is presumed dead.
+    /// A full load is exempt (it scales with the data).
+    pub query_timeout: Duration,
+    /// Changelog rows read per poll; a full batch is followed by another poll at once.
+    pub batch_rows: i64,
+    /// Backoff between reconnect attempts grows to this.
+    pub max_backoff: Duration,
+}
+
+impl SyncConfig {
+    /// Defaults for everything but the database.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            poll_interval: Duration::from_secs(1),
+            query_timeout: Duration::from_secs(30),
+            batch_rows: 10_000,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A position in the changelog: every row at or below it has been applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(crate) struct Cursor {
+    pub(crate) xid: u64,
+    pub(crate) id: i64,
+}
+
+/// Parses an `xid8` from its text form.
+pub(crate) fn parse_xid(text: &str) -> Result<u64, Error> {
+    text.parse()
+        .map_err(|_| Error::Protocol(format!("not an xid8: {text:?}")))
+}

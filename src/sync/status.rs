@@ -1,0 +1,123 @@
+//! What the sync side reports about itself: connection, load, lag, counters.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::store::now_micros;
+
+/// A cheap-clone handle (one `Arc`) to the sync status. The applier writes it; HTTP and
+/// metrics read it.
+#[derive(Clone, Default)]
+pub struct Status {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    connected: AtomicBool,
+    loaded: AtomicBool,
+    /// When a poll last reached the changelog horizon (µs since the epoch; 0 = never).
+    caught_up_at: AtomicI64,
+    /// When the last full load finished (µs since the epoch; 0 = never).
+    last_full_load_at: AtomicI64,
+    last_full_load_ms: AtomicU64,
+    reloads: AtomicU64,
+    reconnects: AtomicU64,
+    /// The last error, for operators. A `Mutex` because it is written rarely and read by
+    /// the status route only.
+    last_error: Mutex<Option<String>>,
+}
+
+/// A point-in-time copy of the status, as `/v1/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// The connection to Postgres is up and listening.
+    pub connected: bool,
+    /// A full snapshot has been loaded at least once.
+    pub loaded: bool,
+    /// Seconds since the mirror was last known to be caught up (`null` before the first
+    /// catch-up). Grows while Postgres is unreachable.
+    pub lag_seconds: Option<f64>,
+    /// Unix time (seconds) of the end of the last full load.
+    pub last_full_load_at: Option<f64>,
+    /// How long the last full load took, in milliseconds.
+    pub last_full_load_ms: u64,
+    /// Full loads since start, the first included.
+    pub reloads: u64,
+    /// Connections lost and re-established since start.
+    pub reconnects: u64,
+    /// The most recent sync error, if any since the last successful catch-up.
+    pub last_error: Option<String>,
+}
+
+impl Status {
+    /// A snapshot of the status.
+    pub fn report(&self) -> StatusReport {
+        let i = &self.inner;
+        let micros_to_secs = |m: i64| (m != 0).then(|| m as f64 / 1e6);
+        StatusReport {
+            connected: i.connected.load(Ordering::Relaxed),
+            loaded: i.loaded.load(Ordering::Relaxed),
+            lag_seconds: self.lag_seconds(),
+            last_full_load_at: micros_to_secs(i.last_full_load_at.load(Ordering::Relaxed)),
+            last_full_load_ms: i.last_full_load_ms.load(Ordering::Relaxed),
+            reloads: i.reloads.load(Ordering::Relaxed),
+            reconnects: i.reconnects.load(Ordering::Relaxed),
+            last_error: i
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Seconds since the mirror was last caught up, `None` before the first catch-up.
+    pub fn lag_seconds(&self) -> Option<f64> {
+        let at = self.inner.caught_up_at.load(Ordering::Relaxed);
+        (at != 0).then(|| ((now_micros() - at).max(0)) as f64 / 1e6)
+    }
+
+    /// Loaded, and caught up within `max_lag_seconds`.
+    pub fn is_ready(&self, max_lag_seconds: f64) -> bool {
+        self.inner.loaded.load(Ordering::Relaxed)
+            && self.lag_seconds().is_some_and(|lag| lag <= max_lag_seconds)
+    }
+
+    pub(crate) fn set_connected(&self, connected: bool) {
+        self.inner.connected.store(connected, Ordering::Relaxed);
+    }
+
+    pub(crate) fn caught_up(&self) {
+        self.inner
+            .caught_up_at
+            .store(now_micros(), Ordering::Relaxed);
+        *self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub(crate) fn full_load_done(&self, took_ms: u64) {
+        let i = &self.inner;
+        i.loaded.store(true, Ordering::Relaxed);
+        i.last_full_load_at.store(now_micros(), Ordering::Relaxed);
+        i.last_full_load_ms.store(took_ms, Ordering::Relaxed);
+        i.reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reconnected(&self) {
+        self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failed(&self, error: &str) {
+        self.set_connected(false);
+        *self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
+    }
+}
