@@ -35,6 +35,7 @@ pub struct Cluster {
 
 const WATCHDOG: &str = r#"
 dir="$1"; bin="$2"; port="$3"; keep="$4"; shift 4
+trap '' INT TERM HUP
 if [ ! -f "$dir/data/PG_VERSION" ]; then
   "$bin/initdb" -D "$dir/data" -A trust -U postgres -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1 \
     || { echo "initdb failed: $(tail -n 5 "$dir/initdb.log")" >&2; exit 1; }
@@ -97,8 +98,12 @@ impl Cluster {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        use std::os::unix::process::CommandExt as _;
+        // A process group of its own: Ctrl-C in a terminal (or `timeout`) signals our
+        // group, and the cluster must outlive that signal long enough for us to stop it
+        // cleanly and remove its directory.
+        command.process_group(0);
         if let Some((uid, gid)) = user {
-            use std::os::unix::process::CommandExt as _;
             command.uid(uid).gid(gid);
         }
         let mut watchdog = command

@@ -264,7 +264,9 @@ impl State {
                 break;
             }
         }
-        held.into_iter().map(|p| self.permissions.name(p)).collect()
+        let mut names: Vec<Arc<str>> = held.into_iter().map(|p| self.permissions.name(p)).collect();
+        names.sort_unstable();
+        names
     }
 
     /// The objects on which `subject` holds `permission` (never the global object; `*`

@@ -16,12 +16,17 @@ use crate::store::{Store, TupleRow, Xid};
 
 /// The doorbell channel rung by the changelog triggers.
 const CHANNEL: &str = "permd_changes";
+/// While committed changes wait behind an open transaction, polls start this fast...
+const BEHIND_FIRST: Duration = Duration::from_millis(2);
+/// ...and back off to this, so a long transaction costs a few polls a second.
+const BEHIND_MAX: Duration = Duration::from_millis(100);
 
 /// One poll of the changelog, in one statement so the horizon, the retention mark, the
 /// changed keys and their current rows come from one snapshot.
 ///
 /// Rows are tagged; the columns mean, by tag:
-/// - `h` (one row): a = horizon xmin, b = pruned xid, n = pruned id
+/// - `h` (one row): a = horizon xmin, b = pruned xid, n = pruned id, c = 'pending' when
+///   committed rows wait at or above the horizon (an older transaction is still open)
 /// - `e` (at most one): a = xid of the batch's last row, n = its id, b = rows in the batch
 /// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object
 /// - `t`: a current tuple of a changed key: a = subject, b = object, c = permission,
@@ -40,7 +45,9 @@ WITH h AS MATERIALIZED (
 ), k AS MATERIALIZED (
     SELECT DISTINCT kind, subject, object FROM b
 )
-SELECT 'h' AS tag, h.xmin::text AS a, h.pruned_xid::text AS b, NULL::text AS c, h.pruned_id AS n
+SELECT 'h' AS tag, h.xmin::text AS a, h.pruned_xid::text AS b,
+       CASE WHEN EXISTS (SELECT 1 FROM permd.changelog WHERE xid >= h.xmin) THEN 'pending' END AS c,
+       h.pruned_id AS n
 FROM h
 UNION ALL
 SELECT 'e', l.xid::text, (SELECT count(*) FROM b)::text, NULL, l.id
@@ -58,8 +65,9 @@ JOIN permd.limits l ON l.subject = s.subject
 
 /// What one poll found.
 enum Polled {
-    /// Everything below the horizon is applied.
-    CaughtUp,
+    /// Everything below the horizon is applied. `pending`: committed changes wait above
+    /// it for an older transaction to end, which rings no doorbell, so poll again soon.
+    CaughtUp { pending: bool },
     /// A full batch was applied; more rows are waiting.
     More,
     /// The changelog cannot bring us up to date (TRUNCATE, or pruned past our cursor).
@@ -128,24 +136,33 @@ impl Applier {
         if self.cursor.is_none() {
             self.reload(&mut client, "start").await?;
         }
+        let mut behind = BEHIND_FIRST;
         loop {
             let polled = tokio::select! {
                 polled = self.poll(&client) => polled?,
                 result = &mut closed => return Err(result),
                 () = shutdown.cancelled() => return Ok(()),
             };
-            match polled {
+            let wait = match polled {
                 Polled::More => continue,
                 Polled::Reload(why) => {
                     self.reload(&mut client, why).await?;
                     continue;
                 }
-                Polled::CaughtUp => {}
-            }
+                Polled::CaughtUp { pending: true } => {
+                    let wait = behind;
+                    behind = (behind * 2).min(BEHIND_MAX).min(self.config.poll_interval);
+                    wait
+                }
+                Polled::CaughtUp { pending: false } => {
+                    behind = BEHIND_FIRST;
+                    self.config.poll_interval
+                }
+            };
             tokio::select! {
-                () = doorbell.notified() => {}
-                () = self.store.wanted() => {}
-                () = tokio::time::sleep(self.config.poll_interval) => {}
+                () = doorbell.notified() => tracing::trace!("woken by NOTIFY"),
+                () = self.store.wanted() => tracing::trace!("woken by a reader"),
+                () = tokio::time::sleep(wait) => tracing::trace!("woken by the timer"),
                 result = &mut closed => return Err(result),
                 () = shutdown.cancelled() => return Ok(()),
             }
@@ -195,9 +212,11 @@ impl Applier {
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
-        self.store.advance(xmin);
         let took = started.elapsed();
+        // Count the load before the watermark moves, so whoever sees the new watermark
+        // also sees the load counted.
         self.status.full_load_done(took.as_millis() as u64);
+        self.store.advance(xmin);
         tracing::info!(
             reason = why,
             rows,
@@ -223,6 +242,7 @@ impl Applier {
         let mut tuples: HashMap<(String, String), Vec<TupleRow>> = HashMap::new();
         let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
         let mut reload = false;
+        let mut pending = false;
         for row in &rows {
             let tag: &str = row.try_get(0)?;
             let a: Option<String> = row.try_get(1)?;
@@ -237,6 +257,7 @@ impl Applier {
                         xid: parse_xid(b.as_deref().unwrap_or("0"))?,
                         id: n.unwrap_or(0),
                     };
+                    pending = c.is_some();
                 }
                 "e" => {
                     let count = b.as_deref().unwrap_or("0").parse::<i64>().unwrap_or(0);
@@ -268,6 +289,13 @@ impl Applier {
             }
         }
         let horizon = horizon.ok_or_else(|| Error::Protocol("poll returned no horizon".into()))?;
+        tracing::debug!(
+            cursor = ?cursor,
+            horizon,
+            keys = grant_keys.len() + limit_keys.len(),
+            pending,
+            "polled the changelog"
+        );
 
         if cursor < pruned {
             return Ok(Polled::Reload("changelog pruned past the cursor"));
@@ -304,7 +332,7 @@ impl Applier {
                 self.cursor = Some(applied.max(caught_up));
                 self.store.advance(Xid(horizon));
                 self.status.caught_up();
-                Ok(Polled::CaughtUp)
+                Ok(Polled::CaughtUp { pending })
             }
         }
     }

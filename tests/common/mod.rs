@@ -1,0 +1,271 @@
+//! The test harness: one throwaway Postgres cluster per test binary (started from the
+//! machine's initdb/postgres as an unprivileged user, on a free port), one database per
+//! test, and an in-process daemon driven through its router without a socket.
+
+#![allow(dead_code, missing_docs)]
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt as _;
+use permd::embedded::{Cluster, ClusterOptions};
+use permd::http::{App, HttpConfig};
+use permd::store::Store;
+use permd::sync::{Applier, Status, SyncConfig};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Generous bound for anything the tests wait for; a healthy run takes milliseconds.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        // The daemon's logs, shown with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                std::env::var("PERMD_TEST_LOG").unwrap_or_else(|_| "permd=debug".into()),
+            ))
+            .with_test_writer()
+            .try_init();
+        Cluster::start(&ClusterOptions {
+            data_dir: None,
+            unsafe_fast: true,
+        })
+        .expect("start the throwaway Postgres")
+    })
+}
+
+/// One fresh, migrated database.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+/// Creates a database named after the test and applies the migrations.
+pub async fn database() -> TestDb {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let cluster = cluster();
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = permd::db::pool(&cluster.url("postgres"))
+        .await
+        .expect("connect as admin");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    admin.close().await;
+    let url = cluster.url(&name);
+    let pool = permd::db::pool(&url)
+        .await
+        .expect("connect to the test database");
+    permd::db::migrate(&pool).await.expect("migrate");
+    TestDb { url, pool }
+}
+
+impl TestDb {
+    /// Runs a batch of statements (simple protocol, one implicit transaction).
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Runs `sql` in its own transaction and returns its write token.
+    pub async fn write(&self, sql: &str) -> String {
+        let mut tx = self.pool.begin().await.expect("begin");
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let token: String = sqlx::query_scalar("SELECT permd.write_token()")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("write token");
+        tx.commit().await.expect("commit");
+        token
+    }
+
+    /// `permd.digest()`.
+    pub async fn digest(&self) -> String {
+        sqlx::query_scalar("SELECT permd.digest()")
+            .fetch_one(&self.pool)
+            .await
+            .expect("digest")
+    }
+}
+
+/// An in-process daemon: a real applier against the test database and the real router.
+pub struct TestDaemon {
+    pub store: Store,
+    pub status: Status,
+    pub router: Router,
+    shutdown: CancellationToken,
+    applier: tokio::task::JoinHandle<()>,
+}
+
+impl TestDaemon {
+    /// Starts with default settings (but `at_least` waits up to the test deadline) and
+    /// waits until loaded and caught up.
+    pub async fn start(url: &str) -> Self {
+        Self::start_with(SyncConfig::new(url), patient()).await
+    }
+
+    pub async fn start_with(sync: SyncConfig, http: HttpConfig) -> Self {
+        let store = Store::new();
+        let status = Status::default();
+        let shutdown = CancellationToken::new();
+        let applier =
+            tokio::spawn(Applier::new(store.clone(), status.clone(), sync).run(shutdown.clone()));
+        let router = permd::http::router(App::new(store.clone(), status.clone(), http));
+        let daemon = Self {
+            store,
+            status,
+            router,
+            shutdown,
+            applier,
+        };
+        daemon
+            .wait_for("ready", || daemon.status.is_ready(60.0))
+            .await;
+        daemon
+    }
+
+    /// Polls `condition` until it holds, failing the test after `DEADLINE`.
+    pub async fn wait_for(&self, what: &str, mut condition: impl FnMut() -> bool) {
+        wait_until(what, || std::future::ready(condition())).await;
+    }
+
+    pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.send(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+    }
+
+    pub async fn post(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
+        let request = Request::post(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        self.send(request).await
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
+        send(&self.router, request).await
+    }
+
+    /// `GET /v1/check` with `at_least`, returning `allowed`.
+    pub async fn check(
+        &self,
+        subject: &str,
+        permission: &str,
+        object: &str,
+        at_least: &str,
+    ) -> bool {
+        let uri = format!(
+            "/v1/check?subject={}&permission={}&object={}&at_least={at_least}",
+            enc(subject),
+            enc(permission),
+            enc(object)
+        );
+        let (status, body) = self.get(&uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        body["allowed"].as_bool().expect("allowed is a bool")
+    }
+
+    /// The daemon's digest once the write behind `token` is applied.
+    pub async fn digest_at(&self, token: &str) -> String {
+        let (status, body) = self.get(&format!("/v1/digest?at_least={token}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["digest"].as_str().expect("digest").to_owned()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.applier)
+            .await
+            .expect("applier stops")
+            .expect("applier ran");
+    }
+}
+
+/// Default HTTP settings, but `at_least` waits up to the test deadline: tests share one
+/// cluster, and another test's open transaction holds back every database's horizon.
+pub fn patient() -> HttpConfig {
+    HttpConfig {
+        max_wait: DEADLINE,
+        ..HttpConfig::default()
+    }
+}
+
+/// Sends one request through a router and parses the JSON answer.
+pub async fn send(router: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    use tower::ServiceExt as _;
+    let response = router
+        .clone()
+        .oneshot(request)
+        .await
+        .expect("infallible router");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+/// Waits until the async `condition` holds, failing after `DEADLINE`.
+pub async fn wait_until<F: Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn enc(value: &str) -> String {
+    let mut out = String::new();
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// A small deterministic PRNG (splitmix64), so a failing seed can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
