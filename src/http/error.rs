@@ -92,10 +92,51 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // The form decoder replaces invalid UTF-8 with U+FFFD; we refuse it instead, so a
+        // garbled identifier is an error and never a silent "denied".
+        if let Some(query) = parts.uri.query() {
+            strict_form_utf8(query)?;
+        }
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(value)| Self(value))
             .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// Checks that every key and value of a form-encoded query decodes to valid UTF-8
+/// (`%XX` escapes decoded; a `%` without two hex digits is kept literally, as the form
+/// decoder does).
+fn strict_form_utf8(query: &str) -> Result<(), ApiError> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = query.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i + 1..i + 3) {
+            Some(&[h, l]) if bytes[i] == b'%' => {
+                hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8)
+            }
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                // '&' and '=' separate fields; they cannot split a multi-byte character,
+                // so checking the whole decoded string at once is equivalent.
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    match std::str::from_utf8(&decoded) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ApiError::bad_request(
+            "the query string is not valid UTF-8 once percent-decoded",
+        )),
     }
 }
 

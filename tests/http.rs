@@ -1,0 +1,407 @@
+//! The HTTP API on its own: every route's bad inputs get a JSON 4xx, never a 5xx or a
+//! panic; auth; readiness. Driven through `router().oneshot()` over a store built in
+//! memory (the sync side is covered by tests/sync.rs).
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{send, Rng};
+use permd::http::{router, App, HttpConfig, Token};
+use permd::store::Store;
+use permd::sync::Status;
+use serde_json::{json, Value};
+
+fn app(config: HttpConfig) -> axum::Router {
+    let store = Store::from_tuples([
+        ("u1", "doc:1", "read", None),
+        ("u1", "", "EXPORT", None),
+        ("*", "doc:pub", "read", None),
+    ]);
+    router(App::new(store, Status::default(), config))
+}
+
+fn quick() -> HttpConfig {
+    HttpConfig {
+        max_wait: Duration::from_millis(20),
+        max_batch: 100,
+        body_limit: 64 * 1024,
+        ..HttpConfig::default()
+    }
+}
+
+async fn get(router: &axum::Router, uri: &str) -> (StatusCode, Value) {
+    send(
+        router,
+        Request::get(uri).body(Body::empty()).expect("request"),
+    )
+    .await
+}
+
+async fn post(
+    router: &axum::Router,
+    uri: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> (StatusCode, Value) {
+    let mut request = Request::post(uri);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    send(router, request.body(body.into()).expect("request")).await
+}
+
+fn assert_json_error(status: StatusCode, body: &Value, expected: StatusCode, context: &str) {
+    assert_eq!(status, expected, "{context}: {body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{context}: no JSON error in {body}"
+    );
+}
+
+#[tokio::test]
+async fn good_requests_answer_from_the_store() {
+    let r = app(quick());
+    let (status, body) = get(&r, "/v1/check?subject=u1&permission=read&object=doc:1").await;
+    assert_eq!(
+        (status, body["allowed"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+    let (_, body) = get(&r, "/v1/check?subject=u2&permission=read&object=doc:pub").await;
+    assert_eq!(body["allowed"], true);
+    let (_, body) = get(&r, "/v1/check?subject=u1&permission=EXPORT").await;
+    assert_eq!(body["allowed"], true);
+    let (status, body) = post(
+        &r,
+        "/v1/check",
+        Some("application/json"),
+        json!({"checks": [{"subject": "u1", "permission": "read", "object": "doc:1"}, {"subject": "u1", "permission": "write"}]}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["results"].clone()),
+        (StatusCode::OK, json!([true, false])),
+        "{body}"
+    );
+    let (status, body) = get(
+        &r,
+        "/v1/check?subject=u1&permission=read&object=doc:1&at_least=",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "an empty token means none: {body}");
+}
+
+#[tokio::test]
+async fn every_route_rejects_bad_input_with_a_json_4xx() {
+    let r = app(quick());
+    let long = "x".repeat(1025);
+    let bad = StatusCode::BAD_REQUEST;
+    let cases: Vec<(String, StatusCode)> = vec![
+        ("/v1/check?permission=read".into(), bad),
+        ("/v1/check?subject=u1".into(), bad),
+        ("/v1/check?subject=&permission=read".into(), bad),
+        ("/v1/check?subject=u1&permission=".into(), bad),
+        (format!("/v1/check?subject={long}&permission=read"), bad),
+        (
+            format!("/v1/check?subject=u1&permission=read&object={long}"),
+            bad,
+        ),
+        (
+            "/v1/check?subject=u1&permission=read&at_least=abc".into(),
+            bad,
+        ),
+        (
+            "/v1/check?subject=u1&permission=read&at_least=-1".into(),
+            bad,
+        ),
+        ("/v1/check?subject=%FF%FE&permission=read".into(), bad),
+        (
+            "/v1/check?subject=u1&permission=read&object=%C3%28".into(),
+            bad,
+        ),
+        ("/v1/subjects/%FF/permissions".into(), bad),
+        (format!("/v1/subjects/{long}/permissions"), bad),
+        (format!("/v1/subjects/u1/permissions?object={long}"), bad),
+        ("/v1/subjects/u1/objects".into(), bad),
+        ("/v1/subjects/u1/objects?permission=".into(), bad),
+        ("/v1/subjects/%FF/objects?permission=read".into(), bad),
+        ("/v1/subjects/%FF/limits".into(), bad),
+        ("/v1/subjects/u1/limits?at_least=x".into(), bad),
+        ("/v1/check-limit?subject=u1&limit=projects".into(), bad),
+        (
+            "/v1/check-limit?subject=u1&limit=projects&usage=lots".into(),
+            bad,
+        ),
+        (
+            "/v1/check-limit?subject=u1&limit=projects&usage=99999999999999999999".into(),
+            bad,
+        ),
+        ("/v1/check-limit?subject=u1&usage=1".into(), bad),
+        ("/v1/digest?at_least=nope".into(), bad),
+        ("/v1/nope".into(), StatusCode::NOT_FOUND),
+        ("/".into(), StatusCode::NOT_FOUND),
+        ("/v1/subjects//permissions".into(), bad),
+    ];
+    for (uri, expected) in cases {
+        let (status, body) = get(&r, &uri).await;
+        assert_json_error(status, &body, expected, &uri[..uri.len().min(80)]);
+    }
+
+    let (status, body) = send(
+        &r,
+        Request::delete("/v1/check")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_json_error(
+        status,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "DELETE /v1/check",
+    );
+    let (status, body) = post(&r, "/v1/status", Some("application/json"), "{}").await;
+    assert_json_error(
+        status,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "POST /v1/status",
+    );
+}
+
+#[tokio::test]
+async fn batch_bodies_are_validated() {
+    let r = app(quick());
+    let json_type = Some("application/json");
+    let too_many =
+        json!({"checks": vec![json!({"subject": "u", "permission": "p"}); 101]}).to_string();
+    // Deep nesting where a check is expected is refused at the first level...
+    let deep_checks = format!(
+        "{{\"checks\": {}{}}}",
+        "[".repeat(20_000),
+        "]".repeat(20_000)
+    );
+    // ...and in an unknown field it is skipped without recursion: no stack overflow.
+    let deep = format!(
+        "{{\"checks\": [], \"pad\": {}{}}}",
+        "[".repeat(20_000),
+        "]".repeat(20_000)
+    );
+    let cases: Vec<(&str, Option<&str>, String, StatusCode)> = vec![
+        ("bad json", json_type, "{".into(), StatusCode::BAD_REQUEST),
+        (
+            "not json at all",
+            json_type,
+            "\u{0}\u{1}".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "no content type",
+            None,
+            "{\"checks\": []}".into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "wrong content type",
+            Some("text/plain"),
+            "{\"checks\": []}".into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "missing checks",
+            json_type,
+            "{}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "checks not a list",
+            json_type,
+            "{\"checks\": 5}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "missing permission",
+            json_type,
+            "{\"checks\": [{\"subject\": \"u\"}]}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "empty subject",
+            json_type,
+            "{\"checks\": [{\"subject\": \"\", \"permission\": \"p\"}]}".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad token",
+            json_type,
+            "{\"checks\": [], \"at_least\": \"soon\"}".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "negative token",
+            json_type,
+            "{\"checks\": [], \"at_least\": -3}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "too many checks",
+            json_type,
+            too_many,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "deep nesting in checks",
+            json_type,
+            deep_checks,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "body over the limit",
+            json_type,
+            format!("{{\"checks\": [], \"pad\": \"{}\"}}", "x".repeat(70_000)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (what, content_type, body, expected) in cases {
+        let (status, answer) = post(&r, "/v1/check", content_type, body).await;
+        assert_json_error(status, &answer, expected, what);
+    }
+    let (status, answer) = post(&r, "/v1/check", json_type, deep).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "deep nesting in an ignored field: {answer}"
+    );
+    let invalid_utf8 = vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'];
+    let (status, answer) = post(&r, "/v1/check", json_type, invalid_utf8).await;
+    assert_json_error(status, &answer, StatusCode::BAD_REQUEST, "invalid UTF-8");
+}
+
+#[tokio::test]
+async fn a_token_not_reached_in_time_is_a_503_stale() {
+    let r = app(quick());
+    let (status, body) = get(
+        &r,
+        "/v1/check?subject=u1&permission=read&object=doc:1&at_least=5",
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "stale");
+    assert_eq!(body["revision"], "0");
+}
+
+#[tokio::test]
+async fn a_configured_token_is_required_except_on_probes() {
+    let config = HttpConfig {
+        token: Token::new("s3cret-token"),
+        ..quick()
+    };
+    let r = app(config);
+    let with = |auth: Option<&str>| {
+        let mut request = Request::get("/v1/check?subject=u1&permission=read&object=doc:1");
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.body(Body::empty()).expect("request")
+    };
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer s3cret-toke"),
+        Some("Bearer s3cret-token2"),
+        Some("s3cret-token"),
+    ] {
+        let (status, body) = send(&r, with(auth)).await;
+        assert_json_error(
+            status,
+            &body,
+            StatusCode::UNAUTHORIZED,
+            &format!("{auth:?}"),
+        );
+        assert!(
+            !body.to_string().contains("s3cret"),
+            "the token never appears in answers"
+        );
+    }
+    let (status, _) = send(&r, with(Some("Bearer s3cret-token"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = get(&r, "/metrics").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = get(&r, "/livez").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = get(&r, "/readyz").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never loaded from Postgres"
+    );
+}
+
+#[tokio::test]
+async fn metrics_and_status_describe_the_daemon() {
+    let r = app(quick());
+    get(&r, "/v1/check?subject=u1&permission=read&object=doc:1").await;
+    get(&r, "/v1/check?subject=u1&permission=write&object=doc:1").await;
+    let (status, text) = get(&r, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().expect("text");
+    for needle in [
+        "permd_checks_total{result=\"allowed\"} 1",
+        "permd_checks_total{result=\"denied\"} 1",
+        "permd_check_duration_seconds_bucket{le=\"0.0001\"}",
+        "permd_check_duration_seconds_count 2",
+        "permd_tuples 3",
+        "permd_subjects 2",
+        "permd_lag_seconds -1",
+        "permd_reloads_total 0",
+        "permd_reconnects_total 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    let (status, body) = get(&r, "/v1/status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (body["ready"].clone(), body["tuples"].clone()),
+        (json!(false), json!(3))
+    );
+}
+
+/// Random bytes in every query parameter and path segment: never a 5xx.
+#[tokio::test]
+async fn random_inputs_never_cause_a_server_error() {
+    let r = app(quick());
+    let mut rng = Rng(0x5eed);
+    let routes = [
+        "/v1/check?subject={}&permission={}&object={}",
+        "/v1/check?subject=u1&permission=read&at_least={}",
+        "/v1/subjects/{}/permissions?object={}",
+        "/v1/subjects/{}/objects?permission={}",
+        "/v1/subjects/{}/limits",
+        "/v1/check-limit?subject={}&limit={}&usage={}",
+        "/v1/digest?at_least={}",
+    ];
+    for i in 0..2_000 {
+        let route = routes[i % routes.len()];
+        let mut uri = String::new();
+        for (n, part) in route.split("{}").enumerate() {
+            if n > 0 {
+                let max = if rng.below(10) == 0 { 1500 } else { 12 };
+                let len = rng.below(max);
+                for _ in 0..len {
+                    uri.push_str(&format!("%{:02X}", rng.below(256)));
+                }
+            }
+            uri.push_str(part);
+        }
+        let (status, body) = get(&r, &uri).await;
+        // A well-formed token the (never loaded) store has not reached is a legitimate
+        // 503 stale; anything else must not be a 5xx.
+        let stale = status == StatusCode::SERVICE_UNAVAILABLE && body["error"] == "stale";
+        assert!(stale || !status.is_server_error(), "{uri}: {status} {body}");
+        if status.is_client_error() {
+            assert!(body["error"].is_string(), "{uri}: {body}");
+        }
+    }
+}
