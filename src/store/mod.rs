@@ -84,6 +84,23 @@ impl Store {
     /// A store holding exactly `tuples` (subject, object, permission, expires_at in µs
     /// since the epoch), built the way a full load builds it. For benchmarks and tools;
     /// the daemon's store is filled by the applier only.
+    ///
+    /// ```
+    /// use permd::store::Store;
+    ///
+    /// let store = Store::from_tuples([
+    ///     ("user:1", "doc:1", "read", None),
+    ///     ("user:1", "", "ADMIN_ACCESS", None),
+    ///     ("*", "doc:handbook", "read", None),
+    ///     ("user:2", "", "TRIAL", Some(0)), // expired in 1970
+    /// ]);
+    /// assert!(store.check("user:1", "read", "doc:1"));
+    /// assert!(!store.check("user:1", "read", "doc:2"));
+    /// assert!(store.check("user:1", "ADMIN_ACCESS", ""));
+    /// assert!(store.check("anyone", "read", "doc:handbook"));
+    /// assert!(!store.check("user:2", "TRIAL", ""));
+    /// assert_eq!(store.counts().tuples, 4);
+    /// ```
     pub fn from_tuples<'a>(
         tuples: impl IntoIterator<Item = (&'a str, &'a str, &'a str, Option<i64>)>,
     ) -> Self {
