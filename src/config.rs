@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
-use crate::http::{HttpConfig, Token};
+use crate::http::{HttpConfig, ServerLimits, Token};
 use crate::sync::SyncConfig;
 
 /// permd: an in-memory permission cache that mirrors a precomputed permission table
@@ -131,6 +131,17 @@ pub struct ServerArgs {
     /// (milliseconds). Full loads are exempt.
     #[arg(long, env = "PERMD_QUERY_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub query_timeout_ms: u64,
+    /// Most API requests in flight; beyond it requests are shed at once with 503
+    /// `overloaded` (probes are never shed).
+    #[arg(long, env = "PERMD_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_in_flight: u64,
+    /// Most open client connections; further clients wait to be accepted.
+    #[arg(long, env = "PERMD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// A client must send a request's headers within this time or is disconnected
+    /// (protects against slow clients; milliseconds).
+    #[arg(long, env = "PERMD_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
 }
 
 /// Validated settings of a daemon.
@@ -142,6 +153,8 @@ pub struct Settings {
     pub sync: SyncConfig,
     /// The HTTP side.
     pub http: HttpConfig,
+    /// Connection limits.
+    pub server: ServerLimits,
     /// Bound on graceful shutdown.
     pub shutdown_timeout: Duration,
 }
@@ -175,11 +188,17 @@ impl ServerArgs {
             body_limit: self.body_limit,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             ready_max_lag: Duration::from_millis(self.ready_max_lag_ms),
+            max_in_flight: usize::try_from(self.max_in_flight).unwrap_or(usize::MAX),
+        };
+        let server = ServerLimits {
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
         };
         Ok(Settings {
             listen: self.listen,
             sync,
             http,
+            server,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
         })
     }

@@ -26,7 +26,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,20 +63,12 @@ impl Daemon {
         let ready_max_lag = settings.http.ready_max_lag;
         let app = App::new(store.clone(), status.clone(), settings.http);
         let router = http::router(app);
-        let listener = listener.tap_io(|tcp| {
-            // Checks are small request/response pairs: never wait to coalesce them.
-            let _ = tcp.set_nodelay(true);
-        });
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "http server failed");
-                stop.cancel();
-            }
-        });
+        tasks.spawn(http::serve(
+            listener,
+            router,
+            settings.server,
+            shutdown.clone(),
+        ));
         tasks.close();
         tracing::info!(addr = %local_addr, "serving http");
         Ok(Self {

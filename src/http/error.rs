@@ -40,6 +40,9 @@ pub enum ApiError {
     /// The request took longer than the configured timeout.
     #[error("timeout")]
     Timeout,
+    /// Too many requests in flight; retry shortly.
+    #[error("overloaded")]
+    Overloaded,
 }
 
 impl ApiError {
@@ -58,7 +61,9 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Stale { .. } | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Stale { .. } | Self::Timeout | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -75,6 +80,11 @@ impl IntoResponse for ApiError {
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(self, Self::Overloaded) {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
         if matches!(self, Self::Unauthorized) {
             response.headers_mut().insert(
                 "www-authenticate",

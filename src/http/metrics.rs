@@ -20,6 +20,7 @@ pub(crate) struct Metrics {
     allowed: AtomicU64,
     denied: AtomicU64,
     stale: AtomicU64,
+    shed: AtomicU64,
     client_errors: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -53,6 +54,11 @@ impl Metrics {
     /// Counts a request answered 503 stale.
     pub(crate) fn stale(&self) {
         self.stale.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request shed for overload.
+    pub(crate) fn shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request answered with a 4xx.
@@ -107,7 +113,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 9] = [
+        let gauges: [(&str, &str, &str, f64); 10] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -122,6 +128,7 @@ impl Metrics {
             ("permd_reloads_total", "counter", "Full loads, the first included.", report.reloads as f64),
             ("permd_reconnects_total", "counter", "Sync connections lost and re-established.", report.reconnects as f64),
             ("permd_stale_total", "counter", "Requests answered 503 stale (at_least not reached in time).", get(&self.stale) as f64),
+            ("permd_shed_total", "counter", "Requests shed with 503 overloaded (too many in flight).", get(&self.shed) as f64),
         ];
         for (name, kind, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}");

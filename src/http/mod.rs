@@ -6,6 +6,7 @@
 mod error;
 mod handlers;
 mod metrics;
+mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +16,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 pub(crate) use metrics::Metrics;
+pub use server::{serve, ServerLimits};
 
 use crate::store::Store;
 use crate::sync::Status;
@@ -65,6 +68,9 @@ pub struct HttpConfig {
     pub request_timeout: Duration,
     /// `/readyz` is 503 when the mirror has not caught up for longer than this.
     pub ready_max_lag: Duration,
+    /// Most API requests in flight at once; more are shed at once with 503 `overloaded`.
+    /// Probes (`/livez`, `/readyz`) are never shed.
+    pub max_in_flight: usize,
 }
 
 impl Default for HttpConfig {
@@ -76,6 +82,7 @@ impl Default for HttpConfig {
             body_limit: 2 * 1024 * 1024,
             request_timeout: Duration::from_secs(10),
             ready_max_lag: Duration::from_secs(10),
+            max_in_flight: 1024,
         }
     }
 }
@@ -87,16 +94,21 @@ pub struct App {
     status: Status,
     metrics: Arc<Metrics>,
     config: Arc<HttpConfig>,
+    /// Admission control: a permit per in-flight API request. A semaphore because the
+    /// answer to "full" is to shed at once (`try_acquire`), never to queue.
+    in_flight: Arc<Semaphore>,
 }
 
 impl App {
     /// The handler state over `store` and `status`.
     pub fn new(store: Store, status: Status, config: HttpConfig) -> Self {
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
         Self {
             store,
             status,
             metrics: Arc::default(),
             config: Arc::new(config),
+            in_flight,
         }
     }
 }
@@ -118,7 +130,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/status", get(handlers::status))
         .route("/v1/digest", get(handlers::digest))
         .route("/metrics", get(handlers::metrics))
-        .route_layer(middleware::from_fn_with_state(app.clone(), authorize));
+        .route_layer(middleware::from_fn_with_state(app.clone(), authorize))
+        .route_layer(middleware::from_fn_with_state(app.clone(), shed));
     Router::new()
         .route("/livez", get(handlers::livez))
         .route("/readyz", get(handlers::readyz))
@@ -143,6 +156,18 @@ async fn authorize(State(app): State<App>, request: Request, next: Next) -> Resp
         }
     }
     next.run(request).await
+}
+
+/// Sheds API requests beyond `max_in_flight` with a fast 503, so overload costs the
+/// excess clients a retry instead of costing everyone latency and memory.
+async fn shed(State(app): State<App>, request: Request, next: Next) -> Response {
+    match Arc::clone(&app.in_flight).try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            app.metrics.shed();
+            ApiError::Overloaded.into_response()
+        }
+    }
 }
 
 /// Bounds every request's time and counts 4xx answers.
