@@ -87,6 +87,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             let options = ClusterOptions {
                 data_dir: args.data_dir.clone(),
                 unsafe_fast: true,
+                ..ClusterOptions::default()
             };
             eprintln!("starting a throwaway Postgres from this machine's binaries…");
             let cluster = tokio::task::spawn_blocking(move || Cluster::start(&options))

@@ -6,11 +6,11 @@
 //! server and removes the data directory when our end of its stdin closes, which happens
 //! even if this process is killed, so no cluster outlives its owner.
 
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context as _};
 
@@ -22,6 +22,20 @@ pub struct ClusterOptions {
     pub data_dir: Option<PathBuf>,
     /// Settings tuned for throwaway speed (no fsync). Never for data you keep.
     pub unsafe_fast: bool,
+    /// Listen on this port instead of a free one.
+    pub port: Option<u16>,
+}
+
+/// How to stop the server (for fault tests): Postgres' shutdown modes, or SIGKILL of the
+/// postmaster, which leaves orphaned backends and a stale pid file behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Disconnect clients, checkpoint, exit.
+    Fast,
+    /// Exit at once without a checkpoint; crash recovery at the next start.
+    Immediate,
+    /// SIGKILL the postmaster.
+    Kill,
 }
 
 /// A running throwaway cluster. Dropping it stops the server (and removes its directory
@@ -29,23 +43,50 @@ pub struct ClusterOptions {
 pub struct Cluster {
     port: u16,
     dir: PathBuf,
-    watchdog: Child,
-    stdin: Option<ChildStdin>,
+    /// The watchdog and the two ends of its command channel. A `Mutex` so a shared
+    /// (`&'static`) cluster can still be stopped and restarted by one caller at a time.
+    control: Mutex<Control>,
 }
 
+struct Control {
+    watchdog: Child,
+    commands: Option<ChildStdin>,
+    answers: BufReader<ChildStdout>,
+}
+
+/// The watchdog: starts the server with pg_ctl, then obeys one command per stdin line and
+/// answers each on stdout. End of input (our process ended, however) stops the server and
+/// removes the directory.
 const WATCHDOG: &str = r#"
 dir="$1"; bin="$2"; port="$3"; keep="$4"; shift 4
 trap '' INT TERM HUP
+opts="-p $port -k $dir -c listen_addresses=127.0.0.1"
+for setting in "$@"; do opts="$opts -c $setting"; done
 if [ ! -f "$dir/data/PG_VERSION" ]; then
   "$bin/initdb" -D "$dir/data" -A trust -U postgres -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1 \
-    || { echo "initdb failed: $(tail -n 5 "$dir/initdb.log")" >&2; exit 1; }
+    || { echo "failed: initdb: $(tail -n 5 "$dir/initdb.log" | tr '\n' ' ')"; exit 1; }
 fi
-"$bin/postgres" -D "$dir/data" -p "$port" -k "$dir" -c listen_addresses=127.0.0.1 "$@" >>"$dir/postgres.log" 2>&1 &
-pid=$!
-echo "$pid" >"$dir/watchdog.pid"
-read _ignored
-kill -INT "$pid" 2>/dev/null
-wait "$pid"
+start() {
+  # After a SIGKILL of the postmaster its orphaned backends hold the shared memory for a
+  # moment, and the start fails: retry for a while.
+  tries=0
+  until "$bin/pg_ctl" start -w -t 60 -s -D "$dir/data" -l "$dir/postgres.log" -o "$opts" >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -ge 150 ] && return 1
+    sleep 0.1
+  done
+}
+answer_start() { if start; then echo ready; else echo "failed: $(tail -n 5 "$dir/postgres.log" | tr '\n' ' ')"; fi; }
+answer_start
+while read -r command; do
+  case "$command" in
+    fast|immediate) "$bin/pg_ctl" stop -w -s -D "$dir/data" -m "$command" >/dev/null 2>&1; echo done ;;
+    kill) kill -KILL "$(head -n 1 "$dir/data/postmaster.pid")" 2>/dev/null; echo done ;;
+    start) answer_start ;;
+    *) break ;;
+  esac
+done
+"$bin/pg_ctl" stop -w -s -D "$dir/data" -m fast >/dev/null 2>&1
 [ "$keep" = 1 ] || rm -rf "$dir"
 "#;
 
@@ -67,7 +108,10 @@ impl Cluster {
         if let Some((uid, gid)) = user {
             chown_tree(&dir, uid, gid)?;
         }
-        let port = free_port()?;
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let mut settings: Vec<String> = ["max_connections=200", "shared_buffers=128MB"]
             .iter()
             .map(|s| (*s).to_owned())
@@ -90,13 +134,10 @@ impl Cluster {
             .arg(&dir)
             .arg(&bin)
             .arg(port.to_string())
-            .arg(if keep { "1" } else { "0" });
-        for s in &settings {
-            command.arg("-c").arg(s);
-        }
-        command
+            .arg(if keep { "1" } else { "0" })
+            .args(&settings)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         use std::os::unix::process::CommandExt as _;
         // A process group of its own: Ctrl-C in a terminal (or `timeout`) signals our
@@ -109,50 +150,73 @@ impl Cluster {
         let mut watchdog = command
             .spawn()
             .context("start the postgres watchdog (/bin/sh)")?;
-        let stdin = watchdog.stdin.take();
-        let mut cluster = Self {
+        let commands = watchdog.stdin.take();
+        let answers = BufReader::new(watchdog.stdout.take().context("watchdog stdout")?);
+        let cluster = Self {
             port,
             dir,
-            watchdog,
-            stdin,
+            control: Mutex::new(Control {
+                watchdog,
+                commands,
+                answers,
+            }),
         };
-        cluster.wait_ready(Duration::from_secs(60))?;
+        cluster.expect_answer("ready")?;
         Ok(cluster)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let pid_file = self.dir.join("data").join("postmaster.pid");
-        loop {
-            // postmaster.pid's last line says "ready" once connections are accepted.
-            if let Ok(text) = std::fs::read_to_string(&pid_file) {
-                if text.lines().nth(7).is_some_and(|l| l.trim() == "ready") {
-                    return Ok(());
-                }
-            }
-            if let Some(status) = self.watchdog.try_wait()? {
-                bail!(
-                    "postgres exited during start-up ({status}); {}",
-                    self.log_tail()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "postgres did not become ready within {timeout:?}; {}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn log_tail(&self) -> String {
+    /// Reads the watchdog's next answer and checks it.
+    fn expect_answer(&self, expected: &str) -> anyhow::Result<()> {
+        let mut line = String::new();
+        self.control()
+            .answers
+            .read_line(&mut line)
+            .context("read the watchdog's answer")?;
+        if line.trim() == expected {
+            return Ok(());
+        }
         let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        format!(
-            "log tail: {}",
+        bail!(
+            "postgres did not become {expected}: {} (log tail: {})",
+            if line.is_empty() {
+                "the watchdog exited"
+            } else {
+                line.trim()
+            },
             tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
         )
+    }
+
+    fn command(&self, command: &str, expected: &str) -> anyhow::Result<()> {
+        {
+            let mut control = self.control();
+            let commands = control
+                .commands
+                .as_mut()
+                .context("the cluster is stopped")?;
+            writeln!(commands, "{command}").context("send to the watchdog")?;
+        }
+        self.expect_answer(expected)
+    }
+
+    /// Stops the server, leaving the data in place (see `start_server`).
+    pub fn stop_server(&self, mode: StopMode) -> anyhow::Result<()> {
+        let command = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+            StopMode::Kill => "kill",
+        };
+        self.command(command, "done")
+    }
+
+    /// Starts the server again on the same port and waits until it accepts connections.
+    pub fn start_server(&self) -> anyhow::Result<()> {
+        self.command("start", "ready")
     }
 
     /// The TCP port on 127.0.0.1.
@@ -170,25 +234,16 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// The postmaster's process id.
-    pub fn postmaster_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.dir.join("watchdog.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
     /// Stops the server and waits for the watchdog to clean up.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
         self.shut_down();
     }
 
-    fn shut_down(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            let _ = stdin.write_all(b"stop\n");
-        }
-        let _ = self.watchdog.wait();
+    fn shut_down(&self) {
+        let mut control = self.control();
+        // End of input tells the watchdog to stop the server and clean up.
+        control.commands.take();
+        let _ = control.watchdog.wait();
     }
 }
 

@@ -221,7 +221,15 @@ impl Store {
         self.inner.state.swap(Arc::new(state))
     }
 
-    /// Raises the watermark (it never goes down). Applier only.
+    /// Sets the watermark even if lower: after Postgres recovered from a crash, xids
+    /// above the recovered counter are handed out again, so the old watermark no longer
+    /// proves anything. Applier only, right after a full load.
+    pub(crate) fn rewind(&self, watermark: Xid) {
+        self.inner.watermark.store(watermark.0, Ordering::Release);
+        self.inner.watermark_tx.send_replace(watermark.0);
+    }
+
+    /// Raises the watermark (it never goes down except by `rewind`). Applier only.
     pub(crate) fn advance(&self, watermark: Xid) {
         let previous = self
             .inner

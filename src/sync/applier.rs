@@ -25,8 +25,9 @@ const BEHIND_MAX: Duration = Duration::from_millis(100);
 /// changed keys and their current rows come from one snapshot.
 ///
 /// Rows are tagged; the columns mean, by tag:
-/// - `h` (one row): a = horizon xmin, b = pruned xid, n = pruned id, c = 'pending' when
-///   committed rows wait at or above the horizon (an older transaction is still open)
+/// - `h` (one row): a = horizon xmin, b = pruned xid, n = pruned id, c = when committed
+///   rows first began waiting at or above the horizon (an older transaction is still
+///   open), in µs since the epoch, else NULL
 /// - `e` (at most one): a = xid of the batch's last row, n = its id, b = rows in the batch
 /// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object
 /// - `t`: a current tuple of a changed key: a = subject, b = object, c = permission,
@@ -46,7 +47,7 @@ WITH h AS MATERIALIZED (
     SELECT DISTINCT kind, subject, object FROM b
 )
 SELECT 'h' AS tag, h.xmin::text AS a, h.pruned_xid::text AS b,
-       CASE WHEN EXISTS (SELECT 1 FROM permd.changelog WHERE xid >= h.xmin) THEN 'pending' END AS c,
+       (SELECT permd.epoch_micros(min(created_at)) FROM permd.changelog WHERE xid >= h.xmin)::text AS c,
        h.pruned_id AS n
 FROM h
 UNION ALL
@@ -67,7 +68,10 @@ JOIN permd.limits l ON l.subject = s.subject
 enum Polled {
     /// Everything below the horizon is applied. `pending`: committed changes wait above
     /// it for an older transaction to end, which rings no doorbell, so poll again soon.
-    CaughtUp { pending: bool },
+    CaughtUp {
+        /// Committed changes wait above the horizon.
+        pending: bool,
+    },
     /// A full batch was applied; more rows are waiting.
     More,
     /// The changelog cannot bring us up to date (TRUNCATE, or pruned past our cursor).
@@ -81,6 +85,8 @@ pub struct Applier {
     config: SyncConfig,
     /// `None` until the first full load, and again when a reload is needed.
     cursor: Option<Cursor>,
+    /// The server incarnation of the last session (see `session`).
+    incarnation: Option<String>,
 }
 
 impl Applier {
@@ -91,6 +97,7 @@ impl Applier {
             status,
             config,
             cursor: None,
+            incarnation: None,
         }
     }
 
@@ -133,8 +140,33 @@ impl Applier {
         self.status.set_connected(true);
         tracing::info!("connected to postgres, listening on {CHANNEL}");
 
+        // Transaction ids that were handed out but never made durable before a crash are
+        // handed out again after it, possibly below our cursor: a server that restarted or
+        // recovered from a crash since our last session cannot be caught up from the
+        // changelog. Its incarnation (postmaster start time and the shared statistics'
+        // reset time, which crash recovery resets) tells.
+        let incarnation: String = self
+            .timed(client.query_one(
+                "SELECT pg_postmaster_start_time()::text || ' / ' \
+                        || coalesce((SELECT stats_reset FROM pg_stat_bgwriter)::text, '')",
+                &[],
+            ))
+            .await?
+            .try_get(0)?;
+        let restarted = self
+            .incarnation
+            .as_ref()
+            .is_some_and(|known| *known != incarnation);
+        self.incarnation = Some(incarnation);
         if self.cursor.is_none() {
-            self.reload(&mut client, "start").await?;
+            self.reload(&mut client, "start", false).await?;
+        } else if restarted {
+            self.reload(
+                &mut client,
+                "postgres restarted or recovered from a crash",
+                true,
+            )
+            .await?;
         }
         let mut behind = BEHIND_FIRST;
         loop {
@@ -146,7 +178,7 @@ impl Applier {
             let wait = match polled {
                 Polled::More => continue,
                 Polled::Reload(why) => {
-                    self.reload(&mut client, why).await?;
+                    self.reload(&mut client, why, false).await?;
                     continue;
                 }
                 Polled::CaughtUp { pending: true } => {
@@ -204,7 +236,8 @@ impl Applier {
     }
 
     /// Loads a full snapshot, swaps it in and moves the cursor to its xmin.
-    async fn reload(&mut self, client: &mut Client, why: &str) -> Result<(), Error> {
+    /// `rewind`: the watermark may go down (after a crash, xids below it were reissued).
+    async fn reload(&mut self, client: &mut Client, why: &str, rewind: bool) -> Result<(), Error> {
         tracing::info!(reason = why, "full load starting");
         let started = Instant::now();
         let Loaded { state, xmin, rows } = loader::load(client).await?;
@@ -216,7 +249,11 @@ impl Applier {
         // Count the load before the watermark moves, so whoever sees the new watermark
         // also sees the load counted.
         self.status.full_load_done(took.as_millis() as u64);
-        self.store.advance(xmin);
+        if rewind {
+            self.store.rewind(xmin);
+        } else {
+            self.store.advance(xmin);
+        }
         tracing::info!(
             reason = why,
             rows,
@@ -242,7 +279,7 @@ impl Applier {
         let mut tuples: HashMap<(String, String), Vec<TupleRow>> = HashMap::new();
         let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
         let mut reload = false;
-        let mut pending = false;
+        let mut pending_since: Option<i64> = None;
         for row in &rows {
             let tag: &str = row.try_get(0)?;
             let a: Option<String> = row.try_get(1)?;
@@ -257,7 +294,7 @@ impl Applier {
                         xid: parse_xid(b.as_deref().unwrap_or("0"))?,
                         id: n.unwrap_or(0),
                     };
-                    pending = c.is_some();
+                    pending_since = c.and_then(|c| c.parse().ok());
                 }
                 "e" => {
                     let count = b.as_deref().unwrap_or("0").parse::<i64>().unwrap_or(0);
@@ -293,7 +330,7 @@ impl Applier {
             cursor = ?cursor,
             horizon,
             keys = grant_keys.len() + limit_keys.len(),
-            pending,
+            pending = pending_since.is_some(),
             "polled the changelog"
         );
 
@@ -331,8 +368,11 @@ impl Applier {
                 let applied = last.map_or(cursor, |(l, _)| l);
                 self.cursor = Some(applied.max(caught_up));
                 self.store.advance(Xid(horizon));
-                self.status.caught_up();
-                Ok(Polled::CaughtUp { pending })
+                // With changes waiting, the mirror is as old as the oldest of them.
+                self.status.caught_up(pending_since);
+                Ok(Polled::CaughtUp {
+                    pending: pending_since.is_some(),
+                })
             }
         }
     }

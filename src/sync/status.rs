@@ -89,10 +89,12 @@ impl Status {
         self.inner.connected.store(connected, Ordering::Relaxed);
     }
 
-    pub(crate) fn caught_up(&self) {
-        self.inner
-            .caught_up_at
-            .store(now_micros(), Ordering::Relaxed);
+    /// Everything below the horizon is applied. `waiting_since`: committed changes have
+    /// been waiting behind an open transaction since then, so the mirror is that old.
+    pub(crate) fn caught_up(&self, waiting_since: Option<i64>) {
+        let now = now_micros();
+        let at = waiting_since.map_or(now, |since| since.min(now));
+        self.inner.caught_up_at.store(at, Ordering::Relaxed);
         *self
             .inner
             .last_error

@@ -24,22 +24,31 @@ use tokio_util::sync::CancellationToken;
 /// Generous bound for anything the tests wait for; a healthy run takes milliseconds.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The daemon's logs, shown with a failing test's output.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("PERMD_TEST_LOG").unwrap_or_else(|_| "permd=debug".into()),
+        ))
+        .with_test_writer()
+        .try_init();
+}
+
+/// A cluster of this test's own (for tests that stop and restart it).
+pub fn own_cluster(port: Option<u16>) -> Cluster {
+    init_logs();
+    Cluster::start(&ClusterOptions {
+        unsafe_fast: true,
+        port,
+        ..ClusterOptions::default()
+    })
+    .expect("start a throwaway Postgres")
+}
+
+/// The cluster shared by the tests of one test binary.
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        // The daemon's logs, shown with a failing test's output.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                std::env::var("PERMD_TEST_LOG").unwrap_or_else(|_| "permd=debug".into()),
-            ))
-            .with_test_writer()
-            .try_init();
-        Cluster::start(&ClusterOptions {
-            data_dir: None,
-            unsafe_fast: true,
-        })
-        .expect("start the throwaway Postgres")
-    })
+    CLUSTER.get_or_init(|| own_cluster(None))
 }
 
 /// One fresh, migrated database.
@@ -48,10 +57,14 @@ pub struct TestDb {
     pub pool: PgPool,
 }
 
-/// Creates a database named after the test and applies the migrations.
+/// Creates a database on the shared cluster and applies the migrations.
 pub async fn database() -> TestDb {
+    database_on(cluster()).await
+}
+
+/// Creates a database on `cluster` and applies the migrations.
+pub async fn database_on(cluster: &Cluster) -> TestDb {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let cluster = cluster();
     let name = format!(
         "t{}_{}",
         std::process::id(),
