@@ -21,11 +21,18 @@ fn permd() -> Command {
 
 /// One HTTP/1.1 GET over a fresh connection: (status, body).
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_with(port, path, "")
+}
+
+/// A GET with extra header lines (each ending in CRLF).
+fn http_get_with(port: u16, path: &str, headers: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -159,4 +166,201 @@ fn help_names_every_flag_and_variable() {
     ] {
         assert!(help.contains(needle), "{needle} missing from:\n{help}");
     }
+}
+
+/// Starts `permd serve` on a free port with `args` and `env`, and waits until ready.
+async fn serve(url: &str, args: &[&str], env: &[(&str, &str)]) -> (Running, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut command = permd();
+    command
+        .args(["serve", "--listen", &listen])
+        .args(args)
+        .env("DATABASE_URL", url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let running = Running(command.spawn().expect("start permd serve"));
+    wait_until("readyz 200", || {
+        std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
+    })
+    .await;
+    (running, port)
+}
+
+/// Sends SIGTERM and waits for the exit: (status, time to exit, the log).
+async fn sigterm_and_wait(running: &mut Running) -> (std::process::ExitStatus, Duration, String) {
+    let pid = running.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = running.0.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "permd did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut log = String::new();
+    running
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("read log");
+    (exit, started.elapsed(), log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let db = database().await;
+    let (mut running, port) = serve(
+        &db.url,
+        &["--max-wait-ms", "1500", "--shutdown-timeout-ms", "5000"],
+        &[],
+    )
+    .await;
+    // Requests in flight when SIGTERM arrives: each waits 1.5 s for a token that never
+    // comes, then answers 503 stale. They must get that answer, not a reset.
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http_get(
+                    port,
+                    "/v1/check?subject=a&permission=b&at_least=99999999999",
+                )
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (exit, took, log) = sigterm_and_wait(&mut running).await;
+    for request in in_flight {
+        let (status, body) = request
+            .join()
+            .expect("client thread")
+            .expect("an answer, not a reset");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("stale"), "{body}");
+    }
+    assert!(exit.success(), "exit status {exit}: {log}");
+    assert!(
+        log.contains("SIGTERM received") && log.contains("stopped"),
+        "{log}"
+    );
+    println!(
+        "SIGTERM with 4 requests in flight: all answered, exit after {:.2}s (deadline 5s)",
+        took.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_others_served() {
+    let db = database().await;
+    let (_running, port) = serve(
+        &db.url,
+        &["--header-timeout-ms", "300", "--max-connections", "4"],
+        &[],
+    )
+    .await;
+    // Four slowloris clients take every connection slot, sending headers a byte at a time.
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                let started = Instant::now();
+                let _ = stream.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n");
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
+                for _ in 0..200 {
+                    if stream.write_all(b"X").is_err() {
+                        break;
+                    }
+                    let mut probe = [0u8; 64];
+                    match stream.read(&mut probe) {
+                        Ok(0) => break,
+                        Ok(_) => break,
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+                started.elapsed()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // A well-behaved client still gets in once the slow ones are cut off.
+    let started = Instant::now();
+    let (status, _) = http_get(port, "/livez").expect("served");
+    assert_eq!(status, 200);
+    let waited = started.elapsed();
+    let mut cut = Vec::new();
+    for s in slow {
+        let held = s.join().expect("slow client");
+        assert!(
+            held < Duration::from_secs(9),
+            "a slow client was cut off (held {held:?})"
+        );
+        cut.push(held.as_secs_f64());
+    }
+    println!(
+        "slowloris x4 against 4 connection slots, header timeout 0.3s: cut off after {cut:.2?}s; \
+         a normal client waited {:.2}s",
+        waited.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_never_leaks() {
+    let db = database().await;
+    let secret = "tok-3f9a1c7e5b";
+    let file = std::env::temp_dir().join(format!("permd-token-{}", std::process::id()));
+    std::fs::write(&file, format!("{secret}\n")).expect("write token file");
+    let file_arg = file.to_str().expect("utf-8 path").to_owned();
+    for (args, env) in [
+        (vec!["--log", "debug"], vec![("PERMD_TOKEN", secret)]),
+        (
+            vec!["--log", "debug", "--token-file", file_arg.as_str()],
+            vec![],
+        ),
+    ] {
+        let (mut running, port) = serve(&db.url, &args, &env).await;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", running.0.id())).expect("cmdline");
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(secret),
+            "token in ps output"
+        );
+        let (status, body) = http_get(port, "/v1/status").expect("answer");
+        assert_eq!(status, 401);
+        let (wrong, wrong_body) =
+            http_get_with(port, "/metrics", "Authorization: Bearer tok-3f9a1c7e5\r\n")
+                .expect("answer");
+        assert_eq!(wrong, 401);
+        let auth = format!("Authorization: Bearer {secret}\r\n");
+        let (ok, metrics) = http_get_with(port, "/metrics", &auth).expect("answer");
+        assert_eq!(ok, 200);
+        let (_, status_body) = http_get_with(port, "/v1/status", &auth).expect("answer");
+        let (_, _, log) = sigterm_and_wait(&mut running).await;
+        for (what, text) in [
+            ("401 body", &body),
+            ("wrong-token body", &wrong_body),
+            ("metrics", &metrics),
+            ("status", &status_body),
+            ("log", &log),
+        ] {
+            assert!(!text.contains(secret), "token found in {what}");
+        }
+    }
+    let _ = std::fs::remove_file(file);
 }
