@@ -53,6 +53,50 @@ pub enum Command {
     /// Start a throwaway Postgres from this machine's own binaries, seed it with demo
     /// data, serve, and print curl commands to try. Ctrl-C stops and removes everything.
     Demo(DemoArgs),
+    /// Prove a running daemon equals the database (digests), or print which subjects and
+    /// rows differ. Exits 0 when equal, 1 when not.
+    Verify(VerifyArgs),
+}
+
+/// `permd verify`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Postgres connection URL of the database the daemon mirrors.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// The daemon's base URL (http only).
+    #[arg(long, env = "PERMD_URL", default_value = "http://127.0.0.1:7700")]
+    pub permd: String,
+    /// The daemon's bearer token, if it requires one.
+    #[arg(long, env = "PERMD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the daemon's bearer token from this file.
+    #[arg(long, env = "PERMD_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Describe at most this many differing subjects.
+    #[arg(long, default_value_t = 20)]
+    pub max_subjects: usize,
+}
+
+impl VerifyArgs {
+    /// The daemon to verify.
+    pub fn target(&self) -> anyhow::Result<crate::verify::Target> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => Some(token.trim().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("read the token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        Ok(crate::verify::Target {
+            permd: self.permd.clone(),
+            token,
+            max_subjects: self.max_subjects,
+        })
+    }
 }
 
 /// `permd migrate`

@@ -13,6 +13,7 @@
 //! - [`db`]: migrations and one-off queries for the CLI.
 //! - [`embedded`]: a throwaway Postgres for the demo and the tests.
 //! - [`demo`]: `permd demo`.
+//! - [`verify`]: `permd verify`.
 
 pub mod config;
 pub mod db;
@@ -21,6 +22,7 @@ pub mod embedded;
 pub mod http;
 pub mod store;
 pub mod sync;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

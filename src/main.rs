@@ -44,6 +44,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             daemon.wait().await;
             Ok(())
         }
+        Command::Verify(args) => {
+            match permd::verify::verify(&args.database_url, &args.target()?).await? {
+                permd::verify::Verdict::InSync(digest) => {
+                    println!("in sync: permd equals the database (digest {digest})");
+                    Ok(())
+                }
+                permd::verify::Verdict::Differs { subjects, report } => {
+                    print!("{report}");
+                    anyhow::bail!("permd differs from the database in {subjects} subject(s)")
+                }
+            }
+        }
         Command::Demo(args) => {
             permd::cancel_on_signals(shutdown.clone());
             permd::demo::run(args, shutdown).await

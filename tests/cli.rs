@@ -364,3 +364,68 @@ async fn the_token_never_leaks() {
     }
     let _ = std::fs::remove_file(file);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_proves_equality_and_names_what_differs() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL), ('u2', '', 'EXPORT', now() + interval '1 day');
+         INSERT INTO permd.limits VALUES ('u2', 'projects', 3);",
+    )
+    .await;
+    let (_running, port) = serve(&db.url, &[], &[]).await;
+    let verify = || {
+        permd()
+            .args([
+                "verify",
+                "--database-url",
+                &db.url,
+                "--permd",
+                &format!("http://127.0.0.1:{port}"),
+            ])
+            .output()
+            .expect("run permd verify")
+    };
+    let output = verify();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("in sync"));
+
+    // Changes made with the triggers off never reach the changelog: permd cannot know.
+    db.exec(
+        "BEGIN; SET LOCAL session_replication_role = replica;
+         INSERT INTO permd.tuples VALUES ('ghost', 'doc:9', 'read', NULL);
+         DELETE FROM permd.tuples WHERE subject = 'u1';
+         UPDATE permd.limits SET value = 4;
+         COMMIT;",
+    )
+    .await;
+    let output = verify();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("differs from the database in 3 subject(s)"),
+        "{stderr}"
+    );
+    for needle in [
+        "subject \"ghost\"",
+        "missing in permd: tuple (\"doc:9\", \"read\", None)",
+        "subject \"u1\"",
+        "extra in permd:   tuple (\"doc:1\", \"read\", None)",
+        "missing in permd: limit (\"projects\", 4)",
+        "extra in permd:   limit (\"projects\", 3)",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+
+    // The remedy: ask every daemon to reload.
+    db.exec("SELECT permd.request_reload()").await;
+    wait_until("verify to pass after the reload", || {
+        std::future::ready(verify().status.success())
+    })
+    .await;
+}

@@ -247,18 +247,65 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
     })))
 }
 
-/// `GET /v1/digest[?at_least=]`: walks every row, so it runs on a blocking thread.
-pub(super) async fn digest(State(app): State<App>, ApiQuery(q): ApiQuery<FreshQuery>) -> ApiResult {
+#[derive(Deserialize)]
+pub(super) struct DigestQuery {
+    at_least: Option<TokenRepr>,
+    /// `subject`: one digest per subject instead of one for everything.
+    by: Option<String>,
+}
+
+/// `GET /v1/digest[?at_least=][&by=subject]`: walks every row, so it runs on a blocking
+/// thread.
+pub(super) async fn digest(
+    State(app): State<App>,
+    ApiQuery(q): ApiQuery<DigestQuery>,
+) -> ApiResult {
+    let by_subject = match q.by.as_deref() {
+        None | Some("") => false,
+        Some("subject") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "`by` must be `subject`, got {other:?}"
+            )))
+        }
+    };
     app.fresh(q.at_least.as_ref()).await?;
     // Read the revision before the digest: the state can only be newer than it.
-    let revision = app.store.watermark();
+    let revision = app.store.watermark().to_string();
     let store = app.store.clone();
-    let digest = tokio::task::spawn_blocking(move || store.digest())
-        .await
-        .map_err(|_| ApiError::Timeout)?;
-    Ok(Json(
-        json!({ "digest": digest, "revision": revision.to_string() }),
-    ))
+    let answer = tokio::task::spawn_blocking(move || {
+        if by_subject {
+            let subjects: serde_json::Map<String, Value> = store
+                .subject_digests()
+                .into_iter()
+                .map(|(s, d)| (s, Value::String(d)))
+                .collect();
+            json!({ "subjects": subjects, "revision": revision })
+        } else {
+            json!({ "digest": store.digest(), "revision": revision })
+        }
+    })
+    .await
+    .map_err(|_| ApiError::Timeout)?;
+    Ok(Json(answer))
+}
+
+/// `GET /v1/subjects/{subject}/rows`: every stored row, expired ones included (for
+/// `permd verify`).
+pub(super) async fn rows(
+    State(app): State<App>,
+    ApiPath(subject): ApiPath,
+    ApiQuery(q): ApiQuery<FreshQuery>,
+) -> ApiResult {
+    identifier("subject", &subject, false)?;
+    let revision = app.fresh(q.at_least.as_ref()).await?;
+    let rows = app.store.rows_of(&subject);
+    Ok(Json(json!({
+        "subject": subject,
+        "tuples": rows.tuples,
+        "limits": rows.limits,
+        "revision": revision.to_string(),
+    })))
 }
 
 /// `GET /livez`: the process answers.

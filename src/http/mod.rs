@@ -126,6 +126,7 @@ pub fn router(app: App) -> Router {
         )
         .route("/v1/subjects/{subject}/objects", get(handlers::objects))
         .route("/v1/subjects/{subject}/limits", get(handlers::limits))
+        .route("/v1/subjects/{subject}/rows", get(handlers::rows))
         .route("/v1/check-limit", get(handlers::check_limit))
         .route("/v1/status", get(handlers::status))
         .route("/v1/digest", get(handlers::digest))

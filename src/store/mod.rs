@@ -14,8 +14,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
-pub use state::TupleRow;
 pub(crate) use state::{now_micros, State, StateBuilder};
+pub use state::{StoredRows, TupleRow};
 
 use state::Now;
 
@@ -203,6 +203,16 @@ impl Store {
     /// Walks every row: call it off the async runtime for large sets.
     pub fn digest(&self) -> String {
         self.inner.state.load_full().digest()
+    }
+
+    /// The digest of each subject's rows (equals `permd.subject_digests()`).
+    pub fn subject_digests(&self) -> Vec<(String, String)> {
+        self.inner.state.load_full().subject_digests()
+    }
+
+    /// Every stored row of `subject`, expired ones included.
+    pub fn rows_of(&self, subject: &str) -> StoredRows {
+        self.inner.state.load().rows_of(subject)
     }
 
     /// Replaces `subject`'s grants on `object`. Applier only.

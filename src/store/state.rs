@@ -405,15 +405,28 @@ impl State {
     /// The order-independent digest of every stored row, the same value as the SQL
     /// function `permd.digest()`: `<tuples>:<limits>:<sum of row hashes, 16 hex digits>`.
     pub(crate) fn digest(&self) -> String {
-        let mut sum = 0u64;
-        let mut tuples = 0u64;
-        let mut limits = 0u64;
+        let mut total = Digest::default();
+        self.for_each_subject_digest(|_, digest| total.add(digest));
+        total.to_string()
+    }
+
+    /// The digest of each subject's rows, as `permd.subject_digests()` computes them.
+    pub(crate) fn subject_digests(&self) -> Vec<(String, String)> {
+        let mut digests = Vec::with_capacity(self.subjects.len());
+        self.for_each_subject_digest(|subject, digest| {
+            digests.push((subject.to_owned(), digest.to_string()));
+        });
+        digests
+    }
+
+    fn for_each_subject_digest(&self, mut f: impl FnMut(&str, Digest)) {
         let mut line = Vec::with_capacity(256);
         self.objects.with_names(|objects| {
             self.permissions.with_names(|permissions| {
                 self.limit_names.with_names(|limit_names| {
                     for entry in &self.subjects {
                         let subject = entry.key();
+                        let mut digest = Digest::default();
                         for (o, grant) in &entry.grants {
                             for (p, expires_at) in grant.rows() {
                                 line.clear();
@@ -425,8 +438,8 @@ impl State {
                                 if expires_at != NEVER {
                                     line.extend_from_slice(expires_at.to_string().as_bytes());
                                 }
-                                sum = sum.wrapping_add(row_hash(&line));
-                                tuples += 1;
+                                digest.sum = digest.sum.wrapping_add(row_hash(&line));
+                                digest.tuples += 1;
                             }
                         }
                         for (n, value) in &entry.limits {
@@ -434,14 +447,70 @@ impl State {
                             push_fields(&mut line, &["l", subject, name_at(limit_names, *n)]);
                             line.push(0x1f);
                             line.extend_from_slice(value.to_string().as_bytes());
-                            sum = sum.wrapping_add(row_hash(&line));
-                            limits += 1;
+                            digest.sum = digest.sum.wrapping_add(row_hash(&line));
+                            digest.limits += 1;
                         }
+                        f(subject, digest);
                     }
                 });
             });
         });
-        format!("{tuples}:{limits}:{sum:016x}")
+    }
+
+    /// Every stored row of `subject`, expired ones included: (object, permission,
+    /// expires_at) sorted, and limits. For `permd verify`.
+    pub(crate) fn rows_of(&self, subject: &str) -> StoredRows {
+        let mut rows = StoredRows::default();
+        if let Some(entry) = self.subjects.get(subject) {
+            for (o, grant) in &entry.grants {
+                for (p, expires_at) in grant.rows() {
+                    let expires_at = (expires_at != NEVER).then_some(expires_at);
+                    rows.tuples.push((
+                        self.objects.name(*o).to_string(),
+                        self.permissions.name(p).to_string(),
+                        expires_at,
+                    ));
+                }
+            }
+            for (n, value) in &entry.limits {
+                rows.limits
+                    .push((self.limit_names.name(*n).to_string(), *value));
+            }
+        }
+        rows.tuples.sort();
+        rows.limits.sort();
+        rows
+    }
+}
+
+/// The stored rows of one subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredRows {
+    /// (object, permission, expires_at in µs since the epoch or `None`), sorted.
+    pub tuples: Vec<(String, String, Option<i64>)>,
+    /// (name, value), sorted.
+    pub limits: Vec<(String, i64)>,
+}
+
+/// Row counts and the wrapping sum of row hashes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Digest {
+    tuples: u64,
+    limits: u64,
+    sum: u64,
+}
+
+impl Digest {
+    fn add(&mut self, other: Digest) {
+        self.tuples += other.tuples;
+        self.limits += other.limits;
+        self.sum = self.sum.wrapping_add(other.sum);
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{:016x}", self.tuples, self.limits, self.sum)
     }
 }
 

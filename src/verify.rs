@@ -1,0 +1,238 @@
+//! `permd verify`: proves a running daemon equals the database, or names what differs.
+//!
+//! Compares `permd.digest()` with the daemon's `/v1/digest`, asking the daemon to first
+//! apply everything the database's snapshot holds (`at_least`). When they differ, it
+//! narrows down by per-subject digests and prints the rows each side has that the other
+//! lacks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::store::StoredRows;
+
+/// Where the daemon is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://host:port` of the daemon.
+    pub permd: String,
+    /// Its bearer token, if it requires one.
+    pub token: Option<String>,
+    /// Print at most this many differing subjects.
+    pub max_subjects: usize,
+}
+
+/// What verification found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Digests equal (both given).
+    InSync(String),
+    /// These subjects differ; the report says how.
+    Differs {
+        /// Number of subjects whose rows differ.
+        subjects: usize,
+        /// Human-readable report of the first few.
+        report: String,
+    },
+}
+
+/// Compares the daemon with the database at `database_url`.
+pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdict> {
+    let pool = crate::db::pool(database_url).await?;
+    // Writes may land between our two reads; a difference that vanishes on a retry was
+    // only in flight.
+    for attempt in 1..=3 {
+        let (token, db_digest) = db_snapshot(&pool, "SELECT permd.digest()").await?;
+        let answer = get_json(target, &format!("/v1/digest?at_least={token}")).await?;
+        let daemon_digest = answer["digest"]
+            .as_str()
+            .context("the daemon's digest answer has no digest")?;
+        if daemon_digest == db_digest.as_str() {
+            return Ok(Verdict::InSync(db_digest));
+        }
+        tracing::debug!(attempt, %db_digest, %daemon_digest, "digests differ");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (token, db_subjects) = db_subject_digests(&pool).await?;
+    let answer = get_json(target, &format!("/v1/digest?by=subject&at_least={token}")).await?;
+    let daemon_subjects: BTreeMap<String, String> = answer["subjects"]
+        .as_object()
+        .context("the daemon's answer has no subjects")?
+        .iter()
+        .map(|(s, d)| (s.clone(), d.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let differing: Vec<&String> = db_subjects
+        .keys()
+        .chain(daemon_subjects.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|s| db_subjects.get(*s) != daemon_subjects.get(*s))
+        .collect();
+    let mut report = String::new();
+    for subject in differing.iter().take(target.max_subjects) {
+        let db_rows = db_rows(&pool, subject).await?;
+        let answer = get_json(target, &format!("/v1/subjects/{}/rows", encode(subject))).await?;
+        let daemon_rows: StoredRows =
+            serde_json::from_value(answer).context("read the daemon's rows of a subject")?;
+        report.push_str(&format!("subject {subject:?}:\n"));
+        describe(&mut report, "tuple", &db_rows.tuples, &daemon_rows.tuples);
+        describe(&mut report, "limit", &db_rows.limits, &daemon_rows.limits);
+    }
+    if differing.len() > target.max_subjects {
+        report.push_str(&format!(
+            "... and {} more subjects\n",
+            differing.len() - target.max_subjects
+        ));
+    }
+    Ok(Verdict::Differs {
+        subjects: differing.len(),
+        report,
+    })
+}
+
+fn describe<T: Ord + std::fmt::Debug>(report: &mut String, what: &str, db: &[T], daemon: &[T]) {
+    let db: BTreeSet<&T> = db.iter().collect();
+    let daemon: BTreeSet<&T> = daemon.iter().collect();
+    for row in db.difference(&daemon) {
+        report.push_str(&format!("  missing in permd: {what} {row:?}\n"));
+    }
+    for row in daemon.difference(&db) {
+        report.push_str(&format!("  extra in permd:   {what} {row:?}\n"));
+    }
+}
+
+/// Runs `query` in a snapshot and returns the token that makes the daemon catch up to it.
+async fn db_snapshot(pool: &sqlx::PgPool, query: &str) -> anyhow::Result<(u64, String)> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await?;
+    let xmax: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+        .fetch_one(&mut *tx)
+        .await?;
+    let value: String = sqlx::query_scalar(query)
+        .fetch_one(&mut *tx)
+        .await
+        .context("compute the database digest")?;
+    tx.commit().await?;
+    Ok((token_for(&xmax)?, value))
+}
+
+async fn db_subject_digests(
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<(u64, BTreeMap<String, String>)> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await?;
+    let xmax: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+        .fetch_one(&mut *tx)
+        .await?;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT subject, digest FROM permd.subject_digests()")
+            .fetch_all(&mut *tx)
+            .await
+            .context("compute per-subject digests")?;
+    tx.commit().await?;
+    Ok((token_for(&xmax)?, rows.into_iter().collect()))
+}
+
+/// Every xid below the snapshot's xmax is finished; the daemon has applied them all once
+/// its watermark is above `xmax - 1`.
+fn token_for(xmax: &str) -> anyhow::Result<u64> {
+    let xmax: u64 = xmax.parse().context("read the snapshot's xmax")?;
+    Ok(xmax.saturating_sub(1))
+}
+
+async fn db_rows(pool: &sqlx::PgPool, subject: &str) -> anyhow::Result<StoredRows> {
+    let tuples: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT object, permission, permd.epoch_micros(expires_at) FROM permd.tuples WHERE subject = $1 ORDER BY 1, 2",
+    )
+    .bind(subject)
+    .fetch_all(pool)
+    .await?;
+    let limits: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, value FROM permd.limits WHERE subject = $1 ORDER BY 1")
+            .bind(subject)
+            .fetch_all(pool)
+            .await?;
+    Ok(StoredRows { tuples, limits })
+}
+
+/// Percent-encodes one path segment.
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~:*".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A plain HTTP/1.1 GET to the daemon (http only), parsed as JSON; a non-200 is an error.
+async fn get_json(target: &Target, path: &str) -> anyhow::Result<Value> {
+    let authority = target
+        .permd
+        .strip_prefix("http://")
+        .context("--permd must be an http:// URL (https is not supported)")?
+        .trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("connect to permd at {authority}"))?;
+    let auth = target
+        .token
+        .as_ref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut response))
+        .await
+        .context("permd did not answer within 120 s")??;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("malformed HTTP answer from permd")?;
+    let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+    let mut body = response[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body)?;
+    }
+    let status = head.split(' ').nth(1).unwrap_or_default().to_owned();
+    if status != "200" {
+        bail!(
+            "permd answered {status} to {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    serde_json::from_slice(&body).context("parse permd's JSON answer")
+}
+
+fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk")?;
+        let size_text = String::from_utf8_lossy(&body[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(body.get(..size).context("truncated chunk")?);
+        body = body.get(size + 2..).context("truncated chunk")?;
+    }
+}
