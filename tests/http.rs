@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{send, Rng};
+use common::send;
 use permd::http::{router, App, HttpConfig, Token};
 use permd::store::Store;
 use permd::sync::Status;
@@ -368,40 +368,108 @@ async fn metrics_and_status_describe_the_daemon() {
     );
 }
 
-/// Random bytes in every query parameter and path segment: never a 5xx.
-#[tokio::test]
-async fn random_inputs_never_cause_a_server_error() {
-    let r = app(quick());
-    let mut rng = Rng(0x5eed);
-    let routes = [
+/// Percent-encodes arbitrary bytes, so any byte string can travel in a URI.
+fn escape(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}
+
+/// The property every answer must have: no 5xx (but a legitimate 503 `stale` for a
+/// well-formed token the never-loaded store cannot reach), and a JSON error on a 4xx.
+fn acceptable(status: StatusCode, body: &Value) -> Result<(), String> {
+    let stale = status == StatusCode::SERVICE_UNAVAILABLE && body["error"] == "stale";
+    if status.is_server_error() && !stale {
+        return Err(format!("{status}: {body}"));
+    }
+    if status.is_client_error() && !body["error"].is_string() {
+        return Err(format!("{status} without a JSON error: {body}"));
+    }
+    Ok(())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ROUTES: [&str; 7] = [
         "/v1/check?subject={}&permission={}&object={}",
         "/v1/check?subject=u1&permission=read&at_least={}",
         "/v1/subjects/{}/permissions?object={}",
         "/v1/subjects/{}/objects?permission={}",
         "/v1/subjects/{}/limits",
         "/v1/check-limit?subject={}&limit={}&usage={}",
-        "/v1/digest?at_least={}",
+        "/v1/digest?at_least={}&by={}",
     ];
-    for i in 0..2_000 {
-        let route = routes[i % routes.len()];
-        let mut uri = String::new();
-        for (n, part) in route.split("{}").enumerate() {
-            if n > 0 {
-                let max = if rng.below(10) == 0 { 1500 } else { 12 };
-                let len = rng.below(max);
-                for _ in 0..len {
-                    uri.push_str(&format!("%{:02X}", rng.below(256)));
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("checks".to_owned()),
+                        Just("subject".to_owned()),
+                        Just("permission".to_owned()),
+                        Just("object".to_owned()),
+                        Just("at_least".to_owned()),
+                        ".{0,6}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes in every query parameter and path segment of every route.
+        #[test]
+        fn query_strings_and_path_segments(route in 0..ROUTES.len(), parts in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 3)) {
+            let r = app(quick());
+            let mut uri = String::new();
+            for (n, piece) in ROUTES[route].split("{}").enumerate() {
+                if n > 0 {
+                    uri.push_str(&escape(&parts[(n - 1) % parts.len()]));
                 }
+                uri.push_str(piece);
             }
-            uri.push_str(part);
+            let (status, body) = runtime().block_on(get(&r, &uri));
+            prop_assert!(acceptable(status, &body).is_ok(), "{uri}: {:?}", acceptable(status, &body));
         }
-        let (status, body) = get(&r, &uri).await;
-        // A well-formed token the (never loaded) store has not reached is a legitimate
-        // 503 stale; anything else must not be a 5xx.
-        let stale = status == StatusCode::SERVICE_UNAVAILABLE && body["error"] == "stale";
-        assert!(stale || !status.is_server_error(), "{uri}: {status} {body}");
-        if status.is_client_error() {
-            assert!(body["error"].is_string(), "{uri}: {body}");
+
+        /// Arbitrary JSON documents (shaped like and unlike a batch) as batch bodies.
+        #[test]
+        fn json_bodies(value in json_value()) {
+            let r = app(quick());
+            let body = value.to_string();
+            let (status, answer) = runtime().block_on(post(&r, "/v1/check", Some("application/json"), body.clone()));
+            prop_assert!(acceptable(status, &answer).is_ok(), "{body}: {:?}", acceptable(status, &answer));
+        }
+
+        /// Arbitrary bytes as batch bodies.
+        #[test]
+        fn raw_bodies(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let r = app(quick());
+            let (status, answer) = runtime().block_on(post(&r, "/v1/check", Some("application/json"), bytes));
+            prop_assert!(acceptable(status, &answer).is_ok(), "{:?}", acceptable(status, &answer));
         }
     }
 }
