@@ -115,7 +115,7 @@ impl Applier {
             match self.session(&shutdown).await {
                 Ok(()) => return,
                 Err(error) => {
-                    let message = error.to_string();
+                    let message = error_chain(&error);
                     tracing::warn!(error = %message, retry_in_ms = backoff.as_millis() as u64, "sync connection failed");
                     self.status.failed(&message);
                 }
@@ -387,4 +387,20 @@ impl Applier {
             Err(_) => Err(Error::Timeout(self.config.query_timeout)),
         }
     }
+}
+
+/// An error with its causes, e.g. "postgres: error connecting to server: Connection
+/// refused (os error 111)": tokio-postgres keeps the useful part in the source.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
