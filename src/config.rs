@@ -81,21 +81,33 @@ pub struct VerifyArgs {
 impl VerifyArgs {
     /// The daemon to verify.
     pub fn target(&self) -> anyhow::Result<crate::verify::Target> {
-        let token = match (&self.token, &self.token_file) {
-            (Some(token), _) => Some(token.trim().to_owned()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("read the token file {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
+        let token = read_token(self.token.as_deref(), self.token_file.as_deref())?;
         Ok(crate::verify::Target {
             permd: self.permd.clone(),
             token,
             max_subjects: self.max_subjects,
         })
+    }
+}
+
+/// The bearer token from the flag/env, else from the file, trimmed. An empty file is an
+/// error (a forgotten secret must not silently mean "no token").
+fn read_token(
+    token: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    match (token, file) {
+        (Some(token), _) => Ok(Some(token.trim().to_owned()).filter(|t| !t.is_empty())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read the token file {}", path.display()))?;
+            let text = text.trim();
+            if text.is_empty() {
+                bail!("the token file {} is empty", path.display());
+            }
+            Ok(Some(text.to_owned()))
+        }
+        (None, None) => Ok(None),
     }
 }
 
@@ -206,15 +218,8 @@ pub struct Settings {
 impl ServerArgs {
     /// Validates the flags into settings for `database_url`.
     pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
-        let token = match (&self.token, &self.token_file) {
-            (Some(token), _) => Token::new(token.as_str()),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("read the token file {}", path.display()))?;
-                Some(Token::new(text).context("the token file is empty")?)
-            }
-            (None, None) => None,
-        };
+        let token =
+            read_token(self.token.as_deref(), self.token_file.as_deref())?.and_then(Token::new);
         if token.is_none() && !self.listen.ip().is_loopback() {
             bail!(
                 "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \

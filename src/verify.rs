@@ -45,7 +45,8 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
     // Writes may land between our two reads; a difference that vanishes on a retry was
     // only in flight.
     for attempt in 1..=3 {
-        let (token, db_digest) = db_snapshot(&pool, "SELECT permd.digest()").await?;
+        let (token, rows) = in_snapshot(&pool, "SELECT '', permd.digest()").await?;
+        let db_digest = rows.into_iter().next().map(|(_, d)| d).unwrap_or_default();
         let answer = get_json(target, &format!("/v1/digest?at_least={token}")).await?;
         let daemon_digest = answer["digest"]
             .as_str()
@@ -57,7 +58,9 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let (token, db_subjects) = db_subject_digests(&pool).await?;
+    let (token, rows) =
+        in_snapshot(&pool, "SELECT subject, digest FROM permd.subject_digests()").await?;
+    let db_subjects: BTreeMap<String, String> = rows.into_iter().collect();
     let answer = get_json(target, &format!("/v1/digest?by=subject&at_least={token}")).await?;
     let daemon_subjects: BTreeMap<String, String> = answer["subjects"]
         .as_object()
@@ -105,26 +108,12 @@ fn describe<T: Ord + std::fmt::Debug>(report: &mut String, what: &str, db: &[T],
     }
 }
 
-/// Runs `query` in a snapshot and returns the token that makes the daemon catch up to it.
-async fn db_snapshot(pool: &sqlx::PgPool, query: &str) -> anyhow::Result<(u64, String)> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *tx)
-        .await?;
-    let xmax: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
-        .fetch_one(&mut *tx)
-        .await?;
-    let value: String = sqlx::query_scalar(query)
-        .fetch_one(&mut *tx)
-        .await
-        .context("compute the database digest")?;
-    tx.commit().await?;
-    Ok((token_for(&xmax)?, value))
-}
-
-async fn db_subject_digests(
+/// Runs `query` (two text columns) in one snapshot and returns its rows with the token
+/// that makes the daemon catch up to that snapshot.
+async fn in_snapshot(
     pool: &sqlx::PgPool,
-) -> anyhow::Result<(u64, BTreeMap<String, String>)> {
+    query: &str,
+) -> anyhow::Result<(u64, Vec<(String, String)>)> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
@@ -132,13 +121,12 @@ async fn db_subject_digests(
     let xmax: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
         .fetch_one(&mut *tx)
         .await?;
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT subject, digest FROM permd.subject_digests()")
-            .fetch_all(&mut *tx)
-            .await
-            .context("compute per-subject digests")?;
+    let rows: Vec<(String, String)> = sqlx::query_as(query)
+        .fetch_all(&mut *tx)
+        .await
+        .context("compute the database's digests")?;
     tx.commit().await?;
-    Ok((token_for(&xmax)?, rows.into_iter().collect()))
+    Ok((token_for(&xmax)?, rows))
 }
 
 /// Every xid below the snapshot's xmax is finished; the daemon has applied them all once

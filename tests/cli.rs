@@ -78,50 +78,14 @@ async fn migrate_serve_and_stop_on_sigterm() {
     db.exec("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
         .await;
 
-    let port = free_port();
-    let child = permd()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", &db.url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start permd serve");
-    let mut running = Running(child);
-    wait_until("readyz 200", || {
-        std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
-    })
-    .await;
+    let (mut running, port) = serve(&db.url, &[], &[]).await;
     let (status, body) =
         http_get(port, "/v1/check?subject=u1&permission=read&object=doc:1").expect("check");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"allowed\":true"), "{body}");
 
-    let pid = running.0.id().to_string();
-    let signalled = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("send SIGTERM");
-    assert!(signalled.success());
-    let started = Instant::now();
-    let exit = loop {
-        if let Some(exit) = running.0.try_wait().expect("wait") {
-            break exit;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "permd did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let (exit, _, log) = sigterm_and_wait(&mut running).await;
     assert!(exit.success(), "exit status {exit}");
-    let mut log = String::new();
-    running
-        .0
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut log)
-        .expect("read log");
     assert!(
         log.contains("SIGTERM received") && log.contains("stopped"),
         "{log}"
