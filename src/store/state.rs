@@ -1,7 +1,7 @@
 //! One immutable-by-swap generation of the mirrored permission set.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -150,6 +150,9 @@ pub(crate) struct State {
     subjects: DashMap<Box<str>, SubjectEntry, Hasher>,
     objects: Interner,
     permissions: Interner,
+    /// Whether subject `*` holds anything: most sets have no public tuples, and a denied
+    /// check then skips a second map look-up. Kept by the single writer.
+    has_public: AtomicBool,
     limit_names: Interner,
     /// Stored tuple rows (expired ones included), kept by the single writer.
     tuples: AtomicU64,
@@ -163,6 +166,7 @@ impl State {
             subjects: DashMap::with_capacity_and_hasher(subjects, Hasher::default()),
             objects: Interner::with_capacity(objects),
             permissions: Interner::with_capacity(64),
+            has_public: AtomicBool::new(false),
             limit_names: Interner::with_capacity(16),
             tuples: AtomicU64::new(0),
             limits: AtomicU64::new(0),
@@ -229,7 +233,9 @@ impl State {
         }
         let candidates = &candidates[..n];
         self.subject_allows(subject, candidates, permission, now)
-            || (subject != WILDCARD && self.subject_allows(WILDCARD, candidates, permission, now))
+            || (subject != WILDCARD
+                && self.has_public.load(Ordering::Relaxed)
+                && self.subject_allows(WILDCARD, candidates, permission, now))
     }
 
     /// The permissions `subject` holds on `object` ('' for global ones), wildcards and
@@ -365,6 +371,7 @@ impl State {
             };
         }
         self.adjust(&self.tuples, added, removed);
+        self.note_public(subject);
     }
 
     /// Replaces every limit of `subject` with `rows` (empty: removes them).
@@ -391,6 +398,15 @@ impl State {
             removed = std::mem::replace(&mut entry.limits, limits).len() as u64;
         }
         self.adjust(&self.limits, added, removed);
+        self.note_public(subject);
+    }
+
+    /// Re-reads whether subject `*` exists after a write to `subject`.
+    fn note_public(&self, subject: &str) {
+        if subject == WILDCARD {
+            self.has_public
+                .store(self.subjects.contains_key(WILDCARD), Ordering::Relaxed);
+        }
     }
 
     fn adjust(&self, counter: &AtomicU64, added: u64, removed: u64) {
@@ -641,6 +657,7 @@ impl StateBuilder {
                 },
             );
         }
+        state.note_public(WILDCARD);
         state.tuples.store(tuples, Ordering::Relaxed);
         state.limits.store(limit_rows, Ordering::Relaxed);
         state
@@ -705,6 +722,10 @@ mod tests {
             state.objects_of("bob", "read", &mut Now::lazy()),
             vec![Arc::from("doc:public")]
         );
+        state.set_grant("*", "doc:public", &[]);
+        assert!(!state.check("anyone", "read", "doc:public", &mut Now::lazy()));
+        state.set_grant("*", "doc:again", &[row("read", None)]);
+        assert!(state.check("anyone", "read", "doc:again", &mut Now::lazy()));
     }
 
     #[test]
