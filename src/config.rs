@@ -68,11 +68,8 @@ pub struct VerifyArgs {
     #[arg(long, env = "PERMD_URL", default_value = "http://127.0.0.1:7700")]
     pub permd: String,
     /// The daemon's bearer token, if it requires one.
-    #[arg(long, env = "PERMD_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Read the daemon's bearer token from this file.
-    #[arg(long, env = "PERMD_TOKEN_FILE", conflicts_with = "token")]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub token: TokenArgs,
     /// Describe at most this many differing subjects.
     #[arg(long, default_value_t = 20)]
     pub max_subjects: usize,
@@ -81,7 +78,7 @@ pub struct VerifyArgs {
 impl VerifyArgs {
     /// The daemon to verify.
     pub fn target(&self) -> anyhow::Result<crate::verify::Target> {
-        let token = read_token(self.token.as_deref(), self.token_file.as_deref())?;
+        let token = self.token.read()?;
         Ok(crate::verify::Target {
             permd: self.permd.clone(),
             token,
@@ -90,24 +87,43 @@ impl VerifyArgs {
     }
 }
 
-/// The bearer token from the flag/env, else from the file, trimmed. An empty file is an
-/// error (a forgotten secret must not silently mean "no token").
-fn read_token(
-    token: Option<&str>,
-    file: Option<&std::path::Path>,
-) -> anyhow::Result<Option<String>> {
-    match (token, file) {
-        (Some(token), _) => Ok(Some(token.trim().to_owned()).filter(|t| !t.is_empty())),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("read the token file {}", path.display()))?;
-            let text = text.trim();
-            if text.is_empty() {
-                bail!("the token file {} is empty", path.display());
+/// The bearer token: `--token`/`PERMD_TOKEN`, or `--token-file`/`PERMD_TOKEN_FILE`. Serve
+/// requires it from clients; verify presents it to the daemon. Prefer the variable or the
+/// file: a flag is visible in `ps`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Bearer token (required by serve on every route but /livez and /readyz when set;
+    /// presented by verify). Prefer the environment variable or --token-file: a flag is
+    /// visible in `ps`.
+    #[arg(long, env = "PERMD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the bearer token from this file (surrounding whitespace is ignored).
+    #[arg(long, env = "PERMD_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    /// The token, trimmed, if one was given. An empty file is an error (a forgotten
+    /// secret must not silently mean "no token").
+    pub fn read(&self) -> anyhow::Result<Option<String>> {
+        match (&self.token, &self.token_file) {
+            (Some(token), _) => Ok(Some(token.trim().to_owned()).filter(|t| !t.is_empty())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read the token file {}", path.display()))?;
+                let text = text.trim();
+                if text.is_empty() {
+                    bail!("the token file {} is empty", path.display());
+                }
+                Ok(Some(text.to_owned()))
             }
-            Ok(Some(text.to_owned()))
+            (None, None) => Ok(None),
         }
-        (None, None) => Ok(None),
+    }
+
+    /// Whether a token was given at all.
+    pub fn is_set(&self) -> bool {
+        self.token.is_some() || self.token_file.is_some()
     }
 }
 
@@ -154,13 +170,9 @@ pub struct ServerArgs {
     /// Address to serve HTTP on. Anything but loopback requires a token.
     #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
-    /// Bearer token required on every route but /livez and /readyz. Prefer the
-    /// environment variable or --token-file: a flag is visible in `ps`.
-    #[arg(long, env = "PERMD_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Read the bearer token from this file (surrounding whitespace is ignored).
-    #[arg(long, env = "PERMD_TOKEN_FILE", conflicts_with = "token")]
-    pub token_file: Option<PathBuf>,
+    /// Bearer token required on every route but /livez and /readyz.
+    #[command(flatten)]
+    pub token: TokenArgs,
     /// Poll the changelog this often when no NOTIFY arrives (milliseconds).
     #[arg(long, env = "PERMD_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub poll_interval_ms: u64,
@@ -218,8 +230,7 @@ pub struct Settings {
 impl ServerArgs {
     /// Validates the flags into settings for `database_url`.
     pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
-        let token =
-            read_token(self.token.as_deref(), self.token_file.as_deref())?.and_then(Token::new);
+        let token = self.token.read()?.and_then(Token::new);
         if token.is_none() && !self.listen.ip().is_loopback() {
             bail!(
                 "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \

@@ -118,10 +118,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let settings = args.server.settings(&database_url)?;
     let daemon = Daemon::start(settings, shutdown.clone()).await?;
     if daemon.wait_ready(Duration::from_secs(120)).await {
-        print_examples(
-            &daemon,
-            args.server.token.is_some() || args.server.token_file.is_some(),
-        );
+        print_examples(&daemon, args.server.token.is_set());
     }
     daemon.wait().await;
     if let Some(cluster) = cluster {
