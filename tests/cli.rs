@@ -189,11 +189,11 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let db = database().await;
     let (mut running, port) = serve(
         &db.url,
-        &["--max-wait-ms", "1500", "--shutdown-timeout-ms", "5000"],
+        &["--max-wait-ms", "4000", "--shutdown-timeout-ms", "10000"],
         &[],
     )
     .await;
-    // Requests in flight when SIGTERM arrives: each waits 1.5 s for a token that never
+    // Requests in flight when SIGTERM arrives: each waits 4 s for a token that never
     // comes, then answers 503 stale. They must get that answer, not a reset.
     let in_flight: Vec<_> = (0..4)
         .map(|_| {
@@ -205,7 +205,11 @@ async fn sigterm_lets_in_flight_requests_finish() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // All four are in flight when the signal comes (the gauge counts the scrape too).
+    wait_until("four requests in flight", || async {
+        http_get(port, "/metrics").is_some_and(|(_, m)| m.contains("permd_in_flight 5"))
+    })
+    .await;
     let (exit, took, log) = sigterm_and_wait(&mut running).await;
     for request in in_flight {
         let (status, body) = request
@@ -221,7 +225,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
         "{log}"
     );
     println!(
-        "SIGTERM with 4 requests in flight: all answered, exit after {:.2}s (deadline 5s)",
+        "SIGTERM with 4 requests in flight: all answered, exit after {:.2}s (deadline 10s)",
         took.as_secs_f64()
     );
 }

@@ -331,6 +331,6 @@ pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
 pub(super) async fn metrics(State(app): State<App>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(&app.store, &app.status),
+        app.metrics.render(&app.store, &app.status, app.in_flight()),
     )
 }

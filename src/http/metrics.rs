@@ -66,8 +66,9 @@ impl Metrics {
         self.client_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub(crate) fn render(&self, store: &Store, status: &Status) -> String {
+    /// The Prometheus text exposition of every metric; `in_flight` is the number of API
+    /// requests being served (this scrape included).
+    pub(crate) fn render(&self, store: &Store, status: &Status, in_flight: usize) -> String {
         let mut out = String::with_capacity(4096);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let _ = writeln!(
@@ -113,7 +114,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 10] = [
+        let gauges: [(&str, &str, &str, f64); 11] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -129,6 +130,7 @@ impl Metrics {
             ("permd_reconnects_total", "counter", "Sync connections lost and re-established.", report.reconnects as f64),
             ("permd_stale_total", "counter", "Requests answered 503 stale (at_least not reached in time).", get(&self.stale) as f64),
             ("permd_shed_total", "counter", "Requests shed with 503 overloaded (too many in flight).", get(&self.shed) as f64),
+            ("permd_in_flight", "gauge", "API requests being served, this scrape included (bounded by --max-in-flight).", in_flight as f64),
         ];
         for (name, kind, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}");

@@ -111,6 +111,14 @@ impl App {
             in_flight,
         }
     }
+
+    /// API requests being served right now.
+    fn in_flight(&self) -> usize {
+        self.config
+            .max_in_flight
+            .max(1)
+            .saturating_sub(self.in_flight.available_permits())
+    }
 }
 
 /// The whole API. Tests drive it with `oneshot` without a socket.
