@@ -133,6 +133,10 @@ pub struct MigrateArgs {
     /// Postgres connection URL, e.g. postgres://user:pass@host:5432/db.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// Also apply the reference model (schema `app`: users, plans, groups, a folder tree
+    /// and shares, kept in permd.tuples/permd.limits by triggers). See README.
+    #[arg(long, env = "PERMD_REFERENCE_MODEL")]
+    pub reference_model: bool,
 }
 
 /// `permd serve`

@@ -26,3 +26,17 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     migrator.run(pool).await.context("apply migrations")?;
     Ok(())
 }
+
+/// Applies the optional reference model (`migrations/reference/`, schema `app`) on top of
+/// the core, which must be applied first. Its versions (1001 and up) never overlap the
+/// core's, so both sets share sqlx's bookkeeping table.
+pub async fn migrate_reference_model(pool: &PgPool) -> anyhow::Result<()> {
+    let mut migrator = sqlx::migrate!("./migrations/reference");
+    // The core's versions are not in this set.
+    migrator.set_ignore_missing(true);
+    migrator
+        .run(pool)
+        .await
+        .context("apply the reference model migrations")?;
+    Ok(())
+}

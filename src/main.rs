@@ -34,7 +34,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             let pool = permd::db::pool(&args.database_url).await?;
             permd::db::migrate(&pool).await?;
-            tracing::info!("migrations applied");
+            if args.reference_model {
+                permd::db::migrate_reference_model(&pool).await?;
+            }
+            tracing::info!(reference_model = args.reference_model, "migrations applied");
             Ok(())
         }
         Command::Serve(args) => {

@@ -86,6 +86,15 @@ pub async fn database_on(cluster: &Cluster) -> TestDb {
     TestDb { url, pool }
 }
 
+/// Creates a database on the shared cluster with the core and the reference model.
+pub async fn model_database() -> TestDb {
+    let db = database().await;
+    permd::db::migrate_reference_model(&db.pool)
+        .await
+        .expect("migrate the reference model");
+    db
+}
+
 impl TestDb {
     /// Runs a batch of statements (simple protocol, one implicit transaction).
     pub async fn exec(&self, sql: &str) {
