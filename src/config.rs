@@ -160,8 +160,9 @@ pub struct DemoArgs {
     /// a temporary one removed at exit.
     #[arg(long, env = "PERMD_DEMO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Number of demo users to seed.
-    #[arg(long, env = "PERMD_DEMO_USERS", default_value_t = 10_000)]
+    /// Number of demo users to seed (teams of 8, about 10 resources per user).
+    #[arg(long, env = "PERMD_DEMO_USERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
     pub users: u32,
     /// Everything about the server.
     #[command(flatten)]

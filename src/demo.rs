@@ -9,72 +9,126 @@ use crate::config::DemoArgs;
 use crate::embedded::{Cluster, ClusterOptions};
 use crate::Daemon;
 
-/// Plans by user id: 60% FREE, 25% BASIC, 12% PRO, 3% ENTERPRISE.
-const PLAN: &str = "CASE WHEN u % 100 < 60 THEN 'FREE' WHEN u % 100 < 85 THEN 'BASIC' \
-                    WHEN u % 100 < 97 THEN 'PRO' ELSE 'ENTERPRISE' END";
+/// Plans by user id: 60% FREE, 25% BASIC, 12% PRO, 3% ENTERPRISE (plan ids 1 to 4).
+const PLAN: &str = "CASE WHEN u % 100 < 60 THEN 1 WHEN u % 100 < 85 THEN 2 \
+                    WHEN u % 100 < 97 THEN 3 ELSE 4 END";
 
-/// Each seeding step: a label for the progress line and one statement ($1 = users).
+/// Users per team; teams are grouped into ten departments.
+const TEAM: i64 = 8;
+
+/// Each seeding step of the enterprise: a label for the progress line and one statement
+/// ($1 = users, $2 = teams). Written to the source tables of the reference model with its
+/// triggers off; `app.rebuild_permissions()` then computes the set in one pass.
+///
+/// Ids, so that the printed examples can name them:
+/// users 1..=N, user u in team (u-1)/8 and department team % 10; users 1 to 3 are admins,
+/// every hundredth (u % 100 = 99) is suspended. Groups: team t is group t+1, department d
+/// is group teams+1+d. Resources: 1 the company folder; 2+d department folders; 100+d a
+/// handbook per department (shared read with the department) with files 1000+20d+f;
+/// 10000+t team folders (shared write with the team) holding 4 project folders
+/// 100000+4t+p of 12 files each, 1000000+12(4t+p)+f; every user's home folder 2000000+u
+/// with 3 files 3000000+3u+f; one project file in ten shared read with someone outside.
 fn steps() -> Vec<(&'static str, String)> {
+    let team = TEAM;
     vec![
         (
-            "plan permissions",
+            "permissions, plans and limits",
+            "INSERT INTO app.permissions (id, name) VALUES (1, 'ADMIN_ACCESS'), (2, 'EXPORT_DATA'),
+                 (3, 'API_ACCESS'), (4, 'SSO'), (5, 'AUDIT_LOG'), (6, 'VIEW_REPORTS'), (7, 'BETA_FEATURES');
+             INSERT INTO app.subscription_plans (id, name) VALUES
+                 (1, 'FREE'), (2, 'BASIC'), (3, 'PRO'), (4, 'ENTERPRISE');
+             INSERT INTO app.plan_permissions VALUES (1, 6), (2, 6), (2, 2), (3, 6), (3, 2), (3, 3),
+                 (4, 6), (4, 2), (4, 3), (4, 4), (4, 5);
+             INSERT INTO app.plan_limits VALUES (1, 'projects', 3), (1, 'seats', 1),
+                 (2, 'projects', 10), (2, 'seats', 5), (3, 'projects', 50), (3, 'seats', 25),
+                 (4, 'projects', 1000), (4, 'seats', 500)"
+                .into(),
+        ),
+        (
+            "users",
+            "INSERT INTO app.users (id, email, status)
+             SELECT u, 'user' || u || '@example.com', CASE WHEN u % 100 = 99 THEN 'SUSPENDED' ELSE 'ACTIVE' END
+             FROM generate_series(1, $1) u"
+                .into(),
+        ),
+        (
+            "subscriptions (and PRO trials ending within three days)",
             format!(
-                "INSERT INTO permd.tuples (subject, object, permission)
-                 SELECT 'user:' || u, '', p FROM generate_series(1, $1) u,
-                 LATERAL unnest(CASE {PLAN}
-                     WHEN 'FREE' THEN ARRAY['VIEW']
-                     WHEN 'BASIC' THEN ARRAY['VIEW', 'EXPORT_DATA']
-                     WHEN 'PRO' THEN ARRAY['VIEW', 'EXPORT_DATA', 'API_ACCESS']
-                     ELSE ARRAY['VIEW', 'EXPORT_DATA', 'API_ACCESS', 'SSO'] END) p"
+                "INSERT INTO app.user_subscriptions (user_id, plan_id)
+                 SELECT u, {PLAN} FROM generate_series(1, $1) u;
+                 INSERT INTO app.user_subscriptions (user_id, plan_id, expires_at)
+                 SELECT u, 3, now() + make_interval(hours => 1 + (u % 72)::int)
+                 FROM generate_series(1, $1) u WHERE u % 25 = 0"
             ),
         ),
         (
-            "admins",
-            "INSERT INTO permd.tuples (subject, object, permission)
-             SELECT 'user:' || u, o, p FROM generate_series(1, least($1, 3)) u,
-             (VALUES ('', 'ADMIN_ACCESS'), ('*', 'read'), ('*', 'write'), ('*', 'share'),
-                     ('*', 'delete'), ('*', 'list')) v(o, p)"
+            "direct grants",
+            "INSERT INTO app.user_permission_grants
+             SELECT u, 1 FROM generate_series(1, least($1, 3)) u
+             UNION ALL
+             SELECT u, 7 FROM generate_series(1, $1) u WHERE u % 200 = 7"
                 .into(),
         ),
         (
-            "trials (expiring in an hour) and lapsed trials",
-            "INSERT INTO permd.tuples (subject, object, permission, expires_at)
-             SELECT 'user:' || u, '', 'BETA_FEATURES',
-                    CASE WHEN u % 2 = 0 THEN now() + interval '1 hour' ELSE now() - interval '1 day' END
-             FROM generate_series(1, $1) u WHERE u % 25 = 0"
-                .into(),
-        ),
-        (
-            "owned files (5 per user)",
-            "INSERT INTO permd.tuples (subject, object, permission)
-             SELECT 'user:' || u, 'resource:file-' || u || '-' || f, p
-             FROM generate_series(1, $1) u, generate_series(1, 5) f,
-             unnest(ARRAY['read', 'write', 'share', 'delete', 'list']) p"
-                .into(),
-        ),
-        (
-            "team folders (20 users a team)",
-            "INSERT INTO permd.tuples (subject, object, permission)
-             SELECT 'user:' || u, 'resource:team-' || (u / 20), p
-             FROM generate_series(1, $1) u, unnest(ARRAY['read', 'write', 'list']) p"
-                .into(),
-        ),
-        (
-            "public handbook",
-            "INSERT INTO permd.tuples (subject, object, permission)
-             VALUES ('*', 'resource:handbook', 'read'), ('*', 'resource:handbook', 'list')"
-                .into(),
-        ),
-        (
-            "plan limits",
+            "teams and departments",
             format!(
-                "INSERT INTO permd.limits (subject, name, value)
-                 SELECT 'user:' || u, n, v FROM generate_series(1, $1) u,
-                 LATERAL (VALUES
-                    ('projects', CASE {PLAN} WHEN 'FREE' THEN 3 WHEN 'BASIC' THEN 10 WHEN 'PRO' THEN 50 ELSE 1000 END),
-                    ('seats', CASE {PLAN} WHEN 'FREE' THEN 1 WHEN 'BASIC' THEN 5 WHEN 'PRO' THEN 25 ELSE 500 END)
-                 ) l(n, v)"
+                "INSERT INTO app.groups (id, name)
+                 SELECT t + 1, 'team ' || t FROM generate_series(0, $2 - 1) t
+                 UNION ALL
+                 SELECT $2 + 1 + d, 'department ' || d FROM generate_series(0, 9) d;
+                 INSERT INTO app.group_members (group_id, user_id)
+                 SELECT (u - 1) / {team} + 1, u FROM generate_series(1, $1) u
+                 UNION ALL
+                 SELECT $2 + 1 + ((u - 1) / {team}) % 10, u FROM generate_series(1, $1) u"
             ),
+        ),
+        (
+            "company, department and handbook folders",
+            format!(
+                "INSERT INTO app.resources (id, kind, name, parent_id, owner_id) VALUES (1, 'folder', 'Company', NULL, 1);
+                 INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+                 SELECT 2 + d, 'folder', 'Department ' || d, 1, least($1, 1 + {team} * d) FROM generate_series(0, 9) d;
+                 INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+                 SELECT 100 + d, 'folder', 'Handbook', 2 + d, least($1, 1 + {team} * d) FROM generate_series(0, 9) d;
+                 INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+                 SELECT 1000 + 20 * d + f, 'file', 'Chapter ' || f, 100 + d, least($1, 1 + {team} * d)
+                 FROM generate_series(0, 9) d, generate_series(0, 19) f;
+                 INSERT INTO app.shares (resource_id, group_id, access)
+                 SELECT 100 + d, $2 + 1 + d, 'read' FROM generate_series(0, 9) d"
+            ),
+        ),
+        (
+            "team folders, projects and files",
+            format!(
+                "INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+                 SELECT 10000 + t, 'folder', 'Team ' || t, 2 + t % 10, least($1, 1 + {team} * t)
+                 FROM generate_series(0, $2 - 1) t;
+                 INSERT INTO app.shares (resource_id, group_id, access)
+                 SELECT 10000 + t, t + 1, 'write' FROM generate_series(0, $2 - 1) t;
+                 INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+                 SELECT 100000 + 4 * t + p, 'folder', 'Project ' || p, 10000 + t, least($1, 1 + {team} * t + 2 * p)
+                 FROM generate_series(0, $2 - 1) t, generate_series(0, 3) p;
+                 INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+                 SELECT 1000000 + 12 * (4 * t + p) + f, 'file', 'File ' || f, 100000 + 4 * t + p,
+                        least($1, 1 + {team} * t + (12 * p + f) % {team})
+                 FROM generate_series(0, $2 - 1) t, generate_series(0, 3) p, generate_series(0, 11) f"
+            ),
+        ),
+        (
+            "home folders",
+            "INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+             SELECT 2000000 + u, 'folder', 'Home', NULL, u FROM generate_series(1, $1) u;
+             INSERT INTO app.resources (id, kind, name, parent_id, owner_id)
+             SELECT 3000000 + 3 * u + f, 'file', 'Notes ' || f, 2000000 + u, u
+             FROM generate_series(1, $1) u, generate_series(0, 2) f"
+                .into(),
+        ),
+        (
+            "shares with people outside the team",
+            "INSERT INTO app.shares (resource_id, user_id, access)
+             SELECT 1000000 + i, 1 + (i * 7919) % $1, 'read'
+             FROM generate_series(0, 48 * $2 - 1) i WHERE i % 10 = 3"
+                .into(),
         ),
     ]
 }
@@ -104,21 +158,27 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     };
     let pool = crate::db::pool(&database_url).await?;
     crate::db::migrate(&pool).await?;
-    let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
+    crate::db::migrate_reference_model(&pool).await?;
+    let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM app.users")
         .fetch_one(&pool)
         .await
-        .context("count existing tuples")?;
+        .context("count existing users")?;
     if existing == 0 {
         seed(&pool, args.users).await?;
     } else {
-        eprintln!("the database already holds {existing} tuples: not seeding");
+        eprintln!("the database already holds {existing} users in app.users: not seeding");
     }
     pool.close().await;
 
     let settings = args.server.settings(&database_url)?;
     let daemon = Daemon::start(settings, shutdown.clone()).await?;
     if daemon.wait_ready(Duration::from_secs(120)).await {
-        print_examples(&daemon, args.server.token.is_set());
+        print_examples(
+            &daemon,
+            args.server.token.is_set(),
+            args.users,
+            &database_url,
+        );
     }
     daemon.wait().await;
     if let Some(cluster) = cluster {
@@ -137,32 +197,63 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
+/// Seeds the demo enterprise of `users` users into the reference model (already migrated),
+/// printing progress to stderr. Also used by the write-cost benchmark.
+pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
     let started = Instant::now();
+    let users = i64::from(users);
+    let teams = (users + TEAM - 1) / TEAM;
     let mut tx = pool.begin().await?;
+    // Bulk load: the triggers only record, and nothing is recorded; one rebuild follows.
+    sqlx::raw_sql("SET LOCAL permd_app.maintain = off")
+        .execute(&mut *tx)
+        .await?;
     let steps = steps();
     for (i, (label, sql)) in steps.iter().enumerate() {
-        let done = sqlx::query(sql)
-            .bind(i64::from(users))
+        // Plain numbers, not user input: safe to splice, and several statements a step.
+        let sql = sql
+            .replace("$1", &users.to_string())
+            .replace("$2", &teams.to_string());
+        let done = sqlx::raw_sql(&sql)
             .execute(&mut *tx)
             .await
             .with_context(|| format!("seed {label}"))?;
         eprintln!(
             "seeding [{}/{}] {label}: {} rows",
             i + 1,
-            steps.len(),
+            steps.len() + 1,
             done.rows_affected()
         );
     }
+    sqlx::raw_sql(
+        "ANALYZE app.users, app.resources, app.shares, app.group_members, app.user_subscriptions",
+    )
+    .execute(&mut *tx)
+    .await?;
+    eprintln!(
+        "seeding [{}/{}] computing every user's effective permissions (app.rebuild_permissions())…",
+        steps.len() + 1,
+        steps.len() + 1
+    );
+    let computing = Instant::now();
+    let (added, _, limits): (i64, i64, i64) =
+        sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
+            .fetch_one(&mut *tx)
+            .await
+            .context("compute the permissions")?;
+    eprintln!(
+        "  {added} tuples and {limits} limits in {:.1}s",
+        computing.elapsed().as_secs_f64()
+    );
     tx.commit().await?;
     eprintln!(
-        "seeded {users} users in {:.1}s",
+        "seeded {users} users, {teams} teams and their files in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
-fn print_examples(daemon: &Daemon, with_token: bool) {
+fn print_examples(daemon: &Daemon, with_token: bool, users: u32, database_url: &str) {
     let base = format!("http://{}", daemon.local_addr());
     let counts = daemon.store().counts();
     let auth = if with_token {
@@ -170,6 +261,15 @@ fn print_examples(daemon: &Daemon, with_token: bool) {
     } else {
         ""
     };
+    let check = |subject: &str, permission: &str, object: &str| {
+        let object = if object.is_empty() {
+            String::new()
+        } else {
+            format!("&object={object}")
+        };
+        format!("curl -s{auth} '{base}/v1/check?subject={subject}&permission={permission}{object}'")
+    };
+    let outsider = 1 + (3 * 7919) % users;
     println!();
     println!(
         "permd is ready: {} tuples, {} subjects, {} limits.",
@@ -177,26 +277,34 @@ fn print_examples(daemon: &Daemon, with_token: bool) {
     );
     println!("Try:");
     let examples = [
-        ("a BASIC user may export", format!("curl -s{auth} '{base}/v1/check?subject=user:60&permission=EXPORT_DATA'")),
-        ("a FREE user may not", format!("curl -s{auth} '{base}/v1/check?subject=user:5&permission=EXPORT_DATA'")),
-        ("an admin reads any file", format!("curl -s{auth} '{base}/v1/check?subject=user:1&permission=read&object=resource:file-42-1'")),
-        ("a team member writes the team folder", format!("curl -s{auth} '{base}/v1/check?subject=user:42&permission=write&object=resource:team-2'")),
-        ("everyone reads the handbook", format!("curl -s{auth} '{base}/v1/check?subject=user:777&permission=read&object=resource:handbook'")),
-        ("a trial that lapsed yesterday", format!("curl -s{auth} '{base}/v1/check?subject=user:25&permission=BETA_FEATURES'")),
+        ("user:2 writes in their team's folder (shared write with team 0)", check("user:2", "write", "resource:10000")),
+        ("... and in every file below it", check("user:2", "write", "resource:1000005")),
+        ("user:9 is in team 1: no access to team 0's folder", check("user:9", "read", "resource:10000")),
+        ("user:9 sees the company folder as a path only", check("user:9", "list", "resource:1")),
+        ("... but cannot read it", check("user:9", "read", "resource:1")),
+        ("user:81 reads the handbook of department 0 (shared read)", check("user:81", "read", "resource:1003")),
+        ("a project file shared with someone outside the team", check(&format!("user:{outsider}"), "read", "resource:1000003")),
+        ("user:1 holds ADMIN_ACCESS: delete anything", check("user:1", "delete", "resource:3000300")),
+        ("user:99 is suspended: not even their own home", check("user:99", "read", "resource:2000099")),
+        ("user:60 is on BASIC: may export", check("user:60", "EXPORT_DATA", "")),
+        ("user:5 is on FREE: may not", check("user:5", "EXPORT_DATA", "")),
+        ("user:25 has a PRO trial ending within three days", format!("curl -s{auth} '{base}/v1/subjects/user:25/permissions'")),
+        ("where user:2 may write", format!("curl -s{auth} '{base}/v1/subjects/user:2/objects?permission=write'")),
+        ("limits of user:97 (ENTERPRISE)", format!("curl -s{auth} '{base}/v1/subjects/user:97/limits'")),
+        ("may user:5 create a 4th project?", format!("curl -s{auth} '{base}/v1/check-limit?subject=user:5&limit=projects&usage=3'")),
         (
             "a batch",
             format!(
-                "curl -s{auth} -X POST '{base}/v1/check' -H 'content-type: application/json' -d '{{\"checks\":[{{\"subject\":\"user:50\",\"permission\":\"BETA_FEATURES\"}},{{\"subject\":\"user:5\",\"permission\":\"read\",\"object\":\"resource:file-5-1\"}}]}}'"
+                "curl -s{auth} -X POST '{base}/v1/check' -H 'content-type: application/json' -d '{{\"checks\":[{{\"subject\":\"user:2\",\"permission\":\"read\",\"object\":\"resource:10000\"}},{{\"subject\":\"user:9\",\"permission\":\"read\",\"object\":\"resource:10000\"}}]}}'"
             ),
         ),
-        ("what user:42 may do globally", format!("curl -s{auth} '{base}/v1/subjects/user:42/permissions'")),
-        ("where user:42 may write", format!("curl -s{auth} '{base}/v1/subjects/user:42/objects?permission=write'")),
-        ("limits of user:99", format!("curl -s{auth} '{base}/v1/subjects/user:99/limits'")),
-        ("may user:5 create a 4th project?", format!("curl -s{auth} '{base}/v1/check-limit?subject=user:5&limit=projects&usage=3'")),
         ("status", format!("curl -s{auth} '{base}/v1/status'")),
     ];
     for (what, command) in examples {
         println!("  # {what}\n  {command}");
     }
+    println!("Write through the model and watch it arrive (user:9 joins team 0):");
+    println!("  psql \"{database_url}\" -c 'INSERT INTO app.group_members VALUES (1, 9)'");
+    println!("  {}", check("user:9", "read", "resource:10000"));
     println!("Press Ctrl-C to stop.");
 }

@@ -126,17 +126,24 @@ CREATE INDEX IF NOT EXISTS tuples_object ON permd.tuples (object, subject);
 --   'g' user a's plans or direct grants       'G' plan a's permissions or limits
 --   'r' resource a created or moved            'm' resource a moved away from parent b
 --   'd' resource a deleted from parent b      'x' (internal) pair user a x resource b
+--
+-- Every query reads only its own transaction's rows through the index on xid: the table
+-- churns (rows live for one transaction), and a scan would wade through dead rows that
+-- vacuum has not reclaimed yet.
 CREATE UNLOGGED TABLE app.pending (
+    xid  xid8   NOT NULL DEFAULT pg_current_xact_id(),
     kind "char" NOT NULL,
     a    bigint NOT NULL,
     b    bigint NULL
 );
+CREATE INDEX pending_xid ON app.pending (xid, kind);
 
 -- One row per transaction with pending changes: its insertion queues the one deferred
 -- trigger event that runs app.flush() at commit.
 CREATE UNLOGGED TABLE app.flush_requests (
     xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
+CREATE INDEX flush_requests_xid ON app.flush_requests (xid);
 
 -- Every grant a user holds on a node of the tree, with its level:
 -- 3 owner, 2 write share, 1 read share (direct or through a group).
@@ -248,16 +255,23 @@ LANGUAGE sql STABLE AS $$
         SELECT DISTINCT q.a AS user_id, q.b AS resource_id
         FROM app.pending q
         JOIN app.users u ON u.id = q.a AND u.status = 'ACTIVE'
-        WHERE q.kind = 'x'
+        WHERE q.xid = pg_current_xact_id() AND q.kind = 'x'
+    ), paths AS (
+        -- Everything at or above a grant of these users: where 'list' reaches. Computed
+        -- from the users' few grants up, never from a resource down (it may be the root).
+        SELECT DISTINCT g.user_id, t.ancestor_id AS resource_id
+        FROM (SELECT DISTINCT user_id FROM pairs) u
+        JOIN app.grants g ON g.user_id = u.user_id
+        JOIN app.resource_tree t ON t.resource_id = g.resource_id
     ), levels AS (
+        -- The best grant at or above the resource, and whether one is at or below it.
         SELECT p.user_id, p.resource_id,
                (SELECT max(g.level) FROM app.resource_tree t
                 JOIN app.grants g ON g.resource_id = t.ancestor_id AND g.user_id = p.user_id
                 WHERE t.resource_id = p.resource_id) AS level,
-               EXISTS (SELECT FROM app.resource_tree t
-                       JOIN app.grants g ON g.resource_id = t.resource_id AND g.user_id = p.user_id
-                       WHERE t.ancestor_id = p.resource_id) AS listed
+               paths.user_id IS NOT NULL AS listed
         FROM pairs p
+        LEFT JOIN paths USING (user_id, resource_id)
     )
     SELECT 'user:' || l.user_id, 'resource:' || l.resource_id, p
     FROM levels l, unnest(app.level_permissions(coalesce(l.level, 0))) p
@@ -318,7 +332,7 @@ BEGIN
     IF a IS NULL THEN
         RETURN;
     END IF;
-    INSERT INTO app.pending VALUES (kind, a, b);
+    INSERT INTO app.pending (kind, a, b) VALUES (kind, a, b);
     IF coalesce(current_setting('permd_app.queued', true), '') <> 'on' THEN
         PERFORM set_config('permd_app.queued', 'on', true);
         INSERT INTO app.flush_requests DEFAULT VALUES;
@@ -333,7 +347,7 @@ DECLARE
     users bigint[];
 BEGIN
     PERFORM set_config('permd_app.queued', 'off', true);
-    IF NOT EXISTS (SELECT FROM app.pending) THEN
+    IF NOT EXISTS (SELECT FROM app.pending WHERE xid = pg_current_xact_id()) THEN
         RETURN;
     END IF;
     IF current_setting('transaction_isolation') = 'repeatable read' THEN
@@ -349,7 +363,8 @@ BEGIN
     -- remaining ancestors (a 'list' may have depended on them).
     WITH gone AS (
         DELETE FROM permd.tuples t
-        USING (SELECT DISTINCT a, b FROM app.pending WHERE kind = 'd') d
+        USING (SELECT DISTINCT a, b FROM app.pending
+               WHERE xid = pg_current_xact_id() AND kind = 'd') d
         WHERE t.object = 'resource:' || d.a
           AND NOT EXISTS (SELECT FROM app.resources r WHERE r.id = d.a)
         RETURNING t.subject, d.b AS parent
@@ -362,7 +377,8 @@ BEGIN
     -- Every other change becomes the user x resource pairs it can affect.
     INSERT INTO app.pending (kind, a, b)
     WITH q AS (
-        SELECT DISTINCT kind, a, b FROM app.pending WHERE kind <> 'x'
+        SELECT DISTINCT kind, a, b FROM app.pending
+        WHERE xid = pg_current_xact_id() AND kind <> 'x'
     ), scope AS (
         -- a resource with its subtree and its ancestors
         SELECT q.kind, q.a, q.b, s.id
@@ -465,13 +481,16 @@ BEGIN
         SELECT * FROM app.desired_pair_tuples()
     ), pairs AS (
         SELECT DISTINCT 'user:' || a AS subject, 'resource:' || b AS object
-        FROM app.pending WHERE kind = 'x'
+        FROM app.pending WHERE xid = pg_current_xact_id() AND kind = 'x'
+    ), stale AS (
+        SELECT t.subject, t.object, t.permission
+        FROM pairs p JOIN permd.tuples t ON t.subject = p.subject AND t.object = p.object
+        EXCEPT
+        SELECT subject, object, permission FROM desired
     ), removed AS (
         DELETE FROM permd.tuples t
-        USING pairs p
-        WHERE t.subject = p.subject AND t.object = p.object
-          AND NOT EXISTS (SELECT FROM desired d
-                          WHERE (d.subject, d.object, d.permission) = (t.subject, t.object, t.permission))
+        USING stale s
+        WHERE (t.subject, t.object, t.permission) = (s.subject, s.object, s.permission)
     )
     INSERT INTO permd.tuples (subject, object, permission)
     SELECT subject, object, permission FROM desired
@@ -480,17 +499,17 @@ BEGIN
 
     -- Users whose plans, grants or status changed: global tuples and limits.
     SELECT array_agg(DISTINCT u) INTO users FROM (
-        SELECT a FROM app.pending WHERE kind IN ('g', 'u')
+        SELECT a FROM app.pending WHERE xid = pg_current_xact_id() AND kind IN ('g', 'u')
         UNION
         SELECT s.user_id FROM app.pending q JOIN app.user_subscriptions s ON s.plan_id = q.a
-        WHERE q.kind = 'G' AND s.status = 'ACTIVE'
+        WHERE q.xid = pg_current_xact_id() AND q.kind = 'G' AND s.status = 'ACTIVE'
     ) changed(u);
     IF users IS NOT NULL THEN
         PERFORM app.sync_global(users);
     END IF;
 
-    DELETE FROM app.pending;
-    DELETE FROM app.flush_requests;
+    DELETE FROM app.pending WHERE xid = pg_current_xact_id();
+    DELETE FROM app.flush_requests WHERE xid = pg_current_xact_id();
 END
 $$;
 
@@ -695,8 +714,8 @@ DECLARE
     limits bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(7370587495047230561);
-    DELETE FROM app.pending;
-    DELETE FROM app.flush_requests;
+    DELETE FROM app.pending WHERE xid = pg_current_xact_id();
+    DELETE FROM app.flush_requests WHERE xid = pg_current_xact_id();
 
     DELETE FROM app.resource_tree;
     WITH RECURSIVE down (id, path) AS (
@@ -728,8 +747,10 @@ BEGIN
         RETURNING 1
     )
     SELECT count(*) INTO removed FROM gone;
+    -- In key order: appending to the primary key's btree is far cheaper than scattering.
     INSERT INTO permd.tuples (subject, object, permission, expires_at)
     SELECT subject, object, permission, expires_at FROM desired_tuples
+    ORDER BY subject, object, permission
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS added = ROW_COUNT;
     DROP TABLE desired_tuples;

@@ -1,0 +1,342 @@
+//! The price of cheap reads: what each write path of the reference model costs at write
+//! time, at demo scale. Starts a throwaway Postgres, seeds the demo enterprise
+//! (`PERMD_DEMO_USERS`, default 10,000), then times every write path in its own
+//! transaction (the write, the flush of the precomputed set, the commit) and counts the
+//! permd.tuples / permd.limits rows it touched. Prints a Markdown table.
+//!
+//! `cargo bench --bench writes` (release build; about two minutes, most of it seeding).
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use permd::embedded::{Cluster, ClusterOptions};
+use sqlx::{PgPool, Row as _};
+
+/// One write path: a name, how many times to run it, and the SQL of run `i`.
+struct Path {
+    name: &'static str,
+    runs: u64,
+    sql: fn(u64) -> String,
+}
+
+/// Team `t`'s ids, as the demo lays them out (see `permd::demo`).
+fn team_folder(t: u64) -> u64 {
+    10_000 + t
+}
+fn project(t: u64, p: u64) -> u64 {
+    100_000 + 4 * t + p
+}
+fn file(t: u64, p: u64, f: u64) -> u64 {
+    1_000_000 + 12 * (4 * t + p) + f
+}
+fn lead(t: u64) -> u64 {
+    1 + 8 * t
+}
+
+fn paths() -> Vec<Path> {
+    vec![
+        Path {
+            name: "create a file in a team project (team of 8 shares it)",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "INSERT INTO app.resources VALUES ({}, 'file', 'new', {}, {})",
+                    5_000_000 + i,
+                    project(i, 0),
+                    lead(i)
+                )
+            },
+        },
+        Path {
+            name: "share a file with a user",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "INSERT INTO app.shares (id, resource_id, user_id, access) VALUES ({}, {}, {}, 'read')",
+                    9_000_000 + i,
+                    file(100 + i, 1, 0),
+                    lead(200 + i)
+                )
+            },
+        },
+        Path {
+            name: "change that share's access to write",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "UPDATE app.shares SET access = 'write' WHERE id = {}",
+                    9_000_000 + i
+                )
+            },
+        },
+        Path {
+            name: "unshare it",
+            runs: 30,
+            sql: |i| format!("DELETE FROM app.shares WHERE id = {}", 9_000_000 + i),
+        },
+        Path {
+            name: "share a team folder (53 resources) with another team",
+            runs: 20,
+            sql: |i| {
+                format!(
+                    "INSERT INTO app.shares (id, resource_id, group_id, access) VALUES ({}, {}, {}, 'read')",
+                    9_100_000 + i,
+                    team_folder(300 + i),
+                    400 + i + 1
+                )
+            },
+        },
+        Path {
+            name: "unshare that team folder from the team",
+            runs: 20,
+            sql: |i| format!("DELETE FROM app.shares WHERE id = {}", 9_100_000 + i),
+        },
+        Path {
+            name: "join a team (8 members, 53 resources)",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "INSERT INTO app.group_members VALUES ({}, {})",
+                    500 + i + 1,
+                    lead(600 + i)
+                )
+            },
+        },
+        Path {
+            name: "leave it",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "DELETE FROM app.group_members WHERE group_id = {} AND user_id = {}",
+                    500 + i + 1,
+                    lead(600 + i)
+                )
+            },
+        },
+        Path {
+            name: "move a project (13 resources) to another team",
+            runs: 20,
+            sql: |i| {
+                format!(
+                    "UPDATE app.resources SET parent_id = {} WHERE id = {}",
+                    team_folder(700 + i),
+                    project(750 + i, 2)
+                )
+            },
+        },
+        Path {
+            name: "move a project into its own subtree (refused)",
+            runs: 20,
+            sql: |i| {
+                format!(
+                    "UPDATE app.resources SET parent_id = {} WHERE id = {}",
+                    file(760 + i, 1, 3),
+                    project(760 + i, 1)
+                )
+            },
+        },
+        Path {
+            name: "delete a project (13 resources)",
+            runs: 20,
+            sql: |i| {
+                format!(
+                    "DELETE FROM app.resources WHERE id = {}",
+                    project(800 + i, 3)
+                )
+            },
+        },
+        Path {
+            name: "delete a team's group (8 members, shares a team folder)",
+            runs: 10,
+            sql: |i| format!("DELETE FROM app.groups WHERE id = {}", 850 + i + 1),
+        },
+        Path {
+            name: "suspend a user",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "UPDATE app.users SET status = 'SUSPENDED' WHERE id = {}",
+                    2 + 8 * (900 + i)
+                )
+            },
+        },
+        Path {
+            name: "reactivate them",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "UPDATE app.users SET status = 'ACTIVE' WHERE id = {}",
+                    2 + 8 * (900 + i)
+                )
+            },
+        },
+        Path {
+            name: "subscribe a user to PRO",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "INSERT INTO app.user_subscriptions (id, user_id, plan_id) VALUES ({}, {}, 3)",
+                    8_000_000 + i,
+                    3 + 8 * i
+                )
+            },
+        },
+        Path {
+            name: "change that subscription to ENTERPRISE",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "UPDATE app.user_subscriptions SET plan_id = 4 WHERE id = {}",
+                    8_000_000 + i
+                )
+            },
+        },
+        Path {
+            name: "cancel it",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "UPDATE app.user_subscriptions SET status = 'CANCELED' WHERE id = {}",
+                    8_000_000 + i
+                )
+            },
+        },
+        Path {
+            name: "grant a permission directly",
+            runs: 30,
+            sql: |i| {
+                format!(
+                    "INSERT INTO app.user_permission_grants VALUES ({}, 5)",
+                    4 + 8 * i
+                )
+            },
+        },
+        Path {
+            name: "revoke it",
+            runs: 30,
+            sql: |i| {
+                format!("DELETE FROM app.user_permission_grants WHERE user_id = {} AND permission_id = 5", 4 + 8 * i)
+            },
+        },
+        Path {
+            name: "add a permission to the PRO plan (about 1,600 subscribers)",
+            runs: 3,
+            sql: |i| {
+                format!(
+                    "INSERT INTO app.plan_permissions VALUES (3, {})",
+                    [7, 5, 4][i as usize]
+                )
+            },
+        },
+        Path {
+            name: "remove it from the plan",
+            runs: 3,
+            sql: |i| {
+                format!(
+                    "DELETE FROM app.plan_permissions WHERE plan_id = 3 AND permission_id = {}",
+                    [7, 5, 4][i as usize]
+                )
+            },
+        },
+        Path {
+            name: "change a PRO plan limit",
+            runs: 3,
+            sql: |i| {
+                format!(
+                    "UPDATE app.plan_limits SET value = {} WHERE plan_id = 3 AND name = 'projects'",
+                    60 + i
+                )
+            },
+        },
+    ]
+}
+
+/// Keys this transaction changed in permd.tuples and permd.limits: (subject, object)
+/// pairs of tuples and subjects of limits, as the changelog records them.
+async fn touched(tx: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query(
+        "SELECT count(*) FROM (SELECT DISTINCT kind, subject, object FROM permd.changelog \
+         WHERE xid = pg_current_xact_id()) k",
+    )
+    .fetch_one(tx)
+    .await
+    .unwrap()
+    .get(0)
+}
+
+fn main() {
+    let users: u32 = std::env::var("PERMD_DEMO_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let cluster = Cluster::start(&ClusterOptions {
+        unsafe_fast: true,
+        ..ClusterOptions::default()
+    })
+    .expect("start a throwaway Postgres");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let pool: PgPool = permd::db::pool(&cluster.url("postgres")).await.unwrap();
+        permd::db::migrate(&pool).await.unwrap();
+        permd::db::migrate_reference_model(&pool).await.unwrap();
+        permd::demo::seed(&pool, users).await.unwrap();
+        sqlx::raw_sql("VACUUM ANALYZE")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let tuples: i64 = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        println!("\nWrite cost at demo scale: {users} users, {tuples} tuples.\n");
+        println!("| write path | runs | median | p90 | keys changed (median) |");
+        println!("|---|---:|---:|---:|---:|");
+        for path in paths() {
+            let mut times = Vec::new();
+            let mut rows = Vec::new();
+            for i in 0..path.runs {
+                let mut conn = pool.acquire().await.unwrap();
+                let started = Instant::now();
+                sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+                let sql = (path.sql)(i);
+                let wrote = sqlx::raw_sql(&sql).execute(&mut *conn).await;
+                if let Err(e) = &wrote {
+                    assert!(path.name.contains("refused"), "{sql}: {e}");
+                    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+                    times.push(started.elapsed());
+                    rows.push(0);
+                    continue;
+                }
+                // The flush that COMMIT would run, made explicit to count its rows.
+                sqlx::raw_sql("SELECT app.flush()")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+                rows.push(touched(&mut conn).await);
+                sqlx::raw_sql("COMMIT").execute(&mut *conn).await.unwrap();
+                times.push(started.elapsed());
+            }
+            times.sort();
+            rows.sort_unstable();
+            let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+            println!(
+                "| {} | {} | {} | {} | {} |",
+                path.name,
+                path.runs,
+                ms(at(0.5)),
+                ms(at(0.9)),
+                rows[rows.len() / 2]
+            );
+        }
+        let drift: i64 = sqlx::query_scalar("SELECT count(*) FROM app.verify_permissions()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        println!("\napp.verify_permissions() after all of it: {drift} differences.");
+        assert_eq!(drift, 0);
+        pool.close().await;
+    });
+    cluster.stop();
+}
