@@ -1,0 +1,870 @@
+//! permd against Redis and one SQL query per check, side by side, in one run.
+//!
+//! `cargo bench --bench compare` starts everything it needs (a throwaway Postgres, a Redis
+//! server, permd itself as a separate process), seeds one workload into all of them, drives
+//! each in turn with the same client code, prints Markdown tables, and stops everything.
+//!
+//! Workload: 100,000 subjects on 100 plans of 10 of 40 permission names each (~1,000,000
+//! tuples, 10 per subject), kept in the reference model's source tables and precomputed into
+//! permd.tuples by `app.rebuild_permissions()`; Redis holds the same tuples as sets.
+//! Subjects uniform at random, half the checks allowed. Every answer is compared with the
+//! expected one and wrong answers are counted (and must be zero).
+//!
+//! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
+//! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000).
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use permd::embedded::{Cluster, ClusterOptions};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufStream};
+use tokio::net::TcpStream;
+
+const PERMISSIONS: u32 = 40;
+const PLANS: u32 = 100;
+const PER_SUBJECT: u32 = 10;
+
+/// One check of the workload, with the answer it must get.
+#[derive(Clone, Copy)]
+struct Check {
+    subject: u32,
+    permission: u32,
+    allowed: bool,
+}
+
+/// Subject `u` is on plan `u % 100`, which holds permissions `(plan + 4j) % 40`, j < 10;
+/// `(plan + 4j + 1) % 40` is never among them.
+fn check(rng: &mut u64, subjects: u32) -> Check {
+    let r = next(rng);
+    let subject = 1 + (r % u64::from(subjects)) as u32;
+    let j = ((r >> 32) % u64::from(PER_SUBJECT)) as u32;
+    let allowed = (r >> 40) & 1 == 1;
+    let plan = subject % PLANS;
+    let permission = (plan + 4 * j + u32::from(!allowed)) % PERMISSIONS;
+    Check {
+        subject,
+        permission,
+        allowed,
+    }
+}
+
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum System {
+    SqlSource,
+    SqlPrecomputed,
+    Redis,
+    RedisPipelined,
+    Permd,
+    PermdBatch,
+}
+
+impl System {
+    const ALL: [System; 6] = [
+        System::SqlSource,
+        System::SqlPrecomputed,
+        System::Redis,
+        System::RedisPipelined,
+        System::Permd,
+        System::PermdBatch,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            System::SqlSource => "Postgres, query over the source tables",
+            System::SqlPrecomputed => "Postgres, primary-key lookup on permd.tuples",
+            System::Redis => "Redis SISMEMBER",
+            System::RedisPipelined => "Redis SISMEMBER, pipelined 16",
+            System::Permd => "permd, single check (HTTP keep-alive)",
+            System::PermdBatch => "permd, batch of 100",
+        }
+    }
+
+    fn checks_per_request(self) -> usize {
+        match self {
+            System::RedisPipelined => 16,
+            System::PermdBatch => 100,
+            _ => 1,
+        }
+    }
+}
+
+/// Where the servers are.
+#[derive(Clone)]
+struct Endpoints {
+    postgres: String,
+    redis: u16,
+    permd: u16,
+}
+
+/// One client connection to one system.
+enum Conn {
+    Pg(tokio_postgres::Client, tokio_postgres::Statement, bool),
+    Resp(BufStream<TcpStream>),
+    Http(BufStream<TcpStream>),
+}
+
+const SOURCE_QUERY: &str = "SELECT EXISTS (
+    SELECT 1 FROM app.users u
+    JOIN app.user_subscriptions s ON s.user_id = u.id
+    JOIN app.plan_permissions pp ON pp.plan_id = s.plan_id
+    JOIN app.permissions p ON p.id = pp.permission_id
+    WHERE u.id = $1 AND u.status = 'ACTIVE' AND s.status = 'ACTIVE'
+      AND (s.expires_at IS NULL OR s.expires_at > now()) AND p.name = $2)";
+const PRECOMPUTED_QUERY: &str = "SELECT EXISTS (
+    SELECT 1 FROM permd.tuples
+    WHERE subject = $1 AND object = '' AND permission = $2
+      AND (expires_at IS NULL OR expires_at > now()))";
+
+impl Conn {
+    async fn open(system: System, at: &Endpoints) -> Self {
+        match system {
+            System::SqlSource | System::SqlPrecomputed => {
+                let (client, connection) =
+                    tokio_postgres::connect(&at.postgres, tokio_postgres::NoTls)
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
+                let source = system == System::SqlSource;
+                let statement = client
+                    .prepare(if source {
+                        SOURCE_QUERY
+                    } else {
+                        PRECOMPUTED_QUERY
+                    })
+                    .await
+                    .unwrap();
+                Conn::Pg(client, statement, source)
+            }
+            System::Redis | System::RedisPipelined => {
+                let stream = TcpStream::connect(("127.0.0.1", at.redis)).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                Conn::Resp(BufStream::new(stream))
+            }
+            System::Permd | System::PermdBatch => {
+                let stream = TcpStream::connect(("127.0.0.1", at.permd)).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                Conn::Http(BufStream::new(stream))
+            }
+        }
+    }
+
+    /// Sends one request for `checks`; returns the number of wrong answers, or `None` when
+    /// the server shed the request (HTTP 503).
+    async fn request(&mut self, checks: &[Check], buf: &mut Vec<u8>) -> Option<usize> {
+        match self {
+            Conn::Pg(client, statement, source) => {
+                let c = checks[0];
+                let permission = format!("perm{:02}", c.permission);
+                let row = if *source {
+                    client
+                        .query_one(&*statement, &[&i64::from(c.subject), &permission])
+                        .await
+                } else {
+                    let subject = format!("user:{}", c.subject);
+                    client
+                        .query_one(&*statement, &[&subject, &permission])
+                        .await
+                };
+                let allowed: bool = row.unwrap().get(0);
+                Some(usize::from(allowed != c.allowed))
+            }
+            Conn::Resp(stream) => {
+                buf.clear();
+                for c in checks {
+                    let subject = format!("user:{}", c.subject);
+                    let permission = format!("perm{:02}", c.permission);
+                    buf.extend_from_slice(
+                        format!(
+                            "*3\r\n$9\r\nSISMEMBER\r\n${}\r\n{subject}\r\n${}\r\n{permission}\r\n",
+                            subject.len(),
+                            permission.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+                stream.write_all(buf).await.unwrap();
+                stream.flush().await.unwrap();
+                let mut wrong = 0;
+                let mut line = String::new();
+                for c in checks {
+                    line.clear();
+                    stream.read_line(&mut line).await.unwrap();
+                    let allowed = match line.as_str() {
+                        ":1\r\n" => true,
+                        ":0\r\n" => false,
+                        other => panic!("redis said {other:?}"),
+                    };
+                    wrong += usize::from(allowed != c.allowed);
+                }
+                Some(wrong)
+            }
+            Conn::Http(stream) => {
+                buf.clear();
+                if checks.len() == 1 {
+                    let c = checks[0];
+                    buf.extend_from_slice(
+                        format!(
+                            "GET /v1/check?subject=user:{}&permission=perm{:02} HTTP/1.1\r\nhost: permd\r\n\r\n",
+                            c.subject, c.permission
+                        )
+                        .as_bytes(),
+                    );
+                } else {
+                    let mut body = String::from("{\"checks\":[");
+                    for (i, c) in checks.iter().enumerate() {
+                        if i > 0 {
+                            body.push(',');
+                        }
+                        body += &format!(
+                            "{{\"subject\":\"user:{}\",\"permission\":\"perm{:02}\"}}",
+                            c.subject, c.permission
+                        );
+                    }
+                    body.push_str("]}");
+                    buf.extend_from_slice(
+                        format!(
+                            "POST /v1/check HTTP/1.1\r\nhost: permd\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+                stream.write_all(buf).await.unwrap();
+                stream.flush().await.unwrap();
+                let (status, body) = read_response(stream).await;
+                if status == 503 {
+                    return None;
+                }
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                let answers = parse_answers(&body);
+                assert_eq!(
+                    answers.len(),
+                    checks.len(),
+                    "{}",
+                    String::from_utf8_lossy(&body)
+                );
+                Some(
+                    answers
+                        .iter()
+                        .zip(checks)
+                        .filter(|(a, c)| **a != c.allowed)
+                        .count(),
+                )
+            }
+        }
+    }
+}
+
+async fn read_response(stream: &mut BufStream<TcpStream>) -> (u16, Vec<u8>) {
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut length = 0;
+    loop {
+        line.clear();
+        stream.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (status, body)
+}
+
+/// `"allowed":true` of a single check, or the `"results":[...]` of a batch, in order.
+fn parse_answers(body: &[u8]) -> Vec<bool> {
+    let text = std::str::from_utf8(body).unwrap();
+    if let Some(rest) = text.split("\"results\":[").nth(1) {
+        let list = rest.split(']').next().unwrap();
+        return list.split(',').map(|v| v == "true").collect();
+    }
+    vec![text.contains("\"allowed\":true")]
+}
+
+/// What a run measured.
+struct Outcome {
+    requests: u64,
+    checks: u64,
+    wrong: u64,
+    shed: u64,
+    seconds: f64,
+    /// Request latencies, sorted, in nanoseconds.
+    latencies: Vec<u64>,
+}
+
+impl Outcome {
+    fn checks_per_second(&self) -> f64 {
+        self.checks as f64 / self.seconds
+    }
+
+    fn quantile_ms(&self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * q).round() as usize;
+        self.latencies[i] as f64 / 1e6
+    }
+}
+
+/// Closed loop: `concurrency` connections, each sending its next request as soon as the
+/// previous one is answered, for `seconds`.
+async fn closed_loop(
+    system: System,
+    at: &Endpoints,
+    concurrency: usize,
+    seconds: f64,
+    subjects: u32,
+) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let at = at.clone();
+        let stop = Arc::clone(&stop);
+        workers.push(tokio::spawn(async move {
+            let mut conn = Conn::open(system, &at).await;
+            let mut rng = 0x5eed_0000 + w as u64;
+            let mut buf = Vec::new();
+            let mut latencies = Vec::new();
+            let (mut wrong, mut shed) = (0u64, 0u64);
+            let n = system.checks_per_request();
+            let mut checks = Vec::with_capacity(n);
+            while !stop.load(Ordering::Relaxed) {
+                checks.clear();
+                checks.extend((0..n).map(|_| check(&mut rng, subjects)));
+                let started = Instant::now();
+                match conn.request(&checks, &mut buf).await {
+                    Some(w) => wrong += w as u64,
+                    None => shed += 1,
+                }
+                latencies.push(started.elapsed().as_nanos() as u64);
+            }
+            (latencies, wrong, shed)
+        }));
+    }
+    // Connections are opened before the clock starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64() + 0.3;
+    collect(workers, system, elapsed).await
+}
+
+async fn collect(
+    workers: Vec<tokio::task::JoinHandle<(Vec<u64>, u64, u64)>>,
+    system: System,
+    seconds: f64,
+) -> Outcome {
+    let mut latencies = Vec::new();
+    let (mut wrong, mut shed) = (0, 0);
+    for w in workers {
+        let (l, w, s) = w.await.unwrap();
+        latencies.extend(l);
+        wrong += w;
+        shed += s;
+    }
+    latencies.sort_unstable();
+    let requests = latencies.len() as u64;
+    Outcome {
+        requests,
+        checks: (requests - shed) * system.checks_per_request() as u64,
+        wrong,
+        shed,
+        seconds,
+        latencies,
+    }
+}
+
+/// Open loop: requests are due at a fixed rate whatever the answers do; latency is measured
+/// from when a request was due, not from when a free connection got to send it, so a
+/// stalled server is charged for every request that queued behind it (no coordinated
+/// omission). A pacer thread releases due times; `concurrency` connections take them.
+async fn open_loop(
+    system: System,
+    at: &Endpoints,
+    concurrency: usize,
+    rate: f64,
+    seconds: f64,
+    subjects: u32,
+) -> Outcome {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let mut workers = Vec::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    for w in 0..concurrency {
+        let at = at.clone();
+        let rx = Arc::clone(&rx);
+        let ready = Arc::clone(&ready);
+        workers.push(tokio::spawn(async move {
+            let mut conn = Conn::open(system, &at).await;
+            ready.fetch_add(1, Ordering::Relaxed);
+            let mut rng = 0x0be1_0000 + w as u64;
+            let mut buf = Vec::new();
+            let mut latencies = Vec::new();
+            let (mut wrong, mut shed) = (0u64, 0u64);
+            let n = system.checks_per_request();
+            loop {
+                let due = { rx.lock().await.recv().await };
+                let Some(due) = due else { break };
+                let checks: Vec<Check> = (0..n).map(|_| check(&mut rng, subjects)).collect();
+                match conn.request(&checks, &mut buf).await {
+                    Some(w) => wrong += w as u64,
+                    None => shed += 1,
+                }
+                latencies.push(due.elapsed().as_nanos() as u64);
+            }
+            (latencies, wrong, shed)
+        }));
+    }
+    while ready.load(Ordering::Relaxed) < concurrency as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pacer = std::thread::spawn(move || {
+        let started = Instant::now();
+        let total = (rate * seconds) as u64;
+        let mut sent = 0;
+        while sent < total {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            // Release everything due by now (a late wake-up releases a burst).
+            let now = Instant::now();
+            while sent < total && started + Duration::from_secs_f64(sent as f64 / rate) <= now {
+                tx.send(started + Duration::from_secs_f64(sent as f64 / rate))
+                    .unwrap();
+                sent += 1;
+            }
+        }
+        started.elapsed().as_secs_f64()
+    });
+    let started = Instant::now();
+    let outcome = collect(workers, system, 0.0).await;
+    let _ = pacer.join();
+    Outcome {
+        seconds: started.elapsed().as_secs_f64(),
+        ..outcome
+    }
+}
+
+/// A Redis server of this machine's (Debian's redis-server), on a free port, no persistence.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let binary = which("redis-server").unwrap_or_else(|| {
+            panic!("redis-server not found: install it (Debian: apt-get install redis-server); .ci/run does")
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(binary)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// permd serving the database, as its own process (so its memory is its own).
+struct Permd {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Permd {
+    fn start(database_url: &str, flags: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_permd"))
+            .args([
+                "serve",
+                "--database-url",
+                database_url,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(flags)
+            .env("PERMD_LOG", "warn")
+            .spawn()
+            .unwrap();
+        Permd { child, port }
+    }
+
+    fn rss_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Permd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/bin".into(), "/usr/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+async fn redis_command(port: u16, command: &[&str]) -> String {
+    let mut stream = BufStream::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    let mut out = format!("*{}\r\n", command.len());
+    for part in command {
+        out += &format!("${}\r\n{part}\r\n", part.len());
+    }
+    stream.write_all(out.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    if let Some(len) = line.strip_prefix('$') {
+        let len: usize = len.trim().parse().unwrap();
+        let mut body = vec![0; len + 2];
+        stream.read_exact(&mut body).await.unwrap();
+        return String::from_utf8_lossy(&body).into_owned();
+    }
+    line
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let seconds: f64 = env_or("BENCH_SECONDS", 8.0);
+    let rate: f64 = env_or("BENCH_RATE", 5000.0);
+    let subjects: u32 = env_or("BENCH_SUBJECTS", 100_000);
+    let cluster = Cluster::start(&ClusterOptions {
+        unsafe_fast: true,
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let url = cluster.url("postgres");
+    let redis = Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        eprintln!("seeding {subjects} subjects into the source tables, permd.tuples and Redis…");
+        let pool = permd::db::pool(&url).await.unwrap();
+        permd::db::migrate(&pool).await.unwrap();
+        permd::db::migrate_reference_model(&pool).await.unwrap();
+        let seed = format!(
+            "SET permd_app.maintain = off;
+             INSERT INTO app.permissions SELECT k + 1, 'perm' || lpad(k::text, 2, '0') FROM generate_series(0, {p} - 1) k;
+             INSERT INTO app.subscription_plans SELECT k + 1, 'plan ' || k FROM generate_series(0, {plans} - 1) k;
+             INSERT INTO app.plan_permissions SELECT k + 1, (k + 4 * j) % {p} + 1
+                 FROM generate_series(0, {plans} - 1) k, generate_series(0, {per} - 1) j;
+             INSERT INTO app.users (id, email) SELECT u, 'user' || u || '@example.com' FROM generate_series(1, {subjects}) u;
+             INSERT INTO app.user_subscriptions (user_id, plan_id) SELECT u, u % {plans} + 1 FROM generate_series(1, {subjects}) u;
+             SELECT * FROM app.rebuild_permissions();
+             RESET permd_app.maintain;",
+            p = PERMISSIONS,
+            plans = PLANS,
+            per = PER_SUBJECT,
+        );
+        sqlx::raw_sql(&seed).execute(&pool).await.unwrap();
+        sqlx::raw_sql("VACUUM ANALYZE").execute(&pool).await.unwrap();
+        let tuples: i64 = sqlx::query_scalar("SELECT count(*) FROM permd.tuples").fetch_one(&pool).await.unwrap();
+
+        // Redis: the very rows of permd.tuples, as one set per subject.
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT subject, permission FROM permd.tuples")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let mut stream = BufStream::new(TcpStream::connect(("127.0.0.1", redis.port)).await.unwrap());
+        for chunk in rows.chunks(10_000) {
+            let mut out = String::new();
+            for (s, p) in chunk {
+                out += &format!("*3\r\n$4\r\nSADD\r\n${}\r\n{s}\r\n${}\r\n{p}\r\n", s.len(), p.len());
+            }
+            stream.write_all(out.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            let mut line = String::new();
+            for _ in chunk {
+                line.clear();
+                stream.read_line(&mut line).await.unwrap();
+            }
+        }
+        drop(rows);
+        let info = redis_command(redis.port, &["INFO", "memory"]).await;
+        let used_memory: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        let redis_keys = redis_command(redis.port, &["DBSIZE"]).await;
+
+        let loading = Instant::now();
+        let permd = Permd::start(&url, &[]);
+        let http = wait_ready(permd.port).await;
+        let load_seconds = loading.elapsed().as_secs_f64();
+        let rss = permd.rss_kib("VmRSS:") * 1024;
+        let hwm = permd.rss_kib("VmHWM:") * 1024;
+        assert!(http, "permd did not become ready");
+        pool.close().await;
+
+        let at = Endpoints { postgres: url.clone(), redis: redis.port, permd: permd.port };
+        println!();
+        println!(
+            "Workload: {subjects} subjects, {PERMISSIONS} permission names, {tuples} tuples; Redis keys {}; {seconds} s per closed-loop run.",
+            redis_keys.trim().trim_start_matches(':')
+        );
+        println!(
+            "permd: ready {load_seconds:.1} s after start (process start, connect, snapshot COPY of {tuples} tuples); \
+             resident {:.0} MiB (peak {:.0} MiB). Redis used_memory {:.0} MiB. Ratio permd RSS / Redis used_memory: {:.2}.",
+            rss as f64 / 1048576.0,
+            hwm as f64 / 1048576.0,
+            used_memory as f64 / 1048576.0,
+            rss as f64 / used_memory as f64
+        );
+
+        let mut capacity = 0.0;
+        for concurrency in [32, 128] {
+            println!();
+            println!("Closed loop, {concurrency} connections:");
+            println!();
+            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let mut results = Vec::new();
+            for system in System::ALL {
+                let o = closed_loop(system, &at, concurrency, seconds, subjects).await;
+                results.push((system, o));
+            }
+            let base = |s: System| results.iter().find(|(x, _)| *x == s).unwrap().1.checks_per_second();
+            let (redis, pipelined) = (base(System::Redis), base(System::RedisPipelined));
+            for (system, o) in &results {
+                println!(
+                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {:.2}x | {:.2}x |",
+                    system.name(),
+                    o.checks_per_second(),
+                    o.requests as f64 / o.seconds,
+                    o.quantile_ms(0.5),
+                    o.quantile_ms(0.99),
+                    o.quantile_ms(0.999),
+                    o.wrong,
+                    o.checks_per_second() / redis,
+                    o.checks_per_second() / pipelined,
+                );
+                assert_eq!(o.wrong, 0, "{} gave wrong answers", system.name());
+            }
+            let permd = base(System::Permd);
+            if concurrency == 32 {
+                capacity = permd;
+            }
+            println!();
+            println!(
+                "permd single vs: source-table SQL {:.2}x, precomputed SQL {:.2}x, Redis {:.2}x; permd batch vs Redis pipelined {:.2}x",
+                permd / base(System::SqlSource),
+                permd / base(System::SqlPrecomputed),
+                permd / redis,
+                base(System::PermdBatch) / pipelined
+            );
+        }
+
+        println!();
+        println!("Open loop, {rate:.0} requests/s for {seconds} s, 64 connections (latency from when each request was due):");
+        println!();
+        println!("| system | checks/s | p50 ms | p99 ms | p99.9 ms | wrong |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for system in [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd] {
+            let o = open_loop(system, &at, 64, rate, seconds, subjects).await;
+            println!(
+                "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
+                system.name(),
+                o.checks_per_second(),
+                o.quantile_ms(0.5),
+                o.quantile_ms(0.99),
+                o.quantile_ms(0.999),
+                o.wrong
+            );
+            assert_eq!(o.wrong, 0);
+        }
+        drop(permd);
+
+        overload(&url, capacity, seconds, subjects).await;
+    });
+    drop(redis);
+    cluster.stop();
+}
+
+/// More clients than capacity: an open loop at 2.5 times the single-check capacity just
+/// measured, over 256 connections, against a permd admitting 16 requests at a time. The
+/// excess must be shed fast (503), the admitted ones answered with bounded latency, memory
+/// must stay flat, /livez must answer throughout, and all must be well afterwards.
+async fn overload(url: &str, capacity: f64, seconds: f64, subjects: u32) {
+    let permd = Permd::start(url, &["--max-in-flight", "16"]);
+    assert!(wait_ready(permd.port).await);
+    let at = Endpoints {
+        postgres: url.to_owned(),
+        redis: 0,
+        permd: permd.port,
+    };
+    let before = permd.rss_kib("VmRSS:");
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = Arc::clone(&stop);
+        let port = permd.port;
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let mut stream =
+                    BufStream::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+                stream
+                    .write_all(b"GET /livez HTTP/1.1\r\nhost: permd\r\n\r\n")
+                    .await
+                    .unwrap();
+                stream.flush().await.unwrap();
+                let (status, _) = read_response(&mut stream).await;
+                if status == 200 {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+                worst = worst.max(started.elapsed());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (ok, failed, worst)
+        })
+    };
+    let rate = 2.5 * capacity;
+    let o = open_loop(System::Permd, &at, 256, rate, seconds, subjects).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, worst) = prober.await.unwrap();
+    let after = permd.rss_kib("VmRSS:");
+    let peak = permd.rss_kib("VmHWM:");
+    let recovery = closed_loop(System::Permd, &at, 8, 1.0, subjects).await;
+    println!();
+    println!(
+        "Overload: open loop at {rate:.0} requests/s (2.5x the c=32 capacity of {capacity:.0}/s), 256 connections, \
+         permd --max-in-flight 16, {seconds} s:"
+    );
+    println!(
+        "- offered {} requests in {:.1} s: {} answered ({:.0}/s), {} shed with 503 ({:.1} %), {} wrong",
+        o.requests,
+        o.seconds,
+        o.requests - o.shed,
+        (o.requests - o.shed) as f64 / o.seconds,
+        o.shed,
+        100.0 * o.shed as f64 / o.requests.max(1) as f64,
+        o.wrong
+    );
+    println!(
+        "- latency from due time, all requests: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+        o.quantile_ms(0.5),
+        o.quantile_ms(0.99),
+        o.quantile_ms(0.999)
+    );
+    println!(
+        "- permd resident memory: {:.0} MiB before, {:.0} MiB after, peak {:.0} MiB",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    println!(
+        "- /livez every 100 ms during the run: {ok} answered 200, {failed} not; slowest {:.1} ms",
+        worst.as_secs_f64() * 1e3
+    );
+    println!(
+        "- afterwards, 8 connections for 1 s: {:.0} checks/s, {} shed, p99 {:.3} ms",
+        recovery.checks_per_second(),
+        recovery.shed,
+        recovery.quantile_ms(0.99)
+    );
+    assert_eq!(o.wrong, 0);
+    assert_eq!(failed, 0);
+    assert_eq!(recovery.shed, 0);
+}
+
+/// Waits (up to five minutes) for permd's /readyz.
+async fn wait_ready(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)).await {
+            let mut stream = BufStream::new(stream);
+            if stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nhost: permd\r\n\r\n")
+                .await
+                .is_ok()
+                && stream.flush().await.is_ok()
+            {
+                let (status, _) = read_response(&mut stream).await;
+                if status == 200 {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
