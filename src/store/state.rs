@@ -555,7 +555,13 @@ fn row_hash(line: &[u8]) -> u64 {
 /// order; each subject's grants are sorted once at the end instead of on every insert.
 pub(crate) struct StateBuilder {
     state: State,
-    pending: std::collections::HashMap<Box<str>, Vec<(u32, Slot)>, Hasher>,
+    /// Subject names to dense ids, in order of first appearance. The keys move into the
+    /// finished map, so each subject name is allocated once.
+    subject_ids: std::collections::HashMap<Box<str>, u32, Hasher>,
+    /// Every tuple row as (subject id, object id, slot), in one flat vector: a few large
+    /// allocations that go back to the operating system as a whole when the load is done,
+    /// instead of a small vector per subject whose freed pieces would stay resident.
+    rows: Vec<(u32, u32, Slot)>,
     limits: std::collections::HashMap<Box<str>, Vec<(u32, i64)>, Hasher>,
 }
 
@@ -565,10 +571,11 @@ impl StateBuilder {
         let subjects = (tuples_hint / 8).max(16);
         Self {
             state: State::with_capacity(subjects, (tuples_hint / 4).max(16)),
-            pending: std::collections::HashMap::with_capacity_and_hasher(
+            subject_ids: std::collections::HashMap::with_capacity_and_hasher(
                 subjects,
                 Hasher::default(),
             ),
+            rows: Vec::with_capacity(tuples_hint),
             limits: std::collections::HashMap::with_hasher(Hasher::default()),
         }
     }
@@ -586,12 +593,15 @@ impl StateBuilder {
             expires_at: expires_at.unwrap_or(NEVER),
         };
         let object = self.state.objects.intern(object);
-        match self.pending.get_mut(subject) {
-            Some(rows) => rows.push((object, slot)),
+        let next = u32::try_from(self.subject_ids.len()).unwrap_or(u32::MAX);
+        let subject = match self.subject_ids.get(subject) {
+            Some(id) => *id,
             None => {
-                self.pending.insert(subject.into(), vec![(object, slot)]);
+                self.subject_ids.insert(subject.into(), next);
+                next
             }
-        }
+        };
+        self.rows.push((subject, object, slot));
     }
 
     /// Adds one limit row.
@@ -609,27 +619,34 @@ impl StateBuilder {
     pub(crate) fn finish(self) -> State {
         let Self {
             state,
-            pending,
+            subject_ids,
+            mut rows,
             mut limits,
         } = self;
+        rows.sort_unstable_by_key(|(s, o, slot)| (*s, *o, slot.permission));
+        // Each subject's grants, by subject id, from its run of sorted rows, allocated once
+        // at their exact size.
+        let mut grants_of: Vec<Vec<(u32, Grant)>> = Vec::new();
+        grants_of.resize_with(subject_ids.len(), Vec::new);
         let mut tuples = 0u64;
-        for (subject, mut rows) in pending {
-            rows.sort_unstable_by_key(|(o, s)| (*o, s.permission));
-            let mut grants: Vec<(u32, Grant)> = Vec::new();
-            let mut start = 0;
-            while start < rows.len() {
-                let object = rows[start].0;
-                let end = start
-                    + rows[start..]
-                        .iter()
-                        .take_while(|(o, _)| *o == object)
-                        .count();
-                let grant = Grant::from_slots(rows[start..end].iter().map(|(_, s)| *s).collect());
+        for run in rows.chunk_by(|a, b| a.0 == b.0) {
+            let objects = run.chunk_by(|a, b| a.1 == b.1);
+            let mut grants = Vec::with_capacity(objects.clone().count());
+            for same in objects {
+                let grant = Grant::from_slots(same.iter().map(|(_, _, s)| *s).collect());
                 tuples += grant.row_count();
-                grants.push((object, grant));
-                start = end;
+                grants.push((same[0].1, grant));
             }
-            grants.shrink_to_fit();
+            if let Some(slot) = grants_of.get_mut(run[0].0 as usize) {
+                *slot = grants;
+            }
+        }
+        drop(rows);
+        for (subject, id) in subject_ids {
+            let grants = grants_of
+                .get_mut(id as usize)
+                .map(std::mem::take)
+                .unwrap_or_default();
             let mut subject_limits = limits.remove(&subject).unwrap_or_default();
             subject_limits.sort_unstable();
             subject_limits.shrink_to_fit();
@@ -641,6 +658,7 @@ impl StateBuilder {
                 },
             );
         }
+        drop(grants_of);
         let mut limit_rows = 0u64;
         for entry in state.subjects.iter() {
             limit_rows += entry.limits.len() as u64;
