@@ -477,9 +477,17 @@ struct Redis {
 
 impl Redis {
     fn start() -> Self {
-        let binary = which("redis-server").unwrap_or_else(|| {
-            panic!("redis-server not found: install it (Debian: apt-get install redis-server); .ci/run does")
-        });
+        let binary = which("redis-server")
+            .or_else(|| {
+                eprintln!("redis-server not found: installing Debian's package (apt-get install redis-server)…");
+                let installed = std::process::Command::new("apt-get")
+                    .args(["install", "-y", "-q", "redis-server"])
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .status();
+                installed.ok().filter(|s| s.success())?;
+                which("redis-server")
+            })
+            .unwrap_or_else(|| panic!("redis-server not found and could not be installed (Debian: apt-get install redis-server)"));
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

@@ -1,0 +1,110 @@
+//! Full load speed and memory: `cargo bench --bench load` fills permd.tuples of a throwaway
+//! Postgres with 1M and 10M tuples (`BENCH_LOAD_SIZES`, comma-separated), starts permd as
+//! its own process for each, and reports the time to ready, rows per second, resident
+//! memory and bytes per tuple, and the peak resident memory during a forced reload (the
+//! new generation is built beside the old one, then swapped in).
+//!
+//! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use permd::embedded::{Cluster, ClusterOptions};
+
+fn kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn main() {
+    let sizes: Vec<u64> = std::env::var("BENCH_LOAD_SIZES")
+        .unwrap_or_else(|_| "1000000,10000000".into())
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let cluster = Cluster::start(&ClusterOptions {
+        unsafe_fast: true,
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let url = cluster.url("postgres");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    println!();
+    println!("| tuples | fill Postgres | permd ready after | load rate | resident | bytes/tuple | peak during a reload |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for size in sizes {
+        let filled = runtime.block_on(async {
+            let pool = permd::db::pool(&url).await.unwrap();
+            permd::db::migrate(&pool).await.unwrap();
+            let started = Instant::now();
+            sqlx::raw_sql(&format!(
+                "TRUNCATE permd.tuples; TRUNCATE permd.changelog;
+                 INSERT INTO permd.tuples (subject, object, permission)
+                 SELECT 'user:' || (i / 10), 'doc:' || ((i * 7919) % 50000), 'perm' || (i % 40)
+                 FROM generate_series(0, {size} - 1) i
+                 ON CONFLICT DO NOTHING;
+                 TRUNCATE permd.changelog;
+                 VACUUM ANALYZE permd.tuples;"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            started.elapsed()
+        });
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_permd"))
+            .args(["serve", "--database-url", &url, "--listen", "127.0.0.1:0"])
+            .env("PERMD_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("full load swapped in") && tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(1800))
+            .expect("first load");
+        let ready = started.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = kib(pid, "VmRSS:") * 1024;
+        runtime.block_on(async {
+            let pool = permd::db::pool(&url).await.unwrap();
+            sqlx::raw_sql("SELECT permd.request_reload()")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        });
+        rx.recv_timeout(Duration::from_secs(1800)).expect("reload");
+        let peak = kib(pid, "VmHWM:") * 1024;
+        let _ = child.kill();
+        let _ = child.wait();
+        println!(
+            "| {size} | {:.1} s | {:.2} s | {:.2} M tuples/s | {:.0} MiB | {:.0} | {:.0} MiB |",
+            filled.as_secs_f64(),
+            ready.as_secs_f64(),
+            size as f64 / ready.as_secs_f64() / 1e6,
+            rss as f64 / 1048576.0,
+            rss as f64 / size as f64,
+            peak as f64 / 1048576.0,
+        );
+    }
+    cluster.stop();
+}
