@@ -309,8 +309,10 @@ struct Outcome {
     wrong: u64,
     shed: u64,
     seconds: f64,
-    /// Request latencies, sorted, in nanoseconds.
+    /// Request latencies, sorted, in nanoseconds (open loop: from when it was due).
     latencies: Vec<u64>,
+    /// Open loop only: from when it was sent to its answer, sorted, in nanoseconds.
+    service: Vec<u64>,
 }
 
 impl Outcome {
@@ -319,13 +321,19 @@ impl Outcome {
     }
 
     fn quantile_ms(&self, q: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies.len() - 1) as f64 * q).round() as usize;
-        self.latencies[i] as f64 / 1e6
+        quantile_ms(&self.latencies, q)
     }
 }
+
+fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i] as f64 / 1e6
+}
+
+impl Outcome {}
 
 /// Closed loop: `concurrency` connections, each sending its next request as soon as the
 /// previous one is answered, for `seconds`.
@@ -359,7 +367,7 @@ async fn closed_loop(
                 }
                 latencies.push(started.elapsed().as_nanos() as u64);
             }
-            (latencies, wrong, shed)
+            (latencies, Vec::new(), wrong, shed)
         }));
     }
     // Connections are opened before the clock starts.
@@ -371,20 +379,25 @@ async fn closed_loop(
     collect(workers, system, elapsed).await
 }
 
+type WorkerResult = (Vec<u64>, Vec<u64>, u64, u64);
+
 async fn collect(
-    workers: Vec<tokio::task::JoinHandle<(Vec<u64>, u64, u64)>>,
+    workers: Vec<tokio::task::JoinHandle<WorkerResult>>,
     system: System,
     seconds: f64,
 ) -> Outcome {
     let mut latencies = Vec::new();
+    let mut service = Vec::new();
     let (mut wrong, mut shed) = (0, 0);
     for w in workers {
-        let (l, w, s) = w.await.unwrap();
+        let (l, sv, w, s) = w.await.unwrap();
         latencies.extend(l);
+        service.extend(sv);
         wrong += w;
         shed += s;
     }
     latencies.sort_unstable();
+    service.sort_unstable();
     let requests = latencies.len() as u64;
     Outcome {
         requests,
@@ -393,6 +406,7 @@ async fn collect(
         shed,
         seconds,
         latencies,
+        service,
     }
 }
 
@@ -422,19 +436,22 @@ async fn open_loop(
             let mut rng = 0x0be1_0000 + w as u64;
             let mut buf = Vec::new();
             let mut latencies = Vec::new();
+            let mut service = Vec::new();
             let (mut wrong, mut shed) = (0u64, 0u64);
             let n = system.checks_per_request();
             loop {
                 let due = { rx.lock().await.recv().await };
                 let Some(due) = due else { break };
                 let checks: Vec<Check> = (0..n).map(|_| check(&mut rng, subjects)).collect();
+                let sent = Instant::now();
                 match conn.request(&checks, &mut buf).await {
                     Some(w) => wrong += w as u64,
                     None => shed += 1,
                 }
                 latencies.push(due.elapsed().as_nanos() as u64);
+                service.push(sent.elapsed().as_nanos() as u64);
             }
-            (latencies, wrong, shed)
+            (latencies, service, wrong, shed)
         }));
     }
     while ready.load(Ordering::Relaxed) < concurrency as u64 {
@@ -832,6 +849,13 @@ async fn overload(url: &str, capacity: f64, seconds: f64, subjects: u32) {
         o.quantile_ms(0.5),
         o.quantile_ms(0.99),
         o.quantile_ms(0.999)
+    );
+    println!(
+        "- latency from send to answer (the part a server controls): p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+        quantile_ms(&o.service, 0.5),
+        quantile_ms(&o.service, 0.99),
+        quantile_ms(&o.service, 0.999),
+        quantile_ms(&o.service, 1.0)
     );
     println!(
         "- permd resident memory: {:.0} MiB before, {:.0} MiB after, peak {:.0} MiB",

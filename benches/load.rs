@@ -50,14 +50,17 @@ fn main() {
                 "TRUNCATE permd.tuples; TRUNCATE permd.changelog;
                  INSERT INTO permd.tuples (subject, object, permission)
                  SELECT 'user:' || (i / 10), 'doc:' || ((i * 7919) % 50000), 'perm' || (i % 40)
-                 FROM generate_series(0, {size} - 1) i
+                 FROM generate_series(0::bigint, {size} - 1) i
                  ON CONFLICT DO NOTHING;
-                 TRUNCATE permd.changelog;
-                 VACUUM ANALYZE permd.tuples;"
+                 TRUNCATE permd.changelog;"
             ))
             .execute(&pool)
             .await
             .unwrap();
+            sqlx::raw_sql("VACUUM ANALYZE permd.tuples")
+                .execute(&pool)
+                .await
+                .unwrap();
             pool.close().await;
             started.elapsed()
         });

@@ -612,19 +612,31 @@ CREATE CONSTRAINT TRIGGER flush AFTER INSERT ON app.flush_requests
 -- Triggers on the source tables: record what changed.
 ----------------------------------------------------------------------------------------
 
-CREATE FUNCTION app.on_user() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The generic recorder: TG_ARGV = (kind, column for a[, column for b]). Records the old row's
+-- values and the new row's, so an UPDATE that moves a row records both ends.
+CREATE FUNCTION app.record() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    kind "char" := TG_ARGV[0];
+    old_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN to_jsonb(OLD) END;
+    new_row jsonb := CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN to_jsonb(NEW) END;
 BEGIN
     IF NOT app.maintaining() THEN RETURN NULL; END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM app.enqueue('u', OLD.id, NULL); END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN PERFORM app.enqueue('u', NEW.id, NULL); END IF;
+    IF old_row IS NOT NULL THEN
+        PERFORM app.enqueue(kind, (old_row ->> TG_ARGV[1])::bigint, (old_row ->> TG_ARGV[2])::bigint);
+    END IF;
+    IF new_row IS NOT NULL THEN
+        PERFORM app.enqueue(kind, (new_row ->> TG_ARGV[1])::bigint, (new_row ->> TG_ARGV[2])::bigint);
+    END IF;
     RETURN NULL;
 END
 $$;
+
+-- A user's status, or the user itself: everything of theirs.
 CREATE TRIGGER changed AFTER INSERT OR DELETE ON app.users
-    FOR EACH ROW EXECUTE FUNCTION app.on_user();
+    FOR EACH ROW EXECUTE FUNCTION app.record('u', 'id', 'none');
 CREATE TRIGGER changed_status AFTER UPDATE ON app.users
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.id <> NEW.id)
-    EXECUTE FUNCTION app.on_user();
+    EXECUTE FUNCTION app.record('u', 'id', 'none');
 
 -- Renaming a permission changes the global tuples of everyone who holds it.
 CREATE FUNCTION app.on_permission() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -640,59 +652,26 @@ $$;
 CREATE TRIGGER renamed AFTER UPDATE ON app.permissions
     FOR EACH ROW WHEN (OLD.name IS DISTINCT FROM NEW.name) EXECUTE FUNCTION app.on_permission();
 
-CREATE FUNCTION app.on_plan_change() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT app.maintaining() THEN RETURN NULL; END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM app.enqueue('G', OLD.plan_id, NULL); END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN PERFORM app.enqueue('G', NEW.plan_id, NULL); END IF;
-    RETURN NULL;
-END
-$$;
+-- A plan's permissions or limits: every subscriber's global tuples and limits.
 CREATE TRIGGER changed AFTER INSERT OR UPDATE OR DELETE ON app.plan_permissions
-    FOR EACH ROW EXECUTE FUNCTION app.on_plan_change();
+    FOR EACH ROW EXECUTE FUNCTION app.record('G', 'plan_id', 'none');
 CREATE TRIGGER changed AFTER INSERT OR UPDATE OR DELETE ON app.plan_limits
-    FOR EACH ROW EXECUTE FUNCTION app.on_plan_change();
+    FOR EACH ROW EXECUTE FUNCTION app.record('G', 'plan_id', 'none');
 
-CREATE FUNCTION app.on_user_global() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT app.maintaining() THEN RETURN NULL; END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM app.enqueue('g', OLD.user_id, NULL); END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN PERFORM app.enqueue('g', NEW.user_id, NULL); END IF;
-    RETURN NULL;
-END
-$$;
+-- A user's subscriptions or direct grants: that user's global tuples and limits.
 CREATE TRIGGER changed AFTER INSERT OR UPDATE OR DELETE ON app.user_subscriptions
-    FOR EACH ROW EXECUTE FUNCTION app.on_user_global();
+    FOR EACH ROW EXECUTE FUNCTION app.record('g', 'user_id', 'none');
 CREATE TRIGGER changed AFTER INSERT OR UPDATE OR DELETE ON app.user_permission_grants
-    FOR EACH ROW EXECUTE FUNCTION app.on_user_global();
+    FOR EACH ROW EXECUTE FUNCTION app.record('g', 'user_id', 'none');
 
-CREATE FUNCTION app.on_member() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT app.maintaining() THEN RETURN NULL; END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM app.enqueue('M', OLD.user_id, OLD.group_id); END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN PERFORM app.enqueue('M', NEW.user_id, NEW.group_id); END IF;
-    RETURN NULL;
-END
-$$;
+-- Memberships and shares (a share names a user or a group; the other column is NULL and
+-- app.enqueue skips it).
 CREATE TRIGGER changed AFTER INSERT OR UPDATE OR DELETE ON app.group_members
-    FOR EACH ROW EXECUTE FUNCTION app.on_member();
-
-CREATE FUNCTION app.on_share() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT app.maintaining() THEN RETURN NULL; END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        PERFORM app.enqueue('p', OLD.user_id, OLD.resource_id);
-        PERFORM app.enqueue('P', OLD.group_id, OLD.resource_id);
-    END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        PERFORM app.enqueue('p', NEW.user_id, NEW.resource_id);
-        PERFORM app.enqueue('P', NEW.group_id, NEW.resource_id);
-    END IF;
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER changed AFTER INSERT OR UPDATE OR DELETE ON app.shares
-    FOR EACH ROW EXECUTE FUNCTION app.on_share();
+    FOR EACH ROW EXECUTE FUNCTION app.record('M', 'user_id', 'group_id');
+CREATE TRIGGER changed_user AFTER INSERT OR UPDATE OR DELETE ON app.shares
+    FOR EACH ROW EXECUTE FUNCTION app.record('p', 'user_id', 'resource_id');
+CREATE TRIGGER changed_group AFTER INSERT OR UPDATE OR DELETE ON app.shares
+    FOR EACH ROW EXECUTE FUNCTION app.record('P', 'group_id', 'resource_id');
 
 CREATE FUNCTION app.check_resource_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
