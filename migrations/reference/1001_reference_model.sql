@@ -326,6 +326,14 @@ $$;
 -- or moved. Refuses a cycle (a resource placed under itself or one of its descendants).
 -- Converges when one statement moves several nested resources: each run recomputes the
 -- rows above its own subtree from the parent pointers, which are already final.
+--
+-- Runs twice for each created or moved resource: at the statement, so the transaction sees
+-- a consistent tree, and again in the flush at COMMIT, under the model's lock, from the
+-- parent pointers as every earlier transaction left them. Two transactions that each
+-- checked the tree in their own snapshot could otherwise commit a cycle together (A under
+-- B, B under A; the second is refused at COMMIT), or leave a new child's closure rows
+-- pointing at its parent's old ancestors. (Taking the lock at the statement instead would
+-- hold it while the transaction goes on to wait for row locks: deadlocks.)
 CREATE FUNCTION app.place(x bigint) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     chain bigint[];
@@ -399,6 +407,12 @@ BEGIN
     -- every statement below a snapshot that includes all earlier flushes.
     PERFORM pg_advisory_xact_lock(7370587495047230561);
 
+    -- The tree again, now that every earlier transaction's moves are visible.
+    PERFORM app.place(q.a)
+    FROM (SELECT DISTINCT a FROM app.pending
+          WHERE xid = pg_current_xact_id() AND kind = 'r') q
+    WHERE EXISTS (SELECT FROM app.resources r WHERE r.id = q.a);
+
     -- Deleted resources: their tuples go, and whoever held them is re-evaluated on the
     -- remaining ancestors (a 'list' may have depended on them).
     WITH gone AS (
@@ -413,6 +427,13 @@ BEGIN
     SELECT DISTINCT 'x', app.subject_user(g.subject), t.ancestor_id
     FROM gone g JOIN app.resource_tree t ON t.resource_id = g.parent
     WHERE app.subject_user(g.subject) IS NOT NULL;
+    -- A resource deleted and created again with the same id in this transaction has left
+    -- its old place like a move: its old ancestors are re-evaluated as for a move.
+    INSERT INTO app.pending (kind, a, b)
+    SELECT DISTINCT 'm', d.a, d.b
+    FROM app.pending d
+    WHERE d.xid = pg_current_xact_id() AND d.kind = 'd' AND d.b IS NOT NULL
+      AND EXISTS (SELECT FROM app.resources r WHERE r.id = d.a);
 
     -- Every other change becomes the user x resource pairs it can affect.
     INSERT INTO app.pending (kind, a, b)
