@@ -173,12 +173,12 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let settings = args.server.settings(&database_url)?;
     let daemon = Daemon::start(settings, shutdown.clone()).await?;
     if daemon.wait_ready(Duration::from_secs(120)).await {
-        print_examples(
-            &daemon,
-            args.server.token.is_set(),
-            args.users,
-            &database_url,
-        );
+        // A URL given by the user may hold a password: name the variable instead.
+        let psql_url = match &cluster {
+            Some(_) => database_url.clone(),
+            None => "$DATABASE_URL".to_owned(),
+        };
+        print_examples(&daemon, args.server.token.is_set(), args.users, &psql_url);
     }
     daemon.wait().await;
     if let Some(cluster) = cluster {
@@ -303,8 +303,16 @@ fn print_examples(daemon: &Daemon, with_token: bool, users: u32, database_url: &
     for (what, command) in examples {
         println!("  # {what}\n  {command}");
     }
-    println!("Write through the model and watch it arrive (user:9 joins team 0):");
-    println!("  psql \"{database_url}\" -c 'INSERT INTO app.group_members VALUES (1, 9)'");
-    println!("  {}", check("user:9", "read", "resource:10000"));
+    println!(
+        "Write through the model, and read your own write (user:9 joins team 0; the token makes \
+         permd answer only once that commit is applied):"
+    );
+    println!(
+        "  TOKEN=$(psql -qAt \"{database_url}\" -c 'INSERT INTO app.group_members VALUES (1, 9) RETURNING permd.write_token()')"
+    );
+    println!(
+        "  {}",
+        check("user:9", "read", "resource:10000").replace("10000'", "10000&at_least='$TOKEN")
+    );
     println!("Press Ctrl-C to stop.");
 }
