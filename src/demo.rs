@@ -236,11 +236,24 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
         steps.len() + 1
     );
     let computing = Instant::now();
-    let (added, _, limits): (i64, i64, i64) =
-        sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
-            .fetch_one(&mut *tx)
-            .await
-            .context("compute the permissions")?;
+    let (added, _, limits): (i64, i64, i64) = {
+        let rebuild = sqlx::query_as("SELECT * FROM app.rebuild_permissions()").fetch_one(&mut *tx);
+        tokio::pin!(rebuild);
+        // One statement with no progress of its own: say that it is still working.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(10),
+            Duration::from_secs(10),
+        );
+        loop {
+            tokio::select! {
+                done = &mut rebuild => break done.context("compute the permissions")?,
+                _ = tick.tick() => eprintln!(
+                    "  still computing ({:.0}s; about 40s for 10,000 users here)",
+                    computing.elapsed().as_secs_f64()
+                ),
+            }
+        }
+    };
     eprintln!(
         "  {added} tuples and {limits} limits in {:.1}s",
         computing.elapsed().as_secs_f64()
