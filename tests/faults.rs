@@ -415,15 +415,9 @@ async fn overload_is_shed_fast_and_probes_stay_up() {
     let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), http).await;
     // Eight requests wait for a write whose transaction is still open: capacity is used up
     // until it commits (no timing involved, so a slow machine cannot release them early).
-    let mut open = db.pool.begin().await.expect("begin");
-    sqlx::query("INSERT INTO permd.tuples VALUES ('a', '', 'b', NULL)")
-        .execute(&mut *open)
-        .await
-        .expect("insert");
-    let token: String = sqlx::query_scalar("SELECT permd.write_token()")
-        .fetch_one(&mut *open)
-        .await
-        .expect("write token");
+    let (open, token) = db
+        .open_write("INSERT INTO permd.tuples VALUES ('a', '', 'b', NULL)")
+        .await;
     let waiting: Vec<_> = (0..8)
         .map(|_| {
             let router = daemon.router.clone();

@@ -111,15 +111,9 @@ async fn out_of_order_commits_are_both_applied() {
     config.max_wait = Duration::from_millis(300);
     let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), config).await;
 
-    let mut a = db.pool.begin().await.expect("begin A");
-    sqlx::query("INSERT INTO permd.tuples VALUES ('a', 'doc', 'read', NULL)")
-        .execute(&mut *a)
-        .await
-        .expect("A writes");
-    let token_a: String = sqlx::query_scalar("SELECT permd.write_token()")
-        .fetch_one(&mut *a)
-        .await
-        .expect("token A");
+    let (a, token_a) = db
+        .open_write("INSERT INTO permd.tuples VALUES ('a', 'doc', 'read', NULL)")
+        .await;
 
     let token_b = db
         .write("INSERT INTO permd.tuples VALUES ('b', 'doc', 'read', NULL)")

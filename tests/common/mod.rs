@@ -106,6 +106,17 @@ impl TestDb {
 
     /// Runs `sql` in its own transaction and returns its write token.
     pub async fn write(&self, sql: &str) -> String {
+        let (tx, token) = self.open_write(sql).await;
+        tx.commit().await.expect("commit");
+        token
+    }
+
+    /// Runs `sql` in a transaction left open, for the caller to commit (or drop), and
+    /// returns it with its write token.
+    pub async fn open_write(
+        &self,
+        sql: &str,
+    ) -> (sqlx::Transaction<'static, sqlx::Postgres>, String) {
         let mut tx = self.pool.begin().await.expect("begin");
         sqlx::raw_sql(sql)
             .execute(&mut *tx)
@@ -115,8 +126,7 @@ impl TestDb {
             .fetch_one(&mut *tx)
             .await
             .expect("write token");
-        tx.commit().await.expect("commit");
-        token
+        (tx, token)
     }
 
     /// `permd.digest()`.
