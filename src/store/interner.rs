@@ -1,20 +1,33 @@
 //! String interning: object, permission and limit names become small integer ids, so the
 //! per-tuple memory is a few integers and no `String`.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 
-use super::Hasher;
+use super::{Hasher, Key};
 
 /// A two-way map between strings and dense `u32` ids.
 ///
 /// Ids are handed out in order from 0 and never reused; strings are never removed (a full
 /// reload builds a fresh interner, which is when churned names are reclaimed).
+///
+/// Two tiers, because every check looks up two names here: the names known when the
+/// generation was built sit in a plain map that is never written once the generation is
+/// shared (the borrow checker sees to it: only `&mut self` inserts there), so the common
+/// look-up takes no lock at all; names the applier adds later go to a sharded map, which
+/// a look-up consults only when the plain map misses and something was added.
 pub(crate) struct Interner {
-    /// Sharded so that concurrent readers of different names do not contend; only the
-    /// applier inserts.
-    ids: DashMap<Arc<str>, u32, Hasher>,
+    /// Names interned while the generation was being built. Read without a lock.
+    frozen: HashMap<Key, u32, Hasher>,
+    /// Names interned since the generation was shared. Sharded so that concurrent readers
+    /// of different names do not contend; only the applier inserts.
+    recent: DashMap<Key, u32, Hasher>,
+    /// Whether `recent` holds anything: most look-ups that miss `frozen` (an unknown name)
+    /// then skip the sharded map and its lock.
+    has_recent: AtomicBool,
     /// Id to name, for listing and the digest. A `RwLock` because reads are rare (listing)
     /// and the single writer only appends.
     names: RwLock<Vec<Arc<str>>>,
@@ -23,7 +36,9 @@ pub(crate) struct Interner {
 impl Interner {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         Self {
-            ids: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
+            frozen: HashMap::with_capacity_and_hasher(capacity, Hasher::default()),
+            recent: DashMap::with_hasher(Hasher::default()),
+            has_recent: AtomicBool::new(false),
             names: RwLock::new(Vec::with_capacity(capacity)),
         }
     }
@@ -31,21 +46,42 @@ impl Interner {
     /// The id of `name`, if it was ever interned.
     #[inline]
     pub(crate) fn get(&self, name: &str) -> Option<u32> {
-        self.ids.get(name).map(|id| *id)
+        match self.frozen.get(name) {
+            Some(id) => Some(*id),
+            None if self.has_recent.load(Ordering::Acquire) => self.recent.get(name).map(|id| *id),
+            None => None,
+        }
     }
 
-    /// The id of `name`, interning it if new. Only the single writer (applier or loader)
-    /// calls this, so the look-up-then-insert below cannot race with another insert.
+    /// The id of `name`, interning it if new, while the interner is still exclusively the
+    /// builder's: the name goes to the lock-free tier.
+    pub(crate) fn intern_mut(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.get(name) {
+            return id;
+        }
+        let id = self.push(Arc::from(name));
+        self.frozen.insert(Key::from(name), id);
+        id
+    }
+
+    /// The id of `name`, interning it if new. Only the single writer (applier) calls this,
+    /// so the look-up-then-insert below cannot race with another insert.
     pub(crate) fn intern(&self, name: &str) -> u32 {
         if let Some(id) = self.get(name) {
             return id;
         }
-        let name: Arc<str> = Arc::from(name);
+        let id = self.push(Arc::from(name));
+        self.recent.insert(Key::from(name), id);
+        // Release: a reader that sees the flag also sees the insert.
+        self.has_recent.store(true, Ordering::Release);
+        id
+    }
+
+    /// Appends `name` to the id-to-name table and returns its id.
+    fn push(&self, name: Arc<str>) -> u32 {
         let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
         let id = u32::try_from(names.len()).unwrap_or(u32::MAX);
-        names.push(Arc::clone(&name));
-        drop(names);
-        self.ids.insert(name, id);
+        names.push(name);
         id
     }
 
@@ -78,5 +114,19 @@ mod tests {
         assert_eq!(interner.get("b"), Some(1));
         assert_eq!(interner.get("c"), None);
         assert_eq!(&*interner.name(1), "b");
+    }
+
+    #[test]
+    fn both_tiers_share_one_id_space() {
+        let mut interner = Interner::with_capacity(4);
+        assert_eq!(interner.intern_mut("built"), 0);
+        assert_eq!(interner.get("later"), None);
+        assert_eq!(interner.intern("later"), 1);
+        assert_eq!(interner.intern("built"), 0);
+        assert_eq!(interner.intern_mut("later"), 1);
+        assert_eq!(interner.get("built"), Some(0));
+        assert_eq!(interner.get("later"), Some(1));
+        assert_eq!(&*interner.name(0), "built");
+        assert_eq!(&*interner.name(1), "later");
     }
 }

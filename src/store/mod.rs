@@ -22,6 +22,11 @@ use state::Now;
 /// The hasher of every map in the store: fast on short strings, seeded per process.
 pub(crate) type Hasher = foldhash::fast::RandomState;
 
+/// The key type of the store's string maps: up to 24 bytes are stored inline (no heap
+/// allocation, and a look-up compares the key without following a pointer to another
+/// cache line); longer strings go to the heap.
+pub(crate) type Key = compact_str::CompactString;
+
 /// A transaction id (`xid8`): what `permd.write_token()` returns and what the watermark is
 /// measured in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
