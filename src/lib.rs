@@ -64,10 +64,9 @@ impl Daemon {
 
         let ready_max_lag = settings.http.ready_max_lag;
         let app = App::new(store.clone(), status.clone(), settings.http);
-        let router = http::router(app);
         tasks.spawn(http::serve(
             listener,
-            router,
+            http::Api::new(app),
             settings.server,
             shutdown.clone(),
         ));

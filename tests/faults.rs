@@ -18,7 +18,7 @@ use permd::embedded::StopMode;
 use permd::http::HttpConfig;
 use permd::sync::SyncConfig;
 
-/// Checks sent through the router in a loop until stopped, counting non-200 answers.
+/// Checks sent through the API in a loop until stopped, counting non-200 answers.
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
@@ -33,12 +33,8 @@ impl Load {
         let errors = Arc::new(AtomicU64::new(0));
         let tasks = (0..workers)
             .map(|w| {
-                let (stop, ok, errors, router) = (
-                    stop.clone(),
-                    ok.clone(),
-                    errors.clone(),
-                    daemon.router.clone(),
-                );
+                let (stop, ok, errors, api) =
+                    (stop.clone(), ok.clone(), errors.clone(), daemon.api.clone());
                 tokio::spawn(async move {
                     let mut i = w;
                     while !stop.load(Ordering::Relaxed) {
@@ -46,7 +42,7 @@ impl Load {
                         let uri =
                             format!("/v1/check?subject=s{}&permission=read&object=doc", i % 50);
                         let (status, _) = send(
-                            &router,
+                            &api,
                             Request::get(uri).body(Body::empty()).expect("request"),
                         )
                         .await;
@@ -349,7 +345,7 @@ async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     let applier = tokio::spawn(
         permd::sync::Applier::new(store.clone(), status.clone(), sync).run(shutdown.clone()),
     );
-    let router = permd::http::router(permd::http::App::new(
+    let api = permd::http::Api::new(permd::http::App::new(
         store.clone(),
         status.clone(),
         patient(),
@@ -364,7 +360,7 @@ async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     let error = report.last_error.expect("the failure is reported");
     assert!(error.contains("postgres"), "{error}");
     let (code, _) = send(
-        &router,
+        &api,
         Request::get("/readyz")
             .body(Body::empty())
             .expect("request"),
@@ -372,7 +368,7 @@ async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     .await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     let (code, _) = send(
-        &router,
+        &api,
         Request::get("/livez").body(Body::empty()).expect("request"),
     )
     .await;
@@ -420,12 +416,12 @@ async fn overload_is_shed_fast_and_probes_stay_up() {
         .await;
     let waiting: Vec<_> = (0..8)
         .map(|_| {
-            let router = daemon.router.clone();
+            let api = daemon.api.clone();
             let token = token.clone();
             tokio::spawn(async move {
                 let uri = format!("/v1/check?subject=a&permission=b&at_least={token}");
                 send(
-                    &router,
+                    &api,
                     Request::get(uri).body(Body::empty()).expect("request"),
                 )
                 .await

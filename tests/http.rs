@@ -1,5 +1,5 @@
 //! The HTTP API on its own: every route's bad inputs get a JSON 4xx, never a 5xx or a
-//! panic; auth; readiness. Driven through `router().oneshot()` over a store built in
+//! panic; auth; readiness. Driven through `Api::oneshot()` (the fast path, then the router) over a store built in
 //! memory (the sync side is covered by tests/sync.rs).
 
 mod common;
@@ -9,18 +9,18 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::send;
-use permd::http::{router, App, HttpConfig, Token};
+use permd::http::{Api, App, HttpConfig, Token};
 use permd::store::Store;
 use permd::sync::Status;
 use serde_json::{json, Value};
 
-fn app(config: HttpConfig) -> axum::Router {
+fn app(config: HttpConfig) -> Api {
     let store = Store::from_tuples([
         ("u1", "doc:1", "read", None),
         ("u1", "", "EXPORT", None),
         ("*", "doc:pub", "read", None),
     ]);
-    router(App::new(store, Status::default(), config))
+    Api::new(App::new(store, Status::default(), config))
 }
 
 fn quick() -> HttpConfig {
@@ -32,16 +32,12 @@ fn quick() -> HttpConfig {
     }
 }
 
-async fn get(router: &axum::Router, uri: &str) -> (StatusCode, Value) {
-    send(
-        router,
-        Request::get(uri).body(Body::empty()).expect("request"),
-    )
-    .await
+async fn get(api: &Api, uri: &str) -> (StatusCode, Value) {
+    send(api, Request::get(uri).body(Body::empty()).expect("request")).await
 }
 
 async fn post(
-    router: &axum::Router,
+    api: &Api,
     uri: &str,
     content_type: Option<&str>,
     body: impl Into<Body>,
@@ -50,7 +46,7 @@ async fn post(
     if let Some(content_type) = content_type {
         request = request.header("content-type", content_type);
     }
-    send(router, request.body(body.into()).expect("request")).await
+    send(api, request.body(body.into()).expect("request")).await
 }
 
 fn assert_json_error(status: StatusCode, body: &Value, expected: StatusCode, context: &str) {
@@ -437,8 +433,114 @@ mod fuzz {
         })
     }
 
+    /// One piece of a check's query string: a key (sometimes percent-encoded, sometimes
+    /// unknown) and a value among those that take each branch of the fast path.
+    fn query_pair() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("subject"),
+            Just("permission"),
+            Just("object"),
+            Just("at_least"),
+            Just("sub%6Aect"),
+            Just("other"),
+        ];
+        let long = "x".repeat(1025);
+        let value = prop_oneof![
+            Just("u1".to_owned()),
+            Just("u2".to_owned()),
+            Just("read".to_owned()),
+            Just("EXPORT".to_owned()),
+            Just("doc:1".to_owned()),
+            Just("doc%3Apub".to_owned()),
+            Just(String::new()),
+            Just("7".to_owned()),
+            Just("a+b".to_owned()),
+            Just("%FF".to_owned()),
+            Just("%".to_owned()),
+            Just(long),
+            prop::collection::vec(any::<u8>(), 0..6).prop_map(|b| escape(&b)),
+        ];
+        (key, value, any::<bool>()).prop_map(|(k, v, bare)| {
+            if bare && v.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+    }
+
+    /// Status, content type and body bytes of one answer.
+    async fn raw(
+        service: impl tower::Service<
+            Request<Body>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        >,
+        uri: &str,
+        authorization: Option<&str>,
+    ) -> (StatusCode, Option<String>, Vec<u8>) {
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+        let mut request = Request::get(uri);
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        let response = service
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, content_type, body.to_vec())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// The fast path of `GET /v1/check` answers byte for byte as the router does, for
+        /// any mix of fields, encodings, duplicates, bad values and credentials.
+        #[test]
+        fn the_fast_path_answers_as_the_router(
+            pairs in prop::collection::vec(query_pair(), 0..5),
+            token in any::<bool>(),
+            credential in 0..3usize,
+        ) {
+            let config = HttpConfig {
+                token: token.then(|| Token::new("sesame").expect("token")),
+                ..quick()
+            };
+            let store = Store::from_tuples([
+                ("u1", "doc:1", "read", None),
+                ("u1", "", "EXPORT", None),
+                ("*", "doc:pub", "read", None),
+            ]);
+            let app = App::new(store, Status::default(), config);
+            let uri = format!("/v1/check?{}", pairs.join("&"));
+            let authorization = [None, Some("Bearer sesame"), Some("Bearer nope")][credential];
+            let (fast, slow) = runtime().block_on(async {
+                (
+                    raw(Api::new(app.clone()), &uri, authorization).await,
+                    raw(permd::http::router(app), &uri, authorization).await,
+                )
+            });
+            prop_assert_eq!(
+                &fast,
+                &slow,
+                "{}: {} vs {}",
+                uri,
+                String::from_utf8_lossy(&fast.2),
+                String::from_utf8_lossy(&slow.2)
+            );
+        }
 
         /// Arbitrary bytes in every query parameter and path segment of every route.
         #[test]

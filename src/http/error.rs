@@ -117,7 +117,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 /// Checks that every key and value of a form-encoded query decodes to valid UTF-8
 /// (`%XX` escapes decoded; a `%` without two hex digits is kept literally, as the form
 /// decoder does).
-fn strict_form_utf8(query: &str) -> Result<(), ApiError> {
+pub(crate) fn strict_form_utf8(query: &str) -> Result<(), ApiError> {
     let hex = |b: u8| (b as char).to_digit(16);
     let bytes = query.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());

@@ -4,6 +4,7 @@
 //! (`at_least`) waits on the store's watermark, bounded, and never queries the database.
 
 mod error;
+mod fast;
 mod handlers;
 mod metrics;
 mod server;
@@ -19,6 +20,7 @@ use axum::Router;
 use tokio::sync::Semaphore;
 
 pub use error::ApiError;
+pub use fast::Api;
 pub(crate) use metrics::Metrics;
 pub use server::{serve, ServerLimits};
 

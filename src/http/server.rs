@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -13,6 +12,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+use super::Api;
 
 /// Connection-level limits.
 #[derive(Debug, Clone, Copy)]
@@ -32,11 +33,11 @@ impl Default for ServerLimits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown`, then waits for open connections to
+/// Serves `api` on `listener` until `shutdown`, then waits for open connections to
 /// finish their in-flight requests (the caller bounds that wait).
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    api: Api,
     limits: ServerLimits,
     shutdown: CancellationToken,
 ) {
@@ -68,10 +69,7 @@ pub async fn serve(
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(router.clone()),
-            );
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(api.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -1,6 +1,6 @@
 //! The test harness: one throwaway Postgres cluster per test binary (started from the
 //! machine's initdb/postgres as an unprivileged user, on a free port), one database per
-//! test, and an in-process daemon driven through its router without a socket.
+//! test, and an in-process daemon driven through its API service without a socket.
 
 #![allow(dead_code, missing_docs)]
 
@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::Router;
 use http_body_util::BodyExt as _;
 use permd::embedded::{Cluster, ClusterOptions};
-use permd::http::{App, HttpConfig};
+use permd::http::{Api, App, HttpConfig};
 use permd::store::Store;
 use permd::sync::{Applier, Status, SyncConfig};
 use serde_json::Value;
@@ -138,11 +137,11 @@ impl TestDb {
     }
 }
 
-/// An in-process daemon: a real applier against the test database and the real router.
+/// An in-process daemon: a real applier against the test database and the real API service.
 pub struct TestDaemon {
     pub store: Store,
     pub status: Status,
-    pub router: Router,
+    pub api: Api,
     shutdown: CancellationToken,
     applier: tokio::task::JoinHandle<()>,
 }
@@ -160,11 +159,11 @@ impl TestDaemon {
         let shutdown = CancellationToken::new();
         let applier =
             tokio::spawn(Applier::new(store.clone(), status.clone(), sync).run(shutdown.clone()));
-        let router = permd::http::router(App::new(store.clone(), status.clone(), http));
+        let api = Api::new(App::new(store.clone(), status.clone(), http));
         let daemon = Self {
             store,
             status,
-            router,
+            api,
             shutdown,
             applier,
         };
@@ -193,7 +192,7 @@ impl TestDaemon {
     }
 
     pub async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
-        send(&self.router, request).await
+        send(&self.api, request).await
     }
 
     /// `GET /v1/check` with `at_least`, returning `allowed`.
@@ -240,14 +239,15 @@ pub fn patient() -> HttpConfig {
     }
 }
 
-/// Sends one request through a router and parses the JSON answer.
-pub async fn send(router: &Router, request: Request<Body>) -> (StatusCode, Value) {
+/// Sends one request through the API service (fast path, then router) and parses the
+/// JSON answer.
+pub async fn send(api: &Api, request: Request<Body>) -> (StatusCode, Value) {
     use tower::ServiceExt as _;
-    let response = router
+    let response = api
         .clone()
         .oneshot(request)
         .await
-        .expect("infallible router");
+        .expect("infallible service");
     let status = response.status();
     let bytes = response
         .into_body()

@@ -1,0 +1,154 @@
+//! The service the server runs: a fast path for `GET /v1/check` in front of the router.
+//!
+//! A single check is almost all of permd's traffic, and its answer costs far less than
+//! the routing, the two middleware layers, the query deserializer and the JSON value
+//! around it. So the plain case (no `at_least`, valid input, admitted, authorized) is
+//! answered here, byte for byte as the router would answer it; every other request, and
+//! every case the fast path does not handle, goes to the router, which remains the one
+//! place where errors are decided.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::{Body, HttpBody};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request};
+use axum::response::Response;
+use axum::routing::future::RouteFuture;
+use axum::{BoxError, Router};
+use futures_util::future::{ready, Either, Ready};
+
+use super::error::{strict_form_utf8, MAX_IDENTIFIER};
+use super::{router, App};
+
+/// The whole API as one service: the fast path, then the router. A cheap-clone handle
+/// (one `Arc`): hyper's adapter clones it for every request.
+#[derive(Clone)]
+pub struct Api(Arc<Inner>);
+
+struct Inner {
+    app: App,
+    router: Router,
+}
+
+impl Api {
+    /// The API over `app`.
+    pub fn new(app: App) -> Self {
+        let router = router(app.clone());
+        Self(Arc::new(Inner { app, router }))
+    }
+}
+
+/// What the fast path answers with, or the router when it declines.
+type ApiFuture = Either<Ready<Result<Response, Infallible>>, RouteFuture<Infallible>>;
+
+impl<B> tower_service::Service<Request<B>> for Api
+where
+    B: HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ApiFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> ApiFuture {
+        if request.method() == Method::GET && request.uri().path() == "/v1/check" {
+            if let Some(response) = self
+                .0
+                .app
+                .check_fast(request.uri().query(), request.headers())
+            {
+                return Either::Left(ready(Ok(response)));
+            }
+        }
+        // The router is `Arc`s inside: the clone is what `oneshot` would do too.
+        Either::Right(self.0.router.clone().call(request))
+    }
+}
+
+/// The fields of a plain single check.
+#[derive(Default)]
+struct CheckFields<'a> {
+    subject: Option<std::borrow::Cow<'a, str>>,
+    permission: Option<std::borrow::Cow<'a, str>>,
+    object: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl<'a> CheckFields<'a> {
+    /// The fields of `query`, or `None` when the router must decide: a field twice,
+    /// `at_least` present, or a value that the handler would refuse.
+    fn parse(query: &'a str) -> Option<Self> {
+        strict_form_utf8(query).ok()?;
+        let mut fields = Self::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match &*key {
+                "subject" => &mut fields.subject,
+                "permission" => &mut fields.permission,
+                "object" => &mut fields.object,
+                "at_least" => return None,
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return None;
+            }
+        }
+        let valid = |value: &Option<std::borrow::Cow<'_, str>>, may_be_empty: bool| {
+            value
+                .as_ref()
+                .is_some_and(|v| v.len() <= MAX_IDENTIFIER && (may_be_empty || !v.is_empty()))
+        };
+        let object_valid = fields
+            .object
+            .as_ref()
+            .map_or(true, |o| o.len() <= MAX_IDENTIFIER);
+        (valid(&fields.subject, false) && valid(&fields.permission, false) && object_valid)
+            .then_some(fields)
+    }
+}
+
+impl App {
+    /// Answers a plain `GET /v1/check` as the router would, or `None` to let the router
+    /// answer (errors, shedding, `at_least` waits and authorization failures are all
+    /// decided there, once).
+    fn check_fast(&self, query: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+        let started = Instant::now();
+        if let Some(token) = &self.config.token {
+            let presented = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))?;
+            if !token.matches(presented) {
+                return None;
+            }
+        }
+        // Held while answering, so the in-flight count means the same on both paths.
+        let _permit = self.in_flight.try_acquire().ok()?;
+        let fields = CheckFields::parse(query?)?;
+        let (Some(subject), Some(permission)) = (&fields.subject, &fields.permission) else {
+            return None;
+        };
+        let object = fields.object.as_deref().unwrap_or("");
+        let revision = self.store.watermark();
+        let allowed = self.store.check(subject, permission, object);
+        self.metrics.checks(u64::from(allowed), u64::from(!allowed));
+        self.metrics.latency(started.elapsed());
+        // The very bytes `Json(json!({"allowed", "revision"}))` writes (keys sorted).
+        let mut body = String::with_capacity(48);
+        let _ = write!(
+            body,
+            "{{\"allowed\":{allowed},\"revision\":\"{}\"}}",
+            revision.0
+        );
+        let mut response = Response::new(Body::from(body));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Some(response)
+    }
+}
