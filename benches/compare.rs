@@ -11,7 +11,10 @@
 //! expected one and wrong answers are counted (and must be zero).
 //!
 //! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
-//! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000).
+//! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
+//! `BENCH_SYSTEMS` (comma-separated keys, e.g. `redis,permd`: only those run, and the
+//! ratios to a system left out are NaN), `BENCH_CONCURRENCY` (default `32,128`),
+//! `BENCH_OVERLOAD=0` (skip the overload part).
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -67,16 +70,18 @@ enum System {
     RedisPipelined,
     Permd,
     PermdBatch,
+    BareAxum,
 }
 
 impl System {
-    const ALL: [System; 6] = [
+    const ALL: [System; 7] = [
         System::SqlSource,
         System::SqlPrecomputed,
         System::Redis,
         System::RedisPipelined,
         System::Permd,
         System::PermdBatch,
+        System::BareAxum,
     ];
 
     fn name(self) -> &'static str {
@@ -87,6 +92,20 @@ impl System {
             System::RedisPipelined => "Redis SISMEMBER, pipelined 16",
             System::Permd => "permd, single check (HTTP keep-alive)",
             System::PermdBatch => "permd, batch of 100",
+            System::BareAxum => "bare axum + HashMap (the HTTP floor; not a product)",
+        }
+    }
+
+    /// The name `BENCH_SYSTEMS` selects it by.
+    fn key(self) -> &'static str {
+        match self {
+            System::SqlSource => "sql-source",
+            System::SqlPrecomputed => "sql-precomputed",
+            System::Redis => "redis",
+            System::RedisPipelined => "redis-pipelined",
+            System::Permd => "permd",
+            System::PermdBatch => "permd-batch",
+            System::BareAxum => "bare-axum",
         }
     }
 
@@ -105,6 +124,7 @@ struct Endpoints {
     postgres: String,
     redis: u16,
     permd: u16,
+    bare: u16,
 }
 
 /// One client connection to one system.
@@ -151,8 +171,13 @@ impl Conn {
                 stream.set_nodelay(true).unwrap();
                 Conn::Resp(BufStream::new(stream))
             }
-            System::Permd | System::PermdBatch => {
-                let stream = TcpStream::connect(("127.0.0.1", at.permd)).await.unwrap();
+            System::Permd | System::PermdBatch | System::BareAxum => {
+                let port = if system == System::BareAxum {
+                    at.bare
+                } else {
+                    at.permd
+                };
+                let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
                 stream.set_nodelay(true).unwrap();
                 Conn::Http(BufStream::new(stream))
             }
@@ -336,7 +361,7 @@ fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
 impl Outcome {}
 
 /// Closed loop: `concurrency` connections, each sending its next request as soon as the
-/// previous one is answered, for `seconds`.
+/// previous one is answered, for `seconds`. The clock starts once every connection is open.
 async fn closed_loop(
     system: System,
     at: &Endpoints,
@@ -345,12 +370,19 @@ async fn closed_loop(
     subjects: u32,
 ) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let ready = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..concurrency {
         let at = at.clone();
         let stop = Arc::clone(&stop);
+        let go = Arc::clone(&go);
+        let ready = Arc::clone(&ready);
         workers.push(tokio::spawn(async move {
             let mut conn = Conn::open(system, &at).await;
+            let started = go.notified();
+            ready.fetch_add(1, Ordering::Release);
+            started.await;
             let mut rng = 0x5eed_0000 + w as u64;
             let mut buf = Vec::new();
             let mut latencies = Vec::new();
@@ -370,12 +402,14 @@ async fn closed_loop(
             (latencies, Vec::new(), wrong, shed)
         }));
     }
-    // Connections are opened before the clock starts.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    while ready.load(Ordering::Acquire) < concurrency as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let started = Instant::now();
+    go.notify_waiters();
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64() + 0.3;
+    let elapsed = started.elapsed().as_secs_f64();
     collect(workers, system, elapsed).await
 }
 
@@ -540,6 +574,54 @@ impl Drop for Redis {
     }
 }
 
+/// The floor of HTTP with this client: axum as its README would have it (`axum::serve`, a
+/// `Query` extractor, a `Json` answer), answering from a `HashMap` of the same tuples, in
+/// threads of its own with a runtime like permd's (one worker per core). Not a product: no
+/// limits, no sync, no metrics. Returns its port.
+fn bare_axum(rows: &[(String, String)]) -> u16 {
+    use std::collections::{HashMap, HashSet};
+
+    #[derive(serde::Deserialize)]
+    struct Query {
+        subject: String,
+        permission: String,
+    }
+
+    let mut sets: HashMap<String, HashSet<String>> = HashMap::new();
+    for (s, p) in rows {
+        sets.entry(s.clone()).or_default().insert(p.clone());
+    }
+    let sets = Arc::new(sets);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = axum::Router::new().route(
+                "/v1/check",
+                axum::routing::get(
+                    |axum::extract::State(sets): axum::extract::State<
+                        Arc<HashMap<String, HashSet<String>>>,
+                    >,
+                     axum::extract::Query(q): axum::extract::Query<Query>| async move {
+                        let allowed = sets
+                            .get(&q.subject)
+                            .is_some_and(|s| s.contains(&q.permission));
+                        axum::Json(serde_json::json!({ "allowed": allowed, "revision": "0" }))
+                    },
+                ),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app.with_state(sets)).await.unwrap();
+        });
+    });
+    port
+}
+
 /// permd serving the database, as its own process (so its memory is its own).
 struct Permd {
     child: std::process::Child,
@@ -625,6 +707,19 @@ fn main() {
     let seconds: f64 = env_or("BENCH_SECONDS", 8.0);
     let rate: f64 = env_or("BENCH_RATE", 5000.0);
     let subjects: u32 = env_or("BENCH_SUBJECTS", 100_000);
+    let selected: Vec<System> = match std::env::var("BENCH_SYSTEMS") {
+        Ok(keys) => System::ALL
+            .into_iter()
+            .filter(|s| keys.split(',').any(|k| k.trim() == s.key()))
+            .collect(),
+        Err(_) => System::ALL.to_vec(),
+    };
+    let concurrencies: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
+        .unwrap_or_else(|_| "32,128".into())
+        .split(',')
+        .map(|c| c.trim().parse().unwrap())
+        .collect();
+    let overload_part = env_or("BENCH_OVERLOAD", 1) != 0;
     let cluster = Cluster::start(&ClusterOptions {
         unsafe_fast: true,
         ..ClusterOptions::default()
@@ -679,6 +774,7 @@ fn main() {
                 stream.read_line(&mut line).await.unwrap();
             }
         }
+        let bare = bare_axum(&rows);
         drop(rows);
         let info = redis_command(redis.port, &["INFO", "memory"]).await;
         let used_memory: u64 = info
@@ -697,7 +793,7 @@ fn main() {
         assert!(http, "permd did not become ready");
         pool.close().await;
 
-        let at = Endpoints { postgres: url.clone(), redis: redis.port, permd: permd.port };
+        let at = Endpoints { postgres: url.clone(), redis: redis.port, permd: permd.port, bare };
         println!();
         println!(
             "Workload: {subjects} subjects, {PERMISSIONS} permission names, {tuples} tuples; Redis keys {}; {seconds} s per closed-loop run.",
@@ -713,18 +809,23 @@ fn main() {
         );
 
         let mut capacity = 0.0;
-        for concurrency in [32, 128] {
+        for &concurrency in &concurrencies {
             println!();
             println!("Closed loop, {concurrency} connections:");
             println!();
             println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
             let mut results = Vec::new();
-            for system in System::ALL {
+            for &system in &selected {
                 let o = closed_loop(system, &at, concurrency, seconds, subjects).await;
                 results.push((system, o));
             }
-            let base = |s: System| results.iter().find(|(x, _)| *x == s).unwrap().1.checks_per_second();
+            let base = |s: System| {
+                results
+                    .iter()
+                    .find(|(x, _)| *x == s)
+                    .map_or(f64::NAN, |(_, o)| o.checks_per_second())
+            };
             let (redis, pipelined) = (base(System::Redis), base(System::RedisPipelined));
             for (system, o) in &results {
                 println!(
@@ -747,10 +848,12 @@ fn main() {
             }
             println!();
             println!(
-                "permd single vs: source-table SQL {:.2}x, precomputed SQL {:.2}x, Redis {:.2}x; permd batch vs Redis pipelined {:.2}x",
+                "permd single vs: source-table SQL {:.2}x, precomputed SQL {:.2}x, Redis {:.2}x, bare axum {:.2}x (bare axum vs Redis {:.2}x); permd batch vs Redis pipelined {:.2}x",
                 permd / base(System::SqlSource),
                 permd / base(System::SqlPrecomputed),
                 permd / redis,
+                permd / base(System::BareAxum),
+                base(System::BareAxum) / redis,
                 base(System::PermdBatch) / pipelined
             );
         }
@@ -760,7 +863,8 @@ fn main() {
         println!();
         println!("| system | checks/s | p50 ms | p99 ms | p99.9 ms | wrong |");
         println!("|---|---:|---:|---:|---:|---:|");
-        for system in [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd] {
+        let open = [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd];
+        for system in open.into_iter().filter(|s| selected.contains(s)) {
             let o = open_loop(system, &at, 64, rate, seconds, subjects).await;
             println!(
                 "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
@@ -775,7 +879,9 @@ fn main() {
         }
         drop(permd);
 
-        overload(&url, capacity, seconds, subjects).await;
+        if overload_part {
+            overload(&url, capacity, seconds, subjects).await;
+        }
     });
     drop(redis);
     cluster.stop();
@@ -792,6 +898,7 @@ async fn overload(url: &str, capacity: f64, seconds: f64, subjects: u32) {
         postgres: url.to_owned(),
         redis: 0,
         permd: permd.port,
+        bare: 0,
     };
     let before = permd.rss_kib("VmRSS:");
     let stop = Arc::new(AtomicBool::new(false));
