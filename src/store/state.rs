@@ -44,18 +44,21 @@ struct Grant {
 }
 
 impl Grant {
-    fn from_slots(mut slots: Vec<Slot>) -> Self {
+    /// The grant holding `slots`. Allocates only for slots past the inline bitset, so the
+    /// loader builds the common grant (a few permanent permissions) without touching the
+    /// heap.
+    fn from_slots(slots: impl IntoIterator<Item = Slot>) -> Self {
         let mut bits = 0u64;
-        slots.retain(|s| {
-            if s.expires_at == NEVER && s.permission < INLINE_BITS {
-                bits |= 1 << s.permission;
-                false
+        let mut extra = Vec::new();
+        for slot in slots {
+            if slot.expires_at == NEVER && slot.permission < INLINE_BITS {
+                bits |= 1 << slot.permission;
             } else {
-                true
+                extra.push(slot);
             }
-        });
-        slots.sort_unstable_by_key(|s| s.permission);
-        let extra = (!slots.is_empty()).then(|| slots.into_boxed_slice());
+        }
+        extra.sort_unstable_by_key(|s| s.permission);
+        let extra = (!extra.is_empty()).then(|| extra.into_boxed_slice());
         Self { bits, extra }
     }
 
@@ -336,14 +339,10 @@ impl State {
 
     /// Replaces everything `subject` holds on `object` with `rows` (empty: removes it).
     pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
-        let slots: Vec<Slot> = rows
-            .iter()
-            .map(|r| Slot {
-                permission: self.permissions.intern(&r.permission),
-                expires_at: r.expires_at.unwrap_or(NEVER),
-            })
-            .collect();
-        let grant = Grant::from_slots(slots);
+        let grant = Grant::from_slots(rows.iter().map(|r| Slot {
+            permission: self.permissions.intern(&r.permission),
+            expires_at: r.expires_at.unwrap_or(NEVER),
+        }));
         let added = grant.row_count();
         let removed;
         if grant.is_empty() {
@@ -568,6 +567,10 @@ pub(crate) struct StateBuilder {
     /// Subject names to dense ids, in order of first appearance. The keys move into the
     /// finished map, so each subject name is allocated once.
     subject_ids: std::collections::HashMap<Key, u32, Hasher>,
+    /// The subject of the previous row and its id: rows usually come grouped by subject
+    /// (they are written a user at a time), and a string comparison is cheaper than a
+    /// look-up.
+    last_subject: (Key, u32),
     /// Every tuple row as (subject id, object id, slot), in one flat vector: a few large
     /// allocations that go back to the operating system as a whole when the load is done,
     /// instead of a small vector per subject whose freed pieces would stay resident.
@@ -589,6 +592,7 @@ impl StateBuilder {
                 Hasher::default(),
             ),
             rows: Vec::with_capacity(tuples_hint),
+            last_subject: (Key::default(), u32::MAX),
             limits: std::collections::HashMap::with_hasher(Hasher::default()),
         }
     }
@@ -606,13 +610,19 @@ impl StateBuilder {
             expires_at: expires_at.unwrap_or(NEVER),
         };
         let object = self.state.objects.intern_mut(object);
-        let next = u32::try_from(self.subject_ids.len()).unwrap_or(u32::MAX);
-        let subject = match self.subject_ids.get(subject) {
-            Some(id) => *id,
-            None => {
-                self.subject_ids.insert(subject.into(), next);
-                next
-            }
+        let subject = if self.last_subject.1 != u32::MAX && self.last_subject.0 == subject {
+            self.last_subject.1
+        } else {
+            let next = u32::try_from(self.subject_ids.len()).unwrap_or(u32::MAX);
+            let id = match self.subject_ids.get(subject) {
+                Some(id) => *id,
+                None => {
+                    self.subject_ids.insert(subject.into(), next);
+                    next
+                }
+            };
+            self.last_subject = (subject.into(), id);
+            id
         };
         self.rows.push((subject, object, slot));
     }
@@ -628,69 +638,59 @@ impl StateBuilder {
         }
     }
 
-    /// Sorts and packs every subject's rows and returns the finished state.
+    /// Sorts and packs every subject's rows and returns the finished state. The work is
+    /// split by subject over the machine's cores: the load's COPY is over by now, so they
+    /// would otherwise sit idle.
     pub(crate) fn finish(self) -> State {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.finish_on(threads)
+    }
+
+    /// `finish` on at most `threads` threads.
+    fn finish_on(self, threads: usize) -> State {
         let Self {
             mut state,
             subject_ids,
             mut rows,
-            mut limits,
+            limits,
+            last_subject: _,
         } = self;
-        // Exactly the subjects there are: the table's buckets are all touched by the inserts,
-        // so a guess too large costs its whole size in resident memory.
-        let only_limits = limits
-            .keys()
-            .filter(|s| !subject_ids.contains_key(*s))
-            .count();
-        state.subjects =
-            DashMap::with_capacity_and_hasher(subject_ids.len() + only_limits, Hasher::default());
-        rows.sort_unstable_by_key(|(s, o, slot)| (*s, *o, slot.permission));
-        // Each subject's grants, by subject id, from its run of sorted rows, allocated once
-        // at their exact size.
-        let mut grants_of: Vec<Vec<(u32, Grant)>> = Vec::new();
-        grants_of.resize_with(subject_ids.len(), Vec::new);
-        let mut tuples = 0u64;
-        for run in rows.chunk_by(|a, b| a.0 == b.0) {
-            let objects = run.chunk_by(|a, b| a.1 == b.1);
-            let mut grants = Vec::with_capacity(objects.clone().count());
-            for same in objects {
-                let grant = Grant::from_slots(same.iter().map(|(_, _, s)| *s).collect());
-                tuples += grant.row_count();
-                grants.push((same[0].1, grant));
-            }
-            if let Some(slot) = grants_of.get_mut(run[0].0 as usize) {
-                *slot = grants;
-            }
-        }
-        drop(rows);
-        for (subject, id) in subject_ids {
-            let grants = grants_of
-                .get_mut(id as usize)
-                .map(std::mem::take)
-                .unwrap_or_default();
-            let mut subject_limits = limits.remove(&subject).unwrap_or_default();
-            subject_limits.sort_unstable();
-            state.subjects.insert(
-                subject,
-                SubjectEntry {
-                    grants: grants.into_boxed_slice(),
-                    limits: subject_limits.into_boxed_slice(),
-                },
-            );
-        }
-        drop(grants_of);
-        let mut limit_rows = 0u64;
-        for entry in state.subjects.iter() {
-            limit_rows += entry.limits.len() as u64;
-        }
+        // Each subject's name and limits by its id, so that each part of the work takes
+        // its own; subjects with limits only are added at the end.
+        let mut names = vec![Key::default(); subject_ids.len()];
+        let mut limits_of: Vec<Box<[(u32, i64)]>> = Vec::new();
+        limits_of.resize_with(subject_ids.len(), Box::default);
+        let mut only_limits = Vec::new();
         for (subject, mut rows) in limits {
             rows.sort_unstable();
-            limit_rows += rows.len() as u64;
+            match subject_ids.get(&subject) {
+                Some(&id) => limits_of[id as usize] = rows.into_boxed_slice(),
+                None => only_limits.push((subject, rows.into_boxed_slice())),
+            }
+        }
+        for (subject, id) in subject_ids {
+            names[id as usize] = subject;
+        }
+        // Exactly the subjects there are: the table's buckets are all touched by the inserts,
+        // so a guess too large costs its whole size in resident memory.
+        state.subjects =
+            DashMap::with_capacity_and_hasher(names.len() + only_limits.len(), Hasher::default());
+        let (tuples, mut limit_rows) = build_entries(
+            &state.subjects,
+            &mut rows,
+            0,
+            &mut names,
+            &mut limits_of,
+            threads,
+        );
+        drop(rows);
+        for (subject, limits) in only_limits {
+            limit_rows += limits.len() as u64;
             state.subjects.insert(
                 subject,
                 SubjectEntry {
                     grants: Box::default(),
-                    limits: rows.into_boxed_slice(),
+                    limits,
                 },
             );
         }
@@ -699,6 +699,94 @@ impl StateBuilder {
         state.limits.store(limit_rows, Ordering::Relaxed);
         state
     }
+}
+
+/// One tuple row of a load: subject id, object id, permission and expiry.
+type Row = (u32, u32, Slot);
+
+/// Builds the entries of the subjects with ids `first..first + names.len()` from `rows`
+/// (exactly their rows, in any order) and inserts them into `subjects`; returns the tuple
+/// and limit rows stored. Halves the subjects over `threads` threads while that leaves
+/// enough rows to be worth a thread.
+fn build_entries(
+    subjects: &DashMap<Key, SubjectEntry, Hasher>,
+    rows: &mut [Row],
+    first: u32,
+    names: &mut [Key],
+    limits: &mut [Box<[(u32, i64)]>],
+    threads: usize,
+) -> (u64, u64) {
+    // Small in unit tests, so that they exercise the split on small sets.
+    const WORTH_A_THREAD: usize = if cfg!(test) { 1_000 } else { 100_000 };
+    if threads > 1 && names.len() > 1 && rows.len() >= 2 * WORTH_A_THREAD {
+        let half = names.len() / 2;
+        let middle = first + u32::try_from(half).unwrap_or(u32::MAX);
+        let split = partition(rows, |row| row.0 < middle);
+        let (left_rows, right_rows) = rows.split_at_mut(split);
+        let (left_names, right_names) = names.split_at_mut(half);
+        let (left_limits, right_limits) = limits.split_at_mut(half);
+        let (left, right) = std::thread::scope(|scope| {
+            let left = scope.spawn(|| {
+                build_entries(
+                    subjects,
+                    left_rows,
+                    first,
+                    left_names,
+                    left_limits,
+                    threads / 2,
+                )
+            });
+            let right = build_entries(
+                subjects,
+                right_rows,
+                middle,
+                right_names,
+                right_limits,
+                threads - threads / 2,
+            );
+            (left.join(), right)
+        });
+        let left = left.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        return (left.0 + right.0, left.1 + right.1);
+    }
+    rows.sort_unstable_by_key(|(s, o, slot)| (*s, *o, slot.permission));
+    let mut runs = rows.chunk_by(|a, b| a.0 == b.0).peekable();
+    let (mut tuples, mut limit_rows) = (0u64, 0u64);
+    for (id, (name, limits)) in (first..).zip(names.iter_mut().zip(limits.iter_mut())) {
+        // Each subject's grants from its run of sorted rows, allocated once at their size.
+        let mut grants = Vec::new();
+        if let Some(run) = runs.next_if(|run| run[0].0 == id) {
+            let objects = run.chunk_by(|a, b| a.1 == b.1);
+            grants.reserve_exact(objects.clone().count());
+            for same in objects {
+                let grant = Grant::from_slots(same.iter().map(|(_, _, s)| *s));
+                tuples += grant.row_count();
+                grants.push((same[0].1, grant));
+            }
+        }
+        let limits = std::mem::take(limits);
+        limit_rows += limits.len() as u64;
+        subjects.insert(
+            std::mem::take(name),
+            SubjectEntry {
+                grants: grants.into_boxed_slice(),
+                limits,
+            },
+        );
+    }
+    (tuples, limit_rows)
+}
+
+/// Moves the rows that satisfy `before` to the front; returns how many there are.
+fn partition(rows: &mut [Row], before: impl Fn(&Row) -> bool) -> usize {
+    let mut split = 0;
+    for i in 0..rows.len() {
+        if before(&rows[i]) {
+            rows.swap(split, i);
+            split += 1;
+        }
+    }
+    split
 }
 
 #[cfg(test)]
@@ -814,6 +902,43 @@ mod tests {
         assert_eq!(built.tuple_count(), 4);
         assert_eq!(built.limit_count(), 1);
         assert!(built.digest().starts_with("4:1:"));
+    }
+
+    #[test]
+    fn a_load_split_over_threads_equals_incremental_writes() {
+        // Enough rows for the builder to split the subjects over four threads, arriving
+        // out of subject order, with expiring rows, limits on some subjects and on others
+        // that hold no tuple.
+        let live = State::with_capacity(4, 4);
+        let mut builder = StateBuilder::new(0);
+        let mut by_key: BTreeMap<(String, String), Vec<TupleRow>> = BTreeMap::new();
+        for i in 0..42_000u64 {
+            let subject = format!("u{}", (i * 7_919) % 3_001);
+            let object = format!("o{}", i % 97);
+            let permission = format!("p{}", i % 70);
+            let expires_at = (i % 13 == 0).then_some(i as i64);
+            builder.tuple(&subject, &object, &permission, expires_at);
+            let rows = by_key.entry((subject, object)).or_default();
+            if !rows.iter().any(|r| r.permission == permission) {
+                rows.push(row(&permission, expires_at));
+            }
+        }
+        for ((subject, object), rows) in &by_key {
+            live.set_grant(subject, object, rows);
+        }
+        for i in 0..100 {
+            builder.limit(&format!("u{}", i * 29), "projects", i);
+            live.set_limits(&format!("u{}", i * 29), &[("projects".into(), i)]);
+        }
+        for i in 0..10 {
+            builder.limit(&format!("limits-only-{i}"), "seats", i);
+            live.set_limits(&format!("limits-only-{i}"), &[("seats".into(), i)]);
+        }
+        let built = builder.finish_on(4);
+        assert_eq!(built.subject_count(), live.subject_count());
+        assert_eq!(built.tuple_count(), live.tuple_count());
+        assert_eq!(built.limit_count(), 110);
+        assert_eq!(built.digest(), live.digest());
     }
 
     #[test]

@@ -168,6 +168,20 @@ pub(crate) fn int8(field: Option<&[u8]>, what: &str) -> Result<Option<i64>, Erro
     }
 }
 
+/// Microseconds from the Unix epoch to Postgres' epoch, 2000-01-01 00:00:00 UTC.
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// A binary timestamptz field as microseconds since the Unix epoch; NULL is `None`.
+/// `infinity` (which `permd.tuples` refuses anyway) reads as `None`, never expiring, and
+/// `-infinity` as the earliest time.
+pub(crate) fn timestamptz(field: Option<&[u8]>, what: &str) -> Result<Option<i64>, Error> {
+    Ok(int8(field, what)?.and_then(|micros| match micros {
+        i64::MAX => None,
+        i64::MIN => Some(i64::MIN),
+        m => Some(m.saturating_add(POSTGRES_EPOCH_MICROS)),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +243,16 @@ mod tests {
             .feed(&data[..data.len() - 3], |_| Ok(()))
             .expect("prefix parses");
         assert!(parser.finish().is_err());
+    }
+
+    #[test]
+    fn timestamps_count_from_the_unix_epoch() {
+        let at = |micros: i64| timestamptz(Some(&micros.to_be_bytes()), "t").expect("int8");
+        assert_eq!(at(0), Some(POSTGRES_EPOCH_MICROS));
+        assert_eq!(at(-POSTGRES_EPOCH_MICROS), Some(0));
+        assert_eq!(at(i64::MAX), None);
+        assert_eq!(at(i64::MIN), Some(i64::MIN));
+        assert_eq!(timestamptz(None, "t").expect("null"), None);
     }
 
     #[test]
