@@ -276,6 +276,36 @@ async fn batch_bodies_are_validated() {
 }
 
 #[tokio::test]
+async fn batch_errors_name_the_check_and_its_field() {
+    let r = app(quick());
+    let long = "x".repeat(1025);
+    let cases = [
+        (
+            json!([{"subject": "u", "permission": "p"}, {"subject": "u", "permission": ""}]),
+            "`checks[1].permission` must not be empty",
+        ),
+        (
+            json!([{"subject": "", "permission": "p"}]),
+            "`checks[0].subject` must not be empty",
+        ),
+        (
+            json!([{"subject": "u", "permission": "p"}, {"subject": "u", "permission": "p"}, {"subject": "u", "permission": "p", "object": long}]),
+            "`checks[2].object` is 1025 bytes long",
+        ),
+    ];
+    for (checks, expected) in cases {
+        let body = json!({ "checks": checks }).to_string();
+        let (status, answer) = post(&r, "/v1/check", Some("application/json"), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(expected),
+            "{message:?} for {expected:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_token_not_reached_in_time_is_a_503_stale() {
     let r = app(quick());
     let (status, body) = get(

@@ -184,6 +184,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 /// The longest identifier (subject, object, permission, limit name), in bytes.
 pub(crate) const MAX_IDENTIFIER: usize = 1024;
 
+/// Whether `value` is a valid identifier: at most 1,024 bytes, and not empty unless
+/// `may_be_empty`. `identifier` says what is wrong when it is not.
+pub(crate) fn is_identifier(value: &str, may_be_empty: bool) -> bool {
+    value.len() <= MAX_IDENTIFIER && (may_be_empty || !value.is_empty())
+}
+
 /// Validates one identifier: at most 1,024 bytes, and not empty unless `may_be_empty`.
 pub(crate) fn identifier<'a>(
     field: &str,

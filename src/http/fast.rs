@@ -20,7 +20,7 @@ use axum::routing::future::RouteFuture;
 use axum::{BoxError, Router};
 use futures_util::future::{ready, Either, Ready};
 
-use super::error::{strict_form_utf8, MAX_IDENTIFIER};
+use super::error::{is_identifier, strict_form_utf8};
 use super::{router, App};
 
 /// The whole API as one service: the fast path, then the router. A cheap-clone handle
@@ -101,12 +101,12 @@ impl<'a> CheckFields<'a> {
         let valid = |value: &Option<std::borrow::Cow<'_, str>>, may_be_empty: bool| {
             value
                 .as_ref()
-                .is_some_and(|v| v.len() <= MAX_IDENTIFIER && (may_be_empty || !v.is_empty()))
+                .is_some_and(|v| is_identifier(v, may_be_empty))
         };
         let object_valid = fields
             .object
             .as_ref()
-            .map_or(true, |o| o.len() <= MAX_IDENTIFIER);
+            .map_or(true, |o| is_identifier(o, true));
         (valid(&fields.subject, false) && valid(&fields.permission, false) && object_valid)
             .then_some(fields)
     }
