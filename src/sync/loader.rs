@@ -149,7 +149,13 @@ fn build(
             })?,
         }
         if rows >= next_progress {
-            tracing::info!(rows, estimate, "loading");
+            // Postgres's row estimate is 0 until the table was first analyzed: then say
+            // nothing rather than "of 0".
+            if estimate > 0 {
+                tracing::info!(rows, of_about = estimate, "loading");
+            } else {
+                tracing::info!(rows, "loading");
+            }
             next_progress = rows + PROGRESS_EVERY;
         }
     }
