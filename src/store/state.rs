@@ -103,21 +103,72 @@ impl Grant {
 struct SubjectEntry {
     // Boxed slices, not `Vec`s: 16 bytes less per subject (no capacity), and a subject's
     // rows change only through the single writer, which can afford to reallocate.
-    grants: Box<[(u32, Grant)]>,
+    grants: Grants,
     limits: Box<[(u32, i64)]>,
+}
+
+/// A subject's grants, sorted by object id. Many subjects hold grants on one object only
+/// (their global permissions, say): that one is stored inline, so a check on it reads no
+/// further cache line and the subject costs no heap allocation.
+#[derive(Debug)]
+enum Grants {
+    One((u32, Grant)),
+    Many(Box<[(u32, Grant)]>),
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Self::Many(Box::default())
+    }
+}
+
+impl Grants {
+    fn from_vec(mut grants: Vec<(u32, Grant)>) -> Self {
+        match grants.pop() {
+            Some(one) if grants.is_empty() => Self::One(one),
+            Some(last) => {
+                grants.push(last);
+                Self::Many(grants.into_boxed_slice())
+            }
+            None => Self::default(),
+        }
+    }
+
+    #[inline]
+    fn as_slice(&self) -> &[(u32, Grant)] {
+        match self {
+            Self::One(one) => std::slice::from_ref(one),
+            Self::Many(many) => many,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [(u32, Grant)] {
+        match self {
+            Self::One(one) => std::slice::from_mut(one),
+            Self::Many(many) => many,
+        }
+    }
+
+    fn into_vec(self) -> Vec<(u32, Grant)> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many.into_vec(),
+        }
+    }
 }
 
 impl SubjectEntry {
     #[inline]
     fn grant(&self, object: u32) -> Option<&Grant> {
-        self.grants
+        let grants = self.grants.as_slice();
+        grants
             .binary_search_by_key(&object, |(o, _)| *o)
             .ok()
-            .map(|i| &self.grants[i].1)
+            .map(|i| &grants[i].1)
     }
 
     fn is_empty(&self) -> bool {
-        self.grants.is_empty() && self.limits.is_empty()
+        self.grants.as_slice().is_empty() && self.limits.is_empty()
     }
 }
 
@@ -295,7 +346,7 @@ impl State {
         let mut found = BTreeSet::new();
         for s in [subject, WILDCARD] {
             if let Some(entry) = self.subjects.get(s) {
-                for (o, g) in &entry.grants {
+                for (o, g) in entry.grants.as_slice() {
                     if *o != 0 && g.allows(permission, now) {
                         found.insert(*o);
                     }
@@ -352,11 +403,15 @@ impl State {
             let Some(mut entry) = self.subjects.get_mut(subject) else {
                 return;
             };
-            removed = match entry.grants.binary_search_by_key(&object, |(o, _)| *o) {
+            removed = match entry
+                .grants
+                .as_slice()
+                .binary_search_by_key(&object, |(o, _)| *o)
+            {
                 Ok(i) => {
                     let mut grants = std::mem::take(&mut entry.grants).into_vec();
                     let (_, gone) = grants.remove(i);
-                    entry.grants = grants.into_boxed_slice();
+                    entry.grants = Grants::from_vec(grants);
                     gone.row_count()
                 }
                 Err(_) => 0,
@@ -369,12 +424,18 @@ impl State {
         } else {
             let object = self.objects.intern(object);
             let mut entry = self.subjects.entry(subject.into()).or_default();
-            removed = match entry.grants.binary_search_by_key(&object, |(o, _)| *o) {
-                Ok(i) => std::mem::replace(&mut entry.grants[i].1, grant).row_count(),
+            removed = match entry
+                .grants
+                .as_slice()
+                .binary_search_by_key(&object, |(o, _)| *o)
+            {
+                Ok(i) => {
+                    std::mem::replace(&mut entry.grants.as_mut_slice()[i].1, grant).row_count()
+                }
                 Err(i) => {
                     let mut grants = std::mem::take(&mut entry.grants).into_vec();
                     grants.insert(i, (object, grant));
-                    entry.grants = grants.into_boxed_slice();
+                    entry.grants = Grants::from_vec(grants);
                     0
                 }
             };
@@ -452,7 +513,7 @@ impl State {
                     for entry in &self.subjects {
                         let subject = entry.key().as_str();
                         let mut digest = Digest::default();
-                        for (o, grant) in &entry.grants {
+                        for (o, grant) in entry.grants.as_slice() {
                             for (p, expires_at) in grant.rows() {
                                 line.clear();
                                 push_fields(
@@ -487,7 +548,7 @@ impl State {
     pub(crate) fn rows_of(&self, subject: &str) -> StoredRows {
         let mut rows = StoredRows::default();
         if let Some(entry) = self.subjects.get(subject) {
-            for (o, grant) in &entry.grants {
+            for (o, grant) in entry.grants.as_slice() {
                 for (p, expires_at) in grant.rows() {
                     let expires_at = (expires_at != NEVER).then_some(expires_at);
                     rows.tuples.push((
@@ -689,7 +750,7 @@ impl StateBuilder {
             state.subjects.insert(
                 subject,
                 SubjectEntry {
-                    grants: Box::default(),
+                    grants: Grants::default(),
                     limits,
                 },
             );
@@ -769,7 +830,7 @@ fn build_entries(
         subjects.insert(
             std::mem::take(name),
             SubjectEntry {
-                grants: grants.into_boxed_slice(),
+                grants: Grants::from_vec(grants),
                 limits,
             },
         );
@@ -814,6 +875,35 @@ mod tests {
         state.set_grant("u1", "doc:1", &[]);
         assert!(!state.check("u1", "read", "doc:1", &mut Now::lazy()));
         assert_eq!(state.tuple_count(), 0);
+        assert_eq!(state.subject_count(), 0);
+    }
+
+    #[test]
+    fn a_subject_moves_between_one_inline_grant_and_many() {
+        let state = State::with_capacity(4, 4);
+        let holds = |objects: &[&str]| {
+            for o in ["", "a", "b", "c"] {
+                let expected = objects.contains(&o);
+                assert_eq!(
+                    state.check("u", "read", o, &mut Now::lazy()),
+                    expected,
+                    "{o:?}"
+                );
+            }
+        };
+        state.set_grant("u", "b", &[row("read", None)]);
+        holds(&["b"]);
+        state.set_grant("u", "", &[row("read", None)]);
+        holds(&["", "b"]);
+        state.set_grant("u", "c", &[row("read", None)]);
+        holds(&["", "b", "c"]);
+        state.set_grant("u", "b", &[]);
+        state.set_grant("u", "", &[]);
+        holds(&["c"]);
+        state.set_grant("u", "c", &[row("write", None)]);
+        holds(&[]);
+        assert_eq!(state.tuple_count(), 1);
+        state.set_grant("u", "c", &[]);
         assert_eq!(state.subject_count(), 0);
     }
 
