@@ -499,40 +499,6 @@ mod fuzz {
         })
     }
 
-    /// Status, content type and body bytes of one answer.
-    async fn raw(
-        service: impl tower::Service<
-            Request<Body>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        >,
-        uri: &str,
-        authorization: Option<&str>,
-    ) -> (StatusCode, Option<String>, Vec<u8>) {
-        use http_body_util::BodyExt as _;
-        use tower::ServiceExt as _;
-        let mut request = Request::get(uri);
-        if let Some(value) = authorization {
-            request = request.header("authorization", value);
-        }
-        let response = service
-            .oneshot(request.body(Body::empty()).expect("request"))
-            .await
-            .expect("infallible");
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().expect("ascii").to_owned());
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        (status, content_type, body.to_vec())
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
@@ -556,10 +522,17 @@ mod fuzz {
             let app = App::new(store, Status::default(), config);
             let uri = format!("/v1/check?{}", pairs.join("&"));
             let authorization = [None, Some("Bearer sesame"), Some("Bearer nope")][credential];
+            let request = || {
+                let mut request = Request::get(&uri);
+                if let Some(value) = authorization {
+                    request = request.header("authorization", value);
+                }
+                request.body(Body::empty()).expect("request")
+            };
             let (fast, slow) = runtime().block_on(async {
                 (
-                    raw(Api::new(app.clone()), &uri, authorization).await,
-                    raw(permd::http::router(app), &uri, authorization).await,
+                    common::call(Api::new(app.clone()), request()).await,
+                    common::call(permd::http::router(app), request()).await,
                 )
             });
             prop_assert_eq!(

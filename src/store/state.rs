@@ -631,7 +631,7 @@ pub(crate) struct StateBuilder {
     /// The subject of the previous row and its id: rows usually come grouped by subject
     /// (they are written a user at a time), and a string comparison is cheaper than a
     /// look-up.
-    last_subject: (Key, u32),
+    last_subject: Option<(Key, u32)>,
     /// Every tuple row as (subject id, object id, slot), in one flat vector: a few large
     /// allocations that go back to the operating system as a whole when the load is done,
     /// instead of a small vector per subject whose freed pieces would stay resident.
@@ -653,7 +653,7 @@ impl StateBuilder {
                 Hasher::default(),
             ),
             rows: Vec::with_capacity(tuples_hint),
-            last_subject: (Key::default(), u32::MAX),
+            last_subject: None,
             limits: std::collections::HashMap::with_hasher(Hasher::default()),
         }
     }
@@ -671,19 +671,20 @@ impl StateBuilder {
             expires_at: expires_at.unwrap_or(NEVER),
         };
         let object = self.state.objects.intern_mut(object);
-        let subject = if self.last_subject.1 != u32::MAX && self.last_subject.0 == subject {
-            self.last_subject.1
-        } else {
-            let next = u32::try_from(self.subject_ids.len()).unwrap_or(u32::MAX);
-            let id = match self.subject_ids.get(subject) {
-                Some(id) => *id,
-                None => {
-                    self.subject_ids.insert(subject.into(), next);
-                    next
-                }
-            };
-            self.last_subject = (subject.into(), id);
-            id
+        let subject = match &self.last_subject {
+            Some((last, id)) if last == subject => *id,
+            _ => {
+                let next = u32::try_from(self.subject_ids.len()).unwrap_or(u32::MAX);
+                let id = match self.subject_ids.get(subject) {
+                    Some(id) => *id,
+                    None => {
+                        self.subject_ids.insert(subject.into(), next);
+                        next
+                    }
+                };
+                self.last_subject = Some((subject.into(), id));
+                id
+            }
         };
         self.rows.push((subject, object, slot));
     }

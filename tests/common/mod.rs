@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use axum::response::Response;
 use http_body_util::BodyExt as _;
 use permd::embedded::{Cluster, ClusterOptions};
 use permd::http::{Api, App, HttpConfig};
@@ -239,22 +240,32 @@ pub fn patient() -> HttpConfig {
     }
 }
 
-/// Sends one request through the API service (fast path, then router) and parses the
-/// JSON answer.
-pub async fn send(api: &Api, request: Request<Body>) -> (StatusCode, Value) {
+/// Sends one request through `service` (the API, or the bare router) and returns the
+/// status, the content type and the body bytes of the answer.
+pub async fn call<S>(service: S, request: Request<Body>) -> (StatusCode, Option<String>, Vec<u8>)
+where
+    S: tower::Service<Request<Body>, Response = Response, Error = std::convert::Infallible>,
+{
     use tower::ServiceExt as _;
-    let response = api
-        .clone()
-        .oneshot(request)
-        .await
-        .expect("infallible service");
+    let response = service.oneshot(request).await.expect("infallible service");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().expect("ascii").to_owned());
     let status = response.status();
-    let bytes = response
+    let body = response
         .into_body()
         .collect()
         .await
         .expect("body")
         .to_bytes();
+    (status, content_type, body.to_vec())
+}
+
+/// Sends one request through the API service (fast path, then router) and parses the
+/// JSON answer.
+pub async fn send(api: &Api, request: Request<Body>) -> (StatusCode, Value) {
+    let (status, _, bytes) = call(api.clone(), request).await;
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, value)
