@@ -5,6 +5,10 @@
 //! new generation is built beside the old one, then swapped in).
 //!
 //! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names.
+//!
+//! `BENCH_PERMD` (comma-separated paths) runs other permd binaries instead of this build's,
+//! each on the same filled table: e.g. one built from an earlier commit and this one, to
+//! compare two versions side by side in one run.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -41,6 +45,9 @@ fn main() {
     println!();
     println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | resident | bytes/tuple | peak during a reload |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let binaries: Vec<String> = std::env::var("BENCH_PERMD")
+        .map(|list| list.split(',').map(str::to_owned).collect())
+        .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
     for size in sizes {
         let filled = runtime.block_on(async {
             let pool = permd::db::pool(&url).await.unwrap();
@@ -65,53 +72,54 @@ fn main() {
             pool.close().await;
             started.elapsed()
         });
-        let started = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_permd"))
-            .args(["serve", "--database-url", &url, "--listen", "127.0.0.1:0"])
-            .env("PERMD_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let wanted =
-                    line.contains("full load done") || line.contains("full load swapped in");
-                if wanted && tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let wait = || rx.recv_timeout(Duration::from_secs(1800)).expect("load");
-        let first = wait();
-        assert!(wait().contains("swapped in"));
-        let ready = started.elapsed();
-        // The loader's own time: snapshot, COPY and build, without process start-up.
-        let load_ms: f64 = first
-            .split("took_ms=")
-            .nth(1)
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        let rss = kib(pid, "VmRSS:") * 1024;
-        runtime.block_on(async {
-            let pool = permd::db::pool(&url).await.unwrap();
-            sqlx::raw_sql("SELECT permd.request_reload()")
-                .execute(&pool)
-                .await
+        for permd in &binaries {
+            let started = Instant::now();
+            let mut child = Command::new(permd)
+                .args(["serve", "--database-url", &url, "--listen", "127.0.0.1:0"])
+                .env("PERMD_LOG", "info")
+                .env("NO_COLOR", "1")
+                .stderr(Stdio::piped())
+                .spawn()
                 .unwrap();
-            pool.close().await;
-        });
-        assert!(wait().contains("full load done"));
-        assert!(wait().contains("swapped in"));
-        let peak = kib(pid, "VmHWM:") * 1024;
-        let _ = child.kill();
-        let _ = child.wait();
-        println!(
+            let pid = child.id();
+            let (tx, rx) = mpsc::channel();
+            let stderr = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let wanted =
+                        line.contains("full load done") || line.contains("full load swapped in");
+                    if wanted && tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let wait = || rx.recv_timeout(Duration::from_secs(1800)).expect("load");
+            let first = wait();
+            assert!(wait().contains("swapped in"));
+            let ready = started.elapsed();
+            // The loader's own time: snapshot, COPY and build, without process start-up.
+            let load_ms: f64 = first
+                .split("took_ms=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            let rss = kib(pid, "VmRSS:") * 1024;
+            runtime.block_on(async {
+                let pool = permd::db::pool(&url).await.unwrap();
+                sqlx::raw_sql("SELECT permd.request_reload()")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            });
+            assert!(wait().contains("full load done"));
+            assert!(wait().contains("swapped in"));
+            let peak = kib(pid, "VmHWM:") * 1024;
+            let _ = child.kill();
+            let _ = child.wait();
+            println!(
             "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {:.0} MiB | {:.0} | {:.0} MiB |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
@@ -121,6 +129,10 @@ fn main() {
             rss as f64 / size as f64,
             peak as f64 / 1048576.0,
         );
+            if binaries.len() > 1 {
+                println!("|  | ({permd}) |");
+            }
+        }
     }
     cluster.stop();
 }

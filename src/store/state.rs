@@ -1,9 +1,10 @@
 //! One immutable-by-swap generation of the mirrored permission set.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use md5::{Digest as _, Md5};
 
@@ -621,40 +622,42 @@ fn row_hash(line: &[u8]) -> u64 {
     u64::from_be_bytes(first)
 }
 
-/// Builds a `State` from a full snapshot, off the async runtime. Rows arrive in any
-/// order; each subject's grants are sorted once at the end instead of on every insert.
+/// Builds a `State` from a full snapshot, off the async runtime, while the rows stream in.
+///
+/// Rows come in the table's physical order, in which a subject's rows usually sit together
+/// (they are written a user at a time). Each such run becomes the subject's entry as soon
+/// as the next subject's rows begin, so the build keeps pace with the COPY, nothing is
+/// left to sort at the end, and no more than one subject's rows are held aside. A subject
+/// met again after its first run (its rows are scattered over the table) has its later
+/// rows kept aside and merged into its entry once, at the end: correct for rows in any
+/// order, and as cheap as the grouped case where they are grouped.
 pub(crate) struct StateBuilder {
     state: State,
-    /// Subject names to dense ids, in order of first appearance. The keys move into the
-    /// finished map, so each subject name is allocated once.
-    subject_ids: std::collections::HashMap<Key, u32, Hasher>,
-    /// The subject of the previous row and its id: rows usually come grouped by subject
-    /// (they are written a user at a time), and a string comparison is cheaper than a
-    /// look-up.
-    last_subject: Option<(Key, u32)>,
-    /// Every tuple row as (subject id, object id, slot), in one flat vector: a few large
-    /// allocations that go back to the operating system as a whole when the load is done,
-    /// instead of a small vector per subject whose freed pieces would stay resident.
-    rows: Vec<(u32, u32, Slot)>,
-    limits: std::collections::HashMap<Key, Vec<(u32, i64)>, Hasher>,
+    /// The subject of the current run; `None` before the first tuple row.
+    subject: Option<Key>,
+    /// The current run's rows as (object id, slot); reused from run to run.
+    run: Vec<(u32, Slot)>,
+    /// The rows of subjects met again after their first run, merged in `finish`.
+    scattered: HashMap<Key, Vec<(u32, Slot)>, Hasher>,
+    limits: HashMap<Key, Vec<(u32, i64)>, Hasher>,
+    /// Tuple rows stored so far.
+    tuples: u64,
 }
 
 impl StateBuilder {
     /// `tuples_hint` is an estimate of the number of tuple rows, used to pre-size.
     pub(crate) fn new(tuples_hint: usize) -> Self {
-        let subjects = (tuples_hint / 8).max(16);
         Self {
-            // The subject map is sized exactly in `finish`. The object interner starts small
-            // and grows: a table pre-sized from a guess is touched all over by random
-            // inserts and stays resident at its full size.
+            // The subject map and the object interner start small and grow. A table
+            // pre-sized from a guess is touched all over by random inserts and stays
+            // resident at its full size; grown, it ends at the size an exact guess would
+            // have given (tables grow by powers of two).
             state: State::with_capacity(16, (tuples_hint / 64).max(16)),
-            subject_ids: std::collections::HashMap::with_capacity_and_hasher(
-                subjects,
-                Hasher::default(),
-            ),
-            rows: Vec::with_capacity(tuples_hint),
-            last_subject: None,
-            limits: std::collections::HashMap::with_hasher(Hasher::default()),
+            subject: None,
+            run: Vec::new(),
+            scattered: HashMap::with_hasher(Hasher::default()),
+            limits: HashMap::with_hasher(Hasher::default()),
+            tuples: 0,
         }
     }
 
@@ -671,22 +674,34 @@ impl StateBuilder {
             expires_at: expires_at.unwrap_or(NEVER),
         };
         let object = self.state.objects.intern_mut(object);
-        let subject = match &self.last_subject {
-            Some((last, id)) if last == subject => *id,
-            _ => {
-                let next = u32::try_from(self.subject_ids.len()).unwrap_or(u32::MAX);
-                let id = match self.subject_ids.get(subject) {
-                    Some(id) => *id,
-                    None => {
-                        self.subject_ids.insert(subject.into(), next);
-                        next
-                    }
-                };
-                self.last_subject = Some((subject.into(), id));
-                id
-            }
+        if self.subject.as_deref() != Some(subject) {
+            self.end_run();
+            self.subject = Some(Key::from(subject));
+        }
+        self.run.push((object, slot));
+    }
+
+    /// Stores the current run under its subject: as the subject's entry when it is new,
+    /// aside for `finish` when the subject already has one.
+    fn end_run(&mut self) {
+        let Some(subject) = self.subject.take() else {
+            return;
         };
-        self.rows.push((subject, object, slot));
+        match self.state.subjects.entry(subject) {
+            Entry::Vacant(vacant) => {
+                let grants = grants_of(&mut self.run, &mut self.tuples);
+                vacant.insert(SubjectEntry {
+                    grants,
+                    limits: Box::default(),
+                });
+            }
+            Entry::Occupied(occupied) => self
+                .scattered
+                .entry(occupied.key().clone())
+                .or_default()
+                .extend_from_slice(&self.run),
+        }
+        self.run.clear();
     }
 
     /// Adds one limit row.
@@ -700,61 +715,39 @@ impl StateBuilder {
         }
     }
 
-    /// Sorts and packs every subject's rows and returns the finished state. The work is
-    /// split by subject over the machine's cores: the load's COPY is over by now, so they
-    /// would otherwise sit idle.
-    pub(crate) fn finish(self) -> State {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.finish_on(threads)
-    }
-
-    /// `finish` on at most `threads` threads.
-    fn finish_on(self, threads: usize) -> State {
+    /// Merges the scattered rows and the limits and returns the finished state.
+    pub(crate) fn finish(mut self) -> State {
+        self.end_run();
         let Self {
-            mut state,
-            subject_ids,
-            mut rows,
+            state,
+            scattered,
             limits,
-            last_subject: _,
+            mut tuples,
+            ..
         } = self;
-        // Each subject's name and limits by its id, so that each part of the work takes
-        // its own; subjects with limits only are added at the end.
-        let mut names = vec![Key::default(); subject_ids.len()];
-        let mut limits_of: Vec<Box<[(u32, i64)]>> = Vec::new();
-        limits_of.resize_with(subject_ids.len(), Box::default);
-        let mut only_limits = Vec::new();
+        for (subject, mut rows) in scattered {
+            let Some(mut entry) = state.subjects.get_mut(&subject) else {
+                continue; // never: a subject is scattered only once it has an entry
+            };
+            for (object, grant) in std::mem::take(&mut entry.grants).into_vec() {
+                tuples -= grant.row_count();
+                rows.extend(grant.rows().map(|(permission, expires_at)| {
+                    (
+                        object,
+                        Slot {
+                            permission,
+                            expires_at,
+                        },
+                    )
+                }));
+            }
+            entry.grants = grants_of(&mut rows, &mut tuples);
+        }
+        let mut limit_rows = 0;
         for (subject, mut rows) in limits {
             rows.sort_unstable();
-            match subject_ids.get(&subject) {
-                Some(&id) => limits_of[id as usize] = rows.into_boxed_slice(),
-                None => only_limits.push((subject, rows.into_boxed_slice())),
-            }
-        }
-        for (subject, id) in subject_ids {
-            names[id as usize] = subject;
-        }
-        // Exactly the subjects there are: the table's buckets are all touched by the inserts,
-        // so a guess too large costs its whole size in resident memory.
-        state.subjects =
-            DashMap::with_capacity_and_hasher(names.len() + only_limits.len(), Hasher::default());
-        let (tuples, mut limit_rows) = build_entries(
-            &state.subjects,
-            &mut rows,
-            0,
-            &mut names,
-            &mut limits_of,
-            threads,
-        );
-        drop(rows);
-        for (subject, limits) in only_limits {
-            limit_rows += limits.len() as u64;
-            state.subjects.insert(
-                subject,
-                SubjectEntry {
-                    grants: Grants::default(),
-                    limits,
-                },
-            );
+            limit_rows += rows.len() as u64;
+            state.subjects.entry(subject).or_default().limits = rows.into_boxed_slice();
         }
         state.note_public(WILDCARD);
         state.tuples.store(tuples, Ordering::Relaxed);
@@ -763,92 +756,25 @@ impl StateBuilder {
     }
 }
 
-/// One tuple row of a load: subject id, object id, permission and expiry.
-type Row = (u32, u32, Slot);
-
-/// Builds the entries of the subjects with ids `first..first + names.len()` from `rows`
-/// (exactly their rows, in any order) and inserts them into `subjects`; returns the tuple
-/// and limit rows stored. Halves the subjects over `threads` threads while that leaves
-/// enough rows to be worth a thread.
-fn build_entries(
-    subjects: &DashMap<Key, SubjectEntry, Hasher>,
-    rows: &mut [Row],
-    first: u32,
-    names: &mut [Key],
-    limits: &mut [Box<[(u32, i64)]>],
-    threads: usize,
-) -> (u64, u64) {
-    // Small in unit tests, so that they exercise the split on small sets.
-    const WORTH_A_THREAD: usize = if cfg!(test) { 1_000 } else { 100_000 };
-    if threads > 1 && names.len() > 1 && rows.len() >= 2 * WORTH_A_THREAD {
-        let half = names.len() / 2;
-        let middle = first + u32::try_from(half).unwrap_or(u32::MAX);
-        let split = partition(rows, |row| row.0 < middle);
-        let (left_rows, right_rows) = rows.split_at_mut(split);
-        let (left_names, right_names) = names.split_at_mut(half);
-        let (left_limits, right_limits) = limits.split_at_mut(half);
-        let (left, right) = std::thread::scope(|scope| {
-            let left = scope.spawn(|| {
-                build_entries(
-                    subjects,
-                    left_rows,
-                    first,
-                    left_names,
-                    left_limits,
-                    threads / 2,
-                )
-            });
-            let right = build_entries(
-                subjects,
-                right_rows,
-                middle,
-                right_names,
-                right_limits,
-                threads - threads / 2,
-            );
-            (left.join(), right)
-        });
-        let left = left.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        return (left.0 + right.0, left.1 + right.1);
-    }
-    rows.sort_unstable_by_key(|(s, o, slot)| (*s, *o, slot.permission));
-    let mut runs = rows.chunk_by(|a, b| a.0 == b.0).peekable();
-    let (mut tuples, mut limit_rows) = (0u64, 0u64);
-    for (id, (name, limits)) in (first..).zip(names.iter_mut().zip(limits.iter_mut())) {
-        // Each subject's grants from its run of sorted rows, allocated once at their size.
-        let mut grants = Vec::new();
-        if let Some(run) = runs.next_if(|run| run[0].0 == id) {
-            let objects = run.chunk_by(|a, b| a.1 == b.1);
-            grants.reserve_exact(objects.clone().count());
-            for same in objects {
-                let grant = Grant::from_slots(same.iter().map(|(_, _, s)| *s));
-                tuples += grant.row_count();
-                grants.push((same[0].1, grant));
-            }
-        }
-        let limits = std::mem::take(limits);
-        limit_rows += limits.len() as u64;
-        subjects.insert(
-            std::mem::take(name),
-            SubjectEntry {
-                grants: Grants::from_vec(grants),
-                limits,
-            },
-        );
-    }
-    (tuples, limit_rows)
-}
-
-/// Moves the rows that satisfy `before` to the front; returns how many there are.
-fn partition(rows: &mut [Row], before: impl Fn(&Row) -> bool) -> usize {
-    let mut split = 0;
-    for i in 0..rows.len() {
-        if before(&rows[i]) {
-            rows.swap(split, i);
-            split += 1;
+/// One subject's grants from its rows (object id, slot) in any order; adds the rows stored
+/// to `tuples`. Sorts `rows`.
+fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64) -> Grants {
+    rows.sort_unstable_by_key(|(object, _)| *object);
+    let objects = rows.chunk_by(|a, b| a.0 == b.0);
+    let count = objects.clone().count();
+    let mut grants = objects.map(|same| {
+        let grant = Grant::from_slots(same.iter().map(|(_, slot)| *slot));
+        *tuples += grant.row_count();
+        (same[0].0, grant)
+    });
+    if count == 1 {
+        if let Some(one) = grants.next() {
+            return Grants::One(one);
         }
     }
-    split
+    let mut many = Vec::with_capacity(count);
+    many.extend(grants);
+    Grants::Many(many.into_boxed_slice())
 }
 
 #[cfg(test)]
@@ -996,23 +922,28 @@ mod tests {
     }
 
     #[test]
-    fn a_load_split_over_threads_equals_incremental_writes() {
-        // Enough rows for the builder to split the subjects over four threads, arriving
-        // out of subject order, with expiring rows, limits on some subjects and on others
-        // that hold no tuple.
+    fn a_load_in_any_order_equals_incremental_writes() {
+        // Rows first grouped by subject (runs of 7), then scattered over the same subjects
+        // (each row's subject differs from the previous one's), with expiring rows, limits
+        // on some subjects and on others that hold no tuple.
         let live = State::with_capacity(4, 4);
         let mut builder = StateBuilder::new(0);
         let mut by_key: BTreeMap<(String, String), Vec<TupleRow>> = BTreeMap::new();
         for i in 0..42_000u64 {
-            let subject = format!("u{}", (i * 7_919) % 3_001);
+            let subject = if i < 21_000 {
+                format!("u{}", i / 7)
+            } else {
+                format!("u{}", (i * 7_919) % 3_001)
+            };
             let object = format!("o{}", i % 97);
             let permission = format!("p{}", i % 70);
             let expires_at = (i % 13 == 0).then_some(i as i64);
-            builder.tuple(&subject, &object, &permission, expires_at);
-            let rows = by_key.entry((subject, object)).or_default();
-            if !rows.iter().any(|r| r.permission == permission) {
-                rows.push(row(&permission, expires_at));
+            let rows = by_key.entry((subject.clone(), object.clone())).or_default();
+            if rows.iter().any(|r| r.permission == permission) {
+                continue; // (subject, object, permission) is the table's primary key
             }
+            rows.push(row(&permission, expires_at));
+            builder.tuple(&subject, &object, &permission, expires_at);
         }
         for ((subject, object), rows) in &by_key {
             live.set_grant(subject, object, rows);
@@ -1025,11 +956,16 @@ mod tests {
             builder.limit(&format!("limits-only-{i}"), "seats", i);
             live.set_limits(&format!("limits-only-{i}"), &[("seats".into(), i)]);
         }
-        let built = builder.finish_on(4);
+        let built = builder.finish();
         assert_eq!(built.subject_count(), live.subject_count());
         assert_eq!(built.tuple_count(), live.tuple_count());
         assert_eq!(built.limit_count(), 110);
         assert_eq!(built.digest(), live.digest());
+        let sorted = |mut digests: Vec<(String, String)>| {
+            digests.sort();
+            digests
+        };
+        assert!(sorted(built.subject_digests()) == sorted(live.subject_digests()));
     }
 
     #[test]
