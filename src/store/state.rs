@@ -278,7 +278,12 @@ impl State {
         let Some(permission) = self.permissions.get(permission) else {
             return false;
         };
-        let exact = self.objects.get(object);
+        // The global object and the wildcard have fixed ids (see `with_capacity`).
+        let exact = match object {
+            "" => Some(0),
+            WILDCARD => Some(1),
+            _ => self.objects.get(object),
+        };
         let mut candidates = [0u32; 2];
         let mut n = 0;
         if let Some(o) = exact {
