@@ -173,6 +173,43 @@ impl SubjectEntry {
     }
 }
 
+/// The object ids a check on an object looks for: the object's own (if it was ever
+/// interned) and the wildcard's (unless the object is the global object or `*` itself),
+/// resolved on first use.
+enum Candidates<'a> {
+    Unresolved(&'a str),
+    Resolved([u32; 2], usize),
+}
+
+impl Candidates<'_> {
+    #[inline]
+    fn ids(&mut self, objects: &Interner) -> &[u32] {
+        if let Self::Unresolved(object) = *self {
+            // The global object and the wildcard have fixed ids (see `State::with_capacity`).
+            let (exact, wildcard) = match object {
+                "" => (Some(0), false),
+                WILDCARD => (Some(1), false),
+                _ => (objects.get(object), true),
+            };
+            let mut ids = [0u32; 2];
+            let mut n = 0;
+            if let Some(id) = exact {
+                ids[n] = id;
+                n += 1;
+            }
+            if wildcard {
+                ids[n] = 1;
+                n += 1;
+            }
+            *self = Self::Resolved(ids, n);
+        }
+        match self {
+            Self::Resolved(ids, n) => &ids[..*n],
+            Self::Unresolved(_) => &[],
+        }
+    }
+}
+
 /// The wall clock, read at most once per check and only when an expiring tuple is met.
 pub(crate) struct Now(Option<i64>);
 
@@ -250,17 +287,23 @@ impl State {
         self.subjects.len()
     }
 
+    /// Whether `subject` holds `permission` on one of the objects `candidates` names. The
+    /// object ids are resolved only once the subject's entry is found (and then once for
+    /// both the subject and `*`): an unknown subject costs no object look-up, and the
+    /// object's look-up runs while the subject's grants are being fetched from memory,
+    /// instead of before the shard lock, which would make the two wait one for the other.
     #[inline]
     fn subject_allows(
         &self,
         subject: &str,
-        objects: &[u32],
+        candidates: &mut Candidates<'_>,
         permission: u32,
         now: &mut Now,
     ) -> bool {
         match self.subjects.get(subject) {
             None => false,
-            Some(entry) => objects
+            Some(entry) => candidates
+                .ids(&self.objects)
                 .iter()
                 .any(|&o| entry.grant(o).is_some_and(|g| g.allows(permission, now))),
         }
@@ -278,27 +321,11 @@ impl State {
         let Some(permission) = self.permissions.get(permission) else {
             return false;
         };
-        // The global object and the wildcard have fixed ids (see `with_capacity`).
-        let exact = match object {
-            "" => Some(0),
-            WILDCARD => Some(1),
-            _ => self.objects.get(object),
-        };
-        let mut candidates = [0u32; 2];
-        let mut n = 0;
-        if let Some(o) = exact {
-            candidates[n] = o;
-            n += 1;
-        }
-        if !object.is_empty() && object != WILDCARD {
-            candidates[n] = 1; // the id of WILDCARD, fixed in with_capacity
-            n += 1;
-        }
-        let candidates = &candidates[..n];
-        self.subject_allows(subject, candidates, permission, now)
+        let mut candidates = Candidates::Unresolved(object);
+        self.subject_allows(subject, &mut candidates, permission, now)
             || (subject != WILDCARD
                 && self.has_public.load(Ordering::Relaxed)
-                && self.subject_allows(WILDCARD, candidates, permission, now))
+                && self.subject_allows(WILDCARD, &mut candidates, permission, now))
     }
 
     /// The permissions `subject` holds on `object` ('' for global ones), wildcards and
@@ -858,6 +885,11 @@ mod tests {
         state.set_grant("*", "doc:public", &[row("read", None)]);
         state.set_grant("admin", "*", &[row("delete", None)]);
         assert!(state.check("anyone", "read", "doc:public", &mut Now::lazy()));
+        // A known subject without the grant falls back to `*` too.
+        state.set_grant("carol", "doc:mine", &[row("read", None)]);
+        assert!(state.check("carol", "read", "doc:public", &mut Now::lazy()));
+        assert!(state.check("carol", "read", "doc:mine", &mut Now::lazy()));
+        assert!(!state.check("carol", "read", "doc:other", &mut Now::lazy()));
         assert!(!state.check("anyone", "read", "doc:other", &mut Now::lazy()));
         assert!(state.check("admin", "delete", "doc:never-seen", &mut Now::lazy()));
         assert!(!state.check("admin", "delete", "", &mut Now::lazy()));
