@@ -24,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 /// Generous bound for anything the tests wait for; a healthy run takes milliseconds.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// The daemon's logs, shown with a failing test's output.
+/// The daemon's logs, shown with a failing test's output: `info` by default, so that a
+/// failure's output stays readable (`PERMD_TEST_LOG=permd=debug` adds every poll).
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("PERMD_TEST_LOG").unwrap_or_else(|_| "permd=debug".into()),
+            std::env::var("PERMD_TEST_LOG").unwrap_or_else(|_| "permd=info".into()),
         ))
         .with_test_writer()
         .try_init();
