@@ -705,7 +705,12 @@ impl StateBuilder {
             permission: self.state.permissions.intern_mut(permission),
             expires_at: expires_at.unwrap_or(NEVER),
         };
-        let object = self.state.objects.intern_mut(object);
+        let object = match object {
+            // Fixed ids (see `State::with_capacity`): plan permissions are all on ''.
+            "" => 0,
+            WILDCARD => 1,
+            _ => self.state.objects.intern_mut(object),
+        };
         if self.subject.as_deref() != Some(subject) {
             self.end_run();
             self.subject = Some(Key::from(subject));
