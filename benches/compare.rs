@@ -703,6 +703,15 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// `a / b` as "1.23x", or "-" when a system of the two did not run (`BENCH_SYSTEMS`).
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_nan() || b.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{:.2}x", a / b)
+    }
+}
+
 fn main() {
     let seconds: f64 = env_or("BENCH_SECONDS", 8.0);
     let rate: f64 = env_or("BENCH_RATE", 5000.0);
@@ -829,7 +838,7 @@ fn main() {
             let (redis, pipelined) = (base(System::Redis), base(System::RedisPipelined));
             for (system, o) in &results {
                 println!(
-                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {:.2}x | {:.2}x |",
+                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
                     system.name(),
                     o.checks_per_second(),
                     o.requests as f64 / o.seconds,
@@ -837,8 +846,8 @@ fn main() {
                     o.quantile_ms(0.99),
                     o.quantile_ms(0.999),
                     o.wrong,
-                    o.checks_per_second() / redis,
-                    o.checks_per_second() / pipelined,
+                    ratio(o.checks_per_second(), redis),
+                    ratio(o.checks_per_second(), pipelined),
                 );
                 assert_eq!(o.wrong, 0, "{} gave wrong answers", system.name());
             }
@@ -848,13 +857,13 @@ fn main() {
             }
             println!();
             println!(
-                "permd single vs: source-table SQL {:.2}x, precomputed SQL {:.2}x, Redis {:.2}x, bare axum {:.2}x (bare axum vs Redis {:.2}x); permd batch vs Redis pipelined {:.2}x",
-                permd / base(System::SqlSource),
-                permd / base(System::SqlPrecomputed),
-                permd / redis,
-                permd / base(System::BareAxum),
-                base(System::BareAxum) / redis,
-                base(System::PermdBatch) / pipelined
+                "permd single vs: source-table SQL {}, precomputed SQL {}, Redis {}, bare axum {} (bare axum vs Redis {}); permd batch vs Redis pipelined {}",
+                ratio(permd, base(System::SqlSource)),
+                ratio(permd, base(System::SqlPrecomputed)),
+                ratio(permd, redis),
+                ratio(permd, base(System::BareAxum)),
+                ratio(base(System::BareAxum), redis),
+                ratio(base(System::PermdBatch), pipelined)
             );
         }
 
