@@ -290,8 +290,9 @@ impl State {
     /// Whether `subject` holds `permission` on one of the objects `candidates` names. The
     /// object ids are resolved only once the subject's entry is found (and then once for
     /// both the subject and `*`): an unknown subject costs no object look-up, and the
-    /// object's look-up runs while the subject's grants are being fetched from memory,
-    /// instead of before the shard lock, which would make the two wait one for the other.
+    /// object's look-up comes after the shard lock, where its cache miss may overlap the
+    /// fetch of the subject's grants (before the lock, the locked instruction waits for it;
+    /// no gain beyond noise measured on resource checks, benches/README.md).
     #[inline]
     fn subject_allows(
         &self,
