@@ -17,6 +17,10 @@ pub(crate) const NEVER: i64 = i64::MAX;
 const INLINE_BITS: u32 = 64;
 /// The wildcard subject and object.
 pub(crate) const WILDCARD: &str = "*";
+/// The object id of the global object `''` in every generation (see `fixed_object_id`).
+const GLOBAL_ID: u32 = 0;
+/// The object id of the wildcard object `*` in every generation.
+const WILDCARD_ID: u32 = 1;
 
 /// One stored tuple, as the loader and applier hand it to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +177,17 @@ impl SubjectEntry {
     }
 }
 
+/// The ids of the global object `''` (0) and the wildcard `*` (1), interned first in every
+/// generation (`State::with_capacity`), so that checks and loads need no look-up for them.
+#[inline]
+fn fixed_object_id(object: &str) -> Option<u32> {
+    match object {
+        "" => Some(GLOBAL_ID),
+        WILDCARD => Some(WILDCARD_ID),
+        _ => None,
+    }
+}
+
 /// The object ids a check on an object looks for: the object's own (if it was ever
 /// interned) and the wildcard's (unless the object is the global object or `*` itself),
 /// resolved on first use.
@@ -185,11 +200,9 @@ impl Candidates<'_> {
     #[inline]
     fn ids(&mut self, objects: &Interner) -> &[u32] {
         if let Self::Unresolved(object) = *self {
-            // The global object and the wildcard have fixed ids (see `State::with_capacity`).
-            let (exact, wildcard) = match object {
-                "" => (Some(0), false),
-                WILDCARD => (Some(1), false),
-                _ => (objects.get(object), true),
+            let (exact, wildcard) = match fixed_object_id(object) {
+                Some(id) => (Some(id), false),
+                None => (objects.get(object), true),
             };
             let mut ids = [0u32; 2];
             let mut n = 0;
@@ -198,7 +211,7 @@ impl Candidates<'_> {
                 n += 1;
             }
             if wildcard {
-                ids[n] = 1;
+                ids[n] = WILDCARD_ID;
                 n += 1;
             }
             *self = Self::Resolved(ids, n);
@@ -266,9 +279,12 @@ impl State {
             tuples: AtomicU64::new(0),
             limits: AtomicU64::new(0),
         };
-        // The global object gets id 0 and the wildcard id 1, so neither is ever missing.
-        state.objects.intern_mut("");
-        state.objects.intern_mut(WILDCARD);
+        // The global object gets id 0 and the wildcard id 1 (`fixed_object_id`), so neither
+        // is ever missing.
+        for name in ["", WILDCARD] {
+            let id = state.objects.intern_mut(name);
+            debug_assert_eq!(Some(id), fixed_object_id(name));
+        }
         state
     }
 
@@ -337,17 +353,12 @@ impl State {
         object: &str,
         now: &mut Now,
     ) -> Vec<Arc<str>> {
-        let mut objects = Vec::with_capacity(2);
-        if let Some(o) = self.objects.get(object) {
-            objects.push(o);
-        }
-        if !object.is_empty() && object != WILDCARD {
-            objects.push(1);
-        }
+        let mut candidates = Candidates::Unresolved(object);
+        let objects = candidates.ids(&self.objects);
         let mut held = BTreeSet::new();
         for s in [subject, WILDCARD] {
             if let Some(entry) = self.subjects.get(s) {
-                for &o in &objects {
+                for &o in objects {
                     if let Some(g) = entry.grant(o) {
                         for (p, expires_at) in g.rows() {
                             if expires_at > now.get() {
@@ -381,7 +392,7 @@ impl State {
         for s in [subject, WILDCARD] {
             if let Some(entry) = self.subjects.get(s) {
                 for (o, g) in entry.grants.as_slice() {
-                    if *o != 0 && g.allows(permission, now) {
+                    if *o != GLOBAL_ID && g.allows(permission, now) {
                         found.insert(*o);
                     }
                 }
@@ -706,12 +717,9 @@ impl StateBuilder {
             permission: self.state.permissions.intern_mut(permission),
             expires_at: expires_at.unwrap_or(NEVER),
         };
-        let object = match object {
-            // Fixed ids (see `State::with_capacity`): plan permissions are all on ''.
-            "" => 0,
-            WILDCARD => 1,
-            _ => self.state.objects.intern_mut(object),
-        };
+        // Plan permissions are all on '': no look-up for them.
+        let object =
+            fixed_object_id(object).unwrap_or_else(|| self.state.objects.intern_mut(object));
         if self.subject.as_deref() != Some(subject) {
             self.end_run();
             self.subject = Some(Key::from(subject));
