@@ -65,8 +65,8 @@ impl<T> std::ops::Deref for Thin<T> {
     }
 }
 
-/// The permissions a subject holds on one object: 16 bytes in the common case (no
-/// expiry, fewer than 64 permission names in the whole set).
+/// The permissions a subject holds on one object: 16 bytes, and nothing on the heap in
+/// the common case (no expiry, fewer than 64 permission names in the whole set).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Grant {
     /// Permanent permissions with id < 64.
