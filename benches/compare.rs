@@ -18,11 +18,13 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use permd::embedded::{Cluster, ClusterOptions};
+use common::{cluster, env_list, env_or, runtime};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufStream};
 use tokio::net::TcpStream;
 
@@ -724,13 +726,6 @@ async fn redis_command(port: u16, command: &[&str]) -> String {
     line
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// `a / b` as "1.23x", or "-" when a system of the two did not run (`BENCH_SYSTEMS`).
 fn ratio(a: f64, b: f64) -> String {
     if a.is_nan() || b.is_nan() {
@@ -751,24 +746,12 @@ fn main() {
             .collect(),
         Err(_) => System::ALL.to_vec(),
     };
-    let concurrencies: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
-        .unwrap_or_else(|_| "32,128".into())
-        .split(',')
-        .map(|c| c.trim().parse().unwrap())
-        .collect();
+    let concurrencies: Vec<usize> = env_list("BENCH_CONCURRENCY", "32,128");
     let overload_part = env_or("BENCH_OVERLOAD", 1) != 0;
-    let cluster = Cluster::start(&ClusterOptions {
-        unsafe_fast: true,
-        ..ClusterOptions::default()
-    })
-    .unwrap();
+    let cluster = cluster();
     let url = cluster.url("postgres");
     let redis = Redis::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         eprintln!("seeding {subjects} subjects into the source tables, permd.tuples and Redis…");
         let pool = permd::db::pool(&url).await.unwrap();

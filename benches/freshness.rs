@@ -8,11 +8,13 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
-use permd::embedded::{Cluster, ClusterOptions};
+use common::{cluster, env_or, runtime};
 use permd::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -99,21 +101,10 @@ async fn run(
 }
 
 fn main() {
-    let cluster = Cluster::start(&ClusterOptions {
-        unsafe_fast: true,
-        ..ClusterOptions::default()
-    })
-    .unwrap();
+    let cluster = cluster();
     let url = cluster.url("postgres");
-    let seconds: f64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5.0);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
+    let runtime = runtime();
     runtime.block_on(async {
         let pool = permd::db::pool(&url).await.unwrap();
         permd::db::migrate(&pool).await.unwrap();

@@ -12,12 +12,14 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use permd::embedded::{Cluster, ClusterOptions};
+use common::{cluster, env_list, runtime};
 
 fn kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -30,18 +32,10 @@ fn kib(pid: u32, field: &str) -> u64 {
 }
 
 fn main() {
-    let sizes: Vec<u64> = std::env::var("BENCH_LOAD_SIZES")
-        .unwrap_or_else(|_| "1000000,10000000".into())
-        .split(',')
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let cluster = Cluster::start(&ClusterOptions {
-        unsafe_fast: true,
-        ..ClusterOptions::default()
-    })
-    .unwrap();
+    let sizes: Vec<u64> = env_list("BENCH_LOAD_SIZES", "1000000,10000000");
+    let cluster = cluster();
     let url = cluster.url("postgres");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let runtime = runtime();
     println!();
     println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | resident | bytes/tuple | peak during a reload |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");

@@ -1,6 +1,6 @@
 //! The price of cheap reads: what each write path of the reference model costs at write
 //! time, at demo scale. Starts a throwaway Postgres, seeds the demo enterprise
-//! (`PERMD_DEMO_USERS`, default 10,000), then times every write path in its own
+//! (`PERMD_DEMO_USERS`, default 10,000, at least 7,500), then times every write path in its own
 //! transaction (the write, the flush of the precomputed set, the commit) and counts the
 //! permd.tuples / permd.limits rows it touched. Prints a Markdown table.
 //!
@@ -8,9 +8,11 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use permd::embedded::{Cluster, ClusterOptions};
+use common::{cluster, env_or, runtime};
 use sqlx::{PgPool, Row as _};
 
 /// One write path: a name, how many times to run it, and the SQL of run `i`.
@@ -21,6 +23,9 @@ struct Path {
 }
 
 /// Team `t`'s ids, as the demo lays them out (see `permd::demo`).
+/// The smallest demo enterprise whose teams include every team the paths write to.
+const MIN_USERS: u32 = 7_500;
+
 fn team_folder(t: u64) -> u64 {
     10_000 + t
 }
@@ -266,16 +271,14 @@ async fn touched(tx: &mut sqlx::PgConnection) -> i64 {
 }
 
 fn main() {
-    let users: u32 = std::env::var("PERMD_DEMO_USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let cluster = Cluster::start(&ClusterOptions {
-        unsafe_fast: true,
-        ..ClusterOptions::default()
-    })
-    .expect("start a throwaway Postgres");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let users: u32 = env_or("PERMD_DEMO_USERS", 10_000);
+    // The paths below touch fixed teams, up to team 929 (`2 + 8 * (900 + i)`, i < 30).
+    assert!(
+        users >= MIN_USERS,
+        "PERMD_DEMO_USERS={users}: the write paths use teams up to 929, so at least {MIN_USERS} users"
+    );
+    let cluster = cluster();
+    let runtime = runtime();
     runtime.block_on(async {
         let pool: PgPool = permd::db::pool(&cluster.url("postgres")).await.unwrap();
         permd::db::migrate(&pool).await.unwrap();
