@@ -126,13 +126,13 @@ impl Grant {
 
 /// Everything stored for one subject: grants by object, sorted by object id so a check is
 /// a binary search and listing is a scan of exactly this subject's objects; and limits.
-/// 32 bytes, so that a map bucket (key and entry) is 56: the key and the grant a check
-/// reads share one cache line more often than not.
+/// 32 bytes, so that a map bucket (key and entry) is 56 instead of 80: a quarter less
+/// memory at 10M tuples (benches/README.md; checks measured no faster or slower).
 #[derive(Debug, Default)]
 struct SubjectEntry {
     grants: Grants,
-    // Boxed slices, not `Vec`s (no capacity): a subject's rows change only through the
-    // single writer, which can afford to reallocate.
+    // Behind one pointer: most subjects have no limits. Slices, not `Vec`s (no capacity):
+    // a subject's rows change only through the single writer, which can reallocate.
     limits: Thin<(u32, i64)>,
 }
 
