@@ -1,7 +1,8 @@
 //! Full load speed and memory: `cargo bench --bench load` fills permd.tuples of a throwaway
 //! Postgres with 1M and 10M tuples (`BENCH_LOAD_SIZES`, comma-separated), starts permd as
 //! its own process for each, and reports the time to ready, rows per second, resident
-//! memory and bytes per tuple, and the peak resident memory during a forced reload (the
+//! memory and bytes per tuple, permd's CPU seconds until ready (less noisy than the time
+//! when comparing two builds), and the peak resident memory during a forced reload (the
 //! new generation is built beside the old one, then swapped in).
 //!
 //! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names.
@@ -31,14 +32,29 @@ fn kib(pid: u32, field: &str) -> u64 {
         .unwrap()
 }
 
+/// User and system CPU seconds the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on every Linux this runs on.
+    ticks as f64 / 100.0
+}
+
 fn main() {
     let sizes: Vec<u64> = env_list("BENCH_LOAD_SIZES", "1000000,10000000");
     let cluster = cluster();
     let url = cluster.url("postgres");
     let runtime = runtime();
     println!();
-    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | resident | bytes/tuple | peak during a reload |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | bytes/tuple | peak during a reload |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let binaries: Vec<String> = std::env::var("BENCH_PERMD")
         .map(|list| list.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
@@ -96,6 +112,7 @@ fn main() {
             let first = wait();
             assert!(wait().contains("swapped in"));
             let ready = started.elapsed();
+            let cpu = cpu_seconds(pid);
             // The loader's own time: snapshot, COPY and build, without process start-up.
             let load_ms: f64 = first
                 .split("took_ms=")
@@ -119,7 +136,7 @@ fn main() {
             let _ = child.kill();
             let _ = child.wait();
             println!(
-            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {:.0} MiB | {:.0} | {:.0} MiB |",
+            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} | {:.0} MiB |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
