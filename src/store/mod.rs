@@ -109,8 +109,7 @@ impl Store {
     pub fn from_tuples<'a>(
         tuples: impl IntoIterator<Item = (&'a str, &'a str, &'a str, Option<i64>)>,
     ) -> Self {
-        let tuples = tuples.into_iter();
-        let mut builder = StateBuilder::new(tuples.size_hint().0);
+        let mut builder = StateBuilder::new();
         for (subject, object, permission, expires_at) in tuples {
             builder.tuple(subject, object, permission, expires_at);
         }
@@ -313,7 +312,7 @@ mod tests {
             }],
         );
         assert!(store.check("u", "read", "o"));
-        let mut builder = StateBuilder::new(1);
+        let mut builder = StateBuilder::new();
         builder.tuple("v", "o", "read", None);
         let old = store.replace(builder.finish());
         assert_eq!(old.tuple_count(), 1);

@@ -123,7 +123,7 @@ fn build(
     mut receiver: mpsc::Receiver<(Table, Vec<u8>)>,
     estimate: usize,
 ) -> Result<(State, u64), Error> {
-    let mut builder = StateBuilder::new(estimate);
+    let mut builder = StateBuilder::new();
     let mut tuples = CopyParser::new();
     let mut limits = CopyParser::new();
     let mut rows = 0u64;
