@@ -45,6 +45,28 @@ async fn a_prefilled_database_is_mirrored_exactly() {
     daemon.stop().await;
 }
 
+/// A load many times larger than the builder's queue of COPY blocks (the socket's tap then
+/// waits for the builder), over the Unix socket (the sync connection opens its socket
+/// itself, TCP or Unix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_set_is_mirrored_exactly_over_a_unix_socket() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples (subject, object, permission, expires_at)
+         SELECT 'user:' || (i / 7), 'doc:' || (i % 1000), 'perm' || (i % 70),
+                CASE WHEN i % 13 = 0 THEN now() + interval '1 day' END
+         FROM generate_series(1, 120000) i;
+         INSERT INTO permd.limits SELECT 'user:' || i, 'projects', i FROM generate_series(1, 5000) i;",
+    )
+    .await;
+    let daemon = TestDaemon::start(&db.unix_url).await;
+    assert_eq!(daemon.digest_at("0").await, db.digest().await);
+    let (_, status) = daemon.get("/v1/status").await;
+    assert_eq!(status["tuples"].as_i64(), Some(120_000), "{status}");
+    assert_eq!(status["limits"].as_i64(), Some(5_000), "{status}");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_update_delete_and_truncate_become_visible() {
     let db = database().await;
@@ -147,6 +169,7 @@ async fn a_write_token_makes_the_next_check_see_the_write_even_without_notify() 
     let db = TestDb {
         pool: permd::db::pool(&db.url).await.expect("reconnect"),
         url: db.url,
+        unix_url: db.unix_url,
     };
     let daemon = TestDaemon::start_with(doorbell_only(&db.url), patient()).await;
     for i in 0..20 {

@@ -11,6 +11,8 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::loader::{self, Loaded};
+use super::socket;
+use super::tap::Tap;
 use super::{parse_xid, Cursor, Error, Status, SyncConfig};
 use crate::store::{Store, TupleRow, Xid};
 
@@ -135,7 +137,7 @@ impl Applier {
     /// One connection's life: connect, LISTEN, (re)load if needed, then poll until an
     /// error or shutdown (the only `Ok`).
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
-        let (mut client, doorbell, closed) = self.connect().await?;
+        let (mut client, tap, doorbell, closed) = self.connect().await?;
         tokio::pin!(closed);
         // LISTEN before loading: a change committed after it rings, one committed before
         // it is in the snapshot or the changelog.
@@ -166,10 +168,11 @@ impl Applier {
             .is_some_and(|known| *known != incarnation);
         self.incarnation = Some(incarnation);
         if self.cursor.is_none() {
-            self.reload(&mut client, "start", false).await?;
+            self.reload(&mut client, &tap, "start", false).await?;
         } else if restarted {
             self.reload(
                 &mut client,
+                &tap,
                 "postgres restarted or recovered from a crash",
                 true,
             )
@@ -189,7 +192,7 @@ impl Applier {
             let wait = match polled {
                 Polled::More => continue,
                 Polled::Reload(why) => {
-                    self.reload(&mut client, why, false).await?;
+                    self.reload(&mut client, &tap, why, false).await?;
                     continue;
                 }
                 Polled::CaughtUp { pending: true } => {
@@ -215,9 +218,12 @@ impl Applier {
         }
     }
 
-    /// Opens the connection and spawns the task that drives it, forwarding notifications
-    /// to the returned doorbell. The returned future resolves when the connection ends.
-    async fn connect(&self) -> Result<(Client, Arc<Notify>, impl Future<Output = Error>), Error> {
+    /// Opens the connection, with the COPY tap on its socket, and spawns the task that
+    /// drives it, forwarding notifications to the returned doorbell. The returned future
+    /// resolves when the connection ends.
+    async fn connect(
+        &self,
+    ) -> Result<(Client, Tap, Arc<Notify>, impl Future<Output = Error>), Error> {
         let mut config: tokio_postgres::Config = self.config.database_url.parse()?;
         if config.get_application_name().is_none() {
             config.application_name("permd");
@@ -228,7 +234,13 @@ impl Applier {
         config
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10));
-        let (client, mut connection) = self.timed(config.connect(NoTls)).await?;
+        let socket = self
+            .timed(async { socket::connect(&config).await.map_err(Error::Connect) })
+            .await?;
+        let tap = Tap::default();
+        let (client, mut connection) = self
+            .timed(config.connect_raw(tap.on(socket), NoTls))
+            .await?;
         let doorbell = Arc::new(Notify::new());
         let ring = Arc::clone(&doorbell);
         let driver = tokio::spawn(async move {
@@ -246,15 +258,21 @@ impl Applier {
             Error::Closed
         });
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
-        Ok((client, doorbell, closed))
+        Ok((client, tap, doorbell, closed))
     }
 
     /// Loads a full snapshot, swaps it in and moves the cursor to its xmin.
     /// `rewind`: the watermark may go down (after a crash, xids below it were reissued).
-    async fn reload(&mut self, client: &mut Client, why: &str, rewind: bool) -> Result<(), Error> {
+    async fn reload(
+        &mut self,
+        client: &mut Client,
+        tap: &Tap,
+        why: &str,
+        rewind: bool,
+    ) -> Result<(), Error> {
         tracing::info!(reason = why, "full load starting");
         let started = Instant::now();
-        let Loaded { state, xmin, rows } = loader::load(client).await?;
+        let Loaded { state, xmin, rows } = loader::load(client, tap).await?;
         let old = self.store.replace(state);
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));

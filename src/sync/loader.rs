@@ -1,5 +1,6 @@
-//! The full load: one REPEATABLE READ snapshot, binary COPY of tuples and limits, and a
-//! new `State` built on a blocking thread while the rows stream in.
+//! The full load: one REPEATABLE READ snapshot, binary COPY of tuples and limits, taken off
+//! the socket by the connection's tap (`tap.rs`), and a new `State` built on a blocking
+//! thread while the rows stream in.
 
 use std::time::Instant;
 
@@ -8,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, IsolationLevel};
 
 use super::copy::{int8, text, timestamptz, CopyParser};
+use super::tap::Tap;
 use super::{parse_xid, Error};
 use crate::store::{State, StateBuilder, Xid};
 
@@ -18,18 +20,8 @@ const TUPLES: &str = "COPY permd.tuples (subject, object, permission, expires_at
 const LIMITS: &str =
     "COPY (SELECT subject, name, value FROM permd.limits) TO STDOUT (FORMAT binary)";
 
-/// COPY data travels to the builder in blocks of about this many bytes. The chunks are
-/// copied into the block, not kept: a kept chunk pins the connection's read buffer, which
-/// then has to be reallocated and copied for the next read.
-const BLOCK_BYTES: usize = 256 * 1024;
 /// A progress line every this many rows.
 const PROGRESS_EVERY: u64 = 1_000_000;
-
-#[derive(Clone, Copy)]
-enum Table {
-    Tuples,
-    Limits,
-}
 
 /// A freshly loaded generation and the snapshot it reflects.
 pub(crate) struct Loaded {
@@ -42,7 +34,7 @@ pub(crate) struct Loaded {
 /// Loads everything in one snapshot. The returned `xmin` is where the changelog cursor
 /// starts: replaying from there re-applies some changes already in the snapshot, which
 /// is harmless because replay re-reads current rows.
-pub(crate) async fn load(client: &mut Client) -> Result<Loaded, Error> {
+pub(crate) async fn load(client: &mut Client, tap: &Tap) -> Result<Loaded, Error> {
     let started = Instant::now();
     let tx = client
         .build_transaction()
@@ -62,21 +54,16 @@ pub(crate) async fn load(client: &mut Client) -> Result<Loaded, Error> {
     let xmin = Xid(parse_xid(row.get::<_, &str>(0))?);
     let estimate = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0);
 
-    let (sender, receiver) = mpsc::channel::<(Table, Vec<u8>)>(8);
-    let builder = tokio::task::spawn_blocking(move || build(receiver, estimate));
-    let streamed = async {
-        stream(&tx, TUPLES, Table::Tuples, &sender).await?;
-        stream(&tx, LIMITS, Table::Limits, &sender).await
-    }
-    .await;
-    drop(sender);
-    let built = builder.await.map_err(|e| Error::Builder(e.to_string()));
-    // A builder error explains a failed send better than the send error does.
-    let (state, rows) = match (streamed, built) {
-        (_, Err(e)) | (_, Ok(Err(e))) => return Err(e),
-        (Err(e), _) => return Err(e),
-        (Ok(()), Ok(Ok(built))) => built,
-    };
+    // The tap on the connection's socket takes each COPY's rows off the wire and sends
+    // them here in blocks; eight blocks (2 MiB) in flight let Postgres run ahead.
+    let (tuples, tuple_blocks) = mpsc::channel(8);
+    let (limits, limit_blocks) = mpsc::channel(8);
+    let builder = tokio::task::spawn_blocking(move || build(tuple_blocks, limit_blocks, estimate));
+    // A failed COPY explains more than the builder's truncated stream: return it first.
+    // The builder then ends on its own, when the tap has dropped the senders.
+    copy(&tx, tap, TUPLES, tuples).await?;
+    copy(&tx, tap, LIMITS, limits).await?;
+    let (state, rows) = builder.await.map_err(|e| Error::Builder(e.to_string()))??;
     tx.commit().await?;
     tracing::info!(
         rows,
@@ -88,66 +75,52 @@ pub(crate) async fn load(client: &mut Client) -> Result<Loaded, Error> {
     Ok(Loaded { state, xmin, rows })
 }
 
-async fn stream(
+/// Runs one COPY with the tap armed: its data goes to `sink`, and tokio-postgres, which
+/// still runs the statement, sees none.
+async fn copy(
     tx: &tokio_postgres::Transaction<'_>,
+    tap: &Tap,
     query: &str,
-    table: Table,
-    sender: &mpsc::Sender<(Table, Vec<u8>)>,
+    sink: mpsc::Sender<Vec<u8>>,
 ) -> Result<(), Error> {
-    let stream = tx.copy_out(query).await?;
-    pin_mut!(stream);
-    let mut block = Vec::with_capacity(BLOCK_BYTES);
-    while let Some(chunk) = stream.next().await {
-        block.extend_from_slice(&chunk?);
-        if block.len() >= BLOCK_BYTES {
-            let full = std::mem::replace(&mut block, Vec::with_capacity(BLOCK_BYTES));
-            send(sender, table, full).await?;
+    tap.arm(sink);
+    let copied = async {
+        let stream = tx.copy_out(query).await?;
+        pin_mut!(stream);
+        match stream.next().await {
+            None => Ok(()),
+            Some(Err(e)) => Err(Error::Postgres(e)),
+            Some(Ok(_)) => Err(Error::Protocol("COPY data went past the tap".into())),
         }
     }
-    send(sender, table, block).await
+    .await;
+    // Only a COPY that failed before it started leaves the sink in the tap.
+    tap.disarm();
+    copied
 }
 
-async fn send(
-    sender: &mpsc::Sender<(Table, Vec<u8>)>,
-    table: Table,
-    block: Vec<u8>,
-) -> Result<(), Error> {
-    sender
-        .send((table, block))
-        .await
-        .map_err(|_| Error::Builder("builder stopped early".into()))
-}
-
-/// Runs on a blocking thread: parses the COPY chunks and fills a `StateBuilder`.
+/// Runs on a blocking thread: parses the COPY blocks, tuples then limits, and fills a
+/// `StateBuilder`.
 fn build(
-    mut receiver: mpsc::Receiver<(Table, Vec<u8>)>,
+    mut tuple_blocks: mpsc::Receiver<Vec<u8>>,
+    mut limit_blocks: mpsc::Receiver<Vec<u8>>,
     estimate: usize,
 ) -> Result<(State, u64), Error> {
     let mut builder = StateBuilder::new();
-    let mut tuples = CopyParser::new();
-    let mut limits = CopyParser::new();
+    let mut parser = CopyParser::new();
     let mut rows = 0u64;
     let mut next_progress = PROGRESS_EVERY;
-    while let Some((table, block)) = receiver.blocking_recv() {
-        match table {
-            Table::Tuples => tuples.feed(&block, |f| {
-                builder.tuple(
-                    text(f[0], "subject")?,
-                    text(f[1], "object")?,
-                    text(f[2], "permission")?,
-                    timestamptz(f[3], "expires_at")?,
-                );
-                rows += 1;
-                Ok(())
-            })?,
-            Table::Limits => limits.feed(&block, |f| {
-                let value = int8(f[2], "value")?
-                    .ok_or_else(|| Error::Copy("limit value is NULL".into()))?;
-                builder.limit(text(f[0], "subject")?, text(f[1], "name")?, value);
-                rows += 1;
-                Ok(())
-            })?,
-        }
+    while let Some(block) = tuple_blocks.blocking_recv() {
+        parser.feed(&block, |f| {
+            builder.tuple(
+                text(f[0], "subject")?,
+                text(f[1], "object")?,
+                text(f[2], "permission")?,
+                timestamptz(f[3], "expires_at")?,
+            );
+            rows += 1;
+            Ok(())
+        })?;
         if rows >= next_progress {
             // Postgres's row estimate is 0 until the table was first analyzed: then say
             // nothing rather than "of 0".
@@ -159,7 +132,17 @@ fn build(
             next_progress = rows + PROGRESS_EVERY;
         }
     }
-    tuples.finish()?;
-    limits.finish()?;
+    parser.finish()?;
+    let mut parser = CopyParser::new();
+    while let Some(block) = limit_blocks.blocking_recv() {
+        parser.feed(&block, |f| {
+            let value =
+                int8(f[2], "value")?.ok_or_else(|| Error::Copy("limit value is NULL".into()))?;
+            builder.limit(text(f[0], "subject")?, text(f[1], "name")?, value);
+            rows += 1;
+            Ok(())
+        })?;
+    }
+    parser.finish()?;
     Ok((builder.finish(), rows))
 }

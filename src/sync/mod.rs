@@ -8,7 +8,9 @@
 mod applier;
 mod copy;
 mod loader;
+mod socket;
 mod status;
+mod tap;
 
 use std::time::Duration;
 
@@ -37,6 +39,9 @@ pub enum Error {
     /// The connection ended.
     #[error("connection to postgres closed")]
     Closed,
+    /// No socket to Postgres could be opened.
+    #[error("connect to postgres: {0}")]
+    Connect(#[source] std::io::Error),
 }
 
 /// How the applier talks to Postgres.

@@ -55,6 +55,8 @@ fn cluster() -> &'static Cluster {
 /// One fresh, migrated database.
 pub struct TestDb {
     pub url: String,
+    /// The same database over the cluster's Unix socket (key=value form).
+    pub unix_url: String,
     pub pool: PgPool,
 }
 
@@ -84,7 +86,16 @@ pub async fn database_on(cluster: &Cluster) -> TestDb {
         .await
         .expect("connect to the test database");
     permd::db::migrate(&pool).await.expect("migrate");
-    TestDb { url, pool }
+    let unix_url = format!(
+        "host='{}' port={} user=postgres dbname={name}",
+        cluster.dir().display(),
+        cluster.port()
+    );
+    TestDb {
+        url,
+        unix_url,
+        pool,
+    }
 }
 
 /// Creates a database on the shared cluster with the core and the reference model.

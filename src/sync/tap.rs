@@ -1,0 +1,398 @@
+//! A tap on the sync connection's socket that takes a COPY's rows off the wire before
+//! tokio-postgres parses them.
+//!
+//! Why: tokio-postgres hands out every CopyData message, one per row, as its own `Bytes`
+//! through its connection task and the query's response channel. At 10M rows that per-row
+//! path was about 40 % of permd's CPU during a full load, as much as building the store
+//! (benches/README.md, "Full load"). The tap sits between the socket and tokio-postgres and
+//! walks the backend's message frames. While it is armed it copies the payload of every
+//! CopyData message into blocks for the state builder and passes every other message
+//! (CopyOutResponse, CopyDone, errors, notifications) through untouched, so tokio-postgres
+//! still runs the protocol (authentication, the transaction, errors) and simply sees a
+//! COPY that carries no rows. Disarmed, it only passes bytes through.
+//!
+//! Invariant: the tap hands the sink every byte of the COPY's data, in order, before it
+//! lets the CopyDone that ends it through; so when tokio-postgres reports the COPY done,
+//! all of its data has been sent to the sink.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::PollSender;
+
+/// Bytes read from the socket at a time.
+const READ_BYTES: usize = 128 * 1024;
+/// The COPY data goes to the sink in blocks of about this many bytes.
+const BLOCK_BYTES: usize = 256 * 1024;
+/// A backend message starts with a tag byte and its length (which counts itself).
+const HEADER: usize = 5;
+
+const COPY_DATA: u8 = b'd';
+const COPY_DONE: u8 = b'c';
+const ERROR_RESPONSE: u8 = b'E';
+
+/// The handle that arms the tap; a cheap clone sharing one slot with the tapped socket.
+#[derive(Clone, Default)]
+pub(crate) struct Tap {
+    /// A sink waiting for the next COPY. A mutex because the loader's task puts it there
+    /// and the connection task takes it out, once per socket read: never per row.
+    armed: Arc<Mutex<Option<mpsc::Sender<Vec<u8>>>>>,
+}
+
+impl Tap {
+    /// Sends the data of the next `COPY ... TO STDOUT` on this connection to `sink`, in
+    /// blocks, instead of to tokio-postgres. Arm before sending the COPY. The tap drops
+    /// `sink` at the COPY's end (CopyDone, after the last block) or failure
+    /// (ErrorResponse), or with the connection.
+    pub(crate) fn arm(&self, sink: mpsc::Sender<Vec<u8>>) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
+    }
+
+    /// Takes back a sink that no COPY has picked up (after the COPY failed to start).
+    pub(crate) fn disarm(&self) {
+        self.armed.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Wraps the connection's socket; this handle then arms it.
+    pub(crate) fn on<S>(&self, inner: S) -> Tapped<S> {
+        Tapped {
+            inner,
+            tap: self.clone(),
+            buf: vec![0; READ_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            frame: Frame::Start,
+            sink: None,
+        }
+    }
+}
+
+/// Where the tap is in the backend's message stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    /// At a message boundary.
+    Start,
+    /// Passing this many more bytes of a message through to tokio-postgres.
+    Pass(usize),
+    /// Sending this many more bytes of a CopyData payload to the sink.
+    Divert(usize),
+}
+
+/// The armed tap's current COPY.
+struct Sink {
+    sender: PollSender<Vec<u8>>,
+    block: Vec<u8>,
+}
+
+impl Sink {
+    /// Sends the block unless it is empty; Pending while the builder is behind. If the
+    /// receiver is gone (the builder failed, and the load with it), the data is dropped.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.block.is_empty() {
+            return Poll::Ready(());
+        }
+        match self.sender.poll_reserve(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                let block = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK_BYTES));
+                // Cannot fail after a successful reserve but for a closed receiver, which
+                // means the same as below.
+                let _ = self.sender.send_item(block);
+            }
+            Poll::Ready(Err(_)) => self.block.clear(),
+        }
+        Poll::Ready(())
+    }
+}
+
+/// A socket with a [`Tap`] on its read side; writes pass straight through.
+pub(crate) struct Tapped<S> {
+    inner: S,
+    tap: Tap,
+    /// Bytes read from the socket; `buf[start..end]` is not handled yet.
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    frame: Frame,
+    sink: Option<Sink>,
+}
+
+impl<S: AsyncRead + Unpin> Tapped<S> {
+    /// Handles buffered bytes until `out` has some, more bytes are needed, or the sink is
+    /// full. Ready(true): more bytes are needed.
+    fn handle(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> io::Result<Poll<bool>> {
+        loop {
+            if let Some(sink) = &mut self.sink {
+                if sink.block.len() >= BLOCK_BYTES && sink.poll_send(cx).is_pending() {
+                    return Ok(Poll::Pending);
+                }
+            }
+            let available = self.end - self.start;
+            match self.frame {
+                Frame::Start => {
+                    if available < HEADER {
+                        return Ok(Poll::Ready(true));
+                    }
+                    let header = &self.buf[self.start..self.start + HEADER];
+                    let tag = header[0];
+                    let length = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+                    let body = usize::try_from(length)
+                        .ok()
+                        .and_then(|length| length.checked_sub(HEADER - 1))
+                        .ok_or_else(|| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("backend message {tag:?} claims length {length}"),
+                            )
+                        })?;
+                    match (tag, &mut self.sink) {
+                        (COPY_DATA, Some(_)) => {
+                            self.start += HEADER;
+                            self.frame = Frame::Divert(body);
+                            continue;
+                        }
+                        (COPY_DONE, Some(sink)) => {
+                            if sink.poll_send(cx).is_pending() {
+                                return Ok(Poll::Pending);
+                            }
+                            self.sink = None;
+                        }
+                        (ERROR_RESPONSE, Some(_)) => self.sink = None,
+                        _ => {}
+                    }
+                    self.frame = Frame::Pass(HEADER + body);
+                }
+                Frame::Pass(0) | Frame::Divert(0) => self.frame = Frame::Start,
+                Frame::Pass(left) => {
+                    let n = left.min(available).min(out.remaining());
+                    if n == 0 {
+                        return Ok(Poll::Ready(available == 0));
+                    }
+                    out.put_slice(&self.buf[self.start..self.start + n]);
+                    self.start += n;
+                    self.frame = Frame::Pass(left - n);
+                }
+                Frame::Divert(left) => {
+                    // The sink is there: it goes only at a message boundary. The block has
+                    // room: a full one was sent at the top of the loop.
+                    let Some(sink) = &mut self.sink else {
+                        return Err(io::Error::other("COPY data without a sink"));
+                    };
+                    let n = left
+                        .min(available)
+                        .min(BLOCK_BYTES.saturating_sub(sink.block.len()));
+                    if n == 0 {
+                        return Ok(Poll::Ready(true));
+                    }
+                    sink.block
+                        .extend_from_slice(&self.buf[self.start..self.start + n]);
+                    self.start += n;
+                    self.frame = Frame::Divert(left - n);
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.sink.is_none() {
+            let armed = this
+                .tap
+                .armed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(sender) = armed {
+                this.sink = Some(Sink {
+                    sender: PollSender::new(sender),
+                    block: Vec::with_capacity(BLOCK_BYTES),
+                });
+            }
+        }
+        let before = out.filled().len();
+        loop {
+            let wants_more = match this.handle(cx, out)? {
+                Poll::Ready(wants_more) => wants_more,
+                Poll::Pending if out.filled().len() > before => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            };
+            if !wants_more || out.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            // Keep the unhandled tail (at most a partial header) and read behind it.
+            this.buf.copy_within(this.start..this.end, 0);
+            this.end -= this.start;
+            this.start = 0;
+            let mut read = ReadBuf::new(&mut this.buf[this.end..]);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // End of stream: tokio-postgres sees it as such.
+                Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => this.end += read.filled().len(),
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A backend stream around one COPY: the rows as CopyData, a notification among them.
+    fn copy_stream(rows: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let mut wire = Vec::new();
+        let mut passed = Vec::new();
+        let mut data = Vec::new();
+        let mut both = |bytes: Vec<u8>, wire: &mut Vec<u8>| {
+            wire.extend_from_slice(&bytes);
+            passed.extend_from_slice(&bytes);
+        };
+        both(message(b'H', &[1, 0, 0]), &mut wire);
+        for (i, row) in rows.iter().enumerate() {
+            wire.extend_from_slice(&message(COPY_DATA, row));
+            data.extend_from_slice(row);
+            if i == rows.len() / 2 {
+                both(message(b'A', b"\0\0\0\x07permd_changes\0\0"), &mut wire);
+            }
+        }
+        both(message(COPY_DONE, b""), &mut wire);
+        both(message(b'C', b"COPY 3\0"), &mut wire);
+        both(message(b'Z', b"T"), &mut wire);
+        (wire, passed, data)
+    }
+
+    fn rows() -> Vec<Vec<u8>> {
+        (0..300u32)
+            .map(|i| {
+                let len = (i as usize * 37) % 3000;
+                (0..len).map(|j| (i as usize + j) as u8).collect()
+            })
+            .collect()
+    }
+
+    /// Writes `wire` in `chunk`-byte pieces into a tapped pipe armed with a sink of
+    /// `depth` blocks, and returns what tokio-postgres would read and what the sink got.
+    async fn run(wire: Vec<u8>, chunk: usize, depth: usize, arm: bool) -> (Vec<u8>, Vec<u8>) {
+        let (mut server, client) = tokio::io::duplex(64 * 1024);
+        let tap = Tap::default();
+        let (sink, mut blocks) = mpsc::channel(depth);
+        if arm {
+            tap.arm(sink);
+        } else {
+            drop(sink);
+        }
+        let mut tapped = tap.on(client);
+        let writer = tokio::spawn(async move {
+            for piece in wire.chunks(chunk) {
+                server.write_all(piece).await.expect("write");
+            }
+        });
+        let sunk = tokio::spawn(async move {
+            let mut data = Vec::new();
+            while let Some(block) = blocks.recv().await {
+                data.extend_from_slice(&block);
+            }
+            data
+        });
+        let mut passed = Vec::new();
+        tapped.read_to_end(&mut passed).await.expect("read");
+        writer.await.expect("writer");
+        drop(tapped);
+        (passed, sunk.await.expect("sink"))
+    }
+
+    #[tokio::test]
+    async fn an_armed_tap_takes_the_copy_data_and_passes_the_rest() {
+        let (wire, passed, data) = copy_stream(&rows());
+        for (chunk, depth) in [(wire.len(), 8), (4096, 1), (7, 2), (1, 1)] {
+            let (got_passed, got_data) = run(wire.clone(), chunk, depth, true).await;
+            assert!(got_passed == passed, "passed through, chunk {chunk}");
+            assert!(got_data == data, "diverted, chunk {chunk}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_disarmed_tap_passes_everything() {
+        let (wire, _, _) = copy_stream(&rows());
+        let (passed, data) = run(wire.clone(), 1000, 1, false).await;
+        assert!(passed == wire);
+        assert!(data.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_error_ends_the_copy_and_what_follows_passes() {
+        let mut wire = message(b'H', &[1, 0, 0]);
+        wire.extend(message(COPY_DATA, b"taken"));
+        wire.extend(message(ERROR_RESPONSE, b"SERROR\0\0"));
+        let after = message(COPY_DATA, b"not armed any more");
+        wire.extend_from_slice(&after);
+        let (passed, data) = run(wire, 3, 1, true).await;
+        // The unsent block goes with the sink: the load fails on the error anyway.
+        assert!(data.is_empty());
+        assert!(passed.ends_with(&after));
+        assert!(!passed.windows(5).any(|w| w == b"taken"));
+    }
+
+    #[tokio::test]
+    async fn a_bad_length_is_an_error() {
+        let (mut server, client) = tokio::io::duplex(1024);
+        let mut tapped = Tap::default().on(client);
+        server.write_all(b"Z\0\0\0\x02").await.expect("write");
+        let mut out = [0u8; 16];
+        let error = tapped.read(&mut out).await.expect_err("a length below 4");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_sink_whose_receiver_is_gone_drops_the_data_and_the_stream_goes_on() {
+        let (wire, passed, _) = copy_stream(&rows());
+        let (mut server, client) = tokio::io::duplex(64 * 1024);
+        let tap = Tap::default();
+        let (sink, blocks) = mpsc::channel(1);
+        drop(blocks);
+        tap.arm(sink);
+        let mut tapped = tap.on(client);
+        let writer = tokio::spawn(async move { server.write_all(&wire).await });
+        let mut got = Vec::new();
+        tapped.read_to_end(&mut got).await.expect("read");
+        writer.await.expect("writer").expect("write");
+        assert!(got == passed);
+    }
+}
