@@ -1,5 +1,7 @@
 //! The `permd` binary: parse the command line, set up logging, call the library.
 
+use std::io::Write as _;
+
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -17,12 +19,19 @@ async fn main() -> std::process::ExitCode {
                 && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         )
         .with_writer(std::io::stderr)
+        // By default a failed write is reported with `eprint!`, which panics when stderr
+        // is gone (a log pipe whose reader exited): the panic took down whichever task was
+        // logging, the applier or the signal handler, and the daemon went on answering
+        // from a mirror that no longer followed Postgres and ignored SIGTERM. A log line
+        // that cannot be written is lost instead.
+        .log_internal_errors(false)
         .init();
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("permd: {error:#}");
+            // Not `eprintln!`, which panics when stderr is gone.
+            let _ = writeln!(std::io::stderr(), "permd: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }

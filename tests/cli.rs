@@ -196,14 +196,35 @@ async fn sigterm_and_wait(running: &mut Running) -> (std::process::ExitStatus, D
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let mut log = String::new();
-    running
-        .0
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut log)
-        .expect("read log");
+    if let Some(mut stderr) = running.0.stderr.take() {
+        stderr.read_to_string(&mut log).expect("read log");
+    }
     (exit, started.elapsed(), log)
+}
+
+/// A daemon whose log reader went away (its stderr a pipe closed at the other end) goes on
+/// syncing and still stops on SIGTERM: a failed log write must not take down the task that
+/// wrote it (the applier, or the signal handler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_log_pipe_neither_stops_sync_nor_sigterm() {
+    let db = database().await;
+    let (mut running, port) = serve(&db.url, &[], &[]).await;
+    drop(running.0.stderr.take());
+    // A reload logs at info: writes that now fail.
+    db.exec("SELECT permd.request_reload()").await;
+    db.exec("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
+        .await;
+    wait_until("the write is visible", || {
+        std::future::ready(
+            http_get(port, "/v1/check?subject=u1&permission=read&object=doc:1")
+                .is_some_and(|(_, body)| body.contains("\"allowed\":true")),
+        )
+    })
+    .await;
+    let (_, status) = http_get(port, "/v1/status").expect("status");
+    assert!(status.contains("\"reloads\":2"), "{status}");
+    let (exit, _, _) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "exit status {exit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
