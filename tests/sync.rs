@@ -67,6 +67,48 @@ async fn a_large_set_is_mirrored_exactly_over_a_unix_socket() {
     daemon.stop().await;
 }
 
+/// Hosts are tried in turn, as libpq and tokio-postgres do, and `target_session_attrs`
+/// holds (permd opens its socket itself): the first host is down, the second is taken once
+/// it shows it allows writes; asking for a read-only server finds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_are_tried_in_turn_and_target_session_attrs_holds() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
+        .await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    // postgres://postgres@127.0.0.1:PORT/NAME
+    let (authority, name) = db
+        .url
+        .trim_start_matches("postgres://postgres@")
+        .split_once('/')
+        .expect("the test URL's shape");
+    let hosts = format!("postgres://postgres@127.0.0.1:{dead},{authority}/{name}");
+
+    let daemon = TestDaemon::start(&format!("{hosts}?target_session_attrs=read-write")).await;
+    assert!(daemon.store.check("u1", "read", "doc:1"));
+    daemon.stop().await;
+
+    let store = permd::store::Store::new();
+    let status = permd::sync::Status::default();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sync = SyncConfig::new(format!("{hosts}?target_session_attrs=read-only"));
+    let applier =
+        tokio::spawn(permd::sync::Applier::new(store, status.clone(), sync).run(shutdown.clone()));
+    wait_until("two failed attempts", || {
+        std::future::ready(status.report().reconnects >= 2)
+    })
+    .await;
+    let report = status.report();
+    assert!(!report.connected && !report.loaded);
+    let error = report.last_error.expect("the failure is reported");
+    assert!(error.contains("target_session_attrs=read-only"), "{error}");
+    shutdown.cancel();
+    applier.await.expect("the applier stops");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_update_delete_and_truncate_become_visible() {
     let db = database().await;

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
+use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_util::sync::CancellationToken;
 
+use super::connect;
 use super::loader::{self, Loaded};
-use super::socket;
 use super::tap::Tap;
 use super::{parse_xid, Cursor, Error, Status, SyncConfig};
 use crate::store::{Store, TupleRow, Xid};
@@ -234,13 +234,8 @@ impl Applier {
         config
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10));
-        let socket = self
-            .timed(async { socket::connect(&config).await.map_err(Error::Connect) })
-            .await?;
         let tap = Tap::default();
-        let (client, mut connection) = self
-            .timed(config.connect_raw(tap.on(socket), NoTls))
-            .await?;
+        let (client, mut connection) = self.timed(connect::connect(&config, &tap)).await?;
         let doorbell = Arc::new(Notify::new());
         let ring = Arc::clone(&doorbell);
         let driver = tokio::spawn(async move {

@@ -6,9 +6,9 @@
 //! the current rows of each changed key, so replay is idempotent.
 
 mod applier;
+mod connect;
 mod copy;
 mod loader;
-mod socket;
 mod status;
 mod tap;
 

@@ -1,41 +1,50 @@
-//! The sync connection's socket, opened here rather than by tokio-postgres's
-//! `Config::connect` so that the COPY tap (`tap.rs`) can sit on it. It follows what
+//! Opening the sync connection. permd opens the socket itself rather than through
+//! tokio-postgres's `Config::connect`, so that the COPY tap (`tap.rs`) can sit on it, and
+//! hands it to tokio-postgres, which runs the protocol over it. It follows what
 //! `Config::connect` does: each host in turn (its `hostaddr` if given), each address of a
-//! host name, the connect timeout, `TCP_NODELAY`, keepalives and the TCP user timeout.
+//! host name, the connect timeout, `TCP_NODELAY`, keepalives, the TCP user timeout, and
+//! `target_session_attrs` (a host that is not what it asks for is skipped, so a URL naming
+//! a primary and its standbys reaches the primary). Not followed: `load_balance_hosts`
+//! (hosts are tried in the order given).
 
+use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::{pin, Pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::Config;
+use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{Client, Config, Connection, NoTls, SimpleQueryMessage};
 use tokio_util::either::Either;
+
+use super::tap::{Tap, Tapped};
+use super::Error;
 
 /// A TCP or Unix socket to Postgres.
 pub(crate) type Socket = Either<TcpStream, UnixStream>;
 
-/// Opens a socket to the first of `config`'s hosts that answers.
-pub(crate) async fn connect(config: &Config) -> io::Result<Socket> {
+/// The sync connection: tokio-postgres's, over our tapped socket.
+pub(crate) type SyncConnection = Connection<Tapped<Socket>, NoTlsStream>;
+
+/// Connects to the first of `config`'s hosts that answers and suits its
+/// `target_session_attrs`, with `tap` on the socket.
+pub(crate) async fn connect(config: &Config, tap: &Tap) -> Result<(Client, SyncConnection), Error> {
     // permd speaks plain TCP to Postgres; `require` (and the stricter modes, which
     // tokio-postgres does not parse) would need TLS.
     if config.get_ssl_mode() == SslMode::Require {
-        return Err(io::Error::new(
+        return Err(Error::Connect(io::Error::new(
             io::ErrorKind::Unsupported,
             "sslmode=require: permd does not speak TLS to Postgres (use sslmode=prefer or \
              disable, or a TLS-terminating proxy)",
-        ));
+        )));
     }
     let hosts = config.get_hosts();
     let hostaddrs = config.get_hostaddrs();
     let ports = config.get_ports();
     let count = hosts.len().max(hostaddrs.len());
-    if count == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the database URL names no host",
-        ));
-    }
     let mut last = None;
     for i in 0..count {
         let port = ports
@@ -43,7 +52,7 @@ pub(crate) async fn connect(config: &Config) -> io::Result<Socket> {
             .or_else(|| ports.first())
             .copied()
             .unwrap_or(5432);
-        let attempt = match (hostaddrs.get(i), hosts.get(i)) {
+        let socket = match (hostaddrs.get(i), hosts.get(i)) {
             (Some(addr), _) => tcp(&addr.to_string(), port, config).await,
             (None, Some(Host::Tcp(host))) => tcp(host, port, config).await,
             (None, Some(Host::Unix(dir))) => {
@@ -54,12 +63,63 @@ pub(crate) async fn connect(config: &Config) -> io::Result<Socket> {
             }
             (None, None) => continue,
         };
+        let attempt = match socket {
+            Ok(socket) => handshake(config, tap, socket).await,
+            Err(e) => Err(Error::Connect(e)),
+        };
         match attempt {
-            Ok(socket) => return Ok(socket),
+            Ok(connected) => return Ok(connected),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| io::Error::other("no host to connect to")))
+    Err(last.unwrap_or_else(|| {
+        Error::Connect(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the database URL names no host",
+        ))
+    }))
+}
+
+/// Runs the protocol's start-up over `socket` and checks `target_session_attrs`.
+async fn handshake(
+    config: &Config,
+    tap: &Tap,
+    socket: Socket,
+) -> Result<(Client, SyncConnection), Error> {
+    let (client, mut connection) = config.connect_raw(tap.on(socket), NoTls).await?;
+    let wanted = config.get_target_session_attrs();
+    if wanted == TargetSessionAttrs::Any {
+        return Ok((client, connection));
+    }
+    // The connection is not spawned yet: drive it while the query runs.
+    let read_only = {
+        let mut query = pin!(client.simple_query("SHOW transaction_read_only"));
+        let messages = poll_fn(|cx| {
+            if let Poll::Ready(ended) = Pin::new(&mut connection).poll(cx) {
+                return Poll::Ready(Err(ended.err().map_or(Error::Closed, Error::Postgres)));
+            }
+            query.as_mut().poll(cx).map_err(Error::Postgres)
+        })
+        .await?;
+        messages.iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => row.get(0).map(|value| value == "on"),
+            _ => None,
+        })
+    };
+    match (wanted, read_only) {
+        (TargetSessionAttrs::ReadWrite, Some(true)) => Err(Error::Connect(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "target_session_attrs=read-write, and the server is read only",
+        ))),
+        (TargetSessionAttrs::ReadOnly, Some(false)) => Err(Error::Connect(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "target_session_attrs=read-only, and the server allows writes",
+        ))),
+        (_, None) => Err(Error::Protocol(
+            "SHOW transaction_read_only returned no row".into(),
+        )),
+        _ => Ok((client, connection)),
+    }
 }
 
 /// Each address of `host` in turn.
@@ -123,12 +183,24 @@ fn timed_out(after: Duration) -> io::Error {
 mod tests {
     use super::*;
 
+    fn refused(error: Error) -> io::Error {
+        match error {
+            Error::Connect(e) => e,
+            other => panic!("not a connect error: {other}"),
+        }
+    }
+
     #[tokio::test]
     async fn sslmode_require_is_refused_with_the_reason() {
         let config: Config = "postgres://u@localhost/db?sslmode=require"
             .parse()
             .expect("a valid URL");
-        let error = connect(&config).await.expect_err("no TLS");
+        let error = refused(
+            connect(&config, &Tap::default())
+                .await
+                .err()
+                .expect("no TLS"),
+        );
         assert_eq!(error.kind(), io::ErrorKind::Unsupported);
         assert!(error.to_string().contains("sslmode=require"));
     }
@@ -141,7 +213,8 @@ mod tests {
         let config: Config = format!("postgres://u@127.0.0.1:{port}/db")
             .parse()
             .expect("a valid URL");
-        let error = connect(&config).await.expect_err("nothing listens");
+        let error = connect(&config, &Tap::default()).await.err();
+        let error = refused(error.expect("nothing listens"));
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 }
