@@ -330,6 +330,59 @@ async fn twenty_forced_reloads_during_concurrent_writes() {
     daemon.stop().await;
 }
 
+/// The sync connection ends in the middle of a full load's COPY (its backend terminated
+/// while the rows stream through the socket's tap): the load fails, the applier reconnects
+/// and loads again, and the mirror is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
+    let db = database().await;
+    // Enough rows that the COPY lasts long enough to be caught: the tap holds Postgres
+    // back to the pace of the (debug build's) state builder. Filled without changelog rows.
+    db.exec(
+        "BEGIN;
+         SET LOCAL session_replication_role = replica;
+         INSERT INTO permd.tuples
+         SELECT 'user:' || (i / 10), 'doc:' || (i % 5000), 'perm' || (i % 40), NULL
+         FROM generate_series(1, 300000) i;
+         COMMIT;",
+    )
+    .await;
+    let started = Instant::now();
+    let url = db.url.clone();
+    let daemon = tokio::spawn(async move { TestDaemon::start(&url).await });
+    let pool = db.pool.clone();
+    wait_until("the full load's COPY, to terminate its backend", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
+                 FROM pg_stat_activity
+                 WHERE application_name = 'permd' AND state = 'active'
+                   AND query LIKE 'COPY permd.tuples %'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("look for the COPY")
+        }
+    })
+    .await;
+    let terminated = started.elapsed();
+    let daemon = daemon.await.expect("the daemon starts");
+    let report = daemon.status.report();
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert_eq!(daemon.store.counts().tuples, 300_000);
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    println!(
+        "connection lost mid-COPY {:.2}s after start; loaded again, ready {:.2}s after start, \
+         {} reconnect(s)",
+        terminated.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        report.reconnects,
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
