@@ -392,28 +392,11 @@ async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     let mut sync = SyncConfig::new(&url);
     sync.max_backoff = Duration::from_millis(400);
-    let store = permd::store::Store::new();
-    let status = permd::sync::Status::default();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let applier = tokio::spawn(
-        permd::sync::Applier::new(store.clone(), status.clone(), sync).run(shutdown.clone()),
-    );
-    let api = permd::http::Api::new(permd::http::App::new(
-        store.clone(),
-        status.clone(),
-        patient(),
-    ));
-
-    wait_until("three failed attempts", || {
-        std::future::ready(status.report().reconnects >= 3)
-    })
-    .await;
-    let report = status.report();
-    assert!(!report.loaded && !report.connected);
-    let error = report.last_error.expect("the failure is reported");
+    let daemon = TestDaemon::spawn(sync, patient());
+    let error = daemon.failed_attempts(3).await;
     assert!(error.contains("postgres"), "{error}");
     let (code, _) = send(
-        &api,
+        &daemon.api,
         Request::get("/readyz")
             .body(Body::empty())
             .expect("request"),
@@ -421,7 +404,7 @@ async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     .await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     let (code, _) = send(
-        &api,
+        &daemon.api,
         Request::get("/livez").body(Body::empty()).expect("request"),
     )
     .await;
@@ -441,16 +424,17 @@ async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     // permd may have connected between the migration and the write: it is ready either way,
     // and the write arrives through the changelog.
     wait_until("ready with the write made after Postgres appeared", || {
-        std::future::ready(status.is_ready(60.0) && store.check("late", "read", "doc"))
+        std::future::ready(
+            daemon.status.is_ready(60.0) && daemon.store.check("late", "read", "doc"),
+        )
     })
     .await;
     println!(
         "unreachable at start: {} attempts failed (last error: {error}); ready {:.2}s after Postgres appeared",
-        status.report().reconnects,
+        daemon.status.report().reconnects,
         appeared.elapsed().as_secs_f64()
     );
-    shutdown.cancel();
-    applier.await.expect("applier");
+    daemon.stop().await;
     drop(cluster);
 }
 

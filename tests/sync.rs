@@ -91,22 +91,13 @@ async fn hosts_are_tried_in_turn_and_target_session_attrs_holds() {
     assert!(daemon.store.check("u1", "read", "doc:1"));
     daemon.stop().await;
 
-    let store = permd::store::Store::new();
-    let status = permd::sync::Status::default();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let sync = SyncConfig::new(format!("{hosts}?target_session_attrs=read-only"));
-    let applier =
-        tokio::spawn(permd::sync::Applier::new(store, status.clone(), sync).run(shutdown.clone()));
-    wait_until("two failed attempts", || {
-        std::future::ready(status.report().reconnects >= 2)
-    })
-    .await;
-    let report = status.report();
-    assert!(!report.connected && !report.loaded);
-    let error = report.last_error.expect("the failure is reported");
+    let daemon = TestDaemon::spawn(
+        SyncConfig::new(format!("{hosts}?target_session_attrs=read-only")),
+        patient(),
+    );
+    let error = daemon.failed_attempts(2).await;
     assert!(error.contains("target_session_attrs=read-only"), "{error}");
-    shutdown.cancel();
-    applier.await.expect("the applier stops");
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,23 +167,40 @@ impl TestDaemon {
     }
 
     pub async fn start_with(sync: SyncConfig, http: HttpConfig) -> Self {
+        let daemon = Self::spawn(sync, http);
+        daemon
+            .wait_for("ready", || daemon.status.is_ready(60.0))
+            .await;
+        daemon
+    }
+
+    /// Starts without waiting for anything: for a daemon that cannot connect yet.
+    pub fn spawn(sync: SyncConfig, http: HttpConfig) -> Self {
         let store = Store::new();
         let status = Status::default();
         let shutdown = CancellationToken::new();
         let applier =
             tokio::spawn(Applier::new(store.clone(), status.clone(), sync).run(shutdown.clone()));
         let api = Api::new(App::new(store.clone(), status.clone(), http));
-        let daemon = Self {
+        Self {
             store,
             status,
             api,
             shutdown,
             applier,
-        };
-        daemon
-            .wait_for("ready", || daemon.status.is_ready(60.0))
-            .await;
-        daemon
+        }
+    }
+
+    /// Waits until `attempts` connection attempts have failed, checks that the daemon is
+    /// then neither connected nor loaded, and returns the last error it reports.
+    pub async fn failed_attempts(&self, attempts: u64) -> String {
+        self.wait_for("failed connection attempts", || {
+            self.status.report().reconnects >= attempts
+        })
+        .await;
+        let report = self.status.report();
+        assert!(!report.connected && !report.loaded, "{report:?}");
+        report.last_error.expect("the failure is reported")
     }
 
     /// Polls `condition` until it holds, failing the test after `DEADLINE`.
