@@ -36,6 +36,16 @@ use crate::http::App;
 use crate::store::Store;
 use crate::sync::{Applier, Status};
 
+/// The async runtime permd runs on: tokio's multi-thread runtime, whose workers let go of
+/// their view of the store whenever they go idle (`store::release_thread_view`), so that a
+/// reload's old generation is freed even when no request follows it.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(store::release_thread_view)
+        .build()
+}
+
 /// A running daemon: the applier and the HTTP server, stopped by the shutdown token.
 pub struct Daemon {
     store: Store,

@@ -8,8 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use permd::config::{Cli, Command, LogFormat};
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -26,7 +25,14 @@ async fn main() -> std::process::ExitCode {
         // that cannot be written is lost instead.
         .log_internal_errors(false)
         .init();
-    match run(cli.command).await {
+    let runtime = match permd::runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "permd: start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

@@ -6,9 +6,10 @@
 mod interner;
 mod state;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -47,8 +48,12 @@ pub struct Store {
 
 struct Shared {
     /// The current generation. `ArcSwap` so a full reload replaces it atomically while
-    /// readers keep the generation they loaded, without a lock on the read path.
+    /// readers keep the generation they loaded, without a lock on the read path. Checks
+    /// read it through their thread's `View`, other readers through a guard.
     state: ArcSwap<State>,
+    /// Counts the swaps of `state`, raised after each: a thread's `View` of the generation
+    /// is current while this has not moved.
+    generation: AtomicU64,
     /// Every transaction with an xid below this is applied. An atomic for the check path;
     /// the `watch` below is only for the few requests that wait.
     watermark: AtomicU64,
@@ -79,6 +84,7 @@ impl Store {
         Self {
             inner: Arc::new(Shared {
                 state: ArcSwap::from_pointee(State::with_capacity(0, 0)),
+                generation: AtomicU64::new(0),
                 watermark: AtomicU64::new(0),
                 watermark_tx,
                 wanted: Notify::new(),
@@ -148,10 +154,7 @@ impl Store {
 
     /// Whether `subject` holds `permission` on `object` ('' for a global permission).
     pub fn check(&self, subject: &str, permission: &str, object: &str) -> bool {
-        self.inner
-            .state
-            .load()
-            .check(subject, permission, object, &mut Now::lazy())
+        self.with_state(|state| state.check(subject, permission, object, &mut Now::lazy()))
     }
 
     /// Runs several checks against one generation of the state.
@@ -159,12 +162,47 @@ impl Store {
         &self,
         checks: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
     ) -> Vec<bool> {
-        let state = self.inner.state.load();
-        let mut now = Now::lazy();
-        checks
-            .into_iter()
-            .map(|(s, p, o)| state.check(s, p, o, &mut now))
-            .collect()
+        let mut checks = Some(checks);
+        self.with_state(|state| {
+            let mut now = Now::lazy();
+            checks
+                .take()
+                .into_iter()
+                .flatten()
+                .map(|(s, p, o)| state.check(s, p, o, &mut now))
+                .collect()
+        })
+    }
+
+    /// Runs `f` once on the current generation: through this thread's `View` of it when
+    /// the view is current (no atomic read-modify-write at all), else through a fresh view
+    /// (or, while the thread exits, an `ArcSwap` guard).
+    #[inline]
+    fn with_state<R>(&self, mut f: impl FnMut(&State) -> R) -> R {
+        VIEW.try_with(|view| match view.try_borrow_mut() {
+            Ok(mut view) => f(&self.current_view(&mut view).state),
+            Err(_) => f(&self.inner.state.load()),
+        })
+        .unwrap_or_else(|_| f(&self.inner.state.load()))
+    }
+
+    /// `view`, made a view of this store's current generation.
+    #[inline]
+    fn current_view<'v>(&self, view: &'v mut Option<View>) -> &'v View {
+        let generation = self.inner.generation.load(Ordering::Acquire);
+        let current = view.as_ref().is_some_and(|v| {
+            v.generation == generation && v.store.as_ptr() == Arc::as_ptr(&self.inner)
+        });
+        if !current {
+            if let Some(stale) = view.take() {
+                dispose(stale.state);
+            }
+        }
+        view.get_or_insert_with(|| View {
+            store: Arc::downgrade(&self.inner),
+            generation,
+            state: self.inner.state.load_full(),
+        })
     }
 
     /// The permissions `subject` holds on `object` ('' for global ones), sorted.
@@ -232,7 +270,10 @@ impl Store {
     /// Swaps in a freshly loaded generation and returns the old one (for the caller to
     /// drop off the async runtime). Applier only.
     pub(crate) fn replace(&self, state: State) -> Arc<State> {
-        self.inner.state.swap(Arc::new(state))
+        let old = self.inner.state.swap(Arc::new(state));
+        // After the swap: a thread that sees the new count loads the new generation.
+        self.inner.generation.fetch_add(1, Ordering::Release);
+        old
     }
 
     /// Sets the watermark even if lower: after Postgres recovered from a crash, xids
@@ -251,6 +292,48 @@ impl Store {
             .fetch_max(watermark.0, Ordering::AcqRel);
         if watermark.0 > previous {
             self.inner.watermark_tx.send_replace(watermark.0);
+        }
+    }
+}
+
+/// A thread's view of the generation it last read in one store: the checks of a thread
+/// that reads one store (a tokio worker in the daemon) take no `ArcSwap` guard, whose two
+/// locked instructions were a fifth of an in-process check (benches/README.md).
+///
+/// A view holds its generation alive, so a replaced generation lives on until every thread
+/// that viewed it checks again or lets go of it with `release_thread_view`: the daemon's
+/// workers call that whenever they go idle, so a reload's old generation is not kept by a
+/// worker with nothing to do.
+struct View {
+    /// The store viewed; `Weak` so that a view neither keeps a dropped store alive nor
+    /// mistakes a later store at the same address for it.
+    store: Weak<Shared>,
+    generation: u64,
+    state: Arc<State>,
+}
+
+thread_local! {
+    static VIEW: RefCell<Option<View>> = const { RefCell::new(None) };
+}
+
+/// Lets go of this thread's view of the store it last read. The daemon's runtime calls it
+/// on each worker before the worker parks (`on_thread_park`); the next check on the
+/// thread loads the current generation again.
+pub fn release_thread_view() {
+    let released = VIEW.try_with(|view| view.try_borrow_mut().ok().and_then(|mut v| v.take()));
+    if let Ok(Some(view)) = released {
+        dispose(view.state);
+    }
+}
+
+/// Drops a generation a view held. If it was the last reference (the reload that replaced
+/// it has already dropped its own), the whole old set is freed here, which can take
+/// seconds: off the async runtime when there is one, as the applier does.
+fn dispose(state: Arc<State>) {
+    if let Some(state) = Arc::into_inner(state) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(state))),
+            Err(_) => drop(state),
         }
     }
 }
@@ -298,6 +381,127 @@ mod tests {
         store.advance(Xid(8));
         store.advance(Xid(3));
         assert_eq!(store.watermark(), Xid(8));
+    }
+
+    /// A store holding one tuple of `subject`, and a `Weak` to its generation.
+    fn one_tuple(subject: &str) -> (Store, Weak<State>) {
+        let store = Store::from_tuples([(subject, "o", "read", None)]);
+        let generation = Arc::downgrade(&store.inner.state.load_full());
+        (store, generation)
+    }
+
+    #[test]
+    fn a_view_follows_reloads_and_lets_go_of_the_old_generation() {
+        let (store, first) = one_tuple("u");
+        assert!(store.check("u", "read", "o")); // this thread now views the first generation
+        let mut builder = StateBuilder::new();
+        builder.tuple("v", "o", "read", None);
+        drop(store.replace(builder.finish()));
+        assert!(first.upgrade().is_some(), "the view still holds it");
+        release_thread_view();
+        assert!(
+            first.upgrade().is_none(),
+            "released, and nobody else held it"
+        );
+
+        // A check after a reload sees the new generation and lets go of the old one too.
+        assert!(store.check("v", "read", "o"));
+        let second = Arc::downgrade(&store.inner.state.load_full());
+        let mut builder = StateBuilder::new();
+        builder.tuple("w", "o", "read", None);
+        drop(store.replace(builder.finish()));
+        assert!(!store.check("v", "read", "o"));
+        assert!(store.check("w", "read", "o"));
+        assert!(second.upgrade().is_none());
+    }
+
+    #[test]
+    fn one_thread_checking_two_stores_answers_each_from_its_own() {
+        let (a, _) = one_tuple("a");
+        let (b, _) = one_tuple("b");
+        for _ in 0..3 {
+            assert!(a.check("a", "read", "o") && !a.check("b", "read", "o"));
+            assert!(b.check("b", "read", "o") && !b.check("a", "read", "o"));
+            assert_eq!(
+                a.check_many([("a", "read", "o"), ("b", "read", "o")]),
+                [true, false]
+            );
+        }
+        // A dropped store is not mistaken for a new one that happens to take its place.
+        drop(a);
+        let (c, _) = one_tuple("c");
+        assert!(c.check("c", "read", "o") && !c.check("a", "read", "o"));
+    }
+
+    #[test]
+    fn views_on_other_threads_see_writes_and_reloads() {
+        let (store, _) = one_tuple("u");
+        let reader = |subject: &'static str| {
+            let store = store.clone();
+            std::thread::spawn(move || store.check(subject, "read", "o"))
+        };
+        assert!(!reader("x").join().unwrap_or(true));
+        store.set_grant(
+            "x",
+            "o",
+            &[TupleRow {
+                permission: "read".into(),
+                expires_at: None,
+            }],
+        );
+        assert!(reader("x").join().unwrap_or(false));
+        let mut builder = StateBuilder::new();
+        builder.tuple("y", "o", "read", None);
+        drop(store.replace(builder.finish()));
+        assert!(!reader("x").join().unwrap_or(true));
+        assert!(reader("y").join().unwrap_or(false));
+    }
+
+    #[test]
+    fn an_idle_worker_of_the_daemons_runtime_lets_go_of_a_replaced_generation() {
+        let runtime = crate::runtime().unwrap_or_else(|e| panic!("runtime: {e}"));
+        let (store, first) = one_tuple("u");
+        let viewer = store.clone();
+        let viewed = runtime.block_on(async move {
+            tokio::spawn(async move { viewer.check("u", "read", "o") }).await
+        });
+        assert!(viewed.unwrap_or(false));
+        // No check follows the reload: only parking lets go of the view.
+        drop(store.replace(StateBuilder::new().finish()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        runtime.block_on(async {
+            while first.upgrade().is_some() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a worker still holds it"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn on_the_runtime_a_view_lets_go_of_a_replaced_generation() {
+        let (store, first) = one_tuple("u");
+        let viewer = store.clone();
+        // A worker views the first generation, then the reload replaces it.
+        assert!(tokio::spawn(async move { viewer.check("u", "read", "o") })
+            .await
+            .unwrap_or(false));
+        drop(store.replace(StateBuilder::new().finish()));
+        // The worker's next check lets go of the first generation (a blocking task frees it).
+        let viewer = store.clone();
+        assert!(!tokio::spawn(async move { viewer.check("u", "read", "o") })
+            .await
+            .unwrap_or(true));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while first.upgrade().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first generation was never freed"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     #[test]
