@@ -17,6 +17,9 @@ pub(crate) const NEVER: i64 = i64::MAX;
 const INLINE_BITS: u32 = 64;
 /// The wildcard subject and object.
 pub(crate) const WILDCARD: &str = "*";
+/// Up to this many grants, a check scans a subject's grants instead of searching them.
+const SCAN_GRANTS: usize = 16;
+
 /// The object id of the global object `''` in every generation (see `fixed_object_id`).
 const GLOBAL_ID: u32 = 0;
 /// The object id of the wildcard object `*` in every generation.
@@ -178,6 +181,14 @@ impl Grants {
     fn get(&self, object: u32) -> Option<&Grant> {
         match self {
             Self::One { object: o, grant } => (*o == object).then_some(grant),
+            // A short slice is scanned: the scan's loads are independent and its branch is
+            // predicted, where a binary search chains one load on the last (10 grants:
+            // -10 % on a check, benches/README.md).
+            Self::Many(many) if many.len() <= SCAN_GRANTS => many
+                .iter()
+                .find(|(o, _)| *o >= object)
+                .filter(|(o, _)| *o == object)
+                .map(|(_, g)| g),
             Self::Many(many) => many
                 .binary_search_by_key(&object, |(o, _)| *o)
                 .ok()
@@ -916,6 +927,31 @@ mod tests {
         assert_eq!(state.tuple_count(), 1);
         state.set_grant("u", "c", &[]);
         assert_eq!(state.subject_count(), 0);
+    }
+
+    #[test]
+    fn grants_are_found_by_scan_and_by_search_alike() {
+        let state = State::with_capacity(4, 64);
+        // Every other object of 0..2n, so that each miss falls between two held objects
+        // (all are interned, in order, by another subject first).
+        for i in 0..=6 * SCAN_GRANTS {
+            state.set_grant("other", &format!("doc:{i}"), &[row("read", None)]);
+        }
+        for n in [2, SCAN_GRANTS, SCAN_GRANTS + 1, 3 * SCAN_GRANTS] {
+            let subject = format!("u{n}");
+            for i in (0..2 * n).step_by(2) {
+                state.set_grant(&subject, &format!("doc:{i}"), &[row("read", None)]);
+            }
+            for i in 0..=2 * n {
+                let object = format!("doc:{i}");
+                let held = i % 2 == 0 && i < 2 * n;
+                assert_eq!(
+                    state.check(&subject, "read", &object, &mut Now::lazy()),
+                    held,
+                    "{n} {i}"
+                );
+            }
+        }
     }
 
     #[test]
