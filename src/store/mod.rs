@@ -28,6 +28,29 @@ pub(crate) type Hasher = foldhash::fast::RandomState;
 /// cache line); longer strings go to the heap.
 pub(crate) type Key = compact_str::CompactString;
 
+/// Whether two short byte strings are equal, compared inline: names in the store are a
+/// few bytes long, and `==` on slices calls `memcmp`, which costs more than the compare.
+#[inline]
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    /// The 8 bytes of `s` from `at` (`s` is at least `at + 8` long).
+    #[inline]
+    fn word(s: &[u8], at: usize) -> u64 {
+        let mut word = [0; 8];
+        word.copy_from_slice(&s[at..at + 8]);
+        u64::from_le_bytes(word)
+    }
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        // Two overlapping words cover the string.
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        0..=7 => a.iter().zip(b).all(|(x, y)| x == y),
+        _ => a == b,
+    }
+}
+
 /// A transaction id (`xid8`): what `permd.write_token()` returns and what the watermark is
 /// measured in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -352,6 +375,21 @@ pub struct Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_bytes_is_equality_at_every_length() {
+        let text: Vec<u8> = (0..40u8).map(|i| b'a' + i % 26).collect();
+        for n in 0..text.len() {
+            let a = &text[..n];
+            assert!(same_bytes(a, a));
+            assert!(!same_bytes(a, &text[..n + 1]), "lengths {n} and {}", n + 1);
+            for at in 0..n {
+                let mut b = a.to_vec();
+                b[at] ^= 1;
+                assert!(!same_bytes(a, &b), "length {n}, differing at {at}");
+            }
+        }
+    }
 
     #[tokio::test]
     async fn waiters_wake_when_the_watermark_passes_their_token() {
