@@ -43,6 +43,8 @@ pub enum StopMode {
 pub struct Cluster {
     port: u16,
     dir: PathBuf,
+    /// `data_dir` was given: the directory stays at stop.
+    keep: bool,
     /// The watchdog and the two ends of its command channel. A `Mutex` so a shared
     /// (`&'static`) cluster can still be stopped and restarted by one caller at a time.
     control: Mutex<Control>,
@@ -126,6 +128,12 @@ impl Cluster {
                 .map(String::from),
             );
         }
+        // The watchdog's own stderr (the shell's errors; the server logs to postgres.log)
+        // goes to a file beside the data: inherited, it would keep our stderr open after we
+        // exit, while the watchdog stops the server (a test runner waits for it, or calls
+        // the test leaky).
+        let watchdog_log = std::fs::File::create(dir.join("watchdog.log"))
+            .with_context(|| format!("create {}", dir.join("watchdog.log").display()))?;
         let mut command = Command::new("/bin/sh");
         command
             .arg("-c")
@@ -138,7 +146,7 @@ impl Cluster {
             .args(&settings)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(watchdog_log);
         use std::os::unix::process::CommandExt as _;
         // A process group of its own: Ctrl-C in a terminal (or `timeout`) signals our
         // group, and the cluster must outlive that signal long enough for us to stop it
@@ -155,6 +163,7 @@ impl Cluster {
         let cluster = Self {
             port,
             dir,
+            keep,
             control: Mutex::new(Control {
                 watchdog,
                 commands,
@@ -179,7 +188,8 @@ impl Cluster {
         if line.trim() == expected {
             return Ok(());
         }
-        let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+        let mut log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+        log += &std::fs::read_to_string(self.dir.join("watchdog.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         bail!(
             "postgres did not become {expected}: {} (log tail: {})",
@@ -244,6 +254,12 @@ impl Cluster {
         // End of input tells the watchdog to stop the server and clean up.
         control.commands.take();
         let _ = control.watchdog.wait();
+        // The watchdog removed what it could; when we are root it runs as another user,
+        // who may not remove the directory itself from a parent that is not
+        // world-writable (a TMPDIR of our own).
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
