@@ -9,6 +9,20 @@ use crate::config::DemoArgs;
 use crate::embedded::{Cluster, ClusterOptions};
 use crate::Daemon;
 
+/// `println!` (`say!(out, ..)`) and `eprintln!` (`say!(err, ..)`) that give up on a stream
+/// that is gone (`permd demo | head`, a closed log pipe) instead of panicking: the demo
+/// goes on serving.
+macro_rules! say {
+    (out, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+    (err, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Plans by user id: 60% FREE, 25% BASIC, 12% PRO, 3% ENTERPRISE (plan ids 1 to 4).
 const PLAN: &str = "CASE WHEN u % 100 < 60 THEN 1 WHEN u % 100 < 85 THEN 2 \
                     WHEN u % 100 < 97 THEN 3 ELSE 4 END";
@@ -143,11 +157,15 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
                 unsafe_fast: true,
                 ..ClusterOptions::default()
             };
-            eprintln!("starting a throwaway Postgres from this machine's binaries…");
+            say!(
+                err,
+                "starting a throwaway Postgres from this machine's binaries…"
+            );
             let cluster = tokio::task::spawn_blocking(move || Cluster::start(&options))
                 .await
                 .context("start the throwaway Postgres")??;
-            eprintln!(
+            say!(
+                err,
                 "Postgres is up on 127.0.0.1:{} ({})",
                 cluster.port(),
                 cluster.dir().display()
@@ -166,7 +184,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     if existing == 0 {
         seed(&pool, args.users).await?;
     } else {
-        eprintln!("the database already holds {existing} users in app.users: not seeding");
+        say!(
+            err,
+            "the database already holds {existing} users in app.users: not seeding"
+        );
     }
     pool.close().await;
 
@@ -182,7 +203,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     }
     daemon.wait().await;
     if let Some(cluster) = cluster {
-        eprintln!(
+        say!(
+            err,
             "stopping Postgres{}",
             if args.data_dir.is_some() {
                 ""
@@ -218,7 +240,8 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
             .execute(&mut *tx)
             .await
             .with_context(|| format!("seed {label}"))?;
-        eprintln!(
+        say!(
+            err,
             "seeding [{}/{}] {label}: {} rows",
             i + 1,
             steps.len() + 1,
@@ -230,7 +253,8 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
     )
     .execute(&mut *tx)
     .await?;
-    eprintln!(
+    say!(
+        err,
         "seeding [{}/{}] computing every user's effective permissions (app.rebuild_permissions())…",
         steps.len() + 1,
         steps.len() + 1
@@ -247,19 +271,22 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 done = &mut rebuild => break done.context("compute the permissions")?,
-                _ = tick.tick() => eprintln!(
+                _ = tick.tick() => say!(
+                    err,
                     "  still computing ({:.0}s; about 40s for 10,000 users here)",
                     computing.elapsed().as_secs_f64()
                 ),
             }
         }
     };
-    eprintln!(
+    say!(
+        err,
         "  {added} tuples and {limits} limits in {:.1}s",
         computing.elapsed().as_secs_f64()
     );
     tx.commit().await?;
-    eprintln!(
+    say!(
+        err,
         "seeded {users} users, {teams} teams and their files in {:.1}s",
         started.elapsed().as_secs_f64()
     );
@@ -283,12 +310,15 @@ fn print_examples(daemon: &Daemon, with_token: bool, users: u32, database_url: &
         format!("curl -s{auth} '{base}/v1/check?subject={subject}&permission={permission}{object}'")
     };
     let outsider = 1 + (3 * 7919) % users;
-    println!();
-    println!(
+    say!(out, "");
+    say!(
+        out,
         "permd is ready: {} tuples, {} subjects, {} limits.",
-        counts.tuples, counts.subjects, counts.limits
+        counts.tuples,
+        counts.subjects,
+        counts.limits
     );
-    println!("Try:");
+    say!(out, "Try:");
     let examples = [
         ("user:2 writes in their team's folder (shared write with team 0)", check("user:2", "write", "resource:10000")),
         ("... and in every file below it", check("user:2", "write", "resource:1000005")),
@@ -314,18 +344,21 @@ fn print_examples(daemon: &Daemon, with_token: bool, users: u32, database_url: &
         ("status", format!("curl -s{auth} '{base}/v1/status'")),
     ];
     for (what, command) in examples {
-        println!("  # {what}\n  {command}");
+        say!(out, "  # {what}\n  {command}");
     }
-    println!(
+    say!(
+        out,
         "Write through the model, and read your own write (user:9 joins team 0; the token makes \
          permd answer only once that commit is applied):"
     );
-    println!(
+    say!(
+        out,
         "  TOKEN=$(psql -qAt \"{database_url}\" -c 'INSERT INTO app.group_members VALUES (1, 9) RETURNING permd.write_token()')"
     );
-    println!(
+    say!(
+        out,
         "  {}",
         check("user:9", "read", "resource:10000").replace("10000'", "10000&at_least='$TOKEN")
     );
-    println!("Press Ctrl-C to stop.");
+    say!(out, "Press Ctrl-C to stop.");
 }

@@ -65,11 +65,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Verify(args) => {
             match permd::verify::verify(&args.database_url, &args.target()?).await? {
                 permd::verify::Verdict::InSync(digest) => {
-                    println!("in sync: permd equals the database (digest {digest})");
+                    // Not `println!`, which panics when stdout is gone (`verify | head`):
+                    // the verdict is the exit status.
+                    let _ = writeln!(
+                        std::io::stdout(),
+                        "in sync: permd equals the database (digest {digest})"
+                    );
                     Ok(())
                 }
                 permd::verify::Verdict::Differs { subjects, report } => {
-                    print!("{report}");
+                    let _ = write!(std::io::stdout(), "{report}");
                     anyhow::bail!("permd differs from the database in {subjects} subject(s)")
                 }
             }

@@ -433,10 +433,131 @@ async fn verify_proves_equality_and_names_what_differs() {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
 
+    // With its stdout gone (`permd verify | head -1` once head has exited) the verdict is
+    // still the exit status, not a panic.
+    let mut closed = permd()
+        .args([
+            "verify",
+            "--database-url",
+            &db.url,
+            "--permd",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run permd verify");
+    drop(closed.stdout.take());
+    let output = closed.wait_with_output().expect("wait for permd verify");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
     // The remedy: ask every daemon to reload.
     db.exec("SELECT permd.request_reload()").await;
     wait_until("verify to pass after the reload", || {
         std::future::ready(verify().status.success())
     })
     .await;
+}
+
+/// `permd demo`, the README's first command: a throwaway Postgres seeded with the demo
+/// enterprise, a daemon answering the checks the demo prints, and on SIGTERM everything it
+/// started stopped and its directory removed. With its stdout and stderr gone (`permd demo |
+/// head`, then a closed terminal) it must serve all the same.
+fn demo(closed_pipes: bool) {
+    let tmp = std::env::temp_dir().join(format!(
+        "permd-demo-test-{}-{closed_pipes}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&tmp).expect("create the demo's TMPDIR");
+    let port = free_port();
+    let mut running = Running(
+        permd()
+            .args(["demo", "--users", "100", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .env("TMPDIR", &tmp)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start permd demo"),
+    );
+    let check = |query: &str| {
+        http_get(port, &format!("/v1/check?{query}"))
+            .is_some_and(|(status, body)| status == 200 && body.contains("\"allowed\":true"))
+    };
+    let allowed = "subject=user:2&permission=write&object=resource:10000";
+    let denied = "subject=user:9&permission=read&object=resource:10000";
+    if closed_pipes {
+        drop(running.0.stdout.take());
+        drop(running.0.stderr.take());
+        let started = Instant::now();
+        while !check(allowed) {
+            assert!(
+                running.0.try_wait().expect("wait").is_none(),
+                "the demo exited"
+            );
+            assert!(started.elapsed() < DEADLINE, "the demo never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        // The printed instructions, read on a thread so that a silent demo fails the test
+        // at the deadline rather than hanging it.
+        let stdout = running.0.stdout.take().expect("stdout");
+        let (lines, printed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines.send(line);
+            }
+        });
+        let mut instructions = String::new();
+        while !instructions.contains("Press Ctrl-C to stop.") {
+            let line = printed
+                .recv_timeout(DEADLINE)
+                .expect("the demo's instructions");
+            instructions += &line;
+            instructions += "\n";
+        }
+        for query in [allowed, denied] {
+            assert!(
+                instructions.contains(&format!("127.0.0.1:{port}/v1/check?{query}'")),
+                "{query} not among the printed checks:\n{instructions}"
+            );
+        }
+        assert!(check(allowed), "{allowed}");
+    }
+    assert!(!check(denied), "{denied}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (exit, _, log) = runtime.block_on(sigterm_and_wait(&mut running));
+    assert!(exit.success(), "exit status {exit}; log:\n{log}");
+    if !closed_pipes {
+        assert!(
+            log.contains("stopping Postgres and removing its data"),
+            "{log}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("read the demo's TMPDIR")
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    assert!(left.is_empty(), "the demo left {left:?} behind");
+    let _ = std::fs::remove_dir(&tmp);
+}
+
+#[test]
+fn the_demo_answers_what_it_prints_and_cleans_up() {
+    demo(false);
+}
+
+#[test]
+fn the_demo_serves_with_its_stdout_and_stderr_gone() {
+    demo(true);
 }
