@@ -100,6 +100,46 @@ async fn hosts_are_tried_in_turn_and_target_session_attrs_holds() {
     daemon.stop().await;
 }
 
+/// `load_balance_hosts=random` spreads the sync connection over the hosts named: here the
+/// same cluster over TCP and over its Unix socket, told apart by the backend's client
+/// address. Without it, the first host that answers is always the one used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balance_hosts_random_spreads_the_sync_connection() {
+    let db = database().await;
+    let both = db.unix_url.replacen("host='", "host='127.0.0.1,", 1);
+    let over_unix = |n: u32, balance: &'static str| {
+        let url = format!("{both} application_name=lb{n} load_balance_hosts={balance}");
+        let pool = db.pool.clone();
+        async move {
+            let daemon = TestDaemon::start(&url).await;
+            let unix: bool = sqlx::query_scalar(
+                "SELECT client_addr IS NULL FROM pg_stat_activity WHERE application_name = $1",
+            )
+            .bind(format!("lb{n}"))
+            .fetch_one(&pool)
+            .await
+            .expect("the sync connection's backend");
+            daemon.stop().await;
+            unix
+        }
+    };
+    for n in 0..4 {
+        assert!(!over_unix(n, "disable").await, "the first host is TCP");
+    }
+    let (mut tcp, mut unix) = (0, 0);
+    for n in 4..40 {
+        if over_unix(n, "random").await {
+            unix += 1;
+        } else {
+            tcp += 1;
+        }
+        if tcp > 0 && unix > 0 {
+            return;
+        }
+    }
+    panic!("36 connects with load_balance_hosts=random: {tcp} over TCP, {unix} over Unix");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_update_delete_and_truncate_become_visible() {
     let db = database().await;

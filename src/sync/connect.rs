@@ -4,8 +4,8 @@
 //! `Config::connect` does: each host in turn (its `hostaddr` if given), each address of a
 //! host name, the connect timeout, `TCP_NODELAY`, keepalives, the TCP user timeout, and
 //! `target_session_attrs` (a host that is not what it asks for is skipped, so a URL naming
-//! a primary and its standbys reaches the primary). Not followed: `load_balance_hosts`
-//! (hosts are tried in the order given).
+//! a primary and its standbys reaches the primary), and `load_balance_hosts=random` (hosts,
+//! and the addresses of each host name, in a random order at each connect).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
+use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode, TargetSessionAttrs};
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Config, Connection, NoTls, SimpleQueryMessage};
 use tokio_util::either::Either;
@@ -44,9 +44,12 @@ pub(crate) async fn connect(config: &Config, tap: &Tap) -> Result<(Client, SyncC
     let hosts = config.get_hosts();
     let hostaddrs = config.get_hostaddrs();
     let ports = config.get_ports();
-    let count = hosts.len().max(hostaddrs.len());
+    let mut order: Vec<usize> = (0..hosts.len().max(hostaddrs.len())).collect();
+    if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
+        shuffle(&mut order);
+    }
     let mut last = None;
-    for i in 0..count {
+    for i in order {
         let port = ports
             .get(i)
             .or_else(|| ports.first())
@@ -124,8 +127,12 @@ async fn handshake(
 
 /// Each address of `host` in turn.
 async fn tcp(host: &str, port: u16, config: &Config) -> io::Result<Socket> {
+    let mut addrs: Vec<_> = tokio::net::lookup_host((host, port)).await?.collect();
+    if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
+        shuffle(&mut addrs);
+    }
     let mut last = None;
-    for addr in tokio::net::lookup_host((host, port)).await? {
+    for addr in addrs {
         match timed(config, TcpStream::connect(addr)).await {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
@@ -147,6 +154,23 @@ async fn tcp(host: &str, port: u16, config: &Config) -> io::Result<Socket> {
             format!("{host} resolves to no address"),
         )
     }))
+}
+
+/// Puts `items` in a random order (Fisher-Yates over xorshift64, seeded by std's
+/// per-instance random hasher keys: spreading connections needs no better randomness).
+fn shuffle<T>(items: &mut [T]) {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut state = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        | 1;
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let j = (state % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
 }
 
 fn keepalive(config: &Config) -> TcpKeepalive {
@@ -216,5 +240,24 @@ mod tests {
         let error = connect(&config, &Tap::default()).await.err();
         let error = refused(error.expect("nothing listens"));
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn shuffle_permutes_and_every_item_comes_first_sometimes() {
+        let mut firsts = [0u32; 4];
+        for _ in 0..400 {
+            let mut items = [0, 1, 2, 3];
+            shuffle(&mut items);
+            let mut sorted = items;
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2, 3]);
+            firsts[items[0]] += 1;
+        }
+        // 100 expected each; below 40 has a probability of about 1e-12.
+        assert!(firsts.iter().all(|&n| n >= 40), "{firsts:?}");
+        let mut one = [7];
+        shuffle(&mut one);
+        shuffle::<u8>(&mut []);
+        assert_eq!(one, [7]);
     }
 }
