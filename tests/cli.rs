@@ -385,18 +385,18 @@ async fn verify_proves_equality_and_names_what_differs() {
     )
     .await;
     let (_running, port) = serve(&db.url, &[], &[]).await;
-    let verify = || {
-        permd()
-            .args([
-                "verify",
-                "--database-url",
-                &db.url,
-                "--permd",
-                &format!("http://127.0.0.1:{port}"),
-            ])
-            .output()
-            .expect("run permd verify")
+    let verify_command = || {
+        let mut command = permd();
+        command.args([
+            "verify",
+            "--database-url",
+            &db.url,
+            "--permd",
+            &format!("http://127.0.0.1:{port}"),
+        ]);
+        command
     };
+    let verify = || verify_command().output().expect("run permd verify");
     let output = verify();
     assert!(
         output.status.success(),
@@ -435,14 +435,7 @@ async fn verify_proves_equality_and_names_what_differs() {
 
     // With its stdout gone (`permd verify | head -1` once head has exited) the verdict is
     // still the exit status, not a panic.
-    let mut closed = permd()
-        .args([
-            "verify",
-            "--database-url",
-            &db.url,
-            "--permd",
-            &format!("http://127.0.0.1:{port}"),
-        ])
+    let mut closed = verify_command()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
