@@ -1,6 +1,7 @@
 //! The HTTP API on its own: every route's bad inputs get a JSON 4xx, never a 5xx or a
 //! panic; auth; readiness. Driven through `Api::oneshot()` (the fast path, then the router) over a store built in
-//! memory (the sync side is covered by tests/sync.rs).
+//! memory (the sync side is covered by tests/sync.rs); and over sockets (`mod wire`), where
+//! the server's own loop for plain checks must answer byte for byte as hyper alone does.
 
 mod common;
 
@@ -15,12 +16,17 @@ use permd::sync::Status;
 use serde_json::{json, Value};
 
 fn app(config: HttpConfig) -> Api {
+    Api::new(app_state(config))
+}
+
+/// The handler state over a small store.
+fn app_state(config: HttpConfig) -> App {
     let store = Store::from_tuples([
         ("u1", "doc:1", "read", None),
         ("u1", "", "EXPORT", None),
         ("*", "doc:pub", "read", None),
     ]);
-    Api::new(App::new(store, Status::default(), config))
+    App::new(store, Status::default(), config)
 }
 
 fn quick() -> HttpConfig {
@@ -419,6 +425,101 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// Servers on sockets: permd's (`serve`: its own loop for plain checks, hyper for the rest)
+/// and hyper alone serving the same `Api`, as permd served before the loop.
+mod wire {
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use permd::http::{serve, Api, App, ServerLimits};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+    use tokio_util::sync::CancellationToken;
+
+    /// permd's server over `app`: its address, its shutdown and its task.
+    pub async fn permd(
+        app: App,
+        limits: ServerLimits,
+    ) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(listener, Api::new(app), limits, shutdown.clone()));
+        (addr, shutdown, served)
+    }
+
+    /// Hyper alone serving `app`'s `Api`; stops with the runtime.
+    pub async fn hyper_alone(app: App) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let api = Api::new(app);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = TowerToHyperService::new(api.clone());
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        addr
+    }
+
+    /// Writes `request` on a new connection and reads until the server closes it (or
+    /// resets it: the answers sent before come first), with every `date:` value blanked.
+    pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        // A server that closes early may refuse the rest: what it answered is compared.
+        let _ = stream.write_all(request).await;
+        let received = read_to_close(&mut stream).await;
+        let text = String::from_utf8_lossy(&received);
+        text.split("\r\n")
+            .map(|line| {
+                if line.starts_with("date: ") {
+                    "date: *"
+                } else {
+                    line
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    /// Everything `stream` receives until it is closed; fails after 10 s.
+    pub async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+        let mut received = Vec::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        loop {
+            let read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await;
+            match read.expect("the server closes the connection within 10 s") {
+                Ok(0) | Err(_) => return received,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads one answer whose body ends with `}` (every JSON answer of the API).
+    pub async fn read_answer(stream: &mut TcpStream) -> String {
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !(received.ends_with(b"}") && received.windows(4).any(|w| w == b"\r\n\r\n")) {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .expect("an answer within 10 s")
+                .expect("read");
+            assert!(
+                n > 0,
+                "closed before answering: {}",
+                String::from_utf8_lossy(&received)
+            );
+            received.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&received).into_owned()
+    }
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
@@ -499,8 +600,113 @@ mod fuzz {
         })
     }
 
+    /// A request head that takes every branch of the server's own loop: plain checks,
+    /// and each thing that sends a connection to hyper (another method, route, version,
+    /// a body, `Connection`, `Expect`, `Upgrade`, bytes hyper's URI parser may refuse).
+    fn raw_request() -> impl Strategy<Value = String> {
+        let method =
+            prop_oneof![6 => Just("GET"), 1 => Just("HEAD"), 1 => Just("POST"), 1 => Just("get")];
+        let target = prop_oneof![
+            8 => Just("/v1/check?"),
+            1 => Just("/v1/check"),
+            1 => Just("/v1/checks?"),
+            1 => Just("/v1/check/?"),
+            1 => Just("http://permd/v1/check?"),
+        ];
+        let odd = prop_oneof![
+            Just("subject=a{b".to_owned()),
+            Just("subject=\"u1\"".to_owned()),
+            Just("object=doc:1|2".to_owned()),
+            Just("subject=u1#frag".to_owned()),
+            Just("subject=\u{e9}".to_owned()),
+            Just("permission=[read]".to_owned()),
+            Just("permission=re^ad".to_owned()),
+        ];
+        let pair = prop_oneof![8 => query_pair(), 1 => odd];
+        let valid = (
+            prop_oneof![
+                6 => Just("u1"),
+                2 => Just("u2"),
+                1 => Just("u1#frag"),
+                1 => Just("a{b}"),
+                1 => Just("\u{e9}"),
+                1 => Just("a|b^c"),
+                1 => Just("\"u1\""),
+            ],
+            prop_oneof![Just("read"), Just("EXPORT")],
+            prop_oneof![
+                Just(""),
+                Just("&object=doc:1"),
+                Just("&object=doc%3Apub"),
+                Just("&object=")
+            ],
+        )
+            .prop_map(|(subject, permission, object)| {
+                format!("subject={subject}&permission={permission}{object}")
+            });
+        let query = prop_oneof![
+            1 => valid,
+            1 => prop::collection::vec(pair, 0..4).prop_map(|pairs| pairs.join("&")),
+        ];
+        let version = prop_oneof![8 => Just("HTTP/1.1"), 1 => Just("HTTP/1.0")];
+        let header = prop_oneof![
+            3 => Just("authorization: Bearer sesame"),
+            1 => Just("Authorization: Bearer nope"),
+            1 => Just("AUTHORIZATION: Bearer sesame"),
+            2 => Just("connection: keep-alive"),
+            1 => Just("Connection: Keep-Alive"),
+            1 => Just("connection: close"),
+            1 => Just("content-length: 0"),
+            1 => Just("expect: 100-continue"),
+            1 => Just("upgrade: websocket"),
+            3 => Just("x-other: 1"),
+        ];
+        (
+            method,
+            target,
+            query,
+            version,
+            prop::collection::vec(header, 0..3),
+        )
+            .prop_map(|(method, target, query, version, headers)| {
+                let headers: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+                format!("{method} {target}{query} {version}\r\nhost: permd\r\n{headers}\r\n")
+            })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// permd's server answers any pipeline of requests, plain checks and others mixed,
+        /// byte for byte (but the date) as hyper alone serving the same API does: its own
+        /// loop for plain checks, and the handover to hyper with the bytes already read.
+        #[test]
+        fn the_servers_own_loop_answers_on_the_wire_as_hyper(
+            requests in prop::collection::vec(raw_request(), 1..4),
+            token in any::<bool>(),
+        ) {
+            let config = HttpConfig {
+                token: token.then(|| Token::new("sesame").expect("token")),
+                ..quick()
+            };
+            let app = app_state(config);
+            // The last request closes the connection, so each side's answers end there.
+            let bytes = format!(
+                "{}GET /livez HTTP/1.1\r\nhost: permd\r\nconnection: close\r\n\r\n",
+                requests.concat()
+            );
+            let (ours, theirs) = runtime().block_on(async {
+                let (permd, _shutdown, _served) =
+                    wire::permd(app.clone(), permd::http::ServerLimits::default()).await;
+                let hyper = wire::hyper_alone(app).await;
+                (
+                    wire::exchange(permd, bytes.as_bytes()).await,
+                    wire::exchange(hyper, bytes.as_bytes()).await,
+                )
+            });
+            prop_assert!(theirs.starts_with("HTTP/1."), "{}", theirs);
+            prop_assert_eq!(&ours, &theirs, "{}", bytes);
+        }
 
         /// The fast path of `GET /v1/check` answers byte for byte as the router does, for
         /// any mix of fields, encodings, duplicates, bad values and credentials.
@@ -514,12 +720,7 @@ mod fuzz {
                 token: token.then(|| Token::new("sesame").expect("token")),
                 ..quick()
             };
-            let store = Store::from_tuples([
-                ("u1", "doc:1", "read", None),
-                ("u1", "", "EXPORT", None),
-                ("*", "doc:pub", "read", None),
-            ]);
-            let app = App::new(store, Status::default(), config);
+            let app = app_state(config);
             let uri = format!("/v1/check?{}", pairs.join("&"));
             let authorization = [None, Some("Bearer sesame"), Some("Bearer nope")][credential];
             let request = || {
@@ -577,4 +778,69 @@ mod fuzz {
             prop_assert!(acceptable(status, &answer).is_ok(), "{:?}", acceptable(status, &answer));
         }
     }
+}
+
+/// A keep-alive connection that sent a plain check and then nothing is closed once the
+/// header timeout has passed (as hyper closes an idle one), and not before.
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_header_timeout() {
+    let timeout = Duration::from_millis(300);
+    let limits = permd::http::ServerLimits {
+        header_timeout: timeout,
+        ..Default::default()
+    };
+    let (addr, _shutdown, _served) = wire::permd(app_state(quick()), limits).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    for _ in 0..3 {
+        tokio::io::AsyncWriteExt::write_all(
+            &mut stream,
+            b"GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let answer = wire::read_answer(&mut stream).await;
+        assert!(
+            answer.ends_with(r#"{"allowed":true,"revision":"0"}"#),
+            "{answer}"
+        );
+    }
+    let idle = std::time::Instant::now();
+    let rest = wire::read_to_close(&mut stream).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(
+        idle.elapsed() >= timeout,
+        "closed after {:?}",
+        idle.elapsed()
+    );
+}
+
+/// At shutdown, connections in the server's own loop and connections handed to hyper are
+/// closed once idle, and `serve` returns.
+#[tokio::test]
+async fn shutdown_closes_idle_connections_of_both_kinds() {
+    let (addr, shutdown, served) =
+        wire::permd(app_state(quick()), permd::http::ServerLimits::default()).await;
+    let mut connections = Vec::new();
+    for request in [
+        &b"GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n"[..],
+        // Not plain: from here on this connection is hyper's.
+        &b"GET /v1/status HTTP/1.1\r\nhost: permd\r\n\r\n"[..],
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request)
+            .await
+            .expect("write");
+        let answer = wire::read_answer(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        connections.push(stream);
+    }
+    shutdown.cancel();
+    for mut stream in connections {
+        let rest = wire::read_to_close(&mut stream).await;
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("serve returns")
+        .expect("serve did not panic");
 }

@@ -8,7 +8,6 @@
 //! place where errors are decided.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -38,6 +37,11 @@ impl Api {
     pub fn new(app: App) -> Self {
         let router = router(app.clone());
         Self(Arc::new(Inner { app, router }))
+    }
+
+    /// The handler state.
+    pub(super) fn app(&self) -> &App {
+        &self.0.app
     }
 }
 
@@ -112,23 +116,43 @@ impl<'a> CheckFields<'a> {
     }
 }
 
+/// The answer to a plain single check.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PlainAnswer {
+    allowed: bool,
+    revision: u64,
+}
+
+impl PlainAnswer {
+    /// The very bytes `Json(json!({"allowed", "revision"}))` writes (keys sorted).
+    pub(super) fn write_body(self, out: &mut impl std::fmt::Write) {
+        let _ = write!(
+            out,
+            "{{\"allowed\":{},\"revision\":\"{}\"}}",
+            self.allowed, self.revision
+        );
+    }
+}
+
 impl App {
     /// Answers a plain `GET /v1/check` as the router would, or `None` to let the router
     /// answer (errors, shedding, `at_least` waits and authorization failures are all
-    /// decided there, once).
-    fn check_fast(&self, query: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    /// decided there, once). `authorization` is the first `Authorization` header's value.
+    pub(super) fn check_plain(
+        &self,
+        query: &str,
+        authorization: Option<&[u8]>,
+    ) -> Option<PlainAnswer> {
         let started = Instant::now();
         if let Some(token) = &self.config.token {
-            let presented = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))?;
+            let presented = authorization.and_then(|v| v.strip_prefix(b"Bearer "))?;
             if !token.matches(presented) {
                 return None;
             }
         }
         // Held while answering, so the in-flight count means the same on both paths.
         let _permit = self.in_flight.try_acquire().ok()?;
-        let fields = CheckFields::parse(query?)?;
+        let fields = CheckFields::parse(query)?;
         let (Some(subject), Some(permission)) = (&fields.subject, &fields.permission) else {
             return None;
         };
@@ -137,13 +161,20 @@ impl App {
         let allowed = self.store.check(subject, permission, object);
         self.metrics.checks(u64::from(allowed), u64::from(!allowed));
         self.metrics.latency(started.elapsed());
-        // The very bytes `Json(json!({"allowed", "revision"}))` writes (keys sorted).
+        Some(PlainAnswer {
+            allowed,
+            revision: revision.0,
+        })
+    }
+
+    /// [`App::check_plain`] for a request hyper has parsed, as a response.
+    fn check_fast(&self, query: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let answer = self.check_plain(query?, authorization)?;
         let mut body = String::with_capacity(48);
-        let _ = write!(
-            body,
-            "{{\"allowed\":{allowed},\"revision\":\"{}\"}}",
-            revision.0
-        );
+        answer.write_body(&mut body);
         let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -3,6 +3,7 @@
 //! Invariant: no handler talks to Postgres. A request that must see a write
 //! (`at_least`) waits on the store's watermark, bounded, and never queries the database.
 
+mod conn;
 mod error;
 mod fast;
 mod handlers;

@@ -1,19 +1,16 @@
-//! The accept loop: HTTP/1.1 connections served by hyper with the protections that
-//! `axum::serve` does not offer (a header-read timeout against slow clients, a cap on open
+//! The accept loop: HTTP/1.1 connections (plain checks by our own loop, the rest by hyper:
+//! `conn`) served with the protections that `axum::serve` does not offer (a header-read timeout against slow clients, a cap on open
 //! connections), and graceful shutdown that lets in-flight requests finish.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::Api;
+use super::{conn, Api};
 
 /// Connection-level limits.
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +38,7 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     // Bounds memory under a flood of connections: one permit per open connection.
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
@@ -66,22 +63,16 @@ pub async fn serve(
         };
         // Checks are small request/response pairs: never wait to coalesce them.
         let _ = stream.set_nodelay(true);
-        // Each answer is written as one flat buffer (head and body copied together, a few
-        // dozen bytes) rather than queued as separate buffers for a vectored write: 19 %
-        // more single checks per second in the `compare` suite (benches/README.md).
-        let connection = http1::Builder::new()
-            .writev(false)
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(api.clone()));
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+        connections.spawn({
+            let api = api.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                conn::serve_connection(stream, api, limits.header_timeout, shutdown).await;
+                drop(permit);
             }
-            drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }
