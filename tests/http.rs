@@ -586,6 +586,7 @@ mod fuzz {
             Just(String::new()),
             Just("7".to_owned()),
             Just("a+b".to_owned()),
+            Just("u1=read".to_owned()),
             Just("%FF".to_owned()),
             Just("%".to_owned()),
             Just(long),

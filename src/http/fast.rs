@@ -7,6 +7,7 @@
 //! every case the fast path does not handle, goes to the router, which remains the one
 //! place where errors are decided.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -79,30 +80,31 @@ where
 /// The fields of a plain single check.
 #[derive(Default)]
 struct CheckFields<'a> {
-    subject: Option<std::borrow::Cow<'a, str>>,
-    permission: Option<std::borrow::Cow<'a, str>>,
-    object: Option<std::borrow::Cow<'a, str>>,
+    subject: Option<Cow<'a, str>>,
+    permission: Option<Cow<'a, str>>,
+    object: Option<Cow<'a, str>>,
 }
 
 impl<'a> CheckFields<'a> {
     /// The fields of `query`, or `None` when the router must decide: a field twice,
     /// `at_least` present, or a value that the handler would refuse.
     fn parse(query: &'a str) -> Option<Self> {
-        strict_form_utf8(query).ok()?;
+        // Almost every query has nothing to decode: its pairs are slices of it, split as
+        // the form decoder splits them (on `&`, empty pairs skipped, at the first `=`).
+        // Otherwise the decoder, after the strict UTF-8 check the router makes.
         let mut fields = Self::default();
-        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            let slot = match &*key {
-                "subject" => &mut fields.subject,
-                "permission" => &mut fields.permission,
-                "object" => &mut fields.object,
-                "at_least" => return None,
-                _ => continue,
-            };
-            if slot.replace(value).is_some() {
-                return None;
+        if !query.bytes().any(|b| b == b'%' || b == b'+') {
+            for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                fields.take(key, Cow::Borrowed(value))?;
+            }
+        } else {
+            strict_form_utf8(query).ok()?;
+            for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+                fields.take(&key, value)?;
             }
         }
-        let valid = |value: &Option<std::borrow::Cow<'_, str>>, may_be_empty: bool| {
+        let valid = |value: &Option<Cow<'_, str>>, may_be_empty: bool| {
             value
                 .as_ref()
                 .is_some_and(|v| is_identifier(v, may_be_empty))
@@ -113,6 +115,18 @@ impl<'a> CheckFields<'a> {
             .map_or(true, |o| is_identifier(o, true));
         (valid(&fields.subject, false) && valid(&fields.permission, false) && object_valid)
             .then_some(fields)
+    }
+
+    /// Takes one pair of the query; `None` when the router must decide.
+    fn take(&mut self, key: &str, value: Cow<'a, str>) -> Option<()> {
+        let slot = match key {
+            "subject" => &mut self.subject,
+            "permission" => &mut self.permission,
+            "object" => &mut self.object,
+            "at_least" => return None,
+            _ => return Some(()),
+        };
+        slot.replace(value).is_none().then_some(())
     }
 }
 
