@@ -8,7 +8,11 @@
 //! tuples, 10 per subject), kept in the reference model's source tables and precomputed into
 //! permd.tuples by `app.rebuild_permissions()`; Redis holds the same tuples as sets.
 //! Subjects uniform at random, half the checks allowed. Every answer is compared with the
-//! expected one and wrong answers are counted (and must be zero).
+//! expected one and wrong answers are counted (and must be zero). The closed-loop tables
+//! also give the CPU time (user + system, from `/proc/PID/stat`) the server's process and
+//! the client's used per request during the run, for the servers that are a process of their
+//! own (Redis, permd). Loopback TCP does much of the receiver's work in the sender's system
+//! call, so each side's system time includes some of the other's.
 //!
 //! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
 //! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
@@ -127,6 +131,51 @@ struct Endpoints {
     redis: u16,
     permd: u16,
     bare: u16,
+    /// Process ids of the servers that run as their own process, for their CPU time.
+    redis_pid: u32,
+    permd_pid: u32,
+}
+
+impl Endpoints {
+    /// The process serving `system`, when it is one process of its own (not Postgres's
+    /// many, not the bare server's threads in this process).
+    fn server_pid(&self, system: System) -> Option<u32> {
+        match system {
+            System::Redis | System::RedisPipelined => Some(self.redis_pid),
+            System::Permd | System::PermdBatch => Some(self.permd_pid),
+            _ => None,
+        }
+    }
+}
+
+/// CPU time (user + system) a process has used, in seconds: `/proc/PID/stat`'s `utime` and
+/// `stime`. `None` for `pid` gives this process's (the client's).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let path = pid.map_or("/proc/self/stat".to_owned(), |pid| {
+        format!("/proc/{pid}/stat")
+    });
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the first, utime
+    // the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (field(11) + field(12)) / ticks
 }
 
 /// One client connection to one system.
@@ -368,6 +417,10 @@ struct Outcome {
     latencies: Vec<u64>,
     /// Open loop only: from when it was sent to its answer, sorted, in nanoseconds.
     service: Vec<u64>,
+    /// Closed loop only: CPU seconds the server's process (when it has one of its own) and
+    /// this process (the client) used during the run.
+    server_cpu: Option<f64>,
+    client_cpu: f64,
 }
 
 impl Outcome {
@@ -377,6 +430,19 @@ impl Outcome {
 
     fn quantile_ms(&self, q: f64) -> f64 {
         quantile_ms(&self.latencies, q)
+    }
+
+    /// The server's and the client's CPU time per request, in microseconds, as table cells.
+    fn cpu_cells(&self, system: System) -> (String, String) {
+        let per_request = |seconds: f64| format!("{:.1}", seconds * 1e6 / self.requests as f64);
+        let server = self.server_cpu.map_or("-".to_owned(), per_request);
+        // The bare server runs in the client's process: its time is not the client's alone.
+        let client = if system == System::BareAxum {
+            "-".to_owned()
+        } else {
+            per_request(self.client_cpu)
+        };
+        (server, client)
     }
 }
 
@@ -435,12 +501,25 @@ async fn closed_loop(
     while ready.load(Ordering::Acquire) < concurrency as u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let server_pid = at.server_pid(system);
+    let cpu_before = (
+        server_pid.map(|pid| cpu_seconds(Some(pid))),
+        cpu_seconds(None),
+    );
     let started = Instant::now();
     go.notify_waiters();
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    collect(workers, system, elapsed).await
+    let server_cpu = server_pid
+        .map(|pid| cpu_seconds(Some(pid)))
+        .zip(cpu_before.0)
+        .map(|(after, before)| after - before);
+    let client_cpu = cpu_seconds(None) - cpu_before.1;
+    let mut outcome = collect(workers, system, elapsed).await;
+    outcome.server_cpu = server_cpu;
+    outcome.client_cpu = client_cpu;
+    outcome
 }
 
 type WorkerResult = (Vec<u64>, Vec<u64>, u64, u64);
@@ -471,6 +550,8 @@ async fn collect(
         seconds,
         latencies,
         service,
+        server_cpu: None,
+        client_cpu: f64::NAN,
     }
 }
 
@@ -813,7 +894,14 @@ fn main() {
         assert!(http, "permd did not become ready");
         pool.close().await;
 
-        let at = Endpoints { postgres: url.clone(), redis: redis.port, permd: permd.port, bare };
+        let at = Endpoints {
+            postgres: url.clone(),
+            redis: redis.port,
+            permd: permd.port,
+            bare,
+            redis_pid: redis.child.id(),
+            permd_pid: permd.child.id(),
+        };
         println!();
         println!(
             "Workload: {subjects} subjects, {PERMISSIONS} permission names, {tuples} tuples; Redis keys {}; {seconds} s per closed-loop run.",
@@ -833,8 +921,8 @@ fn main() {
             println!();
             println!("Closed loop, {concurrency} connections:");
             println!();
-            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined |");
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req | client CPU us/req |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             let mut results = Vec::new();
             for &system in &selected {
                 let o = closed_loop(system, &at, concurrency, seconds, subjects).await;
@@ -848,8 +936,9 @@ fn main() {
             };
             let (redis, pipelined) = (base(System::Redis), base(System::RedisPipelined));
             for (system, o) in &results {
+                let (server_cpu, client_cpu) = o.cpu_cells(*system);
                 println!(
-                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {server_cpu} | {client_cpu} |",
                     system.name(),
                     o.checks_per_second(),
                     o.requests as f64 / o.seconds,
@@ -919,6 +1008,8 @@ async fn overload(url: &str, capacity: f64, seconds: f64, subjects: u32) {
         redis: 0,
         permd: permd.port,
         bare: 0,
+        redis_pid: 0,
+        permd_pid: permd.child.id(),
     };
     let before = permd.rss_kib("VmRSS:");
     let stop = Arc::new(AtomicBool::new(false));

@@ -140,6 +140,10 @@ impl PlainLoop {
             if !handled || self.read.len() > MAX_PLAIN_HEAD {
                 return Ok(Next::Hyper);
             }
+            if self.read.is_empty() && shutdown.is_cancelled() {
+                // Even a client whose next request is already here is done.
+                return Ok(Next::Close);
+            }
             if answered {
                 waiting_since = Instant::now();
             }
