@@ -148,9 +148,9 @@ impl Endpoints {
     }
 }
 
-/// CPU time (user + system) a process has used, in seconds: `/proc/PID/stat`'s `utime` and
-/// `stime`. `None` for `pid` gives this process's (the client's).
-fn cpu_seconds(pid: Option<u32>) -> f64 {
+/// CPU time a process has used, user and system, in seconds: `/proc/PID/stat`'s `utime`
+/// and `stime`. `None` for `pid` gives this process's (the client's).
+fn cpu_seconds(pid: Option<u32>) -> Cpu {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     let ticks = *TICKS.get_or_init(|| {
         std::process::Command::new("getconf")
@@ -175,7 +175,28 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
     };
-    (field(11) + field(12)) / ticks
+    Cpu {
+        user: field(11) / ticks,
+        system: field(12) / ticks,
+    }
+}
+
+/// User and system CPU seconds.
+#[derive(Clone, Copy)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+
+    fn sub(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
 }
 
 /// One client connection to one system.
@@ -419,8 +440,8 @@ struct Outcome {
     service: Vec<u64>,
     /// Closed loop only: CPU seconds the server's process (when it has one of its own) and
     /// this process (the client) used during the run.
-    server_cpu: Option<f64>,
-    client_cpu: f64,
+    server_cpu: Option<Cpu>,
+    client_cpu: Option<Cpu>,
 }
 
 impl Outcome {
@@ -432,15 +453,18 @@ impl Outcome {
         quantile_ms(&self.latencies, q)
     }
 
-    /// The server's and the client's CPU time per request, in microseconds, as table cells.
+    /// The server's and the client's CPU time per request, in microseconds, user + system,
+    /// as table cells.
     fn cpu_cells(&self, system: System) -> (String, String) {
-        let per_request = |seconds: f64| format!("{:.1}", seconds * 1e6 / self.requests as f64);
+        let per_request = |cpu: Cpu| {
+            let us = |seconds: f64| seconds * 1e6 / self.requests as f64;
+            format!("{:.1} + {:.1}", us(cpu.user), us(cpu.system))
+        };
         let server = self.server_cpu.map_or("-".to_owned(), per_request);
         // The bare server runs in the client's process: its time is not the client's alone.
-        let client = if system == System::BareAxum {
-            "-".to_owned()
-        } else {
-            per_request(self.client_cpu)
+        let client = match self.client_cpu {
+            Some(cpu) if system != System::BareAxum => per_request(cpu),
+            _ => "-".to_owned(),
         };
         (server, client)
     }
@@ -518,7 +542,7 @@ async fn closed_loop(
     let client_cpu = cpu_seconds(None) - cpu_before.1;
     let mut outcome = collect(workers, system, elapsed).await;
     outcome.server_cpu = server_cpu;
-    outcome.client_cpu = client_cpu;
+    outcome.client_cpu = Some(client_cpu);
     outcome
 }
 
@@ -551,7 +575,7 @@ async fn collect(
         latencies,
         service,
         server_cpu: None,
-        client_cpu: f64::NAN,
+        client_cpu: None,
     }
 }
 
@@ -921,7 +945,7 @@ fn main() {
             println!();
             println!("Closed loop, {concurrency} connections:");
             println!();
-            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req | client CPU us/req |");
+            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             let mut results = Vec::new();
             for &system in &selected {
