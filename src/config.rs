@@ -212,7 +212,8 @@ pub struct ServerArgs {
     #[arg(long, env = "PERMD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
     /// A client must send a request's headers within this time or is disconnected
-    /// (protects against slow clients; milliseconds).
+    /// (protects against slow clients; milliseconds). Counted from when the server starts
+    /// waiting for the request, so a keep-alive connection idle this long is closed too.
     #[arg(long, env = "PERMD_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout_ms: u64,
 }
