@@ -6,27 +6,40 @@
 //! encoding) costs more than the check itself. So a connection starts here: each request
 //! head is parsed in place (httparse, the parser hyper uses), and a plain
 //! `GET /v1/check?…` is answered by [`App::check_plain`], the same function hyper's fast path
-//! calls, with the bytes hyper would write. At the first request this loop does not
-//! handle (any other route or method, a body, `Connection` other than `keep-alive`,
-//! HTTP/1.0, a query the fast path declines, a parse error), the connection is handed to
-//! hyper for good, with the bytes already read replayed in front of the socket: from then
-//! on hyper and the router decide everything, errors included, as before.
+//! calls, with the bytes hyper would write. Any other request (another route or method, a
+//! body, a query the fast path declines, an error) is served by hyper, with the bytes
+//! already read replayed in front of the socket: hyper and the router decide everything
+//! about it, errors included.
+//!
+//! Hyper serves that one request and gives the connection back, so a client that mixes
+//! batches and single checks on its connections keeps the fast loop for the checks. For
+//! that the loop first gathers the whole request (`Content-Length` bodies up to 64 KiB), so
+//! that hyper never leaves part of a body unread in the socket; hyper is asked to stop as
+//! soon as it starts writing its answer (the head, already encoded, still says keep-alive);
+//! and the connection returns with whatever hyper read past the request. A connection stays
+//! with hyper for good when hyper must decide its end: HTTP/1.0, `Connection` other than
+//! `keep-alive`, `Transfer-Encoding`, `Expect`, `Upgrade`, a larger body, a head it cannot
+//! parse, or an answer that says `connection: close`.
 //!
 //! What hyper would do and this loop does too: pipelined requests are answered in order
-//! (one write for all that arrived together), a request head must be complete within
-//! `header_timeout` of when the server started waiting for it (an idle keep-alive
-//! connection included), and a graceful shutdown closes an idle connection at once and lets
-//! a request being received finish.
+//! (one write for all that arrived together), a request head (and a body gathered whole)
+//! must arrive within `header_timeout` of when the server started waiting for it (an idle
+//! keep-alive connection included), and a graceful shutdown closes an idle connection at
+//! once and lets a request being received finish.
 
+use std::future::{poll_fn, Future as _};
 use std::io;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use axum::http::Request;
 use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +54,11 @@ const MAX_PLAIN_HEAD: usize = 8 * 1024;
 /// Most headers in a plain request; more goes to hyper (whose limit is 100).
 const MAX_PLAIN_HEADERS: usize = 32;
 
+/// The largest request (head and body) the loop gathers whole before it lets hyper serve
+/// it and takes the connection back; a larger one (a batch of more than ~1,000 checks)
+/// leaves the connection with hyper for good.
+const MAX_WHOLE_REQUEST: usize = 64 * 1024;
+
 /// Serves one connection until the client closes it, it times out, or `shutdown`.
 pub(super) async fn serve_connection(
     stream: TcpStream,
@@ -53,43 +71,124 @@ pub(super) async fn serve_connection(
         read: BytesMut::with_capacity(4096),
         write: Vec::with_capacity(1024),
     };
-    match plain.run(&api, header_timeout, &shutdown).await {
-        Ok(Next::Close) => return,
-        Ok(Next::Hyper) => {}
-        Err(error) => {
-            tracing::debug!(%error, "connection ended with an error");
-            return;
+    loop {
+        let once = match plain.run(&api, header_timeout, &shutdown).await {
+            Ok(Next::Close) => return,
+            Ok(Next::Hyper { once }) => once,
+            Err(error) => {
+                tracing::debug!(%error, "connection ended with an error");
+                return;
+            }
+        };
+        match serve_by_hyper(plain, once, &api, header_timeout, &shutdown).await {
+            Some(back) => plain = back,
+            None => return,
         }
     }
+}
+
+/// Lets hyper serve the connection, the bytes the loop read first. With `once` (the length
+/// of the whole request at the start of those bytes, in which nothing asks hyper to close
+/// or to leave HTTP), only that request: hyper may read no further, is asked to stop as
+/// soon as it starts writing the answer (whose head, encoded by then, still says
+/// keep-alive), and the connection is returned with the bytes after the request. Otherwise
+/// hyper serves it to the end, as it would on its own. `None` when the connection is over.
+async fn serve_by_hyper(
+    plain: PlainLoop,
+    once: Option<usize>,
+    api: &Api,
+    header_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Option<PlainLoop> {
+    let written = Arc::new(AtomicBool::new(false));
     let io = Replay {
         prefix: plain.read.freeze(),
+        readable: once,
         stream: plain.stream,
+        written: Arc::clone(&written),
+        head: Vec::new(),
+        head_done: false,
+    };
+    let service = {
+        let api = api.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let mut api = api.clone();
+            api.app().metrics.hyper_request();
+            // Boxed, so the connection can be polled without being shut down (hyper wants
+            // an `Unpin` future for that); this path is not the hot one.
+            Box::pin(tower_service::Service::call(&mut api, request))
+        })
     };
     // Each answer is written as one flat buffer (head and body copied together, a few
     // dozen bytes) rather than queued as separate buffers for a vectored write: 19 %
     // more single checks per second in the `compare` suite (benches/README.md).
-    let connection = http1::Builder::new()
+    let mut connection = http1::Builder::new()
         .writev(false)
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(api));
-    let mut connection = pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+        .serve_connection(TokioIo::new(io), service);
+    let mut cancelled = pin!(shutdown.cancelled());
+    let mut stopping = false;
+    let result = poll_fn(|cx| loop {
+        let stop = once.is_some() && written.load(Ordering::Relaxed);
+        if !stopping && (stop || cancelled.as_mut().poll(cx).is_ready()) {
+            stopping = true;
+            Pin::new(&mut connection).graceful_shutdown();
         }
-    };
+        match connection.poll_without_shutdown(cx) {
+            // The answer was started during this poll: ask hyper to stop, and poll again
+            // (nothing else would wake this task).
+            Poll::Pending if !stopping && once.is_some() && written.load(Ordering::Relaxed) => {}
+            done => return done,
+        }
+    })
+    .await;
+    let parts = connection.into_parts();
+    let mut io = parts.io.into_inner();
     if let Err(error) = result {
         tracing::debug!(%error, "connection ended with an error");
+        return None;
+    }
+    if once.is_none() || !io.head_done || head_says_close(&io.head) {
+        // Hyper decided the connection is over (or it never was to come back): close it as
+        // hyper would have.
+        let _ = io.stream.shutdown().await;
+        return None;
+    }
+    // What hyper read and did not use, then what it did not read.
+    let mut read = BytesMut::with_capacity(4096.max(parts.read_buf.len() + io.prefix.len()));
+    read.extend_from_slice(&parts.read_buf);
+    read.extend_from_slice(&io.prefix);
+    Some(PlainLoop {
+        stream: io.stream,
+        read,
+        write: Vec::with_capacity(1024),
+    })
+}
+
+/// Whether a response head (hyper's) says the connection closes after it.
+fn head_says_close(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(head) {
+        Ok(httparse::Status::Complete(_)) => response.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && h.value
+                    .split(|b| *b == b',')
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+        }),
+        _ => true,
     }
 }
 
 /// Where a connection goes when the loop is done with it.
 enum Next {
     Close,
-    Hyper,
+    /// To hyper; `once` is the length of the request at the start of the read buffer when
+    /// hyper is to serve only that one.
+    Hyper {
+        once: Option<usize>,
+    },
 }
 
 /// The loop's state: the socket and its two buffers.
@@ -118,28 +217,35 @@ impl PlainLoop {
         let mut cancelled = pin!(shutdown.cancelled());
         loop {
             let mut answered = false;
-            let handled = loop {
+            let step = loop {
                 match plain_head(&self.read) {
                     Head::Plain(request) => {
                         let Some(answer) = api.app().check_plain(request.query, request.auth)
                         else {
-                            break false;
+                            // Hyper (the router) decides, and the request is whole.
+                            break Err(Some(request.len));
                         };
                         write_answer(&mut self.write, answer);
                         self.read.advance(request.len);
                         answered = true;
                     }
-                    Head::Partial => break true,
-                    Head::Other => break false,
+                    Head::Partial => break Ok(None),
+                    Head::Body { len } => break Ok(Some(len)),
+                    Head::Other { once } => break Err(once),
                 }
             };
             if !self.write.is_empty() {
                 self.stream.write_all(&self.write).await?;
                 self.write.clear();
             }
-            if !handled || self.read.len() > MAX_PLAIN_HEAD {
-                return Ok(Next::Hyper);
-            }
+            let wanted = match step {
+                Err(once) => return Ok(Next::Hyper { once }),
+                Ok(None) if self.read.len() > MAX_PLAIN_HEAD => {
+                    return Ok(Next::Hyper { once: None })
+                }
+                Ok(None) => 1024,
+                Ok(Some(len)) => len - self.read.len(),
+            };
             if self.read.is_empty() && shutdown.is_cancelled() {
                 // Even a client whose next request is already here is done.
                 return Ok(Next::Close);
@@ -147,8 +253,8 @@ impl PlainLoop {
             if answered {
                 waiting_since = Instant::now();
             }
-            if self.read.capacity() - self.read.len() < 1024 {
-                self.read.reserve(4096);
+            if self.read.capacity() - self.read.len() < wanted {
+                self.read.reserve(wanted.max(4096));
             }
             tokio::select! {
                 biased;
@@ -156,7 +262,11 @@ impl PlainLoop {
                     if read? == 0 {
                         // The client is done. Half a head goes to hyper, which decides what
                         // an incomplete request is owed.
-                        return Ok(if self.read.is_empty() { Next::Close } else { Next::Hyper });
+                        return Ok(if self.read.is_empty() {
+                            Next::Close
+                        } else {
+                            Next::Hyper { once: None }
+                        });
                     }
                 }
                 () = &mut cancelled, if self.read.is_empty() => return Ok(Next::Close),
@@ -179,8 +289,14 @@ enum Head<'a> {
     Plain(PlainRequest<'a>),
     /// The start of a head.
     Partial,
-    /// Anything else: hyper's.
-    Other,
+    /// A complete head of a request for hyper whose body (`Content-Length`) has not all
+    /// arrived: the request is `len` bytes.
+    Body { len: usize },
+    /// Anything else: hyper's. `once` (the request's length) when hyper is to serve only
+    /// this request (it
+    /// is whole in the buffer, HTTP/1.1, and nothing in it makes hyper close the
+    /// connection, leave HTTP, answer in two parts, or find the end of a body itself).
+    Other { once: Option<usize> },
 }
 
 /// A plain single check: its query, its credentials, and the length of its head.
@@ -200,36 +316,52 @@ fn plain_head(buf: &[u8]) -> Head<'_> {
     let len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Head::Partial,
-        Err(_) => return Head::Other,
+        Err(_) => return Head::Other { once: None },
     };
-    if request.method != Some("GET") || request.version != Some(1) {
-        return Head::Other;
-    }
-    let Some(query) = request
-        .path
-        .and_then(|path| path.strip_prefix("/v1/check?"))
-        .filter(|query| query.bytes().all(plain_query_byte))
-    else {
-        return Head::Other;
-    };
+    let mut keeps_alive = request.version == Some(1);
     let mut auth = None;
+    let mut lengths = Vec::new();
     for header in request.headers.iter() {
         let name = header.name;
         if name.eq_ignore_ascii_case("authorization") {
             auth = auth.or(Some(header.value));
         } else if name.eq_ignore_ascii_case("connection") {
-            if !header.value.eq_ignore_ascii_case(b"keep-alive") {
-                return Head::Other;
-            }
-        } else if name.eq_ignore_ascii_case("content-length")
-            || name.eq_ignore_ascii_case("transfer-encoding")
+            keeps_alive &= header.value.eq_ignore_ascii_case(b"keep-alive");
+        } else if name.eq_ignore_ascii_case("content-length") {
+            lengths.push(header.value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("upgrade")
         {
-            return Head::Other;
+            keeps_alive = false;
         }
     }
-    Head::Plain(PlainRequest { query, auth, len })
+    if !keeps_alive {
+        return Head::Other { once: None };
+    }
+    let query = request
+        .path
+        .and_then(|path| path.strip_prefix("/v1/check?"))
+        .filter(|query| query.bytes().all(plain_query_byte));
+    match (request.method, query, &lengths[..]) {
+        (Some("GET"), Some(query), []) => Head::Plain(PlainRequest { query, auth, len }),
+        (_, _, []) => Head::Other { once: Some(len) },
+        (_, _, [length]) => match content_length(length).and_then(|body| body.checked_add(len)) {
+            Some(whole) if whole > MAX_WHOLE_REQUEST => Head::Other { once: None },
+            Some(whole) if buf.len() < whole => Head::Body { len: whole },
+            Some(whole) => Head::Other { once: Some(whole) },
+            None => Head::Other { once: None },
+        },
+        _ => Head::Other { once: None },
+    }
+}
+
+/// A `Content-Length` value: decimal digits only (hyper's rule too).
+fn content_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// The bytes a plain query may hold: those of RFC 3986's query production (percent
@@ -271,10 +403,38 @@ fn with_http_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
     })
 }
 
-/// The socket with the bytes the loop read in front of it, for hyper.
+/// The socket with the bytes the loop read in front of it, for hyper; it also notes when
+/// hyper starts writing an answer, and keeps that answer's head.
 struct Replay {
     prefix: Bytes,
+    /// How much hyper may read, when it is to serve one request only: that request's
+    /// length (all of it in `prefix`). Past it, a read waits for ever, so hyper cannot
+    /// start on a pipelined request before it is asked to stop.
+    readable: Option<usize>,
     stream: TcpStream,
+    /// Set at hyper's first write: the head of its answer is encoded by then.
+    written: Arc<AtomicBool>,
+    /// The first answer's head as written (up to its end or `MAX_PLAIN_HEAD` bytes).
+    head: Vec<u8>,
+    head_done: bool,
+}
+
+impl Replay {
+    fn keep_head(&mut self, bytes: &[u8]) {
+        if self.head_done {
+            return;
+        }
+        let take = bytes.len().min(MAX_PLAIN_HEAD - self.head.len());
+        // Where the end could be: from three bytes before what is new.
+        let from = self.head.len().saturating_sub(3);
+        self.head.extend_from_slice(&bytes[..take]);
+        if let Some(end) = self.head[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            self.head.truncate(from + end + 4);
+            self.head_done = true;
+        } else if self.head.len() == MAX_PLAIN_HEAD {
+            self.head_done = true;
+        }
+    }
 }
 
 impl AsyncRead for Replay {
@@ -283,12 +443,28 @@ impl AsyncRead for Replay {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.prefix.is_empty() {
-            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        let Self {
+            prefix,
+            readable,
+            stream,
+            ..
+        } = &mut *self;
+        match readable {
+            // Nothing wakes this read: hyper is done reading, and the loop that polls it
+            // asks it to stop once it writes its answer.
+            Some(left) if *left == 0 || prefix.is_empty() => return Poll::Pending,
+            None if prefix.is_empty() => return Pin::new(stream).poll_read(cx, buf),
+            _ => {}
         }
-        let n = self.prefix.len().min(buf.remaining());
-        buf.put_slice(&self.prefix[..n]);
-        self.prefix.advance(n);
+        let n = prefix
+            .len()
+            .min(buf.remaining())
+            .min(readable.unwrap_or(usize::MAX));
+        buf.put_slice(&prefix[..n]);
+        prefix.advance(n);
+        if let Some(left) = readable {
+            *left -= n;
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -299,7 +475,12 @@ impl AsyncWrite for Replay {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        self.written.store(true, Ordering::Relaxed);
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.keep_head(&buf[..n]);
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -309,16 +490,22 @@ impl AsyncWrite for Replay {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
+}
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
+#[cfg(test)]
+mod tests {
+    use super::head_says_close;
 
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+    #[test]
+    fn a_response_head_says_close_in_any_spelling_and_list() {
+        let head = |connection: &str| {
+            format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{connection}\r\n\r\n").into_bytes()
+        };
+        assert!(head_says_close(&head("connection: close")));
+        assert!(head_says_close(&head("Connection: Keep-Alive, CLOSE")));
+        assert!(!head_says_close(&head("connection: keep-alive")));
+        assert!(!head_says_close(&head("x-close: close")));
+        // A head not seen whole: hyper decided something the loop cannot read.
+        assert!(head_says_close(b"HTTP/1.1 200 OK\r\ncontent-le"));
     }
 }

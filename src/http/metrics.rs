@@ -22,6 +22,7 @@ pub(crate) struct Metrics {
     stale: AtomicU64,
     shed: AtomicU64,
     client_errors: AtomicU64,
+    hyper_requests: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_nanos: AtomicU64,
@@ -64,6 +65,11 @@ impl Metrics {
     /// Counts a request answered with a 4xx.
     pub(crate) fn client_error(&self) {
         self.client_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request served by hyper rather than the keep-alive loop.
+    pub(crate) fn hyper_request(&self) {
+        self.hyper_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every metric; `in_flight` is the number of API
@@ -114,7 +120,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 11] = [
+        let gauges: [(&str, &str, &str, f64); 12] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -130,6 +136,12 @@ impl Metrics {
             ("permd_reconnects_total", "counter", "Sync connections lost and re-established.", report.reconnects as f64),
             ("permd_stale_total", "counter", "Requests answered 503 stale (at_least not reached in time).", get(&self.stale) as f64),
             ("permd_shed_total", "counter", "Requests shed with 503 overloaded (too many in flight).", get(&self.shed) as f64),
+            (
+                "permd_http_hyper_requests_total",
+                "counter",
+                "Requests served by hyper, the full HTTP server, rather than permd's keep-alive loop: all but plain GET /v1/check (this scrape included).",
+                get(&self.hyper_requests) as f64,
+            ),
             ("permd_in_flight", "gauge", "API requests being served, this scrape included (bounded by --max-in-flight).", in_flight as f64),
         ];
         for (name, kind, help, value) in gauges {
