@@ -194,7 +194,7 @@ enum Next {
 /// The loop's state: the socket and its two buffers.
 struct PlainLoop {
     stream: TcpStream,
-    /// Bytes received and not yet answered (at most part of one request head once the
+    /// Bytes received and not yet answered (at most part of one request once the
     /// complete ones are answered).
     read: BytesMut,
     /// Answers not yet written.
