@@ -18,7 +18,15 @@
 //! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
 //! `BENCH_SYSTEMS` (comma-separated keys, e.g. `redis,permd`: only those run, and the
 //! ratios to a system left out are NaN), `BENCH_CONCURRENCY` (default `32,128`),
-//! `BENCH_OVERLOAD=0` (skip the overload part).
+//! `BENCH_OVERLOAD=0` (skip the overload part). `BENCH_PERMD` (comma-separated paths of
+//! permd binaries, default the one this build made): permd's rows run once per binary, one
+//! binary right after the other, to compare two builds side by side in one run (say one
+//! built in a `git worktree` of an earlier commit); the overload part runs the last one.
+//!
+//! Besides the single check and the batch, permd has a row for a client that pools its
+//! connections and sends both kinds on each (9 single checks, then a batch of 100), with
+//! the rate it would reach if each request cost what it costs on a connection of its own
+//! kind (from the single and batch rows of the same run).
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -76,17 +84,19 @@ enum System {
     RedisPipelined,
     Permd,
     PermdBatch,
+    PermdMixed,
     BareAxum,
 }
 
 impl System {
-    const ALL: [System; 7] = [
+    const ALL: [System; 8] = [
         System::SqlSource,
         System::SqlPrecomputed,
         System::Redis,
         System::RedisPipelined,
         System::Permd,
         System::PermdBatch,
+        System::PermdMixed,
         System::BareAxum,
     ];
 
@@ -98,8 +108,19 @@ impl System {
             System::RedisPipelined => "Redis SISMEMBER, pipelined 16",
             System::Permd => "permd, single check (HTTP keep-alive)",
             System::PermdBatch => "permd, batch of 100",
+            System::PermdMixed => {
+                "permd, mixed: 9 single checks, then a batch of 100, on one connection"
+            }
             System::BareAxum => "bare axum + HashMap (the HTTP floor; not a product)",
         }
+    }
+
+    /// Whether permd serves it (its rows run once per `BENCH_PERMD` binary).
+    fn is_permd(self) -> bool {
+        matches!(
+            self,
+            System::Permd | System::PermdBatch | System::PermdMixed
+        )
     }
 
     /// The name `BENCH_SYSTEMS` selects it by.
@@ -111,14 +132,18 @@ impl System {
             System::RedisPipelined => "redis-pipelined",
             System::Permd => "permd",
             System::PermdBatch => "permd-batch",
+            System::PermdMixed => "permd-mixed",
             System::BareAxum => "bare-axum",
         }
     }
 
-    fn checks_per_request(self) -> usize {
+    /// The number of checks in a connection's request number `i` (from 0).
+    fn checks_in_request(self, i: u64) -> usize {
         match self {
             System::RedisPipelined => 16,
             System::PermdBatch => 100,
+            // A client that pools its connections and sends both kinds on each.
+            System::PermdMixed if i % 10 == 9 => 100,
             _ => 1,
         }
     }
@@ -142,7 +167,7 @@ impl Endpoints {
     fn server_pid(&self, system: System) -> Option<u32> {
         match system {
             System::Redis | System::RedisPipelined => Some(self.redis_pid),
-            System::Permd | System::PermdBatch => Some(self.permd_pid),
+            System::Permd | System::PermdBatch | System::PermdMixed => Some(self.permd_pid),
             _ => None,
         }
     }
@@ -243,7 +268,7 @@ impl Conn {
                 stream.set_nodelay(true).unwrap();
                 Conn::Resp(BufStream::new(stream))
             }
-            System::Permd | System::PermdBatch | System::BareAxum => {
+            System::Permd | System::PermdBatch | System::PermdMixed | System::BareAxum => {
                 let port = if system == System::BareAxum {
                     at.bare
                 } else {
@@ -449,6 +474,10 @@ impl Outcome {
         self.checks as f64 / self.seconds
     }
 
+    fn requests_per_second(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
     fn quantile_ms(&self, q: f64) -> f64 {
         quantile_ms(&self.latencies, q)
     }
@@ -478,8 +507,6 @@ fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
     sorted[i] as f64 / 1e6
 }
 
-impl Outcome {}
-
 /// Closed loop: `concurrency` connections, each sending its next request as soon as the
 /// previous one is answered, for `seconds`. The clock starts once every connection is open.
 async fn closed_loop(
@@ -505,21 +532,17 @@ async fn closed_loop(
             started.await;
             let mut rng = 0x5eed_0000 + w as u64;
             let mut buf = Vec::new();
-            let mut latencies = Vec::new();
-            let (mut wrong, mut shed) = (0u64, 0u64);
-            let n = system.checks_per_request();
-            let mut checks = Vec::with_capacity(n);
+            let mut tally = Tally::default();
+            let mut checks = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 checks.clear();
+                let n = system.checks_in_request(tally.latencies.len() as u64);
                 checks.extend((0..n).map(|_| check(&mut rng, subjects)));
                 let started = Instant::now();
-                match conn.request(&checks, &mut buf).await {
-                    Some(w) => wrong += w as u64,
-                    None => shed += 1,
-                }
-                latencies.push(started.elapsed().as_nanos() as u64);
+                let answer = conn.request(&checks, &mut buf).await;
+                tally.count(answer, n, started.elapsed());
             }
-            (latencies, Vec::new(), wrong, shed)
+            tally
         }));
     }
     while ready.load(Ordering::Acquire) < concurrency as u64 {
@@ -540,35 +563,56 @@ async fn closed_loop(
         .zip(cpu_before.0)
         .map(|(after, before)| after - before);
     let client_cpu = cpu_seconds(None) - cpu_before.1;
-    let mut outcome = collect(workers, system, elapsed).await;
+    let mut outcome = collect(workers, elapsed).await;
     outcome.server_cpu = server_cpu;
     outcome.client_cpu = Some(client_cpu);
     outcome
 }
 
-type WorkerResult = (Vec<u64>, Vec<u64>, u64, u64);
+/// What one connection of a run saw.
+#[derive(Default)]
+struct Tally {
+    /// Each request's latency in nanoseconds (open loop: from when it was due).
+    latencies: Vec<u64>,
+    /// Open loop only: from when each request was sent to its answer, in nanoseconds.
+    service: Vec<u64>,
+    /// Checks answered (in requests not shed).
+    checks: u64,
+    wrong: u64,
+    shed: u64,
+}
 
-async fn collect(
-    workers: Vec<tokio::task::JoinHandle<WorkerResult>>,
-    system: System,
-    seconds: f64,
-) -> Outcome {
+impl Tally {
+    /// Counts one request of `n` checks: `answer` is what `Conn::request` returned.
+    fn count(&mut self, answer: Option<usize>, n: usize, latency: Duration) {
+        match answer {
+            Some(wrong) => {
+                self.wrong += wrong as u64;
+                self.checks += n as u64;
+            }
+            None => self.shed += 1,
+        }
+        self.latencies.push(latency.as_nanos() as u64);
+    }
+}
+
+async fn collect(workers: Vec<tokio::task::JoinHandle<Tally>>, seconds: f64) -> Outcome {
     let mut latencies = Vec::new();
     let mut service = Vec::new();
-    let (mut wrong, mut shed) = (0, 0);
+    let (mut checks, mut wrong, mut shed) = (0, 0, 0);
     for w in workers {
-        let (l, sv, w, s) = w.await.unwrap();
-        latencies.extend(l);
-        service.extend(sv);
-        wrong += w;
-        shed += s;
+        let tally = w.await.unwrap();
+        latencies.extend(tally.latencies);
+        service.extend(tally.service);
+        checks += tally.checks;
+        wrong += tally.wrong;
+        shed += tally.shed;
     }
     latencies.sort_unstable();
     service.sort_unstable();
-    let requests = latencies.len() as u64;
     Outcome {
-        requests,
-        checks: (requests - shed) * system.checks_per_request() as u64,
+        requests: latencies.len() as u64,
+        checks,
         wrong,
         shed,
         seconds,
@@ -604,23 +648,18 @@ async fn open_loop(
             ready.fetch_add(1, Ordering::Relaxed);
             let mut rng = 0x0be1_0000 + w as u64;
             let mut buf = Vec::new();
-            let mut latencies = Vec::new();
-            let mut service = Vec::new();
-            let (mut wrong, mut shed) = (0u64, 0u64);
-            let n = system.checks_per_request();
+            let mut tally = Tally::default();
             loop {
                 let due = { rx.lock().await.recv().await };
                 let Some(due) = due else { break };
+                let n = system.checks_in_request(tally.latencies.len() as u64);
                 let checks: Vec<Check> = (0..n).map(|_| check(&mut rng, subjects)).collect();
                 let sent = Instant::now();
-                match conn.request(&checks, &mut buf).await {
-                    Some(w) => wrong += w as u64,
-                    None => shed += 1,
-                }
-                latencies.push(due.elapsed().as_nanos() as u64);
-                service.push(sent.elapsed().as_nanos() as u64);
+                let answer = conn.request(&checks, &mut buf).await;
+                tally.count(answer, n, due.elapsed());
+                tally.service.push(sent.elapsed().as_nanos() as u64);
             }
-            (latencies, service, wrong, shed)
+            tally
         }));
     }
     while ready.load(Ordering::Relaxed) < concurrency as u64 {
@@ -647,7 +686,7 @@ async fn open_loop(
         started.elapsed().as_secs_f64()
     });
     let started = Instant::now();
-    let outcome = collect(workers, system, 0.0).await;
+    let outcome = collect(workers, 0.0).await;
     let _ = pacer.join();
     Outcome {
         seconds: started.elapsed().as_secs_f64(),
@@ -764,13 +803,13 @@ struct Permd {
 }
 
 impl Permd {
-    fn start(database_url: &str, flags: &[&str]) -> Self {
+    fn start(binary: &str, database_url: &str, flags: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_permd"))
+        let child = std::process::Command::new(binary)
             .args([
                 "serve",
                 "--database-url",
@@ -909,37 +948,65 @@ fn main() {
             .unwrap();
         let redis_keys = redis_command(redis.port, &["DBSIZE"]).await;
 
-        let loading = Instant::now();
-        let permd = Permd::start(&url, &[]);
-        let http = wait_ready(permd.port).await;
-        let load_seconds = loading.elapsed().as_secs_f64();
-        let rss = permd.rss_kib("VmRSS:") * 1024;
-        let hwm = permd.rss_kib("VmHWM:") * 1024;
-        assert!(http, "permd did not become ready");
+        // Every permd binary to measure (`BENCH_PERMD`), each its own process serving the
+        // same database, started and loaded one after the other before any run.
+        let binaries = env_list::<String>("BENCH_PERMD", env!("CARGO_BIN_EXE_permd"));
+        let several = binaries.len() > 1;
+        let mut servers = Vec::new();
+        for (k, binary) in binaries.iter().enumerate() {
+            let loading = Instant::now();
+            let permd = Permd::start(binary, &url, &[]);
+            let http = wait_ready(permd.port).await;
+            let load_seconds = loading.elapsed().as_secs_f64();
+            assert!(http, "permd {binary} did not become ready");
+            let rss = permd.rss_kib("VmRSS:") * 1024;
+            let hwm = permd.rss_kib("VmHWM:") * 1024;
+            let which = if several { format!(" [{}] ({binary})", k + 1) } else { String::new() };
+            println!();
+            println!(
+                "permd{which}: ready {load_seconds:.1} s after start (process start, connect, snapshot COPY of {tuples} tuples); \
+                 resident {:.0} MiB (peak {:.0} MiB). Redis used_memory {:.0} MiB. Ratio permd RSS / Redis used_memory: {:.2}.",
+                rss as f64 / 1048576.0,
+                hwm as f64 / 1048576.0,
+                used_memory as f64 / 1048576.0,
+                rss as f64 / used_memory as f64
+            );
+            servers.push(permd);
+        }
         pool.close().await;
 
-        let at = Endpoints {
+        // The endpoints with permd binary `k`'s server.
+        let at = |k: usize| Endpoints {
             postgres: url.clone(),
             redis: redis.port,
-            permd: permd.port,
+            permd: servers[k].port,
             bare,
             redis_pid: redis.child.id(),
-            permd_pid: permd.child.id(),
+            permd_pid: servers[k].child.id(),
+        };
+        // Each selected system with the permd binaries it runs against (only permd's rows
+        // run once per binary, one binary right after the other).
+        let runs: Vec<(System, usize)> = selected
+            .iter()
+            .flat_map(|&s| {
+                let count = if s.is_permd() { servers.len() } else { 1 };
+                (0..count).map(move |k| (s, k))
+            })
+            .collect();
+        let label = |system: System, k: usize| {
+            if several && system.is_permd() {
+                format!("{} [{}]", system.name(), k + 1)
+            } else {
+                system.name().to_owned()
+            }
         };
         println!();
         println!(
             "Workload: {subjects} subjects, {PERMISSIONS} permission names, {tuples} tuples; Redis keys {}; {seconds} s per closed-loop run.",
             redis_keys.trim().trim_start_matches(':')
         );
-        println!(
-            "permd: ready {load_seconds:.1} s after start (process start, connect, snapshot COPY of {tuples} tuples); \
-             resident {:.0} MiB (peak {:.0} MiB). Redis used_memory {:.0} MiB. Ratio permd RSS / Redis used_memory: {:.2}.",
-            rss as f64 / 1048576.0,
-            hwm as f64 / 1048576.0,
-            used_memory as f64 / 1048576.0,
-            rss as f64 / used_memory as f64
-        );
 
+        let newest = servers.len() - 1;
         let mut capacity = 0.0;
         for &concurrency in &concurrencies {
             println!();
@@ -948,24 +1015,34 @@ fn main() {
             println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             let mut results = Vec::new();
-            for &system in &selected {
-                let o = closed_loop(system, &at, concurrency, seconds, subjects).await;
-                results.push((system, o));
+            for &(system, k) in &runs {
+                let o = closed_loop(system, &at(k), concurrency, seconds, subjects).await;
+                results.push((system, k, o));
             }
-            let base = |s: System| {
+            // A figure of `system`'s run against permd binary `k` (the only run of the others).
+            let figure = |s: System, k: usize, f: fn(&Outcome) -> f64| {
                 results
                     .iter()
-                    .find(|(x, _)| *x == s)
-                    .map_or(f64::NAN, |(_, o)| o.checks_per_second())
+                    .find(|(x, j, _)| *x == s && (*j == k || !s.is_permd()))
+                    .map_or(f64::NAN, |(_, _, o)| f(o))
             };
-            let (redis, pipelined) = (base(System::Redis), base(System::RedisPipelined));
-            for (system, o) in &results {
+            let base = |s: System, k: usize| figure(s, k, Outcome::checks_per_second);
+            let (redis, pipelined) = (base(System::Redis, 0), base(System::RedisPipelined, 0));
+            for (system, k, o) in &results {
                 let (server_cpu, client_cpu) = o.cpu_cells(*system);
+                // The mixed row's checks per request are its own: its ratio is below.
+                let ratio = |a, b| {
+                    if *system == System::PermdMixed {
+                        "-".to_owned()
+                    } else {
+                        ratio(a, b)
+                    }
+                };
                 println!(
                     "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {server_cpu} | {client_cpu} |",
-                    system.name(),
+                    label(*system, *k),
                     o.checks_per_second(),
-                    o.requests as f64 / o.seconds,
+                    o.requests_per_second(),
                     o.quantile_ms(0.5),
                     o.quantile_ms(0.99),
                     o.quantile_ms(0.999),
@@ -973,22 +1050,36 @@ fn main() {
                     ratio(o.checks_per_second(), redis),
                     ratio(o.checks_per_second(), pipelined),
                 );
-                assert_eq!(o.wrong, 0, "{} gave wrong answers", system.name());
+                assert_eq!(o.wrong, 0, "{} gave wrong answers", label(*system, *k));
             }
-            let permd = base(System::Permd);
             if concurrency == 32 {
-                capacity = permd;
+                capacity = base(System::Permd, newest);
             }
-            println!();
-            println!(
-                "permd single vs: source-table SQL {}, precomputed SQL {}, Redis {}, bare axum {} (bare axum vs Redis {}); permd batch vs Redis pipelined {}",
-                ratio(permd, base(System::SqlSource)),
-                ratio(permd, base(System::SqlPrecomputed)),
-                ratio(permd, redis),
-                ratio(permd, base(System::BareAxum)),
-                ratio(base(System::BareAxum), redis),
-                ratio(base(System::PermdBatch), pipelined)
-            );
+            for k in 0..servers.len() {
+                let permd = base(System::Permd, k);
+                let which = if several { format!(" [{}]", k + 1) } else { String::new() };
+                println!();
+                println!(
+                    "permd{which} single vs: source-table SQL {}, precomputed SQL {}, Redis {}, bare axum {} (bare axum vs Redis {}); permd batch vs Redis pipelined {}",
+                    ratio(permd, base(System::SqlSource, k)),
+                    ratio(permd, base(System::SqlPrecomputed, k)),
+                    ratio(permd, redis),
+                    ratio(permd, base(System::BareAxum, k)),
+                    ratio(base(System::BareAxum, k), redis),
+                    ratio(base(System::PermdBatch, k), pipelined)
+                );
+                // Were each request as costly on a mixed connection as on a connection of
+                // its own kind, a mixed connection's request would take 0.9 of a single
+                // check's time plus 0.1 of a batch's.
+                let requests = |s: System| figure(s, k, Outcome::requests_per_second);
+                let unmixed =
+                    1.0 / (0.9 / requests(System::Permd) + 0.1 / requests(System::PermdBatch));
+                println!(
+                    "permd{which} mixed: {:.0} requests/s against {unmixed:.0} expected from the single and batch rows ({})",
+                    requests(System::PermdMixed),
+                    ratio(requests(System::PermdMixed), unmixed)
+                );
+            }
         }
 
         println!();
@@ -997,11 +1088,11 @@ fn main() {
         println!("| system | checks/s | p50 ms | p99 ms | p99.9 ms | wrong |");
         println!("|---|---:|---:|---:|---:|---:|");
         let open = [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd];
-        for system in open.into_iter().filter(|s| selected.contains(s)) {
-            let o = open_loop(system, &at, 64, rate, seconds, subjects).await;
+        for &(system, k) in runs.iter().filter(|(s, _)| open.contains(s)) {
+            let o = open_loop(system, &at(k), 64, rate, seconds, subjects).await;
             println!(
                 "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
-                system.name(),
+                label(system, k),
                 o.checks_per_second(),
                 o.quantile_ms(0.5),
                 o.quantile_ms(0.99),
@@ -1010,10 +1101,10 @@ fn main() {
             );
             assert_eq!(o.wrong, 0);
         }
-        drop(permd);
+        drop(servers);
 
         if overload_part {
-            overload(&url, capacity, seconds, subjects).await;
+            overload(&binaries[newest], &url, capacity, seconds, subjects).await;
         }
     });
     drop(redis);
@@ -1024,8 +1115,8 @@ fn main() {
 /// measured, over 256 connections, against a permd admitting 16 requests at a time. The
 /// excess must be shed fast (503), the admitted ones answered with bounded latency, memory
 /// must stay flat, /livez must answer throughout, and all must be well afterwards.
-async fn overload(url: &str, capacity: f64, seconds: f64, subjects: u32) {
-    let permd = Permd::start(url, &["--max-in-flight", "16"]);
+async fn overload(binary: &str, url: &str, capacity: f64, seconds: f64, subjects: u32) {
+    let permd = Permd::start(binary, url, &["--max-in-flight", "16"]);
     assert!(wait_ready(permd.port).await);
     let at = Endpoints {
         postgres: url.to_owned(),
