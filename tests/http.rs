@@ -687,13 +687,23 @@ mod fuzz {
             1 => Just("PUT /v1/check"),
             1 => Just("GET /v1/check?subject=u1&permission=read"),
         ];
+        // Batches the loop answers itself, and batches it leaves to the router (a wait, a
+        // bad identifier, a duplicate key, not JSON).
         let body = prop_oneof![
             4 => Just(r#"{"checks":[{"subject":"u1","permission":"read","object":"doc:1"},{"subject":"u2","permission":"read"}]}"#.to_owned()),
+            1 => Just(r#" {"checks" : [ {"permission":"EXPORT","subject":"u\u0031","object":""} ], "pad": [1, {"a": null}] } "#.to_owned()),
+            1 => Just(r#"{"checks":[]}"#.to_owned()),
+            1 => Just(r#"{"checks":[{"subject":"u1","permission":"read"}],"at_least":"1"}"#.to_owned()),
+            1 => Just(r#"{"checks":[{"subject":"","permission":"read"}]}"#.to_owned()),
+            1 => Just(r#"{"checks":[],"checks":[]}"#.to_owned()),
             1 => Just("{not json".to_owned()),
             1 => Just(String::new()),
         ];
         let content_type = prop_oneof![
-            4 => Just("content-type: application/json\r\n"),
+            6 => Just("content-type: application/json\r\n"),
+            1 => Just("Content-Type: APPLICATION/JSON\r\n"),
+            1 => Just("content-type: application/json; charset=utf-8\r\n"),
+            1 => Just("content-type: application/json\r\ncontent-type: application/json\r\n"),
             1 => Just(""),
         ];
         let small = (line, body, content_type).prop_map(|(line, body, content_type)| {
@@ -888,9 +898,9 @@ async fn shutdown_closes_idle_connections_of_every_kind() {
         .expect("serve did not panic");
 }
 
-/// A connection hyper served a request on (a batch, another route, a check the loop
+/// A connection hyper served a request on (another route, a check or a batch the loop
 /// declined) comes back to the server's own loop: only those requests reach hyper, however
-/// many plain checks follow on the same connection, pipelined or not.
+/// many plain checks and batches follow on the same connection, pipelined or not.
 #[tokio::test]
 async fn a_connection_comes_back_to_the_own_loop_after_hyper_serves_a_request() {
     let (addr, _shutdown, _served) =
@@ -899,6 +909,11 @@ async fn a_connection_comes_back_to_the_own_loop_after_hyper_serves_a_request() 
     let body = r#"{"checks":[{"subject":"u1","permission":"EXPORT"}]}"#;
     let batch = format!(
         "POST /v1/check HTTP/1.1\r\nhost: permd\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The loop leaves a batch with any other content type to the router.
+    let declined_batch = format!(
+        "POST /v1/check HTTP/1.1\r\nhost: permd\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     let declined = "GET /v1/check?subject=u1 HTTP/1.1\r\nhost: permd\r\n\r\n";
@@ -919,7 +934,15 @@ async fn a_connection_comes_back_to_the_own_loop_after_hyper_serves_a_request() 
     let before = hyper_requests().await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     // One at a time, then the same pipelined in one write.
-    let sequence = [check, &batch, check, check, declined, check, check];
+    let sequence = [
+        check,
+        &batch,
+        check,
+        &declined_batch,
+        declined,
+        check,
+        check,
+    ];
     for request in sequence {
         // A body may come after its head: the server waits for it (two writes, which the
         // server may read as one).
@@ -942,8 +965,13 @@ async fn a_connection_comes_back_to_the_own_loop_after_hyper_serves_a_request() 
     while answers.matches("HTTP/1.1 ").count() < sequence.len() {
         answers += &wire::read_answer(&mut stream).await;
     }
-    assert_eq!(answers.matches("\"allowed\":true").count(), 5, "{answers}");
-    // Two of each seven went to hyper, and so did the second scrape (the first counted
-    // itself).
+    assert_eq!(answers.matches("\"allowed\":true").count(), 4, "{answers}");
+    assert_eq!(
+        answers.matches("\"results\":[true]").count(),
+        2,
+        "{answers}"
+    );
+    // Two of each seven went to hyper (the declined batch and check), and so did the second
+    // scrape (the first counted itself).
     assert_eq!(hyper_requests().await - before, 2 * 2 + 1);
 }

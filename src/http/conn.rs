@@ -229,6 +229,15 @@ impl PlainLoop {
                         self.read.advance(request.len);
                         answered = true;
                     }
+                    Head::Batch(request) => {
+                        let Some(answer) = api.app().check_batch_plain(request.body, request.auth)
+                        else {
+                            break Err(Some(request.len));
+                        };
+                        write_json(&mut self.write, &answer);
+                        self.read.advance(request.len);
+                        answered = true;
+                    }
                     Head::Partial => break Ok(None),
                     Head::Body { len } => break Ok(Some(len)),
                     Head::Other { once } => break Err(once),
@@ -287,6 +296,9 @@ impl PlainLoop {
 enum Head<'a> {
     /// A complete plain `GET /v1/check?…` head.
     Plain(PlainRequest<'a>),
+    /// A complete `POST /v1/check` (a batch) sent as `Content-Type: application/json`,
+    /// body and all.
+    Batch(PlainBatch<'a>),
     /// The start of a head.
     Partial,
     /// A complete head of a request for hyper whose body (`Content-Length`) has not all
@@ -306,6 +318,13 @@ struct PlainRequest<'a> {
     len: usize,
 }
 
+/// A whole batch request: its body, its credentials, and its length, head and body.
+struct PlainBatch<'a> {
+    body: &'a [u8],
+    auth: Option<&'a [u8]>,
+    len: usize,
+}
+
 /// Classifies the request at the start of `buf`.
 fn plain_head(buf: &[u8]) -> Head<'_> {
     if buf.is_empty() {
@@ -320,6 +339,7 @@ fn plain_head(buf: &[u8]) -> Head<'_> {
     };
     let mut keeps_alive = request.version == Some(1);
     let mut auth = None;
+    let mut json = None;
     let mut lengths = Vec::new();
     for header in request.headers.iter() {
         let name = header.name;
@@ -327,6 +347,9 @@ fn plain_head(buf: &[u8]) -> Head<'_> {
             auth = auth.or(Some(header.value));
         } else if name.eq_ignore_ascii_case("connection") {
             keeps_alive &= header.value.eq_ignore_ascii_case(b"keep-alive");
+        } else if name.eq_ignore_ascii_case("content-type") {
+            // Only one, and exactly JSON: any other the router judges.
+            json = Some(json.is_none() && header.value.eq_ignore_ascii_case(b"application/json"));
         } else if name.eq_ignore_ascii_case("content-length") {
             lengths.push(header.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding")
@@ -349,6 +372,17 @@ fn plain_head(buf: &[u8]) -> Head<'_> {
         (_, _, [length]) => match content_length(length).and_then(|body| body.checked_add(len)) {
             Some(whole) if whole > MAX_WHOLE_REQUEST => Head::Other { once: None },
             Some(whole) if buf.len() < whole => Head::Body { len: whole },
+            Some(whole)
+                if request.method == Some("POST")
+                    && request.path == Some("/v1/check")
+                    && json == Some(true) =>
+            {
+                Head::Batch(PlainBatch {
+                    body: &buf[len..whole],
+                    auth,
+                    len: whole,
+                })
+            }
             Some(whole) => Head::Other { once: Some(whole) },
             None => Head::Other { once: None },
         },
@@ -375,12 +409,18 @@ fn plain_query_byte(byte: u8) -> bool {
 fn write_answer(out: &mut Vec<u8>, answer: PlainAnswer) {
     let mut body = String::with_capacity(48);
     answer.write_body(&mut body);
+    write_json(out, body.as_bytes());
+}
+
+/// Appends the response hyper writes for a 200 with a JSON `body`: the same head, in the
+/// same order.
+fn write_json(out: &mut Vec<u8>, body: &[u8]) {
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ");
     out.extend_from_slice(body.len().to_string().as_bytes());
     out.extend_from_slice(b"\r\ndate: ");
     with_http_date(|date| out.extend_from_slice(date));
     out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(body.as_bytes());
+    out.extend_from_slice(body);
 }
 
 /// Calls `f` with the current time as an HTTP date, formatted once a second per thread

@@ -158,11 +158,8 @@ impl App {
         authorization: Option<&[u8]>,
     ) -> Option<PlainAnswer> {
         let started = Instant::now();
-        if let Some(token) = &self.config.token {
-            let presented = authorization.and_then(|v| v.strip_prefix(b"Bearer "))?;
-            if !token.matches(presented) {
-                return None;
-            }
+        if !self.authorized(authorization) {
+            return None;
         }
         // Held while answering, so the in-flight count means the same on both paths.
         let _permit = self.in_flight.try_acquire().ok()?;
@@ -178,6 +175,16 @@ impl App {
         Some(PlainAnswer {
             allowed,
             revision: revision.0,
+        })
+    }
+
+    /// Whether a request with this `Authorization` value (the first one) passes the bearer
+    /// token check, when one is configured.
+    pub(super) fn authorized(&self, authorization: Option<&[u8]>) -> bool {
+        self.config.token.as_ref().map_or(true, |token| {
+            authorization
+                .and_then(|v| v.strip_prefix(b"Bearer "))
+                .is_some_and(|presented| token.matches(presented))
         })
     }
 

@@ -127,18 +127,53 @@ pub(super) async fn check_batch(
         }
     }
     let revision = app.fresh(body.at_least.as_ref()).await?;
-    let results = app.store.check_many(
-        body.checks
-            .iter()
-            .map(|c| (c.subject.as_str(), c.permission.as_str(), c.object.as_str())),
-    );
-    let allowed = results.iter().filter(|a| **a).count() as u64;
-    app.metrics.checks(allowed, results.len() as u64 - allowed);
-    app.metrics.latency(started.elapsed());
-    Ok(Json(BatchAnswer {
-        results,
-        revision: revision.to_string(),
-    }))
+    Ok(Json(app.answer_batch(&body.checks, revision, started)))
+}
+
+impl App {
+    /// Answers a batch `POST /v1/check` whose whole body the keep-alive loop read (sent as
+    /// `Content-Type: application/json`) with the JSON body the router would answer, or
+    /// `None` to let the router answer: errors, shedding, `at_least` waits and
+    /// authorization failures are all decided there, once.
+    pub(super) fn check_batch_plain(
+        &self,
+        body: &[u8],
+        authorization: Option<&[u8]>,
+    ) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        if !self.authorized(authorization) || body.len() > self.config.body_limit {
+            return None;
+        }
+        // Held while answering, so the in-flight count means the same on both paths.
+        let _permit = self.in_flight.try_acquire().ok()?;
+        let batch: BatchRequest = serde_json::from_slice(body).ok()?;
+        let valid = batch.checks.iter().all(|c| {
+            is_identifier(&c.subject, false)
+                && is_identifier(&c.permission, false)
+                && is_identifier(&c.object, true)
+        });
+        if batch.at_least.is_some() || batch.checks.len() > self.config.max_batch || !valid {
+            return None;
+        }
+        let answer = self.answer_batch(&batch.checks, self.store.watermark(), started);
+        serde_json::to_vec(&answer).ok()
+    }
+
+    /// Runs the valid `checks` of a batch at `revision` and counts them.
+    fn answer_batch(&self, checks: &[CheckItem], revision: Xid, started: Instant) -> BatchAnswer {
+        let results = self.store.check_many(
+            checks
+                .iter()
+                .map(|c| (c.subject.as_str(), c.permission.as_str(), c.object.as_str())),
+        );
+        let allowed = results.iter().filter(|a| **a).count() as u64;
+        self.metrics.checks(allowed, results.len() as u64 - allowed);
+        self.metrics.latency(started.elapsed());
+        BatchAnswer {
+            results,
+            revision: revision.to_string(),
+        }
+    }
 }
 
 /// The answer to a batch: `{"results":[…],"revision":"…"}`, serialized straight from the
