@@ -1,13 +1,15 @@
-//! One client connection: plain single checks answered by a keep-alive loop of our own,
-//! everything else by hyper.
+//! One client connection: plain single checks and batches answered by a keep-alive loop of
+//! our own, everything else by hyper.
 //!
 //! A single check is almost all of permd's traffic, and on two shared cores hyper's
 //! per-request work (a `HeaderMap`, a `Request`, the service call, a `Response` and its
 //! encoding) costs more than the check itself. So a connection starts here: each request
 //! head is parsed in place (httparse, the parser hyper uses), and a plain
 //! `GET /v1/check?…` is answered by [`App::check_plain`], the same function hyper's fast path
-//! calls, with the bytes hyper would write. Any other request (another route or method, a
-//! body, a query the fast path declines, an error) is served by hyper, with the bytes
+//! calls, with the bytes hyper would write; so is a whole `POST /v1/check` sent as
+//! `Content-Type: application/json` (a batch), by [`App::check_batch_plain`], which shares
+//! the router's handler's code. Any other request (another route or method, another body, a
+//! query or batch the loop declines, an error) is served by hyper, with the bytes
 //! already read replayed in front of the socket: hyper and the router decide everything
 //! about it, errors included.
 //!

@@ -139,7 +139,7 @@ impl Metrics {
             (
                 "permd_http_hyper_requests_total",
                 "counter",
-                "Requests served by hyper, the full HTTP server, rather than permd's keep-alive loop: all but the plain GET /v1/check requests the loop answers (this scrape included).",
+                "Requests served by hyper, the full HTTP server, rather than permd's keep-alive loop: all but the plain single checks and batches the loop answers (this scrape included).",
                 get(&self.hyper_requests) as f64,
             ),
             ("permd_in_flight", "gauge", "API requests being served, this scrape included (bounded by --max-in-flight).", in_flight as f64),
