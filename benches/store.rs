@@ -1,12 +1,16 @@
 //! In-process check latency: `cargo bench --bench store`.
 //!
 //! Builds a store of 100,000 subjects with 10 tuples each (1,000,000 tuples, 40
-//! permission names) through the same code the loader uses, then times single checks
-//! that hit and miss, rotating over 1,024 subjects; and global checks on a store where every
-//! subject holds its permissions on the global object only (plan permissions), (a working set larger than this
-//! machine's per-core L2 cache), and hits on 16 subjects (all in cache).
+//! permission names) through the same code the loader uses, then times:
+//! - global checks on a store where every subject holds its permissions on the global
+//!   object only (plan permissions), rotating over 1,024 subjects (a working set larger
+//!   than this machine's per-core L2 cache);
+//! - batches of 100 global checks over random subjects, `check_many` against the same
+//!   checks one by one;
+//! - object checks that hit and miss, rotating over 1,024 subjects, and hits on 16
+//!   subjects (all in cache).
 
-use criterion::{criterion_main, Criterion};
+use criterion::{criterion_main, Criterion, Throughput};
 use permd::store::Store;
 use std::hint::black_box;
 
@@ -66,6 +70,7 @@ fn checks(c: &mut Criterion) {
             });
         });
     }
+    batches(c);
     let store = store();
     // (subject, held permission, not-held permission, object) for 1,024 subjects.
     let queries: Vec<(String, String, String, String)> = (0..1024u32)
@@ -111,6 +116,64 @@ fn checks(c: &mut Criterion) {
             allowed
         });
     });
+}
+
+/// Batches of 100 checks on the global store, subjects uniform at random over all 100,000
+/// and half the checks allowed (the `compare` suite's batch workload, without HTTP and
+/// JSON): `check_many` side by side with the same checks one by one through `check`.
+fn batches(c: &mut Criterion) {
+    const BATCH: usize = 100;
+    let store = global_store();
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let checks: Vec<(String, String, bool)> = (0..1024 * BATCH)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let s = (rng >> 32) as u32 % SUBJECTS;
+            // Subject s holds exactly the names congruent to s modulo 4.
+            let allowed = rng & 1 == 0;
+            let p = (if allowed { s + 4 } else { s + 1 }) % PERMISSIONS;
+            (format!("user:{s}"), format!("perm{p}"), allowed)
+        })
+        .collect();
+    let batches: Vec<Vec<(&str, &str, &str)>> = checks
+        .chunks(BATCH)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|(s, p, _)| (s.as_str(), p.as_str(), ""))
+                .collect()
+        })
+        .collect();
+    let expected: Vec<Vec<bool>> = checks
+        .chunks(BATCH)
+        .map(|chunk| chunk.iter().map(|c| c.2).collect())
+        .collect();
+    let mut group = c.benchmark_group("batch_100");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let mut i = 0usize;
+    group.bench_function("check_many", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            let answers = store.check_many(black_box(batches[i].iter().copied()));
+            assert_eq!(answers, expected[i]);
+            answers
+        });
+    });
+    let mut i = 0usize;
+    group.bench_function("one_by_one", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            let answers: Vec<bool> = black_box(&batches[i])
+                .iter()
+                .map(|&(s, p, o)| store.check(s, p, o))
+                .collect();
+            assert_eq!(answers, expected[i]);
+            answers
+        });
+    });
+    group.finish();
 }
 
 // The macro defines an undocumented function.

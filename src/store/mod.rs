@@ -180,21 +180,14 @@ impl Store {
         self.with_state(|state| state.check(subject, permission, object, &mut Now::lazy()))
     }
 
-    /// Runs several checks against one generation of the state.
-    pub fn check_many<'a>(
-        &self,
-        checks: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
-    ) -> Vec<bool> {
-        let mut checks = Some(checks);
-        self.with_state(|state| {
-            let mut now = Now::lazy();
-            checks
-                .take()
-                .into_iter()
-                .flatten()
-                .map(|(s, p, o)| state.check(s, p, o, &mut now))
-                .collect()
-        })
+    /// Runs several checks against one generation of the state, the answers in order.
+    pub fn check_many<'a, I>(&self, checks: I) -> Vec<bool>
+    where
+        I: IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+        I::IntoIter: ExactSizeIterator + Clone,
+    {
+        let checks = checks.into_iter();
+        self.with_state(|state| state.check_many(checks.clone(), &mut Now::lazy()))
     }
 
     /// Runs `f` once on the current generation: through this thread's `View` of it when

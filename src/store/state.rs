@@ -1,6 +1,7 @@
 //! One immutable-by-swap generation of the mirrored permission set.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -369,29 +370,31 @@ impl State {
         self.subjects.len()
     }
 
-    /// Whether `subject` holds `permission` on one of the objects `candidates` names. The
-    /// object ids are resolved only once the subject's entry is found (and then once for
-    /// both the subject and `*`): an unknown subject costs no object look-up, and the
-    /// object's look-up comes after the shard lock, where its cache miss may overlap the
-    /// fetch of the subject's grants (before the lock, the locked instruction waits for it;
-    /// no gain beyond noise measured on resource checks, benches/README.md).
+    /// Whether the subject whose `entry` this is holds `permission` on one of the objects
+    /// `candidates` names. The object ids are resolved only once the subject's entry is
+    /// found (and then once for both the subject and `*`): an unknown subject costs no
+    /// object look-up, and the object's look-up comes after the shard lock, where its cache
+    /// miss may overlap the fetch of the subject's grants (before the lock, the locked
+    /// instruction waits for it; no gain beyond noise measured on resource checks,
+    /// benches/README.md). `entry` is taken by value: a shard guard is let go here, before
+    /// `*` is looked up (a second read lock on a shard held by this thread could wait
+    /// behind a queued writer for ever).
     #[inline]
-    fn subject_allows(
+    fn entry_allows<E: Deref<Target = SubjectEntry>>(
         &self,
-        subject: &str,
+        entry: Option<E>,
         candidates: &mut Candidates<'_>,
         permission: u32,
         now: &mut Now,
     ) -> bool {
-        match self.subjects.get(subject) {
-            None => false,
-            Some(entry) => candidates.ids(&self.objects).iter().any(|&o| {
+        entry.is_some_and(|entry| {
+            candidates.ids(&self.objects).iter().any(|&o| {
                 entry
                     .grants
                     .get(o)
                     .is_some_and(|g| g.allows(permission, now))
-            }),
-        }
+            })
+        })
     }
 
     /// Whether `subject` (or `*`) holds `permission` on `object` (or on `*` when `object`
@@ -403,14 +406,66 @@ impl State {
         object: &str,
         now: &mut Now,
     ) -> bool {
+        self.check_entry(subject, permission, object, now, |s| self.subjects.get(s))
+    }
+
+    /// `check` for many checks at once, in order, with the subject map read as a batch:
+    /// each shard's read lock is taken once for the whole batch, and every subject is
+    /// looked up before any check is answered. A look-up usually misses the cache on the
+    /// subject's bucket; with no locked instruction between them (each waits for all the
+    /// loads before it) the CPU overlaps several of those misses. Up to one check per shard
+    /// the checks go one by one, as `check` does.
+    pub(crate) fn check_many<'c>(
+        &self,
+        checks: impl ExactSizeIterator<Item = (&'c str, &'c str, &'c str)> + Clone,
+        now: &mut Now,
+    ) -> Vec<bool> {
+        let shards = self.subjects.shards();
+        if checks.len() <= shards.len() {
+            return checks.map(|(s, p, o)| self.check(s, p, o, now)).collect();
+        }
+        // In shard order, as every multi-shard reader must take them: with the single
+        // writer holding one shard at a time, no two threads can wait on each other.
+        let guards: Vec<_> = shards.iter().map(|shard| shard.read()).collect();
+        let entry_of = |subject: &str| {
+            let hash = self.subjects.hash_usize(&subject);
+            guards[self.subjects.determine_shard(hash)]
+                .get(hash as u64, |(key, _)| key.as_str() == subject)
+                .map(|(_, entry)| entry.get())
+        };
+        let entries: Vec<Option<&SubjectEntry>> =
+            checks.clone().map(|(s, _, _)| entry_of(s)).collect();
+        checks
+            .zip(entries)
+            .map(|((s, p, o), entry)| {
+                // `check_entry` asks for the subject first: that one is already found.
+                let mut found = Some(entry);
+                self.check_entry(s, p, o, now, |subject| {
+                    found.take().unwrap_or_else(|| entry_of(subject))
+                })
+            })
+            .collect()
+    }
+
+    /// The body of `check`, with the subject map read through `entry_of` (called for
+    /// `subject` first, then for `*` when needed).
+    #[inline]
+    fn check_entry<E: Deref<Target = SubjectEntry>>(
+        &self,
+        subject: &str,
+        permission: &str,
+        object: &str,
+        now: &mut Now,
+        mut entry_of: impl FnMut(&str) -> Option<E>,
+    ) -> bool {
         let Some(permission) = self.permissions.get(permission) else {
             return false;
         };
         let mut candidates = Candidates::Unresolved(object);
-        self.subject_allows(subject, &mut candidates, permission, now)
+        self.entry_allows(entry_of(subject), &mut candidates, permission, now)
             || (subject != WILDCARD
                 && self.has_public.load(Ordering::Relaxed)
-                && self.subject_allows(WILDCARD, &mut candidates, permission, now))
+                && self.entry_allows(entry_of(WILDCARD), &mut candidates, permission, now))
     }
 
     /// The permissions `subject` holds on `object` ('' for global ones), wildcards and
@@ -1022,6 +1077,106 @@ mod tests {
         state.set_limits("u1", &[]);
         assert_eq!(state.limit("u1", "projects"), Some(1));
         assert_eq!(state.limit_count(), 2);
+    }
+
+    /// A state with per-object, global, wildcard-subject, wildcard-object and expiring
+    /// grants over `subjects` subjects, and checks over them (and unknown names) drawn by
+    /// a fixed generator.
+    fn mixed_state(subjects: u64) -> (State, Vec<(String, String, String)>) {
+        let state = State::with_capacity(4, 64);
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % n
+        };
+        for s in 0..subjects {
+            for _ in 0..4 {
+                let object = ["", "*", "doc:1", "doc:2", "doc:3"][next(5) as usize];
+                let expires_at = (next(4) == 0).then_some(1_000);
+                state.set_grant(
+                    &format!("u{s}"),
+                    object,
+                    &[row(&format!("p{}", next(6)), expires_at)],
+                );
+            }
+        }
+        state.set_grant(
+            "*",
+            "doc:public",
+            &[row("p0", None), row("p1", Some(1_000))],
+        );
+        let checks = (0..2_000)
+            .map(|_| {
+                let subject = format!("u{}", next(subjects + subjects / 4));
+                let permission = format!("p{}", next(7));
+                let object =
+                    ["", "*", "doc:1", "doc:2", "doc:3", "doc:public", "doc:9"][next(7) as usize];
+                (subject, permission, object.to_string())
+            })
+            .collect();
+        (state, checks)
+    }
+
+    #[test]
+    fn a_batch_answers_as_its_checks_do_one_by_one() {
+        let (state, checks) = mixed_state(500);
+        let allowed = |checks: &[(String, String, String)], now: i64| {
+            let one_by_one: Vec<bool> = checks
+                .iter()
+                .map(|(s, p, o)| state.check(s, p, o, &mut Now::fixed(now)))
+                .collect();
+            let as_str = checks
+                .iter()
+                .map(|(s, p, o)| (s.as_str(), p.as_str(), o.as_str()));
+            assert_eq!(state.check_many(as_str, &mut Now::fixed(now)), one_by_one);
+            one_by_one
+        };
+        // Below, at and above one check per shard, before and after the expiry.
+        let shards = state.subjects.shards().len();
+        for size in [0, 1, shards, shards + 1, 100, checks.len()] {
+            for now in [999, 1_000] {
+                let answers = allowed(&checks[..size], now);
+                if size == checks.len() {
+                    let yes = answers.iter().filter(|a| **a).count();
+                    // Both answers are common, so that the comparison means something.
+                    assert!(yes > size / 20 && yes < size * 19 / 20, "{yes} of {size}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batches_and_writes_on_many_threads_do_not_wait_on_each_other() {
+        let (state, checks) = mixed_state(200);
+        let (state, checks) = (Arc::new(state), Arc::new(checks));
+        let (done, finished) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for t in 0..4 {
+            let (state, checks, done) = (state.clone(), checks.clone(), done.clone());
+            threads.push(std::thread::spawn(move || {
+                for round in 0..200 {
+                    if t == 0 {
+                        let subject = format!("u{}", round % 250);
+                        state.set_grant(&subject, "doc:1", &[row("p1", None)]);
+                        state.set_grant("*", "doc:1", &[row("p2", None)][..round % 2]);
+                    } else {
+                        let batch = checks[round % 100 * 10..][..100]
+                            .iter()
+                            .map(|(s, p, o)| (s.as_str(), p.as_str(), o.as_str()));
+                        assert_eq!(state.check_many(batch, &mut Now::lazy()).len(), 100);
+                    }
+                }
+                done.send(()).ok();
+            }));
+        }
+        for _ in 0..threads.len() {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("a thread is stuck: batch readers and the writer wait on each other");
+        }
+        threads
+            .into_iter()
+            .for_each(|t| t.join().expect("no thread panics"));
     }
 
     #[test]
