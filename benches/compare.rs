@@ -1074,21 +1074,30 @@ fn main() {
                 let requests = |s: System| figure(s, k, Outcome::requests_per_second);
                 let unmixed =
                     1.0 / (0.9 / requests(System::Permd) + 0.1 / requests(System::PermdBatch));
-                println!(
-                    "permd{which} mixed: {:.0} requests/s against {unmixed:.0} expected from the single and batch rows ({})",
-                    requests(System::PermdMixed),
-                    ratio(requests(System::PermdMixed), unmixed)
-                );
+                let mixed = requests(System::PermdMixed);
+                if mixed.is_nan() {
+                    // No mixed row in this run.
+                } else if unmixed.is_nan() {
+                    println!("permd{which} mixed: {mixed:.0} requests/s (no single and batch rows to expect a rate from)");
+                } else {
+                    println!(
+                        "permd{which} mixed: {mixed:.0} requests/s against {unmixed:.0} expected from the single and batch rows ({})",
+                        ratio(mixed, unmixed)
+                    );
+                }
             }
         }
 
-        println!();
-        println!("Open loop, {rate:.0} requests/s for {seconds} s, 64 connections (latency from when each request was due):");
-        println!();
-        println!("| system | checks/s | p50 ms | p99 ms | p99.9 ms | wrong |");
-        println!("|---|---:|---:|---:|---:|---:|");
         let open = [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd];
-        for &(system, k) in runs.iter().filter(|(s, _)| open.contains(s)) {
+        let open_runs: Vec<_> = runs.iter().filter(|(s, _)| open.contains(s)).collect();
+        if !open_runs.is_empty() {
+            println!();
+            println!("Open loop, {rate:.0} requests/s for {seconds} s, 64 connections (latency from when each request was due):");
+            println!();
+            println!("| system | checks/s | p50 ms | p99 ms | p99.9 ms | wrong |");
+            println!("|---|---:|---:|---:|---:|---:|");
+        }
+        for &&(system, k) in &open_runs {
             let o = open_loop(system, &at(k), 64, rate, seconds, subjects).await;
             println!(
                 "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
