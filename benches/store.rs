@@ -8,7 +8,10 @@
 //! - batches of 100 global checks over random subjects, `check_many` against the same
 //!   checks one by one;
 //! - object checks that hit and miss, rotating over 1,024 subjects, and hits on 16
-//!   subjects (all in cache).
+//!   subjects (all in cache);
+//! - object checks that hit, rotating over all 100,000 subjects (`check_allowed_cold`: a
+//!   working set of ~40 MB, past any cache of this machine, where 1,024 subjects may now fit
+//!   in a larger L2).
 
 use criterion::{criterion_main, Criterion, Throughput};
 use permd::store::Store;
@@ -101,6 +104,28 @@ fn checks(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) & 15;
             let (s, p, _, o) = &queries[i];
+            let allowed = store.check(black_box(s), black_box(p), black_box(o));
+            assert!(allowed);
+            allowed
+        });
+    });
+    // Every subject once, in an order that jumps across the map: no look-up finds its
+    // lines in any cache.
+    let cold: Vec<(String, String, String)> = (0..SUBJECTS)
+        .map(|i| {
+            let s = (i * 7_919) % SUBJECTS;
+            (
+                format!("user:{s}"),
+                format!("perm{}", s % PERMISSIONS),
+                format!("doc:{}", (s * 7) % 50_000),
+            )
+        })
+        .collect();
+    let mut i = 0usize;
+    c.bench_function("check_allowed_cold", |b| {
+        b.iter(|| {
+            i = if i + 1 == cold.len() { 0 } else { i + 1 };
+            let (s, p, o) = &cold[i];
             let allowed = store.check(black_box(s), black_box(p), black_box(o));
             assert!(allowed);
             allowed
