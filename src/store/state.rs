@@ -425,10 +425,6 @@ impl State {
         now: &mut Now,
     ) -> Vec<bool> {
         let mut answers = Vec::with_capacity(checks.len());
-        if checks.len() <= HELD_CHECKS {
-            self.check_held(checks, now, &mut answers);
-            return answers;
-        }
         let mut rest = checks;
         while rest.len() > 0 {
             let n = rest.len().min(HELD_CHECKS);
