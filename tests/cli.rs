@@ -46,6 +46,30 @@ fn http_get_with(port: u16, path: &str, headers: &str) -> Option<(u16, String)> 
     Some((status, body))
 }
 
+/// The TCP port process `pid` listens on (IPv4), if it listens yet: its socket's inode
+/// found among its open files and in the kernel's table of sockets.
+fn listening_port(pid: u32) -> Option<u16> {
+    let sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    table.lines().skip(1).find_map(|row| {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        // local address, state (0A: listening), inode
+        let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+        if *state != "0A" || !sockets.iter().any(|s| s == inode) {
+            return None;
+        }
+        u16::from_str_radix(local.split(':').nth(1)?, 16).ok()
+    })
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -457,24 +481,73 @@ async fn verify_proves_equality_and_names_what_differs() {
 /// `permd demo`, the README's first command: a throwaway Postgres seeded with the demo
 /// enterprise, a daemon answering the checks the demo prints, and on SIGTERM everything it
 /// started stopped and its directory removed. With its stdout and stderr gone (`permd demo |
-/// head`, then a closed terminal) it must serve all the same.
+/// head`, then a closed terminal) it must serve all the same. The demo listens on a port of
+/// the kernel's choosing (so that no other process can take it between a test's choice and
+/// the demo's bind, seconds later), which the test reads from the printed checks, or with
+/// the pipes closed, from the demo's listening socket.
 fn demo(closed_pipes: bool) {
     let tmp = std::env::temp_dir().join(format!(
         "permd-demo-test-{}-{closed_pipes}",
         std::process::id()
     ));
     std::fs::create_dir_all(&tmp).expect("create the demo's TMPDIR");
-    let port = free_port();
     let mut running = Running(
         permd()
-            .args(["demo", "--users", "100", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
+            .args(["demo", "--users", "100", "--listen", "127.0.0.1:0"])
             .env("TMPDIR", &tmp)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start permd demo"),
     );
+    let mut instructions = String::new();
+    let mut printed = None;
+    let port = if closed_pipes {
+        drop(running.0.stdout.take());
+        drop(running.0.stderr.take());
+        let started = Instant::now();
+        loop {
+            if let Some(port) = listening_port(running.0.id()) {
+                break port;
+            }
+            assert!(
+                running.0.try_wait().expect("wait").is_none(),
+                "the demo exited"
+            );
+            assert!(started.elapsed() < DEADLINE, "the demo never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        // The printed instructions, read on a thread so that a silent demo fails the test
+        // at the deadline rather than hanging it.
+        let stdout = running.0.stdout.take().expect("stdout");
+        let (lines, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines.send(line);
+            }
+        });
+        let printed = printed.insert(receiver);
+        loop {
+            let line = printed
+                .recv_timeout(DEADLINE)
+                .expect("the demo's first printed check");
+            instructions += &line;
+            instructions += "\n";
+            if let Some(port) = line
+                .split("127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|port| port.parse::<u16>().ok())
+            {
+                break port;
+            }
+        }
+    };
     let check = |query: &str| {
         http_get(port, &format!("/v1/check?{query}"))
             .is_some_and(|(status, body)| status == 200 && body.contains("\"allowed\":true"))
@@ -482,8 +555,6 @@ fn demo(closed_pipes: bool) {
     let allowed = "subject=user:2&permission=write&object=resource:10000";
     let denied = "subject=user:9&permission=read&object=resource:10000";
     if closed_pipes {
-        drop(running.0.stdout.take());
-        drop(running.0.stderr.take());
         let started = Instant::now();
         while !check(allowed) {
             assert!(
@@ -494,20 +565,7 @@ fn demo(closed_pipes: bool) {
             std::thread::sleep(Duration::from_millis(50));
         }
     } else {
-        // The printed instructions, read on a thread so that a silent demo fails the test
-        // at the deadline rather than hanging it.
-        let stdout = running.0.stdout.take().expect("stdout");
-        let (lines, printed) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = lines.send(line);
-            }
-        });
-        let mut instructions = String::new();
+        let printed = printed.expect("the printed lines");
         while !instructions.contains("Press Ctrl-C to stop.") {
             let line = printed
                 .recv_timeout(DEADLINE)
