@@ -70,11 +70,22 @@ fn listening_port(pid: u32) -> Option<u16> {
     })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Waits until `running` listens, and returns its port. Ports are the kernel's choice
+/// (`--listen 127.0.0.1:0`): a port a test picked and let go could be taken by another
+/// test's connection before permd binds it.
+fn listening(running: &mut Running) -> u16 {
+    let started = Instant::now();
+    loop {
+        if let Some(port) = listening_port(running.0.id()) {
+            return port;
+        }
+        assert!(
+            running.0.try_wait().expect("wait").is_none(),
+            "permd exited before it listened"
+        );
+        assert!(started.elapsed() < DEADLINE, "permd never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 struct Running(Child);
@@ -178,13 +189,12 @@ fn help_names_every_flag_and_variable() {
     }
 }
 
-/// Starts `permd serve` on a free port with `args` and `env`, and waits until ready.
+/// Starts `permd serve` on a port of the kernel's choosing with `args` and `env`, and waits
+/// until ready.
 async fn serve(url: &str, args: &[&str], env: &[(&str, &str)]) -> (Running, u16) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut command = permd();
     command
-        .args(["serve", "--listen", &listen])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .args(args)
         .env("DATABASE_URL", url)
         .stdout(Stdio::null())
@@ -192,7 +202,8 @@ async fn serve(url: &str, args: &[&str], env: &[(&str, &str)]) -> (Running, u16)
     for (k, v) in env {
         command.env(k, v);
     }
-    let running = Running(command.spawn().expect("start permd serve"));
+    let mut running = Running(command.spawn().expect("start permd serve"));
+    let port = listening(&mut running);
     wait_until("readyz 200", || {
         std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
     })
@@ -505,18 +516,7 @@ fn demo(closed_pipes: bool) {
     let port = if closed_pipes {
         drop(running.0.stdout.take());
         drop(running.0.stderr.take());
-        let started = Instant::now();
-        loop {
-            if let Some(port) = listening_port(running.0.id()) {
-                break port;
-            }
-            assert!(
-                running.0.try_wait().expect("wait").is_none(),
-                "the demo exited"
-            );
-            assert!(started.elapsed() < DEADLINE, "the demo never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        listening(&mut running)
     } else {
         // The printed instructions, read on a thread so that a silent demo fails the test
         // at the deadline rather than hanging it.
