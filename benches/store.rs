@@ -5,8 +5,8 @@
 //! - global checks on a store where every subject holds its permissions on the global
 //!   object only (plan permissions), rotating over 1,024 subjects (a working set larger
 //!   than this machine's per-core L2 cache);
-//! - batches of 100 global checks over random subjects, `check_many` against the same
-//!   checks one by one;
+//! - batches of 100 checks over random subjects, global and on objects, `check_many`
+//!   against the same checks one by one;
 //! - object checks that hit and miss, rotating over 1,024 subjects, and hits on 16
 //!   subjects (all in cache);
 //! - object checks that hit, rotating over all 100,000 subjects (`check_allowed_cold`: a
@@ -143,39 +143,74 @@ fn checks(c: &mut Criterion) {
     });
 }
 
-/// Batches of 100 checks on the global store, subjects uniform at random over all 100,000
-/// and half the checks allowed (the `compare` suite's batch workload, without HTTP and
-/// JSON): `check_many` side by side with the same checks one by one through `check`.
+/// Batches of 100 checks, subjects uniform at random over all 100,000 and half the checks
+/// allowed: `check_many` side by side with the same checks one by one through `check`. On
+/// the global store (`batch_100`: the `compare` suite's batch workload, without HTTP and
+/// JSON), and as permissions on objects (`batch_100_objects`: a subject's grants are a
+/// slice of their own, a second miss per check).
 fn batches(c: &mut Criterion) {
-    const BATCH: usize = 100;
-    let store = global_store();
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-    let checks: Vec<(String, String, bool)> = (0..1024 * BATCH)
+    let mut draw = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ((rng >> 32) as u32 % SUBJECTS, rng & 1 == 0)
+    };
+    let global: Vec<_> = (0..1024 * BATCH)
         .map(|_| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let s = (rng >> 32) as u32 % SUBJECTS;
+            let (s, allowed) = draw();
             // Subject s holds exactly the names congruent to s modulo 4.
-            let allowed = rng & 1 == 0;
             let p = (if allowed { s + 4 } else { s + 1 }) % PERMISSIONS;
-            (format!("user:{s}"), format!("perm{p}"), allowed)
+            (
+                format!("user:{s}"),
+                format!("perm{p}"),
+                String::new(),
+                allowed,
+            )
         })
         .collect();
+    batch_group(c, "batch_100", &global_store(), &global);
+    let objects: Vec<_> = (0..1024 * BATCH)
+        .map(|_| {
+            let (s, allowed) = draw();
+            // Subject s holds perm{s + t} on doc:{7s + t} for t < 10 (modulo 40 and 50,000).
+            let p = (if allowed { s } else { s + 1 }) % PERMISSIONS;
+            let o = (s * 7) % 50_000;
+            (
+                format!("user:{s}"),
+                format!("perm{p}"),
+                format!("doc:{o}"),
+                allowed,
+            )
+        })
+        .collect();
+    batch_group(c, "batch_100_objects", &store(), &objects);
+}
+
+const BATCH: usize = 100;
+
+/// `checks` (subject, permission, object, expected answer) in batches of `BATCH`, through
+/// `check_many` and one by one.
+fn batch_group(
+    c: &mut Criterion,
+    name: &str,
+    store: &Store,
+    checks: &[(String, String, String, bool)],
+) {
     let batches: Vec<Vec<(&str, &str, &str)>> = checks
         .chunks(BATCH)
         .map(|chunk| {
             chunk
                 .iter()
-                .map(|(s, p, _)| (s.as_str(), p.as_str(), ""))
+                .map(|(s, p, o, _)| (s.as_str(), p.as_str(), o.as_str()))
                 .collect()
         })
         .collect();
     let expected: Vec<Vec<bool>> = checks
         .chunks(BATCH)
-        .map(|chunk| chunk.iter().map(|c| c.2).collect())
+        .map(|chunk| chunk.iter().map(|c| c.3).collect())
         .collect();
-    let mut group = c.benchmark_group("batch_100");
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(BATCH as u64));
     let mut i = 0usize;
     group.bench_function("check_many", |b| {
