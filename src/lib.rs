@@ -25,7 +25,7 @@ pub mod sync;
 pub mod verify;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
@@ -110,17 +110,11 @@ impl Daemon {
 
     /// Waits until ready (loaded and caught up), at most `timeout`. False on timeout.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.status.is_ready(self.ready_max_lag.as_secs_f64()) {
-                return true;
-            }
-            tokio::select! {
-                () = self.shutdown.cancelled() => return false,
-                () = tokio::time::sleep(Duration::from_millis(10)) => {}
-            }
+        tokio::select! {
+            () = self.status.ready(self.ready_max_lag.as_secs_f64()) => true,
+            () = self.shutdown.cancelled() => false,
+            () = tokio::time::sleep(timeout) => false,
         }
-        false
     }
 
     /// Waits for the shutdown token, then for in-flight requests and the applier, at

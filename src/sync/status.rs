@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
+use tokio::sync::Notify;
 
 use crate::store::now_micros;
 
@@ -28,6 +29,8 @@ struct Inner {
     /// The last error, for operators. A `Mutex` because it is written rarely and read by
     /// the status route only.
     last_error: Mutex<Option<String>>,
+    /// Woken at each catch-up and full load: the events that can make the mirror ready.
+    progressed: Notify,
 }
 
 /// A point-in-time copy of the status, as `/v1/status` shows it.
@@ -85,6 +88,21 @@ impl Status {
             && self.lag_seconds().is_some_and(|lag| lag <= max_lag_seconds)
     }
 
+    /// Resolves when `is_ready(max_lag_seconds)` holds: at once if it does, else at the
+    /// catch-up or full load that makes it so (readiness only ever begins at one of those).
+    pub async fn ready(&self, max_lag_seconds: f64) {
+        loop {
+            let progressed = self.inner.progressed.notified();
+            tokio::pin!(progressed);
+            // Registered before the test, so that an event between the two is not missed.
+            progressed.as_mut().enable();
+            if self.is_ready(max_lag_seconds) {
+                return;
+            }
+            progressed.await;
+        }
+    }
+
     pub(crate) fn set_connected(&self, connected: bool) {
         self.inner.connected.store(connected, Ordering::Relaxed);
     }
@@ -100,6 +118,7 @@ impl Status {
             .last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
+        self.inner.progressed.notify_waiters();
     }
 
     pub(crate) fn full_load_done(&self, took_ms: u64) {
@@ -108,6 +127,7 @@ impl Status {
         i.last_full_load_at.store(now_micros(), Ordering::Relaxed);
         i.last_full_load_ms.store(took_ms, Ordering::Relaxed);
         i.reloads.fetch_add(1, Ordering::Relaxed);
+        i.progressed.notify_waiters();
     }
 
     pub(crate) fn reconnected(&self) {
@@ -121,5 +141,46 @@ impl Status {
             .last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt as _;
+
+    #[tokio::test]
+    async fn ready_resolves_at_the_event_that_makes_the_mirror_ready() {
+        let status = Status::default();
+        let mut ready = Box::pin(status.ready(5.0));
+        assert!(
+            (&mut ready).now_or_never().is_none(),
+            "ready before any load"
+        );
+        status.full_load_done(10);
+        assert!(
+            (&mut ready).now_or_never().is_none(),
+            "ready before the first catch-up"
+        );
+        status.caught_up(None);
+        // A notified waiter is ready at its next poll: no waiting.
+        assert!(
+            (&mut ready).now_or_never().is_some(),
+            "not ready after both"
+        );
+        assert!(
+            status.ready(5.0).now_or_never().is_some(),
+            "not ready at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lag_past_the_limit_is_not_ready() {
+        let status = Status::default();
+        status.full_load_done(10);
+        // Changes have waited behind an open transaction for a minute.
+        status.caught_up(Some(now_micros() - 60_000_000));
+        assert!(status.ready(5.0).now_or_never().is_none());
+        assert!(status.ready(120.0).now_or_never().is_some());
     }
 }
