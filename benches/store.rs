@@ -11,7 +11,9 @@
 //!   subjects (all in cache);
 //! - object checks that hit, rotating over all 100,000 subjects (`check_allowed_cold`: a
 //!   working set of ~40 MB, past any cache of this machine, where 1,024 subjects may now fit
-//!   in a larger L2).
+//!   in a larger L2);
+//! - `memory_latency`: one load that misses every cache (a pointer chase over 64 MiB), the
+//!   unit in which `check_allowed_cold` is counted.
 
 use criterion::{criterion_main, Criterion, Throughput};
 use permd::store::Store;
@@ -149,12 +151,10 @@ fn checks(c: &mut Criterion) {
 /// JSON), and as permissions on objects (`batch_100_objects`: a subject's grants are a
 /// slice of their own, a second miss per check).
 fn batches(c: &mut Criterion) {
-    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = xorshift();
     let mut draw = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        ((rng >> 32) as u32 % SUBJECTS, rng & 1 == 0)
+        let r = random();
+        ((r >> 32) as u32 % SUBJECTS, r & 1 == 0)
     };
     let global: Vec<_> = (0..1024 * BATCH)
         .map(|_| {
@@ -185,6 +185,45 @@ fn batches(c: &mut Criterion) {
         })
         .collect();
     batch_group(c, "batch_100_objects", &store(), &objects);
+}
+
+/// A fixed-seed xorshift generator: the same draws in every run.
+fn xorshift() -> impl FnMut() -> u64 {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// The floor under `check_allowed_cold`: one load that misses every cache of this
+/// machine. A chase through 1,048,576 cache lines (64 MiB, twice the L3) linked in one
+/// random cycle, each load's address read by the load before it, as a look-up's loads are.
+fn memory_latency(c: &mut Criterion) {
+    const LINES: usize = 1 << 20;
+    #[derive(Clone, Copy)]
+    #[repr(align(64))]
+    struct Line {
+        next: u32,
+    }
+    let mut order: Vec<u32> = (0..LINES as u32).collect();
+    let mut random = xorshift();
+    for i in (1..LINES).rev() {
+        order.swap(i, (random() % (i as u64 + 1)) as usize);
+    }
+    let mut lines = vec![Line { next: 0 }; LINES];
+    for (i, &line) in order.iter().enumerate() {
+        lines[line as usize].next = order[(i + 1) % LINES];
+    }
+    let mut at = 0u32;
+    c.bench_function("memory_latency", |b| {
+        b.iter(|| {
+            at = lines[black_box(at) as usize].next;
+            at
+        });
+    });
 }
 
 const BATCH: usize = 100;
@@ -239,6 +278,6 @@ fn batch_group(
 // The macro defines an undocumented function.
 #[allow(missing_docs)]
 mod group {
-    criterion::criterion_group!(benches, super::checks);
+    criterion::criterion_group!(benches, super::checks, super::memory_latency);
 }
 criterion_main!(group::benches);
