@@ -22,6 +22,10 @@
 //! permd binaries, default the one this build made): permd's rows run once per binary, one
 //! binary right after the other, to compare two builds side by side in one run (say one
 //! built in a `git worktree` of an earlier commit); the overload part runs the last one.
+//! `BENCH_ROUNDS` (default 1): the closed loop at each concurrency runs that many rounds,
+//! every selected system once a round, so that each system's runs alternate with the
+//! others' and a slow or fast stretch of the machine falls on all of them; a last table
+//! gives permd's ratios to Redis round by round and their median.
 //!
 //! Besides the single check and the batch, permd has a row for a client that pools its
 //! connections and sends both kinds on each (9 single checks, then a batch of 100), with
@@ -870,6 +874,21 @@ async fn redis_command(port: u16, command: &[&str]) -> String {
     line
 }
 
+/// The median of `values` (the mean of the middle two for an even count); NaN when one is
+/// NaN (a system of the ratio did not run).
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() || values.iter().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
 /// `a / b` as "1.23x", or "-" when a system of the two did not run (`BENCH_SYSTEMS`).
 fn ratio(a: f64, b: f64) -> String {
     if a.is_nan() || b.is_nan() {
@@ -892,6 +911,8 @@ fn main() {
     };
     let concurrencies: Vec<usize> = env_list("BENCH_CONCURRENCY", "32,128");
     let overload_part = env_or("BENCH_OVERLOAD", 1) != 0;
+    let rounds: usize = env_or("BENCH_ROUNDS", 1);
+    assert!(rounds >= 1, "BENCH_ROUNDS must be at least 1");
     let cluster = cluster();
     let url = cluster.url("postgres");
     let redis = Redis::start();
@@ -1008,9 +1029,19 @@ fn main() {
 
         let newest = servers.len() - 1;
         let mut capacity = 0.0;
-        for &concurrency in &concurrencies {
+        // Per concurrency and permd binary, one a round: single vs Redis, batch vs Redis
+        // pipelined, and the single check's p99 over Redis's.
+        let mut by_round = std::collections::BTreeMap::<(usize, usize), Vec<[f64; 3]>>::new();
+        for (&concurrency, round) in concurrencies
+            .iter()
+            .flat_map(|c| (1..=rounds).map(move |r| (c, r)))
+        {
             println!();
-            println!("Closed loop, {concurrency} connections:");
+            if rounds == 1 {
+                println!("Closed loop, {concurrency} connections:");
+            } else {
+                println!("Closed loop, {concurrency} connections, round {round} of {rounds}:");
+            }
             println!();
             println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -1057,6 +1088,12 @@ fn main() {
             }
             for k in 0..servers.len() {
                 let permd = base(System::Permd, k);
+                let p99 = |s: System| figure(s, k, |o| o.quantile_ms(0.99));
+                by_round.entry((concurrency, k)).or_default().push([
+                    permd / redis,
+                    base(System::PermdBatch, k) / pipelined,
+                    p99(System::Permd) / p99(System::Redis),
+                ]);
                 let which = if several { format!(" [{}]", k + 1) } else { String::new() };
                 println!();
                 println!(
@@ -1085,6 +1122,28 @@ fn main() {
                         ratio(mixed, unmixed)
                     );
                 }
+            }
+        }
+
+        if rounds > 1 {
+            println!();
+            println!("Ratios round by round ({rounds} rounds, each system once a round):");
+            println!();
+            println!("| connections | permd | single vs Redis, each round | median | batch vs Redis pipelined, each round | median | single p99 / Redis p99, each round | median |");
+            println!("|---:|---|---|---:|---|---:|---|---:|");
+            for ((concurrency, k), rows) in &by_round {
+                let cells: Vec<String> = (0..3)
+                    .flat_map(|i| {
+                        let values: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+                        let each: Vec<String> = values.iter().map(|v| ratio(*v, 1.0)).collect();
+                        [each.join(", "), ratio(median(values), 1.0)]
+                    })
+                    .collect();
+                println!(
+                    "| {concurrency} | {} | {} |",
+                    label(System::Permd, *k).replace(System::Permd.name(), "permd"),
+                    cells.join(" | ")
+                );
             }
         }
 
