@@ -22,10 +22,11 @@
 //! permd binaries, default the one this build made): permd's rows run once per binary, one
 //! binary right after the other, to compare two builds side by side in one run (say one
 //! built in a `git worktree` of an earlier commit); the overload part runs the last one.
-//! `BENCH_ROUNDS` (default 1): the closed loop at each concurrency runs that many rounds,
+//! `BENCH_ROUNDS` (default 3): the closed loop at each concurrency runs that many rounds,
 //! every selected system once a round, so that each system's runs alternate with the
 //! others' and a slow or fast stretch of the machine falls on all of them; a last table
-//! gives permd's ratios to Redis round by round and their median.
+//! gives permd's ratios to Redis and to SQL round by round and their median (the figures
+//! the targets name). `BENCH_ROUNDS=1` for a quick run.
 //!
 //! Besides the single check and the batch, permd has a row for a client that pools its
 //! connections and sends both kinds on each (9 single checks, then a batch of 100), with
@@ -911,7 +912,7 @@ fn main() {
     };
     let concurrencies: Vec<usize> = env_list("BENCH_CONCURRENCY", "32,128");
     let overload_part = env_or("BENCH_OVERLOAD", 1) != 0;
-    let rounds: usize = env_or("BENCH_ROUNDS", 1);
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
     assert!(rounds >= 1, "BENCH_ROUNDS must be at least 1");
     let cluster = cluster();
     let url = cluster.url("postgres");
@@ -1029,9 +1030,10 @@ fn main() {
 
         let newest = servers.len() - 1;
         let mut capacity = 0.0;
-        // Per concurrency and permd binary, one a round: single vs Redis, batch vs Redis
-        // pipelined, and the single check's p99 over Redis's.
-        let mut by_round = std::collections::BTreeMap::<(usize, usize), Vec<[f64; 3]>>::new();
+        // Per concurrency and permd binary, one a round: the single check against Redis and
+        // the two SQL ways, the batch against Redis pipelined, and the single check's p99
+        // over Redis's: every ratio the targets name.
+        let mut by_round = std::collections::BTreeMap::<(usize, usize), Vec<[f64; 5]>>::new();
         for (&concurrency, round) in concurrencies
             .iter()
             .flat_map(|c| (1..=rounds).map(move |r| (c, r)))
@@ -1092,6 +1094,8 @@ fn main() {
                 by_round.entry((concurrency, k)).or_default().push([
                     permd / redis,
                     base(System::PermdBatch, k) / pipelined,
+                    permd / base(System::SqlSource, k),
+                    permd / base(System::SqlPrecomputed, k),
                     p99(System::Permd) / p99(System::Redis),
                 ]);
                 let which = if several { format!(" [{}]", k + 1) } else { String::new() };
@@ -1129,10 +1133,10 @@ fn main() {
             println!();
             println!("Ratios round by round ({rounds} rounds, each system once a round):");
             println!();
-            println!("| connections | permd | single vs Redis, each round | median | batch vs Redis pipelined, each round | median | single p99 / Redis p99, each round | median |");
-            println!("|---:|---|---|---:|---|---:|---|---:|");
+            println!("| connections | permd | single vs Redis, each round | median | batch vs Redis pipelined, each round | median | single vs source-table SQL, each round | median | single vs precomputed SQL, each round | median | single p99 / Redis p99, each round | median |");
+            println!("|---:|---|---|---:|---|---:|---|---:|---|---:|---|---:|");
             for ((concurrency, k), rows) in &by_round {
-                let cells: Vec<String> = (0..3)
+                let cells: Vec<String> = (0..5)
                     .flat_map(|i| {
                         let values: Vec<f64> = rows.iter().map(|r| r[i]).collect();
                         let each: Vec<String> = values.iter().map(|v| ratio(*v, 1.0)).collect();
