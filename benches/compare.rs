@@ -1136,7 +1136,7 @@ fn main() {
             println!("| connections | permd | single vs Redis, each round | median | batch vs Redis pipelined, each round | median | single vs source-table SQL, each round | median | single vs precomputed SQL, each round | median | single p99 / Redis p99, each round | median |");
             println!("|---:|---|---|---:|---|---:|---|---:|---|---:|---|---:|");
             for ((concurrency, k), rows) in &by_round {
-                let cells: Vec<String> = (0..5)
+                let cells: Vec<String> = (0..rows[0].len())
                     .flat_map(|i| {
                         let values: Vec<f64> = rows.iter().map(|r| r[i]).collect();
                         let each: Vec<String> = values.iter().map(|v| ratio(*v, 1.0)).collect();
