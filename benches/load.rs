@@ -1,9 +1,10 @@
 //! Full load speed and memory: `cargo bench --bench load` fills permd.tuples of a throwaway
 //! Postgres with 1M and 10M tuples (`BENCH_LOAD_SIZES`, comma-separated), starts permd as
 //! its own process for each, and reports the time to ready, rows per second, resident
-//! memory and bytes per tuple, permd's CPU seconds until ready (less noisy than the time
-//! when comparing two builds), and the peak resident memory during a forced reload (the
-//! new generation is built beside the old one, then swapped in).
+//! memory (and how much of it is in transparent huge pages) and bytes per tuple, permd's
+//! CPU seconds until ready (less noisy than the time when comparing two builds), and the
+//! peak resident memory during a forced reload (the new generation is built beside the
+//! old one, then swapped in).
 //!
 //! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names.
 //!
@@ -22,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use common::{cluster, env_list, runtime};
 
-fn kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// A field of `/proc/PID/FILE` given in KiB.
+fn kib(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap()
         .lines()
         .find(|l| l.starts_with(field))
@@ -53,8 +55,8 @@ fn main() {
     let url = cluster.url("postgres");
     let runtime = runtime();
     println!();
-    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | bytes/tuple | peak during a reload |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let binaries: Vec<String> = std::env::var("BENCH_PERMD")
         .map(|list| list.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
@@ -121,7 +123,10 @@ fn main() {
                 .and_then(|v| v.parse().ok())
                 .unwrap();
             std::thread::sleep(Duration::from_millis(500));
-            let rss = kib(pid, "VmRSS:") * 1024;
+            let rss = kib(pid, "status", "VmRSS:") * 1024;
+            // Of which in transparent huge pages (the packed grant lists, where the kernel
+            // grants them).
+            let huge = kib(pid, "smaps_rollup", "AnonHugePages:") * 1024;
             runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
                 sqlx::raw_sql("SELECT permd.request_reload()")
@@ -132,16 +137,17 @@ fn main() {
             });
             assert!(wait().contains("full load done"));
             assert!(wait().contains("swapped in"));
-            let peak = kib(pid, "VmHWM:") * 1024;
+            let peak = kib(pid, "status", "VmHWM:") * 1024;
             let _ = child.kill();
             let _ = child.wait();
             println!(
-            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} | {:.0} MiB |",
+            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
             size as f64 / (load_ms / 1e3) / 1e6,
             rss as f64 / 1048576.0,
+            huge as f64 / 1048576.0,
             rss as f64 / size as f64,
             peak as f64 / 1048576.0,
         );

@@ -3,6 +3,7 @@
 //! Readers (HTTP handlers) call the query methods; only the applier calls the write
 //! methods (`set_grant`, `set_limits`, `replace`, `advance`).
 
+mod arena;
 mod interner;
 mod state;
 

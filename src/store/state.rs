@@ -9,6 +9,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use md5::{Digest as _, Md5};
 
+use super::arena::{Arena, Packed};
 use super::interner::Interner;
 use super::{Hasher, Key};
 
@@ -108,8 +109,24 @@ impl Grant {
         self.bits == 0 && self.extra.is_empty()
     }
 
+    fn held(&self) -> Held<'_> {
+        Held {
+            bits: self.bits,
+            extra: &self.extra,
+        }
+    }
+}
+
+/// A grant as a check reads it, wherever it is stored (in the heap, or packed).
+#[derive(Clone, Copy)]
+struct Held<'a> {
+    bits: u64,
+    extra: &'a [Slot],
+}
+
+impl<'a> Held<'a> {
     #[inline]
-    fn allows(&self, permission: u32, now: &mut Now) -> bool {
+    fn allows(self, permission: u32, now: &mut Now) -> bool {
         if permission < INLINE_BITS && self.bits & (1 << permission) != 0 {
             return true;
         }
@@ -119,7 +136,7 @@ impl Grant {
     }
 
     /// Every stored (permission, expires_at) pair, expired ones included.
-    fn rows(&self) -> impl Iterator<Item = (u32, i64)> + '_ {
+    fn rows(self) -> impl Iterator<Item = (u32, i64)> + 'a {
         let bits = self.bits;
         (0..INLINE_BITS)
             .filter(move |p| bits & (1 << p) != 0)
@@ -127,7 +144,7 @@ impl Grant {
             .chain(self.extra.iter().map(|s| (s.permission, s.expires_at)))
     }
 
-    fn row_count(&self) -> u64 {
+    fn row_count(self) -> u64 {
         u64::from(self.bits.count_ones()) + self.extra.len() as u64
     }
 }
@@ -150,10 +167,13 @@ const _: () = assert!(std::mem::size_of::<SubjectEntry>() == 32);
 /// (their global permissions, say): that one is stored inline, so a check on it reads no
 /// further cache line and the subject costs no heap allocation. `One`'s fields are
 /// separate (not a pair) so that the enum's tag fits beside the object id: 24 bytes.
+/// Several grants are packed in the generation's `Arena` when the full load builds them
+/// (`Packed`), and in the heap (`Many`) when the applier writes them or they do not pack.
 #[derive(Debug)]
 enum Grants {
     One { object: u32, grant: Grant },
     Many(Box<[(u32, Grant)]>),
+    Packed(Packed),
 }
 
 impl Default for Grants {
@@ -174,18 +194,29 @@ impl Grants {
         }
     }
 
-    fn into_vec(self) -> Vec<(u32, Grant)> {
+    /// The grants in the heap, read from `arena` if they are packed there.
+    fn into_vec(self, arena: &Arena) -> Vec<(u32, Grant)> {
         match self {
             Self::One { object, grant } => vec![(object, grant)],
             Self::Many(many) => many.into_vec(),
+            Self::Packed(list) => arena
+                .iter(list)
+                .map(|(object, bits)| {
+                    let extra = Thin::default();
+                    (object, Grant { bits, extra })
+                })
+                .collect(),
         }
     }
 
-    /// The grant on `object`.
+    /// The grant on `object`; `arena` is the generation's, where packed grants are.
     #[inline]
-    fn get(&self, object: u32) -> Option<&Grant> {
+    fn get<'a>(&'a self, object: u32, arena: &'a Arena) -> Option<Held<'a>> {
         match self {
-            Self::One { object: o, grant } => (*o == object).then_some(grant),
+            Self::One { object: o, grant } => (*o == object).then(|| grant.held()),
+            Self::Packed(list) => arena
+                .get(*list, object)
+                .map(|bits| Held { bits, extra: &[] }),
             // A short slice is scanned: the scan's loads are independent and its branch is
             // predicted, where a binary search chains one load on the last (10 grants:
             // -10 % on a check, benches/README.md).
@@ -193,37 +224,44 @@ impl Grants {
                 .iter()
                 .find(|(o, _)| *o >= object)
                 .filter(|(o, _)| *o == object)
-                .map(|(_, g)| g),
+                .map(|(_, g)| g.held()),
             Self::Many(many) => many
                 .binary_search_by_key(&object, |(o, _)| *o)
                 .ok()
-                .map(|i| &many[i].1),
+                .map(|i| many[i].1.held()),
         }
     }
 
     /// Every (object id, grant), by object id.
-    fn iter(&self) -> impl Iterator<Item = (u32, &Grant)> {
-        let (one, many) = match self {
-            Self::One { object, grant } => (Some((*object, grant)), &[][..]),
-            Self::Many(many) => (None, &many[..]),
+    fn iter<'a>(&'a self, arena: &'a Arena) -> impl Iterator<Item = (u32, Held<'a>)> {
+        let (one, many, packed) = match self {
+            Self::One { object, grant } => (Some((*object, grant.held())), &[][..], None),
+            Self::Many(many) => (None, &many[..], None),
+            Self::Packed(list) => (None, &[][..], Some(arena.iter(*list))),
         };
         one.into_iter()
-            .chain(many.iter().map(|(object, grant)| (*object, grant)))
+            .chain(many.iter().map(|(object, grant)| (*object, grant.held())))
+            .chain(
+                packed
+                    .into_iter()
+                    .flatten()
+                    .map(|(object, bits)| (object, Held { bits, extra: &[] })),
+            )
     }
 
-    /// Puts `grant` on `object` (an empty grant removes it) and returns the one it
-    /// replaced.
-    fn set(&mut self, object: u32, grant: Grant) -> Option<Grant> {
+    /// Puts `grant` on `object` (an empty grant removes it) and returns how many rows the
+    /// grant it replaced held. Packed grants move to the heap.
+    fn set(&mut self, object: u32, grant: Grant, arena: &Arena) -> u64 {
         if let Self::One {
             object: o,
             grant: g,
         } = self
         {
             if *o == object && !grant.is_empty() {
-                return Some(std::mem::replace(g, grant));
+                return std::mem::replace(g, grant).held().row_count();
             }
         }
-        let mut grants = std::mem::take(self).into_vec();
+        let mut grants = std::mem::take(self).into_vec(arena);
         let old = match grants.binary_search_by_key(&object, |(o, _)| *o) {
             Ok(i) if grant.is_empty() => Some(grants.remove(i).1),
             Ok(i) => Some(std::mem::replace(&mut grants[i].1, grant)),
@@ -234,7 +272,7 @@ impl Grants {
             }
         };
         *self = Self::from_vec(grants);
-        old
+        old.map_or(0, |old| old.held().row_count())
     }
 
     fn is_empty(&self) -> bool {
@@ -327,6 +365,8 @@ pub(crate) struct State {
     /// parallel while the applier writes one shard at a time. Keys are `Key`s: a short
     /// subject sits in the bucket itself, so a look-up reads no second cache line.
     subjects: DashMap<Key, SubjectEntry, Hasher>,
+    /// The grant lists the full load packed (`Grants::Packed`); read-only once shared.
+    packed: Arena,
     objects: Interner,
     permissions: Interner,
     /// Whether subject `*` holds anything: most sets have no public tuples, and a denied
@@ -343,6 +383,7 @@ impl State {
     pub(crate) fn with_capacity(subjects: usize, objects: usize) -> Self {
         let mut state = Self {
             subjects: DashMap::with_capacity_and_hasher(subjects, Hasher::default()),
+            packed: Arena::default(),
             objects: Interner::with_capacity(objects),
             permissions: Interner::with_capacity(64),
             has_public: AtomicBool::new(false),
@@ -374,6 +415,12 @@ impl State {
         self.subjects.len()
     }
 
+    /// Bytes mapped for the grant lists the full load packed (in huge pages where the
+    /// kernel grants them).
+    pub(crate) fn packed_bytes(&self) -> usize {
+        self.packed.mapped_bytes()
+    }
+
     /// Whether the subject whose `entry` this is holds `permission` on one of the objects
     /// `candidates` names. The object ids are resolved only once the subject's entry is
     /// found (and then once for both the subject and `*`): an unknown subject costs no
@@ -395,7 +442,7 @@ impl State {
             candidates.ids(&self.objects).iter().any(|&o| {
                 entry
                     .grants
-                    .get(o)
+                    .get(o, &self.packed)
                     .is_some_and(|g| g.allows(permission, now))
             })
         })
@@ -501,7 +548,7 @@ impl State {
         for s in [subject, WILDCARD] {
             if let Some(entry) = self.subjects.get(s) {
                 for &o in objects {
-                    if let Some(g) = entry.grants.get(o) {
+                    if let Some(g) = entry.grants.get(o, &self.packed) {
                         for (p, expires_at) in g.rows() {
                             if expires_at > now.get() {
                                 held.insert(p);
@@ -533,7 +580,7 @@ impl State {
         let mut found = BTreeSet::new();
         for s in [subject, WILDCARD] {
             if let Some(entry) = self.subjects.get(s) {
-                for (o, g) in entry.grants.iter() {
+                for (o, g) in entry.grants.iter(&self.packed) {
                     if o != GLOBAL_ID && g.allows(permission, now) {
                         found.insert(o);
                     }
@@ -581,7 +628,7 @@ impl State {
             permission: self.permissions.intern(&r.permission),
             expires_at: r.expires_at.unwrap_or(NEVER),
         }));
-        let added = grant.row_count();
+        let added = grant.held().row_count();
         let removed = if grant.is_empty() {
             let Some(object) = self.objects.get(object) else {
                 return;
@@ -589,7 +636,7 @@ impl State {
             let Some(mut entry) = self.subjects.get_mut(subject) else {
                 return;
             };
-            let gone = entry.grants.set(object, grant);
+            let gone = entry.grants.set(object, grant, &self.packed);
             let empty = entry.is_empty();
             drop(entry);
             if empty {
@@ -599,9 +646,8 @@ impl State {
         } else {
             let object = self.objects.intern(object);
             let mut entry = self.subjects.entry(subject.into()).or_default();
-            entry.grants.set(object, grant)
-        }
-        .map_or(0, |gone| gone.row_count());
+            entry.grants.set(object, grant, &self.packed)
+        };
         self.adjust(&self.tuples, added, removed);
         self.note_public(subject);
     }
@@ -675,7 +721,7 @@ impl State {
                     for entry in &self.subjects {
                         let subject = entry.key().as_str();
                         let mut digest = Digest::default();
-                        for (o, grant) in entry.grants.iter() {
+                        for (o, grant) in entry.grants.iter(&self.packed) {
                             for (p, expires_at) in grant.rows() {
                                 line.clear();
                                 push_fields(
@@ -710,7 +756,7 @@ impl State {
     pub(crate) fn rows_of(&self, subject: &str) -> StoredRows {
         let mut rows = StoredRows::default();
         if let Some(entry) = self.subjects.get(subject) {
-            for (o, grant) in entry.grants.iter() {
+            for (o, grant) in entry.grants.iter(&self.packed) {
                 for (p, expires_at) in grant.rows() {
                     let expires_at = (expires_at != NEVER).then_some(expires_at);
                     rows.tuples.push((
@@ -855,7 +901,7 @@ impl StateBuilder {
         };
         match self.state.subjects.entry(subject) {
             Entry::Vacant(vacant) => {
-                let grants = grants_of(&mut self.run, &mut self.tuples);
+                let grants = grants_of(&mut self.run, &mut self.tuples, &mut self.state.packed);
                 vacant.insert(SubjectEntry {
                     grants,
                     limits: Thin::default(),
@@ -885,7 +931,7 @@ impl StateBuilder {
     pub(crate) fn finish(mut self) -> State {
         self.end_run();
         let Self {
-            state,
+            mut state,
             scattered,
             limits,
             mut tuples,
@@ -895,7 +941,8 @@ impl StateBuilder {
             let Some(mut entry) = state.subjects.get_mut(&subject) else {
                 continue; // never: a subject is scattered only once it has an entry
             };
-            for (object, grant) in std::mem::take(&mut entry.grants).into_vec() {
+            for (object, grant) in std::mem::take(&mut entry.grants).into_vec(&state.packed) {
+                let grant = grant.held();
                 tuples -= grant.row_count();
                 rows.extend(grant.rows().map(|(permission, expires_at)| {
                     (
@@ -907,7 +954,7 @@ impl StateBuilder {
                     )
                 }));
             }
-            entry.grants = grants_of(&mut rows, &mut tuples);
+            entry.grants = grants_of(&mut rows, &mut tuples, &mut state.packed);
         }
         let mut limit_rows = 0;
         for (subject, mut rows) in limits {
@@ -923,14 +970,14 @@ impl StateBuilder {
 }
 
 /// One subject's grants from its rows (object id, slot) in any order; adds the rows stored
-/// to `tuples`. Sorts `rows`.
-fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64) -> Grants {
+/// to `tuples`. Sorts `rows`. Several grants are packed in `arena` when they can be.
+fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64, arena: &mut Arena) -> Grants {
     rows.sort_unstable_by_key(|(object, _)| *object);
     let objects = rows.chunk_by(|a, b| a.0 == b.0);
     let count = objects.clone().count();
     let mut grants = objects.map(|same| {
         let grant = Grant::from_slots(same.iter().map(|(_, slot)| *slot));
-        *tuples += grant.row_count();
+        *tuples += grant.held().row_count();
         (same[0].0, grant)
     });
     if count == 1 {
@@ -940,6 +987,11 @@ fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64) -> Grants {
     }
     let mut many = Vec::with_capacity(count);
     many.extend(grants);
+    if many.iter().all(|(_, grant)| grant.extra.is_empty()) {
+        if let Some(list) = arena.pack(many.iter().map(|(object, grant)| (*object, grant.bits))) {
+            return Grants::Packed(list);
+        }
+    }
     Grants::Many(many.into_boxed_slice())
 }
 
@@ -1271,6 +1323,64 @@ mod tests {
             digests
         };
         assert!(sorted(built.subject_digests()) == sorted(live.subject_digests()));
+    }
+
+    #[test]
+    fn packed_grants_read_and_change_as_heap_grants_do() {
+        // Two subjects the load packs (5 grants, scanned; 40, searched) and the same rows
+        // written one by one, which stay in the heap; then the same writes to both.
+        let mut builder = StateBuilder::new();
+        let live = State::with_capacity(4, 64);
+        for (subject, objects) in [("short", 5), ("long", 40)] {
+            for o in 0..objects {
+                let object = format!("o{}", 2 * o);
+                let permission = format!("p{}", o % 3);
+                builder.tuple(subject, &object, &permission, None);
+                live.set_grant(subject, &object, &[row(&permission, None)]);
+            }
+        }
+        let built = builder.finish();
+        for subject in ["short", "long"] {
+            let entry = built.subjects.get(subject).expect("loaded");
+            assert!(matches!(entry.grants, Grants::Packed(_)), "{subject}");
+        }
+        assert!(built.packed_bytes() > 0);
+        let agree = |when: &str| {
+            assert_eq!(built.digest(), live.digest(), "{when}");
+            for subject in ["short", "long", "nobody"] {
+                for o in 0..82 {
+                    let object = format!("o{o}");
+                    for permission in ["p0", "p1", "p2", "p3"] {
+                        assert_eq!(
+                            built.check(subject, permission, &object, &mut Now::lazy()),
+                            live.check(subject, permission, &object, &mut Now::lazy()),
+                            "{when}: {subject} {permission} {object}"
+                        );
+                    }
+                    assert_eq!(
+                        built.permissions_of(subject, &object, &mut Now::lazy()),
+                        live.permissions_of(subject, &object, &mut Now::lazy())
+                    );
+                }
+                assert_eq!(
+                    built.objects_of(subject, "p1", &mut Now::lazy()),
+                    live.objects_of(subject, "p1", &mut Now::lazy())
+                );
+                assert_eq!(built.rows_of(subject), live.rows_of(subject), "{when}");
+            }
+        };
+        agree("loaded");
+        assert!(built.check("long", "p1", "o2", &mut Now::lazy()));
+        for state in [&built, &live] {
+            state.set_grant("short", "o2", &[row("p3", Some(i64::MAX - 1))]);
+            state.set_grant("short", "o4", &[]);
+            state.set_grant("short", "o5", &[row("p0", None)]);
+            state.set_grant("long", "o78", &[]);
+        }
+        agree("after writes");
+        assert_eq!(built.tuple_count(), live.tuple_count());
+        let entry = built.subjects.get("short").expect("still there");
+        assert!(matches!(entry.grants, Grants::Many(_)));
     }
 
     #[test]

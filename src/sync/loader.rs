@@ -68,6 +68,7 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap) -> Result<Loaded, Error
     tracing::info!(
         rows,
         subjects = state.subject_count(),
+        packed_grants_mib = state.packed_bytes() >> 20,
         snapshot_xmin = %xmin,
         took_ms = started.elapsed().as_millis() as u64,
         "full load done"

@@ -1,0 +1,242 @@
+//! Packed grant lists, in memory the kernel is asked to back with huge pages.
+//!
+//! A subject with grants on several objects is the common shape of resource permissions
+//! (a user's documents, folders, projects), and an object check reads that subject's list
+//! after its map bucket. With the lists in the heap, the list is one more small allocation
+//! among millions: at a few million grants its cache line is rarely cached, and its 4 KiB
+//! page is rarely in the TLB either, so a check pays a page walk before the load (under a
+//! hypervisor, a walk of both the guest's and the host's tables). The full load packs
+//! every such list here instead: object ids side by side (one cache line holds 16),
+//! their bitsets after them, 12 bytes a grant against 24 (plus the allocator's header) in
+//! the heap, in 2 MiB chunks advised `MADV_HUGEPAGE`, so that one TLB entry covers 2 MiB
+//! of lists (benches/README.md, `store`: the cold object check).
+//!
+//! A chunk is written only while the generation is built (`pack` takes `&mut self`, as the
+//! interner's frozen tier does) and read-only once it is shared: the applier never writes
+//! here. A subject the applier changes moves its list to the heap, and the bytes it had
+//! here stay unused until the next full load builds a new generation (as do those of a
+//! subject whose rows the load met in two places). Lists with expiring permissions or
+//! permission ids past the inline bitset, and lists longer than a chunk, stay in the heap.
+
+use memmap2::{MmapMut, MmapOptions};
+
+/// The size of a huge page on x86-64 and arm64 with 4 KiB base pages, and of a chunk.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Where one subject's list is: 12 bytes, inside `Grants`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Packed {
+    chunk: u32,
+    /// Byte offset in the chunk; a multiple of 8.
+    at: u32,
+    /// Grants in the list; at least 2 (a single grant is stored inline).
+    len: u32,
+}
+
+impl Packed {
+    fn len(self) -> usize {
+        self.len as usize
+    }
+}
+
+/// The bytes of `len` object ids, padded so that the bitsets after them are 8-aligned.
+fn objects_bytes(len: usize) -> usize {
+    (4 * len).next_multiple_of(8)
+}
+
+/// One list's bytes: its object ids, then its bitsets.
+fn list_bytes(len: usize) -> usize {
+    objects_bytes(len) + 8 * len
+}
+
+/// Up to this many grants, `get` scans the ids instead of searching them: the scan's
+/// loads are independent and its branch predicted, where a binary search chains each load
+/// on the one before (16 ids are one cache line).
+const SCAN: usize = 16;
+
+#[inline]
+fn u32_at(bytes: &[u8], i: usize) -> u32 {
+    let mut word = [0; 4];
+    word.copy_from_slice(&bytes[4 * i..4 * i + 4]);
+    u32::from_le_bytes(word)
+}
+
+#[inline]
+fn u64_at(bytes: &[u8], i: usize) -> u64 {
+    let mut word = [0; 8];
+    word.copy_from_slice(&bytes[8 * i..8 * i + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// One mapping: `HUGE_PAGE` usable bytes from `start`, the first huge-page boundary in it.
+struct Chunk {
+    map: MmapMut,
+    start: usize,
+    used: usize,
+}
+
+impl Chunk {
+    fn new() -> std::io::Result<Self> {
+        // Twice the size, so that a whole aligned huge page lies inside whatever address
+        // the kernel picks (recent kernels align such a mapping already; then the second
+        // half is never touched and costs no memory).
+        let map = MmapOptions::new().len(2 * HUGE_PAGE).map_anon()?;
+        #[cfg(target_os = "linux")]
+        if let Err(error) = map.advise(memmap2::Advice::HugePage) {
+            // Without transparent huge pages the chunk works as well, with 4 KiB pages.
+            tracing::debug!(%error, "madvise(MADV_HUGEPAGE) refused");
+        }
+        let address = map.as_ptr() as usize;
+        Ok(Self {
+            start: address.next_multiple_of(HUGE_PAGE) - address,
+            map,
+            used: 0,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + HUGE_PAGE]
+    }
+}
+
+/// The packed lists of one generation.
+#[derive(Default)]
+pub(super) struct Arena {
+    chunks: Vec<Chunk>,
+    /// Set once mapping a chunk failed: lists then stay in the heap.
+    unavailable: bool,
+}
+
+impl Arena {
+    /// Packs `grants` (object id, bitset), sorted by object id, at least 2 of them. `None`
+    /// when they do not fit in a chunk or no memory could be mapped; the caller keeps
+    /// them in the heap then.
+    pub(super) fn pack(
+        &mut self,
+        grants: impl ExactSizeIterator<Item = (u32, u64)>,
+    ) -> Option<Packed> {
+        let len = grants.len();
+        let size = list_bytes(len);
+        if len < 2 || size > HUGE_PAGE || self.unavailable {
+            return None;
+        }
+        if self
+            .chunks
+            .last()
+            .map_or(true, |c| c.used + size > HUGE_PAGE)
+        {
+            match Chunk::new() {
+                Ok(chunk) => self.chunks.push(chunk),
+                Err(error) => {
+                    tracing::warn!(%error, "could not map memory for packed grants; keeping them in the heap");
+                    self.unavailable = true;
+                    return None;
+                }
+            }
+        }
+        let chunk_id = u32::try_from(self.chunks.len() - 1).ok()?;
+        let chunk = self.chunks.last_mut()?;
+        let at = chunk.used;
+        let from = chunk.start + at;
+        let (objects, bits) = chunk.map[from..from + size].split_at_mut(objects_bytes(len));
+        for (i, (object, set)) in grants.enumerate() {
+            objects[4 * i..4 * i + 4].copy_from_slice(&object.to_le_bytes());
+            bits[8 * i..8 * i + 8].copy_from_slice(&set.to_le_bytes());
+        }
+        chunk.used += size;
+        Some(Packed {
+            chunk: chunk_id,
+            at: u32::try_from(at).ok()?,
+            len: u32::try_from(len).ok()?,
+        })
+    }
+
+    /// The list's object ids and bitsets.
+    #[inline]
+    fn parts(&self, list: Packed) -> (&[u8], &[u8]) {
+        let len = list.len();
+        let at = list.at as usize;
+        self.chunks[list.chunk as usize].bytes()[at..at + list_bytes(len)]
+            .split_at(objects_bytes(len))
+    }
+
+    /// The bitset the list holds for `object`.
+    #[inline]
+    pub(super) fn get(&self, list: Packed, object: u32) -> Option<u64> {
+        let (objects, bits) = self.parts(list);
+        let len = list.len();
+        let i = if len <= SCAN {
+            (0..len).find(|&i| u32_at(objects, i) >= object)?
+        } else {
+            let (mut low, mut high) = (0, len);
+            while low < high {
+                let middle = (low + high) / 2;
+                if u32_at(objects, middle) < object {
+                    low = middle + 1;
+                } else {
+                    high = middle;
+                }
+            }
+            low
+        };
+        (i < len && u32_at(objects, i) == object).then(|| u64_at(bits, i))
+    }
+
+    /// Every (object id, bitset) of the list, by object id.
+    pub(super) fn iter(&self, list: Packed) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let (objects, bits) = self.parts(list);
+        (0..list.len()).map(move |i| (u32_at(objects, i), u64_at(bits, i)))
+    }
+
+    /// Bytes mapped for the lists (what they can hold, used or not).
+    pub(super) fn mapped_bytes(&self) -> usize {
+        self.chunks.len() * HUGE_PAGE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_read_back_as_packed_across_chunks() {
+        let mut arena = Arena::default();
+        // Lists of every length up to past the scan, and two long ones (1.2 MB each), the
+        // second of which no longer fits in the first chunk.
+        let long = |step: u32| {
+            (0..100_000u32)
+                .map(|i| (step * i + 1, u64::from(i)))
+                .collect()
+        };
+        let lists: Vec<Vec<(u32, u64)>> = (2..40)
+            .map(|len| {
+                (0..len)
+                    .map(|i| (3 * i + 1, u64::from(i) << 7 | 1))
+                    .collect()
+            })
+            .chain([long(2), long(5)])
+            .collect();
+        let packed: Vec<Packed> = lists
+            .iter()
+            .map(|list| arena.pack(list.iter().copied()).expect("fits"))
+            .collect();
+        assert_eq!(arena.mapped_bytes(), 2 * HUGE_PAGE);
+        for (list, &p) in lists.iter().zip(&packed) {
+            assert_eq!(arena.iter(p).collect::<Vec<_>>(), *list);
+            for &(object, bits) in list {
+                assert_eq!(arena.get(p, object), Some(bits));
+                assert_eq!(arena.get(p, object + 1), None);
+            }
+            assert_eq!(arena.get(p, 0), None);
+            assert_eq!(arena.get(p, u32::MAX), None);
+        }
+    }
+
+    #[test]
+    fn what_does_not_fit_is_refused() {
+        let mut arena = Arena::default();
+        assert_eq!(arena.pack([(1, 1)].into_iter()), None);
+        assert_eq!(arena.pack((0..200_000).map(|i| (i, 1))), None);
+        assert_eq!(arena.mapped_bytes(), 0);
+    }
+}
