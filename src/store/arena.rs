@@ -77,10 +77,14 @@ struct Chunk {
 
 impl Chunk {
     fn new() -> std::io::Result<Self> {
-        // Twice the size, so that a whole aligned huge page lies inside whatever address
-        // the kernel picks (recent kernels align such a mapping already; then the second
-        // half is never touched and costs no memory).
-        let map = MmapOptions::new().len(2 * HUGE_PAGE).map_anon()?;
+        // Recent kernels (Linux 6.7 on) place an anonymous mapping whose length is a
+        // multiple of the huge page size on a huge-page boundary. Elsewhere, map twice the
+        // size, so that a whole aligned huge page lies inside it; the rest is never
+        // touched and costs address space only.
+        let mut map = MmapOptions::new().len(HUGE_PAGE).map_anon()?;
+        if map.as_ptr() as usize % HUGE_PAGE != 0 {
+            map = MmapOptions::new().len(2 * HUGE_PAGE).map_anon()?;
+        }
         #[cfg(target_os = "linux")]
         if let Err(error) = map.advise(memmap2::Advice::HugePage) {
             // Without transparent huge pages the chunk works as well, with 4 KiB pages.
@@ -221,6 +225,9 @@ mod tests {
             .map(|list| arena.pack(list.iter().copied()).expect("fits"))
             .collect();
         assert_eq!(arena.mapped_bytes(), 2 * HUGE_PAGE);
+        for chunk in &arena.chunks {
+            assert_eq!(chunk.bytes().as_ptr() as usize % HUGE_PAGE, 0);
+        }
         for (list, &p) in lists.iter().zip(&packed) {
             assert_eq!(arena.iter(p).collect::<Vec<_>>(), *list);
             for &(object, bits) in list {
