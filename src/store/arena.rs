@@ -20,6 +20,8 @@
 
 use memmap2::{MmapMut, MmapOptions};
 
+use super::state::SCAN_GRANTS;
+
 /// The size of a huge page on x86-64 and arm64 with 4 KiB base pages, and of a chunk.
 const HUGE_PAGE: usize = 2 << 20;
 
@@ -48,11 +50,6 @@ fn objects_bytes(len: usize) -> usize {
 fn list_bytes(len: usize) -> usize {
     objects_bytes(len) + 8 * len
 }
-
-/// Up to this many grants, `get` scans the ids instead of searching them: the scan's
-/// loads are independent and its branch predicted, where a binary search chains each load
-/// on the one before (16 ids are one cache line).
-const SCAN: usize = 16;
 
 #[inline]
 fn u32_at(bytes: &[u8], i: usize) -> u32 {
@@ -169,7 +166,8 @@ impl Arena {
     pub(super) fn get(&self, list: Packed, object: u32) -> Option<u64> {
         let (objects, bits) = self.parts(list);
         let len = list.len();
-        let i = if len <= SCAN {
+        // Scanned up to `SCAN_GRANTS` (16 ids are one cache line), as a heap list is.
+        let i = if len <= SCAN_GRANTS {
             (0..len).find(|&i| u32_at(objects, i) >= object)?
         } else {
             let (mut low, mut high) = (0, len);

@@ -20,7 +20,7 @@ const INLINE_BITS: u32 = 64;
 /// The wildcard subject and object.
 pub(crate) const WILDCARD: &str = "*";
 /// Up to this many grants, a check scans a subject's grants instead of searching them.
-const SCAN_GRANTS: usize = 16;
+pub(super) const SCAN_GRANTS: usize = 16;
 /// A batch holds every shard's read lock for at most this many checks at a time (~20 us
 /// on a cold cache), so that the applier, which waits for a shard's readers to leave
 /// before it writes there, waits at most that long for a batch of any size.
