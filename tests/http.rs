@@ -386,6 +386,8 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_check_duration_seconds_count 2",
         "permd_tuples 3",
         "permd_subjects 2",
+        // u1's two grants are packed: one 2 MiB chunk.
+        "permd_packed_grant_bytes 2097152",
         "permd_lag_seconds -1",
         "permd_reloads_total 0",
         "permd_reconnects_total 0",

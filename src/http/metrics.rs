@@ -120,10 +120,16 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 12] = [
+        let gauges: [(&str, &str, &str, f64); 13] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
+            (
+                "permd_packed_grant_bytes",
+                "gauge",
+                "Bytes mapped for the grant lists the last full load packed (in huge pages where the kernel grants them).",
+                counts.packed_bytes as f64,
+            ),
             ("permd_watermark", "gauge", "Every transaction with an xid below this is applied.", store.watermark().0 as f64),
             (
                 "permd_lag_seconds",

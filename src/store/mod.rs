@@ -255,6 +255,7 @@ impl Store {
             tuples: state.tuple_count(),
             subjects: state.subject_count() as u64,
             limits: state.limit_count(),
+            packed_bytes: state.packed_bytes() as u64,
         }
     }
 
@@ -364,6 +365,9 @@ pub struct Counts {
     pub subjects: u64,
     /// Stored limit rows.
     pub limits: u64,
+    /// Bytes mapped for the grant lists the last full load packed (in huge pages where
+    /// the kernel grants them), used or not.
+    pub packed_bytes: u64,
 }
 
 #[cfg(test)]
