@@ -457,11 +457,17 @@ async fn overload_is_shed_fast_and_probes_stay_up() {
             let token = token.clone();
             tokio::spawn(async move {
                 let uri = format!("/v1/check?subject=a&permission=b&at_least={token}");
-                send(
-                    &api,
-                    Request::get(uri).body(Body::empty()).expect("request"),
-                )
-                .await
+                loop {
+                    let request = Request::get(&uri).body(Body::empty()).expect("request");
+                    let (status, body) = send(&api, request).await;
+                    // A waiter that arrives while the probe below holds the last permit
+                    // is shed itself: it tries again, so that all eight end up waiting
+                    // (else the probe would find a permit free for ever).
+                    if status != StatusCode::SERVICE_UNAVAILABLE || body["error"] != "overloaded" {
+                        return (status, body);
+                    }
+                    tokio::task::yield_now().await;
+                }
             })
         })
         .collect();
