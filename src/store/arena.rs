@@ -60,9 +60,7 @@ fn u32_at(bytes: &[u8], i: usize) -> u32 {
 
 #[inline]
 fn u64_at(bytes: &[u8], i: usize) -> u64 {
-    let mut word = [0; 8];
-    word.copy_from_slice(&bytes[8 * i..8 * i + 8]);
-    u64::from_le_bytes(word)
+    super::word(bytes, 8 * i)
 }
 
 /// One mapping: `HUGE_PAGE` usable bytes from `start`, the first huge-page boundary in it.

@@ -29,17 +29,18 @@ pub(crate) type Hasher = foldhash::fast::RandomState;
 /// cache line); longer strings go to the heap.
 pub(crate) type Key = compact_str::CompactString;
 
+/// The 8 bytes of `s` from `at`, little-endian (`s` is at least `at + 8` long).
+#[inline]
+fn word(s: &[u8], at: usize) -> u64 {
+    let mut word = [0; 8];
+    word.copy_from_slice(&s[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
 /// Whether two short byte strings are equal, compared inline: names in the store are a
 /// few bytes long, and `==` on slices calls `memcmp`, which costs more than the compare.
 #[inline]
 pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    /// The 8 bytes of `s` from `at` (`s` is at least `at + 8` long).
-    #[inline]
-    fn word(s: &[u8], at: usize) -> u64 {
-        let mut word = [0; 8];
-        word.copy_from_slice(&s[at..at + 8]);
-        u64::from_le_bytes(word)
-    }
     let n = a.len();
     if n != b.len() {
         return false;
