@@ -170,8 +170,8 @@ impl App {
         let object = fields.object.as_deref().unwrap_or("");
         let revision = self.store.watermark();
         let allowed = self.store.check(subject, permission, object);
-        self.metrics.checks(u64::from(allowed), u64::from(!allowed));
-        self.metrics.latency(started.elapsed());
+        self.metrics
+            .checked(u64::from(allowed), u64::from(!allowed), started.elapsed());
         Some(PlainAnswer {
             allowed,
             revision: revision.0,

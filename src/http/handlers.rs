@@ -74,8 +74,8 @@ pub(super) async fn check(State(app): State<App>, ApiQuery(q): ApiQuery<CheckQue
     identifier("object", &q.object, true)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let allowed = app.store.check(&q.subject, &q.permission, &q.object);
-    app.metrics.checks(u64::from(allowed), u64::from(!allowed));
-    app.metrics.latency(started.elapsed());
+    app.metrics
+        .checked(u64::from(allowed), u64::from(!allowed), started.elapsed());
     Ok(Json(
         json!({ "allowed": allowed, "revision": revision.to_string() }),
     ))
@@ -170,8 +170,8 @@ impl App {
                 .map(|c| (c.subject.as_str(), c.permission.as_str(), c.object.as_str())),
         );
         let allowed = results.iter().filter(|a| **a).count() as u64;
-        self.metrics.checks(allowed, results.len() as u64 - allowed);
-        self.metrics.latency(started.elapsed());
+        self.metrics
+            .checked(allowed, results.len() as u64 - allowed, started.elapsed());
         BatchAnswer {
             results,
             revision: revision.to_string(),

@@ -1,7 +1,8 @@
 //! Prometheus metrics, kept as plain atomics and rendered as text on demand.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::store::Store;
@@ -14,42 +15,78 @@ const BUCKETS: [f64; 14] = [
     0.01, 0.05, 0.25, 1.0,
 ];
 
-/// Request-side counters. Atomics, not locks: the check path only increments.
+/// Stripes of the counters every check request bumps. A thread keeps to one stripe (the
+/// first one free when it first counts, round robin past the last), so on the check path
+/// each counter's cache line stays with the core that bumps it: one set of counters shared
+/// by every thread moved its line between the cores on every request.
+const STRIPES: usize = 16;
+
+/// The counters a check request bumps, one stripe's worth, on cache lines of its own.
 #[derive(Default)]
-pub(crate) struct Metrics {
+#[repr(align(128))]
+struct Stripe {
     allowed: AtomicU64,
     denied: AtomicU64,
-    stale: AtomicU64,
-    shed: AtomicU64,
-    client_errors: AtomicU64,
-    hyper_requests: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_nanos: AtomicU64,
 }
 
+/// Request-side counters. Atomics, not locks: the check path only increments.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    stripes: [Stripe; STRIPES],
+    stale: AtomicU64,
+    shed: AtomicU64,
+    client_errors: AtomicU64,
+    hyper_requests: AtomicU64,
+}
+
+/// The next stripe a thread that has not counted yet takes.
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's stripe, `usize::MAX` until it first counts.
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// The calling thread's stripe.
+fn stripe_index() -> usize {
+    STRIPE.with(|stripe| {
+        if stripe.get() == usize::MAX {
+            stripe.set(NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES);
+        }
+        stripe.get()
+    })
+}
+
 impl Metrics {
-    /// Counts check results.
-    pub(crate) fn checks(&self, allowed: u64, denied: u64) {
+    /// Counts the results of one check request (single or batch) and records its latency.
+    pub(crate) fn checked(&self, allowed: u64, denied: u64, took: Duration) {
+        let stripe = &self.stripes[stripe_index()];
         if allowed > 0 {
-            self.allowed.fetch_add(allowed, Ordering::Relaxed);
+            stripe.allowed.fetch_add(allowed, Ordering::Relaxed);
         }
         if denied > 0 {
-            self.denied.fetch_add(denied, Ordering::Relaxed);
+            stripe.denied.fetch_add(denied, Ordering::Relaxed);
         }
-    }
-
-    /// Records the latency of one check request (single or batch).
-    pub(crate) fn latency(&self, took: Duration) {
         let seconds = took.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            stripe.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_nanos.fetch_add(
+        stripe.latency_count.fetch_add(1, Ordering::Relaxed);
+        stripe.latency_sum_nanos.fetch_add(
             u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// The sum of one counter over the stripes.
+    fn sum(&self, counter: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes
+            .iter()
+            .map(|stripe| counter(stripe).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Counts a request answered 503 stale.
@@ -85,12 +122,12 @@ impl Metrics {
         let _ = writeln!(
             out,
             "permd_checks_total{{result=\"allowed\"}} {}",
-            get(&self.allowed)
+            self.sum(|s| &s.allowed)
         );
         let _ = writeln!(
             out,
             "permd_checks_total{{result=\"denied\"}} {}",
-            get(&self.denied)
+            self.sum(|s| &s.denied)
         );
 
         let _ = writeln!(
@@ -99,14 +136,14 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE permd_check_duration_seconds histogram");
         let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(&self.buckets) {
-            cumulative += get(count);
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.sum(|s| &s.buckets[i]);
             let _ = writeln!(
                 out,
                 "permd_check_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             );
         }
-        let count = get(&self.latency_count);
+        let count = self.sum(|s| &s.latency_count);
         let _ = writeln!(
             out,
             "permd_check_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
@@ -114,7 +151,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "permd_check_duration_seconds_sum {}",
-            get(&self.latency_sum_nanos) as f64 / 1e9
+            self.sum(|s| &s.latency_sum_nanos) as f64 / 1e9
         );
         let _ = writeln!(out, "permd_check_duration_seconds_count {count}");
 
@@ -166,5 +203,57 @@ impl Metrics {
             get(&self.client_errors)
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_from_many_threads_add_up_across_stripes() {
+        let metrics = Metrics::default();
+        // More threads than stripes, so some share one.
+        std::thread::scope(|scope| {
+            for _ in 0..STRIPES + 3 {
+                scope.spawn(|| {
+                    for _ in 0..1_000 {
+                        metrics.checked(1, 0, Duration::from_micros(3));
+                        metrics.checked(2, 98, Duration::from_millis(3));
+                    }
+                });
+            }
+        });
+        let threads = (STRIPES + 3) as u64;
+        let text = metrics.render(&Store::new(), &Status::default(), 0);
+        for line in [
+            format!(
+                "permd_checks_total{{result=\"allowed\"}} {}",
+                threads * 3_000
+            ),
+            format!(
+                "permd_checks_total{{result=\"denied\"}} {}",
+                threads * 98_000
+            ),
+            format!(
+                "permd_check_duration_seconds_bucket{{le=\"0.000005\"}} {}",
+                threads * 1_000
+            ),
+            format!(
+                "permd_check_duration_seconds_bucket{{le=\"0.0025\"}} {}",
+                threads * 1_000
+            ),
+            format!(
+                "permd_check_duration_seconds_bucket{{le=\"0.005\"}} {}",
+                threads * 2_000
+            ),
+            format!("permd_check_duration_seconds_count {}", threads * 2_000),
+            format!(
+                "permd_check_duration_seconds_sum {}",
+                threads as f64 * 3.003
+            ),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 }
