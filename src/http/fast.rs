@@ -162,7 +162,7 @@ impl App {
             return None;
         }
         // Held while answering, so the in-flight count means the same on both paths.
-        let _permit = self.in_flight.try_acquire().ok()?;
+        let _admitted = self.in_flight.enter()?;
         let fields = CheckFields::parse(query)?;
         let (Some(subject), Some(permission)) = (&fields.subject, &fields.permission) else {
             return None;

@@ -145,7 +145,7 @@ impl App {
             return None;
         }
         // Held while answering, so the in-flight count means the same on both paths.
-        let _permit = self.in_flight.try_acquire().ok()?;
+        let _admitted = self.in_flight.enter()?;
         // One UTF-8 check of the whole body, then serde_json's `str` reader, which checks no
         // string again: per string (two per field) it was a twelfth of a batch's CPU. A body
         // that is not UTF-8 goes to the router, whose `from_slice` writes the error.

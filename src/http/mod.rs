@@ -10,6 +10,7 @@ mod handlers;
 mod metrics;
 mod server;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 pub use fast::Api;
@@ -101,9 +101,8 @@ pub struct Shared {
     status: Status,
     metrics: Metrics,
     config: HttpConfig,
-    /// Admission control: a permit per in-flight API request. A semaphore because the
-    /// answer to "full" is to shed at once (`try_acquire`), never to queue.
-    in_flight: Arc<Semaphore>,
+    /// Admission control: API requests being served, against `max_in_flight`.
+    in_flight: InFlight,
 }
 
 impl std::ops::Deref for App {
@@ -117,7 +116,7 @@ impl std::ops::Deref for App {
 impl App {
     /// The handler state over `store` and `status`.
     pub fn new(store: Store, status: Status, config: HttpConfig) -> Self {
-        let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+        let in_flight = InFlight::new(config.max_in_flight);
         Self(Arc::new(Shared {
             store,
             status,
@@ -129,10 +128,50 @@ impl App {
 
     /// API requests being served right now.
     fn in_flight(&self) -> usize {
-        self.config
-            .max_in_flight
-            .max(1)
-            .saturating_sub(self.in_flight.available_permits())
+        self.in_flight.now()
+    }
+}
+
+/// Admission control: a count of the API requests being served and its limit. The answer
+/// to "full" is to shed at once, never to queue, so a counter does all a semaphore's
+/// `try_acquire` would; tokio's semaphore also took its waiters' lock on every release,
+/// once per check.
+struct InFlight {
+    limit: usize,
+    now: AtomicUsize,
+}
+
+/// One admitted request: counted in flight until dropped.
+struct Admitted<'a>(&'a InFlight);
+
+impl InFlight {
+    /// At most `limit` (at least one) requests at a time.
+    fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            now: AtomicUsize::new(0),
+        }
+    }
+
+    /// Admits one more request, or `None` when `limit` are in flight.
+    fn enter(&self) -> Option<Admitted<'_>> {
+        if self.now.fetch_add(1, Ordering::Relaxed) >= self.limit {
+            self.now.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Admitted(self))
+    }
+
+    /// Requests admitted and not yet done (one turned away may be counted for an instant;
+    /// never more than the limit shown).
+    fn now(&self) -> usize {
+        self.now.load(Ordering::Relaxed).min(self.limit)
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -171,7 +210,7 @@ pub fn router(app: App) -> Router {
 /// clients a retry instead of costing everyone latency and memory; then checks the bearer
 /// token, when one is configured.
 async fn admit(State(app): State<App>, request: Request, next: Next) -> Response {
-    let Ok(_permit) = app.in_flight.try_acquire() else {
+    let Some(_admitted) = app.in_flight.enter() else {
         app.metrics.shed();
         return ApiError::Overloaded.into_response();
     };
@@ -203,4 +242,27 @@ async fn guard(State(app): State<App>, request: Request, next: Next) -> Response
         app.metrics.client_error();
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+
+    #[test]
+    fn in_flight_admits_up_to_its_limit_and_frees_on_drop() {
+        let in_flight = InFlight::new(2);
+        let first = in_flight.enter().expect("first admitted");
+        let second = in_flight.enter().expect("second admitted");
+        assert!(in_flight.enter().is_none(), "a third is shed");
+        assert_eq!(in_flight.now(), 2);
+        drop(first);
+        assert_eq!(in_flight.now(), 1);
+        let third = in_flight.enter().expect("admitted once one is done");
+        drop((second, third));
+        assert_eq!(in_flight.now(), 0);
+        // A limit of zero admits one at a time, as the semaphore did.
+        let one = InFlight::new(0);
+        let admitted = one.enter();
+        assert!(admitted.is_some() && one.enter().is_none());
+    }
 }
