@@ -44,9 +44,9 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::fast::PlainAnswer;
+use super::server::Stop;
 use super::Api;
 
 /// A request head longer than this without its end goes to hyper, which has the limits
@@ -61,12 +61,12 @@ const MAX_PLAIN_HEADERS: usize = 32;
 /// leaves the connection with hyper for good.
 const MAX_WHOLE_REQUEST: usize = 64 * 1024;
 
-/// Serves one connection until the client closes it, it times out, or `shutdown`.
+/// Serves one connection until the client closes it, it times out, or the server stops.
 pub(super) async fn serve_connection(
     stream: TcpStream,
     api: Api,
     header_timeout: Duration,
-    shutdown: CancellationToken,
+    stop: &Stop,
 ) {
     let mut plain = PlainLoop {
         stream,
@@ -74,7 +74,7 @@ pub(super) async fn serve_connection(
         write: Vec::with_capacity(1024),
     };
     loop {
-        let once = match plain.run(&api, header_timeout, &shutdown).await {
+        let once = match plain.run(&api, header_timeout, stop).await {
             Ok(Next::Close) => return,
             Ok(Next::Hyper { once }) => once,
             Err(error) => {
@@ -82,7 +82,7 @@ pub(super) async fn serve_connection(
                 return;
             }
         };
-        match serve_by_hyper(plain, once, &api, header_timeout, &shutdown).await {
+        match serve_by_hyper(plain, once, &api, header_timeout, stop).await {
             Some(back) => plain = back,
             None => return,
         }
@@ -100,7 +100,7 @@ async fn serve_by_hyper(
     once: Option<usize>,
     api: &Api,
     header_timeout: Duration,
-    shutdown: &CancellationToken,
+    stop: &Stop,
 ) -> Option<PlainLoop> {
     let written = Arc::new(AtomicBool::new(false));
     let io = Replay {
@@ -129,7 +129,7 @@ async fn serve_by_hyper(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(io), service);
-    let mut cancelled = pin!(shutdown.cancelled());
+    let mut cancelled = pin!(stop.wait());
     let mut stopping = false;
     let result = poll_fn(|cx| loop {
         let stop = once.is_some() && written.load(Ordering::Relaxed);
@@ -204,19 +204,14 @@ struct PlainLoop {
 }
 
 impl PlainLoop {
-    async fn run(
-        &mut self,
-        api: &Api,
-        header_timeout: Duration,
-        shutdown: &CancellationToken,
-    ) -> io::Result<Next> {
+    async fn run(&mut self, api: &Api, header_timeout: Duration, stop: &Stop) -> io::Result<Next> {
         // One timer and one shutdown waiter for the whole connection: the timer is set to
         // the earliest time the head being waited for could be late, and only re-armed when
         // it fires early, so a request costs a clock read rather than a timer insertion.
         let mut waiting_since = Instant::now();
         let timer = tokio::time::sleep(header_timeout);
         let mut timer = pin!(timer);
-        let mut cancelled = pin!(shutdown.cancelled());
+        let mut cancelled = pin!(stop.wait());
         loop {
             let mut answered = false;
             let step = loop {
@@ -257,7 +252,7 @@ impl PlainLoop {
                 Ok(None) => 1024,
                 Ok(Some(len)) => len - self.read.len(),
             };
-            if self.read.is_empty() && shutdown.is_cancelled() {
+            if self.read.is_empty() && stop.is_stopped() {
                 // Even a client whose next request is already here is done.
                 return Ok(Next::Close);
             }

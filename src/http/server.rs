@@ -2,11 +2,15 @@
 //! `conn`) served with the protections that `axum::serve` does not offer (a header-read timeout against slow clients, a cap on open
 //! connections), and graceful shutdown that lets in-flight requests finish.
 
+use std::future::{poll_fn, Future as _};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,6 +43,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
+    let stop = Arc::new(Stop::default());
     // Bounds memory under a flood of connections: one permit per open connection.
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
@@ -65,14 +70,101 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         connections.spawn({
             let api = api.clone();
-            let shutdown = shutdown.clone();
+            let stop = Arc::clone(&stop);
             async move {
-                conn::serve_connection(stream, api, limits.header_timeout, shutdown).await;
+                conn::serve_connection(stream, api, limits.header_timeout, &stop).await;
                 drop(permit);
             }
         });
     }
     drop(listener);
+    stop.trigger();
     connections.close();
     connections.wait().await;
+}
+
+/// The server's stop, as its connections watch it: a flag and a wake-up for the idle ones.
+/// A connection's loop asks on every request whether the server is stopping and waits for
+/// it whenever it waits for the client; a `CancellationToken` takes a lock for each (the
+/// same one for every connection), this a plain load once its waiter is registered.
+#[derive(Default)]
+pub(super) struct Stop {
+    stopped: AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    /// Stops: every connection's [`Stop::wait`] ends, and [`Stop::is_stopped`] says so.
+    fn trigger(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Whether the server is stopping.
+    pub(super) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Ends once the server stops. Polled again by the task it woke last, it only reads the
+    /// flag.
+    pub(super) async fn wait(&self) {
+        // Created before the flag is read, so a stop after that read still reaches it.
+        let mut notified = pin!(self.notify.notified());
+        let mut registered: Option<Waker> = None;
+        poll_fn(|cx| {
+            if self.is_stopped() {
+                return Poll::Ready(());
+            }
+            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                return Poll::Pending;
+            }
+            if notified.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            registered = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Context;
+
+    use super::*;
+
+    #[test]
+    fn a_stop_ends_every_wait_polled_before_it_and_after() {
+        let stop = Stop::default();
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut first = Box::pin(stop.wait());
+        let mut second = Box::pin(stop.wait());
+        // `second` is created but never polled before the stop.
+        for _ in 0..3 {
+            assert!(first.as_mut().poll(&mut cx).is_pending());
+        }
+        assert!(!stop.is_stopped());
+        stop.trigger();
+        assert!(stop.is_stopped());
+        assert!(first.as_mut().poll(&mut cx).is_ready());
+        assert!(second.as_mut().poll(&mut cx).is_ready());
+        assert!(Box::pin(stop.wait()).as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_stop_wakes_a_task_waiting_on_it() {
+        let stop = Arc::new(Stop::default());
+        let waiting = tokio::spawn({
+            let stop = Arc::clone(&stop);
+            async move { stop.wait().await }
+        });
+        tokio::task::yield_now().await;
+        stop.trigger();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiter ended")
+            .expect("the waiter did not panic");
+    }
 }
