@@ -404,16 +404,14 @@ fn plain_query_byte(byte: u8) -> bool {
 
 /// Appends the response hyper writes for `answer`: the same head, in the same order.
 fn write_answer(out: &mut Vec<u8>, answer: PlainAnswer) {
-    let mut body = String::with_capacity(48);
-    answer.write_body(&mut body);
-    write_json(out, body.as_bytes());
+    write_json(out, answer.body().as_bytes());
 }
 
 /// Appends the response hyper writes for a 200 with a JSON `body`: the same head, in the
 /// same order.
 fn write_json(out: &mut Vec<u8>, body: &[u8]) {
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ");
-    out.extend_from_slice(body.len().to_string().as_bytes());
+    let _ = io::Write::write_fmt(out, format_args!("{}", body.len()));
     out.extend_from_slice(b"\r\ndate: ");
     with_http_date(|date| out.extend_from_slice(date));
     out.extend_from_slice(b"\r\n\r\n");
