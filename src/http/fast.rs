@@ -157,13 +157,14 @@ impl PlainAnswer {
     }
 }
 
-/// A plain answer's body.
+/// A plain answer's body, held on the stack.
 pub(super) struct AnswerBody {
     bytes: [u8; 64],
     len: usize,
 }
 
 impl AnswerBody {
+    /// The body's bytes.
     pub(super) fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
