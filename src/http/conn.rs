@@ -132,8 +132,8 @@ async fn serve_by_hyper(
     let mut cancelled = pin!(stop.wait());
     let mut stopping = false;
     let result = poll_fn(|cx| loop {
-        let stop = once.is_some() && written.load(Ordering::Relaxed);
-        if !stopping && (stop || cancelled.as_mut().poll(cx).is_ready()) {
+        let answering = once.is_some() && written.load(Ordering::Relaxed);
+        if !stopping && (answering || cancelled.as_mut().poll(cx).is_ready()) {
             stopping = true;
             Pin::new(&mut connection).graceful_shutdown();
         }
