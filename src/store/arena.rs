@@ -104,6 +104,9 @@ pub(super) struct Arena {
     chunks: Vec<Chunk>,
     /// Set once mapping a chunk failed: lists then stay in the heap.
     unavailable: bool,
+    /// Tests: mapping a chunk fails once this many are mapped.
+    #[cfg(test)]
+    pub(super) chunk_limit: Option<usize>,
 }
 
 impl Arena {
@@ -124,7 +127,7 @@ impl Arena {
             .last()
             .map_or(true, |c| c.used + size > HUGE_PAGE)
         {
-            match Chunk::new() {
+            match self.map_chunk() {
                 Ok(chunk) => self.chunks.push(chunk),
                 Err(error) => {
                     tracing::warn!(%error, "could not map memory for packed grants; keeping them in the heap");
@@ -148,6 +151,21 @@ impl Arena {
             at: u32::try_from(at).ok()?,
             len: u32::try_from(len).ok()?,
         })
+    }
+
+    /// A new chunk (in tests, a failure past `chunk_limit`, as when the kernel refuses).
+    fn map_chunk(&self) -> std::io::Result<Chunk> {
+        #[cfg(test)]
+        if self
+            .chunk_limit
+            .is_some_and(|limit| self.chunks.len() >= limit)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                "the test's chunk limit",
+            ));
+        }
+        Chunk::new()
     }
 
     /// The list's object ids and bitsets.

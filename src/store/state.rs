@@ -1384,6 +1384,58 @@ mod tests {
     }
 
     #[test]
+    fn a_load_that_cannot_map_more_memory_keeps_the_rest_in_the_heap() {
+        // The same rows loaded twice: once with every list packed, once with mapping
+        // refused after the first chunk (about 870 lists of 200 grants fit in it), so that
+        // the lists loaded after it stay in the heap. Both answer alike.
+        let load = |chunk_limit: Option<usize>| {
+            let mut builder = StateBuilder::new();
+            builder.state.packed.chunk_limit = chunk_limit;
+            for s in 0..1_000 {
+                for o in 0..200 {
+                    let permission = format!("p{}", (s + o) % 3);
+                    builder.tuple(&format!("s{s}"), &format!("o{o}"), &permission, None);
+                }
+            }
+            builder.finish()
+        };
+        let packed = load(None);
+        let mixed = load(Some(1));
+        let kinds = |state: &State| {
+            let (mut packed, mut heap) = (0, 0);
+            for entry in state.subjects.iter() {
+                match entry.grants {
+                    Grants::Packed(_) => packed += 1,
+                    Grants::Many(_) => heap += 1,
+                    _ => {}
+                }
+            }
+            (packed, heap)
+        };
+        assert_eq!(kinds(&packed), (1_000, 0));
+        let (in_chunk, in_heap) = kinds(&mixed);
+        assert!(
+            in_chunk > 0 && in_heap > 0,
+            "{in_chunk} packed, {in_heap} in the heap"
+        );
+        assert!(0 < mixed.packed_bytes() && mixed.packed_bytes() < packed.packed_bytes());
+        assert_eq!(packed.digest(), mixed.digest());
+        for s in (0..1_000).step_by(7) {
+            let subject = format!("s{s}");
+            for o in (0..200).step_by(13) {
+                let object = format!("o{o}");
+                for permission in ["p0", "p1", "p2"] {
+                    assert_eq!(
+                        packed.check(&subject, permission, &object, &mut Now::lazy()),
+                        mixed.check(&subject, permission, &object, &mut Now::lazy()),
+                        "{subject} {permission} {object}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn digest_matches_the_sql_definition() {
         // The SQL digest of ('u1','','ADMIN', 1700000000000000) alone, computed by
         // permd.digest() on Postgres: the row hash of its canonical line.
