@@ -24,7 +24,10 @@
 //! built in a `git worktree` of an earlier commit); the overload part runs the last one.
 //! `BENCH_ROUNDS` (default 3): the closed loop at each concurrency runs that many rounds,
 //! every selected system once a round, so that each system's runs alternate with the
-//! others' and a slow or fast stretch of the machine falls on all of them; a last table
+//! others' and a slow or fast stretch of the machine falls on all of them; even rounds run
+//! the systems in the reverse order (the tables keep theirs), so that no system always
+//! runs early or late in a round, and a drift of the machine's speed within a round
+//! favours none; a last table
 //! gives permd's ratios to Redis and to SQL round by round and their median (the figures
 //! the targets name). `BENCH_ROUNDS=1` for a quick run.
 //!
@@ -1038,9 +1041,12 @@ fn main() {
             .iter()
             .flat_map(|c| (1..=rounds).map(move |r| (c, r)))
         {
+            let reversed = round % 2 == 0;
             println!();
             if rounds == 1 {
                 println!("Closed loop, {concurrency} connections:");
+            } else if reversed {
+                println!("Closed loop, {concurrency} connections, round {round} of {rounds} (run bottom row first):");
             } else {
                 println!("Closed loop, {concurrency} connections, round {round} of {rounds}:");
             }
@@ -1048,9 +1054,13 @@ fn main() {
             println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             let mut results = Vec::new();
-            for &(system, k) in &runs {
+            for i in 0..runs.len() {
+                let (system, k) = runs[if reversed { runs.len() - 1 - i } else { i }];
                 let o = closed_loop(system, &at(k), concurrency, seconds, subjects).await;
                 results.push((system, k, o));
+            }
+            if reversed {
+                results.reverse();
             }
             // A figure of `system`'s run against permd binary `k` (the only run of the others).
             let figure = |s: System, k: usize, f: fn(&Outcome) -> f64| {
