@@ -27,9 +27,9 @@
 //! others' and a slow or fast stretch of the machine falls on all of them; even rounds run
 //! the systems in the reverse order (the tables keep theirs), so that no system always
 //! runs early or late in a round, and a drift of the machine's speed within a round
-//! favours none; a last table
-//! gives permd's ratios to Redis and to SQL round by round and their median (the figures
-//! the targets name). `BENCH_ROUNDS=1` for a quick run.
+//! favours none. A table gives permd's ratios to Redis and to SQL round by round and their
+//! median (the figures the targets name), and the next one those medians at c=32 against
+//! the targets, met or missed. `BENCH_ROUNDS=1` for a quick run.
 //!
 //! Besides the single check and the batch, permd has a row for a client that pools its
 //! connections and sends both kinds on each (9 single checks, then a batch of 100), with
@@ -978,6 +978,8 @@ fn main() {
         let binaries = env_list::<String>("BENCH_PERMD", env!("CARGO_BIN_EXE_permd"));
         let several = binaries.len() > 1;
         let mut servers = Vec::new();
+        // Each binary's resident size after its load over Redis's `used_memory`.
+        let mut memory = Vec::new();
         for (k, binary) in binaries.iter().enumerate() {
             let loading = Instant::now();
             let permd = Permd::start(binary, &url, &[]);
@@ -997,6 +999,7 @@ fn main() {
                 rss as f64 / used_memory as f64
             );
             servers.push(permd);
+            memory.push(rss as f64 / used_memory as f64);
         }
         pool.close().await;
 
@@ -1159,6 +1162,44 @@ fn main() {
                     cells.join(" | ")
                 );
             }
+        }
+
+        // The targets the closed loop measures, for the newest binary at c=32: the medians of
+        // its rounds against the bars the issue sets. (The in-process check, the full load
+        // and freshness have suites of their own.)
+        if let Some(rows) = by_round.get(&(32, newest)) {
+            let medians: Vec<f64> = (0..rows[0].len())
+                .map(|i| median(rows.iter().map(|r| r[i]).collect()))
+                .collect();
+            let verdict = |value: f64, met: bool| {
+                if value.is_nan() {
+                    "not run"
+                } else if met {
+                    "met"
+                } else {
+                    "missed"
+                }
+            };
+            let targets = [
+                ("single check >= 1.25x Redis SISMEMBER", medians[0], medians[0] >= 1.25),
+                ("batch >= 2x Redis pipelined", medians[1], medians[1] >= 2.0),
+                ("single check >= 3x source-table SQL", medians[2], medians[2] >= 3.0),
+                ("single check >= 2x precomputed SQL", medians[3], medians[3] >= 2.0),
+                ("single check p99 <= Redis's", medians[4], medians[4] <= 1.0),
+            ];
+            println!();
+            println!("Against the targets (permd{}, 32 connections, medians of {rounds} round(s)):", if several { format!(" [{}]", newest + 1) } else { String::new() });
+            println!();
+            println!("| target | result | verdict |");
+            println!("|---|---:|---|");
+            for (target, value, met) in targets {
+                println!("| {target} | {} | {} |", ratio(value, 1.0), verdict(value, met));
+            }
+            let resident = memory[newest];
+            println!(
+                "| resident <= 1/3 of Redis used_memory | {resident:.2}x | {} |",
+                verdict(resident, resident <= 1.0 / 3.0)
+            );
         }
 
         let open = [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd];
