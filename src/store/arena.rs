@@ -20,7 +20,7 @@
 
 use memmap2::{MmapMut, MmapOptions};
 
-use super::state::SCAN_GRANTS;
+use super::state::find_object;
 
 /// The size of a huge page on x86-64 and arm64 with 4 KiB base pages, and of a chunk.
 const HUGE_PAGE: usize = 2 << 20;
@@ -181,23 +181,7 @@ impl Arena {
     #[inline]
     pub(super) fn get(&self, list: Packed, object: u32) -> Option<u64> {
         let (objects, bits) = self.parts(list);
-        let len = list.len();
-        // Scanned up to `SCAN_GRANTS` (16 ids are one cache line), as a heap list is.
-        let i = if len <= SCAN_GRANTS {
-            (0..len).find(|&i| u32_at(objects, i) >= object)?
-        } else {
-            let (mut low, mut high) = (0, len);
-            while low < high {
-                let middle = (low + high) / 2;
-                if u32_at(objects, middle) < object {
-                    low = middle + 1;
-                } else {
-                    high = middle;
-                }
-            }
-            low
-        };
-        (i < len && u32_at(objects, i) == object).then(|| u64_at(bits, i))
+        find_object(list.len(), object, |i| u32_at(objects, i)).map(|i| u64_at(bits, i))
     }
 
     /// Every (object id, bitset) of the list, by object id.
