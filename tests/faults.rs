@@ -460,9 +460,9 @@ async fn overload_is_shed_fast_and_probes_stay_up() {
                 loop {
                     let request = Request::get(&uri).body(Body::empty()).expect("request");
                     let (status, body) = send(&api, request).await;
-                    // A waiter that arrives while the probe below holds the last permit
+                    // A waiter that arrives while the probe below holds the last in-flight place
                     // is shed itself: it tries again, so that all eight end up waiting
-                    // (else the probe would find a permit free for ever).
+                    // (else the probe would find a place free for ever).
                     if status != StatusCode::SERVICE_UNAVAILABLE || body["error"] != "overloaded" {
                         return (status, body);
                     }

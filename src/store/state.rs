@@ -44,6 +44,7 @@ pub(super) fn find_object(len: usize, object: u32, id_at: impl Fn(usize) -> u32)
     };
     (i < len && id_at(i) == object).then_some(i)
 }
+
 /// A batch holds every shard's read lock for at most this many checks at a time (~20 us
 /// on a cold cache), so that the applier, which waits for a shard's readers to leave
 /// before it writes there, waits at most that long for a batch of any size.
