@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use dashmap::DashMap;
 use hashbrown::HashTable;
 
-use super::{same_bytes, Hasher, Key};
+use super::{same_bytes, Hasher, Name};
 
 /// A two-way map between strings and dense `u32` ids.
 ///
@@ -24,12 +24,12 @@ pub(crate) struct Interner {
     /// Names interned while the generation was being built. Read without a lock. A
     /// `HashTable` rather than a `HashMap` for its key compare: `same_bytes`, inline,
     /// where a map's `==` on `str` calls `memcmp` (a tenth of a check).
-    frozen: HashTable<(Key, u32)>,
+    frozen: HashTable<(Name, u32)>,
     /// The hasher of `frozen`.
     hasher: Hasher,
     /// Names interned since the generation was shared. Sharded so that concurrent readers
     /// of different names do not contend; only the applier inserts.
-    recent: DashMap<Key, u32, Hasher>,
+    recent: DashMap<Name, u32, Hasher>,
     /// Whether `recent` holds anything: most look-ups that miss `frozen` (an unknown name)
     /// then skip the sharded map and its lock.
     has_recent: AtomicBool,
@@ -72,7 +72,7 @@ impl Interner {
         let id = self.push(Arc::from(name));
         let hasher = &self.hasher;
         self.frozen
-            .insert_unique(hasher.hash_one(name), (Key::from(name), id), |(key, _)| {
+            .insert_unique(hasher.hash_one(name), (Name::from(name), id), |(key, _)| {
                 hasher.hash_one(key.as_str())
             });
         id
@@ -85,7 +85,7 @@ impl Interner {
             return id;
         }
         let id = self.push(Arc::from(name));
-        self.recent.insert(Key::from(name), id);
+        self.recent.insert(Name::from(name), id);
         // Release: a reader that sees the flag also sees the insert.
         self.has_recent.store(true, Ordering::Release);
         id

@@ -6,6 +6,7 @@
 mod arena;
 mod interner;
 mod state;
+mod subjects;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -24,10 +25,10 @@ use state::Now;
 /// The hasher of every map in the store: fast on short strings, seeded per process.
 pub(crate) type Hasher = foldhash::fast::RandomState;
 
-/// The key type of the store's string maps: up to 24 bytes are stored inline (no heap
-/// allocation, and a look-up compares the key without following a pointer to another
-/// cache line); longer strings go to the heap.
-pub(crate) type Key = compact_str::CompactString;
+/// The key type of the interner's maps (object, permission and limit names): up to 24
+/// bytes are stored inline (no heap allocation, and a look-up compares the key without
+/// following a pointer to another cache line); longer strings go to the heap.
+pub(crate) type Name = compact_str::CompactString;
 
 /// The 8 bytes of `s` from `at`, little-endian (`s` is at least `at + 8` long).
 #[inline]

@@ -5,13 +5,12 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use md5::{Digest as _, Md5};
 
 use super::arena::{Arena, Packed};
 use super::interner::Interner;
-use super::{Hasher, Key};
+use super::subjects::{self, Subjects};
+use super::Hasher;
 
 /// `expires_at` of a tuple that never expires.
 pub(crate) const NEVER: i64 = i64::MAX;
@@ -377,9 +376,9 @@ pub(crate) fn now_micros() -> i64 {
 /// a full reload builds a new one aside and swaps it in.
 pub(crate) struct State {
     /// Subject string to its entry. Sharded so checks on different subjects proceed in
-    /// parallel while the applier writes one shard at a time. Keys are `Key`s: a short
-    /// subject sits in the bucket itself, so a look-up reads no second cache line.
-    subjects: DashMap<Key, SubjectEntry, Hasher>,
+    /// parallel while the applier writes one shard at a time. A name of up to 46 bytes
+    /// sits in the bucket itself, so a look-up reads no second cache line (`subjects`).
+    subjects: Subjects<SubjectEntry>,
     /// The grant lists the full load packed (`Grants::Packed`); read-only once shared.
     packed: Arena,
     objects: Interner,
@@ -397,7 +396,7 @@ pub(crate) struct State {
 impl State {
     pub(crate) fn with_capacity(subjects: usize, objects: usize) -> Self {
         let mut state = Self {
-            subjects: DashMap::with_capacity_and_hasher(subjects, Hasher::default()),
+            subjects: Subjects::with_capacity(subjects),
             packed: Arena::default(),
             objects: Interner::with_capacity(objects),
             permissions: Interner::with_capacity(64),
@@ -503,19 +502,28 @@ impl State {
         now: &mut Now,
         answers: &mut Vec<bool>,
     ) {
-        let shards = self.subjects.shards();
-        if checks.len() <= shards.len() {
+        let (short, long) = (&self.subjects.short, &self.subjects.long);
+        if checks.len() <= short.shards().len() {
             answers.extend(checks.map(|(s, p, o)| self.check(s, p, o, now)));
             return;
         }
-        // In shard order, as every multi-shard reader must take them: with the single
-        // writer holding one shard at a time, no two threads can wait on each other.
-        let guards: Vec<_> = shards.iter().map(|shard| shard.read()).collect();
+        // In shard order, the short map's first, as every multi-shard reader must take
+        // them: with the single writer holding one shard at a time, no two threads can
+        // wait on each other.
+        let short_guards: Vec<_> = short.shards().iter().map(|shard| shard.read()).collect();
+        let long_guards: Vec<_> = long.shards().iter().map(|shard| shard.read()).collect();
         let entry_of = |subject: &str| {
-            let hash = self.subjects.hash_usize(&subject);
-            guards[self.subjects.determine_shard(hash)]
-                .get(hash as u64, |(key, _)| key.as_str() == subject)
-                .map(|(_, entry)| entry.get())
+            let hash = self.subjects.hash(subject);
+            let name = subject.as_bytes();
+            if subjects::is_short(subject) {
+                short_guards[short.determine_shard(hash)]
+                    .get(hash as u64, |(key, _)| key.as_bytes() == name)
+                    .map(|(_, entry)| entry.get())
+            } else {
+                long_guards[long.determine_shard(hash)]
+                    .get(hash as u64, |(key, _)| key.as_bytes() == name)
+                    .map(|(_, entry)| entry.get())
+            }
         };
         let entries: Vec<Option<&SubjectEntry>> =
             checks.clone().map(|(s, _, _)| entry_of(s)).collect();
@@ -655,12 +663,12 @@ impl State {
             let empty = entry.is_empty();
             drop(entry);
             if empty {
-                self.subjects.remove_if(subject, |_, e| e.is_empty());
+                self.subjects.remove_if(subject, SubjectEntry::is_empty);
             }
             gone
         } else {
             let object = self.objects.intern(object);
-            let mut entry = self.subjects.entry(subject.into()).or_default();
+            let mut entry = self.subjects.entry_or_default(subject);
             entry.grants.set(object, grant, &self.packed)
         };
         self.adjust(&self.tuples, added, removed);
@@ -684,10 +692,10 @@ impl State {
             let empty = entry.is_empty();
             drop(entry);
             if empty {
-                self.subjects.remove_if(subject, |_, e| e.is_empty());
+                self.subjects.remove_if(subject, SubjectEntry::is_empty);
             }
         } else {
-            let mut entry = self.subjects.entry(subject.into()).or_default();
+            let mut entry = self.subjects.entry_or_default(subject);
             removed = std::mem::replace(&mut entry.limits, limits.into()).len() as u64;
         }
         self.adjust(&self.limits, added, removed);
@@ -698,7 +706,7 @@ impl State {
     fn note_public(&self, subject: &str) {
         if subject == WILDCARD {
             self.has_public
-                .store(self.subjects.contains_key(WILDCARD), Ordering::Relaxed);
+                .store(self.subjects.contains(WILDCARD), Ordering::Relaxed);
         }
     }
 
@@ -733,8 +741,7 @@ impl State {
         self.objects.with_names(|objects| {
             self.permissions.with_names(|permissions| {
                 self.limit_names.with_names(|limit_names| {
-                    for entry in &self.subjects {
-                        let subject = entry.key().as_str();
+                    self.subjects.for_each(|subject, entry| {
                         let mut digest = Digest::default();
                         for (o, grant) in entry.grants.iter(&self.packed) {
                             for (p, expires_at) in grant.rows() {
@@ -760,7 +767,7 @@ impl State {
                             digest.limits += 1;
                         }
                         f(subject, digest);
-                    }
+                    });
                 });
             });
         });
@@ -855,13 +862,13 @@ fn row_hash(line: &[u8]) -> u64 {
 /// order, and as cheap as the grouped case where they are grouped.
 pub(crate) struct StateBuilder {
     state: State,
-    /// The subject of the current run; `None` before the first tuple row.
-    subject: Option<Key>,
+    /// The subject of the current run (when `run` is not empty); reused from run to run.
+    subject: String,
     /// The current run's rows as (object id, slot); reused from run to run.
     run: Vec<(u32, Slot)>,
     /// The rows of subjects met again after their first run, merged in `finish`.
-    scattered: HashMap<Key, Vec<(u32, Slot)>, Hasher>,
-    limits: HashMap<Key, Vec<(u32, i64)>, Hasher>,
+    scattered: HashMap<Box<str>, Vec<(u32, Slot)>, Hasher>,
+    limits: HashMap<Box<str>, Vec<(u32, i64)>, Hasher>,
     /// Tuple rows stored so far.
     tuples: u64,
 }
@@ -878,7 +885,7 @@ impl StateBuilder {
             // missed the cache; grown, 64k buckets (2 MiB): about 10 % less CPU for the
             // load (benches/README.md, `load`).
             state: State::with_capacity(16, 16),
-            subject: None,
+            subject: String::new(),
             run: Vec::new(),
             scattered: HashMap::with_hasher(Hasher::default()),
             limits: HashMap::with_hasher(Hasher::default()),
@@ -901,9 +908,10 @@ impl StateBuilder {
         // Plan permissions are all on '': no look-up for them.
         let object =
             fixed_object_id(object).unwrap_or_else(|| self.state.objects.intern_mut(object));
-        if self.subject.as_deref() != Some(subject) {
+        if self.run.is_empty() || self.subject != subject {
             self.end_run();
-            self.subject = Some(Key::from(subject));
+            self.subject.clear();
+            self.subject.push_str(subject);
         }
         self.run.push((object, slot));
     }
@@ -911,22 +919,22 @@ impl StateBuilder {
     /// Stores the current run under its subject: as the subject's entry when it is new,
     /// aside for `finish` when the subject already has one.
     fn end_run(&mut self) {
-        let Some(subject) = self.subject.take() else {
+        if self.run.is_empty() {
             return;
-        };
-        match self.state.subjects.entry(subject) {
-            Entry::Vacant(vacant) => {
-                let grants = grants_of(&mut self.run, &mut self.tuples, &mut self.state.packed);
-                vacant.insert(SubjectEntry {
-                    grants,
-                    limits: Thin::default(),
-                });
-            }
-            Entry::Occupied(occupied) => self
-                .scattered
-                .entry(occupied.key().clone())
+        }
+        let (run, tuples, packed) = (&mut self.run, &mut self.tuples, &mut self.state.packed);
+        let new = self
+            .state
+            .subjects
+            .insert_new(&self.subject, || SubjectEntry {
+                grants: grants_of(run, tuples, packed),
+                limits: Thin::default(),
+            });
+        if !new {
+            self.scattered
+                .entry(self.subject.as_str().into())
                 .or_default()
-                .extend_from_slice(&self.run),
+                .extend_from_slice(&self.run);
         }
         self.run.clear();
     }
@@ -975,7 +983,7 @@ impl StateBuilder {
         for (subject, mut rows) in limits {
             rows.sort_unstable();
             limit_rows += rows.len() as u64;
-            state.subjects.entry(subject).or_default().limits = rows.into();
+            state.subjects.entry_or_default(&subject).limits = rows.into();
         }
         state.note_public(WILDCARD);
         state.tuples.store(tuples, Ordering::Relaxed);
@@ -1165,9 +1173,19 @@ mod tests {
         assert_eq!(state.limit_count(), 2);
     }
 
+    /// Subject `s`'s name, of a length that puts it in the short map, inline in the long
+    /// one, or in the heap from the long one.
+    fn subject_name(s: u64) -> String {
+        match s % 3 {
+            0 => format!("u{s}"),
+            1 => format!("user:6f1c2a9e-3b7d-4e58-a0c4-{s:012}"),
+            _ => format!("organization:{s:048}"),
+        }
+    }
+
     /// A state with per-object, global, wildcard-subject, wildcard-object and expiring
-    /// grants over `subjects` subjects, and checks over them (and unknown names) drawn by
-    /// a fixed generator.
+    /// grants over `subjects` subjects (names of every length, `subject_name`), and checks
+    /// over them (and unknown names) drawn by a fixed generator.
     fn mixed_state(subjects: u64) -> (State, Vec<(String, String, String)>) {
         let state = State::with_capacity(4, 64);
         let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
@@ -1180,7 +1198,7 @@ mod tests {
                 let object = ["", "*", "doc:1", "doc:2", "doc:3"][next(5) as usize];
                 let expires_at = (next(4) == 0).then_some(1_000);
                 state.set_grant(
-                    &format!("u{s}"),
+                    &subject_name(s),
                     object,
                     &[row(&format!("p{}", next(6)), expires_at)],
                 );
@@ -1193,7 +1211,7 @@ mod tests {
         );
         let checks = (0..2_000)
             .map(|_| {
-                let subject = format!("u{}", next(subjects + subjects / 4));
+                let subject = subject_name(next(subjects + subjects / 4));
                 let permission = format!("p{}", next(7));
                 let object =
                     ["", "*", "doc:1", "doc:2", "doc:3", "doc:public", "doc:9"][next(7) as usize];
@@ -1220,7 +1238,7 @@ mod tests {
         // Below, at and above one check per shard, within one holding of the locks and
         // over several (the last one short or of a single check), before and after the
         // expiry.
-        let shards = state.subjects.shards().len();
+        let shards = state.subjects.short.shards().len();
         let sizes = [0, 1, shards, shards + 1, 100, HELD_CHECKS, HELD_CHECKS + 1];
         for size in sizes
             .into_iter()
@@ -1418,13 +1436,11 @@ mod tests {
         let mixed = load(Some(1));
         let kinds = |state: &State| {
             let (mut packed, mut heap) = (0, 0);
-            for entry in state.subjects.iter() {
-                match entry.grants {
-                    Grants::Packed(_) => packed += 1,
-                    Grants::Many(_) => heap += 1,
-                    _ => {}
-                }
-            }
+            state.subjects.for_each(|_, entry| match entry.grants {
+                Grants::Packed(_) => packed += 1,
+                Grants::Many(_) => heap += 1,
+                _ => {}
+            });
             (packed, heap)
         };
         assert_eq!(kinds(&packed), (1_000, 0));
