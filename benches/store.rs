@@ -11,8 +11,9 @@
 //!   subjects (all in cache);
 //! - object checks that hit, rotating over all 100,000 subjects (`check_allowed_cold`: a
 //!   working set of ~40 MB, past any cache of this machine, where 1,024 subjects may now fit
-//!   in a larger L2), and the same with subjects named `user:` and a UUID
-//!   (`check_allowed_cold_uuid`: names of 41 bytes, as many products give their users);
+//!   in a larger L2), and the same with subjects and objects named by UUIDs
+//!   (`check_allowed_cold_uuid`: `user:` and `doc:` and a UUID, names of 40 and 41 bytes,
+//!   as many products give their users and documents);
 //! - `memory_latency`: one load that misses every cache (a pointer chase over 64 MiB), the
 //!   unit in which `check_allowed_cold` is counted.
 
@@ -24,21 +25,35 @@ const SUBJECTS: u32 = 100_000;
 const PER_SUBJECT: u32 = 10;
 const PERMISSIONS: u32 = 40;
 
-/// Subject `s`'s name: `user:N`, or with `uuid` a UUID after the prefix, as many products
-/// name their users (41 bytes, past the 24 that a key holds in the map's bucket).
+/// A UUID made from `n` (distinct for distinct `n`), as many products name their users
+/// and documents.
+fn uuid(n: u32) -> String {
+    let h = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let tail = u64::from(n) * 0x1_0001;
+    format!(
+        "{:08x}-{:04x}-4{:03x}-a{:03x}-{tail:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        (h >> 12) & 0xfff
+    )
+}
+
+/// Subject `s`'s name: `user:N`, or with `uuid` `user:` and a UUID (41 bytes).
 fn subject(s: u32, uuid: bool) -> String {
     if uuid {
-        let h = u64::from(s).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let tail = u64::from(s) * 0x1_0001;
-        format!(
-            "user:{:08x}-{:04x}-4{:03x}-a{:03x}-{tail:012x}",
-            h >> 32,
-            (h >> 16) & 0xffff,
-            h & 0xfff,
-            (h >> 12) & 0xfff
-        )
+        format!("user:{}", self::uuid(s))
     } else {
         format!("user:{s}")
+    }
+}
+
+/// Object `o`'s name: `doc:N`, or with `uuid` `doc:` and a UUID (40 bytes).
+fn object(o: u32, uuid: bool) -> String {
+    if uuid {
+        format!("doc:{}", self::uuid(o))
+    } else {
+        format!("doc:{o}")
     }
 }
 
@@ -48,7 +63,7 @@ fn store(uuid: bool) -> Store {
         for t in 0..PER_SUBJECT {
             rows.push((
                 subject(s, uuid),
-                format!("doc:{}", (s * 7 + t) % 50_000),
+                object((s * 7 + t) % 50_000, uuid),
                 format!("perm{}", (s + t) % PERMISSIONS),
             ));
         }
@@ -205,7 +220,7 @@ fn cold(c: &mut Criterion, name: &str, store: &Store, uuid: bool) {
             (
                 subject(s, uuid),
                 format!("perm{}", s % PERMISSIONS),
-                format!("doc:{}", (s * 7) % 50_000),
+                object((s * 7) % 50_000, uuid),
             )
         })
         .collect();
@@ -221,7 +236,7 @@ fn cold(c: &mut Criterion, name: &str, store: &Store, uuid: bool) {
     });
 }
 
-/// `check_allowed_cold` with subjects named by UUIDs, whose keys live outside the bucket.
+/// `check_allowed_cold` with subjects and objects named by UUIDs.
 fn cold_uuid(c: &mut Criterion) {
     cold(c, "check_allowed_cold_uuid", &store(true), true);
 }

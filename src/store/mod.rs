@@ -5,6 +5,7 @@
 
 mod arena;
 mod interner;
+mod key;
 mod state;
 mod subjects;
 

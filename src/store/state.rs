@@ -9,7 +9,8 @@ use md5::{Digest as _, Md5};
 
 use super::arena::{Arena, Packed};
 use super::interner::Interner;
-use super::subjects::{self, Subjects};
+use super::key;
+use super::subjects::Subjects;
 use super::Hasher;
 
 /// `expires_at` of a tuple that never expires.
@@ -515,7 +516,7 @@ impl State {
         let entry_of = |subject: &str| {
             let hash = self.subjects.hash(subject);
             let name = subject.as_bytes();
-            if subjects::is_short(subject) {
+            if key::is_short(subject) {
                 short_guards[short.determine_shard(hash)]
                     .get(hash as u64, |(key, _)| key.as_bytes() == name)
                     .map(|(_, entry)| entry.get())

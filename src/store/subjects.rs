@@ -1,18 +1,13 @@
-//! The subject map: subject name to entry, in two `DashMap`s chosen by the name's length,
-//! so that every name up to 46 bytes sits inline in its bucket without making a short
-//! name's bucket larger.
+//! The subject map: subject name to entry, in two `DashMap`s chosen by the name's length
+//! (`key.rs`), so that a name of up to 46 bytes sits inline in its bucket without making
+//! a short name's bucket larger. A name's length picks its map, so a subject is only ever
+//! in one of them, and no write moves it.
 //!
-//! A cold check reads the subject's bucket, compares the key, then reads the subject's
-//! grants. A key in the heap puts a third dependent miss (and a page walk) between the
-//! two: with `user:` and a UUID (41 bytes), as many products name their users, a cold
-//! object check took 154 to 174 ns against 97 to 125 ns for `user:N` (benches/README.md,
-//! `store`). One map with 46 bytes of key in every bucket made long names as fast, but
-//! every short name's bucket 80 bytes instead of 56, and its cold check ~8 % slower. So a
-//! name of up to `SHORT` bytes (`user:` and a number, most ids) lives in a map whose key
-//! is 24 bytes, a longer one in a map whose key is 48 (46 inline, longer still in the
-//! heap); a name's length picks its map, so a subject is only ever in one of them.
+//! With `user:` and a UUID (41 bytes) in the heap, a cold object check took 154 to 183 ns
+//! against 98 to 113 for `user:N`; in one map with 48-byte keys, UUID-named subjects were
+//! as fast but short names ~8 % slower; in two maps, UUID-named subjects take 125 to 142
+//! ns and short names are unchanged (benches/README.md, `store`).
 
-use std::borrow::Borrow;
 use std::hash::Hash;
 use std::ops::{Deref, DerefMut};
 
@@ -20,89 +15,8 @@ use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one;
 use dashmap::DashMap;
 
+use super::key::{is_short, InlineKey, LONG, SHORT};
 use super::Hasher;
-
-/// Names up to this long go to the short map.
-pub(super) const SHORT: usize = 22;
-/// Bytes a key of the long map holds inline.
-const LONG: usize = 46;
-
-/// Whether `subject` belongs in the short map.
-#[inline]
-pub(super) fn is_short(subject: &str) -> bool {
-    subject.len() <= SHORT
-}
-
-/// A name, inline up to `N` bytes (`N` < 256), else in the heap. Compared, hashed and
-/// borrowed as bytes (`[u8]`): a look-up never checks again that an inline key is UTF-8
-/// (it was, as a `&str`, when the key was made).
-#[derive(Clone)]
-pub(super) enum InlineKey<const N: usize> {
-    Inline { len: u8, bytes: [u8; N] },
-    Heap(Box<str>),
-}
-
-const _: () = assert!(std::mem::size_of::<InlineKey<SHORT>>() == 24);
-const _: () = assert!(std::mem::size_of::<InlineKey<LONG>>() == 48);
-
-impl<const N: usize> InlineKey<N> {
-    #[inline]
-    pub(super) fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Self::Heap(name) => name.as_bytes(),
-        }
-    }
-
-    /// The name. Validates an inline key again: for listing and the digest, not a check.
-    pub(super) fn as_str(&self) -> &str {
-        match self {
-            // Made from a `&str`, so always UTF-8.
-            Self::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
-            Self::Heap(name) => name,
-        }
-    }
-}
-
-impl<const N: usize> From<&str> for InlineKey<N> {
-    fn from(name: &str) -> Self {
-        match u8::try_from(name.len()) {
-            Ok(len) if name.len() <= N => {
-                let mut bytes = [0; N];
-                bytes[..name.len()].copy_from_slice(name.as_bytes());
-                Self::Inline { len, bytes }
-            }
-            _ => Self::Heap(name.into()),
-        }
-    }
-}
-
-impl<const N: usize> PartialEq for InlineKey<N> {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl<const N: usize> Eq for InlineKey<N> {}
-
-/// As `[u8]` hashes, so that a look-up by `name.as_bytes()` finds the key.
-impl<const N: usize> Hash for InlineKey<N> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl<const N: usize> Borrow<[u8]> for InlineKey<N> {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-impl<const N: usize> std::fmt::Debug for InlineKey<N> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.as_str().fmt(f)
-    }
-}
 
 /// Subject name to `V`, in the map its length picks.
 pub(super) struct Subjects<V> {
@@ -255,43 +169,7 @@ impl<V: Default> Subjects<V> {
 
 #[cfg(test)]
 mod tests {
-    use std::hash::BuildHasher as _;
-
     use super::*;
-
-    #[test]
-    fn keys_read_back_inline_up_to_their_size_and_from_the_heap_past_it() {
-        let uuid = "user:6f1c2a9e-3b7d-4e58-a0c4-9d2e7f1b3c5a";
-        let names = [
-            String::new(),
-            "u1".to_owned(),
-            uuid.to_owned(),
-            "x".repeat(LONG),
-            "x".repeat(LONG + 1),
-            "é".repeat(20),
-            "é".repeat(30),
-        ];
-        let hasher = Hasher::default();
-        for name in &names {
-            let key = InlineKey::<LONG>::from(name.as_str());
-            assert_eq!(
-                matches!(key, InlineKey::Inline { .. }),
-                name.len() <= LONG,
-                "{name}"
-            );
-            assert_eq!(key.as_str(), name);
-            assert_eq!(key, InlineKey::from(name.as_str()));
-            assert_eq!(
-                hasher.hash_one(&key),
-                hasher.hash_one(name.as_bytes()),
-                "a look-up by bytes must find {name:?}"
-            );
-            let short = InlineKey::<SHORT>::from(name.as_str());
-            assert_eq!(short.as_str(), name);
-            assert_eq!(hasher.hash_one(&short), hasher.hash_one(name.as_bytes()));
-        }
-        assert_ne!(InlineKey::<LONG>::from("u1"), InlineKey::from("u12"));
-    }
 
     #[test]
     fn each_name_lives_in_the_map_its_length_picks() {
