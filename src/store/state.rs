@@ -1316,15 +1316,16 @@ mod tests {
     fn a_load_in_any_order_equals_incremental_writes() {
         // Rows first grouped by subject (runs of 7), then scattered over the same subjects
         // (each row's subject differs from the previous one's), with expiring rows, limits
-        // on some subjects and on others that hold no tuple.
+        // on some subjects and on others that hold no tuple; subjects' names of every length
+        // (`subject_name`).
         let live = State::with_capacity(4, 4);
         let mut builder = StateBuilder::new();
         let mut by_key: BTreeMap<(String, String), Vec<TupleRow>> = BTreeMap::new();
         for i in 0..42_000u64 {
             let subject = if i < 21_000 {
-                format!("u{}", i / 7)
+                subject_name(i / 7)
             } else {
-                format!("u{}", (i * 7_919) % 3_001)
+                subject_name((i * 7_919) % 3_001)
             };
             let object = format!("o{}", i % 97);
             let permission = format!("p{}", i % 70);
@@ -1340,8 +1341,8 @@ mod tests {
             live.set_grant(subject, object, rows);
         }
         for i in 0..100 {
-            builder.limit(&format!("u{}", i * 29), "projects", i);
-            live.set_limits(&format!("u{}", i * 29), &[("projects".into(), i)]);
+            builder.limit(&subject_name(i as u64 * 29), "projects", i);
+            live.set_limits(&subject_name(i as u64 * 29), &[("projects".into(), i)]);
         }
         for i in 0..10 {
             builder.limit(&format!("limits-only-{i}"), "seats", i);
@@ -1357,6 +1358,21 @@ mod tests {
             digests
         };
         assert!(sorted(built.subject_digests()) == sorted(live.subject_digests()));
+        // Removing every row of a subject removes it, whichever map its name is in.
+        let before = live.subject_count();
+        for n in 0..30 {
+            let subject = subject_name(n);
+            for state in [&built, &live] {
+                for o in 0..97 {
+                    state.set_grant(&subject, &format!("o{o}"), &[]);
+                }
+                state.set_limits(&subject, &[]);
+            }
+            assert_eq!(built.rows_of(&subject), StoredRows::default());
+        }
+        assert_eq!(live.subject_count(), before - 30);
+        assert_eq!(built.subject_count(), live.subject_count());
+        assert_eq!(built.digest(), live.digest());
     }
 
     #[test]
