@@ -69,6 +69,7 @@ impl<V> DerefMut for RefMut<'_, V> {
 }
 
 impl<V: Default> Subjects<V> {
+    /// Room for `capacity` short names; the long names' map starts empty and grows.
     pub(super) fn with_capacity(capacity: usize) -> Self {
         Self {
             short: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
