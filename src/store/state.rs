@@ -514,13 +514,14 @@ impl State {
         let short_guards: Vec<_> = short.shards().iter().map(|shard| shard.read()).collect();
         let long_guards: Vec<_> = long.shards().iter().map(|shard| shard.read()).collect();
         let entry_of = |subject: &str| {
-            let hash = self.subjects.hash(subject);
             let name = subject.as_bytes();
             if key::is_short(subject) {
+                let hash = short.hash_usize(&name);
                 short_guards[short.determine_shard(hash)]
                     .get(hash as u64, |(key, _)| key.as_bytes() == name)
                     .map(|(_, entry)| entry.get())
             } else {
+                let hash = long.hash_usize(&name);
                 long_guards[long.determine_shard(hash)]
                     .get(hash as u64, |(key, _)| key.as_bytes() == name)
                     .map(|(_, entry)| entry.get())

@@ -155,17 +155,6 @@ impl<V: Default> Subjects<V> {
             f(entry.key().as_str(), entry.value());
         }
     }
-
-    /// The hash `subject` has in its map, for look-ups in its shards (`check_held`).
-    #[inline]
-    pub(super) fn hash(&self, subject: &str) -> usize {
-        let name = subject.as_bytes();
-        if is_short(subject) {
-            self.short.hash_usize(&name)
-        } else {
-            self.long.hash_usize(&name)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -199,9 +188,5 @@ mod tests {
         subjects.for_each(|name, v| all.push((name.to_owned(), *v)));
         all.sort();
         assert_eq!(all, [(longer, 12), ("new".to_owned(), 5), (short, 7)]);
-        assert_eq!(
-            subjects.hash(&long),
-            subjects.long.hash_usize(&long.as_bytes())
-        );
     }
 }
