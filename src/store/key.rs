@@ -1,24 +1,24 @@
-//! Names inline in a hash table's bucket: the key of the subject maps.
+//! The key of the long names' subject map: a name of up to 46 bytes inline in its bucket.
 //!
 //! A look-up that finds its bucket compares the key there; a key in the heap is one more
 //! dependent miss, and a page walk, before the look-up is done. Names come in two sizes:
 //! most ids are short (`user:` and a number), and many products name their users by UUIDs
 //! (`user:` and a UUID is 41 bytes). One key size for both either puts UUIDs in the heap
-//! (a 24-byte key) or doubles every short name's key (a 48-byte key, a bucket of 80 bytes
-//! instead of 56 in the subject map), and a cold check slower either way
-//! (benches/README.md, `store`). So the subjects live in two maps, and a name's length
-//! picks its map: up to `SHORT` bytes in keys of 24 bytes, longer ones in keys of 48
-//! (`LONG` inline, longer still in the heap).
+//! (a 24-byte `CompactString`, 24 bytes inline) or doubles every short name's key (a
+//! 48-byte key, a bucket of 80 bytes instead of 56 in the subject map), and a cold check
+//! slower either way (benches/README.md, `store`). So the subjects live in two maps, and a
+//! name's length picks its map: up to `SHORT` bytes in the `CompactString` keys they always
+//! had, longer ones in `LongKey`s of 48 bytes (`LONG` inline, longer still in the heap).
 //!
-//! The interners' tables keep `CompactString` keys (24 bytes, 24 inline): the same split
-//! of the object interner measured no faster with objects named `doc:` and a UUID, whose
-//! look-up overlaps the subject's bucket and grants rather than adding to them.
+//! The interners' tables keep `CompactString` keys: the same split of the object interner
+//! measured no faster with objects named `doc:` and a UUID, whose look-up overlaps the
+//! subject's bucket and grants rather than adding to them.
 
 use std::borrow::Borrow;
 use std::hash::Hash;
 
-/// Names up to this long go to the short map.
-pub(super) const SHORT: usize = 22;
+/// Names up to this long go to the short map: what a `CompactString` holds inline.
+pub(super) const SHORT: usize = 24;
 /// Bytes a key of the long map holds inline.
 pub(super) const LONG: usize = 46;
 
@@ -28,19 +28,18 @@ pub(super) fn is_short(name: &str) -> bool {
     name.len() <= SHORT
 }
 
-/// A name, inline up to `N` bytes (`N` < 256), else in the heap. Compared, hashed and
-/// borrowed as bytes (`[u8]`): a look-up never checks again that an inline key is UTF-8
-/// (it was, as a `&str`, when the key was made).
+/// A name, inline up to `LONG` bytes, else in the heap. Compared, hashed and borrowed as
+/// bytes (`[u8]`): a look-up never checks again that an inline key is UTF-8 (it was, as a
+/// `&str`, when the key was made).
 #[derive(Clone)]
-pub(super) enum InlineKey<const N: usize> {
-    Inline { len: u8, bytes: [u8; N] },
+pub(super) enum LongKey {
+    Inline { len: u8, bytes: [u8; LONG] },
     Heap(Box<str>),
 }
 
-const _: () = assert!(std::mem::size_of::<InlineKey<SHORT>>() == 24);
-const _: () = assert!(std::mem::size_of::<InlineKey<LONG>>() == 48);
+const _: () = assert!(std::mem::size_of::<LongKey>() == 48);
 
-impl<const N: usize> InlineKey<N> {
+impl LongKey {
     #[inline]
     pub(super) fn as_bytes(&self) -> &[u8] {
         match self {
@@ -59,11 +58,11 @@ impl<const N: usize> InlineKey<N> {
     }
 }
 
-impl<const N: usize> From<&str> for InlineKey<N> {
+impl From<&str> for LongKey {
     fn from(name: &str) -> Self {
         match u8::try_from(name.len()) {
-            Ok(len) if name.len() <= N => {
-                let mut bytes = [0; N];
+            Ok(len) if name.len() <= LONG => {
+                let mut bytes = [0; LONG];
                 bytes[..name.len()].copy_from_slice(name.as_bytes());
                 Self::Inline { len, bytes }
             }
@@ -72,28 +71,28 @@ impl<const N: usize> From<&str> for InlineKey<N> {
     }
 }
 
-impl<const N: usize> PartialEq for InlineKey<N> {
+impl PartialEq for LongKey {
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()
     }
 }
 
-impl<const N: usize> Eq for InlineKey<N> {}
+impl Eq for LongKey {}
 
 /// As `[u8]` hashes, so that a look-up by `name.as_bytes()` finds the key.
-impl<const N: usize> Hash for InlineKey<N> {
+impl Hash for LongKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.as_bytes().hash(state);
     }
 }
 
-impl<const N: usize> Borrow<[u8]> for InlineKey<N> {
+impl Borrow<[u8]> for LongKey {
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
-impl<const N: usize> std::fmt::Debug for InlineKey<N> {
+impl std::fmt::Debug for LongKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.as_str().fmt(f)
     }
@@ -120,23 +119,20 @@ mod tests {
         ];
         let hasher = Hasher::default();
         for name in &names {
-            let key = InlineKey::<LONG>::from(name.as_str());
+            let key = LongKey::from(name.as_str());
             assert_eq!(
-                matches!(key, InlineKey::Inline { .. }),
+                matches!(key, LongKey::Inline { .. }),
                 name.len() <= LONG,
                 "{name}"
             );
             assert_eq!(key.as_str(), name);
-            assert_eq!(key, InlineKey::from(name.as_str()));
+            assert_eq!(key, LongKey::from(name.as_str()));
             assert_eq!(
                 hasher.hash_one(&key),
                 hasher.hash_one(name.as_bytes()),
                 "a look-up by bytes must find {name:?}"
             );
-            let short = InlineKey::<SHORT>::from(name.as_str());
-            assert_eq!(short.as_str(), name);
-            assert_eq!(hasher.hash_one(&short), hasher.hash_one(name.as_bytes()));
         }
-        assert_ne!(InlineKey::<LONG>::from("u1"), InlineKey::from("u12"));
+        assert_ne!(LongKey::from("u1"), LongKey::from("u12"));
     }
 }

@@ -472,7 +472,15 @@ impl State {
         object: &str,
         now: &mut Now,
     ) -> bool {
-        self.check_entry(subject, permission, object, now, |s| self.subjects.get(s))
+        // A short name and `*` are both in the short map: read it without going through
+        // `Subjects`, whose entry may be of either map.
+        if key::is_short(subject) {
+            self.check_entry(subject, permission, object, now, |s| {
+                self.subjects.short.get(s)
+            })
+        } else {
+            self.check_entry(subject, permission, object, now, |s| self.subjects.get(s))
+        }
     }
 
     /// `check` for many checks at once, in order, with the subject map read as a batch:
@@ -514,13 +522,13 @@ impl State {
         let short_guards: Vec<_> = short.shards().iter().map(|shard| shard.read()).collect();
         let long_guards: Vec<_> = long.shards().iter().map(|shard| shard.read()).collect();
         let entry_of = |subject: &str| {
-            let name = subject.as_bytes();
             if key::is_short(subject) {
-                let hash = short.hash_usize(&name);
+                let hash = short.hash_usize(&subject);
                 short_guards[short.determine_shard(hash)]
-                    .get(hash as u64, |(key, _)| key.as_bytes() == name)
+                    .get(hash as u64, |(key, _)| key.as_str() == subject)
                     .map(|(_, entry)| entry.get())
             } else {
+                let name = subject.as_bytes();
                 let hash = long.hash_usize(&name);
                 long_guards[long.determine_shard(hash)]
                     .get(hash as u64, |(key, _)| key.as_bytes() == name)
