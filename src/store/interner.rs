@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use dashmap::DashMap;
 use hashbrown::HashTable;
 
+use super::key::{is_short, LongKey};
 use super::{same_bytes, Hasher, Name};
 
 /// A two-way map between strings and dense `u32` ids.
@@ -21,11 +22,15 @@ use super::{same_bytes, Hasher, Name};
 /// look-up takes no lock at all; names the applier adds later go to a sharded map, which
 /// a look-up consults only when the plain map misses and something was added.
 pub(crate) struct Interner {
-    /// Names interned while the generation was being built. Read without a lock. A
-    /// `HashTable` rather than a `HashMap` for its key compare: `same_bytes`, inline,
-    /// where a map's `==` on `str` calls `memcmp` (a tenth of a check).
+    /// Names interned while the generation was being built, up to `SHORT` bytes long.
+    /// Read without a lock. A `HashTable` rather than a `HashMap` for its key compare:
+    /// `same_bytes`, inline, where a map's `==` on `str` calls `memcmp` (a tenth of a
+    /// check).
     frozen: HashTable<(Name, u32)>,
-    /// The hasher of `frozen`.
+    /// The names of the frozen tier past `SHORT` bytes (`doc:` and a UUID), in keys that
+    /// hold them inline (`key.rs`), hashed as bytes.
+    frozen_long: HashTable<(LongKey, u32)>,
+    /// The hasher of the frozen tables.
     hasher: Hasher,
     /// Names interned since the generation was shared. Sharded so that concurrent readers
     /// of different names do not contend; only the applier inserts.
@@ -42,6 +47,7 @@ impl Interner {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         Self {
             frozen: HashTable::with_capacity(capacity),
+            frozen_long: HashTable::new(),
             hasher: Hasher::default(),
             recent: DashMap::with_hasher(Hasher::default()),
             has_recent: AtomicBool::new(false),
@@ -52,12 +58,22 @@ impl Interner {
     /// The id of `name`, if it was ever interned.
     #[inline]
     pub(crate) fn get(&self, name: &str) -> Option<u32> {
-        let hash = self.hasher.hash_one(name);
-        match self
-            .frozen
-            .find(hash, |(key, _)| same_bytes(key.as_bytes(), name.as_bytes()))
-        {
-            Some((_, id)) => Some(*id),
+        let bytes = name.as_bytes();
+        let frozen = if is_short(name) {
+            self.frozen
+                .find(self.hasher.hash_one(name), |(key, _)| {
+                    same_bytes(key.as_bytes(), bytes)
+                })
+                .map(|(_, id)| id)
+        } else {
+            self.frozen_long
+                .find(self.hasher.hash_one(bytes), |(key, _)| {
+                    same_bytes(key.as_bytes(), bytes)
+                })
+                .map(|(_, id)| id)
+        };
+        match frozen {
+            Some(id) => Some(*id),
             None if self.has_recent.load(Ordering::Acquire) => self.recent.get(name).map(|id| *id),
             None => None,
         }
@@ -71,10 +87,19 @@ impl Interner {
         }
         let id = self.push(Arc::from(name));
         let hasher = &self.hasher;
-        self.frozen
-            .insert_unique(hasher.hash_one(name), (Name::from(name), id), |(key, _)| {
-                hasher.hash_one(key.as_str())
-            });
+        if is_short(name) {
+            self.frozen
+                .insert_unique(hasher.hash_one(name), (name.into(), id), |(key, _)| {
+                    hasher.hash_one(key.as_str())
+                });
+        } else {
+            let bytes = name.as_bytes();
+            self.frozen_long.insert_unique(
+                hasher.hash_one(bytes),
+                (name.into(), id),
+                |(key, _)| hasher.hash_one(key.as_bytes()),
+            );
+        }
         id
     }
 
@@ -117,6 +142,7 @@ impl Interner {
 
 #[cfg(test)]
 mod tests {
+    use super::super::key::{LONG, SHORT};
     use super::*;
 
     #[test]
@@ -128,6 +154,32 @@ mod tests {
         assert_eq!(interner.get("b"), Some(1));
         assert_eq!(interner.get("c"), None);
         assert_eq!(&*interner.name(1), "b");
+    }
+
+    #[test]
+    fn names_of_every_length_are_found_in_either_tier() {
+        let names = [
+            "d".to_owned(),
+            "x".repeat(SHORT),
+            "x".repeat(SHORT + 1),
+            "doc:6f1c2a9e-3b7d-4e58-a0c4-9d2e7f1b3c5a".to_owned(),
+            "x".repeat(LONG),
+            "x".repeat(LONG + 1),
+        ];
+        let mut interner = Interner::with_capacity(4);
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(interner.intern_mut(name), i as u32);
+        }
+        assert_eq!((interner.frozen.len(), interner.frozen_long.len()), (2, 4));
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(interner.get(name), Some(i as u32));
+            let later = format!("{name}!");
+            assert_eq!(interner.get(&later), None);
+            let id = interner.intern(&later);
+            assert_eq!(interner.get(&later), Some(id));
+            assert_eq!(interner.intern_mut(name), i as u32);
+        }
+        assert_eq!(interner.get(&"x".repeat(SHORT - 1)), None);
     }
 
     #[test]

@@ -1,28 +1,27 @@
-//! The key of the long names' subject map: a name of up to 46 bytes inline in its bucket.
+//! The key of names past 24 bytes in the store's tables: up to 46 bytes inline in the
+//! bucket.
 //!
 //! A look-up that finds its bucket compares the key there; a key in the heap is one more
 //! dependent miss, and a page walk, before the look-up is done. Names come in two sizes:
-//! most ids are short (`user:` and a number), and many products name their users by UUIDs
-//! (`user:` and a UUID is 41 bytes). One key size for both either puts UUIDs in the heap
-//! (a 24-byte `CompactString`, 24 bytes inline) or doubles every short name's key (a
-//! 48-byte key, a bucket of 80 bytes instead of 56 in the subject map), and a cold check
-//! slower either way (benches/README.md, `store`). So the subjects live in two maps, and a
-//! name's length picks its map: up to `SHORT` bytes in the `CompactString` keys they always
-//! had, longer ones in `LongKey`s of 48 bytes (`LONG` inline, longer still in the heap).
-//!
-//! The interners' tables keep `CompactString` keys: the same split of the object interner
-//! measured no faster with objects named `doc:` and a UUID, whose look-up overlaps the
-//! subject's bucket and grants rather than adding to them.
+//! most ids are short (`user:` and a number), and many products name their users and
+//! documents by UUIDs (`user:` and a UUID is 41 bytes). One key size for both either puts
+//! UUIDs in the heap (a 24-byte `CompactString`, 24 bytes inline) or doubles every short
+//! name's key (a 48-byte key: a bucket of 80 bytes instead of 56 in the subject map), and a
+//! cold check slower either way (benches/README.md, `store`). So the subject map and the
+//! interners' frozen tables are split in two, and a name's length picks its table: up to
+//! `SHORT` bytes in the `CompactString` keys they always had, hashed as before, longer
+//! ones in `LongKey`s of 48 bytes (`LONG` inline, longer still in the heap), hashed as
+//! bytes.
 
 use std::borrow::Borrow;
 use std::hash::Hash;
 
-/// Names up to this long go to the short map: what a `CompactString` holds inline.
+/// Names up to this long go to the short table: what a `CompactString` holds inline.
 pub(super) const SHORT: usize = 24;
-/// Bytes a key of the long map holds inline.
+/// Bytes a `LongKey` holds inline.
 pub(super) const LONG: usize = 46;
 
-/// Whether `name` belongs in the short map.
+/// Whether `name` belongs in the short table.
 #[inline]
 pub(super) fn is_short(name: &str) -> bool {
     name.len() <= SHORT
