@@ -26,9 +26,11 @@ use state::Now;
 /// The hasher of every map in the store: fast on short strings, seeded per process.
 pub(crate) type Hasher = foldhash::fast::RandomState;
 
-/// The key type of the interner's maps (object, permission and limit names): up to 24
-/// bytes are stored inline (no heap allocation, and a look-up compares the key without
-/// following a pointer to another cache line); longer strings go to the heap.
+/// The key of short names (up to 24 bytes, all inline) in the subject map and the
+/// interners: no heap allocation, and a look-up compares the key without following a
+/// pointer to another cache line. Longer names go to tables keyed by `key::LongKey`
+/// (but in an interner's small tier of names added after the load, where any name is a
+/// `Name`).
 pub(crate) type Name = compact_str::CompactString;
 
 /// The 8 bytes of `s` from `at`, little-endian (`s` is at least `at + 8` long).

@@ -16,20 +16,18 @@ use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one;
 use dashmap::DashMap;
 
-use compact_str::CompactString;
-
 use super::key::{is_short, LongKey};
-use super::Hasher;
+use super::{Hasher, Name};
 
 /// Subject name to `V`, in the map its length picks.
 pub(super) struct Subjects<V> {
-    pub(super) short: DashMap<CompactString, V, Hasher>,
+    pub(super) short: DashMap<Name, V, Hasher>,
     pub(super) long: DashMap<LongKey, V, Hasher>,
 }
 
 /// A read-locked entry of either map.
 pub(super) enum Ref<'a, V> {
-    Short(one::Ref<'a, CompactString, V>),
+    Short(one::Ref<'a, Name, V>),
     Long(one::Ref<'a, LongKey, V>),
 }
 
@@ -47,7 +45,7 @@ impl<V> Deref for Ref<'_, V> {
 
 /// A write-locked entry of either map.
 pub(super) enum RefMut<'a, V> {
-    Short(one::RefMut<'a, CompactString, V>),
+    Short(one::RefMut<'a, Name, V>),
     Long(one::RefMut<'a, LongKey, V>),
 }
 
