@@ -19,6 +19,8 @@ pub(crate) const NEVER: i64 = i64::MAX;
 const INLINE_BITS: u32 = 64;
 /// The wildcard subject and object.
 pub(crate) const WILDCARD: &str = "*";
+// `check` looks `*` up in the short names' map.
+const _: () = assert!(WILDCARD.len() <= key::SHORT);
 /// Up to this many grants, a check scans a subject's grants instead of searching them.
 const SCAN_GRANTS: usize = 16;
 
