@@ -6,7 +6,10 @@
 //! peak resident memory during a forced reload (the new generation is built beside the
 //! old one, then swapped in).
 //!
-//! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names.
+//! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names. Names are short
+//! (`user:N`, `doc:N`) unless `BENCH_NAMES=uuid`: then subjects and objects are named by
+//! UUIDs (`user:` and a UUID, 41 bytes; `doc:` and a UUID, 40), as many products name their
+//! users and documents, which is what sizing for them needs.
 //!
 //! `BENCH_PERMD` (comma-separated paths) runs other permd binaries instead of this build's,
 //! each on the same filled table: e.g. one built from an earlier commit and this one, to
@@ -51,9 +54,19 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn main() {
     let sizes: Vec<u64> = env_list("BENCH_LOAD_SIZES", "1000000,10000000");
+    let names = std::env::var("BENCH_NAMES").unwrap_or_else(|_| "short".to_owned());
+    // Each id as SQL text: a number, or a UUID made from it (distinct for distinct ids).
+    let id = |n: &str| match names.as_str() {
+        "short" => n.to_owned(),
+        "uuid" => format!("md5(({n})::text)::uuid::text"),
+        other => panic!("BENCH_NAMES is short or uuid, not {other:?}"),
+    };
+    let (subject, object) = (id("i / 10"), id("(i * 7919) % 50000"));
     let cluster = cluster();
     let url = cluster.url("postgres");
     let runtime = runtime();
+    println!();
+    println!("Names: {names}.");
     println!();
     println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -73,7 +86,7 @@ fn main() {
                  -- row (the rows are distinct: a subject's 10 permissions differ).
                  ALTER TABLE permd.tuples DROP CONSTRAINT tuples_pkey;
                  INSERT INTO permd.tuples (subject, object, permission)
-                 SELECT 'user:' || (i / 10), 'doc:' || ((i * 7919) % 50000), 'perm' || (i % 40)
+                 SELECT 'user:' || {subject}, 'doc:' || {object}, 'perm' || (i % 40)
                  FROM generate_series(0::bigint, {size} - 1) i;
                  ALTER TABLE permd.tuples ADD CONSTRAINT tuples_pkey
                      PRIMARY KEY (subject, object, permission);
