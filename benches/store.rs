@@ -14,6 +14,8 @@
 //!   in a larger L2), and the same with subjects and objects named by UUIDs
 //!   (`check_allowed_cold_uuid`: `user:` and `doc:` and a UUID, names of 40 and 41 bytes,
 //!   as many products give their users and documents);
+//! - global checks from two threads at once (`check_global_two_threads`), as a daemon's two
+//!   workers make them, over 1,024 subjects and over all 100,000;
 //! - `memory_latency`: one load that misses every cache (a pointer chase over 64 MiB), the
 //!   unit in which `check_allowed_cold` is counted.
 
@@ -236,6 +238,64 @@ fn cold(c: &mut Criterion, name: &str, store: &Store, uuid: bool) {
     });
 }
 
+/// Global checks from two threads at once, each on subjects of its own draw, over 1,024
+/// subjects (`check_global_two_threads`: every line in cache, so what is left is what the
+/// threads share) and over all 100,000 (`…_all_subjects`). The time is each thread's per
+/// check, comparable with `check_global` and `batch_100/one_by_one`: as a daemon's two
+/// workers check, every check takes its shard's read lock, a write to a line the other
+/// thread wrote last more often than not.
+fn two_threads(c: &mut Criterion) {
+    let store = global_store();
+    let mut group = c.benchmark_group("check_global_two_threads");
+    for (name, span) in [("1024_subjects", 1024), ("all_subjects", SUBJECTS)] {
+        let draw = |seed: u64| -> Vec<(String, String)> {
+            let mut state = seed;
+            (0..1 << 16)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let s = (state % u64::from(span)) as u32;
+                    // Subject s holds exactly the names congruent to s modulo 4.
+                    (
+                        format!("user:{s}"),
+                        format!("perm{}", (s + 4) % PERMISSIONS),
+                    )
+                })
+                .collect()
+        };
+        let queries = [draw(0x2545_f491_4f6c_dd1d), draw(0x9e37_79b9_7f4a_7c15)];
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = std::sync::Barrier::new(2);
+                std::thread::scope(|scope| {
+                    let threads: Vec<_> = queries
+                        .iter()
+                        .map(|queries| {
+                            let (store, start) = (&store, &start);
+                            scope.spawn(move || {
+                                start.wait();
+                                let started = std::time::Instant::now();
+                                for i in 0..iters as usize {
+                                    let (s, p) = &queries[i & 0xffff];
+                                    assert!(store.check(black_box(s), black_box(p), ""));
+                                }
+                                started.elapsed()
+                            })
+                        })
+                        .collect();
+                    threads
+                        .into_iter()
+                        .map(|thread| thread.join().expect("a checking thread panicked"))
+                        .max()
+                        .unwrap_or_default()
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
 /// `check_allowed_cold` with subjects and objects named by UUIDs.
 fn cold_uuid(c: &mut Criterion) {
     cold(c, "check_allowed_cold_uuid", &store(true), true);
@@ -325,6 +385,7 @@ mod group {
         benches,
         super::checks,
         super::cold_uuid,
+        super::two_threads,
         super::memory_latency
     );
 }
