@@ -513,39 +513,20 @@ impl State {
         now: &mut Now,
         answers: &mut Vec<bool>,
     ) {
-        let (short, long) = (&self.subjects.short, &self.subjects.long);
-        if checks.len() <= short.shards().len() {
+        if checks.len() <= self.subjects.shard_count() {
             answers.extend(checks.map(|(s, p, o)| self.check(s, p, o, now)));
             return;
         }
-        // In shard order, the short map's first, as every multi-shard reader must take
-        // them: with the single writer holding one shard at a time, no two threads can
-        // wait on each other.
-        let short_guards: Vec<_> = short.shards().iter().map(|shard| shard.read()).collect();
-        let long_guards: Vec<_> = long.shards().iter().map(|shard| shard.read()).collect();
-        let entry_of = |subject: &str| {
-            if key::is_short(subject) {
-                let hash = short.hash_usize(&subject);
-                short_guards[short.determine_shard(hash)]
-                    .get(hash as u64, |(key, _)| key.as_str() == subject)
-                    .map(|(_, entry)| entry.get())
-            } else {
-                let name = subject.as_bytes();
-                let hash = long.hash_usize(&name);
-                long_guards[long.determine_shard(hash)]
-                    .get(hash as u64, |(key, _)| key.as_bytes() == name)
-                    .map(|(_, entry)| entry.get())
-            }
-        };
-        let entries: Vec<Option<&SubjectEntry>> =
-            checks.clone().map(|(s, _, _)| entry_of(s)).collect();
-        answers.extend(checks.zip(entries).map(|((s, p, o), entry)| {
-            // `check_entry` asks for the subject first: that one is already found.
-            let mut found = Some(entry);
-            self.check_entry(s, p, o, now, |subject| {
-                found.take().unwrap_or_else(|| entry_of(subject))
-            })
-        }));
+        let subjects = checks.clone().map(|(s, _, _)| s);
+        self.subjects.read_all(subjects, |entries, entry_of| {
+            answers.extend(checks.zip(entries).map(|((s, p, o), entry)| {
+                // `check_entry` asks for the subject first: that one is already found.
+                let mut found = Some(entry);
+                self.check_entry(s, p, o, now, |subject| {
+                    found.take().unwrap_or_else(|| entry_of(subject))
+                })
+            }));
+        });
     }
 
     /// The body of `check`, with the subject map read through `entry_of` (called for
@@ -1250,7 +1231,7 @@ mod tests {
         // Below, at and above one check per shard, within one holding of the locks and
         // over several (the last one short or of a single check), before and after the
         // expiry.
-        let shards = state.subjects.short.shards().len();
+        let shards = state.subjects.shard_count();
         let sizes = [0, 1, shards, shards + 1, 100, HELD_CHECKS, HELD_CHECKS + 1];
         for size in sizes
             .into_iter()

@@ -143,6 +143,47 @@ impl<V: Default> Subjects<V> {
         self.short.len() + self.long.len()
     }
 
+    /// Shards of the short names' map: a reader that holds every shard (`read_all`) only
+    /// pays for it past this many look-ups.
+    pub(super) fn shard_count(&self) -> usize {
+        self.short.shards().len()
+    }
+
+    /// Looks every one of `subjects` up under the shards' read locks, each taken once for
+    /// them all, and calls `f` with their entries, in order, and with a look-up under the
+    /// same locks for any other name (`*`). With no locked instruction between the
+    /// look-ups, the CPU overlaps their cache misses. The locks are taken in shard order,
+    /// the short map's first, as every multi-shard reader must take them: with the single
+    /// writer holding one shard at a time, no two threads can wait on each other. `f` must
+    /// not take a shard's lock again (a second read lock could wait behind a queued
+    /// writer). The look-ups of `subjects` are done here, not through `f`'s look-up, so
+    /// that they inline into one loop (through the `dyn` look-up a batch measured 10 to 15
+    /// % slower).
+    pub(super) fn read_all<'s, R>(
+        &self,
+        subjects: impl Iterator<Item = &'s str>,
+        f: impl for<'g> FnOnce(Vec<Option<&'g V>>, &'g dyn Fn(&str) -> Option<&'g V>) -> R,
+    ) -> R {
+        let (short, long) = (&self.short, &self.long);
+        let short_guards: Vec<_> = short.shards().iter().map(|shard| shard.read()).collect();
+        let long_guards: Vec<_> = long.shards().iter().map(|shard| shard.read()).collect();
+        let get = |subject: &str| {
+            if is_short(subject) {
+                let hash = short.hash_usize(&subject);
+                short_guards[short.determine_shard(hash)]
+                    .get(hash as u64, |(key, _)| key.as_str() == subject)
+                    .map(|(_, entry)| entry.get())
+            } else {
+                let name = subject.as_bytes();
+                let hash = long.hash_usize(&name);
+                long_guards[long.determine_shard(hash)]
+                    .get(hash as u64, |(key, _)| key.as_bytes() == name)
+                    .map(|(_, entry)| entry.get())
+            }
+        };
+        f(subjects.map(get).collect(), &get)
+    }
+
     /// Calls `f` with every subject and its entry, one shard locked at a time.
     pub(super) fn for_each(&self, mut f: impl FnMut(&str, &V)) {
         for entry in &self.short {
