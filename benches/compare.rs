@@ -29,7 +29,9 @@
 //! runs early or late in a round, and a drift of the machine's speed within a round
 //! favours none. A table gives permd's ratios to Redis and to SQL round by round and their
 //! median (the figures the targets name), and the next one those medians at c=32 against
-//! the targets, met or missed. `BENCH_ROUNDS=1` for a quick run.
+//! the targets, met or missed. The open loop runs in as many rounds, alternated the same
+//! way, with permd's p99 over Redis's each round and their median. `BENCH_ROUNDS=1` for a
+//! quick run.
 //!
 //! Besides the single check and the batch, permd has a row for a client that pools its
 //! connections and sends both kinds on each (9 single checks, then a batch of 100), with
@@ -1202,27 +1204,70 @@ fn main() {
             );
         }
 
+        // The open loop, in rounds as the closed loop (even rounds in the reverse order): one
+        // open-loop run's p99 is a few hundred of its requests, and a stall of the machine's
+        // falls on whichever system runs then.
         let open = [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd];
-        let open_runs: Vec<_> = runs.iter().filter(|(s, _)| open.contains(s)).collect();
-        if !open_runs.is_empty() {
+        let open_runs: Vec<(System, usize)> =
+            runs.iter().copied().filter(|(s, _)| open.contains(s)).collect();
+        // Per permd binary, one a round: permd's open-loop p99 over Redis's.
+        let mut open_p99 = vec![Vec::new(); servers.len()];
+        for round in (1..=rounds).filter(|_| !open_runs.is_empty()) {
+            let reversed = round % 2 == 0;
             println!();
-            println!("Open loop, {rate:.0} requests/s for {seconds} s, 64 connections (latency from when each request was due):");
+            let of = if rounds == 1 {
+                String::new()
+            } else if reversed {
+                format!(", round {round} of {rounds} (run bottom row first)")
+            } else {
+                format!(", round {round} of {rounds}")
+            };
+            println!("Open loop, {rate:.0} requests/s for {seconds} s, 64 connections (latency from when each request was due){of}:");
             println!();
             println!("| system | checks/s | p50 ms | p99 ms | p99.9 ms | wrong |");
             println!("|---|---:|---:|---:|---:|---:|");
+            let mut results = Vec::new();
+            for i in 0..open_runs.len() {
+                let (system, k) = open_runs[if reversed { open_runs.len() - 1 - i } else { i }];
+                let o = open_loop(system, &at(k), 64, rate, seconds, subjects).await;
+                results.push((system, k, o));
+            }
+            if reversed {
+                results.reverse();
+            }
+            for (system, k, o) in &results {
+                println!(
+                    "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
+                    label(*system, *k),
+                    o.checks_per_second(),
+                    o.quantile_ms(0.5),
+                    o.quantile_ms(0.99),
+                    o.quantile_ms(0.999),
+                    o.wrong
+                );
+                assert_eq!(o.wrong, 0, "{} gave wrong answers", label(*system, *k));
+            }
+            let p99 = |s: System, k: usize| {
+                results
+                    .iter()
+                    .find(|(x, j, _)| *x == s && (*j == k || !s.is_permd()))
+                    .map_or(f64::NAN, |(_, _, o)| o.quantile_ms(0.99))
+            };
+            for (k, ratios) in open_p99.iter_mut().enumerate() {
+                ratios.push(p99(System::Permd, k) / p99(System::Redis, k));
+            }
         }
-        for &&(system, k) in &open_runs {
-            let o = open_loop(system, &at(k), 64, rate, seconds, subjects).await;
-            println!(
-                "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
-                label(system, k),
-                o.checks_per_second(),
-                o.quantile_ms(0.5),
-                o.quantile_ms(0.99),
-                o.quantile_ms(0.999),
-                o.wrong
-            );
-            assert_eq!(o.wrong, 0);
+        if rounds > 1 && !open_runs.is_empty() {
+            println!();
+            for (k, ratios) in open_p99.into_iter().enumerate() {
+                let each: Vec<String> = ratios.iter().map(|v| ratio(*v, 1.0)).collect();
+                let which = if several { format!(" [{}]", k + 1) } else { String::new() };
+                println!(
+                    "Open loop, permd{which} p99 / Redis p99, each round: {}; median {}",
+                    each.join(", "),
+                    ratio(median(ratios), 1.0)
+                );
+            }
         }
         drop(servers);
 
