@@ -904,6 +904,55 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// The heading's words for round `round` of `rounds` ("" when there is one round); even
+/// rounds run the systems in the reverse order, which their heading says.
+fn round_of(round: usize, rounds: usize) -> String {
+    if rounds == 1 {
+        String::new()
+    } else if round % 2 == 0 {
+        format!(", round {round} of {rounds} (run bottom row first)")
+    } else {
+        format!(", round {round} of {rounds}")
+    }
+}
+
+/// One round: `run` on each of `runs` in turn, in reverse order on even rounds, so that no
+/// system always runs early or late; the outcomes in `runs`' order.
+async fn run_round<F, R>(
+    runs: &[(System, usize)],
+    round: usize,
+    mut run: F,
+) -> Vec<(System, usize, Outcome)>
+where
+    F: FnMut(System, usize) -> R,
+    R: std::future::Future<Output = Outcome>,
+{
+    let reversed = round % 2 == 0;
+    let mut results = Vec::new();
+    for i in 0..runs.len() {
+        let (system, k) = runs[if reversed { runs.len() - 1 - i } else { i }];
+        results.push((system, k, run(system, k).await));
+    }
+    if reversed {
+        results.reverse();
+    }
+    results
+}
+
+/// A figure of `system`'s run against permd binary `k` in a round's `results` (the other
+/// systems run once a round, whatever `k`); NaN when it did not run.
+fn figure(
+    results: &[(System, usize, Outcome)],
+    system: System,
+    k: usize,
+    f: fn(&Outcome) -> f64,
+) -> f64 {
+    results
+        .iter()
+        .find(|(s, j, _)| *s == system && (*j == k || !system.is_permd()))
+        .map_or(f64::NAN, |(_, _, o)| f(o))
+}
+
 fn main() {
     let seconds: f64 = env_or("BENCH_SECONDS", 8.0);
     let rate: f64 = env_or("BENCH_RATE", 5000.0);
@@ -1046,34 +1095,17 @@ fn main() {
             .iter()
             .flat_map(|c| (1..=rounds).map(move |r| (c, r)))
         {
-            let reversed = round % 2 == 0;
             println!();
-            if rounds == 1 {
-                println!("Closed loop, {concurrency} connections:");
-            } else if reversed {
-                println!("Closed loop, {concurrency} connections, round {round} of {rounds} (run bottom row first):");
-            } else {
-                println!("Closed loop, {concurrency} connections, round {round} of {rounds}:");
-            }
+            println!("Closed loop, {concurrency} connections{}:", round_of(round, rounds));
             println!();
             println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-            let mut results = Vec::new();
-            for i in 0..runs.len() {
-                let (system, k) = runs[if reversed { runs.len() - 1 - i } else { i }];
-                let o = closed_loop(system, &at(k), concurrency, seconds, subjects).await;
-                results.push((system, k, o));
-            }
-            if reversed {
-                results.reverse();
-            }
-            // A figure of `system`'s run against permd binary `k` (the only run of the others).
-            let figure = |s: System, k: usize, f: fn(&Outcome) -> f64| {
-                results
-                    .iter()
-                    .find(|(x, j, _)| *x == s && (*j == k || !s.is_permd()))
-                    .map_or(f64::NAN, |(_, _, o)| f(o))
-            };
+            let results = run_round(&runs, round, |system, k| {
+                let at = at(k);
+                async move { closed_loop(system, &at, concurrency, seconds, subjects).await }
+            })
+            .await;
+            let figure = |s: System, k: usize, f: fn(&Outcome) -> f64| figure(&results, s, k, f);
             let base = |s: System, k: usize| figure(s, k, Outcome::checks_per_second);
             let (redis, pipelined) = (base(System::Redis, 0), base(System::RedisPipelined, 0));
             for (system, k, o) in &results {
@@ -1213,28 +1245,19 @@ fn main() {
         // Per permd binary, one a round: permd's open-loop p99 over Redis's.
         let mut open_p99 = vec![Vec::new(); servers.len()];
         for round in (1..=rounds).filter(|_| !open_runs.is_empty()) {
-            let reversed = round % 2 == 0;
             println!();
-            let of = if rounds == 1 {
-                String::new()
-            } else if reversed {
-                format!(", round {round} of {rounds} (run bottom row first)")
-            } else {
-                format!(", round {round} of {rounds}")
-            };
-            println!("Open loop, {rate:.0} requests/s for {seconds} s, 64 connections (latency from when each request was due){of}:");
+            println!(
+                "Open loop, {rate:.0} requests/s for {seconds} s, 64 connections (latency from when each request was due){}:",
+                round_of(round, rounds)
+            );
             println!();
             println!("| system | checks/s | p50 ms | p99 ms | p99.9 ms | wrong |");
             println!("|---|---:|---:|---:|---:|---:|");
-            let mut results = Vec::new();
-            for i in 0..open_runs.len() {
-                let (system, k) = open_runs[if reversed { open_runs.len() - 1 - i } else { i }];
-                let o = open_loop(system, &at(k), 64, rate, seconds, subjects).await;
-                results.push((system, k, o));
-            }
-            if reversed {
-                results.reverse();
-            }
+            let results = run_round(&open_runs, round, |system, k| {
+                let at = at(k);
+                async move { open_loop(system, &at, 64, rate, seconds, subjects).await }
+            })
+            .await;
             for (system, k, o) in &results {
                 println!(
                     "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
@@ -1247,12 +1270,7 @@ fn main() {
                 );
                 assert_eq!(o.wrong, 0, "{} gave wrong answers", label(*system, *k));
             }
-            let p99 = |s: System, k: usize| {
-                results
-                    .iter()
-                    .find(|(x, j, _)| *x == s && (*j == k || !s.is_permd()))
-                    .map_or(f64::NAN, |(_, _, o)| o.quantile_ms(0.99))
-            };
+            let p99 = |s: System, k: usize| figure(&results, s, k, |o| o.quantile_ms(0.99));
             for (k, ratios) in open_p99.iter_mut().enumerate() {
                 ratios.push(p99(System::Permd, k) / p99(System::Redis, k));
             }
