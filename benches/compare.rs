@@ -492,6 +492,27 @@ impl Outcome {
         quantile_ms(&self.latencies, q)
     }
 
+    /// The server's CPU time per request in microseconds, user + system (NaN when the
+    /// server is not a process of its own).
+    fn server_us(&self) -> f64 {
+        self.server_cpu.map_or(f64::NAN, |cpu| {
+            (cpu.user + cpu.system) * 1e6 / self.requests as f64
+        })
+    }
+
+    /// The server's user CPU time per request in microseconds.
+    fn server_user_us(&self) -> f64 {
+        self.server_cpu
+            .map_or(f64::NAN, |cpu| cpu.user * 1e6 / self.requests as f64)
+    }
+
+    /// The client's CPU time per request in microseconds, user + system.
+    fn client_us(&self) -> f64 {
+        self.client_cpu.map_or(f64::NAN, |cpu| {
+            (cpu.user + cpu.system) * 1e6 / self.requests as f64
+        })
+    }
+
     /// The server's and the client's CPU time per request, in microseconds, user + system,
     /// as table cells.
     fn cpu_cells(&self, system: System) -> (String, String) {
@@ -1156,6 +1177,24 @@ fn main() {
                     ratio(base(System::BareAxum, k), redis),
                     ratio(base(System::PermdBatch, k), pipelined)
                 );
+                // Redis is held by its one thread (~1 / S_r checks/s), permd and the client
+                // by the two cores they share (~2 / (S_p + C)): the single check's ratio
+                // this round's CPU columns predict, and what it would be with none of
+                // permd's own user time (benches/README.md, `compare`).
+                let cpu = |s: System, f: fn(&Outcome) -> f64| figure(s, k, f);
+                let (s_r, s_p, c) = (
+                    cpu(System::Redis, Outcome::server_us),
+                    cpu(System::Permd, Outcome::server_us),
+                    cpu(System::Permd, Outcome::client_us),
+                );
+                let user = cpu(System::Permd, Outcome::server_user_us);
+                if !(s_r + s_p + c).is_nan() {
+                    println!(
+                        "permd{which} single vs Redis from the CPU columns, 2 x {s_r:.1} / ({s_p:.1} + {c:.1}) us: {}; with no user time of permd's: {}",
+                        ratio(2.0 * s_r, s_p + c),
+                        ratio(2.0 * s_r, s_p - user + c)
+                    );
+                }
                 // Were each request as costly on a mixed connection as on a connection of
                 // its own kind, a mixed connection's request would take 0.9 of a single
                 // check's time plus 0.1 of a batch's.
