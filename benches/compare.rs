@@ -12,7 +12,11 @@
 //! also give the CPU time (user + system, from `/proc/PID/stat`) the server's process and
 //! the client's used per request during the run, for the servers that are a process of their
 //! own (Redis, permd). Loopback TCP does much of the receiver's work in the sender's system
-//! call, so each side's system time includes some of the other's.
+//! call, so each side's system time includes some of the other's. Under each round, the
+//! single check's ratio to Redis those figures predict: Redis is held by its one thread
+//! and permd by the two cores it shares with the client, so about 2 S_r / (S_p + C)
+//! (server CPU a request of Redis and permd, and the client's), and the same with none of
+//! permd's user time, the most any change to permd's own code could reach.
 //!
 //! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
 //! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
