@@ -496,33 +496,39 @@ impl Outcome {
         quantile_ms(&self.latencies, q)
     }
 
+    /// `seconds` of CPU time per request, in microseconds.
+    fn per_request_us(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / self.requests as f64
+    }
+
     /// The server's CPU time per request in microseconds, user + system (NaN when the
     /// server is not a process of its own).
     fn server_us(&self) -> f64 {
-        self.server_cpu.map_or(f64::NAN, |cpu| {
-            (cpu.user + cpu.system) * 1e6 / self.requests as f64
-        })
+        self.server_cpu
+            .map_or(f64::NAN, |cpu| self.per_request_us(cpu.user + cpu.system))
     }
 
     /// The server's user CPU time per request in microseconds.
     fn server_user_us(&self) -> f64 {
         self.server_cpu
-            .map_or(f64::NAN, |cpu| cpu.user * 1e6 / self.requests as f64)
+            .map_or(f64::NAN, |cpu| self.per_request_us(cpu.user))
     }
 
     /// The client's CPU time per request in microseconds, user + system.
     fn client_us(&self) -> f64 {
-        self.client_cpu.map_or(f64::NAN, |cpu| {
-            (cpu.user + cpu.system) * 1e6 / self.requests as f64
-        })
+        self.client_cpu
+            .map_or(f64::NAN, |cpu| self.per_request_us(cpu.user + cpu.system))
     }
 
     /// The server's and the client's CPU time per request, in microseconds, user + system,
     /// as table cells.
     fn cpu_cells(&self, system: System) -> (String, String) {
         let per_request = |cpu: Cpu| {
-            let us = |seconds: f64| seconds * 1e6 / self.requests as f64;
-            format!("{:.1} + {:.1}", us(cpu.user), us(cpu.system))
+            format!(
+                "{:.1} + {:.1}",
+                self.per_request_us(cpu.user),
+                self.per_request_us(cpu.system)
+            )
         };
         let server = self.server_cpu.map_or("-".to_owned(), per_request);
         // The bare server runs in the client's process: its time is not the client's alone.
@@ -1185,13 +1191,12 @@ fn main() {
                 // by the two cores they share (~2 / (S_p + C)): the single check's ratio
                 // this round's CPU columns predict, and what it would be with none of
                 // permd's own user time (benches/README.md, `compare`).
-                let cpu = |s: System, f: fn(&Outcome) -> f64| figure(s, k, f);
                 let (s_r, s_p, c) = (
-                    cpu(System::Redis, Outcome::server_us),
-                    cpu(System::Permd, Outcome::server_us),
-                    cpu(System::Permd, Outcome::client_us),
+                    figure(System::Redis, k, Outcome::server_us),
+                    figure(System::Permd, k, Outcome::server_us),
+                    figure(System::Permd, k, Outcome::client_us),
                 );
-                let user = cpu(System::Permd, Outcome::server_user_us);
+                let user = figure(System::Permd, k, Outcome::server_user_us);
                 if !(s_r + s_p + c).is_nan() {
                     println!(
                         "permd{which} single vs Redis from the CPU columns, 2 x {s_r:.1} / ({s_p:.1} + {c:.1}) us: {}; with no user time of permd's: {}",
