@@ -6,6 +6,8 @@
 use std::str::FromStr;
 
 use permd::embedded::{Cluster, ClusterOptions};
+use tokio::io::{AsyncBufReadExt as _, BufStream};
+use tokio::net::TcpStream;
 
 /// A throwaway Postgres from the machine's binaries, with `fsync=off` (a benchmark's data
 /// is disposable); stopped when dropped.
@@ -49,4 +51,55 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("start a tokio runtime")
+}
+
+/// Reads one response (status line, headers, a `Content-Length` body) and leaves its body
+/// in `body`. The head is scanned once, as bytes, where it arrived (as an HTTP client
+/// library does it: hyper parses a head in one pass), not line by line into strings: the
+/// client shares the machine with the server, so its framing should cost about what its
+/// RESP framing costs. Requests are never pipelined, so nothing may follow the body.
+pub async fn read_response(stream: &mut BufStream<TcpStream>, body: &mut Vec<u8>) -> u16 {
+    body.clear();
+    let head_end = loop {
+        let chunk = stream.fill_buf().await.unwrap();
+        assert!(!chunk.is_empty(), "the server closed the connection");
+        let n = chunk.len();
+        body.extend_from_slice(chunk);
+        stream.consume(n);
+        if let Some(end) = find(body, b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = &body[..head_end];
+    let status = head
+        .get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let length: usize = head
+        .split(|b| *b == b'\n')
+        .find_map(|line| {
+            let (name, value) = line.split_at(line.iter().position(|b| *b == b':')?);
+            name.eq_ignore_ascii_case(b"content-length")
+                .then(|| std::str::from_utf8(&value[1..]).ok()?.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let end = head_end + length;
+    while body.len() < end {
+        let chunk = stream.fill_buf().await.unwrap();
+        assert!(
+            !chunk.is_empty(),
+            "the server closed the connection mid-body"
+        );
+        let n = chunk.len();
+        body.extend_from_slice(chunk);
+        stream.consume(n);
+    }
+    assert_eq!(body.len(), end, "bytes after the response");
+    body.drain(..head_end);
+    status
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
