@@ -2,21 +2,87 @@
 //!
 //! `cargo bench --bench freshness` starts a throwaway Postgres and permd (in this process,
 //! so that visibility is observed on the store itself, every 20 µs), then commits
-//! single-tuple transactions at a fixed rate (100 and 1,000 writes/s, over 4 connections)
-//! with NOTIFY on, and with NOTIFY off (changes then arrive by polling, here every 100 ms).
+//! single-tuple transactions at a fixed rate (100 and 1,000 writes/s, over `BENCH_WRITERS`
+//! connections, default 4) with NOTIFY on, and with NOTIFY off (changes then arrive by
+//! polling, here every 100 ms).
+//!
+//! The rows with NOTIFY on are run again while `BENCH_READERS` (default 32, 0 to skip)
+//! HTTP connections send checks to permd at `BENCH_READ_RATE` checks/s in all (default
+//! 20,000, well below the 100,000 and more permd answers in `compare` on 2 cores), from a
+//! thread of their own: freshness under read traffic with headroom, as a deployment runs.
+//! (A closed loop would fill both cores, and then every wake-up waits for a core: p99s of
+//! tens to hundreds of ms that measure the saturated host, not permd.)
+//!
 //! Prints a Markdown table of p50/p99/max.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
-use common::{cluster, env_or, runtime};
+use common::{cluster, env_or, read_response, runtime};
 use permd::store::Store;
+use tokio::io::{AsyncWriteExt as _, BufStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+/// Keeps `connections` keep-alive connections to permd at `addr` checking, `rate` checks/s
+/// in all (each connection its share, on a fixed schedule), until `stop`; from a thread
+/// and runtime of their own, so that the writers' and the observer's timing is not queued
+/// behind them. Returns the checks answered.
+fn read_load(
+    addr: SocketAddr,
+    connections: u32,
+    rate: f64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut readers = Vec::new();
+            for c in 0..connections {
+                let stop = Arc::clone(&stop);
+                readers.push(tokio::spawn(async move {
+                    let stream = TcpStream::connect(addr).await.unwrap();
+                    stream.set_nodelay(true).unwrap();
+                    let mut stream = BufStream::new(stream);
+                    let mut body = Vec::new();
+                    let mut answered = 0;
+                    let every = Duration::from_secs_f64(f64::from(connections) / rate);
+                    // Spread the connections' schedules over one interval.
+                    let mut due = tokio::time::Instant::now() + every * c / connections;
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep_until(due).await;
+                        due += every;
+                        let request = format!(
+                            "GET /v1/check?subject=reader:{c}:{}&permission=fresh HTTP/1.1\r\nhost: permd\r\n\r\n",
+                            answered % 1000
+                        );
+                        stream.write_all(request.as_bytes()).await.unwrap();
+                        stream.flush().await.unwrap();
+                        let status = read_response(&mut stream, &mut body).await;
+                        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                        answered += 1;
+                    }
+                    answered
+                }));
+            }
+            let mut answered = 0;
+            for r in readers {
+                answered += r.await.unwrap();
+            }
+            answered
+        })
+    })
+}
 
 /// Writes `rate` single-row transactions per second for `seconds`, and returns the
 /// commit-to-visible latencies.
@@ -29,7 +95,7 @@ async fn run(
     tag: &str,
 ) -> Vec<Duration> {
     let pending: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
     let watcher = {
         let pending = Arc::clone(&pending);
         let done = Arc::clone(&done);
@@ -37,7 +103,7 @@ async fn run(
         std::thread::spawn(move || {
             let mut latencies = Vec::new();
             loop {
-                let finished = done.load(std::sync::atomic::Ordering::Relaxed);
+                let finished = done.load(Ordering::Relaxed);
                 {
                     let mut list = pending.lock().unwrap();
                     list.retain(|(subject, committed)| {
@@ -57,7 +123,7 @@ async fn run(
             latencies
         })
     };
-    let writers = 4;
+    let writers: u64 = env_or("BENCH_WRITERS", 4);
     let total = (rate * seconds) as u64;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -94,7 +160,7 @@ async fn run(
     for t in tasks {
         t.await.unwrap();
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
     let mut latencies = watcher.join().unwrap();
     latencies.sort();
     latencies
@@ -130,22 +196,36 @@ fn main() {
         assert!(daemon.wait_ready(Duration::from_secs(60)).await);
         let store = daemon.store().clone();
 
+        let readers: u32 = env_or("BENCH_READERS", 32);
+        let read_rate: f64 = env_or("BENCH_READ_RATE", 20_000.0);
+        let mut rows = vec![
+            (true, 100.0, 0),
+            (true, 1000.0, 0),
+            (false, 100.0, 0),
+            (false, 1000.0, 0),
+        ];
+        if readers > 0 {
+            rows.extend([(true, 100.0, readers), (true, 1000.0, readers)]);
+        }
+
         println!();
         println!("Commit to visible in permd, {seconds} s per row, poll interval 100 ms:");
         println!();
-        println!("| NOTIFY | writes/s | writes | p50 ms | p99 ms | max ms |");
-        println!("|---|---:|---:|---:|---:|---:|");
-        for (notify, rate) in [
-            (true, 100.0),
-            (true, 1000.0),
-            (false, 100.0),
-            (false, 1000.0),
-        ] {
-            let tag = format!("{}{}", if notify { "on" } else { "off" }, rate);
+        println!(
+            "| NOTIFY | writes/s | HTTP readers | checks/s | writes | p50 ms | p99 ms | max ms |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (notify, rate, readers) in rows {
+            let tag = format!("{}{}r{readers}", if notify { "on" } else { "off" }, rate);
+            let stop = Arc::new(AtomicBool::new(false));
+            let load = read_load(daemon.local_addr(), readers, read_rate, Arc::clone(&stop));
+            let started = Instant::now();
             let l = run(&url, &store, rate, seconds, notify, &tag).await;
+            stop.store(true, Ordering::Relaxed);
+            let checks = load.join().unwrap() as f64 / started.elapsed().as_secs_f64();
             let q = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
             println!(
-                "| {} | {rate:.0} | {} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {rate:.0} | {readers} | {checks:.0} | {} | {:.2} | {:.2} | {:.2} |",
                 if notify { "on" } else { "off" },
                 l.len(),
                 q(0.5),
