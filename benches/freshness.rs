@@ -167,6 +167,12 @@ async fn run(
 }
 
 fn main() {
+    let readers: u32 = env_or("BENCH_READERS", 32);
+    let read_rate: f64 = env_or("BENCH_READ_RATE", 20_000.0);
+    assert!(
+        readers == 0 || read_rate > 0.0,
+        "BENCH_READ_RATE must be above 0 while BENCH_READERS is"
+    );
     let cluster = cluster();
     let url = cluster.url("postgres");
     let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
@@ -196,8 +202,6 @@ fn main() {
         assert!(daemon.wait_ready(Duration::from_secs(60)).await);
         let store = daemon.store().clone();
 
-        let readers: u32 = env_or("BENCH_READERS", 32);
-        let read_rate: f64 = env_or("BENCH_READ_RATE", 20_000.0);
         let mut rows = vec![
             (true, 100.0, 0),
             (true, 1000.0, 0),
@@ -218,11 +222,13 @@ fn main() {
         for (notify, rate, readers) in rows {
             let tag = format!("{}{}r{readers}", if notify { "on" } else { "off" }, rate);
             let stop = Arc::new(AtomicBool::new(false));
-            let load = read_load(daemon.local_addr(), readers, read_rate, Arc::clone(&stop));
+            let load = (readers > 0)
+                .then(|| read_load(daemon.local_addr(), readers, read_rate, Arc::clone(&stop)));
             let started = Instant::now();
             let l = run(&url, &store, rate, seconds, notify, &tag).await;
             stop.store(true, Ordering::Relaxed);
-            let checks = load.join().unwrap() as f64 / started.elapsed().as_secs_f64();
+            let answered = load.map_or(0, |load| load.join().unwrap());
+            let checks = answered as f64 / started.elapsed().as_secs_f64();
             let q = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
             println!(
                 "| {} | {rate:.0} | {readers} | {checks:.0} | {} | {:.2} | {:.2} | {:.2} |",

@@ -100,6 +100,7 @@ pub async fn read_response(stream: &mut BufStream<TcpStream>, body: &mut Vec<u8>
     status
 }
 
+/// Where `needle` first starts in `haystack`.
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
