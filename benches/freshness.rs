@@ -240,7 +240,7 @@ fn main() {
             );
         }
         shutdown.cancel();
-        daemon.wait().await;
+        daemon.wait().await.expect("the daemon ran to its shutdown");
     });
     cluster.stop();
 }

@@ -201,7 +201,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         };
         print_examples(&daemon, args.server.token.is_set(), args.users, &psql_url);
     }
-    daemon.wait().await;
+    // The cluster is stopped whether or not the daemon stopped on its own (a panicked part).
+    let stopped = daemon.wait().await;
     if let Some(cluster) = cluster {
         say!(
             err,
@@ -216,7 +217,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             .await
             .ok();
     }
-    Ok(())
+    stopped
 }
 
 /// Seeds the demo enterprise of `users` users into the reference model (already migrated),

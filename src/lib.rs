@@ -24,7 +24,9 @@ pub mod store;
 pub mod sync;
 pub mod verify;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -46,13 +48,15 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// A running daemon: the applier and the HTTP server, stopped by the shutdown token.
+/// A running daemon: the applier and the HTTP server, stopped by the shutdown token, or by
+/// either of them panicking ([`Daemon::wait`] then says which).
 pub struct Daemon {
     store: Store,
     status: Status,
     local_addr: SocketAddr,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    failure: Failure,
     shutdown_timeout: Duration,
     ready_max_lag: Duration,
 }
@@ -68,18 +72,31 @@ impl Daemon {
         let store = Store::new();
         let status = Status::default();
         let tasks = TaskTracker::new();
+        let failure = Failure::default();
 
         let applier = Applier::new(store.clone(), status.clone(), settings.sync.clone());
-        tasks.spawn(applier.run(shutdown.clone()));
+        supervise(
+            &tasks,
+            "applier",
+            applier.run(shutdown.clone()),
+            &shutdown,
+            &failure,
+        );
 
         let ready_max_lag = settings.http.ready_max_lag;
         let app = App::new(store.clone(), status.clone(), settings.http);
-        tasks.spawn(http::serve(
-            listener,
-            http::Api::new(app),
-            settings.server,
-            shutdown.clone(),
-        ));
+        supervise(
+            &tasks,
+            "http server",
+            http::serve(
+                listener,
+                http::Api::new(app),
+                settings.server,
+                shutdown.clone(),
+            ),
+            &shutdown,
+            &failure,
+        );
         tasks.close();
         tracing::info!(addr = %local_addr, "serving http");
         Ok(Self {
@@ -88,6 +105,7 @@ impl Daemon {
             local_addr,
             tasks,
             shutdown,
+            failure,
             shutdown_timeout: settings.shutdown_timeout,
             ready_max_lag,
         })
@@ -118,8 +136,10 @@ impl Daemon {
     }
 
     /// Waits for the shutdown token, then for in-flight requests and the applier, at
-    /// most the configured shutdown timeout.
-    pub async fn wait(self) {
+    /// most the configured shutdown timeout. An error when the daemon stopped because the
+    /// applier or the server panicked, so that the process exits with a failure and its
+    /// supervisor starts it again.
+    pub async fn wait(self) -> anyhow::Result<()> {
         self.shutdown.cancelled().await;
         tracing::info!(
             timeout_ms = self.shutdown_timeout.as_millis() as u64,
@@ -133,7 +153,51 @@ impl Daemon {
         } else {
             tracing::info!("stopped");
         }
+        match self.failure.get() {
+            Some(reason) => Err(anyhow::anyhow!("{reason}")),
+            None => Ok(()),
+        }
     }
+}
+
+/// Why the daemon stopped on its own, if it did: the first of its parts that panicked.
+type Failure = Arc<OnceLock<String>>;
+
+/// Runs `task`, one of the daemon's parts, on the runtime under `tasks`. A part that
+/// panics must not leave the rest running: a dead applier would leave the server answering
+/// from a mirror that no longer follows Postgres (only `/readyz` would tell, once the lag
+/// passed its bound), a dead server would leave a process that answers nothing. So a panic
+/// is logged as an error, recorded in `failure` and stops the daemon through `shutdown`
+/// (in-flight requests still finish), and [`Daemon::wait`] returns it.
+fn supervise(
+    tasks: &TaskTracker,
+    name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+    shutdown: &CancellationToken,
+    failure: &Failure,
+) {
+    let part = tokio::spawn(task);
+    let shutdown = shutdown.clone();
+    let failure = Arc::clone(failure);
+    tasks.spawn(async move {
+        let Err(error) = part.await else { return };
+        let reason = match error.try_into_panic() {
+            Ok(payload) => format!("the {name} panicked: {}", panic_message(&*payload)),
+            Err(error) => format!("the {name} stopped: {error}"),
+        };
+        tracing::error!(part = name, "{reason}; shutting down");
+        let _ = failure.set(reason);
+        shutdown.cancel();
+    });
+}
+
+/// The text a panic was raised with (`panic!("…")` carries a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Cancels `token` on SIGINT (Ctrl-C) or SIGTERM.
@@ -156,4 +220,93 @@ pub fn cancel_on_signals(token: CancellationToken) {
         }
         token.cancel();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// A part that waits for the shutdown, as the applier and the server do.
+    fn until_shutdown(shutdown: &CancellationToken) -> impl Future<Output = ()> + Send + 'static {
+        let shutdown = shutdown.clone();
+        async move { shutdown.cancelled().await }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_part_stops_the_others_and_is_reported() {
+        let (tasks, shutdown, failure) = (
+            TaskTracker::new(),
+            CancellationToken::new(),
+            Failure::default(),
+        );
+        supervise(
+            &tasks,
+            "server",
+            until_shutdown(&shutdown),
+            &shutdown,
+            &failure,
+        );
+        supervise(
+            &tasks,
+            "applier",
+            async {
+                tokio::task::yield_now().await;
+                let cursor: Option<u64> = None;
+                if cursor.is_none() {
+                    panic!("cursor lost: {cursor:?}");
+                }
+            },
+            &shutdown,
+            &failure,
+        );
+        tasks.close();
+        tokio::time::timeout(DEADLINE, shutdown.cancelled())
+            .await
+            .expect("the panic cancels the shutdown token");
+        tokio::time::timeout(DEADLINE, tasks.wait())
+            .await
+            .expect("the other part stops too");
+        assert_eq!(
+            failure.get().map(String::as_str),
+            Some("the applier panicked: cursor lost: None")
+        );
+    }
+
+    #[tokio::test]
+    async fn parts_that_stop_on_shutdown_report_nothing() {
+        let (tasks, shutdown, failure) = (
+            TaskTracker::new(),
+            CancellationToken::new(),
+            Failure::default(),
+        );
+        supervise(
+            &tasks,
+            "applier",
+            until_shutdown(&shutdown),
+            &shutdown,
+            &failure,
+        );
+        supervise(
+            &tasks,
+            "server",
+            until_shutdown(&shutdown),
+            &shutdown,
+            &failure,
+        );
+        tasks.close();
+        shutdown.cancel();
+        tokio::time::timeout(DEADLINE, tasks.wait())
+            .await
+            .expect("both parts stop");
+        assert_eq!(failure.get(), None);
+    }
+
+    #[test]
+    fn panic_messages_of_both_kinds_are_read() {
+        assert_eq!(panic_message(&"static"), "static");
+        assert_eq!(panic_message(&String::from("formatted")), "formatted");
+        assert_eq!(panic_message(&42_u8), "(no message)");
+    }
 }

@@ -59,8 +59,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let settings = args.server.settings(&args.database_url)?;
             permd::cancel_on_signals(shutdown.clone());
             let daemon = permd::Daemon::start(settings, shutdown).await?;
-            daemon.wait().await;
-            Ok(())
+            daemon.wait().await
         }
         Command::Verify(args) => {
             match permd::verify::verify(&args.database_url, &args.target()?).await? {
