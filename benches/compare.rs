@@ -16,7 +16,10 @@
 //! single check's ratio to Redis those figures predict: Redis is held by its one thread
 //! and permd by the two cores it shares with the client, so about 2 S_r / (S_p + C)
 //! (server CPU a request of Redis and permd, and the client's), and the same with none of
-//! permd's user time, the most any change to permd's own code could reach.
+//! permd's user time, the most any change to permd's own code could reach. The last column
+//! is the share of the machine's time the hypervisor stole during the run
+//! (`common::HostCpu`): it takes from every system alike, but a run with much of it was
+//! run on a busy host.
 //!
 //! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
 //! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
@@ -50,7 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, env_list, env_or, find, read_response, runtime};
+use common::{cluster, env_list, env_or, find, read_response, runtime, HostCpu};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufStream};
 use tokio::net::TcpStream;
 
@@ -430,6 +433,9 @@ struct Outcome {
     /// this process (the client) used during the run.
     server_cpu: Option<Cpu>,
     client_cpu: Option<Cpu>,
+    /// Closed loop only: the share of the machine's time the hypervisor stole during the
+    /// run, in percent, as a table cell.
+    steal: String,
 }
 
 impl Outcome {
@@ -543,6 +549,7 @@ async fn closed_loop(
         server_pid.map(|pid| cpu_seconds(Some(pid))),
         cpu_seconds(None),
     );
+    let host = HostCpu::now();
     let started = Instant::now();
     go.notify_waiters();
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
@@ -553,9 +560,11 @@ async fn closed_loop(
         .zip(cpu_before.0)
         .map(|(after, before)| after - before);
     let client_cpu = cpu_seconds(None) - cpu_before.1;
+    let steal = HostCpu::steal_since(host);
     let mut outcome = collect(workers, elapsed).await;
     outcome.server_cpu = server_cpu;
     outcome.client_cpu = Some(client_cpu);
+    outcome.steal = steal;
     outcome
 }
 
@@ -610,6 +619,7 @@ async fn collect(workers: Vec<tokio::task::JoinHandle<Tally>>, seconds: f64) -> 
         service,
         server_cpu: None,
         client_cpu: None,
+        steal: "-".to_owned(),
     }
 }
 
@@ -1078,8 +1088,8 @@ fn main() {
             println!();
             println!("Closed loop, {concurrency} connections{}:", round_of(round, rounds));
             println!();
-            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) |");
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) | host steal % |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             let results = run_round(&runs, round, |system, k| {
                 let at = at(k);
                 async move { closed_loop(system, &at, concurrency, seconds, subjects).await }
@@ -1099,7 +1109,7 @@ fn main() {
                     }
                 };
                 println!(
-                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {server_cpu} | {client_cpu} |",
+                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {server_cpu} | {client_cpu} | {} |",
                     label(*system, *k),
                     o.checks_per_second(),
                     o.requests_per_second(),
@@ -1109,6 +1119,7 @@ fn main() {
                     o.wrong,
                     ratio(o.checks_per_second(), redis),
                     ratio(o.checks_per_second(), pipelined),
+                    o.steal,
                 );
                 assert_eq!(o.wrong, 0, "{} gave wrong answers", label(*system, *k));
             }

@@ -13,7 +13,8 @@
 //! (A closed loop would fill both cores, and then every wake-up waits for a core: p99s of
 //! tens to hundreds of ms that measure the saturated host, not permd.)
 //!
-//! Prints a Markdown table of p50/p99/max.
+//! Prints a Markdown table of p50/p99/max, with the share of the machine's time the
+//! hypervisor stole during each row (`common::HostCpu`).
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
-use common::{cluster, env_or, read_response, runtime};
+use common::{cluster, env_or, read_response, runtime, HostCpu};
 use permd::store::Store;
 use tokio::io::{AsyncWriteExt as _, BufStream};
 use tokio::net::TcpStream;
@@ -216,22 +217,24 @@ fn main() {
         println!("Commit to visible in permd, {seconds} s per row, poll interval 100 ms:");
         println!();
         println!(
-            "| NOTIFY | writes/s | HTTP readers | checks/s | writes | p50 ms | p99 ms | max ms |"
+            "| NOTIFY | writes/s | HTTP readers | checks/s | writes | p50 ms | p99 ms | max ms | host steal % |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (notify, rate, readers) in rows {
             let tag = format!("{}{}r{readers}", if notify { "on" } else { "off" }, rate);
             let stop = Arc::new(AtomicBool::new(false));
             let load = (readers > 0)
                 .then(|| read_load(daemon.local_addr(), readers, read_rate, Arc::clone(&stop)));
             let started = Instant::now();
+            let host = HostCpu::now();
             let l = run(&url, &store, rate, seconds, notify, &tag).await;
+            let steal = HostCpu::steal_since(host);
             stop.store(true, Ordering::Relaxed);
             let answered = load.map_or(0, |load| load.join().unwrap());
             let checks = answered as f64 / started.elapsed().as_secs_f64();
             let q = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
             println!(
-                "| {} | {rate:.0} | {readers} | {checks:.0} | {} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {rate:.0} | {readers} | {checks:.0} | {} | {:.2} | {:.2} | {:.2} | {steal} |",
                 if notify { "on" } else { "off" },
                 l.len(),
                 q(0.5),

@@ -104,3 +104,47 @@ pub async fn read_response(stream: &mut BufStream<TcpStream>, body: &mut Vec<u8>
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// The machine's CPU time over all its CPUs, from the first line of `/proc/stat`, in clock
+/// ticks: all of it, and the part stolen (time a virtual CPU wanted to run while the
+/// hypervisor ran something else). Stolen time is the host's, not the guest's: a wake-up
+/// that falls in it waits, and no program in the guest can win it back. The suites print
+/// it beside their figures so that a slow run on a busy host reads as such.
+#[derive(Clone, Copy)]
+pub struct HostCpu {
+    total: u64,
+    steal: u64,
+}
+
+impl HostCpu {
+    /// Now; `None` where `/proc/stat` cannot be read (not Linux).
+    pub fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        // cpu user nice system idle iowait irq softirq steal guest guest_nice; guest time
+        // is also counted in user, so the first eight are the whole.
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|field| field.parse().ok())
+            .collect::<Option<_>>()?;
+        (ticks.len() == 8).then(|| Self {
+            total: ticks.iter().sum(),
+            steal: ticks[7],
+        })
+    }
+
+    /// The share of the machine's time stolen since `earlier`, in percent, as a table cell
+    /// (`-` when unknown).
+    pub fn steal_since(earlier: Option<Self>) -> String {
+        match earlier.zip(Self::now()) {
+            Some((before, after)) if after.total > before.total => format!(
+                "{:.0}",
+                (after.steal - before.steal) as f64 * 100.0 / (after.total - before.total) as f64
+            ),
+            _ => "-".to_owned(),
+        }
+    }
+}
