@@ -383,6 +383,43 @@ async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
     daemon.stop().await;
 }
 
+/// A full load that has to wait for a lock (another session's `LOCK TABLE`, a migration's
+/// `ALTER TABLE`, `VACUUM FULL`) gives up after the query timeout with Postgres's own
+/// reason and a hint, is retried with backoff, and loads once the lock is released. Before,
+/// the load (exempt from the query timeout) waited in silence for as long as the lock was
+/// held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_released() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    let mut locker = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE permd.tuples IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .expect("lock permd.tuples");
+    let mut sync = SyncConfig::new(&db.url);
+    sync.query_timeout = Duration::from_millis(300);
+    sync.max_backoff = Duration::from_millis(400);
+    let daemon = TestDaemon::spawn(sync, patient());
+    let error = daemon.failed_attempts(2).await;
+    assert!(error.contains("lock timeout"), "{error}");
+    assert!(error.contains("pg_locks"), "{error}");
+    locker.rollback().await.expect("release the lock");
+    let released = Instant::now();
+    daemon
+        .wait_for("ready", || daemon.status.is_ready(60.0))
+        .await;
+    assert_eq!(daemon.store.counts().tuples, 1);
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    println!(
+        "full load kept waiting by a lock: \"{error}\"; ready {:.2}s after the lock was released",
+        released.elapsed().as_secs_f64()
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

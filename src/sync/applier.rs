@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_util::sync::CancellationToken;
 
@@ -121,7 +122,12 @@ impl Applier {
             match self.session(&shutdown).await {
                 Ok(()) => return,
                 Err(error) => {
-                    let message = error_chain(&error);
+                    let mut message = error_chain(&error);
+                    if let Some(hint) = hint(&error) {
+                        message.push_str(" (");
+                        message.push_str(hint);
+                        message.push(')');
+                    }
                     tracing::warn!(error = %message, retry_in_ms = backoff.as_millis() as u64, "sync connection failed");
                     self.status.failed(&message);
                 }
@@ -144,8 +150,16 @@ impl Applier {
         // JIT off: the poll is a small statement run many times a second, and once the
         // changelog is large the planner's cost estimate crosses `jit_above_cost`, after
         // which every poll spent hundreds of milliseconds compiling itself.
-        self.timed(client.batch_execute(&format!("SET jit = off; LISTEN {CHANNEL}")))
-            .await?;
+        // A statement kept waiting for a lock (another session's LOCK TABLE, a migration's
+        // ALTER TABLE, VACUUM FULL on a table permd reads) is cancelled by Postgres itself
+        // after the query timeout, with its reason: a full load, exempt from our own
+        // timeout, would otherwise wait in silence for as long as the lock is held, and a
+        // poll would be abandoned with its backend still queued for the lock.
+        let lock_timeout = self.config.query_timeout.as_millis();
+        self.timed(client.batch_execute(&format!(
+            "SET jit = off; SET lock_timeout = {lock_timeout}; LISTEN {CHANNEL}"
+        )))
+        .await?;
         self.status.set_connected(true);
         tracing::info!("connected to postgres, listening on {CHANNEL}");
 
@@ -413,6 +427,17 @@ impl Applier {
             Ok(result) => result.map_err(Error::from),
             Err(_) => Err(Error::Timeout(self.config.query_timeout)),
         }
+    }
+}
+
+/// What an operator can do about `error`, where Postgres's own message does not say.
+fn hint(error: &Error) -> Option<&'static str> {
+    match error {
+        Error::Postgres(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Some(
+            "another session holds a lock on a table permd reads, e.g. LOCK TABLE, ALTER TABLE \
+             or VACUUM FULL on permd.tuples; pg_locks shows which; permd retries",
+        ),
+        _ => None,
     }
 }
 

@@ -52,7 +52,8 @@ pub struct SyncConfig {
     /// How often to poll the changelog when no NOTIFY arrives.
     pub poll_interval: Duration,
     /// The longest any one statement may take before the connection is presumed dead.
-    /// A full load is exempt (it scales with the data).
+    /// A full load is exempt (it scales with the data). Also the session's `lock_timeout`:
+    /// no statement, a full load's included, waits longer for a lock.
     pub query_timeout: Duration,
     /// Changelog rows read per poll; a full batch is followed by another poll at once.
     pub batch_rows: i64,
