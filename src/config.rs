@@ -201,8 +201,8 @@ pub struct ServerArgs {
     #[arg(long, env = "PERMD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
     /// A statement to Postgres that takes longer than this marks the connection dead
-    /// (milliseconds). Full loads are exempt, but no statement, a full load's included,
-    /// waits longer than this for a lock (Postgres's `lock_timeout`).
+    /// (milliseconds). A full load is exempt, but must receive rows at least this often;
+    /// no statement waits more than half of it for a lock (Postgres's `lock_timeout`).
     #[arg(long, env = "PERMD_QUERY_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub query_timeout_ms: u64,
     /// Most API requests in flight; beyond it requests are shed at once with 503

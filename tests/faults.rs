@@ -420,6 +420,94 @@ async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_release
     daemon.stop().await;
 }
 
+/// Continues a stopped process when dropped, so that a failing test leaves no backend
+/// stopped in the shared cluster (its shutdown would wait for it).
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Self {
+        signal("STOP", pid);
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal("CONT", self.0);
+    }
+}
+
+fn signal(name: &str, pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// The full load's rows stop arriving in the middle of its COPY (its backend stopped with
+/// SIGSTOP: what a hung server or a network that drops every packet looks like from
+/// permd's side). The load gives up once nothing arrived for the query timeout, the
+/// connection is dropped, and a new one loads everything. Before, the load waited until
+/// TCP keepalives gave up on the connection, minutes with the kernel's defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
+    let db = database().await;
+    db.exec(
+        "BEGIN;
+         SET LOCAL session_replication_role = replica;
+         INSERT INTO permd.tuples
+         SELECT 'user:' || (i / 10), 'doc:' || (i % 5000), 'perm' || (i % 40), NULL
+         FROM generate_series(1, 300000) i;
+         COMMIT;",
+    )
+    .await;
+    let mut sync = SyncConfig::new(&db.url);
+    sync.query_timeout = Duration::from_millis(1000);
+    sync.max_backoff = Duration::from_millis(400);
+    let started = Instant::now();
+    let daemon = TestDaemon::spawn(sync, patient());
+    let pool = db.pool.clone();
+    let backend = std::sync::atomic::AtomicI32::new(0);
+    wait_until("the full load's COPY, to stop its backend", || {
+        let pool = pool.clone();
+        let found = &backend;
+        async move {
+            let pid: Option<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'permd'
+                   AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .expect("look for the COPY");
+            found.store(pid.unwrap_or(0), Ordering::Relaxed);
+            pid.is_some()
+        }
+    })
+    .await;
+    let stopped = Stopped::stop(backend.load(Ordering::Relaxed));
+    let stalled = started.elapsed();
+    daemon
+        .wait_for("ready", || daemon.status.is_ready(60.0))
+        .await;
+    let ready = started.elapsed();
+    drop(stopped);
+    let report = daemon.status.report();
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert_eq!(daemon.store.counts().tuples, 300_000);
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    println!(
+        "full load's backend stopped {:.2}s after start; loaded again on a new connection, \
+         ready {:.2}s after start, {} reconnect(s)",
+        stalled.as_secs_f64(),
+        ready.as_secs_f64(),
+        report.reconnects,
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_util::sync::CancellationToken;
@@ -94,6 +95,8 @@ pub struct Applier {
     cursor: Option<Cursor>,
     /// The server incarnation of the last session (see `session`).
     incarnation: Option<String>,
+    /// The task that drives the current session's connection.
+    driver: Option<AbortHandle>,
 }
 
 impl Applier {
@@ -105,6 +108,7 @@ impl Applier {
             config,
             cursor: None,
             incarnation: None,
+            driver: None,
         }
     }
 
@@ -122,6 +126,15 @@ impl Applier {
             match self.session(&shutdown).await {
                 Ok(()) => return,
                 Err(error) => {
+                    // A connection presumed dead is closed now: left to itself, its task
+                    // would wait for the answer to the abandoned statement until TCP
+                    // keepalives gave up, holding the socket (and, in a full load, the
+                    // builder's thread). One that answered with an error closes itself.
+                    if matches!(error, Error::Timeout(_) | Error::Stalled(_)) {
+                        if let Some(driver) = self.driver.take() {
+                            driver.abort();
+                        }
+                    }
                     let mut message = error_chain(&error);
                     if let Some(hint) = hint(&error) {
                         message.push_str(" (");
@@ -152,10 +165,11 @@ impl Applier {
         // which every poll spent hundreds of milliseconds compiling itself.
         // A statement kept waiting for a lock (another session's LOCK TABLE, a migration's
         // ALTER TABLE, VACUUM FULL on a table permd reads) is cancelled by Postgres itself
-        // after the query timeout, with its reason: a full load, exempt from our own
-        // timeout, would otherwise wait in silence for as long as the lock is held, and a
-        // poll would be abandoned with its backend still queued for the lock.
-        let lock_timeout = self.config.query_timeout.as_millis();
+        // after half the query timeout, with its reason, before our own deadlines (the
+        // query timeout, a full load's stall) would take it for a dead connection: a poll
+        // would be abandoned with its backend still queued for the lock, and a full load
+        // would be reported as stalled.
+        let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
         self.timed(client.batch_execute(&format!(
             "SET jit = off; SET lock_timeout = {lock_timeout}; LISTEN {CHANNEL}"
         )))
@@ -236,7 +250,7 @@ impl Applier {
     /// drives it, forwarding notifications to the returned doorbell. The returned future
     /// resolves when the connection ends.
     async fn connect(
-        &self,
+        &mut self,
     ) -> Result<(Client, Tap, Arc<Notify>, impl Future<Output = Error>), Error> {
         let mut config: tokio_postgres::Config = self.config.database_url.parse()?;
         if config.get_application_name().is_none() {
@@ -266,6 +280,7 @@ impl Applier {
             }
             Error::Closed
         });
+        self.driver = Some(driver.abort_handle());
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
         Ok((client, tap, doorbell, closed))
     }
@@ -281,7 +296,8 @@ impl Applier {
     ) -> Result<(), Error> {
         tracing::info!(reason = why, "full load starting");
         let started = Instant::now();
-        let Loaded { state, xmin, rows } = loader::load(client, tap).await?;
+        let Loaded { state, xmin, rows } =
+            loader::load(client, tap, self.config.query_timeout).await?;
         let old = self.store.replace(state);
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));

@@ -2,7 +2,10 @@
 //! the socket by the connection's tap (`tap.rs`), and a new `State` built on a blocking
 //! thread while the rows stream in.
 
-use std::time::Instant;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::{pin_mut, StreamExt};
 use tokio::sync::mpsc;
@@ -34,23 +37,37 @@ pub(crate) struct Loaded {
 /// Loads everything in one snapshot. The returned `xmin` is where the changelog cursor
 /// starts: replaying from there re-applies some changes already in the snapshot, which
 /// is harmless because replay re-reads current rows.
-pub(crate) async fn load(client: &mut Client, tap: &Tap) -> Result<Loaded, Error> {
+///
+/// A load takes as long as the data does, so no statement of it has a deadline; instead
+/// it fails with [`Error::Stalled`] once nothing arrived from Postgres for `stall` (a hung
+/// server, a network that drops every packet), where it would otherwise wait for TCP
+/// keepalives to give up, minutes with the kernel's defaults. The builder's own work after
+/// the last row is not watched: that is CPU, not Postgres.
+pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Result<Loaded, Error> {
     let started = Instant::now();
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let progress = Arc::new(AtomicU64::new(0));
+    let tx = watched(
+        client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start(),
+        &progress,
+        stall,
+    )
+    .await?;
     // The first statement fixes the snapshot of the whole transaction.
-    let row = tx
-        .query_one(
+    let row = watched(
+        tx.query_one(
             "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
                     (SELECT greatest(reltuples, 0)::bigint FROM pg_class \
                      WHERE oid = 'permd.tuples'::regclass)",
             &[],
-        )
-        .await?;
+        ),
+        &progress,
+        stall,
+    )
+    .await?;
     let xmin = Xid(parse_xid(row.get::<_, &str>(0))?);
     let estimate = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0);
 
@@ -58,13 +75,19 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap) -> Result<Loaded, Error
     // them here in blocks; eight blocks (2 MiB) in flight let Postgres run ahead.
     let (tuples, tuple_blocks) = mpsc::channel(8);
     let (limits, limit_blocks) = mpsc::channel(8);
-    let builder = tokio::task::spawn_blocking(move || build(tuple_blocks, limit_blocks, estimate));
+    let builder = tokio::task::spawn_blocking({
+        let progress = Arc::clone(&progress);
+        move || build(tuple_blocks, limit_blocks, estimate, &progress)
+    });
     // A failed COPY explains more than the builder's truncated stream: return it first.
     // The builder then ends on its own, when the tap has dropped the senders.
-    copy(&tx, tap, TUPLES, tuples).await?;
-    copy(&tx, tap, LIMITS, limits).await?;
+    let copies = async {
+        copy(&tx, tap, TUPLES, tuples).await?;
+        copy(&tx, tap, LIMITS, limits).await
+    };
+    watched(copies, &progress, stall).await?;
     let (state, rows) = builder.await.map_err(|e| Error::Builder(e.to_string()))??;
-    tx.commit().await?;
+    watched(tx.commit(), &progress, stall).await?;
     tracing::info!(
         rows,
         subjects = state.subject_count(),
@@ -74,6 +97,35 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap) -> Result<Loaded, Error
         "full load done"
     );
     Ok(Loaded { state, xmin, rows })
+}
+
+/// Runs `work`, one step of a load, until it ends or `progress` (blocks of rows received)
+/// has not moved for `stall`.
+async fn watched<T, E>(
+    work: impl Future<Output = Result<T, E>>,
+    progress: &AtomicU64,
+    stall: Duration,
+) -> Result<T, Error>
+where
+    Error: From<E>,
+{
+    let watchdog = async {
+        let mut seen = progress.load(Ordering::Relaxed);
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(stall / 4).await;
+            let now = progress.load(Ordering::Relaxed);
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= stall {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = work => result.map_err(Error::from),
+        () = watchdog => Err(Error::Stalled(stall)),
+    }
 }
 
 /// Runs one COPY with the tap armed: its data goes to `sink`, and tokio-postgres, which
@@ -101,17 +153,19 @@ async fn copy(
 }
 
 /// Runs on a blocking thread: parses the COPY blocks, tuples then limits, and fills a
-/// `StateBuilder`.
+/// `StateBuilder`, counting each block in `progress`.
 fn build(
     mut tuple_blocks: mpsc::Receiver<Vec<u8>>,
     mut limit_blocks: mpsc::Receiver<Vec<u8>>,
     estimate: usize,
+    progress: &AtomicU64,
 ) -> Result<(State, u64), Error> {
     let mut builder = StateBuilder::new();
     let mut parser = CopyParser::new();
     let mut rows = 0u64;
     let mut next_progress = PROGRESS_EVERY;
     while let Some(block) = tuple_blocks.blocking_recv() {
+        progress.fetch_add(1, Ordering::Relaxed);
         parser.feed(&block, |f| {
             builder.tuple(
                 text(f[0], "subject")?,
@@ -136,6 +190,7 @@ fn build(
     parser.finish()?;
     let mut parser = CopyParser::new();
     while let Some(block) = limit_blocks.blocking_recv() {
+        progress.fetch_add(1, Ordering::Relaxed);
         parser.feed(&block, |f| {
             let value =
                 int8(f[2], "value")?.ok_or_else(|| Error::Copy("limit value is NULL".into()))?;

@@ -33,6 +33,9 @@ pub enum Error {
     /// A query did not answer in time; the connection is presumed dead.
     #[error("postgres did not answer within {0:?}")]
     Timeout(Duration),
+    /// A full load received nothing for this long; the connection is presumed dead.
+    #[error("a full load received nothing from postgres for {0:?}")]
+    Stalled(Duration),
     /// The blocking state builder died.
     #[error("state builder failed: {0}")]
     Builder(String),
@@ -52,8 +55,9 @@ pub struct SyncConfig {
     /// How often to poll the changelog when no NOTIFY arrives.
     pub poll_interval: Duration,
     /// The longest any one statement may take before the connection is presumed dead.
-    /// A full load is exempt (it scales with the data). Also the session's `lock_timeout`:
-    /// no statement, a full load's included, waits longer for a lock.
+    /// A full load is exempt (it scales with the data), but must receive something from
+    /// Postgres at least this often. Half of it is the session's `lock_timeout`: no
+    /// statement, a full load's included, waits longer for a lock.
     pub query_timeout: Duration,
     /// Changelog rows read per poll; a full batch is followed by another poll at once.
     pub batch_rows: i64,
