@@ -10,7 +10,14 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = database_url.parse().context("parse the database URL")?;
     PgPoolOptions::new()
         .max_connections(4)
-        .connect_with(options.application_name("permd-cli"))
+        // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
+        // bookkeeping table printed "relation \"_sqlx_migrations\" already exists,
+        // skipping" on every fresh `permd demo` and `migrate --reference-model`.
+        .connect_with(
+            options
+                .application_name("permd-cli")
+                .options([("client_min_messages", "warning")]),
+        )
         .await
         .context("connect to the database")
 }
