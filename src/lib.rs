@@ -228,79 +228,70 @@ mod tests {
 
     const DEADLINE: Duration = Duration::from_secs(10);
 
-    /// A part that waits for the shutdown, as the applier and the server do.
-    fn until_shutdown(shutdown: &CancellationToken) -> impl Future<Output = ()> + Send + 'static {
-        let shutdown = shutdown.clone();
-        async move { shutdown.cancelled().await }
+    /// Parts supervised as `Daemon::start` supervises the applier and the server.
+    struct Parts {
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+        failure: Failure,
+    }
+
+    impl Parts {
+        fn new() -> Self {
+            Self {
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+                failure: Failure::default(),
+            }
+        }
+
+        fn run(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+            supervise(&self.tasks, name, task, &self.shutdown, &self.failure);
+        }
+
+        /// A part that waits for the shutdown, as the applier and the server do.
+        fn until_shutdown(&self) -> impl Future<Output = ()> + Send + 'static {
+            let shutdown = self.shutdown.clone();
+            async move { shutdown.cancelled().await }
+        }
+
+        /// Waits for every part to end.
+        async fn stopped(&self) {
+            self.tasks.close();
+            tokio::time::timeout(DEADLINE, self.tasks.wait())
+                .await
+                .expect("every part stops");
+        }
     }
 
     #[tokio::test]
     async fn a_panicking_part_stops_the_others_and_is_reported() {
-        let (tasks, shutdown, failure) = (
-            TaskTracker::new(),
-            CancellationToken::new(),
-            Failure::default(),
-        );
-        supervise(
-            &tasks,
-            "server",
-            until_shutdown(&shutdown),
-            &shutdown,
-            &failure,
-        );
-        supervise(
-            &tasks,
-            "applier",
-            async {
-                tokio::task::yield_now().await;
-                let cursor: Option<u64> = None;
-                if cursor.is_none() {
-                    panic!("cursor lost: {cursor:?}");
-                }
-            },
-            &shutdown,
-            &failure,
-        );
-        tasks.close();
-        tokio::time::timeout(DEADLINE, shutdown.cancelled())
+        let parts = Parts::new();
+        parts.run("server", parts.until_shutdown());
+        parts.run("applier", async {
+            tokio::task::yield_now().await;
+            let cursor: Option<u64> = None;
+            if cursor.is_none() {
+                panic!("cursor lost: {cursor:?}");
+            }
+        });
+        tokio::time::timeout(DEADLINE, parts.shutdown.cancelled())
             .await
             .expect("the panic cancels the shutdown token");
-        tokio::time::timeout(DEADLINE, tasks.wait())
-            .await
-            .expect("the other part stops too");
+        parts.stopped().await;
         assert_eq!(
-            failure.get().map(String::as_str),
+            parts.failure.get().map(String::as_str),
             Some("the applier panicked: cursor lost: None")
         );
     }
 
     #[tokio::test]
     async fn parts_that_stop_on_shutdown_report_nothing() {
-        let (tasks, shutdown, failure) = (
-            TaskTracker::new(),
-            CancellationToken::new(),
-            Failure::default(),
-        );
-        supervise(
-            &tasks,
-            "applier",
-            until_shutdown(&shutdown),
-            &shutdown,
-            &failure,
-        );
-        supervise(
-            &tasks,
-            "server",
-            until_shutdown(&shutdown),
-            &shutdown,
-            &failure,
-        );
-        tasks.close();
-        shutdown.cancel();
-        tokio::time::timeout(DEADLINE, tasks.wait())
-            .await
-            .expect("both parts stop");
-        assert_eq!(failure.get(), None);
+        let parts = Parts::new();
+        parts.run("applier", parts.until_shutdown());
+        parts.run("server", parts.until_shutdown());
+        parts.shutdown.cancel();
+        parts.stopped().await;
+        assert_eq!(parts.failure.get(), None);
     }
 
     #[test]

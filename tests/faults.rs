@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{
-    database, database_on, own_cluster, patient, send, wait_until, Rng, TestDaemon, DEADLINE,
+    database, database_on, own_cluster, patient, send, wait_until, Rng, TestDaemon, TestDb,
+    DEADLINE,
 };
 use permd::embedded::StopMode;
 use permd::http::HttpConfig;
@@ -330,14 +331,10 @@ async fn twenty_forced_reloads_during_concurrent_writes() {
     daemon.stop().await;
 }
 
-/// The sync connection ends in the middle of a full load's COPY (its backend terminated
-/// while the rows stream through the socket's tap): the load fails, the applier reconnects
-/// and loads again, and the mirror is exact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
-    let db = database().await;
-    // Enough rows that the COPY lasts long enough to be caught: the tap holds Postgres
-    // back to the pace of the (debug build's) state builder. Filled without changelog rows.
+/// 300,000 tuples, enough that a full load's COPY lasts long enough to be caught: the tap
+/// holds Postgres back to the pace of the (debug build's) state builder. Filled without
+/// changelog rows.
+async fn fill_a_long_copy(db: &TestDb) {
     db.exec(
         "BEGIN;
          SET LOCAL session_replication_role = replica;
@@ -347,6 +344,26 @@ async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
          COMMIT;",
     )
     .await;
+}
+
+/// After a full load of [`fill_a_long_copy`]'s rows that failed and was done again: the
+/// daemon reconnected, holds every tuple, and equals the database.
+async fn loaded_again_exactly(daemon: &TestDaemon, db: &TestDb) -> permd::sync::StatusReport {
+    let report = daemon.status.report();
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert_eq!(daemon.store.counts().tuples, 300_000);
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    report
+}
+
+/// The sync connection ends in the middle of a full load's COPY (its backend terminated
+/// while the rows stream through the socket's tap): the load fails, the applier reconnects
+/// and loads again, and the mirror is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
+    let db = database().await;
+    fill_a_long_copy(&db).await;
     let started = Instant::now();
     let url = db.url.clone();
     let daemon = tokio::spawn(async move { TestDaemon::start(&url).await });
@@ -368,11 +385,7 @@ async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
     .await;
     let terminated = started.elapsed();
     let daemon = daemon.await.expect("the daemon starts");
-    let report = daemon.status.report();
-    assert!(report.reconnects >= 1, "{report:?}");
-    assert_eq!(daemon.store.counts().tuples, 300_000);
-    let token = db.write("SELECT 1").await;
-    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    let report = loaded_again_exactly(&daemon, &db).await;
     println!(
         "connection lost mid-COPY {:.2}s after start; loaded again, ready {:.2}s after start, \
          {} reconnect(s)",
@@ -453,15 +466,7 @@ fn signal(name: &str, pid: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
     let db = database().await;
-    db.exec(
-        "BEGIN;
-         SET LOCAL session_replication_role = replica;
-         INSERT INTO permd.tuples
-         SELECT 'user:' || (i / 10), 'doc:' || (i % 5000), 'perm' || (i % 40), NULL
-         FROM generate_series(1, 300000) i;
-         COMMIT;",
-    )
-    .await;
+    fill_a_long_copy(&db).await;
     let mut sync = SyncConfig::new(&db.url);
     sync.query_timeout = Duration::from_millis(1000);
     sync.max_backoff = Duration::from_millis(400);
@@ -493,11 +498,7 @@ async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
         .await;
     let ready = started.elapsed();
     drop(stopped);
-    let report = daemon.status.report();
-    assert!(report.reconnects >= 1, "{report:?}");
-    assert_eq!(daemon.store.counts().tuples, 300_000);
-    let token = db.write("SELECT 1").await;
-    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    let report = loaded_again_exactly(&daemon, &db).await;
     println!(
         "full load's backend stopped {:.2}s after start; loaded again on a new connection, \
          ready {:.2}s after start, {} reconnect(s)",
