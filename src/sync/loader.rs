@@ -68,6 +68,15 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Res
         stall,
     )
     .await?;
+    // The sync connection keeps the planner off sequential scans (the poll's plan must
+    // not depend on how small a table was when it was made); a full load reads whole
+    // tables, where they are the right plan.
+    watched(
+        tx.batch_execute("SET LOCAL enable_seqscan = on"),
+        &progress,
+        stall,
+    )
+    .await?;
     let xmin = Xid(parse_xid(row.get::<_, &str>(0))?);
     let estimate = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0);
 

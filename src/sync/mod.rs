@@ -14,7 +14,7 @@ mod tap;
 
 use std::time::Duration;
 
-pub use applier::{Applier, POLL};
+pub use applier::{Applier, POLL, SESSION};
 pub use status::{Status, StatusReport};
 
 /// What can go wrong talking to Postgres. Every error ends the current connection; the
