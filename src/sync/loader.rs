@@ -46,37 +46,29 @@ pub(crate) struct Loaded {
 pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Result<Loaded, Error> {
     let started = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
-    let tx = watched(
-        client
+    let begin = async move {
+        let tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .read_only(true)
-            .start(),
-        &progress,
-        stall,
-    )
-    .await?;
-    // The first statement fixes the snapshot of the whole transaction.
-    let row = watched(
-        tx.query_one(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
-                    (SELECT greatest(reltuples, 0)::bigint FROM pg_class \
-                     WHERE oid = 'permd.tuples'::regclass)",
-            &[],
-        ),
-        &progress,
-        stall,
-    )
-    .await?;
-    // The sync connection keeps the planner off sequential scans (the poll's plan must
-    // not depend on how small a table was when it was made); a full load reads whole
-    // tables, where they are the right plan.
-    watched(
-        tx.batch_execute("SET LOCAL enable_seqscan = on"),
-        &progress,
-        stall,
-    )
-    .await?;
+            .start()
+            .await?;
+        // The first statement fixes the snapshot of the whole transaction.
+        let row = tx
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
+                        (SELECT greatest(reltuples, 0)::bigint FROM pg_class \
+                         WHERE oid = 'permd.tuples'::regclass)",
+                &[],
+            )
+            .await?;
+        // The sync connection keeps the planner off sequential scans (the poll's plan must
+        // not depend on how small a table was when it was made); a full load reads whole
+        // tables, where they are the right plan.
+        tx.batch_execute("SET LOCAL enable_seqscan = on").await?;
+        Ok::<_, tokio_postgres::Error>((tx, row))
+    };
+    let (tx, row) = watched(begin, &progress, stall).await?;
     let xmin = Xid(parse_xid(row.get::<_, &str>(0))?);
     let estimate = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0);
 
