@@ -13,6 +13,10 @@
 //! (A closed loop would fill both cores, and then every wake-up waits for a core: p99s of
 //! tens to hundreds of ms that measure the saturated host, not permd.)
 //!
+//! `BENCH_CHANGELOG=N` first fills the changelog with N rows of transactions long applied,
+//! as a day's retention keeps them (default 0, a fresh database): the poll must read the
+//! changelog by its key whatever its size.
+//!
 //! Prints a Markdown table of p50/p99/max, with the share of the machine's time the
 //! hypervisor stole during each row (`common::HostCpu`).
 
@@ -177,10 +181,24 @@ fn main() {
     let cluster = cluster();
     let url = cluster.url("postgres");
     let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
+    let retained: u64 = env_or("BENCH_CHANGELOG", 0);
     let runtime = runtime();
     runtime.block_on(async {
         let pool = permd::db::pool(&url).await.unwrap();
         permd::db::migrate(&pool).await.unwrap();
+        if retained > 0 {
+            // A day's changelog, as `permd.prune_changelog('1 day')` keeps it: rows of
+            // transactions long applied (xid 3, below every cursor), analyzed.
+            sqlx::raw_sql(&format!(
+                "INSERT INTO permd.changelog (xid, kind, subject, object)
+                 SELECT '3', 't', 'user:' || i, 'doc:' || (i % 1000)
+                 FROM generate_series(1, {retained}) i;
+                 ANALYZE permd.changelog;"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
         pool.close().await;
         let cli = permd::config::Cli::parse_from([
             "permd",
@@ -214,7 +232,10 @@ fn main() {
         }
 
         println!();
-        println!("Commit to visible in permd, {seconds} s per row, poll interval 100 ms:");
+        println!(
+            "Commit to visible in permd, {seconds} s per row, poll interval 100 ms, \
+             {retained} changelog rows retained from before:"
+        );
         println!();
         println!(
             "| NOTIFY | writes/s | HTTP readers | checks/s | writes | p50 ms | p99 ms | max ms | host steal % |"
