@@ -433,6 +433,44 @@ async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_release
     daemon.stop().await;
 }
 
+/// A poll kept waiting by a lock on `permd.tuples` (a poll locks every table it names,
+/// changes or not) is cancelled by Postgres after half the query timeout, with the hint;
+/// the applier reconnects and keeps its cursor (no reload), and a write made meanwhile is
+/// applied once the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_kept_waiting_by_a_lock_says_so_and_resumes_without_a_reload() {
+    let db = database().await;
+    let mut sync = SyncConfig::new(&db.url);
+    sync.query_timeout = Duration::from_millis(300);
+    sync.max_backoff = Duration::from_millis(400);
+    sync.poll_interval = Duration::from_millis(50);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let mut locker = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE permd.tuples IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .expect("lock permd.tuples");
+    daemon
+        .wait_for("a poll cancelled by the lock timeout", || {
+            let report = daemon.status.report();
+            report.reconnects >= 1
+                && report.last_error.is_some_and(|error| {
+                    error.contains("lock timeout") && error.contains("pg_locks")
+                })
+        })
+        .await;
+    // A write to permd.limits goes through meanwhile (its changelog rows too).
+    db.exec("INSERT INTO permd.limits VALUES ('user:1', 'projects', 3)")
+        .await;
+    locker.rollback().await.expect("release the lock");
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    let report = daemon.status.report();
+    assert_eq!(report.reloads, 1, "{report:?}");
+    assert_eq!(daemon.store.counts().limits, 1);
+    daemon.stop().await;
+}
+
 /// Continues a stopped process when dropped, so that a failing test leaves no backend
 /// stopped in the shared cluster (its shutdown would wait for it).
 struct Stopped(i32);
