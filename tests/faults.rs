@@ -396,6 +396,25 @@ async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
     daemon.stop().await;
 }
 
+/// Another session's transaction holding `permd.tuples` locked until it is rolled back.
+async fn lock_tuples(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut locker = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE permd.tuples IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .expect("lock permd.tuples");
+    locker
+}
+
+/// Sync settings that give up on a statement after 0.3 s (a lock after 0.15 s) and
+/// retry within 0.4 s.
+fn impatient(url: &str) -> SyncConfig {
+    let mut sync = SyncConfig::new(url);
+    sync.query_timeout = Duration::from_millis(300);
+    sync.max_backoff = Duration::from_millis(400);
+    sync
+}
+
 /// A full load that has to wait for a lock (another session's `LOCK TABLE`, a migration's
 /// `ALTER TABLE`, `VACUUM FULL`) gives up after the query timeout with Postgres's own
 /// reason and a hint, is retried with backoff, and loads once the lock is released. Before,
@@ -406,14 +425,8 @@ async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_release
     let db = database().await;
     db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
         .await;
-    let mut locker = db.pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE permd.tuples IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *locker)
-        .await
-        .expect("lock permd.tuples");
-    let mut sync = SyncConfig::new(&db.url);
-    sync.query_timeout = Duration::from_millis(300);
-    sync.max_backoff = Duration::from_millis(400);
+    let locker = lock_tuples(&db).await;
+    let sync = impatient(&db.url);
     let daemon = TestDaemon::spawn(sync, patient());
     let error = daemon.failed_attempts(2).await;
     assert!(error.contains("lock timeout"), "{error}");
@@ -440,16 +453,10 @@ async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_release
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_kept_waiting_by_a_lock_says_so_and_resumes_without_a_reload() {
     let db = database().await;
-    let mut sync = SyncConfig::new(&db.url);
-    sync.query_timeout = Duration::from_millis(300);
-    sync.max_backoff = Duration::from_millis(400);
+    let mut sync = impatient(&db.url);
     sync.poll_interval = Duration::from_millis(50);
     let daemon = TestDaemon::start_with(sync, patient()).await;
-    let mut locker = db.pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE permd.tuples IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *locker)
-        .await
-        .expect("lock permd.tuples");
+    let locker = lock_tuples(&db).await;
     daemon
         .wait_for("a poll cancelled by the lock timeout", || {
             let report = daemon.status.report();
