@@ -274,6 +274,39 @@ async fn a_long_open_writing_transaction_delays_but_skips_nothing() {
     daemon.stop().await;
 }
 
+/// A read-your-writes check whose token the horizon has not passed, because an older
+/// transaction that changed nothing of ours is still open, is answered once that
+/// transaction ends: the applier keeps polling while a reader waits, where it used to
+/// go back to its idle interval (an hour here) after the one poll the reader asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_held_back_by_an_unrelated_open_transaction_is_answered_when_it_ends() {
+    let db = database().await;
+    let mut sync = SyncConfig::new(&db.url);
+    sync.poll_interval = Duration::from_secs(3600);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let (older, _) = db.open_write("SELECT 1").await;
+    let token = db.write("SELECT 1").await;
+    let asked = {
+        let api = daemon.api.clone();
+        tokio::spawn(async move {
+            common::send(
+                &api,
+                Request::get(format!("/v1/check?subject=u&permission=p&at_least={token}"))
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+        })
+    };
+    daemon
+        .wait_for("the reader to wait", || daemon.store.readers_waiting())
+        .await;
+    older.commit().await.expect("commit");
+    let (status, body) = asked.await.expect("the check");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_forced_reloads_during_concurrent_writes() {
     let db = database().await;

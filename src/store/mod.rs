@@ -165,8 +165,10 @@ impl Store {
         if now > token {
             return Ok(now);
         }
-        self.inner.wanted.notify_one();
+        // Subscribed before the applier is woken: while a waiter is subscribed, the
+        // applier keeps polling (see `readers_waiting`).
         let mut rx = self.inner.watermark_tx.subscribe();
+        self.inner.wanted.notify_one();
         let waited = tokio::time::timeout(timeout, rx.wait_for(|w| *w > token.0)).await;
         match waited {
             Ok(Ok(w)) => Ok(Xid(*w)),
@@ -174,6 +176,13 @@ impl Store {
                 watermark: self.watermark(),
             }),
         }
+    }
+
+    /// Whether a read-your-writes check is waiting for the watermark to pass its token.
+    /// The applier keeps polling while one is: the poll its request woke may have found
+    /// the horizon held below the token by a transaction that has not ended yet.
+    pub fn readers_waiting(&self) -> bool {
+        self.inner.watermark_tx.receiver_count() > 0
     }
 
     /// Resolves when a reader has asked for a poll (see `wait_past`). For the applier.

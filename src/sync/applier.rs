@@ -246,12 +246,14 @@ impl Applier {
                     self.reload(&mut client, &tap, why, false).await?;
                     continue;
                 }
-                Polled::CaughtUp { pending: true } => {
+                // A reader waits for a token the horizon has not passed: a transaction
+                // older than it is still open, and nothing else will ring when it ends.
+                Polled::CaughtUp { pending } if pending || self.store.readers_waiting() => {
                     let wait = behind;
                     behind = (behind * 2).min(BEHIND_MAX).min(self.config.poll_interval);
                     wait
                 }
-                Polled::CaughtUp { pending: false } => {
+                Polled::CaughtUp { .. } => {
                     behind = BEHIND_FIRST;
                     // Idle polls keep a fixed cadence, start to start: a change committed
                     // just after a poll's snapshot waits one interval plus one poll, not

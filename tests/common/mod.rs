@@ -194,8 +194,11 @@ impl TestDaemon {
     /// Waits until `attempts` connection attempts have failed, checks that the daemon is
     /// then neither connected nor loaded, and returns the last error it reports.
     pub async fn failed_attempts(&self, attempts: u64) -> String {
+        // Not connected as well: the next attempt's connection may already be up (and
+        // waiting to fail again) when the count moves.
         self.wait_for("failed connection attempts", || {
-            self.status.report().reconnects >= attempts
+            let report = self.status.report();
+            report.reconnects >= attempts && !report.connected
         })
         .await;
         let report = self.status.report();
