@@ -301,6 +301,8 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "last_full_load_ms": report.last_full_load_ms,
         "reloads": report.reloads,
         "reconnects": report.reconnects,
+        "following": report.following,
+        "notified_changes": report.notified_changes,
         "last_error": report.last_error,
     })))
 }

@@ -289,6 +289,16 @@ impl Store {
         self.inner.state.load().rows_of(subject)
     }
 
+    /// Every row `subject` holds on `object`, expired ones included. Applier only.
+    pub(crate) fn grant_rows(&self, subject: &str, object: &str) -> Vec<TupleRow> {
+        self.inner.state.load().grant_rows(subject, object)
+    }
+
+    /// `subject`'s own limits. Applier only.
+    pub(crate) fn limit_rows(&self, subject: &str) -> Vec<(String, i64)> {
+        self.inner.state.load().limit_rows(subject)
+    }
+
     /// Replaces `subject`'s grants on `object`. Applier only.
     pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
         self.inner.state.load().set_grant(subject, object, rows);

@@ -638,6 +638,37 @@ impl State {
         find(subject).or_else(|| find(WILDCARD))
     }
 
+    /// Every row `subject` holds on `object`, expired ones included: what `set_grant`
+    /// was last given for the key, in permission order.
+    pub(crate) fn grant_rows(&self, subject: &str, object: &str) -> Vec<TupleRow> {
+        let Some(object) = self.objects.get(object) else {
+            return Vec::new();
+        };
+        let Some(entry) = self.subjects.get(subject) else {
+            return Vec::new();
+        };
+        let Some(held) = entry.grants.get(object, &self.packed) else {
+            return Vec::new();
+        };
+        held.rows()
+            .map(|(p, expires_at)| TupleRow {
+                permission: self.permissions.name(p).to_string(),
+                expires_at: (expires_at != NEVER).then_some(expires_at),
+            })
+            .collect()
+    }
+
+    /// `subject`'s own limits (not those of `*`), as `set_limits` was last given them.
+    pub(crate) fn limit_rows(&self, subject: &str) -> Vec<(String, i64)> {
+        self.subjects.get(subject).map_or_else(Vec::new, |entry| {
+            entry
+                .limits
+                .iter()
+                .map(|&(n, value)| (self.limit_names.name(n).to_string(), value))
+                .collect()
+        })
+    }
+
     /// Replaces everything `subject` holds on `object` with `rows` (empty: removes it).
     pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
         let grant = Grant::from_slots(rows.iter().map(|r| Slot {

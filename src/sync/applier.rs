@@ -1,18 +1,18 @@
 //! The applier: the one task that owns the changelog cursor and every write to the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::connect;
+use super::follow::{Follower, Heard, Key, Snapshot, Verdict};
 use super::loader::{self, Loaded};
 use super::tap::Tap;
 use super::{parse_xid, Cursor, Error, Status, SyncConfig};
@@ -24,6 +24,17 @@ const CHANNEL: &str = "permd_changes";
 const BEHIND_FIRST: Duration = Duration::from_millis(2);
 /// ...and back off to this, so a long transaction costs a few polls a second.
 const BEHIND_MAX: Duration = Duration::from_millis(100);
+/// Notifications waiting for the applier, at most. Past that they are dropped, and
+/// following is suspended until the polls have read what they carried.
+const HEARD_CAPACITY: usize = 4096;
+
+/// What the connection's driver passes on to the applier, in the order it arrived.
+enum Message {
+    /// A notification (`None`: not one of ours, a plain doorbell).
+    Heard(Option<Heard>),
+    /// Notifications were dropped here: the applier was this far behind.
+    Lost,
+}
 
 /// The sync connection's planner settings, for the poll's sake: it is a small statement run
 /// hundreds of times a second, whose plan must be cheap to run at any table size.
@@ -50,7 +61,8 @@ pub const SESSION: &str =
 /// table whole is the slowest part of freshness long before anyone sees it.
 ///
 /// Rows are tagged; the columns mean, by tag:
-/// - `h` (one row): a = horizon xmin, b = pruned xid, n = pruned id, c = when committed
+/// - `h` (one row): a = the poll's snapshot (`xmin:xmax:xip,...`, its xmin the
+///   horizon), b = pruned xid, n = pruned id, c = when committed
 ///   rows first began waiting at or above the horizon (an older transaction is still
 ///   open), in µs since the epoch, else NULL
 /// - `e` (at most one): a = xid of the batch's last row, n = its id, b = rows in the batch
@@ -72,7 +84,7 @@ WITH h AS MATERIALIZED (
 ), k AS MATERIALIZED (
     SELECT DISTINCT kind, subject, object FROM b
 )
-SELECT 'h' AS tag, h.xmin::text AS a, h.pruned_xid::text AS b,
+SELECT 'h' AS tag, pg_current_snapshot()::text AS a, h.pruned_xid::text AS b,
        -- FILTER keeps the planner from answering min() by walking the created_at index
        -- from its start (which reads the whole retained changelog): this reads only the
        -- few rows at or above the horizon, by the primary key. The horizon is written out
@@ -123,6 +135,8 @@ pub struct Applier {
     incarnation: Option<String>,
     /// The task that drives the current session's connection.
     driver: Option<AbortHandle>,
+    /// Which notifications' changes may be applied as they arrive.
+    follower: Follower,
 }
 
 impl Applier {
@@ -135,6 +149,7 @@ impl Applier {
             cursor: None,
             incarnation: None,
             driver: None,
+            follower: Follower::new(),
         }
     }
 
@@ -182,8 +197,10 @@ impl Applier {
     /// One connection's life: connect, LISTEN, (re)load if needed, then poll until an
     /// error or shutdown (the only `Ok`).
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
-        let (mut client, tap, doorbell, closed) = self.connect().await?;
+        let (mut client, tap, mut heard, closed) = self.connect().await?;
         tokio::pin!(closed);
+        self.follower = Follower::new();
+        self.status.set_following(false);
         // LISTEN before loading: a change committed after it rings, one committed before
         // it is in the snapshot or the changelog.
         // A statement kept waiting for a lock (another session's LOCK TABLE, a migration's
@@ -261,22 +278,75 @@ impl Applier {
                     self.config.poll_interval.saturating_sub(started.elapsed())
                 }
             };
-            tokio::select! {
-                () = doorbell.notified() => tracing::trace!("woken by NOTIFY"),
-                () = self.store.wanted() => tracing::trace!("woken by a reader"),
-                () = tokio::time::sleep(wait) => tracing::trace!("woken by the timer"),
-                result = &mut closed => return Err(result),
-                () = shutdown.cancelled() => return Ok(()),
+            // Until the next poll: notifications are applied as they arrive while
+            // following, and ring for a poll (as a plain doorbell) while not.
+            let next = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    message = heard.recv() => {
+                        let Some(message) = message else {
+                            return Err((&mut closed).await);
+                        };
+                        if self.hear(message) {
+                            // Take in whatever else arrived, then one poll for all.
+                            while let Ok(message) = heard.try_recv() {
+                                self.hear(message);
+                            }
+                            tracing::trace!("woken by NOTIFY");
+                            break;
+                        }
+                    }
+                    () = self.store.wanted() => {
+                        tracing::trace!("woken by a reader");
+                        break;
+                    }
+                    () = tokio::time::sleep_until(next) => {
+                        tracing::trace!("woken by the timer");
+                        break;
+                    }
+                    result = &mut closed => return Err(result),
+                    () = shutdown.cancelled() => return Ok(()),
+                }
             }
         }
     }
 
+    /// Takes in one message from the connection; true when it calls for a poll.
+    fn hear(&mut self, message: Message) -> bool {
+        let verdict = match message {
+            Message::Heard(heard) => self.follower.heard(heard),
+            Message::Lost => {
+                tracing::debug!("notifications dropped: the applier was behind");
+                self.follower.lost();
+                Verdict::Poll
+            }
+        };
+        self.status.set_following(self.follower.following());
+        match verdict {
+            Verdict::Apply(change) => {
+                change.apply(&self.store);
+                self.status.followed();
+                false
+            }
+            Verdict::Skip => false,
+            Verdict::Poll => true,
+        }
+    }
+
     /// Opens the connection, with the COPY tap on its socket, and spawns the task that
-    /// drives it, forwarding notifications to the returned doorbell. The returned future
+    /// drives it, forwarding notifications to the returned channel. The returned future
     /// resolves when the connection ends.
     async fn connect(
         &mut self,
-    ) -> Result<(Client, Tap, Arc<Notify>, impl Future<Output = Error>), Error> {
+    ) -> Result<
+        (
+            Client,
+            Tap,
+            mpsc::Receiver<Message>,
+            impl Future<Output = Error>,
+        ),
+        Error,
+    > {
         let mut config: tokio_postgres::Config = self.config.database_url.parse()?;
         if config.get_application_name().is_none() {
             config.application_name("permd");
@@ -289,13 +359,22 @@ impl Applier {
             .keepalives_idle(Duration::from_secs(10));
         let tap = Tap::default();
         let (client, mut connection) = self.timed(connect::connect(&config, &tap)).await?;
-        let doorbell = Arc::new(Notify::new());
-        let ring = Arc::clone(&doorbell);
+        let (heard, heard_rx) = mpsc::channel(HEARD_CAPACITY);
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            // Whether notifications were dropped since the last `Lost` was sent.
+            let mut lost = false;
             while let Some(message) = messages.next().await {
                 match message {
-                    Ok(AsyncMessage::Notification(_)) => ring.notify_one(),
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if lost && heard.try_send(Message::Lost).is_ok() {
+                            lost = false;
+                        }
+                        let parsed = Heard::parse(n.payload());
+                        if lost || heard.try_send(Message::Heard(parsed)).is_err() {
+                            lost = true;
+                        }
+                    }
                     Ok(AsyncMessage::Notice(notice)) => {
                         tracing::debug!(notice = %notice.message(), "postgres notice");
                     }
@@ -307,7 +386,7 @@ impl Applier {
         });
         self.driver = Some(driver.abort_handle());
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
-        Ok((client, tap, doorbell, closed))
+        Ok((client, tap, heard_rx, closed))
     }
 
     /// Loads a full snapshot, swaps it in and moves the cursor to its xmin.
@@ -321,9 +400,15 @@ impl Applier {
     ) -> Result<(), Error> {
         tracing::info!(reason = why, "full load starting");
         let started = Instant::now();
-        let Loaded { state, xmin, rows } =
-            loader::load(client, tap, self.config.query_timeout).await?;
+        let Loaded {
+            state,
+            xmin,
+            snapshot,
+            rows,
+        } = loader::load(client, tap, self.config.query_timeout).await?;
         let old = self.store.replace(state);
+        self.follower.loaded(snapshot);
+        self.status.set_following(true);
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
@@ -353,7 +438,7 @@ impl Applier {
             .timed(client.query(poll, &[&xid, &cursor.id, &self.config.batch_rows]))
             .await?;
 
-        let mut horizon = None;
+        let mut snapshot = None;
         let mut pruned = Cursor::default();
         let mut last: Option<(Cursor, i64)> = None;
         let mut grant_keys: Vec<(String, String)> = Vec::new();
@@ -371,7 +456,7 @@ impl Applier {
             let a = a.unwrap_or_default();
             match tag {
                 "h" => {
-                    horizon = Some(parse_xid(&a)?);
+                    snapshot = Some(Snapshot::parse(&a)?);
                     pruned = Cursor {
                         xid: parse_xid(b.as_deref().unwrap_or("0"))?,
                         id: n.unwrap_or(0),
@@ -407,7 +492,9 @@ impl Applier {
                 other => return Err(Error::Protocol(format!("unknown poll row tag {other:?}"))),
             }
         }
-        let horizon = horizon.ok_or_else(|| Error::Protocol("poll returned no horizon".into()))?;
+        let snapshot =
+            snapshot.ok_or_else(|| Error::Protocol("poll returned no horizon".into()))?;
+        let horizon = snapshot.xmin();
         tracing::debug!(
             cursor = ?cursor,
             horizon,
@@ -432,12 +519,19 @@ impl Applier {
             let rows = limits.remove(subject).unwrap_or_default();
             self.store.set_limits(subject, &rows);
         }
+        let reread: HashSet<Key> = grant_keys
+            .into_iter()
+            .map(|(s, o)| Key::Grant(s, o))
+            .chain(limit_keys.into_iter().map(Key::Limits))
+            .collect();
 
         match last {
             Some((last, count)) if count >= self.config.batch_rows => {
                 // Rows of `last.xid` may remain; every smaller xid is complete.
                 self.cursor = Some(last);
                 self.store.advance(Xid(last.xid));
+                self.follower.polled(snapshot, reread, false, true);
+                self.status.set_following(self.follower.following());
                 Ok(Polled::More)
             }
             _ => {
@@ -452,6 +546,9 @@ impl Applier {
                 self.store.advance(Xid(horizon));
                 // With changes waiting, the mirror is as old as the oldest of them.
                 self.status.caught_up(pending_since);
+                self.follower
+                    .polled(snapshot, reread, true, pending_since.is_some());
+                self.status.set_following(self.follower.following());
                 Ok(Polled::CaughtUp {
                     pending: pending_since.is_some(),
                 })

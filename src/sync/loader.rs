@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, IsolationLevel};
 
 use super::copy::{int8, text, timestamptz, CopyParser};
+use super::follow::Snapshot;
 use super::tap::Tap;
-use super::{parse_xid, Error};
+use super::Error;
 use crate::store::{State, StateBuilder, Xid};
 
 /// The bare columns: `expires_at` travels as Postgres' own binary timestamp (microseconds
@@ -31,6 +32,8 @@ pub(crate) struct Loaded {
     pub(crate) state: State,
     /// Every transaction below this xid is in `state`; later ones may be too.
     pub(crate) xmin: Xid,
+    /// The load's snapshot: exactly the transactions in `state`.
+    pub(crate) snapshot: Snapshot,
     pub(crate) rows: u64,
 }
 
@@ -56,7 +59,7 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Res
         // The first statement fixes the snapshot of the whole transaction.
         let row = tx
             .query_one(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
+                "SELECT pg_current_snapshot()::text, \
                         (SELECT greatest(reltuples, 0)::bigint FROM pg_class \
                          WHERE oid = 'permd.tuples'::regclass)",
                 &[],
@@ -69,7 +72,8 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Res
         Ok::<_, tokio_postgres::Error>((tx, row))
     };
     let (tx, row) = watched(begin, &progress, stall).await?;
-    let xmin = Xid(parse_xid(row.get::<_, &str>(0))?);
+    let snapshot = Snapshot::parse(row.get::<_, &str>(0))?;
+    let xmin = Xid(snapshot.xmin());
     let estimate = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0);
 
     // The tap on the connection's socket takes each COPY's rows off the wire and sends
@@ -97,7 +101,12 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Res
         took_ms = started.elapsed().as_millis() as u64,
         "full load done"
     );
-    Ok(Loaded { state, xmin, rows })
+    Ok(Loaded {
+        state,
+        xmin,
+        snapshot,
+        rows,
+    })
 }
 
 /// Runs `work`, one step of a load, until it ends or `progress` (blocks of rows received)

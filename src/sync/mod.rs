@@ -8,6 +8,7 @@
 mod applier;
 mod connect;
 mod copy;
+mod follow;
 mod loader;
 mod status;
 mod tap;

@@ -26,6 +26,10 @@ struct Inner {
     last_full_load_ms: AtomicU64,
     reloads: AtomicU64,
     reconnects: AtomicU64,
+    /// Changes are being applied from the notifications as they arrive.
+    following: AtomicBool,
+    /// Statements applied from their notifications.
+    notified: AtomicU64,
     /// The last error, for operators. A `Mutex` because it is written rarely and read by
     /// the status route only.
     last_error: Mutex<Option<String>>,
@@ -51,6 +55,12 @@ pub struct StatusReport {
     pub reloads: u64,
     /// Connections lost and re-established since start.
     pub reconnects: u64,
+    /// Committed changes are applied as their notifications arrive, before the poll
+    /// reads them from the changelog (false with NOTIFY off, and for a moment after a
+    /// reconnect or a statement too large for a notification).
+    pub following: bool,
+    /// Statements applied from their notifications since start.
+    pub notified_changes: u64,
     /// The most recent sync error, if any since the last successful catch-up.
     pub last_error: Option<String>,
 }
@@ -68,6 +78,8 @@ impl Status {
             last_full_load_ms: i.last_full_load_ms.load(Ordering::Relaxed),
             reloads: i.reloads.load(Ordering::Relaxed),
             reconnects: i.reconnects.load(Ordering::Relaxed),
+            following: i.following.load(Ordering::Relaxed),
+            notified_changes: i.notified.load(Ordering::Relaxed),
             last_error: i
                 .last_error
                 .lock()
@@ -130,12 +142,23 @@ impl Status {
         i.progressed.notify_waiters();
     }
 
+    /// Whether changes are applied from the notifications.
+    pub(crate) fn set_following(&self, following: bool) {
+        self.inner.following.store(following, Ordering::Relaxed);
+    }
+
+    /// A statement was applied from its notification.
+    pub(crate) fn followed(&self) {
+        self.inner.notified.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn reconnected(&self) {
         self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn failed(&self, error: &str) {
         self.set_connected(false);
+        self.set_following(false);
         *self
             .inner
             .last_error
