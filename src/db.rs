@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions as _, PgPool};
 
 /// A small pool for one-off work.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
@@ -12,11 +12,14 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         .max_connections(4)
         // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
         // bookkeeping table printed "relation \"_sqlx_migrations\" already exists,
-        // skipping" on every fresh `permd demo` and `migrate --reference-model`.
+        // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
+        // statement logging either: sqlx warns of every statement over a second, and the
+        // demo's seeding runs several (it reports its own progress).
         .connect_with(
             options
                 .application_name("permd-cli")
-                .options([("client_min_messages", "warning")]),
+                .options([("client_min_messages", "warning")])
+                .disable_statement_logging(),
         )
         .await
         .context("connect to the database")
