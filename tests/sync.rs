@@ -551,6 +551,18 @@ async fn concurrent_random_writers_end_equal_to_the_database() {
     daemon.stop().await;
 }
 
+/// A daemon polling hourly (`doorbell_only`), once it applies changes from the
+/// notifications.
+async fn following(db: &TestDb) -> TestDaemon {
+    let daemon = TestDaemon::start_with(doorbell_only(&db.url), patient()).await;
+    daemon
+        .wait_for("following the notifications", || {
+            daemon.status.report().following
+        })
+        .await;
+    daemon
+}
+
 /// Committed changes reach the mirror from their notifications alone: with an hourly
 /// poll and no reader asking for a token, the watermark never moves, yet after a random
 /// concurrent workload (every statement small enough for its notification) the mirror
@@ -559,12 +571,7 @@ async fn concurrent_random_writers_end_equal_to_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_alone_carry_every_committed_change() {
     let db = database().await;
-    let daemon = TestDaemon::start_with(doorbell_only(&db.url), patient()).await;
-    daemon
-        .wait_for("following the notifications", || {
-            daemon.status.report().following
-        })
-        .await;
+    let daemon = following(&db).await;
     let watermark = daemon.store.watermark();
     for w in random_writers(&db, 4, 40) {
         w.await.expect("writer task");
@@ -604,12 +611,7 @@ async fn notifications_alone_carry_every_committed_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_too_large_to_notify_is_polled_and_nothing_after_it_jumps_ahead() {
     let db = database().await;
-    let daemon = TestDaemon::start_with(doorbell_only(&db.url), patient()).await;
-    daemon
-        .wait_for("following the notifications", || {
-            daemon.status.report().following
-        })
-        .await;
+    let daemon = following(&db).await;
     for round in 0..5 {
         db.write(&format!(
             "INSERT INTO permd.tuples SELECT 'big{round}', 'doc:' || i, 'read', NULL
