@@ -144,12 +144,12 @@ impl Applier {
     pub fn new(store: Store, status: Status, config: SyncConfig) -> Self {
         Self {
             store,
+            follower: Follower::new(status.clone()),
             status,
             config,
             cursor: None,
             incarnation: None,
             driver: None,
-            follower: Follower::new(),
         }
     }
 
@@ -199,8 +199,7 @@ impl Applier {
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
         let (mut client, tap, mut heard, closed) = self.connect().await?;
         tokio::pin!(closed);
-        self.follower = Follower::new();
-        self.status.set_following(false);
+        self.follower = Follower::new(self.status.clone());
         // LISTEN before loading: a change committed after it rings, one committed before
         // it is in the snapshot or the changelog.
         // A statement kept waiting for a lock (another session's LOCK TABLE, a migration's
@@ -321,7 +320,6 @@ impl Applier {
                 Verdict::Poll
             }
         };
-        self.status.set_following(self.follower.following());
         match verdict {
             Verdict::Apply(change) => {
                 change.apply(&self.store);
@@ -402,13 +400,12 @@ impl Applier {
         let started = Instant::now();
         let Loaded {
             state,
-            xmin,
             snapshot,
             rows,
         } = loader::load(client, tap, self.config.query_timeout).await?;
+        let xmin = Xid(snapshot.xmin());
         let old = self.store.replace(state);
         self.follower.loaded(snapshot);
-        self.status.set_following(true);
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
@@ -531,7 +528,6 @@ impl Applier {
                 self.cursor = Some(last);
                 self.store.advance(Xid(last.xid));
                 self.follower.polled(snapshot, reread, false, true);
-                self.status.set_following(self.follower.following());
                 Ok(Polled::More)
             }
             _ => {
@@ -548,7 +544,6 @@ impl Applier {
                 self.status.caught_up(pending_since);
                 self.follower
                     .polled(snapshot, reread, true, pending_since.is_some());
-                self.status.set_following(self.follower.following());
                 Ok(Polled::CaughtUp {
                     pending: pending_since.is_some(),
                 })

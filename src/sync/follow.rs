@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde::Deserialize;
 
-use super::{parse_xid, Error};
+use super::{parse_xid, Error, Status};
 use crate::store::{Store, TupleRow};
 
 /// How many polls' snapshots and re-read keys are kept to place a late notification.
@@ -235,19 +235,21 @@ pub(crate) enum Verdict {
 }
 
 /// Decides which notifications may be applied, from the recent polls (module docs).
-#[derive(Debug)]
 pub(crate) struct Follower {
     /// The recent polls' and loads' snapshots and what each re-read, oldest first.
     history: VecDeque<(Snapshot, Reread)>,
     /// Polls before `history` were applied and forgotten.
     forgotten: bool,
     mode: Mode,
+    /// Where `following` is reported.
+    status: Status,
 }
 
 impl Follower {
     /// A new connection: notifications sent before its LISTEN are lost, so following
-    /// waits for a full load or a caught-up poll.
-    pub(crate) fn new() -> Self {
+    /// waits for a full load or a caught-up poll. Reports into `status`.
+    pub(crate) fn new(status: Status) -> Self {
+        status.set_following(false);
         Self {
             history: VecDeque::new(),
             forgotten: true,
@@ -255,7 +257,13 @@ impl Follower {
                 dropped: None,
                 unknown: true,
             },
+            status,
         }
+    }
+
+    fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+        self.status.set_following(mode == Mode::Following);
     }
 
     /// Whether notifications are being applied.
@@ -312,10 +320,10 @@ impl Follower {
             Mode::Following => (None, false),
             Mode::Suspended { dropped, unknown } => (dropped, unknown),
         };
-        self.mode = Mode::Suspended {
+        self.set_mode(Mode::Suspended {
             dropped: dropped.max(xid),
             unknown: unknown || xid.is_none(),
-        };
+        });
     }
 
     /// A full load was swapped in: the mirror is the database at `snapshot`.
@@ -323,7 +331,7 @@ impl Follower {
         self.history.clear();
         self.history.push_back((snapshot, Reread::All));
         self.forgotten = false;
-        self.mode = Mode::Following;
+        self.set_mode(Mode::Following);
     }
 
     /// A poll at `snapshot` re-read `keys`. `caught_up`: it read everything below its
@@ -344,7 +352,7 @@ impl Follower {
             let covered = caught_up
                 && (!pending || (!unknown && dropped.map_or(true, |x| x < snapshot.xmin)));
             if covered {
-                self.mode = Mode::Following;
+                self.set_mode(Mode::Following);
             }
         }
         self.history.push_back((snapshot, Reread::Keys(keys)));
@@ -438,7 +446,7 @@ mod tests {
 
     #[test]
     fn a_new_connection_follows_after_a_load_or_a_poll_with_nothing_waiting() {
-        let mut f = Follower::new();
+        let mut f = Follower::new(Status::default());
         assert_eq!(f.heard(Some(tuple("u", "doc", 10))), Verdict::Poll);
         // Changes wait above the horizon: what was lost before LISTEN may be among them.
         f.polled(snapshot("9:12:9"), HashSet::new(), true, true);
@@ -446,7 +454,7 @@ mod tests {
         f.polled(snapshot("12:12:"), HashSet::new(), true, false);
         assert!(f.following());
 
-        let mut f = Follower::new();
+        let mut f = Follower::new(Status::default());
         f.loaded(snapshot("20:22:20"));
         assert!(f.following());
         // Seen by the load: already in the mirror.
@@ -459,7 +467,7 @@ mod tests {
 
     #[test]
     fn a_late_notification_skips_the_keys_a_poll_that_saw_it_re_read() {
-        let mut f = Follower::new();
+        let mut f = Follower::new(Status::default());
         f.loaded(snapshot("10:10:"));
         f.polled(snapshot("12:15:12"), keys(&[("a", "doc")]), true, true);
         let change = Change {
@@ -489,7 +497,7 @@ mod tests {
 
     #[test]
     fn rows_that_must_come_from_the_changelog_suspend_following_until_a_poll_read_them() {
-        let mut f = Follower::new();
+        let mut f = Follower::new(Status::default());
         f.loaded(snapshot("10:10:"));
         assert_eq!(
             f.heard(Some(Heard {
@@ -512,7 +520,7 @@ mod tests {
 
     #[test]
     fn a_notification_older_than_the_remembered_polls_suspends_following() {
-        let mut f = Follower::new();
+        let mut f = Follower::new(Status::default());
         f.loaded(snapshot("10:10:"));
         for x in 0..=HISTORY as u64 {
             f.polled(
@@ -524,7 +532,7 @@ mod tests {
         }
         assert_eq!(f.heard(Some(tuple("u", "doc", 10))), Verdict::Poll);
         assert!(!f.following());
-        let mut f = Follower::new();
+        let mut f = Follower::new(Status::default());
         f.loaded(snapshot("10:10:"));
         f.lost();
         assert!(!f.following());

@@ -15,7 +15,7 @@ use super::copy::{int8, text, timestamptz, CopyParser};
 use super::follow::Snapshot;
 use super::tap::Tap;
 use super::Error;
-use crate::store::{State, StateBuilder, Xid};
+use crate::store::{State, StateBuilder};
 
 /// The bare columns: `expires_at` travels as Postgres' own binary timestamp (microseconds
 /// since 2000-01-01) and is converted here, which costs Postgres less than any expression.
@@ -30,9 +30,8 @@ const PROGRESS_EVERY: u64 = 1_000_000;
 /// A freshly loaded generation and the snapshot it reflects.
 pub(crate) struct Loaded {
     pub(crate) state: State,
-    /// Every transaction below this xid is in `state`; later ones may be too.
-    pub(crate) xmin: Xid,
-    /// The load's snapshot: exactly the transactions in `state`.
+    /// The load's snapshot: exactly the transactions in `state` (every one below its
+    /// xmin, and some later ones).
     pub(crate) snapshot: Snapshot,
     pub(crate) rows: u64,
 }
@@ -73,7 +72,6 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Res
     };
     let (tx, row) = watched(begin, &progress, stall).await?;
     let snapshot = Snapshot::parse(row.get::<_, &str>(0))?;
-    let xmin = Xid(snapshot.xmin());
     let estimate = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0);
 
     // The tap on the connection's socket takes each COPY's rows off the wire and sends
@@ -97,13 +95,12 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Res
         rows,
         subjects = state.subject_count(),
         packed_grants_mib = state.packed_bytes() >> 20,
-        snapshot_xmin = %xmin,
+        snapshot_xmin = snapshot.xmin(),
         took_ms = started.elapsed().as_millis() as u64,
         "full load done"
     );
     Ok(Loaded {
         state,
-        xmin,
         snapshot,
         rows,
     })
