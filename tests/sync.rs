@@ -403,12 +403,20 @@ async fn a_changelog_pruned_past_the_cursor_forces_one_reload() {
     let t = db
         .write("SET LOCAL permd.notify = off; INSERT INTO permd.tuples VALUES ('q', 'doc', 'read', NULL)")
         .await;
-    // ...before its changelog row is pruned away.
-    let pruned: i64 = sqlx::query_scalar("SELECT permd.prune_changelog('0 seconds')")
-        .fetch_one(&db.pool)
-        .await
-        .expect("prune");
-    assert!(pruned >= 1, "the row was pruned");
+    // ...before its changelog row is pruned away. (A prune keeps the rows of
+    // transactions at or above the cluster's oldest running one: another test's open
+    // transaction holds it back for a moment.)
+    wait_until("the write's changelog row to be pruned", || {
+        let pool = db.pool.clone();
+        async move {
+            let pruned: i64 = sqlx::query_scalar("SELECT permd.prune_changelog('0 seconds')")
+                .fetch_one(&pool)
+                .await
+                .expect("prune");
+            pruned >= 1
+        }
+    })
+    .await;
     assert!(
         !daemon.store.check("q", "read", "doc"),
         "not seen before the prune"
