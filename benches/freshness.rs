@@ -17,8 +17,10 @@
 //! as a day's retention keeps them (default 0, a fresh database): the poll must read the
 //! changelog by its key whatever its size.
 //!
-//! Prints a Markdown table of p50/p99/max, with the share of the machine's time the
-//! hypervisor stole during each row (`common::HostCpu`).
+//! Prints a Markdown table of p50/p99/max, with how many of the row's writes permd applied
+//! from their notifications (`notified_changes` of `/v1/status`; the others came by the
+//! poll) and the share of the machine's time the hypervisor stole during each row
+//! (`common::HostCpu`).
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -238,9 +240,9 @@ fn main() {
         );
         println!();
         println!(
-            "| NOTIFY | writes/s | HTTP readers | checks/s | writes | p50 ms | p99 ms | max ms | host steal % |"
+            "| NOTIFY | writes/s | HTTP readers | checks/s | writes | from notifications | p50 ms | p99 ms | max ms | host steal % |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (notify, rate, readers) in rows {
             let tag = format!("{}{}r{readers}", if notify { "on" } else { "off" }, rate);
             let stop = Arc::new(AtomicBool::new(false));
@@ -248,14 +250,16 @@ fn main() {
                 .then(|| read_load(daemon.local_addr(), readers, read_rate, Arc::clone(&stop)));
             let started = Instant::now();
             let host = HostCpu::now();
+            let notified = daemon.status().report().notified_changes;
             let l = run(&url, &store, rate, seconds, notify, &tag).await;
             let steal = HostCpu::steal_since(host);
+            let notified = daemon.status().report().notified_changes - notified;
             stop.store(true, Ordering::Relaxed);
             let answered = load.map_or(0, |load| load.join().unwrap());
             let checks = answered as f64 / started.elapsed().as_secs_f64();
             let q = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
             println!(
-                "| {} | {rate:.0} | {readers} | {checks:.0} | {} | {:.2} | {:.2} | {:.2} | {steal} |",
+                "| {} | {rate:.0} | {readers} | {checks:.0} | {} | {notified} | {:.2} | {:.2} | {:.2} | {steal} |",
                 if notify { "on" } else { "off" },
                 l.len(),
                 q(0.5),
