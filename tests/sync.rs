@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{database, patient, wait_until, Rng, TestDaemon, TestDb};
+use common::{database, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE};
 use permd::sync::SyncConfig;
 
 /// A sync config with polling far slower than any test deadline, so a test passes only
@@ -608,6 +608,58 @@ async fn notifications_alone_carry_every_committed_change() {
     );
     assert!(report.following, "{report:?}");
     assert!(report.notified_changes > 100, "{report:?}");
+    daemon.stop().await;
+}
+
+/// A key never goes back in time while notifications and polls both rewrite it: one
+/// writer moves a single permission from version to version (each an UPDATE, whose
+/// notification carries the old row gone and the new one there) while the applier polls
+/// every millisecond, so that notifications often arrive after a poll that already read
+/// their commit. An observer reading the key all along must see one permission at a time,
+/// its version never lower than the last. Applying such a late notification to a key the
+/// poll re-read puts an older version back (or two at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_never_goes_back_in_time() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('mono', 'doc', 'v000000', NULL)")
+        .await;
+    let mut sync = SyncConfig::new(&db.url);
+    sync.poll_interval = Duration::from_millis(1);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    const VERSIONS: u32 = 1500;
+    let writer = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            for n in 1..=VERSIONS {
+                sqlx::raw_sql(&format!(
+                    "UPDATE permd.tuples SET permission = 'v{n:06}' WHERE subject = 'mono'"
+                ))
+                .execute(&pool)
+                .await
+                .expect("update");
+            }
+        })
+    };
+    let mut last = String::from("v000000");
+    let mut looks = 0u64;
+    let last_version = format!("v{VERSIONS:06}");
+    let started = std::time::Instant::now();
+    while last != last_version {
+        assert!(started.elapsed() < DEADLINE, "stuck at {last}");
+        let seen = daemon.store.permissions_of("mono", "doc");
+        assert_eq!(seen.len(), 1, "after {last}: {seen:?}");
+        assert!(*seen[0] >= *last, "{} after {last}", seen[0]);
+        last = seen[0].to_string();
+        looks += 1;
+        tokio::task::yield_now().await;
+    }
+    writer.await.expect("writer");
+    let report = daemon.status.report();
+    assert!(report.notified_changes > 0, "{report:?}");
+    println!(
+        "{looks} looks, {} of {VERSIONS} versions applied from notifications",
+        report.notified_changes
+    );
     daemon.stop().await;
 }
 
