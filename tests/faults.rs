@@ -540,6 +540,25 @@ impl Drop for Stopped {
     }
 }
 
+/// The kernel's state (`/proc/net/tcp`'s `st`, in hex) of this machine's TCP socket whose
+/// local port is `port`, if there is one.
+fn tcp_state(port: u16) -> Option<String> {
+    let local = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            std::fs::read_to_string(table)
+                .ok()?
+                .lines()
+                .skip(1)
+                .find_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    (fields.get(1)?.ends_with(&local))
+                        .then(|| fields.get(3).map(|s| (*s).to_owned()))?
+                })
+        })
+}
+
 fn signal(name: &str, pid: i32) {
     let status = std::process::Command::new("kill")
         .args([format!("-{name}"), pid.to_string()])
@@ -552,7 +571,9 @@ fn signal(name: &str, pid: i32) {
 /// SIGSTOP: what a hung server or a network that drops every packet looks like from
 /// permd's side). The load gives up once nothing arrived for the query timeout, the
 /// connection is dropped, and a new one loads everything. Before, the load waited until
-/// TCP keepalives gave up on the connection, minutes with the kernel's defaults.
+/// TCP keepalives gave up on the connection, minutes with the kernel's defaults. The
+/// connection presumed dead is closed on permd's side at once, while its backend is still
+/// stopped (left to itself, its task would hold the socket open for that long).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
     let db = database().await;
@@ -563,30 +584,40 @@ async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
     let started = Instant::now();
     let daemon = TestDaemon::spawn(sync, patient());
     let pool = db.pool.clone();
-    let backend = std::sync::atomic::AtomicI32::new(0);
+    let backend = std::sync::Mutex::new((0, 0));
     wait_until("the full load's COPY, to stop its backend", || {
         let pool = pool.clone();
         let found = &backend;
         async move {
-            let pid: Option<i32> = sqlx::query_scalar(
-                "SELECT pid FROM pg_stat_activity
+            let row: Option<(i32, i32)> = sqlx::query_as(
+                "SELECT pid, client_port FROM pg_stat_activity
                  WHERE datname = current_database() AND application_name = 'permd'
                    AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
             )
             .fetch_optional(&pool)
             .await
             .expect("look for the COPY");
-            found.store(pid.unwrap_or(0), Ordering::Relaxed);
-            pid.is_some()
+            *found.lock().expect("lock") = row.unwrap_or_default();
+            row.is_some()
         }
     })
     .await;
-    let stopped = Stopped::stop(backend.load(Ordering::Relaxed));
+    let (pid, client_port) = *backend.lock().expect("lock");
+    let port = u16::try_from(client_port).expect("a TCP connection");
+    assert_eq!(tcp_state(port).as_deref(), Some("01"), "established");
+    let stopped = Stopped::stop(pid);
     let stalled = started.elapsed();
     daemon
         .wait_for("ready", || daemon.status.is_ready(60.0))
         .await;
     let ready = started.elapsed();
+    // 01 is ESTABLISHED; closed by permd, the socket waits for the stopped backend's FIN.
+    let state = tcp_state(port);
+    assert_ne!(
+        state.as_deref(),
+        Some("01"),
+        "the stalled connection is still open"
+    );
     drop(stopped);
     let report = loaded_again_exactly(&daemon, &db).await;
     println!(
