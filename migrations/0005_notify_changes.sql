@@ -2,7 +2,7 @@
 -- permd.limits notifies permd_changes with its rows, so that a daemon can apply a commit
 -- as soon as the notification arrives, without a poll's round trip. Postgres delivers the
 -- notifications of different transactions in commit order, and those of one transaction
--- in the order they were sent (ARCHITECTURE.md, "Changes in the notification").
+-- in the order they were sent (ARCHITECTURE.md, "The notification carries the change").
 --
 -- Payload (JSON text, under NOTIFY's 8,000 bytes):
 --   {"x": xid8 as text, "n": the statement's number in its transaction (so that Postgres
@@ -12,7 +12,8 @@
 --    "d": rows gone  ([subject, object, permission] or [subject, name]) or null,
 --    "u": rows there ([subject, object, permission, expires_at µs or null] or
 --         [subject, name, value]) or null}
--- A statement of more than 64 rows, a payload that would not fit, a TRUNCATE and a
+-- A statement of more than 200 rows, a payload that would not fit (about 150 rows of
+-- short names: the notification's 8,000 bytes are the usual bound), a TRUNCATE and a
 -- reload request send only {"x": ..., "n": ...}: "fetch this one from the changelog".
 -- The changelog stays the source of truth: a daemon that misses a notification, or
 -- cannot place it, reads the change from the changelog as before.
@@ -25,8 +26,8 @@ BEGIN
 END
 $$;
 
--- One statement's notification. `gone` and `came` are at most 65 rows (a 65th means
--- "more than 64"): the statement's size never makes the trigger's own work large.
+-- One statement's notification. `gone` and `came` are at most 201 rows (a 201st means
+-- "more than 200"): the statement's size never makes the trigger's own work large.
 CREATE FUNCTION permd.ring_changes(kind "char", gone json, came json) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -42,7 +43,7 @@ BEGIN
     n := set_config('permd.statement',
                     (coalesce(nullif(current_setting('permd.statement', true), ''), '0')::bigint + 1)::text,
                     true);
-    IF coalesce(json_array_length(gone), 0) <= 64 AND coalesce(json_array_length(came), 0) <= 64 THEN
+    IF coalesce(json_array_length(gone), 0) <= 200 AND coalesce(json_array_length(came), 0) <= 200 THEN
         payload := json_build_object('x', xid, 'n', n::bigint, 'k', kind, 'd', gone, 'u', came)::text;
     END IF;
     IF payload IS NULL OR octet_length(payload) > 7999 THEN
@@ -60,7 +61,7 @@ BEGIN
         PERFORM permd.ring_changes('t', NULL,
             (SELECT json_agg(json_build_array(subject, object, permission,
                                               permd.epoch_micros(expires_at)))
-             FROM (SELECT * FROM new_rows LIMIT 65) r));
+             FROM (SELECT * FROM new_rows LIMIT 201) r));
     END IF;
     RETURN NULL;
 END
@@ -73,7 +74,7 @@ BEGIN
     IF FOUND THEN
         PERFORM permd.ring_changes('t',
             (SELECT json_agg(json_build_array(subject, object, permission))
-             FROM (SELECT * FROM old_rows LIMIT 65) r),
+             FROM (SELECT * FROM old_rows LIMIT 201) r),
             NULL);
     END IF;
     RETURN NULL;
@@ -89,10 +90,10 @@ BEGIN
     IF FOUND THEN
         PERFORM permd.ring_changes('t',
             (SELECT json_agg(json_build_array(subject, object, permission))
-             FROM (SELECT * FROM old_rows LIMIT 65) r),
+             FROM (SELECT * FROM old_rows LIMIT 201) r),
             (SELECT json_agg(json_build_array(subject, object, permission,
                                               permd.epoch_micros(expires_at)))
-             FROM (SELECT * FROM new_rows LIMIT 65) r));
+             FROM (SELECT * FROM new_rows LIMIT 201) r));
     END IF;
     RETURN NULL;
 END
@@ -105,7 +106,7 @@ BEGIN
     IF FOUND THEN
         PERFORM permd.ring_changes('l', NULL,
             (SELECT json_agg(json_build_array(subject, name, value))
-             FROM (SELECT * FROM new_rows LIMIT 65) r));
+             FROM (SELECT * FROM new_rows LIMIT 201) r));
     END IF;
     RETURN NULL;
 END
@@ -118,7 +119,7 @@ BEGIN
     IF FOUND THEN
         PERFORM permd.ring_changes('l',
             (SELECT json_agg(json_build_array(subject, name))
-             FROM (SELECT * FROM old_rows LIMIT 65) r),
+             FROM (SELECT * FROM old_rows LIMIT 201) r),
             NULL);
     END IF;
     RETURN NULL;
@@ -134,9 +135,9 @@ BEGIN
     IF FOUND THEN
         PERFORM permd.ring_changes('l',
             (SELECT json_agg(json_build_array(subject, name))
-             FROM (SELECT * FROM old_rows LIMIT 65) r),
+             FROM (SELECT * FROM old_rows LIMIT 201) r),
             (SELECT json_agg(json_build_array(subject, name, value))
-             FROM (SELECT * FROM new_rows LIMIT 65) r));
+             FROM (SELECT * FROM new_rows LIMIT 201) r));
     END IF;
     RETURN NULL;
 END

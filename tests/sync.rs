@@ -452,7 +452,7 @@ async fn a_changelog_pruned_past_the_cursor_forces_one_reload() {
 
 /// Starts `writers` tasks that each commit `transactions` random transactions of one to
 /// five small statements (tuples inserted, upserted, moved to another object and deleted;
-/// limits upserted and deleted; 64 rows at most a statement, so each fits in its
+/// limits upserted and deleted; 29 rows at most a statement, so each fits in its
 /// notification) over 30 subjects, 20 objects, 8 permissions and 3 limits, some held
 /// open a little so that commits interleave. The seed is printed, `PERMD_TEST_SEED`
 /// replays it.
@@ -586,13 +586,15 @@ async fn notifications_alone_carry_every_committed_change() {
     }
     // Within one transaction: the same row inserted, deleted and inserted again (three
     // notifications, the first and the last with the same rows, none folded into
-    // another), and a row's expiry changed in place.
+    // another), a row's expiry changed in place, and 150 rows in one statement (carried
+    // whole: 4 KB of the notification's 8).
     db.write(
         "INSERT INTO permd.tuples VALUES ('again', 'doc', 'read', NULL);
          DELETE FROM permd.tuples WHERE subject = 'again';
          INSERT INTO permd.tuples VALUES ('again', 'doc', 'read', NULL);
          INSERT INTO permd.tuples VALUES ('expiring', 'doc', 'read', NULL);
-         UPDATE permd.tuples SET expires_at = now() + interval '1 day' WHERE subject = 'expiring';",
+         UPDATE permd.tuples SET expires_at = now() + interval '1 day' WHERE subject = 'expiring';
+         INSERT INTO permd.tuples SELECT 'wide', 'doc:' || i, 'read', NULL FROM generate_series(1, 150) i;",
     )
     .await;
     let expected = db.digest().await;
@@ -663,7 +665,7 @@ async fn a_key_never_goes_back_in_time() {
     daemon.stop().await;
 }
 
-/// A statement too large for its notification (more than 64 rows) is read from the
+/// A statement too large for its notification (300 rows) is read from the
 /// changelog, and a commit after it is never seen without it. (Here the window in which
 /// a wrong order would show is one poll; the `Follower`'s unit tests pin the order
 /// itself: after a notification without rows, later ones are dropped until a poll has
@@ -675,7 +677,7 @@ async fn a_change_too_large_to_notify_is_polled_and_nothing_after_it_jumps_ahead
     for round in 0..5 {
         db.write(&format!(
             "INSERT INTO permd.tuples SELECT 'big{round}', 'doc:' || i, 'read', NULL
-             FROM generate_series(1, 200) i"
+             FROM generate_series(1, 300) i"
         ))
         .await;
         db.write(&format!(
@@ -687,7 +689,7 @@ async fn a_change_too_large_to_notify_is_polled_and_nothing_after_it_jumps_ahead
             let store = &daemon.store;
             if store.check(&small, "read", "doc") {
                 // Seen: the large statement, committed first, is seen whole.
-                for i in 1..=200 {
+                for i in 1..=300 {
                     assert!(store.check(&big, "read", &format!("doc:{i}")), "doc:{i}");
                 }
                 return std::future::ready(true);
