@@ -303,6 +303,10 @@ impl Follower {
             self.suspend(Some(heard.xid));
             return Verdict::Poll;
         }
+        if seen.is_empty() {
+            // The common case: no poll has seen it yet, every row applies.
+            return Verdict::Apply(change);
+        }
         let change = change.without(|key| {
             seen.iter()
                 .any(|r| matches!(r, Reread::Keys(keys) if keys.contains(key)))
