@@ -665,6 +665,182 @@ async fn a_key_never_goes_back_in_time() {
     daemon.stop().await;
 }
 
+/// Anyone who can connect may LISTEN and NOTIFY on any channel (Postgres has no privilege
+/// for either), so a role with no privilege on permd's tables, or a SQL injection in a
+/// read-only query, can send permd notifications. Here one hears a grant's notification,
+/// replays it after the grant was revoked, and forges others: rows without a signature,
+/// under a wrong one, and the grant's signed rows changed to name itself. None changes
+/// an answer; each is counted, and the changelog is read instead. It can neither read
+/// the key nor call the function that signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_notifications_change_no_answer() {
+    let db = database().await;
+    let daemon = following(&db).await;
+    let mallory = db.role("mallory", "").await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&mallory)
+        .await
+        .expect("connect");
+    listener.listen("permd_changes").await.expect("listen");
+    let notified = daemon.status.report().notified_changes;
+    db.write("INSERT INTO permd.tuples VALUES ('bob', 'doc', 'read', NULL)")
+        .await;
+    let grant = listener.recv().await.expect("notification");
+    let grant = grant.payload().to_owned();
+    db.write("DELETE FROM permd.tuples WHERE subject = 'bob'")
+        .await;
+    daemon
+        .wait_for("both applied from their notifications", || {
+            daemon.status.report().notified_changes == notified + 2
+        })
+        .await;
+    assert!(!daemon.store.check("bob", "read", "doc"));
+    let refused = |n: u64| {
+        let daemon = &daemon;
+        async move {
+            daemon
+                .wait_for("the notifications refused", || {
+                    daemon.status.report().refused_notifications == n
+                })
+                .await;
+        }
+    };
+
+    // The replay: no poll has read either commit yet, so applied it would grant again.
+    sqlx::query("SELECT pg_notify('permd_changes', $1)")
+        .bind(&grant)
+        .execute(&mallory)
+        .await
+        .expect("replay");
+    refused(1).await;
+    assert!(!daemon.store.check("bob", "read", "doc"));
+
+    // Forgeries, each under a transaction id no poll has seen.
+    let rows = "json_build_object('x', pg_current_xact_id()::text, 'n', 1, 'k', 't', 'd', NULL, \
+                'u', json_build_array(json_build_array('mallory', '', 'admin', NULL)))::text";
+    let grant_xid = serde_json::from_str::<serde_json::Value>(&grant[64..]).expect("JSON")["x"]
+        .as_str()
+        .expect("the xid")
+        .to_owned();
+    for forged in [
+        format!("SELECT pg_notify('permd_changes', {rows})"),
+        format!("SELECT pg_notify('permd_changes', repeat('0', 64) || {rows})"),
+        format!(
+            "SELECT pg_notify('permd_changes', replace(replace($1, '\"bob\"', '\"mallory\"'), \
+             '\"{grant_xid}\"', '\"' || pg_current_xact_id()::text || '\"'))"
+        ),
+    ] {
+        sqlx::query(&forged)
+            .bind(&grant)
+            .execute(&mallory)
+            .await
+            .unwrap_or_else(|e| panic!("{forged}: {e}"));
+    }
+    refused(4).await;
+    assert!(!daemon.store.check("mallory", "admin", ""));
+    assert!(!daemon.store.check("mallory", "read", "doc"));
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+
+    for denied in [
+        "SELECT inner_pad FROM permd.notify_key",
+        "SELECT permd.ring_changes('t', NULL, '[]')",
+    ] {
+        let error = sqlx::query(denied).execute(&mallory).await.err();
+        assert!(
+            error.is_some_and(|e| e.to_string().contains("permission denied")),
+            "{denied}"
+        );
+    }
+    daemon.stop().await;
+}
+
+/// A writer needs no privilege on the key: the trigger functions run as the owner of
+/// permd's schema. A role that may write permd.tuples and permd.limits, and nothing else
+/// of permd's, writes; its rows arrive signed and are applied from their notifications.
+/// It can neither read the key nor attach the trigger functions to a table of its own (a
+/// temporary table's trigger would otherwise sign whatever rows it liked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
+    let db = database().await;
+    let daemon = following(&db).await;
+    let writer = db
+        .role(
+            "writer",
+            "GRANT USAGE ON SCHEMA permd TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON permd.tuples, permd.limits TO {role};",
+        )
+        .await;
+    let before = daemon.status.report();
+    sqlx::raw_sql(
+        "INSERT INTO permd.tuples VALUES ('w', 'doc', 'read', NULL);
+         INSERT INTO permd.limits VALUES ('w', 'projects', 3);",
+    )
+    .execute(&writer)
+    .await
+    .expect("the writer writes");
+    daemon
+        .wait_for("both statements applied", || {
+            daemon.status.report().notified_changes == before.notified_changes + 2
+        })
+        .await;
+    assert!(daemon.store.check("w", "read", "doc"));
+    assert_eq!(daemon.store.limit("w", "projects"), Some(3));
+    assert_eq!(daemon.status.report().refused_notifications, 0);
+    for denied in [
+        "SELECT inner_pad FROM permd.notify_key",
+        "SELECT permd.rotate_notify_key()",
+        "CREATE TEMP TABLE mine (subject text, object text, permission text, expires_at timestamptz);
+         CREATE TRIGGER mine AFTER INSERT ON mine REFERENCING NEW TABLE AS new_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_new();",
+    ] {
+        let error = sqlx::raw_sql(denied).execute(&writer).await.err();
+        assert!(
+            error.is_some_and(|e| e.to_string().contains("permission denied")),
+            "{denied}"
+        );
+    }
+    daemon.stop().await;
+}
+
+/// A rotated key (`permd.rotate_notify_key()`) is read again as soon as a notification
+/// stops verifying under the key that verified the ones before: the first write after the
+/// rotation is refused and read from the changelog, the next is applied from its
+/// notification again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_is_read_again() {
+    let db = database().await;
+    let daemon = following(&db).await;
+    let applied = |n: u64| {
+        let daemon = &daemon;
+        async move {
+            daemon
+                .wait_for("applied from the notification", || {
+                    daemon.status.report().notified_changes == n
+                })
+                .await;
+        }
+    };
+    db.write("INSERT INTO permd.tuples VALUES ('before', 'doc', 'read', NULL)")
+        .await;
+    applied(1).await;
+    db.exec("SELECT permd.rotate_notify_key()").await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('first', 'doc', 'read', NULL)")
+        .await;
+    daemon
+        .wait_for("the first write refused", || {
+            daemon.status.report().refused_notifications == 1
+        })
+        .await;
+    assert!(daemon.check("first", "read", "doc", &token).await);
+    db.write("INSERT INTO permd.tuples VALUES ('next', 'doc', 'read', NULL)")
+        .await;
+    applied(2).await;
+    assert!(daemon.store.check("next", "read", "doc"));
+    assert_eq!(daemon.status.report().refused_notifications, 1);
+    daemon.stop().await;
+}
+
 /// A statement too large for its notification (300 rows) is read from the
 /// changelog, and a commit after it is never seen without it. (Here the window in which
 /// a wrong order would show is one poll; the `Follower`'s unit tests pin the order

@@ -303,6 +303,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "reconnects": report.reconnects,
         "following": report.following,
         "notified_changes": report.notified_changes,
+        "refused_notifications": report.refused_notifications,
         "last_error": report.last_error,
     })))
 }

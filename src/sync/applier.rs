@@ -12,7 +12,7 @@ use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::connect;
-use super::follow::{Follower, Heard, Key, Snapshot, Verdict};
+use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Snapshot, Verdict};
 use super::loader::{self, Loaded};
 use super::tap::Tap;
 use super::{parse_xid, Cursor, Error, Status, SyncConfig};
@@ -27,11 +27,16 @@ const BEHIND_MAX: Duration = Duration::from_millis(100);
 /// Notifications waiting for the applier, at most. Past that they are dropped, and
 /// following is suspended until the polls have read what they carried.
 const HEARD_CAPACITY: usize = 4096;
+/// A notification that does not verify may mean the key was rotated: it is read again
+/// before the next poll, at most this often.
+const KEY_REREAD: Duration = Duration::from_secs(1);
+/// A warning that can repeat with every notification is logged at most this often.
+const QUIET: Duration = Duration::from_secs(60);
 
 /// What the connection's driver passes on to the applier, in the order it arrived.
 enum Message {
-    /// A notification (`None`: not one of ours, a plain doorbell).
-    Heard(Option<Heard>),
+    /// A notification's payload.
+    Heard(String),
     /// Notifications were dropped here: the applier was this far behind.
     Lost,
 }
@@ -137,6 +142,20 @@ pub struct Applier {
     driver: Option<AbortHandle>,
     /// Which notifications' changes may be applied as they arrive.
     follower: Follower,
+    /// The key that signs the notifications that carry rows; `None` when it cannot be
+    /// read (a schema older than migration 0006, or no privilege on
+    /// `permd.notify_key`): rows are then never applied, and every commit is polled.
+    key: Option<NotifyKey>,
+    /// When the key was last read.
+    key_read_at: Option<Instant>,
+    /// A notification did not verify: read the key again before the next poll.
+    key_stale: bool,
+    /// A notification verified under the key since it was read: the first one that does
+    /// not is most likely a rotation, and the key is read again at once (later ones, a
+    /// flood of forgeries perhaps, at most every `KEY_REREAD`).
+    key_proven: bool,
+    /// Refused notifications not yet logged, and when they last were.
+    refused_quiet: (u64, Option<Instant>),
 }
 
 impl Applier {
@@ -150,6 +169,11 @@ impl Applier {
             cursor: None,
             incarnation: None,
             driver: None,
+            key: None,
+            key_read_at: None,
+            key_stale: false,
+            key_proven: false,
+            refused_quiet: (0, None),
         }
     }
 
@@ -215,6 +239,7 @@ impl Applier {
         .await?;
         self.status.set_connected(true);
         tracing::info!("connected to postgres, listening on {CHANNEL}");
+        self.read_key(&client, true).await?;
 
         // Transaction ids that were handed out but never made durable before a crash are
         // handed out again after it, possibly below our cursor: a server that restarted or
@@ -250,6 +275,14 @@ impl Applier {
         let poll = self.timed(client.prepare(POLL)).await?;
         let mut behind = BEHIND_FIRST;
         loop {
+            if self.key_stale
+                && (self.key_proven
+                    || self
+                        .key_read_at
+                        .map_or(true, |at| at.elapsed() >= KEY_REREAD))
+            {
+                self.read_key(&client, false).await?;
+            }
             let started = Instant::now();
             let polled = tokio::select! {
                 polled = self.poll(&client, &poll) => polled?,
@@ -313,9 +346,27 @@ impl Applier {
     /// Takes in one message from the connection; true when it calls for a poll.
     fn hear(&mut self, message: Message) -> bool {
         let verdict = match message {
-            Message::Heard(heard) => self.follower.heard(heard),
+            Message::Heard(payload) => match Heard::parse(&payload, self.key.as_ref()) {
+                Ok(heard) => {
+                    self.key_proven |= heard.signed();
+                    self.follower.heard(Some(heard))
+                }
+                Err(Refused::Unsigned) => {
+                    self.refused(
+                        "its signature does not verify (forged, sent by triggers older than \
+                         migration 0006, or signed under a key rotated since permd read it)",
+                    );
+                    // The key may have been rotated.
+                    self.key_stale = true;
+                    self.follower.heard(None)
+                }
+                Err(Refused::Unreadable) => self.follower.heard(None),
+            },
             Message::Lost => {
-                tracing::debug!("notifications dropped: the applier was behind");
+                tracing::warn!(
+                    "{HEARD_CAPACITY} notifications waited for the applier: those after them \
+                     were dropped, and the changelog is read instead until the polls catch up"
+                );
                 self.follower.lost();
                 Verdict::Poll
             }
@@ -328,7 +379,68 @@ impl Applier {
             }
             Verdict::Skip => false,
             Verdict::Poll => true,
+            Verdict::Replayed => {
+                self.refused("its transaction's notifications were already heard (a replay)");
+                true
+            }
         }
+    }
+
+    /// Counts a notification whose rows were not applied, and logs it (a flood of them
+    /// once a minute, with its count).
+    fn refused(&mut self, why: &str) {
+        self.status.refused();
+        let (unlogged, logged_at) = &mut self.refused_quiet;
+        *unlogged += 1;
+        if logged_at.map_or(true, |at| at.elapsed() >= QUIET) {
+            tracing::warn!(
+                notifications = *unlogged,
+                "a notification's rows were not applied: {why}; the changelog is read instead"
+            );
+            *unlogged = 0;
+            *logged_at = Some(Instant::now());
+        }
+    }
+
+    /// Reads the key that signs notifications. A key that cannot be read is logged (at
+    /// warning level once a session, `first`), not fatal: permd then polls for every
+    /// commit, as with notifications off.
+    async fn read_key(&mut self, client: &Client, first: bool) -> Result<(), Error> {
+        self.key_read_at = Some(Instant::now());
+        self.key_stale = false;
+        self.key_proven = false;
+        let read = self
+            .timed(client.query_opt("SELECT inner_pad FROM permd.notify_key", &[]))
+            .await;
+        let why = match read {
+            Ok(row) => {
+                let pad: Option<Vec<u8>> = row.map(|row| row.try_get(0)).transpose()?;
+                self.key = pad.as_deref().and_then(NotifyKey::from_inner_pad);
+                if self.key.is_some() {
+                    return Ok(());
+                }
+                "permd.notify_key holds no key (SELECT permd.rotate_notify_key() makes one)"
+                    .to_owned()
+            }
+            Err(Error::Postgres(e)) if e.as_db_error().is_some() => {
+                self.key = None;
+                format!(
+                    "{}{}",
+                    error_chain(&e),
+                    " (run `permd migrate`; permd's role needs SELECT on permd.notify_key)"
+                )
+            }
+            Err(e) => return Err(e),
+        };
+        if first {
+            tracing::warn!(
+                "cannot read the key that signs notifications: {why}; every commit is read \
+                 from the changelog instead"
+            );
+        } else {
+            tracing::debug!(%why, "cannot read the key that signs notifications");
+        }
+        Ok(())
     }
 
     /// Opens the connection, with the COPY tap on its socket, and spawns the task that
@@ -368,8 +480,8 @@ impl Applier {
                         if lost && heard.try_send(Message::Lost).is_ok() {
                             lost = false;
                         }
-                        let parsed = Heard::parse(n.payload());
-                        if lost || heard.try_send(Message::Heard(parsed)).is_err() {
+                        let payload = Message::Heard(n.payload().to_owned());
+                        if lost || heard.try_send(payload).is_err() {
                             lost = true;
                         }
                     }

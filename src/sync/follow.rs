@@ -24,16 +24,65 @@
 //!   (connection or channel) suspends following: notifications are then dropped, and
 //!   polls alone update the mirror as before, until a caught-up poll has read every
 //!   dropped commit from the changelog.
+//!
+//! Anyone who can connect to the database can NOTIFY on the channel and LISTEN to it, so
+//! rows are taken only from a notification signed with the key in `permd.notify_key`
+//! (migration 0006), and a signed notification sent again (a replay: a grant's
+//! notification after the grant was revoked) is refused. Both are treated as a
+//! notification that cannot be placed: they suspend following, and the poll reads what
+//! really committed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
+use serde_json::value::RawValue;
+use sha2::Sha256;
 
 use super::{parse_xid, Error, Status};
 use crate::store::{Store, TupleRow};
 
 /// How many polls' snapshots and re-read keys are kept to place a late notification.
 const HISTORY: usize = 16;
+/// How many ended transactions are remembered, to refuse a replay of one, until a poll
+/// reads them. Only a transaction left open for long holds the polls' horizon back for
+/// this many commits; past it following is suspended until that transaction ends.
+const ENDED_MAX: usize = 100_000;
+/// A signature: 64 hex digits of HMAC-SHA256, before the JSON.
+const TAG_LEN: usize = 64;
+
+/// The key that signs the notifications that carry rows (migration 0006), read from
+/// `permd.notify_key`. Never printed.
+#[derive(Clone)]
+pub(crate) struct NotifyKey(Hmac<Sha256>);
+
+impl NotifyKey {
+    /// From the stored inner pad (the key XOR 0x36 in every byte, as HMAC pads it);
+    /// `None` unless it is the 64 bytes of a SHA-256 block.
+    pub(crate) fn from_inner_pad(pad: &[u8]) -> Option<Self> {
+        if pad.len() != 64 {
+            return None;
+        }
+        let key: Vec<u8> = pad.iter().map(|b| b ^ 0x36).collect();
+        Hmac::new_from_slice(&key).ok().map(Self)
+    }
+
+    /// Whether `tag` (hex) is the signature of `body`, compared in constant time.
+    fn signed(&self, body: &str, tag: &str) -> bool {
+        let Ok(tag) = hex::decode(tag) else {
+            return false;
+        };
+        let mut mac = self.0.clone();
+        mac.update(body.as_bytes());
+        mac.verify_slice(&tag).is_ok()
+    }
+}
+
+impl std::fmt::Debug for NotifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NotifyKey(..)")
+    }
+}
 
 /// A Postgres snapshot, from `pg_current_snapshot()::text`: which transactions it sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,9 +137,22 @@ pub(crate) enum Key {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Heard {
     xid: u64,
+    /// The statement's number in its transaction (0 when absent).
+    statement: u64,
     /// `None`: too large to carry, a TRUNCATE or a reload request: read it from the
     /// changelog.
     change: Option<Change>,
+}
+
+/// Why a notification is not taken as one of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Not what permd's triggers send: an empty payload from an older trigger, anyone's
+    /// NOTIFY on the channel.
+    Unreadable,
+    /// Rows without a signature that verifies under the key permd read: forged, sent by
+    /// triggers older than migration 0006, or signed under a key rotated since.
+    Unsigned,
 }
 
 /// A statement's rows: those gone, then those there after it (an UPDATE has both).
@@ -107,42 +169,72 @@ pub(crate) struct Change {
 }
 
 #[derive(Deserialize)]
-struct Payload {
-    x: String,
-    k: Option<String>,
-    d: Option<serde_json::Value>,
-    u: Option<serde_json::Value>,
+struct Payload<'a> {
+    x: &'a str,
+    n: Option<u64>,
+    k: Option<&'a str>,
+    #[serde(borrow)]
+    d: Option<&'a RawValue>,
+    #[serde(borrow)]
+    u: Option<&'a RawValue>,
 }
 
 impl Heard {
-    /// Reads a notification's payload; `None` when it is not one of ours (an empty
-    /// payload from an older trigger, anyone's NOTIFY on the channel).
-    pub(crate) fn parse(payload: &str) -> Option<Self> {
-        let p: Payload = serde_json::from_str(payload).ok()?;
-        let xid = parse_xid(&p.x).ok()?;
-        let rows = |v: Option<serde_json::Value>| v.filter(|v| !v.is_null());
-        let (gone, came) = (rows(p.d), rows(p.u));
-        let change = match p.k.as_deref() {
-            None => None,
-            Some("t") => Some(Change {
-                tuples_gone: list(gone)?,
-                tuples_came: list(came)?,
-                ..Change::default()
-            }),
-            Some("l") => Some(Change {
-                limits_gone: list(gone)?,
-                limits_came: list(came)?,
-                ..Change::default()
-            }),
-            Some(_) => return None,
+    /// Reads a notification's payload: the JSON alone, or (with rows) a signature under
+    /// `key` and then the JSON.
+    pub(crate) fn parse(payload: &str, key: Option<&NotifyKey>) -> Result<Self, Refused> {
+        let (tag, body) = if payload.starts_with('{') {
+            (None, payload)
+        } else {
+            match (payload.get(..TAG_LEN), payload.get(TAG_LEN..)) {
+                (Some(tag), Some(body)) => (Some(tag), body),
+                _ => return Err(Refused::Unreadable),
+            }
         };
-        Some(Self { xid, change })
+        let p: Payload = serde_json::from_str(body).map_err(|_| Refused::Unreadable)?;
+        let xid = parse_xid(p.x).map_err(|_| Refused::Unreadable)?;
+        let statement = p.n.unwrap_or(0);
+        let Some(kind) = p.k else {
+            return Ok(Self {
+                xid,
+                statement,
+                change: None,
+            });
+        };
+        if !tag.zip(key).is_some_and(|(tag, key)| key.signed(body, tag)) {
+            return Err(Refused::Unsigned);
+        }
+        let change = match kind {
+            "t" => Change {
+                tuples_gone: rows(p.d)?,
+                tuples_came: rows(p.u)?,
+                ..Change::default()
+            },
+            "l" => Change {
+                limits_gone: rows(p.d)?,
+                limits_came: rows(p.u)?,
+                ..Change::default()
+            },
+            _ => return Err(Refused::Unreadable),
+        };
+        Ok(Self {
+            xid,
+            statement,
+            change: Some(change),
+        })
+    }
+
+    /// Whether it carries rows, and so was signed.
+    pub(crate) fn signed(&self) -> bool {
+        self.change.is_some()
     }
 }
 
-/// A JSON array of rows (absent: none).
-fn list<T: serde::de::DeserializeOwned>(value: Option<serde_json::Value>) -> Option<Vec<T>> {
-    value.map_or(Some(Vec::new()), |v| serde_json::from_value(v).ok())
+/// A JSON array of rows (absent or null: none).
+fn rows<T: serde::de::DeserializeOwned>(raw: Option<&RawValue>) -> Result<Vec<T>, Refused> {
+    raw.map_or(Ok(Vec::new()), |raw| {
+        serde_json::from_str(raw.get()).map_err(|_| Refused::Unreadable)
+    })
 }
 
 impl Change {
@@ -232,6 +324,9 @@ pub(crate) enum Verdict {
     Skip,
     /// Following is suspended: poll, as for a plain doorbell.
     Poll,
+    /// A transaction's signed notification again, after its own ended: a replay, refused.
+    /// Following is suspended, as for `Poll`.
+    Replayed,
 }
 
 /// Decides which notifications may be applied, from the recent polls (module docs).
@@ -241,6 +336,13 @@ pub(crate) struct Follower {
     /// Polls before `history` were applied and forgotten.
     forgotten: bool,
     mode: Mode,
+    /// The transaction whose signed notifications are arriving, and its last statement's
+    /// number. Postgres delivers one transaction's notifications together, in order.
+    current: Option<(u64, u64)>,
+    /// Transactions whose signed notifications all arrived (another's came after them),
+    /// until a caught-up poll or a load has read them: one of them again is a replay.
+    /// (Once read, a replay is harmless: the poll that read it re-read all its keys.)
+    ended: HashSet<u64>,
     /// Where `following` is reported.
     status: Status,
 }
@@ -257,6 +359,8 @@ impl Follower {
                 dropped: None,
                 unknown: true,
             },
+            current: None,
+            ended: HashSet::new(),
             status,
         }
     }
@@ -271,12 +375,16 @@ impl Follower {
         self.mode == Mode::Following
     }
 
-    /// A notification, in the order they arrived.
+    /// A notification, in the order they arrived (`None`: refused, see [`Refused`]).
     pub(crate) fn heard(&mut self, heard: Option<Heard>) -> Verdict {
         let Some(heard) = heard else {
             self.suspend(None);
             return Verdict::Poll;
         };
+        if heard.change.is_some() && self.replayed(heard.xid, heard.statement) {
+            self.suspend(Some(heard.xid));
+            return Verdict::Replayed;
+        }
         if !self.following() {
             self.suspend(Some(heard.xid));
             return Verdict::Poll;
@@ -314,6 +422,34 @@ impl Follower {
         Verdict::Apply(change)
     }
 
+    /// Whether a signed notification repeats one already heard: its transaction's
+    /// notifications ended before, or it is not past its transaction's last statement.
+    fn replayed(&mut self, xid: u64, statement: u64) -> bool {
+        match self.current {
+            Some((current, last)) if current == xid => {
+                if statement <= last {
+                    return true;
+                }
+            }
+            current => {
+                if self.ended.contains(&xid) {
+                    return true;
+                }
+                if let Some((ended, _)) = current {
+                    if self.ended.len() >= ENDED_MAX {
+                        // Suspended until a poll has read every commit: none of the
+                        // forgotten transactions can then be replayed to any effect.
+                        self.ended.clear();
+                        self.suspend(None);
+                    }
+                    self.ended.insert(ended);
+                }
+            }
+        }
+        self.current = Some((xid, statement));
+        false
+    }
+
     /// Notifications were lost (the channel to the applier was full).
     pub(crate) fn lost(&mut self) {
         self.suspend(None);
@@ -332,6 +468,7 @@ impl Follower {
 
     /// A full load was swapped in: the mirror is the database at `snapshot`.
     pub(crate) fn loaded(&mut self, snapshot: Snapshot) {
+        self.ended.retain(|&xid| !snapshot.sees(xid));
         self.history.clear();
         self.history.push_back((snapshot, Reread::All));
         self.forgotten = false;
@@ -359,6 +496,9 @@ impl Follower {
                 self.set_mode(Mode::Following);
             }
         }
+        if caught_up {
+            self.ended.retain(|&xid| xid >= snapshot.xmin);
+        }
         self.history.push_back((snapshot, Reread::Keys(keys)));
         if self.history.len() > HISTORY {
             self.history.pop_front();
@@ -379,6 +519,7 @@ mod tests {
     fn tuple(subject: &str, object: &str, xid: u64) -> Heard {
         Heard {
             xid,
+            statement: 1,
             change: Some(Change {
                 tuples_came: vec![(subject.into(), object.into(), "read".into(), None)],
                 ..Change::default()
@@ -413,13 +554,27 @@ mod tests {
         assert!(Snapshot::parse("a:7:").is_err());
     }
 
+    /// A key whose bytes are all 7.
+    fn key() -> NotifyKey {
+        NotifyKey::from_inner_pad(&[7 ^ 0x36; 64]).unwrap()
+    }
+
+    /// `body` signed as migration 0006 signs it.
+    fn signed(body: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&[7; 64]).unwrap();
+        mac.update(body.as_bytes());
+        format!("{}{body}", hex::encode(mac.finalize().into_bytes()))
+    }
+
     #[test]
     fn payloads_parse_as_the_triggers_write_them() {
-        let heard = Heard::parse(
+        let key = key();
+        let parse = |payload: &str| Heard::parse(payload, Some(&key));
+        let heard = parse(&signed(
             r#"{"x" : "812", "n" : 4, "k" : "t", "d" : [["u", "doc", "read"]], "u" : [["u", "doc", "write", 17], ["u", "", "admin", null]]}"#,
-        )
+        ))
         .unwrap();
-        assert_eq!(heard.xid, 812);
+        assert_eq!((heard.xid, heard.statement), (812, 4));
         let change = heard.change.unwrap();
         assert_eq!(
             change.tuples_gone,
@@ -427,25 +582,92 @@ mod tests {
         );
         assert_eq!(change.tuples_came.len(), 2);
         assert_eq!(change.tuples_came[0].3, Some(17));
-        let limits = Heard::parse(
+        let limits = parse(&signed(
             r#"{"x" : "9", "n" : 1, "k" : "l", "d" : null, "u" : [["u", "projects", 10]]}"#,
-        )
+        ))
         .unwrap();
         assert_eq!(
             limits.change.unwrap().limits_came,
             vec![("u".into(), "projects".into(), 10)]
         );
-        // Too large to carry, or a TRUNCATE: the xid alone.
+        // Too large to carry, or a TRUNCATE: the xid alone, unsigned.
         assert_eq!(
-            Heard::parse(r#"{"x" : "9", "n" : 1}"#),
-            Some(Heard {
+            parse(r#"{"x" : "9", "n" : 1}"#),
+            Ok(Heard {
                 xid: 9,
+                statement: 1,
                 change: None
             })
         );
         // Not ours.
-        assert_eq!(Heard::parse(""), None);
-        assert_eq!(Heard::parse(r#"{"x" : "9", "k" : "t", "u" : [[1]]}"#), None);
+        assert_eq!(parse(""), Err(Refused::Unreadable));
+        assert_eq!(parse("not json"), Err(Refused::Unreadable));
+        assert_eq!(
+            parse(&signed(r#"{"x" : "9", "k" : "t", "u" : [[1]]}"#)),
+            Err(Refused::Unreadable)
+        );
+    }
+
+    #[test]
+    fn rows_are_taken_only_under_a_signature_that_verifies() {
+        let key = key();
+        let body =
+            r#"{"x" : "9", "n" : 1, "k" : "t", "d" : null, "u" : [["u", "doc", "admin", null]]}"#;
+        assert!(Heard::parse(&signed(body), Some(&key)).is_ok());
+        // Unsigned, or permd without the key.
+        assert_eq!(Heard::parse(body, Some(&key)), Err(Refused::Unsigned));
+        assert_eq!(Heard::parse(&signed(body), None), Err(Refused::Unsigned));
+        // Signed under another key, a wrong tag, a body changed after signing.
+        let other = NotifyKey::from_inner_pad(&[8 ^ 0x36; 64]).unwrap();
+        assert_eq!(
+            Heard::parse(&signed(body), Some(&other)),
+            Err(Refused::Unsigned)
+        );
+        let zeros = format!("{}{body}", "0".repeat(64));
+        assert_eq!(Heard::parse(&zeros, Some(&key)), Err(Refused::Unsigned));
+        let tampered = signed(body).replace("\"u\", \"doc\"", "\"mallory\", \"doc\"");
+        assert_ne!(tampered, signed(body));
+        assert_eq!(Heard::parse(&tampered, Some(&key)), Err(Refused::Unsigned));
+        // Not a key.
+        assert!(NotifyKey::from_inner_pad(&[0; 32]).is_none());
+        assert_eq!(format!("{key:?}"), "NotifyKey(..)");
+    }
+
+    #[test]
+    fn a_transactions_notification_heard_again_is_a_replay() {
+        let mut f = Follower::new(Status::default());
+        f.loaded(snapshot("10:10:"));
+        let heard = |xid, statement| Heard {
+            statement,
+            ..tuple("u", "doc", xid)
+        };
+        for (xid, statement) in [(20, 1), (20, 2), (21, 1)] {
+            assert!(matches!(
+                f.heard(Some(heard(xid, statement))),
+                Verdict::Apply(_)
+            ));
+        }
+        // 20 ended when 21 began; 21's first statement again is no later than its last.
+        assert_eq!(f.heard(Some(heard(20, 3))), Verdict::Replayed);
+        assert!(!f.following());
+        f.polled(snapshot("11:11:"), HashSet::new(), true, false);
+        assert!(f.following());
+        assert_eq!(f.heard(Some(heard(21, 1))), Verdict::Replayed);
+        f.polled(snapshot("12:12:"), HashSet::new(), true, false);
+        // A poll whose horizon is past them read them: forgotten, and harmless (that
+        // poll re-read their keys).
+        f.polled(snapshot("22:22:"), keys(&[("u", "doc")]), true, false);
+        assert!(f.ended.is_empty());
+        assert_eq!(
+            f.heard(Some(heard(20, 1))),
+            Verdict::Apply(Change::default())
+        );
+        // Past `ENDED_MAX` ended transactions, following is suspended.
+        for xid in 30..30 + ENDED_MAX as u64 + 1 {
+            f.heard(Some(heard(xid, 1)));
+        }
+        assert!(!f.following());
+        assert!(f.ended.len() < ENDED_MAX);
     }
 
     #[test]
@@ -483,6 +705,7 @@ mod tests {
         };
         let verdict = f.heard(Some(Heard {
             xid: 13,
+            statement: 1,
             change: Some(change),
         }));
         let Verdict::Apply(change) = verdict else {
@@ -506,6 +729,7 @@ mod tests {
         assert_eq!(
             f.heard(Some(Heard {
                 xid: 11,
+                statement: 1,
                 change: None
             })),
             Verdict::Poll

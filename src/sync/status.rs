@@ -30,6 +30,8 @@ struct Inner {
     following: AtomicBool,
     /// Statements applied from their notifications.
     notified: AtomicU64,
+    /// Notifications whose rows were refused (unsigned, not verifying, replayed).
+    refused: AtomicU64,
     /// The last error, for operators. A `Mutex` because it is written rarely and read by
     /// the status route only.
     last_error: Mutex<Option<String>>,
@@ -61,6 +63,10 @@ pub struct StatusReport {
     pub following: bool,
     /// Statements applied from their notifications since start.
     pub notified_changes: u64,
+    /// Notifications whose rows were not applied since start: unsigned, a signature that
+    /// does not verify, or a replay (forged; or triggers older than migration 0006, or a
+    /// key rotated since permd read it). Their commits are read from the changelog.
+    pub refused_notifications: u64,
     /// The most recent sync error, if any since the last successful catch-up.
     pub last_error: Option<String>,
 }
@@ -80,6 +86,7 @@ impl Status {
             reconnects: i.reconnects.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
             notified_changes: i.notified.load(Ordering::Relaxed),
+            refused_notifications: i.refused.load(Ordering::Relaxed),
             last_error: i
                 .last_error
                 .lock()
@@ -150,6 +157,11 @@ impl Status {
     /// A statement was applied from its notification.
     pub(crate) fn followed(&self) {
         self.inner.notified.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A notification's rows were refused.
+    pub(crate) fn refused(&self) {
+        self.inner.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn reconnected(&self) {

@@ -141,6 +141,28 @@ impl TestDb {
         (tx, token)
     }
 
+    /// A new login role, named `name` within this test's database (roles belong to the
+    /// cluster, which tests share), given `grants` (`{role}` stands for its name), and a
+    /// pool connected as it.
+    pub async fn role(&self, name: &str, grants: &str) -> PgPool {
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&self.pool)
+            .await
+            .expect("current database");
+        let role = format!("{database}_{name}");
+        self.exec(&format!(
+            "CREATE ROLE {role} LOGIN; {}",
+            grants.replace("{role}", &role)
+        ))
+        .await;
+        let options: sqlx::postgres::PgConnectOptions = self.url.parse().expect("the test URL");
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(options.username(&role))
+            .await
+            .expect("connect as the new role")
+    }
+
     /// `permd.digest()`.
     pub async fn digest(&self) -> String {
         sqlx::query_scalar("SELECT permd.digest()")
