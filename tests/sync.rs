@@ -676,7 +676,7 @@ async fn a_key_never_goes_back_in_time() {
 async fn forged_and_replayed_notifications_change_no_answer() {
     let db = database().await;
     let daemon = following(&db).await;
-    let mallory = db.role("mallory", "").await;
+    let (mallory, _) = db.role("mallory", "").await;
     let mut listener = sqlx::postgres::PgListener::connect_with(&mallory)
         .await
         .expect("connect");
@@ -763,7 +763,7 @@ async fn forged_and_replayed_notifications_change_no_answer() {
 async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
     let db = database().await;
     let daemon = following(&db).await;
-    let writer = db
+    let (writer, _) = db
         .role(
             "writer",
             "GRANT USAGE ON SCHEMA permd TO {role};
@@ -799,6 +799,44 @@ async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
             "{denied}"
         );
     }
+    daemon.stop().await;
+}
+
+/// A daemon whose role may not read the key (granted only what README lists for it, less
+/// `permd.notify_key`) says so and reads every commit from the changelog: each
+/// notification rings a poll, none is applied, and none is counted as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_cannot_read_the_key_polls_for_every_commit() {
+    let db = database().await;
+    let (_, url) = db
+        .role(
+            "daemon",
+            "GRANT USAGE ON SCHEMA permd TO {role};
+             GRANT SELECT ON permd.tuples, permd.limits, permd.changelog, permd.retention
+                 TO {role};",
+        )
+        .await;
+    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
+    for n in 0..3 {
+        let subject = format!("s{n}");
+        db.write(&format!(
+            "INSERT INTO permd.tuples VALUES ('{subject}', 'doc', 'read', NULL)"
+        ))
+        .await;
+        // The doorbell alone (an hourly poll, no token asked for) brings it.
+        wait_until("the write", || {
+            std::future::ready(daemon.store.check(&subject, "read", "doc"))
+        })
+        .await;
+    }
+    let report = daemon.status.report();
+    assert_eq!(
+        (report.notified_changes, report.refused_notifications),
+        (0, 0),
+        "{report:?}"
+    );
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
     daemon.stop().await;
 }
 

@@ -351,6 +351,11 @@ impl Applier {
                     self.key_proven |= heard.signed();
                     self.follower.heard(Some(heard))
                 }
+                // Without a key (said once at connect) every notification is a doorbell.
+                Err(Refused::Unsigned) if self.key.is_none() => {
+                    self.key_stale = true;
+                    self.follower.heard(None)
+                }
                 Err(Refused::Unsigned) => {
                     self.refused(
                         "its signature does not verify (forged, sent by triggers older than \

@@ -142,9 +142,9 @@ impl TestDb {
     }
 
     /// A new login role, named `name` within this test's database (roles belong to the
-    /// cluster, which tests share), given `grants` (`{role}` stands for its name), and a
-    /// pool connected as it.
-    pub async fn role(&self, name: &str, grants: &str) -> PgPool {
+    /// cluster, which tests share), given `grants` (`{role}` stands for its name): a pool
+    /// connected as it, and its URL.
+    pub async fn role(&self, name: &str, grants: &str) -> (PgPool, String) {
         let database: String = sqlx::query_scalar("SELECT current_database()")
             .fetch_one(&self.pool)
             .await
@@ -155,12 +155,14 @@ impl TestDb {
             grants.replace("{role}", &role)
         ))
         .await;
-        let options: sqlx::postgres::PgConnectOptions = self.url.parse().expect("the test URL");
-        sqlx::postgres::PgPoolOptions::new()
+        let url = self.url.replacen("postgres@", &format!("{role}@"), 1);
+        assert_ne!(url, self.url, "the test URL names its user");
+        let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
-            .connect_with(options.username(&role))
+            .connect(&url)
             .await
-            .expect("connect as the new role")
+            .expect("connect as the new role");
+        (pool, url)
     }
 
     /// `permd.digest()`.
