@@ -79,7 +79,7 @@ END
 $$;
 
 -- The trigger functions run as the owner of permd's schema, whatever role writes: so a
--- writer needs no privilege on the key (nor on the changelog). Nobody else may call them
+-- writer needs no privilege on the key (nor on the changelog, TRUNCATE included). Nobody else may call them
 -- or attach them to a table of their own (a temporary table with a trigger would
 -- otherwise sign any rows it liked); a trigger fires whatever the writer's privileges on
 -- its function. The search path is pinned, as for every SECURITY DEFINER function.
@@ -89,8 +89,10 @@ ALTER FUNCTION permd.log_tuples_update() SECURITY DEFINER SET search_path = pg_c
 ALTER FUNCTION permd.log_limits_new() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION permd.log_limits_old() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION permd.log_limits_update() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION permd.log_truncate() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 REVOKE EXECUTE ON FUNCTION
     permd.log_tuples_new(), permd.log_tuples_old(), permd.log_tuples_update(),
     permd.log_limits_new(), permd.log_limits_old(), permd.log_limits_update(),
+    permd.log_truncate(),
     permd.ring_changes("char", json, json)
 FROM PUBLIC;

@@ -756,8 +756,8 @@ async fn forged_and_replayed_notifications_change_no_answer() {
 
 /// A writer needs no privilege on the key: the trigger functions run as the owner of
 /// permd's schema. A role that may write permd.tuples and permd.limits, and nothing else
-/// of permd's, writes; its rows arrive signed and are applied from their notifications.
-/// It can neither read the key nor attach the trigger functions to a table of its own (a
+/// of permd's, writes; its rows arrive signed and are applied from their notifications,
+/// and its TRUNCATE makes permd reload. It can neither read the key nor attach the trigger functions to a table of its own (a
 /// temporary table's trigger would otherwise sign whatever rows it liked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
@@ -767,7 +767,8 @@ async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
         .role(
             "writer",
             "GRANT USAGE ON SCHEMA permd TO {role};
-             GRANT SELECT, INSERT, UPDATE, DELETE ON permd.tuples, permd.limits TO {role};",
+             GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON permd.tuples, permd.limits
+                 TO {role};",
         )
         .await;
     let before = daemon.status.report();
@@ -786,6 +787,17 @@ async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
     assert!(daemon.store.check("w", "read", "doc"));
     assert_eq!(daemon.store.limit("w", "projects"), Some(3));
     assert_eq!(daemon.status.report().refused_notifications, 0);
+    // TRUNCATE too needs nothing of the changelog's: it asks every daemon to reload.
+    sqlx::raw_sql("TRUNCATE permd.limits")
+        .execute(&writer)
+        .await
+        .expect("the writer truncates");
+    daemon
+        .wait_for("the reload", || {
+            daemon.status.report().reloads == before.reloads + 1
+        })
+        .await;
+    assert_eq!(daemon.store.limit("w", "projects"), None);
     for denied in [
         "SELECT inner_pad FROM permd.notify_key",
         "SELECT permd.rotate_notify_key()",
