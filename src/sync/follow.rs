@@ -252,44 +252,71 @@ impl Change {
     /// Applies the statement to the mirror: each key it touches is rewritten once, from
     /// its stored rows, so a check sees the key before or after, never in between.
     pub(crate) fn apply(self, store: &Store) {
-        let mut grants: HashMap<(String, String), Vec<TupleRow>> = HashMap::new();
-        for (s, o, permission) in self.tuples_gone {
-            stored(&mut grants, (s, o), |(s, o)| store.grant_rows(s, o))
-                .retain(|r| r.permission != permission);
-        }
-        for (s, o, permission, expires_at) in self.tuples_came {
-            let rows = stored(&mut grants, (s, o), |(s, o)| store.grant_rows(s, o));
-            rows.retain(|r| r.permission != permission);
-            rows.push(TupleRow {
-                permission,
-                expires_at,
-            });
-        }
-        for ((s, o), rows) in grants {
-            store.set_grant(&s, &o, &rows);
-        }
-        let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
-        for (s, name) in self.limits_gone {
-            stored(&mut limits, s, |s| store.limit_rows(s)).retain(|(n, _)| *n != name);
-        }
-        for (s, name, value) in self.limits_came {
-            let rows = stored(&mut limits, s, |s| store.limit_rows(s));
-            rows.retain(|(n, _)| *n != name);
-            rows.push((name, value));
-        }
-        for (s, rows) in limits {
-            store.set_limits(&s, &rows);
-        }
+        rewrite(
+            self.tuples_gone.into_iter().map(|(s, o, p)| ((s, o), p)),
+            self.tuples_came
+                .into_iter()
+                .map(|(s, o, permission, expires_at)| {
+                    let row = TupleRow {
+                        permission,
+                        expires_at,
+                    };
+                    ((s, o), row)
+                }),
+            |(s, o)| store.grant_rows(s, o),
+            |(s, o), rows| store.set_grant(s, o, rows),
+        );
+        rewrite(
+            self.limits_gone.into_iter(),
+            self.limits_came
+                .into_iter()
+                .map(|(s, name, value)| (s, (name, value))),
+            |s| store.limit_rows(s),
+            |s, rows| store.set_limits(s, rows),
+        );
     }
 }
 
-/// The rows of `key` being rewritten, read from the mirror the first time.
-fn stored<K: Eq + std::hash::Hash, R>(
-    keys: &mut HashMap<K, Vec<R>>,
-    key: K,
-    read: impl FnOnce(&K) -> Vec<R>,
-) -> &mut Vec<R> {
-    keys.entry(key).or_insert_with_key(read)
+/// A stored row of a key, named within it: a tuple by its permission, a limit by its name.
+trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for TupleRow {
+    fn name(&self) -> &str {
+        &self.permission
+    }
+}
+
+impl Named for (String, i64) {
+    fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Rewrites each key that rows `gone` (by name) and `came` touch, once: its stored rows
+/// (`read` the first time), less those gone, with those there in place of any of the
+/// same name; then `write`s it.
+fn rewrite<K: Eq + std::hash::Hash, R: Named>(
+    gone: impl Iterator<Item = (K, String)>,
+    came: impl Iterator<Item = (K, R)>,
+    read: impl Fn(&K) -> Vec<R>,
+    write: impl Fn(&K, &[R]),
+) {
+    let mut keys: HashMap<K, Vec<R>> = HashMap::new();
+    for (key, name) in gone {
+        keys.entry(key)
+            .or_insert_with_key(&read)
+            .retain(|r| r.name() != name);
+    }
+    for (key, row) in came {
+        let rows = keys.entry(key).or_insert_with_key(&read);
+        rows.retain(|r| r.name() != row.name());
+        rows.push(row);
+    }
+    for (key, rows) in &keys {
+        write(key, rows);
+    }
 }
 
 /// What a poll or a load re-read at its snapshot.
