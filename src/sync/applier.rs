@@ -348,7 +348,7 @@ impl Applier {
         let verdict = match message {
             Message::Heard(payload) => match Heard::parse(&payload, self.key.as_ref()) {
                 Ok(heard) => {
-                    self.key_proven |= heard.signed();
+                    self.key_proven |= heard.has_rows();
                     self.follower.heard(Some(heard))
                 }
                 // Without a key (said once at connect) every notification is a doorbell.
@@ -430,9 +430,8 @@ impl Applier {
             Err(Error::Postgres(e)) if e.as_db_error().is_some() => {
                 self.key = None;
                 format!(
-                    "{}{}",
-                    error_chain(&e),
-                    " (run `permd migrate`; permd's role needs SELECT on permd.notify_key)"
+                    "{} (run `permd migrate`; permd's role needs SELECT on permd.notify_key)",
+                    error_chain(&e)
                 )
             }
             Err(e) => return Err(e),

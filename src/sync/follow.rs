@@ -224,8 +224,8 @@ impl Heard {
         })
     }
 
-    /// Whether it carries rows, and so was signed.
-    pub(crate) fn signed(&self) -> bool {
+    /// Whether it carries rows (and so was signed, and verified).
+    pub(crate) fn has_rows(&self) -> bool {
         self.change.is_some()
     }
 }
