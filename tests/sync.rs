@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::{database, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE};
-use permd::sync::SyncConfig;
+use permd::sync::{StatusReport, SyncConfig};
 
 /// A sync config with polling far slower than any test deadline, so a test passes only
 /// if NOTIFY or a reader's request wakes the applier.
@@ -889,6 +889,95 @@ async fn a_rotated_key_is_read_again() {
     assert!(daemon.store.check("next", "read", "doc"));
     assert_eq!(daemon.status.report().refused_notifications, 1);
     daemon.stop().await;
+}
+
+/// One writer moves key `a` and then key `b` to the next version in each transaction (two
+/// statements), `VERSIONS` times, while the applier polls every millisecond; an observer
+/// reading `b` and then `a` must never see `b` ahead of `a`: a reader sees a commit's keys
+/// change in the order they were written, and never a later commit's before an earlier
+/// one's. Returns the daemon's report once `b` reached the last version.
+async fn b_never_ahead_of_a(sync: SyncConfig, db: &TestDb, notify: bool) -> StatusReport {
+    const VERSIONS: u32 = 1500;
+    db.exec(
+        "INSERT INTO permd.tuples VALUES ('a', 'doc', 'v000000', NULL), ('b', 'doc', 'v000000', NULL)",
+    )
+    .await;
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let writer = {
+        let pool = db.pool.clone();
+        let notify = if notify { "on" } else { "off" };
+        tokio::spawn(async move {
+            for n in 1..=VERSIONS {
+                sqlx::raw_sql(&format!(
+                    "SET LOCAL permd.notify = {notify};
+                     UPDATE permd.tuples SET permission = 'v{n:06}' WHERE subject = 'a';
+                     UPDATE permd.tuples SET permission = 'v{n:06}' WHERE subject = 'b';"
+                ))
+                .execute(&pool)
+                .await
+                .expect("update");
+            }
+        })
+    };
+    let version = |subject: &str| -> String {
+        let seen = daemon.store.permissions_of(subject, "doc");
+        assert_eq!(seen.len(), 1, "{subject}: {seen:?}");
+        seen[0].to_string()
+    };
+    let last = format!("v{VERSIONS:06}");
+    let started = std::time::Instant::now();
+    let mut looks = 0u64;
+    loop {
+        assert!(started.elapsed() < DEADLINE, "stuck at {}", version("b"));
+        let b = version("b");
+        let a = version("a");
+        assert!(a >= b, "b at {b} while a is at {a}");
+        looks += 1;
+        if b == last {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.expect("writer");
+    let report = daemon.status.report();
+    println!(
+        "{looks} looks; {} notifications applied, {} dropped",
+        report.notified_changes, report.dropped_notifications
+    );
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+    report
+}
+
+fn polling_every_millisecond(url: &str) -> SyncConfig {
+    let mut sync = SyncConfig::new(url);
+    sync.poll_interval = Duration::from_millis(1);
+    sync
+}
+
+/// A poll applies the keys it re-read one at a time, in the order of their last change
+/// in the changelog (NOTIFY off: polls alone). Applied in any other order (they came in
+/// the order of their names' hashes until session 26), `b` shows ahead of `a`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_applies_keys_in_the_order_they_were_written() {
+    let db = database().await;
+    let report = b_never_ahead_of_a(polling_every_millisecond(&db.url), &db, false).await;
+    assert_eq!(report.notified_changes, 0, "{report:?}");
+}
+
+/// Notifications dropped because too many waited for the applier (here at most two may
+/// wait, so thousands are dropped) never let a later commit be seen without an earlier
+/// one. Applying the notifications after a gap as if nothing had been dropped (following
+/// not suspended) shows `b` ahead of `a`, or two versions of `a` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_notifications_never_let_a_later_commit_jump_ahead() {
+    let db = database().await;
+    let mut sync = polling_every_millisecond(&db.url);
+    sync.notification_capacity = 2;
+    let report = b_never_ahead_of_a(sync, &db, true).await;
+    assert!(report.dropped_notifications > 0, "{report:?}");
+    assert!(report.notified_changes > 0, "{report:?}");
 }
 
 /// A statement too large for its notification (300 rows) is read from the

@@ -304,6 +304,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "following": report.following,
         "notified_changes": report.notified_changes,
         "refused_notifications": report.refused_notifications,
+        "dropped_notifications": report.dropped_notifications,
         "last_error": report.last_error,
     })))
 }

@@ -157,7 +157,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 16] = [
+        let gauges: [(&str, &str, &str, f64); 17] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -180,6 +180,7 @@ impl Metrics {
             ("permd_following", "gauge", "1 while committed changes are applied from their notifications, before the poll reads them.", f64::from(u8::from(report.following))),
             ("permd_notified_changes_total", "counter", "Statements applied from their notifications.", report.notified_changes as f64),
             ("permd_refused_notifications_total", "counter", "Notifications whose rows were not applied: unsigned, not verifying under permd.notify_key, or replayed (forged, or triggers older than migration 0006).", report.refused_notifications as f64),
+            ("permd_dropped_notifications_total", "counter", "Notifications dropped because too many waited for the applier; their commits are read from the changelog.", report.dropped_notifications as f64),
             ("permd_stale_total", "counter", "Requests answered 503 stale (at_least not reached in time).", get(&self.stale) as f64),
             ("permd_shed_total", "counter", "Requests shed with 503 overloaded (too many in flight).", get(&self.shed) as f64),
             (

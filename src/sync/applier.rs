@@ -24,9 +24,6 @@ const CHANNEL: &str = "permd_changes";
 const BEHIND_FIRST: Duration = Duration::from_millis(2);
 /// ...and back off to this, so a long transaction costs a few polls a second.
 const BEHIND_MAX: Duration = Duration::from_millis(100);
-/// Notifications waiting for the applier, at most. Past that they are dropped, and
-/// following is suspended until the polls have read what they carried.
-const HEARD_CAPACITY: usize = 4096;
 /// A notification that does not verify may mean the key was rotated: it is read again
 /// before the next poll, at most this often.
 const KEY_REREAD: Duration = Duration::from_secs(1);
@@ -71,7 +68,8 @@ pub const SESSION: &str =
 ///   rows first began waiting at or above the horizon (an older transaction is still
 ///   open), in µs since the epoch, else NULL
 /// - `e` (at most one): a = xid of the batch's last row, n = its id, b = rows in the batch
-/// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object
+/// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object, n = the position of
+///   its last change in the batch
 /// - `t`: a current tuple of a changed key: a = subject, b = object, c = permission,
 ///   n = expires_at (µs since the epoch, NULL = never)
 /// - `l`: a current limit of a changed subject: a = subject, c = name, n = value
@@ -87,7 +85,11 @@ WITH h AS MATERIALIZED (
     ORDER BY c.xid, c.id
     LIMIT $3
 ), k AS MATERIALIZED (
-    SELECT DISTINCT kind, subject, object FROM b
+    -- Each changed key, with the position of its last change in the changelog's order:
+    -- keys are applied in that order (see `poll`).
+    SELECT kind, subject, object, max(pos) AS pos
+    FROM (SELECT kind, subject, object, row_number() OVER (ORDER BY xid, id) AS pos FROM b) p
+    GROUP BY kind, subject, object
 )
 SELECT 'h' AS tag, pg_current_snapshot()::text AS a, h.pruned_xid::text AS b,
        -- FILTER keeps the planner from answering min() by walking the created_at index
@@ -105,7 +107,7 @@ UNION ALL
 SELECT 'e', l.xid::text, (SELECT count(*) FROM b)::text, NULL, l.id
 FROM (SELECT xid, id FROM b ORDER BY xid DESC, id DESC LIMIT 1) l
 UNION ALL
-SELECT 'k', k.kind::text, k.subject, k.object, NULL FROM k
+SELECT 'k', k.kind::text, k.subject, k.object, k.pos FROM k
 UNION ALL
 SELECT 't', t.subject, t.object, t.permission, permd.epoch_micros(t.expires_at)
 FROM k JOIN permd.tuples t ON k.kind = 't' AND t.subject = k.subject AND t.object = k.object
@@ -369,8 +371,9 @@ impl Applier {
             },
             Message::Lost => {
                 tracing::warn!(
-                    "{HEARD_CAPACITY} notifications waited for the applier: those after them \
-                     were dropped, and the changelog is read instead until the polls catch up"
+                    capacity = self.config.notification_capacity,
+                    "notifications waited for the applier in numbers: those after them were \
+                     dropped, and the changelog is read instead until the polls catch up"
                 );
                 self.follower.lost();
                 Verdict::Poll
@@ -473,7 +476,10 @@ impl Applier {
             .keepalives_idle(Duration::from_secs(10));
         let tap = Tap::default();
         let (client, mut connection) = self.timed(connect::connect(&config, &tap)).await?;
-        let (heard, heard_rx) = mpsc::channel(HEARD_CAPACITY);
+        // Past its capacity, notifications are dropped (and counted) and the applier is
+        // told, so that it follows again only once the polls have read what they carried.
+        let (heard, heard_rx) = mpsc::channel(self.config.notification_capacity.max(1));
+        let status = self.status.clone();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             // Whether notifications were dropped since the last `Lost` was sent.
@@ -487,6 +493,7 @@ impl Applier {
                         let payload = Message::Heard(n.payload().to_owned());
                         if lost || heard.try_send(payload).is_err() {
                             lost = true;
+                            status.dropped();
                         }
                     }
                     Ok(AsyncMessage::Notice(notice)) => {
@@ -554,8 +561,7 @@ impl Applier {
         let mut snapshot = None;
         let mut pruned = Cursor::default();
         let mut last: Option<(Cursor, i64)> = None;
-        let mut grant_keys: Vec<(String, String)> = Vec::new();
-        let mut limit_keys: Vec<String> = Vec::new();
+        let mut keys: Vec<(i64, Key)> = Vec::new();
         let mut tuples: HashMap<(String, String), Vec<TupleRow>> = HashMap::new();
         let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
         let mut reload = false;
@@ -587,8 +593,11 @@ impl Applier {
                     ));
                 }
                 "k" => match a.as_str() {
-                    "t" => grant_keys.push((b.unwrap_or_default(), c.unwrap_or_default())),
-                    "l" => limit_keys.push(b.unwrap_or_default()),
+                    "t" => keys.push((
+                        n.unwrap_or(0),
+                        Key::Grant(b.unwrap_or_default(), c.unwrap_or_default()),
+                    )),
+                    "l" => keys.push((n.unwrap_or(0), Key::Limits(b.unwrap_or_default()))),
                     _ => reload = true,
                 },
                 "t" => tuples
@@ -611,7 +620,7 @@ impl Applier {
         tracing::debug!(
             cursor = ?cursor,
             horizon,
-            keys = grant_keys.len() + limit_keys.len(),
+            keys = keys.len(),
             pending = pending_since.is_some(),
             "polled the changelog"
         );
@@ -622,21 +631,26 @@ impl Applier {
         if reload {
             return Ok(Polled::Reload("TRUNCATE in the changelog"));
         }
-        for (subject, object) in &grant_keys {
-            let rows = tuples
-                .remove(&(subject.clone(), object.clone()))
-                .unwrap_or_default();
-            self.store.set_grant(subject, object, &rows);
+        // Each key is rewritten whole, one at a time, in the order of its last change: a
+        // reader sees a transaction's keys change in the order it wrote them, and the
+        // keys of transactions that did not overlap in the order they committed (for
+        // overlapping ones, the changelog does not know the commit order).
+        keys.sort_unstable_by_key(|(position, _)| *position);
+        for (_, key) in &keys {
+            match key {
+                Key::Grant(subject, object) => {
+                    let rows = tuples
+                        .remove(&(subject.clone(), object.clone()))
+                        .unwrap_or_default();
+                    self.store.set_grant(subject, object, &rows);
+                }
+                Key::Limits(subject) => {
+                    let rows = limits.remove(subject).unwrap_or_default();
+                    self.store.set_limits(subject, &rows);
+                }
+            }
         }
-        for subject in &limit_keys {
-            let rows = limits.remove(subject).unwrap_or_default();
-            self.store.set_limits(subject, &rows);
-        }
-        let reread: HashSet<Key> = grant_keys
-            .into_iter()
-            .map(|(s, o)| Key::Grant(s, o))
-            .chain(limit_keys.into_iter().map(Key::Limits))
-            .collect();
+        let reread: HashSet<Key> = keys.into_iter().map(|(_, key)| key).collect();
 
         match last {
             Some((last, count)) if count >= self.config.batch_rows => {

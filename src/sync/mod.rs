@@ -64,6 +64,9 @@ pub struct SyncConfig {
     pub batch_rows: i64,
     /// Backoff between reconnect attempts grows to this.
     pub max_backoff: Duration,
+    /// Notifications that may wait for the applier (4,096). Past that they are dropped,
+    /// and their commits read from the changelog. Small only in tests, to drop some.
+    pub notification_capacity: usize,
 }
 
 impl SyncConfig {
@@ -75,6 +78,7 @@ impl SyncConfig {
             query_timeout: Duration::from_secs(30),
             batch_rows: 10_000,
             max_backoff: Duration::from_secs(5),
+            notification_capacity: 4096,
         }
     }
 }

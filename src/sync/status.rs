@@ -32,6 +32,8 @@ struct Inner {
     notified: AtomicU64,
     /// Notifications whose rows were refused (unsigned, not verifying, replayed).
     refused: AtomicU64,
+    /// Notifications dropped because too many waited for the applier.
+    dropped: AtomicU64,
     /// The last error, for operators. A `Mutex` because it is written rarely and read by
     /// the status route only.
     last_error: Mutex<Option<String>>,
@@ -67,6 +69,9 @@ pub struct StatusReport {
     /// does not verify, or a replay (forged; or triggers older than migration 0006, or a
     /// key rotated since permd read it). Their commits are read from the changelog.
     pub refused_notifications: u64,
+    /// Notifications dropped since start because too many waited for the applier; their
+    /// commits are read from the changelog.
+    pub dropped_notifications: u64,
     /// The most recent sync error, if any since the last successful catch-up.
     pub last_error: Option<String>,
 }
@@ -87,6 +92,7 @@ impl Status {
             following: i.following.load(Ordering::Relaxed),
             notified_changes: i.notified.load(Ordering::Relaxed),
             refused_notifications: i.refused.load(Ordering::Relaxed),
+            dropped_notifications: i.dropped.load(Ordering::Relaxed),
             last_error: i
                 .last_error
                 .lock()
@@ -162,6 +168,11 @@ impl Status {
     /// A notification's rows were refused.
     pub(crate) fn refused(&self) {
         self.inner.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A notification was dropped: too many waited for the applier.
+    pub(crate) fn dropped(&self) {
+        self.inner.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn reconnected(&self) {
