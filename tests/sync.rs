@@ -586,15 +586,17 @@ async fn notifications_alone_carry_every_committed_change() {
     }
     // Within one transaction: the same row inserted, deleted and inserted again (three
     // notifications, the first and the last with the same rows, none folded into
-    // another), a row's expiry changed in place, and 150 rows in one statement (carried
-    // whole: 4 KB of the notification's 8).
+    // another), a row's expiry changed in place, 150 rows in one statement (carried
+    // whole: 4 KB of the notification's 8), and names beyond ASCII, with quotes (signed
+    // over the JSON's UTF-8 as Postgres escapes it).
     db.write(
         "INSERT INTO permd.tuples VALUES ('again', 'doc', 'read', NULL);
          DELETE FROM permd.tuples WHERE subject = 'again';
          INSERT INTO permd.tuples VALUES ('again', 'doc', 'read', NULL);
          INSERT INTO permd.tuples VALUES ('expiring', 'doc', 'read', NULL);
          UPDATE permd.tuples SET expires_at = now() + interval '1 day' WHERE subject = 'expiring';
-         INSERT INTO permd.tuples SELECT 'wide', 'doc:' || i, 'read', NULL FROM generate_series(1, 150) i;",
+         INSERT INTO permd.tuples SELECT 'wide', 'doc:' || i, 'read', NULL FROM generate_series(1, 150) i;
+         INSERT INTO permd.tuples VALUES ('ünïcødé \"quoted\"', 'dôc', 'réad', NULL);",
     )
     .await;
     let expected = db.digest().await;
