@@ -144,20 +144,34 @@ pub struct Applier {
     driver: Option<AbortHandle>,
     /// Which notifications' changes may be applied as they arrive.
     follower: Follower,
-    /// The key that signs the notifications that carry rows; `None` when it cannot be
-    /// read (a schema older than migration 0006, or no privilege on
-    /// `permd.notify_key`): rows are then never applied, and every commit is polled.
-    key: Option<NotifyKey>,
-    /// When the key was last read.
-    key_read_at: Option<Instant>,
-    /// A notification did not verify: read the key again before the next poll.
-    key_stale: bool,
-    /// A notification verified under the key since it was read: the first one that does
-    /// not is most likely a rotation, and the key is read again at once (later ones, a
-    /// flood of forgeries perhaps, at most every `KEY_REREAD`).
-    key_proven: bool,
+    /// The key that verifies notifications, and when to read it again.
+    signing: Signing,
     /// Refused notifications not yet logged, and when they last were.
     refused_quiet: (u64, Option<Instant>),
+}
+
+/// The key that signs the notifications that carry rows, and when to read it again.
+#[derive(Default)]
+struct Signing {
+    /// `None` when it cannot be read (a schema older than migration 0006, or no privilege
+    /// on `permd.notify_key`): rows are then never applied, and every commit is polled.
+    key: Option<NotifyKey>,
+    /// When it was last read.
+    read_at: Option<Instant>,
+    /// A notification did not verify (or there is no key): read it again before the next
+    /// poll.
+    stale: bool,
+    /// A notification verified under it since it was read: the first one that does not is
+    /// most likely a rotation, so the key is read again at once; otherwise (a flood of
+    /// forgeries, perhaps, or no key at all) at most every `KEY_REREAD`.
+    proven: bool,
+}
+
+impl Signing {
+    /// Whether to read the key before the next poll.
+    fn due(&self) -> bool {
+        self.stale && (self.proven || self.read_at.map_or(true, |at| at.elapsed() >= KEY_REREAD))
+    }
 }
 
 impl Applier {
@@ -171,10 +185,7 @@ impl Applier {
             cursor: None,
             incarnation: None,
             driver: None,
-            key: None,
-            key_read_at: None,
-            key_stale: false,
-            key_proven: false,
+            signing: Signing::default(),
             refused_quiet: (0, None),
         }
     }
@@ -277,12 +288,7 @@ impl Applier {
         let poll = self.timed(client.prepare(POLL)).await?;
         let mut behind = BEHIND_FIRST;
         loop {
-            if self.key_stale
-                && (self.key_proven
-                    || self
-                        .key_read_at
-                        .map_or(true, |at| at.elapsed() >= KEY_REREAD))
-            {
+            if self.signing.due() {
                 self.read_key(&client, false).await?;
             }
             let started = Instant::now();
@@ -348,14 +354,14 @@ impl Applier {
     /// Takes in one message from the connection; true when it calls for a poll.
     fn hear(&mut self, message: Message) -> bool {
         let verdict = match message {
-            Message::Heard(payload) => match Heard::parse(&payload, self.key.as_ref()) {
+            Message::Heard(payload) => match Heard::parse(&payload, self.signing.key.as_ref()) {
                 Ok(heard) => {
-                    self.key_proven |= heard.has_rows();
+                    self.signing.proven |= heard.has_rows();
                     self.follower.heard(Some(heard))
                 }
                 // Without a key (said once at connect) every notification is a doorbell.
-                Err(Refused::Unsigned) if self.key.is_none() => {
-                    self.key_stale = true;
+                Err(Refused::Unsigned) if self.signing.key.is_none() => {
+                    self.signing.stale = true;
                     self.follower.heard(None)
                 }
                 Err(Refused::Unsigned) => {
@@ -364,7 +370,7 @@ impl Applier {
                          migration 0006, or signed under a key rotated since permd read it)",
                     );
                     // The key may have been rotated.
-                    self.key_stale = true;
+                    self.signing.stale = true;
                     self.follower.heard(None)
                 }
                 Err(Refused::Unreadable) => self.follower.heard(None),
@@ -414,24 +420,24 @@ impl Applier {
     /// warning level once a session, `first`), not fatal: permd then polls for every
     /// commit, as with notifications off.
     async fn read_key(&mut self, client: &Client, first: bool) -> Result<(), Error> {
-        self.key_read_at = Some(Instant::now());
-        self.key_stale = false;
-        self.key_proven = false;
+        self.signing = Signing {
+            read_at: Some(Instant::now()),
+            ..Signing::default()
+        };
         let read = self
             .timed(client.query_opt("SELECT inner_pad FROM permd.notify_key", &[]))
             .await;
         let why = match read {
             Ok(row) => {
                 let pad: Option<Vec<u8>> = row.map(|row| row.try_get(0)).transpose()?;
-                self.key = pad.as_deref().and_then(NotifyKey::from_inner_pad);
-                if self.key.is_some() {
+                self.signing.key = pad.as_deref().and_then(NotifyKey::from_inner_pad);
+                if self.signing.key.is_some() {
                     return Ok(());
                 }
                 "permd.notify_key holds no key (SELECT permd.rotate_notify_key() makes one)"
                     .to_owned()
             }
             Err(Error::Postgres(e)) if e.as_db_error().is_some() => {
-                self.key = None;
                 format!(
                     "{} (run `permd migrate`; permd's role needs SELECT on permd.notify_key)",
                     error_chain(&e)
@@ -718,4 +724,42 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_read_again_at_once_after_it_verified_and_otherwise_at_most_each_second() {
+        let just_read = Signing {
+            read_at: Some(Instant::now()),
+            ..Signing::default()
+        };
+        assert!(!just_read.due(), "nothing failed");
+        let failed = Signing {
+            stale: true,
+            ..just_read
+        };
+        assert!(
+            !failed.due(),
+            "a failure without a verified one before: a second apart"
+        );
+        let rotated = Signing {
+            proven: true,
+            ..failed
+        };
+        assert!(rotated.due(), "a failure after a verified one: at once");
+        let long_ago = Signing {
+            stale: true,
+            read_at: Instant::now().checked_sub(KEY_REREAD),
+            ..Signing::default()
+        };
+        assert!(long_ago.due());
+        assert!(Signing {
+            stale: true,
+            ..Signing::default()
+        }
+        .due());
+    }
 }
