@@ -9,6 +9,11 @@
 -- Notifications without rows (TRUNCATE, request_reload(), a statement too large) stay
 -- unsigned: they only make permd poll the changelog. ARCHITECTURE.md, "Signed
 -- notifications", gives the whole design, replays included.
+--
+-- A role that may LISTEN still sees the rows that change. Where that matters,
+-- permd.notify = 'doorbell' (ALTER DATABASE ... SET, or SET LOCAL in a transaction) sends
+-- the transaction id alone, as a doorbell: permd then reads each commit from the
+-- changelog at once, as before 0005.
 
 -- The key, as HMAC's two padded keys (key XOR 0x36.., key XOR 0x5c..; the key is 64
 -- bytes, SHA-256's block), so that signing is two sha256() calls. One row.
@@ -61,7 +66,8 @@ BEGIN
     n := set_config('permd.statement',
                     (coalesce(nullif(current_setting('permd.statement', true), ''), '0')::bigint + 1)::text,
                     true);
-    IF coalesce(json_array_length(gone), 0) <= 200 AND coalesce(json_array_length(came), 0) <= 200 THEN
+    IF current_setting('permd.notify', true) IS DISTINCT FROM 'doorbell'
+       AND coalesce(json_array_length(gone), 0) <= 200 AND coalesce(json_array_length(came), 0) <= 200 THEN
         payload := json_build_object('x', xid, 'n', n::bigint, 'k', kind, 'd', gone, 'u', came)::text;
         SELECT k.inner_pad, k.outer_pad INTO inner_pad, outer_pad FROM permd.notify_key k;
         IF inner_pad IS NULL OR octet_length(payload) > 7935 THEN

@@ -756,6 +756,37 @@ async fn forged_and_replayed_notifications_change_no_answer() {
     daemon.stop().await;
 }
 
+/// With `permd.notify = doorbell` a writer's notifications carry its transaction id alone,
+/// so that a role that may LISTEN does not see which rows change; permd then reads each
+/// commit from the changelog at once (an hourly poll here: the doorbell alone brings it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doorbell_only_writer_shows_no_rows_to_listeners() {
+    let db = database().await;
+    let daemon = following(&db).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .expect("connect");
+    listener.listen("permd_changes").await.expect("listen");
+    db.write(
+        "SET LOCAL permd.notify = doorbell;
+         INSERT INTO permd.tuples VALUES ('secret', 'doc', 'read', NULL);",
+    )
+    .await;
+    let heard = listener.recv().await.expect("notification");
+    assert!(heard.payload().starts_with("{\"x\""), "{}", heard.payload());
+    assert!(!heard.payload().contains("secret"), "{}", heard.payload());
+    daemon
+        .wait_for("the write", || daemon.store.check("secret", "read", "doc"))
+        .await;
+    let report = daemon.status.report();
+    assert_eq!(
+        (report.notified_changes, report.refused_notifications),
+        (0, 0),
+        "{report:?}"
+    );
+    daemon.stop().await;
+}
+
 /// A writer needs no privilege on the key: the trigger functions run as the owner of
 /// permd's schema. A role that may write permd.tuples and permd.limits, and nothing else
 /// of permd's, writes; its rows arrive signed and are applied from their notifications,
