@@ -3,8 +3,9 @@
 //! `cargo bench --bench freshness` starts a throwaway Postgres and permd (in this process,
 //! so that visibility is observed on the store itself, every 20 µs), then commits
 //! single-tuple transactions at a fixed rate (100 and 1,000 writes/s, over `BENCH_WRITERS`
-//! connections, default 4) with NOTIFY on, and with NOTIFY off (changes then arrive by
-//! polling, here every 100 ms).
+//! connections, default 4) with NOTIFY on (the notification carries the rows), with
+//! `permd.notify = doorbell` (the transaction id alone: permd polls for it at once) and
+//! with NOTIFY off (changes then arrive by polling, here every 100 ms).
 //!
 //! The rows with NOTIFY on are run again while `BENCH_READERS` (default 32, 0 to skip)
 //! HTTP connections send checks to permd at `BENCH_READ_RATE` checks/s in all (default
@@ -98,7 +99,7 @@ async fn run(
     store: &Store,
     rate: f64,
     seconds: f64,
-    notify: bool,
+    notify: &'static str,
     tag: &str,
 ) -> Vec<Duration> {
     let pending: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
@@ -143,9 +144,9 @@ async fn run(
                 .await
                 .unwrap();
             tokio::spawn(connection);
-            if !notify {
+            if notify != "on" {
                 client
-                    .batch_execute("SET permd.notify = off")
+                    .batch_execute(&format!("SET permd.notify = {notify}"))
                     .await
                     .unwrap();
             }
@@ -223,14 +224,18 @@ fn main() {
         assert!(daemon.wait_ready(Duration::from_secs(60)).await);
         let store = daemon.store().clone();
 
+        // NOTIFY on (the notification carries the rows), doorbell (the transaction id
+        // alone: permd polls for it at once) and off (the poll interval).
         let mut rows = vec![
-            (true, 100.0, 0),
-            (true, 1000.0, 0),
-            (false, 100.0, 0),
-            (false, 1000.0, 0),
+            ("on", 100.0, 0),
+            ("on", 1000.0, 0),
+            ("doorbell", 100.0, 0),
+            ("doorbell", 1000.0, 0),
+            ("off", 100.0, 0),
+            ("off", 1000.0, 0),
         ];
         if readers > 0 {
-            rows.extend([(true, 100.0, readers), (true, 1000.0, readers)]);
+            rows.extend([("on", 100.0, readers), ("on", 1000.0, readers)]);
         }
 
         println!();
@@ -244,7 +249,7 @@ fn main() {
         );
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (notify, rate, readers) in rows {
-            let tag = format!("{}{}r{readers}", if notify { "on" } else { "off" }, rate);
+            let tag = format!("{notify}{rate}r{readers}");
             let stop = Arc::new(AtomicBool::new(false));
             let load = (readers > 0)
                 .then(|| read_load(daemon.local_addr(), readers, read_rate, Arc::clone(&stop)));
@@ -259,8 +264,7 @@ fn main() {
             let checks = answered as f64 / started.elapsed().as_secs_f64();
             let q = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
             println!(
-                "| {} | {rate:.0} | {readers} | {checks:.0} | {} | {notified} | {:.2} | {:.2} | {:.2} | {steal} |",
-                if notify { "on" } else { "off" },
+                "| {notify} | {rate:.0} | {readers} | {checks:.0} | {} | {notified} | {:.2} | {:.2} | {:.2} | {steal} |",
                 l.len(),
                 q(0.5),
                 q(0.99),
