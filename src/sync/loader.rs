@@ -107,7 +107,10 @@ pub(crate) async fn load(client: &mut Client, tap: &Tap, stall: Duration) -> Res
 }
 
 /// Runs `work`, one step of a load, until it ends or `progress` (blocks of rows received)
-/// has not moved for `stall`.
+/// has not moved for `stall`: four looks, a quarter of it apart, that all found it still.
+/// Counted in looks, not by the clock alone: a process frozen as a whole for longer than
+/// `stall` (a paused VM, SIGSTOP, heavy swapping) would otherwise take the time it lost
+/// for a silent Postgres at its first look after it thawed, and load again from nothing.
 async fn watched<T, E>(
     work: impl Future<Output = Result<T, E>>,
     progress: &AtomicU64,
@@ -118,14 +121,17 @@ where
 {
     let watchdog = async {
         let mut seen = progress.load(Ordering::Relaxed);
-        let mut since = Instant::now();
+        let mut still = 0;
         loop {
             tokio::time::sleep(stall / 4).await;
             let now = progress.load(Ordering::Relaxed);
             if now != seen {
-                (seen, since) = (now, Instant::now());
-            } else if since.elapsed() >= stall {
-                return;
+                (seen, still) = (now, 0);
+            } else {
+                still += 1;
+                if still >= 4 {
+                    return;
+                }
             }
         }
     };
@@ -208,4 +214,39 @@ fn build(
     }
     parser.finish()?;
     Ok((builder.finish(), rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STALL: Duration = Duration::from_secs(8);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_load_that_receives_nothing_for_the_stall_time_is_stalled() {
+        let progress = AtomicU64::new(0);
+        let started = tokio::time::Instant::now();
+        let work = std::future::pending::<Result<(), Error>>();
+        let result = watched(work, &progress, STALL).await;
+        assert!(matches!(result, Err(Error::Stalled(_))), "{result:?}");
+        assert!(started.elapsed() >= STALL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_load_frozen_with_its_process_goes_on_once_thawed() {
+        let progress = AtomicU64::new(0);
+        let work = async {
+            // Let the watchdog start, then lose twice the stall time at once, as a
+            // process stopped as a whole does; then rows arrive again.
+            tokio::task::yield_now().await;
+            tokio::time::advance(2 * STALL).await;
+            for _ in 0..8 {
+                tokio::time::sleep(STALL / 8).await;
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, Error>(())
+        };
+        let result = watched(work, &progress, STALL).await;
+        assert!(result.is_ok(), "{result:?}");
+    }
 }
