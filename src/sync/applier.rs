@@ -208,7 +208,7 @@ impl Applier {
                     // would wait for the answer to the abandoned statement until TCP
                     // keepalives gave up, holding the socket (and, in a full load, the
                     // builder's thread). One that answered with an error closes itself.
-                    if matches!(error, Error::Timeout(_) | Error::Stalled(_)) {
+                    if matches!(error, Error::Timeout(..) | Error::Stalled(_)) {
                         if let Some(driver) = self.driver.take() {
                             driver.abort();
                         }
@@ -246,9 +246,12 @@ impl Applier {
         // would be abandoned with its backend still queued for the lock, and a full load
         // would be reported as stalled.
         let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
-        self.timed(client.batch_execute(&format!(
-            "{SESSION}; SET lock_timeout = {lock_timeout}; LISTEN {CHANNEL}"
-        )))
+        self.timed(
+            "the session's settings and LISTEN",
+            client.batch_execute(&format!(
+                "{SESSION}; SET lock_timeout = {lock_timeout}; LISTEN {CHANNEL}"
+            )),
+        )
         .await?;
         self.status.set_connected(true);
         tracing::info!("connected to postgres, listening on {CHANNEL}");
@@ -260,11 +263,14 @@ impl Applier {
         // changelog. Its incarnation (postmaster start time and the shared statistics'
         // reset time, which crash recovery resets) tells.
         let incarnation: String = self
-            .timed(client.query_one(
-                "SELECT pg_postmaster_start_time()::text || ' / ' \
+            .timed(
+                "the server's start time",
+                client.query_one(
+                    "SELECT pg_postmaster_start_time()::text || ' / ' \
                         || coalesce((SELECT stats_reset FROM pg_stat_bgwriter)::text, '')",
-                &[],
-            ))
+                    &[],
+                ),
+            )
             .await?
             .try_get(0)?;
         let restarted = self
@@ -285,7 +291,9 @@ impl Applier {
         }
         // Prepared once per connection: the poll is one large statement, and planning it
         // on every poll cost about as much as running it.
-        let poll = self.timed(client.prepare(POLL)).await?;
+        let poll = self
+            .timed("the poll's PREPARE", client.prepare(POLL))
+            .await?;
         let mut behind = BEHIND_FIRST;
         loop {
             if self.signing.due() {
@@ -425,7 +433,10 @@ impl Applier {
             ..Signing::default()
         };
         let read = self
-            .timed(client.query_opt("SELECT inner_pad FROM permd.notify_key", &[]))
+            .timed(
+                "the read of the notification key",
+                client.query_opt("SELECT inner_pad FROM permd.notify_key", &[]),
+            )
             .await;
         let why = match read {
             Ok(row) => {
@@ -481,7 +492,9 @@ impl Applier {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10));
         let tap = Tap::default();
-        let (client, mut connection) = self.timed(connect::connect(&config, &tap)).await?;
+        let (client, mut connection) = self
+            .timed("the connection", connect::connect(&config, &tap))
+            .await?;
         // Past its capacity, notifications are dropped (and counted) and the applier is
         // told, so that it follows again only once the polls have read what they carried.
         let (heard, heard_rx) = mpsc::channel(self.config.notification_capacity.max(1));
@@ -561,7 +574,10 @@ impl Applier {
         let cursor = self.cursor.unwrap_or_default();
         let xid = cursor.xid.to_string();
         let rows = self
-            .timed(client.query(poll, &[&xid, &cursor.id, &self.config.batch_rows]))
+            .timed(
+                "a poll",
+                client.query(poll, &[&xid, &cursor.id, &self.config.batch_rows]),
+            )
             .await?;
 
         let mut snapshot = None;
@@ -687,14 +703,19 @@ impl Applier {
         }
     }
 
-    /// Bounds one round trip, so a silently dead server is noticed.
-    async fn timed<T, E>(&self, fut: impl Future<Output = Result<T, E>>) -> Result<T, Error>
+    /// Bounds one round trip, `what` (named in the error), so a silently dead server is
+    /// noticed.
+    async fn timed<T, E>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, Error>
     where
         Error: From<E>,
     {
         match tokio::time::timeout(self.config.query_timeout, fut).await {
             Ok(result) => result.map_err(Error::from),
-            Err(_) => Err(Error::Timeout(self.config.query_timeout)),
+            Err(_) => Err(Error::Timeout(what, self.config.query_timeout)),
         }
     }
 }

@@ -31,9 +31,9 @@ pub enum Error {
     /// The database answered something we cannot interpret.
     #[error("unexpected answer from postgres: {0}")]
     Protocol(String),
-    /// A query did not answer in time; the connection is presumed dead.
-    #[error("postgres did not answer within {0:?}")]
-    Timeout(Duration),
+    /// A query did not answer in time; the connection is presumed dead. Says which.
+    #[error("postgres did not answer {0} within {1:?}")]
+    Timeout(&'static str, Duration),
     /// A full load received nothing for this long; the connection is presumed dead.
     #[error("a full load received nothing from postgres for {0:?}")]
     Stalled(Duration),
