@@ -419,8 +419,8 @@ async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
             sqlx::query_scalar::<_, bool>(
                 "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
                  FROM pg_stat_activity
-                 WHERE application_name = 'permd' AND state = 'active'
-                   AND query LIKE 'COPY permd.tuples %'",
+                 WHERE datname = current_database() AND application_name = 'permd'
+                   AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
             )
             .fetch_one(&pool)
             .await
