@@ -13,8 +13,13 @@ use permd::sync::{StatusReport, SyncConfig};
 /// A sync config with polling far slower than any test deadline, so a test passes only
 /// if NOTIFY or a reader's request wakes the applier.
 fn doorbell_only(url: &str) -> SyncConfig {
+    polling_every(url, Duration::from_secs(3600))
+}
+
+/// A sync config whose idle poll runs every `interval`.
+fn polling_every(url: &str, interval: Duration) -> SyncConfig {
     let mut config = SyncConfig::new(url);
-    config.poll_interval = Duration::from_secs(3600);
+    config.poll_interval = interval;
     config
 }
 
@@ -627,8 +632,7 @@ async fn a_key_never_goes_back_in_time() {
     let db = database().await;
     db.exec("INSERT INTO permd.tuples VALUES ('mono', 'doc', 'v000000', NULL)")
         .await;
-    let mut sync = SyncConfig::new(&db.url);
-    sync.poll_interval = Duration::from_millis(1);
+    let sync = polling_every(&db.url, Duration::from_millis(1));
     let daemon = TestDaemon::start_with(sync, patient()).await;
     const VERSIONS: u32 = 1500;
     let writer = {
@@ -667,6 +671,17 @@ async fn a_key_never_goes_back_in_time() {
     daemon.stop().await;
 }
 
+/// Each of `statements`, run as the role behind `pool`, is refused for want of a privilege.
+async fn denied(pool: &sqlx::PgPool, statements: &[&str]) {
+    for statement in statements {
+        let error = sqlx::raw_sql(statement).execute(pool).await.err();
+        assert!(
+            error.is_some_and(|e| e.to_string().contains("permission denied")),
+            "{statement}"
+        );
+    }
+}
+
 /// Anyone who can connect may LISTEN and NOTIFY on any channel (Postgres has no privilege
 /// for either), so a role with no privilege on permd's tables, or a SQL injection in a
 /// read-only query, can send permd notifications. Here one hears a grant's notification,
@@ -696,16 +711,6 @@ async fn forged_and_replayed_notifications_change_no_answer() {
         })
         .await;
     assert!(!daemon.store.check("bob", "read", "doc"));
-    let refused = |n: u64| {
-        let daemon = &daemon;
-        async move {
-            daemon
-                .wait_for("the notifications refused", || {
-                    daemon.status.report().refused_notifications == n
-                })
-                .await;
-        }
-    };
 
     // The replay: no poll has read either commit yet, so applied it would grant again.
     sqlx::query("SELECT pg_notify('permd_changes', $1)")
@@ -713,7 +718,9 @@ async fn forged_and_replayed_notifications_change_no_answer() {
         .execute(&mallory)
         .await
         .expect("replay");
-    refused(1).await;
+    daemon
+        .wait_for_report("the replay refused", |r| r.refused_notifications == 1)
+        .await;
     assert!(!daemon.store.check("bob", "read", "doc"));
 
     // Forgeries, each under a transaction id no poll has seen.
@@ -737,22 +744,22 @@ async fn forged_and_replayed_notifications_change_no_answer() {
             .await
             .unwrap_or_else(|e| panic!("{forged}: {e}"));
     }
-    refused(4).await;
+    daemon
+        .wait_for_report("the forgeries refused", |r| r.refused_notifications == 4)
+        .await;
     assert!(!daemon.store.check("mallory", "admin", ""));
     assert!(!daemon.store.check("mallory", "read", "doc"));
     let token = db.write("SELECT 1").await;
     assert_eq!(daemon.digest_at(&token).await, db.digest().await);
 
-    for denied in [
-        "SELECT inner_pad FROM permd.notify_key",
-        "SELECT permd.ring_changes('t', NULL, '[]')",
-    ] {
-        let error = sqlx::query(denied).execute(&mallory).await.err();
-        assert!(
-            error.is_some_and(|e| e.to_string().contains("permission denied")),
-            "{denied}"
-        );
-    }
+    denied(
+        &mallory,
+        &[
+            "SELECT inner_pad FROM permd.notify_key",
+            "SELECT permd.ring_changes('t', NULL, '[]')",
+        ],
+    )
+    .await;
     daemon.stop().await;
 }
 
@@ -813,8 +820,8 @@ async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
     .await
     .expect("the writer writes");
     daemon
-        .wait_for("both statements applied", || {
-            daemon.status.report().notified_changes == before.notified_changes + 2
+        .wait_for_report("both statements applied", |r| {
+            r.notified_changes == before.notified_changes + 2
         })
         .await;
     assert!(daemon.store.check("w", "read", "doc"));
@@ -826,24 +833,20 @@ async fn a_writer_without_privilege_on_the_key_sends_signed_rows() {
         .await
         .expect("the writer truncates");
     daemon
-        .wait_for("the reload", || {
-            daemon.status.report().reloads == before.reloads + 1
-        })
+        .wait_for_report("the reload", |r| r.reloads == before.reloads + 1)
         .await;
     assert_eq!(daemon.store.limit("w", "projects"), None);
-    for denied in [
-        "SELECT inner_pad FROM permd.notify_key",
-        "SELECT permd.rotate_notify_key()",
-        "CREATE TEMP TABLE mine (subject text, object text, permission text, expires_at timestamptz);
-         CREATE TRIGGER mine AFTER INSERT ON mine REFERENCING NEW TABLE AS new_rows
-             FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_new();",
-    ] {
-        let error = sqlx::raw_sql(denied).execute(&writer).await.err();
-        assert!(
-            error.is_some_and(|e| e.to_string().contains("permission denied")),
-            "{denied}"
-        );
-    }
+    denied(
+        &writer,
+        &[
+            "SELECT inner_pad FROM permd.notify_key",
+            "SELECT permd.rotate_notify_key()",
+            "CREATE TEMP TABLE mine (subject text, object text, permission text, expires_at timestamptz);
+             CREATE TRIGGER mine AFTER INSERT ON mine REFERENCING NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_new();",
+        ],
+    )
+    .await;
     daemon.stop().await;
 }
 
@@ -893,19 +896,11 @@ async fn a_daemon_that_cannot_read_the_key_polls_for_every_commit() {
 async fn a_rotated_key_is_read_again() {
     let db = database().await;
     let daemon = following(&db).await;
-    let applied = |n: u64| {
-        let daemon = &daemon;
-        async move {
-            daemon
-                .wait_for("applied from the notification", || {
-                    daemon.status.report().notified_changes == n
-                })
-                .await;
-        }
-    };
     db.write("INSERT INTO permd.tuples VALUES ('before', 'doc', 'read', NULL)")
         .await;
-    applied(1).await;
+    daemon
+        .wait_for_report("applied from its notification", |r| r.notified_changes == 1)
+        .await;
     db.exec("SELECT permd.rotate_notify_key()").await;
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('first', 'doc', 'read', NULL)")
@@ -918,7 +913,9 @@ async fn a_rotated_key_is_read_again() {
     assert!(daemon.check("first", "read", "doc", &token).await);
     db.write("INSERT INTO permd.tuples VALUES ('next', 'doc', 'read', NULL)")
         .await;
-    applied(2).await;
+    daemon
+        .wait_for_report("applied from its notification", |r| r.notified_changes == 2)
+        .await;
     assert!(daemon.store.check("next", "read", "doc"));
     assert_eq!(daemon.status.report().refused_notifications, 1);
     daemon.stop().await;
@@ -983,19 +980,14 @@ async fn b_never_ahead_of_a(sync: SyncConfig, db: &TestDb, notify: bool) -> Stat
     report
 }
 
-fn polling_every_millisecond(url: &str) -> SyncConfig {
-    let mut sync = SyncConfig::new(url);
-    sync.poll_interval = Duration::from_millis(1);
-    sync
-}
-
 /// A poll applies the keys it re-read one at a time, in the order of their last change
 /// in the changelog (NOTIFY off: polls alone). Applied in any other order (they came in
 /// the order of their names' hashes until session 26), `b` shows ahead of `a`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_applies_keys_in_the_order_they_were_written() {
     let db = database().await;
-    let report = b_never_ahead_of_a(polling_every_millisecond(&db.url), &db, false).await;
+    let report =
+        b_never_ahead_of_a(polling_every(&db.url, Duration::from_millis(1)), &db, false).await;
     assert_eq!(report.notified_changes, 0, "{report:?}");
 }
 
@@ -1006,7 +998,7 @@ async fn a_poll_applies_keys_in_the_order_they_were_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_notifications_never_let_a_later_commit_jump_ahead() {
     let db = database().await;
-    let mut sync = polling_every_millisecond(&db.url);
+    let mut sync = polling_every(&db.url, Duration::from_millis(1));
     sync.notification_capacity = 2;
     let report = b_never_ahead_of_a(sync, &db, true).await;
     assert!(report.dropped_notifications > 0, "{report:?}");

@@ -16,7 +16,7 @@ use http_body_util::BodyExt as _;
 use permd::embedded::{Cluster, ClusterOptions};
 use permd::http::{Api, App, HttpConfig};
 use permd::store::Store;
-use permd::sync::{Applier, Status, SyncConfig};
+use permd::sync::{Applier, Status, StatusReport, SyncConfig};
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -233,6 +233,13 @@ impl TestDaemon {
     /// Polls `condition` until it holds, failing the test after `DEADLINE`.
     pub async fn wait_for(&self, what: &str, mut condition: impl FnMut() -> bool) {
         wait_until(what, || std::future::ready(condition())).await;
+    }
+
+    /// Waits until the status report satisfies `condition`, failing the test after
+    /// `DEADLINE`.
+    pub async fn wait_for_report(&self, what: &str, condition: impl Fn(&StatusReport) -> bool) {
+        self.wait_for(what, || condition(&self.status.report()))
+            .await;
     }
 
     pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
