@@ -18,6 +18,7 @@ use common::{
 use permd::embedded::StopMode;
 use permd::http::HttpConfig;
 use permd::sync::SyncConfig;
+use tokio_util::sync::CancellationToken;
 
 /// Checks sent through the API in a loop until stopped, counting non-200 answers.
 struct Load {
@@ -523,105 +524,149 @@ async fn a_poll_kept_waiting_by_a_lock_says_so_and_resumes_without_a_reload() {
     daemon.stop().await;
 }
 
-/// Continues a stopped process when dropped, so that a failing test leaves no backend
-/// stopped in the shared cluster (its shutdown would wait for it).
-struct Stopped(i32);
+/// A TCP proxy in front of a test database, whose connections a test can freeze: the
+/// network that stops carrying a connection's bytes, or the server that stops sending
+/// them, as permd sees either. (Stopping the backend itself with SIGSTOP, as this test did
+/// before, can stop it holding one of the cluster's shared locks, which every new
+/// connection to the shared cluster then waits for.)
+struct Proxy {
+    /// The connections made through the proxy, by the port of their socket to Postgres
+    /// (`client_port` in Postgres's `pg_stat_activity`).
+    links: Arc<std::sync::Mutex<std::collections::HashMap<u16, Arc<Link>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
 
-impl Stopped {
-    fn stop(pid: i32) -> Self {
-        signal("STOP", pid);
-        Self(pid)
+/// One connection through a [`Proxy`].
+#[derive(Default)]
+struct Link {
+    /// Cancelled to stop forwarding what Postgres sends, for good.
+    frozen: CancellationToken,
+    /// Cancelled when the connection has ended, on either side.
+    closed: CancellationToken,
+}
+
+impl Proxy {
+    /// Starts a proxy in front of the database at `url` (`postgres://…@127.0.0.1:PORT/…`);
+    /// returns it and the same URL through it.
+    async fn in_front_of(url: &str) -> (Self, String) {
+        let (head, tail) = url.rsplit_once(':').expect("a URL with a port");
+        let (port, database) = tail.split_once('/').expect("a URL with a database");
+        let target = format!("127.0.0.1:{port}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let proxied = format!(
+            "{head}:{}/{database}",
+            listener.local_addr().expect("proxy address").port()
+        );
+        let links = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let known = Arc::clone(&links);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let port = server.local_addr().expect("proxy's own address").port();
+                let link = Arc::new(Link::default());
+                known.lock().expect("links").insert(port, Arc::clone(&link));
+                tokio::spawn(link.forward(client, server));
+            }
+        });
+        (Self { links, accept }, proxied)
+    }
+
+    /// The connection whose socket to Postgres has local port `port`.
+    fn link(&self, port: u16) -> Arc<Link> {
+        let links = self.links.lock().expect("links");
+        Arc::clone(
+            links
+                .get(&port)
+                .expect("a connection made through the proxy"),
+        )
     }
 }
 
-impl Drop for Stopped {
+impl Drop for Proxy {
     fn drop(&mut self) {
-        signal("CONT", self.0);
+        self.accept.abort();
     }
 }
 
-/// The kernel's state (`/proc/net/tcp`'s `st`, in hex) of this machine's TCP socket whose
-/// local port is `port`, if there is one.
-fn tcp_state(port: u16) -> Option<String> {
-    let local = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .find_map(|table| {
-            std::fs::read_to_string(table)
-                .ok()?
-                .lines()
-                .skip(1)
-                .find_map(|line| {
-                    let fields: Vec<&str> = line.split_whitespace().collect();
-                    (fields.get(1)?.ends_with(&local))
-                        .then(|| fields.get(3).map(|s| (*s).to_owned()))?
-                })
-        })
+impl Link {
+    /// Carries bytes both ways until either side ends the connection, then closes both
+    /// sockets (so that a backend left waiting to send ends too).
+    async fn forward(
+        self: Arc<Self>,
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+    ) {
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        let up = tokio::io::copy(&mut from_client, &mut to_server);
+        let down = async {
+            tokio::select! {
+                _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
+                () = self.frozen.cancelled() => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = up => {}
+            () = down => {}
+        }
+        self.closed.cancel();
+    }
 }
 
-fn signal(name: &str, pid: i32) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
-/// The full load's rows stop arriving in the middle of its COPY (its backend stopped with
-/// SIGSTOP: what a hung server or a network that drops every packet looks like from
+/// The full load's rows stop arriving in the middle of its COPY (its connection frozen
+/// in a proxy: what a hung server or a network that drops every packet looks like from
 /// permd's side). The load gives up once nothing arrived for the query timeout, the
 /// connection is dropped, and a new one loads everything. Before, the load waited until
 /// TCP keepalives gave up on the connection, minutes with the kernel's defaults. The
-/// connection presumed dead is closed on permd's side at once, while its backend is still
-/// stopped (left to itself, its task would hold the socket open for that long).
+/// connection presumed dead is closed on permd's side (left to itself, its task would
+/// hold the socket open for that long).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
     let db = database().await;
     fill_a_long_copy(&db).await;
-    let mut sync = SyncConfig::new(&db.url);
+    let (proxy, url) = Proxy::in_front_of(&db.url).await;
+    let mut sync = SyncConfig::new(&url);
     sync.query_timeout = Duration::from_millis(1000);
     sync.max_backoff = Duration::from_millis(400);
     let started = Instant::now();
     let daemon = TestDaemon::spawn(sync, patient());
     let pool = db.pool.clone();
-    let backend = std::sync::Mutex::new((0, 0));
-    wait_until("the full load's COPY, to stop its backend", || {
+    let backend = std::sync::Mutex::new(0);
+    wait_until("the full load's COPY, to freeze its connection", || {
         let pool = pool.clone();
         let found = &backend;
         async move {
-            let row: Option<(i32, i32)> = sqlx::query_as(
-                "SELECT pid, client_port FROM pg_stat_activity
+            let port: Option<i32> = sqlx::query_scalar(
+                "SELECT client_port FROM pg_stat_activity
                  WHERE datname = current_database() AND application_name = 'permd'
                    AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
             )
             .fetch_optional(&pool)
             .await
             .expect("look for the COPY");
-            *found.lock().expect("lock") = row.unwrap_or_default();
-            row.is_some()
+            *found.lock().expect("lock") = port.unwrap_or_default();
+            port.is_some()
         }
     })
     .await;
-    let (pid, client_port) = *backend.lock().expect("lock");
-    let port = u16::try_from(client_port).expect("a TCP connection");
-    assert_eq!(tcp_state(port).as_deref(), Some("01"), "established");
-    let stopped = Stopped::stop(pid);
+    let port = u16::try_from(*backend.lock().expect("lock")).expect("a TCP connection");
+    let link = proxy.link(port);
+    link.frozen.cancel();
     let stalled = started.elapsed();
     daemon
         .wait_for("ready", || daemon.status.is_ready(60.0))
         .await;
     let ready = started.elapsed();
-    // 01 is ESTABLISHED; closed by permd, the socket waits for the stopped backend's FIN.
-    let state = tcp_state(port);
-    assert_ne!(
-        state.as_deref(),
-        Some("01"),
-        "the stalled connection is still open"
-    );
-    drop(stopped);
+    tokio::time::timeout(DEADLINE, link.closed.cancelled())
+        .await
+        .expect("the stalled connection closed by permd");
     let report = loaded_again_exactly(&daemon, &db).await;
     println!(
-        "full load's backend stopped {:.2}s after start; loaded again on a new connection, \
+        "full load's connection frozen {:.2}s after start; loaded again on a new connection, \
          ready {:.2}s after start, {} reconnect(s)",
         stalled.as_secs_f64(),
         ready.as_secs_f64(),
