@@ -38,6 +38,45 @@ enum Message {
     Lost,
 }
 
+/// Drives the connection, passing each notification's payload on to the applier until
+/// the connection ends, and returns why it ended. Past the channel's capacity,
+/// notifications are dropped (and counted), and the applier is told with a `Lost` as soon
+/// as the channel has room again, before anything heard after them: it then follows
+/// again only once the polls have read what they carried. (Told at the next notification
+/// instead, a burst's last dropped commits waited for the idle poll.)
+async fn forward(
+    messages: impl futures_util::Stream<Item = Result<String, Error>>,
+    heard: mpsc::Sender<Message>,
+    status: Status,
+) -> Error {
+    tokio::pin!(messages);
+    // Whether notifications were dropped since the last `Lost` was sent.
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            biased;
+            room = heard.reserve(), if lost => match room {
+                Ok(room) => {
+                    room.send(Message::Lost);
+                    lost = false;
+                }
+                // The applier is gone, and the connection with it.
+                Err(_) => return Error::Closed,
+            },
+            message = messages.next() => match message {
+                Some(Ok(payload)) => {
+                    if lost || heard.try_send(Message::Heard(payload)).is_err() {
+                        lost = true;
+                        status.dropped();
+                    }
+                }
+                Some(Err(error)) => return error,
+                None => return Error::Closed,
+            },
+        }
+    }
+}
+
 /// The sync connection's planner settings, for the poll's sake: it is a small statement run
 /// hundreds of times a second, whose plan must be cheap to run at any table size.
 ///
@@ -495,35 +534,20 @@ impl Applier {
         let (client, mut connection) = self
             .timed("the connection", connect::connect(&config, &tap))
             .await?;
-        // Past its capacity, notifications are dropped (and counted) and the applier is
-        // told, so that it follows again only once the polls have read what they carried.
         let (heard, heard_rx) = mpsc::channel(self.config.notification_capacity.max(1));
-        let status = self.status.clone();
-        let driver = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            // Whether notifications were dropped since the last `Lost` was sent.
-            let mut lost = false;
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        if lost && heard.try_send(Message::Lost).is_ok() {
-                            lost = false;
-                        }
-                        let payload = Message::Heard(n.payload().to_owned());
-                        if lost || heard.try_send(payload).is_err() {
-                            lost = true;
-                            status.dropped();
-                        }
-                    }
+        let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx))
+            .filter_map(|message| {
+                std::future::ready(match message {
+                    Ok(AsyncMessage::Notification(n)) => Some(Ok(n.payload().to_owned())),
                     Ok(AsyncMessage::Notice(notice)) => {
                         tracing::debug!(notice = %notice.message(), "postgres notice");
+                        None
                     }
-                    Ok(_) => {}
-                    Err(error) => return Error::Postgres(error),
-                }
-            }
-            Error::Closed
-        });
+                    Ok(_) => None,
+                    Err(error) => Some(Err(Error::Postgres(error))),
+                })
+            });
+        let driver = tokio::spawn(forward(messages, heard, self.status.clone()));
         self.driver = Some(driver.abort_handle());
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
         Ok((client, tap, heard_rx, closed))
@@ -750,6 +774,44 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn payload(message: Option<Message>) -> Option<String> {
+        match message {
+            Some(Message::Heard(payload)) => Some(payload),
+            Some(Message::Lost) => Some("lost".into()),
+            None => None,
+        }
+    }
+
+    /// Notifications dropped at the end of a burst are told as soon as the applier takes
+    /// one message, not at the next notification (none may come for as long as the idle
+    /// poll's interval), and before whatever is heard after them.
+    #[tokio::test(start_paused = true)]
+    async fn dropped_notifications_are_told_as_soon_as_there_is_room() {
+        let (connection, from_connection) = mpsc::unbounded_channel::<Result<String, Error>>();
+        let mut from_connection = from_connection;
+        let messages = futures_util::stream::poll_fn(move |cx| from_connection.poll_recv(cx));
+        let (heard, mut applier) = mpsc::channel(1);
+        let status = Status::default();
+        let driver = tokio::spawn(forward(messages, heard, status.clone()));
+        for n in ["a", "b", "c"] {
+            connection.send(Ok(n.into())).expect("driver running");
+        }
+        // On the paused clock this returns once every task is idle: the driver has taken
+        // all three in.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(status.report().dropped_notifications, 2);
+        assert_eq!(payload(applier.recv().await).as_deref(), Some("a"));
+        let told = tokio::time::timeout(Duration::from_secs(60), applier.recv()).await;
+        assert_eq!(
+            payload(told.expect("told without another notification")).as_deref(),
+            Some("lost")
+        );
+        connection.send(Ok("d".into())).expect("driver running");
+        assert_eq!(payload(applier.recv().await).as_deref(), Some("d"));
+        drop(connection);
+        assert!(matches!(driver.await.expect("driver"), Error::Closed));
+    }
 
     #[test]
     fn the_key_is_read_again_at_once_after_it_verified_and_otherwise_at_most_each_second() {
