@@ -788,8 +788,7 @@ mod tests {
     /// poll's interval), and before whatever is heard after them.
     #[tokio::test(start_paused = true)]
     async fn dropped_notifications_are_told_as_soon_as_there_is_room() {
-        let (connection, from_connection) = mpsc::unbounded_channel::<Result<String, Error>>();
-        let mut from_connection = from_connection;
+        let (connection, mut from_connection) = mpsc::unbounded_channel::<Result<String, Error>>();
         let messages = futures_util::stream::poll_fn(move |cx| from_connection.poll_recv(cx));
         let (heard, mut applier) = mpsc::channel(1);
         let status = Status::default();
