@@ -3,24 +3,32 @@
 
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions as _, PgPool};
+use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 
 /// A small pool for one-off work.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = database_url.parse().context("parse the database URL")?;
+    // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
+    // bookkeeping table printed "relation \"_sqlx_migrations\" already exists,
+    // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
+    // statement logging either: sqlx warns of every statement over a second, and the
+    // demo's seeding runs several (it reports its own progress).
+    let options = options
+        .application_name("permd-cli")
+        .options([("client_min_messages", "warning")])
+        .disable_statement_logging();
+    // The pool retries a connection that fails until its acquire timeout (30 s) and then
+    // says only that it timed out: one connection first says why (refused, unknown host,
+    // authentication, TLS), at once.
+    // (Its message already holds its cause's.)
+    let first = options
+        .connect()
+        .await
+        .map_err(|error| anyhow::anyhow!("connect to the database: {error}"))?;
+    first.close().await.context("connect to the database")?;
     PgPoolOptions::new()
         .max_connections(4)
-        // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
-        // bookkeeping table printed "relation \"_sqlx_migrations\" already exists,
-        // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
-        // statement logging either: sqlx warns of every statement over a second, and the
-        // demo's seeding runs several (it reports its own progress).
-        .connect_with(
-            options
-                .application_name("permd-cli")
-                .options([("client_min_messages", "warning")])
-                .disable_statement_logging(),
-        )
+        .connect_with(options)
         .await
         .context("connect to the database")
 }

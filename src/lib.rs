@@ -62,9 +62,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Binds the listener (failing fast if the address is taken), then starts the
-    /// applier and the server. Answers `/readyz` 503 until loaded and caught up.
+    /// Refuses a database URL the sync connection could never connect with (one that asks
+    /// for TLS, or that does not parse), binds the listener (failing fast if the address is
+    /// taken), then starts the applier and the server. Answers `/readyz` 503 until loaded and caught up.
     pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        sync::check_database_url(&settings.sync.database_url)?;
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listen on {}", settings.listen))?;

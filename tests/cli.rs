@@ -19,6 +19,28 @@ fn permd() -> Command {
     command
 }
 
+/// Runs `command` to its end and returns its output; fails the test (and kills it) if it
+/// is still running after `DEADLINE`.
+fn output_within_deadline(mut command: Command) -> std::process::Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run permd");
+    let pid = child.id();
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    match output.recv_timeout(DEADLINE) {
+        Ok(output) => output.expect("permd's output"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("permd still running after {DEADLINE:?}");
+        }
+    }
+}
+
 /// One HTTP/1.1 GET over a fresh connection: (status, body).
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http_get_with(port, path, "")
@@ -167,6 +189,49 @@ fn listening_beyond_loopback_without_a_token_is_refused() {
         stderr.contains("refusing to listen on 0.0.0.0:0 without a token"),
         "{stderr}"
     );
+}
+
+/// A database URL the daemon could never connect with stops it at start with the reason,
+/// where it was retried for ever (a URL that asks for TLS, or one with an unknown option).
+#[test]
+fn a_database_url_that_can_never_connect_is_refused_at_start() {
+    for (url, reason) in [
+        (
+            "postgres://u@127.0.0.1:1/db?sslmode=verify-full",
+            "sslmode=verify-full needs TLS",
+        ),
+        (
+            "host=127.0.0.1 dbname=db frobnicate=1",
+            "unknown option `frobnicate`",
+        ),
+    ] {
+        let mut serve = permd();
+        serve.args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"]);
+        let output = output_within_deadline(serve);
+        assert!(!output.status.success(), "{url}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(reason), "{url}: {stderr}");
+    }
+}
+
+/// `migrate` (and every other one-off command) says why it cannot connect, where sqlx's
+/// pool said only, after 30 s, that it had timed out.
+#[test]
+fn migrate_says_why_it_cannot_connect() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut migrate = permd();
+    migrate.args([
+        "migrate",
+        "--database-url",
+        &format!("postgres://u@127.0.0.1:{port}/db"),
+    ]);
+    let output = output_within_deadline(migrate);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use super::connect;
 use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Snapshot, Verdict};
 use super::loader::{self, Loaded};
 use super::tap::Tap;
-use super::{parse_xid, Cursor, Error, Status, SyncConfig};
+use super::{error_chain, parse_xid, Cursor, Error, Status, SyncConfig};
 use crate::store::{Store, TupleRow, Xid};
 
 /// The doorbell channel rung by the changelog triggers.
@@ -520,7 +520,7 @@ impl Applier {
         ),
         Error,
     > {
-        let mut config: tokio_postgres::Config = self.config.database_url.parse()?;
+        let mut config = connect::config(&self.config.database_url)?;
         if config.get_application_name().is_none() {
             config.application_name("permd");
         }
@@ -753,22 +753,6 @@ fn hint(error: &Error) -> Option<&'static str> {
         ),
         _ => None,
     }
-}
-
-/// An error with its causes, e.g. "postgres: error connecting to server: Connection
-/// refused (os error 111)": tokio-postgres keeps the useful part in the source.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

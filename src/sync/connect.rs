@@ -21,7 +21,7 @@ use tokio_postgres::{Client, Config, Connection, NoTls, SimpleQueryMessage};
 use tokio_util::either::Either;
 
 use super::tap::{Tap, Tapped};
-use super::Error;
+use super::{error_chain, Error};
 
 /// A TCP or Unix socket to Postgres.
 pub(crate) type Socket = Either<TcpStream, UnixStream>;
@@ -29,18 +29,52 @@ pub(crate) type Socket = Either<TcpStream, UnixStream>;
 /// The sync connection: tokio-postgres's, over our tapped socket.
 pub(crate) type SyncConnection = Connection<Tapped<Socket>, NoTlsStream>;
 
+/// Reads the database URL as the sync connection does, and refuses what it could never
+/// connect with: a string tokio-postgres cannot read, or an `sslmode` that needs TLS
+/// (`require`, and `verify-ca` and `verify-full`, which tokio-postgres does not read):
+/// permd speaks plain TCP to Postgres.
+pub(crate) fn config(url: &str) -> Result<Config, Error> {
+    let needs_tls = |mode: &str| {
+        Error::Url(format!(
+            "sslmode={mode} needs TLS, which permd does not speak to Postgres yet (use \
+             sslmode=prefer or disable, or a TLS-terminating proxy)"
+        ))
+    };
+    let config = url
+        .parse::<Config>()
+        .map_err(|error| match option(url, "sslmode") {
+            Some(mode @ ("verify-ca" | "verify-full")) => needs_tls(mode),
+            _ => Error::Url(error_chain(&error)),
+        })?;
+    if config.get_ssl_mode() == SslMode::Require {
+        return Err(needs_tls("require"));
+    }
+    Ok(config)
+}
+
+/// The value of option `name` in a URL's query (`?name=value&…`) or a key=value string
+/// (`name=value`, `name = 'value'`), if it is there; for error messages only.
+fn option<'a>(url: &'a str, name: &str) -> Option<&'a str> {
+    url.match_indices(name).find_map(|(at, _)| {
+        let before = url[..at].chars().next_back();
+        if before.is_some_and(|c| !matches!(c, '?' | '&' | ' ' | '\t' | '\n')) {
+            return None;
+        }
+        let value = url[at + name.len()..]
+            .trim_start()
+            .strip_prefix('=')?
+            .trim_start();
+        let value = value.strip_prefix('\'').unwrap_or(value);
+        let end = value
+            .find(['&', '\'', ' ', '\t', '\n'])
+            .unwrap_or(value.len());
+        Some(&value[..end])
+    })
+}
+
 /// Connects to the first of `config`'s hosts that answers and suits its
 /// `target_session_attrs`, with `tap` on the socket.
 pub(crate) async fn connect(config: &Config, tap: &Tap) -> Result<(Client, SyncConnection), Error> {
-    // permd speaks plain TCP to Postgres; `require` (and the stricter modes, which
-    // tokio-postgres does not parse) would need TLS.
-    if config.get_ssl_mode() == SslMode::Require {
-        return Err(Error::Connect(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "sslmode=require: permd does not speak TLS to Postgres (use sslmode=prefer or \
-             disable, or a TLS-terminating proxy)",
-        )));
-    }
     let hosts = config.get_hosts();
     let hostaddrs = config.get_hostaddrs();
     let ports = config.get_ports();
@@ -214,19 +248,48 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn sslmode_require_is_refused_with_the_reason() {
-        let config: Config = "postgres://u@localhost/db?sslmode=require"
-            .parse()
-            .expect("a valid URL");
-        let error = refused(
-            connect(&config, &Tap::default())
-                .await
-                .err()
-                .expect("no TLS"),
-        );
-        assert_eq!(error.kind(), io::ErrorKind::Unsupported);
-        assert!(error.to_string().contains("sslmode=require"));
+    /// A URL the sync connection could never connect with is refused with the reason,
+    /// whichever form it has.
+    #[test]
+    fn urls_that_need_tls_or_do_not_parse_are_refused_with_the_reason() {
+        let refused = |url: &str| match config(url) {
+            Err(Error::Url(why)) => why,
+            Err(other) => panic!("{url}: not a URL error: {other}"),
+            Ok(_) => panic!("{url}: accepted"),
+        };
+        for (url, mode) in [
+            ("postgres://u@localhost/db?sslmode=require", "require"),
+            (
+                "postgres://u@localhost/db?sslmode=verify-full",
+                "verify-full",
+            ),
+            (
+                "postgres://u@localhost/db?application_name=a&sslmode=verify-ca&sslrootcert=ca.pem",
+                "verify-ca",
+            ),
+            (
+                "host=localhost dbname=db sslmode = 'verify-full'",
+                "verify-full",
+            ),
+            ("host=localhost sslmode=require", "require"),
+        ] {
+            let why = refused(url);
+            assert!(
+                why.starts_with(&format!("sslmode={mode} needs TLS")),
+                "{url}: {why}"
+            );
+        }
+        let why = refused("postgres://u@localhost/db?sslmode=allow-maybe");
+        assert!(why.contains("sslmode"), "{why}");
+        let why = refused("postgres://u@localhost/db?frobnicate=1");
+        assert!(why.contains("frobnicate"), "{why}");
+        for url in [
+            "postgres://u@localhost/db",
+            "postgres://u@localhost/db?sslmode=prefer",
+            "host=/run/postgresql dbname=db sslmode=disable",
+        ] {
+            assert!(config(url).is_ok(), "{url}");
+        }
     }
 
     #[tokio::test]

@@ -46,6 +46,16 @@ pub enum Error {
     /// No socket to Postgres could be opened.
     #[error("connect to postgres: {0}")]
     Connect(#[source] std::io::Error),
+    /// The database URL is one the sync connection can never connect with.
+    #[error("the database URL: {0}")]
+    Url(String),
+}
+
+/// Refuses a database URL that the sync connection could never connect with (one it
+/// cannot read, or one that asks for TLS), so that a daemon fails at start with the reason
+/// rather than retrying it for ever.
+pub fn check_database_url(url: &str) -> Result<(), Error> {
+    connect::config(url).map(drop)
 }
 
 /// How the applier talks to Postgres.
@@ -94,4 +104,20 @@ pub(crate) struct Cursor {
 pub(crate) fn parse_xid(text: &str) -> Result<u64, Error> {
     text.parse()
         .map_err(|_| Error::Protocol(format!("not an xid8: {text:?}")))
+}
+
+/// An error with its causes, e.g. "postgres: error connecting to server: Connection
+/// refused (os error 111)": tokio-postgres keeps the useful part in the source.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
