@@ -224,6 +224,23 @@ pub fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
+/// An error with its causes, each once (sqlx's errors repeat their cause in their own
+/// message), e.g. "postgres: error connecting to server: Connection refused (os error
+/// 111)": tokio-postgres keeps the useful part in the source.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,9 +35,10 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            let error = permd::error_chain(error.as_ref());
+            tracing::error!("{error}");
             // Not `eprintln!`, which panics when stderr is gone.
-            let _ = writeln!(std::io::stderr(), "permd: {error:#}");
+            let _ = writeln!(std::io::stderr(), "permd: {error}");
             std::process::ExitCode::FAILURE
         }
     }

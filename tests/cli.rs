@@ -476,6 +476,34 @@ async fn the_token_never_leaks() {
     let _ = std::fs::remove_file(file);
 }
 
+/// A one-off command's error names each cause once: sqlx's errors repeat their cause in
+/// their own message, and the chain printed them twice or three times.
+#[tokio::test]
+async fn an_error_names_each_cause_once() {
+    let db = database().await;
+    db.exec("DROP SCHEMA permd CASCADE").await;
+    let mut verify = permd();
+    verify.args([
+        "verify",
+        "--database-url",
+        &db.url,
+        "--permd",
+        "http://127.0.0.1:1",
+    ]);
+    let output = output_within_deadline(verify);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let said = stderr
+        .lines()
+        .find(|line| line.starts_with("permd: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    assert_eq!(
+        said.matches("schema \"permd\" does not exist").count(),
+        1,
+        "{said}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_proves_equality_and_names_what_differs() {
     let db = database().await;

@@ -492,6 +492,30 @@ async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_release
     daemon.stop().await;
 }
 
+/// A daemon started on a database that lacks permd's schema (its migrations not applied
+/// yet, or applied to another database) says so with the remedy, retries, and loads once
+/// `permd migrate` has run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_the_schema_says_to_migrate_and_loads_once_migrated() {
+    let db = database().await;
+    db.exec("DROP SCHEMA permd CASCADE; DROP TABLE _sqlx_migrations")
+        .await;
+    let daemon = TestDaemon::spawn(impatient(&db.url), patient());
+    let error = daemon.failed_attempts(2).await;
+    assert!(error.contains("schema \"permd\" does not exist"), "{error}");
+    assert!(error.contains("run `permd migrate`"), "{error}");
+    permd::db::migrate(&db.pool).await.expect("migrate");
+    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    daemon
+        .wait_for("ready", || daemon.status.is_ready(60.0))
+        .await;
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert_eq!(daemon.store.counts().tuples, 1);
+    daemon.stop().await;
+}
+
 /// A poll kept waiting by a lock on `permd.tuples` (a poll locks every table it names,
 /// changes or not) is cancelled by Postgres after half the query timeout, with the hint;
 /// the applier reconnects and keeps its cursor (no reload), and a write made meanwhile is

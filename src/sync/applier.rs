@@ -751,6 +751,25 @@ fn hint(error: &Error) -> Option<&'static str> {
             "another session holds a lock on a table permd reads, e.g. LOCK TABLE, ALTER TABLE \
              or VACUUM FULL on permd.tuples; pg_locks shows which; permd retries",
         ),
+        Error::Postgres(e)
+            if [
+                SqlState::INVALID_SCHEMA_NAME,
+                SqlState::UNDEFINED_TABLE,
+                SqlState::UNDEFINED_FUNCTION,
+                SqlState::UNDEFINED_COLUMN,
+            ]
+            .iter()
+            .any(|code| e.code() == Some(code)) =>
+        {
+            Some(
+                "this database lacks schema permd or one of its migrations: run `permd \
+                 migrate` against it; permd retries",
+            )
+        }
+        Error::Postgres(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Some(
+            "permd's role lacks a privilege it needs (USAGE on schema permd, SELECT on its \
+             tables: README, \"Running it against your database\"); permd retries",
+        ),
         _ => None,
     }
 }

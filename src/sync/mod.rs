@@ -15,6 +15,7 @@ mod tap;
 
 use std::time::Duration;
 
+pub(crate) use crate::error_chain;
 pub use applier::{Applier, POLL, SESSION};
 pub use status::{Status, StatusReport};
 
@@ -104,20 +105,4 @@ pub(crate) struct Cursor {
 pub(crate) fn parse_xid(text: &str) -> Result<u64, Error> {
     text.parse()
         .map_err(|_| Error::Protocol(format!("not an xid8: {text:?}")))
-}
-
-/// An error with its causes, e.g. "postgres: error connecting to server: Connection
-/// refused (os error 111)": tokio-postgres keeps the useful part in the source.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
