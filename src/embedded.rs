@@ -24,6 +24,9 @@ pub struct ClusterOptions {
     pub unsafe_fast: bool,
     /// Listen on this port instead of a free one.
     pub port: Option<u16>,
+    /// Start a hot standby of the cluster listening on this local port (a base backup
+    /// that then streams its WAL) instead of a new cluster.
+    pub standby_of: Option<u16>,
 }
 
 /// How to stop the server (for fault tests): Postgres' shutdown modes, or SIGKILL of the
@@ -64,7 +67,12 @@ dir="$1"; bin="$2"; port="$3"; keep="$4"; shift 4
 trap '' INT TERM HUP
 opts="-p $port -k $dir -c listen_addresses=127.0.0.1"
 for setting in "$@"; do opts="$opts -c $setting"; done
-if [ ! -f "$dir/data/PG_VERSION" ]; then
+if [ -f "$dir/data/PG_VERSION" ]; then
+  :
+elif [ -n "$PERMD_PG_PRIMARY_PORT" ]; then
+  "$bin/pg_basebackup" -h 127.0.0.1 -p "$PERMD_PG_PRIMARY_PORT" -U postgres -D "$dir/data" -R -X stream --no-sync >"$dir/initdb.log" 2>&1 \
+    || { echo "failed: pg_basebackup: $(tail -n 5 "$dir/initdb.log" | tr '\n' ' ')"; exit 1; }
+else
   "$bin/initdb" -D "$dir/data" -A trust -U postgres -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1 \
     || { echo "failed: initdb: $(tail -n 5 "$dir/initdb.log" | tr '\n' ' ')"; exit 1; }
 fi
@@ -147,6 +155,9 @@ impl Cluster {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(watchdog_log);
+        if let Some(primary) = options.standby_of {
+            command.env("PERMD_PG_PRIMARY_PORT", primary.to_string());
+        }
         use std::os::unix::process::CommandExt as _;
         // A process group of its own: Ctrl-C in a terminal (or `timeout`) signals our
         // group, and the cluster must outlive that signal long enough for us to stop it

@@ -516,6 +516,58 @@ async fn a_database_without_the_schema_says_to_migrate_and_loads_once_migrated()
     daemon.stop().await;
 }
 
+/// permd pointed at a standby (a read replica: Postgres allows no LISTEN there) says to
+/// point it at the primary, and retries; a URL that lists the standby first and the
+/// primary with `target_session_attrs=read-write` follows the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_says_to_follow_the_primary() {
+    let primary = own_cluster(None);
+    let standby = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        standby_of: Some(primary.port()),
+        ..Default::default()
+    })
+    .expect("start a standby");
+    let db = database_on(&primary).await;
+    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let replica = standby.url(name);
+    wait_until("the standby to replay the migrated database", || {
+        let replica = replica.clone();
+        async move {
+            let Ok(pool) = permd::db::pool(&replica).await else {
+                return false;
+            };
+            let replayed: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
+                .fetch_one(&pool)
+                .await;
+            pool.close().await;
+            replayed.is_ok_and(|n| n == 1)
+        }
+    })
+    .await;
+
+    let daemon = TestDaemon::spawn(impatient(&replica), patient());
+    let error = daemon.failed_attempts(2).await;
+    assert!(error.contains("LISTEN during recovery"), "{error}");
+    assert!(error.contains("point --database-url at"), "{error}");
+    daemon.stop().await;
+
+    let both = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{name}?target_session_attrs=read-write",
+        standby.port(),
+        primary.port()
+    );
+    let daemon = TestDaemon::start(&both).await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+    db.pool.close().await;
+}
+
 /// A poll kept waiting by a lock on `permd.tuples` (a poll locks every table it names,
 /// changes or not) is cancelled by Postgres after half the query timeout, with the hint;
 /// the applier reconnects and keeps its cursor (no reload), and a write made meanwhile is

@@ -766,6 +766,12 @@ fn hint(error: &Error) -> Option<&'static str> {
                  migrate` against it; permd retries",
             )
         }
+        // Only recovery refuses permd's statements as writes: LISTEN on a standby.
+        Error::Postgres(e) if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => Some(
+            "this server is a standby, where LISTEN is not allowed: permd follows the \
+             primary; point --database-url at it, or list every server with \
+             target_session_attrs=read-write; permd retries (and follows a promoted standby)",
+        ),
         Error::Postgres(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Some(
             "permd's role lacks a privilege it needs (USAGE on schema permd, SELECT on its \
              tables: README, \"Running it against your database\"); permd retries",
