@@ -149,6 +149,15 @@ fn steps() -> Vec<(&'static str, String)> {
 
 /// Runs the demo until `shutdown`.
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The flags, a given URL and the address first: a mistake in any of them fails in a
+    // moment, not after a minute of seeding.
+    let mut settings = args
+        .server
+        .settings(args.database_url.as_deref().unwrap_or_default())?;
+    if let Some(url) = &args.database_url {
+        crate::sync::check_database_url(url)?;
+    }
+    let listener = crate::bind(settings.listen).await?;
     let (cluster, database_url) = match &args.database_url {
         Some(url) => (None, url.clone()),
         None => {
@@ -191,8 +200,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     }
     pool.close().await;
 
-    let settings = args.server.settings(&database_url)?;
-    let daemon = Daemon::start(settings, shutdown.clone()).await?;
+    settings.sync.database_url.clone_from(&database_url);
+    let daemon = Daemon::start_on(listener, settings, shutdown.clone()).await?;
     if daemon.wait_ready(Duration::from_secs(120)).await {
         // A URL given by the user may hold a password: name the variable instead.
         let psql_url = match &cluster {

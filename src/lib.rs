@@ -62,14 +62,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Refuses a database URL the sync connection could never connect with (one that asks
-    /// for TLS, or that does not parse), binds the listener (failing fast if the address is
-    /// taken), then starts the applier and the server. Answers `/readyz` 503 until loaded and caught up.
+    /// Binds the listener (failing fast if the address is taken), then
+    /// [`start_on`](Self::start_on) it.
     pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let listener = bind(settings.listen).await?;
+        Self::start_on(listener, settings, shutdown).await
+    }
+
+    /// Refuses a database URL the sync connection could never connect with (one that asks
+    /// for TLS, or that does not parse), then starts the applier and the server on
+    /// `listener` (from [`bind`]: a caller with slow work before the start binds first, so
+    /// that an address in use fails at once). Answers `/readyz` 503 until loaded and
+    /// caught up.
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         sync::check_database_url(&settings.sync.database_url)?;
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("listen on {}", settings.listen))?;
         let local_addr = listener.local_addr().context("read the bound address")?;
         let store = Store::new();
         let status = Status::default();
@@ -222,6 +232,13 @@ pub fn cancel_on_signals(token: CancellationToken) {
         }
         token.cancel();
     });
+}
+
+/// Binds the daemon's listener on `address`.
+pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listen on {address}"))
 }
 
 /// An error with its causes, each once (sqlx's errors repeat their cause in their own

@@ -234,6 +234,24 @@ fn migrate_says_why_it_cannot_connect() {
     assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
+/// The demo checks its address before it starts Postgres and seeds (a minute at the
+/// default size): an address in use fails at once.
+#[test]
+fn the_demo_fails_at_once_when_its_address_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address").to_string();
+    let mut demo = permd();
+    demo.args(["demo", "--users", "100", "--listen", &address]);
+    let output = output_within_deadline(demo);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert!(
+        !stderr.contains("Postgres is up"),
+        "started Postgres first: {stderr}"
+    );
+}
+
 #[test]
 fn help_names_every_flag_and_variable() {
     let output = permd()
