@@ -198,8 +198,15 @@ async fn get_json(target: &Target, path: &str) -> anyhow::Result<Value> {
     }
     let status = head.split(' ').nth(1).unwrap_or_default().to_owned();
     if status != "200" {
+        let hint = match (status.as_str(), &target.token) {
+            ("401", None) => {
+                " (the daemon wants its token: give it as PERMD_TOKEN or --token-file)"
+            }
+            ("401", Some(_)) => " (the token given is not the daemon's)",
+            _ => "",
+        };
         bail!(
-            "permd answered {status} to {path}: {}",
+            "permd answered {status} to {path}: {}{hint}",
             String::from_utf8_lossy(&body)
         );
     }

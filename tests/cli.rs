@@ -522,6 +522,30 @@ async fn an_error_names_each_cause_once() {
     );
 }
 
+/// `verify` against a daemon that wants a token says what is missing or wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_says_when_the_daemon_wants_its_token() {
+    let db = database().await;
+    let (_running, port) = serve(&db.url, &[], &[("PERMD_TOKEN", "tok-7c1e9d2a")]).await;
+    let permd_url = format!("http://127.0.0.1:{port}");
+    for (token, says) in [
+        (None, "the daemon wants its token"),
+        (Some("tok-wrong"), "the token given is not the daemon's"),
+    ] {
+        let mut verify = permd();
+        verify.args(["verify", "--database-url", &db.url, "--permd", &permd_url]);
+        if let Some(token) = token {
+            verify.env("PERMD_TOKEN", token);
+        }
+        let output = tokio::task::spawn_blocking(move || output_within_deadline(verify))
+            .await
+            .expect("verify");
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("401") && stderr.contains(says), "{stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_proves_equality_and_names_what_differs() {
     let db = database().await;
