@@ -169,11 +169,28 @@ pub struct DemoArgs {
     pub server: ServerArgs,
 }
 
+/// Reads `--listen`: an IP address and a port, or `localhost:PORT` (127.0.0.1; no other
+/// host name is resolved).
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    match text.strip_prefix("localhost:").map(str::parse::<u16>) {
+        Some(Ok(port)) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        _ => Err(
+            "give an IP address and a port, e.g. 127.0.0.1:7700, 0.0.0.0:7700 or \
+                  [::1]:7700 (host names other than localhost are not resolved)"
+                .to_owned(),
+        ),
+    }
+}
+
 /// Server flags shared by `serve` and `demo`.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Address to serve HTTP on. Anything but loopback requires a token.
-    #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700")]
+    /// Address to serve HTTP on: an IP address and a port (`localhost:PORT` is
+    /// 127.0.0.1). Anything but loopback requires a token.
+    #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_address)]
     pub listen: SocketAddr,
     /// Bearer token required on every route but /livez and /readyz.
     #[command(flatten)]
@@ -280,6 +297,24 @@ mod tests {
         match cli.command {
             Command::Serve(serve) => serve,
             other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn listen_takes_an_ip_address_and_port_or_localhost() {
+        let listen = |address: &str| {
+            let serve = parse(&["permd", "serve", "--database-url", "u", "--listen", address]);
+            serve.server.listen.to_string()
+        };
+        assert_eq!(listen("localhost:7701"), "127.0.0.1:7701");
+        assert_eq!(listen("[::1]:7702"), "[::1]:7702");
+        assert_eq!(listen("0.0.0.0:7703"), "0.0.0.0:7703");
+        for wrong in ["7700", ":7700", "example.com:7700", "localhost:http"] {
+            let error =
+                Cli::try_parse_from(["permd", "serve", "--database-url", "u", "--listen", wrong])
+                    .expect_err(wrong)
+                    .to_string();
+            assert!(error.contains("e.g. 127.0.0.1:7700"), "{wrong}: {error}");
         }
     }
 
