@@ -494,9 +494,9 @@ async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_release
 
 /// A daemon started on a database that lacks permd's schema (its migrations not applied
 /// yet, or applied to another database) says so with the remedy, retries, and loads once
-/// `permd migrate` has run.
+/// `permd migrate` has run; one whose role lacks its privileges is told which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_without_the_schema_says_to_migrate_and_loads_once_migrated() {
+async fn a_database_without_the_schema_or_privileges_says_what_to_do() {
     let db = database().await;
     db.exec("DROP SCHEMA permd CASCADE; DROP TABLE _sqlx_migrations")
         .await;
@@ -505,6 +505,17 @@ async fn a_database_without_the_schema_says_to_migrate_and_loads_once_migrated()
     assert!(error.contains("schema \"permd\" does not exist"), "{error}");
     assert!(error.contains("run `permd migrate`"), "{error}");
     permd::db::migrate(&db.pool).await.expect("migrate");
+    // A role without its privileges is told which it lacks.
+    let (stranger, url) = db.role("stranger", "").await;
+    let denied = TestDaemon::spawn(impatient(&url), patient());
+    let error = denied.failed_attempts(2).await;
+    assert!(error.contains("permission denied"), "{error}");
+    assert!(
+        error.contains("USAGE on schema permd and SELECT"),
+        "{error}"
+    );
+    denied.stop().await;
+    stranger.close().await;
     db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
         .await;
     daemon

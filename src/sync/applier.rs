@@ -773,8 +773,9 @@ fn hint(error: &Error) -> Option<&'static str> {
              target_session_attrs=read-write; permd retries (and follows a promoted standby)",
         ),
         Error::Postgres(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Some(
-            "permd's role lacks a privilege it needs (USAGE on schema permd, SELECT on its \
-             tables: README, \"Running it against your database\"); permd retries",
+            "permd's role lacks a privilege it needs: USAGE on schema permd and SELECT on \
+             its tables, as README's \"Running it against your database\" lists; permd \
+             retries",
         ),
         _ => None,
     }
