@@ -19,8 +19,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         .disable_statement_logging();
     // The pool retries a connection that fails until its acquire timeout (30 s) and then
     // says only that it timed out: one connection first says why (refused, unknown host,
-    // authentication, TLS), at once.
-    // (Its message already holds its cause's.)
+    // authentication, TLS), at once. sqlx's message already holds its cause's.
     let first = options
         .connect()
         .await
