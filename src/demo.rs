@@ -157,7 +157,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(url) = &args.database_url {
         crate::sync::check_database_url(url)?;
     }
-    let listener = crate::bind(settings.listen).await?;
+    let listener = crate::bind(settings.listen)?;
     let (cluster, database_url) = match &args.database_url {
         Some(url) => (None, url.clone()),
         None => {

@@ -65,7 +65,7 @@ impl Daemon {
     /// Binds the listener (failing fast if the address is taken), then
     /// [`start_on`](Self::start_on) it.
     pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let listener = bind(settings.listen).await?;
+        let listener = bind(settings.listen)?;
         Self::start_on(listener, settings, shutdown).await
     }
 
@@ -234,11 +234,28 @@ pub fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
-/// Binds the daemon's listener on `address`.
-pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("listen on {address}"))
+/// The accept queue asked of the kernel (which caps it at `net.core.somaxconn`, 4,096 by
+/// default). tokio's own `bind` asks for 128, as the standard library does: a burst of new
+/// connections beyond that (app servers restarting together, a load generator opening its
+/// connections) had SYNs dropped while the workers were busy, and each such client waited
+/// out a retransmission, 1 s and then 3 s, before it could send a request (seen in the
+/// `compare` suite's overload part: 108 listen overflows, a `/livez` probe of 1,021 ms).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the daemon's listener on `address`, with a deep accept queue
+/// ([`LISTEN_BACKLOG`]).
+pub fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listen = || format!("listen on {address}");
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .with_context(listen)?;
+    // As tokio's `bind`: a restarted daemon may bind while its old connections linger.
+    socket.set_reuseaddr(true).with_context(listen)?;
+    socket.bind(address).with_context(listen)?;
+    socket.listen(LISTEN_BACKLOG).with_context(listen)
 }
 
 /// An error with its causes, each once (sqlx's errors repeat their cause in their own

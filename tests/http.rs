@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::send;
+use common::{send, DEADLINE};
 use permd::http::{Api, App, HttpConfig, Token};
 use permd::store::Store;
 use permd::sync::Status;
@@ -447,7 +447,7 @@ mod wire {
         app: App,
         limits: ServerLimits,
     ) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = permd::bind(([127, 0, 0, 1], 0).into()).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let served = tokio::spawn(serve(listener, Api::new(app), limits, shutdown.clone()));
@@ -831,6 +831,41 @@ mod fuzz {
             prop_assert!(acceptable(status, &answer).is_ok(), "{:?}", acceptable(status, &answer));
         }
     }
+}
+
+/// A burst of new connections deeper than tokio's default accept queue (128) waits in
+/// permd's queue instead of having its SYNs dropped: here permd accepts nothing more (its
+/// one connection slot is taken), and 400 clients still complete their handshakes at once.
+/// With a queue of 128, those past it wait out SYN retransmissions (1 s, 3 s, 7 s…) until
+/// the deadline fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_waits_in_the_accept_queue() {
+    let limits = permd::http::ServerLimits {
+        max_connections: 1,
+        header_timeout: Duration::from_secs(600),
+    };
+    let (addr, _shutdown, _served) = wire::permd(app_state(quick()), limits).await;
+    let held = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let burst: Vec<_> = (0..400)
+        .map(|_| {
+            tokio::spawn(tokio::time::timeout(
+                DEADLINE,
+                tokio::net::TcpStream::connect(addr),
+            ))
+        })
+        .collect();
+    for connecting in burst {
+        let connected = connecting.await.expect("task");
+        assert!(
+            connected.is_ok_and(|c| c.is_ok()),
+            "a connection of the burst did not complete its handshake (the kernel caps the \
+             queue at net.core.somaxconn: {})",
+            std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+                .unwrap_or_default()
+                .trim()
+        );
+    }
+    drop(held);
 }
 
 /// A keep-alive connection that sent a plain check and then nothing is closed once the
