@@ -763,6 +763,17 @@ async fn forged_and_replayed_notifications_change_no_answer() {
     daemon.stop().await;
 }
 
+/// Asserts that the daemon applied nothing from notifications' rows and refused none: what
+/// it holds came by polls.
+fn polled_alone(daemon: &TestDaemon) {
+    let report = daemon.status.report();
+    assert_eq!(
+        (report.notified_changes, report.refused_notifications),
+        (0, 0),
+        "{report:?}"
+    );
+}
+
 /// With `permd.notify = doorbell` a writer's notifications carry its transaction id alone,
 /// so that a role that may LISTEN does not see which rows change; permd then reads each
 /// commit from the changelog at once (an hourly poll here: the doorbell alone brings it).
@@ -785,12 +796,7 @@ async fn a_doorbell_only_writer_shows_no_rows_to_listeners() {
     daemon
         .wait_for("the write", || daemon.store.check("secret", "read", "doc"))
         .await;
-    let report = daemon.status.report();
-    assert_eq!(
-        (report.notified_changes, report.refused_notifications),
-        (0, 0),
-        "{report:?}"
-    );
+    polled_alone(&daemon);
     daemon.stop().await;
 }
 
@@ -877,12 +883,7 @@ async fn a_daemon_that_cannot_read_the_key_polls_for_every_commit() {
         })
         .await;
     }
-    let report = daemon.status.report();
-    assert_eq!(
-        (report.notified_changes, report.refused_notifications),
-        (0, 0),
-        "{report:?}"
-    );
+    polled_alone(&daemon);
     let token = db.write("SELECT 1").await;
     assert_eq!(daemon.digest_at(&token).await, db.digest().await);
     daemon.stop().await;
