@@ -2,12 +2,25 @@
 //! checksummed migrator) and small helpers. The daemon's sync path does not use this.
 
 use anyhow::Context as _;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 
-/// A small pool for one-off work.
+use crate::sync::TlsOptions;
+
+/// A small pool for one-off work. The URL's TLS options are read as the daemon reads them
+/// (`sync::TlsOptions`), and given to sqlx.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = database_url.parse().context("parse the database URL")?;
+    if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+        anyhow::bail!(
+            "migrate, verify and demo take the database as a URL \
+             (postgres://user:password@host:port/database?option=value); the key=value form is \
+             for serve only"
+        );
+    }
+    let (rest, tls) = crate::sync::split_tls_options(database_url)?;
+    tls.check()?;
+    let options: PgConnectOptions = rest.parse().context("parse the database URL")?;
+    let options = with_tls(options, &tls)?;
     // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
     // bookkeeping table printed "relation \"_sqlx_migrations\" already exists,
     // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
@@ -30,6 +43,30 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         .connect_with(options)
         .await
         .context("connect to the database")
+}
+
+/// sqlx's TLS settings from `tls`, as libpq reads them: `require` with `sslrootcert` checks
+/// the CA (libpq's rule, not sqlx's), and `sslrootcert=system` is the system's store (sqlx's
+/// default). sqlx trusts the system's CAs beside an `sslrootcert` file; the daemon trusts
+/// the file's alone.
+fn with_tls(mut options: PgConnectOptions, tls: &TlsOptions) -> anyhow::Result<PgConnectOptions> {
+    let file = tls.root_cert.as_deref().filter(|path| *path != "system");
+    if let Some(mode) = &tls.mode {
+        let mode = match (mode.as_str(), &tls.root_cert) {
+            ("require", Some(_)) => PgSslMode::VerifyCa,
+            (mode, _) => mode
+                .parse()
+                .with_context(|| format!("the database URL: sslmode={mode}"))?,
+        };
+        options = options.ssl_mode(mode);
+    }
+    if let Some(path) = file {
+        options = options.ssl_root_cert(path);
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        options = options.ssl_client_cert(cert).ssl_client_key(key);
+    }
+    Ok(options)
 }
 
 /// Applies every pending migration. Idempotent: applied ones are skipped (and their

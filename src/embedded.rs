@@ -27,6 +27,20 @@ pub struct ClusterOptions {
     /// Start a hot standby of the cluster listening on this local port (a base backup
     /// that then streams its WAL) instead of a new cluster.
     pub standby_of: Option<u16>,
+    /// Accept TLS with this certificate (`ssl=on`).
+    pub tls: Option<ServerTls>,
+}
+
+/// A server's certificate and its private key, both PEM.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The certificate (chain), PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// CAs whose client certificates the server checks, when a client shows one (PEM;
+    /// `ssl_ca_file`). `pg_stat_ssl` then shows the client's name.
+    pub client_ca_pem: Option<String>,
 }
 
 /// How to stop the server (for fault tests): Postgres' shutdown modes, or SIGKILL of the
@@ -114,6 +128,13 @@ impl Cluster {
             )),
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let mut settings: Vec<String> = ["max_connections=200", "shared_buffers=128MB"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        if let Some(tls) = &options.tls {
+            settings.extend(server_tls(&dir, tls)?);
+        }
         let user = unprivileged_user()?;
         if let Some((uid, gid)) = user {
             chown_tree(&dir, uid, gid)?;
@@ -122,10 +143,6 @@ impl Cluster {
             Some(port) => port,
             None => free_port()?,
         };
-        let mut settings: Vec<String> = ["max_connections=200", "shared_buffers=128MB"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
         if options.unsafe_fast {
             settings.extend(
                 [
@@ -282,6 +299,29 @@ impl Drop for Cluster {
 
 /// The directory of `initdb` and `postgres`: `PERMD_PG_BIN`, else next to an `initdb`
 /// on PATH, else the newest `/usr/lib/postgresql/*/bin`.
+/// Writes the certificate and key beside the data (the key readable by its owner alone, as
+/// Postgres demands) and returns the settings that serve them.
+fn server_tls(dir: &Path, tls: &ServerTls) -> anyhow::Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    std::fs::write(&cert, &tls.cert_pem).with_context(|| format!("write {}", cert.display()))?;
+    std::fs::write(&key, &tls.key_pem).with_context(|| format!("write {}", key.display()))?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", key.display()))?;
+    let mut settings = vec![
+        "ssl=on".to_owned(),
+        format!("ssl_cert_file={}", cert.display()),
+        format!("ssl_key_file={}", key.display()),
+    ];
+    if let Some(pem) = &tls.client_ca_pem {
+        let ca = dir.join("client-ca.crt");
+        std::fs::write(&ca, pem).with_context(|| format!("write {}", ca.display()))?;
+        settings.push(format!("ssl_ca_file={}", ca.display()));
+    }
+    Ok(settings)
+}
+
 fn find_bin_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("PERMD_PG_BIN") {
         return Ok(PathBuf::from(dir));

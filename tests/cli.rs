@@ -192,13 +192,18 @@ fn listening_beyond_loopback_without_a_token_is_refused() {
 }
 
 /// A database URL the daemon could never connect with stops it at start with the reason,
-/// where it was retried for ever (a URL that asks for TLS, or one with an unknown option).
+/// where it was retried for ever (a CA file that is not there, an unknown option); so do
+/// `migrate` and the other one-off commands.
 #[test]
 fn a_database_url_that_can_never_connect_is_refused_at_start() {
     for (url, reason) in [
         (
-            "postgres://u@127.0.0.1:1/db?sslmode=verify-full",
-            "sslmode=verify-full needs TLS",
+            "postgres://u@127.0.0.1:1/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "sslrootcert=/nonexistent/ca.pem: I/O error: No such file",
+        ),
+        (
+            "postgres://u@127.0.0.1:1/db?sslmode=verify-fully",
+            "sslmode=verify-fully is not one of",
         ),
         (
             "host=127.0.0.1 dbname=db frobnicate=1",
@@ -207,11 +212,40 @@ fn a_database_url_that_can_never_connect_is_refused_at_start() {
     ] {
         let mut serve = permd();
         serve.args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"]);
-        let output = output_within_deadline(serve);
-        assert!(!output.status.success(), "{url}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(reason), "{url}: {stderr}");
+        let mut migrate = permd();
+        migrate.args(["migrate", "--database-url", url]);
+        // sqlx, under the one-off commands, reads URLs only.
+        let commands = if url.starts_with("postgres://") {
+            vec![serve, migrate]
+        } else {
+            vec![serve]
+        };
+        for command in commands {
+            let output = output_within_deadline(command);
+            assert!(!output.status.success(), "{url}");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.contains(reason), "{url}: {stderr}");
+        }
     }
+}
+
+/// The one-off commands take the database as a URL, and say so when given a key=value
+/// string (sqlx said "relative URL without a base").
+#[test]
+fn migrate_asks_for_a_url() {
+    let mut migrate = permd();
+    migrate.args([
+        "migrate",
+        "--database-url",
+        "host=127.0.0.1 port=1 dbname=db",
+    ]);
+    let output = output_within_deadline(migrate);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("take the database as a URL (postgres://"),
+        "{stderr}"
+    );
 }
 
 /// `migrate` (and every other one-off command) says why it cannot connect, where sqlx's

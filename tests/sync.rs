@@ -1112,3 +1112,198 @@ async fn the_poll_reads_the_changelog_by_its_key_at_any_size() {
         );
     }
 }
+
+/// A certificate authority of the test's own, and certificates it signs.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("a CA key");
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("a CA certificate"),
+        }
+    }
+
+    /// A certificate for `names` (its subject alternative names) and common name `cn`, and
+    /// its key, both PEM.
+    fn sign(&self, names: &[&str], cn: &str) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("certificate params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes the CA's certificate to a file of `dir`, for `sslrootcert`.
+    fn file(&self, dir: &std::path::Path, name: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, self.issuer.pem()).expect("write the CA's certificate");
+        path.display().to_string()
+    }
+}
+
+/// Whether every connection of `application_name` to `db`'s database is encrypted, and the
+/// client certificate's name each showed (empty when none).
+async fn encrypted(db: &TestDb, application_name: &str) -> (bool, Vec<String>) {
+    let rows: Vec<(bool, Option<String>)> = sqlx::query_as(
+        "SELECT s.ssl, s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = $1 AND a.datname = current_database()",
+    )
+    .bind(application_name)
+    .fetch_all(&db.pool)
+    .await
+    .expect("pg_stat_ssl");
+    assert!(!rows.is_empty(), "no connection of {application_name}");
+    (
+        rows.iter().all(|(ssl, _)| *ssl),
+        rows.into_iter()
+            .map(|(_, dn)| dn.unwrap_or_default())
+            .collect(),
+    )
+}
+
+/// The sync connection speaks TLS as the URL's `sslmode`, `sslrootcert`, `sslcert` and
+/// `sslkey` ask, as libpq reads them: the load's COPY and the changelog arrive over it (the
+/// tap reads under the encryption), a certificate that is not trusted or does not name the
+/// host is refused with the remedy, and a server without TLS is refused where TLS is
+/// required. The CLI's connection (sqlx) reads the same options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_connection_speaks_tls_as_the_url_asks() {
+    let ca = TestCa::new("permd test CA");
+    let impostor = TestCa::new("someone else's CA");
+    let (cert_pem, key_pem) = ca.sign(&["localhost"], "localhost");
+    let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        tls: Some(permd::embedded::ServerTls {
+            cert_pem,
+            key_pem,
+            client_ca_pem: Some(ca.issuer.pem()),
+        }),
+        ..permd::embedded::ClusterOptions::default()
+    })
+    .expect("start a cluster with TLS");
+    let db = common::database_on(&cluster).await;
+    let trusted = ca.file(cluster.dir(), "ca.pem");
+    let untrusted = impostor.file(cluster.dir(), "impostor.pem");
+    let (client_cert, client_key) = ca.sign(&[], "permd");
+    let cert_file = cluster.dir().join("client.crt");
+    let key_file = cluster.dir().join("client.key");
+    std::fs::write(&cert_file, client_cert).expect("write the client's certificate");
+    std::fs::write(&key_file, client_key).expect("write the client's key");
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let url = |host: &str, options: &str| {
+        format!(
+            "postgres://postgres@{host}:{}/{name}?{options}",
+            cluster.port()
+        )
+    };
+
+    // verify-full, a client certificate too: a large load and a write arrive encrypted.
+    db.exec(
+        "INSERT INTO permd.tuples (subject, object, permission, expires_at)
+         SELECT 'user:' || (i / 7), 'doc:' || (i % 1000), 'perm' || (i % 70), NULL
+         FROM generate_series(1, 60000) i",
+    )
+    .await;
+    let full = url(
+        "localhost",
+        &format!(
+            "sslmode=verify-full&sslrootcert={trusted}&sslcert={}&sslkey={}",
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    let daemon = TestDaemon::start(&full).await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:tls', 'doc:1', 'read', NULL)")
+        .await;
+    assert!(daemon.check("user:tls", "read", "doc:1", &token).await);
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert_eq!(
+        encrypted(&db, "permd").await,
+        (true, vec!["/CN=permd".to_owned()])
+    );
+    daemon.stop().await;
+
+    // Refused, with the remedy, and retried.
+    for (url, expected) in [
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={untrusted}"),
+            ),
+            "give that CA's PEM file as sslrootcert",
+        ),
+        (
+            url(
+                "127.0.0.1",
+                &format!("sslmode=verify-full&sslrootcert={trusted}"),
+            ),
+            "does not name the host",
+        ),
+        // libpq's rule: `require` with a root certificate checks the CA.
+        (
+            url(
+                "127.0.0.1",
+                &format!("sslmode=require&sslrootcert={untrusted}"),
+            ),
+            "give that CA's PEM file as sslrootcert",
+        ),
+    ] {
+        let daemon = TestDaemon::spawn(SyncConfig::new(&url), patient());
+        let error = daemon.failed_attempts(1).await;
+        assert!(error.contains(expected), "{url}: {error}");
+        daemon.stop().await;
+    }
+
+    // verify-ca checks the CA only; require and prefer (the default) check nothing.
+    for options in [
+        format!("sslmode=verify-ca&sslrootcert={trusted}&application_name=permd-ca"),
+        "sslmode=require&application_name=permd-require".to_owned(),
+        "application_name=permd-prefer".to_owned(),
+    ] {
+        let url = url("127.0.0.1", &options);
+        let daemon = TestDaemon::start(&url).await;
+        let app = options.rsplit('=').next().expect("an application name");
+        assert_eq!(
+            encrypted(&db, app).await,
+            (true, vec![String::new()]),
+            "{url}"
+        );
+        daemon.stop().await;
+    }
+    // The CLI's pool reads the same options.
+    let pool = permd::db::pool(&full)
+        .await
+        .expect("the CLI connects over TLS");
+    pool.close().await;
+    let error = permd::db::pool(&url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={untrusted}"),
+    ))
+    .await
+    .expect_err("an untrusted certificate is refused");
+    assert!(format!("{error:#}").contains("certificate"), "{error:#}");
+
+    // A server without TLS: refused where the URL requires it, plain where it prefers.
+    let plain = database().await;
+    let required = TestDaemon::spawn(
+        SyncConfig::new(format!("{}?sslmode=require", plain.url)),
+        patient(),
+    );
+    let error = required.failed_attempts(1).await;
+    assert!(error.contains("does not accept TLS"), "{error}");
+    required.stop().await;
+    let preferred = TestDaemon::start(&plain.url).await;
+    preferred.stop().await;
+}

@@ -520,7 +520,7 @@ impl Applier {
         ),
         Error,
     > {
-        let mut config = connect::config(&self.config.database_url)?;
+        let (mut config, tls) = connect::config(&self.config.database_url)?;
         if config.get_application_name().is_none() {
             config.application_name("permd");
         }
@@ -532,7 +532,7 @@ impl Applier {
             .keepalives_idle(Duration::from_secs(10));
         let tap = Tap::default();
         let (client, mut connection) = self
-            .timed("the connection", connect::connect(&config, &tap))
+            .timed("the connection", connect::connect(&config, &tls, &tap))
             .await?;
         let (heard, heard_rx) = mpsc::channel(self.config.notification_capacity.max(1));
         let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx))

@@ -5,7 +5,8 @@
 //! host name, the connect timeout, `TCP_NODELAY`, keepalives, the TCP user timeout, and
 //! `target_session_attrs` (a host that is not what it asks for is skipped, so a URL naming
 //! a primary and its standbys reaches the primary), and `load_balance_hosts=random` (hosts,
-//! and the addresses of each host name, in a random order at each connect).
+//! and the addresses of each host name, in a random order at each connect). TLS
+//! (`tls.rs`) is negotiated under the tap, so the tap reads the plaintext.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -18,63 +19,41 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode, TargetSessionAttrs};
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Config, Connection, NoTls, SimpleQueryMessage};
+use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
 use super::tap::{Tap, Tapped};
+use super::tls::{self, Tls};
 use super::{error_chain, Error};
 
-/// A TCP or Unix socket to Postgres.
-pub(crate) type Socket = Either<TcpStream, UnixStream>;
+/// A socket to Postgres: TCP or Unix, or TLS over TCP (boxed: a TLS session's state is
+/// large, and the socket moves into the connection).
+pub(crate) type Socket = Either<Either<TcpStream, UnixStream>, Box<TlsStream<TcpStream>>>;
 
 /// The sync connection: tokio-postgres's, over our tapped socket.
 pub(crate) type SyncConnection = Connection<Tapped<Socket>, NoTlsStream>;
 
-/// Reads the database URL as the sync connection does, and refuses what it could never
-/// connect with: a string tokio-postgres cannot read, or an `sslmode` that needs TLS
-/// (`require`, and `verify-ca` and `verify-full`, which tokio-postgres does not read):
-/// permd speaks plain TCP to Postgres.
-pub(crate) fn config(url: &str) -> Result<Config, Error> {
-    let needs_tls = |mode: &str| {
-        Error::Url(format!(
-            "sslmode={mode} needs TLS, which permd does not speak to Postgres yet (use \
-             sslmode=prefer or disable, or a TLS-terminating proxy)"
-        ))
-    };
-    let config = url
+/// Reads the database URL as the sync connection does: its TLS options (`tls.rs`, which
+/// reads the files they name) and the rest, which tokio-postgres reads. Refuses what it
+/// could never connect with, with the reason.
+pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
+    let (rest, options) = tls::split(url)?;
+    let tls = options.load()?;
+    let mut config = rest
         .parse::<Config>()
-        .map_err(|error| match option(url, "sslmode") {
-            Some(mode @ ("verify-ca" | "verify-full")) => needs_tls(mode),
-            _ => Error::Url(error_chain(&error)),
-        })?;
-    if config.get_ssl_mode() == SslMode::Require {
-        return Err(needs_tls("require"));
-    }
-    Ok(config)
-}
-
-/// The value of option `name` in a URL's query (`?name=value&…`) or a key=value string
-/// (`name=value`, `name = 'value'`), if it is there; for error messages only.
-fn option<'a>(url: &'a str, name: &str) -> Option<&'a str> {
-    url.match_indices(name).find_map(|(at, _)| {
-        let before = url[..at].chars().next_back();
-        if before.is_some_and(|c| !matches!(c, '?' | '&' | ' ' | '\t' | '\n')) {
-            return None;
-        }
-        let value = url[at + name.len()..]
-            .trim_start()
-            .strip_prefix('=')?
-            .trim_start();
-        let value = value.strip_prefix('\'').unwrap_or(value);
-        let end = value
-            .find(['&', '\'', ' ', '\t', '\n'])
-            .unwrap_or(value.len());
-        Some(&value[..end])
-    })
+        .map_err(|error| Error::Url(error_chain(&error)))?;
+    // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again.
+    config.ssl_mode(SslMode::Disable);
+    Ok((config, tls))
 }
 
 /// Connects to the first of `config`'s hosts that answers and suits its
-/// `target_session_attrs`, with `tap` on the socket.
-pub(crate) async fn connect(config: &Config, tap: &Tap) -> Result<(Client, SyncConnection), Error> {
+/// `target_session_attrs`, over TLS as `tls` asks, with `tap` on the socket.
+pub(crate) async fn connect(
+    config: &Config,
+    tls: &Tls,
+    tap: &Tap,
+) -> Result<(Client, SyncConnection), Error> {
     let hosts = config.get_hosts();
     let hostaddrs = config.get_hostaddrs();
     let ports = config.get_ports();
@@ -89,20 +68,28 @@ pub(crate) async fn connect(config: &Config, tap: &Tap) -> Result<(Client, SyncC
             .or_else(|| ports.first())
             .copied()
             .unwrap_or(5432);
+        // The certificate names the host; its address only when no host name is given.
         let socket = match (hostaddrs.get(i), hosts.get(i)) {
-            (Some(addr), _) => tcp(&addr.to_string(), port, config).await,
-            (None, Some(Host::Tcp(host))) => tcp(host, port, config).await,
+            (Some(addr), Some(Host::Tcp(host))) => {
+                secured(tls, host, tcp(&addr.to_string(), port, config)).await
+            }
+            (Some(addr), _) => {
+                secured(tls, &addr.to_string(), tcp(&addr.to_string(), port, config)).await
+            }
+            (None, Some(Host::Tcp(host))) => secured(tls, host, tcp(host, port, config)).await,
+            // A Unix socket never uses TLS, as in libpq.
             (None, Some(Host::Unix(dir))) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 timed(config, UnixStream::connect(path))
                     .await
-                    .map(Either::Right)
+                    .map(|unix| Either::Left(Either::Right(unix)))
+                    .map_err(Error::Connect)
             }
             (None, None) => continue,
         };
         let attempt = match socket {
             Ok(socket) => handshake(config, tap, socket).await,
-            Err(e) => Err(Error::Connect(e)),
+            Err(e) => Err(e),
         };
         match attempt {
             Ok(connected) => return Ok(connected),
@@ -159,8 +146,21 @@ async fn handshake(
     }
 }
 
+/// A TCP socket from `connect`, then TLS on it if `tls` asks and the server agrees.
+async fn secured(
+    tls: &Tls,
+    name: &str,
+    connect: impl Future<Output = io::Result<TcpStream>>,
+) -> Result<Socket, Error> {
+    let stream = connect.await.map_err(Error::Connect)?;
+    Ok(match tls.negotiate(stream, name).await? {
+        Ok(secure) => Either::Right(Box::new(secure)),
+        Err(plain) => Either::Left(Either::Left(plain)),
+    })
+}
+
 /// Each address of `host` in turn.
-async fn tcp(host: &str, port: u16, config: &Config) -> io::Result<Socket> {
+async fn tcp(host: &str, port: u16, config: &Config) -> io::Result<TcpStream> {
     let mut addrs: Vec<_> = tokio::net::lookup_host((host, port)).await?.collect();
     if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
         shuffle(&mut addrs);
@@ -177,7 +177,7 @@ async fn tcp(host: &str, port: u16, config: &Config) -> io::Result<Socket> {
                 if config.get_keepalives() {
                     socket.set_tcp_keepalive(&keepalive(config))?;
                 }
-                return Ok(Either::Left(stream));
+                return Ok(stream);
             }
             Err(e) => last = Some(e),
         }
@@ -249,46 +249,34 @@ mod tests {
     }
 
     /// A URL the sync connection could never connect with is refused with the reason,
-    /// whichever form it has.
+    /// whichever form it has; one with TLS options is read.
     #[test]
-    fn urls_that_need_tls_or_do_not_parse_are_refused_with_the_reason() {
+    fn urls_that_do_not_parse_are_refused_with_the_reason() {
         let refused = |url: &str| match config(url) {
             Err(Error::Url(why)) => why,
             Err(other) => panic!("{url}: not a URL error: {other}"),
             Ok(_) => panic!("{url}: accepted"),
         };
-        for (url, mode) in [
-            ("postgres://u@localhost/db?sslmode=require", "require"),
-            (
-                "postgres://u@localhost/db?sslmode=verify-full",
-                "verify-full",
-            ),
-            (
-                "postgres://u@localhost/db?application_name=a&sslmode=verify-ca&sslrootcert=ca.pem",
-                "verify-ca",
-            ),
-            (
-                "host=localhost dbname=db sslmode = 'verify-full'",
-                "verify-full",
-            ),
-            ("host=localhost sslmode=require", "require"),
-        ] {
-            let why = refused(url);
-            assert!(
-                why.starts_with(&format!("sslmode={mode} needs TLS")),
-                "{url}: {why}"
-            );
-        }
         let why = refused("postgres://u@localhost/db?sslmode=allow-maybe");
-        assert!(why.contains("sslmode"), "{why}");
+        assert!(why.contains("sslmode=allow-maybe"), "{why}");
+        let why = refused("host=localhost sslmode='verify-full' sslrootcert=/nonexistent/ca.pem");
+        assert!(why.contains("sslrootcert=/nonexistent/ca.pem"), "{why}");
         let why = refused("postgres://u@localhost/db?frobnicate=1");
         assert!(why.contains("frobnicate"), "{why}");
-        for url in [
-            "postgres://u@localhost/db",
-            "postgres://u@localhost/db?sslmode=prefer",
-            "host=/run/postgresql dbname=db sslmode=disable",
+        for (url, mode) in [
+            ("postgres://u@localhost/db", tls::Mode::Prefer),
+            (
+                "postgres://u@localhost/db?sslmode=require&application_name=a",
+                tls::Mode::Require,
+            ),
+            (
+                "host=/run/postgresql dbname=db sslmode=disable",
+                tls::Mode::Disable,
+            ),
         ] {
-            assert!(config(url).is_ok(), "{url}");
+            let (config, tls) = config(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(tls.mode, mode, "{url}");
+            assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
         }
     }
 
@@ -297,10 +285,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         drop(listener);
-        let config: Config = format!("postgres://u@127.0.0.1:{port}/db")
-            .parse()
-            .expect("a valid URL");
-        let error = connect(&config, &Tap::default()).await.err();
+        let (config, tls) =
+            config(&format!("postgres://u@127.0.0.1:{port}/db")).expect("a valid URL");
+        let error = connect(&config, &tls, &Tap::default()).await.err();
         let error = refused(error.expect("nothing listens"));
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }

@@ -12,12 +12,14 @@ mod follow;
 mod loader;
 mod status;
 mod tap;
+mod tls;
 
 use std::time::Duration;
 
 pub(crate) use crate::error_chain;
 pub use applier::{Applier, POLL, SESSION};
 pub use status::{Status, StatusReport};
+pub use tls::{split as split_tls_options, TlsOptions};
 
 /// What can go wrong talking to Postgres. Every error ends the current connection; the
 /// applier reconnects with backoff and never loses its place.
@@ -50,11 +52,14 @@ pub enum Error {
     /// The database URL is one the sync connection can never connect with.
     #[error("the database URL: {0}")]
     Url(String),
+    /// TLS with the server failed, or the server refused it where the URL requires it.
+    #[error("TLS with postgres: {0}")]
+    Tls(String),
 }
 
 /// Refuses a database URL that the sync connection could never connect with (one it
-/// cannot read, or one that asks for TLS), so that a daemon fails at start with the reason
-/// rather than retrying it for ever.
+/// cannot read, or whose TLS files are missing or unreadable), so that a daemon fails at
+/// start with the reason rather than retrying it for ever.
 pub fn check_database_url(url: &str) -> Result<(), Error> {
     connect::config(url).map(drop)
 }

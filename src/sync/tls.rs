@@ -1,0 +1,597 @@
+//! TLS to Postgres, below the COPY tap.
+//!
+//! tokio-postgres can run TLS itself, but only over the socket it is given, so the tap
+//! (`tap.rs`) would sit under the encryption and see ciphertext. permd therefore does what
+//! libpq does before the start-up message itself: it sends the SSLRequest, reads the
+//! server's one-byte answer and, on `S`, runs a rustls handshake over the TCP socket. The tap
+//! then wraps the TLS stream, and tokio-postgres runs the protocol over it as over a plain
+//! socket (`sslmode` is taken out of the URL before tokio-postgres reads it, which rejects
+//! `verify-ca`, `verify-full` and `sslrootcert`).
+//!
+//! The options follow libpq's:
+//!
+//! | `sslmode` | TLS | the server's certificate |
+//! |---|---|---|
+//! | `disable` | never | - |
+//! | `allow`, `prefer` (the default) | when the server accepts it | not checked |
+//! | `require` | always | not checked, unless `sslrootcert` is given: then as `verify-ca` |
+//! | `verify-ca` | always | signed by a trusted CA |
+//! | `verify-full` | always | signed by a trusted CA, and names the host |
+//!
+//! The trusted CAs are those of the PEM file `sslrootcert`, or the system's store when it
+//! is absent or `system`. `sslcert` and `sslkey` (PEM) give a client certificate. A Unix
+//! socket never uses TLS, as in libpq. `allow` tries TLS first (libpq tries plain first):
+//! either way the connection works when the server takes either.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::Error;
+
+/// The options of a database URL that this module reads (and takes out of it).
+const OPTIONS: [&str; 5] = [
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslnegotiation",
+];
+
+/// An SSLRequest: its length (8) and the code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// `sslmode`, as libpq reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Never TLS.
+    Disable,
+    /// TLS if the server takes it, unchecked (libpq's `allow` and `prefer`).
+    Prefer,
+    /// TLS or nothing; the certificate checked only when `sslrootcert` is given.
+    Require,
+    /// TLS or nothing; the certificate signed by a trusted CA.
+    VerifyCa,
+    /// TLS or nothing; the certificate signed by a trusted CA and naming the host.
+    VerifyFull,
+}
+
+/// How the sync connection speaks TLS: read from the URL by [`split`], with the files it
+/// names read at once (so a missing or unreadable file is an error at start, and a
+/// certificate renewed on disk is read again at the next connection).
+#[derive(Clone)]
+pub(crate) struct Tls {
+    pub(crate) mode: Mode,
+    /// The handshake's settings; `None` for `disable`.
+    client: Option<Arc<ClientConfig>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("mode", &self.mode).finish()
+    }
+}
+
+/// The TLS options of a database URL, as written (for the CLI's sqlx options too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// `sslmode`, if given.
+    pub mode: Option<String>,
+    /// `sslrootcert`: a PEM file of trusted CAs, or `system`.
+    pub root_cert: Option<String>,
+    /// `sslcert`: the client's certificate (PEM).
+    pub cert: Option<String>,
+    /// `sslkey`: the client's private key (PEM).
+    pub key: Option<String>,
+}
+
+/// Takes the TLS options out of a database URL (`postgres://…?sslmode=…` or key=value
+/// form), returning what is left of it and the options. A string that cannot be read is
+/// returned whole, for tokio-postgres or sqlx to say why.
+pub fn split(url: &str) -> Result<(String, TlsOptions), Error> {
+    let (rest, taken) = take(url);
+    let mut options = TlsOptions::default();
+    for (name, value) in taken {
+        match name.as_str() {
+            "sslmode" => options.mode = Some(value),
+            "sslrootcert" => options.root_cert = Some(value),
+            "sslcert" => options.cert = Some(value),
+            "sslkey" => options.key = Some(value),
+            // "sslnegotiation"
+            _ if value == "postgres" => {}
+            _ => {
+                return Err(Error::Url(format!(
+                    "sslnegotiation={value}: permd negotiates TLS the usual way only \
+                     (sslnegotiation=postgres, the default)"
+                )))
+            }
+        }
+    }
+    Ok((rest, options))
+}
+
+impl TlsOptions {
+    /// Refuses options the sync connection could never connect with: an unknown mode, a
+    /// file it cannot read, a client certificate without its key.
+    pub fn check(&self) -> Result<(), Error> {
+        self.load().map(drop)
+    }
+
+    /// Reads the options into the handshake's settings, reading the files they name.
+    pub(crate) fn load(&self) -> Result<Tls, Error> {
+        let mode = match self.mode.as_deref() {
+            None | Some("prefer" | "allow") => Mode::Prefer,
+            Some("disable") => Mode::Disable,
+            Some("require") if self.root_cert.is_some() => Mode::VerifyCa,
+            Some("require") => Mode::Require,
+            Some("verify-ca") => Mode::VerifyCa,
+            Some("verify-full") => Mode::VerifyFull,
+            Some(other) => {
+                return Err(Error::Url(format!(
+                    "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, \
+                     verify-full"
+                )))
+            }
+        };
+        if mode == Mode::Disable {
+            return Ok(Tls { mode, client: None });
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Url(format!("TLS: {e}")))?;
+        let verifier: Arc<dyn ServerCertVerifier> = match mode {
+            Mode::Disable | Mode::Prefer | Mode::Require => Arc::new(Unchecked(provider)),
+            Mode::VerifyCa | Mode::VerifyFull => {
+                let roots = Arc::new(self.roots()?);
+                let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| Error::Url(format!("sslrootcert: {e}")))?;
+                if mode == Mode::VerifyCa {
+                    Arc::new(AnyName(webpki))
+                } else {
+                    webpki
+                }
+            }
+        };
+        let builder = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let config = match (&self.cert, &self.key) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                    .map_err(|e| Error::Url(format!("sslcert={cert}: {e}")))?;
+                let key_der = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| Error::Url(format!("sslkey={key}: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| Error::Url(format!("sslcert and sslkey: {e}")))?
+            }
+            _ => {
+                return Err(Error::Url(
+                    "sslcert and sslkey go together: give both, or neither".into(),
+                ))
+            }
+        };
+        Ok(Tls {
+            mode,
+            client: Some(Arc::new(config)),
+        })
+    }
+
+    /// The CAs a verified certificate must chain to.
+    fn roots(&self) -> Result<RootCertStore, Error> {
+        let mut roots = RootCertStore::empty();
+        match self.root_cert.as_deref() {
+            Some(path) if path != "system" => {
+                for cert in CertificateDer::pem_file_iter(path)
+                    .map_err(|e| Error::Url(format!("sslrootcert={path}: {e}")))?
+                {
+                    let cert = cert.map_err(|e| Error::Url(format!("sslrootcert={path}: {e}")))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| Error::Url(format!("sslrootcert={path}: {e}")))?;
+                }
+                if roots.is_empty() {
+                    return Err(Error::Url(format!(
+                        "sslrootcert={path} holds no certificate (PEM)"
+                    )));
+                }
+            }
+            _ => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(Error::Url(format!(
+                        "sslmode={} checks the server's certificate, and no sslrootcert is \
+                         given nor any CA found in the system's store: give the CA's PEM file \
+                         as sslrootcert=PATH",
+                        self.mode.as_deref().unwrap_or("prefer")
+                    )));
+                }
+            }
+        }
+        Ok(roots)
+    }
+}
+
+impl Tls {
+    /// Asks the server on `stream` for TLS and, if it agrees, runs the handshake; `host` is
+    /// the name (or address) the certificate must hold for `verify-full`. Plain when the
+    /// mode allows it and the server declines.
+    pub(crate) async fn negotiate(
+        &self,
+        mut stream: TcpStream,
+        host: &str,
+    ) -> Result<Result<TlsStream<TcpStream>, TcpStream>, Error> {
+        let Some(client) = &self.client else {
+            return Ok(Err(stream));
+        };
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| Error::Tls(format!("{host} is not a host name TLS can check: {e}")))?;
+        stream
+            .write_all(&SSL_REQUEST)
+            .await
+            .map_err(Error::Connect)?;
+        // One byte exactly: anything the server (or a man in the middle) sent after it must
+        // go to the handshake, which then fails, not be taken as the protocol.
+        let answer = stream.read_u8().await.map_err(Error::Connect)?;
+        match answer {
+            b'S' => tokio_rustls::TlsConnector::from(client.clone())
+                .connect(name, stream)
+                .await
+                .map(Ok)
+                .map_err(|e| Error::Tls(format!("{}{}", crate::error_chain(&e), remedy(&e)))),
+            b'N' if self.mode == Mode::Prefer => Ok(Err(stream)),
+            b'N' => Err(Error::Tls(
+                "the server does not accept TLS connections, and sslmode asks for TLS (is ssl \
+                 on in its postgresql.conf?)"
+                    .into(),
+            )),
+            other => Err(Error::Protocol(format!(
+                "the server answered the SSLRequest with {:?}, neither S nor N",
+                char::from(other)
+            ))),
+        }
+    }
+}
+
+/// What to do about a failed handshake, when it is the certificate.
+fn remedy(error: &std::io::Error) -> &'static str {
+    let certificate = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|tls| match tls {
+            rustls::Error::InvalidCertificate(why) => Some(why),
+            _ => None,
+        });
+    match certificate {
+        Some(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+            " (the server's certificate is not signed by a CA permd trusts: give that CA's PEM \
+             file as sslrootcert=PATH)"
+        }
+        Some(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => {
+            " (the server's certificate does not name the host in the URL: connect by a name \
+             it holds, or use sslmode=verify-ca to check its CA only)"
+        }
+        Some(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            " (the server's certificate has expired: renew it on the server; permd retries)"
+        }
+        _ => "",
+    }
+}
+
+/// `require` and `prefer`: the connection is encrypted, the certificate not checked (as in
+/// libpq). The handshake's signatures are still verified: the server holds the key of the
+/// certificate it shows.
+#[derive(Debug)]
+struct Unchecked(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain checked as in `verify-full`, the host's name not.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            verified => verified,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// Takes [`OPTIONS`] out of `url`: what is left, and the options taken (decoded).
+fn take(url: &str) -> (String, Vec<(String, String)>) {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        take_from_query(url)
+    } else {
+        take_from_pairs(url).unwrap_or_else(|| (url.to_owned(), Vec::new()))
+    }
+}
+
+/// The URL form: options in the query, `&`-separated and percent-encoded.
+fn take_from_query(url: &str) -> (String, Vec<(String, String)>) {
+    let Some((head, query)) = url.split_once('?') else {
+        return (url.to_owned(), Vec::new());
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut taken = Vec::new();
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode(name);
+        if OPTIONS.contains(&name.as_str()) {
+            taken.push((name, decode(value)));
+        } else {
+            kept.push(pair);
+        }
+    }
+    let rest = if kept.is_empty() {
+        head.to_owned()
+    } else {
+        format!("{head}?{}", kept.join("&"))
+    };
+    (rest, taken)
+}
+
+/// The key=value form: `name = value` pairs apart by white space, a value either bare
+/// (backslash escapes) or in single quotes (backslash escapes). `None` if it is not one.
+fn take_from_pairs(url: &str) -> Option<(String, Vec<(String, String)>)> {
+    let mut taken = Vec::new();
+    let mut kept = Vec::new();
+    let mut chars = url.char_indices().peekable();
+    let skip_space = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+    };
+    loop {
+        skip_space(&mut chars);
+        let Some(&(start, _)) = chars.peek() else {
+            break;
+        };
+        let mut name = String::new();
+        while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=' && !c.is_whitespace()) {
+            name.push(c);
+        }
+        skip_space(&mut chars);
+        chars.next_if(|(_, c)| *c == '=')?;
+        skip_space(&mut chars);
+        let mut value = String::new();
+        let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
+        loop {
+            match chars.peek().copied() {
+                None if quoted => return None,
+                None => break,
+                Some((_, '\'')) if quoted => {
+                    chars.next();
+                    break;
+                }
+                Some((_, c)) if !quoted && c.is_whitespace() => break,
+                Some((_, '\\')) => {
+                    chars.next();
+                    value.push(chars.next()?.1);
+                }
+                Some((_, c)) => {
+                    chars.next();
+                    value.push(c);
+                }
+            }
+        }
+        let end = chars.peek().map_or(url.len(), |&(at, _)| at);
+        if OPTIONS.contains(&name.as_str()) {
+            taken.push((name, value));
+        } else {
+            kept.push(&url[start..end]);
+        }
+    }
+    Some((kept.join(" "), taken))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taken(url: &str) -> (String, Vec<(&'static str, String)>) {
+        let (rest, options) = split(url).expect("readable");
+        let mut named = Vec::new();
+        for (name, value) in [
+            ("sslmode", options.mode),
+            ("sslrootcert", options.root_cert),
+            ("sslcert", options.cert),
+            ("sslkey", options.key),
+        ] {
+            if let Some(value) = value {
+                named.push((name, value));
+            }
+        }
+        (rest, named)
+    }
+
+    #[test]
+    fn the_tls_options_are_taken_out_of_either_form_and_the_rest_kept() {
+        assert_eq!(
+            taken("postgres://u:p%40@h:5/db?application_name=x&sslmode=verify-full&sslrootcert=%2Ftmp%2Fa%2Bb.pem&connect_timeout=3"),
+            (
+                "postgres://u:p%40@h:5/db?application_name=x&connect_timeout=3".into(),
+                vec![("sslmode", "verify-full".into()), ("sslrootcert", "/tmp/a+b.pem".into())]
+            )
+        );
+        assert_eq!(
+            taken("postgresql://h/db?sslmode=require"),
+            (
+                "postgresql://h/db".into(),
+                vec![("sslmode", "require".into())]
+            )
+        );
+        assert_eq!(taken("postgres://h/db"), ("postgres://h/db".into(), vec![]));
+        assert_eq!(
+            taken(
+                r"host=h sslmode = 'verify-ca' dbname='my db' sslrootcert=/a\ b.pem  password='it\'s' sslcert='/c.pem' sslkey=/k.pem"
+            ),
+            (
+                "host=h dbname='my db' password='it\\'s'".into(),
+                vec![
+                    ("sslmode", "verify-ca".into()),
+                    ("sslrootcert", "/a b.pem".into()),
+                    ("sslcert", "/c.pem".into()),
+                    ("sslkey", "/k.pem".into())
+                ]
+            )
+        );
+        // Not key=value: left whole for tokio-postgres to say why.
+        assert_eq!(taken("host=h sslmode"), ("host=h sslmode".into(), vec![]));
+        assert!(split("postgres://h/db?sslnegotiation=postgres").is_ok());
+        match split("postgres://h/db?sslnegotiation=direct") {
+            Err(Error::Url(why)) => assert!(why.contains("sslnegotiation=direct"), "{why}"),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    fn refused(options: &TlsOptions) -> String {
+        match options.load() {
+            Err(Error::Url(why)) => why,
+            Err(other) => panic!("not a URL error: {other}"),
+            Ok(tls) => panic!("accepted: {tls:?}"),
+        }
+    }
+
+    #[test]
+    fn modes_are_read_as_libpq_reads_them_and_bad_files_refused() {
+        let mode = |mode: Option<&str>, root_cert: Option<&str>| {
+            TlsOptions {
+                mode: mode.map(Into::into),
+                root_cert: root_cert.map(Into::into),
+                ..TlsOptions::default()
+            }
+            .load()
+            .map(|tls| tls.mode)
+        };
+        assert_eq!(mode(None, None).ok(), Some(Mode::Prefer));
+        assert_eq!(mode(Some("allow"), None).ok(), Some(Mode::Prefer));
+        assert_eq!(mode(Some("disable"), None).ok(), Some(Mode::Disable));
+        assert_eq!(mode(Some("require"), None).ok(), Some(Mode::Require));
+        let why = refused(&TlsOptions {
+            mode: Some("sometimes".into()),
+            ..TlsOptions::default()
+        });
+        assert!(why.contains("sslmode=sometimes is not one of"), "{why}");
+        let missing = "/nonexistent/permd-ca.pem";
+        for tls_mode in ["require", "verify-ca", "verify-full"] {
+            let why = refused(&TlsOptions {
+                mode: Some(tls_mode.into()),
+                root_cert: Some(missing.into()),
+                ..TlsOptions::default()
+            });
+            assert!(why.starts_with(&format!("sslrootcert={missing}")), "{why}");
+        }
+        let empty = std::env::temp_dir().join(format!("permd-empty-{}.pem", std::process::id()));
+        std::fs::write(&empty, "not a certificate\n").expect("write a temporary file");
+        let why = refused(&TlsOptions {
+            mode: Some("verify-full".into()),
+            root_cert: Some(empty.display().to_string()),
+            ..TlsOptions::default()
+        });
+        std::fs::remove_file(&empty).expect("remove the temporary file");
+        assert!(why.contains("holds no certificate"), "{why}");
+        let why = refused(&TlsOptions {
+            mode: Some("require".into()),
+            cert: Some("/c.pem".into()),
+            ..TlsOptions::default()
+        });
+        assert!(why.contains("sslcert and sslkey go together"), "{why}");
+    }
+}
