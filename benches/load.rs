@@ -11,6 +11,10 @@
 //! UUIDs (`user:` and a UUID, 41 bytes; `doc:` and a UUID, 40), as many products name their
 //! users and documents, which is what sizing for them needs.
 //!
+//! `BENCH_LOAD_TLS=1` serves TLS from the cluster and loads each size twice, side by side:
+//! over plain TCP (`sslmode=disable`) and over TLS (`sslmode=require`), for what TLS costs a
+//! load.
+//!
 //! `BENCH_PERMD` (comma-separated paths) runs other permd binaries instead of this build's,
 //! each on the same filled table: e.g. one built from an earlier commit and this one, to
 //! compare two versions side by side in one run.
@@ -24,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, env_list, runtime};
+use common::{cluster, cluster_with_tls, env_list, env_or, runtime};
 
 /// A field of `/proc/PID/FILE` given in KiB.
 fn kib(pid: u32, file: &str, field: &str) -> u64 {
@@ -62,8 +66,18 @@ fn main() {
         other => panic!("BENCH_NAMES is short or uuid, not {other:?}"),
     };
     let (subject, object) = (id("i / 10"), id("(i * 7919) % 50000"));
-    let cluster = cluster();
+    let tls = env_or("BENCH_LOAD_TLS", 0u8) == 1;
+    let cluster = if tls { cluster_with_tls() } else { cluster() };
     let url = cluster.url("postgres");
+    // Each run's URL: the cluster's, or plain and TLS side by side.
+    let connections: Vec<(String, &str)> = if tls {
+        vec![
+            (format!("{url}?sslmode=disable"), "plain TCP"),
+            (format!("{url}?sslmode=require"), "TLS"),
+        ]
+    } else {
+        vec![(url.clone(), "")]
+    };
     let runtime = runtime();
     println!();
     println!("Names: {names}.");
@@ -102,10 +116,19 @@ fn main() {
             pool.close().await;
             started.elapsed()
         });
-        for permd in &binaries {
+        for (permd, (serve_url, connection)) in binaries
+            .iter()
+            .flat_map(|permd| connections.iter().map(move |c| (permd, c)))
+        {
             let started = Instant::now();
             let mut child = Command::new(permd)
-                .args(["serve", "--database-url", &url, "--listen", "127.0.0.1:0"])
+                .args([
+                    "serve",
+                    "--database-url",
+                    serve_url,
+                    "--listen",
+                    "127.0.0.1:0",
+                ])
                 .env("PERMD_LOG", "info")
                 .env("NO_COLOR", "1")
                 .stderr(Stdio::piped())
@@ -166,6 +189,9 @@ fn main() {
         );
             if binaries.len() > 1 {
                 println!("|  | ({permd}) |");
+            }
+            if !connection.is_empty() {
+                println!("|  | ({connection}) |");
             }
         }
     }

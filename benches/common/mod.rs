@@ -19,6 +19,23 @@ pub fn cluster() -> Cluster {
     .expect("start a throwaway Postgres")
 }
 
+/// As [`cluster`], serving TLS too (`ssl=on`) with a self-signed certificate for
+/// `localhost`.
+pub fn cluster_with_tls() -> Cluster {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate");
+    Cluster::start(&ClusterOptions {
+        unsafe_fast: true,
+        tls: Some(permd::embedded::ServerTls {
+            cert_pem: certified.cert.pem(),
+            key_pem: certified.signing_key.serialize_pem(),
+            client_ca_pem: None,
+        }),
+        ..ClusterOptions::default()
+    })
+    .expect("start a throwaway Postgres with TLS")
+}
+
 /// The environment variable `name`, or `default` when it is unset. A value that does not
 /// parse stops the suite with its name rather than quietly running another workload.
 pub fn env_or<T: FromStr>(name: &str, default: T) -> T {

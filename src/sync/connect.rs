@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode, TargetSessionAttrs};
+use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, SslMode, TargetSessionAttrs};
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Config, Connection, NoTls, SimpleQueryMessage};
 use tokio_rustls::client::TlsStream;
@@ -42,8 +42,16 @@ pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
     let mut config = rest
         .parse::<Config>()
         .map_err(|error| Error::Url(error_chain(&error)))?;
-    // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again.
+    // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again. It
+    // then sees a plain stream, and so offers no channel binding.
     config.ssl_mode(SslMode::Disable);
+    if config.get_channel_binding() == ChannelBinding::Require {
+        return Err(Error::Url(
+            "channel_binding=require: permd does not bind SCRAM authentication to the TLS \
+             channel yet (use channel_binding=prefer, the default, with sslmode=verify-full)"
+                .into(),
+        ));
+    }
     Ok((config, tls))
 }
 
@@ -261,6 +269,8 @@ mod tests {
         assert!(why.contains("sslmode=allow-maybe"), "{why}");
         let why = refused("host=localhost sslmode='verify-full' sslrootcert=/nonexistent/ca.pem");
         assert!(why.contains("sslrootcert=/nonexistent/ca.pem"), "{why}");
+        let why = refused("postgres://u@localhost/db?sslmode=require&channel_binding=require");
+        assert!(why.starts_with("channel_binding=require"), "{why}");
         let why = refused("postgres://u@localhost/db?frobnicate=1");
         assert!(why.contains("frobnicate"), "{why}");
         for (url, mode) in [
