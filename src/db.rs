@@ -5,21 +5,20 @@ use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 
+use tokio_postgres::config::Host;
+
 use crate::sync::TlsOptions;
 
-/// A small pool for one-off work. The URL's TLS options are read as the daemon reads them
-/// (`sync::TlsOptions`), and given to sqlx.
+/// A small pool for one-off work. The database URL is read as the daemon reads it: libpq's
+/// URL or key=value form, its TLS options (`sync::TlsOptions`) given to sqlx.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
-    if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-        anyhow::bail!(
-            "migrate, verify and demo take the database as a URL \
-             (postgres://user:password@host:port/database?option=value); the key=value form is \
-             for serve only"
-        );
-    }
     let (rest, tls) = crate::sync::split_tls_options(database_url)?;
     tls.check()?;
-    let options: PgConnectOptions = rest.parse().context("parse the database URL")?;
+    let options = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
+        rest.parse().context("parse the database URL")?
+    } else {
+        from_pairs(&rest)?
+    };
     let options = with_tls(options, &tls)?;
     // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
     // bookkeeping table printed "relation \"_sqlx_migrations\" already exists,
@@ -43,6 +42,49 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         .connect_with(options)
         .await
         .context("connect to the database")
+}
+
+/// sqlx's options from a key=value string, which sqlx does not read (tokio-postgres does,
+/// for the daemon). One server only: the one-off commands do not try hosts in turn.
+fn from_pairs(pairs: &str) -> anyhow::Result<PgConnectOptions> {
+    let config: tokio_postgres::Config = pairs
+        .parse()
+        .map_err(|e| anyhow::anyhow!("parse the database URL: {}", crate::error_chain(&e)))?;
+    let (hosts, addrs) = (config.get_hosts(), config.get_hostaddrs());
+    if hosts.len().max(addrs.len()) > 1 {
+        anyhow::bail!(
+            "the database URL names several servers: migrate, verify and demo connect to one, \
+             so name the primary alone"
+        );
+    }
+    if config.get_options().is_some() {
+        anyhow::bail!(
+            "the database URL's options=… is read by serve only: for the one-off commands, set \
+             those settings on the role (ALTER ROLE … SET …)"
+        );
+    }
+    let mut options = PgConnectOptions::new();
+    match (addrs.first(), hosts.first()) {
+        (Some(addr), _) => options = options.host(&addr.to_string()),
+        (None, Some(Host::Tcp(host))) => options = options.host(host),
+        (None, Some(Host::Unix(dir))) => options = options.socket(dir),
+        (None, None) => {}
+    }
+    if let Some(port) = config.get_ports().first() {
+        options = options.port(*port);
+    }
+    if let Some(user) = config.get_user() {
+        options = options.username(user);
+    }
+    if let Some(password) = config.get_password() {
+        let password =
+            std::str::from_utf8(password).context("the database URL's password is not UTF-8")?;
+        options = options.password(password);
+    }
+    if let Some(database) = config.get_dbname() {
+        options = options.database(database);
+    }
+    Ok(options)
 }
 
 /// sqlx's TLS settings from `tls`, as libpq reads them: `require` with `sslrootcert` checks

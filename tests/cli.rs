@@ -214,13 +214,7 @@ fn a_database_url_that_can_never_connect_is_refused_at_start() {
         serve.args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"]);
         let mut migrate = permd();
         migrate.args(["migrate", "--database-url", url]);
-        // sqlx, under the one-off commands, reads URLs only.
-        let commands = if url.starts_with("postgres://") {
-            vec![serve, migrate]
-        } else {
-            vec![serve]
-        };
-        for command in commands {
+        for command in [serve, migrate] {
             let output = output_within_deadline(command);
             assert!(!output.status.success(), "{url}");
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -229,23 +223,40 @@ fn a_database_url_that_can_never_connect_is_refused_at_start() {
     }
 }
 
-/// The one-off commands take the database as a URL, and say so when given a key=value
-/// string (sqlx said "relative URL without a base").
-#[test]
-fn migrate_asks_for_a_url() {
+/// The one-off commands read libpq's key=value form too, as `serve` does (sqlx, under them,
+/// reads URLs only, and said "relative URL without a base"), over TCP and the Unix socket;
+/// several servers, which they would not try in turn, are refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_takes_the_key_value_form_too() {
+    let db = database().await;
+    let (host, port) = db
+        .url
+        .rsplit_once('@')
+        .and_then(|(_, at)| at.split_once('/'))
+        .and_then(|(address, _)| address.split_once(':'))
+        .expect("host:port in the test URL");
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let tcp = format!("host={host} port = '{port}' user=postgres dbname={name}");
+    for pairs in [&tcp, &db.unix_url] {
+        let mut migrate = permd();
+        migrate.args(["migrate", "--database-url", pairs]);
+        let output = output_within_deadline(migrate);
+        assert!(
+            output.status.success(),
+            "{pairs}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     let mut migrate = permd();
     migrate.args([
         "migrate",
         "--database-url",
-        "host=127.0.0.1 port=1 dbname=db",
+        &format!("host=127.0.0.2,{host} port={port} user=postgres dbname={name}"),
     ]);
     let output = output_within_deadline(migrate);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("take the database as a URL (postgres://"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("name the primary alone"), "{stderr}");
 }
 
 /// `migrate` (and every other one-off command) says why it cannot connect, where sqlx's
