@@ -1295,6 +1295,37 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     .expect_err("an untrusted certificate is refused");
     assert!(format!("{error:#}").contains("certificate"), "{error:#}");
 
+    // A server whose TLS rustls cannot speak (TLS 1.1 at most): `prefer` connects in plain
+    // text, as libpq does; `require` says why.
+    for setting in [
+        "ALTER SYSTEM SET ssl_min_protocol_version = 'TLSv1'",
+        "ALTER SYSTEM SET ssl_max_protocol_version = 'TLSv1.1'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.exec(setting).await;
+    }
+    wait_until("the server reloads its TLS settings", || async {
+        let max: String = sqlx::query_scalar("SHOW ssl_max_protocol_version")
+            .fetch_one(&db.pool)
+            .await
+            .expect("SHOW");
+        max == "TLSv1.1"
+    })
+    .await;
+    let fallback = TestDaemon::start(&url("127.0.0.1", "application_name=permd-fallback")).await;
+    assert_eq!(
+        encrypted(&db, "permd-fallback").await,
+        (false, vec![String::new()])
+    );
+    fallback.stop().await;
+    let required = TestDaemon::spawn(
+        SyncConfig::new(url("127.0.0.1", "sslmode=require")),
+        patient(),
+    );
+    let error = required.failed_attempts(1).await;
+    assert!(error.starts_with("TLS with postgres"), "{error}");
+    required.stop().await;
+
     // A server without TLS: refused where the URL requires it, plain where it prefers.
     let plain = database().await;
     let required = TestDaemon::spawn(

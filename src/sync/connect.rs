@@ -79,12 +79,14 @@ pub(crate) async fn connect(
         // The certificate names the host; its address only when no host name is given.
         let socket = match (hostaddrs.get(i), hosts.get(i)) {
             (Some(addr), Some(Host::Tcp(host))) => {
-                secured(tls, host, tcp(&addr.to_string(), port, config)).await
+                let addr = addr.to_string();
+                secured(tls, host, || tcp(&addr, port, config)).await
             }
             (Some(addr), _) => {
-                secured(tls, &addr.to_string(), tcp(&addr.to_string(), port, config)).await
+                let addr = addr.to_string();
+                secured(tls, &addr, || tcp(&addr, port, config)).await
             }
-            (None, Some(Host::Tcp(host))) => secured(tls, host, tcp(host, port, config)).await,
+            (None, Some(Host::Tcp(host))) => secured(tls, host, || tcp(host, port, config)).await,
             // A Unix socket never uses TLS, as in libpq.
             (None, Some(Host::Unix(dir))) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
@@ -154,17 +156,28 @@ async fn handshake(
     }
 }
 
-/// A TCP socket from `connect`, then TLS on it if `tls` asks and the server agrees.
-async fn secured(
-    tls: &Tls,
-    name: &str,
-    connect: impl Future<Output = io::Result<TcpStream>>,
-) -> Result<Socket, Error> {
-    let stream = connect.await.map_err(Error::Connect)?;
-    Ok(match tls.negotiate(stream, name).await? {
-        Ok(secure) => Either::Right(Box::new(secure)),
-        Err(plain) => Either::Left(Either::Left(plain)),
-    })
+/// A TCP socket from `connect`, then TLS on it if `tls` asks and the server agrees. With
+/// `sslmode=prefer`, a handshake that fails is followed by a plain connection, as libpq does
+/// (a server whose TLS rustls cannot speak, e.g. TLS 1.1 at most, is still reached).
+async fn secured<C, F>(tls: &Tls, name: &str, connect: C) -> Result<Socket, Error>
+where
+    C: Fn() -> F,
+    F: Future<Output = io::Result<TcpStream>>,
+{
+    let plain = |stream| Either::Left(Either::Left(stream));
+    let stream = connect().await.map_err(Error::Connect)?;
+    match tls.negotiate(stream, name).await {
+        Ok(Ok(secure)) => Ok(Either::Right(Box::new(secure))),
+        Ok(Err(stream)) => Ok(plain(stream)),
+        Err(Error::Tls(why)) if tls.mode == tls::Mode::Prefer => {
+            tracing::warn!(
+                error = %why,
+                "TLS with postgres failed; sslmode=prefer, so connecting in plain text"
+            );
+            Ok(plain(connect().await.map_err(Error::Connect)?))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Each address of `host` in turn.
