@@ -247,16 +247,19 @@ async fn migrate_takes_the_key_value_form_too() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let mut migrate = permd();
-    migrate.args([
-        "migrate",
-        "--database-url",
-        &format!("host=127.0.0.2,{host} port={port} user=postgres dbname={name}"),
-    ]);
-    let output = output_within_deadline(migrate);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = migrate_fails(&format!(
+        "host=127.0.0.2,{host} port={port} user=postgres dbname={name}"
+    ));
     assert!(stderr.contains("name the primary alone"), "{stderr}");
+}
+
+/// Runs `permd migrate` against `url`, checks that it fails, and returns what it said.
+fn migrate_fails(url: &str) -> String {
+    let mut migrate = permd();
+    migrate.args(["migrate", "--database-url", url]);
+    let output = output_within_deadline(migrate);
+    assert!(!output.status.success(), "{url}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// `migrate` (and every other one-off command) says why it cannot connect, where sqlx's
@@ -267,15 +270,7 @@ fn migrate_says_why_it_cannot_connect() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let mut migrate = permd();
-    migrate.args([
-        "migrate",
-        "--database-url",
-        &format!("postgres://u@127.0.0.1:{port}/db"),
-    ]);
-    let output = output_within_deadline(migrate);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = migrate_fails(&format!("postgres://u@127.0.0.1:{port}/db"));
     assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
