@@ -167,8 +167,8 @@ where
     let plain = |stream| Either::Left(Either::Left(stream));
     let stream = connect().await.map_err(Error::Connect)?;
     match tls.negotiate(stream, name).await {
-        Ok(Ok(secure)) => Ok(Either::Right(Box::new(secure))),
-        Ok(Err(stream)) => Ok(plain(stream)),
+        Ok(Either::Left(secure)) => Ok(Either::Right(Box::new(secure))),
+        Ok(Either::Right(stream)) => Ok(plain(stream)),
         Err(Error::Tls(why)) if tls.mode == tls::Mode::Prefer => {
             tracing::warn!(
                 error = %why,

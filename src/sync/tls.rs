@@ -34,6 +34,7 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use super::Error;
 
@@ -228,15 +229,15 @@ impl TlsOptions {
 
 impl Tls {
     /// Asks the server on `stream` for TLS and, if it agrees, runs the handshake; `host` is
-    /// the name (or address) the certificate must hold for `verify-full`. Plain when the
-    /// mode allows it and the server declines.
+    /// the name (or address) the certificate must hold for `verify-full`. The stream stays
+    /// plain (`Right`) when the mode allows it and the server declines.
     pub(crate) async fn negotiate(
         &self,
         mut stream: TcpStream,
         host: &str,
-    ) -> Result<Result<TlsStream<TcpStream>, TcpStream>, Error> {
+    ) -> Result<Either<TlsStream<TcpStream>, TcpStream>, Error> {
         let Some(client) = &self.client else {
-            return Ok(Err(stream));
+            return Ok(Either::Right(stream));
         };
         let name = ServerName::try_from(host.to_owned())
             .map_err(|e| Error::Tls(format!("{host} is not a host name TLS can check: {e}")))?;
@@ -251,9 +252,9 @@ impl Tls {
             b'S' => tokio_rustls::TlsConnector::from(client.clone())
                 .connect(name, stream)
                 .await
-                .map(Ok)
+                .map(Either::Left)
                 .map_err(|e| Error::Tls(format!("{}{}", crate::error_chain(&e), remedy(&e)))),
-            b'N' if self.mode == Mode::Prefer => Ok(Err(stream)),
+            b'N' if self.mode == Mode::Prefer => Ok(Either::Right(stream)),
             b'N' => Err(Error::Tls(
                 "the server does not accept TLS connections, and sslmode asks for TLS (is ssl \
                  on in its postgresql.conf?)"
