@@ -302,6 +302,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "reloads": report.reloads,
         "reconnects": report.reconnects,
         "following": report.following,
+        "standby": report.standby,
         "notified_changes": report.notified_changes,
         "refused_notifications": report.refused_notifications,
         "dropped_notifications": report.dropped_notifications,

@@ -157,7 +157,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 17] = [
+        let gauges: [(&str, &str, &str, f64); 18] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -177,6 +177,7 @@ impl Metrics {
             ("permd_connected", "gauge", "1 while the sync connection to Postgres is up.", f64::from(u8::from(report.connected))),
             ("permd_reloads_total", "counter", "Full loads, the first included.", report.reloads as f64),
             ("permd_reconnects_total", "counter", "Sync connections lost and re-established.", report.reconnects as f64),
+            ("permd_standby", "gauge", "1 while the sync connection reads a standby, where changes arrive by the poll after replay (no LISTEN).", f64::from(u8::from(report.standby))),
             ("permd_following", "gauge", "1 while committed changes are applied from their notifications, before the poll reads them.", f64::from(u8::from(report.following))),
             ("permd_notified_changes_total", "counter", "Statements applied from their notifications.", report.notified_changes as f64),
             ("permd_refused_notifications_total", "counter", "Notifications whose rows were not applied: unsigned, not verifying under permd.notify_key, or replayed (forged, or triggers older than migration 0006).", report.refused_notifications as f64),

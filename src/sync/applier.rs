@@ -285,15 +285,41 @@ impl Applier {
         // would be abandoned with its backend still queued for the lock, and a full load
         // would be reported as stalled.
         let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
+        // A standby (a read replica) allows no LISTEN: it is followed by the poll alone. Its
+        // snapshots keep the invariant the changelog's horizon rests on (a transaction below
+        // a snapshot's xmin has ended), as they must for MVCC, so nothing is skipped; a
+        // commit is seen once the standby has replayed it, at the next poll, and `at_least`
+        // still waits for exactly that commit.
+        let standby: bool = self
+            .timed(
+                "whether the server is a standby",
+                client.query_one("SELECT pg_is_in_recovery()", &[]),
+            )
+            .await?
+            .try_get(0)?;
+        let listen = if standby {
+            String::new()
+        } else {
+            format!("; LISTEN {CHANNEL}")
+        };
         self.timed(
             "the session's settings and LISTEN",
             client.batch_execute(&format!(
-                "{SESSION}; SET lock_timeout = {lock_timeout}; LISTEN {CHANNEL}"
+                "{SESSION}; SET lock_timeout = {lock_timeout}{listen}"
             )),
         )
         .await?;
         self.status.set_connected(true);
-        tracing::info!("connected to postgres, listening on {CHANNEL}");
+        self.status.set_standby(standby);
+        if standby {
+            tracing::info!(
+                poll_interval_ms = self.config.poll_interval.as_millis() as u64,
+                "connected to a standby, which allows no LISTEN: following it by polling; a \
+                 commit is seen once the standby has replayed it, at the next poll"
+            );
+        } else {
+            tracing::info!("connected to postgres, listening on {CHANNEL}");
+        }
         self.read_key(&client, true).await?;
 
         // Transaction ids that were handed out but never made durable before a crash are
@@ -766,12 +792,6 @@ fn hint(error: &Error) -> Option<&'static str> {
                  migrate` against it; permd retries",
             )
         }
-        // Only recovery refuses permd's statements as writes: LISTEN on a standby.
-        Error::Postgres(e) if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => Some(
-            "this server is a standby, where LISTEN is not allowed: permd follows the \
-             primary; point --database-url at it, or list every server with \
-             target_session_attrs=read-write; permd retries (and follows a promoted standby)",
-        ),
         Error::Postgres(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Some(
             "permd's role lacks a privilege it needs: USAGE on schema permd and SELECT on \
              its tables, as README's \"Running it against your database\" lists; permd \

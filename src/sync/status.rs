@@ -28,6 +28,8 @@ struct Inner {
     reconnects: AtomicU64,
     /// Changes are being applied from the notifications as they arrive.
     following: AtomicBool,
+    /// The server is a standby (in recovery).
+    standby: AtomicBool,
     /// Statements applied from their notifications.
     notified: AtomicU64,
     /// Notifications whose rows were refused (unsigned, not verifying, replayed).
@@ -63,6 +65,9 @@ pub struct StatusReport {
     /// reads them from the changelog (false with NOTIFY off, and for a moment after a
     /// reconnect or a statement too large for a notification).
     pub following: bool,
+    /// The server the sync connection reads is a standby (a read replica): it allows no
+    /// LISTEN, so changes arrive by the poll, once the standby has replayed them.
+    pub standby: bool,
     /// Statements applied from their notifications since start.
     pub notified_changes: u64,
     /// Notifications whose rows were not applied since start: unsigned, a signature that
@@ -90,6 +95,7 @@ impl Status {
             reloads: i.reloads.load(Ordering::Relaxed),
             reconnects: i.reconnects.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
+            standby: i.standby.load(Ordering::Relaxed),
             notified_changes: i.notified.load(Ordering::Relaxed),
             refused_notifications: i.refused.load(Ordering::Relaxed),
             dropped_notifications: i.dropped.load(Ordering::Relaxed),
@@ -156,6 +162,10 @@ impl Status {
     }
 
     /// Whether changes are applied from the notifications.
+    pub(crate) fn set_standby(&self, standby: bool) {
+        self.inner.standby.store(standby, Ordering::Relaxed);
+    }
+
     pub(crate) fn set_following(&self, following: bool) {
         self.inner.following.store(following, Ordering::Relaxed);
     }
