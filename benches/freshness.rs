@@ -14,6 +14,11 @@
 //! (A closed loop would fill both cores, and then every wake-up waits for a core: p99s of
 //! tens to hundreds of ms that measure the saturated host, not permd.)
 //!
+//! `BENCH_STANDBY=1` has permd follow a hot standby of the cluster instead (started by
+//! `pg_basebackup`, streaming), where it polls, a standby allowing no LISTEN: the writers
+//! commit on the primary, and the rows measure replication, replay and the poll (NOTIFY on
+//! at 100 and 1,000 writes/s; the notifications go to the primary's listeners only).
+//!
 //! `BENCH_CHANGELOG=N` first fills the changelog with N rows of transactions long applied,
 //! as a day's retention keeps them (default 0, a fresh database): the poll must read the
 //! changelog by its key whatever its size.
@@ -203,11 +208,23 @@ fn main() {
             .unwrap();
         }
         pool.close().await;
+        // Started after the migration, which its base backup then holds.
+        let standby = (env_or("BENCH_STANDBY", 0u8) == 1).then(|| {
+            permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+                unsafe_fast: true,
+                standby_of: Some(cluster.port()),
+                ..permd::embedded::ClusterOptions::default()
+            })
+            .expect("start a standby")
+        });
+        let serve_url = standby
+            .as_ref()
+            .map_or_else(|| url.clone(), |standby| standby.url("postgres"));
         let cli = permd::config::Cli::parse_from([
             "permd",
             "serve",
             "--database-url",
-            &url,
+            &serve_url,
             "--listen",
             "127.0.0.1:0",
             "--poll-interval-ms",
@@ -234,7 +251,11 @@ fn main() {
             ("off", 100.0, 0),
             ("off", 1000.0, 0),
         ];
-        if readers > 0 {
+        if standby.is_some() {
+            rows.truncate(2);
+            println!();
+            println!("permd follows a standby of the primary the writers commit on (by polling).");
+        } else if readers > 0 {
             rows.extend([("on", 100.0, readers), ("on", 1000.0, readers)]);
         }
 
@@ -273,6 +294,9 @@ fn main() {
         }
         shutdown.cancel();
         daemon.wait().await.expect("the daemon ran to its shutdown");
+        if let Some(standby) = standby {
+            standby.stop();
+        }
     });
     cluster.stop();
 }
