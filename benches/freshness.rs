@@ -106,6 +106,7 @@ async fn run(
     seconds: f64,
     notify: &'static str,
     tag: &str,
+    synchronous: bool,
 ) -> Vec<Duration> {
     let pending: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
@@ -152,6 +153,15 @@ async fn run(
             if notify != "on" {
                 client
                     .batch_execute(&format!("SET permd.notify = {notify}"))
+                    .await
+                    .unwrap();
+            }
+            // The cluster runs with synchronous_commit off (throwaway speed), where the WAL
+            // writer flushes commits every 200 ms, and a standby receives only flushed WAL:
+            // a standby's rows would measure that delay, not a production primary's.
+            if synchronous {
+                client
+                    .batch_execute("SET synchronous_commit = on")
                     .await
                     .unwrap();
             }
@@ -277,7 +287,7 @@ fn main() {
             let started = Instant::now();
             let host = HostCpu::now();
             let notified = daemon.status().report().notified_changes;
-            let l = run(&url, &store, rate, seconds, notify, &tag).await;
+            let l = run(&url, &store, rate, seconds, notify, &tag, standby.is_some()).await;
             let steal = HostCpu::steal_since(host);
             let notified = daemon.status().report().notified_changes - notified;
             stop.store(true, Ordering::Relaxed);
