@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -102,6 +103,54 @@ pub struct TokenArgs {
     pub token_file: Option<PathBuf>,
 }
 
+/// HTTPS for `serve`: a certificate and its key, PEM files, read at start.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Serve HTTPS with this certificate (PEM: the server's certificate, then any
+    /// intermediates); with --tls-key.
+    #[arg(long, env = "PERMD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1); with --tls-cert.
+    #[arg(long, env = "PERMD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The HTTPS settings, if a certificate is given: TLS 1.2 and 1.3 by rustls (ring),
+    /// HTTP/1.1 announced by ALPN.
+    pub fn server_config(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .with_context(|| format!("read the certificate {}", cert.display()))?;
+        if chain.is_empty() {
+            bail!("{} holds no certificate (PEM)", cert.display());
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("read the private key {}", key.display()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("TLS settings")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .with_context(|| {
+            format!(
+                "the certificate {} and the key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
+    }
+}
+
 impl TokenArgs {
     /// The token, trimmed, if one was given. An empty file is an error (a forgotten
     /// secret must not silently mean "no token").
@@ -195,6 +244,9 @@ pub struct ServerArgs {
     /// Bearer token required on every route but /livez and /readyz.
     #[command(flatten)]
     pub token: TokenArgs,
+    /// Serve HTTPS with this certificate and key.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Poll the changelog this often when no NOTIFY arrives (milliseconds).
     #[arg(long, env = "PERMD_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub poll_interval_ms: u64,
@@ -247,6 +299,8 @@ pub struct Settings {
     pub http: HttpConfig,
     /// Connection limits.
     pub server: ServerLimits,
+    /// HTTPS: the certificate and key to serve with (`--tls-cert`, `--tls-key`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Bound on graceful shutdown.
     pub shutdown_timeout: Duration,
 }
@@ -283,6 +337,7 @@ impl ServerArgs {
             sync,
             http,
             server,
+            tls: self.tls.server_config()?,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
         })
     }
@@ -316,6 +371,46 @@ mod tests {
                     .to_string();
             assert!(error.contains("e.g. 127.0.0.1:7700"), "{wrong}: {error}");
         }
+    }
+
+    #[test]
+    fn https_needs_a_certificate_and_its_key_that_can_be_read() {
+        let error = Cli::try_parse_from([
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--tls-cert",
+            "cert.pem",
+        ])
+        .expect_err("a certificate without its key")
+        .to_string();
+        assert!(error.contains("--tls-key"), "{error}");
+        let serve = parse(&[
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ]);
+        let error = format!(
+            "{:#}",
+            serve.server.settings("u").expect_err("no such file")
+        );
+        assert!(
+            error.contains("read the certificate /nonexistent/cert.pem"),
+            "{error}"
+        );
+        let serve = parse(&["permd", "serve", "--database-url", "u"]);
+        assert!(serve
+            .server
+            .settings("u")
+            .expect("plain HTTP")
+            .tls
+            .is_none());
     }
 
     #[test]

@@ -304,7 +304,7 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
 }
 
 fn print_examples(daemon: &Daemon, with_token: bool, users: u32, database_url: &str) {
-    let base = format!("http://{}", daemon.local_addr());
+    let base = format!("{}://{}", daemon.scheme(), daemon.local_addr());
     let counts = daemon.store().counts();
     let auth = if with_token {
         " -H \"Authorization: Bearer $PERMD_TOKEN\""

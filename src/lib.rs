@@ -54,6 +54,8 @@ pub struct Daemon {
     store: Store,
     status: Status,
     local_addr: SocketAddr,
+    /// `https` with a certificate, else `http`.
+    scheme: &'static str,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     failure: Failure,
@@ -96,6 +98,11 @@ impl Daemon {
         );
 
         let ready_max_lag = settings.http.ready_max_lag;
+        let scheme = if settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let app = App::new(store.clone(), status.clone(), settings.http);
         supervise(
             &tasks,
@@ -104,17 +111,19 @@ impl Daemon {
                 listener,
                 http::Api::new(app),
                 settings.server,
+                settings.tls.clone(),
                 shutdown.clone(),
             ),
             &shutdown,
             &failure,
         );
         tasks.close();
-        tracing::info!(addr = %local_addr, "serving http");
+        tracing::info!(addr = %local_addr, scheme, "serving");
         Ok(Self {
             store,
             status,
             local_addr,
+            scheme,
             tasks,
             shutdown,
             failure,
@@ -126,6 +135,11 @@ impl Daemon {
     /// The address the server is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// `https` when serving with a certificate, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        self.scheme
     }
 
     /// The mirror.

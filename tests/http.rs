@@ -447,10 +447,25 @@ mod wire {
         app: App,
         limits: ServerLimits,
     ) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
+        permd_with(app, limits, None).await
+    }
+
+    /// As [`permd`], serving HTTPS with `tls` when given.
+    pub async fn permd_with(
+        app: App,
+        limits: ServerLimits,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    ) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
         let listener = permd::bind(([127, 0, 0, 1], 0).into()).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let served = tokio::spawn(serve(listener, Api::new(app), limits, shutdown.clone()));
+        let served = tokio::spawn(serve(
+            listener,
+            Api::new(app),
+            limits,
+            tls,
+            shutdown.clone(),
+        ));
         (addr, shutdown, served)
     }
 
@@ -503,7 +518,7 @@ mod wire {
     }
 
     /// Reads one answer whose body ends with `}` (every JSON answer of the API).
-    pub async fn read_answer(stream: &mut TcpStream) -> String {
+    pub async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
         let mut received = Vec::new();
         let mut buf = [0u8; 4096];
         while !(received.ends_with(b"}") && received.windows(4).any(|w| w == b"\r\n\r\n")) {
@@ -900,6 +915,75 @@ async fn an_idle_connection_is_closed_after_the_header_timeout() {
         "closed after {:?}",
         idle.elapsed()
     );
+}
+
+/// HTTPS (`--tls-cert`, `--tls-key`): the API over TLS on one connection, plain checks by
+/// the server's own loop and another route by hyper in between; a request in plain text
+/// gets no answer; a client that starts no handshake is cut off after the header timeout,
+/// as one that sends no request head is.
+#[tokio::test]
+async fn https_serves_the_api_and_nothing_in_plain_text() {
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt as _;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate");
+    let dir = std::env::temp_dir().join(format!("permd-https-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+    let tls = permd::config::TlsArgs {
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+    }
+    .server_config()
+    .expect("the certificate and key are read")
+    .expect("HTTPS is configured");
+    std::fs::remove_dir_all(&dir).expect("remove the temporary directory");
+    let limits = permd::http::ServerLimits {
+        header_timeout: Duration::from_millis(300),
+        ..permd::http::ServerLimits::default()
+    };
+    let (addr, _shutdown, _served) = wire::permd_with(app_state(quick()), limits, Some(tls)).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(certified.cert.der().clone())
+        .expect("the certificate is a trust anchor");
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .expect("the handshake completes");
+    let check = "GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n";
+    for request in [
+        check,
+        "GET /v1/status HTTP/1.1\r\nhost: permd\r\n\r\n",
+        check,
+    ] {
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let answer = wire::read_answer(&mut stream).await;
+        assert!(answer.contains(" 200 OK\r\n"), "{request}: {answer}");
+    }
+
+    let answer = wire::exchange(addr, b"GET /livez HTTP/1.1\r\nhost: permd\r\n\r\n").await;
+    // A TLS alert at most (rustls answers a ClientHello it cannot read with one).
+    assert!(
+        !answer.contains("HTTP/"),
+        "a plain-text request is answered: {answer:?}"
+    );
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let rest = wire::read_to_close(&mut idle).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
 
 /// At shutdown, connections in the server's own loop, connections back in it from hyper

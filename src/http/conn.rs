@@ -43,7 +43,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::fast::PlainAnswer;
 use super::server::Stop;
@@ -61,9 +60,14 @@ const MAX_PLAIN_HEADERS: usize = 32;
 /// leaves the connection with hyper for good.
 const MAX_WHOLE_REQUEST: usize = 64 * 1024;
 
+/// A connection's byte stream: a TCP socket, or TLS over one.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for S {}
+
 /// Serves one connection until the client closes it, it times out, or the server stops.
-pub(super) async fn serve_connection(
-    stream: TcpStream,
+pub(super) async fn serve_connection<S: Io>(
+    stream: S,
     api: Api,
     header_timeout: Duration,
     stop: &Stop,
@@ -95,13 +99,13 @@ pub(super) async fn serve_connection(
 /// soon as it starts writing the answer (whose head, encoded by then, still says
 /// keep-alive), and the connection is returned with the bytes after the request. Otherwise
 /// hyper serves it to the end, as it would on its own. `None` when the connection is over.
-async fn serve_by_hyper(
-    plain: PlainLoop,
+async fn serve_by_hyper<S: Io>(
+    plain: PlainLoop<S>,
     once: Option<usize>,
     api: &Api,
     header_timeout: Duration,
     stop: &Stop,
-) -> Option<PlainLoop> {
+) -> Option<PlainLoop<S>> {
     let written = Arc::new(AtomicBool::new(false));
     let io = Replay {
         prefix: plain.read.freeze(),
@@ -194,8 +198,8 @@ enum Next {
 }
 
 /// The loop's state: the socket and its two buffers.
-struct PlainLoop {
-    stream: TcpStream,
+struct PlainLoop<S> {
+    stream: S,
     /// Bytes received and not yet answered (at most part of one request once the
     /// complete ones are answered).
     read: BytesMut,
@@ -203,7 +207,7 @@ struct PlainLoop {
     write: Vec<u8>,
 }
 
-impl PlainLoop {
+impl<S: Io> PlainLoop<S> {
     async fn run(&mut self, api: &Api, header_timeout: Duration, stop: &Stop) -> io::Result<Next> {
         // One timer and one shutdown waiter for the whole connection: the timer is set to
         // the earliest time the head being waited for could be late, and only re-armed when
@@ -440,13 +444,13 @@ fn with_http_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
 
 /// The socket with the bytes the loop read in front of it, for hyper; it also notes when
 /// hyper starts writing an answer, and keeps that answer's head.
-struct Replay {
+struct Replay<S> {
     prefix: Bytes,
     /// How much hyper may read, when it is to serve one request only: that request's
     /// length (all of it in `prefix`). Past it, a read waits for ever, so hyper cannot
     /// start on a pipelined request before it is asked to stop.
     readable: Option<usize>,
-    stream: TcpStream,
+    stream: S,
     /// Set at hyper's first write: the head of its answer is encoded by then.
     written: Arc<AtomicBool>,
     /// The first answer's head as written (up to its end or `MAX_PLAIN_HEAD` bytes).
@@ -454,7 +458,7 @@ struct Replay {
     head_done: bool,
 }
 
-impl Replay {
+impl<S> Replay<S> {
     fn keep_head(&mut self, bytes: &[u8]) {
         if self.head_done {
             return;
@@ -472,7 +476,7 @@ impl Replay {
     }
 }
 
-impl AsyncRead for Replay {
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -504,7 +508,7 @@ impl AsyncRead for Replay {
     }
 }
 
-impl AsyncWrite for Replay {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -35,13 +35,16 @@ impl Default for ServerLimits {
 }
 
 /// Serves `api` on `listener` until `shutdown`, then waits for open connections to
-/// finish their in-flight requests (the caller bounds that wait).
+/// finish their in-flight requests (the caller bounds that wait). With `tls`, HTTPS: each
+/// connection's handshake must end within the header timeout, as a request head must.
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     limits: ServerLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = TaskTracker::new();
     let stop = Arc::new(Stop::default());
     // Bounds memory under a flood of connections: one permit per open connection.
@@ -71,8 +74,19 @@ pub async fn serve(
         connections.spawn({
             let api = api.clone();
             let stop = Arc::clone(&stop);
+            let tls = tls.clone();
             async move {
-                conn::serve_connection(stream, api, limits.header_timeout, &stop).await;
+                let timeout = limits.header_timeout;
+                match tls {
+                    None => conn::serve_connection(stream, api, timeout, &stop).await,
+                    Some(tls) => match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            conn::serve_connection(stream, api, timeout, &stop).await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(?timeout, "TLS handshake timed out"),
+                    },
+                }
                 drop(permit);
             }
         });
