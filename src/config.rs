@@ -65,9 +65,13 @@ pub struct VerifyArgs {
     /// Postgres connection URL of the database the daemon mirrors.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
-    /// The daemon's base URL (http only).
+    /// The daemon's base URL, http:// or https://.
     #[arg(long, env = "PERMD_URL", default_value = "http://127.0.0.1:7700")]
     pub permd: String,
+    /// For an https:// daemon: the CA certificate(s) to trust (PEM), instead of the
+    /// system's.
+    #[arg(long, env = "PERMD_CA")]
+    pub permd_ca: Option<PathBuf>,
     /// The daemon's bearer token, if it requires one.
     #[command(flatten)]
     pub token: TokenArgs,
@@ -82,6 +86,7 @@ impl VerifyArgs {
         let token = self.token.read()?;
         Ok(crate::verify::Target {
             permd: self.permd.clone(),
+            ca: self.permd_ca.clone(),
             token,
             max_subjects: self.max_subjects,
         })

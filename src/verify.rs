@@ -6,19 +6,23 @@
 //! lacks.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::either::Either;
 
 use crate::store::StoredRows;
 
 /// Where the daemon is and how to reach it.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// `http://host:port` of the daemon.
+    /// `http://host:port` or `https://host:port` of the daemon.
     pub permd: String,
+    /// For `https://`: a PEM file of the CAs to trust, instead of the system's.
+    pub ca: Option<std::path::PathBuf>,
     /// Its bearer token, if it requires one.
     pub token: Option<String>,
     /// Print at most this many differing subjects.
@@ -165,16 +169,26 @@ fn encode(segment: &str) -> String {
         .collect()
 }
 
-/// A plain HTTP/1.1 GET to the daemon (http only), parsed as JSON; a non-200 is an error.
+/// An HTTP/1.1 GET to the daemon (over TLS for `https://`), parsed as JSON; a non-200 is
+/// an error.
 async fn get_json(target: &Target, path: &str) -> anyhow::Result<Value> {
-    let authority = target
-        .permd
-        .strip_prefix("http://")
-        .context("--permd must be an http:// URL (https is not supported)")?
-        .trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(authority)
+    let (https, authority) = match target.permd.split_once("://") {
+        Some(("http", rest)) => (false, rest),
+        Some(("https", rest)) => (true, rest),
+        _ => bail!(
+            "--permd must be an http:// or https:// URL, not {}",
+            target.permd
+        ),
+    };
+    let authority = authority.trim_end_matches('/');
+    let tcp = tokio::net::TcpStream::connect(authority)
         .await
         .with_context(|| format!("connect to permd at {authority}"))?;
+    let mut stream = if https {
+        Either::Right(tls(target, authority, tcp).await?)
+    } else {
+        Either::Left(tcp)
+    };
     let auth = target
         .token
         .as_ref()
@@ -211,6 +225,50 @@ async fn get_json(target: &Target, path: &str) -> anyhow::Result<Value> {
         );
     }
     serde_json::from_slice(&body).context("parse permd's JSON answer")
+}
+
+/// TLS to the daemon at `authority` (`host:port`), trusting `target.ca` or the system's CAs.
+async fn tls(
+    target: &Target,
+    authority: &str,
+    tcp: tokio::net::TcpStream,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    match &target.ca {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("read --permd-ca {}", path.display()))?
+            {
+                roots
+                    .add(cert.with_context(|| format!("read --permd-ca {}", path.display()))?)
+                    .with_context(|| format!("--permd-ca {}", path.display()))?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS settings")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // `host:port`, or `[v6]:port`.
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned())
+        .with_context(|| format!("{host} is not a host name TLS can check"))?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .with_context(|| format!("TLS with permd at {authority} (--permd-ca names its CA)"))
 }
 
 fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
