@@ -253,6 +253,19 @@ async fn migrate_takes_the_key_value_form_too() {
     assert!(stderr.contains("name the primary alone"), "{stderr}");
 }
 
+/// `permd verify` of the daemon at `permd_url` against `database_url`.
+fn verify(database_url: &str, permd_url: &str) -> Command {
+    let mut verify = permd();
+    verify.args([
+        "verify",
+        "--database-url",
+        database_url,
+        "--permd",
+        permd_url,
+    ]);
+    verify
+}
+
 /// Runs `permd migrate` against `url`, checks that it fails, and returns what it said.
 fn migrate_fails(url: &str) -> String {
     let mut migrate = permd();
@@ -540,15 +553,7 @@ async fn the_token_never_leaks() {
 async fn an_error_names_each_cause_once() {
     let db = database().await;
     db.exec("DROP SCHEMA permd CASCADE").await;
-    let mut verify = permd();
-    verify.args([
-        "verify",
-        "--database-url",
-        &db.url,
-        "--permd",
-        "http://127.0.0.1:1",
-    ]);
-    let output = output_within_deadline(verify);
+    let output = output_within_deadline(verify(&db.url, "http://127.0.0.1:1"));
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let said = stderr
@@ -572,8 +577,7 @@ async fn verify_says_when_the_daemon_wants_its_token() {
         (None, "the daemon wants its token"),
         (Some("tok-wrong"), "the token given is not the daemon's"),
     ] {
-        let mut verify = permd();
-        verify.args(["verify", "--database-url", &db.url, "--permd", &permd_url]);
+        let mut verify = verify(&db.url, &permd_url);
         if let Some(token) = token {
             verify.env("PERMD_TOKEN", token);
         }
@@ -593,33 +597,21 @@ async fn verify_proves_a_daemon_serving_https() {
     let db = database().await;
     db.exec("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
         .await;
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-        .expect("a self-signed certificate");
-    let dir = std::env::temp_dir().join(format!("permd-cli-https-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+    let certified = common::SelfSigned::new("cli-https");
+    let (cert, key) = (&certified.cert, &certified.key);
     let mut command = permd();
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
-        .arg(&cert)
+        .arg(cert)
         .arg("--tls-key")
-        .arg(&key)
+        .arg(key)
         .env("DATABASE_URL", &db.url)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut running = Running(command.spawn().expect("start permd serve"));
     let port = listening(&mut running);
     let verify = |ca: Option<&std::path::Path>| {
-        let mut verify = permd();
-        verify.args([
-            "verify",
-            "--database-url",
-            &db.url,
-            "--permd",
-            &format!("https://localhost:{port}"),
-        ]);
+        let mut verify = verify(&db.url, &format!("https://localhost:{port}"));
         if let Some(ca) = ca {
             verify.arg("--permd-ca").arg(ca);
         }
@@ -627,7 +619,7 @@ async fn verify_proves_a_daemon_serving_https() {
     };
     // The daemon answers 503 until it has loaded; then verify proves it equal.
     wait_until("verify over https", || async {
-        verify(Some(&cert)).await.expect("verify").status.success()
+        verify(Some(cert)).await.expect("verify").status.success()
     })
     .await;
     let output = verify(None).await.expect("verify");
@@ -637,7 +629,6 @@ async fn verify_proves_a_daemon_serving_https() {
         stderr.contains("TLS with permd") && stderr.contains("--permd-ca"),
         "{stderr}"
     );
-    std::fs::remove_dir_all(&dir).expect("remove the temporary directory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -649,17 +640,7 @@ async fn verify_proves_equality_and_names_what_differs() {
     )
     .await;
     let (_running, port) = serve(&db.url, &[], &[]).await;
-    let verify_command = || {
-        let mut command = permd();
-        command.args([
-            "verify",
-            "--database-url",
-            &db.url,
-            "--permd",
-            &format!("http://127.0.0.1:{port}"),
-        ]);
-        command
-    };
+    let verify_command = || verify(&db.url, &format!("http://127.0.0.1:{port}"));
     let verify = || verify_command().output().expect("run permd verify");
     let output = verify();
     assert!(

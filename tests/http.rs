@@ -926,21 +926,14 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
     use std::sync::Arc;
     use tokio::io::AsyncWriteExt as _;
 
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-        .expect("a self-signed certificate");
-    let dir = std::env::temp_dir().join(format!("permd-https-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+    let certified = common::SelfSigned::new("https");
     let tls = permd::config::TlsArgs {
-        tls_cert: Some(cert),
-        tls_key: Some(key),
+        tls_cert: Some(certified.cert.clone()),
+        tls_key: Some(certified.key.clone()),
     }
     .server_config()
     .expect("the certificate and key are read")
     .expect("HTTPS is configured");
-    std::fs::remove_dir_all(&dir).expect("remove the temporary directory");
     let limits = permd::http::ServerLimits {
         header_timeout: Duration::from_millis(300),
         ..permd::http::ServerLimits::default()
@@ -949,7 +942,7 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(certified.cert.der().clone())
+        .add(certified.der.clone())
         .expect("the certificate is a trust anchor");
     let client = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

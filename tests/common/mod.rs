@@ -35,6 +35,41 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// A self-signed certificate for `localhost` and its key, written as PEM files to a
+/// directory of their own, removed when this is dropped.
+pub struct SelfSigned {
+    dir: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// The certificate, for a client to trust.
+    pub der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl SelfSigned {
+    /// Makes one; `tag` names its directory.
+    pub fn new(tag: &str) -> Self {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("a self-signed certificate");
+        let dir = std::env::temp_dir().join(format!("permd-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
+        std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+        Self {
+            dir,
+            cert,
+            key,
+            der: certified.cert.der().clone(),
+        }
+    }
+}
+
+impl Drop for SelfSigned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A cluster of this test's own (for tests that stop and restart it).
 pub fn own_cluster(port: Option<u16>) -> Cluster {
     init_logs();
