@@ -562,7 +562,10 @@ async fn a_standby_is_followed_by_polling() {
     })
     .await;
 
-    let daemon = TestDaemon::start(&replica).await;
+    // An hourly idle poll: readers' `at_least` wakes the applier, and NOTIFY once promoted.
+    let mut sync = SyncConfig::new(&replica);
+    sync.poll_interval = Duration::from_secs(3600);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
     let (_, status) = daemon.get("/v1/status").await;
     assert_eq!(status["standby"], true, "{status}");
     assert_eq!(status["reconnects"], 0, "{status}");
@@ -579,20 +582,53 @@ async fn a_standby_is_followed_by_polling() {
     let (_, status) = daemon.get("/v1/status").await;
     assert_eq!(status["reloads"], 1, "{status}");
     assert_eq!(status["last_error"], serde_json::Value::Null, "{status}");
-    daemon.stop().await;
 
     let both = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{name}?target_session_attrs=read-write",
         standby.port(),
         primary.port()
     );
-    let daemon = TestDaemon::start(&both).await;
+    let follower = TestDaemon::start(&both).await;
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:3', 'doc:1', 'read', NULL)")
         .await;
-    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
-    assert!(!daemon.status.report().standby);
+    assert_eq!(follower.digest_at(&token).await, db.digest().await);
+    assert!(!follower.status.report().standby);
+    follower.stop().await;
+
+    // Promoted (a failover), the standby is followed as a primary: listening, its
+    // notifications applied as they arrive.
+    let promoted = permd::db::pool(&replica)
+        .await
+        .expect("connect to the standby");
+    sqlx::query("SELECT pg_promote()")
+        .execute(&promoted)
+        .await
+        .expect("promote the standby");
+    daemon
+        .wait_for_report("the promotion noticed, and caught up since", |report| {
+            report.connected
+                && !report.standby
+                && report.reconnects == 1
+                && report.last_error.is_none()
+        })
+        .await;
+    // No poll is due for an hour, and nothing waits on a token: only the notification
+    // brings this write.
+    let notified = daemon.status.report().notified_changes;
+    sqlx::query("INSERT INTO permd.tuples VALUES ('user:4', 'doc:1', 'read', NULL)")
+        .execute(&promoted)
+        .await
+        .expect("write on the promoted server");
+    daemon
+        .wait_for("the write's notification", || {
+            daemon.status.report().notified_changes > notified
+        })
+        .await;
+    assert!(daemon.check("user:4", "read", "doc:1", "0").await);
+    promoted.close().await;
     daemon.stop().await;
+
     db.pool.close().await;
 }
 

@@ -18,6 +18,9 @@ use super::tap::Tap;
 use super::{error_chain, parse_xid, Cursor, Error, Status, SyncConfig};
 use crate::store::{Store, TupleRow, Xid};
 
+/// How often a standby is asked whether it has been promoted (`pg_is_in_recovery()`).
+const RECOVERY_CHECK: Duration = Duration::from_secs(1);
+
 /// The doorbell channel rung by the changelog triggers.
 const CHANNEL: &str = "permd_changes";
 /// While committed changes wait behind an open transaction, polls start this fast...
@@ -360,6 +363,9 @@ impl Applier {
             .timed("the poll's PREPARE", client.prepare(POLL))
             .await?;
         let mut behind = BEHIND_FIRST;
+        // A standby promoted under the connection would be polled without LISTEN until the
+        // next reconnect: it is asked every `RECOVERY_CHECK`, apart from the polls.
+        let mut recovery_check = tokio::time::Instant::now() + RECOVERY_CHECK;
         loop {
             if self.signing.due() {
                 self.read_key(&client, false).await?;
@@ -416,6 +422,19 @@ impl Applier {
                     () = tokio::time::sleep_until(next) => {
                         tracing::trace!("woken by the timer");
                         break;
+                    }
+                    () = tokio::time::sleep_until(recovery_check), if standby => {
+                        recovery_check = tokio::time::Instant::now() + RECOVERY_CHECK;
+                        let in_recovery: bool = self
+                            .timed(
+                                "whether the server is still a standby",
+                                client.query_one("SELECT pg_is_in_recovery()", &[]),
+                            )
+                            .await?
+                            .try_get(0)?;
+                        if !in_recovery {
+                            return Err(Error::Promoted);
+                        }
                     }
                     result = &mut closed => return Err(result),
                     () = shutdown.cancelled() => return Ok(()),

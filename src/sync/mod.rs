@@ -52,6 +52,12 @@ pub enum Error {
     /// The database URL is one the sync connection can never connect with.
     #[error("the database URL: {0}")]
     Url(String),
+    /// The standby the connection followed was promoted: a new connection listens on it.
+    #[error(
+        "the standby permd followed was promoted to a primary; reconnecting, to listen for \
+         its notifications"
+    )]
+    Promoted,
     /// TLS with the server failed, or the server refused it where the URL requires it.
     #[error("TLS with postgres: {0}")]
     Tls(String),
