@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
-use crate::http::{HttpConfig, ServerLimits, Token};
+use crate::http::{HttpConfig, ServerCerts, ServerLimits, Token};
 use crate::sync::SyncConfig;
 
 /// permd: an in-memory permission cache that mirrors a precomputed permission table
@@ -108,7 +108,7 @@ pub struct TokenArgs {
     pub token_file: Option<PathBuf>,
 }
 
-/// HTTPS for `serve`: a certificate and its key, PEM files, read at start.
+/// HTTPS for `serve`: a certificate and its key, PEM files, read at start and on SIGHUP.
 #[derive(Debug, Args)]
 pub struct TlsArgs {
     /// Serve HTTPS with this certificate (PEM: the server's certificate, then any
@@ -121,38 +121,12 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    /// The HTTPS settings, if a certificate is given: TLS 1.2 and 1.3 by rustls (ring),
-    /// HTTP/1.1 announced by ALPN.
-    pub fn server_config(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
-            return Ok(None);
-        };
-        let chain = CertificateDer::pem_file_iter(cert)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .with_context(|| format!("read the certificate {}", cert.display()))?;
-        if chain.is_empty() {
-            bail!("{} holds no certificate (PEM)", cert.display());
+    /// The certificate and key HTTPS serves, if given (read now; again on SIGHUP).
+    pub fn load(&self) -> anyhow::Result<Option<Arc<ServerCerts>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => ServerCerts::load(cert, key).map(Some),
+            _ => Ok(None),
         }
-        let key_der = PrivateKeyDer::from_pem_file(key)
-            .with_context(|| format!("read the private key {}", key.display()))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .context("TLS settings")?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .with_context(|| {
-            format!(
-                "the certificate {} and the key {}",
-                cert.display(),
-                key.display()
-            )
-        })?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Some(Arc::new(config)))
     }
 }
 
@@ -305,7 +279,7 @@ pub struct Settings {
     /// Connection limits.
     pub server: ServerLimits,
     /// HTTPS: the certificate and key to serve with (`--tls-cert`, `--tls-key`).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<ServerCerts>>,
     /// Bound on graceful shutdown.
     pub shutdown_timeout: Duration,
 }
@@ -342,7 +316,7 @@ impl ServerArgs {
             sync,
             http,
             server,
-            tls: self.tls.server_config()?,
+            tls: self.tls.load()?,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
         })
     }

@@ -98,11 +98,12 @@ impl Daemon {
         );
 
         let ready_max_lag = settings.http.ready_max_lag;
-        let scheme = if settings.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let https = settings
+            .tls
+            .as_ref()
+            .map(http::ServerCerts::server_config)
+            .transpose()?;
+        let scheme = if https.is_some() { "https" } else { "http" };
         let app = App::new(store.clone(), status.clone(), settings.http);
         supervise(
             &tasks,
@@ -111,7 +112,7 @@ impl Daemon {
                 listener,
                 http::Api::new(app),
                 settings.server,
-                settings.tls.clone(),
+                https,
                 shutdown.clone(),
             ),
             &shutdown,
@@ -245,6 +246,34 @@ pub fn cancel_on_signals(token: CancellationToken) {
             () = terminate => tracing::info!("SIGTERM received"),
         }
         token.cancel();
+    });
+}
+
+/// On SIGHUP, reads the HTTPS certificate and key again (`certs`), as a certificate is
+/// renewed; without HTTPS there is nothing to reload, and SIGHUP is logged. Either way
+/// SIGHUP no longer ends the process, as it does by default.
+pub fn reload_on_sighup(certs: Option<Arc<http::ServerCerts>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match &certs {
+                Some(certs) => match certs.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: the HTTPS certificate read again"),
+                    Err(error) => tracing::error!(
+                        error = %format!("{error:#}"),
+                        "SIGHUP: the HTTPS certificate in use is kept"
+                    ),
+                },
+                None => tracing::info!("SIGHUP received: nothing to reload"),
+            }
+        }
     });
 }
 

@@ -59,6 +59,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = args.server.settings(&args.database_url)?;
             permd::cancel_on_signals(shutdown.clone());
+            permd::reload_on_sighup(settings.tls.clone());
             let daemon = permd::Daemon::start(settings, shutdown).await?;
             daemon.wait().await
         }

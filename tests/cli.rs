@@ -631,6 +631,90 @@ async fn verify_proves_a_daemon_serving_https() {
     );
 }
 
+/// SIGHUP reads the HTTPS certificate again: new connections get the renewed one, without
+/// a restart. Files that cannot be read keep the one in use, and the daemon serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_serves_a_renewed_certificate() {
+    use std::sync::Arc;
+
+    let db = database().await;
+    let first = common::SelfSigned::new("sighup-first");
+    let renewed = common::SelfSigned::new("sighup-renewed");
+    let log = std::env::temp_dir().join(format!("permd-sighup-{}.log", std::process::id()));
+    let mut command = permd();
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&first.cert)
+        .arg("--tls-key")
+        .arg(&first.key)
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("a log file"));
+    let mut running = Running(command.spawn().expect("start permd serve"));
+    let port = listening(&mut running);
+    let mut roots = rustls::RootCertStore::empty();
+    for der in [&first.der, &renewed.der] {
+        roots.add(der.clone()).expect("a trust anchor");
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    // The certificate a new connection is shown.
+    let shown = || {
+        let client = Arc::clone(&client);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+            let tls = tokio_rustls::TlsConnector::from(client)
+                .connect(name, tcp)
+                .await
+                .expect("the handshake completes");
+            tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone()
+        }
+    };
+    assert!(shown().await == first.der);
+    let hangup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &running.0.id().to_string()])
+            .status()
+            .expect("kill")
+            .success());
+    };
+    std::fs::copy(&renewed.cert, &first.cert).expect("renew the certificate");
+    std::fs::copy(&renewed.key, &first.key).expect("renew the key");
+    hangup();
+    wait_until("the renewed certificate", || async {
+        shown().await == renewed.der
+    })
+    .await;
+    std::fs::write(&first.key, "not a key\n").expect("break the key");
+    hangup();
+    wait_until("the log to say the certificate is kept", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        std::future::ready(text.contains("SIGHUP: the HTTPS certificate in use is kept"))
+    })
+    .await;
+    assert!(shown().await == renewed.der);
+    assert!(
+        running.0.try_wait().expect("wait").is_none(),
+        "permd exited"
+    );
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(
+        text.contains("SIGHUP: the HTTPS certificate read again"),
+        "{text}"
+    );
+    std::fs::remove_file(&log).expect("remove the log");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_proves_equality_and_names_what_differs() {
     let db = database().await;

@@ -927,13 +927,10 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
     use tokio::io::AsyncWriteExt as _;
 
     let certified = common::SelfSigned::new("https");
-    let tls = permd::config::TlsArgs {
-        tls_cert: Some(certified.cert.clone()),
-        tls_key: Some(certified.key.clone()),
-    }
-    .server_config()
-    .expect("the certificate and key are read")
-    .expect("HTTPS is configured");
+    let tls = permd::http::ServerCerts::load(&certified.cert, &certified.key)
+        .expect("the certificate and key are read")
+        .server_config()
+        .expect("TLS settings");
     let limits = permd::http::ServerLimits {
         header_timeout: Duration::from_millis(300),
         ..permd::http::ServerLimits::default()

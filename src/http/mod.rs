@@ -9,6 +9,7 @@ mod fast;
 mod handlers;
 mod metrics;
 mod server;
+mod tls;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub use error::ApiError;
 pub use fast::Api;
 pub(crate) use metrics::Metrics;
 pub use server::{serve, ServerLimits};
+pub use tls::ServerCerts;
 
 use crate::store::Store;
 use crate::sync::Status;
