@@ -253,6 +253,28 @@ async fn migrate_takes_the_key_value_form_too() {
     assert!(stderr.contains("name the primary alone"), "{stderr}");
 }
 
+/// `permd serve` of `url` over HTTPS with `cert` and `key`, its log to `stderr`, once it
+/// listens (it may not have loaded yet).
+fn serve_https(
+    url: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    stderr: Stdio,
+) -> (Running, u16) {
+    let mut command = permd();
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .env("DATABASE_URL", url)
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let mut running = Running(command.spawn().expect("start permd serve"));
+    let port = listening(&mut running);
+    (running, port)
+}
+
 /// `permd verify` of the daemon at `permd_url` against `database_url`.
 fn verify(database_url: &str, permd_url: &str) -> Command {
     let mut verify = permd();
@@ -599,17 +621,7 @@ async fn verify_proves_a_daemon_serving_https() {
         .await;
     let certified = common::SelfSigned::new("cli-https");
     let (cert, key) = (&certified.cert, &certified.key);
-    let mut command = permd();
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .env("DATABASE_URL", &db.url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut running = Running(command.spawn().expect("start permd serve"));
-    let port = listening(&mut running);
+    let (_running, port) = serve_https(&db.url, cert, key, Stdio::null());
     let verify = |ca: Option<&std::path::Path>| {
         let mut verify = verify(&db.url, &format!("https://localhost:{port}"));
         if let Some(ca) = ca {
@@ -635,45 +647,26 @@ async fn verify_proves_a_daemon_serving_https() {
 /// a restart. Files that cannot be read keep the one in use, and the daemon serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_serves_a_renewed_certificate() {
-    use std::sync::Arc;
-
     let db = database().await;
     let first = common::SelfSigned::new("sighup-first");
     let renewed = common::SelfSigned::new("sighup-renewed");
     let log = std::env::temp_dir().join(format!("permd-sighup-{}.log", std::process::id()));
-    let mut command = permd();
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
-        .arg(&first.cert)
-        .arg("--tls-key")
-        .arg(&first.key)
-        .env("DATABASE_URL", &db.url)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("a log file"));
-    let mut running = Running(command.spawn().expect("start permd serve"));
-    let port = listening(&mut running);
-    let mut roots = rustls::RootCertStore::empty();
-    for der in [&first.der, &renewed.der] {
-        roots.add(der.clone()).expect("a trust anchor");
-    }
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
+    let (mut running, port) = serve_https(
+        &db.url,
+        &first.cert,
+        &first.key,
+        std::fs::File::create(&log).expect("a log file").into(),
     );
+    let client = common::tls_client(&[&first.der, &renewed.der]);
     // The certificate a new connection is shown.
     let shown = || {
-        let client = Arc::clone(&client);
+        let client = client.clone();
         async move {
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .expect("connect");
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-            let tls = tokio_rustls::TlsConnector::from(client)
+            let tls = client
                 .connect(name, tcp)
                 .await
                 .expect("the handshake completes");

@@ -923,7 +923,6 @@ async fn an_idle_connection_is_closed_after_the_header_timeout() {
 /// as one that sends no request head is.
 #[tokio::test]
 async fn https_serves_the_api_and_nothing_in_plain_text() {
-    use std::sync::Arc;
     use tokio::io::AsyncWriteExt as _;
 
     let certified = common::SelfSigned::new("https");
@@ -937,20 +936,9 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
     };
     let (addr, _shutdown, _served) = wire::permd_with(app_state(quick()), limits, Some(tls)).await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(certified.der.clone())
-        .expect("the certificate is a trust anchor");
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(client))
+    let mut stream = common::tls_client(&[&certified.der])
         .connect(name, tcp)
         .await
         .expect("the handshake completes");

@@ -293,13 +293,7 @@ impl Applier {
         // a snapshot's xmin has ended), as they must for MVCC, so nothing is skipped; a
         // commit is seen once the standby has replayed it, at the next poll, and `at_least`
         // still waits for exactly that commit.
-        let standby: bool = self
-            .timed(
-                "whether the server is a standby",
-                client.query_one("SELECT pg_is_in_recovery()", &[]),
-            )
-            .await?
-            .try_get(0)?;
+        let standby = self.in_recovery(&client).await?;
         let listen = if standby {
             String::new()
         } else {
@@ -425,14 +419,7 @@ impl Applier {
                     }
                     () = tokio::time::sleep_until(recovery_check), if standby => {
                         recovery_check = tokio::time::Instant::now() + RECOVERY_CHECK;
-                        let in_recovery: bool = self
-                            .timed(
-                                "whether the server is still a standby",
-                                client.query_one("SELECT pg_is_in_recovery()", &[]),
-                            )
-                            .await?
-                            .try_get(0)?;
-                        if !in_recovery {
+                        if !self.in_recovery(&client).await? {
                             return Err(Error::Promoted);
                         }
                     }
@@ -441,6 +428,17 @@ impl Applier {
                 }
             }
         }
+    }
+
+    /// Whether the server is a standby (in recovery).
+    async fn in_recovery(&self, client: &Client) -> Result<bool, Error> {
+        Ok(self
+            .timed(
+                "whether the server is a standby",
+                client.query_one("SELECT pg_is_in_recovery()", &[]),
+            )
+            .await?
+            .try_get(0)?)
     }
 
     /// Takes in one message from the connection; true when it calls for a poll.

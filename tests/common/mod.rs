@@ -64,6 +64,24 @@ impl SelfSigned {
     }
 }
 
+/// A TLS client that trusts these certificates alone.
+pub fn tls_client(
+    trusted: &[&rustls::pki_types::CertificateDer<'static>],
+) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in trusted {
+        roots.add((*der).clone()).expect("a trust anchor");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
 impl Drop for SelfSigned {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
