@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::{database, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE};
 use permd::sync::{StatusReport, SyncConfig};
+use sqlx::Connection as _;
 
 /// A sync config with polling far slower than any test deadline, so a test passes only
 /// if NOTIFY or a reader's request wakes the applier.
@@ -1282,6 +1283,44 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
         );
         daemon.stop().await;
     }
+    // SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS): with channel_binding=require,
+    // the server checks permd's hash of its certificate against its own, or refuses it.
+    db.exec(
+        "CREATE ROLE permd_scram LOGIN PASSWORD 'pw-7f3a';
+         GRANT USAGE ON SCHEMA permd TO permd_scram;
+         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_scram;",
+    )
+    .await;
+    std::fs::write(
+        cluster.dir().join("data/pg_hba.conf"),
+        "hostssl all permd_scram 127.0.0.1/32 scram-sha-256\n\
+         hostssl all permd_scram ::1/128 scram-sha-256\n\
+         local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+    )
+    .expect("write pg_hba.conf");
+    db.exec("SELECT pg_reload_conf()").await;
+    let scram = |password: &str, options: &str| {
+        format!(
+            "postgres://permd_scram{password}@localhost:{}/{name}?sslmode=verify-full&sslrootcert={trusted}{options}",
+            cluster.port()
+        )
+    };
+    wait_until("the server to ask permd_scram for its password", || {
+        let url = scram("", "");
+        async move { sqlx::PgConnection::connect(&url).await.is_err() }
+    })
+    .await;
+    let bound = TestDaemon::start(&scram(
+        ":pw-7f3a",
+        "&channel_binding=require&application_name=permd-scram",
+    ))
+    .await;
+    assert_eq!(
+        encrypted(&db, "permd-scram").await,
+        (true, vec![String::new()])
+    );
+    bound.stop().await;
+
     // The CLI's pool reads the same options.
     let pool = permd::db::pool(&full)
         .await

@@ -16,9 +16,8 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, SslMode, TargetSessionAttrs};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, Config, Connection, NoTls, SimpleQueryMessage};
+use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode, SslNegotiation, TargetSessionAttrs};
+use tokio_postgres::{Client, Config, Connection, SimpleQueryMessage};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
@@ -31,7 +30,7 @@ use super::{error_chain, Error};
 pub(crate) type Socket = Either<Either<TcpStream, UnixStream>, Box<TlsStream<TcpStream>>>;
 
 /// The sync connection: tokio-postgres's, over our tapped socket.
-pub(crate) type SyncConnection = Connection<Tapped<Socket>, NoTlsStream>;
+pub(crate) type SyncConnection = Connection<Tapped<Socket>, tls::BoundStream<Tapped<Socket>>>;
 
 /// Reads the database URL as the sync connection does: its TLS options (`tls.rs`, which
 /// reads the files they name) and the rest, which tokio-postgres reads. Refuses what it
@@ -42,16 +41,8 @@ pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
     let mut config = rest
         .parse::<Config>()
         .map_err(|error| Error::Url(error_chain(&error)))?;
-    // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again. It
-    // then sees a plain stream, and so offers no channel binding.
+    // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again.
     config.ssl_mode(SslMode::Disable);
-    if config.get_channel_binding() == ChannelBinding::Require {
-        return Err(Error::Url(
-            "channel_binding=require: permd does not bind SCRAM authentication to the TLS \
-             channel yet (use channel_binding=prefer, the default, with sslmode=verify-full)"
-                .into(),
-        ));
-    }
     Ok((config, tls))
 }
 
@@ -120,7 +111,24 @@ async fn handshake(
     tap: &Tap,
     socket: Socket,
 ) -> Result<(Client, SyncConnection), Error> {
-    let (client, mut connection) = config.connect_raw(tap.on(socket), NoTls).await?;
+    let binding = match &socket {
+        Either::Right(secure) => Some(tls::end_point(secure)),
+        Either::Left(_) => None,
+    };
+    let (client, mut connection) = match binding {
+        // Encrypted below the tap already: tokio-postgres "connects" TLS directly (no
+        // SSLRequest), which only adds the channel binding (`tls::Bound`).
+        Some(end_point) => {
+            let mut direct = config.clone();
+            direct
+                .ssl_mode(SslMode::Require)
+                .ssl_negotiation(SslNegotiation::Direct);
+            direct
+                .connect_raw(tap.on(socket), tls::Bound(end_point))
+                .await?
+        }
+        None => config.connect_raw(tap.on(socket), tls::Bound(None)).await?,
+    };
     let wanted = config.get_target_session_attrs();
     if wanted == TargetSessionAttrs::Any {
         return Ok((client, connection));
@@ -282,8 +290,6 @@ mod tests {
         assert!(why.contains("sslmode=allow-maybe"), "{why}");
         let why = refused("host=localhost sslmode='verify-full' sslrootcert=/nonexistent/ca.pem");
         assert!(why.contains("sslrootcert=/nonexistent/ca.pem"), "{why}");
-        let why = refused("postgres://u@localhost/db?sslmode=require&channel_binding=require");
-        assert!(why.starts_with("channel_binding=require"), "{why}");
         let why = refused("postgres://u@localhost/db?frobnicate=1");
         assert!(why.contains("frobnicate"), "{why}");
         for (url, mode) in [

@@ -31,8 +31,13 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use sha2::{Digest as _, Sha256, Sha384, Sha512};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_postgres::tls::{ChannelBinding, TlsConnect};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
@@ -266,6 +271,142 @@ impl Tls {
             ))),
         }
     }
+}
+
+/// How tokio-postgres sees the TLS below the tap. The stream it is handed is encrypted
+/// already; told to connect TLS directly (`sslnegotiation=direct`, no SSLRequest), it calls
+/// this, which only wraps the stream with the channel binding SCRAM-SHA-256-PLUS signs:
+/// the hash of the server's certificate (`tls-server-end-point`, RFC 5929), which binds
+/// the authentication to this TLS session, so that a man in the middle holding another
+/// certificate cannot relay it.
+pub(crate) struct Bound(pub(crate) Option<Vec<u8>>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsConnect<S> for Bound {
+    type Stream = BoundStream<S>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<BoundStream<S>, Self::Error>>;
+
+    fn connect(self, inner: S) -> Self::Future {
+        std::future::ready(Ok(BoundStream {
+            inner,
+            end_point: self.0,
+        }))
+    }
+}
+
+/// A stream with its channel binding, for tokio-postgres.
+pub(crate) struct BoundStream<S> {
+    inner: S,
+    end_point: Option<Vec<u8>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for BoundStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for BoundStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for BoundStream<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.end_point
+            .clone()
+            .map_or_else(ChannelBinding::none, ChannelBinding::tls_server_end_point)
+    }
+}
+
+/// The `tls-server-end-point` of a TLS session: its server certificate hashed with the hash
+/// of the certificate's signature (SHA-256 for MD5 and SHA-1), as Postgres computes it.
+/// `None` for a signature whose hash this does not know (RSA-PSS, Ed25519): SCRAM then goes
+/// without the binding, unless `channel_binding=require`.
+pub(crate) fn end_point(stream: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    let cert = stream.get_ref().1.peer_certificates()?.first()?;
+    let der = cert.as_ref();
+    Some(match signature_hash(der)? {
+        256 => Sha256::digest(der).to_vec(),
+        384 => Sha384::digest(der).to_vec(),
+        _ => Sha512::digest(der).to_vec(),
+    })
+}
+
+/// The bits of the hash a DER certificate's signature algorithm uses, MD5 and SHA-1 taken
+/// as SHA-256 (RFC 5929); `None` if unknown.
+fn signature_hash(der: &[u8]) -> Option<u16> {
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature }
+    let (0x30, certificate, _) = tlv(der)? else {
+        return None;
+    };
+    let (_, _, after_tbs) = tlv(certificate)?;
+    let (0x30, algorithm, _) = tlv(after_tbs)? else {
+        return None;
+    };
+    let (0x06, oid, _) = tlv(algorithm)? else {
+        return None;
+    };
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    match oid {
+        [rsa @ .., last] if rsa == RSA => match last {
+            0x04 | 0x05 | 0x0b => Some(256), // md5, sha1, sha256 WithRSAEncryption
+            0x0c => Some(384),
+            0x0d => Some(512),
+            _ => None,
+        },
+        ECDSA_SHA1 => Some(256),
+        [ecdsa @ .., last] if ecdsa == ECDSA_SHA2 => match last {
+            0x02 => Some(256),
+            0x03 => Some(384),
+            0x04 => Some(512),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// One DER element: its tag, its contents and what follows it.
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at(count);
+        let len = bytes
+            .iter()
+            .fold(0usize, |len, &byte| len << 8 | usize::from(byte));
+        (len, rest)
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (contents, rest) = rest.split_at(len);
+    Some((tag, contents, rest))
 }
 
 /// What to do about a failed handshake, when it is the certificate.
@@ -508,6 +649,26 @@ mod tests {
             Err(Error::Url(why)) => assert!(why.contains("sslnegotiation=direct"), "{why}"),
             other => panic!("accepted: {other:?}"),
         }
+    }
+
+    /// The hash of a certificate's signature, as Postgres picks it for the channel
+    /// binding: certificates of rcgen's, signed by each algorithm.
+    #[test]
+    fn the_end_point_hash_follows_the_signature() {
+        for (algorithm, bits) in [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, Some(256)),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, Some(384)),
+            (&rcgen::PKCS_ED25519, None),
+        ] {
+            let key = rcgen::KeyPair::generate_for(algorithm).expect("a key");
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+                .expect("params")
+                .self_signed(&key)
+                .expect("a certificate");
+            assert_eq!(signature_hash(cert.der()), bits, "{algorithm:?}");
+        }
+        assert_eq!(signature_hash(&[0x30, 0x82, 0x01]), None);
+        assert_eq!(signature_hash(&[]), None);
     }
 
     fn refused(options: &TlsOptions) -> String {
