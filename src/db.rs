@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{ChannelBinding, Host};
 
 use crate::sync::TlsOptions;
 
@@ -14,6 +14,16 @@ use crate::sync::TlsOptions;
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     let (rest, tls) = crate::sync::split_tls_options(database_url)?;
     tls.check()?;
+    // sqlx authenticates without channel binding: refused rather than quietly ignored.
+    if rest
+        .parse::<tokio_postgres::Config>()
+        .is_ok_and(|config| config.get_channel_binding() == ChannelBinding::Require)
+    {
+        anyhow::bail!(
+            "channel_binding=require: migrate, verify and demo (sqlx) do not bind SCRAM to the \
+             TLS session; give them the URL without it (serve binds it)"
+        );
+    }
     let options = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
         rest.parse().context("parse the database URL")?
     } else {
