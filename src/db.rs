@@ -4,7 +4,6 @@
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
-
 use tokio_postgres::config::{ChannelBinding, Host};
 
 use crate::sync::TlsOptions;
@@ -14,9 +13,11 @@ use crate::sync::TlsOptions;
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     let (rest, tls) = crate::sync::split_tls_options(database_url)?;
     tls.check()?;
+    // Read as the daemon reads it; sqlx reads the URL form itself.
+    let parsed = rest.parse::<tokio_postgres::Config>();
     // sqlx authenticates without channel binding: refused rather than quietly ignored.
-    if rest
-        .parse::<tokio_postgres::Config>()
+    if parsed
+        .as_ref()
         .is_ok_and(|config| config.get_channel_binding() == ChannelBinding::Require)
     {
         anyhow::bail!(
@@ -27,7 +28,9 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     let options = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
         rest.parse().context("parse the database URL")?
     } else {
-        from_pairs(&rest)?
+        let config = parsed
+            .map_err(|e| anyhow::anyhow!("parse the database URL: {}", crate::error_chain(&e)))?;
+        from_pairs(&config)?
     };
     let options = with_tls(options, &tls)?;
     // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
@@ -54,12 +57,9 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         .context("connect to the database")
 }
 
-/// sqlx's options from a key=value string, which sqlx does not read (tokio-postgres does,
-/// for the daemon). One server only: the one-off commands do not try hosts in turn.
-fn from_pairs(pairs: &str) -> anyhow::Result<PgConnectOptions> {
-    let config: tokio_postgres::Config = pairs
-        .parse()
-        .map_err(|e| anyhow::anyhow!("parse the database URL: {}", crate::error_chain(&e)))?;
+/// sqlx's options from a key=value string as tokio-postgres read it (sqlx reads URLs only).
+/// One server only: the one-off commands do not try hosts in turn.
+fn from_pairs(config: &tokio_postgres::Config) -> anyhow::Result<PgConnectOptions> {
     let (hosts, addrs) = (config.get_hosts(), config.get_hostaddrs());
     if hosts.len().max(addrs.len()) > 1 {
         anyhow::bail!(
