@@ -766,15 +766,16 @@ fn bare_axum(rows: &[(String, String)]) -> u16 {
         sets.entry(s.clone()).or_default().insert(p.clone());
     }
     let sets = Arc::new(sets);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
+    // permd's own bind: the same accept queue (4,096) as the permd it is the floor of.
+    let (bound, port) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async move {
+            let listener = permd::bind(([127, 0, 0, 1], 0).into()).unwrap();
+            bound.send(listener.local_addr().unwrap().port()).unwrap();
             let app = axum::Router::new().route(
                 "/v1/check",
                 axum::routing::get(
@@ -789,11 +790,10 @@ fn bare_axum(rows: &[(String, String)]) -> u16 {
                     },
                 ),
             );
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app.with_state(sets)).await.unwrap();
         });
     });
-    port
+    port.recv().unwrap()
 }
 
 /// permd serving the database, as its own process (so its memory is its own).
