@@ -118,13 +118,19 @@ pub struct TlsArgs {
     /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1); with --tls-cert.
     #[arg(long, env = "PERMD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Require every HTTPS client to present a certificate signed by one of these CAs
+    /// (PEM), and refuse the others in the handshake; with --tls-cert.
+    #[arg(long, env = "PERMD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl TlsArgs {
     /// The certificate and key HTTPS serves, if given (read now; again on SIGHUP).
     pub fn load(&self) -> anyhow::Result<Option<Arc<ServerCerts>>> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => ServerCerts::load(cert, key).map(Some),
+            (Some(cert), Some(key)) => {
+                ServerCerts::load(cert, key, self.tls_client_ca.as_deref()).map(Some)
+            }
             _ => Ok(None),
         }
     }
@@ -288,10 +294,11 @@ impl ServerArgs {
     /// Validates the flags into settings for `database_url`.
     pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
         let token = self.token.read()?.and_then(Token::new);
-        if token.is_none() && !self.listen.ip().is_loopback() {
+        // Client certificates authenticate as a token does.
+        if token.is_none() && !self.listen.ip().is_loopback() && self.tls.tls_client_ca.is_none() {
             bail!(
                 "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \
-                 or listen on a loopback address",
+                 require client certificates (--tls-client-ca), or listen on a loopback address",
                 self.listen
             );
         }
@@ -424,5 +431,26 @@ mod tests {
         ]);
         let settings = serve.server.settings("u").expect("token given");
         assert!(!format!("{settings:?}").contains("s3cret"));
+        // Client certificates authenticate as a token does: with --tls-client-ca no token
+        // is asked for (the files that are not there are the error here).
+        let serve = parse(&[
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--listen",
+            "0.0.0.0:7700",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+            "--tls-client-ca",
+            "/nonexistent/clients.pem",
+        ]);
+        let error = format!(
+            "{:#}",
+            serve.server.settings("u").expect_err("no such file")
+        );
+        assert!(!error.contains("without a token"), "{error}");
     }
 }

@@ -926,7 +926,7 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
     use tokio::io::AsyncWriteExt as _;
 
     let certified = common::SelfSigned::new("https");
-    let tls = permd::http::ServerCerts::load(&certified.cert, &certified.key)
+    let tls = permd::http::ServerCerts::load(&certified.cert, &certified.key, None)
         .expect("the certificate and key are read")
         .server_config()
         .expect("TLS settings");
@@ -962,6 +962,61 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
     let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let rest = wire::read_to_close(&mut idle).await;
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
+
+/// HTTPS with `--tls-client-ca`: a client showing a certificate signed by that CA is
+/// served; one without a certificate, or with one of another CA, gets no HTTP answer.
+#[tokio::test]
+async fn https_with_client_cas_serves_only_clients_they_signed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let server = common::SelfSigned::new("mtls");
+    let clients = common::TestCa::new("permd clients");
+    let stranger = common::TestCa::new("someone else");
+    let ca_file = server.cert.with_file_name("clients.pem");
+    std::fs::write(&ca_file, clients.pem()).expect("write the client CA");
+    let tls = permd::http::ServerCerts::load(&server.cert, &server.key, Some(&ca_file))
+        .expect("the certificates are read")
+        .server_config()
+        .expect("TLS settings");
+    let (addr, _shutdown, _served) = wire::permd_with(
+        app_state(quick()),
+        permd::http::ServerLimits::default(),
+        Some(tls),
+    )
+    .await;
+    let request = b"GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n";
+    // What a client with `identity` gets back: the answer, or what it read before the
+    // connection failed.
+    let server_der = &server.der;
+    let ask = |identity: Option<common::Identity>| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+        let Ok(mut stream) = common::tls_client_as(&[server_der], identity)
+            .connect(name, tcp)
+            .await
+        else {
+            return String::new();
+        };
+        if stream.write_all(request).await.is_err() {
+            return String::new();
+        }
+        let mut received = vec![0u8; 4096];
+        match tokio::time::timeout(DEADLINE, stream.read(&mut received)).await {
+            Ok(Ok(n)) => String::from_utf8_lossy(&received[..n]).into_owned(),
+            Ok(Err(_)) => String::new(),
+            Err(_) => panic!("neither answered nor refused within the deadline"),
+        }
+    };
+    let answer = ask(Some(clients.identity("app-server"))).await;
+    assert!(answer.contains(" 200 OK\r\n"), "{answer}");
+    for (who, identity) in [
+        ("no certificate", None),
+        ("another CA's", Some(stranger.identity("app-server"))),
+    ] {
+        let answer = ask(identity).await;
+        assert!(!answer.contains("HTTP/"), "{who}: {answer}");
+    }
 }
 
 /// At shutdown, connections in the server's own loop, connections back in it from hyper

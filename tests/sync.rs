@@ -1114,45 +1114,6 @@ async fn the_poll_reads_the_changelog_by_its_key_at_any_size() {
     }
 }
 
-/// A certificate authority of the test's own, and certificates it signs.
-struct TestCa {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().expect("a CA key");
-        Self {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("a CA certificate"),
-        }
-    }
-
-    /// A certificate for `names` (its subject alternative names) and common name `cn`, and
-    /// its key, both PEM.
-    fn sign(&self, names: &[&str], cn: &str) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
-        let mut params = rcgen::CertificateParams::new(names).expect("certificate params");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        let key = rcgen::KeyPair::generate().expect("a key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// Writes the CA's certificate to a file of `dir`, for `sslrootcert`.
-    fn file(&self, dir: &std::path::Path, name: &str) -> String {
-        let path = dir.join(name);
-        std::fs::write(&path, self.issuer.pem()).expect("write the CA's certificate");
-        path.display().to_string()
-    }
-}
-
 /// Whether every connection of `application_name` to `db`'s database is encrypted, and the
 /// client certificate's name each showed (empty when none).
 async fn encrypted(db: &TestDb, application_name: &str) -> (bool, Vec<String>) {
@@ -1180,15 +1141,15 @@ async fn encrypted(db: &TestDb, application_name: &str) -> (bool, Vec<String>) {
 /// required. The CLI's connection (sqlx) reads the same options.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sync_connection_speaks_tls_as_the_url_asks() {
-    let ca = TestCa::new("permd test CA");
-    let impostor = TestCa::new("someone else's CA");
+    let ca = common::TestCa::new("permd test CA");
+    let impostor = common::TestCa::new("someone else's CA");
     let (cert_pem, key_pem) = ca.sign(&["localhost"], "localhost");
     let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
         unsafe_fast: true,
         tls: Some(permd::embedded::ServerTls {
             cert_pem,
             key_pem,
-            client_ca_pem: Some(ca.issuer.pem()),
+            client_ca_pem: Some(ca.pem()),
         }),
         ..permd::embedded::ClusterOptions::default()
     })

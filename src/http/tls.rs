@@ -9,8 +9,9 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
 
 /// The certificate and key HTTPS serves, and the files they come from. A cheap handle to
 /// share: every handshake reads the current pair.
@@ -18,6 +19,9 @@ use rustls::sign::CertifiedKey;
 pub struct ServerCerts {
     cert: PathBuf,
     key: PathBuf,
+    /// The CAs a client's certificate must chain to, when clients must show one (read at
+    /// start only).
+    client_ca: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
     /// An `ArcSwap`: every handshake loads the pair, a reload replaces it whole, and a
     /// handshake under way keeps the pair it started with.
@@ -26,13 +30,16 @@ pub struct ServerCerts {
 
 impl ServerCerts {
     /// Reads the certificate (PEM: the server's, then any intermediates) and its private
-    /// key (PEM: PKCS#8, PKCS#1 or SEC1), which must match.
-    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<Self>> {
+    /// key (PEM: PKCS#8, PKCS#1 or SEC1), which must match; and, when clients must show a
+    /// certificate, the CAs it must chain to (PEM).
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<Arc<Self>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let current = read(cert, key, &provider)?;
+        let client_ca = client_ca.map(client_roots).transpose()?.map(Arc::new);
         Ok(Arc::new(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            client_ca,
             provider,
             current: ArcSwap::from_pointee(current),
         }))
@@ -47,13 +54,25 @@ impl ServerCerts {
     }
 
     /// The server's TLS settings: TLS 1.2 and 1.3, HTTP/1.1 announced by ALPN, the
-    /// certificate as it is at each handshake.
+    /// certificate as it is at each handshake, and a client certificate required when
+    /// client CAs are given.
     pub fn server_config(self: &Arc<Self>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&self.provider))
             .with_safe_default_protocol_versions()
-            .context("TLS settings")?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+            .context("TLS settings")?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(roots) => builder.with_client_cert_verifier(
+                WebPkiClientVerifier::builder_with_provider(
+                    Arc::clone(roots),
+                    Arc::clone(&self.provider),
+                )
+                .build()
+                .context("the client CAs")?,
+            ),
+        };
+        let mut config =
+            builder.with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
@@ -63,6 +82,22 @@ impl ResolvesServerCert for ServerCerts {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
     }
+}
+
+/// The CAs of a PEM file, for client certificates.
+fn client_roots(path: &Path) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("read the client CAs {}", path.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("read the client CAs {}", path.display()))?)
+            .with_context(|| format!("the client CAs {}", path.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no certificate (PEM)", path.display());
+    }
+    Ok(roots)
 }
 
 /// The pair the files hold, checked to match.

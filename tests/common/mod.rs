@@ -68,18 +68,95 @@ impl SelfSigned {
 pub fn tls_client(
     trusted: &[&rustls::pki_types::CertificateDer<'static>],
 ) -> tokio_rustls::TlsConnector {
+    tls_client_as(trusted, None)
+}
+
+/// A client's certificate and its key.
+pub type Identity = (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// As [`tls_client`], showing `identity` when the server asks for a certificate.
+pub fn tls_client_as(
+    trusted: &[&rustls::pki_types::CertificateDer<'static>],
+    identity: Option<Identity>,
+) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for der in trusted {
         roots.add((*der).clone()).expect("a trust anchor");
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(vec![cert], key)
+            .expect("a client certificate"),
+    };
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// A certificate authority of a test's own.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("a CA key");
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("a CA certificate"),
+        }
+    }
+
+    /// The CA's certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `names` (its subject alternative names) and common name `cn`,
+    /// and its key, both PEM.
+    pub fn sign(&self, names: &[&str], cn: &str) -> (String, String) {
+        let (cert, key) = self.signed(names, cn);
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A client certificate with common name `cn`, and its key.
+    pub fn identity(&self, cn: &str) -> Identity {
+        let (cert, key) = self.signed(&[], cn);
+        (
+            cert.der().clone(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    }
+
+    fn signed(&self, names: &[&str], cn: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("certificate params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (cert, key)
+    }
+
+    /// Writes the CA's certificate to a file of `dir`, for `sslrootcert`.
+    pub fn file(&self, dir: &std::path::Path, name: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, self.pem()).expect("write the CA's certificate");
+        path.display().to_string()
+    }
 }
 
 impl Drop for SelfSigned {
