@@ -535,32 +535,13 @@ async fn a_database_without_the_schema_or_privileges_says_what_to_do() {
 /// during recovery`), and retried for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_is_followed_by_polling() {
-    let primary = own_cluster(None);
-    let standby = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
-        unsafe_fast: true,
-        standby_of: Some(primary.port()),
-        ..Default::default()
-    })
-    .expect("start a standby");
-    let db = database_on(&primary).await;
-    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
-        .await;
+    let Replica {
+        primary,
+        standby,
+        db,
+        url: replica,
+    } = replica().await;
     let name = db.url.rsplit('/').next().expect("a database name");
-    let replica = standby.url(name);
-    wait_until("the standby to replay the migrated database", || {
-        let replica = replica.clone();
-        async move {
-            let Ok(pool) = permd::db::pool(&replica).await else {
-                return false;
-            };
-            let replayed: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
-                .fetch_one(&pool)
-                .await;
-            pool.close().await;
-            replayed.is_ok_and(|n| n == 1)
-        }
-    })
-    .await;
 
     // An hourly idle poll: readers' `at_least` wakes the applier, and NOTIFY once promoted.
     let mut sync = SyncConfig::new(&replica);
@@ -629,6 +610,164 @@ async fn a_standby_is_followed_by_polling() {
     promoted.close().await;
     daemon.stop().await;
 
+    db.pool.close().await;
+}
+
+/// A primary with a test database (one tuple in it), and a streaming standby of it that
+/// has replayed the database.
+struct Replica {
+    primary: permd::embedded::Cluster,
+    standby: permd::embedded::Cluster,
+    /// The database, on the primary.
+    db: TestDb,
+    /// The database's URL on the standby.
+    url: String,
+}
+
+async fn replica() -> Replica {
+    let primary = own_cluster(None);
+    let standby = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        standby_of: Some(primary.port()),
+        ..Default::default()
+    })
+    .expect("start a standby");
+    let db = database_on(&primary).await;
+    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let url = standby.url(name);
+    wait_until("the standby to replay the migrated database", || {
+        let url = url.clone();
+        async move {
+            let Ok(pool) = permd::db::pool(&url).await else {
+                return false;
+            };
+            let replayed: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
+                .fetch_one(&pool)
+                .await;
+            pool.close().await;
+            replayed.is_ok_and(|n| n == 1)
+        }
+    })
+    .await;
+    Replica {
+        primary,
+        standby,
+        db,
+        url,
+    }
+}
+
+/// permd on a standby is as current as the standby: when the standby's replay is held
+/// while its primary writes, or it loses its primary, permd's lag grows past the limit
+/// (not ready), and it is current again once the standby is. Both for a role that may see
+/// the WAL receiver's status and for one that sees only its process id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_behind_its_primary_makes_permd_late() {
+    let Replica {
+        primary,
+        standby: _standby,
+        db,
+        url,
+    } = replica().await;
+    db.exec(
+        "CREATE ROLE permd_reader LOGIN; \
+         GRANT USAGE ON SCHEMA permd TO permd_reader; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_reader",
+    )
+    .await;
+    let reader = url.replacen("postgres@", "permd_reader@", 1);
+    assert_ne!(reader, url);
+    wait_until("the standby to replay the role", || {
+        let reader = reader.clone();
+        async move {
+            let Ok(pool) = permd::db::pool(&reader).await else {
+                return false;
+            };
+            pool.close().await;
+            true
+        }
+    })
+    .await;
+    let admin = permd::db::pool(&url).await.expect("connect to the standby");
+    let mut daemons = Vec::new();
+    for url in [&url, &reader] {
+        let mut sync = SyncConfig::new(url);
+        sync.poll_interval = Duration::from_millis(50);
+        daemons.push(TestDaemon::start_with(sync, patient()).await);
+    }
+    // The limit `/readyz` would be given; the lags this test makes pass it.
+    const MAX_LAG: f64 = 1.0;
+    let all_current = |what: &'static str| {
+        let daemons = &daemons;
+        async move {
+            for daemon in daemons {
+                daemon
+                    .wait_for_report(what, |report| {
+                        report.standby
+                            && !report.following
+                            && report.standby_lag_seconds.is_some()
+                            && daemon.status.is_ready(MAX_LAG)
+                    })
+                    .await;
+            }
+        }
+    };
+    let all_late = |what: &'static str| {
+        let daemons = &daemons;
+        async move {
+            for daemon in daemons {
+                daemon
+                    .wait_for_report(what, |report| {
+                        report.standby_lag_seconds.is_some_and(|lag| lag > MAX_LAG)
+                            && !daemon.status.is_ready(MAX_LAG)
+                    })
+                    .await;
+            }
+        }
+    };
+    all_current("both daemons current").await;
+
+    // Replay paused: an idle primary keeps its standby current...
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&admin)
+        .await
+        .expect("pause replay");
+    // ...but not one that writes.
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await;
+    all_late("the held replay seen").await;
+    for daemon in &daemons {
+        assert!(!daemon.check("user:2", "read", "doc:1", "0").await);
+    }
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&admin)
+        .await
+        .expect("resume replay");
+    all_current("both current once replay resumed").await;
+    for daemon in &daemons {
+        assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    }
+
+    // The primary stopped: the standby's receiver is gone.
+    primary
+        .stop_server(StopMode::Fast)
+        .expect("stop the primary");
+    all_late("the lost primary seen").await;
+    primary.start_server().expect("start the primary again");
+    all_current("both current once the standby streams again").await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:3', 'doc:1', 'read', NULL)")
+        .await;
+    for daemon in daemons {
+        assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+        let report = daemon.status.report();
+        assert_eq!(report.reconnects, 0, "{report:?}");
+        daemon.stop().await;
+    }
+    admin.close().await;
     db.pool.close().await;
 }
 

@@ -303,6 +303,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "reconnects": report.reconnects,
         "following": report.following,
         "standby": report.standby,
+        "standby_lag_seconds": report.standby_lag_seconds,
         "notified_changes": report.notified_changes,
         "refused_notifications": report.refused_notifications,
         "dropped_notifications": report.dropped_notifications,

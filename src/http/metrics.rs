@@ -157,7 +157,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 18] = [
+        let gauges: [(&str, &str, &str, f64); 19] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -171,8 +171,14 @@ impl Metrics {
             (
                 "permd_lag_seconds",
                 "gauge",
-                "Seconds since the mirror was last caught up with Postgres (-1 before the first catch-up).",
+                "Seconds since the mirror was last caught up with Postgres (-1 before the first catch-up); on a standby, with its primary.",
                 report.lag_seconds.unwrap_or(-1.0),
+            ),
+            (
+                "permd_standby_lag_seconds",
+                "gauge",
+                "Seconds since the standby permd reads last had everything its primary had written, as far as it can tell (-1 on a primary, while not known, and on a standby that cannot tell).",
+                report.standby_lag_seconds.unwrap_or(-1.0),
             ),
             ("permd_connected", "gauge", "1 while the sync connection to Postgres is up.", f64::from(u8::from(report.connected))),
             ("permd_reloads_total", "counter", "Full loads, the first included.", report.reloads as f64),

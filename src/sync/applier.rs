@@ -14,12 +14,25 @@ use tokio_util::sync::CancellationToken;
 use super::connect;
 use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Snapshot, Verdict};
 use super::loader::{self, Loaded};
+use super::standby::{Look, Standby};
+use super::status::Upstream;
 use super::tap::Tap;
 use super::{error_chain, parse_xid, Cursor, Error, Status, SyncConfig};
-use crate::store::{Store, TupleRow, Xid};
+use crate::store::{now_micros, Store, TupleRow, Xid};
 
-/// How often a standby is asked whether it has been promoted (`pg_is_in_recovery()`).
+/// How often a standby is looked at: whether it has been promoted, and how current it is
+/// with its primary (`LOOK`).
 const RECOVERY_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the server is a standby and, on one, what it can tell of its delay behind its
+/// primary (`sync::standby`): the WAL received (or, to `pg_read_all_stats`, the end its
+/// primary last reported, when further), the WAL replayed, the WAL receiver's process id
+/// (shown to every role) and whether it streams (`NULL` to a role that may not see it).
+const LOOK: &str = "SELECT pg_is_in_recovery(), \
+        pg_wal_lsn_diff(greatest(pg_last_wal_receive_lsn(), r.latest_end_lsn), '0/0')::int8, \
+        pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::int8, \
+        r.pid, r.status = 'streaming' \
+    FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
 
 /// The doorbell channel rung by the changelog triggers.
 const CHANNEL: &str = "permd_changes";
@@ -292,8 +305,10 @@ impl Applier {
         // snapshots keep the invariant the changelog's horizon rests on (a transaction below
         // a snapshot's xmin has ended), as they must for MVCC, so nothing is skipped; a
         // commit is seen once the standby has replayed it, at the next poll, and `at_least`
-        // still waits for exactly that commit.
-        let standby = self.in_recovery(&client).await?;
+        // still waits for exactly that commit. How current the standby is with its primary
+        // bounds how current the mirror is (`sync::standby`).
+        let mut looks = Standby::default();
+        let standby = self.look(&client, &mut looks).await?;
         let listen = if standby {
             String::new()
         } else {
@@ -419,8 +434,14 @@ impl Applier {
                     }
                     () = tokio::time::sleep_until(recovery_check), if standby => {
                         recovery_check = tokio::time::Instant::now() + RECOVERY_CHECK;
-                        if !self.in_recovery(&client).await? {
+                        let known = looks.known();
+                        if !self.look(&client, &mut looks).await? {
                             return Err(Error::Promoted);
+                        }
+                        if !known && looks.known() {
+                            // The mirror can be known current now, not a poll interval
+                            // later.
+                            break;
                         }
                     }
                     result = &mut closed => return Err(result),
@@ -430,15 +451,43 @@ impl Applier {
         }
     }
 
-    /// Whether the server is a standby (in recovery).
-    async fn in_recovery(&self, client: &Client) -> Result<bool, Error> {
-        Ok(self
+    /// Whether the server is a standby (in recovery). On one, takes in how current it is
+    /// with its primary, into `looks` and the status, and says in the log when its WAL
+    /// receiver goes or comes back; on a primary, the status says there is nothing to be
+    /// current with beyond it.
+    async fn look(&self, client: &Client, looks: &mut Standby) -> Result<bool, Error> {
+        let at = now_micros();
+        let row = self
             .timed(
                 "whether the server is a standby",
-                client.query_one("SELECT pg_is_in_recovery()", &[]),
+                client.query_one(LOOK, &[]),
             )
-            .await?
-            .try_get(0)?)
+            .await?;
+        if !row.try_get::<_, bool>(0)? {
+            self.status.set_upstream(Upstream::Unbounded);
+            return Ok(false);
+        }
+        let receiving = looks.receiving();
+        let upstream = looks.look(Look {
+            at,
+            received: row.try_get(1)?,
+            replayed: row.try_get(2)?,
+            receiver: row.try_get(3)?,
+            streaming: row.try_get(4)?,
+        });
+        self.status.set_upstream(upstream);
+        match (receiving, looks.receiving()) {
+            _ if upstream == Upstream::Unbounded => {}
+            (None | Some(true), Some(false)) => tracing::warn!(
+                "the standby has no WAL receiver streaming from its primary: permd is as \
+                 stale as the standby, and lag_seconds grows until it streams again"
+            ),
+            (Some(false), Some(true)) => {
+                tracing::info!("the standby streams from its primary again");
+            }
+            _ => {}
+        }
+        Ok(true)
     }
 
     /// Takes in one message from the connection; true when it calls for a poll.

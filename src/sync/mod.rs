@@ -10,6 +10,7 @@ mod connect;
 mod copy;
 mod follow;
 mod loader;
+mod standby;
 mod status;
 mod tap;
 mod tls;

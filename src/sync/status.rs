@@ -30,6 +30,9 @@ struct Inner {
     following: AtomicBool,
     /// The server is a standby (in recovery).
     standby: AtomicBool,
+    /// How current the server is with its primary: [`Upstream`] as µs since the epoch,
+    /// [`UNBOUNDED`] or [`UNKNOWN`].
+    upstream_at: AtomicI64,
     /// Statements applied from their notifications.
     notified: AtomicU64,
     /// Notifications whose rows were refused (unsigned, not verifying, replayed).
@@ -41,6 +44,26 @@ struct Inner {
     last_error: Mutex<Option<String>>,
     /// Woken at each catch-up and full load: the events that can make the mirror ready.
     progressed: Notify,
+}
+
+/// `upstream_at` when the server's own state is all there is to be current with (the
+/// default).
+const UNBOUNDED: i64 = 0;
+/// `upstream_at` while a standby's currency is not known.
+const UNKNOWN: i64 = -1;
+
+/// How current the server permd reads is with the primary it follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Upstream {
+    /// Nothing to follow, or nothing known to bound it by: a primary, or a standby that
+    /// has not streamed since it started (fed from a WAL archive, or its primary down
+    /// since), which cannot tell how far behind it is.
+    Unbounded,
+    /// A streaming standby whose currency is not known (yet, or since a reconnect).
+    Unknown,
+    /// A standby that had replayed everything its primary had written by then (µs since
+    /// the epoch).
+    CurrentAt(i64),
 }
 
 /// A point-in-time copy of the status, as `/v1/status` shows it.
@@ -68,6 +91,11 @@ pub struct StatusReport {
     /// The server the sync connection reads is a standby (a read replica): it allows no
     /// LISTEN, so changes arrive by the poll, once the standby has replayed them.
     pub standby: bool,
+    /// Seconds since the standby last had everything its primary had written, as far as
+    /// it can tell (its WAL receiver streaming, and replay up to what it received); part
+    /// of `lag_seconds`. `null` on a primary, while not yet known, and on a standby that
+    /// has not streamed since it started, which cannot tell.
+    pub standby_lag_seconds: Option<f64>,
     /// Statements applied from their notifications since start.
     pub notified_changes: u64,
     /// Notifications whose rows were not applied since start: unsigned, a signature that
@@ -94,8 +122,13 @@ impl Status {
             last_full_load_ms: i.last_full_load_ms.load(Ordering::Relaxed),
             reloads: i.reloads.load(Ordering::Relaxed),
             reconnects: i.reconnects.load(Ordering::Relaxed),
-            following: i.following.load(Ordering::Relaxed),
+            // A standby sends no notifications to follow.
+            following: i.following.load(Ordering::Relaxed) && !i.standby.load(Ordering::Relaxed),
             standby: i.standby.load(Ordering::Relaxed),
+            standby_lag_seconds: match i.upstream_at.load(Ordering::Relaxed) {
+                UNBOUNDED | UNKNOWN => None,
+                at => Some(micros_to_secs_since(at)),
+            },
             notified_changes: i.notified.load(Ordering::Relaxed),
             refused_notifications: i.refused.load(Ordering::Relaxed),
             dropped_notifications: i.dropped.load(Ordering::Relaxed),
@@ -107,10 +140,11 @@ impl Status {
         }
     }
 
-    /// Seconds since the mirror was last caught up, `None` before the first catch-up.
+    /// Seconds since the mirror was last caught up (with the primary, when permd reads a
+    /// standby), `None` before the first catch-up.
     pub fn lag_seconds(&self) -> Option<f64> {
         let at = self.inner.caught_up_at.load(Ordering::Relaxed);
-        (at != 0).then(|| ((now_micros() - at).max(0)) as f64 / 1e6)
+        (at != 0).then(|| micros_to_secs_since(at))
     }
 
     /// Loaded, and caught up within `max_lag_seconds`.
@@ -139,11 +173,21 @@ impl Status {
     }
 
     /// Everything below the horizon is applied. `waiting_since`: committed changes have
-    /// been waiting behind an open transaction since then, so the mirror is that old.
+    /// been waiting behind an open transaction since then, so the mirror is that old. On
+    /// a standby the mirror is also as old as the standby (as the last look at it found:
+    /// the standby is at least that current now); while that is not known, the mirror
+    /// is not known to be any more current than before.
     pub(crate) fn caught_up(&self, waiting_since: Option<i64>) {
         let now = now_micros();
-        let at = waiting_since.map_or(now, |since| since.min(now));
-        self.inner.caught_up_at.store(at, Ordering::Relaxed);
+        let upstream = match self.inner.upstream_at.load(Ordering::Relaxed) {
+            UNKNOWN => None,
+            UNBOUNDED => Some(now),
+            at => Some(at.min(now)),
+        };
+        if let Some(upstream) = upstream {
+            let at = waiting_since.map_or(upstream, |since| since.min(upstream));
+            self.inner.caught_up_at.store(at, Ordering::Relaxed);
+        }
         *self
             .inner
             .last_error
@@ -161,9 +205,19 @@ impl Status {
         i.progressed.notify_waiters();
     }
 
-    /// Whether changes are applied from the notifications.
+    /// Whether the server is a standby.
     pub(crate) fn set_standby(&self, standby: bool) {
         self.inner.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// How current the server is with its primary, by the latest look.
+    pub(crate) fn set_upstream(&self, upstream: Upstream) {
+        let at = match upstream {
+            Upstream::Unbounded => UNBOUNDED,
+            Upstream::Unknown => UNKNOWN,
+            Upstream::CurrentAt(at) => at,
+        };
+        self.inner.upstream_at.store(at, Ordering::Relaxed);
     }
 
     pub(crate) fn set_following(&self, following: bool) {
@@ -198,6 +252,11 @@ impl Status {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
     }
+}
+
+/// Seconds from `at` (µs since the epoch) to now; 0 for a time ahead of the clock.
+fn micros_to_secs_since(at: i64) -> f64 {
+    (now_micros().saturating_sub(at)).max(0) as f64 / 1e6
 }
 
 #[cfg(test)]
@@ -238,5 +297,38 @@ mod tests {
         status.caught_up(Some(now_micros() - 60_000_000));
         assert!(status.ready(5.0).now_or_never().is_none());
         assert!(status.ready(120.0).now_or_never().is_some());
+    }
+
+    #[test]
+    fn on_a_standby_the_mirror_is_as_old_as_the_standby() {
+        let status = Status::default();
+        status.full_load_done(10);
+        status.set_upstream(Upstream::Unknown);
+        status.caught_up(None);
+        assert_eq!(
+            status.lag_seconds(),
+            None,
+            "current before the standby is known"
+        );
+        let minute_ago = now_micros() - 60_000_000;
+        status.set_upstream(Upstream::CurrentAt(minute_ago));
+        status.caught_up(None);
+        let report = status.report();
+        assert!(
+            report.lag_seconds.is_some_and(|lag| lag >= 60.0),
+            "{report:?}"
+        );
+        assert!(
+            report.standby_lag_seconds.is_some_and(|lag| lag >= 60.0),
+            "{report:?}"
+        );
+        // Not known again (a reconnect): the mirror is no more current than it was.
+        status.set_upstream(Upstream::Unknown);
+        status.caught_up(None);
+        assert!(status.lag_seconds().is_some_and(|lag| lag >= 60.0));
+        assert_eq!(status.report().standby_lag_seconds, None);
+        status.set_upstream(Upstream::Unbounded);
+        status.caught_up(None);
+        assert!(status.lag_seconds().is_some_and(|lag| lag < 60.0));
     }
 }
