@@ -98,11 +98,7 @@ impl Daemon {
         );
 
         let ready_max_lag = settings.http.ready_max_lag;
-        let https = settings
-            .tls
-            .as_ref()
-            .map(http::ServerCerts::server_config)
-            .transpose()?;
+        let https = settings.tls.clone();
         let scheme = if https.is_some() { "https" } else { "http" };
         let app = App::new(store.clone(), status.clone(), settings.http);
         supervise(
@@ -265,10 +261,12 @@ pub fn reload_on_sighup(certs: Option<Arc<http::ServerCerts>>) {
         while hangups.recv().await.is_some() {
             match &certs {
                 Some(certs) => match certs.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: the HTTPS certificate read again"),
+                    Ok(()) => {
+                        tracing::info!("SIGHUP: the HTTPS certificate and client CAs read again");
+                    }
                     Err(error) => tracing::error!(
                         error = %format!("{error:#}"),
-                        "SIGHUP: the HTTPS certificate in use is kept"
+                        "SIGHUP: the HTTPS certificate and client CAs in use are kept"
                     ),
                 },
                 None => tracing::info!("SIGHUP received: nothing to reload"),

@@ -700,7 +700,9 @@ async fn sighup_serves_a_renewed_certificate() {
     hangup();
     wait_until("the log to say the certificate is kept", || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        std::future::ready(text.contains("SIGHUP: the HTTPS certificate in use is kept"))
+        std::future::ready(
+            text.contains("SIGHUP: the HTTPS certificate and client CAs in use are kept"),
+        )
     })
     .await;
     assert!(shown().await == renewed.der);
@@ -710,7 +712,7 @@ async fn sighup_serves_a_renewed_certificate() {
     );
     let text = std::fs::read_to_string(&log).expect("the log");
     assert!(
-        text.contains("SIGHUP: the HTTPS certificate read again"),
+        text.contains("SIGHUP: the HTTPS certificate and client CAs read again"),
         "{text}"
     );
     std::fs::remove_file(&log).expect("remove the log");

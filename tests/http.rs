@@ -454,7 +454,7 @@ mod wire {
     pub async fn permd_with(
         app: App,
         limits: ServerLimits,
-        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+        tls: Option<std::sync::Arc<permd::http::ServerCerts>>,
     ) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
         let listener = permd::bind(([127, 0, 0, 1], 0).into()).expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -927,9 +927,7 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
 
     let certified = common::SelfSigned::new("https");
     let tls = permd::http::ServerCerts::load(&certified.cert, &certified.key, None)
-        .expect("the certificate and key are read")
-        .server_config()
-        .expect("TLS settings");
+        .expect("the certificate and key are read");
     let limits = permd::http::ServerLimits {
         header_timeout: Duration::from_millis(300),
         ..permd::http::ServerLimits::default()
@@ -965,7 +963,8 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
 }
 
 /// HTTPS with `--tls-client-ca`: a client showing a certificate signed by that CA is
-/// served; one without a certificate, or with one of another CA, gets no HTTP answer.
+/// served; one without a certificate, or with one of another CA, gets no HTTP answer. The
+/// CA file read again (SIGHUP) changes which clients are served, unless it holds no CA.
 #[tokio::test]
 async fn https_with_client_cas_serves_only_clients_they_signed() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -976,13 +975,11 @@ async fn https_with_client_cas_serves_only_clients_they_signed() {
     let ca_file = server.cert.with_file_name("clients.pem");
     std::fs::write(&ca_file, clients.pem()).expect("write the client CA");
     let tls = permd::http::ServerCerts::load(&server.cert, &server.key, Some(&ca_file))
-        .expect("the certificates are read")
-        .server_config()
-        .expect("TLS settings");
+        .expect("the certificates are read");
     let (addr, _shutdown, _served) = wire::permd_with(
         app_state(quick()),
         permd::http::ServerLimits::default(),
-        Some(tls),
+        Some(std::sync::Arc::clone(&tls)),
     )
     .await;
     let request = b"GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n";
@@ -1017,6 +1014,24 @@ async fn https_with_client_cas_serves_only_clients_they_signed() {
         let answer = ask(identity).await;
         assert!(!answer.contains("HTTP/"), "{who}: {answer}");
     }
+
+    // The CA file replaced and read again (SIGHUP): the new CA's clients are served from
+    // the next handshake on, the old one's refused.
+    std::fs::write(&ca_file, stranger.pem()).expect("write the new client CA");
+    tls.reload().expect("the new client CA is read");
+    let answer = ask(Some(stranger.identity("app-server"))).await;
+    assert!(answer.contains(" 200 OK\r\n"), "{answer}");
+    let answer = ask(Some(clients.identity("app-server"))).await;
+    assert!(!answer.contains("HTTP/"), "the old CA's client: {answer}");
+    // A file that holds no CA is refused, and the CAs in use stay.
+    std::fs::write(&ca_file, "not a certificate").expect("break the client CA file");
+    let error = tls.reload().expect_err("a file without a CA is refused");
+    assert!(
+        format!("{error:#}").contains("holds no certificate"),
+        "{error:#}"
+    );
+    let answer = ask(Some(stranger.identity("app-server"))).await;
+    assert!(answer.contains(" 200 OK\r\n"), "{answer}");
 }
 
 /// At shutdown, connections in the server's own loop, connections back in it from hyper

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{conn, Api};
+use super::{conn, Api, ServerCerts};
 
 /// Connection-level limits.
 #[derive(Debug, Clone, Copy)]
@@ -41,10 +41,9 @@ pub async fn serve(
     listener: TcpListener,
     api: Api,
     limits: ServerLimits,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = TaskTracker::new();
     let stop = Arc::new(Stop::default());
     // Bounds memory under a flood of connections: one permit per open connection.
@@ -79,7 +78,13 @@ pub async fn serve(
                 let timeout = limits.header_timeout;
                 match tls {
                     None => conn::serve_connection(stream, api, timeout, &stop).await,
-                    Some(tls) => match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                    Some(tls) => match tokio::time::timeout(
+                        timeout,
+                        // The settings as they are now (SIGHUP may have read them again).
+                        tokio_rustls::TlsAcceptor::from(tls.server_config()).accept(stream),
+                    )
+                    .await
+                    {
                         Ok(Ok(stream)) => {
                             conn::serve_connection(stream, api, timeout, &stop).await;
                         }

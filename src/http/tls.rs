@@ -1,5 +1,5 @@
-//! HTTPS: the server's certificate, read from its files at start and again on SIGHUP, so
-//! that a renewed certificate is served without a restart.
+//! HTTPS: the server's certificate and the client CAs, read from their files at start and
+//! again on SIGHUP, so that a renewed certificate or CA bundle is used without a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,21 +11,20 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
+use rustls::{RootCertStore, ServerConfig};
 
-/// The certificate and key HTTPS serves, and the files they come from. A cheap handle to
-/// share: every handshake reads the current pair.
+/// HTTPS's settings and the files they come from. A cheap handle to share: every
+/// handshake takes the current settings.
 #[derive(Debug)]
 pub struct ServerCerts {
     cert: PathBuf,
     key: PathBuf,
-    /// The CAs a client's certificate must chain to, when clients must show one (read at
-    /// start only).
-    client_ca: Option<Arc<RootCertStore>>,
+    /// The CAs a client's certificate must chain to, when clients must show one.
+    client_ca: Option<PathBuf>,
     provider: Arc<CryptoProvider>,
-    /// An `ArcSwap`: every handshake loads the pair, a reload replaces it whole, and a
-    /// handshake under way keeps the pair it started with.
-    current: ArcSwap<CertifiedKey>,
+    /// An `ArcSwap`: every handshake loads the settings, a reload replaces them whole, and
+    /// a handshake under way keeps the settings it started with.
+    current: ArcSwap<ServerConfig>,
 }
 
 impl ServerCerts {
@@ -34,53 +33,70 @@ impl ServerCerts {
     /// certificate, the CAs it must chain to (PEM).
     pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<Arc<Self>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let current = read(cert, key, &provider)?;
-        let client_ca = client_ca.map(client_roots).transpose()?.map(Arc::new);
+        let current = settings(cert, key, client_ca, &provider)?;
         Ok(Arc::new(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
-            client_ca,
+            client_ca: client_ca.map(Path::to_owned),
             provider,
-            current: ArcSwap::from_pointee(current),
+            current: ArcSwap::new(current),
         }))
     }
 
-    /// Reads the files again and serves what they hold from the next handshake on; on an
-    /// error the pair in use stays.
+    /// Reads the files again (the certificate, its key and the client CAs) and uses what
+    /// they hold from the next handshake on; on an error the settings in use stay.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let fresh = read(&self.cert, &self.key, &self.provider)?;
-        self.current.store(Arc::new(fresh));
+        let fresh = settings(
+            &self.cert,
+            &self.key,
+            self.client_ca.as_deref(),
+            &self.provider,
+        )?;
+        self.current.store(fresh);
         Ok(())
     }
 
-    /// The server's TLS settings: TLS 1.2 and 1.3, HTTP/1.1 announced by ALPN, the
-    /// certificate as it is at each handshake, and a client certificate required when
-    /// client CAs are given.
-    pub fn server_config(self: &Arc<Self>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&self.provider))
-            .with_safe_default_protocol_versions()
-            .context("TLS settings")?;
-        let builder = match &self.client_ca {
-            None => builder.with_no_client_auth(),
-            Some(roots) => builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(
-                    Arc::clone(roots),
-                    Arc::clone(&self.provider),
-                )
-                .build()
-                .context("the client CAs")?,
-            ),
-        };
-        let mut config =
-            builder.with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+    /// The TLS settings for the next handshake: TLS 1.2 and 1.3, HTTP/1.1 announced by
+    /// ALPN, the certificate, and a client certificate required when client CAs are given.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
     }
 }
 
-impl ResolvesServerCert for ServerCerts {
+/// The settings the files make.
+fn settings(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    provider: &Arc<CryptoProvider>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let certified = Arc::new(read(cert, key, provider)?);
+    let builder = ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_safe_default_protocol_versions()
+        .context("TLS settings")?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(
+                Arc::new(client_roots(path)?),
+                Arc::clone(provider),
+            )
+            .build()
+            .with_context(|| format!("the client CAs {}", path.display()))?,
+        ),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(Certified(certified)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// One certificate for every client.
+#[derive(Debug)]
+struct Certified(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Certified {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+        Some(Arc::clone(&self.0))
     }
 }
 
