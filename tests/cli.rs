@@ -484,12 +484,17 @@ async fn slow_clients_are_cut_off_and_others_served() {
     )
     .await;
     // Four slowloris clients take every connection slot, sending headers a byte at a time.
+    // The well-behaved client connects once they all have: the kernel's accept queue is
+    // first in, first out, so permd gives them the slots first.
+    let connected = std::sync::Arc::new(std::sync::Barrier::new(5));
     let slow: Vec<_> = (0..4)
         .map(|_| {
+            let connected = std::sync::Arc::clone(&connected);
             std::thread::spawn(move || {
                 let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
                 let started = Instant::now();
                 let _ = stream.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n");
+                connected.wait();
                 stream
                     .set_read_timeout(Some(Duration::from_millis(50)))
                     .expect("timeout");
@@ -511,7 +516,7 @@ async fn slow_clients_are_cut_off_and_others_served() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    connected.wait();
     // A well-behaved client still gets in once the slow ones are cut off.
     let started = Instant::now();
     let (status, _) = http_get(port, "/livez").expect("served");
