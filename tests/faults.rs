@@ -699,35 +699,27 @@ async fn a_standby_behind_its_primary_makes_permd_late() {
     }
     // The limit `/readyz` would be given; the lags this test makes pass it.
     const MAX_LAG: f64 = 1.0;
-    let all_current = |what: &'static str| {
+    let current = |daemon: &TestDaemon, report: &permd::sync::StatusReport| {
+        report.standby
+            && !report.following
+            && report.standby_lag_seconds.is_some()
+            && daemon.status.is_ready(MAX_LAG)
+    };
+    let late = |daemon: &TestDaemon, report: &permd::sync::StatusReport| {
+        report.standby_lag_seconds.is_some_and(|lag| lag > MAX_LAG)
+            && !daemon.status.is_ready(MAX_LAG)
+    };
+    let all = |what: &'static str, state: fn(&TestDaemon, &permd::sync::StatusReport) -> bool| {
         let daemons = &daemons;
         async move {
             for daemon in daemons {
                 daemon
-                    .wait_for_report(what, |report| {
-                        report.standby
-                            && !report.following
-                            && report.standby_lag_seconds.is_some()
-                            && daemon.status.is_ready(MAX_LAG)
-                    })
+                    .wait_for_report(what, |report| state(daemon, report))
                     .await;
             }
         }
     };
-    let all_late = |what: &'static str| {
-        let daemons = &daemons;
-        async move {
-            for daemon in daemons {
-                daemon
-                    .wait_for_report(what, |report| {
-                        report.standby_lag_seconds.is_some_and(|lag| lag > MAX_LAG)
-                            && !daemon.status.is_ready(MAX_LAG)
-                    })
-                    .await;
-            }
-        }
-    };
-    all_current("both daemons current").await;
+    all("both daemons current", current).await;
 
     // Replay paused: an idle primary keeps its standby current...
     sqlx::query("SELECT pg_wal_replay_pause()")
@@ -738,7 +730,7 @@ async fn a_standby_behind_its_primary_makes_permd_late() {
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
         .await;
-    all_late("the held replay seen").await;
+    all("the held replay seen", late).await;
     for daemon in &daemons {
         assert!(!daemon.check("user:2", "read", "doc:1", "0").await);
     }
@@ -746,7 +738,7 @@ async fn a_standby_behind_its_primary_makes_permd_late() {
         .execute(&admin)
         .await
         .expect("resume replay");
-    all_current("both current once replay resumed").await;
+    all("both current once replay resumed", current).await;
     for daemon in &daemons {
         assert_eq!(daemon.digest_at(&token).await, db.digest().await);
     }
@@ -755,9 +747,9 @@ async fn a_standby_behind_its_primary_makes_permd_late() {
     primary
         .stop_server(StopMode::Fast)
         .expect("stop the primary");
-    all_late("the lost primary seen").await;
+    all("the lost primary seen", late).await;
     primary.start_server().expect("start the primary again");
-    all_current("both current once the standby streams again").await;
+    all("both current once the standby streams again", current).await;
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:3', 'doc:1', 'read', NULL)")
         .await;
