@@ -41,6 +41,9 @@ pub enum LogFormat {
     Text,
     /// Human-readable lines without colour.
     Plain,
+    /// One JSON object a line (`timestamp`, `level`, `target`, `message` and the event's
+    /// fields), for log collectors.
+    Json,
 }
 
 /// The subcommands.

@@ -10,21 +10,36 @@ use permd::config::{Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let filter = match EnvFilter::try_new(&cli.log) {
+        Ok(filter) => filter,
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "permd: --log (PERMD_LOG) {:?} is not a log filter: {error} (e.g. `info`, \
+                 `permd=debug,info`)",
+                cli.log
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(
-            matches!(cli.log_format, LogFormat::Text)
-                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        )
         .with_writer(std::io::stderr)
         // By default a failed write is reported with `eprint!`, which panics when stderr
         // is gone (a log pipe whose reader exited): the panic took down whichever task was
         // logging, the applier or the signal handler, and the daemon went on answering
         // from a mirror that no longer followed Postgres and ignored SIGTERM. A log line
         // that cannot be written is lost instead.
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match cli.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text | LogFormat::Plain => logs
+            .with_ansi(
+                matches!(cli.log_format, LogFormat::Text)
+                    && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            )
+            .init(),
+    }
     let runtime = match permd::runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -37,8 +52,11 @@ fn main() -> std::process::ExitCode {
         Err(error) => {
             let error = permd::error_chain(error.as_ref());
             tracing::error!("{error}");
-            // Not `eprintln!`, which panics when stderr is gone.
-            let _ = writeln!(std::io::stderr(), "permd: {error}");
+            // Also as a line of its own for whoever reads the terminal, unless every line
+            // must be JSON. Not `eprintln!`, which panics when stderr is gone.
+            if !matches!(cli.log_format, LogFormat::Json) {
+                let _ = writeln!(std::io::stderr(), "permd: {error}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -403,6 +403,56 @@ async fn sigterm_and_wait(running: &mut Running) -> (std::process::ExitStatus, D
     (exit, started.elapsed(), log)
 }
 
+/// `--log-format json` writes every log line as one JSON object, from start to exit, an
+/// error included; a `--log` filter that cannot be read is refused, where it silently
+/// became `info` before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_a_line() {
+    let db = database().await;
+    let (mut running, _port) = serve(&db.url, &["--log-format", "json"], &[]).await;
+    let (exit, _, log) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "{log}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    for line in &lines {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(line.get(key).is_some(), "no {key}: {line}");
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["message"] == "full load done" && line["rows"].is_number()),
+        "{log}"
+    );
+
+    let mut migrate = permd();
+    migrate.args([
+        "--log-format",
+        "json",
+        "migrate",
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/none",
+    ]);
+    let output = output_within_deadline(migrate);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON line");
+    assert_eq!(error["level"], "ERROR", "{stderr}");
+
+    let mut bad_filter = permd();
+    bad_filter.args(["--log", "permd=loud", "migrate", "--database-url", &db.url]);
+    let output = output_within_deadline(bad_filter);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"permd=loud\" is not a log filter"),
+        "{stderr}"
+    );
+}
+
 /// A daemon whose log reader went away (its stderr a pipe closed at the other end) goes on
 /// syncing and still stops on SIGTERM: a failed log write must not take down the task that
 /// wrote it (the applier, or the signal handler).
