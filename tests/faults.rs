@@ -671,10 +671,14 @@ async fn a_standby_behind_its_primary_makes_permd_late() {
         db,
         url,
     } = replica().await;
+    // `permd_blind` may not read how far its standby has replayed (hardened, or a
+    // managed service without the function): it is followed as before permd asked.
     db.exec(
-        "CREATE ROLE permd_reader LOGIN; \
-         GRANT USAGE ON SCHEMA permd TO permd_reader; \
-         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_reader",
+        "CREATE ROLE permd_reader LOGIN; CREATE ROLE permd_blind LOGIN; \
+         GRANT USAGE ON SCHEMA permd TO permd_reader, permd_blind; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_reader, permd_blind; \
+         REVOKE EXECUTE ON FUNCTION pg_last_wal_replay_lsn() FROM PUBLIC; \
+         GRANT EXECUTE ON FUNCTION pg_last_wal_replay_lsn() TO permd_reader",
     )
     .await;
     let reader = url.replacen("postgres@", "permd_reader@", 1);
@@ -753,10 +757,23 @@ async fn a_standby_behind_its_primary_makes_permd_late() {
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:3', 'doc:1', 'read', NULL)")
         .await;
-    for daemon in daemons {
+    let mut sync = SyncConfig::new(url.replacen("postgres@", "permd_blind@", 1));
+    sync.poll_interval = Duration::from_millis(50);
+    daemons.push(TestDaemon::start_with(sync, patient()).await);
+    let blind = daemons.len() - 1;
+    for (n, daemon) in daemons.into_iter().enumerate() {
         assert_eq!(daemon.digest_at(&token).await, db.digest().await);
         let report = daemon.status.report();
         assert_eq!(report.reconnects, 0, "{report:?}");
+        assert!(
+            report.standby && daemon.status.is_ready(MAX_LAG),
+            "{report:?}"
+        );
+        assert_eq!(
+            report.standby_lag_seconds.is_none(),
+            n == blind,
+            "{report:?}"
+        );
         daemon.stop().await;
     }
     admin.close().await;

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, Statement};
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::connect;
@@ -454,15 +454,37 @@ impl Applier {
     /// Whether the server is a standby (in recovery). On one, takes in how current it is
     /// with its primary, into `looks` and the status, and says in the log when its WAL
     /// receiver goes or comes back; on a primary, the status says there is nothing to be
-    /// current with beyond it.
+    /// current with beyond it. A server that refuses the look is asked only whether it is
+    /// a standby from then on, which gives no bound.
     async fn look(&self, client: &Client, looks: &mut Standby) -> Result<bool, Error> {
-        let at = now_micros();
+        const WHAT: &str = "whether the server is a standby";
+        if !looks.blind {
+            let at = now_micros();
+            match self.timed(WHAT, client.query_one(LOOK, &[])).await {
+                Ok(row) => return self.take_in(&row, at, looks),
+                // A server that refuses the look's functions (a role denied them, a managed
+                // service that does not offer them) is followed as before they were asked.
+                Err(Error::Postgres(error)) if error.as_db_error().is_some() => {
+                    tracing::warn!(
+                        error = %error_chain(&error),
+                        "cannot tell how current the server is with its primary, if it is a \
+                         standby: lag_seconds is measured against the server alone"
+                    );
+                    looks.blind = true;
+                    self.status.set_upstream(Upstream::Unbounded);
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let row = self
-            .timed(
-                "whether the server is a standby",
-                client.query_one(LOOK, &[]),
-            )
+            .timed(WHAT, client.query_one("SELECT pg_is_in_recovery()", &[]))
             .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Takes in a look's `row`, asked for at `at`: whether the server is a standby, the
+    /// return value, and on one how current it is.
+    fn take_in(&self, row: &Row, at: i64, looks: &mut Standby) -> Result<bool, Error> {
         if !row.try_get::<_, bool>(0)? {
             self.status.set_upstream(Upstream::Unbounded);
             return Ok(false);

@@ -57,6 +57,9 @@ pub(super) struct Look {
 /// another server (a reconnect) starts from nothing known.
 #[derive(Debug, Default)]
 pub(super) struct Standby {
+    /// The server refused the look (a role denied its functions, a service without
+    /// them): only whether it is a standby is asked, and it gives no bound.
+    pub blind: bool,
     /// Whether there has been a look.
     looked: bool,
     /// The receiver seen at the previous look.
