@@ -55,9 +55,9 @@ const UNKNOWN: i64 = -1;
 /// How current the server permd reads is with the primary it follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Upstream {
-    /// Nothing to follow, or nothing known to bound it by: a primary, or a standby that
-    /// has not streamed since it started (fed from a WAL archive, or its primary down
-    /// since), which cannot tell how far behind it is.
+    /// Nothing to follow, or nothing known to bound it by: a primary; a standby that has
+    /// not streamed since it started (fed from a WAL archive, or its primary down since),
+    /// which cannot tell how far behind it is; or a server that refuses to be looked at.
     Unbounded,
     /// A streaming standby whose currency is not known (yet, or since a reconnect).
     Unknown,
