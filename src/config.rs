@@ -262,6 +262,11 @@ pub struct ServerArgs {
     /// no statement waits more than half of it for a lock (Postgres's `lock_timeout`).
     #[arg(long, env = "PERMD_QUERY_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub query_timeout_ms: u64,
+    /// Load everything again, to reclaim what incremental changes leave behind (names
+    /// interned since the last full load, packed grant lists no longer used), once that
+    /// reaches this share of what the last full load made (percent; 0: never).
+    #[arg(long, env = "PERMD_COMPACTION_PCT", default_value_t = 50)]
+    pub compaction_pct: u32,
     /// Most API requests in flight; beyond it requests are shed at once with 503
     /// `overloaded` (probes are never shed).
     #[arg(long, env = "PERMD_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
@@ -308,6 +313,7 @@ impl ServerArgs {
         let mut sync = SyncConfig::new(database_url);
         sync.poll_interval = Duration::from_millis(self.poll_interval_ms);
         sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
+        sync.compaction_pct = self.compaction_pct;
         let http = HttpConfig {
             token,
             max_batch: usize::try_from(self.max_batch).unwrap_or(usize::MAX),

@@ -456,6 +456,42 @@ async fn a_changelog_pruned_past_the_cursor_forces_one_reload() {
     daemon.stop().await;
 }
 
+/// Object names churned through (written, then deleted) stay interned until a full load:
+/// with `--compaction-pct` (50 by default) one is done once they reach that share of the
+/// names the last load interned (and at least 1,000), and never with 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churned_names_are_reclaimed_by_a_compaction() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples \
+         SELECT 'user:' || n, 'doc:' || n, 'read', NULL FROM generate_series(1, 1000) n",
+    )
+    .await;
+    let mut never = SyncConfig::new(&db.url);
+    never.compaction_pct = 0;
+    let kept = TestDaemon::start_with(never, patient()).await;
+    let compacting = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
+    db.exec(
+        "INSERT INTO permd.tuples \
+         SELECT 'user:1', 'tmp:' || n, 'read', NULL FROM generate_series(1, 1500) n",
+    )
+    .await;
+    let token = db
+        .write("DELETE FROM permd.tuples WHERE object LIKE 'tmp:%'")
+        .await;
+    assert_eq!(kept.digest_at(&token).await, db.digest().await);
+    compacting
+        .wait_for_report("the compaction", |report| report.reloads >= 2)
+        .await;
+    assert_eq!(compacting.digest_at(&token).await, db.digest().await);
+    assert_eq!(compacting.status.report().reloads, 2);
+    assert_eq!(compacting.store.counts().names_since_load, 0);
+    assert_eq!(kept.status.report().reloads, 1);
+    assert_eq!(kept.store.counts().names_since_load, 1500);
+    kept.stop().await;
+    compacting.stop().await;
+}
+
 /// Starts `writers` tasks that each commit `transactions` random transactions of one to
 /// five small statements (tuples inserted, upserted, moved to another object and deleted;
 /// limits upserted and deleted; 29 rows at most a statement, so each fits in its

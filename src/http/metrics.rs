@@ -157,7 +157,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 19] = [
+        let gauges: [(&str, &str, &str, f64); 21] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -166,6 +166,18 @@ impl Metrics {
                 "gauge",
                 "Bytes mapped for the grant lists the last full load packed (in huge pages where the kernel grants them).",
                 counts.packed_bytes as f64,
+            ),
+            (
+                "permd_names_since_load",
+                "gauge",
+                "Object, permission and limit names interned since the last full load, which only a full load reclaims (--compaction-pct).",
+                counts.names_since_load as f64,
+            ),
+            (
+                "permd_unused_packed_bytes",
+                "gauge",
+                "Bytes of the grant lists the last full load packed that are no longer used, which only a full load reclaims (--compaction-pct).",
+                counts.unused_packed_bytes as f64,
             ),
             ("permd_watermark", "gauge", "Every transaction with an xid below this is applied.", store.watermark().0 as f64),
             (

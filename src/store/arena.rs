@@ -39,6 +39,11 @@ impl Packed {
     fn len(self) -> usize {
         self.len as usize
     }
+
+    /// The bytes the list takes in its chunk.
+    pub(super) fn bytes(self) -> usize {
+        list_bytes(self.len())
+    }
 }
 
 /// The bytes of `len` object ids, padded so that the bitsets after them are 8-aligned.
@@ -193,6 +198,11 @@ impl Arena {
     /// Bytes mapped for the lists (what they can hold, used or not).
     pub(super) fn mapped_bytes(&self) -> usize {
         self.chunks.len() * HUGE_PAGE
+    }
+
+    /// Bytes the lists take.
+    pub(super) fn used_bytes(&self) -> usize {
+        self.chunks.iter().map(|chunk| chunk.used).sum()
     }
 }
 

@@ -2,7 +2,7 @@
 //! per-tuple memory is a few integers and no `String`.
 
 use std::hash::BuildHasher as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
@@ -38,6 +38,9 @@ pub(crate) struct Interner {
     /// Whether `recent` holds anything: most look-ups that miss `frozen` (an unknown name)
     /// then skip the sharded map and its lock.
     has_recent: AtomicBool,
+    /// How many names `recent` holds (counted by the single writer; `DashMap::len` locks
+    /// every shard).
+    recent_count: AtomicUsize,
     /// Id to name, for listing and the digest. A `RwLock` because reads are rare (listing)
     /// and the single writer only appends.
     names: RwLock<Vec<Arc<str>>>,
@@ -51,6 +54,7 @@ impl Interner {
             hasher: Hasher::default(),
             recent: DashMap::with_hasher(Hasher::default()),
             has_recent: AtomicBool::new(false),
+            recent_count: AtomicUsize::new(0),
             names: RwLock::new(Vec::with_capacity(capacity)),
         }
     }
@@ -113,7 +117,16 @@ impl Interner {
         self.recent.insert(Name::from(name), id);
         // Release: a reader that sees the flag also sees the insert.
         self.has_recent.store(true, Ordering::Release);
+        self.recent_count.fetch_add(1, Ordering::Relaxed);
         id
+    }
+
+    /// Names interned while the generation was built, and since it was shared.
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (
+            self.frozen.len() + self.frozen_long.len(),
+            self.recent_count.load(Ordering::Relaxed),
+        )
     }
 
     /// Appends `name` to the id-to-name table and returns its id.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
-pub(crate) use state::{now_micros, State, StateBuilder};
+pub(crate) use state::{now_micros, Growth, State, StateBuilder};
 pub use state::{StoredRows, TupleRow};
 
 use state::Now;
@@ -265,12 +265,21 @@ impl Store {
     /// Stored tuple rows, subjects and limit rows of the current generation.
     pub fn counts(&self) -> Counts {
         let state = self.inner.state.load();
+        let growth = state.growth();
         Counts {
             tuples: state.tuple_count(),
             subjects: state.subject_count() as u64,
             limits: state.limit_count(),
             packed_bytes: state.packed_bytes() as u64,
+            names_since_load: growth.names_since as u64,
+            unused_packed_bytes: growth.abandoned as u64,
         }
+    }
+
+    /// What the current generation has grown by since its load, that only a full load
+    /// reclaims. Applier only.
+    pub(crate) fn growth(&self) -> Growth {
+        self.inner.state.load().growth()
     }
 
     /// The digest of the mirrored set (equals `permd.digest()` at the same watermark).
@@ -392,6 +401,12 @@ pub struct Counts {
     /// Bytes mapped for the grant lists the last full load packed (in huge pages where
     /// the kernel grants them), used or not.
     pub packed_bytes: u64,
+    /// Object, permission and limit names interned since the last full load, which only
+    /// the next one reclaims.
+    pub names_since_load: u64,
+    /// Bytes of the grant lists the last full load packed that are no longer used (their
+    /// subjects written since), which only the next one reclaims.
+    pub unused_packed_bytes: u64,
 }
 
 #[cfg(test)]

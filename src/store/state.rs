@@ -295,6 +295,15 @@ impl Grants {
     fn is_empty(&self) -> bool {
         matches!(self, Self::Many(many) if many.is_empty())
     }
+
+    /// The bytes of the generation's arena these grants take: what a `set` leaves unused
+    /// there (packed grants move to the heap).
+    fn packed_bytes(&self) -> usize {
+        match self {
+            Self::Packed(list) => list.bytes(),
+            Self::One { .. } | Self::Many(_) => 0,
+        }
+    }
 }
 
 impl SubjectEntry {
@@ -394,6 +403,56 @@ pub(crate) struct State {
     tuples: AtomicU64,
     /// Stored limit rows.
     limits: AtomicU64,
+    /// Bytes of packed grant lists left unused since the load (their subjects' grants
+    /// moved to the heap when written), kept by the single writer.
+    abandoned: AtomicU64,
+}
+
+/// What a generation holds that only a full load reclaims, against what that load made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Growth {
+    /// Object, permission and limit names the load interned.
+    pub(crate) names_loaded: usize,
+    /// Names interned since: never removed, whether still used or not.
+    pub(crate) names_since: usize,
+    /// Bytes of the grant lists the load packed.
+    pub(crate) packed: usize,
+    /// Of them, the bytes left unused since.
+    pub(crate) abandoned: usize,
+}
+
+/// Names interned since a load that call for a compaction at the least, however few the
+/// load interned: a small set is not loaded again for every few new names.
+const MIN_NAMES: usize = 1_000;
+/// Packed bytes left unused that call for a compaction at the least.
+const MIN_ABANDONED: usize = 1 << 20;
+
+impl Growth {
+    /// Why a full load is due to reclaim what the generation grew by, if it is: the names
+    /// interned since the load reached `pct` % of those it interned (and `MIN_NAMES`), or
+    /// the packed grant lists left unused reached `pct` % of those it packed (and
+    /// `MIN_ABANDONED`). Never with `pct` 0.
+    pub(crate) fn compaction_due(&self, pct: u32) -> Option<String> {
+        if pct == 0 {
+            return None;
+        }
+        let share = |of: usize| of.saturating_mul(pct as usize) / 100;
+        if self.names_since >= share(self.names_loaded).max(MIN_NAMES) {
+            return Some(format!(
+                "compaction: {} names interned since the last full load, which interned {}",
+                self.names_since, self.names_loaded
+            ));
+        }
+        if self.abandoned >= share(self.packed).max(MIN_ABANDONED) {
+            return Some(format!(
+                "compaction: {:.1} MiB of the {:.1} MiB of grant lists the last full load \
+                 packed are no longer used",
+                self.abandoned as f64 / f64::from(1 << 20),
+                self.packed as f64 / f64::from(1 << 20)
+            ));
+        }
+        None
+    }
 }
 
 impl State {
@@ -407,6 +466,7 @@ impl State {
             limit_names: Interner::with_capacity(16),
             tuples: AtomicU64::new(0),
             limits: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
         };
         // The global object gets id 0 and the wildcard id 1 (`fixed_object_id`), so neither
         // is ever missing.
@@ -436,6 +496,22 @@ impl State {
     /// kernel grants them).
     pub(crate) fn packed_bytes(&self) -> usize {
         self.packed.mapped_bytes()
+    }
+
+    /// What the generation has grown by since its load, that only a full load reclaims.
+    pub(crate) fn growth(&self) -> Growth {
+        let mut growth = Growth {
+            packed: self.packed.used_bytes(),
+            abandoned: usize::try_from(self.abandoned.load(Ordering::Relaxed))
+                .unwrap_or(usize::MAX),
+            ..Growth::default()
+        };
+        for interner in [&self.objects, &self.permissions, &self.limit_names] {
+            let (loaded, since) = interner.sizes();
+            growth.names_loaded += loaded;
+            growth.names_since += since;
+        }
+        growth
     }
 
     /// Whether the subject whose `entry` this is holds `permission` on one of the objects
@@ -683,6 +759,7 @@ impl State {
             let Some(mut entry) = self.subjects.get_mut(subject) else {
                 return;
             };
+            self.abandon(&entry.grants);
             let gone = entry.grants.set(object, grant, &self.packed);
             let empty = entry.is_empty();
             drop(entry);
@@ -693,10 +770,19 @@ impl State {
         } else {
             let object = self.objects.intern(object);
             let mut entry = self.subjects.entry_or_default(subject);
+            self.abandon(&entry.grants);
             entry.grants.set(object, grant, &self.packed)
         };
         self.adjust(&self.tuples, added, removed);
         self.note_public(subject);
+    }
+
+    /// Counts the packed bytes of `grants`, about to be written, as left unused.
+    fn abandon(&self, grants: &Grants) {
+        let bytes = grants.packed_bytes() as u64;
+        if bytes > 0 {
+            self.abandoned.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     /// Replaces every limit of `subject` with `rows` (empty: removes them).
@@ -1454,6 +1540,60 @@ mod tests {
         assert_eq!(built.tuple_count(), live.tuple_count());
         let entry = built.subjects.get("short").expect("still there");
         assert!(matches!(entry.grants, Grants::Many(_)));
+    }
+
+    #[test]
+    fn growth_counts_new_names_and_packed_lists_left_unused() {
+        let mut builder = StateBuilder::new();
+        for o in 0..40 {
+            builder.tuple("packed", &format!("o{o}"), "read", None);
+        }
+        let built = builder.finish();
+        let loaded = built.growth();
+        // "", "*", 40 objects and one permission.
+        assert_eq!(loaded.names_loaded, 43, "{loaded:?}");
+        assert_eq!((loaded.names_since, loaded.abandoned), (0, 0));
+        assert!(loaded.packed >= 40 * 12, "{loaded:?}");
+        // Known names intern nothing; a write to the packed subject leaves its list unused.
+        built.set_grant("packed", "o1", &[]);
+        let written = built.growth();
+        assert_eq!(written.names_since, 0);
+        assert_eq!(written.abandoned, loaded.packed, "{written:?}");
+        // The list is in the heap now: writing it again leaves nothing more unused.
+        built.set_grant("packed", "o2", &[]);
+        built.set_grant("other", "new-object", &[row("new-permission", None)]);
+        let grown = built.growth();
+        assert_eq!(grown.abandoned, written.abandoned);
+        assert_eq!(grown.names_since, 2, "{grown:?}");
+    }
+
+    #[test]
+    fn compaction_is_due_at_the_share_asked_and_never_below_the_floors() {
+        let growth = |names_loaded, names_since, packed, abandoned| Growth {
+            names_loaded,
+            names_since,
+            packed,
+            abandoned,
+        };
+        let mib = 1 << 20;
+        for (case, due) in [
+            (growth(10_000, 4_999, 100 * mib, 49 * mib), false),
+            (growth(10_000, 5_000, 0, 0), true),
+            (growth(0, 0, 100 * mib, 50 * mib), true),
+            // Small sets: the floors, not the share, decide.
+            (growth(10, 999, 0, 0), false),
+            (growth(10, 1_000, 0, 0), true),
+            (growth(0, 0, mib / 2, mib - 1), false),
+            (growth(0, 0, mib / 2, mib), true),
+        ] {
+            assert_eq!(case.compaction_due(50).is_some(), due, "{case:?}");
+            assert_eq!(case.compaction_due(0), None, "{case:?}");
+        }
+        let why = growth(10_000, 5_000, 0, 0).compaction_due(50).expect("due");
+        assert!(
+            why.contains("5000 names interned since the last full load"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -385,6 +385,13 @@ impl Applier {
                 result = &mut closed => return Err(result),
                 () = shutdown.cancelled() => return Ok(()),
             };
+            if matches!(polled, Polled::CaughtUp { .. }) {
+                let growth = self.store.growth();
+                if let Some(why) = growth.compaction_due(self.config.compaction_pct) {
+                    self.reload(&mut client, &tap, &why, false).await?;
+                    continue;
+                }
+            }
             let wait = match polled {
                 Polled::More => continue,
                 Polled::Reload(why) => {

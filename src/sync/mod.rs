@@ -90,6 +90,10 @@ pub struct SyncConfig {
     /// Notifications that may wait for the applier (4,096). Past that they are dropped,
     /// and their commits read from the changelog. Small only in tests, to drop some.
     pub notification_capacity: usize,
+    /// A full load reclaims what incremental changes leave behind (names interned since
+    /// the last one, packed grant lists no longer used) once that reaches this share of
+    /// what the last one made, in percent (`store::Growth`); 0: never.
+    pub compaction_pct: u32,
 }
 
 impl SyncConfig {
@@ -102,6 +106,7 @@ impl SyncConfig {
             batch_rows: 10_000,
             max_backoff: Duration::from_secs(5),
             notification_capacity: 4096,
+            compaction_pct: 50,
         }
     }
 }
