@@ -203,7 +203,14 @@ pub struct Applier {
     signing: Signing,
     /// Refused notifications not yet logged, and when they last were.
     refused_quiet: (u64, Option<Instant>),
+    /// When the last full load ended, and how long it took.
+    last_load: Option<(Instant, Duration)>,
 }
+
+/// A compaction starts no sooner after the last full load than this many times as long as
+/// that load took, so that however fast names churn, compactions take at most about a
+/// tenth of the applier's time (and of the COPYs Postgres serves it).
+const COMPACTION_SPACING: u32 = 10;
 
 /// The key that signs the notifications that carry rows, and when to read it again.
 #[derive(Default)]
@@ -242,6 +249,7 @@ impl Applier {
             driver: None,
             signing: Signing::default(),
             refused_quiet: (0, None),
+            last_load: None,
         }
     }
 
@@ -386,8 +394,7 @@ impl Applier {
                 () = shutdown.cancelled() => return Ok(()),
             };
             if matches!(polled, Polled::CaughtUp { .. }) {
-                let growth = self.store.growth();
-                if let Some(why) = growth.compaction_due(self.config.compaction_pct) {
+                if let Some(why) = self.compaction_due() {
                     self.reload(&mut client, &tap, &why, false).await?;
                     continue;
                 }
@@ -697,6 +704,7 @@ impl Applier {
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
         let took = started.elapsed();
+        self.last_load = Some((Instant::now(), took));
         // Count the load before the watermark moves, so whoever sees the new watermark
         // also sees the load counted.
         self.status.full_load_done(took.as_millis() as u64);
@@ -846,6 +854,20 @@ impl Applier {
                 })
             }
         }
+    }
+
+    /// Why a full load is due to reclaim what incremental changes left behind, if one is
+    /// (`store::Growth`) and the last one ended long enough ago (`COMPACTION_SPACING`).
+    fn compaction_due(&self) -> Option<String> {
+        let spaced = self.last_load.map_or(true, |(ended, took)| {
+            ended.elapsed() >= took * COMPACTION_SPACING
+        });
+        if !spaced {
+            return None;
+        }
+        self.store
+            .growth()
+            .compaction_due(self.config.compaction_pct)
     }
 
     /// Bounds one round trip, `what` (named in the error), so a silently dead server is
