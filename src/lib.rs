@@ -115,7 +115,7 @@ impl Daemon {
             &failure,
         );
         tasks.close();
-        tracing::info!(addr = %local_addr, scheme, "serving");
+        tracing::info!(addr = %local_addr, scheme, version = env!("CARGO_PKG_VERSION"), "serving");
         Ok(Self {
             store,
             status,

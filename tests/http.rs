@@ -391,6 +391,14 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_lag_seconds -1",
         "permd_reloads_total 0",
         "permd_reconnects_total 0",
+        "permd_names_since_load 0",
+        "permd_unused_packed_bytes 0",
+        "permd_standby_lag_seconds -1",
+        concat!(
+            "permd_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\"} 1"
+        ),
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
@@ -400,6 +408,8 @@ async fn metrics_and_status_describe_the_daemon() {
         (body["ready"].clone(), body["tuples"].clone()),
         (json!(false), json!(3))
     );
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(body["standby_lag_seconds"], json!(null));
 }
 
 /// Percent-encodes arbitrary bytes, so any byte string can travel in a URI.

@@ -289,6 +289,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
     let revision = app.store.watermark().to_string();
     Ok(Json(json!({
         "ready": app.status.is_ready(app.config.ready_max_lag.as_secs_f64()),
+        "version": env!("CARGO_PKG_VERSION"),
         "revision": revision,
         "watermark": revision,
         "tuples": counts.tuples,

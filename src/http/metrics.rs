@@ -225,6 +225,16 @@ impl Metrics {
             "permd_client_errors_total {}",
             get(&self.client_errors)
         );
+        let _ = writeln!(
+            out,
+            "# HELP permd_build_info The running permd's version (always 1)."
+        );
+        let _ = writeln!(out, "# TYPE permd_build_info gauge");
+        let _ = writeln!(
+            out,
+            "permd_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         out
     }
 }
