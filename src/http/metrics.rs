@@ -114,11 +114,12 @@ impl Metrics {
     pub(crate) fn render(&self, store: &Store, status: &Status, in_flight: usize) -> String {
         let mut out = String::with_capacity(4096);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP permd_checks_total Permission checks answered, by result."
+        header(
+            &mut out,
+            "permd_checks_total",
+            "counter",
+            "Permission checks answered, by result.",
         );
-        let _ = writeln!(out, "# TYPE permd_checks_total counter");
         let _ = writeln!(
             out,
             "permd_checks_total{{result=\"allowed\"}} {}",
@@ -130,11 +131,12 @@ impl Metrics {
             self.sum(|s| &s.denied)
         );
 
-        let _ = writeln!(
-            out,
-            "# HELP permd_check_duration_seconds Time to answer a check request (single or batch)."
+        header(
+            &mut out,
+            "permd_check_duration_seconds",
+            "histogram",
+            "Time to answer a check request (single or batch).",
         );
-        let _ = writeln!(out, "# TYPE permd_check_duration_seconds histogram");
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
             cumulative += self.sum(|s| &s.buckets[i]);
@@ -157,7 +159,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 21] = [
+        let gauges: [(&str, &str, &str, f64); 22] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -209,27 +211,18 @@ impl Metrics {
                 get(&self.hyper_requests) as f64,
             ),
             ("permd_in_flight", "gauge", "API requests being served, this scrape included (bounded by --max-in-flight).", in_flight as f64),
+            ("permd_client_errors_total", "counter", "Requests answered with a 4xx.", get(&self.client_errors) as f64),
         ];
         for (name, kind, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
+            header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP permd_client_errors_total Requests answered with a 4xx."
+        header(
+            &mut out,
+            "permd_build_info",
+            "gauge",
+            "The running permd's version (always 1).",
         );
-        let _ = writeln!(out, "# TYPE permd_client_errors_total counter");
-        let _ = writeln!(
-            out,
-            "permd_client_errors_total {}",
-            get(&self.client_errors)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP permd_build_info The running permd's version (always 1)."
-        );
-        let _ = writeln!(out, "# TYPE permd_build_info gauge");
         let _ = writeln!(
             out,
             "permd_build_info{{version=\"{}\"}} 1",
@@ -237,6 +230,12 @@ impl Metrics {
         );
         out
     }
+}
+
+/// A metric's `# HELP` and `# TYPE` lines.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 #[cfg(test)]
