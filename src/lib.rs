@@ -83,6 +83,8 @@ impl Daemon {
     ) -> anyhow::Result<Self> {
         sync::check_database_url(&settings.sync.database_url)?;
         let local_addr = listener.local_addr().context("read the bound address")?;
+        let mut limits = settings.server;
+        limits.max_connections = open_file_budget(limits.max_connections);
         let store = Store::new();
         let status = Status::default();
         let tasks = TaskTracker::new();
@@ -107,7 +109,7 @@ impl Daemon {
             http::serve(
                 listener,
                 http::Api::new(app),
-                settings.server,
+                limits,
                 https,
                 shutdown.clone(),
             ),
@@ -273,6 +275,57 @@ pub fn reload_on_sighup(certs: Option<Arc<http::ServerCerts>>) {
             }
         }
     });
+}
+
+/// File descriptors kept for everything but client connections: the listener, the
+/// connections to Postgres, the runtime's, standard streams, files read while serving.
+const RESERVED_FILES: u64 = 64;
+
+/// How many client connections the process's open-file limit allows, at most
+/// `max_connections`: the soft limit is first raised toward what `max_connections` needs
+/// (up to the hard limit, as Go and nginx do: systemd gives services a soft limit of 1,024
+/// and a hard one of 524,288). Where the hard limit allows fewer, permd serves fewer at once
+/// and says so; the others wait to be accepted, where past the limit every accept would
+/// fail (`EMFILE`) and be retried.
+fn open_file_budget(max_connections: usize) -> usize {
+    use rlimit::Resource;
+    let wanted = (max_connections as u64).saturating_add(RESERVED_FILES);
+    let (soft, hard) = match Resource::NOFILE.get() {
+        Ok(limits) => limits,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open-file limit");
+            return max_connections;
+        }
+    };
+    let limit = if soft < wanted {
+        let raised = wanted.min(hard);
+        match Resource::NOFILE.set(raised, hard) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = raised, "raised the open-file limit");
+                raised
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    let budget = usize::try_from(limit.saturating_sub(RESERVED_FILES))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if budget < max_connections {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            serving = budget,
+            "the open-file limit allows fewer connections than --max-connections: at most \
+             {budget} clients are served at once and the others wait to be accepted; raise \
+             the hard limit (systemd LimitNOFILE=, ulimit -Hn) or lower --max-connections"
+        );
+    }
+    budget.min(max_connections)
 }
 
 /// The accept queue asked of the kernel (which caps it at `net.core.somaxconn`, 4,096 by

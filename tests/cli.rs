@@ -453,6 +453,72 @@ async fn json_logs_are_one_object_a_line() {
     );
 }
 
+/// A process whose open-file limit is low (systemd gives services a soft limit of 1,024):
+/// permd raises the soft limit to the hard one, serves as many clients at once as that
+/// allows (saying so), and lets the others wait to be accepted, where accepting past the
+/// limit failed (`EMFILE`) and was retried every 50 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_is_raised_and_bounds_the_connections() {
+    let db = database().await;
+    let log = std::env::temp_dir().join(format!("permd-nofile-{}.log", std::process::id()));
+    let mut command = Command::new("sh");
+    command
+        .args([
+            "-c",
+            "ulimit -Sn 50 && ulimit -Hn 200 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_permd"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("PERMD_LOG", "info")
+        .env_remove("PERMD_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("a log file"));
+    let mut running = Running(command.spawn().expect("start permd serve"));
+    let port = listening(&mut running);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", running.0.id()))
+        .expect("the process's limits");
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("an open-file limit");
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["200", "200"],
+        "{open_files}"
+    );
+    // More clients than the 200 open files allow, each with a request
+    // waiting; answers read in order, each connection closed once answered.
+    let clients: Vec<TcpStream> = (0..250)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            stream
+                .write_all(b"GET /livez HTTP/1.1\r\nhost: permd\r\n\r\n")
+                .expect("write");
+            stream
+        })
+        .collect();
+    for (n, mut stream) in clients.into_iter().enumerate() {
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
+        let mut answer = [0u8; 256];
+        let read = stream.read(&mut answer).expect("an answer");
+        let answer = String::from_utf8_lossy(&answer[..read]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "client {n}: {answer}");
+    }
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(text.contains("raised the open-file limit"), "{text}");
+    assert!(
+        text.contains("at most 136 clients are served at once"),
+        "{text}"
+    );
+    assert!(!text.contains("accept failed"), "{text}");
+    let _ = std::fs::remove_file(&log);
+}
+
 /// A daemon whose log reader went away (its stderr a pipe closed at the other end) goes on
 /// syncing and still stops on SIGTERM: a failed log write must not take down the task that
 /// wrote it (the applier, or the signal handler).
