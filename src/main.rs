@@ -32,7 +32,10 @@ fn main() -> std::process::ExitCode {
         // that cannot be written is lost instead.
         .log_internal_errors(false);
     match cli.log_format {
-        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            logs.json().flatten_event(true).init();
+            log_panics();
+        }
         LogFormat::Text | LogFormat::Plain => logs
             .with_ansi(
                 matches!(cli.log_format, LogFormat::Text)
@@ -102,5 +105,62 @@ async fn run(command: Command) -> anyhow::Result<()> {
             permd::cancel_on_signals(shutdown.clone());
             permd::demo::run(args, shutdown).await
         }
+    }
+}
+
+/// With JSON logs a panic's message becomes a log line too (an error with the panic's
+/// place and message), where the default hook writes plain text to stderr: every line
+/// stays JSON. (A panicked applier or server is then also reported by the daemon.)
+fn log_panics() {
+    std::panic::set_hook(Box::new(|panic| {
+        tracing::error!(panic = %panic, "panicked");
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    /// A log writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("the buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn with_json_logs_a_panic_is_one_json_line() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        super::log_panics();
+        let caught = std::panic::catch_unwind(|| panic!("a bug"));
+        let _ = std::panic::take_hook();
+        assert!(caught.is_err());
+        let text =
+            String::from_utf8(captured.0.lock().expect("the buffer").clone()).expect("UTF-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+        assert_eq!(line["level"], "ERROR", "{line}");
+        let panic = line["panic"].as_str().expect("the panic");
+        assert!(
+            panic.contains("a bug") && panic.contains("main.rs"),
+            "{panic}"
+        );
     }
 }
