@@ -394,6 +394,7 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_names_since_load 0",
         "permd_unused_packed_bytes 0",
         "permd_standby_lag_seconds -1",
+        "permd_clock_skew_seconds NaN",
         concat!(
             "permd_build_info{version=\"",
             env!("CARGO_PKG_VERSION"),
@@ -410,6 +411,7 @@ async fn metrics_and_status_describe_the_daemon() {
     );
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(body["standby_lag_seconds"], json!(null));
+    assert_eq!(body["clock_skew_seconds"], json!(null));
 }
 
 /// Percent-encodes arbitrary bytes, so any byte string can travel in a URI.

@@ -305,6 +305,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "following": report.following,
         "standby": report.standby,
         "standby_lag_seconds": report.standby_lag_seconds,
+        "clock_skew_seconds": report.clock_skew_seconds,
         "notified_changes": report.notified_changes,
         "refused_notifications": report.refused_notifications,
         "dropped_notifications": report.dropped_notifications,

@@ -159,7 +159,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 22] = [
+        let gauges: [(&str, &str, &str, f64); 23] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -168,6 +168,12 @@ impl Metrics {
                 "gauge",
                 "Bytes mapped for the grant lists the last full load packed (in huge pages where the kernel grants them).",
                 counts.packed_bytes as f64,
+            ),
+            (
+                "permd_clock_skew_seconds",
+                "gauge",
+                "Postgres's clock minus this host's, as last measured (NaN before): expires_at is compared with this host's clock.",
+                report.clock_skew_seconds.unwrap_or(f64::NAN),
             ),
             (
                 "permd_names_since_load",

@@ -23,16 +23,23 @@ use crate::store::{now_micros, Store, TupleRow, Xid};
 /// How often a standby is looked at: whether it has been promoted, and how current it is
 /// with its primary (`LOOK`).
 const RECOVERY_CHECK: Duration = Duration::from_secs(1);
+/// How often a primary is looked at, for its clock alone.
+const CLOCK_CHECK: Duration = Duration::from_secs(60);
 
-/// Whether the server is a standby and, on one, what it can tell of its delay behind its
+/// The server's clock (µs since the epoch) and whether it is a standby (the first two
+/// columns of both looks); then, on a standby, what it can tell of its delay behind its
 /// primary (`sync::standby`): the WAL received (or, to `pg_read_all_stats`, the end its
 /// primary last reported, when further), the WAL replayed, the WAL receiver's process id
 /// (shown to every role) and whether it streams (`NULL` to a role that may not see it).
-const LOOK: &str = "SELECT pg_is_in_recovery(), \
+const LOOK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, \
+        pg_is_in_recovery(), \
         pg_wal_lsn_diff(greatest(pg_last_wal_receive_lsn(), r.latest_end_lsn), '0/0')::int8, \
         pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::int8, \
         r.pid, r.status = 'streaming' \
     FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
+/// The look of a server that refuses `LOOK`.
+const BLIND_LOOK: &str =
+    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, pg_is_in_recovery()";
 
 /// The doorbell channel rung by the changelog triggers.
 const CHANNEL: &str = "permd_changes";
@@ -205,6 +212,39 @@ pub struct Applier {
     refused_quiet: (u64, Option<Instant>),
     /// When the last full load ended, and how long it took.
     last_load: Option<(Instant, Duration)>,
+    /// The server's clock was last found off this host's by more than `CLOCK_TOLERANCE`.
+    clock_off: bool,
+}
+
+/// How far the server's clock may be from this host's before the log says so.
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// The server's clock against this host's, as one round trip measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Skew {
+    /// The server's clock minus this host's at the middle of the round trip (µs):
+    /// positive when the server's is ahead.
+    micros: i64,
+    /// Half the round trip (µs): how far off the middle the server may have read it.
+    uncertainty: i64,
+}
+
+impl Skew {
+    /// The skew of a server that read `server` while this host's clock went from `sent`
+    /// to `received` (all µs since the epoch).
+    fn measure(sent: i64, server: i64, received: i64) -> Self {
+        let half = received.saturating_sub(sent).max(0) / 2;
+        Self {
+            micros: server.saturating_sub(sent.saturating_add(half)),
+            uncertainty: half,
+        }
+    }
+
+    /// Whether the clocks are certainly further apart than `tolerance`.
+    fn beyond(self, tolerance: Duration) -> bool {
+        let tolerance = i64::try_from(tolerance.as_micros()).unwrap_or(i64::MAX);
+        self.micros.saturating_abs() > tolerance.saturating_add(self.uncertainty)
+    }
 }
 
 /// A compaction starts no sooner after the last full load than this many times as long as
@@ -250,6 +290,7 @@ impl Applier {
             signing: Signing::default(),
             refused_quiet: (0, None),
             last_load: None,
+            clock_off: false,
         }
     }
 
@@ -381,8 +422,10 @@ impl Applier {
             .await?;
         let mut behind = BEHIND_FIRST;
         // A standby promoted under the connection would be polled without LISTEN until the
-        // next reconnect: it is asked every `RECOVERY_CHECK`, apart from the polls.
-        let mut recovery_check = tokio::time::Instant::now() + RECOVERY_CHECK;
+        // next reconnect: it is asked every `RECOVERY_CHECK`, apart from the polls. A
+        // primary is looked at for its clock every `CLOCK_CHECK`.
+        let look_every = if standby { RECOVERY_CHECK } else { CLOCK_CHECK };
+        let mut next_look = tokio::time::Instant::now() + look_every;
         loop {
             if self.signing.due() {
                 self.read_key(&client, false).await?;
@@ -446,10 +489,11 @@ impl Applier {
                         tracing::trace!("woken by the timer");
                         break;
                     }
-                    () = tokio::time::sleep_until(recovery_check), if standby => {
-                        recovery_check = tokio::time::Instant::now() + RECOVERY_CHECK;
+                    () = tokio::time::sleep_until(next_look) => {
+                        next_look = tokio::time::Instant::now() + look_every;
                         let known = looks.known();
-                        if !self.look(&client, &mut looks).await? {
+                        let in_recovery = self.look(&client, &mut looks).await?;
+                        if standby && !in_recovery {
                             return Err(Error::Promoted);
                         }
                         if !known && looks.known() {
@@ -470,12 +514,15 @@ impl Applier {
     /// receiver goes or comes back; on a primary, the status says there is nothing to be
     /// current with beyond it. A server that refuses the look is asked only whether it is
     /// a standby from then on, which gives no bound.
-    async fn look(&self, client: &Client, looks: &mut Standby) -> Result<bool, Error> {
+    async fn look(&mut self, client: &Client, looks: &mut Standby) -> Result<bool, Error> {
         const WHAT: &str = "whether the server is a standby";
         if !looks.blind {
             let at = now_micros();
             match self.timed(WHAT, client.query_one(LOOK, &[])).await {
-                Ok(row) => return self.take_in(&row, at, looks),
+                Ok(row) => {
+                    self.clock(at, row.try_get(0)?);
+                    return self.take_in(&row, at, looks);
+                }
                 // A server that refuses the look's functions (a role denied them, a managed
                 // service that does not offer them) is followed as before they were asked.
                 Err(Error::Postgres(error)) if error.as_db_error().is_some() => {
@@ -490,26 +537,50 @@ impl Applier {
                 Err(error) => return Err(error),
             }
         }
-        let row = self
-            .timed(WHAT, client.query_one("SELECT pg_is_in_recovery()", &[]))
-            .await?;
-        Ok(row.try_get(0)?)
+        let at = now_micros();
+        let row = self.timed(WHAT, client.query_one(BLIND_LOOK, &[])).await?;
+        self.clock(at, row.try_get(0)?);
+        Ok(row.try_get(1)?)
+    }
+
+    /// Takes in the server's clock (`server`, µs since the epoch) as a look asked for at
+    /// `sent` read it, and says in the log when it drifts from this host's by more than
+    /// `CLOCK_TOLERANCE`, or comes back within it: expiry is judged by this host's clock.
+    fn clock(&mut self, sent: i64, server: i64) {
+        let skew = Skew::measure(sent, server, now_micros());
+        self.status.set_clock_skew(skew.micros);
+        let off = skew.beyond(CLOCK_TOLERANCE);
+        if off && !self.clock_off {
+            tracing::warn!(
+                skew_seconds = skew.micros as f64 / 1e6,
+                "this host's clock and postgres's differ: expires_at is compared with this \
+                 host's clock, so an expiring row ends that much {} here than in postgres; \
+                 synchronize the clocks (NTP)",
+                if skew.micros > 0 { "later" } else { "earlier" }
+            );
+        } else if !off && self.clock_off {
+            tracing::info!(
+                skew_seconds = skew.micros as f64 / 1e6,
+                "this host's clock agrees with postgres's again"
+            );
+        }
+        self.clock_off = off;
     }
 
     /// Takes in a look's `row`, asked for at `at`: whether the server is a standby, the
     /// return value, and on one how current it is.
     fn take_in(&self, row: &Row, at: i64, looks: &mut Standby) -> Result<bool, Error> {
-        if !row.try_get::<_, bool>(0)? {
+        if !row.try_get::<_, bool>(1)? {
             self.status.set_upstream(Upstream::Unbounded);
             return Ok(false);
         }
         let receiving = looks.receiving();
         let upstream = looks.look(Look {
             at,
-            received: row.try_get(1)?,
-            replayed: row.try_get(2)?,
-            receiver: row.try_get(3)?,
-            streaming: row.try_get(4)?,
+            received: row.try_get(2)?,
+            replayed: row.try_get(3)?,
+            receiver: row.try_get(4)?,
+            streaming: row.try_get(5)?,
         });
         self.status.set_upstream(upstream);
         match (receiving, looks.receiving()) {
@@ -921,6 +992,34 @@ fn hint(error: &Error) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skew_is_measured_from_the_middle_of_the_round_trip_and_judged_beyond_it() {
+        // Sent at 10.0 s, answered at 10.2 s: the server read its clock at about 10.1 s.
+        let skew = Skew::measure(10_000_000, 12_100_000, 10_200_000);
+        assert_eq!(
+            skew,
+            Skew {
+                micros: 2_000_000,
+                uncertainty: 100_000
+            }
+        );
+        assert!(skew.beyond(Duration::from_secs(1)));
+        assert!(!skew.beyond(Duration::from_millis(1_950)));
+        let behind = Skew::measure(10_000_000, 8_000_000, 10_000_000);
+        assert_eq!(behind.micros, -2_000_000);
+        assert!(behind.beyond(Duration::from_secs(1)));
+        // A slow round trip makes a small skew uncertain, not beyond.
+        let slow = Skew::measure(0, 2_600_000, 4_000_000);
+        assert_eq!(
+            slow,
+            Skew {
+                micros: 600_000,
+                uncertainty: 2_000_000
+            }
+        );
+        assert!(!slow.beyond(Duration::from_secs(1)));
+    }
 
     fn payload(message: Option<Message>) -> Option<String> {
         match message {

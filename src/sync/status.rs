@@ -33,6 +33,10 @@ struct Inner {
     /// How current the server is with its primary: [`Upstream`] as µs since the epoch,
     /// [`UNBOUNDED`] or [`UNKNOWN`].
     upstream_at: AtomicI64,
+    /// The server's clock minus this host's (µs), as last measured...
+    clock_skew: AtomicI64,
+    /// ...once it has been.
+    clock_measured: AtomicBool,
     /// Statements applied from their notifications.
     notified: AtomicU64,
     /// Notifications whose rows were refused (unsigned, not verifying, replayed).
@@ -96,6 +100,10 @@ pub struct StatusReport {
     /// of `lag_seconds`. `null` on a primary, while not yet known, and on a standby that
     /// has not streamed since it started, which cannot tell.
     pub standby_lag_seconds: Option<f64>,
+    /// Postgres's clock minus this host's, in seconds, as last measured (at each connection,
+    /// then every minute): `expires_at` is compared with this host's clock, so a row expires
+    /// that much later here when positive. `null` before the first connection.
+    pub clock_skew_seconds: Option<f64>,
     /// Statements applied from their notifications since start.
     pub notified_changes: u64,
     /// Notifications whose rows were not applied since start: unsigned, a signature that
@@ -129,6 +137,10 @@ impl Status {
                 UNBOUNDED | UNKNOWN => None,
                 at => Some(micros_to_secs_since(at)),
             },
+            clock_skew_seconds: i
+                .clock_measured
+                .load(Ordering::Relaxed)
+                .then(|| i.clock_skew.load(Ordering::Relaxed) as f64 / 1e6),
             notified_changes: i.notified.load(Ordering::Relaxed),
             refused_notifications: i.refused.load(Ordering::Relaxed),
             dropped_notifications: i.dropped.load(Ordering::Relaxed),
@@ -208,6 +220,12 @@ impl Status {
     /// Whether the server is a standby.
     pub(crate) fn set_standby(&self, standby: bool) {
         self.inner.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// The server's clock minus this host's (µs), as just measured.
+    pub(crate) fn set_clock_skew(&self, micros: i64) {
+        self.inner.clock_skew.store(micros, Ordering::Relaxed);
+        self.inner.clock_measured.store(true, Ordering::Relaxed);
     }
 
     /// How current the server is with its primary, by the latest look.
