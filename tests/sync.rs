@@ -476,11 +476,17 @@ async fn churned_names_are_reclaimed_by_a_compaction() {
     never.compaction_pct = 0;
     let kept = TestDaemon::start_with(never, patient()).await;
     let compacting = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
-    db.exec(
-        "INSERT INTO permd.tuples \
-         SELECT 'user:1', 'tmp:' || n, 'read', NULL FROM generate_series(1, 1500) n",
-    )
-    .await;
+    // Both daemons apply the new rows (and intern their names) before they are deleted: a
+    // poll that read both commits at once would find the rows gone and intern nothing.
+    let token = db
+        .write(
+            "INSERT INTO permd.tuples \
+             SELECT 'user:1', 'tmp:' || n, 'read', NULL FROM generate_series(1, 1500) n",
+        )
+        .await;
+    for daemon in [&kept, &compacting] {
+        assert!(daemon.check("user:1", "read", "tmp:1500", &token).await);
+    }
     let token = db
         .write("DELETE FROM permd.tuples WHERE object LIKE 'tmp:%'")
         .await;
