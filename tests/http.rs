@@ -395,6 +395,7 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_unused_packed_bytes 0",
         "permd_standby_lag_seconds -1",
         "permd_clock_skew_seconds NaN",
+        "permd_changelog_bytes NaN",
         concat!(
             "permd_build_info{version=\"",
             env!("CARGO_PKG_VERSION"),

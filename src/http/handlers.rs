@@ -306,6 +306,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "standby": report.standby,
         "standby_lag_seconds": report.standby_lag_seconds,
         "clock_skew_seconds": report.clock_skew_seconds,
+        "changelog_bytes": report.changelog_bytes,
         "notified_changes": report.notified_changes,
         "refused_notifications": report.refused_notifications,
         "dropped_notifications": report.dropped_notifications,

@@ -159,7 +159,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 23] = [
+        let gauges: [(&str, &str, &str, f64); 24] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -174,6 +174,12 @@ impl Metrics {
                 "gauge",
                 "Postgres's clock minus this host's, as last measured (NaN before): expires_at is compared with this host's clock.",
                 report.clock_skew_seconds.unwrap_or(f64::NAN),
+            ),
+            (
+                "permd_changelog_bytes",
+                "gauge",
+                "permd.changelog's size on disk, indexes included, as last measured (NaN before): it grows until permd.prune_changelog() runs.",
+                report.changelog_bytes.map_or(f64::NAN, |bytes| bytes as f64),
             ),
             (
                 "permd_names_since_load",

@@ -26,20 +26,23 @@ const RECOVERY_CHECK: Duration = Duration::from_secs(1);
 /// How often a primary is looked at, for its clock alone.
 const CLOCK_CHECK: Duration = Duration::from_secs(60);
 
-/// The server's clock (µs since the epoch) and whether it is a standby (the first two
-/// columns of both looks); then, on a standby, what it can tell of its delay behind its
-/// primary (`sync::standby`): the WAL received (or, to `pg_read_all_stats`, the end its
-/// primary last reported, when further), the WAL replayed, the WAL receiver's process id
-/// (shown to every role) and whether it streams (`NULL` to a role that may not see it).
+/// The server's clock (µs since the epoch), whether it is a standby and the changelog's
+/// size on disk (the first three columns of both looks); then, on a standby, what it can
+/// tell of its delay behind its primary (`sync::standby`): the WAL received (or, to
+/// `pg_read_all_stats`, the end its primary last reported, when further), the WAL
+/// replayed, the WAL receiver's process id (shown to every role) and whether it streams
+/// (`NULL` to a role that may not see it).
 const LOOK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, \
         pg_is_in_recovery(), \
+        pg_total_relation_size(to_regclass('permd.changelog')), \
         pg_wal_lsn_diff(greatest(pg_last_wal_receive_lsn(), r.latest_end_lsn), '0/0')::int8, \
         pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::int8, \
         r.pid, r.status = 'streaming' \
     FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
 /// The look of a server that refuses `LOOK`.
-const BLIND_LOOK: &str =
-    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, pg_is_in_recovery()";
+const BLIND_LOOK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, \
+        pg_is_in_recovery(), \
+        pg_total_relation_size(to_regclass('permd.changelog'))";
 
 /// The doorbell channel rung by the changelog triggers.
 const CHANNEL: &str = "permd_changes";
@@ -520,6 +523,7 @@ impl Applier {
             let at = now_micros();
             match self.timed(WHAT, client.query_one(LOOK, &[])).await {
                 Ok(row) => {
+                    self.status.set_changelog_bytes(row.try_get(2)?);
                     self.clock(at, row.try_get(0)?);
                     return self.take_in(&row, at, looks);
                 }
@@ -539,6 +543,7 @@ impl Applier {
         }
         let at = now_micros();
         let row = self.timed(WHAT, client.query_one(BLIND_LOOK, &[])).await?;
+        self.status.set_changelog_bytes(row.try_get(2)?);
         self.clock(at, row.try_get(0)?);
         Ok(row.try_get(1)?)
     }
@@ -577,10 +582,10 @@ impl Applier {
         let receiving = looks.receiving();
         let upstream = looks.look(Look {
             at,
-            received: row.try_get(2)?,
-            replayed: row.try_get(3)?,
-            receiver: row.try_get(4)?,
-            streaming: row.try_get(5)?,
+            received: row.try_get(3)?,
+            replayed: row.try_get(4)?,
+            receiver: row.try_get(5)?,
+            streaming: row.try_get(6)?,
         });
         self.status.set_upstream(upstream);
         match (receiving, looks.receiving()) {

@@ -37,6 +37,8 @@ struct Inner {
     clock_skew: AtomicI64,
     /// ...once it has been.
     clock_measured: AtomicBool,
+    /// The changelog's size on disk (bytes), as last measured; -1 before, or without it.
+    changelog_bytes: AtomicI64,
     /// Statements applied from their notifications.
     notified: AtomicU64,
     /// Notifications whose rows were refused (unsigned, not verifying, replayed).
@@ -104,6 +106,9 @@ pub struct StatusReport {
     /// then every minute): `expires_at` is compared with this host's clock, so a row expires
     /// that much later here when positive. `null` before the first connection.
     pub clock_skew_seconds: Option<f64>,
+    /// `permd.changelog`'s size on disk, indexes included, as last measured (with the
+    /// clock): it grows until someone runs `permd.prune_changelog()`. `null` before.
+    pub changelog_bytes: Option<u64>,
     /// Statements applied from their notifications since start.
     pub notified_changes: u64,
     /// Notifications whose rows were not applied since start: unsigned, a signature that
@@ -141,6 +146,9 @@ impl Status {
                 .clock_measured
                 .load(Ordering::Relaxed)
                 .then(|| i.clock_skew.load(Ordering::Relaxed) as f64 / 1e6),
+            changelog_bytes: u64::try_from(i.changelog_bytes.load(Ordering::Relaxed))
+                .ok()
+                .filter(|_| i.clock_measured.load(Ordering::Relaxed)),
             notified_changes: i.notified.load(Ordering::Relaxed),
             refused_notifications: i.refused.load(Ordering::Relaxed),
             dropped_notifications: i.dropped.load(Ordering::Relaxed),
@@ -226,6 +234,13 @@ impl Status {
     pub(crate) fn set_clock_skew(&self, micros: i64) {
         self.inner.clock_skew.store(micros, Ordering::Relaxed);
         self.inner.clock_measured.store(true, Ordering::Relaxed);
+    }
+
+    /// The changelog's size on disk, as just measured (`None`: it does not exist).
+    pub(crate) fn set_changelog_bytes(&self, bytes: Option<i64>) {
+        self.inner
+            .changelog_bytes
+            .store(bytes.unwrap_or(-1), Ordering::Relaxed);
     }
 
     /// How current the server is with its primary, by the latest look.
