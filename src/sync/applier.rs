@@ -284,7 +284,7 @@ impl Applier {
     pub fn new(store: Store, status: Status, config: SyncConfig) -> Self {
         Self {
             store,
-            follower: Follower::new(status.clone()),
+            follower: Follower::new(status.clone(), true),
             status,
             config,
             cursor: None,
@@ -343,7 +343,6 @@ impl Applier {
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
         let (mut client, tap, mut heard, closed) = self.connect().await?;
         tokio::pin!(closed);
-        self.follower = Follower::new(self.status.clone());
         // LISTEN before loading: a change committed after it rings, one committed before
         // it is in the snapshot or the changelog.
         // A statement kept waiting for a lock (another session's LOCK TABLE, a migration's
@@ -361,6 +360,7 @@ impl Applier {
         // bounds how current the mirror is (`sync::standby`).
         let mut looks = Standby::default();
         let standby = self.look(&client, &mut looks).await?;
+        self.follower = Follower::new(self.status.clone(), !standby);
         let listen = if standby {
             String::new()
         } else {

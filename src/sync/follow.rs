@@ -372,12 +372,16 @@ pub(crate) struct Follower {
     ended: HashSet<u64>,
     /// Where `following` is reported.
     status: Status,
+    /// The connection listens: on one that does not (a standby's) nothing is ever
+    /// followed, whatever the polls make of the mode.
+    listening: bool,
 }
 
 impl Follower {
     /// A new connection: notifications sent before its LISTEN are lost, so following
-    /// waits for a full load or a caught-up poll. Reports into `status`.
-    pub(crate) fn new(status: Status) -> Self {
+    /// waits for a full load or a caught-up poll. Reports into `status`; `listening`: the
+    /// connection LISTENs (a standby's cannot).
+    pub(crate) fn new(status: Status, listening: bool) -> Self {
         status.set_following(false);
         Self {
             history: VecDeque::new(),
@@ -389,12 +393,14 @@ impl Follower {
             current: None,
             ended: HashSet::new(),
             status,
+            listening,
         }
     }
 
     fn set_mode(&mut self, mode: Mode) {
         self.mode = mode;
-        self.status.set_following(mode == Mode::Following);
+        self.status
+            .set_following(self.listening && mode == Mode::Following);
     }
 
     /// Whether notifications are being applied.
@@ -662,7 +668,7 @@ mod tests {
 
     #[test]
     fn a_transactions_notification_heard_again_is_a_replay() {
-        let mut f = Follower::new(Status::default());
+        let mut f = Follower::new(Status::default(), true);
         f.loaded(snapshot("10:10:"));
         let heard = |xid, statement| Heard {
             statement,
@@ -699,7 +705,7 @@ mod tests {
 
     #[test]
     fn a_new_connection_follows_after_a_load_or_a_poll_with_nothing_waiting() {
-        let mut f = Follower::new(Status::default());
+        let mut f = Follower::new(Status::default(), true);
         assert_eq!(f.heard(Some(tuple("u", "doc", 10))), Verdict::Poll);
         // Changes wait above the horizon: what was lost before LISTEN may be among them.
         f.polled(snapshot("9:12:9"), HashSet::new(), true, true);
@@ -707,7 +713,7 @@ mod tests {
         f.polled(snapshot("12:12:"), HashSet::new(), true, false);
         assert!(f.following());
 
-        let mut f = Follower::new(Status::default());
+        let mut f = Follower::new(Status::default(), true);
         f.loaded(snapshot("20:22:20"));
         assert!(f.following());
         // Seen by the load: already in the mirror.
@@ -720,7 +726,7 @@ mod tests {
 
     #[test]
     fn a_late_notification_skips_the_keys_a_poll_that_saw_it_re_read() {
-        let mut f = Follower::new(Status::default());
+        let mut f = Follower::new(Status::default(), true);
         f.loaded(snapshot("10:10:"));
         f.polled(snapshot("12:15:12"), keys(&[("a", "doc")]), true, true);
         let change = Change {
@@ -751,7 +757,7 @@ mod tests {
 
     #[test]
     fn rows_that_must_come_from_the_changelog_suspend_following_until_a_poll_read_them() {
-        let mut f = Follower::new(Status::default());
+        let mut f = Follower::new(Status::default(), true);
         f.loaded(snapshot("10:10:"));
         assert_eq!(
             f.heard(Some(Heard {
@@ -775,7 +781,7 @@ mod tests {
 
     #[test]
     fn a_notification_older_than_the_remembered_polls_suspends_following() {
-        let mut f = Follower::new(Status::default());
+        let mut f = Follower::new(Status::default(), true);
         f.loaded(snapshot("10:10:"));
         for x in 0..=HISTORY as u64 {
             f.polled(
@@ -787,7 +793,7 @@ mod tests {
         }
         assert_eq!(f.heard(Some(tuple("u", "doc", 10))), Verdict::Poll);
         assert!(!f.following());
-        let mut f = Follower::new(Status::default());
+        let mut f = Follower::new(Status::default(), true);
         f.loaded(snapshot("10:10:"));
         f.lost();
         assert!(!f.following());

@@ -135,8 +135,7 @@ impl Status {
             last_full_load_ms: i.last_full_load_ms.load(Ordering::Relaxed),
             reloads: i.reloads.load(Ordering::Relaxed),
             reconnects: i.reconnects.load(Ordering::Relaxed),
-            // A standby sends no notifications to follow.
-            following: i.following.load(Ordering::Relaxed) && !i.standby.load(Ordering::Relaxed),
+            following: i.following.load(Ordering::Relaxed),
             standby: i.standby.load(Ordering::Relaxed),
             standby_lag_seconds: match i.upstream_at.load(Ordering::Relaxed) {
                 UNBOUNDED | UNKNOWN => None,
