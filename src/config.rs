@@ -10,6 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
 use crate::http::{HttpConfig, ServerCerts, ServerLimits, Token};
+use crate::shard::Shard;
 use crate::sync::SyncConfig;
 
 /// permd: an in-memory permission cache that mirrors a precomputed permission table
@@ -267,6 +268,12 @@ pub struct ServerArgs {
     /// reaches this share of what the last full load made (percent; 0: never).
     #[arg(long, env = "PERMD_COMPACTION_PCT", default_value_t = 50)]
     pub compaction_pct: u32,
+    /// Mirror only the subjects of shard INDEX of COUNT (e.g. `0/4`), for a set larger
+    /// than one machine's memory; requests about other subjects are answered 421 with
+    /// their shard. A subject's shard is the first 4 bytes of the MD5 of its UTF-8,
+    /// big-endian, modulo COUNT; the public subject `*` is in every shard.
+    #[arg(long, env = "PERMD_SHARD", default_value = "0/1", value_parser = Shard::parse)]
+    pub shard: Shard,
     /// Most API requests in flight; beyond it requests are shed at once with 503
     /// `overloaded` (probes are never shed).
     #[arg(long, env = "PERMD_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
@@ -314,6 +321,7 @@ impl ServerArgs {
         sync.poll_interval = Duration::from_millis(self.poll_interval_ms);
         sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
         sync.compaction_pct = self.compaction_pct;
+        sync.shard = self.shard;
         let http = HttpConfig {
             token,
             max_batch: usize::try_from(self.max_batch).unwrap_or(usize::MAX),
@@ -322,6 +330,7 @@ impl ServerArgs {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             ready_max_lag: Duration::from_millis(self.ready_max_lag_ms),
             max_in_flight: usize::try_from(self.max_in_flight).unwrap_or(usize::MAX),
+            shard: self.shard,
         };
         let server = ServerLimits {
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
@@ -406,6 +415,21 @@ mod tests {
             .expect("plain HTTP")
             .tls
             .is_none());
+    }
+
+    #[test]
+    fn a_shard_is_index_over_count() {
+        let serve = parse(&["permd", "serve", "--database-url", "u", "--shard", "1/4"]);
+        let settings = serve.server.settings("u").expect("valid");
+        assert_eq!(settings.sync.shard.to_string(), "1/4");
+        assert_eq!(settings.http.shard, settings.sync.shard);
+        let serve = parse(&["permd", "serve", "--database-url", "u"]);
+        assert!(serve.server.shard.is_whole());
+        let error =
+            Cli::try_parse_from(["permd", "serve", "--database-url", "u", "--shard", "4/4"])
+                .expect_err("an index past the count")
+                .to_string();
+        assert!(error.contains("must be below the count"), "{error}");
     }
 
     #[test]

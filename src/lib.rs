@@ -14,12 +14,14 @@
 //! - [`embedded`]: a throwaway Postgres for the demo and the tests.
 //! - [`demo`]: `permd demo`.
 //! - [`verify`]: `permd verify`.
+//! - [`shard`]: which subjects a daemon of `--shard INDEX/COUNT` mirrors.
 
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod embedded;
 pub mod http;
+pub mod shard;
 pub mod store;
 pub mod sync;
 pub mod verify;
@@ -89,6 +91,7 @@ impl Daemon {
         let status = Status::default();
         let tasks = TaskTracker::new();
         let failure = Failure::default();
+        let shard = settings.sync.shard;
 
         let applier = Applier::new(store.clone(), status.clone(), settings.sync.clone());
         supervise(
@@ -117,7 +120,13 @@ impl Daemon {
             &failure,
         );
         tasks.close();
-        tracing::info!(addr = %local_addr, scheme, version = env!("CARGO_PKG_VERSION"), "serving");
+        tracing::info!(
+            addr = %local_addr,
+            scheme,
+            version = env!("CARGO_PKG_VERSION"),
+            %shard,
+            "serving"
+        );
         Ok(Self {
             store,
             status,

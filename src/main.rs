@@ -86,13 +86,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Verify(args) => {
             match permd::verify::verify(&args.database_url, &args.target()?).await? {
-                permd::verify::Verdict::InSync(digest) => {
+                permd::verify::Verdict::InSync { digest, shard } => {
                     // Not `println!`, which panics when stdout is gone (`verify | head`):
                     // the verdict is the exit status.
-                    let _ = writeln!(
-                        std::io::stdout(),
-                        "in sync: permd equals the database (digest {digest})"
-                    );
+                    let _ = if shard.is_whole() {
+                        writeln!(
+                            std::io::stdout(),
+                            "in sync: permd equals the database (digest {digest})"
+                        )
+                    } else {
+                        writeln!(
+                            std::io::stdout(),
+                            "in sync: permd (shard {shard}) equals the database's rows of the \
+                             shard's subjects (digest {digest})"
+                        )
+                    };
                     Ok(())
                 }
                 permd::verify::Verdict::Differs { subjects, report } => {

@@ -1,9 +1,11 @@
 //! `permd verify`: proves a running daemon equals the database, or names what differs.
 //!
-//! Compares `permd.digest()` with the daemon's `/v1/digest`, asking the daemon to first
-//! apply everything the database's snapshot holds (`at_least`). When they differ, it
-//! narrows down by per-subject digests and prints the rows each side has that the other
-//! lacks.
+//! Compares the database's digest (the sum of `permd.subject_digests()`, which is
+//! `permd.digest()`) with the daemon's `/v1/digest`, asking the daemon to first apply
+//! everything the database's snapshot holds (`at_least`). When they differ, it narrows
+//! down by per-subject digests and prints the rows each side has that the other lacks.
+//! A daemon of one shard (`--shard`, reported in its `/v1/status`) is compared with the
+//! database's subjects of that shard.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::either::Either;
 
-use crate::store::StoredRows;
+use crate::shard::Shard;
+use crate::store::{Digest, StoredRows};
 
 /// Where the daemon is and how to reach it.
 #[derive(Debug, Clone)]
@@ -32,8 +35,14 @@ pub struct Target {
 /// What verification found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Digests equal (both given).
-    InSync(String),
+    /// The daemon equals the database, or for a daemon of one shard, the database's rows
+    /// of that shard's subjects.
+    InSync {
+        /// The daemon's digest (the database's, for the whole set).
+        digest: String,
+        /// The shard the daemon mirrors.
+        shard: Shard,
+    },
     /// These subjects differ; the report says how.
     Differs {
         /// Number of subjects whose rows differ.
@@ -45,26 +54,48 @@ pub enum Verdict {
 
 /// Compares the daemon with the database at `database_url`.
 pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdict> {
+    const ATTEMPTS: u32 = 3;
     let pool = crate::db::pool(database_url).await?;
+    let mut shard = None;
+    let mut last = None;
     // Writes may land between our two reads; a difference that vanishes on a retry was
     // only in flight.
-    for attempt in 1..=3 {
-        let (token, rows) = in_snapshot(&pool, "SELECT '', permd.digest()").await?;
-        let db_digest = rows.into_iter().next().map(|(_, d)| d).unwrap_or_default();
+    for attempt in 1..=ATTEMPTS {
+        // The database first, in one snapshot; then the daemon, once it has applied all
+        // of that snapshot (`at_least`).
+        let (token, rows) =
+            in_snapshot(&pool, "SELECT subject, digest FROM permd.subject_digests()").await?;
+        let shard = match shard {
+            Some(shard) => shard,
+            None => *shard.insert(daemon_shard(target).await?),
+        };
+        // A shard's daemon holds its subjects only, which verify picks out as it does.
+        let db_subjects: BTreeMap<String, String> =
+            rows.into_iter().filter(|(s, _)| shard.owns(s)).collect();
+        let mut db_digest = Digest::default();
+        for digest in db_subjects.values() {
+            db_digest.add(digest.parse().map_err(anyhow::Error::msg)?);
+        }
+        let db_digest = db_digest.to_string();
         let answer = get_json(target, &format!("/v1/digest?at_least={token}")).await?;
         let daemon_digest = answer["digest"]
             .as_str()
             .context("the daemon's digest answer has no digest")?;
-        if daemon_digest == db_digest.as_str() {
-            return Ok(Verdict::InSync(db_digest));
+        if daemon_digest == db_digest {
+            return Ok(Verdict::InSync {
+                digest: db_digest,
+                shard,
+            });
         }
         tracing::debug!(attempt, %db_digest, %daemon_digest, "digests differ");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = Some((token, db_subjects));
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
-    let (token, rows) =
-        in_snapshot(&pool, "SELECT subject, digest FROM permd.subject_digests()").await?;
-    let db_subjects: BTreeMap<String, String> = rows.into_iter().collect();
+    // Narrowed down to the subjects whose digests differ, at the last attempt's snapshot.
+    let (token, db_subjects) = last.context("no attempt was made")?;
     let answer = get_json(target, &format!("/v1/digest?by=subject&at_least={token}")).await?;
     let daemon_subjects: BTreeMap<String, String> = answer["subjects"]
         .as_object()
@@ -99,6 +130,17 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
         subjects: differing.len(),
         report,
     })
+}
+
+/// The shard the daemon mirrors, from its status (one from before shards reports none:
+/// it mirrors everything).
+async fn daemon_shard(target: &Target) -> anyhow::Result<Shard> {
+    let status = get_json(target, "/v1/status").await?;
+    match status["shard"].as_str() {
+        None => Ok(Shard::WHOLE),
+        Some(text) => Shard::parse(text)
+            .map_err(|e| anyhow::anyhow!("the daemon reports the shard {text:?}: {e}")),
+    }
 }
 
 fn describe<T: Ord + std::fmt::Debug>(report: &mut String, what: &str, db: &[T], daemon: &[T]) {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{database, wait_until, DEADLINE};
+use permd::shard::Shard;
 
 fn permd() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_permd"));
@@ -905,6 +906,59 @@ async fn verify_proves_equality_and_names_what_differs() {
         std::future::ready(verify().status.success())
     })
     .await;
+}
+
+/// `permd verify` of a daemon of one shard compares it with the database's subjects of
+/// that shard only, and names those of them that differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_proves_a_shard() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
+         FROM generate_series(1, 50) i;
+         INSERT INTO permd.tuples VALUES ('*', 'doc:public', 'read', NULL);",
+    )
+    .await;
+    let shard = Shard::new(1, 2).expect("a shard");
+    let (_running, port) = serve(&db.url, &["--shard", "1/2"], &[]).await;
+    let verify = || {
+        verify(&db.url, &format!("http://127.0.0.1:{port}"))
+            .output()
+            .expect("run permd verify")
+    };
+    let output = verify();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("in sync: permd (shard 1/2)"), "{stdout}");
+
+    // Rows written with the triggers off: one subject of each shard. Only this shard's
+    // is this daemon's difference.
+    let (mine, theirs) = (
+        (1..).map(|i| format!("ghost:{i}")).find(|s| shard.owns(s)),
+        (1..).map(|i| format!("ghost:{i}")).find(|s| !shard.owns(s)),
+    );
+    let (mine, theirs) = (mine.expect("a subject"), theirs.expect("a subject"));
+    db.exec(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica;
+         INSERT INTO permd.tuples VALUES ('{mine}', 'doc:9', 'read', NULL),
+                                         ('{theirs}', 'doc:9', 'read', NULL);
+         COMMIT;"
+    ))
+    .await;
+    let output = verify();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("differs from the database in 1 subject(s)"),
+        "{stderr}"
+    );
+    assert!(stdout.contains(&format!("subject {mine:?}")), "{stdout}");
+    assert!(!stdout.contains(&theirs), "{stdout}");
 }
 
 /// `permd demo`, the README's first command: a throwaway Postgres seeded with the demo

@@ -4,11 +4,15 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::{database, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE};
+use permd::http::HttpConfig;
+use permd::shard::Shard;
 use permd::sync::{StatusReport, SyncConfig};
+use serde_json::{json, Value};
 use sqlx::Connection as _;
 
 /// A sync config with polling far slower than any test deadline, so a test passes only
@@ -1396,4 +1400,159 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     required.stop().await;
     let preferred = TestDaemon::start(&plain.url).await;
     preferred.stop().await;
+}
+
+/// The database's digest of each subject of `shard`, hashed here as the daemon hashes
+/// them (Postgres picks the rows of a shard out for the load and the poll with its own
+/// MD5: where the two disagreed, a daemon would hold subjects of another shard or miss
+/// its own).
+async fn shard_digests(db: &TestDb, shard: Shard) -> BTreeMap<String, String> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT subject, digest FROM permd.subject_digests()")
+            .fetch_all(&db.pool)
+            .await
+            .expect("subject digests");
+    rows.into_iter().filter(|(s, _)| shard.owns(s)).collect()
+}
+
+/// A daemon's digest of each subject, once it has applied `token`.
+async fn daemon_shard_digests(daemon: &TestDaemon, token: &str) -> BTreeMap<String, String> {
+    let (status, body) = daemon
+        .get(&format!("/v1/digest?by=subject&at_least={token}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["subjects"]
+        .as_object()
+        .expect("subjects")
+        .iter()
+        .map(|(s, d)| (s.clone(), d.as_str().expect("a digest").to_owned()))
+        .collect()
+}
+
+/// Three daemons of `--shard i/3` over one database: each loads, follows and reloads the
+/// rows of its own subjects and of the public `*` only, answers 421 with the owner for
+/// the others, and together they hold every row once (but `*`'s, in each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_split_the_subjects_between_daemons() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:' || (i % 7), 'read', NULL
+         FROM generate_series(1, 300) i;
+         INSERT INTO permd.tuples VALUES ('*', 'doc:public', 'read', NULL),
+                                         ('usér:ü', '', 'ADMIN', NULL);
+         INSERT INTO permd.limits SELECT 'user:' || i, 'projects', i FROM generate_series(1, 300) i;",
+    )
+    .await;
+    let shards: Vec<Shard> = (0..3).map(|i| Shard::new(i, 3).expect("a shard")).collect();
+    let mut daemons = Vec::new();
+    for &shard in &shards {
+        let mut sync = SyncConfig::new(&db.url);
+        sync.shard = shard;
+        let http = HttpConfig { shard, ..patient() };
+        daemons.push(TestDaemon::start_with(sync, http).await);
+    }
+    let holds_its_subjects = |token: String| {
+        let (db, shards, daemons) = (&db, &shards, &daemons);
+        async move {
+            let mut held = 0;
+            for (&shard, daemon) in shards.iter().zip(daemons) {
+                let expected = shard_digests(db, shard).await;
+                assert!(expected.contains_key("*"), "{shard}");
+                assert_eq!(
+                    daemon_shard_digests(daemon, &token).await,
+                    expected,
+                    "{shard}"
+                );
+                held += expected.len() - 1;
+            }
+            let all: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM permd.subject_digests() WHERE subject <> '*'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+            assert_eq!(held as i64, all, "every subject in one shard");
+        }
+    };
+    holds_its_subjects("0".to_owned()).await;
+
+    // Changes reach the owner's daemon only: new subjects, deletes, limits, `*`.
+    let token = db
+        .write(
+            "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:9', 'write', NULL
+             FROM generate_series(290, 330) i;
+             DELETE FROM permd.tuples WHERE subject IN ('user:5', 'user:6', 'user:7');
+             UPDATE permd.limits SET value = value + 1 WHERE subject LIKE 'user:1%';
+             INSERT INTO permd.tuples VALUES ('*', 'doc:news', 'read', NULL);",
+        )
+        .await;
+    holds_its_subjects(token).await;
+    // And so does a full load asked for by the database.
+    let reloads: Vec<u64> = daemons.iter().map(|d| d.status.report().reloads).collect();
+    let token = db.write("SELECT permd.request_reload()").await;
+    holds_its_subjects(token.clone()).await;
+    for (daemon, before) in daemons.iter().zip(reloads) {
+        assert_eq!(daemon.status.report().reloads, before + 1);
+    }
+
+    // Asked about another shard's subject, a daemon names its owner.
+    let owner = shards[0].owner_of("user:1");
+    let other = shards[(owner.index() as usize + 1) % 3];
+    let (home, elsewhere) = (
+        &daemons[owner.index() as usize],
+        &daemons[other.index() as usize],
+    );
+    assert!(home.check("user:1", "read", "doc:1", &token).await);
+    assert!(
+        home.check("user:1", "read", "doc:public", &token).await,
+        "through *"
+    );
+    for uri in [
+        "/v1/check?subject=user:1&permission=read&object=doc:1".to_owned(),
+        format!("/v1/check?subject=user:1&permission=read&at_least={token}"),
+        "/v1/subjects/user:1/permissions?object=doc:1".to_owned(),
+        "/v1/subjects/user:1/objects?permission=read".to_owned(),
+        "/v1/subjects/user:1/limits".to_owned(),
+        "/v1/check-limit?subject=user:1&limit=projects&usage=1".to_owned(),
+    ] {
+        let (status, body) = elsewhere.get(&uri).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{uri}: {body}");
+        assert_eq!(body["error"], "misdirected", "{uri}: {body}");
+        assert_eq!(body["owner"], owner.to_string(), "{uri}: {body}");
+        assert_eq!(body["shard"], other.to_string(), "{uri}: {body}");
+    }
+    // A batch is answered only when every check is the shard's own: a router splits it.
+    let own = (1..)
+        .map(|i| format!("user:{i}"))
+        .find(|s| other.owns(s))
+        .expect("a subject of the other shard");
+    let batch = |subjects: &[&str]| {
+        let checks: Vec<Value> = subjects
+            .iter()
+            .map(|s| json!({"subject": s, "permission": "read", "object": "doc:public"}))
+            .collect();
+        json!({ "checks": checks })
+    };
+    let (status, body) = elsewhere.post("/v1/check", &batch(&[&own, "*"])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"], json!([true, true]), "{body}");
+    let (status, body) = elsewhere.post("/v1/check", &batch(&[&own, "user:1"])).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{body}");
+    let message = body["message"].as_str().expect("a message");
+    assert!(
+        message.starts_with(&format!("the checks[1].subject belongs to shard {owner}")),
+        "{message}"
+    );
+    let (_, metrics) = elsewhere.get("/metrics").await;
+    let metrics = metrics.as_str().expect("the metrics' text");
+    assert!(metrics.contains("permd_misdirected_total 7"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("permd_shard_info{{shard=\"{other}\"}} 1")),
+        "{metrics}"
+    );
+    let (_, status) = elsewhere.get("/v1/status").await;
+    assert_eq!(status["shard"], other.to_string());
+    for daemon in daemons {
+        daemon.stop().await;
+    }
 }

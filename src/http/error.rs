@@ -10,6 +10,7 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::shard::Shard;
 use crate::store::Xid;
 
 /// Every error the API answers. None leaks internals; none is a 500 for bad input.
@@ -44,6 +45,17 @@ pub enum ApiError {
     /// Too many requests in flight; retry shortly.
     #[error("overloaded")]
     Overloaded,
+    /// The subject belongs to another shard (`--shard`): the router sent it to the wrong
+    /// daemon.
+    #[error("misdirected")]
+    Misdirected {
+        /// Where the subject was, e.g. `subject` or `checks[3].subject`.
+        field: String,
+        /// The shard this daemon mirrors.
+        shard: Shard,
+        /// The shard the subject belongs to.
+        owner: Shard,
+    },
 }
 
 impl ApiError {
@@ -65,6 +77,7 @@ impl ApiError {
             Self::Stale { .. } | Self::Timeout | Self::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 }
@@ -77,6 +90,20 @@ impl IntoResponse for ApiError {
                 "error": "stale",
                 "message": "the requested write is not applied yet; retry",
                 "revision": revision.to_string(),
+            }),
+            Self::Misdirected {
+                field,
+                shard,
+                owner,
+            } => json!({
+                "error": "misdirected",
+                "message": format!(
+                    "the {field} belongs to shard {owner}; this permd mirrors shard {shard} \
+                     (a subject's shard: the first 4 bytes of the MD5 of its UTF-8, \
+                     big-endian, modulo the number of shards)"
+                ),
+                "shard": shard.to_string(),
+                "owner": owner.to_string(),
             }),
             other => json!({ "error": other.to_string() }),
         };

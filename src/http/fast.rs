@@ -189,6 +189,9 @@ impl App {
         let (Some(subject), Some(permission)) = (&fields.subject, &fields.permission) else {
             return None;
         };
+        if !self.config.shard.owns(subject) {
+            return None;
+        }
         let object = fields.object.as_deref().unwrap_or("");
         let revision = self.store.watermark();
         let allowed = self.store.check(subject, permission, object);

@@ -72,6 +72,7 @@ pub(super) async fn check(State(app): State<App>, ApiQuery(q): ApiQuery<CheckQue
     identifier("subject", &q.subject, false)?;
     identifier("permission", &q.permission, false)?;
     identifier("object", &q.object, true)?;
+    app.owns("subject", &q.subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let allowed = app.store.check(&q.subject, &q.permission, &q.object);
     app.metrics
@@ -126,6 +127,10 @@ pub(super) async fn check_batch(
             }
         }
     }
+    // A router splits a batch by shard; one check of another's makes the batch wrong.
+    if let Some(i) = app.misdirected(&body.checks) {
+        app.owns(&format!("checks[{i}].subject"), &body.checks[i].subject)?;
+    }
     let revision = app.fresh(body.at_least.as_ref()).await?;
     Ok(Json(app.answer_batch(&body.checks, revision, started)))
 }
@@ -155,11 +160,25 @@ impl App {
                 && is_identifier(&c.permission, false)
                 && is_identifier(&c.object, true)
         });
-        if batch.at_least.is_some() || batch.checks.len() > self.config.max_batch || !valid {
+        if batch.at_least.is_some()
+            || batch.checks.len() > self.config.max_batch
+            || !valid
+            || self.misdirected(&batch.checks).is_some()
+        {
             return None;
         }
         let answer = self.answer_batch(&batch.checks, self.store.watermark(), started);
         serde_json::to_vec(&answer).ok()
+    }
+
+    /// The first of `checks` about a subject of another shard.
+    fn misdirected(&self, checks: &[CheckItem]) -> Option<usize> {
+        if self.config.shard.is_whole() {
+            return None;
+        }
+        checks
+            .iter()
+            .position(|c| !self.config.shard.owns(&c.subject))
     }
 
     /// Runs the valid `checks` of a batch at `revision` and counts them.
@@ -202,6 +221,7 @@ pub(super) async fn permissions(
 ) -> ApiResult {
     identifier("subject", &subject, false)?;
     identifier("object", &q.object, true)?;
+    app.owns("subject", &subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let permissions = app.store.permissions_of(&subject, &q.object);
     Ok(Json(json!({
@@ -226,6 +246,7 @@ pub(super) async fn objects(
 ) -> ApiResult {
     identifier("subject", &subject, false)?;
     identifier("permission", &q.permission, false)?;
+    app.owns("subject", &subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let objects = app.store.objects_of(&subject, &q.permission);
     Ok(Json(json!({
@@ -248,6 +269,7 @@ pub(super) async fn limits(
     ApiQuery(q): ApiQuery<FreshQuery>,
 ) -> ApiResult {
     identifier("subject", &subject, false)?;
+    app.owns("subject", &subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let limits = app.store.limits_of(&subject);
     Ok(Json(
@@ -271,6 +293,7 @@ pub(super) async fn check_limit(
 ) -> ApiResult {
     identifier("subject", &q.subject, false)?;
     identifier("limit", &q.limit, false)?;
+    app.owns("subject", &q.subject)?;
     let usage: i64 = q.usage.trim().parse().map_err(|_| {
         ApiError::bad_request(format!("`usage` must be an integer, got {:?}", q.usage))
     })?;
@@ -290,6 +313,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
     Ok(Json(json!({
         "ready": app.status.is_ready(app.config.ready_max_lag.as_secs_f64()),
         "version": env!("CARGO_PKG_VERSION"),
+        "shard": app.config.shard.to_string(),
         "revision": revision,
         "watermark": revision,
         "tuples": counts.tuples,
@@ -365,6 +389,7 @@ pub(super) async fn rows(
     ApiQuery(q): ApiQuery<FreshQuery>,
 ) -> ApiResult {
     identifier("subject", &subject, false)?;
+    app.owns("subject", &subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let rows = app.store.rows_of(&subject);
     Ok(Json(json!({
@@ -398,6 +423,7 @@ pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
 pub(super) async fn metrics(State(app): State<App>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(&app.store, &app.status, app.in_flight()),
+        app.metrics
+            .render(&app.store, &app.status, app.config.shard, app.in_flight()),
     )
 }

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::shard::Shard;
 use crate::store::Store;
 use crate::sync::Status;
 
@@ -38,6 +39,7 @@ pub(crate) struct Metrics {
     stripes: [Stripe; STRIPES],
     stale: AtomicU64,
     shed: AtomicU64,
+    misdirected: AtomicU64,
     client_errors: AtomicU64,
     hyper_requests: AtomicU64,
 }
@@ -99,6 +101,11 @@ impl Metrics {
         self.shed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request answered 421 misdirected (about another shard's subject).
+    pub(crate) fn misdirected(&self) {
+        self.misdirected.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a request answered with a 4xx.
     pub(crate) fn client_error(&self) {
         self.client_errors.fetch_add(1, Ordering::Relaxed);
@@ -111,7 +118,13 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric; `in_flight` is the number of API
     /// requests being served (this scrape included).
-    pub(crate) fn render(&self, store: &Store, status: &Status, in_flight: usize) -> String {
+    pub(crate) fn render(
+        &self,
+        store: &Store,
+        status: &Status,
+        shard: Shard,
+        in_flight: usize,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         header(
@@ -159,7 +172,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 24] = [
+        let gauges: [(&str, &str, &str, f64); 25] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -216,6 +229,7 @@ impl Metrics {
             ("permd_dropped_notifications_total", "counter", "Notifications dropped because too many waited for the applier; their commits are read from the changelog.", report.dropped_notifications as f64),
             ("permd_stale_total", "counter", "Requests answered 503 stale (at_least not reached in time).", get(&self.stale) as f64),
             ("permd_shed_total", "counter", "Requests shed with 503 overloaded (too many in flight).", get(&self.shed) as f64),
+            ("permd_misdirected_total", "counter", "Requests answered 421 misdirected: about a subject of another shard (--shard), sent here by a router that hashes differently or counts other shards.", get(&self.misdirected) as f64),
             (
                 "permd_http_hyper_requests_total",
                 "counter",
@@ -240,6 +254,13 @@ impl Metrics {
             "permd_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         );
+        header(
+            &mut out,
+            "permd_shard_info",
+            "gauge",
+            "The subjects this permd mirrors: shard INDEX/COUNT (--shard; 0/1 is every subject; always 1).",
+        );
+        let _ = writeln!(out, "permd_shard_info{{shard=\"{shard}\"}} 1");
         out
     }
 }
@@ -269,7 +290,7 @@ mod tests {
             }
         });
         let threads = (STRIPES + 3) as u64;
-        let text = metrics.render(&Store::new(), &Status::default(), 0);
+        let text = metrics.render(&Store::new(), &Status::default(), Shard::WHOLE, 0);
         for line in [
             format!(
                 "permd_checks_total{{result=\"allowed\"}} {}",

@@ -27,6 +27,7 @@ pub(crate) use metrics::Metrics;
 pub use server::{serve, ServerLimits};
 pub use tls::ServerCerts;
 
+use crate::shard::Shard;
 use crate::store::Store;
 use crate::sync::Status;
 
@@ -76,6 +77,9 @@ pub struct HttpConfig {
     /// Most API requests in flight at once; more are shed at once with 503 `overloaded`.
     /// Probes (`/livez`, `/readyz`) are never shed.
     pub max_in_flight: usize,
+    /// The subjects this daemon mirrors (`--shard`); requests about others are answered
+    /// 421 with their owner.
+    pub shard: Shard,
 }
 
 impl Default for HttpConfig {
@@ -88,6 +92,7 @@ impl Default for HttpConfig {
             request_timeout: Duration::from_secs(10),
             ready_max_lag: Duration::from_secs(10),
             max_in_flight: 1024,
+            shard: Shard::WHOLE,
         }
     }
 }
@@ -126,6 +131,21 @@ impl App {
             config,
             in_flight,
         }))
+    }
+
+    /// Refuses a request about `subject`, named `field` in it, when another shard
+    /// mirrors the subject.
+    fn owns(&self, field: &str, subject: &str) -> Result<(), ApiError> {
+        let shard = self.config.shard;
+        if shard.owns(subject) {
+            return Ok(());
+        }
+        self.metrics.misdirected();
+        Err(ApiError::Misdirected {
+            field: field.to_owned(),
+            shard,
+            owner: shard.owner_of(subject),
+        })
     }
 
     /// API requests being served right now.

@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
 pub(crate) use state::{now_micros, Growth, State, StateBuilder};
-pub use state::{StoredRows, TupleRow};
+pub use state::{Digest, StoredRows, TupleRow};
 
 use state::Now;
 

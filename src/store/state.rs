@@ -918,19 +918,40 @@ pub struct StoredRows {
     pub limits: Vec<(String, i64)>,
 }
 
-/// Row counts and the wrapping sum of row hashes.
-#[derive(Debug, Clone, Copy, Default)]
-struct Digest {
+/// A digest of rows: their counts and the wrapping sum of their row hashes, written
+/// `tuples:limits:sum` (16 hex digits), as `permd.digest()` writes it. The digest of two
+/// sets of rows is the [`Digest::add`] of theirs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Digest {
     tuples: u64,
     limits: u64,
     sum: u64,
 }
 
 impl Digest {
-    fn add(&mut self, other: Digest) {
+    /// Adds the rows of `other`.
+    pub fn add(&mut self, other: Digest) {
         self.tuples += other.tuples;
         self.limits += other.limits;
         self.sum = self.sum.wrapping_add(other.sum);
+    }
+}
+
+impl std::str::FromStr for Digest {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("not a digest: {text:?}");
+        let parts: Vec<&str> = text.split(':').collect();
+        let [tuples, limits, sum] = parts[..] else {
+            return Err(bad());
+        };
+        let bad = |_| bad();
+        Ok(Self {
+            tuples: tuples.parse().map_err(bad)?,
+            limits: limits.parse().map_err(bad)?,
+            sum: u64::from_str_radix(sum, 16).map_err(bad)?,
+        })
     }
 }
 
@@ -1643,6 +1664,17 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn digests_read_back_and_add_up() {
+        let mut total: Digest = "3:1:ffffffffffffffff".parse().expect("a digest");
+        assert_eq!(total.to_string(), "3:1:ffffffffffffffff");
+        total.add("1:0:0000000000000002".parse().expect("a digest"));
+        assert_eq!(total.to_string(), "4:1:0000000000000001", "the sum wraps");
+        for wrong in ["", "1:2", "1:2:3:4", "x:0:00", "1:1:zz"] {
+            assert!(wrong.parse::<Digest>().is_err(), "{wrong}");
         }
     }
 

@@ -18,6 +18,7 @@ use super::standby::{Look, Standby};
 use super::status::Upstream;
 use super::tap::Tap;
 use super::{error_chain, parse_xid, Cursor, Error, Status, SyncConfig};
+use crate::shard::Shard;
 use crate::store::{now_micros, Store, TupleRow, Xid};
 
 /// How often a standby is looked at: whether it has been promoted, and how current it is
@@ -154,6 +155,7 @@ WITH h AS MATERIALIZED (
     -- keys are applied in that order (see `poll`).
     SELECT kind, subject, object, max(pos) AS pos
     FROM (SELECT kind, subject, object, row_number() OVER (ORDER BY xid, id) AS pos FROM b) p
+    /* shard */
     GROUP BY kind, subject, object
 )
 SELECT 'h' AS tag, pg_current_snapshot()::text AS a, h.pruned_xid::text AS b,
@@ -181,6 +183,15 @@ SELECT 'l', l.subject, NULL, l.name, l.value
 FROM (SELECT DISTINCT subject FROM k WHERE kind = 'l') s
 JOIN permd.limits l ON l.subject = s.subject
 ";
+
+/// [`POLL`] for the daemon of `shard`: the changed keys of other shards' subjects are
+/// passed over (their rows never read), reload markers kept.
+pub fn poll_statement(shard: Shard) -> String {
+    match shard.sql_condition("subject") {
+        None => POLL.to_owned(),
+        Some(owned) => POLL.replace("/* shard */", &format!("WHERE kind = 'r' OR {owned}")),
+    }
+}
 
 /// What one poll found.
 enum Polled {
@@ -421,7 +432,10 @@ impl Applier {
         // Prepared once per connection: the poll is one large statement, and planning it
         // on every poll cost about as much as running it.
         let poll = self
-            .timed("the poll's PREPARE", client.prepare(POLL))
+            .timed(
+                "the poll's PREPARE",
+                client.prepare(&poll_statement(self.config.shard)),
+            )
             .await?;
         let mut behind = BEHIND_FIRST;
         // A standby promoted under the connection would be polled without LISTEN until the
@@ -638,7 +652,7 @@ impl Applier {
         };
         match verdict {
             Verdict::Apply(change) => {
-                change.apply(&self.store);
+                change.of_shard(self.config.shard).apply(&self.store);
                 self.status.followed();
                 false
             }
@@ -772,7 +786,7 @@ impl Applier {
             state,
             snapshot,
             rows,
-        } = loader::load(client, tap, self.config.query_timeout).await?;
+        } = loader::load(client, tap, self.config.shard, self.config.query_timeout).await?;
         let xmin = Xid(snapshot.xmin());
         let old = self.store.replace(state);
         self.follower.loaded(snapshot);

@@ -40,6 +40,7 @@ use serde_json::value::RawValue;
 use sha2::Sha256;
 
 use super::{parse_xid, Error, Status};
+use crate::shard::Shard;
 use crate::store::{Store, TupleRow};
 
 /// How many polls' snapshots and re-read keys are kept to place a late notification.
@@ -239,9 +240,24 @@ fn rows<T: serde::de::DeserializeOwned>(raw: Option<&RawValue>) -> Result<Vec<T>
 
 impl Change {
     /// Drops the rows of the keys `skip` says are already newer in the mirror.
-    fn without(mut self, skip: impl Fn(&Key) -> bool) -> Self {
-        let grant = |s: &String, o: &String| !skip(&Key::Grant(s.clone(), o.clone()));
-        let limits = |s: &String| !skip(&Key::Limits(s.clone()));
+    fn without(self, skip: impl Fn(&Key) -> bool) -> Self {
+        self.retain(
+            |s, o| !skip(&Key::Grant(s.to_owned(), o.to_owned())),
+            |s| !skip(&Key::Limits(s.to_owned())),
+        )
+    }
+
+    /// Keeps only the rows of `shard`'s subjects: other shards' daemons mirror the rest.
+    pub(crate) fn of_shard(self, shard: Shard) -> Self {
+        if shard.is_whole() {
+            return self;
+        }
+        self.retain(|s, _| shard.owns(s), |s| shard.owns(s))
+    }
+
+    /// Keeps the tuples of the (subject, object) pairs `grant` keeps and the limits of the
+    /// subjects `limits` keeps.
+    fn retain(mut self, grant: impl Fn(&str, &str) -> bool, limits: impl Fn(&str) -> bool) -> Self {
         self.tuples_gone.retain(|(s, o, _)| grant(s, o));
         self.tuples_came.retain(|(s, o, _, _)| grant(s, o));
         self.limits_gone.retain(|(s, _)| limits(s));

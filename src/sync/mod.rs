@@ -18,7 +18,8 @@ mod tls;
 use std::time::Duration;
 
 pub(crate) use crate::error_chain;
-pub use applier::{Applier, POLL, SESSION};
+use crate::shard::Shard;
+pub use applier::{poll_statement, Applier, POLL, SESSION};
 pub use status::{Status, StatusReport};
 pub use tls::{split as split_tls_options, TlsOptions};
 
@@ -94,6 +95,8 @@ pub struct SyncConfig {
     /// the last one, packed grant lists no longer used) once that reaches this share of
     /// what the last one made, in percent (`store::Growth`); 0: never.
     pub compaction_pct: u32,
+    /// The subjects to mirror: `--shard`; the whole set by default.
+    pub shard: Shard,
 }
 
 impl SyncConfig {
@@ -107,6 +110,7 @@ impl SyncConfig {
             max_backoff: Duration::from_secs(5),
             notification_capacity: 4096,
             compaction_pct: 50,
+            shard: Shard::WHOLE,
         }
     }
 }
