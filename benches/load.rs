@@ -15,6 +15,10 @@
 //! over plain TCP (`sslmode=disable`) and over TLS (`sslmode=require`), for what TLS costs a
 //! load.
 //!
+//! `BENCH_SHARDS` (comma-separated, e.g. `0/1,0/4`) loads each size once per shard
+//! given, side by side: the whole set, and the quarter of it one daemon of `--shard 0/4`
+//! holds. The rate and bytes per tuple are then of the rows that shard loaded.
+//!
 //! `BENCH_PERMD` (comma-separated paths) runs other permd binaries instead of this build's,
 //! each on the same filled table: e.g. one built from an earlier commit and this one, to
 //! compare two versions side by side in one run.
@@ -78,6 +82,7 @@ fn main() {
     } else {
         vec![(url.clone(), "")]
     };
+    let shards: Vec<String> = env_list("BENCH_SHARDS", "0/1");
     let runtime = runtime();
     println!();
     println!("Names: {names}.");
@@ -116,10 +121,13 @@ fn main() {
             pool.close().await;
             started.elapsed()
         });
-        for (permd, (serve_url, connection)) in binaries
-            .iter()
-            .flat_map(|permd| connections.iter().map(move |c| (permd, c)))
-        {
+        let mut runs = Vec::new();
+        for permd in &binaries {
+            for connection in &connections {
+                runs.extend(shards.iter().map(|shard| (permd, connection, shard)));
+            }
+        }
+        for (permd, (serve_url, connection), shard) in runs {
             let started = Instant::now();
             let mut child = Command::new(permd)
                 .args([
@@ -128,6 +136,8 @@ fn main() {
                     serve_url,
                     "--listen",
                     "127.0.0.1:0",
+                    "--shard",
+                    shard,
                 ])
                 .env("PERMD_LOG", "info")
                 .env("NO_COLOR", "1")
@@ -152,12 +162,17 @@ fn main() {
             let ready = started.elapsed();
             let cpu = cpu_seconds(pid);
             // The loader's own time: snapshot, COPY and build, without process start-up.
-            let load_ms: f64 = first
-                .split("took_ms=")
-                .nth(1)
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap();
+            let field = |name: &str| -> f64 {
+                first
+                    .split(&format!(" {name}="))
+                    .nth(1)
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap()
+            };
+            let load_ms = field("took_ms");
+            // The rows this daemon holds: all of them, or its shard's.
+            let rows = field("rows");
             std::thread::sleep(Duration::from_millis(500));
             let rss = kib(pid, "status", "VmRSS:") * 1024;
             // Of which in transparent huge pages (the packed grant lists, where the kernel
@@ -181,10 +196,10 @@ fn main() {
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
-            size as f64 / (load_ms / 1e3) / 1e6,
+            rows / (load_ms / 1e3) / 1e6,
             rss as f64 / 1048576.0,
             huge as f64 / 1048576.0,
-            rss as f64 / size as f64,
+            rss as f64 / rows,
             peak as f64 / 1048576.0,
         );
             if binaries.len() > 1 {
@@ -192,6 +207,9 @@ fn main() {
             }
             if !connection.is_empty() {
                 println!("|  | ({connection}) |");
+            }
+            if shards.len() > 1 {
+                println!("|  | (shard {shard}: {rows} rows) |");
             }
         }
     }
