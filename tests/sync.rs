@@ -1403,9 +1403,9 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
 }
 
 /// The database's digest of each subject of `shard`, hashed here as the daemon hashes
-/// them (Postgres picks the rows of a shard out for the load and the poll with its own
-/// MD5: where the two disagreed, a daemon would hold subjects of another shard or miss
-/// its own).
+/// them (Postgres picks a shard's changed keys out of the changelog with its own MD5:
+/// where the two disagreed, a daemon would hold subjects of another shard or miss its
+/// own).
 async fn shard_digests(db: &TestDb, shard: Shard) -> BTreeMap<String, String> {
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT subject, digest FROM permd.subject_digests()")

@@ -25,25 +25,6 @@ const TUPLES: &str = "COPY permd.tuples (subject, object, permission, expires_at
 const LIMITS: &str =
     "COPY (SELECT subject, name, value FROM permd.limits) TO STDOUT (FORMAT binary)";
 
-/// The COPYs of `shard`'s rows: the whole tables, or the rows of its subjects, which
-/// Postgres picks out (a hash a row: about 0.3 us of its CPU, against a quarter of the
-/// rows sent for one shard of four).
-fn copies(shard: Shard) -> (String, String) {
-    match shard.sql_condition("subject") {
-        None => (TUPLES.to_owned(), LIMITS.to_owned()),
-        Some(owned) => (
-            format!(
-                "COPY (SELECT subject, object, permission, expires_at FROM permd.tuples \
-                 WHERE {owned}) TO STDOUT (FORMAT binary)"
-            ),
-            format!(
-                "COPY (SELECT subject, name, value FROM permd.limits WHERE {owned}) \
-                 TO STDOUT (FORMAT binary)"
-            ),
-        ),
-    }
-}
-
 /// A progress line every this many rows.
 const PROGRESS_EVERY: u64 = 1_000_000;
 
@@ -105,16 +86,15 @@ pub(crate) async fn load(
     let (limits, limit_blocks) = mpsc::channel(8);
     let builder = tokio::task::spawn_blocking({
         let progress = Arc::clone(&progress);
-        move || build(tuple_blocks, limit_blocks, estimate, &progress)
+        move || build(tuple_blocks, limit_blocks, shard, estimate, &progress)
     });
     // A failed COPY explains more than the builder's truncated stream: return it first.
     // The builder then ends on its own, when the tap has dropped the senders.
-    let (copy_tuples, copy_limits) = copies(shard);
-    let copied = async {
-        copy(&tx, tap, &copy_tuples, tuples).await?;
-        copy(&tx, tap, &copy_limits, limits).await
+    let copies = async {
+        copy(&tx, tap, TUPLES, tuples).await?;
+        copy(&tx, tap, LIMITS, limits).await
     };
-    watched(copied, &progress, stall).await?;
+    watched(copies, &progress, stall).await?;
     let (state, rows) = builder.await.map_err(|e| Error::Builder(e.to_string()))??;
     watched(tx.commit(), &progress, stall).await?;
     tracing::info!(
@@ -193,22 +173,33 @@ async fn copy(
 }
 
 /// Runs on a blocking thread: parses the COPY blocks, tuples then limits, and fills a
-/// `StateBuilder`, counting each block in `progress`.
+/// `StateBuilder` with the rows of `shard`'s subjects, counting each block in `progress`.
+///
+/// A shard's rows are picked out here, not by Postgres: its `md5()` took 0.4 us a row of
+/// its CPU, which made the load of one shard of four (2.5M of 10M rows) take 1.8x as long
+/// as the load of them all, where here a subject is hashed once per run of its rows
+/// (benches/README.md, "load"). The whole tables cross the network to every shard.
 fn build(
     mut tuple_blocks: mpsc::Receiver<Vec<u8>>,
     mut limit_blocks: mpsc::Receiver<Vec<u8>>,
+    shard: Shard,
     estimate: usize,
     progress: &AtomicU64,
 ) -> Result<(State, u64), Error> {
     let mut builder = StateBuilder::new();
+    let mut owned = shard.runs();
     let mut parser = CopyParser::new();
     let mut rows = 0u64;
     let mut next_progress = PROGRESS_EVERY;
     while let Some(block) = tuple_blocks.blocking_recv() {
         progress.fetch_add(1, Ordering::Relaxed);
         parser.feed(&block, |f| {
+            let subject = text(f[0], "subject")?;
+            if !owned.owns(subject) {
+                return Ok(());
+            }
             builder.tuple(
-                text(f[0], "subject")?,
+                subject,
                 text(f[1], "object")?,
                 text(f[2], "permission")?,
                 timestamptz(f[3], "expires_at")?,
@@ -234,7 +225,10 @@ fn build(
         parser.feed(&block, |f| {
             let value =
                 int8(f[2], "value")?.ok_or_else(|| Error::Copy("limit value is NULL".into()))?;
-            builder.limit(text(f[0], "subject")?, text(f[1], "name")?, value);
+            let subject = text(f[0], "subject")?;
+            if owned.owns(subject) {
+                builder.limit(subject, text(f[1], "name")?, value);
+            }
             rows += 1;
             Ok(())
         })?;
