@@ -61,6 +61,80 @@ pub enum Command {
     /// Prove a running daemon equals the database (digests), or print which subjects and
     /// rows differ. Exits 0 when equal, 1 when not.
     Verify(VerifyArgs),
+    /// Serve one address in front of the daemons of a sharded set (`serve --shard i/n`):
+    /// each request goes to the daemon of its subject's shard, a batch split by shard.
+    Route(RouteArgs),
+}
+
+/// `permd route`
+#[derive(Debug, Args)]
+pub struct RouteArgs {
+    /// The daemons' URLs, http://HOST:PORT, comma-separated in shard order: the first
+    /// serves `--shard 0/N`, the second `1/N`, and so on (N = how many are given).
+    #[arg(long, env = "PERMD_SHARDS", value_delimiter = ',', required = true)]
+    pub shards: Vec<String>,
+    /// Address to serve HTTP on: an IP address and a port (`localhost:PORT` is
+    /// 127.0.0.1). Anything but loopback requires a token.
+    #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_address)]
+    pub listen: SocketAddr,
+    /// Bearer token required from clients on every route but /livez and /readyz, and
+    /// presented to the daemons: give them the same one.
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// Longest wait for a daemon's answer (milliseconds); then 504.
+    #[arg(long, env = "PERMD_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
+    /// Largest request body (bytes).
+    #[arg(long, env = "PERMD_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// Most open client connections; further clients wait to be accepted.
+    #[arg(long, env = "PERMD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// A client must send a request's headers within this time or is disconnected
+    /// (milliseconds).
+    #[arg(long, env = "PERMD_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, wait at most this long for in-flight requests (milliseconds).
+    #[arg(long, env = "PERMD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl RouteArgs {
+    /// The router's settings: where to listen, how to route, its connection limits and
+    /// its shutdown bound.
+    pub fn settings(
+        &self,
+    ) -> anyhow::Result<(
+        SocketAddr,
+        crate::route::RouteConfig,
+        ServerLimits,
+        Duration,
+    )> {
+        let token = self.token.read()?.and_then(Token::new);
+        if token.is_none() && !self.listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \
+                 or listen on a loopback address",
+                self.listen
+            );
+        }
+        let config = crate::route::RouteConfig {
+            shards: self.shards.clone(),
+            token,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            body_limit: self.body_limit,
+        };
+        let limits = ServerLimits {
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+        };
+        Ok((
+            self.listen,
+            config,
+            limits,
+            Duration::from_millis(self.shutdown_timeout_ms),
+        ))
+    }
 }
 
 /// `permd verify`

@@ -15,12 +15,14 @@
 //! - [`demo`]: `permd demo`.
 //! - [`verify`]: `permd verify`.
 //! - [`shard`]: which subjects a daemon of `--shard INDEX/COUNT` mirrors.
+//! - [`route`]: `permd route`, one address in front of a sharded set's daemons.
 
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod embedded;
 pub mod http;
+pub mod route;
 pub mod shard;
 pub mod store;
 pub mod sync;

@@ -109,6 +109,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Route(args) => {
+            let (listen, config, limits, shutdown_timeout) = args.settings()?;
+            permd::cancel_on_signals(shutdown.clone());
+            permd::route::run(listen, config, limits, shutdown_timeout, shutdown).await
+        }
         Command::Demo(args) => {
             permd::cancel_on_signals(shutdown.clone());
             permd::demo::run(args, shutdown).await

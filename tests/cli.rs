@@ -961,6 +961,63 @@ async fn verify_proves_a_shard() {
     assert!(!stdout.contains(&theirs), "{stdout}");
 }
 
+/// `permd route` in front of two `permd serve --shard i/2`: README's sharded set, as
+/// processes. It refuses what it cannot route to, and stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_serves_a_sharded_set() {
+    let refused = |args: &[&str]| {
+        let output = output_within_deadline({
+            let mut route = permd();
+            route.arg("route").args(args);
+            route
+        });
+        assert!(!output.status.success(), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = refused(&["--shards", "https://127.0.0.1:1"]);
+    assert!(stderr.contains("give http://HOST:PORT"), "{stderr}");
+    let stderr = refused(&["--shards", "http://127.0.0.1:1", "--listen", "0.0.0.0:0"]);
+    assert!(stderr.contains("without a token"), "{stderr}");
+
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
+         FROM generate_series(1, 20) i",
+    )
+    .await;
+    let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
+    let (_second, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
+    let mut route = permd();
+    route
+        .args(["route", "--listen", "127.0.0.1:0", "--shards"])
+        .arg(format!(
+            "http://127.0.0.1:{first},http://127.0.0.1:{second}"
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut running = Running(route.spawn().expect("start permd route"));
+    let port = listening(&mut running);
+    wait_until("the router's readyz 200", || {
+        std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
+    })
+    .await;
+    for i in 1..=20 {
+        let (status, body) = http_get(
+            port,
+            &format!("/v1/check?subject=user:{i}&permission=read&object=doc:1"),
+        )
+        .expect("an answer");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"allowed\":true"), "{body}");
+    }
+    let (status, log) = {
+        let (status, _, log) = sigterm_and_wait(&mut running).await;
+        (status, log)
+    };
+    assert!(status.success(), "{log}");
+    assert!(log.contains("routing"), "{log}");
+}
+
 /// `permd demo`, the README's first command: a throwaway Postgres seeded with the demo
 /// enterprise, a daemon answering the checks the demo prints, and on SIGTERM everything it
 /// started stopped and its directory removed. With its stdout and stderr gone (`permd demo |

@@ -24,6 +24,7 @@ use axum::Router;
 pub use error::ApiError;
 pub use fast::Api;
 pub(crate) use metrics::Metrics;
+pub(crate) use server::next_client;
 pub use server::{serve, ServerLimits};
 pub use tls::ServerCerts;
 
@@ -42,8 +43,13 @@ impl Token {
         (!token.trim().is_empty()).then(|| Self(token.trim().to_owned()))
     }
 
+    /// The token itself, to present as `Authorization: Bearer …`.
+    pub(crate) fn secret(&self) -> &str {
+        &self.0
+    }
+
     /// Compares in time independent of where the two differ.
-    fn matches(&self, candidate: &[u8]) -> bool {
+    pub(crate) fn matches(&self, candidate: &[u8]) -> bool {
         let expected = self.0.as_bytes();
         let mut diff = expected.len() ^ candidate.len();
         for (i, byte) in expected.iter().enumerate() {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,28 +48,7 @@ pub async fn serve(
     let stop = Arc::new(Stop::default());
     // Bounds memory under a flood of connections: one permit per open connection.
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(error) => {
-                    // Out of file descriptors and the like: wait a moment instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
-        // Checks are small request/response pairs: never wait to coalesce them.
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, permit)) = next_client(&listener, &slots, &shutdown).await {
         connections.spawn({
             let api = api.clone();
             let stop = Arc::clone(&stop);
@@ -100,6 +79,36 @@ pub async fn serve(
     stop.trigger();
     connections.close();
     connections.wait().await;
+}
+
+/// The next client, once one of the connection `slots` is free (the permit holds it while
+/// the connection lasts); `None` once `shutdown` is cancelled.
+pub(crate) async fn next_client(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+    let permit = tokio::select! {
+        permit = Arc::clone(slots).acquire_owned() => permit.ok()?,
+        () = shutdown.cancelled() => return None,
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    // Small request/response pairs: never wait to coalesce them.
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, permit));
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: wait a moment instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.cancelled() => return None,
+        }
+    }
 }
 
 /// The server's stop, as its connections watch it: a flag and a wake-up for the idle ones.

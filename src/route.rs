@@ -1,0 +1,692 @@
+//! `permd route`: one address in front of the daemons of a sharded set (`--shard i/n`),
+//! sending each request to the daemon of its subject's shard.
+//!
+//! Every request but a batch is about one subject and goes to its shard's daemon as it
+//! came, whose answer comes back as it went (status and body), so the API and its errors
+//! are the daemons', decided there. A batch is split by shard, the parts sent at once, and
+//! their results put back in the batch's order. A request whose subject cannot be read
+//! (missing, malformed) goes to shard 0, which answers the error a daemon answers.
+//!
+//! The router holds nothing and asks no database: it hashes, forwards and merges.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::{ServerLimits, Token};
+use crate::shard::Shard;
+
+/// How the router runs.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The daemons' base URLs (`http://host:port`), the one of shard `i` at `i`.
+    pub shards: Vec<String>,
+    /// Required from clients on every route but `/livez` and `/readyz`, and presented to
+    /// the daemons (give them the same token).
+    pub token: Option<Token>,
+    /// Longest wait for a daemon's answer.
+    pub request_timeout: Duration,
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+}
+
+/// One daemon: its shard and where it listens.
+struct Daemon {
+    shard: Shard,
+    /// `http://host:port`, without a trailing slash.
+    base: String,
+    forwarded: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// The router: a cheap-clone handle.
+#[derive(Clone)]
+pub struct Router(Arc<Inner>);
+
+struct Inner {
+    daemons: Vec<Daemon>,
+    client: Client<HttpConnector, Body>,
+    config: RouteConfig,
+}
+
+/// Why a daemon gave no answer.
+enum Failure {
+    Unreachable(String),
+    Timeout,
+}
+
+type Answer = Response<Body>;
+
+impl Router {
+    /// A router over `config.shards`, which must be `http://` URLs (one to 65,536).
+    pub fn new(config: RouteConfig) -> anyhow::Result<Self> {
+        let count = u32::try_from(config.shards.len())
+            .ok()
+            .filter(|n| (1..=crate::shard::MAX_SHARDS).contains(n))
+            .with_context(|| {
+                format!(
+                    "give the daemons' URLs, one a shard in shard order (1 to {})",
+                    crate::shard::MAX_SHARDS
+                )
+            })?;
+        let mut daemons = Vec::with_capacity(config.shards.len());
+        for (index, url) in (0..count).zip(&config.shards) {
+            let base = url.trim().trim_end_matches('/');
+            let uri: Uri = base
+                .parse()
+                .with_context(|| format!("the URL of shard {index}/{count}, {url:?}"))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() || uri.path() != "/" {
+                bail!(
+                    "the URL of shard {index}/{count}, {url:?}: give http://HOST:PORT (the \
+                     router speaks plain HTTP to the daemons)"
+                );
+            }
+            daemons.push(Daemon {
+                shard: Shard::new(index, count).context("a shard")?,
+                base: base.to_owned(),
+                forwarded: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+            });
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self(Arc::new(Inner {
+            daemons,
+            client,
+            config,
+        })))
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: Request<Body>) -> Answer {
+        let path = request.uri().path().to_owned();
+        match (request.method(), path.as_str()) {
+            (&Method::GET, "/livez") => return json_answer(StatusCode::OK, &json!({"live": true})),
+            (&Method::GET, "/readyz") => {
+                let (ready, shards) = self.survey().await;
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                return json_answer(status, &json!({ "ready": ready, "shards": shards }));
+            }
+            _ => {}
+        }
+        if let Some(token) = &self.0.config.token {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .unwrap_or_default();
+            if !token.matches(presented) {
+                let mut answer =
+                    json_answer(StatusCode::UNAUTHORIZED, &json!({"error": "unauthorized"}));
+                answer
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return answer;
+            }
+        }
+        match (request.method(), path.as_str()) {
+            (&Method::GET, "/metrics") => self.metrics(),
+            (&Method::GET, "/v1/status") => {
+                let (ready, shards) = self.survey().await;
+                json_answer(
+                    StatusCode::OK,
+                    &json!({ "router": true, "ready": ready, "shards": shards }),
+                )
+            }
+            (_, "/v1/digest") => json_answer(
+                StatusCode::BAD_REQUEST,
+                &json!({
+                    "error": "the digest is a shard's: ask each daemon, or run `permd verify \
+                              --permd URL` against each",
+                }),
+            ),
+            (&Method::POST, "/v1/check") => self.batch(request).await,
+            _ => {
+                let shard = subject_of(request.uri()).map_or(0, |subject| self.owner(&subject));
+                self.pass(shard, request).await
+            }
+        }
+    }
+
+    /// The index of the daemon whose shard holds `subject`.
+    fn owner(&self, subject: &str) -> usize {
+        let count = self.0.daemons.len() as u32;
+        Shard::of(subject, count) as usize
+    }
+
+    /// Sends `request` to daemon `shard` as it came; its answer as it went.
+    async fn pass(&self, shard: usize, request: Request<Body>) -> Answer {
+        let (parts, body) = request.into_parts();
+        let body = match axum::body::to_bytes(body, self.0.config.body_limit).await {
+            Ok(body) => body,
+            Err(_) => return too_large(self.0.config.body_limit),
+        };
+        let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        match self
+            .send(shard, parts.method, &target, content_type, body)
+            .await
+        {
+            Ok(answer) => answer.map(Body::new),
+            Err(failure) => self.failed(shard, &failure),
+        }
+    }
+
+    /// Sends one request to daemon `shard`, with the router's token.
+    async fn send(
+        &self,
+        shard: usize,
+        method: Method,
+        target: &str,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, Failure> {
+        let daemon = &self.0.daemons[shard];
+        daemon.forwarded.fetch_add(1, Ordering::Relaxed);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{target}", daemon.base));
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        if let Some(token) = &self.0.config.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.secret()));
+        }
+        let request = request
+            .body(Body::from(body))
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let sent = tokio::time::timeout(
+            self.0.config.request_timeout,
+            self.0.client.request(request),
+        );
+        match sent.await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(error)) => Err(Failure::Unreachable(crate::error_chain(&error))),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// The answer for a daemon that gave none: 502, or 504 after the timeout.
+    fn failed(&self, shard: usize, failure: &Failure) -> Answer {
+        let daemon = &self.0.daemons[shard];
+        daemon.failed.fetch_add(1, Ordering::Relaxed);
+        let (status, error, message) = match failure {
+            Failure::Unreachable(error) => (
+                StatusCode::BAD_GATEWAY,
+                "shard unavailable",
+                format!(
+                    "the daemon of shard {} at {} did not answer: {error}",
+                    daemon.shard, daemon.base
+                ),
+            ),
+            Failure::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the daemon of shard {} at {} did not answer within {:?}",
+                    daemon.shard, daemon.base, self.0.config.request_timeout
+                ),
+            ),
+        };
+        tracing::warn!(shard = %daemon.shard, url = %daemon.base, "{message}");
+        json_answer(status, &json!({ "error": error, "message": message }))
+    }
+
+    /// `POST /v1/check`: split by shard, sent at once, results put back in order.
+    async fn batch(&self, request: Request<Body>) -> Answer {
+        let (parts, body) = request.into_parts();
+        let body = match axum::body::to_bytes(body, self.0.config.body_limit).await {
+            Ok(body) => body,
+            Err(_) => return too_large(self.0.config.body_limit),
+        };
+        let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+        // Anything but a readable batch of two shards or more goes whole to one daemon,
+        // which answers it, or answers the error.
+        let split = self.split(&body);
+        let Some(parts) =
+            split.filter(|parts| parts.iter().filter(|p| !p.1.is_empty()).count() > 1)
+        else {
+            let shard = self.single_shard(&body);
+            return match self
+                .send(shard, Method::POST, "/v1/check", content_type, body)
+                .await
+            {
+                Ok(answer) => answer.map(Body::new),
+                Err(failure) => self.failed(shard, &failure),
+            };
+        };
+        let total: usize = parts.iter().map(|p| p.1.len()).sum();
+        let sends = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, (body, _))| !body.is_empty())
+            .map(|(shard, (body, _))| {
+                let body = Bytes::from(body.clone());
+                let content_type = content_type.clone();
+                async move {
+                    let answer = self
+                        .send(shard, Method::POST, "/v1/check", content_type, body)
+                        .await;
+                    let answer = match answer {
+                        Ok(answer) => answer,
+                        Err(failure) => return (shard, Err(self.failed(shard, &failure))),
+                    };
+                    let (head, body) = answer.into_parts();
+                    let bytes = axum::body::to_bytes(Body::new(body), usize::MAX).await;
+                    match bytes {
+                        Ok(bytes) => (shard, Ok((head.status, bytes))),
+                        Err(error) => {
+                            let failure = Failure::Unreachable(error.to_string());
+                            (shard, Err(self.failed(shard, &failure)))
+                        }
+                    }
+                }
+            });
+        let answers = futures_util::future::join_all(sends).await;
+        let mut results = vec![false; total];
+        let mut revision: Option<u64> = None;
+        for (shard, answer) in answers {
+            let (status, bytes) = match answer {
+                Ok(answer) => answer,
+                Err(failed) => return failed,
+            };
+            if status != StatusCode::OK {
+                // The daemon's own error (stale, overloaded, ...), as it answered it.
+                let mut answer = Response::new(Body::from(bytes));
+                *answer.status_mut() = status;
+                answer.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                return answer;
+            }
+            let Ok(part) = serde_json::from_slice::<PartAnswer>(&bytes) else {
+                let failure = Failure::Unreachable("an answer that is not a batch's".into());
+                return self.failed(shard, &failure);
+            };
+            let places = &parts[shard].1;
+            if part.results.len() != places.len() {
+                let failure = Failure::Unreachable(format!(
+                    "{} results for {} checks",
+                    part.results.len(),
+                    places.len()
+                ));
+                return self.failed(shard, &failure);
+            }
+            for (&place, allowed) in places.iter().zip(part.results) {
+                results[place] = allowed;
+            }
+            // Every daemon follows the same database: the lowest watermark is one that
+            // every part was answered at or past.
+            let part_revision = part.revision.parse().unwrap_or(0);
+            revision = Some(revision.map_or(part_revision, |r| r.min(part_revision)));
+        }
+        json_answer(
+            StatusCode::OK,
+            &json!({ "results": results, "revision": revision.unwrap_or(0).to_string() }),
+        )
+    }
+
+    /// A batch's parts by shard: each daemon's request body and where its checks' results
+    /// go, or `None` when the batch cannot be read (a daemon will say why).
+    fn split(&self, body: &[u8]) -> Option<Vec<(String, Vec<usize>)>> {
+        let batch: BatchRequest = serde_json::from_slice(body).ok()?;
+        let mut parts = vec![(String::new(), Vec::new()); self.0.daemons.len()];
+        for (place, check) in batch.checks.iter().enumerate() {
+            let subject: CheckSubject = serde_json::from_str(check.get()).ok()?;
+            let (body, places) = &mut parts[self.owner(&subject.subject)];
+            body.push_str(if places.is_empty() {
+                "{\"checks\":["
+            } else {
+                ","
+            });
+            body.push_str(check.get());
+            places.push(place);
+        }
+        for (body, places) in &mut parts {
+            if !places.is_empty() {
+                body.push(']');
+                if let Some(at_least) = batch.at_least {
+                    body.push_str(",\"at_least\":");
+                    body.push_str(at_least.get());
+                }
+                body.push('}');
+            }
+        }
+        Some(parts)
+    }
+
+    /// The daemon that answers a batch whole: its checks' one shard, else shard 0.
+    fn single_shard(&self, body: &[u8]) -> usize {
+        self.split(body)
+            .and_then(|parts| parts.iter().position(|p| !p.1.is_empty()))
+            .unwrap_or(0)
+    }
+
+    /// Every daemon's `/v1/status`, asked at once: whether all are ready and mirror the
+    /// shard the router sends them, and what each said.
+    async fn survey(&self) -> (bool, Vec<Value>) {
+        let asks = (0..self.0.daemons.len()).map(|shard| async move {
+            let daemon = &self.0.daemons[shard];
+            let mut report = json!({ "shard": daemon.shard.to_string(), "url": daemon.base });
+            let status = match self
+                .send(shard, Method::GET, "/v1/status", None, Bytes::new())
+                .await
+            {
+                Err(Failure::Unreachable(error)) => Err(format!("unreachable: {error}")),
+                Err(Failure::Timeout) => Err("no answer within the request timeout".to_owned()),
+                Ok(answer) if answer.status() != StatusCode::OK => {
+                    Err(format!("/v1/status answered {}", answer.status()))
+                }
+                Ok(answer) => {
+                    let bytes = axum::body::to_bytes(Body::new(answer.into_body()), usize::MAX)
+                        .await
+                        .unwrap_or_default();
+                    serde_json::from_slice::<Value>(&bytes)
+                        .map_err(|_| "/v1/status answered something else than JSON".to_owned())
+                }
+            };
+            let ready = match status {
+                Err(error) => {
+                    report["error"] = Value::String(error);
+                    false
+                }
+                Ok(status) => {
+                    let mirrors = status["shard"].as_str().unwrap_or("0/1").to_owned();
+                    let ready = status["ready"].as_bool() == Some(true);
+                    report["status"] = status;
+                    if mirrors != daemon.shard.to_string() {
+                        report["error"] = Value::String(format!(
+                            "the daemon at {} mirrors shard {mirrors}, where the router sends \
+                             shard {}'s subjects (its place in --shards)",
+                            daemon.base, daemon.shard
+                        ));
+                        false
+                    } else {
+                        ready
+                    }
+                }
+            };
+            report["ready"] = Value::Bool(ready);
+            report
+        });
+        let reports = futures_util::future::join_all(asks).await;
+        let ready = reports.iter().all(|r| r["ready"] == Value::Bool(true));
+        (ready, reports)
+    }
+
+    /// `GET /metrics`: what the router forwarded, and failed to, by shard.
+    fn metrics(&self) -> Answer {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: &dyn Fn(&Daemon) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for daemon in &self.0.daemons {
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{}\"}} {}",
+                    daemon.shard,
+                    value(daemon)
+                );
+            }
+        };
+        counter(
+            "permd_route_forwarded_total",
+            "Requests the router sent to each shard's daemon (a batch's parts each).",
+            &|d| d.forwarded.load(Ordering::Relaxed),
+        );
+        counter(
+            "permd_route_failed_total",
+            "Requests to each shard's daemon that got no answer (answered 502 or 504).",
+            &|d| d.failed.load(Ordering::Relaxed),
+        );
+        let mut answer = Response::new(Body::from(out));
+        answer.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        answer
+    }
+}
+
+#[derive(Deserialize)]
+struct BatchRequest<'a> {
+    #[serde(borrow)]
+    checks: Vec<&'a RawValue>,
+    #[serde(borrow)]
+    at_least: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct CheckSubject<'a> {
+    #[serde(borrow)]
+    subject: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct PartAnswer {
+    results: Vec<bool>,
+    revision: String,
+}
+
+/// The subject a request is about: the `subject` of the query, or the segment after
+/// `/v1/subjects/`.
+fn subject_of(uri: &Uri) -> Option<String> {
+    if let Some(rest) = uri.path().strip_prefix("/v1/subjects/") {
+        let segment = rest.split('/').next()?;
+        let decoded = percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .ok()?;
+        return Some(decoded.into_owned());
+    }
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(key, _)| key == "subject")
+        .map(|(_, value)| value.into_owned())
+}
+
+fn json_answer(status: StatusCode, body: &Value) -> Answer {
+    let mut answer = Response::new(Body::from(body.to_string()));
+    *answer.status_mut() = status;
+    answer.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    answer
+}
+
+fn too_large(limit: usize) -> Answer {
+    json_answer(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &json!({ "error": format!("the request body is over {limit} bytes") }),
+    )
+}
+
+/// Serves the router on `listener` until `shutdown`, then lets in-flight requests finish
+/// (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    while let Some((stream, permit)) = crate::http::next_client(&listener, &slots, &shutdown).await
+    {
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let router = router.clone();
+                async move { Ok::<_, Infallible>(router.handle(request.map(Body::new)).await) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// `permd route`: binds `listen`, serves until `shutdown`, then waits at most
+/// `shutdown_timeout` for in-flight requests.
+pub async fn run(
+    listen: SocketAddr,
+    config: RouteConfig,
+    limits: ServerLimits,
+    shutdown_timeout: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let router = Router::new(config)?;
+    let listener = crate::bind(listen)?;
+    let shards: Vec<String> = router.0.daemons.iter().map(|d| d.base.clone()).collect();
+    tracing::info!(
+        addr = %listener.local_addr().context("read the bound address")?,
+        shards = ?shards,
+        version = env!("CARGO_PKG_VERSION"),
+        "routing"
+    );
+    let served = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+    shutdown.cancelled().await;
+    if tokio::time::timeout(shutdown_timeout, served)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?shutdown_timeout,
+            "requests still in flight at the shutdown timeout"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(shards: usize) -> Router {
+        Router::new(RouteConfig {
+            shards: (0..shards)
+                .map(|i| format!("http://127.0.0.1:{}", 7700 + i))
+                .collect(),
+            token: None,
+            request_timeout: Duration::from_secs(1),
+            body_limit: 1 << 20,
+        })
+        .expect("a router")
+    }
+
+    #[test]
+    fn the_subject_is_read_from_the_query_or_the_path() {
+        let subject = |uri: &str| subject_of(&uri.parse().expect("a URI"));
+        assert_eq!(
+            subject("/v1/check?permission=p&subject=user%3A%C3%BC&object=o").as_deref(),
+            Some("user:ü")
+        );
+        assert_eq!(
+            subject("/v1/subjects/user%3A7/permissions?object=o").as_deref(),
+            Some("user:7")
+        );
+        assert_eq!(subject("/v1/check?permission=p"), None);
+        assert_eq!(subject("/v1/subjects/%FF/limits"), None);
+    }
+
+    #[test]
+    fn a_batch_is_split_by_shard_in_order() {
+        let router = router(3);
+        let subjects: Vec<String> = (0..12).map(|i| format!("user:{i}")).collect();
+        let checks: Vec<Value> = subjects
+            .iter()
+            .map(|s| json!({"subject": s, "permission": "read"}))
+            .collect();
+        let body = json!({"checks": checks, "at_least": "42"}).to_string();
+        let parts = router.split(body.as_bytes()).expect("readable");
+        let mut seen: Vec<usize> = Vec::new();
+        for (shard, (body, places)) in parts.iter().enumerate() {
+            for &place in places {
+                assert_eq!(router.owner(&subjects[place]), shard);
+            }
+            seen.extend(places.iter().copied());
+            if !places.is_empty() {
+                let part: Value = serde_json::from_str(body).expect("a batch");
+                assert_eq!(
+                    part["checks"].as_array().expect("checks").len(),
+                    places.len()
+                );
+                assert_eq!(part["at_least"], "42");
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..12).collect::<Vec<_>>());
+        assert!(router
+            .split(b"{\"checks\":[{\"permission\":\"p\"}]}")
+            .is_none());
+        assert!(router.split(b"not json").is_none());
+    }
+
+    #[test]
+    fn only_plain_http_urls_are_taken() {
+        let error = |shards: &[&str]| {
+            let config = RouteConfig {
+                shards: shards.iter().map(|s| (*s).to_owned()).collect(),
+                token: None,
+                request_timeout: Duration::from_secs(1),
+                body_limit: 1,
+            };
+            Router::new(config)
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default()
+        };
+        assert!(error(&[]).contains("give the daemons' URLs"));
+        assert!(error(&["https://a:1"]).contains("give http://HOST:PORT"));
+        assert!(error(&["http://a:1", "http://b:2/v1"]).contains("shard 1/2"));
+        assert_eq!(error(&["http://a:1/", "http://b:2"]), "");
+    }
+}

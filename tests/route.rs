@@ -1,0 +1,299 @@
+//! `permd route` in front of three daemons of `--shard i/3`, each served over a socket,
+//! against a real Postgres: every request reaches its subject's daemon, a batch is split
+//! and put back in order, errors stay the daemons', and a daemon that is down, or serves
+//! another shard than its place in the list, shows.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{database, patient, TestDaemon, TestDb};
+use http_body_util::BodyExt as _;
+use permd::http::{HttpConfig, ServerLimits, Token};
+use permd::route::{RouteConfig, Router};
+use permd::shard::Shard;
+use permd::sync::SyncConfig;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "route-test-token";
+
+/// One shard's daemon, served over a socket as `permd serve` serves it.
+struct Served {
+    daemon: TestDaemon,
+    url: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    async fn start(db: &TestDb, shard: Shard) -> Self {
+        let mut sync = SyncConfig::new(&db.url);
+        sync.shard = shard;
+        let http = HttpConfig {
+            shard,
+            token: Token::new(TOKEN),
+            ..patient()
+        };
+        let daemon = TestDaemon::start_with(sync, http).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("an address"));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(permd::http::serve(
+            listener,
+            daemon.api.clone(),
+            ServerLimits::default(),
+            None,
+            stop.clone(),
+        ));
+        Self {
+            daemon,
+            url,
+            stop,
+            server,
+        }
+    }
+
+    /// Stops serving (the daemon's socket closes; its applier runs on).
+    async fn stop_serving(&mut self) {
+        self.stop.cancel();
+        (&mut self.server).await.expect("the server stops");
+    }
+}
+
+fn router(urls: &[&str]) -> Router {
+    Router::new(RouteConfig {
+        shards: urls.iter().map(|u| (*u).to_owned()).collect(),
+        token: Token::new(TOKEN),
+        request_timeout: Duration::from_secs(10),
+        body_limit: 1 << 20,
+    })
+    .expect("a router")
+}
+
+/// Sends one request through the router (with the token unless `anonymous`).
+async fn ask(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(uri);
+    request = request.header("authorization", format!("Bearer {TOKEN}"));
+    let request = match body {
+        Some(body) => request
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string())),
+        None => request.body(Body::empty()),
+    }
+    .expect("a request");
+    answer(router.handle(request).await).await
+}
+
+async fn answer(response: axum::http::Response<Body>) -> (StatusCode, Value) {
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("a body")
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+fn check(subject: &str, object: &str) -> Value {
+    json!({ "subject": subject, "permission": "read", "object": object })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_sends_each_request_to_its_shard() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:' || (i % 5), 'read', NULL
+         FROM generate_series(1, 60) i;
+         INSERT INTO permd.tuples VALUES ('*', 'doc:public', 'read', NULL);
+         INSERT INTO permd.limits SELECT 'user:' || i, 'projects', i FROM generate_series(1, 60) i;",
+    )
+    .await;
+    let mut served = Vec::new();
+    for index in 0..3 {
+        served.push(Served::start(&db, Shard::new(index, 3).expect("a shard")).await);
+    }
+    let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
+    let router = router(&urls);
+
+    let (status, ready) = ask(&router, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    let (status, report) = ask(&router, "GET", "/v1/status", None).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["shards"][2]["status"]["shard"], "2/3", "{report}");
+
+    // Every subject's check reaches the daemon that holds it (another would answer 421).
+    for i in 1..=60 {
+        for (object, allowed) in [(i % 5, true), ((i + 1) % 5, false)] {
+            let uri = format!("/v1/check?subject=user:{i}&permission=read&object=doc:{object}");
+            let (status, body) = ask(&router, "GET", &uri, None).await;
+            assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+            assert_eq!(body["allowed"], allowed, "{uri}: {body}");
+        }
+    }
+    let (status, body) = ask(&router, "GET", "/v1/subjects/user%3A7/limits", None).await;
+    assert_eq!(
+        (status, &body["limits"]),
+        (StatusCode::OK, &json!({"projects": 7}))
+    );
+
+    // A batch over every shard, after a write, with its token: split, each part waits
+    // for the write, and the results come back in the batch's order.
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:61', 'doc:1', 'read', NULL)")
+        .await;
+    let mut checks = Vec::new();
+    let mut expected = Vec::new();
+    for i in 1..=61 {
+        checks.push(check(&format!("user:{i}"), &format!("doc:{}", i % 5)));
+        expected.push(i != 61 || 61 % 5 == 1);
+        checks.push(check(&format!("user:{i}"), "doc:public"));
+        expected.push(true);
+        checks.push(check(&format!("user:{i}"), "doc:nothing"));
+        expected.push(false);
+    }
+    checks.push(check("*", "doc:public"));
+    expected.push(true);
+    let batch = json!({ "checks": checks, "at_least": token });
+    let (status, body) = ask(&router, "POST", "/v1/check", Some(&batch)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"], json!(expected));
+    let revision: u64 = body["revision"]
+        .as_str()
+        .expect("a revision")
+        .parse()
+        .expect("a number");
+    assert!(revision > token.parse::<u64>().expect("a token"), "{body}");
+
+    // Errors are the daemons' own: a request without its subject goes to shard 0.
+    let (status, body) = ask(&router, "GET", "/v1/check?permission=read", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("an error")
+            .contains("subject"),
+        "{body}"
+    );
+    let (status, body) = ask(&router, "POST", "/v1/check", Some(&json!({"checks": 3}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, _) = ask(&router, "GET", "/v1/digest", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let anonymous = Request::get("/v1/check?subject=user:1&permission=read")
+        .body(Body::empty())
+        .expect("a request");
+    let (status, _) = answer(router.handle(anonymous).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Over a socket, as `permd route` serves it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("an address");
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(permd::route::serve(
+        listener,
+        router.clone(),
+        ServerLimits::default(),
+        stop.clone(),
+    ));
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            format!(
+                "GET /v1/check?subject=user:3&permission=read&object=doc:3 HTTP/1.1\r\n\
+                 Host: router\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"allowed\":true"), "{text}");
+    stop.cancel();
+    serving.await.expect("the router stops");
+
+    // Daemons listed out of their shards' order: not ready, and says which.
+    let swapped = self::router(&[urls[1], urls[0], urls[2]]);
+    let (status, body) = ask(&swapped, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error = body["shards"][0]["error"].as_str().expect("an error");
+    assert!(error.contains("mirrors shard 1/3"), "{error}");
+
+    // A daemon that is down: its subjects answer 502, the others' go on.
+    let down = (1..).map(|i| format!("user:{i}"));
+    let (down, up): (Vec<String>, Vec<String>) = down
+        .take(60)
+        .partition(|s| Shard::new(2, 3).expect("a shard").owns(s));
+    served[2].stop_serving().await;
+    let (status, body) = ask(
+        &router,
+        "GET",
+        &format!("/v1/check?subject={}&permission=read", down[0]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"], "shard unavailable", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .expect("a message")
+            .contains("shard 2/3"),
+        "{body}"
+    );
+    let (status, body) = ask(
+        &router,
+        "GET",
+        &format!(
+            "/v1/check?subject={}&permission=read&object=doc:public",
+            up[0]
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["allowed"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    let batch = json!({ "checks": [check(&up[0], "doc:public"), check(&down[0], "doc:public")] });
+    let (status, _) = ask(&router, "POST", "/v1/check", Some(&batch)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (status, _) = ask(&router, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().expect("text");
+    assert!(
+        metrics.contains("permd_route_failed_total{shard=\"2/3\"} "),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("permd_route_failed_total{shard=\"2/3\"} 0"),
+        "{metrics}"
+    );
+
+    for mut daemon in served {
+        if !daemon.stop.is_cancelled() {
+            daemon.stop_serving().await;
+        }
+        daemon.daemon.stop().await;
+    }
+}
