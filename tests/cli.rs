@@ -284,6 +284,17 @@ fn serve_https(
     (running, port)
 }
 
+/// Checks that `permd verify` exited 1 saying that `subjects` subjects differ, and
+/// returns its report (stdout).
+fn differs(output: &std::process::Output, subjects: usize) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    let said = format!("differs from the database in {subjects} subject(s)");
+    assert!(stderr.contains(&said), "{stderr}");
+    stdout
+}
+
 /// `permd verify` of the daemon at `permd_url` against `database_url`.
 fn verify(database_url: &str, permd_url: &str) -> Command {
     let mut verify = permd();
@@ -868,14 +879,7 @@ async fn verify_proves_equality_and_names_what_differs() {
          COMMIT;",
     )
     .await;
-    let output = verify();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
-    assert!(
-        stderr.contains("differs from the database in 3 subject(s)"),
-        "{stderr}"
-    );
+    let stdout = differs(&verify(), 3);
     for needle in [
         "subject \"ghost\"",
         "missing in permd: tuple (\"doc:9\", \"read\", None)",
@@ -949,14 +953,7 @@ async fn verify_proves_a_shard() {
          COMMIT;"
     ))
     .await;
-    let output = verify();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
-    assert!(
-        stderr.contains("differs from the database in 1 subject(s)"),
-        "{stderr}"
-    );
+    let stdout = differs(&verify(), 1);
     assert!(stdout.contains(&format!("subject {mine:?}")), "{stdout}");
     assert!(!stdout.contains(&theirs), "{stdout}");
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{database, patient, TestDaemon, TestDb};
-use http_body_util::BodyExt as _;
 use permd::http::{HttpConfig, ServerLimits, Token};
 use permd::route::{RouteConfig, Router};
 use permd::shard::Shard;
@@ -96,16 +95,8 @@ async fn ask(
 }
 
 async fn answer(response: axum::http::Response<Body>) -> (StatusCode, Value) {
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("a body")
-        .to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    (status, value)
+    let (status, _, bytes) = common::parts(response).await;
+    (status, common::json_or_text(&bytes))
 }
 
 fn check(subject: &str, object: &str) -> Value {

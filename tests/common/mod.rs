@@ -440,7 +440,11 @@ where
     S: tower::Service<Request<Body>, Response = Response, Error = std::convert::Infallible>,
 {
     use tower::ServiceExt as _;
-    let response = service.oneshot(request).await.expect("infallible service");
+    parts(service.oneshot(request).await.expect("infallible service")).await
+}
+
+/// The status, the content type and the body bytes of `response`.
+pub async fn parts(response: Response) -> (StatusCode, Option<String>, Vec<u8>) {
     let content_type = response
         .headers()
         .get("content-type")
@@ -459,9 +463,13 @@ where
 /// JSON answer.
 pub async fn send(api: &Api, request: Request<Body>) -> (StatusCode, Value) {
     let (status, _, bytes) = call(api.clone(), request).await;
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    (status, value)
+    (status, json_or_text(&bytes))
+}
+
+/// A body as JSON, or, when it is not JSON, its text as a JSON string.
+pub fn json_or_text(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 /// Waits until the async `condition` holds, failing after `DEADLINE`.
