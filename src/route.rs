@@ -193,10 +193,20 @@ impl Router {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        match self
-            .send(shard, parts.method, &target, content_type, body)
+        self.relay(shard, parts.method, &target, content_type, body)
             .await
-        {
+    }
+
+    /// Sends one request to daemon `shard`; its answer as it went, or why there is none.
+    async fn relay(
+        &self,
+        shard: usize,
+        method: Method,
+        target: &str,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    ) -> Answer {
+        match self.send(shard, method, target, content_type, body).await {
             Ok(answer) => answer.map(Body::new),
             Err(failure) => self.failed(shard, &failure),
         }
@@ -270,32 +280,31 @@ impl Router {
             Err(_) => return too_large(self.0.config.body_limit),
         };
         let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
-        // Anything but a readable batch of two shards or more goes whole to one daemon,
-        // which answers it, or answers the error.
-        let split = self.split(&body);
-        let Some(parts) =
-            split.filter(|parts| parts.iter().filter(|p| !p.1.is_empty()).count() > 1)
-        else {
-            let shard = self.single_shard(&body);
-            return match self
-                .send(shard, Method::POST, "/v1/check", content_type, body)
-                .await
-            {
-                Ok(answer) => answer.map(Body::new),
-                Err(failure) => self.failed(shard, &failure),
-            };
+        let (bodies, places): (Vec<String>, Vec<Vec<usize>>) = match self.split(&body) {
+            Some(parts) if parts.iter().filter(|p| !p.1.is_empty()).count() > 1 => {
+                parts.into_iter().unzip()
+            }
+            // One shard's checks, or a batch that cannot be read, goes whole to one daemon
+            // (shard 0 for the latter), which answers it or the error.
+            parts => {
+                let shard = parts
+                    .and_then(|parts| parts.iter().position(|p| !p.1.is_empty()))
+                    .unwrap_or(0);
+                return self
+                    .relay(shard, Method::POST, "/v1/check", content_type, body)
+                    .await;
+            }
         };
-        let total: usize = parts.iter().map(|p| p.1.len()).sum();
-        let sends = parts
-            .iter()
+        let total: usize = places.iter().map(Vec::len).sum();
+        let sends = bodies
+            .into_iter()
             .enumerate()
-            .filter(|(_, (body, _))| !body.is_empty())
-            .map(|(shard, (body, _))| {
-                let body = Bytes::from(body.clone());
+            .filter(|(_, body)| !body.is_empty())
+            .map(|(shard, body)| {
                 let content_type = content_type.clone();
                 async move {
                     let answer = self
-                        .send(shard, Method::POST, "/v1/check", content_type, body)
+                        .send(shard, Method::POST, "/v1/check", content_type, body.into())
                         .await;
                     let answer = match answer {
                         Ok(answer) => answer,
@@ -334,7 +343,7 @@ impl Router {
                 let failure = Failure::Unreachable("an answer that is not a batch's".into());
                 return self.failed(shard, &failure);
             };
-            let places = &parts[shard].1;
+            let places = &places[shard];
             if part.results.len() != places.len() {
                 let failure = Failure::Unreachable(format!(
                     "{} results for {} checks",
@@ -384,13 +393,6 @@ impl Router {
             }
         }
         Some(parts)
-    }
-
-    /// The daemon that answers a batch whole: its checks' one shard, else shard 0.
-    fn single_shard(&self, body: &[u8]) -> usize {
-        self.split(body)
-            .and_then(|parts| parts.iter().position(|p| !p.1.is_empty()))
-            .unwrap_or(0)
     }
 
     /// Every daemon's `/v1/status`, asked at once: whether all are ready and mirror the
