@@ -81,6 +81,13 @@ pub struct RouteArgs {
     /// presented to the daemons: give them the same one.
     #[command(flatten)]
     pub token: TokenArgs,
+    /// For https:// daemons: the CA certificate(s) to trust (PEM), instead of the
+    /// system's.
+    #[arg(long, env = "PERMD_SHARDS_CA")]
+    pub shards_ca: Option<PathBuf>,
+    /// Serve HTTPS with this certificate and key.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Longest wait for a daemon's answer (milliseconds); then 504.
     #[arg(long, env = "PERMD_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
@@ -100,40 +107,32 @@ pub struct RouteArgs {
 }
 
 impl RouteArgs {
-    /// The router's settings: where to listen, how to route, its connection limits and
-    /// its shutdown bound.
-    pub fn settings(
-        &self,
-    ) -> anyhow::Result<(
-        SocketAddr,
-        crate::route::RouteConfig,
-        ServerLimits,
-        Duration,
-    )> {
+    /// Validates the flags into the router's settings.
+    pub fn settings(&self) -> anyhow::Result<crate::route::RouteSettings> {
         let token = self.token.read()?.and_then(Token::new);
-        if token.is_none() && !self.listen.ip().is_loopback() {
+        if token.is_none() && !self.listen.ip().is_loopback() && self.tls.tls_client_ca.is_none() {
             bail!(
                 "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \
-                 or listen on a loopback address",
+                 require client certificates (--tls-client-ca), or listen on a loopback address",
                 self.listen
             );
         }
-        let config = crate::route::RouteConfig {
-            shards: self.shards.clone(),
-            token,
-            request_timeout: Duration::from_millis(self.request_timeout_ms),
-            body_limit: self.body_limit,
-        };
-        let limits = ServerLimits {
-            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
-            header_timeout: Duration::from_millis(self.header_timeout_ms),
-        };
-        Ok((
-            self.listen,
-            config,
-            limits,
-            Duration::from_millis(self.shutdown_timeout_ms),
-        ))
+        Ok(crate::route::RouteSettings {
+            listen: self.listen,
+            config: crate::route::RouteConfig {
+                shards: self.shards.clone(),
+                token,
+                request_timeout: Duration::from_millis(self.request_timeout_ms),
+                body_limit: self.body_limit,
+                ca: self.shards_ca.clone(),
+            },
+            limits: ServerLimits {
+                max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+                header_timeout: Duration::from_millis(self.header_timeout_ms),
+            },
+            tls: self.tls.load()?,
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+        })
     }
 }
 

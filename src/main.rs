@@ -110,9 +110,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Route(args) => {
-            let (listen, config, limits, shutdown_timeout) = args.settings()?;
+            let settings = args.settings()?;
             permd::cancel_on_signals(shutdown.clone());
-            permd::route::run(listen, config, limits, shutdown_timeout, shutdown).await
+            permd::reload_on_sighup(settings.tls.clone());
+            permd::route::run(settings, shutdown).await
         }
         Command::Demo(args) => {
             permd::cancel_on_signals(shutdown.clone());

@@ -21,6 +21,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -32,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::{ServerLimits, Token};
+use crate::http::{ServerCerts, ServerLimits, Token};
 use crate::shard::Shard;
 
 /// How the router runs.
@@ -47,6 +48,23 @@ pub struct RouteConfig {
     pub request_timeout: Duration,
     /// Largest request body, in bytes.
     pub body_limit: usize,
+    /// For `https://` daemons: the CAs to trust (PEM), instead of the system's.
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// Everything `permd route` runs with.
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    /// Where to serve.
+    pub listen: SocketAddr,
+    /// How to route.
+    pub config: RouteConfig,
+    /// Connection limits.
+    pub limits: ServerLimits,
+    /// HTTPS: the certificate and key to serve with.
+    pub tls: Option<Arc<ServerCerts>>,
+    /// Bound on graceful shutdown.
+    pub shutdown_timeout: Duration,
 }
 
 /// One daemon: its shard and where it listens.
@@ -64,7 +82,7 @@ pub struct Router(Arc<Inner>);
 
 struct Inner {
     daemons: Vec<Daemon>,
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
     config: RouteConfig,
 }
 
@@ -94,10 +112,14 @@ impl Router {
             let uri: Uri = base
                 .parse()
                 .with_context(|| format!("the URL of shard {index}/{count}, {url:?}"))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() || uri.path() != "/" {
+            let scheme = uri.scheme_str();
+            if !matches!(scheme, Some("http" | "https"))
+                || uri.authority().is_none()
+                || uri.path() != "/"
+            {
                 bail!(
-                    "the URL of shard {index}/{count}, {url:?}: give http://HOST:PORT (the \
-                     router speaks plain HTTP to the daemons)"
+                    "the URL of shard {index}/{count}, {url:?}: give http://HOST:PORT or \
+                     https://HOST:PORT"
                 );
             }
             daemons.push(Daemon {
@@ -107,8 +129,15 @@ impl Router {
                 failed: AtomicU64::new(0),
             });
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let tls = crate::http::client_config(config.ca.as_deref(), "--shards-ca")?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
@@ -533,39 +562,29 @@ fn too_large(limit: usize) -> Answer {
     )
 }
 
-/// Serves the router on `listener` until `shutdown`, then lets in-flight requests finish
-/// (the caller bounds that wait).
+/// Serves the router on `listener` until `shutdown` (HTTPS with `tls`), then lets
+/// in-flight requests finish (the caller bounds that wait).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
+    tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     while let Some((stream, permit)) = crate::http::next_client(&listener, &slots, &shutdown).await
     {
-        let router = router.clone();
-        let shutdown = shutdown.clone();
+        let (router, shutdown, tls) = (router.clone(), shutdown.clone(), tls.clone());
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let router = router.clone();
-                async move { Ok::<_, Infallible>(router.handle(request.map(Body::new)).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "connection ended with an error");
+            match tls {
+                None => serve_connection(stream, router, limits, shutdown).await,
+                Some(tls) => {
+                    if let Some(stream) =
+                        crate::http::handshake(&tls, stream, limits.header_timeout).await
+                    {
+                        serve_connection(stream, router, limits, shutdown).await;
                     }
-                }
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
                 }
             }
             drop(permit);
@@ -576,34 +595,61 @@ pub async fn serve(
     connections.wait().await;
 }
 
-/// `permd route`: binds `listen`, serves until `shutdown`, then waits at most
-/// `shutdown_timeout` for in-flight requests.
-pub async fn run(
-    listen: SocketAddr,
-    config: RouteConfig,
+/// Serves one client's connection until it closes, or the server stops.
+async fn serve_connection<S>(
+    stream: S,
+    router: Router,
     limits: ServerLimits,
-    shutdown_timeout: Duration,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let router = Router::new(config)?;
-    let listener = crate::bind(listen)?;
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(router.handle(request.map(Body::new)).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// `permd route`: binds the address, serves until `shutdown`, then waits at most the
+/// shutdown timeout for in-flight requests.
+pub async fn run(settings: RouteSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let router = Router::new(settings.config)?;
+    let listener = crate::bind(settings.listen)?;
     let shards: Vec<String> = router.0.daemons.iter().map(|d| d.base.clone()).collect();
     tracing::info!(
         addr = %listener.local_addr().context("read the bound address")?,
+        scheme = if settings.tls.is_some() { "https" } else { "http" },
         shards = ?shards,
         version = env!("CARGO_PKG_VERSION"),
         "routing"
     );
-    let served = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+    let served = tokio::spawn(serve(
+        listener,
+        router,
+        settings.limits,
+        settings.tls,
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
-    if tokio::time::timeout(shutdown_timeout, served)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?shutdown_timeout,
-            "requests still in flight at the shutdown timeout"
-        );
+    let timeout = settings.shutdown_timeout;
+    if tokio::time::timeout(timeout, served).await.is_err() {
+        tracing::warn!(?timeout, "requests still in flight at the shutdown timeout");
     }
     Ok(())
 }
@@ -620,6 +666,7 @@ mod tests {
             token: None,
             request_timeout: Duration::from_secs(1),
             body_limit: 1 << 20,
+            ca: None,
         })
         .expect("a router")
     }
@@ -680,6 +727,7 @@ mod tests {
                 token: None,
                 request_timeout: Duration::from_secs(1),
                 body_limit: 1,
+                ca: None,
             };
             Router::new(config)
                 .err()
@@ -687,8 +735,8 @@ mod tests {
                 .unwrap_or_default()
         };
         assert!(error(&[]).contains("give the daemons' URLs"));
-        assert!(error(&["https://a:1"]).contains("give http://HOST:PORT"));
+        assert!(error(&["ftp://a:1"]).contains("give http://HOST:PORT"));
         assert!(error(&["http://a:1", "http://b:2/v1"]).contains("shard 1/2"));
-        assert_eq!(error(&["http://a:1/", "http://b:2"]), "");
+        assert_eq!(error(&["http://a:1/", "https://b:2"]), "");
     }
 }

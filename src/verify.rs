@@ -290,30 +290,8 @@ async fn tls(
     authority: &str,
     tcp: tokio::net::TcpStream,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    match &target.ca {
-        Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("read --permd-ca {}", path.display()))?
-            {
-                roots
-                    .add(cert.with_context(|| format!("read --permd-ca {}", path.display()))?)
-                    .with_context(|| format!("--permd-ca {}", path.display()))?;
-            }
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS settings")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    use rustls::pki_types::ServerName;
+    let config = crate::http::client_config(target.ca.as_deref(), "--permd-ca")?;
     // `host:port`, or `[v6]:port`.
     let host = authority
         .rsplit_once(':')

@@ -973,7 +973,7 @@ async fn route_serves_a_sharded_set() {
         assert!(!output.status.success(), "{args:?}");
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
-    let stderr = refused(&["--shards", "https://127.0.0.1:1"]);
+    let stderr = refused(&["--shards", "127.0.0.1:1"]);
     assert!(stderr.contains("give http://HOST:PORT"), "{stderr}");
     let stderr = refused(&["--shards", "http://127.0.0.1:1", "--listen", "0.0.0.0:0"]);
     assert!(stderr.contains("without a token"), "{stderr}");

@@ -1,5 +1,5 @@
-//! `permd route` in front of three daemons of `--shard i/3`, each served over a socket,
-//! against a real Postgres: every request reaches its subject's daemon, a batch is split
+//! `permd route` in front of three daemons of `--shard i/3`, each served over a socket
+//! (one over HTTPS), against a real Postgres: every request reaches its subject's daemon, a batch is split
 //! and put back in order, errors stay the daemons', and a daemon that is down, or serves
 //! another shard than its place in the list, shows.
 
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{database, patient, TestDaemon, TestDb};
-use permd::http::{HttpConfig, ServerLimits, Token};
+use common::{database, patient, SelfSigned, TestDaemon, TestDb};
+use permd::http::{HttpConfig, ServerCerts, ServerLimits, Token};
 use permd::route::{RouteConfig, Router};
 use permd::shard::Shard;
 use permd::sync::SyncConfig;
@@ -29,7 +29,8 @@ struct Served {
 }
 
 impl Served {
-    async fn start(db: &TestDb, shard: Shard) -> Self {
+    /// Serves HTTPS with `tls`, at `https://localhost:PORT`.
+    async fn start(db: &TestDb, shard: Shard, tls: Option<&SelfSigned>) -> Self {
         let mut sync = SyncConfig::new(&db.url);
         sync.shard = shard;
         let http = HttpConfig {
@@ -41,13 +42,20 @@ impl Served {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("an address"));
+        let port = listener.local_addr().expect("an address").port();
+        let (url, certs) = match tls {
+            None => (format!("http://127.0.0.1:{port}"), None),
+            Some(tls) => (
+                format!("https://localhost:{port}"),
+                Some(ServerCerts::load(&tls.cert, &tls.key, None).expect("the certificate")),
+            ),
+        };
         let stop = CancellationToken::new();
         let server = tokio::spawn(permd::http::serve(
             listener,
             daemon.api.clone(),
             ServerLimits::default(),
-            None,
+            certs,
             stop.clone(),
         ));
         Self {
@@ -65,12 +73,14 @@ impl Served {
     }
 }
 
-fn router(urls: &[&str]) -> Router {
+/// A router over `urls`, trusting `tls`'s certificate for the `https://` ones.
+fn router(urls: &[&str], tls: &SelfSigned) -> Router {
     Router::new(RouteConfig {
         shards: urls.iter().map(|u| (*u).to_owned()).collect(),
         token: Token::new(TOKEN),
         request_timeout: Duration::from_secs(10),
         body_limit: 1 << 20,
+        ca: Some(tls.cert.clone()),
     })
     .expect("a router")
 }
@@ -113,12 +123,16 @@ async fn the_router_sends_each_request_to_its_shard() {
          INSERT INTO permd.limits SELECT 'user:' || i, 'projects', i FROM generate_series(1, 60) i;",
     )
     .await;
+    // The daemon of shard 1 serves HTTPS, the others plain HTTP.
+    let tls = SelfSigned::new("route");
     let mut served = Vec::new();
     for index in 0..3 {
-        served.push(Served::start(&db, Shard::new(index, 3).expect("a shard")).await);
+        let shard = Shard::new(index, 3).expect("a shard");
+        served.push(Served::start(&db, shard, (index == 1).then_some(&tls)).await);
     }
     let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
-    let router = router(&urls);
+    assert!(urls[1].starts_with("https://"));
+    let router = router(&urls, &tls);
 
     let (status, ready) = ask(&router, "GET", "/readyz", None).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
@@ -189,7 +203,7 @@ async fn the_router_sends_each_request_to_its_shard() {
     let (status, _) = answer(router.handle(anonymous).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    // Over a socket, as `permd route` serves it.
+    // Over a socket, as `permd route --tls-cert --tls-key` serves it.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -199,11 +213,17 @@ async fn the_router_sends_each_request_to_its_shard() {
         listener,
         router.clone(),
         ServerLimits::default(),
+        Some(ServerCerts::load(&tls.cert, &tls.key, None).expect("the certificate")),
         stop.clone(),
     ));
-    let mut stream = tokio::net::TcpStream::connect(address)
+    let tcp = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut stream = common::tls_client(&[&tls.der])
+        .connect(name, tcp)
+        .await
+        .expect("TLS with the router");
     stream
         .write_all(
             format!(
@@ -222,11 +242,31 @@ async fn the_router_sends_each_request_to_its_shard() {
     serving.await.expect("the router stops");
 
     // Daemons listed out of their shards' order: not ready, and says which.
-    let swapped = self::router(&[urls[1], urls[0], urls[2]]);
+    let swapped = self::router(&[urls[1], urls[0], urls[2]], &tls);
     let (status, body) = ask(&swapped, "GET", "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let error = body["shards"][0]["error"].as_str().expect("an error");
     assert!(error.contains("mirrors shard 1/3"), "{error}");
+
+    // A daemon whose certificate the router does not trust (the system's CAs alone) is
+    // one it cannot reach, and says why.
+    let untrusting = Router::new(RouteConfig {
+        shards: urls.iter().map(|u| (*u).to_owned()).collect(),
+        token: Token::new(TOKEN),
+        request_timeout: Duration::from_secs(10),
+        body_limit: 1 << 20,
+        ca: None,
+    })
+    .expect("a router");
+    let of_shard_1 = (1..)
+        .map(|i| format!("user:{i}"))
+        .find(|s| Shard::new(1, 3).expect("a shard").owns(s))
+        .expect("a subject");
+    let uri = format!("/v1/check?subject={of_shard_1}&permission=read");
+    let (status, body) = ask(&untrusting, "GET", &uri, None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let message = body["message"].as_str().expect("a message");
+    assert!(message.contains("certificate"), "{message}");
 
     // A daemon that is down: its subjects answer 502, the others' go on.
     let down = (1..).map(|i| format!("user:{i}"));

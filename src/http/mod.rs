@@ -24,8 +24,9 @@ use axum::Router;
 pub use error::ApiError;
 pub use fast::Api;
 pub(crate) use metrics::Metrics;
-pub(crate) use server::next_client;
+pub(crate) use server::{handshake, next_client};
 pub use server::{serve, ServerLimits};
+pub(crate) use tls::client_config;
 pub use tls::ServerCerts;
 
 use crate::shard::Shard;

@@ -57,19 +57,11 @@ pub async fn serve(
                 let timeout = limits.header_timeout;
                 match tls {
                     None => conn::serve_connection(stream, api, timeout, &stop).await,
-                    Some(tls) => match tokio::time::timeout(
-                        timeout,
-                        // The settings as they are now (SIGHUP may have read them again).
-                        tokio_rustls::TlsAcceptor::from(tls.server_config()).accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => {
+                    Some(tls) => {
+                        if let Some(stream) = handshake(&tls, stream, timeout).await {
                             conn::serve_connection(stream, api, timeout, &stop).await;
                         }
-                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(?timeout, "TLS handshake timed out"),
-                    },
+                    }
                 }
                 drop(permit);
             }
@@ -79,6 +71,27 @@ pub async fn serve(
     stop.trigger();
     connections.close();
     connections.wait().await;
+}
+
+/// A client's TLS handshake under the settings as they are now (SIGHUP may have read them
+/// again), which must end within `timeout`, as a request head must; `None` when it failed.
+pub(crate) async fn handshake(
+    tls: &ServerCerts,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accepting = tokio_rustls::TlsAcceptor::from(tls.server_config()).accept(stream);
+    match tokio::time::timeout(timeout, accepting).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(?timeout, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// The next client, once one of the connection `slots` is free (the permit holds it while

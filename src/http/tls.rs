@@ -11,7 +11,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// HTTPS's settings and the files they come from. A cheap handle to share: every
 /// handshake takes the current settings.
@@ -102,18 +102,43 @@ impl ResolvesServerCert for Certified {
 
 /// The CAs of a PEM file, for client certificates.
 fn client_roots(path: &Path) -> anyhow::Result<RootCertStore> {
+    roots(path, "the client CAs")
+}
+
+/// The CAs of a PEM file (`what` names them in errors: a flag, or what they are for).
+pub(crate) fn roots(path: &Path, what: &str) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("read the client CAs {}", path.display()))?
+        .with_context(|| format!("read {what} {}", path.display()))?
     {
         roots
-            .add(cert.with_context(|| format!("read the client CAs {}", path.display()))?)
-            .with_context(|| format!("the client CAs {}", path.display()))?;
+            .add(cert.with_context(|| format!("read {what} {}", path.display()))?)
+            .with_context(|| format!("{what} {}", path.display()))?;
     }
     if roots.is_empty() {
         bail!("{} holds no certificate (PEM)", path.display());
     }
     Ok(roots)
+}
+
+/// TLS settings of a client of permd's HTTPS (`permd verify`, `permd route`): the CAs of
+/// the PEM file `ca` (named `what` in errors), or the system's.
+pub(crate) fn client_config(ca: Option<&Path>, what: &str) -> anyhow::Result<ClientConfig> {
+    let roots = match ca {
+        Some(path) => roots(path, what)?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            roots
+        }
+    };
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("TLS settings")?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 /// The pair the files hold, checked to match.
