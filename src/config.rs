@@ -69,8 +69,11 @@ pub enum Command {
 /// `permd route`
 #[derive(Debug, Args)]
 pub struct RouteArgs {
-    /// The daemons' URLs, http://HOST:PORT, comma-separated in shard order: the first
-    /// serves `--shard 0/N`, the second `1/N`, and so on (N = how many are given).
+    /// The daemons' URLs, http://HOST:PORT or https://HOST:PORT, comma-separated in shard
+    /// order: the first serves `--shard 0/N`, the second `1/N`, and so on (N = how many
+    /// are given). Several daemons of one shard are separated by `|`
+    /// (`http://a1:7700|http://a2:7700,http://b1:7700`): requests go to each in turn, and
+    /// to the next when one does not answer.
     #[arg(long, env = "PERMD_SHARDS", value_delimiter = ',', required = true)]
     pub shards: Vec<String>,
     /// Address to serve HTTP on: an IP address and a port (`localhost:PORT` is

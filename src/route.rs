@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +39,9 @@ use crate::shard::Shard;
 /// How the router runs.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
-    /// The daemons' base URLs (`http://host:port`), the one of shard `i` at `i`.
+    /// The daemons' base URLs (`http://host:port`), those of shard `i` at `i`: one, or
+    /// several separated by `|` that mirror the same shard (requests go to each in turn,
+    /// and to the next when one does not answer).
     pub shards: Vec<String>,
     /// Required from clients on every route but `/livez` and `/readyz`, and presented to
     /// the daemons (give them the same token).
@@ -67,9 +69,16 @@ pub struct RouteSettings {
     pub shutdown_timeout: Duration,
 }
 
-/// One daemon: its shard and where it listens.
-struct Daemon {
+/// A shard's daemons: one, or several that mirror the same shard.
+struct Group {
     shard: Shard,
+    daemons: Vec<Daemon>,
+    /// The daemon the next request tries first: each in turn.
+    next: AtomicUsize,
+}
+
+/// One daemon: where it listens, and what the router sent it.
+struct Daemon {
     /// `http://host:port`, without a trailing slash.
     base: String,
     forwarded: AtomicU64,
@@ -81,21 +90,33 @@ struct Daemon {
 pub struct Router(Arc<Inner>);
 
 struct Inner {
-    daemons: Vec<Daemon>,
+    groups: Vec<Group>,
     client: Client<HttpsConnector<HttpConnector>, Body>,
     config: RouteConfig,
 }
 
-/// Why a daemon gave no answer.
-enum Failure {
-    Unreachable(String),
-    Timeout,
+/// Why no daemon of a shard gave an answer: each one's reason, and whether every one
+/// timed out.
+struct Failure {
+    reasons: Vec<String>,
+    timed_out: bool,
 }
 
 type Answer = Response<Body>;
 
+impl Failure {
+    /// A daemon that answered, with something that is not an answer.
+    fn broken(reason: String) -> Self {
+        Self {
+            reasons: vec![reason],
+            timed_out: false,
+        }
+    }
+}
+
 impl Router {
-    /// A router over `config.shards`, which must be `http://` URLs (one to 65,536).
+    /// A router over `config.shards`, which must be `http://` or `https://` URLs (one to
+    /// 65,536 shards).
     pub fn new(config: RouteConfig) -> anyhow::Result<Self> {
         let count = u32::try_from(config.shards.len())
             .ok()
@@ -106,27 +127,34 @@ impl Router {
                     crate::shard::MAX_SHARDS
                 )
             })?;
-        let mut daemons = Vec::with_capacity(config.shards.len());
-        for (index, url) in (0..count).zip(&config.shards) {
-            let base = url.trim().trim_end_matches('/');
-            let uri: Uri = base
-                .parse()
-                .with_context(|| format!("the URL of shard {index}/{count}, {url:?}"))?;
-            let scheme = uri.scheme_str();
-            if !matches!(scheme, Some("http" | "https"))
-                || uri.authority().is_none()
-                || uri.path() != "/"
-            {
-                bail!(
-                    "the URL of shard {index}/{count}, {url:?}: give http://HOST:PORT or \
-                     https://HOST:PORT"
-                );
+        let mut groups = Vec::with_capacity(config.shards.len());
+        for (index, urls) in (0..count).zip(&config.shards) {
+            let mut daemons = Vec::new();
+            for url in urls.split('|') {
+                let base = url.trim().trim_end_matches('/');
+                let uri: Uri = base
+                    .parse()
+                    .with_context(|| format!("the URL of shard {index}/{count}, {url:?}"))?;
+                let scheme = uri.scheme_str();
+                if !matches!(scheme, Some("http" | "https"))
+                    || uri.authority().is_none()
+                    || uri.path() != "/"
+                {
+                    bail!(
+                        "the URL of shard {index}/{count}, {url:?}: give http://HOST:PORT or \
+                         https://HOST:PORT"
+                    );
+                }
+                daemons.push(Daemon {
+                    base: base.to_owned(),
+                    forwarded: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                });
             }
-            daemons.push(Daemon {
+            groups.push(Group {
                 shard: Shard::new(index, count).context("a shard")?,
-                base: base.to_owned(),
-                forwarded: AtomicU64::new(0),
-                failed: AtomicU64::new(0),
+                daemons,
+                next: AtomicUsize::new(0),
             });
         }
         let mut tcp = HttpConnector::new();
@@ -142,7 +170,7 @@ impl Router {
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Ok(Self(Arc::new(Inner {
-            daemons,
+            groups,
             client,
             config,
         })))
@@ -205,7 +233,7 @@ impl Router {
 
     /// The index of the daemon whose shard holds `subject`.
     fn owner(&self, subject: &str) -> usize {
-        let count = self.0.daemons.len() as u32;
+        let count = self.0.groups.len() as u32;
         Shard::of(subject, count) as usize
     }
 
@@ -241,7 +269,8 @@ impl Router {
         }
     }
 
-    /// Sends one request to daemon `shard`, with the router's token.
+    /// Sends one request to a daemon of `shard`, each in turn, and to the next when one
+    /// does not answer (every request of the API is a read: sending it again is safe).
     async fn send(
         &self,
         shard: usize,
@@ -250,7 +279,46 @@ impl Router {
         content_type: Option<HeaderValue>,
         body: Bytes,
     ) -> Result<Response<Incoming>, Failure> {
-        let daemon = &self.0.daemons[shard];
+        let group = &self.0.groups[shard];
+        let first = group.next.fetch_add(1, Ordering::Relaxed);
+        let mut failure = Failure {
+            reasons: Vec::new(),
+            timed_out: true,
+        };
+        for turn in 0..group.daemons.len() {
+            let daemon = &group.daemons[(first + turn) % group.daemons.len()];
+            let sent = self
+                .send_to(
+                    daemon,
+                    method.clone(),
+                    target,
+                    content_type.clone(),
+                    body.clone(),
+                )
+                .await;
+            match sent {
+                Ok(answer) => return Ok(answer),
+                Err((reason, timed_out)) => {
+                    daemon.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(shard = %group.shard, url = %daemon.base, "{reason}");
+                    failure.reasons.push(format!("{}: {reason}", daemon.base));
+                    failure.timed_out &= timed_out;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    /// Sends one request to `daemon`, with the router's token; else why it did not answer,
+    /// and whether it timed out.
+    async fn send_to(
+        &self,
+        daemon: &Daemon,
+        method: Method,
+        target: &str,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, (String, bool)> {
         daemon.forwarded.fetch_add(1, Ordering::Relaxed);
         let mut request = Request::builder()
             .method(method)
@@ -263,41 +331,27 @@ impl Router {
         }
         let request = request
             .body(Body::from(body))
-            .map_err(|e| Failure::Unreachable(e.to_string()))?;
-        let sent = tokio::time::timeout(
-            self.0.config.request_timeout,
-            self.0.client.request(request),
-        );
-        match sent.await {
+            .map_err(|e| (e.to_string(), false))?;
+        let timeout = self.0.config.request_timeout;
+        match tokio::time::timeout(timeout, self.0.client.request(request)).await {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(error)) => Err(Failure::Unreachable(crate::error_chain(&error))),
-            Err(_) => Err(Failure::Timeout),
+            Ok(Err(error)) => Err((crate::error_chain(&error), false)),
+            Err(_) => Err((format!("no answer within {timeout:?}"), true)),
         }
     }
 
-    /// The answer for a daemon that gave none: 502, or 504 after the timeout.
+    /// The answer when no daemon of `shard` answered: 502, or 504 when all timed out.
     fn failed(&self, shard: usize, failure: &Failure) -> Answer {
-        let daemon = &self.0.daemons[shard];
-        daemon.failed.fetch_add(1, Ordering::Relaxed);
-        let (status, error, message) = match failure {
-            Failure::Unreachable(error) => (
-                StatusCode::BAD_GATEWAY,
-                "shard unavailable",
-                format!(
-                    "the daemon of shard {} at {} did not answer: {error}",
-                    daemon.shard, daemon.base
-                ),
-            ),
-            Failure::Timeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!(
-                    "the daemon of shard {} at {} did not answer within {:?}",
-                    daemon.shard, daemon.base, self.0.config.request_timeout
-                ),
-            ),
+        let (status, error) = if failure.timed_out {
+            (StatusCode::GATEWAY_TIMEOUT, "timeout")
+        } else {
+            (StatusCode::BAD_GATEWAY, "shard unavailable")
         };
-        tracing::warn!(shard = %daemon.shard, url = %daemon.base, "{message}");
+        let message = format!(
+            "no daemon of shard {} answered: {}",
+            self.0.groups[shard].shard,
+            failure.reasons.join("; ")
+        );
         json_answer(status, &json!({ "error": error, "message": message }))
     }
 
@@ -344,7 +398,7 @@ impl Router {
                     match bytes {
                         Ok(bytes) => (shard, Ok((head.status, bytes))),
                         Err(error) => {
-                            let failure = Failure::Unreachable(error.to_string());
+                            let failure = Failure::broken(error.to_string());
                             (shard, Err(self.failed(shard, &failure)))
                         }
                     }
@@ -369,12 +423,12 @@ impl Router {
                 return answer;
             }
             let Ok(part) = serde_json::from_slice::<PartAnswer>(&bytes) else {
-                let failure = Failure::Unreachable("an answer that is not a batch's".into());
+                let failure = Failure::broken("an answer that is not a batch's".into());
                 return self.failed(shard, &failure);
             };
             let places = &places[shard];
             if part.results.len() != places.len() {
-                let failure = Failure::Unreachable(format!(
+                let failure = Failure::broken(format!(
                     "{} results for {} checks",
                     part.results.len(),
                     places.len()
@@ -399,7 +453,7 @@ impl Router {
     /// go, or `None` when the batch cannot be read (a daemon will say why).
     fn split(&self, body: &[u8]) -> Option<Vec<(String, Vec<usize>)>> {
         let batch: BatchRequest = serde_json::from_slice(body).ok()?;
-        let mut parts = vec![(String::new(), Vec::new()); self.0.daemons.len()];
+        let mut parts = vec![(String::new(), Vec::new()); self.0.groups.len()];
         for (place, check) in batch.checks.iter().enumerate() {
             let subject: CheckSubject = serde_json::from_str(check.get()).ok()?;
             let (body, places) = &mut parts[self.owner(&subject.subject)];
@@ -424,56 +478,74 @@ impl Router {
         Some(parts)
     }
 
-    /// Every daemon's `/v1/status`, asked at once: whether all are ready and mirror the
-    /// shard the router sends them, and what each said.
+    /// Every daemon's `/v1/status`, asked at once: whether every shard has a daemon that
+    /// is ready and no daemon mirrors another shard than the one the router sends it, and
+    /// what each said.
     async fn survey(&self) -> (bool, Vec<Value>) {
-        let asks = (0..self.0.daemons.len()).map(|shard| async move {
-            let daemon = &self.0.daemons[shard];
-            let mut report = json!({ "shard": daemon.shard.to_string(), "url": daemon.base });
-            let status = match self
-                .send(shard, Method::GET, "/v1/status", None, Bytes::new())
-                .await
-            {
-                Err(Failure::Unreachable(error)) => Err(format!("unreachable: {error}")),
-                Err(Failure::Timeout) => Err("no answer within the request timeout".to_owned()),
-                Ok(answer) if answer.status() != StatusCode::OK => {
-                    Err(format!("/v1/status answered {}", answer.status()))
-                }
-                Ok(answer) => {
-                    let bytes = axum::body::to_bytes(Body::new(answer.into_body()), usize::MAX)
-                        .await
-                        .unwrap_or_default();
-                    serde_json::from_slice::<Value>(&bytes)
-                        .map_err(|_| "/v1/status answered something else than JSON".to_owned())
-                }
-            };
-            let ready = match status {
-                Err(error) => {
-                    report["error"] = Value::String(error);
-                    false
-                }
-                Ok(status) => {
-                    let mirrors = status["shard"].as_str().unwrap_or("0/1").to_owned();
-                    let ready = status["ready"].as_bool() == Some(true);
-                    report["status"] = status;
-                    if mirrors != daemon.shard.to_string() {
-                        report["error"] = Value::String(format!(
-                            "the daemon at {} mirrors shard {mirrors}, where the router sends \
-                             shard {}'s subjects (its place in --shards)",
-                            daemon.base, daemon.shard
-                        ));
-                        false
-                    } else {
-                        ready
-                    }
-                }
-            };
-            report["ready"] = Value::Bool(ready);
-            report
+        let groups = self.0.groups.iter().map(|group| async move {
+            let asks = group
+                .daemons
+                .iter()
+                .map(|daemon| self.look(group.shard, daemon));
+            let daemons: Vec<(Value, bool, bool)> = futures_util::future::join_all(asks).await;
+            let ready = daemons.iter().any(|(_, ready, _)| *ready);
+            let misplaced = daemons.iter().any(|(_, _, misplaced)| *misplaced);
+            let reports: Vec<Value> = daemons.into_iter().map(|(report, _, _)| report).collect();
+            let report =
+                json!({ "shard": group.shard.to_string(), "ready": ready, "daemons": reports });
+            (report, ready && !misplaced)
         });
-        let reports = futures_util::future::join_all(asks).await;
-        let ready = reports.iter().all(|r| r["ready"] == Value::Bool(true));
-        (ready, reports)
+        let groups = futures_util::future::join_all(groups).await;
+        let ready = groups.iter().all(|(_, ready)| *ready);
+        (
+            ready,
+            groups.into_iter().map(|(report, _)| report).collect(),
+        )
+    }
+
+    /// One daemon's `/v1/status`: the report, whether it is ready, and whether it mirrors
+    /// another shard than `shard` (a list out of order).
+    async fn look(&self, shard: Shard, daemon: &Daemon) -> (Value, bool, bool) {
+        let mut report = json!({ "url": daemon.base });
+        let status = match self
+            .send_to(daemon, Method::GET, "/v1/status", None, Bytes::new())
+            .await
+        {
+            Err((reason, _)) => Err(reason),
+            Ok(answer) if answer.status() != StatusCode::OK => {
+                Err(format!("/v1/status answered {}", answer.status()))
+            }
+            Ok(answer) => {
+                let bytes = axum::body::to_bytes(Body::new(answer.into_body()), usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                serde_json::from_slice::<Value>(&bytes)
+                    .map_err(|_| "/v1/status answered something else than JSON".to_owned())
+            }
+        };
+        let (ready, misplaced) = match status {
+            Err(error) => {
+                report["error"] = Value::String(error);
+                (false, false)
+            }
+            Ok(status) => {
+                let mirrors = status["shard"].as_str().unwrap_or("0/1").to_owned();
+                let ready = status["ready"].as_bool() == Some(true);
+                report["status"] = status;
+                if mirrors == shard.to_string() {
+                    (ready, false)
+                } else {
+                    report["error"] = Value::String(format!(
+                        "the daemon at {} mirrors shard {mirrors}, where the router sends \
+                         shard {shard}'s subjects (its place in --shards)",
+                        daemon.base
+                    ));
+                    (false, true)
+                }
+            }
+        };
+        report["ready"] = Value::Bool(ready);
+        (report, ready, misplaced)
     }
 
     /// `GET /metrics`: what the router forwarded, and failed to, by shard.
@@ -482,23 +554,26 @@ impl Router {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: &dyn Fn(&Daemon) -> u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for daemon in &self.0.daemons {
-                let _ = writeln!(
-                    out,
-                    "{name}{{shard=\"{}\"}} {}",
-                    daemon.shard,
-                    value(daemon)
-                );
+            for group in &self.0.groups {
+                for daemon in &group.daemons {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{shard=\"{}\",url=\"{}\"}} {}",
+                        group.shard,
+                        daemon.base,
+                        value(daemon)
+                    );
+                }
             }
         };
         counter(
             "permd_route_forwarded_total",
-            "Requests the router sent to each shard's daemon (a batch's parts each).",
+            "Requests the router sent to each daemon (a batch's parts each, a request sent again to another daemon of its shard again).",
             &|d| d.forwarded.load(Ordering::Relaxed),
         );
         counter(
             "permd_route_failed_total",
-            "Requests to each shard's daemon that got no answer (answered 502 or 504).",
+            "Requests to each daemon that got no answer (then sent to the next daemon of the shard, if any; else answered 502 or 504).",
             &|d| d.failed.load(Ordering::Relaxed),
         );
         let mut answer = Response::new(Body::from(out));
@@ -631,7 +706,15 @@ async fn serve_connection<S>(
 pub async fn run(settings: RouteSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let router = Router::new(settings.config)?;
     let listener = crate::bind(settings.listen)?;
-    let shards: Vec<String> = router.0.daemons.iter().map(|d| d.base.clone()).collect();
+    let shards: Vec<String> = router
+        .0
+        .groups
+        .iter()
+        .map(|g| {
+            let urls: Vec<&str> = g.daemons.iter().map(|d| d.base.as_str()).collect();
+            urls.join("|")
+        })
+        .collect();
     tracing::info!(
         addr = %listener.local_addr().context("read the bound address")?,
         scheme = if settings.tls.is_some() { "https" } else { "http" },
@@ -738,5 +821,7 @@ mod tests {
         assert!(error(&["ftp://a:1"]).contains("give http://HOST:PORT"));
         assert!(error(&["http://a:1", "http://b:2/v1"]).contains("shard 1/2"));
         assert_eq!(error(&["http://a:1/", "https://b:2"]), "");
+        assert_eq!(error(&["http://a:1|https://a2:1", "http://b:2"]), "");
+        assert!(error(&["http://a:1|b:2"]).contains("shard 0/1, \"b:2\""));
     }
 }

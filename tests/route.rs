@@ -123,14 +123,16 @@ async fn the_router_sends_each_request_to_its_shard() {
          INSERT INTO permd.limits SELECT 'user:' || i, 'projects', i FROM generate_series(1, 60) i;",
     )
     .await;
-    // The daemon of shard 1 serves HTTPS, the others plain HTTP.
+    // The daemon of shard 1 serves HTTPS, the others plain HTTP; shard 2 has two
+    // daemons (the fourth served is the second of shard 2).
     let tls = SelfSigned::new("route");
     let mut served = Vec::new();
-    for index in 0..3 {
+    for index in [0, 1, 2, 2] {
         let shard = Shard::new(index, 3).expect("a shard");
         served.push(Served::start(&db, shard, (index == 1).then_some(&tls)).await);
     }
-    let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
+    let shard_2 = format!("{}|{}", served[2].url, served[3].url);
+    let urls: Vec<&str> = vec![&served[0].url, &served[1].url, &shard_2];
     assert!(urls[1].starts_with("https://"));
     let router = router(&urls, &tls);
 
@@ -138,7 +140,9 @@ async fn the_router_sends_each_request_to_its_shard() {
     assert_eq!(status, StatusCode::OK, "{ready}");
     let (status, report) = ask(&router, "GET", "/v1/status", None).await;
     assert_eq!(status, StatusCode::OK, "{report}");
-    assert_eq!(report["shards"][2]["status"]["shard"], "2/3", "{report}");
+    let shard_2 = &report["shards"][2]["daemons"];
+    assert_eq!(shard_2[1]["status"]["shard"], "2/3", "{report}");
+    assert_eq!(shard_2[1]["url"], served[3].url, "{report}");
 
     // Every subject's check reaches the daemon that holds it (another would answer 421).
     for i in 1..=60 {
@@ -245,7 +249,9 @@ async fn the_router_sends_each_request_to_its_shard() {
     let swapped = self::router(&[urls[1], urls[0], urls[2]], &tls);
     let (status, body) = ask(&swapped, "GET", "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let error = body["shards"][0]["error"].as_str().expect("an error");
+    let error = body["shards"][0]["daemons"][0]["error"]
+        .as_str()
+        .expect("an error");
     assert!(error.contains("mirrors shard 1/3"), "{error}");
 
     // A daemon whose certificate the router does not trust (the system's CAs alone) is
@@ -268,12 +274,26 @@ async fn the_router_sends_each_request_to_its_shard() {
     let message = body["message"].as_str().expect("a message");
     assert!(message.contains("certificate"), "{message}");
 
-    // A daemon that is down: its subjects answer 502, the others' go on.
+    // One daemon of shard 2 down: the other answers its subjects, every time.
     let down = (1..).map(|i| format!("user:{i}"));
     let (down, up): (Vec<String>, Vec<String>) = down
         .take(60)
         .partition(|s| Shard::new(2, 3).expect("a shard").owns(s));
     served[2].stop_serving().await;
+    for subject in &down {
+        let uri = format!("/v1/check?subject={subject}&permission=read&object=doc:public");
+        let (status, body) = ask(&router, "GET", &uri, None).await;
+        assert_eq!(
+            (status, &body["allowed"]),
+            (StatusCode::OK, &json!(true)),
+            "{body}"
+        );
+    }
+    let (status, body) = ask(&router, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Both down: its subjects answer 502, the others' go on.
+    served[3].stop_serving().await;
     let (status, body) = ask(
         &router,
         "GET",
@@ -283,13 +303,14 @@ async fn the_router_sends_each_request_to_its_shard() {
     .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(body["error"], "shard unavailable", "{body}");
+    let message = body["message"].as_str().expect("a message");
     assert!(
-        body["message"]
-            .as_str()
-            .expect("a message")
-            .contains("shard 2/3"),
-        "{body}"
+        message.starts_with("no daemon of shard 2/3 answered: "),
+        "{message}"
     );
+    for daemon in &served[2..] {
+        assert!(message.contains(&format!("{}: ", daemon.url)), "{message}");
+    }
     let (status, body) = ask(
         &router,
         "GET",
@@ -312,14 +333,14 @@ async fn the_router_sends_each_request_to_its_shard() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
     let metrics = metrics.as_str().expect("text");
-    assert!(
-        metrics.contains("permd_route_failed_total{shard=\"2/3\"} "),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("permd_route_failed_total{shard=\"2/3\"} 0"),
-        "{metrics}"
-    );
+    for daemon in &served[2..] {
+        let failed = format!(
+            "permd_route_failed_total{{shard=\"2/3\",url=\"{}\"}} ",
+            daemon.url
+        );
+        assert!(metrics.contains(&failed), "{metrics}");
+        assert!(!metrics.contains(&format!("{failed}0\n")), "{metrics}");
+    }
 
     for mut daemon in served {
         if !daemon.stop.is_cancelled() {
