@@ -104,6 +104,9 @@ struct Failure {
 
 type Answer = Response<Body>;
 
+/// How long a connection to a daemon may wait in the pool for its next request.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+
 impl Failure {
     /// A daemon that answered, with something that is not an answer.
     fn broken(reason: String) -> Self {
@@ -166,8 +169,10 @@ impl Router {
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
+        // A daemon closes a connection idle for its header timeout (10 s by default): the
+        // pool lets go of one before, so that a request rarely meets one being closed.
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(POOL_IDLE)
             .build(connector);
         Ok(Self(Arc::new(Inner {
             groups,
@@ -270,7 +275,9 @@ impl Router {
     }
 
     /// Sends one request to a daemon of `shard`, each in turn, and to the next when one
-    /// does not answer (every request of the API is a read: sending it again is safe).
+    /// does not answer (every request of the API is a read: sending it again is safe). A
+    /// shard of one daemon is tried twice, unless the first try timed out: a connection
+    /// the daemon closed as the request went out fails it without the daemon being down.
     async fn send(
         &self,
         shard: usize,
@@ -285,7 +292,10 @@ impl Router {
             reasons: Vec::new(),
             timed_out: true,
         };
-        for turn in 0..group.daemons.len() {
+        for turn in 0..group.daemons.len().max(2) {
+            if turn >= group.daemons.len() && failure.timed_out {
+                break;
+            }
             let daemon = &group.daemons[(first + turn) % group.daemons.len()];
             let sent = self
                 .send_to(
