@@ -85,26 +85,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             daemon.wait().await
         }
         Command::Verify(args) => {
-            match permd::verify::verify(&args.database_url, &args.target()?).await? {
-                permd::verify::Verdict::InSync { digest, shard } => {
-                    // Not `println!`, which panics when stdout is gone (`verify | head`):
-                    // the verdict is the exit status.
-                    let _ = if shard.is_whole() {
-                        writeln!(
-                            std::io::stdout(),
-                            "in sync: permd equals the database (digest {digest})"
-                        )
-                    } else {
-                        writeln!(
-                            std::io::stdout(),
-                            "in sync: permd (shard {shard}) equals the database's rows of the \
-                             shard's subjects (digest {digest})"
-                        )
-                    };
-                    Ok(())
-                }
-                permd::verify::Verdict::Differs { subjects, report } => {
-                    let _ = write!(std::io::stdout(), "{report}");
+            let verdict = permd::verify::verify(&args.database_url, &args.target()?).await?;
+            // Not `print!`, which panics when stdout is gone (`verify | head`): the
+            // verdict is the exit status.
+            let _ = write!(std::io::stdout(), "{}", verdict.text());
+            match verdict {
+                permd::verify::Verdict::InSync { .. } => Ok(()),
+                permd::verify::Verdict::Differs { subjects, .. } => {
                     anyhow::bail!("permd differs from the database in {subjects} subject(s)")
                 }
             }

@@ -37,10 +37,14 @@ pub enum Verdict {
     /// The daemon equals the database, or for a daemon of one shard, the database's rows
     /// of that shard's subjects.
     InSync {
-        /// The daemon's digest (the database's, for the whole set).
-        digest: String,
+        /// The digest both have; `None` when they were found equal subject by subject
+        /// (writes went on while verify compared).
+        digest: Option<String>,
         /// The shard the daemon mirrors.
         shard: Shard,
+        /// Subjects written while verify compared them, which never held still long
+        /// enough to be compared: not judged.
+        changing: Vec<String>,
     },
     /// These subjects differ; the report says how.
     Differs {
@@ -48,13 +52,69 @@ pub enum Verdict {
         subjects: usize,
         /// Human-readable report of the first few.
         report: String,
+        /// As for `InSync`.
+        changing: Vec<String>,
     },
 }
+
+impl Verdict {
+    /// What `permd verify` prints: the verdict, or the report of what differs; and the
+    /// subjects not judged.
+    pub fn text(&self) -> String {
+        let (mut text, changing) = match self {
+            Self::InSync {
+                digest,
+                shard,
+                changing,
+            } => {
+                let what = if shard.is_whole() {
+                    "permd equals the database".to_owned()
+                } else {
+                    format!(
+                        "permd (shard {shard}) equals the database's rows of the shard's subjects"
+                    )
+                };
+                let how = match digest {
+                    Some(digest) => format!("digest {digest}"),
+                    None => "subject by subject, as writes went on".to_owned(),
+                };
+                (format!("in sync: {what} ({how})\n"), changing)
+            }
+            Self::Differs {
+                report, changing, ..
+            } => (report.clone(), changing),
+        };
+        if !changing.is_empty() {
+            let named: Vec<&str> = changing.iter().take(20).map(String::as_str).collect();
+            text.push_str(&format!(
+                "not judged: {} subject(s) written again each time verify compared them \
+                 ({}{})\n",
+                changing.len(),
+                named.join(", "),
+                if changing.len() > named.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            ));
+        }
+        text
+    }
+}
+
+/// How often a subject written during verification is compared again by itself.
+const RECHECKS: u32 = 5;
 
 /// Compares the daemon with the database at `database_url`.
 pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdict> {
     const ATTEMPTS: u32 = 3;
     let pool = crate::db::pool(database_url).await?;
+    // Every transaction that had not ended when verify began has an xid at or above this:
+    // the changelog names the subjects they wrote, the only ones that can differ in flight.
+    let since: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        .fetch_one(&pool)
+        .await
+        .context("read the database's snapshot")?;
     let shard = daemon_shard(target).await?;
     // Writes may land between our two reads; a difference that vanishes on a retry was
     // only in flight.
@@ -81,8 +141,9 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
             .context("the daemon's digest answer has no digest")?;
         if daemon_digest == db_digest {
             return Ok(Verdict::InSync {
-                digest: db_digest,
+                digest: Some(db_digest),
                 shard,
+                changing: Vec::new(),
             });
         }
         tracing::debug!(attempt, %db_digest, %daemon_digest, "digests differ");
@@ -104,33 +165,115 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
         .iter()
         .map(|(s, d)| (s.clone(), d.as_str().unwrap_or_default().to_owned()))
         .collect();
-    let differing: Vec<&String> = db_subjects
+    let differing: Vec<String> = db_subjects
         .keys()
         .chain(daemon_subjects.keys())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .filter(|s| db_subjects.get(*s) != daemon_subjects.get(*s))
+        .cloned()
         .collect();
+    // A subject no transaction wrote since verify began differs for good. One written
+    // since may differ only in flight (the daemon read past the database's snapshot): it
+    // is compared again by itself, and one that never holds still is reported as not
+    // judged, not as differing (a real difference of such a subject is then missed).
+    let written: BTreeSet<String> = sqlx::query_scalar(
+        "SELECT DISTINCT subject FROM permd.changelog
+         WHERE xid >= $1::text::xid8 AND subject = ANY($2)",
+    )
+    .bind(&since)
+    .bind(&differing)
+    .fetch_all(&pool)
+    .await
+    .context("read the changelog")?
+    .into_iter()
+    .collect();
     let mut report = String::new();
-    for subject in differing.iter().take(target.max_subjects) {
-        let db_rows = db_rows(&pool, subject).await?;
-        let answer = get_json(target, &format!("/v1/subjects/{}/rows", encode(subject))).await?;
-        let daemon_rows: StoredRows =
-            serde_json::from_value(answer).context("read the daemon's rows of a subject")?;
-        report.push_str(&format!("subject {subject:?}:\n"));
-        describe(&mut report, "tuple", &db_rows.tuples, &daemon_rows.tuples);
-        describe(&mut report, "limit", &db_rows.limits, &daemon_rows.limits);
+    let mut differs = 0;
+    let mut changing = Vec::new();
+    for subject in differing {
+        let rows = if written.contains(&subject) {
+            match recheck(&pool, target, &subject).await? {
+                None => continue,
+                Some(_) => {
+                    changing.push(subject);
+                    continue;
+                }
+            }
+        } else {
+            let db_rows = db_rows(&pool, &subject).await?;
+            (db_rows, daemon_rows(target, &subject, None).await?)
+        };
+        differs += 1;
+        if differs <= target.max_subjects {
+            let (db_rows, daemon_rows) = rows;
+            report.push_str(&format!("subject {subject:?}:\n"));
+            describe(&mut report, "tuple", &db_rows.tuples, &daemon_rows.tuples);
+            describe(&mut report, "limit", &db_rows.limits, &daemon_rows.limits);
+        }
     }
-    if differing.len() > target.max_subjects {
+    if differs > target.max_subjects {
         report.push_str(&format!(
             "... and {} more subjects\n",
-            differing.len() - target.max_subjects
+            differs - target.max_subjects
         ));
     }
+    if differs == 0 {
+        return Ok(Verdict::InSync {
+            digest: None,
+            shard,
+            changing,
+        });
+    }
     Ok(Verdict::Differs {
-        subjects: differing.len(),
+        subjects: differs,
         report,
+        changing,
     })
+}
+
+/// Compares `subject` alone, up to [`RECHECKS`] times, each in a fresh snapshot with the
+/// daemon caught up to it: `None` once equal, else the last rows of both.
+async fn recheck(
+    pool: &sqlx::PgPool,
+    target: &Target,
+    subject: &str,
+) -> anyhow::Result<Option<(StoredRows, StoredRows)>> {
+    let mut last = None;
+    for _ in 0..RECHECKS {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+        let xmax: String =
+            sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+                .fetch_one(&mut *tx)
+                .await?;
+        let mut db = db_rows(&mut *tx, subject).await?;
+        tx.commit().await?;
+        let mut daemon = daemon_rows(target, subject, Some(token_for(&xmax)?)).await?;
+        for rows in [&mut db, &mut daemon] {
+            rows.tuples.sort();
+            rows.limits.sort();
+        }
+        if db == daemon {
+            return Ok(None);
+        }
+        last = Some((db, daemon));
+    }
+    Ok(last)
+}
+
+/// The daemon's rows of `subject`, once it has applied everything below `token`.
+async fn daemon_rows(
+    target: &Target,
+    subject: &str,
+    token: Option<u64>,
+) -> anyhow::Result<StoredRows> {
+    let at_least = token.map_or_else(String::new, |t| format!("?at_least={t}"));
+    let path = format!("/v1/subjects/{}/rows{at_least}", encode(subject));
+    serde_json::from_value(get_json(target, &path).await?)
+        .context("read the daemon's rows of a subject")
 }
 
 /// The database's digest of each of `shard`'s subjects (verify picks them out as the
@@ -197,17 +340,21 @@ fn token_for(xmax: &str) -> anyhow::Result<u64> {
     Ok(xmax.saturating_sub(1))
 }
 
-async fn db_rows(pool: &sqlx::PgPool, subject: &str) -> anyhow::Result<StoredRows> {
+async fn db_rows(
+    db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
+    subject: &str,
+) -> anyhow::Result<StoredRows> {
+    let mut db = db.acquire().await?;
     let tuples: Vec<(String, String, Option<i64>)> = sqlx::query_as(
         "SELECT object, permission, permd.epoch_micros(expires_at) FROM permd.tuples WHERE subject = $1 ORDER BY 1, 2",
     )
     .bind(subject)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?;
     let limits: Vec<(String, i64)> =
         sqlx::query_as("SELECT name, value FROM permd.limits WHERE subject = $1 ORDER BY 1")
             .bind(subject)
-            .fetch_all(pool)
+            .fetch_all(&mut *db)
             .await?;
     Ok(StoredRows { tuples, limits })
 }
