@@ -69,10 +69,9 @@ pub(super) struct CheckQuery {
 /// `GET /v1/check?subject=&permission=[&object=][&at_least=]`
 pub(super) async fn check(State(app): State<App>, ApiQuery(q): ApiQuery<CheckQuery>) -> ApiResult {
     let started = Instant::now();
-    identifier("subject", &q.subject, false)?;
+    app.subject(&q.subject)?;
     identifier("permission", &q.permission, false)?;
     identifier("object", &q.object, true)?;
-    app.owns("subject", &q.subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let allowed = app.store.check(&q.subject, &q.permission, &q.object);
     app.metrics
@@ -219,9 +218,8 @@ pub(super) async fn permissions(
     ApiPath(subject): ApiPath,
     ApiQuery(q): ApiQuery<PermissionsQuery>,
 ) -> ApiResult {
-    identifier("subject", &subject, false)?;
+    app.subject(&subject)?;
     identifier("object", &q.object, true)?;
-    app.owns("subject", &subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let permissions = app.store.permissions_of(&subject, &q.object);
     Ok(Json(json!({
@@ -244,9 +242,8 @@ pub(super) async fn objects(
     ApiPath(subject): ApiPath,
     ApiQuery(q): ApiQuery<ObjectsQuery>,
 ) -> ApiResult {
-    identifier("subject", &subject, false)?;
+    app.subject(&subject)?;
     identifier("permission", &q.permission, false)?;
-    app.owns("subject", &subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let objects = app.store.objects_of(&subject, &q.permission);
     Ok(Json(json!({
@@ -268,8 +265,7 @@ pub(super) async fn limits(
     ApiPath(subject): ApiPath,
     ApiQuery(q): ApiQuery<FreshQuery>,
 ) -> ApiResult {
-    identifier("subject", &subject, false)?;
-    app.owns("subject", &subject)?;
+    app.subject(&subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let limits = app.store.limits_of(&subject);
     Ok(Json(
@@ -291,9 +287,8 @@ pub(super) async fn check_limit(
     State(app): State<App>,
     ApiQuery(q): ApiQuery<CheckLimitQuery>,
 ) -> ApiResult {
-    identifier("subject", &q.subject, false)?;
+    app.subject(&q.subject)?;
     identifier("limit", &q.limit, false)?;
-    app.owns("subject", &q.subject)?;
     let usage: i64 = q.usage.trim().parse().map_err(|_| {
         ApiError::bad_request(format!("`usage` must be an integer, got {:?}", q.usage))
     })?;
@@ -388,8 +383,7 @@ pub(super) async fn rows(
     ApiPath(subject): ApiPath,
     ApiQuery(q): ApiQuery<FreshQuery>,
 ) -> ApiResult {
-    identifier("subject", &subject, false)?;
-    app.owns("subject", &subject)?;
+    app.subject(&subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let rows = app.store.rows_of(&subject);
     Ok(Json(json!({

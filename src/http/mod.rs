@@ -140,6 +140,13 @@ impl App {
         }))
     }
 
+    /// Refuses a request's `subject` field when it is not an identifier, or when another
+    /// shard mirrors the subject.
+    fn subject(&self, subject: &str) -> Result<(), ApiError> {
+        error::identifier("subject", subject, false)?;
+        self.owns("subject", subject)
+    }
+
     /// Refuses a request about `subject`, named `field` in it, when another shard
     /// mirrors the subject.
     fn owns(&self, field: &str, subject: &str) -> Result<(), ApiError> {
