@@ -109,17 +109,27 @@ pub struct RouteArgs {
     pub shutdown_timeout_ms: u64,
 }
 
+/// The token clients must present, if any; refuses to listen beyond loopback with
+/// neither a token nor client certificates (which authenticate as a token does).
+fn clients_token(
+    token: &TokenArgs,
+    tls: &TlsArgs,
+    listen: SocketAddr,
+) -> anyhow::Result<Option<Token>> {
+    let token = token.read()?.and_then(Token::new);
+    if token.is_none() && !listen.ip().is_loopback() && tls.tls_client_ca.is_none() {
+        bail!(
+            "refusing to listen on {listen} without a token: set PERMD_TOKEN or --token-file, \
+             require client certificates (--tls-client-ca), or listen on a loopback address"
+        );
+    }
+    Ok(token)
+}
+
 impl RouteArgs {
     /// Validates the flags into the router's settings.
     pub fn settings(&self) -> anyhow::Result<crate::route::RouteSettings> {
-        let token = self.token.read()?.and_then(Token::new);
-        if token.is_none() && !self.listen.ip().is_loopback() && self.tls.tls_client_ca.is_none() {
-            bail!(
-                "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \
-                 require client certificates (--tls-client-ca), or listen on a loopback address",
-                self.listen
-            );
-        }
+        let token = clients_token(&self.token, &self.tls, self.listen)?;
         Ok(crate::route::RouteSettings {
             listen: self.listen,
             config: crate::route::RouteConfig {
@@ -384,15 +394,7 @@ pub struct Settings {
 impl ServerArgs {
     /// Validates the flags into settings for `database_url`.
     pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
-        let token = self.token.read()?.and_then(Token::new);
-        // Client certificates authenticate as a token does.
-        if token.is_none() && !self.listen.ip().is_loopback() && self.tls.tls_client_ca.is_none() {
-            bail!(
-                "refusing to listen on {} without a token: set PERMD_TOKEN or --token-file, \
-                 require client certificates (--tls-client-ca), or listen on a loopback address",
-                self.listen
-            );
-        }
+        let token = clients_token(&self.token, &self.tls, self.listen)?;
         let mut sync = SyncConfig::new(database_url);
         sync.poll_interval = Duration::from_millis(self.poll_interval_ms);
         sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
