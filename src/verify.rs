@@ -294,6 +294,21 @@ async fn subject_digests(
 /// it mirrors everything).
 async fn daemon_shard(target: &Target) -> anyhow::Result<Shard> {
     let status = get_json(target, "/v1/status").await?;
+    if status["router"] == Value::Bool(true) {
+        let urls: Vec<&str> = status["shards"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|shard| shard["daemons"].as_array().into_iter().flatten())
+            .filter_map(|daemon| daemon["url"].as_str())
+            .collect();
+        bail!(
+            "{} is a router (`permd route`), which holds no rows: verify each daemon behind it \
+             (`permd verify --permd URL`): {}",
+            target.permd,
+            urls.join(", ")
+        );
+    }
     match status["shard"].as_str() {
         None => Ok(Shard::WHOLE),
         Some(text) => Shard::parse(text)

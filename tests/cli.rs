@@ -1059,6 +1059,17 @@ async fn route_serves_a_sharded_set() {
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("\"allowed\":true"), "{body}");
     }
+    // verify asks for a daemon, and names those behind the router.
+    let output = verify(&db.url, &format!("http://127.0.0.1:{port}"))
+        .output()
+        .expect("run permd verify");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("is a router"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("http://127.0.0.1:{second}")),
+        "{stderr}"
+    );
     let (status, log) = {
         let (status, _, log) = sigterm_and_wait(&mut running).await;
         (status, log)
