@@ -201,6 +201,9 @@ async fn the_router_sends_each_request_to_its_shard() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (status, _) = ask(&router, "GET", "/v1/digest", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    let huge = json!({ "checks": [], "pad": "x".repeat(1 << 20) });
+    let (status, body) = ask(&router, "POST", "/v1/check", Some(&huge)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     let anonymous = Request::get("/v1/check?subject=user:1&permission=read")
         .body(Body::empty())
         .expect("a request");
