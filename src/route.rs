@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use axum::response::IntoResponse as _;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_rustls::HttpsConnector;
@@ -33,7 +34,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::{ServerCerts, ServerLimits, Token};
+use crate::http::{ApiError, ServerCerts, ServerLimits, Token};
 use crate::shard::Shard;
 
 /// How the router runs.
@@ -198,18 +199,9 @@ impl Router {
             _ => {}
         }
         if let Some(token) = &self.0.config.token {
-            let presented = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-                .unwrap_or_default();
-            if !token.matches(presented) {
-                let mut answer =
-                    json_answer(StatusCode::UNAUTHORIZED, &json!({"error": "unauthorized"}));
-                answer
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return answer;
+            let authorization = request.headers().get(header::AUTHORIZATION);
+            if !token.presented_in(authorization.map(HeaderValue::as_bytes)) {
+                return ApiError::Unauthorized.into_response();
             }
         }
         match (request.method(), path.as_str()) {
@@ -221,13 +213,11 @@ impl Router {
                     &json!({ "router": true, "ready": ready, "shards": shards }),
                 )
             }
-            (_, "/v1/digest") => json_answer(
-                StatusCode::BAD_REQUEST,
-                &json!({
-                    "error": "the digest is a shard's: ask each daemon, or run `permd verify \
-                              --permd URL` against each",
-                }),
-            ),
+            (_, "/v1/digest") => ApiError::bad_request(
+                "the digest is a shard's: ask each daemon, or run `permd verify --permd URL` \
+                 against each",
+            )
+            .into_response(),
             (&Method::POST, "/v1/check") => self.batch(request).await,
             _ => {
                 let shard = subject_of(request.uri()).map_or(0, |subject| self.owner(&subject));
@@ -641,10 +631,11 @@ fn json_answer(status: StatusCode, body: &Value) -> Answer {
 }
 
 fn too_large(limit: usize) -> Answer {
-    json_answer(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &json!({ "error": format!("the request body is over {limit} bytes") }),
-    )
+    ApiError::Invalid {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("the request body is over {limit} bytes"),
+    }
+    .into_response()
 }
 
 /// Serves the router on `listener` until `shutdown` (HTTPS with `tls`), then lets

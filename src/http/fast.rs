@@ -206,11 +206,10 @@ impl App {
     /// Whether a request with this `Authorization` value (the first one) passes the bearer
     /// token check, when one is configured.
     pub(super) fn authorized(&self, authorization: Option<&[u8]>) -> bool {
-        self.config.token.as_ref().map_or(true, |token| {
-            authorization
-                .and_then(|v| v.strip_prefix(b"Bearer "))
-                .is_some_and(|presented| token.matches(presented))
-        })
+        self.config
+            .token
+            .as_ref()
+            .map_or(true, |token| token.presented_in(authorization))
     }
 
     /// [`App::check_plain`] for a request hyper has parsed, as a response.

@@ -49,8 +49,16 @@ impl Token {
         &self.0
     }
 
+    /// Whether the value of an `Authorization` header (the first one) is `Bearer` and
+    /// this token.
+    pub(crate) fn presented_in(&self, authorization: Option<&[u8]>) -> bool {
+        authorization
+            .and_then(|value| value.strip_prefix(b"Bearer "))
+            .is_some_and(|presented| self.matches(presented))
+    }
+
     /// Compares in time independent of where the two differ.
-    pub(crate) fn matches(&self, candidate: &[u8]) -> bool {
+    fn matches(&self, candidate: &[u8]) -> bool {
         let expected = self.0.as_bytes();
         let mut diff = expected.len() ^ candidate.len();
         for (i, byte) in expected.iter().enumerate() {
@@ -250,15 +258,9 @@ async fn admit(State(app): State<App>, request: Request, next: Next) -> Response
         app.metrics.shed();
         return ApiError::Overloaded.into_response();
     };
-    if let Some(token) = &app.config.token {
-        let presented = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-            .unwrap_or_default();
-        if !token.matches(presented) {
-            return ApiError::Unauthorized.into_response();
-        }
+    let authorization = request.headers().get(axum::http::header::AUTHORIZATION);
+    if !app.authorized(authorization.map(axum::http::HeaderValue::as_bytes)) {
+        return ApiError::Unauthorized.into_response();
     }
     next.run(request).await
 }
