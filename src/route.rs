@@ -96,6 +96,37 @@ struct Inner {
     config: RouteConfig,
 }
 
+/// A request to send to a daemon.
+struct Forward {
+    method: Method,
+    /// The path and query.
+    target: String,
+    content_type: Option<HeaderValue>,
+    body: Bytes,
+}
+
+impl Forward {
+    /// `POST /v1/check` with `body`.
+    fn batch(content_type: Option<HeaderValue>, body: Bytes) -> Self {
+        Self {
+            method: Method::POST,
+            target: "/v1/check".to_owned(),
+            content_type,
+            body,
+        }
+    }
+
+    /// `GET /v1/status`.
+    fn status() -> Self {
+        Self {
+            method: Method::GET,
+            target: "/v1/status".to_owned(),
+            content_type: None,
+            body: Bytes::new(),
+        }
+    }
+}
+
 /// Why no daemon of a shard gave an answer: each one's reason, and whether every one
 /// timed out.
 struct Failure {
@@ -245,20 +276,18 @@ impl Router {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        self.relay(shard, parts.method, &target, content_type, body)
-            .await
+        let forward = Forward {
+            method: parts.method,
+            target,
+            content_type,
+            body,
+        };
+        self.relay(shard, &forward).await
     }
 
-    /// Sends one request to daemon `shard`; its answer as it went, or why there is none.
-    async fn relay(
-        &self,
-        shard: usize,
-        method: Method,
-        target: &str,
-        content_type: Option<HeaderValue>,
-        body: Bytes,
-    ) -> Answer {
-        match self.send(shard, method, target, content_type, body).await {
+    /// Sends `forward` to a daemon of `shard`; its answer as it went, or why there is none.
+    async fn relay(&self, shard: usize, forward: &Forward) -> Answer {
+        match self.send(shard, forward).await {
             Ok(answer) => answer.map(Body::new),
             Err(failure) => self.failed(shard, &failure),
         }
@@ -268,14 +297,7 @@ impl Router {
     /// does not answer (every request of the API is a read: sending it again is safe). A
     /// shard of one daemon is tried twice, unless the first try timed out: a connection
     /// the daemon closed as the request went out fails it without the daemon being down.
-    async fn send(
-        &self,
-        shard: usize,
-        method: Method,
-        target: &str,
-        content_type: Option<HeaderValue>,
-        body: Bytes,
-    ) -> Result<Response<Incoming>, Failure> {
+    async fn send(&self, shard: usize, forward: &Forward) -> Result<Response<Incoming>, Failure> {
         let group = &self.0.groups[shard];
         let first = group.next.fetch_add(1, Ordering::Relaxed);
         let mut failure = Failure {
@@ -287,16 +309,7 @@ impl Router {
                 break;
             }
             let daemon = &group.daemons[(first + turn) % group.daemons.len()];
-            let sent = self
-                .send_to(
-                    daemon,
-                    method.clone(),
-                    target,
-                    content_type.clone(),
-                    body.clone(),
-                )
-                .await;
-            match sent {
+            match self.send_to(daemon, forward).await {
                 Ok(answer) => return Ok(answer),
                 Err((reason, timed_out)) => {
                     daemon.failed.fetch_add(1, Ordering::Relaxed);
@@ -314,23 +327,20 @@ impl Router {
     async fn send_to(
         &self,
         daemon: &Daemon,
-        method: Method,
-        target: &str,
-        content_type: Option<HeaderValue>,
-        body: Bytes,
+        forward: &Forward,
     ) -> Result<Response<Incoming>, (String, bool)> {
         daemon.forwarded.fetch_add(1, Ordering::Relaxed);
         let mut request = Request::builder()
-            .method(method)
-            .uri(format!("{}{target}", daemon.base));
-        if let Some(content_type) = content_type {
+            .method(forward.method.clone())
+            .uri(format!("{}{}", daemon.base, forward.target));
+        if let Some(content_type) = &forward.content_type {
             request = request.header(header::CONTENT_TYPE, content_type);
         }
         if let Some(token) = &self.0.config.token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.secret()));
         }
         let request = request
-            .body(Body::from(body))
+            .body(Body::from(forward.body.clone()))
             .map_err(|e| (e.to_string(), false))?;
         let timeout = self.0.config.request_timeout;
         match tokio::time::timeout(timeout, self.0.client.request(request)).await {
@@ -373,9 +383,7 @@ impl Router {
                 let shard = parts
                     .and_then(|parts| parts.iter().position(|p| !p.1.is_empty()))
                     .unwrap_or(0);
-                return self
-                    .relay(shard, Method::POST, "/v1/check", content_type, body)
-                    .await;
+                return self.relay(shard, &Forward::batch(content_type, body)).await;
             }
         };
         let total: usize = places.iter().map(Vec::len).sum();
@@ -387,7 +395,7 @@ impl Router {
                 let content_type = content_type.clone();
                 async move {
                     let answer = self
-                        .send(shard, Method::POST, "/v1/check", content_type, body.into())
+                        .send(shard, &Forward::batch(content_type, body.into()))
                         .await;
                     let answer = match answer {
                         Ok(answer) => answer,
@@ -507,10 +515,7 @@ impl Router {
     /// another shard than `shard` (a list out of order).
     async fn look(&self, shard: Shard, daemon: &Daemon) -> (Value, bool, bool) {
         let mut report = json!({ "url": daemon.base });
-        let status = match self
-            .send_to(daemon, Method::GET, "/v1/status", None, Bytes::new())
-            .await
-        {
+        let status = match self.send_to(daemon, &Forward::status()).await {
             Err((reason, _)) => Err(reason),
             Ok(answer) if answer.status() != StatusCode::OK => {
                 Err(format!("/v1/status answered {}", answer.status()))
