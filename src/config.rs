@@ -288,6 +288,11 @@ pub struct DemoArgs {
     #[arg(long, env = "PERMD_DEMO_USERS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
     pub users: u32,
+    /// Serve the demo as a sharded set: this many daemons of `--shard i/N` (on ports of
+    /// the kernel's choosing) behind `permd route` on `--listen`.
+    #[arg(long, env = "PERMD_DEMO_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub shards: u32,
     /// Everything about the server.
     #[command(flatten)]
     pub server: ServerArgs,

@@ -1,12 +1,14 @@
 //! `permd demo`: a throwaway Postgres, demo data, a running daemon and curl commands.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DemoArgs;
+use crate::config::{DemoArgs, Settings};
 use crate::embedded::{Cluster, ClusterOptions};
+use crate::shard::Shard;
 use crate::Daemon;
 
 /// `println!` (`say!(out, ..)`) and `eprintln!` (`say!(err, ..)`) that give up on a stream
@@ -201,17 +203,32 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     pool.close().await;
 
     settings.sync.database_url.clone_from(&database_url);
-    let daemon = Daemon::start_on(listener, settings, shutdown.clone()).await?;
-    if daemon.wait_ready(Duration::from_secs(120)).await {
-        // A URL given by the user may hold a password: name the variable instead.
-        let psql_url = match &cluster {
-            Some(_) => database_url.clone(),
-            None => "$DATABASE_URL".to_owned(),
+    // A URL given by the user may hold a password: name the variable instead.
+    let psql_url = match &cluster {
+        Some(_) => database_url.clone(),
+        None => "$DATABASE_URL".to_owned(),
+    };
+    let with_token = args.server.token.is_set();
+    let stopped = if args.shards <= 1 {
+        let daemon = Daemon::start_on(listener, settings, shutdown.clone()).await?;
+        if daemon.wait_ready(Duration::from_secs(120)).await {
+            let base = format!("{}://{}", daemon.scheme(), daemon.local_addr());
+            let counts = daemon.store().counts();
+            let ready = format!(
+                "permd is ready: {} tuples, {} subjects, {} limits.",
+                counts.tuples, counts.subjects, counts.limits
+            );
+            print_examples(&base, &ready, with_token, args.users, &psql_url);
+        }
+        // The cluster is stopped whether or not the daemon stopped on its own (a panicked
+        // part).
+        daemon.wait().await
+    } else {
+        let print = |base: &str, ready: &str| {
+            print_examples(base, ready, with_token, args.users, &psql_url);
         };
-        print_examples(&daemon, args.server.token.is_set(), args.users, &psql_url);
-    }
-    // The cluster is stopped whether or not the daemon stopped on its own (a panicked part).
-    let stopped = daemon.wait().await;
+        sharded(listener, settings, args.shards, &shutdown, print).await
+    };
     if let Some(cluster) = cluster {
         say!(
             err,
@@ -226,6 +243,77 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             .await
             .ok();
     }
+    stopped
+}
+
+/// The demo as a sharded set: `shards` daemons of `--shard i/N` on ports of the kernel's
+/// choosing, and `permd route` in front of them on `listener`, until `shutdown`.
+async fn sharded(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    shards: u32,
+    shutdown: &CancellationToken,
+    print: impl FnOnce(&str, &str),
+) -> anyhow::Result<()> {
+    let mut daemons = Vec::new();
+    for index in 0..shards {
+        let mut own = settings.clone();
+        let shard = Shard::new(index, shards).context("a shard")?;
+        (own.sync.shard, own.http.shard, own.tls) = (shard, shard, None);
+        own.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listener = crate::bind(own.listen)?;
+        daemons.push(Daemon::start_on(listener, own, shutdown.clone()).await?);
+    }
+    let urls: Vec<String> = daemons
+        .iter()
+        .map(|d| format!("http://{}", d.local_addr()))
+        .collect();
+    let config = crate::route::RouteConfig {
+        shards: urls.clone(),
+        token: settings.http.token.clone(),
+        request_timeout: settings.http.request_timeout,
+        body_limit: settings.http.body_limit,
+        ca: None,
+    };
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let base = format!("{scheme}://{}", listener.local_addr()?);
+    let router = tokio::spawn(crate::route::serve(
+        listener,
+        crate::route::Router::new(config)?,
+        settings.server,
+        settings.tls.clone(),
+        shutdown.clone(),
+    ));
+    let mut ready = true;
+    for daemon in &daemons {
+        ready &= daemon.wait_ready(Duration::from_secs(120)).await;
+    }
+    if ready {
+        let mut tuples = 0;
+        for daemon in &daemons {
+            tuples += daemon.store().counts().tuples;
+        }
+        print(
+            &base,
+            &format!(
+                "permd is ready: {tuples} tuples in {shards} shards (daemons at {}), behind \
+                 `permd route` at {base}.",
+                urls.join(", ")
+            ),
+        );
+    }
+    let mut stopped = Ok(());
+    for daemon in daemons {
+        let result = daemon.wait().await;
+        if stopped.is_ok() {
+            stopped = result;
+        }
+    }
+    let _ = tokio::time::timeout(settings.shutdown_timeout, router).await;
     stopped
 }
 
@@ -303,9 +391,9 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_examples(daemon: &Daemon, with_token: bool, users: u32, database_url: &str) {
-    let base = format!("{}://{}", daemon.scheme(), daemon.local_addr());
-    let counts = daemon.store().counts();
+/// Prints what to try against `base` (the daemon, or the router), after `ready` (what it
+/// holds).
+fn print_examples(base: &str, ready: &str, with_token: bool, users: u32, database_url: &str) {
     let auth = if with_token {
         " -H \"Authorization: Bearer $PERMD_TOKEN\""
     } else {
@@ -321,13 +409,7 @@ fn print_examples(daemon: &Daemon, with_token: bool, users: u32, database_url: &
     };
     let outsider = 1 + (3 * 7919) % users;
     say!(out, "");
-    say!(
-        out,
-        "permd is ready: {} tuples, {} subjects, {} limits.",
-        counts.tuples,
-        counts.subjects,
-        counts.limits
-    );
+    say!(out, "{ready}");
     say!(out, "Try:");
     let examples = [
         ("user:2 writes in their team's folder (shared write with team 0)", check("user:2", "write", "resource:10000")),

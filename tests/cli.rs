@@ -1078,6 +1078,14 @@ async fn route_serves_a_sharded_set() {
     assert!(log.contains("routing"), "{log}");
 }
 
+/// `permd demo --shards 2`: the same checks answered by `permd route` in front of two
+/// daemons of `--shard i/2`.
+#[test]
+fn the_demo_serves_a_sharded_set() {
+    let instructions = demo(false, &["--shards", "2"]);
+    assert!(instructions.contains("in 2 shards"), "{instructions}");
+}
+
 /// `permd demo`, the README's first command: a throwaway Postgres seeded with the demo
 /// enterprise, a daemon answering the checks the demo prints, and on SIGTERM everything it
 /// started stopped and its directory removed. With its stdout and stderr gone (`permd demo |
@@ -1085,15 +1093,17 @@ async fn route_serves_a_sharded_set() {
 /// the kernel's choosing (so that no other process can take it between a test's choice and
 /// the demo's bind, seconds later), which the test reads from the printed checks, or with
 /// the pipes closed, from the demo's listening socket.
-fn demo(closed_pipes: bool) {
+fn demo(closed_pipes: bool, args: &[&str]) -> String {
     let tmp = std::env::temp_dir().join(format!(
-        "permd-demo-test-{}-{closed_pipes}",
-        std::process::id()
+        "permd-demo-test-{}-{closed_pipes}-{}",
+        std::process::id(),
+        args.len()
     ));
     std::fs::create_dir_all(&tmp).expect("create the demo's TMPDIR");
     let mut running = Running(
         permd()
             .args(["demo", "--users", "100", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("TMPDIR", &tmp)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1190,14 +1200,15 @@ fn demo(closed_pipes: bool) {
         .collect();
     assert!(left.is_empty(), "the demo left {left:?} behind");
     let _ = std::fs::remove_dir(&tmp);
+    instructions
 }
 
 #[test]
 fn the_demo_answers_what_it_prints_and_cleans_up() {
-    demo(false);
+    demo(false, &[]);
 }
 
 #[test]
 fn the_demo_serves_with_its_stdout_and_stderr_gone() {
-    demo(true);
+    demo(true, &[]);
 }
