@@ -7,6 +7,10 @@
 //! their results put back in the batch's order. A request whose subject cannot be read
 //! (missing, malformed) goes to shard 0, which answers the error a daemon answers.
 //!
+//! A shard may have several daemons: requests go to each in turn, and to the next when one
+//! does not answer (the API is all reads, so a request may be sent again). Daemons may be
+//! `https://`; the router may serve HTTPS itself.
+//!
 //! The router holds nothing and asks no database: it hashes, forwards and merges.
 
 use std::borrow::Cow;
