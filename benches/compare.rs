@@ -899,7 +899,7 @@ fn ratio(a: f64, b: f64) -> String {
 fn round_of(round: usize, rounds: usize) -> String {
     if rounds == 1 {
         String::new()
-    } else if round % 2 == 0 {
+    } else if round.is_multiple_of(2) {
         format!(", round {round} of {rounds} (run bottom row first)")
     } else {
         format!(", round {round} of {rounds}")
@@ -917,7 +917,7 @@ where
     F: FnMut(System, usize) -> R,
     R: std::future::Future<Output = Outcome>,
 {
-    let reversed = round % 2 == 0;
+    let reversed = round.is_multiple_of(2);
     let mut results = Vec::new();
     for i in 0..runs.len() {
         let (system, k) = runs[if reversed { runs.len() - 1 - i } else { i }];
@@ -985,7 +985,7 @@ fn main() {
             plans = PLANS,
             per = PER_SUBJECT,
         );
-        sqlx::raw_sql(&seed).execute(&pool).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(seed.clone())).execute(&pool).await.unwrap();
         sqlx::raw_sql("VACUUM ANALYZE").execute(&pool).await.unwrap();
         let tuples: i64 = sqlx::query_scalar("SELECT count(*) FROM permd.tuples").fetch_one(&pool).await.unwrap();
 

@@ -207,12 +207,12 @@ fn main() {
         if retained > 0 {
             // A day's changelog, as `permd.prune_changelog('1 day')` keeps it: rows of
             // transactions long applied (xid 3, below every cursor), analyzed.
-            sqlx::raw_sql(&format!(
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO permd.changelog (xid, kind, subject, object)
                  SELECT '3', 't', 'user:' || i, 'doc:' || (i % 1000)
                  FROM generate_series(1, {retained}) i;
                  ANALYZE permd.changelog;"
-            ))
+            )))
             .execute(&pool)
             .await
             .unwrap();

@@ -97,7 +97,7 @@ fn main() {
             let pool = permd::db::pool(&url).await.unwrap();
             permd::db::migrate(&pool).await.unwrap();
             let started = Instant::now();
-            sqlx::raw_sql(&format!(
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "SET session_replication_role = replica; -- no changelog rows for the fill
                  SET maintenance_work_mem = '1GB';
                  TRUNCATE permd.tuples; TRUNCATE permd.changelog;
@@ -110,7 +110,7 @@ fn main() {
                  ALTER TABLE permd.tuples ADD CONSTRAINT tuples_pkey
                      PRIMARY KEY (subject, object, permission);
                  TRUNCATE permd.changelog;"
-            ))
+            )))
             .execute(&pool)
             .await
             .unwrap();

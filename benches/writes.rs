@@ -303,7 +303,9 @@ fn main() {
                 let started = Instant::now();
                 sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
                 let sql = (path.sql)(i);
-                let wrote = sqlx::raw_sql(&sql).execute(&mut *conn).await;
+                let wrote = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                    .execute(&mut *conn)
+                    .await;
                 if let Err(e) = &wrote {
                     assert!(path.name.contains("refused"), "{sql}: {e}");
                     sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();

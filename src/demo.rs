@@ -334,7 +334,7 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
         let sql = sql
             .replace("$1", &users.to_string())
             .replace("$2", &teams.to_string());
-        let done = sqlx::raw_sql(&sql)
+        let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut *tx)
             .await
             .with_context(|| format!("seed {label}"))?;

@@ -331,7 +331,7 @@ fn describe<T: Ord + std::fmt::Debug>(report: &mut String, what: &str, db: &[T],
 /// that makes the daemon catch up to that snapshot.
 async fn in_snapshot(
     pool: &sqlx::PgPool,
-    query: &str,
+    query: &'static str,
 ) -> anyhow::Result<(u64, Vec<(String, String)>)> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")

@@ -152,9 +152,9 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
             .await;
         // The pool's old connections died with the server; sqlx replaces them.
         let after = loop {
-            let attempt = sqlx::raw_sql(&format!(
+            let attempt = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO permd.tuples VALUES ('after{round}', 'doc', 'read', NULL)"
-            ))
+            )))
             .execute(&db.pool)
             .await;
             if attempt.is_ok() {
@@ -209,9 +209,9 @@ async fn with_notify_off_polling_delivers_within_the_interval() {
     let daemon = TestDaemon::start_with(sync, patient()).await;
     let mut worst = Duration::ZERO;
     for i in 0..5 {
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO permd.tuples VALUES ('quiet{i}', 'doc', 'read', NULL)"
-        ))
+        )))
         .execute(&pool)
         .await
         .expect("write");
@@ -343,7 +343,7 @@ async fn twenty_forced_reloads_during_concurrent_writes() {
                         } else {
                             format!("DELETE FROM permd.tuples WHERE subject = 's{s}' AND object = 'o{o}'")
                         };
-                        sqlx::raw_sql(&sql).execute(&pool).await.expect("write");
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&pool).await.expect("write");
                     }
                 })
             })

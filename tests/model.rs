@@ -315,7 +315,7 @@ async fn judge(db: &TestDb, daemon: &TestDaemon, token: &str, context: &str) {
                 .range((s.to_owned(), o.to_owned(), p.to_owned(), None)..)
                 .next()
                 .is_some_and(|(ts, to, tp, e)| {
-                    ts == s && to == o && tp == p && e.map_or(true, |e| e > now)
+                    ts == s && to == o && tp == p && e.is_none_or(|e| e > now)
                 })
         };
         live(o) || (!o.is_empty() && live("*"))
@@ -613,7 +613,10 @@ async fn try_batch(db: &TestDb, ops: &[Op]) -> (String, Vec<String>, Result<(), 
             .execute(&mut *tx)
             .await
             .expect("savepoint");
-        if let Err(e) = sqlx::raw_sql(&op.sql()).execute(&mut *tx).await {
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(op.sql().clone()))
+            .execute(&mut *tx)
+            .await
+        {
             refused.push(format!("{op:?}: {e}"));
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT op")
                 .execute(&mut *tx)

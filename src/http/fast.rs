@@ -112,7 +112,7 @@ impl<'a> CheckFields<'a> {
         let object_valid = fields
             .object
             .as_ref()
-            .map_or(true, |o| is_identifier(o, true));
+            .is_none_or(|o| is_identifier(o, true));
         (valid(&fields.subject, false) && valid(&fields.permission, false) && object_valid)
             .then_some(fields)
     }
@@ -209,7 +209,7 @@ impl App {
         self.config
             .token
             .as_ref()
-            .map_or(true, |token| token.presented_in(authorization))
+            .is_none_or(|token| token.presented_in(authorization))
     }
 
     /// [`App::check_plain`] for a request hyper has parsed, as a response.

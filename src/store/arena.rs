@@ -82,7 +82,7 @@ impl Chunk {
         // size, so that a whole aligned huge page lies inside it; the rest is never
         // touched and costs address space only.
         let mut map = MmapOptions::new().len(HUGE_PAGE).map_anon()?;
-        if map.as_ptr() as usize % HUGE_PAGE != 0 {
+        if !(map.as_ptr() as usize).is_multiple_of(HUGE_PAGE) {
             map = MmapOptions::new().len(2 * HUGE_PAGE).map_anon()?;
         }
         #[cfg(target_os = "linux")]
@@ -127,11 +127,7 @@ impl Arena {
         if len < 2 || size > HUGE_PAGE || self.unavailable {
             return None;
         }
-        if self
-            .chunks
-            .last()
-            .map_or(true, |c| c.used + size > HUGE_PAGE)
-        {
+        if self.chunks.last().is_none_or(|c| c.used + size > HUGE_PAGE) {
             match self.map_chunk() {
                 Ok(chunk) => self.chunks.push(chunk),
                 Err(error) => {

@@ -286,7 +286,7 @@ struct Signing {
 impl Signing {
     /// Whether to read the key before the next poll.
     fn due(&self) -> bool {
-        self.stale && (self.proven || self.read_at.map_or(true, |at| at.elapsed() >= KEY_REREAD))
+        self.stale && (self.proven || self.read_at.is_none_or(|at| at.elapsed() >= KEY_REREAD))
     }
 }
 
@@ -671,7 +671,7 @@ impl Applier {
         self.status.refused();
         let (unlogged, logged_at) = &mut self.refused_quiet;
         *unlogged += 1;
-        if logged_at.map_or(true, |at| at.elapsed() >= QUIET) {
+        if logged_at.is_none_or(|at| at.elapsed() >= QUIET) {
             tracing::warn!(
                 notifications = *unlogged,
                 "a notification's rows were not applied: {why}; the changelog is read instead"
@@ -949,9 +949,9 @@ impl Applier {
     /// Why a full load is due to reclaim what incremental changes left behind, if one is
     /// (`store::Growth`) and the last one ended long enough ago (`COMPACTION_SPACING`).
     fn compaction_due(&self) -> Option<String> {
-        let spaced = self.last_load.map_or(true, |(ended, took)| {
-            ended.elapsed() >= took * COMPACTION_SPACING
-        });
+        let spaced = self
+            .last_load
+            .is_none_or(|(ended, took)| ended.elapsed() >= took * COMPACTION_SPACING);
         if !spaced {
             return None;
         }

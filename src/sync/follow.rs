@@ -539,8 +539,8 @@ impl Follower {
             // transaction is in the snapshot. With nothing committed left above the
             // horizon, the poll has read every such transaction; otherwise every dropped
             // one must be below the horizon.
-            let covered = caught_up
-                && (!pending || (!unknown && dropped.map_or(true, |x| x < snapshot.xmin)));
+            let covered =
+                caught_up && (!pending || (!unknown && dropped.is_none_or(|x| x < snapshot.xmin)));
             if covered {
                 self.set_mode(Mode::Following);
             }

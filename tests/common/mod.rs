@@ -206,7 +206,7 @@ pub async fn database_on(cluster: &Cluster) -> TestDb {
     let admin = permd::db::pool(&cluster.url("postgres"))
         .await
         .expect("connect as admin");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&admin)
         .await
         .expect("create database");
@@ -240,7 +240,7 @@ pub async fn model_database() -> TestDb {
 impl TestDb {
     /// Runs a batch of statements (simple protocol, one implicit transaction).
     pub async fn exec(&self, sql: &str) {
-        sqlx::raw_sql(sql)
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&self.pool)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -260,7 +260,7 @@ impl TestDb {
         sql: &str,
     ) -> (sqlx::Transaction<'static, sqlx::Postgres>, String) {
         let mut tx = self.pool.begin().await.expect("begin");
-        sqlx::raw_sql(sql)
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut *tx)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
