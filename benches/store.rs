@@ -17,7 +17,9 @@
 //! - global checks from two threads at once (`check_global_two_threads`), as a daemon's two
 //!   workers make them, over 1,024 subjects and over all 100,000;
 //! - `memory_latency`: one load that misses every cache (a pointer chase over 64 MiB), the
-//!   unit in which `check_allowed_cold` is counted.
+//!   unit in which `check_allowed_cold` is counted;
+//! - `list_objects`: the objects of one subject holding 100,000 (an owner of a large
+//!   tree), whole and a page of 100 from the middle (`limit`, `after`).
 
 use criterion::{criterion_main, Criterion, Throughput};
 use permd::store::Store;
@@ -329,6 +331,33 @@ fn memory_latency(c: &mut Criterion) {
     });
 }
 
+/// One subject's objects listed whole and a page at a time.
+fn list_objects(c: &mut Criterion) {
+    const OBJECTS: u32 = 100_000;
+    let names: Vec<String> = (0..OBJECTS)
+        .map(|o| format!("doc:{:x}", u64::from(o).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .collect();
+    let store = Store::from_tuples(names.iter().map(|o| ("user:1", o.as_str(), "read", None)));
+    let mut group = c.benchmark_group("list_objects");
+    group.sample_size(20);
+    group.bench_function("whole_100000", |b| {
+        b.iter(|| {
+            let listing = store.objects_of("user:1", "read", "", usize::MAX);
+            assert_eq!(listing.objects.len(), OBJECTS as usize);
+            listing
+        });
+    });
+    // Names are spread evenly over hex digits: about half sort after `doc:8`.
+    group.bench_function("page_of_100", |b| {
+        b.iter(|| {
+            let page = store.objects_of("user:1", "read", black_box("doc:8"), 100);
+            assert!(page.more && page.objects.len() == 100);
+            page
+        });
+    });
+    group.finish();
+}
+
 const BATCH: usize = 100;
 
 /// `checks` (subject, permission, object, expected answer) in batches of `BATCH`, through
@@ -386,7 +415,8 @@ mod group {
         super::checks,
         super::cold_uuid,
         super::two_threads,
-        super::memory_latency
+        super::memory_latency,
+        super::list_objects
     );
 }
 criterion_main!(group::benches);

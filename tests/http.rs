@@ -95,6 +95,75 @@ async fn good_requests_answer_from_the_store() {
     assert_eq!(status, StatusCode::OK, "an empty token means none: {body}");
 }
 
+/// A listing a page at a time: each page sorted and after the one before, `next` the
+/// `after` of the following page and null after the last, the pages together the whole
+/// listing (the public object of `*` among them), whatever the page's size.
+#[tokio::test]
+async fn objects_are_listed_a_page_at_a_time() {
+    let mut tuples: Vec<(String, String)> = (0..25)
+        .map(|i| ("u1".to_owned(), format!("doc:{i:02}")))
+        .collect();
+    tuples.push(("*".to_owned(), "doc:10".to_owned()));
+    tuples.push(("*".to_owned(), "doc:pub".to_owned()));
+    let store = Store::from_tuples(
+        tuples
+            .iter()
+            .map(|(s, o)| (s.as_str(), o.as_str(), "read", None)),
+    );
+    let r = Api::new(App::new(store, Status::default(), quick()));
+    let (status, whole) = get(&r, "/v1/subjects/u1/objects?permission=read").await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let mut expected: Vec<String> = (0..25).map(|i| format!("doc:{i:02}")).collect();
+    expected.push("doc:pub".to_owned());
+    assert_eq!(whole["objects"], json!(expected));
+    assert_eq!(whole["next"], Value::Null, "no limit: one page");
+    for limit in [1, 2, 7, 25, 26, 100] {
+        let mut listed: Vec<String> = Vec::new();
+        let mut after = String::new();
+        let mut pages = 0;
+        loop {
+            let (status, page) = get(
+                &r,
+                &format!("/v1/subjects/u1/objects?permission=read&limit={limit}&after={after}"),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            pages += 1;
+            let objects: Vec<String> =
+                serde_json::from_value(page["objects"].clone()).expect("a list of names");
+            assert!(objects.len() <= limit, "limit {limit}: {page}");
+            listed.extend(objects.iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => {
+                    assert_eq!(Some(next), objects.last().map(String::as_str), "{page}");
+                    after = next.to_owned();
+                }
+                None => break,
+            }
+            assert!(pages <= expected.len(), "limit {limit}: no end");
+        }
+        assert_eq!(listed, expected, "limit {limit}");
+        assert_eq!(
+            pages,
+            expected.len().div_ceil(limit).max(1),
+            "limit {limit}"
+        );
+    }
+    // `after` need not be a listed name, and past the last name the page is empty.
+    let (_, page) = get(
+        &r,
+        "/v1/subjects/u1/objects?permission=read&limit=2&after=doc:095",
+    )
+    .await;
+    assert_eq!(page["objects"], json!(["doc:10", "doc:11"]));
+    assert_eq!(page["next"], "doc:11");
+    let (_, page) = get(&r, "/v1/subjects/u1/objects?permission=read&after=doc:zzz").await;
+    assert_eq!(
+        (page["objects"].clone(), page["next"].clone()),
+        (json!([]), Value::Null)
+    );
+}
+
 #[tokio::test]
 async fn every_route_rejects_bad_input_with_a_json_4xx() {
     let r = app(quick());
@@ -129,6 +198,26 @@ async fn every_route_rejects_bad_input_with_a_json_4xx() {
         ("/v1/subjects/u1/objects".into(), bad),
         ("/v1/subjects/u1/objects?permission=".into(), bad),
         ("/v1/subjects/%FF/objects?permission=read".into(), bad),
+        (
+            "/v1/subjects/u1/objects?permission=read&limit=0".into(),
+            bad,
+        ),
+        (
+            "/v1/subjects/u1/objects?permission=read&limit=-1".into(),
+            bad,
+        ),
+        (
+            "/v1/subjects/u1/objects?permission=read&limit=ten".into(),
+            bad,
+        ),
+        (
+            "/v1/subjects/u1/objects?permission=read&limit=99999999999999999999999".into(),
+            bad,
+        ),
+        (
+            format!("/v1/subjects/u1/objects?permission=read&after={long}"),
+            bad,
+        ),
         ("/v1/subjects/%FF/limits".into(), bad),
         ("/v1/subjects/u1/limits?at_least=x".into(), bad),
         ("/v1/check-limit?subject=u1&limit=projects".into(), bad),
@@ -558,7 +647,7 @@ mod fuzz {
         "/v1/check?subject={}&permission={}&object={}",
         "/v1/check?subject=u1&permission=read&at_least={}",
         "/v1/subjects/{}/permissions?object={}",
-        "/v1/subjects/{}/objects?permission={}",
+        "/v1/subjects/{}/objects?permission={}&limit={}&after={}",
         "/v1/subjects/{}/limits",
         "/v1/check-limit?subject={}&limit={}&usage={}",
         "/v1/digest?at_least={}&by={}",

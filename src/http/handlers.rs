@@ -233,10 +233,15 @@ pub(super) async fn permissions(
 #[derive(Deserialize)]
 pub(super) struct ObjectsQuery {
     permission: String,
+    #[serde(default)]
+    after: String,
+    limit: Option<String>,
     at_least: Option<TokenRepr>,
 }
 
-/// `GET /v1/subjects/{subject}/objects?permission=`
+/// `GET /v1/subjects/{subject}/objects?permission=[&limit=N][&after=OBJECT]`: sorted by
+/// name, a page at a time when `limit` is given; `next` is the `after` of the next page,
+/// null after the last.
 pub(super) async fn objects(
     State(app): State<App>,
     ApiPath(subject): ApiPath,
@@ -244,12 +249,28 @@ pub(super) async fn objects(
 ) -> ApiResult {
     app.subject(&subject)?;
     identifier("permission", &q.permission, false)?;
+    identifier("after", &q.after, true)?;
+    let limit = match &q.limit {
+        None => usize::MAX,
+        Some(text) => match text.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`limit` must be a whole number of at least 1, got {text:?}"
+                )))
+            }
+        },
+    };
     let revision = app.fresh(q.at_least.as_ref()).await?;
-    let objects = app.store.objects_of(&subject, &q.permission);
+    let page = app
+        .store
+        .objects_of(&subject, &q.permission, &q.after, limit);
+    let next = page.more.then(|| page.objects.last().cloned()).flatten();
     Ok(Json(json!({
         "subject": subject,
         "permission": q.permission,
-        "objects": objects,
+        "objects": page.objects,
+        "next": next,
         "revision": revision.to_string(),
     })))
 }

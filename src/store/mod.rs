@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
 pub(crate) use state::{now_micros, Growth, State, StateBuilder};
-pub use state::{Digest, StoredRows, TupleRow};
+pub use state::{Digest, Listing, StoredRows, TupleRow};
 
 use state::Now;
 
@@ -244,12 +244,20 @@ impl Store {
             .permissions_of(subject, object, &mut Now::lazy())
     }
 
-    /// The objects on which `subject` holds `permission`, sorted (`*` means every object).
-    pub fn objects_of(&self, subject: &str, permission: &str) -> Vec<Arc<str>> {
+    /// The objects on which `subject` holds `permission`, sorted by name (`*` means every
+    /// object): the first `limit` of those named after `after` (from the first when it is
+    /// empty).
+    pub fn objects_of(
+        &self,
+        subject: &str,
+        permission: &str,
+        after: &str,
+        limit: usize,
+    ) -> Listing {
         self.inner
             .state
             .load()
-            .objects_of(subject, permission, &mut Now::lazy())
+            .objects_of(subject, permission, after, limit, &mut Now::lazy())
     }
 
     /// The limits of `subject` (its own over those of `*`).

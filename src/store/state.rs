@@ -659,32 +659,65 @@ impl State {
     }
 
     /// The objects on which `subject` holds `permission` (never the global object; `*`
-    /// when it is held on every object), wildcards and expiry applied, sorted.
+    /// when it is held on every object), wildcards and expiry applied, sorted by name: of
+    /// those named after `after` (all of them when it is empty), the first `limit`.
+    ///
+    /// A page costs a pass over the subject's grants whatever its size; only the names
+    /// past `after` are cloned, and only the page's are sorted.
     pub(crate) fn objects_of(
         &self,
         subject: &str,
         permission: &str,
+        after: &str,
+        limit: usize,
         now: &mut Now,
-    ) -> Vec<Arc<str>> {
+    ) -> Listing {
         let Some(permission) = self.permissions.get(permission) else {
-            return Vec::new();
+            return Listing::default();
         };
-        let mut found = BTreeSet::new();
-        for s in [subject, WILDCARD] {
-            if let Some(entry) = self.subjects.get(s) {
-                for (o, g) in entry.grants.iter(&self.packed) {
-                    if o != GLOBAL_ID && g.allows(permission, now) {
-                        found.insert(o);
-                    }
-                }
+        // Each subject's grants come sorted by object id, so its ids do too; the subject's
+        // and `*`'s are merged rather than sorted.
+        let mut held = |s: &str| -> Vec<u32> {
+            self.subjects.get(s).map_or_else(Vec::new, |entry| {
+                entry
+                    .grants
+                    .iter(&self.packed)
+                    .filter(|&(o, g)| o != GLOBAL_ID && g.allows(permission, now))
+                    .map(|(o, _)| o)
+                    .collect()
+            })
+        };
+        let own = held(subject);
+        let public = if subject == WILDCARD {
+            Vec::new()
+        } else {
+            held(WILDCARD)
+        };
+        let ids = merge_sorted(own, &public);
+        self.objects.with_names(|all| {
+            // Each name beside its id, so that the sort compares the names without going
+            // through their `Arc`s, and only the page's `Arc`s are cloned.
+            let mut names: Vec<(&str, u32)> = ids
+                .iter()
+                .filter_map(|&o| Some((&**all.get(o as usize)?, o)))
+                .filter(|&(name, _)| name > after)
+                .collect();
+            let more = names.len() > limit;
+            if more {
+                // The `limit` first names, in no order, then sorted: a page of a long
+                // listing sorts only itself.
+                names.select_nth_unstable(limit);
+                names.truncate(limit);
             }
-            if subject == WILDCARD {
-                break;
+            names.sort_unstable();
+            Listing {
+                objects: names
+                    .into_iter()
+                    .filter_map(|(_, o)| all.get(o as usize).cloned())
+                    .collect(),
+                more,
             }
-        }
-        let mut names: Vec<Arc<str>> = found.into_iter().map(|o| self.objects.name(o)).collect();
-        names.sort_unstable();
-        names
+        })
     }
 
     /// The limits of `subject`: its own values, over those of `*`.
@@ -907,6 +940,45 @@ impl State {
         rows.limits.sort();
         rows
     }
+}
+
+/// The union of two sorted lists of ids, sorted, each id once.
+fn merge_sorted(a: Vec<u32>, b: &[u32]) -> Vec<u32> {
+    debug_assert!(a.is_sorted() && b.is_sorted());
+    if b.is_empty() {
+        return a;
+    }
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                merged.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                merged.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                merged.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    merged.extend_from_slice(&a[i..]);
+    merged.extend_from_slice(&b[j..]);
+    merged
+}
+
+/// A page of a listing: names in order, and whether more follow the last one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// The page's names, sorted.
+    pub objects: Vec<Arc<str>>,
+    /// Whether names after the page's last one were left out by its limit.
+    pub more: bool,
 }
 
 /// The stored rows of one subject.
@@ -1262,11 +1334,15 @@ mod tests {
         assert!(state.check("admin", "delete", "doc:never-seen", &mut Now::lazy()));
         assert!(!state.check("admin", "delete", "", &mut Now::lazy()));
         assert_eq!(
-            state.objects_of("admin", "delete", &mut Now::lazy()),
+            state
+                .objects_of("admin", "delete", "", usize::MAX, &mut Now::lazy())
+                .objects,
             vec![Arc::from("*")]
         );
         assert_eq!(
-            state.objects_of("bob", "read", &mut Now::lazy()),
+            state
+                .objects_of("bob", "read", "", usize::MAX, &mut Now::lazy())
+                .objects,
             vec![Arc::from("doc:public")]
         );
         state.set_grant("*", "doc:public", &[]);
@@ -1543,8 +1619,8 @@ mod tests {
                     );
                 }
                 assert_eq!(
-                    built.objects_of(subject, "p1", &mut Now::lazy()),
-                    live.objects_of(subject, "p1", &mut Now::lazy())
+                    built.objects_of(subject, "p1", "", usize::MAX, &mut Now::lazy()),
+                    live.objects_of(subject, "p1", "", usize::MAX, &mut Now::lazy())
                 );
                 assert_eq!(built.rows_of(subject), live.rows_of(subject), "{when}");
             }
