@@ -58,8 +58,8 @@ pub enum Command {
     /// Start a throwaway Postgres from this machine's own binaries, seed it with demo
     /// data, serve, and print curl commands to try. Ctrl-C stops and removes everything.
     Demo(DemoArgs),
-    /// Prove a running daemon equals the database (digests), or print which subjects and
-    /// rows differ. Exits 0 when equal, 1 when not.
+    /// Prove a running daemon (or every daemon behind a router) equals the database
+    /// (digests), or print which subjects and rows differ. Exits 0 when equal, 1 when not.
     Verify(VerifyArgs),
     /// Serve one address in front of the daemons of a sharded set (`serve --shard i/n`):
     /// each request goes to the daemon of its subject's shard, a batch split by shard.
@@ -155,7 +155,8 @@ pub struct VerifyArgs {
     /// Postgres connection URL of the database the daemon mirrors.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
-    /// The daemon's base URL, http:// or https://.
+    /// The daemon's base URL, http:// or https://; a router's (`permd route`) to verify
+    /// every daemon behind it.
     #[arg(long, env = "PERMD_URL", default_value = "http://127.0.0.1:7700")]
     pub permd: String,
     /// For an https:// daemon: the CA certificate(s) to trust (PEM), instead of the

@@ -89,9 +89,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // Not `print!`, which panics when stdout is gone (`verify | head`): the
             // verdict is the exit status.
             let _ = write!(std::io::stdout(), "{}", verdict.text());
-            match verdict {
-                permd::verify::Verdict::InSync { .. } => Ok(()),
-                permd::verify::Verdict::Differs { subjects, .. } => {
+            match verdict.differing() {
+                0 => Ok(()),
+                subjects => {
                     anyhow::bail!("permd differs from the database in {subjects} subject(s)")
                 }
             }

@@ -4,7 +4,9 @@
 //! apply everything the database's snapshot holds (`at_least`). When they differ, it
 //! narrows down by per-subject digests and prints the rows each side has that the other
 //! lacks. A daemon of one shard (`--shard`, reported in its `/v1/status`) is compared
-//! with the database's subjects of that shard: the sum of their digests.
+//! with the database's subjects of that shard: the sum of their digests. A router (`permd
+//! route`) holds no rows: each daemon behind it is verified in turn, against the shard
+//! the router sends it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -55,13 +57,35 @@ pub enum Verdict {
         /// As for `InSync`.
         changing: Vec<String>,
     },
+    /// Verified through a router: the verdict on each daemon behind it, by its URL, in
+    /// shard order.
+    Set(Vec<(String, Verdict)>),
 }
 
 impl Verdict {
+    /// How many subjects differ (on every daemon, for a set): 0 when in sync.
+    pub fn differing(&self) -> usize {
+        match self {
+            Self::InSync { .. } => 0,
+            Self::Differs { subjects, .. } => *subjects,
+            Self::Set(daemons) => daemons.iter().map(|(_, v)| v.differing()).sum(),
+        }
+    }
+
     /// What `permd verify` prints: the verdict, or the report of what differs; and the
-    /// subjects not judged.
+    /// subjects not judged. For a set, each daemon's, under its URL.
     pub fn text(&self) -> String {
         let (mut text, changing) = match self {
+            Self::Set(daemons) => {
+                let mut text = String::new();
+                for (url, verdict) in daemons {
+                    text.push_str(&format!("{url}:\n"));
+                    for line in verdict.text().lines() {
+                        text.push_str(&format!("  {line}\n"));
+                    }
+                }
+                return text;
+            }
             Self::InSync {
                 digest,
                 shard,
@@ -105,9 +129,9 @@ impl Verdict {
 /// How often a subject written during verification is compared again by itself.
 const RECHECKS: u32 = 5;
 
-/// Compares the daemon with the database at `database_url`.
+/// Compares the daemon with the database at `database_url`; through a router, each
+/// daemon behind it.
 pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdict> {
-    const ATTEMPTS: u32 = 3;
     let pool = crate::db::pool(database_url).await?;
     // Every transaction that had not ended when verify began has an xid at or above this:
     // the changelog names the subjects they wrote, the only ones that can differ in flight.
@@ -115,7 +139,43 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
         .fetch_one(&pool)
         .await
         .context("read the database's snapshot")?;
-    let shard = daemon_shard(target).await?;
+    let daemons = match placement(target).await? {
+        Placement::Daemon(shard) => return verify_daemon(&pool, &since, target, shard).await,
+        Placement::Router(daemons) => daemons,
+    };
+    let mut verdicts = Vec::new();
+    for (url, placed) in daemons {
+        let daemon = Target {
+            permd: url.clone(),
+            ..target.clone()
+        };
+        let verdict = async {
+            match placement(&daemon).await? {
+                Placement::Daemon(shard) if shard == placed => {
+                    verify_daemon(&pool, &since, &daemon, shard).await
+                }
+                Placement::Daemon(shard) => bail!(
+                    "it mirrors shard {shard}, but the router sends it the subjects of shard \
+                     {placed}"
+                ),
+                Placement::Router(_) => bail!("it is a router too"),
+            }
+        }
+        .await
+        .with_context(|| format!("verify {url}, behind the router {}", target.permd))?;
+        verdicts.push((url, verdict));
+    }
+    Ok(Verdict::Set(verdicts))
+}
+
+/// Compares one daemon, which mirrors `shard`, with the database.
+async fn verify_daemon(
+    pool: &sqlx::PgPool,
+    since: &str,
+    target: &Target,
+    shard: Shard,
+) -> anyhow::Result<Verdict> {
+    const ATTEMPTS: u32 = 3;
     // Writes may land between our two reads; a difference that vanishes on a retry was
     // only in flight.
     let mut last = None;
@@ -124,11 +184,11 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
         // the sum of its subjects' digests (`permd.digest()`'s, by subject: 1.5x its time).
         // Then the daemon's, once it has applied all of that snapshot (`at_least`).
         let (token, db_digest, db_subjects) = if shard.is_whole() {
-            let (token, rows) = in_snapshot(&pool, "SELECT '', permd.digest()").await?;
+            let (token, rows) = in_snapshot(pool, "SELECT '', permd.digest()").await?;
             let digest = rows.into_iter().next().map(|(_, d)| d).unwrap_or_default();
             (token, digest, None)
         } else {
-            let (token, subjects) = subject_digests(&pool, shard).await?;
+            let (token, subjects) = subject_digests(pool, shard).await?;
             let mut digest = Digest::default();
             for subject in subjects.values() {
                 digest.add(subject.parse().map_err(anyhow::Error::msg)?);
@@ -156,7 +216,7 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
     // Narrowed down to the subjects whose digests differ.
     let (token, db_subjects) = match last {
         Some((token, Some(subjects))) => (token, subjects),
-        _ => subject_digests(&pool, shard).await?,
+        _ => subject_digests(pool, shard).await?,
     };
     let answer = get_json(target, &format!("/v1/digest?by=subject&at_least={token}")).await?;
     let daemon_subjects: BTreeMap<String, String> = answer["subjects"]
@@ -181,9 +241,9 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
         "SELECT DISTINCT subject FROM permd.changelog
          WHERE xid >= $1::text::xid8 AND subject = ANY($2)",
     )
-    .bind(&since)
+    .bind(since)
     .bind(&differing)
-    .fetch_all(&pool)
+    .fetch_all(pool)
     .await
     .context("read the changelog")?
     .into_iter()
@@ -193,7 +253,7 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
     let mut changing = Vec::new();
     for subject in differing {
         let rows = if written.contains(&subject) {
-            match recheck(&pool, target, &subject).await? {
+            match recheck(pool, target, &subject).await? {
                 None => continue,
                 Some(_) => {
                     changing.push(subject);
@@ -201,7 +261,7 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
                 }
             }
         } else {
-            let db_rows = db_rows(&pool, &subject).await?;
+            let db_rows = db_rows(pool, &subject).await?;
             (db_rows, daemon_rows(target, &subject, None).await?)
         };
         differs += 1;
@@ -290,28 +350,43 @@ async fn subject_digests(
     ))
 }
 
-/// The shard the daemon mirrors, from its status (one from before shards reports none:
-/// it mirrors everything).
-async fn daemon_shard(target: &Target) -> anyhow::Result<Shard> {
+/// What answers at a URL: a daemon, and the shard it mirrors; or a router, and the
+/// daemons behind it.
+enum Placement {
+    /// A daemon of this shard (one from before shards reports none: it mirrors everything).
+    Daemon(Shard),
+    /// A router: each daemon's URL and the shard the router sends it, in shard order.
+    Router(Vec<(String, Shard)>),
+}
+
+/// Asks the status of what answers at `target`.
+async fn placement(target: &Target) -> anyhow::Result<Placement> {
     let status = get_json(target, "/v1/status").await?;
     if status["router"] == Value::Bool(true) {
-        let urls: Vec<&str> = status["shards"]
+        let shards = status["shards"]
             .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|shard| shard["daemons"].as_array().into_iter().flatten())
-            .filter_map(|daemon| daemon["url"].as_str())
-            .collect();
-        bail!(
-            "{} is a router (`permd route`), which holds no rows: verify each daemon behind it \
-             (`permd verify --permd URL`): {}",
-            target.permd,
-            urls.join(", ")
-        );
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let count = u32::try_from(shards.len()).unwrap_or(u32::MAX);
+        let mut daemons = Vec::new();
+        for (index, shard) in (0..).zip(shards) {
+            let placed = Shard::new(index, count).context("the router's status lists no shard")?;
+            for daemon in shard["daemons"].as_array().into_iter().flatten() {
+                let url = daemon["url"]
+                    .as_str()
+                    .context("the router's status names a daemon without its URL")?;
+                daemons.push((url.to_owned(), placed));
+            }
+        }
+        if daemons.is_empty() {
+            bail!("{} is a router with no daemon behind it", target.permd);
+        }
+        return Ok(Placement::Router(daemons));
     }
     match status["shard"].as_str() {
-        None => Ok(Shard::WHOLE),
+        None => Ok(Placement::Daemon(Shard::WHOLE)),
         Some(text) => Shard::parse(text)
+            .map(Placement::Daemon)
             .map_err(|e| anyhow::anyhow!("the daemon reports the shard {text:?}: {e}")),
     }
 }

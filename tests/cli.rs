@@ -1059,15 +1059,59 @@ async fn route_serves_a_sharded_set() {
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("\"allowed\":true"), "{body}");
     }
-    // verify asks for a daemon, and names those behind the router.
-    let output = verify(&db.url, &format!("http://127.0.0.1:{port}"))
+    // verify through the router verifies each daemon behind it, against its shard...
+    let router = format!("http://127.0.0.1:{port}");
+    let output = verify(&db.url, &router).output().expect("run permd verify");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for (daemon, shard) in [(first, "0/2"), (second, "1/2")] {
+        let said = format!(
+            "http://127.0.0.1:{daemon}:\n  in sync: permd (shard {shard}) equals the database's"
+        );
+        assert!(stdout.contains(&said), "{stdout}");
+    }
+    // ...and names the daemon of a subject that differs, written with the triggers off.
+    let ghost = (1..)
+        .map(|i| format!("ghost:{i}"))
+        .find(|s| !Shard::new(0, 2).expect("a shard").owns(s))
+        .expect("a subject of shard 1/2");
+    db.exec(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica;
+         INSERT INTO permd.tuples VALUES ('{ghost}', 'doc:9', 'read', NULL);
+         COMMIT;"
+    ))
+    .await;
+    let stdout = differs(&verify(&db.url, &router).output().expect("run verify"), 1);
+    let (in_sync, differing) = stdout
+        .split_once(&format!("http://127.0.0.1:{second}:\n"))
+        .expect("the second daemon's verdict");
+    assert!(in_sync.contains("in sync"), "{stdout}");
+    assert!(
+        differing.contains(&format!("subject {ghost:?}")),
+        "{stdout}"
+    );
+    // A router that lists the daemons in the wrong order gets no verdict.
+    let mut swapped = permd();
+    swapped
+        .args(["route", "--listen", "127.0.0.1:0", "--shards"])
+        .arg(format!(
+            "http://127.0.0.1:{second},http://127.0.0.1:{first}"
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut swapped = Running(swapped.spawn().expect("start permd route"));
+    let swapped_port = listening(&mut swapped);
+    let output = verify(&db.url, &format!("http://127.0.0.1:{swapped_port}"))
         .output()
         .expect("run permd verify");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains("is a router"), "{stderr}");
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("http://127.0.0.1:{second}")),
+        stderr.contains("it mirrors shard 1/2, but the router sends it the subjects of shard 0/2"),
         "{stderr}"
     );
     let (status, log) = {
