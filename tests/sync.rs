@@ -1569,3 +1569,127 @@ async fn shards_split_the_subjects_between_daemons() {
         daemon.stop().await;
     }
 }
+
+/// README's "Your own model" block, run as it stands: every write path of its two tables
+/// keeps `permd.tuples` exact, the daemon follows, and a transfer of ownership that
+/// commits just after a new share to the old owner keeps the share's permissions (the
+/// share's trigger's lock makes the transfer wait and recompute after it; without the lock
+/// the transfer's snapshot misses the share and takes them away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readmes_own_model_keeps_the_set_exact() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("```sql\n-- Your schema:")
+        .expect("README's own-model block")
+        + "```sql\n".len();
+    let block = &readme[start..];
+    let block = &block[..block.find("```").expect("the block's end")];
+    let db = database().await;
+    db.exec(block).await;
+    let daemon = TestDaemon::start(&db.url).await;
+    let may = |user: u32, permission: &'static str, doc: u32, token: String| {
+        let daemon = &daemon;
+        async move {
+            daemon
+                .check(
+                    &format!("user:{user}"),
+                    permission,
+                    &format!("doc:{doc}"),
+                    &token,
+                )
+                .await
+        }
+    };
+    let everything = ["read", "write", "share"];
+
+    let t = db.write("INSERT INTO docs VALUES (1, 10)").await;
+    for p in everything {
+        assert!(may(10, p, 1, t.clone()).await, "the owner may {p}");
+    }
+    let t = db
+        .write("INSERT INTO doc_shares VALUES (1, 20, 'read')")
+        .await;
+    assert!(may(20, "read", 1, t.clone()).await);
+    assert!(!may(20, "write", 1, t).await);
+    let t = db
+        .write("UPDATE doc_shares SET access = 'write' WHERE user_id = 20")
+        .await;
+    assert!(may(20, "write", 1, t.clone()).await);
+    assert!(!may(20, "share", 1, t).await);
+    let t = db.write("UPDATE docs SET owner_id = 20 WHERE id = 1").await;
+    assert!(
+        !may(10, "read", 1, t.clone()).await,
+        "the old owner lost it"
+    );
+    assert!(may(20, "share", 1, t).await);
+    // The share goes; ownership still gives what the share gave.
+    let t = db.write("DELETE FROM doc_shares WHERE user_id = 20").await;
+    for p in everything {
+        assert!(may(20, p, 1, t.clone()).await, "the owner may still {p}");
+    }
+    let t = db
+        .write("INSERT INTO doc_shares VALUES (1, 30, 'read'); DELETE FROM docs WHERE id = 1")
+        .await;
+    assert!(!may(20, "read", 1, t.clone()).await);
+    assert!(
+        !may(30, "read", 1, t).await,
+        "the share went with the document"
+    );
+
+    // A new share to the owner, uncommitted, then a transfer of ownership.
+    db.write("INSERT INTO docs VALUES (2, 5)").await;
+    let (share, _) = db
+        .open_write("INSERT INTO doc_shares VALUES (2, 5, 'write')")
+        .await;
+    let pool = db.pool.clone();
+    let transfer = tokio::spawn(async move {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("UPDATE docs SET owner_id = 7 WHERE id = 2")
+            .execute(&mut *tx)
+            .await
+            .expect("transfer");
+        let token: String = sqlx::query_scalar("SELECT permd.write_token()")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("token");
+        tx.commit().await.expect("commit");
+        token
+    });
+    wait_until("the transfer waits for the share's lock", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("pg_stat_activity")
+            > 0
+    })
+    .await;
+    share.commit().await.expect("commit the share");
+    let t = transfer.await.expect("the transfer");
+    assert!(
+        may(5, "write", 2, t.clone()).await,
+        "the share's write kept"
+    );
+    assert!(
+        !may(5, "share", 2, t.clone()).await,
+        "ownership's share gone"
+    );
+    assert!(may(7, "share", 2, t.clone()).await);
+    assert_eq!(db.digest().await, daemon.digest_at(&t).await);
+
+    // Anything but READ COMMITTED is refused.
+    let mut tx = db.pool.begin().await.expect("begin");
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .expect("repeatable read");
+    let refused = sqlx::query("INSERT INTO docs VALUES (3, 5)")
+        .execute(&mut *tx)
+        .await
+        .expect_err("a REPEATABLE READ write");
+    drop(tx);
+    assert!(refused.to_string().contains("READ COMMITTED"), "{refused}");
+    daemon.stop().await;
+}
