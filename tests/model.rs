@@ -1040,6 +1040,47 @@ async fn a_flush_waits_for_the_one_before_it() {
     daemon.stop().await;
 }
 
+/// A SERIALIZABLE writer beside a READ COMMITTED one: T1 begins (its snapshot taken), T2
+/// shares a folder with a group and commits, then T1 adds a user to that group. T1's flush
+/// would compute the user's permissions from its snapshot, without the share, and leave
+/// them short: it fails with a serialization failure instead (migration 1003), and once
+/// retried the user holds the folder. Without 1003, T1 commits and the share is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serializable_writer_that_missed_a_flush_must_retry() {
+    let db = model_database().await;
+    seed(&db).await;
+    let join = "INSERT INTO app.group_members VALUES (2, 6)";
+    let mut t1 = db.pool.begin().await.expect("begin T1");
+    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT count(*) FROM app.users")
+        .execute(&mut *t1)
+        .await
+        .expect("T1 takes its snapshot");
+    db.write("INSERT INTO app.shares (resource_id, group_id, access) VALUES (6, 2, 'read')")
+        .await;
+    sqlx::query(join)
+        .execute(&mut *t1)
+        .await
+        .expect("T1 adds user 6 to group 2");
+    let failed = t1.commit().await.expect_err("T1's flush missed T2's share");
+    let code = failed
+        .as_database_error()
+        .and_then(|e| e.code().map(|c| c.into_owned()));
+    assert_eq!(code.as_deref(), Some("40001"), "{failed}");
+    assert_eq!(
+        perms(&db, 6, "resource:6").await,
+        "",
+        "nothing of T1 committed"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN ISOLATION LEVEL SERIALIZABLE; {join}; COMMIT"
+    )))
+    .execute(&db.pool)
+    .await
+    .expect("T1 retried");
+    assert_eq!(perms(&db, 6, "resource:6").await, "list,read");
+    assert!(drift(&db).await.is_empty());
+}
+
 /// Two transactions move two folders under each other at once. Each finds no cycle in
 /// its own snapshot; the second to commit re-checks the tree under the model's lock and
 /// is refused at COMMIT.
