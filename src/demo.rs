@@ -452,5 +452,20 @@ fn print_examples(base: &str, ready: &str, with_token: bool, users: u32, databas
         "  {}",
         check("user:9", "read", "resource:10000").replace("10000'", "10000&at_least='$TOKEN")
     );
+    let permd = std::env::current_exe()
+        .map_or_else(|_| "permd".to_owned(), |path| path.display().to_string());
+    let ca = if base.starts_with("https://") {
+        " --permd-ca CA_OF_YOUR_CERTIFICATE.pem"
+    } else {
+        ""
+    };
+    say!(
+        out,
+        "Prove that permd equals the database (digests; through a router, every daemon behind it):"
+    );
+    say!(
+        out,
+        "  {permd} verify --database-url \"{database_url}\" --permd {base}{ca}"
+    );
     say!(out, "Press Ctrl-C to stop.");
 }

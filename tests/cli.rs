@@ -1223,6 +1223,28 @@ fn demo(closed_pipes: bool, args: &[&str]) -> String {
             );
         }
         assert!(check(allowed), "{allowed}");
+        // The printed verify, run: in sync (for a sharded demo, every daemon).
+        let verify_line = instructions
+            .lines()
+            .find(|line| line.contains(" verify --database-url \""))
+            .unwrap_or_else(|| panic!("no printed verify:\n{instructions}"));
+        let database_url = verify_line
+            .split('"')
+            .nth(1)
+            .expect("the quoted database URL");
+        let base = verify_line
+            .rsplit(' ')
+            .next()
+            .expect("the daemon's URL last");
+        let output = verify(database_url, base)
+            .output()
+            .expect("run permd verify");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("in sync"),
+            "{verify_line}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     assert!(!check(denied), "{denied}");
     let runtime = tokio::runtime::Builder::new_current_thread()
