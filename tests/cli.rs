@@ -1010,6 +1010,24 @@ async fn verify_proves_a_shard() {
     assert!(!stdout.contains(&theirs), "{stdout}");
 }
 
+/// `permd route` on a port of the kernel's choosing, in front of the daemons on `ports`
+/// (one a shard, in shard order): the process and its port.
+fn route(ports: &[u16]) -> (Running, u16) {
+    let shards: Vec<String> = ports
+        .iter()
+        .map(|port| format!("http://127.0.0.1:{port}"))
+        .collect();
+    let mut route = permd();
+    route
+        .args(["route", "--listen", "127.0.0.1:0", "--shards"])
+        .arg(shards.join(","))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut running = Running(route.spawn().expect("start permd route"));
+    let port = listening(&mut running);
+    (running, port)
+}
+
 /// `permd route` in front of two `permd serve --shard i/2`: README's sharded set, as
 /// processes. It refuses what it cannot route to, and stops on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1036,16 +1054,7 @@ async fn route_serves_a_sharded_set() {
     .await;
     let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
     let (_second, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
-    let mut route = permd();
-    route
-        .args(["route", "--listen", "127.0.0.1:0", "--shards"])
-        .arg(format!(
-            "http://127.0.0.1:{first},http://127.0.0.1:{second}"
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut running = Running(route.spawn().expect("start permd route"));
-    let port = listening(&mut running);
+    let (mut running, port) = route(&[first, second]);
     wait_until("the router's readyz 200", || {
         std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
     })
@@ -1095,16 +1104,7 @@ async fn route_serves_a_sharded_set() {
         "{stdout}"
     );
     // A router that lists the daemons in the wrong order gets no verdict.
-    let mut swapped = permd();
-    swapped
-        .args(["route", "--listen", "127.0.0.1:0", "--shards"])
-        .arg(format!(
-            "http://127.0.0.1:{second},http://127.0.0.1:{first}"
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut swapped = Running(swapped.spawn().expect("start permd route"));
-    let swapped_port = listening(&mut swapped);
+    let (_swapped, swapped_port) = route(&[second, first]);
     let output = verify(&db.url, &format!("http://127.0.0.1:{swapped_port}"))
         .output()
         .expect("run permd verify");

@@ -1021,15 +1021,7 @@ async fn a_flush_waits_for_the_one_before_it() {
         })
     };
     common::wait_until("T2 waits for T1's flush (or has finished)", || async {
-        t2.is_finished()
-            || sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .expect("locks")
-                > 0
+        t2.is_finished() || db.lock_waiters().await > 0
     })
     .await;
     t1.commit().await.expect("commit T1");

@@ -1641,29 +1641,18 @@ async fn readmes_own_model_keeps_the_set_exact() {
     let (share, _) = db
         .open_write("INSERT INTO doc_shares VALUES (2, 5, 'write')")
         .await;
-    let pool = db.pool.clone();
+    let writer = TestDb {
+        url: db.url.clone(),
+        unix_url: db.unix_url.clone(),
+        pool: db.pool.clone(),
+    };
     let transfer = tokio::spawn(async move {
-        let mut tx = pool.begin().await.expect("begin");
-        sqlx::query("UPDATE docs SET owner_id = 7 WHERE id = 2")
-            .execute(&mut *tx)
+        writer
+            .write("UPDATE docs SET owner_id = 7 WHERE id = 2")
             .await
-            .expect("transfer");
-        let token: String = sqlx::query_scalar("SELECT permd.write_token()")
-            .fetch_one(&mut *tx)
-            .await
-            .expect("token");
-        tx.commit().await.expect("commit");
-        token
     });
     wait_until("the transfer waits for the share's lock", || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .expect("pg_stat_activity")
-            > 0
+        db.lock_waiters().await > 0
     })
     .await;
     share.commit().await.expect("commit the share");

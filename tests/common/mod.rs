@@ -246,6 +246,17 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// How many sessions of this database wait for a lock (a row's, an advisory one).
+    pub async fn lock_waiters(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("pg_stat_activity")
+    }
+
     /// Runs `sql` in its own transaction and returns its write token.
     pub async fn write(&self, sql: &str) -> String {
         let (tx, token) = self.open_write(sql).await;
