@@ -971,30 +971,6 @@ async fn concurrent_writers_leave_the_set_exact() {
     daemon.stop().await;
 }
 
-/// Under REPEATABLE READ a flush could miss a concurrent commit, so it is refused with a
-/// clear message instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeatable_read_writes_are_refused() {
-    let db = model_database().await;
-    seed(&db).await;
-    let refused = sqlx::raw_sql(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ; \
-         INSERT INTO app.group_members VALUES (3, 6); COMMIT;",
-    )
-    .execute(&db.pool)
-    .await
-    .expect_err("refused");
-    assert!(refused.to_string().contains("REPEATABLE READ"), "{refused}");
-    let serializable = sqlx::raw_sql(
-        "BEGIN ISOLATION LEVEL SERIALIZABLE; \
-         INSERT INTO app.group_members VALUES (3, 6); COMMIT;",
-    )
-    .execute(&db.pool)
-    .await;
-    assert!(serializable.is_ok(), "{serializable:?}");
-    assert!(drift(&db).await.is_empty());
-}
-
 /// The write skew, forced: T1 shares a folder and flushes (holding the model's lock), T2
 /// creates a file below that folder and commits meanwhile. T2's flush must wait for T1
 /// and then see the share; without the lock user 6 would never get the new file.
@@ -1032,45 +1008,100 @@ async fn a_flush_waits_for_the_one_before_it() {
     daemon.stop().await;
 }
 
-/// A SERIALIZABLE writer beside a READ COMMITTED one: T1 begins (its snapshot taken), T2
-/// shares a folder with a group and commits, then T1 adds a user to that group. T1's flush
-/// would compute the user's permissions from its snapshot, without the share, and leave
-/// them short: it fails with a serialization failure instead (migration 1003), and once
-/// retried the user holds the folder. Without 1003, T1 commits and the share is missing.
+/// A writer that keeps its first snapshot (SERIALIZABLE or REPEATABLE READ) beside a READ
+/// COMMITTED one: T1 begins (its snapshot taken), T2 shares a folder with a group and
+/// commits, then T1 adds a user to that group. T1's flush would compute the user's
+/// permissions from its snapshot, without the share, and leave them short: it fails with a
+/// serialization failure instead (migration 1003), and once retried the user holds the
+/// folder. Without 1003, T1 commits and the share is missing; before 1004, REPEATABLE READ
+/// was refused outright.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_serializable_writer_that_missed_a_flush_must_retry() {
-    let db = model_database().await;
-    seed(&db).await;
-    let join = "INSERT INTO app.group_members VALUES (2, 6)";
-    let mut t1 = db.pool.begin().await.expect("begin T1");
-    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT count(*) FROM app.users")
-        .execute(&mut *t1)
+async fn a_writer_whose_snapshot_missed_a_flush_must_retry() {
+    for isolation in ["SERIALIZABLE", "REPEATABLE READ"] {
+        let db = model_database().await;
+        seed(&db).await;
+        let join = "INSERT INTO app.group_members VALUES (2, 6)";
+        let mut t1 = stale_transaction(&db, isolation).await;
+        db.write("INSERT INTO app.shares (resource_id, group_id, access) VALUES (6, 2, 'read')")
+            .await;
+        sqlx::query(join)
+            .execute(&mut *t1)
+            .await
+            .expect("T1 adds user 6 to group 2");
+        let failed = t1.commit().await.expect_err("T1's flush missed T2's share");
+        assert_eq!(
+            sqlstate(&failed).as_deref(),
+            Some("40001"),
+            "{isolation}: {failed}"
+        );
+        assert_eq!(
+            perms(&db, 6, "resource:6").await,
+            "",
+            "{isolation}: nothing of T1 committed"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN ISOLATION LEVEL {isolation}; {join}; COMMIT"
+        )))
+        .execute(&db.pool)
         .await
-        .expect("T1 takes its snapshot");
-    db.write("INSERT INTO app.shares (resource_id, group_id, access) VALUES (6, 2, 'read')")
-        .await;
-    sqlx::query(join)
-        .execute(&mut *t1)
-        .await
-        .expect("T1 adds user 6 to group 2");
-    let failed = t1.commit().await.expect_err("T1's flush missed T2's share");
-    let code = failed
-        .as_database_error()
-        .and_then(|e| e.code().map(|c| c.into_owned()));
-    assert_eq!(code.as_deref(), Some("40001"), "{failed}");
-    assert_eq!(
-        perms(&db, 6, "resource:6").await,
-        "",
-        "nothing of T1 committed"
-    );
+        .unwrap_or_else(|e| panic!("{isolation}: T1 retried: {e}"));
+        assert_eq!(
+            perms(&db, 6, "resource:6").await,
+            "list,read",
+            "{isolation}"
+        );
+        assert!(drift(&db).await.is_empty(), "{isolation}");
+    }
+}
+
+/// A rebuild under a snapshot older than the last flush would write the differences of
+/// that old state: it fails with a serialization failure instead (migration 1004), under
+/// either isolation level that keeps its snapshot, and succeeds once retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_whose_snapshot_missed_a_flush_must_retry() {
+    for isolation in ["SERIALIZABLE", "REPEATABLE READ"] {
+        let db = model_database().await;
+        seed(&db).await;
+        let mut t1 = stale_transaction(&db, isolation).await;
+        db.write("INSERT INTO app.shares (resource_id, group_id, access) VALUES (6, 2, 'read')")
+            .await;
+        let failed = sqlx::query("SELECT * FROM app.rebuild_permissions()")
+            .execute(&mut *t1)
+            .await
+            .expect_err("T1's rebuild missed T2's flush");
+        assert_eq!(
+            sqlstate(&failed).as_deref(),
+            Some("40001"),
+            "{isolation}: {failed}"
+        );
+        drop(t1);
+        let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{isolation}: the rebuild retried: {e}"));
+        assert_eq!(rebuilt, (0, 0, 0), "{isolation}: nothing had drifted");
+        assert!(drift(&db).await.is_empty(), "{isolation}");
+    }
+}
+
+/// A transaction at `isolation` whose snapshot has been taken (by a first read).
+async fn stale_transaction(
+    db: &TestDb,
+    isolation: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = db.pool.begin().await.expect("begin T1");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "BEGIN ISOLATION LEVEL SERIALIZABLE; {join}; COMMIT"
+        "SET TRANSACTION ISOLATION LEVEL {isolation}; SELECT count(*) FROM app.users"
     )))
-    .execute(&db.pool)
+    .execute(&mut *tx)
     .await
-    .expect("T1 retried");
-    assert_eq!(perms(&db, 6, "resource:6").await, "list,read");
-    assert!(drift(&db).await.is_empty());
+    .expect("T1 takes its snapshot");
+    tx
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|e| e.code().map(|c| c.into_owned()))
 }
 
 /// Two transactions move two folders under each other at once. Each finds no cycle in
