@@ -89,11 +89,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // Not `print!`, which panics when stdout is gone (`verify | head`): the
             // verdict is the exit status.
             let _ = write!(std::io::stdout(), "{}", verdict.text());
-            match verdict.differing() {
-                0 => Ok(()),
-                subjects => {
+            match (verdict.differing(), verdict.unverified()) {
+                (0, 0) => Ok(()),
+                (subjects, 0) => {
                     anyhow::bail!("permd differs from the database in {subjects} subject(s)")
                 }
+                (0, daemons) => anyhow::bail!("{daemons} daemon(s) could not be verified"),
+                (subjects, daemons) => anyhow::bail!(
+                    "permd differs from the database in {subjects} subject(s), and {daemons} \
+                     daemon(s) could not be verified"
+                ),
             }
         }
         Command::Route(args) => {

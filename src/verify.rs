@@ -5,8 +5,9 @@
 //! narrows down by per-subject digests and prints the rows each side has that the other
 //! lacks. A daemon of one shard (`--shard`, reported in its `/v1/status`) is compared
 //! with the database's subjects of that shard: the sum of their digests. A router (`permd
-//! route`) holds no rows: each daemon behind it is verified in turn, against the shard
-//! the router sends it.
+//! route`) holds no rows: every daemon behind it is verified, all at once, against the
+//! shard the router sends it; one that cannot be verified is reported as such, and the
+//! others still get their verdicts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -60,15 +61,27 @@ pub enum Verdict {
     /// Verified through a router: the verdict on each daemon behind it, by its URL, in
     /// shard order.
     Set(Vec<(String, Verdict)>),
+    /// A daemon behind a router that could not be verified: unreachable, or not placed as
+    /// the router says. The error, with its causes.
+    Unverified(String),
 }
 
 impl Verdict {
     /// How many subjects differ (on every daemon, for a set): 0 when in sync.
     pub fn differing(&self) -> usize {
         match self {
-            Self::InSync { .. } => 0,
+            Self::InSync { .. } | Self::Unverified(_) => 0,
             Self::Differs { subjects, .. } => *subjects,
             Self::Set(daemons) => daemons.iter().map(|(_, v)| v.differing()).sum(),
+        }
+    }
+
+    /// How many daemons could not be verified (behind a router).
+    pub fn unverified(&self) -> usize {
+        match self {
+            Self::InSync { .. } | Self::Differs { .. } => 0,
+            Self::Unverified(_) => 1,
+            Self::Set(daemons) => daemons.iter().map(|(_, v)| v.unverified()).sum(),
         }
     }
 
@@ -86,6 +99,7 @@ impl Verdict {
                 }
                 return text;
             }
+            Self::Unverified(error) => return format!("not verified: {error}\n"),
             Self::InSync {
                 digest,
                 shard,
@@ -129,8 +143,12 @@ impl Verdict {
 /// How often a subject written during verification is compared again by itself.
 const RECHECKS: u32 = 5;
 
-/// Compares the daemon with the database at `database_url`; through a router, each
-/// daemon behind it.
+/// How long connecting to a daemon may take (a host that drops packets would otherwise
+/// hold verify for the kernel's two minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Compares the daemon with the database at `database_url`; through a router, every
+/// daemon behind it, at once.
 pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdict> {
     let pool = crate::db::pool(database_url).await?;
     // Every transaction that had not ended when verify began has an xid at or above this:
@@ -146,34 +164,36 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
     // One pass over the database's subjects for every daemon's first comparison, rather
     // than one for each.
     let (token, everyone) = subject_digests(&pool, Shard::WHOLE).await?;
-    let mut verdicts = Vec::new();
-    for (url, placed) in daemons {
+    let verdicts = daemons.into_iter().map(|(url, placed)| {
         let daemon = Target {
             permd: url.clone(),
             ..target.clone()
         };
-        let verdict = async {
-            match placement(&daemon).await? {
-                Placement::Daemon(shard) if shard == placed => {
-                    let first = everyone
-                        .iter()
-                        .filter(|(subject, _)| shard.owns(subject))
-                        .map(|(subject, digest)| (subject.clone(), digest.clone()))
-                        .collect();
-                    verify_daemon(&pool, &since, &daemon, shard, Some((token, first))).await
+        let (pool, since, everyone) = (&pool, &since, &everyone);
+        async move {
+            let verdict = async {
+                match placement(&daemon).await? {
+                    Placement::Daemon(shard) if shard == placed => {
+                        let first = everyone
+                            .iter()
+                            .filter(|(subject, _)| shard.owns(subject))
+                            .map(|(subject, digest)| (subject.clone(), digest.clone()))
+                            .collect();
+                        verify_daemon(pool, since, &daemon, shard, Some((token, first))).await
+                    }
+                    Placement::Daemon(shard) => bail!(
+                        "it mirrors shard {shard}, but the router sends it the subjects of \
+                         shard {placed}"
+                    ),
+                    Placement::Router(_) => bail!("it is a router too"),
                 }
-                Placement::Daemon(shard) => bail!(
-                    "it mirrors shard {shard}, but the router sends it the subjects of shard \
-                     {placed}"
-                ),
-                Placement::Router(_) => bail!("it is a router too"),
             }
+            .await
+            .unwrap_or_else(|e| Verdict::Unverified(format!("{e:#}")));
+            (url, verdict)
         }
-        .await
-        .with_context(|| format!("verify {url}, behind the router {}", target.permd))?;
-        verdicts.push((url, verdict));
-    }
-    Ok(Verdict::Set(verdicts))
+    });
+    Ok(Verdict::Set(futures_util::future::join_all(verdicts).await))
 }
 
 /// Compares one daemon, which mirrors `shard`, with the database. `first`, when given, is
@@ -495,8 +515,10 @@ async fn get_json(target: &Target, path: &str) -> anyhow::Result<Value> {
         ),
     };
     let authority = authority.trim_end_matches('/');
-    let tcp = tokio::net::TcpStream::connect(authority)
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
         .await
+        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
+        .and_then(|connected| connected.map_err(anyhow::Error::from))
         .with_context(|| format!("connect to permd at {authority}"))?;
     let mut stream = if https {
         Either::Right(tls(target, authority, tcp).await?)

@@ -295,6 +295,17 @@ fn differs(output: &std::process::Output, subjects: usize) -> String {
     stdout
 }
 
+/// What `permd verify` printed, having said that `daemons` daemons behind a router could
+/// not be verified (exit 1).
+fn unverified(output: &std::process::Output, daemons: usize) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    let said = format!("{daemons} daemon(s) could not be verified");
+    assert!(stderr.contains(&said), "{stderr}");
+    stdout
+}
+
 /// `permd verify` of the daemon at `permd_url` against `database_url`.
 fn verify(database_url: &str, permd_url: &str) -> Command {
     let mut verify = permd();
@@ -1053,7 +1064,7 @@ async fn route_serves_a_sharded_set() {
     )
     .await;
     let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
-    let (_second, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
+    let (second_daemon, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
     let (mut running, port) = route(&[first, second]);
     wait_until("the router's readyz 200", || {
         std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
@@ -1103,16 +1114,34 @@ async fn route_serves_a_sharded_set() {
         differing.contains(&format!("subject {ghost:?}")),
         "{stdout}"
     );
-    // A router that lists the daemons in the wrong order gets no verdict.
+    // A router that lists the daemons in the wrong order: neither is verified, and each
+    // says why under its URL.
     let (_swapped, swapped_port) = route(&[second, first]);
-    let output = verify(&db.url, &format!("http://127.0.0.1:{swapped_port}"))
-        .output()
-        .expect("run permd verify");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let stdout = unverified(
+        &verify(&db.url, &format!("http://127.0.0.1:{swapped_port}"))
+            .output()
+            .expect("run permd verify"),
+        2,
+    );
     assert!(
-        stderr.contains("it mirrors shard 1/2, but the router sends it the subjects of shard 0/2"),
-        "{stderr}"
+        stdout.contains(&format!(
+            "http://127.0.0.1:{second}:\n  not verified: it mirrors shard 1/2, but the \
+             router sends it the subjects of shard 0/2"
+        )),
+        "{stdout}"
+    );
+    // A daemon that is down does not keep the others from their verdicts.
+    drop(second_daemon);
+    let stdout = unverified(&verify(&db.url, &router).output().expect("run verify"), 1);
+    let (in_sync, down) = stdout
+        .split_once(&format!("http://127.0.0.1:{second}:\n"))
+        .expect("the second daemon's verdict");
+    assert!(in_sync.contains("in sync: permd (shard 0/2)"), "{stdout}");
+    assert!(
+        down.contains(&format!(
+            "not verified: connect to permd at 127.0.0.1:{second}"
+        )),
+        "{stdout}"
     );
     let (status, log) = {
         let (status, _, log) = sigterm_and_wait(&mut running).await;
