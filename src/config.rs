@@ -74,8 +74,20 @@ pub struct RouteArgs {
     /// are given). Several daemons of one shard are separated by `|`
     /// (`http://a1:7700|http://a2:7700,http://b1:7700`): requests go to each in turn, and
     /// to the next when one does not answer.
-    #[arg(long, env = "PERMD_SHARDS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "PERMD_SHARDS",
+        value_delimiter = ',',
+        required_unless_present = "shards_file",
+        conflicts_with = "shards_file"
+    )]
     pub shards: Vec<String>,
+    /// A file of the daemons' URLs instead of `--shards`: one line a shard, in shard order
+    /// (several daemons of one shard separated by `|`; blank lines and `#` comments
+    /// skipped). Read again on SIGHUP: the router switches to the set it lists once every
+    /// shard of it has a ready daemon that mirrors it, and keeps the set before until then.
+    #[arg(long, env = "PERMD_SHARDS_FILE")]
+    pub shards_file: Option<PathBuf>,
     /// Address to serve HTTP on: an IP address and a port (`localhost:PORT` is
     /// 127.0.0.1). Anything but loopback requires a token.
     #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_address)]
@@ -133,7 +145,11 @@ impl RouteArgs {
         Ok(crate::route::RouteSettings {
             listen: self.listen,
             config: crate::route::RouteConfig {
-                shards: self.shards.clone(),
+                shards: match &self.shards_file {
+                    Some(path) => crate::route::read_shards_file(path)?,
+                    None => self.shards.clone(),
+                },
+                shards_file: self.shards_file.clone(),
                 token,
                 request_timeout: Duration::from_millis(self.request_timeout_ms),
                 body_limit: self.body_limit,

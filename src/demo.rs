@@ -270,6 +270,7 @@ async fn sharded(
         .collect();
     let config = crate::route::RouteConfig {
         shards: urls.clone(),
+        shards_file: None,
         token: settings.http.token.clone(),
         request_timeout: settings.http.request_timeout,
         body_limit: settings.http.body_limit,

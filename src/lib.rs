@@ -259,9 +259,10 @@ pub fn cancel_on_signals(token: CancellationToken) {
 }
 
 /// On SIGHUP, reads the HTTPS certificate and key again (`certs`), as a certificate is
-/// renewed; without HTTPS there is nothing to reload, and SIGHUP is logged. Either way
-/// SIGHUP no longer ends the process, as it does by default.
-pub fn reload_on_sighup(certs: Option<Arc<http::ServerCerts>>) {
+/// renewed, and for a router with `--shards-file`, its shards (`route::Router::reshard`);
+/// with neither there is nothing to reload, and SIGHUP is logged. Either way SIGHUP no
+/// longer ends the process, as it does by default.
+pub fn reload_on_sighup(certs: Option<Arc<http::ServerCerts>>, router: Option<route::Router>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
@@ -270,10 +271,11 @@ pub fn reload_on_sighup(certs: Option<Arc<http::ServerCerts>>) {
             return;
         }
     };
+    let router = router.filter(route::Router::reshards);
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match &certs {
-                Some(certs) => match certs.reload() {
+            if let Some(certs) = &certs {
+                match certs.reload() {
                     Ok(()) => {
                         tracing::info!("SIGHUP: the HTTPS certificate and client CAs read again");
                     }
@@ -281,8 +283,19 @@ pub fn reload_on_sighup(certs: Option<Arc<http::ServerCerts>>) {
                         error = %format!("{error:#}"),
                         "SIGHUP: the HTTPS certificate and client CAs in use are kept"
                     ),
-                },
-                None => tracing::info!("SIGHUP received: nothing to reload"),
+                }
+            }
+            if let Some(router) = &router {
+                match router.reshard().await {
+                    Ok(what) => tracing::info!("SIGHUP: {what}"),
+                    Err(error) => tracing::error!(
+                        error = %format!("{error:#}"),
+                        "SIGHUP: the shards in use are kept"
+                    ),
+                }
+            }
+            if certs.is_none() && router.is_none() {
+                tracing::info!("SIGHUP received: nothing to reload");
             }
         }
     });

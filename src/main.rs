@@ -80,7 +80,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = args.server.settings(&args.database_url)?;
             permd::cancel_on_signals(shutdown.clone());
-            permd::reload_on_sighup(settings.tls.clone());
+            permd::reload_on_sighup(settings.tls.clone(), None);
             let daemon = permd::Daemon::start(settings, shutdown).await?;
             daemon.wait().await
         }
@@ -104,7 +104,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Route(args) => {
             let settings = args.settings()?;
             permd::cancel_on_signals(shutdown.clone());
-            permd::reload_on_sighup(settings.tls.clone());
+            // SIGHUP is the router's to take (its certificate, and its shards file).
             permd::route::run(settings, shutdown).await
         }
         Command::Demo(args) => {

@@ -11,16 +11,21 @@
 //! does not answer (the API is all reads, so a request may be sent again). Daemons may be
 //! `https://`; the router may serve HTTPS itself.
 //!
-//! The router holds nothing and asks no database: it hashes, forwards and merges.
+//! The router holds nothing and asks no database: it hashes, forwards and merges. With
+//! `--shards-file` it reads the file again on SIGHUP and switches to the set it lists once
+//! every shard of that set has a ready daemon (a reshard without a restart); each request
+//! is routed by one set from start to end.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use arc_swap::ArcSwap;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use axum::response::IntoResponse as _;
@@ -48,6 +53,9 @@ pub struct RouteConfig {
     /// several separated by `|` that mirror the same shard (requests go to each in turn,
     /// and to the next when one does not answer).
     pub shards: Vec<String>,
+    /// Where `shards` was read from, one shard a line (`read_shards_file`): read again on
+    /// SIGHUP.
+    pub shards_file: Option<PathBuf>,
     /// Required from clients on every route but `/livez` and `/readyz`, and presented to
     /// the daemons (give them the same token).
     pub token: Option<Token>,
@@ -74,10 +82,15 @@ pub struct RouteSettings {
     pub shutdown_timeout: Duration,
 }
 
+/// The set the router routes to: each shard's daemons, in shard order.
+struct Set {
+    groups: Vec<Group>,
+}
+
 /// A shard's daemons: one, or several that mirror the same shard.
 struct Group {
     shard: Shard,
-    daemons: Vec<Daemon>,
+    daemons: Vec<Arc<Daemon>>,
     /// The daemon the next request tries first: each in turn.
     next: AtomicUsize,
 }
@@ -95,7 +108,8 @@ struct Daemon {
 pub struct Router(Arc<Inner>);
 
 struct Inner {
-    groups: Vec<Group>,
+    /// Swapped whole on a reshard; a request keeps the one it started with.
+    set: ArcSwap<Set>,
     client: Client<HttpsConnector<HttpConnector>, Body>,
     config: RouteConfig,
 }
@@ -157,45 +171,7 @@ impl Router {
     /// A router over `config.shards`, which must be `http://` or `https://` URLs (one to
     /// 65,536 shards).
     pub fn new(config: RouteConfig) -> anyhow::Result<Self> {
-        let count = u32::try_from(config.shards.len())
-            .ok()
-            .filter(|n| (1..=crate::shard::MAX_SHARDS).contains(n))
-            .with_context(|| {
-                format!(
-                    "give the daemons' URLs, one a shard in shard order (1 to {})",
-                    crate::shard::MAX_SHARDS
-                )
-            })?;
-        let mut groups = Vec::with_capacity(config.shards.len());
-        for (index, urls) in (0..count).zip(&config.shards) {
-            let mut daemons = Vec::new();
-            for url in urls.split('|') {
-                let base = url.trim().trim_end_matches('/');
-                let uri: Uri = base
-                    .parse()
-                    .with_context(|| format!("the URL of shard {index}/{count}, {url:?}"))?;
-                let scheme = uri.scheme_str();
-                if !matches!(scheme, Some("http" | "https"))
-                    || uri.authority().is_none()
-                    || uri.path() != "/"
-                {
-                    bail!(
-                        "the URL of shard {index}/{count}, {url:?}: give http://HOST:PORT or \
-                         https://HOST:PORT"
-                    );
-                }
-                daemons.push(Daemon {
-                    base: base.to_owned(),
-                    forwarded: AtomicU64::new(0),
-                    failed: AtomicU64::new(0),
-                });
-            }
-            groups.push(Group {
-                shard: Shard::new(index, count).context("a shard")?,
-                daemons,
-                next: AtomicUsize::new(0),
-            });
-        }
+        let set = Set::new(&config.shards, None)?;
         let mut tcp = HttpConnector::new();
         tcp.set_nodelay(true);
         tcp.enforce_http(false);
@@ -211,19 +187,56 @@ impl Router {
             .pool_idle_timeout(POOL_IDLE)
             .build(connector);
         Ok(Self(Arc::new(Inner {
-            groups,
+            set: ArcSwap::from_pointee(set),
             client,
             config,
         })))
     }
 
+    /// Whether the router takes its shards from a file, which it reads again on SIGHUP.
+    pub fn reshards(&self) -> bool {
+        self.0.config.shards_file.is_some()
+    }
+
+    /// Reads the shards file again and routes to the set it lists, once every shard of
+    /// that set has a ready daemon that mirrors it; until then, and when the file cannot
+    /// be read, to the set before. What changed, for the log, or why nothing did.
+    pub async fn reshard(&self) -> anyhow::Result<String> {
+        let Some(path) = &self.0.config.shards_file else {
+            bail!("the shards were given by --shards, not --shards-file");
+        };
+        let urls = read_shards_file(path)?;
+        let current = self.0.set.load_full();
+        let next = Set::new(&urls, Some(&current))
+            .with_context(|| format!("the shards in {}", path.display()))?;
+        if next.urls() == current.urls() {
+            return Ok(format!("{} lists the shards in use", path.display()));
+        }
+        let (ready, shards) = self.survey(&next).await;
+        if !ready {
+            bail!(
+                "the set {} lists is not ready, so the router keeps the set before: {}",
+                path.display(),
+                unready(&shards)
+            );
+        }
+        let from = current.groups.len();
+        self.0.set.store(Arc::new(next));
+        Ok(format!(
+            "routing to the set {} lists: {} shard(s), from {from}",
+            path.display(),
+            urls.len()
+        ))
+    }
+
     /// Answers one request.
     pub async fn handle(&self, request: Request<Body>) -> Answer {
         let path = request.uri().path().to_owned();
+        let set = self.0.set.load_full();
         match (request.method(), path.as_str()) {
             (&Method::GET, "/livez") => return json_answer(StatusCode::OK, &json!({"live": true})),
             (&Method::GET, "/readyz") => {
-                let (ready, shards) = self.survey().await;
+                let (ready, shards) = self.survey(&set).await;
                 let status = if ready {
                     StatusCode::OK
                 } else {
@@ -240,9 +253,9 @@ impl Router {
             }
         }
         match (request.method(), path.as_str()) {
-            (&Method::GET, "/metrics") => self.metrics(),
+            (&Method::GET, "/metrics") => self.metrics(&set),
             (&Method::GET, "/v1/status") => {
-                let (ready, shards) = self.survey().await;
+                let (ready, shards) = self.survey(&set).await;
                 json_answer(
                     StatusCode::OK,
                     &json!({ "router": true, "ready": ready, "shards": shards }),
@@ -253,22 +266,16 @@ impl Router {
                  against each",
             )
             .into_response(),
-            (&Method::POST, "/v1/check") => self.batch(request).await,
+            (&Method::POST, "/v1/check") => self.batch(&set, request).await,
             _ => {
-                let shard = subject_of(request.uri()).map_or(0, |subject| self.owner(&subject));
-                self.pass(shard, request).await
+                let shard = subject_of(request.uri()).map_or(0, |subject| set.owner(&subject));
+                self.pass(&set.groups[shard], request).await
             }
         }
     }
 
-    /// The index of the daemon whose shard holds `subject`.
-    fn owner(&self, subject: &str) -> usize {
-        let count = self.0.groups.len() as u32;
-        Shard::of(subject, count) as usize
-    }
-
-    /// Sends `request` to daemon `shard` as it came; its answer as it went.
-    async fn pass(&self, shard: usize, request: Request<Body>) -> Answer {
+    /// Sends `request` to a daemon of `group` as it came; its answer as it went.
+    async fn pass(&self, group: &Group, request: Request<Body>) -> Answer {
         let (parts, body) = request.into_parts();
         let body = match axum::body::to_bytes(body, self.0.config.body_limit).await {
             Ok(body) => body,
@@ -286,23 +293,22 @@ impl Router {
             content_type,
             body,
         };
-        self.relay(shard, &forward).await
+        self.relay(group, &forward).await
     }
 
-    /// Sends `forward` to a daemon of `shard`; its answer as it went, or why there is none.
-    async fn relay(&self, shard: usize, forward: &Forward) -> Answer {
-        match self.send(shard, forward).await {
+    /// Sends `forward` to a daemon of `group`; its answer as it went, or why there is none.
+    async fn relay(&self, group: &Group, forward: &Forward) -> Answer {
+        match self.send(group, forward).await {
             Ok(answer) => answer.map(Body::new),
-            Err(failure) => self.failed(shard, &failure),
+            Err(failure) => failed(group, &failure),
         }
     }
 
-    /// Sends one request to a daemon of `shard`, each in turn, and to the next when one
+    /// Sends one request to a daemon of `group`, each in turn, and to the next when one
     /// does not answer (every request of the API is a read: sending it again is safe). A
     /// shard of one daemon is tried twice, unless the first try timed out: a connection
     /// the daemon closed as the request went out fails it without the daemon being down.
-    async fn send(&self, shard: usize, forward: &Forward) -> Result<Response<Incoming>, Failure> {
-        let group = &self.0.groups[shard];
+    async fn send(&self, group: &Group, forward: &Forward) -> Result<Response<Incoming>, Failure> {
         let first = group.next.fetch_add(1, Ordering::Relaxed);
         let mut failure = Failure {
             reasons: Vec::new(),
@@ -354,30 +360,15 @@ impl Router {
         }
     }
 
-    /// The answer when no daemon of `shard` answered: 502, or 504 when all timed out.
-    fn failed(&self, shard: usize, failure: &Failure) -> Answer {
-        let (status, error) = if failure.timed_out {
-            (StatusCode::GATEWAY_TIMEOUT, "timeout")
-        } else {
-            (StatusCode::BAD_GATEWAY, "shard unavailable")
-        };
-        let message = format!(
-            "no daemon of shard {} answered: {}",
-            self.0.groups[shard].shard,
-            failure.reasons.join("; ")
-        );
-        json_answer(status, &json!({ "error": error, "message": message }))
-    }
-
     /// `POST /v1/check`: split by shard, sent at once, results put back in order.
-    async fn batch(&self, request: Request<Body>) -> Answer {
+    async fn batch(&self, set: &Set, request: Request<Body>) -> Answer {
         let (parts, body) = request.into_parts();
         let body = match axum::body::to_bytes(body, self.0.config.body_limit).await {
             Ok(body) => body,
             Err(_) => return too_large(self.0.config.body_limit),
         };
         let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
-        let (bodies, places): (Vec<String>, Vec<Vec<usize>>) = match self.split(&body) {
+        let (bodies, places): (Vec<String>, Vec<Vec<usize>>) = match set.split(&body) {
             Some(parts) if parts.iter().filter(|p| !p.1.is_empty()).count() > 1 => {
                 parts.into_iter().unzip()
             }
@@ -387,7 +378,9 @@ impl Router {
                 let shard = parts
                     .and_then(|parts| parts.iter().position(|p| !p.1.is_empty()))
                     .unwrap_or(0);
-                return self.relay(shard, &Forward::batch(content_type, body)).await;
+                return self
+                    .relay(&set.groups[shard], &Forward::batch(content_type, body))
+                    .await;
             }
         };
         let total: usize = places.iter().map(Vec::len).sum();
@@ -397,13 +390,14 @@ impl Router {
             .filter(|(_, body)| !body.is_empty())
             .map(|(shard, body)| {
                 let content_type = content_type.clone();
+                let group = &set.groups[shard];
                 async move {
                     let answer = self
-                        .send(shard, &Forward::batch(content_type, body.into()))
+                        .send(group, &Forward::batch(content_type, body.into()))
                         .await;
                     let answer = match answer {
                         Ok(answer) => answer,
-                        Err(failure) => return (shard, Err(self.failed(shard, &failure))),
+                        Err(failure) => return (shard, Err(failed(group, &failure))),
                     };
                     let (head, body) = answer.into_parts();
                     let bytes = axum::body::to_bytes(Body::new(body), usize::MAX).await;
@@ -411,7 +405,7 @@ impl Router {
                         Ok(bytes) => (shard, Ok((head.status, bytes))),
                         Err(error) => {
                             let failure = Failure::broken(error.to_string());
-                            (shard, Err(self.failed(shard, &failure)))
+                            (shard, Err(failed(group, &failure)))
                         }
                     }
                 }
@@ -436,7 +430,7 @@ impl Router {
             }
             let Ok(part) = serde_json::from_slice::<PartAnswer>(&bytes) else {
                 let failure = Failure::broken("an answer that is not a batch's".into());
-                return self.failed(shard, &failure);
+                return failed(&set.groups[shard], &failure);
             };
             let places = &places[shard];
             if part.results.len() != places.len() {
@@ -445,7 +439,7 @@ impl Router {
                     part.results.len(),
                     places.len()
                 ));
-                return self.failed(shard, &failure);
+                return failed(&set.groups[shard], &failure);
             }
             for (&place, allowed) in places.iter().zip(part.results) {
                 results[place] = allowed;
@@ -461,40 +455,11 @@ impl Router {
         )
     }
 
-    /// A batch's parts by shard: each daemon's request body and where its checks' results
-    /// go, or `None` when the batch cannot be read (a daemon will say why).
-    fn split(&self, body: &[u8]) -> Option<Vec<(String, Vec<usize>)>> {
-        let batch: BatchRequest = serde_json::from_slice(body).ok()?;
-        let mut parts = vec![(String::new(), Vec::new()); self.0.groups.len()];
-        for (place, check) in batch.checks.iter().enumerate() {
-            let subject: CheckSubject = serde_json::from_str(check.get()).ok()?;
-            let (body, places) = &mut parts[self.owner(&subject.subject)];
-            body.push_str(if places.is_empty() {
-                "{\"checks\":["
-            } else {
-                ","
-            });
-            body.push_str(check.get());
-            places.push(place);
-        }
-        for (body, places) in &mut parts {
-            if !places.is_empty() {
-                body.push(']');
-                if let Some(at_least) = batch.at_least {
-                    body.push_str(",\"at_least\":");
-                    body.push_str(at_least.get());
-                }
-                body.push('}');
-            }
-        }
-        Some(parts)
-    }
-
     /// Every daemon's `/v1/status`, asked at once: whether every shard has a daemon that
     /// is ready and no daemon mirrors another shard than the one the router sends it, and
     /// what each said.
-    async fn survey(&self) -> (bool, Vec<Value>) {
-        let groups = self.0.groups.iter().map(|group| async move {
+    async fn survey(&self, set: &Set) -> (bool, Vec<Value>) {
+        let groups = set.groups.iter().map(|group| async move {
             let asks = group
                 .daemons
                 .iter()
@@ -558,12 +523,12 @@ impl Router {
     }
 
     /// `GET /metrics`: what the router forwarded, and failed to, by shard.
-    fn metrics(&self) -> Answer {
+    fn metrics(&self, set: &Set) -> Answer {
         use std::fmt::Write as _;
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: &dyn Fn(&Daemon) -> u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for group in &self.0.groups {
+            for group in &set.groups {
                 for daemon in &group.daemons {
                     let _ = writeln!(
                         out,
@@ -592,6 +557,167 @@ impl Router {
         );
         answer
     }
+}
+
+impl Set {
+    /// The set of `shards` (one entry a shard, its daemons separated by `|`), which must
+    /// be `http://` or `https://` URLs (one to 65,536 shards). A daemon that `before` had
+    /// at the same place keeps its counters.
+    fn new(shards: &[String], before: Option<&Set>) -> anyhow::Result<Self> {
+        let count = u32::try_from(shards.len())
+            .ok()
+            .filter(|n| (1..=crate::shard::MAX_SHARDS).contains(n))
+            .with_context(|| {
+                format!(
+                    "give the daemons' URLs, one a shard in shard order (1 to {})",
+                    crate::shard::MAX_SHARDS
+                )
+            })?;
+        let mut groups = Vec::with_capacity(shards.len());
+        for (index, urls) in (0..count).zip(shards) {
+            let shard = Shard::new(index, count).context("a shard")?;
+            let mut daemons = Vec::new();
+            for url in urls.split('|') {
+                let base = url.trim().trim_end_matches('/');
+                let uri: Uri = base
+                    .parse()
+                    .with_context(|| format!("the URL of shard {shard}, {url:?}"))?;
+                let scheme = uri.scheme_str();
+                if !matches!(scheme, Some("http" | "https"))
+                    || uri.authority().is_none()
+                    || uri.path() != "/"
+                {
+                    bail!("the URL of shard {shard}, {url:?}: give http://HOST:PORT or https://HOST:PORT");
+                }
+                let kept = before
+                    .and_then(|set| set.groups.iter().find(|g| g.shard == shard))
+                    .and_then(|group| group.daemons.iter().find(|d| d.base == base));
+                daemons.push(kept.map_or_else(
+                    || {
+                        Arc::new(Daemon {
+                            base: base.to_owned(),
+                            forwarded: AtomicU64::new(0),
+                            failed: AtomicU64::new(0),
+                        })
+                    },
+                    Arc::clone,
+                ));
+            }
+            groups.push(Group {
+                shard,
+                daemons,
+                next: AtomicUsize::new(0),
+            });
+        }
+        Ok(Self { groups })
+    }
+
+    /// Each shard's daemons, as `--shards` takes them.
+    fn urls(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .map(|g| {
+                let urls: Vec<&str> = g.daemons.iter().map(|d| d.base.as_str()).collect();
+                urls.join("|")
+            })
+            .collect()
+    }
+
+    /// The index of the group whose shard holds `subject`.
+    fn owner(&self, subject: &str) -> usize {
+        let count = self.groups.len() as u32;
+        Shard::of(subject, count) as usize
+    }
+
+    /// A batch's parts by shard: each daemon's request body and where its checks' results
+    /// go, or `None` when the batch cannot be read (a daemon will say why).
+    fn split(&self, body: &[u8]) -> Option<Vec<(String, Vec<usize>)>> {
+        let batch: BatchRequest = serde_json::from_slice(body).ok()?;
+        let mut parts = vec![(String::new(), Vec::new()); self.groups.len()];
+        for (place, check) in batch.checks.iter().enumerate() {
+            let subject: CheckSubject = serde_json::from_str(check.get()).ok()?;
+            let (body, places) = &mut parts[self.owner(&subject.subject)];
+            body.push_str(if places.is_empty() {
+                "{\"checks\":["
+            } else {
+                ","
+            });
+            body.push_str(check.get());
+            places.push(place);
+        }
+        for (body, places) in &mut parts {
+            if !places.is_empty() {
+                body.push(']');
+                if let Some(at_least) = batch.at_least {
+                    body.push_str(",\"at_least\":");
+                    body.push_str(at_least.get());
+                }
+                body.push('}');
+            }
+        }
+        Some(parts)
+    }
+}
+
+/// The answer when no daemon of `group` answered: 502, or 504 when all timed out.
+fn failed(group: &Group, failure: &Failure) -> Answer {
+    let (status, error) = if failure.timed_out {
+        (StatusCode::GATEWAY_TIMEOUT, "timeout")
+    } else {
+        (StatusCode::BAD_GATEWAY, "shard unavailable")
+    };
+    let message = format!(
+        "no daemon of shard {} answered: {}",
+        group.shard,
+        failure.reasons.join("; ")
+    );
+    json_answer(status, &json!({ "error": error, "message": message }))
+}
+
+/// The shards a file lists, one a line in shard order, as `--shards` takes each (several
+/// daemons of a shard separated by `|`). Blank lines and lines that start with `#` are
+/// skipped.
+pub fn read_shards_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read the shards file {}", path.display()))?;
+    let shards: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if shards.is_empty() {
+        bail!(
+            "the shards file {} lists no shard: give one line a shard, in shard order",
+            path.display()
+        );
+    }
+    Ok(shards)
+}
+
+/// Why a surveyed set is not ready: each shard without a ready daemon, and each daemon's
+/// error.
+fn unready(shards: &[Value]) -> String {
+    let mut reasons = Vec::new();
+    for shard in shards {
+        let daemons = shard["daemons"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let errors: Vec<&str> = daemons.iter().filter_map(|d| d["error"].as_str()).collect();
+        if shard["ready"] != Value::Bool(true) || !errors.is_empty() {
+            let why = if errors.is_empty() {
+                "no daemon is ready yet".to_owned()
+            } else {
+                errors.join("; ")
+            };
+            reasons.push(format!(
+                "shard {}: {why}",
+                shard["shard"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    reasons.join("; ")
 }
 
 #[derive(Deserialize)]
@@ -716,22 +842,14 @@ async fn serve_connection<S>(
 pub async fn run(settings: RouteSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let router = Router::new(settings.config)?;
     let listener = crate::bind(settings.listen)?;
-    let shards: Vec<String> = router
-        .0
-        .groups
-        .iter()
-        .map(|g| {
-            let urls: Vec<&str> = g.daemons.iter().map(|d| d.base.as_str()).collect();
-            urls.join("|")
-        })
-        .collect();
     tracing::info!(
         addr = %listener.local_addr().context("read the bound address")?,
         scheme = if settings.tls.is_some() { "https" } else { "http" },
-        shards = ?shards,
+        shards = ?router.0.set.load().urls(),
         version = env!("CARGO_PKG_VERSION"),
         "routing"
     );
+    crate::reload_on_sighup(settings.tls.clone(), Some(router.clone()));
     let served = tokio::spawn(serve(
         listener,
         router,
@@ -756,6 +874,7 @@ mod tests {
             shards: (0..shards)
                 .map(|i| format!("http://127.0.0.1:{}", 7700 + i))
                 .collect(),
+            shards_file: None,
             token: None,
             request_timeout: Duration::from_secs(1),
             body_limit: 1 << 20,
@@ -788,11 +907,12 @@ mod tests {
             .map(|s| json!({"subject": s, "permission": "read"}))
             .collect();
         let body = json!({"checks": checks, "at_least": "42"}).to_string();
-        let parts = router.split(body.as_bytes()).expect("readable");
+        let set = router.0.set.load();
+        let parts = set.split(body.as_bytes()).expect("readable");
         let mut seen: Vec<usize> = Vec::new();
         for (shard, (body, places)) in parts.iter().enumerate() {
             for &place in places {
-                assert_eq!(router.owner(&subjects[place]), shard);
+                assert_eq!(set.owner(&subjects[place]), shard);
             }
             seen.extend(places.iter().copied());
             if !places.is_empty() {
@@ -806,10 +926,10 @@ mod tests {
         }
         seen.sort_unstable();
         assert_eq!(seen, (0..12).collect::<Vec<_>>());
-        assert!(router
+        assert!(set
             .split(b"{\"checks\":[{\"permission\":\"p\"}]}")
             .is_none());
-        assert!(router.split(b"not json").is_none());
+        assert!(set.split(b"not json").is_none());
     }
 
     #[test]
@@ -817,6 +937,7 @@ mod tests {
         let error = |shards: &[&str]| {
             let config = RouteConfig {
                 shards: shards.iter().map(|s| (*s).to_owned()).collect(),
+                shards_file: None,
                 token: None,
                 request_timeout: Duration::from_secs(1),
                 body_limit: 1,

@@ -6,6 +6,8 @@ mod common;
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{database, wait_until, DEADLINE};
@@ -1149,6 +1151,127 @@ async fn route_serves_a_sharded_set() {
     };
     assert!(status.success(), "{log}");
     assert!(log.contains("routing"), "{log}");
+}
+
+/// `permd route --shards-file`: SIGHUP reads the file again, and the router switches to
+/// the set it lists once every shard of it has a ready daemon, while checks go on through
+/// it without one failing. A set with a shard not ready, or a file that cannot be read,
+/// keeps the set before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_reshards_on_sighup() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
+         FROM generate_series(1, 20) i",
+    )
+    .await;
+    let (_whole, whole) = serve(&db.url, &[], &[]).await;
+    let scratch = std::env::temp_dir().join(format!("permd-reshard-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("a scratch directory");
+    let (file, log) = (scratch.join("shards"), scratch.join("route.log"));
+    let list = |ports: &[u16]| {
+        let lines: Vec<String> = ports
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}\n"))
+            .collect();
+        std::fs::write(
+            &file,
+            format!("# the set, one shard a line\n\n{}", lines.concat()),
+        )
+        .expect("write the shards file");
+    };
+    list(&[whole]);
+    let mut route = permd();
+    route
+        .args(["route", "--listen", "127.0.0.1:0", "--shards-file"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("a log file"));
+    let mut running = Running(route.spawn().expect("start permd route"));
+    let port = listening(&mut running);
+    let shards = move || {
+        let (_, body) = http_get(port, "/v1/status").expect("the router's status");
+        let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        status["shards"].as_array().expect("shards").len()
+    };
+    let hangup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &running.0.id().to_string()])
+            .status()
+            .expect("kill")
+            .success());
+    };
+    let logged = |what: &'static str, times: usize| {
+        let log = log.clone();
+        wait_until(what, move || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            std::future::ready(text.matches(what).count() >= times)
+        })
+    };
+    // Checks through the router all along, each on a new connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let checking = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut answered = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let user = answered % 20 + 1;
+                let (status, body) = http_get(
+                    port,
+                    &format!("/v1/check?subject=user:{user}&permission=read&object=doc:1"),
+                )
+                .expect("an answer");
+                assert_eq!(status, 200, "user:{user}: {body}");
+                assert!(body.contains("\"allowed\":true"), "user:{user}: {body}");
+                answered += 1;
+            }
+            answered
+        }
+    });
+    assert_eq!(shards(), 1);
+
+    // Two shards, the second's daemon not there: kept, and the log says why.
+    let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    list(&[first, nobody]);
+    hangup();
+    logged("SIGHUP: the shards in use are kept", 1).await;
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(
+        text.contains("is not ready, so the router keeps the set before"),
+        "{text}"
+    );
+    assert!(text.contains("shard 1/2: "), "{text}");
+    assert_eq!(shards(), 1);
+
+    // Both daemons ready: switched.
+    let (_second, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
+    list(&[first, second]);
+    hangup();
+    logged("SIGHUP: routing to the set", 1).await;
+    assert_eq!(shards(), 2);
+    let (_, metrics) = http_get(port, "/metrics").expect("the router's metrics");
+    assert!(
+        metrics.contains(&format!("shard=\"1/2\",url=\"http://127.0.0.1:{second}\"")),
+        "{metrics}"
+    );
+
+    // A file that cannot be read as shards: kept.
+    std::fs::write(&file, "ftp://nowhere\n").expect("write the shards file");
+    hangup();
+    logged("SIGHUP: the shards in use are kept", 2).await;
+    assert_eq!(shards(), 2);
+
+    stop.store(true, Ordering::Relaxed);
+    let answered = checking.join().expect("every check answered");
+    assert!(answered > 0);
+    let (status, _, _) = sigterm_and_wait(&mut running).await;
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(status.success(), "{text}");
+    std::fs::remove_dir_all(&scratch).expect("remove the scratch directory");
 }
 
 /// `permd demo --shards 2`: the same checks answered by `permd route` in front of two

@@ -77,6 +77,7 @@ impl Served {
 fn router(urls: &[&str], tls: &SelfSigned) -> Router {
     Router::new(RouteConfig {
         shards: urls.iter().map(|u| (*u).to_owned()).collect(),
+        shards_file: None,
         token: Token::new(TOKEN),
         request_timeout: Duration::from_secs(10),
         body_limit: 1 << 20,
@@ -261,6 +262,7 @@ async fn the_router_sends_each_request_to_its_shard() {
     // one it cannot reach, and says why.
     let untrusting = Router::new(RouteConfig {
         shards: urls.iter().map(|u| (*u).to_owned()).collect(),
+        shards_file: None,
         token: Token::new(TOKEN),
         request_timeout: Duration::from_secs(10),
         body_limit: 1 << 20,
