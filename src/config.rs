@@ -68,19 +68,14 @@ pub enum Command {
 
 /// `permd route`
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("daemons").required(true).args(["shards", "shards_file"])))]
 pub struct RouteArgs {
     /// The daemons' URLs, http://HOST:PORT or https://HOST:PORT, comma-separated in shard
     /// order: the first serves `--shard 0/N`, the second `1/N`, and so on (N = how many
     /// are given). Several daemons of one shard are separated by `|`
     /// (`http://a1:7700|http://a2:7700,http://b1:7700`): requests go to each in turn, and
     /// to the next when one does not answer.
-    #[arg(
-        long,
-        env = "PERMD_SHARDS",
-        value_delimiter = ',',
-        required_unless_present = "shards_file",
-        conflicts_with = "shards_file"
-    )]
+    #[arg(long, env = "PERMD_SHARDS", value_delimiter = ',')]
     pub shards: Vec<String>,
     /// A file of the daemons' URLs instead of `--shards`: one line a shard, in shard order
     /// (several daemons of one shard separated by `|`; blank lines and `#` comments

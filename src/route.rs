@@ -933,6 +933,64 @@ mod tests {
     }
 
     #[test]
+    fn a_shards_file_lists_one_shard_a_line() {
+        let path = std::env::temp_dir().join(format!("permd-shards-{}", std::process::id()));
+        let read = |text: &str| {
+            std::fs::write(&path, text).expect("write the file");
+            read_shards_file(&path).map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(
+            read("# shard 0, two daemons\nhttp://a:1|http://a2:1\n\n  http://b:2/  \n"),
+            Ok(vec![
+                "http://a:1|http://a2:1".to_owned(),
+                "http://b:2/".to_owned()
+            ])
+        );
+        let empty = read("# nothing yet\n\n").expect_err("no shard");
+        assert!(empty.contains("lists no shard"), "{empty}");
+        std::fs::remove_file(&path).expect("remove the file");
+        let missing = read_shards_file(&path).expect_err("no file");
+        assert!(
+            format!("{missing:#}").contains("read the shards file"),
+            "{missing:#}"
+        );
+    }
+
+    #[test]
+    fn a_daemon_kept_at_its_place_keeps_its_counters() {
+        let urls = |list: &[&str]| list.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        let before = Set::new(&urls(&["http://a:1", "http://b:1"]), None).expect("a set");
+        let after = Set::new(&urls(&["http://a:1/", "http://c:1"]), Some(&before)).expect("a set");
+        assert!(Arc::ptr_eq(
+            &before.groups[0].daemons[0],
+            &after.groups[0].daemons[0]
+        ));
+        assert!(!Arc::ptr_eq(
+            &before.groups[1].daemons[0],
+            &after.groups[1].daemons[0]
+        ));
+        // The same URL at another shard is another daemon's place.
+        let moved = Set::new(&urls(&["http://b:1", "http://a:1"]), Some(&before)).expect("a set");
+        assert!(!Arc::ptr_eq(
+            &before.groups[0].daemons[0],
+            &moved.groups[1].daemons[0]
+        ));
+        let grown = Set::new(
+            &urls(&["http://a:1", "http://b:1", "http://c:1"]),
+            Some(&before),
+        )
+        .expect("a set");
+        assert!(!Arc::ptr_eq(
+            &before.groups[0].daemons[0],
+            &grown.groups[0].daemons[0]
+        ));
+        assert_eq!(
+            grown.urls(),
+            urls(&["http://a:1", "http://b:1", "http://c:1"])
+        );
+    }
+
+    #[test]
     fn only_plain_http_urls_are_taken() {
         let error = |shards: &[&str]| {
             let config = RouteConfig {
