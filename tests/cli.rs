@@ -289,22 +289,27 @@ fn serve_https(
 /// Checks that `permd verify` exited 1 saying that `subjects` subjects differ, and
 /// returns its report (stdout).
 fn differs(output: &std::process::Output, subjects: usize) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
-    let said = format!("differs from the database in {subjects} subject(s)");
-    assert!(stderr.contains(&said), "{stderr}");
-    stdout
+    verify_failed(
+        output,
+        &format!("differs from the database in {subjects} subject(s)"),
+    )
 }
 
 /// What `permd verify` printed, having said that `daemons` daemons behind a router could
 /// not be verified (exit 1).
 fn unverified(output: &std::process::Output, daemons: usize) -> String {
+    verify_failed(
+        output,
+        &format!("{daemons} daemon(s) could not be verified"),
+    )
+}
+
+/// Checks that `permd verify` exited 1 with `said` in its error, and returns its stdout.
+fn verify_failed(output: &std::process::Output, said: &str) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
-    let said = format!("{daemons} daemon(s) could not be verified");
-    assert!(stderr.contains(&said), "{stderr}");
+    assert!(stderr.contains(said), "{stderr}");
     stdout
 }
 
@@ -400,6 +405,36 @@ async fn serve(url: &str, args: &[&str], env: &[(&str, &str)]) -> (Running, u16)
     })
     .await;
     (running, port)
+}
+
+/// Users 1 to `count` may read doc:1.
+async fn readers(db: &common::TestDb, count: u32) {
+    db.exec(&format!(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
+         FROM generate_series(1, {count}) i"
+    ))
+    .await;
+}
+
+/// Checks, through what listens on `port`, that `user:{user}` may read doc:1 (as
+/// `readers` wrote).
+fn reads(port: u16, user: u32) {
+    let (status, body) = http_get(
+        port,
+        &format!("/v1/check?subject=user:{user}&permission=read&object=doc:1"),
+    )
+    .expect("an answer");
+    assert_eq!(status, 200, "user:{user}: {body}");
+    assert!(body.contains("\"allowed\":true"), "user:{user}: {body}");
+}
+
+/// Sends SIGHUP (read the files again).
+fn hangup(running: &Running) {
+    assert!(Command::new("kill")
+        .args(["-HUP", &running.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
 }
 
 /// Sends SIGTERM and waits for the exit: (status, time to exit, the log).
@@ -830,22 +865,15 @@ async fn sighup_serves_a_renewed_certificate() {
         }
     };
     assert!(shown().await == first.der);
-    let hangup = || {
-        assert!(Command::new("kill")
-            .args(["-HUP", &running.0.id().to_string()])
-            .status()
-            .expect("kill")
-            .success());
-    };
     std::fs::copy(&renewed.cert, &first.cert).expect("renew the certificate");
     std::fs::copy(&renewed.key, &first.key).expect("renew the key");
-    hangup();
+    hangup(&running);
     wait_until("the renewed certificate", || async {
         shown().await == renewed.der
     })
     .await;
     std::fs::write(&first.key, "not a key\n").expect("break the key");
-    hangup();
+    hangup(&running);
     wait_until("the log to say the certificate is kept", || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         std::future::ready(
@@ -934,11 +962,7 @@ async fn verify_proves_equality_and_names_what_differs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_under_continuous_writes_reports_no_false_difference() {
     let db = database().await;
-    db.exec(
-        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
-         FROM generate_series(1, 200) i",
-    )
-    .await;
+    readers(&db, 200).await;
     let (_running, port) = serve(&db.url, &[], &[]).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = tokio::spawn({
@@ -1060,11 +1084,7 @@ async fn route_serves_a_sharded_set() {
     assert!(stderr.contains("without a token"), "{stderr}");
 
     let db = database().await;
-    db.exec(
-        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
-         FROM generate_series(1, 20) i",
-    )
-    .await;
+    readers(&db, 20).await;
     let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
     let (second_daemon, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
     let (mut running, port) = route(&[first, second]);
@@ -1072,14 +1092,8 @@ async fn route_serves_a_sharded_set() {
         std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
     })
     .await;
-    for i in 1..=20 {
-        let (status, body) = http_get(
-            port,
-            &format!("/v1/check?subject=user:{i}&permission=read&object=doc:1"),
-        )
-        .expect("an answer");
-        assert_eq!(status, 200, "{body}");
-        assert!(body.contains("\"allowed\":true"), "{body}");
+    for user in 1..=20 {
+        reads(port, user);
     }
     // verify through the router verifies each daemon behind it, against its shard...
     let router = format!("http://127.0.0.1:{port}");
@@ -1160,11 +1174,7 @@ async fn route_serves_a_sharded_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_reshards_on_sighup() {
     let db = database().await;
-    db.exec(
-        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
-         FROM generate_series(1, 20) i",
-    )
-    .await;
+    readers(&db, 20).await;
     let (_whole, whole) = serve(&db.url, &[], &[]).await;
     let scratch = std::env::temp_dir().join(format!("permd-reshard-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("a scratch directory");
@@ -1194,13 +1204,6 @@ async fn route_reshards_on_sighup() {
         let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         status["shards"].as_array().expect("shards").len()
     };
-    let hangup = || {
-        assert!(Command::new("kill")
-            .args(["-HUP", &running.0.id().to_string()])
-            .status()
-            .expect("kill")
-            .success());
-    };
     let logged = |what: &'static str, times: usize| {
         let log = log.clone();
         wait_until(what, move || {
@@ -1215,14 +1218,7 @@ async fn route_reshards_on_sighup() {
         move || {
             let mut answered = 0;
             while !stop.load(Ordering::Relaxed) {
-                let user = answered % 20 + 1;
-                let (status, body) = http_get(
-                    port,
-                    &format!("/v1/check?subject=user:{user}&permission=read&object=doc:1"),
-                )
-                .expect("an answer");
-                assert_eq!(status, 200, "user:{user}: {body}");
-                assert!(body.contains("\"allowed\":true"), "user:{user}: {body}");
+                reads(port, answered % 20 + 1);
                 answered += 1;
             }
             answered
@@ -1237,7 +1233,7 @@ async fn route_reshards_on_sighup() {
         .expect("a free port")
         .port();
     list(&[first, nobody]);
-    hangup();
+    hangup(&running);
     logged("SIGHUP: the shards in use are kept", 1).await;
     let text = std::fs::read_to_string(&log).expect("the log");
     assert!(
@@ -1250,7 +1246,7 @@ async fn route_reshards_on_sighup() {
     // Both daemons ready: switched.
     let (_second, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
     list(&[first, second]);
-    hangup();
+    hangup(&running);
     logged("SIGHUP: routing to the set", 1).await;
     assert_eq!(shards(), 2);
     let (_, metrics) = http_get(port, "/metrics").expect("the router's metrics");
@@ -1261,7 +1257,7 @@ async fn route_reshards_on_sighup() {
 
     // A file that cannot be read as shards: kept.
     std::fs::write(&file, "ftp://nowhere\n").expect("write the shards file");
-    hangup();
+    hangup(&running);
     logged("SIGHUP: the shards in use are kept", 2).await;
     assert_eq!(shards(), 2);
 
