@@ -599,14 +599,24 @@ fn op() -> impl Strategy<Value = Op> {
 /// (a cycle, a missing parent, a duplicate) is rolled back alone. Returns the write token
 /// and the refusals. A single writer's COMMIT never fails.
 async fn run_batch(db: &TestDb, ops: &[Op]) -> (String, Vec<String>) {
-    let (token, refused, committed) = try_batch(db, ops).await;
+    let (token, refused, committed) = try_batch(db, ops, "READ COMMITTED").await;
     committed.expect("commit (the flush runs here)");
     (token, refused)
 }
 
-/// `run_batch`, returning the outcome of COMMIT instead of insisting on it.
-async fn try_batch(db: &TestDb, ops: &[Op]) -> (String, Vec<String>, Result<(), sqlx::Error>) {
+/// `run_batch` at `isolation`, returning the outcome of COMMIT instead of insisting on it.
+async fn try_batch(
+    db: &TestDb,
+    ops: &[Op],
+    isolation: &str,
+) -> (String, Vec<String>, Result<(), sqlx::Error>) {
     let mut tx = db.pool.begin().await.expect("begin");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET TRANSACTION ISOLATION LEVEL {isolation}"
+    )))
+    .execute(&mut *tx)
+    .await
+    .expect("set the isolation level");
     let mut refused = Vec::new();
     for op in ops {
         sqlx::raw_sql("SAVEPOINT op")
@@ -929,15 +939,24 @@ async fn a_move_then_a_delete_in_one_transaction_clears_the_old_path() {
 
 /// Concurrent writers race on the same users and folders (a share committed while another
 /// transaction creates a file below it is the classic write skew); the flushes take turns
-/// at commit, so the set is exact when they are done.
+/// at commit, so the set is exact when they are done. The writers use every isolation
+/// level: one whose snapshot missed another's flush fails with a serialization failure and
+/// retries its transaction, as an application does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_leave_the_set_exact() {
     let db = model_database().await;
     seed(&db).await;
     let daemon = TestDaemon::start(&db.url).await;
     let mut runner = TestRunner::deterministic();
-    let writers: Vec<_> = (0..4)
-        .map(|_| {
+    let isolation = [
+        "READ COMMITTED",
+        "REPEATABLE READ",
+        "SERIALIZABLE",
+        "READ COMMITTED",
+    ];
+    let writers: Vec<_> = isolation
+        .iter()
+        .map(|&isolation| {
             let batches: Vec<Vec<Op>> = (0..15)
                 .map(|_| {
                     (0..3)
@@ -947,25 +966,45 @@ async fn concurrent_writers_leave_the_set_exact() {
                 .collect();
             let db = &db;
             async move {
-                let mut cycles = 0;
+                let (mut cycles, mut retries) = (0, 0);
                 for batch in &batches {
-                    if let (_, _, Err(e)) = try_batch(db, batch).await {
+                    for attempt in 1.. {
+                        let Err(e) = try_batch(db, batch, isolation).await.2 else {
+                            break;
+                        };
+                        let code = sqlstate(&e);
+                        if isolation != "READ COMMITTED"
+                            && matches!(code.as_deref(), Some("40001" | "40P01"))
+                            && attempt < 50
+                        {
+                            retries += 1;
+                            continue;
+                        }
                         // Two writers' moves that make a cycle together: the later COMMIT
                         // re-checks the tree under the lock and is refused. Nothing else.
-                        assert!(e.to_string().contains("into its own subtree"), "{e}");
+                        assert!(
+                            e.to_string().contains("into its own subtree"),
+                            "{isolation}, attempt {attempt}: {e}"
+                        );
                         cycles += 1;
+                        break;
                     }
                 }
-                cycles
+                (cycles, retries)
             }
         })
         .collect();
     // Each writer's transactions run on their own connection, interleaved with the others'.
-    let cycles: u32 = futures_util::future::join_all(writers)
+    let (cycles, retries) = futures_util::future::join_all(writers)
         .await
         .into_iter()
-        .sum();
-    println!("concurrent writers: {cycles} commits refused as cycles made with another writer");
+        .fold((0, 0), |(c, r), (cycles, retries)| {
+            (c + cycles, r + retries)
+        });
+    println!(
+        "concurrent writers: {cycles} commits refused as cycles made with another writer, \
+         {retries} transactions retried after a serialization failure"
+    );
     let token = db.write("SELECT 1").await;
     judge(&db, &daemon, &token, "after 4 concurrent writers").await;
     daemon.stop().await;
