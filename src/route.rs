@@ -110,6 +110,9 @@ pub struct Router(Arc<Inner>);
 struct Inner {
     /// Swapped whole on a reshard; a request keeps the one it started with.
     set: ArcSwap<Set>,
+    /// SIGHUPs that switched the set, and those that kept it (a file that could not be
+    /// read, or a set not ready).
+    reshards: [AtomicU64; 2],
     client: Client<HttpsConnector<HttpConnector>, Body>,
     config: RouteConfig,
 }
@@ -188,6 +191,7 @@ impl Router {
             .build(connector);
         Ok(Self(Arc::new(Inner {
             set: ArcSwap::from_pointee(set),
+            reshards: [AtomicU64::new(0), AtomicU64::new(0)],
             client,
             config,
         })))
@@ -202,6 +206,14 @@ impl Router {
     /// that set has a ready daemon that mirrors it; until then, and when the file cannot
     /// be read, to the set before. What changed, for the log, or why nothing did.
     pub async fn reshard(&self) -> anyhow::Result<String> {
+        let outcome = self.switch().await;
+        let counted = usize::from(outcome.is_err());
+        self.0.reshards[counted].fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// `reshard`, uncounted.
+    async fn switch(&self) -> anyhow::Result<String> {
         let Some(path) = &self.0.config.shards_file else {
             bail!("the shards were given by --shards, not --shards-file");
         };
@@ -549,6 +561,20 @@ impl Router {
             "permd_route_failed_total",
             "Requests to each daemon that got no answer (then sent to the next daemon of the shard, if any; else answered 502 or 504).",
             &|d| d.failed.load(Ordering::Relaxed),
+        );
+        let [switched, kept] = &self.0.reshards;
+        let _ = writeln!(
+            out,
+            "# HELP permd_route_shards Shards of the set the router routes to.\n\
+             # TYPE permd_route_shards gauge\n\
+             permd_route_shards {}\n\
+             # HELP permd_route_reshards_total SIGHUPs with --shards-file: those that switched to the set the file lists (or found it in use), and those that kept the set before (the file could not be read, or its set was not ready).\n\
+             # TYPE permd_route_reshards_total counter\n\
+             permd_route_reshards_total{{outcome=\"switched\"}} {}\n\
+             permd_route_reshards_total{{outcome=\"kept\"}} {}",
+            set.groups.len(),
+            switched.load(Ordering::Relaxed),
+            kept.load(Ordering::Relaxed),
         );
         let mut answer = Response::new(Body::from(out));
         answer.headers_mut().insert(

@@ -1250,10 +1250,14 @@ async fn route_reshards_on_sighup() {
     logged("SIGHUP: routing to the set", 1).await;
     assert_eq!(shards(), 2);
     let (_, metrics) = http_get(port, "/metrics").expect("the router's metrics");
-    assert!(
-        metrics.contains(&format!("shard=\"1/2\",url=\"http://127.0.0.1:{second}\"")),
-        "{metrics}"
-    );
+    for said in [
+        format!("shard=\"1/2\",url=\"http://127.0.0.1:{second}\""),
+        "permd_route_shards 2\n".to_owned(),
+        "permd_route_reshards_total{outcome=\"switched\"} 1\n".to_owned(),
+        "permd_route_reshards_total{outcome=\"kept\"} 1\n".to_owned(),
+    ] {
+        assert!(metrics.contains(&said), "{said}: {metrics}");
+    }
 
     // A file that cannot be read as shards: kept.
     std::fs::write(&file, "ftp://nowhere\n").expect("write the shards file");
