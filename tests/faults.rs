@@ -504,6 +504,11 @@ async fn a_database_without_the_schema_or_privileges_says_what_to_do() {
     let error = daemon.failed_attempts(2).await;
     assert!(error.contains("schema \"permd\" does not exist"), "{error}");
     assert!(error.contains("run `permd migrate`"), "{error}");
+    // Nothing loaded: a check is not answered "denied" from the empty store.
+    let check = "/v1/check?subject=user:1&permission=read&object=doc:1";
+    let (status, body) = daemon.get(check).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "loading", "{body}");
     permd::db::migrate(&db.pool).await.expect("migrate");
     // A role without its privileges is told which it lacks.
     let (stranger, url) = db.role("stranger", "").await;
@@ -524,6 +529,9 @@ async fn a_database_without_the_schema_or_privileges_says_what_to_do() {
     let token = db.write("SELECT 1").await;
     assert_eq!(daemon.digest_at(&token).await, db.digest().await);
     assert_eq!(daemon.store.counts().tuples, 1);
+    let (status, body) = daemon.get(check).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["allowed"], true, "{body}");
     daemon.stop().await;
 }
 

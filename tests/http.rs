@@ -400,6 +400,66 @@ async fn batch_errors_name_the_check_and_its_field() {
     }
 }
 
+/// Before the first full load the store is empty, and every answer from it would be a
+/// denial: each read route answers 503 `loading` (with `Retry-After`) instead, on the fast
+/// path, through the router and in the server's own loop; a token waits as ever and is
+/// stale. The probes, the status and the metrics answer.
+#[tokio::test]
+async fn nothing_is_answered_before_the_first_load() {
+    let unloaded = || App::new(Store::new(), Status::default(), quick());
+    let r = Api::new(unloaded());
+    let batch = json!({"checks": [{"subject": "u1", "permission": "read"}]}).to_string();
+    for uri in [
+        "/v1/check?subject=u1&permission=read&object=doc:1",
+        "/v1/check?subject=u1&permission=EXPORT",
+        "/v1/subjects/u1/permissions",
+        "/v1/subjects/u1/objects?permission=read",
+        "/v1/subjects/u1/limits",
+        "/v1/check-limit?subject=u1&limit=seats&usage=1",
+        "/v1/digest",
+    ] {
+        let (status, body) = get(&r, uri).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {body}");
+        assert_eq!(body["error"], "loading", "{uri}: {body}");
+    }
+    let (status, body) = post(&r, "/v1/check", Some("application/json"), batch.clone()).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("loading"))
+    );
+    let (status, body) = get(&r, "/v1/check?subject=u1&permission=read&at_least=1").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("stale"))
+    );
+    for (uri, expected) in [
+        ("/livez", StatusCode::OK),
+        ("/readyz", StatusCode::SERVICE_UNAVAILABLE),
+        ("/v1/status", StatusCode::OK),
+    ] {
+        assert_eq!(get(&r, uri).await.0, expected, "{uri}");
+    }
+    // Over a socket: the server's own loop declines both, and the answer says when to retry.
+    let (addr, shutdown, served) =
+        wire::permd(unloaded(), permd::http::ServerLimits::default()).await;
+    for request in [
+        "GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+            .to_owned(),
+        format!(
+            "POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{batch}",
+            batch.len()
+        ),
+    ] {
+        let answer = wire::exchange(addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: 1\r\n"), "{answer}");
+        assert!(answer.contains("\"error\":\"loading\""), "{answer}");
+    }
+    shutdown.cancel();
+    served.await.expect("the server stops");
+}
+
 #[tokio::test]
 async fn a_token_not_reached_in_time_is_a_503_stale() {
     let r = app(quick());

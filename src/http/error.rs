@@ -45,6 +45,10 @@ pub enum ApiError {
     /// Too many requests in flight; retry shortly.
     #[error("overloaded")]
     Overloaded,
+    /// The set has not been loaded from Postgres yet (the daemon just started, or cannot
+    /// reach the database): every answer would be a denial. Retry shortly.
+    #[error("loading")]
+    Loading,
     /// The subject belongs to another shard (`--shard`): the router sent it to the wrong
     /// daemon.
     #[error("misdirected")]
@@ -74,7 +78,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Stale { .. } | Self::Timeout | Self::Overloaded => {
+            Self::Stale { .. } | Self::Timeout | Self::Overloaded | Self::Loading => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
@@ -105,10 +109,15 @@ impl IntoResponse for ApiError {
                 "shard": shard.to_string(),
                 "owner": owner.to_string(),
             }),
+            Self::Loading => json!({
+                "error": "loading",
+                "message": "permd has not loaded the set from Postgres yet; retry shortly \
+                            (/readyz answers 200 once it has, /v1/status says why not)",
+            }),
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, Json(body)).into_response();
-        if matches!(self, Self::Overloaded) {
+        if matches!(self, Self::Overloaded | Self::Loading) {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

@@ -40,8 +40,11 @@ fn parse_token(token: Option<&TokenRepr>) -> Result<Option<Xid>, ApiError> {
 
 impl App {
     /// The revision to answer at: waits (bounded) until the token's write is applied.
+    /// Before the first full load there is nothing to answer from: `Loading` (a watermark
+    /// past a token means a load).
     async fn fresh(&self, at_least: Option<&TokenRepr>) -> Result<Xid, ApiError> {
         match parse_token(at_least)? {
+            None if !self.store.loaded() => Err(ApiError::Loading),
             None => Ok(self.store.watermark()),
             Some(token) => self
                 .store
@@ -160,6 +163,7 @@ impl App {
                 && is_identifier(&c.object, true)
         });
         if batch.at_least.is_some()
+            || !self.store.loaded()
             || batch.checks.len() > self.config.max_batch
             || !valid
             || self.misdirected(&batch.checks).is_some()

@@ -153,6 +153,12 @@ impl Store {
         store
     }
 
+    /// Whether a generation was ever swapped in (the first full load is done): an empty
+    /// store's every answer would be a denial.
+    pub fn loaded(&self) -> bool {
+        self.inner.generation.load(Ordering::Acquire) > 0
+    }
+
     /// Every transaction with an xid below the watermark is applied.
     pub fn watermark(&self) -> Xid {
         Xid(self.inner.watermark.load(Ordering::Acquire))
