@@ -317,9 +317,11 @@ impl Router {
     }
 
     /// Sends one request to a daemon of `group`, each in turn, and to the next when one
-    /// does not answer (every request of the API is a read: sending it again is safe). A
-    /// shard of one daemon is tried twice, unless the first try timed out: a connection
-    /// the daemon closed as the request went out fails it without the daemon being down.
+    /// does not answer (every request of the API is a read: sending it again is safe), or
+    /// answers 503 (not loaded yet, overloaded, behind a token): the last one's 503 is the
+    /// answer when every daemon gave one. A shard of one daemon is tried twice, unless the
+    /// first try timed out: a connection the daemon closed as the request went out fails
+    /// it without the daemon being down.
     async fn send(&self, group: &Group, forward: &Forward) -> Result<Response<Incoming>, Failure> {
         let first = group.next.fetch_add(1, Ordering::Relaxed);
         let mut failure = Failure {
@@ -332,6 +334,12 @@ impl Router {
             }
             let daemon = &group.daemons[(first + turn) % group.daemons.len()];
             match self.send_to(daemon, forward).await {
+                Ok(answer)
+                    if answer.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && turn + 1 < group.daemons.len() =>
+                {
+                    tracing::debug!(shard = %group.shard, url = %daemon.base, "answered 503: the next daemon of the shard is asked");
+                }
                 Ok(answer) => return Ok(answer),
                 Err((reason, timed_out)) => {
                     daemon.failed.fetch_add(1, Ordering::Relaxed);

@@ -354,3 +354,70 @@ async fn the_router_sends_each_request_to_its_shard() {
         daemon.daemon.stop().await;
     }
 }
+
+/// A daemon of a shard that has not loaded yet (it just started, or restarted) answers
+/// 503 `loading`: the router asks the shard's next daemon instead, so a shard with one
+/// daemon restarting answers every request. With no other daemon, its 503 is the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_not_loaded_yet_is_passed_over() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 10) i")
+        .await;
+    let mut loaded = Served::start(&db, Shard::WHOLE, None).await;
+    // A daemon whose store was never loaded, served as `permd serve` serves one.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let starting = format!("http://{}", listener.local_addr().expect("an address"));
+    let app = permd::http::App::new(
+        permd::store::Store::new(),
+        permd::sync::Status::default(),
+        HttpConfig {
+            token: Token::new(TOKEN),
+            ..patient()
+        },
+    );
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(permd::http::serve(
+        listener,
+        permd::http::Api::new(app),
+        ServerLimits::default(),
+        None,
+        stop.clone(),
+    ));
+    let tls = SelfSigned::new("route-loading");
+    let both = router(&[&format!("{starting}|{}", loaded.url)], &tls);
+    // Each daemon in turn comes first: every answer is the loaded one's.
+    for i in 1..=10 {
+        let uri = format!("/v1/check?subject=user:{i}&permission=read&object=doc:1");
+        let (status, body) = ask(&both, "GET", &uri, None).await;
+        assert_eq!(
+            (status, &body["allowed"]),
+            (StatusCode::OK, &json!(true)),
+            "{body}"
+        );
+        let batch = json!({ "checks": [check(&format!("user:{i}"), "doc:1")] });
+        let (status, body) = ask(&both, "POST", "/v1/check", Some(&batch)).await;
+        assert_eq!(
+            (status, &body["results"]),
+            (StatusCode::OK, &json!([true])),
+            "{body}"
+        );
+    }
+    let alone = router(&[&starting], &tls);
+    let (status, body) = ask(
+        &alone,
+        "GET",
+        "/v1/check?subject=user:1&permission=read",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("loading"))
+    );
+    stop.cancel();
+    server.await.expect("the server stops");
+    loaded.stop_serving().await;
+    loaded.daemon.stop().await;
+}
