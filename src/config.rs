@@ -358,6 +358,12 @@ pub struct ServerArgs {
     /// long (milliseconds).
     #[arg(long, env = "PERMD_READY_MAX_LAG_MS", default_value_t = 10_000)]
     pub ready_max_lag_ms: u64,
+    /// Fail closed: the read routes answer 503 `behind` once the mirror has not caught up
+    /// with Postgres for this long (milliseconds), rather than answer from a mirror that
+    /// may miss committed writes (a revocation among them). 0, the default: answer from
+    /// memory however long Postgres is out of reach.
+    #[arg(long, env = "PERMD_ANSWER_MAX_LAG_MS", default_value_t = 0)]
+    pub answer_max_lag_ms: u64,
     /// On SIGTERM/SIGINT, wait at most this long for in-flight requests (milliseconds).
     #[arg(long, env = "PERMD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -424,6 +430,8 @@ impl ServerArgs {
             body_limit: self.body_limit,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             ready_max_lag: Duration::from_millis(self.ready_max_lag_ms),
+            answer_max_lag: (self.answer_max_lag_ms > 0)
+                .then(|| Duration::from_millis(self.answer_max_lag_ms)),
             max_in_flight: usize::try_from(self.max_in_flight).unwrap_or(usize::MAX),
             shard: self.shard,
         };

@@ -97,6 +97,16 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
         ..patient()
     };
     let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), http).await;
+    // The same mirror behind a fail-closed API (`--answer-max-lag-ms 500`).
+    let fail_closed = permd::http::Api::new(permd::http::App::new(
+        daemon.store.clone(),
+        daemon.status.clone(),
+        HttpConfig {
+            answer_max_lag: Some(Duration::from_millis(500)),
+            ..patient()
+        },
+    ));
+    let check = "/v1/check?subject=before0&permission=read&object=doc";
 
     for (round, mode) in [StopMode::Fast, StopMode::Immediate, StopMode::Kill]
         .into_iter()
@@ -133,6 +143,17 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
         let lag_during = status["lag_seconds"].as_f64().expect("lag");
         assert!(lag_during > 0.5, "lag grows while disconnected: {status}");
         assert_eq!(status["connected"], false);
+        let (status, body) = common::send(
+            &fail_closed,
+            Request::get(check).body(Body::empty()).expect("a request"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"], "behind", "{body}");
+        assert!(
+            body["lag_seconds"].as_f64().is_some_and(|lag| lag > 0.5),
+            "{body}"
+        );
 
         let c = cluster.clone();
         tokio::task::spawn_blocking(move || c.start_server())
@@ -173,6 +194,16 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
         let recovered = up.elapsed();
         wait_until("readyz 200 again", || async {
             readyz(&daemon).await == StatusCode::OK
+        })
+        .await;
+        wait_until("the fail-closed API to answer again", || async {
+            common::send(
+                &fail_closed,
+                Request::get(check).body(Body::empty()).expect("a request"),
+            )
+            .await
+            .1["allowed"]
+                == true
         })
         .await;
 

@@ -460,6 +460,39 @@ async fn nothing_is_answered_before_the_first_load() {
     served.await.expect("the server stops");
 }
 
+/// With `--answer-max-lag-ms`, a mirror that has not caught up for that long answers no
+/// read route (503 `behind`), on the fast path and through the router, and the server's
+/// own loop declines it too. (`faults.rs` shows it with Postgres stopped, then back.)
+#[tokio::test]
+async fn a_fail_closed_mirror_that_never_caught_up_answers_behind() {
+    let config = HttpConfig {
+        answer_max_lag: Some(Duration::from_secs(5)),
+        ..quick()
+    };
+    // Loaded, and never caught up since (its status was never told).
+    let r = app(config.clone());
+    for uri in [
+        "/v1/check?subject=u1&permission=read&object=doc:1",
+        "/v1/subjects/u1/permissions",
+    ] {
+        let (status, body) = get(&r, uri).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {body}");
+        assert_eq!(body["error"], "behind", "{uri}: {body}");
+        assert_eq!(body["lag_seconds"], Value::Null, "{uri}: {body}");
+    }
+    let (addr, shutdown, served) =
+        wire::permd(app_state(config), permd::http::ServerLimits::default()).await;
+    let answer = wire::exchange(
+        addr,
+        b"GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"error\":\"behind\""), "{answer}");
+    shutdown.cancel();
+    served.await.expect("the server stops");
+}
+
 #[tokio::test]
 async fn a_token_not_reached_in_time_is_a_503_stale() {
     let r = app(quick());

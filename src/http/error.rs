@@ -49,6 +49,13 @@ pub enum ApiError {
     /// reach the database): every answer would be a denial. Retry shortly.
     #[error("loading")]
     Loading,
+    /// The mirror has not caught up with Postgres for longer than `--answer-max-lag-ms`
+    /// (fail closed): it could miss committed writes.
+    #[error("behind")]
+    Behind {
+        /// Seconds since it last caught up; `None` if it has not since its load.
+        lag_seconds: Option<f64>,
+    },
     /// The subject belongs to another shard (`--shard`): the router sent it to the wrong
     /// daemon.
     #[error("misdirected")]
@@ -78,9 +85,11 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Stale { .. } | Self::Timeout | Self::Overloaded | Self::Loading => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Stale { .. }
+            | Self::Timeout
+            | Self::Overloaded
+            | Self::Loading
+            | Self::Behind { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
         }
     }
@@ -114,10 +123,20 @@ impl IntoResponse for ApiError {
                 "message": "permd has not loaded the set from Postgres yet; retry shortly \
                             (/readyz answers 200 once it has, /v1/status says why not)",
             }),
+            Self::Behind { lag_seconds } => json!({
+                "error": "behind",
+                "message": format!(
+                    "permd has not caught up with Postgres for {}, over --answer-max-lag-ms: \
+                     its answer could miss committed writes; retry, or ask another daemon \
+                     (/v1/status says why)",
+                    lag_seconds.map_or("as long as it has run".to_owned(), |s| format!("{s:.1} s"))
+                ),
+                "lag_seconds": lag_seconds,
+            }),
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, Json(body)).into_response();
-        if matches!(self, Self::Overloaded | Self::Loading) {
+        if matches!(self, Self::Overloaded | Self::Loading | Self::Behind { .. }) {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

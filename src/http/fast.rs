@@ -3,7 +3,7 @@
 //! A single check is almost all of permd's traffic, and its answer costs far less than
 //! the routing, the two middleware layers, the query deserializer and the JSON value
 //! around it. So the plain case (no `at_least`, valid input, admitted, authorized,
-//! loaded) is answered here, byte for byte as the router would answer it; every other
+//! answerable) is answered here, byte for byte as the router would answer it; every other
 //! request, and every case the fast path does not handle, goes to the router, which
 //! remains the one place where errors are decided.
 
@@ -189,7 +189,7 @@ impl App {
         let (Some(subject), Some(permission)) = (&fields.subject, &fields.permission) else {
             return None;
         };
-        if !self.config.shard.owns(subject) || !self.store.loaded() {
+        if !self.config.shard.owns(subject) || self.answerable().is_err() {
             return None;
         }
         let object = fields.object.as_deref().unwrap_or("");

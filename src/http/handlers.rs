@@ -39,13 +39,11 @@ fn parse_token(token: Option<&TokenRepr>) -> Result<Option<Xid>, ApiError> {
 }
 
 impl App {
-    /// The revision to answer at: waits (bounded) until the token's write is applied.
-    /// Before the first full load there is nothing to answer from: `Loading` (a watermark
-    /// past a token means a load).
+    /// The revision to answer at: waits (bounded) until the token's write is applied,
+    /// then asks whether the mirror may answer at all (`answerable`).
     async fn fresh(&self, at_least: Option<&TokenRepr>) -> Result<Xid, ApiError> {
-        match parse_token(at_least)? {
-            None if !self.store.loaded() => Err(ApiError::Loading),
-            None => Ok(self.store.watermark()),
+        let revision = match parse_token(at_least)? {
+            None => self.store.watermark(),
             Some(token) => self
                 .store
                 .wait_past(token, self.config.max_wait)
@@ -55,8 +53,26 @@ impl App {
                     ApiError::Stale {
                         revision: stale.watermark,
                     }
-                }),
+                })?,
+        };
+        self.answerable()?;
+        Ok(revision)
+    }
+
+    /// Whether the mirror may answer: not before the first full load (an empty store
+    /// would deny everything), and with `--answer-max-lag-ms`, not while it has not caught
+    /// up with Postgres for longer than that.
+    pub(super) fn answerable(&self) -> Result<(), ApiError> {
+        if !self.store.loaded() {
+            return Err(ApiError::Loading);
         }
+        if let Some(max) = self.config.answer_max_lag {
+            let lag_seconds = self.status.lag_seconds();
+            if lag_seconds.is_none_or(|lag| lag > max.as_secs_f64()) {
+                return Err(ApiError::Behind { lag_seconds });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -163,7 +179,7 @@ impl App {
                 && is_identifier(&c.object, true)
         });
         if batch.at_least.is_some()
-            || !self.store.loaded()
+            || self.answerable().is_err()
             || batch.checks.len() > self.config.max_batch
             || !valid
             || self.misdirected(&batch.checks).is_some()

@@ -89,6 +89,9 @@ pub struct HttpConfig {
     pub request_timeout: Duration,
     /// `/readyz` is 503 when the mirror has not caught up for longer than this.
     pub ready_max_lag: Duration,
+    /// Read routes answer 503 `behind` when the mirror has not caught up for longer than
+    /// this (`--answer-max-lag-ms`); `None`: answer from memory however far behind.
+    pub answer_max_lag: Option<Duration>,
     /// Most API requests in flight at once; more are shed at once with 503 `overloaded`.
     /// Probes (`/livez`, `/readyz`) are never shed.
     pub max_in_flight: usize,
@@ -106,6 +109,7 @@ impl Default for HttpConfig {
             body_limit: 2 * 1024 * 1024,
             request_timeout: Duration::from_secs(10),
             ready_max_lag: Duration::from_secs(10),
+            answer_max_lag: None,
             max_in_flight: 1024,
             shard: Shard::WHOLE,
         }
