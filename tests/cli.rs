@@ -1065,6 +1065,42 @@ fn route(ports: &[u16]) -> (Running, u16) {
     (running, port)
 }
 
+/// Every flag of every command is in README's table of flags (as `--flag`, or `command
+/// --flag` for one command's own), so that none is known only to `--help`.
+#[test]
+fn every_flag_is_in_the_readme() {
+    let readme = include_str!("../README.md");
+    let mut missing = Vec::new();
+    for command in ["serve", "route", "verify", "demo", "migrate"] {
+        let output = permd()
+            .args([command, "--help"])
+            .output()
+            .expect("permd --help");
+        let help = String::from_utf8_lossy(&output.stdout);
+        let flags = help.lines().filter_map(|line| {
+            let line = line.trim_start();
+            let line = line.strip_prefix("-").map_or(line, |_| {
+                line.split_once(", ").map_or(line, |(_, long)| long)
+            });
+            let flag = line.strip_prefix("--")?.split([' ', '=']).next()?;
+            (!["help", "version"].contains(&flag)).then(|| format!("--{flag}"))
+        });
+        for flag in flags {
+            let documented = [
+                format!("`{flag}`"),
+                format!("`{command} {flag}`"),
+                format!("`{flag} "),
+            ]
+            .iter()
+            .any(|form| readme.contains(form.as_str()));
+            if !documented {
+                missing.push(format!("{command} {flag}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in README.md: {missing:?}");
+}
+
 /// `permd route` in front of two `permd serve --shard i/2`: README's sharded set, as
 /// processes. It refuses what it cannot route to, and stops on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
