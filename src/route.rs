@@ -108,7 +108,8 @@ struct Daemon {
 pub struct Router(Arc<Inner>);
 
 struct Inner {
-    /// Swapped whole on a reshard; a request keeps the one it started with.
+    /// Swapped whole on a reshard; a request keeps the one it started with. `ArcSwap`:
+    /// every request reads it, a SIGHUP writes it, and a read takes no lock.
     set: ArcSwap<Set>,
     /// SIGHUPs that switched the set, and those that kept it (a file that could not be
     /// read, or a set not ready).
