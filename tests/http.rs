@@ -439,6 +439,11 @@ async fn nothing_is_answered_before_the_first_load() {
     ] {
         assert_eq!(get(&r, uri).await.0, expected, "{uri}");
     }
+    // Each refusal counted once, though the fast path asked first.
+    let (_, metrics) = get(&r, "/metrics").await;
+    let metrics = metrics.as_str().expect("text");
+    assert!(metrics.contains("\npermd_loading_total 8\n"), "{metrics}");
+    assert!(metrics.contains("\npermd_behind_total 0\n"), "{metrics}");
     // Over a socket: the server's own loop declines both, and the answer says when to retry.
     let (addr, shutdown, served) =
         wire::permd(unloaded(), permd::http::ServerLimits::default()).await;
@@ -480,6 +485,9 @@ async fn a_fail_closed_mirror_that_never_caught_up_answers_behind() {
         assert_eq!(body["error"], "behind", "{uri}: {body}");
         assert_eq!(body["lag_seconds"], Value::Null, "{uri}: {body}");
     }
+    let (_, metrics) = get(&r, "/metrics").await;
+    let metrics = metrics.as_str().expect("text");
+    assert!(metrics.contains("\npermd_behind_total 2\n"), "{metrics}");
     let (addr, shutdown, served) =
         wire::permd(app_state(config), permd::http::ServerLimits::default()).await;
     let answer = wire::exchange(

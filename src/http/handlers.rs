@@ -55,13 +55,17 @@ impl App {
                     }
                 })?,
         };
-        self.answerable()?;
+        self.answerable().inspect_err(|refused| {
+            self.metrics
+                .unanswerable(matches!(refused, ApiError::Behind { .. }));
+        })?;
         Ok(revision)
     }
 
     /// Whether the mirror may answer: not before the first full load (an empty store
     /// would deny everything), and with `--answer-max-lag-ms`, not while it has not caught
-    /// up with Postgres for longer than that.
+    /// up with Postgres for longer than that. Uncounted: the fast paths ask it, then leave
+    /// a refusal to the router, which counts it (`fresh`).
     pub(super) fn answerable(&self) -> Result<(), ApiError> {
         if !self.store.loaded() {
             return Err(ApiError::Loading);

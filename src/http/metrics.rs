@@ -38,6 +38,8 @@ struct Stripe {
 pub(crate) struct Metrics {
     stripes: [Stripe; STRIPES],
     stale: AtomicU64,
+    /// Requests answered 503 `loading` and 503 `behind`.
+    unanswerable: [AtomicU64; 2],
     shed: AtomicU64,
     misdirected: AtomicU64,
     client_errors: AtomicU64,
@@ -94,6 +96,12 @@ impl Metrics {
     /// Counts a request answered 503 stale.
     pub(crate) fn stale(&self) {
         self.stale.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request answered 503 because the mirror may not answer: not loaded yet
+    /// (`behind` false), or behind Postgres past `--answer-max-lag-ms` (`behind` true).
+    pub(crate) fn unanswerable(&self, behind: bool) {
+        self.unanswerable[usize::from(behind)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request shed for overload.
@@ -172,7 +180,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 25] = [
+        let gauges: [(&str, &str, &str, f64); 27] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -229,6 +237,8 @@ impl Metrics {
             ("permd_dropped_notifications_total", "counter", "Notifications dropped because too many waited for the applier; their commits are read from the changelog.", report.dropped_notifications as f64),
             ("permd_stale_total", "counter", "Requests answered 503 stale (at_least not reached in time).", get(&self.stale) as f64),
             ("permd_shed_total", "counter", "Requests shed with 503 overloaded (too many in flight).", get(&self.shed) as f64),
+            ("permd_loading_total", "counter", "Requests answered 503 loading: before the first full load.", get(&self.unanswerable[0]) as f64),
+            ("permd_behind_total", "counter", "Requests answered 503 behind: the mirror not caught up with Postgres for longer than --answer-max-lag-ms.", get(&self.unanswerable[1]) as f64),
             ("permd_misdirected_total", "counter", "Requests answered 421 misdirected: about a subject of another shard (--shard), sent here by a router that hashes differently or counts other shards.", get(&self.misdirected) as f64),
             (
                 "permd_http_hyper_requests_total",
