@@ -20,9 +20,9 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
@@ -101,6 +101,65 @@ struct Daemon {
     base: String,
     forwarded: AtomicU64,
     failed: AtomicU64,
+    /// Failures since its last answer: how long it rests.
+    failures_in_row: AtomicU32,
+    /// Until when (nanoseconds after `born`) it rests after a failure: tried after the
+    /// shard's other daemons, not before, so that a daemon down or hung costs a request
+    /// its wait only once in a while rather than at every turn.
+    resting_until: AtomicU64,
+    born: Instant,
+}
+
+/// How long a daemon that failed rests: doubled at each failure in a row, from the first
+/// to the last.
+const REST_FIRST: Duration = Duration::from_millis(100);
+const REST_MAX: Duration = Duration::from_secs(10);
+
+/// How long connecting to a daemon may take. A daemon on the same network connects in
+/// well under a millisecond; a host that drops packets would otherwise hold the request
+/// for its whole `--request-timeout-ms`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Daemon {
+    fn new(base: &str) -> Self {
+        Self {
+            base: base.to_owned(),
+            forwarded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            failures_in_row: AtomicU32::new(0),
+            resting_until: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds since `born`.
+    fn now(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether it rests after a failure.
+    fn resting(&self) -> bool {
+        self.resting_until.load(Ordering::Relaxed) > self.now()
+    }
+
+    /// It did not answer: it rests, twice as long as after the failure before.
+    fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let in_row = self.failures_in_row.fetch_add(1, Ordering::Relaxed).min(16);
+        let rest = REST_FIRST.saturating_mul(1 << in_row).min(REST_MAX);
+        let until = self
+            .now()
+            .saturating_add(u64::try_from(rest.as_nanos()).unwrap_or(u64::MAX));
+        self.resting_until.store(until, Ordering::Relaxed);
+    }
+
+    /// It answered (whatever the status): it rests no more.
+    fn answered(&self) {
+        if self.failures_in_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_row.store(0, Ordering::Relaxed);
+            self.resting_until.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The router: a cheap-clone handle.
@@ -178,6 +237,7 @@ impl Router {
         let set = Set::new(&config.shards, None)?;
         let mut tcp = HttpConnector::new();
         tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
         tcp.enforce_http(false);
         let tls = crate::http::client_config(config.ca.as_deref(), "--shards-ca")?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -320,30 +380,37 @@ impl Router {
     /// Sends one request to a daemon of `group`, each in turn, and to the next when one
     /// does not answer (every request of the API is a read: sending it again is safe), or
     /// answers 503 (not loaded yet, overloaded, behind a token): the last one's 503 is the
-    /// answer when every daemon gave one. A shard of one daemon is tried twice, unless the
-    /// first try timed out: a connection the daemon closed as the request went out fails
-    /// it without the daemon being down.
+    /// answer when every daemon gave one. Daemons resting after a failure come after the
+    /// others. A shard of one daemon is tried twice, unless the first try timed out: a
+    /// connection the daemon closed as the request went out fails it without the daemon
+    /// being down.
     async fn send(&self, group: &Group, forward: &Forward) -> Result<Response<Incoming>, Failure> {
+        let count = group.daemons.len();
         let first = group.next.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<&Daemon> = (0..count)
+            .map(|turn| &*group.daemons[(first + turn) % count])
+            .collect();
+        if count > 1 {
+            // Stable: each part keeps the turns' order.
+            order.sort_by_key(|daemon| daemon.resting());
+        }
         let mut failure = Failure {
             reasons: Vec::new(),
             timed_out: true,
         };
-        for turn in 0..group.daemons.len().max(2) {
-            if turn >= group.daemons.len() && failure.timed_out {
+        for turn in 0..count.max(2) {
+            if turn >= count && failure.timed_out {
                 break;
             }
-            let daemon = &group.daemons[(first + turn) % group.daemons.len()];
+            let daemon = order[turn % count];
             match self.send_to(daemon, forward).await {
                 Ok(answer)
-                    if answer.status() == StatusCode::SERVICE_UNAVAILABLE
-                        && turn + 1 < group.daemons.len() =>
+                    if answer.status() == StatusCode::SERVICE_UNAVAILABLE && turn + 1 < count =>
                 {
                     tracing::debug!(shard = %group.shard, url = %daemon.base, "answered 503: the next daemon of the shard is asked");
                 }
                 Ok(answer) => return Ok(answer),
                 Err((reason, timed_out)) => {
-                    daemon.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(shard = %group.shard, url = %daemon.base, "{reason}");
                     failure.reasons.push(format!("{}: {reason}", daemon.base));
                     failure.timed_out &= timed_out;
@@ -374,11 +441,16 @@ impl Router {
             .body(Body::from(forward.body.clone()))
             .map_err(|e| (e.to_string(), false))?;
         let timeout = self.0.config.request_timeout;
-        match tokio::time::timeout(timeout, self.0.client.request(request)).await {
+        let answer = match tokio::time::timeout(timeout, self.0.client.request(request)).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(error)) => Err((crate::error_chain(&error), false)),
             Err(_) => Err((format!("no answer within {timeout:?}"), true)),
+        };
+        match &answer {
+            Ok(_) => daemon.answered(),
+            Err(_) => daemon.failed(),
         }
+        answer
     }
 
     /// `POST /v1/check`: split by shard, sent at once, results put back in order.
@@ -547,8 +619,8 @@ impl Router {
     fn metrics(&self, set: &Set) -> Answer {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: &dyn Fn(&Daemon) -> u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let mut each = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Daemon) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for group in &set.groups {
                 for daemon in &group.daemons {
                     let _ = writeln!(
@@ -561,15 +633,23 @@ impl Router {
                 }
             }
         };
-        counter(
+        each(
             "permd_route_forwarded_total",
-            "Requests the router sent to each daemon (a batch's parts each, a request sent again to another daemon of its shard again).",
+            "counter",
+            "Requests the router sent to each daemon (a batch's parts each, a request sent again to another daemon of its shard again, the status asked for /readyz).",
             &|d| d.forwarded.load(Ordering::Relaxed),
         );
-        counter(
+        each(
             "permd_route_failed_total",
+            "counter",
             "Requests to each daemon that got no answer (then sent to the next daemon of the shard, if any; else answered 502 or 504).",
             &|d| d.failed.load(Ordering::Relaxed),
+        );
+        each(
+            "permd_route_resting",
+            "gauge",
+            "1 while the daemon rests after failing to answer: tried after the other daemons of its shard, for 0.1 s, doubled at each failure in a row up to 10 s.",
+            &|d| u64::from(d.resting()),
         );
         let [switched, kept] = &self.0.reshards;
         let _ = writeln!(
@@ -627,16 +707,7 @@ impl Set {
                 let kept = before
                     .and_then(|set| set.groups.iter().find(|g| g.shard == shard))
                     .and_then(|group| group.daemons.iter().find(|d| d.base == base));
-                daemons.push(kept.map_or_else(
-                    || {
-                        Arc::new(Daemon {
-                            base: base.to_owned(),
-                            forwarded: AtomicU64::new(0),
-                            failed: AtomicU64::new(0),
-                        })
-                    },
-                    Arc::clone,
-                ));
+                daemons.push(kept.map_or_else(|| Arc::new(Daemon::new(base)), Arc::clone));
             }
             groups.push(Group {
                 shard,

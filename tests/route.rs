@@ -421,3 +421,61 @@ async fn a_daemon_not_loaded_yet_is_passed_over() {
     loaded.stop_serving().await;
     loaded.daemon.stop().await;
 }
+
+/// A daemon that takes connections but never answers (hung, or its host dropping
+/// packets) costs a request the whole request timeout. After one such failure it rests:
+/// the shard's other daemon is tried first, so that only a few of many requests wait on
+/// it (in turn, half of them would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_fails_rests() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 40) i")
+        .await;
+    let mut good = Served::start(&db, Shard::WHOLE, None).await;
+    // Listening, so the kernel completes each connection, but never accepting.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_url = format!("http://{}", hung.local_addr().expect("an address"));
+    let tls = SelfSigned::new("route-rest");
+    let router = Router::new(RouteConfig {
+        shards: vec![format!("{hung_url}|{}", good.url)],
+        shards_file: None,
+        token: Token::new(TOKEN),
+        request_timeout: Duration::from_millis(300),
+        body_limit: 1 << 20,
+        ca: Some(tls.cert.clone()),
+    })
+    .expect("a router");
+    for i in 1..=40 {
+        let uri = format!("/v1/check?subject=user:{i}&permission=read&object=doc:1");
+        let (status, body) = ask(&router, "GET", &uri, None).await;
+        assert_eq!(
+            (status, &body["allowed"]),
+            (StatusCode::OK, &json!(true)),
+            "{body}"
+        );
+    }
+    let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().expect("text");
+    let tried: u64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(&format!(
+                "permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}} "
+            ))
+        })
+        .and_then(|n| n.parse().ok())
+        .expect("the hung daemon's count");
+    assert!(
+        (1..10).contains(&tried),
+        "{tried} of 40 requests waited on it: {metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "permd_route_resting{{shard=\"0/1\",url=\"{hung_url}\"}} "
+        )),
+        "{metrics}"
+    );
+    drop(hung);
+    good.stop_serving().await;
+    good.daemon.stop().await;
+}
