@@ -71,6 +71,27 @@ impl Served {
         self.stop.cancel();
         (&mut self.server).await.expect("the server stops");
     }
+
+    /// Stops serving, if it still does, and stops the daemon.
+    async fn finish(mut self) {
+        if !self.stop.is_cancelled() {
+            self.stop_serving().await;
+        }
+        self.daemon.stop().await;
+    }
+}
+
+/// A database where users 1 to `count` may read doc:1, and a daemon of the whole set
+/// serving it.
+async fn readers_served(count: u32) -> (TestDb, Served) {
+    let db = database().await;
+    db.exec(&format!(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
+         FROM generate_series(1, {count}) i"
+    ))
+    .await;
+    let served = Served::start(&db, Shard::WHOLE, None).await;
+    (db, served)
 }
 
 /// A router over `urls`, trusting `tls`'s certificate for the `https://` ones.
@@ -347,11 +368,8 @@ async fn the_router_sends_each_request_to_its_shard() {
         assert!(!metrics.contains(&format!("{failed}0\n")), "{metrics}");
     }
 
-    for mut daemon in served {
-        if !daemon.stop.is_cancelled() {
-            daemon.stop_serving().await;
-        }
-        daemon.daemon.stop().await;
+    for daemon in served {
+        daemon.finish().await;
     }
 }
 
@@ -360,10 +378,7 @@ async fn the_router_sends_each_request_to_its_shard() {
 /// daemon restarting answers every request. With no other daemon, its 503 is the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_not_loaded_yet_is_passed_over() {
-    let db = database().await;
-    db.exec("INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 10) i")
-        .await;
-    let mut loaded = Served::start(&db, Shard::WHOLE, None).await;
+    let (_db, loaded) = readers_served(10).await;
     // A daemon whose store was never loaded, served as `permd serve` serves one.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -418,8 +433,7 @@ async fn a_daemon_not_loaded_yet_is_passed_over() {
     );
     stop.cancel();
     server.await.expect("the server stops");
-    loaded.stop_serving().await;
-    loaded.daemon.stop().await;
+    loaded.finish().await;
 }
 
 /// A daemon that takes connections but never answers (hung, or its host dropping
@@ -428,10 +442,7 @@ async fn a_daemon_not_loaded_yet_is_passed_over() {
 /// it (in turn, half of them would).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_that_fails_rests() {
-    let db = database().await;
-    db.exec("INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 40) i")
-        .await;
-    let mut good = Served::start(&db, Shard::WHOLE, None).await;
+    let (_db, good) = readers_served(40).await;
     // Listening, so the kernel completes each connection, but never accepting.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let hung_url = format!("http://{}", hung.local_addr().expect("an address"));
@@ -476,6 +487,5 @@ async fn a_daemon_that_fails_rests() {
         "{metrics}"
     );
     drop(hung);
-    good.stop_serving().await;
-    good.daemon.stop().await;
+    good.finish().await;
 }
