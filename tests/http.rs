@@ -444,9 +444,14 @@ async fn nothing_is_answered_before_the_first_load() {
     let metrics = metrics.as_str().expect("text");
     assert!(metrics.contains("\npermd_loading_total 8\n"), "{metrics}");
     assert!(metrics.contains("\npermd_behind_total 0\n"), "{metrics}");
-    // Over a socket: the server's own loop declines both, and the answer says when to retry.
-    let (addr, shutdown, served) =
-        wire::permd(unloaded(), permd::http::ServerLimits::default()).await;
+    unanswered_over_a_socket(unloaded(), "loading").await;
+}
+
+/// Over a socket, the server's own loop declines a plain check and a batch that `app`
+/// may not answer, and the router's 503 `error` says when to retry.
+async fn unanswered_over_a_socket(app: App, error: &str) {
+    let (addr, shutdown, served) = wire::permd(app, permd::http::ServerLimits::default()).await;
+    let batch = json!({"checks": [{"subject": "u1", "permission": "read"}]}).to_string();
     for request in [
         "GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
             .to_owned(),
@@ -459,7 +464,10 @@ async fn nothing_is_answered_before_the_first_load() {
         let answer = wire::exchange(addr, request.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("retry-after: 1\r\n"), "{answer}");
-        assert!(answer.contains("\"error\":\"loading\""), "{answer}");
+        assert!(
+            answer.contains(&format!("\"error\":\"{error}\"")),
+            "{answer}"
+        );
     }
     shutdown.cancel();
     served.await.expect("the server stops");
@@ -488,17 +496,7 @@ async fn a_fail_closed_mirror_that_never_caught_up_answers_behind() {
     let (_, metrics) = get(&r, "/metrics").await;
     let metrics = metrics.as_str().expect("text");
     assert!(metrics.contains("\npermd_behind_total 2\n"), "{metrics}");
-    let (addr, shutdown, served) =
-        wire::permd(app_state(config), permd::http::ServerLimits::default()).await;
-    let answer = wire::exchange(
-        addr,
-        b"GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(answer.contains("\"error\":\"behind\""), "{answer}");
-    shutdown.cancel();
-    served.await.expect("the server stops");
+    unanswered_over_a_socket(app_state(config), "behind").await;
 }
 
 #[tokio::test]
