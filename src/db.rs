@@ -1,72 +1,80 @@
-//! One-off database work for the CLI and the tests: migrations (sqlx's embedded,
-//! checksummed migrator) and small helpers. The daemon's sync path does not use this.
+//! One-off database work for the CLI and the tests: a pool (sqlx's, through the sync
+//! connection's TLS over TCP: `sync::Relay`) and migrations (sqlx's embedded, checksummed
+//! migrator). The daemon's sync path does not use this.
 
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 use tokio_postgres::config::{ChannelBinding, Host};
 
-use crate::sync::TlsOptions;
-
 /// A small pool for one-off work. The database URL is read as the daemon reads it: libpq's
-/// URL or key=value form, its TLS options (`sync::TlsOptions`) given to sqlx.
+/// URL or key=value form, with its TLS options. sqlx has no TLS of its own here: over TCP it
+/// connects through a relay (`sync::Relay`) that speaks TLS as the daemon does.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     let (rest, tls) = crate::sync::split_tls_options(database_url)?;
     tls.check()?;
     // Read as the daemon reads it; sqlx reads the URL form itself.
-    let parsed = rest.parse::<tokio_postgres::Config>();
+    let config = rest
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| anyhow::anyhow!("parse the database URL: {}", crate::error_chain(&e)))?;
     // sqlx authenticates without channel binding: refused rather than quietly ignored.
-    if parsed
-        .as_ref()
-        .is_ok_and(|config| config.get_channel_binding() == ChannelBinding::Require)
-    {
+    if config.get_channel_binding() == ChannelBinding::Require {
         anyhow::bail!(
             "channel_binding=require: migrate, verify and demo (sqlx) do not bind SCRAM to the \
              TLS session; give them the URL without it (serve binds it)"
         );
     }
+    if config.get_hosts().len().max(config.get_hostaddrs().len()) > 1 {
+        anyhow::bail!(
+            "the database URL names several servers: migrate, verify and demo connect to one, \
+             so name the primary alone"
+        );
+    }
     let options = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
         rest.parse().context("parse the database URL")?
     } else {
-        let config = parsed
-            .map_err(|e| anyhow::anyhow!("parse the database URL: {}", crate::error_chain(&e)))?;
         from_pairs(&config)?
     };
-    let options = with_tls(options, &tls)?;
+    let relay = crate::sync::Relay::start(database_url, options.get_port())?;
+    let options = match &relay {
+        Some(relay) => options.socket(relay.dir()),
+        None => options,
+    };
     // No NOTICEs: the second migrator's `CREATE TABLE IF NOT EXISTS` of sqlx's
     // bookkeeping table printed "relation \"_sqlx_migrations\" already exists,
     // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
     // statement logging either: sqlx warns of every statement over a second, and the
     // demo's seeding runs several (it reports its own progress).
     let options = options
-        .application_name("permd-cli")
+        .ssl_mode(PgSslMode::Disable)
+        .application_name(config.get_application_name().unwrap_or("permd-cli"))
         .options([("client_min_messages", "warning")])
         .disable_statement_logging();
     // The pool retries a connection that fails until its acquire timeout (30 s) and then
     // says only that it timed out: one connection first says why (refused, unknown host,
-    // authentication, TLS), at once. sqlx's message already holds its cause's.
-    let first = options
-        .connect()
-        .await
-        .map_err(|error| anyhow::anyhow!("connect to the database: {error}"))?;
+    // authentication, TLS), at once. sqlx's message already holds its cause's; where the
+    // relay failed, sqlx saw only its socket close, and the relay says why.
+    let first = options.connect().await.map_err(|error| {
+        match relay.as_ref().and_then(crate::sync::Relay::failure) {
+            // "connect to postgres: …" or "TLS with postgres: …"
+            Some(why) => anyhow::anyhow!(why),
+            None => anyhow::anyhow!("connect to the database: {error}"),
+        }
+    })?;
     first.close().await.context("connect to the database")?;
-    PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(4)
         .connect_with(options)
         .await
-        .context("connect to the database")
+        .context("connect to the database")?;
+    if let Some(relay) = relay {
+        relay.until(pool.close_event());
+    }
+    Ok(pool)
 }
 
 /// sqlx's options from a key=value string as tokio-postgres read it (sqlx reads URLs only).
-/// One server only: the one-off commands do not try hosts in turn.
 fn from_pairs(config: &tokio_postgres::Config) -> anyhow::Result<PgConnectOptions> {
-    let (hosts, addrs) = (config.get_hosts(), config.get_hostaddrs());
-    if hosts.len().max(addrs.len()) > 1 {
-        anyhow::bail!(
-            "the database URL names several servers: migrate, verify and demo connect to one, \
-             so name the primary alone"
-        );
-    }
     if config.get_options().is_some() {
         anyhow::bail!(
             "the database URL's options=… is read by serve only: for the one-off commands, set \
@@ -74,7 +82,7 @@ fn from_pairs(config: &tokio_postgres::Config) -> anyhow::Result<PgConnectOption
         );
     }
     let mut options = PgConnectOptions::new();
-    match (addrs.first(), hosts.first()) {
+    match (config.get_hostaddrs().first(), config.get_hosts().first()) {
         (Some(addr), _) => options = options.host(&addr.to_string()),
         (None, Some(Host::Tcp(host))) => options = options.host(host),
         (None, Some(Host::Unix(dir))) => options = options.socket(dir),
@@ -93,30 +101,6 @@ fn from_pairs(config: &tokio_postgres::Config) -> anyhow::Result<PgConnectOption
     }
     if let Some(database) = config.get_dbname() {
         options = options.database(database);
-    }
-    Ok(options)
-}
-
-/// sqlx's TLS settings from `tls`, as libpq reads them: `require` with `sslrootcert` checks
-/// the CA (libpq's rule, not sqlx's), and `sslrootcert=system` is the system's store (sqlx's
-/// default). sqlx trusts the system's CAs beside an `sslrootcert` file; the daemon trusts
-/// the file's alone.
-fn with_tls(mut options: PgConnectOptions, tls: &TlsOptions) -> anyhow::Result<PgConnectOptions> {
-    let file = tls.root_cert.as_deref().filter(|path| *path != "system");
-    if let Some(mode) = &tls.mode {
-        let mode = match (mode.as_str(), &tls.root_cert) {
-            ("require", Some(_)) => PgSslMode::VerifyCa,
-            (mode, _) => mode
-                .parse()
-                .with_context(|| format!("the database URL: sslmode={mode}"))?,
-        };
-        options = options.ssl_mode(mode);
-    }
-    if let Some(path) = file {
-        options = options.ssl_root_cert(path);
-    }
-    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-        options = options.ssl_client_cert(cert).ssl_client_key(key);
     }
     Ok(options)
 }

@@ -13,7 +13,6 @@ use permd::http::HttpConfig;
 use permd::shard::Shard;
 use permd::sync::{StatusReport, SyncConfig};
 use serde_json::{json, Value};
-use sqlx::Connection as _;
 
 /// A sync config with polling far slower than any test deadline, so a test passes only
 /// if NOTIFY or a reader's request wakes the applier.
@@ -1329,7 +1328,7 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     };
     wait_until("the server to ask permd_scram for its password", || {
         let url = scram("", "");
-        async move { sqlx::PgConnection::connect(&url).await.is_err() }
+        async move { permd::db::pool(&url).await.is_err() }
     })
     .await;
     let bound = TestDaemon::start(&scram(
@@ -1343,11 +1342,39 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     );
     bound.stop().await;
 
-    // The CLI's pool reads the same options.
-    let pool = permd::db::pool(&full)
+    // The CLI's pool reads the same options, through the relay: encrypted, with the
+    // client's certificate.
+    let pool = permd::db::pool(&format!("{full}&application_name=permd-cli-tls"))
         .await
         .expect("the CLI connects over TLS");
+    assert_eq!(
+        encrypted(&db, "permd-cli-tls").await,
+        (true, vec!["/CN=permd".to_owned()])
+    );
     pool.close().await;
+    // It trusts the `sslrootcert` file alone, as the daemon does, even where the system's
+    // store holds the server's CA (rustls-native-certs reads `SSL_CERT_FILE` as the
+    // store); sqlx's TLS trusted both. `sslrootcert=system` is the system's store.
+    let migrate = |options: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_permd"))
+            .args(["migrate", "--database-url", &url("localhost", options)])
+            .env("SSL_CERT_FILE", &trusted)
+            .output()
+            .expect("run permd migrate")
+    };
+    let output = migrate(&format!("sslmode=verify-full&sslrootcert={untrusted}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("give that CA's PEM file as sslrootcert"),
+        "{stderr}"
+    );
+    let output = migrate("sslmode=verify-full&sslrootcert=system");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let error = permd::db::pool(&url(
         "localhost",
         &format!("sslmode=verify-full&sslrootcert={untrusted}"),
@@ -1366,10 +1393,9 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     pool.close().await;
 
     // A server whose TLS rustls cannot speak (TLS 1.1 at most): `prefer` connects in plain
-    // text, as libpq does; `require` says why. The test's own pool goes by the Unix
-    // socket from here: sqlx's `prefer` does not fall back when the handshake fails, so
-    // each new connection of a pool over TCP failed (as the pool opened one now and then,
-    // so did the test).
+    // text, as libpq does, the CLI's pool too; `require` says why. (The test's own pool goes
+    // by the Unix socket from here: it did when the CLI's pool was sqlx's TLS, whose
+    // `prefer` did not fall back.)
     db.pool = permd::db::pool(&db.unix_url)
         .await
         .expect("connect by the Unix socket");
@@ -1394,6 +1420,21 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
         (false, vec![String::new()])
     );
     fallback.stop().await;
+    let pool = permd::db::pool(&url("127.0.0.1", "application_name=permd-cli-plain"))
+        .await
+        .expect("the CLI's pool falls back to plain text");
+    assert_eq!(
+        encrypted(&db, "permd-cli-plain").await,
+        (false, vec![String::new()])
+    );
+    pool.close().await;
+    let error = permd::db::pool(&url("127.0.0.1", "sslmode=require"))
+        .await
+        .expect_err("TLS 1.1 is refused where TLS is required");
+    assert!(
+        format!("{error:#}").contains("TLS with postgres"),
+        "{error:#}"
+    );
     let required = TestDaemon::spawn(
         SyncConfig::new(url("127.0.0.1", "sslmode=require")),
         patient(),

@@ -53,56 +53,72 @@ pub(crate) async fn connect(
     tls: &Tls,
     tap: &Tap,
 ) -> Result<(Client, SyncConnection), Error> {
-    let hosts = config.get_hosts();
-    let hostaddrs = config.get_hostaddrs();
-    let ports = config.get_ports();
-    let mut order: Vec<usize> = (0..hosts.len().max(hostaddrs.len())).collect();
+    let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
+    let mut order: Vec<usize> = (0..hosts).collect();
     if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
         shuffle(&mut order);
     }
     let mut last = None;
     for i in order {
-        let port = ports
-            .get(i)
-            .or_else(|| ports.first())
-            .copied()
-            .unwrap_or(5432);
-        // The certificate names the host; its address only when no host name is given.
-        let socket = match (hostaddrs.get(i), hosts.get(i)) {
-            (Some(addr), Some(Host::Tcp(host))) => {
-                let addr = addr.to_string();
-                secured(tls, host, || tcp(&addr, port, config)).await
-            }
-            (Some(addr), _) => {
-                let addr = addr.to_string();
-                secured(tls, &addr, || tcp(&addr, port, config)).await
-            }
-            (None, Some(Host::Tcp(host))) => secured(tls, host, || tcp(host, port, config)).await,
-            // A Unix socket never uses TLS, as in libpq.
-            (None, Some(Host::Unix(dir))) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                timed(config, UnixStream::connect(path))
-                    .await
-                    .map(|unix| Either::Left(Either::Right(unix)))
-                    .map_err(Error::Connect)
-            }
-            (None, None) => continue,
-        };
-        let attempt = match socket {
-            Ok(socket) => handshake(config, tap, socket).await,
-            Err(e) => Err(e),
+        let attempt = match socket(config, tls, i).await {
+            Some(Ok(socket)) => handshake(config, tap, socket).await,
+            Some(Err(e)) => Err(e),
+            None => continue,
         };
         match attempt {
             Ok(connected) => return Ok(connected),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        Error::Connect(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the database URL names no host",
-        ))
-    }))
+    Err(last.unwrap_or_else(no_host))
+}
+
+/// A socket to `config`'s one server, over TLS as `tls` asks, for the relay of the
+/// one-off commands (`relay.rs`), which run the protocol themselves.
+pub(crate) async fn open(config: &Config, tls: &Tls) -> Result<Socket, Error> {
+    socket(config, tls, 0)
+        .await
+        .unwrap_or_else(|| Err(no_host()))
+}
+
+fn no_host() -> Error {
+    Error::Connect(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "the database URL names no host",
+    ))
+}
+
+/// A socket to `config`'s `i`th host (its `hostaddr` if given), over TLS as `tls` asks;
+/// `None` if the URL names neither.
+async fn socket(config: &Config, tls: &Tls, i: usize) -> Option<Result<Socket, Error>> {
+    let ports = config.get_ports();
+    let port = ports
+        .get(i)
+        .or_else(|| ports.first())
+        .copied()
+        .unwrap_or(5432);
+    // The certificate names the host; its address only when no host name is given.
+    let socket = match (config.get_hostaddrs().get(i), config.get_hosts().get(i)) {
+        (Some(addr), Some(Host::Tcp(host))) => {
+            let addr = addr.to_string();
+            secured(tls, host, || tcp(&addr, port, config)).await
+        }
+        (Some(addr), _) => {
+            let addr = addr.to_string();
+            secured(tls, &addr, || tcp(&addr, port, config)).await
+        }
+        (None, Some(Host::Tcp(host))) => secured(tls, host, || tcp(host, port, config)).await,
+        // A Unix socket never uses TLS, as in libpq.
+        (None, Some(Host::Unix(dir))) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            timed(config, UnixStream::connect(path))
+                .await
+                .map(|unix| Either::Left(Either::Right(unix)))
+                .map_err(Error::Connect)
+        }
+        (None, None) => return None,
+    };
+    Some(socket)
 }
 
 /// Runs the protocol's start-up over `socket` and checks `target_session_attrs`.

@@ -10,6 +10,7 @@ mod connect;
 mod copy;
 mod follow;
 mod loader;
+mod relay;
 mod standby;
 mod status;
 mod tap;
@@ -20,6 +21,7 @@ use std::time::Duration;
 pub(crate) use crate::error_chain;
 use crate::shard::Shard;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
+pub use relay::Relay;
 pub use status::{Status, StatusReport};
 pub use tls::{split as split_tls_options, TlsOptions};
 

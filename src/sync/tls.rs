@@ -86,7 +86,7 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-/// The TLS options of a database URL, as written (for the CLI's sqlx options too).
+/// The TLS options of a database URL, as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsOptions {
     /// `sslmode`, if given.
