@@ -280,7 +280,10 @@ fn main() {
     let cluster = cluster();
     let runtime = runtime();
     runtime.block_on(async {
-        let pool: PgPool = permd::db::pool(&cluster.url("postgres")).await.unwrap();
+        // `sslmode=disable` (the cluster has no TLS): sqlx straight to the server, as a
+        // writer connects, not through the one-off commands' TLS relay.
+        let url = format!("{}?sslmode=disable", cluster.url("postgres"));
+        let pool: PgPool = permd::db::pool(&url).await.unwrap();
         permd::db::migrate(&pool).await.unwrap();
         permd::db::migrate_reference_model(&pool).await.unwrap();
         permd::demo::seed(&pool, users).await.unwrap();
