@@ -229,6 +229,10 @@ async fn every_route_rejects_bad_input_with_a_json_4xx() {
             "/v1/check-limit?subject=u1&limit=projects&usage=99999999999999999999".into(),
             bad,
         ),
+        (
+            "/v1/check-limit?subject=u1&limit=projects&usage=-1".into(),
+            bad,
+        ),
         ("/v1/check-limit?subject=u1&usage=1".into(), bad),
         ("/v1/digest?at_least=nope".into(), bad),
         ("/v1/nope".into(), StatusCode::NOT_FOUND),

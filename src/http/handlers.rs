@@ -334,9 +334,20 @@ pub(super) async fn check_limit(
 ) -> ApiResult {
     app.subject(&q.subject)?;
     identifier("limit", &q.limit, false)?;
-    let usage: i64 = q.usage.trim().parse().map_err(|_| {
-        ApiError::bad_request(format!("`usage` must be an integer, got {:?}", q.usage))
-    })?;
+    // A count of what is in use: a negative one is a caller's bug, which `usage < limit`
+    // would have answered "allowed".
+    let usage: i64 = q
+        .usage
+        .trim()
+        .parse()
+        .ok()
+        .filter(|usage| *usage >= 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`usage` must be a whole number of at least 0 (the amount in use), got {:?}",
+                q.usage
+            ))
+        })?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let limit = app.store.limit(&q.subject, &q.limit);
     let allowed = limit.is_some_and(|limit| usage < limit);
