@@ -11,8 +11,8 @@ use tokio_postgres::config::{ChannelBinding, Host};
 /// URL or key=value form, with its TLS options. sqlx has no TLS of its own here: over TCP it
 /// connects through a relay (`sync::Relay`) that speaks TLS as the daemon does.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
-    let (rest, tls) = crate::sync::split_tls_options(database_url)?;
-    tls.check()?;
+    // The TLS options are read (and their files checked) by the relay, below.
+    let (rest, _) = crate::sync::split_tls_options(database_url)?;
     // Read as the daemon reads it; sqlx reads the URL form itself.
     let config = rest
         .parse::<tokio_postgres::Config>()

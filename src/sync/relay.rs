@@ -108,9 +108,10 @@ async fn accept(
             Ok((client, _)) => {
                 tokio::spawn(carry(client, server.clone(), failure.clone()));
             }
+            // Out of descriptors, say: sqlx's connection fails, and a later one may not.
             Err(error) => {
                 tracing::warn!(%error, "the relay to postgres could not accept a connection");
-                return;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
     }

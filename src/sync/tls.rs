@@ -125,12 +125,6 @@ pub fn split(url: &str) -> Result<(String, TlsOptions), Error> {
 }
 
 impl TlsOptions {
-    /// Refuses options the sync connection could never connect with: an unknown mode, a
-    /// file it cannot read, a client certificate without its key.
-    pub fn check(&self) -> Result<(), Error> {
-        self.load().map(drop)
-    }
-
     /// Reads the options into the handshake's settings, reading the files they name.
     pub(crate) fn load(&self) -> Result<Tls, Error> {
         let mode = match self.mode.as_deref() {
