@@ -276,14 +276,7 @@ pub(super) async fn objects(
     identifier("after", &q.after, true)?;
     let limit = match &q.limit {
         None => usize::MAX,
-        Some(text) => match text.trim().parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "`limit` must be a whole number of at least 1, got {text:?}"
-                )))
-            }
-        },
+        Some(text) => whole("limit", text, &1)?,
     };
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let page = app
@@ -297,6 +290,22 @@ pub(super) async fn objects(
         "next": next,
         "revision": revision.to_string(),
     })))
+}
+
+/// `text` as a whole number of at least `min`, or a 400 that names the parameter.
+fn whole<T>(name: &str, text: &str, min: &T) -> Result<T, ApiError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|n| n >= min)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`{name}` must be a whole number of at least {min}, got {text:?}"
+            ))
+        })
 }
 
 #[derive(Deserialize)]
@@ -336,18 +345,7 @@ pub(super) async fn check_limit(
     identifier("limit", &q.limit, false)?;
     // A count of what is in use: a negative one is a caller's bug, which `usage < limit`
     // would have answered "allowed".
-    let usage: i64 = q
-        .usage
-        .trim()
-        .parse()
-        .ok()
-        .filter(|usage| *usage >= 0)
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "`usage` must be a whole number of at least 0 (the amount in use), got {:?}",
-                q.usage
-            ))
-        })?;
+    let usage: i64 = whole("usage", &q.usage, &0)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let limit = app.store.limit(&q.subject, &q.limit);
     let allowed = limit.is_some_and(|limit| usage < limit);
