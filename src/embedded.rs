@@ -29,6 +29,8 @@ pub struct ClusterOptions {
     pub standby_of: Option<u16>,
     /// Accept TLS with this certificate (`ssl=on`).
     pub tls: Option<ServerTls>,
+    /// More server settings, each `name=value` (as `postgres -c`); they win over permd's.
+    pub settings: Vec<String>,
 }
 
 /// A server's certificate and its private key, both PEM.
@@ -153,6 +155,8 @@ impl Cluster {
                 .map(String::from),
             );
         }
+        // Last, so that they win over permd's.
+        settings.extend(options.settings.iter().cloned());
         // The watchdog's own stderr (the shell's errors; the server logs to postgres.log)
         // goes to a file beside the data: inherited, it would keep our stderr open after we
         // exit, while the watchdog stops the server (a test runner waits for it, or calls

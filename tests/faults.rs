@@ -351,6 +351,112 @@ async fn a_token_held_back_by_an_unrelated_open_transaction_is_answered_when_it_
     daemon.stop().await;
 }
 
+/// Two-phase commit. Postgres refuses to `PREPARE TRANSACTION` a transaction that sent a
+/// NOTIFY, which the triggers do: a writer that prepares sets `permd.notify = off` first,
+/// and its change arrives by the poll. A prepared transaction is still running: it holds
+/// the horizon as an open one does (a read-your-writes check on a later write waits), and
+/// it arrives at `COMMIT PREPARED`. `ROLLBACK PREPARED` leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_transactions_arrive_when_committed() {
+    let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        settings: vec!["max_prepared_transactions=4".to_owned()],
+        ..permd::embedded::ClusterOptions::default()
+    })
+    .expect("start a cluster that allows prepared transactions");
+    let db = common::database_on(&cluster).await;
+    let daemon = TestDaemon::start(&db.url).await;
+    // Runs `sql` in a transaction and prepares it as `name`: whether it could, and the
+    // transaction's write token.
+    let prepare = |name: &'static str, sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.expect("a connection");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; {sql}")))
+                .execute(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let token: String = sqlx::query_scalar("SELECT permd.write_token()")
+                .fetch_one(&mut *conn)
+                .await
+                .expect("write token");
+            let prepared =
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE TRANSACTION '{name}'")))
+                    .execute(&mut *conn)
+                    .await;
+            (prepared, token)
+        }
+    };
+
+    let (refused, _) = prepare(
+        "notified",
+        "INSERT INTO permd.tuples VALUES ('granted', 'doc', 'read', NULL)",
+    )
+    .await;
+    let error = refused.expect_err("a transaction that notified cannot be prepared");
+    assert!(error.to_string().contains("NOTIFY"), "{error}");
+
+    let (prepared, token) = prepare(
+        "granted",
+        "SET LOCAL permd.notify = off;
+         INSERT INTO permd.tuples VALUES ('granted', 'doc', 'read', NULL)",
+    )
+    .await;
+    prepared.expect("prepared without a NOTIFY");
+    let later = db
+        .write("INSERT INTO permd.tuples VALUES ('later', 'doc', 'read', NULL)")
+        .await;
+    let asked = {
+        let api = daemon.api.clone();
+        tokio::spawn(async move {
+            common::send(
+                &api,
+                Request::get(format!(
+                    "/v1/check?subject=later&permission=read&object=doc&at_least={later}"
+                ))
+                .body(Body::empty())
+                .expect("request"),
+            )
+            .await
+        })
+    };
+    daemon
+        .wait_for("lag to be reported", || {
+            daemon.status.lag_seconds().is_some_and(|lag| lag > 0.3)
+        })
+        .await;
+    assert!(
+        daemon.store.readers_waiting(),
+        "the later write's reader waits"
+    );
+    assert!(
+        !daemon.store.check("granted", "read", "doc"),
+        "not committed yet"
+    );
+    db.exec("COMMIT PREPARED 'granted'").await;
+    let (status, body) = asked.await.expect("the check");
+    assert_eq!(
+        (status, body["allowed"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{body}"
+    );
+    assert!(daemon.check("granted", "read", "doc", &token).await);
+
+    let (prepared, _) = prepare(
+        "revoked",
+        "SET LOCAL permd.notify = off; DELETE FROM permd.tuples WHERE subject = 'granted'",
+    )
+    .await;
+    prepared.expect("prepared");
+    db.exec("ROLLBACK PREPARED 'revoked'").await;
+    let after = db
+        .write("INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)")
+        .await;
+    assert!(daemon.check("granted", "read", "doc", &after).await);
+    assert_eq!(daemon.digest_at(&after).await, db.digest().await);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_forced_reloads_during_concurrent_writes() {
     let db = database().await;
