@@ -266,7 +266,8 @@ impl TokenArgs {
 /// `permd migrate`
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// Postgres connection URL, e.g. postgres://user:pass@host:5432/db.
+    /// Postgres connection URL, e.g. postgres://user:pass@host:5432/db; what it leaves out
+    /// comes from libpq's PG* variables and the password file (~/.pgpass, PGPASSFILE).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Also apply the reference model (schema `app`: users, plans, groups, a folder tree
@@ -278,7 +279,8 @@ pub struct MigrateArgs {
 /// `permd serve`
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Postgres connection URL of the database holding schema `permd`.
+    /// Postgres connection URL of the database holding schema `permd`; what it leaves out
+    /// comes from libpq's PG* variables and the password file (~/.pgpass, PGPASSFILE).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Everything about the server.

@@ -11,12 +11,9 @@ use tokio_postgres::config::{ChannelBinding, Host};
 /// URL or key=value form, with its TLS options. sqlx has no TLS of its own here: over TCP it
 /// connects through a relay (`sync::Relay`) that speaks TLS as the daemon does.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
-    // The TLS options are read (and their files checked) by the relay, below.
-    let (rest, _) = crate::sync::split_tls_options(database_url)?;
-    // Read as the daemon reads it; sqlx reads the URL form itself.
-    let config = rest
-        .parse::<tokio_postgres::Config>()
-        .map_err(|e| anyhow::anyhow!("parse the database URL: {}", crate::error_chain(&e)))?;
+    // Read as the daemon reads it, libpq's environment filled in; sqlx reads the URL form
+    // itself too, for what only it uses (`options`), and is then told the rest.
+    let config = crate::sync::database_config(database_url)?;
     // sqlx authenticates without channel binding: refused rather than quietly ignored.
     if config.get_channel_binding() == ChannelBinding::Require {
         anyhow::bail!(
@@ -30,11 +27,18 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
              so name the primary alone"
         );
     }
+    let (rest, _) = crate::sync::split_tls_options(database_url)?;
     let options = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
         rest.parse().context("parse the database URL")?
+    } else if config.get_options().is_some() {
+        anyhow::bail!(
+            "the database URL's options=… is read by serve only: for the one-off commands, set \
+             those settings on the role (ALTER ROLE … SET …)"
+        );
     } else {
-        from_pairs(&config)?
+        PgConnectOptions::new_without_pgpass()
     };
+    let options = identity(options, &config)?;
     let relay = crate::sync::Relay::start(database_url, options.get_port())?;
     let options = match &relay {
         Some(relay) => options.socket(relay.dir()),
@@ -73,15 +77,12 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-/// sqlx's options from a key=value string as tokio-postgres read it (sqlx reads URLs only).
-fn from_pairs(config: &tokio_postgres::Config) -> anyhow::Result<PgConnectOptions> {
-    if config.get_options().is_some() {
-        anyhow::bail!(
-            "the database URL's options=… is read by serve only: for the one-off commands, set \
-             those settings on the role (ALTER ROLE … SET …)"
-        );
-    }
-    let mut options = PgConnectOptions::new();
+/// `options` told `config`'s server, user, password and database (sqlx's own defaults and
+/// password file are not libpq's in every case: these are).
+fn identity(
+    mut options: PgConnectOptions,
+    config: &tokio_postgres::Config,
+) -> anyhow::Result<PgConnectOptions> {
     match (config.get_hostaddrs().first(), config.get_hosts().first()) {
         (Some(addr), _) => options = options.host(&addr.to_string()),
         (None, Some(Host::Tcp(host))) => options = options.host(host),
@@ -94,10 +95,9 @@ fn from_pairs(config: &tokio_postgres::Config) -> anyhow::Result<PgConnectOption
     if let Some(user) = config.get_user() {
         options = options.username(user);
     }
-    if let Some(password) = config.get_password() {
-        let password =
-            std::str::from_utf8(password).context("the database URL's password is not UTF-8")?;
-        options = options.password(password);
+    if let Some(password) = crate::sync::password(config) {
+        let password = String::from_utf8(password).context("the database password is not UTF-8")?;
+        options = options.password(&password);
     }
     if let Some(database) = config.get_dbname() {
         options = options.database(database);

@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -262,6 +263,115 @@ async fn migrate_takes_the_key_value_form_too() {
         "host=127.0.0.2,{host} port={port} user=postgres dbname={name}"
     ));
     assert!(stderr.contains("name the primary alone"), "{stderr}");
+}
+
+/// libpq's environment, read by `serve` and the one-off commands alike (sqlx read it for
+/// the one-off commands only, and `serve` did not): a URL that names nothing but the
+/// scheme, the server, user and database from `PG*` variables, the password from the
+/// password file. A password rotated in the file is used at the next reconnect, without a
+/// restart; a file that others may read is not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_environment_and_the_password_file_are_read_as_libpq_reads_them() {
+    let cluster = common::own_cluster(None);
+    let db = common::database_on(&cluster).await;
+    let name = db
+        .url
+        .rsplit('/')
+        .next()
+        .expect("a database name")
+        .to_owned();
+    db.exec(
+        "CREATE ROLE permd_pw LOGIN PASSWORD 'first-7f3a';
+         GRANT USAGE ON SCHEMA permd TO permd_pw;
+         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_pw;
+         INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL);",
+    )
+    .await;
+    std::fs::write(
+        cluster.dir().join("data/pg_hba.conf"),
+        "host all permd_pw 127.0.0.1/32 scram-sha-256\n\
+         local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+    )
+    .expect("write pg_hba.conf");
+    db.exec("SELECT pg_reload_conf()").await;
+    let bare = format!("postgres://permd_pw@127.0.0.1:{}/{name}", cluster.port());
+    wait_until("the server to ask permd_pw for its password", || {
+        let url = bare.clone();
+        async move { permd::db::pool(&url).await.is_err() }
+    })
+    .await;
+    let passfile = cluster.dir().join("pgpass");
+    let write_passfile = |password: &str| {
+        std::fs::write(
+            &passfile,
+            format!(
+                "# host:port:database:user:password\n127.0.0.1:{}:{name}:permd_pw:{password}\n",
+                cluster.port()
+            ),
+        )
+        .expect("write the password file");
+        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 0600");
+    };
+    write_passfile("first-7f3a");
+    let port = cluster.port().to_string();
+    let passfile_text = passfile.display().to_string();
+    let env = [
+        ("PGHOST", "127.0.0.1"),
+        ("PGPORT", port.as_str()),
+        ("PGDATABASE", name.as_str()),
+        ("PGUSER", "permd_pw"),
+        ("PGPASSFILE", passfile_text.as_str()),
+    ];
+
+    let (mut running, http) = serve("postgres://", &[], &env).await;
+    let (status, body) =
+        http_get(http, "/v1/check?subject=u1&permission=read&object=doc:1").expect("check");
+    assert_eq!(
+        (status, body.contains("\"allowed\":true")),
+        (200, true),
+        "{body}"
+    );
+    let verify_with = |env: &[(&str, &str)]| {
+        let mut command = verify("postgres://", &format!("http://127.0.0.1:{http}"));
+        command.envs(env.iter().copied());
+        output_within_deadline(command)
+    };
+    let output = verify_with(&env);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Rotated: the new password in the database and the file, the old connection cut.
+    db.exec("ALTER ROLE permd_pw PASSWORD 'second-9c1d'").await;
+    write_passfile("second-9c1d");
+    db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'permd_pw'")
+        .await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('u2', 'doc:1', 'read', NULL)")
+        .await;
+    wait_until("permd to reconnect with the rotated password", || {
+        let answer = http_get(
+            http,
+            &format!("/v1/check?subject=u2&permission=read&object=doc:1&at_least={token}"),
+        );
+        std::future::ready(
+            answer.is_some_and(|(status, body)| status == 200 && body.contains("\"allowed\":true")),
+        )
+    })
+    .await;
+
+    // Readable by its group: not read, with the reason, and the password is missing.
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o640))
+        .expect("chmod 0640");
+    let output = verify_with(&env);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("group or world access"), "{stderr}");
+    let (exit, _, _) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "exit status {exit}");
 }
 
 /// `permd serve` of `url` over HTTPS with `cert` and `key`, its log to `stderr`, once it

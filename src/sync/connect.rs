@@ -21,6 +21,7 @@ use tokio_postgres::{Client, Config, Connection, SimpleQueryMessage};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
+use super::environment;
 use super::tap::{Tap, Tapped};
 use super::tls::{self, Tls};
 use super::{error_chain, Error};
@@ -36,11 +37,12 @@ pub(crate) type SyncConnection = Connection<Tapped<Socket>, tls::BoundStream<Tap
 /// reads the files they name) and the rest, which tokio-postgres reads. Refuses what it
 /// could never connect with, with the reason.
 pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
-    let (rest, options) = tls::split(url)?;
+    let (rest, options) = tls::split_with(url, &environment::process)?;
     let tls = options.load()?;
     let mut config = rest
         .parse::<Config>()
         .map_err(|error| Error::Url(error_chain(&error)))?;
+    environment::fill(&mut config, &environment::process)?;
     // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again.
     config.ssl_mode(SslMode::Disable);
     Ok((config, tls))
@@ -61,7 +63,7 @@ pub(crate) async fn connect(
     let mut last = None;
     for i in order {
         let attempt = match socket(config, tls, i).await {
-            Some(Ok(socket)) => handshake(config, tap, socket).await,
+            Some(Ok(socket)) => handshake(&with_password(config, i), tap, socket).await,
             Some(Err(e)) => Err(e),
             None => continue,
         };
@@ -71,6 +73,19 @@ pub(crate) async fn connect(
         }
     }
     Err(last.unwrap_or_else(no_host))
+}
+
+/// `config` with the password for its `i`th server, read from the password file now if
+/// the URL gives none (`environment::password`), so that a rotated one is used.
+fn with_password(config: &Config, i: usize) -> std::borrow::Cow<'_, Config> {
+    match environment::password(config, i, &environment::process) {
+        Some(password) if config.get_password().is_none() => {
+            let mut config = config.clone();
+            config.password(password);
+            std::borrow::Cow::Owned(config)
+        }
+        _ => std::borrow::Cow::Borrowed(config),
+    }
 }
 
 /// A socket to `config`'s one server, over TLS as `tls` asks, for the relay of the

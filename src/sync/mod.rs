@@ -8,6 +8,7 @@
 mod applier;
 mod connect;
 mod copy;
+mod environment;
 mod follow;
 mod loader;
 mod relay;
@@ -72,6 +73,18 @@ pub enum Error {
 /// start with the reason rather than retrying it for ever.
 pub fn check_database_url(url: &str) -> Result<(), Error> {
     connect::config(url).map(drop)
+}
+
+/// The database URL as `serve` reads it, for the one-off commands: libpq's environment
+/// filled in (`PGHOST`, `PGUSER`, …), the TLS options taken out (and their files checked).
+pub fn database_config(url: &str) -> Result<tokio_postgres::Config, Error> {
+    connect::config(url).map(|(config, _)| config)
+}
+
+/// The password for `config`'s first server: the URL's or `PGPASSWORD`'s, else the
+/// password file's (`PGPASSFILE`, else `~/.pgpass`), read now.
+pub fn password(config: &tokio_postgres::Config) -> Option<Vec<u8>> {
+    environment::password(config, 0, &environment::process)
 }
 
 /// How the applier talks to Postgres.

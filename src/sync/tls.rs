@@ -41,6 +41,7 @@ use tokio_postgres::tls::{ChannelBinding, TlsConnect};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
+use super::environment::{self, Env};
 use super::Error;
 
 /// The options of a database URL that this module reads (and takes out of it).
@@ -103,7 +104,19 @@ pub struct TlsOptions {
 /// form), returning what is left of it and the options. A string that cannot be read is
 /// returned whole, for tokio-postgres or sqlx to say why.
 pub fn split(url: &str) -> Result<(String, TlsOptions), Error> {
-    let (rest, taken) = take(url);
+    split_with(url, &|_| None)
+}
+
+/// [`split`], with what the URL leaves out taken from `env` (`PGSSLMODE`, …).
+pub(crate) fn split_with(url: &str, env: Env<'_>) -> Result<(String, TlsOptions), Error> {
+    let (rest, mut taken) = take(url);
+    for (name, variable) in environment::TLS {
+        if !taken.iter().any(|(taken, _)| taken == name) {
+            if let Some(value) = env(variable) {
+                taken.push((name.to_owned(), value));
+            }
+        }
+    }
     let mut options = TlsOptions::default();
     for (name, value) in taken {
         match name.as_str() {
