@@ -103,15 +103,20 @@ fn no_host() -> Error {
     ))
 }
 
-/// A socket to `config`'s `i`th host (its `hostaddr` if given), over TLS as `tls` asks;
-/// `None` if the URL names neither.
-async fn socket(config: &Config, tls: &Tls, i: usize) -> Option<Result<Socket, Error>> {
+/// The port of `config`'s `i`th server: its own, else the one port given, else 5432.
+pub(super) fn port(config: &Config, i: usize) -> u16 {
     let ports = config.get_ports();
-    let port = ports
+    ports
         .get(i)
         .or_else(|| ports.first())
         .copied()
-        .unwrap_or(5432);
+        .unwrap_or(5432)
+}
+
+/// A socket to `config`'s `i`th host (its `hostaddr` if given), over TLS as `tls` asks;
+/// `None` if the URL names neither.
+async fn socket(config: &Config, tls: &Tls, i: usize) -> Option<Result<Socket, Error>> {
+    let port = port(config, i);
     // The certificate names the host; its address only when no host name is given.
     let socket = match (config.get_hostaddrs().get(i), config.get_hosts().get(i)) {
         (Some(addr), Some(Host::Tcp(host))) => {

@@ -137,12 +137,7 @@ pub(crate) fn password(config: &Config, i: usize, env: Env<'_>) -> Option<Vec<u8
             return None;
         }
     };
-    let ports = config.get_ports();
-    let port = ports
-        .get(i)
-        .or_else(|| ports.first())
-        .copied()
-        .unwrap_or(5432);
+    let port = super::connect::port(config, i);
     // libpq's name for a user given nowhere: the process's (tokio-postgres asks the system).
     let user = config
         .get_user()
