@@ -367,25 +367,14 @@ async fn prepared_transactions_arrive_when_committed() {
     let db = common::database_on(&cluster).await;
     let daemon = TestDaemon::start(&db.url).await;
     // Runs `sql` in a transaction and prepares it as `name`: whether it could, and the
-    // transaction's write token.
-    let prepare = |name: &'static str, sql: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            let mut conn = pool.acquire().await.expect("a connection");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; {sql}")))
-                .execute(&mut *conn)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let token: String = sqlx::query_scalar("SELECT permd.write_token()")
-                .fetch_one(&mut *conn)
-                .await
-                .expect("write token");
-            let prepared =
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE TRANSACTION '{name}'")))
-                    .execute(&mut *conn)
-                    .await;
-            (prepared, token)
-        }
+    // transaction's write token. (sqlx's transaction, dropped, then rolls back nothing.)
+    let db = &db;
+    let prepare = |name: &'static str, sql: &'static str| async move {
+        let (mut tx, token) = db.open_write(sql).await;
+        let prepared = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE TRANSACTION '{name}'")))
+            .execute(&mut *tx)
+            .await;
+        (prepared, token)
     };
 
     let (refused, _) = prepare(
