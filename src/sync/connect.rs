@@ -39,9 +39,16 @@ pub(crate) type SyncConnection = Connection<Tapped<Socket>, tls::BoundStream<Tap
 pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
     let (rest, options) = tls::split_with(url, &environment::process)?;
     let tls = options.load()?;
-    let mut config = rest
-        .parse::<Config>()
-        .map_err(|error| Error::Url(error_chain(&error)))?;
+    let mut config = rest.parse::<Config>().map_err(|error| {
+        let why = error_chain(&error);
+        // libpq's parameter, which tokio-postgres does not know: name what permd reads.
+        let hint = if why.contains("`passfile`") {
+            " (permd reads the password file named by PGPASSFILE, else ~/.pgpass)"
+        } else {
+            ""
+        };
+        Error::Url(format!("{why}{hint}"))
+    })?;
     environment::fill(&mut config, &environment::process)?;
     // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again.
     config.ssl_mode(SslMode::Disable);
@@ -328,6 +335,8 @@ mod tests {
         assert!(why.contains("sslrootcert=/nonexistent/ca.pem"), "{why}");
         let why = refused("postgres://u@localhost/db?frobnicate=1");
         assert!(why.contains("frobnicate"), "{why}");
+        let why = refused("host=localhost passfile=/run/secrets/pgpass");
+        assert!(why.contains("PGPASSFILE"), "{why}");
         for (url, mode) in [
             ("postgres://u@localhost/db", tls::Mode::Prefer),
             (
