@@ -203,20 +203,18 @@ fn lookup(contents: &str, host: &str, port: u16, database: &str, user: &str) -> 
 /// A line's fields, split at each `:` not escaped, escapes undone; everything after the
 /// fourth `:` is the password (itself unescaped up to an unescaped `:`).
 fn fields(line: &str) -> Vec<String> {
-    let mut fields = vec![String::new()];
+    let mut fields = Vec::new();
+    let mut field = String::new();
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if let Some(next) = chars.next() {
-                    fields.last_mut().expect("a field").push(next);
-                }
-            }
-            ':' if fields.len() == 5 => break,
-            ':' => fields.push(String::new()),
-            c => fields.last_mut().expect("a field").push(c),
+            '\\' => field.extend(chars.next()),
+            ':' if fields.len() == 4 => break,
+            ':' => fields.push(std::mem::take(&mut field)),
+            c => field.push(c),
         }
     }
+    fields.push(field);
     fields
 }
 

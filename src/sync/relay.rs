@@ -28,7 +28,10 @@ use super::Error;
 /// stops; [`Relay::until`] keeps it running until a future ends.
 pub struct Relay {
     dir: PathBuf,
+    /// Why a connection could not be carried: written by the connections' tasks, read
+    /// once sqlx's connection has failed. Both are rare, so a plain `Mutex`.
     failure: Arc<Mutex<Option<String>>>,
+    /// The accept loop's task: aborted when the relay stops.
     task: Option<AbortHandle>,
 }
 
