@@ -181,7 +181,9 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
                 cluster.port(),
                 cluster.dir().display()
             );
-            let url = cluster.url("postgres");
+            // It has no TLS: said in the URL, so that a `PGSSLMODE` of the shell's (set for
+            // a managed database) neither stops the demo nor the `psql` it prints.
+            let url = format!("{}?sslmode=disable", cluster.url("postgres"));
             (Some(cluster), url)
         }
     };

@@ -1447,6 +1447,9 @@ fn demo(closed_pipes: bool, args: &[&str]) -> String {
             .args(["demo", "--users", "100", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("TMPDIR", &tmp)
+            // As a shell set up for a managed database has it: the demo's own cluster has
+            // no TLS, and its URL says so.
+            .env("PGSSLMODE", "verify-full")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
