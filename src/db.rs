@@ -13,7 +13,7 @@ use tokio_postgres::config::{ChannelBinding, Host};
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // Read as the daemon reads it, libpq's environment filled in; sqlx reads the URL form
     // itself too, for what only it uses (`options`), and is then told the rest.
-    let config = crate::sync::database_config(database_url)?;
+    let (config, tls) = crate::sync::read_url(database_url)?;
     // sqlx authenticates without channel binding: refused rather than quietly ignored.
     if config.get_channel_binding() == ChannelBinding::Require {
         anyhow::bail!(
@@ -39,7 +39,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         PgConnectOptions::new_without_pgpass()
     };
     let options = identity(options, &config)?;
-    let relay = crate::sync::Relay::start(database_url, options.get_port())?;
+    let relay = crate::sync::Relay::start(config.clone(), tls, options.get_port())?;
     let options = match &relay {
         Some(relay) => options.socket(relay.dir()),
         None => options,

@@ -24,6 +24,7 @@ use crate::shard::Shard;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
 pub use relay::Relay;
 pub use status::{Status, StatusReport};
+pub(crate) use tls::Tls;
 pub use tls::{split as split_tls_options, TlsOptions};
 
 /// What can go wrong talking to Postgres. Every error ends the current connection; the
@@ -76,14 +77,14 @@ pub fn check_database_url(url: &str) -> Result<(), Error> {
 }
 
 /// The database URL as `serve` reads it, for the one-off commands: libpq's environment
-/// filled in (`PGHOST`, `PGUSER`, …), the TLS options taken out (and their files checked).
-pub fn database_config(url: &str) -> Result<tokio_postgres::Config, Error> {
-    connect::config(url).map(|(config, _)| config)
+/// filled in (`PGHOST`, `PGUSER`, …), and its TLS options read (their files too).
+pub(crate) fn read_url(url: &str) -> Result<(tokio_postgres::Config, Tls), Error> {
+    connect::config(url)
 }
 
 /// The password for `config`'s first server: the URL's or `PGPASSWORD`'s, else the
 /// password file's (`PGPASSFILE`, else `~/.pgpass`), read now.
-pub fn password(config: &tokio_postgres::Config) -> Option<Vec<u8>> {
+pub(crate) fn password(config: &tokio_postgres::Config) -> Option<Vec<u8>> {
     environment::password(config, 0, &environment::process)
 }
 

@@ -36,11 +36,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts relaying to the server of `url` (libpq's URL or key=value form), listening as
-    /// port `port` (the name sqlx gives the socket, `.s.PGSQL.<port>`). `None` where no
-    /// relay is wanted: a Unix socket (never TLS, as in libpq) or `sslmode=disable`.
-    pub fn start(url: &str, port: u16) -> Result<Option<Relay>, Error> {
-        let (config, tls) = connect::config(url)?;
+    /// Starts relaying to `config`'s server over TLS as `tls` asks (both as
+    /// `sync::read_url` read them), listening as port `port` (the name sqlx gives the
+    /// socket, `.s.PGSQL.<port>`). `None` where no relay is wanted: a Unix socket (never
+    /// TLS, as in libpq) or `sslmode=disable`.
+    pub(crate) fn start(config: Config, tls: Tls, port: u16) -> Result<Option<Relay>, Error> {
         let unix = matches!(config.get_hosts().first(), Some(Host::Unix(_)))
             && config.get_hostaddrs().is_empty();
         if unix || tls.mode == Mode::Disable {

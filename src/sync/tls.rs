@@ -658,6 +658,28 @@ mod tests {
         }
     }
 
+    /// `PGSSLMODE` and the other TLS variables fill in what the URL leaves out, and only
+    /// that; `PGSSLNEGOTIATION` is refused as the option is.
+    #[test]
+    fn the_tls_variables_fill_what_the_url_leaves_out() {
+        let env = |name: &str| match name {
+            "PGSSLMODE" => Some("verify-full".to_owned()),
+            "PGSSLROOTCERT" => Some("/etc/ca.pem".to_owned()),
+            _ => None,
+        };
+        let (_, options) = split_with("postgres://h/db", &env).expect("readable");
+        assert_eq!(options.mode.as_deref(), Some("verify-full"));
+        assert_eq!(options.root_cert.as_deref(), Some("/etc/ca.pem"));
+        let (_, options) = split_with("host=h sslmode=disable", &env).expect("readable");
+        assert_eq!(options.mode.as_deref(), Some("disable"));
+        assert_eq!(options.root_cert.as_deref(), Some("/etc/ca.pem"));
+        let direct = |name: &str| (name == "PGSSLNEGOTIATION").then(|| "direct".to_owned());
+        match split_with("postgres://h/db", &direct) {
+            Err(Error::Url(why)) => assert!(why.contains("sslnegotiation=direct"), "{why}"),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
     /// The hash of a certificate's signature, as Postgres picks it for the channel
     /// binding: certificates of rcgen's, signed by each algorithm.
     #[test]
