@@ -69,13 +69,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     match command {
         Command::Migrate(args) => {
-            let pool = permd::db::pool(&args.database_url).await?;
-            permd::db::migrate(&pool).await?;
-            if args.reference_model {
-                permd::db::migrate_reference_model(&pool).await?;
-            }
-            tracing::info!(reference_model = args.reference_model, "migrations applied");
-            Ok(())
+            interruptible(shutdown, async {
+                let pool = permd::db::pool(&args.database_url).await?;
+                permd::db::migrate(&pool).await?;
+                if args.reference_model {
+                    permd::db::migrate_reference_model(&pool).await?;
+                }
+                tracing::info!(reference_model = args.reference_model, "migrations applied");
+                Ok(())
+            })
+            .await
         }
         Command::Serve(args) => {
             let settings = args.server.settings(&args.database_url)?;
@@ -85,7 +88,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             daemon.wait().await
         }
         Command::Verify(args) => {
-            let verdict = permd::verify::verify(&args.database_url, &args.target()?).await?;
+            let target = args.target()?;
+            let verdict =
+                interruptible(shutdown, permd::verify::verify(&args.database_url, &target)).await?;
             // Not `print!`, which panics when stdout is gone (`verify | head`): the
             // verdict is the exit status.
             let _ = write!(std::io::stdout(), "{}", verdict.text());
@@ -111,6 +116,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             permd::cancel_on_signals(shutdown.clone());
             permd::demo::run(args, shutdown).await
         }
+    }
+}
+
+/// Runs a one-off command until it ends or SIGINT or SIGTERM arrives, which ends it with an
+/// error: either way its runtime then ends normally, and what it set up is taken down (the
+/// relay's directory, `sync::Relay`), where the signal's default killed the process.
+async fn interruptible<T>(
+    shutdown: CancellationToken,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    permd::cancel_on_signals(shutdown.clone());
+    tokio::select! {
+        done = work => done,
+        () = shutdown.cancelled() => anyhow::bail!("interrupted"),
     }
 }
 

@@ -457,6 +457,43 @@ fn migrate_says_why_it_cannot_connect() {
     assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
+/// A one-off command interrupted (Ctrl-C, SIGINT) ends at once with an error, and takes
+/// down what it set up: the relay's directory is removed, where the signal's default left
+/// it behind in the temporary directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_one_off_command_cleans_up() {
+    let db = database().await;
+    // A daemon that takes the connection and never answers: verify waits on it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    silent.set_nonblocking(true).expect("nonblocking");
+    let port = silent.local_addr().expect("address").port();
+    let tmp = std::env::temp_dir().join(format!("permd-interrupted-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("create the command's TMPDIR");
+    let mut command = verify(&db.url, &format!("http://127.0.0.1:{port}"));
+    command
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut running = Running(command.spawn().expect("start permd verify"));
+    let mut accepted = Vec::new();
+    wait_until("verify to wait on the daemon, its relay up", || {
+        accepted.extend(silent.accept().ok());
+        let relays = std::fs::read_dir(&tmp).map_or(0, Iterator::count);
+        std::future::ready(!accepted.is_empty() && relays == 1)
+    })
+    .await;
+    let (exit, _, log) = signal_and_wait(&mut running, "INT").await;
+    assert_eq!(exit.code(), Some(1), "{log}");
+    assert!(log.contains("interrupted"), "{log}");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("read the TMPDIR")
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir(&tmp).expect("remove the TMPDIR");
+}
+
 /// The demo checks its address before it starts Postgres and seeds (a minute at the
 /// default size): an address in use fails at once.
 #[test]
@@ -549,9 +586,17 @@ fn hangup(running: &Running) {
 
 /// Sends SIGTERM and waits for the exit: (status, time to exit, the log).
 async fn sigterm_and_wait(running: &mut Running) -> (std::process::ExitStatus, Duration, String) {
+    signal_and_wait(running, "TERM").await
+}
+
+/// Sends `signal` (`TERM`, `INT`) and waits for the exit: (status, time to exit, the log).
+async fn signal_and_wait(
+    running: &mut Running,
+    signal: &str,
+) -> (std::process::ExitStatus, Duration, String) {
     let pid = running.0.id().to_string();
     assert!(Command::new("kill")
-        .args(["-TERM", &pid])
+        .args([&format!("-{signal}"), &pid])
         .status()
         .expect("kill")
         .success());
@@ -562,7 +607,7 @@ async fn sigterm_and_wait(running: &mut Running) -> (std::process::ExitStatus, D
         }
         assert!(
             started.elapsed() < DEADLINE,
-            "permd did not exit after SIGTERM"
+            "permd did not exit after SIG{signal}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
