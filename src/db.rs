@@ -30,7 +30,11 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     let (rest, _) = crate::sync::split_tls_options(database_url)?;
     let options = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
         rest.parse().context("parse the database URL")?
-    } else if config.get_options().is_some() {
+    } else if rest
+        // The URL's own `options=`: `config` holds `PGOPTIONS` too, which sqlx reads itself.
+        .parse::<tokio_postgres::Config>()
+        .is_ok_and(|given| given.get_options().is_some())
+    {
         anyhow::bail!(
             "the database URL's options=… is read by serve only: for the one-off commands, set \
              those settings on the role (ALTER ROLE … SET …)"

@@ -32,7 +32,7 @@ pub(crate) const TLS: [(&str, &str); 5] = [
 ];
 
 /// The other variables, each with the key=value parameter it stands for.
-const VARIABLES: [(&str, &str); 11] = [
+const VARIABLES: [(&str, &str); 12] = [
     ("PGHOST", "host"),
     ("PGHOSTADDR", "hostaddr"),
     ("PGPORT", "port"),
@@ -40,6 +40,7 @@ const VARIABLES: [(&str, &str); 11] = [
     ("PGUSER", "user"),
     ("PGPASSWORD", "password"),
     ("PGAPPNAME", "application_name"),
+    ("PGOPTIONS", "options"),
     ("PGCONNECT_TIMEOUT", "connect_timeout"),
     ("PGTARGETSESSIONATTRS", "target_session_attrs"),
     ("PGCHANNELBINDING", "channel_binding"),
@@ -96,6 +97,9 @@ pub(crate) fn fill(config: &mut Config, env: Env<'_>) -> Result<(), Error> {
             }
             "application_name" if config.get_application_name().is_none() => {
                 config.application_name(given.get_application_name().unwrap_or_default());
+            }
+            "options" if config.get_options().is_none() => {
+                config.options(given.get_options().unwrap_or_default());
             }
             "connect_timeout" if config.get_connect_timeout().is_none() => {
                 if let Some(timeout) = given.get_connect_timeout() {
@@ -246,6 +250,7 @@ mod tests {
             ("PGUSER", "permd"),
             ("PGPASSWORD", "it's"),
             ("PGAPPNAME", "mirror"),
+            ("PGOPTIONS", "-c statement_timeout=0"),
             ("PGCONNECT_TIMEOUT", "7"),
             ("PGTARGETSESSIONATTRS", "read-write"),
             ("PGCHANNELBINDING", "require"),
@@ -263,6 +268,7 @@ mod tests {
         assert_eq!(config.get_user(), Some("permd"));
         assert_eq!(config.get_password(), Some(&b"it's"[..]));
         assert_eq!(config.get_application_name(), Some("mirror"));
+        assert_eq!(config.get_options(), Some("-c statement_timeout=0"));
         assert_eq!(
             config.get_connect_timeout(),
             Some(&std::time::Duration::from_secs(7))
