@@ -485,13 +485,18 @@ async fn an_interrupted_one_off_command_cleans_up() {
     let (exit, _, log) = signal_and_wait(&mut running, "INT").await;
     assert_eq!(exit.code(), Some(1), "{log}");
     assert!(log.contains("interrupted"), "{log}");
-    let left: Vec<_> = std::fs::read_dir(&tmp)
+    assert_left_nothing(&tmp, "the interrupted verify");
+}
+
+/// Checks that a command's `TMPDIR` holds nothing after it ended, and removes it.
+fn assert_left_nothing(tmp: &std::path::Path, who: &str) {
+    let left: Vec<_> = std::fs::read_dir(tmp)
         .expect("read the TMPDIR")
         .flatten()
         .map(|entry| entry.path())
         .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
-    std::fs::remove_dir(&tmp).expect("remove the TMPDIR");
+    assert!(left.is_empty(), "{who} left {left:?} behind");
+    let _ = std::fs::remove_dir(tmp);
 }
 
 /// The demo checks its address before it starts Postgres and seeds (a minute at the
@@ -1605,13 +1610,7 @@ fn demo(closed_pipes: bool, args: &[&str]) -> String {
             "{log}"
         );
     }
-    let left: Vec<_> = std::fs::read_dir(&tmp)
-        .expect("read the demo's TMPDIR")
-        .flatten()
-        .map(|entry| entry.path())
-        .collect();
-    assert!(left.is_empty(), "the demo left {left:?} behind");
-    let _ = std::fs::remove_dir(&tmp);
+    assert_left_nothing(&tmp, "the demo");
     instructions
 }
 
