@@ -1456,6 +1456,154 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     preferred.stop().await;
 }
 
+/// libpq's `sslpassword` (a client key encrypted as PKCS#8) and `sslcrl`/`sslcrldir` (the
+/// server's certificate checked against revocation lists), read by the daemon and the
+/// one-off commands alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_keys_and_revocation_lists_are_read_as_libpq_reads_them() {
+    const SERVER_SERIAL: u64 = 7001;
+    let ca = common::TestCa::new("permd test CA");
+    let (cert_pem, key_pem) = ca.sign_numbered(&["localhost"], "localhost", SERVER_SERIAL);
+    let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        tls: Some(permd::embedded::ServerTls {
+            cert_pem,
+            key_pem,
+            client_ca_pem: Some(ca.pem()),
+        }),
+        ..permd::embedded::ClusterOptions::default()
+    })
+    .expect("start a cluster with TLS");
+    let db = common::database_on(&cluster).await;
+    let dir = cluster.dir();
+    let trusted = ca.file(dir, "ca.pem");
+    let (client_cert, client_key) = ca.sign(&[], "permd");
+    let cert_file = dir.join("client.crt");
+    std::fs::write(&cert_file, client_cert).expect("write the client's certificate");
+    // The key encrypted as `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes it.
+    let (_, plain) = pkcs8::SecretDocument::from_pem(&client_key).expect("the key's PEM");
+    let info = pkcs8::PrivateKeyInfoRef::try_from(plain.as_bytes()).expect("a PKCS#8 key");
+    let params =
+        pkcs8::pkcs5::pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(2048, &[7; 16], [9; 16])
+            .expect("PBES2 parameters");
+    let sealed = info
+        .encrypt_with_params(params, "key pw 3f")
+        .expect("encrypt the key")
+        .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+        .expect("the encrypted key's PEM");
+    let key_file = dir.join("client.key");
+    std::fs::write(&key_file, sealed.as_bytes()).expect("write the client's key");
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let url = |options: &str| {
+        format!(
+            "postgres://postgres@localhost:{}/{name}?sslmode=verify-full&sslrootcert={trusted}\
+             &sslcert={}&sslkey={}{options}",
+            cluster.port(),
+            cert_file.display(),
+            key_file.display()
+        )
+    };
+
+    // The right password: the daemon and the CLI's pool present the client certificate.
+    let daemon = TestDaemon::start(&url(
+        "&sslpassword=key%20pw%203f&application_name=permd-encrypted-key",
+    ))
+    .await;
+    assert_eq!(
+        encrypted(&db, "permd-encrypted-key").await,
+        (true, vec!["/CN=permd".to_owned()])
+    );
+    daemon.stop().await;
+    let pool = permd::db::pool(&url(
+        "&sslpassword=key%20pw%203f&application_name=permd-cli-encrypted-key",
+    ))
+    .await
+    .expect("the CLI decrypts the key too");
+    assert_eq!(
+        encrypted(&db, "permd-cli-encrypted-key").await,
+        (true, vec!["/CN=permd".to_owned()])
+    );
+    pool.close().await;
+    // No password, or a wrong one: refused at start, with the reason.
+    for (options, expected) in [
+        ("", "the key is encrypted: give its password as sslpassword"),
+        (
+            "&sslpassword=wrong",
+            "could not decrypt the key with sslpassword",
+        ),
+    ] {
+        let why = permd::sync::check_database_url(&url(options))
+            .expect_err("refused")
+            .to_string();
+        assert!(why.contains(expected), "{options}: {why}");
+        assert!(why.contains("sslkey="), "{why}");
+    }
+
+    // Revocation lists, the key's password given from here on.
+    let with_key = |options: &str| url(&format!("&sslpassword=key%20pw%203f{options}"));
+    let revoked = dir.join("revoked.crl");
+    std::fs::write(&revoked, ca.crl(&[SERVER_SERIAL])).expect("write a revocation list");
+    let other = dir.join("other.crl");
+    std::fs::write(&other, ca.crl(&[SERVER_SERIAL + 1])).expect("write a revocation list");
+    let crls = dir.join("crls");
+    std::fs::create_dir(&crls).expect("create a directory of revocation lists");
+    std::fs::copy(&revoked, crls.join("1a2b3c4d.r0")).expect("copy a revocation list");
+    let stranger = common::TestCa::new("a CA that signed none of the server's chain");
+    let unrelated = dir.join("unrelated.crl");
+    std::fs::write(&unrelated, stranger.crl(&[])).expect("write a revocation list");
+    // A list that revokes another certificate: connects.
+    let daemon = TestDaemon::start(&with_key(&format!(
+        "&sslcrl={}&application_name=permd-crl",
+        other.display()
+    )))
+    .await;
+    assert_eq!(
+        encrypted(&db, "permd-crl").await,
+        (true, vec!["/CN=permd".to_owned()])
+    );
+    daemon.stop().await;
+    // One that revokes the server's, in a file or a directory, or none from its CA: refused
+    // at the handshake with the reason, and retried; the CLI says so too.
+    for (options, expected) in [
+        (format!("&sslcrl={}", revoked.display()), "revocation list"),
+        (format!("&sslcrldir={}", crls.display()), "revocation list"),
+        (
+            format!("&sslcrl={}", unrelated.display()),
+            "no revocation list of sslcrl or sslcrldir is from the CA",
+        ),
+    ] {
+        let daemon = TestDaemon::spawn(SyncConfig::new(with_key(&options)), patient());
+        let error = daemon.failed_attempts(2).await;
+        assert!(error.starts_with("TLS with postgres"), "{options}: {error}");
+        assert!(error.contains(expected), "{options}: {error}");
+        daemon.stop().await;
+        let error = permd::db::pool(&with_key(&options))
+            .await
+            .expect_err("refused by the CLI too");
+        assert!(format!("{error:#}").contains(expected), "{error:#}");
+    }
+    // `require` checks no chain, so no list either, as in libpq.
+    let daemon = TestDaemon::start(&format!(
+        "postgres://postgres@127.0.0.1:{}/{name}?sslmode=require&sslcrl={}&application_name=permd-crl-require",
+        cluster.port(),
+        revoked.display()
+    ))
+    .await;
+    daemon.stop().await;
+    // A file that holds no list is refused at start: an empty set would check nothing.
+    let why = permd::sync::check_database_url(&with_key(&format!("&sslcrl={trusted}")))
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        why.contains("holds no certificate revocation list"),
+        "{why}"
+    );
+    let why = permd::sync::check_database_url(&with_key("&sslcrl=/nonexistent/root.crl"))
+        .expect_err("refused")
+        .to_string();
+    assert!(why.contains("sslcrl=/nonexistent/root.crl"), "{why}");
+}
+
 /// The database's digest of each subject of `shard`, hashed here as the daemon hashes
 /// them (Postgres picks a shard's changed keys out of the changelog with its own MD5:
 /// where the two disagreed, a daemon would hold subjects of another shard or miss its

@@ -23,11 +23,14 @@ pub(crate) fn process(name: &str) -> Option<String> {
 }
 
 /// The TLS options' variables, each with its option (read by `tls::split_with`).
-pub(crate) const TLS: [(&str, &str); 5] = [
+/// (`sslpassword` has none, as in libpq.)
+pub(crate) const TLS: [(&str, &str); 7] = [
     ("sslmode", "PGSSLMODE"),
     ("sslrootcert", "PGSSLROOTCERT"),
     ("sslcert", "PGSSLCERT"),
     ("sslkey", "PGSSLKEY"),
+    ("sslcrl", "PGSSLCRL"),
+    ("sslcrldir", "PGSSLCRLDIR"),
     ("sslnegotiation", "PGSSLNEGOTIATION"),
 ];
 

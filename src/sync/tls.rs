@@ -19,7 +19,9 @@
 //! | `verify-full` | always | signed by a trusted CA, and names the host |
 //!
 //! The trusted CAs are those of the PEM file `sslrootcert`, or the system's store when it
-//! is absent or `system`. `sslcert` and `sslkey` (PEM) give a client certificate. A Unix
+//! is absent or `system`. `sslcert` and `sslkey` (PEM) give a client certificate, its key
+//! encrypted (PKCS#8) under `sslpassword` or not. `sslcrl` and `sslcrldir` give revocation
+//! lists that the server's certificate is checked against where its chain is. A Unix
 //! socket never uses TLS, as in libpq. `allow` tries TLS first (libpq tries plain first):
 //! either way the connection works when the server takes either.
 
@@ -29,7 +31,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -45,11 +49,14 @@ use super::environment::{self, Env};
 use super::Error;
 
 /// The options of a database URL that this module reads (and takes out of it).
-const OPTIONS: [&str; 5] = [
+const OPTIONS: [&str; 8] = [
     "sslmode",
     "sslrootcert",
     "sslcert",
     "sslkey",
+    "sslpassword",
+    "sslcrl",
+    "sslcrldir",
     "sslnegotiation",
 ];
 
@@ -88,7 +95,7 @@ impl std::fmt::Debug for Tls {
 }
 
 /// The TLS options of a database URL, as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct TlsOptions {
     /// `sslmode`, if given.
     pub mode: Option<String>,
@@ -96,8 +103,30 @@ pub struct TlsOptions {
     pub root_cert: Option<String>,
     /// `sslcert`: the client's certificate (PEM).
     pub cert: Option<String>,
-    /// `sslkey`: the client's private key (PEM).
+    /// `sslkey`: the client's private key (PEM; PKCS#8 encrypted under `sslpassword`, or
+    /// not encrypted).
     pub key: Option<String>,
+    /// `sslpassword`: the password `sslkey` is encrypted under. Never printed.
+    pub password: Option<String>,
+    /// `sslcrl`: a PEM file of certificate revocation lists, checked with the server's
+    /// certificate where its chain is checked.
+    pub crl: Option<String>,
+    /// `sslcrldir`: a directory of such files (each of its files is read).
+    pub crl_dir: Option<String>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("mode", &self.mode)
+            .field("root_cert", &self.root_cert)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("password", &self.password.as_ref().map(|_| "(given)"))
+            .field("crl", &self.crl)
+            .field("crl_dir", &self.crl_dir)
+            .finish()
+    }
 }
 
 /// Takes the TLS options out of a database URL (`postgres://…?sslmode=…` or key=value
@@ -124,6 +153,9 @@ pub(crate) fn split_with(url: &str, env: Env<'_>) -> Result<(String, TlsOptions)
             "sslrootcert" => options.root_cert = Some(value),
             "sslcert" => options.cert = Some(value),
             "sslkey" => options.key = Some(value),
+            "sslpassword" => options.password = Some(value),
+            "sslcrl" => options.crl = Some(value),
+            "sslcrldir" => options.crl_dir = Some(value),
             // "sslnegotiation"
             _ if value == "postgres" => {}
             _ => {
@@ -168,6 +200,7 @@ impl TlsOptions {
                     Arc::new(self.roots()?),
                     provider.clone(),
                 )
+                .with_crls(self.crls()?)
                 .build()
                 .map_err(|e| Error::Url(format!("sslrootcert: {e}")))?,
             ),
@@ -185,8 +218,7 @@ impl TlsOptions {
                 let chain = CertificateDer::pem_file_iter(cert)
                     .and_then(Iterator::collect::<Result<Vec<_>, _>>)
                     .map_err(|e| Error::Url(format!("sslcert={cert}: {e}")))?;
-                let key_der = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| Error::Url(format!("sslkey={key}: {e}")))?;
+                let key_der = client_key(key, self.password.as_deref())?;
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| Error::Url(format!("sslcert and sslkey: {e}")))?
@@ -237,6 +269,90 @@ impl TlsOptions {
         }
         Ok(roots)
     }
+
+    /// The revocation lists of `sslcrl` and of every file in `sslcrldir` (PEM), which the
+    /// server's certificate is checked against wherever its chain is (`verify-ca`,
+    /// `verify-full`, `require` with `sslrootcert`); elsewhere, as in libpq, they go
+    /// unused. Once lists are given, every certificate of the chain must be covered by
+    /// one of its issuer's, as OpenSSL checks them for libpq.
+    fn crls(&self) -> Result<Vec<CertificateRevocationListDer<'static>>, Error> {
+        let mut files = Vec::new();
+        if let Some(file) = &self.crl {
+            files.push((format!("sslcrl={file}"), std::path::PathBuf::from(file)));
+        }
+        if let Some(dir) = &self.crl_dir {
+            let bad = |e: std::io::Error| Error::Url(format!("sslcrldir={dir}: {e}"));
+            let mut entries = Vec::new();
+            for entry in std::fs::read_dir(dir).map_err(bad)? {
+                let path = entry.map_err(bad)?.path();
+                if path.is_file() {
+                    entries.push((format!("sslcrldir={dir}: {}", path.display()), path));
+                }
+            }
+            entries.sort();
+            files.extend(entries);
+        }
+        let mut crls = Vec::new();
+        for (name, path) in files {
+            let found = CertificateRevocationListDer::pem_file_iter(&path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|e| Error::Url(format!("{name}: {e}")))?;
+            crls.extend(found);
+        }
+        // No list at all would check nothing: refused rather than left open.
+        if crls.is_empty() && (self.crl.is_some() || self.crl_dir.is_some()) {
+            let given: Vec<String> = [("sslcrl", &self.crl), ("sslcrldir", &self.crl_dir)]
+                .into_iter()
+                .filter_map(|(option, value)| Some(format!("{option}={}", value.as_ref()?)))
+                .collect();
+            return Err(Error::Url(format!(
+                "{} holds no certificate revocation list (PEM, BEGIN X509 CRL)",
+                given.join(" and ")
+            )));
+        }
+        Ok(crls)
+    }
+}
+
+/// The client's private key, from the PEM file `path`. A key encrypted as PKCS#8 (`BEGIN
+/// ENCRYPTED PRIVATE KEY`: what `openssl genpkey -aes256` and `openssl pkcs8 -topk8`
+/// write) is decrypted with `password` (`sslpassword`), as libpq does; a password given
+/// for a key that is not encrypted is not used, as in libpq. OpenSSL's older encryption
+/// (`Proc-Type: 4,ENCRYPTED` in the PEM) is refused with the command that converts it.
+fn client_key(path: &str, password: Option<&str>) -> Result<PrivateKeyDer<'static>, Error> {
+    let bad = |why: &dyn std::fmt::Display| Error::Url(format!("sslkey={path}: {why}"));
+    let pem = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+    if pem.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(bad(
+            &"the key is encrypted the old OpenSSL way, which permd does not \
+             read: convert it to encrypted PKCS#8 (openssl pkcs8 -topk8 -v2 aes-256-cbc -in KEY \
+             -out NEW)",
+        ));
+    }
+    const BEGIN: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
+    const END: &str = "-----END ENCRYPTED PRIVATE KEY-----";
+    let Some(start) = pem.find(BEGIN) else {
+        return PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| bad(&e));
+    };
+    let Some(password) = password else {
+        return Err(bad(
+            &"the key is encrypted: give its password as sslpassword=…",
+        ));
+    };
+    let block = pem[start..]
+        .find(END)
+        .map(|end| &pem[start..start + end + END.len()])
+        .ok_or_else(|| bad(&format!("no {END} after its BEGIN line")))?;
+    let (_, encrypted) = pkcs8::der::pem::decode_vec(block.as_bytes()).map_err(|e| bad(&e))?;
+    let info =
+        pkcs8::EncryptedPrivateKeyInfoRef::try_from(encrypted.as_slice()).map_err(|e| bad(&e))?;
+    let key = info.decrypt(password).map_err(|_| {
+        bad(
+            &"could not decrypt the key with sslpassword (a wrong password, or a cipher \
+              other than PBES2's AES-CBC with PBKDF2 or scrypt)",
+        )
+    })?;
+    Ok(PrivateKeyDer::Pkcs8(key.as_bytes().to_vec().into()))
 }
 
 impl Tls {
@@ -436,6 +552,14 @@ fn remedy(error: &std::io::Error) -> &'static str {
             " (the server's certificate does not name the host in the URL: connect by a name \
              it holds, or use sslmode=verify-ca to check its CA only)"
         }
+        Some(CertificateError::Revoked) => {
+            " (the server's certificate is on a revocation list of sslcrl or sslcrldir: the \
+             server needs a new one)"
+        }
+        Some(CertificateError::UnknownRevocationStatus) => {
+            " (no revocation list of sslcrl or sslcrldir is from the CA that signed a \
+             certificate of the server's chain: give that CA's list too)"
+        }
         Some(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
             " (the server's certificate has expired: renew it on the server; permd retries)"
         }
@@ -610,6 +734,9 @@ mod tests {
             ("sslrootcert", options.root_cert),
             ("sslcert", options.cert),
             ("sslkey", options.key),
+            ("sslpassword", options.password),
+            ("sslcrl", options.crl),
+            ("sslcrldir", options.crl_dir),
         ] {
             if let Some(value) = value {
                 named.push((name, value));
@@ -637,7 +764,7 @@ mod tests {
         assert_eq!(taken("postgres://h/db"), ("postgres://h/db".into(), vec![]));
         assert_eq!(
             taken(
-                r"host=h sslmode = 'verify-ca' dbname='my db' sslrootcert=/a\ b.pem  password='it\'s' sslcert='/c.pem' sslkey=/k.pem"
+                r"host=h sslmode = 'verify-ca' dbname='my db' sslrootcert=/a\ b.pem  password='it\'s' sslcert='/c.pem' sslkey=/k.pem sslpassword='key pw' sslcrl=/r.crl sslcrldir=/crls"
             ),
             (
                 "host=h dbname='my db' password='it\\'s'".into(),
@@ -645,10 +772,16 @@ mod tests {
                     ("sslmode", "verify-ca".into()),
                     ("sslrootcert", "/a b.pem".into()),
                     ("sslcert", "/c.pem".into()),
-                    ("sslkey", "/k.pem".into())
+                    ("sslkey", "/k.pem".into()),
+                    ("sslpassword", "key pw".into()),
+                    ("sslcrl", "/r.crl".into()),
+                    ("sslcrldir", "/crls".into())
                 ]
             )
         );
+        // The key's password is never printed.
+        let (_, options) = split("postgres://h/db?sslpassword=hunter2").expect("readable");
+        assert!(!format!("{options:?}").contains("hunter2"), "{options:?}");
         // Not key=value: left whole for tokio-postgres to say why.
         assert_eq!(taken("host=h sslmode"), ("host=h sslmode".into(), vec![]));
         assert!(split("postgres://h/db?sslnegotiation=postgres").is_ok());
@@ -665,11 +798,15 @@ mod tests {
         let env = |name: &str| match name {
             "PGSSLMODE" => Some("verify-full".to_owned()),
             "PGSSLROOTCERT" => Some("/etc/ca.pem".to_owned()),
+            "PGSSLCRL" => Some("/etc/root.crl".to_owned()),
+            "PGSSLCRLDIR" => Some("/etc/crls".to_owned()),
             _ => None,
         };
         let (_, options) = split_with("postgres://h/db", &env).expect("readable");
         assert_eq!(options.mode.as_deref(), Some("verify-full"));
         assert_eq!(options.root_cert.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(options.crl.as_deref(), Some("/etc/root.crl"));
+        assert_eq!(options.crl_dir.as_deref(), Some("/etc/crls"));
         let (_, options) = split_with("host=h sslmode=disable", &env).expect("readable");
         assert_eq!(options.mode.as_deref(), Some("disable"));
         assert_eq!(options.root_cert.as_deref(), Some("/etc/ca.pem"));
@@ -752,5 +889,39 @@ mod tests {
             ..TlsOptions::default()
         });
         assert!(why.contains("sslcert and sslkey go together"), "{why}");
+
+        // An encrypted key: OpenSSL's old encryption is refused with the command that
+        // converts it, PKCS#8 without `sslpassword` with what to give.
+        let dir = std::env::temp_dir().join(format!("permd-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        let file = |name: &str, contents: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).expect("write a temporary file");
+            Some(path.display().to_string())
+        };
+        let key = |key: Option<String>| {
+            refused(&TlsOptions {
+                mode: Some("require".into()),
+                cert: file("client.crt", ""),
+                key,
+                ..TlsOptions::default()
+            })
+        };
+        let legacy = key(file(
+            "legacy.key",
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+             DEK-Info: AES-256-CBC,00112233445566778899AABBCCDDEEFF\n\nAAAA\n\
+             -----END RSA PRIVATE KEY-----\n",
+        ));
+        let sealed = key(file(
+            "sealed.key",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        ));
+        std::fs::remove_dir_all(&dir).expect("remove the temporary directory");
+        assert!(legacy.contains("openssl pkcs8 -topk8"), "{legacy}");
+        assert!(
+            sealed.contains("the key is encrypted: give its password as sslpassword"),
+            "{sealed}"
+        );
     }
 }

@@ -140,12 +140,53 @@ impl TestCa {
         )
     }
 
+    /// [`TestCa::sign`], with serial number `serial` (for a revocation list to name).
+    pub fn sign_numbered(&self, names: &[&str], cn: &str, serial: u64) -> (String, String) {
+        let (cert, key) = self.signed_with(names, cn, Some(serial));
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A revocation list of this CA's that revokes the certificates numbered `serials`, PEM.
+    pub fn crl(&self, serials: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1_u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(serial),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .expect("sign a revocation list")
+            .pem()
+            .expect("a revocation list as PEM")
+    }
+
     fn signed(&self, names: &[&str], cn: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        self.signed_with(names, cn, None)
+    }
+
+    fn signed_with(
+        &self,
+        names: &[&str],
+        cn: &str,
+        serial: Option<u64>,
+    ) -> (rcgen::Certificate, rcgen::KeyPair) {
         let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
         let mut params = rcgen::CertificateParams::new(names).expect("certificate params");
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         let key = rcgen::KeyPair::generate().expect("a key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         (cert, key)
