@@ -1602,6 +1602,45 @@ async fn encrypted_keys_and_revocation_lists_are_read_as_libpq_reads_them() {
         .expect_err("refused")
         .to_string();
     assert!(why.contains("sslcrl=/nonexistent/root.crl"), "{why}");
+
+    // The files of `~/.postgresql/` fill what the URL leaves out, as libpq reads them: its
+    // `root.crt` makes `require` check the CA, and its `root.crl` revokes.
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".postgresql")).expect("create ~/.postgresql");
+    let impostor = common::TestCa::new("someone else's CA");
+    let migrate = |root: &common::TestCa, crl: Option<&std::path::Path>| {
+        std::fs::write(home.join(".postgresql/root.crt"), root.pem()).expect("write root.crt");
+        let _ = std::fs::remove_file(home.join(".postgresql/root.crl"));
+        if let Some(crl) = crl {
+            std::fs::copy(crl, home.join(".postgresql/root.crl")).expect("copy root.crl");
+        }
+        std::process::Command::new(env!("CARGO_BIN_EXE_permd"))
+            .args([
+                "migrate",
+                "--database-url",
+                &format!(
+                    "postgres://postgres@127.0.0.1:{}/{name}?sslmode=require",
+                    cluster.port()
+                ),
+            ])
+            .env("HOME", &home)
+            .output()
+            .expect("run permd migrate")
+    };
+    let output = migrate(&impostor, None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+    let output = migrate(&ca, Some(&revoked));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("Revoked"), "{stderr}");
+    let output = migrate(&ca, Some(&other));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The database's digest of each subject of `shard`, hashed here as the daemon hashes

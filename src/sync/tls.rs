@@ -136,7 +136,10 @@ pub fn split(url: &str) -> Result<(String, TlsOptions), Error> {
     split_with(url, &|_| None)
 }
 
-/// [`split`], with what the URL leaves out taken from `env` (`PGSSLMODE`, …).
+/// [`split`], with what the URL leaves out taken from `env` (`PGSSLMODE`, …), and then, as
+/// libpq takes them, from the files of `~/.postgresql/` that exist: `root.crt`
+/// (`sslrootcert`), `root.crl` (`sslcrl`), `postgresql.crt` (`sslcert`), and
+/// `postgresql.key` (`sslkey`) beside a client certificate.
 pub(crate) fn split_with(url: &str, env: Env<'_>) -> Result<(String, TlsOptions), Error> {
     let (rest, mut taken) = take(url);
     for (name, variable) in environment::TLS {
@@ -147,6 +150,37 @@ pub(crate) fn split_with(url: &str, env: Env<'_>) -> Result<(String, TlsOptions)
         }
     }
     let mut options = TlsOptions::default();
+    let named = |name: &str| taken.iter().any(|(taken, _)| taken == name);
+    let defaults = env("HOME")
+        .map(|home| std::path::PathBuf::from(home).join(".postgresql"))
+        .map(|dir| {
+            let found = |file: &str| {
+                let path = dir.join(file);
+                path.is_file().then(|| path.display().to_string())
+            };
+            // As libpq: a client certificate, named or found, brings the key's file
+            // (found or not).
+            let cert = (!named("sslcert"))
+                .then(|| found("postgresql.crt"))
+                .flatten();
+            let key = ((cert.is_some() || named("sslcert")) && !named("sslkey"))
+                .then(|| dir.join("postgresql.key").display().to_string());
+            let root = (!named("sslrootcert")).then(|| found("root.crt")).flatten();
+            let crl = (!named("sslcrl") && !named("sslcrldir"))
+                .then(|| found("root.crl"))
+                .flatten();
+            [
+                ("sslcert", cert),
+                ("sslkey", key),
+                ("sslrootcert", root),
+                ("sslcrl", crl),
+            ]
+        });
+    for (name, value) in defaults.into_iter().flatten() {
+        if let Some(value) = value {
+            taken.push((name.to_owned(), value));
+        }
+    }
     for (name, value) in taken {
         match name.as_str() {
             "sslmode" => options.mode = Some(value),
@@ -792,7 +826,8 @@ mod tests {
     }
 
     /// `PGSSLMODE` and the other TLS variables fill in what the URL leaves out, and only
-    /// that; `PGSSLNEGOTIATION` is refused as the option is.
+    /// that, then the files of `~/.postgresql/`; `PGSSLNEGOTIATION` is refused as the option
+    /// is.
     #[test]
     fn the_tls_variables_fill_what_the_url_leaves_out() {
         let env = |name: &str| match name {
@@ -810,6 +845,51 @@ mod tests {
         let (_, options) = split_with("host=h sslmode=disable", &env).expect("readable");
         assert_eq!(options.mode.as_deref(), Some("disable"));
         assert_eq!(options.root_cert.as_deref(), Some("/etc/ca.pem"));
+        // Then the files of `~/.postgresql/` that exist, as libpq takes them.
+        let home = std::env::temp_dir().join(format!("permd-home-{}", std::process::id()));
+        let dir = home.join(".postgresql");
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        for file in ["root.crt", "root.crl", "postgresql.crt"] {
+            std::fs::write(dir.join(file), "").expect("write a temporary file");
+        }
+        let in_home = |file: &str| Some(dir.join(file).display().to_string());
+        let env = |name: &str| (name == "HOME").then(|| home.display().to_string());
+        let (_, options) = split_with("postgres://h/db", &env).expect("readable");
+        assert_eq!(
+            (options.root_cert, options.crl, options.cert, options.key),
+            (
+                in_home("root.crt"),
+                in_home("root.crl"),
+                in_home("postgresql.crt"),
+                // Named beside the certificate, found or not (libpq then says it is missing).
+                in_home("postgresql.key")
+            )
+        );
+        // What the URL names stays; a named certificate brings the default key too.
+        let (_, options) = split_with(
+            "postgres://h/db?sslrootcert=system&sslcrldir=/crls&sslcert=/c.pem",
+            &env,
+        )
+        .expect("readable");
+        assert_eq!(
+            (
+                options.root_cert,
+                options.crl,
+                options.crl_dir,
+                options.cert,
+                options.key
+            ),
+            (
+                Some("system".into()),
+                None,
+                Some("/crls".into()),
+                Some("/c.pem".into()),
+                in_home("postgresql.key")
+            )
+        );
+        std::fs::remove_dir_all(&home).expect("remove the temporary directory");
+        let (_, options) = split_with("postgres://h/db", &env).expect("readable");
+        assert_eq!(options, TlsOptions::default(), "no files, no options");
         let direct = |name: &str| (name == "PGSSLNEGOTIATION").then(|| "direct".to_owned());
         match split_with("postgres://h/db", &direct) {
             Err(Error::Url(why)) => assert!(why.contains("sslnegotiation=direct"), "{why}"),
