@@ -11,8 +11,8 @@ use tokio_postgres::config::{ChannelBinding, Host};
 /// URL or key=value form, with its TLS options. sqlx has no TLS of its own here: over TCP it
 /// connects through a relay (`sync::Relay`) that speaks TLS as the daemon does.
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
-    // Read as the daemon reads it, libpq's environment filled in; sqlx reads the URL form
-    // itself too, for what only it uses (`options`), and is then told the rest.
+    // Read as the daemon reads it, libpq's environment filled in; sqlx is handed the server
+    // options alone (`server_options`) and told the rest (`identity`).
     let (config, tls) = crate::sync::read_url(database_url)?;
     // sqlx authenticates without channel binding: refused rather than quietly ignored.
     if config.get_channel_binding() == ChannelBinding::Require {
@@ -27,22 +27,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
              so name the primary alone"
         );
     }
-    let (rest, _) = crate::sync::split_tls_options(database_url)?;
-    let options = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
-        rest.parse().context("parse the database URL")?
-    } else if rest
-        // The URL's own `options=`: `config` holds `PGOPTIONS` too, which sqlx reads itself.
-        .parse::<tokio_postgres::Config>()
-        .is_ok_and(|given| given.get_options().is_some())
-    {
-        anyhow::bail!(
-            "the database URL's options=… is read by serve only: for the one-off commands, set \
-             those settings on the role (ALTER ROLE … SET …)"
-        );
-    } else {
-        PgConnectOptions::new_without_pgpass()
-    };
-    let options = identity(options, &config)?;
+    let options = identity(server_options(database_url)?, &config)?;
     let relay = crate::sync::Relay::start(config.clone(), tls, options.get_port())?;
     let options = match &relay {
         Some(relay) => options.socket(relay.dir()),
@@ -79,6 +64,35 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         relay.until(pool.close_event());
     }
     Ok(pool)
+}
+
+/// sqlx's options with the server options the URL gives (`options=`, in the URL or the
+/// key=value form), else `PGOPTIONS`'s, which sqlx reads itself; the rest is told by
+/// [`identity`]. sqlx takes a server options string as written only from a URL, so it is
+/// handed one with that alone: given the whole URL, it warned of every parameter it does
+/// not know (`connect_timeout`, `target_session_attrs`, …), which permd reads, and it could
+/// not read the key=value form at all.
+fn server_options(database_url: &str) -> anyhow::Result<PgConnectOptions> {
+    let (rest, _) = crate::sync::split_tls_options(database_url)?;
+    // The URL's own, without libpq's environment (`read_url` fills `PGOPTIONS` in).
+    let given = rest
+        .parse::<tokio_postgres::Config>()
+        .ok()
+        .and_then(|config| config.get_options().map(str::to_owned));
+    let Some(given) = given else {
+        return Ok(PgConnectOptions::new_without_pgpass());
+    };
+    let encoded = percent_encoding::utf8_percent_encode(&given, percent_encoding::NON_ALPHANUMERIC);
+    let options: PgConnectOptions = format!("postgres:///?options={encoded}")
+        .parse()
+        .context("the database URL's options")?;
+    // That URL names no server; where the database URL names none either, sqlx's default.
+    Ok(if options.get_host().is_empty() {
+        let host = PgConnectOptions::new_without_pgpass().get_host().to_owned();
+        options.host(&host)
+    } else {
+        options
+    })
 }
 
 /// `options` told `config`'s server, user, password and database (sqlx's own defaults and

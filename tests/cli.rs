@@ -265,6 +265,40 @@ async fn migrate_takes_the_key_value_form_too() {
     assert!(stderr.contains("name the primary alone"), "{stderr}");
 }
 
+/// The one-off commands hand sqlx the server options alone, from either form of the URL,
+/// and tell it the rest: given the whole URL, sqlx warned of each parameter it does not
+/// know (which permd reads), and it could not read the key=value form's `options=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_off_commands_take_options_from_either_form_and_warn_of_nothing_they_read() {
+    let db = database().await;
+    let timeout = |url: String| async move {
+        let pool = permd::db::pool(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e:#}"));
+        let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&pool)
+            .await
+            .expect("SHOW statement_timeout");
+        pool.close().await;
+        timeout
+    };
+    let pairs = format!("{} options='-c statement_timeout=4321'", db.unix_url);
+    assert_eq!(timeout(pairs).await, "4321ms");
+    let url = format!(
+        "{}?connect_timeout=5&target_session_attrs=any&keepalives_idle=30\
+         &options=-c%20statement_timeout%3D4322",
+        db.url
+    );
+    assert_eq!(timeout(url.clone()).await, "4322ms");
+    let output = Command::new(env!("CARGO_BIN_EXE_permd"))
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .expect("run permd migrate");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+}
+
 /// libpq's environment, read by `serve` and the one-off commands alike (sqlx read it for
 /// the one-off commands only, and `serve` did not): a URL that names nothing but the
 /// scheme, the server, user and database from `PG*` variables, the password from the
