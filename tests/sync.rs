@@ -1203,17 +1203,7 @@ async fn encrypted(db: &TestDb, application_name: &str) -> (bool, Vec<String>) {
 async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     let ca = common::TestCa::new("permd test CA");
     let impostor = common::TestCa::new("someone else's CA");
-    let (cert_pem, key_pem) = ca.sign(&["localhost"], "localhost");
-    let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
-        unsafe_fast: true,
-        tls: Some(permd::embedded::ServerTls {
-            cert_pem,
-            key_pem,
-            client_ca_pem: Some(ca.pem()),
-        }),
-        ..permd::embedded::ClusterOptions::default()
-    })
-    .expect("start a cluster with TLS");
+    let cluster = tls_cluster(&ca, 1, true);
     let mut db = common::database_on(&cluster).await;
     let trusted = ca.file(cluster.dir(), "ca.pem");
     let untrusted = impostor.file(cluster.dir(), "impostor.pem");
@@ -1456,6 +1446,111 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     preferred.stop().await;
 }
 
+/// A cluster of the test's own with TLS: a certificate for `localhost` numbered `serial`,
+/// signed by `ca`, which also signs the client certificates it accepts (and asks for)
+/// when `clients` holds.
+fn tls_cluster(ca: &common::TestCa, serial: u64, clients: bool) -> permd::embedded::Cluster {
+    let (cert_pem, key_pem) = ca.sign_numbered(&["localhost"], "localhost", serial);
+    permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        tls: Some(permd::embedded::ServerTls {
+            cert_pem,
+            key_pem,
+            client_ca_pem: clients.then(|| ca.pem()),
+        }),
+        ..permd::embedded::ClusterOptions::default()
+    })
+    .expect("start a cluster with TLS")
+}
+
+/// libpq's `ssl_min_protocol_version`, `ssl_max_protocol_version` and `sslcertmode`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_versions_and_the_certificate_mode_are_read_as_libpq_reads_them() {
+    let ca = common::TestCa::new("permd test CA");
+    let cluster = tls_cluster(&ca, 2, true);
+    let db = common::database_on(&cluster).await;
+    let dir = cluster.dir();
+    let (client_cert, client_key) = ca.sign(&[], "permd");
+    let cert_file = dir.join("client.crt");
+    let key_file = dir.join("client.key");
+    std::fs::write(&cert_file, client_cert).expect("write the client's certificate");
+    std::fs::write(&key_file, client_key).expect("write the client's key");
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let url = |options: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{name}?sslmode=require&sslcert={}&sslkey={}\
+             {options}",
+            cluster.port(),
+            cert_file.display(),
+            key_file.display()
+        )
+    };
+    let session = |app: &'static str| {
+        let db = &db;
+        async move {
+            sqlx::query_as::<_, (String, Option<String>)>(
+                "SELECT s.version, s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a \
+                 USING (pid) WHERE a.application_name = $1",
+            )
+            .bind(app)
+            .fetch_one(&db.pool)
+            .await
+            .expect("the daemon's session")
+        }
+    };
+    let client = Some("/CN=permd".to_owned());
+    for (options, app, expected) in [
+        (
+            "&ssl_max_protocol_version=TLSv1.2",
+            "permd-tls12",
+            ("TLSv1.2", &client),
+        ),
+        (
+            "&ssl_min_protocol_version=TLSv1.3",
+            "permd-tls13",
+            ("TLSv1.3", &client),
+        ),
+        // The server asks for a certificate (it has a CA for them): `require` is content.
+        (
+            "&sslcertmode=require",
+            "permd-cert-required",
+            ("TLSv1.3", &client),
+        ),
+        (
+            "&sslcertmode=disable",
+            "permd-cert-disabled",
+            ("TLSv1.3", &None),
+        ),
+    ] {
+        let daemon = TestDaemon::start(&url(&format!("{options}&application_name={app}"))).await;
+        let (version, dn) = session(app).await;
+        assert_eq!((version.as_str(), &dn), expected, "{options}");
+        daemon.stop().await;
+    }
+    // A server that asks for no client certificate: `require` refuses it, `allow` connects.
+    let other = tls_cluster(&ca, 3, false);
+    let unasked = common::database_on(&other).await;
+    let unasked_name = unasked.url.rsplit('/').next().expect("a database name");
+    let url = |options: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{unasked_name}?sslmode=require&sslcert={}\
+             &sslkey={}{options}",
+            other.port(),
+            cert_file.display(),
+            key_file.display()
+        )
+    };
+    let required = TestDaemon::spawn(SyncConfig::new(url("&sslcertmode=require")), patient());
+    let error = required.failed_attempts(2).await;
+    assert!(
+        error.contains("the server did not ask for a client certificate"),
+        "{error}"
+    );
+    required.stop().await;
+    let allowed = TestDaemon::start(&url("&sslcertmode=allow")).await;
+    allowed.stop().await;
+}
+
 /// libpq's `sslpassword` (a client key encrypted as PKCS#8) and `sslcrl`/`sslcrldir` (the
 /// server's certificate checked against revocation lists), read by the daemon and the
 /// one-off commands alike.
@@ -1463,17 +1558,7 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
 async fn encrypted_keys_and_revocation_lists_are_read_as_libpq_reads_them() {
     const SERVER_SERIAL: u64 = 7001;
     let ca = common::TestCa::new("permd test CA");
-    let (cert_pem, key_pem) = ca.sign_numbered(&["localhost"], "localhost", SERVER_SERIAL);
-    let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
-        unsafe_fast: true,
-        tls: Some(permd::embedded::ServerTls {
-            cert_pem,
-            key_pem,
-            client_ca_pem: Some(ca.pem()),
-        }),
-        ..permd::embedded::ClusterOptions::default()
-    })
-    .expect("start a cluster with TLS");
+    let cluster = tls_cluster(&ca, SERVER_SERIAL, true);
     let db = common::database_on(&cluster).await;
     let dir = cluster.dir();
     let trusted = ca.file(dir, "ca.pem");

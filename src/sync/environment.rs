@@ -22,16 +22,22 @@ pub(crate) fn process(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|value| !value.is_empty())
 }
 
-/// The TLS options' variables, each with its option (read by `tls::split_with`).
-/// (`sslpassword` has none, as in libpq.)
-pub(crate) const TLS: [(&str, &str); 7] = [
+/// The TLS (and GSSAPI) options' variables, each with its option (read by
+/// `tls::split_with`; `sslpassword` has none, as in libpq).
+pub(crate) const TLS: [(&str, &str); 13] = [
     ("sslmode", "PGSSLMODE"),
     ("sslrootcert", "PGSSLROOTCERT"),
     ("sslcert", "PGSSLCERT"),
     ("sslkey", "PGSSLKEY"),
     ("sslcrl", "PGSSLCRL"),
     ("sslcrldir", "PGSSLCRLDIR"),
+    ("sslcertmode", "PGSSLCERTMODE"),
+    ("sslsni", "PGSSLSNI"),
+    ("sslcompression", "PGSSLCOMPRESSION"),
+    ("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION"),
+    ("ssl_max_protocol_version", "PGSSLMAXPROTOCOLVERSION"),
     ("sslnegotiation", "PGSSLNEGOTIATION"),
+    ("gssencmode", "PGGSSENCMODE"),
 ];
 
 /// The other variables, each with the key=value parameter it stands for.

@@ -21,14 +21,19 @@
 //! The trusted CAs are those of the PEM file `sslrootcert`, or the system's store when it
 //! is absent or `system`. `sslcert` and `sslkey` (PEM) give a client certificate, its key
 //! encrypted (PKCS#8) under `sslpassword` or not. `sslcrl` and `sslcrldir` give revocation
-//! lists that the server's certificate is checked against where its chain is. A Unix
+//! lists that the server's certificate is checked against where its chain is.
+//! `sslcertmode`, `sslsni` and `ssl_min_protocol_version`/`ssl_max_protocol_version` are
+//! read as libpq reads them (rustls speaks TLS 1.2 and 1.3); `sslcompression` and
+//! `gssencmode=disable`/`prefer` are taken and have nothing to do (Postgres has no TLS
+//! compression since 14; permd has no GSSAPI, as a libpq built without it). A Unix
 //! socket never uses TLS, as in libpq. `allow` tries TLS first (libpq tries plain first):
 //! either way the connection works when the server takes either.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{
@@ -49,7 +54,7 @@ use super::environment::{self, Env};
 use super::Error;
 
 /// The options of a database URL that this module reads (and takes out of it).
-const OPTIONS: [&str; 8] = [
+const OPTIONS: [&str; 14] = [
     "sslmode",
     "sslrootcert",
     "sslcert",
@@ -57,7 +62,13 @@ const OPTIONS: [&str; 8] = [
     "sslpassword",
     "sslcrl",
     "sslcrldir",
+    "sslcertmode",
+    "sslsni",
+    "sslcompression",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
     "sslnegotiation",
+    "gssencmode",
 ];
 
 /// An SSLRequest: its length (8) and the code 80877103.
@@ -86,6 +97,8 @@ pub(crate) struct Tls {
     pub(crate) mode: Mode,
     /// The handshake's settings; `None` for `disable`.
     client: Option<Arc<ClientConfig>>,
+    /// `sslcertmode=require`: a server that does not ask for a client certificate is refused.
+    certificate_asked: bool,
 }
 
 impl std::fmt::Debug for Tls {
@@ -113,6 +126,13 @@ pub struct TlsOptions {
     pub crl: Option<String>,
     /// `sslcrldir`: a directory of such files (each of its files is read).
     pub crl_dir: Option<String>,
+    /// `sslcertmode`: `allow` (the default: the client certificate, if given, when the
+    /// server asks), `disable` (never), `require` (the server must ask for it).
+    pub cert_mode: Option<String>,
+    /// `sslsni`: `1` (the default) sends the host's name in the handshake, `0` does not.
+    pub sni: Option<String>,
+    /// `ssl_min_protocol_version`, `ssl_max_protocol_version`: `TLSv1` to `TLSv1.3`.
+    pub protocol_versions: (Option<String>, Option<String>),
 }
 
 impl std::fmt::Debug for TlsOptions {
@@ -125,6 +145,9 @@ impl std::fmt::Debug for TlsOptions {
             .field("password", &self.password.as_ref().map(|_| "(given)"))
             .field("crl", &self.crl)
             .field("crl_dir", &self.crl_dir)
+            .field("cert_mode", &self.cert_mode)
+            .field("sni", &self.sni)
+            .field("protocol_versions", &self.protocol_versions)
             .finish()
     }
 }
@@ -190,12 +213,31 @@ pub(crate) fn split_with(url: &str, env: Env<'_>) -> Result<(String, TlsOptions)
             "sslpassword" => options.password = Some(value),
             "sslcrl" => options.crl = Some(value),
             "sslcrldir" => options.crl_dir = Some(value),
-            // "sslnegotiation"
-            _ if value == "postgres" => {}
-            _ => {
+            "sslcertmode" => options.cert_mode = Some(value),
+            "sslsni" => options.sni = Some(value),
+            "ssl_min_protocol_version" => options.protocol_versions.0 = Some(value),
+            "ssl_max_protocol_version" => options.protocol_versions.1 = Some(value),
+            // Postgres 14 and later have no TLS compression; libpq ignores it too.
+            "sslcompression" if value == "0" || value == "1" => {}
+            // No GSSAPI here, as in a libpq built without it: what would use it is refused.
+            "gssencmode" if value == "disable" || value == "prefer" => {}
+            "gssencmode" if value == "require" => {
+                return Err(Error::Url(
+                    "gssencmode=require: permd has no GSSAPI encryption; encrypt with TLS \
+                     (sslmode=verify-full)"
+                        .into(),
+                ))
+            }
+            "sslnegotiation" if value == "postgres" => {}
+            "sslnegotiation" if value == "direct" => {
                 return Err(Error::Url(format!(
                     "sslnegotiation={value}: permd negotiates TLS the usual way only \
                      (sslnegotiation=postgres, the default)"
+                )))
+            }
+            _ => {
+                return Err(Error::Url(format!(
+                    "{name}={value} is not a value libpq takes for {name}"
                 )))
             }
         }
@@ -221,11 +263,15 @@ impl TlsOptions {
             }
         };
         if mode == Mode::Disable {
-            return Ok(Tls { mode, client: None });
+            return Ok(Tls {
+                mode,
+                client: None,
+                certificate_asked: false,
+            });
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&self.versions()?)
             .map_err(|e| Error::Url(format!("TLS: {e}")))?;
         let chain = match mode {
             Mode::Disable | Mode::Prefer | Mode::Require => None,
@@ -246,7 +292,20 @@ impl TlsOptions {
         let builder = builder
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        let config = match (&self.cert, &self.key) {
+        let certificate_asked = match self.cert_mode.as_deref() {
+            None | Some("allow" | "disable") => false,
+            Some("require") => true,
+            Some(other) => {
+                return Err(Error::Url(format!(
+                    "sslcertmode={other} is not one of disable, allow, require"
+                )))
+            }
+        };
+        let certificate = match self.cert_mode.as_deref() {
+            Some("disable") => (None, None),
+            _ => (self.cert.as_ref(), self.key.as_ref()),
+        };
+        let mut config = match certificate {
             (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
                 let chain = CertificateDer::pem_file_iter(cert)
@@ -263,10 +322,56 @@ impl TlsOptions {
                 ))
             }
         };
+        config.enable_sni = match self.sni.as_deref() {
+            None | Some("1") => true,
+            Some("0") => false,
+            Some(other) => return Err(Error::Url(format!("sslsni={other} is not 0 or 1"))),
+        };
         Ok(Tls {
             mode,
             client: Some(Arc::new(config)),
+            certificate_asked,
         })
+    }
+
+    /// The TLS versions of `ssl_min_protocol_version` to `ssl_max_protocol_version` (libpq's
+    /// default: TLS 1.2 and up) that rustls speaks: 1.2 and 1.3.
+    fn versions(&self) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, Error> {
+        const NAMES: [&str; 4] = ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"];
+        let bound = |option: &str, value: &Option<String>, default: usize| match value.as_deref() {
+            None | Some("") => Ok(default),
+            Some(value) => NAMES
+                .iter()
+                .position(|name| name.eq_ignore_ascii_case(value))
+                .ok_or_else(|| {
+                    Error::Url(format!(
+                        "{option}={value} is not one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3"
+                    ))
+                }),
+        };
+        let (min, max) = &self.protocol_versions;
+        let (low, high) = (
+            bound("ssl_min_protocol_version", min, 2)?,
+            bound("ssl_max_protocol_version", max, 3)?,
+        );
+        if low > high {
+            return Err(Error::Url(format!(
+                "ssl_min_protocol_version={} is above ssl_max_protocol_version={}",
+                NAMES[low], NAMES[high]
+            )));
+        }
+        let versions: Vec<_> = [(2, &rustls::version::TLS12), (3, &rustls::version::TLS13)]
+            .into_iter()
+            .filter(|(rank, _)| (low..=high).contains(rank))
+            .map(|(_, version)| version)
+            .collect();
+        if versions.is_empty() {
+            return Err(Error::Url(format!(
+                "ssl_max_protocol_version={}: permd speaks TLS 1.2 and 1.3 only",
+                NAMES[high]
+            )));
+        }
+        Ok(versions)
     }
 
     /// The CAs a verified certificate must chain to.
@@ -411,11 +516,33 @@ impl Tls {
         // go to the handshake, which then fails, not be taken as the protocol.
         let answer = stream.read_u8().await.map_err(Error::Connect)?;
         match answer {
-            b'S' => tokio_rustls::TlsConnector::from(client.clone())
-                .connect(name, stream)
-                .await
-                .map(Either::Left)
-                .map_err(|e| Error::Tls(format!("{}{}", crate::error_chain(&e), remedy(&e)))),
+            b'S' => {
+                // For `sslcertmode=require`, this handshake's own record of whether the
+                // server asked for the client's certificate.
+                let (client, asked) = if self.certificate_asked {
+                    let asked = Arc::new(AtomicBool::new(false));
+                    let mut config = ClientConfig::clone(client);
+                    config.client_auth_cert_resolver = Arc::new(Asked {
+                        inner: config.client_auth_cert_resolver.clone(),
+                        asked: asked.clone(),
+                    });
+                    (Arc::new(config), Some(asked))
+                } else {
+                    (client.clone(), None)
+                };
+                let stream = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| Error::Tls(format!("{}{}", crate::error_chain(&e), remedy(&e))))?;
+                if asked.is_some_and(|asked| !asked.load(Ordering::Relaxed)) {
+                    return Err(Error::Tls(
+                        "the server did not ask for a client certificate, and sslcertmode=require \
+                         wants it to (is ssl_ca_file set in its postgresql.conf?)"
+                            .into(),
+                    ));
+                }
+                Ok(Either::Left(stream))
+            }
             b'N' if self.mode == Mode::Prefer => Ok(Either::Right(stream)),
             b'N' => Err(Error::Tls(
                 "the server does not accept TLS connections, and sslmode asks for TLS (is ssl \
@@ -598,6 +725,29 @@ fn remedy(error: &std::io::Error) -> &'static str {
             " (the server's certificate has expired: renew it on the server; permd retries)"
         }
         _ => "",
+    }
+}
+
+/// The client's certificate resolver, recording whether the server asked for one
+/// (`sslcertmode=require`).
+#[derive(Debug)]
+struct Asked {
+    inner: Arc<dyn ResolvesClientCert>,
+    asked: Arc<AtomicBool>,
+}
+
+impl ResolvesClientCert for Asked {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        self.inner.resolve(root_hint_subjects, schemes)
+    }
+
+    fn has_certs(&self) -> bool {
+        self.inner.has_certs()
     }
 }
 
@@ -823,6 +973,89 @@ mod tests {
             Err(Error::Url(why)) => assert!(why.contains("sslnegotiation=direct"), "{why}"),
             other => panic!("accepted: {other:?}"),
         }
+    }
+
+    /// libpq's other TLS options: the protocol versions, SNI and the certificate mode are
+    /// read; compression and GSSAPI encryption are taken where nothing is asked of them,
+    /// and refused with the reason where something is.
+    #[test]
+    fn the_other_tls_options_are_read_or_refused_with_the_reason() {
+        let url_refused = |url: &str| match split(url) {
+            Err(Error::Url(why)) => why,
+            other => panic!("{url}: accepted: {other:?}"),
+        };
+        assert!(split("postgres://h/db?gssencmode=disable&sslcompression=0").is_ok());
+        assert!(split("host=h gssencmode=prefer sslcompression=1").is_ok());
+        assert!(url_refused("postgres://h/db?gssencmode=require").contains("no GSSAPI"));
+        for url in [
+            "postgres://h/db?gssencmode=maybe",
+            "postgres://h/db?sslcompression=2",
+        ] {
+            assert!(
+                url_refused(url).contains("is not a value libpq takes"),
+                "{url}"
+            );
+        }
+        let options = |name: &str, value: &str| {
+            let (_, options) =
+                split(&format!("postgres://h/db?sslmode=require&{name}={value}")).expect("read");
+            options
+        };
+        let versions = |min: &str, max: &str| {
+            let mut given = options("ssl_min_protocol_version", min);
+            given.protocol_versions.1 = Some(max.into());
+            given.versions().map(|versions| {
+                versions
+                    .iter()
+                    .map(|v| format!("{:?}", v.version))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            versions("", "").ok(),
+            Some(vec!["TLSv1_2".into(), "TLSv1_3".into()])
+        );
+        assert_eq!(
+            versions("tlsv1", "").ok(),
+            Some(vec!["TLSv1_2".into(), "TLSv1_3".into()])
+        );
+        assert_eq!(versions("TLSv1.3", "").ok(), Some(vec!["TLSv1_3".into()]));
+        assert_eq!(versions("", "TLSv1.2").ok(), Some(vec!["TLSv1_2".into()]));
+        for (min, max, expected) in [
+            (
+                "TLSv1.3",
+                "TLSv1.2",
+                "is above ssl_max_protocol_version=TLSv1.2",
+            ),
+            ("TLSv1", "TLSv1.1", "permd speaks TLS 1.2 and 1.3 only"),
+            ("SSLv3", "", "ssl_min_protocol_version=SSLv3 is not one of"),
+        ] {
+            match versions(min, max) {
+                Err(Error::Url(why)) => assert!(why.contains(expected), "{why}"),
+                other => panic!("{min}..{max}: {other:?}"),
+            }
+        }
+        let sni = |value: &str| {
+            options("sslsni", value)
+                .load()
+                .map(|tls| tls.client.expect("a TLS mode").enable_sni)
+        };
+        assert_eq!(sni("1").ok(), Some(true));
+        assert_eq!(sni("0").ok(), Some(false));
+        assert!(refused(&options("sslsni", "yes")).contains("sslsni=yes is not 0 or 1"));
+        let asked = |mode: &str| {
+            options("sslcertmode", mode)
+                .load()
+                .map(|tls| tls.certificate_asked)
+        };
+        assert_eq!(asked("allow").ok(), Some(false));
+        assert_eq!(asked("require").ok(), Some(true));
+        assert!(refused(&options("sslcertmode", "always")).contains("not one of disable"));
+        // `disable` sends no certificate, so the files are not read.
+        let mut disabled = options("sslcertmode", "disable");
+        disabled.cert = Some("/nonexistent/c.pem".into());
+        disabled.key = Some("/nonexistent/k.pem".into());
+        assert!(disabled.load().is_ok());
     }
 
     /// `PGSSLMODE` and the other TLS variables fill in what the URL leaves out, and only
