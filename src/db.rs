@@ -73,13 +73,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
 /// not know (`connect_timeout`, `target_session_attrs`, …), which permd reads, and it could
 /// not read the key=value form at all.
 fn server_options(database_url: &str) -> anyhow::Result<PgConnectOptions> {
-    let (rest, _) = crate::sync::split_tls_options(database_url)?;
-    // The URL's own, without libpq's environment (`read_url` fills `PGOPTIONS` in).
-    let given = rest
-        .parse::<tokio_postgres::Config>()
-        .ok()
-        .and_then(|config| config.get_options().map(str::to_owned));
-    let Some(given) = given else {
+    let Some(given) = crate::sync::own_options(database_url) else {
         return Ok(PgConnectOptions::new_without_pgpass());
     };
     let encoded = percent_encoding::utf8_percent_encode(&given, percent_encoding::NON_ALPHANUMERIC);

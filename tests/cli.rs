@@ -267,9 +267,10 @@ async fn migrate_takes_the_key_value_form_too() {
 
 /// The one-off commands hand sqlx the server options alone, from either form of the URL,
 /// and tell it the rest: given the whole URL, sqlx warned of each parameter it does not
-/// know (which permd reads), and it could not read the key=value form's `options=`.
+/// know (which permd reads), and it could not read the key=value form's `options=`. The
+/// daemon reads libpq's parameters that tokio-postgres does not know.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_one_off_commands_take_options_from_either_form_and_warn_of_nothing_they_read() {
+async fn libpq_parameters_are_read_and_the_one_off_commands_warn_of_none() {
     let db = database().await;
     let timeout = |url: String| async move {
         let pool = permd::db::pool(&url)
@@ -296,7 +297,24 @@ async fn the_one_off_commands_take_options_from_either_form_and_warn_of_nothing_
         .expect("run permd migrate");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(!stderr.contains("WARN"), "{stderr}");
+    assert!(!stderr.contains("unrecognized"), "{stderr}");
+
+    // libpq's parameters that tokio-postgres does not know, read by the daemon too.
+    let libpq = format!(
+        "{}?client_encoding=UTF8&fallback_application_name=permd-libpq&keepalives_count=3\
+         &krbsrvname=postgres&gssencmode=disable",
+        db.url
+    );
+    let daemon = common::TestDaemon::start(&libpq).await;
+    let sessions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'permd-libpq'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("pg_stat_activity");
+    assert_eq!(sessions, 1);
+    daemon.stop().await;
 }
 
 /// libpq's environment, read by `serve` and the one-off commands alike (sqlx read it for

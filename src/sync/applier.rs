@@ -739,15 +739,7 @@ impl Applier {
         Error,
     > {
         let (mut config, tls) = connect::config(&self.config.database_url)?;
-        if config.get_application_name().is_none() {
-            config.application_name("permd");
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10));
+        connect::daemon_defaults(&mut config);
         let tap = Tap::default();
         let (client, mut connection) = self
             .timed("the connection", connect::connect(&config, &tls, &tap))

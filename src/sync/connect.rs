@@ -21,6 +21,7 @@ use tokio_postgres::{Client, Config, Connection, SimpleQueryMessage};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
+use super::conninfo;
 use super::environment;
 use super::tap::{Tap, Tapped};
 use super::tls::{self, Tls};
@@ -39,20 +40,43 @@ pub(crate) type SyncConnection = Connection<Tapped<Socket>, tls::BoundStream<Tap
 pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
     let (rest, options) = tls::split_with(url, &environment::process)?;
     let tls = options.load()?;
-    let mut config = rest.parse::<Config>().map_err(|error| {
-        let why = error_chain(&error);
-        // libpq's parameter, which tokio-postgres does not know: name what permd reads.
-        let hint = if why.contains("`passfile`") {
-            " (permd reads the password file named by PGPASSFILE, else ~/.pgpass)"
-        } else {
-            ""
-        };
-        Error::Url(format!("{why}{hint}"))
-    })?;
+    let (rest, libpq) = conninfo::take(&rest, &conninfo::OPTIONS);
+    let mut config = rest
+        .parse::<Config>()
+        .map_err(|error| Error::Url(error_chain(&error)))?;
     environment::fill(&mut config, &environment::process)?;
+    conninfo::apply(&mut config, libpq)?;
     // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again.
     config.ssl_mode(SslMode::Disable);
     Ok((config, tls))
+}
+
+/// The sync connection's settings where the URL (and libpq's environment) leave them at
+/// their defaults: `application_name` `permd`, a 5 s connect timeout, and keepalive probes
+/// after 10 s idle (libpq leaves that to the system, whose 2 h would leave a dead server
+/// unnoticed between polls). A URL's `keepalives_idle` or `keepalives=0` is kept; until
+/// session 34 both were overridden.
+pub(crate) fn daemon_defaults(config: &mut Config) {
+    if config.get_application_name().is_none() {
+        config.application_name("permd");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    if config.get_keepalives_idle() == Config::new().get_keepalives_idle() {
+        config.keepalives_idle(Duration::from_secs(10));
+    }
+}
+
+/// The server options the URL itself gives (`options=`), without libpq's environment:
+/// for the one-off commands, whose sqlx reads `PGOPTIONS` itself.
+pub(crate) fn own_options(url: &str) -> Option<String> {
+    let (rest, _) = tls::split_with(url, &|_| None).ok()?;
+    let (rest, _) = conninfo::take(&rest, &conninfo::OPTIONS);
+    rest.parse::<Config>()
+        .ok()?
+        .get_options()
+        .map(str::to_owned)
 }
 
 /// Connects to the first of `config`'s hosts that answers and suits its
@@ -335,8 +359,30 @@ mod tests {
         assert!(why.contains("sslrootcert=/nonexistent/ca.pem"), "{why}");
         let why = refused("postgres://u@localhost/db?frobnicate=1");
         assert!(why.contains("frobnicate"), "{why}");
-        let why = refused("host=localhost passfile=/run/secrets/pgpass");
-        assert!(why.contains("PGPASSFILE"), "{why}");
+        for (url, expected) in [
+            ("host=localhost passfile=/run/secrets/pgpass", "PGPASSFILE"),
+            ("postgres://u@localhost/db?service=app", "pg_service.conf"),
+            (
+                "postgres://u@localhost/db?requirepeer=postgres",
+                "sslmode=verify-full",
+            ),
+            (
+                "postgres://u@localhost/db?require_auth=scram-sha-256",
+                "channel_binding=require",
+            ),
+            (
+                "postgres://u@localhost/db?replication=database",
+                "ordinary connection",
+            ),
+            ("postgres://u@localhost/db?client_encoding=LATIN1", "UTF8"),
+            (
+                "postgres://u@localhost/db?keepalives_count=many",
+                "whole number",
+            ),
+        ] {
+            let why = refused(url);
+            assert!(why.contains(expected), "{url}: {why}");
+        }
         for (url, mode) in [
             ("postgres://u@localhost/db", tls::Mode::Prefer),
             (
@@ -352,6 +398,35 @@ mod tests {
             assert_eq!(tls.mode, mode, "{url}");
             assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
         }
+    }
+
+    /// libpq's parameters that tokio-postgres does not know are read, and the daemon's
+    /// defaults fill only what the URL leaves out.
+    #[test]
+    fn libpq_parameters_are_read_and_the_daemon_defaults_fill_the_rest() {
+        let (mut read, _) = config(
+            "postgres://u@localhost/db?client_encoding=UTF8&fallback_application_name=app\
+             &keepalives_count=4&krbsrvname=postgres&gsslib=gssapi&gssdelegation=0",
+        )
+        .expect("read");
+        daemon_defaults(&mut read);
+        assert_eq!(read.get_application_name(), Some("app"));
+        assert_eq!(read.get_keepalives_retries(), Some(4));
+        assert_eq!(read.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(read.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        let (mut read, _) = config(
+            "host=localhost application_name=own fallback_application_name=app \
+             keepalives_idle=300 connect_timeout=2 client_encoding=auto",
+        )
+        .expect("read");
+        daemon_defaults(&mut read);
+        assert_eq!(read.get_application_name(), Some("own"));
+        assert_eq!(read.get_keepalives_idle(), Duration::from_secs(300));
+        assert_eq!(read.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        let (mut read, _) = config("postgres://u@localhost/db?keepalives=0").expect("read");
+        daemon_defaults(&mut read);
+        assert!(!read.get_keepalives());
+        assert_eq!(read.get_application_name(), Some("permd"));
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 
 mod applier;
 mod connect;
+mod conninfo;
 mod copy;
 mod environment;
 mod follow;
@@ -80,6 +81,12 @@ pub fn check_database_url(url: &str) -> Result<(), Error> {
 /// filled in (`PGHOST`, `PGUSER`, …), and its TLS options read (their files too).
 pub(crate) fn read_url(url: &str) -> Result<(tokio_postgres::Config, Tls), Error> {
     connect::config(url)
+}
+
+/// The server options the URL itself gives (`options=`, in either form), without libpq's
+/// environment (`PGOPTIONS`).
+pub(crate) fn own_options(url: &str) -> Option<String> {
+    connect::own_options(url)
 }
 
 /// The password for `config`'s first server: the URL's or `PGPASSWORD`'s, else the

@@ -50,6 +50,7 @@ use tokio_postgres::tls::{ChannelBinding, TlsConnect};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
+use super::conninfo;
 use super::environment::{self, Env};
 use super::Error;
 
@@ -164,7 +165,7 @@ pub fn split(url: &str) -> Result<(String, TlsOptions), Error> {
 /// (`sslrootcert`), `root.crl` (`sslcrl`), `postgresql.crt` (`sslcert`), and
 /// `postgresql.key` (`sslkey`) beside a client certificate.
 pub(crate) fn split_with(url: &str, env: Env<'_>) -> Result<(String, TlsOptions), Error> {
-    let (rest, mut taken) = take(url);
+    let (rest, mut taken) = conninfo::take(url, &OPTIONS);
     for (name, variable) in environment::TLS {
         if !taken.iter().any(|(taken, _)| taken == name) {
             if let Some(value) = env(variable) {
@@ -814,96 +815,6 @@ impl ServerCertVerifier for Lenient {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// Takes [`OPTIONS`] out of `url`: what is left, and the options taken (decoded).
-fn take(url: &str) -> (String, Vec<(String, String)>) {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        take_from_query(url)
-    } else {
-        take_from_pairs(url).unwrap_or_else(|| (url.to_owned(), Vec::new()))
-    }
-}
-
-/// The URL form: options in the query, `&`-separated and percent-encoded.
-fn take_from_query(url: &str) -> (String, Vec<(String, String)>) {
-    let Some((head, query)) = url.split_once('?') else {
-        return (url.to_owned(), Vec::new());
-    };
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let mut taken = Vec::new();
-    let mut kept = Vec::new();
-    for pair in query.split('&') {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = decode(name);
-        if OPTIONS.contains(&name.as_str()) {
-            taken.push((name, decode(value)));
-        } else {
-            kept.push(pair);
-        }
-    }
-    let rest = if kept.is_empty() {
-        head.to_owned()
-    } else {
-        format!("{head}?{}", kept.join("&"))
-    };
-    (rest, taken)
-}
-
-/// The key=value form: `name = value` pairs apart by white space, a value either bare
-/// (backslash escapes) or in single quotes (backslash escapes). `None` if it is not one.
-fn take_from_pairs(url: &str) -> Option<(String, Vec<(String, String)>)> {
-    let mut taken = Vec::new();
-    let mut kept = Vec::new();
-    let mut chars = url.char_indices().peekable();
-    let skip_space = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
-        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-    };
-    loop {
-        skip_space(&mut chars);
-        let Some(&(start, _)) = chars.peek() else {
-            break;
-        };
-        let mut name = String::new();
-        while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=' && !c.is_whitespace()) {
-            name.push(c);
-        }
-        skip_space(&mut chars);
-        chars.next_if(|(_, c)| *c == '=')?;
-        skip_space(&mut chars);
-        let mut value = String::new();
-        let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
-        loop {
-            match chars.peek().copied() {
-                None if quoted => return None,
-                None => break,
-                Some((_, '\'')) if quoted => {
-                    chars.next();
-                    break;
-                }
-                Some((_, c)) if !quoted && c.is_whitespace() => break,
-                Some((_, '\\')) => {
-                    chars.next();
-                    value.push(chars.next()?.1);
-                }
-                Some((_, c)) => {
-                    chars.next();
-                    value.push(c);
-                }
-            }
-        }
-        let end = chars.peek().map_or(url.len(), |&(at, _)| at);
-        if OPTIONS.contains(&name.as_str()) {
-            taken.push((name, value));
-        } else {
-            kept.push(&url[start..end]);
-        }
-    }
-    Some((kept.join(" "), taken))
 }
 
 #[cfg(test)]
