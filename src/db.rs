@@ -13,7 +13,7 @@ use tokio_postgres::config::{ChannelBinding, Host};
 pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // Read as the daemon reads it, libpq's environment filled in; sqlx is handed the server
     // options alone (`server_options`) and told the rest (`identity`).
-    let (config, tls) = crate::sync::read_url(database_url)?;
+    let (config, settings) = crate::sync::read_url(database_url)?;
     // sqlx authenticates without channel binding: refused rather than quietly ignored.
     if config.get_channel_binding() == ChannelBinding::Require {
         anyhow::bail!(
@@ -27,8 +27,8 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
              so name the primary alone"
         );
     }
-    let options = identity(server_options(database_url)?, &config)?;
-    let relay = crate::sync::Relay::start(config.clone(), tls, options.get_port())?;
+    let options = identity(server_options(database_url)?, &config, &settings)?;
+    let relay = crate::sync::Relay::start(config.clone(), settings.tls, options.get_port())?;
     let options = match &relay {
         Some(relay) => options.socket(relay.dir()),
         None => options,
@@ -94,6 +94,7 @@ fn server_options(database_url: &str) -> anyhow::Result<PgConnectOptions> {
 fn identity(
     mut options: PgConnectOptions,
     config: &tokio_postgres::Config,
+    settings: &crate::sync::Settings,
 ) -> anyhow::Result<PgConnectOptions> {
     match (config.get_hostaddrs().first(), config.get_hosts().first()) {
         (Some(addr), _) => options = options.host(&addr.to_string()),
@@ -107,7 +108,7 @@ fn identity(
     if let Some(user) = config.get_user() {
         options = options.username(user);
     }
-    if let Some(password) = crate::sync::password(config) {
+    if let Some(password) = crate::sync::password(config, settings) {
         let password = String::from_utf8(password).context("the database password is not UTF-8")?;
         options = options.password(&password);
     }

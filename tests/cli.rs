@@ -395,6 +395,22 @@ async fn the_environment_and_the_password_file_are_read_as_libpq_reads_them() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // The URL's `passfile` names the file too (before session 34 it was refused).
+    let mut command = verify(
+        &format!("postgres://?passfile={passfile_text}"),
+        &format!("http://127.0.0.1:{http}"),
+    );
+    command.envs(
+        env.iter()
+            .copied()
+            .filter(|(name, _)| *name != "PGPASSFILE"),
+    );
+    let output = output_within_deadline(command);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     // Rotated: the new password in the database and the file, the old connection cut.
     db.exec("ALTER ROLE permd_pw PASSWORD 'second-9c1d'").await;

@@ -665,7 +665,8 @@ async fn a_database_without_the_schema_or_privileges_says_what_to_do() {
 /// by polling: it loads from the standby, and each commit on the primary is applied once
 /// the standby has replayed it, `at_least` waiting for exactly that commit. A URL that lists
 /// the standby first and the primary with `target_session_attrs=read-write` follows the
-/// primary, listening. Before session 28 a standby was refused (`cannot execute LISTEN
+/// primary, listening; `primary`, `standby` and `prefer-standby` pick by recovery, as in
+/// libpq (since session 34; tokio-postgres refused them). Before session 28 a standby was refused (`cannot execute LISTEN
 /// during recovery`), and retried for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_is_followed_by_polling() {
@@ -710,6 +711,39 @@ async fn a_standby_is_followed_by_polling() {
     assert_eq!(follower.digest_at(&token).await, db.digest().await);
     assert!(!follower.status.report().standby);
     follower.stop().await;
+
+    // libpq's values that tokio-postgres does not know, by the servers' recovery:
+    // `prefer-standby` takes the standby though the primary comes first, and the primary
+    // when the standby is not listed; `primary` and `standby` skip the other.
+    let listed = |ports: &[u16], attrs: &str| {
+        let hosts: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        format!(
+            "postgres://postgres@{}/{name}?target_session_attrs={attrs}",
+            hosts.join(",")
+        )
+    };
+    let (on_primary, on_standby) = (primary.port(), standby.port());
+    for (ports, attrs, standby_followed) in [
+        (&[on_primary, on_standby][..], "prefer-standby", true),
+        (&[on_primary][..], "prefer-standby", false),
+        (&[on_standby, on_primary][..], "primary", false),
+        (&[on_primary, on_standby][..], "standby", true),
+    ] {
+        let url = listed(ports, attrs);
+        let follower = TestDaemon::start(&url).await;
+        assert_eq!(follower.status.report().standby, standby_followed, "{url}");
+        follower.stop().await;
+    }
+    let refused = TestDaemon::spawn(SyncConfig::new(listed(&[on_primary], "standby")), patient());
+    let error = refused.failed_attempts(1).await;
+    assert!(
+        error.contains("target_session_attrs=standby, and the server is a primary"),
+        "{error}"
+    );
+    refused.stop().await;
 
     // Promoted (a failover), the standby is followed as a primary: listening, its
     // notifications applied as they arrive.

@@ -738,11 +738,11 @@ impl Applier {
         ),
         Error,
     > {
-        let (mut config, tls) = connect::config(&self.config.database_url)?;
+        let (mut config, settings) = connect::config(&self.config.database_url)?;
         connect::daemon_defaults(&mut config);
         let tap = Tap::default();
         let (client, mut connection) = self
-            .timed("the connection", connect::connect(&config, &tls, &tap))
+            .timed("the connection", connect::connect(&config, &settings, &tap))
             .await?;
         let (heard, heard_rx) = mpsc::channel(self.config.notification_capacity.max(1));
         let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx))

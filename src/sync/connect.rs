@@ -21,7 +21,7 @@ use tokio_postgres::{Client, Config, Connection, SimpleQueryMessage};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
-use super::conninfo;
+use super::conninfo::{self, Libpq, Recovery};
 use super::environment;
 use super::tap::{Tap, Tapped};
 use super::tls::{self, Tls};
@@ -37,7 +37,7 @@ pub(crate) type SyncConnection = Connection<Tapped<Socket>, tls::BoundStream<Tap
 /// Reads the database URL as the sync connection does: its TLS options (`tls.rs`, which
 /// reads the files they name) and the rest, which tokio-postgres reads. Refuses what it
 /// could never connect with, with the reason.
-pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
+pub(crate) fn config(url: &str) -> Result<(Config, Settings), Error> {
     let (rest, options) = tls::split_with(url, &environment::process)?;
     let tls = options.load()?;
     let (rest, libpq) = conninfo::take(&rest, &conninfo::OPTIONS);
@@ -45,10 +45,18 @@ pub(crate) fn config(url: &str) -> Result<(Config, Tls), Error> {
         .parse::<Config>()
         .map_err(|error| Error::Url(error_chain(&error)))?;
     environment::fill(&mut config, &environment::process)?;
-    conninfo::apply(&mut config, libpq)?;
+    let libpq = conninfo::apply(&mut config, libpq, &environment::process)?;
     // permd negotiates TLS itself, below the tap; tokio-postgres must not ask again.
     config.ssl_mode(SslMode::Disable);
-    Ok((config, tls))
+    Ok((config, Settings { tls, libpq }))
+}
+
+/// What a connection needs beside tokio-postgres's `Config`: how to speak TLS, and libpq's
+/// settings that `Config` does not hold.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) tls: Tls,
+    pub(crate) libpq: Libpq,
 }
 
 /// The sync connection's settings where the URL (and libpq's environment) leave them at
@@ -80,10 +88,11 @@ pub(crate) fn own_options(url: &str) -> Option<String> {
 }
 
 /// Connects to the first of `config`'s hosts that answers and suits its
-/// `target_session_attrs`, over TLS as `tls` asks, with `tap` on the socket.
+/// `target_session_attrs`, over TLS as `settings` ask, with `tap` on the socket.
+/// `prefer-standby` goes over the hosts twice, as libpq: for a standby, then for any.
 pub(crate) async fn connect(
     config: &Config,
-    tls: &Tls,
+    settings: &Settings,
     tap: &Tap,
 ) -> Result<(Client, SyncConnection), Error> {
     let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
@@ -91,16 +100,25 @@ pub(crate) async fn connect(
     if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
         shuffle(&mut order);
     }
+    let passes = match settings.libpq.recovery {
+        Some(Recovery::PreferStandby) => vec![Some(Recovery::Standby), None],
+        wanted => vec![wanted],
+    };
     let mut last = None;
-    for i in order {
-        let attempt = match socket(config, tls, i).await {
-            Some(Ok(socket)) => handshake(&with_password(config, i), tap, socket).await,
-            Some(Err(e)) => Err(e),
-            None => continue,
-        };
-        match attempt {
-            Ok(connected) => return Ok(connected),
-            Err(e) => last = Some(e),
+    for wanted in passes {
+        for &i in &order {
+            let attempt = match socket(config, &settings.tls, i).await {
+                Some(Ok(socket)) => {
+                    let config = with_password(config, &settings.libpq, i);
+                    handshake(&config, tap, socket, wanted).await
+                }
+                Some(Err(e)) => Err(e),
+                None => continue,
+            };
+            match attempt {
+                Ok(connected) => return Ok(connected),
+                Err(e) => last = Some(e),
+            }
         }
     }
     Err(last.unwrap_or_else(no_host))
@@ -108,8 +126,9 @@ pub(crate) async fn connect(
 
 /// `config` with the password for its `i`th server, read from the password file now if
 /// the URL gives none (`environment::password`), so that a rotated one is used.
-fn with_password(config: &Config, i: usize) -> std::borrow::Cow<'_, Config> {
-    match environment::password(config, i, &environment::process) {
+fn with_password<'c>(config: &'c Config, libpq: &Libpq, i: usize) -> std::borrow::Cow<'c, Config> {
+    let passfile = libpq.passfile.as_deref();
+    match environment::password(config, passfile, i, &environment::process) {
         Some(password) if config.get_password().is_none() => {
             let mut config = config.clone();
             config.password(password);
@@ -172,11 +191,13 @@ async fn socket(config: &Config, tls: &Tls, i: usize) -> Option<Result<Socket, E
     Some(socket)
 }
 
-/// Runs the protocol's start-up over `socket` and checks `target_session_attrs`.
+/// Runs the protocol's start-up over `socket` and checks `target_session_attrs`: the
+/// `Config`'s, then `recovery`.
 async fn handshake(
     config: &Config,
     tap: &Tap,
     socket: Socket,
+    recovery: Option<Recovery>,
 ) -> Result<(Client, SyncConnection), Error> {
     let binding = match &socket {
         Either::Right(secure) => Some(tls::end_point(secure)),
@@ -196,39 +217,60 @@ async fn handshake(
         }
         None => config.connect_raw(tap.on(socket), tls::Bound(None)).await?,
     };
-    let wanted = config.get_target_session_attrs();
-    if wanted == TargetSessionAttrs::Any {
-        return Ok((client, connection));
-    }
-    // The connection is not spawned yet: drive it while the query runs.
-    let read_only = {
-        let mut query = pin!(client.simple_query("SHOW transaction_read_only"));
-        let messages = poll_fn(|cx| {
-            if let Poll::Ready(ended) = Pin::new(&mut connection).poll(cx) {
-                return Poll::Ready(Err(ended.err().map_or(Error::Closed, Error::Postgres)));
-            }
-            query.as_mut().poll(cx).map_err(Error::Postgres)
-        })
-        .await?;
-        messages.iter().find_map(|message| match message {
-            SimpleQueryMessage::Row(row) => row.get(0).map(|value| value == "on"),
-            _ => None,
-        })
+    let refused = |why: &str| {
+        Err(Error::Connect(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            why.to_owned(),
+        )))
     };
-    match (wanted, read_only) {
-        (TargetSessionAttrs::ReadWrite, Some(true)) => Err(Error::Connect(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "target_session_attrs=read-write, and the server is read only",
-        ))),
-        (TargetSessionAttrs::ReadOnly, Some(false)) => Err(Error::Connect(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "target_session_attrs=read-only, and the server allows writes",
-        ))),
-        (_, None) => Err(Error::Protocol(
-            "SHOW transaction_read_only returned no row".into(),
-        )),
-        _ => Ok((client, connection)),
+    let wanted = config.get_target_session_attrs();
+    if wanted != TargetSessionAttrs::Any {
+        let read_only = ask(&client, &mut connection, "SHOW transaction_read_only").await?;
+        match (wanted, read_only.as_deref()) {
+            (TargetSessionAttrs::ReadWrite, Some("on")) => {
+                return refused("target_session_attrs=read-write, and the server is read only")
+            }
+            (TargetSessionAttrs::ReadOnly, Some("off")) => {
+                return refused("target_session_attrs=read-only, and the server allows writes")
+            }
+            _ => {}
+        }
     }
+    if let Some(recovery) = recovery {
+        let standby = ask(&client, &mut connection, "SELECT pg_is_in_recovery()").await?;
+        match (recovery, standby.as_deref()) {
+            (Recovery::Primary, Some("t")) => {
+                return refused("target_session_attrs=primary, and the server is a standby")
+            }
+            (Recovery::Standby, Some("f")) => {
+                return refused("target_session_attrs=standby, and the server is a primary")
+            }
+            _ => {}
+        }
+    }
+    Ok((client, connection))
+}
+
+/// The first column of the first row `sql` returns, on a connection not spawned yet
+/// (driven while the query runs); an error if it returns no row.
+async fn ask(
+    client: &Client,
+    connection: &mut SyncConnection,
+    sql: &str,
+) -> Result<Option<String>, Error> {
+    let mut query = pin!(client.simple_query(sql));
+    let messages = poll_fn(|cx| {
+        if let Poll::Ready(ended) = Pin::new(&mut *connection).poll(cx) {
+            return Poll::Ready(Err(ended.err().map_or(Error::Closed, Error::Postgres)));
+        }
+        query.as_mut().poll(cx).map_err(Error::Postgres)
+    })
+    .await?;
+    let first = messages.iter().find_map(|message| match message {
+        SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+        _ => None,
+    });
+    first.ok_or_else(|| Error::Protocol(format!("{sql} returned no row")))
 }
 
 /// A TCP socket from `connect`, then TLS on it if `tls` asks and the server agrees. With
@@ -360,7 +402,10 @@ mod tests {
         let why = refused("postgres://u@localhost/db?frobnicate=1");
         assert!(why.contains("frobnicate"), "{why}");
         for (url, expected) in [
-            ("host=localhost passfile=/run/secrets/pgpass", "PGPASSFILE"),
+            (
+                "postgres://u@localhost/db?target_session_attrs=readonly",
+                "prefer-standby",
+            ),
             ("postgres://u@localhost/db?service=app", "pg_service.conf"),
             (
                 "postgres://u@localhost/db?requirepeer=postgres",
@@ -394,8 +439,8 @@ mod tests {
                 tls::Mode::Disable,
             ),
         ] {
-            let (config, tls) = config(url).unwrap_or_else(|e| panic!("{url}: {e}"));
-            assert_eq!(tls.mode, mode, "{url}");
+            let (config, settings) = config(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(settings.tls.mode, mode, "{url}");
             assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
         }
     }
@@ -434,9 +479,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         drop(listener);
-        let (config, tls) =
+        let (config, settings) =
             config(&format!("postgres://u@127.0.0.1:{port}/db")).expect("a valid URL");
-        let error = connect(&config, &tls, &Tap::default()).await.err();
+        let error = connect(&config, &settings, &Tap::default()).await.err();
         let error = refused(error.expect("nothing listens"));
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }

@@ -2,8 +2,12 @@
 //! form (`host=… dbname='my db'`): the parameters permd reads itself are taken out of them
 //! before tokio-postgres parses the rest, which refuses what it does not know.
 
+use std::path::PathBuf;
+
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::Config;
 
+use super::environment::Env;
 use super::Error;
 
 /// Takes the parameters named `names` out of `url`: what is left, and the parameters taken
@@ -100,7 +104,8 @@ fn take_from_pairs(url: &str, names: &[&str]) -> Option<(String, Vec<(String, St
 
 /// libpq's parameters that tokio-postgres does not know and permd reads itself: taken out
 /// of the URL before tokio-postgres reads the rest, then given to [`apply`].
-pub(super) const OPTIONS: [&str; 11] = [
+pub(super) const OPTIONS: [&str; 12] = [
+    "target_session_attrs",
     "client_encoding",
     "fallback_application_name",
     "keepalives_count",
@@ -114,13 +119,65 @@ pub(super) const OPTIONS: [&str; 11] = [
     "replication",
 ];
 
+/// libpq's settings that tokio-postgres's `Config` does not hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Libpq {
+    /// `passfile`: the password file, before `PGPASSFILE` and `~/.pgpass`.
+    pub(crate) passfile: Option<PathBuf>,
+    /// What `target_session_attrs` asks of a server's recovery; the values tokio-postgres
+    /// knows (`read-write`, `read-only`) are in the `Config`.
+    pub(crate) recovery: Option<Recovery>,
+}
+
+/// libpq's `target_session_attrs` by the server's recovery (`pg_is_in_recovery()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recovery {
+    /// `primary`: not a standby.
+    Primary,
+    /// `standby`: a standby.
+    Standby,
+    /// `prefer-standby`: a standby if any host is one, else any server.
+    PreferStandby,
+}
+
 /// Applies the parameters [`take`]n by [`OPTIONS`] to `config` (tokio-postgres's reading of
-/// the rest, libpq's environment filled in), or refuses the URL with the reason: a
-/// parameter permd cannot honour is never ignored where it asks for something.
-pub(super) fn apply(config: &mut Config, taken: Vec<(String, String)>) -> Result<(), Error> {
+/// the rest, libpq's environment filled in) and returns what it cannot hold, or refuses
+/// the URL with the reason: a parameter permd cannot honour is never ignored where it asks
+/// for something. `target_session_attrs` is the URL's, else `PGTARGETSESSIONATTRS`.
+pub(super) fn apply(
+    config: &mut Config,
+    mut taken: Vec<(String, String)>,
+    env: Env<'_>,
+) -> Result<Libpq, Error> {
+    let mut libpq = Libpq::default();
+    if !taken.iter().any(|(name, _)| name == "target_session_attrs") {
+        if let Some(value) = env("PGTARGETSESSIONATTRS") {
+            taken.push(("target_session_attrs".into(), value));
+        }
+    }
     for (name, value) in taken {
         let refused = |why: &str| Err(Error::Url(format!("{name}={value}: {why}")));
         match name.as_str() {
+            "target_session_attrs" => match value.as_str() {
+                "any" => {
+                    config.target_session_attrs(TargetSessionAttrs::Any);
+                }
+                "read-write" => {
+                    config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+                }
+                "read-only" => {
+                    config.target_session_attrs(TargetSessionAttrs::ReadOnly);
+                }
+                "primary" => libpq.recovery = Some(Recovery::Primary),
+                "standby" => libpq.recovery = Some(Recovery::Standby),
+                "prefer-standby" => libpq.recovery = Some(Recovery::PreferStandby),
+                _ => {
+                    return refused(
+                        "not one of any, read-write, read-only, primary, standby, \
+                         prefer-standby",
+                    )
+                }
+            },
             // tokio-postgres speaks UTF8 to the server, whatever is asked; `auto` follows
             // the client's locale in libpq, whose text permd never prints.
             "client_encoding" => {
@@ -145,9 +202,7 @@ pub(super) fn apply(config: &mut Config, taken: Vec<(String, String)>) -> Result
             // Used only to authenticate by GSSAPI, which permd (as a libpq built without
             // it) does not: a server that asks for it is refused at the connection.
             "krbsrvname" | "gsslib" | "gssdelegation" => {}
-            "passfile" => {
-                return refused("permd reads the password file named by PGPASSFILE, else ~/.pgpass")
-            }
+            "passfile" => libpq.passfile = Some(PathBuf::from(value)),
             "service" => {
                 return refused(
                     "permd does not read pg_service.conf: give the service's parameters in the \
@@ -174,5 +229,61 @@ pub(super) fn apply(config: &mut Config, taken: Vec<(String, String)>) -> Result
             }
         }
     }
-    Ok(())
+    Ok(libpq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(url: &str, env: &[(&str, &str)]) -> Result<(Config, Libpq), Error> {
+        let (rest, taken) = take(url, &OPTIONS);
+        let mut config: Config = rest.parse().expect("a URL");
+        let env = |name: &str| {
+            env.iter()
+                .find(|(variable, _)| *variable == name)
+                .map(|(_, value)| (*value).to_owned())
+        };
+        apply(&mut config, taken, &env).map(|libpq| (config, libpq))
+    }
+
+    /// `target_session_attrs` is the URL's, else `PGTARGETSESSIONATTRS`, in either case
+    /// with libpq's values; `passfile` is the URL's.
+    #[test]
+    fn target_session_attrs_and_passfile_are_read_as_libpq_reads_them() {
+        let primary = [("PGTARGETSESSIONATTRS", "primary")];
+        let (config, libpq) = applied(
+            "postgres://h/db?target_session_attrs=prefer-standby&passfile=%2Frun%2Fpgpass",
+            &primary,
+        )
+        .expect("read");
+        assert_eq!(
+            libpq,
+            Libpq {
+                passfile: Some("/run/pgpass".into()),
+                recovery: Some(Recovery::PreferStandby),
+            }
+        );
+        assert_eq!(config.get_target_session_attrs(), TargetSessionAttrs::Any);
+        let (_, libpq) = applied("host=h", &primary).expect("read");
+        assert_eq!(libpq.recovery, Some(Recovery::Primary));
+        let (config, libpq) =
+            applied("host=h", &[("PGTARGETSESSIONATTRS", "read-write")]).expect("read");
+        assert_eq!(
+            config.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(libpq.recovery, None);
+        // The URL's `any` stands against the environment.
+        let (config, libpq) =
+            applied("postgres://h/db?target_session_attrs=any", &primary).expect("read");
+        assert_eq!(
+            (config.get_target_session_attrs(), libpq.recovery),
+            (TargetSessionAttrs::Any, None)
+        );
+        match applied("host=h", &[("PGTARGETSESSIONATTRS", "standby-only")]) {
+            Err(Error::Url(why)) => assert!(why.contains("prefer-standby"), "{why}"),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
 }

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tokio_postgres::config::Host;
 use tokio_postgres::Config;
@@ -41,7 +41,7 @@ pub(crate) const TLS: [(&str, &str); 13] = [
 ];
 
 /// The other variables, each with the key=value parameter it stands for.
-const VARIABLES: [(&str, &str); 12] = [
+const VARIABLES: [(&str, &str); 11] = [
     ("PGHOST", "host"),
     ("PGHOSTADDR", "hostaddr"),
     ("PGPORT", "port"),
@@ -51,7 +51,6 @@ const VARIABLES: [(&str, &str); 12] = [
     ("PGAPPNAME", "application_name"),
     ("PGOPTIONS", "options"),
     ("PGCONNECT_TIMEOUT", "connect_timeout"),
-    ("PGTARGETSESSIONATTRS", "target_session_attrs"),
     ("PGCHANNELBINDING", "channel_binding"),
     ("PGLOADBALANCEHOSTS", "load_balance_hosts"),
 ];
@@ -59,8 +58,9 @@ const VARIABLES: [(&str, &str); 12] = [
 /// Fills in what `config` leaves out from `env`: each variable is read as its parameter
 /// would be in the URL, and refused with its name when it cannot be. `PGHOST` and
 /// `PGHOSTADDR` apply only when the URL names no server at all; the settings that have a
-/// default (`target_session_attrs`, `channel_binding`, `load_balance_hosts`) when the URL
-/// leaves them at it.
+/// default (`channel_binding`, `load_balance_hosts`) when the URL leaves them at it.
+/// (`PGTARGETSESSIONATTRS` is read with the URL's `target_session_attrs`, by `conninfo`:
+/// libpq has values tokio-postgres does not.)
 pub(crate) fn fill(config: &mut Config, env: Env<'_>) -> Result<(), Error> {
     let serverless = config.get_hosts().is_empty() && config.get_hostaddrs().is_empty();
     let defaults = Config::new();
@@ -115,11 +115,6 @@ pub(crate) fn fill(config: &mut Config, env: Env<'_>) -> Result<(), Error> {
                     config.connect_timeout(*timeout);
                 }
             }
-            "target_session_attrs"
-                if config.get_target_session_attrs() == defaults.get_target_session_attrs() =>
-            {
-                config.target_session_attrs(given.get_target_session_attrs());
-            }
             "channel_binding" if config.get_channel_binding() == defaults.get_channel_binding() => {
                 config.channel_binding(given.get_channel_binding());
             }
@@ -135,13 +130,20 @@ pub(crate) fn fill(config: &mut Config, env: Env<'_>) -> Result<(), Error> {
 }
 
 /// The password for a connection to `config`'s `i`th server: the URL's (or
-/// `PGPASSWORD`'s, once [`fill`]ed), else the password file's line for it, read now.
-pub(crate) fn password(config: &Config, i: usize, env: Env<'_>) -> Option<Vec<u8>> {
+/// `PGPASSWORD`'s, once [`fill`]ed), else the password file's line for it, read now: the
+/// URL's `passfile`, else `PGPASSFILE`'s, else `~/.pgpass`.
+pub(crate) fn password(
+    config: &Config,
+    passfile: Option<&Path>,
+    i: usize,
+    env: Env<'_>,
+) -> Option<Vec<u8>> {
     if let Some(password) = config.get_password() {
         return Some(password.to_vec());
     }
-    let path = env("PGPASSFILE")
-        .map(PathBuf::from)
+    let path = passfile
+        .map(Path::to_path_buf)
+        .or_else(|| env("PGPASSFILE").map(PathBuf::from))
         .or_else(|| env("HOME").map(|home| PathBuf::from(home).join(".pgpass")))?;
     let contents = match read_private(&path) {
         Ok(contents) => contents?,
@@ -261,7 +263,6 @@ mod tests {
             ("PGAPPNAME", "mirror"),
             ("PGOPTIONS", "-c statement_timeout=0"),
             ("PGCONNECT_TIMEOUT", "7"),
-            ("PGTARGETSESSIONATTRS", "read-write"),
             ("PGCHANNELBINDING", "require"),
         ];
         let config = filled("postgres://", &all).expect("filled");
@@ -281,10 +282,6 @@ mod tests {
         assert_eq!(
             config.get_connect_timeout(),
             Some(&std::time::Duration::from_secs(7))
-        );
-        assert_eq!(
-            config.get_target_session_attrs(),
-            tokio_postgres::config::TargetSessionAttrs::ReadWrite
         );
         assert_eq!(
             config.get_channel_binding(),
@@ -347,14 +344,23 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
         };
         mode(0o600);
-        assert_eq!(password(&config, 0, &env), Some(b"socket".to_vec()));
+        assert_eq!(password(&config, None, 0, &env), Some(b"socket".to_vec()));
+        // The URL's `passfile` comes before `PGPASSFILE`.
+        let elsewhere = dir.join("elsewhere");
+        std::fs::write(&elsewhere, "*:*:*:*:from the URL's file\n").expect("write the file");
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        assert_eq!(
+            password(&config, Some(&elsewhere), 0, &env),
+            Some(b"from the URL's file".to_vec())
+        );
         // Readable by others: not read, as libpq refuses it.
         mode(0o640);
-        assert_eq!(password(&config, 0, &env), None);
+        assert_eq!(password(&config, None, 0, &env), None);
         std::fs::remove_dir_all(&dir).expect("remove the directory");
         // The URL's password comes first; no file, no password.
         let given: Config = "host=h password=mine".parse().expect("a URL");
-        assert_eq!(password(&given, 0, &env), Some(b"mine".to_vec()));
-        assert_eq!(password(&config, 0, &env), None);
+        assert_eq!(password(&given, None, 0, &env), Some(b"mine".to_vec()));
+        assert_eq!(password(&config, None, 0, &env), None);
     }
 }

@@ -23,9 +23,9 @@ use std::time::Duration;
 pub(crate) use crate::error_chain;
 use crate::shard::Shard;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
+pub(crate) use connect::Settings;
 pub use relay::Relay;
 pub use status::{Status, StatusReport};
-pub(crate) use tls::Tls;
 pub use tls::{split as split_tls_options, TlsOptions};
 
 /// What can go wrong talking to Postgres. Every error ends the current connection; the
@@ -78,8 +78,9 @@ pub fn check_database_url(url: &str) -> Result<(), Error> {
 }
 
 /// The database URL as `serve` reads it, for the one-off commands: libpq's environment
-/// filled in (`PGHOST`, `PGUSER`, …), and its TLS options read (their files too).
-pub(crate) fn read_url(url: &str) -> Result<(tokio_postgres::Config, Tls), Error> {
+/// filled in (`PGHOST`, `PGUSER`, …), its TLS options read (their files too), and
+/// libpq's settings tokio-postgres does not hold.
+pub(crate) fn read_url(url: &str) -> Result<(tokio_postgres::Config, Settings), Error> {
     connect::config(url)
 }
 
@@ -90,9 +91,10 @@ pub(crate) fn own_options(url: &str) -> Option<String> {
 }
 
 /// The password for `config`'s first server: the URL's or `PGPASSWORD`'s, else the
-/// password file's (`PGPASSFILE`, else `~/.pgpass`), read now.
-pub(crate) fn password(config: &tokio_postgres::Config) -> Option<Vec<u8>> {
-    environment::password(config, 0, &environment::process)
+/// password file's (the URL's `passfile`, else `PGPASSFILE`, else `~/.pgpass`), read now.
+pub(crate) fn password(config: &tokio_postgres::Config, settings: &Settings) -> Option<Vec<u8>> {
+    let passfile = settings.libpq.passfile.as_deref();
+    environment::password(config, passfile, 0, &environment::process)
 }
 
 /// How the applier talks to Postgres.
