@@ -217,35 +217,43 @@ async fn handshake(
         }
         None => config.connect_raw(tap.on(socket), tls::Bound(None)).await?,
     };
-    let refused = |why: &str| {
-        Err(Error::Connect(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            why.to_owned(),
-        )))
-    };
-    let wanted = config.get_target_session_attrs();
-    if wanted != TargetSessionAttrs::Any {
-        let read_only = ask(&client, &mut connection, "SHOW transaction_read_only").await?;
-        match (wanted, read_only.as_deref()) {
-            (TargetSessionAttrs::ReadWrite, Some("on")) => {
-                return refused("target_session_attrs=read-write, and the server is read only")
-            }
-            (TargetSessionAttrs::ReadOnly, Some("off")) => {
-                return refused("target_session_attrs=read-only, and the server allows writes")
-            }
-            _ => {}
-        }
-    }
-    if let Some(recovery) = recovery {
-        let standby = ask(&client, &mut connection, "SELECT pg_is_in_recovery()").await?;
-        match (recovery, standby.as_deref()) {
-            (Recovery::Primary, Some("t")) => {
-                return refused("target_session_attrs=primary, and the server is a standby")
-            }
-            (Recovery::Standby, Some("f")) => {
-                return refused("target_session_attrs=standby, and the server is a primary")
-            }
-            _ => {}
+    // Each check: what to ask, the answer that refuses the server, and why.
+    let read_only = "SHOW transaction_read_only";
+    let in_recovery = "SELECT pg_is_in_recovery()";
+    let checks = [
+        match config.get_target_session_attrs() {
+            TargetSessionAttrs::ReadWrite => Some((
+                read_only,
+                "on",
+                "target_session_attrs=read-write, and the server is read only",
+            )),
+            TargetSessionAttrs::ReadOnly => Some((
+                read_only,
+                "off",
+                "target_session_attrs=read-only, and the server allows writes",
+            )),
+            _ => None,
+        },
+        match recovery {
+            Some(Recovery::Primary) => Some((
+                in_recovery,
+                "t",
+                "target_session_attrs=primary, and the server is a standby",
+            )),
+            Some(Recovery::Standby) => Some((
+                in_recovery,
+                "f",
+                "target_session_attrs=standby, and the server is a primary",
+            )),
+            _ => None,
+        },
+    ];
+    for (sql, refusing, why) in checks.into_iter().flatten() {
+        if ask(&client, &mut connection, sql).await?.as_deref() == Some(refusing) {
+            return Err(Error::Connect(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                why,
+            )));
         }
     }
     Ok((client, connection))
