@@ -1334,14 +1334,7 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
 
     // The CLI's pool reads the same options, through the relay: encrypted, with the
     // client's certificate.
-    let pool = permd::db::pool(&format!("{full}&application_name=permd-cli-tls"))
-        .await
-        .expect("the CLI connects over TLS");
-    assert_eq!(
-        encrypted(&db, "permd-cli-tls").await,
-        (true, vec!["/CN=permd".to_owned()])
-    );
-    pool.close().await;
+    cli_shows_the_client_certificate(&db, &full, "permd-cli-tls").await;
     // It trusts the `sslrootcert` file alone, as the daemon does, even where the system's
     // store holds the server's CA (rustls-native-certs reads `SSL_CERT_FILE` as the
     // store); sqlx's TLS trusted both. `sslrootcert=system` is the system's store.
@@ -1444,6 +1437,19 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     required.stop().await;
     let preferred = TestDaemon::start(&plain.url).await;
     preferred.stop().await;
+}
+
+/// The CLI's pool connects with `url` (as `application_name` `app`) over TLS, presenting
+/// the client certificate `/CN=permd`.
+async fn cli_shows_the_client_certificate(db: &TestDb, url: &str, app: &str) {
+    let pool = permd::db::pool(&format!("{url}&application_name={app}"))
+        .await
+        .unwrap_or_else(|e| panic!("the CLI connects with {url}: {e:#}"));
+    assert_eq!(
+        encrypted(db, app).await,
+        (true, vec!["/CN=permd".to_owned()])
+    );
+    pool.close().await;
 }
 
 /// A cluster of the test's own with TLS: a certificate for `localhost` numbered `serial`,
@@ -1599,16 +1605,12 @@ async fn encrypted_keys_and_revocation_lists_are_read_as_libpq_reads_them() {
         (true, vec!["/CN=permd".to_owned()])
     );
     daemon.stop().await;
-    let pool = permd::db::pool(&url(
-        "&sslpassword=key%20pw%203f&application_name=permd-cli-encrypted-key",
-    ))
-    .await
-    .expect("the CLI decrypts the key too");
-    assert_eq!(
-        encrypted(&db, "permd-cli-encrypted-key").await,
-        (true, vec!["/CN=permd".to_owned()])
-    );
-    pool.close().await;
+    cli_shows_the_client_certificate(
+        &db,
+        &url("&sslpassword=key%20pw%203f"),
+        "permd-cli-encrypted-key",
+    )
+    .await;
     // No password, or a wrong one: refused at start, with the reason.
     for (options, expected) in [
         ("", "the key is encrypted: give its password as sslpassword"),
