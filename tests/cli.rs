@@ -442,6 +442,65 @@ async fn the_environment_and_the_password_file_are_read_as_libpq_reads_them() {
     assert!(exit.success(), "exit status {exit}");
 }
 
+/// A service of the service file names the database for `serve` and the one-off commands
+/// alike, by `service=` or `PGSERVICE`, with what the URL leaves out; one found nowhere is
+/// refused with its name (before session 35 every `service` was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_of_the_service_file_names_the_database() {
+    let db = database().await;
+    readers(&db, 1).await;
+    // The test database over the cluster's Unix socket, as a service file writes it.
+    let parameters: Vec<String> = db
+        .unix_url
+        .split_whitespace()
+        .map(|pair| pair.replace('\'', ""))
+        .collect();
+    let file = std::env::temp_dir().join(format!("permd-services-{}", std::process::id()));
+    std::fs::write(
+        &file,
+        format!(
+            "[permd_it]\n{}\napplication_name=permd-service\n",
+            parameters.join("\n")
+        ),
+    )
+    .expect("write the service file");
+    let file_text = file.display().to_string();
+    let env = [("PGSERVICEFILE", file_text.as_str())];
+
+    let (mut running, http) = serve("service=permd_it", &[], &env).await;
+    reads(http, 1);
+    let sessions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'permd-service'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("pg_stat_activity");
+    assert_eq!(sessions, 1);
+
+    let permd_url = format!("http://127.0.0.1:{http}");
+    let mut command = verify("postgres://", &permd_url);
+    command.envs(env).env("PGSERVICE", "permd_it");
+    let output = output_within_deadline(command);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut command = verify("postgres://?service=elsewhere", &permd_url);
+    command.envs(env);
+    let output = output_within_deadline(command);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("definition of service \"elsewhere\" not found"),
+        "{stderr}"
+    );
+    let (exit, _, _) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "exit status {exit}");
+    std::fs::remove_file(&file).expect("rm the service file");
+}
+
 /// `permd serve` of `url` over HTTPS with `cert` and `key`, its log to `stderr`, once it
 /// listens (it may not have loaded yet).
 fn serve_https(

@@ -34,11 +34,13 @@ pub(crate) type Socket = Either<Either<TcpStream, UnixStream>, Box<TlsStream<Tcp
 /// The sync connection: tokio-postgres's, over our tapped socket.
 pub(crate) type SyncConnection = Connection<Tapped<Socket>, tls::BoundStream<Tapped<Socket>>>;
 
-/// Reads the database URL as the sync connection does: its TLS options (`tls.rs`, which
-/// reads the files they name) and the rest, which tokio-postgres reads. Refuses what it
-/// could never connect with, with the reason.
+/// Reads the database URL as the sync connection does: as one key=value string with its
+/// service's parameters (`conninfo::read`), its TLS options (`tls.rs`, which reads the
+/// files they name) and the rest, which tokio-postgres reads. Refuses what it could never
+/// connect with, with the reason.
 pub(crate) fn config(url: &str) -> Result<(Config, Settings), Error> {
-    let (rest, options) = tls::split_with(url, &environment::process)?;
+    let url = conninfo::resolve(url, &environment::process)?;
+    let (rest, options) = tls::split_with(&url, &environment::process)?;
     let tls = options.load()?;
     let (rest, libpq) = conninfo::take(&rest, &conninfo::OPTIONS);
     let mut config = rest
@@ -76,10 +78,11 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
     }
 }
 
-/// The server options the URL itself gives (`options=`), without libpq's environment:
-/// for the one-off commands, whose sqlx reads `PGOPTIONS` itself.
+/// The server options the URL itself (or its service) gives (`options=`), without libpq's
+/// environment: for the one-off commands, whose sqlx reads `PGOPTIONS` itself.
 pub(crate) fn own_options(url: &str) -> Option<String> {
-    let (rest, _) = tls::split_with(url, &|_| None).ok()?;
+    let url = conninfo::resolve(url, &environment::process).ok()?;
+    let (rest, _) = tls::split_with(&url, &|_| None).ok()?;
     let (rest, _) = conninfo::take(&rest, &conninfo::OPTIONS);
     rest.parse::<Config>()
         .ok()?

@@ -1,8 +1,11 @@
 //! libpq's connection strings, the URL form (`postgres://…?name=value&…`) and the key=value
 //! form (`host=… dbname='my db'`): the parameters permd reads itself are taken out of them
-//! before tokio-postgres parses the rest, which refuses what it does not know.
+//! before tokio-postgres parses the rest, which refuses what it does not know. First of
+//! all ([`resolve`]) a URL is written in the key=value form, as libpq reads it, and the
+//! parameters of the service it names (`pg_service.conf`) are added.
 
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 
 use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::Config;
@@ -10,11 +13,14 @@ use tokio_postgres::Config;
 use super::environment::Env;
 use super::Error;
 
+/// Parameters (name, value), in the order written.
+type Parameters = Vec<(String, String)>;
+
 /// Takes the parameters named `names` out of `url`: what is left, and the parameters taken
 /// (decoded), in the order written. A string of neither form is left whole, for
 /// tokio-postgres to say why.
-pub(super) fn take(url: &str, names: &[&str]) -> (String, Vec<(String, String)>) {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+pub(super) fn take(url: &str, names: &[&str]) -> (String, Parameters) {
+    if is_url(url) {
         take_from_query(url, names)
     } else {
         take_from_pairs(url, names).unwrap_or_else(|| (url.to_owned(), Vec::new()))
@@ -22,7 +28,7 @@ pub(super) fn take(url: &str, names: &[&str]) -> (String, Vec<(String, String)>)
 }
 
 /// The URL form: options in the query, `&`-separated and percent-encoded.
-fn take_from_query(url: &str, names: &[&str]) -> (String, Vec<(String, String)>) {
+fn take_from_query(url: &str, names: &[&str]) -> (String, Parameters) {
     let Some((head, query)) = url.split_once('?') else {
         return (url.to_owned(), Vec::new());
     };
@@ -52,7 +58,7 @@ fn take_from_query(url: &str, names: &[&str]) -> (String, Vec<(String, String)>)
 
 /// The key=value form: `name = value` pairs apart by white space, a value either bare
 /// (backslash escapes) or in single quotes (backslash escapes). `None` if it is not one.
-fn take_from_pairs(url: &str, names: &[&str]) -> Option<(String, Vec<(String, String)>)> {
+fn take_from_pairs(url: &str, names: &[&str]) -> Option<(String, Parameters)> {
     let mut taken = Vec::new();
     let mut kept = Vec::new();
     let mut chars = url.char_indices().peekable();
@@ -102,9 +108,273 @@ fn take_from_pairs(url: &str, names: &[&str]) -> Option<(String, Vec<(String, St
     Some((kept.join(" "), taken))
 }
 
+/// libpq's connection parameters (Postgres 17's, `service` aside): the names a service
+/// file may set, and those a connection string can give.
+const KEYWORDS: [&str; 40] = [
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "gssencmode",
+    "sslmode",
+    "sslnegotiation",
+    "sslcompression",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcertmode",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "require_auth",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "target_session_attrs",
+    "load_balance_hosts",
+];
+
+/// Where libpq (Debian's build, as `pg_config --sysconfdir` says) looks for the system's
+/// service file when `PGSYSCONFDIR` is not set.
+const SYSCONFDIR: &str = "/etc/postgresql-common";
+
+/// libpq's connection string as permd reads it: one key=value string, a URL's parts
+/// written as the parameters they stand for ([`url_as_pairs`]), with the parameters of
+/// the service it names added ([`with_service`]). So what the string gives is what it
+/// names, whatever its form, and every reader after this one (the TLS options, libpq's
+/// own, tokio-postgres, the environment's fill) reads one form.
+pub(super) fn resolve(url: &str, env: Env<'_>) -> Result<String, Error> {
+    match url_as_pairs(url) {
+        Some(pairs) => with_service(&pairs, env),
+        None => with_service(url, env),
+    }
+}
+
+/// A URL (`postgres://user:password@host:port,…/dbname?name=value&…`) written in the
+/// key=value form, as libpq reads one: user and password only when not empty, the hosts
+/// and their ports as lists, `port` only where one is written (so `PGPORT`, or a
+/// service's port, fills in what a URL naming its host alone leaves out, as in libpq;
+/// tokio-postgres's own reading puts 5432 there), a parameter given twice the last
+/// time. `None` for the key=value form, and for a URL that cannot be read, which is left
+/// whole for tokio-postgres to say why.
+fn url_as_pairs(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .map(|decoded| decoded.into_owned())
+    };
+    let mut pairs: Parameters = Vec::new();
+    let mut set = |name: &str, value: String| {
+        pairs.retain(|(given, _)| given != name);
+        pairs.push((name.to_owned(), value));
+    };
+    let (authority, rest) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let servers = match authority.split_once('@') {
+        Some((credentials, servers)) => {
+            let (user, password) = match credentials.split_once(':') {
+                Some((user, password)) => (user, Some(password)),
+                None => (credentials, None),
+            };
+            let user = decode(user)?;
+            if !user.is_empty() {
+                set("user", user);
+            }
+            if let Some(password) = password.map(decode) {
+                let password = password?;
+                if !password.is_empty() {
+                    set("password", password);
+                }
+            }
+            servers
+        }
+        None => authority,
+    };
+    if !servers.is_empty() {
+        let mut hosts = Vec::new();
+        let mut ports = Vec::new();
+        for server in servers.split(',') {
+            let (host, port) = match server.strip_prefix('[') {
+                Some(bracketed) => {
+                    let (host, after) = bracketed.split_once(']')?;
+                    match after {
+                        "" => (host, ""),
+                        _ => (host, after.strip_prefix(':')?),
+                    }
+                }
+                None => server.split_once(':').unwrap_or((server, "")),
+            };
+            hosts.push(decode(host)?);
+            ports.push(decode(port)?);
+        }
+        set("host", hosts.join(","));
+        if ports.iter().any(|port| !port.is_empty()) {
+            set("port", ports.join(","));
+        }
+    }
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let dbname = decode(path.strip_prefix('/').unwrap_or(path))?;
+    if !dbname.is_empty() {
+        set("dbname", dbname);
+    }
+    for parameter in query.split('&').filter(|parameter| !parameter.is_empty()) {
+        let (name, value) = parameter.split_once('=')?;
+        set(&decode(name)?, decode(value)?);
+    }
+    Some(
+        pairs
+            .iter()
+            .map(|(name, value)| format!("{name}='{}'", quoted(value)))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// `value` escaped for a single-quoted value of the key=value form.
+fn quoted(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+/// `pairs` (the key=value form) with the parameters of the service it names (`service=`,
+/// else `PGSERVICE`) added where it does not give them, as libpq reads a service: from
+/// the file `PGSERVICEFILE` names, else `~/.pg_service.conf`, else (the service not
+/// found there) `pg_service.conf` in `PGSYSCONFDIR` (else libpq's own directory). So the
+/// string's own parameters stand before the service's, and the service's before the
+/// environment's (`environment::fill` fills in only what the string then leaves out).
+/// The `service` parameter itself is taken out. A service named but found nowhere, or a
+/// file that libpq would refuse, refuses the string, with the file and line.
+fn with_service(pairs: &str, env: Env<'_>) -> Result<String, Error> {
+    if is_url(pairs) {
+        // A URL that could not be read: tokio-postgres says why.
+        return Ok(pairs.to_owned());
+    }
+    let (rest, taken) = take(pairs, &["service"]);
+    let Some(name) = taken
+        .into_iter()
+        .next_back()
+        .map(|(_, name)| name)
+        .or_else(|| env("PGSERVICE"))
+    else {
+        return Ok(pairs.to_owned());
+    };
+    let (_, given) = take(&rest, &KEYWORDS);
+    let mut out = rest;
+    for (key, value) in service(&name, env)? {
+        if !given.iter().any(|(given, _)| *given == key) {
+            out.push_str(&format!(" {key}='{}'", quoted(&value)));
+        }
+    }
+    Ok(out)
+}
+
+fn is_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The parameters of service `name`, from the first file that defines it.
+fn service(name: &str, env: Env<'_>) -> Result<Parameters, Error> {
+    let user = env("PGSERVICEFILE")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|home| Path::new(&home).join(".pg_service.conf")));
+    let system = Path::new(&env("PGSYSCONFDIR").unwrap_or_else(|| SYSCONFDIR.into()))
+        .join("pg_service.conf");
+    for file in user.into_iter().chain([system]) {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => {
+                return Err(Error::Url(format!(
+                    "service file \"{}\": {error}",
+                    file.display()
+                )))
+            }
+        };
+        let section = section(&text, name).map_err(|(line, why)| {
+            Error::Url(format!(
+                "service file \"{}\", line {line}: {why}",
+                file.display()
+            ))
+        })?;
+        if let Some(parameters) = section {
+            return Ok(parameters);
+        }
+    }
+    Err(Error::Url(format!(
+        "definition of service \"{name}\" not found (looked in PGSERVICEFILE or \
+         ~/.pg_service.conf, then pg_service.conf in PGSYSCONFDIR or {SYSCONFDIR})"
+    )))
+}
+
+/// The parameters of section `[name]` of a service file, `None` if it has none; or the
+/// line (from 1) that libpq would refuse, and why. As libpq: white space around a line is
+/// dropped, `#` starts a comment line, a parameter is `key=value` with the value as
+/// written, and the first setting of a key stands.
+fn section(text: &str, name: &str) -> Result<Option<Parameters>, (usize, String)> {
+    let mut found: Option<Parameters> = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(group) = line.strip_prefix('[') {
+            if found.is_some() {
+                break;
+            }
+            if group
+                .strip_prefix(name)
+                .is_some_and(|end| end.starts_with(']'))
+            {
+                found = Some(Vec::new());
+            }
+            continue;
+        }
+        let Some(parameters) = found.as_mut() else {
+            continue;
+        };
+        let Some((key, value)) = line.split_once('=') else {
+            return Err((i + 1, format!("\"{line}\" is not key=value")));
+        };
+        if key == "service" {
+            return Err((i + 1, "a service cannot name another service".into()));
+        }
+        if !KEYWORDS.contains(&key) {
+            return Err((
+                i + 1,
+                format!("\"{key}\" is not a libpq parameter (libpq takes no space before =)"),
+            ));
+        }
+        if !parameters.iter().any(|(given, _)| given == key) {
+            parameters.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    Ok(found)
+}
+
 /// libpq's parameters that tokio-postgres does not know and permd reads itself: taken out
 /// of the URL before tokio-postgres reads the rest, then given to [`apply`].
-pub(super) const OPTIONS: [&str; 12] = [
+pub(super) const OPTIONS: [&str; 11] = [
     "target_session_attrs",
     "client_encoding",
     "fallback_application_name",
@@ -113,7 +383,6 @@ pub(super) const OPTIONS: [&str; 12] = [
     "gsslib",
     "gssdelegation",
     "passfile",
-    "service",
     "requirepeer",
     "require_auth",
     "replication",
@@ -146,7 +415,7 @@ pub(crate) enum Recovery {
 /// for something. `target_session_attrs` is the URL's, else `PGTARGETSESSIONATTRS`.
 pub(super) fn apply(
     config: &mut Config,
-    mut taken: Vec<(String, String)>,
+    mut taken: Parameters,
     env: Env<'_>,
 ) -> Result<Libpq, Error> {
     let mut libpq = Libpq::default();
@@ -203,12 +472,6 @@ pub(super) fn apply(
             // it) does not: a server that asks for it is refused at the connection.
             "krbsrvname" | "gsslib" | "gssdelegation" => {}
             "passfile" => libpq.passfile = Some(PathBuf::from(value)),
-            "service" => {
-                return refused(
-                    "permd does not read pg_service.conf: give the service's parameters in the \
-                     URL",
-                )
-            }
             "requirepeer" => {
                 return refused(
                     "permd does not check the user of a Unix socket's server: connect over TCP \
@@ -235,6 +498,7 @@ pub(super) fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_postgres::config::Host;
 
     fn applied(url: &str, env: &[(&str, &str)]) -> Result<(Config, Libpq), Error> {
         let (rest, taken) = take(url, &OPTIONS);
@@ -285,5 +549,141 @@ mod tests {
             Err(Error::Url(why)) => assert!(why.contains("prefer-standby"), "{why}"),
             other => panic!("accepted: {other:?}"),
         }
+    }
+
+    /// A service's parameters fill in what the URL leaves out, in either form, before the
+    /// environment does; `service=` names it, else `PGSERVICE`; the user's file
+    /// (`PGSERVICEFILE`) is read before the system's (`PGSYSCONFDIR`), and a file libpq
+    /// would refuse is refused with its line.
+    #[test]
+    fn a_service_is_read_as_libpq_reads_it() {
+        let dir = std::env::temp_dir().join(format!("permd-service-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let user_file = dir.join("user.conf");
+        std::fs::write(
+            &user_file,
+            "# the user's\n[other]\nport=1\n\n  [app]  \nhost=db.internal\nport=6000\n\
+             user=svc\nport=6001\noptions=-c statement_timeout=5s\n\
+             application_name=it's\ntarget_session_attrs=primary\n[after]\nport=2\n",
+        )
+        .expect("write the user's file");
+        std::fs::write(
+            dir.join("pg_service.conf"),
+            "[app]\nport=7000\n[system]\nhost=sys.internal\n",
+        )
+        .expect("write the system's file");
+        let (user_text, dir_text) = (user_file.display().to_string(), dir.display().to_string());
+        let env_with = |extra: &[(&'static str, &str)]| {
+            let mut env = vec![
+                ("PGSERVICEFILE", user_text.clone()),
+                ("PGSYSCONFDIR", dir_text.clone()),
+                ("PGUSER", "from-env".to_owned()),
+            ];
+            env.extend(
+                extra
+                    .iter()
+                    .map(|(name, value)| (*name, (*value).to_owned())),
+            );
+            env
+        };
+        let read = |url: &str, env: &[(&str, String)]| {
+            let env = |name: &str| {
+                env.iter()
+                    .find(|(variable, _)| *variable == name)
+                    .map(|(_, value)| value.clone())
+            };
+            let url = resolve(url, &env)?;
+            let (rest, taken) = take(&url, &OPTIONS);
+            let mut config: Config = rest.parse().expect("a URL");
+            super::super::environment::fill(&mut config, &env)?;
+            apply(&mut config, taken, &env).map(|libpq| (config, libpq))
+        };
+        let env = env_with(&[]);
+
+        // The URL's host and database stand; the rest is the service's (its first port),
+        // its user before PGUSER's.
+        let (config, libpq) = read("postgres://h/db?service=app", &env).expect("read");
+        assert_eq!(config.get_hosts(), [Host::Tcp("h".into())]);
+        assert_eq!(config.get_dbname(), Some("db"));
+        assert_eq!(config.get_ports(), [6000]);
+        assert_eq!(config.get_user(), Some("svc"));
+        assert_eq!(config.get_options(), Some("-c statement_timeout=5s"));
+        assert_eq!(config.get_application_name(), Some("it's"));
+        assert_eq!(libpq.recovery, Some(Recovery::Primary));
+        // The key=value form, named by PGSERVICE.
+        let env_named = env_with(&[("PGSERVICE", "app")]);
+        let (config, _) = read("user=mine port=5", &env_named).expect("read");
+        assert_eq!(config.get_hosts(), [Host::Tcp("db.internal".into())]);
+        assert_eq!(config.get_ports(), [5]);
+        assert_eq!(config.get_user(), Some("mine"));
+        assert_eq!(config.get_options(), Some("-c statement_timeout=5s"));
+        assert_eq!(config.get_application_name(), Some("it's"));
+        // The URL's service before PGSERVICE's; found in the system's file only.
+        let (config, _) = read("postgres://?service=system", &env_named).expect("read");
+        assert_eq!(config.get_hosts(), [Host::Tcp("sys.internal".into())]);
+        assert_eq!(config.get_user(), Some("from-env"));
+        // No service: the string as it is.
+        assert_eq!(
+            resolve("host=h dbname=db", &|_| None).expect("read"),
+            "host=h dbname=db"
+        );
+
+        let refused = |text: &str, url: &str| {
+            std::fs::write(&user_file, text).expect("write the user's file");
+            match read(url, &env) {
+                Err(Error::Url(why)) => why,
+                other => panic!("{text}: accepted: {other:?}"),
+            }
+        };
+        let why = refused("[app]\nhost=h\n", "postgres://?service=missing");
+        assert!(why.contains("service \"missing\" not found"), "{why}");
+        let why = refused("[app]\nhost=h\nservice=other\n", "service=app");
+        assert!(why.contains("line 3: a service cannot name"), "{why}");
+        let why = refused("[app]\n# ok\nhost h\n", "service=app");
+        assert!(why.contains("line 3: \"host h\" is not key=value"), "{why}");
+        let why = refused("[app]\nhost =h\n", "service=app");
+        assert!(
+            why.contains("line 2: \"host \" is not a libpq parameter"),
+            "{why}"
+        );
+        // What the service asks is read as if the URL asked it.
+        let why = refused("[app]\nrequirepeer=postgres\n", "service=app");
+        assert!(why.contains("requirepeer=postgres"), "{why}");
+        std::fs::remove_dir_all(&dir).expect("rm -r");
+    }
+
+    /// A URL is read as libpq reads it: its parts as the parameters they stand for, a port
+    /// only where one is written (so that `PGPORT` fills it in), a host list split, a
+    /// parameter given twice the last time; one that cannot be read is left whole.
+    #[test]
+    fn a_url_is_read_as_its_parameters() {
+        let pairs = |url: &str| url_as_pairs(url).expect("a URL");
+        assert_eq!(
+            pairs("postgresql://me:p%40ss'w@[::1]:6000,h2,%2Frun%2Fpg/my%20db?sslmode=require&port=7000,,1"),
+            "user='me' password='p@ss\\'w' host='::1,h2,/run/pg' dbname='my db' \
+             sslmode='require' port='7000,,1'"
+        );
+        assert_eq!(pairs("postgres://h/db"), "host='h' dbname='db'");
+        assert_eq!(pairs("postgres://"), "");
+        assert_eq!(pairs("postgres://:@/?host=a,b"), "host='a,b'");
+        for unreadable in ["postgres://[::1/db", "postgres://h/db?sslmode", "host=h"] {
+            assert_eq!(url_as_pairs(unreadable), None, "{unreadable}");
+        }
+        // PGPORT for the URL's host (tokio-postgres's reading of the URL put 5432 there).
+        let env = |name: &str| (name == "PGPORT").then(|| "6543".to_owned());
+        let mut config: Config = resolve("postgres://h/db", &env)
+            .expect("read")
+            .parse()
+            .expect("read");
+        super::super::environment::fill(&mut config, &env).expect("filled");
+        assert_eq!(
+            (config.get_hosts(), config.get_ports()),
+            (&[Host::Tcp("h".into())][..], &[6543][..])
+        );
+        let config: Config = resolve("postgres://h:5433,[::1]/db", &env)
+            .expect("read")
+            .parse()
+            .expect("read");
+        assert_eq!(config.get_ports(), [5433, 5432]);
     }
 }

@@ -84,8 +84,8 @@ pub(crate) fn read_url(url: &str) -> Result<(tokio_postgres::Config, Settings), 
     connect::config(url)
 }
 
-/// The server options the URL itself gives (`options=`, in either form), without libpq's
-/// environment (`PGOPTIONS`).
+/// The server options the URL itself (or its service) gives (`options=`, in either form),
+/// without libpq's environment (`PGOPTIONS`).
 pub(crate) fn own_options(url: &str) -> Option<String> {
     connect::own_options(url)
 }
