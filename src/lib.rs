@@ -361,7 +361,7 @@ fn open_file_budget(max_connections: usize) -> usize {
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds the daemon's listener on `address`, with a deep accept queue
-/// ([`LISTEN_BACKLOG`]).
+/// (`LISTEN_BACKLOG`).
 pub fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let listen = || format!("listen on {address}");
     let socket = if address.is_ipv4() {

@@ -5,7 +5,7 @@
 //! four bytes of the MD5 of its UTF-8 bytes, read as a big-endian unsigned integer, modulo
 //! the number of shards. MD5 because every language a router is written in has it, and
 //! so does Postgres, which picks a shard's changed keys out of the changelog by the same
-//! rule ([`Shard::sql_condition`]). The load's rows are picked out here ([`Shard::runs`]),
+//! rule (`Shard::sql_condition`). The load's rows are picked out here (`Shard::runs`),
 //! which costs far less than Postgres's `md5()` of every row. The public subject `*`
 //! belongs to every shard: its grants apply to every subject.
 //!
