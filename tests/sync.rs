@@ -1557,6 +1557,88 @@ async fn tls_versions_and_the_certificate_mode_are_read_as_libpq_reads_them() {
     allowed.stop().await;
 }
 
+/// libpq's `require_auth`: the daemon and the one-off commands connect when the server
+/// authenticates them by a method the URL allows, and otherwise stop before answering it,
+/// saying what the server asked for (before session 35 `require_auth` was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_auth_holds_the_server_to_the_methods_it_names() {
+    let cluster = common::own_cluster(None);
+    let db = common::database_on(&cluster).await;
+    db.exec(
+        "CREATE ROLE permd_scram LOGIN PASSWORD 'scram-5e1b';
+         CREATE ROLE permd_clear LOGIN PASSWORD 'clear-8a2c';
+         GRANT USAGE ON SCHEMA permd TO permd_scram, permd_clear;
+         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_scram, permd_clear;",
+    )
+    .await;
+    std::fs::write(
+        cluster.dir().join("data/pg_hba.conf"),
+        "host all permd_scram 127.0.0.1/32 scram-sha-256\n\
+         host all permd_clear 127.0.0.1/32 password\n\
+         local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+    )
+    .expect("write pg_hba.conf");
+    db.exec("SELECT pg_reload_conf()").await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let port = cluster.port();
+    let url = |user: &str, require_auth: &str| {
+        format!("postgres://{user}@127.0.0.1:{port}/{name}?require_auth={require_auth}")
+    };
+    let scram = |require_auth| url("permd_scram:scram-5e1b", require_auth);
+    let clear = |require_auth| url("permd_clear:clear-8a2c", require_auth);
+    let trusted = |require_auth| url("postgres", require_auth);
+    wait_until("pg_hba.conf to be read", || {
+        let url = trusted("!none");
+        async move { permd::db::pool(&url).await.is_err() }
+    })
+    .await;
+
+    // Allowed: the daemon loads and the one-off commands connect.
+    for allowed in [
+        scram("scram-sha-256"),
+        scram("!password,!md5"),
+        clear("password,scram-sha-256"),
+        trusted("none"),
+    ] {
+        let daemon = TestDaemon::start(&allowed).await;
+        daemon.stop().await;
+        let pool = permd::db::pool(&allowed)
+            .await
+            .unwrap_or_else(|e| panic!("{allowed}: {e:#}"));
+        pool.close().await;
+    }
+    // Refused, with what the server asked for: the daemon retries, the one-off commands
+    // stop, over TCP and over the Unix socket alike.
+    let unix = |require_auth: &str| format!("{} require_auth={require_auth}", db.unix_url);
+    for (refused, asked) in [
+        (scram("password"), "SCRAM authentication"),
+        (clear("!password"), "a cleartext password"),
+        (trusted("scram-sha-256"), "no authentication"),
+        (unix("!none"), "no authentication"),
+    ] {
+        let said = match permd::db::pool(&refused).await {
+            Ok(_) => panic!("{refused}: connected"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(
+            said.contains(&format!("and the server asked for {asked}")),
+            "{refused}: {said}"
+        );
+        let daemon = TestDaemon::spawn(SyncConfig::new(refused.clone()), patient());
+        let error = daemon.failed_attempts(1).await;
+        assert!(
+            error.contains(&format!("and the server asked for {asked}")),
+            "{refused}: {error}"
+        );
+        daemon.stop().await;
+    }
+    let unix_allowed = unix("none");
+    let pool = permd::db::pool(&unix_allowed)
+        .await
+        .unwrap_or_else(|e| panic!("{unix_allowed}: {e:#}"));
+    pool.close().await;
+}
+
 /// libpq's `sslpassword` (a client key encrypted as PKCS#8) and `sslcrl`/`sslcrldir` (the
 /// server's certificate checked against revocation lists), read by the daemon and the
 /// one-off commands alike.

@@ -113,7 +113,8 @@ pub(crate) async fn connect(
             let attempt = match socket(config, &settings.tls, i).await {
                 Some(Ok(socket)) => {
                     let config = with_password(config, &settings.libpq, i);
-                    handshake(&config, tap, socket, wanted).await
+                    let tapped = tap.on(socket).requiring(settings.libpq.require_auth);
+                    handshake(&config, tapped, wanted).await
                 }
                 Some(Err(e)) => Err(e),
                 None => continue,
@@ -198,11 +199,10 @@ async fn socket(config: &Config, tls: &Tls, i: usize) -> Option<Result<Socket, E
 /// `Config`'s, then `recovery`.
 async fn handshake(
     config: &Config,
-    tap: &Tap,
-    socket: Socket,
+    socket: Tapped<Socket>,
     recovery: Option<Recovery>,
 ) -> Result<(Client, SyncConnection), Error> {
-    let binding = match &socket {
+    let binding = match socket.inner() {
         Either::Right(secure) => Some(tls::end_point(secure)),
         Either::Left(_) => None,
     };
@@ -214,11 +214,9 @@ async fn handshake(
             direct
                 .ssl_mode(SslMode::Require)
                 .ssl_negotiation(SslNegotiation::Direct);
-            direct
-                .connect_raw(tap.on(socket), tls::Bound(end_point))
-                .await?
+            direct.connect_raw(socket, tls::Bound(end_point)).await?
         }
-        None => config.connect_raw(tap.on(socket), tls::Bound(None)).await?,
+        None => config.connect_raw(socket, tls::Bound(None)).await?,
     };
     // Each check: what to ask, the answer that refuses the server, and why.
     let read_only = "SHOW transaction_read_only";
@@ -417,14 +415,17 @@ mod tests {
                 "postgres://u@localhost/db?target_session_attrs=readonly",
                 "prefer-standby",
             ),
-            ("postgres://u@localhost/db?service=app", "pg_service.conf"),
+            (
+                "postgres://u@localhost/db?service=permd-no-such-service",
+                "definition of service \"permd-no-such-service\" not found",
+            ),
             (
                 "postgres://u@localhost/db?requirepeer=postgres",
                 "sslmode=verify-full",
             ),
             (
-                "postgres://u@localhost/db?require_auth=scram-sha-256",
-                "channel_binding=require",
+                "postgres://u@localhost/db?require_auth=scram",
+                "is not one of password, md5",
             ),
             (
                 "postgres://u@localhost/db?replication=database",

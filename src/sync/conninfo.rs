@@ -396,6 +396,127 @@ pub(crate) struct Libpq {
     /// What `target_session_attrs` asks of a server's recovery; the values tokio-postgres
     /// knows (`read-write`, `read-only`) are in the `Config`.
     pub(crate) recovery: Option<Recovery>,
+    /// `require_auth`: the authentication methods the server may use.
+    pub(crate) require_auth: Option<RequireAuth>,
+}
+
+/// A way the server may authenticate the client, by libpq's name for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthMethod {
+    /// The server asks for nothing (`trust`, `peer`).
+    None,
+    Password,
+    Md5,
+    Gss,
+    Sspi,
+    ScramSha256,
+}
+
+impl AuthMethod {
+    const ALL: [AuthMethod; 6] = [
+        AuthMethod::None,
+        AuthMethod::Password,
+        AuthMethod::Md5,
+        AuthMethod::Gss,
+        AuthMethod::Sspi,
+        AuthMethod::ScramSha256,
+    ];
+
+    /// libpq's name, in `require_auth`.
+    fn name(self) -> &'static str {
+        match self {
+            AuthMethod::None => "none",
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Gss => "gss",
+            AuthMethod::Sspi => "sspi",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
+    }
+
+    /// What the server asked for, as an error says it.
+    pub(crate) fn asked(self) -> &'static str {
+        match self {
+            AuthMethod::None => "no authentication",
+            AuthMethod::Password => "a cleartext password",
+            AuthMethod::Md5 => "an MD5 password",
+            AuthMethod::Gss => "GSSAPI authentication",
+            AuthMethod::Sspi => "SSPI authentication",
+            AuthMethod::ScramSha256 => "SCRAM authentication",
+        }
+    }
+
+    /// The method an authentication request of the protocol starts (its code:
+    /// AuthenticationCleartextPassword 3, MD5Password 5, GSS 7, SSPI 9, SASL 10); `None`
+    /// for the messages that go on with one (8, 11, 12), and the others.
+    pub(crate) fn of_request(code: i32) -> Option<AuthMethod> {
+        match code {
+            3 => Some(AuthMethod::Password),
+            5 => Some(AuthMethod::Md5),
+            7 => Some(AuthMethod::Gss),
+            9 => Some(AuthMethod::Sspi),
+            10 => Some(AuthMethod::ScramSha256),
+            _ => None,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// libpq's `require_auth`: the methods listed, of which the server must use one, or
+/// (each with `!`) those it must not use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RequireAuth {
+    listed: u8,
+    negated: bool,
+}
+
+impl RequireAuth {
+    /// Reads a list as libpq does: libpq's names, each once, all negated or none.
+    fn parse(value: &str) -> Result<RequireAuth, String> {
+        let mut listed = 0;
+        let mut negated = None;
+        for item in value.split(',') {
+            let (negative, name) = match item.strip_prefix('!') {
+                Some(name) => (true, name),
+                None => (false, item),
+            };
+            if *negated.get_or_insert(negative) != negative {
+                return Err("negated and plain methods cannot be mixed".into());
+            }
+            let Some(method) = AuthMethod::ALL.into_iter().find(|m| m.name() == name) else {
+                return Err(format!(
+                    "\"{name}\" is not one of password, md5, gss, sspi, scram-sha-256, none"
+                ));
+            };
+            if listed & method.bit() != 0 {
+                return Err(format!("{name} is given twice"));
+            }
+            listed |= method.bit();
+        }
+        Ok(RequireAuth {
+            listed,
+            negated: negated.unwrap_or(false),
+        })
+    }
+
+    /// Whether the server may authenticate the client by `method`.
+    pub(crate) fn allows(self, method: AuthMethod) -> bool {
+        (self.listed & method.bit() != 0) != self.negated
+    }
+}
+
+impl std::fmt::Display for RequireAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = AuthMethod::ALL
+            .into_iter()
+            .filter(|method| self.listed & method.bit() != 0)
+            .map(|method| format!("{}{}", if self.negated { "!" } else { "" }, method.name()))
+            .collect();
+        write!(f, "require_auth={}", names.join(","))
+    }
 }
 
 /// libpq's `target_session_attrs` by the server's recovery (`pg_is_in_recovery()`).
@@ -419,9 +540,14 @@ pub(super) fn apply(
     env: Env<'_>,
 ) -> Result<Libpq, Error> {
     let mut libpq = Libpq::default();
-    if !taken.iter().any(|(name, _)| name == "target_session_attrs") {
-        if let Some(value) = env("PGTARGETSESSIONATTRS") {
-            taken.push(("target_session_attrs".into(), value));
+    for (name, variable) in [
+        ("target_session_attrs", "PGTARGETSESSIONATTRS"),
+        ("require_auth", "PGREQUIREAUTH"),
+    ] {
+        if !taken.iter().any(|(taken, _)| taken == name) {
+            if let Some(value) = env(variable) {
+                taken.push((name.into(), value));
+            }
         }
     }
     for (name, value) in taken {
@@ -478,12 +604,10 @@ pub(super) fn apply(
                      with sslmode=verify-full to check whom you reach",
                 )
             }
-            "require_auth" => {
-                return refused(
-                    "permd does not restrict the authentication methods; to insist on SCRAM \
-                     bound to TLS, give channel_binding=require",
-                )
-            }
+            "require_auth" => match RequireAuth::parse(&value) {
+                Ok(methods) => libpq.require_auth = Some(methods),
+                Err(why) => return refused(&why),
+            },
             // "replication"
             _ => {
                 return refused(
@@ -526,6 +650,7 @@ mod tests {
             Libpq {
                 passfile: Some("/run/pgpass".into()),
                 recovery: Some(Recovery::PreferStandby),
+                require_auth: None,
             }
         );
         assert_eq!(config.get_target_session_attrs(), TargetSessionAttrs::Any);
@@ -685,5 +810,36 @@ mod tests {
             .parse()
             .expect("read");
         assert_eq!(config.get_ports(), [5433, 5432]);
+    }
+
+    /// `require_auth` (or `PGREQUIREAUTH`) is read as libpq reads it: its names, each once,
+    /// all negated or none; and said back as given.
+    #[test]
+    fn require_auth_is_read_as_libpq_reads_it() {
+        let (_, libpq) = applied(
+            "postgres://h/db?require_auth=scram-sha-256,none",
+            &[("PGREQUIREAUTH", "password")],
+        )
+        .expect("read");
+        let methods = libpq.require_auth.expect("read");
+        assert!(methods.allows(AuthMethod::ScramSha256) && methods.allows(AuthMethod::None));
+        assert!(!methods.allows(AuthMethod::Password) && !methods.allows(AuthMethod::Md5));
+        assert_eq!(methods.to_string(), "require_auth=none,scram-sha-256");
+        let (_, libpq) = applied("host=h", &[("PGREQUIREAUTH", "!password,!md5")]).expect("read");
+        let methods = libpq.require_auth.expect("read");
+        assert!(!methods.allows(AuthMethod::Password) && methods.allows(AuthMethod::None));
+        assert_eq!(methods.to_string(), "require_auth=!password,!md5");
+        assert_eq!(applied("host=h", &[]).expect("read").1.require_auth, None);
+        for (value, why) in [
+            ("scram", "\"scram\" is not one of"),
+            ("md5,!password", "cannot be mixed"),
+            ("md5,md5", "md5 is given twice"),
+            ("", "\"\" is not one of"),
+        ] {
+            match applied(&format!("host=h require_auth='{value}'"), &[]) {
+                Err(Error::Url(said)) => assert!(said.contains(why), "{value}: {said}"),
+                other => panic!("{value}: accepted: {other:?}"),
+            }
+        }
     }
 }

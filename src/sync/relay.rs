@@ -7,7 +7,9 @@
 //! that socket is carried to the server over a socket opened as the sync connection's
 //! is (`connect::open`): the same `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, read
 //! by the same code, with the same fallback of `prefer`. The directory is removed when the
-//! relay stops (when the pool closes, or the runtime ends).
+//! relay stops (when the pool closes, or the runtime ends). With `require_auth` the relay
+//! is used over a Unix socket and without TLS too: the server's side of each connection
+//! goes through a tap (`tap.rs`) that holds the server to it, as the daemon's does.
 
 use std::future::Future;
 use std::io;
@@ -21,6 +23,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Config;
 
 use super::connect;
+use super::conninfo::RequireAuth;
+use super::tap::Tap;
 use super::tls::{Mode, Tls};
 use super::Error;
 
@@ -36,14 +40,19 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts relaying to `config`'s server over TLS as `tls` asks (both as
-    /// `sync::read_url` read them), listening as port `port` (the name sqlx gives the
-    /// socket, `.s.PGSQL.<port>`). `None` where no relay is wanted: a Unix socket (never
-    /// TLS, as in libpq) or `sslmode=disable`.
-    pub(crate) fn start(config: Config, tls: Tls, port: u16) -> Result<Option<Relay>, Error> {
+    /// Starts relaying to `config`'s server over TLS as `tls` asks, holding it to
+    /// `require_auth` (all as `sync::read_url` read them), listening as port `port` (the
+    /// name sqlx gives the socket, `.s.PGSQL.<port>`). `None` where no relay is wanted: a
+    /// Unix socket (never TLS, as in libpq) or `sslmode=disable`, without `require_auth`.
+    pub(crate) fn start(
+        config: Config,
+        tls: Tls,
+        require_auth: Option<RequireAuth>,
+        port: u16,
+    ) -> Result<Option<Relay>, Error> {
         let unix = matches!(config.get_hosts().first(), Some(Host::Unix(_)))
             && config.get_hostaddrs().is_empty();
-        if unix || tls.mode == Mode::Disable {
+        if (unix || tls.mode == Mode::Disable) && require_auth.is_none() {
             return Ok(None);
         }
         let dir = PrivateDir::create().map_err(Error::Connect)?;
@@ -54,7 +63,11 @@ impl Relay {
         let task = tokio::spawn(accept(
             dir,
             listener,
-            Arc::new((config, tls)),
+            Arc::new(Server {
+                config,
+                tls,
+                require_auth,
+            }),
             failure.clone(),
         ));
         Ok(Some(Relay {
@@ -102,7 +115,7 @@ impl Drop for Relay {
 async fn accept(
     dir: PrivateDir,
     listener: UnixListener,
-    server: Arc<(Config, Tls)>,
+    server: Arc<Server>,
     failure: Arc<Mutex<Option<String>>>,
 ) {
     let _dir = dir;
@@ -122,16 +135,21 @@ async fn accept(
 
 /// Carries one connection: a socket to the server (TLS as the URL asks), then every byte
 /// both ways until either side closes.
-async fn carry(
-    mut client: UnixStream,
-    server: Arc<(Config, Tls)>,
-    failure: Arc<Mutex<Option<String>>>,
-) {
-    let (config, tls) = &*server;
-    match connect::open(config, tls).await {
-        Ok(mut socket) => {
-            // An error here is a side closing abruptly: sqlx sees its socket close.
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut socket).await;
+async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<Option<String>>>) {
+    match connect::open(&server.config, &server.tls).await {
+        Ok(socket) => {
+            let mut socket = Tap::default().on(socket).requiring(server.require_auth);
+            // An error here is a side closing abruptly (sqlx sees its socket close), or
+            // the server refused by `require_auth`, which sqlx cannot know.
+            let carried = tokio::io::copy_bidirectional(&mut client, &mut socket).await;
+            if let Err(error) = carried {
+                if error.kind() == io::ErrorKind::PermissionDenied {
+                    *failure
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(format!("connect to postgres: {error}"));
+                }
+            }
         }
         Err(error) => {
             // Recorded before `client` is dropped, which is when sqlx sees the failure.
@@ -140,6 +158,13 @@ async fn carry(
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error.to_string());
         }
     }
+}
+
+/// Where the relay carries connections to, and how.
+struct Server {
+    config: Config,
+    tls: Tls,
+    require_auth: Option<RequireAuth>,
 }
 
 /// A directory only this user may enter (0700) under the system's temporary directory,

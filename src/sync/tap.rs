@@ -11,6 +11,11 @@
 //! still runs the protocol (authentication, the transaction, errors) and simply sees a
 //! COPY that carries no rows. Disarmed, it only passes bytes through.
 //!
+//! The tap also holds the server to libpq's `require_auth`: it reads the code of each
+//! authentication request as it passes, and ends the stream with an error when the server
+//! asks for a method the URL does not allow (or for none, where it must ask for one),
+//! before tokio-postgres (or, through the one-off commands' relay, sqlx) answers it.
+//!
 //! Invariant: the tap hands the sink every byte of the COPY's data, in order, before it
 //! lets the CopyDone that ends it through; so when tokio-postgres reports the COPY done,
 //! all of its data has been sent to the sink.
@@ -24,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 
+use super::conninfo::{AuthMethod, RequireAuth};
+
 /// Bytes read from the socket at a time.
 const READ_BYTES: usize = 128 * 1024;
 /// The COPY data goes to the sink in blocks of about this many bytes.
@@ -34,6 +41,7 @@ const HEADER: usize = 5;
 const COPY_DATA: u8 = b'd';
 const COPY_DONE: u8 = b'c';
 const ERROR_RESPONSE: u8 = b'E';
+const AUTHENTICATION: u8 = b'R';
 
 /// The handle that arms the tap; a cheap clone sharing one slot with the tapped socket.
 #[derive(Clone, Default)]
@@ -67,7 +75,50 @@ impl Tap {
             end: 0,
             frame: Frame::Start,
             sink: None,
+            require_auth: None,
+            asked: false,
         }
+    }
+}
+
+impl<S> Tapped<S> {
+    /// The socket under the tap.
+    pub(crate) fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Holds the server to `require_auth` (libpq's), if given.
+    pub(crate) fn requiring(mut self, require_auth: Option<RequireAuth>) -> Self {
+        self.require_auth = require_auth;
+        self
+    }
+
+    /// Checks an authentication request's `code` against `require_auth`: the first
+    /// method the server asks for, or AuthenticationOk (0) if it asked for none.
+    fn check(&mut self, require_auth: RequireAuth, code: i32) -> io::Result<()> {
+        if code == 0 {
+            // AuthenticationOk: the client is in, and no request follows.
+            self.require_auth = None;
+        }
+        let method = match (self.asked, code) {
+            (true, _) => return Ok(()),
+            (false, 0) => AuthMethod::None,
+            (false, _) => match AuthMethod::of_request(code) {
+                Some(method) => method,
+                None => return Ok(()),
+            },
+        };
+        self.asked = true;
+        if require_auth.allows(method) {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{require_auth}, and the server asked for {}",
+                method.asked()
+            ),
+        ))
     }
 }
 
@@ -119,6 +170,10 @@ pub(crate) struct Tapped<S> {
     end: usize,
     frame: Frame,
     sink: Option<Sink>,
+    /// The methods the server may authenticate by, until it says the client is in.
+    require_auth: Option<RequireAuth>,
+    /// Whether the server has asked for a method yet.
+    asked: bool,
 }
 
 impl<S: AsyncRead + Unpin> Tapped<S> {
@@ -149,6 +204,17 @@ impl<S: AsyncRead + Unpin> Tapped<S> {
                                 format!("backend message {tag:?} claims length {length}"),
                             )
                         })?;
+                    // (A request too short to hold its code is tokio-postgres's to refuse.)
+                    if let (AUTHENTICATION, Some(require_auth), 4..) =
+                        (tag, self.require_auth, body)
+                    {
+                        if available < HEADER + 4 {
+                            return Ok(Poll::Ready(true));
+                        }
+                        let at = self.start + HEADER;
+                        let code = [0, 1, 2, 3].map(|i| self.buf[at + i]);
+                        self.check(require_auth, i32::from_be_bytes(code))?;
+                    }
                     match (tag, &mut self.sink) {
                         (COPY_DATA, Some(_)) => {
                             self.start += HEADER;
@@ -394,5 +460,106 @@ mod tests {
         tapped.read_to_end(&mut got).await.expect("read");
         writer.await.expect("writer").expect("write");
         assert!(got == passed);
+    }
+
+    /// What a tap holding the server to `require_auth` (libpq's syntax) reads of `wire`
+    /// written in `chunk`-byte pieces: all of it, or the error it ends with and what it
+    /// passed before.
+    async fn authenticated(wire: &[u8], chunk: usize, require_auth: &str) -> (Vec<u8>, String) {
+        let (_, taken) = super::super::conninfo::take(
+            &format!("require_auth={require_auth}"),
+            &["require_auth"],
+        );
+        let mut config = tokio_postgres::Config::new();
+        let libpq = super::super::conninfo::apply(&mut config, taken, &|_| None).expect("read");
+        let (mut server, client) = tokio::io::duplex(64 * 1024);
+        let mut tapped = Tap::default().on(client).requiring(libpq.require_auth);
+        let wire = wire.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in wire.chunks(chunk) {
+                if server.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut passed = Vec::new();
+        let mut buf = [0; 64];
+        let error = loop {
+            match tapped.read(&mut buf).await {
+                Ok(0) => break String::new(),
+                Ok(n) => passed.extend_from_slice(&buf[..n]),
+                Err(error) => {
+                    assert_eq!(error.kind(), io::ErrorKind::PermissionDenied);
+                    break error.to_string();
+                }
+            }
+        };
+        drop(tapped);
+        writer.await.expect("writer");
+        (passed, error)
+    }
+
+    /// The tap reads each authentication request's code and holds the server to
+    /// `require_auth`: the first method asked for, or none before AuthenticationOk. A
+    /// request it refuses is not passed on, so the client never answers it.
+    #[tokio::test]
+    async fn the_server_is_held_to_require_auth() {
+        let code = |code: i32, rest: &[u8]| {
+            let mut body = code.to_be_bytes().to_vec();
+            body.extend_from_slice(rest);
+            message(AUTHENTICATION, &body)
+        };
+        let after = [
+            message(b'S', b"server_version\x0015\0"),
+            message(b'Z', b"I"),
+        ]
+        .concat();
+        let scram = [
+            code(10, b"SCRAM-SHA-256\0\0"),
+            code(11, b"r=nonce"),
+            code(12, b"v=signature"),
+            code(0, b""),
+            after.clone(),
+        ]
+        .concat();
+        let cleartext = [code(3, b""), code(0, b""), after.clone()].concat();
+        let trusted = [code(0, b""), after.clone()].concat();
+        for chunk in [1, 3, 1000] {
+            for (wire, require_auth, refused) in [
+                (&scram, "scram-sha-256", None),
+                (&scram, "!password,!md5", None),
+                (&scram, "!none", None),
+                (&cleartext, "password,scram-sha-256", None),
+                (&trusted, "none", None),
+                (&trusted, "!password", None),
+                (&scram, "password", Some("SCRAM authentication")),
+                (&scram, "!scram-sha-256", Some("SCRAM authentication")),
+                (&cleartext, "!password", Some("a cleartext password")),
+                (
+                    &cleartext,
+                    "none,scram-sha-256",
+                    Some("a cleartext password"),
+                ),
+                (&trusted, "scram-sha-256", Some("no authentication")),
+                (&trusted, "!none", Some("no authentication")),
+            ] {
+                let (passed, error) = authenticated(wire, chunk, require_auth).await;
+                match refused {
+                    None => {
+                        assert!(passed == *wire, "{require_auth}, chunk {chunk}: {error}");
+                    }
+                    Some(asked) => {
+                        assert_eq!(
+                            error,
+                            format!(
+                                "require_auth={require_auth}, and the server asked for {asked}"
+                            ),
+                            "chunk {chunk}"
+                        );
+                        assert!(passed.is_empty(), "{require_auth}: passed {passed:?}");
+                    }
+                }
+            }
+        }
     }
 }
