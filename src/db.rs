@@ -28,12 +28,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         );
     }
     let options = identity(server_options(database_url)?, &config, &settings)?;
-    let relay = crate::sync::Relay::start(
-        config.clone(),
-        settings.tls,
-        settings.libpq.require_auth,
-        options.get_port(),
-    )?;
+    let relay = crate::sync::Relay::start(config.clone(), settings, options.get_port())?;
     let options = match &relay {
         Some(relay) => options.socket(relay.dir()),
         None => options,

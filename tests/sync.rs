@@ -1639,6 +1639,49 @@ async fn require_auth_holds_the_server_to_the_methods_it_names() {
     pool.close().await;
 }
 
+/// libpq's `requirepeer`: over a Unix socket the daemon and the one-off commands connect
+/// only to a server that runs as the user it names; over TCP it has nothing to check, as
+/// in libpq (before session 35 it was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requirepeer_holds_a_unix_socket_server_to_its_user() {
+    use std::os::unix::fs::MetadataExt as _;
+    let cluster = common::own_cluster(None);
+    let db = common::database_on(&cluster).await;
+    // Postgres runs as its data directory's owner.
+    let uid = std::fs::metadata(cluster.dir().join("data"))
+        .expect("the data directory")
+        .uid();
+    let output = std::process::Command::new("id")
+        .args(["-nu", &uid.to_string()])
+        .output()
+        .expect("id -nu");
+    let owner = String::from_utf8(output.stdout).expect("a user name");
+    let owner = owner.trim();
+    assert!(!owner.is_empty() && owner != "root", "{owner}");
+    let unix = |user: &str| format!("{} requirepeer={user}", db.unix_url);
+
+    let daemon = TestDaemon::start(&unix(owner)).await;
+    daemon.stop().await;
+    let pool = permd::db::pool(&unix(owner))
+        .await
+        .unwrap_or_else(|e| panic!("{owner}: {e:#}"));
+    pool.close().await;
+    let tcp = format!("{}?requirepeer=root", db.url);
+    let daemon = TestDaemon::start(&tcp).await;
+    daemon.stop().await;
+
+    let expected = format!("requirepeer=root, and the server runs as {owner}");
+    let said = match permd::db::pool(&unix("root")).await {
+        Ok(_) => panic!("connected to a server that does not run as root"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(said.contains(&expected), "{said}");
+    let daemon = TestDaemon::spawn(SyncConfig::new(unix("root")), patient());
+    let error = daemon.failed_attempts(1).await;
+    assert!(error.contains(&expected), "{error}");
+    daemon.stop().await;
+}
+
 /// libpq's `sslpassword` (a client key encrypted as PKCS#8) and `sslcrl`/`sslcrldir` (the
 /// server's certificate checked against revocation lists), read by the daemon and the
 /// one-off commands alike.

@@ -110,7 +110,7 @@ pub(crate) async fn connect(
     let mut last = None;
     for wanted in passes {
         for &i in &order {
-            let attempt = match socket(config, &settings.tls, i).await {
+            let attempt = match socket(config, settings, i).await {
                 Some(Ok(socket)) => {
                     let config = with_password(config, &settings.libpq, i);
                     let tapped = tap.on(socket).requiring(settings.libpq.require_auth);
@@ -142,10 +142,10 @@ fn with_password<'c>(config: &'c Config, libpq: &Libpq, i: usize) -> std::borrow
     }
 }
 
-/// A socket to `config`'s one server, over TLS as `tls` asks, for the relay of the
-/// one-off commands (`relay.rs`), which run the protocol themselves.
-pub(crate) async fn open(config: &Config, tls: &Tls) -> Result<Socket, Error> {
-    socket(config, tls, 0)
+/// A socket to `config`'s one server, as `settings` ask, for the relay of the one-off
+/// commands (`relay.rs`), which run the protocol themselves.
+pub(crate) async fn open(config: &Config, settings: &Settings) -> Result<Socket, Error> {
+    socket(config, settings, 0)
         .await
         .unwrap_or_else(|| Err(no_host()))
 }
@@ -167,10 +167,12 @@ pub(super) fn port(config: &Config, i: usize) -> u16 {
         .unwrap_or(5432)
 }
 
-/// A socket to `config`'s `i`th host (its `hostaddr` if given), over TLS as `tls` asks;
-/// `None` if the URL names neither.
-async fn socket(config: &Config, tls: &Tls, i: usize) -> Option<Result<Socket, Error>> {
+/// A socket to `config`'s `i`th host (its `hostaddr` if given), over TLS as `settings`
+/// ask, and, over a Unix socket, to a server that runs as `requirepeer` says; `None` if
+/// the URL names neither.
+async fn socket(config: &Config, settings: &Settings, i: usize) -> Option<Result<Socket, Error>> {
     let port = port(config, i);
+    let tls = &settings.tls;
     // The certificate names the host; its address only when no host name is given.
     let socket = match (config.get_hostaddrs().get(i), config.get_hosts().get(i)) {
         (Some(addr), Some(Host::Tcp(host))) => {
@@ -185,14 +187,46 @@ async fn socket(config: &Config, tls: &Tls, i: usize) -> Option<Result<Socket, E
         // A Unix socket never uses TLS, as in libpq.
         (None, Some(Host::Unix(dir))) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
-            timed(config, UnixStream::connect(path))
-                .await
-                .map(|unix| Either::Left(Either::Right(unix)))
-                .map_err(Error::Connect)
+            match timed(config, UnixStream::connect(path)).await {
+                Ok(unix) => match &settings.libpq.requirepeer {
+                    Some(user) => runs_as(&unix, user).map(|()| unix),
+                    None => Ok(unix),
+                },
+                Err(error) => Err(error),
+            }
+            .map(|unix| Either::Left(Either::Right(unix)))
+            .map_err(Error::Connect)
         }
         (None, None) => return None,
     };
     Some(socket)
+}
+
+/// libpq's `requirepeer`: the server at the other end of `unix` runs as `user`, by the
+/// socket's peer credentials and the name `/etc/passwd` gives their uid (libpq asks the
+/// system's user database, which is that file unless NSS is told otherwise).
+fn runs_as(unix: &UnixStream, user: &str) -> io::Result<()> {
+    let uid = unix.peer_cred()?.uid();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = user_name(&passwd, uid);
+    if name == Some(user) {
+        return Ok(());
+    }
+    let runs_as = name.map_or_else(|| format!("uid {uid}"), str::to_owned);
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("requirepeer={user}, and the server runs as {runs_as}"),
+    ))
+}
+
+/// The name of user `uid` in `passwd` (`/etc/passwd`'s lines: `name:password:uid:…`).
+fn user_name(passwd: &str, uid: u32) -> Option<&str> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?;
+        (id.parse() == Ok(uid)).then_some(name)
+    })
 }
 
 /// Runs the protocol's start-up over `socket` and checks `target_session_attrs`: the
@@ -420,10 +454,6 @@ mod tests {
                 "definition of service \"permd-no-such-service\" not found",
             ),
             (
-                "postgres://u@localhost/db?requirepeer=postgres",
-                "sslmode=verify-full",
-            ),
-            (
                 "postgres://u@localhost/db?require_auth=scram",
                 "is not one of password, md5",
             ),
@@ -515,5 +545,16 @@ mod tests {
         shuffle(&mut one);
         shuffle::<u8>(&mut []);
         assert_eq!(one, [7]);
+    }
+
+    /// `/etc/passwd`'s name of a uid, for `requirepeer`.
+    #[test]
+    fn a_uid_is_named_as_etc_passwd_names_it() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n# a comment\n\
+                      postgres:x:104:110:PostgreSQL administrator:/var/lib/postgresql:/bin/bash\n";
+        assert_eq!(user_name(passwd, 0), Some("root"));
+        assert_eq!(user_name(passwd, 104), Some("postgres"));
+        assert_eq!(user_name(passwd, 110), None);
+        assert_eq!(user_name("", 0), None);
     }
 }

@@ -398,6 +398,8 @@ pub(crate) struct Libpq {
     pub(crate) recovery: Option<Recovery>,
     /// `require_auth`: the authentication methods the server may use.
     pub(crate) require_auth: Option<RequireAuth>,
+    /// `requirepeer`: the user a server reached by a Unix socket must run as.
+    pub(crate) requirepeer: Option<String>,
 }
 
 /// A way the server may authenticate the client, by libpq's name for it.
@@ -543,6 +545,7 @@ pub(super) fn apply(
     for (name, variable) in [
         ("target_session_attrs", "PGTARGETSESSIONATTRS"),
         ("require_auth", "PGREQUIREAUTH"),
+        ("requirepeer", "PGREQUIREPEER"),
     ] {
         if !taken.iter().any(|(taken, _)| taken == name) {
             if let Some(value) = env(variable) {
@@ -598,12 +601,7 @@ pub(super) fn apply(
             // it) does not: a server that asks for it is refused at the connection.
             "krbsrvname" | "gsslib" | "gssdelegation" => {}
             "passfile" => libpq.passfile = Some(PathBuf::from(value)),
-            "requirepeer" => {
-                return refused(
-                    "permd does not check the user of a Unix socket's server: connect over TCP \
-                     with sslmode=verify-full to check whom you reach",
-                )
-            }
+            "requirepeer" => libpq.requirepeer = Some(value),
             "require_auth" => match RequireAuth::parse(&value) {
                 Ok(methods) => libpq.require_auth = Some(methods),
                 Err(why) => return refused(&why),
@@ -651,6 +649,7 @@ mod tests {
                 passfile: Some("/run/pgpass".into()),
                 recovery: Some(Recovery::PreferStandby),
                 require_auth: None,
+                requirepeer: None,
             }
         );
         assert_eq!(config.get_target_session_attrs(), TargetSessionAttrs::Any);
@@ -772,8 +771,8 @@ mod tests {
             "{why}"
         );
         // What the service asks is read as if the URL asked it.
-        let why = refused("[app]\nrequirepeer=postgres\n", "service=app");
-        assert!(why.contains("requirepeer=postgres"), "{why}");
+        let why = refused("[app]\nreplication=database\n", "service=app");
+        assert!(why.contains("replication=database"), "{why}");
         std::fs::remove_dir_all(&dir).expect("rm -r");
     }
 

@@ -7,9 +7,10 @@
 //! that socket is carried to the server over a socket opened as the sync connection's
 //! is (`connect::open`): the same `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, read
 //! by the same code, with the same fallback of `prefer`. The directory is removed when the
-//! relay stops (when the pool closes, or the runtime ends). With `require_auth` the relay
-//! is used over a Unix socket and without TLS too: the server's side of each connection
-//! goes through a tap (`tap.rs`) that holds the server to it, as the daemon's does.
+//! relay stops (when the pool closes, or the runtime ends). With `require_auth` or
+//! `requirepeer` the relay is used over a Unix socket and without TLS too: the server's
+//! side of each connection is opened as the daemon's is (its peer checked) and goes
+//! through a tap (`tap.rs`) that holds the server to `require_auth`.
 
 use std::future::Future;
 use std::io;
@@ -22,10 +23,9 @@ use tokio::task::AbortHandle;
 use tokio_postgres::config::Host;
 use tokio_postgres::Config;
 
-use super::connect;
-use super::conninfo::RequireAuth;
+use super::connect::{self, Settings};
 use super::tap::Tap;
-use super::tls::{Mode, Tls};
+use super::tls::Mode;
 use super::Error;
 
 /// A relay from a private Unix socket to the server a database URL names. Dropped, it
@@ -40,19 +40,20 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts relaying to `config`'s server over TLS as `tls` asks, holding it to
-    /// `require_auth` (all as `sync::read_url` read them), listening as port `port` (the
-    /// name sqlx gives the socket, `.s.PGSQL.<port>`). `None` where no relay is wanted: a
-    /// Unix socket (never TLS, as in libpq) or `sslmode=disable`, without `require_auth`.
+    /// Starts relaying to `config`'s server as `settings` ask (TLS, `require_auth`,
+    /// `requirepeer`; all as `sync::read_url` read them), listening as port `port` (the
+    /// name sqlx gives the socket, `.s.PGSQL.<port>`). `None` where no relay is wanted:
+    /// a Unix socket (never TLS, as in libpq) or `sslmode=disable`, with neither
+    /// `require_auth` nor `requirepeer`.
     pub(crate) fn start(
         config: Config,
-        tls: Tls,
-        require_auth: Option<RequireAuth>,
+        settings: Settings,
         port: u16,
     ) -> Result<Option<Relay>, Error> {
         let unix = matches!(config.get_hosts().first(), Some(Host::Unix(_)))
             && config.get_hostaddrs().is_empty();
-        if (unix || tls.mode == Mode::Disable) && require_auth.is_none() {
+        let checks = settings.libpq.require_auth.is_some() || settings.libpq.requirepeer.is_some();
+        if (unix || settings.tls.mode == Mode::Disable) && !checks {
             return Ok(None);
         }
         let dir = PrivateDir::create().map_err(Error::Connect)?;
@@ -63,11 +64,7 @@ impl Relay {
         let task = tokio::spawn(accept(
             dir,
             listener,
-            Arc::new(Server {
-                config,
-                tls,
-                require_auth,
-            }),
+            Arc::new(Server { config, settings }),
             failure.clone(),
         ));
         Ok(Some(Relay {
@@ -136,9 +133,11 @@ async fn accept(
 /// Carries one connection: a socket to the server (TLS as the URL asks), then every byte
 /// both ways until either side closes.
 async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<Option<String>>>) {
-    match connect::open(&server.config, &server.tls).await {
+    match connect::open(&server.config, &server.settings).await {
         Ok(socket) => {
-            let mut socket = Tap::default().on(socket).requiring(server.require_auth);
+            let mut socket = Tap::default()
+                .on(socket)
+                .requiring(server.settings.libpq.require_auth);
             // An error here is a side closing abruptly (sqlx sees its socket close), or
             // the server refused by `require_auth`, which sqlx cannot know.
             let carried = tokio::io::copy_bidirectional(&mut client, &mut socket).await;
@@ -163,8 +162,7 @@ async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<O
 /// Where the relay carries connections to, and how.
 struct Server {
     config: Config,
-    tls: Tls,
-    require_auth: Option<RequireAuth>,
+    settings: Settings,
 }
 
 /// A directory only this user may enter (0700) under the system's temporary directory,
