@@ -306,14 +306,7 @@ async fn libpq_parameters_are_read_and_the_one_off_commands_warn_of_none() {
         db.url
     );
     let daemon = common::TestDaemon::start(&libpq).await;
-    let sessions: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'permd-libpq'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("pg_stat_activity");
-    assert_eq!(sessions, 1);
+    assert_eq!(db.sessions_named("permd-libpq").await, 1);
     daemon.stop().await;
 }
 
@@ -469,14 +462,7 @@ async fn a_service_of_the_service_file_names_the_database() {
 
     let (mut running, http) = serve("service=permd_it", &[], &env).await;
     reads(http, 1);
-    let sessions: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'permd-service'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("pg_stat_activity");
-    assert_eq!(sessions, 1);
+    assert_eq!(db.sessions_named("permd-service").await, 1);
 
     let permd_url = format!("http://127.0.0.1:{http}");
     let mut command = verify("postgres://", &permd_url);

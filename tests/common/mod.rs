@@ -287,6 +287,18 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// How many sessions of this database are named `application_name`.
+    pub async fn sessions_named(&self, application_name: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(application_name)
+        .fetch_one(&self.pool)
+        .await
+        .expect("pg_stat_activity")
+    }
+
     /// How many sessions of this database wait for a lock (a row's, an advisory one).
     pub async fn lock_waiters(&self) -> i64 {
         sqlx::query_scalar(
