@@ -217,9 +217,14 @@ pub struct TlsArgs {
     /// intermediates); with --tls-key.
     #[arg(long, env = "PERMD_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1); with --tls-cert.
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1; or encrypted PKCS#8,
+    /// with --tls-key-password-file); with --tls-cert.
     #[arg(long, env = "PERMD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The file holding the password of an encrypted --tls-key (its first line; read
+    /// again on SIGHUP, with the key).
+    #[arg(long, env = "PERMD_TLS_KEY_PASSWORD_FILE", requires = "tls_key")]
+    pub tls_key_password_file: Option<PathBuf>,
     /// Require every HTTPS client to present a certificate signed by one of these CAs
     /// (PEM), and refuse the others in the handshake; with --tls-cert.
     #[arg(long, env = "PERMD_TLS_CLIENT_CA", requires = "tls_cert")]
@@ -230,9 +235,13 @@ impl TlsArgs {
     /// The certificate and key HTTPS serves, if given (read now; again on SIGHUP).
     pub fn load(&self) -> anyhow::Result<Option<Arc<ServerCerts>>> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => {
-                ServerCerts::load(cert, key, self.tls_client_ca.as_deref()).map(Some)
-            }
+            (Some(cert), Some(key)) => ServerCerts::load(
+                cert,
+                key,
+                self.tls_key_password_file.as_deref(),
+                self.tls_client_ca.as_deref(),
+            )
+            .map(Some),
             _ => Ok(None),
         }
     }
@@ -520,6 +529,39 @@ mod tests {
             .expect("plain HTTP")
             .tls
             .is_none());
+        // The key's password file goes with the key, and is read with it.
+        let error = Cli::try_parse_from([
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--tls-key-password-file",
+            "pw",
+        ])
+        .expect_err("a password without its key")
+        .to_string();
+        assert!(error.contains("--tls-key"), "{error}");
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("a self-signed certificate");
+        let dir = std::env::temp_dir().join(format!("permd-config-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let cert = dir.join("cert.pem");
+        std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
+        let key = dir.join("key.pem");
+        std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+        let error = refused(&[
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+            "--tls-key-password-file",
+            "/nonexistent/password",
+        ]);
+        assert!(
+            error.contains("read the key's password file /nonexistent/password"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).expect("rm -r");
     }
 
     #[test]

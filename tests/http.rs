@@ -1122,6 +1122,47 @@ async fn an_idle_connection_is_closed_after_the_header_timeout() {
     );
 }
 
+/// HTTPS with an encrypted key (`--tls-key-password-file`): read with the password its
+/// file holds (its first line), and again on a reload, when the key and its
+/// password are rotated together; refused with the reason when the password is missing
+/// or wrong, and a failed reload keeps the settings in use.
+#[test]
+fn https_reads_an_encrypted_key_with_the_password_file() {
+    let certified = common::SelfSigned::new("https-encrypted");
+    let dir = certified
+        .cert
+        .parent()
+        .expect("the certificate's directory");
+    let plain = std::fs::read_to_string(&certified.key).expect("the key");
+    let key = dir.join("encrypted.pem");
+    let password = dir.join("password");
+    std::fs::write(&key, common::encrypted_key(&plain, "first pw")).expect("write the key");
+    std::fs::write(&password, "first pw\r\nnot the password\n").expect("write the password");
+    let load = |password: Option<&std::path::Path>| {
+        permd::http::ServerCerts::load(&certified.cert, &key, password, None)
+    };
+    let tls = load(Some(&password)).expect("the encrypted key is read");
+
+    // Rotated together: the reload reads both.
+    std::fs::write(&key, common::encrypted_key(&plain, "second pw")).expect("write the key");
+    std::fs::write(&password, "second pw").expect("write the password");
+    tls.reload().expect("the rotated key is read");
+    let in_use = tls.server_config();
+    std::fs::write(&password, "wrong").expect("write the password");
+    let why = format!("{:#}", tls.reload().expect_err("a wrong password"));
+    assert!(
+        why.contains("could not decrypt the key with --tls-key-password-file"),
+        "{why}"
+    );
+    assert!(std::sync::Arc::ptr_eq(&in_use, &tls.server_config()));
+    let why = format!("{:#}", load(None).expect_err("no password"));
+    assert!(
+        why.contains("the key is encrypted: give its password as --tls-key-password-file"),
+        "{why}"
+    );
+    assert!(why.contains("encrypted.pem"), "{why}");
+}
+
 /// HTTPS (`--tls-cert`, `--tls-key`): the API over TLS on one connection, plain checks by
 /// the server's own loop and another route by hyper in between; a request in plain text
 /// gets no answer; a client that starts no handshake is cut off after the header timeout,
@@ -1131,7 +1172,7 @@ async fn https_serves_the_api_and_nothing_in_plain_text() {
     use tokio::io::AsyncWriteExt as _;
 
     let certified = common::SelfSigned::new("https");
-    let tls = permd::http::ServerCerts::load(&certified.cert, &certified.key, None)
+    let tls = permd::http::ServerCerts::load(&certified.cert, &certified.key, None, None)
         .expect("the certificate and key are read");
     let limits = permd::http::ServerLimits {
         header_timeout: Duration::from_millis(300),
@@ -1179,7 +1220,7 @@ async fn https_with_client_cas_serves_only_clients_they_signed() {
     let stranger = common::TestCa::new("someone else");
     let ca_file = server.cert.with_file_name("clients.pem");
     std::fs::write(&ca_file, clients.pem()).expect("write the client CA");
-    let tls = permd::http::ServerCerts::load(&server.cert, &server.key, Some(&ca_file))
+    let tls = permd::http::ServerCerts::load(&server.cert, &server.key, None, Some(&ca_file))
         .expect("the certificates are read");
     let (addr, _shutdown, _served) = wire::permd_with(
         app_state(quick()),

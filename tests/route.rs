@@ -47,7 +47,7 @@ impl Served {
             None => (format!("http://127.0.0.1:{port}"), None),
             Some(tls) => (
                 format!("https://localhost:{port}"),
-                Some(ServerCerts::load(&tls.cert, &tls.key, None).expect("the certificate")),
+                Some(ServerCerts::load(&tls.cert, &tls.key, None, None).expect("the certificate")),
             ),
         };
         let stop = CancellationToken::new();
@@ -242,7 +242,7 @@ async fn the_router_sends_each_request_to_its_shard() {
         listener,
         router.clone(),
         ServerLimits::default(),
-        Some(ServerCerts::load(&tls.cert, &tls.key, None).expect("the certificate")),
+        Some(ServerCerts::load(&tls.cert, &tls.key, None, None).expect("the certificate")),
         stop.clone(),
     ));
     let tcp = tokio::net::TcpStream::connect(address)

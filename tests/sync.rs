@@ -1697,16 +1697,7 @@ async fn encrypted_keys_and_revocation_lists_are_read_as_libpq_reads_them() {
     let cert_file = dir.join("client.crt");
     std::fs::write(&cert_file, client_cert).expect("write the client's certificate");
     // The key encrypted as `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes it.
-    let (_, plain) = pkcs8::SecretDocument::from_pem(&client_key).expect("the key's PEM");
-    let info = pkcs8::PrivateKeyInfoRef::try_from(plain.as_bytes()).expect("a PKCS#8 key");
-    let params =
-        pkcs8::pkcs5::pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(2048, &[7; 16], [9; 16])
-            .expect("PBES2 parameters");
-    let sealed = info
-        .encrypt_with_params(params, "key pw 3f")
-        .expect("encrypt the key")
-        .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
-        .expect("the encrypted key's PEM");
+    let sealed = common::encrypted_key(&client_key, "key pw 3f");
     let key_file = dir.join("client.key");
     std::fs::write(&key_file, sealed.as_bytes()).expect("write the client's key");
     let name = db.url.rsplit('/').next().expect("a database name");

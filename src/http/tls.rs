@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -19,6 +19,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub struct ServerCerts {
     cert: PathBuf,
     key: PathBuf,
+    /// A file holding the key's password, when the key is encrypted.
+    key_password: Option<PathBuf>,
     /// The CAs a client's certificate must chain to, when clients must show one.
     client_ca: Option<PathBuf>,
     provider: Arc<CryptoProvider>,
@@ -29,26 +31,34 @@ pub struct ServerCerts {
 
 impl ServerCerts {
     /// Reads the certificate (PEM: the server's, then any intermediates) and its private
-    /// key (PEM: PKCS#8, PKCS#1 or SEC1), which must match; and, when clients must show a
-    /// certificate, the CAs it must chain to (PEM).
-    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<Arc<Self>> {
+    /// key (PEM: PKCS#8, PKCS#1 or SEC1; encrypted PKCS#8 with the password in the file
+    /// `key_password`), which must match; and, when clients must show a certificate, the
+    /// CAs it must chain to (PEM).
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        key_password: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> anyhow::Result<Arc<Self>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let current = settings(cert, key, client_ca, &provider)?;
+        let current = settings(cert, (key, key_password), client_ca, &provider)?;
         Ok(Arc::new(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            key_password: key_password.map(Path::to_owned),
             client_ca: client_ca.map(Path::to_owned),
             provider,
             current: ArcSwap::new(current),
         }))
     }
 
-    /// Reads the files again (the certificate, its key and the client CAs) and uses what
-    /// they hold from the next handshake on; on an error the settings in use stay.
+    /// Reads the files again (the certificate, its key and its password, the client CAs)
+    /// and uses what they hold from the next handshake on; on an error the settings in use
+    /// stay.
     pub fn reload(&self) -> anyhow::Result<()> {
         let fresh = settings(
             &self.cert,
-            &self.key,
+            (&self.key, self.key_password.as_deref()),
             self.client_ca.as_deref(),
             &self.provider,
         )?;
@@ -66,7 +76,7 @@ impl ServerCerts {
 /// The settings the files make.
 fn settings(
     cert: &Path,
-    key: &Path,
+    key: (&Path, Option<&Path>),
     client_ca: Option<&Path>,
     provider: &Arc<CryptoProvider>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
@@ -141,16 +151,33 @@ pub(crate) fn client_config(ca: Option<&Path>, what: &str) -> anyhow::Result<Cli
     )
 }
 
-/// The pair the files hold, checked to match.
-fn read(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+/// The pair the files hold (the key decrypted with the password its file holds, if
+/// given), checked to match.
+fn read(
+    cert: &Path,
+    (key, password): (&Path, Option<&Path>),
+    provider: &CryptoProvider,
+) -> anyhow::Result<CertifiedKey> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .with_context(|| format!("read the certificate {}", cert.display()))?;
     if chain.is_empty() {
         bail!("{} holds no certificate (PEM)", cert.display());
     }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("read the private key {}", key.display()))?;
+    let password = password
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("read the key's password file {}", path.display()))
+        })
+        .transpose()?;
+    // The password is the file's first line.
+    let password = password
+        .as_deref()
+        .map(|text| text.lines().next().unwrap_or_default());
+    let key_der = std::fs::read_to_string(key)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| crate::sync::private_key(&pem, password, "--tls-key-password-file"))
+        .map_err(|why| anyhow::anyhow!("read the private key {}: {why}", key.display()))?;
     CertifiedKey::from_der(chain, key_der, provider).with_context(|| {
         format!(
             "the certificate {} and the key {}",

@@ -26,6 +26,7 @@ pub use applier::{poll_statement, Applier, POLL, SESSION};
 pub(crate) use connect::Settings;
 pub use relay::Relay;
 pub use status::{Status, StatusReport};
+pub(crate) use tls::private_key;
 pub use tls::{split as split_tls_options, TlsOptions};
 
 /// What can go wrong talking to Postgres. Every error ends the current connection; the

@@ -454,42 +454,55 @@ impl TlsOptions {
     }
 }
 
-/// The client's private key, from the PEM file `path`. A key encrypted as PKCS#8 (`BEGIN
-/// ENCRYPTED PRIVATE KEY`: what `openssl genpkey -aes256` and `openssl pkcs8 -topk8`
-/// write) is decrypted with `password` (`sslpassword`), as libpq does; a password given
-/// for a key that is not encrypted is not used, as in libpq. OpenSSL's older encryption
-/// (`Proc-Type: 4,ENCRYPTED` in the PEM) is refused with the command that converts it.
+/// The client's private key, from the PEM file `path`, decrypted with `password`
+/// (`sslpassword`) as libpq does ([`private_key`]).
 fn client_key(path: &str, password: Option<&str>) -> Result<PrivateKeyDer<'static>, Error> {
     let bad = |why: &dyn std::fmt::Display| Error::Url(format!("sslkey={path}: {why}"));
     let pem = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+    private_key(&pem, password, "sslpassword").map_err(|why| bad(&why))
+}
+
+/// A private key from the PEM text `pem` (PKCS#8, PKCS#1 or SEC1). A key encrypted as
+/// PKCS#8 (`BEGIN ENCRYPTED PRIVATE KEY`: what `openssl genpkey -aes256` and `openssl
+/// pkcs8 -topk8` write) is decrypted with `password`, given by `option` (named in the
+/// errors); a password given for a key that is not encrypted is not used, as in libpq.
+/// OpenSSL's older encryption (`Proc-Type: 4,ENCRYPTED` in the PEM) is refused with the
+/// command that converts it. The client's key to Postgres and HTTPS's key are read by it.
+pub(crate) fn private_key(
+    pem: &str,
+    password: Option<&str>,
+    option: &str,
+) -> Result<PrivateKeyDer<'static>, String> {
     if pem.contains("Proc-Type: 4,ENCRYPTED") {
-        return Err(bad(
-            &"the key is encrypted the old OpenSSL way, which permd does not \
-             read: convert it to encrypted PKCS#8 (openssl pkcs8 -topk8 -v2 aes-256-cbc -in KEY \
-             -out NEW)",
-        ));
+        return Err(
+            "the key is encrypted the old OpenSSL way, which permd does not \
+                    read: convert it to encrypted PKCS#8 (openssl pkcs8 -topk8 -v2 aes-256-cbc \
+                    -in KEY -out NEW)"
+                .into(),
+        );
     }
     const BEGIN: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
     const END: &str = "-----END ENCRYPTED PRIVATE KEY-----";
     let Some(start) = pem.find(BEGIN) else {
-        return PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| bad(&e));
+        return PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| e.to_string());
     };
     let Some(password) = password else {
-        return Err(bad(
-            &"the key is encrypted: give its password as sslpassword=…",
+        return Err(format!(
+            "the key is encrypted: give its password as {option}"
         ));
     };
     let block = pem[start..]
         .find(END)
         .map(|end| &pem[start..start + end + END.len()])
-        .ok_or_else(|| bad(&format!("no {END} after its BEGIN line")))?;
-    let (_, encrypted) = pkcs8::der::pem::decode_vec(block.as_bytes()).map_err(|e| bad(&e))?;
-    let info =
-        pkcs8::EncryptedPrivateKeyInfoRef::try_from(encrypted.as_slice()).map_err(|e| bad(&e))?;
+        .ok_or_else(|| format!("no {END} after its BEGIN line"))?;
+    let (_, encrypted) =
+        pkcs8::der::pem::decode_vec(block.as_bytes()).map_err(|e| e.to_string())?;
+    let info = pkcs8::EncryptedPrivateKeyInfoRef::try_from(encrypted.as_slice())
+        .map_err(|e| e.to_string())?;
     let key = info.decrypt(password).map_err(|_| {
-        bad(
-            &"could not decrypt the key with sslpassword (a wrong password, or a cipher \
-              other than PBES2's AES-CBC with PBKDF2 or scrypt)",
+        format!(
+            "could not decrypt the key with {option} (a wrong password, or a cipher other \
+             than PBES2's AES-CBC with PBKDF2 or scrypt)"
         )
     })?;
     Ok(PrivateKeyDer::Pkcs8(key.as_bytes().to_vec().into()))

@@ -200,6 +200,21 @@ impl TestCa {
     }
 }
 
+/// `key` (PEM, PKCS#8) encrypted with `password` as `openssl pkcs8 -topk8 -v2
+/// aes-256-cbc` writes it (PBES2: PBKDF2-SHA256, AES-256-CBC).
+pub fn encrypted_key(key: &str, password: &str) -> String {
+    let (_, plain) = pkcs8::SecretDocument::from_pem(key).expect("the key's PEM");
+    let info = pkcs8::PrivateKeyInfoRef::try_from(plain.as_bytes()).expect("a PKCS#8 key");
+    let params =
+        pkcs8::pkcs5::pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(2048, &[7; 16], [9; 16])
+            .expect("PBES2 parameters");
+    info.encrypt_with_params(params, password)
+        .expect("encrypt the key")
+        .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+        .expect("the encrypted key's PEM")
+        .to_string()
+}
+
 impl Drop for SelfSigned {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
