@@ -449,20 +449,34 @@ async fn a_service_of_the_service_file_names_the_database() {
         .map(|pair| pair.replace('\'', ""))
         .collect();
     let file = std::env::temp_dir().join(format!("permd-services-{}", std::process::id()));
-    std::fs::write(
-        &file,
-        format!(
-            "[permd_it]\n{}\napplication_name=permd-service\n",
-            parameters.join("\n")
-        ),
-    )
-    .expect("write the service file");
+    let write_service = |application_name: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[permd_it]\n{}\napplication_name={application_name}\n",
+                parameters.join("\n")
+            ),
+        )
+        .expect("write the service file");
+    };
+    write_service("permd-service");
     let file_text = file.display().to_string();
     let env = [("PGSERVICEFILE", file_text.as_str())];
 
     let (mut running, http) = serve("service=permd_it", &[], &env).await;
     reads(http, 1);
     assert_eq!(db.sessions_named("permd-service").await, 1);
+    // Changed, and the connection cut: the reconnect reads the file again.
+    write_service("permd-service-2");
+    db.exec(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'permd-service'",
+    )
+    .await;
+    wait_until("permd to reconnect as the changed service says", || async {
+        db.sessions_named("permd-service-2").await == 1
+    })
+    .await;
 
     let permd_url = format!("http://127.0.0.1:{http}");
     let mut command = verify("postgres://", &permd_url);
