@@ -1682,6 +1682,120 @@ async fn requirepeer_holds_a_unix_socket_server_to_its_user() {
     daemon.stop().await;
 }
 
+/// A TLS-terminating proxy in front of the plain Postgres at `port`, as a Postgres 17
+/// server taking `sslnegotiation=direct` looks from outside: a TLS handshake at once,
+/// with `cert_pem`/`key_pem`, agreeing to ALPN `postgresql` if `alpn`. Its port.
+async fn direct_tls_proxy(port: u16, cert_pem: &str, key_pem: &str, alpn: bool) -> u16 {
+    use rustls::pki_types::pem::PemObject as _;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("the certificate");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS settings")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("the certificate and key");
+    if alpn {
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let proxy = listener.local_addr().expect("the proxy's address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                }
+            });
+        }
+    });
+    proxy
+}
+
+/// libpq's `sslnegotiation=direct` (Postgres 17): the TLS handshake at once, without an
+/// SSLRequest, with ALPN `postgresql`, for the daemon and the one-off commands alike; a
+/// server that does not agree to the ALPN name is refused, and so is a weaker `sslmode`
+/// (before session 35 `direct` was refused). The server here is a Postgres 15 behind a
+/// proxy that takes the handshake as a Postgres 17 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslnegotiation_direct_starts_tls_at_once() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
+        .await;
+    let port: u16 = db
+        .url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .expect("the cluster's port");
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let ca = common::TestCa::new("permd direct CA");
+    let dir = std::env::temp_dir().join(format!("permd-direct-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let trusted = ca.file(&dir, "ca.pem");
+    let (cert_pem, key_pem) = ca.sign(&["localhost"], "localhost");
+    let url = |proxy: u16, options: &str| {
+        format!(
+            "postgres://postgres@localhost:{proxy}/{name}?sslmode=verify-full\
+             &sslrootcert={trusted}{options}"
+        )
+    };
+
+    let proxy = direct_tls_proxy(port, &cert_pem, &key_pem, true).await;
+    let direct = url(proxy, "&sslnegotiation=direct");
+    let daemon = TestDaemon::start(&direct).await;
+    let (status, body) = daemon
+        .get("/v1/check?subject=u1&permission=read&object=doc:1")
+        .await;
+    assert_eq!(
+        (status, body["allowed"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    daemon.stop().await;
+    let pool = permd::db::pool(&direct)
+        .await
+        .unwrap_or_else(|e| panic!("{direct}: {e:#}"));
+    pool.close().await;
+    // The proxy takes no SSLRequest: without `direct` nothing connects.
+    assert!(permd::db::pool(&url(proxy, "")).await.is_err());
+
+    // A server that takes the handshake but not the ALPN name.
+    let no_alpn = direct_tls_proxy(port, &cert_pem, &key_pem, false).await;
+    let refused = url(no_alpn, "&sslnegotiation=direct");
+    let said = match permd::db::pool(&refused).await {
+        Ok(_) => panic!("connected without ALPN"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        said.contains("without agreeing to ALPN postgresql"),
+        "{said}"
+    );
+    let daemon = TestDaemon::spawn(SyncConfig::new(refused), patient());
+    let error = daemon.failed_attempts(1).await;
+    assert!(
+        error.contains("without agreeing to ALPN postgresql"),
+        "{error}"
+    );
+    daemon.stop().await;
+
+    let weak = format!("{}?sslnegotiation=direct&sslmode=prefer", db.url);
+    let why = permd::sync::check_database_url(&weak)
+        .expect_err("refused")
+        .to_string();
+    assert!(why.contains("needs sslmode=require"), "{why}");
+    std::fs::remove_dir_all(&dir).expect("rm -r");
+}
+
 /// libpq's `sslpassword` (a client key encrypted as PKCS#8) and `sslcrl`/`sslcrldir` (the
 /// server's certificate checked against revocation lists), read by the daemon and the
 /// one-off commands alike.

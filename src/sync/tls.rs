@@ -75,6 +75,9 @@ const OPTIONS: [&str; 14] = [
 /// An SSLRequest: its length (8) and the code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
+/// The ALPN protocol name of Postgres (17 and later), for `sslnegotiation=direct`.
+const ALPN: &[u8] = b"postgresql";
+
 /// `sslmode`, as libpq reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -100,6 +103,8 @@ pub(crate) struct Tls {
     client: Option<Arc<ClientConfig>>,
     /// `sslcertmode=require`: a server that does not ask for a client certificate is refused.
     certificate_asked: bool,
+    /// `sslnegotiation=direct`: the handshake at once, without an SSLRequest.
+    direct: bool,
 }
 
 impl std::fmt::Debug for Tls {
@@ -134,6 +139,9 @@ pub struct TlsOptions {
     pub sni: Option<String>,
     /// `ssl_min_protocol_version`, `ssl_max_protocol_version`: `TLSv1` to `TLSv1.3`.
     pub protocol_versions: (Option<String>, Option<String>),
+    /// `sslnegotiation`: `postgres` (the default: an SSLRequest first) or `direct` (the
+    /// TLS handshake at once, Postgres 17 and later).
+    pub negotiation: Option<String>,
 }
 
 impl std::fmt::Debug for TlsOptions {
@@ -149,6 +157,7 @@ impl std::fmt::Debug for TlsOptions {
             .field("cert_mode", &self.cert_mode)
             .field("sni", &self.sni)
             .field("protocol_versions", &self.protocol_versions)
+            .field("negotiation", &self.negotiation)
             .finish()
     }
 }
@@ -229,13 +238,7 @@ pub(crate) fn split_with(url: &str, env: Env<'_>) -> Result<(String, TlsOptions)
                         .into(),
                 ))
             }
-            "sslnegotiation" if value == "postgres" => {}
-            "sslnegotiation" if value == "direct" => {
-                return Err(Error::Url(format!(
-                    "sslnegotiation={value}: permd negotiates TLS the usual way only \
-                     (sslnegotiation=postgres, the default)"
-                )))
-            }
+            "sslnegotiation" => options.negotiation = Some(value),
             _ => {
                 return Err(Error::Url(format!(
                     "{name}={value} is not a value libpq takes for {name}"
@@ -263,11 +266,30 @@ impl TlsOptions {
                 )))
             }
         };
+        let direct = match self.negotiation.as_deref() {
+            None | Some("postgres") => false,
+            // As libpq: a weaker mode could fall back to plain text with a server that
+            // does not take a direct handshake.
+            Some("direct") if matches!(mode, Mode::Disable | Mode::Prefer) => {
+                return Err(Error::Url(
+                    "sslnegotiation=direct needs sslmode=require, verify-ca or verify-full (a \
+                     weaker mode could fall back to plain text)"
+                        .into(),
+                ))
+            }
+            Some("direct") => true,
+            Some(other) => {
+                return Err(Error::Url(format!(
+                    "sslnegotiation={other} is not postgres or direct"
+                )))
+            }
+        };
         if mode == Mode::Disable {
             return Ok(Tls {
                 mode,
                 client: None,
                 certificate_asked: false,
+                direct,
             });
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -328,10 +350,15 @@ impl TlsOptions {
             Some("0") => false,
             Some(other) => return Err(Error::Url(format!("sslsni={other} is not 0 or 1"))),
         };
+        if direct {
+            // A Postgres server takes a direct handshake only with its ALPN name.
+            config.alpn_protocols = vec![ALPN.to_vec()];
+        }
         Ok(Tls {
             mode,
             client: Some(Arc::new(config)),
             certificate_asked,
+            direct,
         })
     }
 
@@ -509,9 +536,10 @@ pub(crate) fn private_key(
 }
 
 impl Tls {
-    /// Asks the server on `stream` for TLS and, if it agrees, runs the handshake; `host` is
-    /// the name (or address) the certificate must hold for `verify-full`. The stream stays
-    /// plain (`Right`) when the mode allows it and the server declines.
+    /// Asks the server on `stream` for TLS and, if it agrees, runs the handshake (with
+    /// `sslnegotiation=direct`, runs it at once); `host` is the name (or address) the
+    /// certificate must hold for `verify-full`. The stream stays plain (`Right`) when the
+    /// mode allows it and the server declines.
     pub(crate) async fn negotiate(
         &self,
         mut stream: TcpStream,
@@ -522,6 +550,17 @@ impl Tls {
         };
         let name = ServerName::try_from(host.to_owned())
             .map_err(|e| Error::Tls(format!("{host} is not a host name TLS can check: {e}")))?;
+        if self.direct {
+            let stream = self.handshake(client, name, stream).await?;
+            if stream.get_ref().1.alpn_protocol() != Some(ALPN) {
+                return Err(Error::Tls(
+                    "the server took the direct TLS handshake without agreeing to ALPN \
+                     postgresql, as a Postgres server would (sslnegotiation=direct)"
+                        .into(),
+                ));
+            }
+            return Ok(Either::Left(stream));
+        }
         stream
             .write_all(&SSL_REQUEST)
             .await
@@ -530,33 +569,7 @@ impl Tls {
         // go to the handshake, which then fails, not be taken as the protocol.
         let answer = stream.read_u8().await.map_err(Error::Connect)?;
         match answer {
-            b'S' => {
-                // For `sslcertmode=require`, this handshake's own record of whether the
-                // server asked for the client's certificate.
-                let (client, asked) = if self.certificate_asked {
-                    let asked = Arc::new(AtomicBool::new(false));
-                    let mut config = ClientConfig::clone(client);
-                    config.client_auth_cert_resolver = Arc::new(Asked {
-                        inner: config.client_auth_cert_resolver.clone(),
-                        asked: asked.clone(),
-                    });
-                    (Arc::new(config), Some(asked))
-                } else {
-                    (client.clone(), None)
-                };
-                let stream = tokio_rustls::TlsConnector::from(client)
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| Error::Tls(format!("{}{}", crate::error_chain(&e), remedy(&e))))?;
-                if asked.is_some_and(|asked| !asked.load(Ordering::Relaxed)) {
-                    return Err(Error::Tls(
-                        "the server did not ask for a client certificate, and sslcertmode=require \
-                         wants it to (is ssl_ca_file set in its postgresql.conf?)"
-                            .into(),
-                    ));
-                }
-                Ok(Either::Left(stream))
-            }
+            b'S' => Ok(Either::Left(self.handshake(client, name, stream).await?)),
             b'N' if self.mode == Mode::Prefer => Ok(Either::Right(stream)),
             b'N' => Err(Error::Tls(
                 "the server does not accept TLS connections, and sslmode asks for TLS (is ssl \
@@ -568,6 +581,40 @@ impl Tls {
                 char::from(other)
             ))),
         }
+    }
+
+    /// Runs the TLS handshake with the server `name` on `stream`.
+    async fn handshake(
+        &self,
+        client: &Arc<ClientConfig>,
+        name: ServerName<'static>,
+        stream: TcpStream,
+    ) -> Result<TlsStream<TcpStream>, Error> {
+        // For `sslcertmode=require`, this handshake's own record of whether the server
+        // asked for the client's certificate.
+        let (client, asked) = if self.certificate_asked {
+            let asked = Arc::new(AtomicBool::new(false));
+            let mut config = ClientConfig::clone(client);
+            config.client_auth_cert_resolver = Arc::new(Asked {
+                inner: config.client_auth_cert_resolver.clone(),
+                asked: asked.clone(),
+            });
+            (Arc::new(config), Some(asked))
+        } else {
+            (client.clone(), None)
+        };
+        let stream = tokio_rustls::TlsConnector::from(client)
+            .connect(name, stream)
+            .await
+            .map_err(|e| Error::Tls(format!("{}{}", crate::error_chain(&e), remedy(&e))))?;
+        if asked.is_some_and(|asked| !asked.load(Ordering::Relaxed)) {
+            return Err(Error::Tls(
+                "the server did not ask for a client certificate, and sslcertmode=require \
+                 wants it to (is ssl_ca_file set in its postgresql.conf?)"
+                    .into(),
+            ));
+        }
+        Ok(stream)
     }
 }
 
@@ -892,10 +939,28 @@ mod tests {
         assert!(!format!("{options:?}").contains("hunter2"), "{options:?}");
         // Not key=value: left whole for tokio-postgres to say why.
         assert_eq!(taken("host=h sslmode"), ("host=h sslmode".into(), vec![]));
-        assert!(split("postgres://h/db?sslnegotiation=postgres").is_ok());
-        match split("postgres://h/db?sslnegotiation=direct") {
-            Err(Error::Url(why)) => assert!(why.contains("sslnegotiation=direct"), "{why}"),
-            other => panic!("accepted: {other:?}"),
+        let load = |url: &str| split(url).expect("readable").1.load();
+        assert!(load("postgres://h/db?sslnegotiation=postgres").is_ok());
+        let tls = load("postgres://h/db?sslnegotiation=direct&sslmode=require").expect("read");
+        assert!(tls.direct);
+        for (url, why) in [
+            (
+                "postgres://h/db?sslnegotiation=direct",
+                "needs sslmode=require",
+            ),
+            (
+                "postgres://h/db?sslnegotiation=direct&sslmode=disable",
+                "needs sslmode=require",
+            ),
+            (
+                "postgres://h/db?sslnegotiation=fast&sslmode=require",
+                "not postgres or direct",
+            ),
+        ] {
+            match load(url) {
+                Err(Error::Url(said)) => assert!(said.contains(why), "{url}: {said}"),
+                other => panic!("{url}: accepted: {other:?}"),
+            }
         }
     }
 
@@ -1048,10 +1113,8 @@ mod tests {
         let (_, options) = split_with("postgres://h/db", &env).expect("readable");
         assert_eq!(options, TlsOptions::default(), "no files, no options");
         let direct = |name: &str| (name == "PGSSLNEGOTIATION").then(|| "direct".to_owned());
-        match split_with("postgres://h/db", &direct) {
-            Err(Error::Url(why)) => assert!(why.contains("sslnegotiation=direct"), "{why}"),
-            other => panic!("accepted: {other:?}"),
-        }
+        let (_, options) = split_with("postgres://h/db", &direct).expect("readable");
+        assert_eq!(options.negotiation.as_deref(), Some("direct"));
     }
 
     /// The hash of a certificate's signature, as Postgres picks it for the channel
