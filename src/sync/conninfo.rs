@@ -253,7 +253,7 @@ fn url_as_pairs(url: &str) -> Option<String> {
 }
 
 /// `value` escaped for a single-quoted value of the key=value form.
-fn quoted(value: &str) -> String {
+pub(super) fn quoted(value: &str) -> String {
     value.replace('\\', "\\\\").replace('\'', "\\'")
 }
 

@@ -68,7 +68,7 @@ pub(crate) fn fill(config: &mut Config, env: Env<'_>) -> Result<(), Error> {
         let Some(value) = env(variable) else {
             continue;
         };
-        let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
+        let quoted = super::conninfo::quoted(&value);
         let given: Config = format!("{key}='{quoted}'").parse().map_err(|e| {
             let shown = if key == "password" { "…" } else { &value };
             Error::Url(format!(
