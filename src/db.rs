@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
-use tokio_postgres::config::{ChannelBinding, Host};
+use tokio_postgres::config::Host;
 
 /// A small pool for one-off work. The database URL is read as the daemon reads it: libpq's
 /// URL or key=value form, with its TLS options. sqlx has no TLS of its own here: over TCP it
@@ -14,13 +14,6 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // Read as the daemon reads it, libpq's environment filled in; sqlx is handed the server
     // options alone (`server_options`) and told the rest (`identity`).
     let (config, settings) = crate::sync::read_url(database_url)?;
-    // sqlx authenticates without channel binding: refused rather than quietly ignored.
-    if config.get_channel_binding() == ChannelBinding::Require {
-        anyhow::bail!(
-            "channel_binding=require: migrate, verify and demo (sqlx) do not bind SCRAM to the \
-             TLS session; give them the URL without it (serve binds it)"
-        );
-    }
     if config.get_hosts().len().max(config.get_hostaddrs().len()) > 1 {
         anyhow::bail!(
             "the database URL names several servers: migrate, verify and demo connect to one, \

@@ -197,8 +197,7 @@ fn listening_beyond_loopback_without_a_token_is_refused() {
 
 /// A database URL the daemon could never connect with stops it at start with the reason,
 /// where it was retried for ever (a CA file that is not there, an unknown option); so do
-/// `migrate` and the other one-off commands, which also refuse to ignore
-/// `channel_binding=require`.
+/// `migrate` and the other one-off commands.
 #[test]
 fn a_database_url_that_can_never_connect_is_refused_at_start() {
     for (url, reason) in [
@@ -226,13 +225,6 @@ fn a_database_url_that_can_never_connect_is_refused_at_start() {
             assert!(stderr.contains(reason), "{url}: {stderr}");
         }
     }
-    // serve binds SCRAM to the TLS session; the one-off commands (sqlx) cannot.
-    let stderr =
-        migrate_fails("postgres://u@127.0.0.1:1/db?sslmode=require&channel_binding=require");
-    assert!(
-        stderr.contains("channel_binding=require: migrate, verify and demo"),
-        "{stderr}"
-    );
 }
 
 /// The one-off commands read libpq's key=value form too, as `serve` does (sqlx, under them,

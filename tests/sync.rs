@@ -1331,6 +1331,36 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
         (true, vec![String::new()])
     );
     bound.stop().await;
+    // The one-off commands too: their relay runs SCRAM-SHA-256-PLUS for sqlx (before
+    // session 35 they refused channel_binding=require). A wrong password is refused by
+    // the server, whose error sqlx reports; a server that does not offer the binding
+    // (no TLS: a Unix socket) is refused by the relay.
+    let pool = permd::db::pool(&scram(
+        ":pw-7f3a",
+        "&channel_binding=require&application_name=permd-cli-scram",
+    ))
+    .await
+    .expect("the one-off commands bind SCRAM to the TLS session");
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&pool)
+        .await
+        .expect("a query through the relay");
+    assert_eq!(user, "permd_scram");
+    pool.close().await;
+    let wrong = match permd::db::pool(&scram(":wrong", "&channel_binding=require")).await {
+        Ok(_) => panic!("connected with a wrong password"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(wrong.contains("password authentication failed"), "{wrong}");
+    let unix = format!("{} channel_binding=require password=pw", db.unix_url);
+    let unbound = match permd::db::pool(&unix).await {
+        Ok(_) => panic!("connected without TLS to bind"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        unbound.contains("channel_binding=require, and the connection has no TLS to bind"),
+        "{unbound}"
+    );
 
     // The CLI's pool reads the same options, through the relay: encrypted, with the
     // client's certificate.

@@ -18,14 +18,20 @@ use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding as Binding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::AbortHandle;
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{ChannelBinding, Host};
 use tokio_postgres::Config;
+use tokio_util::either::Either;
 
 use super::connect::{self, Settings};
+use super::conninfo::AuthMethod;
 use super::tap::Tap;
-use super::tls::Mode;
+use super::tls::{self, Mode};
 use super::Error;
 
 /// A relay from a private Unix socket to the server a database URL names. Dropped, it
@@ -43,8 +49,8 @@ impl Relay {
     /// Starts relaying to `config`'s server as `settings` ask (TLS, `require_auth`,
     /// `requirepeer`; all as `sync::read_url` read them), listening as port `port` (the
     /// name sqlx gives the socket, `.s.PGSQL.<port>`). `None` where no relay is wanted:
-    /// a Unix socket (never TLS, as in libpq) or `sslmode=disable`, with neither
-    /// `require_auth` nor `requirepeer`.
+    /// a Unix socket (never TLS, as in libpq) or `sslmode=disable`, with none of
+    /// `require_auth`, `requirepeer` and `channel_binding=require`.
     pub(crate) fn start(
         config: Config,
         settings: Settings,
@@ -52,7 +58,9 @@ impl Relay {
     ) -> Result<Option<Relay>, Error> {
         let unix = matches!(config.get_hosts().first(), Some(Host::Unix(_)))
             && config.get_hostaddrs().is_empty();
-        let checks = settings.libpq.require_auth.is_some() || settings.libpq.requirepeer.is_some();
+        let checks = settings.libpq.require_auth.is_some()
+            || settings.libpq.requirepeer.is_some()
+            || config.get_channel_binding() == ChannelBinding::Require;
         if (unix || settings.tls.mode == Mode::Disable) && !checks {
             return Ok(None);
         }
@@ -130,33 +138,165 @@ async fn accept(
     }
 }
 
-/// Carries one connection: a socket to the server (TLS as the URL asks), then every byte
-/// both ways until either side closes.
+/// Carries one connection: a socket to the server (TLS as the URL asks), the
+/// authentication run by the relay where sqlx cannot run it (`channel_binding=require`),
+/// then every byte both ways until either side closes.
 async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<Option<String>>>) {
-    match connect::open(&server.config, &server.settings).await {
-        Ok(socket) => {
-            let mut socket = Tap::default()
-                .on(socket)
-                .requiring(server.settings.libpq.require_auth);
-            // An error here is a side closing abruptly (sqlx sees its socket close), or
-            // the server refused by `require_auth`, which sqlx cannot know.
-            let carried = tokio::io::copy_bidirectional(&mut client, &mut socket).await;
-            if let Err(error) = carried {
-                if error.kind() == io::ErrorKind::PermissionDenied {
-                    *failure
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(format!("connect to postgres: {error}"));
-                }
-            }
-        }
-        Err(error) => {
-            // Recorded before `client` is dropped, which is when sqlx sees the failure.
-            *failure
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error.to_string());
+    let fail = |why: String| {
+        // Recorded before `client` is dropped, which is when sqlx sees the failure.
+        *failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+    };
+    let socket = match connect::open(&server.config, &server.settings).await {
+        Ok(socket) => socket,
+        Err(error) => return fail(error.to_string()),
+    };
+    let end_point = match &socket {
+        Either::Right(secure) => tls::end_point(secure),
+        Either::Left(_) => None,
+    };
+    let mut socket = Tap::default()
+        .on(socket)
+        .requiring(server.settings.libpq.require_auth);
+    if server.config.get_channel_binding() == ChannelBinding::Require {
+        let password = crate::sync::password(&server.config, &server.settings);
+        let bound = authenticate_bound(&mut client, &mut socket, password, end_point).await;
+        if let Err(why) = bound {
+            return fail(format!("connect to postgres: {why}"));
         }
     }
+    // An error here is a side closing abruptly (sqlx sees its socket close), or the
+    // server refused by `require_auth`, which sqlx cannot know.
+    let carried = tokio::io::copy_bidirectional(&mut client, &mut socket).await;
+    if let Err(error) = carried {
+        if error.kind() == io::ErrorKind::PermissionDenied {
+            fail(format!("connect to postgres: {error}"));
+        }
+    }
+}
+
+/// Runs the start-up of sqlx's connection on `client` with the server on `server`, the
+/// authentication by the relay: SCRAM-SHA-256-PLUS, bound to the TLS session by the hash
+/// of the server's certificate (`end_point`), as `channel_binding=require` asks and as
+/// sqlx cannot do. sqlx's start-up message is passed on; once the server has let the
+/// relay in (its SCRAM signature checked), sqlx is told it is in, and the rest of the
+/// start-up (parameters, the key, ready) reaches it as the server sends it. An error the
+/// server sends instead is passed on to sqlx as it is.
+async fn authenticate_bound<C, S>(
+    client: &mut C,
+    server: &mut S,
+    password: Option<Vec<u8>>,
+    end_point: Option<Vec<u8>>,
+) -> Result<(), String>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let io = |error: io::Error| error.to_string();
+    // The start-up message: its length (counting itself), then its body.
+    let length = client.read_i32().await.map_err(io)?;
+    let size = usize::try_from(length)
+        .ok()
+        .filter(|size| (8..=10_000).contains(size))
+        .ok_or_else(|| format!("a start-up message of {length} bytes from sqlx"))?;
+    let mut startup = vec![0; size - 4];
+    client.read_exact(&mut startup).await.map_err(io)?;
+    server.write_all(&length.to_be_bytes()).await.map_err(io)?;
+    server.write_all(&startup).await.map_err(io)?;
+    let Some(end_point) = end_point else {
+        return Err("channel_binding=require, and the connection has no TLS to bind".into());
+    };
+    let Some(password) = password else {
+        return Err("channel_binding=require, and no password is given for SCRAM".into());
+    };
+    let mut scram: Option<ScramSha256> = None;
+    let mut verified = false;
+    loop {
+        let (tag, body) = read_message(server).await.map_err(io)?;
+        let (code, data) = match (tag, body.split_first_chunk::<4>()) {
+            (b'R', Some((code, data))) => (i32::from_be_bytes(*code), data),
+            (b'E', _) => {
+                client.write_all(&message(tag, &body)).await.map_err(io)?;
+                return Ok(());
+            }
+            _ => {
+                return Err(format!(
+                    "the server sent {:?} during the authentication",
+                    char::from(tag)
+                ))
+            }
+        };
+        let mut out = BytesMut::new();
+        match (code, scram.as_mut()) {
+            (10, None) => {
+                let offered = data
+                    .split(|&byte| byte == 0)
+                    .any(|name| name == b"SCRAM-SHA-256-PLUS");
+                if !offered {
+                    return Err(
+                        "channel_binding=require, and the server did not offer SCRAM-SHA-256-PLUS"
+                            .into(),
+                    );
+                }
+                let binding = Binding::tls_server_end_point(end_point.clone());
+                let first = ScramSha256::new(&password, binding);
+                frontend::sasl_initial_response("SCRAM-SHA-256-PLUS", first.message(), &mut out)
+                    .map_err(io)?;
+                scram = Some(first);
+            }
+            (11, Some(scram)) => {
+                scram.update(data).map_err(io)?;
+                frontend::sasl_response(scram.message(), &mut out).map_err(io)?;
+            }
+            (12, Some(scram)) => {
+                scram.finish(data).map_err(io)?;
+                verified = true;
+            }
+            (0, _) if verified => {
+                client
+                    .write_all(&message(b'R', &0i32.to_be_bytes()))
+                    .await
+                    .map_err(io)?;
+                return Ok(());
+            }
+            (0, _) => {
+                return Err("channel_binding=require, and the server let the client in \
+                            without completing SCRAM authentication"
+                    .into())
+            }
+            (code, _) => {
+                let asked =
+                    AuthMethod::of_request(code).map_or("another method", AuthMethod::asked);
+                return Err(format!(
+                    "channel_binding=require, and the server asked for {asked}"
+                ));
+            }
+        }
+        server.write_all(&out).await.map_err(io)?;
+    }
+}
+
+/// One backend message: its tag and body.
+async fn read_message<S: AsyncRead + Unpin>(server: &mut S) -> io::Result<(u8, Vec<u8>)> {
+    let tag = server.read_u8().await?;
+    let length = server.read_i32().await?;
+    let size = usize::try_from(length)
+        .ok()
+        .filter(|size| (4..=1_000_000).contains(size))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a bad message length"))?;
+    let mut body = vec![0; size - 4];
+    server.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// A message of `tag` with `body`, framed.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let length = i32::try_from(body.len() + 4).unwrap_or(i32::MAX);
+    let mut framed = vec![tag];
+    framed.extend_from_slice(&length.to_be_bytes());
+    framed.extend_from_slice(body);
+    framed
 }
 
 /// Where the relay carries connections to, and how.
@@ -198,5 +338,69 @@ impl PrivateDir {
 impl Drop for PrivateDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the relay's authentication for sqlx does with what the server says first,
+    /// sqlx's start-up message passed on: its result, and what sqlx received.
+    async fn bound(
+        server_says: &[u8],
+        end_point: Option<Vec<u8>>,
+    ) -> (Result<(), String>, Vec<u8>) {
+        let (mut sqlx, mut client) = tokio::io::duplex(4096);
+        let (mut postgres, mut server) = tokio::io::duplex(4096);
+        let startup = [
+            &12i32.to_be_bytes()[..],
+            &196_608i32.to_be_bytes(),
+            b"\0\0\0\0",
+        ]
+        .concat();
+        sqlx.write_all(&startup[..12]).await.expect("write");
+        postgres.write_all(server_says).await.expect("write");
+        let result =
+            authenticate_bound(&mut client, &mut server, Some(b"pw".to_vec()), end_point).await;
+        let mut passed = vec![0; 12];
+        postgres
+            .read_exact(&mut passed)
+            .await
+            .expect("the start-up message");
+        assert_eq!(passed, startup[..12]);
+        drop(client);
+        let mut received = Vec::new();
+        sqlx.read_to_end(&mut received).await.expect("read");
+        (result, received)
+    }
+
+    /// The relay runs SCRAM-SHA-256-PLUS for sqlx or refuses, saying why: a server that
+    /// does not offer it, that lets the client in without it, or that asks for another
+    /// method, and a connection without TLS; a server's error is passed on to sqlx.
+    #[tokio::test]
+    async fn the_relay_binds_scram_or_refuses() {
+        let code =
+            |code: i32, rest: &[u8]| message(b'R', &[&code.to_be_bytes()[..], rest].concat());
+        let hash = Some(vec![7; 32]);
+        for (server_says, refused) in [
+            (
+                code(10, b"SCRAM-SHA-256\0\0"),
+                "the server did not offer SCRAM-SHA-256-PLUS",
+            ),
+            (code(0, b""), "without completing SCRAM authentication"),
+            (code(3, b""), "the server asked for a cleartext password"),
+            (code(5, b"salt"), "the server asked for an MD5 password"),
+        ] {
+            let (result, received) = bound(&server_says, hash.clone()).await;
+            let why = result.expect_err("refused");
+            assert!(why.contains(refused), "{why}");
+            assert!(received.is_empty(), "sqlx was told {received:?}");
+        }
+        let error = message(b'E', b"SFATAL\0Mno such role\0\0");
+        let (result, received) = bound(&error, hash).await;
+        assert_eq!((result, received), (Ok(()), error));
+        let (result, _) = bound(&code(10, b"SCRAM-SHA-256-PLUS\0\0"), None).await;
+        assert!(result.expect_err("refused").contains("no TLS to bind"));
     }
 }
