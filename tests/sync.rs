@@ -1347,16 +1347,10 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
         .expect("a query through the relay");
     assert_eq!(user, "permd_scram");
     pool.close().await;
-    let wrong = match permd::db::pool(&scram(":wrong", "&channel_binding=require")).await {
-        Ok(_) => panic!("connected with a wrong password"),
-        Err(error) => format!("{error:#}"),
-    };
+    let wrong = common::pool_refused(&scram(":wrong", "&channel_binding=require")).await;
     assert!(wrong.contains("password authentication failed"), "{wrong}");
     let unix = format!("{} channel_binding=require password=pw", db.unix_url);
-    let unbound = match permd::db::pool(&unix).await {
-        Ok(_) => panic!("connected without TLS to bind"),
-        Err(error) => format!("{error:#}"),
-    };
+    let unbound = common::pool_refused(&unix).await;
     assert!(
         unbound.contains("channel_binding=require, and the connection has no TLS to bind"),
         "{unbound}"
@@ -1646,10 +1640,7 @@ async fn require_auth_holds_the_server_to_the_methods_it_names() {
         (trusted("scram-sha-256"), "no authentication"),
         (unix("!none"), "no authentication"),
     ] {
-        let said = match permd::db::pool(&refused).await {
-            Ok(_) => panic!("{refused}: connected"),
-            Err(error) => format!("{error:#}"),
-        };
+        let said = common::pool_refused(&refused).await;
         assert!(
             said.contains(&format!("and the server asked for {asked}")),
             "{refused}: {said}"
@@ -1701,10 +1692,7 @@ async fn requirepeer_holds_a_unix_socket_server_to_its_user() {
     daemon.stop().await;
 
     let expected = format!("requirepeer=root, and the server runs as {owner}");
-    let said = match permd::db::pool(&unix("root")).await {
-        Ok(_) => panic!("connected to a server that does not run as root"),
-        Err(error) => format!("{error:#}"),
-    };
+    let said = common::pool_refused(&unix("root")).await;
     assert!(said.contains(&expected), "{said}");
     let daemon = TestDaemon::spawn(SyncConfig::new(unix("root")), patient());
     let error = daemon.failed_attempts(1).await;
@@ -1802,10 +1790,7 @@ async fn sslnegotiation_direct_starts_tls_at_once() {
     // A server that takes the handshake but not the ALPN name.
     let no_alpn = direct_tls_proxy(port, &cert_pem, &key_pem, false).await;
     let refused = url(no_alpn, "&sslnegotiation=direct");
-    let said = match permd::db::pool(&refused).await {
-        Ok(_) => panic!("connected without ALPN"),
-        Err(error) => format!("{error:#}"),
-    };
+    let said = common::pool_refused(&refused).await;
     assert!(
         said.contains("without agreeing to ALPN postgresql"),
         "{said}"

@@ -284,6 +284,15 @@ pub async fn database_on(cluster: &Cluster) -> TestDb {
     }
 }
 
+/// Why the one-off commands' pool refuses `url` (the error and its causes); fails the
+/// test if it connects.
+pub async fn pool_refused(url: &str) -> String {
+    match permd::db::pool(url).await {
+        Ok(_) => panic!("{url}: connected"),
+        Err(error) => format!("{error:#}"),
+    }
+}
+
 /// Creates a database on the shared cluster with the core and the reference model.
 pub async fn model_database() -> TestDb {
     let db = database().await;
