@@ -1700,10 +1700,9 @@ async fn requirepeer_holds_a_unix_socket_server_to_its_user() {
     daemon.stop().await;
 }
 
-/// A TLS-terminating proxy in front of the plain Postgres at `port`, as a Postgres 17
-/// server taking `sslnegotiation=direct` looks from outside: a TLS handshake at once,
-/// with `cert_pem`/`key_pem`, agreeing to ALPN `postgresql` if `alpn`. Its port.
-async fn direct_tls_proxy(port: u16, cert_pem: &str, key_pem: &str, alpn: bool) -> u16 {
+/// A TLS server's side of a handshake with `cert_pem`/`key_pem`, agreeing to ALPN
+/// `postgresql` if `alpn`.
+fn tls_acceptor(cert_pem: &str, key_pem: &str, alpn: bool) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject as _;
     let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -1719,7 +1718,14 @@ async fn direct_tls_proxy(port: u16, cert_pem: &str, key_pem: &str, alpn: bool) 
     if alpn {
         config.alpn_protocols = vec![b"postgresql".to_vec()];
     }
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// A TLS-terminating proxy in front of the plain Postgres at `port`, as a Postgres 17
+/// server taking `sslnegotiation=direct` looks from outside: a TLS handshake at once,
+/// with `cert_pem`/`key_pem`, agreeing to ALPN `postgresql` if `alpn`. Its port.
+async fn direct_tls_proxy(port: u16, cert_pem: &str, key_pem: &str, alpn: bool) -> u16 {
+    let acceptor = tls_acceptor(cert_pem, key_pem, alpn);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the proxy");
@@ -1738,6 +1744,104 @@ async fn direct_tls_proxy(port: u16, cert_pem: &str, key_pem: &str, alpn: bool) 
         }
     });
     proxy
+}
+
+/// A man in the middle of a TLS connection to Postgres: it answers the SSLRequest, takes
+/// the client's handshake with a certificate of its own CA, and relays everything, over
+/// TLS of its own, to the server at `port` (whose CA, `server_ca`, it trusts). Its port.
+async fn man_in_the_middle(port: u16, server_ca: &common::TestCa) -> u16 {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let impostor = common::TestCa::new("an impostor's CA");
+    let (cert_pem, key_pem) = impostor.sign(&["localhost"], "localhost");
+    let acceptor = tls_acceptor(&cert_pem, &key_pem, false);
+    let server_ca = rustls::pki_types::CertificateDer::from_pem_slice(server_ca.pem().as_bytes())
+        .expect("the server's CA");
+    let connector = common::tls_client(&[&server_ca]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let proxy = listener.local_addr().expect("the proxy's address").port();
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (acceptor, connector) = (acceptor.clone(), connector.clone());
+            tokio::spawn(async move {
+                let mut request = [0; 8];
+                client.read_exact(&mut request).await.ok()?;
+                client.write_all(b"S").await.ok()?;
+                let mut client = acceptor.accept(client).await.ok()?;
+                let mut server = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()?;
+                server.write_all(&SSL_REQUEST).await.ok()?;
+                (server.read_u8().await.ok()? == b'S').then_some(())?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+                let mut server = connector.connect(name, server).await.ok()?;
+                tokio::io::copy_bidirectional(&mut client, &mut server)
+                    .await
+                    .ok()
+            });
+        }
+    });
+    proxy
+}
+
+/// SCRAM bound to the TLS session defeats a man in the middle where the certificate is
+/// not checked (`sslmode=require`): the server compares the hash of the certificate the
+/// client saw (the impostor's) with its own and refuses, for the daemon (which binds by
+/// default, `channel_binding=prefer`) and for the one-off commands (whose relay binds
+/// for sqlx under `channel_binding=require`). Without the binding the same man in the
+/// middle gets through, which is what the binding is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_defeats_a_man_in_the_middle() {
+    let ca = common::TestCa::new("permd test CA");
+    let cluster = tls_cluster(&ca, 9, false);
+    let db = common::database_on(&cluster).await;
+    db.exec(
+        "CREATE ROLE permd_scram LOGIN PASSWORD 'pw-7f3a';
+         GRANT USAGE ON SCHEMA permd TO permd_scram;
+         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_scram;",
+    )
+    .await;
+    std::fs::write(
+        cluster.dir().join("data/pg_hba.conf"),
+        "hostssl all permd_scram 127.0.0.1/32 scram-sha-256\n\
+         local all all trust\nhost all all 127.0.0.1/32 trust\n",
+    )
+    .expect("write pg_hba.conf");
+    db.exec("SELECT pg_reload_conf()").await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let proxy = man_in_the_middle(cluster.port(), &ca).await;
+    let url = |options: &str| {
+        format!("postgres://permd_scram:pw-7f3a@localhost:{proxy}/{name}?sslmode=require{options}")
+    };
+    wait_until("the server to ask permd_scram for its password", || {
+        let url = url("&channel_binding=disable&password=wrong");
+        async move { permd::db::pool(&url).await.is_err() }
+    })
+    .await;
+
+    // Unbound, the man in the middle relays the whole session.
+    let unbound = TestDaemon::start(&url("&channel_binding=disable")).await;
+    unbound.stop().await;
+    let pool = permd::db::pool(&url("")).await.expect("sqlx, unbound");
+    pool.close().await;
+    // Bound, the server refuses.
+    for options in ["", "&channel_binding=require"] {
+        let daemon = TestDaemon::spawn(SyncConfig::new(url(options)), patient());
+        let error = daemon.failed_attempts(1).await;
+        assert!(
+            error.contains("SCRAM channel binding check failed"),
+            "{options}: {error}"
+        );
+        daemon.stop().await;
+    }
+    let said = common::pool_refused(&url("&channel_binding=require")).await;
+    assert!(
+        said.contains("SCRAM channel binding check failed"),
+        "{said}"
+    );
 }
 
 /// libpq's `sslnegotiation=direct` (Postgres 17): the TLS handshake at once, without an
