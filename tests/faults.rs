@@ -531,30 +531,35 @@ async fn loaded_again_exactly(daemon: &TestDaemon, db: &TestDb) -> permd::sync::
 
 /// The sync connection ends in the middle of a full load's COPY (its backend terminated
 /// while the rows stream through the socket's tap): the load fails, the applier reconnects
-/// and loads again, and the mirror is exact.
+/// and loads again, and the mirror is exact. The connection is held in a proxy 1 MiB into
+/// the COPY while the backend is terminated, so the COPY is surely under way (on a fast
+/// host a COPY looked for in `pg_stat_activity` could end before it was found).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
     let db = database().await;
     fill_a_long_copy(&db).await;
+    let (proxy, url) = Proxy::in_front_of(&db.url, 1 << 20).await;
     let started = Instant::now();
-    let url = db.url.clone();
     let daemon = tokio::spawn(async move { TestDaemon::start(&url).await });
-    let pool = db.pool.clone();
-    wait_until("the full load's COPY, to terminate its backend", || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
-                 FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'permd'
-                   AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("look for the COPY")
-        }
+    wait_until("the full load's connection to be held in its COPY", || {
+        std::future::ready(proxy.frozen().is_some())
     })
     .await;
+    let terminated: bool = sqlx::query_scalar(
+        "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
+         FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'permd'
+           AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("terminate the COPY's backend");
+    assert!(terminated, "no COPY under way to terminate");
+    proxy
+        .frozen()
+        .expect("the held connection")
+        .resumed
+        .cancel();
     let terminated = started.elapsed();
     let daemon = daemon.await.expect("the daemon starts");
     let report = loaded_again_exactly(&daemon, &db).await;
@@ -980,31 +985,41 @@ async fn a_poll_kept_waiting_by_a_lock_says_so_and_resumes_without_a_reload() {
     daemon.stop().await;
 }
 
-/// A TCP proxy in front of a test database, whose connections a test can freeze: the
-/// network that stops carrying a connection's bytes, or the server that stops sending
-/// them, as permd sees either. (Stopping the backend itself with SIGSTOP, as this test did
-/// before, can stop it holding one of the cluster's shared locks, which every new
-/// connection to the shared cluster then waits for.)
+/// A TCP proxy in front of a test database that freezes the first connection to carry
+/// more than a given number of bytes from Postgres: the network that stops carrying a
+/// connection's bytes, or the server that stops sending them, as permd sees either, at a
+/// point the test chooses rather than one it races to catch. (Stopping the backend itself
+/// with SIGSTOP, as this test did before, can stop it holding one of the cluster's shared
+/// locks, which every new connection to the shared cluster then waits for.)
 struct Proxy {
-    /// The connections made through the proxy, by the port of their socket to Postgres
-    /// (`client_port` in Postgres's `pg_stat_activity`).
-    links: Arc<std::sync::Mutex<std::collections::HashMap<u16, Arc<Link>>>>,
+    freeze: Arc<Freeze>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// Which connection a [`Proxy`] freezes, and the one it froze.
+struct Freeze {
+    /// Bytes from Postgres past which a connection is frozen.
+    after: u64,
+    /// The connection frozen, once one is.
+    frozen: std::sync::Mutex<Option<Arc<Link>>>,
 }
 
 /// One connection through a [`Proxy`].
 #[derive(Default)]
 struct Link {
-    /// Cancelled to stop forwarding what Postgres sends, for good.
+    /// Cancelled to stop forwarding what Postgres sends, until `resumed`.
     frozen: CancellationToken,
+    /// Cancelled to forward again what Postgres sends (and has sent meanwhile).
+    resumed: CancellationToken,
     /// Cancelled when the connection has ended, on either side.
     closed: CancellationToken,
 }
 
 impl Proxy {
-    /// Starts a proxy in front of the database at `url` (`postgres://…@127.0.0.1:PORT/…`);
-    /// returns it and the same URL through it.
-    async fn in_front_of(url: &str) -> (Self, String) {
+    /// Starts a proxy in front of the database at `url` (`postgres://…@127.0.0.1:PORT/…`)
+    /// that freezes the first connection to carry more than `freeze_after` bytes from
+    /// Postgres; returns it and the same URL through it.
+    async fn in_front_of(url: &str, freeze_after: u64) -> (Self, String) {
         let (head, tail) = url.rsplit_once(':').expect("a URL with a port");
         let (port, database) = tail.split_once('/').expect("a URL with a database");
         let target = format!("127.0.0.1:{port}");
@@ -1015,30 +1030,26 @@ impl Proxy {
             "{head}:{}/{database}",
             listener.local_addr().expect("proxy address").port()
         );
-        let links = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-        let known = Arc::clone(&links);
+        let freeze = Arc::new(Freeze {
+            after: freeze_after,
+            frozen: std::sync::Mutex::new(None),
+        });
+        let freezes = Arc::clone(&freeze);
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
                     continue;
                 };
-                let port = server.local_addr().expect("proxy's own address").port();
                 let link = Arc::new(Link::default());
-                known.lock().expect("links").insert(port, Arc::clone(&link));
-                tokio::spawn(link.forward(client, server));
+                tokio::spawn(link.forward(client, server, Arc::clone(&freezes)));
             }
         });
-        (Self { links, accept }, proxied)
+        (Self { freeze, accept }, proxied)
     }
 
-    /// The connection whose socket to Postgres has local port `port`.
-    fn link(&self, port: u16) -> Arc<Link> {
-        let links = self.links.lock().expect("links");
-        Arc::clone(
-            links
-                .get(&port)
-                .expect("a connection made through the proxy"),
-        )
+    /// The connection frozen, once one is.
+    fn frozen(&self) -> Option<Arc<Link>> {
+        self.freeze.frozen.lock().expect("frozen").clone()
     }
 }
 
@@ -1050,19 +1061,41 @@ impl Drop for Proxy {
 
 impl Link {
     /// Carries bytes both ways until either side ends the connection, then closes both
-    /// sockets (so that a backend left waiting to send ends too).
+    /// sockets (so that a backend left waiting to send ends too); freezes what Postgres
+    /// sends once it is past `freeze.after` bytes, if no connection is frozen yet, until
+    /// it is resumed.
     async fn forward(
         self: Arc<Self>,
         client: tokio::net::TcpStream,
         server: tokio::net::TcpStream,
+        freeze: Arc<Freeze>,
     ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (mut from_client, mut to_client) = client.into_split();
         let (mut from_server, mut to_server) = server.into_split();
         let up = tokio::io::copy(&mut from_client, &mut to_server);
         let down = async {
-            tokio::select! {
-                _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
-                () = self.frozen.cancelled() => std::future::pending().await,
+            let mut carried = 0;
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = match from_server.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                carried += n as u64;
+                if carried > freeze.after {
+                    let mut frozen = freeze.frozen.lock().expect("frozen");
+                    if frozen.is_none() {
+                        *frozen = Some(Arc::clone(&self));
+                        self.frozen.cancel();
+                    }
+                }
+                if self.frozen.is_cancelled() {
+                    self.resumed.cancelled().await;
+                }
+                if to_client.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
             }
         };
         tokio::select! {
@@ -1084,34 +1117,19 @@ impl Link {
 async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
     let db = database().await;
     fill_a_long_copy(&db).await;
-    let (proxy, url) = Proxy::in_front_of(&db.url).await;
+    // 1 MiB from Postgres is well into the COPY of 300,000 rows (~12 MB).
+    let (proxy, url) = Proxy::in_front_of(&db.url, 1 << 20).await;
     let mut sync = SyncConfig::new(&url);
     sync.query_timeout = Duration::from_millis(1000);
     sync.max_backoff = Duration::from_millis(400);
     let started = Instant::now();
     let daemon = TestDaemon::spawn(sync, patient());
-    let pool = db.pool.clone();
-    let backend = std::sync::Mutex::new(0);
-    wait_until("the full load's COPY, to freeze its connection", || {
-        let pool = pool.clone();
-        let found = &backend;
-        async move {
-            let port: Option<i32> = sqlx::query_scalar(
-                "SELECT client_port FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'permd'
-                   AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
-            )
-            .fetch_optional(&pool)
-            .await
-            .expect("look for the COPY");
-            *found.lock().expect("lock") = port.unwrap_or_default();
-            port.is_some()
-        }
-    })
+    wait_until(
+        "the full load's connection to be frozen in its COPY",
+        || std::future::ready(proxy.frozen().is_some()),
+    )
     .await;
-    let port = u16::try_from(*backend.lock().expect("lock")).expect("a TCP connection");
-    let link = proxy.link(port);
-    link.frozen.cancel();
+    let link = proxy.frozen().expect("the frozen connection");
     let stalled = started.elapsed();
     daemon
         .wait_for("ready", || daemon.status.is_ready(60.0))
