@@ -1296,20 +1296,7 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
     }
     // SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS): with channel_binding=require,
     // the server checks permd's hash of its certificate against its own, or refuses it.
-    db.exec(
-        "CREATE ROLE permd_scram LOGIN PASSWORD 'pw-7f3a';
-         GRANT USAGE ON SCHEMA permd TO permd_scram;
-         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_scram;",
-    )
-    .await;
-    std::fs::write(
-        cluster.dir().join("data/pg_hba.conf"),
-        "hostssl all permd_scram 127.0.0.1/32 scram-sha-256\n\
-         hostssl all permd_scram ::1/128 scram-sha-256\n\
-         local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
-    )
-    .expect("write pg_hba.conf");
-    db.exec("SELECT pg_reload_conf()").await;
+    scram_over_tls(&db, &cluster).await;
     let scram = |password: &str, options: &str| {
         format!(
             "postgres://permd_scram{password}@localhost:{}/{name}?sslmode=verify-full&sslrootcert={trusted}{options}",
@@ -1746,6 +1733,26 @@ async fn direct_tls_proxy(port: u16, cert_pem: &str, key_pem: &str, alpn: bool) 
     proxy
 }
 
+/// Role `permd_scram` (password `pw-7f3a`), which may read the set, authenticated by
+/// SCRAM over TLS only (`hostssl`), everyone else trusted; the server's configuration
+/// reloaded.
+async fn scram_over_tls(db: &TestDb, cluster: &permd::embedded::Cluster) {
+    db.exec(
+        "CREATE ROLE permd_scram LOGIN PASSWORD 'pw-7f3a';
+         GRANT USAGE ON SCHEMA permd TO permd_scram;
+         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_scram;",
+    )
+    .await;
+    std::fs::write(
+        cluster.dir().join("data/pg_hba.conf"),
+        "hostssl all permd_scram 127.0.0.1/32 scram-sha-256\n\
+         hostssl all permd_scram ::1/128 scram-sha-256\n\
+         local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+    )
+    .expect("write pg_hba.conf");
+    db.exec("SELECT pg_reload_conf()").await;
+}
+
 /// A man in the middle of a TLS connection to Postgres: it answers the SSLRequest, takes
 /// the client's handshake with a certificate of its own CA, and relays everything, over
 /// TLS of its own, to the server at `port` (whose CA, `server_ca`, it trusts). Its port.
@@ -1798,19 +1805,7 @@ async fn channel_binding_defeats_a_man_in_the_middle() {
     let ca = common::TestCa::new("permd test CA");
     let cluster = tls_cluster(&ca, 9, false);
     let db = common::database_on(&cluster).await;
-    db.exec(
-        "CREATE ROLE permd_scram LOGIN PASSWORD 'pw-7f3a';
-         GRANT USAGE ON SCHEMA permd TO permd_scram;
-         GRANT SELECT ON ALL TABLES IN SCHEMA permd TO permd_scram;",
-    )
-    .await;
-    std::fs::write(
-        cluster.dir().join("data/pg_hba.conf"),
-        "hostssl all permd_scram 127.0.0.1/32 scram-sha-256\n\
-         local all all trust\nhost all all 127.0.0.1/32 trust\n",
-    )
-    .expect("write pg_hba.conf");
-    db.exec("SELECT pg_reload_conf()").await;
+    scram_over_tls(&db, &cluster).await;
     let name = db.url.rsplit('/').next().expect("a database name");
     let proxy = man_in_the_middle(cluster.port(), &ca).await;
     let url = |options: &str| {
