@@ -1272,10 +1272,8 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
             "give that CA's PEM file as sslrootcert",
         ),
     ] {
-        let daemon = TestDaemon::spawn(SyncConfig::new(&url), patient());
-        let error = daemon.failed_attempts(1).await;
+        let error = common::daemon_refused(&url).await;
         assert!(error.contains(expected), "{url}: {error}");
-        daemon.stop().await;
     }
 
     // verify-ca checks the CA only; require and prefer (the default) check nothing.
@@ -1636,13 +1634,11 @@ async fn require_auth_holds_the_server_to_the_methods_it_names() {
             said.contains(&format!("and the server asked for {asked}")),
             "{refused}: {said}"
         );
-        let daemon = TestDaemon::spawn(SyncConfig::new(refused.clone()), patient());
-        let error = daemon.failed_attempts(1).await;
+        let error = common::daemon_refused(&refused).await;
         assert!(
             error.contains(&format!("and the server asked for {asked}")),
             "{refused}: {error}"
         );
-        daemon.stop().await;
     }
     let unix_allowed = unix("none");
     let pool = permd::db::pool(&unix_allowed)
@@ -1685,10 +1681,8 @@ async fn requirepeer_holds_a_unix_socket_server_to_its_user() {
     let expected = format!("requirepeer=root, and the server runs as {owner}");
     let said = common::pool_refused(&unix("root")).await;
     assert!(said.contains(&expected), "{said}");
-    let daemon = TestDaemon::spawn(SyncConfig::new(unix("root")), patient());
-    let error = daemon.failed_attempts(1).await;
+    let error = common::daemon_refused(&unix("root")).await;
     assert!(error.contains(&expected), "{error}");
-    daemon.stop().await;
 }
 
 /// A TLS server's side of a handshake with `cert_pem`/`key_pem`, agreeing to ALPN
@@ -1828,13 +1822,11 @@ async fn channel_binding_defeats_a_man_in_the_middle() {
     pool.close().await;
     // Bound, the server refuses.
     for options in ["", "&channel_binding=require"] {
-        let daemon = TestDaemon::spawn(SyncConfig::new(url(options)), patient());
-        let error = daemon.failed_attempts(1).await;
+        let error = common::daemon_refused(&url(options)).await;
         assert!(
             error.contains("SCRAM channel binding check failed"),
             "{options}: {error}"
         );
-        daemon.stop().await;
     }
     let said = common::pool_refused(&url("&channel_binding=require")).await;
     assert!(
@@ -1898,13 +1890,11 @@ async fn sslnegotiation_direct_starts_tls_at_once() {
         said.contains("without agreeing to ALPN postgresql"),
         "{said}"
     );
-    let daemon = TestDaemon::spawn(SyncConfig::new(refused), patient());
-    let error = daemon.failed_attempts(1).await;
+    let error = common::daemon_refused(&refused).await;
     assert!(
         error.contains("without agreeing to ALPN postgresql"),
         "{error}"
     );
-    daemon.stop().await;
 
     let weak = format!("{}?sslnegotiation=direct&sslmode=prefer", db.url);
     let why = permd::sync::check_database_url(&weak)

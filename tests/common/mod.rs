@@ -284,6 +284,15 @@ pub async fn database_on(cluster: &Cluster) -> TestDb {
     }
 }
 
+/// Why a daemon of `url` cannot connect: the error its first failed attempt reports
+/// (it is then stopped).
+pub async fn daemon_refused(url: &str) -> String {
+    let daemon = TestDaemon::spawn(SyncConfig::new(url), patient());
+    let error = daemon.failed_attempts(1).await;
+    daemon.stop().await;
+    error
+}
+
 /// Why the one-off commands' pool refuses `url` (the error and its causes); fails the
 /// test if it connects.
 pub async fn pool_refused(url: &str) -> String {
