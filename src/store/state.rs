@@ -179,7 +179,7 @@ impl<'a> Held<'a> {
 /// a binary search and listing is a scan of exactly this subject's objects; and limits.
 /// 32 bytes, so that a map bucket (key and entry) is 56 instead of 80: a quarter less
 /// memory at 10M tuples (benches/README.md; checks measured no faster or slower).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct SubjectEntry {
     grants: Grants,
     // Behind one pointer: most subjects have no limits. Slices, not `Vec`s (no capacity):
@@ -195,7 +195,7 @@ const _: () = assert!(std::mem::size_of::<SubjectEntry>() == 32);
 /// separate (not a pair) so that the enum's tag fits beside the object id: 24 bytes.
 /// Several grants are packed in the generation's `Arena` when the full load builds them
 /// (`Packed`), and in the heap (`Many`) when the applier writes them or they do not pack.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Grants {
     One { object: u32, grant: Grant },
     Many(Box<[(u32, Grant)]>),
@@ -1129,7 +1129,7 @@ impl StateBuilder {
         let new = self
             .state
             .subjects
-            .insert_new(&self.subject, || SubjectEntry {
+            .load_new(&self.subject, || SubjectEntry {
                 grants: grants_of(run, tuples, packed),
                 limits: Thin::default(),
             });
@@ -1164,7 +1164,7 @@ impl StateBuilder {
             ..
         } = self;
         for (subject, mut rows) in scattered {
-            let Some(mut entry) = state.subjects.get_mut(&subject) else {
+            let Some(entry) = state.subjects.loaded_mut(&subject) else {
                 continue; // never: a subject is scattered only once it has an entry
             };
             for (object, grant) in std::mem::take(&mut entry.grants).into_vec(&state.packed) {
@@ -1186,7 +1186,7 @@ impl StateBuilder {
         for (subject, mut rows) in limits {
             rows.sort_unstable();
             limit_rows += rows.len() as u64;
-            state.subjects.entry_or_default(&subject).limits = rows.into();
+            state.subjects.loaded_or_default(&subject).limits = rows.into();
         }
         state.note_public(WILDCARD);
         state.tuples.store(tuples, Ordering::Relaxed);
@@ -1494,6 +1494,59 @@ mod tests {
         threads
             .into_iter()
             .for_each(|t| t.join().expect("no thread panics"));
+    }
+
+    /// Checks on many threads while the writer makes each loaded subject's first write
+    /// (which moves its entry to the written tier) and then a second: a check never
+    /// misses what the subject held all along, one by one or in a batch.
+    #[test]
+    fn checks_see_every_loaded_subject_while_the_writer_moves_it() {
+        const SUBJECTS: usize = 3_000;
+        let mut builder = StateBuilder::new();
+        for s in 0..SUBJECTS {
+            for o in 0..4 {
+                builder.tuple(&subject_name(s as u64), &format!("doc:{o}"), "p0", None);
+            }
+        }
+        let state = Arc::new(builder.finish());
+        let names: Arc<Vec<String>> = Arc::new((0..SUBJECTS as u64).map(subject_name).collect());
+        let writing = Arc::new(AtomicBool::new(true));
+        let readers: Vec<_> = (0..3)
+            .map(|t| {
+                let (state, names, writing) = (state.clone(), names.clone(), writing.clone());
+                std::thread::spawn(move || {
+                    let mut rounds = 0;
+                    while writing.load(Ordering::Acquire) || rounds == 0 {
+                        for (i, name) in names.iter().enumerate().skip(t) {
+                            let object = ["doc:0", "doc:3"][i % 2];
+                            assert!(state.check(name, "p0", object, &mut Now::lazy()), "{name}");
+                        }
+                        let batch = names.iter().map(|n| (n.as_str(), "p0", "doc:1"));
+                        let answers = state.check_many(batch, &mut Now::lazy());
+                        assert!(answers.iter().all(|a| *a), "a batch missed a subject");
+                        rounds += 1;
+                    }
+                    rounds
+                })
+            })
+            .collect();
+        for name in names.iter() {
+            state.set_grant(name, "doc:9", &[row("p1", None)]);
+        }
+        for name in names.iter() {
+            state.set_grant(name, "doc:9", &[]);
+        }
+        writing.store(false, Ordering::Release);
+        for reader in readers {
+            assert!(reader.join().expect("no reader panics") > 0);
+        }
+        assert_eq!(state.subject_count(), SUBJECTS);
+        assert_eq!(state.tuple_count(), 4 * SUBJECTS as u64);
+        let name = &names[7];
+        assert!(matches!(
+            state.subjects.get(name),
+            Some(super::super::subjects::Ref::Short(_) | super::super::subjects::Ref::Long(_))
+        ));
     }
 
     #[test]

@@ -1,18 +1,30 @@
-//! The subject map: subject name to entry, in two `DashMap`s chosen by the name's length
+//! The subject map: subject name to entry, in two maps chosen by the name's length
 //! (`key.rs`), so that a name of up to 46 bytes sits inline in its bucket without making
 //! a short name's bucket larger. A name's length picks its map, so a subject is only ever
 //! in one of them, and no write moves it. A single check on a short name (and `*`) reads
-//! the short map directly (`State::check`), as it did when it was the only map.
+//! the short map directly (`State::check`).
 //!
 //! With `user:` and a UUID (41 bytes) in the heap, a cold object check took 154 to 183 ns
 //! against 98 to 113 for `user:N`; in one map with 48-byte keys, UUID-named subjects were
 //! as fast but short names ~8 % slower; in two maps, UUID-named subjects take 125 to 142
 //! ns and short names are unchanged (benches/README.md, `store`).
+//!
+//! Each map is in two tiers. What the full load built is a plain hashbrown table that no
+//! one changes once the generation is shared (`loaded`), read with no lock: no locked
+//! instruction on a check's path, so the CPU overlaps one check's cache misses with the
+//! next one's, and a check in cache saves the shard lock's ~5 ns. What the applier writes
+//! goes to a `DashMap` (`written`): before its first write to a loaded subject, the
+//! applier copies the entry there, under the shard's write lock, and marks the loaded
+//! entry moved; a reader that finds it moved reads the written tier, behind that lock, so
+//! it sees the entry before the write or after it, never a part of it. A subject the load
+//! did not have is only ever in the written tier. The loaded entries of moved subjects
+//! stay, unread, until the next full load.
 
+use std::borrow::Borrow;
 use std::hash::Hash;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one;
 use dashmap::DashMap;
 
@@ -21,12 +33,84 @@ use super::{Hasher, Name};
 
 /// Subject name to `V`, in the map its length picks.
 pub(super) struct Subjects<V> {
-    pub(super) short: DashMap<Name, V, Hasher>,
-    pub(super) long: DashMap<LongKey, V, Hasher>,
+    pub(super) short: Tier<Name, V>,
+    pub(super) long: Tier<LongKey, V>,
 }
 
-/// A read-locked entry of either map.
+/// One map's two tiers (see the module's comment).
+pub(super) struct Tier<K, V> {
+    /// Filled by the full load through `&mut` and never changed once shared, but for the
+    /// entries' `moved` flags.
+    loaded: hashbrown::HashMap<K, Loaded<V>, Hasher>,
+    /// Subjects written since the load, and subjects the load did not have.
+    written: DashMap<K, V, Hasher>,
+    /// Loaded entries marked moved, for `len`; kept by the single writer.
+    moved: AtomicUsize,
+}
+
+/// A loaded entry, and whether it has moved to the written tier.
+struct Loaded<V> {
+    value: V,
+    moved: AtomicBool,
+}
+
+/// What the two maps' keys have in common.
+pub(super) trait Key: Eq + Hash + for<'a> From<&'a str> + Borrow<Self::Lookup> {
+    /// What a look-up hashes and compares: the name, or its bytes.
+    type Lookup: ?Sized + Eq + Hash;
+    fn lookup(name: &str) -> &Self::Lookup;
+    fn name(&self) -> &str;
+    fn written<V>(entry: one::Ref<'_, Self, V>) -> Ref<'_, V>;
+    fn written_mut<V>(entry: one::RefMut<'_, Self, V>) -> RefMut<'_, V>;
+}
+
+impl Key for Name {
+    type Lookup = str;
+
+    #[inline]
+    fn lookup(name: &str) -> &str {
+        name
+    }
+
+    fn name(&self) -> &str {
+        self.as_str()
+    }
+
+    #[inline]
+    fn written<V>(entry: one::Ref<'_, Self, V>) -> Ref<'_, V> {
+        Ref::Short(entry)
+    }
+
+    fn written_mut<V>(entry: one::RefMut<'_, Self, V>) -> RefMut<'_, V> {
+        RefMut::Short(entry)
+    }
+}
+
+impl Key for LongKey {
+    type Lookup = [u8];
+
+    #[inline]
+    fn lookup(name: &str) -> &[u8] {
+        name.as_bytes()
+    }
+
+    fn name(&self) -> &str {
+        self.as_str()
+    }
+
+    #[inline]
+    fn written<V>(entry: one::Ref<'_, Self, V>) -> Ref<'_, V> {
+        Ref::Long(entry)
+    }
+
+    fn written_mut<V>(entry: one::RefMut<'_, Self, V>) -> RefMut<'_, V> {
+        RefMut::Long(entry)
+    }
+}
+
+/// An entry of either map: a loaded one, or a read-locked written one.
 pub(super) enum Ref<'a, V> {
+    Loaded(&'a V),
     Short(one::Ref<'a, Name, V>),
     Long(one::Ref<'a, LongKey, V>),
 }
@@ -37,13 +121,14 @@ impl<V> Deref for Ref<'_, V> {
     #[inline]
     fn deref(&self) -> &V {
         match self {
+            Self::Loaded(entry) => entry,
             Self::Short(entry) => entry.value(),
             Self::Long(entry) => entry.value(),
         }
     }
 }
 
-/// A write-locked entry of either map.
+/// A write-locked entry of either map's written tier.
 pub(super) enum RefMut<'a, V> {
     Short(one::RefMut<'a, Name, V>),
     Long(one::RefMut<'a, LongKey, V>),
@@ -69,114 +154,254 @@ impl<V> DerefMut for RefMut<'_, V> {
     }
 }
 
-impl<V: Default> Subjects<V> {
-    /// Room for `capacity` short names; the long names' map starts empty and grows.
+impl<K: Key, V: Default + Clone> Tier<K, V> {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            loaded: hashbrown::HashMap::with_hasher(Hasher::default()),
+            written: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
+            moved: AtomicUsize::new(0),
+        }
+    }
+
+    /// The loaded entry of `name`, if it has one that has not moved.
+    #[inline]
+    fn loaded(&self, name: &str) -> Option<&Loaded<V>> {
+        self.loaded
+            .get(K::lookup(name))
+            .filter(|loaded| !loaded.moved.load(Ordering::Acquire))
+    }
+
+    #[inline]
+    pub(super) fn get(&self, name: &str) -> Option<Ref<'_, V>> {
+        match self.loaded(name) {
+            Some(loaded) => Some(Ref::Loaded(&loaded.value)),
+            None => self.written.get(K::lookup(name)).map(K::written),
+        }
+    }
+
+    /// The written entry of `name`, a loaded one copied there first. For the single writer.
+    fn get_mut(&self, name: &str) -> Option<RefMut<'_, V>> {
+        match self.loaded(name) {
+            Some(loaded) => Some(self.move_to_written(name, loaded)),
+            None => self.written.get_mut(K::lookup(name)).map(K::written_mut),
+        }
+    }
+
+    fn entry_or_default(&self, name: &str) -> RefMut<'_, V> {
+        match self.loaded(name) {
+            Some(loaded) => self.move_to_written(name, loaded),
+            None => K::written_mut(self.written.entry(K::from(name)).or_default()),
+        }
+    }
+
+    /// Copies `loaded`, the loaded entry of `name`, to the written tier and marks it
+    /// moved while the copy is write-locked: a reader that sees the mark waits for the
+    /// lock, so it reads the entry as the caller leaves it.
+    fn move_to_written(&self, name: &str, loaded: &Loaded<V>) -> RefMut<'_, V> {
+        let entry = self
+            .written
+            .entry(K::from(name))
+            .insert(loaded.value.clone());
+        self.mark_moved(loaded);
+        K::written_mut(entry)
+    }
+
+    fn mark_moved(&self, loaded: &Loaded<V>) {
+        loaded.moved.store(true, Ordering::Release);
+        // Only the single writer moves entries, so load-then-store cannot lose one.
+        self.moved
+            .store(self.moved.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    fn remove_if(&self, name: &str, remove: impl FnOnce(&V) -> bool) {
+        match self.loaded(name) {
+            Some(loaded) => {
+                if remove(&loaded.value) {
+                    self.mark_moved(loaded);
+                }
+            }
+            None => {
+                self.written.remove_if(K::lookup(name), |_, v| remove(v));
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.loaded.len() - self.moved.load(Ordering::Relaxed) + self.written.len()
+    }
+
+    /// Calls `f` with every entry, each subject once even while the writer moves entries:
+    /// a loaded subject is read in the tier it is in when its turn comes.
+    fn for_each(&self, f: &mut impl FnMut(&str, &V)) {
+        for (key, loaded) in &self.loaded {
+            if !loaded.moved.load(Ordering::Acquire) {
+                f(key.name(), &loaded.value);
+            } else if let Some(entry) = self.written.get(key.borrow()) {
+                f(key.name(), entry.value());
+            }
+        }
+        for entry in &self.written {
+            if !self.loaded.contains_key(entry.key().borrow()) {
+                f(entry.key().name(), entry.value());
+            }
+        }
+    }
+
+    /// For the full load, which owns the state: a new loaded entry for `name` from
+    /// `value()` if it has none yet; whether it did.
+    fn load_new(&mut self, name: &str, value: impl FnOnce() -> V) -> bool {
+        match self.loaded.entry(K::from(name)) {
+            hashbrown::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(Loaded {
+                    value: value(),
+                    moved: AtomicBool::new(false),
+                });
+                true
+            }
+            hashbrown::hash_map::Entry::Occupied(_) => false,
+        }
+    }
+
+    /// For the full load: the loaded entry of `name`, a default one inserted if it has none.
+    fn loaded_or_default(&mut self, name: &str) -> &mut V {
+        &mut self
+            .loaded
+            .entry(K::from(name))
+            .or_insert_with(|| Loaded {
+                value: V::default(),
+                moved: AtomicBool::new(false),
+            })
+            .value
+    }
+
+    fn loaded_mut(&mut self, name: &str) -> Option<&mut V> {
+        self.loaded
+            .get_mut(K::lookup(name))
+            .map(|loaded| &mut loaded.value)
+    }
+}
+
+impl<V: Default + Clone> Subjects<V> {
+    /// Room for `capacity` short names written after the load; the rest start empty.
     pub(super) fn with_capacity(capacity: usize) -> Self {
         Self {
-            short: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
-            long: DashMap::with_hasher(Hasher::default()),
+            short: Tier::with_capacity(capacity),
+            long: Tier::with_capacity(0),
         }
     }
 
     #[inline]
     pub(super) fn get(&self, subject: &str) -> Option<Ref<'_, V>> {
         if is_short(subject) {
-            self.short.get(subject).map(Ref::Short)
+            self.short.get(subject)
         } else {
-            self.long.get(subject.as_bytes()).map(Ref::Long)
+            self.long.get(subject)
         }
     }
 
+    /// The written entry of `subject` (copied from the loaded tier first if it is there).
+    /// For the single writer, as are `entry_or_default` and `remove_if`.
     pub(super) fn get_mut(&self, subject: &str) -> Option<RefMut<'_, V>> {
         if is_short(subject) {
-            self.short.get_mut(subject).map(RefMut::Short)
+            self.short.get_mut(subject)
         } else {
-            self.long.get_mut(subject.as_bytes()).map(RefMut::Long)
+            self.long.get_mut(subject)
         }
     }
 
     /// The entry of `subject`, a default one inserted if it has none.
     pub(super) fn entry_or_default(&self, subject: &str) -> RefMut<'_, V> {
         if is_short(subject) {
-            RefMut::Short(self.short.entry(subject.into()).or_default())
+            self.short.entry_or_default(subject)
         } else {
-            RefMut::Long(self.long.entry(subject.into()).or_default())
-        }
-    }
-
-    /// Inserts `value()` for `subject` if it has no entry yet; whether it did.
-    pub(super) fn insert_new(&self, subject: &str, value: impl FnOnce() -> V) -> bool {
-        fn insert<K: Eq + Hash, V>(entry: Entry<'_, K, V>, value: impl FnOnce() -> V) -> bool {
-            match entry {
-                Entry::Vacant(vacant) => {
-                    vacant.insert(value());
-                    true
-                }
-                Entry::Occupied(_) => false,
-            }
-        }
-        if is_short(subject) {
-            insert(self.short.entry(subject.into()), value)
-        } else {
-            insert(self.long.entry(subject.into()), value)
+            self.long.entry_or_default(subject)
         }
     }
 
     /// Removes `subject` if `remove` says so of its entry.
     pub(super) fn remove_if(&self, subject: &str, remove: impl FnOnce(&V) -> bool) {
         if is_short(subject) {
-            self.short.remove_if(subject, |_, v| remove(v));
+            self.short.remove_if(subject, remove);
         } else {
-            self.long.remove_if(subject.as_bytes(), |_, v| remove(v));
+            self.long.remove_if(subject, remove);
         }
     }
 
     pub(super) fn contains(&self, subject: &str) -> bool {
-        if is_short(subject) {
-            self.short.contains_key(subject)
-        } else {
-            self.long.contains_key(subject.as_bytes())
-        }
+        self.get(subject).is_some()
     }
 
     pub(super) fn len(&self) -> usize {
         self.short.len() + self.long.len()
     }
 
-    /// Shards of the short names' map: a reader that holds every shard (`read_all`) only
-    /// pays for it past this many look-ups.
-    pub(super) fn shard_count(&self) -> usize {
-        self.short.shards().len()
+    /// For the full load, which owns the state: inserts `value()` for `subject` if it has
+    /// no entry yet; whether it did. The full load's entries go to the loaded tier, as do
+    /// those of `loaded_or_default` and `loaded_mut`.
+    pub(super) fn load_new(&mut self, subject: &str, value: impl FnOnce() -> V) -> bool {
+        if is_short(subject) {
+            self.short.load_new(subject, value)
+        } else {
+            self.long.load_new(subject, value)
+        }
     }
 
-    /// Looks every one of `subjects` up under the shards' read locks, each taken once for
-    /// them all, and calls `f` with their entries, in order, and with a look-up under the
-    /// same locks for any other name (`*`). With no locked instruction between the
-    /// look-ups, the CPU overlaps their cache misses. The locks are taken in shard order,
-    /// the short map's first, as every multi-shard reader must take them: with the single
-    /// writer holding one shard at a time, no two threads can wait on each other. `f` must
-    /// not take a shard's lock again (a second read lock could wait behind a queued
-    /// writer). The look-ups of `subjects` are done here, not through `f`'s look-up, so
-    /// that they inline into one loop (through the `dyn` look-up a batch measured 10 to 15
-    /// % slower).
+    pub(super) fn loaded_or_default(&mut self, subject: &str) -> &mut V {
+        if is_short(subject) {
+            self.short.loaded_or_default(subject)
+        } else {
+            self.long.loaded_or_default(subject)
+        }
+    }
+
+    pub(super) fn loaded_mut(&mut self, subject: &str) -> Option<&mut V> {
+        if is_short(subject) {
+            self.short.loaded_mut(subject)
+        } else {
+            self.long.loaded_mut(subject)
+        }
+    }
+
+    /// Shards of the short names' written tier: a reader that holds every shard
+    /// (`read_all`) only pays for it past this many look-ups.
+    pub(super) fn shard_count(&self) -> usize {
+        self.short.written.shards().len()
+    }
+
+    /// Looks every one of `subjects` up, with the written tiers' shards read-locked each
+    /// once for them all, and calls `f` with their entries, in order, and with a look-up
+    /// under the same locks for any other name (`*`). With no locked instruction between
+    /// the look-ups, the CPU overlaps their cache misses. The locks are taken in shard
+    /// order, the short map's first, as every multi-shard reader must take them: with the
+    /// single writer holding one shard at a time, no two threads can wait on each other.
+    /// `f` must not take a shard's lock again (a second read lock could wait behind a
+    /// queued writer). The look-ups of `subjects` are done here, not through `f`'s
+    /// look-up, so that they inline into one loop (through the `dyn` look-up a batch
+    /// measured 10 to 15 % slower).
     pub(super) fn read_all<'s, R>(
         &self,
         subjects: impl Iterator<Item = &'s str>,
         f: impl for<'g> FnOnce(Vec<Option<&'g V>>, &'g dyn Fn(&str) -> Option<&'g V>) -> R,
     ) -> R {
         let (short, long) = (&self.short, &self.long);
-        let short_guards: Vec<_> = short.shards().iter().map(|shard| shard.read()).collect();
-        let long_guards: Vec<_> = long.shards().iter().map(|shard| shard.read()).collect();
+        let short_guards: Vec<_> = short.written.shards().iter().map(|s| s.read()).collect();
+        let long_guards: Vec<_> = long.written.shards().iter().map(|s| s.read()).collect();
         let get = |subject: &str| {
             if is_short(subject) {
-                let hash = short.hash_usize(&subject);
-                short_guards[short.determine_shard(hash)]
+                if let Some(loaded) = short.loaded(subject) {
+                    return Some(&loaded.value);
+                }
+                let hash = short.written.hash_usize(&subject);
+                short_guards[short.written.determine_shard(hash)]
                     .get(hash as u64, |(key, _)| key.as_str() == subject)
                     .map(|(_, entry)| entry.get())
             } else {
+                if let Some(loaded) = long.loaded(subject) {
+                    return Some(&loaded.value);
+                }
                 let name = subject.as_bytes();
-                let hash = long.hash_usize(&name);
-                long_guards[long.determine_shard(hash)]
+                let hash = long.written.hash_usize(&name);
+                long_guards[long.written.determine_shard(hash)]
                     .get(hash as u64, |(key, _)| key.as_bytes() == name)
                     .map(|(_, entry)| entry.get())
             }
@@ -184,14 +409,11 @@ impl<V: Default> Subjects<V> {
         f(subjects.map(get).collect(), &get)
     }
 
-    /// Calls `f` with every subject and its entry, one shard locked at a time.
+    /// Calls `f` with every subject and its entry, each once (one shard of a written tier
+    /// locked at a time).
     pub(super) fn for_each(&self, mut f: impl FnMut(&str, &V)) {
-        for entry in &self.short {
-            f(entry.key().as_str(), entry.value());
-        }
-        for entry in &self.long {
-            f(entry.key().as_str(), entry.value());
-        }
+        self.short.for_each(&mut f);
+        self.long.for_each(&mut f);
     }
 }
 
@@ -202,19 +424,21 @@ mod tests {
 
     #[test]
     fn each_name_lives_in_the_map_its_length_picks() {
-        let subjects = Subjects::<u32>::with_capacity(4);
+        let mut subjects = Subjects::<u32>::with_capacity(4);
         let short = "s".repeat(SHORT);
         let long = "l".repeat(SHORT + 1);
         let longer = "h".repeat(LONG + 10);
         for (i, name) in [&short, &long, &longer].into_iter().enumerate() {
-            assert!(subjects.insert_new(name, || i as u32));
-            assert!(!subjects.insert_new(name, || 99));
+            assert!(subjects.load_new(name, || i as u32));
+            assert!(!subjects.load_new(name, || 99));
         }
         assert_eq!((subjects.short.len(), subjects.long.len()), (1, 2));
         assert_eq!(subjects.len(), 3);
         assert_eq!(subjects.get(&long).map(|v| *v), Some(1));
+        *subjects.loaded_or_default(&longer) += 10;
+        assert_eq!(subjects.loaded_mut(&longer).map(|v| *v), Some(12));
         *subjects.entry_or_default(&longer) += 10;
-        assert_eq!(subjects.get(&longer).map(|v| *v), Some(12));
+        assert_eq!(subjects.get(&longer).map(|v| *v), Some(22));
         *subjects.entry_or_default("new") += 5;
         assert_eq!(subjects.get("new").map(|v| *v), Some(5));
         if let Some(mut v) = subjects.get_mut(&short) {
@@ -226,6 +450,49 @@ mod tests {
         let mut all = Vec::new();
         subjects.for_each(|name, v| all.push((name.to_owned(), *v)));
         all.sort();
-        assert_eq!(all, [(longer, 12), ("new".to_owned(), 5), (short, 7)]);
+        assert_eq!(all, [(longer, 22), ("new".to_owned(), 5), (short, 7)]);
+    }
+
+    /// A loaded subject is read from the loaded tier until its first write, then from the
+    /// written one: removed, written again, removed while still loaded; counted once
+    /// throughout.
+    #[test]
+    fn a_loaded_subject_moves_to_the_written_tier_on_its_first_write() {
+        let mut subjects = Subjects::<u32>::with_capacity(4);
+        for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+            assert!(subjects.load_new(name, || i as u32 + 1));
+        }
+        let tier = |name: &str| match subjects.get(name) {
+            Some(Ref::Loaded(v)) => format!("loaded {v}"),
+            Some(entry) => format!("written {}", *entry),
+            None => "none".to_owned(),
+        };
+        assert_eq!(tier("a"), "loaded 1");
+        assert_eq!(subjects.get_mut("zz").map(|v| *v), None);
+        *subjects.get_mut("a").expect("loaded") += 10;
+        assert_eq!(tier("a"), "written 11");
+        assert_eq!(subjects.len(), 3);
+        // A write after the move starts from the written entry, not the loaded one.
+        *subjects.entry_or_default("a") += 10;
+        assert_eq!(tier("a"), "written 21");
+        subjects.remove_if("a", |v| *v == 21);
+        assert_eq!((tier("a"), subjects.len()), ("none".to_owned(), 2));
+        *subjects.entry_or_default("a") += 3;
+        assert_eq!((tier("a"), subjects.len()), ("written 3".to_owned(), 3));
+        // Removed without a write: marked moved, nothing copied.
+        subjects.remove_if("b", |v| *v == 99);
+        assert_eq!(tier("b"), "loaded 2");
+        subjects.remove_if("b", |v| *v == 2);
+        assert_eq!((tier("b"), subjects.len()), ("none".to_owned(), 2));
+        let mut all = Vec::new();
+        subjects.for_each(|name, v| all.push((name.to_owned(), *v)));
+        all.sort();
+        assert_eq!(all, [("a".to_owned(), 3), ("c".to_owned(), 3)]);
+        let seen = subjects.read_all(["c", "a", "b"].into_iter(), |entries, get| {
+            let mut seen: Vec<_> = entries.into_iter().map(|e| e.copied()).collect();
+            seen.push(get("a").copied());
+            seen
+        });
+        assert_eq!(seen, [Some(3), Some(3), None, Some(3)]);
     }
 }
