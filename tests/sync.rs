@@ -512,6 +512,44 @@ async fn churned_names_are_reclaimed_by_a_compaction() {
     compacting.stop().await;
 }
 
+/// Subjects the full load read and the applier wrote since are checked through the
+/// `DashMap` after a look-up in the lock-free tier: once they reach `--compaction-pct` of
+/// the loaded ones (and at least 10,000), a compaction puts them back in that tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_written_since_the_load_are_compacted_back() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples \
+         SELECT 'user:' || n, 'doc:' || n, 'read', NULL FROM generate_series(1, 20000) n",
+    )
+    .await;
+    let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
+    let written = |n: u32| {
+        format!(
+            "INSERT INTO permd.tuples \
+             SELECT 'user:' || n, '', 'edit', NULL FROM generate_series(1, {n}) n \
+             ON CONFLICT DO NOTHING"
+        )
+    };
+    let token = db.write(&written(9_999)).await;
+    assert!(daemon.check("user:9999", "edit", "", &token).await);
+    assert_eq!(daemon.store.counts().subjects_written_since_load, 9_999);
+    assert_eq!(daemon.status.report().reloads, 1);
+    let token = db.write(&written(10_000)).await;
+    daemon
+        .wait_for_report("the compaction", |report| report.reloads >= 2)
+        .await;
+    assert!(daemon.check("user:10000", "edit", "", &token).await);
+    assert!(
+        daemon
+            .check("user:20000", "read", "doc:20000", &token)
+            .await
+    );
+    assert_eq!(daemon.store.counts().subjects_written_since_load, 0);
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// Starts `writers` tasks that each commit `transactions` random transactions of one to
 /// five small statements (tuples inserted, upserted, moved to another object and deleted;
 /// limits upserted and deleted; 29 rows at most a statement, so each fits in its

@@ -180,7 +180,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 27] = [
+        let gauges: [(&str, &str, &str, f64); 28] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -213,6 +213,12 @@ impl Metrics {
                 "gauge",
                 "Bytes of the grant lists the last full load packed that are no longer used, which only a full load reclaims (--compaction-pct).",
                 counts.unused_packed_bytes as f64,
+            ),
+            (
+                "permd_subjects_written_since_load",
+                "gauge",
+                "Subjects the last full load read that have been written since, whose checks take a shard lock until the next full load (--compaction-pct).",
+                counts.subjects_written_since_load as f64,
             ),
             ("permd_watermark", "gauge", "Every transaction with an xid below this is applied.", store.watermark().0 as f64),
             (

@@ -287,6 +287,7 @@ impl Store {
             packed_bytes: state.packed_bytes() as u64,
             names_since_load: growth.names_since as u64,
             unused_packed_bytes: growth.abandoned as u64,
+            subjects_written_since_load: growth.subjects_moved as u64,
         }
     }
 
@@ -421,6 +422,9 @@ pub struct Counts {
     /// Bytes of the grant lists the last full load packed that are no longer used (their
     /// subjects written since), which only the next one reclaims.
     pub unused_packed_bytes: u64,
+    /// Subjects the last full load read that have been written since: a check on one of
+    /// them takes its shard's lock, as on a subject the load did not have.
+    pub subjects_written_since_load: u64,
 }
 
 #[cfg(test)]

@@ -419,6 +419,11 @@ pub(crate) struct Growth {
     pub(crate) packed: usize,
     /// Of them, the bytes left unused since.
     pub(crate) abandoned: usize,
+    /// Subjects the load put in the subject map's lock-free tier.
+    pub(crate) subjects_loaded: usize,
+    /// Of them, those written since (read through the `DashMap` now, after a look-up in
+    /// the tier that finds them moved: `subjects.rs`).
+    pub(crate) subjects_moved: usize,
 }
 
 /// Names interned since a load that call for a compaction at the least, however few the
@@ -426,12 +431,15 @@ pub(crate) struct Growth {
 const MIN_NAMES: usize = 1_000;
 /// Packed bytes left unused that call for a compaction at the least.
 const MIN_ABANDONED: usize = 1 << 20;
+/// Loaded subjects written since that call for a compaction at the least.
+const MIN_MOVED: usize = 10_000;
 
 impl Growth {
     /// Why a full load is due to reclaim what the generation grew by, if it is: the names
-    /// interned since the load reached `pct` % of those it interned (and `MIN_NAMES`), or
+    /// interned since the load reached `pct` % of those it interned (and `MIN_NAMES`),
     /// the packed grant lists left unused reached `pct` % of those it packed (and
-    /// `MIN_ABANDONED`). Never with `pct` 0.
+    /// `MIN_ABANDONED`), or the loaded subjects written since reached `pct` % of those
+    /// it loaded (and `MIN_MOVED`). Never with `pct` 0.
     pub(crate) fn compaction_due(&self, pct: u32) -> Option<String> {
         if pct == 0 {
             return None;
@@ -449,6 +457,13 @@ impl Growth {
                  packed are no longer used",
                 self.abandoned as f64 / f64::from(1 << 20),
                 self.packed as f64 / f64::from(1 << 20)
+            ));
+        }
+        if self.subjects_moved >= share(self.subjects_loaded).max(MIN_MOVED) {
+            return Some(format!(
+                "compaction: {} of the {} subjects the last full load put in the lock-free \
+                 map have been written since",
+                self.subjects_moved, self.subjects_loaded
             ));
         }
         None
@@ -500,7 +515,10 @@ impl State {
 
     /// What the generation has grown by since its load, that only a full load reclaims.
     pub(crate) fn growth(&self) -> Growth {
+        let (subjects_loaded, subjects_moved) = self.subjects.loaded_and_moved();
         let mut growth = Growth {
+            subjects_loaded,
+            subjects_moved,
             packed: self.packed.used_bytes(),
             abandoned: usize::try_from(self.abandoned.load(Ordering::Relaxed))
                 .unwrap_or(usize::MAX),
@@ -1705,8 +1723,10 @@ mod tests {
         assert_eq!((loaded.names_since, loaded.abandoned), (0, 0));
         assert!(loaded.packed >= 40 * 12, "{loaded:?}");
         // Known names intern nothing; a write to the packed subject leaves its list unused.
+        assert_eq!((loaded.subjects_loaded, loaded.subjects_moved), (1, 0));
         built.set_grant("packed", "o1", &[]);
         let written = built.growth();
+        assert_eq!((written.subjects_loaded, written.subjects_moved), (1, 1));
         assert_eq!(written.names_since, 0);
         assert_eq!(written.abandoned, loaded.packed, "{written:?}");
         // The list is in the heap now: writing it again leaves nothing more unused.
@@ -1724,6 +1744,12 @@ mod tests {
             names_since,
             packed,
             abandoned,
+            ..Growth::default()
+        };
+        let moved = |subjects_loaded, subjects_moved| Growth {
+            subjects_loaded,
+            subjects_moved,
+            ..Growth::default()
         };
         let mib = 1 << 20;
         for (case, due) in [
@@ -1735,6 +1761,10 @@ mod tests {
             (growth(10, 1_000, 0, 0), true),
             (growth(0, 0, mib / 2, mib - 1), false),
             (growth(0, 0, mib / 2, mib), true),
+            (moved(100_000, 49_999), false),
+            (moved(100_000, 50_000), true),
+            (moved(1_000, 9_999), false),
+            (moved(1_000, 10_000), true),
         ] {
             assert_eq!(case.compaction_due(50).is_some(), due, "{case:?}");
             assert_eq!(case.compaction_due(0), None, "{case:?}");

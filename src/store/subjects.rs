@@ -230,6 +230,10 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
         self.loaded.len() - self.moved.load(Ordering::Relaxed) + self.written.len()
     }
 
+    fn loaded_and_moved(&self) -> (usize, usize) {
+        (self.loaded.len(), self.moved.load(Ordering::Relaxed))
+    }
+
     /// Calls `f` with every entry, each subject once even while the writer moves entries:
     /// a loaded subject is read in the tier it is in when its turn comes.
     fn for_each(&self, f: &mut impl FnMut(&str, &V)) {
@@ -333,6 +337,12 @@ impl<V: Default + Clone> Subjects<V> {
 
     pub(super) fn len(&self) -> usize {
         self.short.len() + self.long.len()
+    }
+
+    /// Subjects the full load put in the loaded tiers, and of them those moved since.
+    pub(super) fn loaded_and_moved(&self) -> (usize, usize) {
+        let (short, long) = (self.short.loaded_and_moved(), self.long.loaded_and_moved());
+        (short.0 + long.0, short.1 + long.1)
     }
 
     /// For the full load, which owns the state: inserts `value()` for `subject` if it has
