@@ -15,21 +15,22 @@
 //! next one's, and a check in cache saves the shard lock's ~5 ns. What the applier writes
 //! goes to a `DashMap` (`written`): before its first write to a loaded subject, the
 //! applier copies the entry there, under the shard's write lock, and marks the loaded
-//! entry moved; a reader that finds it moved reads the written tier, behind that lock, so
-//! it sees the entry before the write or after it, never a part of it. A subject the load
-//! did not have is only ever in the written tier. The loaded entries of moved subjects
-//! stay, unread, until the next full load.
+//! entry moved (one bit per bucket of the loaded table, apart from it, so that a bucket
+//! stays as small as the `DashMap`'s); a reader that finds it moved reads the written
+//! tier, behind that lock, so it sees the entry before the write or after it, never a
+//! part of it. A subject the load did not have is only ever in the written tier. The
+//! loaded entries of moved subjects stay, unread, until the next full load.
 
 use std::borrow::Borrow;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::mapref::one;
 use dashmap::DashMap;
 
 use super::key::{is_short, LongKey};
-use super::{Hasher, Name};
+use super::{same_bytes, Hasher, Name};
 
 /// Subject name to `V`, in the map its length picks.
 pub(super) struct Subjects<V> {
@@ -39,26 +40,24 @@ pub(super) struct Subjects<V> {
 
 /// One map's two tiers (see the module's comment).
 pub(super) struct Tier<K, V> {
-    /// Filled by the full load through `&mut` and never changed once shared, but for the
-    /// entries' `moved` flags.
-    loaded: hashbrown::HashMap<K, Loaded<V>, Hasher>,
+    /// Filled by the full load through `&mut` and never changed once shared.
+    loaded: hashbrown::HashTable<(K, V)>,
+    hasher: Hasher,
+    /// One bit per bucket of `loaded`: set once its entry has moved to `written`.
+    moved: Box<[AtomicU64]>,
+    /// Loaded entries moved, for `len`; kept by the single writer.
+    moved_count: AtomicUsize,
     /// Subjects written since the load, and subjects the load did not have.
     written: DashMap<K, V, Hasher>,
-    /// Loaded entries marked moved, for `len`; kept by the single writer.
-    moved: AtomicUsize,
-}
-
-/// A loaded entry, and whether it has moved to the written tier.
-struct Loaded<V> {
-    value: V,
-    moved: AtomicBool,
 }
 
 /// What the two maps' keys have in common.
 pub(super) trait Key: Eq + Hash + for<'a> From<&'a str> + Borrow<Self::Lookup> {
-    /// What a look-up hashes and compares: the name, or its bytes.
+    /// What a look-up hashes: the name, or its bytes (as the key hashes itself).
     type Lookup: ?Sized + Eq + Hash;
     fn lookup(name: &str) -> &Self::Lookup;
+    /// Whether this is the key of `name`, compared with `same_bytes` (no `memcmp` call).
+    fn is(&self, name: &str) -> bool;
     fn name(&self) -> &str;
     fn written<V>(entry: one::Ref<'_, Self, V>) -> Ref<'_, V>;
     fn written_mut<V>(entry: one::RefMut<'_, Self, V>) -> RefMut<'_, V>;
@@ -70,6 +69,11 @@ impl Key for Name {
     #[inline]
     fn lookup(name: &str) -> &str {
         name
+    }
+
+    #[inline]
+    fn is(&self, name: &str) -> bool {
+        same_bytes(self.as_bytes(), name.as_bytes())
     }
 
     fn name(&self) -> &str {
@@ -92,6 +96,11 @@ impl Key for LongKey {
     #[inline]
     fn lookup(name: &str) -> &[u8] {
         name.as_bytes()
+    }
+
+    #[inline]
+    fn is(&self, name: &str) -> bool {
+        same_bytes(self.as_bytes(), name.as_bytes())
     }
 
     fn name(&self) -> &str {
@@ -157,67 +166,89 @@ impl<V> DerefMut for RefMut<'_, V> {
 impl<K: Key, V: Default + Clone> Tier<K, V> {
     fn with_capacity(capacity: usize) -> Self {
         Self {
-            loaded: hashbrown::HashMap::with_hasher(Hasher::default()),
+            loaded: hashbrown::HashTable::new(),
+            hasher: Hasher::default(),
+            moved: Box::default(),
+            moved_count: AtomicUsize::new(0),
             written: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
-            moved: AtomicUsize::new(0),
         }
+    }
+
+    /// The bucket of `name`'s loaded entry, if it has one (moved or not).
+    #[inline]
+    fn loaded_bucket(&self, name: &str) -> Option<usize> {
+        let hash = self.hasher.hash_one(K::lookup(name));
+        self.loaded.find_bucket_index(hash, |(key, _)| key.is(name))
+    }
+
+    #[inline]
+    fn is_moved(&self, bucket: usize) -> bool {
+        self.moved[bucket / 64].load(Ordering::Acquire) & (1 << (bucket % 64)) != 0
+    }
+
+    #[inline]
+    fn value_at(&self, bucket: usize) -> Option<&V> {
+        self.loaded.get_bucket(bucket).map(|(_, value)| value)
     }
 
     /// The loaded entry of `name`, if it has one that has not moved.
     #[inline]
-    fn loaded(&self, name: &str) -> Option<&Loaded<V>> {
-        self.loaded
-            .get(K::lookup(name))
-            .filter(|loaded| !loaded.moved.load(Ordering::Acquire))
+    fn loaded(&self, name: &str) -> Option<&V> {
+        self.loaded_bucket(name)
+            .filter(|&bucket| !self.is_moved(bucket))
+            .and_then(|bucket| self.value_at(bucket))
     }
 
     #[inline]
     pub(super) fn get(&self, name: &str) -> Option<Ref<'_, V>> {
         match self.loaded(name) {
-            Some(loaded) => Some(Ref::Loaded(&loaded.value)),
+            Some(value) => Some(Ref::Loaded(value)),
             None => self.written.get(K::lookup(name)).map(K::written),
         }
     }
 
     /// The written entry of `name`, a loaded one copied there first. For the single writer.
     fn get_mut(&self, name: &str) -> Option<RefMut<'_, V>> {
-        match self.loaded(name) {
-            Some(loaded) => Some(self.move_to_written(name, loaded)),
+        match self.loaded_bucket(name).filter(|&b| !self.is_moved(b)) {
+            Some(bucket) => self.move_to_written(name, bucket),
             None => self.written.get_mut(K::lookup(name)).map(K::written_mut),
         }
     }
 
     fn entry_or_default(&self, name: &str) -> RefMut<'_, V> {
-        match self.loaded(name) {
-            Some(loaded) => self.move_to_written(name, loaded),
+        match self
+            .loaded_bucket(name)
+            .filter(|&b| !self.is_moved(b))
+            .and_then(|bucket| self.move_to_written(name, bucket))
+        {
+            Some(entry) => entry,
             None => K::written_mut(self.written.entry(K::from(name)).or_default()),
         }
     }
 
-    /// Copies `loaded`, the loaded entry of `name`, to the written tier and marks it
+    /// Copies the loaded entry in `bucket`, `name`'s, to the written tier and marks it
     /// moved while the copy is write-locked: a reader that sees the mark waits for the
     /// lock, so it reads the entry as the caller leaves it.
-    fn move_to_written(&self, name: &str, loaded: &Loaded<V>) -> RefMut<'_, V> {
-        let entry = self
-            .written
-            .entry(K::from(name))
-            .insert(loaded.value.clone());
-        self.mark_moved(loaded);
-        K::written_mut(entry)
+    fn move_to_written(&self, name: &str, bucket: usize) -> Option<RefMut<'_, V>> {
+        let value = self.value_at(bucket)?.clone();
+        let entry = self.written.entry(K::from(name)).insert(value);
+        self.mark_moved(bucket);
+        Some(K::written_mut(entry))
     }
 
-    fn mark_moved(&self, loaded: &Loaded<V>) {
-        loaded.moved.store(true, Ordering::Release);
+    fn mark_moved(&self, bucket: usize) {
+        self.moved[bucket / 64].fetch_or(1 << (bucket % 64), Ordering::Release);
         // Only the single writer moves entries, so load-then-store cannot lose one.
-        self.moved
-            .store(self.moved.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        let count = self.moved_count.load(Ordering::Relaxed);
+        self.moved_count.store(count + 1, Ordering::Relaxed);
     }
 
     fn remove_if(&self, name: &str, remove: impl FnOnce(&V) -> bool) {
-        match self.loaded(name) {
-            Some(loaded) => {
-                if remove(&loaded.value) {
-                    self.mark_moved(loaded);
+        let loaded = self.loaded_bucket(name).filter(|&b| !self.is_moved(b));
+        match loaded.and_then(|bucket| Some((bucket, self.value_at(bucket)?))) {
+            Some((bucket, value)) => {
+                if remove(value) {
+                    self.mark_moved(bucket);
                 }
             }
             None => {
@@ -227,61 +258,68 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
     }
 
     fn len(&self) -> usize {
-        self.loaded.len() - self.moved.load(Ordering::Relaxed) + self.written.len()
+        self.loaded.len() - self.moved_count.load(Ordering::Relaxed) + self.written.len()
     }
 
     fn loaded_and_moved(&self) -> (usize, usize) {
-        (self.loaded.len(), self.moved.load(Ordering::Relaxed))
+        (self.loaded.len(), self.moved_count.load(Ordering::Relaxed))
     }
 
     /// Calls `f` with every entry, each subject once even while the writer moves entries:
     /// a loaded subject is read in the tier it is in when its turn comes.
     fn for_each(&self, f: &mut impl FnMut(&str, &V)) {
-        for (key, loaded) in &self.loaded {
-            if !loaded.moved.load(Ordering::Acquire) {
-                f(key.name(), &loaded.value);
-            } else if let Some(entry) = self.written.get(key.borrow()) {
-                f(key.name(), entry.value());
+        for (key, value) in &self.loaded {
+            match self.loaded_bucket(key.name()) {
+                Some(bucket) if self.is_moved(bucket) => {
+                    if let Some(entry) = self.written.get(K::lookup(key.name())) {
+                        f(key.name(), entry.value());
+                    }
+                }
+                _ => f(key.name(), value),
             }
         }
         for entry in &self.written {
-            if !self.loaded.contains_key(entry.key().borrow()) {
+            if self.loaded_bucket(entry.key().name()).is_none() {
                 f(entry.key().name(), entry.value());
             }
         }
     }
 
-    /// For the full load, which owns the state: a new loaded entry for `name` from
-    /// `value()` if it has none yet; whether it did.
-    fn load_new(&mut self, name: &str, value: impl FnOnce() -> V) -> bool {
-        match self.loaded.entry(K::from(name)) {
-            hashbrown::hash_map::Entry::Vacant(vacant) => {
-                vacant.insert(Loaded {
-                    value: value(),
-                    moved: AtomicBool::new(false),
-                });
-                true
-            }
-            hashbrown::hash_map::Entry::Occupied(_) => false,
+    /// For the full load, which owns the state: the loaded entry of `name`, inserted from
+    /// `value()` if it has none yet, and whether it was.
+    fn load(&mut self, name: &str, value: impl FnOnce() -> V) -> (&mut V, bool) {
+        let hasher = &self.hasher;
+        let rehash = |(key, _): &(K, V)| hasher.hash_one(K::lookup(key.name()));
+        // Grown first, if at all, so that the insert below moves no bucket: one bit per
+        // bucket again, all clear (nothing moves while the load owns the state).
+        self.loaded.reserve(1, rehash);
+        let words = self.loaded.num_buckets().div_ceil(64);
+        if self.moved.len() != words {
+            self.moved = (0..words).map(|_| AtomicU64::new(0)).collect();
+        }
+        let hash = hasher.hash_one(K::lookup(name));
+        match self.loaded.entry(hash, |(key, _)| key.is(name), rehash) {
+            hashbrown::hash_table::Entry::Occupied(occupied) => (&mut occupied.into_mut().1, false),
+            hashbrown::hash_table::Entry::Vacant(vacant) => (
+                &mut vacant.insert((K::from(name), value())).into_mut().1,
+                true,
+            ),
         }
     }
 
-    /// For the full load: the loaded entry of `name`, a default one inserted if it has none.
+    fn load_new(&mut self, name: &str, value: impl FnOnce() -> V) -> bool {
+        self.load(name, value).1
+    }
+
     fn loaded_or_default(&mut self, name: &str) -> &mut V {
-        &mut self
-            .loaded
-            .entry(K::from(name))
-            .or_insert_with(|| Loaded {
-                value: V::default(),
-                moved: AtomicBool::new(false),
-            })
-            .value
+        self.load(name, V::default).0
     }
 
     fn loaded_mut(&mut self, name: &str) -> Option<&mut V> {
+        let hash = self.hasher.hash_one(K::lookup(name));
         self.loaded
-            .get_mut(K::lookup(name))
-            .map(|loaded| &mut loaded.value)
+            .find_mut(hash, |(key, _)| key.is(name))
+            .map(|(_, value)| value)
     }
 }
 
@@ -398,16 +436,16 @@ impl<V: Default + Clone> Subjects<V> {
         let long_guards: Vec<_> = long.written.shards().iter().map(|s| s.read()).collect();
         let get = |subject: &str| {
             if is_short(subject) {
-                if let Some(loaded) = short.loaded(subject) {
-                    return Some(&loaded.value);
+                if let Some(value) = short.loaded(subject) {
+                    return Some(value);
                 }
                 let hash = short.written.hash_usize(&subject);
                 short_guards[short.written.determine_shard(hash)]
                     .get(hash as u64, |(key, _)| key.as_str() == subject)
                     .map(|(_, entry)| entry.get())
             } else {
-                if let Some(loaded) = long.loaded(subject) {
-                    return Some(&loaded.value);
+                if let Some(value) = long.loaded(subject) {
+                    return Some(value);
                 }
                 let name = subject.as_bytes();
                 let hash = long.written.hash_usize(&name);
