@@ -387,9 +387,10 @@ pub(crate) fn now_micros() -> i64 {
 /// One generation of the mirror. The applier mutates it in place for incremental changes;
 /// a full reload builds a new one aside and swaps it in.
 pub(crate) struct State {
-    /// Subject string to its entry. Sharded so checks on different subjects proceed in
-    /// parallel while the applier writes one shard at a time. A name of up to 46 bytes
-    /// sits in the bucket itself, so a look-up reads no second cache line (`subjects`).
+    /// Subject string to its entry: the full load's subjects in a table read without a
+    /// lock, those the applier wrote since in a `DashMap` whose shards it writes one at a
+    /// time (`subjects`). A name of up to 46 bytes sits in the bucket itself, so a look-up
+    /// reads no second cache line.
     subjects: Subjects<SubjectEntry>,
     /// The grant lists the full load packed (`Grants::Packed`); read-only once shared.
     packed: Arena,
@@ -535,10 +536,10 @@ impl State {
     /// Whether the subject whose `entry` this is holds `permission` on one of the objects
     /// `candidates` names. The object ids are resolved only once the subject's entry is
     /// found (and then once for both the subject and `*`): an unknown subject costs no
-    /// object look-up, and the object's look-up comes after the shard lock, where its cache
-    /// miss may overlap the fetch of the subject's grants (before the lock, the locked
-    /// instruction waits for it; no gain beyond noise measured on resource checks,
-    /// benches/README.md). `entry` is taken by value: a shard guard is let go here, before
+    /// object look-up, and the object's look-up comes after the shard lock (for a subject
+    /// written since the load), where its cache miss may overlap the fetch of the
+    /// subject's grants (before the lock, the locked instruction waits for it; no gain
+    /// beyond noise measured on resource checks, benches/README.md). `entry` is taken by value: a shard guard is let go here, before
     /// `*` is looked up (a second read lock on a shard held by this thread could wait
     /// behind a queued writer for ever).
     #[inline]
