@@ -1516,8 +1516,9 @@ mod tests {
     }
 
     /// Checks on many threads while the writer makes each loaded subject's first write
-    /// (which moves its entry to the written tier) and then a second: a check never
-    /// misses what the subject held all along, one by one or in a batch.
+    /// (which moves its entry to the written tier), then a second, and removes others: a
+    /// check never misses what a subject held all along, and sees each write once the
+    /// writer has published it (one by one or in a batch).
     #[test]
     fn checks_see_every_loaded_subject_while_the_writer_moves_it() {
         const SUBJECTS: usize = 3_000;
@@ -1526,46 +1527,65 @@ mod tests {
             for o in 0..4 {
                 builder.tuple(&subject_name(s as u64), &format!("doc:{o}"), "p0", None);
             }
+            builder.tuple(&format!("gone:{s}"), "doc:0", "p0", None);
         }
         let state = Arc::new(builder.finish());
         let names: Arc<Vec<String>> = Arc::new((0..SUBJECTS as u64).map(subject_name).collect());
-        let writing = Arc::new(AtomicBool::new(true));
+        // How many subjects each pass of the writer has done: a reader that reads n must
+        // see the pass's write to the first n.
+        let done: Arc<[std::sync::atomic::AtomicUsize; 3]> = Arc::new(Default::default());
         let readers: Vec<_> = (0..3)
             .map(|t| {
-                let (state, names, writing) = (state.clone(), names.clone(), writing.clone());
+                let (state, names, done) = (state.clone(), names.clone(), done.clone());
                 std::thread::spawn(move || {
                     let mut rounds = 0;
-                    while writing.load(Ordering::Acquire) || rounds == 0 {
+                    loop {
+                        let [first, second, gone] =
+                            [0, 1, 2].map(|pass| done[pass].load(Ordering::Acquire));
                         for (i, name) in names.iter().enumerate().skip(t) {
+                            let now = &mut Now::lazy();
                             let object = ["doc:0", "doc:3"][i % 2];
-                            assert!(state.check(name, "p0", object, &mut Now::lazy()), "{name}");
+                            assert!(state.check(name, "p0", object, now), "{name}");
+                            if i < first {
+                                assert!(state.check(name, "p1", "doc:9", now), "{name} p1");
+                            }
+                            if i < second {
+                                assert!(state.check(name, "p2", "doc:8", now), "{name} p2");
+                            }
+                            let gone_name = format!("gone:{i}");
+                            let held = state.check(&gone_name, "p0", "doc:0", now);
+                            assert!(i >= gone || !held, "{gone_name} is still there");
                         }
-                        let batch = names.iter().map(|n| (n.as_str(), "p0", "doc:1"));
+                        let batch = names[..first].iter().map(|n| (n.as_str(), "p1", "doc:9"));
                         let answers = state.check_many(batch, &mut Now::lazy());
-                        assert!(answers.iter().all(|a| *a), "a batch missed a subject");
+                        assert!(answers.iter().all(|a| *a), "a batch missed a write");
                         rounds += 1;
+                        if gone == SUBJECTS {
+                            return rounds;
+                        }
                     }
-                    rounds
                 })
             })
             .collect();
-        for name in names.iter() {
+        let publish = |pass: usize, i: usize| done[pass].store(i + 1, Ordering::Release);
+        for (i, name) in names.iter().enumerate() {
             state.set_grant(name, "doc:9", &[row("p1", None)]);
+            publish(0, i);
         }
-        for name in names.iter() {
-            state.set_grant(name, "doc:9", &[]);
+        for (i, name) in names.iter().enumerate() {
+            state.set_grant(name, "doc:8", &[row("p2", None)]);
+            publish(1, i);
         }
-        writing.store(false, Ordering::Release);
+        for i in 0..SUBJECTS {
+            state.set_grant(&format!("gone:{i}"), "doc:0", &[]);
+            publish(2, i);
+        }
         for reader in readers {
             assert!(reader.join().expect("no reader panics") > 0);
         }
         assert_eq!(state.subject_count(), SUBJECTS);
-        assert_eq!(state.tuple_count(), 4 * SUBJECTS as u64);
-        let name = &names[7];
-        assert!(matches!(
-            state.subjects.get(name),
-            Some(super::super::subjects::Ref::Short(_) | super::super::subjects::Ref::Long(_))
-        ));
+        assert_eq!(state.tuple_count(), 6 * SUBJECTS as u64);
+        assert_eq!(state.growth().subjects_moved, 2 * SUBJECTS);
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub(super) struct Tier<K, V> {
     hasher: Hasher,
     /// One bit per bucket of `loaded`: set once its entry has moved to `written`.
     moved: Box<[AtomicU64]>,
+    /// Eight bits per bucket of `loaded`, picked by a name's hash: set for every moved
+    /// subject (and so for the few others whose hash picks the same bit). A clear bit
+    /// says the subject has not moved without a look at its bucket; a set one sends a
+    /// reader to `written` first, so that a written subject costs no look-up in `loaded`.
+    /// A power of two of words, at least one.
+    maybe_moved: Box<[AtomicU64]>,
     /// Loaded entries moved, for `len`; kept by the single writer.
     moved_count: AtomicUsize,
     /// Subjects written since the load, and subjects the load did not have.
@@ -169,16 +175,26 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
             loaded: hashbrown::HashTable::new(),
             hasher: Hasher::default(),
             moved: Box::default(),
+            maybe_moved: Box::new([AtomicU64::new(0)]),
             moved_count: AtomicUsize::new(0),
             written: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
         }
     }
 
+    #[inline]
+    fn hash(&self, name: &str) -> u64 {
+        self.hasher.hash_one(K::lookup(name))
+    }
+
     /// The bucket of `name`'s loaded entry, if it has one (moved or not).
     #[inline]
-    fn loaded_bucket(&self, name: &str) -> Option<usize> {
-        let hash = self.hasher.hash_one(K::lookup(name));
+    fn bucket(&self, hash: u64, name: &str) -> Option<usize> {
         self.loaded.find_bucket_index(hash, |(key, _)| key.is(name))
+    }
+
+    #[inline]
+    fn loaded_bucket(&self, name: &str) -> Option<usize> {
+        self.bucket(self.hash(name), name)
     }
 
     #[inline]
@@ -186,25 +202,66 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
         self.moved[bucket / 64].load(Ordering::Acquire) & (1 << (bucket % 64)) != 0
     }
 
+    /// The word and bit of `maybe_moved` that `hash` picks.
+    #[inline]
+    fn maybe_bit(&self, hash: u64) -> (&AtomicU64, u64) {
+        let bit = hash as usize & (self.maybe_moved.len() * 64 - 1);
+        (&self.maybe_moved[bit / 64], 1 << (bit % 64))
+    }
+
+    #[inline]
+    fn may_have_moved(&self, hash: u64) -> bool {
+        let (word, bit) = self.maybe_bit(hash);
+        word.load(Ordering::Acquire) & bit != 0
+    }
+
     #[inline]
     fn value_at(&self, bucket: usize) -> Option<&V> {
         self.loaded.get_bucket(bucket).map(|(_, value)| value)
     }
 
-    /// The loaded entry of `name`, if it has one that has not moved.
-    #[inline]
-    fn loaded(&self, name: &str) -> Option<&V> {
-        self.loaded_bucket(name)
-            .filter(|&bucket| !self.is_moved(bucket))
-            .and_then(|bucket| self.value_at(bucket))
-    }
-
+    /// The entry of `name`, looked up in the tier its `maybe_moved` bit points to first.
+    /// A clear bit: the subject had not moved when it was read, so its loaded entry, if
+    /// it has one, is the current one (a writer sets the bit before it lets go of the
+    /// copy's lock). A set bit: the written tier, and if the subject is not there (its
+    /// bit is another's, or it moved and was removed), its loaded entry unless moved; if
+    /// it moved between the two look-ups, the written tier again, which has it for good
+    /// from then on.
     #[inline]
     pub(super) fn get(&self, name: &str) -> Option<Ref<'_, V>> {
-        match self.loaded(name) {
-            Some(value) => Some(Ref::Loaded(value)),
-            None => self.written.get(K::lookup(name)).map(K::written),
+        let hash = self.hash(name);
+        if !self.may_have_moved(hash) {
+            return match self.bucket(hash, name).and_then(|b| self.value_at(b)) {
+                Some(value) => Some(Ref::Loaded(value)),
+                None => self.written.get(K::lookup(name)).map(K::written),
+            };
         }
+        if let Some(entry) = self.written.get(K::lookup(name)) {
+            return Some(K::written(entry));
+        }
+        let bucket = self.bucket(hash, name)?;
+        if !self.is_moved(bucket) {
+            return self.value_at(bucket).map(Ref::Loaded);
+        }
+        self.written.get(K::lookup(name)).map(K::written)
+    }
+
+    /// `get` for a reader that holds every shard's read lock of `written` (no writer is
+    /// between copying an entry and letting go of it): `written` is `find`.
+    #[inline]
+    fn get_held<'g>(&'g self, name: &str, find: impl Fn() -> Option<&'g V>) -> Option<&'g V> {
+        let hash = self.hash(name);
+        if !self.may_have_moved(hash) {
+            return self
+                .bucket(hash, name)
+                .and_then(|b| self.value_at(b))
+                .or_else(find);
+        }
+        find().or_else(|| {
+            self.bucket(hash, name)
+                .filter(|&b| !self.is_moved(b))
+                .and_then(|b| self.value_at(b))
+        })
     }
 
     /// The written entry of `name`, a loaded one copied there first. For the single writer.
@@ -232,12 +289,16 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
     fn move_to_written(&self, name: &str, bucket: usize) -> Option<RefMut<'_, V>> {
         let value = self.value_at(bucket)?.clone();
         let entry = self.written.entry(K::from(name)).insert(value);
-        self.mark_moved(bucket);
+        self.mark_moved(name, bucket);
         Some(K::written_mut(entry))
     }
 
-    fn mark_moved(&self, bucket: usize) {
+    /// Marks `name`'s loaded entry, in `bucket`, moved: its bucket's bit, then the bit its
+    /// hash picks, both before the caller lets go of the written copy's lock.
+    fn mark_moved(&self, name: &str, bucket: usize) {
         self.moved[bucket / 64].fetch_or(1 << (bucket % 64), Ordering::Release);
+        let (word, bit) = self.maybe_bit(self.hash(name));
+        word.fetch_or(bit, Ordering::Release);
         // Only the single writer moves entries, so load-then-store cannot lose one.
         let count = self.moved_count.load(Ordering::Relaxed);
         self.moved_count.store(count + 1, Ordering::Relaxed);
@@ -248,7 +309,7 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
         match loaded.and_then(|bucket| Some((bucket, self.value_at(bucket)?))) {
             Some((bucket, value)) => {
                 if remove(value) {
-                    self.mark_moved(bucket);
+                    self.mark_moved(name, bucket);
                 }
             }
             None => {
@@ -295,7 +356,9 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
         self.loaded.reserve(1, rehash);
         let words = self.loaded.num_buckets().div_ceil(64);
         if self.moved.len() != words {
-            self.moved = (0..words).map(|_| AtomicU64::new(0)).collect();
+            let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
+            self.moved = zeros(words);
+            self.maybe_moved = zeros((self.loaded.num_buckets() / 8).max(1));
         }
         let hash = hasher.hash_one(K::lookup(name));
         match self.loaded.entry(hash, |(key, _)| key.is(name), rehash) {
@@ -436,22 +499,20 @@ impl<V: Default + Clone> Subjects<V> {
         let long_guards: Vec<_> = long.written.shards().iter().map(|s| s.read()).collect();
         let get = |subject: &str| {
             if is_short(subject) {
-                if let Some(value) = short.loaded(subject) {
-                    return Some(value);
-                }
-                let hash = short.written.hash_usize(&subject);
-                short_guards[short.written.determine_shard(hash)]
-                    .get(hash as u64, |(key, _)| key.as_str() == subject)
-                    .map(|(_, entry)| entry.get())
+                short.get_held(subject, || {
+                    let hash = short.written.hash_usize(&subject);
+                    short_guards[short.written.determine_shard(hash)]
+                        .get(hash as u64, |(key, _)| key.as_str() == subject)
+                        .map(|(_, entry)| entry.get())
+                })
             } else {
-                if let Some(value) = long.loaded(subject) {
-                    return Some(value);
-                }
-                let name = subject.as_bytes();
-                let hash = long.written.hash_usize(&name);
-                long_guards[long.written.determine_shard(hash)]
-                    .get(hash as u64, |(key, _)| key.as_bytes() == name)
-                    .map(|(_, entry)| entry.get())
+                long.get_held(subject, || {
+                    let name = subject.as_bytes();
+                    let hash = long.written.hash_usize(&name);
+                    long_guards[long.written.determine_shard(hash)]
+                        .get(hash as u64, |(key, _)| key.as_bytes() == name)
+                        .map(|(_, entry)| entry.get())
+                })
             }
         };
         f(subjects.map(get).collect(), &get)
