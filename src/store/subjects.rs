@@ -329,10 +329,14 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
     /// Calls `f` with every entry, each subject once even while the writer moves entries:
     /// a loaded subject is read in the tier it is in when its turn comes.
     fn for_each(&self, f: &mut impl FnMut(&str, &V)) {
+        let bucket_of = |key: &K| {
+            let hash = self.hasher.hash_one(key.borrow());
+            self.loaded.find_bucket_index(hash, |(k, _)| k == key)
+        };
         for (key, value) in &self.loaded {
-            match self.loaded_bucket(key.name()) {
+            match bucket_of(key) {
                 Some(bucket) if self.is_moved(bucket) => {
-                    if let Some(entry) = self.written.get(K::lookup(key.name())) {
+                    if let Some(entry) = self.written.get(key.borrow()) {
                         f(key.name(), entry.value());
                     }
                 }
@@ -340,7 +344,7 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
             }
         }
         for entry in &self.written {
-            if self.loaded_bucket(entry.key().name()).is_none() {
+            if bucket_of(entry.key()).is_none() {
                 f(entry.key().name(), entry.value());
             }
         }
@@ -350,7 +354,7 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
     /// `value()` if it has none yet, and whether it was.
     fn load(&mut self, name: &str, value: impl FnOnce() -> V) -> (&mut V, bool) {
         let hasher = &self.hasher;
-        let rehash = |(key, _): &(K, V)| hasher.hash_one(K::lookup(key.name()));
+        let rehash = |(key, _): &(K, V)| hasher.hash_one(key.borrow());
         // Grown first, if at all, so that the insert below moves no bucket: one bit per
         // bucket again, all clear (nothing moves while the load owns the state).
         self.loaded.reserve(1, rehash);
