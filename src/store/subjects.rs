@@ -9,16 +9,18 @@
 //! as fast but short names ~8 % slower; in two maps, UUID-named subjects take 125 to 142
 //! ns and short names are unchanged (benches/README.md, `store`).
 //!
-//! Each map is in two tiers. What the full load built is a plain hashbrown table that no
-//! one changes once the generation is shared (`loaded`), read with no lock: no locked
+//! Each map is in two tiers. What the full load built is in plain hashbrown tables (as
+//! many shards as the `DashMap`'s) that no one changes once the generation is shared
+//! (`loaded`), read with no lock: no locked
 //! instruction on a check's path, so the CPU overlaps one check's cache misses with the
 //! next one's, and a check in cache saves the shard lock's ~5 ns. What the applier writes
 //! goes to a `DashMap` (`written`): before its first write to a loaded subject, the
 //! applier copies the entry there, under the shard's write lock, and marks the loaded
 //! entry moved (one bit per bucket of the loaded table, apart from it, so that a bucket
-//! stays as small as the `DashMap`'s); a reader that finds it moved reads the written
-//! tier, behind that lock, so it sees the entry before the write or after it, never a
-//! part of it. A subject the load did not have is only ever in the written tier. The
+//! stays as small as the `DashMap`'s, and one in a filter its name's hash picks, which a
+//! reader reads before any look-up: `Tier::get`); a reader that finds it moved reads the
+//! written tier, behind that lock, so it sees the entry before the write or after it,
+//! never a part of it. A subject the load did not have is only ever in the written tier. The
 //! loaded entries of moved subjects stay, unread, until the next full load.
 
 use std::borrow::Borrow;
