@@ -47,8 +47,6 @@ pub(super) struct Tier<K, V> {
     /// resize holds two copies of the whole tier (one table measured 1 to 2 MiB more
     /// resident for a 1M-tuple set, and 4 MiB more at its peak).
     loaded: Box<[Loaded<K, V>]>,
-    /// Bits of the hash below the top seven that pick a shard of `loaded`.
-    shift: u32,
     hasher: Hasher,
     /// Loaded entries moved, for `len`; kept by the single writer.
     moved_count: AtomicUsize,
@@ -245,7 +243,6 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
         let shards = written.shards().len();
         Self {
             loaded: (0..shards).map(|_| Loaded::new()).collect(),
-            shift: usize::BITS - shards.trailing_zeros(),
             hasher: Hasher::default(),
             moved_count: AtomicUsize::new(0),
             written,
@@ -257,8 +254,9 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
         self.hasher.hash_one(K::lookup(name))
     }
 
-    /// The shard of the loaded tier `hash` picks (as dashmap picks its shards: the bits
-    /// below the top seven, which hashbrown keeps for its control bytes).
+    /// The shard of the loaded tier `hash` picks: the written tier's shard for that hash,
+    /// by dashmap's own `determine_shard` (the bits below the top seven, which hashbrown
+    /// keeps for its control bytes).
     #[inline]
     fn shard(&self, hash: u64) -> &Loaded<K, V> {
         &self.loaded[self.shard_index(hash)]
@@ -266,7 +264,7 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
 
     #[inline]
     fn shard_index(&self, hash: u64) -> usize {
-        ((hash as usize) << 7).wrapping_shr(self.shift) & (self.loaded.len() - 1)
+        self.written.determine_shard(hash as usize)
     }
 
     /// The shard and bucket of `name`'s loaded entry, if it has one (moved or not).
