@@ -4,7 +4,8 @@
 //! memory (and how much of it is in transparent huge pages) and bytes per tuple, permd's
 //! CPU seconds until ready (less noisy than the time when comparing two builds), and the
 //! peak resident memory during a forced reload (the new generation is built beside the
-//! old one, then swapped in).
+//! old one, then swapped in); then the time of a compaction (the generation rebuilt from
+//! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's.
 //!
 //! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names. Names are short
 //! (`user:N`, `doc:N`) unless `BENCH_NAMES=uuid`: then subjects and objects are named by
@@ -87,8 +88,8 @@ fn main() {
     println!();
     println!("Names: {names}.");
     println!();
-    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let binaries: Vec<String> = std::env::var("BENCH_PERMD")
         .map(|list| list.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
@@ -138,6 +139,9 @@ fn main() {
                     "127.0.0.1:0",
                     "--shard",
                     shard,
+                    // A compaction as soon as 1,000 names are churned (the floor).
+                    "--compaction-pct",
+                    "1",
                 ])
                 .env("PERMD_LOG", "info")
                 .env("NO_COLOR", "1")
@@ -149,8 +153,9 @@ fn main() {
             let stderr = child.stderr.take().unwrap();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let wanted =
-                        line.contains("full load done") || line.contains("full load swapped in");
+                    let wanted = line.contains("full load done")
+                        || line.contains("full load swapped in")
+                        || line.contains("compaction swapped in");
                     if wanted && tx.send(line).is_err() {
                         break;
                     }
@@ -189,10 +194,35 @@ fn main() {
             assert!(wait().contains("full load done"));
             assert!(wait().contains("swapped in"));
             let peak = kib(pid, "status", "VmHWM:") * 1024;
+            // 1,000 names interned since the load: the floor of a compaction, which starts
+            // at the first poll that finds the mirror caught up, ten times the reload's
+            // time after it. (Kept, not deleted: a poll that read the insert and a delete
+            // at once would intern nothing.)
+            runtime.block_on(async {
+                let pool = permd::db::pool(&url).await.unwrap();
+                sqlx::raw_sql(
+                    "INSERT INTO permd.tuples SELECT 'user:0', 'tmp:' || n, 'perm0', NULL
+                     FROM generate_series(1, 1000) n",
+                )
+                .execute(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+            });
+            // A build that compacts by a full load logs its compaction as one.
+            let compaction = std::iter::repeat_with(wait)
+                .find(|line| line.contains("swapped in") && line.contains("compaction"))
+                .unwrap();
+            let compaction_ms: f64 = compaction
+                .split(" took_ms=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap();
             let _ = child.kill();
             let _ = child.wait();
             println!(
-            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB |",
+            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
@@ -201,6 +231,7 @@ fn main() {
             huge as f64 / 1048576.0,
             rss as f64 / rows,
             peak as f64 / 1048576.0,
+            compaction_ms / 1e3,
         );
             if binaries.len() > 1 {
                 println!("|  | ({permd}) |");

@@ -383,9 +383,10 @@ pub struct ServerArgs {
     /// no statement waits more than half of it for a lock (Postgres's `lock_timeout`).
     #[arg(long, env = "PERMD_QUERY_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub query_timeout_ms: u64,
-    /// Load everything again, to reclaim what incremental changes leave behind (names
-    /// interned since the last full load, packed grant lists no longer used), once that
-    /// reaches this share of what the last full load made (percent; 0: never).
+    /// Rebuild the mirror from memory, to reclaim what incremental changes leave behind
+    /// (names no row uses, packed grant lists no longer used, subjects moved out of the
+    /// lock-free map), once that reaches this share of what the last full load or
+    /// compaction made (percent; 0: never).
     #[arg(long, env = "PERMD_COMPACTION_PCT", default_value_t = 50)]
     pub compaction_pct: u32,
     /// Mirror only the subjects of shard INDEX of COUNT (e.g. `0/4`), for a set larger

@@ -582,6 +582,7 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_packed_grant_bytes 2097152",
         "permd_lag_seconds -1",
         "permd_reloads_total 0",
+        "permd_compactions_total 0",
         "permd_reconnects_total 0",
         "permd_names_since_load 0",
         "permd_unused_packed_bytes 0",
@@ -606,6 +607,13 @@ async fn metrics_and_status_describe_the_daemon() {
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(body["standby_lag_seconds"], json!(null));
     assert_eq!(body["clock_skew_seconds"], json!(null));
+    assert_eq!(
+        (
+            body["compactions"].clone(),
+            body["last_compaction_ms"].clone()
+        ),
+        (json!(0), json!(0))
+    );
 }
 
 /// Percent-encodes arbitrary bytes, so any byte string can travel in a URI.

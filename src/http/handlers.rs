@@ -374,6 +374,8 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "last_full_load_at": report.last_full_load_at,
         "last_full_load_ms": report.last_full_load_ms,
         "reloads": report.reloads,
+        "compactions": report.compactions,
+        "last_compaction_ms": report.last_compaction_ms,
         "reconnects": report.reconnects,
         "following": report.following,
         "standby": report.standby,

@@ -180,7 +180,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 28] = [
+        let gauges: [(&str, &str, &str, f64); 29] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -205,19 +205,19 @@ impl Metrics {
             (
                 "permd_names_since_load",
                 "gauge",
-                "Object, permission and limit names interned since the last full load, which only a full load reclaims (--compaction-pct).",
+                "Object, permission and limit names interned since the last full load or compaction, which only the next one reclaims (--compaction-pct).",
                 counts.names_since_load as f64,
             ),
             (
                 "permd_unused_packed_bytes",
                 "gauge",
-                "Bytes of the grant lists the last full load packed that are no longer used, which only a full load reclaims (--compaction-pct).",
+                "Bytes of the grant lists the last full load or compaction packed that are no longer used, which only the next one reclaims (--compaction-pct).",
                 counts.unused_packed_bytes as f64,
             ),
             (
                 "permd_subjects_written_since_load",
                 "gauge",
-                "Subjects the last full load read that have been written since, whose checks take a shard lock until the next full load (--compaction-pct).",
+                "Subjects the last full load or compaction put in the lock-free map that have been written since, whose checks take a shard lock until the next one (--compaction-pct).",
                 counts.subjects_written_since_load as f64,
             ),
             ("permd_watermark", "gauge", "Every transaction with an xid below this is applied.", store.watermark().0 as f64),
@@ -235,6 +235,7 @@ impl Metrics {
             ),
             ("permd_connected", "gauge", "1 while the sync connection to Postgres is up.", f64::from(u8::from(report.connected))),
             ("permd_reloads_total", "counter", "Full loads, the first included.", report.reloads as f64),
+            ("permd_compactions_total", "counter", "Generations rebuilt from memory to reclaim what writes left behind (--compaction-pct).", report.compactions as f64),
             ("permd_reconnects_total", "counter", "Sync connections lost and re-established.", report.reconnects as f64),
             ("permd_standby", "gauge", "1 while the sync connection reads a standby, where changes arrive by the poll after replay (no LISTEN).", f64::from(u8::from(report.standby))),
             ("permd_following", "gauge", "1 while committed changes are applied from their notifications, before the poll reads them.", f64::from(u8::from(report.following))),

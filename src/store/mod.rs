@@ -333,6 +333,13 @@ impl Store {
         self.inner.state.load().set_limits(subject, rows);
     }
 
+    /// The current generation rebuilt from memory (`State::rebuilt`), for a compaction.
+    /// Applier only: no write may run while it does, or the rebuilt generation would
+    /// miss it.
+    pub(crate) fn rebuilt(&self) -> State {
+        self.inner.state.load_full().rebuilt()
+    }
+
     /// Swaps in a freshly loaded generation and returns the old one (for the caller to
     /// drop off the async runtime). Applier only.
     pub(crate) fn replace(&self, state: State) -> Arc<State> {
@@ -413,17 +420,18 @@ pub struct Counts {
     pub subjects: u64,
     /// Stored limit rows.
     pub limits: u64,
-    /// Bytes mapped for the grant lists the last full load packed (in huge pages where
-    /// the kernel grants them), used or not.
+    /// Bytes mapped for the grant lists the last full load or compaction packed (in huge
+    /// pages where the kernel grants them), used or not.
     pub packed_bytes: u64,
-    /// Object, permission and limit names interned since the last full load, which only
-    /// the next one reclaims.
+    /// Object, permission and limit names interned since the last full load or
+    /// compaction, which only the next one reclaims.
     pub names_since_load: u64,
-    /// Bytes of the grant lists the last full load packed that are no longer used (their
-    /// subjects written since), which only the next one reclaims.
+    /// Bytes of the grant lists the last full load or compaction packed that are no
+    /// longer used (their subjects written since), which only the next one reclaims.
     pub unused_packed_bytes: u64,
-    /// Subjects the last full load read that have been written since: a check on one of
-    /// them takes its shard's lock, as on a subject the load did not have.
+    /// Subjects the last full load or compaction put in the lock-free tier that have been
+    /// written since: a check on one of them takes its shard's lock, as on a subject the
+    /// load did not have.
     pub subjects_written_since_load: u64,
 }
 

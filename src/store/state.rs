@@ -409,7 +409,8 @@ pub(crate) struct State {
     abandoned: AtomicU64,
 }
 
-/// What a generation holds that only a full load reclaims, against what that load made.
+/// What a generation holds that only a new generation reclaims (a full load, or a
+/// compaction: `State::rebuilt`), against what its build made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Growth {
     /// Object, permission and limit names the load interned.
@@ -436,7 +437,7 @@ const MIN_ABANDONED: usize = 1 << 20;
 const MIN_MOVED: usize = 10_000;
 
 impl Growth {
-    /// Why a full load is due to reclaim what the generation grew by, if it is: the names
+    /// Why a compaction is due to reclaim what the generation grew by, if it is: the names
     /// interned since the load reached `pct` % of those it interned (and `MIN_NAMES`),
     /// the packed grant lists left unused reached `pct` % of those it packed (and
     /// `MIN_ABANDONED`), or the loaded subjects written since reached `pct` % of those
@@ -448,13 +449,13 @@ impl Growth {
         let share = |of: usize| of.saturating_mul(pct as usize) / 100;
         if self.names_since >= share(self.names_loaded).max(MIN_NAMES) {
             return Some(format!(
-                "compaction: {} names interned since the last full load, which interned {}",
+                "compaction: {} names interned since this generation was built, which interned {}",
                 self.names_since, self.names_loaded
             ));
         }
         if self.abandoned >= share(self.packed).max(MIN_ABANDONED) {
             return Some(format!(
-                "compaction: {:.1} MiB of the {:.1} MiB of grant lists the last full load \
+                "compaction: {:.1} MiB of the {:.1} MiB of grant lists this generation \
                  packed are no longer used",
                 self.abandoned as f64 / f64::from(1 << 20),
                 self.packed as f64 / f64::from(1 << 20)
@@ -462,7 +463,7 @@ impl Growth {
         }
         if self.subjects_moved >= share(self.subjects_loaded).max(MIN_MOVED) {
             return Some(format!(
-                "compaction: {} of the {} subjects the last full load put in the lock-free \
+                "compaction: {} of the {} subjects this generation put in the lock-free \
                  map have been written since",
                 self.subjects_moved, self.subjects_loaded
             ));
@@ -935,6 +936,62 @@ impl State {
         });
     }
 
+    /// A new generation holding the same rows, built as a full load builds one, from
+    /// memory: the names no row uses any more are gone, every subject is in the loaded
+    /// tier and every list packed that can be. What a compaction swaps in
+    /// (`sync::Applier`); the caller keeps the writer away while it runs.
+    pub(crate) fn rebuilt(&self) -> State {
+        let mut builder = StateBuilder::new();
+        // Old id to new, so that each name is interned once, not once a row.
+        let mut objects_now = Vec::new();
+        let mut permissions_now = Vec::new();
+        fn now_id(ids: &mut Vec<u32>, old: u32, intern: impl FnOnce() -> u32) -> u32 {
+            let at = old as usize;
+            if ids.len() <= at {
+                ids.resize(at + 1, u32::MAX);
+            }
+            if ids[at] == u32::MAX {
+                ids[at] = intern();
+            }
+            ids[at]
+        }
+        self.objects.with_names(|objects| {
+            self.permissions.with_names(|permissions| {
+                self.limit_names.with_names(|limit_names| {
+                    self.subjects.for_each(|subject, entry| {
+                        for (o, grant) in entry.grants.iter(&self.packed) {
+                            let object = now_id(&mut objects_now, o, || {
+                                let name = name_at(objects, o);
+                                fixed_object_id(name)
+                                    .unwrap_or_else(|| builder.state.objects.intern_mut(name))
+                            });
+                            for (p, expires_at) in grant.rows() {
+                                let permission = now_id(&mut permissions_now, p, || {
+                                    builder
+                                        .state
+                                        .permissions
+                                        .intern_mut(name_at(permissions, p))
+                                });
+                                builder.push(
+                                    subject,
+                                    object,
+                                    Slot {
+                                        permission,
+                                        expires_at,
+                                    },
+                                );
+                            }
+                        }
+                        for &(n, value) in entry.limits.iter() {
+                            builder.limit(subject, name_at(limit_names, n), value);
+                        }
+                    });
+                });
+            });
+        });
+        builder.finish()
+    }
+
     /// Every stored row of `subject`, expired ones included: (object, permission,
     /// expires_at) sorted, and limits. For `permd verify`.
     pub(crate) fn rows_of(&self, subject: &str) -> StoredRows {
@@ -1130,6 +1187,11 @@ impl StateBuilder {
         // Plan permissions are all on '': no look-up for them.
         let object =
             fixed_object_id(object).unwrap_or_else(|| self.state.objects.intern_mut(object));
+        self.push(subject, object, slot);
+    }
+
+    /// Adds one tuple row whose names are interned already.
+    fn push(&mut self, subject: &str, object: u32, slot: Slot) {
         if self.run.is_empty() || self.subject != subject {
             self.end_run();
             self.subject.clear();
@@ -1792,7 +1854,7 @@ mod tests {
         }
         let why = growth(10_000, 5_000, 0, 0).compaction_due(50).expect("due");
         assert!(
-            why.contains("5000 names interned since the last full load"),
+            why.contains("5000 names interned since this generation was built"),
             "{why}"
         );
     }
@@ -1845,6 +1907,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A rebuilt generation holds the same rows and answers every check alike, with the
+    /// names no row uses gone and every subject back in the loaded tier.
+    #[test]
+    fn a_rebuilt_generation_keeps_every_row_and_drops_what_churn_left() {
+        let (state, checks) = mixed_state(300);
+        for s in 0..50 {
+            let subject = subject_name(s);
+            state.set_grant(&subject, &format!("tmp:{s}"), &[row("gone", None)]);
+            state.set_grant(&subject, &format!("tmp:{s}"), &[]);
+            state.set_limits(&subject, &[(format!("max{}", s % 3), s as i64)]);
+        }
+        state.set_limits("*", &[("max0".to_owned(), 7)]);
+        let rebuilt = state.rebuilt();
+        assert_eq!(rebuilt.digest(), state.digest());
+        assert_eq!(rebuilt.subject_digests().len(), state.subject_count());
+        assert_eq!(rebuilt.tuple_count(), state.tuple_count());
+        assert_eq!(rebuilt.limit_count(), state.limit_count());
+        for (subject, permission, object) in &checks {
+            for at in [500, 2_000] {
+                assert_eq!(
+                    rebuilt.check(subject, permission, object, &mut Now::fixed(at)),
+                    state.check(subject, permission, object, &mut Now::fixed(at)),
+                    "{subject} {permission} {object} at {at}"
+                );
+            }
+        }
+        assert_eq!(rebuilt.limits_of("user:1"), state.limits_of("user:1"));
+        let (before, after) = (state.growth(), rebuilt.growth());
+        // The 50 `tmp:` objects and the `gone` permission are no row's.
+        assert_eq!(
+            after.names_loaded,
+            before.names_loaded + before.names_since - 51
+        );
+        assert_eq!((after.names_since, after.subjects_moved), (0, 0));
+        assert_eq!(after.subjects_loaded, state.subject_count());
+        assert!(after.packed > 0, "{after:?}");
     }
 
     #[test]

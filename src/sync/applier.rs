@@ -224,7 +224,7 @@ pub struct Applier {
     signing: Signing,
     /// Refused notifications not yet logged, and when they last were.
     refused_quiet: (u64, Option<Instant>),
-    /// When the last full load ended, and how long it took.
+    /// When the last full load or compaction ended, and how long it took.
     last_load: Option<(Instant, Duration)>,
     /// The server's clock was last found off this host's by more than `CLOCK_TOLERANCE`.
     clock_off: bool,
@@ -261,9 +261,9 @@ impl Skew {
     }
 }
 
-/// A compaction starts no sooner after the last full load than this many times as long as
-/// that load took, so that however fast names churn, compactions take at most about a
-/// tenth of the applier's time (and of the COPYs Postgres serves it).
+/// A compaction starts no sooner after the last full load or compaction than this many
+/// times as long as that took, so that however fast names churn, compactions take at most
+/// about a tenth of the applier's time.
 const COMPACTION_SPACING: u32 = 10;
 
 /// The key that signs the notifications that carry rows, and when to read it again.
@@ -455,7 +455,7 @@ impl Applier {
             };
             if matches!(polled, Polled::CaughtUp { .. }) {
                 if let Some(why) = self.compaction_due() {
-                    self.reload(&mut client, &tap, &why, false).await?;
+                    self.compact(&why).await?;
                     continue;
                 }
             }
@@ -804,6 +804,35 @@ impl Applier {
         Ok(())
     }
 
+    /// Swaps in the current generation rebuilt from memory: what a full load would
+    /// reclaim (names no row uses, lists moved to the heap, subjects moved out of the
+    /// loaded tier), without reading the set from Postgres again. This task is the only
+    /// writer and applies nothing while the rebuild runs (notifications wait in their
+    /// channel), so the new generation holds exactly the rows of the old one at the
+    /// cursor, which stays where it is; checks are answered from the old one meanwhile.
+    async fn compact(&mut self, why: &str) -> Result<(), Error> {
+        tracing::info!(reason = why, "compaction starting");
+        let started = Instant::now();
+        let store = self.store.clone();
+        let state = tokio::task::spawn_blocking(move || store.rebuilt())
+            .await
+            .map_err(|e| Error::Builder(e.to_string()))?;
+        let subjects = state.subject_count();
+        let old = self.store.replace(state);
+        // The old generation may be large: free it off the async runtime.
+        tokio::task::spawn_blocking(move || drop(old));
+        let took = started.elapsed();
+        self.last_load = Some((Instant::now(), took));
+        self.status.compaction_done(took.as_millis() as u64);
+        tracing::info!(
+            reason = why,
+            subjects,
+            took_ms = took.as_millis() as u64,
+            "compaction swapped in"
+        );
+        Ok(())
+    }
+
     /// Reads and applies one batch of the changelog.
     async fn poll(&mut self, client: &Client, poll: &Statement) -> Result<Polled, Error> {
         let cursor = self.cursor.unwrap_or_default();
@@ -938,8 +967,9 @@ impl Applier {
         }
     }
 
-    /// Why a full load is due to reclaim what incremental changes left behind, if one is
-    /// (`store::Growth`) and the last one ended long enough ago (`COMPACTION_SPACING`).
+    /// Why a compaction is due to reclaim what incremental changes left behind, if one is
+    /// (`store::Growth`) and the last one, or full load, ended long enough ago
+    /// (`COMPACTION_SPACING`).
     fn compaction_due(&self) -> Option<String> {
         let spaced = self
             .last_load

@@ -25,6 +25,8 @@ struct Inner {
     last_full_load_at: AtomicI64,
     last_full_load_ms: AtomicU64,
     reloads: AtomicU64,
+    last_compaction_ms: AtomicU64,
+    compactions: AtomicU64,
     reconnects: AtomicU64,
     /// Changes are being applied from the notifications as they arrive.
     following: AtomicBool,
@@ -88,6 +90,11 @@ pub struct StatusReport {
     pub last_full_load_ms: u64,
     /// Full loads since start, the first included.
     pub reloads: u64,
+    /// Compactions since start: generations rebuilt from memory to reclaim what writes
+    /// left behind (`store::State::rebuilt`).
+    pub compactions: u64,
+    /// How long the last compaction took, in milliseconds (0 before the first).
+    pub last_compaction_ms: u64,
     /// Connections lost and re-established since start.
     pub reconnects: u64,
     /// Committed changes are applied as their notifications arrive, before the poll
@@ -134,6 +141,8 @@ impl Status {
             last_full_load_at: micros_to_secs(i.last_full_load_at.load(Ordering::Relaxed)),
             last_full_load_ms: i.last_full_load_ms.load(Ordering::Relaxed),
             reloads: i.reloads.load(Ordering::Relaxed),
+            compactions: i.compactions.load(Ordering::Relaxed),
+            last_compaction_ms: i.last_compaction_ms.load(Ordering::Relaxed),
             reconnects: i.reconnects.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
             standby: i.standby.load(Ordering::Relaxed),
@@ -221,6 +230,13 @@ impl Status {
         i.last_full_load_at.store(now_micros(), Ordering::Relaxed);
         i.last_full_load_ms.store(took_ms, Ordering::Relaxed);
         i.reloads.fetch_add(1, Ordering::Relaxed);
+        i.progressed.notify_waiters();
+    }
+
+    pub(crate) fn compaction_done(&self, took_ms: u64) {
+        let i = &self.inner;
+        i.last_compaction_ms.store(took_ms, Ordering::Relaxed);
+        i.compactions.fetch_add(1, Ordering::Relaxed);
         i.progressed.notify_waiters();
     }
 
