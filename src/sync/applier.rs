@@ -19,7 +19,7 @@ use super::status::Upstream;
 use super::tap::Tap;
 use super::{error_chain, parse_xid, Cursor, Error, Status, SyncConfig};
 use crate::shard::Shard;
-use crate::store::{now_micros, Store, TupleRow, Xid};
+use crate::store::{now_micros, State, Store, TupleRow, Xid};
 
 /// How often a standby is looked at: whether it has been promoted, and how current it is
 /// with its primary (`LOOK`).
@@ -780,10 +780,8 @@ impl Applier {
             rows,
         } = loader::load(client, tap, self.config.shard, self.config.query_timeout).await?;
         let xmin = Xid(snapshot.xmin());
-        let old = self.store.replace(state);
+        self.swap_in(state);
         self.follower.loaded(snapshot);
-        // The old generation may be large: free it off the async runtime.
-        tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
         let took = started.elapsed();
         self.last_load = Some((Instant::now(), took));
@@ -804,6 +802,13 @@ impl Applier {
         Ok(())
     }
 
+    /// Swaps `state` in for readers, and frees the old generation off the async runtime
+    /// (it may be large).
+    fn swap_in(&self, state: State) {
+        let old = self.store.replace(state);
+        tokio::task::spawn_blocking(move || drop(old));
+    }
+
     /// Swaps in the current generation rebuilt from memory: what a full load would
     /// reclaim (names no row uses, lists moved to the heap, subjects moved out of the
     /// loaded tier), without reading the set from Postgres again. This task is the only
@@ -818,9 +823,7 @@ impl Applier {
             .await
             .map_err(|e| Error::Builder(e.to_string()))?;
         let subjects = state.subject_count();
-        let old = self.store.replace(state);
-        // The old generation may be large: free it off the async runtime.
-        tokio::task::spawn_blocking(move || drop(old));
+        self.swap_in(state);
         let took = started.elapsed();
         self.last_load = Some((Instant::now(), took));
         self.status.compaction_done(took.as_millis() as u64);
