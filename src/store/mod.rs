@@ -11,8 +11,9 @@ mod subjects;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -91,6 +92,17 @@ struct Shared {
     /// A waiter asks the applier to poll now instead of at its next tick, so a
     /// read-your-writes check does not wait for the idle interval when NOTIFY is off.
     wanted: Notify,
+    /// The keys written since a compaction began, while one runs. A `Mutex`: only the
+    /// single writer takes it, once a write, so it is never contended.
+    journal: Mutex<Option<Journal>>,
+}
+
+/// The keys the writer changed while a compaction rebuilt the generation
+/// (`Store::begin_compaction`): copied into the rebuilt one before it is swapped in.
+#[derive(Default)]
+struct Journal {
+    grants: HashSet<(Box<str>, Box<str>)>,
+    limits: HashSet<Box<str>>,
 }
 
 /// Why a wait for a write token gave up.
@@ -117,6 +129,7 @@ impl Store {
                 watermark: AtomicU64::new(0),
                 watermark_tx,
                 wanted: Notify::new(),
+                journal: Mutex::new(None),
             }),
         }
     }
@@ -325,19 +338,59 @@ impl Store {
 
     /// Replaces `subject`'s grants on `object`. Applier only.
     pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
+        self.note(|journal| {
+            journal.grants.insert((subject.into(), object.into()));
+        });
         self.inner.state.load().set_grant(subject, object, rows);
     }
 
     /// Replaces `subject`'s limits. Applier only.
     pub(crate) fn set_limits(&self, subject: &str, rows: &[(String, i64)]) {
+        self.note(|journal| {
+            journal.limits.insert(subject.into());
+        });
         self.inner.state.load().set_limits(subject, rows);
     }
 
-    /// The current generation rebuilt from memory (`State::rebuilt`), for a compaction.
-    /// Applier only: no write may run while it does, or the rebuilt generation would
-    /// miss it.
-    pub(crate) fn rebuilt(&self) -> State {
-        self.inner.state.load_full().rebuilt()
+    /// Notes a write in the journal, while a compaction runs.
+    fn note(&self, f: impl FnOnce(&mut Journal)) {
+        let mut journal = self.inner.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(journal) = journal.as_mut() {
+            f(journal);
+        }
+    }
+
+    /// Begins a compaction: from now on every write is noted, and the generation to
+    /// rebuild (`State::rebuilt`, on a thread of the caller's) is returned. The writer may
+    /// go on writing; `finish_compaction` ends it. Applier only.
+    pub(crate) fn begin_compaction(&self) -> Arc<State> {
+        *self.inner.journal.lock().unwrap_or_else(|e| e.into_inner()) = Some(Journal::default());
+        self.inner.state.load_full()
+    }
+
+    /// Ends a compaction: every key written since `begin_compaction` is copied from
+    /// `old`, the generation it began from, into `rebuilt`, which is then swapped in; the
+    /// generation replaced is returned (for the caller to drop off the async runtime).
+    /// `None`, and `rebuilt` dropped, if `old` is no longer current (a full load replaced
+    /// it). Applier only, with no write running meanwhile.
+    pub(crate) fn finish_compaction(&self, old: &Arc<State>, rebuilt: State) -> Option<Arc<State>> {
+        let journal = self
+            .inner
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        if !Arc::ptr_eq(&self.inner.state.load(), old) {
+            return None;
+        }
+        for (subject, object) in &journal.grants {
+            rebuilt.set_grant(subject, object, &old.grant_rows(subject, object));
+        }
+        for subject in &journal.limits {
+            rebuilt.set_limits(subject, &old.limit_rows(subject));
+        }
+        Some(self.replace(rebuilt))
     }
 
     /// Swaps in a freshly loaded generation and returns the old one (for the caller to
@@ -603,6 +656,108 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
+    }
+
+    fn read(permission: &str) -> Vec<TupleRow> {
+        vec![TupleRow {
+            permission: permission.into(),
+            expires_at: None,
+        }]
+    }
+
+    /// A store of 2,000 subjects with two grants each, and a limit on every tenth.
+    fn churned_store() -> Store {
+        let rows: Vec<(String, String)> = (0..2_000)
+            .flat_map(|s| {
+                [
+                    (format!("u{s}"), format!("o{s}")),
+                    (format!("u{s}"), String::new()),
+                ]
+            })
+            .collect();
+        let store = Store::from_tuples(
+            rows.iter()
+                .map(|(s, o)| (s.as_str(), o.as_str(), "read", None)),
+        );
+        for s in (0..2_000).step_by(10) {
+            store.set_limits(&format!("u{s}"), &[("max".to_owned(), s)]);
+        }
+        store
+    }
+
+    /// A compaction swaps in a rebuilt generation with every row, those written while
+    /// it was rebuilt included: before the rebuild read them, after, or both.
+    #[test]
+    fn a_compaction_keeps_the_writes_made_while_it_rebuilt() {
+        let store = churned_store();
+        store.set_grant("u1", "tmp", &read("write"));
+        store.set_grant("u1", "tmp", &[]);
+        let old = store.begin_compaction();
+        store.set_grant("u2", "o2", &read("write")); // before the rebuild reads it
+        let rebuilt = old.rebuilt();
+        store.set_grant("u2", "o2", &read("admin")); // and changed again after
+        store.set_grant("u3", "o3", &[]);
+        store.set_grant("new", "o1", &read("read"));
+        store.set_limits("u10", &[]);
+        store.set_limits("u11", &[("max".to_owned(), 1)]);
+        let digest = store.digest();
+        let counts = store.counts();
+        let replaced = store
+            .finish_compaction(&old, rebuilt)
+            .expect("still current");
+        assert!(Arc::ptr_eq(&replaced, &old));
+        assert_eq!(store.digest(), digest);
+        assert_eq!(
+            (store.counts().tuples, store.counts().limits),
+            (counts.tuples, counts.limits)
+        );
+        assert!(store.check("u2", "admin", "o2") && !store.check("u2", "write", "o2"));
+        assert!(!store.check("u3", "read", "o3") && store.check("new", "read", "o1"));
+        assert_eq!(store.limit("u10", "max"), None);
+        assert_eq!(store.limit("u11", "max"), Some(1));
+        // `tmp` and `write` are no row's now; `admin` came with a write after the rebuild.
+        assert!(counts.names_since_load >= 2);
+        assert_eq!(store.counts().names_since_load, 1);
+        // The journal is off again: a later write is not noted.
+        store.set_grant("u4", "o4", &[]);
+        assert!(store.inner.journal.lock().expect("journal").is_none());
+    }
+
+    /// The rebuild reads the generation while the writer goes on, on another thread.
+    #[test]
+    fn a_compaction_rebuilds_while_the_writer_writes() {
+        let store = churned_store();
+        let old = store.begin_compaction();
+        let rebuild = std::thread::spawn({
+            let old = Arc::clone(&old);
+            move || old.rebuilt()
+        });
+        for s in 0..2_000 {
+            let (subject, object) = (format!("u{s}"), format!("o{s}"));
+            match s % 3 {
+                0 => store.set_grant(&subject, &object, &[]),
+                1 => store.set_grant(&subject, &format!("x{s}"), &read("read")),
+                _ => store.set_limits(&subject, &[("max".to_owned(), 7)]),
+            }
+        }
+        let digest = store.digest();
+        let rebuilt = rebuild.join().expect("rebuilt");
+        assert!(store.finish_compaction(&old, rebuilt).is_some());
+        assert_eq!(store.digest(), digest);
+    }
+
+    /// A full load that replaced the generation while it was rebuilt wins.
+    #[test]
+    fn a_compaction_of_a_replaced_generation_is_dropped() {
+        let store = churned_store();
+        let old = store.begin_compaction();
+        let rebuilt = old.rebuilt();
+        let mut builder = StateBuilder::new();
+        builder.tuple("v", "o", "read", None);
+        drop(store.replace(builder.finish()));
+        assert!(store.finish_compaction(&old, rebuilt).is_none());
+        assert!(store.check("v", "read", "o"));
+        assert_eq!(store.counts().tuples, 1);
     }
 
     #[test]

@@ -939,10 +939,11 @@ impl State {
     /// A new generation holding the same rows, built as a full load builds one, from
     /// memory: the names no row uses any more are gone, every subject is in the loaded
     /// tier and every list packed that can be. What a compaction swaps in
-    /// (`sync::Applier`); the caller keeps the writer away while it runs.
+    /// (`Store::finish_compaction`). The writer may go on meanwhile: each subject is read
+    /// as it is at its turn (`Subjects::for_each`), and no lock is held longer than a
+    /// shard's walk (a name is looked up once, through a map of old ids to new).
     pub(crate) fn rebuilt(&self) -> State {
         let mut builder = StateBuilder::new();
-        // Old id to new, so that each name is interned once, not once a row.
         let mut objects_now = Vec::new();
         let mut permissions_now = Vec::new();
         fn now_id(ids: &mut Vec<u32>, old: u32, intern: impl FnOnce() -> u32) -> u32 {
@@ -955,39 +956,30 @@ impl State {
             }
             ids[at]
         }
-        self.objects.with_names(|objects| {
-            self.permissions.with_names(|permissions| {
-                self.limit_names.with_names(|limit_names| {
-                    self.subjects.for_each(|subject, entry| {
-                        for (o, grant) in entry.grants.iter(&self.packed) {
-                            let object = now_id(&mut objects_now, o, || {
-                                let name = name_at(objects, o);
-                                fixed_object_id(name)
-                                    .unwrap_or_else(|| builder.state.objects.intern_mut(name))
-                            });
-                            for (p, expires_at) in grant.rows() {
-                                let permission = now_id(&mut permissions_now, p, || {
-                                    builder
-                                        .state
-                                        .permissions
-                                        .intern_mut(name_at(permissions, p))
-                                });
-                                builder.push(
-                                    subject,
-                                    object,
-                                    Slot {
-                                        permission,
-                                        expires_at,
-                                    },
-                                );
-                            }
-                        }
-                        for &(n, value) in entry.limits.iter() {
-                            builder.limit(subject, name_at(limit_names, n), value);
-                        }
-                    });
+        self.subjects.for_each(|subject, entry| {
+            for (o, grant) in entry.grants.iter(&self.packed) {
+                let object = now_id(&mut objects_now, o, || {
+                    let name = self.objects.name(o);
+                    fixed_object_id(&name)
+                        .unwrap_or_else(|| builder.state.objects.intern_mut(&name))
                 });
-            });
+                for (p, expires_at) in grant.rows() {
+                    let permission = now_id(&mut permissions_now, p, || {
+                        builder
+                            .state
+                            .permissions
+                            .intern_mut(&self.permissions.name(p))
+                    });
+                    let slot = Slot {
+                        permission,
+                        expires_at,
+                    };
+                    builder.push(subject, object, slot);
+                }
+            }
+            for &(n, value) in entry.limits.iter() {
+                builder.limit(subject, &self.limit_names.name(n), value);
+            }
         });
         builder.finish()
     }

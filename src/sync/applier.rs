@@ -2,11 +2,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
@@ -226,8 +227,21 @@ pub struct Applier {
     refused_quiet: (u64, Option<Instant>),
     /// When the last full load or compaction ended, and how long it took.
     last_load: Option<(Instant, Duration)>,
+    /// The compaction running, if one is.
+    compacting: Option<Compacting>,
+    /// Rung when a compaction's rebuild is done, so that the wait between polls ends and
+    /// it is swapped in at once.
+    rebuilt: Arc<Notify>,
     /// The server's clock was last found off this host's by more than `CLOCK_TOLERANCE`.
     clock_off: bool,
+}
+
+/// A compaction under way: the generation it rebuilds, the thread rebuilding it, and why.
+struct Compacting {
+    old: Arc<State>,
+    rebuild: JoinHandle<State>,
+    why: String,
+    started: Instant,
 }
 
 /// How far the server's clock may be from this host's before the log says so.
@@ -304,6 +318,8 @@ impl Applier {
             signing: Signing::default(),
             refused_quiet: (0, None),
             last_load: None,
+            compacting: None,
+            rebuilt: Arc::new(Notify::new()),
             clock_off: false,
         }
     }
@@ -453,10 +469,16 @@ impl Applier {
                 result = &mut closed => return Err(result),
                 () = shutdown.cancelled() => return Ok(()),
             };
-            if matches!(polled, Polled::CaughtUp { .. }) {
+            if self
+                .compacting
+                .as_ref()
+                .is_some_and(|c| c.rebuild.is_finished())
+            {
+                self.finish_compaction().await?;
+            }
+            if matches!(polled, Polled::CaughtUp { .. }) && self.compacting.is_none() {
                 if let Some(why) = self.compaction_due() {
-                    self.compact(&why).await?;
-                    continue;
+                    self.begin_compaction(why);
                 }
             }
             let wait = match polled {
@@ -500,6 +522,10 @@ impl Applier {
                     }
                     () = self.store.wanted() => {
                         tracing::trace!("woken by a reader");
+                        break;
+                    }
+                    () = self.rebuilt.notified(), if self.compacting.is_some() => {
+                        tracing::trace!("woken by a compaction's rebuild");
                         break;
                     }
                     () = tokio::time::sleep_until(next) => {
@@ -809,21 +835,60 @@ impl Applier {
         tokio::task::spawn_blocking(move || drop(old));
     }
 
-    /// Swaps in the current generation rebuilt from memory: what a full load would
-    /// reclaim (names no row uses, lists moved to the heap, subjects moved out of the
-    /// loaded tier), without reading the set from Postgres again. This task is the only
-    /// writer and applies nothing while the rebuild runs (notifications wait in their
-    /// channel), so the new generation holds exactly the rows of the old one at the
-    /// cursor, which stays where it is; checks are answered from the old one meanwhile.
-    async fn compact(&mut self, why: &str) -> Result<(), Error> {
+    /// Begins a compaction: the current generation rebuilt from memory on a blocking
+    /// thread (`State::rebuilt`), which reclaims what a full load would (names no row
+    /// uses, lists moved to the heap, subjects moved out of the loaded tier) without
+    /// reading the set from Postgres again. Changes go on being applied meanwhile; the
+    /// store notes the keys they touch, and `finish_compaction` copies them into the
+    /// rebuilt generation before swapping it in.
+    fn begin_compaction(&mut self, why: String) {
         tracing::info!(reason = why, "compaction starting");
-        let started = Instant::now();
-        let store = self.store.clone();
-        let state = tokio::task::spawn_blocking(move || store.rebuilt())
-            .await
-            .map_err(|e| Error::Builder(e.to_string()))?;
+        let old = self.store.begin_compaction();
+        let rebuild = tokio::task::spawn_blocking({
+            let (old, rebuilt) = (Arc::clone(&old), Arc::clone(&self.rebuilt));
+            move || {
+                let state = old.rebuilt();
+                rebuilt.notify_one();
+                state
+            }
+        });
+        self.compacting = Some(Compacting {
+            old,
+            rebuild,
+            why,
+            started: Instant::now(),
+        });
+    }
+
+    /// Swaps in the rebuilt generation, with the keys written since the compaction began
+    /// copied into it (on a blocking thread: this task, the only writer, waits, so no
+    /// write runs meanwhile). A generation a full load replaced meanwhile is dropped.
+    async fn finish_compaction(&mut self) -> Result<(), Error> {
+        let Some(Compacting {
+            old,
+            rebuild,
+            why,
+            started,
+        }) = self.compacting.take()
+        else {
+            return Ok(());
+        };
+        let state = rebuild.await.map_err(|e| Error::Builder(e.to_string()))?;
         let subjects = state.subject_count();
-        self.swap_in(state);
+        let store = self.store.clone();
+        // The replaced generation may be large: its last handles here are let go of on
+        // the blocking thread, off the async runtime.
+        let replaced =
+            tokio::task::spawn_blocking(move || store.finish_compaction(&old, state).is_some())
+                .await
+                .map_err(|e| Error::Builder(e.to_string()))?;
+        if !replaced {
+            tracing::info!(
+                reason = why,
+                "compaction dropped: a full load replaced the generation it rebuilt"
+            );
+            return Ok(());
+        }
         let took = started.elapsed();
         self.last_load = Some((Instant::now(), took));
         self.status.compaction_done(took.as_millis() as u64);
