@@ -5,7 +5,9 @@
 //! CPU seconds until ready (less noisy than the time when comparing two builds), and the
 //! peak resident memory during a forced reload (the new generation is built beside the
 //! old one, then swapped in); then the time of a compaction (the generation rebuilt from
-//! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's.
+//! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's,
+//! and how long writes made while it runs take to be visible (one at a time, each read
+//! back with its write token: the largest, and how many).
 //!
 //! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names. Names are short
 //! (`user:N`, `doc:N`) unless `BENCH_NAMES=uuid`: then subjects and objects are named by
@@ -33,7 +35,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, cluster_with_tls, env_list, env_or, runtime};
+use common::{cluster, cluster_with_tls, env_list, env_or, read_response, runtime};
+use tokio::io::{AsyncWriteExt as _, BufStream};
+use tokio::net::TcpStream;
 
 /// A field of `/proc/PID/FILE` given in KiB.
 fn kib(pid: u32, file: &str, field: &str) -> u64 {
@@ -88,8 +92,8 @@ fn main() {
     println!();
     println!("Names: {names}.");
     println!();
-    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction | write to visible during it (largest, writes) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let binaries: Vec<String> = std::env::var("BENCH_PERMD")
         .map(|list| list.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
@@ -129,6 +133,12 @@ fn main() {
             }
         }
         for (permd, (serve_url, connection), shard) in runs {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let listen = format!("127.0.0.1:{port}");
             let started = Instant::now();
             let mut child = Command::new(permd)
                 .args([
@@ -136,7 +146,7 @@ fn main() {
                     "--database-url",
                     serve_url,
                     "--listen",
-                    "127.0.0.1:0",
+                    &listen,
                     "--shard",
                     shard,
                     // A compaction as soon as 1,000 names are churned (the floor).
@@ -155,7 +165,8 @@ fn main() {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     let wanted = line.contains("full load done")
                         || line.contains("full load swapped in")
-                        || line.contains("compaction swapped in");
+                        || line.contains("compaction swapped in")
+                        || line.contains("starting") && line.contains("compaction");
                     if wanted && tx.send(line).is_err() {
                         break;
                     }
@@ -210,19 +221,75 @@ fn main() {
                 pool.close().await;
             });
             // A build that compacts by a full load logs its compaction as one.
-            let compaction = std::iter::repeat_with(wait)
-                .find(|line| line.contains("swapped in") && line.contains("compaction"))
+            let is_compaction =
+                |line: &str, what: &str| line.contains(what) && line.contains("compaction");
+            std::iter::repeat_with(wait)
+                .find(|line| is_compaction(line, "starting"))
                 .unwrap();
+            // While it runs, one write at a time, each read back with its token (a 503
+            // `stale` after the server's wait of 1 s is asked again).
+            let (compaction, visible) = runtime.block_on(async {
+                let pool = permd::db::pool(&url).await.unwrap();
+                let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
+                let (mut visible, mut body) = (Vec::new(), Vec::new());
+                for n in 0.. {
+                    if let Ok(line) = rx.try_recv() {
+                        if is_compaction(&line, "swapped in") {
+                            pool.close().await;
+                            return (line, visible);
+                        }
+                    }
+                    let token: String = sqlx::query_scalar(
+                        "INSERT INTO permd.tuples VALUES ('user:1', $1, 'perm0', NULL)
+                         RETURNING permd.write_token()::text",
+                    )
+                    .bind(format!("fresh:{n}"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    let committed = Instant::now();
+                    let request = format!(
+                        "GET /v1/check?subject=user:1&permission=perm0&object=fresh:{n}&at_least={token} HTTP/1.1\r\nhost: permd\r\n\r\n"
+                    );
+                    loop {
+                        stream.write_all(request.as_bytes()).await.unwrap();
+                        stream.flush().await.unwrap();
+                        match read_response(&mut stream, &mut body).await {
+                            200 => break,
+                            503 => continue,
+                            other => panic!("{other}: {}", String::from_utf8_lossy(&body)),
+                        }
+                    }
+                    assert!(common::find(&body, b"\"allowed\":true").is_some());
+                    visible.push(committed.elapsed());
+                }
+                unreachable!()
+            });
             let compaction_ms: f64 = compaction
                 .split(" took_ms=")
                 .nth(1)
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
                 .unwrap();
+            let largest = visible.iter().max().map_or("-".to_owned(), |d| {
+                format!("{:.1} ms", d.as_secs_f64() * 1e3)
+            });
             let _ = child.kill();
             let _ = child.wait();
+            // The next binary or shard starts from the filled table again.
+            runtime.block_on(async {
+                let pool = permd::db::pool(&url).await.unwrap();
+                sqlx::raw_sql(
+                    "DELETE FROM permd.tuples WHERE subject IN ('user:0', 'user:1')
+                       AND (object LIKE 'tmp:%' OR object LIKE 'fresh:%')",
+                )
+                .execute(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+            });
             println!(
-            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s |",
+            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s | {largest}, {} |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
@@ -232,6 +299,7 @@ fn main() {
             rss as f64 / rows,
             peak as f64 / 1048576.0,
             compaction_ms / 1e3,
+            visible.len(),
         );
             if binaries.len() > 1 {
                 println!("|  | ({permd}) |");
