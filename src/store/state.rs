@@ -940,8 +940,9 @@ impl State {
     /// memory: the names no row uses any more are gone, every subject is in the loaded
     /// tier and every list packed that can be. What a compaction swaps in
     /// (`Store::finish_compaction`). The writer may go on meanwhile: each subject is read
-    /// as it is at its turn (`Subjects::for_each`), and no lock is held longer than a
-    /// shard's walk (a name is looked up once, through a map of old ids to new).
+    /// as it is at its turn (`Subjects::for_each`, which holds a shard's lock for one
+    /// subject's turn at most), and each name is looked up once, through a map of old ids
+    /// to new, not under the interners' lock for the whole walk.
     pub(crate) fn rebuilt(&self) -> State {
         let mut builder = StateBuilder::new();
         let mut objects_now = Vec::new();

@@ -126,7 +126,9 @@ impl<K: Key, V> Loaded<K, V> {
 }
 
 /// What the two maps' keys have in common.
-pub(super) trait Key: Eq + Hash + for<'a> From<&'a str> + Borrow<Self::Lookup> {
+pub(super) trait Key:
+    Clone + Eq + Hash + for<'a> From<&'a str> + Borrow<Self::Lookup>
+{
     /// What a look-up hashes: the name, or its bytes (as the key hashes itself).
     type Lookup: ?Sized + Eq + Hash;
     fn lookup(name: &str) -> &Self::Lookup;
@@ -411,9 +413,19 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
                 }
             }
         }
-        for entry in &self.written {
-            if find(entry.key()).is_none() {
-                f(entry.key().name(), entry.value());
+        // The written tier's names first, each shard read-locked only while they are
+        // copied, then each entry under its shard's lock for its own call only: a walk
+        // that builds something for every subject (a compaction's rebuild, while the
+        // writer goes on) holds a shard for one subject at a time, not for all of its.
+        let names: Vec<K> = self
+            .written
+            .iter()
+            .filter(|entry| find(entry.key()).is_none())
+            .map(|entry| entry.key().clone())
+            .collect();
+        for key in names {
+            if let Some(entry) = self.written.get(key.borrow()) {
+                f(key.name(), entry.value());
             }
         }
     }
