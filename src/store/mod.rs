@@ -10,8 +10,7 @@ mod state;
 mod subjects;
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -384,11 +383,29 @@ impl Store {
         if !Arc::ptr_eq(&self.inner.state.load(), old) {
             return None;
         }
+        // A key the rebuild already read as it is stays as the rebuild left it (and its
+        // subject in the lock-free tier): ids differ between generations, so rows are
+        // compared by name, sorted.
         for (subject, object) in &journal.grants {
-            rebuilt.set_grant(subject, object, &old.grant_rows(subject, object));
+            let mut rows = old.grant_rows(subject, object);
+            let mut built = rebuilt.grant_rows(subject, object);
+            rows.sort_unstable_by(|a, b| {
+                (&a.permission, a.expires_at).cmp(&(&b.permission, b.expires_at))
+            });
+            built.sort_unstable_by(|a, b| {
+                (&a.permission, a.expires_at).cmp(&(&b.permission, b.expires_at))
+            });
+            if rows != built {
+                rebuilt.set_grant(subject, object, &rows);
+            }
         }
         for subject in &journal.limits {
-            rebuilt.set_limits(subject, &old.limit_rows(subject));
+            let (mut rows, mut built) = (old.limit_rows(subject), rebuilt.limit_rows(subject));
+            rows.sort_unstable();
+            built.sort_unstable();
+            if rows != built {
+                rebuilt.set_limits(subject, &rows);
+            }
         }
         Some(self.replace(rebuilt))
     }
@@ -694,6 +711,7 @@ mod tests {
         store.set_grant("u1", "tmp", &[]);
         let old = store.begin_compaction();
         store.set_grant("u2", "o2", &read("write")); // before the rebuild reads it
+        store.set_grant("u5", "o5", &read("write")); // the same, and left so
         let rebuilt = old.rebuilt();
         store.set_grant("u2", "o2", &read("admin")); // and changed again after
         store.set_grant("u3", "o3", &[]);
@@ -718,6 +736,11 @@ mod tests {
         // `tmp` and `write` are no row's now; `admin` came with a write after the rebuild.
         assert!(counts.names_since_load >= 2);
         assert_eq!(store.counts().names_since_load, 1);
+        // What changed after the rebuild read it was copied, so u2, u3, u10 and u11 left
+        // the rebuilt generation's loaded tier; u5, which the rebuild read as it is, was
+        // not copied and stays there.
+        assert_eq!(store.counts().subjects_written_since_load, 4);
+        assert!(store.check("u5", "write", "o5"));
         // The journal is off again: a later write is not noted.
         store.set_grant("u4", "o4", &[]);
         assert!(store.inner.journal.lock().expect("journal").is_none());
