@@ -367,6 +367,11 @@ impl Store {
         self.inner.state.load_full()
     }
 
+    /// Ends a compaction whose rebuild failed: writes are no longer noted. Applier only.
+    pub(crate) fn abandon_compaction(&self) {
+        *self.inner.journal.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Ends a compaction: every key written since `begin_compaction` is copied from
     /// `old`, the generation it began from, into `rebuilt`, which is then swapped in; the
     /// generation replaced is returned (for the caller to drop off the async runtime).
@@ -767,6 +772,17 @@ mod tests {
         let rebuilt = rebuild.join().expect("rebuilt");
         assert!(store.finish_compaction(&old, rebuilt).is_some());
         assert_eq!(store.digest(), digest);
+    }
+
+    /// A compaction whose rebuild failed leaves nothing noted behind.
+    #[test]
+    fn an_abandoned_compaction_notes_no_more_writes() {
+        let store = churned_store();
+        drop(store.begin_compaction());
+        store.set_grant("u1", "o1", &[]);
+        store.abandon_compaction();
+        store.set_grant("u2", "o2", &[]);
+        assert!(store.inner.journal.lock().expect("journal").is_none());
     }
 
     /// A full load that replaced the generation while it was rebuilt wins.

@@ -873,7 +873,13 @@ impl Applier {
         else {
             return Ok(());
         };
-        let state = rebuild.await.map_err(|e| Error::Builder(e.to_string()))?;
+        let state = match rebuild.await {
+            Ok(state) => state,
+            Err(error) => {
+                self.store.abandon_compaction();
+                return Err(Error::Builder(error.to_string()));
+            }
+        };
         let subjects = state.subject_count();
         let store = self.store.clone();
         // The replaced generation may be large: its last handles here are let go of on
