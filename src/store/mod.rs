@@ -353,23 +353,27 @@ impl Store {
 
     /// Notes a write in the journal, while a compaction runs.
     fn note(&self, f: impl FnOnce(&mut Journal)) {
-        let mut journal = self.inner.journal.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(journal) = journal.as_mut() {
+        if let Some(journal) = self.journal().as_mut() {
             f(journal);
         }
+    }
+
+    /// The journal, while a compaction runs (`None` otherwise).
+    fn journal(&self) -> std::sync::MutexGuard<'_, Option<Journal>> {
+        self.inner.journal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Begins a compaction: from now on every write is noted, and the generation to
     /// rebuild (`State::rebuilt`, on a thread of the caller's) is returned. The writer may
     /// go on writing; `finish_compaction` ends it. Applier only.
     pub(crate) fn begin_compaction(&self) -> Arc<State> {
-        *self.inner.journal.lock().unwrap_or_else(|e| e.into_inner()) = Some(Journal::default());
+        *self.journal() = Some(Journal::default());
         self.inner.state.load_full()
     }
 
     /// Ends a compaction whose rebuild failed: writes are no longer noted. Applier only.
     pub(crate) fn abandon_compaction(&self) {
-        *self.inner.journal.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.journal() = None;
     }
 
     /// Ends a compaction: every key written since `begin_compaction` is copied from
@@ -378,13 +382,7 @@ impl Store {
     /// `None`, and `rebuilt` dropped, if `old` is no longer current (a full load replaced
     /// it). Applier only, with no write running meanwhile.
     pub(crate) fn finish_compaction(&self, old: &Arc<State>, rebuilt: State) -> Option<Arc<State>> {
-        let journal = self
-            .inner
-            .journal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_default();
+        let journal = self.journal().take().unwrap_or_default();
         if !Arc::ptr_eq(&self.inner.state.load(), old) {
             return None;
         }
@@ -394,12 +392,8 @@ impl Store {
         for (subject, object) in &journal.grants {
             let mut rows = old.grant_rows(subject, object);
             let mut built = rebuilt.grant_rows(subject, object);
-            rows.sort_unstable_by(|a, b| {
-                (&a.permission, a.expires_at).cmp(&(&b.permission, b.expires_at))
-            });
-            built.sort_unstable_by(|a, b| {
-                (&a.permission, a.expires_at).cmp(&(&b.permission, b.expires_at))
-            });
+            rows.sort_unstable();
+            built.sort_unstable();
             if rows != built {
                 rebuilt.set_grant(subject, object, &rows);
             }
@@ -748,7 +742,7 @@ mod tests {
         assert!(store.check("u5", "write", "o5"));
         // The journal is off again: a later write is not noted.
         store.set_grant("u4", "o4", &[]);
-        assert!(store.inner.journal.lock().expect("journal").is_none());
+        assert!(store.journal().is_none());
     }
 
     /// The rebuild reads the generation while the writer goes on, on another thread.
@@ -782,7 +776,7 @@ mod tests {
         store.set_grant("u1", "o1", &[]);
         store.abandon_compaction();
         store.set_grant("u2", "o2", &[]);
-        assert!(store.inner.journal.lock().expect("journal").is_none());
+        assert!(store.journal().is_none());
     }
 
     /// A full load that replaced the generation while it was rebuilt wins.

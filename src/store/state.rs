@@ -57,8 +57,9 @@ const GLOBAL_ID: u32 = 0;
 /// The object id of the wildcard object `*` in every generation.
 const WILDCARD_ID: u32 = 1;
 
-/// One stored tuple, as the loader and applier hand it to the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One stored tuple, as the loader and applier hand it to the store. Ordered by
+/// permission, then expiry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TupleRow {
     /// The permission name.
     pub permission: String,

@@ -806,8 +806,10 @@ impl Applier {
             rows,
         } = loader::load(client, tap, self.config.shard, self.config.query_timeout).await?;
         let xmin = Xid(snapshot.xmin());
-        self.swap_in(state);
+        let old = self.store.replace(state);
         self.follower.loaded(snapshot);
+        // The old generation may be large: free it off the async runtime.
+        tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
         let took = started.elapsed();
         self.last_load = Some((Instant::now(), took));
@@ -826,13 +828,6 @@ impl Applier {
             "full load swapped in"
         );
         Ok(())
-    }
-
-    /// Swaps `state` in for readers, and frees the old generation off the async runtime
-    /// (it may be large).
-    fn swap_in(&self, state: State) {
-        let old = self.store.replace(state);
-        tokio::task::spawn_blocking(move || drop(old));
     }
 
     /// Begins a compaction: the current generation rebuilt from memory on a blocking
