@@ -164,11 +164,15 @@ impl<'a> Held<'a> {
 
     /// Every stored (permission, expires_at) pair, expired ones included.
     fn rows(self) -> impl Iterator<Item = (u32, i64)> + 'a {
-        let bits = self.bits;
-        (0..INLINE_BITS)
-            .filter(move |p| bits & (1 << p) != 0)
-            .map(|p| (p, NEVER))
-            .chain(self.extra.iter().map(|s| (s.permission, s.expires_at)))
+        // Set bits only, lowest first: a scan of all 64 positions was a quarter of a
+        // compaction's time.
+        let mut bits = self.bits;
+        std::iter::from_fn(move || {
+            let permission = bits.trailing_zeros();
+            bits &= bits.wrapping_sub(1);
+            (permission < INLINE_BITS).then_some((permission, NEVER))
+        })
+        .chain(self.extra.iter().map(|s| (s.permission, s.expires_at)))
     }
 
     fn row_count(self) -> u64 {
@@ -958,6 +962,7 @@ impl State {
             }
             ids[at]
         }
+        let mut rows = Vec::new();
         self.subjects.for_each(|subject, entry| {
             for (o, grant) in entry.grants.iter(&self.packed) {
                 let object = now_id(&mut objects_now, o, || {
@@ -976,8 +981,11 @@ impl State {
                         permission,
                         expires_at,
                     };
-                    builder.push(subject, object, slot);
+                    rows.push((object, slot));
                 }
+            }
+            if !rows.is_empty() {
+                builder.push_run(subject, &mut rows);
             }
             for &(n, value) in entry.limits.iter() {
                 builder.limit(subject, &self.limit_names.name(n), value);
@@ -1181,17 +1189,27 @@ impl StateBuilder {
         // Plan permissions are all on '': no look-up for them.
         let object =
             fixed_object_id(object).unwrap_or_else(|| self.state.objects.intern_mut(object));
-        self.push(subject, object, slot);
-    }
-
-    /// Adds one tuple row whose names are interned already.
-    fn push(&mut self, subject: &str, object: u32, slot: Slot) {
         if self.run.is_empty() || self.subject != subject {
-            self.end_run();
-            self.subject.clear();
-            self.subject.push_str(subject);
+            self.start_run(subject);
         }
         self.run.push((object, slot));
+    }
+
+    /// Adds all of one subject's rows, whose names are interned already, as one run;
+    /// leaves `rows` empty. Compared with a row at a time, spares a comparison of the
+    /// subject's name for every row.
+    fn push_run(&mut self, subject: &str, rows: &mut Vec<(u32, Slot)>) {
+        self.start_run(subject);
+        std::mem::swap(&mut self.run, rows);
+        self.end_run();
+        std::mem::swap(&mut self.run, rows);
+    }
+
+    /// Ends the current run and starts `subject`'s.
+    fn start_run(&mut self, subject: &str) {
+        self.end_run();
+        self.subject.clear();
+        self.subject.push_str(subject);
     }
 
     /// Stores the current run under its subject: as the subject's entry when it is new,
@@ -1322,6 +1340,28 @@ mod tests {
         assert!(!state.check("u1", "read", "doc:1", &mut Now::lazy()));
         assert_eq!(state.tuple_count(), 0);
         assert_eq!(state.subject_count(), 0);
+    }
+
+    #[test]
+    fn a_grant_reads_back_every_row_in_order() {
+        let slot = |permission, expires_at| Slot {
+            permission,
+            expires_at,
+        };
+        let grant = Grant::from_slots([
+            slot(63, NEVER),
+            slot(70, NEVER),
+            slot(0, NEVER),
+            slot(5, 1_000),
+            slot(1, NEVER),
+        ]);
+        let rows: Vec<_> = grant.held().rows().collect();
+        assert_eq!(
+            rows,
+            [(0, NEVER), (1, NEVER), (63, NEVER), (5, 1_000), (70, NEVER)]
+        );
+        assert_eq!(grant.held().row_count(), 5);
+        assert_eq!(Grant::from_slots([]).held().rows().count(), 0);
     }
 
     #[test]
