@@ -25,8 +25,9 @@ use super::state::find_object;
 /// The size of a huge page on x86-64 and arm64 with 4 KiB base pages, and of a chunk.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// Where one subject's list is: 12 bytes, inside `Grants`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where one subject's list is: 12 bytes, inside `Grants`. Ordered as the lists lie in
+/// the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Packed {
     chunk: u32,
     /// Byte offset in the chunk; a multiple of 8.

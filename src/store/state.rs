@@ -1,7 +1,7 @@
 //! One immutable-by-swap generation of the mirrored permission set.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -948,50 +948,45 @@ impl State {
     /// as it is at its turn (`Subjects::for_each`, which holds a shard's lock for one
     /// subject's turn at most), and each name is looked up once, through a map of old ids
     /// to new, not under the interners' lock for the whole walk.
+    ///
+    /// The walk goes in hash order, and each packed list read there would be a miss in
+    /// a random place of the arena. So a packed subject's turn only notes where its list
+    /// is (the arena is read-only: the list stays as the turn saw it) and copies its
+    /// name; after the walk those lists are read in the order they lie in the arena.
     pub(crate) fn rebuilt(&self) -> State {
-        let mut builder = StateBuilder::new();
-        let mut objects_now = Vec::new();
-        let mut permissions_now = Vec::new();
-        fn now_id(ids: &mut Vec<u32>, old: u32, intern: impl FnOnce() -> u32) -> u32 {
-            let at = old as usize;
-            if ids.len() <= at {
-                ids.resize(at + 1, u32::MAX);
-            }
-            if ids[at] == u32::MAX {
-                ids[at] = intern();
-            }
-            ids[at]
-        }
-        let mut rows = Vec::new();
+        let mut rebuild = Rebuild {
+            state: self,
+            builder: StateBuilder::new(),
+            objects_now: Vec::new(),
+            permissions_now: Vec::new(),
+            rows: Vec::new(),
+        };
+        // Each packed subject's list, and where its name is in `names`.
+        let mut packed: Vec<(Packed, Range<usize>)> = Vec::new();
+        let mut names = String::new();
         self.subjects.for_each(|subject, entry| {
-            for (o, grant) in entry.grants.iter(&self.packed) {
-                let object = now_id(&mut objects_now, o, || {
-                    let name = self.objects.name(o);
-                    fixed_object_id(&name)
-                        .unwrap_or_else(|| builder.state.objects.intern_mut(&name))
-                });
-                for (p, expires_at) in grant.rows() {
-                    let permission = now_id(&mut permissions_now, p, || {
-                        builder
-                            .state
-                            .permissions
-                            .intern_mut(&self.permissions.name(p))
-                    });
-                    let slot = Slot {
-                        permission,
-                        expires_at,
-                    };
-                    rows.push((object, slot));
+            match entry.grants {
+                Grants::Packed(list) => {
+                    packed.push((list, names.len()..names.len() + subject.len()));
+                    names.push_str(subject);
                 }
-            }
-            if !rows.is_empty() {
-                builder.push_run(subject, &mut rows);
+                ref grants => rebuild.subject(subject, grants.iter(&self.packed)),
             }
             for &(n, value) in entry.limits.iter() {
-                builder.limit(subject, &self.limit_names.name(n), value);
+                rebuild
+                    .builder
+                    .limit(subject, &self.limit_names.name(n), value);
             }
         });
-        builder.finish()
+        packed.sort_unstable_by_key(|(list, _)| *list);
+        for (list, name) in packed {
+            let grants = self
+                .packed
+                .iter(list)
+                .map(|(object, bits)| (object, Held { bits, extra: &[] }));
+            rebuild.subject(&names[name], grants);
+        }
+        rebuild.builder.finish()
     }
 
     /// Every stored row of `subject`, expired ones included: (object, permission,
@@ -1017,6 +1012,56 @@ impl State {
         rows.tuples.sort();
         rows.limits.sort();
         rows
+    }
+}
+
+/// A generation being rebuilt from `state` (`State::rebuilt`): the builder, and the old
+/// generation's object and permission ids mapped to the new one's as they are met.
+struct Rebuild<'s> {
+    state: &'s State,
+    builder: StateBuilder,
+    objects_now: Vec<u32>,
+    permissions_now: Vec<u32>,
+    /// One subject's rows, reused from subject to subject.
+    rows: Vec<(u32, Slot)>,
+}
+
+impl Rebuild<'_> {
+    /// Adds `subject`'s `grants` (old ids) as one run.
+    fn subject<'g>(&mut self, subject: &str, grants: impl Iterator<Item = (u32, Held<'g>)>) {
+        fn now_id(ids: &mut Vec<u32>, old: u32, intern: impl FnOnce() -> u32) -> u32 {
+            let at = old as usize;
+            if ids.len() <= at {
+                ids.resize(at + 1, u32::MAX);
+            }
+            if ids[at] == u32::MAX {
+                ids[at] = intern();
+            }
+            ids[at]
+        }
+        let (old, builder) = (self.state, &mut self.builder);
+        for (o, grant) in grants {
+            let object = now_id(&mut self.objects_now, o, || {
+                let name = old.objects.name(o);
+                fixed_object_id(&name).unwrap_or_else(|| builder.state.objects.intern_mut(&name))
+            });
+            for (p, expires_at) in grant.rows() {
+                let permission = now_id(&mut self.permissions_now, p, || {
+                    builder
+                        .state
+                        .permissions
+                        .intern_mut(&old.permissions.name(p))
+                });
+                let slot = Slot {
+                    permission,
+                    expires_at,
+                };
+                self.rows.push((object, slot));
+            }
+        }
+        if !self.rows.is_empty() {
+            builder.push_run(subject, &mut self.rows);
+        }
     }
 }
 
@@ -1979,6 +2024,19 @@ mod tests {
         assert_eq!((after.names_since, after.subjects_moved), (0, 0));
         assert_eq!(after.subjects_loaded, state.subject_count());
         assert!(after.packed > 0, "{after:?}");
+        // Rebuilt again, from packed lists this time (the first had only the heap's),
+        // some of them subjects' with limits.
+        let again = rebuilt.rebuilt();
+        assert_eq!(again.digest(), state.digest());
+        assert_eq!(again.growth().packed, after.packed);
+        for (subject, permission, object) in &checks {
+            assert_eq!(
+                again.check(subject, permission, object, &mut Now::fixed(500)),
+                state.check(subject, permission, object, &mut Now::fixed(500)),
+                "{subject} {permission} {object}"
+            );
+        }
+        assert_eq!(again.limits_of("user:1"), state.limits_of("user:1"));
     }
 
     #[test]
