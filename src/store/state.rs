@@ -952,23 +952,34 @@ impl State {
     /// The walk goes in hash order, and each packed list read there would be a miss in
     /// a random place of the arena. So a packed subject's turn only notes where its list
     /// is (the arena is read-only: the list stays as the turn saw it) and copies its
-    /// name; after the walk those lists are read in the order they lie in the arena.
+    /// name; those lists are read later, `REBUILD_BATCH` at a time, each batch in the
+    /// order its lists lie in the arena. A batch bounds what is held aside.
     pub(crate) fn rebuilt(&self) -> State {
+        self.rebuilt_by(REBUILD_BATCH)
+    }
+
+    /// `rebuilt`, with the packed lists read `batch` at a time.
+    fn rebuilt_by(&self, batch: usize) -> State {
         let mut rebuild = Rebuild {
             state: self,
             builder: StateBuilder::new(),
             objects_now: Vec::new(),
             permissions_now: Vec::new(),
             rows: Vec::new(),
+            packed: Vec::new(),
+            names: String::new(),
         };
-        // Each packed subject's list, and where its name is in `names`.
-        let mut packed: Vec<(Packed, Range<usize>)> = Vec::new();
-        let mut names = String::new();
         self.subjects.for_each(|subject, entry| {
             match entry.grants {
                 Grants::Packed(list) => {
-                    packed.push((list, names.len()..names.len() + subject.len()));
+                    let names = &mut rebuild.names;
+                    rebuild
+                        .packed
+                        .push((list, names.len()..names.len() + subject.len()));
                     names.push_str(subject);
+                    if rebuild.packed.len() >= batch {
+                        rebuild.packed_subjects();
+                    }
                 }
                 ref grants => rebuild.subject(subject, grants.iter(&self.packed)),
             }
@@ -978,14 +989,7 @@ impl State {
                     .limit(subject, &self.limit_names.name(n), value);
             }
         });
-        packed.sort_unstable_by_key(|(list, _)| *list);
-        for (list, name) in packed {
-            let grants = self
-                .packed
-                .iter(list)
-                .map(|(object, bits)| (object, Held { bits, extra: &[] }));
-            rebuild.subject(&names[name], grants);
-        }
+        rebuild.packed_subjects();
         rebuild.builder.finish()
     }
 
@@ -1015,6 +1019,12 @@ impl State {
     }
 }
 
+/// How many packed subjects a rebuild holds aside before it reads their lists
+/// (`State::rebuilt`): 32 bytes each and their names, ~11 MB with short names. As fast as
+/// four times as many at 10M and 50M tuples, whose ~40 MB raised a compaction's peak
+/// above a reload's (benches/README.md, `load`).
+const REBUILD_BATCH: usize = 1 << 18;
+
 /// A generation being rebuilt from `state` (`State::rebuilt`): the builder, and the old
 /// generation's object and permission ids mapped to the new one's as they are met.
 struct Rebuild<'s> {
@@ -1024,9 +1034,34 @@ struct Rebuild<'s> {
     permissions_now: Vec<u32>,
     /// One subject's rows, reused from subject to subject.
     rows: Vec<(u32, Slot)>,
+    /// Packed subjects met and not read yet: each one's list, and where its name is in
+    /// `names`.
+    packed: Vec<(Packed, Range<usize>)>,
+    names: String,
 }
 
 impl Rebuild<'_> {
+    /// Adds the packed subjects met so far, their lists read in arena order.
+    fn packed_subjects(&mut self) {
+        let (state, mut packed, names) = (
+            self.state,
+            std::mem::take(&mut self.packed),
+            std::mem::take(&mut self.names),
+        );
+        packed.sort_unstable_by_key(|(list, _)| *list);
+        for (list, name) in packed.drain(..) {
+            let grants = state
+                .packed
+                .iter(list)
+                .map(|(object, bits)| (object, Held { bits, extra: &[] }));
+            self.subject(&names[name], grants);
+        }
+        // Kept for the next batch: cleared, at their size.
+        let mut names = names;
+        names.clear();
+        (self.packed, self.names) = (packed, names);
+    }
+
     /// Adds `subject`'s `grants` (old ids) as one run.
     fn subject<'g>(&mut self, subject: &str, grants: impl Iterator<Item = (u32, Held<'g>)>) {
         fn now_id(ids: &mut Vec<u32>, old: u32, intern: impl FnOnce() -> u32) -> u32 {
@@ -2025,8 +2060,8 @@ mod tests {
         assert_eq!(after.subjects_loaded, state.subject_count());
         assert!(after.packed > 0, "{after:?}");
         // Rebuilt again, from packed lists this time (the first had only the heap's),
-        // some of them subjects' with limits.
-        let again = rebuilt.rebuilt();
+        // some of them subjects' with limits, and in batches of 7 lists.
+        let again = rebuilt.rebuilt_by(7);
         assert_eq!(again.digest(), state.digest());
         assert_eq!(again.growth().packed, after.packed);
         for (subject, permission, object) in &checks {
