@@ -877,13 +877,17 @@ impl Applier {
         };
         let subjects = state.subject_count();
         let store = self.store.clone();
-        // The replaced generation may be large: its last handles here are let go of on
-        // the blocking thread, off the async runtime.
-        let replaced =
-            tokio::task::spawn_blocking(move || store.finish_compaction(&old, state).is_some())
-                .await
-                .map_err(|e| Error::Builder(e.to_string()))?;
-        if !replaced {
+        let (replaced, old) = tokio::task::spawn_blocking(move || {
+            let replaced = store.finish_compaction(&old, state);
+            (replaced, old)
+        })
+        .await
+        .map_err(|e| Error::Builder(e.to_string()))?;
+        let swapped = replaced.is_some();
+        // The replaced generation may be large: its last handles here are let go of off
+        // the async runtime, as a full load's are, and without the applier waiting.
+        tokio::task::spawn_blocking(move || drop((replaced, old)));
+        if !swapped {
             tracing::info!(
                 reason = why,
                 "compaction dropped: a full load replaced the generation it rebuilt"
