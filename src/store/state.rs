@@ -1043,11 +1043,9 @@ struct Rebuild<'s> {
 impl Rebuild<'_> {
     /// Adds the packed subjects met so far, their lists read in arena order.
     fn packed_subjects(&mut self) {
-        let (state, mut packed, names) = (
-            self.state,
-            std::mem::take(&mut self.packed),
-            std::mem::take(&mut self.names),
-        );
+        let state = self.state;
+        let mut packed = std::mem::take(&mut self.packed);
+        let mut names = std::mem::take(&mut self.names);
         packed.sort_unstable_by_key(|(list, _)| *list);
         for (list, name) in packed.drain(..) {
             let grants = state
@@ -1056,9 +1054,8 @@ impl Rebuild<'_> {
                 .map(|(object, bits)| (object, Held { bits, extra: &[] }));
             self.subject(&names[name], grants);
         }
-        // Kept for the next batch: cleared, at their size.
-        let mut names = names;
         names.clear();
+        // Kept for the next batch, at their size.
         (self.packed, self.names) = (packed, names);
     }
 
