@@ -343,6 +343,17 @@ impl Store {
         self.inner.state.load().set_grant(subject, object, rows);
     }
 
+    /// Replaces `subject`'s grants on each object of `changes` at once
+    /// (`State::set_grants`). Applier only.
+    pub(crate) fn set_grants(&self, subject: &str, changes: &[(&str, &[TupleRow])]) {
+        self.note(|journal| {
+            for (object, _) in changes {
+                journal.grants.insert((subject.into(), (*object).into()));
+            }
+        });
+        self.inner.state.load().set_grants(subject, changes);
+    }
+
     /// Replaces `subject`'s limits. Applier only.
     pub(crate) fn set_limits(&self, subject: &str, rows: &[(String, i64)]) {
         self.note(|journal| {

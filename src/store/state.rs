@@ -225,6 +225,27 @@ impl Grants {
         }
     }
 
+    /// Puts each of `changes` (sorted by object, each object once; an empty grant removes
+    /// the object's) in one pass over the list, and returns how many rows the grants it
+    /// replaced held. `set` one change at a time moves the rest of the list each time.
+    fn set_many(&mut self, changes: Vec<(u32, Grant)>, arena: &Arena) -> u64 {
+        let mut old = std::mem::take(self).into_vec(arena).into_iter().peekable();
+        let mut merged = Vec::with_capacity(old.len() + changes.len());
+        let mut removed = 0;
+        for (object, grant) in changes {
+            merged.extend(std::iter::from_fn(|| old.next_if(|(o, _)| *o < object)));
+            if let Some((_, replaced)) = old.next_if(|(o, _)| *o == object) {
+                removed += replaced.held().row_count();
+            }
+            if !grant.is_empty() {
+                merged.push((object, grant));
+            }
+        }
+        merged.extend(old);
+        *self = Self::from_vec(merged);
+        removed
+    }
+
     /// The grants in the heap, read from `arena` if they are packed there.
     fn into_vec(self, arena: &Arena) -> Vec<(u32, Grant)> {
         match self {
@@ -843,6 +864,61 @@ impl State {
         }
     }
 
+    /// Replaces `subject`'s grants on each object of `changes`, in one pass over its
+    /// list: what `set_grant` does for each in turn, with the subject's list moved once
+    /// rather than once a change (a transaction that grants or revokes many objects of
+    /// one large subject). A reader sees the subject's changes all at once.
+    pub(crate) fn set_grants(&self, subject: &str, changes: &[(&str, &[TupleRow])]) {
+        if let [(object, rows)] = changes {
+            return self.set_grant(subject, object, rows);
+        }
+        let mut grants: Vec<(u32, Grant)> = Vec::with_capacity(changes.len());
+        let mut added = 0;
+        for (object, rows) in changes {
+            let grant = Grant::from_slots(rows.iter().map(|r| Slot {
+                permission: self.permissions.intern(&r.permission),
+                expires_at: r.expires_at.unwrap_or(NEVER),
+            }));
+            let object = if grant.is_empty() {
+                match self.objects.get(object) {
+                    Some(object) => object,
+                    None => continue, // never interned: nothing to remove
+                }
+            } else {
+                self.objects.intern(object)
+            };
+            grants.push((object, grant));
+        }
+        // The last change of each object wins: a stable sort keeps them in order.
+        grants.sort_by_key(|(object, _)| *object);
+        grants.reverse();
+        grants.dedup_by_key(|(object, _)| *object);
+        grants.reverse();
+        if grants.is_empty() {
+            return;
+        }
+        for (_, grant) in &grants {
+            added += grant.held().row_count();
+        }
+        let entry = if added == 0 {
+            self.subjects.get_mut(subject)
+        } else {
+            Some(self.subjects.entry_or_default(subject))
+        };
+        let Some(mut entry) = entry else {
+            return;
+        };
+        self.abandon(&entry.grants);
+        let removed = entry.grants.set_many(grants, &self.packed);
+        let empty = entry.is_empty();
+        drop(entry);
+        if empty {
+            self.subjects.remove_if(subject, SubjectEntry::is_empty);
+        }
+        self.adjust(&self.tuples, added, removed);
+        self.note_public(subject);
+    }
+
     /// Replaces every limit of `subject` with `rows` (empty: removes them).
     pub(crate) fn set_limits(&self, subject: &str, rows: &[(String, i64)]) {
         let mut limits: Vec<(u32, i64)> = rows
@@ -1417,6 +1493,62 @@ mod tests {
         assert!(!state.check("u1", "read", "doc:1", &mut Now::lazy()));
         assert_eq!(state.tuple_count(), 0);
         assert_eq!(state.subject_count(), 0);
+    }
+
+    #[test]
+    fn set_grants_does_what_set_grant_does_for_each_in_turn() {
+        let loaded = || {
+            let mut builder = StateBuilder::new();
+            for o in 0..40 {
+                builder.tuple("big", &format!("doc:{o}"), "read", None);
+            }
+            builder.tuple("small", "doc:1", "read", None);
+            builder.finish()
+        };
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % n
+        };
+        for round in 0..200 {
+            let (one_by_one, at_once) = (loaded(), loaded());
+            let subject = ["big", "small", "new"][round % 3];
+            let changes: Vec<(String, Vec<TupleRow>)> = (0..next(12))
+                .map(|_| {
+                    let object = format!("doc:{}", next(50));
+                    let rows = match next(4) {
+                        0 => vec![],
+                        1 => vec![row("write", None), row("read", Some(1_000))],
+                        _ => vec![row(&format!("p{}", next(3)), None)],
+                    };
+                    (object, rows)
+                })
+                .collect();
+            for (object, rows) in &changes {
+                one_by_one.set_grant(subject, object, rows);
+            }
+            let changes: Vec<(&str, &[TupleRow])> = changes
+                .iter()
+                .map(|(object, rows)| (object.as_str(), rows.as_slice()))
+                .collect();
+            at_once.set_grants(subject, &changes);
+            assert_eq!(at_once.digest(), one_by_one.digest(), "{changes:?}");
+            assert_eq!(at_once.tuple_count(), one_by_one.tuple_count());
+            assert_eq!(at_once.subject_count(), one_by_one.subject_count());
+            assert_eq!(
+                at_once.subjects.get(subject).is_some(),
+                one_by_one.subjects.get(subject).is_some()
+            );
+        }
+        // Every grant of a subject revoked at once removes the subject.
+        let state = loaded();
+        let revoked: Vec<String> = (0..40).map(|o| format!("doc:{o}")).collect();
+        let changes: Vec<(&str, &[TupleRow])> = revoked
+            .iter()
+            .map(|object| (object.as_str(), &[][..]))
+            .collect();
+        state.set_grants("big", &changes);
+        assert_eq!((state.subject_count(), state.tuple_count()), (1, 1));
     }
 
     #[test]

@@ -990,18 +990,33 @@ impl Applier {
         if reload {
             return Ok(Polled::Reload("TRUNCATE in the changelog"));
         }
-        // Each key is rewritten whole, one at a time, in the order of its last change: a
-        // reader sees a transaction's keys change in the order it wrote them, and the
-        // keys of transactions that did not overlap in the order they committed (for
-        // overlapping ones, the changelog does not know the commit order).
+        // Each key is rewritten whole, in the order of its last change: a reader sees a
+        // transaction's keys change in the order it wrote them, and the keys of
+        // transactions that did not overlap in the order they committed (for overlapping
+        // ones, the changelog does not know the commit order). Consecutive keys of one
+        // subject change at once, in one pass over its list: one at a time, a large
+        // subject's list moved once a key.
         keys.sort_unstable_by_key(|(position, _)| *position);
-        for (_, key) in &keys {
+        let mut next = keys.iter().peekable();
+        while let Some((_, key)) = next.next() {
             match key {
                 Key::Grant(subject, object) => {
-                    let rows = tuples
-                        .remove(&(subject.clone(), object.clone()))
-                        .unwrap_or_default();
-                    self.store.set_grant(subject, object, &rows);
+                    let mut rows_of = |object: &String| {
+                        tuples
+                            .remove(&(subject.clone(), object.clone()))
+                            .unwrap_or_default()
+                    };
+                    let mut run = vec![(object, rows_of(object))];
+                    while let Some((_, Key::Grant(_, object))) =
+                        next.next_if(|(_, key)| matches!(key, Key::Grant(s, _) if s == subject))
+                    {
+                        run.push((object, rows_of(object)));
+                    }
+                    let changes: Vec<(&str, &[TupleRow])> = run
+                        .iter()
+                        .map(|(object, rows)| (object.as_str(), rows.as_slice()))
+                        .collect();
+                    self.store.set_grants(subject, &changes);
                 }
                 Key::Limits(subject) => {
                     let rows = limits.remove(subject).unwrap_or_default();
