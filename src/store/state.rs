@@ -826,10 +826,7 @@ impl State {
 
     /// Replaces everything `subject` holds on `object` with `rows` (empty: removes it).
     pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
-        let grant = Grant::from_slots(rows.iter().map(|r| Slot {
-            permission: self.permissions.intern(&r.permission),
-            expires_at: r.expires_at.unwrap_or(NEVER),
-        }));
+        let grant = self.grant_of(rows);
         let added = grant.held().row_count();
         let removed = if grant.is_empty() {
             let Some(object) = self.objects.get(object) else {
@@ -864,6 +861,14 @@ impl State {
         }
     }
 
+    /// The grant `rows` make, their permissions interned.
+    fn grant_of(&self, rows: &[TupleRow]) -> Grant {
+        Grant::from_slots(rows.iter().map(|r| Slot {
+            permission: self.permissions.intern(&r.permission),
+            expires_at: r.expires_at.unwrap_or(NEVER),
+        }))
+    }
+
     /// Replaces `subject`'s grants on each object of `changes`, in one pass over its
     /// list: what `set_grant` does for each in turn, with the subject's list moved once
     /// rather than once a change (a transaction that grants or revokes many objects of
@@ -875,10 +880,7 @@ impl State {
         let mut grants: Vec<(u32, Grant)> = Vec::with_capacity(changes.len());
         let mut added = 0;
         for (object, rows) in changes {
-            let grant = Grant::from_slots(rows.iter().map(|r| Slot {
-                permission: self.permissions.intern(&r.permission),
-                expires_at: r.expires_at.unwrap_or(NEVER),
-            }));
+            let grant = self.grant_of(rows);
             let object = if grant.is_empty() {
                 match self.objects.get(object) {
                     Some(object) => object,
