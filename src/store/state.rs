@@ -23,6 +23,11 @@ pub(crate) const WILDCARD: &str = "*";
 const _: () = assert!(WILDCARD.len() <= key::SHORT);
 /// Up to this many grants, a check scans a subject's grants instead of searching them.
 const SCAN_GRANTS: usize = 16;
+/// Over this many grants in the heap, a subject's list is kept in chunks (`Chunks`); back
+/// in one list under half of it.
+const CHUNKED_OVER: usize = 4_096;
+/// The length of a chunk as built or split: a chunk is split when it reaches twice this.
+const CHUNK: usize = 512;
 
 /// The index of `object` among `len` object ids sorted ascending, `id_at(i)` the i-th; for
 /// a subject's grants, in the heap or packed. A short list is scanned: the scan's loads are
@@ -199,12 +204,15 @@ const _: () = assert!(std::mem::size_of::<SubjectEntry>() == 32);
 /// further cache line and the subject costs no heap allocation. `One`'s fields are
 /// separate (not a pair) so that the enum's tag fits beside the object id: 24 bytes.
 /// Several grants are packed in the generation's `Arena` when the full load builds them
-/// (`Packed`), and in the heap (`Many`) when the applier writes them or they do not pack.
+/// (`Packed`), and in the heap (`Many`) when the applier writes them or they do not pack;
+/// over `CHUNKED_OVER` in the heap, in chunks (`Chunked`), so that a write moves one chunk
+/// rather than the rest of the list.
 #[derive(Debug, Clone)]
 enum Grants {
     One { object: u32, grant: Grant },
     Many(Box<[(u32, Grant)]>),
     Packed(Packed),
+    Chunked(Box<Chunks>),
 }
 
 impl Default for Grants {
@@ -215,6 +223,9 @@ impl Default for Grants {
 
 impl Grants {
     fn from_vec(mut grants: Vec<(u32, Grant)>) -> Self {
+        if grants.len() > CHUNKED_OVER {
+            return Self::Chunked(Box::new(Chunks::new(grants)));
+        }
         match grants.pop() {
             Some((object, grant)) if grants.is_empty() => Self::One { object, grant },
             Some(last) => {
@@ -229,19 +240,14 @@ impl Grants {
     /// the object's) in one pass over the list, and returns how many rows the grants it
     /// replaced held. `set` one change at a time moves the rest of the list each time.
     fn set_many(&mut self, changes: Vec<(u32, Grant)>, arena: &Arena) -> u64 {
-        let mut old = std::mem::take(self).into_vec(arena).into_iter().peekable();
-        let mut merged = Vec::with_capacity(old.len() + changes.len());
-        let mut removed = 0;
-        for (object, grant) in changes {
-            merged.extend(std::iter::from_fn(|| old.next_if(|(o, _)| *o < object)));
-            if let Some((_, replaced)) = old.next_if(|(o, _)| *o == object) {
-                removed += replaced.held().row_count();
+        if let Self::Chunked(chunks) = self {
+            let removed = chunks.set_many(changes);
+            if chunks.len < CHUNKED_OVER / 2 {
+                *self = Self::Many(chunks.chunks.concat().into_boxed_slice());
             }
-            if !grant.is_empty() {
-                merged.push((object, grant));
-            }
+            return removed;
         }
-        merged.extend(old);
+        let (merged, removed) = merge(std::mem::take(self).into_vec(arena), changes);
         *self = Self::from_vec(merged);
         removed
     }
@@ -251,6 +257,7 @@ impl Grants {
         match self {
             Self::One { object, grant } => vec![(object, grant)],
             Self::Many(many) => many.into_vec(),
+            Self::Chunked(chunks) => chunks.chunks.concat(),
             Self::Packed(list) => arena
                 .iter(list)
                 .map(|(object, bits)| {
@@ -272,18 +279,24 @@ impl Grants {
             Self::Many(many) => {
                 find_object(many.len(), object, |i| many[i].0).map(|i| many[i].1.held())
             }
+            Self::Chunked(chunks) => chunks.get(object).map(Grant::held),
         }
     }
 
     /// Every (object id, grant), by object id.
     fn iter<'a>(&'a self, arena: &'a Arena) -> impl Iterator<Item = (u32, Held<'a>)> {
-        let (one, many, packed) = match self {
-            Self::One { object, grant } => (Some((*object, grant.held())), &[][..], None),
-            Self::Many(many) => (None, &many[..], None),
-            Self::Packed(list) => (None, &[][..], Some(arena.iter(*list))),
+        let (one, many, chunks, packed) = match self {
+            Self::One { object, grant } => (Some((*object, grant.held())), &[][..], &[][..], None),
+            Self::Many(many) => (None, &many[..], &[][..], None),
+            Self::Chunked(chunks) => (None, &[][..], &chunks.chunks[..], None),
+            Self::Packed(list) => (None, &[][..], &[][..], Some(arena.iter(*list))),
         };
         one.into_iter()
-            .chain(many.iter().map(|(object, grant)| (*object, grant.held())))
+            .chain(
+                many.iter()
+                    .chain(chunks.iter().flatten())
+                    .map(|(object, grant)| (*object, grant.held())),
+            )
             .chain(
                 packed
                     .into_iter()
@@ -303,6 +316,13 @@ impl Grants {
             if *o == object && !grant.is_empty() {
                 return std::mem::replace(g, grant).held().row_count();
             }
+        }
+        if let Self::Chunked(chunks) = self {
+            let old = chunks.set(object, grant);
+            if chunks.len < CHUNKED_OVER / 2 {
+                *self = Self::Many(chunks.chunks.concat().into_boxed_slice());
+            }
+            return old.map_or(0, |old| old.held().row_count());
         }
         let mut grants = std::mem::take(self).into_vec(arena);
         let old = match grants.binary_search_by_key(&object, |(o, _)| *o) {
@@ -327,7 +347,147 @@ impl Grants {
     fn packed_bytes(&self) -> usize {
         match self {
             Self::Packed(list) => list.bytes(),
-            Self::One { .. } | Self::Many(_) => 0,
+            Self::One { .. } | Self::Many(_) | Self::Chunked(_) => 0,
+        }
+    }
+}
+
+/// `grants` (sorted by object) with each of `changes` (sorted by object, each object once;
+/// an empty grant removes the object's) put in, in one pass; and how many rows the grants
+/// replaced held.
+fn merge(
+    grants: Vec<(u32, Grant)>,
+    changes: impl IntoIterator<Item = (u32, Grant)>,
+) -> (Vec<(u32, Grant)>, u64) {
+    let changes = changes.into_iter();
+    let mut old = grants.into_iter().peekable();
+    let mut merged = Vec::with_capacity(old.len() + changes.size_hint().0);
+    let mut removed = 0;
+    for (object, grant) in changes {
+        merged.extend(std::iter::from_fn(|| old.next_if(|(o, _)| *o < object)));
+        if let Some((_, replaced)) = old.next_if(|(o, _)| *o == object) {
+            removed += replaced.held().row_count();
+        }
+        if !grant.is_empty() {
+            merged.push((object, grant));
+        }
+    }
+    merged.extend(old);
+    (merged, removed)
+}
+
+/// `grants` cut into chunks of `CHUNK` (the last may be shorter), pushed onto `chunks`.
+fn cut(grants: Vec<(u32, Grant)>, chunks: &mut Vec<Vec<(u32, Grant)>>) {
+    let mut grants = grants.into_iter();
+    loop {
+        let chunk: Vec<_> = grants.by_ref().take(CHUNK).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+}
+
+/// A large subject's grants in the heap (over `CHUNKED_OVER`), sorted by object id, in
+/// chunks of up to `2 * CHUNK - 1`, none empty. In one list, a write moved the rest of it:
+/// ~0.5 ms a write at a million objects, against 4 to 5 us in chunks (benches/README.md,
+/// "Writes to one large subject").
+#[derive(Debug, Clone)]
+struct Chunks {
+    /// Each chunk's first object id: a look-up searches these, then one chunk.
+    firsts: Vec<u32>,
+    chunks: Vec<Vec<(u32, Grant)>>,
+    /// Grants in all chunks.
+    len: usize,
+}
+
+impl Chunks {
+    /// `grants` (sorted by object id) in chunks of `CHUNK`.
+    fn new(grants: Vec<(u32, Grant)>) -> Self {
+        let mut chunks = Vec::with_capacity(grants.len().div_ceil(CHUNK));
+        cut(grants, &mut chunks);
+        Self::of(chunks)
+    }
+
+    fn of(chunks: Vec<Vec<(u32, Grant)>>) -> Self {
+        Self {
+            firsts: chunks.iter().map(|chunk| chunk[0].0).collect(),
+            len: chunks.iter().map(Vec::len).sum(),
+            chunks,
+        }
+    }
+
+    /// `Grants::set_many`: each chunk with changes merged with them (and cut again if it
+    /// grew to `2 * CHUNK`), the others left as they are.
+    fn set_many(&mut self, changes: Vec<(u32, Grant)>) -> u64 {
+        let mut changes = changes.into_iter().peekable();
+        let mut removed = 0;
+        let mut chunks = Vec::with_capacity(self.chunks.len());
+        for (c, chunk) in std::mem::take(&mut self.chunks).into_iter().enumerate() {
+            // This chunk's changes: those before the next chunk's first object.
+            let next = self.firsts.get(c + 1).copied();
+            let mine = |(o, _): &(u32, Grant)| next.is_none_or(|next| *o < next);
+            if !changes.peek().is_some_and(mine) {
+                chunks.push(chunk);
+                continue;
+            }
+            let (merged, gone) = merge(chunk, std::iter::from_fn(|| changes.next_if(mine)));
+            removed += gone;
+            if merged.len() >= 2 * CHUNK {
+                cut(merged, &mut chunks);
+            } else if !merged.is_empty() {
+                chunks.push(merged);
+            }
+        }
+        *self = Self::of(chunks);
+        removed
+    }
+
+    /// The chunk `object` is in, or goes in: the last whose first object is not after
+    /// it (the first chunk for an object before every other).
+    fn chunk_of(&self, object: u32) -> usize {
+        self.firsts
+            .partition_point(|&first| first <= object)
+            .saturating_sub(1)
+    }
+
+    #[inline]
+    fn get(&self, object: u32) -> Option<&Grant> {
+        let chunk = self.chunks.get(self.chunk_of(object))?;
+        find_object(chunk.len(), object, |i| chunk[i].0).map(|i| &chunk[i].1)
+    }
+
+    /// Puts `grant` on `object` (an empty grant removes it); returns the grant replaced.
+    fn set(&mut self, object: u32, grant: Grant) -> Option<Grant> {
+        let c = self.chunk_of(object);
+        let chunk = &mut self.chunks[c];
+        match chunk.binary_search_by_key(&object, |(o, _)| *o) {
+            Ok(i) if grant.is_empty() => {
+                let (_, old) = chunk.remove(i);
+                self.len -= 1;
+                if chunk.is_empty() {
+                    self.chunks.remove(c);
+                    self.firsts.remove(c);
+                } else if i == 0 {
+                    self.firsts[c] = chunk[0].0;
+                }
+                Some(old)
+            }
+            Ok(i) => Some(std::mem::replace(&mut chunk[i].1, grant)),
+            Err(_) if grant.is_empty() => None,
+            Err(i) => {
+                chunk.insert(i, (object, grant));
+                self.len += 1;
+                if i == 0 {
+                    self.firsts[c] = object;
+                }
+                if chunk.len() >= 2 * CHUNK {
+                    let tail = chunk.split_off(CHUNK);
+                    self.firsts.insert(c + 1, tail[0].0);
+                    self.chunks.insert(c + 1, tail);
+                }
+                None
+            }
         }
     }
 }
@@ -1466,7 +1626,7 @@ fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64, arena: &mut Arena) -> G
             return Grants::Packed(list);
         }
     }
-    Grants::Many(many.into_boxed_slice())
+    Grants::from_vec(many)
 }
 
 #[cfg(test)]
@@ -1573,6 +1733,114 @@ mod tests {
         );
         assert_eq!(grant.held().row_count(), 5);
         assert_eq!(Grant::from_slots([]).held().rows().count(), 0);
+    }
+
+    /// A subject's heap grants go into chunks past `CHUNKED_OVER` and back into one list
+    /// under half of it; through single writes and runs of them, it holds what a map
+    /// written the same way holds, and its chunks stay in shape.
+    #[test]
+    fn a_large_subject_keeps_its_grants_through_chunks() {
+        const OBJECTS: u64 = 12_000;
+        let mut builder = StateBuilder::new();
+        // Every object interned up front, in order, so that writes land all over the list.
+        for o in 0..OBJECTS {
+            builder.tuple("other", &format!("doc:{o}"), "read", None);
+        }
+        let state = builder.finish();
+        let permissions = ["p0", "p1", "p2"];
+        let mut model: BTreeMap<u64, &str> = BTreeMap::new();
+        let write = |model: &mut BTreeMap<u64, &'static str>, o: u64, p: Option<&'static str>| {
+            match p {
+                Some(p) => model.insert(o, p),
+                None => model.remove(&o),
+            };
+            (
+                format!("doc:{o}"),
+                p.map_or_else(Vec::new, |p| vec![row(p, None)]),
+            )
+        };
+        // Whether the subject is chunked; its chunks' shape checked when it is.
+        let chunked = |model: &BTreeMap<u64, &str>| {
+            let entry = state.subjects.get("big").expect("big");
+            let Grants::Chunked(chunks) = &entry.grants else {
+                assert!(model.len() <= CHUNKED_OVER, "{}", model.len());
+                return false;
+            };
+            assert!(chunks.len >= CHUNKED_OVER / 2 && chunks.len == model.len());
+            assert_eq!(
+                chunks.chunks.iter().map(Vec::len).sum::<usize>(),
+                chunks.len
+            );
+            assert_eq!(chunks.firsts.len(), chunks.chunks.len());
+            for (first, chunk) in chunks.firsts.iter().zip(&chunks.chunks) {
+                assert!(!chunk.is_empty() && chunk.len() < 2 * CHUNK);
+                assert_eq!(*first, chunk[0].0);
+            }
+            true
+        };
+        let matches = |model: &BTreeMap<u64, &str>| {
+            let entry = state.subjects.get("big").expect("big");
+            let held: Vec<u32> = entry.grants.iter(&state.packed).map(|(o, _)| o).collect();
+            drop(entry);
+            assert!(held.windows(2).all(|w| w[0] < w[1]), "sorted, once each");
+            assert_eq!(held.len(), model.len());
+            for o in 0..OBJECTS {
+                let object = format!("doc:{o}");
+                for p in permissions {
+                    let expected = model.get(&o) == Some(&p);
+                    let checked = state.check("big", p, &object, &mut Now::lazy());
+                    assert_eq!(checked, expected, "{object} {p}");
+                }
+            }
+            assert_eq!(state.tuple_count(), (model.len() as u64) + OBJECTS);
+        };
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % n
+        };
+        let (mut was_chunked, mut back_in_one) = (false, false);
+        // Grow past the chunks' threshold with single writes and runs of 30, shrink under
+        // half of it with single writes only (a run rebuilds the list whole), grow again.
+        for (phase, grant_in_10, until) in [(0, 9, 6_000), (1, 1, 1_500), (2, 9, 5_000)] {
+            let mut op = 0;
+            while (phase == 1) == (model.len() > until) {
+                op += 1;
+                let mut change = |model: &mut BTreeMap<u64, &'static str>| {
+                    let o = next(OBJECTS);
+                    let granted = next(10) < grant_in_10;
+                    let p = granted.then(|| permissions[next(3) as usize]);
+                    write(model, o, p)
+                };
+                if phase != 1 && op % 50 == 0 {
+                    let run: Vec<_> = (0..30).map(|_| change(&mut model)).collect();
+                    let run: Vec<(&str, &[TupleRow])> = run
+                        .iter()
+                        .map(|(o, rows)| (o.as_str(), &rows[..]))
+                        .collect();
+                    state.set_grants("big", &run);
+                } else {
+                    let (object, rows) = change(&mut model);
+                    state.set_grant("big", &object, &rows);
+                }
+                let now_chunked = chunked(&model);
+                back_in_one |= was_chunked && !now_chunked;
+                was_chunked |= now_chunked;
+                if op % 500 == 0 {
+                    matches(&model);
+                }
+            }
+        }
+        assert!(was_chunked && back_in_one);
+        // The first grant of the first chunk and of another, revoked and granted again.
+        let first = *model.keys().next().expect("held");
+        let second_chunk = *model.keys().nth(CHUNK).expect("held");
+        for (o, p) in [(first, None), (first, Some("p0")), (second_chunk, None)] {
+            let (object, rows) = write(&mut model, o, p);
+            state.set_grant("big", &object, &rows);
+            assert!(chunked(&model));
+        }
+        matches(&model);
     }
 
     #[test]
