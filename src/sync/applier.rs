@@ -357,12 +357,49 @@ impl Applier {
                     self.status.failed(&message);
                 }
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+            if !self.back_off(backoff, &shutdown).await {
+                return;
             }
             backoff = (backoff * 2).min(self.config.max_backoff);
         }
+    }
+
+    /// Waits `backoff` before the next connection attempt (false: shut down meanwhile).
+    /// A compaction's rebuild needs no connection: one that has ended, or ends meanwhile,
+    /// is swapped in now rather than at the first poll after the reconnect, so the
+    /// generation it replaces is not held for as long as Postgres is out of reach.
+    async fn back_off(&mut self, backoff: Duration, shutdown: &CancellationToken) -> bool {
+        let retry_at = tokio::time::Instant::now() + backoff;
+        let mut rebuilt = self
+            .compacting
+            .as_ref()
+            .is_some_and(|c| c.rebuild.is_finished());
+        loop {
+            if std::mem::take(&mut rebuilt) {
+                if let Err(error) = self.finish_compaction().await {
+                    tracing::warn!(error = %error_chain(&error), "compaction failed");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep_until(retry_at) => return true,
+                // The rebuild returns right after it notifies.
+                () = self.rebuilt.notified(), if self.compacting.is_some() => rebuilt = true,
+            }
+        }
+    }
+
+    /// Swaps in the compaction's rebuilt generation if its rebuild has ended
+    /// (`finish_compaction`).
+    async fn finish_rebuilt_compaction(&mut self) -> Result<(), Error> {
+        if self
+            .compacting
+            .as_ref()
+            .is_some_and(|c| c.rebuild.is_finished())
+        {
+            self.finish_compaction().await?;
+        }
+        Ok(())
     }
 
     /// One connection's life: connect, LISTEN, (re)load if needed, then poll until an
@@ -469,13 +506,7 @@ impl Applier {
                 result = &mut closed => return Err(result),
                 () = shutdown.cancelled() => return Ok(()),
             };
-            if self
-                .compacting
-                .as_ref()
-                .is_some_and(|c| c.rebuild.is_finished())
-            {
-                self.finish_compaction().await?;
-            }
+            self.finish_rebuilt_compaction().await?;
             if matches!(polled, Polled::CaughtUp { .. }) && self.compacting.is_none() {
                 if let Some(why) = self.compaction_due() {
                     self.begin_compaction(why);
@@ -839,6 +870,9 @@ impl Applier {
     fn begin_compaction(&mut self, why: String) {
         tracing::info!(reason = why, "compaction starting");
         let old = self.store.begin_compaction();
+        // A notification of its own: one that a compaction before left unheard would end
+        // a wait for this one's rebuild too early.
+        self.rebuilt = Arc::new(Notify::new());
         let rebuild = tokio::task::spawn_blocking({
             let (old, rebuilt) = (Arc::clone(&old), Arc::clone(&self.rebuilt));
             move || {
@@ -1185,6 +1219,47 @@ mod tests {
         assert_eq!(payload(applier.recv().await).as_deref(), Some("d"));
         drop(connection);
         assert!(matches!(driver.await.expect("driver"), Error::Closed));
+    }
+
+    /// A compaction whose rebuild ends while Postgres is out of reach is swapped in then,
+    /// not at the first poll after a reconnect: the generation it replaces is not held for
+    /// the whole outage.
+    #[tokio::test]
+    async fn a_compaction_is_swapped_in_while_postgres_is_out_of_reach() {
+        let nothing_listens = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let url = format!("postgres://permd@127.0.0.1:{nothing_listens}/permd");
+        let store = Store::from_tuples([("u", "o", "read", None)]);
+        let status = Status::default();
+        let mut applier = Applier::new(store.clone(), status.clone(), SyncConfig::new(url));
+        applier.begin_compaction("a test".into());
+        let old = Arc::downgrade(&applier.compacting.as_ref().expect("compacting").old);
+        store.set_grant("u", "p", &[row("write")]);
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(applier.run(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status.report().compactions == 0 || old.strong_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "not swapped in while disconnected"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let report = status.report();
+        assert!(!report.connected && report.last_error.is_some());
+        // The write made while it rebuilt is in the generation swapped in.
+        assert!(store.check("u", "write", "p") && store.check("u", "read", "o"));
+        shutdown.cancel();
+        run.await.expect("the applier stops");
+    }
+
+    fn row(permission: &str) -> TupleRow {
+        TupleRow {
+            permission: permission.into(),
+            expires_at: None,
+        }
     }
 
     #[test]
