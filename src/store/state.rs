@@ -242,14 +242,21 @@ impl Grants {
     fn set_many(&mut self, changes: Vec<(u32, Grant)>, arena: &Arena) -> u64 {
         if let Self::Chunked(chunks) = self {
             let removed = chunks.set_many(changes);
-            if chunks.len < CHUNKED_OVER / 2 {
-                *self = Self::Many(chunks.chunks.concat().into_boxed_slice());
-            }
+            self.unchunk_if_small();
             return removed;
         }
         let (merged, removed) = merge(std::mem::take(self).into_vec(arena), changes);
         *self = Self::from_vec(merged);
         removed
+    }
+
+    /// Chunked grants back in one slice once under half of `CHUNKED_OVER`.
+    fn unchunk_if_small(&mut self) {
+        if let Self::Chunked(chunks) = self {
+            if chunks.len < CHUNKED_OVER / 2 {
+                *self = Self::Many(chunks.chunks.concat().into_boxed_slice());
+            }
+        }
     }
 
     /// The grants in the heap, read from `arena` if they are packed there.
@@ -319,9 +326,7 @@ impl Grants {
         }
         if let Self::Chunked(chunks) = self {
             let old = chunks.set(object, grant);
-            if chunks.len < CHUNKED_OVER / 2 {
-                *self = Self::Many(chunks.chunks.concat().into_boxed_slice());
-            }
+            self.unchunk_if_small();
             return old.map_or(0, |old| old.held().row_count());
         }
         let mut grants = std::mem::take(self).into_vec(arena);
