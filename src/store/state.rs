@@ -28,6 +28,10 @@ const SCAN_GRANTS: usize = 16;
 const CHUNKED_OVER: usize = 4_096;
 /// The length of a chunk as built or split: a chunk is split when it reaches twice this.
 const CHUNK: usize = 512;
+/// A full chunk grows by this many grants at a time, and one with twice this unused
+/// shrinks back to this, so that a chunk's memory stays within a quarter of `CHUNK` of
+/// its grants'.
+const CHUNK_SLACK: usize = CHUNK / 8;
 
 /// The index of `object` among `len` object ids sorted ascending, `id_at(i)` the i-th; for
 /// a subject's grants, in the heap or packed. A short list is scanned: the scan's loads are
@@ -436,11 +440,12 @@ impl Chunks {
                 chunks.push(chunk);
                 continue;
             }
-            let (merged, gone) = merge(chunk, std::iter::from_fn(|| changes.next_if(mine)));
+            let (mut merged, gone) = merge(chunk, std::iter::from_fn(|| changes.next_if(mine)));
             removed += gone;
             if merged.len() >= 2 * CHUNK {
                 cut(merged, &mut chunks);
             } else if !merged.is_empty() {
+                merged.shrink_to(merged.len() + CHUNK_SLACK);
                 chunks.push(merged);
             }
         }
@@ -470,6 +475,9 @@ impl Chunks {
             Ok(i) if grant.is_empty() => {
                 let (_, old) = chunk.remove(i);
                 self.len -= 1;
+                if chunk.capacity() - chunk.len() > 2 * CHUNK_SLACK {
+                    chunk.shrink_to(chunk.len() + CHUNK_SLACK);
+                }
                 if chunk.is_empty() {
                     self.chunks.remove(c);
                     self.firsts.remove(c);
@@ -481,6 +489,11 @@ impl Chunks {
             Ok(i) => Some(std::mem::replace(&mut chunk[i].1, grant)),
             Err(_) if grant.is_empty() => None,
             Err(i) => {
+                if chunk.len() == chunk.capacity() {
+                    // Not the doubling `insert` would do: a chunk written once would hold
+                    // twice its grants' memory.
+                    chunk.reserve_exact(CHUNK_SLACK);
+                }
                 chunk.insert(i, (object, grant));
                 self.len += 1;
                 if i == 0 {
@@ -488,6 +501,7 @@ impl Chunks {
                 }
                 if chunk.len() >= 2 * CHUNK {
                     let tail = chunk.split_off(CHUNK);
+                    chunk.shrink_to(CHUNK + CHUNK_SLACK);
                     self.firsts.insert(c + 1, tail[0].0);
                     self.chunks.insert(c + 1, tail);
                 }
@@ -1779,6 +1793,7 @@ mod tests {
             assert_eq!(chunks.firsts.len(), chunks.chunks.len());
             for (first, chunk) in chunks.firsts.iter().zip(&chunks.chunks) {
                 assert!(!chunk.is_empty() && chunk.len() < 2 * CHUNK);
+                assert!(chunk.capacity() <= chunk.len() + 2 * CHUNK_SLACK);
                 assert_eq!(*first, chunk[0].0);
             }
             true
