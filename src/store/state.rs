@@ -1821,7 +1821,8 @@ mod tests {
         };
         let (mut was_chunked, mut back_in_one) = (false, false);
         // Grow past the chunks' threshold with single writes and runs of 30, shrink under
-        // half of it with single writes only (a run rebuilds the list whole), grow again.
+        // half of it with single writes only (so that `set` alone puts it back in one
+        // slice: a run would too), grow again.
         for (phase, grant_in_10, until) in [(0, 9, 6_000), (1, 1, 1_500), (2, 9, 5_000)] {
             let mut op = 0;
             while (phase == 1) == (model.len() > until) {
