@@ -37,7 +37,8 @@ pub(super) struct Packed {
 }
 
 impl Packed {
-    fn len(self) -> usize {
+    /// Grants in the list.
+    pub(super) fn len(self) -> usize {
         self.len as usize
     }
 

@@ -1011,10 +1011,11 @@ impl State {
             let Some(object) = self.objects.get(object) else {
                 return;
             };
+            let unpacked = self.unpacked(subject);
             let Some(mut entry) = self.subjects.get_mut(subject) else {
                 return;
             };
-            self.abandon(&entry.grants);
+            self.unpack(&mut entry.grants, unpacked);
             let gone = entry.grants.set(object, grant, &self.packed);
             let empty = entry.is_empty();
             drop(entry);
@@ -1024,19 +1025,39 @@ impl State {
             gone
         } else {
             let object = self.objects.intern(object);
+            let unpacked = self.unpacked(subject);
             let mut entry = self.subjects.entry_or_default(subject);
-            self.abandon(&entry.grants);
+            self.unpack(&mut entry.grants, unpacked);
             entry.grants.set(object, grant, &self.packed)
         };
         self.adjust(&self.tuples, added, removed);
         self.note_public(subject);
     }
 
-    /// Counts the packed bytes of `grants`, about to be written, as left unused.
-    fn abandon(&self, grants: &Grants) {
+    /// The grants of `subject` in the heap if they are packed and more than
+    /// `CHUNKED_OVER`, read before a write takes the subject's shard lock: at a million
+    /// objects the read takes milliseconds, which every reader of the shard would wait
+    /// out. The single writer calls it, so the list is still the subject's when the lock
+    /// is taken.
+    fn unpacked(&self, subject: &str) -> Option<Grants> {
+        let list = match self.subjects.get(subject)?.grants {
+            Grants::Packed(list) if list.len() > CHUNKED_OVER => list,
+            _ => return None,
+        };
+        Some(Grants::from_vec(
+            Grants::Packed(list).into_vec(&self.packed),
+        ))
+    }
+
+    /// Readies `grants` for a write: counts their packed bytes as left unused, and puts
+    /// in their `unpacked` copy (`State::unpacked`) if there is one.
+    fn unpack(&self, grants: &mut Grants, unpacked: Option<Grants>) {
         let bytes = grants.packed_bytes() as u64;
         if bytes > 0 {
             self.abandoned.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if let Some(unpacked) = unpacked {
+            *grants = unpacked;
         }
     }
 
@@ -1081,6 +1102,7 @@ impl State {
         for (_, grant) in &grants {
             added += grant.held().row_count();
         }
+        let unpacked = self.unpacked(subject);
         let entry = if added == 0 {
             self.subjects.get_mut(subject)
         } else {
@@ -1089,7 +1111,7 @@ impl State {
         let Some(mut entry) = entry else {
             return;
         };
-        self.abandon(&entry.grants);
+        self.unpack(&mut entry.grants, unpacked);
         let removed = entry.grants.set_many(grants, &self.packed);
         let empty = entry.is_empty();
         drop(entry);
@@ -1761,13 +1783,18 @@ mod tests {
     fn a_large_subject_keeps_its_grants_through_chunks() {
         const OBJECTS: u64 = 12_000;
         let mut builder = StateBuilder::new();
-        // Every object interned up front, in order, so that writes land all over the list.
+        let mut model: BTreeMap<u64, &str> = BTreeMap::new();
+        // Every object interned up front, in order, so that writes land all over the list;
+        // `big` loaded with 5,000 of them, packed, so that its first write unpacks it.
         for o in 0..OBJECTS {
             builder.tuple("other", &format!("doc:{o}"), "read", None);
+            if o % 2 == 0 && o < 10_000 {
+                builder.tuple("big", &format!("doc:{o}"), "p0", None);
+                model.insert(o, "p0");
+            }
         }
         let state = builder.finish();
         let permissions = ["p0", "p1", "p2"];
-        let mut model: BTreeMap<u64, &str> = BTreeMap::new();
         let write = |model: &mut BTreeMap<u64, &'static str>, o: u64, p: Option<&'static str>| {
             match p {
                 Some(p) => model.insert(o, p),
@@ -1783,6 +1810,7 @@ mod tests {
             let entry = state.subjects.get("big").expect("big");
             let Grants::Chunked(chunks) = &entry.grants else {
                 assert!(model.len() <= CHUNKED_OVER, "{}", model.len());
+                assert!(!matches!(entry.grants, Grants::Packed(_)), "written");
                 return false;
             };
             assert!(chunks.len >= CHUNKED_OVER / 2 && chunks.len == model.len());
