@@ -370,10 +370,7 @@ impl Applier {
     /// generation it replaces is not held for as long as Postgres is out of reach.
     async fn back_off(&mut self, backoff: Duration, shutdown: &CancellationToken) -> bool {
         let retry_at = tokio::time::Instant::now() + backoff;
-        let mut rebuilt = self
-            .compacting
-            .as_ref()
-            .is_some_and(|c| c.rebuild.is_finished());
+        let mut rebuilt = self.rebuild_ended();
         loop {
             if std::mem::take(&mut rebuilt) {
                 if let Err(error) = self.finish_compaction().await {
@@ -389,14 +386,17 @@ impl Applier {
         }
     }
 
+    /// Whether a compaction runs whose rebuild has ended.
+    fn rebuild_ended(&self) -> bool {
+        self.compacting
+            .as_ref()
+            .is_some_and(|c| c.rebuild.is_finished())
+    }
+
     /// Swaps in the compaction's rebuilt generation if its rebuild has ended
     /// (`finish_compaction`).
     async fn finish_rebuilt_compaction(&mut self) -> Result<(), Error> {
-        if self
-            .compacting
-            .as_ref()
-            .is_some_and(|c| c.rebuild.is_finished())
-        {
+        if self.rebuild_ended() {
             self.finish_compaction().await?;
         }
         Ok(())
