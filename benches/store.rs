@@ -19,7 +19,10 @@
 //! - `memory_latency`: one load that misses every cache (a pointer chase over 64 MiB), the
 //!   unit in which `check_allowed_cold` is counted;
 //! - `list_objects`: the objects of one subject holding 100,000 (an owner of a large
-//!   tree), whole and a page of 100 from the middle (`limit`, `after`).
+//!   tree), whole and a page of 100 from the middle (`limit`, `after`);
+//! - `check_large_subject`: object checks, half of them hits, on one subject holding
+//!   1,000,000 objects (too many to pack: its grants are in the heap, in chunks), another
+//!   subject holding the million objects between them.
 
 use criterion::{criterion_main, Criterion, Throughput};
 use permd::store::Store;
@@ -358,6 +361,28 @@ fn list_objects(c: &mut Criterion) {
     group.finish();
 }
 
+/// Object checks on one subject of a million objects, at random: half of the objects are
+/// its, and each check's lines are most likely in no cache.
+fn check_large_subject(c: &mut Criterion) {
+    const OBJECTS: u64 = 1_000_000;
+    let names: Vec<String> = (0..2 * OBJECTS).map(|o| format!("doc:{o}")).collect();
+    let store = Store::from_tuples(names.iter().enumerate().map(|(o, name)| {
+        let subject = if o % 2 == 0 { "user:big" } else { "user:other" };
+        (subject, name.as_str(), "read", None)
+    }));
+    let mut draw = xorshift(SEED);
+    let checks: Vec<&str> = (0..100_000)
+        .map(|_| names[(draw() % (2 * OBJECTS)) as usize].as_str())
+        .collect();
+    let mut i = 0usize;
+    c.bench_function("check_large_subject", |b| {
+        b.iter(|| {
+            i = if i + 1 == checks.len() { 0 } else { i + 1 };
+            store.check("user:big", "read", black_box(checks[i]))
+        });
+    });
+}
+
 const BATCH: usize = 100;
 
 /// `checks` (subject, permission, object, expected answer) in batches of `BATCH`, through
@@ -416,7 +441,8 @@ mod group {
         super::cold_uuid,
         super::two_threads,
         super::memory_latency,
-        super::list_objects
+        super::list_objects,
+        super::check_large_subject
     );
 }
 criterion_main!(group::benches);
