@@ -586,6 +586,7 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_reconnects_total 0",
         "permd_names_since_load 0",
         "permd_unused_packed_bytes 0",
+        "permd_unused_heap_list_bytes 0",
         "permd_subjects_written_since_load 0",
         "permd_standby_lag_seconds -1",
         "permd_clock_skew_seconds NaN",

@@ -180,7 +180,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 29] = [
+        let gauges: [(&str, &str, &str, f64); 30] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -213,6 +213,12 @@ impl Metrics {
                 "gauge",
                 "Bytes of the grant lists the last full load or compaction packed that are no longer used, which only the next one reclaims (--compaction-pct).",
                 counts.unused_packed_bytes as f64,
+            ),
+            (
+                "permd_unused_heap_list_bytes",
+                "gauge",
+                "Bytes of the grant lists the last full load or compaction built in the heap (those that do not pack) that their subjects, written since, left behind, which only the next one reclaims (--compaction-pct).",
+                counts.unused_heap_list_bytes as f64,
             ),
             (
                 "permd_subjects_written_since_load",

@@ -299,6 +299,7 @@ impl Store {
             packed_bytes: state.packed_bytes() as u64,
             names_since_load: growth.names_since as u64,
             unused_packed_bytes: growth.abandoned as u64,
+            unused_heap_list_bytes: growth.left_behind as u64,
             subjects_written_since_load: growth.subjects_moved as u64,
         }
     }
@@ -509,6 +510,10 @@ pub struct Counts {
     /// Bytes of the grant lists the last full load or compaction packed that are no
     /// longer used (their subjects written since), which only the next one reclaims.
     pub unused_packed_bytes: u64,
+    /// Bytes of the grant lists the last full load or compaction built in the heap (those
+    /// that do not pack) that their subjects left behind, unread, when written since,
+    /// which only the next one reclaims.
+    pub unused_heap_list_bytes: u64,
     /// Subjects the last full load or compaction put in the lock-free tier that have been
     /// written since: a check on one of them takes its shard's lock, as on a subject the
     /// load did not have.

@@ -10,7 +10,7 @@ use md5::{Digest as _, Md5};
 use super::arena::{Arena, Packed};
 use super::interner::Interner;
 use super::key;
-use super::subjects::Subjects;
+use super::subjects::{Ref, Subjects};
 use super::Hasher;
 
 /// `expires_at` of a tuple that never expires.
@@ -351,6 +351,17 @@ impl Grants {
         matches!(self, Self::Many(many) if many.is_empty())
     }
 
+    /// The bytes of the heap these grants' list takes (not counting expiring slots): what
+    /// a loaded entry leaves behind, unread, once its subject moves to the written tier.
+    fn heap_bytes(&self) -> usize {
+        const GRANT: usize = std::mem::size_of::<(u32, Grant)>();
+        match self {
+            Self::Many(many) => many.len() * GRANT,
+            Self::Chunked(chunks) => chunks.chunks.iter().map(|c| c.capacity() * GRANT).sum(),
+            Self::One { .. } | Self::Packed(_) => 0,
+        }
+    }
+
     /// The bytes of the generation's arena these grants take: what a `set` leaves unused
     /// there (packed grants move to the heap).
     fn packed_bytes(&self) -> usize {
@@ -612,6 +623,11 @@ pub(crate) struct State {
     /// Bytes of packed grant lists left unused since the load (their subjects' grants
     /// moved to the heap when written), kept by the single writer.
     abandoned: AtomicU64,
+    /// Bytes of the grant lists the load built in the heap (`Grants::heap_bytes`).
+    heap_loaded: usize,
+    /// Of them, those left behind in the loaded tier by subjects written since, kept by
+    /// the single writer.
+    left_behind: AtomicU64,
 }
 
 /// What a generation holds that only a new generation reclaims (a full load, or a
@@ -631,6 +647,10 @@ pub(crate) struct Growth {
     /// Of them, those written since (read through the `DashMap` now, after a look-up in
     /// the tier that finds them moved: `subjects.rs`).
     pub(crate) subjects_moved: usize,
+    /// Bytes of the grant lists the load built in the heap (those that do not pack).
+    pub(crate) heap: usize,
+    /// Of them, the bytes left behind, unread, by subjects written since.
+    pub(crate) left_behind: usize,
 }
 
 /// Names interned since a load that call for a compaction at the least, however few the
@@ -640,13 +660,17 @@ const MIN_NAMES: usize = 1_000;
 const MIN_ABANDONED: usize = 1 << 20;
 /// Loaded subjects written since that call for a compaction at the least.
 const MIN_MOVED: usize = 10_000;
+/// Heap grant lists left behind that call for a compaction at the least.
+const MIN_LEFT_BEHIND: usize = 1 << 20;
 
 impl Growth {
     /// Why a compaction is due to reclaim what the generation grew by, if it is: the names
     /// interned since the load reached `pct` % of those it interned (and `MIN_NAMES`),
     /// the packed grant lists left unused reached `pct` % of those it packed (and
-    /// `MIN_ABANDONED`), or the loaded subjects written since reached `pct` % of those
-    /// it loaded (and `MIN_MOVED`). Never with `pct` 0.
+    /// `MIN_ABANDONED`), the loaded subjects written since reached `pct` % of those it
+    /// loaded (and `MIN_MOVED`), or the heap grant lists those left behind reached `pct`
+    /// % of those it built in the heap (and `MIN_LEFT_BEHIND`: a few large subjects
+    /// written, each a list of millions of bytes). Never with `pct` 0.
     pub(crate) fn compaction_due(&self, pct: u32) -> Option<String> {
         if pct == 0 {
             return None;
@@ -673,8 +697,23 @@ impl Growth {
                 self.subjects_moved, self.subjects_loaded
             ));
         }
+        if self.left_behind >= share(self.heap).max(MIN_LEFT_BEHIND) {
+            return Some(format!(
+                "compaction: {:.1} MiB of the {:.1} MiB of grant lists this generation \
+                 built in the heap are left behind by subjects written since",
+                self.left_behind as f64 / f64::from(1 << 20),
+                self.heap as f64 / f64::from(1 << 20)
+            ));
+        }
         None
     }
+}
+
+/// What a write reads before it takes its subject's shard lock (`State::before_write`).
+#[derive(Default)]
+struct BeforeWrite {
+    unpacked: Option<Grants>,
+    left_behind: usize,
 }
 
 impl State {
@@ -689,6 +728,8 @@ impl State {
             tuples: AtomicU64::new(0),
             limits: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
+            heap_loaded: 0,
+            left_behind: AtomicU64::new(0),
         };
         // The global object gets id 0 and the wildcard id 1 (`fixed_object_id`), so neither
         // is ever missing.
@@ -728,6 +769,9 @@ impl State {
             subjects_moved,
             packed: self.packed.used_bytes(),
             abandoned: usize::try_from(self.abandoned.load(Ordering::Relaxed))
+                .unwrap_or(usize::MAX),
+            heap: self.heap_loaded,
+            left_behind: usize::try_from(self.left_behind.load(Ordering::Relaxed))
                 .unwrap_or(usize::MAX),
             ..Growth::default()
         };
@@ -1011,11 +1055,11 @@ impl State {
             let Some(object) = self.objects.get(object) else {
                 return;
             };
-            let unpacked = self.unpacked(subject);
+            let before = self.before_write(subject, true);
             let Some(mut entry) = self.subjects.get_mut(subject) else {
                 return;
             };
-            self.unpack(&mut entry.grants, unpacked);
+            self.unpack(&mut entry.grants, before);
             let gone = entry.grants.set(object, grant, &self.packed);
             let empty = entry.is_empty();
             drop(entry);
@@ -1025,39 +1069,60 @@ impl State {
             gone
         } else {
             let object = self.objects.intern(object);
-            let unpacked = self.unpacked(subject);
+            let before = self.before_write(subject, true);
             let mut entry = self.subjects.entry_or_default(subject);
-            self.unpack(&mut entry.grants, unpacked);
+            self.unpack(&mut entry.grants, before);
             entry.grants.set(object, grant, &self.packed)
         };
         self.adjust(&self.tuples, added, removed);
         self.note_public(subject);
     }
 
-    /// The grants of `subject` in the heap if they are packed and more than
-    /// `CHUNKED_OVER`, read before a write takes the subject's shard lock: at a million
-    /// objects the read takes milliseconds, which every reader of the shard would wait
-    /// out. The single writer calls it, so the list is still the subject's when the lock
-    /// is taken.
-    fn unpacked(&self, subject: &str) -> Option<Grants> {
-        let list = match self.subjects.get(subject)?.grants {
-            Grants::Packed(list) if list.len() > CHUNKED_OVER => list,
-            _ => return None,
+    /// What a write to `subject` reads before it takes the subject's shard lock (the single
+    /// writer calls it, so the entry is the same once the lock is taken): the bytes of
+    /// the heap list its loaded entry leaves behind if the write moves it out of the
+    /// loaded tier; and, with `unpack`, its grants in the heap if they are packed and
+    /// more than `CHUNKED_OVER`, as reading them takes milliseconds at a million objects,
+    /// which every reader of the shard would wait out.
+    fn before_write(&self, subject: &str, unpack: bool) -> BeforeWrite {
+        let Some(entry) = self.subjects.get(subject) else {
+            return BeforeWrite::default();
         };
-        Some(Grants::from_vec(
-            Grants::Packed(list).into_vec(&self.packed),
-        ))
+        let left_behind = match &entry {
+            Ref::Loaded(loaded) => loaded.grants.heap_bytes(),
+            Ref::Short(_) | Ref::Long(_) => 0,
+        };
+        let list = match entry.grants {
+            Grants::Packed(list) if unpack && list.len() > CHUNKED_OVER => Some(list),
+            _ => None,
+        };
+        drop(entry);
+        let unpacked =
+            list.map(|list| Grants::from_vec(Grants::Packed(list).into_vec(&self.packed)));
+        BeforeWrite {
+            unpacked,
+            left_behind,
+        }
     }
 
-    /// Readies `grants` for a write: counts their packed bytes as left unused, and puts
-    /// in their `unpacked` copy (`State::unpacked`) if there is one.
-    fn unpack(&self, grants: &mut Grants, unpacked: Option<Grants>) {
+    /// Readies `grants` for a write: counts their packed bytes as left unused and what
+    /// their loaded entry leaves behind (`before`), and puts in their unpacked copy if
+    /// there is one.
+    fn unpack(&self, grants: &mut Grants, before: BeforeWrite) {
         let bytes = grants.packed_bytes() as u64;
         if bytes > 0 {
             self.abandoned.fetch_add(bytes, Ordering::Relaxed);
         }
-        if let Some(unpacked) = unpacked {
+        self.leave_behind(before.left_behind);
+        if let Some(unpacked) = before.unpacked {
             *grants = unpacked;
+        }
+    }
+
+    /// Counts `bytes` of a loaded entry's heap list as left behind.
+    fn leave_behind(&self, bytes: usize) {
+        if bytes > 0 {
+            self.left_behind.fetch_add(bytes as u64, Ordering::Relaxed);
         }
     }
 
@@ -1102,7 +1167,7 @@ impl State {
         for (_, grant) in &grants {
             added += grant.held().row_count();
         }
-        let unpacked = self.unpacked(subject);
+        let before = self.before_write(subject, true);
         let entry = if added == 0 {
             self.subjects.get_mut(subject)
         } else {
@@ -1111,7 +1176,7 @@ impl State {
         let Some(mut entry) = entry else {
             return;
         };
-        self.unpack(&mut entry.grants, unpacked);
+        self.unpack(&mut entry.grants, before);
         let removed = entry.grants.set_many(grants, &self.packed);
         let empty = entry.is_empty();
         drop(entry);
@@ -1131,6 +1196,7 @@ impl State {
         limits.sort_unstable();
         let added = limits.len() as u64;
         let removed;
+        let left_behind = self.before_write(subject, false).left_behind;
         if limits.is_empty() {
             let Some(mut entry) = self.subjects.get_mut(subject) else {
                 return;
@@ -1145,6 +1211,7 @@ impl State {
             let mut entry = self.subjects.entry_or_default(subject);
             removed = std::mem::replace(&mut entry.limits, limits.into()).len() as u64;
         }
+        self.leave_behind(left_behind);
         self.adjust(&self.limits, added, removed);
         self.note_public(subject);
     }
@@ -1508,6 +1575,8 @@ pub(crate) struct StateBuilder {
     limits: HashMap<Box<str>, Vec<(u32, i64)>, Hasher>,
     /// Tuple rows stored so far.
     tuples: u64,
+    /// Bytes of the grant lists built in the heap so far (`Grants::heap_bytes`).
+    heap: usize,
 }
 
 impl StateBuilder {
@@ -1527,6 +1596,7 @@ impl StateBuilder {
             scattered: HashMap::with_hasher(Hasher::default()),
             limits: HashMap::with_hasher(Hasher::default()),
             tuples: 0,
+            heap: 0,
         }
     }
 
@@ -1575,13 +1645,15 @@ impl StateBuilder {
             return;
         }
         let (run, tuples, packed) = (&mut self.run, &mut self.tuples, &mut self.state.packed);
-        let new = self
-            .state
-            .subjects
-            .load_new(&self.subject, || SubjectEntry {
-                grants: grants_of(run, tuples, packed),
+        let heap = &mut self.heap;
+        let new = self.state.subjects.load_new(&self.subject, || {
+            let grants = grants_of(run, tuples, packed);
+            *heap += grants.heap_bytes();
+            SubjectEntry {
+                grants,
                 limits: Thin::default(),
-            });
+            }
+        });
         if !new {
             self.scattered
                 .entry(self.subject.as_str().into())
@@ -1610,13 +1682,16 @@ impl StateBuilder {
             scattered,
             limits,
             mut tuples,
+            mut heap,
             ..
         } = self;
         for (subject, mut rows) in scattered {
             let Some(entry) = state.subjects.loaded_mut(&subject) else {
                 continue; // never: a subject is scattered only once it has an entry
             };
-            for (object, grant) in std::mem::take(&mut entry.grants).into_vec(&state.packed) {
+            let grants = std::mem::take(&mut entry.grants);
+            heap -= grants.heap_bytes();
+            for (object, grant) in grants.into_vec(&state.packed) {
                 let grant = grant.held();
                 tuples -= grant.row_count();
                 rows.extend(grant.rows().map(|(permission, expires_at)| {
@@ -1630,6 +1705,7 @@ impl StateBuilder {
                 }));
             }
             entry.grants = grants_of(&mut rows, &mut tuples, &mut state.packed);
+            heap += entry.grants.heap_bytes();
         }
         let mut limit_rows = 0;
         for (subject, mut rows) in limits {
@@ -1638,6 +1714,7 @@ impl StateBuilder {
             state.subjects.loaded_or_default(&subject).limits = rows.into();
         }
         state.note_public(WILDCARD);
+        state.heap_loaded = heap;
         state.tuples.store(tuples, Ordering::Relaxed);
         state.limits.store(limit_rows, Ordering::Relaxed);
         state
@@ -2382,6 +2459,43 @@ mod tests {
         assert_eq!(grown.names_since, 2, "{grown:?}");
     }
 
+    /// A loaded subject whose grants are in the heap (expiring ones do not pack) leaves its
+    /// list behind when first written, whatever it writes; the build counts what it put
+    /// in the heap, a subject met again (scattered) once.
+    #[test]
+    fn growth_counts_heap_lists_left_behind() {
+        let mut builder = StateBuilder::new();
+        let mut rows = |subject: &str, objects: std::ops::Range<u32>, expires_at| {
+            for o in objects {
+                builder.tuple(subject, &format!("o{o}"), "read", expires_at);
+            }
+        };
+        rows("heap", 0..5, Some(1_000));
+        rows("limited", 0..10, Some(1_000));
+        rows("packed", 0..10, None);
+        // Met again: its list is built again in `finish`, counted once.
+        rows("heap", 5..11, Some(1_000));
+        builder.limit("limited", "max", 1);
+        let built = builder.finish();
+        let grant = std::mem::size_of::<(u32, Grant)>();
+        let loaded = built.growth();
+        assert_eq!(
+            (loaded.heap, loaded.left_behind),
+            (21 * grant, 0),
+            "{loaded:?}"
+        );
+        built.set_grant("heap", "o1", &[]);
+        assert_eq!(built.growth().left_behind, 11 * grant);
+        // Written again, it is in the written tier: nothing more left behind.
+        built.set_grant("heap", "o2", &[]);
+        built.set_grant("packed", "o2", &[]);
+        assert_eq!(built.growth().left_behind, 11 * grant);
+        built.set_limits("limited", &[]);
+        let written = built.growth();
+        assert_eq!(written.left_behind, 21 * grant, "{written:?}");
+        assert_eq!(written.heap, loaded.heap);
+    }
+
     #[test]
     fn compaction_is_due_at_the_share_asked_and_never_below_the_floors() {
         let growth = |names_loaded, names_since, packed, abandoned| Growth {
@@ -2394,6 +2508,11 @@ mod tests {
         let moved = |subjects_loaded, subjects_moved| Growth {
             subjects_loaded,
             subjects_moved,
+            ..Growth::default()
+        };
+        let left = |heap, left_behind| Growth {
+            heap,
+            left_behind,
             ..Growth::default()
         };
         let mib = 1 << 20;
@@ -2410,6 +2529,10 @@ mod tests {
             (moved(100_000, 50_000), true),
             (moved(1_000, 9_999), false),
             (moved(1_000, 10_000), true),
+            (left(100 * mib, 49 * mib), false),
+            (left(100 * mib, 50 * mib), true),
+            (left(mib / 2, mib - 1), false),
+            (left(mib / 2, mib), true),
         ] {
             assert_eq!(case.compaction_due(50).is_some(), due, "{case:?}");
             assert_eq!(case.compaction_due(0), None, "{case:?}");
