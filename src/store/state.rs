@@ -1,6 +1,6 @@
 //! One immutable-by-swap generation of the mirrored permission set.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +23,9 @@ pub(crate) const WILDCARD: &str = "*";
 const _: () = assert!(WILDCARD.len() <= key::SHORT);
 /// Up to this many grants, a check scans a subject's grants instead of searching them.
 const SCAN_GRANTS: usize = 16;
+/// A listing's page of fewer objects than this is picked with a heap as the names go by
+/// (`State::objects_of`); a longer one from all of them at once.
+const PAGE_BY_HEAP: usize = 1_024;
 /// Over this many grants in the heap, a subject's list is kept in chunks (`Chunks`); back
 /// in one list under half of it.
 const CHUNKED_OVER: usize = 4_096;
@@ -966,11 +969,23 @@ impl State {
         self.objects.with_names(|all| {
             // Each name beside its id, so that the sort compares the names without going
             // through their `Arc`s, and only the page's `Arc`s are cloned.
-            let mut names: Vec<(&str, u32)> = ids
+            let listing = |names: Vec<(&str, u32)>, more| Listing {
+                objects: names
+                    .into_iter()
+                    .filter_map(|(_, o)| all.get(o as usize).cloned())
+                    .collect(),
+                more,
+            };
+            let named = ids
                 .iter()
                 .filter_map(|&o| Some((&**all.get(o as usize)?, o)))
-                .filter(|&(name, _)| name > after)
-                .collect();
+                .filter(|&(name, _)| name > after);
+            if limit < PAGE_BY_HEAP {
+                let (mut names, more) = page_by_heap(named, limit);
+                names.sort_unstable();
+                return listing(names, more);
+            }
+            let mut names: Vec<(&str, u32)> = named.collect();
             let more = names.len() > limit;
             if more {
                 // The `limit` first names, in no order, then sorted: a page of a long
@@ -979,13 +994,7 @@ impl State {
                 names.truncate(limit);
             }
             names.sort_unstable();
-            Listing {
-                objects: names
-                    .into_iter()
-                    .filter_map(|(_, o)| all.get(o as usize).cloned())
-                    .collect(),
-                more,
-            }
+            listing(names, more)
         })
     }
 
@@ -1441,6 +1450,31 @@ impl Rebuild<'_> {
             builder.push_run(subject, &mut self.rows);
         }
     }
+}
+
+/// The first `limit` of `named` (in no order), and whether there were more: the first
+/// `limit` kept in a heap as the others go by, most of them turned away by one comparison
+/// with its largest, where a selection among all of them compared each several times (a
+/// page of 100 of 100,000 objects: 0.80 against 1.19 ms, benches/README.md).
+fn page_by_heap<'n>(
+    named: impl Iterator<Item = (&'n str, u32)>,
+    limit: usize,
+) -> (Vec<(&'n str, u32)>, bool) {
+    let mut page: BinaryHeap<(&str, u32)> = BinaryHeap::with_capacity(limit);
+    let mut more = false;
+    for named in named {
+        if page.len() < limit {
+            page.push(named);
+        } else {
+            more = true;
+            if let Some(mut largest) = page.peek_mut() {
+                if named < *largest {
+                    *largest = named;
+                }
+            }
+        }
+    }
+    (page.into_vec(), more)
 }
 
 /// The union of two sorted lists of ids, sorted, each id once.
@@ -2457,6 +2491,42 @@ mod tests {
         let grown = built.growth();
         assert_eq!(grown.abandoned, written.abandoned);
         assert_eq!(grown.names_since, 2, "{grown:?}");
+    }
+
+    /// A page of a listing is the first `limit` names after `after`, whichever way it is
+    /// picked (a heap under `PAGE_BY_HEAP`, a selection from there), with object ids in
+    /// an order unrelated to the names'.
+    #[test]
+    fn a_page_is_the_first_names_after_the_cursor() {
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % n
+        };
+        let mut builder = StateBuilder::new();
+        let mut names: Vec<String> = (0..3_000)
+            .map(|_| format!("doc:{}", next(1 << 40)))
+            .collect();
+        for name in &names {
+            builder.tuple("u", name, "read", None);
+        }
+        let state = builder.finish();
+        names.sort_unstable();
+        names.dedup();
+        for limit in [1, 2, 7, 100, PAGE_BY_HEAP - 1, PAGE_BY_HEAP, 2_999, 5_000] {
+            for after in ["", "doc:", "doc:5", names[1_000].as_str(), "doc:~"] {
+                let expected: Vec<&String> = names.iter().filter(|n| n.as_str() > after).collect();
+                let page = state.objects_of("u", "read", after, limit, &mut Now::lazy());
+                let listed: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
+                let want: Vec<&str> = expected.iter().take(limit).map(|n| n.as_str()).collect();
+                assert_eq!(listed, want, "limit {limit} after {after:?}");
+                assert_eq!(
+                    page.more,
+                    expected.len() > limit,
+                    "limit {limit} after {after:?}"
+                );
+            }
+        }
     }
 
     /// A loaded subject whose grants are in the heap (expiring ones do not pack) leaves its
