@@ -22,7 +22,8 @@
 //!   tree), whole and a page of 100 from the middle (`limit`, `after`);
 //! - `check_large_subject`: object checks, half of them hits, on one subject holding
 //!   1,000,000 objects (too many to pack: its grants are in the heap, in chunks), another
-//!   subject holding the million objects between them.
+//!   subject holding the million objects between them; `list_large_subject`: a
+//!   page of 100 of its objects, from the middle, and the whole list.
 
 use criterion::{criterion_main, Criterion, Throughput};
 use permd::store::Store;
@@ -381,6 +382,24 @@ fn check_large_subject(c: &mut Criterion) {
             store.check("user:big", "read", black_box(checks[i]))
         });
     });
+    let mut group = c.benchmark_group("list_large_subject");
+    group.sample_size(10);
+    // A page from the middle of its million: `doc:5` sorts after `doc:4999999`.
+    group.bench_function("page_of_100", |b| {
+        b.iter(|| {
+            let page = store.objects_of("user:big", "read", black_box("doc:5"), 100);
+            assert!(page.more && page.objects.len() == 100);
+            page
+        });
+    });
+    group.bench_function("whole", |b| {
+        b.iter(|| {
+            let listing = store.objects_of("user:big", "read", "", usize::MAX);
+            assert_eq!(listing.objects.len(), OBJECTS as usize);
+            listing
+        });
+    });
+    group.finish();
 }
 
 const BATCH: usize = 100;

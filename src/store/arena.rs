@@ -20,7 +20,7 @@
 
 use memmap2::{MmapMut, MmapOptions};
 
-use super::state::find_object;
+use super::state::{find_object, first_from};
 
 /// The size of a huge page on x86-64 and arm64 with 4 KiB base pages, and of a chunk.
 const HUGE_PAGE: usize = 2 << 20;
@@ -189,8 +189,23 @@ impl Arena {
 
     /// Every (object id, bitset) of the list, by object id.
     pub(super) fn iter(&self, list: Packed) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.iter_at(list, 0)
+    }
+
+    /// The list's (object id, bitset) from `object` on, by object id.
+    pub(super) fn iter_from(
+        &self,
+        list: Packed,
+        object: u32,
+    ) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let (objects, _) = self.parts(list);
+        self.iter_at(list, first_from(list.len(), object, |i| u32_at(objects, i)))
+    }
+
+    /// The list's (object id, bitset) from its `from`-th on.
+    fn iter_at(&self, list: Packed, from: usize) -> impl Iterator<Item = (u32, u64)> + '_ {
         let (objects, bits) = self.parts(list);
-        (0..list.len()).map(move |i| (u32_at(objects, i), u64_at(bits, i)))
+        (from..list.len()).map(move |i| (u32_at(objects, i), u64_at(bits, i)))
     }
 
     /// Bytes mapped for the lists (what they can hold, used or not).

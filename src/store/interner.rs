@@ -89,6 +89,8 @@ impl Interner {
         if let Some(id) = self.get(name) {
             return id;
         }
+        // The frozen tier's ids are `0..built()`: nothing may have been interned since.
+        debug_assert!(!self.has_recent.load(Ordering::Relaxed));
         let id = self.push(Arc::from(name));
         let hasher = &self.hasher;
         if is_short(name) {
@@ -129,6 +131,24 @@ impl Interner {
         )
     }
 
+    /// How many names were interned while the generation was built: their ids are
+    /// `0..built`, those interned since come after them.
+    pub(crate) fn built(&self) -> u32 {
+        u32::try_from(self.frozen.len() + self.frozen_long.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The ids `from..built()`, sorted by their names, byte by byte (as Postgres's C
+    /// collation sorts). Sorted as (the name's next 8 bytes as a number, id) pairs, a run
+    /// of ties sorted again on the 8 bytes after: most comparisons compare two numbers,
+    /// where comparing the names reads each from memory (`doc:` and 50,000 numbers: ~2 ms).
+    pub(crate) fn built_by_name(&self, from: u32) -> Box<[u32]> {
+        self.with_names(|names| {
+            let mut keyed: Vec<(u64, u32)> = (from..self.built()).map(|id| (0, id)).collect();
+            sort_by_name(&mut keyed, names, 0);
+            keyed.into_iter().map(|(_, id)| id).collect()
+        })
+    }
+
     /// Appends `name` to the id-to-name table and returns its id.
     fn push(&self, name: Arc<str>) -> u32 {
         let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
@@ -150,6 +170,33 @@ impl Interner {
     pub(crate) fn with_names<R>(&self, f: impl FnOnce(&[Arc<str>]) -> R) -> R {
         let names = self.names.read().unwrap_or_else(|e| e.into_inner());
         f(&names)
+    }
+}
+
+/// Sorts `keyed`, (key, id) pairs whose names are equal up to byte `at`, by the names
+/// from there: keyed by the 8 bytes from `at` (zeros past a name's end), runs of the same
+/// key sorted again from `at + 8` while a name in them goes on past it.
+fn sort_by_name(keyed: &mut [(u64, u32)], names: &[Arc<str>], at: usize) {
+    /// Runs this short are sorted by their names at once.
+    const COMPARE_UNDER: usize = 16;
+    let name = |id: u32| names.get(id as usize).map_or(&b""[..], |n| n.as_bytes());
+    for (key, id) in keyed.iter_mut() {
+        let rest = name(*id).get(at..).unwrap_or_default();
+        let mut word = [0; 8];
+        let len = rest.len().min(8);
+        word[..len].copy_from_slice(&rest[..len]);
+        *key = u64::from_be_bytes(word);
+    }
+    keyed.sort_unstable();
+    for run in keyed.chunk_by_mut(|a, b| a.0 == b.0) {
+        if run.len() < 2 {
+            continue;
+        }
+        if run.len() >= COMPARE_UNDER && run.iter().any(|&(_, id)| name(id).len() > at + 8) {
+            sort_by_name(run, names, at + 8);
+        } else {
+            run.sort_unstable_by(|a, b| name(a.1).cmp(name(b.1)));
+        }
     }
 }
 
@@ -207,5 +254,50 @@ mod tests {
         assert_eq!(interner.get("later"), Some(1));
         assert_eq!(&*interner.name(0), "built");
         assert_eq!(&*interner.name(1), "later");
+    }
+
+    /// The built names sorted by their bytes, whatever their lengths and shared prefixes:
+    /// long runs of the same first 8 bytes (sorted again on the next 8, and the next),
+    /// names that end inside a word or at its end, the empty name; those interned since
+    /// left out, and those before `from`.
+    #[test]
+    fn built_names_sort_by_their_bytes() {
+        let mut names: Vec<String> = ["", "*", "a", "resource", "resource:", "é", "~", "zz"]
+            .map(String::from)
+            .into();
+        for n in 0..3_000 {
+            names.push(format!("resource{}{n}", ["-", ":", "A"][n % 3]));
+            // Runs of 5 that end alike after 16 bytes: sorted by their names.
+            for k in 0..5 {
+                names.push(format!("resource:{n}/a-child-with-a-long-path-{k}"));
+            }
+        }
+        // One run of 40 over many words.
+        names.extend((0..40).map(|k| format!("{}{k}", "a-long-shared-prefix/".repeat(4))));
+        names.extend((0..300).map(|n| format!("{n:x}")));
+        let mut interner = Interner::with_capacity(4);
+        // In an order unrelated to theirs (7,919 is prime, so every index comes once).
+        for i in 0..names.len() {
+            let name = &names[i * 7_919 % names.len()];
+            interner.intern_mut(name);
+        }
+        interner.intern("later");
+        let by_name = |from: u32| -> Vec<Arc<str>> {
+            let ids = interner.built_by_name(from);
+            ids.iter().map(|&id| interner.name(id)).collect()
+        };
+        let sorted = by_name(0);
+        let mut expected: Vec<&str> = names.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        expected.dedup(); // "a" is also 10 in hex
+        assert_eq!(sorted.len(), expected.len());
+        for (got, want) in sorted.iter().zip(&expected) {
+            assert_eq!(&**got, *want);
+        }
+        let first = interner.name(0);
+        let rest = by_name(1);
+        assert!(!rest.contains(&first));
+        assert_eq!(rest.len(), expected.len() - 1);
+        assert!(rest.is_sorted());
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use md5::{Digest as _, Md5};
 
@@ -45,18 +45,25 @@ pub(super) fn find_object(len: usize, object: u32, id_at: impl Fn(usize) -> u32)
     let i = if len <= SCAN_GRANTS {
         (0..len).find(|&i| id_at(i) >= object)?
     } else {
-        let (mut low, mut high) = (0, len);
-        while low < high {
-            let middle = (low + high) / 2;
-            if id_at(middle) < object {
-                low = middle + 1;
-            } else {
-                high = middle;
-            }
-        }
-        low
+        first_from(len, object, &id_at)
     };
     (i < len && id_at(i) == object).then_some(i)
+}
+
+/// The index of the first of `len` object ids sorted ascending (`id_at(i)` the i-th) that
+/// is not below `object`; `len` when all are. A binary search.
+#[inline]
+pub(super) fn first_from(len: usize, object: u32, id_at: impl Fn(usize) -> u32) -> usize {
+    let (mut low, mut high) = (0, len);
+    while low < high {
+        let middle = (low + high) / 2;
+        if id_at(middle) < object {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    low
 }
 
 /// A batch holds every shard's read lock for at most this many checks at a time (~20 us
@@ -317,6 +324,58 @@ impl Grants {
                     .flatten()
                     .map(|(object, bits)| (object, Held { bits, extra: &[] })),
             )
+    }
+
+    /// The grants from `object` on, by object id: `iter`'s, those before `object` found by
+    /// a binary search rather than read.
+    fn iter_from<'a>(
+        &'a self,
+        object: u32,
+        arena: &'a Arena,
+    ) -> impl Iterator<Item = (u32, Held<'a>)> {
+        let (one, many, chunks, packed) = match self {
+            Self::One { object: o, grant } => (
+                (*o >= object).then(|| (*o, grant.held())),
+                &[][..],
+                &[][..],
+                None,
+            ),
+            Self::Many(many) => {
+                let from = first_from(many.len(), object, |i| many[i].0);
+                (None, &many[from..], &[][..], None)
+            }
+            // From the chunk `object` is in: its grants before `object` are skipped below.
+            Self::Chunked(chunks) => (
+                None,
+                &[][..],
+                &chunks.chunks[chunks.chunk_of(object)..],
+                None,
+            ),
+            Self::Packed(list) => (None, &[][..], &[][..], Some(arena.iter_from(*list, object))),
+        };
+        one.into_iter()
+            .chain(
+                many.iter()
+                    .chain(chunks.iter().flatten())
+                    .map(|(object, grant)| (*object, grant.held())),
+            )
+            .chain(
+                packed
+                    .into_iter()
+                    .flatten()
+                    .map(|(object, bits)| (object, Held { bits, extra: &[] })),
+            )
+            .skip_while(move |(o, _)| *o < object)
+    }
+
+    /// How many objects the subject holds grants on.
+    fn len(&self) -> usize {
+        match self {
+            Self::One { .. } => 1,
+            Self::Many(many) => many.len(),
+            Self::Packed(list) => list.len(),
+            Self::Chunked(chunks) => chunks.len,
+        }
     }
 
     /// Puts `grant` on `object` (an empty grant removes it) and returns how many rows the
@@ -631,6 +690,10 @@ pub(crate) struct State {
     /// Of them, those left behind in the loaded tier by subjects written since, kept by
     /// the single writer.
     left_behind: AtomicU64,
+    /// The ids of the objects named when the generation was built, the global object's
+    /// excepted, sorted by name (`object_order`): sorted once, when a listing first
+    /// walks them.
+    object_order: OnceLock<Box<[u32]>>,
 }
 
 /// What a generation holds that only a new generation reclaims (a full load, or a
@@ -733,6 +796,7 @@ impl State {
             abandoned: AtomicU64::new(0),
             heap_loaded: 0,
             left_behind: AtomicU64::new(0),
+            object_order: OnceLock::new(),
         };
         // The global object gets id 0 and the wildcard id 1 (`fixed_object_id`), so neither
         // is ever missing.
@@ -934,8 +998,15 @@ impl State {
     /// when it is held on every object), wildcards and expiry applied, sorted by name: of
     /// those named after `after` (all of them when it is empty), the first `limit`.
     ///
-    /// A page costs a pass over the subject's grants whatever its size; only the names
-    /// past `after` are cloned, and only the page's are sorted.
+    /// A page is found one of three ways (`Plan`). A subject that holds a good share of
+    /// all objects is listed by walking every object's name in order from `after`
+    /// (`object_order`) and keeping those it holds, until the page is full: the page
+    /// costs its length over that share, whatever the subject's size. Whether it holds
+    /// each is looked up in its grants, or, when the walk is long (the whole listing), in
+    /// a bitset of them made first. Others are listed by a pass over their grants, which
+    /// picks the page among the names after `after` (only those are cloned, and only the
+    /// page's sorted). The cheapest is taken, as `Plan::of` expects them to cost; a walk
+    /// that looks up more than the pass would cost is given up for the pass.
     pub(crate) fn objects_of(
         &self,
         subject: &str,
@@ -947,28 +1018,23 @@ impl State {
         let Some(permission) = self.permissions.get(permission) else {
             return Listing::default();
         };
-        // Each subject's grants come sorted by object id, so its ids do too; the subject's
-        // and `*`'s are merged rather than sorted.
-        let mut held = |s: &str| -> Vec<u32> {
-            self.subjects.get(s).map_or_else(Vec::new, |entry| {
-                entry
-                    .grants
-                    .iter(&self.packed)
-                    .filter(|&(o, g)| o != GLOBAL_ID && g.allows(permission, now))
-                    .map(|(o, _)| o)
-                    .collect()
-            })
+        // `*`'s objects first, as ids: its guard is let go before the subject's is taken (a
+        // second read lock on a shard this thread holds could wait behind a queued writer
+        // for ever).
+        let public = match self.subjects.get(WILDCARD) {
+            Some(entry) if subject != WILDCARD => {
+                allowed(entry.grants.iter(&self.packed), permission, now)
+            }
+            _ => Vec::new(),
         };
-        let own = held(subject);
-        let public = if subject == WILDCARD {
-            Vec::new()
-        } else {
-            held(WILDCARD)
-        };
-        let ids = merge_sorted(own, &public);
+        let held = self.subjects.get(subject).map_or(0, |e| e.grants.len()) + public.len();
+        let built = self.objects.built();
+        let plan = Plan::of(held, built as usize, limit);
+        // Sorted (once a generation) before the names are locked below, as it reads them.
+        let order = (plan != Plan::Pass).then(|| self.object_order());
         self.objects.with_names(|all| {
-            // Each name beside its id, so that the sort compares the names without going
-            // through their `Arc`s, and only the page's `Arc`s are cloned.
+            // Each name beside its id, so that sorts and merges compare the names without
+            // going through their `Arc`s, and only the page's `Arc`s are cloned.
             let listing = |names: Vec<(&str, u32)>, more| Listing {
                 objects: names
                     .into_iter()
@@ -976,10 +1042,61 @@ impl State {
                     .collect(),
                 more,
             };
-            let named = ids
-                .iter()
-                .filter_map(|&o| Some((&**all.get(o as usize)?, o)))
-                .filter(|&(name, _)| name > after);
+            let named = |o: u32| (name_at(all, o), o);
+            let own = self.subjects.get(subject);
+            let grants = own.as_deref().map(|entry| &entry.grants);
+            if let Some(order) = order {
+                let want = limit.saturating_add(1);
+                let order = &order[order.partition_point(|&o| name_at(all, o) <= after)..];
+                let walked = if let Plan::LookUp { budget } = plan {
+                    walk(order, want, budget, |o| {
+                        grants
+                            .and_then(|g| g.get(o, &self.packed))
+                            .is_some_and(|g| g.allows(permission, now))
+                            || public.binary_search(&o).is_ok()
+                    })
+                } else {
+                    let mut bits = vec![0_u64; (built as usize).div_ceil(64)];
+                    let mut set = |o: u32| {
+                        if let Some(word) = bits.get_mut(o as usize / 64) {
+                            *word |= 1 << (o % 64);
+                        }
+                    };
+                    let own = grants.into_iter().flat_map(|g| g.iter(&self.packed));
+                    for (o, grant) in own.take_while(|&(o, _)| o < built) {
+                        if o != GLOBAL_ID && grant.allows(permission, now) {
+                            set(o);
+                        }
+                    }
+                    public.iter().for_each(|&o| set(o));
+                    walk(order, want, usize::MAX, |o| {
+                        bits[o as usize / 64] & (1 << (o % 64)) != 0
+                    })
+                };
+                #[cfg(test)]
+                tests::LISTED.with(|listed| listed.borrow_mut().push((plan, walked.is_some())));
+                if let Some(walked) = walked {
+                    // Objects named since the generation was built are not in the order:
+                    // the subject's (their ids come after `built`) go in by name.
+                    let since = grants.map_or_else(Vec::new, |g| {
+                        allowed(g.iter_from(built, &self.packed), permission, now)
+                    });
+                    let public_since = &public[public.partition_point(|&o| o < built)..];
+                    let mut since: Vec<(&str, u32)> = merge_sorted(since, public_since)
+                        .into_iter()
+                        .map(named)
+                        .filter(|&(name, _)| name > after)
+                        .collect();
+                    since.sort_unstable();
+                    let more = walked.len() + since.len() > limit;
+                    let walked = walked.into_iter().map(named);
+                    return listing(merge_by_name(walked, since, limit), more);
+                }
+            }
+            let own =
+                grants.map_or_else(Vec::new, |g| allowed(g.iter(&self.packed), permission, now));
+            let ids = merge_sorted(own, &public);
+            let named = ids.into_iter().map(named).filter(|&(name, _)| name > after);
             if limit < PAGE_BY_HEAP {
                 let (mut names, more) = page_by_heap(named, limit);
                 names.sort_unstable();
@@ -996,6 +1113,13 @@ impl State {
             names.sort_unstable();
             listing(names, more)
         })
+    }
+
+    /// The ids of the objects named when the generation was built, the global object's
+    /// excepted, sorted by name: sorted at the first call, which every other waits for.
+    fn object_order(&self) -> &[u32] {
+        self.object_order
+            .get_or_init(|| self.objects.built_by_name(GLOBAL_ID + 1))
     }
 
     /// The limits of `subject`: its own values, over those of `*`.
@@ -1477,6 +1601,103 @@ fn page_by_heap<'n>(
     (page.into_vec(), more)
 }
 
+/// How a listing finds its page (`State::objects_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// A pass over the subject's grants.
+    Pass,
+    /// A walk of the names in order, each looked up among the subject's grants; given up
+    /// for the pass after `budget` look-ups.
+    LookUp { budget: usize },
+    /// A walk of the names in order, each looked up in a bitset of the subject's grants.
+    Bits,
+}
+
+impl Plan {
+    /// The plan expected to cost least for a subject that holds grants on `held` of the
+    /// `objects` names, for a page of `limit`. Costs in tenths of a step of the pass (a
+    /// grant read and its name compared with the cursor): the pass takes `held` steps and
+    /// sorts its page; a walk is expected to look at `objects / held` names for each one
+    /// it keeps, and stops at `limit` and one more; a look-up among the grants costs two
+    /// steps, a bit set or read a tenth of one. A look-up walk's budget is the pass's
+    /// cost: a subject that holds many objects but few with the permission asked sends
+    /// it back to the pass, at most doubling the pass's time.
+    fn of(held: usize, objects: usize, limit: usize) -> Self {
+        if held == 0 {
+            return Self::Pass;
+        }
+        let page = limit.min(held);
+        let pass = 10 * held.saturating_add(page.saturating_mul(page.max(1).ilog2() as usize));
+        let walked = (limit.saturating_add(1).saturating_mul(objects) / held).min(objects);
+        let look_up = walked.saturating_mul(20);
+        let bits = held.saturating_add(walked);
+        if look_up <= bits && look_up < pass {
+            Self::LookUp { budget: pass / 20 }
+        } else if bits < pass {
+            Self::Bits
+        } else {
+            Self::Pass
+        }
+    }
+}
+
+/// The first `want` of `order` (ids in name order) that `holds` keeps, or all of them if
+/// fewer; `None` once `budget` have been probed without either.
+fn walk(
+    order: &[u32],
+    want: usize,
+    budget: usize,
+    mut holds: impl FnMut(u32) -> bool,
+) -> Option<Vec<u32>> {
+    let mut found = Vec::new();
+    for (probed, &o) in order.iter().enumerate() {
+        if found.len() == want {
+            break;
+        }
+        if probed == budget {
+            return None;
+        }
+        if holds(o) {
+            found.push(o);
+        }
+    }
+    Some(found)
+}
+
+/// The first `limit` of two lists of (name, id) sorted by name, merged.
+fn merge_by_name<'n>(
+    a: impl Iterator<Item = (&'n str, u32)>,
+    b: Vec<(&'n str, u32)>,
+    limit: usize,
+) -> Vec<(&'n str, u32)> {
+    let (mut a, mut b) = (a.peekable(), b.into_iter().peekable());
+    let mut merged = Vec::new();
+    while merged.len() < limit {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if y < x => b.next(),
+            (Some(_), _) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(named) => merged.push(named),
+            None => break,
+        }
+    }
+    merged
+}
+
+/// The ids of the objects but the global one that `grants` allow `permission` on.
+fn allowed<'g>(
+    grants: impl Iterator<Item = (u32, Held<'g>)>,
+    permission: u32,
+    now: &mut Now,
+) -> Vec<u32> {
+    grants
+        .filter(|&(o, g)| o != GLOBAL_ID && g.allows(permission, now))
+        .map(|(o, _)| o)
+        .collect()
+}
+
 /// The union of two sorted lists of ids, sorted, each id once.
 fn merge_sorted(a: Vec<u32>, b: &[u32]) -> Vec<u32> {
     debug_assert!(a.is_sorted() && b.is_sorted());
@@ -1784,6 +2005,7 @@ fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64, arena: &mut Arena) -> G
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ops::Bound::{Excluded, Unbounded};
 
     fn row(permission: &str, expires_at: Option<i64>) -> TupleRow {
         TupleRow {
@@ -2527,6 +2749,165 @@ mod tests {
                 );
             }
         }
+    }
+
+    thread_local! {
+        /// Each listing's walk on this thread: its plan, and whether it gave a page (else
+        /// it was given up for the pass). A listing by the pass alone adds nothing.
+        pub(super) static LISTED: std::cell::RefCell<Vec<(Plan, bool)>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
+    }
+
+    /// Listings found by walking the names in order, by a pass over the grants, and by a
+    /// walk given up for the pass, all against the rows they come from: subjects that hold
+    /// most objects, half, a few, all but with the permission asked on few, thousands (in
+    /// chunks), expiring grants and `*`'s, before and after writes that name new objects
+    /// (not in the order) and revoke others.
+    #[test]
+    fn listings_agree_with_the_rows_whichever_way_they_are_found() {
+        const OBJECTS: u64 = 6_000;
+        const NOW: i64 = 1_000_000;
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % n
+        };
+        // (subject, object) to its rows: (permission, expires_at).
+        type Model = BTreeMap<(String, String), Vec<(String, Option<i64>)>>;
+        let mut model = Model::new();
+        let names: Vec<String> = (0..OBJECTS)
+            .map(|_| format!("doc:{}", next(1 << 40)))
+            .collect();
+        let mut builder = StateBuilder::new();
+        for (i, name) in names.iter().enumerate() {
+            let mut rows = Vec::new();
+            let i = i as u64;
+            // Most of them; a few expiring, before and after `NOW`.
+            if next(10) != 0 {
+                let expires_at = match next(20) {
+                    0 => Some(NOW - 1),
+                    1 => Some(NOW + 1),
+                    _ => None,
+                };
+                rows.push(("dense", "read", expires_at));
+            }
+            if i.is_multiple_of(2) {
+                rows.push(("half", "read", None));
+            }
+            if next(300) == 0 {
+                rows.push(("sparse", "read", None));
+            }
+            rows.push(("mixed", if next(50) == 0 { "read" } else { "write" }, None));
+            if next(200) == 0 {
+                rows.push(("*", "read", None));
+            }
+            for (subject, permission, expires_at) in rows {
+                builder.tuple(subject, name, permission, expires_at);
+                model
+                    .entry((subject.to_owned(), name.clone()))
+                    .or_default()
+                    .push((permission.to_owned(), expires_at));
+            }
+        }
+        // `*` as an object: first in the order, as '*' sorts before letters.
+        builder.tuple("sparse", "*", "read", None);
+        model.insert(("sparse".into(), "*".into()), vec![("read".into(), None)]);
+        let state = builder.finish();
+        let subjects = ["dense", "half", "sparse", "mixed", "*", "nobody"];
+        let check_all = |model: &Model, next: &mut dyn FnMut(u64) -> u64| {
+            let mut afters = vec![String::new(), "doc:".into(), "doc:5".into(), "doc:~".into()];
+            for _ in 0..4 {
+                let name = &names[next(OBJECTS) as usize];
+                afters.push(name.clone());
+                afters.push(format!("{name}0"));
+            }
+            for subject in subjects {
+                for permission in ["read", "write", "none"] {
+                    let holds = |s: &str, o: &str| {
+                        model
+                            .get(&(s.to_owned(), o.to_owned()))
+                            .is_some_and(|rows| {
+                                rows.iter()
+                                    .any(|(p, e)| p == permission && e.is_none_or(|e| e > NOW))
+                            })
+                    };
+                    let all: BTreeSet<&str> = model
+                        .keys()
+                        .map(|(_, o)| o.as_str())
+                        .filter(|o| holds(subject, o) || holds("*", o))
+                        .collect();
+                    for after in &afters {
+                        for limit in [1, 3, 100, PAGE_BY_HEAP + 1, usize::MAX] {
+                            let expected: Vec<&str> = all
+                                .range::<str, _>((Excluded(after.as_str()), Unbounded))
+                                .copied()
+                                .collect();
+                            let page = state.objects_of(
+                                subject,
+                                permission,
+                                after,
+                                limit,
+                                &mut Now::fixed(NOW),
+                            );
+                            let listed: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
+                            let what =
+                                format!("{subject} {permission} after {after:?} limit {limit}");
+                            assert_eq!(listed, expected[..expected.len().min(limit)], "{what}");
+                            assert_eq!(page.more, expected.len() > limit, "{what}");
+                        }
+                    }
+                }
+            }
+        };
+        // One listing's walks, for `subject` and `read`, `limit` from the start.
+        let walks = |subject: &str, limit: usize| {
+            LISTED.with(|listed| listed.borrow_mut().clear());
+            state.objects_of(subject, "read", "", limit, &mut Now::fixed(NOW));
+            LISTED.with(|listed| listed.borrow().clone())
+        };
+        let look_up = |listed: Vec<(Plan, bool)>| match listed[..] {
+            [(Plan::LookUp { .. }, found)] => Some(found),
+            _ => None,
+        };
+        check_all(&model, &mut next);
+        assert_eq!(look_up(walks("dense", 100)), Some(true));
+        assert_eq!(walks("dense", usize::MAX), [(Plan::Bits, true)]);
+        assert_eq!(walks("half", 100), [(Plan::Bits, true)]);
+        assert_eq!(walks("sparse", 100), []);
+        assert_eq!(
+            look_up(walks("mixed", 100)),
+            Some(false),
+            "few `read`: the walk is given up"
+        );
+
+        // New names (after the order), and revokes, through the writer; `*` too.
+        for k in 0..300 {
+            let (subject, name) = match k % 3 {
+                0 => ("dense", format!("doc:{}", next(1 << 40))),
+                1 => ("sparse", names[next(OBJECTS) as usize].clone()),
+                _ => ("*", format!("new:{k}")),
+            };
+            let rows = if next(4) == 0 {
+                vec![]
+            } else {
+                vec![row("read", None)]
+            };
+            state.set_grant(subject, &name, &rows);
+            let key = (subject.to_owned(), name);
+            if rows.is_empty() {
+                model.remove(&key);
+            } else {
+                model.insert(key, vec![("read".to_owned(), None)]);
+            }
+        }
+        for name in names.iter().take(1_000) {
+            state.set_grant("dense", name, &[]);
+            model.remove(&("dense".to_owned(), name.clone()));
+        }
+        check_all(&model, &mut next);
+        assert_eq!(look_up(walks("dense", 100)), Some(true));
+        assert_eq!(walks("dense", usize::MAX), [(Plan::Bits, true)]);
     }
 
     /// A loaded subject whose grants are in the heap (expiring ones do not pack) leaves its
