@@ -217,7 +217,7 @@ impl Metrics {
             (
                 "permd_unused_heap_list_bytes",
                 "gauge",
-                "Bytes of the grant lists the last full load or compaction built in the heap (those that do not pack) that their subjects, written since, left behind, which only the next one reclaims (--compaction-pct).",
+                "Bytes of the heap that entries of the last full load or compaction held (grant lists that do not pack, expiring grants' slots, limits) and that their subjects, written since, left behind, which only the next one reclaims (--compaction-pct).",
                 counts.unused_heap_list_bytes as f64,
             ),
             (

@@ -510,9 +510,9 @@ pub struct Counts {
     /// Bytes of the grant lists the last full load or compaction packed that are no
     /// longer used (their subjects written since), which only the next one reclaims.
     pub unused_packed_bytes: u64,
-    /// Bytes of the grant lists the last full load or compaction built in the heap (those
-    /// that do not pack) that their subjects left behind, unread, when written since,
-    /// which only the next one reclaims.
+    /// Bytes of the heap that entries of the last full load or compaction held (grant
+    /// lists that do not pack, expiring grants' slots, limits) and that their subjects
+    /// left behind, unread, when written since, which only the next one reclaims.
     pub unused_heap_list_bytes: u64,
     /// Subjects the last full load or compaction put in the lock-free tier that have been
     /// written since: a check on one of them takes its shard's lock, as on a subject the

@@ -99,6 +99,15 @@ struct Slot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Thin<T>(Option<Box<Box<[T]>>>);
 
+impl<T> Thin<T> {
+    /// The bytes it takes in the heap: the slice's pointer and length, and its items.
+    fn heap_bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |items| {
+            std::mem::size_of::<Box<[T]>>() + std::mem::size_of_val::<[T]>(items)
+        })
+    }
+}
+
 impl<T> Default for Thin<T> {
     fn default() -> Self {
         Self(None)
@@ -413,14 +422,23 @@ impl Grants {
         matches!(self, Self::Many(many) if many.is_empty())
     }
 
-    /// The bytes of the heap these grants' list takes (not counting expiring slots): what
-    /// a loaded entry leaves behind, unread, once its subject moves to the written tier.
+    /// The bytes of the heap these grants take, their list and each grant's expiring
+    /// slots: what a loaded entry leaves behind, unread, once its subject moves to the
+    /// written tier.
     fn heap_bytes(&self) -> usize {
         const GRANT: usize = std::mem::size_of::<(u32, Grant)>();
+        let slots = |grants: &[(u32, Grant)]| -> usize {
+            grants.iter().map(|(_, g)| g.extra.heap_bytes()).sum()
+        };
         match self {
-            Self::Many(many) => many.len() * GRANT,
-            Self::Chunked(chunks) => chunks.chunks.iter().map(|c| c.capacity() * GRANT).sum(),
-            Self::One { .. } | Self::Packed(_) => 0,
+            Self::Many(many) => many.len() * GRANT + slots(many),
+            Self::Chunked(chunks) => chunks
+                .chunks
+                .iter()
+                .map(|c| c.capacity() * GRANT + slots(c))
+                .sum(),
+            Self::One { grant, .. } => grant.extra.heap_bytes(),
+            Self::Packed(_) => 0,
         }
     }
 
@@ -585,6 +603,12 @@ impl Chunks {
 }
 
 impl SubjectEntry {
+    /// The bytes of the heap the entry holds: its grants' (`Grants::heap_bytes`) and its
+    /// limits'.
+    fn heap_bytes(&self) -> usize {
+        self.grants.heap_bytes() + self.limits.heap_bytes()
+    }
+
     fn is_empty(&self) -> bool {
         self.grants.is_empty() && self.limits.is_empty()
     }
@@ -685,7 +709,7 @@ pub(crate) struct State {
     /// Bytes of packed grant lists left unused since the load (their subjects' grants
     /// moved to the heap when written), kept by the single writer.
     abandoned: AtomicU64,
-    /// Bytes of the grant lists the load built in the heap (`Grants::heap_bytes`).
+    /// Bytes of the heap the load's entries hold (`SubjectEntry::heap_bytes`).
     heap_loaded: usize,
     /// Of them, those left behind in the loaded tier by subjects written since, kept by
     /// the single writer.
@@ -713,7 +737,8 @@ pub(crate) struct Growth {
     /// Of them, those written since (read through the `DashMap` now, after a look-up in
     /// the tier that finds them moved: `subjects.rs`).
     pub(crate) subjects_moved: usize,
-    /// Bytes of the grant lists the load built in the heap (those that do not pack).
+    /// Bytes of the heap the load's entries hold: the grant lists that do not pack, the
+    /// expiring grants' slots and the limits.
     pub(crate) heap: usize,
     /// Of them, the bytes left behind, unread, by subjects written since.
     pub(crate) left_behind: usize,
@@ -1222,7 +1247,7 @@ impl State {
             return BeforeWrite::default();
         };
         let left_behind = match &entry {
-            Ref::Loaded(loaded) => loaded.grants.heap_bytes(),
+            Ref::Loaded(loaded) => loaded.heap_bytes(),
             Ref::Short(_) | Ref::Long(_) => 0,
         };
         let list = match entry.grants {
@@ -1830,7 +1855,7 @@ pub(crate) struct StateBuilder {
     limits: HashMap<Box<str>, Vec<(u32, i64)>, Hasher>,
     /// Tuple rows stored so far.
     tuples: u64,
-    /// Bytes of the grant lists built in the heap so far (`Grants::heap_bytes`).
+    /// Bytes of the heap the entries built so far hold (`SubjectEntry::heap_bytes`).
     heap: usize,
 }
 
@@ -1966,7 +1991,9 @@ impl StateBuilder {
         for (subject, mut rows) in limits {
             rows.sort_unstable();
             limit_rows += rows.len() as u64;
-            state.subjects.loaded_or_default(&subject).limits = rows.into();
+            let entry = state.subjects.loaded_or_default(&subject);
+            entry.limits = rows.into();
+            heap += entry.limits.heap_bytes();
         }
         state.note_public(WILDCARD);
         state.heap_loaded = heap;
@@ -2911,8 +2938,9 @@ mod tests {
     }
 
     /// A loaded subject whose grants are in the heap (expiring ones do not pack) leaves its
-    /// list behind when first written, whatever it writes; the build counts what it put
-    /// in the heap, a subject met again (scattered) once.
+    /// list behind when first written, whatever it writes, with its expiring slots and
+    /// its limits; so does one with one expiring grant, inline, its slot in the heap. The
+    /// build counts what it put in the heap, a subject met again (scattered) once.
     #[test]
     fn growth_counts_heap_lists_left_behind() {
         let mut builder = StateBuilder::new();
@@ -2924,26 +2952,33 @@ mod tests {
         rows("heap", 0..5, Some(1_000));
         rows("limited", 0..10, Some(1_000));
         rows("packed", 0..10, None);
+        // One grant, inline in the entry, its expiring slot in the heap.
+        rows("one", 0..1, Some(1_000));
         // Met again: its list is built again in `finish`, counted once.
         rows("heap", 5..11, Some(1_000));
         builder.limit("limited", "max", 1);
         let built = builder.finish();
+        // A grant in a heap list, and its one expiring slot behind a pointer to a slice.
         let grant = std::mem::size_of::<(u32, Grant)>();
+        let slot = std::mem::size_of::<Box<[Slot]>>() + std::mem::size_of::<Slot>();
+        let limit = std::mem::size_of::<Box<[(u32, i64)]>>() + std::mem::size_of::<(u32, i64)>();
         let loaded = built.growth();
         assert_eq!(
             (loaded.heap, loaded.left_behind),
-            (21 * grant, 0),
+            (21 * (grant + slot) + limit + slot, 0),
             "{loaded:?}"
         );
         built.set_grant("heap", "o1", &[]);
-        assert_eq!(built.growth().left_behind, 11 * grant);
+        assert_eq!(built.growth().left_behind, 11 * (grant + slot));
         // Written again, it is in the written tier: nothing more left behind.
         built.set_grant("heap", "o2", &[]);
         built.set_grant("packed", "o2", &[]);
-        assert_eq!(built.growth().left_behind, 11 * grant);
+        assert_eq!(built.growth().left_behind, 11 * (grant + slot));
+        built.set_grant("one", "o0", &[]);
+        assert_eq!(built.growth().left_behind, 11 * (grant + slot) + slot);
         built.set_limits("limited", &[]);
         let written = built.growth();
-        assert_eq!(written.left_behind, 21 * grant, "{written:?}");
+        assert_eq!(written.left_behind, loaded.heap, "{written:?}");
         assert_eq!(written.heap, loaded.heap);
     }
 
