@@ -868,6 +868,12 @@ impl Applier {
     /// store notes the keys they touch, and `finish_compaction` copies them into the
     /// rebuilt generation before swapping it in.
     fn begin_compaction(&mut self, why: String) {
+        self.begin_compaction_after(why, || ());
+    }
+
+    /// `begin_compaction`, its rebuild begun once `first` has run on the rebuild's
+    /// thread (tests hold it there).
+    fn begin_compaction_after(&mut self, why: String, first: impl FnOnce() + Send + 'static) {
         tracing::info!(reason = why, "compaction starting");
         let old = self.store.begin_compaction();
         // A notification of its own: one that a compaction before left unheard would end
@@ -876,6 +882,7 @@ impl Applier {
         let rebuild = tokio::task::spawn_blocking({
             let (old, rebuilt) = (Arc::clone(&old), Arc::clone(&self.rebuilt));
             move || {
+                first();
                 let state = old.rebuilt();
                 rebuilt.notify_one();
                 state
@@ -1253,6 +1260,37 @@ mod tests {
         assert!(store.check("u", "write", "p") && store.check("u", "read", "o"));
         shutdown.cancel();
         run.await.expect("the applier stops");
+    }
+
+    /// A rebuild that ends while the applier waits out a reconnect's backoff is swapped
+    /// in then, not when the wait ends.
+    #[tokio::test]
+    async fn a_rebuild_that_ends_during_the_backoff_is_swapped_in_at_once() {
+        let store = Store::from_tuples([("u", "o", "read", None)]);
+        let status = Status::default();
+        let url = "postgres://permd@127.0.0.1:1/permd".to_owned();
+        let mut applier = Applier::new(store.clone(), status.clone(), SyncConfig::new(url));
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        applier.begin_compaction_after("a test".into(), move || {
+            let _ = gate.recv();
+        });
+        let shutdown = CancellationToken::new();
+        // `join!` polls the wait first, so it has begun (the rebuild held, nothing to swap
+        // in) when the rebuild is let go.
+        let (waited, ()) = tokio::join!(
+            applier.back_off(Duration::from_secs(600), &shutdown),
+            async {
+                assert_eq!(status.report().compactions, 0);
+                go.send(()).expect("the rebuild waits");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while status.report().compactions == 0 {
+                    assert!(Instant::now() < deadline, "not swapped in during the wait");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                shutdown.cancel();
+            }
+        );
+        assert!(!waited, "the wait went on until shut down");
     }
 
     fn row(permission: &str) -> TupleRow {
