@@ -315,24 +315,7 @@ impl Grants {
 
     /// Every (object id, grant), by object id.
     fn iter<'a>(&'a self, arena: &'a Arena) -> impl Iterator<Item = (u32, Held<'a>)> {
-        let (one, many, chunks, packed) = match self {
-            Self::One { object, grant } => (Some((*object, grant.held())), &[][..], &[][..], None),
-            Self::Many(many) => (None, &many[..], &[][..], None),
-            Self::Chunked(chunks) => (None, &[][..], &chunks.chunks[..], None),
-            Self::Packed(list) => (None, &[][..], &[][..], Some(arena.iter(*list))),
-        };
-        one.into_iter()
-            .chain(
-                many.iter()
-                    .chain(chunks.iter().flatten())
-                    .map(|(object, grant)| (*object, grant.held())),
-            )
-            .chain(
-                packed
-                    .into_iter()
-                    .flatten()
-                    .map(|(object, bits)| (object, Held { bits, extra: &[] })),
-            )
+        self.iter_from(0, arena)
     }
 
     /// The grants from `object` on, by object id: `iter`'s, those before `object` found by
