@@ -1,6 +1,7 @@
 //! One function per route. Each validates its input, waits for `at_least` if asked, and
 //! answers from the store.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
@@ -263,6 +264,18 @@ pub(super) struct ObjectsQuery {
     at_least: Option<TokenRepr>,
 }
 
+/// The answer of `objects`, written straight from the page's names: through a `Value`
+/// (`json!`), each name was copied first (a million names: 55 to 90 ms against 16 to 25).
+/// Its fields in the order `json!` wrote them.
+#[derive(Serialize)]
+pub(super) struct ObjectsAnswer {
+    next: Option<Arc<str>>,
+    objects: Vec<Arc<str>>,
+    permission: String,
+    revision: String,
+    subject: String,
+}
+
 /// `GET /v1/subjects/{subject}/objects?permission=[&limit=N][&after=OBJECT]`: sorted by
 /// name, a page at a time when `limit` is given; `next` is the `after` of the next page,
 /// null after the last.
@@ -270,7 +283,7 @@ pub(super) async fn objects(
     State(app): State<App>,
     ApiPath(subject): ApiPath,
     ApiQuery(q): ApiQuery<ObjectsQuery>,
-) -> ApiResult {
+) -> Result<Json<ObjectsAnswer>, ApiError> {
     app.subject(&subject)?;
     identifier("permission", &q.permission, false)?;
     identifier("after", &q.after, true)?;
@@ -283,13 +296,13 @@ pub(super) async fn objects(
         .store
         .objects_of(&subject, &q.permission, &q.after, limit);
     let next = page.more.then(|| page.objects.last().cloned()).flatten();
-    Ok(Json(json!({
-        "subject": subject,
-        "permission": q.permission,
-        "objects": page.objects,
-        "next": next,
-        "revision": revision.to_string(),
-    })))
+    Ok(Json(ObjectsAnswer {
+        next,
+        objects: page.objects,
+        permission: q.permission,
+        revision: revision.to_string(),
+        subject,
+    }))
 }
 
 /// `text` as a whole number of at least `min`, or a 400 that names the parameter.
