@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
@@ -276,6 +276,10 @@ pub(super) struct ObjectsAnswer {
     subject: String,
 }
 
+/// A listing of more than this many names is found and written on a blocking thread
+/// (`json_answer`); a shorter page, in a few microseconds, where the request is.
+const LISTED_INLINE: usize = 1_000;
+
 /// `GET /v1/subjects/{subject}/objects?permission=[&limit=N][&after=OBJECT]`: sorted by
 /// name, a page at a time when `limit` is given; `next` is the `after` of the next page,
 /// null after the last.
@@ -283,7 +287,7 @@ pub(super) async fn objects(
     State(app): State<App>,
     ApiPath(subject): ApiPath,
     ApiQuery(q): ApiQuery<ObjectsQuery>,
-) -> Result<Json<ObjectsAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     app.subject(&subject)?;
     identifier("permission", &q.permission, false)?;
     identifier("after", &q.after, true)?;
@@ -292,17 +296,37 @@ pub(super) async fn objects(
         Some(text) => whole("limit", text, &1)?,
     };
     let revision = app.fresh(q.at_least.as_ref()).await?;
-    let page = app
-        .store
-        .objects_of(&subject, &q.permission, &q.after, limit);
-    let next = page.more.then(|| page.objects.last().cloned()).flatten();
-    Ok(Json(ObjectsAnswer {
-        next,
-        objects: page.objects,
-        permission: q.permission,
-        revision: revision.to_string(),
-        subject,
-    }))
+    json_answer(limit > LISTED_INLINE, move || {
+        let page = app
+            .store
+            .objects_of(&subject, &q.permission, &q.after, limit);
+        let next = page.more.then(|| page.objects.last().cloned()).flatten();
+        ObjectsAnswer {
+            next,
+            objects: page.objects,
+            permission: q.permission,
+            revision: revision.to_string(),
+            subject,
+        }
+    })
+    .await
+}
+
+/// What `answer` makes, as a JSON response. When `long`, it is made and written on a
+/// blocking thread: an answer of a million names takes tens of milliseconds (a whole
+/// listing, every subject's digest), which would hold a worker that serves checks.
+async fn json_answer<T: Serialize>(
+    long: bool,
+    answer: impl FnOnce() -> T + Send + 'static,
+) -> Result<Response, ApiError> {
+    if !long {
+        return Ok(Json(answer()).into_response());
+    }
+    let body = tokio::task::spawn_blocking(move || serde_json::to_vec(&answer()))
+        .await
+        .map_err(|_| ApiError::Timeout)?
+        .map_err(|_| ApiError::Timeout)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `text` as a whole number of at least `min`, or a 400 that names the parameter.
@@ -414,7 +438,7 @@ pub(super) struct DigestQuery {
 pub(super) async fn digest(
     State(app): State<App>,
     ApiQuery(q): ApiQuery<DigestQuery>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     let by_subject = match q.by.as_deref() {
         None | Some("") => false,
         Some("subject") => true,
@@ -428,21 +452,40 @@ pub(super) async fn digest(
     // Read the revision before the digest: the state can only be newer than it.
     let revision = app.store.watermark().to_string();
     let store = app.store.clone();
-    let answer = tokio::task::spawn_blocking(move || {
+    json_answer(true, move || {
         if by_subject {
-            let subjects: serde_json::Map<String, Value> = store
-                .subject_digests()
-                .into_iter()
-                .map(|(s, d)| (s, Value::String(d)))
-                .collect();
-            json!({ "subjects": subjects, "revision": revision })
+            let mut subjects = store.subject_digests();
+            subjects.sort_unstable();
+            DigestAnswer::BySubject {
+                revision,
+                subjects: Pairs(subjects),
+            }
         } else {
-            json!({ "digest": store.digest(), "revision": revision })
+            DigestAnswer::Whole {
+                digest: store.digest(),
+                revision,
+            }
         }
     })
     .await
-    .map_err(|_| ApiError::Timeout)?;
-    Ok(Json(answer))
+}
+
+/// The answer of `digest`, its fields in alphabetical order, as `json!` wrote them.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum DigestAnswer {
+    Whole { digest: String, revision: String },
+    BySubject { revision: String, subjects: Pairs },
+}
+
+/// (key, value) pairs written as one JSON object, in their order (`json!` built a map of
+/// them first: a string and a `Value` copied for each of millions of subjects).
+struct Pairs(Vec<(String, String)>);
+
+impl Serialize for Pairs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(key, value)| (key, value)))
+    }
 }
 
 /// `GET /v1/subjects/{subject}/rows`: every stored row, expired ones included (for
