@@ -215,8 +215,10 @@ pub struct Applier {
     config: SyncConfig,
     /// `None` until the first full load, and again when a reload is needed.
     cursor: Option<Cursor>,
-    /// The server incarnation of the last session (see `session`).
+    /// The server incarnation of the last session: what a crash changes (see `session`).
     incarnation: Option<String>,
+    /// The server's start time at the last session, for the log.
+    started: Option<String>,
     /// The task that drives the current session's connection.
     driver: Option<AbortHandle>,
     /// Which notifications' changes may be applied as they arrive.
@@ -314,6 +316,7 @@ impl Applier {
             config,
             cursor: None,
             incarnation: None,
+            started: None,
             driver: None,
             signing: Signing::default(),
             refused_quiet: (0, None),
@@ -451,36 +454,43 @@ impl Applier {
         self.read_key(&client, true).await?;
 
         // Transaction ids that were handed out but never made durable before a crash are
-        // handed out again after it, possibly below our cursor: a server that restarted or
-        // recovered from a crash since our last session cannot be caught up from the
-        // changelog. Its incarnation (postmaster start time and the shared statistics'
-        // reset time, which crash recovery resets) tells.
-        let incarnation: String = self
+        // handed out again after it, possibly below our cursor: a server that recovered
+        // from a crash since our last session cannot be caught up from the changelog. The
+        // reset time of the shared statistics tells: Postgres discards them whenever it
+        // starts after anything but a clean shutdown (a crash, an immediate stop, a killed
+        // backend's restart of every process, a restored backup), and keeps them through
+        // a clean restart, after which the changelog is whole and the cursor good. Were
+        // the time ever null, a new postmaster start time is taken as a crash instead.
+        let row = self
             .timed(
                 "the server's start time",
                 client.query_one(
-                    "SELECT pg_postmaster_start_time()::text || ' / ' \
-                        || coalesce((SELECT stats_reset FROM pg_stat_bgwriter)::text, '')",
+                    "SELECT pg_postmaster_start_time()::text, \
+                        coalesce((SELECT stats_reset FROM pg_stat_bgwriter)::text, '')",
                     &[],
                 ),
             )
-            .await?
-            .try_get(0)?;
-        let restarted = self
-            .incarnation
-            .as_ref()
-            .is_some_and(|known| *known != incarnation);
-        self.incarnation = Some(incarnation);
+            .await?;
+        let (started, stats_reset): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let incarnation = if stats_reset.is_empty() {
+            format!("started {started}")
+        } else {
+            format!("statistics reset {stats_reset}")
+        };
+        let known = self.incarnation.replace(incarnation.clone());
+        let recovered = known.as_ref().is_some_and(|known| *known != incarnation);
+        if self.started.as_ref().is_some_and(|known| *known != started) && !recovered {
+            tracing::info!(
+                started,
+                "postgres restarted after a clean shutdown: catching up from the changelog"
+            );
+        }
+        self.started = Some(started);
         if self.cursor.is_none() {
             self.reload(&mut client, &tap, "start", false).await?;
-        } else if restarted {
-            self.reload(
-                &mut client,
-                &tap,
-                "postgres restarted or recovered from a crash",
-                true,
-            )
-            .await?;
+        } else if recovered {
+            self.reload(&mut client, &tap, "postgres recovered from a crash", true)
+                .await?;
         }
         // Prepared once per connection: the poll is one large statement, and planning it
         // on every poll cost about as much as running it.
