@@ -276,13 +276,13 @@ pub(super) struct ObjectsAnswer {
     subject: String,
 }
 
-/// A listing of more than this many names is found and written on a blocking thread
-/// (`json_answer`); a shorter page, in a few microseconds, where the request is.
-const LISTED_INLINE: usize = 1_000;
-
 /// `GET /v1/subjects/{subject}/objects?permission=[&limit=N][&after=OBJECT]`: sorted by
 /// name, a page at a time when `limit` is given; `next` is the `after` of the next page,
-/// null after the last.
+/// null after the last. A listing the store does not expect to be quick is found on a
+/// blocking thread (`blocking_answer`): most pages take microseconds, but a whole list of
+/// a million names, a pass over the grants of a large subject that holds few of the
+/// names, or the first walk of a generation (which sorts its names) take from
+/// milliseconds to a second. The hop costs ~35 us of CPU, ten times a quick page.
 pub(super) async fn objects(
     State(app): State<App>,
     ApiPath(subject): ApiPath,
@@ -296,7 +296,8 @@ pub(super) async fn objects(
         Some(text) => whole("limit", text, &1)?,
     };
     let revision = app.fresh(q.at_least.as_ref()).await?;
-    json_answer(limit > LISTED_INLINE, move || {
+    let quick = app.store.listing_is_quick(&subject, limit);
+    let answer = move || {
         let page = app
             .store
             .objects_of(&subject, &q.permission, &q.after, limit);
@@ -308,20 +309,20 @@ pub(super) async fn objects(
             revision: revision.to_string(),
             subject,
         }
-    })
-    .await
-}
-
-/// What `answer` makes, as a JSON response. When `long`, it is made and written on a
-/// blocking thread: an answer of a million names takes tens of milliseconds (a whole
-/// listing, every subject's digest), which would hold a worker that serves checks.
-async fn json_answer<T: Serialize>(
-    long: bool,
-    answer: impl FnOnce() -> T + Send + 'static,
-) -> Result<Response, ApiError> {
-    if !long {
+    };
+    if quick {
         return Ok(Json(answer()).into_response());
     }
+    blocking_answer(answer).await
+}
+
+/// What `answer` makes, as a JSON response, made and written on a blocking thread: for
+/// answers that may take tens of milliseconds or more (a listing, every subject's
+/// digest), which would hold a worker that serves checks. Costs a hop to another thread,
+/// some microseconds.
+async fn blocking_answer<T: Serialize>(
+    answer: impl FnOnce() -> T + Send + 'static,
+) -> Result<Response, ApiError> {
     let body = tokio::task::spawn_blocking(move || serde_json::to_vec(&answer()))
         .await
         .map_err(|_| ApiError::Timeout)?
@@ -452,7 +453,7 @@ pub(super) async fn digest(
     // Read the revision before the digest: the state can only be newer than it.
     let revision = app.store.watermark().to_string();
     let store = app.store.clone();
-    json_answer(true, move || {
+    blocking_answer(move || {
         if by_subject {
             let mut subjects = store.subject_digests();
             subjects.sort_unstable();

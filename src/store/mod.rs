@@ -278,6 +278,13 @@ impl Store {
             .objects_of(subject, permission, after, limit, &mut Now::lazy())
     }
 
+    /// Whether listing `limit` of `subject`'s objects (`objects_of`) is expected to take
+    /// some tens of microseconds at most; else it is better done off a thread that
+    /// answers checks.
+    pub fn listing_is_quick(&self, subject: &str, limit: usize) -> bool {
+        self.inner.state.load().listing_is_quick(subject, limit)
+    }
+
     /// The limits of `subject` (its own over those of `*`).
     pub fn limits_of(&self, subject: &str) -> BTreeMap<Arc<str>, i64> {
         self.inner.state.load().limits_of(subject)

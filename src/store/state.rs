@@ -1037,7 +1037,7 @@ impl State {
         };
         let held = self.subjects.get(subject).map_or(0, |e| e.grants.len()) + public.len();
         let built = self.objects.built();
-        let plan = Plan::of(held, built as usize, limit);
+        let (plan, _) = Plan::of(held, built as usize, limit);
         // Sorted (once a generation) before the names are locked below, as it reads them.
         let order = (plan != Plan::Pass).then(|| self.object_order());
         self.objects.with_names(|all| {
@@ -1121,6 +1121,26 @@ impl State {
             names.sort_unstable();
             listing(names, more)
         })
+    }
+
+    /// Whether listing `limit` of `subject`'s objects is expected to take some tens of
+    /// microseconds at most (`QUICK_LISTING`): a plan that is cheap for its grant count
+    /// (and `*`'s) and the names', and needs no sort of the names first. What is not
+    /// quick is better done off a thread that answers checks. Expected, not bound: a walk
+    /// given up for the pass (a subject that holds many objects, few with the permission
+    /// asked) takes up to twice the pass.
+    pub(crate) fn listing_is_quick(&self, subject: &str, limit: usize) -> bool {
+        let held = |s: &str| self.subjects.get(s).map_or(0, |e| e.grants.len());
+        let public = if subject == WILDCARD {
+            0
+        } else {
+            held(WILDCARD)
+        };
+        let held = held(subject) + public;
+        let (plan, cost) = Plan::of(held, self.objects.built() as usize, limit);
+        // And a step a name listed, for its copy and its JSON.
+        let cost = cost.saturating_add(10 * limit.min(held));
+        cost <= QUICK_LISTING && (plan == Plan::Pass || self.object_order.get().is_some())
     }
 
     /// The ids of the objects named when the generation was built, the global object's
@@ -1629,10 +1649,11 @@ impl Plan {
     /// it keeps, and stops at `limit` and one more; a look-up among the grants costs two
     /// steps, a bit set or read a tenth of one. A look-up walk's budget is the pass's
     /// cost: a subject that holds many objects but few with the permission asked sends
-    /// it back to the pass, at most doubling the pass's time.
-    fn of(held: usize, objects: usize, limit: usize) -> Self {
+    /// it back to the pass, at most doubling the pass's time. With the plan, its expected
+    /// cost.
+    fn of(held: usize, objects: usize, limit: usize) -> (Self, usize) {
         if held == 0 {
-            return Self::Pass;
+            return (Self::Pass, 0);
         }
         let page = limit.min(held);
         let pass = 10 * held.saturating_add(page.saturating_mul(page.max(1).ilog2() as usize));
@@ -1640,14 +1661,18 @@ impl Plan {
         let look_up = walked.saturating_mul(20);
         let bits = held.saturating_add(walked);
         if look_up <= bits && look_up < pass {
-            Self::LookUp { budget: pass / 20 }
+            (Self::LookUp { budget: pass / 20 }, look_up)
         } else if bits < pass {
-            Self::Bits
+            (Self::Bits, bits)
         } else {
-            Self::Pass
+            (Self::Pass, pass)
         }
     }
 }
+
+/// The expected cost of a listing `State::listing_is_quick` calls quick, in `Plan::of`'s
+/// tenths of a step: 2,000 steps of the pass, some tens of microseconds.
+const QUICK_LISTING: usize = 20_000;
 
 /// The first `want` of `order` (ids in name order) that `holds` keeps, or all of them if
 /// fewer; `None` once `budget` have been probed without either.
@@ -2918,6 +2943,46 @@ mod tests {
         check_all(&model, &mut next);
         assert_eq!(look_up(walks("dense", 100)), Some(true));
         assert_eq!(walks("dense", usize::MAX), [(Plan::Bits, true)]);
+    }
+
+    /// A listing is quick when it is small for its plan and needs no sort of the names: a
+    /// page of a subject of few grants at once, a page of a large subject once the names
+    /// are sorted, a whole list of thousands never.
+    #[test]
+    fn quick_listings_are_small_and_need_no_sort() {
+        let mut builder = StateBuilder::new();
+        for o in 0..20_000 {
+            let name = format!("doc:{o}");
+            builder.tuple("large", &name, "read", None);
+            if o % 1_000 == 0 {
+                builder.tuple("few", &name, "read", None);
+            }
+        }
+        let state = builder.finish();
+        assert!(state.listing_is_quick("few", 100));
+        assert!(state.listing_is_quick("few", usize::MAX));
+        assert!(state.listing_is_quick("nobody", usize::MAX));
+        assert!(
+            !state.listing_is_quick("large", 100),
+            "the names are not sorted yet"
+        );
+        state.objects_of("large", "read", "", 100, &mut Now::lazy());
+        assert!(state.listing_is_quick("large", 100));
+        assert!(!state.listing_is_quick("large", 5_000));
+        assert!(!state.listing_is_quick("large", usize::MAX));
+        // Cheap to find, but 1,900 names to copy and write.
+        let mut builder = StateBuilder::new();
+        for o in 0..2_000 {
+            if o < 1_900 {
+                builder.tuple("most", &format!("doc:{o}"), "read", None);
+            } else {
+                builder.tuple("other", &format!("doc:{o}"), "read", None);
+            }
+        }
+        let state = builder.finish();
+        state.objects_of("most", "read", "", 1, &mut Now::lazy());
+        assert!(state.listing_is_quick("most", 100));
+        assert!(!state.listing_is_quick("most", usize::MAX));
     }
 
     /// A loaded subject whose grants are in the heap (expiring ones do not pack) leaves its
