@@ -698,8 +698,9 @@ pub(crate) struct State {
     /// the single writer.
     left_behind: AtomicU64,
     /// The ids of the objects named when the generation was built, the global object's
-    /// excepted, sorted by name (`object_order`): sorted once, when a listing first
-    /// walks them.
+    /// excepted, sorted by name (`object_order`). A `OnceLock`: sorted once, by the first
+    /// listing that walks them (others wait for it), and never if no listing does, as in
+    /// most generations; read without a lock after.
     object_order: OnceLock<Box<[u32]>>,
 }
 
@@ -1054,51 +1055,15 @@ impl State {
             let own = self.subjects.get(subject);
             let grants = own.as_deref().map(|entry| &entry.grants);
             if let Some(order) = order {
-                let want = limit.saturating_add(1);
-                let order = &order[order.partition_point(|&o| name_at(all, o) <= after)..];
-                let walked = if let Plan::LookUp { budget } = plan {
-                    walk(order, want, budget, |o| {
-                        grants
-                            .and_then(|g| g.get(o, &self.packed))
-                            .is_some_and(|g| g.allows(permission, now))
-                            || public.binary_search(&o).is_ok()
-                    })
-                } else {
-                    let mut bits = vec![0_u64; (built as usize).div_ceil(64)];
-                    let mut set = |o: u32| {
-                        if let Some(word) = bits.get_mut(o as usize / 64) {
-                            *word |= 1 << (o % 64);
-                        }
-                    };
-                    let own = grants.into_iter().flat_map(|g| g.iter(&self.packed));
-                    for (o, grant) in own.take_while(|&(o, _)| o < built) {
-                        if o != GLOBAL_ID && grant.allows(permission, now) {
-                            set(o);
-                        }
-                    }
-                    public.iter().for_each(|&o| set(o));
-                    walk(order, want, usize::MAX, |o| {
-                        bits[o as usize / 64] & (1 << (o % 64)) != 0
-                    })
+                let listed = Listed {
+                    grants,
+                    public: &public,
+                    permission,
+                    after,
+                    limit,
                 };
-                #[cfg(test)]
-                tests::LISTED.with(|listed| listed.borrow_mut().push((plan, walked.is_some())));
-                if let Some(walked) = walked {
-                    // Objects named since the generation was built are not in the order:
-                    // the subject's (their ids come after `built`) go in by name.
-                    let since = grants.map_or_else(Vec::new, |g| {
-                        allowed(g.iter_from(built, &self.packed), permission, now)
-                    });
-                    let public_since = &public[public.partition_point(|&o| o < built)..];
-                    let mut since: Vec<(&str, u32)> = merge_sorted(since, public_since)
-                        .into_iter()
-                        .map(named)
-                        .filter(|&(name, _)| name > after)
-                        .collect();
-                    since.sort_unstable();
-                    let more = walked.len() + since.len() > limit;
-                    let walked = walked.into_iter().map(named);
-                    return listing(merge_by_name(walked, since, limit), more);
+                if let Some(page) = self.page_by_walk(order, plan, listed, all, now) {
+                    return listing(page.0, page.1);
                 }
             }
             let own =
@@ -1121,6 +1086,72 @@ impl State {
             names.sort_unstable();
             listing(names, more)
         })
+    }
+
+    /// `objects_of` by a walk of the names in `order` (a plan other than the pass): the
+    /// page's (name, id) pairs and whether more follow; `None` when the walk is given up.
+    fn page_by_walk<'n>(
+        &self,
+        order: &[u32],
+        plan: Plan,
+        listed: Listed<'_>,
+        all: &'n [Arc<str>],
+        now: &mut Now,
+    ) -> Option<(Vec<(&'n str, u32)>, bool)> {
+        let Listed {
+            grants,
+            public,
+            permission,
+            after,
+            limit,
+        } = listed;
+        let built = self.objects.built();
+        let named = |o: u32| (name_at(all, o), o);
+        let want = limit.saturating_add(1);
+        let order = &order[order.partition_point(|&o| name_at(all, o) <= after)..];
+        let walked = if let Plan::LookUp { budget } = plan {
+            walk(order, want, budget, |o| {
+                grants
+                    .and_then(|g| g.get(o, &self.packed))
+                    .is_some_and(|g| g.allows(permission, now))
+                    || public.binary_search(&o).is_ok()
+            })
+        } else {
+            let mut bits = vec![0_u64; (built as usize).div_ceil(64)];
+            let mut set = |o: u32| {
+                if let Some(word) = bits.get_mut(o as usize / 64) {
+                    *word |= 1 << (o % 64);
+                }
+            };
+            let own = grants.into_iter().flat_map(|g| g.iter(&self.packed));
+            for (o, grant) in own.take_while(|&(o, _)| o < built) {
+                if o != GLOBAL_ID && grant.allows(permission, now) {
+                    set(o);
+                }
+            }
+            public.iter().for_each(|&o| set(o));
+            walk(order, want, usize::MAX, |o| {
+                bits[o as usize / 64] & (1 << (o % 64)) != 0
+            })
+        };
+        #[cfg(test)]
+        tests::LISTED.with(|listed| listed.borrow_mut().push((plan, walked.is_some())));
+        let walked = walked?;
+        // Objects named since the generation was built are not in the order: the
+        // subject's (their ids come after `built`) go in by name.
+        let since = grants.map_or_else(Vec::new, |g| {
+            allowed(g.iter_from(built, &self.packed), permission, now)
+        });
+        let public_since = &public[public.partition_point(|&o| o < built)..];
+        let mut since: Vec<(&str, u32)> = merge_sorted(since, public_since)
+            .into_iter()
+            .map(named)
+            .filter(|&(name, _)| name > after)
+            .collect();
+        since.sort_unstable();
+        let more = walked.len() + since.len() > limit;
+        let walked = walked.into_iter().map(named);
+        Some((merge_by_name(walked, since, limit), more))
     }
 
     /// Whether listing `limit` of `subject`'s objects is expected to take some tens of
@@ -1627,6 +1658,18 @@ fn page_by_heap<'n>(
         }
     }
     (page.into_vec(), more)
+}
+
+/// What a listing asks (`State::objects_of`), for its walk (`State::page_by_walk`).
+#[derive(Clone, Copy)]
+struct Listed<'a> {
+    /// The subject's grants, if it has any.
+    grants: Option<&'a Grants>,
+    /// The objects `*` holds the permission on, by id.
+    public: &'a [u32],
+    permission: u32,
+    after: &'a str,
+    limit: usize,
 }
 
 /// How a listing finds its page (`State::objects_of`).
