@@ -240,6 +240,64 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
     daemon.stop().await;
 }
 
+/// A token from a server that recovered from a crash, asked before permd has reconnected:
+/// the crash lost the last commits (the throwaway cluster does not wait for its WAL to be
+/// flushed), so the new server hands out their xids again, below permd's watermark. The
+/// check waits for the reconnect and the reload rather than answer from the state the
+/// crash undid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_a_crashed_server_waits_for_the_reload() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| own_cluster(None))
+            .await
+            .expect("cluster task"),
+    );
+    let db = database_on(&cluster).await;
+    let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
+    let mut last = String::new();
+    for n in 0..20 {
+        last = db
+            .write(&format!(
+                "INSERT INTO permd.tuples VALUES ('lost{n}', 'doc', 'read', NULL)"
+            ))
+            .await;
+    }
+    assert!(daemon.check("lost19", "read", "doc", &last).await);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop_server(StopMode::Immediate))
+        .await
+        .expect("task")
+        .expect("stop postgres");
+    // A few failed attempts, so that the next one is most of a second away.
+    let attempts = daemon.status.report().reconnects;
+    daemon
+        .wait_for("three attempts to reconnect", || {
+            daemon.status.report().reconnects >= attempts + 3
+        })
+        .await;
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_server())
+        .await
+        .expect("task")
+        .expect("restart postgres");
+    let after = loop {
+        let attempt =
+            sqlx::raw_sql("INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)")
+                .execute(&db.pool)
+                .await;
+        if attempt.is_ok() {
+            break db.write("SELECT 1").await;
+        }
+    };
+    assert!(
+        daemon.check("after", "read", "doc", &after).await,
+        "token {after} answered before the reload (watermark {})",
+        daemon.store.watermark()
+    );
+    assert_eq!(daemon.digest_at(&after).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// A backend killed: Postgres restarts every process and recovers from a crash, its
 /// postmaster still the same. permd reloads once, as after any crash, and loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ mod subjects;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -86,8 +86,14 @@ struct Shared {
     /// Every transaction with an xid below this is applied. An atomic for the check path;
     /// the `watch` below is only for the few requests that wait.
     watermark: AtomicU64,
-    /// Wakes `at_least` waiters when the watermark moves.
+    /// Wakes `at_least` waiters when the watermark moves, or is confirmed.
     watermark_tx: watch::Sender<u64>,
+    /// Set while the watermark is not known to hold: from the loss of the connection to
+    /// Postgres until the next one has checked that the server did not recover from a
+    /// crash meanwhile (or reloaded if it did). A crashed server hands out again xids
+    /// below the watermark, so a token must not be taken as applied on the watermark's
+    /// word meanwhile. An atomic that `at_least` waiters read in the `watch`'s predicate.
+    unconfirmed: AtomicBool,
     /// A waiter asks the applier to poll now instead of at its next tick, so a
     /// read-your-writes check does not wait for the idle interval when NOTIFY is off.
     wanted: Notify,
@@ -127,6 +133,7 @@ impl Store {
                 generation: AtomicU64::new(0),
                 watermark: AtomicU64::new(0),
                 watermark_tx,
+                unconfirmed: AtomicBool::new(false),
                 wanted: Notify::new(),
                 journal: Mutex::new(None),
             }),
@@ -176,18 +183,20 @@ impl Store {
         Xid(self.inner.watermark.load(Ordering::Acquire))
     }
 
-    /// Waits until the watermark is above `token` (the writer's transaction is applied),
-    /// at most `timeout`.
+    /// Waits until the watermark is above `token` (the writer's transaction is applied)
+    /// and confirmed (`unconfirm`), at most `timeout`.
     pub async fn wait_past(&self, token: Xid, timeout: Duration) -> Result<Xid, Stale> {
+        let past =
+            |watermark: u64| watermark > token.0 && !self.inner.unconfirmed.load(Ordering::Acquire);
         let now = self.watermark();
-        if now > token {
+        if past(now.0) {
             return Ok(now);
         }
         // Subscribed before the applier is woken: while a waiter is subscribed, the
         // applier keeps polling (see `readers_waiting`).
         let mut rx = self.inner.watermark_tx.subscribe();
         self.inner.wanted.notify_one();
-        let waited = tokio::time::timeout(timeout, rx.wait_for(|w| *w > token.0)).await;
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|w| past(*w))).await;
         match waited {
             Ok(Ok(w)) => Ok(Xid(*w)),
             _ => Err(Stale {
@@ -437,6 +446,20 @@ impl Store {
         old
     }
 
+    /// Marks the watermark as not known to hold (`Shared::unconfirmed`): the connection
+    /// to Postgres is lost. Applier only.
+    pub(crate) fn unconfirm(&self) {
+        self.inner.unconfirmed.store(true, Ordering::Release);
+    }
+
+    /// The watermark holds again: a new connection found the server as it was, or a
+    /// full load has rewound it. Wakes the `at_least` waiters. Applier only.
+    pub(crate) fn confirm(&self) {
+        if self.inner.unconfirmed.swap(false, Ordering::AcqRel) {
+            self.inner.watermark_tx.send_modify(|_| {});
+        }
+    }
+
     /// Sets the watermark even if lower: after Postgres recovered from a crash, xids
     /// above the recovered counter are handed out again, so the old watermark no longer
     /// proves anything. Applier only, right after a full load.
@@ -558,6 +581,32 @@ mod tests {
         store.wanted().await; // the waiter asked for a poll
         store.advance(Xid(11));
         assert_eq!(waiter.await.ok(), Some(Ok(Xid(11))));
+    }
+
+    /// While the watermark is unconfirmed (the connection lost), a token below it waits
+    /// too; the confirmation wakes it, and a token past it still waits for the watermark.
+    #[tokio::test]
+    async fn an_unconfirmed_watermark_answers_no_token_until_confirmed() {
+        let store = Store::new();
+        store.advance(Xid(10));
+        store.unconfirm();
+        let stale = store.wait_past(Xid(5), Duration::from_millis(1)).await;
+        assert_eq!(stale, Err(Stale { watermark: Xid(10) }));
+        let (below, above) = {
+            let (a, b) = (store.clone(), store.clone());
+            (
+                tokio::spawn(async move { a.wait_past(Xid(5), Duration::from_secs(30)).await }),
+                tokio::spawn(async move { b.wait_past(Xid(12), Duration::from_secs(30)).await }),
+            )
+        };
+        store.wanted().await;
+        store.confirm();
+        assert_eq!(below.await.ok(), Some(Ok(Xid(10))));
+        assert!(!above.is_finished());
+        store.advance(Xid(13));
+        assert_eq!(above.await.ok(), Some(Ok(Xid(13))));
+        store.confirm(); // confirmed already: nothing happens
+        assert_eq!(store.wait_past(Xid(12), Duration::ZERO).await, Ok(Xid(13)));
     }
 
     #[tokio::test]

@@ -341,6 +341,9 @@ impl Applier {
             match self.session(&shutdown).await {
                 Ok(()) => return,
                 Err(error) => {
+                    // Until the next session has seen whether the server recovered from a
+                    // crash, `at_least` tokens wait (a crash hands out xids again).
+                    self.store.unconfirm();
                     // A connection presumed dead is closed now: left to itself, its task
                     // would wait for the answer to the abandoned statement until TCP
                     // keepalives gave up, holding the socket (and, in a full load, the
@@ -492,6 +495,9 @@ impl Applier {
             self.reload(&mut client, &tap, "postgres recovered from a crash", true)
                 .await?;
         }
+        // The watermark holds: the server did not recover from a crash since the last
+        // session, or the load has rewound it.
+        self.store.confirm();
         // Prepared once per connection: the poll is one large statement, and planning it
         // on every poll cost about as much as running it.
         let poll = self
