@@ -184,20 +184,7 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
                 .await;
         }
         // The pool's old connections died with the server; sqlx replaces them.
-        let after = loop {
-            let attempt = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO permd.tuples VALUES ('after{round}', 'doc', 'read', NULL)"
-            )))
-            .execute(&db.pool)
-            .await;
-            if attempt.is_ok() {
-                break db.write("SELECT 1").await;
-            }
-            assert!(
-                up.elapsed() < DEADLINE,
-                "cannot write after restart: {attempt:?}"
-            );
-        };
+        let after = insert_once_up(&db, &format!("after{round}")).await;
         assert!(
             daemon
                 .check(&format!("after{round}"), "read", "doc", &after)
@@ -240,13 +227,9 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
     daemon.stop().await;
 }
 
-/// A token from a server that recovered from a crash, asked before permd has reconnected:
-/// the crash lost the last commits (the throwaway cluster does not wait for its WAL to be
-/// flushed), so the new server hands out their xids again, below permd's watermark. The
-/// check waits for the reconnect and the reload rather than answer from the state the
-/// crash undid.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_from_a_crashed_server_waits_for_the_reload() {
+/// A cluster of the test's own (to be stopped and crashed), a database on it and a
+/// patient daemon over that database.
+async fn daemon_on_own_cluster() -> (Arc<permd::embedded::Cluster>, TestDb, TestDaemon) {
     let cluster = Arc::new(
         tokio::task::spawn_blocking(|| own_cluster(None))
             .await
@@ -254,6 +237,37 @@ async fn a_token_from_a_crashed_server_waits_for_the_reload() {
     );
     let db = database_on(&cluster).await;
     let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
+    (cluster, db, daemon)
+}
+
+/// Inserts `subject`'s row on `doc` as soon as the restarted server takes writes (the
+/// pool's old connections died with it; sqlx replaces them), and returns a token past it.
+async fn insert_once_up(db: &TestDb, subject: &str) -> String {
+    let since = Instant::now();
+    loop {
+        let attempt = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO permd.tuples VALUES ('{subject}', 'doc', 'read', NULL)"
+        )))
+        .execute(&db.pool)
+        .await;
+        if attempt.is_ok() {
+            return db.write("SELECT 1").await;
+        }
+        assert!(
+            since.elapsed() < DEADLINE,
+            "cannot write after the restart: {attempt:?}"
+        );
+    }
+}
+
+/// A token from a server that recovered from a crash, asked before permd has reconnected:
+/// the crash lost the last commits (the throwaway cluster does not wait for its WAL to be
+/// flushed), so the new server hands out their xids again, below permd's watermark. The
+/// check waits for the reconnect and the reload rather than answer from the state the
+/// crash undid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_a_crashed_server_waits_for_the_reload() {
+    let (cluster, db, daemon) = daemon_on_own_cluster().await;
     let mut last = String::new();
     for n in 0..20 {
         last = db
@@ -280,15 +294,7 @@ async fn a_token_from_a_crashed_server_waits_for_the_reload() {
         .await
         .expect("task")
         .expect("restart postgres");
-    let after = loop {
-        let attempt =
-            sqlx::raw_sql("INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)")
-                .execute(&db.pool)
-                .await;
-        if attempt.is_ok() {
-            break db.write("SELECT 1").await;
-        }
-    };
+    let after = insert_once_up(&db, "after").await;
     assert!(
         daemon.check("after", "read", "doc", &after).await,
         "token {after} answered before the reload (watermark {})",
@@ -302,13 +308,7 @@ async fn a_token_from_a_crashed_server_waits_for_the_reload() {
 /// postmaster still the same. permd reloads once, as after any crash, and loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backend_makes_postgres_recover_and_permd_reload() {
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(|| own_cluster(None))
-            .await
-            .expect("cluster task"),
-    );
-    let db = database_on(&cluster).await;
-    let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
+    let (_cluster, db, daemon) = daemon_on_own_cluster().await;
     let before = db
         .write("INSERT INTO permd.tuples VALUES ('before', 'doc', 'read', NULL)")
         .await;
@@ -331,15 +331,7 @@ async fn a_killed_backend_makes_postgres_recover_and_permd_reload() {
             daemon.status.report().reloads >= 2
         })
         .await;
-    let after = loop {
-        let attempt =
-            sqlx::raw_sql("INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)")
-                .execute(&db.pool)
-                .await;
-        if attempt.is_ok() {
-            break db.write("SELECT 1").await;
-        }
-    };
+    let after = insert_once_up(&db, "after").await;
     assert!(daemon.check("after", "read", "doc", &after).await);
     // The throwaway cluster commits without waiting for its WAL to be flushed, so the
     // crash may have lost `before`: whatever the database kept, permd holds.
