@@ -228,15 +228,19 @@ async fn postgres_restarts_and_kills_under_load_lose_nothing() {
 }
 
 /// A cluster of the test's own (to be stopped and crashed), a database on it and a
-/// patient daemon over that database.
-async fn daemon_on_own_cluster() -> (Arc<permd::embedded::Cluster>, TestDb, TestDaemon) {
+/// patient daemon over that database, its sync configured by `configure`.
+async fn daemon_on_own_cluster(
+    configure: impl FnOnce(&mut SyncConfig),
+) -> (Arc<permd::embedded::Cluster>, TestDb, TestDaemon) {
     let cluster = Arc::new(
         tokio::task::spawn_blocking(|| own_cluster(None))
             .await
             .expect("cluster task"),
     );
     let db = database_on(&cluster).await;
-    let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
+    let mut sync = SyncConfig::new(&db.url);
+    configure(&mut sync);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
     (cluster, db, daemon)
 }
 
@@ -260,14 +264,16 @@ async fn insert_once_up(db: &TestDb, subject: &str) -> String {
     }
 }
 
-/// A token from a server that recovered from a crash, asked before permd has reconnected:
-/// the crash lost the last commits (the throwaway cluster does not wait for its WAL to be
-/// flushed), so the new server hands out their xids again, below permd's watermark. The
-/// check waits for the reconnect and the reload rather than answer from the state the
-/// crash undid.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_from_a_crashed_server_waits_for_the_reload() {
-    let (cluster, db, daemon) = daemon_on_own_cluster().await;
+/// Twenty commits that permd applies, then Postgres stopped at once (`-m immediate`: the
+/// throwaway cluster does not wait for its WAL to be flushed, so the last commits are
+/// lost and their xids handed out again), and started again once permd has failed
+/// `attempts` times to reconnect.
+async fn crash_losing_commits(
+    cluster: &Arc<permd::embedded::Cluster>,
+    db: &TestDb,
+    daemon: &TestDaemon,
+    attempts: u64,
+) {
     let mut last = String::new();
     for n in 0..20 {
         last = db
@@ -282,11 +288,10 @@ async fn a_token_from_a_crashed_server_waits_for_the_reload() {
         .await
         .expect("task")
         .expect("stop postgres");
-    // A few failed attempts, so that the next one is most of a second away.
-    let attempts = daemon.status.report().reconnects;
+    let before = daemon.status.report().reconnects;
     daemon
-        .wait_for("three attempts to reconnect", || {
-            daemon.status.report().reconnects >= attempts + 3
+        .wait_for("attempts to reconnect", || {
+            daemon.status.report().reconnects >= before + attempts
         })
         .await;
     let c = cluster.clone();
@@ -294,6 +299,18 @@ async fn a_token_from_a_crashed_server_waits_for_the_reload() {
         .await
         .expect("task")
         .expect("restart postgres");
+}
+
+/// A token from a server that recovered from a crash, asked before permd has reconnected:
+/// the crash lost the last commits (the throwaway cluster does not wait for its WAL to be
+/// flushed), so the new server hands out their xids again, below permd's watermark. The
+/// check waits for the reconnect and the reload rather than answer from the state the
+/// crash undid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_a_crashed_server_waits_for_the_reload() {
+    let (cluster, db, daemon) = daemon_on_own_cluster(|_| ()).await;
+    // A few failed attempts, so that the next one is most of a second away.
+    crash_losing_commits(&cluster, &db, &daemon, 3).await;
     let after = insert_once_up(&db, "after").await;
     assert!(
         daemon.check("after", "read", "doc", &after).await,
@@ -304,11 +321,69 @@ async fn a_token_from_a_crashed_server_waits_for_the_reload() {
     daemon.stop().await;
 }
 
+/// The reload after a crash fails (the table locked past the session's lock timeout): the
+/// next session must still reload, not take the server as known and catch up from a
+/// cursor the crash may have passed (it lost commits whose xids it hands out again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_a_crash_that_fails_is_tried_again() {
+    // Locks are waited for half of the query timeout.
+    let (cluster, db, daemon) =
+        daemon_on_own_cluster(|sync| sync.query_timeout = Duration::from_millis(1_000)).await;
+    // Five failed attempts: the next one is over a second away, time to take the lock.
+    crash_losing_commits(&cluster, &db, &daemon, 5).await;
+    // A write that holds the table until it commits: the reload's COPY waits for it.
+    let since = Instant::now();
+    let (tx, after) = loop {
+        let attempt = async {
+            let mut tx = db.pool.begin().await?;
+            sqlx::raw_sql(
+                "LOCK TABLE permd.tuples IN ACCESS EXCLUSIVE MODE;
+                 INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)",
+            )
+            .execute(&mut *tx)
+            .await?;
+            let token: String = sqlx::query_scalar("SELECT permd.write_token()::text")
+                .fetch_one(&mut *tx)
+                .await?;
+            Ok::<_, sqlx::Error>((tx, token))
+        }
+        .await;
+        match attempt {
+            Ok(locked) => break locked,
+            Err(error) => assert!(since.elapsed() < DEADLINE, "cannot write: {error}"),
+        }
+    };
+    let reloads = daemon.status.report().reloads;
+    daemon
+        .wait_for("the reload to fail on the lock", || {
+            daemon
+                .status
+                .report()
+                .last_error
+                .is_some_and(|e| e.contains("lock"))
+        })
+        .await;
+    assert_eq!(
+        daemon.status.report().reloads,
+        reloads,
+        "no reload went through"
+    );
+    tx.commit().await.expect("commit");
+    assert!(
+        daemon.check("after", "read", "doc", &after).await,
+        "token {after}: caught up without the reload (watermark {})",
+        daemon.store.watermark()
+    );
+    assert_eq!(daemon.status.report().reloads, reloads + 1);
+    assert_eq!(daemon.digest_at(&after).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// A backend killed: Postgres restarts every process and recovers from a crash, its
 /// postmaster still the same. permd reloads once, as after any crash, and loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backend_makes_postgres_recover_and_permd_reload() {
-    let (_cluster, db, daemon) = daemon_on_own_cluster().await;
+    let (_cluster, db, daemon) = daemon_on_own_cluster(|_| ()).await;
     let before = db
         .write("INSERT INTO permd.tuples VALUES ('before', 'doc', 'read', NULL)")
         .await;

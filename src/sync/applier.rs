@@ -480,8 +480,10 @@ impl Applier {
         } else {
             format!("statistics reset {stats_reset}")
         };
-        let known = self.incarnation.replace(incarnation.clone());
-        let recovered = known.as_ref().is_some_and(|known| *known != incarnation);
+        let recovered = self
+            .incarnation
+            .as_ref()
+            .is_some_and(|known| *known != incarnation);
         if self.started.as_ref().is_some_and(|known| *known != started) && !recovered {
             tracing::info!(
                 started,
@@ -495,6 +497,10 @@ impl Applier {
             self.reload(&mut client, &tap, "postgres recovered from a crash", true)
                 .await?;
         }
+        // Taken as known only now: a load that failed is tried again at the next session,
+        // which would otherwise find the incarnation known and catch up from a cursor the
+        // crash may have passed.
+        self.incarnation = Some(incarnation);
         // The watermark holds: the server did not recover from a crash since the last
         // session, or the load has rewound it.
         self.store.confirm();
