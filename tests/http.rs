@@ -1132,6 +1132,52 @@ async fn an_idle_connection_is_closed_after_the_header_timeout() {
     );
 }
 
+/// A body declared over the limit is refused at once with a 413 that says the limit,
+/// before any of it is read: a client waiting on `Expect: 100-continue` is not asked for
+/// it, nor is it waited for until the request times out. One of the limit's length is
+/// read and answered.
+#[tokio::test]
+async fn a_body_declared_over_the_limit_is_refused_before_it_is_sent() {
+    let config = HttpConfig {
+        request_timeout: Duration::from_secs(600),
+        ..quick()
+    };
+    let (addr, _shutdown, _served) = wire::permd(app_state(config), Default::default()).await;
+    let head = |length: usize| {
+        format!(
+            "POST /v1/check HTTP/1.1\r\nhost: permd\r\ncontent-type: application/json\r\n\
+             expect: 100-continue\r\ncontent-length: {length}\r\n\r\n"
+        )
+    };
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let over = quick().body_limit + 1;
+    tokio::io::AsyncWriteExt::write_all(&mut stream, head(over).as_bytes())
+        .await
+        .expect("write");
+    let answer = wire::read_answer(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(
+        answer.ends_with(&format!(
+            r#"{{"error":"the body is {over} bytes, over the limit of {} (--body-limit)"}}"#,
+            quick().body_limit
+        )),
+        "{answer}"
+    );
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let check = r#"{"checks":[{"subject":"u1","permission":"EXPORT"}]}"#;
+    let body = check.to_owned() + &" ".repeat(over - 1 - check.len());
+    let request = head(body.len()) + &body;
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .expect("write");
+    let answer = wire::read_answer(&mut stream).await;
+    assert!(
+        answer.ends_with(r#"{"results":[true],"revision":"0"}"#),
+        "{answer}"
+    );
+}
+
 /// HTTPS with an encrypted key (`--tls-key-password-file`): read with the password its
 /// file holds (its first line), and again on a reload, when the key and its
 /// password are rotated together; refused with the reason when the password is missing

@@ -270,10 +270,23 @@ async fn admit(State(app): State<App>, request: Request, next: Next) -> Response
 }
 
 /// Bounds the time of requests that carry a body (a slow sender; GET handlers never block
-/// but for `at_least`, which has its own bound) and counts 4xx answers.
+/// but for `at_least`, which has its own bound) and counts 4xx answers. A body whose
+/// declared length is over the limit is refused with a 413 before any of it is read:
+/// read, it would be refused once the limit was passed, but one that was never sent (a
+/// client waiting on `Expect: 100-continue`, or a wrong length) would be waited for until
+/// the request timed out.
 async fn guard(State(app): State<App>, request: Request, next: Next) -> Response {
     let response = if request.method() == axum::http::Method::GET {
         next.run(request).await
+    } else if let Some(length) = declared_length(&request).filter(|n| *n > app.config.body_limit) {
+        ApiError::Invalid {
+            status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the body is {length} bytes, over the limit of {} (--body-limit)",
+                app.config.body_limit
+            ),
+        }
+        .into_response()
     } else {
         match tokio::time::timeout(app.config.request_timeout, next.run(request)).await {
             Ok(response) => response,
@@ -284,6 +297,18 @@ async fn guard(State(app): State<App>, request: Request, next: Next) -> Response
         app.metrics.client_error();
     }
     response
+}
+
+/// The body's length as its `Content-Length` says, if it says one that reads as a number
+/// (hyper has refused any other by then).
+fn declared_length(request: &Request) -> Option<usize> {
+    request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
