@@ -67,6 +67,10 @@ pub enum ApiError {
         /// The shard the subject belongs to.
         owner: Shard,
     },
+    /// permd failed to make its answer (a bug: the answer panicked or did not serialize);
+    /// the daemon's log says how. Nothing else is affected.
+    #[error("internal")]
+    Internal,
 }
 
 impl ApiError {
@@ -91,6 +95,7 @@ impl ApiError {
             | Self::Loading
             | Self::Behind { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -132,6 +137,11 @@ impl IntoResponse for ApiError {
                     lag_seconds.map_or("as long as it has run".to_owned(), |s| format!("{s:.1} s"))
                 ),
                 "lag_seconds": lag_seconds,
+            }),
+            Self::Internal => json!({
+                "error": "internal",
+                "message": "permd failed to make this answer (a bug; its log says how); \
+                            other requests are not affected",
             }),
             other => json!({ "error": other.to_string() }),
         };

@@ -320,14 +320,22 @@ pub(super) async fn objects(
 /// answers that may take tens of milliseconds or more (a listing, every subject's
 /// digest), which would hold a worker that serves checks. Costs a hop to another thread,
 /// ~35 us of CPU (benches/README.md, "Listing a subject's objects"). A panic there, or an
-/// answer that does not serialize, is told as a timeout, as before.
+/// answer that does not serialize, is logged and answered 500 `internal`.
 async fn blocking_answer<T: Serialize>(
     answer: impl FnOnce() -> T + Send + 'static,
 ) -> Result<Response, ApiError> {
-    let body = tokio::task::spawn_blocking(move || serde_json::to_vec(&answer()))
-        .await
-        .map_err(|_| ApiError::Timeout)?
-        .map_err(|_| ApiError::Timeout)?;
+    let made = tokio::task::spawn_blocking(move || serde_json::to_vec(&answer())).await;
+    let body = match made {
+        Ok(Ok(body)) => body,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "an answer did not serialize");
+            return Err(ApiError::Internal);
+        }
+        Err(error) => {
+            tracing::error!(%error, "making an answer failed");
+            return Err(ApiError::Internal);
+        }
+    };
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -547,4 +555,39 @@ pub(super) async fn metrics(State(app): State<App>) -> impl IntoResponse {
         app.metrics
             .render(&app.store, &app.status, app.config.shard, app.in_flight()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer made on a blocking thread that panics, or that does not serialize, is a
+    /// 500 `internal` (it was a 503 `timeout`, which asks the caller to retry); one that is
+    /// made is a 200 with its JSON.
+    #[tokio::test]
+    async fn a_failed_blocking_answer_is_an_internal_error() {
+        struct Unwritable;
+        impl Serialize for Unwritable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("on purpose"))
+            }
+        }
+        let panicked = blocking_answer(|| -> u8 { panic!("on purpose") }).await;
+        assert!(matches!(panicked, Err(ApiError::Internal)), "{panicked:?}");
+        let unwritable = blocking_answer(|| Unwritable).await;
+        assert!(
+            matches!(unwritable, Err(ApiError::Internal)),
+            "{unwritable:?}"
+        );
+        let made = blocking_answer(|| [7]).await.expect("made");
+        assert_eq!(made.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(made.into_body(), 64)
+            .await
+            .expect("body");
+        assert_eq!(&body[..], b"[7]");
+        assert_eq!(
+            ApiError::Internal.into_response().status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 }
