@@ -23,7 +23,9 @@
 //! - `check_large_subject`: object checks, half of them hits, on one subject holding
 //!   1,000,000 objects (too many to pack: its grants are in the heap, in chunks), another
 //!   subject holding the million objects between them; `list_large_subject`: a
-//!   page of 100 of its objects, from the middle, and the whole list.
+//!   page of 100 of its objects, from the middle, and the whole list;
+//! - `list_public`: pages of a subject's objects when `*` holds a million grants, of a
+//!   permission `*` holds and of one it does not.
 
 use criterion::{criterion_main, Criterion, Throughput};
 use permd::store::Store;
@@ -451,6 +453,41 @@ fn batch_group(
     group.finish();
 }
 
+/// Pages of a subject's objects when `*` holds a million grants (public documents):
+/// `user:1` holds `read` and `write` on ten objects each, `*` `read` on a million. A page
+/// of its `read` objects is mostly `*`'s; `*` holds no `write`, so a page of its `write`
+/// objects walks the names in vain before the pass.
+fn list_public(c: &mut Criterion) {
+    const OBJECTS: u32 = 1_000_000;
+    let names: Vec<String> = (0..OBJECTS).map(|o| format!("doc:{o}")).collect();
+    let public = names.iter().map(|o| ("*", o.as_str(), "read", None));
+    let own = names[..10].iter().flat_map(|o| {
+        [
+            ("user:1", o.as_str(), "read", None),
+            ("user:1", o.as_str(), "write", None),
+        ]
+    });
+    let store = Store::from_tuples(public.chain(own));
+    let mut group = c.benchmark_group("list_public");
+    group.sample_size(10);
+    // `doc:5` sorts after `doc:499999`: a page from the middle.
+    group.bench_function("page_of_100", |b| {
+        b.iter(|| {
+            let page = store.objects_of("user:1", "read", black_box("doc:5"), 100);
+            assert!(page.more && page.objects.len() == 100);
+            page
+        });
+    });
+    group.bench_function("page_of_100_none_public", |b| {
+        b.iter(|| {
+            let page = store.objects_of("user:1", "write", black_box("doc:5"), 100);
+            assert_eq!(page.objects.len(), 4, "doc:6 to doc:9");
+            page
+        });
+    });
+    group.finish();
+}
+
 // The macro defines an undocumented function.
 #[allow(missing_docs)]
 mod group {
@@ -461,7 +498,8 @@ mod group {
         super::two_threads,
         super::memory_latency,
         super::list_objects,
-        super::check_large_subject
+        super::check_large_subject,
+        super::list_public
     );
 }
 criterion_main!(group::benches);

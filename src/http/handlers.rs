@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::error::{identifier, is_identifier, ApiError, ApiJson, ApiPath, ApiQuery};
 use super::App;
-use crate::store::Xid;
+use crate::store::{Listing, Xid};
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
@@ -276,13 +276,28 @@ pub(super) struct ObjectsAnswer {
     subject: String,
 }
 
+impl ObjectsAnswer {
+    /// The answer of a listing of `subject`'s objects with `permission`: `page`, made at
+    /// `revision`.
+    fn new(page: Listing, permission: String, revision: Xid, subject: String) -> Self {
+        Self {
+            next: page.more.then(|| page.objects.last().cloned()).flatten(),
+            objects: page.objects,
+            permission,
+            revision: revision.to_string(),
+            subject,
+        }
+    }
+}
+
 /// `GET /v1/subjects/{subject}/objects?permission=[&limit=N][&after=OBJECT]`: sorted by
 /// name, a page at a time when `limit` is given; `next` is the `after` of the next page,
-/// null after the last. A listing the store does not expect to be quick is found on a
-/// blocking thread (`blocking_answer`): most pages take microseconds, but a whole list of
-/// a million names, a pass over the grants of a large subject that holds few of the
-/// names, or the first walk of a generation (which sorts its names) take from
-/// milliseconds to a second. The hop costs ~35 us of CPU, ten times a quick page.
+/// null after the last. A listing that is not quick (`Store::quick_objects_of`: found
+/// at once, or given up after some tens of microseconds) is made on a blocking thread
+/// (`blocking_answer`): most pages take microseconds, but a whole list of a million
+/// names, a pass over the grants of a large subject that holds few of the names, or the
+/// first walk of a generation (which sorts its names) take from milliseconds to a
+/// second. The hop costs ~35 us of CPU, ten times a quick page.
 pub(super) async fn objects(
     State(app): State<App>,
     ApiPath(subject): ApiPath,
@@ -296,24 +311,21 @@ pub(super) async fn objects(
         Some(text) => whole("limit", text, &1)?,
     };
     let revision = app.fresh(q.at_least.as_ref()).await?;
-    let quick = app.store.listing_is_quick(&subject, limit);
-    let answer = move || {
-        let page = app
-            .store
-            .objects_of(&subject, &q.permission, &q.after, limit);
-        let next = page.more.then(|| page.objects.last().cloned()).flatten();
-        ObjectsAnswer {
-            next,
-            objects: page.objects,
-            permission: q.permission,
-            revision: revision.to_string(),
-            subject,
-        }
-    };
-    if quick {
-        return Ok(Json(answer()).into_response());
+    let ObjectsQuery {
+        permission, after, ..
+    } = q;
+    if let Some(page) = app
+        .store
+        .quick_objects_of(&subject, &permission, &after, limit)
+    {
+        let answer = ObjectsAnswer::new(page, permission, revision, subject);
+        return Ok(Json(answer).into_response());
     }
-    blocking_answer(answer).await
+    blocking_answer(move || {
+        let page = app.store.objects_of(&subject, &permission, &after, limit);
+        ObjectsAnswer::new(page, permission, revision, subject)
+    })
+    .await
 }
 
 /// What `answer` makes, as a JSON response, made and written on a blocking thread: for

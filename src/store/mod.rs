@@ -287,11 +287,23 @@ impl Store {
             .objects_of(subject, permission, after, limit, &mut Now::lazy())
     }
 
-    /// Whether listing `limit` of `subject`'s objects (`objects_of`) is expected to take
-    /// some tens of microseconds at most; else it is better done off a thread that
-    /// answers checks.
-    pub fn listing_is_quick(&self, subject: &str, limit: usize) -> bool {
-        self.inner.state.load().listing_is_quick(subject, limit)
+    /// `objects_of`, if it takes some tens of microseconds at most; else `None`, found at
+    /// once or after about that much work: such a listing is better made off a thread
+    /// that answers checks.
+    pub fn quick_objects_of(
+        &self,
+        subject: &str,
+        permission: &str,
+        after: &str,
+        limit: usize,
+    ) -> Option<Listing> {
+        self.inner.state.load().quick_objects_of(
+            subject,
+            permission,
+            after,
+            limit,
+            &mut Now::lazy(),
+        )
     }
 
     /// The limits of `subject` (its own over those of `*`).

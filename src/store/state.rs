@@ -1009,13 +1009,15 @@ impl State {
     ///
     /// A page is found one of three ways (`Plan`). A subject that holds a good share of
     /// all objects is listed by walking every object's name in order from `after`
-    /// (`object_order`) and keeping those it holds, until the page is full: the page
-    /// costs its length over that share, whatever the subject's size. Whether it holds
-    /// each is looked up in its grants, or, when the walk is long (the whole listing), in
-    /// a bitset of them made first. Others are listed by a pass over their grants, which
-    /// picks the page among the names after `after` (only those are cloned, and only the
-    /// page's sorted). The cheapest is taken, as `Plan::of` expects them to cost; a walk
-    /// that looks up more than the pass would cost is given up for the pass.
+    /// (`object_order`) and keeping those it or `*` holds, until the page is full: the
+    /// page costs its length over that share, whatever the subject's size. Whether it
+    /// holds each is looked up in its grants and `*`'s (`page_by_look_up`), or, when the
+    /// walk is long (the whole listing), in a bitset of them made first
+    /// (`page_by_bits`). Others are listed by a pass over their grants and `*`'s
+    /// (`page_by_pass`), which picks the page among the names after `after` (only those
+    /// are cloned, and only the page's sorted). The cheapest is taken, as `Plan::of`
+    /// expects them to cost; a walk that looks up more than the pass would cost is given
+    /// up for the pass.
     pub(crate) fn objects_of(
         &self,
         subject: &str,
@@ -1024,56 +1026,197 @@ impl State {
         limit: usize,
         now: &mut Now,
     ) -> Listing {
+        self.list(subject, permission, after, limit, now, None)
+            .unwrap_or_default()
+    }
+
+    /// `objects_of`, if it takes some tens of microseconds at most (`QUICK_LISTING`);
+    /// else `None`, found at once or after about that much work: what is not quick is
+    /// better done off a thread that answers checks. Quick is a plan expected to cost
+    /// that for the subject's grant count, `*`'s and the names' (a step a name listed
+    /// included, for its copy and its JSON), and that needs no sort of the names first;
+    /// a walk that looks up more than that is given up, not sent to the pass.
+    pub(crate) fn quick_objects_of(
+        &self,
+        subject: &str,
+        permission: &str,
+        after: &str,
+        limit: usize,
+        now: &mut Now,
+    ) -> Option<Listing> {
+        self.list(subject, permission, after, limit, now, Some(QUICK_LISTING))
+    }
+
+    /// `objects_of` within `bound`, in `Plan::of`'s tenths of a step, if there is one.
+    fn list(
+        &self,
+        subject: &str,
+        permission: &str,
+        after: &str,
+        limit: usize,
+        now: &mut Now,
+        bound: Option<usize>,
+    ) -> Option<Listing> {
         let Some(permission) = self.permissions.get(permission) else {
-            return Listing::default();
+            return Some(Listing::default());
         };
-        // `*`'s objects first, as ids: its guard is let go before the subject's is taken (a
-        // second read lock on a shard this thread holds could wait behind a queued writer
-        // for ever).
-        let public = match self.subjects.get(WILDCARD) {
-            Some(entry) if subject != WILDCARD => {
-                allowed(entry.grants.iter(&self.packed), permission, now)
+        let held = |s: &str| self.subjects.get(s).map_or(0, |e| e.grants.len());
+        let public = if subject == WILDCARD {
+            0
+        } else {
+            held(WILDCARD)
+        };
+        let held = held(subject) + public;
+        let lists = if public == 0 { 1 } else { 2 };
+        let built = self.objects.built() as usize;
+        let (mut plan, cost) = Plan::of(held, lists, built, limit);
+        if let Some(bound) = bound {
+            let cost = cost.saturating_add(10 * limit.min(held));
+            let sorted = plan == Plan::Pass || self.object_order.get().is_some();
+            if cost > bound || !sorted {
+                return None;
             }
-            _ => Vec::new(),
+            if let Plan::LookUp { budget } = &mut plan {
+                *budget = (*budget).min(bound / (20 * lists));
+            }
+        }
+        let listed = Listed {
+            subject,
+            permission,
+            after,
+            limit,
         };
-        let held = self.subjects.get(subject).map_or(0, |e| e.grants.len()) + public.len();
-        let built = self.objects.built();
-        let (plan, _) = Plan::of(held, built as usize, limit);
+        let walked = match plan {
+            Plan::Pass => return Some(self.page_by_pass(listed, now)),
+            Plan::LookUp { budget } => self.page_by_look_up(listed, budget, now),
+            Plan::Bits => Some(self.page_by_bits(listed, now)),
+        };
+        #[cfg(test)]
+        tests::LISTED.with(|listed| listed.borrow_mut().push((plan, walked.is_some())));
+        match walked {
+            None if bound.is_none() => Some(self.page_by_pass(listed, now)),
+            walked => walked,
+        }
+    }
+
+    /// A page by a walk of the names in order from `after`, each looked up in the
+    /// subject's grants and `*`'s; `None` when the walk is given up (`walk`: at `budget`
+    /// names, or sooner at a pace that would pass it).
+    fn page_by_look_up(&self, listed: Listed<'_>, budget: usize, now: &mut Now) -> Option<Listing> {
+        let Listed {
+            subject,
+            permission,
+            after,
+            limit,
+        } = listed;
         // Sorted (once a generation) before the names are locked below, as it reads them.
-        let order = (plan != Plan::Pass).then(|| self.object_order());
+        let order = self.object_order();
+        let built = self.objects.built();
         self.objects.with_names(|all| {
-            // Each name beside its id, so that sorts and merges compare the names without
-            // going through their `Arc`s, and only the page's `Arc`s are cloned.
-            let listing = |names: Vec<(&str, u32)>, more| Listing {
-                objects: names
-                    .into_iter()
-                    .filter_map(|(_, o)| all.get(o as usize).cloned())
-                    .collect(),
-                more,
+            // The two entries under the same locks: a second read lock on a shard this
+            // thread holds could wait behind a queued writer for ever. `*`'s grants are
+            // looked up, not listed first: `*` may hold millions of them.
+            self.subjects
+                .read_all(std::iter::once(subject), |entries, entry_of| {
+                    let own = entries[0].map(|entry| &entry.grants);
+                    let public = match subject {
+                        WILDCARD => None,
+                        _ => entry_of(WILDCARD).map(|entry| &entry.grants),
+                    };
+                    let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
+                        grants
+                            .and_then(|g| g.get(o, &self.packed))
+                            .is_some_and(|g| g.allows(permission, now))
+                    };
+                    let walked = walk(
+                        from_after(order, all, after),
+                        limit.saturating_add(1),
+                        budget,
+                        |o| holds(own, o, now) || holds(public, o, now),
+                    )?;
+                    let mut since = |grants: Option<&Grants>| {
+                        grants.map_or_else(Vec::new, |g| {
+                            allowed(g.iter_from(built, &self.packed), permission, now)
+                        })
+                    };
+                    let since = merge_sorted(since(own), &since(public));
+                    Some(page_of_walk(all, walked, since, after, limit))
+                })
+        })
+    }
+
+    /// A page by a walk of the names in order from `after`, each looked up in a bitset of
+    /// the subject's grants and `*`'s made first.
+    fn page_by_bits(&self, listed: Listed<'_>, now: &mut Now) -> Listing {
+        let Listed {
+            subject,
+            permission,
+            after,
+            limit,
+        } = listed;
+        let order = self.object_order();
+        let built = self.objects.built();
+        let mut bits = vec![0_u64; (built as usize).div_ceil(64)];
+        let mut since = Vec::new();
+        let subjects = if subject == WILDCARD {
+            &[WILDCARD][..]
+        } else {
+            &[subject, WILDCARD][..]
+        };
+        // One entry at a time, each guard let go before the next is taken.
+        for s in subjects {
+            let Some(entry) = self.subjects.get(s) else {
+                continue;
             };
-            let named = |o: u32| (name_at(all, o), o);
-            let own = self.subjects.get(subject);
-            let grants = own.as_deref().map(|entry| &entry.grants);
-            if let Some(order) = order {
-                let listed = Listed {
-                    grants,
-                    public: &public,
-                    permission,
-                    after,
-                    limit,
-                };
-                if let Some(page) = self.page_by_walk(order, plan, listed, all, now) {
-                    return listing(page.0, page.1);
+            let grants = entry.grants.iter(&self.packed);
+            for (o, grant) in grants.take_while(|&(o, _)| o < built) {
+                if o != GLOBAL_ID && grant.allows(permission, now) {
+                    bits[o as usize / 64] |= 1 << (o % 64);
                 }
             }
-            let own =
-                grants.map_or_else(Vec::new, |g| allowed(g.iter(&self.packed), permission, now));
-            let ids = merge_sorted(own, &public);
-            let named = ids.into_iter().map(named).filter(|&(name, _)| name > after);
+            let named_since = allowed(entry.grants.iter_from(built, &self.packed), permission, now);
+            since = merge_sorted(named_since, &since);
+        }
+        self.objects.with_names(|all| {
+            let holds = |o: u32| bits[o as usize / 64] & (1 << (o % 64)) != 0;
+            let walked = walk(
+                from_after(order, all, after),
+                limit.saturating_add(1),
+                usize::MAX,
+                holds,
+            );
+            page_of_walk(all, walked.unwrap_or_default(), since, after, limit)
+        })
+    }
+
+    /// A page by a pass over the subject's grants and `*`'s.
+    fn page_by_pass(&self, listed: Listed<'_>, now: &mut Now) -> Listing {
+        let Listed {
+            subject,
+            permission,
+            after,
+            limit,
+        } = listed;
+        let allowed_to = |s: &str, now: &mut Now| {
+            self.subjects.get(s).map_or_else(Vec::new, |entry| {
+                allowed(entry.grants.iter(&self.packed), permission, now)
+            })
+        };
+        // One entry at a time, each guard let go before the next is taken.
+        let public = match subject {
+            WILDCARD => Vec::new(),
+            _ => allowed_to(WILDCARD, now),
+        };
+        self.objects.with_names(|all| {
+            let ids = merge_sorted(allowed_to(subject, now), &public);
+            let named = ids
+                .into_iter()
+                .map(|o| (name_at(all, o), o))
+                .filter(|&(name, _)| name > after);
             if limit < PAGE_BY_HEAP {
                 let (mut names, more) = page_by_heap(named, limit);
                 names.sort_unstable();
-                return listing(names, more);
+                return listing(all, names, more);
             }
             let mut names: Vec<(&str, u32)> = named.collect();
             let more = names.len() > limit;
@@ -1084,94 +1227,8 @@ impl State {
                 names.truncate(limit);
             }
             names.sort_unstable();
-            listing(names, more)
+            listing(all, names, more)
         })
-    }
-
-    /// `objects_of` by a walk of the names in `order` (a plan other than the pass): the
-    /// page's (name, id) pairs and whether more follow; `None` when the walk is given up.
-    fn page_by_walk<'n>(
-        &self,
-        order: &[u32],
-        plan: Plan,
-        listed: Listed<'_>,
-        all: &'n [Arc<str>],
-        now: &mut Now,
-    ) -> Option<(Vec<(&'n str, u32)>, bool)> {
-        let Listed {
-            grants,
-            public,
-            permission,
-            after,
-            limit,
-        } = listed;
-        let built = self.objects.built();
-        let named = |o: u32| (name_at(all, o), o);
-        let want = limit.saturating_add(1);
-        let order = &order[order.partition_point(|&o| name_at(all, o) <= after)..];
-        let walked = if let Plan::LookUp { budget } = plan {
-            walk(order, want, budget, |o| {
-                grants
-                    .and_then(|g| g.get(o, &self.packed))
-                    .is_some_and(|g| g.allows(permission, now))
-                    || public.binary_search(&o).is_ok()
-            })
-        } else {
-            let mut bits = vec![0_u64; (built as usize).div_ceil(64)];
-            let mut set = |o: u32| {
-                if let Some(word) = bits.get_mut(o as usize / 64) {
-                    *word |= 1 << (o % 64);
-                }
-            };
-            let own = grants.into_iter().flat_map(|g| g.iter(&self.packed));
-            for (o, grant) in own.take_while(|&(o, _)| o < built) {
-                if o != GLOBAL_ID && grant.allows(permission, now) {
-                    set(o);
-                }
-            }
-            public.iter().for_each(|&o| set(o));
-            walk(order, want, usize::MAX, |o| {
-                bits[o as usize / 64] & (1 << (o % 64)) != 0
-            })
-        };
-        #[cfg(test)]
-        tests::LISTED.with(|listed| listed.borrow_mut().push((plan, walked.is_some())));
-        let walked = walked?;
-        // Objects named since the generation was built are not in the order: the
-        // subject's (their ids come after `built`) go in by name.
-        let since = grants.map_or_else(Vec::new, |g| {
-            allowed(g.iter_from(built, &self.packed), permission, now)
-        });
-        let public_since = &public[public.partition_point(|&o| o < built)..];
-        let mut since: Vec<(&str, u32)> = merge_sorted(since, public_since)
-            .into_iter()
-            .map(named)
-            .filter(|&(name, _)| name > after)
-            .collect();
-        since.sort_unstable();
-        let more = walked.len() + since.len() > limit;
-        let walked = walked.into_iter().map(named);
-        Some((merge_by_name(walked, since, limit), more))
-    }
-
-    /// Whether listing `limit` of `subject`'s objects is expected to take some tens of
-    /// microseconds at most (`QUICK_LISTING`): a plan that is cheap for its grant count
-    /// (and `*`'s) and the names', and needs no sort of the names first. What is not
-    /// quick is better done off a thread that answers checks. Expected, not bound: a walk
-    /// given up for the pass (a subject that holds many objects, few with the permission
-    /// asked) takes up to twice the pass.
-    pub(crate) fn listing_is_quick(&self, subject: &str, limit: usize) -> bool {
-        let held = |s: &str| self.subjects.get(s).map_or(0, |e| e.grants.len());
-        let public = if subject == WILDCARD {
-            0
-        } else {
-            held(WILDCARD)
-        };
-        let held = held(subject) + public;
-        let (plan, cost) = Plan::of(held, self.objects.built() as usize, limit);
-        // And a step a name listed, for its copy and its JSON.
-        let cost = cost.saturating_add(10 * limit.min(held));
-        cost <= QUICK_LISTING && (plan == Plan::Pass || self.object_order.get().is_some())
     }
 
     /// The ids of the objects named when the generation was built, the global object's
@@ -1660,13 +1717,10 @@ fn page_by_heap<'n>(
     (page.into_vec(), more)
 }
 
-/// What a listing asks (`State::objects_of`), for its walk (`State::page_by_walk`).
+/// What a listing asks (`State::objects_of`), for the way it is found.
 #[derive(Clone, Copy)]
 struct Listed<'a> {
-    /// The subject's grants, if it has any.
-    grants: Option<&'a Grants>,
-    /// The objects `*` holds the permission on, by id.
-    public: &'a [u32],
+    subject: &'a str,
     permission: u32,
     after: &'a str,
     limit: usize,
@@ -1689,22 +1743,27 @@ impl Plan {
     /// `objects` names, for a page of `limit`. Costs in tenths of a step of the pass (a
     /// grant read and its name compared with the cursor): the pass takes `held` steps and
     /// sorts its page; a walk is expected to look at `objects / held` names for each one
-    /// it keeps, and stops at `limit` and one more; a look-up among the grants costs two
-    /// steps, a bit set or read a tenth of one. A look-up walk's budget is the pass's
-    /// cost: a subject that holds many objects but few with the permission asked sends
-    /// it back to the pass, at most doubling the pass's time. With the plan, its expected
-    /// cost.
-    fn of(held: usize, objects: usize, limit: usize) -> (Self, usize) {
+    /// it keeps, and stops at `limit` and one more; a name's look-up costs two steps in
+    /// each of `lists` lists of grants (the subject's, and `*`'s when it holds any), a
+    /// bit set or read a tenth of one. A look-up walk's budget is the pass's cost: a
+    /// subject that holds many objects but few with the permission asked sends it back
+    /// to the pass, at most doubling the pass's time. With the plan, its expected cost.
+    fn of(held: usize, lists: usize, objects: usize, limit: usize) -> (Self, usize) {
         if held == 0 {
             return (Self::Pass, 0);
         }
         let page = limit.min(held);
         let pass = 10 * held.saturating_add(page.saturating_mul(page.max(1).ilog2() as usize));
         let walked = (limit.saturating_add(1).saturating_mul(objects) / held).min(objects);
-        let look_up = walked.saturating_mul(20);
+        let look_up = walked.saturating_mul(20 * lists);
         let bits = held.saturating_add(walked);
         if look_up <= bits && look_up < pass {
-            (Self::LookUp { budget: pass / 20 }, look_up)
+            (
+                Self::LookUp {
+                    budget: pass / (20 * lists),
+                },
+                look_up,
+            )
         } else if bits < pass {
             (Self::Bits, bits)
         } else {
@@ -1713,12 +1772,20 @@ impl Plan {
     }
 }
 
-/// The expected cost of a listing `State::listing_is_quick` calls quick, in `Plan::of`'s
+/// The expected cost of a listing `State::quick_objects_of` makes, in `Plan::of`'s
 /// tenths of a step: 2,000 steps of the pass, some tens of microseconds.
 const QUICK_LISTING: usize = 20_000;
 
+/// Names a walk probes before it judges its pace (`walk`).
+const WALK_PATIENCE: usize = 1_024;
+
 /// The first `want` of `order` (ids in name order) that `holds` keeps, or all of them if
-/// fewer; `None` once `budget` have been probed without either.
+/// fewer; `None` once `budget` have been probed without either, or sooner: past
+/// `WALK_PATIENCE` probes, once at the pace so far the page would take more than
+/// `budget`. The plan's estimate takes every grant of `*` to hold the permission asked;
+/// where `*` holds a million of another, a walk for a subject of ten went through
+/// `budget` (250,000 names, 16 ms) before the pass (benches/README.md, "Listing a
+/// subject's objects").
 fn walk(
     order: &[u32],
     want: usize,
@@ -1730,7 +1797,9 @@ fn walk(
         if found.len() == want {
             break;
         }
-        if probed == budget {
+        let slow = probed >= WALK_PATIENCE
+            && probed.saturating_mul(want) > budget.saturating_mul(found.len() + 1);
+        if probed == budget || slow {
             return None;
         }
         if holds(o) {
@@ -1738,6 +1807,45 @@ fn walk(
         }
     }
     Some(found)
+}
+
+/// The ids of `order` (ids in name order) named after `after`.
+fn from_after<'o>(order: &'o [u32], all: &[Arc<str>], after: &str) -> &'o [u32] {
+    &order[order.partition_point(|&o| name_at(all, o) <= after)..]
+}
+
+/// A page from a walk of the names in order (`walked`, the ids it kept, the page's and
+/// one more if there are) and the objects named since the generation was built
+/// (`since`, ids, which the order does not have), merged by name, with whether more
+/// follow.
+fn page_of_walk(
+    all: &[Arc<str>],
+    walked: Vec<u32>,
+    since: Vec<u32>,
+    after: &str,
+    limit: usize,
+) -> Listing {
+    let named = |o: u32| (name_at(all, o), o);
+    let mut since: Vec<(&str, u32)> = since
+        .into_iter()
+        .map(named)
+        .filter(|&(name, _)| name > after)
+        .collect();
+    since.sort_unstable();
+    let more = walked.len() + since.len() > limit;
+    let walked = walked.into_iter().map(named);
+    listing(all, merge_by_name(walked, since, limit), more)
+}
+
+/// The listing of `names`, (name, id) pairs of `all`: only the page's `Arc`s are cloned.
+fn listing(all: &[Arc<str>], names: Vec<(&str, u32)>, more: bool) -> Listing {
+    Listing {
+        objects: names
+            .into_iter()
+            .filter_map(|(_, o)| all.get(o as usize).cloned())
+            .collect(),
+        more,
+    }
 }
 
 /// The first `limit` of two lists of (name, id) sorted by name, merged.
@@ -2933,6 +3041,12 @@ mod tests {
                                 format!("{subject} {permission} after {after:?} limit {limit}");
                             assert_eq!(listed, expected[..expected.len().min(limit)], "{what}");
                             assert_eq!(page.more, expected.len() > limit, "{what}");
+                            let mut now = Now::fixed(NOW);
+                            if let Some(quick) =
+                                state.quick_objects_of(subject, permission, after, limit, &mut now)
+                            {
+                                assert_eq!(quick, page, "{what}, quick");
+                            }
                         }
                     }
                 }
@@ -2984,13 +3098,37 @@ mod tests {
             model.remove(&("dense".to_owned(), name.clone()));
         }
         check_all(&model, &mut next);
-        assert_eq!(look_up(walks("dense", 100)), Some(true));
+        // Fewer of them, and `*` holds more: a look-up walk pays off for a shorter page.
+        assert_eq!(look_up(walks("dense", 10)), Some(true));
         assert_eq!(walks("dense", usize::MAX), [(Plan::Bits, true)]);
+    }
+
+    /// A walk stops at `want`, gives up at its budget, and past its patience as soon as
+    /// its pace says the page would take more than the budget; one without a budget
+    /// walks to the end.
+    #[test]
+    fn a_walk_gives_up_when_its_pace_says_it_would_pass_its_budget() {
+        let order: Vec<u32> = (0..100_000).collect();
+        assert_eq!(walk(&order, 10, 50, |_| true), Some((0..10).collect()));
+        assert_eq!(walk(&order, 10, 50, |o| o >= 60), None, "the budget");
+        // One name in 100: 101 of them in 10,001 names, within a budget of 20,000.
+        let found = walk(&order, 101, 20_000, |o| o % 100 == 0);
+        assert_eq!(found.map(|f| f.len()), Some(101));
+        // One in 1,000 would take 100,001: given up once its patience is spent.
+        let mut probed = 0;
+        let found = walk(&order, 101, 20_000, |o| {
+            probed += 1;
+            o % 1_000 == 0
+        });
+        assert_eq!((found, probed), (None, WALK_PATIENCE));
+        let found = walk(&order, 101, usize::MAX, |o| o % 1_000 == 0);
+        assert_eq!(found.map(|f| f.len()), Some(100));
     }
 
     /// A listing is quick when it is small for its plan and needs no sort of the names: a
     /// page of a subject of few grants at once, a page of a large subject once the names
-    /// are sorted, a whole list of thousands never.
+    /// are sorted, a whole list of thousands never; and when its walk finds the page
+    /// within the bound: a walk that does not is given up, not sent to the pass.
     #[test]
     fn quick_listings_are_small_and_need_no_sort() {
         let mut builder = StateBuilder::new();
@@ -3000,19 +3138,34 @@ mod tests {
             if o % 1_000 == 0 {
                 builder.tuple("few", &name, "read", None);
             }
+            // Reads on one name in 500: a walk finds 100 of them in 50,000 names.
+            let mixed = if o % 500 == 0 { "read" } else { "write" };
+            builder.tuple("mixed", &name, mixed, None);
         }
         let state = builder.finish();
-        assert!(state.listing_is_quick("few", 100));
-        assert!(state.listing_is_quick("few", usize::MAX));
-        assert!(state.listing_is_quick("nobody", usize::MAX));
-        assert!(
-            !state.listing_is_quick("large", 100),
-            "the names are not sorted yet"
-        );
+        let quick = |subject: &str, limit: usize| {
+            let quick = state.quick_objects_of(subject, "read", "", limit, &mut Now::lazy());
+            if let Some(page) = &quick {
+                let all = state.objects_of(subject, "read", "", limit, &mut Now::lazy());
+                assert_eq!((&page.objects, page.more), (&all.objects, all.more));
+            }
+            quick.is_some()
+        };
+        assert!(quick("few", 100));
+        assert!(quick("few", usize::MAX));
+        assert!(quick("nobody", usize::MAX));
+        assert!(!quick("large", 100), "the names are not sorted yet");
         state.objects_of("large", "read", "", 100, &mut Now::lazy());
-        assert!(state.listing_is_quick("large", 100));
-        assert!(!state.listing_is_quick("large", 5_000));
-        assert!(!state.listing_is_quick("large", usize::MAX));
+        assert!(quick("large", 100));
+        assert!(!quick("large", 5_000));
+        assert!(!quick("large", usize::MAX));
+        LISTED.with(|listed| listed.borrow_mut().clear());
+        assert!(!quick("mixed", 100), "the walk is given up");
+        let listed = LISTED.with(|listed| listed.take());
+        assert!(
+            matches!(listed[..], [(Plan::LookUp { budget }, false)] if budget == QUICK_LISTING / 20),
+            "{listed:?}"
+        );
         // Cheap to find, but 1,900 names to copy and write.
         let mut builder = StateBuilder::new();
         for o in 0..2_000 {
@@ -3024,8 +3177,13 @@ mod tests {
         }
         let state = builder.finish();
         state.objects_of("most", "read", "", 1, &mut Now::lazy());
-        assert!(state.listing_is_quick("most", 100));
-        assert!(!state.listing_is_quick("most", usize::MAX));
+        let quick = |limit| {
+            state
+                .quick_objects_of("most", "read", "", limit, &mut Now::lazy())
+                .is_some()
+        };
+        assert!(quick(100));
+        assert!(!quick(usize::MAX));
     }
 
     /// A loaded subject whose grants are in the heap (expiring ones do not pack) leaves its
