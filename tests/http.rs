@@ -243,6 +243,25 @@ async fn every_route_rejects_bad_input_with_a_json_4xx() {
         let (status, body) = get(&r, &uri).await;
         assert_json_error(status, &body, expected, &uri[..uri.len().min(80)]);
     }
+    // A number too large says the largest allowed.
+    let (_, body) = get(&r, "/v1/check-limit?subject=u1&limit=seats&usage=1e3").await;
+    assert_eq!(
+        body["error"],
+        format!(
+            "`usage` must be a whole number from 0 to {}, got \"1e3\"",
+            i64::MAX
+        )
+    );
+    let too_many = "99999999999999999999999";
+    let uri = format!("/v1/subjects/u1/objects?permission=read&limit={too_many}");
+    let (_, body) = get(&r, &uri).await;
+    assert_eq!(
+        body["error"],
+        format!(
+            "`limit` must be a whole number from 1 to {}, got \"{too_many}\"",
+            usize::MAX
+        )
+    );
 
     let (status, body) = send(
         &r,

@@ -308,7 +308,7 @@ pub(super) async fn objects(
     identifier("after", &q.after, true)?;
     let limit = match &q.limit {
         None => usize::MAX,
-        Some(text) => whole("limit", text, &1)?,
+        Some(text) => whole("limit", text, (1, usize::MAX))?,
     };
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let ObjectsQuery {
@@ -351,18 +351,19 @@ async fn blocking_answer<T: Serialize>(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// `text` as a whole number of at least `min`, or a 400 that names the parameter.
-fn whole<T>(name: &str, text: &str, min: &T) -> Result<T, ApiError>
+/// `text` as a whole number from `min` to `max` (the type's largest), or a 400 that names the
+/// parameter and both bounds.
+fn whole<T>(name: &str, text: &str, (min, max): (T, T)) -> Result<T, ApiError>
 where
     T: std::str::FromStr + PartialOrd + std::fmt::Display,
 {
     text.trim()
         .parse()
         .ok()
-        .filter(|n| n >= min)
+        .filter(|n| *n >= min)
         .ok_or_else(|| {
             ApiError::bad_request(format!(
-                "`{name}` must be a whole number of at least {min}, got {text:?}"
+                "`{name}` must be a whole number from {min} to {max}, got {text:?}"
             ))
         })
 }
@@ -404,7 +405,7 @@ pub(super) async fn check_limit(
     identifier("limit", &q.limit, false)?;
     // A count of what is in use: a negative one is a caller's bug, which `usage < limit`
     // would have answered "allowed".
-    let usage: i64 = whole("usage", &q.usage, &0)?;
+    let usage: i64 = whole("usage", &q.usage, (0, i64::MAX))?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
     let limit = app.store.limit(&q.subject, &q.limit);
     let allowed = limit.is_some_and(|limit| usage < limit);
