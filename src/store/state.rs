@@ -1108,13 +1108,6 @@ impl State {
     /// subject's grants and `*`'s; `None` when the walk is given up (`walk`: at `budget`
     /// names, or sooner at a pace that would pass it).
     fn page_by_look_up(&self, listed: Listed<'_>, budget: usize, now: &mut Now) -> Option<Listing> {
-        let Listed {
-            subject,
-            public,
-            permission,
-            after,
-            limit,
-        } = listed;
         // Sorted (once a generation) before the names are locked below, as it reads them.
         let order = self.object_order();
         let built = self.objects.built();
@@ -1123,30 +1116,30 @@ impl State {
             // thread holds could wait behind a queued writer for ever. `*`'s grants are
             // looked up, not listed first: `*` may hold millions of them.
             self.subjects
-                .read_all(std::iter::once(subject), |entries, entry_of| {
+                .read_all(std::iter::once(listed.subject), |entries, entry_of| {
                     let own = entries[0].map(|entry| &entry.grants);
-                    let public = match public {
+                    let public = match listed.public {
                         true => entry_of(WILDCARD).map(|entry| &entry.grants),
                         false => None,
                     };
                     let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
                         grants
                             .and_then(|g| g.get(o, &self.packed))
-                            .is_some_and(|g| g.allows(permission, now))
+                            .is_some_and(|g| g.allows(listed.permission, now))
                     };
                     let walked = walk(
-                        from_after(order, all, after),
-                        limit.saturating_add(1),
+                        from_after(order, all, listed.after),
+                        listed.limit.saturating_add(1),
                         budget,
                         |o| holds(own, o, now) || holds(public, o, now),
                     )?;
                     let mut since = |grants: Option<&Grants>| {
                         grants.map_or_else(Vec::new, |g| {
-                            allowed(g.iter_from(built, &self.packed), permission, now)
+                            allowed(g.iter_from(built, &self.packed), listed.permission, now)
                         })
                     };
                     let since = merge_sorted(since(own), &since(public));
-                    Some(page_of_walk(all, walked, since, after, limit))
+                    Some(page_of_walk(all, walked, since, listed.after, listed.limit))
                 })
         })
     }
@@ -1154,21 +1147,14 @@ impl State {
     /// A page by a walk of the names in order from `after`, each looked up in a bitset of
     /// the subject's grants and `*`'s made first.
     fn page_by_bits(&self, listed: Listed<'_>, now: &mut Now) -> Listing {
-        let Listed {
-            subject,
-            public,
-            permission,
-            after,
-            limit,
-        } = listed;
         let order = self.object_order();
         let built = self.objects.built();
         let mut bits = vec![0_u64; (built as usize).div_ceil(64)];
         let mut since = Vec::new();
-        let subjects = if public {
-            &[subject, WILDCARD][..]
+        let subjects = if listed.public {
+            &[listed.subject, WILDCARD][..]
         } else {
-            &[subject][..]
+            &[listed.subject][..]
         };
         // One entry at a time, each guard let go before the next is taken.
         for s in subjects {
@@ -1177,62 +1163,65 @@ impl State {
             };
             let grants = entry.grants.iter(&self.packed);
             for (o, grant) in grants.take_while(|&(o, _)| o < built) {
-                if o != GLOBAL_ID && grant.allows(permission, now) {
+                if o != GLOBAL_ID && grant.allows(listed.permission, now) {
                     bits[o as usize / 64] |= 1 << (o % 64);
                 }
             }
-            let named_since = allowed(entry.grants.iter_from(built, &self.packed), permission, now);
+            let named_since = allowed(
+                entry.grants.iter_from(built, &self.packed),
+                listed.permission,
+                now,
+            );
             since = merge_sorted(named_since, &since);
         }
         self.objects.with_names(|all| {
             let holds = |o: u32| bits[o as usize / 64] & (1 << (o % 64)) != 0;
             let walked = walk(
-                from_after(order, all, after),
-                limit.saturating_add(1),
+                from_after(order, all, listed.after),
+                listed.limit.saturating_add(1),
                 usize::MAX,
                 holds,
             );
-            page_of_walk(all, walked.unwrap_or_default(), since, after, limit)
+            page_of_walk(
+                all,
+                walked.unwrap_or_default(),
+                since,
+                listed.after,
+                listed.limit,
+            )
         })
     }
 
     /// A page by a pass over the subject's grants and `*`'s.
     fn page_by_pass(&self, listed: Listed<'_>, now: &mut Now) -> Listing {
-        let Listed {
-            subject,
-            public,
-            permission,
-            after,
-            limit,
-        } = listed;
         let allowed_to = |s: &str, now: &mut Now| {
             self.subjects.get(s).map_or_else(Vec::new, |entry| {
-                allowed(entry.grants.iter(&self.packed), permission, now)
+                allowed(entry.grants.iter(&self.packed), listed.permission, now)
             })
         };
         // One entry at a time, each guard let go before the next is taken.
-        let public = match public {
+        let public = match listed.public {
             true => allowed_to(WILDCARD, now),
             false => Vec::new(),
         };
         self.objects.with_names(|all| {
-            let ids = merge_sorted(allowed_to(subject, now), &public);
+            let ids = merge_sorted(allowed_to(listed.subject, now), &public);
             let named = ids
                 .into_iter()
                 .map(|o| (name_at(all, o), o))
-                .filter(|&(name, _)| name > after);
-            if limit < PAGE_BY_HEAP {
-                let (mut names, more) = page_by_heap(named, limit);
+                .filter(|&(name, _)| name > listed.after);
+            if listed.limit < PAGE_BY_HEAP {
+                let (mut names, more) = page_by_heap(named, listed.limit);
                 names.sort_unstable();
                 return listing(all, names, more);
             }
             let mut names: Vec<(&str, u32)> = named.collect();
-            let more = names.len() > limit;
+            let more = names.len() > listed.limit;
             if more {
-                // The `limit` first names, in no order, then sorted: a page of a long
+                // The `listed.limit` first names, in no order, then sorted: a page of a long
                 // listing sorts only itself.
-                names.select_nth_unstable(limit);
-                names.truncate(limit);
+                names.select_nth_unstable(listed.limit);
+                names.truncate(listed.limit);
             }
             names.sort_unstable();
             listing(all, names, more)
