@@ -1112,35 +1112,40 @@ impl State {
         let order = self.object_order();
         let built = self.objects.built();
         self.objects.with_names(|all| {
-            // The two entries under the same locks: a second read lock on a shard this
-            // thread holds could wait behind a queued writer for ever. `*`'s grants are
-            // looked up, not listed first: `*` may hold millions of them.
-            self.subjects
-                .read_all(std::iter::once(listed.subject), |entries, entry_of| {
-                    let own = entries[0].map(|entry| &entry.grants);
-                    let public = match listed.public {
-                        true => entry_of(WILDCARD).map(|entry| &entry.grants),
-                        false => None,
-                    };
-                    let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
-                        grants
-                            .and_then(|g| g.get(o, &self.packed))
-                            .is_some_and(|g| g.allows(listed.permission, now))
-                    };
-                    let walked = walk(
-                        from_after(order, all, listed.after),
-                        listed.limit.saturating_add(1),
-                        budget,
-                        |o| holds(own, o, now) || holds(public, o, now),
-                    )?;
-                    let mut since = |grants: Option<&Grants>| {
-                        grants.map_or_else(Vec::new, |g| {
-                            allowed(g.iter_from(built, &self.packed), listed.permission, now)
-                        })
-                    };
-                    let since = merge_sorted(since(own), &since(public));
-                    Some(page_of_walk(all, walked, since, listed.after, listed.limit))
-                })
+            let page = |own: Option<&Grants>, public: Option<&Grants>, now: &mut Now| {
+                let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
+                    grants
+                        .and_then(|g| g.get(o, &self.packed))
+                        .is_some_and(|g| g.allows(listed.permission, now))
+                };
+                let walked = walk(
+                    from_after(order, all, listed.after),
+                    listed.limit.saturating_add(1),
+                    budget,
+                    |o| holds(own, o, now) || holds(public, o, now),
+                )?;
+                let mut since = |grants: Option<&Grants>| {
+                    grants.map_or_else(Vec::new, |g| {
+                        allowed(g.iter_from(built, &self.packed), listed.permission, now)
+                    })
+                };
+                let since = merge_sorted(since(own), &since(public));
+                Some(page_of_walk(all, walked, since, listed.after, listed.limit))
+            };
+            if !listed.public {
+                // The subject's shard alone is locked while it walks.
+                let own = self.subjects.get(listed.subject);
+                return page(own.as_deref().map(|entry| &entry.grants), None, now);
+            }
+            // The two entries under the same locks (every shard's): a second read lock on
+            // a shard this thread holds could wait behind a queued writer for ever. `*`'s
+            // grants are looked up, not listed first: `*` may hold millions of them.
+            let subject = std::iter::once(listed.subject);
+            self.subjects.read_all(subject, |entries, entry_of| {
+                let own = entries[0].map(|entry| &entry.grants);
+                let public = entry_of(WILDCARD).map(|entry| &entry.grants);
+                page(own, public, now)
+            })
         })
     }
 
