@@ -544,8 +544,7 @@ mod tests {
         assert!(error.contains("--tls-key"), "{error}");
         let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
             .expect("a self-signed certificate");
-        let dir = std::env::temp_dir().join(format!("permd-config-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        let dir = crate::Scratch::new("config-key");
         let cert = dir.join("cert.pem");
         std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
         let key = dir.join("key.pem");
@@ -562,7 +561,6 @@ mod tests {
             error.contains("read the key's password file /nonexistent/password"),
             "{error}"
         );
-        std::fs::remove_dir_all(&dir).expect("rm -r");
     }
 
     #[test]

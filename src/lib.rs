@@ -394,6 +394,11 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
+mod scratch;
+#[cfg(test)]
+pub(crate) use scratch::Scratch;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1040,7 +1040,8 @@ mod tests {
 
     #[test]
     fn a_shards_file_lists_one_shard_a_line() {
-        let path = std::env::temp_dir().join(format!("permd-shards-{}", std::process::id()));
+        let scratch = crate::Scratch::new("shards");
+        let path = scratch.join("shards");
         let read = |text: &str| {
             std::fs::write(&path, text).expect("write the file");
             read_shards_file(&path).map_err(|e| format!("{e:#}"))

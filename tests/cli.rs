@@ -440,7 +440,8 @@ async fn a_service_of_the_service_file_names_the_database() {
         .split_whitespace()
         .map(|pair| pair.replace('\'', ""))
         .collect();
-    let file = std::env::temp_dir().join(format!("permd-services-{}", std::process::id()));
+    let scratch = common::scratch::Scratch::new("services");
+    let file = scratch.join("services");
     let write_service = |application_name: &str| {
         std::fs::write(
             &file,
@@ -490,7 +491,6 @@ async fn a_service_of_the_service_file_names_the_database() {
     );
     let (exit, _, _) = sigterm_and_wait(&mut running).await;
     assert!(exit.success(), "exit status {exit}");
-    std::fs::remove_file(&file).expect("rm the service file");
 }
 
 /// `permd serve` of `url` over HTTPS with `cert` and `key`, its log to `stderr`, once it
@@ -799,7 +799,8 @@ async fn json_logs_are_one_object_a_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_file_limit_is_raised_and_bounds_the_connections() {
     let db = database().await;
-    let log = std::env::temp_dir().join(format!("permd-nofile-{}.log", std::process::id()));
+    let scratch = common::scratch::Scratch::new("nofile");
+    let log = scratch.join("permd.log");
     let mut command = Command::new("sh");
     command
         .args([
@@ -855,7 +856,6 @@ async fn a_low_open_file_limit_is_raised_and_bounds_the_connections() {
         "{text}"
     );
     assert!(!text.contains("accept failed"), "{text}");
-    let _ = std::fs::remove_file(&log);
 }
 
 /// A daemon whose log reader went away (its stderr a pipe closed at the other end) goes on
@@ -997,7 +997,8 @@ async fn slow_clients_are_cut_off_and_others_served() {
 async fn the_token_never_leaks() {
     let db = database().await;
     let secret = "tok-3f9a1c7e5b";
-    let file = std::env::temp_dir().join(format!("permd-token-{}", std::process::id()));
+    let scratch = common::scratch::Scratch::new("token");
+    let file = scratch.join("token");
     std::fs::write(&file, format!("{secret}\n")).expect("write token file");
     let file_arg = file.to_str().expect("utf-8 path").to_owned();
     for (args, env) in [
@@ -1034,7 +1035,6 @@ async fn the_token_never_leaks() {
             assert!(!text.contains(secret), "token found in {what}");
         }
     }
-    let _ = std::fs::remove_file(file);
 }
 
 /// A one-off command's error names each cause once: sqlx's errors repeat their cause in
@@ -1120,7 +1120,8 @@ async fn sighup_serves_a_renewed_certificate() {
     let db = database().await;
     let first = common::SelfSigned::new("sighup-first");
     let renewed = common::SelfSigned::new("sighup-renewed");
-    let log = std::env::temp_dir().join(format!("permd-sighup-{}.log", std::process::id()));
+    let scratch = common::scratch::Scratch::new("sighup");
+    let log = scratch.join("permd.log");
     let (mut running, port) = serve_https(
         &db.url,
         &first.cert,
@@ -1170,7 +1171,6 @@ async fn sighup_serves_a_renewed_certificate() {
         text.contains("SIGHUP: the HTTPS certificate and client CAs read again"),
         "{text}"
     );
-    std::fs::remove_file(&log).expect("remove the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1491,8 +1491,7 @@ async fn route_reshards_on_sighup() {
     let db = database().await;
     readers(&db, 20).await;
     let (_whole, whole) = serve(&db.url, &[], &[]).await;
-    let scratch = std::env::temp_dir().join(format!("permd-reshard-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).expect("a scratch directory");
+    let scratch = common::scratch::Scratch::new("reshard");
     let (file, log) = (scratch.join("shards"), scratch.join("route.log"));
     let list = |ports: &[u16]| {
         let lines: Vec<String> = ports
@@ -1586,7 +1585,6 @@ async fn route_reshards_on_sighup() {
     let (status, _, _) = sigterm_and_wait(&mut running).await;
     let text = std::fs::read_to_string(&log).expect("the log");
     assert!(status.success(), "{text}");
-    std::fs::remove_dir_all(&scratch).expect("remove the scratch directory");
 }
 
 /// `permd demo --shards 2`: the same checks answered by `permd route` in front of two

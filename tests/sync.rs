@@ -1977,8 +1977,7 @@ async fn sslnegotiation_direct_starts_tls_at_once() {
         .expect("the cluster's port");
     let name = db.url.rsplit('/').next().expect("a database name");
     let ca = common::TestCa::new("permd direct CA");
-    let dir = std::env::temp_dir().join(format!("permd-direct-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("mkdir");
+    let dir = common::scratch::Scratch::new("direct");
     let trusted = ca.file(&dir, "ca.pem");
     let (cert_pem, key_pem) = ca.sign(&["localhost"], "localhost");
     let url = |proxy: u16, options: &str| {
@@ -2025,7 +2024,6 @@ async fn sslnegotiation_direct_starts_tls_at_once() {
         .expect_err("refused")
         .to_string();
     assert!(why.contains("needs sslmode=require"), "{why}");
-    std::fs::remove_dir_all(&dir).expect("rm -r");
 }
 
 /// libpq's `sslpassword` (a client key encrypted as PKCS#8) and `sslcrl`/`sslcrldir` (the

@@ -681,8 +681,7 @@ mod tests {
     /// would refuse is refused with its line.
     #[test]
     fn a_service_is_read_as_libpq_reads_it() {
-        let dir = std::env::temp_dir().join(format!("permd-service-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        let dir = crate::Scratch::new("service");
         let user_file = dir.join("user.conf");
         std::fs::write(
             &user_file,
@@ -773,7 +772,6 @@ mod tests {
         // What the service asks is read as if the URL asked it.
         let why = refused("[app]\nreplication=database\n", "service=app");
         assert!(why.contains("replication=database"), "{why}");
-        std::fs::remove_dir_all(&dir).expect("rm -r");
     }
 
     /// A URL is read as libpq reads it: its parts as the parameters they stand for, a port

@@ -331,8 +331,7 @@ mod tests {
         assert_eq!(lookup(file, "db1", 5432, "app", "nobody"), None);
         assert_eq!(lookup(file, "short", 5432, "line", "x"), None);
 
-        let dir = std::env::temp_dir().join(format!("permd-pgpass-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a directory");
+        let dir = crate::Scratch::new("pgpass");
         let path = dir.join("pgpass");
         std::fs::write(&path, file).expect("write the file");
         let config: Config = "host=/run/postgresql dbname=app user=sock"
@@ -357,7 +356,7 @@ mod tests {
         // Readable by others: not read, as libpq refuses it.
         mode(0o640);
         assert_eq!(password(&config, None, 0, &env), None);
-        std::fs::remove_dir_all(&dir).expect("remove the directory");
+        drop(dir);
         // The URL's password comes first; no file, no password.
         let given: Config = "host=h password=mine".parse().expect("a URL");
         assert_eq!(password(&given, None, 0, &env), Some(b"mine".to_vec()));

@@ -1068,7 +1068,7 @@ mod tests {
         assert_eq!(options.mode.as_deref(), Some("disable"));
         assert_eq!(options.root_cert.as_deref(), Some("/etc/ca.pem"));
         // Then the files of `~/.postgresql/` that exist, as libpq takes them.
-        let home = std::env::temp_dir().join(format!("permd-home-{}", std::process::id()));
+        let home = crate::Scratch::new("home");
         let dir = home.join(".postgresql");
         std::fs::create_dir_all(&dir).expect("create a temporary directory");
         for file in ["root.crt", "root.crl", "postgresql.crt"] {
@@ -1109,7 +1109,7 @@ mod tests {
                 in_home("postgresql.key")
             )
         );
-        std::fs::remove_dir_all(&home).expect("remove the temporary directory");
+        std::fs::remove_dir_all(&dir).expect("remove the temporary directory");
         let (_, options) = split_with("postgres://h/db", &env).expect("readable");
         assert_eq!(options, TlsOptions::default(), "no files, no options");
         let direct = |name: &str| (name == "PGSSLNEGOTIATION").then(|| "direct".to_owned());
@@ -1174,14 +1174,15 @@ mod tests {
             });
             assert!(why.starts_with(&format!("sslrootcert={missing}")), "{why}");
         }
-        let empty = std::env::temp_dir().join(format!("permd-empty-{}.pem", std::process::id()));
+        let scratch = crate::Scratch::new("empty-pem");
+        let empty = scratch.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").expect("write a temporary file");
         let why = refused(&TlsOptions {
             mode: Some("verify-full".into()),
             root_cert: Some(empty.display().to_string()),
             ..TlsOptions::default()
         });
-        std::fs::remove_file(&empty).expect("remove the temporary file");
+        drop(scratch);
         assert!(why.contains("holds no certificate"), "{why}");
         let why = refused(&TlsOptions {
             mode: Some("require".into()),
@@ -1192,8 +1193,7 @@ mod tests {
 
         // An encrypted key: OpenSSL's old encryption is refused with the command that
         // converts it, PKCS#8 without `sslpassword` with what to give.
-        let dir = std::env::temp_dir().join(format!("permd-keys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        let dir = crate::Scratch::new("keys");
         let file = |name: &str, contents: &str| {
             let path = dir.join(name);
             std::fs::write(&path, contents).expect("write a temporary file");
@@ -1217,7 +1217,7 @@ mod tests {
             "sealed.key",
             "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
         ));
-        std::fs::remove_dir_all(&dir).expect("remove the temporary directory");
+        drop(dir);
         assert!(legacy.contains("openssl pkcs8 -topk8"), "{legacy}");
         assert!(
             sealed.contains("the key is encrypted: give its password as sslpassword"),

@@ -4,6 +4,9 @@
 
 #![allow(dead_code, missing_docs)]
 
+#[path = "../../src/scratch.rs"]
+pub mod scratch;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
