@@ -297,13 +297,9 @@ impl Store {
         after: &str,
         limit: usize,
     ) -> Option<Listing> {
-        self.inner.state.load().quick_objects_of(
-            subject,
-            permission,
-            after,
-            limit,
-            &mut Now::lazy(),
-        )
+        let quick = Some(state::QUICK_LISTING);
+        let state = self.inner.state.load();
+        state.objects_within(subject, permission, after, limit, &mut Now::lazy(), quick)
     }
 
     /// The limits of `subject` (its own over those of `*`).

@@ -1031,29 +1031,19 @@ impl State {
         limit: usize,
         now: &mut Now,
     ) -> Listing {
-        self.list(subject, permission, after, limit, now, None)
+        self.objects_within(subject, permission, after, limit, now, None)
             .unwrap_or_default()
     }
 
-    /// `objects_of`, if it takes some tens of microseconds at most (`QUICK_LISTING`);
-    /// else `None`, found at once or after about that much work: what is not quick is
-    /// better done off a thread that answers checks. Quick is a plan expected to cost
-    /// that for the subject's grant count, `*`'s and the names' (a step a name listed
-    /// included, for its copy and its JSON), and that needs no sort of the names first;
-    /// a walk that looks up more than that is given up, not sent to the pass.
-    pub(crate) fn quick_objects_of(
-        &self,
-        subject: &str,
-        permission: &str,
-        after: &str,
-        limit: usize,
-        now: &mut Now,
-    ) -> Option<Listing> {
-        self.list(subject, permission, after, limit, now, Some(QUICK_LISTING))
-    }
-
-    /// `objects_of` within `bound`, in `Plan::of`'s tenths of a step, if there is one.
-    fn list(
+    /// `objects_of`, within `bound` if there is one (in `Plan::of`'s tenths of a step);
+    /// `None`, found at once or after about that much work, when it is not. With
+    /// `QUICK_LISTING`, a quick listing: one that takes some tens of microseconds at most;
+    /// what is not quick is better done off a thread that answers checks. Within a bound
+    /// is a plan expected to cost no more for the subject's grant count, `*`'s and the
+    /// names' (a step a name listed included, for its copy and its JSON), and that needs
+    /// no sort of the names first; a walk that looks up more is given up, not sent to the
+    /// pass.
+    pub(crate) fn objects_within(
         &self,
         subject: &str,
         permission: &str,
@@ -1829,9 +1819,9 @@ impl Plan {
     }
 }
 
-/// The expected cost of a listing `State::quick_objects_of` makes, in `Plan::of`'s
+/// The bound of a quick listing (`Store::quick_objects_of`), in `Plan::of`'s
 /// tenths of a step: 2,000 steps of the pass, some tens of microseconds.
-const QUICK_LISTING: usize = 20_000;
+pub(crate) const QUICK_LISTING: usize = 20_000;
 
 /// Names a walk probes before it judges its pace (`walk`).
 const WALK_PATIENCE: usize = 1_024;
@@ -3113,9 +3103,14 @@ mod tests {
                             assert_eq!(listed, expected[..expected.len().min(limit)], "{what}");
                             assert_eq!(page.more, expected.len() > limit, "{what}");
                             let mut now = Now::fixed(NOW);
-                            if let Some(quick) =
-                                state.quick_objects_of(subject, permission, after, limit, &mut now)
-                            {
+                            if let Some(quick) = state.objects_within(
+                                subject,
+                                permission,
+                                after,
+                                limit,
+                                &mut now,
+                                Some(QUICK_LISTING),
+                            ) {
                                 assert_eq!(quick, page, "{what}, quick");
                             }
                         }
@@ -3290,7 +3285,14 @@ mod tests {
         }
         let state = builder.finish();
         let quick = |subject: &str, limit: usize| {
-            let quick = state.quick_objects_of(subject, "read", "", limit, &mut Now::lazy());
+            let quick = state.objects_within(
+                subject,
+                "read",
+                "",
+                limit,
+                &mut Now::lazy(),
+                Some(QUICK_LISTING),
+            );
             if let Some(page) = &quick {
                 let all = state.objects_of(subject, "read", "", limit, &mut Now::lazy());
                 assert_eq!((&page.objects, page.more), (&all.objects, all.more));
@@ -3325,7 +3327,14 @@ mod tests {
         state.objects_of("most", "read", "", 1, &mut Now::lazy());
         let quick = |limit| {
             state
-                .quick_objects_of("most", "read", "", limit, &mut Now::lazy())
+                .objects_within(
+                    "most",
+                    "read",
+                    "",
+                    limit,
+                    &mut Now::lazy(),
+                    Some(QUICK_LISTING),
+                )
                 .is_some()
         };
         assert!(quick(100));
