@@ -1213,7 +1213,7 @@ impl State {
             let mut names: Vec<(&str, u32)> = named.collect();
             let more = names.len() > listed.limit;
             if more {
-                // The `listed.limit` first names, in no order, then sorted: a page of a long
+                // The `limit` first names, in no order, then sorted: a page of a long
                 // listing sorts only itself.
                 names.select_nth_unstable(listed.limit);
                 names.truncate(listed.limit);
@@ -1460,7 +1460,6 @@ impl State {
         self.note_public(subject);
     }
 
-    /// Re-reads whether subject `*` exists after a write to `subject`.
     /// Counts `*`'s grants by permission (`public_held`) afresh.
     fn count_public(&self) {
         let mut counts = Vec::new();
@@ -1511,6 +1510,7 @@ impl State {
         counts.get(permission as usize).copied().unwrap_or(0)
     }
 
+    /// Re-reads whether subject `*` exists after a write to `subject`.
     fn note_public(&self, subject: &str) {
         if subject == WILDCARD {
             self.has_public
