@@ -586,6 +586,10 @@ impl Chunks {
 }
 
 impl SubjectEntry {
+    fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
     /// The bytes of the heap the entry holds: its grants' (`Grants::heap_bytes`) and its
     /// limits'.
     fn heap_bytes(&self) -> usize {
@@ -1102,41 +1106,58 @@ impl State {
         // Sorted (once a generation) before the names are locked below, as it reads them.
         let order = self.object_order();
         let built = self.objects.built();
-        self.objects.with_names(|all| {
-            let page = |own: Option<&Grants>, public: Option<&Grants>, now: &mut Now| {
-                let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
-                    grants
-                        .and_then(|g| g.get(o, &self.packed))
-                        .is_some_and(|g| g.allows(listed.permission, now))
-                };
-                let walked = walk(
-                    from_after(order, all, listed.after),
-                    listed.limit.saturating_add(1),
-                    budget,
-                    |o| holds(own, o, now) || holds(public, o, now),
-                )?;
-                let mut since = |grants: Option<&Grants>| {
-                    grants.map_or_else(Vec::new, |g| {
-                        allowed(g.iter_from(built, &self.packed), listed.permission, now)
-                    })
-                };
-                let since = merge_sorted(since(own), &since(public));
-                Some(page_of_walk(all, walked, since, listed.after, listed.limit))
-            };
-            if !listed.public {
-                // The subject's shard alone is locked while it walks.
-                let own = self.subjects.get(listed.subject);
-                return page(own.as_deref().map(|entry| &entry.grants), None, now);
-            }
-            // The two entries under the same locks (every shard's): a second read lock on
-            // a shard this thread holds could wait behind a queued writer for ever. `*`'s
-            // grants are looked up, not listed first: `*` may hold millions of them.
-            let subject = std::iter::once(listed.subject);
-            self.subjects.read_all(subject, |entries, entry_of| {
-                let own = entries[0].map(|entry| &entry.grants);
-                let public = entry_of(WILDCARD).map(|entry| &entry.grants);
-                page(own, public, now)
+        let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
+            grants
+                .and_then(|g| g.get(o, &self.packed))
+                .is_some_and(|g| g.allows(listed.permission, now))
+        };
+        // The objects named since the generation was built, which the order does not have.
+        let since = |grants: Option<&Grants>, now: &mut Now| {
+            grants.map_or_else(Vec::new, |g| {
+                allowed(g.iter_from(built, &self.packed), listed.permission, now)
             })
+        };
+        self.objects.with_names(|all| {
+            let order = from_after(order, all, listed.after);
+            let mut walk = Walk::new(listed.limit.saturating_add(1), budget);
+            let since = if listed.public {
+                // Both entries under the same locks, every shard's: a second read lock on
+                // a shard this thread holds could wait behind a queued writer for ever.
+                // Taken again every `WALK_CHUNK` names, so that the writer waits at most
+                // that long. `*`'s grants are looked up, not listed first: `*` may hold
+                // millions of them.
+                let subject = || std::iter::once(listed.subject);
+                for chunk in order.chunks(WALK_CHUNK) {
+                    let full = self.subjects.read_all(subject(), |entries, entry_of| {
+                        let own = entries[0].map(SubjectEntry::grants);
+                        let public = entry_of(WILDCARD).map(SubjectEntry::grants);
+                        walk.go(chunk, |o| holds(own, o, now) || holds(public, o, now))
+                    })?;
+                    if full {
+                        break;
+                    }
+                }
+                self.subjects.read_all(subject(), |entries, entry_of| {
+                    let own = since(entries[0].map(SubjectEntry::grants), now);
+                    merge_sorted(
+                        own,
+                        &since(entry_of(WILDCARD).map(SubjectEntry::grants), now),
+                    )
+                })
+            } else {
+                // The subject's shard alone is locked while it walks.
+                let entry = self.subjects.get(listed.subject);
+                let own = entry.as_deref().map(SubjectEntry::grants);
+                walk.go(order, |o| holds(own, o, now))?;
+                since(own, now)
+            };
+            Some(page_of_walk(
+                all,
+                walk.found,
+                since,
+                listed.after,
+                listed.limit,
+            ))
         })
     }
 
@@ -1846,23 +1867,57 @@ fn walk(
     order: &[u32],
     want: usize,
     budget: usize,
-    mut holds: impl FnMut(u32) -> bool,
+    holds: impl FnMut(u32) -> bool,
 ) -> Option<Vec<u32>> {
-    let mut found = Vec::new();
-    for (probed, &o) in order.iter().enumerate() {
-        if found.len() == want {
-            break;
-        }
-        let slow = probed >= WALK_PATIENCE
-            && probed.saturating_mul(want) > budget.saturating_mul(found.len() + 1);
-        if probed == budget || slow {
-            return None;
-        }
-        if holds(o) {
-            found.push(o);
+    let mut walk = Walk::new(want, budget);
+    walk.go(order, holds)?;
+    Some(walk.found)
+}
+
+/// Names a look-up walk probes under one taking of every shard's lock
+/// (`State::page_by_look_up`): some hundreds of microseconds.
+const WALK_CHUNK: usize = 4_096;
+
+/// A walk under way (`walk`), which may go on over the order a slice at a time.
+struct Walk {
+    want: usize,
+    budget: usize,
+    /// The ids kept so far.
+    found: Vec<u32>,
+    /// The names probed so far.
+    probed: usize,
+}
+
+impl Walk {
+    fn new(want: usize, budget: usize) -> Self {
+        Self {
+            want,
+            budget,
+            found: Vec::new(),
+            probed: 0,
         }
     }
-    Some(found)
+
+    /// Goes on over `order`, the names after those probed so far: whether it has found
+    /// `want` (else `order` ended first); `None` once given up (`walk`).
+    fn go(&mut self, order: &[u32], mut holds: impl FnMut(u32) -> bool) -> Option<bool> {
+        for &o in order {
+            if self.found.len() == self.want {
+                return Some(true);
+            }
+            let slow = self.probed >= WALK_PATIENCE
+                && self.probed.saturating_mul(self.want)
+                    > self.budget.saturating_mul(self.found.len() + 1);
+            if self.probed == self.budget || slow {
+                return None;
+            }
+            self.probed += 1;
+            if holds(o) {
+                self.found.push(o);
+            }
+        }
+        Some(self.found.len() == self.want)
+    }
 }
 
 /// Adds `by` to the count of each permission `grant` holds.
@@ -3330,6 +3385,38 @@ mod tests {
             assert_eq!(counted(&state), scanned(&state), "after write {k}");
         }
         assert_eq!(counted(&state.rebuilt()), scanned(&state));
+    }
+
+    /// A look-up walk that probes more names than `WALK_CHUNK` (here ~5,000: one name in
+    /// 50 held with the permission, `*` holding it on ten) goes on where it stopped each
+    /// time it takes the locks again: the page is the one a pass finds.
+    #[test]
+    fn a_long_look_up_walk_goes_on_across_chunks() {
+        const OBJECTS: usize = 40_000;
+        let mut builder = StateBuilder::new();
+        for o in 0..OBJECTS {
+            let permission = if o % 50 == 0 { "read" } else { "write" };
+            builder.tuple("u", &format!("doc:{o:05}"), permission, None);
+        }
+        for o in 1..=10 {
+            builder.tuple("*", &format!("doc:{o:05}"), "read", None);
+        }
+        let state = builder.finish();
+        LISTED.with(|listed| listed.borrow_mut().clear());
+        let page = state.objects_of("u", "read", "", 100, &mut Now::lazy());
+        let listed = LISTED.with(|listed| listed.take());
+        assert!(
+            matches!(listed[..], [(Plan::LookUp { budget }, true)] if budget > WALK_CHUNK),
+            "{listed:?}"
+        );
+        let expected: Vec<String> = (0..OBJECTS)
+            .filter(|o| o % 50 == 0 || (1..=10).contains(o))
+            .map(|o| format!("doc:{o:05}"))
+            .take(100)
+            .collect();
+        let names: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
+        assert_eq!(names, expected);
+        assert!(page.more);
     }
 
     /// A walk stops at `want`, gives up at its budget, and past its patience as soon as
