@@ -1118,39 +1118,20 @@ impl State {
             })
         };
         self.objects.with_names(|all| {
-            let order = from_after(order, all, listed.after);
             let mut walk = Walk::new(listed.limit.saturating_add(1), budget);
-            let since = if listed.public {
-                // Both entries under the same locks, every shard's: a second read lock on
-                // a shard this thread holds could wait behind a queued writer for ever.
-                // Taken again every `WALK_CHUNK` names, so that the writer waits at most
-                // that long. `*`'s grants are looked up, not listed first: `*` may hold
-                // millions of them.
-                let subject = || std::iter::once(listed.subject);
-                for chunk in order.chunks(WALK_CHUNK) {
-                    let full = self.subjects.read_all(subject(), |entries, entry_of| {
-                        let own = entries[0].map(SubjectEntry::grants);
-                        let public = entry_of(WILDCARD).map(SubjectEntry::grants);
-                        walk.go(chunk, |o| holds(own, o, now) || holds(public, o, now))
-                    })?;
-                    if full {
-                        break;
-                    }
+            // The locks are let go and taken again every `WALK_CHUNK` names, so that the
+            // writer waits at most that long; the walk goes on where it stopped.
+            for chunk in from_after(order, all, listed.after).chunks(WALK_CHUNK) {
+                let full = self.with_grants(listed, |own, public| {
+                    walk.go(chunk, |o| holds(own, o, now) || holds(public, o, now))
+                })?;
+                if full {
+                    break;
                 }
-                self.subjects.read_all(subject(), |entries, entry_of| {
-                    let own = since(entries[0].map(SubjectEntry::grants), now);
-                    merge_sorted(
-                        own,
-                        &since(entry_of(WILDCARD).map(SubjectEntry::grants), now),
-                    )
-                })
-            } else {
-                // The subject's shard alone is locked while it walks.
-                let entry = self.subjects.get(listed.subject);
-                let own = entry.as_deref().map(SubjectEntry::grants);
-                walk.go(order, |o| holds(own, o, now))?;
-                since(own, now)
-            };
+            }
+            let since = self.with_grants(listed, |own, public| {
+                merge_sorted(since(own, now), &since(public, now))
+            });
             Some(page_of_walk(
                 all,
                 walk.found,
@@ -1159,6 +1140,26 @@ impl State {
                 listed.limit,
             ))
         })
+    }
+
+    /// Calls `f` with the subject's grants and, when `*` may hold the permission, `*`'s:
+    /// under the subject's shard lock, or with `*`'s under every shard's, as a batch
+    /// reads them (a second read lock on a shard this thread holds could wait behind a
+    /// queued writer for ever).
+    fn with_grants<R>(
+        &self,
+        listed: Listed<'_>,
+        f: impl FnOnce(Option<&Grants>, Option<&Grants>) -> R,
+    ) -> R {
+        let subject = std::iter::once(listed.subject);
+        if listed.public {
+            return self.subjects.read_all(subject, |entries, entry_of| {
+                let public = entry_of(WILDCARD).map(SubjectEntry::grants);
+                f(entries[0].map(SubjectEntry::grants), public)
+            });
+        }
+        let entry = self.subjects.get(listed.subject);
+        f(entry.as_deref().map(SubjectEntry::grants), None)
     }
 
     /// A page by a walk of the names in order from `after`, each looked up in a bitset of
@@ -2834,6 +2835,8 @@ mod tests {
                 done.send(rounds).expect("the test waits");
             });
         }
+        // A listing thread that panics lets go of its sender: the wait below ends then.
+        drop(done);
         for k in 0..3_000 {
             let new = format!("new:{k}");
             let churn = format!("doc:c{}", k % 50);
@@ -3388,35 +3391,43 @@ mod tests {
     }
 
     /// A look-up walk that probes more names than `WALK_CHUNK` (here ~5,000: one name in
-    /// 50 held with the permission, `*` holding it on ten) goes on where it stopped each
-    /// time it takes the locks again: the page is the one a pass finds.
+    /// 50 held with the permission) goes on where it stopped each time it takes the
+    /// locks again, with `*` (holding `read` on ten more, every shard locked) and without
+    /// (`view`, the subject's shard): the page is the one a pass finds.
     #[test]
     fn a_long_look_up_walk_goes_on_across_chunks() {
         const OBJECTS: usize = 40_000;
         let mut builder = StateBuilder::new();
         for o in 0..OBJECTS {
-            let permission = if o % 50 == 0 { "read" } else { "write" };
-            builder.tuple("u", &format!("doc:{o:05}"), permission, None);
+            let name = format!("doc:{o:05}");
+            if o % 50 == 0 {
+                builder.tuple("u", &name, "read", None);
+                builder.tuple("u", &name, "view", None);
+            } else {
+                builder.tuple("u", &name, "write", None);
+            }
         }
         for o in 1..=10 {
             builder.tuple("*", &format!("doc:{o:05}"), "read", None);
         }
         let state = builder.finish();
-        LISTED.with(|listed| listed.borrow_mut().clear());
-        let page = state.objects_of("u", "read", "", 100, &mut Now::lazy());
-        let listed = LISTED.with(|listed| listed.take());
-        assert!(
-            matches!(listed[..], [(Plan::LookUp { budget }, true)] if budget > WALK_CHUNK),
-            "{listed:?}"
-        );
-        let expected: Vec<String> = (0..OBJECTS)
-            .filter(|o| o % 50 == 0 || (1..=10).contains(o))
-            .map(|o| format!("doc:{o:05}"))
-            .take(100)
-            .collect();
-        let names: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
-        assert_eq!(names, expected);
-        assert!(page.more);
+        for (permission, public) in [("read", 1..11), ("view", 0..0)] {
+            LISTED.with(|listed| listed.borrow_mut().clear());
+            let page = state.objects_of("u", permission, "", 100, &mut Now::lazy());
+            let listed = LISTED.with(|listed| listed.take());
+            assert!(
+                matches!(listed[..], [(Plan::LookUp { budget }, true)] if budget > WALK_CHUNK),
+                "{permission}: {listed:?}"
+            );
+            let expected: Vec<String> = (0..OBJECTS)
+                .filter(|o| o % 50 == 0 || public.contains(o))
+                .map(|o| format!("doc:{o:05}"))
+                .take(100)
+                .collect();
+            let names: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
+            assert_eq!(names, expected, "{permission}");
+            assert!(page.more, "{permission}");
+        }
     }
 
     /// A walk stops at `want`, gives up at its budget, and past its patience as soon as
