@@ -381,6 +381,9 @@ async fn batch_bodies_are_validated() {
     for (what, content_type, body, expected) in cases {
         let (status, answer) = post(&r, "/v1/check", content_type, body).await;
         assert_json_error(status, &answer, expected, what);
+        if what == "body over the limit" {
+            assert_eq!(answer["error"], "the body is over the limit (--body-limit)");
+        }
     }
     let (status, answer) = post(&r, "/v1/check", json_type, deep).await;
     assert_eq!(

@@ -245,7 +245,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let rejected = |e: JsonRejection| ApiError::Invalid {
             status: e.status(),
-            message: e.body_text(),
+            // A body sent without a length, over the limit once read that far (one that
+            // says its length is refused before it is read, by the `guard` layer).
+            message: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "the body is over the limit (--body-limit)".to_owned()
+            } else {
+                e.body_text()
+            },
         };
         let plain = request
             .headers()
