@@ -399,6 +399,12 @@ pub struct ServerArgs {
     /// `overloaded` (probes are never shed).
     #[arg(long, env = "PERMD_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight: u64,
+    /// Most answers made on blocking threads at once (listings that are not quick,
+    /// digests, subjects' rows), each of which may hold tens of megabytes while it is
+    /// made; more wait their turn up to the request timeout, then 503 `overloaded`.
+    /// Default: the number of CPUs.
+    #[arg(long, env = "PERMD_MAX_BLOCKING_ANSWERS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_blocking_answers: Option<u64>,
     /// Most open client connections; further clients wait to be accepted.
     #[arg(long, env = "PERMD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
@@ -435,7 +441,7 @@ impl ServerArgs {
         sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
         sync.compaction_pct = self.compaction_pct;
         sync.shard = self.shard;
-        let http = HttpConfig {
+        let mut http = HttpConfig {
             token,
             max_batch: usize::try_from(self.max_batch).unwrap_or(usize::MAX),
             max_wait: Duration::from_millis(self.max_wait_ms),
@@ -446,7 +452,11 @@ impl ServerArgs {
                 .then(|| Duration::from_millis(self.answer_max_lag_ms)),
             max_in_flight: usize::try_from(self.max_in_flight).unwrap_or(usize::MAX),
             shard: self.shard,
+            ..HttpConfig::default()
         };
+        if let Some(most) = self.max_blocking_answers {
+            http.max_blocking_answers = usize::try_from(most).unwrap_or(usize::MAX);
+        }
         let server = ServerLimits {
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             header_timeout: Duration::from_millis(self.header_timeout_ms),
@@ -480,6 +490,30 @@ mod tests {
         argv.extend_from_slice(args);
         let serve = parse(&argv);
         format!("{:#}", serve.server.settings("u").expect_err("refused"))
+    }
+
+    /// `--max-blocking-answers` sets the turns of answers made on blocking threads, the
+    /// number of CPUs without it; none is refused.
+    #[test]
+    fn blocking_answers_default_to_the_cpus() {
+        let turns = |args: &[&str]| {
+            let mut argv = vec!["permd", "serve", "--database-url", "u"];
+            argv.extend_from_slice(args);
+            let settings = parse(&argv).server.settings("u").expect("settings");
+            settings.http.max_blocking_answers
+        };
+        assert_eq!(turns(&["--max-blocking-answers", "3"]), 3);
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(turns(&[]), cpus);
+        let none = [
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--max-blocking-answers",
+            "0",
+        ];
+        assert!(Cli::try_parse_from(none).is_err());
     }
 
     #[test]

@@ -321,8 +321,9 @@ pub(super) async fn objects(
         let answer = ObjectsAnswer::new(page, permission, revision, subject);
         return Ok(Json(answer).into_response());
     }
-    blocking_answer(move || {
-        let page = app.store.objects_of(&subject, &permission, &after, limit);
+    let store = app.store.clone();
+    blocking_answer(&app, move || {
+        let page = store.objects_of(&subject, &permission, &after, limit);
         ObjectsAnswer::new(page, permission, revision, subject)
     })
     .await
@@ -331,12 +332,27 @@ pub(super) async fn objects(
 /// What `answer` makes, as a JSON response, made and written on a blocking thread: for
 /// answers that may take tens of milliseconds or more (a listing, every subject's
 /// digest), which would hold a worker that serves checks. Costs a hop to another thread,
-/// ~35 us of CPU (benches/README.md, "Listing a subject's objects"). A panic there, or an
-/// answer that does not serialize, is logged and answered 500 `internal`.
+/// ~35 us of CPU (benches/README.md, "Listing a subject's objects"). At most
+/// `max_blocking_answers` are made at once, as each may hold tens of megabytes (a
+/// thousand whole listings of a million names at once would have held tens of
+/// gigabytes); one that waits longer than the request timeout for its turn is answered
+/// 503 `overloaded`. A panic there, or an answer that does not serialize, is logged and
+/// answered 500 `internal`.
 async fn blocking_answer<T: Serialize>(
+    app: &App,
     answer: impl FnOnce() -> T + Send + 'static,
 ) -> Result<Response, ApiError> {
-    let made = tokio::task::spawn_blocking(move || serde_json::to_vec(&answer())).await;
+    let turn = app.blocking.clone().acquire_owned();
+    let Ok(Ok(turn)) = tokio::time::timeout(app.config.request_timeout, turn).await else {
+        app.metrics.shed();
+        return Err(ApiError::Overloaded);
+    };
+    let made = tokio::task::spawn_blocking(move || {
+        let body = serde_json::to_vec(&answer());
+        drop(turn);
+        body
+    })
+    .await;
     let body = match made {
         Ok(Ok(body)) => body,
         Ok(Err(error)) => {
@@ -475,7 +491,7 @@ pub(super) async fn digest(
     // Read the revision before the digest: the state can only be newer than it.
     let revision = app.store.watermark().to_string();
     let store = app.store.clone();
-    blocking_answer(move || {
+    blocking_answer(&app, move || {
         if by_subject {
             let mut subjects = store.subject_digests();
             subjects.sort_unstable();
@@ -530,8 +546,9 @@ pub(super) async fn rows(
 ) -> Result<Response, ApiError> {
     app.subject(&subject)?;
     let revision = app.fresh(q.at_least.as_ref()).await?;
-    blocking_answer(move || {
-        let rows = app.store.rows_of(&subject);
+    let store = app.store.clone();
+    blocking_answer(&app, move || {
+        let rows = store.rows_of(&subject);
         RowsAnswer {
             limits: rows.limits,
             revision: revision.to_string(),
@@ -573,10 +590,23 @@ pub(super) async fn metrics(State(app): State<App>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
+    use crate::sync::Status;
+    use std::time::Duration;
+
+    /// The handler state with `max_blocking_answers` and the request timeout given.
+    fn app(max_blocking_answers: usize, request_timeout: Duration) -> App {
+        let config = super::super::HttpConfig {
+            max_blocking_answers,
+            request_timeout,
+            ..Default::default()
+        };
+        App::new(Store::new(), Status::default(), config)
+    }
 
     /// An answer made on a blocking thread that panics, or that does not serialize, is a
-    /// 500 `internal` (it was a 503 `timeout`, which asks the caller to retry); one that is
-    /// made is a 200 with its JSON.
+    /// 500 `internal` (it was a 503 `timeout`, which asks the caller to retry), and lets
+    /// go of its turn; one that is made is a 200 with its JSON.
     #[tokio::test]
     async fn a_failed_blocking_answer_is_an_internal_error() {
         struct Unwritable;
@@ -585,14 +615,15 @@ mod tests {
                 Err(serde::ser::Error::custom("on purpose"))
             }
         }
-        let panicked = blocking_answer(|| -> u8 { panic!("on purpose") }).await;
+        let app = app(1, Duration::from_secs(10));
+        let panicked = blocking_answer(&app, || -> u8 { panic!("on purpose") }).await;
         assert!(matches!(panicked, Err(ApiError::Internal)), "{panicked:?}");
-        let unwritable = blocking_answer(|| Unwritable).await;
+        let unwritable = blocking_answer(&app, || Unwritable).await;
         assert!(
             matches!(unwritable, Err(ApiError::Internal)),
             "{unwritable:?}"
         );
-        let made = blocking_answer(|| [7]).await.expect("made");
+        let made = blocking_answer(&app, || [7]).await.expect("made");
         assert_eq!(made.status(), StatusCode::OK);
         let body = axum::body::to_bytes(made.into_body(), 64)
             .await
@@ -602,5 +633,38 @@ mod tests {
             ApiError::Internal.into_response().status(),
             StatusCode::INTERNAL_SERVER_ERROR
         );
+    }
+
+    /// At most `max_blocking_answers` answers are made at once: one more waits for a
+    /// turn, and is answered 503 `overloaded` once the request timeout has passed; the
+    /// turn, let go, serves the next.
+    #[tokio::test]
+    async fn answers_made_on_blocking_threads_take_turns() {
+        let app = app(1, Duration::from_millis(100));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn({
+            let app = app.clone();
+            async move { blocking_answer(&app, move || held.recv().map_or(0, |()| 1)).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app.blocking.available_permits() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first never took its turn"
+            );
+            tokio::task::yield_now().await;
+        }
+        let second = blocking_answer(&app, || 2).await;
+        assert!(matches!(second, Err(ApiError::Overloaded)), "{second:?}");
+        release.send(()).expect("the first waits");
+        let first = first.await.expect("no panic").expect("the first is made");
+        let body = axum::body::to_bytes(first.into_body(), 64)
+            .await
+            .expect("body");
+        assert_eq!(&body[..], b"1");
+        let third = blocking_answer(&app, || 3)
+            .await
+            .expect("the turn is free again");
+        assert_eq!(third.status(), StatusCode::OK);
     }
 }

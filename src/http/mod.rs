@@ -95,6 +95,11 @@ pub struct HttpConfig {
     /// Most API requests in flight at once; more are shed at once with 503 `overloaded`.
     /// Probes (`/livez`, `/readyz`) are never shed.
     pub max_in_flight: usize,
+    /// Most answers made on blocking threads at once (listings that are not quick,
+    /// digests, subjects' rows): each may hold tens of megabytes while it is made (a
+    /// million names and their JSON). More wait for one to end, up to
+    /// `request_timeout`, then are answered 503 `overloaded`.
+    pub max_blocking_answers: usize,
     /// The subjects this daemon mirrors (`--shard`); requests about others are answered
     /// 421 with their owner.
     pub shard: Shard,
@@ -111,6 +116,7 @@ impl Default for HttpConfig {
             ready_max_lag: Duration::from_secs(10),
             answer_max_lag: None,
             max_in_flight: 1024,
+            max_blocking_answers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             shard: Shard::WHOLE,
         }
     }
@@ -129,6 +135,8 @@ pub struct Shared {
     config: HttpConfig,
     /// Admission control: API requests being served, against `max_in_flight`.
     in_flight: InFlight,
+    /// Answers being made on blocking threads, against `max_blocking_answers`.
+    blocking: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for App {
@@ -143,12 +151,14 @@ impl App {
     /// The handler state over `store` and `status`.
     pub fn new(store: Store, status: Status, config: HttpConfig) -> Self {
         let in_flight = InFlight::new(config.max_in_flight);
+        let blocking = Arc::new(tokio::sync::Semaphore::new(config.max_blocking_answers));
         Self(Arc::new(Shared {
             store,
             status,
             metrics: Metrics::default(),
             config,
             in_flight,
+            blocking,
         }))
     }
 
