@@ -503,6 +503,18 @@ mod tests {
             settings.http.max_blocking_answers
         };
         assert_eq!(turns(&["--max-blocking-answers", "3"]), 3);
+        // More than a semaphore counts: served with as many as it does.
+        let many = turns(&["--max-blocking-answers", "18446744073709551615"]);
+        let status = crate::sync::Status::default();
+        let config = HttpConfig {
+            max_blocking_answers: many,
+            ..HttpConfig::default()
+        };
+        drop(crate::http::App::new(
+            crate::store::Store::new(),
+            status,
+            config,
+        ));
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         assert_eq!(turns(&[]), cpus);
         let none = [

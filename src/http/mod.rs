@@ -151,7 +151,9 @@ impl App {
     /// The handler state over `store` and `status`.
     pub fn new(store: Store, status: Status, config: HttpConfig) -> Self {
         let in_flight = InFlight::new(config.max_in_flight);
-        let blocking = Arc::new(tokio::sync::Semaphore::new(config.max_blocking_answers));
+        // At least one, and no more than a semaphore can count (it panics past that).
+        let turns = (config.max_blocking_answers).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        let blocking = Arc::new(tokio::sync::Semaphore::new(turns));
         Self(Arc::new(Shared {
             store,
             status,
