@@ -249,7 +249,7 @@ impl Metrics {
             ("permd_refused_notifications_total", "counter", "Notifications whose rows were not applied: unsigned, not verifying under permd.notify_key, or replayed (forged, or triggers older than migration 0006).", report.refused_notifications as f64),
             ("permd_dropped_notifications_total", "counter", "Notifications dropped because too many waited for the applier; their commits are read from the changelog.", report.dropped_notifications as f64),
             ("permd_stale_total", "counter", "Requests answered 503 stale (at_least not reached in time).", get(&self.stale) as f64),
-            ("permd_shed_total", "counter", "Requests shed with 503 overloaded (too many in flight).", get(&self.shed) as f64),
+            ("permd_shed_total", "counter", "Requests shed with 503 overloaded: too many in flight, or a listing, digest or rows whose turn on the blocking threads (--max-blocking-answers) did not come within the request timeout.", get(&self.shed) as f64),
             ("permd_loading_total", "counter", "Requests answered 503 loading: before the first full load.", get(&self.unanswerable[0]) as f64),
             ("permd_behind_total", "counter", "Requests answered 503 behind: the mirror not caught up with Postgres for longer than --answer-max-lag-ms.", get(&self.unanswerable[1]) as f64),
             ("permd_misdirected_total", "counter", "Requests answered 421 misdirected: about a subject of another shard (--shard), sent here by a router that hashes differently or counts other shards.", get(&self.misdirected) as f64),
