@@ -3,7 +3,7 @@
 
 use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use dashmap::DashMap;
 use hashbrown::HashTable;
@@ -41,9 +41,38 @@ pub(crate) struct Interner {
     /// How many names `recent` holds (counted by the single writer; `DashMap::len` locks
     /// every shard).
     recent_count: AtomicUsize,
-    /// Id to name, for listing and the digest. A `RwLock` because reads are rare (listing)
-    /// and the single writer only appends.
-    names: RwLock<Vec<Arc<str>>>,
+    /// Id to name of the names interned while the generation was built (`0..built`):
+    /// appended to only through `&mut`, then read without a lock.
+    built_names: Vec<Arc<str>>,
+    /// Id to name of the names interned since (`built..`), offset by `built`. The single
+    /// writer appends while readers read, neither waiting on the other: an append-only
+    /// vector whose elements never move. Until session 43 every name was in one
+    /// `RwLock<Vec>`, and a reader held its read lock for a whole digest or listing,
+    /// while the writer waited to name a new object (a digest of 3M rows: ~1 s).
+    recent_names: boxcar::Vec<Arc<str>>,
+}
+
+/// Every name an interner has handed an id out for, read without a lock: those interned
+/// after the view was taken too.
+#[derive(Clone, Copy)]
+pub(crate) struct Names<'a> {
+    built: &'a [Arc<str>],
+    recent: &'a boxcar::Vec<Arc<str>>,
+}
+
+impl<'a> Names<'a> {
+    /// The name of `id`; empty for an id the interner never handed out.
+    pub(crate) fn name(self, id: u32) -> &'a str {
+        self.get(id).map_or("", |name| name)
+    }
+
+    pub(crate) fn get(self, id: u32) -> Option<&'a Arc<str>> {
+        let id = id as usize;
+        match self.built.get(id) {
+            Some(name) => Some(name),
+            None => self.recent.get(id - self.built.len()),
+        }
+    }
 }
 
 impl Interner {
@@ -55,7 +84,8 @@ impl Interner {
             recent: DashMap::with_hasher(Hasher::default()),
             has_recent: AtomicBool::new(false),
             recent_count: AtomicUsize::new(0),
-            names: RwLock::new(Vec::with_capacity(capacity)),
+            built_names: Vec::with_capacity(capacity),
+            recent_names: boxcar::Vec::new(),
         }
     }
 
@@ -91,7 +121,8 @@ impl Interner {
         }
         // The frozen tier's ids are `0..built()`: nothing may have been interned since.
         debug_assert!(!self.has_recent.load(Ordering::Relaxed));
-        let id = self.push(Arc::from(name));
+        let id = u32::try_from(self.built_names.len()).unwrap_or(u32::MAX);
+        self.built_names.push(Arc::from(name));
         let hasher = &self.hasher;
         if is_short(name) {
             self.frozen
@@ -115,7 +146,8 @@ impl Interner {
         if let Some(id) = self.get(name) {
             return id;
         }
-        let id = self.push(Arc::from(name));
+        let id = self.built_names.len() + self.recent_names.push(Arc::from(name));
+        let id = u32::try_from(id).unwrap_or(u32::MAX);
         self.recent.insert(Name::from(name), id);
         // Release: a reader that sees the flag also sees the insert.
         self.has_recent.store(true, Ordering::Release);
@@ -142,34 +174,24 @@ impl Interner {
     /// of ties sorted again on the 8 bytes after: most comparisons compare two numbers,
     /// where comparing the names reads each from memory (`doc:` and 50,000 numbers: ~2 ms).
     pub(crate) fn built_by_name(&self, from: u32) -> Box<[u32]> {
-        self.with_names(|names| {
-            let mut keyed: Vec<(u64, u32)> = (from..self.built()).map(|id| (0, id)).collect();
-            sort_by_name(&mut keyed, names, 0);
-            keyed.into_iter().map(|(_, id)| id).collect()
-        })
-    }
-
-    /// Appends `name` to the id-to-name table and returns its id.
-    fn push(&self, name: Arc<str>) -> u32 {
-        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
-        let id = u32::try_from(names.len()).unwrap_or(u32::MAX);
-        names.push(name);
-        id
+        let mut keyed: Vec<(u64, u32)> = (from..self.built()).map(|id| (0, id)).collect();
+        sort_by_name(&mut keyed, &self.built_names, 0);
+        keyed.into_iter().map(|(_, id)| id).collect()
     }
 
     /// The name of an id handed out by this interner.
     pub(crate) fn name(&self, id: u32) -> Arc<str> {
-        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
-        names
-            .get(id as usize)
+        self.names()
+            .get(id)
             .map_or_else(|| Arc::from(""), Arc::clone)
     }
 
-    /// Runs `f` with the whole id-to-name table, for bulk readers (digest) that would
-    /// otherwise take the lock once per row.
-    pub(crate) fn with_names<R>(&self, f: impl FnOnce(&[Arc<str>]) -> R) -> R {
-        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
-        f(&names)
+    /// The id-to-name table, for readers of many names (listings, the digest).
+    pub(crate) fn names(&self) -> Names<'_> {
+        Names {
+            built: &self.built_names,
+            recent: &self.recent_names,
+        }
     }
 }
 
@@ -254,6 +276,33 @@ mod tests {
         assert_eq!(interner.get("later"), Some(1));
         assert_eq!(&*interner.name(0), "built");
         assert_eq!(&*interner.name(1), "later");
+    }
+
+    /// A reader holds the names while the writer interns thousands more: the writer does
+    /// not wait for it (a digest or a listing holds them for its whole length), and the
+    /// reader finds those names by their ids.
+    #[test]
+    fn the_writer_interns_while_a_reader_holds_the_names() {
+        let mut interner = Interner::with_capacity(4);
+        interner.intern_mut("built");
+        let (done, interned) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            // Here, so that a failed wait lets go of them before the scope joins the writer.
+            let names = interner.names();
+            s.spawn(|| {
+                let ids: Vec<u32> = (0..10_000)
+                    .map(|k| interner.intern(&format!("later-{k}")))
+                    .collect();
+                done.send(ids).expect("the reader waits");
+            });
+            let ids = interned
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the writer does not wait for the reader");
+            for (k, id) in ids.into_iter().enumerate() {
+                assert_eq!(names.name(id), format!("later-{k}"));
+            }
+            assert_eq!((names.name(0), names.name(10_001)), ("built", ""));
+        });
     }
 
     /// The built names sorted by their bytes, whatever their lengths and shared prefixes:

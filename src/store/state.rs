@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use md5::{Digest as _, Md5};
 
 use super::arena::{Arena, Packed};
-use super::interner::Interner;
+use super::interner::{Interner, Names};
 use super::key;
 use super::subjects::{Ref, Subjects};
 use super::Hasher;
@@ -1103,7 +1103,7 @@ impl State {
     /// subject's grants and `*`'s; `None` when the walk is given up (`walk`: at `budget`
     /// names, or sooner at a pace that would pass it).
     fn page_by_look_up(&self, listed: Listed<'_>, budget: usize, now: &mut Now) -> Option<Listing> {
-        // Sorted (once a generation) before the names are locked below, as it reads them.
+        // Sorted once a generation, by the first listing that walks it.
         let order = self.object_order();
         let built = self.objects.built();
         let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
@@ -1117,29 +1117,28 @@ impl State {
                 allowed(g.iter_from(built, &self.packed), listed.permission, now)
             })
         };
-        self.objects.with_names(|all| {
-            let mut walk = Walk::new(listed.limit.saturating_add(1), budget);
-            // The locks are let go and taken again every `WALK_CHUNK` names, so that the
-            // writer waits at most that long; the walk goes on where it stopped.
-            for chunk in from_after(order, all, listed.after).chunks(WALK_CHUNK) {
-                let full = self.with_grants(listed, |own, public| {
-                    walk.go(chunk, |o| holds(own, o, now) || holds(public, o, now))
-                })?;
-                if full {
-                    break;
-                }
+        let all = self.objects.names();
+        let mut walk = Walk::new(listed.limit.saturating_add(1), budget);
+        // The locks are let go and taken again every `WALK_CHUNK` names, so that the
+        // writer waits at most that long; the walk goes on where it stopped.
+        for chunk in from_after(order, all, listed.after).chunks(WALK_CHUNK) {
+            let full = self.with_grants(listed, |own, public| {
+                walk.go(chunk, |o| holds(own, o, now) || holds(public, o, now))
+            })?;
+            if full {
+                break;
             }
-            let since = self.with_grants(listed, |own, public| {
-                merge_sorted(since(own, now), &since(public, now))
-            });
-            Some(page_of_walk(
-                all,
-                walk.found,
-                since,
-                listed.after,
-                listed.limit,
-            ))
-        })
+        }
+        let since = self.with_grants(listed, |own, public| {
+            merge_sorted(since(own, now), &since(public, now))
+        });
+        Some(page_of_walk(
+            all,
+            walk.found,
+            since,
+            listed.after,
+            listed.limit,
+        ))
     }
 
     /// Calls `f` with the subject's grants and, when `*` may hold the permission, `*`'s:
@@ -1192,22 +1191,21 @@ impl State {
             );
             since = merge_sorted(named_since, &since);
         }
-        self.objects.with_names(|all| {
-            let holds = |o: u32| bits[o as usize / 64] & (1 << (o % 64)) != 0;
-            let walked = walk(
-                from_after(order, all, listed.after),
-                listed.limit.saturating_add(1),
-                usize::MAX,
-                holds,
-            );
-            page_of_walk(
-                all,
-                walked.unwrap_or_default(),
-                since,
-                listed.after,
-                listed.limit,
-            )
-        })
+        let all = self.objects.names();
+        let holds = |o: u32| bits[o as usize / 64] & (1 << (o % 64)) != 0;
+        let walked = walk(
+            from_after(order, all, listed.after),
+            listed.limit.saturating_add(1),
+            usize::MAX,
+            holds,
+        );
+        page_of_walk(
+            all,
+            walked.unwrap_or_default(),
+            since,
+            listed.after,
+            listed.limit,
+        )
     }
 
     /// A page by a pass over the subject's grants and `*`'s.
@@ -1222,28 +1220,27 @@ impl State {
             true => allowed_to(WILDCARD, now),
             false => Vec::new(),
         };
-        self.objects.with_names(|all| {
-            let ids = merge_sorted(allowed_to(listed.subject, now), &public);
-            let named = ids
-                .into_iter()
-                .map(|o| (name_at(all, o), o))
-                .filter(|&(name, _)| name > listed.after);
-            if listed.limit < PAGE_BY_HEAP {
-                let (mut names, more) = page_by_heap(named, listed.limit);
-                names.sort_unstable();
-                return listing(all, names, more);
-            }
-            let mut names: Vec<(&str, u32)> = named.collect();
-            let more = names.len() > listed.limit;
-            if more {
-                // The `limit` first names, in no order, then sorted: a page of a long
-                // listing sorts only itself.
-                names.select_nth_unstable(listed.limit);
-                names.truncate(listed.limit);
-            }
+        let all = self.objects.names();
+        let ids = merge_sorted(allowed_to(listed.subject, now), &public);
+        let named = ids
+            .into_iter()
+            .map(|o| (all.name(o), o))
+            .filter(|&(name, _)| name > listed.after);
+        if listed.limit < PAGE_BY_HEAP {
+            let (mut names, more) = page_by_heap(named, listed.limit);
             names.sort_unstable();
-            listing(all, names, more)
-        })
+            return listing(all, names, more);
+        }
+        let mut names: Vec<(&str, u32)> = named.collect();
+        let more = names.len() > listed.limit;
+        if more {
+            // The `limit` first names, in no order, then sorted: a page of a long
+            // listing sorts only itself.
+            names.select_nth_unstable(listed.limit);
+            names.truncate(listed.limit);
+        }
+        names.sort_unstable();
+        listing(all, names, more)
     }
 
     /// The ids of the objects named when the generation was built, the global object's
@@ -1575,38 +1572,35 @@ impl State {
 
     fn for_each_subject_digest(&self, mut f: impl FnMut(&str, Digest)) {
         let mut line = Vec::with_capacity(256);
-        self.objects.with_names(|objects| {
-            self.permissions.with_names(|permissions| {
-                self.limit_names.with_names(|limit_names| {
-                    self.subjects.for_each(|subject, entry| {
-                        let mut digest = Digest::default();
-                        for (o, grant) in entry.grants.iter(&self.packed) {
-                            for (p, expires_at) in grant.rows() {
-                                line.clear();
-                                push_fields(
-                                    &mut line,
-                                    &["t", subject, name_at(objects, o), name_at(permissions, p)],
-                                );
-                                line.push(0x1f);
-                                if expires_at != NEVER {
-                                    line.extend_from_slice(expires_at.to_string().as_bytes());
-                                }
-                                digest.sum = digest.sum.wrapping_add(row_hash(&line));
-                                digest.tuples += 1;
-                            }
-                        }
-                        for (n, value) in entry.limits.iter() {
-                            line.clear();
-                            push_fields(&mut line, &["l", subject, name_at(limit_names, *n)]);
-                            line.push(0x1f);
-                            line.extend_from_slice(value.to_string().as_bytes());
-                            digest.sum = digest.sum.wrapping_add(row_hash(&line));
-                            digest.limits += 1;
-                        }
-                        f(subject, digest);
-                    });
-                });
-            });
+        let objects = self.objects.names();
+        let permissions = self.permissions.names();
+        let limit_names = self.limit_names.names();
+        self.subjects.for_each(|subject, entry| {
+            let mut digest = Digest::default();
+            for (o, grant) in entry.grants.iter(&self.packed) {
+                for (p, expires_at) in grant.rows() {
+                    line.clear();
+                    push_fields(
+                        &mut line,
+                        &["t", subject, objects.name(o), permissions.name(p)],
+                    );
+                    line.push(0x1f);
+                    if expires_at != NEVER {
+                        line.extend_from_slice(expires_at.to_string().as_bytes());
+                    }
+                    digest.sum = digest.sum.wrapping_add(row_hash(&line));
+                    digest.tuples += 1;
+                }
+            }
+            for (n, value) in entry.limits.iter() {
+                line.clear();
+                push_fields(&mut line, &["l", subject, limit_names.name(*n)]);
+                line.push(0x1f);
+                line.extend_from_slice(value.to_string().as_bytes());
+                digest.sum = digest.sum.wrapping_add(row_hash(&line));
+                digest.limits += 1;
+            }
+            f(subject, digest);
         });
     }
 
@@ -1933,8 +1927,8 @@ fn count_rows(counts: &mut Vec<u64>, grant: Held<'_>, by: i64) {
 }
 
 /// The ids of `order` (ids in name order) named after `after`.
-fn from_after<'o>(order: &'o [u32], all: &[Arc<str>], after: &str) -> &'o [u32] {
-    &order[order.partition_point(|&o| name_at(all, o) <= after)..]
+fn from_after<'o>(order: &'o [u32], all: Names<'_>, after: &str) -> &'o [u32] {
+    &order[order.partition_point(|&o| all.name(o) <= after)..]
 }
 
 /// A page from a walk of the names in order (`walked`, the ids it kept, the page's and
@@ -1942,13 +1936,13 @@ fn from_after<'o>(order: &'o [u32], all: &[Arc<str>], after: &str) -> &'o [u32] 
 /// (`since`, ids, which the order does not have), merged by name, with whether more
 /// follow.
 fn page_of_walk(
-    all: &[Arc<str>],
+    all: Names<'_>,
     walked: Vec<u32>,
     since: Vec<u32>,
     after: &str,
     limit: usize,
 ) -> Listing {
-    let named = |o: u32| (name_at(all, o), o);
+    let named = |o: u32| (all.name(o), o);
     let mut since: Vec<(&str, u32)> = since
         .into_iter()
         .map(named)
@@ -1961,11 +1955,11 @@ fn page_of_walk(
 }
 
 /// The listing of `names`, (name, id) pairs of `all`: only the page's `Arc`s are cloned.
-fn listing(all: &[Arc<str>], names: Vec<(&str, u32)>, more: bool) -> Listing {
+fn listing(all: Names<'_>, names: Vec<(&str, u32)>, more: bool) -> Listing {
     Listing {
         objects: names
             .into_iter()
-            .filter_map(|(_, o)| all.get(o as usize).cloned())
+            .filter_map(|(_, o)| all.get(o).cloned())
             .collect(),
         more,
     }
@@ -2094,10 +2088,6 @@ impl std::fmt::Display for Digest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}:{:016x}", self.tuples, self.limits, self.sum)
     }
-}
-
-fn name_at(names: &[Arc<str>], id: u32) -> &str {
-    names.get(id as usize).map_or("", |n| n)
 }
 
 fn push_fields(line: &mut Vec<u8>, fields: &[&str]) {
