@@ -1105,17 +1105,10 @@ impl State {
     fn page_by_look_up(&self, listed: Listed<'_>, budget: usize, now: &mut Now) -> Option<Listing> {
         // Sorted once a generation, by the first listing that walks it.
         let order = self.object_order();
-        let built = self.objects.built();
         let holds = |grants: Option<&Grants>, o: u32, now: &mut Now| {
             grants
                 .and_then(|g| g.get(o, &self.packed))
                 .is_some_and(|g| g.allows(listed.permission, now))
-        };
-        // The objects named since the generation was built, which the order does not have.
-        let since = |grants: Option<&Grants>, now: &mut Now| {
-            grants.map_or_else(Vec::new, |g| {
-                allowed(g.iter_from(built, &self.packed), listed.permission, now)
-            })
         };
         let all = self.objects.names();
         let mut walk = Walk::new(listed.limit.saturating_add(1), budget);
@@ -1129,9 +1122,7 @@ impl State {
                 break;
             }
         }
-        let since = self.with_grants(listed, |own, public| {
-            merge_sorted(since(own, now), &since(public, now))
-        });
+        let since = self.allowed_since(listed, now);
         Some(page_of_walk(
             all,
             walk.found,
@@ -1161,36 +1152,75 @@ impl State {
         f(entry.as_deref().map(SubjectEntry::grants), None)
     }
 
+    /// Calls `f` with each of `subject`'s grants on objects from id `from` on, in id
+    /// order, read `GRANTS_RUN` at a time under the subject's shard lock, let go between
+    /// runs: the writer waits for one run at most behind a reader of a large subject,
+    /// where a reader of a million grants held it for milliseconds (a listing's pass) to
+    /// a quarter of a second (a digest). Each run reads the subject as it is then, each
+    /// object once.
+    fn grants_in_runs(&self, subject: &str, from: u32, mut f: impl FnMut(u32, Held<'_>)) {
+        let mut next = Some(from);
+        while let Some(from) = next.take() {
+            #[cfg(test)]
+            tests::RUNS.with(|runs| runs.set(runs.get() + 1));
+            let Some(entry) = self.subjects.get(subject) else {
+                return;
+            };
+            for (i, (o, held)) in entry.grants.iter_from(from, &self.packed).enumerate() {
+                if i == GRANTS_RUN {
+                    next = Some(o);
+                    break;
+                }
+                f(o, held);
+            }
+        }
+    }
+
+    /// The objects `subject` holds `permission` on from id `from` on, the global object
+    /// left out, sorted by id (`grants_in_runs`).
+    fn allowed_from(&self, subject: &str, from: u32, permission: u32, now: &mut Now) -> Vec<u32> {
+        let mut ids = Vec::new();
+        self.grants_in_runs(subject, from, |o, held| {
+            if o != GLOBAL_ID && held.allows(permission, now) {
+                ids.push(o);
+            }
+        });
+        ids
+    }
+
+    /// The objects named since the generation was built that the subject or `*` holds the
+    /// permission on, which the order of names does not have.
+    fn allowed_since(&self, listed: Listed<'_>, now: &mut Now) -> Vec<u32> {
+        let built = self.objects.built();
+        let own = self.allowed_from(listed.subject, built, listed.permission, now);
+        match listed.public {
+            true => merge_sorted(
+                own,
+                &self.allowed_from(WILDCARD, built, listed.permission, now),
+            ),
+            false => own,
+        }
+    }
+
     /// A page by a walk of the names in order from `after`, each looked up in a bitset of
     /// the subject's grants and `*`'s made first.
     fn page_by_bits(&self, listed: Listed<'_>, now: &mut Now) -> Listing {
         let order = self.object_order();
         let built = self.objects.built();
         let mut bits = vec![0_u64; (built as usize).div_ceil(64)];
-        let mut since = Vec::new();
         let subjects = if listed.public {
             &[listed.subject, WILDCARD][..]
         } else {
             &[listed.subject][..]
         };
-        // One entry at a time, each guard let go before the next is taken.
         for s in subjects {
-            let Some(entry) = self.subjects.get(s) else {
-                continue;
-            };
-            let grants = entry.grants.iter(&self.packed);
-            for (o, grant) in grants.take_while(|&(o, _)| o < built) {
-                if o != GLOBAL_ID && grant.allows(listed.permission, now) {
+            self.grants_in_runs(s, 0, |o, held| {
+                if o < built && o != GLOBAL_ID && held.allows(listed.permission, now) {
                     bits[o as usize / 64] |= 1 << (o % 64);
                 }
-            }
-            let named_since = allowed(
-                entry.grants.iter_from(built, &self.packed),
-                listed.permission,
-                now,
-            );
-            since = merge_sorted(named_since, &since);
+            });
         }
+        let since = self.allowed_since(listed, now);
         let all = self.objects.names();
         let holds = |o: u32| bits[o as usize / 64] & (1 << (o % 64)) != 0;
         let walked = walk(
@@ -1210,18 +1240,13 @@ impl State {
 
     /// A page by a pass over the subject's grants and `*`'s.
     fn page_by_pass(&self, listed: Listed<'_>, now: &mut Now) -> Listing {
-        let allowed_to = |s: &str, now: &mut Now| {
-            self.subjects.get(s).map_or_else(Vec::new, |entry| {
-                allowed(entry.grants.iter(&self.packed), listed.permission, now)
-            })
-        };
-        // One entry at a time, each guard let go before the next is taken.
         let public = match listed.public {
-            true => allowed_to(WILDCARD, now),
+            true => self.allowed_from(WILDCARD, 0, listed.permission, now),
             false => Vec::new(),
         };
+        let own = self.allowed_from(listed.subject, 0, listed.permission, now);
         let all = self.objects.names();
-        let ids = merge_sorted(allowed_to(listed.subject, now), &public);
+        let ids = merge_sorted(own, &public);
         let named = ids
             .into_iter()
             .map(|o| (all.name(o), o))
@@ -1570,38 +1595,66 @@ impl State {
         digests
     }
 
+    /// Calls `f` with each subject and the digest of its rows. A subject of more grants
+    /// than `GRANTS_RUN` is put aside, and its rows read later in runs
+    /// (`grants_in_runs`): hashing a million rows under its shard lock held the writer
+    /// for a quarter of a second.
     fn for_each_subject_digest(&self, mut f: impl FnMut(&str, Digest)) {
         let mut line = Vec::with_capacity(256);
         let objects = self.objects.names();
         let permissions = self.permissions.names();
         let limit_names = self.limit_names.names();
-        self.subjects.for_each(|subject, entry| {
-            let mut digest = Digest::default();
-            for (o, grant) in entry.grants.iter(&self.packed) {
-                for (p, expires_at) in grant.rows() {
-                    line.clear();
-                    push_fields(
-                        &mut line,
-                        &["t", subject, objects.name(o), permissions.name(p)],
-                    );
-                    line.push(0x1f);
-                    if expires_at != NEVER {
-                        line.extend_from_slice(expires_at.to_string().as_bytes());
-                    }
-                    digest.sum = digest.sum.wrapping_add(row_hash(&line));
-                    digest.tuples += 1;
-                }
-            }
-            for (n, value) in entry.limits.iter() {
+        let mut add_grant = |digest: &mut Digest, subject: &str, o: u32, held: Held<'_>| {
+            for (p, expires_at) in held.rows() {
                 line.clear();
-                push_fields(&mut line, &["l", subject, limit_names.name(*n)]);
+                push_fields(
+                    &mut line,
+                    &["t", subject, objects.name(o), permissions.name(p)],
+                );
+                line.push(0x1f);
+                if expires_at != NEVER {
+                    line.extend_from_slice(expires_at.to_string().as_bytes());
+                }
+                digest.sum = digest.sum.wrapping_add(row_hash(&line));
+                digest.tuples += 1;
+            }
+        };
+        let add_limits = |digest: &mut Digest, subject: &str, limits: &[(u32, i64)]| {
+            let mut line = Vec::with_capacity(64);
+            for &(n, value) in limits {
+                line.clear();
+                push_fields(&mut line, &["l", subject, limit_names.name(n)]);
                 line.push(0x1f);
                 line.extend_from_slice(value.to_string().as_bytes());
                 digest.sum = digest.sum.wrapping_add(row_hash(&line));
                 digest.limits += 1;
             }
+        };
+        let mut large = Vec::new();
+        self.subjects.for_each(|subject, entry| {
+            if entry.grants.len() > GRANTS_RUN {
+                large.push(subject.to_owned());
+                return;
+            }
+            let mut digest = Digest::default();
+            for (o, held) in entry.grants.iter(&self.packed) {
+                add_grant(&mut digest, subject, o, held);
+            }
+            add_limits(&mut digest, subject, &entry.limits);
             f(subject, digest);
         });
+        for subject in large {
+            let mut digest = Digest::default();
+            self.grants_in_runs(&subject, 0, |o, held| {
+                add_grant(&mut digest, &subject, o, held);
+            });
+            if let Some(entry) = self.subjects.get(&subject) {
+                add_limits(&mut digest, &subject, &entry.limits);
+            }
+            if digest.tuples > 0 || digest.limits > 0 {
+                f(&subject, digest);
+            }
+        }
     }
 
     /// A new generation holding the same rows, built as a full load builds one, from
@@ -1660,17 +1713,16 @@ impl State {
     /// expires_at) sorted, and limits. For `permd verify`.
     pub(crate) fn rows_of(&self, subject: &str) -> StoredRows {
         let mut rows = StoredRows::default();
-        if let Some(entry) = self.subjects.get(subject) {
-            for (o, grant) in entry.grants.iter(&self.packed) {
-                for (p, expires_at) in grant.rows() {
-                    let expires_at = (expires_at != NEVER).then_some(expires_at);
-                    rows.tuples.push((
-                        self.objects.name(o).to_string(),
-                        self.permissions.name(p).to_string(),
-                        expires_at,
-                    ));
-                }
+        let (objects, permissions) = (self.objects.names(), self.permissions.names());
+        self.grants_in_runs(subject, 0, |o, held| {
+            for (p, expires_at) in held.rows() {
+                let expires_at = (expires_at != NEVER).then_some(expires_at);
+                let (object, permission) = (objects.name(o), permissions.name(p));
+                rows.tuples
+                    .push((object.to_owned(), permission.to_owned(), expires_at));
             }
+        });
+        if let Some(entry) = self.subjects.get(subject) {
             for (n, value) in entry.limits.iter() {
                 rows.limits
                     .push((self.limit_names.name(*n).to_string(), *value));
@@ -1873,6 +1925,12 @@ fn walk(
 /// (`State::page_by_look_up`): some hundreds of microseconds.
 const WALK_CHUNK: usize = 4_096;
 
+/// Grants a reader of a whole subject reads under its shard lock at once
+/// (`State::grants_in_runs`): some microseconds of the writer's wait for a listing's pass,
+/// ~0.3 ms for a digest's hashes; the run's look-up of the subject costs a few hundred
+/// nanoseconds of it.
+const GRANTS_RUN: usize = 1_024;
+
 /// A walk under way (`walk`), which may go on over the order a slice at a time.
 struct Walk {
     want: usize,
@@ -1985,18 +2043,6 @@ fn merge_by_name<'n>(
         }
     }
     merged
-}
-
-/// The ids of the objects but the global one that `grants` allow `permission` on.
-fn allowed<'g>(
-    grants: impl Iterator<Item = (u32, Held<'g>)>,
-    permission: u32,
-    now: &mut Now,
-) -> Vec<u32> {
-    grants
-        .filter(|&(o, g)| o != GLOBAL_ID && g.allows(permission, now))
-        .map(|(o, _)| o)
-        .collect()
 }
 
 /// The union of two sorted lists of ids, sorted, each id once.
@@ -2845,6 +2891,160 @@ mod tests {
         }
     }
 
+    /// A subject of `BIG` grants on `doc:{o}` (`read` on all, `write` on every third,
+    /// expiring ones among them) and limits, moved to the written tier by a write, with
+    /// `*` and a small subject beside it; and the same rows built at once.
+    fn a_large_written_subject() -> (State, State) {
+        const BIG: usize = 5 * GRANTS_RUN + 5;
+        let mut builder = StateBuilder::new();
+        let mut rows = Vec::new();
+        for o in 0..BIG {
+            let expires_at = (o % 7 == 6).then_some(4_000_000_000_000_000);
+            rows.push((format!("doc:{o}"), "read", expires_at));
+            if o % 3 == 0 {
+                rows.push((format!("doc:{o}"), "write", None));
+            }
+        }
+        for (object, permission, expires_at) in &rows {
+            builder.tuple("big", object, permission, *expires_at);
+        }
+        builder.tuple("*", "doc:1", "read", None);
+        builder.tuple("small", "doc:2", "read", None);
+        builder.limit("big", "seats", 9);
+        let live = builder.finish();
+        live.set_grant("big", "doc:new", &[row("read", None)]);
+        let mut builder = StateBuilder::new();
+        for (object, permission, expires_at) in &rows {
+            builder.tuple("big", object, permission, *expires_at);
+        }
+        builder.tuple("big", "doc:new", "read", None);
+        builder.tuple("*", "doc:1", "read", None);
+        builder.tuple("small", "doc:2", "read", None);
+        builder.limit("big", "seats", 9);
+        (live, builder.finish())
+    }
+
+    /// The digest, the rows and listings by the pass and the bitset read a large subject's
+    /// grants in runs of `GRANTS_RUN`, its shard lock let go between them, and find what
+    /// one reading finds.
+    #[test]
+    fn readers_of_a_large_subject_read_it_in_runs() {
+        let (live, built) = a_large_written_subject();
+        assert!(matches!(
+            live.subjects.get("big").as_deref().map(|e| &e.grants),
+            Some(Grants::Chunked(_))
+        ));
+        let runs = |f: &dyn Fn()| {
+            RUNS.with(|runs| runs.set(0));
+            f();
+            RUNS.with(|runs| runs.get())
+        };
+        // 5 * GRANTS_RUN + 6 grants.
+        let whole = 6;
+        let digest = built.digest();
+        assert_eq!(runs(&|| assert_eq!(live.digest(), digest)), whole);
+        let sorted = |mut d: Vec<(String, String)>| {
+            d.sort_unstable();
+            d
+        };
+        let digests = sorted(built.subject_digests());
+        assert_eq!(
+            runs(&|| assert_eq!(sorted(live.subject_digests()), digests)),
+            whole
+        );
+        let rows = built.rows_of("big");
+        assert_eq!(runs(&|| assert_eq!(live.rows_of("big"), rows)), whole);
+        let listed = |public| Listed {
+            subject: "big",
+            public,
+            permission: live.permissions.get("read").expect("named"),
+            after: "doc:4",
+            limit: 700,
+        };
+        let expected = built.objects_of("big", "read", "doc:4", 700, &mut Now::lazy());
+        assert!(expected.more && expected.objects.len() == 700);
+        // With `*`, one run of its grants more; the bitset reads the names since the build
+        // apart, a run for the subject and one for `*`.
+        for (public, pass, bits) in [(false, whole, whole + 1), (true, whole + 1, whole + 3)] {
+            let pass_page = || live.page_by_pass(listed(public), &mut Now::lazy());
+            let bits_page = || live.page_by_bits(listed(public), &mut Now::lazy());
+            let by_pass = runs(&|| assert_eq!(pass_page(), expected));
+            let by_bits = runs(&|| assert_eq!(bits_page(), expected));
+            assert_eq!((by_pass, by_bits), (pass, bits), "with *: {public}");
+        }
+    }
+
+    /// A digest, the rows and whole listings of a large subject, read on two threads while
+    /// the writer adds objects to it (new names), takes some away and puts them back: each
+    /// reading goes on through the writes, sees every object the subject held throughout
+    /// once, and, once the writes end, the digest is that of the rows built at once.
+    #[test]
+    fn readers_of_a_large_subject_go_on_while_the_writer_writes_it() {
+        let (live, _) = a_large_written_subject();
+        let live = Arc::new(live);
+        let writing = Arc::new(AtomicBool::new(true));
+        let (done, finished) = std::sync::mpsc::channel();
+        for t in 0..2 {
+            let (live, writing, done) = (live.clone(), writing.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0_u64;
+                while writing.load(Ordering::Acquire) || rounds < 2 {
+                    let rows = live.rows_of("big");
+                    let objects: BTreeSet<&str> =
+                        rows.tuples.iter().map(|(o, _, _)| o.as_str()).collect();
+                    assert!((0..5 * GRANTS_RUN).all(|o| objects.contains(&*format!("doc:{o}"))));
+                    let whole = live.objects_of("big", "write", "", usize::MAX, &mut Now::lazy());
+                    assert!(
+                        whole.objects.windows(2).all(|w| w[0] < w[1]),
+                        "sorted, once each"
+                    );
+                    assert!(whole.objects.len() >= (5 * GRANTS_RUN).div_ceil(3));
+                    let digests = match t {
+                        0 => vec![live.digest()],
+                        _ => live.subject_digests().into_iter().map(|(_, d)| d).collect(),
+                    };
+                    assert!(digests.iter().all(|d| d.contains(':')));
+                    rounds += 1;
+                }
+                done.send(rounds).expect("the test waits");
+            });
+        }
+        drop(done);
+        // The k-th write to one of the last five objects: all its rows away, or `read`.
+        let churn = |k: usize| {
+            let object = format!("doc:{}", 5 * GRANTS_RUN + k % 5);
+            (
+                object,
+                if k.is_multiple_of(2) {
+                    vec![]
+                } else {
+                    vec![row("read", None)]
+                },
+            )
+        };
+        for k in 0..2_000 {
+            live.set_grant("big", &format!("doc:new{k}"), &[row("write", None)]);
+            let (object, rows) = churn(k);
+            live.set_grant("big", &object, &rows);
+        }
+        writing.store(false, Ordering::Release);
+        for _ in 0..2 {
+            let rounds = finished
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .expect("a reading thread ended: none waits for ever");
+            assert!(rounds >= 2);
+        }
+        let (_, model) = a_large_written_subject();
+        for k in 0..2_000 {
+            model.set_grant("big", &format!("doc:new{k}"), &[row("write", None)]);
+        }
+        for k in 1_995..2_000 {
+            let (object, rows) = churn(k);
+            model.set_grant("big", &object, &rows);
+        }
+        assert_eq!(live.digest(), model.digest());
+    }
+
     /// Checks on many threads while the writer makes each loaded subject's first write
     /// (which moves its entry to the written tier), then a second, and removes others: a
     /// check never misses what a subject held all along, and sees each write once the
@@ -3130,6 +3330,9 @@ mod tests {
         pub(super) static LISTED: std::cell::RefCell<Vec<(Plan, bool)>> = const {
             std::cell::RefCell::new(Vec::new())
         };
+        /// The runs `grants_in_runs` read on this thread: each one a look-up of the
+        /// subject, under its shard lock while the run lasts.
+        pub(super) static RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     /// Listings found by walking the names in order, by a pass over the grants, and by a
