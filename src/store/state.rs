@@ -1135,7 +1135,8 @@ impl State {
     /// Calls `f` with the subject's grants and, when `*` may hold the permission, `*`'s:
     /// under the subject's shard lock, or with `*`'s under every shard's, as a batch
     /// reads them (a second read lock on a shard this thread holds could wait behind a
-    /// queued writer for ever).
+    /// queued writer for ever). A write under way goes first (`Subjects::give_way`): a
+    /// walk takes the locks again every chunk.
     fn with_grants<R>(
         &self,
         listed: Listed<'_>,
@@ -1148,6 +1149,7 @@ impl State {
                 f(entries[0].map(SubjectEntry::grants), public)
             });
         }
+        self.subjects.give_way();
         let entry = self.subjects.get(listed.subject);
         f(entry.as_deref().map(SubjectEntry::grants), None)
     }
@@ -1160,20 +1162,47 @@ impl State {
     /// object once.
     fn grants_in_runs(&self, subject: &str, from: u32, mut f: impl FnMut(u32, Held<'_>)) {
         let mut next = Some(from);
-        while let Some(from) = next.take() {
-            #[cfg(test)]
-            tests::RUNS.with(|runs| runs.set(runs.get() + 1));
-            let Some(entry) = self.subjects.get(subject) else {
-                return;
-            };
-            for (i, (o, held)) in entry.grants.iter_from(from, &self.packed).enumerate() {
-                if i == GRANTS_RUN {
-                    next = Some(o);
-                    break;
-                }
-                f(o, held);
-            }
+        while let Some(from) = next {
+            next = self.run_of_grants(subject, from, &mut f);
         }
+    }
+
+    /// `subject`'s rows, (object, permission, expires_at) in object order, to `f` a run of
+    /// `grants_in_runs` at a time: each run is copied under the lock and handed over once
+    /// it is let go, so that what `f` does with a row (a digest's hash, a `String`, the
+    /// growth of a long list) does not hold the writer.
+    fn rows_in_runs(&self, subject: &str, mut f: impl FnMut(&[(u32, u32, i64)])) {
+        let mut run = Vec::new();
+        let mut next = Some(0);
+        while let Some(from) = next {
+            run.clear();
+            next = self.run_of_grants(subject, from, &mut |o, held: Held<'_>| {
+                run.extend(held.rows().map(|(p, expires_at)| (o, p, expires_at)));
+            });
+            f(&run);
+        }
+    }
+
+    /// One run of `grants_in_runs`: `f` with up to `GRANTS_RUN` of `subject`'s grants from
+    /// object id `from` on, under its shard lock, taken once any write under way is done
+    /// (`Subjects::give_way`); the object the next run starts from, if any is left.
+    fn run_of_grants(
+        &self,
+        subject: &str,
+        from: u32,
+        f: &mut impl FnMut(u32, Held<'_>),
+    ) -> Option<u32> {
+        #[cfg(test)]
+        tests::RUNS.with(|runs| runs.set(runs.get() + 1));
+        self.subjects.give_way();
+        let entry = self.subjects.get(subject)?;
+        for (i, (o, held)) in entry.grants.iter_from(from, &self.packed).enumerate() {
+            if i == GRANTS_RUN {
+                return Some(o);
+            }
+            f(o, held);
+        }
+        None
     }
 
     /// The objects `subject` holds `permission` on from id `from` on, the global object
@@ -1596,16 +1625,16 @@ impl State {
     }
 
     /// Calls `f` with each subject and the digest of its rows. A subject of more grants
-    /// than `GRANTS_RUN` is put aside, and its rows read later in runs
-    /// (`grants_in_runs`): hashing a million rows under its shard lock held the writer
-    /// for a quarter of a second.
+    /// than `GRANTS_RUN` is put aside, and its rows read later in runs and hashed outside
+    /// the lock (`rows_in_runs`): hashing a million rows under its shard lock held the
+    /// writer for a quarter of a second.
     fn for_each_subject_digest(&self, mut f: impl FnMut(&str, Digest)) {
         let mut line = Vec::with_capacity(256);
         let objects = self.objects.names();
         let permissions = self.permissions.names();
         let limit_names = self.limit_names.names();
-        let mut add_grant = |digest: &mut Digest, subject: &str, o: u32, held: Held<'_>| {
-            for (p, expires_at) in held.rows() {
+        let mut add_row =
+            |digest: &mut Digest, subject: &str, (o, p, expires_at): (u32, u32, i64)| {
                 line.clear();
                 push_fields(
                     &mut line,
@@ -1617,8 +1646,7 @@ impl State {
                 }
                 digest.sum = digest.sum.wrapping_add(row_hash(&line));
                 digest.tuples += 1;
-            }
-        };
+            };
         let add_limits = |digest: &mut Digest, subject: &str, limits: &[(u32, i64)]| {
             let mut line = Vec::with_capacity(64);
             for &(n, value) in limits {
@@ -1638,15 +1666,19 @@ impl State {
             }
             let mut digest = Digest::default();
             for (o, held) in entry.grants.iter(&self.packed) {
-                add_grant(&mut digest, subject, o, held);
+                for (p, expires_at) in held.rows() {
+                    add_row(&mut digest, subject, (o, p, expires_at));
+                }
             }
             add_limits(&mut digest, subject, &entry.limits);
             f(subject, digest);
         });
         for subject in large {
             let mut digest = Digest::default();
-            self.grants_in_runs(&subject, 0, |o, held| {
-                add_grant(&mut digest, &subject, o, held);
+            self.rows_in_runs(&subject, |run| {
+                for &row in run {
+                    add_row(&mut digest, &subject, row);
+                }
             });
             if let Some(entry) = self.subjects.get(&subject) {
                 add_limits(&mut digest, &subject, &entry.limits);
@@ -1714,8 +1746,8 @@ impl State {
     pub(crate) fn rows_of(&self, subject: &str) -> StoredRows {
         let mut rows = StoredRows::default();
         let (objects, permissions) = (self.objects.names(), self.permissions.names());
-        self.grants_in_runs(subject, 0, |o, held| {
-            for (p, expires_at) in held.rows() {
+        self.rows_in_runs(subject, |run| {
+            for &(o, p, expires_at) in run {
                 let expires_at = (expires_at != NEVER).then_some(expires_at);
                 let (object, permission) = (objects.name(o), permissions.name(p));
                 rows.tuples

@@ -38,6 +38,63 @@ use super::{same_bytes, Hasher, Name};
 pub(super) struct Subjects<V> {
     pub(super) short: Tier<Name, V>,
     pub(super) long: Tier<LongKey, V>,
+    /// Writes under way (the low 32 bits) and writes ended (the rest): the writer counts
+    /// one in before it asks for a shard's write lock and out once it has let go of it.
+    /// Readers of many entries wait, between two reads, for the write under way to end
+    /// (`give_way`).
+    writing: AtomicU64,
+}
+
+/// `Subjects::writing`'s count of writes under way.
+const UNDER_WAY: u64 = u32::MAX as u64;
+
+/// Added to `Subjects::writing` when a write ends: one under way less, one ended more.
+const ENDED: u64 = UNDER_WAY;
+
+/// A written entry, write-locked, with its write counted in `Subjects::writing` until it
+/// is let go.
+pub(super) struct Writing<'a, V> {
+    // Dropped first: the lock is let go, then the write counted out.
+    entry: RefMut<'a, V>,
+    _counted: Counted<'a>,
+}
+
+impl<V> Deref for Writing<'_, V> {
+    type Target = V;
+
+    fn deref(&self) -> &V {
+        &self.entry
+    }
+}
+
+impl<V> DerefMut for Writing<'_, V> {
+    fn deref_mut(&mut self) -> &mut V {
+        &mut self.entry
+    }
+}
+
+/// Whether a reader that saw `seen` in `Subjects::writing` may go on at `now`: no write
+/// is under way, or one has ended since (the one it saw).
+fn may_go_on(seen: u64, now: u64) -> bool {
+    now & UNDER_WAY == 0 || now >> 32 != seen >> 32
+}
+
+/// One write counted in `Subjects::writing` while it lives.
+struct Counted<'a>(&'a AtomicU64);
+
+impl<'a> Counted<'a> {
+    fn new(writing: &'a AtomicU64) -> Self {
+        writing.fetch_add(1, Ordering::AcqRel);
+        Self(writing)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        // One add: the count under way and the count ended change at once (the ended
+        // count wraps, harmlessly, after 2^32 writes).
+        self.0.fetch_add(ENDED, Ordering::AcqRel);
+    }
 }
 
 /// One map's two tiers (see the module's comment).
@@ -395,7 +452,7 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
 
     /// Calls `f` with every entry, each subject once even while the writer moves entries:
     /// a loaded subject is read in the tier it is in when its turn comes.
-    fn for_each(&self, f: &mut impl FnMut(&str, &V)) {
+    fn for_each(&self, f: &mut impl FnMut(&str, &V), give_way: &dyn Fn()) {
         let find = |key: &K| {
             let hash = self.hasher.hash_one(key.borrow());
             let shard = self.shard(hash);
@@ -405,6 +462,7 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
         for shard in &self.loaded {
             for (key, value) in &shard.table {
                 if find(key) == Some(true) {
+                    give_way();
                     if let Some(entry) = self.written.get(key.borrow()) {
                         f(key.name(), entry.value());
                     }
@@ -424,6 +482,7 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
             .map(|entry| entry.key().clone())
             .collect();
         for key in names {
+            give_way();
             if let Some(entry) = self.written.get(key.borrow()) {
                 f(key.name(), entry.value());
             }
@@ -480,6 +539,7 @@ impl<V: Default + Clone> Subjects<V> {
         Self {
             short: Tier::with_capacity(capacity),
             long: Tier::with_capacity(0),
+            writing: AtomicU64::new(0),
         }
     }
 
@@ -494,25 +554,36 @@ impl<V: Default + Clone> Subjects<V> {
 
     /// The written entry of `subject` (copied from the loaded tier first if it is there).
     /// For the single writer, as are `entry_or_default` and `remove_if`.
-    pub(super) fn get_mut(&self, subject: &str) -> Option<RefMut<'_, V>> {
-        if is_short(subject) {
+    pub(super) fn get_mut(&self, subject: &str) -> Option<Writing<'_, V>> {
+        let counted = Counted::new(&self.writing);
+        let entry = if is_short(subject) {
             self.short.get_mut(subject)
         } else {
             self.long.get_mut(subject)
-        }
+        };
+        entry.map(|entry| Writing {
+            entry,
+            _counted: counted,
+        })
     }
 
     /// The entry of `subject`, a default one inserted if it has none.
-    pub(super) fn entry_or_default(&self, subject: &str) -> RefMut<'_, V> {
-        if is_short(subject) {
+    pub(super) fn entry_or_default(&self, subject: &str) -> Writing<'_, V> {
+        let counted = Counted::new(&self.writing);
+        let entry = if is_short(subject) {
             self.short.entry_or_default(subject)
         } else {
             self.long.entry_or_default(subject)
+        };
+        Writing {
+            entry,
+            _counted: counted,
         }
     }
 
     /// Removes `subject` if `remove` says so of its entry.
     pub(super) fn remove_if(&self, subject: &str, remove: impl FnOnce(&V) -> bool) {
+        let _counted = Counted::new(&self.writing);
         if is_short(subject) {
             self.short.remove_if(subject, remove);
         } else {
@@ -574,7 +645,8 @@ impl<V: Default + Clone> Subjects<V> {
     /// order, the short map's first, as every multi-shard reader must take them: with the
     /// single writer holding one shard at a time, no two threads can wait on each other.
     /// `f` must not take a shard's lock again (a second read lock could wait behind a
-    /// queued writer). The look-ups of `subjects` are done here, not through `f`'s
+    /// queued writer). A write under way goes first (`give_way`): a batch takes the locks
+    /// again and again, some checks at a time. The look-ups of `subjects` are done here, not through `f`'s
     /// look-up, so that they inline into one loop (through the `dyn` look-up a batch
     /// measured 10 to 15 % slower).
     pub(super) fn read_all<'s, R>(
@@ -582,6 +654,7 @@ impl<V: Default + Clone> Subjects<V> {
         subjects: impl Iterator<Item = &'s str>,
         f: impl for<'g> FnOnce(Vec<Option<&'g V>>, &'g dyn Fn(&str) -> Option<&'g V>) -> R,
     ) -> R {
+        self.give_way();
         let (short, long) = (&self.short, &self.long);
         let short_guards: Vec<_> = short.written.shards().iter().map(|s| s.read()).collect();
         let long_guards: Vec<_> = long.written.shards().iter().map(|s| s.read()).collect();
@@ -607,10 +680,36 @@ impl<V: Default + Clone> Subjects<V> {
     }
 
     /// Calls `f` with every subject and its entry, each once (one shard of a written tier
-    /// locked at a time).
+    /// locked at a time, each written entry giving way to the writer first).
     pub(super) fn for_each(&self, mut f: impl FnMut(&str, &V)) {
-        self.short.for_each(&mut f);
-        self.long.for_each(&mut f);
+        let give_way = || self.give_way();
+        self.short.for_each(&mut f, &give_way);
+        self.long.for_each(&mut f, &give_way);
+    }
+
+    /// Waits for the write under way, if there is one, to end: for a reader about to
+    /// read-lock a shard again soon after it let go of one, and holding none. Dashmap's
+    /// lock lets a reader in while a writer waits for it, and the writer, woken when the
+    /// last reader lets go, takes tens of microseconds to try again: a reader that reads
+    /// shards over and over (a digest, a large subject's grants in runs, a listing's walk,
+    /// a batch) took them again first each time and kept the writer out for its whole
+    /// length (seconds beside digests one after another; benches/README.md, "A write
+    /// beside a long reader"). One write, not every write: a reader is not held for a
+    /// whole run of writes (a poll's thousands of keys).
+    pub(super) fn give_way(&self) {
+        let seen = self.writing.load(Ordering::Acquire);
+        if seen & UNDER_WAY == 0 {
+            return;
+        }
+        let mut spins = 0_u32;
+        while !may_go_on(seen, self.writing.load(Ordering::Acquire)) {
+            if spins < 64 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -648,6 +747,64 @@ mod tests {
         subjects.for_each(|name, v| all.push((name.to_owned(), *v)));
         all.sort();
         assert_eq!(all, [(longer, 22), ("new".to_owned(), 5), (short, 7)]);
+    }
+
+    /// Every write is counted in `writing` from before it asks for a lock to after it lets
+    /// go, found or not, so that readers give way to it; and none is left counted.
+    #[test]
+    fn writes_are_counted_while_they_last() {
+        let mut subjects = Subjects::<u32>::with_capacity(4);
+        let long = "l".repeat(SHORT + 1);
+        assert!(subjects.load_new("loaded", || 1));
+        let writing =
+            |subjects: &Subjects<u32>| subjects.writing.load(Ordering::Acquire) & UNDER_WAY;
+        for name in ["loaded", "new", long.as_str()] {
+            let entry = subjects.entry_or_default(name);
+            assert_eq!(writing(&subjects), 1);
+            drop(entry);
+            assert_eq!(writing(&subjects), 0);
+            let entry = subjects.get_mut(name).expect("written");
+            assert_eq!(writing(&subjects), 1);
+            drop(entry);
+            subjects.remove_if(name, |_| {
+                assert_eq!(writing(&subjects), 1);
+                true
+            });
+            assert!(subjects.get_mut(name).is_none());
+            assert_eq!(writing(&subjects), 0);
+        }
+        // Nothing under way: a reader does not wait.
+        subjects.give_way();
+        assert_eq!(
+            subjects.writing.load(Ordering::Acquire) >> 32,
+            12,
+            "writes ended"
+        );
+    }
+
+    /// A reader waits for the write it saw under way, not for the next one.
+    #[test]
+    fn a_reader_waits_for_one_write() {
+        let writing = AtomicU64::new(0);
+        let now = || writing.load(Ordering::Acquire);
+        assert!(may_go_on(now(), now()));
+        let first = Counted::new(&writing);
+        let seen = now();
+        assert!(!may_go_on(seen, now()));
+        let second = Counted::new(&writing);
+        assert!(!may_go_on(seen, now()));
+        drop(first);
+        assert!(may_go_on(seen, now()), "the write it saw ended");
+        assert!(!may_go_on(now(), now()), "the second is under way");
+        drop(second);
+        assert!(may_go_on(now(), now()));
+        // The ended count wraps without a carry into nothing.
+        let writing = AtomicU64::new((u64::from(u32::MAX)) << 32);
+        let seen = writing.load(Ordering::Acquire);
+        drop(Counted::new(&writing));
+        let after = writing.load(Ordering::Acquire);
+        assert_eq!((after & UNDER_WAY, after >> 32), (0, 0));
+        assert!(may_go_on(seen, after));
     }
 
     /// A loaded subject is read from the loaded tier until its first write, then from the
