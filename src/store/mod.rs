@@ -829,6 +829,12 @@ mod tests {
     #[test]
     fn a_compaction_rebuilds_while_the_writer_writes() {
         let store = churned_store();
+        // A subject written in the heap, read by the rebuild in runs while it is written.
+        let objects: Vec<String> = (0..5_000).map(|o| format!("b{o}")).collect();
+        let rows = read("read");
+        let grants: Vec<(&str, &[TupleRow])> =
+            objects.iter().map(|o| (o.as_str(), &rows[..])).collect();
+        store.set_grants("big", &grants);
         let old = store.begin_compaction();
         let rebuild = std::thread::spawn({
             let old = Arc::clone(&old);
@@ -841,6 +847,8 @@ mod tests {
                 1 => store.set_grant(&subject, &format!("x{s}"), &read("read")),
                 _ => store.set_limits(&subject, &[("max".to_owned(), 7)]),
             }
+            store.set_grant("big", &format!("b{}", s * 2), &[]);
+            store.set_grant("big", &format!("new{s}"), &read("write"));
         }
         let digest = store.digest();
         let rebuilt = rebuild.join().expect("rebuilt");

@@ -1717,8 +1717,13 @@ impl State {
             packed: Vec::new(),
             names: String::new(),
         };
+        // Subjects of more grants than one run, read after the walk, in runs.
+        let mut large = Vec::new();
         self.subjects.for_each(|subject, entry| {
             match entry.grants {
+                ref grants if grants.len() > GRANTS_RUN && !matches!(grants, Grants::Packed(_)) => {
+                    large.push(subject.to_owned());
+                }
                 Grants::Packed(list) => {
                     let names = &mut rebuild.names;
                     rebuild
@@ -1738,6 +1743,11 @@ impl State {
             }
         });
         rebuild.packed_subjects();
+        let mut rows = Vec::new();
+        for subject in large {
+            self.rows_in_runs(&subject, |run| rows.extend_from_slice(run));
+            rebuild.subject_rows(&subject, rows.drain(..));
+        }
         rebuild.builder.finish()
     }
 
@@ -1808,6 +1818,13 @@ impl Rebuild<'_> {
 
     /// Adds `subject`'s `grants` (old ids) as one run.
     fn subject<'g>(&mut self, subject: &str, grants: impl Iterator<Item = (u32, Held<'g>)>) {
+        let rows = grants.flat_map(|(o, grant)| grant.rows().map(move |(p, e)| (o, p, e)));
+        self.subject_rows(subject, rows);
+    }
+
+    /// `subject`'s rows, (object, permission, expires_at) in the old generation's ids, in
+    /// object order, as one run of the builder.
+    fn subject_rows(&mut self, subject: &str, rows: impl Iterator<Item = (u32, u32, i64)>) {
         fn now_id(ids: &mut Vec<u32>, old: u32, intern: impl FnOnce() -> u32) -> u32 {
             let at = old as usize;
             if ids.len() <= at {
@@ -1819,24 +1836,22 @@ impl Rebuild<'_> {
             ids[at]
         }
         let (old, builder) = (self.state, &mut self.builder);
-        for (o, grant) in grants {
+        for (o, p, expires_at) in rows {
             let object = now_id(&mut self.objects_now, o, || {
                 let name = old.objects.name(o);
                 fixed_object_id(&name).unwrap_or_else(|| builder.state.objects.intern_mut(&name))
             });
-            for (p, expires_at) in grant.rows() {
-                let permission = now_id(&mut self.permissions_now, p, || {
-                    builder
-                        .state
-                        .permissions
-                        .intern_mut(&old.permissions.name(p))
-                });
-                let slot = Slot {
-                    permission,
-                    expires_at,
-                };
-                self.rows.push((object, slot));
-            }
+            let permission = now_id(&mut self.permissions_now, p, || {
+                builder
+                    .state
+                    .permissions
+                    .intern_mut(&old.permissions.name(p))
+            });
+            let slot = Slot {
+                permission,
+                expires_at,
+            };
+            self.rows.push((object, slot));
         }
         if !self.rows.is_empty() {
             builder.push_run(subject, &mut self.rows);
@@ -2986,6 +3001,14 @@ mod tests {
         );
         let rows = built.rows_of("big");
         assert_eq!(runs(&|| assert_eq!(live.rows_of("big"), rows)), whole);
+        // A compaction's rebuild too, into a generation of the same rows.
+        let rebuilt = std::cell::RefCell::new(None);
+        assert_eq!(
+            runs(&|| *rebuilt.borrow_mut() = Some(live.rebuilt())),
+            whole
+        );
+        let rebuilt = rebuilt.into_inner().expect("rebuilt");
+        assert_eq!(runs(&|| assert_eq!(rebuilt.digest(), digest)), whole);
         let listed = |public| Listed {
             subject: "big",
             public,
