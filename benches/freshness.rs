@@ -12,7 +12,11 @@
 //! 20,000, well below the 100,000 and more permd answers in `compare` on 2 cores), from a
 //! thread of their own: freshness under read traffic with headroom, as a deployment runs.
 //! (A closed loop would fill both cores, and then every wake-up waits for a core: p99s of
-//! tens to hundreds of ms that measure the saturated host, not permd.)
+//! tens to hundreds of ms that measure the saturated host, not permd.) With
+//! `BENCH_READ_BATCH=N` each of their requests is a batch of N checks (`POST /v1/check`),
+//! and `BENCH_READ_RATE` counts batches: `BENCH_READERS=4 BENCH_READ_RATE=100
+//! BENCH_READ_BATCH=10000` is a million checks/s in batches of the most `--max-batch`
+//! allows by default.
 //!
 //! `BENCH_STANDBY=1` has permd follow a hot standby of the cluster instead (started by
 //! `pg_basebackup`, streaming), where it polls, a standby allowing no LISTEN: the writers
@@ -44,14 +48,16 @@ use tokio::io::{AsyncWriteExt as _, BufStream};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// Keeps `connections` keep-alive connections to permd at `addr` checking, `rate` checks/s
-/// in all (each connection its share, on a fixed schedule), until `stop`; from a thread
-/// and runtime of their own, so that the writers' and the observer's timing is not queued
-/// behind them. Returns the checks answered.
+/// Keeps `connections` keep-alive connections to permd at `addr` checking, `rate` requests/s
+/// in all (each connection its share, on a fixed schedule), until `stop`; each request a
+/// single check, or with `batch` above 0 a batch of that many; from a thread and runtime of
+/// their own, so that the writers' and the observer's timing is not queued behind them.
+/// Returns the checks answered.
 fn read_load(
     addr: SocketAddr,
     connections: u32,
     rate: f64,
+    batch: u64,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
@@ -72,18 +78,29 @@ fn read_load(
                     let every = Duration::from_secs_f64(f64::from(connections) / rate);
                     // Spread the connections' schedules over one interval.
                     let mut due = tokio::time::Instant::now() + every * c / connections;
+                    let checks: Vec<String> = (0..batch)
+                        .map(|i| format!(r#"{{"subject":"reader:{c}:{i}","permission":"fresh"}}"#))
+                        .collect();
+                    let batch_body = format!(r#"{{"checks":[{}]}}"#, checks.join(","));
                     while !stop.load(Ordering::Relaxed) {
                         tokio::time::sleep_until(due).await;
                         due += every;
-                        let request = format!(
-                            "GET /v1/check?subject=reader:{c}:{}&permission=fresh HTTP/1.1\r\nhost: permd\r\n\r\n",
-                            answered % 1000
-                        );
+                        let request = if batch > 0 {
+                            format!(
+                                "POST /v1/check HTTP/1.1\r\nhost: permd\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{batch_body}",
+                                batch_body.len()
+                            )
+                        } else {
+                            format!(
+                                "GET /v1/check?subject=reader:{c}:{}&permission=fresh HTTP/1.1\r\nhost: permd\r\n\r\n",
+                                answered % 1000
+                            )
+                        };
                         stream.write_all(request.as_bytes()).await.unwrap();
                         stream.flush().await.unwrap();
                         let status = read_response(&mut stream, &mut body).await;
                         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                        answered += 1;
+                        answered += batch.max(1);
                     }
                     answered
                 }));
@@ -192,6 +209,7 @@ async fn run(
 fn main() {
     let readers: u32 = env_or("BENCH_READERS", 32);
     let read_rate: f64 = env_or("BENCH_READ_RATE", 20_000.0);
+    let read_batch: u64 = env_or("BENCH_READ_BATCH", 0);
     assert!(
         readers == 0 || read_rate > 0.0,
         "BENCH_READ_RATE must be above 0 while BENCH_READERS is"
@@ -270,9 +288,13 @@ fn main() {
         }
 
         println!();
+        let requests = match read_batch {
+            0 => "single checks".to_owned(),
+            n => format!("batches of {n} checks"),
+        };
         println!(
             "Commit to visible in permd, {seconds} s per row, poll interval 100 ms, \
-             {retained} changelog rows retained from before:"
+             {retained} changelog rows retained from before; HTTP readers send {requests}:"
         );
         println!();
         println!(
@@ -283,7 +305,10 @@ fn main() {
             let tag = format!("{notify}{rate}r{readers}");
             let stop = Arc::new(AtomicBool::new(false));
             let load = (readers > 0)
-                .then(|| read_load(daemon.local_addr(), readers, read_rate, Arc::clone(&stop)));
+                .then(|| {
+                    let stop = Arc::clone(&stop);
+                    read_load(daemon.local_addr(), readers, read_rate, read_batch, stop)
+                });
             let started = Instant::now();
             let host = HostCpu::now();
             let notified = daemon.status().report().notified_changes;
