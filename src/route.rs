@@ -826,7 +826,10 @@ fn unready(shards: &[Value]) -> String {
     reasons.join("; ")
 }
 
+/// A batch's body, its checks left whole for the shards; a field it does not name is
+/// refused, as the daemon refuses it.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchRequest<'a> {
     #[serde(borrow)]
     checks: Vec<&'a RawValue>,

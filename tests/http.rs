@@ -235,6 +235,21 @@ async fn every_route_rejects_bad_input_with_a_json_4xx() {
         ),
         ("/v1/check-limit?subject=u1&usage=1".into(), bad),
         ("/v1/digest?at_least=nope".into(), bad),
+        // A parameter the route does not know: a misspelled `at_least` must not leave a
+        // check without its read-your-writes.
+        (
+            "/v1/check?subject=u1&permission=read&at_leats=5".into(),
+            bad,
+        ),
+        ("/v1/check?subject=u1&permission=read&_=1".into(), bad),
+        ("/v1/subjects/u1/permissions?objet=doc:1".into(), bad),
+        ("/v1/subjects/u1/objects?permission=read&limt=5".into(), bad),
+        ("/v1/subjects/u1/limits?at_leats=5".into(), bad),
+        (
+            "/v1/check-limit?subject=u1&limit=projects&usage=1&at_leats=5".into(),
+            bad,
+        ),
+        ("/v1/digest?by=subject&at_leats=5".into(), bad),
         ("/v1/nope".into(), StatusCode::NOT_FOUND),
         ("/".into(), StatusCode::NOT_FOUND),
         ("/v1/subjects//permissions".into(), bad),
@@ -243,6 +258,13 @@ async fn every_route_rejects_bad_input_with_a_json_4xx() {
         let (status, body) = get(&r, &uri).await;
         assert_json_error(status, &body, expected, &uri[..uri.len().min(80)]);
     }
+    // An unknown parameter is named, with those the route knows.
+    let (_, body) = get(&r, "/v1/check?subject=u1&permission=read&at_leats=5").await;
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("unknown field `at_leats`") && error.contains("`at_least`"),
+        "{error}"
+    );
     // A number too large says the largest allowed.
     let (_, body) = get(&r, "/v1/check-limit?subject=u1&limit=seats&usage=1e3").await;
     assert_eq!(
@@ -297,7 +319,8 @@ async fn batch_bodies_are_validated() {
         "[".repeat(20_000),
         "]".repeat(20_000)
     );
-    // ...and in an unknown field it is skipped without recursion: no stack overflow.
+    // ...and in an unknown field it is refused at its name, without recursion: no stack
+    // overflow.
     let deep = format!(
         "{{\"checks\": [], \"pad\": {}{}}}",
         "[".repeat(20_000),
@@ -366,6 +389,24 @@ async fn batch_bodies_are_validated() {
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
         (
+            "a misspelled token",
+            json_type,
+            "{\"checks\": [], \"at_leats\": \"5\"}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "an unknown field in a check",
+            json_type,
+            "{\"checks\": [{\"subject\": \"u\", \"permission\": \"p\", \"objet\": \"o\"}]}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "deep nesting in an unknown field",
+            json_type,
+            deep,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
             "deep nesting in checks",
             json_type,
             deep_checks,
@@ -384,13 +425,11 @@ async fn batch_bodies_are_validated() {
         if what == "body over the limit" {
             assert_eq!(answer["error"], "the body is over the limit (--body-limit)");
         }
+        if what == "a misspelled token" {
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(error.contains("unknown field `at_leats`"), "{error}");
+        }
     }
-    let (status, answer) = post(&r, "/v1/check", json_type, deep).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "deep nesting in an ignored field: {answer}"
-    );
     let invalid_utf8 = vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'];
     let (status, answer) = post(&r, "/v1/check", json_type, invalid_utf8).await;
     assert_json_error(status, &answer, StatusCode::BAD_REQUEST, "invalid UTF-8");

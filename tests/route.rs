@@ -221,6 +221,14 @@ async fn the_router_sends_each_request_to_its_shard() {
     );
     let (status, body) = ask(&router, "POST", "/v1/check", Some(&json!({"checks": 3}))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // A field no daemon knows is not dropped on the way: a daemon refuses it.
+    let checks: Vec<Value> = (1..=8)
+        .map(|u| json!({"subject": format!("user:{u}"), "permission": "read"}))
+        .collect();
+    let misspelled = json!({"checks": checks, "at_leats": "5"});
+    let (status, body) = ask(&router, "POST", "/v1/check", Some(&misspelled)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["error"].to_string().contains("at_leats"), "{body}");
     let (status, _) = ask(&router, "GET", "/v1/digest", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let huge = json!({ "checks": [], "pad": "x".repeat(1 << 20) });

@@ -87,7 +87,8 @@ struct CheckFields<'a> {
 
 impl<'a> CheckFields<'a> {
     /// The fields of `query`, or `None` when the router must decide: a field twice,
-    /// `at_least` present, or a value that the handler would refuse.
+    /// `at_least` present, a field of another name, or a value that the handler would
+    /// refuse.
     fn parse(query: &'a str) -> Option<Self> {
         // Almost every query has nothing to decode: its pairs are slices of it, split as
         // the form decoder splits them (on `&`, empty pairs skipped, at the first `=`).
@@ -123,8 +124,9 @@ impl<'a> CheckFields<'a> {
             "subject" => &mut self.subject,
             "permission" => &mut self.permission,
             "object" => &mut self.object,
-            "at_least" => return None,
-            _ => return Some(()),
+            // A token to wait for, or a parameter the route does not know (refused):
+            // the router answers those.
+            _ => return None,
         };
         slot.replace(value).is_none().then_some(())
     }

@@ -82,6 +82,7 @@ impl App {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct CheckQuery {
     subject: String,
     permission: String,
@@ -108,6 +109,7 @@ pub(super) async fn check(State(app): State<App>, ApiQuery(q): ApiQuery<CheckQue
 /// One check of a batch. `CompactString`s: an identifier of up to 24 bytes is decoded
 /// without a heap allocation, which is most of them.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct CheckItem {
     subject: CompactString,
     permission: CompactString,
@@ -116,6 +118,7 @@ pub(super) struct CheckItem {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct BatchRequest {
     checks: Vec<CheckItem>,
     at_least: Option<TokenRepr>,
@@ -231,6 +234,7 @@ pub(super) struct BatchAnswer {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct PermissionsQuery {
     #[serde(default)]
     object: String,
@@ -256,6 +260,7 @@ pub(super) async fn permissions(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ObjectsQuery {
     permission: String,
     #[serde(default)]
@@ -385,6 +390,7 @@ where
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct FreshQuery {
     at_least: Option<TokenRepr>,
 }
@@ -404,6 +410,7 @@ pub(super) async fn limits(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct CheckLimitQuery {
     subject: String,
     limit: String,
@@ -466,6 +473,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct DigestQuery {
     at_least: Option<TokenRepr>,
     /// `subject`: one digest per subject instead of one for everything.
