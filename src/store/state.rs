@@ -264,11 +264,11 @@ impl Grants {
     /// replaced held. `set` one change at a time moves the rest of the list each time.
     fn set_many(&mut self, changes: Vec<(u32, Grant)>, arena: &Arena) -> u64 {
         if let Self::Chunked(chunks) = self {
-            let removed = chunks.set_many(changes);
+            let removed = chunks.set_many(&changes);
             self.unchunk_if_small();
             return removed;
         }
-        let (merged, removed) = merge(std::mem::take(self).into_vec(arena), changes);
+        let (merged, removed) = merge(&std::mem::take(self).into_vec(arena), changes);
         *self = Self::from_vec(merged);
         removed
     }
@@ -436,26 +436,30 @@ impl Grants {
 }
 
 /// `grants` (sorted by object) with each of `changes` (sorted by object, each object once;
-/// an empty grant removes the object's) put in, in one pass; and how many rows the grants
-/// replaced held.
+/// an empty grant removes the object's) put in, in one pass, into a new list (the runs
+/// between changes copied whole, ~2 ns a grant: an element at a time through a peekable
+/// iterator took 8 ns); and how many rows the grants replaced held.
 fn merge(
-    grants: Vec<(u32, Grant)>,
+    grants: &[(u32, Grant)],
     changes: impl IntoIterator<Item = (u32, Grant)>,
 ) -> (Vec<(u32, Grant)>, u64) {
     let changes = changes.into_iter();
-    let mut old = grants.into_iter().peekable();
-    let mut merged = Vec::with_capacity(old.len() + changes.size_hint().0);
+    let mut merged = Vec::with_capacity(grants.len() + changes.size_hint().0);
     let mut removed = 0;
+    let mut at = 0;
     for (object, grant) in changes {
-        merged.extend(std::iter::from_fn(|| old.next_if(|(o, _)| *o < object)));
-        if let Some((_, replaced)) = old.next_if(|(o, _)| *o == object) {
+        let before = at + grants[at..].partition_point(|(o, _)| *o < object);
+        merged.extend_from_slice(&grants[at..before]);
+        at = before;
+        if let Some((_, replaced)) = grants.get(at).filter(|(o, _)| *o == object) {
             removed += replaced.held().row_count();
+            at += 1;
         }
         if !grant.is_empty() {
             merged.push((object, grant));
         }
     }
-    merged.extend(old);
+    merged.extend_from_slice(&grants[at..]);
     (merged, removed)
 }
 
@@ -482,6 +486,24 @@ struct Chunks {
     chunks: Vec<Vec<(u32, Grant)>>,
     /// Grants in all chunks.
     len: usize,
+    /// Changed by every change: `Merged` made from one version is put only into it.
+    version: u64,
+}
+
+/// One chunk of `Chunks`: grants sorted by object id.
+type Chunk = Vec<(u32, Grant)>;
+
+/// The chunks a run of changes touches, merged with them from a read of `Chunks`
+/// (`Chunks::merged`), to be put in later (`Chunks::put`).
+#[derive(Debug)]
+struct Merged {
+    /// The version of `Chunks` they were made from.
+    version: u64,
+    /// Each touched chunk's index and what replaces it (none, one, or more when it grew
+    /// to `2 * CHUNK`), in order.
+    replacements: Vec<(usize, Vec<Chunk>)>,
+    /// Rows the replaced grants held.
+    removed: u64,
 }
 
 impl Chunks {
@@ -497,34 +519,75 @@ impl Chunks {
             firsts: chunks.iter().map(|chunk| chunk[0].0).collect(),
             len: chunks.iter().map(Vec::len).sum(),
             chunks,
+            version: 0,
         }
     }
 
     /// `Grants::set_many`: each chunk with changes merged with them (and cut again if it
     /// grew to `2 * CHUNK`), the others left as they are.
-    fn set_many(&mut self, changes: Vec<(u32, Grant)>) -> u64 {
-        let mut changes = changes.into_iter().peekable();
+    fn set_many(&mut self, changes: &[(u32, Grant)]) -> u64 {
+        let merged = self.merged(changes);
+        let removed = merged.removed;
+        drop(self.put(merged));
+        removed
+    }
+
+    /// The chunks `changes` (sorted by object, each object once) touch, merged with them,
+    /// made from `&self`: the writer makes them under the subject's read lock, which
+    /// checks share, and takes the write lock only to put them in.
+    fn merged(&self, changes: &[(u32, Grant)]) -> Merged {
+        let mut changes = changes.iter().cloned().peekable();
         let mut removed = 0;
-        let mut chunks = Vec::with_capacity(self.chunks.len());
-        for (c, chunk) in std::mem::take(&mut self.chunks).into_iter().enumerate() {
+        let mut replacements = Vec::new();
+        for (c, chunk) in self.chunks.iter().enumerate() {
             // This chunk's changes: those before the next chunk's first object.
             let next = self.firsts.get(c + 1).copied();
             let mine = |(o, _): &(u32, Grant)| next.is_none_or(|next| *o < next);
             if !changes.peek().is_some_and(mine) {
-                chunks.push(chunk);
                 continue;
             }
-            let (mut merged, gone) = merge(chunk, std::iter::from_fn(|| changes.next_if(mine)));
+            let changed = std::iter::from_fn(|| changes.next_if(mine));
+            let (mut merged, gone) = merge(chunk, changed);
             removed += gone;
+            let mut pieces = Vec::new();
             if merged.len() >= 2 * CHUNK {
-                cut(merged, &mut chunks);
+                cut(merged, &mut pieces);
             } else if !merged.is_empty() {
                 merged.shrink_to(merged.len() + CHUNK_SLACK);
-                chunks.push(merged);
+                pieces.push(merged);
+            }
+            replacements.push((c, pieces));
+        }
+        Merged {
+            version: self.version,
+            replacements,
+            removed,
+        }
+    }
+
+    /// Puts in the chunks `merged` made, if they were made from this version (else
+    /// gives them back); returns the chunks they replace, for the caller to drop once it
+    /// has let go of the lock.
+    fn put(&mut self, merged: Merged) -> Result<Vec<Chunk>, Merged> {
+        if merged.version != self.version {
+            return Err(merged);
+        }
+        let mut replaced = Vec::with_capacity(merged.replacements.len());
+        let mut replacements = merged.replacements.into_iter().peekable();
+        let mut chunks = Vec::with_capacity(self.chunks.len());
+        for (c, chunk) in std::mem::take(&mut self.chunks).into_iter().enumerate() {
+            match replacements.next_if(|(r, _)| *r == c) {
+                Some((_, pieces)) => {
+                    replaced.push(chunk);
+                    chunks.extend(pieces);
+                }
+                None => chunks.push(chunk),
             }
         }
+        let version = self.version.wrapping_add(1);
         *self = Self::of(chunks);
-        removed
+        self.version = version;
+        Ok(replaced)
     }
 
     /// The chunk `object` is in, or goes in: the last whose first object is not after
@@ -543,6 +606,7 @@ impl Chunks {
 
     /// Puts `grant` on `object` (an empty grant removes it); returns the grant replaced.
     fn set(&mut self, object: u32, grant: Grant) -> Option<Grant> {
+        self.version = self.version.wrapping_add(1);
         let c = self.chunk_of(object);
         let chunk = &mut self.chunks[c];
         match chunk.binary_search_by_key(&object, |(o, _)| *o) {
@@ -1486,6 +1550,7 @@ impl State {
         }
         self.count_public_write(subject, grants.iter().map(|(o, g)| (*o, g)));
         let before = self.before_write(subject, true);
+        let aside = self.merged_aside(subject, &grants);
         let entry = if added == 0 {
             self.subjects.get_mut(subject)
         } else {
@@ -1495,14 +1560,41 @@ impl State {
             return;
         };
         self.unpack(&mut entry.grants, before);
-        let removed = entry.grants.set_many(grants, &self.packed);
+        let put = aside.and_then(|merged| match &mut entry.grants {
+            Grants::Chunked(chunks) => {
+                let removed = merged.removed;
+                chunks.put(merged).ok().map(|replaced| (removed, replaced))
+            }
+            _ => None,
+        });
+        let (removed, replaced) = match put {
+            Some((removed, replaced)) => {
+                entry.grants.unchunk_if_small();
+                (removed, replaced)
+            }
+            None => (entry.grants.set_many(grants, &self.packed), Vec::new()),
+        };
         let empty = entry.is_empty();
         drop(entry);
+        drop(replaced);
         if empty {
             self.subjects.remove_if(subject, SubjectEntry::is_empty);
         }
         self.adjust(&self.tuples, added, removed);
         self.note_public(subject);
+    }
+
+    /// A run of changes to a subject whose grants are in chunks, merged with them under
+    /// its shard's read lock (`Chunks::merged`), which checks share: the write lock is
+    /// then held only to put the touched chunks in. Merged under the write lock, 10,000
+    /// revokes at a million grants held every check of the shard for ~7 ms. `None` when
+    /// the grants are not in chunks.
+    fn merged_aside(&self, subject: &str, changes: &[(u32, Grant)]) -> Option<Merged> {
+        let entry = self.subjects.get(subject)?;
+        match &entry.grants {
+            Grants::Chunked(chunks) => Some(chunks.merged(changes)),
+            _ => None,
+        }
     }
 
     /// Replaces every limit of `subject` with `rows` (empty: removes them).
@@ -2500,6 +2592,92 @@ mod tests {
         );
         assert_eq!(grant.held().row_count(), 5);
         assert_eq!(Grant::from_slots([]).held().rows().count(), 0);
+    }
+
+    /// Chunks merged aside are put in only into the version they were made from; put in,
+    /// they hold what merging in place holds, and the chunks they replace are handed back.
+    #[test]
+    fn chunks_merged_aside_go_only_into_their_version() {
+        let grant = |p: u32| {
+            Grant::from_slots([Slot {
+                permission: p,
+                expires_at: NEVER,
+            }])
+        };
+        let all: Vec<(u32, Grant)> = (0..5_000).map(|o| (o * 2, grant(0))).collect();
+        let mut chunks = Chunks::new(all);
+        // A grant changed, one removed, and new ones in the first and the last chunk.
+        let changes = [
+            (0, grant(1)),
+            (7, grant(0)),
+            (5_000, Grant::default()),
+            (20_001, grant(2)),
+        ];
+        let mut in_place = chunks.clone();
+        let removed = in_place.set_many(&changes);
+        let merged = chunks.merged(&changes);
+        assert_eq!((merged.removed, removed), (2, 2));
+        let touched: Vec<usize> = merged.replacements.iter().map(|(c, _)| *c).collect();
+        let mut stale = chunks.clone();
+        stale.set(3, grant(0));
+        let merged = stale.put(merged).expect_err("made from another version");
+        let replaced = chunks.put(merged).expect("made from this version");
+        assert_eq!(replaced.len(), touched.len());
+        let listed = |c: &Chunks| -> Vec<(u32, Grant)> { c.chunks.concat() };
+        assert_eq!(listed(&chunks), listed(&in_place));
+        assert_eq!(
+            (chunks.firsts.clone(), chunks.len),
+            (in_place.firsts.clone(), in_place.len)
+        );
+        // Another merge, from the version the put made, goes in too.
+        let next = chunks.merged(&[(9, grant(0))]);
+        assert!(chunks.put(next).is_ok());
+    }
+
+    /// A run of changes to a subject in chunks, merged aside, is seen whole or not at all:
+    /// a batch (which reads under held locks) asks for an object of its first chunk and
+    /// one of its last while the writer grants and revokes both in one run, over and over.
+    #[test]
+    fn a_run_merged_aside_is_seen_whole() {
+        let mut builder = StateBuilder::new();
+        for o in 0..6_000 {
+            builder.tuple("big", &format!("doc:{o:05}"), "read", None);
+        }
+        let state = Arc::new(builder.finish());
+        state.set_grant("big", "doc:00001", &[row("write", None)]);
+        let writing = Arc::new(AtomicBool::new(true));
+        let reader = {
+            let (state, writing) = (state.clone(), writing.clone());
+            std::thread::spawn(move || {
+                let mut seen = [0_u64; 2];
+                // More checks than shards: a batch of a few goes check by check.
+                let pair = [("big", "write", "doc:00000"), ("big", "write", "doc:05999")];
+                let checks: Vec<_> = pair.iter().cycle().take(64).copied().collect();
+                assert!(checks.len() > state.subjects.shard_count());
+                while writing.load(Ordering::Acquire) {
+                    let answers = state.check_many(checks.iter().copied(), &mut Now::lazy());
+                    assert!(
+                        answers.iter().all(|&a| a == answers[0]),
+                        "a run seen in part"
+                    );
+                    seen[usize::from(answers[0])] += 1;
+                }
+                seen
+            })
+        };
+        let write = [row("write", None)];
+        for k in 0..3_000 {
+            let rows: &[TupleRow] = if k % 2 == 0 { &write } else { &[] };
+            state.set_grants("big", &[("doc:00000", rows), ("doc:05999", rows)]);
+        }
+        writing.store(false, Ordering::Release);
+        let seen = reader.join().expect("the reader saw every run whole");
+        assert!(seen.iter().sum::<u64>() > 0);
+        let entry = state.subjects.get("big").expect("big");
+        assert!(
+            matches!(entry.grants, Grants::Chunked(_)),
+            "in chunks throughout"
+        );
     }
 
     /// A subject's heap grants go into chunks past `CHUNKED_OVER` and back into one list
