@@ -1786,8 +1786,9 @@ impl State {
     /// tier and every list packed that can be. What a compaction swaps in
     /// (`Store::finish_compaction`). The writer may go on meanwhile: each subject is read
     /// as it is at its turn (`Subjects::for_each`, which holds a shard's lock for one
-    /// subject's turn at most), and each name is looked up once, through a map of old ids
-    /// to new, not under the interners' lock for the whole walk.
+    /// subject's turn at most; a subject of more than `GRANTS_RUN` grants in the heap is
+    /// read after the walk, in runs), and each name is looked up once, through a map of
+    /// old ids to new.
     ///
     /// The walk goes in hash order, and each packed list read there would be a miss in
     /// a random place of the arena. So a packed subject's turn only notes where its list
