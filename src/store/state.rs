@@ -1549,8 +1549,14 @@ impl State {
             added += grant.held().row_count();
         }
         self.count_public_write(subject, grants.iter().map(|(o, g)| (*o, g)));
-        let before = self.before_write(subject, true);
+        let mut before = self.before_write(subject, true);
         let aside = self.merged_aside(subject, &grants);
+        // A packed list read into the heap is the writer's own until it is put in: the
+        // run goes into it before the lock too.
+        let merged_unpacked = before
+            .unpacked
+            .as_mut()
+            .map(|unpacked| unpacked.set_many(std::mem::take(&mut grants), &self.packed));
         let entry = if added == 0 {
             self.subjects.get_mut(subject)
         } else {
@@ -1567,12 +1573,13 @@ impl State {
             }
             _ => None,
         });
-        let (removed, replaced) = match put {
-            Some((removed, replaced)) => {
+        let (removed, replaced) = match (merged_unpacked, put) {
+            (Some(removed), _) => (removed, Vec::new()),
+            (None, Some((removed, replaced))) => {
                 entry.grants.unchunk_if_small();
                 (removed, replaced)
             }
-            None => (entry.grants.set_many(grants, &self.packed), Vec::new()),
+            (None, None) => (entry.grants.set_many(grants, &self.packed), Vec::new()),
         };
         let empty = entry.is_empty();
         drop(entry);
@@ -2633,6 +2640,43 @@ mod tests {
         // Another merge, from the version the put made, goes in too.
         let next = chunks.merged(&[(9, grant(0))]);
         assert!(chunks.put(next).is_ok());
+    }
+
+    /// A packed subject's first write a run: merged into its copy in the heap before the
+    /// lock, it holds what the same rows built at once hold, and the counts follow.
+    #[test]
+    fn a_first_run_on_a_packed_subject_is_merged_into_its_copy() {
+        let build = |extra: bool| {
+            let mut builder = StateBuilder::new();
+            for o in 0..5_000 {
+                if extra && o == 7 {
+                    continue; // revoked by the run
+                }
+                let permission = if extra && o == 8 { "write" } else { "read" };
+                builder.tuple("big", &format!("doc:{o}"), permission, None);
+            }
+            if extra {
+                builder.tuple("big", "doc:new", "read", None);
+            }
+            builder.finish()
+        };
+        let live = build(false);
+        assert!(matches!(
+            live.subjects.get("big").as_deref().map(|e| &e.grants),
+            Some(Grants::Packed(_))
+        ));
+        let (read, write) = ([row("read", None)], [row("write", None)]);
+        live.set_grants(
+            "big",
+            &[("doc:7", &[]), ("doc:8", &write), ("doc:new", &read)],
+        );
+        assert!(matches!(
+            live.subjects.get("big").as_deref().map(|e| &e.grants),
+            Some(Grants::Chunked(_))
+        ));
+        let model = build(true);
+        assert_eq!(live.digest(), model.digest());
+        assert_eq!(live.tuple_count(), model.tuple_count());
     }
 
     /// A run of changes to a subject in chunks, merged aside, is seen whole or not at all:
