@@ -20,7 +20,7 @@
 
 use memmap2::{MmapMut, MmapOptions};
 
-use super::state::{find_object, first_from};
+use super::grants::{find_object, first_from};
 
 /// The size of a huge page on x86-64 and arm64 with 4 KiB base pages, and of a chunk.
 const HUGE_PAGE: usize = 2 << 20;

@@ -4,6 +4,7 @@
 //! methods (`set_grant`, `set_limits`, `replace`, `advance`).
 
 mod arena;
+mod grants;
 mod interner;
 mod key;
 mod state;

@@ -1,0 +1,354 @@
+//! Building a generation: from a full load's rows (`StateBuilder`), and from another
+//! generation (a compaction's rebuild, `State::rebuilt`).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+use super::super::arena::{Arena, Packed};
+use super::super::grants::{Grant, Grants, Held, Slot, Thin};
+use super::super::Hasher;
+use super::{fixed_object_id, State, SubjectEntry, GRANTS_RUN, NEVER, WILDCARD};
+
+impl State {
+    /// A new generation holding the same rows, built as a full load builds one, from
+    /// memory: the names no row uses any more are gone, every subject is in the loaded
+    /// tier and every list packed that can be. What a compaction swaps in
+    /// (`Store::finish_compaction`). The writer may go on meanwhile: each subject is read
+    /// as it is at its turn (`Subjects::for_each`, which holds a shard's lock for one
+    /// subject's turn at most; a subject of more than `GRANTS_RUN` grants in the heap is
+    /// read after the walk, in runs), and each name is looked up once, through a map of
+    /// old ids to new.
+    ///
+    /// The walk goes in hash order, and each packed list read there would be a miss in
+    /// a random place of the arena. So a packed subject's turn only notes where its list
+    /// is (the arena is read-only: the list stays as the turn saw it) and copies its
+    /// name; those lists are read later, `REBUILD_BATCH` at a time, each batch in the
+    /// order its lists lie in the arena. A batch bounds what is held aside.
+    pub(crate) fn rebuilt(&self) -> State {
+        self.rebuilt_by(REBUILD_BATCH)
+    }
+
+    /// `rebuilt`, with the packed lists read `batch` at a time.
+    pub(super) fn rebuilt_by(&self, batch: usize) -> State {
+        let mut rebuild = Rebuild {
+            state: self,
+            builder: StateBuilder::new(),
+            objects_now: Vec::new(),
+            permissions_now: Vec::new(),
+            rows: Vec::new(),
+            packed: Vec::new(),
+            names: String::new(),
+        };
+        // Subjects of more grants than one run, read after the walk, in runs.
+        let mut large = Vec::new();
+        self.subjects.for_each(|subject, entry| {
+            match entry.grants {
+                ref grants if grants.len() > GRANTS_RUN && !matches!(grants, Grants::Packed(_)) => {
+                    large.push(subject.to_owned());
+                }
+                Grants::Packed(list) => {
+                    let names = &mut rebuild.names;
+                    rebuild
+                        .packed
+                        .push((list, names.len()..names.len() + subject.len()));
+                    names.push_str(subject);
+                    if rebuild.packed.len() >= batch {
+                        rebuild.packed_subjects();
+                    }
+                }
+                ref grants => rebuild.subject(subject, grants.iter(&self.packed)),
+            }
+            for &(n, value) in entry.limits.iter() {
+                rebuild
+                    .builder
+                    .limit(subject, &self.limit_names.name(n), value);
+            }
+        });
+        rebuild.packed_subjects();
+        let mut rows = Vec::new();
+        for subject in large {
+            self.rows_in_runs(&subject, |run| rows.extend_from_slice(run));
+            rebuild.subject_rows(&subject, rows.drain(..));
+        }
+        rebuild.builder.finish()
+    }
+}
+
+/// How many packed subjects a rebuild holds aside before it reads their lists
+/// (`State::rebuilt`): 32 bytes each and their names, ~11 MB with short names. As fast as
+/// four times as many at 10M and 50M tuples, whose ~40 MB raised a compaction's peak
+/// above a reload's (benches/README.md, `load`).
+const REBUILD_BATCH: usize = 1 << 18;
+
+/// A generation being rebuilt from `state` (`State::rebuilt`): the builder, and the old
+/// generation's object and permission ids mapped to the new one's as they are met.
+struct Rebuild<'s> {
+    state: &'s State,
+    builder: StateBuilder,
+    objects_now: Vec<u32>,
+    permissions_now: Vec<u32>,
+    /// One subject's rows, reused from subject to subject.
+    rows: Vec<(u32, Slot)>,
+    /// Packed subjects met and not read yet: each one's list, and where its name is in
+    /// `names`.
+    packed: Vec<(Packed, Range<usize>)>,
+    names: String,
+}
+
+impl Rebuild<'_> {
+    /// Adds the packed subjects met so far, their lists read in arena order.
+    fn packed_subjects(&mut self) {
+        let state = self.state;
+        let mut packed = std::mem::take(&mut self.packed);
+        let mut names = std::mem::take(&mut self.names);
+        packed.sort_unstable_by_key(|(list, _)| *list);
+        for (list, name) in packed.drain(..) {
+            let grants = state
+                .packed
+                .iter(list)
+                .map(|(object, bits)| (object, Held::of_bits(bits)));
+            self.subject(&names[name], grants);
+        }
+        names.clear();
+        // Kept for the next batch, at their size.
+        (self.packed, self.names) = (packed, names);
+    }
+
+    /// Adds `subject`'s `grants` (old ids) as one run.
+    fn subject<'g>(&mut self, subject: &str, grants: impl Iterator<Item = (u32, Held<'g>)>) {
+        let rows = grants.flat_map(|(o, grant)| grant.rows().map(move |(p, e)| (o, p, e)));
+        self.subject_rows(subject, rows);
+    }
+
+    /// `subject`'s rows, (object, permission, expires_at) in the old generation's ids, in
+    /// object order, as one run of the builder.
+    fn subject_rows(&mut self, subject: &str, rows: impl Iterator<Item = (u32, u32, i64)>) {
+        fn now_id(ids: &mut Vec<u32>, old: u32, intern: impl FnOnce() -> u32) -> u32 {
+            let at = old as usize;
+            if ids.len() <= at {
+                ids.resize(at + 1, u32::MAX);
+            }
+            if ids[at] == u32::MAX {
+                ids[at] = intern();
+            }
+            ids[at]
+        }
+        let (old, builder) = (self.state, &mut self.builder);
+        for (o, p, expires_at) in rows {
+            let object = now_id(&mut self.objects_now, o, || {
+                let name = old.objects.name(o);
+                fixed_object_id(&name).unwrap_or_else(|| builder.state.objects.intern_mut(&name))
+            });
+            let permission = now_id(&mut self.permissions_now, p, || {
+                builder
+                    .state
+                    .permissions
+                    .intern_mut(&old.permissions.name(p))
+            });
+            let slot = Slot {
+                permission,
+                expires_at,
+            };
+            self.rows.push((object, slot));
+        }
+        if !self.rows.is_empty() {
+            builder.push_run(subject, &mut self.rows);
+        }
+    }
+}
+
+/// Builds a `State` from a full snapshot, off the async runtime, while the rows stream in.
+///
+/// Rows come in the table's physical order, in which a subject's rows usually sit together
+/// (they are written a user at a time). Each such run becomes the subject's entry as soon
+/// as the next subject's rows begin, so the build keeps pace with the COPY, nothing is
+/// left to sort at the end, and no more than one subject's rows are held aside. A subject
+/// met again after its first run (its rows are scattered over the table) has its later
+/// rows kept aside and merged into its entry once, at the end: correct for rows in any
+/// order, and as cheap as the grouped case where they are grouped.
+pub(crate) struct StateBuilder {
+    pub(super) state: State,
+    /// The subject of the current run (when `run` is not empty); reused from run to run.
+    subject: String,
+    /// The current run's rows as (object id, slot); reused from run to run.
+    run: Vec<(u32, Slot)>,
+    /// The rows of subjects met again after their first run, merged in `finish`.
+    scattered: HashMap<Box<str>, Vec<(u32, Slot)>, Hasher>,
+    limits: HashMap<Box<str>, Vec<(u32, i64)>, Hasher>,
+    /// Tuple rows stored so far.
+    tuples: u64,
+    /// Bytes of the heap the entries built so far hold (`SubjectEntry::heap_bytes`).
+    heap: usize,
+}
+
+impl StateBuilder {
+    pub(crate) fn new() -> Self {
+        Self {
+            // The subject map and the object interner start small and grow. A table
+            // pre-sized from a guess is touched all over by random inserts and stays
+            // resident at its full size; grown, it ends at the size an exact guess would
+            // have given (tables grow by powers of two). An oversized object table also
+            // slows the load: it was sized from the row count (rows / 64), 256k buckets
+            // (8 MiB) for 50,000 objects at 10M rows, and every row's object look-up
+            // missed the cache; grown, 64k buckets (2 MiB): about 10 % less CPU for the
+            // load (benches/README.md, `load`).
+            state: State::with_capacity(16, 16),
+            subject: String::new(),
+            run: Vec::new(),
+            scattered: HashMap::with_hasher(Hasher::default()),
+            limits: HashMap::with_hasher(Hasher::default()),
+            tuples: 0,
+            heap: 0,
+        }
+    }
+
+    /// Adds one tuple row; `expires_at` in microseconds since the Unix epoch.
+    pub(crate) fn tuple(
+        &mut self,
+        subject: &str,
+        object: &str,
+        permission: &str,
+        expires_at: Option<i64>,
+    ) {
+        let slot = Slot {
+            permission: self.state.permissions.intern_mut(permission),
+            expires_at: expires_at.unwrap_or(NEVER),
+        };
+        // Plan permissions are all on '': no look-up for them.
+        let object =
+            fixed_object_id(object).unwrap_or_else(|| self.state.objects.intern_mut(object));
+        if self.run.is_empty() || self.subject != subject {
+            self.start_run(subject);
+        }
+        self.run.push((object, slot));
+    }
+
+    /// Adds all of one subject's rows, whose names are interned already, as one run;
+    /// leaves `rows` empty. Compared with a row at a time, spares a comparison of the
+    /// subject's name for every row.
+    fn push_run(&mut self, subject: &str, rows: &mut Vec<(u32, Slot)>) {
+        self.start_run(subject);
+        std::mem::swap(&mut self.run, rows);
+        self.end_run();
+        std::mem::swap(&mut self.run, rows);
+    }
+
+    /// Ends the current run and starts `subject`'s.
+    fn start_run(&mut self, subject: &str) {
+        self.end_run();
+        self.subject.clear();
+        self.subject.push_str(subject);
+    }
+
+    /// Stores the current run under its subject: as the subject's entry when it is new,
+    /// aside for `finish` when the subject already has one.
+    fn end_run(&mut self) {
+        if self.run.is_empty() {
+            return;
+        }
+        let (run, tuples, packed) = (&mut self.run, &mut self.tuples, &mut self.state.packed);
+        let heap = &mut self.heap;
+        let new = self.state.subjects.load_new(&self.subject, || {
+            let grants = grants_of(run, tuples, packed);
+            *heap += grants.heap_bytes();
+            SubjectEntry {
+                grants,
+                limits: Thin::default(),
+            }
+        });
+        if !new {
+            self.scattered
+                .entry(self.subject.as_str().into())
+                .or_default()
+                .extend_from_slice(&self.run);
+        }
+        self.run.clear();
+    }
+
+    /// Adds one limit row.
+    pub(crate) fn limit(&mut self, subject: &str, name: &str, value: i64) {
+        let name = self.state.limit_names.intern_mut(name);
+        match self.limits.get_mut(subject) {
+            Some(rows) => rows.push((name, value)),
+            None => {
+                self.limits.insert(subject.into(), vec![(name, value)]);
+            }
+        }
+    }
+
+    /// Merges the scattered rows and the limits and returns the finished state.
+    pub(crate) fn finish(mut self) -> State {
+        self.end_run();
+        let Self {
+            mut state,
+            scattered,
+            limits,
+            mut tuples,
+            mut heap,
+            ..
+        } = self;
+        for (subject, mut rows) in scattered {
+            let Some(entry) = state.subjects.loaded_mut(&subject) else {
+                continue; // never: a subject is scattered only once it has an entry
+            };
+            let grants = std::mem::take(&mut entry.grants);
+            heap -= grants.heap_bytes();
+            for (object, grant) in grants.into_vec(&state.packed) {
+                let grant = grant.held();
+                tuples -= grant.row_count();
+                rows.extend(grant.rows().map(|(permission, expires_at)| {
+                    (
+                        object,
+                        Slot {
+                            permission,
+                            expires_at,
+                        },
+                    )
+                }));
+            }
+            entry.grants = grants_of(&mut rows, &mut tuples, &mut state.packed);
+            heap += entry.grants.heap_bytes();
+        }
+        let mut limit_rows = 0;
+        for (subject, mut rows) in limits {
+            rows.sort_unstable();
+            limit_rows += rows.len() as u64;
+            let entry = state.subjects.loaded_or_default(&subject);
+            entry.limits = rows.into();
+            heap += entry.limits.heap_bytes();
+        }
+        state.note_public(WILDCARD);
+        state.count_public();
+        state.heap_loaded = heap;
+        state.tuples.store(tuples, Ordering::Relaxed);
+        state.limits.store(limit_rows, Ordering::Relaxed);
+        state
+    }
+}
+
+/// One subject's grants from its rows (object id, slot) in any order; adds the rows stored
+/// to `tuples`. Sorts `rows`. Several grants are packed in `arena` when they can be.
+fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64, arena: &mut Arena) -> Grants {
+    rows.sort_unstable_by_key(|(object, _)| *object);
+    let objects = rows.chunk_by(|a, b| a.0 == b.0);
+    let count = objects.clone().count();
+    let mut grants = objects.map(|same| {
+        let grant = Grant::from_slots(same.iter().map(|(_, slot)| *slot));
+        *tuples += grant.held().row_count();
+        (same[0].0, grant)
+    });
+    if count == 1 {
+        if let Some((object, grant)) = grants.next() {
+            return Grants::One { object, grant };
+        }
+    }
+    let mut many = Vec::with_capacity(count);
+    many.extend(grants);
+    if many.iter().all(|(_, grant)| grant.extra.is_empty()) {
+        if let Some(list) = arena.pack(many.iter().map(|(object, grant)| (*object, grant.bits))) {
+            return Grants::Packed(list);
+        }
+    }
+    Grants::from_vec(many)
+}
