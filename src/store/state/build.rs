@@ -30,7 +30,7 @@ impl State {
     }
 
     /// `rebuilt`, with the packed lists read `batch` at a time.
-    pub(super) fn rebuilt_by(&self, batch: usize) -> State {
+    fn rebuilt_by(&self, batch: usize) -> State {
         let mut rebuild = Rebuild {
             state: self,
             builder: StateBuilder::new(),
@@ -168,7 +168,7 @@ impl Rebuild<'_> {
 /// rows kept aside and merged into its entry once, at the end: correct for rows in any
 /// order, and as cheap as the grouped case where they are grouped.
 pub(crate) struct StateBuilder {
-    pub(super) state: State,
+    state: State,
     /// The subject of the current run (when `run` is not empty); reused from run to run.
     subject: String,
     /// The current run's rows as (object id, slot); reused from run to run.
@@ -351,4 +351,112 @@ fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64, arena: &mut Arena) -> G
         }
     }
     Grants::from_vec(many)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{mixed_state, row, subject_name};
+    use super::super::Now;
+    use super::*;
+
+    #[test]
+    fn a_load_that_cannot_map_more_memory_keeps_the_rest_in_the_heap() {
+        // The same rows loaded twice: once with every list packed, once with mapping
+        // refused after the first chunk (about 870 lists of 200 grants fit in it), so that
+        // the lists loaded after it stay in the heap. Both answer alike.
+        let load = |chunk_limit: Option<usize>| {
+            let mut builder = StateBuilder::new();
+            builder.state.packed.chunk_limit = chunk_limit;
+            for s in 0..1_000 {
+                for o in 0..200 {
+                    let permission = format!("p{}", (s + o) % 3);
+                    builder.tuple(&format!("s{s}"), &format!("o{o}"), &permission, None);
+                }
+            }
+            builder.finish()
+        };
+        let packed = load(None);
+        let mixed = load(Some(1));
+        let kinds = |state: &State| {
+            let (mut packed, mut heap) = (0, 0);
+            state.subjects.for_each(|_, entry| match entry.grants {
+                Grants::Packed(_) => packed += 1,
+                Grants::Many(_) => heap += 1,
+                _ => {}
+            });
+            (packed, heap)
+        };
+        assert_eq!(kinds(&packed), (1_000, 0));
+        let (in_chunk, in_heap) = kinds(&mixed);
+        assert!(
+            in_chunk > 0 && in_heap > 0,
+            "{in_chunk} packed, {in_heap} in the heap"
+        );
+        assert!(0 < mixed.packed_bytes() && mixed.packed_bytes() < packed.packed_bytes());
+        assert_eq!(packed.digest(), mixed.digest());
+        for s in (0..1_000).step_by(7) {
+            let subject = format!("s{s}");
+            for o in (0..200).step_by(13) {
+                let object = format!("o{o}");
+                for permission in ["p0", "p1", "p2"] {
+                    assert_eq!(
+                        packed.check(&subject, permission, &object, &mut Now::lazy()),
+                        mixed.check(&subject, permission, &object, &mut Now::lazy()),
+                        "{subject} {permission} {object}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A rebuilt generation holds the same rows and answers every check alike, with the
+    /// names no row uses gone and every subject back in the loaded tier.
+    #[test]
+    fn a_rebuilt_generation_keeps_every_row_and_drops_what_churn_left() {
+        let (state, checks) = mixed_state(300);
+        for s in 0..50 {
+            let subject = subject_name(s);
+            state.set_grant(&subject, &format!("tmp:{s}"), &[row("gone", None)]);
+            state.set_grant(&subject, &format!("tmp:{s}"), &[]);
+            state.set_limits(&subject, &[(format!("max{}", s % 3), s as i64)]);
+        }
+        state.set_limits("*", &[("max0".to_owned(), 7)]);
+        let rebuilt = state.rebuilt();
+        assert_eq!(rebuilt.digest(), state.digest());
+        assert_eq!(rebuilt.subject_digests().len(), state.subject_count());
+        assert_eq!(rebuilt.tuple_count(), state.tuple_count());
+        assert_eq!(rebuilt.limit_count(), state.limit_count());
+        for (subject, permission, object) in &checks {
+            for at in [500, 2_000] {
+                assert_eq!(
+                    rebuilt.check(subject, permission, object, &mut Now::fixed(at)),
+                    state.check(subject, permission, object, &mut Now::fixed(at)),
+                    "{subject} {permission} {object} at {at}"
+                );
+            }
+        }
+        assert_eq!(rebuilt.limits_of("user:1"), state.limits_of("user:1"));
+        let (before, after) = (state.growth(), rebuilt.growth());
+        // The 50 `tmp:` objects and the `gone` permission are no row's.
+        assert_eq!(
+            after.names_loaded,
+            before.names_loaded + before.names_since - 51
+        );
+        assert_eq!((after.names_since, after.subjects_moved), (0, 0));
+        assert_eq!(after.subjects_loaded, state.subject_count());
+        assert!(after.packed > 0, "{after:?}");
+        // Rebuilt again, from packed lists this time (the first had only the heap's),
+        // some of them subjects' with limits, and in batches of 7 lists.
+        let again = rebuilt.rebuilt_by(7);
+        assert_eq!(again.digest(), state.digest());
+        assert_eq!(again.growth().packed, after.packed);
+        for (subject, permission, object) in &checks {
+            assert_eq!(
+                again.check(subject, permission, object, &mut Now::fixed(500)),
+                state.check(subject, permission, object, &mut Now::fixed(500)),
+                "{subject} {permission} {object}"
+            );
+        }
+        assert_eq!(again.limits_of("user:1"), state.limits_of("user:1"));
+    }
 }

@@ -89,7 +89,7 @@ impl State {
             Plan::Bits => Some(self.page_by_bits(listed, now)),
         };
         #[cfg(test)]
-        super::tests::LISTED.with(|listed| listed.borrow_mut().push((plan, walked.is_some())));
+        tests::LISTED.with(|listed| listed.borrow_mut().push((plan, walked.is_some())));
         match walked {
             None if bound.is_none() => Some(self.page_by_pass(listed, now)),
             walked => walked,
@@ -253,7 +253,7 @@ impl State {
 
 /// A listing's page of fewer objects than this is picked with a heap as the names go by
 /// (`State::objects_of`); a longer one from all of them at once.
-pub(super) const PAGE_BY_HEAP: usize = 1_024;
+const PAGE_BY_HEAP: usize = 1_024;
 
 /// The first `limit` of `named` (in no order), and whether there were more: the first
 /// `limit` kept in a heap as the others go by, most of them turned away by one comparison
@@ -293,7 +293,7 @@ pub(super) struct Listed<'a> {
 
 /// How a listing finds its page (`State::objects_of`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Plan {
+enum Plan {
     /// A pass over the subject's grants.
     Pass,
     /// A walk of the names in order, each looked up among the subject's grants; given up
@@ -342,7 +342,7 @@ impl Plan {
 pub(crate) const QUICK_LISTING: usize = 20_000;
 
 /// Names a walk probes before it judges its pace (`walk`).
-pub(super) const WALK_PATIENCE: usize = 1_024;
+const WALK_PATIENCE: usize = 1_024;
 
 /// The first `want` of `order` (ids in name order) that `holds` keeps, or all of them if
 /// fewer; `None` once `budget` have been probed without either, or sooner: past
@@ -353,7 +353,7 @@ pub(super) const WALK_PATIENCE: usize = 1_024;
 /// walk for a subject of ten went through its whole budget (250,000 names, 16 ms) before
 /// the pass, against 2.7 ms with this rule (benches/README.md, "Listing a subject's
 /// objects").
-pub(super) fn walk(
+fn walk(
     order: &[u32],
     want: usize,
     budget: usize,
@@ -366,7 +366,7 @@ pub(super) fn walk(
 
 /// Names a look-up walk probes under one taking of every shard's lock
 /// (`State::page_by_look_up`): some hundreds of microseconds.
-pub(super) const WALK_CHUNK: usize = 4_096;
+const WALK_CHUNK: usize = 4_096;
 
 /// A walk under way (`walk`), which may go on over the order a slice at a time.
 struct Walk {
@@ -508,4 +508,358 @@ pub struct Listing {
     pub objects: Vec<Arc<str>>,
     /// Whether names after the page's last one were left out by its limit.
     pub more: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::ops::Bound::{Excluded, Unbounded};
+
+    use super::super::tests::row;
+    use super::super::StateBuilder;
+    use super::*;
+
+    thread_local! {
+        /// Each listing's walk on this thread: its plan, and whether it gave a page (else
+        /// it was given up for the pass). A listing by the pass alone adds nothing.
+        pub(super) static LISTED: std::cell::RefCell<Vec<(Plan, bool)>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
+    }
+
+    /// A page of a listing is the first `limit` names after `after`, whichever way it is
+    /// picked (a heap under `PAGE_BY_HEAP`, a selection from there), with object ids in
+    /// an order unrelated to the names'.
+    #[test]
+    fn a_page_is_the_first_names_after_the_cursor() {
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % n
+        };
+        let mut builder = StateBuilder::new();
+        let mut names: Vec<String> = (0..3_000)
+            .map(|_| format!("doc:{}", next(1 << 40)))
+            .collect();
+        for name in &names {
+            builder.tuple("u", name, "read", None);
+        }
+        let state = builder.finish();
+        names.sort_unstable();
+        names.dedup();
+        for limit in [1, 2, 7, 100, PAGE_BY_HEAP - 1, PAGE_BY_HEAP, 2_999, 5_000] {
+            for after in ["", "doc:", "doc:5", names[1_000].as_str(), "doc:~"] {
+                let expected: Vec<&String> = names.iter().filter(|n| n.as_str() > after).collect();
+                let page = state.objects_of("u", "read", after, limit, &mut Now::lazy());
+                let listed: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
+                let want: Vec<&str> = expected.iter().take(limit).map(|n| n.as_str()).collect();
+                assert_eq!(listed, want, "limit {limit} after {after:?}");
+                assert_eq!(
+                    page.more,
+                    expected.len() > limit,
+                    "limit {limit} after {after:?}"
+                );
+            }
+        }
+    }
+
+    /// Listings found by walking the names in order, by a pass over the grants, and by a
+    /// walk given up for the pass, all against the rows they come from: subjects that hold
+    /// most objects, half, a few, all but with the permission asked on few, thousands (in
+    /// chunks), expiring grants and `*`'s, before and after writes that name new objects
+    /// (not in the order) and revoke others.
+    #[test]
+    fn listings_agree_with_the_rows_whichever_way_they_are_found() {
+        const OBJECTS: u64 = 6_000;
+        const NOW: i64 = 1_000_000;
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % n
+        };
+        // (subject, object) to its rows: (permission, expires_at).
+        type Model = BTreeMap<(String, String), Vec<(String, Option<i64>)>>;
+        let mut model = Model::new();
+        let names: Vec<String> = (0..OBJECTS)
+            .map(|_| format!("doc:{}", next(1 << 40)))
+            .collect();
+        let mut builder = StateBuilder::new();
+        for (i, name) in names.iter().enumerate() {
+            let mut rows = Vec::new();
+            let i = i as u64;
+            // Most of them; a few expiring, before and after `NOW`.
+            if next(10) != 0 {
+                let expires_at = match next(20) {
+                    0 => Some(NOW - 1),
+                    1 => Some(NOW + 1),
+                    _ => None,
+                };
+                rows.push(("dense", "read", expires_at));
+            }
+            if i.is_multiple_of(2) {
+                rows.push(("half", "read", None));
+            }
+            if next(300) == 0 {
+                rows.push(("sparse", "read", None));
+            }
+            rows.push(("mixed", if next(50) == 0 { "read" } else { "write" }, None));
+            if next(200) == 0 {
+                rows.push(("*", "read", None));
+            }
+            for (subject, permission, expires_at) in rows {
+                builder.tuple(subject, name, permission, expires_at);
+                model
+                    .entry((subject.to_owned(), name.clone()))
+                    .or_default()
+                    .push((permission.to_owned(), expires_at));
+            }
+        }
+        // `*` as an object: first in the order, as '*' sorts before letters.
+        builder.tuple("sparse", "*", "read", None);
+        model.insert(("sparse".into(), "*".into()), vec![("read".into(), None)]);
+        let state = builder.finish();
+        let subjects = ["dense", "half", "sparse", "mixed", "*", "nobody"];
+        let check_all = |model: &Model, next: &mut dyn FnMut(u64) -> u64| {
+            let mut afters = vec![String::new(), "doc:".into(), "doc:5".into(), "doc:~".into()];
+            for _ in 0..4 {
+                let name = &names[next(OBJECTS) as usize];
+                afters.push(name.clone());
+                afters.push(format!("{name}0"));
+            }
+            for subject in subjects {
+                for permission in ["read", "write", "none"] {
+                    let holds = |s: &str, o: &str| {
+                        model
+                            .get(&(s.to_owned(), o.to_owned()))
+                            .is_some_and(|rows| {
+                                rows.iter()
+                                    .any(|(p, e)| p == permission && e.is_none_or(|e| e > NOW))
+                            })
+                    };
+                    let all: BTreeSet<&str> = model
+                        .keys()
+                        .map(|(_, o)| o.as_str())
+                        .filter(|o| holds(subject, o) || holds("*", o))
+                        .collect();
+                    for after in &afters {
+                        for limit in [1, 3, 100, PAGE_BY_HEAP + 1, usize::MAX] {
+                            let expected: Vec<&str> = all
+                                .range::<str, _>((Excluded(after.as_str()), Unbounded))
+                                .copied()
+                                .collect();
+                            let page = state.objects_of(
+                                subject,
+                                permission,
+                                after,
+                                limit,
+                                &mut Now::fixed(NOW),
+                            );
+                            let listed: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
+                            let what =
+                                format!("{subject} {permission} after {after:?} limit {limit}");
+                            assert_eq!(listed, expected[..expected.len().min(limit)], "{what}");
+                            assert_eq!(page.more, expected.len() > limit, "{what}");
+                            let mut now = Now::fixed(NOW);
+                            if let Some(quick) = state.objects_within(
+                                subject,
+                                permission,
+                                after,
+                                limit,
+                                &mut now,
+                                Some(QUICK_LISTING),
+                            ) {
+                                assert_eq!(quick, page, "{what}, quick");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        // One listing's walks, for `subject` and `read`, `limit` from the start.
+        let walks = |subject: &str, limit: usize| {
+            LISTED.with(|listed| listed.borrow_mut().clear());
+            state.objects_of(subject, "read", "", limit, &mut Now::fixed(NOW));
+            LISTED.with(|listed| listed.borrow().clone())
+        };
+        let look_up = |listed: Vec<(Plan, bool)>| match listed[..] {
+            [(Plan::LookUp { .. }, found)] => Some(found),
+            _ => None,
+        };
+        check_all(&model, &mut next);
+        assert_eq!(look_up(walks("dense", 100)), Some(true));
+        assert_eq!(walks("dense", usize::MAX), [(Plan::Bits, true)]);
+        assert_eq!(walks("half", 100), [(Plan::Bits, true)]);
+        assert_eq!(walks("sparse", 100), []);
+        assert_eq!(
+            look_up(walks("mixed", 100)),
+            Some(false),
+            "few `read`: the walk is given up"
+        );
+
+        // New names (after the order), and revokes, through the writer; `*` too.
+        for k in 0..300 {
+            let (subject, name) = match k % 3 {
+                0 => ("dense", format!("doc:{}", next(1 << 40))),
+                1 => ("sparse", names[next(OBJECTS) as usize].clone()),
+                _ => ("*", format!("new:{k}")),
+            };
+            let rows = if next(4) == 0 {
+                vec![]
+            } else {
+                vec![row("read", None)]
+            };
+            state.set_grant(subject, &name, &rows);
+            let key = (subject.to_owned(), name);
+            if rows.is_empty() {
+                model.remove(&key);
+            } else {
+                model.insert(key, vec![("read".to_owned(), None)]);
+            }
+        }
+        for name in names.iter().take(1_000) {
+            state.set_grant("dense", name, &[]);
+            model.remove(&("dense".to_owned(), name.clone()));
+        }
+        check_all(&model, &mut next);
+        // Fewer of them, and `*` holds more: a look-up walk pays off for a shorter page.
+        assert_eq!(look_up(walks("dense", 10)), Some(true));
+        assert_eq!(walks("dense", usize::MAX), [(Plan::Bits, true)]);
+    }
+
+    /// A look-up walk that probes more names than `WALK_CHUNK` (here ~5,000: one name in
+    /// 50 held with the permission) goes on where it stopped each time it takes the
+    /// locks again, with `*` (holding `read` on ten more, every shard locked) and without
+    /// (`view`, the subject's shard): the page is the one a pass finds.
+    #[test]
+    fn a_long_look_up_walk_goes_on_across_chunks() {
+        const OBJECTS: usize = 40_000;
+        let mut builder = StateBuilder::new();
+        for o in 0..OBJECTS {
+            let name = format!("doc:{o:05}");
+            if o % 50 == 0 {
+                builder.tuple("u", &name, "read", None);
+                builder.tuple("u", &name, "view", None);
+            } else {
+                builder.tuple("u", &name, "write", None);
+            }
+        }
+        for o in 1..=10 {
+            builder.tuple("*", &format!("doc:{o:05}"), "read", None);
+        }
+        let state = builder.finish();
+        for (permission, public) in [("read", 1..11), ("view", 0..0)] {
+            LISTED.with(|listed| listed.borrow_mut().clear());
+            let page = state.objects_of("u", permission, "", 100, &mut Now::lazy());
+            let listed = LISTED.with(|listed| listed.take());
+            assert!(
+                matches!(listed[..], [(Plan::LookUp { budget }, true)] if budget > WALK_CHUNK),
+                "{permission}: {listed:?}"
+            );
+            let expected: Vec<String> = (0..OBJECTS)
+                .filter(|o| o % 50 == 0 || public.contains(o))
+                .map(|o| format!("doc:{o:05}"))
+                .take(100)
+                .collect();
+            let names: Vec<&str> = page.objects.iter().map(|o| &**o).collect();
+            assert_eq!(names, expected, "{permission}");
+            assert!(page.more, "{permission}");
+        }
+    }
+
+    /// A walk stops at `want`, gives up at its budget, and past its patience as soon as
+    /// its pace says the page would take more than the budget; one without a budget
+    /// walks to the end.
+    #[test]
+    fn a_walk_gives_up_when_its_pace_says_it_would_pass_its_budget() {
+        let order: Vec<u32> = (0..100_000).collect();
+        assert_eq!(walk(&order, 10, 50, |_| true), Some((0..10).collect()));
+        assert_eq!(walk(&order, 10, 50, |o| o >= 60), None, "the budget");
+        // One name in 100: 101 of them in 10,001 names, within a budget of 20,000.
+        let found = walk(&order, 101, 20_000, |o| o % 100 == 0);
+        assert_eq!(found.map(|f| f.len()), Some(101));
+        // One in 1,000 would take 100,001: given up once its patience is spent.
+        let mut probed = 0;
+        let found = walk(&order, 101, 20_000, |o| {
+            probed += 1;
+            o % 1_000 == 0
+        });
+        assert_eq!((found, probed), (None, WALK_PATIENCE));
+        let found = walk(&order, 101, usize::MAX, |o| o % 1_000 == 0);
+        assert_eq!(found.map(|f| f.len()), Some(100));
+    }
+
+    /// A listing is quick when it is small for its plan and needs no sort of the names: a
+    /// page of a subject of few grants at once, a page of a large subject once the names
+    /// are sorted, a whole list of thousands never; and when its walk finds the page
+    /// within the bound: a walk that does not is given up, not sent to the pass.
+    #[test]
+    fn quick_listings_are_small_and_need_no_sort() {
+        let mut builder = StateBuilder::new();
+        for o in 0..20_000 {
+            let name = format!("doc:{o}");
+            builder.tuple("large", &name, "read", None);
+            if o % 1_000 == 0 {
+                builder.tuple("few", &name, "read", None);
+            }
+            // Reads on one name in 500: a walk finds 100 of them in 50,000 names.
+            let mixed = if o % 500 == 0 { "read" } else { "write" };
+            builder.tuple("mixed", &name, mixed, None);
+        }
+        let state = builder.finish();
+        let quick = |subject: &str, limit: usize| {
+            let quick = state.objects_within(
+                subject,
+                "read",
+                "",
+                limit,
+                &mut Now::lazy(),
+                Some(QUICK_LISTING),
+            );
+            if let Some(page) = &quick {
+                let all = state.objects_of(subject, "read", "", limit, &mut Now::lazy());
+                assert_eq!((&page.objects, page.more), (&all.objects, all.more));
+            }
+            quick.is_some()
+        };
+        assert!(quick("few", 100));
+        assert!(quick("few", usize::MAX));
+        assert!(quick("nobody", usize::MAX));
+        assert!(!quick("large", 100), "the names are not sorted yet");
+        state.objects_of("large", "read", "", 100, &mut Now::lazy());
+        assert!(quick("large", 100));
+        assert!(!quick("large", 5_000));
+        assert!(!quick("large", usize::MAX));
+        LISTED.with(|listed| listed.borrow_mut().clear());
+        assert!(!quick("mixed", 100), "the walk is given up");
+        let listed = LISTED.with(|listed| listed.take());
+        assert!(
+            matches!(listed[..], [(Plan::LookUp { budget }, false)] if budget == QUICK_LISTING / 20),
+            "{listed:?}"
+        );
+        // Cheap to find, but 1,900 names to copy and write.
+        let mut builder = StateBuilder::new();
+        for o in 0..2_000 {
+            if o < 1_900 {
+                builder.tuple("most", &format!("doc:{o}"), "read", None);
+            } else {
+                builder.tuple("other", &format!("doc:{o}"), "read", None);
+            }
+        }
+        let state = builder.finish();
+        state.objects_of("most", "read", "", 1, &mut Now::lazy());
+        let quick = |limit| {
+            state
+                .objects_within(
+                    "most",
+                    "read",
+                    "",
+                    limit,
+                    &mut Now::lazy(),
+                    Some(QUICK_LISTING),
+                )
+                .is_some()
+        };
+        assert!(quick(100));
+        assert!(!quick(usize::MAX));
+    }
 }

@@ -205,9 +205,36 @@ fn push_fields(line: &mut Vec<u8>, fields: &[&str]) {
 }
 
 /// The first 8 bytes of md5, big-endian: `permd.row_hash()` in SQL.
-pub(super) fn row_hash(line: &[u8]) -> u64 {
+fn row_hash(line: &[u8]) -> u64 {
     let hash = Md5::digest(line);
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash[..8]);
     u64::from_be_bytes(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::row;
+    use super::*;
+
+    #[test]
+    fn digests_read_back_and_add_up() {
+        let mut total: Digest = "3:1:ffffffffffffffff".parse().expect("a digest");
+        assert_eq!(total.to_string(), "3:1:ffffffffffffffff");
+        total.add("1:0:0000000000000002".parse().expect("a digest"));
+        assert_eq!(total.to_string(), "4:1:0000000000000001", "the sum wraps");
+        for wrong in ["", "1:2", "1:2:3:4", "x:0:00", "1:1:zz"] {
+            assert!(wrong.parse::<Digest>().is_err(), "{wrong}");
+        }
+    }
+
+    #[test]
+    fn digest_matches_the_sql_definition() {
+        // The SQL digest of ('u1','','ADMIN', 1700000000000000) alone, computed by
+        // permd.digest() on Postgres: the row hash of its canonical line.
+        let line = b"t\x1fu1\x1f\x1fADMIN\x1f1700000000000000";
+        let state = State::with_capacity(1, 1);
+        state.set_grant("u1", "", &[row("ADMIN", Some(1_700_000_000_000_000))]);
+        assert_eq!(state.digest(), format!("1:0:{:016x}", row_hash(line)));
+    }
 }
