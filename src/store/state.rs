@@ -1023,8 +1023,9 @@ mod tests {
         let state = Arc::new(builder.finish());
         state.set_grant("big", "doc:00001", &[row("write", None)]);
         let writing = Arc::new(AtomicBool::new(true));
+        let batches = Arc::new(AtomicU64::new(0));
         let reader = {
-            let (state, writing) = (state.clone(), writing.clone());
+            let (state, writing, batches) = (state.clone(), writing.clone(), batches.clone());
             std::thread::spawn(move || {
                 let mut seen = [0_u64; 2];
                 // More checks than shards: a batch of a few goes check by check.
@@ -1038,14 +1039,25 @@ mod tests {
                         "a run seen in part"
                     );
                     seen[usize::from(answers[0])] += 1;
+                    batches.fetch_add(1, Ordering::Release);
                 }
                 seen
             })
         };
+        // At least 3,000 runs, and on until the reader has read 200 batches beside them
+        // (a release build wrote the 3,000 before the reader's thread had started, once in
+        // a hundred runs), or has stopped (its panic is reported below).
         let write = [row("write", None)];
-        for k in 0..3_000 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut k = 0;
+        while (k < 3_000 || batches.load(Ordering::Acquire) < 200) && !reader.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader read no batch"
+            );
             let rows: &[TupleRow] = if k % 2 == 0 { &write } else { &[] };
             state.set_grants("big", &[("doc:00000", rows), ("doc:05999", rows)]);
+            k += 1;
         }
         writing.store(false, Ordering::Release);
         let seen = reader.join().expect("the reader saw every run whole");
