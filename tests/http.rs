@@ -93,6 +93,12 @@ async fn good_requests_answer_from_the_store() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "an empty token means none: {body}");
+    for token in [json!(""), Value::Null] {
+        let batch = json!({"checks": [{"subject": "u1", "permission": "read"}], "at_least": token});
+        let (status, body) =
+            post(&r, "/v1/check", Some("application/json"), batch.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{token} means no token: {body}");
+    }
 }
 
 /// A listing a page at a time: each page sorted and after the one before, `next` the
