@@ -218,6 +218,7 @@ impl<S: Io> PlainLoop<S> {
         let mut cancelled = pin!(stop.wait());
         loop {
             let mut answered = false;
+            let mut malformed = false;
             let step = loop {
                 match plain_head(&self.read) {
                     Head::Plain(request) => {
@@ -242,11 +243,22 @@ impl<S: Io> PlainLoop<S> {
                     Head::Partial => break Ok(None),
                     Head::Body { len } => break Ok(Some(len)),
                     Head::Other { once } => break Err(once),
+                    Head::Malformed(error) => {
+                        api.app().metrics.client_error();
+                        write_malformed(&mut self.write, error);
+                        malformed = true;
+                        break Ok(None);
+                    }
                 }
             };
             if !self.write.is_empty() {
                 self.stream.write_all(&self.write).await?;
                 self.write.clear();
+            }
+            if malformed {
+                // As hyper does after an unreadable head: nothing after it can be framed.
+                let _ = self.stream.shutdown().await;
+                return Ok(Next::Close);
             }
             let wanted = match step {
                 Err(once) => return Ok(Next::Hyper { once }),
@@ -305,6 +317,10 @@ enum Head<'a> {
     /// A complete head of a request for hyper whose body (`Content-Length`) has not all
     /// arrived: the request is `len` bytes.
     Body { len: usize },
+    /// A head no HTTP server could read (httparse's error, which hyper's parser, the same
+    /// with the same settings, would meet too): answered 400 with a JSON error saying
+    /// what is wrong, where hyper answers an empty 400, and the connection closed.
+    Malformed(httparse::Error),
     /// Anything else: hyper's. `once` (the request's length) when hyper is to serve only
     /// this request (it
     /// is whole in the buffer, HTTP/1.1, and nothing in it makes hyper close the
@@ -336,7 +352,9 @@ fn plain_head(buf: &[u8]) -> Head<'_> {
     let len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Head::Partial,
-        Err(_) => return Head::Other { once: None },
+        // Hyper reads up to 100 headers, this loop 32: more is hyper's to judge.
+        Err(httparse::Error::TooManyHeaders) => return Head::Other { once: None },
+        Err(error) => return Head::Malformed(error),
     };
     let mut keeps_alive = request.version == Some(1);
     let mut auth = None;
@@ -420,6 +438,34 @@ fn write_json(out: &mut Vec<u8>, body: &[u8]) {
     with_http_date(|date| out.extend_from_slice(date));
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);
+}
+
+/// Appends a 400 for a head that cannot be parsed: hyper's head (`connection: close`),
+/// with a JSON error that says what is wrong, as every other 4xx of the API has.
+fn write_malformed(out: &mut Vec<u8>, error: httparse::Error) {
+    let why = match error {
+        httparse::Error::Version => {
+            "the request line is not METHOD, a space, the target, a space and HTTP/1.1 \
+             (a space in the URL must be percent-encoded, as %20)"
+        }
+        httparse::Error::Token => {
+            "the request line holds a character HTTP does not allow there (control \
+             characters and spaces in the URL must be percent-encoded)"
+        }
+        httparse::Error::HeaderName => "a header's name holds a character HTTP does not allow",
+        httparse::Error::HeaderValue => "a header's value holds a character HTTP does not allow",
+        httparse::Error::NewLine => "a line of the request head does not end in CRLF",
+        httparse::Error::Status | httparse::Error::TooManyHeaders => "the head cannot be read",
+    };
+    let body = serde_json::json!({ "error": format!("malformed request: {why}") }).to_string();
+    out.extend_from_slice(
+        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: ",
+    );
+    let _ = io::Write::write_fmt(out, format_args!("{}", body.len()));
+    out.extend_from_slice(b"\r\ndate: ");
+    with_http_date(|date| out.extend_from_slice(date));
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
 }
 
 /// Calls `f` with the current time as an HTTP date, formatted once a second per thread
