@@ -432,7 +432,15 @@ fn write_answer(out: &mut Vec<u8>, answer: PlainAnswer) {
 /// Appends the response hyper writes for a 200 with a JSON `body`: the same head, in the
 /// same order.
 fn write_json(out: &mut Vec<u8>, body: &[u8]) {
-    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ");
+    write_json_after(out, b"HTTP/1.1 200 OK\r\n", body);
+}
+
+/// Appends a response of `start` (its status line and any headers before the body's),
+/// then the JSON `body`'s headers, as hyper orders them, and `body`.
+#[inline]
+fn write_json_after(out: &mut Vec<u8>, start: &[u8], body: &[u8]) {
+    out.extend_from_slice(start);
+    out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
     let _ = io::Write::write_fmt(out, format_args!("{}", body.len()));
     out.extend_from_slice(b"\r\ndate: ");
     with_http_date(|date| out.extend_from_slice(date));
@@ -458,14 +466,11 @@ fn write_malformed(out: &mut Vec<u8>, error: httparse::Error) {
         httparse::Error::Status | httparse::Error::TooManyHeaders => "the head cannot be read",
     };
     let body = serde_json::json!({ "error": format!("malformed request: {why}") }).to_string();
-    out.extend_from_slice(
-        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: ",
+    write_json_after(
+        out,
+        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n",
+        body.as_bytes(),
     );
-    let _ = io::Write::write_fmt(out, format_args!("{}", body.len()));
-    out.extend_from_slice(b"\r\ndate: ");
-    with_http_date(|date| out.extend_from_slice(date));
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(body.as_bytes());
 }
 
 /// Calls `f` with the current time as an HTTP date, formatted once a second per thread
