@@ -317,9 +317,9 @@ enum Head<'a> {
     /// A complete head of a request for hyper whose body (`Content-Length`) has not all
     /// arrived: the request is `len` bytes.
     Body { len: usize },
-    /// A head no HTTP server could read (httparse's error, which hyper's parser, the same
-    /// with the same settings, would meet too): answered 400 with a JSON error saying
-    /// what is wrong, where hyper answers an empty 400, and the connection closed.
+    /// A head httparse refuses (as hyper's parser, the same crate with the same settings,
+    /// would): answered 400 with a JSON error saying what is wrong, where hyper answers an
+    /// empty 400, and the connection closed.
     Malformed(httparse::Error),
     /// Anything else: hyper's. `once` (the request's length) when hyper is to serve only
     /// this request (it
