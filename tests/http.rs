@@ -942,6 +942,9 @@ mod fuzz {
             1 => Just("/v1/checks?"),
             1 => Just("/v1/check/?"),
             1 => Just("http://permd/v1/check?"),
+            // Targets httparse reads and hyper's URI parser refuses.
+            1 => Just("v1/check?"),
+            1 => Just("/v1/<check>?"),
         ];
         let odd = prop_oneof![
             Just("subject=a{b".to_owned()),
@@ -1478,7 +1481,7 @@ async fn shutdown_closes_idle_connections_of_every_kind() {
 }
 
 /// A head no parser reads (a space in the URL, a control character, a space in a header's
-/// name, another HTTP version) is answered 400 with a JSON error that says what is wrong,
+/// name, another HTTP version, a target that is no URI) is answered 400 with a JSON error that says what is wrong,
 /// after the answers of the requests before it on the connection, and the connection is
 /// closed, as hyper closes it; each is counted as a client error.
 #[tokio::test]
@@ -1509,6 +1512,19 @@ async fn a_head_no_parser_reads_is_answered_400_with_a_json_error() {
         (
             "GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nx other: 1\r\n\r\n",
             "header's name",
+        ),
+        // Heads httparse reads whose target is no URI: hyper's empty 400 before.
+        (
+            "GET /v1/check?subject=\"u1\"&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "%22",
+        ),
+        (
+            "GET /v1/<check>?subject=u1 HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "%3C",
+        ),
+        (
+            "GET v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "start with /",
         ),
         (
             "GET /v1/check?subject=u1&permission=read HTTP/2.0\r\nhost: permd\r\n\r\n",

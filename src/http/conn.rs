@@ -52,6 +52,9 @@ use super::Api;
 /// and the error answers for it.
 const MAX_PLAIN_HEAD: usize = 8 * 1024;
 
+/// The longest target hyper reads; a longer one it answers 414 URI Too Long.
+const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+
 /// Most headers in a plain request; more goes to hyper (whose limit is 100).
 const MAX_PLAIN_HEADERS: usize = 32;
 
@@ -243,9 +246,9 @@ impl<S: Io> PlainLoop<S> {
                     Head::Partial => break Ok(None),
                     Head::Body { len } => break Ok(Some(len)),
                     Head::Other { once } => break Err(once),
-                    Head::Malformed(error) => {
+                    Head::Malformed(why) => {
                         api.app().metrics.client_error();
-                        write_malformed(&mut self.write, error);
+                        write_malformed(&mut self.write, why);
                         malformed = true;
                         break Ok(None);
                     }
@@ -317,10 +320,9 @@ enum Head<'a> {
     /// A complete head of a request for hyper whose body (`Content-Length`) has not all
     /// arrived: the request is `len` bytes.
     Body { len: usize },
-    /// A head httparse refuses (as hyper's parser, the same crate with the same settings,
-    /// would): answered 400 with a JSON error saying what is wrong, where hyper answers an
-    /// empty 400, and the connection closed.
-    Malformed(httparse::Error),
+    /// A head hyper would refuse with an empty 400: answered 400 with a JSON error saying
+    /// what is wrong, and the connection closed.
+    Malformed(Malformed),
     /// Anything else: hyper's. `once` (the request's length) when hyper is to serve only
     /// this request (it
     /// is whole in the buffer, HTTP/1.1, and nothing in it makes hyper close the
@@ -354,8 +356,23 @@ fn plain_head(buf: &[u8]) -> Head<'_> {
         Ok(httparse::Status::Partial) => return Head::Partial,
         // Hyper reads up to 100 headers, this loop 32: more is hyper's to judge.
         Err(httparse::Error::TooManyHeaders) => return Head::Other { once: None },
-        Err(error) => return Head::Malformed(error),
+        Err(error) => return Head::Malformed(Malformed::Head(error)),
     };
+    let head = classify(buf, &request, len);
+    if let Head::Other { .. } | Head::Body { .. } = head {
+        // Hyper reads the target with `http::Uri`, which takes fewer bytes than httparse
+        // (`"`, `<`, `>` in a query, a path not starting with `/`); the plain forms above
+        // only take bytes both read alike.
+        let target = request.path.unwrap_or_default();
+        if target.len() <= MAX_URI_LEN && axum::http::Uri::try_from(target).is_err() {
+            return Head::Malformed(Malformed::Target);
+        }
+    }
+    head
+}
+
+/// [`plain_head`] for a head httparse read whole: `len` bytes of `buf`.
+fn classify<'a>(buf: &'a [u8], request: &httparse::Request<'_, 'a>, len: usize) -> Head<'a> {
     let mut keeps_alive = request.version == Some(1);
     let mut auth = None;
     let mut json = None;
@@ -448,22 +465,44 @@ fn write_json_after(out: &mut Vec<u8>, start: &[u8], body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// Why a head is malformed.
+#[derive(Clone, Copy, Debug)]
+enum Malformed {
+    /// httparse refuses it (as hyper's parser, the same crate with the same settings,
+    /// would).
+    Head(httparse::Error),
+    /// httparse reads it, but not its target as a URI.
+    Target,
+}
+
 /// Appends a 400 for a head that cannot be parsed: hyper's head (`connection: close`),
 /// with a JSON error that says what is wrong, as every other 4xx of the API has.
-fn write_malformed(out: &mut Vec<u8>, error: httparse::Error) {
-    let why = match error {
-        httparse::Error::Version => {
+fn write_malformed(out: &mut Vec<u8>, malformed: Malformed) {
+    let why = match malformed {
+        Malformed::Head(httparse::Error::Version) => {
             "the request line is not METHOD, a space, the target, a space and HTTP/1.1 \
              (a space in the URL must be percent-encoded, as %20)"
         }
-        httparse::Error::Token => {
+        Malformed::Head(httparse::Error::Token) => {
             "the request line holds a character HTTP does not allow there (control \
              characters and spaces in the URL must be percent-encoded)"
         }
-        httparse::Error::HeaderName => "a header's name holds a character HTTP does not allow",
-        httparse::Error::HeaderValue => "a header's value holds a character HTTP does not allow",
-        httparse::Error::NewLine => "a line of the request head does not end in CRLF",
-        httparse::Error::Status | httparse::Error::TooManyHeaders => "the head cannot be read",
+        Malformed::Head(httparse::Error::HeaderName) => {
+            "a header's name holds a character HTTP does not allow"
+        }
+        Malformed::Head(httparse::Error::HeaderValue) => {
+            "a header's value holds a character HTTP does not allow"
+        }
+        Malformed::Head(httparse::Error::NewLine) => {
+            "a line of the request head does not end in CRLF"
+        }
+        Malformed::Head(httparse::Error::Status | httparse::Error::TooManyHeaders) => {
+            "the head cannot be read"
+        }
+        Malformed::Target => {
+            "the URL is not a URI: it must start with / and hold no \", < or > in its query \
+             and no <, > or ` in its path (percent-encode them, as %22, %3C, %3E and %60)"
+        }
     };
     let body = serde_json::json!({ "error": format!("malformed request: {why}") }).to_string();
     write_json_after(
