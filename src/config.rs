@@ -344,6 +344,12 @@ pub struct ServerArgs {
     /// 127.0.0.1). Anything but loopback requires a token.
     #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_address)]
     pub listen: SocketAddr,
+    /// Also serve HTTP on a Unix socket at this path, for clients on the same host: plain
+    /// HTTP (even with --tls-cert), the same token. A socket file left by a process that
+    /// is gone is replaced; the file is removed at exit. Who may connect is the file's
+    /// permissions (the umask's).
+    #[arg(long, env = "PERMD_UNIX_SOCKET")]
+    pub unix_socket: Option<PathBuf>,
     /// Bearer token required on every route but /livez and /readyz.
     #[command(flatten)]
     pub token: TokenArgs,
@@ -420,6 +426,8 @@ pub struct ServerArgs {
 pub struct Settings {
     /// Where to serve HTTP.
     pub listen: SocketAddr,
+    /// Where to serve HTTP on a Unix socket too, if anywhere.
+    pub unix_socket: Option<PathBuf>,
     /// The sync side.
     pub sync: SyncConfig,
     /// The HTTP side.
@@ -463,6 +471,7 @@ impl ServerArgs {
         };
         Ok(Settings {
             listen: self.listen,
+            unix_socket: self.unix_socket.clone(),
             sync,
             http,
             server,

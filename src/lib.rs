@@ -86,6 +86,12 @@ impl Daemon {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         sync::check_database_url(&settings.sync.database_url)?;
+        let unix = settings
+            .unix_socket
+            .as_deref()
+            .map(http::SocketFile::bind)
+            .transpose()?;
+        let unix_path = unix.as_ref().map(|unix| unix.path().display().to_string());
         let local_addr = listener.local_addr().context("read the bound address")?;
         let mut limits = settings.server;
         limits.max_connections = open_file_budget(limits.max_connections);
@@ -111,8 +117,9 @@ impl Daemon {
         supervise(
             &tasks,
             "http server",
-            http::serve(
+            http::serve_on(
                 listener,
+                unix,
                 http::Api::new(app),
                 limits,
                 https,
@@ -125,6 +132,7 @@ impl Daemon {
         tracing::info!(
             addr = %local_addr,
             scheme,
+            unix_socket = unix_path,
             version = env!("CARGO_PKG_VERSION"),
             %shard,
             "serving"
@@ -358,7 +366,7 @@ fn open_file_budget(max_connections: usize) -> usize {
 /// connections) had SYNs dropped while the workers were busy, and each such client waited
 /// out a retransmission, 1 s and then 3 s, before it could send a request (seen in the
 /// `compare` suite's overload part: 108 listen overflows, a `/livez` probe of 1,021 ms).
-const LISTEN_BACKLOG: u32 = 4096;
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds the daemon's listener on `address`, with a deep accept queue
 /// (`LISTEN_BACKLOG`).

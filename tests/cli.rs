@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Child, Command, Stdio};
@@ -52,15 +52,20 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// A GET with extra header lines (each ending in CRLF).
 fn http_get_with(port: u16, path: &str, headers: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
-    write!(
+    exchange(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"),
     )
-    .ok()?;
+}
+
+/// Sends `request` (which asks to close the connection) and reads the answer: (status,
+/// body).
+fn exchange(mut stream: impl Read + Write, request: &str) -> Option<(u16, String)> {
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
@@ -173,6 +178,84 @@ async fn migrate_serve_and_stop_on_sigterm() {
         log.contains("SIGTERM received") && log.contains("stopped"),
         "{log}"
     );
+}
+
+/// `--unix-socket`: the daemon answers on a Unix socket too (checks, batches, the token
+/// asked as over TCP), replaces a socket file left by a process that is gone, refuses a
+/// path a live process listens on or that is not a socket, and removes its file at exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_on_a_unix_socket_too() {
+    let db = database().await;
+    readers(&db, 2).await;
+    let scratch = common::scratch::Scratch::new("unix");
+    let path = scratch.join("permd.sock");
+    // What a killed daemon leaves: the file, with nothing listening.
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("a socket to leave"));
+    let path_arg = path.to_str().expect("a UTF-8 path");
+    let token = [("PERMD_TOKEN", "sesame")];
+    let (mut running, port) = serve(&db.url, &["--unix-socket", path_arg], &token).await;
+
+    let over_unix = |request: &str| {
+        let stream = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a timeout");
+        exchange(stream, request).expect("an answer")
+    };
+    let auth = "Authorization: Bearer sesame\r\n";
+    let check = |headers: &str| {
+        over_unix(&format!(
+            "GET /v1/check?subject=user:2&permission=read&object=doc:1 HTTP/1.1\r\n\
+             Host: permd\r\n{headers}Connection: close\r\n\r\n"
+        ))
+    };
+    let (status, body) = check(auth);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"allowed\":true"), "{body}");
+    let (status, body) = check("");
+    assert_eq!(status, 401, "{body}");
+    let batch = r#"{"checks":[{"subject":"user:1","permission":"read","object":"doc:1"},{"subject":"user:3","permission":"read","object":"doc:1"}]}"#;
+    let (status, body) = over_unix(&format!(
+        "POST /v1/check HTTP/1.1\r\nHost: permd\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{batch}",
+        batch.len()
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("[true,false]"), "{body}");
+    // TCP still serves.
+    let (status, body) = http_get_with(
+        port,
+        "/v1/check?subject=user:1&permission=read&object=doc:1",
+        auth,
+    )
+    .expect("an answer over TCP");
+    assert_eq!(status, 200, "{body}");
+
+    // A second daemon on the same path is refused at start, and leaves the file alone.
+    let refused = |path: &str| {
+        let mut command = permd();
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--unix-socket", path])
+            .env("DATABASE_URL", &db.url);
+        let output = output_within_deadline(command);
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let error = refused(path_arg);
+    assert!(
+        error.contains("another process is listening on it") && error.contains(path_arg),
+        "{error}"
+    );
+    assert_eq!(check(auth).0, 200, "the first daemon still answers");
+    let file = scratch.join("not-a-socket");
+    std::fs::write(&file, "data").expect("a file");
+    let error = refused(file.to_str().expect("a UTF-8 path"));
+    assert!(error.contains("is not a socket"), "{error}");
+    assert_eq!(std::fs::read_to_string(&file).expect("the file"), "data");
+
+    let (exit, _, log) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "exit status {exit}: {log}");
+    assert!(!path.exists(), "the socket file is removed at exit");
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod handlers;
 mod metrics;
 mod server;
 mod tls;
+mod unix;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,9 +26,10 @@ pub use error::ApiError;
 pub use fast::Api;
 pub(crate) use metrics::Metrics;
 pub(crate) use server::{handshake, next_client};
-pub use server::{serve, ServerLimits};
+pub use server::{serve, serve_on, ServerLimits};
 pub(crate) use tls::client_config;
 pub use tls::ServerCerts;
+pub use unix::SocketFile;
 
 use crate::shard::Shard;
 use crate::store::Store;

@@ -3,17 +3,20 @@
 //! connections), and graceful shutdown that lets in-flight requests finish.
 
 use std::future::{poll_fn, Future as _};
+use std::io;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::unix::SocketFile;
 use super::{conn, Api, ServerCerts};
 
 /// Connection-level limits.
@@ -44,42 +47,117 @@ pub async fn serve(
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    let connections = TaskTracker::new();
-    let stop = Arc::new(Stop::default());
-    // Bounds memory under a flood of connections: one permit per open connection.
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    while let Some((stream, permit)) = next_client(&listener, &slots, &shutdown).await {
-        connections.spawn({
-            let api = api.clone();
-            let stop = Arc::clone(&stop);
-            let tls = tls.clone();
-            async move {
-                let timeout = limits.header_timeout;
-                match tls {
-                    None => conn::serve_connection(stream, api, timeout, &stop).await,
-                    Some(tls) => {
-                        if let Some(stream) = handshake(&tls, stream, timeout).await {
-                            conn::serve_connection(stream, api, timeout, &stop).await;
+    serve_on(listener, None, api, limits, tls, shutdown).await;
+}
+
+/// [`serve`], and on `unix` too when given: plain HTTP there whatever `tls` says (its
+/// clients are on this host, and the socket file's permissions say who they may be).
+/// Both share the connection cap and the graceful stop; `unix`'s file is removed when
+/// the server is done with it.
+pub async fn serve_on(
+    tcp: TcpListener,
+    unix: Option<SocketFile>,
+    api: Api,
+    limits: ServerLimits,
+    tls: Option<Arc<ServerCerts>>,
+    shutdown: CancellationToken,
+) {
+    let server = Server {
+        api,
+        limits,
+        // Bounds memory under a flood of connections: one permit per open connection.
+        slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        connections: TaskTracker::new(),
+        stop: Arc::new(Stop::default()),
+        shutdown,
+    };
+    let on_unix = async {
+        if let Some(unix) = unix {
+            server.accept_all(unix.listener(), None).await;
+        }
+    };
+    tokio::join!(server.accept_all(&tcp, tls), on_unix);
+    drop(tcp);
+    server.stop.trigger();
+    server.connections.close();
+    server.connections.wait().await;
+}
+
+/// What the accept loops of one server share.
+struct Server {
+    api: Api,
+    limits: ServerLimits,
+    slots: Arc<Semaphore>,
+    connections: TaskTracker,
+    stop: Arc<Stop>,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    /// Accepts clients on `listener` and serves each on a task of its own, until shutdown.
+    async fn accept_all<L: Accept>(&self, listener: &L, tls: Option<Arc<ServerCerts>>)
+    where
+        L::Stream: conn::Io,
+    {
+        while let Some((stream, permit)) = next_client(listener, &self.slots, &self.shutdown).await
+        {
+            self.connections.spawn({
+                let api = self.api.clone();
+                let stop = Arc::clone(&self.stop);
+                let tls = tls.clone();
+                let timeout = self.limits.header_timeout;
+                async move {
+                    match tls {
+                        None => conn::serve_connection(stream, api, timeout, &stop).await,
+                        Some(tls) => {
+                            if let Some(stream) = handshake(&tls, stream, timeout).await {
+                                conn::serve_connection(stream, api, timeout, &stop).await;
+                            }
                         }
                     }
+                    drop(permit);
                 }
-                drop(permit);
-            }
-        });
+            });
+        }
     }
-    drop(listener);
-    stop.trigger();
-    connections.close();
-    connections.wait().await;
+}
+
+/// A listening socket's side of accepting a client.
+pub(crate) trait Accept {
+    /// A client's connection.
+    type Stream: Send + 'static;
+
+    /// The next client's connection, set up to serve.
+    fn accept_one(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept_one(&self) -> io::Result<TcpStream> {
+        let (stream, _peer) = self.accept().await?;
+        // Small request/response pairs: never wait to coalesce them.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+
+    async fn accept_one(&self) -> io::Result<UnixStream> {
+        let (stream, _peer) = self.accept().await?;
+        Ok(stream)
+    }
 }
 
 /// A client's TLS handshake under the settings as they are now (SIGHUP may have read them
 /// again), which must end within `timeout`, as a request head must; `None` when it failed.
-pub(crate) async fn handshake(
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     tls: &ServerCerts,
-    stream: TcpStream,
+    stream: S,
     timeout: Duration,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<S>> {
     let accepting = tokio_rustls::TlsAcceptor::from(tls.server_config()).accept(stream);
     match tokio::time::timeout(timeout, accepting).await {
         Ok(Ok(stream)) => Some(stream),
@@ -96,23 +174,19 @@ pub(crate) async fn handshake(
 
 /// The next client, once one of the connection `slots` is free (the permit holds it while
 /// the connection lasts); `None` once `shutdown` is cancelled.
-pub(crate) async fn next_client(
-    listener: &TcpListener,
+pub(crate) async fn next_client<L: Accept>(
+    listener: &L,
     slots: &Arc<Semaphore>,
     shutdown: &CancellationToken,
-) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+) -> Option<(L::Stream, OwnedSemaphorePermit)> {
     let permit = tokio::select! {
         permit = Arc::clone(slots).acquire_owned() => permit.ok()?,
         () = shutdown.cancelled() => return None,
     };
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    // Small request/response pairs: never wait to coalesce them.
-                    let _ = stream.set_nodelay(true);
-                    return Some((stream, permit));
-                }
+            accepted = listener.accept_one() => match accepted {
+                Ok(stream) => return Some((stream, permit)),
                 Err(error) => {
                     // Out of file descriptors and the like: wait a moment instead of spinning.
                     tracing::warn!(%error, "accept failed");
