@@ -40,6 +40,12 @@
 //! of the medians at c=32 against the targets, met or missed, with the open loop's median
 //! beside them. `BENCH_ROUNDS=1` for a quick run.
 //!
+//! Redis and permd also serve on a Unix socket each, with a single-check row each over it
+//! (`redis-unix`, `permd-unix`): what a client on the same host (a sidecar) gets without
+//! TCP. Each round prints permd's ratio to Redis over Unix sockets, and each side's gain
+//! over its TCP row; the ratios table has a column for the first, and the targets' table a
+//! line beside the targets (the issue's ratio is over TCP).
+//!
 //! Besides the single check and the batch, permd has a row for a client that pools its
 //! connections and sends both kinds on each (9 single checks, then a batch of 100), with
 //! the rate it would reach if each request cost what it costs on a connection of its own
@@ -49,13 +55,15 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{cluster, env_list, env_or, find, read_response, runtime, HostCpu};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufStream};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
 
 const PERMISSIONS: u32 = 40;
 const PLANS: u32 = 100;
@@ -99,19 +107,23 @@ enum System {
     SqlPrecomputed,
     Redis,
     RedisPipelined,
+    RedisUnix,
     Permd,
+    PermdUnix,
     PermdBatch,
     PermdMixed,
     BareAxum,
 }
 
 impl System {
-    const ALL: [System; 8] = [
+    const ALL: [System; 10] = [
         System::SqlSource,
         System::SqlPrecomputed,
         System::Redis,
         System::RedisPipelined,
+        System::RedisUnix,
         System::Permd,
+        System::PermdUnix,
         System::PermdBatch,
         System::PermdMixed,
         System::BareAxum,
@@ -123,7 +135,9 @@ impl System {
             System::SqlPrecomputed => "Postgres, primary-key lookup on permd.tuples",
             System::Redis => "Redis SISMEMBER",
             System::RedisPipelined => "Redis SISMEMBER, pipelined 16",
+            System::RedisUnix => "Redis SISMEMBER over a Unix socket",
             System::Permd => "permd, single check (HTTP keep-alive)",
+            System::PermdUnix => "permd, single check over a Unix socket (HTTP keep-alive)",
             System::PermdBatch => "permd, batch of 100",
             System::PermdMixed => {
                 "permd, mixed: 9 single checks, then a batch of 100, on one connection"
@@ -136,7 +150,7 @@ impl System {
     fn is_permd(self) -> bool {
         matches!(
             self,
-            System::Permd | System::PermdBatch | System::PermdMixed
+            System::Permd | System::PermdUnix | System::PermdBatch | System::PermdMixed
         )
     }
 
@@ -147,7 +161,9 @@ impl System {
             System::SqlPrecomputed => "sql-precomputed",
             System::Redis => "redis",
             System::RedisPipelined => "redis-pipelined",
+            System::RedisUnix => "redis-unix",
             System::Permd => "permd",
+            System::PermdUnix => "permd-unix",
             System::PermdBatch => "permd-batch",
             System::PermdMixed => "permd-mixed",
             System::BareAxum => "bare-axum",
@@ -173,6 +189,9 @@ struct Endpoints {
     redis: u16,
     permd: u16,
     bare: u16,
+    /// The Unix sockets Redis and permd also listen on.
+    redis_socket: PathBuf,
+    permd_socket: PathBuf,
     /// Process ids of the servers that run as their own process, for their CPU time.
     redis_pid: u32,
     permd_pid: u32,
@@ -183,8 +202,8 @@ impl Endpoints {
     /// many, not the bare server's threads in this process).
     fn server_pid(&self, system: System) -> Option<u32> {
         match system {
-            System::Redis | System::RedisPipelined => Some(self.redis_pid),
-            System::Permd | System::PermdBatch | System::PermdMixed => Some(self.permd_pid),
+            System::Redis | System::RedisPipelined | System::RedisUnix => Some(self.redis_pid),
+            s if s.is_permd() => Some(self.permd_pid),
             _ => None,
         }
     }
@@ -244,8 +263,23 @@ impl std::ops::Sub for Cpu {
 /// One client connection to one system.
 enum Conn {
     Pg(tokio_postgres::Client, tokio_postgres::Statement, bool),
-    Resp(BufStream<TcpStream>),
-    Http(BufStream<TcpStream>),
+    Resp(BufStream<Stream>),
+    Http(BufStream<Stream>),
+}
+
+/// A connection to Redis or permd: over TCP, or a Unix socket.
+type Stream = Either<TcpStream, UnixStream>;
+
+/// A TCP connection to `port` on loopback, set up as every client here sets it.
+async fn tcp(port: u16) -> Stream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    Either::Left(stream)
+}
+
+/// A connection to the Unix socket at `path`.
+async fn unix(path: &Path) -> Stream {
+    Either::Right(UnixStream::connect(path).await.unwrap())
 }
 
 const SOURCE_QUERY: &str = "SELECT EXISTS (
@@ -281,20 +315,14 @@ impl Conn {
                 Conn::Pg(client, statement, source)
             }
             System::Redis | System::RedisPipelined => {
-                let stream = TcpStream::connect(("127.0.0.1", at.redis)).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                Conn::Resp(BufStream::new(stream))
+                Conn::Resp(BufStream::new(tcp(at.redis).await))
             }
-            System::Permd | System::PermdBatch | System::PermdMixed | System::BareAxum => {
-                let port = if system == System::BareAxum {
-                    at.bare
-                } else {
-                    at.permd
-                };
-                let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                Conn::Http(BufStream::new(stream))
+            System::RedisUnix => Conn::Resp(BufStream::new(unix(&at.redis_socket).await)),
+            System::PermdUnix => Conn::Http(BufStream::new(unix(&at.permd_socket).await)),
+            System::Permd | System::PermdBatch | System::PermdMixed => {
+                Conn::Http(BufStream::new(tcp(at.permd).await))
             }
+            System::BareAxum => Conn::Http(BufStream::new(tcp(at.bare).await)),
         }
     }
 
@@ -694,14 +722,34 @@ async fn open_loop(
     }
 }
 
-/// A Redis server of this machine's (Debian's redis-server), on a free port, no persistence.
+/// A directory of this run's own for the servers' Unix sockets, removed at the end.
+struct SocketDir(PathBuf);
+
+impl SocketDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("permd-compare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        SocketDir(dir)
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A Redis server of this machine's (Debian's redis-server), on a free port and on a Unix
+/// socket at `socket`, no persistence.
 struct Redis {
     child: std::process::Child,
     port: u16,
+    socket: PathBuf,
 }
 
 impl Redis {
-    fn start() -> Self {
+    fn start(socket: &Path) -> Self {
         let binary = which("redis-server")
             .or_else(|| {
                 eprintln!("redis-server not found: installing Debian's package (apt-get install redis-server)…");
@@ -728,6 +776,10 @@ impl Redis {
                 "",
                 "--appendonly",
                 "no",
+                "--unixsocket",
+                socket.to_str().unwrap(),
+                "--unixsocketperm",
+                "700",
             ])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -737,7 +789,11 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Redis { child, port }
+        Redis {
+            child,
+            port,
+            socket: socket.to_owned(),
+        }
     }
 }
 
@@ -803,7 +859,7 @@ struct Permd {
 }
 
 impl Permd {
-    fn start(binary: &str, database_url: &str, flags: &[&str]) -> Self {
+    fn start(binary: &str, database_url: &str, flags: &[&str], socket: Option<&Path>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -818,6 +874,7 @@ impl Permd {
                 &format!("127.0.0.1:{port}"),
             ])
             .args(flags)
+            .args(socket.map(|socket| format!("--unix-socket={}", socket.display())))
             .env("PERMD_LOG", "warn")
             .spawn()
             .unwrap();
@@ -964,7 +1021,9 @@ fn main() {
     assert!(rounds >= 1, "BENCH_ROUNDS must be at least 1");
     let cluster = cluster();
     let url = cluster.url("postgres");
-    let redis = Redis::start();
+    let sockets = SocketDir::new();
+    let socket_of = |k: usize| sockets.0.join(format!("permd-{k}.sock"));
+    let redis = Redis::start(&sockets.0.join("redis.sock"));
     let runtime = runtime();
     runtime.block_on(async {
         eprintln!("seeding {subjects} subjects into the source tables, permd.tuples and Redis…");
@@ -1027,7 +1086,10 @@ fn main() {
         let mut memory = Vec::new();
         for (k, binary) in binaries.iter().enumerate() {
             let loading = Instant::now();
-            let permd = Permd::start(binary, &url, &[]);
+            // An older build may not take `--unix-socket`: leave `permd-unix` out of
+            // `BENCH_SYSTEMS` to alternate with one.
+            let socket = selected.contains(&System::PermdUnix).then(|| socket_of(k));
+            let permd = Permd::start(binary, &url, &[], socket.as_deref());
             let http = wait_ready(permd.port).await;
             let load_seconds = loading.elapsed().as_secs_f64();
             assert!(http, "permd {binary} did not become ready");
@@ -1054,6 +1116,8 @@ fn main() {
             redis: redis.port,
             permd: servers[k].port,
             bare,
+            redis_socket: redis.socket.clone(),
+            permd_socket: socket_of(k),
             redis_pid: redis.child.id(),
             permd_pid: servers[k].child.id(),
         };
@@ -1083,8 +1147,9 @@ fn main() {
         let mut capacity = 0.0;
         // Per concurrency and permd binary, one a round: the single check against Redis and
         // the two SQL ways, the batch against Redis pipelined, and the single check's p99
-        // over Redis's: every ratio the targets name.
-        let mut by_round = std::collections::BTreeMap::<(usize, usize), Vec<[f64; 5]>>::new();
+        // over Redis's: every ratio the targets name; and the single check's over Redis's,
+        // both over a Unix socket.
+        let mut by_round = std::collections::BTreeMap::<(usize, usize), Vec<[f64; 6]>>::new();
         // Per concurrency and permd binary, one a round: the most of the machine the
         // hypervisor stole during Redis's row or that permd's single check (percent).
         let mut stolen = std::collections::BTreeMap::<(usize, usize), Vec<f64>>::new();
@@ -1153,6 +1218,7 @@ fn main() {
                     permd / base(System::SqlSource, k),
                     permd / base(System::SqlPrecomputed, k),
                     p99(System::Permd) / p99(System::Redis),
+                    base(System::PermdUnix, k) / base(System::RedisUnix, 0),
                 ]);
                 let which = if several { format!(" [{}]", k + 1) } else { String::new() };
                 println!();
@@ -1165,6 +1231,16 @@ fn main() {
                     ratio(base(System::BareAxum, k), redis),
                     ratio(base(System::PermdBatch, k), pipelined)
                 );
+                let (permd_unix, redis_unix) =
+                    (base(System::PermdUnix, k), base(System::RedisUnix, 0));
+                if !permd_unix.is_nan() || !redis_unix.is_nan() {
+                    println!(
+                        "Over Unix sockets: permd{which} single vs Redis {}; permd over its Unix socket vs over TCP {}, Redis {}",
+                        ratio(permd_unix, redis_unix),
+                        ratio(permd_unix, permd),
+                        ratio(redis_unix, redis)
+                    );
+                }
                 // Redis is held by its one thread (~1 / S_r checks/s), permd and the client
                 // by the two cores they share (~2 / (S_p + C)): the single check's ratio
                 // this round's CPU columns predict, and what it would be with none of
@@ -1206,8 +1282,8 @@ fn main() {
             println!();
             println!("Ratios round by round ({rounds} rounds, each system once a round):");
             println!();
-            println!("| connections | permd | single vs Redis, each round | median | batch vs Redis pipelined, each round | median | single vs source-table SQL, each round | median | single vs precomputed SQL, each round | median | single p99 / Redis p99, each round | median |");
-            println!("|---:|---|---|---:|---|---:|---|---:|---|---:|---|---:|");
+            println!("| connections | permd | single vs Redis, each round | median | batch vs Redis pipelined, each round | median | single vs source-table SQL, each round | median | single vs precomputed SQL, each round | median | single p99 / Redis p99, each round | median | single vs Redis, both over a Unix socket, each round | median |");
+            println!("|---:|---|---|---:|---|---:|---|---:|---|---:|---|---:|---|---:|");
             for ((concurrency, k), rows) in &by_round {
                 let cells: Vec<String> = (0..rows[0].len())
                     .flat_map(|i| {
@@ -1335,6 +1411,11 @@ fn main() {
                 ratio(open, 1.0),
                 verdict(open, open <= 1.0)
             );
+            println!(
+                "| (beside the targets) single check >= 1.25x Redis, both over a Unix socket | {} | {} |",
+                ratio(medians[5], 1.0),
+                verdict(medians[5], medians[5] >= 1.25)
+            );
             if steal >= STEAL_INCONCLUSIVE {
                 println!();
                 println!(
@@ -1360,13 +1441,15 @@ fn main() {
 /// excess must be shed fast (503), the admitted ones answered with bounded latency, memory
 /// must stay flat, /livez must answer throughout, and all must be well afterwards.
 async fn overload(binary: &str, url: &str, capacity: f64, seconds: f64, subjects: u32) {
-    let permd = Permd::start(binary, url, &["--max-in-flight", "16"]);
+    let permd = Permd::start(binary, url, &["--max-in-flight", "16"], None);
     assert!(wait_ready(permd.port).await);
     let at = Endpoints {
         postgres: url.to_owned(),
         redis: 0,
         permd: permd.port,
         bare: 0,
+        redis_socket: PathBuf::new(),
+        permd_socket: PathBuf::new(),
         redis_pid: 0,
         permd_pid: permd.child.id(),
     };

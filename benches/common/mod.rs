@@ -6,8 +6,7 @@
 use std::str::FromStr;
 
 use permd::embedded::{Cluster, ClusterOptions};
-use tokio::io::{AsyncBufReadExt as _, BufStream};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, BufStream};
 
 /// A throwaway Postgres from the machine's binaries, with `fsync=off` (a benchmark's data
 /// is disposable); stopped when dropped.
@@ -75,7 +74,10 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// library does it: hyper parses a head in one pass), not line by line into strings: the
 /// client shares the machine with the server, so its framing should cost about what its
 /// RESP framing costs. Requests are never pipelined, so nothing may follow the body.
-pub async fn read_response(stream: &mut BufStream<TcpStream>, body: &mut Vec<u8>) -> u16 {
+pub async fn read_response<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut BufStream<S>,
+    body: &mut Vec<u8>,
+) -> u16 {
     body.clear();
     let head_end = loop {
         let chunk = stream.fill_buf().await.unwrap();
