@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DemoArgs, Settings};
@@ -159,7 +159,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(url) = &args.database_url {
         crate::sync::check_database_url(url)?;
     }
-    let listener = crate::bind(settings.listen)?;
+    if args.shards > 1 && settings.unix_socket.is_some() {
+        bail!("--unix-socket serves one daemon: the sharded demo (--shards) serves over TCP only");
+    }
+    let listeners = crate::Listeners::bind(&settings)?;
     let (cluster, database_url) = match &args.database_url {
         Some(url) => (None, url.clone()),
         None => {
@@ -212,7 +215,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     };
     let with_token = args.server.token.is_set();
     let stopped = if args.shards <= 1 {
-        let daemon = Daemon::start_on(listener, settings, shutdown.clone()).await?;
+        let unix = settings.unix_socket.clone();
+        let daemon = Daemon::start_on(listeners, settings, shutdown.clone()).await?;
         if daemon.wait_ready(Duration::from_secs(120)).await {
             let base = format!("{}://{}", daemon.scheme(), daemon.local_addr());
             let counts = daemon.store().counts();
@@ -221,6 +225,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
                 counts.tuples, counts.subjects, counts.limits
             );
             print_examples(&base, &ready, with_token, args.users, &psql_url);
+            if let Some(path) = unix {
+                say!(
+                    out,
+                    "Also over its Unix socket: curl -s --unix-socket {} 'http://permd/v1/status'",
+                    path.display()
+                );
+            }
         }
         // The cluster is stopped whether or not the daemon stopped on its own (a panicked
         // part).
@@ -229,7 +240,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         let print = |base: &str, ready: &str| {
             print_examples(base, ready, with_token, args.users, &psql_url);
         };
-        sharded(listener, settings, args.shards, &shutdown, print).await
+        sharded(listeners.tcp, settings, args.shards, &shutdown, print).await
     };
     if let Some(cluster) = cluster {
         say!(
@@ -263,8 +274,11 @@ async fn sharded(
         let shard = Shard::new(index, shards).context("a shard")?;
         (own.sync.shard, own.http.shard, own.tls) = (shard, shard, None);
         own.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let listener = crate::bind(own.listen)?;
-        daemons.push(Daemon::start_on(listener, own, shutdown.clone()).await?);
+        let listeners = crate::Listeners {
+            tcp: crate::bind(own.listen)?,
+            unix: None,
+        };
+        daemons.push(Daemon::start_on(listeners, own, shutdown.clone()).await?);
     }
     let urls: Vec<String> = daemons
         .iter()

@@ -68,29 +68,28 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Binds the listener (failing fast if the address is taken), then
-    /// [`start_on`](Self::start_on) it.
+    /// Binds the listeners (failing fast if an address is taken), then
+    /// [`start_on`](Self::start_on) them.
     pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let listener = bind(settings.listen)?;
-        Self::start_on(listener, settings, shutdown).await
+        let listeners = Listeners::bind(&settings)?;
+        Self::start_on(listeners, settings, shutdown).await
     }
 
     /// Refuses a database URL the sync connection could never connect with (one that asks
     /// for TLS, or that does not parse), then starts the applier and the server on
-    /// `listener` (from [`bind`]: a caller with slow work before the start binds first, so
-    /// that an address in use fails at once). Answers `/readyz` 503 until loaded and
-    /// caught up.
+    /// `listeners` (from [`Listeners::bind`]: a caller with slow work before the start
+    /// binds first, so that an address in use fails at once). Answers `/readyz` 503 until
+    /// loaded and caught up.
     pub async fn start_on(
-        listener: tokio::net::TcpListener,
+        listeners: Listeners,
         settings: Settings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         sync::check_database_url(&settings.sync.database_url)?;
-        let unix = settings
-            .unix_socket
-            .as_deref()
-            .map(http::SocketFile::bind)
-            .transpose()?;
+        let Listeners {
+            tcp: listener,
+            unix,
+        } = listeners;
         let unix_path = unix.as_ref().map(|unix| unix.path().display().to_string());
         let local_addr = listener.local_addr().context("read the bound address")?;
         let mut limits = settings.server;
@@ -367,6 +366,27 @@ fn open_file_budget(max_connections: usize) -> usize {
 /// out a retransmission, 1 s and then 3 s, before it could send a request (seen in the
 /// `compare` suite's overload part: 108 listen overflows, a `/livez` probe of 1,021 ms).
 pub(crate) const LISTEN_BACKLOG: u32 = 4096;
+
+/// Where a daemon serves: a TCP listener, and a Unix socket with `--unix-socket`.
+pub struct Listeners {
+    /// `--listen`'s.
+    pub tcp: tokio::net::TcpListener,
+    /// `--unix-socket`'s, if given.
+    pub unix: Option<http::SocketFile>,
+}
+
+impl Listeners {
+    /// Binds `settings`' addresses: `--listen` ([`bind`]), then `--unix-socket`.
+    pub fn bind(settings: &Settings) -> anyhow::Result<Self> {
+        let tcp = bind(settings.listen)?;
+        let unix = settings
+            .unix_socket
+            .as_deref()
+            .map(http::SocketFile::bind)
+            .transpose()?;
+        Ok(Self { tcp, unix })
+    }
+}
 
 /// Binds the daemon's listener on `address`, with a deep accept queue
 /// (`LISTEN_BACKLOG`).

@@ -701,22 +701,38 @@ fn assert_left_nothing(tmp: &std::path::Path, who: &str) {
     let _ = std::fs::remove_dir(tmp);
 }
 
-/// The demo checks its address before it starts Postgres and seeds (a minute at the
-/// default size): an address in use fails at once.
+/// The demo binds its addresses (TCP, and a Unix socket if asked) before it starts
+/// Postgres and seeds (a minute at the default size): one in use fails at once.
 #[test]
 fn the_demo_fails_at_once_when_its_address_is_taken() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = taken.local_addr().expect("address").to_string();
-    let mut demo = permd();
-    demo.args(["demo", "--users", "100", "--listen", &address]);
-    let output = output_within_deadline(demo);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("Address already in use"), "{stderr}");
-    assert!(
-        !stderr.contains("Postgres is up"),
-        "started Postgres first: {stderr}"
-    );
+    let scratch = common::scratch::Scratch::new("demo-unix");
+    let socket = scratch.join("taken.sock");
+    let _listening = std::os::unix::net::UnixListener::bind(&socket).expect("a socket");
+    let socket = socket.to_str().expect("a UTF-8 path");
+    for (args, said) in [
+        (vec!["--listen", &address], "Address already in use"),
+        (
+            vec!["--listen", "127.0.0.1:0", "--unix-socket", socket],
+            "another process is listening on it",
+        ),
+        (
+            vec!["--shards", "2", "--unix-socket", socket],
+            "the sharded demo (--shards) serves over TCP only",
+        ),
+    ] {
+        let mut demo = permd();
+        demo.args(["demo", "--users", "100"]).args(&args);
+        let output = output_within_deadline(demo);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("Postgres is up"),
+            "started Postgres first: {stderr}"
+        );
+    }
 }
 
 #[test]
