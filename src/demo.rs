@@ -226,12 +226,15 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             );
             print_examples(&base, &ready, with_token, args.users, &psql_url);
             if let Some(path) = unix {
+                let auth = auth_header(with_token);
+                say!(out, "Every route over its Unix socket too:");
                 say!(
                     out,
-                    "Also over its Unix socket: curl -s --unix-socket {} 'http://permd/v1/status'",
+                    "  curl -s --unix-socket {}{auth} 'http://permd/v1/check?subject=user:2&permission=write&object=resource:10000'",
                     path.display()
                 );
             }
+            say!(out, "Press Ctrl-C to stop.");
         }
         // The cluster is stopped whether or not the daemon stopped on its own (a panicked
         // part).
@@ -239,6 +242,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     } else {
         let print = |base: &str, ready: &str| {
             print_examples(base, ready, with_token, args.users, &psql_url);
+            say!(out, "Press Ctrl-C to stop.");
         };
         sharded(listeners.tcp, settings, args.shards, &shutdown, print).await
     };
@@ -408,14 +412,19 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints what to try against `base` (the daemon, or the router), after `ready` (what it
-/// holds).
-fn print_examples(base: &str, ready: &str, with_token: bool, users: u32, database_url: &str) {
-    let auth = if with_token {
+/// curl's option that presents the token, when the demo asks for one.
+fn auth_header(with_token: bool) -> &'static str {
+    if with_token {
         " -H \"Authorization: Bearer $PERMD_TOKEN\""
     } else {
         ""
-    };
+    }
+}
+
+/// Prints what to try against `base` (the daemon, or the router), after `ready` (what it
+/// holds).
+fn print_examples(base: &str, ready: &str, with_token: bool, users: u32, database_url: &str) {
+    let auth = auth_header(with_token);
     let check = |subject: &str, permission: &str, object: &str| {
         let object = if object.is_empty() {
             String::new()
@@ -484,5 +493,4 @@ fn print_examples(base: &str, ready: &str, with_token: bool, users: u32, databas
         out,
         "  {permd} verify --database-url \"{database_url}\" --permd {base}{ca}"
     );
-    say!(out, "Press Ctrl-C to stop.");
 }

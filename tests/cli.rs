@@ -1812,6 +1812,27 @@ fn demo(closed_pipes: bool, args: &[&str]) -> String {
             "{verify_line}: {stdout}{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // With --unix-socket, the printed check over it, made.
+        if let Some(line) = instructions.lines().find(|l| l.contains("--unix-socket ")) {
+            let (socket, url) = line
+                .split_once("--unix-socket ")
+                .and_then(|(_, rest)| rest.split_once(" '"))
+                .unwrap_or_else(|| panic!("a socket and a URL in {line}"));
+            let target = url
+                .trim_end_matches('\'')
+                .strip_prefix("http://permd")
+                .expect("the URL");
+            let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+            let (status, body) = exchange(
+                stream,
+                &format!("GET {target} HTTP/1.1\r\nHost: permd\r\nConnection: close\r\n\r\n"),
+            )
+            .expect("an answer over the Unix socket");
+            assert!(
+                status == 200 && body.contains("\"allowed\":true"),
+                "{line}: {status} {body}"
+            );
+        }
     }
     assert!(!check(denied), "{denied}");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1838,4 +1859,18 @@ fn the_demo_answers_what_it_prints_and_cleans_up() {
 #[test]
 fn the_demo_serves_with_its_stdout_and_stderr_gone() {
     demo(true, &[]);
+}
+
+/// `permd demo --unix-socket PATH`: the check it prints over the socket answers, and the
+/// socket is gone once the demo stops.
+#[test]
+fn the_demo_serves_over_a_unix_socket_too() {
+    let scratch = common::scratch::Scratch::new("demo-socket");
+    let socket = scratch.join("demo.sock");
+    let instructions = demo(false, &["--unix-socket", socket.to_str().expect("UTF-8")]);
+    assert!(
+        instructions.contains("Every route over its Unix socket too:"),
+        "{instructions}"
+    );
+    assert!(!socket.exists(), "the socket is removed at exit");
 }
