@@ -1702,10 +1702,13 @@ fn the_demo_serves_a_sharded_set() {
 /// the demo's bind, seconds later), which the test reads from the printed checks, or with
 /// the pipes closed, from the demo's listening socket.
 fn demo(closed_pipes: bool, args: &[&str]) -> String {
+    // A directory of each call's own: tests run at once, and each checks that its demo
+    // left nothing in it.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let tmp = std::env::temp_dir().join(format!(
-        "permd-demo-test-{}-{closed_pipes}-{}",
+        "permd-demo-test-{}-{}",
         std::process::id(),
-        args.len()
+        CALLS.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&tmp).expect("create the demo's TMPDIR");
     let mut running = Running(
