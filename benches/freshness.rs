@@ -307,7 +307,7 @@ fn main() {
             let load = (readers > 0)
                 .then(|| {
                     let stop = Arc::clone(&stop);
-                    read_load(daemon.local_addr(), readers, read_rate, read_batch, stop)
+                    read_load(daemon.local_addr().expect("a TCP address"), readers, read_rate, read_batch, stop)
                 });
             let started = Instant::now();
             let host = HostCpu::now();

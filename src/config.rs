@@ -121,10 +121,11 @@ pub struct RouteArgs {
 fn clients_token(
     token: &TokenArgs,
     tls: &TlsArgs,
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
 ) -> anyhow::Result<Option<Token>> {
     let token = token.read()?.and_then(Token::new);
-    if token.is_none() && !listen.ip().is_loopback() && tls.tls_client_ca.is_none() {
+    let beyond_loopback = listen.filter(|listen| !listen.ip().is_loopback());
+    if let (None, Some(listen), None) = (&token, beyond_loopback, &tls.tls_client_ca) {
         bail!(
             "refusing to listen on {listen} without a token: set PERMD_TOKEN or --token-file, \
              require client certificates (--tls-client-ca), or listen on a loopback address"
@@ -136,7 +137,7 @@ fn clients_token(
 impl RouteArgs {
     /// Validates the flags into the router's settings.
     pub fn settings(&self) -> anyhow::Result<crate::route::RouteSettings> {
-        let token = clients_token(&self.token, &self.tls, self.listen)?;
+        let token = clients_token(&self.token, &self.tls, Some(self.listen))?;
         Ok(crate::route::RouteSettings {
             listen: self.listen,
             config: crate::route::RouteConfig {
@@ -337,13 +338,28 @@ fn listen_address(text: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// `serve`'s `--listen`: a TCP address, or none (`none`, with `--unix-socket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpListen(pub Option<SocketAddr>);
+
+/// Reads `serve`'s `--listen`: [`listen_address`]'s forms, or `none`.
+fn tcp_listen(text: &str) -> Result<TcpListen, String> {
+    if text == "none" {
+        return Ok(TcpListen(None));
+    }
+    listen_address(text)
+        .map(|address| TcpListen(Some(address)))
+        .map_err(|error| format!("{error}; or none, to serve on --unix-socket only"))
+}
+
 /// Server flags shared by `serve` and `demo`.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Address to serve HTTP on: an IP address and a port (`localhost:PORT` is
-    /// 127.0.0.1). Anything but loopback requires a token.
-    #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_address)]
-    pub listen: SocketAddr,
+    /// 127.0.0.1), or `none` to serve on --unix-socket only. Anything but loopback
+    /// requires a token.
+    #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = tcp_listen)]
+    pub listen: TcpListen,
     /// Also serve HTTP on a Unix socket at this path, for clients on the same host: plain
     /// HTTP (even with --tls-cert), the same token. A socket file left by a process that
     /// is gone is replaced; the file is removed at exit. Who may connect is the file's
@@ -424,8 +440,8 @@ pub struct ServerArgs {
 /// Validated settings of a daemon.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Where to serve HTTP.
-    pub listen: SocketAddr,
+    /// Where to serve HTTP over TCP, if anywhere (`--listen none`).
+    pub listen: Option<SocketAddr>,
     /// Where to serve HTTP on a Unix socket too, if anywhere.
     pub unix_socket: Option<PathBuf>,
     /// The sync side.
@@ -443,7 +459,10 @@ pub struct Settings {
 impl ServerArgs {
     /// Validates the flags into settings for `database_url`.
     pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
-        let token = clients_token(&self.token, &self.tls, self.listen)?;
+        if self.listen.0.is_none() && self.unix_socket.is_none() {
+            bail!("--listen none serves on --unix-socket only: give it a path");
+        }
+        let token = clients_token(&self.token, &self.tls, self.listen.0)?;
         let mut sync = SyncConfig::new(database_url);
         sync.poll_interval = Duration::from_millis(self.poll_interval_ms);
         sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
@@ -470,7 +489,7 @@ impl ServerArgs {
             header_timeout: Duration::from_millis(self.header_timeout_ms),
         };
         Ok(Settings {
-            listen: self.listen,
+            listen: self.listen.0,
             unix_socket: self.unix_socket.clone(),
             sync,
             http,
@@ -541,7 +560,7 @@ mod tests {
     fn listen_takes_an_ip_address_and_port_or_localhost() {
         let listen = |address: &str| {
             let serve = parse(&["permd", "serve", "--database-url", "u", "--listen", address]);
-            serve.server.listen.to_string()
+            serve.server.listen.0.expect("an address").to_string()
         };
         assert_eq!(listen("localhost:7701"), "127.0.0.1:7701");
         assert_eq!(listen("[::1]:7702"), "[::1]:7702");
@@ -553,6 +572,28 @@ mod tests {
                     .to_string();
             assert!(error.contains("e.g. 127.0.0.1:7700"), "{wrong}: {error}");
         }
+    }
+
+    #[test]
+    fn listen_none_serves_on_the_unix_socket_only() {
+        let error = refused(&["--listen", "none"]);
+        assert!(
+            error.contains("--unix-socket only: give it a path"),
+            "{error}"
+        );
+        let serve = parse(&[
+            "permd",
+            "serve",
+            "--database-url",
+            "u",
+            "--listen",
+            "none",
+            "--unix-socket",
+            "/run/permd.sock",
+        ]);
+        let settings = serve.server.settings("u").expect("a socket to serve on");
+        assert_eq!(settings.listen, None);
+        assert!(settings.http.token.is_none(), "no token asked for");
     }
 
     #[test]
@@ -637,7 +678,10 @@ mod tests {
     fn loopback_needs_no_token() {
         let serve = parse(&["permd", "serve", "--database-url", "postgres://x/y"]);
         let settings = serve.server.settings(&serve.database_url).expect("valid");
-        assert_eq!(settings.listen.to_string(), "127.0.0.1:7700");
+        assert_eq!(
+            settings.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7700)))
+        );
         assert!(settings.http.token.is_none());
     }
 

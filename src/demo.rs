@@ -159,6 +159,9 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(url) = &args.database_url {
         crate::sync::check_database_url(url)?;
     }
+    if settings.listen.is_none() {
+        bail!("the demo prints its checks over TCP: give --listen an address (--unix-socket serves beside it)");
+    }
     if args.shards > 1 && settings.unix_socket.is_some() {
         bail!("--unix-socket serves one daemon: the sharded demo (--shards) serves over TCP only");
     }
@@ -218,7 +221,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         let unix = settings.unix_socket.clone();
         let daemon = Daemon::start_on(listeners, settings, shutdown.clone()).await?;
         if daemon.wait_ready(Duration::from_secs(120)).await {
-            let base = format!("{}://{}", daemon.scheme(), daemon.local_addr());
+            let address = daemon.local_addr().context("the demo's TCP address")?;
+            let base = format!("{}://{address}", daemon.scheme());
             let counts = daemon.store().counts();
             let ready = format!(
                 "permd is ready: {} tuples, {} subjects, {} limits.",
@@ -244,7 +248,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             print_examples(base, ready, with_token, args.users, &psql_url);
             say!(out, "Press Ctrl-C to stop.");
         };
-        sharded(listeners.tcp, settings, args.shards, &shutdown, print).await
+        let tcp = listeners.tcp.context("the demo's TCP address")?;
+        sharded(tcp, settings, args.shards, &shutdown, print).await
     };
     if let Some(cluster) = cluster {
         say!(
@@ -273,21 +278,21 @@ async fn sharded(
     print: impl FnOnce(&str, &str),
 ) -> anyhow::Result<()> {
     let mut daemons = Vec::new();
+    let mut urls = Vec::new();
     for index in 0..shards {
         let mut own = settings.clone();
         let shard = Shard::new(index, shards).context("a shard")?;
         (own.sync.shard, own.http.shard, own.tls) = (shard, shard, None);
-        own.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let address = SocketAddr::from(([127, 0, 0, 1], 0));
+        own.listen = Some(address);
+        let tcp = crate::bind(address)?;
+        urls.push(format!("http://{}", tcp.local_addr()?));
         let listeners = crate::Listeners {
-            tcp: crate::bind(own.listen)?,
+            tcp: Some(tcp),
             unix: None,
         };
         daemons.push(Daemon::start_on(listeners, own, shutdown.clone()).await?);
     }
-    let urls: Vec<String> = daemons
-        .iter()
-        .map(|d| format!("http://{}", d.local_addr()))
-        .collect();
     let config = crate::route::RouteConfig {
         shards: urls.clone(),
         shards_file: None,

@@ -57,7 +57,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub struct Daemon {
     store: Store,
     status: Status,
-    local_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
     /// `https` with a certificate, else `http`.
     scheme: &'static str,
     tasks: TaskTracker,
@@ -91,7 +91,11 @@ impl Daemon {
             unix,
         } = listeners;
         let unix_path = unix.as_ref().map(|unix| unix.path().display().to_string());
-        let local_addr = listener.local_addr().context("read the bound address")?;
+        let local_addr = listener
+            .as_ref()
+            .map(tokio::net::TcpListener::local_addr)
+            .transpose()
+            .context("read the bound address")?;
         let mut limits = settings.server;
         limits.max_connections = open_file_budget(limits.max_connections);
         let store = Store::new();
@@ -129,7 +133,7 @@ impl Daemon {
         );
         tasks.close();
         tracing::info!(
-            addr = %local_addr,
+            addr = local_addr.map(tracing::field::display),
             scheme,
             unix_socket = unix_path,
             version = env!("CARGO_PKG_VERSION"),
@@ -149,8 +153,8 @@ impl Daemon {
         })
     }
 
-    /// The address the server is bound to.
-    pub fn local_addr(&self) -> SocketAddr {
+    /// The TCP address the server is bound to (`None` with `--listen none`).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 
@@ -367,10 +371,10 @@ fn open_file_budget(max_connections: usize) -> usize {
 /// `compare` suite's overload part: 108 listen overflows, a `/livez` probe of 1,021 ms).
 pub(crate) const LISTEN_BACKLOG: u32 = 4096;
 
-/// Where a daemon serves: a TCP listener, and a Unix socket with `--unix-socket`.
+/// Where a daemon serves: a TCP listener, a Unix socket with `--unix-socket`, or both.
 pub struct Listeners {
-    /// `--listen`'s.
-    pub tcp: tokio::net::TcpListener,
+    /// `--listen`'s, unless `none`.
+    pub tcp: Option<tokio::net::TcpListener>,
     /// `--unix-socket`'s, if given.
     pub unix: Option<http::SocketFile>,
 }
@@ -378,7 +382,7 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `settings`' addresses: `--listen` ([`bind`]), then `--unix-socket`.
     pub fn bind(settings: &Settings) -> anyhow::Result<Self> {
-        let tcp = bind(settings.listen)?;
+        let tcp = settings.listen.map(bind).transpose()?;
         let unix = settings
             .unix_socket
             .as_deref()

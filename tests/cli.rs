@@ -182,7 +182,8 @@ async fn migrate_serve_and_stop_on_sigterm() {
 
 /// `--unix-socket`: the daemon answers on a Unix socket too (checks, batches, the token
 /// asked as over TCP), replaces a socket file left by a process that is gone, refuses a
-/// path a live process listens on or that is not a socket, and removes its file at exit.
+/// path a live process listens on or that is not a socket, and removes its file at exit;
+/// with `--listen none` it serves there only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_on_a_unix_socket_too() {
     let db = database().await;
@@ -253,6 +254,36 @@ async fn serve_answers_on_a_unix_socket_too() {
     assert!(error.contains("is not a socket"), "{error}");
     assert_eq!(std::fs::read_to_string(&file).expect("the file"), "data");
 
+    let (exit, _, log) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "exit status {exit}: {log}");
+    assert!(!path.exists(), "the socket file is removed at exit");
+
+    // `--listen none`: the socket only, no TCP port.
+    let mut running = Running(
+        permd()
+            .args(["serve", "--listen", "none", "--unix-socket", path_arg])
+            .env("DATABASE_URL", &db.url)
+            .env("PERMD_TOKEN", "sesame")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start permd serve"),
+    );
+    wait_until("readyz 200 over the socket", || {
+        let ready = std::os::unix::net::UnixStream::connect(&path)
+            .ok()
+            .and_then(|stream| {
+                exchange(
+                    stream,
+                    "GET /readyz HTTP/1.1\r\nHost: permd\r\nConnection: close\r\n\r\n",
+                )
+            });
+        std::future::ready(ready.is_some_and(|(status, _)| status == 200))
+    })
+    .await;
+    let (status, body) = check(auth);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(listening_port(running.0.id()), None, "no TCP port");
     let (exit, _, log) = sigterm_and_wait(&mut running).await;
     assert!(exit.success(), "exit status {exit}: {log}");
     assert!(!path.exists(), "the socket file is removed at exit");
@@ -720,6 +751,10 @@ fn the_demo_fails_at_once_when_its_address_is_taken() {
         (
             vec!["--shards", "2", "--unix-socket", socket],
             "the sharded demo (--shards) serves over TCP only",
+        ),
+        (
+            vec!["--listen", "none", "--unix-socket", socket],
+            "the demo prints its checks over TCP",
         ),
     ] {
         let mut demo = permd();

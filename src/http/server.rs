@@ -47,15 +47,15 @@ pub async fn serve(
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    serve_on(listener, None, api, limits, tls, shutdown).await;
+    serve_on(Some(listener), None, api, limits, tls, shutdown).await;
 }
 
-/// [`serve`], and on `unix` too when given: plain HTTP there whatever `tls` says (its
-/// clients are on this host, and the socket file's permissions say who they may be).
-/// Both share the connection cap and the graceful stop; `unix`'s file is removed when
-/// the server is done with it.
+/// [`serve`] on `tcp` and on `unix`, each when given: plain HTTP on `unix` whatever
+/// `tls` says (its clients are on this host, and the socket file's permissions say who
+/// they may be). Both share the connection cap and the graceful stop; `unix`'s file is
+/// removed when the server is done with it.
 pub async fn serve_on(
-    tcp: TcpListener,
+    tcp: Option<TcpListener>,
     unix: Option<SocketFile>,
     api: Api,
     limits: ServerLimits,
@@ -71,13 +71,17 @@ pub async fn serve_on(
         stop: Arc::new(Stop::default()),
         shutdown,
     };
+    let on_tcp = async {
+        if let Some(tcp) = tcp {
+            server.accept_all(&tcp, tls).await;
+        }
+    };
     let on_unix = async {
         if let Some(unix) = unix {
             server.accept_all(unix.listener(), None).await;
         }
     };
-    tokio::join!(server.accept_all(&tcp, tls), on_unix);
-    drop(tcp);
+    tokio::join!(on_tcp, on_unix);
     server.stop.trigger();
     server.connections.close();
     server.connections.wait().await;
