@@ -167,8 +167,9 @@ pub struct VerifyArgs {
     /// Postgres connection URL of the database the daemon mirrors.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
-    /// The daemon's base URL, http:// or https://; a router's (`permd route`) to verify
-    /// every daemon behind it.
+    /// The daemon's base URL, http:// or https://, or unix: and the path of its Unix
+    /// socket (`unix:/run/permd/permd.sock`); a router's (`permd route`) to verify every
+    /// daemon behind it.
     #[arg(long, env = "PERMD_URL", default_value = "http://127.0.0.1:7700")]
     pub permd: String,
     /// For an https:// daemon: the CA certificate(s) to trust (PEM), instead of the

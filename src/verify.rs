@@ -503,35 +503,58 @@ fn encode(segment: &str) -> String {
         .collect()
 }
 
-/// An HTTP/1.1 GET to the daemon (over TLS for `https://`), parsed as JSON; a non-200 is
-/// an error.
+/// An HTTP/1.1 GET to the daemon (over TLS for `https://`, over a Unix socket for
+/// `unix:PATH`), parsed as JSON; a non-200 is an error.
 async fn get_json(target: &Target, path: &str) -> anyhow::Result<Value> {
+    if let Some(socket) = target.permd.strip_prefix("unix:") {
+        let unix = within_connect_timeout(tokio::net::UnixStream::connect(socket))
+            .await
+            .with_context(|| format!("connect to permd's Unix socket {socket}"))?;
+        return exchange_json(target, unix, "permd", path).await;
+    }
     let (https, authority) = match target.permd.split_once("://") {
         Some(("http", rest)) => (false, rest),
         Some(("https", rest)) => (true, rest),
         _ => bail!(
-            "--permd must be an http:// or https:// URL, not {}",
+            "--permd must be an http:// or https:// URL, or unix: and a socket's path, not {}",
             target.permd
         ),
     };
     let authority = authority.trim_end_matches('/');
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
+    let tcp = within_connect_timeout(tokio::net::TcpStream::connect(authority))
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
-        .and_then(|connected| connected.map_err(anyhow::Error::from))
         .with_context(|| format!("connect to permd at {authority}"))?;
-    let mut stream = if https {
+    let stream = if https {
         Either::Right(tls(target, authority, tcp).await?)
     } else {
         Either::Left(tcp)
     };
+    exchange_json(target, stream, authority, path).await
+}
+
+/// `connecting`, failed after `CONNECT_TIMEOUT`.
+async fn within_connect_timeout<T>(
+    connecting: impl std::future::Future<Output = std::io::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
+        .and_then(|connected| connected.map_err(anyhow::Error::from))
+}
+
+/// [`get_json`] over a connection made: `host` is the `Host` header's value.
+async fn exchange_json(
+    target: &Target,
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<Value> {
     let auth = target
         .token
         .as_ref()
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Connection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut response))

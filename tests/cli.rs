@@ -183,7 +183,8 @@ async fn migrate_serve_and_stop_on_sigterm() {
 /// `--unix-socket`: the daemon answers on a Unix socket too (checks, batches, the token
 /// asked as over TCP), replaces a socket file left by a process that is gone, refuses a
 /// path a live process listens on or that is not a socket, and removes its file at exit;
-/// with `--listen none` it serves there only.
+/// with `--listen none` it serves there only, and `permd verify --permd unix:PATH` proves
+/// it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_on_a_unix_socket_too() {
     let db = database().await;
@@ -284,6 +285,16 @@ async fn serve_answers_on_a_unix_socket_too() {
     let (status, body) = check(auth);
     assert_eq!(status, 200, "{body}");
     assert_eq!(listening_port(running.0.id()), None, "no TCP port");
+    // `permd verify` reaches it there.
+    let mut verifying = verify(&db.url, &format!("unix:{path_arg}"));
+    verifying.env("PERMD_TOKEN", "sesame");
+    let output = output_within_deadline(verifying);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("in sync"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let (exit, _, log) = sigterm_and_wait(&mut running).await;
     assert!(exit.success(), "exit status {exit}: {log}");
     assert!(!path.exists(), "the socket file is removed at exit");
