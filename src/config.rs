@@ -353,6 +353,19 @@ fn tcp_listen(text: &str) -> Result<TcpListen, String> {
         .map_err(|error| format!("{error}; or none, to serve on --unix-socket only"))
 }
 
+/// Reads `--unix-socket-mode`: permission bits in octal (`660`, `0660`, `0o660`).
+fn socket_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| {
+            "give permission bits in octal, e.g. 660 (its owner and group may connect) or \
+             600 (its owner only)"
+                .to_owned()
+        })
+}
+
 /// Server flags shared by `serve` and `demo`.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -367,6 +380,10 @@ pub struct ServerArgs {
     /// permissions (the umask's).
     #[arg(long, env = "PERMD_UNIX_SOCKET")]
     pub unix_socket: Option<PathBuf>,
+    /// The Unix socket's permissions, in octal (660: its owner and group may connect),
+    /// instead of the umask's.
+    #[arg(long, env = "PERMD_UNIX_SOCKET_MODE", value_parser = socket_mode)]
+    pub unix_socket_mode: Option<u32>,
     /// Bearer token required on every route but /livez and /readyz.
     #[command(flatten)]
     pub token: TokenArgs,
@@ -445,6 +462,8 @@ pub struct Settings {
     pub listen: Option<SocketAddr>,
     /// Where to serve HTTP on a Unix socket too, if anywhere.
     pub unix_socket: Option<PathBuf>,
+    /// That socket's permission bits, when not the umask's.
+    pub unix_socket_mode: Option<u32>,
     /// The sync side.
     pub sync: SyncConfig,
     /// The HTTP side.
@@ -462,6 +481,9 @@ impl ServerArgs {
     pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
         if self.listen.0.is_none() && self.unix_socket.is_none() {
             bail!("--listen none serves on --unix-socket only: give it a path");
+        }
+        if self.unix_socket_mode.is_some() && self.unix_socket.is_none() {
+            bail!("--unix-socket-mode is the mode of --unix-socket's file: give it a path");
         }
         let token = clients_token(&self.token, &self.tls, self.listen.0)?;
         let mut sync = SyncConfig::new(database_url);
@@ -492,6 +514,7 @@ impl ServerArgs {
         Ok(Settings {
             listen: self.listen.0,
             unix_socket: self.unix_socket.clone(),
+            unix_socket_mode: self.unix_socket_mode,
             sync,
             http,
             server,
@@ -595,6 +618,36 @@ mod tests {
         let settings = serve.server.settings("u").expect("a socket to serve on");
         assert_eq!(settings.listen, None);
         assert!(settings.http.token.is_none(), "no token asked for");
+    }
+
+    #[test]
+    fn the_unix_sockets_mode_is_octal_and_needs_the_socket() {
+        let mode = |text: &str| {
+            Cli::try_parse_from([
+                "permd",
+                "serve",
+                "--database-url",
+                "u",
+                "--unix-socket",
+                "/run/permd.sock",
+                "--unix-socket-mode",
+                text,
+            ])
+            .map(|cli| match cli.command {
+                Command::Serve(serve) => serve.server.unix_socket_mode,
+                _ => None,
+            })
+            .map_err(|error| error.to_string())
+        };
+        assert_eq!(mode("660"), Ok(Some(0o660)));
+        assert_eq!(mode("0600"), Ok(Some(0o600)));
+        assert_eq!(mode("0o666"), Ok(Some(0o666)));
+        for wrong in ["888", "1777", "rw-rw----", ""] {
+            let error = mode(wrong).expect_err(wrong);
+            assert!(error.contains("in octal, e.g. 660"), "{wrong}: {error}");
+        }
+        let error = refused(&["--unix-socket-mode", "660"]);
+        assert!(error.contains("give it a path"), "{error}");
     }
 
     #[test]

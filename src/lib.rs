@@ -386,7 +386,7 @@ impl Listeners {
         let unix = settings
             .unix_socket
             .as_deref()
-            .map(http::SocketFile::bind)
+            .map(|path| http::SocketFile::bind(path, settings.unix_socket_mode))
             .transpose()?;
         Ok(Self { tcp, unix })
     }

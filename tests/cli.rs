@@ -183,8 +183,8 @@ async fn migrate_serve_and_stop_on_sigterm() {
 /// `--unix-socket`: the daemon answers on a Unix socket too (checks, batches, the token
 /// asked as over TCP), replaces a socket file left by a process that is gone, refuses a
 /// path a live process listens on or that is not a socket, and removes its file at exit;
-/// with `--listen none` it serves there only, and `permd verify --permd unix:PATH` proves
-/// it there.
+/// with `--listen none` it serves there only (its file of the mode asked), and `permd
+/// verify --permd unix:PATH` proves it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_on_a_unix_socket_too() {
     let db = database().await;
@@ -263,6 +263,7 @@ async fn serve_answers_on_a_unix_socket_too() {
     let mut running = Running(
         permd()
             .args(["serve", "--listen", "none", "--unix-socket", path_arg])
+            .args(["--unix-socket-mode", "660"])
             .env("DATABASE_URL", &db.url)
             .env("PERMD_TOKEN", "sesame")
             .stdout(Stdio::null())
@@ -285,6 +286,11 @@ async fn serve_answers_on_a_unix_socket_too() {
     let (status, body) = check(auth);
     assert_eq!(status, 200, "{body}");
     assert_eq!(listening_port(running.0.id()), None, "no TCP port");
+    let mode = std::fs::metadata(&path)
+        .expect("the socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "--unix-socket-mode");
     // `permd verify` reaches it there.
     let mut verifying = verify(&db.url, &format!("unix:{path_arg}"));
     verifying.env("PERMD_TOKEN", "sesame");

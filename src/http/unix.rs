@@ -4,7 +4,7 @@
 //! socket file's permissions, as for Postgres's own socket.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
@@ -24,13 +24,18 @@ impl SocketFile {
     /// Listens on `path` with the accept queue of the TCP listener. A socket file left
     /// there by a process that is gone (killed, say) is replaced; one that a live process
     /// listens on, or a file that is not a socket, is an error. The file's permissions
-    /// follow the umask: with the usual 022, only its owner may connect (connecting needs
-    /// write permission on the file).
-    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+    /// are `mode`, else the umask's: with the usual 022, only its owner may connect
+    /// (connecting needs write permission on the file).
+    pub fn bind(path: &Path, mode: Option<u32>) -> anyhow::Result<Self> {
         let listen = || format!("listen on the Unix socket {}", path.display());
         clear_stale(path).with_context(listen)?;
         let socket = tokio::net::UnixSocket::new_stream().with_context(listen)?;
         socket.bind(path).with_context(listen)?;
+        // Before it listens: until then nobody can connect, whatever the bits say.
+        if let Some(mode) = mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("set the mode of the Unix socket {}", path.display()))?;
+        }
         let listener = socket.listen(crate::LISTEN_BACKLOG).with_context(listen)?;
         let bound = std::fs::symlink_metadata(path).with_context(listen)?;
         Ok(Self {
