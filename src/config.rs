@@ -87,6 +87,9 @@ pub struct RouteArgs {
     /// 127.0.0.1). Anything but loopback requires a token.
     #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_address)]
     pub listen: SocketAddr,
+    /// A Unix socket to serve on too.
+    #[command(flatten)]
+    pub unix: UnixSocketArgs,
     /// Bearer token required from clients on every route but /livez and /readyz, and
     /// presented to the daemons: give them the same one.
     #[command(flatten)]
@@ -140,6 +143,7 @@ impl RouteArgs {
         let token = clients_token(&self.token, &self.tls, Some(self.listen))?;
         Ok(crate::route::RouteSettings {
             listen: self.listen,
+            unix_socket: self.unix.settings()?,
             config: crate::route::RouteConfig {
                 shards: match &self.shards_file {
                     Some(path) => crate::route::read_shards_file(path)?,
@@ -366,6 +370,42 @@ fn socket_mode(text: &str) -> Result<u32, String> {
         })
 }
 
+/// `--unix-socket` and its mode, for `serve`, `demo` and `route`.
+#[derive(Debug, Args)]
+pub struct UnixSocketArgs {
+    /// Also serve HTTP on a Unix socket at this path, for clients on the same host: plain
+    /// HTTP (even with --tls-cert), the same token. A socket file left by a process that
+    /// is gone is replaced; the file is removed at exit. Who may connect is the file's
+    /// permissions (the umask's, or --unix-socket-mode).
+    #[arg(long, env = "PERMD_UNIX_SOCKET")]
+    pub unix_socket: Option<PathBuf>,
+    /// The Unix socket's permissions, in octal (660: its owner and group may connect),
+    /// instead of the umask's.
+    #[arg(long, env = "PERMD_UNIX_SOCKET_MODE", value_parser = socket_mode)]
+    pub unix_socket_mode: Option<u32>,
+}
+
+impl UnixSocketArgs {
+    /// The socket to serve on, if any; a mode without a path is refused.
+    fn settings(&self) -> anyhow::Result<Option<UnixSocket>> {
+        match (&self.unix_socket, self.unix_socket_mode) {
+            (None, Some(_)) => {
+                bail!("--unix-socket-mode is the mode of --unix-socket's file: give it a path")
+            }
+            (path, mode) => Ok(path.clone().map(|path| UnixSocket { path, mode })),
+        }
+    }
+}
+
+/// A Unix socket to serve HTTP on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocket {
+    /// Its file.
+    pub path: PathBuf,
+    /// Its permission bits, when not the umask's.
+    pub mode: Option<u32>,
+}
+
 /// Server flags shared by `serve` and `demo`.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -374,16 +414,9 @@ pub struct ServerArgs {
     /// requires a token.
     #[arg(long, env = "PERMD_LISTEN", default_value = "127.0.0.1:7700", value_parser = tcp_listen)]
     pub listen: TcpListen,
-    /// Also serve HTTP on a Unix socket at this path, for clients on the same host: plain
-    /// HTTP (even with --tls-cert), the same token. A socket file left by a process that
-    /// is gone is replaced; the file is removed at exit. Who may connect is the file's
-    /// permissions (the umask's).
-    #[arg(long, env = "PERMD_UNIX_SOCKET")]
-    pub unix_socket: Option<PathBuf>,
-    /// The Unix socket's permissions, in octal (660: its owner and group may connect),
-    /// instead of the umask's.
-    #[arg(long, env = "PERMD_UNIX_SOCKET_MODE", value_parser = socket_mode)]
-    pub unix_socket_mode: Option<u32>,
+    /// A Unix socket to serve on too.
+    #[command(flatten)]
+    pub unix: UnixSocketArgs,
     /// Bearer token required on every route but /livez and /readyz.
     #[command(flatten)]
     pub token: TokenArgs,
@@ -461,9 +494,7 @@ pub struct Settings {
     /// Where to serve HTTP over TCP, if anywhere (`--listen none`).
     pub listen: Option<SocketAddr>,
     /// Where to serve HTTP on a Unix socket too, if anywhere.
-    pub unix_socket: Option<PathBuf>,
-    /// That socket's permission bits, when not the umask's.
-    pub unix_socket_mode: Option<u32>,
+    pub unix_socket: Option<UnixSocket>,
     /// The sync side.
     pub sync: SyncConfig,
     /// The HTTP side.
@@ -479,11 +510,9 @@ pub struct Settings {
 impl ServerArgs {
     /// Validates the flags into settings for `database_url`.
     pub fn settings(&self, database_url: &str) -> anyhow::Result<Settings> {
-        if self.listen.0.is_none() && self.unix_socket.is_none() {
+        let unix_socket = self.unix.settings()?;
+        if self.listen.0.is_none() && unix_socket.is_none() {
             bail!("--listen none serves on --unix-socket only: give it a path");
-        }
-        if self.unix_socket_mode.is_some() && self.unix_socket.is_none() {
-            bail!("--unix-socket-mode is the mode of --unix-socket's file: give it a path");
         }
         let token = clients_token(&self.token, &self.tls, self.listen.0)?;
         let mut sync = SyncConfig::new(database_url);
@@ -513,8 +542,7 @@ impl ServerArgs {
         };
         Ok(Settings {
             listen: self.listen.0,
-            unix_socket: self.unix_socket.clone(),
-            unix_socket_mode: self.unix_socket_mode,
+            unix_socket,
             sync,
             http,
             server,
@@ -634,7 +662,7 @@ mod tests {
                 text,
             ])
             .map(|cli| match cli.command {
-                Command::Serve(serve) => serve.server.unix_socket_mode,
+                Command::Serve(serve) => serve.server.unix.unix_socket_mode,
                 _ => None,
             })
             .map_err(|error| error.to_string())

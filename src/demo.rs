@@ -218,7 +218,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     };
     let with_token = args.server.token.is_set();
     let stopped = if args.shards <= 1 {
-        let unix = settings.unix_socket.clone();
+        let unix = settings.unix_socket.as_ref().map(|unix| unix.path.clone());
         let daemon = Daemon::start_on(listeners, settings, shutdown.clone()).await?;
         if daemon.wait_ready(Duration::from_secs(120)).await {
             let address = daemon.local_addr().context("the demo's TCP address")?;
@@ -309,6 +309,7 @@ async fn sharded(
     let base = format!("{scheme}://{}", listener.local_addr()?);
     let router = tokio::spawn(crate::route::serve(
         listener,
+        None,
         crate::route::Router::new(config)?,
         settings.server,
         settings.tls.clone(),

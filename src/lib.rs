@@ -385,8 +385,8 @@ impl Listeners {
         let tcp = settings.listen.map(bind).transpose()?;
         let unix = settings
             .unix_socket
-            .as_deref()
-            .map(|path| http::SocketFile::bind(path, settings.unix_socket_mode))
+            .as_ref()
+            .map(|unix| http::SocketFile::bind(&unix.path, unix.mode))
             .transpose()?;
         Ok(Self { tcp, unix })
     }

@@ -43,7 +43,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::{ApiError, ServerCerts, ServerLimits, Token};
+use crate::http::{Accept, ApiError, ServerCerts, ServerLimits, SocketFile, Token};
 use crate::shard::Shard;
 
 /// How the router runs.
@@ -72,6 +72,8 @@ pub struct RouteConfig {
 pub struct RouteSettings {
     /// Where to serve.
     pub listen: SocketAddr,
+    /// A Unix socket to serve on too (plain HTTP), if any.
+    pub unix_socket: Option<crate::config::UnixSocket>,
     /// How to route.
     pub config: RouteConfig,
     /// Connection limits.
@@ -882,37 +884,69 @@ fn too_large(limit: usize) -> Answer {
     .into_response()
 }
 
-/// Serves the router on `listener` until `shutdown` (HTTPS with `tls`), then lets
-/// in-flight requests finish (the caller bounds that wait).
+/// Serves the router on `listener` (HTTPS with `tls`) and on `unix` (plain HTTP) until
+/// `shutdown`, then lets in-flight requests finish (the caller bounds that wait).
 pub async fn serve(
     listener: TcpListener,
+    unix: Option<SocketFile>,
     router: Router,
     limits: ServerLimits,
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    let connections = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    while let Some((stream, permit)) = crate::http::next_client(&listener, &slots, &shutdown).await
+    let serving = Serving {
+        router,
+        limits,
+        connections: TaskTracker::new(),
+        slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        shutdown,
+    };
+    let on_unix = async {
+        if let Some(unix) = unix {
+            serving.accept_all(unix.listener(), None).await;
+        }
+    };
+    tokio::join!(serving.accept_all(&listener, tls), on_unix);
+    drop(listener);
+    serving.connections.close();
+    serving.connections.wait().await;
+}
+
+/// What the router's accept loops share.
+struct Serving {
+    router: Router,
+    limits: ServerLimits,
+    connections: TaskTracker,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl Serving {
+    /// Accepts clients on `listener` and serves each on a task of its own, until shutdown.
+    async fn accept_all<L: Accept>(&self, listener: &L, tls: Option<Arc<ServerCerts>>)
+    where
+        L::Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let (router, shutdown, tls) = (router.clone(), shutdown.clone(), tls.clone());
-        connections.spawn(async move {
-            match tls {
-                None => serve_connection(stream, router, limits, shutdown).await,
-                Some(tls) => {
-                    if let Some(stream) =
-                        crate::http::handshake(&tls, stream, limits.header_timeout).await
-                    {
-                        serve_connection(stream, router, limits, shutdown).await;
+        let limits = self.limits;
+        while let Some((stream, permit)) =
+            crate::http::next_client(listener, &self.slots, &self.shutdown).await
+        {
+            let (router, shutdown, tls) = (self.router.clone(), self.shutdown.clone(), tls.clone());
+            self.connections.spawn(async move {
+                match tls {
+                    None => serve_connection(stream, router, limits, shutdown).await,
+                    Some(tls) => {
+                        if let Some(stream) =
+                            crate::http::handshake(&tls, stream, limits.header_timeout).await
+                        {
+                            serve_connection(stream, router, limits, shutdown).await;
+                        }
                     }
                 }
-            }
-            drop(permit);
-        });
+                drop(permit);
+            });
+        }
     }
-    drop(listener);
-    connections.close();
-    connections.wait().await;
 }
 
 /// Serves one client's connection until it closes, or the server stops.
@@ -951,9 +985,15 @@ async fn serve_connection<S>(
 pub async fn run(settings: RouteSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let router = Router::new(settings.config)?;
     let listener = crate::bind(settings.listen)?;
+    let unix = settings
+        .unix_socket
+        .as_ref()
+        .map(|unix| SocketFile::bind(&unix.path, unix.mode))
+        .transpose()?;
     tracing::info!(
         addr = %listener.local_addr().context("read the bound address")?,
         scheme = if settings.tls.is_some() { "https" } else { "http" },
+        unix_socket = unix.as_ref().map(|unix| unix.path().display().to_string()),
         shards = ?router.0.set.load().urls(),
         version = env!("CARGO_PKG_VERSION"),
         "routing"
@@ -961,6 +1001,7 @@ pub async fn run(settings: RouteSettings, shutdown: CancellationToken) -> anyhow
     crate::reload_on_sighup(settings.tls.clone(), Some(router.clone()));
     let served = tokio::spawn(serve(
         listener,
+        unix,
         router,
         settings.limits,
         settings.tls,

@@ -1479,7 +1479,7 @@ async fn verify_proves_a_shard() {
 
 /// `permd route` on a port of the kernel's choosing, in front of the daemons on `ports`
 /// (one a shard, in shard order): the process and its port.
-fn route(ports: &[u16]) -> (Running, u16) {
+fn route(ports: &[u16], args: &[&str]) -> (Running, u16) {
     let shards: Vec<String> = ports
         .iter()
         .map(|port| format!("http://127.0.0.1:{port}"))
@@ -1488,6 +1488,7 @@ fn route(ports: &[u16]) -> (Running, u16) {
     route
         .args(["route", "--listen", "127.0.0.1:0", "--shards"])
         .arg(shards.join(","))
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut running = Running(route.spawn().expect("start permd route"));
@@ -1532,7 +1533,8 @@ fn every_flag_is_in_the_readme() {
 }
 
 /// `permd route` in front of two `permd serve --shard i/2`: README's sharded set, as
-/// processes. It refuses what it cannot route to, and stops on SIGTERM.
+/// processes, answering on its Unix socket too. It refuses what it cannot route to, and
+/// stops on SIGTERM (its socket removed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_serves_a_sharded_set() {
     let refused = |args: &[&str]| {
@@ -1553,13 +1555,32 @@ async fn route_serves_a_sharded_set() {
     readers(&db, 20).await;
     let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
     let (second_daemon, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
-    let (mut running, port) = route(&[first, second]);
+    // The router serves on a Unix socket too.
+    let scratch = common::scratch::Scratch::new("route-unix");
+    let socket = scratch.join("route.sock");
+    let socket_arg = socket.to_str().expect("a UTF-8 path");
+    let (mut running, port) = route(&[first, second], &["--unix-socket", socket_arg]);
     wait_until("the router's readyz 200", || {
         std::future::ready(http_get(port, "/readyz").is_some_and(|(s, _)| s == 200))
     })
     .await;
     for user in 1..=20 {
         reads(port, user);
+    }
+    for user in [1, 2, 19, 20] {
+        let stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        let (status, body) = exchange(
+            stream,
+            &format!(
+                "GET /v1/check?subject=user:{user}&permission=read&object=doc:1 HTTP/1.1\r\n\
+                 Host: permd\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .expect("an answer over the router's socket");
+        assert!(
+            status == 200 && body.contains("\"allowed\":true"),
+            "user:{user}: {status} {body}"
+        );
     }
     // verify through the router verifies each daemon behind it, against its shard...
     let router = format!("http://127.0.0.1:{port}");
@@ -1598,7 +1619,7 @@ async fn route_serves_a_sharded_set() {
     );
     // A router that lists the daemons in the wrong order: neither is verified, and each
     // says why under its URL.
-    let (_swapped, swapped_port) = route(&[second, first]);
+    let (_swapped, swapped_port) = route(&[second, first], &[]);
     let stdout = unverified(
         &verify(&db.url, &format!("http://127.0.0.1:{swapped_port}"))
             .output()
@@ -1631,6 +1652,7 @@ async fn route_serves_a_sharded_set() {
     };
     assert!(status.success(), "{log}");
     assert!(log.contains("routing"), "{log}");
+    assert!(!socket.exists(), "the router's socket is removed at exit");
 }
 
 /// `permd route --shards-file`: SIGHUP reads the file again, and the router switches to

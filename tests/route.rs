@@ -248,6 +248,7 @@ async fn the_router_sends_each_request_to_its_shard() {
     let stop = CancellationToken::new();
     let serving = tokio::spawn(permd::route::serve(
         listener,
+        None,
         router.clone(),
         ServerLimits::default(),
         Some(ServerCerts::load(&tls.cert, &tls.key, None, None).expect("the certificate")),

@@ -25,7 +25,7 @@ use axum::Router;
 pub use error::ApiError;
 pub use fast::Api;
 pub(crate) use metrics::Metrics;
-pub(crate) use server::{handshake, next_client};
+pub(crate) use server::{handshake, next_client, Accept};
 pub use server::{serve, serve_on, ServerLimits};
 pub(crate) use tls::client_config;
 pub use tls::ServerCerts;

@@ -50,7 +50,7 @@ impl SocketFile {
         &self.path
     }
 
-    pub(super) fn listener(&self) -> &UnixListener {
+    pub(crate) fn listener(&self) -> &UnixListener {
         &self.listener
     }
 }
