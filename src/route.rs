@@ -39,11 +39,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::http::{Accept, ApiError, ServerCerts, ServerLimits, SocketFile, Token};
+use crate::http::{ApiError, Connection, Io, ServerCerts, ServerLimits, SocketFile, Token};
 use crate::shard::Shard;
 
 /// How the router runs.
@@ -894,70 +892,35 @@ pub async fn serve(
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    let serving = Serving {
+    let each = RouterConnection {
         router,
         limits,
-        connections: TaskTracker::new(),
-        slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-        shutdown,
+        shutdown: shutdown.clone(),
     };
-    let on_unix = async {
-        if let Some(unix) = unix {
-            serving.accept_all(unix.listener(), None).await;
-        }
-    };
-    tokio::join!(serving.accept_all(&listener, tls), on_unix);
-    drop(listener);
-    serving.connections.close();
-    serving.connections.wait().await;
+    crate::http::serve_all(Some(listener), unix, each, limits, tls, shutdown).await;
 }
 
-/// What the router's accept loops share.
-struct Serving {
+/// The router on a connection: hyper alone.
+struct RouterConnection {
     router: Router,
     limits: ServerLimits,
-    connections: TaskTracker,
-    slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
-impl Serving {
-    /// Accepts clients on `listener` and serves each on a task of its own, until shutdown.
-    async fn accept_all<L: Accept>(&self, listener: &L, tls: Option<Arc<ServerCerts>>)
-    where
-        L::Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let limits = self.limits;
-        while let Some((stream, permit)) =
-            crate::http::next_client(listener, &self.slots, &self.shutdown).await
-        {
-            let (router, shutdown, tls) = (self.router.clone(), self.shutdown.clone(), tls.clone());
-            self.connections.spawn(async move {
-                match tls {
-                    None => serve_connection(stream, router, limits, shutdown).await,
-                    Some(tls) => {
-                        if let Some(stream) =
-                            crate::http::handshake(&tls, stream, limits.header_timeout).await
-                        {
-                            serve_connection(stream, router, limits, shutdown).await;
-                        }
-                    }
-                }
-                drop(permit);
-            });
-        }
+impl Connection for RouterConnection {
+    async fn serve<S: Io>(&self, stream: S) {
+        let shutdown = self.shutdown.clone();
+        serve_connection(stream, self.router.clone(), self.limits, shutdown).await;
     }
 }
 
 /// Serves one client's connection until it closes, or the server stops.
-async fn serve_connection<S>(
+async fn serve_connection<S: Io>(
     stream: S,
     router: Router,
     limits: ServerLimits,
     shutdown: CancellationToken,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let router = router.clone();
         async move { Ok::<_, Infallible>(router.handle(request.map(Body::new)).await) }

@@ -64,7 +64,7 @@ const MAX_PLAIN_HEADERS: usize = 32;
 const MAX_WHOLE_REQUEST: usize = 64 * 1024;
 
 /// A connection's byte stream: a TCP socket, or TLS over one.
-pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for S {}
 

@@ -2,7 +2,7 @@
 //! `conn`) served with the protections that `axum::serve` does not offer (a header-read timeout against slow clients, a cap on open
 //! connections), and graceful shutdown that lets in-flight requests finish.
 
-use std::future::{poll_fn, Future as _};
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,42 +62,87 @@ pub async fn serve_on(
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    let server = Server {
+    let each = ApiConnection {
         api,
-        limits,
+        header_timeout: limits.header_timeout,
+        stop: Stop::default(),
+    };
+    serve_all(tcp, unix, each, limits, tls, shutdown).await;
+}
+
+/// How a server serves each connection it accepts: permd's API, or the router.
+pub(crate) trait Connection: Send + Sync + 'static {
+    /// Serves one client's connection (after its TLS handshake, if any) until it ends or
+    /// the server stops.
+    fn serve<S: conn::Io>(&self, stream: S) -> impl Future<Output = ()> + Send;
+
+    /// Called once no more clients are accepted, before the open connections are waited
+    /// for.
+    fn stopped(&self) {}
+}
+
+/// permd's API on a connection: our own keep-alive loop, then hyper (`conn`).
+struct ApiConnection {
+    api: Api,
+    header_timeout: Duration,
+    stop: Stop,
+}
+
+impl Connection for ApiConnection {
+    async fn serve<S: conn::Io>(&self, stream: S) {
+        conn::serve_connection(stream, self.api.clone(), self.header_timeout, &self.stop).await;
+    }
+
+    fn stopped(&self) {
+        self.stop.trigger();
+    }
+}
+
+/// Accepts clients on `tcp` (TLS first with `tls`) and on `unix` until `shutdown`, at
+/// most `limits.max_connections` open at once over both, each served by `each` on a task
+/// of its own; then waits for the open connections to end (the caller bounds that wait).
+pub(crate) async fn serve_all<C: Connection>(
+    tcp: Option<TcpListener>,
+    unix: Option<SocketFile>,
+    each: C,
+    limits: ServerLimits,
+    tls: Option<Arc<ServerCerts>>,
+    shutdown: CancellationToken,
+) {
+    let accepting = Accepting {
+        each: Arc::new(each),
+        header_timeout: limits.header_timeout,
         // Bounds memory under a flood of connections: one permit per open connection.
         slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         connections: TaskTracker::new(),
-        stop: Arc::new(Stop::default()),
         shutdown,
     };
     let on_tcp = async {
         if let Some(tcp) = tcp {
-            server.accept_all(&tcp, tls).await;
+            accepting.accept_all(&tcp, tls).await;
         }
     };
     let on_unix = async {
         if let Some(unix) = unix {
-            server.accept_all(unix.listener(), None).await;
+            accepting.accept_all(unix.listener(), None).await;
         }
     };
     tokio::join!(on_tcp, on_unix);
-    server.stop.trigger();
-    server.connections.close();
-    server.connections.wait().await;
+    accepting.each.stopped();
+    accepting.connections.close();
+    accepting.connections.wait().await;
 }
 
 /// What the accept loops of one server share.
-struct Server {
-    api: Api,
-    limits: ServerLimits,
+struct Accepting<C> {
+    each: Arc<C>,
+    header_timeout: Duration,
     slots: Arc<Semaphore>,
     connections: TaskTracker,
-    stop: Arc<Stop>,
     shutdown: CancellationToken,
 }
 
-impl Server {
+impl<C: Connection> Accepting<C> {
     /// Accepts clients on `listener` and serves each on a task of its own, until shutdown.
     async fn accept_all<L: Accept>(&self, listener: &L, tls: Option<Arc<ServerCerts>>)
     where
@@ -105,34 +150,29 @@ impl Server {
     {
         while let Some((stream, permit)) = next_client(listener, &self.slots, &self.shutdown).await
         {
-            self.connections.spawn({
-                let api = self.api.clone();
-                let stop = Arc::clone(&self.stop);
-                let tls = tls.clone();
-                let timeout = self.limits.header_timeout;
-                async move {
-                    match tls {
-                        None => conn::serve_connection(stream, api, timeout, &stop).await,
-                        Some(tls) => {
-                            if let Some(stream) = handshake(&tls, stream, timeout).await {
-                                conn::serve_connection(stream, api, timeout, &stop).await;
-                            }
+            let (each, tls, timeout) = (Arc::clone(&self.each), tls.clone(), self.header_timeout);
+            self.connections.spawn(async move {
+                match tls {
+                    None => each.serve(stream).await,
+                    Some(tls) => {
+                        if let Some(stream) = handshake(&tls, stream, timeout).await {
+                            each.serve(stream).await;
                         }
                     }
-                    drop(permit);
                 }
+                drop(permit);
             });
         }
     }
 }
 
 /// A listening socket's side of accepting a client.
-pub(crate) trait Accept {
+trait Accept {
     /// A client's connection.
     type Stream: Send + 'static;
 
     /// The next client's connection, set up to serve.
-    fn accept_one(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+    fn accept_one(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
 }
 
 impl Accept for TcpListener {
@@ -157,7 +197,7 @@ impl Accept for UnixListener {
 
 /// A client's TLS handshake under the settings as they are now (SIGHUP may have read them
 /// again), which must end within `timeout`, as a request head must; `None` when it failed.
-pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     tls: &ServerCerts,
     stream: S,
     timeout: Duration,
@@ -178,7 +218,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// The next client, once one of the connection `slots` is free (the permit holds it while
 /// the connection lasts); `None` once `shutdown` is cancelled.
-pub(crate) async fn next_client<L: Accept>(
+async fn next_client<L: Accept>(
     listener: &L,
     slots: &Arc<Semaphore>,
     shutdown: &CancellationToken,
