@@ -785,33 +785,44 @@ mod wire {
             .join("\r\n")
     }
 
-    /// hyper's empty 400 for a head it cannot parse, after which it closes.
-    const BARE_400: &str =
-        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: *\r\n\r\n";
+    /// hyper's empty answers to a head it refuses, after which it closes.
+    const BARE: [&str; 3] = [
+        "HTTP/1.1 400 Bad Request\r\n",
+        "HTTP/1.1 414 URI Too Long\r\n",
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n",
+    ];
+    const BARE_REST: &str = "connection: close\r\ncontent-length: 0\r\ndate: *\r\n\r\n";
 
     /// Whether `ours` is `theirs` (hyper alone's answers), or `theirs` up to hyper's last,
-    /// empty 400 followed by permd's 400 for a malformed head: the same status and
-    /// `connection: close`, with a JSON error saying so.
+    /// empty 400, 414 or 431 followed by permd's answer to the head hyper refused: the same
+    /// status and `connection: close`, with a JSON error saying why.
     pub fn same_but_malformed(ours: &str, theirs: &str) -> bool {
         if ours == theirs {
             return true;
         }
-        let Some(before) = theirs.strip_suffix(BARE_400) else {
+        let Some((before, status)) = theirs.strip_suffix(BARE_REST).and_then(|rest| {
+            BARE.iter()
+                .find_map(|status| Some((rest.strip_suffix(status)?, status)))
+        }) else {
             return false;
         };
-        let Some(answer) = ours.strip_prefix(before) else {
+        let Some(answer) = ours
+            .strip_prefix(before)
+            .and_then(|answer| answer.strip_prefix(status))
+        else {
             return false;
         };
         let Some((head, body)) = answer.split_once("\r\n\r\n") else {
             return false;
         };
         let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
-        head.starts_with("HTTP/1.1 400 Bad Request\r\nconnection: close\r\n")
+        head.starts_with("connection: close\r\n")
             && head.contains("\r\ncontent-type: application/json\r\n")
             && json.is_some_and(|json| {
-                json["error"]
-                    .as_str()
-                    .is_some_and(|error| error.starts_with("malformed request: "))
+                json["error"].as_str().is_some_and(|error| {
+                    error.starts_with("malformed request: ")
+                        || error.starts_with("request too large: ")
+                })
             })
     }
 
@@ -957,6 +968,8 @@ mod fuzz {
             // Heads no parser reads: a space in the URL, a control character.
             Just("subject=user 1".to_owned()),
             Just("subject=u\x011".to_owned()),
+            // A target hyper finds too long (414).
+            Just(format!("pad={}", "x".repeat(65_530))),
         ];
         let pair = prop_oneof![8 => query_pair(), 1 => odd];
         let valid = (
@@ -997,6 +1010,19 @@ mod fuzz {
             1 => Just("upgrade: websocket"),
             3 => Just("x-other: 1"),
             1 => Just("x other: 1"),
+            // Framing hyper refuses (400), or takes.
+            1 => Just("content-length: 0, 0"),
+            1 => Just("content-length: +0"),
+            1 => Just("content-length: 00"),
+            1 => Just("transfer-encoding: gzip"),
+            1 => Just("transfer-encoding: chunked, gzip"),
+        ];
+        // More headers than a plain request is parsed with room for, and more than hyper
+        // reads (431).
+        let header = prop_oneof![
+            21 => header.prop_map(str::to_owned),
+            1 => Just(many_headers(40)),
+            1 => Just(many_headers(101)),
         ];
         (
             method,
@@ -1009,6 +1035,12 @@ mod fuzz {
                 let headers: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
                 format!("{method} {target}{query} {version}\r\nhost: permd\r\n{headers}\r\n")
             })
+    }
+
+    /// `n` header lines, the last without its CRLF.
+    fn many_headers(n: usize) -> String {
+        let lines: Vec<String> = (0..n).map(|i| format!("x-{i}: {i}")).collect();
+        lines.join("\r\n")
     }
 
     /// A request with a body: read whole by the router (a batch), refused before it is
@@ -1480,12 +1512,17 @@ async fn shutdown_closes_idle_connections_of_every_kind() {
         .expect("serve did not panic");
 }
 
-/// A head no parser reads (a space in the URL, a control character, a space in a header's
-/// name, another HTTP version, a target that is no URI) is answered 400 with a JSON error that says what is wrong,
-/// after the answers of the requests before it on the connection, and the connection is
-/// closed, as hyper closes it; each is counted as a client error.
+/// A head hyper refuses with an empty answer is answered with hyper's status and a JSON
+/// error that says what is wrong, after the answers of the requests before it on the
+/// connection, and the connection is closed, as hyper closes it; each is counted as a client
+/// error. 400: a head no parser reads (a space in the URL, a control character, a space in
+/// a header's name, another HTTP version), a target that is no URI (among many headers
+/// too), a `Content-Length` that is no number or two that differ, a `Transfer-Encoding`
+/// that does not end in `chunked` or comes with HTTP/1.0; 414: a target over 65,534 bytes;
+/// 431: more than 100 headers, a header name over 65,535 bytes, or a head with no end
+/// within 417,792 bytes.
 #[tokio::test]
-async fn a_head_no_parser_reads_is_answered_400_with_a_json_error() {
+async fn a_head_hyper_refuses_is_answered_with_its_status_and_a_json_error() {
     let (addr, _shutdown, _served) =
         wire::permd(app_state(quick()), permd::http::ServerLimits::default()).await;
     let check = "GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n";
@@ -1500,57 +1537,124 @@ async fn a_head_no_parser_reads_is_answered_400_with_a_json_error() {
             .and_then(|value| value.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no client error count in {text}"))
     };
+    let headers = |n: usize| -> String { (0..n).map(|i| format!("x-{i}: {i}\r\n")).collect() };
+    let bad_request = "400 Bad Request";
+    let too_large = "431 Request Header Fields Too Large";
     let malformed = [
         (
-            "GET /v1/check?subject=user 1&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "GET /v1/check?subject=user 1&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
+            bad_request,
             "%20",
         ),
         (
-            "GET /v1/check?subject=u\x01&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "GET /v1/check?subject=u\x01&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
+            bad_request,
             "percent-encoded",
         ),
         (
-            "GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nx other: 1\r\n\r\n",
+            "GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nx other: 1\r\n\r\n".to_owned(),
+            bad_request,
             "header's name",
         ),
         // Heads httparse reads whose target is no URI: hyper's empty 400 before.
         (
-            "GET /v1/check?subject=\"u1\"&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "GET /v1/check?subject=\"u1\"&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
+            bad_request,
             "%22",
         ),
         (
-            "GET /v1/<check>?subject=u1 HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "GET /v1/<check>?subject=u1 HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
+            bad_request,
             "%3C",
         ),
         (
-            "GET v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n",
+            "GET v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
+            bad_request,
             "start with /",
         ),
+        // More headers than a plain request is parsed with room for.
         (
-            "GET /v1/check?subject=u1&permission=read HTTP/2.0\r\nhost: permd\r\n\r\n",
+            format!("GET /v1/check?subject=\"u1\"&permission=read HTTP/1.1\r\n{}\r\n", headers(40)),
+            bad_request,
+            "%22",
+        ),
+        (
+            "GET /v1/check?subject=u1&permission=read HTTP/2.0\r\nhost: permd\r\n\r\n".to_owned(),
+            bad_request,
             "HTTP/1.1",
         ),
+        // Bodies framed in ways hyper refuses: hyper's empty 400 before.
+        (
+            "POST /v1/check HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: 2a\r\n\r\n{}".to_owned(),
+            bad_request,
+            "Content-Length must be a decimal number",
+        ),
+        (
+            "POST /v1/check HTTP/1.1\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}".to_owned(),
+            bad_request,
+            "the same in every Content-Length",
+        ),
+        (
+            "POST /v1/check HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n".to_owned(),
+            bad_request,
+            "Transfer-Encoding must end in chunked",
+        ),
+        (
+            "POST /v1/check HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(),
+            bad_request,
+            "HTTP/1.0 has none",
+        ),
+        // Too large: hyper's empty 414 and 431 before.
+        (
+            format!("GET /v1/check?subject=u1&pad={} HTTP/1.1\r\n\r\n", "x".repeat(65_520)),
+            "414 URI Too Long",
+            "longer than 65,534 bytes",
+        ),
+        (
+            format!("GET /v1/check?subject=u1&permission=read HTTP/1.1\r\n{}\r\n", headers(101)),
+            too_large,
+            "more than 100 headers",
+        ),
+        (
+            format!("GET /v1/status HTTP/1.1\r\n{}: 1\r\n\r\n", "x".repeat(65_536)),
+            too_large,
+            "name is longer than 65,535 bytes",
+        ),
     ];
-    for (head, why) in malformed {
+    // A head that never ends: nothing after it.
+    let endless = format!("GET /v1/status HTTP/1.1\r\nx-pad: {}", "x".repeat(420_000));
+    let cases = malformed
+        .iter()
+        .map(|(head, status, why)| (format!("{check}{check}{head}{check}"), *status, *why))
+        .chain([(
+            format!("{check}{check}{endless}"),
+            too_large,
+            "no end within its first 417,792 bytes",
+        )]);
+    for (request, status, why) in cases {
         let before = client_errors().await;
-        let text = wire::exchange(addr, format!("{check}{check}{head}{check}").as_bytes()).await;
-        let (before_400, answer) = text.split_once("HTTP/1.1 400 ").expect("a 400");
-        assert_eq!(before_400.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
-        assert!(before_400.starts_with("HTTP/1.1 200 OK"), "{text}");
-        let (head_400, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+        let text = wire::exchange(addr, request.as_bytes()).await;
+        let (before_error, answer) = text
+            .split_once(&format!("HTTP/1.1 {status}\r\n"))
+            .unwrap_or_else(|| panic!("no {status} for {why:?} in {text}"));
+        assert_eq!(before_error.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert!(before_error.starts_with("HTTP/1.1 200 OK"), "{text}");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
         assert!(
-            head_400.starts_with("Bad Request\r\nconnection: close\r\n")
-                && head_400.contains("content-type: application/json"),
+            head.starts_with("connection: close\r\n")
+                && head.contains("content-type: application/json"),
             "{text}"
         );
-        // The body is all that follows: nothing is answered after the 400.
+        // The body is all that follows: nothing is answered after the refusal.
         let error: Value = serde_json::from_str(body).expect("a JSON body");
         let error = error["error"].as_str().expect("an error");
-        assert!(
-            error.starts_with("malformed request: ") && error.contains(why),
-            "{error}"
-        );
-        assert_eq!(client_errors().await - before, 1, "{head:?}");
+        let what = if status == bad_request {
+            "malformed request: "
+        } else {
+            "request too large: "
+        };
+        assert!(error.starts_with(what) && error.contains(why), "{error}");
+        assert_eq!(client_errors().await - before, 1, "{why:?}");
     }
 }
 

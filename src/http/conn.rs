@@ -20,8 +20,11 @@
 //! soon as it starts writing its answer (the head, already encoded, still says keep-alive);
 //! and the connection returns with whatever hyper read past the request. A connection stays
 //! with hyper for good when hyper must decide its end: HTTP/1.0, `Connection` other than
-//! `keep-alive`, `Transfer-Encoding`, `Expect`, `Upgrade`, a larger body, a head it cannot
-//! parse, or an answer that says `connection: close`.
+//! `keep-alive`, `Transfer-Encoding`, `Expect`, `Upgrade`, a larger body, half a head at
+//! the client's end, or an answer that says `connection: close`. A head hyper would refuse
+//! with an empty answer (one no parser reads, a target that is no URI, a wrong
+//! `Content-Length` or `Transfer-Encoding`, too long a target or head, too many headers) the
+//! loop refuses itself, with hyper's status and a JSON error that says what is wrong.
 //!
 //! What hyper would do and this loop does too: pipelined requests are answered in order
 //! (one write for all that arrived together), a request head (and a body gathered whole)
@@ -48,15 +51,26 @@ use super::fast::PlainAnswer;
 use super::server::Stop;
 use super::Api;
 
-/// A request head longer than this without its end goes to hyper, which has the limits
-/// and the error answers for it.
-const MAX_PLAIN_HEAD: usize = 8 * 1024;
+/// The most bytes a request head may take without its end: hyper's limit (its default
+/// `max_buf_size`), past which it answers 431.
+const MAX_HEAD: usize = 8192 + 4096 * 100;
 
 /// The longest target hyper reads; a longer one it answers 414 URI Too Long.
 const MAX_URI_LEN: usize = u16::MAX as usize - 1;
 
-/// Most headers in a plain request; more goes to hyper (whose limit is 100).
+/// The longest header name hyper reads; a longer one it answers 431.
+const MAX_HEADER_NAME_LEN: usize = u16::MAX as usize;
+
+/// Most headers a plain request is parsed with room for; a head with more is parsed again
+/// with room for hyper's limit.
 const MAX_PLAIN_HEADERS: usize = 32;
+
+/// Most headers hyper reads; a head with more it answers 431.
+const MAX_HEADERS: usize = 100;
+
+/// The most of an answer's head hyper wrote that is kept, to read whether it closes the
+/// connection.
+const MAX_ANSWER_HEAD: usize = 8 * 1024;
 
 /// The largest request (head and body) the loop gathers whole before it lets hyper serve
 /// it and takes the connection back; a larger one (a batch of more than ~1,000 checks)
@@ -265,9 +279,6 @@ impl<S: Io> PlainLoop<S> {
             }
             let wanted = match step {
                 Err(once) => return Ok(Next::Hyper { once }),
-                Ok(None) if self.read.len() > MAX_PLAIN_HEAD => {
-                    return Ok(Next::Hyper { once: None })
-                }
                 Ok(None) => 1024,
                 Ok(Some(len)) => len - self.read.len(),
             };
@@ -320,13 +331,13 @@ enum Head<'a> {
     /// A complete head of a request for hyper whose body (`Content-Length`) has not all
     /// arrived: the request is `len` bytes.
     Body { len: usize },
-    /// A head hyper would refuse with an empty 400: answered 400 with a JSON error saying
-    /// what is wrong, and the connection closed.
+    /// A head hyper would refuse with an empty 400, 414 or 431: answered with the same
+    /// status and a JSON error saying what is wrong, and the connection closed.
     Malformed(Malformed),
     /// Anything else: hyper's. `once` (the request's length) when hyper is to serve only
-    /// this request (it
-    /// is whole in the buffer, HTTP/1.1, and nothing in it makes hyper close the
-    /// connection, leave HTTP, answer in two parts, or find the end of a body itself).
+    /// this request (it is whole in the buffer, HTTP/1.1, and nothing in it makes hyper
+    /// close the connection, leave HTTP, answer in two parts, or find the end of a body
+    /// itself).
     Other { once: Option<usize> },
 }
 
@@ -349,34 +360,46 @@ fn plain_head(buf: &[u8]) -> Head<'_> {
     if buf.is_empty() {
         return Head::Partial;
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_PLAIN_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Head::Partial,
-        // Hyper reads up to 100 headers, this loop 32: more is hyper's to judge.
-        Err(httparse::Error::TooManyHeaders) => return Head::Other { once: None },
-        Err(error) => return Head::Malformed(Malformed::Head(error)),
-    };
-    let head = classify(buf, &request, len);
-    if let Head::Other { .. } | Head::Body { .. } = head {
-        // Hyper reads the target with `http::Uri`, which takes fewer bytes than httparse
-        // (`"`, `<`, `>` in a query, a path not starting with `/`); the plain forms above
-        // only take bytes both read alike.
-        let target = request.path.unwrap_or_default();
-        if target.len() <= MAX_URI_LEN && axum::http::Uri::try_from(target).is_err() {
-            return Head::Malformed(Malformed::Target);
-        }
+    let head = parse::<MAX_PLAIN_HEADERS>(buf)
+        .or_else(|| parse::<MAX_HEADERS>(buf))
+        .unwrap_or(Head::Malformed(Malformed::TooManyHeaders));
+    match head {
+        Head::Partial if buf.len() >= MAX_HEAD => Head::Malformed(Malformed::HeadTooLong),
+        head => head,
     }
-    head
 }
 
-/// [`plain_head`] for a head httparse read whole: `len` bytes of `buf`.
+/// [`plain_head`] with room for `N` headers; `None` when the head has more.
+fn parse<const N: usize>(buf: &[u8]) -> Option<Head<'_>> {
+    let mut headers = [httparse::EMPTY_HEADER; N];
+    let mut request = httparse::Request::new(&mut headers);
+    Some(match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => classify(buf, &request, len),
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Err(httparse::Error::TooManyHeaders) => return None,
+        Err(error) => Head::Malformed(Malformed::Head(error)),
+    })
+}
+
+/// [`plain_head`] for a head httparse read whole: `len` bytes of `buf`. A head hyper
+/// would refuse is `Malformed`, with hyper's reason, checked in hyper's order.
 fn classify<'a>(buf: &'a [u8], request: &httparse::Request<'_, 'a>, len: usize) -> Head<'a> {
+    let target = request.path.unwrap_or_default();
+    if target.len() > MAX_URI_LEN {
+        return Head::Malformed(Malformed::UriTooLong);
+    }
+    if len > MAX_HEADER_NAME_LEN
+        && request
+            .headers
+            .iter()
+            .any(|header| header.name.len() > MAX_HEADER_NAME_LEN)
+    {
+        return Head::Malformed(Malformed::HeaderNameTooLong);
+    }
     let mut keeps_alive = request.version == Some(1);
     let mut auth = None;
     let mut json = None;
-    let mut lengths = Vec::new();
+    let mut framing = Framing::default();
     for header in request.headers.iter() {
         let name = header.name;
         if name.eq_ignore_ascii_case("authorization") {
@@ -387,51 +410,125 @@ fn classify<'a>(buf: &'a [u8], request: &httparse::Request<'_, 'a>, len: usize) 
             // Only one, and exactly JSON: any other the router judges.
             json = Some(json.is_none() && header.value.eq_ignore_ascii_case(b"application/json"));
         } else if name.eq_ignore_ascii_case("content-length") {
-            lengths.push(header.value);
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("upgrade")
-        {
+            framing.content_length(header.value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            framing.transfer_encoding(header.value, request.version == Some(1));
+            keeps_alive = false;
+        } else if name.eq_ignore_ascii_case("expect") || name.eq_ignore_ascii_case("upgrade") {
             keeps_alive = false;
         }
     }
-    if !keeps_alive {
+    let query = target
+        .strip_prefix("/v1/check?")
+        .filter(|query| query.bytes().all(plain_query_byte));
+    if let (true, Some("GET"), Some(query), 0) =
+        (keeps_alive, request.method, query, framing.lengths)
+    {
+        return Head::Plain(PlainRequest { query, auth, len });
+    }
+    // Hyper reads the target with `http::Uri`, which takes fewer bytes than httparse (`"`,
+    // `<`, `>` in a query, a path not starting with `/`); a plain query only holds bytes
+    // both read alike.
+    if axum::http::Uri::try_from(target).is_err() {
+        return Head::Malformed(Malformed::Target);
+    }
+    if let Some(malformed) = framing.malformed() {
+        return Head::Malformed(malformed);
+    }
+    if !keeps_alive || framing.lengths > 1 {
         return Head::Other { once: None };
     }
-    let query = request
-        .path
-        .and_then(|path| path.strip_prefix("/v1/check?"))
-        .filter(|query| query.bytes().all(plain_query_byte));
-    match (request.method, query, &lengths[..]) {
-        (Some("GET"), Some(query), []) => Head::Plain(PlainRequest { query, auth, len }),
-        (_, _, []) => Head::Other { once: Some(len) },
-        (_, _, [length]) => match content_length(length).and_then(|body| body.checked_add(len)) {
-            Some(whole) if whole > MAX_WHOLE_REQUEST => Head::Other { once: None },
-            Some(whole) if buf.len() < whole => Head::Body { len: whole },
-            Some(whole)
-                if request.method == Some("POST")
-                    && request.path == Some("/v1/check")
-                    && json == Some(true) =>
-            {
-                Head::Batch(PlainBatch {
-                    body: &buf[len..whole],
-                    auth,
-                    len: whole,
-                })
-            }
-            Some(whole) => Head::Other { once: Some(whole) },
-            None => Head::Other { once: None },
-        },
-        _ => Head::Other { once: None },
+    let Some(body) = framing.length else {
+        return Head::Other { once: Some(len) };
+    };
+    match usize::try_from(body)
+        .ok()
+        .and_then(|body| body.checked_add(len))
+    {
+        Some(whole) if whole > MAX_WHOLE_REQUEST => Head::Other { once: None },
+        Some(whole) if buf.len() < whole => Head::Body { len: whole },
+        Some(whole)
+            if request.method == Some("POST") && target == "/v1/check" && json == Some(true) =>
+        {
+            Head::Batch(PlainBatch {
+                body: &buf[len..whole],
+                auth,
+                len: whole,
+            })
+        }
+        Some(whole) => Head::Other { once: Some(whole) },
+        None => Head::Other { once: None },
     }
 }
 
-/// A `Content-Length` value: decimal digits only (hyper's rule too).
-fn content_length(value: &[u8]) -> Option<usize> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+/// How a request says where its body ends, read as hyper reads it (RFC 9112, 6.3): the
+/// `Content-Length` headers before any `Transfer-Encoding` count, each a decimal number,
+/// all the same; a `Transfer-Encoding` must end in `chunked`, and HTTP/1.0 has none.
+#[derive(Default)]
+struct Framing {
+    /// The body's length, from the first `Content-Length` that counts.
+    length: Option<u64>,
+    /// How many `Content-Length` headers there are.
+    lengths: usize,
+    /// The last `Transfer-Encoding`'s last coding is `chunked`, when there is one.
+    chunked: Option<bool>,
+    /// What hyper refuses, first found first.
+    malformed: Option<Malformed>,
+}
+
+/// The largest body length hyper takes (its `DecodedLength`'s limit); more it answers 431.
+const MAX_BODY_LEN: u64 = u64::MAX - 2;
+
+impl Framing {
+    fn content_length(&mut self, value: &[u8]) {
+        self.lengths += 1;
+        if self.chunked.is_some() || self.malformed.is_some() {
+            return;
+        }
+        self.malformed = match (content_length(value), self.length) {
+            (None, _) => Some(Malformed::ContentLength),
+            (Some(length), Some(first)) if length != first => Some(Malformed::ContentLength),
+            (Some(length), _) if length > MAX_BODY_LEN => Some(Malformed::BodyTooLong),
+            (Some(length), _) => {
+                self.length = Some(length);
+                None
+            }
+        };
+    }
+
+    fn transfer_encoding(&mut self, value: &[u8], http_11: bool) {
+        if !http_11 && self.malformed.is_none() {
+            self.malformed = Some(Malformed::TransferEncoding);
+        }
+        // Hyper reads the value as visible ASCII text, or not at all.
+        let last = std::str::from_utf8(value)
+            .ok()
+            .filter(|text| {
+                text.bytes()
+                    .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+            })
+            .and_then(|text| text.rsplit(',').next());
+        self.chunked =
+            Some(last.is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked")));
+    }
+
+    fn malformed(&self) -> Option<Malformed> {
+        self.malformed.or(match self.chunked {
+            Some(false) => Some(Malformed::TransferEncoding),
+            _ => None,
+        })
+    }
+}
+
+/// A `Content-Length` value: decimal digits only, no more than a `u64` holds (hyper's
+/// rule too).
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    value.iter().try_fold(0u64, |length, digit| {
+        length.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
 }
 
 /// The bytes a plain query may hold: those of RFC 3986's query production (percent
@@ -465,7 +562,7 @@ fn write_json_after(out: &mut Vec<u8>, start: &[u8], body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// Why a head is malformed.
+/// Why a head is refused: each thing hyper refuses in a head with an empty answer.
 #[derive(Clone, Copy, Debug)]
 enum Malformed {
     /// httparse refuses it (as hyper's parser, the same crate with the same settings,
@@ -473,9 +570,39 @@ enum Malformed {
     Head(httparse::Error),
     /// httparse reads it, but not its target as a URI.
     Target,
+    /// A `Content-Length` that is not a decimal number, or two that differ.
+    ContentLength,
+    /// A `Transfer-Encoding` in HTTP/1.0, or one that does not end in `chunked`.
+    TransferEncoding,
+    /// A target longer than [`MAX_URI_LEN`]: 414.
+    UriTooLong,
+    /// More than [`MAX_HEADERS`] headers: 431.
+    TooManyHeaders,
+    /// A header name longer than [`MAX_HEADER_NAME_LEN`]: 431.
+    HeaderNameTooLong,
+    /// [`MAX_HEAD`] bytes without the head's end: 431.
+    HeadTooLong,
+    /// A `Content-Length` over [`MAX_BODY_LEN`]: 431, as hyper answers it.
+    BodyTooLong,
 }
 
-/// Appends a 400 for a head that cannot be parsed: hyper's head (`connection: close`),
+impl Malformed {
+    /// The status line hyper answers it with.
+    fn status_line(self) -> &'static [u8] {
+        match self {
+            Self::UriTooLong => b"HTTP/1.1 414 URI Too Long\r\n",
+            Self::TooManyHeaders
+            | Self::HeaderNameTooLong
+            | Self::HeadTooLong
+            | Self::BodyTooLong => b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            Self::Head(_) | Self::Target | Self::ContentLength | Self::TransferEncoding => {
+                b"HTTP/1.1 400 Bad Request\r\n"
+            }
+        }
+    }
+}
+
+/// Appends the answer to a refused head: hyper's status and head (`connection: close`),
 /// with a JSON error that says what is wrong, as every other 4xx of the API has.
 fn write_malformed(out: &mut Vec<u8>, malformed: Malformed) {
     let why = match malformed {
@@ -499,17 +626,32 @@ fn write_malformed(out: &mut Vec<u8>, malformed: Malformed) {
         Malformed::Head(httparse::Error::Status | httparse::Error::TooManyHeaders) => {
             "the head cannot be read"
         }
+        Malformed::ContentLength => {
+            "Content-Length must be a decimal number, and the same in every Content-Length \
+             header"
+        }
+        Malformed::TransferEncoding => {
+            "Transfer-Encoding must end in chunked, and HTTP/1.0 has none"
+        }
+        Malformed::UriTooLong => "the URL is longer than 65,534 bytes",
+        Malformed::TooManyHeaders => "the head has more than 100 headers",
+        Malformed::HeaderNameTooLong => "a header's name is longer than 65,535 bytes",
+        Malformed::HeadTooLong => "the head has no end within its first 417,792 bytes",
+        Malformed::BodyTooLong => "Content-Length is larger than any body can be",
         Malformed::Target => {
             "the URL is not a URI: it must start with / and hold no \", < or > in its query \
              and no <, > or ` in its path (percent-encode them, as %22, %3C, %3E and %60)"
         }
     };
-    let body = serde_json::json!({ "error": format!("malformed request: {why}") }).to_string();
-    write_json_after(
-        out,
-        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n",
-        body.as_bytes(),
-    );
+    let status = malformed.status_line();
+    let what = if status.starts_with(b"HTTP/1.1 400 ") {
+        "malformed request"
+    } else {
+        "request too large"
+    };
+    let body = serde_json::json!({ "error": format!("{what}: {why}") }).to_string();
+    let start = [status, b"connection: close\r\n"].concat();
+    write_json_after(out, &start, body.as_bytes());
 }
 
 /// Calls `f` with the current time as an HTTP date, formatted once a second per thread
@@ -543,7 +685,7 @@ struct Replay<S> {
     stream: S,
     /// Set at hyper's first write: the head of its answer is encoded by then.
     written: Arc<AtomicBool>,
-    /// The first answer's head as written (up to its end or `MAX_PLAIN_HEAD` bytes).
+    /// The first answer's head as written (up to its end or `MAX_ANSWER_HEAD` bytes).
     head: Vec<u8>,
     head_done: bool,
 }
@@ -553,14 +695,14 @@ impl<S> Replay<S> {
         if self.head_done {
             return;
         }
-        let take = bytes.len().min(MAX_PLAIN_HEAD - self.head.len());
+        let take = bytes.len().min(MAX_ANSWER_HEAD - self.head.len());
         // Where the end could be: from three bytes before what is new.
         let from = self.head.len().saturating_sub(3);
         self.head.extend_from_slice(&bytes[..take]);
         if let Some(end) = self.head[from..].windows(4).position(|w| w == b"\r\n\r\n") {
             self.head.truncate(from + end + 4);
             self.head_done = true;
-        } else if self.head.len() == MAX_PLAIN_HEAD {
+        } else if self.head.len() == MAX_ANSWER_HEAD {
             self.head_done = true;
         }
     }
