@@ -70,7 +70,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("daemons").required(true).args(["shards", "shards_file"])))]
 pub struct RouteArgs {
-    /// The daemons' URLs, http://HOST:PORT or https://HOST:PORT, comma-separated in shard
+    /// The daemons' URLs, http://HOST:PORT or https://HOST:PORT, or unix:PATH for a daemon
+    /// on this host serving on that Unix socket (`--unix-socket`), comma-separated in shard
     /// order: the first serves `--shard 0/N`, the second `1/N`, and so on (N = how many
     /// are given). Several daemons of one shard are separated by `|`
     /// (`http://a1:7700|http://a2:7700,http://b1:7700`): requests go to each in turn, and

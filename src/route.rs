@@ -9,7 +9,8 @@
 //!
 //! A shard may have several daemons: requests go to each in turn, and to the next when one
 //! does not answer (the API is all reads, so a request may be sent again). Daemons may be
-//! `https://`; the router may serve HTTPS itself.
+//! `https://`, or `unix:PATH` on the router's host (`connect`); the router may serve HTTPS
+//! itself.
 //!
 //! The router holds nothing and asks no database: it hashes, forwards and merges. With
 //! `--shards-file` it reads the file again on SIGHUP and switches to the set it lists once
@@ -31,7 +32,6 @@ use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri
 use axum::response::IntoResponse as _;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -43,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::{ApiError, Connection, Io, ServerCerts, ServerLimits, SocketFile, Token};
 use crate::shard::Shard;
+
+mod connect;
 
 /// How the router runs.
 #[derive(Debug, Clone)]
@@ -97,8 +99,11 @@ struct Group {
 
 /// One daemon: where it listens, and what the router sent it.
 struct Daemon {
-    /// `http://host:port`, without a trailing slash.
+    /// `http://host:port` (or `https://`), without a trailing slash, or `unix:PATH`.
     base: String,
+    /// Where its requests go: `base`, or for `unix:PATH` its `unix://` form
+    /// ([`connect::origin`]).
+    origin: String,
     forwarded: AtomicU64,
     failed: AtomicU64,
     /// Failures since its last answer: how long it rests.
@@ -124,6 +129,7 @@ impl Daemon {
     fn new(base: &str) -> Self {
         Self {
             base: base.to_owned(),
+            origin: connect::origin(base),
             forwarded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             failures_in_row: AtomicU32::new(0),
@@ -173,7 +179,7 @@ struct Inner {
     /// SIGHUPs that switched the set, and those that kept it (a file that could not be
     /// read, or a set not ready).
     reshards: [AtomicU64; 2],
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    client: Client<connect::Connector, Body>,
     config: RouteConfig,
 }
 
@@ -231,8 +237,8 @@ impl Failure {
 }
 
 impl Router {
-    /// A router over `config.shards`, which must be `http://` or `https://` URLs (one to
-    /// 65,536 shards).
+    /// A router over `config.shards`, which must be `http://` or `https://` URLs or
+    /// `unix:PATH` (one to 65,536 shards).
     pub fn new(config: RouteConfig) -> anyhow::Result<Self> {
         let set = Set::new(&config.shards, None)?;
         let mut tcp = HttpConnector::new();
@@ -249,7 +255,7 @@ impl Router {
         // pool lets go of one before, so that a request rarely meets one being closed.
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
-            .build(connector);
+            .build(connect::Connector(connector));
         Ok(Self(Arc::new(Inner {
             set: ArcSwap::from_pointee(set),
             reshards: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -430,7 +436,7 @@ impl Router {
         daemon.forwarded.fetch_add(1, Ordering::Relaxed);
         let mut request = Request::builder()
             .method(forward.method.clone())
-            .uri(format!("{}{}", daemon.base, forward.target));
+            .uri(format!("{}{}", daemon.origin, forward.target));
         if let Some(content_type) = &forward.content_type {
             request = request.header(header::CONTENT_TYPE, content_type);
         }
@@ -676,7 +682,7 @@ impl Router {
 
 impl Set {
     /// The set of `shards` (one entry a shard, its daemons separated by `|`), which must
-    /// be `http://` or `https://` URLs (one to 65,536 shards). A daemon that `before` had
+    /// be `http://` or `https://` URLs or `unix:PATH` (one to 65,536 shards). A daemon that `before` had
     /// at the same place keeps its counters.
     fn new(shards: &[String], before: Option<&Set>) -> anyhow::Result<Self> {
         let count = u32::try_from(shards.len())
@@ -694,15 +700,19 @@ impl Set {
             let mut daemons = Vec::new();
             for url in urls.split('|') {
                 let base = url.trim().trim_end_matches('/');
-                let uri: Uri = base
-                    .parse()
-                    .with_context(|| format!("the URL of shard {shard}, {url:?}"))?;
-                let scheme = uri.scheme_str();
-                if !matches!(scheme, Some("http" | "https"))
-                    || uri.authority().is_none()
-                    || uri.path() != "/"
-                {
-                    bail!("the URL of shard {shard}, {url:?}: give http://HOST:PORT or https://HOST:PORT");
+                if base.strip_prefix("unix:").is_some_and(str::is_empty) {
+                    bail!("the URL of shard {shard}, {url:?}: give unix: and the path of the daemon's socket");
+                } else if !base.starts_with("unix:") {
+                    let uri: Uri = base
+                        .parse()
+                        .with_context(|| format!("the URL of shard {shard}, {url:?}"))?;
+                    let scheme = uri.scheme_str();
+                    if !matches!(scheme, Some("http" | "https"))
+                        || uri.authority().is_none()
+                        || uri.path() != "/"
+                    {
+                        bail!("the URL of shard {shard}, {url:?}: give http://HOST:PORT, https://HOST:PORT or unix:PATH");
+                    }
                 }
                 let kept = before
                     .and_then(|set| set.groups.iter().find(|g| g.shard == shard))
@@ -1125,6 +1135,9 @@ mod tests {
         assert!(error(&["http://a:1", "http://b:2/v1"]).contains("shard 1/2"));
         assert_eq!(error(&["http://a:1/", "https://b:2"]), "");
         assert_eq!(error(&["http://a:1|https://a2:1", "http://b:2"]), "");
+        assert_eq!(error(&["unix:/run/a.sock|http://a2:1", "unix:b.sock"]), "");
+        assert!(error(&["http://a:1", "unix:"])
+            .contains("shard 1/2, \"unix:\": give unix: and the path"));
         assert!(error(&["http://a:1|b:2"]).contains("shard 0/1, \"b:2\""));
     }
 }

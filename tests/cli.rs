@@ -1484,6 +1484,11 @@ fn route(ports: &[u16], args: &[&str]) -> (Running, u16) {
         .iter()
         .map(|port| format!("http://127.0.0.1:{port}"))
         .collect();
+    route_to(&shards, args)
+}
+
+/// `permd route` over the daemons at `shards` (URLs, or `unix:PATH`), in shard order.
+fn route_to(shards: &[String], args: &[&str]) -> (Running, u16) {
     let mut route = permd();
     route
         .args(["route", "--listen", "127.0.0.1:0", "--shards"])
@@ -1553,10 +1558,18 @@ async fn route_serves_a_sharded_set() {
 
     let db = database().await;
     readers(&db, 20).await;
-    let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
-    let (second_daemon, second) = serve(&db.url, &["--shard", "1/2"], &[]).await;
-    // The router serves on a Unix socket too.
     let scratch = common::scratch::Scratch::new("route-unix");
+    // The second daemon serves on a Unix socket too, for a router on its host.
+    let daemon_socket = scratch.join("daemon.sock");
+    let daemon_socket = daemon_socket.to_str().expect("a UTF-8 path");
+    let (_first, first) = serve(&db.url, &["--shard", "0/2"], &[]).await;
+    let (second_daemon, second) = serve(
+        &db.url,
+        &["--shard", "1/2", "--unix-socket", daemon_socket],
+        &[],
+    )
+    .await;
+    // The router serves on a Unix socket too.
     let socket = scratch.join("route.sock");
     let socket_arg = socket.to_str().expect("a UTF-8 path");
     let (mut running, port) = route(&[first, second], &["--unix-socket", socket_arg]);
@@ -1617,6 +1630,33 @@ async fn route_serves_a_sharded_set() {
         differing.contains(&format!("subject {ghost:?}")),
         "{stdout}"
     );
+    // A router that reaches the second daemon over its Unix socket answers as the other,
+    // and verify through it reaches that daemon there too.
+    let over_socket = format!("unix:{daemon_socket}");
+    let (_local, local) = route_to(
+        &[format!("http://127.0.0.1:{first}"), over_socket.clone()],
+        &[],
+    );
+    wait_until("the router's readyz 200", || {
+        std::future::ready(http_get(local, "/readyz").is_some_and(|(s, _)| s == 200))
+    })
+    .await;
+    for user in 1..=20 {
+        reads(local, user);
+    }
+    let stdout = differs(
+        &verify(&db.url, &format!("http://127.0.0.1:{local}"))
+            .output()
+            .expect("run verify"),
+        1,
+    );
+    let (_, differing) = stdout
+        .split_once(&format!("{over_socket}:\n"))
+        .expect("the daemon on the socket's verdict");
+    assert!(
+        differing.contains(&format!("subject {ghost:?}")),
+        "{stdout}"
+    );
     // A router that lists the daemons in the wrong order: neither is verified, and each
     // says why under its URL.
     let (_swapped, swapped_port) = route(&[second, first], &[]);
@@ -1645,6 +1685,23 @@ async fn route_serves_a_sharded_set() {
             "not verified: connect to permd at 127.0.0.1:{second}"
         )),
         "{stdout}"
+    );
+    // Through the router on its socket, the shard's error names the socket.
+    let user = (1..=20)
+        .find(|i| {
+            !Shard::new(0, 2)
+                .expect("a shard")
+                .owns(&format!("user:{i}"))
+        })
+        .expect("a user of shard 1/2");
+    let (status, body) = http_get(
+        local,
+        &format!("/v1/check?subject=user:{user}&permission=read&object=doc:1"),
+    )
+    .expect("an answer");
+    assert!(
+        status == 502 && body.contains(&format!("{over_socket}: ")),
+        "{status} {body}"
     );
     let (status, log) = {
         let (status, _, log) = sigterm_and_wait(&mut running).await;
