@@ -826,6 +826,19 @@ mod wire {
             })
     }
 
+    /// The value of the counter `name` in the server's `/metrics`.
+    pub async fn counter(addr: SocketAddr, name: &str) -> u64 {
+        let text = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nhost: permd\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
     /// Everything `stream` receives until it is closed; fails after 10 s.
     pub async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
         let mut received = Vec::new();
@@ -1526,17 +1539,7 @@ async fn a_head_hyper_refuses_is_answered_with_its_status_and_a_json_error() {
     let (addr, _shutdown, _served) =
         wire::permd(app_state(quick()), permd::http::ServerLimits::default()).await;
     let check = "GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n";
-    let client_errors = || async {
-        let text = wire::exchange(
-            addr,
-            b"GET /metrics HTTP/1.1\r\nhost: permd\r\nconnection: close\r\n\r\n",
-        )
-        .await;
-        text.lines()
-            .find_map(|line| line.strip_prefix("permd_client_errors_total "))
-            .and_then(|value| value.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no client error count in {text}"))
-    };
+    let client_errors = || wire::counter(addr, "permd_client_errors_total");
     let headers = |n: usize| -> String { (0..n).map(|i| format!("x-{i}: {i}\r\n")).collect() };
     let bad_request = "400 Bad Request";
     let too_large = "431 Request Header Fields Too Large";
@@ -1658,6 +1661,39 @@ async fn a_head_hyper_refuses_is_answered_with_its_status_and_a_json_error() {
     }
 }
 
+/// A plain check with a large head (here 40 headers and 20 KB of them) is answered by the
+/// server's own loop, as a small one is, and so is one whose head arrives a few bytes at a
+/// time: hyper serves none of them.
+#[tokio::test]
+async fn large_heads_and_heads_in_pieces_stay_in_the_own_loop() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let (addr, _shutdown, _served) =
+        wire::permd(app_state(quick()), permd::http::ServerLimits::default()).await;
+    let hyper_requests = || wire::counter(addr, "permd_http_hyper_requests_total");
+    let before = hyper_requests().await;
+    let pad: String = (0..40)
+        .map(|i| format!("x-{i}: {}\r\n", "p".repeat(500)))
+        .collect();
+    let large =
+        format!("GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n{pad}\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    // In pieces of 7 bytes, then of 4 KiB.
+    for size in [7, 4096] {
+        for piece in large.as_bytes().chunks(size) {
+            stream.write_all(piece).await.expect("write");
+        }
+        let answer = wire::read_answer(&mut stream).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK") && answer.contains("\"allowed\":true"),
+            "in pieces of {size}: {answer}"
+        );
+    }
+    // Only the reading of the count itself was hyper's.
+    assert_eq!(hyper_requests().await, before + 1);
+}
+
 /// A connection hyper served a request on (another route, a check or a batch the loop
 /// declined) comes back to the server's own loop: only those requests reach hyper, however
 /// many plain checks and batches follow on the same connection, pipelined or not.
@@ -1677,20 +1713,7 @@ async fn a_connection_comes_back_to_the_own_loop_after_hyper_serves_a_request() 
         body.len()
     );
     let declined = "GET /v1/check?subject=u1 HTTP/1.1\r\nhost: permd\r\n\r\n";
-    let hyper_requests = || async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        tokio::io::AsyncWriteExt::write_all(
-            &mut stream,
-            b"GET /metrics HTTP/1.1\r\nhost: permd\r\nconnection: close\r\n\r\n",
-        )
-        .await
-        .expect("write");
-        let text = String::from_utf8(wire::read_to_close(&mut stream).await).expect("utf-8");
-        text.lines()
-            .find_map(|line| line.strip_prefix("permd_http_hyper_requests_total "))
-            .and_then(|value| value.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no hyper request count in {text}"))
-    };
+    let hyper_requests = || wire::counter(addr, "permd_http_hyper_requests_total");
     let before = hyper_requests().await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     // One at a time, then the same pipelined in one write.
