@@ -130,3 +130,27 @@ impl rt::Write for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{origin, socket_path};
+
+    /// A `unix:` daemon's origin is a URI the client takes, whose host gives its path back,
+    /// whatever bytes the path holds; an `http(s)://` daemon's is its URL.
+    #[test]
+    fn a_socket_path_goes_through_the_origin_unchanged() {
+        for path in [
+            "/run/permd/shard0.sock",
+            "relative.sock",
+            "/tmp/a b|c%20:7/ü.sock",
+        ] {
+            let uri: axum::http::Uri =
+                format!("{}/v1/check?subject=u1", origin(&format!("unix:{path}")))
+                    .parse()
+                    .expect("a URI");
+            assert_eq!(uri.scheme_str(), Some("unix"));
+            assert_eq!(socket_path(&uri), Some(path.into()), "{path}");
+        }
+        assert_eq!(origin("https://a:1"), "https://a:1");
+    }
+}
