@@ -682,8 +682,8 @@ impl Router {
 
 impl Set {
     /// The set of `shards` (one entry a shard, its daemons separated by `|`), which must
-    /// be `http://` or `https://` URLs or `unix:PATH` (one to 65,536 shards). A daemon that `before` had
-    /// at the same place keeps its counters.
+    /// be `http://` or `https://` URLs or `unix:PATH` (one to 65,536 shards). A daemon
+    /// that `before` had at the same place keeps its counters.
     fn new(shards: &[String], before: Option<&Set>) -> anyhow::Result<Self> {
         let count = u32::try_from(shards.len())
             .ok()
@@ -700,18 +700,21 @@ impl Set {
             let mut daemons = Vec::new();
             for url in urls.split('|') {
                 let base = url.trim().trim_end_matches('/');
-                if base.strip_prefix("unix:").is_some_and(str::is_empty) {
-                    bail!("the URL of shard {shard}, {url:?}: give unix: and the path of the daemon's socket");
-                } else if !base.starts_with("unix:") {
-                    let uri: Uri = base
-                        .parse()
-                        .with_context(|| format!("the URL of shard {shard}, {url:?}"))?;
-                    let scheme = uri.scheme_str();
-                    if !matches!(scheme, Some("http" | "https"))
-                        || uri.authority().is_none()
-                        || uri.path() != "/"
-                    {
-                        bail!("the URL of shard {shard}, {url:?}: give http://HOST:PORT, https://HOST:PORT or unix:PATH");
+                match base.strip_prefix("unix:") {
+                    Some("") => bail!(
+                        "the URL of shard {shard}, {url:?}: give unix: and the path of the daemon's socket"
+                    ),
+                    Some(_) => {}
+                    None => {
+                        let uri: Uri = base
+                            .parse()
+                            .with_context(|| format!("the URL of shard {shard}, {url:?}"))?;
+                        if !matches!(uri.scheme_str(), Some("http" | "https"))
+                            || uri.authority().is_none()
+                            || uri.path() != "/"
+                        {
+                            bail!("the URL of shard {shard}, {url:?}: give http://HOST:PORT, https://HOST:PORT or unix:PATH");
+                        }
                     }
                 }
                 let kept = before
