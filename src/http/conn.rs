@@ -613,16 +613,20 @@ enum Malformed {
 }
 
 impl Malformed {
-    /// The status line hyper answers it with.
-    fn status_line(self) -> &'static [u8] {
+    /// The status line hyper answers it with, and what the error says it is.
+    fn status(self) -> (&'static [u8], &'static str) {
+        const TOO_LARGE: &str = "request too large";
         match self {
-            Self::UriTooLong => b"HTTP/1.1 414 URI Too Long\r\n",
+            Self::UriTooLong => (b"HTTP/1.1 414 URI Too Long\r\n", TOO_LARGE),
             Self::TooManyHeaders
             | Self::HeaderNameTooLong
             | Self::HeadTooLong
-            | Self::BodyTooLong => b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            | Self::BodyTooLong => (
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+                TOO_LARGE,
+            ),
             Self::Head(_) | Self::Target | Self::ContentLength | Self::TransferEncoding => {
-                b"HTTP/1.1 400 Bad Request\r\n"
+                (b"HTTP/1.1 400 Bad Request\r\n", "malformed request")
             }
         }
     }
@@ -669,12 +673,7 @@ fn write_malformed(out: &mut Vec<u8>, malformed: Malformed) {
              and no <, > or ` in its path (percent-encode them, as %22, %3C, %3E and %60)"
         }
     };
-    let status = malformed.status_line();
-    let what = if status.starts_with(b"HTTP/1.1 400 ") {
-        "malformed request"
-    } else {
-        "request too large"
-    };
+    let (status, what) = malformed.status();
     let body = serde_json::json!({ "error": format!("{what}: {why}") }).to_string();
     let start = [status, b"connection: close\r\n"].concat();
     write_json_after(out, &start, body.as_bytes());
