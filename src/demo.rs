@@ -398,7 +398,7 @@ pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
                 done = &mut rebuild => break done.context("compute the permissions")?,
                 _ = tick.tick() => say!(
                     err,
-                    "  still computing ({:.0}s; about 40s for 10,000 users here)",
+                    "  still computing ({:.0}s; about 30s for 10,000 users here)",
                     computing.elapsed().as_secs_f64()
                 ),
             }

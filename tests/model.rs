@@ -683,6 +683,13 @@ fn random_write_sequences_match_the_oracle() {
                 )
                 .await;
             }
+            // The triggers left nothing for a rebuild to do, whatever the sequence.
+            let rebuilt: (i64, i64, i64) =
+                sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
+                    .fetch_one(&db.pool)
+                    .await
+                    .expect("rebuild");
+            assert_eq!(rebuilt, (0, 0, 0), "a rebuild after {batches:?}");
             daemon.stop().await;
         });
         Ok(())
@@ -935,6 +942,149 @@ async fn a_move_then_a_delete_in_one_transaction_clears_the_old_path() {
     assert_eq!(perms(&db, 6, "resource:2").await, "");
     assert_eq!(perms(&db, 6, "resource:6").await, "");
     daemon.stop().await;
+}
+
+/// `app.rebuild_permissions()` repairs a damaged closure, tuples and limits, and writes
+/// only the rows that differ (migration 1005): the changelog of its transaction names just
+/// the damaged keys, a row whose expiry is wrong counts as one removed and one added, and
+/// rows the model does not own are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_writes_only_what_differs() {
+    let db = model_database().await;
+    seed(&db).await;
+    let closure = || {
+        sqlx::query_as::<_, (i64, i64, i32)>(
+            "SELECT resource_id, ancestor_id, depth FROM app.resource_tree ORDER BY 1, 2",
+        )
+        .fetch_all(&db.pool)
+    };
+    let exact = closure().await.expect("closure");
+    let foreign = "('team:1', 'resource:6', 'read'), ('user:1', 'doc:9', 'read'), \
+                   ('user:x', 'resource:1', 'read'), ('user:1', 'resources:1', 'read')";
+    db.exec(&format!(
+        "DELETE FROM app.resource_tree WHERE resource_id = 5 AND ancestor_id = 1;
+         UPDATE app.resource_tree SET depth = 7 WHERE resource_id = 4 AND ancestor_id = 2;
+         INSERT INTO app.resource_tree VALUES (6, 1, 1);
+         DELETE FROM permd.tuples WHERE (subject, object, permission) = ('user:3', 'resource:3', 'read');
+         INSERT INTO permd.tuples (subject, object, permission) VALUES ('user:2', 'resource:6', 'write'), {foreign};
+         UPDATE permd.tuples SET expires_at = now() + interval '1 day'
+             WHERE (subject, object, permission) = ('user:1', '', 'API_ACCESS');
+         DELETE FROM permd.limits WHERE subject = 'user:2';"
+    ))
+    .await;
+    assert_ne!(closure().await.expect("closure"), exact);
+    assert!(!drift(&db).await.is_empty());
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("rebuild");
+    let logged: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT DISTINCT kind::text, subject, object FROM permd.changelog \
+         WHERE xid = pg_current_xact_id() ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .expect("changelog");
+    let closure_written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM app.resource_tree WHERE xmin = pg_current_xact_id()::xid",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("closure rows written");
+    tx.commit().await.expect("commit");
+
+    assert_eq!(rebuilt, (2, 2, 1), "added, removed, limits changed");
+    let key = |kind: &str, subject: &str, object: &str| {
+        (kind.to_owned(), subject.to_owned(), object.to_owned())
+    };
+    assert_eq!(
+        logged,
+        [
+            key("l", "user:2", ""),
+            key("t", "user:1", ""),
+            key("t", "user:2", "resource:6"),
+            key("t", "user:3", "resource:3"),
+        ]
+    );
+    assert_eq!(closure().await.expect("closure"), exact);
+    assert_eq!(
+        closure_written, 2,
+        "the closure's missing row and its wrong depth"
+    );
+    assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
+    let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM permd.tuples WHERE (subject, object, permission) IN (VALUES {foreign})"
+    )))
+    .fetch_one(&db.pool)
+    .await
+    .expect("foreign rows");
+    assert_eq!(kept, 4, "rows the model does not own are left alone");
+}
+
+/// The model's names are read without a regular expression since migration 1005: the same
+/// strings are the model's as under the pattern it replaced, with the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_reads_its_names_as_the_pattern_did() {
+    let db = model_database().await;
+    let mut names = Vec::new();
+    for rest in [
+        "",
+        "0",
+        "7",
+        "007",
+        "123456789012345678",
+        "1234567890123456789",
+        "12a",
+        "a12",
+        "-1",
+        "+1",
+        " 1",
+        "1 ",
+        "1\n",
+        "\n1",
+        "١",
+        "１",
+        "%",
+        "_",
+        "1:2",
+        ":1",
+        "1.5",
+    ] {
+        for prefix in [
+            "user:",
+            "resource:",
+            "User:",
+            "xuser:",
+            "user",
+            "resource",
+            "doc:",
+        ] {
+            names.push(format!("{prefix}{rest}"));
+        }
+    }
+    names.push("user:resource:1".into());
+    names.push("resource:user:1".into());
+    let differing: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT s, app.subject_user(s), app.object_resource(s) FROM unnest($1::text[]) s
+         WHERE app.subject_user(s) IS DISTINCT FROM
+                   CASE WHEN s ~ '^user:[0-9]{1,18}$' THEN substr(s, 6)::bigint END
+            OR app.object_resource(s) IS DISTINCT FROM
+                   CASE WHEN s ~ '^resource:[0-9]{1,18}$' THEN substr(s, 10)::bigint END",
+    )
+    .bind(&names)
+    .fetch_all(&db.pool)
+    .await
+    .expect("names");
+    assert_eq!(differing, []);
+    let ids: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT app.subject_user('user:007'), app.object_resource('resource:123456789012345678')",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("ids");
+    assert_eq!(ids, [(Some(7), Some(123_456_789_012_345_678))]);
 }
 
 /// Concurrent writers race on the same users and folders (a share committed while another
