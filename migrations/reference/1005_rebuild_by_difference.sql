@@ -32,6 +32,28 @@ CREATE OR REPLACE FUNCTION app.object_resource(object text) RETURNS bigint LANGU
                 THEN substr(object, 10)::bigint END
 $$;
 
+-- Every model tuple whose stored row differs from what the rules say: missing (wanted and
+-- not stored), extra (stored and not wanted), or with another expiry (both). One full join
+-- of the desired rows and the stored ones, each of which holds a key at most once; read
+-- by app.rebuild_permissions() and app.verify_permissions().
+CREATE VIEW app.tuple_differences AS
+    WITH desired AS (
+        SELECT * FROM app.desired_resource_tuples
+        UNION ALL
+        SELECT * FROM app.desired_global(NULL)
+    ), stored AS (
+        SELECT t.subject, t.object, t.permission, t.expires_at FROM permd.tuples t
+        WHERE app.subject_user(t.subject) IS NOT NULL
+          AND (t.object IN ('', '*') OR t.object LIKE 'resource:%')
+    )
+    SELECT coalesce(d.subject, s.subject) AS subject, coalesce(d.object, s.object) AS object,
+           coalesce(d.permission, s.permission) AS permission,
+           d.subject IS NOT NULL AS wanted, d.expires_at AS wanted_expires_at,
+           s.subject IS NOT NULL AS stored, s.expires_at AS stored_expires_at
+    FROM desired d
+    FULL JOIN stored s ON s.subject = d.subject AND s.object = d.object AND s.permission = d.permission
+    WHERE d.subject IS NULL OR s.subject IS NULL OR d.expires_at IS DISTINCT FROM s.expires_at;
+
 -- Recomputes the closure and every model tuple and limit from the source tables and
 -- writes only the difference (so a running permd sees a normal change feed, not a
 -- reload). Returns the rows added and removed (a row whose expiry changes counts once
@@ -82,24 +104,8 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
 
-    -- The model's tuples as they should be, against the stored ones: each key is in
-    -- either at most once.
     CREATE TEMP TABLE tuple_difference ON COMMIT DROP AS
-    WITH desired AS (
-        SELECT * FROM app.desired_resource_tuples
-        UNION ALL
-        SELECT * FROM app.desired_global(NULL)
-    ), stored AS (
-        SELECT t.subject, t.object, t.permission, t.expires_at FROM permd.tuples t
-        WHERE app.subject_user(t.subject) IS NOT NULL
-          AND (t.object IN ('', '*') OR t.object LIKE 'resource:%')
-    )
-    SELECT coalesce(d.subject, s.subject) AS subject, coalesce(d.object, s.object) AS object,
-           coalesce(d.permission, s.permission) AS permission, d.expires_at,
-           d.subject IS NOT NULL AS wanted, s.subject IS NOT NULL AS stored
-    FROM desired d
-    FULL JOIN stored s ON s.subject = d.subject AND s.object = d.object AND s.permission = d.permission
-    WHERE d.subject IS NULL OR s.subject IS NULL OR d.expires_at IS DISTINCT FROM s.expires_at;
+    SELECT * FROM app.tuple_differences;
     ANALYZE tuple_difference;
     WITH gone AS (
         DELETE FROM permd.tuples t USING tuple_difference x
@@ -109,7 +115,7 @@ BEGIN
     SELECT count(*) INTO removed FROM gone;
     -- In key order: appending to the primary key's btree is far cheaper than scattering.
     INSERT INTO permd.tuples (subject, object, permission, expires_at)
-    SELECT subject, object, permission, expires_at FROM tuple_difference WHERE wanted
+    SELECT subject, object, permission, wanted_expires_at FROM tuple_difference WHERE wanted
     ORDER BY subject, object, permission;
     GET DIAGNOSTICS added = ROW_COUNT;
     DROP TABLE tuple_difference;
@@ -128,41 +134,25 @@ $$;
 
 -- Every difference between the stored and the desired model rows: what is missing and
 -- what is extra (a wrong expiry or value shows as one of each). Empty when all is right.
--- The tuples are compared in one full join, as the rebuild compares them, rather than
--- by two EXCEPTs that each sorted both sets.
+-- The tuples are compared as the rebuild compares them (app.tuple_differences), rather
+-- than by two EXCEPTs that each sorted both sets.
 CREATE OR REPLACE FUNCTION app.verify_permissions()
 RETURNS TABLE (problem text, kind text, subject text, object text, permission text,
                expires_at timestamptz, value bigint)
 LANGUAGE sql STABLE AS $$
-    WITH desired AS (
-        SELECT * FROM app.desired_resource_tuples
-        UNION ALL
-        SELECT * FROM app.desired_global(NULL)
-    ), stored AS (
-        SELECT t.subject, t.object, t.permission, t.expires_at FROM permd.tuples t
-        WHERE app.subject_user(t.subject) IS NOT NULL
-          AND (t.object IN ('', '*') OR t.object LIKE 'resource:%')
-    ), differing AS (
-        SELECT d.subject AS desired_subject, d.object AS desired_object,
-               d.permission AS desired_permission, d.expires_at AS desired_expires_at,
-               s.subject AS stored_subject, s.object AS stored_object,
-               s.permission AS stored_permission, s.expires_at AS stored_expires_at
-        FROM desired d
-        FULL JOIN stored s ON s.subject = d.subject AND s.object = d.object AND s.permission = d.permission
-        WHERE d.subject IS NULL OR s.subject IS NULL OR d.expires_at IS DISTINCT FROM s.expires_at
+    WITH differing AS MATERIALIZED (
+        SELECT * FROM app.tuple_differences
     ), desired_limits AS (
         SELECT * FROM app.desired_limits(NULL)
     ), stored_limits AS (
         SELECT l.subject, l.name, l.value FROM permd.limits l
         WHERE app.subject_user(l.subject) IS NOT NULL
     )
-    (SELECT 'missing', 'tuple', desired_subject, desired_object, desired_permission,
-            desired_expires_at, NULL::bigint
-     FROM differing WHERE desired_subject IS NOT NULL
+    (SELECT 'missing', 'tuple', d.subject, d.object, d.permission, d.wanted_expires_at, NULL::bigint
+     FROM differing d WHERE d.wanted
      UNION ALL
-     SELECT 'extra', 'tuple', stored_subject, stored_object, stored_permission,
-            stored_expires_at, NULL
-     FROM differing WHERE stored_subject IS NOT NULL
+     SELECT 'extra', 'tuple', d.subject, d.object, d.permission, d.stored_expires_at, NULL
+     FROM differing d WHERE d.stored
      UNION ALL
      SELECT 'missing', 'limit', d.subject, NULL, d.name, NULL, d.value
      FROM (SELECT * FROM desired_limits EXCEPT SELECT * FROM stored_limits) d
