@@ -2,8 +2,10 @@
 //! time, at demo scale. Starts a throwaway Postgres, seeds the demo enterprise
 //! (`PERMD_DEMO_USERS`, default 10,000, at least 7,500), then times every write path in its own
 //! transaction (the write, the flush of the precomputed set, the commit) and counts the
-//! permd.tuples / permd.limits rows it touched. Prints a Markdown table, then how long
-//! `app.verify_permissions()` and an `app.rebuild_permissions()` with nothing to change take.
+//! permd.tuples / permd.limits rows it touched. Prints a Markdown table, then how fast
+//! model writes from 1, 4 and 16 connections at once go (the flushes take turns on one
+//! lock), and how long `app.verify_permissions()` and an `app.rebuild_permissions()` with
+//! nothing to change take.
 //!
 //! `cargo bench --bench writes` (release build; about two minutes, most of it seeding).
 
@@ -258,6 +260,73 @@ fn paths() -> Vec<Path> {
     ]
 }
 
+/// Shares a file with a user from `writers` connections at once for `seconds`, each share
+/// a transaction of its own (one round trip: BEGIN, the INSERT, COMMIT, whose flush
+/// recomputes the pair) and each connection as fast as it can: how many model writes a
+/// second the flushes, which take turns on one lock, let through. Returns the commits
+/// a second and every commit's time.
+async fn concurrent_shares(
+    pool: &PgPool,
+    url: &str,
+    writers: u64,
+    seconds: f64,
+) -> (f64, Vec<Duration>) {
+    // The team projects' files and the users still there after the paths above.
+    let files: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM app.resources WHERE kind = 'file' AND id BETWEEN 1000000 AND 1999999 \
+         ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let users: Vec<i64> = sqlx::query_scalar("SELECT id FROM app.users ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let (files, users) = (std::sync::Arc::new(files), std::sync::Arc::new(users));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (url, files, users) = (url.to_owned(), files.clone(), users.clone());
+        tasks.push(tokio::spawn(async move {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            // The first flush of a connection plans its statements: not what is measured.
+            sqlx::raw_sql("SELECT app.flush()")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let mut times = Vec::new();
+            let mut k = 0;
+            while Instant::now() < deadline {
+                // Writer w's shares, on files and users spread over the enterprise.
+                let file = files[((w * 7_919 + k * 13) % files.len() as u64) as usize];
+                let user = users[((w * 131 + k * 7) % users.len() as u64) as usize];
+                let sql = format!(
+                    "BEGIN; INSERT INTO app.shares (resource_id, user_id, access) \
+                     VALUES ({file}, {user}, 'read'); COMMIT"
+                );
+                let one = Instant::now();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                times.push(one.elapsed());
+                k += 1;
+            }
+            times
+        }));
+    }
+    let mut times = Vec::new();
+    for task in tasks {
+        times.extend(task.await.unwrap());
+    }
+    let rate = times.len() as f64 / started.elapsed().as_secs_f64();
+    times.sort();
+    (rate, times)
+}
+
 /// Keys this transaction changed in permd.tuples and permd.limits: (subject, object)
 /// pairs of tuples and subjects of limits, as the changelog records them.
 async fn touched(tx: &mut sqlx::PgConnection) -> i64 {
@@ -339,6 +408,20 @@ fn main() {
                 rows[rows.len() / 2]
             );
         }
+        println!("\nModel writes from several connections at once (a share with a user each):\n");
+        println!("| writers | commits/s | median | p99 |");
+        println!("|---:|---:|---:|---:|");
+        for writers in [1, 4, 16] {
+            let (rate, times) = concurrent_shares(&pool, &url, writers, 5.0).await;
+            let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+            println!(
+                "| {writers} | {rate:.0} | {} | {} |",
+                ms(at(0.5)),
+                ms(at(0.99))
+            );
+        }
+
         let started = Instant::now();
         let drift: i64 = sqlx::query_scalar("SELECT count(*) FROM app.verify_permissions()")
             .fetch_one(&pool)
