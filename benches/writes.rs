@@ -327,6 +327,15 @@ async fn concurrent_shares(
     (rate, times)
 }
 
+/// The `q` quantile of `times`, sorted.
+fn quantile(times: &[Duration], q: f64) -> Duration {
+    times[((times.len() - 1) as f64 * q).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
 /// Keys this transaction changed in permd.tuples and permd.limits: (subject, object)
 /// pairs of tuples and subjects of limits, as the changelog records them.
 async fn touched(tx: &mut sqlx::PgConnection) -> i64 {
@@ -397,14 +406,12 @@ fn main() {
             }
             times.sort();
             rows.sort_unstable();
-            let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-            let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
             println!(
                 "| {} | {} | {} | {} | {} |",
                 path.name,
                 path.runs,
-                ms(at(0.5)),
-                ms(at(0.9)),
+                ms(quantile(&times, 0.5)),
+                ms(quantile(&times, 0.9)),
                 rows[rows.len() / 2]
             );
         }
@@ -413,12 +420,10 @@ fn main() {
         println!("|---:|---:|---:|---:|");
         for writers in [1, 4, 16] {
             let (rate, times) = concurrent_shares(&pool, &url, writers, 5.0).await;
-            let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-            let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
             println!(
                 "| {writers} | {rate:.0} | {} | {} |",
-                ms(at(0.5)),
-                ms(at(0.99))
+                ms(quantile(&times, 0.5)),
+                ms(quantile(&times, 0.99))
             );
         }
 
