@@ -1065,11 +1065,11 @@ async fn a_bulk_load_leaves_the_flush_statistics_and_no_jit() {
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
 }
 
-/// A model migrated up to 1004 and written through it takes 1005 in place (as an upgraded
-/// permd applies it): verify and a rebuild find the set exact, and writes after it are
-/// flushed as before.
+/// A model migrated up to 1004 and written through it takes 1005 and 1006 in place (as an
+/// upgraded permd applies them): verify and a rebuild find the set exact, 1006's patch is
+/// in the function it patches, and writes after them are flushed as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migration_1005_applies_to_a_model_in_use() {
+async fn migrations_1005_and_1006_apply_to_a_model_in_use() {
     let db = common::database().await;
     let mut migrator = sqlx::migrate!("./migrations/reference");
     migrator.set_ignore_missing(true);
@@ -1090,6 +1090,14 @@ async fn migration_1005_applies_to_a_model_in_use() {
         .await
         .expect("1005 on top");
     assert!(has_1005().await.expect("1005?"));
+    let patched: bool = sqlx::query_scalar(
+        "SELECT pg_get_functiondef('app.desired_pair_tuples()'::regprocedure) \
+         LIKE '%), levels AS MATERIALIZED (%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("1006?");
+    assert!(patched, "1006 makes the pairs' levels a step of their own");
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
     let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
         .fetch_one(&db.pool)
