@@ -1065,11 +1065,12 @@ async fn a_bulk_load_leaves_the_flush_statistics_and_no_jit() {
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
 }
 
-/// A model migrated up to 1004 and written through it takes 1005 and 1006 in place (as an
-/// upgraded permd applies them): verify and a rebuild find the set exact, 1006's patch is
-/// in the function it patches, and writes after them are flushed as before.
+/// A model migrated up to 1004 and written through it takes 1005 to 1007 in place (as an
+/// upgraded permd applies them): verify and a rebuild find the set exact, 1006's and
+/// 1007's patches are in the function they patch, and writes after them are flushed as
+/// before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrations_1005_and_1006_apply_to_a_model_in_use() {
+async fn migrations_since_1005_apply_to_a_model_in_use() {
     let db = common::database().await;
     let mut migrator = sqlx::migrate!("./migrations/reference");
     migrator.set_ignore_missing(true);
@@ -1090,14 +1091,18 @@ async fn migrations_1005_and_1006_apply_to_a_model_in_use() {
         .await
         .expect("1005 on top");
     assert!(has_1005().await.expect("1005?"));
-    let patched: bool = sqlx::query_scalar(
-        "SELECT pg_get_functiondef('app.desired_pair_tuples()'::regprocedure) \
-         LIKE '%), levels AS MATERIALIZED (%'",
+    let patched: (bool, bool) = sqlx::query_as(
+        "SELECT d LIKE '%), levels AS MATERIALIZED (%', d NOT LIKE '%app.level_on(%' \
+         FROM pg_get_functiondef('app.desired_pair_tuples()'::regprocedure) d",
     )
     .fetch_one(&db.pool)
     .await
-    .expect("1006?");
-    assert!(patched, "1006 makes the pairs' levels a step of their own");
+    .expect("1006 and 1007?");
+    assert_eq!(
+        patched,
+        (true, true),
+        "1006 makes the pairs' levels a step of their own, 1007 inlines app.level_on()"
+    );
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
     let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
         .fetch_one(&db.pool)
