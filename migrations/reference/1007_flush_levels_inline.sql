@@ -7,7 +7,7 @@
 -- stands in the subquery, as a lateral join on each ancestor, and the planner sees it
 -- whole. Measured on the demo's database (the two forms swapped in turn): a share with a
 -- user committed in 1.0 to 1.7 ms instead of ~2.0, a team folder shared with a group in
--- 89 to 93 ms instead of 133 to 163 (benches/README.md, "Each pair's level once").
+-- 89 to 93 ms instead of 133 to 163 (benches/README.md, "`app.level_on()` inline").
 -- What it returns is unchanged (app.level_on() itself stays, for queries of your own).
 --
 -- The function is patched by its text, as 1006 patches it, with a guard.
