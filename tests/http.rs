@@ -713,16 +713,17 @@ fn runtime() -> tokio::runtime::Runtime {
 /// and hyper alone serving the same `Api`, as permd served before the loop.
 mod wire {
     use std::net::SocketAddr;
-    use std::time::Instant;
 
     use hyper::server::conn::http1;
     use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     use permd::http::{serve, Api, App, ServerLimits};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
     use tokio_util::sync::CancellationToken;
+
+    pub use crate::common::raw::{exchange, read_to_close};
 
     /// permd's server over `app`: its address, its shutdown and its task.
     pub async fn permd(
@@ -763,26 +764,6 @@ mod wire {
             }
         });
         addr
-    }
-
-    /// Writes `request` on a new connection and reads until the server closes it (or
-    /// resets it: the answers sent before come first), with every `date:` value blanked.
-    pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        // A server that closes early may refuse the rest: what it answered is compared.
-        let _ = stream.write_all(request).await;
-        let received = read_to_close(&mut stream).await;
-        let text = String::from_utf8_lossy(&received);
-        text.split("\r\n")
-            .map(|line| {
-                if line.starts_with("date: ") {
-                    "date: *"
-                } else {
-                    line
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\r\n")
     }
 
     /// hyper's empty answers to a head it refuses, after which it closes.
@@ -837,20 +818,6 @@ mod wire {
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|value| value.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in {text}"))
-    }
-
-    /// Everything `stream` receives until it is closed; fails after 10 s.
-    pub async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
-        let mut received = Vec::new();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        let mut buf = [0u8; 4096];
-        loop {
-            let read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await;
-            match read.expect("the server closes the connection within 10 s") {
-                Ok(0) | Err(_) => return received,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
     }
 
     /// Reads one answer whose body ends with `}` (every JSON answer of the API).
@@ -1528,137 +1495,14 @@ async fn shutdown_closes_idle_connections_of_every_kind() {
 /// A head hyper refuses with an empty answer is answered with hyper's status and a JSON
 /// error that says what is wrong, after the answers of the requests before it on the
 /// connection, and the connection is closed, as hyper closes it; each is counted as a client
-/// error. 400: a head no parser reads (a space in the URL, a control character, a space in
-/// a header's name, another HTTP version), a target that is no URI (among many headers
-/// too), a `Content-Length` that is no number or two that differ, a `Transfer-Encoding`
-/// that does not end in `chunked` or comes with HTTP/1.0; 414: a target over 65,534 bytes;
-/// 431: more than 100 headers, a header name over 65,535 bytes, or a head with no end
-/// within 417,792 bytes.
+/// error. The heads: `common::raw::refused_heads`.
 #[tokio::test]
 async fn a_head_hyper_refuses_is_answered_with_its_status_and_a_json_error() {
     let (addr, _shutdown, _served) =
         wire::permd(app_state(quick()), permd::http::ServerLimits::default()).await;
     let check = "GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n";
     let client_errors = || wire::counter(addr, "permd_client_errors_total");
-    let headers = |n: usize| -> String { (0..n).map(|i| format!("x-{i}: {i}\r\n")).collect() };
-    let bad_request = "400 Bad Request";
-    let too_large = "431 Request Header Fields Too Large";
-    let malformed = [
-        (
-            "GET /v1/check?subject=user 1&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
-            bad_request,
-            "%20",
-        ),
-        (
-            "GET /v1/check?subject=u\x01&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
-            bad_request,
-            "percent-encoded",
-        ),
-        (
-            "GET /v1/check?subject=u1&permission=read HTTP/1.1\r\nx other: 1\r\n\r\n".to_owned(),
-            bad_request,
-            "header's name",
-        ),
-        // Heads httparse reads whose target is no URI: hyper's empty 400 before.
-        (
-            "GET /v1/check?subject=\"u1\"&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
-            bad_request,
-            "%22",
-        ),
-        (
-            "GET /v1/<check>?subject=u1 HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
-            bad_request,
-            "%3C",
-        ),
-        (
-            "GET v1/check?subject=u1&permission=read HTTP/1.1\r\nhost: permd\r\n\r\n".to_owned(),
-            bad_request,
-            "start with /",
-        ),
-        // More headers than a plain request is parsed with room for.
-        (
-            format!("GET /v1/check?subject=\"u1\"&permission=read HTTP/1.1\r\n{}\r\n", headers(40)),
-            bad_request,
-            "%22",
-        ),
-        (
-            "GET /v1/check?subject=u1&permission=read HTTP/2.0\r\nhost: permd\r\n\r\n".to_owned(),
-            bad_request,
-            "HTTP/1.1",
-        ),
-        // Bodies framed in ways hyper refuses: hyper's empty 400 before.
-        (
-            "POST /v1/check HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: 2a\r\n\r\n{}".to_owned(),
-            bad_request,
-            "Content-Length must be a decimal number",
-        ),
-        (
-            "POST /v1/check HTTP/1.1\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}".to_owned(),
-            bad_request,
-            "the same in every Content-Length",
-        ),
-        (
-            "POST /v1/check HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n".to_owned(),
-            bad_request,
-            "Transfer-Encoding must end in chunked",
-        ),
-        (
-            "POST /v1/check HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(),
-            bad_request,
-            "HTTP/1.0 has none",
-        ),
-        // Too large: hyper's empty 414 and 431 before.
-        (
-            format!("GET /v1/check?subject=u1&pad={} HTTP/1.1\r\n\r\n", "x".repeat(65_520)),
-            "414 URI Too Long",
-            "longer than 65,534 bytes",
-        ),
-        (
-            format!("GET /v1/check?subject=u1&permission=read HTTP/1.1\r\n{}\r\n", headers(101)),
-            too_large,
-            "more than 100 headers",
-        ),
-        (
-            format!("GET /v1/status HTTP/1.1\r\n{}: 1\r\n\r\n", "x".repeat(65_536)),
-            too_large,
-            "name is longer than 65,535 bytes",
-        ),
-    ];
-    // A head that never ends: nothing after it.
-    let endless = format!("GET /v1/status HTTP/1.1\r\nx-pad: {}", "x".repeat(420_000));
-    let cases = malformed
-        .iter()
-        .map(|(head, status, why)| (format!("{check}{check}{head}{check}"), *status, *why))
-        .chain([(
-            format!("{check}{check}{endless}"),
-            too_large,
-            "no end within its first 417,792 bytes",
-        )]);
-    for (request, status, why) in cases {
-        let before = client_errors().await;
-        let text = wire::exchange(addr, request.as_bytes()).await;
-        let (before_error, answer) = text
-            .split_once(&format!("HTTP/1.1 {status}\r\n"))
-            .unwrap_or_else(|| panic!("no {status} for {why:?} in {text}"));
-        assert_eq!(before_error.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
-        assert!(before_error.starts_with("HTTP/1.1 200 OK"), "{text}");
-        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
-        assert!(
-            head.starts_with("connection: close\r\n")
-                && head.contains("content-type: application/json"),
-            "{text}"
-        );
-        // The body is all that follows: nothing is answered after the refusal.
-        let error: Value = serde_json::from_str(body).expect("a JSON body");
-        let error = error["error"].as_str().expect("an error");
-        let what = if status == bad_request {
-            "malformed request: "
-        } else {
-            "request too large: "
-        };
-        assert!(error.starts_with(what) && error.contains(why), "{error}");
-        assert_eq!(client_errors().await - before, 1, "{why:?}");
-    }
+    common::raw::assert_heads_refused(addr, check, client_errors).await;
 }
 
 /// A plain check with a large head (here 40 headers and 20 KB of them) is answered by the

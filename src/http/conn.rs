@@ -400,6 +400,13 @@ fn parse<const N: usize>(buf: &[u8]) -> Option<Head<'_>> {
     let mut headers = [httparse::EMPTY_HEADER; N];
     let mut request = httparse::Request::new(&mut headers);
     Some(match request.parse(buf) {
+        // A head that ends past `MAX_HEAD` bytes is refused as one that has not ended by
+        // then, however its bytes arrived: hyper's buffer can pass its limit by what one
+        // read brings, so hyper alone took some of those heads (all in one read) and not
+        // others.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            Head::Malformed(Malformed::HeadTooLong)
+        }
         Ok(httparse::Status::Complete(len)) => classify(buf, &request, len),
         Ok(httparse::Status::Partial) => Head::Partial,
         Err(httparse::Error::TooManyHeaders) => return None,
