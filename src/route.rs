@@ -18,7 +18,6 @@
 //! is routed by one set from start to end.
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -31,17 +30,16 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use axum::response::IntoResponse as _;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{ApiError, Connection, Io, ServerCerts, ServerLimits, SocketFile, Token};
+use crate::http::{Answering, ApiError, Served, ServerCerts, ServerLimits, SocketFile, Token};
 use crate::shard::Shard;
 
 mod connect;
@@ -179,6 +177,8 @@ struct Inner {
     /// SIGHUPs that switched the set, and those that kept it (a file that could not be
     /// read, or a set not ready).
     reshards: [AtomicU64; 2],
+    /// Request heads refused by the router itself (unreadable, or too large).
+    refused: AtomicU64,
     client: Client<connect::Connector, Body>,
     config: RouteConfig,
 }
@@ -259,6 +259,7 @@ impl Router {
         Ok(Self(Arc::new(Inner {
             set: ArcSwap::from_pointee(set),
             reshards: [AtomicU64::new(0), AtomicU64::new(0)],
+            refused: AtomicU64::new(0),
             client,
             config,
         })))
@@ -666,10 +667,14 @@ impl Router {
              # HELP permd_route_reshards_total SIGHUPs with --shards-file: those that switched to the set the file lists (or found it in use), and those that kept the set before (the file could not be read, or its set was not ready).\n\
              # TYPE permd_route_reshards_total counter\n\
              permd_route_reshards_total{{outcome=\"switched\"}} {}\n\
-             permd_route_reshards_total{{outcome=\"kept\"}} {}",
+             permd_route_reshards_total{{outcome=\"kept\"}} {}\n\
+             # HELP permd_route_refused_total Request heads the router refused itself, as a daemon does: unreadable (400) or too large (414, 431), answered with a JSON error and the connection closed.\n\
+             # TYPE permd_route_refused_total counter\n\
+             permd_route_refused_total {}",
             set.groups.len(),
             switched.load(Ordering::Relaxed),
             kept.load(Ordering::Relaxed),
+            self.0.refused.load(Ordering::Relaxed),
         );
         let mut answer = Response::new(Body::from(out));
         answer.headers_mut().insert(
@@ -896,7 +901,10 @@ fn too_large(limit: usize) -> Answer {
 }
 
 /// Serves the router on `listener` (HTTPS with `tls`) and on `unix` (plain HTTP) until
-/// `shutdown`, then lets in-flight requests finish (the caller bounds that wait).
+/// `shutdown`, then lets in-flight requests finish (the caller bounds that wait). Each
+/// connection is read by the daemon's keep-alive loop (`http::conn`), which answers no
+/// request itself here but refuses a head hyper would refuse with an empty answer with
+/// the same status and the JSON error a daemon writes; hyper reads every other request.
 pub async fn serve(
     listener: TcpListener,
     unix: Option<SocketFile>,
@@ -905,54 +913,17 @@ pub async fn serve(
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    let each = RouterConnection {
-        router,
-        limits,
-        shutdown: shutdown.clone(),
-    };
-    crate::http::serve_all(Some(listener), unix, each, limits, tls, shutdown).await;
+    crate::http::serve_all(Some(listener), unix, router, limits, tls, shutdown).await;
 }
 
-/// The router on a connection: hyper alone.
-struct RouterConnection {
-    router: Router,
-    limits: ServerLimits,
-    shutdown: CancellationToken,
-}
-
-impl Connection for RouterConnection {
-    async fn serve<S: Io>(&self, stream: S) {
-        let shutdown = self.shutdown.clone();
-        serve_connection(stream, self.router.clone(), self.limits, shutdown).await;
+impl Served for Router {
+    fn refused(&self) {
+        self.0.refused.fetch_add(1, Ordering::Relaxed);
     }
-}
 
-/// Serves one client's connection until it closes, or the server stops.
-async fn serve_connection<S: Io>(
-    stream: S,
-    router: Router,
-    limits: ServerLimits,
-    shutdown: CancellationToken,
-) {
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let router = router.clone();
-        async move { Ok::<_, Infallible>(router.handle(request.map(Body::new)).await) }
-    });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .serve_connection(TokioIo::new(stream), service);
-    let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
-            }
-        }
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        }
+    fn call(&self, request: Request<Incoming>) -> Answering {
+        let router = self.clone();
+        Box::pin(async move { Ok(router.handle(request.map(Body::new)).await) })
     }
 }
 

@@ -498,3 +498,47 @@ async fn a_daemon_that_fails_rests() {
     drop(hung);
     good.finish().await;
 }
+
+/// A head the router cannot read, or one too large, is refused as a daemon refuses it
+/// (hyper alone answered it with an empty 400, 414 or 431): the same status, a JSON error
+/// that says what is wrong, after the answers to the requests before it on the
+/// connection, and the connection closed; `/metrics` counts it. The heads:
+/// `common::raw::refused_heads`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
+    let (_db, served) = readers_served(3).await;
+    let tls = SelfSigned::new("route");
+    let router = router(&[&served.url], &tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("an address");
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(permd::route::serve(
+        listener,
+        None,
+        router,
+        ServerLimits::default(),
+        None,
+        stop.clone(),
+    ));
+    let check = format!(
+        "GET /v1/check?subject=user:2&permission=read&object=doc:1 HTTP/1.1\r\n\
+         host: router\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    let refused = || async move {
+        let metrics = format!(
+            "GET /metrics HTTP/1.1\r\nhost: router\r\nauthorization: Bearer {TOKEN}\r\n\
+             connection: close\r\n\r\n"
+        );
+        let text = common::raw::exchange(address, metrics.as_bytes()).await;
+        text.lines()
+            .find_map(|line| line.strip_prefix("permd_route_refused_total "))
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no permd_route_refused_total in {text}"))
+    };
+    common::raw::assert_heads_refused(address, &check, refused).await;
+    stop.cancel();
+    serving.await.expect("the router stops");
+    served.finish().await;
+}

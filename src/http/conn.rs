@@ -26,13 +26,18 @@
 //! `Content-Length` or `Transfer-Encoding`, too long a target or head, too many headers) the
 //! loop refuses itself, with hyper's status and a JSON error that says what is wrong.
 //!
+//! The router (`permd route`) is served by the same loop ([`Served`]): it answers nothing
+//! in it, so each of its requests goes to hyper, one at a time, but its clients get the
+//! same refusals, with the same JSON errors, as a daemon's.
+//!
 //! What hyper would do and this loop does too: pipelined requests are answered in order
 //! (one write for all that arrived together), a request head (and a body gathered whole)
 //! must arrive within `header_timeout` of when the server started waiting for it (an idle
 //! keep-alive connection included), and a graceful shutdown closes an idle connection at
 //! once and lets a request being received finish.
 
-use std::future::{poll_fn, Future as _};
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +46,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::Request;
+use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -82,10 +88,58 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for S {}
 
+/// What a connection serves: the answers the loop may write itself, and the service
+/// hyper calls for every other request. permd's API ([`Api`]), and the router (`permd
+/// route`), which answers nothing in the loop: it takes from it the refusal of the heads
+/// hyper would refuse with an empty answer, with a JSON error as a daemon's.
+pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
+    /// A plain single check's answer, or `None` to let [`Served::call`] answer it.
+    fn check_plain(&self, _query: &str, _auth: Option<&[u8]>) -> Option<PlainAnswer> {
+        None
+    }
+
+    /// A whole batch's JSON answer (`POST /v1/check`), or `None` to let [`Served::call`]
+    /// answer it.
+    fn check_batch_plain(&self, _body: &[u8], _auth: Option<&[u8]>) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Counts a head the loop refused.
+    fn refused(&self);
+
+    /// Answers a request hyper read.
+    fn call(&self, request: Request<Incoming>) -> Answering;
+}
+
+/// A [`Served::call`]'s answer to come. Boxed, so the connection can be polled without
+/// being shut down (hyper wants an `Unpin` future for that); this path is not the hot one.
+pub(crate) type Answering = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl Served for Api {
+    #[inline]
+    fn check_plain(&self, query: &str, auth: Option<&[u8]>) -> Option<PlainAnswer> {
+        self.app().check_plain(query, auth)
+    }
+
+    #[inline]
+    fn check_batch_plain(&self, body: &[u8], auth: Option<&[u8]>) -> Option<Vec<u8>> {
+        self.app().check_batch_plain(body, auth)
+    }
+
+    fn refused(&self) {
+        self.app().metrics.client_error();
+    }
+
+    fn call(&self, request: Request<Incoming>) -> Answering {
+        self.app().metrics.hyper_request();
+        Box::pin(tower_service::Service::call(&mut self.clone(), request))
+    }
+}
+
 /// Serves one connection until the client closes it, it times out, or the server stops.
-pub(super) async fn serve_connection<S: Io>(
+pub(super) async fn serve_connection<S: Io, F: Served>(
     stream: S,
-    api: Api,
+    served: F,
     header_timeout: Duration,
     stop: &Stop,
 ) {
@@ -95,7 +149,7 @@ pub(super) async fn serve_connection<S: Io>(
         write: Vec::with_capacity(1024),
     };
     loop {
-        let once = match plain.run(&api, header_timeout, stop).await {
+        let once = match plain.run(&served, header_timeout, stop).await {
             Ok(Next::Close) => return,
             Ok(Next::Hyper { once }) => once,
             Err(error) => {
@@ -103,7 +157,7 @@ pub(super) async fn serve_connection<S: Io>(
                 return;
             }
         };
-        match serve_by_hyper(plain, once, &api, header_timeout, stop).await {
+        match serve_by_hyper(plain, once, &served, header_timeout, stop).await {
             Some(back) => plain = back,
             None => return,
         }
@@ -116,10 +170,10 @@ pub(super) async fn serve_connection<S: Io>(
 /// soon as it starts writing the answer (whose head, encoded by then, still says
 /// keep-alive), and the connection is returned with the bytes after the request. Otherwise
 /// hyper serves it to the end, as it would on its own. `None` when the connection is over.
-async fn serve_by_hyper<S: Io>(
+async fn serve_by_hyper<S: Io, F: Served>(
     plain: PlainLoop<S>,
     once: Option<usize>,
-    api: &Api,
+    served: &F,
     header_timeout: Duration,
     stop: &Stop,
 ) -> Option<PlainLoop<S>> {
@@ -133,14 +187,8 @@ async fn serve_by_hyper<S: Io>(
         head_done: false,
     };
     let service = {
-        let api = api.clone();
-        hyper::service::service_fn(move |request: Request<Incoming>| {
-            let mut api = api.clone();
-            api.app().metrics.hyper_request();
-            // Boxed, so the connection can be polled without being shut down (hyper wants
-            // an `Unpin` future for that); this path is not the hot one.
-            Box::pin(tower_service::Service::call(&mut api, request))
-        })
+        let served = served.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| served.call(request))
     };
     // Each answer is written as one flat buffer (head and body copied together, a few
     // dozen bytes) rather than queued as separate buffers for a vectored write: 19 %
@@ -225,7 +273,12 @@ struct PlainLoop<S> {
 }
 
 impl<S: Io> PlainLoop<S> {
-    async fn run(&mut self, api: &Api, header_timeout: Duration, stop: &Stop) -> io::Result<Next> {
+    async fn run<F: Served>(
+        &mut self,
+        served: &F,
+        header_timeout: Duration,
+        stop: &Stop,
+    ) -> io::Result<Next> {
         // One timer and one shutdown waiter for the whole connection: the timer is set to
         // the earliest time the head being waited for could be late, and only re-armed when
         // it fires early, so a request costs a clock read rather than a timer insertion.
@@ -242,8 +295,7 @@ impl<S: Io> PlainLoop<S> {
             let step = loop {
                 match plain_head(&self.read, partial) {
                     Head::Plain(request) => {
-                        let Some(answer) = api.app().check_plain(request.query, request.auth)
-                        else {
+                        let Some(answer) = served.check_plain(request.query, request.auth) else {
                             // Hyper (the router) decides, and the request is whole.
                             break Err(Some(request.len));
                         };
@@ -253,7 +305,7 @@ impl<S: Io> PlainLoop<S> {
                         answered = true;
                     }
                     Head::Batch(request) => {
-                        let Some(answer) = api.app().check_batch_plain(request.body, request.auth)
+                        let Some(answer) = served.check_batch_plain(request.body, request.auth)
                         else {
                             break Err(Some(request.len));
                         };
@@ -269,7 +321,7 @@ impl<S: Io> PlainLoop<S> {
                     Head::Body { len } => break Ok(Some(len)),
                     Head::Other { once } => break Err(once),
                     Head::Malformed(why) => {
-                        api.app().metrics.client_error();
+                        served.refused();
                         write_malformed(&mut self.write, why);
                         malformed = true;
                         break Ok(None);

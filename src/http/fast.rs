@@ -134,7 +134,7 @@ impl<'a> CheckFields<'a> {
 
 /// The answer to a plain single check.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct PlainAnswer {
+pub(crate) struct PlainAnswer {
     allowed: bool,
     revision: u64,
 }

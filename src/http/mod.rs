@@ -22,12 +22,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-pub(crate) use conn::Io;
+pub(crate) use conn::{Answering, Served};
 pub use error::ApiError;
 pub use fast::Api;
 pub(crate) use metrics::Metrics;
+pub(crate) use server::serve_all;
 pub use server::{serve, serve_on, ServerLimits};
-pub(crate) use server::{serve_all, Connection};
 pub(crate) use tls::client_config;
 pub use tls::ServerCerts;
 pub use unix::SocketFile;

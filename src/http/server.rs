@@ -16,8 +16,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::conn::{self, Served};
 use super::unix::SocketFile;
-use super::{conn, Api, ServerCerts};
+use super::{Api, ServerCerts};
 
 /// Connection-level limits.
 #[derive(Debug, Clone, Copy)]
@@ -62,55 +63,24 @@ pub async fn serve_on(
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
-    let each = ApiConnection {
-        api,
-        header_timeout: limits.header_timeout,
-        stop: Stop::default(),
-    };
-    serve_all(tcp, unix, each, limits, tls, shutdown).await;
-}
-
-/// How a server serves each connection it accepts: permd's API, or the router.
-pub(crate) trait Connection: Send + Sync + 'static {
-    /// Serves one client's connection (after its TLS handshake, if any) until it ends or
-    /// the server stops.
-    fn serve<S: conn::Io>(&self, stream: S) -> impl Future<Output = ()> + Send;
-
-    /// Called once no more clients are accepted, before the open connections are waited
-    /// for.
-    fn stopped(&self) {}
-}
-
-/// permd's API on a connection: our own keep-alive loop, then hyper (`conn`).
-struct ApiConnection {
-    api: Api,
-    header_timeout: Duration,
-    stop: Stop,
-}
-
-impl Connection for ApiConnection {
-    async fn serve<S: conn::Io>(&self, stream: S) {
-        conn::serve_connection(stream, self.api.clone(), self.header_timeout, &self.stop).await;
-    }
-
-    fn stopped(&self) {
-        self.stop.trigger();
-    }
+    serve_all(tcp, unix, api, limits, tls, shutdown).await;
 }
 
 /// Accepts clients on `tcp` (TLS first with `tls`) and on `unix` until `shutdown`, at
-/// most `limits.max_connections` open at once over both, each served by `each` on a task
-/// of its own; then waits for the open connections to end (the caller bounds that wait).
-pub(crate) async fn serve_all<C: Connection>(
+/// most `limits.max_connections` open at once over both, each served by `served` (permd's
+/// API, or the router) on a task of its own through the keep-alive loop and hyper
+/// (`conn`); then waits for the open connections to end (the caller bounds that wait).
+pub(crate) async fn serve_all<F: Served>(
     tcp: Option<TcpListener>,
     unix: Option<SocketFile>,
-    each: C,
+    served: F,
     limits: ServerLimits,
     tls: Option<Arc<ServerCerts>>,
     shutdown: CancellationToken,
 ) {
     let accepting = Accepting {
-        each: Arc::new(each),
+        served,
+        stop: Arc::new(Stop::default()),
         header_timeout: limits.header_timeout,
         // Bounds memory under a flood of connections: one permit per open connection.
         slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
@@ -128,21 +98,23 @@ pub(crate) async fn serve_all<C: Connection>(
         }
     };
     tokio::join!(on_tcp, on_unix);
-    accepting.each.stopped();
+    // No more clients: the open connections end once their requests in flight do.
+    accepting.stop.trigger();
     accepting.connections.close();
     accepting.connections.wait().await;
 }
 
 /// What the accept loops of one server share.
-struct Accepting<C> {
-    each: Arc<C>,
+struct Accepting<F> {
+    served: F,
+    stop: Arc<Stop>,
     header_timeout: Duration,
     slots: Arc<Semaphore>,
     connections: TaskTracker,
     shutdown: CancellationToken,
 }
 
-impl<C: Connection> Accepting<C> {
+impl<F: Served> Accepting<F> {
     /// Accepts clients on `listener` and serves each on a task of its own, until shutdown.
     async fn accept_all<L: Accept>(&self, listener: &L, tls: Option<Arc<ServerCerts>>)
     where
@@ -150,13 +122,14 @@ impl<C: Connection> Accepting<C> {
     {
         while let Some((stream, permit)) = next_client(listener, &self.slots, &self.shutdown).await
         {
-            let (each, tls, timeout) = (Arc::clone(&self.each), tls.clone(), self.header_timeout);
+            let (served, stop) = (self.served.clone(), Arc::clone(&self.stop));
+            let (tls, timeout) = (tls.clone(), self.header_timeout);
             self.connections.spawn(async move {
                 match tls {
-                    None => each.serve(stream).await,
+                    None => conn::serve_connection(stream, served, timeout, &stop).await,
                     Some(tls) => {
                         if let Some(stream) = handshake(&tls, stream, timeout).await {
-                            each.serve(stream).await;
+                            conn::serve_connection(stream, served, timeout, &stop).await;
                         }
                     }
                 }
