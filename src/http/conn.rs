@@ -178,10 +178,16 @@ async fn serve_by_hyper<S: Io, F: Served>(
     stop: &Stop,
 ) -> Option<PlainLoop<S>> {
     let written = Arc::new(AtomicBool::new(false));
+    // The answers' buffer is empty here: kept for the loop's next requests.
+    let PlainLoop {
+        stream,
+        read,
+        write,
+    } = plain;
     let io = Replay {
-        prefix: plain.read.freeze(),
+        prefix: read.freeze(),
         readable: once,
-        stream: plain.stream,
+        stream,
         written: Arc::clone(&written),
         head: Vec::new(),
         head_done: false,
@@ -226,14 +232,23 @@ async fn serve_by_hyper<S: Io, F: Served>(
         let _ = io.stream.shutdown().await;
         return None;
     }
-    // What hyper read and did not use, then what it did not read.
-    let mut read = BytesMut::with_capacity(4096.max(parts.read_buf.len() + io.prefix.len()));
-    read.extend_from_slice(&parts.read_buf);
-    read.extend_from_slice(&io.prefix);
+    // What hyper read and did not use (nothing, when it served one request), then what it
+    // did not read: in the loop's own buffer when nothing else holds it, so that a request
+    // hyper answers costs the loop no allocation of its own.
+    let read = match io.prefix.try_into_mut() {
+        Ok(rest) if parts.read_buf.is_empty() => rest,
+        rest => {
+            let rest = rest.map_or_else(|rest| rest, BytesMut::freeze);
+            let mut read = BytesMut::with_capacity(4096.max(parts.read_buf.len() + rest.len()));
+            read.extend_from_slice(&parts.read_buf);
+            read.extend_from_slice(&rest);
+            read
+        }
+    };
     Some(PlainLoop {
         stream: io.stream,
         read,
-        write: Vec::with_capacity(1024),
+        write,
     })
 }
 
