@@ -107,6 +107,32 @@ fn router(urls: &[&str], tls: &SelfSigned) -> Router {
     .expect("a router")
 }
 
+/// Serves `router` over a socket (HTTPS with `certs`), as `permd route` does: its address,
+/// its stop and its task.
+async fn serve_router(
+    router: Router,
+    certs: Option<std::sync::Arc<ServerCerts>>,
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("an address");
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(permd::route::serve(
+        listener,
+        None,
+        router,
+        ServerLimits::default(),
+        certs,
+        stop.clone(),
+    ));
+    (address, stop, serving)
+}
+
 /// Sends one request through the router (with the token unless `anonymous`).
 async fn ask(
     router: &Router,
@@ -241,19 +267,8 @@ async fn the_router_sends_each_request_to_its_shard() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // Over a socket, as `permd route --tls-cert --tls-key` serves it.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("an address");
-    let stop = CancellationToken::new();
-    let serving = tokio::spawn(permd::route::serve(
-        listener,
-        None,
-        router.clone(),
-        ServerLimits::default(),
-        Some(ServerCerts::load(&tls.cert, &tls.key, None, None).expect("the certificate")),
-        stop.clone(),
-    ));
+    let certs = ServerCerts::load(&tls.cert, &tls.key, None, None).expect("the certificate");
+    let (address, stop, serving) = serve_router(router.clone(), Some(certs)).await;
     let tcp = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
@@ -509,19 +524,7 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
     let (_db, served) = readers_served(3).await;
     let tls = SelfSigned::new("route");
     let router = router(&[&served.url], &tls);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("an address");
-    let stop = CancellationToken::new();
-    let serving = tokio::spawn(permd::route::serve(
-        listener,
-        None,
-        router,
-        ServerLimits::default(),
-        None,
-        stop.clone(),
-    ));
+    let (address, stop, serving) = serve_router(router, None).await;
     let check = format!(
         "GET /v1/check?subject=user:2&permission=read&object=doc:1 HTTP/1.1\r\n\
          host: router\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
