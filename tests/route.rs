@@ -518,7 +518,7 @@ async fn a_daemon_that_fails_rests() {
 /// (hyper alone answered it with an empty 400, 414 or 431): the same status, a JSON error
 /// that says what is wrong, after the answers to the requests before it on the
 /// connection, and the connection closed; `/metrics` counts it. The heads:
-/// `common::raw::refused_heads`.
+/// `common::raw::refused_heads`. Requests pipelined on a connection are answered in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
     let (_db, served) = readers_served(3).await;
@@ -541,6 +541,40 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
             .unwrap_or_else(|| panic!("no permd_route_refused_total in {text}"))
     };
     common::raw::assert_heads_refused(address, &check, refused).await;
+
+    // Requests pipelined on one connection, each served by hyper in turn, are answered in
+    // order, a batch's body and an error among them; the last closes it.
+    let batch = r#"{"checks":[{"subject":"user:3","permission":"read","object":"doc:1"},{"subject":"user:9","permission":"read","object":"doc:1"}]}"#;
+    let pipeline = format!(
+        "{check}GET /v1/subjects/user:1/limits HTTP/1.1\r\nhost: router\r\n\r\n\
+         POST /v1/check HTTP/1.1\r\nhost: router\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{batch}\
+         GET /v1/check?subject=user:9&permission=read&object=doc:1 HTTP/1.1\r\n\
+         host: router\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n",
+        batch.len()
+    );
+    let text = common::raw::exchange(address, pipeline.as_bytes()).await;
+    let answers: Vec<(&str, &str)> = text
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|answer| {
+            let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+            (head.lines().next().expect("a status line"), body)
+        })
+        .collect();
+    let statuses: Vec<&str> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(
+        statuses,
+        ["200 OK", "401 Unauthorized", "200 OK", "200 OK"],
+        "{text}"
+    );
+    assert!(answers[0].1.starts_with(r#"{"allowed":true"#), "{text}");
+    assert!(answers[1].1.contains("unauthorized"), "{text}");
+    assert!(
+        answers[2].1.starts_with(r#"{"results":[true,false]"#),
+        "{text}"
+    );
+    assert!(answers[3].1.starts_with(r#"{"allowed":false"#), "{text}");
     stop.cancel();
     serving.await.expect("the router stops");
     served.finish().await;
