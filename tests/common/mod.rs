@@ -50,11 +50,14 @@ pub struct SelfSigned {
 }
 
 impl SelfSigned {
-    /// Makes one; `tag` names its directory.
+    /// Makes one; `tag` names its directory, which is its own even when another test of
+    /// the binary makes one with the same tag at the same time.
     pub fn new(tag: &str) -> Self {
+        static MADE: AtomicU32 = AtomicU32::new(0);
         let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
             .expect("a self-signed certificate");
-        let dir = std::env::temp_dir().join(format!("permd-{tag}-{}", std::process::id()));
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("permd-{tag}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a temporary directory");
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
