@@ -902,9 +902,10 @@ fn too_large(limit: usize) -> Answer {
 
 /// Serves the router on `listener` (HTTPS with `tls`) and on `unix` (plain HTTP) until
 /// `shutdown`, then lets in-flight requests finish (the caller bounds that wait). Each
-/// connection is read by the daemon's keep-alive loop (`http::conn`), which answers no
-/// request itself here but refuses a head hyper would refuse with an empty answer with
-/// the same status and the JSON error a daemon writes; hyper reads every other request.
+/// connection is read by the daemon's keep-alive loop (`http::conn`), which forwards a
+/// plain single check itself (`Served::check_later`, through `Router::handle`), refuses
+/// a head hyper would refuse with an empty answer with the same status and the JSON
+/// error a daemon writes, and lets hyper read every other request.
 pub async fn serve(
     listener: TcpListener,
     unix: Option<SocketFile>,
@@ -917,6 +918,16 @@ pub async fn serve(
 }
 
 impl Served for Router {
+    fn check_later(&self, target: &str, auth: Option<&[u8]>) -> Option<Answering> {
+        let mut request = Request::get(target);
+        if let Some(auth) = auth {
+            request = request.header(header::AUTHORIZATION, auth);
+        }
+        let request = request.body(Body::empty()).ok()?;
+        let router = self.clone();
+        Some(Box::pin(async move { Ok(router.handle(request).await) }))
+    }
+
     fn refused(&self) {
         self.0.refused.fetch_add(1, Ordering::Relaxed);
     }

@@ -518,11 +518,11 @@ async fn a_daemon_that_fails_rests() {
 /// (hyper alone answered it with an empty 400, 414 or 431): the same status, a JSON error
 /// that says what is wrong, after the answers to the requests before it on the
 /// connection, and the connection closed; `/metrics` counts it. The heads:
-/// `common::raw::refused_heads`. Requests pipelined on a connection are answered in order.
+/// `common::raw::refused_heads`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
     let (_db, served) = readers_served(3).await;
-    let tls = SelfSigned::new("route");
+    let tls = SelfSigned::new("route-refused");
     let router = router(&[&served.url], &tls);
     let (address, stop, serving) = serve_router(router, None).await;
     let check = format!(
@@ -542,8 +542,28 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
     };
     common::raw::assert_heads_refused(address, &check, refused).await;
 
-    // Requests pipelined on one connection, each served by hyper in turn, are answered in
-    // order, a batch's body and an error among them; the last closes it.
+    stop.cancel();
+    serving.await.expect("the router stops");
+    served.finish().await;
+}
+
+/// Requests pipelined on a connection to the router are answered in order; the plain
+/// checks, which the router's loop forwards itself (hyper serves the rest), are answered
+/// byte for byte as hyper alone answered them (dates aside), errors included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_answers_pipelined_requests_as_hyper_alone() {
+    let (_db, served) = readers_served(3).await;
+    let tls = SelfSigned::new("route-pipelined");
+    let router = router(&[&served.url], &tls);
+    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let check = format!(
+        "GET /v1/check?subject=user:2&permission=read&object=doc:1 HTTP/1.1\r\n\
+         host: router\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
+    );
+
+    // Requests pipelined on one connection are answered in order, a batch's body and an
+    // error among them (the check by the loop, the others by hyper in turn); the last
+    // closes it.
     let batch = r#"{"checks":[{"subject":"user:3","permission":"read","object":"doc:1"},{"subject":"user:9","permission":"read","object":"doc:1"}]}"#;
     let pipeline = format!(
         "{check}GET /v1/subjects/user:1/limits HTTP/1.1\r\nhost: router\r\n\r\n\
@@ -575,7 +595,64 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
         "{text}"
     );
     assert!(answers[3].1.starts_with(r#"{"allowed":false"#), "{text}");
+
+    // Plain checks alone, each forwarded by the loop, the last request hyper's.
+    let alone = hyper_alone(router.clone()).await;
+    let auth = format!("authorization: Bearer {TOKEN}\r\n");
+    let pipeline: String = [
+        ("subject=user:3&permission=read&object=doc:1", auth.as_str()),
+        ("subject=user:3&permission=read&object=doc:2", &auth),
+        ("subject=user%3A3&permission=read&object=doc%3A1", &auth),
+        ("subject=user:3&permission=read&object=doc:1", ""),
+        (
+            "subject=user:3&permission=read&object=doc:1",
+            "authorization: Bearer nope\r\n",
+        ),
+        ("subject=user:3&permission=read&bogus=1", &auth),
+        ("permission=read&object=doc:1", &auth),
+        (
+            "subject=user:3&permission=read&object=doc:1&at_least=1",
+            &auth,
+        ),
+    ]
+    .iter()
+    .map(|(query, auth)| format!("GET /v1/check?{query} HTTP/1.1\r\nhost: router\r\n{auth}\r\n"))
+    .chain(["GET /livez HTTP/1.1\r\nhost: router\r\nconnection: close\r\n\r\n".to_owned()])
+    .collect();
+    let ours = common::raw::exchange(address, pipeline.as_bytes()).await;
+    let theirs = common::raw::exchange(alone, pipeline.as_bytes()).await;
+    assert_eq!(ours, theirs);
+    for status in ["200 OK", "400 Bad Request", "401 Unauthorized"] {
+        assert!(ours.contains(&format!("HTTP/1.1 {status}\r\n")), "{ours}");
+    }
     stop.cancel();
     serving.await.expect("the router stops");
     served.finish().await;
+}
+
+/// `router` served by hyper alone, as `permd route` served it until session 48: its
+/// address. Stops with the runtime.
+async fn hyper_alone(router: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let router = router.clone();
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let router = router.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            router.handle(request.map(Body::new)).await,
+                        )
+                    }
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::spawn(connection);
+        }
+    });
+    address
 }

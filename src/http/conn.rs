@@ -26,9 +26,11 @@
 //! `Content-Length` or `Transfer-Encoding`, too long a target or head, too many headers) the
 //! loop refuses itself, with hyper's status and a JSON error that says what is wrong.
 //!
-//! The router (`permd route`) is served by the same loop ([`Served`]): it answers nothing
-//! in it, so each of its requests goes to hyper, one at a time, but its clients get the
-//! same refusals, with the same JSON errors, as a daemon's.
+//! The router (`permd route`) is served by the same loop ([`Served`]): a plain single check
+//! is forwarded by the loop itself ([`Served::check_later`], the router's own handler,
+//! awaited before the next request is read) and its answer written as hyper would write
+//! it; every other request goes to hyper, one at a time; and its clients get the same
+//! refusals, with the same JSON errors, as a daemon's.
 //!
 //! What hyper would do and this loop does too: pipelined requests are answered in order
 //! (one write for all that arrived together), a request head (and a body gathered whole)
@@ -45,7 +47,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::http::Request;
+use axum::http::{header, Request};
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
@@ -90,11 +92,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for S {}
 
 /// What a connection serves: the answers the loop may write itself, and the service
 /// hyper calls for every other request. permd's API ([`Api`]), and the router (`permd
-/// route`), which answers nothing in the loop: it takes from it the refusal of the heads
-/// hyper would refuse with an empty answer, with a JSON error as a daemon's.
+/// route`), whose plain checks the loop forwards (their answers come later) and which
+/// takes from the loop the refusal of the heads hyper would refuse with an empty answer,
+/// with a JSON error as a daemon's.
 pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
     /// A plain single check's answer, or `None` to let [`Served::call`] answer it.
     fn check_plain(&self, _query: &str, _auth: Option<&[u8]>) -> Option<PlainAnswer> {
+        None
+    }
+
+    /// A plain single check's answer to come (the router's, which asks a daemon), when
+    /// [`Served::check_plain`] has none, or `None` to let [`Served::call`] answer it.
+    /// `target` is the request's path and query. The loop awaits it before it reads the
+    /// next request, and writes its answer as hyper would.
+    fn check_later(&self, _target: &str, _auth: Option<&[u8]>) -> Option<Answering> {
         None
     }
 
@@ -310,11 +321,25 @@ impl<S: Io> PlainLoop<S> {
             let step = loop {
                 match plain_head(&self.read, partial) {
                     Head::Plain(request) => {
-                        let Some(answer) = served.check_plain(request.query, request.auth) else {
+                        if let Some(answer) = served.check_plain(request.query, request.auth) {
+                            write_answer(&mut self.write, answer);
+                        } else if let Some(later) = served.check_later(request.target, request.auth)
+                        {
+                            let len = request.len;
+                            self.read.advance(len);
+                            partial = 0;
+                            // The answers before it go out first: this one may take a while.
+                            if !self.write.is_empty() {
+                                self.stream.write_all(&self.write).await?;
+                                self.write.clear();
+                            }
+                            write_response(&mut self.write, later.await).await?;
+                            answered = true;
+                            continue;
+                        } else {
                             // Hyper (the router) decides, and the request is whole.
                             break Err(Some(request.len));
-                        };
-                        write_answer(&mut self.write, answer);
+                        }
                         self.read.advance(request.len);
                         partial = 0;
                         answered = true;
@@ -416,8 +441,10 @@ enum Head<'a> {
     Other { once: Option<usize> },
 }
 
-/// A plain single check: its query, its credentials, and the length of its head.
+/// A plain single check: its target (path and query), its query, its credentials, and the
+/// length of its head.
 struct PlainRequest<'a> {
+    target: &'a str,
     query: &'a str,
     auth: Option<&'a [u8]>,
     len: usize,
@@ -524,7 +551,12 @@ fn classify<'a>(buf: &'a [u8], request: &httparse::Request<'_, 'a>, len: usize) 
     if let (true, Some("GET"), Some(query), 0) =
         (keeps_alive, request.method, query, framing.lengths)
     {
-        return Head::Plain(PlainRequest { query, auth, len });
+        return Head::Plain(PlainRequest {
+            target,
+            query,
+            auth,
+            len,
+        });
     }
     // Hyper reads the target with `http::Uri`, which takes fewer bytes than httparse (`"`,
     // `<`, `>` in a query, a path not starting with `/`); a plain query only holds bytes
@@ -660,6 +692,54 @@ fn write_json_after(out: &mut Vec<u8>, start: &[u8], body: &[u8]) {
     with_http_date(|date| out.extend_from_slice(date));
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);
+}
+
+/// Appends `answer` as hyper writes a response: the status line, its headers, then its
+/// body's length, the date, and the body.
+async fn write_response(out: &mut Vec<u8>, answer: Result<Response, Infallible>) -> io::Result<()> {
+    let Ok(answer) = answer;
+    let (parts, body) = answer.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(io::Error::other)?;
+    let status = parts.status;
+    let _ = io::Write::write_fmt(
+        out,
+        format_args!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or("")
+        ),
+    );
+    // As hyper: the headers in their order, the body's length in place of a
+    // `Content-Length` (or after them), and the date unless the answer has one.
+    let (mut length, mut date) = (false, false);
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            if !length {
+                let _ =
+                    io::Write::write_fmt(out, format_args!("content-length: {}\r\n", body.len()));
+            }
+            length = true;
+            continue;
+        }
+        date |= name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !length {
+        let _ = io::Write::write_fmt(out, format_args!("content-length: {}\r\n", body.len()));
+    }
+    if !date {
+        out.extend_from_slice(b"date: ");
+        with_http_date(|date| out.extend_from_slice(date));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    Ok(())
 }
 
 /// Why a head is refused: each thing hyper refuses in a head with an empty answer.
