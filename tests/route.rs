@@ -541,7 +541,6 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
             .unwrap_or_else(|| panic!("no permd_route_refused_total in {text}"))
     };
     common::raw::assert_heads_refused(address, &check, refused).await;
-
     stop.cancel();
     serving.await.expect("the router stops");
     served.finish().await;
