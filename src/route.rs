@@ -903,7 +903,8 @@ fn too_large(limit: usize) -> Answer {
 /// Serves the router on `listener` (HTTPS with `tls`) and on `unix` (plain HTTP) until
 /// `shutdown`, then lets in-flight requests finish (the caller bounds that wait). Each
 /// connection is read by the daemon's keep-alive loop (`http::conn`), which forwards a
-/// plain single check itself (`Served::check_later`, through `Router::handle`), refuses
+/// plain single check or a whole JSON batch itself (`Served::check_later`,
+/// `check_batch_later`, through `Router::handle`), refuses
 /// a head hyper would refuse with an empty answer with the same status and the JSON
 /// error a daemon writes, and lets hyper read every other request.
 pub async fn serve(
@@ -917,15 +918,35 @@ pub async fn serve(
     crate::http::serve_all(Some(listener), unix, router, limits, tls, shutdown).await;
 }
 
-impl Served for Router {
-    fn check_later(&self, target: &str, auth: Option<&[u8]>) -> Option<Answering> {
-        let mut request = Request::get(target);
+impl Router {
+    /// `request` (with `auth` as its `Authorization`, and `body`) answered by
+    /// [`Router::handle`], for the keep-alive loop to await.
+    fn later(
+        &self,
+        mut request: axum::http::request::Builder,
+        auth: Option<&[u8]>,
+        body: Body,
+    ) -> Option<Answering> {
         if let Some(auth) = auth {
             request = request.header(header::AUTHORIZATION, auth);
         }
-        let request = request.body(Body::empty()).ok()?;
+        let request = request.body(body).ok()?;
         let router = self.clone();
         Some(Box::pin(async move { Ok(router.handle(request).await) }))
+    }
+}
+
+impl Served for Router {
+    fn check_later(&self, target: &str, auth: Option<&[u8]>) -> Option<Answering> {
+        self.later(Request::get(target), auth, Body::empty())
+    }
+
+    fn check_batch_later(&self, body: &[u8], auth: Option<&[u8]>) -> Option<Answering> {
+        let request = Request::post("/v1/check").header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        self.later(request, auth, Body::from(Bytes::copy_from_slice(body)))
     }
 
     fn refused(&self) {

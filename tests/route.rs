@@ -547,8 +547,9 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
 }
 
 /// Requests pipelined on a connection to the router are answered in order; the plain
-/// checks, which the router's loop forwards itself (hyper serves the rest), are answered
-/// byte for byte as hyper alone answered them (dates aside), errors included.
+/// checks and batches, which the router's loop forwards itself (hyper serves the rest),
+/// are answered byte for byte as hyper alone answered them (dates aside), errors
+/// included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_answers_pipelined_requests_as_hyper_alone() {
     let (_db, served) = readers_served(3).await;
@@ -561,8 +562,8 @@ async fn the_router_answers_pipelined_requests_as_hyper_alone() {
     );
 
     // Requests pipelined on one connection are answered in order, a batch's body and an
-    // error among them (the check by the loop, the others by hyper in turn); the last
-    // closes it.
+    // error among them (the check and the batch by the loop, the others by hyper in turn);
+    // the last closes it.
     let batch = r#"{"checks":[{"subject":"user:3","permission":"read","object":"doc:1"},{"subject":"user:9","permission":"read","object":"doc:1"}]}"#;
     let pipeline = format!(
         "{check}GET /v1/subjects/user:1/limits HTTP/1.1\r\nhost: router\r\n\r\n\
@@ -595,10 +596,10 @@ async fn the_router_answers_pipelined_requests_as_hyper_alone() {
     );
     assert!(answers[3].1.starts_with(r#"{"allowed":false"#), "{text}");
 
-    // Plain checks alone, each forwarded by the loop, the last request hyper's.
+    // Plain checks and batches alone, each forwarded by the loop, the last request hyper's.
     let alone = hyper_alone(router.clone()).await;
     let auth = format!("authorization: Bearer {TOKEN}\r\n");
-    let pipeline: String = [
+    let checks = [
         ("subject=user:3&permission=read&object=doc:1", auth.as_str()),
         ("subject=user:3&permission=read&object=doc:2", &auth),
         ("subject=user%3A3&permission=read&object=doc%3A1", &auth),
@@ -614,14 +615,36 @@ async fn the_router_answers_pipelined_requests_as_hyper_alone() {
             &auth,
         ),
     ]
-    .iter()
-    .map(|(query, auth)| format!("GET /v1/check?{query} HTTP/1.1\r\nhost: router\r\n{auth}\r\n"))
-    .chain(["GET /livez HTTP/1.1\r\nhost: router\r\nconnection: close\r\n\r\n".to_owned()])
-    .collect();
+    .map(|(query, auth)| format!("GET /v1/check?{query} HTTP/1.1\r\nhost: router\r\n{auth}\r\n"));
+    let batches = [
+        (batch, auth.as_str()),
+        (batch, ""),
+        (r#"{"checks":[]}"#, &auth),
+        (r#"{"checks":[{"subject":"user:3"}]}"#, &auth),
+        (r#"{"checks":[],"at_leats":"1"}"#, &auth),
+        ("not json", &auth),
+    ]
+    .map(|(body, auth)| {
+        format!(
+            "POST /v1/check HTTP/1.1\r\nhost: router\r\n{auth}content-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    });
+    let pipeline: String = checks
+        .into_iter()
+        .chain(batches)
+        .chain(["GET /livez HTTP/1.1\r\nhost: router\r\nconnection: close\r\n\r\n".to_owned()])
+        .collect();
     let ours = common::raw::exchange(address, pipeline.as_bytes()).await;
     let theirs = common::raw::exchange(alone, pipeline.as_bytes()).await;
     assert_eq!(ours, theirs);
-    for status in ["200 OK", "400 Bad Request", "401 Unauthorized"] {
+    for status in [
+        "200 OK",
+        "400 Bad Request",
+        "401 Unauthorized",
+        "422 Unprocessable Entity",
+    ] {
         assert!(ours.contains(&format!("HTTP/1.1 {status}\r\n")), "{ours}");
     }
     stop.cancel();

@@ -27,10 +27,11 @@
 //! loop refuses itself, with hyper's status and a JSON error that says what is wrong.
 //!
 //! The router (`permd route`) is served by the same loop ([`Served`]): a plain single check
-//! is forwarded by the loop itself ([`Served::check_later`], the router's own handler,
-//! awaited before the next request is read) and its answer written as hyper would write
-//! it; every other request goes to hyper, one at a time; and its clients get the same
-//! refusals, with the same JSON errors, as a daemon's.
+//! or a whole batch is forwarded by the loop itself ([`Served::check_later`],
+//! [`Served::check_batch_later`]: the router's own handler, awaited before the next
+//! request is read) and its answer written as hyper would write it; every other request
+//! goes to hyper, one at a time; and its clients get the same refusals, with the same
+//! JSON errors, as a daemon's.
 //!
 //! What hyper would do and this loop does too: pipelined requests are answered in order
 //! (one write for all that arrived together), a request head (and a body gathered whole)
@@ -92,9 +93,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for S {}
 
 /// What a connection serves: the answers the loop may write itself, and the service
 /// hyper calls for every other request. permd's API ([`Api`]), and the router (`permd
-/// route`), whose plain checks the loop forwards (their answers come later) and which
-/// takes from the loop the refusal of the heads hyper would refuse with an empty answer,
-/// with a JSON error as a daemon's.
+/// route`), whose plain checks and batches the loop forwards (their answers come later),
+/// and which takes from the loop the refusal of the heads hyper would refuse with an
+/// empty answer, with a JSON error as a daemon's.
 pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
     /// A plain single check's answer, or `None` to let [`Served::call`] answer it.
     fn check_plain(&self, _query: &str, _auth: Option<&[u8]>) -> Option<PlainAnswer> {
@@ -112,6 +113,12 @@ pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
     /// A whole batch's JSON answer (`POST /v1/check`), or `None` to let [`Served::call`]
     /// answer it.
     fn check_batch_plain(&self, _body: &[u8], _auth: Option<&[u8]>) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// A whole batch's answer to come (the router's), when [`Served::check_batch_plain`]
+    /// has none, or `None` to let [`Served::call`] answer it; as [`Served::check_later`].
+    fn check_batch_later(&self, _body: &[u8], _auth: Option<&[u8]>) -> Option<Answering> {
         None
     }
 
@@ -326,15 +333,8 @@ impl<S: Io> PlainLoop<S> {
                         } else if let Some(later) = served.check_later(request.target, request.auth)
                         {
                             let len = request.len;
-                            self.read.advance(len);
-                            partial = 0;
-                            // The answers before it go out first: this one may take a while.
-                            if !self.write.is_empty() {
-                                self.stream.write_all(&self.write).await?;
-                                self.write.clear();
-                            }
-                            write_response(&mut self.write, later.await).await?;
-                            answered = true;
+                            self.answer_later(len, later).await?;
+                            (partial, answered) = (0, true);
                             continue;
                         } else {
                             // Hyper (the router) decides, and the request is whole.
@@ -345,11 +345,18 @@ impl<S: Io> PlainLoop<S> {
                         answered = true;
                     }
                     Head::Batch(request) => {
-                        let Some(answer) = served.check_batch_plain(request.body, request.auth)
-                        else {
+                        if let Some(answer) = served.check_batch_plain(request.body, request.auth) {
+                            write_json(&mut self.write, &answer);
+                        } else if let Some(later) =
+                            served.check_batch_later(request.body, request.auth)
+                        {
+                            let len = request.len;
+                            self.answer_later(len, later).await?;
+                            (partial, answered) = (0, true);
+                            continue;
+                        } else {
                             break Err(Some(request.len));
-                        };
-                        write_json(&mut self.write, &answer);
+                        }
                         self.read.advance(request.len);
                         partial = 0;
                         answered = true;
@@ -416,6 +423,20 @@ impl<S: Io> PlainLoop<S> {
                 }
             }
         }
+    }
+}
+
+impl<S: Io> PlainLoop<S> {
+    /// Answers the request of `len` bytes at the start of the read buffer with what
+    /// `later` gives: the answers before it are written first (this one may take a while),
+    /// and its own is appended as hyper would write it.
+    async fn answer_later(&mut self, len: usize, later: Answering) -> io::Result<()> {
+        self.read.advance(len);
+        if !self.write.is_empty() {
+            self.stream.write_all(&self.write).await?;
+            self.write.clear();
+        }
+        write_response(&mut self.write, later.await).await
     }
 }
 
