@@ -904,9 +904,9 @@ fn too_large(limit: usize) -> Answer {
 /// `shutdown`, then lets in-flight requests finish (the caller bounds that wait). Each
 /// connection is read by the daemon's keep-alive loop (`http::conn`), which forwards a
 /// plain single check or a whole JSON batch itself (`Served::check_later`,
-/// `check_batch_later`, through `Router::handle`), refuses
-/// a head hyper would refuse with an empty answer with the same status and the JSON
-/// error a daemon writes, and lets hyper read every other request.
+/// `check_batch_later`, through `Router::handle`), refuses a head hyper would refuse with
+/// an empty answer with the same status and the JSON error a daemon writes, and lets
+/// hyper read every other request.
 pub async fn serve(
     listener: TcpListener,
     unix: Option<SocketFile>,
@@ -930,9 +930,13 @@ impl Router {
         if let Some(auth) = auth {
             request = request.header(header::AUTHORIZATION, auth);
         }
-        let request = request.body(body).ok()?;
+        Some(self.answering(request.body(body).ok()?))
+    }
+
+    /// [`Router::handle`]'s answer to `request`, to await.
+    fn answering(&self, request: Request<Body>) -> Answering {
         let router = self.clone();
-        Some(Box::pin(async move { Ok(router.handle(request).await) }))
+        Box::pin(async move { Ok(router.handle(request).await) })
     }
 }
 
@@ -954,8 +958,7 @@ impl Served for Router {
     }
 
     fn call(&self, request: Request<Incoming>) -> Answering {
-        let router = self.clone();
-        Box::pin(async move { Ok(router.handle(request.map(Body::new)).await) })
+        self.answering(request.map(Body::new))
     }
 }
 

@@ -424,9 +424,7 @@ impl<S: Io> PlainLoop<S> {
             }
         }
     }
-}
 
-impl<S: Io> PlainLoop<S> {
     /// Answers the request of `len` bytes at the start of the read buffer with what
     /// `later` gives: the answers before it are written first (this one may take a while),
     /// and its own is appended as hyper would write it.
