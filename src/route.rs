@@ -658,22 +658,30 @@ impl Router {
             "1 while the daemon rests after failing to answer: tried after the other daemons of its shard, for 0.1 s, doubled at each failure in a row up to 10 s.",
             &|d| u64::from(d.resting()),
         );
-        let [switched, kept] = &self.0.reshards;
         let _ = writeln!(
             out,
             "# HELP permd_route_shards Shards of the set the router routes to.\n\
              # TYPE permd_route_shards gauge\n\
-             permd_route_shards {}\n\
-             # HELP permd_route_reshards_total SIGHUPs with --shards-file: those that switched to the set the file lists (or found it in use), and those that kept the set before (the file could not be read, or its set was not ready).\n\
-             # TYPE permd_route_reshards_total counter\n\
-             permd_route_reshards_total{{outcome=\"switched\"}} {}\n\
-             permd_route_reshards_total{{outcome=\"kept\"}} {}\n\
-             # HELP permd_route_refused_total Request heads the router refused itself, as a daemon does: unreadable (400) or too large (414, 431), answered with a JSON error and the connection closed.\n\
+             permd_route_shards {}",
+            set.groups.len(),
+        );
+        if self.reshards() {
+            let [switched, kept] = &self.0.reshards;
+            let _ = writeln!(
+                out,
+                "# HELP permd_route_reshards_total SIGHUPs with --shards-file: those that switched to the set the file lists (or found it in use), and those that kept the set before (the file could not be read, or its set was not ready).\n\
+                 # TYPE permd_route_reshards_total counter\n\
+                 permd_route_reshards_total{{outcome=\"switched\"}} {}\n\
+                 permd_route_reshards_total{{outcome=\"kept\"}} {}",
+                switched.load(Ordering::Relaxed),
+                kept.load(Ordering::Relaxed),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP permd_route_refused_total Request heads the router refused itself, as a daemon does: unreadable (400) or too large (414, 431), answered with a JSON error and the connection closed.\n\
              # TYPE permd_route_refused_total counter\n\
              permd_route_refused_total {}",
-            set.groups.len(),
-            switched.load(Ordering::Relaxed),
-            kept.load(Ordering::Relaxed),
             self.0.refused.load(Ordering::Relaxed),
         );
         let mut answer = Response::new(Body::from(out));
