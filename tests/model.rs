@@ -1065,10 +1065,11 @@ async fn a_bulk_load_leaves_the_flush_statistics_and_no_jit() {
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
 }
 
-/// A model migrated up to 1004 and written through it takes 1005 to 1007 in place (as an
+/// A model migrated up to 1004 and written through it takes 1005 to 1008 in place (as an
 /// upgraded permd applies them): verify and a rebuild find the set exact, 1006's and
-/// 1007's patches are in the function they patch, and writes after them are flushed as
-/// before.
+/// 1007's patches are in the function they patch, 1008's setting on app.sync_global(),
+/// and writes after them (to pairs, and to a user's global permissions and limits) are
+/// flushed as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_since_1005_apply_to_a_model_in_use() {
     let db = common::database().await;
@@ -1103,6 +1104,17 @@ async fn migrations_since_1005_apply_to_a_model_in_use() {
         (true, true),
         "1006 makes the pairs' levels a step of their own, 1007 inlines app.level_on()"
     );
+    let sync_settings: Option<Vec<String>> = sqlx::query_scalar(
+        "SELECT proconfig FROM pg_proc WHERE oid = 'app.sync_global(bigint[])'::regprocedure",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("sync_global's settings");
+    assert_eq!(
+        sync_settings,
+        Some(vec!["plan_cache_mode=force_generic_plan".to_owned()]),
+        "1008 plans app.sync_global() once a session"
+    );
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
     let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
         .fetch_one(&db.pool)
@@ -1111,6 +1123,12 @@ async fn migrations_since_1005_apply_to_a_model_in_use() {
     assert_eq!(rebuilt, (0, 0, 0));
     assert_eq!(stored(&db).await, before);
     db.write("UPDATE app.resources SET parent_id = 6 WHERE id = 5")
+        .await;
+    db.write("INSERT INTO app.user_subscriptions (user_id, plan_id) VALUES (3, 3)")
+        .await;
+    db.write("INSERT INTO app.user_permission_grants VALUES (2, 1)")
+        .await;
+    db.write("UPDATE app.users SET status = 'SUSPENDED' WHERE id = 1")
         .await;
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
     let (want_tuples, want_limits) = Source::read(&db).await.oracle();
