@@ -1067,7 +1067,7 @@ async fn a_bulk_load_leaves_the_flush_statistics_and_no_jit() {
 
 /// A model migrated up to 1004 and written through it takes 1005 to 1008 in place (as an
 /// upgraded permd applies them): verify and a rebuild find the set exact, 1006's and
-/// 1007's patches are in the function they patch, 1008's setting on app.sync_global(),
+/// 1007's patches are in the function they patch, 1008's in app.sync_global(),
 /// and writes after them (to pairs, and to a user's global permissions and limits) are
 /// flushed as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1104,16 +1104,22 @@ async fn migrations_since_1005_apply_to_a_model_in_use() {
         (true, true),
         "1006 makes the pairs' levels a step of their own, 1007 inlines app.level_on()"
     );
-    let sync_settings: Option<Vec<String>> = sqlx::query_scalar(
-        "SELECT proconfig FROM pg_proc WHERE oid = 'app.sync_global(bigint[])'::regprocedure",
+    let handed: (bool, Option<Vec<String>>) = sqlx::query_as(
+        "SELECT pg_get_functiondef('app.sync_global(bigint[])'::regprocedure) \
+                LIKE '%PERFORM app.sync_global_of(only_users);%', \
+                (SELECT proconfig FROM pg_proc \
+                 WHERE oid = 'app.sync_global_of(bigint[])'::regprocedure)",
     )
     .fetch_one(&db.pool)
     .await
-    .expect("sync_global's settings");
+    .expect("1008?");
     assert_eq!(
-        sync_settings,
-        Some(vec!["plan_cache_mode=force_generic_plan".to_owned()]),
-        "1008 plans app.sync_global() once a session"
+        handed,
+        (
+            true,
+            Some(vec!["plan_cache_mode=force_generic_plan".to_owned()])
+        ),
+        "1008 hands a set of users to app.sync_global_of(), planned once a session"
     );
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
     let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
