@@ -12,9 +12,10 @@
 -- app.sync_global() hands a set of users to app.sync_global_of(), whose statements read
 -- the views for those users only and run on plans made once a session
 -- (`plan_cache_mode = force_generic_plan`; every table read by its index on the user).
--- app.sync_global(NULL) (a rebuild) is as before. A grant committed in 1.1 to 1.5 ms
--- instead of 2.1 to 3.3 on the demo's database (benches/README.md, "Global writes
--- planned once").
+-- app.sync_global(NULL) (a rebuild) is as before. On the demo's database a call for one
+-- user takes 0.35 to 0.6 ms instead of 1.4 to 2.0, and in the `writes` bench a grant or
+-- a subscription change commits in 2.6 to 3.3 ms instead of 3.7 to 4.4 (benches/README.md,
+-- "Global writes planned once").
 --
 -- What the functions return and write is unchanged; the views give the same rows with
 -- `user_id` beside them. app.sync_global() is patched by its text, as 1006 and 1007
