@@ -1,0 +1,21 @@
+-- app.flush() reads the tables it works from by their indexes, whatever their size when
+-- a session first planned it.
+--
+-- A session plans each of the flush's statements once, at its first flush, and keeps the
+-- plans. app.pending is empty between transactions, so at that moment it is a page or
+-- two, and the planner read it with sequential scans (`Seq Scan on pending`, filtered on
+-- the transaction's id). But every write adds rows to it and every flush deletes them:
+-- until autovacuum comes by (a minute at most, by default) the dead rows pile up, and
+-- each of the flush's scans of the table reads them all. In the `writes` bench, after
+-- its write paths had left 527 pages of dead rows, a grant committed in 2.7 to 2.9 ms on
+-- the connection that had made them, and in 0.85 ms on a new connection, which planned
+-- for the table as it had become (the index on `xid`), or after a VACUUM of it. A pooled
+-- writer's connection lives for hours.
+--
+-- With sequential scans off in the flush (and what it calls), the planner takes an index
+-- wherever one serves, as every statement of the flush reads a transaction's rows or a
+-- few pairs' by key: the grant then commits in 0.9 to 1.0 ms however bloated the table,
+-- a subscription change in ~1.2, a suspension in ~3.3 instead of 5 to 6
+-- (benches/README.md, "The flush by index"). A table no index serves is still scanned.
+
+ALTER FUNCTION app.flush() SET enable_seqscan = off;
