@@ -911,7 +911,7 @@ fn too_large(limit: usize) -> Answer {
 /// Serves the router on `listener` (HTTPS with `tls`) and on `unix` (plain HTTP) until
 /// `shutdown`, then lets in-flight requests finish (the caller bounds that wait). Each
 /// connection is read by the daemon's keep-alive loop (`http::conn`), which forwards a
-/// plain single check or a whole JSON batch itself (`Served::check_later`,
+/// `GET` without a body or a whole JSON batch itself (`Served::get_later`,
 /// `check_batch_later`, through `Router::handle`), refuses a head hyper would refuse with
 /// an empty answer with the same status and the JSON error a daemon writes, and lets
 /// hyper read every other request.
@@ -949,7 +949,7 @@ impl Router {
 }
 
 impl Served for Router {
-    fn check_later(&self, target: &str, auth: Option<&[u8]>) -> Option<Answering> {
+    fn get_later(&self, target: &str, auth: Option<&[u8]>) -> Option<Answering> {
         self.later(Request::get(target), auth, Body::empty())
     }
 

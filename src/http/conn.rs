@@ -26,12 +26,12 @@
 //! `Content-Length` or `Transfer-Encoding`, too long a target or head, too many headers) the
 //! loop refuses itself, with hyper's status and a JSON error that says what is wrong.
 //!
-//! The router (`permd route`) is served by the same loop ([`Served`]): a plain single check
-//! or a whole batch is forwarded by the loop itself ([`Served::check_later`],
-//! [`Served::check_batch_later`]: the router's own handler, awaited before the next
-//! request is read) and its answer written as hyper would write it; every other request
-//! goes to hyper, one at a time; and its clients get the same refusals, with the same
-//! JSON errors, as a daemon's.
+//! The router (`permd route`) is served by the same loop ([`Served`]): a `GET` without a
+//! body (a plain check, a status, a listing, limits, `/metrics`…) or a whole batch is
+//! forwarded by the loop itself ([`Served::get_later`], [`Served::check_batch_later`]: the
+//! router's own handler, awaited before the next request is read) and its answer written
+//! as hyper would write it; every other request goes to hyper, one at a time; and its
+//! clients get the same refusals, with the same JSON errors, as a daemon's.
 //!
 //! What hyper would do and this loop does too: pipelined requests are answered in order
 //! (one write for all that arrived together), a request head (and a body gathered whole)
@@ -93,7 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for S {}
 
 /// What a connection serves: the answers the loop may write itself, and the service
 /// hyper calls for every other request. permd's API ([`Api`]), and the router (`permd
-/// route`), whose plain checks and batches the loop forwards (their answers come later),
+/// route`), whose `GET`s and batches the loop forwards (their answers come later),
 /// and which takes from the loop the refusal of the heads hyper would refuse with an
 /// empty answer, with a JSON error as a daemon's.
 pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
@@ -102,11 +102,12 @@ pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
         None
     }
 
-    /// A plain single check's answer to come (the router's, which asks a daemon), when
-    /// [`Served::check_plain`] has none, or `None` to let [`Served::call`] answer it.
-    /// `target` is the request's path and query. The loop awaits it before it reads the
-    /// next request, and writes its answer as hyper would.
-    fn check_later(&self, _target: &str, _auth: Option<&[u8]>) -> Option<Answering> {
+    /// The answer to come to a `GET` without a body (the router's, which asks a daemon):
+    /// a plain single check [`Served::check_plain`] has no answer for, or any other, or
+    /// `None` to let [`Served::call`] answer it. `target` is the request's path and query.
+    /// The loop awaits it before it reads the next request, and writes its answer as hyper
+    /// would.
+    fn get_later(&self, _target: &str, _auth: Option<&[u8]>) -> Option<Answering> {
         None
     }
 
@@ -117,7 +118,7 @@ pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
     }
 
     /// A whole batch's answer to come (the router's), when [`Served::check_batch_plain`]
-    /// has none, or `None` to let [`Served::call`] answer it; as [`Served::check_later`].
+    /// has none, or `None` to let [`Served::call`] answer it; as [`Served::get_later`].
     fn check_batch_later(&self, _body: &[u8], _auth: Option<&[u8]>) -> Option<Answering> {
         None
     }
@@ -327,11 +328,13 @@ impl<S: Io> PlainLoop<S> {
             let mut malformed = false;
             let step = loop {
                 match plain_head(&self.read, partial) {
-                    Head::Plain(request) => {
-                        if let Some(answer) = served.check_plain(request.query, request.auth) {
-                            write_answer(&mut self.write, answer);
-                        } else if let Some(later) = served.check_later(request.target, request.auth)
+                    Head::Get(request) => {
+                        if let Some(answer) = request
+                            .query
+                            .and_then(|query| served.check_plain(query, request.auth))
                         {
+                            write_answer(&mut self.write, answer);
+                        } else if let Some(later) = served.get_later(request.target, request.auth) {
                             let len = request.len;
                             self.answer_later(len, later).await?;
                             (partial, answered) = (0, true);
@@ -440,8 +443,9 @@ impl<S: Io> PlainLoop<S> {
 
 /// What the start of the read buffer holds.
 enum Head<'a> {
-    /// A complete plain `GET /v1/check?…` head.
-    Plain(PlainRequest<'a>),
+    /// A complete `GET` head, without a body, that keeps the connection: a plain
+    /// `GET /v1/check?…` or another.
+    Get(GetRequest<'a>),
     /// A complete `POST /v1/check` (a batch) sent as `Content-Type: application/json`,
     /// body and all.
     Batch(PlainBatch<'a>),
@@ -460,11 +464,11 @@ enum Head<'a> {
     Other { once: Option<usize> },
 }
 
-/// A plain single check: its target (path and query), its query, its credentials, and the
-/// length of its head.
-struct PlainRequest<'a> {
+/// A `GET` without a body: its target (path and query), its query when it is a plain single
+/// check, its credentials, and the length of its head.
+struct GetRequest<'a> {
     target: &'a str,
-    query: &'a str,
+    query: Option<&'a str>,
     auth: Option<&'a [u8]>,
     len: usize,
 }
@@ -570,9 +574,9 @@ fn classify<'a>(buf: &'a [u8], request: &httparse::Request<'_, 'a>, len: usize) 
     if let (true, Some("GET"), Some(query), 0) =
         (keeps_alive, request.method, query, framing.lengths)
     {
-        return Head::Plain(PlainRequest {
+        return Head::Get(GetRequest {
             target,
-            query,
+            query: Some(query),
             auth,
             len,
         });
@@ -590,7 +594,16 @@ fn classify<'a>(buf: &'a [u8], request: &httparse::Request<'_, 'a>, len: usize) 
         return Head::Other { once: None };
     }
     let Some(body) = framing.length else {
-        return Head::Other { once: Some(len) };
+        return if request.method == Some("GET") {
+            Head::Get(GetRequest {
+                target,
+                query: None,
+                auth,
+                len,
+            })
+        } else {
+            Head::Other { once: Some(len) }
+        };
     };
     match usize::try_from(body)
         .ok()
@@ -731,9 +744,14 @@ async fn write_response(out: &mut Vec<u8>, answer: Result<Response, Infallible>)
         ),
     );
     // As hyper: the headers in their order, the body's length in place of a
-    // `Content-Length` (or after them), and the date unless the answer has one.
+    // `Content-Length` (or after them), and the date unless the answer has one. The body
+    // is whole, so a `Transfer-Encoding` a relayed answer had is left out (no daemon's
+    // answer has one: each is sent whole).
     let (mut length, mut date) = (false, false);
     for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
         if name == header::CONTENT_LENGTH {
             if !length {
                 let _ =
@@ -963,7 +981,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::{head_says_close, plain_head, Head, Malformed};
+    use super::{head_says_close, plain_head, GetRequest, Head, Malformed};
 
     /// A head read a piece at a time is found whole at its last piece wherever it was cut,
     /// whatever its line ends; before, bytes that cannot end it are not parsed again.
@@ -977,7 +995,10 @@ mod tests {
             for cut in 1..head.len() {
                 assert!(matches!(plain_head(&head[..cut], 0), Head::Partial));
                 assert!(
-                    matches!(plain_head(head, cut), Head::Plain(_)),
+                    matches!(
+                        plain_head(head, cut),
+                        Head::Get(GetRequest { query: Some(_), .. })
+                    ),
                     "{:?} cut at {cut}",
                     String::from_utf8_lossy(head)
                 );
