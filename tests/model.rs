@@ -1094,9 +1094,6 @@ async fn the_flush_reads_its_queue_by_index_however_small_it_was_when_planned() 
     .execute(&mut *conn)
     .await
     .expect("a first write");
-    let scans = "SELECT coalesce(sum(seq_scan), 0)::bigint, coalesce(sum(idx_scan), 0)::bigint \
-                 FROM pg_stat_xact_user_tables \
-                 WHERE relid IN ('app.pending'::regclass, 'app.flush_requests'::regclass)";
     sqlx::raw_sql(
         "BEGIN; INSERT INTO app.shares (resource_id, user_id, access) \
          VALUES (1000000, 40, 'read')",
@@ -1104,18 +1101,12 @@ async fn the_flush_reads_its_queue_by_index_however_small_it_was_when_planned() 
     .execute(&mut *conn)
     .await
     .expect("a second write");
-    let before: (i64, i64) = sqlx::query_as(scans)
-        .fetch_one(&mut *conn)
-        .await
-        .expect("scans before the flush");
+    let before = queue_scans(&mut conn).await;
     sqlx::raw_sql("SELECT app.flush()")
         .execute(&mut *conn)
         .await
         .expect("the flush");
-    let after: (i64, i64) = sqlx::query_as(scans)
-        .fetch_one(&mut *conn)
-        .await
-        .expect("scans after it");
+    let after = queue_scans(&mut conn).await;
     sqlx::raw_sql("COMMIT")
         .execute(&mut *conn)
         .await
@@ -1128,6 +1119,19 @@ async fn the_flush_reads_its_queue_by_index_however_small_it_was_when_planned() 
     assert!(after.1 > before.1, "the flush read its queue by index");
     drop(conn);
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
+}
+
+/// The sequential and the index scans of the flush's queue (`app.pending`,
+/// `app.flush_requests`) this connection has made and not yet reported.
+async fn queue_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT coalesce(sum(seq_scan), 0)::bigint, coalesce(sum(idx_scan), 0)::bigint \
+         FROM pg_stat_xact_user_tables \
+         WHERE relid IN ('app.pending'::regclass, 'app.flush_requests'::regclass)",
+    )
+    .fetch_one(conn)
+    .await
+    .expect("the queue's scans")
 }
 
 /// A model migrated up to 1004 and written through it takes 1005 to 1009 in place (as an

@@ -548,10 +548,10 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
     served.finish().await;
 }
 
-/// Requests pipelined on a connection to the router are answered in order; the plain
-/// checks and batches, which the router's loop forwards itself (hyper serves the rest),
-/// are answered byte for byte as hyper alone answered them (dates aside), errors
-/// included.
+/// Requests pipelined on a connection to the router are answered in order; the `GET`s
+/// without a body and the JSON batches, which the router's loop forwards itself (hyper
+/// serves the rest), are answered byte for byte as hyper alone answered them (dates
+/// aside), errors included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_answers_pipelined_requests_as_hyper_alone() {
     let (_db, served) = readers_served(3).await;
