@@ -1134,11 +1134,102 @@ async fn queue_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
     .expect("the queue's scans")
 }
 
-/// A model migrated up to 1004 and written through it takes 1005 to 1009 in place (as an
+/// A flush runs the steps of the kinds of change its transaction made, and no other
+/// (migration 1010): each step costs its executor's start-up at every flush, and a
+/// session plans every step it runs at its first flush, holding the model's lock. Counted
+/// by the statements that write permd.tuples (a statement trigger fires for each, with
+/// rows or none): a share's flush writes it through the pairs' step alone (a DELETE and an
+/// INSERT), a grant's through the global step alone; before 1010 every flush also ran the
+/// deleted resources' step, and a grant the pairs' step, each on no rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_runs_only_the_steps_of_what_changed() {
+    let db = model_database().await;
+    permd::demo::seed(&db.pool, 40).await.expect("seed");
+    sqlx::raw_sql(
+        "CREATE TABLE public.tuple_statements (n int NOT NULL);
+         INSERT INTO public.tuple_statements VALUES (0);
+         CREATE FUNCTION public.count_tuple_statement() RETURNS trigger LANGUAGE plpgsql AS
+             'BEGIN UPDATE public.tuple_statements SET n = n + 1; RETURN NULL; END';
+         CREATE TRIGGER counted_deletes AFTER DELETE ON permd.tuples
+             FOR EACH STATEMENT EXECUTE FUNCTION public.count_tuple_statement();
+         CREATE TRIGGER counted_inserts AFTER INSERT ON permd.tuples
+             FOR EACH STATEMENT EXECUTE FUNCTION public.count_tuple_statement();",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("count the statements that write permd.tuples");
+    let statements_of = |sql: &'static str| {
+        let db = &db;
+        async move {
+            let counted = || {
+                sqlx::query_scalar::<_, i32>("SELECT n FROM public.tuple_statements")
+                    .fetch_one(&db.pool)
+            };
+            let before = counted().await.expect("count");
+            db.write(sql).await;
+            counted().await.expect("count") - before
+        }
+    };
+    assert_eq!(
+        statements_of(
+            "INSERT INTO app.shares (resource_id, user_id, access) VALUES (1000000, 40, 'read')"
+        )
+        .await,
+        2,
+        "a share: the pairs' step's DELETE and INSERT"
+    );
+    assert_eq!(
+        statements_of("INSERT INTO app.user_permission_grants VALUES (39, 1)").await,
+        2,
+        "a grant: the global step's DELETE and INSERT"
+    );
+    assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
+}
+
+/// Migration 1010 replaces app.flush() whole, so it refuses a flush changed by hand since
+/// 1009 rather than overwrite it: the migration fails naming the function, none of it is
+/// applied, and the flush changed by hand is still the one that runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_1010_leaves_a_flush_changed_by_hand_alone() {
+    let db = common::database().await;
+    let mut migrator = sqlx::migrate!("./migrations/reference");
+    migrator.set_ignore_missing(true);
+    migrator
+        .run_to(1009, &db.pool)
+        .await
+        .expect("the model up to 1009");
+    sqlx::raw_sql(
+        r"DO $$ BEGIN
+             EXECUTE replace(pg_get_functiondef('app.flush()'::regprocedure),
+                             'DECLARE', E'DECLARE\n    -- ours');
+         END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("change the flush by hand");
+    let refused = permd::db::migrate_reference_model(&db.pool)
+        .await
+        .expect_err("1010 over a flush changed by hand");
+    assert!(
+        format!("{refused:#}").contains("app.flush() is not the one migrations 1001 to 1009 leave"),
+        "{refused:#}"
+    );
+    let (ours, recorded): (bool, bool) = sqlx::query_as(
+        "SELECT (SELECT prosrc LIKE '%-- ours%' FROM pg_proc \
+                 WHERE oid = 'app.flush()'::regprocedure), \
+                EXISTS (SELECT FROM _sqlx_migrations WHERE version = 1010)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the flush and the migrations");
+    assert_eq!((ours, recorded), (true, false));
+}
+
+/// A model migrated up to 1004 and written through it takes 1005 to 1010 in place (as an
 /// upgraded permd applies them): verify and a rebuild find the set exact, 1006's and
-/// 1007's patches are in the function they patch, 1008's in app.sync_global(),
-/// and writes after them (to pairs, and to a user's global permissions and limits) are
-/// flushed as before.
+/// 1007's patches are in the function they patch, 1008's in app.sync_global(), 1010's
+/// flush in place, and writes after them (to pairs, and to a user's global permissions
+/// and limits) are flushed as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_since_1005_apply_to_a_model_in_use() {
     let db = common::database().await;
@@ -1189,6 +1280,17 @@ async fn migrations_since_1005_apply_to_a_model_in_use() {
             Some(vec!["plan_cache_mode=force_generic_plan".to_owned()])
         ),
         "1008 hands a set of users to app.sync_global_of(), planned once a session"
+    );
+    let by_kind: bool = sqlx::query_scalar(
+        "SELECT prosrc LIKE '%IF ''P'' = ANY (kinds) THEN%' FROM pg_proc \
+         WHERE oid = 'app.flush()'::regprocedure",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("1010?");
+    assert!(
+        by_kind,
+        "1010 runs the flush's steps by the kinds of change queued"
     );
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
     let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
