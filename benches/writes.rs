@@ -3,7 +3,8 @@
 //! (`PERMD_DEMO_USERS`, default 10,000, at least 7,500), then times every write path in its own
 //! transaction, sent as one round trip on one warm connection (`BEGIN`, the write, `COMMIT`,
 //! whose flush recomputes the precomputed set), and counts the permd.tuples / permd.limits
-//! keys it touched. Prints a Markdown table, then how fast
+//! keys it touched. Prints a Markdown table, then what a write costs as a new
+//! connection's first (its flush planned then) against its second, how fast
 //! model writes from 1, 4 and 16 connections at once go (the flushes take turns on one
 //! lock), and how long `app.verify_permissions()` and an `app.rebuild_permissions()` with
 //! nothing to change take.
@@ -19,11 +20,14 @@ use std::time::{Duration, Instant};
 use common::{cluster, env_or, runtime};
 use sqlx::{PgPool, Row as _};
 
+/// The SQL of a write's run `i`.
+type Sql = fn(u64) -> String;
+
 /// One write path: a name, how many times to run it, and the SQL of run `i`.
 struct Path {
     name: &'static str,
     runs: u64,
-    sql: fn(u64) -> String,
+    sql: Sql,
 }
 
 /// Team `t`'s ids, as the demo lays them out (see `permd::demo`).
@@ -335,6 +339,37 @@ async fn concurrent_shares(
     (rate, times)
 }
 
+/// A model write, then another, on each of `runs` new connections: a connection's first
+/// flush plans the flush's statements, which it does holding the model's lock, and an
+/// application that connects for each request pays that at every write. Returns the
+/// first writes' times and the second writes' (the flush planned), sorted; connecting is
+/// not timed.
+async fn first_writes(
+    url: &str,
+    runs: u64,
+    first: Sql,
+    then: Sql,
+) -> (Vec<Duration>, Vec<Duration>) {
+    use sqlx::Connection as _;
+    let (mut firsts, mut seconds) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        for (sql, times) in [(first(i), &mut firsts), (then(i), &mut seconds)] {
+            let batch = format!("BEGIN; {sql}; COMMIT");
+            let started = Instant::now();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(batch))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            times.push(started.elapsed());
+        }
+        conn.close().await.unwrap();
+    }
+    firsts.sort();
+    seconds.sort();
+    (firsts, seconds)
+}
+
 /// The `q` quantile of `times`, sorted.
 fn quantile(times: &[Duration], q: f64) -> Duration {
     times[((times.len() - 1) as f64 * q).round() as usize]
@@ -440,6 +475,55 @@ fn main() {
                 rows[rows.len() / 2]
             );
         }
+        println!(
+            "\nA model write on a new connection, then a second on it (connecting not timed):\n"
+        );
+        println!(
+            "| writes | connections | first write (median, p90) | second write (median, p90) |"
+        );
+        println!("|---|---:|---:|---:|");
+        let firsts: [(&str, Sql, Sql); 2] = [
+            (
+                "share a file with a user, then unshare it",
+                |i| {
+                    format!(
+                        "INSERT INTO app.shares (id, resource_id, user_id, access) \
+                         VALUES ({}, {}, {}, 'read')",
+                        9_500_000 + i,
+                        file(300 + i, 2, 0),
+                        lead(400 + i)
+                    )
+                },
+                |i| format!("DELETE FROM app.shares WHERE id = {}", 9_500_000 + i),
+            ),
+            (
+                "grant a permission directly, then revoke it",
+                |i| {
+                    format!(
+                        "INSERT INTO app.user_permission_grants VALUES ({}, 6)",
+                        6 + 8 * i
+                    )
+                },
+                |i| {
+                    format!(
+                        "DELETE FROM app.user_permission_grants \
+                         WHERE user_id = {} AND permission_id = 6",
+                        6 + 8 * i
+                    )
+                },
+            ),
+        ];
+        for (name, first, then) in firsts {
+            let (firsts, seconds) = first_writes(&url, 20, first, then).await;
+            println!(
+                "| {name} | 20 | {}, {} | {}, {} |",
+                ms(quantile(&firsts, 0.5)),
+                ms(quantile(&firsts, 0.9)),
+                ms(quantile(&seconds, 0.5)),
+                ms(quantile(&seconds, 0.9))
+            );
+        }
+
         println!("\nModel writes from several connections at once (a share with a user each):\n");
         println!("| writers | commits/s | median | p99 |");
         println!("|---:|---:|---:|---:|");
