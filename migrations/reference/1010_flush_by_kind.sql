@@ -12,8 +12,11 @@
 -- unchanged: the pairs of a kind come from the same joins as before, and duplicates
 -- between statements are harmless (the pairs' step reads them DISTINCT).
 --
--- At the demo's scale a share's flush took ~1.0 to 1.4 ms and now ~1.0, and a session's
--- first flush ~14 ms and now ~9 (benches/README.md, "The flush by kind").
+-- In the `writes` bench (the demo's scale) a share commits in 0.7 to 0.9 ms instead of
+-- 0.9 to 1.2, a grant or a subscription change in 0.6 to 0.8 instead of 1.0 to 1.2, a
+-- write as a new connection's first (its flush planned then) in 10 to 12 ms instead of
+-- 15 to 19, and the ceiling of single shares is ~870 to 1,480 a second (1 to 16 writers)
+-- instead of ~640 to 940 (benches/README.md, "The flush by kind").
 --
 -- The function is replaced whole (its steps move into IFs), so a flush changed by hand
 -- since 1009 is refused rather than overwritten: the guard compares its source with the
