@@ -1145,7 +1145,8 @@ async fn queue_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
 async fn a_flush_runs_only_the_steps_of_what_changed() {
     let db = model_database().await;
     permd::demo::seed(&db.pool, 40).await.expect("seed");
-    sqlx::raw_sql(
+    // Count the statements that write permd.tuples.
+    db.exec(
         "CREATE TABLE public.tuple_statements (n int NOT NULL);
          INSERT INTO public.tuple_statements VALUES (0);
          CREATE FUNCTION public.count_tuple_statement() RETURNS trigger LANGUAGE plpgsql AS
@@ -1155,9 +1156,7 @@ async fn a_flush_runs_only_the_steps_of_what_changed() {
          CREATE TRIGGER counted_inserts AFTER INSERT ON permd.tuples
              FOR EACH STATEMENT EXECUTE FUNCTION public.count_tuple_statement();",
     )
-    .execute(&db.pool)
-    .await
-    .expect("count the statements that write permd.tuples");
+    .await;
     let statements_of = |sql: &'static str| {
         let db = &db;
         async move {
@@ -1186,27 +1185,33 @@ async fn a_flush_runs_only_the_steps_of_what_changed() {
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
 }
 
+/// A database with the reference model migrated up to `version` only, as a permd of that
+/// time left it.
+async fn model_database_up_to(version: i64) -> TestDb {
+    let db = common::database().await;
+    let mut migrator = sqlx::migrate!("./migrations/reference");
+    migrator.set_ignore_missing(true);
+    migrator
+        .run_to(version, &db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("the model up to {version}: {e}"));
+    db
+}
+
 /// Migration 1010 replaces app.flush() whole, so it refuses a flush changed by hand since
 /// 1009 rather than overwrite it: the migration fails naming the function, none of it is
 /// applied, and the flush changed by hand is still the one that runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_1010_leaves_a_flush_changed_by_hand_alone() {
-    let db = common::database().await;
-    let mut migrator = sqlx::migrate!("./migrations/reference");
-    migrator.set_ignore_missing(true);
-    migrator
-        .run_to(1009, &db.pool)
-        .await
-        .expect("the model up to 1009");
-    sqlx::raw_sql(
+    let db = model_database_up_to(1009).await;
+    // Any change to its source: a comment.
+    db.exec(
         r"DO $$ BEGIN
              EXECUTE replace(pg_get_functiondef('app.flush()'::regprocedure),
                              'DECLARE', E'DECLARE\n    -- ours');
          END $$",
     )
-    .execute(&db.pool)
-    .await
-    .expect("change the flush by hand");
+    .await;
     let refused = permd::db::migrate_reference_model(&db.pool)
         .await
         .expect_err("1010 over a flush changed by hand");
@@ -1232,13 +1237,7 @@ async fn migration_1010_leaves_a_flush_changed_by_hand_alone() {
 /// and limits) are flushed as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_since_1005_apply_to_a_model_in_use() {
-    let db = common::database().await;
-    let mut migrator = sqlx::migrate!("./migrations/reference");
-    migrator.set_ignore_missing(true);
-    migrator
-        .run_to(1004, &db.pool)
-        .await
-        .expect("the model up to 1004");
+    let db = model_database_up_to(1004).await;
     seed(&db).await;
     db.write("INSERT INTO app.shares (resource_id, group_id, access) VALUES (6, 2, 'read')")
         .await;

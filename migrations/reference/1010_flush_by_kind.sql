@@ -8,7 +8,8 @@
 -- the deleted resources' step), and a session plans all of them at its first flush,
 -- which it does holding the model's lock. The flush now reads which kinds its
 -- transaction queued once, and runs a step only for those; the nine branches are five
--- statements, one for each kind (or pair of kinds) of change. What each computes is
+-- statements, one for each kind (or pair of kinds) of change, and the scope of a resource
+-- they share is app.scope_of(), which the planner inlines. What each computes is
 -- unchanged: the pairs of a kind come from the same joins as before, and duplicates
 -- between statements are harmless (the pairs' step reads them DISTINCT).
 --
@@ -32,6 +33,15 @@ BEGIN
                          'or merge this migration''s steps into yours and record it by hand.';
     END IF;
 END
+$$;
+
+-- A resource, its subtree and its ancestors: the resources whose pairs a grant on it can
+-- change. Plain SQL, so the planner inlines it where the flush joins it.
+CREATE FUNCTION app.scope_of(resource bigint) RETURNS TABLE (id bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT t.resource_id FROM app.resource_tree t WHERE t.ancestor_id = resource
+    UNION
+    SELECT t.ancestor_id FROM app.resource_tree t WHERE t.resource_id = resource
 $$;
 
 CREATE OR REPLACE FUNCTION app.flush() RETURNS void LANGUAGE plpgsql
@@ -108,11 +118,7 @@ BEGIN
         SELECT DISTINCT 'x', q.a, s.id
         FROM (SELECT DISTINCT a, b FROM app.pending
               WHERE xid = pg_current_xact_id() AND kind = 'p') q
-        CROSS JOIN LATERAL (
-            SELECT t.resource_id FROM app.resource_tree t WHERE t.ancestor_id = q.b
-            UNION
-            SELECT t.ancestor_id FROM app.resource_tree t WHERE t.resource_id = q.b
-        ) s(id);
+        CROSS JOIN LATERAL app.scope_of(q.b) s(id);
         pairs_queued := pairs_queued OR FOUND;
     END IF;
     -- A group's grant: its members now, and whoever held anything below (members who
@@ -124,11 +130,7 @@ BEGIN
             WHERE xid = pg_current_xact_id() AND kind = 'P'
         ), scope AS (
             SELECT q.a, q.b, s.id
-            FROM q, LATERAL (
-                SELECT t.resource_id FROM app.resource_tree t WHERE t.ancestor_id = q.b
-                UNION
-                SELECT t.ancestor_id FROM app.resource_tree t WHERE t.resource_id = q.b
-            ) s(id)
+            FROM q CROSS JOIN LATERAL app.scope_of(q.b) s(id)
         ), shared AS (
             -- users holding tuples anywhere below a group-shared resource
             SELECT DISTINCT q.a, q.b, app.subject_user(pt.subject) AS user_id
@@ -151,11 +153,7 @@ BEGIN
         FROM (SELECT DISTINCT a, b FROM app.pending
               WHERE xid = pg_current_xact_id() AND kind = 'M') q
         JOIN app.shares sh ON sh.group_id = q.b
-        CROSS JOIN LATERAL (
-            SELECT t.resource_id FROM app.resource_tree t WHERE t.ancestor_id = sh.resource_id
-            UNION
-            SELECT t.ancestor_id FROM app.resource_tree t WHERE t.resource_id = sh.resource_id
-        ) s(id);
+        CROSS JOIN LATERAL app.scope_of(sh.resource_id) s(id);
         pairs_queued := pairs_queued OR FOUND;
     END IF;
     -- A user's status: everything the user holds or has a grant above or below.
@@ -173,11 +171,7 @@ BEGIN
         SELECT 'x', q.a, s.id
         FROM q
         CROSS JOIN LATERAL app.grants_of(q.a) g
-        CROSS JOIN LATERAL (
-            SELECT t.resource_id FROM app.resource_tree t WHERE t.ancestor_id = g.resource_id
-            UNION
-            SELECT t.ancestor_id FROM app.resource_tree t WHERE t.resource_id = g.resource_id
-        ) s(id);
+        CROSS JOIN LATERAL app.scope_of(g.resource_id) s(id);
         pairs_queued := pairs_queued OR FOUND;
     END IF;
     -- A created or moved resource.
