@@ -297,7 +297,7 @@ async fn concurrent_shares(
         tasks.push(tokio::spawn(async move {
             use sqlx::Connection as _;
             let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-            // A connection's first flush plans its statements (~13 ms): done once here, in
+            // A connection's first flush plans its statements (~10 ms): done once here, in
             // a share rolled back, and not measured. (A flush with nothing pending returns
             // before planning anything.)
             let warm = format!(
@@ -423,7 +423,7 @@ fn main() {
         println!("| write path | runs | median | p90 | keys changed (median) |");
         println!("|---|---:|---:|---:|---:|");
         // One connection for every path, as an application's pooled writer: its first
-        // flush plans the flush's statements (~13 ms), done here in a share rolled back
+        // flush plans the flush's statements (~10 ms), done here in a share rolled back
         // and not measured; a path's own statements are planned at its first run.
         let mut conn = {
             use sqlx::Connection as _;
@@ -482,7 +482,7 @@ fn main() {
             "| writes | connections | first write (median, p90) | second write (median, p90) |"
         );
         println!("|---|---:|---:|---:|");
-        let firsts: [(&str, Sql, Sql); 2] = [
+        let write_then_undo: [(&str, Sql, Sql); 2] = [
             (
                 "share a file with a user, then unshare it",
                 |i| {
@@ -513,7 +513,7 @@ fn main() {
                 },
             ),
         ];
-        for (name, first, then) in firsts {
+        for (name, first, then) in write_then_undo {
             let (firsts, seconds) = first_writes(&url, 20, first, then).await;
             println!(
                 "| {name} | 20 | {}, {} | {}, {} |",
