@@ -1198,6 +1198,42 @@ async fn model_database_up_to(version: i64) -> TestDb {
     db
 }
 
+/// A write that leaves users' global tuples as they are leaves the rows alone (migration
+/// 1012): the global step's `INSERT … ON CONFLICT DO UPDATE … WHERE` locked every
+/// conflicting row (the lock written to the row, its `xmax`, and to the WAL) before its
+/// WHERE found nothing to update. A plan's limit changed for its subscribers changes
+/// their limits and none of their tuples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_write_leaves_the_rows_it_does_not_change_alone() {
+    let db = model_database().await;
+    permd::demo::seed(&db.pool, 40).await.expect("seed");
+    let token = db
+        .write(
+            "UPDATE app.plan_limits SET value = value + 1 WHERE plan_id = 3 AND name = 'projects'",
+        )
+        .await;
+    // The cluster is young: a transaction id and its 64-bit form read the same.
+    let (locked, held, limits_written): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM permd.tuples WHERE xmax::text = $1),
+                (SELECT count(*) FROM permd.tuples t JOIN permd.limits l USING (subject)
+                 WHERE l.name = 'projects' AND t.object = ''),
+                (SELECT count(*) FROM permd.limits WHERE xmin::text = $1)",
+    )
+    .bind(&token)
+    .fetch_one(&db.pool)
+    .await
+    .expect("the rows the write touched");
+    assert!(
+        limits_written > 0 && held > 0,
+        "the plan's subscribers' limits changed ({limits_written}), and they hold tuples ({held})"
+    );
+    assert_eq!(
+        locked, 0,
+        "global tuples locked by a write that changed none"
+    );
+    assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
+}
+
 /// Migrations 1010 and 1011 replace a function whole (app.flush(), then
 /// app.desired_pair_tuples()), so each refuses one changed by hand since the migrations
 /// before it rather than overwrite it: the migration fails naming the function, none of it
@@ -1271,10 +1307,10 @@ async fn pair_levels_are_looked_up_in_the_grants_hashed_once() {
     assert!(desired > 0, "the team holds its folder");
 }
 
-/// A model migrated up to 1004 and written through it takes 1005 to 1011 in place (as an
+/// A model migrated up to 1004 and written through it takes 1005 to 1012 in place (as an
 /// upgraded permd applies them): verify and a rebuild find the set exact, 1006's and
 /// 1007's patches are in the function they patch, 1008's in app.sync_global(), 1010's
-/// flush and 1011's pair levels in place, and writes after them (to pairs, and to a user's global permissions
+/// flush, 1011's pair levels and 1012's patch in place, and writes after them (to pairs, and to a user's global permissions
 /// and limits) are flushed as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_since_1005_apply_to_a_model_in_use() {
@@ -1342,6 +1378,17 @@ async fn migrations_since_1005_apply_to_a_model_in_use() {
     assert!(
         levels_from_grants,
         "1011 finds pair levels among the grants"
+    );
+    let unchanged_skipped: bool = sqlx::query_scalar(
+        "SELECT pg_get_functiondef('app.sync_global_of(bigint[])'::regprocedure) \
+                LIKE '%AND t.expires_at IS NOT DISTINCT FROM d.expires_at)%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("1012?");
+    assert!(
+        unchanged_skipped,
+        "1012 skips the global rows stored as they are"
     );
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
     let rebuilt: (i64, i64, i64) = sqlx::query_as("SELECT * FROM app.rebuild_permissions()")
