@@ -8,8 +8,9 @@
 -- as they are (NOT EXISTS, by the primary key); rows that differ still go through ON
 -- CONFLICT, and new ones are inserted. Every write here happens under the model's lock,
 -- as before. By hand on the demo's database, the function for PRO's subscribers with
--- nothing to change took 50 to 51 ms instead of 61 to 64 (benches/README.md, "Unchanged
--- global rows left alone").
+-- nothing to change took 50 to 51 ms instead of 61 to 64; in the `writes` bench a PRO
+-- plan's limit change commits in 64 to 69 ms instead of 72 to 81 (benches/README.md,
+-- "Unchanged global rows left alone").
 --
 -- Patched by its text, as 1003, 1004, 1006 and 1007 patch theirs, with a guard.
 
