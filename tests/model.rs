@@ -1307,6 +1307,19 @@ async fn pair_levels_are_looked_up_in_the_grants_hashed_once() {
     assert!(desired > 0, "the team holds its folder");
 }
 
+/// Whether the source of `function` (a signature, as `regprocedure` reads it) holds `text`:
+/// that a migration's change is in place.
+async fn source_has(db: &TestDb, function: &str, text: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT position($2 IN prosrc) > 0 FROM pg_proc WHERE oid = $1::regprocedure",
+    )
+    .bind(function)
+    .bind(text)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap_or_else(|e| panic!("the source of {function}: {e}"))
+}
+
 /// A model migrated up to 1004 and written through it takes 1005 to 1012 in place (as an
 /// upgraded permd applies them): verify and a rebuild find the set exact, 1006's and
 /// 1007's patches are in the function they patch, 1008's in app.sync_global(), 1010's
@@ -1357,37 +1370,26 @@ async fn migrations_since_1005_apply_to_a_model_in_use() {
         ),
         "1008 hands a set of users to app.sync_global_of(), planned once a session"
     );
-    let by_kind: bool = sqlx::query_scalar(
-        "SELECT prosrc LIKE '%IF ''P'' = ANY (kinds) THEN%' FROM pg_proc \
-         WHERE oid = 'app.flush()'::regprocedure",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("1010?");
     assert!(
-        by_kind,
+        source_has(&db, "app.flush()", "IF 'P' = ANY (kinds) THEN").await,
         "1010 runs the flush's steps by the kinds of change queued"
     );
-    let levels_from_grants: bool = sqlx::query_scalar(
-        "SELECT prosrc LIKE '%IN (SELECT * FROM grants)%' FROM pg_proc \
-         WHERE oid = 'app.desired_pair_tuples()'::regprocedure",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("1011?");
     assert!(
-        levels_from_grants,
+        source_has(
+            &db,
+            "app.desired_pair_tuples()",
+            "IN (SELECT * FROM grants)"
+        )
+        .await,
         "1011 finds pair levels among the grants"
     );
-    let unchanged_skipped: bool = sqlx::query_scalar(
-        "SELECT pg_get_functiondef('app.sync_global_of(bigint[])'::regprocedure) \
-                LIKE '%AND t.expires_at IS NOT DISTINCT FROM d.expires_at)%'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("1012?");
     assert!(
-        unchanged_skipped,
+        source_has(
+            &db,
+            "app.sync_global_of(bigint[])",
+            "AND t.expires_at IS NOT DISTINCT FROM d.expires_at)"
+        )
+        .await,
         "1012 skips the global rows stored as they are"
     );
     assert!(drift(&db).await.is_empty(), "{:#?}", drift(&db).await);
