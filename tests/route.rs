@@ -677,6 +677,116 @@ async fn the_router_answers_pipelined_requests_as_hyper_alone() {
     served.finish().await;
 }
 
+/// Requests pipelined on a connection to the router are forwarded at once: a check for a
+/// shard whose daemon does not answer does not hold back the next one, for another shard,
+/// which reaches its daemon before the first is answered; and the answers still come in
+/// the requests' order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_forwarded_at_once() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:1', 'read', NULL
+         FROM generate_series(1, 20) i",
+    )
+    .await;
+    let answering = Served::start(&db, Shard::new(1, 2).expect("a shard"), None).await;
+    // Shard 0's daemon: listening, so the kernel completes each connection, but never
+    // accepting.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_url = format!("http://{}", hung.local_addr().expect("an address"));
+    let tls = SelfSigned::new("route-at-once");
+    let router = router(&[&hung_url, &answering.url], &tls);
+    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let subject_in = |shard: u32| {
+        (1..=20)
+            .map(|i| format!("user:{i}"))
+            .find(|subject| Shard::of(subject, 2) == shard)
+            .expect("a subject of the shard")
+    };
+    let check = |subject: &str, last: &str| {
+        format!(
+            "GET /v1/check?subject={subject}&permission=read&object=doc:1 HTTP/1.1\r\n\
+             host: router\r\nauthorization: Bearer {TOKEN}\r\n{last}\r\n"
+        )
+    };
+    let (held, free) = (subject_in(0), subject_in(1));
+    let pipeline = format!(
+        "{}{}{}",
+        check(&held, ""),
+        check(&free, ""),
+        check(&free, "connection: close\r\n")
+    );
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(pipeline.as_bytes())
+        .await
+        .expect("send the pipeline");
+
+    let forwarded_to_answering = || async {
+        let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
+        let line = format!(
+            "permd_route_forwarded_total{{shard=\"1/2\",url=\"{}\"}} ",
+            answering.url
+        );
+        metrics.as_str().expect("text").lines().any(|l| {
+            l.strip_prefix(&line)
+                .is_some_and(|count| count.parse::<u64>().is_ok_and(|n| n >= 1))
+        })
+    };
+    common::wait_until("the second request forwarded", forwarded_to_answering).await;
+    let mut nothing = [0u8; 1];
+    assert!(
+        matches!(stream.try_read(&mut nothing), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "an answer came before the first request's"
+    );
+
+    // Shard 0's daemon goes: its connection is reset, the first request fails, and the
+    // three answers come in order.
+    drop(hung);
+    let received = common::raw::read_to_close(&mut stream).await;
+    let text = String::from_utf8_lossy(&received);
+    let answers: Vec<&str> = text.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "{text}");
+    assert!(answers[0].starts_with("502 "), "{text}");
+    assert!(answers[0].contains("shard unavailable"), "{text}");
+    for answer in &answers[1..] {
+        assert!(answer.starts_with("200 OK"), "{text}");
+        assert!(answer.contains(r#"{"allowed":true"#), "{text}");
+    }
+
+    // More than are forwarded at once (32): the rest are sent as the first are
+    // answered, all in order.
+    let objects: Vec<u32> = (0..80).map(|i| 1 + i % 3 / 2).collect();
+    let pipeline: String = objects
+        .iter()
+        .enumerate()
+        .map(|(i, object)| {
+            let last = if i + 1 == objects.len() {
+                "connection: close\r\n"
+            } else {
+                ""
+            };
+            format!(
+                "GET /v1/check?subject={free}&permission=read&object=doc:{object} HTTP/1.1\r\n\
+                 host: router\r\nauthorization: Bearer {TOKEN}\r\n{last}\r\n"
+            )
+        })
+        .collect();
+    let text = common::raw::exchange(address, pipeline.as_bytes()).await;
+    let allowed: Vec<bool> = text
+        .split("HTTP/1.1 200 OK")
+        .skip(1)
+        .map(|answer| answer.contains(r#"{"allowed":true"#))
+        .collect();
+    let expected: Vec<bool> = objects.iter().map(|object| *object == 1).collect();
+    assert_eq!(allowed, expected, "{text}");
+    stop.cancel();
+    serving.await.expect("the router stops");
+    answering.finish().await;
+}
+
 /// `router` served by hyper alone, as `permd route` served it until session 48: its
 /// address. Stops with the runtime.
 async fn hyper_alone(router: Router) -> std::net::SocketAddr {

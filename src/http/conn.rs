@@ -29,9 +29,12 @@
 //! The router (`permd route`) is served by the same loop ([`Served`]): a `GET` without a
 //! body (a plain check, a status, a listing, limits, `/metrics`…) or a whole batch is
 //! forwarded by the loop itself ([`Served::get_later`], [`Served::check_batch_later`]: the
-//! router's own handler, awaited before the next request is read) and its answer written
-//! as hyper would write it; every other request goes to hyper, one at a time; and its
-//! clients get the same refusals, with the same JSON errors, as a daemon's.
+//! router's own handler) and its answer written as hyper would write it; requests
+//! pipelined together are forwarded at once (up to [`MAX_FORWARDED`]), so a pipeline over
+//! several shards waits for the slowest of them rather than for their sum, and their
+//! answers are written in order; every other request goes to hyper, one at a time, once
+//! the answers before it are written; and its clients get the same refusals, with the
+//! same JSON errors, as a daemon's.
 //!
 //! What hyper would do and this loop does too: pipelined requests are answered in order
 //! (one write for all that arrived together), a request head (and a body gathered whole)
@@ -51,6 +54,8 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::http::{header, Request};
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt as _, StreamExt as _};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -105,8 +110,8 @@ pub(crate) trait Served: Clone + Send + Sync + Unpin + 'static {
     /// The answer to come to a `GET` without a body (the router's, which asks a daemon):
     /// a plain single check [`Served::check_plain`] has no answer for, or any other, or
     /// `None` to let [`Served::call`] answer it. `target` is the request's path and query.
-    /// The loop awaits it before it reads the next request, and writes its answer as hyper
-    /// would.
+    /// The loop awaits it with the other requests pipelined with it, and writes its answer
+    /// as hyper would, in the requests' order.
     fn get_later(&self, _target: &str, _auth: Option<&[u8]>) -> Option<Answering> {
         None
     }
@@ -323,6 +328,8 @@ impl<S: Io> PlainLoop<S> {
         // How much of the read buffer is known to hold no head's end: the head there is
         // read again only once bytes that may end it arrive.
         let mut partial = 0;
+        // The answers to the requests forwarded (the router's), awaited together.
+        let mut forwarded = Forwarded::default();
         loop {
             let mut answered = false;
             let mut malformed = false;
@@ -333,10 +340,11 @@ impl<S: Io> PlainLoop<S> {
                             .query
                             .and_then(|query| served.check_plain(query, request.auth))
                         {
-                            write_answer(&mut self.write, answer);
+                            forwarded.answer(&mut self.write, |out| write_answer(out, answer));
                         } else if let Some(later) = served.get_later(request.target, request.auth) {
                             let len = request.len;
-                            self.answer_later(len, later).await?;
+                            self.read.advance(len);
+                            self.answer_later(&mut forwarded, later).await?;
                             (partial, answered) = (0, true);
                             continue;
                         } else {
@@ -349,12 +357,13 @@ impl<S: Io> PlainLoop<S> {
                     }
                     Head::Batch(request) => {
                         if let Some(answer) = served.check_batch_plain(request.body, request.auth) {
-                            write_json(&mut self.write, &answer);
+                            forwarded.answer(&mut self.write, |out| write_json(out, &answer));
                         } else if let Some(later) =
                             served.check_batch_later(request.body, request.auth)
                         {
                             let len = request.len;
-                            self.answer_later(len, later).await?;
+                            self.read.advance(len);
+                            self.answer_later(&mut forwarded, later).await?;
                             (partial, answered) = (0, true);
                             continue;
                         } else {
@@ -372,12 +381,13 @@ impl<S: Io> PlainLoop<S> {
                     Head::Other { once } => break Err(once),
                     Head::Malformed(why) => {
                         served.refused();
-                        write_malformed(&mut self.write, why);
+                        forwarded.answer(&mut self.write, |out| write_malformed(out, why));
                         malformed = true;
                         break Ok(None);
                     }
                 }
             };
+            self.settle(&mut forwarded).await?;
             if !self.write.is_empty() {
                 self.stream.write_all(&self.write).await?;
                 self.write.clear();
@@ -428,16 +438,89 @@ impl<S: Io> PlainLoop<S> {
         }
     }
 
-    /// Answers the request of `len` bytes at the start of the read buffer with what
-    /// `later` gives: the answers before it are written first (this one may take a while),
-    /// and its own is appended as hyper would write it.
-    async fn answer_later(&mut self, len: usize, later: Answering) -> io::Result<()> {
-        self.read.advance(len);
-        if !self.write.is_empty() {
-            self.stream.write_all(&self.write).await?;
-            self.write.clear();
+    /// Answers a request with what `later` gives, once the answers before it are written:
+    /// queued behind the other forwarded ones, which are awaited first when
+    /// [`MAX_FORWARDED`] are.
+    async fn answer_later(
+        &mut self,
+        forwarded: &mut Forwarded,
+        later: Answering,
+    ) -> io::Result<()> {
+        if forwarded.len() >= MAX_FORWARDED {
+            self.settle(forwarded).await?;
         }
-        write_response(&mut self.write, later.await).await
+        forwarded.push(later);
+        Ok(())
+    }
+
+    /// Appends the forwarded requests' answers, and those queued behind them, to the
+    /// answers to write, in order: what is ready is written while the rest is awaited.
+    async fn settle(&mut self, forwarded: &mut Forwarded) -> io::Result<()> {
+        let Some(queue) = &mut forwarded.0 else {
+            return Ok(());
+        };
+        loop {
+            let next = match queue.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    if !self.write.is_empty() {
+                        self.stream.write_all(&self.write).await?;
+                        self.write.clear();
+                    }
+                    queue.next().await
+                }
+            };
+            match next {
+                Some(answer) => self.write.extend_from_slice(&answer?),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The most requests of one connection forwarded at once (the router's, pipelined): a
+/// client that pipelines more has the next ones sent as the first are answered.
+const MAX_FORWARDED: usize = 32;
+
+/// An answer to write, to come.
+type Encoded = Pin<Box<dyn Future<Output = io::Result<Vec<u8>>> + Send>>;
+
+/// The answers to a connection's forwarded requests (the router's [`Served::get_later`]
+/// and [`Served::check_batch_later`]), and to the requests after them, in the requests'
+/// order: pipelined requests are forwarded at once, each shard's in parallel, not one
+/// after the other's answer. Nothing (no allocation) on a daemon's connections.
+#[derive(Default)]
+struct Forwarded(Option<FuturesOrdered<Encoded>>);
+
+impl Forwarded {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    /// Queues the answer to come from `later`, encoded as hyper would write it.
+    fn push(&mut self, later: Answering) {
+        let encoded = async move {
+            let mut out = Vec::new();
+            write_response(&mut out, later.await).await?;
+            Ok(out)
+        };
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(Box::pin(encoded));
+    }
+
+    /// Appends an answer the loop has now with `encode`: to `out` when no forwarded answer
+    /// comes before it, else queued behind those.
+    #[inline]
+    fn answer(&mut self, out: &mut Vec<u8>, encode: impl FnOnce(&mut Vec<u8>)) {
+        match &mut self.0 {
+            Some(queue) if !queue.is_empty() => {
+                let mut bytes = Vec::new();
+                encode(&mut bytes);
+                queue.push_back(Box::pin(std::future::ready(Ok(bytes))));
+            }
+            _ => encode(out),
+        }
     }
 }
 
