@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::{Answering, ApiError, Served, ServerCerts, ServerLimits, SocketFile, Token};
 use crate::shard::Shard;
 
+mod coalesce;
 mod connect;
 
 /// How the router runs.
@@ -93,6 +94,8 @@ struct Group {
     daemons: Vec<Arc<Daemon>>,
     /// The daemon the next request tries first: each in turn.
     next: AtomicUsize,
+    /// Single checks waiting to go to the shard together (`coalesce`).
+    waiting: coalesce::Waiting,
 }
 
 /// One daemon: where it listens, and what the router sent it.
@@ -179,6 +182,8 @@ struct Inner {
     reshards: [AtomicU64; 2],
     /// Request heads refused by the router itself (unreadable, or too large).
     refused: AtomicU64,
+    /// Single checks answered from a batch they shared with others (`coalesce`).
+    coalesced: AtomicU64,
     client: Client<connect::Connector, Body>,
     config: RouteConfig,
 }
@@ -200,6 +205,16 @@ impl Forward {
             target: "/v1/check".to_owned(),
             content_type,
             body,
+        }
+    }
+
+    /// `GET target` (a path and query).
+    fn get(target: String) -> Self {
+        Self {
+            method: Method::GET,
+            target,
+            content_type: None,
+            body: Bytes::new(),
         }
     }
 
@@ -260,6 +275,7 @@ impl Router {
             set: ArcSwap::from_pointee(set),
             reshards: [AtomicU64::new(0), AtomicU64::new(0)],
             refused: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
             client,
             config,
         })))
@@ -347,6 +363,20 @@ impl Router {
             )
             .into_response(),
             (&Method::POST, "/v1/check") => self.batch(&set, request).await,
+            (&Method::GET, "/v1/check") if axum::body::HttpBody::is_end_stream(request.body()) => {
+                let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                match coalesce::Check::parse(target) {
+                    Some(check) => {
+                        let shard = set.owner(check.subject());
+                        self.check(&set, shard, check).await
+                    }
+                    None => {
+                        let shard =
+                            subject_of(request.uri()).map_or(0, |subject| set.owner(&subject));
+                        self.pass(&set.groups[shard], request).await
+                    }
+                }
+            }
             _ => {
                 let shard = subject_of(request.uri()).map_or(0, |subject| set.owner(&subject));
                 self.pass(&set.groups[shard], request).await
@@ -679,6 +709,13 @@ impl Router {
         }
         let _ = writeln!(
             out,
+            "# HELP permd_route_coalesced_total Single checks answered from a batch they shared with others: those that came while each daemon of their shard had a request of checks in flight, sent together when one was answered.\n\
+             # TYPE permd_route_coalesced_total counter\n\
+             permd_route_coalesced_total {}",
+            self.0.coalesced.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
             "# HELP permd_route_refused_total Request heads the router refused itself, as a daemon does: unreadable (400) or too large (414, 431), answered with a JSON error and the connection closed.\n\
              # TYPE permd_route_refused_total counter\n\
              permd_route_refused_total {}",
@@ -739,6 +776,7 @@ impl Set {
                 shard,
                 daemons,
                 next: AtomicUsize::new(0),
+                waiting: coalesce::Waiting::default(),
             });
         }
         Ok(Self { groups })
@@ -891,7 +929,12 @@ fn subject_of(uri: &Uri) -> Option<String> {
 }
 
 fn json_answer(status: StatusCode, body: &Value) -> Answer {
-    let mut answer = Response::new(Body::from(body.to_string()));
+    json_body(status, Body::from(body.to_string()))
+}
+
+/// An answer of `status` whose body is JSON.
+fn json_body(status: StatusCode, body: Body) -> Answer {
+    let mut answer = Response::new(body);
     *answer.status_mut() = status;
     answer.headers_mut().insert(
         header::CONTENT_TYPE,

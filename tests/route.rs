@@ -457,9 +457,40 @@ async fn a_daemon_not_loaded_yet_is_passed_over() {
         (status, &body["error"]),
         (StatusCode::SERVICE_UNAVAILABLE, &json!("loading"))
     );
+    // Checks pipelined to it wait and go together: the batch's 503 is each one's, as
+    // each alone was answered.
+    let (address, stop_routing, routing) = serve_router(alone.clone(), None).await;
+    let pipeline = plain_checks(
+        (1..=10).map(|i| (format!("user:{i}"), "read".to_owned(), "doc:1".to_owned())),
+    );
+    let ours = common::raw::exchange(address, pipeline.as_bytes()).await;
+    let theirs = common::raw::exchange(hyper_alone(alone).await, pipeline.as_bytes()).await;
+    assert_eq!(ours, theirs);
+    assert_eq!(ours.matches("HTTP/1.1 503 ").count(), 10, "{ours}");
+    stop_routing.cancel();
+    routing.await.expect("the router stops");
     stop.cancel();
     server.await.expect("the server stops");
     loaded.finish().await;
+}
+
+/// Single checks pipelined on one connection, each `(subject, permission, object)`, the
+/// last closing it.
+fn plain_checks(checks: impl Iterator<Item = (String, String, String)>) -> String {
+    let mut checks = checks.peekable();
+    let mut pipeline = String::new();
+    while let Some((subject, permission, object)) = checks.next() {
+        let last = if checks.peek().is_none() {
+            "connection: close\r\n"
+        } else {
+            ""
+        };
+        pipeline.push_str(&format!(
+            "GET /v1/check?subject={subject}&permission={permission}&object={object} HTTP/1.1\r\n\
+             host: router\r\nauthorization: Bearer {TOKEN}\r\n{last}\r\n"
+        ));
+    }
+    pipeline
 }
 
 /// A daemon that takes connections but never answers (hung, or its host dropping
@@ -785,6 +816,149 @@ async fn pipelined_requests_are_forwarded_at_once() {
     stop.cancel();
     serving.await.expect("the router stops");
     answering.finish().await;
+}
+
+/// Single checks that come while their shard's daemon has a request of checks in flight
+/// wait, and go together as one batch: each is answered as the daemon answers it alone
+/// (byte for byte, dates aside), in the requests' order; a batch the daemon refuses (a
+/// check in it has no permission) has each of its checks sent again alone, for its own
+/// answer; and `/metrics` counts the checks answered from a shared batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_checks_that_wait_for_their_shard_go_together() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:' || (i % 3), 'read', NULL
+         FROM generate_series(1, 40) i;
+         INSERT INTO permd.tuples SELECT 'user:' || i, '', 'export', NULL
+         FROM generate_series(1, 40, 2) i;",
+    )
+    .await;
+    let served = [
+        Served::start(&db, Shard::new(0, 2).expect("a shard"), None).await,
+        Served::start(&db, Shard::new(1, 2).expect("a shard"), None).await,
+    ];
+    let tls = SelfSigned::new("route-together");
+    let router = router(&[&served[0].url, &served[1].url], &tls);
+    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    // 120 checks over both shards, allowed and not, global ones among them, and in the
+    // first 30 two of shard 0 with no permission (the daemon refuses a batch with one).
+    let empty: Vec<u32> = (1..=40)
+        .filter(|i| Shard::of(&format!("user:{i}"), 2) == 0)
+        .take(2)
+        .collect();
+    let checks = (0..120u32).map(|n| {
+        let i = 1 + n % 40;
+        let subject = format!("user:{i}");
+        let (permission, object) = match n % 4 {
+            _ if n < 30 && empty.contains(&i) => ("", format!("doc:{}", i % 3)),
+            0 => ("export", String::new()),
+            1 => ("read", format!("doc:{}", (i + 1) % 3)),
+            _ => ("read", format!("doc:{}", i % 3)),
+        };
+        (subject, permission.to_owned(), object)
+    });
+    let pipeline = plain_checks(checks);
+    let ours = common::raw::exchange(address, pipeline.as_bytes()).await;
+    let theirs =
+        common::raw::exchange(hyper_alone(router.clone()).await, pipeline.as_bytes()).await;
+    assert_eq!(ours, theirs);
+    let count = |status: &str| ours.matches(&format!("HTTP/1.1 {status}")).count();
+    assert_eq!(
+        (count("200 OK"), count("400 Bad Request")),
+        (118, 2),
+        "{ours}"
+    );
+    assert!(ours.contains(r#"{"allowed":true,"#), "{ours}");
+    assert!(ours.contains(r#"{"allowed":false,"#), "{ours}");
+    let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
+    let coalesced: u64 = metrics
+        .as_str()
+        .expect("text")
+        .lines()
+        .find_map(|line| line.strip_prefix("permd_route_coalesced_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("the count of coalesced checks");
+    assert!(
+        (30..=118).contains(&coalesced),
+        "{coalesced} of 120 checks coalesced"
+    );
+    stop.cancel();
+    serving.await.expect("the router stops");
+    for served in served {
+        served.finish().await;
+    }
+}
+
+/// A check dropped while its request to the daemon is in flight (its client gone) gives
+/// the shard's turn back: the checks after it do not wait for an answer that will never
+/// come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_dropped_in_flight_gives_its_turn_back() {
+    let (_db, served) = readers_served(3).await;
+    let tls = SelfSigned::new("route-dropped");
+    let router = router(&[&served.url], &tls);
+    let request = || {
+        Request::get("/v1/check?subject=user:2&permission=read&object=doc:1")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Body::empty())
+            .expect("a request")
+    };
+    for _ in 0..3 {
+        // Polled once (the check takes the shard's one turn and its request goes out),
+        // then dropped.
+        let mut check = Box::pin(router.handle(request()));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(check.as_mut(), cx).is_pending())
+        })
+        .await;
+        assert!(first, "answered at its first poll");
+        drop(check);
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(10), router.handle(request()))
+        .await
+        .expect("the check after the dropped ones is answered");
+    let (status, body) = answer(answered).await;
+    assert_eq!(
+        (status, &body["allowed"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    served.finish().await;
+}
+
+/// When no daemon of a shard answers a request of checks, the checks that waited for the
+/// shard meanwhile get the same 504 at once, rather than being sent to wait out the same
+/// daemon again: the hung daemon is asked once for the first three checks of a pipeline
+/// (the fourth, which closes the connection, is hyper's, sent after them: a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_waiting_for_a_shard_that_does_not_answer_fail_with_it() {
+    // Listening, so the kernel completes each connection, but never accepting.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_url = format!("http://{}", hung.local_addr().expect("an address"));
+    let tls = SelfSigned::new("route-hung");
+    let router = Router::new(RouteConfig {
+        shards: vec![hung_url.clone()],
+        shards_file: None,
+        token: Token::new(TOKEN),
+        request_timeout: Duration::from_millis(300),
+        body_limit: 1 << 20,
+        ca: Some(tls.cert.clone()),
+    })
+    .expect("a router");
+    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let pipeline =
+        plain_checks((1..=4).map(|i| (format!("user:{i}"), "read".to_owned(), "doc:1".to_owned())));
+    let text = common::raw::exchange(address, pipeline.as_bytes()).await;
+    assert_eq!(text.matches("HTTP/1.1 504 ").count(), 4, "{text}");
+    let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
+    let line = format!("permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}} 2");
+    assert!(
+        metrics.as_str().expect("text").lines().any(|l| l == line),
+        "{metrics}"
+    );
+    stop.cancel();
+    serving.await.expect("the router stops");
+    drop(hung);
 }
 
 /// `router` served by hyper alone, as `permd route` served it until session 48: its
