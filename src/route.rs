@@ -709,7 +709,7 @@ impl Router {
         }
         let _ = writeln!(
             out,
-            "# HELP permd_route_coalesced_total Single checks answered from a batch they shared with others: those that came while each daemon of their shard had a request of checks in flight, sent together when one was answered.\n\
+            "# HELP permd_route_coalesced_total Single checks answered from a batch they shared with others: those that came while each daemon of their shard had two requests of checks in flight, sent together when one was answered.\n\
              # TYPE permd_route_coalesced_total counter\n\
              permd_route_coalesced_total {}",
             self.0.coalesced.load(Ordering::Relaxed),

@@ -904,7 +904,7 @@ async fn a_check_dropped_in_flight_gives_its_turn_back() {
             .expect("a request")
     };
     for _ in 0..3 {
-        // Polled once (the check takes the shard's one turn and its request goes out),
+        // Polled once (the check takes one of the shard's two turns and its request goes out),
         // then dropped.
         let mut check = Box::pin(router.handle(request()));
         let first = std::future::poll_fn(|cx| {
@@ -928,8 +928,9 @@ async fn a_check_dropped_in_flight_gives_its_turn_back() {
 
 /// When no daemon of a shard answers a request of checks, the checks that waited for the
 /// shard meanwhile get the same 504 at once, rather than being sent to wait out the same
-/// daemon again: the hung daemon is asked once for the first three checks of a pipeline
-/// (the fourth, which closes the connection, is hyper's, sent after them: a second).
+/// daemon again: of the first four checks of a pipeline, the first two go at once (the
+/// shard's two turns for its one daemon) and the next two wait and fail with the first;
+/// the fifth, which closes the connection, is hyper's, sent after them: three requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_waiting_for_a_shard_that_does_not_answer_fail_with_it() {
     // Listening, so the kernel completes each connection, but never accepting.
@@ -947,11 +948,11 @@ async fn checks_waiting_for_a_shard_that_does_not_answer_fail_with_it() {
     .expect("a router");
     let (address, stop, serving) = serve_router(router.clone(), None).await;
     let pipeline =
-        plain_checks((1..=4).map(|i| (format!("user:{i}"), "read".to_owned(), "doc:1".to_owned())));
+        plain_checks((1..=5).map(|i| (format!("user:{i}"), "read".to_owned(), "doc:1".to_owned())));
     let text = common::raw::exchange(address, pipeline.as_bytes()).await;
-    assert_eq!(text.matches("HTTP/1.1 504 ").count(), 4, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 504 ").count(), 5, "{text}");
     let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
-    let line = format!("permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}} 2");
+    let line = format!("permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}} 3");
     assert!(
         metrics.as_str().expect("text").lines().any(|l| l == line),
         "{metrics}"

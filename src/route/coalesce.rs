@@ -2,14 +2,12 @@
 //!
 //! A single check through the router costs the router a request to a daemon (its hyper
 //! client's write and read, the pool) and the daemon a request of its own, where a batch
-//! of a hundred costs either about what one check does. So while a shard has a request of
-//! single checks in flight to each of its daemons, the checks that come meanwhile wait,
-//! and go together, as one batch, when one of those requests is answered: under load the
-//! checks of many clients share a request to the daemon, and when a daemon has none in
-//! flight a check goes at once, alone and as it came, so no check waits for a timer.
-//! (One request in flight a daemon measured the most checks a second here: 1.5x to 1.9x
-//! those of no coalescing, where two gave 1.3x to 1.5x and eight 1.2x; benches/README.md,
-//! "The router's hop".)
+//! of a hundred costs either about what one check does. So while a shard has
+//! [`SENDING_PER_DAEMON`] requests of single checks in flight for each of its daemons,
+//! the checks that come meanwhile wait, and go together, as one batch, when one of those
+//! requests is answered: under load the checks of many clients share a request to the
+//! daemon, and below that a check goes at once, alone and as it came, so no check waits
+//! for a timer.
 //!
 //! Each check's answer is what the daemon would have answered it alone: a batch's result
 //! and revision become `{"allowed":…,"revision":…}`, the body a daemon writes; a batch the
@@ -32,12 +30,19 @@ use tokio::sync::oneshot;
 
 use super::{failed, json_body, Answer, Failure, Forward, Group, PartAnswer, Router, Set};
 
+/// Requests of single checks in flight for each daemon of a shard before the next checks
+/// wait to go together. Two measured as fast as no coalescing with 4 clients and 1.8x
+/// with 32, where one gave 0.8x with 4 (a check waited for another's round trip more
+/// often than it saved one) and three 1.7x with 32 (benches/README.md, "The router's
+/// hop").
+const SENDING_PER_DAEMON: usize = 2;
+
 /// Most checks sent in one batch: ~100 bytes of JSON each, so that a batch stays under
 /// the 64 KiB a daemon's keep-alive loop answers in place.
 const MAX_BATCH: usize = 256;
 
 /// The single checks waiting to go to a shard, and how many requests of them are in
-/// flight (at most one a daemon of the shard).
+/// flight (at most [`SENDING_PER_DAEMON`] a daemon of the shard).
 #[derive(Default)]
 pub(super) struct Waiting(Mutex<Queue>);
 
@@ -151,13 +156,13 @@ impl Drop for Turn {
 
 impl Router {
     /// Answers `check`, of shard `shard` of `set`: at once and alone when the shard has
-    /// fewer requests of checks in flight than daemons, else with the checks that wait
-    /// with it, once one of those is answered.
+    /// fewer than [`SENDING_PER_DAEMON`] requests of checks in flight a daemon, else with
+    /// the checks that wait with it, once one of those is answered.
     pub(super) async fn check(&self, set: &Arc<Set>, shard: usize, check: Check) -> Answer {
         let group = &set.groups[shard];
         let go = {
             let mut queue = group.waiting.lock();
-            if queue.sending < group.daemons.len() {
+            if queue.sending < SENDING_PER_DAEMON * group.daemons.len() {
                 queue.sending += 1;
                 Go::Now(check)
             } else {
