@@ -465,7 +465,10 @@ async fn a_daemon_not_loaded_yet_is_passed_over() {
     );
     let ours = common::raw::exchange(address, pipeline.as_bytes()).await;
     let theirs = common::raw::exchange(hyper_alone(alone).await, pipeline.as_bytes()).await;
-    assert_eq!(ours, theirs);
+    assert_eq!(
+        common::raw::without_revisions(&ours),
+        common::raw::without_revisions(&theirs)
+    );
     assert_eq!(ours.matches("HTTP/1.1 503 ").count(), 10, "{ours}");
     stop_routing.cancel();
     routing.await.expect("the router stops");
@@ -693,7 +696,10 @@ async fn the_router_answers_pipelined_requests_as_hyper_alone() {
         .collect();
     let ours = common::raw::exchange(address, pipeline.as_bytes()).await;
     let theirs = common::raw::exchange(alone, pipeline.as_bytes()).await;
-    assert_eq!(ours, theirs);
+    assert_eq!(
+        common::raw::without_revisions(&ours),
+        common::raw::without_revisions(&theirs)
+    );
     for status in [
         "200 OK",
         "400 Bad Request",
@@ -861,7 +867,10 @@ async fn single_checks_that_wait_for_their_shard_go_together() {
     let ours = common::raw::exchange(address, pipeline.as_bytes()).await;
     let theirs =
         common::raw::exchange(hyper_alone(router.clone()).await, pipeline.as_bytes()).await;
-    assert_eq!(ours, theirs);
+    assert_eq!(
+        common::raw::without_revisions(&ours),
+        common::raw::without_revisions(&theirs)
+    );
     let count = |status: &str| ours.matches(&format!("HTTP/1.1 {status}")).count();
     assert_eq!(
         (count("200 OK"), count("400 Bad Request")),
