@@ -15,10 +15,10 @@
 //! sent again alone, so that each gets its own answer and error; a 503 (not loaded,
 //! behind, overloaded) is every check's answer, as it would have been each one's; and
 //! when no daemon of the shard answers a request, its checks and every check waiting
-//! meanwhile get the router's 502 or 504 (not sent again to wait out the same daemons:
-//! a check waits at most about one `--request-timeout-ms`, as it would alone). Only a
-//! check of `subject`, `permission` and `object` (or none) is coalesced: one with
-//! `at_least`, or anything else in its query, goes alone as it came.
+//! meanwhile get the router's 502 or 504 (not sent again to wait out the same daemons: a
+//! check waits for at most a request in flight and then its own). Only a check of
+//! `subject`, `permission` and `object` (or none) is coalesced: one with `at_least`, or
+//! anything else in its query, goes alone as it came.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
