@@ -152,6 +152,17 @@ async fn ask(
     answer(router.handle(request).await).await
 }
 
+/// The value of `series` (a metric's name and labels) in the router's `/metrics`.
+async fn counter(router: &Router, series: &str) -> u64 {
+    let (_, metrics) = ask(router, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().expect("text");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+}
+
 async fn answer(response: axum::http::Response<Body>) -> (StatusCode, Value) {
     let (status, _, bytes) = common::parts(response).await;
     (status, common::json_or_text(&bytes))
@@ -525,27 +536,13 @@ async fn a_daemon_that_fails_rests() {
             "{body}"
         );
     }
-    let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
-    let metrics = metrics.as_str().expect("text");
-    let tried: u64 = metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(&format!(
-                "permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}} "
-            ))
-        })
-        .and_then(|n| n.parse().ok())
-        .expect("the hung daemon's count");
+    let labels = format!("{{shard=\"0/1\",url=\"{hung_url}\"}}");
+    let tried = counter(&router, &format!("permd_route_forwarded_total{labels}")).await;
     assert!(
         (1..10).contains(&tried),
-        "{tried} of 40 requests waited on it: {metrics}"
+        "{tried} of 40 requests waited on it"
     );
-    assert!(
-        metrics.contains(&format!(
-            "permd_route_resting{{shard=\"0/1\",url=\"{hung_url}\"}} "
-        )),
-        "{metrics}"
-    );
+    counter(&router, &format!("permd_route_resting{labels}")).await;
     drop(hung);
     good.finish().await;
 }
@@ -761,17 +758,11 @@ async fn pipelined_requests_are_forwarded_at_once() {
         .await
         .expect("send the pipeline");
 
-    let forwarded_to_answering = || async {
-        let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
-        let line = format!(
-            "permd_route_forwarded_total{{shard=\"1/2\",url=\"{}\"}} ",
-            answering.url
-        );
-        metrics.as_str().expect("text").lines().any(|l| {
-            l.strip_prefix(&line)
-                .is_some_and(|count| count.parse::<u64>().is_ok_and(|n| n >= 1))
-        })
-    };
+    let series = format!(
+        "permd_route_forwarded_total{{shard=\"1/2\",url=\"{}\"}}",
+        answering.url
+    );
+    let forwarded_to_answering = || async { counter(&router, &series).await >= 1 };
     common::wait_until("the second request forwarded", forwarded_to_answering).await;
     let mut nothing = [0u8; 1];
     assert!(
@@ -882,14 +873,7 @@ async fn single_checks_that_wait_for_their_shard_go_together() {
     );
     assert!(ours.contains(r#"{"allowed":true,"#), "{ours}");
     assert!(ours.contains(r#"{"allowed":false,"#), "{ours}");
-    let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
-    let coalesced: u64 = metrics
-        .as_str()
-        .expect("text")
-        .lines()
-        .find_map(|line| line.strip_prefix("permd_route_coalesced_total "))
-        .and_then(|n| n.parse().ok())
-        .expect("the count of coalesced checks");
+    let coalesced = counter(&router, "permd_route_coalesced_total").await;
     assert!(
         (30..=118).contains(&coalesced),
         "{coalesced} of 120 checks coalesced"
@@ -969,12 +953,8 @@ async fn checks_waiting_for_a_shard_that_does_not_answer_fail_with_it() {
         plain_checks((1..=5).map(|i| (format!("user:{i}"), "read".to_owned(), "doc:1".to_owned())));
     let text = common::raw::exchange(address, pipeline.as_bytes()).await;
     assert_eq!(text.matches("HTTP/1.1 504 ").count(), 5, "{text}");
-    let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
-    let line = format!("permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}} 3");
-    assert!(
-        metrics.as_str().expect("text").lines().any(|l| l == line),
-        "{metrics}"
-    );
+    let series = format!("permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}}");
+    assert_eq!(counter(&router, &series).await, 3);
     stop.cancel();
     serving.await.expect("the router stops");
     drop(hung);
