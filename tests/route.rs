@@ -815,8 +815,8 @@ async fn pipelined_requests_are_forwarded_at_once() {
     answering.finish().await;
 }
 
-/// Single checks that come while their shard's daemon has a request of checks in flight
-/// wait, and go together as one batch: each is answered as the daemon answers it alone
+/// Single checks that come while their shard's daemon has two requests of checks in
+/// flight wait, and go together as one batch: each is answered as the daemon answers it alone
 /// (byte for byte, dates aside), in the requests' order; a batch the daemon refuses (a
 /// check in it has no permission) has each of its checks sent again alone, for its own
 /// answer; and `/metrics` counts the checks answered from a shared batch.
