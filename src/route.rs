@@ -363,21 +363,11 @@ impl Router {
             )
             .into_response(),
             (&Method::POST, "/v1/check") => self.batch(&set, request).await,
-            (&Method::GET, "/v1/check") if axum::body::HttpBody::is_end_stream(request.body()) => {
-                let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
-                match coalesce::Check::parse(target) {
-                    Some(check) => {
-                        let shard = set.owner(check.subject());
-                        self.check(&set, shard, check).await
-                    }
-                    None => {
-                        let shard =
-                            subject_of(request.uri()).map_or(0, |subject| set.owner(&subject));
-                        self.pass(&set.groups[shard], request).await
-                    }
-                }
-            }
             _ => {
+                if let Some(check) = coalesce::Check::of(&request) {
+                    let shard = set.owner(check.subject());
+                    return self.check(&set, shard, check).await;
+                }
                 let shard = subject_of(request.uri()).map_or(0, |subject| set.owner(&subject));
                 self.pass(&set.groups[shard], request).await
             }

@@ -23,8 +23,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use axum::body::Body;
-use axum::http::{HeaderValue, Response, StatusCode};
+use axum::body::{Body, HttpBody};
+use axum::http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -66,10 +66,17 @@ pub(super) struct Check {
 }
 
 impl Check {
-    /// The check `GET target` asks, when its query has `subject`, `permission` and maybe
-    /// `object`, each once, and nothing else, all valid UTF-8; else `None` (the request
-    /// goes alone, as it came).
-    pub(super) fn parse(target: &str) -> Option<Self> {
+    /// The check `request` asks, when it is a `GET /v1/check` without a body whose query
+    /// has `subject`, `permission` and maybe `object`, each once, and nothing else, all
+    /// valid UTF-8; else `None` (the request goes alone, as it came).
+    pub(super) fn of(request: &Request<Body>) -> Option<Self> {
+        if request.method() != Method::GET
+            || request.uri().path() != "/v1/check"
+            || !HttpBody::is_end_stream(request.body())
+        {
+            return None;
+        }
+        let target = request.uri().path_and_query()?.as_str();
         let (_, query) = target.split_once('?')?;
         let (mut subject, mut permission, mut object) = (None, None, None);
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
