@@ -220,12 +220,7 @@ impl Forward {
 
     /// `GET /v1/status`.
     fn status() -> Self {
-        Self {
-            method: Method::GET,
-            target: "/v1/status".to_owned(),
-            content_type: None,
-            body: Bytes::new(),
-        }
+        Self::get("/v1/status".to_owned())
     }
 }
 
