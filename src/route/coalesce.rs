@@ -143,21 +143,32 @@ struct Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        let next = {
-            let mut queue = self.set.groups[self.shard].waiting.lock();
-            if queue.checks.is_empty() {
-                queue.sending -= 1;
-                false
-            } else {
-                true
-            }
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let mut queue = self.set.groups[self.shard].waiting.lock();
+        // Outside a runtime (the router is going) nothing more is sent: the waiting
+        // checks' answers are dropped with them.
+        let Some(runtime) = runtime.filter(|_| !queue.checks.is_empty()) else {
+            queue.checks.clear();
+            queue.sending -= 1;
+            return;
         };
-        if next {
-            // The turn passes to a task of its own, so that this check's answer does not
-            // wait for the next ones'.
-            let (router, set, shard) = (self.router.clone(), Arc::clone(&self.set), self.shard);
-            tokio::spawn(async move { router.send_waiting(set, shard).await });
-        }
+        let take = queue.checks.len().min(MAX_BATCH);
+        let batch: Vec<Queued> = queue.checks.drain(..take).collect();
+        drop(queue);
+        // The turn passes, with the checks that waited, to a task of their own, so that
+        // this request's answer does not wait for theirs; that task's turn passes on when
+        // it ends (or panics) as this one did.
+        let next = Self {
+            router: self.router.clone(),
+            set: Arc::clone(&self.set),
+            shard: self.shard,
+        };
+        runtime.spawn(async move {
+            let turn = next;
+            turn.router
+                .answer_together(&turn.set, turn.shard, batch)
+                .await;
+        });
     }
 }
 
@@ -193,24 +204,6 @@ impl Router {
                     &Failure::broken("the check's batch was dropped".into()),
                 )
             }),
-        }
-    }
-
-    /// Sends the checks waiting for shard `shard` of `set`, a batch at a time, until none
-    /// waits; holds one of the shard's turns meanwhile.
-    async fn send_waiting(&self, set: Arc<Set>, shard: usize) {
-        let group = &set.groups[shard];
-        loop {
-            let batch: Vec<Queued> = {
-                let mut queue = group.waiting.lock();
-                if queue.checks.is_empty() {
-                    queue.sending -= 1;
-                    return;
-                }
-                let take = queue.checks.len().min(MAX_BATCH);
-                queue.checks.drain(..take).collect()
-            };
-            self.answer_together(&set, shard, batch).await;
         }
     }
 
