@@ -37,9 +37,28 @@ use super::{failed, json_body, Answer, Failure, Forward, Group, PartAnswer, Rout
 /// hop").
 const SENDING_PER_DAEMON: usize = 2;
 
-/// Most checks sent in one batch: ~100 bytes of JSON each, so that a batch stays under
-/// the 64 KiB a daemon's keep-alive loop answers in place.
+/// Most checks sent in one batch.
 const MAX_BATCH: usize = 256;
+
+/// Most bytes of checks' JSON in one batch, so that it stays under the 64 KiB (head and
+/// body) a daemon's keep-alive loop answers in place (a larger one leaves that connection
+/// with hyper). Names are up to 1,024 bytes: 256 checks of short names fit many times
+/// over; checks of long ones go fewer at a time.
+const MAX_BATCH_BYTES: usize = 60 * 1024;
+
+/// How many checks of the given JSON sizes, in order, go in the next batch: at most
+/// [`MAX_BATCH`] and [`MAX_BATCH_BYTES`], and at least one.
+fn batch_len(sizes: impl Iterator<Item = usize>) -> usize {
+    let mut bytes = 0;
+    sizes
+        .take(MAX_BATCH)
+        .take_while(|size| {
+            bytes += size;
+            bytes <= MAX_BATCH_BYTES
+        })
+        .count()
+        .max(1)
+}
 
 /// The single checks waiting to go to a shard, and how many requests of them are in
 /// flight (at most [`SENDING_PER_DAEMON`] a daemon of the shard).
@@ -103,6 +122,12 @@ impl Check {
     pub(super) fn subject(&self) -> &str {
         &self.subject
     }
+
+    /// About the bytes it takes in a batch's JSON (`{"subject":…,"permission":…,"object":…},`;
+    /// names that need escapes take more).
+    fn json_len(&self) -> usize {
+        43 + self.subject.len() + self.permission.len() + self.object.len()
+    }
 }
 
 impl Waiting {
@@ -152,7 +177,7 @@ impl Drop for Turn {
             queue.sending -= 1;
             return;
         };
-        let take = queue.checks.len().min(MAX_BATCH);
+        let take = batch_len(queue.checks.iter().map(|queued| queued.check.json_len()));
         let batch: Vec<Queued> = queue.checks.drain(..take).collect();
         drop(queue);
         // The turn passes, with the checks that waited, to a task of their own, so that
@@ -316,5 +341,19 @@ impl Router {
                 futures_util::future::join_all(alone).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_holds_at_most_256_checks_and_60_kib_and_at_least_one() {
+        assert_eq!(batch_len(std::iter::repeat_n(80, 300)), MAX_BATCH);
+        assert_eq!(batch_len(std::iter::repeat_n(80, 3)), 3);
+        assert_eq!(batch_len(std::iter::repeat_n(3_100, 100)), 19);
+        assert_eq!(batch_len([70_000, 80].into_iter()), 1);
+        assert_eq!(batch_len([80, 70_000, 80].into_iter()), 1);
     }
 }
