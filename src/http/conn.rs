@@ -387,7 +387,10 @@ impl<S: Io> PlainLoop<S> {
                     }
                 }
             };
-            self.settle(&mut forwarded).await?;
+            if forwarded.len() > 0 {
+                // Only the router's connections forward: a daemon's never come here.
+                self.settle(&mut forwarded).await?;
+            }
             if !self.write.is_empty() {
                 self.stream.write_all(&self.write).await?;
                 self.write.clear();
