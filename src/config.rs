@@ -108,6 +108,10 @@ pub struct RouteArgs {
     /// Largest request body (bytes).
     #[arg(long, env = "PERMD_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
     pub body_limit: usize,
+    /// Most checks in one batch request, counted before it is split by shard (as the
+    /// daemons' `--max-batch`: give them the same).
+    #[arg(long, env = "PERMD_MAX_BATCH", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch: u64,
     /// Most open client connections; further clients wait to be accepted.
     #[arg(long, env = "PERMD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
@@ -154,6 +158,7 @@ impl RouteArgs {
                 token,
                 request_timeout: Duration::from_millis(self.request_timeout_ms),
                 body_limit: self.body_limit,
+                max_batch: usize::try_from(self.max_batch).unwrap_or(usize::MAX),
                 ca: self.shards_ca.clone(),
             },
             limits: ServerLimits {

@@ -299,6 +299,7 @@ async fn sharded(
         token: settings.http.token.clone(),
         request_timeout: settings.http.request_timeout,
         body_limit: settings.http.body_limit,
+        max_batch: settings.http.max_batch,
         ca: None,
     };
     let scheme = if settings.tls.is_some() {

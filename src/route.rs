@@ -17,7 +17,6 @@
 //! every shard of that set has a ready daemon (a reshard without a restart); each request
 //! is routed by one set from start to end.
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -62,6 +61,9 @@ pub struct RouteConfig {
     pub request_timeout: Duration,
     /// Largest request body, in bytes.
     pub body_limit: usize,
+    /// Most checks in one batch, as a daemon's `--max-batch`: a batch is refused whole
+    /// before it is split by shard, as one daemon of the whole set refuses it.
+    pub max_batch: usize,
     /// For `https://` daemons: the CAs to trust (PEM), instead of the system's.
     pub ca: Option<std::path::PathBuf>,
 }
@@ -483,7 +485,16 @@ impl Router {
             Err(_) => return too_large(self.0.config.body_limit),
         };
         let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
-        let (bodies, places): (Vec<String>, Vec<Vec<usize>>) = match set.split(&body) {
+        let split = set.split(&body);
+        let checks = split
+            .iter()
+            .flatten()
+            .map(|part| part.1.len())
+            .sum::<usize>();
+        if checks > self.0.config.max_batch {
+            return crate::http::too_many_checks(checks, self.0.config.max_batch).into_response();
+        }
+        let (bodies, places): (Vec<String>, Vec<Vec<usize>>) = match split {
             Some(parts) if parts.iter().filter(|p| !p.1.is_empty()).count() > 1 => {
                 parts.into_iter().unzip()
             }
@@ -498,7 +509,6 @@ impl Router {
                     .await;
             }
         };
-        let total: usize = places.iter().map(Vec::len).sum();
         let sends = bodies
             .into_iter()
             .enumerate()
@@ -526,7 +536,7 @@ impl Router {
                 }
             });
         let answers = futures_util::future::join_all(sends).await;
-        let mut results = vec![false; total];
+        let mut results = vec![false; checks];
         let mut revision: Option<u64> = None;
         for (shard, answer) in answers {
             let (status, bytes) = match answer {
@@ -785,13 +795,21 @@ impl Set {
     }
 
     /// A batch's parts by shard: each daemon's request body and where its checks' results
-    /// go, or `None` when the batch cannot be read (a daemon will say why).
+    /// go, or `None` when a daemon would refuse the batch before looking at its checks'
+    /// shards (it cannot be read, or a check is invalid): a daemon sent the whole batch
+    /// then says why as it would to the client, naming the check by its place in it.
     fn split(&self, body: &[u8]) -> Option<Vec<(String, Vec<usize>)>> {
         let batch: BatchRequest = serde_json::from_slice(body).ok()?;
+        if !batch
+            .at_least
+            .is_none_or(|at_least| crate::http::batch_token_reads(at_least.get()))
+        {
+            return None;
+        }
         let mut parts = vec![(String::new(), Vec::new()); self.groups.len()];
         for (place, check) in batch.checks.iter().enumerate() {
-            let subject: CheckSubject = serde_json::from_str(check.get()).ok()?;
-            let (body, places) = &mut parts[self.owner(&subject.subject)];
+            let subject = crate::http::valid_check_subject(check.get())?;
+            let (body, places) = &mut parts[self.owner(&subject)];
             body.push_str(if places.is_empty() {
                 "{\"checks\":["
             } else {
@@ -884,12 +902,6 @@ struct BatchRequest<'a> {
     checks: Vec<&'a RawValue>,
     #[serde(borrow)]
     at_least: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct CheckSubject<'a> {
-    #[serde(borrow)]
-    subject: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -1046,6 +1058,7 @@ mod tests {
             token: None,
             request_timeout: Duration::from_secs(1),
             body_limit: 1 << 20,
+            max_batch: 10_000,
             ca: None,
         })
         .expect("a router")
@@ -1168,6 +1181,7 @@ mod tests {
                 token: None,
                 request_timeout: Duration::from_secs(1),
                 body_limit: 1,
+                max_batch: 10_000,
                 ca: None,
             };
             Router::new(config)

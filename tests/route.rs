@@ -102,6 +102,7 @@ fn router(urls: &[&str], tls: &SelfSigned) -> Router {
         token: Token::new(TOKEN),
         request_timeout: Duration::from_secs(10),
         body_limit: 1 << 20,
+        max_batch: 10_000,
         ca: Some(tls.cert.clone()),
     })
     .expect("a router")
@@ -322,6 +323,7 @@ async fn the_router_sends_each_request_to_its_shard() {
         token: Token::new(TOKEN),
         request_timeout: Duration::from_secs(10),
         body_limit: 1 << 20,
+        max_batch: 10_000,
         ca: None,
     })
     .expect("a router");
@@ -524,6 +526,7 @@ async fn a_daemon_that_fails_rests() {
         token: Token::new(TOKEN),
         request_timeout: Duration::from_millis(300),
         body_limit: 1 << 20,
+        max_batch: 10_000,
         ca: Some(tls.cert.clone()),
     })
     .expect("a router");
@@ -945,6 +948,7 @@ async fn checks_waiting_for_a_shard_that_does_not_answer_fail_with_it() {
         token: Token::new(TOKEN),
         request_timeout: Duration::from_millis(300),
         body_limit: 1 << 20,
+        max_batch: 10_000,
         ca: Some(tls.cert.clone()),
     })
     .expect("a router");
@@ -985,4 +989,77 @@ async fn hyper_alone(router: Router) -> std::net::SocketAddr {
         }
     });
     address
+}
+
+/// A batch a daemon refuses is refused through the router as one daemon of the whole set
+/// refuses it: the same status and error, naming the check by its place in the batch the
+/// client sent, not in the part of it a shard's daemon got (a check that does not read,
+/// an invalid name, an `at_least` that does not read, too many checks; the router found
+/// by a differential fuzz of the two answered these with a part's error). A token that
+/// reads but is no number is each part's error as it is the whole's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
+    let (db, whole) = readers_served(9).await;
+    let mut served = Vec::new();
+    for index in 0..3 {
+        let shard = Shard::new(index, 3).expect("a shard");
+        served.push(Served::start(&db, shard, None).await);
+    }
+    let tls = SelfSigned::new("route-refused-batch");
+    let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
+    let (router, stop, serving) = serve_router(router(&urls, &tls), None).await;
+    let whole_address: std::net::SocketAddr = whole
+        .url
+        .strip_prefix("http://")
+        .expect("plain HTTP")
+        .parse()
+        .expect("an address");
+
+    // Nine users over the three shards, then the one wrong thing.
+    let checks = |wrong: Value, at: usize| {
+        let mut checks: Vec<Value> = (1..=9)
+            .map(|u| check(&format!("user:{u}"), "doc:1"))
+            .collect();
+        checks.insert(at, wrong);
+        checks
+    };
+    let long = "x".repeat(1025);
+    let many: Vec<Value> = (0..10_001)
+        .map(|u| check(&format!("user:{}", u % 9 + 1), "doc:1"))
+        .collect();
+    let refused = [
+        json!({ "checks": checks(json!({"subject": "user:5", "permission": 5}), 6) }),
+        json!({ "checks": checks(json!({"subject": "user:2", "permission": "read", "object": null}), 4) }),
+        json!({ "checks": checks(json!({"subject": "user:7"}), 3) }),
+        json!({ "checks": checks(json!({"subject": "user:8", "permission": "read", "extra": 1}), 7) }),
+        json!({ "checks": checks(check(&long, "doc:1"), 6) }),
+        json!({ "checks": checks(json!({"subject": "user:3", "permission": ""}), 8) }),
+        json!({ "checks": checks(check("user:4", "doc:1"), 0), "at_least": true }),
+        json!({ "checks": checks(check("user:4", "doc:1"), 0), "at_least": "abc" }),
+        json!({ "checks": many }),
+    ];
+    for batch in refused {
+        let body = batch.to_string();
+        let request = format!(
+            "POST /v1/check HTTP/1.1\r\nhost: permd\r\nauthorization: Bearer {TOKEN}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let status_and_body = |answer: String| {
+            let (head, body) = answer.split_once("\r\n\r\n").expect("an answer");
+            let status = head.lines().next().expect("a status line").to_owned();
+            (status, body.to_owned())
+        };
+        let direct =
+            status_and_body(common::raw::exchange(whole_address, request.as_bytes()).await);
+        let routed = status_and_body(common::raw::exchange(router, request.as_bytes()).await);
+        assert!(!direct.0.contains(" 200 "), "{direct:?}");
+        assert_eq!(routed, direct, "{}", &body[..body.len().min(400)]);
+    }
+    stop.cancel();
+    serving.await.expect("the router stops");
+    for served in served {
+        served.finish().await;
+    }
+    whole.finish().await;
 }

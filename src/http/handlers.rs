@@ -124,6 +124,43 @@ pub(super) struct BatchRequest {
     at_least: Option<TokenRepr>,
 }
 
+impl CheckItem {
+    /// Whether every identifier is one a daemon takes.
+    #[inline]
+    fn is_valid(&self) -> bool {
+        is_identifier(&self.subject, false)
+            && is_identifier(&self.permission, false)
+            && is_identifier(&self.object, true)
+    }
+}
+
+/// The subject of `check`, one check of a batch as its JSON, when a daemon finds nothing
+/// wrong with it: it reads as one, and its identifiers are valid. A router splits a batch
+/// by shard only when every check passes and its `at_least` reads
+/// ([`batch_token_reads`]): otherwise a daemon answers the whole batch's error, naming
+/// the check by its place in the batch the client sent (in a part, it would name its
+/// place in the part).
+pub(crate) fn valid_check_subject(check: &str) -> Option<CompactString> {
+    let check: CheckItem = serde_json::from_str(check).ok()?;
+    check.is_valid().then_some(check.subject)
+}
+
+/// Whether a batch's `at_least`, as its JSON, reads as a token's text or number. Whether
+/// the text is a token is decided after the checks' shards, so a part of a split batch
+/// answers it as the whole would.
+pub(crate) fn batch_token_reads(at_least: &str) -> bool {
+    serde_json::from_str::<TokenRepr>(at_least).is_ok()
+}
+
+/// The error a daemon answers to a batch of `checks` checks when it allows at most
+/// `max_batch`.
+pub(crate) fn too_many_checks(checks: usize, max_batch: usize) -> ApiError {
+    ApiError::Invalid {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("{checks} checks in one request; at most {max_batch} are allowed"),
+    }
+}
+
 /// `POST /v1/check` with `{"checks":[{subject,permission,object?}],"at_least"?}`
 pub(super) async fn check_batch(
     State(app): State<App>,
@@ -131,14 +168,7 @@ pub(super) async fn check_batch(
 ) -> Result<Json<BatchAnswer>, ApiError> {
     let started = Instant::now();
     if body.checks.len() > app.config.max_batch {
-        return Err(ApiError::Invalid {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!(
-                "{} checks in one request; at most {} are allowed",
-                body.checks.len(),
-                app.config.max_batch
-            ),
-        });
+        return Err(too_many_checks(body.checks.len(), app.config.max_batch));
     }
     for (i, c) in body.checks.iter().enumerate() {
         let fields = [
@@ -181,15 +211,10 @@ impl App {
         // string again: per string (two per field) it was a twelfth of a batch's CPU. A body
         // that is not UTF-8 goes to the router, whose `from_slice` writes the error.
         let batch: BatchRequest = serde_json::from_str(std::str::from_utf8(body).ok()?).ok()?;
-        let valid = batch.checks.iter().all(|c| {
-            is_identifier(&c.subject, false)
-                && is_identifier(&c.permission, false)
-                && is_identifier(&c.object, true)
-        });
         if batch.at_least.is_some()
             || self.answerable().is_err()
             || batch.checks.len() > self.config.max_batch
-            || !valid
+            || !batch.checks.iter().all(CheckItem::is_valid)
             || self.misdirected(&batch.checks).is_some()
         {
             return None;

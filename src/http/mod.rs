@@ -25,6 +25,7 @@ use axum::Router;
 pub(crate) use conn::{Answering, Served};
 pub use error::ApiError;
 pub use fast::Api;
+pub(crate) use handlers::{batch_token_reads, too_many_checks, valid_check_subject};
 pub(crate) use metrics::Metrics;
 pub(crate) use server::serve_all;
 pub use server::{serve, serve_on, ServerLimits};
