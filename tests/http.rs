@@ -435,6 +435,17 @@ async fn batch_bodies_are_validated() {
             let error = answer["error"].as_str().unwrap_or_default();
             assert!(error.contains("unknown field `at_leats`"), "{error}");
         }
+        if what == "negative token" {
+            // What a token is, and no type of the daemon's own.
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains(
+                    "at_least: invalid type: integer `-3`, expected a token from \
+                     permd.write_token() (its text, or the same unsigned integer)"
+                ),
+                "{error}"
+            );
+        }
     }
     let invalid_utf8 = vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'];
     let (status, answer) = post(&r, "/v1/check", json_type, invalid_utf8).await;

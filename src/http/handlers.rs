@@ -19,11 +19,36 @@ use crate::store::{Listing, Xid};
 type ApiResult = Result<Json<Value>, ApiError>;
 
 /// A read-your-writes token: the text of `permd.write_token()`, or the same number.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum TokenRepr {
     Text(String),
     Number(u64),
+}
+
+/// Read by hand rather than `#[serde(untagged)]`, whose error for anything else names
+/// the type ("did not match any variant of untagged enum TokenRepr"): this one says what
+/// was sent and what a token is.
+impl<'de> Deserialize<'de> for TokenRepr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Token;
+        impl serde::de::Visitor<'_> for Token {
+            type Value = TokenRepr;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a token from permd.write_token() (its text, or the same unsigned integer)",
+                )
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<TokenRepr, E> {
+                Ok(TokenRepr::Number(n))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<TokenRepr, E> {
+                Ok(TokenRepr::Text(text.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Token)
+    }
 }
 
 fn parse_token(token: Option<&TokenRepr>) -> Result<Option<Xid>, ApiError> {
