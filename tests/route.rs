@@ -14,6 +14,7 @@ use permd::http::{HttpConfig, ServerCerts, ServerLimits, Token};
 use permd::route::{RouteConfig, Router};
 use permd::shard::Shard;
 use permd::sync::SyncConfig;
+use proptest::prelude::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
@@ -1062,4 +1063,209 @@ async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
         served.finish().await;
     }
     whole.finish().await;
+}
+
+/// A request for the differential test below: a batch's body, or a `GET` target.
+#[derive(Debug, Clone)]
+enum Asked {
+    Batch(String),
+    Get(String),
+}
+
+/// Names as clients send them, good and bad: subjects of every shard, the public `*`,
+/// empty, over-long, not ASCII.
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => (1..=12u32).prop_map(|u| format!("user:{u}")),
+        1 => Just("*".to_owned()),
+        1 => Just(String::new()),
+        1 => Just("x".repeat(1025)),
+        1 => Just("ü/é".to_owned()),
+        1 => Just("doc:1".to_owned()),
+        1 => Just("read".to_owned()),
+    ]
+}
+
+/// A JSON value where a batch wants a string: mostly a name, now and then something else.
+fn field() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        8 => name().prop_map(Value::from),
+        1 => Just(Value::Null),
+        1 => Just(json!(5)),
+    ]
+}
+
+fn batch() -> impl Strategy<Value = String> {
+    let check = (
+        prop::option::weighted(0.95, field()),
+        prop::option::weighted(0.95, field()),
+        prop::option::of(field()),
+        prop::bool::weighted(0.03),
+    )
+        .prop_map(|(subject, permission, object, extra)| {
+            let mut check = serde_json::Map::new();
+            for (key, value) in [
+                ("subject", subject),
+                ("permission", permission),
+                ("object", object),
+            ] {
+                if let Some(value) = value {
+                    check.insert(key.to_owned(), value);
+                }
+            }
+            if extra {
+                check.insert("extra".to_owned(), json!(1));
+            }
+            Value::Object(check)
+        });
+    let at_least = prop_oneof![
+        6 => Just(None),
+        1 => Just(Some(json!("1"))),
+        1 => Just(Some(json!(1))),
+        1 => Just(Some(json!("abc"))),
+        1 => Just(Some(json!(true))),
+        1 => Just(Some(json!(""))),
+    ];
+    let whole = (prop::collection::vec(check, 0..10), at_least).prop_map(|(checks, at_least)| {
+        let mut body = json!({ "checks": checks });
+        if let Some(at_least) = at_least {
+            body["at_least"] = at_least;
+        }
+        body.to_string()
+    });
+    prop_oneof![
+        12 => whole,
+        1 => Just("{".to_owned()),
+        1 => Just("[]".to_owned()),
+        1 => Just(r#"{"checks":[],"other":1}"#.to_owned()),
+    ]
+}
+
+fn get() -> impl Strategy<Value = String> {
+    let parameter = (
+        prop_oneof![
+            Just("subject"),
+            Just("permission"),
+            Just("object"),
+            Just("at_least"),
+            Just("limit"),
+            Just("usage"),
+            Just("after"),
+        ],
+        prop_oneof![3 => name(), 1 => Just("7".to_owned()), 1 => Just("-1".to_owned())],
+    );
+    let query = prop::collection::vec(parameter, 0..5).prop_map(|parameters| {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (key, value) in parameters {
+            query.append_pair(key, &value);
+        }
+        query.finish()
+    });
+    let path = prop_oneof![
+        3 => Just("/v1/check".to_owned()),
+        1 => Just("/v1/check-limit".to_owned()),
+        3 => (name(), prop_oneof![Just("permissions"), Just("objects"), Just("limits"), Just("rows")])
+            .prop_map(|(subject, what)| {
+                let subject: String =
+                    form_urlencoded::byte_serialize(subject.as_bytes()).collect();
+                format!("/v1/subjects/{subject}/{what}")
+            }),
+    ];
+    (path, query).prop_map(|(path, query)| format!("{path}?{query}"))
+}
+
+/// Any request through the router is answered as one daemon of the whole set answers it:
+/// the same status and body (revisions aside), whatever shards a batch's checks are of
+/// and whatever is wrong with it. Random batches and `GET`s, each sent to both.
+#[test]
+fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (_db, whole, served, router, stop) = runtime.block_on(async {
+        let (db, whole) = readers_served(9).await;
+        db.exec(
+            "INSERT INTO permd.tuples VALUES ('*', 'doc:2', 'read', NULL);
+             INSERT INTO permd.limits SELECT 'user:' || i, 'projects', i FROM generate_series(1, 6) i;",
+        )
+        .await;
+        let mut served = Vec::new();
+        for index in 0..3 {
+            let shard = Shard::new(index, 3).expect("a shard");
+            served.push(Served::start(&db, shard, None).await);
+        }
+        let tls = SelfSigned::new("route-differential");
+        let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
+        let (router, stop, _serving) = serve_router(router(&urls, &tls), None).await;
+        // Every daemon has loaded the rows above before the first comparison.
+        let token = db
+            .write("INSERT INTO permd.tuples VALUES ('user:12', 'doc:3', 'read', NULL)")
+            .await;
+        for url in std::iter::once(&whole.url).chain(served.iter().map(|s| &s.url)) {
+            let address = url.strip_prefix("http://").expect("plain HTTP");
+            let request = format!(
+                "GET /v1/check?subject=*&permission=read&at_least={token} HTTP/1.1\r\n\
+                 host: permd\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
+            );
+            let answer =
+                common::raw::exchange(address.parse().expect("an address"), request.as_bytes())
+                    .await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        (db, whole, served, router, stop)
+    });
+    let whole_address: std::net::SocketAddr = whole
+        .url
+        .strip_prefix("http://")
+        .expect("plain HTTP")
+        .parse()
+        .expect("an address");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let asked = prop_oneof![
+        1 => batch().prop_map(Asked::Batch),
+        1 => get().prop_map(Asked::Get),
+    ];
+    let result = runner.run(&asked, |asked| {
+        let request = match &asked {
+            Asked::Batch(body) => format!(
+                "POST /v1/check HTTP/1.1\r\nhost: permd\r\nauthorization: Bearer {TOKEN}\r\n\
+                 content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+            Asked::Get(target) => format!(
+                "GET {target} HTTP/1.1\r\nhost: permd\r\nauthorization: Bearer {TOKEN}\r\n\
+                 connection: close\r\n\r\n"
+            ),
+        };
+        let status_and_body = |answer: String| {
+            let answer = common::raw::without_revisions(&answer);
+            let (head, body) = answer.split_once("\r\n\r\n").expect("an answer");
+            let status = head.lines().next().expect("a status line").to_owned();
+            (status, body.to_owned())
+        };
+        let (direct, routed) = runtime.block_on(async {
+            (
+                status_and_body(common::raw::exchange(whole_address, request.as_bytes()).await),
+                status_and_body(common::raw::exchange(router, request.as_bytes()).await),
+            )
+        });
+        prop_assert_eq!(routed, direct);
+        Ok(())
+    });
+    runtime.block_on(async {
+        stop.cancel();
+        for served in served {
+            served.finish().await;
+        }
+        whole.finish().await;
+    });
+    if let Err(error) = result {
+        panic!("{error}");
+    }
 }
