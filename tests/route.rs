@@ -32,12 +32,22 @@ struct Served {
 impl Served {
     /// Serves HTTPS with `tls`, at `https://localhost:PORT`.
     async fn start(db: &TestDb, shard: Shard, tls: Option<&SelfSigned>) -> Self {
+        Self::start_with(db, shard, tls, patient()).await
+    }
+
+    /// `start`, with `http` for what the daemon serves but its shard and token.
+    async fn start_with(
+        db: &TestDb,
+        shard: Shard,
+        tls: Option<&SelfSigned>,
+        http: HttpConfig,
+    ) -> Self {
         let mut sync = SyncConfig::new(&db.url);
         sync.shard = shard;
         let http = HttpConfig {
             shard,
             token: Token::new(TOKEN),
-            ..patient()
+            ..http
         };
         let daemon = TestDaemon::start_with(sync, http).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -881,6 +891,116 @@ async fn single_checks_that_wait_for_their_shard_go_together() {
     assert!(
         (30..=118).contains(&coalesced),
         "{coalesced} of 120 checks coalesced"
+    );
+    stop.cancel();
+    serving.await.expect("the router stops");
+    for served in served {
+        served.finish().await;
+    }
+}
+
+/// Checks with an `at_least` token go together too once the shard's answers have reached
+/// it (each answered as hyper alone answers it, revisions aside), with the batch carrying
+/// the highest token; a token past what the shard has answered goes alone, sent once,
+/// and is answered 503 stale after the daemon's wait without holding any other check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_with_a_token_the_shard_has_reached_go_together() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:' || (i % 3), 'read', NULL
+         FROM generate_series(1, 40) i",
+    )
+    .await;
+    let quick = HttpConfig {
+        max_wait: Duration::from_millis(300),
+        ..patient()
+    };
+    let served = [
+        Served::start_with(&db, Shard::new(0, 2).expect("a shard"), None, quick.clone()).await,
+        Served::start_with(&db, Shard::new(1, 2).expect("a shard"), None, quick).await,
+    ];
+    let token: u64 = db
+        .write("INSERT INTO permd.tuples VALUES ('user:41', 'doc:2', 'read', NULL)")
+        .await
+        .parse()
+        .expect("a token");
+    // Both daemons have applied the write before the pipelines (each wait is 300 ms).
+    for served in &served {
+        let address: std::net::SocketAddr = served
+            .url
+            .strip_prefix("http://")
+            .expect("plain HTTP")
+            .parse()
+            .expect("an address");
+        let check = format!(
+            "GET /v1/check?subject=*&permission=read&at_least={token} HTTP/1.1\r\n\
+             host: permd\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
+        );
+        common::wait_until("the write applied", || async {
+            common::raw::exchange(address, check.as_bytes())
+                .await
+                .starts_with("HTTP/1.1 200 OK")
+        })
+        .await;
+    }
+    let tls = SelfSigned::new("route-tokens");
+    let router = router(&[&served[0].url, &served[1].url], &tls);
+    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let pipeline = |token: u64, count: u32| {
+        let mut pipeline = String::new();
+        for n in 0..count {
+            let i = 1 + n % 41;
+            let last = if n + 1 == count {
+                "connection: close\r\n"
+            } else {
+                ""
+            };
+            pipeline.push_str(&format!(
+                "GET /v1/check?subject=user:{i}&permission=read&object=doc:{}&at_least={token} \
+                 HTTP/1.1\r\nhost: router\r\nauthorization: Bearer {TOKEN}\r\n{last}\r\n",
+                (i + n) % 3
+            ));
+        }
+        pipeline
+    };
+
+    // Every check carries the write's token: the first go alone, and once their answers
+    // have shown the shard past it, those that wait go together.
+    let reached = pipeline(token, 120);
+    let ours = common::raw::exchange(address, reached.as_bytes()).await;
+    let theirs = common::raw::exchange(hyper_alone(router.clone()).await, reached.as_bytes()).await;
+    assert_eq!(
+        common::raw::without_revisions(&ours),
+        common::raw::without_revisions(&theirs)
+    );
+    assert_eq!(ours.matches("HTTP/1.1 200 OK").count(), 120, "{ours}");
+    assert!(ours.contains(r#"{"allowed":true,"#), "{ours}");
+    assert!(ours.contains(r#"{"allowed":false,"#), "{ours}");
+    let coalesced = counter(&router, "permd_route_coalesced_total").await;
+    assert!(coalesced > 0, "no check with a token reached went together");
+
+    // A token no write has returned yet: never sent in a batch (a batch of it would be
+    // sent, refused 503 and each of its checks sent again), so each check is sent once.
+    let forwarded = || async {
+        let mut sum = 0;
+        for (shard, served) in served.iter().enumerate() {
+            let series = format!(
+                "permd_route_forwarded_total{{shard=\"{shard}/2\",url=\"{}\"}}",
+                served.url
+            );
+            sum += counter(&router, &series).await;
+        }
+        sum
+    };
+    let before = forwarded().await;
+    let ahead = pipeline(token + 1_000_000, 40);
+    let ours = common::raw::exchange(address, ahead.as_bytes()).await;
+    assert_eq!(ours.matches("HTTP/1.1 503").count(), 40, "{ours}");
+    assert!(ours.contains(r#""error":"stale""#), "{ours}");
+    assert_eq!(forwarded().await - before, 40);
+    assert_eq!(
+        counter(&router, "permd_route_coalesced_total").await,
+        coalesced
     );
     stop.cancel();
     serving.await.expect("the router stops");

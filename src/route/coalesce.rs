@@ -17,10 +17,19 @@
 //! when no daemon of the shard answers a request, its checks and every check waiting
 //! meanwhile get the router's 502 or 504 (not sent again to wait out the same daemons: a
 //! check waits for at most a request in flight and then its own). Only a check of
-//! `subject`, `permission` and `object` (or none) is coalesced: one with `at_least`, or
-//! anything else in its query, goes alone as it came.
+//! `subject`, `permission`, `object` (or none) and `at_least` (or none) is coalesced:
+//! anything else in its query, and it goes alone as it came.
+//!
+//! A check with `at_least` waits only when the shard's answers have already passed its
+//! token (carried a revision above it: a revision is a watermark, every transaction
+//! below it applied; the highest seen is [`Waiting::seen`]). Its batch carries the
+//! highest token of its checks, one a daemon of the shard has passed, so no check in it
+//! waits on a write not applied yet. A check whose token the shard's answers have not
+//! passed goes at once, alone, not counted among the requests in flight. A batch with
+//! tokens answered 503 (a daemon of the shard behind the others) has each check sent
+//! again alone, for its own answer.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::body::{Body, HttpBody};
@@ -63,7 +72,13 @@ fn batch_len(sizes: impl Iterator<Item = usize>) -> usize {
 /// The single checks waiting to go to a shard, and how many requests of them are in
 /// flight (at most [`SENDING_PER_DAEMON`] a daemon of the shard).
 #[derive(Default)]
-pub(super) struct Waiting(Mutex<Queue>);
+pub(super) struct Waiting {
+    queue: Mutex<Queue>,
+    /// The highest revision the shard's answers to checks have carried: a check whose
+    /// `at_least` is below it may wait with the others. An atomic beside the queue's
+    /// lock, since answers raise it without the queue.
+    seen: AtomicU64,
+}
 
 #[derive(Default)]
 struct Queue {
@@ -82,12 +97,15 @@ pub(super) struct Check {
     subject: String,
     permission: String,
     object: String,
+    /// Its `at_least` token, written as digits.
+    at_least: Option<u64>,
 }
 
 impl Check {
     /// The check `request` asks, when it is a `GET /v1/check` without a body whose query
-    /// has `subject`, `permission` and maybe `object`, each once, and nothing else, all
-    /// valid UTF-8; else `None` (the request goes alone, as it came).
+    /// has `subject`, `permission` and maybe `object` and an `at_least` of digits, each
+    /// once, and nothing else, all valid UTF-8; else `None` (the request goes alone, as
+    /// it came).
     pub(super) fn of(request: &Request<Body>) -> Option<Self> {
         if request.method() != Method::GET
             || request.uri().path() != "/v1/check"
@@ -97,12 +115,13 @@ impl Check {
         }
         let target = request.uri().path_and_query()?.as_str();
         let (_, query) = target.split_once('?')?;
-        let (mut subject, mut permission, mut object) = (None, None, None);
+        let (mut subject, mut permission, mut object, mut at_least) = (None, None, None, None);
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             let slot = match &*key {
                 "subject" => &mut subject,
                 "permission" => &mut permission,
                 "object" => &mut object,
+                "at_least" => &mut at_least,
                 _ => return None,
             };
             if slot.is_some() || value.contains(char::REPLACEMENT_CHARACTER) {
@@ -110,11 +129,18 @@ impl Check {
             }
             *slot = Some(value.into_owned());
         }
+        // Digits only: any other token (empty, spaced, signed) is the daemon's to read.
+        let at_least = match at_least {
+            None => None,
+            Some(token) if token.bytes().all(|b| b.is_ascii_digit()) => Some(token.parse().ok()?),
+            Some(_) => return None,
+        };
         Some(Self {
             target: target.to_owned(),
             subject: subject?,
             permission: permission?,
             object: object.unwrap_or_default(),
+            at_least,
         })
     }
 
@@ -132,14 +158,21 @@ impl Check {
 
 impl Waiting {
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An answer of the shard's carried `revision`.
+    fn saw(&self, revision: u64) {
+        self.seen.fetch_max(revision, Ordering::Relaxed);
     }
 }
 
 /// When a check goes to its shard.
 enum Go {
-    /// At once, alone.
+    /// At once, alone, counted in flight.
     Now(Check),
+    /// At once, alone, not counted: the shard's answers have not passed its token.
+    Past(Check),
     /// With the checks waiting with it: its answer to come.
     Later(oneshot::Receiver<Answer>),
 }
@@ -155,6 +188,9 @@ struct BatchCheck<'a> {
 #[derive(Serialize)]
 struct BatchBody<'a> {
     checks: Vec<BatchCheck<'a>>,
+    /// The highest of the checks' tokens, as a token's text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at_least: Option<String>,
 }
 
 /// A request in flight to a shard, for its checks: when it ends (answered, or dropped
@@ -208,6 +244,11 @@ impl Router {
             if queue.sending < SENDING_PER_DAEMON * group.daemons.len() {
                 queue.sending += 1;
                 Go::Now(check)
+            } else if check
+                .at_least
+                .is_some_and(|token| token >= group.waiting.seen.load(Ordering::Relaxed))
+            {
+                Go::Past(check)
             } else {
                 let (answer, waiting) = oneshot::channel();
                 queue.checks.push(Queued { check, answer });
@@ -223,6 +264,7 @@ impl Router {
                 };
                 self.alone(group, check.target).await
             }
+            Go::Past(check) => self.alone(group, check.target).await,
             Go::Later(waiting) => waiting.await.unwrap_or_else(|_| {
                 failed(
                     group,
@@ -234,14 +276,28 @@ impl Router {
 
     /// Sends the check of `target` alone to `group`'s daemons: their answer, or when none
     /// answered, the router's 502 or 504, which is also the answer of every check waiting
-    /// for the shard meanwhile (else each would wait out the same daemons again).
+    /// for the shard meanwhile (else each would wait out the same daemons again). The
+    /// revision of an answer raises what the shard is known to have reached.
     async fn alone(&self, group: &Group, target: String) -> Answer {
-        match self.send(group, &Forward::get(target)).await {
-            Ok(answer) => answer.map(Body::new),
+        let answer = match self.send(group, &Forward::get(target)).await {
+            Ok(answer) => answer,
             Err(failure) => {
                 self.fail_waiting(group, &failure);
-                failed(group, &failure)
+                return failed(group, &failure);
             }
+        };
+        if answer.status() != StatusCode::OK {
+            return answer.map(Body::new);
+        }
+        let (head, body) = answer.into_parts();
+        match axum::body::to_bytes(Body::new(body), usize::MAX).await {
+            Ok(bytes) => {
+                if let Some(revision) = revision_of(&bytes) {
+                    group.waiting.saw(revision);
+                }
+                Response::from_parts(head, Body::from(bytes))
+            }
+            Err(error) => failed(group, &Failure::broken(error.to_string())),
         }
     }
 
@@ -264,6 +320,7 @@ impl Router {
             let _ = queued.answer.send(answer);
             return;
         }
+        let at_least = batch.iter().filter_map(|q| q.check.at_least).max();
         let body = BatchBody {
             checks: batch
                 .iter()
@@ -273,6 +330,7 @@ impl Router {
                     object: &q.check.object,
                 })
                 .collect(),
+            at_least: at_least.map(|token| token.to_string()),
         };
         let body = serde_json::to_vec(&body).expect("strings serialize");
         let content_type = Some(HeaderValue::from_static("application/json"));
@@ -315,6 +373,9 @@ impl Router {
                 self.0
                     .coalesced
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if let Ok(revision) = part.revision.parse() {
+                    group.waiting.saw(revision);
+                }
                 for (queued, allowed) in batch.into_iter().zip(part.results) {
                     let body = format!(
                         "{{\"allowed\":{allowed},\"revision\":{}}}",
@@ -323,7 +384,7 @@ impl Router {
                     let _ = queued.answer.send(json_body(StatusCode::OK, body.into()));
                 }
             }
-            StatusCode::SERVICE_UNAVAILABLE => {
+            StatusCode::SERVICE_UNAVAILABLE if at_least.is_none() => {
                 // Not loaded, behind, overloaded: each check's answer alone too.
                 for queued in batch {
                     let mut answer = Response::new(Body::from(bytes.clone()));
@@ -333,7 +394,8 @@ impl Router {
                 }
             }
             _ => {
-                // A check the daemon refused: each alone, for its own answer.
+                // A check the daemon refused, or a daemon behind the batch's highest
+                // token (another check's, maybe): each alone, for its own answer.
                 let alone = batch.into_iter().map(|queued| async move {
                     let answer = self.relay(group, &Forward::get(queued.check.target)).await;
                     let _ = queued.answer.send(answer);
@@ -344,9 +406,29 @@ impl Router {
     }
 }
 
+/// The revision of a daemon's answer to a check, `{"allowed":…,"revision":"N"}`.
+fn revision_of(body: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"revision\":\"";
+    let at = body.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = &body[at..];
+    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_revision_is_read_from_a_check_answer() {
+        assert_eq!(
+            revision_of(br#"{"allowed":true,"revision":"755"}"#),
+            Some(755)
+        );
+        assert_eq!(revision_of(br#"{"allowed":true,"revision":""}"#), None);
+        assert_eq!(revision_of(br#"{"allowed":true}"#), None);
+        assert_eq!(revision_of(br#"{"revision":"12"#), None);
+    }
 
     #[test]
     fn a_batch_holds_at_most_256_checks_and_60_kib_and_at_least_one() {
