@@ -1009,6 +1009,98 @@ async fn checks_with_a_token_the_shard_has_reached_go_together() {
     }
 }
 
+/// A daemon answers a check or a batch whose `at_least` token it has passed (the write
+/// applied) in its own loop at once, as one without a token; a token not passed goes to
+/// the router's handler, which waits for it (here past `max_wait`: 503 stale). Not the
+/// router's: the daemon's, served as `permd serve` serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_answers_a_token_it_has_passed_in_its_own_loop() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    let quick = HttpConfig {
+        max_wait: Duration::from_millis(50),
+        ..patient()
+    };
+    let served = Served::start_with(&db, Shard::WHOLE, None, quick).await;
+    let token: u64 = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await
+        .parse()
+        .expect("a token");
+    let address: std::net::SocketAddr = served
+        .url
+        .strip_prefix("http://")
+        .expect("plain HTTP")
+        .parse()
+        .expect("an address");
+    // Kept alive (a `Connection` header sends a request to hyper), each pipeline ends
+    // with a scrape of hyper's count, which closes the connection and counts itself.
+    let head = format!("host: permd\r\nauthorization: Bearer {TOKEN}");
+    let check = |token: &str| {
+        format!("GET /v1/check?subject=user:2&permission=read&object=doc:1&at_least={token} HTTP/1.1\r\n{head}\r\n\r\n")
+    };
+    let batch = |token: &str| {
+        let body = format!(
+            r#"{{"checks":[{{"subject":"user:2","permission":"read","object":"doc:1"}}],"at_least":"{token}"}}"#
+        );
+        format!(
+            "POST /v1/check HTTP/1.1\r\n{head}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let scrape = format!("GET /metrics HTTP/1.1\r\n{head}\r\nconnection: close\r\n\r\n");
+    let ask = |requests: Vec<String>| {
+        let pipeline = requests.concat() + &scrape;
+        async move {
+            let answers = common::raw::exchange(address, pipeline.as_bytes()).await;
+            let count = answers
+                .lines()
+                .find_map(|line| line.strip_prefix("permd_http_hyper_requests_total "))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no count in {answers}"));
+            (answers, count)
+        }
+    };
+    // Asked until the write is applied (each time the router's handler waits for it).
+    common::wait_until("the write applied", || async {
+        ask(vec![check(&token.to_string())])
+            .await
+            .0
+            .starts_with("HTTP/1.1 200 OK")
+    })
+    .await;
+    let (_, before) = ask(Vec::new()).await;
+    let passed = [
+        check(&token.to_string()),
+        check(&format!("%20{token}")),
+        batch(&token.to_string()),
+    ];
+    let (answers, count) = ask(passed.to_vec()).await;
+    // Only the scrape was hyper's.
+    assert_eq!(count, before + 1, "{answers}");
+    let revisions: Vec<u64> = answers
+        .split("\"revision\":\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next()?.parse().ok())
+        .collect();
+    assert_eq!(revisions.len(), 3, "{answers}");
+    assert!(revisions.iter().all(|r| *r > token), "{answers}");
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 4, "{answers}");
+    assert_eq!(answers.matches(r#""allowed":true"#).count(), 2, "{answers}");
+    assert!(answers.contains(r#""results":[true]"#), "{answers}");
+    let ahead = (revisions[2] + 1_000).to_string();
+    let (answers, count) = ask(vec![check(&ahead), batch(&ahead)]).await;
+    assert_eq!(answers.matches("HTTP/1.1 503").count(), 2, "{answers}");
+    assert_eq!(
+        answers.matches(r#""error":"stale""#).count(),
+        2,
+        "{answers}"
+    );
+    assert_eq!(count, before + 4, "{answers}");
+    served.finish().await;
+}
+
 /// A check dropped while its request to the daemon is in flight (its client gone) gives
 /// the shard's turn back: the checks after it do not wait for an answer that will never
 /// come.

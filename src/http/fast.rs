@@ -2,8 +2,9 @@
 //!
 //! A single check is almost all of permd's traffic, and its answer costs far less than
 //! the routing, the two middleware layers, the query deserializer and the JSON value
-//! around it. So the plain case (no `at_least`, valid input, admitted, authorized,
-//! answerable) is answered here, byte for byte as the router would answer it; every other
+//! around it. So the plain case (no `at_least`, or one whose write is applied; valid
+//! input, admitted, authorized, answerable) is answered here, byte for byte as the router
+//! would answer it; every other
 //! request, and every case the fast path does not handle, goes to the router, which
 //! remains the one place where errors are decided.
 
@@ -83,12 +84,13 @@ struct CheckFields<'a> {
     subject: Option<Cow<'a, str>>,
     permission: Option<Cow<'a, str>>,
     object: Option<Cow<'a, str>>,
+    at_least: Option<Cow<'a, str>>,
 }
 
 impl<'a> CheckFields<'a> {
-    /// The fields of `query`, or `None` when the router must decide: a field twice,
-    /// `at_least` present, a field of another name, or a value that the handler would
-    /// refuse.
+    /// The fields of `query`, or `None` when the router must decide: a field twice, a
+    /// field of another name, or a name that the handler would refuse (`at_least` is
+    /// read by [`App::check_plain`]).
     fn parse(query: &'a str) -> Option<Self> {
         // Almost every query has nothing to decode: its pairs are slices of it, split as
         // the form decoder splits them (on `&`, empty pairs skipped, at the first `=`).
@@ -124,8 +126,8 @@ impl<'a> CheckFields<'a> {
             "subject" => &mut self.subject,
             "permission" => &mut self.permission,
             "object" => &mut self.object,
-            // A token to wait for, or a parameter the route does not know (refused):
-            // the router answers those.
+            "at_least" => &mut self.at_least,
+            // A parameter the route does not know (refused): the router answers it.
             _ => return None,
         };
         slot.replace(value).is_none().then_some(())
@@ -175,7 +177,7 @@ impl AnswerBody {
 impl App {
     /// Answers a plain `GET /v1/check` as the router would, or `None` to let the router
     /// answer (errors, shedding, `at_least` waits and authorization failures are all
-    /// decided there, once). `authorization` is the first `Authorization` header's value.
+    /// decided there, once; a token whose write is applied needs no wait). `authorization` is the first `Authorization` header's value.
     pub(super) fn check_plain(
         &self,
         query: &str,
@@ -191,11 +193,18 @@ impl App {
         let (Some(subject), Some(permission)) = (&fields.subject, &fields.permission) else {
             return None;
         };
+        // A token whose write is not applied yet is waited for by the router's handler,
+        // and one that is not a token refused there.
+        let token = fields
+            .at_least
+            .as_deref()
+            .map_or(Ok(None), super::handlers::token_of_text)
+            .ok()?;
+        let revision = self.revision_now(token)?;
         if !self.config.shard.owns(subject) || self.answerable().is_err() {
             return None;
         }
         let object = fields.object.as_deref().unwrap_or("");
-        let revision = self.store.watermark();
         let allowed = self.store.check(subject, permission, object);
         self.metrics
             .checked(u64::from(allowed), u64::from(!allowed), started.elapsed());

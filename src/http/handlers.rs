@@ -55,12 +55,31 @@ fn parse_token(token: Option<&TokenRepr>) -> Result<Option<Xid>, ApiError> {
     match token {
         None => Ok(None),
         Some(TokenRepr::Number(n)) => Ok(Some(Xid(*n))),
-        Some(TokenRepr::Text(t)) if t.is_empty() => Ok(None),
-        Some(TokenRepr::Text(t)) => t.trim().parse().map(|n| Some(Xid(n))).map_err(|_| {
-            ApiError::bad_request(format!(
-                "`at_least` must be a token from permd.write_token() (an unsigned integer), got {t:?}"
-            ))
-        }),
+        Some(TokenRepr::Text(t)) => token_of_text(t),
+    }
+}
+
+/// A token given as text: none when empty, else its number.
+pub(super) fn token_of_text(text: &str) -> Result<Option<Xid>, ApiError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.trim().parse().map(|n| Some(Xid(n))).map_err(|_| {
+        ApiError::bad_request(format!(
+            "`at_least` must be a token from permd.write_token() (an unsigned integer), got {text:?}"
+        ))
+    })
+}
+
+impl App {
+    /// The revision a check with `token` is answered at when it need not wait: the
+    /// watermark, when there is no token or its write is applied; `None` when the check
+    /// must wait for it, which the router's handlers do.
+    pub(super) fn revision_now(&self, token: Option<Xid>) -> Option<Xid> {
+        match token {
+            None => Some(self.store.watermark()),
+            Some(token) => self.store.passed(token),
+        }
     }
 }
 
@@ -219,8 +238,9 @@ pub(super) async fn check_batch(
 impl App {
     /// Answers a batch `POST /v1/check` whose whole body the keep-alive loop read (sent as
     /// `Content-Type: application/json`) with the JSON body the router would answer, or
-    /// `None` to let the router answer: errors, shedding, `at_least` waits and
-    /// authorization failures are all decided there, once.
+    /// `None` to let the router answer: errors, shedding, `at_least` waits (a token whose
+    /// write is applied needs none) and authorization failures are all decided there,
+    /// once.
     pub(super) fn check_batch_plain(
         &self,
         body: &[u8],
@@ -236,15 +256,16 @@ impl App {
         // string again: per string (two per field) it was a twelfth of a batch's CPU. A body
         // that is not UTF-8 goes to the router, whose `from_slice` writes the error.
         let batch: BatchRequest = serde_json::from_str(std::str::from_utf8(body).ok()?).ok()?;
-        if batch.at_least.is_some()
-            || self.answerable().is_err()
+        // A token that is not one is the router's to refuse.
+        let revision = self.revision_now(parse_token(batch.at_least.as_ref()).ok()?)?;
+        if self.answerable().is_err()
             || batch.checks.len() > self.config.max_batch
             || !batch.checks.iter().all(CheckItem::is_valid)
             || self.misdirected(&batch.checks).is_some()
         {
             return None;
         }
-        let answer = self.answer_batch(&batch.checks, self.store.watermark(), started);
+        let answer = self.answer_batch(&batch.checks, revision, started);
         serde_json::to_vec(&answer).ok()
     }
 

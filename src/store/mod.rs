@@ -189,8 +189,7 @@ impl Store {
     pub async fn wait_past(&self, token: Xid, timeout: Duration) -> Result<Xid, Stale> {
         let past =
             |watermark: u64| watermark > token.0 && !self.inner.unconfirmed.load(Ordering::Acquire);
-        let now = self.watermark();
-        if past(now.0) {
+        if let Some(now) = self.passed(token) {
             return Ok(now);
         }
         // Subscribed before the applier is woken: while a waiter is subscribed, the
@@ -204,6 +203,13 @@ impl Store {
                 watermark: self.watermark(),
             }),
         }
+    }
+
+    /// The watermark, when it is above `token` and confirmed: what [`Store::wait_past`]
+    /// returns at once. A check whose write is applied is answered at it without waiting.
+    pub fn passed(&self, token: Xid) -> Option<Xid> {
+        let now = self.watermark();
+        (now.0 > token.0 && !self.inner.unconfirmed.load(Ordering::Acquire)).then_some(now)
     }
 
     /// Whether a read-your-writes check is waiting for the watermark to pass its token.
