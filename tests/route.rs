@@ -77,6 +77,31 @@ impl Served {
         }
     }
 
+    /// Where it serves plain HTTP.
+    fn address(&self) -> std::net::SocketAddr {
+        self.url
+            .strip_prefix("http://")
+            .expect("plain HTTP")
+            .parse()
+            .expect("an address")
+    }
+
+    /// Waits until the daemon has applied the write `token` was returned for: asks a check
+    /// with it until one is answered (each such wait is the daemon's `max_wait`).
+    async fn wait_applied(&self, token: u64) {
+        let address = self.address();
+        let check = format!(
+            "GET /v1/check?subject=*&permission=read&at_least={token} HTTP/1.1\r\n\
+             host: permd\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
+        );
+        common::wait_until("the write applied", || async {
+            common::raw::exchange(address, check.as_bytes())
+                .await
+                .starts_with("HTTP/1.1 200 OK")
+        })
+        .await;
+    }
+
     /// Stops serving (the daemon's socket closes; its applier runs on).
     async fn stop_serving(&mut self) {
         self.stop.cancel();
@@ -926,22 +951,7 @@ async fn checks_with_a_token_the_shard_has_reached_go_together() {
         .expect("a token");
     // Both daemons have applied the write before the pipelines (each wait is 300 ms).
     for served in &served {
-        let address: std::net::SocketAddr = served
-            .url
-            .strip_prefix("http://")
-            .expect("plain HTTP")
-            .parse()
-            .expect("an address");
-        let check = format!(
-            "GET /v1/check?subject=*&permission=read&at_least={token} HTTP/1.1\r\n\
-             host: permd\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
-        );
-        common::wait_until("the write applied", || async {
-            common::raw::exchange(address, check.as_bytes())
-                .await
-                .starts_with("HTTP/1.1 200 OK")
-        })
-        .await;
+        served.wait_applied(token).await;
     }
     let tls = SelfSigned::new("route-tokens");
     let router = router(&[&served[0].url, &served[1].url], &tls);
@@ -1028,12 +1038,7 @@ async fn a_daemon_answers_a_token_it_has_passed_in_its_own_loop() {
         .await
         .parse()
         .expect("a token");
-    let address: std::net::SocketAddr = served
-        .url
-        .strip_prefix("http://")
-        .expect("plain HTTP")
-        .parse()
-        .expect("an address");
+    let address = served.address();
     // Kept alive (a `Connection` header sends a request to hyper), each pipeline ends
     // with a scrape of hyper's count, which closes the connection and counts itself.
     let head = format!("host: permd\r\nauthorization: Bearer {TOKEN}");
@@ -1062,14 +1067,8 @@ async fn a_daemon_answers_a_token_it_has_passed_in_its_own_loop() {
             (answers, count)
         }
     };
-    // Asked until the write is applied (each time the router's handler waits for it).
-    common::wait_until("the write applied", || async {
-        ask(vec![check(&token.to_string())])
-            .await
-            .0
-            .starts_with("HTTP/1.1 200 OK")
-    })
-    .await;
+    // Applied (waited for by the router's handler, until it is).
+    served.wait_applied(token).await;
     let (_, before) = ask(Vec::new()).await;
     let passed = [
         check(&token.to_string()),
@@ -1221,12 +1220,7 @@ async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
     let tls = SelfSigned::new("route-refused-batch");
     let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
     let (router, stop, serving) = serve_router(router(&urls, &tls), None).await;
-    let whole_address: std::net::SocketAddr = whole
-        .url
-        .strip_prefix("http://")
-        .expect("plain HTTP")
-        .parse()
-        .expect("an address");
+    let whole_address = whole.address();
 
     // Nine users over the three shards, then the one wrong thing.
     let checks = |wrong: Value, at: usize| {
@@ -1412,28 +1406,17 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
         let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
         let (router, stop, _serving) = serve_router(router(&urls, &tls), None).await;
         // Every daemon has loaded the rows above before the first comparison.
-        let token = db
+        let token: u64 = db
             .write("INSERT INTO permd.tuples VALUES ('user:12', 'doc:3', 'read', NULL)")
-            .await;
-        for url in std::iter::once(&whole.url).chain(served.iter().map(|s| &s.url)) {
-            let address = url.strip_prefix("http://").expect("plain HTTP");
-            let request = format!(
-                "GET /v1/check?subject=*&permission=read&at_least={token} HTTP/1.1\r\n\
-                 host: permd\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
-            );
-            let answer =
-                common::raw::exchange(address.parse().expect("an address"), request.as_bytes())
-                    .await;
-            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            .await
+            .parse()
+            .expect("a token");
+        for served in std::iter::once(&whole).chain(&served) {
+            served.wait_applied(token).await;
         }
         (db, whole, served, router, stop)
     });
-    let whole_address: std::net::SocketAddr = whole
-        .url
-        .strip_prefix("http://")
-        .expect("plain HTTP")
-        .parse()
-        .expect("an address");
+    let whole_address = whole.address();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 300,
         failure_persistence: None,
