@@ -4,9 +4,8 @@
 //! the routing, the two middleware layers, the query deserializer and the JSON value
 //! around it. So the plain case (no `at_least`, or one whose write is applied; valid
 //! input, admitted, authorized, answerable) is answered here, byte for byte as the router
-//! would answer it; every other
-//! request, and every case the fast path does not handle, goes to the router, which
-//! remains the one place where errors are decided.
+//! would answer it; every other request, and every case the fast path does not handle,
+//! goes to the router, which remains the one place where errors are decided.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -177,7 +176,8 @@ impl AnswerBody {
 impl App {
     /// Answers a plain `GET /v1/check` as the router would, or `None` to let the router
     /// answer (errors, shedding, `at_least` waits and authorization failures are all
-    /// decided there, once; a token whose write is applied needs no wait). `authorization` is the first `Authorization` header's value.
+    /// decided there, once; a token whose write is applied needs no wait).
+    /// `authorization` is the first `Authorization` header's value.
     pub(super) fn check_plain(
         &self,
         query: &str,

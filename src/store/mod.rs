@@ -187,8 +187,7 @@ impl Store {
     /// Waits until the watermark is above `token` (the writer's transaction is applied)
     /// and confirmed (`unconfirm`), at most `timeout`.
     pub async fn wait_past(&self, token: Xid, timeout: Duration) -> Result<Xid, Stale> {
-        let past =
-            |watermark: u64| watermark > token.0 && !self.inner.unconfirmed.load(Ordering::Acquire);
+        let past = |watermark: u64| self.is_past(Xid(watermark), token);
         if let Some(now) = self.passed(token) {
             return Ok(now);
         }
@@ -209,7 +208,12 @@ impl Store {
     /// returns at once. A check whose write is applied is answered at it without waiting.
     pub fn passed(&self, token: Xid) -> Option<Xid> {
         let now = self.watermark();
-        (now.0 > token.0 && !self.inner.unconfirmed.load(Ordering::Acquire)).then_some(now)
+        self.is_past(now, token).then_some(now)
+    }
+
+    /// Whether `watermark` is past `token`'s write, and confirmed.
+    fn is_past(&self, watermark: Xid, token: Xid) -> bool {
+        watermark.0 > token.0 && !self.inner.unconfirmed.load(Ordering::Acquire)
     }
 
     /// Whether a read-your-writes check is waiting for the watermark to pass its token.
