@@ -46,6 +46,11 @@
 //! over its TCP row; the ratios table has a column for the first, and the targets' table a
 //! line beside the targets (the issue's ratio is over TCP).
 //!
+//! permd also has a row of single checks that each carry a read-your-writes token
+//! (`permd-token`, `at_least=` a token whose write it has applied, as a client's token
+//! usually is by the time it asks): what read-your-writes costs when nothing needs to
+//! wait, which Redis as a cache cannot offer.
+//!
 //! Besides the single check and the batch, permd has a row for a client that pools its
 //! connections and sends both kinds on each (9 single checks, then a batch of 100), with
 //! the rate it would reach if each request cost what it costs on a connection of its own
@@ -109,6 +114,7 @@ enum System {
     RedisPipelined,
     RedisUnix,
     Permd,
+    PermdToken,
     PermdUnix,
     PermdBatch,
     PermdMixed,
@@ -116,13 +122,14 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 10] = [
+    const ALL: [System; 11] = [
         System::SqlSource,
         System::SqlPrecomputed,
         System::Redis,
         System::RedisPipelined,
         System::RedisUnix,
         System::Permd,
+        System::PermdToken,
         System::PermdUnix,
         System::PermdBatch,
         System::PermdMixed,
@@ -137,6 +144,9 @@ impl System {
             System::RedisPipelined => "Redis SISMEMBER, pipelined 16",
             System::RedisUnix => "Redis SISMEMBER over a Unix socket",
             System::Permd => "permd, single check (HTTP keep-alive)",
+            System::PermdToken => {
+                "permd, single check with a read-your-writes token (`at_least`, its write applied)"
+            }
             System::PermdUnix => "permd, single check over a Unix socket (HTTP keep-alive)",
             System::PermdBatch => "permd, batch of 100",
             System::PermdMixed => {
@@ -150,7 +160,11 @@ impl System {
     fn is_permd(self) -> bool {
         matches!(
             self,
-            System::Permd | System::PermdUnix | System::PermdBatch | System::PermdMixed
+            System::Permd
+                | System::PermdToken
+                | System::PermdUnix
+                | System::PermdBatch
+                | System::PermdMixed
         )
     }
 
@@ -163,6 +177,7 @@ impl System {
             System::RedisPipelined => "redis-pipelined",
             System::RedisUnix => "redis-unix",
             System::Permd => "permd",
+            System::PermdToken => "permd-token",
             System::PermdUnix => "permd-unix",
             System::PermdBatch => "permd-batch",
             System::PermdMixed => "permd-mixed",
@@ -195,6 +210,8 @@ struct Endpoints {
     /// Process ids of the servers that run as their own process, for their CPU time.
     redis_pid: u32,
     permd_pid: u32,
+    /// A read-your-writes token whose write permd has applied (`permd-token`'s checks).
+    permd_token: u64,
 }
 
 impl Endpoints {
@@ -264,7 +281,8 @@ impl std::ops::Sub for Cpu {
 enum Conn {
     Pg(tokio_postgres::Client, tokio_postgres::Statement, bool),
     Resp(BufStream<Stream>),
-    Http(BufStream<Stream>),
+    /// With the `at_least` token every single check carries, if any.
+    Http(BufStream<Stream>, Option<u64>),
 }
 
 /// A connection to Redis or permd: over TCP, or a Unix socket.
@@ -318,11 +336,14 @@ impl Conn {
                 Conn::Resp(BufStream::new(tcp(at.redis).await))
             }
             System::RedisUnix => Conn::Resp(BufStream::new(unix(&at.redis_socket).await)),
-            System::PermdUnix => Conn::Http(BufStream::new(unix(&at.permd_socket).await)),
+            System::PermdUnix => Conn::Http(BufStream::new(unix(&at.permd_socket).await), None),
             System::Permd | System::PermdBatch | System::PermdMixed => {
-                Conn::Http(BufStream::new(tcp(at.permd).await))
+                Conn::Http(BufStream::new(tcp(at.permd).await), None)
             }
-            System::BareAxum => Conn::Http(BufStream::new(tcp(at.bare).await)),
+            System::PermdToken => {
+                Conn::Http(BufStream::new(tcp(at.permd).await), Some(at.permd_token))
+            }
+            System::BareAxum => Conn::Http(BufStream::new(tcp(at.bare).await), None),
         }
     }
 
@@ -376,13 +397,14 @@ impl Conn {
                 }
                 Some(wrong)
             }
-            Conn::Http(stream) => {
+            Conn::Http(stream, token) => {
                 buf.clear();
                 if checks.len() == 1 {
                     let c = checks[0];
+                    let at_least = token.map(|t| format!("&at_least={t}")).unwrap_or_default();
                     buf.extend_from_slice(
                         format!(
-                            "GET /v1/check?subject=user:{}&permission=perm{:02} HTTP/1.1\r\nhost: permd\r\n\r\n",
+                            "GET /v1/check?subject=user:{}&permission=perm{:02}{at_least} HTTP/1.1\r\nhost: permd\r\n\r\n",
                             c.subject, c.permission
                         )
                         .as_bytes(),
@@ -1082,6 +1104,8 @@ fn main() {
         let binaries = env_list::<String>("BENCH_PERMD", env!("CARGO_BIN_EXE_permd"));
         let several = binaries.len() > 1;
         let mut servers = Vec::new();
+        // A token each server has passed, for `permd-token`.
+        let mut tokens = Vec::new();
         // Each binary's resident size after its load over Redis's `used_memory`.
         let mut memory = Vec::new();
         for (k, binary) in binaries.iter().enumerate() {
@@ -1093,6 +1117,7 @@ fn main() {
             let http = wait_ready(permd.port).await;
             let load_seconds = loading.elapsed().as_secs_f64();
             assert!(http, "permd {binary} did not become ready");
+            tokens.push(passed_token(permd.port).await);
             let rss = permd.rss_kib("VmRSS:") * 1024;
             let hwm = permd.rss_kib("VmHWM:") * 1024;
             let which = if several { format!(" [{}] ({binary})", k + 1) } else { String::new() };
@@ -1120,6 +1145,7 @@ fn main() {
             permd_socket: socket_of(k),
             redis_pid: redis.child.id(),
             permd_pid: servers[k].child.id(),
+            permd_token: tokens[k],
         };
         // Each selected system with the permd binaries it runs against (only permd's rows
         // run once per binary, one binary right after the other).
@@ -1239,6 +1265,14 @@ fn main() {
                         ratio(permd_unix, redis_unix),
                         ratio(permd_unix, permd),
                         ratio(redis_unix, redis)
+                    );
+                }
+                let token = base(System::PermdToken, k);
+                if !token.is_nan() {
+                    println!(
+                        "Read-your-writes: permd{which} single with a token its write applied vs without {}, vs Redis {}",
+                        ratio(token, permd),
+                        ratio(token, redis)
                     );
                 }
                 // Redis is held by its one thread (~1 / S_r checks/s), permd and the client
@@ -1452,6 +1486,7 @@ async fn overload(binary: &str, url: &str, capacity: f64, seconds: f64, subjects
         permd_socket: PathBuf::new(),
         redis_pid: 0,
         permd_pid: permd.child.id(),
+        permd_token: 0,
     };
     let before = permd.rss_kib("VmRSS:");
     let stop = Arc::new(AtomicBool::new(false));
@@ -1539,6 +1574,30 @@ async fn overload(binary: &str, url: &str, capacity: f64, seconds: f64, subjects
 }
 
 /// Waits (up to five minutes) for permd's /readyz.
+/// A read-your-writes token the permd on `port` has passed: one below the revision it
+/// answers a check at (the watermark: every transaction below it applied).
+async fn passed_token(port: u16) -> u64 {
+    let mut stream = BufStream::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    stream
+        .write_all(
+            b"GET /v1/check?subject=user:0&permission=perm00 HTTP/1.1\r\nhost: permd\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    let mut body = Vec::new();
+    assert_eq!(read_response(&mut stream, &mut body).await, 200);
+    let at = find(&body, b"\"revision\":\"").unwrap() + 12;
+    let digits: String = body[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|&b| char::from(b))
+        .collect();
+    let revision: u64 = digits.parse().unwrap();
+    assert!(revision > 0, "{}", String::from_utf8_lossy(&body));
+    revision - 1
+}
+
 async fn wait_ready(port: u16) -> bool {
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
