@@ -1176,6 +1176,116 @@ async fn checks_waiting_for_a_shard_that_does_not_answer_fail_with_it() {
     drop(hung);
 }
 
+/// A stand-in for a daemon whose watermark is at 1000 for single checks but that answers
+/// every batch 503 `stale` (as a daemon behind a batch's highest token would): its URL,
+/// and the batches it was sent, as JSON. Keeps its connections alive, as a daemon does.
+async fn behind_on_batches() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("an address"));
+    let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&batches);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = std::sync::Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                loop {
+                    let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut more = [0; 4096];
+                        match stream.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&more[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&read[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length: "))
+                        .map_or(0, |n| n.trim().parse().expect("a length"));
+                    while read.len() < end + 4 + length {
+                        let mut more = [0; 4096];
+                        match stream.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&more[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = read.drain(..end + 4 + length).skip(end + 4).collect();
+                    let (status, answer) = if head.starts_with("post ") {
+                        let batch: Value = serde_json::from_slice(&body).expect("a batch");
+                        seen.lock().expect("the batches").push(batch);
+                        (
+                            "503 Service Unavailable",
+                            r#"{"error":"stale","message":"not yet","revision":"1000"}"#,
+                        )
+                    } else {
+                        ("200 OK", r#"{"allowed":true,"revision":"1000"}"#)
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, batches)
+}
+
+/// Checks with tokens that wait together go in a batch carrying the highest of their
+/// tokens; when the shard answers that batch 503 (a daemon behind the highest token, which
+/// need not be behind each check's own), each check is sent again alone and gets its own
+/// answer, not the batch's 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_tokens_refused_503_is_sent_again_check_by_check() {
+    let (url, batches) = behind_on_batches().await;
+    let tls = SelfSigned::new("route-behind");
+    let router = router(&[&url], &tls);
+    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let check = |i: u32| {
+        format!(
+            "GET /v1/check?subject=user:{i}&permission=read&object=doc:1&at_least={} HTTP/1.1\r\n\
+             host: router\r\nauthorization: Bearer {TOKEN}\r\n",
+            100 + i
+        )
+    };
+    // One answer first, so that the shard is known to be past every token below 1000.
+    let first = common::raw::exchange(
+        address,
+        format!("{}connection: close\r\n\r\n", check(0)).as_bytes(),
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200 OK"), "{first}");
+    let mut pipeline: String = (1..40).map(|i| check(i) + "\r\n").collect();
+    pipeline.push_str(&check(40));
+    pipeline.push_str("connection: close\r\n\r\n");
+    let answers = common::raw::exchange(address, pipeline.as_bytes()).await;
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 40, "{answers}");
+    let batches = batches.lock().expect("the batches").clone();
+    assert!(!batches.is_empty(), "no check waited with others");
+    for batch in &batches {
+        let highest = batch["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .map(|check| {
+                let subject = check["subject"].as_str().expect("a subject");
+                100 + subject["user:".len()..].parse::<u64>().expect("a number")
+            })
+            .max()
+            .expect("a check");
+        assert_eq!(batch["at_least"], json!(highest.to_string()), "{batch}");
+    }
+    assert_eq!(counter(&router, "permd_route_coalesced_total").await, 0);
+    stop.cancel();
+    serving.await.expect("the router stops");
+}
+
 /// `router` served by hyper alone, as `permd route` served it until session 48: its
 /// address. Stops with the runtime.
 async fn hyper_alone(router: Router) -> std::net::SocketAddr {
