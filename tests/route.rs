@@ -144,16 +144,23 @@ fn router(urls: &[&str], tls: &SelfSigned) -> Router {
     .expect("a router")
 }
 
-/// Serves `router` over a socket (HTTPS with `certs`), as `permd route` does: its address,
-/// its stop and its task.
-async fn serve_router(
-    router: Router,
-    certs: Option<std::sync::Arc<ServerCerts>>,
-) -> (
-    std::net::SocketAddr,
-    CancellationToken,
-    tokio::task::JoinHandle<()>,
-) {
+/// A router served over a socket, as `permd route` serves it.
+struct Routing {
+    address: std::net::SocketAddr,
+    stop: CancellationToken,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Routing {
+    /// Stops serving and waits until the router has.
+    async fn finish(self) {
+        self.stop.cancel();
+        self.serving.await.expect("the router stops");
+    }
+}
+
+/// Serves `router` over a socket (HTTPS with `certs`), as `permd route` does.
+async fn serve_router(router: Router, certs: Option<std::sync::Arc<ServerCerts>>) -> Routing {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -167,7 +174,11 @@ async fn serve_router(
         certs,
         stop.clone(),
     ));
-    (address, stop, serving)
+    Routing {
+        address,
+        stop,
+        serving,
+    }
 }
 
 /// Sends one request through the router (with the token unless `anonymous`).
@@ -316,7 +327,8 @@ async fn the_router_sends_each_request_to_its_shard() {
 
     // Over a socket, as `permd route --tls-cert --tls-key` serves it.
     let certs = ServerCerts::load(&tls.cert, &tls.key, None, None).expect("the certificate");
-    let (address, stop, serving) = serve_router(router.clone(), Some(certs)).await;
+    let routing = serve_router(router.clone(), Some(certs)).await;
+    let address = routing.address;
     let tcp = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
@@ -339,8 +351,7 @@ async fn the_router_sends_each_request_to_its_shard() {
     stream.read_to_string(&mut text).await.expect("read");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"allowed\":true"), "{text}");
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
 
     // Daemons listed out of their shards' order: not ready, and says which.
     let swapped = self::router(&[urls[1], urls[0], urls[2]], &tls);
@@ -508,7 +519,8 @@ async fn a_daemon_not_loaded_yet_is_passed_over() {
     );
     // Checks pipelined to it wait and go together: the batch's 503 is each one's, as
     // each alone was answered.
-    let (address, stop_routing, routing) = serve_router(alone.clone(), None).await;
+    let routing = serve_router(alone.clone(), None).await;
+    let address = routing.address;
     let pipeline = plain_checks(
         (1..=10).map(|i| (format!("user:{i}"), "read".to_owned(), "doc:1".to_owned())),
     );
@@ -519,8 +531,7 @@ async fn a_daemon_not_loaded_yet_is_passed_over() {
         common::raw::without_revisions(&theirs)
     );
     assert_eq!(ours.matches("HTTP/1.1 503 ").count(), 10, "{ours}");
-    stop_routing.cancel();
-    routing.await.expect("the router stops");
+    routing.finish().await;
     stop.cancel();
     server.await.expect("the server stops");
     loaded.finish().await;
@@ -596,7 +607,8 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
     let (_db, served) = readers_served(3).await;
     let tls = SelfSigned::new("route-refused");
     let router = router(&[&served.url], &tls);
-    let (address, stop, serving) = serve_router(router, None).await;
+    let routing = serve_router(router, None).await;
+    let address = routing.address;
     let check = format!(
         "GET /v1/check?subject=user:2&permission=read&object=doc:1 HTTP/1.1\r\n\
          host: router\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
@@ -613,8 +625,7 @@ async fn the_router_refuses_a_head_it_cannot_read_as_a_daemon_does() {
             .unwrap_or_else(|| panic!("no permd_route_refused_total in {text}"))
     };
     common::raw::assert_heads_refused(address, &check, refused).await;
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
     served.finish().await;
 }
 
@@ -627,7 +638,8 @@ async fn the_router_answers_pipelined_requests_as_hyper_alone() {
     let (_db, served) = readers_served(3).await;
     let tls = SelfSigned::new("route-pipelined");
     let router = router(&[&served.url], &tls);
-    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let routing = serve_router(router.clone(), None).await;
+    let address = routing.address;
     let check = format!(
         "GET /v1/check?subject=user:2&permission=read&object=doc:1 HTTP/1.1\r\n\
          host: router\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
@@ -745,8 +757,7 @@ async fn the_router_answers_pipelined_requests_as_hyper_alone() {
     ] {
         assert!(ours.contains(&format!("HTTP/1.1 {status}\r\n")), "{ours}");
     }
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
     served.finish().await;
 }
 
@@ -769,7 +780,8 @@ async fn pipelined_requests_are_forwarded_at_once() {
     let hung_url = format!("http://{}", hung.local_addr().expect("an address"));
     let tls = SelfSigned::new("route-at-once");
     let router = router(&[&hung_url, &answering.url], &tls);
-    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let routing = serve_router(router.clone(), None).await;
+    let address = routing.address;
     let subject_in = |shard: u32| {
         (1..=20)
             .map(|i| format!("user:{i}"))
@@ -849,8 +861,7 @@ async fn pipelined_requests_are_forwarded_at_once() {
         .collect();
     let expected: Vec<bool> = objects.iter().map(|object| *object == 1).collect();
     assert_eq!(allowed, expected, "{text}");
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
     answering.finish().await;
 }
 
@@ -875,7 +886,8 @@ async fn single_checks_that_wait_for_their_shard_go_together() {
     ];
     let tls = SelfSigned::new("route-together");
     let router = router(&[&served[0].url, &served[1].url], &tls);
-    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let routing = serve_router(router.clone(), None).await;
+    let address = routing.address;
     // 120 checks over both shards, allowed and not, global ones among them, and in the
     // first 30 two of shard 0 with no permission (the daemon refuses a batch with one),
     // after the two that go at once (the shard's two turns for its one daemon).
@@ -917,8 +929,7 @@ async fn single_checks_that_wait_for_their_shard_go_together() {
         (30..=118).contains(&coalesced),
         "{coalesced} of 120 checks coalesced"
     );
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
     for served in served {
         served.finish().await;
     }
@@ -955,7 +966,8 @@ async fn checks_with_a_token_the_shard_has_reached_go_together() {
     }
     let tls = SelfSigned::new("route-tokens");
     let router = router(&[&served[0].url, &served[1].url], &tls);
-    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let routing = serve_router(router.clone(), None).await;
+    let address = routing.address;
     let pipeline = |token: u64, count: u32| {
         let mut pipeline = String::new();
         for n in 0..count {
@@ -1012,8 +1024,7 @@ async fn checks_with_a_token_the_shard_has_reached_go_together() {
         counter(&router, "permd_route_coalesced_total").await,
         coalesced
     );
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
     for served in served {
         served.finish().await;
     }
@@ -1164,15 +1175,15 @@ async fn checks_waiting_for_a_shard_that_does_not_answer_fail_with_it() {
         ca: Some(tls.cert.clone()),
     })
     .expect("a router");
-    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let routing = serve_router(router.clone(), None).await;
+    let address = routing.address;
     let pipeline =
         plain_checks((1..=5).map(|i| (format!("user:{i}"), "read".to_owned(), "doc:1".to_owned())));
     let text = common::raw::exchange(address, pipeline.as_bytes()).await;
     assert_eq!(text.matches("HTTP/1.1 504 ").count(), 5, "{text}");
     let series = format!("permd_route_forwarded_total{{shard=\"0/1\",url=\"{hung_url}\"}}");
     assert_eq!(counter(&router, &series).await, 3);
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
     drop(hung);
 }
 
@@ -1246,7 +1257,8 @@ async fn a_batch_of_tokens_refused_503_is_sent_again_check_by_check() {
     let (url, batches) = behind_on_batches().await;
     let tls = SelfSigned::new("route-behind");
     let router = router(&[&url], &tls);
-    let (address, stop, serving) = serve_router(router.clone(), None).await;
+    let routing = serve_router(router.clone(), None).await;
+    let address = routing.address;
     let check = |i: u32| {
         format!(
             "GET /v1/check?subject=user:{i}&permission=read&object=doc:1&at_least={} HTTP/1.1\r\n\
@@ -1282,8 +1294,7 @@ async fn a_batch_of_tokens_refused_503_is_sent_again_check_by_check() {
         assert_eq!(batch["at_least"], json!(highest.to_string()), "{batch}");
     }
     assert_eq!(counter(&router, "permd_route_coalesced_total").await, 0);
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
 }
 
 /// `router` served by hyper alone, as `permd route` served it until session 48: its
@@ -1329,7 +1340,8 @@ async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
     }
     let tls = SelfSigned::new("route-refused-batch");
     let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
-    let (router, stop, serving) = serve_router(router(&urls, &tls), None).await;
+    let routing = serve_router(router(&urls, &tls), None).await;
+    let router = routing.address;
     let whole_address = whole.address();
 
     // Nine users over the three shards, then the one wrong thing.
@@ -1373,8 +1385,7 @@ async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
         assert!(!direct.0.contains(" 200 "), "{direct:?}");
         assert_eq!(routed, direct, "{}", &body[..body.len().min(400)]);
     }
-    stop.cancel();
-    serving.await.expect("the router stops");
+    routing.finish().await;
     for served in served {
         served.finish().await;
     }
@@ -1500,7 +1511,7 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (_db, whole, served, router, stop) = runtime.block_on(async {
+    let (_db, whole, served, routing) = runtime.block_on(async {
         let (db, whole) = readers_served(9).await;
         db.exec(
             "INSERT INTO permd.tuples VALUES ('*', 'doc:2', 'read', NULL);
@@ -1514,7 +1525,7 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
         }
         let tls = SelfSigned::new("route-differential");
         let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
-        let (router, stop, _serving) = serve_router(router(&urls, &tls), None).await;
+        let routing = serve_router(router(&urls, &tls), None).await;
         // Every daemon has loaded the rows above before the first comparison.
         let token: u64 = db
             .write("INSERT INTO permd.tuples VALUES ('user:12', 'doc:3', 'read', NULL)")
@@ -1524,9 +1535,9 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
         for served in std::iter::once(&whole).chain(&served) {
             served.wait_applied(token).await;
         }
-        (db, whole, served, router, stop)
+        (db, whole, served, routing)
     });
-    let whole_address = whole.address();
+    let (router, whole_address) = (routing.address, whole.address());
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 300,
         failure_persistence: None,
@@ -1564,7 +1575,7 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
         Ok(())
     });
     runtime.block_on(async {
-        stop.cancel();
+        routing.finish().await;
         for served in served {
             served.finish().await;
         }
