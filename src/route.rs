@@ -327,8 +327,12 @@ impl Router {
         let path = request.uri().path().to_owned();
         let set = self.0.set.load_full();
         match (request.method(), path.as_str()) {
-            (&Method::GET, "/livez") => return json_answer(StatusCode::OK, &json!({"live": true})),
-            (&Method::GET, "/readyz") => {
+            // The probes answer without the token, as a daemon's do (`HEAD` too, as axum
+            // answers it for a `GET` route).
+            (&Method::GET | &Method::HEAD, "/livez") => {
+                return json_answer(StatusCode::OK, &json!({"live": true}))
+            }
+            (&Method::GET | &Method::HEAD, "/readyz") => {
                 let (ready, shards) = self.survey(&set).await;
                 let status = if ready {
                     StatusCode::OK

@@ -639,6 +639,26 @@ async fn a_configured_token_is_required_except_on_probes() {
         StatusCode::SERVICE_UNAVAILABLE,
         "never loaded from Postgres"
     );
+    // Without the token an unknown route or method is refused as a known one is: one
+    // path is not told from another; with it, 404 and 405.
+    for (method, uri, with_token) in [
+        ("GET", "/v1/nope", StatusCode::NOT_FOUND),
+        ("DELETE", "/v1/status", StatusCode::METHOD_NOT_ALLOWED),
+        ("POST", "/livez", StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        for (auth, expected) in [
+            (None, StatusCode::UNAUTHORIZED),
+            (Some("Bearer wrong"), StatusCode::UNAUTHORIZED),
+            (Some("Bearer s3cret-token"), with_token),
+        ] {
+            let mut request = Request::builder().method(method).uri(uri);
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            let (status, body) = send(&r, request.body(Body::empty()).expect("request")).await;
+            assert_json_error(status, &body, expected, &format!("{method} {uri} {auth:?}"));
+        }
+    }
 }
 
 #[tokio::test]

@@ -1392,11 +1392,75 @@ async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
     whole.finish().await;
 }
 
-/// A request for the differential test below: a batch's body, or a `GET` target.
+/// A request for the differential test below: a batch's body, a `GET` target, or a
+/// method and a path of any route (the API's, the probes', none) without a body.
 #[derive(Debug, Clone)]
 enum Asked {
     Batch(String),
     Get(String),
+    Other(&'static str, &'static str),
+}
+
+impl Asked {
+    /// The request on the wire, with `auth` (an `Authorization` line, or nothing), the
+    /// last on its connection.
+    fn request(&self, auth: &str) -> String {
+        match self {
+            Asked::Batch(body) => format!(
+                "POST /v1/check HTTP/1.1\r\nhost: permd\r\n{auth}\
+                 content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+            Asked::Get(target) => format!(
+                "GET {target} HTTP/1.1\r\nhost: permd\r\n{auth}connection: close\r\n\r\n"
+            ),
+            Asked::Other(method, path) => format!(
+                "{method} {path} HTTP/1.1\r\nhost: permd\r\n{auth}connection: close\r\n\r\n"
+            ),
+        }
+    }
+}
+
+/// The `Authorization` lines the differential test sends: the token, none, a wrong one.
+fn auth_lines() -> [String; 3] {
+    [
+        format!("authorization: Bearer {TOKEN}\r\n"),
+        String::new(),
+        "authorization: Bearer nope\r\n".to_owned(),
+    ]
+}
+
+/// Every method to every path of a few, but those whose answers differ by design between
+/// the router and a daemon when `auth` presents the token: its own `/readyz`, `/metrics`,
+/// `/v1/status` and `/v1/digest` (a shard's, which the router refuses).
+fn others(auth: &str) -> Vec<Asked> {
+    let authorized = auth.contains(TOKEN);
+    let methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"];
+    let paths = [
+        "/",
+        "/nope",
+        "/v1/checks",
+        "/v1/subjects/user:1",
+        "/v1/subjects/user:1/limits",
+        "/v1/check",
+        "/livez",
+        "/readyz",
+        "/metrics",
+        "/v1/status",
+        "/v1/digest",
+    ];
+    let own = |method: &str, path: &str| match path {
+        "/readyz" => method == "GET",
+        "/metrics" | "/v1/status" => method == "GET" && authorized,
+        "/v1/digest" => authorized,
+        _ => false,
+    };
+    methods
+        .iter()
+        .flat_map(|method| paths.iter().map(move |path| (*method, *path)))
+        .filter(|(method, path)| !own(method, path))
+        .map(|(method, path)| Asked::Other(method, path))
+        .collect()
 }
 
 /// Names as clients send them, good and bad: subjects of every shard, the public `*`,
@@ -1503,7 +1567,8 @@ fn get() -> impl Strategy<Value = String> {
 
 /// Any request through the router is answered as one daemon of the whole set answers it:
 /// the same status and body (revisions aside), whatever shards a batch's checks are of
-/// and whatever is wrong with it. Random batches and `GET`s, each sent to both.
+/// and whatever is wrong with it, with the token, without it or with a wrong one. Random
+/// batches, `GET`s of the API and requests of any method to any path, each sent to both.
 #[test]
 fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1543,24 +1608,17 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let asked = prop_oneof![
-        1 => batch().prop_map(Asked::Batch),
-        1 => get().prop_map(Asked::Get),
-    ];
-    let result = runner.run(&asked, |asked| {
-        let request = match &asked {
-            Asked::Batch(body) => format!(
-                "POST /v1/check HTTP/1.1\r\nhost: permd\r\nauthorization: Bearer {TOKEN}\r\n\
-                 content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            ),
-            Asked::Get(target) => format!(
-                "GET {target} HTTP/1.1\r\nhost: permd\r\nauthorization: Bearer {TOKEN}\r\n\
-                 connection: close\r\n\r\n"
-            ),
-        };
+    // The same answer from both, or the request and the two answers.
+    let compare = |auth: &str, asked: &Asked| {
+        let request = asked.request(auth);
+        // An answer to `HEAD` has a length and no body: nothing to blank.
+        let head_only = matches!(asked, Asked::Other("HEAD", _));
         let status_and_body = |answer: String| {
-            let answer = common::raw::without_revisions(&answer);
+            let answer = if head_only {
+                answer
+            } else {
+                common::raw::without_revisions(&answer)
+            };
             let (head, body) = answer.split_once("\r\n\r\n").expect("an answer");
             let status = head.lines().next().expect("a status line").to_owned();
             (status, body.to_owned())
@@ -1571,9 +1629,34 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
                 status_and_body(common::raw::exchange(router, request.as_bytes()).await),
             )
         });
-        prop_assert_eq!(routed, direct);
-        Ok(())
-    });
+        if routed == direct {
+            Ok(())
+        } else {
+            Err(format!("{request}\nrouted: {routed:?}\ndirect: {direct:?}"))
+        }
+    };
+    // Every method to a few paths, with each of the three credentials: the same 401
+    // from both without the token, the probes answered without it.
+    let mut result = auth_lines()
+        .iter()
+        .flat_map(|auth| others(auth).into_iter().map(move |asked| (auth, asked)))
+        .try_for_each(|(auth, asked)| compare(auth, &asked));
+    if result.is_ok() {
+        // Batches and GETs of the API at random, with each credential now and then.
+        let [token, none, wrong] = auth_lines();
+        let asked = (
+            prop_oneof![8 => Just(token), 1 => Just(none), 1 => Just(wrong)],
+            prop_oneof![
+                1 => batch().prop_map(Asked::Batch),
+                1 => get().prop_map(Asked::Get),
+            ],
+        );
+        result = runner
+            .run(&asked, |(auth, asked)| {
+                compare(&auth, &asked).map_err(TestCaseError::fail)
+            })
+            .map_err(|error| error.to_string());
+    }
     runtime.block_on(async {
         routing.finish().await;
         for served in served {

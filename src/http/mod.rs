@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -262,8 +263,8 @@ pub fn router(app: App) -> Router {
         .route("/livez", get(handlers::livez))
         .route("/readyz", get(handlers::readyz))
         .merge(api)
-        .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(app.config.body_limit))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
@@ -278,11 +279,40 @@ async fn admit(State(app): State<App>, request: Request, next: Next) -> Response
         app.metrics.shed();
         return ApiError::Overloaded.into_response();
     };
-    let authorization = request.headers().get(axum::http::header::AUTHORIZATION);
-    if !app.authorized(authorization.map(axum::http::HeaderValue::as_bytes)) {
+    if !app.presents_token(request.headers()) {
         return ApiError::Unauthorized.into_response();
     }
     next.run(request).await
+}
+
+/// A route the API does not have: 404, or 401 first to a request without the configured
+/// token, as on every route but the probes' `GET`s (the router answers so too, before it
+/// asks a daemon), so that without the token one path is not told from another.
+async fn not_found(State(app): State<App>, headers: HeaderMap) -> ApiError {
+    app.refused_unless_authorized(&headers, ApiError::NotFound)
+}
+
+/// A method a route does not have: 405, or 401 first as in [`not_found`].
+async fn method_not_allowed(State(app): State<App>, headers: HeaderMap) -> ApiError {
+    app.refused_unless_authorized(&headers, ApiError::MethodNotAllowed)
+}
+
+impl App {
+    /// Whether a request with these headers passes the bearer token check (its first
+    /// `Authorization` header), when one is configured.
+    fn presents_token(&self, headers: &HeaderMap) -> bool {
+        let authorization = headers.get(header::AUTHORIZATION);
+        self.authorized(authorization.map(HeaderValue::as_bytes))
+    }
+
+    /// `refusal` for a request with the token (or when none is configured), else 401.
+    fn refused_unless_authorized(&self, headers: &HeaderMap, refusal: ApiError) -> ApiError {
+        if self.presents_token(headers) {
+            refusal
+        } else {
+            ApiError::Unauthorized
+        }
+    }
 }
 
 /// Bounds the time of requests that carry a body (a slow sender; GET handlers never block
@@ -320,7 +350,7 @@ async fn guard(State(app): State<App>, request: Request, next: Next) -> Response
 fn declared_length(request: &Request) -> Option<usize> {
     request
         .headers()
-        .get(axum::http::header::CONTENT_LENGTH)?
+        .get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
         .parse()
