@@ -1402,23 +1402,38 @@ enum Asked {
 }
 
 impl Asked {
-    /// The request on the wire, with `auth` (an `Authorization` line, or nothing), the
-    /// last on its connection.
-    fn request(&self, auth: &str) -> String {
+    /// The request on the wire, with `auth` (an `Authorization` line, or nothing); the
+    /// `last` on its connection closes it.
+    fn request(&self, auth: &str, last: bool) -> String {
+        let close = if last { "connection: close\r\n" } else { "" };
         match self {
             Asked::Batch(body) => format!(
                 "POST /v1/check HTTP/1.1\r\nhost: permd\r\n{auth}\
-                 content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                 content-type: application/json\r\ncontent-length: {}\r\n{close}\r\n{body}",
                 body.len()
             ),
-            Asked::Get(target) => format!(
-                "GET {target} HTTP/1.1\r\nhost: permd\r\n{auth}connection: close\r\n\r\n"
-            ),
-            Asked::Other(method, path) => format!(
-                "{method} {path} HTTP/1.1\r\nhost: permd\r\n{auth}connection: close\r\n\r\n"
-            ),
+            Asked::Get(target) => {
+                format!("GET {target} HTTP/1.1\r\nhost: permd\r\n{auth}{close}\r\n")
+            }
+            Asked::Other(method, path) => {
+                format!("{method} {path} HTTP/1.1\r\nhost: permd\r\n{auth}{close}\r\n")
+            }
         }
     }
+}
+
+/// Each answer's status line and body in `answers` (as [`common::raw::without_revisions`]
+/// gives them: an answer's body ends where the next one's status line starts).
+fn statuses_and_bodies(answers: &str) -> Vec<(String, String)> {
+    answers
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|answer| {
+            let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+            let status = head.lines().next().expect("a status line").to_owned();
+            (status, body.to_owned())
+        })
+        .collect()
 }
 
 /// The `Authorization` lines the differential test sends: the token, none, a wrong one.
@@ -1567,8 +1582,9 @@ fn get() -> impl Strategy<Value = String> {
 
 /// Any request through the router is answered as one daemon of the whole set answers it:
 /// the same status and body (revisions aside), whatever shards a batch's checks are of
-/// and whatever is wrong with it, with the token, without it or with a wrong one. Random
-/// batches, `GET`s of the API and requests of any method to any path, each sent to both.
+/// and whatever is wrong with it, with the token, without it or with a wrong one, alone
+/// or pipelined with others. Random batches and `GET`s of the API, up to four on a
+/// connection, and requests of any method to a few paths, each sent to both.
 #[test]
 fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1608,43 +1624,52 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    // The same answer from both, or the request and the two answers.
-    let compare = |auth: &str, asked: &Asked| {
-        let request = asked.request(auth);
-        // An answer to `HEAD` has a length and no body: nothing to blank.
-        let head_only = matches!(asked, Asked::Other("HEAD", _));
-        let status_and_body = |answer: String| {
-            let answer = if head_only {
-                answer
+    // The same answers from both to requests pipelined on one connection (statuses and
+    // bodies, revisions aside), or the requests and the two answers.
+    let compare = |requests: &[(String, Asked)]| {
+        let pipeline: String = requests
+            .iter()
+            .enumerate()
+            .map(|(n, (auth, asked))| asked.request(auth, n + 1 == requests.len()))
+            .collect();
+        // An answer to `HEAD` has a length and no body: nothing to blank (sent alone).
+        let head_only = matches!(requests, [(_, Asked::Other("HEAD", _))]);
+        let answers = |text: String| {
+            if head_only {
+                statuses_and_bodies(&text)
             } else {
-                common::raw::without_revisions(&answer)
-            };
-            let (head, body) = answer.split_once("\r\n\r\n").expect("an answer");
-            let status = head.lines().next().expect("a status line").to_owned();
-            (status, body.to_owned())
+                statuses_and_bodies(&common::raw::without_revisions(&text))
+            }
         };
         let (direct, routed) = runtime.block_on(async {
             (
-                status_and_body(common::raw::exchange(whole_address, request.as_bytes()).await),
-                status_and_body(common::raw::exchange(router, request.as_bytes()).await),
+                answers(common::raw::exchange(whole_address, pipeline.as_bytes()).await),
+                answers(common::raw::exchange(router, pipeline.as_bytes()).await),
             )
         });
-        if routed == direct {
+        if routed == direct && direct.len() == requests.len() {
             Ok(())
         } else {
-            Err(format!("{request}\nrouted: {routed:?}\ndirect: {direct:?}"))
+            Err(format!(
+                "{pipeline}\nrouted: {routed:?}\ndirect: {direct:?}"
+            ))
         }
     };
     // Every method to a few paths, with each of the three credentials: the same 401
     // from both without the token, the probes answered without it.
     let mut result = auth_lines()
-        .iter()
-        .flat_map(|auth| others(auth).into_iter().map(move |asked| (auth, asked)))
-        .try_for_each(|(auth, asked)| compare(auth, &asked));
+        .into_iter()
+        .flat_map(|auth| {
+            others(&auth)
+                .into_iter()
+                .map(move |asked| (auth.clone(), asked))
+        })
+        .try_for_each(|request| compare(&[request]));
     if result.is_ok() {
-        // Batches and GETs of the API at random, with each credential now and then.
+        // Batches and GETs of the API at random, each with a credential (now and then
+        // none, or a wrong one), one to four pipelined on a connection.
         let [token, none, wrong] = auth_lines();
-        let asked = (
+        let request = (
             prop_oneof![8 => Just(token), 1 => Just(none), 1 => Just(wrong)],
             prop_oneof![
                 1 => batch().prop_map(Asked::Batch),
@@ -1652,8 +1677,8 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
             ],
         );
         result = runner
-            .run(&asked, |(auth, asked)| {
-                compare(&auth, &asked).map_err(TestCaseError::fail)
+            .run(&prop::collection::vec(request, 1..=4), |requests| {
+                compare(&requests).map_err(TestCaseError::fail)
             })
             .map_err(|error| error.to_string());
     }
