@@ -38,7 +38,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{Answering, ApiError, Served, ServerCerts, ServerLimits, SocketFile, Token};
+use crate::http::{
+    Answering, ApiError, Histogram, Served, ServerCerts, ServerLimits, SocketFile, Token,
+};
 use crate::shard::Shard;
 
 mod coalesce;
@@ -109,6 +111,8 @@ struct Daemon {
     origin: String,
     forwarded: AtomicU64,
     failed: AtomicU64,
+    /// How long its answers took, from the request sent to the answer's head.
+    answers: Histogram,
     /// Failures since its last answer: how long it rests.
     failures_in_row: AtomicU32,
     /// Until when (nanoseconds after `born`) it rests after a failure: tried after the
@@ -135,6 +139,7 @@ impl Daemon {
             origin: connect::origin(base),
             forwarded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            answers: Histogram::default(),
             failures_in_row: AtomicU32::new(0),
             resting_until: AtomicU64::new(0),
             born: Instant::now(),
@@ -162,8 +167,9 @@ impl Daemon {
         self.resting_until.store(until, Ordering::Relaxed);
     }
 
-    /// It answered (whatever the status): it rests no more.
-    fn answered(&self) {
+    /// It answered (whatever the status), `took` after it was asked: it rests no more.
+    fn answered(&self, took: Duration) {
+        self.answers.record(took);
         if self.failures_in_row.load(Ordering::Relaxed) != 0 {
             self.failures_in_row.store(0, Ordering::Relaxed);
             self.resting_until.store(0, Ordering::Relaxed);
@@ -469,13 +475,14 @@ impl Router {
             .body(Body::from(forward.body.clone()))
             .map_err(|e| (e.to_string(), false))?;
         let timeout = self.0.config.request_timeout;
+        let sent = Instant::now();
         let answer = match tokio::time::timeout(timeout, self.0.client.request(request)).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(error)) => Err((crate::error_chain(&error), false)),
             Err(_) => Err((format!("no answer within {timeout:?}"), true)),
         };
         match &answer {
-            Ok(_) => daemon.answered(),
+            Ok(_) => daemon.answered(sent.elapsed()),
             Err(_) => daemon.failed(),
         }
         answer
@@ -687,6 +694,18 @@ impl Router {
             "1 while the daemon rests after failing to answer: tried after the other daemons of its shard, for 0.1 s, doubled at each failure in a row up to 10 s.",
             &|d| u64::from(d.resting()),
         );
+        let name = "permd_route_answer_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from sending a request to each daemon to its answer's head, whatever its status (a request that got no answer is not counted: permd_route_failed_total).\n\
+             # TYPE {name} histogram"
+        );
+        for group in &set.groups {
+            for daemon in &group.daemons {
+                let labels = format!("shard=\"{}\",url=\"{}\"", group.shard, daemon.base);
+                daemon.answers.render(&mut out, name, &labels);
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP permd_route_shards Shards of the set the router routes to.\n\

@@ -593,6 +593,21 @@ async fn a_daemon_that_fails_rests() {
         "{tried} of 40 requests waited on it"
     );
     counter(&router, &format!("permd_route_resting{labels}")).await;
+    // Every answer of the good daemon is timed, none of the hung one's, which gave none.
+    let good_labels = format!("{{shard=\"0/1\",url=\"{}\"}}", good.url);
+    let answered = |labels: &str| format!("permd_route_answer_duration_seconds_count{labels}");
+    let to_good = counter(
+        &router,
+        &format!("permd_route_forwarded_total{good_labels}"),
+    )
+    .await;
+    assert_eq!(counter(&router, &answered(&good_labels)).await, to_good);
+    assert_eq!(counter(&router, &answered(&labels)).await, 0);
+    let every = format!(
+        "permd_route_answer_duration_seconds_bucket{{shard=\"0/1\",url=\"{}\",le=\"+Inf\"}}",
+        good.url
+    );
+    assert_eq!(counter(&router, &every).await, to_good);
     drop(hung);
     good.finish().await;
 }

@@ -28,9 +28,69 @@ const STRIPES: usize = 16;
 struct Stripe {
     allowed: AtomicU64,
     denied: AtomicU64,
+    latency: Histogram,
+}
+
+/// A latency histogram in [`BUCKETS`], of plain atomics: a stripe's checks, or the
+/// answers one daemon gave a router.
+#[derive(Default)]
+pub(crate) struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_nanos: AtomicU64,
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one duration.
+    pub(crate) fn record(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Writes its series as histogram `name`'s, with `labels` (`key="value",…` or empty).
+    pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
+        render_histogram(out, name, labels, &[self]);
+    }
+}
+
+/// Writes the bucket, sum and count series of histogram `name` with `labels`
+/// (`key="value",…` or empty): the sums of `histograms` (the stripes' for the checks).
+fn render_histogram(out: &mut String, name: &str, labels: &str, histograms: &[&Histogram]) {
+    let sum = |counter: &dyn Fn(&Histogram) -> &AtomicU64| -> u64 {
+        histograms
+            .iter()
+            .map(|histogram| counter(histogram).load(Ordering::Relaxed))
+            .sum()
+    };
+    let separator = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (i, bound) in BUCKETS.iter().enumerate() {
+        cumulative += sum(&|h| &h.buckets[i]);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{separator}le=\"{bound}\"}} {cumulative}"
+        );
+    }
+    let count = sum(&|h| &h.count);
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}{separator}le=\"+Inf\"}} {count}"
+    );
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let seconds = sum(&|h| &h.sum_nanos) as f64 / 1e9;
+    let _ = writeln!(out, "{name}_sum{labels} {seconds}");
+    let _ = writeln!(out, "{name}_count{labels} {count}");
 }
 
 /// Request-side counters. Atomics, not locks: the check path only increments.
@@ -74,15 +134,7 @@ impl Metrics {
         if denied > 0 {
             stripe.denied.fetch_add(denied, Ordering::Relaxed);
         }
-        let seconds = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
-            stripe.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        stripe.latency_count.fetch_add(1, Ordering::Relaxed);
-        stripe.latency_sum_nanos.fetch_add(
-            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        stripe.latency.record(took);
     }
 
     /// The sum of one counter over the stripes.
@@ -158,25 +210,8 @@ impl Metrics {
             "histogram",
             "Time to answer a check request (single or batch).",
         );
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.sum(|s| &s.buckets[i]);
-            let _ = writeln!(
-                out,
-                "permd_check_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = self.sum(|s| &s.latency_count);
-        let _ = writeln!(
-            out,
-            "permd_check_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "permd_check_duration_seconds_sum {}",
-            self.sum(|s| &s.latency_sum_nanos) as f64 / 1e9
-        );
-        let _ = writeln!(out, "permd_check_duration_seconds_count {count}");
+        let stripes: Vec<&Histogram> = self.stripes.iter().map(|s| &s.latency).collect();
+        render_histogram(&mut out, "permd_check_duration_seconds", "", &stripes);
 
         let counts = store.counts();
         let report = status.report();
@@ -297,6 +332,32 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_with_labels_has_cumulative_buckets_a_sum_and_a_count() {
+        let histogram = Histogram::default();
+        for took in [
+            Duration::from_micros(3),
+            Duration::from_millis(3),
+            Duration::from_secs(2),
+        ] {
+            histogram.record(took);
+        }
+        let mut text = String::new();
+        histogram.render(&mut text, "x_seconds", "shard=\"0/1\"");
+        for line in [
+            "x_seconds_bucket{shard=\"0/1\",le=\"0.000005\"} 1",
+            "x_seconds_bucket{shard=\"0/1\",le=\"0.0025\"} 1",
+            "x_seconds_bucket{shard=\"0/1\",le=\"0.005\"} 2",
+            "x_seconds_bucket{shard=\"0/1\",le=\"1\"} 2",
+            "x_seconds_bucket{shard=\"0/1\",le=\"+Inf\"} 3",
+            "x_seconds_sum{shard=\"0/1\"} 2.003003",
+            "x_seconds_count{shard=\"0/1\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert_eq!(text.lines().count(), BUCKETS.len() + 3, "{text}");
+    }
 
     #[test]
     fn counts_from_many_threads_add_up_across_stripes() {

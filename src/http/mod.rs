@@ -27,7 +27,7 @@ pub(crate) use conn::{Answering, Served};
 pub use error::ApiError;
 pub use fast::Api;
 pub(crate) use handlers::{batch_token_reads, too_many_checks, valid_check_subject};
-pub(crate) use metrics::Metrics;
+pub(crate) use metrics::{Histogram, Metrics};
 pub(crate) use server::serve_all;
 pub use server::{serve, serve_on, ServerLimits};
 pub(crate) use tls::client_config;
