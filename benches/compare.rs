@@ -16,10 +16,14 @@
 //! single check's ratio to Redis those figures predict: Redis is held by its one thread
 //! and permd by the two cores it shares with the client, so about 2 S_r / (S_p + C)
 //! (server CPU a request of Redis and permd, and the client's), and the same with none of
-//! permd's user time, the most any change to permd's own code could reach. The last column
-//! is the share of the machine's time the hypervisor stole during the run
-//! (`common::HostCpu`): it takes from every system alike, but a run with much of it was
-//! run on a busy host.
+//! permd's user time, the most any change to permd's own code could reach. The last two
+//! columns are the share of the machine's time the hypervisor stole during the run
+//! (`common::HostCpu`), and the share busy with neither the server nor the client (another
+//! program on the machine: 0 to 2 % when it is quiet). Neither takes from every system
+//! alike: Redis's one thread loses to another program what permd's two workers share
+//! out, so a busy machine flatters permd (a loop on one core beside the run: 1.44x for a
+//! pair of rows at ~1.1x quiet), and the closing table says "not conclusive" past 5 %
+//! stolen or 10 % busy elsewhere.
 //!
 //! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
 //! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
@@ -229,15 +233,7 @@ impl Endpoints {
 /// CPU time a process has used, user and system, in seconds: `/proc/PID/stat`'s `utime`
 /// and `stime`. `None` for `pid` gives this process's (the client's).
 fn cpu_seconds(pid: Option<u32>) -> Cpu {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    let ticks = *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    });
+    let ticks = common::clock_ticks();
     let path = pid.map_or("/proc/self/stat".to_owned(), |pid| {
         format!("/proc/{pid}/stat")
     });
@@ -486,6 +482,10 @@ struct Outcome {
     /// Closed loop only: the share of the machine's time the hypervisor stole during the
     /// run, in percent, as a table cell.
     steal: String,
+    /// Closed loop only, for a server with a process of its own: the share of the
+    /// machine's time busy with neither the server nor the client during the run (another
+    /// program, or the kernel's time charged to no process), in percent, as a table cell.
+    others: String,
 }
 
 impl Outcome {
@@ -610,11 +610,18 @@ async fn closed_loop(
         .zip(cpu_before.0)
         .map(|(after, before)| after - before);
     let client_cpu = cpu_seconds(None) - cpu_before.1;
-    let steal = HostCpu::steal_since(host);
+    let since = HostCpu::since(host);
     let mut outcome = collect(workers, elapsed).await;
+    if let Some(since) = &since {
+        outcome.steal = format!("{:.0}", since.steal_percent);
+        if let Some(server) = server_cpu {
+            let ours = server.user + server.system + client_cpu.user + client_cpu.system;
+            let others = (since.busy_seconds - ours).max(0.0) * 100.0 / since.seconds;
+            outcome.others = format!("{others:.0}");
+        }
+    }
     outcome.server_cpu = server_cpu;
     outcome.client_cpu = Some(client_cpu);
-    outcome.steal = steal;
     outcome
 }
 
@@ -670,6 +677,7 @@ async fn collect(workers: Vec<tokio::task::JoinHandle<Tally>>, seconds: f64) -> 
         server_cpu: None,
         client_cpu: None,
         steal: "-".to_owned(),
+        others: "-".to_owned(),
     }
 }
 
@@ -1026,6 +1034,12 @@ fn figure(
 /// ratio against Redis is printed as not conclusive.
 const STEAL_INCONCLUSIVE: f64 = 5.0;
 
+/// The share of the machine (percent) busy with neither the server nor the client during a
+/// round's Redis or permd row from which a ratio against Redis is printed as not
+/// conclusive: a quiet machine shows a few percent (the kernel's work charged to no
+/// process, the suite's Postgres idling; benches/README.md).
+const OTHERS_INCONCLUSIVE: f64 = 10.0;
+
 fn main() {
     let seconds: f64 = env_or("BENCH_SECONDS", 8.0);
     let rate: f64 = env_or("BENCH_RATE", 5000.0);
@@ -1179,6 +1193,10 @@ fn main() {
         // Per concurrency and permd binary, one a round: the most of the machine the
         // hypervisor stole during Redis's row or that permd's single check (percent).
         let mut stolen = std::collections::BTreeMap::<(usize, usize), Vec<f64>>::new();
+        // For each (concurrency, permd build), per round: the most of the machine busy with
+        // neither server nor client during a row that a target against Redis reads
+        // (percent).
+        let mut elsewhere = std::collections::BTreeMap::<(usize, usize), Vec<f64>>::new();
         for (&concurrency, round) in concurrencies
             .iter()
             .flat_map(|c| (1..=rounds).map(move |r| (c, r)))
@@ -1186,8 +1204,8 @@ fn main() {
             println!();
             println!("Closed loop, {concurrency} connections{}:", round_of(round, rounds));
             println!();
-            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) | host steal % |");
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| system | checks/s | requests/s | p50 ms | p99 ms | p99.9 ms | wrong | vs Redis | vs Redis pipelined | server CPU us/req (user + sys) | client CPU us/req (user + sys) | host steal % | other CPU % |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             let results = run_round(&runs, round, |system, k| {
                 let at = at(k);
                 async move { closed_loop(system, &at, concurrency, seconds, subjects).await }
@@ -1207,7 +1225,7 @@ fn main() {
                     }
                 };
                 println!(
-                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {server_cpu} | {client_cpu} | {} |",
+                    "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {server_cpu} | {client_cpu} | {} | {} |",
                     label(*system, *k),
                     o.checks_per_second(),
                     o.requests_per_second(),
@@ -1218,6 +1236,7 @@ fn main() {
                     ratio(o.checks_per_second(), redis),
                     ratio(o.checks_per_second(), pipelined),
                     o.steal,
+                    o.others,
                 );
                 assert_eq!(o.wrong, 0, "{} gave wrong answers", label(*system, *k));
             }
@@ -1238,6 +1257,18 @@ fn main() {
                     .entry((concurrency, k))
                     .or_default()
                     .push(steal(System::Redis).max(steal(System::Permd)));
+                let others = |s: System| {
+                    results
+                        .iter()
+                        .find(|(system, j, _)| *system == s && (*j == k || !s.is_permd()))
+                        .and_then(|(_, _, o)| o.others.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                };
+                let read = [System::Redis, System::RedisPipelined, System::Permd, System::PermdBatch];
+                elsewhere
+                    .entry((concurrency, k))
+                    .or_default()
+                    .push(read.map(others).into_iter().fold(0.0, f64::max));
                 by_round.entry((concurrency, k)).or_default().push([
                     permd / redis,
                     base(System::PermdBatch, k) / pipelined,
@@ -1407,9 +1438,18 @@ fn main() {
             let steal = stolen
                 .get(&(32, newest))
                 .map_or(0.0, |rounds| rounds.iter().copied().fold(0.0, f64::max));
+            // So does another program's work (a build beside the run, say).
+            let busy = elsewhere
+                .get(&(32, newest))
+                .map_or(0.0, |rounds| rounds.iter().copied().fold(0.0, f64::max));
             let against_redis = |value: f64, met: bool| {
                 if steal >= STEAL_INCONCLUSIVE && !value.is_nan() {
                     format!("{}, not conclusive: {steal:.0} % stolen", verdict(value, met))
+                } else if busy >= OTHERS_INCONCLUSIVE && !value.is_nan() {
+                    format!(
+                        "{}, not conclusive: {busy:.0} % of the machine busy elsewhere",
+                        verdict(value, met)
+                    )
                 } else {
                     verdict(value, met).to_owned()
                 }
@@ -1456,6 +1496,15 @@ fn main() {
                     "The hypervisor stole up to {steal:.0} % of the machine during a round's Redis or permd row \
                      (the host steal column): the ratios against Redis then measure the steal as much as the \
                      servers. Run again for a verdict."
+                );
+            }
+            if busy >= OTHERS_INCONCLUSIVE {
+                println!();
+                println!(
+                    "Up to {busy:.0} % of the machine ran neither the server nor the client during a round's \
+                     Redis or permd row (the other CPU column): another program shared the cores, and the \
+                     ratios against Redis measure it as much as the servers. Run again on a quiet machine \
+                     for a verdict."
                 );
             }
         }

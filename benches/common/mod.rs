@@ -125,14 +125,25 @@ pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The machine's CPU time over all its CPUs, from the first line of `/proc/stat`, in clock
-/// ticks: all of it, and the part stolen (time a virtual CPU wanted to run while the
-/// hypervisor ran something else). Stolen time is the host's, not the guest's: a wake-up
-/// that falls in it waits, and no program in the guest can win it back. The suites print
-/// it beside their figures so that a slow run on a busy host reads as such.
+/// ticks: all of it, the part idle, and the part stolen (time a virtual CPU wanted to run
+/// while the hypervisor ran something else). Stolen time is the host's, not the guest's: a
+/// wake-up that falls in it waits, and no program in the guest can win it back. The suites
+/// print it beside their figures so that a slow run on a busy host reads as such.
 #[derive(Clone, Copy)]
 pub struct HostCpu {
     total: u64,
+    idle: u64,
     steal: u64,
+}
+
+/// What the machine did between two readings of [`HostCpu`].
+pub struct HostSince {
+    /// The share of the machine's time stolen, in percent.
+    pub steal_percent: f64,
+    /// CPU seconds the machine ran anything (neither idle nor stolen), over all its CPUs.
+    pub busy_seconds: f64,
+    /// CPU seconds in all: the interval times the number of CPUs.
+    pub seconds: f64,
 }
 
 impl HostCpu {
@@ -151,19 +162,44 @@ impl HostCpu {
             .collect::<Option<_>>()?;
         (ticks.len() == 8).then(|| Self {
             total: ticks.iter().sum(),
+            idle: ticks[3] + ticks[4],
             steal: ticks[7],
+        })
+    }
+
+    /// What the machine did since `earlier`; `None` when unknown.
+    pub fn since(earlier: Option<Self>) -> Option<HostSince> {
+        let (before, after) = earlier.zip(Self::now())?;
+        let total = after.total.checked_sub(before.total).filter(|t| *t > 0)? as f64;
+        let steal = (after.steal - before.steal) as f64;
+        let idle = (after.idle - before.idle) as f64;
+        let ticks = clock_ticks();
+        Some(HostSince {
+            steal_percent: steal * 100.0 / total,
+            busy_seconds: (total - idle - steal) / ticks,
+            seconds: total / ticks,
         })
     }
 
     /// The share of the machine's time stolen since `earlier`, in percent, as a table cell
     /// (`-` when unknown).
     pub fn steal_since(earlier: Option<Self>) -> String {
-        match earlier.zip(Self::now()) {
-            Some((before, after)) if after.total > before.total => format!(
-                "{:.0}",
-                (after.steal - before.steal) as f64 * 100.0 / (after.total - before.total) as f64
-            ),
-            _ => "-".to_owned(),
-        }
+        Self::since(earlier).map_or("-".to_owned(), |since| {
+            format!("{:.0}", since.steal_percent)
+        })
     }
+}
+
+/// Clock ticks a second, as `/proc`'s CPU times count them (`getconf CLK_TCK`; 100 when
+/// it cannot be asked).
+pub fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
