@@ -127,6 +127,17 @@ struct Daemon {
 const REST_FIRST: Duration = Duration::from_millis(100);
 const REST_MAX: Duration = Duration::from_secs(10);
 
+/// How long a survey of the daemons answers `/readyz` after it ended.
+const SURVEY_REUSE: Duration = Duration::from_millis(100);
+
+/// A survey of the daemons of `set`, and when it ended.
+struct Surveyed {
+    set: Arc<Set>,
+    ended: Instant,
+    ready: bool,
+    shards: Vec<Value>,
+}
+
 /// How long connecting to a daemon may take. A daemon on the same network connects in
 /// well under a millisecond; a host that drops packets would otherwise hold the request
 /// for its whole `--request-timeout-ms`.
@@ -192,6 +203,9 @@ struct Inner {
     refused: AtomicU64,
     /// Single checks answered from a batch they shared with others (`coalesce`).
     coalesced: AtomicU64,
+    /// The last survey `/readyz` made. A tokio mutex, held across the survey: probes that
+    /// come while one runs wait for it and share its answer.
+    surveyed: tokio::sync::Mutex<Option<Surveyed>>,
     client: Client<connect::Connector, Body>,
     config: RouteConfig,
 }
@@ -279,6 +293,7 @@ impl Router {
             reshards: [AtomicU64::new(0), AtomicU64::new(0)],
             refused: AtomicU64::new(0),
             coalesced: AtomicU64::new(0),
+            surveyed: tokio::sync::Mutex::new(None),
             client,
             config,
         })))
@@ -339,7 +354,7 @@ impl Router {
                 return json_answer(StatusCode::OK, &json!({"live": true}))
             }
             (&Method::GET | &Method::HEAD, "/readyz") => {
-                let (ready, shards) = self.survey(&set).await;
+                let (ready, shards) = self.survey_for_probe(&set).await;
                 let status = if ready {
                     StatusCode::OK
                 } else {
@@ -589,6 +604,28 @@ impl Router {
             StatusCode::OK,
             &json!({ "results": results, "revision": revision.unwrap_or(0).to_string() }),
         )
+    }
+
+    /// [`Router::survey`] for `/readyz`, which anyone may ask without the token: one
+    /// ended within [`SURVEY_REUSE`] (or running, waited for) is the answer, so that a
+    /// flood of probes asks the daemons at most about ten times a second, where each probe
+    /// asked every daemon.
+    async fn survey_for_probe(&self, set: &Arc<Set>) -> (bool, Vec<Value>) {
+        let mut last = self.0.surveyed.lock().await;
+        if let Some(surveyed) = last
+            .as_ref()
+            .filter(|last| Arc::ptr_eq(&last.set, set) && last.ended.elapsed() < SURVEY_REUSE)
+        {
+            return (surveyed.ready, surveyed.shards.clone());
+        }
+        let (ready, shards) = self.survey(set).await;
+        *last = Some(Surveyed {
+            set: Arc::clone(set),
+            ended: Instant::now(),
+            ready,
+            shards: shards.clone(),
+        });
+        (ready, shards)
     }
 
     /// Every daemon's `/v1/status`, asked at once: whether every shard has a daemon that

@@ -439,8 +439,11 @@ async fn the_router_sends_each_request_to_its_shard() {
     let batch = json!({ "checks": [check(&up[0], "doc:public"), check(&down[0], "doc:public")] });
     let (status, _) = ask(&router, "POST", "/v1/check", Some(&batch)).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    let (status, _) = ask(&router, "GET", "/readyz", None).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // `/readyz` answers from a survey up to 0.1 s old: not ready within that.
+    common::wait_until("the router not ready", || async {
+        ask(&router, "GET", "/readyz", None).await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
     let (_, metrics) = ask(&router, "GET", "/metrics", None).await;
     let metrics = metrics.as_str().expect("text");
     for daemon in &served[2..] {
@@ -610,6 +613,35 @@ async fn a_daemon_that_fails_rests() {
     assert_eq!(counter(&router, &every).await, to_good);
     drop(hung);
     good.finish().await;
+}
+
+/// Probes that come together share one survey of the daemons, and a survey answers
+/// probes for a tenth of a second after it: a flood of `/readyz`, which needs no token,
+/// does not become one request to every daemon each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_share_a_survey_of_the_daemons() {
+    let (_db, served) = readers_served(3).await;
+    let tls = SelfSigned::new("route-probes");
+    let router = router(&[&served.url], &tls);
+    let series = format!(
+        "permd_route_forwarded_total{{shard=\"0/1\",url=\"{}\"}}",
+        served.url
+    );
+    let before = counter(&router, &series).await;
+    let probes = (0..40).map(|_| ask(&router, "GET", "/readyz", None));
+    for (status, body) in futures_util::future::join_all(probes).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["shards"][0]["daemons"][0]["url"], json!(served.url));
+    }
+    let asked = counter(&router, &series).await - before;
+    assert!(
+        (1..5).contains(&asked),
+        "40 probes asked the daemon {asked} times"
+    );
+    // The authenticated status asks every daemon each time.
+    ask(&router, "GET", "/v1/status", None).await;
+    assert_eq!(counter(&router, &series).await - before, asked + 1);
+    served.finish().await;
 }
 
 /// A head the router cannot read, or one too large, is refused as a daemon refuses it
