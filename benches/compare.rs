@@ -1040,6 +1040,24 @@ const STEAL_INCONCLUSIVE: f64 = 5.0;
 /// process, the suite's Postgres idling; benches/README.md).
 const OTHERS_INCONCLUSIVE: f64 = 10.0;
 
+/// Says so when the machine is busy before the suite starts anything (another program
+/// takes its turns from Redis's one thread more than from permd's two workers: the
+/// `other CPU %` column, and OTHERS_INCONCLUSIVE).
+fn warn_if_busy() {
+    let before = HostCpu::now();
+    std::thread::sleep(Duration::from_secs(1));
+    if let Some(since) = HostCpu::since(before) {
+        let busy = since.busy_seconds * 100.0 / since.seconds;
+        if busy >= OTHERS_INCONCLUSIVE {
+            eprintln!(
+                "warning: {busy:.0} % of the machine was busy in the second before the suite \
+                 started anything: ratios against Redis from this run may say more about \
+                 that than about the servers (see the `other CPU %` column)"
+            );
+        }
+    }
+}
+
 fn main() {
     let seconds: f64 = env_or("BENCH_SECONDS", 8.0);
     let rate: f64 = env_or("BENCH_RATE", 5000.0);
@@ -1055,6 +1073,7 @@ fn main() {
     let overload_part = env_or("BENCH_OVERLOAD", 1) != 0;
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     assert!(rounds >= 1, "BENCH_ROUNDS must be at least 1");
+    warn_if_busy();
     let cluster = cluster();
     let url = cluster.url("postgres");
     let sockets = SocketDir::new();
