@@ -1265,29 +1265,22 @@ fn main() {
             for k in 0..servers.len() {
                 let permd = base(System::Permd, k);
                 let p99 = |s: System| figure(s, k, |o| o.quantile_ms(0.99));
-                let steal = |s: System| {
-                    results
-                        .iter()
-                        .find(|(system, j, _)| *system == s && (s == System::Redis || *j == k))
-                        .and_then(|(_, _, o)| o.steal.parse::<f64>().ok())
-                        .unwrap_or(0.0)
+                // The most of the machine stolen, and busy elsewhere, during the rows the
+                // targets against Redis read (percent; a row not run reads 0).
+                let most = |rows: &[System], cell: fn(&Outcome) -> f64| {
+                    rows.iter().map(|s| figure(*s, k, cell)).fold(0.0, f64::max)
                 };
                 stolen
                     .entry((concurrency, k))
                     .or_default()
-                    .push(steal(System::Redis).max(steal(System::Permd)));
-                let others = |s: System| {
-                    results
-                        .iter()
-                        .find(|(system, j, _)| *system == s && (*j == k || !s.is_permd()))
-                        .and_then(|(_, _, o)| o.others.parse::<f64>().ok())
-                        .unwrap_or(0.0)
-                };
+                    .push(most(&[System::Redis, System::Permd], |o| {
+                        o.steal.parse().unwrap_or(0.0)
+                    }));
                 let read = [System::Redis, System::RedisPipelined, System::Permd, System::PermdBatch];
                 elsewhere
                     .entry((concurrency, k))
                     .or_default()
-                    .push(read.map(others).into_iter().fold(0.0, f64::max));
+                    .push(most(&read, |o| o.others.parse().unwrap_or(0.0)));
                 by_round.entry((concurrency, k)).or_default().push([
                     permd / redis,
                     base(System::PermdBatch, k) / pipelined,
