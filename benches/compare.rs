@@ -20,10 +20,11 @@
 //! columns are the share of the machine's time the hypervisor stole during the run
 //! (`common::HostCpu`), and the share busy with neither the server nor the client (another
 //! program on the machine: 0 to 2 % when it is quiet). Neither takes from every system
-//! alike: Redis's one thread loses to another program what permd's two workers share
-//! out, so a busy machine flatters permd (a loop on one core beside the run: 1.44x for a
-//! pair of rows at ~1.1x quiet), and the closing table says "not conclusive" past 5 %
-//! stolen or 10 % busy elsewhere.
+//! alike: Redis's one thread loses its turns to another program where permd's two
+//! workers share them out, and the tails move most (a loop on one core beside the run:
+//! single 1.44x and 1.22x Redis in two runs, p99 1.40x and 3.10x, where quiet runs gave
+//! ~1.1x and 0.7x to 1.0x), so the closing table says "not conclusive" past 5 % stolen
+//! or 10 % busy elsewhere.
 //!
 //! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
 //! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
