@@ -157,6 +157,14 @@ impl Routing {
         self.stop.cancel();
         self.serving.await.expect("the router stops");
     }
+
+    /// [`Routing::finish`], then stops the daemons it routed to.
+    async fn finish_with(self, daemons: impl IntoIterator<Item = Served>) {
+        self.finish().await;
+        for daemon in daemons {
+            daemon.finish().await;
+        }
+    }
 }
 
 /// Serves `router` over a socket (HTTPS with `certs`), as `permd route` does.
@@ -976,10 +984,7 @@ async fn single_checks_that_wait_for_their_shard_go_together() {
         (30..=118).contains(&coalesced),
         "{coalesced} of 120 checks coalesced"
     );
-    routing.finish().await;
-    for served in served {
-        served.finish().await;
-    }
+    routing.finish_with(served).await;
 }
 
 /// Checks with an `at_least` token go together too once the shard's answers have reached
@@ -1071,10 +1076,7 @@ async fn checks_with_a_token_the_shard_has_reached_go_together() {
         counter(&router, "permd_route_coalesced_total").await,
         coalesced
     );
-    routing.finish().await;
-    for served in served {
-        served.finish().await;
-    }
+    routing.finish_with(served).await;
 }
 
 /// A daemon answers a check or a batch whose `at_least` token it has passed (the write
@@ -1432,10 +1434,7 @@ async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
         assert!(!direct.0.contains(" 200 "), "{direct:?}");
         assert_eq!(routed, direct, "{}", &body[..body.len().min(400)]);
     }
-    routing.finish().await;
-    for served in served {
-        served.finish().await;
-    }
+    routing.finish_with(served).await;
     whole.finish().await;
 }
 
@@ -1730,10 +1729,7 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
             .map_err(|error| error.to_string());
     }
     runtime.block_on(async {
-        routing.finish().await;
-        for served in served {
-            served.finish().await;
-        }
+        routing.finish_with(served).await;
         whole.finish().await;
     });
     if let Err(error) = result {
