@@ -130,6 +130,20 @@ async fn readers_served(count: u32) -> (TestDb, Served) {
     (db, served)
 }
 
+/// Daemons of `db`'s set, one a shard of `count`, served over plain HTTP, and a router
+/// over them (`name` names its certificate's files).
+async fn shards_routed(db: &TestDb, count: u32, name: &str) -> (Vec<Served>, Routing) {
+    let mut served = Vec::new();
+    for index in 0..count {
+        let shard = Shard::new(index, count).expect("a shard");
+        served.push(Served::start(db, shard, None).await);
+    }
+    let tls = SelfSigned::new(name);
+    let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
+    let routing = serve_router(router(&urls, &tls), None).await;
+    (served, routing)
+}
+
 /// A router over `urls`, trusting `tls`'s certificate for the `https://` ones.
 fn router(urls: &[&str], tls: &SelfSigned) -> Router {
     Router::new(RouteConfig {
@@ -1382,14 +1396,7 @@ async fn hyper_alone(router: Router) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_refused_through_the_router_is_refused_as_by_one_daemon() {
     let (db, whole) = readers_served(9).await;
-    let mut served = Vec::new();
-    for index in 0..3 {
-        let shard = Shard::new(index, 3).expect("a shard");
-        served.push(Served::start(&db, shard, None).await);
-    }
-    let tls = SelfSigned::new("route-refused-batch");
-    let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
-    let routing = serve_router(router(&urls, &tls), None).await;
+    let (served, routing) = shards_routed(&db, 3, "route-refused-batch").await;
     let router = routing.address;
     let whole_address = whole.address();
 
@@ -1645,14 +1652,7 @@ fn the_router_answers_any_request_as_one_daemon_of_the_whole_set() {
              INSERT INTO permd.limits SELECT 'user:' || i, 'projects', i FROM generate_series(1, 6) i;",
         )
         .await;
-        let mut served = Vec::new();
-        for index in 0..3 {
-            let shard = Shard::new(index, 3).expect("a shard");
-            served.push(Served::start(&db, shard, None).await);
-        }
-        let tls = SelfSigned::new("route-differential");
-        let urls: Vec<&str> = served.iter().map(|s| s.url.as_str()).collect();
-        let routing = serve_router(router(&urls, &tls), None).await;
+        let (served, routing) = shards_routed(&db, 3, "route-differential").await;
         // Every daemon has loaded the rows above before the first comparison.
         let token: u64 = db
             .write("INSERT INTO permd.tuples VALUES ('user:12', 'doc:3', 'read', NULL)")
