@@ -65,6 +65,22 @@ use super::fast::PlainAnswer;
 use super::server::Stop;
 use super::Api;
 
+/// How the loop answers a whole plain check or batch: at once (a daemon's), later (the
+/// router's, forwarded), or by handing it to hyper.
+enum Taken {
+    Check(PlainAnswer),
+    Batch(Vec<u8>),
+    Later(Answering),
+    Hyper,
+}
+
+impl Taken {
+    /// The answer to come, or hyper's when there is none.
+    fn later(later: Option<Answering>) -> Self {
+        later.map_or(Self::Hyper, Self::Later)
+    }
+}
+
 /// The most bytes a request head may take without its end: hyper's limit (its default
 /// `max_buf_size`), past which it answers 431.
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -334,45 +350,27 @@ impl<S: Io> PlainLoop<S> {
             let mut answered = false;
             let mut malformed = false;
             let step = loop {
-                match plain_head(&self.read, partial) {
-                    Head::Get(request) => {
-                        if let Some(answer) = request
+                // A whole plain check or batch: its length, and how it is answered.
+                let (len, taken) = match plain_head(&self.read, partial) {
+                    Head::Get(request) => (
+                        request.len,
+                        match request
                             .query
                             .and_then(|query| served.check_plain(query, request.auth))
                         {
-                            forwarded.answer(&mut self.write, |out| write_answer(out, answer));
-                        } else if let Some(later) = served.get_later(request.target, request.auth) {
-                            let len = request.len;
-                            self.read.advance(len);
-                            self.answer_later(&mut forwarded, later).await?;
-                            (partial, answered) = (0, true);
-                            continue;
-                        } else {
-                            // Hyper (the router) decides, and the request is whole.
-                            break Err(Some(request.len));
-                        }
-                        self.read.advance(request.len);
-                        partial = 0;
-                        answered = true;
-                    }
-                    Head::Batch(request) => {
-                        if let Some(answer) = served.check_batch_plain(request.body, request.auth) {
-                            forwarded.answer(&mut self.write, |out| write_json(out, &answer));
-                        } else if let Some(later) =
-                            served.check_batch_later(request.body, request.auth)
-                        {
-                            let len = request.len;
-                            self.read.advance(len);
-                            self.answer_later(&mut forwarded, later).await?;
-                            (partial, answered) = (0, true);
-                            continue;
-                        } else {
-                            break Err(Some(request.len));
-                        }
-                        self.read.advance(request.len);
-                        partial = 0;
-                        answered = true;
-                    }
+                            Some(answer) => Taken::Check(answer),
+                            None => Taken::later(served.get_later(request.target, request.auth)),
+                        },
+                    ),
+                    Head::Batch(request) => (
+                        request.len,
+                        match served.check_batch_plain(request.body, request.auth) {
+                            Some(answer) => Taken::Batch(answer),
+                            None => {
+                                Taken::later(served.check_batch_later(request.body, request.auth))
+                            }
+                        },
+                    ),
                     Head::Partial => {
                         partial = self.read.len();
                         break Ok(None);
@@ -385,7 +383,26 @@ impl<S: Io> PlainLoop<S> {
                         malformed = true;
                         break Ok(None);
                     }
+                };
+                match taken {
+                    Taken::Check(answer) => {
+                        forwarded.answer(&mut self.write, |out| write_answer(out, answer));
+                    }
+                    Taken::Batch(answer) => {
+                        forwarded.answer(&mut self.write, |out| write_json(out, &answer));
+                    }
+                    Taken::Later(later) => {
+                        self.read.advance(len);
+                        self.answer_later(&mut forwarded, later).await?;
+                        (partial, answered) = (0, true);
+                        continue;
+                    }
+                    // Hyper (the router) decides, and the request is whole.
+                    Taken::Hyper => break Err(Some(len)),
                 }
+                self.read.advance(len);
+                partial = 0;
+                answered = true;
             };
             if forwarded.len() > 0 {
                 // Only the router's connections forward: a daemon's never come here.
