@@ -70,7 +70,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, env_list, env_or, find, read_response, runtime, HostCpu};
+use common::{cluster, env_list, env_or, find, free_port, read_response, runtime, HostCpu};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufStream};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::either::Either;
@@ -792,11 +792,7 @@ impl Redis {
                 which("redis-server")
             })
             .unwrap_or_else(|| panic!("redis-server not found and could not be installed (Debian: apt-get install redis-server)"));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = std::process::Command::new(binary)
             .args([
                 "--port",
@@ -891,11 +887,7 @@ struct Permd {
 
 impl Permd {
     fn start(binary: &str, database_url: &str, flags: &[&str], socket: Option<&Path>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = std::process::Command::new(binary)
             .args([
                 "serve",

@@ -36,7 +36,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, cluster_with_tls, env_list, env_or, read_response, runtime};
+use common::{cluster, cluster_with_tls, env_list, env_or, free_port, read_response, runtime};
 use tokio::io::{AsyncWriteExt as _, BufStream};
 use tokio::net::TcpStream;
 
@@ -134,11 +134,7 @@ fn main() {
             }
         }
         for (permd, (serve_url, connection), shard) in runs {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let listen = format!("127.0.0.1:{port}");
             let started = Instant::now();
             let mut child = Command::new(permd)

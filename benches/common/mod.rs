@@ -119,6 +119,14 @@ pub async fn read_response<S: AsyncRead + AsyncWrite + Unpin>(
     status
 }
 
+/// A port on 127.0.0.1 that was free a moment ago, for a server the suite starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port on 127.0.0.1")
+}
+
 /// Where `needle` first starts in `haystack`.
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
