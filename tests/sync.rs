@@ -1821,7 +1821,7 @@ fn tls_acceptor(cert_pem: &str, key_pem: &str, alpn: bool) -> tokio_rustls::TlsA
         .collect::<Result<Vec<_>, _>>()
         .expect("the certificate");
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let provider = permd::http::crypto_provider();
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("TLS settings")

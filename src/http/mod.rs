@@ -31,7 +31,7 @@ pub(crate) use metrics::{Histogram, Metrics};
 pub(crate) use server::serve_all;
 pub use server::{serve, serve_on, ServerLimits};
 pub(crate) use tls::client_config;
-pub use tls::ServerCerts;
+pub use tls::{crypto_provider, ServerCerts};
 pub use unix::SocketFile;
 
 use crate::shard::Shard;

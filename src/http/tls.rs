@@ -13,6 +13,15 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+/// The cryptography every TLS connection of permd's uses (HTTPS, TLS to Postgres, the
+/// router's and `verify`'s clients): aws-lc-rs, rustls's own default, which offers the
+/// post-quantum hybrid key exchange X25519MLKEM768 first and X25519 beside it. ring, used
+/// until session 54, has no post-quantum key exchange, and rustls 0.23.48 deprecates its
+/// provider.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
 /// HTTPS's settings and the files they come from. A cheap handle to share: every
 /// handshake takes the current settings.
 #[derive(Debug)]
@@ -40,7 +49,7 @@ impl ServerCerts {
         key_password: Option<&Path>,
         client_ca: Option<&Path>,
     ) -> anyhow::Result<Arc<Self>> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crypto_provider();
         let current = settings(cert, (key, key_password), client_ca, &provider)?;
         Ok(Arc::new(Self {
             cert: cert.to_owned(),
@@ -142,13 +151,11 @@ pub(crate) fn client_config(ca: Option<&Path>, what: &str) -> anyhow::Result<Cli
             roots
         }
     };
-    Ok(
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .context("TLS settings")?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS settings")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// The pair the files hold (the key decrypted with the password its file holds, if

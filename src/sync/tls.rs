@@ -292,7 +292,7 @@ impl TlsOptions {
                 direct,
             });
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::http::crypto_provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&self.versions()?)
             .map_err(|e| Error::Url(format!("TLS: {e}")))?;

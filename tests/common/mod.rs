@@ -93,12 +93,10 @@ pub fn tls_client_as(
     for der in trusted {
         roots.add((*der).clone()).expect("a trust anchor");
     }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(permd::http::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
     let config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => builder
