@@ -15,9 +15,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// The cryptography every TLS connection of permd's uses (HTTPS, TLS to Postgres, the
 /// router's and `verify`'s clients): aws-lc-rs, rustls's own default, which offers the
-/// post-quantum hybrid key exchange X25519MLKEM768 first, then the classical groups. ring, used
-/// until session 54, has no post-quantum key exchange, and rustls 0.23.48 deprecates its
-/// provider.
+/// post-quantum hybrid key exchange X25519MLKEM768 first, then the classical groups.
+/// ring, used until session 54, has no post-quantum key exchange, and rustls 0.23.48
+/// deprecates its provider.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
