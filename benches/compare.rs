@@ -27,7 +27,7 @@
 //! or 10 % busy elsewhere.
 //!
 //! Environment: `BENCH_SECONDS` (per closed-loop run, default 8), `BENCH_RATE` (open-loop
-//! requests/s, default 5000), `BENCH_SUBJECTS` (default 100000). For quick iterations:
+//! requests/s, default 5000; 0 leaves the open loop out), `BENCH_SUBJECTS` (default 100000). For quick iterations:
 //! `BENCH_SYSTEMS` (comma-separated keys, e.g. `redis,permd`: only those run, and the
 //! ratios to a system left out are NaN), `BENCH_CONCURRENCY` (default `32,128`),
 //! `BENCH_OVERLOAD=0` (skip the overload part). `BENCH_PERMD` (comma-separated paths of
@@ -1374,8 +1374,12 @@ fn main() {
         // open-loop run's p99 is a few hundred of its requests, and a stall of the machine's
         // falls on whichever system runs then.
         let open = [System::SqlSource, System::SqlPrecomputed, System::Redis, System::Permd];
-        let open_runs: Vec<(System, usize)> =
-            runs.iter().copied().filter(|(s, _)| open.contains(s)).collect();
+        // `BENCH_RATE=0` leaves the open loop out.
+        let open_runs: Vec<(System, usize)> = runs
+            .iter()
+            .copied()
+            .filter(|(s, _)| rate > 0.0 && open.contains(s))
+            .collect();
         // Per permd binary, one a round: permd's open-loop p99 over Redis's.
         let mut open_p99 = vec![Vec::new(); servers.len()];
         for round in (1..=rounds).filter(|_| !open_runs.is_empty()) {
