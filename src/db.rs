@@ -31,10 +31,18 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
     // statement logging either: sqlx warns of every statement over a second, and the
     // demo's seeding runs several (it reports its own progress).
+    // And no `statement_timeout` of the database's or the role's, as for the daemon: a
+    // migration, `verify`'s digest of a large set or the demo's seeding may take longer
+    // than one sized for the application's queries. One the URL or `PGOPTIONS` sets is
+    // kept.
+    let mut settings = vec![("client_min_messages", "warning")];
+    if !crate::sync::sets_statement_timeout(config.get_options()) {
+        settings.push(("statement_timeout", "0"));
+    }
     let options = options
         .ssl_mode(PgSslMode::Disable)
         .application_name(config.get_application_name().unwrap_or("permd-cli"))
-        .options([("client_min_messages", "warning")])
+        .options(settings)
         .disable_statement_logging();
     // The pool retries a connection that fails until its acquire timeout (30 s) and then
     // says only that it timed out: one connection first says why (refused, unknown host,

@@ -433,6 +433,43 @@ async fn libpq_parameters_are_read_and_the_one_off_commands_warn_of_none() {
     daemon.stop().await;
 }
 
+/// The one-off commands lift a `statement_timeout` set for the database (sized for the
+/// application's queries, it would cancel a migration or `verify`'s digest of a large
+/// set), as the daemon does; one the URL names is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_off_commands_lift_the_database_statement_timeout() {
+    let db = database().await;
+    db.exec(
+        "DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''7s''',
+                          current_database());
+         END $$",
+    )
+    .await;
+    let timeout = |url: String| async move {
+        let pool = permd::db::pool(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e:#}"));
+        let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&pool)
+            .await
+            .expect("SHOW statement_timeout");
+        pool.close().await;
+        timeout
+    };
+    assert_eq!(timeout(db.url.clone()).await, "0");
+    let own = format!("{}?options=-c%20statement_timeout%3D4323", db.url);
+    assert_eq!(timeout(own).await, "4323ms");
+    // A new session of the test's own, which the database's setting reaches.
+    let fresh = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&fresh)
+        .await
+        .expect("SHOW statement_timeout");
+    assert_eq!(timeout, "7s");
+    fresh.close().await;
+}
+
 /// libpq's environment, read by `serve` and the one-off commands alike (sqlx read it for
 /// the one-off commands only, and `serve` did not): a URL that names nothing but the
 /// scheme, the server, user and database from `PG*` variables, the password from the

@@ -814,6 +814,54 @@ async fn a_full_load_kept_waiting_by_a_lock_says_so_and_loads_once_it_is_release
     daemon.stop().await;
 }
 
+/// A `statement_timeout` set for the database (`ALTER DATABASE … SET`, sized for the
+/// application's queries) does not reach the sync connection: a full load kept waiting
+/// well past it, here by a lock, is not cancelled, and loads on its first connection
+/// once the lock is released. Before, a load that took longer than the database's
+/// timeout (a large set's COPY) was cancelled at every try and never finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_set_for_the_database_does_not_cancel_a_full_load() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    db.exec(
+        "DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''200ms''',
+                          current_database());
+         END $$",
+    )
+    .await;
+    let locker = lock_tuples(&db).await;
+    // The query timeout's default (30 s) puts the sync connection's lock_timeout at 15 s.
+    let daemon = TestDaemon::spawn(SyncConfig::new(&db.url), patient());
+    wait_until(
+        "the full load to wait for the lock for a second, or to fail",
+        || async {
+            let waited: bool = sqlx::query_scalar(
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'permd'
+                   AND state = 'active' AND wait_event_type = 'Lock'
+                   AND clock_timestamp() - query_start > interval '1 s'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("look at the load's session");
+            waited || daemon.status.report().last_error.is_some()
+        },
+    )
+    .await;
+    let report = daemon.status.report();
+    assert!(report.last_error.is_none(), "{report:?}");
+    locker.rollback().await.expect("release the lock");
+    daemon
+        .wait_for("ready", || daemon.status.is_ready(60.0))
+        .await;
+    let report = daemon.status.report();
+    assert_eq!(report.reconnects, 0, "{report:?}");
+    assert_eq!(daemon.store.counts().tuples, 1);
+    daemon.stop().await;
+}
+
 /// A daemon started on a database that lacks permd's schema (its migrations not applied
 /// yet, or applied to another database) says so with the remedy, retries, and loads once
 /// `permd migrate` has run; one whose role lacks its privileges is told which.

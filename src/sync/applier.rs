@@ -804,8 +804,9 @@ impl Applier {
     }
 
     /// Opens the connection, with the COPY tap on its socket, and spawns the task that
-    /// drives it, forwarding notifications to the returned channel. The returned future
-    /// resolves when the connection ends.
+    /// drives it, forwarding notifications to the returned channel; then lifts the
+    /// database's `statement_timeout` (`connect::LIFT_STATEMENT_TIMEOUT`). The returned
+    /// future resolves when the connection ends.
     async fn connect(
         &mut self,
     ) -> Result<
@@ -839,6 +840,14 @@ impl Applier {
         let driver = tokio::spawn(forward(messages, heard, self.status.clone()));
         self.driver = Some(driver.abort_handle());
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
+        // First, so that no statement of the session runs under the database's timeout.
+        if connect::lifts_timeout(&config) {
+            self.timed(
+                "lifting the database's statement_timeout",
+                client.batch_execute(connect::LIFT_STATEMENT_TIMEOUT),
+            )
+            .await?;
+        }
         Ok((client, tap, heard_rx, closed))
     }
 

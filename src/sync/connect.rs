@@ -78,6 +78,27 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
     }
 }
 
+/// The statement that lifts a `statement_timeout` set for the database or the role
+/// (`ALTER DATABASE … SET`, `ALTER ROLE … SET`, `postgresql.conf`), as `pg_dump` does:
+/// one sized for the application's queries would cancel a full load of a large set at
+/// every try (13 s at 50M tuples; benches/README.md, "load"), and permd keeps its own
+/// deadlines (the query timeout for every other statement, the stall bound for a load).
+/// A statement rather than a server option sent with the connection, which a pooler such
+/// as PgBouncer refuses unless told to ignore it. A timeout the URL's `options` or
+/// `PGOPTIONS` sets is the operator's choice for permd and is kept ([`lifts_timeout`]).
+pub(crate) const LIFT_STATEMENT_TIMEOUT: &str = "SET statement_timeout = 0";
+
+/// Whether the sync connection runs [`LIFT_STATEMENT_TIMEOUT`]: unless the server options
+/// `config` sends (`-c name=value`, `--name=value`) set a statement timeout themselves.
+pub(crate) fn lifts_timeout(config: &Config) -> bool {
+    !sets_statement_timeout(config.get_options())
+}
+
+/// Whether server options (`-c name=value`, `--name=value`) set `statement_timeout`.
+pub(crate) fn sets_statement_timeout(options: Option<&str>) -> bool {
+    options.is_some_and(|options| options.to_ascii_lowercase().contains("statement_timeout"))
+}
+
 /// The server options the URL itself (or its service) gives (`options=`), without libpq's
 /// environment: for the one-off commands, whose sqlx reads `PGOPTIONS` itself.
 pub(crate) fn own_options(url: &str) -> Option<String> {
@@ -514,6 +535,21 @@ mod tests {
         daemon_defaults(&mut read);
         assert!(!read.get_keepalives());
         assert_eq!(read.get_application_name(), Some("permd"));
+    }
+
+    /// A database's or role's `statement_timeout` is lifted for the sync connection, and
+    /// one the URL names is kept.
+    #[test]
+    fn the_sync_connection_lifts_a_statement_timeout_the_url_does_not_set() {
+        let lifts = |url: &str| lifts_timeout(&config(url).expect("read").0);
+        assert!(lifts("postgres://u@localhost/db"));
+        assert!(lifts(
+            "postgres://u@localhost/db?options=-c%20search_path%3Dapp"
+        ));
+        assert!(!lifts("host=localhost options='-c statement_timeout=5s'"));
+        assert!(!lifts(
+            "postgres://u@localhost/db?options=--Statement_Timeout%3D5s"
+        ));
     }
 
     #[tokio::test]

@@ -91,6 +91,12 @@ pub(crate) fn own_options(url: &str) -> Option<String> {
     connect::own_options(url)
 }
 
+/// Whether server options set `statement_timeout`: one they do not set is lifted, for the
+/// one-off commands as for the sync connection (`connect::OWN_DEADLINES`).
+pub(crate) fn sets_statement_timeout(options: Option<&str>) -> bool {
+    connect::sets_statement_timeout(options)
+}
+
 /// The password for `config`'s first server: the URL's or `PGPASSWORD`'s, else the
 /// password file's (the URL's `passfile`, else `PGPASSFILE`, else `~/.pgpass`), read now.
 pub(crate) fn password(config: &tokio_postgres::Config, settings: &Settings) -> Option<Vec<u8>> {
