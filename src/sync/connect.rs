@@ -83,8 +83,8 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
 /// one sized for the application's queries would cancel a full load of a large set at
 /// every try (13 s at 50M tuples; benches/README.md, "load"), and permd keeps its own
 /// deadlines (the query timeout for every other statement, the stall bound for a load).
-/// A statement rather than a server option sent with the connection, which a pooler such
-/// as PgBouncer refuses unless told to ignore it. A timeout the URL's `options` or
+/// A statement rather than a server option sent with the connection (`options`), which
+/// PgBouncer refuses for a parameter it is not configured to track or ignore. A timeout the URL's `options` or
 /// `PGOPTIONS` sets is the operator's choice for permd and is kept ([`lifts_timeout`]).
 pub(crate) const LIFT_STATEMENT_TIMEOUT: &str = "SET statement_timeout = 0";
 
