@@ -36,7 +36,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // than one sized for the application's queries. One the URL or `PGOPTIONS` sets is
     // kept.
     let mut settings = vec![("client_min_messages", "warning")];
-    if !crate::sync::sets_statement_timeout(config.get_options()) {
+    if !crate::sync::names_setting(config.get_options(), "statement_timeout") {
         settings.push(("statement_timeout", "0"));
     }
     let options = options

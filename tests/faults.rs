@@ -1025,6 +1025,58 @@ async fn a_standby_is_followed_by_polling() {
     db.pool.close().await;
 }
 
+/// A database whose default isolation is SERIALIZABLE (`ALTER DATABASE … SET
+/// default_transaction_isolation`, for the application's writes), followed on a standby,
+/// which runs no SERIALIZABLE transaction ("cannot use serializable mode in a hot
+/// standby"): the sync connection reads in READ COMMITTED (a load in REPEATABLE READ), so
+/// it loads and follows. Before, every statement of it was refused and it retried for
+/// ever. (On a primary, the same setting made every poll a SERIALIZABLE transaction, its
+/// predicate locks a chance to fail the application's SERIALIZABLE writers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serializable_default_isolation_does_not_reach_the_sync_connection() {
+    let Replica {
+        primary: _primary,
+        standby: _standby,
+        db,
+        url,
+    } = replica().await;
+    db.exec(
+        "DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = ''serializable''',
+                          current_database());
+         END $$",
+    )
+    .await;
+    wait_until("the standby to refuse a new session's statements", || {
+        let url = url.clone();
+        async move {
+            let Ok(mut session) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await
+            else {
+                return false;
+            };
+            let refused = sqlx::query("SELECT 1").execute(&mut session).await;
+            refused.is_err_and(|e| e.to_string().contains("serializable mode in a hot standby"))
+        }
+    })
+    .await;
+    let daemon = TestDaemon::spawn(SyncConfig::new(&url), patient());
+    daemon
+        .wait_for("ready, or failed", || {
+            daemon.status.is_ready(60.0) || daemon.status.report().last_error.is_some()
+        })
+        .await;
+    let report = daemon.status.report();
+    assert!(report.last_error.is_none(), "{report:?}");
+    assert!(report.standby, "{report:?}");
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert_eq!(daemon.status.report().reconnects, 0);
+    daemon.stop().await;
+    db.pool.close().await;
+}
+
 /// A primary with a test database (one tuple in it), and a streaming standby of it that
 /// has replayed the database.
 struct Replica {

@@ -804,9 +804,9 @@ impl Applier {
     }
 
     /// Opens the connection, with the COPY tap on its socket, and spawns the task that
-    /// drives it, forwarding notifications to the returned channel; then lifts the
-    /// database's `statement_timeout` (`connect::LIFT_STATEMENT_TIMEOUT`). The returned
-    /// future resolves when the connection ends.
+    /// drives it, forwarding notifications to the returned channel; then overrides the
+    /// database's settings that would break the sync connection (`connect::overrides`).
+    /// The returned future resolves when the connection ends.
     async fn connect(
         &mut self,
     ) -> Result<
@@ -840,11 +840,11 @@ impl Applier {
         let driver = tokio::spawn(forward(messages, heard, self.status.clone()));
         self.driver = Some(driver.abort_handle());
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
-        // First, so that no statement of the session runs under the database's timeout.
-        if connect::lifts_timeout(&config) {
+        // First, so that no statement of the session runs under the database's settings.
+        if let Some(overrides) = connect::overrides(&config) {
             self.timed(
-                "lifting the database's statement_timeout",
-                client.batch_execute(connect::LIFT_STATEMENT_TIMEOUT),
+                "the session's overrides of the database's settings",
+                client.batch_execute(&overrides),
             )
             .await?;
         }

@@ -78,25 +78,38 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
     }
 }
 
-/// The statement that lifts a `statement_timeout` set for the database or the role
-/// (`ALTER DATABASE … SET`, `ALTER ROLE … SET`, `postgresql.conf`), as `pg_dump` does:
-/// one sized for the application's queries would cancel a full load of a large set at
-/// every try (13 s at 50M tuples; benches/README.md, "load"), and permd keeps its own
-/// deadlines (the query timeout for every other statement, the stall bound for a load).
-/// A statement rather than a server option sent with the connection (`options`), which
-/// PgBouncer refuses for a parameter it is not configured to track or ignore. A timeout the URL's `options` or
-/// `PGOPTIONS` sets is the operator's choice for permd and is kept ([`lifts_timeout`]).
-pub(crate) const LIFT_STATEMENT_TIMEOUT: &str = "SET statement_timeout = 0";
-
-/// Whether the sync connection runs [`LIFT_STATEMENT_TIMEOUT`]: unless the server options
-/// `config` sends (`-c name=value`, `--name=value`) set a statement timeout themselves.
-pub(crate) fn lifts_timeout(config: &Config) -> bool {
-    !sets_statement_timeout(config.get_options())
+/// The statements the sync connection runs first, over what the database or the role set
+/// for every session (`ALTER DATABASE … SET`, `ALTER ROLE … SET`, `postgresql.conf`) for
+/// the application's sake that would break permd's own work; `None` when there is none.
+/// - `statement_timeout = 0`, as `pg_dump` sets it: a timeout sized for the application's
+///   queries cancelled a full load of a large set at every try (13 s at 50M tuples;
+///   benches/README.md, "load"). permd keeps its own deadlines (the query timeout for
+///   every other statement, the stall bound for a load, `lock_timeout`).
+/// - `default_transaction_isolation = 'read committed'`: with SERIALIZABLE the default, a
+///   standby refused every statement ("cannot use serializable mode in a hot standby"),
+///   and on a primary every poll was a SERIALIZABLE transaction whose predicate locks
+///   could fail the application's SERIALIZABLE writers. A poll is one statement, the same
+///   snapshot either way, and a load asks for REPEATABLE READ itself.
+///
+/// Statements rather than server options sent with the connection (`options`), which
+/// PgBouncer refuses for a parameter it is not configured to track or ignore. A setting
+/// the URL's `options` or `PGOPTIONS` names is the operator's choice for permd and is kept.
+pub(crate) fn overrides(config: &Config) -> Option<String> {
+    const OVERRIDES: [(&str, &str); 2] = [
+        ("statement_timeout", "0"),
+        ("default_transaction_isolation", "'read committed'"),
+    ];
+    let statements: Vec<String> = OVERRIDES
+        .iter()
+        .filter(|(name, _)| !names_setting(config.get_options(), name))
+        .map(|(name, value)| format!("SET {name} = {value}"))
+        .collect();
+    (!statements.is_empty()).then(|| statements.join("; "))
 }
 
-/// Whether server options (`-c name=value`, `--name=value`) set `statement_timeout`.
-pub(crate) fn sets_statement_timeout(options: Option<&str>) -> bool {
-    options.is_some_and(|options| options.to_ascii_lowercase().contains("statement_timeout"))
+/// Whether server options (`-c name=value`, `--name=value`) set the setting `name`.
+pub(crate) fn names_setting(options: Option<&str>, name: &str) -> bool {
+    options.is_some_and(|options| options.to_ascii_lowercase().contains(name))
 }
 
 /// The server options the URL itself (or its service) gives (`options=`), without libpq's
@@ -537,19 +550,32 @@ mod tests {
         assert_eq!(read.get_application_name(), Some("permd"));
     }
 
-    /// A database's or role's `statement_timeout` is lifted for the sync connection, and
-    /// one the URL names is kept.
+    /// A database's or role's `statement_timeout` and default isolation are overridden
+    /// for the sync connection, and one the URL names is kept.
     #[test]
-    fn the_sync_connection_lifts_a_statement_timeout_the_url_does_not_set() {
-        let lifts = |url: &str| lifts_timeout(&config(url).expect("read").0);
-        assert!(lifts("postgres://u@localhost/db"));
-        assert!(lifts(
-            "postgres://u@localhost/db?options=-c%20search_path%3Dapp"
-        ));
-        assert!(!lifts("host=localhost options='-c statement_timeout=5s'"));
-        assert!(!lifts(
-            "postgres://u@localhost/db?options=--Statement_Timeout%3D5s"
-        ));
+    fn the_sync_connection_overrides_settings_the_url_does_not_name() {
+        let overrides = |url: &str| overrides(&config(url).expect("read").0);
+        let both = "SET statement_timeout = 0; \
+                    SET default_transaction_isolation = 'read committed'";
+        assert_eq!(
+            overrides("postgres://u@localhost/db").as_deref(),
+            Some(both)
+        );
+        assert_eq!(
+            overrides("postgres://u@localhost/db?options=-c%20search_path%3Dapp").as_deref(),
+            Some(both)
+        );
+        assert_eq!(
+            overrides("host=localhost options='-c statement_timeout=5s'").as_deref(),
+            Some("SET default_transaction_isolation = 'read committed'")
+        );
+        assert_eq!(
+            overrides(
+                "postgres://u@localhost/db?options=--Statement_Timeout%3D5s%20\
+                 -c%20default_transaction_isolation%3Dserializable"
+            ),
+            None
+        );
     }
 
     #[tokio::test]

@@ -91,10 +91,11 @@ pub(crate) fn own_options(url: &str) -> Option<String> {
     connect::own_options(url)
 }
 
-/// Whether server options set `statement_timeout`: one they do not set is lifted, for the
-/// one-off commands as for the sync connection (`connect::OWN_DEADLINES`).
-pub(crate) fn sets_statement_timeout(options: Option<&str>) -> bool {
-    connect::sets_statement_timeout(options)
+/// Whether server options set the setting `name`: the one-off commands, as the sync
+/// connection (`connect::overrides`), keep a `statement_timeout` they set and lift one the
+/// database or the role sets.
+pub(crate) fn names_setting(options: Option<&str>, name: &str) -> bool {
+    connect::names_setting(options, name)
 }
 
 /// The password for `config`'s first server: the URL's or `PGPASSWORD`'s, else the
