@@ -862,6 +862,49 @@ async fn a_statement_timeout_set_for_the_database_does_not_cancel_a_full_load() 
     daemon.stop().await;
 }
 
+/// An `idle_session_timeout` set for the database (Postgres 14; for the application's
+/// idle connections) does not end the sync connection while it waits for notifications
+/// between polls (an hour apart here). Before, the connection was ended once idle for
+/// that long, and permd reconnected each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_timeout_set_for_the_database_does_not_end_the_sync_connection() {
+    let db = database().await;
+    let set = |value: &str| {
+        format!(
+            "DO $$ BEGIN
+               EXECUTE format('ALTER DATABASE %I SET idle_session_timeout = {value}',
+                              current_database());
+             END $$"
+        )
+    };
+    db.exec(&set("''300ms''")).await;
+    let mut sync = SyncConfig::new(&db.url);
+    sync.poll_interval = Duration::from_secs(3600);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    // Only the daemon's session had the setting: the test's own new sessions stay.
+    db.exec(&set("DEFAULT")).await;
+    wait_until(
+        "the sync connection to stay idle for a second, or to be ended",
+        || async {
+            let idle: bool = sqlx::query_scalar(
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'permd'
+                   AND state = 'idle' AND clock_timestamp() - state_change > interval '1 s'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("look at the sync connection");
+            let report = daemon.status.report();
+            idle || report.reconnects > 0 || report.last_error.is_some()
+        },
+    )
+    .await;
+    let report = daemon.status.report();
+    assert_eq!(report.reconnects, 0, "{report:?}");
+    assert!(report.last_error.is_none(), "{report:?}");
+    daemon.stop().await;
+}
+
 /// A daemon started on a database that lacks permd's schema (its migrations not applied
 /// yet, or applied to another database) says so with the remedy, retries, and loads once
 /// `permd migrate` has run; one whose role lacks its privileges is told which.

@@ -841,7 +841,7 @@ impl Applier {
         self.driver = Some(driver.abort_handle());
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
         // First, so that no statement of the session runs under the database's settings.
-        if let Some(overrides) = connect::overrides(&config) {
+        for overrides in connect::overrides(&config) {
             self.timed(
                 "the session's overrides of the database's settings",
                 client.batch_execute(&overrides),

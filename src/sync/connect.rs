@@ -78,38 +78,67 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
     }
 }
 
-/// The statements the sync connection runs first, over what the database or the role set
-/// for every session (`ALTER DATABASE … SET`, `ALTER ROLE … SET`, `postgresql.conf`) for
-/// the application's sake that would break permd's own work; `None` when there is none.
-/// - `statement_timeout = 0`, as `pg_dump` sets it: a timeout sized for the application's
-///   queries cancelled a full load of a large set at every try (13 s at 50M tuples;
-///   benches/README.md, "load"). permd keeps its own deadlines (the query timeout for
-///   every other statement, the stall bound for a load, `lock_timeout`).
+/// The statements the sync connection runs first, each on its own, over what the database
+/// or the role set for every session (`ALTER DATABASE … SET`, `ALTER ROLE … SET`,
+/// `postgresql.conf`) for the application's sake that would break permd's own work.
 /// - `default_transaction_isolation = 'read committed'`: with SERIALIZABLE the default, a
 ///   standby refused every statement ("cannot use serializable mode in a hot standby"),
 ///   and on a primary every poll was a SERIALIZABLE transaction whose predicate locks
 ///   could fail the application's SERIALIZABLE writers. A poll is one statement, the same
-///   snapshot either way, and a load asks for REPEATABLE READ itself.
+///   snapshot either way, and a load asks for REPEATABLE READ itself. First, and alone:
+///   the next statement takes a snapshot, which a standby would refuse in the same
+///   transaction (a batch of statements is one).
+/// - no `statement_timeout`, as `pg_dump` sets it, nor `transaction_timeout` (Postgres
+///   17): a timeout sized for the application's queries cancelled a full load of a large
+///   set at every try (13 s at 50M tuples; benches/README.md, "load"); nor
+///   `idle_session_timeout` (Postgres 14), which would end a connection that waits for
+///   notifications longer than it between polls. permd keeps its own deadlines (the query
+///   timeout for every other statement, the stall bound for a load, `lock_timeout`). Set
+///   through `pg_settings`, where a server too old for one of them has no such row.
 ///
 /// Statements rather than server options sent with the connection (`options`), which
 /// PgBouncer refuses for a parameter it is not configured to track or ignore. A setting
 /// the URL's `options` or `PGOPTIONS` names is the operator's choice for permd and is kept.
-pub(crate) fn overrides(config: &Config) -> Option<String> {
-    const OVERRIDES: [(&str, &str); 2] = [
-        ("statement_timeout", "0"),
-        ("default_transaction_isolation", "'read committed'"),
+pub(crate) fn overrides(config: &Config) -> Vec<String> {
+    const TIMEOUTS: [&str; 3] = [
+        "statement_timeout",
+        "transaction_timeout",
+        "idle_session_timeout",
     ];
-    let statements: Vec<String> = OVERRIDES
-        .iter()
-        .filter(|(name, _)| !names_setting(config.get_options(), name))
-        .map(|(name, value)| format!("SET {name} = {value}"))
+    let kept = |name: &str| names_setting(config.get_options(), name);
+    let mut statements = Vec::new();
+    if !kept("default_transaction_isolation") {
+        statements.push("SET default_transaction_isolation = 'read committed'".to_owned());
+    }
+    let lifted: Vec<String> = TIMEOUTS
+        .into_iter()
+        .filter(|name| !kept(name))
+        .map(|name| format!("'{name}'"))
         .collect();
-    (!statements.is_empty()).then(|| statements.join("; "))
+    if !lifted.is_empty() {
+        statements.push(format!(
+            "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ({})",
+            lifted.join(", ")
+        ));
+    }
+    statements
 }
 
-/// Whether server options (`-c name=value`, `--name=value`) set the setting `name`.
+/// Whether server options (`-c name=value`, `-cname=value`, `--name=value`, as Postgres
+/// reads them: `-` in a name is `_`, any case) set the setting `name`.
 pub(crate) fn names_setting(options: Option<&str>, name: &str) -> bool {
-    options.is_some_and(|options| options.to_ascii_lowercase().contains(name))
+    let mut words = options.unwrap_or_default().split_whitespace();
+    let mut named = Vec::new();
+    while let Some(word) = words.next() {
+        let setting = match word {
+            "-c" => words.next(),
+            _ => word.strip_prefix("--").or_else(|| word.strip_prefix("-c")),
+        };
+        if let Some((setting, _value)) = setting.and_then(|s| s.split_once('=')) {
+            named.push(setting.to_ascii_lowercase().replace('-', "_"));
+        }
+    }
+    named.iter().any(|setting| setting == name)
 }
 
 /// The server options the URL itself (or its service) gives (`options=`), without libpq's
@@ -550,32 +579,57 @@ mod tests {
         assert_eq!(read.get_application_name(), Some("permd"));
     }
 
-    /// A database's or role's `statement_timeout` and default isolation are overridden
-    /// for the sync connection, and one the URL names is kept.
+    /// A database's or role's timeouts and default isolation are overridden for the sync
+    /// connection, and a setting the URL names is kept.
     #[test]
     fn the_sync_connection_overrides_settings_the_url_does_not_name() {
         let overrides = |url: &str| overrides(&config(url).expect("read").0);
-        let both = "SET statement_timeout = 0; \
-                    SET default_transaction_isolation = 'read committed'";
+        let isolation = "SET default_transaction_isolation = 'read committed'";
+        let lifted = |names: &str| {
+            format!("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ({names})")
+        };
+        let all = "'statement_timeout', 'transaction_timeout', 'idle_session_timeout'";
         assert_eq!(
-            overrides("postgres://u@localhost/db").as_deref(),
-            Some(both)
+            overrides("postgres://u@localhost/db"),
+            [isolation.to_owned(), lifted(all)]
         );
         assert_eq!(
-            overrides("postgres://u@localhost/db?options=-c%20search_path%3Dapp").as_deref(),
-            Some(both)
+            overrides("postgres://u@localhost/db?options=-c%20search_path%3Dapp"),
+            [isolation.to_owned(), lifted(all)]
         );
         assert_eq!(
-            overrides("host=localhost options='-c statement_timeout=5s'").as_deref(),
-            Some("SET default_transaction_isolation = 'read committed'")
+            overrides("host=localhost options='-c statement_timeout=5s'"),
+            [
+                isolation.to_owned(),
+                lifted("'transaction_timeout', 'idle_session_timeout'")
+            ]
         );
         assert_eq!(
             overrides(
-                "postgres://u@localhost/db?options=--Statement_Timeout%3D5s%20\
-                 -c%20default_transaction_isolation%3Dserializable"
+                "postgres://u@localhost/db?options=--Statement-Timeout%3D5s%20\
+                 -cdefault_transaction_isolation%3Dserializable%20\
+                 -c%20idle_session_timeout%3D1min%20-c%20transaction_timeout%3D0"
             ),
-            None
+            Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn settings_are_named_as_postgres_reads_its_options() {
+        let names = |options: &str, name: &str| names_setting(Some(options), name);
+        assert!(names("-c statement_timeout=5s", "statement_timeout"));
+        assert!(names("-cstatement_timeout=5s", "statement_timeout"));
+        assert!(names("--Statement-Timeout=5s", "statement_timeout"));
+        assert!(names("-c a=1 -c statement_timeout=0", "statement_timeout"));
+        assert!(!names(
+            "-c idle_in_transaction_session_timeout=5s",
+            "idle_session_timeout"
+        ));
+        assert!(!names(
+            "-c search_path=statement_timeout",
+            "statement_timeout"
+        ));
+        assert!(!names_setting(None, "statement_timeout"));
     }
 
     #[tokio::test]
