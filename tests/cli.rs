@@ -388,6 +388,19 @@ async fn migrate_takes_the_key_value_form_too() {
     assert!(stderr.contains("name the primary alone"), "{stderr}");
 }
 
+/// `statement_timeout` on a connection of the one-off commands' pool for `url`.
+async fn one_off_statement_timeout(url: &str) -> String {
+    let pool = permd::db::pool(url)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e:#}"));
+    let timeout = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&pool)
+        .await
+        .expect("SHOW statement_timeout");
+    pool.close().await;
+    timeout
+}
+
 /// The one-off commands hand sqlx the server options alone, from either form of the URL,
 /// and tell it the rest: given the whole URL, sqlx warned of each parameter it does not
 /// know (which permd reads), and it could not read the key=value form's `options=`. The
@@ -395,25 +408,14 @@ async fn migrate_takes_the_key_value_form_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libpq_parameters_are_read_and_the_one_off_commands_warn_of_none() {
     let db = database().await;
-    let timeout = |url: String| async move {
-        let pool = permd::db::pool(&url)
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e:#}"));
-        let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
-            .fetch_one(&pool)
-            .await
-            .expect("SHOW statement_timeout");
-        pool.close().await;
-        timeout
-    };
     let pairs = format!("{} options='-c statement_timeout=4321'", db.unix_url);
-    assert_eq!(timeout(pairs).await, "4321ms");
+    assert_eq!(one_off_statement_timeout(&pairs).await, "4321ms");
     let url = format!(
         "{}?connect_timeout=5&target_session_attrs=any&keepalives_idle=30\
          &options=-c%20statement_timeout%3D4322",
         db.url
     );
-    assert_eq!(timeout(url.clone()).await, "4322ms");
+    assert_eq!(one_off_statement_timeout(&url).await, "4322ms");
     let output = Command::new(env!("CARGO_BIN_EXE_permd"))
         .args(["migrate", "--database-url", &url])
         .output()
@@ -439,27 +441,10 @@ async fn libpq_parameters_are_read_and_the_one_off_commands_warn_of_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_one_off_commands_lift_the_database_statement_timeout() {
     let db = database().await;
-    db.exec(
-        "DO $$ BEGIN
-           EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''7s''',
-                          current_database());
-         END $$",
-    )
-    .await;
-    let timeout = |url: String| async move {
-        let pool = permd::db::pool(&url)
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e:#}"));
-        let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
-            .fetch_one(&pool)
-            .await
-            .expect("SHOW statement_timeout");
-        pool.close().await;
-        timeout
-    };
-    assert_eq!(timeout(db.url.clone()).await, "0");
+    db.set_for_new_sessions("statement_timeout", "'7s'").await;
+    assert_eq!(one_off_statement_timeout(&db.url).await, "0");
     let own = format!("{}?options=-c%20statement_timeout%3D4323", db.url);
-    assert_eq!(timeout(own).await, "4323ms");
+    assert_eq!(one_off_statement_timeout(&own).await, "4323ms");
     // A new session of the test's own, which the database's setting reaches.
     let fresh = sqlx::PgPool::connect(&db.url).await.expect("connect");
     let timeout: String = sqlx::query_scalar("SHOW statement_timeout")

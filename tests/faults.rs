@@ -422,9 +422,7 @@ async fn a_killed_backend_makes_postgres_recover_and_permd_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_notify_off_polling_delivers_within_the_interval() {
     let db = database().await;
-    let name = db.url.rsplit('/').next().expect("database name").to_owned();
-    db.exec(&format!("ALTER DATABASE {name} SET permd.notify = off"))
-        .await;
+    db.set_for_new_sessions("permd.notify", "off").await;
     let pool = permd::db::pool(&db.url).await.expect("reconnect");
     let mut sync = SyncConfig::new(&db.url);
     sync.poll_interval = Duration::from_millis(200);
@@ -824,28 +822,20 @@ async fn a_statement_timeout_set_for_the_database_does_not_cancel_a_full_load() 
     let db = database().await;
     db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
         .await;
-    db.exec(
-        "DO $$ BEGIN
-           EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''200ms''',
-                          current_database());
-         END $$",
-    )
-    .await;
+    db.set_for_new_sessions("statement_timeout", "'200ms'")
+        .await;
     let locker = lock_tuples(&db).await;
     // The query timeout's default (30 s) puts the sync connection's lock_timeout at 15 s.
     let daemon = TestDaemon::spawn(SyncConfig::new(&db.url), patient());
     wait_until(
         "the full load to wait for the lock for a second, or to fail",
         || async {
-            let waited: bool = sqlx::query_scalar(
-                "SELECT count(*) > 0 FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'permd'
-                   AND state = 'active' AND wait_event_type = 'Lock'
-                   AND clock_timestamp() - query_start > interval '1 s'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .expect("look at the load's session");
+            let waited = db
+                .a_sync_session(
+                    "state = 'active' AND wait_event_type = 'Lock'
+                     AND clock_timestamp() - query_start > interval '1 s'",
+                )
+                .await;
             waited || daemon.status.report().last_error.is_some()
         },
     )
@@ -869,31 +859,22 @@ async fn a_statement_timeout_set_for_the_database_does_not_cancel_a_full_load() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_timeout_set_for_the_database_does_not_end_the_sync_connection() {
     let db = database().await;
-    let set = |value: &str| {
-        format!(
-            "DO $$ BEGIN
-               EXECUTE format('ALTER DATABASE %I SET idle_session_timeout = {value}',
-                              current_database());
-             END $$"
-        )
-    };
-    db.exec(&set("''300ms''")).await;
+    db.set_for_new_sessions("idle_session_timeout", "'300ms'")
+        .await;
     let mut sync = SyncConfig::new(&db.url);
     sync.poll_interval = Duration::from_secs(3600);
     let daemon = TestDaemon::start_with(sync, patient()).await;
     // Only the daemon's session had the setting: the test's own new sessions stay.
-    db.exec(&set("DEFAULT")).await;
+    db.set_for_new_sessions("idle_session_timeout", "DEFAULT")
+        .await;
     wait_until(
         "the sync connection to stay idle for a second, or to be ended",
         || async {
-            let idle: bool = sqlx::query_scalar(
-                "SELECT count(*) > 0 FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'permd'
-                   AND state = 'idle' AND clock_timestamp() - state_change > interval '1 s'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .expect("look at the sync connection");
+            let idle = db
+                .a_sync_session(
+                    "state = 'idle' AND clock_timestamp() - state_change > interval '1 s'",
+                )
+                .await;
             let report = daemon.status.report();
             idle || report.reconnects > 0 || report.last_error.is_some()
         },
@@ -1083,13 +1064,8 @@ async fn a_serializable_default_isolation_does_not_reach_the_sync_connection() {
         db,
         url,
     } = replica().await;
-    db.exec(
-        "DO $$ BEGIN
-           EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = ''serializable''',
-                          current_database());
-         END $$",
-    )
-    .await;
+    db.set_for_new_sessions("default_transaction_isolation", "'serializable'")
+        .await;
     wait_until("the standby to refuse a new session's statements", || {
         let url = url.clone();
         async move {

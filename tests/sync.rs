@@ -254,11 +254,7 @@ async fn out_of_order_commits_are_both_applied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_token_makes_the_next_check_see_the_write_even_without_notify() {
     let db = database().await;
-    db.exec(&format!(
-        "ALTER DATABASE {} SET permd.notify = off",
-        db.url.rsplit('/').next().expect("db name")
-    ))
-    .await;
+    db.set_for_new_sessions("permd.notify", "off").await;
     let db = TestDb {
         pool: permd::db::pool(&db.url).await.expect("reconnect"),
         url: db.url,

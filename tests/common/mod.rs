@@ -325,6 +325,31 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// Sets `setting` to `value` (SQL, a literal or `DEFAULT`) for this database's new
+    /// sessions (`ALTER DATABASE … SET`): what a DBA sets for the application's sake.
+    pub async fn set_for_new_sessions(&self, setting: &str, value: &str) {
+        let value = value.replace('\'', "''");
+        self.exec(&format!(
+            "DO $$ BEGIN
+               EXECUTE format('ALTER DATABASE %I SET {setting} = {value}', current_database());
+             END $$"
+        ))
+        .await;
+    }
+
+    /// Whether a session of this database named `permd` (a daemon's sync connection)
+    /// matches `condition`, on `pg_stat_activity`'s columns.
+    pub async fn a_sync_session(&self, condition: &str) -> bool {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) > 0 FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'permd'
+               AND {condition}"
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .expect("pg_stat_activity")
+    }
+
     /// How many sessions of this database are named `application_name`.
     pub async fn sessions_named(&self, application_name: &str) -> i64 {
         sqlx::query_scalar(
