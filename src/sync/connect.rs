@@ -78,43 +78,49 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
     }
 }
 
-/// The statements the sync connection runs first, each on its own, over what the database
-/// or the role set for every session (`ALTER DATABASE … SET`, `ALTER ROLE … SET`,
-/// `postgresql.conf`) for the application's sake that would break permd's own work.
+/// The statements the sync connection runs first, over what the database or the role set
+/// for every session (`ALTER DATABASE … SET`, `ALTER ROLE … SET`, `postgresql.conf`) for
+/// the application's sake that would break permd's own work.
 /// - `default_transaction_isolation = 'read committed'`: with SERIALIZABLE the default, a
 ///   standby refused every statement ("cannot use serializable mode in a hot standby"),
 ///   and on a primary every poll was a SERIALIZABLE transaction whose predicate locks
 ///   could fail the application's SERIALIZABLE writers. A poll is one statement, the same
-///   snapshot either way, and a load asks for REPEATABLE READ itself. First, and alone:
-///   the next statement takes a snapshot, which a standby would refuse in the same
-///   transaction (a batch of statements is one).
+///   snapshot either way, and a load asks for REPEATABLE READ itself.
 /// - no `statement_timeout`, as `pg_dump` sets it, nor `transaction_timeout` (Postgres
 ///   17): a timeout sized for the application's queries cancelled a full load of a large
 ///   set at every try (13 s at 50M tuples; benches/README.md, "load"); nor
 ///   `idle_session_timeout` (Postgres 14), which would end a connection that waits for
 ///   notifications longer than it between polls. permd keeps its own deadlines (the query
-///   timeout for every other statement, the stall bound for a load, `lock_timeout`). Set
-///   through `pg_settings`, where a server too old for one of them has no such row.
+///   timeout for every other statement, the stall bound for a load, `lock_timeout`).
 ///
+/// The settings every server has first, as plain `SET`s in one batch, which take no
+/// snapshot (a standby would refuse one in that batch's transaction, whose isolation is
+/// fixed as it starts) and no time a timeout could cut; then, through `pg_settings`, whose
+/// rows a server too old for a setting lacks, the others, with no statement timeout left.
 /// Statements rather than server options sent with the connection (`options`), which
 /// PgBouncer refuses for a parameter it is not configured to track or ignore. A setting
 /// the URL's `options` or `PGOPTIONS` names is the operator's choice for permd and is kept.
 pub(crate) fn overrides(config: &Config) -> Vec<String> {
-    const TIMEOUTS: [&str; 3] = [
-        "statement_timeout",
-        "transaction_timeout",
-        "idle_session_timeout",
+    const EVERY_SERVER: [(&str, &str); 2] = [
+        ("default_transaction_isolation", "'read committed'"),
+        ("statement_timeout", "0"),
     ];
+    const NEWER_TIMEOUTS: [&str; 2] = ["transaction_timeout", "idle_session_timeout"];
     let kept = |name: &str| names_setting(config.get_options(), name);
-    let mut statements = Vec::new();
-    if !kept("default_transaction_isolation") {
-        statements.push("SET default_transaction_isolation = 'read committed'".to_owned());
-    }
-    let lifted: Vec<String> = TIMEOUTS
+    let set: Vec<String> = EVERY_SERVER
+        .into_iter()
+        .filter(|(name, _)| !kept(name))
+        .map(|(name, value)| format!("SET {name} = {value}"))
+        .collect();
+    let lifted: Vec<String> = NEWER_TIMEOUTS
         .into_iter()
         .filter(|name| !kept(name))
         .map(|name| format!("'{name}'"))
         .collect();
+    let mut statements = Vec::new();
+    if !set.is_empty() {
+        statements.push(set.join("; "));
+    }
     if !lifted.is_empty() {
         statements.push(format!(
             "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ({})",
@@ -584,24 +590,24 @@ mod tests {
     #[test]
     fn the_sync_connection_overrides_settings_the_url_does_not_name() {
         let overrides = |url: &str| overrides(&config(url).expect("read").0);
-        let isolation = "SET default_transaction_isolation = 'read committed'";
         let lifted = |names: &str| {
             format!("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ({names})")
         };
-        let all = "'statement_timeout', 'transaction_timeout', 'idle_session_timeout'";
-        assert_eq!(
-            overrides("postgres://u@localhost/db"),
-            [isolation.to_owned(), lifted(all)]
-        );
+        let all = [
+            "SET default_transaction_isolation = 'read committed'; SET statement_timeout = 0"
+                .to_owned(),
+            lifted("'transaction_timeout', 'idle_session_timeout'"),
+        ];
+        assert_eq!(overrides("postgres://u@localhost/db"), all);
         assert_eq!(
             overrides("postgres://u@localhost/db?options=-c%20search_path%3Dapp"),
-            [isolation.to_owned(), lifted(all)]
+            all
         );
         assert_eq!(
-            overrides("host=localhost options='-c statement_timeout=5s'"),
+            overrides("host=localhost options='-c statement_timeout=5s -c idle_session_timeout=0'"),
             [
-                isolation.to_owned(),
-                lifted("'transaction_timeout', 'idle_session_timeout'")
+                "SET default_transaction_isolation = 'read committed'".to_owned(),
+                lifted("'transaction_timeout'")
             ]
         );
         assert_eq!(
