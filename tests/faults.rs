@@ -886,6 +886,87 @@ async fn an_idle_session_timeout_set_for_the_database_does_not_end_the_sync_conn
     daemon.stop().await;
 }
 
+/// A database that logical replication writes (a subscriber) is refused while the
+/// subscription's writes to `permd.tuples` would fire none of permd's triggers (they fire
+/// only triggers that are `ENABLE ALWAYS` there), with the statements that fix it, and
+/// followed once they have run; a subscription to the changelog, whose transaction ids
+/// would be the publisher's, is refused too, and once it is gone permd loads in full,
+/// since what was replicated meanwhile may have passed the changelog by. Before, such a
+/// subscriber was followed, and every replicated write was silently missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_is_followed_only_when_its_writes_reach_the_changelog() {
+    let publisher = database().await;
+    let db = database().await;
+    let (server, publisher_name) = publisher.url.rsplit_once('/').expect("a database");
+    let port = server.rsplit_once(':').expect("a port").1;
+    let subscribe = |table: &str| {
+        format!(
+            "CREATE SUBSCRIPTION permd_{table}
+               CONNECTION 'host=127.0.0.1 port={port} dbname={publisher_name} user=postgres'
+               PUBLICATION permd_{table}
+               WITH (enabled = false, create_slot = false, slot_name = NONE, copy_data = false)"
+        )
+    };
+    publisher
+        .exec("CREATE PUBLICATION permd_tuples FOR TABLE permd.tuples")
+        .await;
+    db.exec(&subscribe("tuples")).await;
+    let daemon = TestDaemon::spawn(SyncConfig::new(&db.url), patient());
+    let error = daemon.failed_attempts(1).await;
+    assert!(
+        error.contains("subscription permd_tuples writes permd.tuples"),
+        "{error}"
+    );
+    for trigger in [
+        "tuples_delete",
+        "tuples_insert",
+        "tuples_truncate",
+        "tuples_update",
+    ] {
+        let fix = format!("ALTER TABLE permd.tuples ENABLE ALWAYS TRIGGER {trigger};");
+        assert!(error.contains(&fix), "{error}");
+        db.exec(&fix).await;
+    }
+    daemon
+        .wait_for("ready", || daemon.status.is_ready(60.0))
+        .await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert_eq!(daemon.status.report().reloads, 1);
+
+    publisher
+        .exec("CREATE PUBLICATION permd_changelog FOR TABLE permd.changelog")
+        .await;
+    db.exec(&subscribe("changelog")).await;
+    // A new connection looks at the subscriptions at once.
+    db.exec(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'permd'",
+    )
+    .await;
+    daemon
+        .wait_for_report("the changelog's subscription refused", |report| {
+            report.last_error.as_deref().is_some_and(|error| {
+                error.contains("subscription permd_changelog writes permd.changelog")
+            })
+        })
+        .await;
+    db.exec("DROP SUBSCRIPTION permd_changelog").await;
+    daemon
+        .wait_for_report("loaded in full again, and caught up", |report| {
+            report.reloads == 2 && report.last_error.is_none()
+        })
+        .await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+    db.exec("DROP SUBSCRIPTION permd_tuples").await;
+}
+
 /// A daemon started on a database that lacks permd's schema (its migrations not applied
 /// yet, or applied to another database) says so with the remedy, retries, and loads once
 /// `permd migrate` has run; one whose role lacks its privileges is told which.

@@ -17,6 +17,7 @@ use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Snapshot, Verdict}
 use super::loader::{self, Loaded};
 use super::standby::{Look, Standby};
 use super::status::Upstream;
+use super::subscription::{self, Subscribed};
 use super::tap::Tap;
 use super::{error_chain, parse_xid, Cursor, Error, Status, SyncConfig};
 use crate::shard::Shard;
@@ -236,6 +237,12 @@ pub struct Applier {
     rebuilt: Arc<Notify>,
     /// The server's clock was last found off this host's by more than `CLOCK_TOLERANCE`.
     clock_off: bool,
+    /// The server refused the look at its subscriptions (a role denied the catalogs):
+    /// not asked again.
+    subscriptions_unknown: bool,
+    /// Why the next session must load in full before it follows the changelog, if it
+    /// must: logical replication wrote permd's tables past the changelog meanwhile.
+    reload_due: Option<&'static str>,
 }
 
 /// A compaction under way: the generation it rebuilds, the thread rebuilding it, and why.
@@ -324,6 +331,8 @@ impl Applier {
             compacting: None,
             rebuilt: Arc::new(Notify::new()),
             clock_off: false,
+            subscriptions_unknown: false,
+            reload_due: None,
         }
     }
 
@@ -455,6 +464,7 @@ impl Applier {
             tracing::info!("connected to postgres, listening on {CHANNEL}");
         }
         self.read_key(&client, true).await?;
+        self.check_subscriptions(&client).await?;
 
         // Transaction ids that were handed out but never made durable before a crash are
         // handed out again after it, possibly below our cursor: a server that recovered
@@ -496,7 +506,10 @@ impl Applier {
         } else if recovered {
             self.reload(&mut client, &tap, "postgres recovered from a crash", true)
                 .await?;
+        } else if let Some(why) = self.reload_due {
+            self.reload(&mut client, &tap, why, false).await?;
         }
+        self.reload_due = None;
         // Taken as known only now: a load that failed is tried again at the next session,
         // which would otherwise find the incarnation known and catch up from a cursor the
         // crash may have passed.
@@ -592,6 +605,7 @@ impl Applier {
                         if standby && !in_recovery {
                             return Err(Error::Promoted);
                         }
+                        self.check_subscriptions(&client).await?;
                         if !known && looks.known() {
                             // The mirror can be known current now, not a poll interval
                             // later.
@@ -601,6 +615,53 @@ impl Applier {
                     result = &mut closed => return Err(result),
                     () = shutdown.cancelled() => return Ok(()),
                 }
+            }
+        }
+    }
+
+    /// Refuses a database whose tables logical replication writes in a way the changelog
+    /// cannot follow (`subscription::refusal`), and marks a full load due, since what
+    /// was replicated meanwhile may have passed the changelog by. A server that refuses
+    /// the look at its catalogs is not asked again.
+    async fn check_subscriptions(&mut self, client: &Client) -> Result<(), Error> {
+        if self.subscriptions_unknown {
+            return Ok(());
+        }
+        let rows = match self
+            .timed(
+                "which subscriptions write permd's tables",
+                client.query(subscription::SUBSCRIBED, &[]),
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(Error::Postgres(error)) if error.as_db_error().is_some() => {
+                tracing::warn!(
+                    error = %error_chain(&error),
+                    "cannot tell whether logical replication writes permd's tables; if it \
+                     does, permd's triggers on them must be ENABLE ALWAYS"
+                );
+                self.subscriptions_unknown = true;
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        };
+        let subscribed = rows
+            .iter()
+            .map(|row| {
+                Ok(Subscribed {
+                    subscription: row.try_get(0)?,
+                    table: row.try_get(1)?,
+                    not_always: row.try_get(2)?,
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        match subscription::refusal(&subscribed) {
+            None => Ok(()),
+            Some(why) => {
+                self.reload_due =
+                    Some("logical replication wrote permd's tables past the changelog");
+                Err(Error::Subscribed(why))
             }
         }
     }

@@ -15,6 +15,7 @@ mod loader;
 mod relay;
 mod standby;
 mod status;
+mod subscription;
 mod tap;
 mod tls;
 
@@ -69,6 +70,10 @@ pub enum Error {
     /// TLS with the server failed, or the server refused it where the URL requires it.
     #[error("TLS with postgres: {0}")]
     Tls(String),
+    /// Logical replication writes permd's tables in a way the changelog cannot follow
+    /// (`subscription`); says what to do.
+    #[error("logical replication: {0}; permd retries")]
+    Subscribed(String),
 }
 
 /// Refuses a database URL that the sync connection could never connect with (one it
