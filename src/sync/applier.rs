@@ -621,8 +621,8 @@ impl Applier {
 
     /// Refuses a database whose tables logical replication writes in a way the changelog
     /// cannot follow (`subscription::refusal`), and marks a full load due, since what
-    /// was replicated meanwhile may have passed the changelog by. A server that refuses
-    /// the look at its catalogs is not asked again.
+    /// was replicated meanwhile may have passed the changelog by. A server whose role may
+    /// not read the catalogs is not asked again.
     async fn check_subscriptions(&mut self, client: &Client) -> Result<(), Error> {
         if self.subscriptions_unknown {
             return Ok(());
@@ -635,7 +635,11 @@ impl Applier {
             .await
         {
             Ok(rows) => rows,
-            Err(Error::Postgres(error)) if error.as_db_error().is_some() => {
+            // Only a refusal: a schema not migrated yet is the load's to report, and the
+            // next session asks again.
+            Err(Error::Postgres(error))
+                if error.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
                 tracing::warn!(
                     error = %error_chain(&error),
                     "cannot tell whether logical replication writes permd's tables; if it \

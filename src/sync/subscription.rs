@@ -25,7 +25,7 @@ pub(crate) const SUBSCRIBED: &str = "\
     ORDER BY c.relname, s.subname";
 
 /// One row of [`SUBSCRIBED`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct Subscribed {
     pub(crate) subscription: String,
     pub(crate) table: String,
