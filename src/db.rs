@@ -31,13 +31,19 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
     // statement logging either: sqlx warns of every statement over a second, and the
     // demo's seeding runs several (it reports its own progress).
-    // And no `statement_timeout` of the database's or the role's, as for the daemon: a
-    // migration, `verify`'s digest of a large set or the demo's seeding may take longer
-    // than one sized for the application's queries. One the URL or `PGOPTIONS` sets is
-    // kept.
+    // And, as for the daemon (`sync::connect::overrides`), no `statement_timeout` of the
+    // database's or the role's (a migration, `verify`'s digest of a large set or the
+    // demo's seeding may take longer than one sized for the application's queries), and
+    // READ COMMITTED over a SERIALIZABLE default (which a standby refuses for every
+    // statement). One the URL or `PGOPTIONS` sets is kept.
     let mut settings = vec![("client_min_messages", "warning")];
-    if !crate::sync::names_setting(config.get_options(), "statement_timeout") {
-        settings.push(("statement_timeout", "0"));
+    for (name, value) in [
+        ("statement_timeout", "0"),
+        ("default_transaction_isolation", "read committed"),
+    ] {
+        if !crate::sync::names_setting(config.get_options(), name) {
+            settings.push((name, value));
+        }
     }
     let options = options
         .ssl_mode(PgSslMode::Disable)

@@ -1134,8 +1134,8 @@ async fn a_standby_is_followed_by_polling() {
 /// default_transaction_isolation`, for the application's writes), followed on a standby,
 /// which runs no SERIALIZABLE transaction ("cannot use serializable mode in a hot
 /// standby"): the sync connection reads in READ COMMITTED (a load in REPEATABLE READ), so
-/// it loads and follows. Before, every statement of it was refused and it retried for
-/// ever. (On a primary, the same setting made every poll a SERIALIZABLE transaction, its
+/// it loads and follows, and the one-off commands read there too. Before, every
+/// statement of either was refused, and the daemon retried for ever. (On a primary, the same setting made every poll a SERIALIZABLE transaction, its
 /// predicate locks a chance to fail the application's SERIALIZABLE writers.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serializable_default_isolation_does_not_reach_the_sync_connection() {
@@ -1174,6 +1174,14 @@ async fn a_serializable_default_isolation_does_not_reach_the_sync_connection() {
     assert_eq!(daemon.digest_at(&token).await, db.digest().await);
     assert_eq!(daemon.status.report().reconnects, 0);
     daemon.stop().await;
+    // The one-off commands' connections too (`permd verify` against the standby).
+    let one_off = permd::db::pool(&url).await.expect("connect to the standby");
+    let tuples: i64 = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
+        .fetch_one(&one_off)
+        .await
+        .expect("read on the standby");
+    assert_eq!(tuples, 2);
+    one_off.close().await;
     db.pool.close().await;
 }
 
