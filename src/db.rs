@@ -31,7 +31,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
     // statement logging either: sqlx warns of every statement over a second, and the
     // demo's seeding runs several (it reports its own progress).
-    // And, as for the daemon (`sync::connect::overrides`), no `statement_timeout` of the
+    // And, as for the daemon (`sync::connect::first_statements`), no `statement_timeout` of the
     // database's or the role's (a migration, `verify`'s digest of a large set or the
     // demo's seeding may take longer than one sized for the application's queries), and
     // READ COMMITTED over a SERIALIZABLE default (which a standby refuses for every

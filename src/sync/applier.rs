@@ -424,13 +424,6 @@ impl Applier {
         tokio::pin!(closed);
         // LISTEN before loading: a change committed after it rings, one committed before
         // it is in the snapshot or the changelog.
-        // A statement kept waiting for a lock (another session's LOCK TABLE, a migration's
-        // ALTER TABLE, VACUUM FULL on a table permd reads) is cancelled by Postgres itself
-        // after half the query timeout, with its reason, before our own deadlines (the
-        // query timeout, a full load's stall) would take it for a dead connection: a poll
-        // would be abandoned with its backend still queued for the lock, and a full load
-        // would be reported as stalled.
-        let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
         // A standby (a read replica) allows no LISTEN: it is followed by the poll alone. Its
         // snapshots keep the invariant the changelog's horizon rests on (a transaction below
         // a snapshot's xmin has ended), as they must for MVCC, so nothing is skipped; a
@@ -440,18 +433,10 @@ impl Applier {
         let mut looks = Standby::default();
         let standby = self.look(&client, &mut looks).await?;
         self.follower = Follower::new(self.status.clone(), !standby);
-        let listen = if standby {
-            String::new()
-        } else {
-            format!("; LISTEN {CHANNEL}")
-        };
-        self.timed(
-            "the session's settings and LISTEN",
-            client.batch_execute(&format!(
-                "{SESSION}; SET lock_timeout = {lock_timeout}{listen}"
-            )),
-        )
-        .await?;
+        if !standby {
+            self.timed("LISTEN", client.batch_execute(&format!("LISTEN {CHANNEL}")))
+                .await?;
+        }
         self.status.set_connected(true);
         self.status.set_standby(standby);
         if standby {
@@ -869,8 +854,9 @@ impl Applier {
     }
 
     /// Opens the connection, with the COPY tap on its socket, and spawns the task that
-    /// drives it, forwarding notifications to the returned channel; then overrides the
-    /// database's settings that would break the sync connection (`connect::overrides`).
+    /// drives it, forwarding notifications to the returned channel; then sets the
+    /// session's settings, permd's own and its overrides of the database's
+    /// (`connect::first_statements`).
     /// The returned future resolves when the connection ends.
     async fn connect(
         &mut self,
@@ -905,13 +891,18 @@ impl Applier {
         let driver = tokio::spawn(forward(messages, heard, self.status.clone()));
         self.driver = Some(driver.abort_handle());
         let closed = async move { driver.await.unwrap_or(Error::Closed) };
-        // First, so that no statement of the session runs under the database's settings.
-        for overrides in connect::overrides(&config) {
-            self.timed(
-                "the session's overrides of the database's settings",
-                client.batch_execute(&overrides),
-            )
-            .await?;
+        // A statement kept waiting for a lock (another session's LOCK TABLE, a migration's
+        // ALTER TABLE, VACUUM FULL on a table permd reads) is cancelled by Postgres itself
+        // after half the query timeout, with its reason, before our own deadlines (the
+        // query timeout, a full load's stall) would take it for a dead connection: a poll
+        // would be abandoned with its backend still queued for the lock, and a full load
+        // would be reported as stalled.
+        let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
+        let own = format!("{SESSION}; SET lock_timeout = {lock_timeout}");
+        // First, so that every statement of the session runs with them.
+        for statements in connect::first_statements(&config, &own) {
+            self.timed("the session's settings", client.batch_execute(&statements))
+                .await?;
         }
         Ok((client, tap, heard_rx, closed))
     }

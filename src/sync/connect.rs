@@ -78,9 +78,10 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
     }
 }
 
-/// The statements the sync connection runs first, over what the database or the role set
-/// for every session (`ALTER DATABASE … SET`, `ALTER ROLE … SET`, `postgresql.conf`) for
-/// the application's sake that would break permd's own work.
+/// The statements the sync connection runs first: `own`, permd's own settings for the
+/// session (plain `SET`s), and the overrides of what the database or the role set for
+/// every session (`ALTER DATABASE … SET`, `ALTER ROLE … SET`, `postgresql.conf`) for the
+/// application's sake that would break permd's own work.
 /// - `default_transaction_isolation = 'read committed'`: with SERIALIZABLE the default, a
 ///   standby refused every statement ("cannot use serializable mode in a hot standby"),
 ///   and on a primary every poll was a SERIALIZABLE transaction whose predicate locks
@@ -93,34 +94,35 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
 ///   notifications longer than it between polls. permd keeps its own deadlines (the query
 ///   timeout for every other statement, the stall bound for a load, `lock_timeout`).
 ///
-/// The settings every server has first, as plain `SET`s in one batch, which take no
-/// snapshot (a standby would refuse one in that batch's transaction, whose isolation is
-/// fixed as it starts) and no time a timeout could cut; then, through `pg_settings`, whose
-/// rows a server too old for a setting lacks, the others, with no statement timeout left.
+/// `own` and the settings every server has first, as plain `SET`s in one batch, which
+/// take no snapshot (a standby would refuse one in that batch's transaction, whose
+/// isolation is fixed as it starts) and no time a timeout could cut; then, through
+/// `pg_settings`, whose rows a server too old for a setting lacks, the others, with no
+/// statement timeout left.
 /// Statements rather than server options sent with the connection (`options`), which
 /// PgBouncer refuses for a parameter it is not configured to track or ignore. A setting
 /// the URL's `options` or `PGOPTIONS` names is the operator's choice for permd and is kept.
-pub(crate) fn overrides(config: &Config) -> Vec<String> {
+pub(crate) fn first_statements(config: &Config, own: &str) -> Vec<String> {
     const EVERY_SERVER: [(&str, &str); 2] = [
         ("default_transaction_isolation", "'read committed'"),
         ("statement_timeout", "0"),
     ];
     const NEWER_TIMEOUTS: [&str; 2] = ["transaction_timeout", "idle_session_timeout"];
     let kept = |name: &str| names_setting(config.get_options(), name);
-    let set: Vec<String> = EVERY_SERVER
-        .into_iter()
-        .filter(|(name, _)| !kept(name))
-        .map(|(name, value)| format!("SET {name} = {value}"))
+    let set: Vec<String> = std::iter::once(own.to_owned())
+        .chain(
+            EVERY_SERVER
+                .into_iter()
+                .filter(|(name, _)| !kept(name))
+                .map(|(name, value)| format!("SET {name} = {value}")),
+        )
         .collect();
     let lifted: Vec<String> = NEWER_TIMEOUTS
         .into_iter()
         .filter(|name| !kept(name))
         .map(|name| format!("'{name}'"))
         .collect();
-    let mut statements = Vec::new();
-    if !set.is_empty() {
-        statements.push(set.join("; "));
-    }
+    let mut statements = vec![set.join("; ")];
     if !lifted.is_empty() {
         statements.push(format!(
             "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ({})",
@@ -589,12 +591,13 @@ mod tests {
     /// connection, and a setting the URL names is kept.
     #[test]
     fn the_sync_connection_overrides_settings_the_url_does_not_name() {
-        let overrides = |url: &str| overrides(&config(url).expect("read").0);
+        let overrides = |url: &str| first_statements(&config(url).expect("read").0, "SET a = 1");
         let lifted = |names: &str| {
             format!("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ({names})")
         };
         let all = [
-            "SET default_transaction_isolation = 'read committed'; SET statement_timeout = 0"
+            "SET a = 1; SET default_transaction_isolation = 'read committed'; \
+             SET statement_timeout = 0"
                 .to_owned(),
             lifted("'transaction_timeout', 'idle_session_timeout'"),
         ];
@@ -606,7 +609,7 @@ mod tests {
         assert_eq!(
             overrides("host=localhost options='-c statement_timeout=5s -c idle_session_timeout=0'"),
             [
-                "SET default_transaction_isolation = 'read committed'".to_owned(),
+                "SET a = 1; SET default_transaction_isolation = 'read committed'".to_owned(),
                 lifted("'transaction_timeout'")
             ]
         );
@@ -616,7 +619,7 @@ mod tests {
                  -cdefault_transaction_isolation%3Dserializable%20\
                  -c%20idle_session_timeout%3D1min%20-c%20transaction_timeout%3D0"
             ),
-            Vec::<String>::new()
+            ["SET a = 1"]
         );
     }
 

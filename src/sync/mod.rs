@@ -97,7 +97,7 @@ pub(crate) fn own_options(url: &str) -> Option<String> {
 }
 
 /// Whether server options set the setting `name`: the one-off commands, as the sync
-/// connection (`connect::overrides`), keep a setting they name and override one the
+/// connection (`connect::first_statements`), keep a setting they name and override one the
 /// database or the role sets.
 pub(crate) fn names_setting(options: Option<&str>, name: &str) -> bool {
     connect::names_setting(options, name)
