@@ -851,6 +851,43 @@ mod wire {
             .unwrap_or_else(|| panic!("no {name} in {text}"))
     }
 
+    /// Waits until the server (in this process) has read every byte `client` sent: in
+    /// the kernel's table of sockets, the client's send queue is empty (all of it
+    /// arrived) and so is the receive queue of the connection's other end.
+    pub async fn read_by_server(client: &tokio::net::TcpStream) {
+        let hex = |addr: SocketAddr| match addr {
+            SocketAddr::V4(v4) => format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(v4.ip().octets()),
+                v4.port()
+            ),
+            SocketAddr::V6(_) => unreachable!("the tests listen on IPv4"),
+        };
+        let local = hex(client.peer_addr().expect("peer"));
+        let remote = hex(client.local_addr().expect("local"));
+        crate::common::wait_until("the server reads what the client sent", || {
+            let (local, remote) = (local.clone(), remote.clone());
+            async move {
+                let table = std::fs::read_to_string("/proc/self/net/tcp").expect("sockets");
+                // The queue (0: send, 1: receive) of the socket from `from` to `to` is empty.
+                let empty = |from: &str, to: &str, queue: usize| {
+                    table.lines().skip(1).any(|row| {
+                        let fields: Vec<&str> = row.split_whitespace().collect();
+                        // local address, remote address, tx_queue:rx_queue
+                        fields.get(1) == Some(&from)
+                            && fields.get(2) == Some(&to)
+                            && fields
+                                .get(4)
+                                .and_then(|queues| queues.split(':').nth(queue))
+                                .is_some_and(|bytes| u64::from_str_radix(bytes, 16) == Ok(0))
+                    })
+                };
+                empty(&remote, &local, 0) && empty(&local, &remote, 1)
+            }
+        })
+        .await;
+    }
+
     /// Reads one answer whose body ends with `}` (every JSON answer of the API).
     pub async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
         let mut received = Vec::new();
@@ -980,7 +1017,7 @@ mod fuzz {
             Just("subject=user 1".to_owned()),
             Just("subject=u\x011".to_owned()),
             // A target hyper finds too long (414).
-            Just(format!("pad={}", "x".repeat(65_530))),
+            Just(format!("pad={PAD}")),
         ];
         let pair = prop_oneof![8 => query_pair(), 1 => odd];
         let valid = (
@@ -1032,8 +1069,8 @@ mod fuzz {
         // reads (431).
         let header = prop_oneof![
             21 => header.prop_map(str::to_owned),
-            1 => Just(many_headers(40)),
-            1 => Just(many_headers(101)),
+            1 => Just(HEADERS_40.to_owned()),
+            1 => Just(HEADERS_101.to_owned()),
         ];
         (
             method,
@@ -1048,17 +1085,47 @@ mod fuzz {
             })
     }
 
-    /// `n` header lines, the last without its CRLF.
-    fn many_headers(n: usize) -> String {
-        let lines: Vec<String> = (0..n).map(|i| format!("x-{i}: {i}")).collect();
-        lines.join("\r\n")
+    /// Marks for the long pieces of a request, which [`expand`] writes out when it is sent:
+    /// so a failing pipeline is printed short enough to read. A 65,530-byte value...
+    const PAD: &str = "@PAD@";
+    /// ... 40 header lines and 101 (the last without its CRLF).
+    const HEADERS_40: &str = "@HEADERS40@";
+    const HEADERS_101: &str = "@HEADERS101@";
+
+    /// `request` with its marks written out.
+    fn expand(request: &str) -> String {
+        let many_headers = |n: usize| -> String {
+            let lines: Vec<String> = (0..n).map(|i| format!("x-{i}: {i}")).collect();
+            lines.join("\r\n")
+        };
+        request
+            .replace(PAD, &"x".repeat(65_530))
+            .replace(HEADERS_40, &many_headers(40))
+            .replace(HEADERS_101, &many_headers(101))
     }
 
-    /// A request with a body: read whole by the router (a batch), refused before it is
-    /// read (wrong method, content type, route), or a batch larger than what the server's
-    /// loop gathers before letting hyper serve it. (A large body the handler does not read
-    /// is left out: whether hyper keeps such a connection depends on how much of the body
-    /// has arrived when it answers, so two runs of hyper alone may differ.)
+    /// Where two servers' answers part: the offset, and the answers around it (escaped).
+    fn first_difference(ours: &str, theirs: &str) -> String {
+        let at = ours
+            .bytes()
+            .zip(theirs.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(ours.len().min(theirs.len()));
+        let around = |text: &str| -> String {
+            let bytes = &text.as_bytes()[at.saturating_sub(200)..text.len().min(at + 300)];
+            String::from_utf8_lossy(bytes).escape_debug().to_string()
+        };
+        format!(
+            "answers part at byte {at} (ours {} bytes, theirs {}):\nours:   {}\ntheirs: {}",
+            ours.len(),
+            theirs.len(),
+            around(ours),
+            around(theirs)
+        )
+    }
+
+    /// A small request with a body: read whole by the router (a batch), or refused before
+    /// it is read (wrong method, content type, route, no token).
     fn request_with_body() -> impl Strategy<Value = String> {
         let line = prop_oneof![
             4 => Just("POST /v1/check"),
@@ -1085,20 +1152,32 @@ mod fuzz {
             1 => Just("content-type: application/json\r\ncontent-type: application/json\r\n"),
             1 => Just(""),
         ];
-        let small = (line, body, content_type).prop_map(|(line, body, content_type)| {
+        (line, body, content_type).prop_map(|(line, body, content_type)| {
             format!(
                 "{line} HTTP/1.1\r\nhost: permd\r\n{content_type}content-length: {}\r\n\r\n{body}",
                 body.len()
             )
-        });
-        // Over 64 KiB: 1,500 checks.
+        })
+    }
+
+    /// A batch larger than what the server's loop gathers before letting hyper serve it
+    /// (over 64 KiB: 1,500 checks), which the connection stays with hyper for.
+    ///
+    /// It is sent last, as nothing with a body may follow it: such a pipeline arrives in
+    /// several segments, and a small body the handler does not read (a 405, a 415, a 401)
+    /// that comes in two of them is drained by hyper alone only if its second part has
+    /// arrived when the answer is written, or else hyper closes the connection; permd's
+    /// loop gathers such a request whole first (`a_body_the_handler_leaves_unread_...`), so
+    /// the two servers' answers would differ by the segments' timing alone. The large
+    /// batch itself, unread (a 401), closes the connection on both: hyper never holds its
+    /// whole body at once.
+    fn large_batch() -> String {
         let check = r#"{"subject":"u1","permission":"read","object":"doc:1"}"#;
         let large = format!(r#"{{"checks":[{}]}}"#, vec![check; 1500].join(","));
-        let large = format!(
+        format!(
             "POST /v1/check HTTP/1.1\r\nhost: permd\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{large}",
             large.len()
-        );
-        prop_oneof![6 => small, 1 => Just(large)]
+        )
     }
 
     proptest! {
@@ -1112,6 +1191,7 @@ mod fuzz {
         #[test]
         fn the_servers_own_loop_answers_on_the_wire_as_hyper(
             requests in prop::collection::vec(prop_oneof![4 => raw_request(), 1 => request_with_body()], 1..5),
+            large in prop::bool::weighted(0.1),
             token in any::<bool>(),
         ) {
             let config = HttpConfig {
@@ -1123,26 +1203,31 @@ mod fuzz {
             let app = app_state(config);
             // The last request closes the connection, so each side's answers end there.
             let bytes = format!(
-                "{}GET /livez HTTP/1.1\r\nhost: permd\r\nconnection: close\r\n\r\n",
-                requests.concat()
+                "{}{}GET /livez HTTP/1.1\r\nhost: permd\r\nconnection: close\r\n\r\n",
+                expand(&requests.concat()),
+                if large { large_batch() } else { String::new() }
             );
-            let (ours, theirs) = runtime().block_on(async {
-                let (permd, _shutdown, _served) =
+            let runtime = runtime();
+            let (permd, _shutdown, hyper) = runtime.block_on(async {
+                let (permd, shutdown, _served) =
                     wire::permd(app.clone(), permd::http::ServerLimits::default()).await;
-                let hyper = wire::hyper_alone(app).await;
-                (
-                    wire::exchange(permd, bytes.as_bytes()).await,
-                    wire::exchange(hyper, bytes.as_bytes()).await,
-                )
+                (permd, shutdown, wire::hyper_alone(app).await)
             });
+            let exchange = |addr| runtime.block_on(wire::exchange(addr, bytes.as_bytes()));
+            let (ours, theirs) = (exchange(permd), exchange(hyper));
             prop_assert!(theirs.starts_with("HTTP/1."), "{}", theirs);
-            prop_assert!(
-                wire::same_but_malformed(&ours, &theirs),
-                "ours:\n{}\ntheirs:\n{}\nsent:\n{}",
-                ours,
-                theirs,
-                bytes
-            );
+            if !wire::same_but_malformed(&ours, &theirs) {
+                // Whether each server answers the same again: a server that does not
+                // depends on the timing of the bytes' arrival.
+                let again = |addr, first: &str| (0..5).all(|_| exchange(addr) == first);
+                prop_assert!(
+                    false,
+                    "{}\nthe same again five times: ours {}, theirs {}",
+                    first_difference(&ours, &theirs),
+                    again(permd, &ours),
+                    again(hyper, &theirs)
+                );
+            }
         }
 
         /// The fast path of `GET /v1/check` answers byte for byte as the router does, for
@@ -1632,4 +1717,40 @@ async fn a_connection_comes_back_to_the_own_loop_after_hyper_serves_a_request() 
     // Two of each seven went to hyper (the declined batch and check), and so did the second
     // scrape (the first counted itself).
     assert_eq!(hyper_requests().await - before, 2 * 2 + 1);
+}
+
+/// A body the handler leaves unread (a 405 here) that arrives in two parts is still
+/// drained and the connection kept: the server's loop gathers the whole request before
+/// hyper answers it, where hyper alone, answering before the second part arrives, would
+/// close the connection.
+#[tokio::test]
+async fn a_body_the_handler_leaves_unread_keeps_the_connection_when_it_arrives_in_parts() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let (addr, _shutdown, _served) =
+        wire::permd(app_state(quick()), permd::http::ServerLimits::default()).await;
+    let body = r#"{"checks":[{"subject":"u1","permission":"read"}]}"#;
+    let unread = format!(
+        "PUT /v1/check HTTP/1.1\r\nhost: permd\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let check = "GET /v1/check?subject=u1&permission=EXPORT HTTP/1.1\r\nhost: permd\r\n\r\n";
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    // The head and half the body, read by the server before the rest is sent.
+    let (first, rest) = unread.split_at(unread.len() - body.len() / 2);
+    stream.write_all(first.as_bytes()).await.expect("write");
+    wire::read_by_server(&stream).await;
+    stream.write_all(rest.as_bytes()).await.expect("write");
+    stream.write_all(check.as_bytes()).await.expect("write");
+    let mut answers = String::new();
+    while answers.matches("HTTP/1.1 ").count() < 2 {
+        answers += &wire::read_answer(&mut stream).await;
+    }
+    assert!(
+        answers.starts_with("HTTP/1.1 405 Method Not Allowed\r\n")
+            && answers.contains("HTTP/1.1 200 OK\r\n")
+            && answers.contains("{\"allowed\":true,"),
+        "{answers}"
+    );
 }
