@@ -1188,6 +1188,8 @@ mod fuzz {
         /// a head no parser reads has a JSON error where hyper's 400 is empty): its own
         /// loop for plain checks, the handover to hyper with the bytes already read, and the
         /// connection's return to the loop with the bytes hyper read past its request.
+        /// (Where hyper alone answers otherwise on another try, permd's answers need only
+        /// be one of hyper's.)
         #[test]
         fn the_servers_own_loop_answers_on_the_wire_as_hyper(
             requests in prop::collection::vec(prop_oneof![4 => raw_request(), 1 => request_with_body()], 1..5),
@@ -1217,15 +1219,18 @@ mod fuzz {
             let (ours, theirs) = (exchange(permd), exchange(hyper));
             prop_assert!(theirs.starts_with("HTTP/1."), "{}", theirs);
             if !wire::same_but_malformed(&ours, &theirs) {
-                // Whether each server answers the same again: a server that does not
-                // depends on the timing of the bytes' arrival.
-                let again = |addr, first: &str| (0..5).all(|_| exchange(addr) == first);
+                // Hyper alone may answer a pipeline otherwise another time, when how it
+                // answers depends on how its bytes arrive: permd's answers must be one of
+                // hyper's. Whether permd answers the same again tells the rest.
+                let hyper_again: Vec<String> = (0..5).map(|_| exchange(hyper)).collect();
                 prop_assert!(
-                    false,
-                    "{}\nthe same again five times: ours {}, theirs {}",
+                    hyper_again
+                        .iter()
+                        .any(|theirs| wire::same_but_malformed(&ours, theirs)),
+                    "{}\nhyper alone the same again five times: {}; permd: {}",
                     first_difference(&ours, &theirs),
-                    again(permd, &ours),
-                    again(hyper, &theirs)
+                    hyper_again.iter().all(|again| *again == theirs),
+                    (0..5).all(|_| exchange(permd) == ours)
                 );
             }
         }
