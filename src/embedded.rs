@@ -397,8 +397,27 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> anyhow::Result<u16> {
+/// A port that was free a moment ago on 127.0.0.1, for a server to bind later: below the
+/// kernel's range of ephemeral ports when that leaves room (16,384 ports under its start).
+/// A port of that range (what binding port 0 gives) may become some outgoing connection's
+/// local port before the server binds it, or while it is down between a crash and a
+/// restart: a test suite opening thousands of connections lost a cluster's start so
+/// ("could not bind IPv4 address: Address already in use").
+pub fn free_port() -> anyhow::Result<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok());
+    if let Some(end) = ephemeral_start {
+        let start = end.saturating_sub(16_384).max(1024);
+        if end > start {
+            for _ in 0..64 {
+                let port = start + (rand_u64() % u64::from(end - start)) as u16;
+                if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                    return Ok(port);
+                }
+            }
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").context("find a free port")?;
     Ok(listener.local_addr()?.port())
 }
@@ -409,4 +428,30 @@ fn rand_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(u64::from(std::process::id()));
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The port is free, and below the kernel's range of ephemeral ports when that leaves
+    /// room (Linux's default range starts at 32768).
+    #[test]
+    fn a_free_port_is_taken_below_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("the kernel's ephemeral port range");
+        let start: u16 = range
+            .split_whitespace()
+            .next()
+            .and_then(|start| start.parse().ok())
+            .expect("its start");
+        for _ in 0..20 {
+            let port = free_port().expect("a free port");
+            assert!(
+                start <= 1024 || (1024..start).contains(&port),
+                "{port} in {range}"
+            );
+            TcpListener::bind(("127.0.0.1", port)).expect("still free");
+        }
+    }
 }

@@ -1550,10 +1550,7 @@ async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = permd::embedded::free_port().expect("port");
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     let mut sync = SyncConfig::new(&url);
     sync.max_backoff = Duration::from_millis(400);
