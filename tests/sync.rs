@@ -68,6 +68,28 @@ async fn a_prefilled_database_is_mirrored_exactly() {
 /// A load many times larger than the builder's queue of COPY blocks (the socket's tap then
 /// waits for the builder), over the Unix socket (the sync connection opens its socket
 /// itself, TCP or Unix).
+/// A daemon started on a database not migrated yet says what to run, retries, and loads
+/// the set once the migrations are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_migrated_after_the_daemon_started_is_loaded_then() {
+    let db = common::unmigrated_database().await;
+    let mut sync = SyncConfig::new(&db.url);
+    sync.max_backoff = Duration::from_millis(400);
+    let daemon = TestDaemon::spawn(sync, patient());
+    let error = daemon.failed_attempts(2).await;
+    assert!(error.contains("permd migrate"), "{error}");
+    permd::db::migrate(&db.pool).await.expect("migrate");
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
+        .await;
+    daemon
+        .wait_for("loaded", || daemon.status.is_ready(60.0))
+        .await;
+    assert!(daemon.check("u1", "read", "doc:1", &token).await);
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_set_is_mirrored_exactly_over_a_unix_socket() {
     let db = database().await;

@@ -258,6 +258,17 @@ pub async fn database() -> TestDb {
 
 /// Creates a database on `cluster` and applies the migrations.
 pub async fn database_on(cluster: &Cluster) -> TestDb {
+    let db = unmigrated_on(cluster).await;
+    permd::db::migrate(&db.pool).await.expect("migrate");
+    db
+}
+
+/// A fresh database on the shared cluster without permd's schema.
+pub async fn unmigrated_database() -> TestDb {
+    unmigrated_on(cluster()).await
+}
+
+async fn unmigrated_on(cluster: &Cluster) -> TestDb {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let name = format!(
         "t{}_{}",
@@ -276,7 +287,6 @@ pub async fn database_on(cluster: &Cluster) -> TestDb {
     let pool = permd::db::pool(&url)
         .await
         .expect("connect to the test database");
-    permd::db::migrate(&pool).await.expect("migrate");
     let unix_url = format!(
         "host='{}' port={} user=postgres dbname={name}",
         cluster.dir().display(),
