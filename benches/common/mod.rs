@@ -119,12 +119,10 @@ pub async fn read_response<S: AsyncRead + AsyncWrite + Unpin>(
     status
 }
 
-/// A port on 127.0.0.1 that was free a moment ago, for a server the suite starts.
+/// A port on 127.0.0.1 that was free a moment ago, for a server the suite starts (below the
+/// kernel's ephemeral range, as a throwaway cluster's: `permd::embedded::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port on 127.0.0.1")
+    permd::embedded::free_port().expect("a free port on 127.0.0.1")
 }
 
 /// Where `needle` first starts in `haystack`.
