@@ -360,8 +360,9 @@ fn find_bin_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// When we are root: the uid/gid of `postgres` (or `nobody`) to run the cluster as.
-fn unprivileged_user() -> anyhow::Result<Option<(u32, u32)>> {
+/// When we are root: the uid/gid of `postgres` (or `nobody`) to run the cluster as (and
+/// the tests' other servers, which refuse root as Postgres does).
+pub fn unprivileged_user() -> anyhow::Result<Option<(u32, u32)>> {
     use std::os::unix::fs::MetadataExt as _;
     let me = std::fs::metadata("/proc/self")
         .map(|m| m.uid())

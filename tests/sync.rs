@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use common::bouncer::{Bouncer, PoolMode};
 use common::{database, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE};
 use permd::http::HttpConfig;
 use permd::shard::Shard;
@@ -309,6 +310,60 @@ async fn notify_alone_keeps_the_mirror_fresh() {
             daemon.store.check("n", "read", "doc")
         })
         .await;
+    daemon.stop().await;
+}
+
+/// Through PgBouncer in session mode, with its defaults otherwise (it refuses a startup
+/// parameter it neither tracks nor was told to ignore): the daemon loads, follows by
+/// NOTIFY alone (an hourly poll), and after PgBouncer restarts (its connections cut)
+/// loses nothing written meanwhile and follows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnects() {
+    let db = database().await;
+    db.write("INSERT INTO permd.tuples VALUES ('loaded', 'doc', 'read', NULL)")
+        .await;
+    let (mut bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session, &[]);
+    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
+    assert!(daemon.store.check("loaded", "read", "doc"));
+    daemon
+        .wait_for("following the notifications", || {
+            daemon.status.report().following
+        })
+        .await;
+    db.write("INSERT INTO permd.tuples VALUES ('notified', 'doc', 'read', NULL)")
+        .await;
+    daemon
+        .wait_for("the NOTIFY-driven apply", || {
+            daemon.store.check("notified", "read", "doc")
+        })
+        .await;
+
+    bouncer.restart();
+    // Written while the daemon's connection is cut or coming back: no NOTIFY reaches it.
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('meanwhile', 'doc', 'read', NULL)")
+        .await;
+    assert!(daemon.check("meanwhile", "read", "doc", &token).await);
+    daemon
+        .wait_for("following again", || {
+            let report = daemon.status.report();
+            report.following && report.reconnects >= 1
+        })
+        .await;
+    db.write("INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)")
+        .await;
+    daemon
+        .wait_for("the NOTIFY-driven apply after the restart", || {
+            daemon.store.check("after", "read", "doc")
+        })
+        .await;
+    assert_eq!(daemon.store.digest(), db.digest().await);
+    assert_eq!(daemon.status.report().reloads, 1, "no second full load");
+    assert!(
+        !bouncer.log().contains("unsupported startup parameter"),
+        "{}",
+        bouncer.log()
+    );
     daemon.stop().await;
 }
 

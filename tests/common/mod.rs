@@ -4,6 +4,7 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod bouncer;
 pub mod raw;
 #[path = "../../src/scratch.rs"]
 pub mod scratch;
