@@ -31,24 +31,20 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // skipping" on every fresh `permd demo` and `migrate --reference-model`. No
     // statement logging either: sqlx warns of every statement over a second, and the
     // demo's seeding runs several (it reports its own progress).
-    // And, as for the daemon (`sync::connect::first_statements`), no `statement_timeout` of the
-    // database's or the role's (a migration, `verify`'s digest of a large set or the
-    // demo's seeding may take longer than one sized for the application's queries), and
-    // READ COMMITTED over a SERIALIZABLE default (which a standby refuses for every
-    // statement). One the URL or `PGOPTIONS` sets is kept.
-    let mut settings = vec![("client_min_messages", "warning")];
-    for (name, value) in [
-        ("statement_timeout", "0"),
-        ("default_transaction_isolation", "read committed"),
-    ] {
-        if !crate::sync::names_setting(config.get_options(), name) {
-            settings.push((name, value));
-        }
-    }
+    // And the daemon's overrides (`sync::connect::first_statements`): no
+    // `statement_timeout` (nor the newer timeouts) of the database's or the role's (a
+    // migration, `verify`'s digest of a large set or the demo's seeding may take longer
+    // than one sized for the application's queries), and READ COMMITTED over a
+    // SERIALIZABLE default (which a standby refuses for every statement). One the URL or
+    // `PGOPTIONS` sets is kept.
+    // All as statements on each new connection, none as a startup parameter: PgBouncer
+    // refuses `options` and sqlx's `extra_float_digits` (no query here reads a float)
+    // unless told to ignore them, so `migrate` and `verify` could not go through it.
+    let settings = crate::sync::first_statements(&config, "SET client_min_messages = warning");
     let options = options
         .ssl_mode(PgSslMode::Disable)
         .application_name(config.get_application_name().unwrap_or("permd-cli"))
-        .options(settings)
+        .extra_float_digits(None)
         .disable_statement_logging();
     // The pool retries a connection that fails until its acquire timeout (30 s) and then
     // says only that it timed out: one connection first says why (refused, unknown host,
@@ -64,6 +60,17 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     first.close().await.context("connect to the database")?;
     let pool = PgPoolOptions::new()
         .max_connections(4)
+        .after_connect(move |connection, _| {
+            let settings = settings.clone();
+            Box::pin(async move {
+                for statements in settings {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statements))
+                        .execute(&mut *connection)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         .context("connect to the database")?;

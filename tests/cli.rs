@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::bouncer::{Bouncer, PoolMode};
 use common::{database, wait_until, DEADLINE};
 use permd::shard::Shard;
 
@@ -1405,6 +1406,53 @@ async fn verify_proves_equality_and_names_what_differs() {
         std::future::ready(verify().status.success())
     })
     .await;
+}
+
+/// Every command through PgBouncer in session mode, with its defaults otherwise: it
+/// refuses a startup parameter it neither tracks nor was told to ignore (sqlx's
+/// `extra_float_digits`, and `options`, which the one-off commands once used for their
+/// settings), so `migrate` and `verify` failed there before. `migrate` of a new
+/// database, `serve`, and `verify` proving the daemon in sync after a write; the one-off
+/// commands' settings are still theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_serve_and_verify_through_pgbouncer() {
+    let db = common::unmigrated_database().await;
+    let (bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session, &[]);
+    let migrated = output_within_deadline({
+        let mut migrate = permd();
+        migrate.args(["migrate", "--database-url", &url]);
+        migrate
+    });
+    assert!(
+        migrated.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&migrated.stderr),
+        bouncer.log()
+    );
+    db.exec("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
+        .await;
+    let (_running, port) = serve(&url, &[], &[]).await;
+    let (status, body) =
+        http_get(port, "/v1/check?subject=u1&permission=read&object=doc:1").expect("check");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"allowed\":true"), "{body}");
+    db.exec("INSERT INTO permd.tuples VALUES ('u2', 'doc:2', 'read', NULL)")
+        .await;
+    let output = output_within_deadline(verify(&url, &format!("http://127.0.0.1:{port}")));
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("in sync"),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        bouncer.log()
+    );
+    db.set_for_new_sessions("statement_timeout", "'1ms'").await;
+    assert_eq!(one_off_statement_timeout(&url).await, "0");
+    assert!(
+        !bouncer.log().contains("unsupported startup parameter"),
+        "{}",
+        bouncer.log()
+    );
 }
 
 /// `permd verify` while writes go on to the subjects it compares: a subject written

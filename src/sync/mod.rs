@@ -96,11 +96,11 @@ pub(crate) fn own_options(url: &str) -> Option<String> {
     connect::own_options(url)
 }
 
-/// Whether server options set the setting `name`: the one-off commands, as the sync
-/// connection (`connect::first_statements`), keep a setting they name and override one the
-/// database or the role sets.
-pub(crate) fn names_setting(options: Option<&str>, name: &str) -> bool {
-    connect::names_setting(options, name)
+/// The statements a session runs first, `own` and then permd's overrides of what the
+/// database or the role set for every session (`connect::first_statements`): the sync
+/// connection's, and the one-off commands' pool's.
+pub(crate) fn first_statements(config: &tokio_postgres::Config, own: &str) -> Vec<String> {
+    connect::first_statements(config, own)
 }
 
 /// The password for `config`'s first server: the URL's or `PGPASSWORD`'s, else the
