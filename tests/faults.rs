@@ -886,6 +886,30 @@ async fn an_idle_session_timeout_set_for_the_database_does_not_end_the_sync_conn
     daemon.stop().await;
 }
 
+/// An `idle_in_transaction_session_timeout` set for the database (for the application's
+/// forgotten transactions) does not end a full load, whose transaction waits between its
+/// statements while permd takes the rows in (here 1 ms, which a debug build's load of
+/// 300,000 rows passes at every gap). Before, the load's session was ended each time, and
+/// permd reconnected and loaded again for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_in_transaction_timeout_set_for_the_database_does_not_end_a_full_load() {
+    let db = database().await;
+    fill_a_long_copy(&db).await;
+    db.set_for_new_sessions("idle_in_transaction_session_timeout", "'1ms'")
+        .await;
+    let daemon = TestDaemon::start(&db.url).await;
+    // Only the daemon's sessions had the setting: the test's own new sessions stay.
+    db.set_for_new_sessions("idle_in_transaction_session_timeout", "DEFAULT")
+        .await;
+    let report = daemon.status.report();
+    assert_eq!(report.reconnects, 0, "{report:?}");
+    assert_eq!(report.reloads, 1, "{report:?}");
+    assert_eq!(daemon.store.counts().tuples, 300_000);
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// A database that logical replication writes (a subscriber) is refused while the
 /// subscription's writes to `permd.tuples` would fire none of permd's triggers (they fire
 /// only triggers that are `ENABLE ALWAYS` there), with the statements that fix it, and

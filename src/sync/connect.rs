@@ -91,7 +91,10 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
 ///   17): a timeout sized for the application's queries cancelled a full load of a large
 ///   set at every try (13 s at 50M tuples; benches/README.md, "load"); nor
 ///   `idle_session_timeout` (Postgres 14), which would end a connection that waits for
-///   notifications longer than it between polls. permd keeps its own deadlines (the query
+///   notifications longer than it between polls; nor `idle_in_transaction_session_timeout`
+///   (Postgres 9.6), which ended a full load's session between its statements (the rows
+///   of its last COPY still being taken in, then the commit: at a database's 1 ms it never
+///   loaded), and `verify`'s between its reads. permd keeps its own deadlines (the query
 ///   timeout for every other statement, the stall bound for a load, `lock_timeout`).
 ///
 /// `own` and the settings every server has first, as plain `SET`s in one batch, which
@@ -103,9 +106,10 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
 /// PgBouncer refuses for a parameter it is not configured to track or ignore. A setting
 /// the URL's `options` or `PGOPTIONS` names is the operator's choice for permd and is kept.
 pub(crate) fn first_statements(config: &Config, own: &str) -> Vec<String> {
-    const EVERY_SERVER: [(&str, &str); 2] = [
+    const EVERY_SERVER: [(&str, &str); 3] = [
         ("default_transaction_isolation", "'read committed'"),
         ("statement_timeout", "0"),
+        ("idle_in_transaction_session_timeout", "0"),
     ];
     const NEWER_TIMEOUTS: [&str; 2] = ["transaction_timeout", "idle_session_timeout"];
     let kept = |name: &str| names_setting(config.get_options(), name);
@@ -597,7 +601,7 @@ mod tests {
         };
         let all = [
             "SET a = 1; SET default_transaction_isolation = 'read committed'; \
-             SET statement_timeout = 0"
+             SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0"
                 .to_owned(),
             lifted("'transaction_timeout', 'idle_session_timeout'"),
         ];
@@ -609,7 +613,9 @@ mod tests {
         assert_eq!(
             overrides("host=localhost options='-c statement_timeout=5s -c idle_session_timeout=0'"),
             [
-                "SET a = 1; SET default_transaction_isolation = 'read committed'".to_owned(),
+                "SET a = 1; SET default_transaction_isolation = 'read committed'; \
+                 SET idle_in_transaction_session_timeout = 0"
+                    .to_owned(),
                 lifted("'transaction_timeout'")
             ]
         );
@@ -617,7 +623,8 @@ mod tests {
             overrides(
                 "postgres://u@localhost/db?options=--Statement-Timeout%3D5s%20\
                  -cdefault_transaction_isolation%3Dserializable%20\
-                 -c%20idle_session_timeout%3D1min%20-c%20transaction_timeout%3D0"
+                 -c%20idle_session_timeout%3D1min%20-c%20transaction_timeout%3D0%20\
+                 -c%20idle_in_transaction_session_timeout%3D1min"
             ),
             ["SET a = 1"]
         );
