@@ -2,10 +2,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::future::{Fuse, FusedFuture as _};
+use futures_util::{FutureExt as _, StreamExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_postgres::error::SqlState;
@@ -103,6 +105,22 @@ async fn forward(
                 None => return Error::Closed,
             },
         }
+    }
+}
+
+/// The error of a session that ended with its connection closed: the server's reason
+/// where it sent one (a FATAL error: the session ended by a timeout, by an administrator,
+/// by a shutdown), else `error`. A request that finds the connection gone says only
+/// "connection closed"; what the server said went to the connection's driver (`closed`),
+/// when it came while no request waited for an answer. The driver ends as soon as it has
+/// read the close, so it is waited for briefly.
+async fn why_closed<F: Future<Output = Error>>(error: Error, closed: Pin<&mut Fuse<F>>) -> Error {
+    if closed.is_terminated() {
+        return error;
+    }
+    match tokio::time::timeout(Duration::from_millis(100), closed).await {
+        Ok(Error::Postgres(server)) if server.as_db_error().is_some() => Error::Postgres(server),
+        _ => error,
     }
 }
 
@@ -420,8 +438,27 @@ impl Applier {
     /// One connection's life: connect, LISTEN, (re)load if needed, then poll until an
     /// error or shutdown (the only `Ok`).
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
-        let (mut client, tap, mut heard, closed) = self.connect().await?;
+        let (client, tap, heard, closed) = self.connect().await?;
+        let closed = closed.fuse();
         tokio::pin!(closed);
+        match self
+            .follow(client, tap, heard, closed.as_mut(), shutdown)
+            .await
+        {
+            Err(error) if error.is_closed() => Err(why_closed(error, closed).await),
+            ended => ended,
+        }
+    }
+
+    /// [`Self::session`] once connected: `closed` ends with the connection, with its error.
+    async fn follow(
+        &mut self,
+        mut client: Client,
+        tap: Tap,
+        mut heard: mpsc::Receiver<Message>,
+        mut closed: Pin<&mut Fuse<impl Future<Output = Error>>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
         // LISTEN before loading: a change committed after it rings, one committed before
         // it is in the snapshot or the changelog.
         // A standby (a read replica) allows no LISTEN: it is followed by the poll alone. Its

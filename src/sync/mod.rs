@@ -76,6 +76,17 @@ pub enum Error {
     Subscribed(String),
 }
 
+impl Error {
+    /// The connection was found closed, with no more said.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Self::Closed => true,
+            Self::Postgres(error) => error.is_closed(),
+            _ => false,
+        }
+    }
+}
+
 /// Refuses a database URL that the sync connection could never connect with (one it
 /// cannot read, or whose TLS files are missing or unreadable), so that a daemon fails at
 /// start with the reason rather than retrying it for ever.
