@@ -302,15 +302,22 @@ async fn a_write_token_makes_the_next_check_see_the_write_even_without_notify() 
 async fn notify_alone_keeps_the_mirror_fresh() {
     let db = database().await;
     let daemon = TestDaemon::start_with(doorbell_only(&db.url), patient()).await;
-    db.write("INSERT INTO permd.tuples VALUES ('n', 'doc', 'read', NULL)")
-        .await;
-    // No at_least: only the doorbell can wake the applier (poll interval is an hour).
+    granted_by_notify(&db, &daemon, "n").await;
+    daemon.stop().await;
+}
+
+/// Grants `subject` read on `doc` and waits until the daemon holds it, with no `at_least`:
+/// where the poll is hourly ([`doorbell_only`]), only the doorbell can wake the applier.
+async fn granted_by_notify(db: &TestDb, daemon: &TestDaemon, subject: &str) {
+    db.write(&format!(
+        "INSERT INTO permd.tuples VALUES ('{subject}', 'doc', 'read', NULL)"
+    ))
+    .await;
     daemon
-        .wait_for("the NOTIFY-driven apply", || {
-            daemon.store.check("n", "read", "doc")
+        .wait_for(&format!("{subject}'s grant, by NOTIFY"), || {
+            daemon.store.check(subject, "read", "doc")
         })
         .await;
-    daemon.stop().await;
 }
 
 /// Through PgBouncer in session mode, with its defaults otherwise (it refuses a startup
@@ -330,13 +337,7 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
             daemon.status.report().following
         })
         .await;
-    db.write("INSERT INTO permd.tuples VALUES ('notified', 'doc', 'read', NULL)")
-        .await;
-    daemon
-        .wait_for("the NOTIFY-driven apply", || {
-            daemon.store.check("notified", "read", "doc")
-        })
-        .await;
+    granted_by_notify(&db, &daemon, "notified").await;
 
     bouncer.restart();
     // Written while the daemon's connection is cut or coming back: no NOTIFY reaches it.
@@ -350,13 +351,7 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
             report.following && report.reconnects >= 1
         })
         .await;
-    db.write("INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)")
-        .await;
-    daemon
-        .wait_for("the NOTIFY-driven apply after the restart", || {
-            daemon.store.check("after", "read", "doc")
-        })
-        .await;
+    granted_by_notify(&db, &daemon, "after").await;
     assert_eq!(daemon.store.digest(), db.digest().await);
     assert_eq!(daemon.status.report().reloads, 1, "no second full load");
     assert!(
