@@ -32,7 +32,7 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     // statement logging either: sqlx warns of every statement over a second, and the
     // demo's seeding runs several (it reports its own progress).
     // And the daemon's overrides (`sync::connect::first_statements`): no
-    // `statement_timeout` (nor the newer timeouts) of the database's or the role's (a
+    // `statement_timeout` (nor the other timeouts it lifts) of the database's or the role's (a
     // migration, `verify`'s digest of a large set or the demo's seeding may take longer
     // than one sized for the application's queries), and READ COMMITTED over a
     // SERIALIZABLE default (which a standby refuses for every statement). One the URL or
