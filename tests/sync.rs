@@ -362,6 +362,46 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
     daemon.stop().await;
 }
 
+/// Through PgBouncer in transaction mode a client's transactions run in whichever server
+/// session is free: the daemon, which needs one session (LISTEN, its settings), says so
+/// once a poll lands in another session than its first look's, and names the remedy.
+/// Here another client holds the daemon's server session in an open transaction, and a
+/// reader's token makes the daemon poll. Before, the daemon went on, called itself
+/// following while PgBouncer dropped its notifications, and left its settings to the
+/// application's transactions (README, "Through PgBouncer").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_pgbouncer_in_transaction_mode_the_daemon_says_it_needs_a_session() {
+    let db = database().await;
+    let (_bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Transaction, &[]);
+    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
+    // PgBouncer hands out its most recently used server session first: the daemon's.
+    let other = permd::db::pool(&url)
+        .await
+        .expect("connect through PgBouncer");
+    let mut holding = other.begin().await.expect("begin");
+    sqlx::query("SELECT 1")
+        .execute(&mut *holding)
+        .await
+        .expect("hold a server session");
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('u', 'doc', 'read', NULL)")
+        .await;
+    // The error lasts until the next session has caught up (it keeps to the other server
+    // session): looked for while the check waits.
+    let (allowed, ()) = tokio::join!(
+        daemon.check("u", "read", "doc", &token),
+        daemon.wait_for_report("the daemon to say it needs a session", |report| {
+            report
+                .last_error
+                .as_deref()
+                .is_some_and(|error| error.contains("pool_mode=session"))
+        })
+    );
+    assert!(allowed, "the write is read once reconnected");
+    holding.rollback().await.expect("rollback");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_wildcards_global_objects_and_limits() {
     let db = database().await;

@@ -42,12 +42,12 @@ const LOOK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::in
         pg_total_relation_size(to_regclass('permd.changelog')), \
         pg_wal_lsn_diff(greatest(pg_last_wal_receive_lsn(), r.latest_end_lsn), '0/0')::int8, \
         pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::int8, \
-        r.pid, r.status = 'streaming' \
+        r.pid, r.status = 'streaming', pg_backend_pid() AS backend \
     FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
 /// The look of a server that refuses `LOOK`.
 const BLIND_LOOK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, \
         pg_is_in_recovery(), \
-        pg_total_relation_size(to_regclass('permd.changelog'))";
+        pg_total_relation_size(to_regclass('permd.changelog')), pg_backend_pid() AS backend";
 
 /// The doorbell channel rung by the changelog triggers.
 const CHANNEL: &str = "permd_changes";
@@ -159,6 +159,7 @@ pub const SESSION: &str =
 /// - `t`: a current tuple of a changed key: a = subject, b = object, c = permission,
 ///   n = expires_at (µs since the epoch, NULL = never)
 /// - `l`: a current limit of a changed subject: a = subject, c = name, n = value
+/// - `p` (one row): n = the server process of the session (`Applier::same_backend`)
 pub const POLL: &str = "
 WITH h AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, r.pruned_xid, r.pruned_id
@@ -202,6 +203,8 @@ UNION ALL
 SELECT 'l', l.subject, NULL, l.name, l.value
 FROM (SELECT DISTINCT subject FROM k WHERE kind = 'l') s
 JOIN permd.limits l ON l.subject = s.subject
+UNION ALL
+SELECT 'p', NULL, NULL, NULL, pg_backend_pid()::int8
 ";
 
 /// [`POLL`] for the daemon of `shard`: the changed keys of other shards' subjects are
@@ -236,6 +239,8 @@ pub struct Applier {
     cursor: Option<Cursor>,
     /// The server incarnation of the last session: what a crash changes (see `session`).
     incarnation: Option<String>,
+    /// The server process of this session, as its first look found it (`same_backend`).
+    backend: Option<i32>,
     /// The server's start time at the last session, for the log.
     started: Option<String>,
     /// The task that drives the current session's connection.
@@ -341,6 +346,7 @@ impl Applier {
             config,
             cursor: None,
             incarnation: None,
+            backend: None,
             started: None,
             driver: None,
             signing: Signing::default(),
@@ -446,6 +452,16 @@ impl Applier {
             .await
         {
             Err(error) if error.is_closed() => Err(why_closed(error, closed).await),
+            // permd never deallocates a statement it prepared: one unknown to the server
+            // was prepared in another server session.
+            Err(Error::Postgres(error))
+                if error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) =>
+            {
+                Err(Error::Pooled(format!(
+                    "a statement prepared in one was unknown in the other: {}",
+                    error_chain(&error)
+                )))
+            }
             ended => ended,
         }
     }
@@ -703,6 +719,7 @@ impl Applier {
             let at = now_micros();
             match self.timed(WHAT, client.query_one(LOOK, &[])).await {
                 Ok(row) => {
+                    self.same_backend(row.try_get("backend")?)?;
                     self.status.set_changelog_bytes(row.try_get(2)?);
                     self.clock(at, row.try_get(0)?);
                     return self.take_in(&row, at, looks);
@@ -723,9 +740,29 @@ impl Applier {
         }
         let at = now_micros();
         let row = self.timed(WHAT, client.query_one(BLIND_LOOK, &[])).await?;
+        self.same_backend(row.try_get("backend")?)?;
         self.status.set_changelog_bytes(row.try_get(2)?);
         self.clock(at, row.try_get(0)?);
         Ok(row.try_get(1)?)
+    }
+
+    /// Holds the session to one server process (`pg_backend_pid()`, which every look and
+    /// every poll read), the first this connection's looks found. A pooler in transaction
+    /// or statement mode (PgBouncer's `pool_mode = transaction`) runs each of a client's
+    /// transactions in whichever server session is free: LISTEN hears nothing for permd
+    /// there (PgBouncer drops what comes to a session no client holds), and permd's session
+    /// settings stay behind for the application's transactions. It shows once a statement
+    /// lands in another session than the first look's, or, most often, once a statement
+    /// prepared in one session (the poll, each look) is run in another that does not know
+    /// it (`session`); this catches a pooler that prepares them again in each session.
+    fn same_backend(&mut self, now: i32) -> Result<(), Error> {
+        match self.backend {
+            Some(was) if was != now => Err(Error::Pooled(format!("process {was}, then {now}"))),
+            _ => {
+                self.backend = Some(now);
+                Ok(())
+            }
+        }
     }
 
     /// Takes in the server's clock (`server`, µs since the epoch) as a look asked for at
@@ -906,6 +943,7 @@ impl Applier {
         ),
         Error,
     > {
+        self.backend = None;
         let (mut config, settings) = connect::config(&self.config.database_url)?;
         connect::daemon_defaults(&mut config);
         let tap = Tap::default();
@@ -1090,6 +1128,7 @@ impl Applier {
         let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
         let mut reload = false;
         let mut pending_since: Option<i64> = None;
+        let mut backend = None;
         for row in &rows {
             let tag: &str = row.try_get(0)?;
             let a: Option<String> = row.try_get(1)?;
@@ -1135,9 +1174,12 @@ impl Applier {
                     .entry(a)
                     .or_default()
                     .push((c.unwrap_or_default(), n.unwrap_or(0))),
+                "p" => backend = n,
                 other => return Err(Error::Protocol(format!("unknown poll row tag {other:?}"))),
             }
         }
+        let backend = backend.ok_or_else(|| Error::Protocol("poll returned no process".into()))?;
+        self.same_backend(i32::try_from(backend).unwrap_or_default())?;
         let snapshot =
             snapshot.ok_or_else(|| Error::Protocol("poll returned no horizon".into()))?;
         let horizon = snapshot.xmin();
@@ -1355,6 +1397,21 @@ mod tests {
     /// A compaction whose rebuild ends while Postgres is out of reach is swapped in then,
     /// not at the first poll after a reconnect: the generation it replaces is not held for
     /// the whole outage.
+    /// A connection's statements are held to the server process its first look found:
+    /// another process is a pooler's doing, and the error says what to do.
+    #[test]
+    fn statements_in_another_server_session_are_refused() {
+        let mut applier = Applier::new(Store::new(), Status::default(), SyncConfig::new(""));
+        applier.same_backend(41).expect("the first look's process");
+        applier.same_backend(41).expect("the same process");
+        let error = applier
+            .same_backend(42)
+            .expect_err("another process")
+            .to_string();
+        assert!(error.contains("process 41, then 42"), "{error}");
+        assert!(error.contains("pool_mode=session"), "{error}");
+    }
+
     #[tokio::test]
     async fn a_compaction_is_swapped_in_while_postgres_is_out_of_reach() {
         let nothing_listens = std::net::TcpListener::bind("127.0.0.1:0")

@@ -70,6 +70,18 @@ pub enum Error {
     /// TLS with the server failed, or the server refused it where the URL requires it.
     #[error("TLS with postgres: {0}")]
     Tls(String),
+    /// The session's statements ran in two server sessions, as the evidence says: a pooler
+    /// in transaction or statement mode stands between permd and Postgres
+    /// (`Applier::same_backend`).
+    #[error(
+        "the sync connection's statements ran in two server sessions ({0}): a pooler in \
+         transaction or statement mode stands between permd and postgres (PgBouncer's \
+         pool_mode = transaction?), where LISTEN hears nothing for permd and its session \
+         settings reach the application's transactions; give permd a pool in session mode \
+         (pool_mode=session on a database entry of its own) or connect it to postgres \
+         directly"
+    )]
+    Pooled(String),
     /// Logical replication writes permd's tables in a way the changelog cannot follow
     /// (`subscription`); says what to do.
     #[error("logical replication: {0}; permd retries")]
