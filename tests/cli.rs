@@ -1417,7 +1417,7 @@ async fn verify_proves_equality_and_names_what_differs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_serve_and_verify_through_pgbouncer() {
     let db = common::unmigrated_database().await;
-    let (bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session, &[]);
+    let (bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session);
     let migrated = output_within_deadline({
         let mut migrate = permd();
         migrate.args(["migrate", "--database-url", &url]);

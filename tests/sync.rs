@@ -329,7 +329,7 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
     let db = database().await;
     db.write("INSERT INTO permd.tuples VALUES ('loaded', 'doc', 'read', NULL)")
         .await;
-    let (mut bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session, &[]);
+    let (mut bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session);
     let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
     assert!(daemon.store.check("loaded", "read", "doc"));
     daemon
@@ -372,7 +372,7 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_in_transaction_mode_the_daemon_says_it_needs_a_session() {
     let db = database().await;
-    let (_bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Transaction, &[]);
+    let (_bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Transaction);
     let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
     // PgBouncer hands out its most recently used server session first: the daemon's.
     let other = permd::db::pool(&url)

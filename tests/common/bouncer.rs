@@ -50,17 +50,17 @@ kill -TERM "$pid"; wait "$pid"
 impl Bouncer {
     /// PgBouncer on a free port in front of the server of `url` (a test URL,
     /// `postgres://user@127.0.0.1:PORT/database`), pooling in `mode`, with PgBouncer's
-    /// defaults otherwise (no startup parameter ignored), letting in `postgres` and `users`
-    /// without a password (`auth_type = trust`); and `url` through it.
-    pub fn in_front_of(url: &str, mode: PoolMode, users: &[&str]) -> (Self, String) {
+    /// defaults otherwise (no startup parameter ignored), letting in `postgres` without a
+    /// password (`auth_type = trust`); and `url` through it.
+    pub fn in_front_of(url: &str, mode: PoolMode) -> (Self, String) {
         let (head, rest) = url.split_once("@127.0.0.1:").expect("a test URL");
         let (server_port, database) = rest.split_once('/').expect("a test URL");
-        let bouncer = Self::start(server_port.parse().expect("a port"), mode, users);
+        let bouncer = Self::start(server_port.parse().expect("a port"), mode);
         let through = format!("{head}@127.0.0.1:{}/{database}", bouncer.port);
         (bouncer, through)
     }
 
-    fn start(server_port: u16, mode: PoolMode, users: &[&str]) -> Self {
+    fn start(server_port: u16, mode: PoolMode) -> Self {
         let bin = binary();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -74,11 +74,8 @@ impl Bouncer {
             PoolMode::Session => "session",
             PoolMode::Transaction => "transaction",
         };
-        let auth: String = std::iter::once("postgres")
-            .chain(users.iter().copied())
-            .map(|user| format!("\"{user}\" \"\"\n"))
-            .collect();
-        std::fs::write(dir.join("users.txt"), auth).expect("write PgBouncer's auth file");
+        std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n")
+            .expect("write PgBouncer's auth file");
         let ini = dir.join("pgbouncer.ini");
         std::fs::write(
             &ini,
