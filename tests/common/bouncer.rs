@@ -30,8 +30,9 @@ pub struct Bouncer {
 }
 
 /// Starts PgBouncer in the background, then waits on stdin: a line `restart` stops it
-/// and starts it again (answering `started`), end of input stops it. SIGTERM, PgBouncer's
-/// immediate shutdown: its SIGINT waits for every client to leave.
+/// and starts it again (answering `started`), end of input stops it and removes its
+/// directory. SIGTERM, PgBouncer's immediate shutdown: its SIGINT waits for every client
+/// to leave.
 const WATCHDOG: &str = r#"
 bin="$1"; ini="$2"
 trap '' INT TERM HUP
@@ -45,6 +46,7 @@ while read -r command; do
   esac
 done
 kill -TERM "$pid"; wait "$pid"
+rm -rf "$(dirname "$ini")"
 "#;
 
 impl Bouncer {
