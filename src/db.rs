@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use sqlx::{ConnectOptions as _, Connection as _, PgPool};
+use sqlx::{ConnectOptions as _, Connection as _, PgConnection, PgPool, Row as _};
 use tokio_postgres::config::Host;
 
 /// A small pool for one-off work. The database URL is read as the daemon reads it: libpq's
@@ -57,7 +57,11 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
             None => anyhow::anyhow!("connect to the database: {error}"),
         }
     })?;
-    first.close().await.context("connect to the database")?;
+    // Before any setting, which a pooler in transaction mode would leave behind in a
+    // server session the application then gets, as it would sqlx's prepared statements
+    // (the next command through it then failed with "prepared statement \"sqlx_s_1\"
+    // already exists").
+    alone_in_its_session(first, &options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .after_connect(move |connection, _| {
@@ -78,6 +82,39 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
         relay.until(pool.close_event());
     }
     Ok(pool)
+}
+
+/// Refuses a pooler in transaction or statement mode (`sync::two_sessions`): `first`'s
+/// server session, then a second connection's while `first` is open; then closes both.
+/// A second connection that fails or waits longer than `sync::SECOND_SESSION_WAIT` (a
+/// session pooler with one server session for permd) leaves the question open.
+async fn alone_in_its_session(
+    mut first: PgConnection,
+    options: &PgConnectOptions,
+) -> anyhow::Result<()> {
+    async fn which_session(connection: &mut PgConnection) -> sqlx::Result<(String, String)> {
+        // The simple protocol: nothing prepared stays behind.
+        let row = sqlx::raw_sql(crate::sync::WHICH_SESSION)
+            .fetch_one(&mut *connection)
+            .await?;
+        Ok((row.try_get::<i32, _>(0)?.to_string(), row.try_get(1)?))
+    }
+    let ours = which_session(&mut first)
+        .await
+        .context("connect to the database")?;
+    let second = async {
+        let mut second = options.connect().await?;
+        let theirs = which_session(&mut second).await;
+        second.close().await?;
+        theirs
+    };
+    match tokio::time::timeout(crate::sync::SECOND_SESSION_WAIT, second).await {
+        Ok(Ok(theirs)) => crate::sync::two_sessions((&ours.0, &ours.1), (&theirs.0, &theirs.1))?,
+        Ok(Err(error)) => tracing::debug!(%error, "a second connection, to tell a pooler, failed"),
+        Err(_) => tracing::debug!("a second connection, to tell a pooler, waited too long"),
+    }
+    first.close().await.context("connect to the database")?;
+    Ok(())
 }
 
 /// sqlx's options with the server options the URL gives (`options=`, in the URL or the

@@ -364,41 +364,29 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
 
 /// Through PgBouncer in transaction mode a client's transactions run in whichever server
 /// session is free: the daemon, which needs one session (LISTEN, its settings), says so
-/// once a poll lands in another session than its first look's, and names the remedy.
-/// Here another client holds the daemon's server session in an open transaction, and a
-/// reader's token makes the daemon poll. Before, the daemon went on, called itself
-/// following while PgBouncer dropped its notifications, and left its settings to the
-/// application's transactions (README, "Through PgBouncer").
+/// before its first setting, and names the remedy; no server session is left with its
+/// settings. Before (session 57), it said so only once a statement landed in another
+/// session than its first look's, its settings (`enable_seqscan = off`, …) already
+/// handed to whoever got that session next; and before that, it went on, called itself
+/// following while PgBouncer dropped its notifications (README, "Through PgBouncer").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_in_transaction_mode_the_daemon_says_it_needs_a_session() {
     let db = database().await;
-    let (_bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Transaction);
-    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
-    // PgBouncer hands out its most recently used server session first: the daemon's.
-    let other = permd::db::pool(&url)
-        .await
-        .expect("connect through PgBouncer");
-    let mut holding = other.begin().await.expect("begin");
-    sqlx::query("SELECT 1")
-        .execute(&mut *holding)
-        .await
-        .expect("hold a server session");
-    let token = db
-        .write("INSERT INTO permd.tuples VALUES ('u', 'doc', 'read', NULL)")
-        .await;
-    // The error lasts until the next session has caught up (it keeps to the other server
-    // session): looked for while the check waits.
-    let (allowed, ()) = tokio::join!(
-        daemon.check("u", "read", "doc", &token),
-        daemon.wait_for_report("the daemon to say it needs a session", |report| {
-            report
-                .last_error
-                .as_deref()
-                .is_some_and(|error| error.contains("pool_mode=session"))
-        })
+    let (bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Transaction);
+    let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
+    // Refused at each attempt (and so never loaded: `failed_attempts`).
+    let error = daemon.failed_attempts(2).await;
+    assert!(
+        error.contains("two of permd's connections, open at once, ran in one server session")
+            && error.contains("pool_mode=session"),
+        "{error}"
     );
-    assert!(allowed, "the write is read once reconnected");
-    holding.rollback().await.expect("rollback");
+    assert_eq!(
+        common::bouncer::settings_through(&url, &["enable_seqscan", "lock_timeout", "jit"]).await,
+        ["on", "0", "on"],
+        "no setting of the daemon's stays in PgBouncer's server sessions\n{}",
+        bouncer.log()
+    );
     daemon.stop().await;
 }
 

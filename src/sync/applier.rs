@@ -458,7 +458,8 @@ impl Applier {
                 if error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) =>
             {
                 Err(Error::Pooled(format!(
-                    "a statement prepared in one was unknown in the other: {}",
+                    "the sync connection's statements ran in two server sessions (a \
+                     statement prepared in one was unknown in the other: {})",
                     error_chain(&error)
                 )))
             }
@@ -757,7 +758,10 @@ impl Applier {
     /// it (`session`); this catches a pooler that prepares them again in each session.
     fn same_backend(&mut self, now: i32) -> Result<(), Error> {
         match self.backend {
-            Some(was) if was != now => Err(Error::Pooled(format!("process {was}, then {now}"))),
+            Some(was) if was != now => Err(Error::Pooled(format!(
+                "the sync connection's statements ran in two server sessions (process {was}, \
+                 then {now})"
+            ))),
             _ => {
                 self.backend = Some(now);
                 Ok(())
@@ -974,6 +978,15 @@ impl Applier {
         // would be reported as stalled.
         let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
         let own = format!("{SESSION}; SET lock_timeout = {lock_timeout}");
+        // Before the settings, which a pooler in transaction mode would leave behind in a
+        // server session the application then gets.
+        let process = self
+            .timed(
+                "the session's process",
+                connect::alone_in_its_session(&client, &config, &settings),
+            )
+            .await?;
+        self.backend = Some(process);
         // First, so that every statement of the session runs with them.
         for statements in connect::first_statements(&config, &own) {
             self.timed("the session's settings", client.batch_execute(&statements))

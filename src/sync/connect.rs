@@ -136,6 +136,89 @@ pub(crate) fn first_statements(config: &Config, own: &str) -> Vec<String> {
     statements
 }
 
+/// Names the server session a statement runs in: its process, and when its server
+/// started (two servers may each have a process of that number). Before any of permd's
+/// settings, so in a transaction of its own that sets what it needs: READ COMMITTED (a
+/// standby refuses every snapshot of a database's SERIALIZABLE default) and no statement
+/// timeout, neither lasting beyond it.
+pub(crate) const WHICH_SESSION: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+     SET LOCAL statement_timeout = 0; \
+     SELECT pg_backend_pid(), extract(epoch FROM pg_postmaster_start_time())::text; COMMIT";
+
+/// How long a second connection's [`WHICH_SESSION`] is waited for. Where a session pooler
+/// has one server session for permd (PgBouncer's `pool_size = 1`), the second waits
+/// for the first's to be free, which it never is while the first is open: it is given up
+/// after this, the question left open.
+pub(crate) const SECOND_SESSION_WAIT: Duration = Duration::from_secs(2);
+
+/// Refuses a pooler in transaction or statement mode before any of permd's settings can
+/// stay behind in a server session: `first` is the server session (process, server's
+/// start: [`WHICH_SESSION`]) of a connection that is still open, `second` that of another
+/// connection's statement run after the first's. Two connections open at once have two
+/// server sessions, except through a pooler that runs each transaction in whichever
+/// session is free (PgBouncer hands out the one freed last, the first's).
+pub(crate) fn two_sessions(first: (&str, &str), second: (&str, &str)) -> Result<(), Error> {
+    if first == second {
+        return Err(Error::Pooled(format!(
+            "two of permd's connections, open at once, ran in one server session (process {})",
+            first.0
+        )));
+    }
+    Ok(())
+}
+
+/// `client`'s server session ([`WHICH_SESSION`], in the simple protocol: nothing
+/// prepared stays behind).
+pub(crate) async fn which_session(client: &Client) -> Result<(String, String), Error> {
+    let rows = client.simple_query(WHICH_SESSION).await?;
+    let row = rows.iter().find_map(|message| match message {
+        SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    });
+    let field = |i: usize| row.and_then(|row| row.get(i)).map(str::to_owned);
+    match (field(0), field(1)) {
+        (Some(process), Some(started)) => Ok((process, started)),
+        _ => Err(Error::Protocol(
+            "the session's process was not returned".into(),
+        )),
+    }
+}
+
+/// [`two_sessions`] for the sync connection, `client`, whose first statement this is: a
+/// second connection is opened as `client`'s was, asked its server session and closed.
+/// Where that connection fails or waits longer than [`SECOND_SESSION_WAIT`] (a session
+/// pooler with one server session for permd, a server at its connection limit) nothing
+/// is known and `Ok`, and the sync connection's own watch goes on
+/// (`Applier::same_backend`). Returns `client`'s process.
+pub(crate) async fn alone_in_its_session(
+    client: &Client,
+    config: &Config,
+    settings: &Settings,
+) -> Result<i32, Error> {
+    let first = which_session(client).await?;
+    let second = async {
+        let (other, connection) = connect(config, settings, &Tap::default()).await?;
+        let running = tokio::spawn(connection);
+        let second = which_session(&other).await;
+        drop(other);
+        let _ = running.await;
+        second
+    };
+    match tokio::time::timeout(SECOND_SESSION_WAIT, second).await {
+        Ok(Ok(second)) => two_sessions((&first.0, &first.1), (&second.0, &second.1))?,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "a second connection, to tell a pooler, failed");
+        }
+        Err(_) => tracing::debug!(
+            "a second connection, to tell a pooler, waited {SECOND_SESSION_WAIT:?}: given up"
+        ),
+    }
+    first
+        .0
+        .parse()
+        .map_err(|_| Error::Protocol(format!("a process named {:?}", first.0)))
+}
+
 /// Whether server options (`-c name=value`, `-cname=value`, `--name=value`, as Postgres
 /// reads them: `-` in a name is `_`, any case) set the setting `name`.
 pub(crate) fn names_setting(options: Option<&str>, name: &str) -> bool {
@@ -496,6 +579,22 @@ fn timed_out(after: Duration) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only one process of one server is one session: the same process number on a
+    /// server started at another time (another server) is another.
+    #[test]
+    fn two_connections_in_one_server_session_are_refused() {
+        let error = two_sessions(("41", "1700000000.5"), ("41", "1700000000.5"))
+            .expect_err("one session")
+            .to_string();
+        assert!(
+            error.starts_with("two of permd's connections, open at once, ran in one server session (process 41): a pooler")
+                && error.contains("pool_mode=session"),
+            "{error}"
+        );
+        two_sessions(("41", "1700000000.5"), ("42", "1700000000.5")).expect("two processes");
+        two_sessions(("41", "1700000000.5"), ("41", "1700000001.5")).expect("two servers");
+    }
 
     fn refused(error: Error) -> io::Error {
         match error {

@@ -24,7 +24,7 @@ use std::time::Duration;
 pub(crate) use crate::error_chain;
 use crate::shard::Shard;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
-pub(crate) use connect::Settings;
+pub(crate) use connect::{two_sessions, Settings, SECOND_SESSION_WAIT, WHICH_SESSION};
 pub use relay::Relay;
 pub use status::{Status, StatusReport};
 pub(crate) use tls::private_key;
@@ -70,16 +70,14 @@ pub enum Error {
     /// TLS with the server failed, or the server refused it where the URL requires it.
     #[error("TLS with postgres: {0}")]
     Tls(String),
-    /// The session's statements ran in two server sessions, as the evidence says: a pooler
-    /// in transaction or statement mode stands between permd and Postgres
-    /// (`Applier::same_backend`).
+    /// A pooler in transaction or statement mode stands between permd and Postgres, as
+    /// the evidence says (`connect::two_sessions`, `Applier::same_backend`).
     #[error(
-        "the sync connection's statements ran in two server sessions ({0}): a pooler in \
-         transaction or statement mode stands between permd and postgres (PgBouncer's \
-         pool_mode = transaction?), where LISTEN hears nothing for permd and its session \
-         settings reach the application's transactions; give permd a pool in session mode \
-         (pool_mode=session on a database entry of its own) or connect it to postgres \
-         directly"
+        "{0}: a pooler in transaction or statement mode stands between permd and postgres \
+         (PgBouncer's pool_mode = transaction?), where LISTEN hears nothing for permd and \
+         its session settings reach the application's transactions; give permd a pool in \
+         session mode (pool_mode=session on a database entry of its own) or connect it to \
+         postgres directly"
     )]
     Pooled(String),
     /// Logical replication writes permd's tables in a way the changelog cannot follow

@@ -177,6 +177,29 @@ impl Drop for Bouncer {
     }
 }
 
+/// The values of the settings `names` in a server session a client of `url` (through a
+/// PgBouncer) gets, each read in the simple protocol, which leaves nothing prepared
+/// behind. In transaction mode that is the server session freed last.
+pub async fn settings_through(url: &str, names: &[&str]) -> Vec<String> {
+    use sqlx::{ConnectOptions as _, Row as _};
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a test URL");
+    // PgBouncer refuses the startup parameter sqlx sends by default.
+    let mut client = options
+        .extra_float_digits(None)
+        .connect()
+        .await
+        .expect("connect through PgBouncer");
+    let mut values = Vec::new();
+    for name in names {
+        let row = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+            .fetch_one(&mut client)
+            .await
+            .expect("SHOW");
+        values.push(row.try_get(0).expect("a value"));
+    }
+    values
+}
+
 /// `pgbouncer` on PATH, else Debian's `/usr/sbin/pgbouncer`.
 fn binary() -> PathBuf {
     let on_path = std::env::var_os("PATH").and_then(|path| {
