@@ -362,6 +362,29 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
     daemon.stop().await;
 }
 
+/// Through PgBouncer in session mode with one server session for permd
+/// (`default_pool_size = 1`): the second connection that asks which session the first
+/// has (`connect::alone_in_its_session`) waits for one that never comes free while the
+/// daemon's is open; it is given up, and the daemon loads and follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows() {
+    let db = database().await;
+    db.write("INSERT INTO permd.tuples VALUES ('loaded', 'doc', 'read', NULL)")
+        .await;
+    let (_bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
+    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
+    assert!(daemon.store.check("loaded", "read", "doc"));
+    daemon
+        .wait_for("following the notifications", || {
+            daemon.status.report().following
+        })
+        .await;
+    granted_by_notify(&db, &daemon, "notified").await;
+    let report = daemon.status.report();
+    assert_eq!((report.reconnects, report.last_error), (0, None));
+    daemon.stop().await;
+}
+
 /// Through PgBouncer in transaction mode a client's transactions run in whichever server
 /// session is free: the daemon, which needs one session (LISTEN, its settings), says so
 /// before its first setting, and names the remedy; no server session is left with its
