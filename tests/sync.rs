@@ -327,17 +327,8 @@ async fn granted_by_notify(db: &TestDb, daemon: &TestDaemon, subject: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnects() {
     let db = database().await;
-    db.write("INSERT INTO permd.tuples VALUES ('loaded', 'doc', 'read', NULL)")
-        .await;
     let (mut bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session);
-    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
-    assert!(daemon.store.check("loaded", "read", "doc"));
-    daemon
-        .wait_for("following the notifications", || {
-            daemon.status.report().following
-        })
-        .await;
-    granted_by_notify(&db, &daemon, "notified").await;
+    let daemon = loads_and_follows(&db, &url).await;
 
     bouncer.restart();
     // Written while the daemon's connection is cut or coming back: no NOTIFY reaches it.
@@ -369,20 +360,28 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows() {
     let db = database().await;
+    let (_bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
+    let daemon = loads_and_follows(&db, &url).await;
+    let report = daemon.status.report();
+    assert_eq!((report.reconnects, report.last_error), (0, None));
+    daemon.stop().await;
+}
+
+/// A daemon started on `url` (which reaches `db`, through a pooler) by NOTIFY alone (an
+/// hourly poll), once it has loaded a tuple written before it, follows the
+/// notifications, and has applied one's write.
+async fn loads_and_follows(db: &TestDb, url: &str) -> TestDaemon {
     db.write("INSERT INTO permd.tuples VALUES ('loaded', 'doc', 'read', NULL)")
         .await;
-    let (_bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
-    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
+    let daemon = TestDaemon::start_with(doorbell_only(url), patient()).await;
     assert!(daemon.store.check("loaded", "read", "doc"));
     daemon
         .wait_for("following the notifications", || {
             daemon.status.report().following
         })
         .await;
-    granted_by_notify(&db, &daemon, "notified").await;
-    let report = daemon.status.report();
-    assert_eq!((report.reconnects, report.last_error), (0, None));
-    daemon.stop().await;
+    granted_by_notify(db, &daemon, "notified").await;
+    daemon
 }
 
 /// Through PgBouncer in transaction mode a client's transactions run in whichever server
