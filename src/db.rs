@@ -84,10 +84,10 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-/// Refuses a pooler in transaction or statement mode (`sync::two_sessions`): `first`'s
+/// Refuses a pooler in transaction or statement mode (`sync::second_session`): `first`'s
 /// server session, then a second connection's while `first` is open; then closes both.
-/// A second connection that fails or waits longer than `sync::SECOND_SESSION_WAIT` (a
-/// session pooler with one server session for permd) leaves the question open.
+/// A second connection that fails or waits too long (a session pooler with one server
+/// session for permd) leaves the question open.
 async fn alone_in_its_session(
     mut first: PgConnection,
     options: &PgConnectOptions,
@@ -108,11 +108,7 @@ async fn alone_in_its_session(
         second.close().await?;
         theirs
     };
-    match tokio::time::timeout(crate::sync::SECOND_SESSION_WAIT, second).await {
-        Ok(Ok(theirs)) => crate::sync::two_sessions((&ours.0, &ours.1), (&theirs.0, &theirs.1))?,
-        Ok(Err(error)) => tracing::debug!(%error, "a second connection, to tell a pooler, failed"),
-        Err(_) => tracing::debug!("a second connection, to tell a pooler, waited too long"),
-    }
+    crate::sync::second_session(&ours, second).await?;
     first.close().await.context("connect to the database")?;
     Ok(())
 }

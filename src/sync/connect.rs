@@ -204,19 +204,32 @@ pub(crate) async fn alone_in_its_session(
         let _ = running.await;
         second
     };
-    match tokio::time::timeout(SECOND_SESSION_WAIT, second).await {
-        Ok(Ok(second)) => two_sessions((&first.0, &first.1), (&second.0, &second.1))?,
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "a second connection, to tell a pooler, failed");
-        }
-        Err(_) => tracing::debug!(
-            "a second connection, to tell a pooler, waited {SECOND_SESSION_WAIT:?}: given up"
-        ),
-    }
+    second_session(&first, second).await?;
     first
         .0
         .parse()
         .map_err(|_| Error::Protocol(format!("a process named {:?}", first.0)))
+}
+
+/// [`two_sessions`] of `first` and what `second` (a second connection's
+/// [`WHICH_SESSION`]) answers within [`SECOND_SESSION_WAIT`]. Where it answers nothing
+/// (the connection failed, or waited longer: a session pooler with one server session for
+/// permd, a server at its connection limit) nothing is known: `Ok`, and the log says so.
+pub(crate) async fn second_session<E: std::fmt::Display>(
+    first: &(String, String),
+    second: impl Future<Output = Result<(String, String), E>>,
+) -> Result<(), Error> {
+    const UNTOLD: &str =
+        "could not tell whether a pooler in transaction mode stands between permd and postgres";
+    match tokio::time::timeout(SECOND_SESSION_WAIT, second).await {
+        Ok(Ok(second)) => return two_sessions((&first.0, &first.1), (&second.0, &second.1)),
+        Ok(Err(error)) => tracing::info!(%error, "{UNTOLD}: a second connection failed"),
+        Err(_) => tracing::info!(
+            "{UNTOLD}: a second connection waited {SECOND_SESSION_WAIT:?} for a server session \
+             (a pool in session mode with one for permd?)"
+        ),
+    }
+    Ok(())
 }
 
 /// Whether server options (`-c name=value`, `-cname=value`, `--name=value`, as Postgres
