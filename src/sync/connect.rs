@@ -184,11 +184,9 @@ pub(crate) async fn which_session(client: &Client) -> Result<(String, String), E
     }
 }
 
-/// [`two_sessions`] for the sync connection, `client`, whose first statement this is: a
-/// second connection is opened as `client`'s was, asked its server session and closed.
-/// Where that connection fails or waits longer than [`SECOND_SESSION_WAIT`] (a session
-/// pooler with one server session for permd, a server at its connection limit) nothing
-/// is known and `Ok`, and the sync connection's own watch goes on
+/// [`second_session`] for the sync connection, `client`, whose first statement this is:
+/// a second connection is opened as `client`'s was, asked its server session and
+/// closed. Where it cannot tell, the sync connection's own watch goes on
 /// (`Applier::same_backend`). Returns `client`'s process.
 pub(crate) async fn alone_in_its_session(
     client: &Client,
