@@ -367,6 +367,38 @@ async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows(
     daemon.stop().await;
 }
 
+/// A daemon whose role may hold one connection more (`CONNECTION LIMIT`): the second
+/// connection that asks which server session the first has (`connect::second_session`)
+/// is refused ("too many connections for role"), the question is left open, and the
+/// daemon loads and follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
+    let db = database().await;
+    let (pool, url) = db
+        .role(
+            "one",
+            "GRANT USAGE ON SCHEMA permd TO {role};
+             GRANT SELECT ON permd.tuples, permd.limits, permd.changelog, permd.retention,
+                 permd.notify_key TO {role};
+             ALTER ROLE {role} CONNECTION LIMIT 2;",
+        )
+        .await;
+    // The helper's pool holds one of the two: the daemon may hold one more.
+    assert_eq!(pool.size(), 1);
+    let daemon = loads_and_follows(&db, &url).await;
+    let report = daemon.status.report();
+    assert_eq!((report.reconnects, report.last_error), (0, None));
+    // A third is refused, as the daemon's second was.
+    let third = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await;
+    let refused = third.expect_err("two connections for the role").to_string();
+    assert!(
+        refused.contains("too many connections for role"),
+        "{refused}"
+    );
+    daemon.stop().await;
+    drop(pool);
+}
+
 /// A daemon started on `url` (which reaches `db`, through a pooler) by NOTIFY alone (an
 /// hourly poll), once it has loaded a tuple written before it, follows the
 /// notifications, and has applied one's write.
