@@ -1455,8 +1455,8 @@ async fn migrate_serve_and_verify_through_pgbouncer() {
     );
 }
 
-/// Through PgBouncer in transaction mode the one-off commands say, before any statement
-/// of theirs, that they need a session, as the daemon does; nothing of theirs stays in
+/// Through PgBouncer in transaction mode (and statement mode) the one-off commands say,
+/// before any statement of theirs, that they need a session, as the daemon does; nothing of theirs stays in
 /// PgBouncer's server sessions. Before, `migrate --reference-model` applied the core,
 /// then failed with sqlx's `prepared statement "sqlx_s_1" already exists`, and every
 /// command through that PgBouncer after it failed so, on the statement the first had left
@@ -1466,45 +1466,47 @@ async fn the_one_off_commands_through_pgbouncer_in_transaction_mode_say_they_nee
     let db = common::unmigrated_database().await;
     // Which the one-off commands lift in their sessions (to 0).
     db.set_for_new_sessions("statement_timeout", "'1min'").await;
-    let (bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Transaction);
-    let refused = |args: &[&str]| {
-        let mut command = permd();
-        command.args(args);
-        let output = output_within_deadline(command);
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert!(
-            !output.status.success()
-                && stderr.contains(
-                    "two of permd's connections, open at once, ran in one server session"
-                )
-                && stderr.contains("pool_mode=session"),
-            "{args:?}: {stderr}\n{}",
-            bouncer.log()
+    for mode in [PoolMode::Transaction, PoolMode::Statement] {
+        let (bouncer, url) = Bouncer::in_front_of(&db.url, mode);
+        let refused = |args: &[&str]| {
+            let mut command = permd();
+            command.args(args);
+            let output = output_within_deadline(command);
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert!(
+                !output.status.success()
+                    && stderr.contains(
+                        "two of permd's connections, open at once, ran in one server session"
+                    )
+                    && stderr.contains("pool_mode=session"),
+                "{mode:?} {args:?}: {stderr}\n{}",
+                bouncer.log()
+            );
+        };
+        // Twice: the first leaves nothing behind that fails the second otherwise.
+        for _ in 0..2 {
+            refused(&["migrate", "--reference-model", "--database-url", &url]);
+        }
+        refused(&[
+            "verify",
+            "--database-url",
+            &url,
+            "--permd",
+            "http://127.0.0.1:9",
+        ]);
+        refused(&["demo", "--database-url", &url, "--listen", "127.0.0.1:0"]);
+        assert_eq!(
+            common::bouncer::settings_through(&url, &["client_min_messages", "statement_timeout"])
+                .await,
+            ["notice", "1min"],
+            "{mode:?}: no setting of theirs stays in PgBouncer's server sessions"
         );
-    };
-    // Twice: the first leaves nothing behind that fails the second otherwise.
-    for _ in 0..2 {
-        refused(&["migrate", "--reference-model", "--database-url", &url]);
     }
-    refused(&[
-        "verify",
-        "--database-url",
-        &url,
-        "--permd",
-        "http://127.0.0.1:9",
-    ]);
-    refused(&["demo", "--database-url", &url, "--listen", "127.0.0.1:0"]);
     let migrated: Option<String> = sqlx::query_scalar("SELECT to_regclass('permd.tuples')::text")
         .fetch_one(&db.pool)
         .await
         .expect("look");
-    assert_eq!(migrated, None, "nothing migrated through it");
-    assert_eq!(
-        common::bouncer::settings_through(&url, &["client_min_messages", "statement_timeout"])
-            .await,
-        ["notice", "1min"],
-        "no setting of theirs stays in PgBouncer's server sessions"
-    );
+    assert_eq!(migrated, None, "nothing migrated through either");
 }
 
 /// `permd verify` while writes go on to the subjects it compares: a subject written

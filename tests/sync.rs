@@ -416,8 +416,8 @@ async fn loads_and_follows(db: &TestDb, url: &str) -> TestDaemon {
     daemon
 }
 
-/// Through PgBouncer in transaction mode a client's transactions run in whichever server
-/// session is free: the daemon, which needs one session (LISTEN, its settings), says so
+/// Through PgBouncer in transaction mode (or statement mode) a client's transactions run
+/// in whichever server session is free: the daemon, which needs one session (LISTEN, its settings), says so
 /// before its first setting, and names the remedy; no server session is left with its
 /// settings. Before (session 57), it said so only once a statement landed in another
 /// session than its first look's, its settings (`enable_seqscan = off`, …) already
@@ -426,22 +426,25 @@ async fn loads_and_follows(db: &TestDb, url: &str) -> TestDaemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_in_transaction_mode_the_daemon_says_it_needs_a_session() {
     let db = database().await;
-    let (bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Transaction);
-    let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
-    // Refused at each attempt (and so never loaded: `failed_attempts`).
-    let error = daemon.failed_attempts(2).await;
-    assert!(
-        error.contains("two of permd's connections, open at once, ran in one server session")
-            && error.contains("pool_mode=session"),
-        "{error}"
-    );
-    assert_eq!(
-        common::bouncer::settings_through(&url, &["enable_seqscan", "lock_timeout", "jit"]).await,
-        ["on", "0", "on"],
-        "no setting of the daemon's stays in PgBouncer's server sessions\n{}",
-        bouncer.log()
-    );
-    daemon.stop().await;
+    for mode in [PoolMode::Transaction, PoolMode::Statement] {
+        let (bouncer, url) = Bouncer::in_front_of(&db.url, mode);
+        let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
+        // Refused at each attempt (and so never loaded: `failed_attempts`).
+        let error = daemon.failed_attempts(2).await;
+        assert!(
+            error.contains("two of permd's connections, open at once, ran in one server session")
+                && error.contains("pool_mode=session"),
+            "{mode:?}: {error}"
+        );
+        assert_eq!(
+            common::bouncer::settings_through(&url, &["enable_seqscan", "lock_timeout", "jit"])
+                .await,
+            ["on", "0", "on"],
+            "{mode:?}: no setting of the daemon's stays in PgBouncer's server sessions\n{}",
+            bouncer.log()
+        );
+        daemon.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,8 @@ pub enum PoolMode {
     Session,
     /// A server connection per transaction.
     Transaction,
+    /// A server connection per statement (no transaction of more than one).
+    Statement,
 }
 
 /// A running PgBouncer. Dropping it stops it and removes its directory.
@@ -81,6 +83,7 @@ impl Bouncer {
         let mode = match mode {
             PoolMode::Session => "session",
             PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
         };
         std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n")
             .expect("write PgBouncer's auth file");
