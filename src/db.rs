@@ -108,7 +108,7 @@ async fn alone_in_its_session(
         second.close().await?;
         theirs
     };
-    crate::sync::second_session(&ours, second).await?;
+    crate::sync::second_session(&ours, second, crate::sync::SECOND_SESSION_WAIT).await?;
     first.close().await.context("connect to the database")?;
     Ok(())
 }

@@ -328,7 +328,7 @@ async fn granted_by_notify(db: &TestDb, daemon: &TestDaemon, subject: &str) {
 async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnects() {
     let db = database().await;
     let (mut bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session);
-    let daemon = loads_and_follows(&db, &url).await;
+    let daemon = loads_and_follows(&db, doorbell_only(&url)).await;
 
     bouncer.restart();
     // Written while the daemon's connection is cut or coming back: no NOTIFY reaches it.
@@ -356,12 +356,18 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
 /// Through PgBouncer in session mode with one server session for permd
 /// (`default_pool_size = 1`): the second connection that asks which session the first
 /// has (`connect::alone_in_its_session`) waits for one that never comes free while the
-/// daemon's is open; it is given up, and the daemon loads and follows.
+/// daemon's is open; it is given up, and the daemon loads and follows, here with a query
+/// timeout of 1 s (the wait is half of it; before, the 2 s wait was cut by the query
+/// timeout, and every connect failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows() {
     let db = database().await;
     let (_bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
-    let daemon = loads_and_follows(&db, &url).await;
+    // With a query timeout under the 2 s the second connection is waited for otherwise:
+    // it is waited for half of it, and the first connection's statement is not cut.
+    let mut config = doorbell_only(&url);
+    config.query_timeout = Duration::from_secs(1);
+    let daemon = loads_and_follows(&db, config).await;
     let report = daemon.status.report();
     assert_eq!((report.reconnects, report.last_error), (0, None));
     daemon.stop().await;
@@ -385,7 +391,7 @@ async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
         .await;
     // The helper's pool holds one of the two: the daemon may hold one more.
     assert_eq!(pool.size(), 1);
-    let daemon = loads_and_follows(&db, &url).await;
+    let daemon = loads_and_follows(&db, doorbell_only(&url)).await;
     let report = daemon.status.report();
     assert_eq!((report.reconnects, report.last_error), (0, None));
     // A third is refused, as the daemon's second was.
@@ -399,13 +405,13 @@ async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
     drop(pool);
 }
 
-/// A daemon started on `url` (which reaches `db`, through a pooler) by NOTIFY alone (an
-/// hourly poll), once it has loaded a tuple written before it, follows the
-/// notifications, and has applied one's write.
-async fn loads_and_follows(db: &TestDb, url: &str) -> TestDaemon {
+/// A daemon started with `config` (whose URL reaches `db`, through a pooler), once it has
+/// loaded a tuple written before it, follows the notifications, and has applied one's
+/// write.
+async fn loads_and_follows(db: &TestDb, config: SyncConfig) -> TestDaemon {
     db.write("INSERT INTO permd.tuples VALUES ('loaded', 'doc', 'read', NULL)")
         .await;
-    let daemon = TestDaemon::start_with(doorbell_only(url), patient()).await;
+    let daemon = TestDaemon::start_with(config, patient()).await;
     assert!(daemon.store.check("loaded", "read", "doc"));
     daemon
         .wait_for("following the notifications", || {

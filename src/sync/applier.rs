@@ -979,11 +979,13 @@ impl Applier {
         let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
         let own = format!("{SESSION}; SET lock_timeout = {lock_timeout}");
         // Before the settings, which a pooler in transaction mode would leave behind in a
-        // server session the application then gets.
+        // server session the application then gets. The second connection is waited for
+        // half the query timeout at most, so that the first's statement has the rest.
+        let wait = self.config.query_timeout / 2;
         let process = self
             .timed(
                 "the session's process",
-                connect::alone_in_its_session(&client, &config, &settings),
+                connect::alone_in_its_session(&client, &config, &settings, wait),
             )
             .await?;
         self.backend = Some(process);

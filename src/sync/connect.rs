@@ -145,10 +145,10 @@ pub(crate) const WHICH_SESSION: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
      SET LOCAL statement_timeout = 0; \
      SELECT pg_backend_pid(), extract(epoch FROM pg_postmaster_start_time())::text; COMMIT";
 
-/// How long a second connection's [`WHICH_SESSION`] is waited for. Where a session pooler
-/// has one server session for permd (PgBouncer's `pool_size = 1`), the second waits
-/// for the first's to be free, which it never is while the first is open: it is given up
-/// after this, the question left open.
+/// How long a second connection's [`WHICH_SESSION`] is waited for at most. Where a
+/// session pooler has one server session for permd (PgBouncer's `pool_size = 1`), the
+/// second waits for the first's to be free, which it never is while the first is open:
+/// it is given up after this, the question left open.
 pub(crate) const SECOND_SESSION_WAIT: Duration = Duration::from_secs(2);
 
 /// Refuses a pooler in transaction or statement mode before any of permd's settings can
@@ -192,6 +192,7 @@ pub(crate) async fn alone_in_its_session(
     client: &Client,
     config: &Config,
     settings: &Settings,
+    wait: Duration,
 ) -> Result<i32, Error> {
     let first = which_session(client).await?;
     let second = async {
@@ -202,7 +203,7 @@ pub(crate) async fn alone_in_its_session(
         let _ = running.await;
         second
     };
-    second_session(&first, second).await?;
+    second_session(&first, second, wait).await?;
     first
         .0
         .parse()
@@ -210,21 +211,24 @@ pub(crate) async fn alone_in_its_session(
 }
 
 /// [`two_sessions`] of `first` and what `second` (a second connection's
-/// [`WHICH_SESSION`]) answers within [`SECOND_SESSION_WAIT`]. Where it answers nothing
-/// (the connection failed, or waited longer: a session pooler with one server session for
-/// permd, a server at its connection limit) nothing is known: `Ok`, and the log says so.
+/// [`WHICH_SESSION`]) answers within `wait` (at most [`SECOND_SESSION_WAIT`]). Where it
+/// answers nothing (the connection failed, or waited longer: a session pooler with one
+/// server session for permd, a server at its connection limit) nothing is known: `Ok`,
+/// and the log says so.
 pub(crate) async fn second_session<E: std::fmt::Display>(
     first: &(String, String),
     second: impl Future<Output = Result<(String, String), E>>,
+    wait: Duration,
 ) -> Result<(), Error> {
     const UNTOLD: &str =
         "could not tell whether a pooler in transaction mode stands between permd and postgres";
-    match tokio::time::timeout(SECOND_SESSION_WAIT, second).await {
+    let wait = wait.min(SECOND_SESSION_WAIT);
+    match tokio::time::timeout(wait, second).await {
         Ok(Ok(second)) => return two_sessions((&first.0, &first.1), (&second.0, &second.1)),
         Ok(Err(error)) => tracing::info!(%error, "{UNTOLD}: a second connection failed"),
         Err(_) => tracing::info!(
-            "{UNTOLD}: a second connection waited {SECOND_SESSION_WAIT:?} for a server session \
-             (a pool in session mode with one for permd?)"
+            "{UNTOLD}: a second connection waited {wait:?} for a server session (a pool in \
+             session mode with one for permd?)"
         ),
     }
     Ok(())
