@@ -167,25 +167,33 @@ fn identity(
 
 /// Applies every pending migration. Idempotent: applied ones are skipped (and their
 /// checksums verified); concurrent runs are serialised by sqlx's advisory lock.
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+/// `db` is a pool or one connection of it (`&mut *connection`): the caller that runs
+/// several steps on one keeps to one server session (sqlx's pool gives back a connection
+/// by a task of its own, so that a step right after another may open a second).
+pub async fn migrate<'a, A: sqlx::Acquire<'a, Database = sqlx::Postgres>>(
+    db: A,
+) -> anyhow::Result<()> {
     // Every migration in `migrations/`, embedded at build time.
     let mut migrator = sqlx::migrate!("./migrations");
     // Migrations of the optional reference model may be recorded by a newer permd;
     // they are not ours to undo.
     migrator.set_ignore_missing(true);
-    migrator.run(pool).await.context("apply migrations")?;
+    migrator.run(db).await.context("apply migrations")?;
     Ok(())
 }
 
 /// Applies the optional reference model (`migrations/reference/`, schema `app`) on top of
 /// the core, which must be applied first. Its versions (1001 and up) never overlap the
 /// core's, so both sets share sqlx's bookkeeping table.
-pub async fn migrate_reference_model(pool: &PgPool) -> anyhow::Result<()> {
+/// `db` as for [`migrate`].
+pub async fn migrate_reference_model<'a, A: sqlx::Acquire<'a, Database = sqlx::Postgres>>(
+    db: A,
+) -> anyhow::Result<()> {
     let mut migrator = sqlx::migrate!("./migrations/reference");
     // The core's versions are not in this set.
     migrator.set_ignore_missing(true);
     migrator
-        .run(pool)
+        .run(db)
         .await
         .context("apply the reference model migrations")?;
     Ok(())

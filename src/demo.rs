@@ -194,20 +194,23 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     let pool = crate::db::pool(&database_url).await?;
-    crate::db::migrate(&pool).await?;
-    crate::db::migrate_reference_model(&pool).await?;
+    // One server session for every step (`db::migrate`).
+    let mut connection = pool.acquire().await.context("connect to the database")?;
+    crate::db::migrate(&mut *connection).await?;
+    crate::db::migrate_reference_model(&mut *connection).await?;
     let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM app.users")
-        .fetch_one(&pool)
+        .fetch_one(&mut *connection)
         .await
         .context("count existing users")?;
     if existing == 0 {
-        seed(&pool, args.users).await?;
+        seed(&mut *connection, args.users).await?;
     } else {
         say!(
             err,
             "the database already holds {existing} users in app.users: not seeding"
         );
     }
+    drop(connection);
     pool.close().await;
 
     settings.sync.database_url.clone_from(&database_url);
@@ -347,11 +350,14 @@ async fn sharded(
 
 /// Seeds the demo enterprise of `users` users into the reference model (already migrated),
 /// printing progress to stderr. Also used by the write-cost benchmark.
-pub async fn seed(pool: &sqlx::PgPool, users: u32) -> anyhow::Result<()> {
+pub async fn seed<'a, A: sqlx::Acquire<'a, Database = sqlx::Postgres>>(
+    db: A,
+    users: u32,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let users = i64::from(users);
     let teams = (users + TEAM - 1) / TEAM;
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     // Bulk load: the triggers only record, and nothing is recorded; one rebuild follows.
     sqlx::raw_sql("SET LOCAL permd_app.maintain = off")
         .execute(&mut *tx)

@@ -2,6 +2,7 @@
 
 use std::io::Write as _;
 
+use anyhow::Context as _;
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -71,9 +72,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             interruptible(shutdown, async {
                 let pool = permd::db::pool(&args.database_url).await?;
-                permd::db::migrate(&pool).await?;
+                // One server session for every step (`db::migrate`).
+                let mut connection = pool.acquire().await.context("connect to the database")?;
+                permd::db::migrate(&mut *connection).await?;
                 if args.reference_model {
-                    permd::db::migrate_reference_model(&pool).await?;
+                    permd::db::migrate_reference_model(&mut *connection).await?;
                 }
                 tracing::info!(reference_model = args.reference_model, "migrations applied");
                 Ok(())

@@ -1455,6 +1455,35 @@ async fn migrate_serve_and_verify_through_pgbouncer() {
     );
 }
 
+/// `permd migrate --reference-model` through PgBouncer in session mode with one server
+/// session (`default_pool_size = 1`): every step runs on one connection, so it migrates
+/// (after the second connection's question, given up at 2 s). Before, the reference
+/// model's step opened a second connection while the first was still being given back,
+/// which waited for PgBouncer's only session for ever (`query_wait_timeout`, 120 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_through_a_one_session_pgbouncer() {
+    let db = common::unmigrated_database().await;
+    let (bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
+    let migrated = output_within_deadline({
+        let mut migrate = permd();
+        migrate.args(["migrate", "--reference-model", "--database-url", &url]);
+        migrate
+    });
+    assert!(
+        migrated.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&migrated.stderr),
+        bouncer.log()
+    );
+    let tables: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT to_regclass(name)::text FROM unnest(ARRAY['permd.tuples', 'app.users']) name",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("look");
+    assert!(tables.iter().all(Option::is_some), "{tables:?}");
+}
+
 /// Through PgBouncer in transaction mode (and statement mode) the one-off commands say,
 /// before any statement of theirs, that they need a session, as the daemon does; nothing of theirs stays in
 /// PgBouncer's server sessions. Before, `migrate --reference-model` applied the core,
