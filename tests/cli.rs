@@ -1418,17 +1418,7 @@ async fn verify_proves_equality_and_names_what_differs() {
 async fn migrate_serve_and_verify_through_pgbouncer() {
     let db = common::unmigrated_database().await;
     let (bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session);
-    let migrated = output_within_deadline({
-        let mut migrate = permd();
-        migrate.args(["migrate", "--database-url", &url]);
-        migrate
-    });
-    assert!(
-        migrated.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&migrated.stderr),
-        bouncer.log()
-    );
+    migrate_through(&bouncer, &url, &[]);
     db.exec("INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL)")
         .await;
     let (_running, port) = serve(&url, &[], &[]).await;
@@ -1464,9 +1454,22 @@ async fn migrate_serve_and_verify_through_pgbouncer() {
 async fn migrate_through_a_one_session_pgbouncer() {
     let db = common::unmigrated_database().await;
     let (bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
+    migrate_through(&bouncer, &url, &["--reference-model"]);
+    let tables: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT to_regclass(name)::text FROM unnest(ARRAY['permd.tuples', 'app.users']) name",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("look");
+    assert!(tables.iter().all(Option::is_some), "{tables:?}");
+}
+
+/// Runs `permd migrate` with `args` on `url`, through `bouncer`, and checks that it
+/// succeeds.
+fn migrate_through(bouncer: &Bouncer, url: &str, args: &[&str]) {
     let migrated = output_within_deadline({
         let mut migrate = permd();
-        migrate.args(["migrate", "--reference-model", "--database-url", &url]);
+        migrate.args(["migrate", "--database-url", url]).args(args);
         migrate
     });
     assert!(
@@ -1475,13 +1478,6 @@ async fn migrate_through_a_one_session_pgbouncer() {
         String::from_utf8_lossy(&migrated.stderr),
         bouncer.log()
     );
-    let tables: Vec<Option<String>> = sqlx::query_scalar(
-        "SELECT to_regclass(name)::text FROM unnest(ARRAY['permd.tuples', 'app.users']) name",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .expect("look");
-    assert!(tables.iter().all(Option::is_some), "{tables:?}");
 }
 
 /// Through PgBouncer in transaction mode (and statement mode) the one-off commands say,
