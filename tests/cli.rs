@@ -1453,7 +1453,8 @@ async fn migrate_serve_and_verify_through_pgbouncer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_through_a_one_session_pgbouncer() {
     let db = common::unmigrated_database().await;
-    let (bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
+    let (bouncer, url) =
+        Bouncer::with_settings(&db.url, PoolMode::Session, &[("default_pool_size", "1")]);
     migrate_through(&bouncer, &url, &["--reference-model"]);
     let tables: Vec<Option<String>> = sqlx::query_scalar(
         "SELECT to_regclass(name)::text FROM unnest(ARRAY['permd.tuples', 'app.users']) name",

@@ -353,6 +353,55 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
     daemon.stop().await;
 }
 
+/// Through PgBouncer in transaction mode that hands out its idle server sessions in turn
+/// (`server_round_robin = 1`, four idle), the second connection lands in another session
+/// than the first's, so the daemon cannot tell at its connect; it still ends the session
+/// and names the remedy once a statement it prepared in one server session is run in
+/// another (SQLSTATE 26000, `Applier::session`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_round_robin_transaction_pooler_the_daemon_says_so_later() {
+    let db = database().await;
+    let (bouncer, url) = Bouncer::with_settings(
+        &db.url,
+        PoolMode::Transaction,
+        &[("server_round_robin", "1")],
+    );
+    // Four server sessions: four clients in a transaction at once, then done.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a test URL");
+        let mut client = sqlx::ConnectOptions::connect(&options.extra_float_digits(None))
+            .await
+            .expect("connect through PgBouncer");
+        sqlx::raw_sql("BEGIN; SELECT 1")
+            .execute(&mut client)
+            .await
+            .expect("hold a server session");
+        clients.push(client);
+    }
+    for mut client in clients {
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut client)
+            .await
+            .expect("commit");
+    }
+    let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
+    daemon
+        .wait_for_report("the daemon to say it needs a session", |report| {
+            report.last_error.as_deref().is_some_and(|error| {
+                error.contains("the sync connection's statements ran in two server sessions")
+                    && error.contains("pool_mode=session")
+            })
+        })
+        .await;
+    assert!(
+        !bouncer.log().contains("unsupported startup parameter"),
+        "{}",
+        bouncer.log()
+    );
+    daemon.stop().await;
+}
+
 /// Through PgBouncer in session mode with one server session for permd
 /// (`default_pool_size = 1`): the second connection that asks which session the first
 /// has (`connect::alone_in_its_session`) waits for one that never comes free while the
@@ -362,7 +411,8 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows() {
     let db = database().await;
-    let (_bouncer, url) = Bouncer::with_pool_size(&db.url, PoolMode::Session, 1);
+    let (_bouncer, url) =
+        Bouncer::with_settings(&db.url, PoolMode::Session, &[("default_pool_size", "1")]);
     // With a query timeout under the 2 s the second connection is waited for otherwise:
     // it is waited for half of it, and the first connection's statement is not cut.
     let mut config = doorbell_only(&url);

@@ -57,20 +57,21 @@ impl Bouncer {
     /// defaults otherwise (no startup parameter ignored), letting in `postgres` without a
     /// password (`auth_type = trust`); and `url` through it.
     pub fn in_front_of(url: &str, mode: PoolMode) -> (Self, String) {
-        Self::with_pool_size(url, mode, 20)
+        Self::with_settings(url, mode, &[])
     }
 
-    /// [`Self::in_front_of`], with `size` server sessions at most for each database and
-    /// user (`default_pool_size`; PgBouncer's default is 20).
-    pub fn with_pool_size(url: &str, mode: PoolMode, size: u32) -> (Self, String) {
+    /// [`Self::in_front_of`], with PgBouncer's `settings` (of its `[pgbouncer]` section:
+    /// `default_pool_size`, the server sessions at most for each database and user, 20
+    /// unless given; `server_round_robin`, …).
+    pub fn with_settings(url: &str, mode: PoolMode, settings: &[(&str, &str)]) -> (Self, String) {
         let (head, rest) = url.split_once("@127.0.0.1:").expect("a test URL");
         let (server_port, database) = rest.split_once('/').expect("a test URL");
-        let bouncer = Self::start(server_port.parse().expect("a port"), mode, size);
+        let bouncer = Self::start(server_port.parse().expect("a port"), mode, settings);
         let through = format!("{head}@127.0.0.1:{}/{database}", bouncer.port);
         (bouncer, through)
     }
 
-    fn start(server_port: u16, mode: PoolMode, size: u32) -> Self {
+    fn start(server_port: u16, mode: PoolMode, settings: &[(&str, &str)]) -> Self {
         let bin = binary();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -88,6 +89,16 @@ impl Bouncer {
         std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n")
             .expect("write PgBouncer's auth file");
         let ini = dir.join("pgbouncer.ini");
+        let mut given: String = settings
+            .iter()
+            .map(|(name, value)| format!("{name} = {value}\n"))
+            .collect();
+        if !settings
+            .iter()
+            .any(|(name, _)| *name == "default_pool_size")
+        {
+            given.push_str("default_pool_size = 20\n");
+        }
         std::fs::write(
             &ini,
             format!(
@@ -101,7 +112,7 @@ impl Bouncer {
                  auth_file = {}\n\
                  pool_mode = {mode}\n\
                  max_client_conn = 200\n\
-                 default_pool_size = {size}\n",
+                 {given}",
                 server_port,
                 dir.join("users.txt").display()
             ),
