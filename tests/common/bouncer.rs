@@ -201,14 +201,8 @@ impl Drop for Bouncer {
 /// PgBouncer) gets, each read in the simple protocol, which leaves nothing prepared
 /// behind. In transaction mode that is the server session freed last.
 pub async fn settings_through(url: &str, names: &[&str]) -> Vec<String> {
-    use sqlx::{ConnectOptions as _, Row as _};
-    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a test URL");
-    // PgBouncer refuses the startup parameter sqlx sends by default.
-    let mut client = options
-        .extra_float_digits(None)
-        .connect()
-        .await
-        .expect("connect through PgBouncer");
+    use sqlx::Row as _;
+    let mut client = client_through(url).await;
     let mut values = Vec::new();
     for name in names {
         let row = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SHOW {name}")))
@@ -218,6 +212,18 @@ pub async fn settings_through(url: &str, names: &[&str]) -> Vec<String> {
         values.push(row.try_get(0).expect("a value"));
     }
     values
+}
+
+/// A client of `url`, through a PgBouncer (which refuses the startup parameter sqlx
+/// sends by default, `extra_float_digits`).
+pub async fn client_through(url: &str) -> sqlx::PgConnection {
+    use sqlx::ConnectOptions as _;
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a test URL");
+    options
+        .extra_float_digits(None)
+        .connect()
+        .await
+        .expect("connect through PgBouncer")
 }
 
 /// `pgbouncer` on PATH, else Debian's `/usr/sbin/pgbouncer`.
