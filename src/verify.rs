@@ -151,19 +151,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// daemon behind it, at once.
 pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdict> {
     let pool = crate::db::pool(database_url).await?;
+    // Each daemon's comparison keeps to one connection of the pool (sqlx gives one back
+    // by a task of its own, so that a step right after another may open a second).
+    let mut connection = pool.acquire().await.context("connect to the database")?;
     // Every transaction that had not ended when verify began has an xid at or above this:
     // the changelog names the subjects they wrote, the only ones that can differ in flight.
     let since: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        .fetch_one(&pool)
+        .fetch_one(&mut *connection)
         .await
         .context("read the database's snapshot")?;
     let daemons = match placement(target).await? {
-        Placement::Daemon(shard) => return verify_daemon(&pool, &since, target, shard, None).await,
+        Placement::Daemon(shard) => {
+            return verify_daemon(&mut connection, &since, target, shard, None).await
+        }
         Placement::Router(daemons) => daemons,
     };
     // One pass over the database's subjects for every daemon's first comparison, rather
     // than one for each.
-    let (token, everyone) = subject_digests(&pool, Shard::WHOLE).await?;
+    let (token, everyone) = subject_digests(&mut connection, Shard::WHOLE).await?;
+    drop(connection);
     let verdicts = daemons.into_iter().map(|(url, placed)| {
         let daemon = Target {
             permd: url.clone(),
@@ -179,7 +185,10 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
                             .filter(|(subject, _)| shard.owns(subject))
                             .map(|(subject, digest)| (subject.clone(), digest.clone()))
                             .collect();
-                        verify_daemon(pool, since, &daemon, shard, Some((token, first))).await
+                        let mut connection =
+                            pool.acquire().await.context("connect to the database")?;
+                        verify_daemon(&mut connection, since, &daemon, shard, Some((token, first)))
+                            .await
                     }
                     Placement::Daemon(shard) => bail!(
                         "it mirrors shard {shard}, but the router sends it the subjects of \
@@ -200,7 +209,7 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
 /// the database's side of the first comparison: the digests of the shard's subjects and
 /// the token of their snapshot.
 async fn verify_daemon(
-    pool: &sqlx::PgPool,
+    db: &mut sqlx::PgConnection,
     since: &str,
     target: &Target,
     shard: Shard,
@@ -217,12 +226,12 @@ async fn verify_daemon(
         let (token, db_digest, db_subjects) = match first.take() {
             Some((token, subjects)) => (token, sum(&subjects)?, Some(subjects)),
             None if shard.is_whole() => {
-                let (token, rows) = in_snapshot(pool, "SELECT '', permd.digest()").await?;
+                let (token, rows) = in_snapshot(db, "SELECT '', permd.digest()").await?;
                 let digest = rows.into_iter().next().map(|(_, d)| d).unwrap_or_default();
                 (token, digest, None)
             }
             None => {
-                let (token, subjects) = subject_digests(pool, shard).await?;
+                let (token, subjects) = subject_digests(db, shard).await?;
                 (token, sum(&subjects)?, Some(subjects))
             }
         };
@@ -247,7 +256,7 @@ async fn verify_daemon(
     // Narrowed down to the subjects whose digests differ.
     let (token, db_subjects) = match last {
         Some((token, Some(subjects))) => (token, subjects),
-        _ => subject_digests(pool, shard).await?,
+        _ => subject_digests(db, shard).await?,
     };
     let answer = get_json(target, &format!("/v1/digest?by=subject&at_least={token}")).await?;
     let daemon_subjects: BTreeMap<String, String> = answer["subjects"]
@@ -274,7 +283,7 @@ async fn verify_daemon(
     )
     .bind(since)
     .bind(&differing)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await
     .context("read the changelog")?
     .into_iter()
@@ -284,7 +293,7 @@ async fn verify_daemon(
     let mut changing = Vec::new();
     for subject in differing {
         let rows = if written.contains(&subject) {
-            match recheck(pool, target, &subject).await? {
+            match recheck(db, target, &subject).await? {
                 None => continue,
                 Some(_) => {
                     changing.push(subject);
@@ -292,7 +301,7 @@ async fn verify_daemon(
                 }
             }
         } else {
-            let db_rows = db_rows(pool, &subject).await?;
+            let db_rows = db_rows(&mut *db, &subject).await?;
             (db_rows, daemon_rows(target, &subject, None).await?)
         };
         differs += 1;
@@ -335,13 +344,13 @@ fn sum(subjects: &BTreeMap<String, String>) -> anyhow::Result<String> {
 /// Compares `subject` alone, up to [`RECHECKS`] times, each in a fresh snapshot with the
 /// daemon caught up to it: `None` once equal, else the last rows of both.
 async fn recheck(
-    pool: &sqlx::PgPool,
+    db: &mut sqlx::PgConnection,
     target: &Target,
     subject: &str,
 ) -> anyhow::Result<Option<(StoredRows, StoredRows)>> {
     let mut last = None;
     for _ in 0..RECHECKS {
-        let mut tx = pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *db).await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .execute(&mut *tx)
             .await?;
@@ -349,17 +358,17 @@ async fn recheck(
             sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
                 .fetch_one(&mut *tx)
                 .await?;
-        let mut db = db_rows(&mut *tx, subject).await?;
+        let mut stored = db_rows(&mut *tx, subject).await?;
         tx.commit().await?;
         let mut daemon = daemon_rows(target, subject, Some(token_for(&xmax)?)).await?;
-        for rows in [&mut db, &mut daemon] {
+        for rows in [&mut stored, &mut daemon] {
             rows.tuples.sort();
             rows.limits.sort();
         }
-        if db == daemon {
+        if stored == daemon {
             return Ok(None);
         }
-        last = Some((db, daemon));
+        last = Some((stored, daemon));
     }
     Ok(last)
 }
@@ -379,11 +388,11 @@ async fn daemon_rows(
 /// The database's digest of each of `shard`'s subjects (verify picks them out as the
 /// daemon does), in one snapshot, with the token of that snapshot.
 async fn subject_digests(
-    pool: &sqlx::PgPool,
+    db: &mut sqlx::PgConnection,
     shard: Shard,
 ) -> anyhow::Result<(u64, BTreeMap<String, String>)> {
     let (token, rows) =
-        in_snapshot(pool, "SELECT subject, digest FROM permd.subject_digests()").await?;
+        in_snapshot(db, "SELECT subject, digest FROM permd.subject_digests()").await?;
     Ok((
         token,
         rows.into_iter().filter(|(s, _)| shard.owns(s)).collect(),
@@ -445,10 +454,10 @@ fn describe<T: Ord + std::fmt::Debug>(report: &mut String, what: &str, db: &[T],
 /// Runs `query` (two text columns) in one snapshot and returns its rows with the token
 /// that makes the daemon catch up to that snapshot.
 async fn in_snapshot(
-    pool: &sqlx::PgPool,
+    db: &mut sqlx::PgConnection,
     query: &'static str,
 ) -> anyhow::Result<(u64, Vec<(String, String)>)> {
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(db).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
         .await?;

@@ -1445,13 +1445,16 @@ async fn migrate_serve_and_verify_through_pgbouncer() {
     );
 }
 
-/// `permd migrate --reference-model` through PgBouncer in session mode with one server
-/// session (`default_pool_size = 1`): every step runs on one connection, so it migrates
-/// (after the second connection's question, given up at 2 s). Before, the reference
-/// model's step opened a second connection while the first was still being given back,
-/// which waited for PgBouncer's only session for ever (`query_wait_timeout`, 120 s).
+/// `permd migrate --reference-model` and `permd verify` through PgBouncer in session mode
+/// with one server session (`default_pool_size = 1`; the daemon connects directly): each
+/// keeps to one connection, so both succeed (after the second connection's question,
+/// given up at 2 s). Before, migrate's reference model step opened a second connection
+/// while the first was still being given back, which waited for PgBouncer's only session
+/// for ever (`query_wait_timeout`, 120 s); verify passed here before too, its database
+/// steps parted by requests to the daemon, which gave sqlx time to take the connection
+/// back; it now holds one connection for each daemon's comparison.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_through_a_one_session_pgbouncer() {
+async fn migrate_and_verify_through_a_one_session_pgbouncer() {
     let db = common::unmigrated_database().await;
     let (bouncer, url) =
         Bouncer::with_settings(&db.url, PoolMode::Session, &[("default_pool_size", "1")]);
@@ -1463,6 +1466,16 @@ async fn migrate_through_a_one_session_pgbouncer() {
     .await
     .expect("look");
     assert!(tables.iter().all(Option::is_some), "{tables:?}");
+    readers(&db, 20).await;
+    let (_running, port) = serve(&db.url, &[], &[]).await;
+    let output = output_within_deadline(verify(&url, &format!("http://127.0.0.1:{port}")));
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("in sync"),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        bouncer.log()
+    );
 }
 
 /// Runs `permd migrate` with `args` on `url`, through `bouncer`, and checks that it
