@@ -102,6 +102,9 @@ async fn alone_in_its_session(
     let ours = which_session(&mut first)
         .await
         .context("connect to the database")?;
+    let options = options
+        .clone()
+        .application_name(&crate::sync::second_name(options.get_application_name()));
     let second = async {
         let mut second = options.connect().await?;
         let theirs = which_session(&mut second).await;

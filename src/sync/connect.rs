@@ -195,8 +195,10 @@ pub(crate) async fn alone_in_its_session(
     wait: Duration,
 ) -> Result<i32, Error> {
     let first = which_session(client).await?;
+    let mut config = config.clone();
+    config.application_name(second_name(config.get_application_name()));
     let second = async {
-        let (other, connection) = connect(config, settings, &Tap::default()).await?;
+        let (other, connection) = connect(&config, settings, &Tap::default()).await?;
         let running = tokio::spawn(connection);
         let second = which_session(&other).await;
         drop(other);
@@ -208,6 +210,13 @@ pub(crate) async fn alone_in_its_session(
         .0
         .parse()
         .map_err(|_| Error::Protocol(format!("a process named {:?}", first.0)))
+}
+
+/// The second connection's `application_name`: the first's (`name`), told apart, so that
+/// whoever counts permd's sessions by name (in `pg_stat_activity`, while its backend
+/// exits) does not count it.
+pub(crate) fn second_name(name: Option<&str>) -> String {
+    format!("{} (pooler check)", name.unwrap_or("permd"))
 }
 
 /// [`two_sessions`] of `first` and what `second` (a second connection's

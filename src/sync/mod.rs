@@ -24,7 +24,9 @@ use std::time::Duration;
 pub(crate) use crate::error_chain;
 use crate::shard::Shard;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
-pub(crate) use connect::{second_session, Settings, SECOND_SESSION_WAIT, WHICH_SESSION};
+pub(crate) use connect::{
+    second_name, second_session, Settings, SECOND_SESSION_WAIT, WHICH_SESSION,
+};
 pub use relay::Relay;
 pub use status::{Status, StatusReport};
 pub(crate) use tls::private_key;
