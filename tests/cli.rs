@@ -1428,14 +1428,7 @@ async fn migrate_serve_and_verify_through_pgbouncer() {
     assert!(body.contains("\"allowed\":true"), "{body}");
     db.exec("INSERT INTO permd.tuples VALUES ('u2', 'doc:2', 'read', NULL)")
         .await;
-    let output = output_within_deadline(verify(&url, &format!("http://127.0.0.1:{port}")));
-    assert!(
-        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("in sync"),
-        "{}{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-        bouncer.log()
-    );
+    verify_through(&bouncer, &url, port);
     db.set_for_new_sessions("statement_timeout", "'1ms'").await;
     assert_eq!(one_off_statement_timeout(&url).await, "0");
     assert!(
@@ -1468,14 +1461,7 @@ async fn migrate_and_verify_through_a_one_session_pgbouncer() {
     assert!(tables.iter().all(Option::is_some), "{tables:?}");
     readers(&db, 20).await;
     let (_running, port) = serve(&db.url, &[], &[]).await;
-    let output = output_within_deadline(verify(&url, &format!("http://127.0.0.1:{port}")));
-    assert!(
-        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("in sync"),
-        "{}{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-        bouncer.log()
-    );
+    verify_through(&bouncer, &url, port);
 }
 
 /// Runs `permd migrate` with `args` on `url`, through `bouncer`, and checks that it
@@ -1490,6 +1476,19 @@ fn migrate_through(bouncer: &Bouncer, url: &str, args: &[&str]) {
         migrated.status.success(),
         "{}\n{}",
         String::from_utf8_lossy(&migrated.stderr),
+        bouncer.log()
+    );
+}
+
+/// Runs `permd verify` on `url`, through `bouncer`, against the daemon on `port`, and
+/// checks that it finds them in sync.
+fn verify_through(bouncer: &Bouncer, url: &str, port: u16) {
+    let output = output_within_deadline(verify(url, &format!("http://127.0.0.1:{port}")));
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("in sync"),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
         bouncer.log()
     );
 }
