@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use common::proxy::Proxy;
 use common::{
     database, database_on, own_cluster, patient, send, wait_until, Rng, TestDaemon, TestDb,
     DEADLINE,
@@ -18,7 +19,6 @@ use common::{
 use permd::embedded::StopMode;
 use permd::http::HttpConfig;
 use permd::sync::SyncConfig;
-use tokio_util::sync::CancellationToken;
 
 /// Checks sent through the API in a loop until stopped, counting non-200 answers.
 struct Load {
@@ -1426,127 +1426,6 @@ async fn a_poll_kept_waiting_by_a_lock_says_so_and_resumes_without_a_reload() {
     assert_eq!(report.reloads, 1, "{report:?}");
     assert_eq!(daemon.store.counts().limits, 1);
     daemon.stop().await;
-}
-
-/// A TCP proxy in front of a test database that freezes the first connection to carry
-/// more than a given number of bytes from Postgres: the network that stops carrying a
-/// connection's bytes, or the server that stops sending them, as permd sees either, at a
-/// point the test chooses rather than one it races to catch. (Stopping the backend itself
-/// with SIGSTOP, as this test did before, can stop it holding one of the cluster's shared
-/// locks, which every new connection to the shared cluster then waits for.)
-struct Proxy {
-    freeze: Arc<Freeze>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-/// Which connection a [`Proxy`] freezes, and the one it froze.
-struct Freeze {
-    /// Bytes from Postgres past which a connection is frozen.
-    after: u64,
-    /// The connection frozen, once one is.
-    frozen: std::sync::Mutex<Option<Arc<Link>>>,
-}
-
-/// One connection through a [`Proxy`].
-#[derive(Default)]
-struct Link {
-    /// Cancelled to stop forwarding what Postgres sends, until `resumed`.
-    frozen: CancellationToken,
-    /// Cancelled to forward again what Postgres sends (and has sent meanwhile).
-    resumed: CancellationToken,
-    /// Cancelled when the connection has ended, on either side.
-    closed: CancellationToken,
-}
-
-impl Proxy {
-    /// Starts a proxy in front of the database at `url` (`postgres://…@127.0.0.1:PORT/…`)
-    /// that freezes the first connection to carry more than `freeze_after` bytes from
-    /// Postgres; returns it and the same URL through it.
-    async fn in_front_of(url: &str, freeze_after: u64) -> (Self, String) {
-        let (head, tail) = url.rsplit_once(':').expect("a URL with a port");
-        let (port, database) = tail.split_once('/').expect("a URL with a database");
-        let target = format!("127.0.0.1:{port}");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let proxied = format!(
-            "{head}:{}/{database}",
-            listener.local_addr().expect("proxy address").port()
-        );
-        let freeze = Arc::new(Freeze {
-            after: freeze_after,
-            frozen: std::sync::Mutex::new(None),
-        });
-        let freezes = Arc::clone(&freeze);
-        let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
-                    continue;
-                };
-                let link = Arc::new(Link::default());
-                tokio::spawn(link.forward(client, server, Arc::clone(&freezes)));
-            }
-        });
-        (Self { freeze, accept }, proxied)
-    }
-
-    /// The connection frozen, once one is.
-    fn frozen(&self) -> Option<Arc<Link>> {
-        self.freeze.frozen.lock().expect("frozen").clone()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-impl Link {
-    /// Carries bytes both ways until either side ends the connection, then closes both
-    /// sockets (so that a backend left waiting to send ends too); freezes what Postgres
-    /// sends once it is past `freeze.after` bytes, if no connection is frozen yet, until
-    /// it is resumed.
-    async fn forward(
-        self: Arc<Self>,
-        client: tokio::net::TcpStream,
-        server: tokio::net::TcpStream,
-        freeze: Arc<Freeze>,
-    ) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let (mut from_client, mut to_client) = client.into_split();
-        let (mut from_server, mut to_server) = server.into_split();
-        let up = tokio::io::copy(&mut from_client, &mut to_server);
-        let down = async {
-            let mut carried = 0;
-            let mut buf = vec![0; 64 * 1024];
-            loop {
-                let n = match from_server.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                carried += n as u64;
-                if carried > freeze.after {
-                    let mut frozen = freeze.frozen.lock().expect("frozen");
-                    if frozen.is_none() {
-                        *frozen = Some(Arc::clone(&self));
-                        self.frozen.cancel();
-                    }
-                }
-                if self.frozen.is_cancelled() {
-                    self.resumed.cancelled().await;
-                }
-                if to_client.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            _ = up => {}
-            () = down => {}
-        }
-        self.closed.cancel();
-    }
 }
 
 /// The full load's rows stop arriving in the middle of its COPY (its connection frozen

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::bouncer::{Bouncer, PoolMode};
+use common::proxy::Proxy;
 use common::{database, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE};
 use permd::http::HttpConfig;
 use permd::shard::Shard;
@@ -415,10 +416,13 @@ async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows(
     daemon.stop().await;
 }
 
-/// A daemon whose role may hold one connection more (`CONNECTION LIMIT`): the second
-/// connection that asks which server session the first has (`connect::second_session`)
-/// is refused ("too many connections for role"), the question is left open, and the
-/// daemon loads and follows.
+/// A daemon whose role may hold one connection more (`CONNECTION LIMIT`) loads and
+/// follows. Speaking to Postgres itself, it opens no second connection to ask which
+/// server session the first has (`connect::alone_in_its_session`; the next test); before
+/// (session 58) it opened one, which was refused ("too many connections for role"), and
+/// the question was left open. Where a pooler stands between, a second connection that
+/// is refused or waits leaves it open the same way
+/// (`through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
     let db = database().await;
@@ -445,6 +449,22 @@ async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
     );
     daemon.stop().await;
     drop(pool);
+}
+
+/// A daemon that speaks to Postgres itself (here through a proxy that passes the bytes on
+/// and counts the connections) opens one connection: its server session's process is the
+/// one its start named (BackendKeyData), which no pooler in transaction mode can promise,
+/// so the pooler check's second connection is not needed. Before, every connect opened
+/// a second one (two connections counted here, tried on the code before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_speaking_to_postgres_itself_opens_one_connection() {
+    let db = database().await;
+    let (proxy, url) = Proxy::passing(&db.url).await;
+    let daemon = loads_and_follows(&db, doorbell_only(&url)).await;
+    let report = daemon.status.report();
+    assert_eq!((report.reconnects, report.last_error), (0, None));
+    assert_eq!(proxy.accepted(), 1);
+    daemon.stop().await;
 }
 
 /// A daemon started with `config` (whose URL reaches `db`, through a pooler), once it has

@@ -985,7 +985,13 @@ impl Applier {
         let process = self
             .timed(
                 "the session's process",
-                connect::alone_in_its_session(&client, &config, &settings, wait),
+                connect::alone_in_its_session(
+                    &client,
+                    tap.announced_process(),
+                    &config,
+                    &settings,
+                    wait,
+                ),
             )
             .await?;
         self.backend = Some(process);

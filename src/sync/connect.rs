@@ -184,17 +184,38 @@ pub(crate) async fn which_session(client: &Client) -> Result<(String, String), E
     }
 }
 
-/// [`second_session`] for the sync connection, `client`, whose first statement this is:
-/// a second connection is opened as `client`'s was, asked its server session and
-/// closed. Where it cannot tell, the sync connection's own watch goes on
-/// (`Applier::same_backend`). Returns `client`'s process.
+/// [`second_session`] for the sync connection, `client`, whose first statement this is,
+/// unless its server session's process is the one the connection's start named
+/// (`announced`, from its BackendKeyData: `Tap::announced_process`). Postgres names the
+/// session's own process there; a pooler, which may hand each transaction another
+/// session, names a number of its own (PgBouncer's is random). So where the two agree,
+/// permd speaks to Postgres itself, or through something that passes its bytes on (a
+/// TCP proxy, a pooler in session mode that hands on the session's own key), and no
+/// second connection is opened. Else a second connection is opened as `client`'s was,
+/// asked its server session and closed. Where it cannot tell, the sync connection's own
+/// watch goes on (`Applier::same_backend`), which also catches a transaction pooler
+/// that names the process of the session it happened to use first. Returns `client`'s
+/// process.
 pub(crate) async fn alone_in_its_session(
     client: &Client,
+    announced: Option<i32>,
     config: &Config,
     settings: &Settings,
     wait: Duration,
 ) -> Result<i32, Error> {
     let first = which_session(client).await?;
+    let process = first
+        .0
+        .parse()
+        .map_err(|_| Error::Protocol(format!("a process named {:?}", first.0)))?;
+    if announced == Some(process) {
+        tracing::debug!(
+            process,
+            "the server session is the process the connection's start named: no pooler \
+             check needed"
+        );
+        return Ok(process);
+    }
     let mut config = config.clone();
     config.application_name(second_name(config.get_application_name()));
     let second = async {
@@ -206,10 +227,7 @@ pub(crate) async fn alone_in_its_session(
         second
     };
     second_session(&first, second, wait).await?;
-    first
-        .0
-        .parse()
-        .map_err(|_| Error::Protocol(format!("a process named {:?}", first.0)))
+    Ok(process)
 }
 
 /// The second connection's `application_name`: the first's (`name`), told apart, so that

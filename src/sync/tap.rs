@@ -16,6 +16,10 @@
 //! asks for a method the URL does not allow (or for none, where it must ask for one),
 //! before tokio-postgres (or, through the one-off commands' relay, sqlx) answers it.
 //!
+//! The tap also keeps the process number the server names in its BackendKeyData at the
+//! connection's start: Postgres names the server session's own process there, a pooler a
+//! number of its own (`connect::alone_in_its_session`).
+//!
 //! Invariant: the tap hands the sink every byte of the COPY's data, in order, before it
 //! lets the CopyDone that ends it through; so when tokio-postgres reports the COPY done,
 //! all of its data has been sent to the sink.
@@ -42,6 +46,7 @@ const COPY_DATA: u8 = b'd';
 const COPY_DONE: u8 = b'c';
 const ERROR_RESPONSE: u8 = b'E';
 const AUTHENTICATION: u8 = b'R';
+const BACKEND_KEY_DATA: u8 = b'K';
 
 /// The handle that arms the tap; a cheap clone sharing one slot with the tapped socket.
 #[derive(Clone, Default)]
@@ -49,6 +54,8 @@ pub(crate) struct Tap {
     /// A sink waiting for the next COPY. A mutex because the loader's task puts it there
     /// and the connection task takes it out, once per socket read: never per row.
     armed: Arc<Mutex<Option<mpsc::Sender<Vec<u8>>>>>,
+    /// The process named in the BackendKeyData of the socket tapped last, once it came.
+    announced: Arc<Mutex<Option<i32>>>,
 }
 
 impl Tap {
@@ -65,8 +72,18 @@ impl Tap {
         self.armed.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
+    /// The process the server named in its BackendKeyData (the key of cancel requests)
+    /// at the start of the connection tapped last: the server session's own process
+    /// (`pg_backend_pid()`) where permd speaks to Postgres itself, a number of its own
+    /// where a pooler answers (PgBouncer's is random). `None` before it came.
+    pub(crate) fn announced_process(&self) -> Option<i32> {
+        *self.announced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Wraps the connection's socket; this handle then arms it.
     pub(crate) fn on<S>(&self, inner: S) -> Tapped<S> {
+        // A new connection (another host's, after one refused): nothing named yet.
+        *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Tapped {
             inner,
             tap: self.clone(),
@@ -214,6 +231,15 @@ impl<S: AsyncRead + Unpin> Tapped<S> {
                         let at = self.start + HEADER;
                         let code = [0, 1, 2, 3].map(|i| self.buf[at + i]);
                         self.check(require_auth, i32::from_be_bytes(code))?;
+                    }
+                    if let (BACKEND_KEY_DATA, 4..) = (tag, body) {
+                        if available < HEADER + 4 {
+                            return Ok(Poll::Ready(true));
+                        }
+                        let at = self.start + HEADER;
+                        let process = [0, 1, 2, 3].map(|i| self.buf[at + i]);
+                        *self.tap.announced.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(i32::from_be_bytes(process));
                     }
                     match (tag, &mut self.sink) {
                         (COPY_DATA, Some(_)) => {
@@ -560,6 +586,40 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The process a server's BackendKeyData names is kept, in whatever pieces the start of
+    /// the connection arrives, and everything passes; a new socket forgets it.
+    #[tokio::test]
+    async fn the_process_named_at_the_start_is_kept() {
+        let mut key = 4242i32.to_be_bytes().to_vec();
+        key.extend_from_slice(&[9, 8, 7, 6]);
+        let wire = [
+            message(AUTHENTICATION, &0i32.to_be_bytes()),
+            message(b'S', b"server_version\x0015\0"),
+            message(BACKEND_KEY_DATA, &key),
+            message(b'Z', b"I"),
+        ]
+        .concat();
+        for chunk in [wire.len(), 7, 3, 1] {
+            let tap = Tap::default();
+            let (mut server, client) = tokio::io::duplex(1024);
+            let mut tapped = tap.on(client);
+            assert_eq!(tap.announced_process(), None);
+            let pieces = wire.clone();
+            let writer = tokio::spawn(async move {
+                for piece in pieces.chunks(chunk) {
+                    server.write_all(piece).await.expect("write");
+                }
+            });
+            let mut passed = Vec::new();
+            tapped.read_to_end(&mut passed).await.expect("read");
+            writer.await.expect("writer");
+            assert!(passed == wire, "chunk {chunk}");
+            assert_eq!(tap.announced_process(), Some(4242), "chunk {chunk}");
+            let _next = tap.on(tokio::io::empty());
+            assert_eq!(tap.announced_process(), None, "chunk {chunk}");
         }
     }
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod bouncer;
+pub mod proxy;
 pub mod raw;
 #[path = "../../src/scratch.rs"]
 pub mod scratch;
