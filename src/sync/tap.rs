@@ -54,7 +54,9 @@ pub(crate) struct Tap {
     /// A sink waiting for the next COPY. A mutex because the loader's task puts it there
     /// and the connection task takes it out, once per socket read: never per row.
     armed: Arc<Mutex<Option<mpsc::Sender<Vec<u8>>>>>,
-    /// The process named in the BackendKeyData of the socket tapped last, once it came.
+    /// The process named in the BackendKeyData of the socket tapped last, once it came. A
+    /// mutex because the connection's task writes it and the applier reads it, each once
+    /// a connection.
     announced: Arc<Mutex<Option<i32>>>,
 }
 
