@@ -84,8 +84,9 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-/// Refuses a pooler in transaction or statement mode (`sync::second_session`): `first`'s
-/// server session, then a second connection's while `first` is open; then closes both.
+/// Refuses a pooler in transaction or statement mode (`sync::second_session`,
+/// `sync::one_session`): `first`'s server session, then a second connection's while
+/// `first` is open, then `first`'s again; then closes both.
 /// A second connection that fails or waits too long (a session pooler with one server
 /// session for permd) leaves the question open.
 async fn alone_in_its_session(
@@ -112,6 +113,10 @@ async fn alone_in_its_session(
         theirs
     };
     crate::sync::second_session(&ours, second, crate::sync::SECOND_SESSION_WAIT).await?;
+    let again = which_session(&mut first)
+        .await
+        .context("connect to the database")?;
+    crate::sync::one_session((&ours.0, &ours.1), (&again.0, &again.1))?;
     first.close().await.context("connect to the database")?;
     Ok(())
 }

@@ -1547,6 +1547,40 @@ async fn the_one_off_commands_through_pgbouncer_in_transaction_mode_say_they_nee
     assert_eq!(migrated, None, "nothing migrated through either");
 }
 
+/// Through PgBouncer in transaction mode that hands out its four idle server sessions in
+/// turn (`server_round_robin = 1`), where the second connection lands in another session
+/// than the first's, the one-off commands still say they need a session: their first
+/// connection, asked again, is in a third (`sync::one_session`). Before (session 58),
+/// `migrate` went on through it, its settings reaching a server session, and failed in
+/// its migrations with sqlx's `prepared statement "sqlx_s_2" does not exist` (tried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_off_commands_through_a_round_robin_transaction_pooler_say_they_need_a_session() {
+    let db = common::unmigrated_database().await;
+    let (bouncer, url) = Bouncer::with_settings(
+        &db.url,
+        PoolMode::Transaction,
+        &[("server_round_robin", "1")],
+    );
+    common::bouncer::idle_sessions(&url, 4).await;
+    let mut command = permd();
+    command.args(["migrate", "--database-url", &url]);
+    let output = output_within_deadline(command);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success()
+            && stderr
+                .contains("one of permd's connections ran its statements in two server sessions")
+            && stderr.contains("pool_mode=session"),
+        "{stderr}\n{}",
+        bouncer.log()
+    );
+    let migrated: Option<String> = sqlx::query_scalar("SELECT to_regclass('permd.tuples')::text")
+        .fetch_one(&db.pool)
+        .await
+        .expect("look");
+    assert_eq!(migrated, None, "nothing migrated");
+}
+
 /// `permd verify` while writes go on to the subjects it compares: a subject written
 /// between its read of the database and its read of the daemon differs only in flight,
 /// and is compared again by itself rather than reported (before, every run here reported

@@ -356,33 +356,55 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
 
 /// Through PgBouncer in transaction mode that hands out its idle server sessions in turn
 /// (`server_round_robin = 1`, four idle), the second connection lands in another session
-/// than the first's, so the daemon cannot tell at its connect; it still ends the session
-/// and names the remedy once a statement it prepared in one server session is run in
-/// another (SQLSTATE 26000, `Applier::session`).
+/// than the first's, but the first, asked again after it, lands in a third: the daemon
+/// says so before its first setting (`connect::one_session`), at each attempt, and no
+/// server session keeps a setting of its. Before (session 58), it said so only once a
+/// statement it prepared in one session ran in another, its settings already left in
+/// the sessions its attempts went through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_a_round_robin_transaction_pooler_the_daemon_says_so_later() {
+async fn through_a_round_robin_transaction_pooler_the_daemon_says_so_at_connect() {
     let db = database().await;
-    let (_bouncer, url) = Bouncer::with_settings(
+    let (bouncer, url) = Bouncer::with_settings(
         &db.url,
         PoolMode::Transaction,
         &[("server_round_robin", "1")],
     );
-    // Four server sessions: four clients in a transaction at once, then done.
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let mut client = common::bouncer::client_through(&url).await;
-        sqlx::raw_sql("BEGIN; SELECT 1")
-            .execute(&mut client)
-            .await
-            .expect("hold a server session");
-        clients.push(client);
+    common::bouncer::idle_sessions(&url, 4).await;
+    let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
+    let error = daemon.failed_attempts(2).await;
+    assert!(
+        error.contains("one of permd's connections ran its statements in two server sessions")
+            && error.contains("pool_mode=session"),
+        "{error}\n{}",
+        bouncer.log()
+    );
+    daemon.stop().await;
+    // Each of the four sessions, held at once.
+    for mut client in common::bouncer::clients_in_sessions(&url, 4).await {
+        assert_eq!(
+            common::bouncer::settings_of(&mut client, &["enable_seqscan", "lock_timeout", "jit"])
+                .await,
+            ["on", "0", "on"],
+            "no setting of the daemon's stays in PgBouncer's server sessions"
+        );
     }
-    for mut client in clients {
-        sqlx::raw_sql("COMMIT")
-            .execute(&mut client)
-            .await
-            .expect("commit");
-    }
+}
+
+/// Through PgBouncer in transaction mode that hands out its two idle server sessions in
+/// turn, the first connection, asked again after the second connection's, is handed its
+/// own session back, so the daemon cannot tell at its connect (its settings then go to
+/// the other session); it still ends the session and names the remedy once a statement
+/// it prepared in one server session is run in the other (SQLSTATE 26000,
+/// `Applier::session`) or a look finds another process (`Applier::same_backend`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_round_robin_transaction_pooler_of_two_sessions_the_daemon_says_so_later() {
+    let db = database().await;
+    let (_bouncer, url) = Bouncer::with_settings(
+        &db.url,
+        PoolMode::Transaction,
+        &[("server_round_robin", "1"), ("default_pool_size", "2")],
+    );
+    common::bouncer::idle_sessions(&url, 2).await;
     let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
     daemon
         .wait_for_report("the daemon to say it needs a session", |report| {

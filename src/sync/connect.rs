@@ -167,6 +167,24 @@ pub(crate) fn two_sessions(first: (&str, &str), second: (&str, &str)) -> Result<
     Ok(())
 }
 
+/// Refuses a pooler that hands out its idle server sessions in turn (PgBouncer's
+/// `server_round_robin = 1`), which may give a second connection another session than the
+/// first's, so that [`two_sessions`] cannot tell: `first` and `again` are one
+/// connection's server session ([`WHICH_SESSION`]) before and after the second
+/// connection's; a connection to Postgres, or through a pooler in session mode, keeps
+/// its session. (Two idle sessions handed out in turn give the first connection its own
+/// back: that case is left to the sync connection's watch, `Applier::same_backend`.)
+pub(crate) fn one_session(first: (&str, &str), again: (&str, &str)) -> Result<(), Error> {
+    if first != again {
+        return Err(Error::Pooled(format!(
+            "one of permd's connections ran its statements in two server sessions (process \
+             {}, then {})",
+            first.0, again.0
+        )));
+    }
+    Ok(())
+}
+
 /// `client`'s server session ([`WHICH_SESSION`], in the simple protocol: nothing
 /// prepared stays behind).
 pub(crate) async fn which_session(client: &Client) -> Result<(String, String), Error> {
@@ -192,10 +210,10 @@ pub(crate) async fn which_session(client: &Client) -> Result<(String, String), E
 /// permd speaks to Postgres itself, or through something that passes its bytes on (a
 /// TCP proxy, a pooler in session mode that hands on the session's own key), and no
 /// second connection is opened. Else a second connection is opened as `client`'s was,
-/// asked its server session and closed. Where it cannot tell, the sync connection's own
-/// watch goes on (`Applier::same_backend`), which also catches a transaction pooler
-/// that names the process of the session it happened to use first. Returns `client`'s
-/// process.
+/// asked its server session and closed, and `client` is asked its own again
+/// ([`one_session`]). Where they cannot tell, the sync connection's own watch goes on
+/// (`Applier::same_backend`), which also catches a transaction pooler that names the
+/// process of the session it happened to use first. Returns `client`'s process.
 pub(crate) async fn alone_in_its_session(
     client: &Client,
     announced: Option<i32>,
@@ -227,6 +245,8 @@ pub(crate) async fn alone_in_its_session(
         second
     };
     second_session(&first, second, wait).await?;
+    let again = which_session(client).await?;
+    one_session((&first.0, &first.1), (&again.0, &again.1))?;
     Ok(process)
 }
 
@@ -636,6 +656,26 @@ mod tests {
         );
         two_sessions(("41", "1700000000.5"), ("42", "1700000000.5")).expect("two processes");
         two_sessions(("41", "1700000000.5"), ("41", "1700000001.5")).expect("two servers");
+    }
+
+    /// One connection keeps its server session: another process, or the same number on
+    /// another server, is another session.
+    #[test]
+    fn one_connection_in_two_server_sessions_is_refused() {
+        for again in [("42", "1700000000.5"), ("41", "1700000001.5")] {
+            let error = one_session(("41", "1700000000.5"), again)
+                .expect_err("two sessions")
+                .to_string();
+            assert!(
+                error.starts_with(&format!(
+                    "one of permd's connections ran its statements in two server sessions \
+                     (process 41, then {}): a pooler",
+                    again.0
+                )) && error.contains("pool_mode=session"),
+                "{error}"
+            );
+        }
+        one_session(("41", "1700000000.5"), ("41", "1700000000.5")).expect("one session");
     }
 
     fn refused(error: Error) -> io::Error {

@@ -25,7 +25,7 @@ pub(crate) use crate::error_chain;
 use crate::shard::Shard;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
 pub(crate) use connect::{
-    second_name, second_session, Settings, SECOND_SESSION_WAIT, WHICH_SESSION,
+    one_session, second_name, second_session, Settings, SECOND_SESSION_WAIT, WHICH_SESSION,
 };
 pub use relay::Relay;
 pub use status::{Status, StatusReport};
@@ -73,7 +73,8 @@ pub enum Error {
     #[error("TLS with postgres: {0}")]
     Tls(String),
     /// A pooler in transaction or statement mode stands between permd and Postgres, as
-    /// the evidence says (`connect::two_sessions`, `Applier::same_backend`).
+    /// the evidence says (`connect::two_sessions`, `connect::one_session`,
+    /// `Applier::same_backend`).
     #[error(
         "{0}: a pooler in transaction or statement mode stands between permd and postgres \
          (PgBouncer's pool_mode = transaction?), where LISTEN hears nothing for permd and \

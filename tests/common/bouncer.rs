@@ -201,17 +201,48 @@ impl Drop for Bouncer {
 /// PgBouncer) gets, each read in the simple protocol, which leaves nothing prepared
 /// behind. In transaction mode that is the server session freed last.
 pub async fn settings_through(url: &str, names: &[&str]) -> Vec<String> {
+    settings_of(&mut client_through(url).await, names).await
+}
+
+/// The values of the settings `names` in `client`'s server session (in the simple
+/// protocol: nothing prepared stays behind).
+pub async fn settings_of(client: &mut sqlx::PgConnection, names: &[&str]) -> Vec<String> {
     use sqlx::Row as _;
-    let mut client = client_through(url).await;
     let mut values = Vec::new();
     for name in names {
         let row = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SHOW {name}")))
-            .fetch_one(&mut client)
+            .fetch_one(&mut *client)
             .await
             .expect("SHOW");
         values.push(row.try_get(0).expect("a value"));
     }
     values
+}
+
+/// `n` clients of `url` (through a PgBouncer in transaction mode), each in a transaction
+/// at once, so that each holds a server session of its own: PgBouncer opens as many as
+/// it needs. Committed, they leave those sessions idle.
+pub async fn clients_in_sessions(url: &str, n: usize) -> Vec<sqlx::PgConnection> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let mut client = client_through(url).await;
+        sqlx::raw_sql("BEGIN; SELECT 1")
+            .execute(&mut client)
+            .await
+            .expect("hold a server session");
+        clients.push(client);
+    }
+    clients
+}
+
+/// Has the PgBouncer in transaction mode at `url` open `n` server sessions, left idle.
+pub async fn idle_sessions(url: &str, n: usize) {
+    for mut client in clients_in_sessions(url, n).await {
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut client)
+            .await
+            .expect("commit");
+    }
 }
 
 /// A client of `url`, through a PgBouncer (which refuses the startup parameter sqlx
