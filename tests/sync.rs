@@ -2206,6 +2206,95 @@ async fn channel_binding_defeats_a_man_in_the_middle() {
     );
 }
 
+/// SCRAM bound to TLS where the server's certificate is signed with RSASSA-PSS (SHA-384):
+/// the binding hashes the certificate with the hash the signature's parameters name, as
+/// Postgres and libpq do (`psql` with `channel_binding=require` connects to such a
+/// server). Before (session 58), permd knew no hash for PSS: under
+/// `channel_binding=require` the daemon was refused ("server did not use channel
+/// binding") and the one-off commands said "the connection has no TLS to bind" (tried).
+/// The certificates are made by the machine's `openssl`: rcgen cannot sign with PSS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_with_a_certificate_signed_with_rsa_pss() {
+    let dir = common::scratch::Scratch::new("pss");
+    let (ca, cert_pem, key_pem) = pss_certificate(&dir);
+    let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        tls: Some(permd::embedded::ServerTls {
+            cert_pem,
+            key_pem,
+            client_ca_pem: None,
+        }),
+        ..permd::embedded::ClusterOptions::default()
+    })
+    .expect("start a cluster with TLS");
+    let db = common::database_on(&cluster).await;
+    scram_over_tls(&db, &cluster).await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let url = |password: &str, app: &str| {
+        format!(
+            "postgres://permd_scram{password}@localhost:{}/{name}?sslmode=verify-full\
+             &sslrootcert={ca}&channel_binding=require&application_name={app}",
+            cluster.port()
+        )
+    };
+    wait_until("the server to ask permd_scram for its password", || {
+        let url = url("", "permd-pss");
+        async move { permd::db::pool(&url).await.is_err() }
+    })
+    .await;
+    let daemon = TestDaemon::start(&url(":pw-7f3a", "permd-pss")).await;
+    assert_eq!(
+        encrypted(&db, "permd-pss").await,
+        (true, vec![String::new()])
+    );
+    daemon.stop().await;
+    let pool = permd::db::pool(&url(":pw-7f3a", "permd-cli-pss"))
+        .await
+        .expect("the one-off commands bind SCRAM to the TLS session");
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&pool)
+        .await
+        .expect("a query through the relay");
+    assert_eq!(user, "permd_scram");
+    pool.close().await;
+}
+
+/// A CA of RSA keys and a certificate for `localhost` it signs with RSASSA-PSS over
+/// SHA-384, made in `dir` by `openssl`: the CA's PEM file, and the certificate's and its
+/// key's PEM.
+fn pss_certificate(dir: &std::path::Path) -> (String, String, String) {
+    let openssl = |args: &str| {
+        let output = std::process::Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (Debian: apt-get install openssl)");
+        assert!(
+            output.status.success(),
+            "openssl {args}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem \
+         -subj /CN=permd-PSS-CA",
+    );
+    openssl("req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
+    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").expect("write ext");
+    openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 3650 \
+         -extfile ext -out server.crt -sha384 -sigopt rsa_padding_mode:pss \
+         -sigopt rsa_pss_saltlen:-1",
+    );
+    let read =
+        |name: &str| std::fs::read_to_string(dir.join(name)).expect("read what openssl wrote");
+    (
+        dir.join("ca.pem").display().to_string(),
+        read("server.crt"),
+        read("server.key"),
+    )
+}
+
 /// libpq's `sslnegotiation=direct` (Postgres 17): the TLS handshake at once, without an
 /// SSLRequest, with ALPN `postgresql`, for the daemon and the one-off commands alike; a
 /// server that does not agree to the ALPN name is refused, and so is a weaker `sslmode`

@@ -43,7 +43,7 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use sha2::{Digest as _, Sha256, Sha384, Sha512};
+use sha2::{Digest as _, Sha224, Sha256, Sha384, Sha512};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_postgres::tls::{ChannelBinding, TlsConnect};
@@ -683,12 +683,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Bound
 
 /// The `tls-server-end-point` of a TLS session: its server certificate hashed with the hash
 /// of the certificate's signature (SHA-256 for MD5 and SHA-1), as Postgres computes it.
-/// `None` for a signature whose hash this does not know (RSA-PSS, Ed25519): SCRAM then goes
-/// without the binding, unless `channel_binding=require`.
+/// `None` for a signature with no hash of its own (Ed25519), for which Postgres has no
+/// binding either, or one this does not know: SCRAM then goes without the binding, unless
+/// `channel_binding=require`.
 pub(crate) fn end_point(stream: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
     let cert = stream.get_ref().1.peer_certificates()?.first()?;
     let der = cert.as_ref();
     Some(match signature_hash(der)? {
+        224 => Sha224::digest(der).to_vec(),
         256 => Sha256::digest(der).to_vec(),
         384 => Sha384::digest(der).to_vec(),
         _ => Sha512::digest(der).to_vec(),
@@ -696,7 +698,9 @@ pub(crate) fn end_point(stream: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
 }
 
 /// The bits of the hash a DER certificate's signature algorithm uses, MD5 and SHA-1 taken
-/// as SHA-256 (RFC 5929); `None` if unknown.
+/// as SHA-256 (RFC 5929); `None` if unknown. As Postgres (`X509_get_signature_info`): RSA
+/// with PKCS #1 v1.5 padding, ECDSA, and RSASSA-PSS, whose hash is in its parameters
+/// (SHA-1 where they name none).
 fn signature_hash(der: &[u8]) -> Option<u16> {
     // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature }
     let (0x30, certificate, _) = tlv(der)? else {
@@ -706,7 +710,7 @@ fn signature_hash(der: &[u8]) -> Option<u16> {
     let (0x30, algorithm, _) = tlv(after_tbs)? else {
         return None;
     };
-    let (0x06, oid, _) = tlv(algorithm)? else {
+    let (0x06, oid, parameters) = tlv(algorithm)? else {
         return None;
     };
     const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
@@ -715,15 +719,49 @@ fn signature_hash(der: &[u8]) -> Option<u16> {
     match oid {
         [rsa @ .., last] if rsa == RSA => match last {
             0x04 | 0x05 | 0x0b => Some(256), // md5, sha1, sha256 WithRSAEncryption
+            0x0a => pss_hash(parameters),    // RSASSA-PSS
             0x0c => Some(384),
             0x0d => Some(512),
+            0x0e => Some(224),
             _ => None,
         },
         ECDSA_SHA1 => Some(256),
         [ecdsa @ .., last] if ecdsa == ECDSA_SHA2 => match last {
+            0x01 => Some(224),
             0x02 => Some(256),
             0x03 => Some(384),
             0x04 => Some(512),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The bits of the hash that RSASSA-PSS `parameters` name (RFC 4055), SHA-1 (as SHA-256)
+/// where they name none.
+fn pss_hash(parameters: &[u8]) -> Option<u16> {
+    // RSASSA-PSS-params ::= SEQUENCE { hashAlgorithm [0] HashAlgorithm DEFAULT sha1, ... }
+    let (0x30, fields, _) = tlv(parameters)? else {
+        return None;
+    };
+    let Some((0xa0, hash, _)) = tlv(fields) else {
+        return Some(256);
+    };
+    let (0x30, hash, _) = tlv(hash)? else {
+        return None;
+    };
+    let (0x06, oid, _) = tlv(hash)? else {
+        return None;
+    };
+    const SHA1: &[u8] = &[0x2b, 0x0e, 0x03, 0x02, 0x1a];
+    const NIST_HASH: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02];
+    match oid {
+        SHA1 => Some(256),
+        [nist @ .., last] if nist == NIST_HASH => match last {
+            0x01 => Some(256),
+            0x02 => Some(384),
+            0x03 => Some(512),
+            0x04 => Some(224),
             _ => None,
         },
         _ => None,
@@ -1135,6 +1173,54 @@ mod tests {
         }
         assert_eq!(signature_hash(&[0x30, 0x82, 0x01]), None);
         assert_eq!(signature_hash(&[]), None);
+    }
+
+    /// The hash of signatures rcgen cannot make, read from the algorithm alone (a
+    /// certificate whose other parts are empty): RSASSA-PSS by the hash its parameters
+    /// name, SHA-1 where they name none, and SHA-224 however it signs.
+    #[test]
+    fn the_end_point_hash_of_pss_and_sha224_signatures() {
+        fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+            let mut out = vec![tag, u8::try_from(contents.len()).expect("short")];
+            out.extend_from_slice(contents);
+            out
+        }
+        let certificate = |oid: &[u8], parameters: &[u8]| {
+            let algorithm = der(0x30, &[der(0x06, oid), parameters.to_vec()].concat());
+            der(0x30, &[der(0x30, &[]), algorithm, der(0x03, &[0])].concat())
+        };
+        let pss = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
+        let hash = |oid: &[u8]| der(0xa0, &der(0x30, &[der(0x06, oid), der(0x05, &[])].concat()));
+        let nist = |last: u8| vec![0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, last];
+        let salt = der(0xa2, &der(0x02, &[0x20]));
+        for (parameters, bits) in [
+            (der(0x30, &hash(&nist(0x01))), Some(256)),
+            (
+                der(0x30, &[hash(&nist(0x02)), salt.clone()].concat()),
+                Some(384),
+            ),
+            (der(0x30, &hash(&nist(0x03))), Some(512)),
+            (der(0x30, &hash(&nist(0x04))), Some(224)),
+            (der(0x30, &hash(&[0x2b, 0x0e, 0x03, 0x02, 0x1a])), Some(256)),
+            (der(0x30, &[]), Some(256)),
+            (der(0x30, &salt), Some(256)),
+            (der(0x30, &hash(&[0x2a, 0x03])), None),
+            (der(0x05, &[]), None),
+            (Vec::new(), None),
+        ] {
+            assert_eq!(
+                signature_hash(&certificate(&pss, &parameters)),
+                bits,
+                "{parameters:02x?}"
+            );
+        }
+        let sha224_rsa = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0e];
+        let sha224_ecdsa = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x01];
+        assert_eq!(
+            signature_hash(&certificate(&sha224_rsa, &der(0x05, &[]))),
+            Some(224)
+        );
+        assert_eq!(signature_hash(&certificate(&sha224_ecdsa, &[])), Some(224));
     }
 
     fn refused(options: &TlsOptions) -> String {
