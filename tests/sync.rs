@@ -2216,7 +2216,121 @@ async fn channel_binding_defeats_a_man_in_the_middle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_binding_with_a_certificate_signed_with_rsa_pss() {
     let dir = common::scratch::Scratch::new("pss");
-    let (ca, cert_pem, key_pem) = pss_certificate(&dir);
+    let (ca, cert_pem, key_pem) = openssl_certificate(
+        &dir,
+        "rsa:2048",
+        "-sha384 -sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:-1",
+    );
+    let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
+    let url = scram_url(&cluster, &db, &ca);
+    let daemon = TestDaemon::start(&url(":pw-7f3a", "permd-pss", "&channel_binding=require")).await;
+    assert_eq!(
+        encrypted(&db, "permd-pss").await,
+        (true, vec![String::new()])
+    );
+    daemon.stop().await;
+    let pool = permd::db::pool(&url(
+        ":pw-7f3a",
+        "permd-cli-pss",
+        "&channel_binding=require",
+    ))
+    .await
+    .expect("the one-off commands bind SCRAM to the TLS session");
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&pool)
+        .await
+        .expect("a query through the relay");
+    assert_eq!(user, "permd_scram");
+    pool.close().await;
+}
+
+/// A server certificate signed with Ed25519 has no hash to bind SCRAM by, for Postgres as
+/// for permd: under `channel_binding=prefer` (the default) the daemon and the one-off
+/// commands connect unbound, and under `require` both refuse, saying why. Before (session
+/// 58), `require` said "server did not use channel binding" (the daemon) and "the
+/// connection has no TLS to bind" (the one-off commands), over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_with_a_certificate_signed_with_ed25519() {
+    let dir = common::scratch::Scratch::new("ed25519");
+    let (ca, cert_pem, key_pem) = openssl_certificate(&dir, "ed25519", "");
+    let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
+    let url = scram_url(&cluster, &db, &ca);
+    let daemon = TestDaemon::start(&url(":pw-7f3a", "permd-ed25519", "")).await;
+    assert_eq!(
+        encrypted(&db, "permd-ed25519").await,
+        (true, vec![String::new()])
+    );
+    daemon.stop().await;
+    let pool = permd::db::pool(&url(":pw-7f3a", "permd-cli-ed25519", ""))
+        .await
+        .expect("the one-off commands, unbound");
+    pool.close().await;
+    let why = "channel_binding=require, and the server's certificate is signed with no hash to \
+               bind by (Ed25519";
+    let required = url(":pw-7f3a", "permd-required", "&channel_binding=require");
+    let refused = common::daemon_refused(&required).await;
+    assert!(refused.contains(why), "{refused}");
+    let refused = common::pool_refused(&required).await;
+    assert!(refused.contains(why), "{refused}");
+}
+
+/// The URL of `db` on `cluster` (`scram_cluster`) as `permd_scram` (`password`: `:pw-7f3a`
+/// or none) trusting the CA in the PEM file `ca`, named `app`, with `options`.
+fn scram_url<'a>(
+    cluster: &'a permd::embedded::Cluster,
+    db: &'a TestDb,
+    ca: &'a str,
+) -> impl Fn(&str, &str, &str) -> String + 'a {
+    let name = db.url.rsplit('/').next().expect("a database name");
+    move |password: &str, app: &str, options: &str| {
+        format!(
+            "postgres://permd_scram{password}@localhost:{}/{name}?sslmode=verify-full\
+             &sslrootcert={ca}&application_name={app}{options}",
+            cluster.port()
+        )
+    }
+}
+
+/// A CA and a certificate for `localhost` it signs, made in `dir` by `openssl`, their
+/// keys of `key` (`openssl req -newkey`'s), signed with `sign`'s options: the CA's PEM
+/// file, and the certificate's and its key's PEM.
+fn openssl_certificate(dir: &std::path::Path, key: &str, sign: &str) -> (String, String, String) {
+    let openssl = |args: &str| {
+        let output = std::process::Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (Debian: apt-get install openssl)");
+        assert!(
+            output.status.success(),
+            "openssl {args}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    openssl(&format!(
+        "req -x509 -newkey {key} -nodes -days 3650 -keyout ca.key -out ca.pem -subj /CN=permd-CA"
+    ));
+    openssl(&format!(
+        "req -newkey {key} -nodes -keyout server.key -out server.csr -subj /CN=localhost"
+    ));
+    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").expect("write ext");
+    openssl(&format!(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 3650 \
+         -extfile ext -out server.crt {sign}"
+    ));
+    let read =
+        |name: &str| std::fs::read_to_string(dir.join(name)).expect("read what openssl wrote");
+    (
+        dir.join("ca.pem").display().to_string(),
+        read("server.crt"),
+        read("server.key"),
+    )
+}
+
+/// A cluster of the test's own serving `cert_pem` (and its key) over TLS, and a database on
+/// it with role `permd_scram`, which authenticates by SCRAM (`scram_over_tls`); once the
+/// server asks that role for its password.
+async fn scram_cluster(cert_pem: String, key_pem: String) -> (permd::embedded::Cluster, TestDb) {
     let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
         unsafe_fast: true,
         tls: Some(permd::embedded::ServerTls {
@@ -2230,69 +2344,16 @@ async fn channel_binding_with_a_certificate_signed_with_rsa_pss() {
     let db = common::database_on(&cluster).await;
     scram_over_tls(&db, &cluster).await;
     let name = db.url.rsplit('/').next().expect("a database name");
-    let url = |password: &str, app: &str| {
-        format!(
-            "postgres://permd_scram{password}@localhost:{}/{name}?sslmode=verify-full\
-             &sslrootcert={ca}&channel_binding=require&application_name={app}",
-            cluster.port()
-        )
-    };
+    let url = format!(
+        "postgres://permd_scram@localhost:{}/{name}?sslmode=require",
+        cluster.port()
+    );
     wait_until("the server to ask permd_scram for its password", || {
-        let url = url("", "permd-pss");
+        let url = url.clone();
         async move { permd::db::pool(&url).await.is_err() }
     })
     .await;
-    let daemon = TestDaemon::start(&url(":pw-7f3a", "permd-pss")).await;
-    assert_eq!(
-        encrypted(&db, "permd-pss").await,
-        (true, vec![String::new()])
-    );
-    daemon.stop().await;
-    let pool = permd::db::pool(&url(":pw-7f3a", "permd-cli-pss"))
-        .await
-        .expect("the one-off commands bind SCRAM to the TLS session");
-    let user: String = sqlx::query_scalar("SELECT current_user::text")
-        .fetch_one(&pool)
-        .await
-        .expect("a query through the relay");
-    assert_eq!(user, "permd_scram");
-    pool.close().await;
-}
-
-/// A CA of RSA keys and a certificate for `localhost` it signs with RSASSA-PSS over
-/// SHA-384, made in `dir` by `openssl`: the CA's PEM file, and the certificate's and its
-/// key's PEM.
-fn pss_certificate(dir: &std::path::Path) -> (String, String, String) {
-    let openssl = |args: &str| {
-        let output = std::process::Command::new("openssl")
-            .args(args.split_whitespace())
-            .current_dir(dir)
-            .output()
-            .expect("run openssl (Debian: apt-get install openssl)");
-        assert!(
-            output.status.success(),
-            "openssl {args}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    openssl(
-        "req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem \
-         -subj /CN=permd-PSS-CA",
-    );
-    openssl("req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
-    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").expect("write ext");
-    openssl(
-        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 3650 \
-         -extfile ext -out server.crt -sha384 -sigopt rsa_padding_mode:pss \
-         -sigopt rsa_pss_saltlen:-1",
-    );
-    let read =
-        |name: &str| std::fs::read_to_string(dir.join(name)).expect("read what openssl wrote");
-    (
-        dir.join("ca.pem").display().to_string(),
-        read("server.crt"),
-        read("server.key"),
-    )
+    (cluster, db)
 }
 
 /// libpq's `sslnegotiation=direct` (Postgres 17): the TLS handshake at once, without an

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode, SslNegotiation, TargetSessionAttrs};
+use tokio_postgres::config::{
+    ChannelBinding, Host, LoadBalanceHosts, SslMode, SslNegotiation, TargetSessionAttrs,
+};
 use tokio_postgres::{Client, Config, Connection, SimpleQueryMessage};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
@@ -449,6 +451,18 @@ fn user_name(passwd: &str, uid: u32) -> Option<&str> {
     })
 }
 
+/// What SCRAM-SHA-256-PLUS binds a connection on `socket` to (`channel_binding`): the hash
+/// of the server's certificate (`tls::end_point`), or why there is none.
+pub(crate) fn binding(socket: &Socket) -> Result<Vec<u8>, &'static str> {
+    match socket {
+        Either::Right(secure) => tls::end_point(secure).ok_or(
+            "the server's certificate is signed with no hash to bind by (Ed25519, for which \
+             Postgres binds none either)",
+        ),
+        Either::Left(_) => Err("the connection has no TLS to bind"),
+    }
+}
+
 /// Runs the protocol's start-up over `socket` and checks `target_session_attrs`: the
 /// `Config`'s, then `recovery`.
 async fn handshake(
@@ -456,21 +470,26 @@ async fn handshake(
     socket: Tapped<Socket>,
     recovery: Option<Recovery>,
 ) -> Result<(Client, SyncConnection), Error> {
-    let binding = match socket.inner() {
-        Either::Right(secure) => Some(tls::end_point(secure)),
-        Either::Left(_) => None,
-    };
-    let (client, mut connection) = match binding {
+    let encrypted = matches!(socket.inner(), Either::Right(_));
+    let end_point = binding(socket.inner());
+    if config.get_channel_binding() == ChannelBinding::Require {
+        if let Err(why) = end_point {
+            // Before tokio-postgres, which says only "server did not use channel binding".
+            return Err(Error::Tls(format!("channel_binding=require, and {why}")));
+        }
+    }
+    let (client, mut connection) = if encrypted {
         // Encrypted below the tap already: tokio-postgres "connects" TLS directly (no
         // SSLRequest), which only adds the channel binding (`tls::Bound`).
-        Some(end_point) => {
-            let mut direct = config.clone();
-            direct
-                .ssl_mode(SslMode::Require)
-                .ssl_negotiation(SslNegotiation::Direct);
-            direct.connect_raw(socket, tls::Bound(end_point)).await?
-        }
-        None => config.connect_raw(socket, tls::Bound(None)).await?,
+        let mut direct = config.clone();
+        direct
+            .ssl_mode(SslMode::Require)
+            .ssl_negotiation(SslNegotiation::Direct);
+        direct
+            .connect_raw(socket, tls::Bound(end_point.ok()))
+            .await?
+    } else {
+        config.connect_raw(socket, tls::Bound(None)).await?
     };
     // Each check: what to ask, the answer that refuses the server, and why.
     let read_only = "SHOW transaction_read_only";

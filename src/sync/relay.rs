@@ -26,12 +26,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::AbortHandle;
 use tokio_postgres::config::{ChannelBinding, Host};
 use tokio_postgres::Config;
-use tokio_util::either::Either;
 
 use super::connect::{self, Settings};
 use super::conninfo::AuthMethod;
 use super::tap::Tap;
-use super::tls::{self, Mode};
+use super::tls::Mode;
 use super::Error;
 
 /// A relay from a private Unix socket to the server a database URL names. Dropped, it
@@ -152,10 +151,7 @@ async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<O
         Ok(socket) => socket,
         Err(error) => return fail(error.to_string()),
     };
-    let end_point = match &socket {
-        Either::Right(secure) => tls::end_point(secure),
-        Either::Left(_) => None,
-    };
+    let end_point = connect::binding(&socket);
     let mut socket = Tap::default()
         .on(socket)
         .requiring(server.settings.libpq.require_auth);
@@ -178,7 +174,8 @@ async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<O
 
 /// Runs the start-up of sqlx's connection on `client` with the server on `server`, the
 /// authentication by the relay: SCRAM-SHA-256-PLUS, bound to the TLS session by the hash
-/// of the server's certificate (`end_point`), as `channel_binding=require` asks and as
+/// of the server's certificate (`end_point`, or why there is none: `connect::binding`),
+/// as `channel_binding=require` asks and as
 /// sqlx cannot do. sqlx's start-up message is passed on; once the server has let the
 /// relay in (its SCRAM signature checked), sqlx is told it is in, and the rest of the
 /// start-up (parameters, the key, ready) reaches it as the server sends it. An error the
@@ -187,7 +184,7 @@ async fn authenticate_bound<C, S>(
     client: &mut C,
     server: &mut S,
     password: Option<Vec<u8>>,
-    end_point: Option<Vec<u8>>,
+    end_point: Result<Vec<u8>, &str>,
 ) -> Result<(), String>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -204,9 +201,7 @@ where
     client.read_exact(&mut startup).await.map_err(io)?;
     server.write_all(&length.to_be_bytes()).await.map_err(io)?;
     server.write_all(&startup).await.map_err(io)?;
-    let Some(end_point) = end_point else {
-        return Err("channel_binding=require, and the connection has no TLS to bind".into());
-    };
+    let end_point = end_point.map_err(|why| format!("channel_binding=require, and {why}"))?;
     let Some(password) = password else {
         return Err("channel_binding=require, and no password is given for SCRAM".into());
     };
@@ -349,7 +344,7 @@ mod tests {
     /// sqlx's start-up message passed on: its result, and what sqlx received.
     async fn bound(
         server_says: &[u8],
-        end_point: Option<Vec<u8>>,
+        end_point: Result<Vec<u8>, &str>,
     ) -> (Result<(), String>, Vec<u8>) {
         let (mut sqlx, mut client) = tokio::io::duplex(4096);
         let (mut postgres, mut server) = tokio::io::duplex(4096);
@@ -382,7 +377,7 @@ mod tests {
     async fn the_relay_binds_scram_or_refuses() {
         let code =
             |code: i32, rest: &[u8]| message(b'R', &[&code.to_be_bytes()[..], rest].concat());
-        let hash = Some(vec![7; 32]);
+        let hash = Ok(vec![7; 32]);
         for (server_says, refused) in [
             (
                 code(10, b"SCRAM-SHA-256\0\0"),
@@ -400,7 +395,10 @@ mod tests {
         let error = message(b'E', b"SFATAL\0Mno such role\0\0");
         let (result, received) = bound(&error, hash).await;
         assert_eq!((result, received), (Ok(()), error));
-        let (result, _) = bound(&code(10, b"SCRAM-SHA-256-PLUS\0\0"), None).await;
-        assert!(result.expect_err("refused").contains("no TLS to bind"));
+        let (result, _) = bound(&code(10, b"SCRAM-SHA-256-PLUS\0\0"), Err("no TLS, say")).await;
+        assert_eq!(
+            result.expect_err("refused"),
+            "channel_binding=require, and no TLS, say"
+        );
     }
 }
