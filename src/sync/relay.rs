@@ -175,10 +175,10 @@ async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<O
 /// Runs the start-up of sqlx's connection on `client` with the server on `server`, the
 /// authentication by the relay: SCRAM-SHA-256-PLUS, bound to the TLS session by the hash
 /// of the server's certificate (`end_point`, or why there is none: `connect::binding`),
-/// as `channel_binding=require` asks and as
-/// sqlx cannot do. sqlx's start-up message is passed on; once the server has let the
-/// relay in (its SCRAM signature checked), sqlx is told it is in, and the rest of the
-/// start-up (parameters, the key, ready) reaches it as the server sends it. An error the
+/// as `channel_binding=require` asks and as sqlx cannot do. sqlx's start-up message is
+/// passed on; once the server has let the relay in (its SCRAM signature checked), sqlx is
+/// told it is in, and the rest of the start-up (parameters, the key, ready) reaches it as
+/// the server sends it. An error the
 /// server sends instead is passed on to sqlx as it is.
 async fn authenticate_bound<C, S>(
     client: &mut C,
