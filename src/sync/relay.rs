@@ -178,8 +178,7 @@ async fn carry(mut client: UnixStream, server: Arc<Server>, failure: Arc<Mutex<O
 /// as `channel_binding=require` asks and as sqlx cannot do. sqlx's start-up message is
 /// passed on; once the server has let the relay in (its SCRAM signature checked), sqlx is
 /// told it is in, and the rest of the start-up (parameters, the key, ready) reaches it as
-/// the server sends it. An error the
-/// server sends instead is passed on to sqlx as it is.
+/// the server sends it. An error the server sends instead is passed on to sqlx as it is.
 async fn authenticate_bound<C, S>(
     client: &mut C,
     server: &mut S,
