@@ -2274,6 +2274,25 @@ async fn channel_binding_with_a_certificate_signed_with_ed25519() {
     assert!(refused.contains(why), "{refused}");
 }
 
+/// A server whose key is of type RSASSA-PSS (OpenSSL's `-newkey rsa-pss`) signs its
+/// handshake only by schemes rustls does not offer, so it ends the handshake, which `psql`
+/// completes: the daemon and the one-off commands say what the server's alert may mean.
+/// Before (session 58) they said only "received fatal alert: HandshakeFailure".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_key_of_type_rsa_pss_is_named_when_the_handshake_fails() {
+    let dir = common::scratch::Scratch::new("pss-key");
+    let (ca, cert_pem, key_pem) =
+        openssl_certificate(&dir, "rsa-pss -pkeyopt rsa_keygen_bits:2048", "");
+    let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
+    let url = scram_url(&cluster, &db, &ca)(":pw-7f3a", "permd-pss-key", "");
+    let why = "received fatal alert: HandshakeFailure (the server found no way to finish the \
+               handshake that permd offers: one is a server key of type RSASSA-PSS";
+    let refused = common::daemon_refused(&url).await;
+    assert!(refused.contains(why), "{refused}");
+    let refused = common::pool_refused(&url).await;
+    assert!(refused.contains(why), "{refused}");
+}
+
 /// The URL of `db` on `cluster` (`scram_cluster`) as `permd_scram` (`password`: `:pw-7f3a`
 /// or none) trusting the CA in the PEM file `ca`, named `app`, with `options`.
 fn scram_url<'a>(

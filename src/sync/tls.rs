@@ -792,15 +792,22 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, contents, rest))
 }
 
-/// What to do about a failed handshake, when it is the certificate.
+/// What to do about a failed handshake, when it is the certificate or the server's key.
 fn remedy(error: &std::io::Error) -> &'static str {
-    let certificate = error
+    let tls = error
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .and_then(|tls| match tls {
-            rustls::Error::InvalidCertificate(why) => Some(why),
-            _ => None,
-        });
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)) = tls {
+        // What psql reaches and permd cannot: OpenSSL signs with such a key only by the
+        // schemes rsa_pss_pss_*, which rustls does not offer.
+        return " (the server found no way to finish the handshake that permd offers: one is a \
+                server key of type RSASSA-PSS, OpenSSL's `-newkey rsa-pss`, which permd's TLS \
+                cannot verify; an RSA or ECDSA key works)";
+    }
+    let certificate = tls.and_then(|tls| match tls {
+        rustls::Error::InvalidCertificate(why) => Some(why),
+        _ => None,
+    });
     match certificate {
         Some(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
             " (the server's certificate is not signed by a CA permd trusts: give that CA's PEM \
