@@ -2220,6 +2220,7 @@ async fn channel_binding_with_a_certificate_signed_with_rsa_pss() {
         &dir,
         "rsa:2048",
         "-sha384 -sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:-1",
+        "subjectAltName=DNS:localhost\n",
     );
     let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
     let url = scram_url(&cluster, &db, &ca);
@@ -2252,7 +2253,8 @@ async fn channel_binding_with_a_certificate_signed_with_rsa_pss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_binding_with_a_certificate_signed_with_ed25519() {
     let dir = common::scratch::Scratch::new("ed25519");
-    let (ca, cert_pem, key_pem) = openssl_certificate(&dir, "ed25519", "");
+    let (ca, cert_pem, key_pem) =
+        openssl_certificate(&dir, "ed25519", "", "subjectAltName=DNS:localhost\n");
     let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
     let url = scram_url(&cluster, &db, &ca);
     let daemon = TestDaemon::start(&url(":pw-7f3a", "permd-ed25519", "")).await;
@@ -2281,8 +2283,12 @@ async fn channel_binding_with_a_certificate_signed_with_ed25519() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_key_of_type_rsa_pss_is_named_when_the_handshake_fails() {
     let dir = common::scratch::Scratch::new("pss-key");
-    let (ca, cert_pem, key_pem) =
-        openssl_certificate(&dir, "rsa-pss -pkeyopt rsa_keygen_bits:2048", "");
+    let (ca, cert_pem, key_pem) = openssl_certificate(
+        &dir,
+        "rsa-pss -pkeyopt rsa_keygen_bits:2048",
+        "",
+        "subjectAltName=DNS:localhost\n",
+    );
     let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
     let url = scram_url(&cluster, &db, &ca)(":pw-7f3a", "permd-pss-key", "");
     let why = "received fatal alert: HandshakeFailure (the server found no way to finish the \
@@ -2311,28 +2317,23 @@ fn scram_url<'a>(
 }
 
 /// A CA and a certificate for `localhost` it signs, made in `dir` by `openssl`, their
-/// keys of `key` (`openssl req -newkey`'s), signed with `sign`'s options: the CA's PEM
+/// keys of `key` (`openssl req -newkey`'s), signed with `sign`'s options, the
+/// certificate's extensions `extensions` (lines of `openssl x509 -extfile`): the CA's PEM
 /// file, and the certificate's and its key's PEM.
-fn openssl_certificate(dir: &std::path::Path, key: &str, sign: &str) -> (String, String, String) {
-    let openssl = |args: &str| {
-        let output = std::process::Command::new("openssl")
-            .args(args.split_whitespace())
-            .current_dir(dir)
-            .output()
-            .expect("run openssl (Debian: apt-get install openssl)");
-        assert!(
-            output.status.success(),
-            "openssl {args}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+fn openssl_certificate(
+    dir: &std::path::Path,
+    key: &str,
+    sign: &str,
+    extensions: &str,
+) -> (String, String, String) {
+    let openssl = |args: &str| openssl(dir, args);
     openssl(&format!(
         "req -x509 -newkey {key} -nodes -days 3650 -keyout ca.key -out ca.pem -subj /CN=permd-CA"
     ));
     openssl(&format!(
         "req -newkey {key} -nodes -keyout server.key -out server.csr -subj /CN=localhost"
     ));
-    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").expect("write ext");
+    std::fs::write(dir.join("ext"), extensions).expect("write ext");
     openssl(&format!(
         "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 3650 \
          -extfile ext -out server.crt {sign}"
@@ -2344,6 +2345,90 @@ fn openssl_certificate(dir: &std::path::Path, key: &str, sign: &str) -> (String,
         read("server.crt"),
         read("server.key"),
     )
+}
+
+/// Runs the machine's `openssl` with `args` (split at spaces) in `dir`.
+fn openssl(dir: &std::path::Path, args: &str) {
+    let output = std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (Debian: apt-get install openssl)");
+    assert!(
+        output.status.success(),
+        "openssl {args}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The self-signed certificate Postgres's documentation makes ("Creating Certificates":
+/// `openssl req -new -x509 -days 365 -nodes -text -out server.crt -keyout server.key -subj
+/// "/CN=dbhost.yourdomain.com"`), given as `sslrootcert`, passes `verify-ca` and
+/// `verify-full` for the name it holds, as with `psql`: trusted as it is, though it says
+/// `CA:TRUE`, and its host named by its common name, as it has no subjectAltName. So does
+/// a CA's certificate that names its host by the common name alone. Another host's name
+/// is refused. Before (session 58) the first was refused in both modes with
+/// "CaUsedAsEndEntity" and the second under `verify-full` with "NotValidForName".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_made_as_postgres_documents_them_are_checked_as_libpq_checks_them() {
+    let dir = common::scratch::Scratch::new("documented");
+    openssl(
+        &dir,
+        "req -new -x509 -days 365 -nodes -text -out server.crt -keyout server.key \
+         -subj /CN=localhost",
+    );
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("read it");
+    let (cluster, db) = scram_cluster(read("server.crt"), read("server.key")).await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let root = dir.join("server.crt");
+    let url = |host: &str, mode: &str, app: &str| {
+        format!(
+            "postgres://postgres@{host}:{}/{name}?sslmode={mode}&sslrootcert={}\
+             &application_name={app}",
+            cluster.port(),
+            root.display()
+        )
+    };
+    let daemon = TestDaemon::start(&url("localhost", "verify-full", "permd-documented")).await;
+    assert_eq!(
+        encrypted(&db, "permd-documented").await,
+        (true, vec![String::new()])
+    );
+    daemon.stop().await;
+    for mode in ["verify-full", "verify-ca"] {
+        let pool = permd::db::pool(&url("localhost", mode, "permd-cli-documented"))
+            .await
+            .expect("the one-off commands trust it too");
+        pool.close().await;
+    }
+    let pool = permd::db::pool(&url("127.0.0.1", "verify-ca", "permd-cli-ca"))
+        .await
+        .expect("verify-ca does not read the name");
+    pool.close().await;
+    let other = url("127.0.0.1", "verify-full", "permd-other");
+    let refused = common::daemon_refused(&other).await;
+    assert!(refused.contains("does not name the host"), "{refused}");
+
+    let dir = common::scratch::Scratch::new("common-name");
+    let (ca, cert_pem, key_pem) =
+        openssl_certificate(&dir, "rsa:2048", "", "basicConstraints=CA:FALSE\n");
+    let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let url = |host: &str| {
+        format!(
+            "postgres://postgres@{host}:{}/{name}?sslmode=verify-full&sslrootcert={ca}\
+             &application_name=permd-common-name",
+            cluster.port()
+        )
+    };
+    let daemon = TestDaemon::start(&url("localhost")).await;
+    assert_eq!(
+        encrypted(&db, "permd-common-name").await,
+        (true, vec![String::new()])
+    );
+    daemon.stop().await;
+    let refused = common::daemon_refused(&url("127.0.0.1")).await;
+    assert!(refused.contains("does not name the host"), "{refused}");
 }
 
 /// A cluster of the test's own serving `cert_pem` (and its key) over TLS, and a database on

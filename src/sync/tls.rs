@@ -296,22 +296,24 @@ impl TlsOptions {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&self.versions()?)
             .map_err(|e| Error::Url(format!("TLS: {e}")))?;
-        let chain = match mode {
-            Mode::Disable | Mode::Prefer | Mode::Require => None,
-            Mode::VerifyCa | Mode::VerifyFull => Some(
-                WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(self.roots()?),
-                    provider.clone(),
-                )
-                .with_crls(self.crls()?)
-                .build()
-                .map_err(|e| Error::Url(format!("sslrootcert: {e}")))?,
-            ),
+        let (chain, pinned) = match mode {
+            Mode::Disable | Mode::Prefer | Mode::Require => (None, Vec::new()),
+            Mode::VerifyCa | Mode::VerifyFull => {
+                let (roots, pinned) = self.roots()?;
+                let chain =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .with_crls(self.crls()?)
+                        .build()
+                        .map_err(|e| Error::Url(format!("sslrootcert: {e}")))?;
+                (Some(chain), pinned)
+            }
         };
-        let verifier: Arc<dyn ServerCertVerifier> = match (mode, chain) {
-            (Mode::VerifyFull, Some(webpki)) => webpki,
-            (_, chain) => Arc::new(Lenient { provider, chain }),
-        };
+        let verifier = Arc::new(Verifier {
+            provider,
+            chain,
+            pinned,
+            full: mode == Mode::VerifyFull,
+        });
         let builder = builder
             .dangerous()
             .with_custom_certificate_verifier(verifier);
@@ -403,8 +405,9 @@ impl TlsOptions {
     }
 
     /// The CAs a verified certificate must chain to.
-    fn roots(&self) -> Result<RootCertStore, Error> {
+    fn roots(&self) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), Error> {
         let mut roots = RootCertStore::empty();
+        let mut pinned = Vec::new();
         match self.root_cert.as_deref() {
             Some(path) if path != "system" => {
                 for cert in CertificateDer::pem_file_iter(path)
@@ -412,8 +415,9 @@ impl TlsOptions {
                 {
                     let cert = cert.map_err(|e| Error::Url(format!("sslrootcert={path}: {e}")))?;
                     roots
-                        .add(cert)
+                        .add(cert.clone())
                         .map_err(|e| Error::Url(format!("sslrootcert={path}: {e}")))?;
+                    pinned.push(cert);
                 }
                 if roots.is_empty() {
                     return Err(Error::Url(format!(
@@ -434,7 +438,7 @@ impl TlsOptions {
                 }
             }
         }
-        Ok(roots)
+        Ok((roots, pinned))
     }
 
     /// The revocation lists of `sslcrl` and of every file in `sslcrldir` (PEM), which the
@@ -768,6 +772,191 @@ fn pss_hash(parameters: &[u8]) -> Option<u16> {
     }
 }
 
+/// Whether a DER certificate names the host `server_name` as libpq checks it: by its
+/// subjectAltName's DNS names and IP addresses (webpki's check), or, where it has none of
+/// either, by its subject's (last) common name, compared without case, a leading `*.`
+/// standing for one label. Certificates made as Postgres's documentation shows
+/// (`-subj "/CN=dbhost.yourdomain.com"`) name their host so.
+fn names_host(der: &CertificateDer<'_>, server_name: &ServerName<'_>) -> bool {
+    let by_webpki = webpki::EndEntityCert::try_from(der)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(server_name).is_ok());
+    if by_webpki {
+        return true;
+    }
+    let Some(Names {
+        common_name,
+        alt_names,
+    }) = names(der)
+    else {
+        return false;
+    };
+    let host = match server_name {
+        ServerName::DnsName(name) => name.as_ref().to_owned(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        _ => return false,
+    };
+    match common_name {
+        Some(name) if !alt_names => common_name_matches(&name, &host),
+        _ => false,
+    }
+}
+
+/// libpq's match of a certificate's name with the host: without case; `*.rest` matches
+/// one label followed by `.rest`.
+fn common_name_matches(name: &str, host: &str) -> bool {
+    if let Some(rest) = name.strip_prefix("*.") {
+        let Some((label, domain)) = host.split_once('.') else {
+            return false;
+        };
+        return !label.is_empty() && domain.eq_ignore_ascii_case(rest);
+    }
+    name.eq_ignore_ascii_case(host)
+}
+
+/// What a certificate names: its subject's last common name, and whether its
+/// subjectAltName holds a DNS name or an IP address.
+#[derive(Debug, PartialEq)]
+struct Names {
+    common_name: Option<String>,
+    alt_names: bool,
+}
+
+/// The [`Names`] of a DER certificate, `None` if it does not parse.
+fn names(der: &[u8]) -> Option<Names> {
+    let (_, subject, extensions) = tbs_parts(der)?;
+    let mut common_name = None;
+    let mut rdns = subject;
+    while let Some((0x31, set, after)) = tlv(rdns) {
+        let mut attributes = set;
+        while let Some((0x30, attribute, next)) = tlv(attributes) {
+            let (0x06, oid, value) = tlv(attribute)? else {
+                return None;
+            };
+            if oid == [0x55, 0x04, 0x03] {
+                // UTF8String, PrintableString, T61String, IA5String: bytes as libpq reads
+                // them; a name holding a NUL matches nothing.
+                let (tag, text, _) = tlv(value)?;
+                common_name = match tag {
+                    0x0c | 0x13 | 0x14 | 0x16 if !text.contains(&0) => {
+                        Some(String::from_utf8_lossy(text).into_owned())
+                    }
+                    _ => None,
+                };
+            }
+            attributes = next;
+        }
+        rdns = after;
+    }
+    let mut alt_names = false;
+    let mut extensions = extensions;
+    while let Some((0x30, extension, next)) = tlv(extensions) {
+        let (0x06, oid, fields) = tlv(extension)? else {
+            return None;
+        };
+        if oid == [0x55, 0x1d, 0x11] {
+            let (mut tag, mut value, after) = tlv(fields)?;
+            if tag == 0x01 {
+                (tag, value, _) = tlv(after)?; // critical
+            }
+            let (0x04, 0x30) = (tag, *value.first()?) else {
+                return None;
+            };
+            let (_, mut general, _) = tlv(value)?;
+            while let Some((tag, _, after)) = tlv(general) {
+                alt_names |= tag == 0x82 || tag == 0x87; // dNSName, iPAddress
+                general = after;
+            }
+        }
+        extensions = next;
+    }
+    Some(Names {
+        common_name,
+        alt_names,
+    })
+}
+
+/// A DER certificate's validity, its subject and the contents of its extensions (empty
+/// where it has none).
+fn tbs_parts(der: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let (0x30, certificate, _) = tlv(der)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = tlv(certificate)? else {
+        return None;
+    };
+    let (tag, _, after_version) = tlv(tbs)?;
+    let rest = if tag == 0xa0 { after_version } else { tbs };
+    let (_, _, rest) = tlv(rest)?; // serialNumber
+    let (_, _, rest) = tlv(rest)?; // signature
+    let (_, _, rest) = tlv(rest)?; // issuer
+    let (0x30, validity, rest) = tlv(rest)? else {
+        return None;
+    };
+    let (0x30, subject, rest) = tlv(rest)? else {
+        return None;
+    };
+    let (_, _, mut rest) = tlv(rest)?; // subjectPublicKeyInfo
+    while let Some((tag, contents, after)) = tlv(rest) {
+        if tag == 0xa3 {
+            let (0x30, extensions, _) = tlv(contents)? else {
+                return None;
+            };
+            return Some((validity, subject, extensions));
+        }
+        rest = after;
+    }
+    Some((validity, subject, &[]))
+}
+
+/// Refuses a certificate trusted as it is (`Verifier::pinned`) outside its validity, as
+/// OpenSSL does.
+fn within_validity(der: &[u8], now: UnixTime) -> Result<(), rustls::Error> {
+    let bad = || rustls::Error::InvalidCertificate(CertificateError::BadEncoding);
+    let (validity, _, _) = tbs_parts(der).ok_or_else(bad)?;
+    let (not_before_tag, not_before, rest) = tlv(validity).ok_or_else(bad)?;
+    let (not_after_tag, not_after, _) = tlv(rest).ok_or_else(bad)?;
+    let not_before = seconds(not_before_tag, not_before).ok_or_else(bad)?;
+    let not_after = seconds(not_after_tag, not_after).ok_or_else(bad)?;
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    if now < not_before {
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet,
+        ));
+    }
+    if now > not_after {
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+    }
+    Ok(())
+}
+
+/// A DER time (UTCTime `YYMMDDHHMMSSZ`, GeneralizedTime `YYYYMMDDHHMMSSZ`) as seconds
+/// since the epoch.
+fn seconds(tag: u8, text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match (tag, text.len()) {
+        (0x17, 12) => {
+            let yy: i64 = text[..2].parse().ok()?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &text[2..])
+        }
+        (0x18, 14) => (text[..4].parse().ok()?, &text[4..]),
+        _ => return None,
+    };
+    if !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let field = |i: usize| rest[i..i + 2].parse::<i64>().ok();
+    let (month, day) = (field(0)?, field(2)?);
+    let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
+    // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3_600 + minute * 60 + second)
+}
+
 /// One DER element: its tag, its contents and what follows it.
 fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
@@ -857,17 +1046,39 @@ impl ResolvesClientCert for Asked {
     }
 }
 
-/// The certificate check of `require` and `prefer` (none: `chain` is `None`, as in libpq)
-/// and of `verify-ca` (the chain to a trusted CA, as in `verify-full`, and not the host's
-/// name). The handshake's signatures are verified either way: the server holds the key of
-/// the certificate it shows.
+/// The check of the server's certificate, as libpq's (OpenSSL's) for each `sslmode`:
+/// none for `require` and `prefer` (`chain` is `None`); for `verify-ca` and
+/// `verify-full` its chain to a trusted CA (webpki's), or the certificate itself among
+/// `sslrootcert`'s (`pinned`: OpenSSL trusts a self-signed certificate found there, such
+/// as Postgres's documentation makes, whose `CA:TRUE` webpki refuses in a server's); and
+/// for `verify-full` (`full`) the host's name ([`names_host`]). The handshake's
+/// signatures are verified in every mode: the server holds the key of the certificate it
+/// shows.
 #[derive(Debug)]
-struct Lenient {
+struct Verifier {
     provider: Arc<CryptoProvider>,
     chain: Option<Arc<WebPkiServerVerifier>>,
+    pinned: Vec<CertificateDer<'static>>,
+    full: bool,
 }
 
-impl ServerCertVerifier for Lenient {
+impl Verifier {
+    /// The host's name check of `verify-full`, once the certificate is trusted.
+    fn named(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        server_name: &ServerName<'_>,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if !self.full || names_host(end_entity, server_name) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName,
+        ))
+    }
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -879,10 +1090,14 @@ impl ServerCertVerifier for Lenient {
         let Some(chain) = &self.chain else {
             return Ok(ServerCertVerified::assertion());
         };
+        if self.pinned.iter().any(|pinned| pinned == end_entity) {
+            within_validity(end_entity, now)?;
+            return self.named(end_entity, server_name);
+        }
         match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) => self.named(end_entity, server_name),
             verified => verified,
         }
     }
@@ -1180,6 +1395,96 @@ mod tests {
         }
         assert_eq!(signature_hash(&[0x30, 0x82, 0x01]), None);
         assert_eq!(signature_hash(&[]), None);
+    }
+
+    /// The host's name as libpq reads it from a certificate: the subjectAltName's DNS
+    /// names and addresses, else the subject's common name, without case, `*.` one label.
+    #[test]
+    fn a_certificate_names_its_host_as_libpq_reads_it() {
+        let cert = |common_name: &str, alt_names: &[&str]| {
+            let key = rcgen::KeyPair::generate().expect("a key");
+            let alt_names: Vec<String> = alt_names.iter().map(|name| (*name).to_owned()).collect();
+            let mut params = rcgen::CertificateParams::new(alt_names).expect("params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, common_name);
+            CertificateDer::from(
+                params
+                    .self_signed(&key)
+                    .expect("a certificate")
+                    .der()
+                    .to_vec(),
+            )
+        };
+        let host = |name: &str| ServerName::try_from(name.to_owned()).expect("a name");
+        let only_cn = cert("db.example.com", &[]);
+        assert_eq!(
+            names(&only_cn),
+            Some(Names {
+                common_name: Some("db.example.com".into()),
+                alt_names: false
+            })
+        );
+        assert!(names_host(&only_cn, &host("db.example.com")));
+        assert!(names_host(&only_cn, &host("DB.Example.COM")));
+        assert!(!names_host(&only_cn, &host("other.example.com")));
+        let wildcard = cert("*.example.com", &[]);
+        assert!(names_host(&wildcard, &host("db.example.com")));
+        assert!(!names_host(&wildcard, &host("a.db.example.com")));
+        assert!(!names_host(&wildcard, &host("example.com")));
+        // Where the subjectAltName names a host, the common name is not read.
+        let both = cert("db.example.com", &["other.example.com"]);
+        assert_eq!(names(&both).map(|names| names.alt_names), Some(true));
+        assert!(names_host(&both, &host("other.example.com")));
+        assert!(!names_host(&both, &host("db.example.com")));
+        let address = cert("127.0.0.1", &[]);
+        assert!(names_host(&address, &host("127.0.0.1")));
+        assert!(!names_host(&address, &host("127.0.0.2")));
+        assert_eq!(names(b"not a certificate"), None);
+    }
+
+    /// A certificate trusted as it is is held to its validity: before it, after it.
+    #[test]
+    fn a_pinned_certificate_is_held_to_its_validity() {
+        let cert = |from: (i32, u8, u8), to: (i32, u8, u8)| {
+            let key = rcgen::KeyPair::generate().expect("a key");
+            let mut params =
+                rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+            params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+            params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+            params
+                .self_signed(&key)
+                .expect("a certificate")
+                .der()
+                .to_vec()
+        };
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_767_225_600));
+        let refused = |der: &[u8]| match within_validity(der, now) {
+            Err(rustls::Error::InvalidCertificate(why)) => Some(why),
+            Err(other) => panic!("{other}"),
+            Ok(()) => None,
+        };
+        assert_eq!(refused(&cert((2025, 1, 1), (2027, 1, 1))), None);
+        assert_eq!(
+            refused(&cert((2020, 1, 1), (2025, 12, 31))),
+            Some(CertificateError::Expired)
+        );
+        assert_eq!(
+            refused(&cert((2026, 1, 2), (2030, 1, 1))),
+            Some(CertificateError::NotValidYet)
+        );
+    }
+
+    /// DER times, both forms, as seconds since the epoch.
+    #[test]
+    fn der_times_are_read_as_seconds() {
+        assert_eq!(seconds(0x17, b"700101000000Z"), Some(0));
+        assert_eq!(seconds(0x18, b"20260101000000Z"), Some(1_767_225_600));
+        assert_eq!(seconds(0x17, b"491231235959Z"), Some(2_524_607_999));
+        assert_eq!(seconds(0x17, b"500101000000Z"), Some(-631_152_000));
+        assert_eq!(seconds(0x18, b"2026010100000Z"), None);
+        assert_eq!(seconds(0x17, b"7001010000+0Z"), None);
+        assert_eq!(seconds(0x17, b"700101000000"), None);
     }
 
     /// The hash of signatures rcgen cannot make, read from the algorithm alone (a
