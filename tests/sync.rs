@@ -1677,32 +1677,23 @@ async fn the_sync_connection_speaks_tls_as_the_url_asks() {
         async move { permd::db::pool(&url).await.is_err() }
     })
     .await;
-    let bound = TestDaemon::start(&scram(
-        ":pw-7f3a",
-        "&channel_binding=require&application_name=permd-scram",
-    ))
-    .await;
-    assert_eq!(
-        encrypted(&db, "permd-scram").await,
-        (true, vec![String::new()])
-    );
-    bound.stop().await;
     // The one-off commands too: their relay runs SCRAM-SHA-256-PLUS for sqlx (before
     // session 35 they refused channel_binding=require). A wrong password is refused by
     // the server, whose error sqlx reports; a server that does not offer the binding
     // (no TLS: a Unix socket) is refused by the relay.
-    let pool = permd::db::pool(&scram(
-        ":pw-7f3a",
-        "&channel_binding=require&application_name=permd-cli-scram",
-    ))
-    .await
-    .expect("the one-off commands bind SCRAM to the TLS session");
-    let user: String = sqlx::query_scalar("SELECT current_user::text")
-        .fetch_one(&pool)
-        .await
-        .expect("a query through the relay");
-    assert_eq!(user, "permd_scram");
-    pool.close().await;
+    daemon_and_commands_connect(
+        &db,
+        &scram(
+            ":pw-7f3a",
+            "&channel_binding=require&application_name=permd-scram",
+        ),
+        "permd-scram",
+        &scram(
+            ":pw-7f3a",
+            "&channel_binding=require&application_name=permd-cli-scram",
+        ),
+    )
+    .await;
     let wrong = common::pool_refused(&scram(":wrong", "&channel_binding=require")).await;
     assert!(wrong.contains("password authentication failed"), "{wrong}");
     let unix = format!("{} channel_binding=require password=pw", db.unix_url);
@@ -2224,19 +2215,24 @@ async fn channel_binding_with_a_certificate_signed_with_rsa_pss() {
     );
     let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
     let url = scram_url(&cluster, &db, &ca);
-    let daemon = TestDaemon::start(&url(":pw-7f3a", "permd-pss", "&channel_binding=require")).await;
-    assert_eq!(
-        encrypted(&db, "permd-pss").await,
-        (true, vec![String::new()])
-    );
-    daemon.stop().await;
-    let pool = permd::db::pool(&url(
-        ":pw-7f3a",
-        "permd-cli-pss",
-        "&channel_binding=require",
-    ))
-    .await
-    .expect("the one-off commands bind SCRAM to the TLS session");
+    daemon_and_commands_connect(
+        &db,
+        &url(":pw-7f3a", "permd-pss", "&channel_binding=require"),
+        "permd-pss",
+        &url(":pw-7f3a", "permd-cli-pss", "&channel_binding=require"),
+    )
+    .await;
+}
+
+/// A daemon started with the URL `daemon`, its `application_name` `app`, reaches `db` over
+/// TLS, and the one-off commands' pool with the URL `cli` runs a query as `permd_scram`.
+async fn daemon_and_commands_connect(db: &TestDb, daemon: &str, app: &str, cli: &str) {
+    let started = TestDaemon::start(daemon).await;
+    assert_eq!(encrypted(db, app).await, (true, vec![String::new()]));
+    started.stop().await;
+    let pool = permd::db::pool(cli)
+        .await
+        .expect("the one-off commands connect");
     let user: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&pool)
         .await
@@ -2257,16 +2253,13 @@ async fn channel_binding_with_a_certificate_signed_with_ed25519() {
         openssl_certificate(&dir, "ed25519", "", "subjectAltName=DNS:localhost\n");
     let (cluster, db) = scram_cluster(cert_pem, key_pem).await;
     let url = scram_url(&cluster, &db, &ca);
-    let daemon = TestDaemon::start(&url(":pw-7f3a", "permd-ed25519", "")).await;
-    assert_eq!(
-        encrypted(&db, "permd-ed25519").await,
-        (true, vec![String::new()])
-    );
-    daemon.stop().await;
-    let pool = permd::db::pool(&url(":pw-7f3a", "permd-cli-ed25519", ""))
-        .await
-        .expect("the one-off commands, unbound");
-    pool.close().await;
+    daemon_and_commands_connect(
+        &db,
+        &url(":pw-7f3a", "permd-ed25519", ""),
+        "permd-ed25519",
+        &url(":pw-7f3a", "permd-cli-ed25519", ""),
+    )
+    .await;
     let why = "channel_binding=require, and the server's certificate is signed with no hash to \
                bind by (Ed25519";
     let required = url(":pw-7f3a", "permd-required", "&channel_binding=require");
