@@ -774,7 +774,7 @@ fn pss_hash(parameters: &[u8]) -> Option<u16> {
 
 /// Whether a DER certificate names the host `server_name` as libpq checks it: by its
 /// subjectAltName's DNS names and IP addresses (webpki's check), or, where it has none of
-/// either, by its subject's (last) common name, compared without case, a leading `*.`
+/// either, by its subject's (first) common name, compared without case, a leading `*.`
 /// standing for one label. Certificates made as Postgres's documentation shows
 /// (`-subj "/CN=dbhost.yourdomain.com"`) name their host so.
 fn names_host(der: &CertificateDer<'_>, server_name: &ServerName<'_>) -> bool {
@@ -813,8 +813,8 @@ fn common_name_matches(name: &str, host: &str) -> bool {
     name.eq_ignore_ascii_case(host)
 }
 
-/// What a certificate names: its subject's last common name, and whether its
-/// subjectAltName holds a DNS name or an IP address.
+/// What a certificate names: its subject's first common name (libpq reads that one), and
+/// whether its subjectAltName holds a DNS name or an IP address.
 #[derive(Debug, PartialEq)]
 struct Names {
     common_name: Option<String>,
@@ -824,7 +824,7 @@ struct Names {
 /// The [`Names`] of a DER certificate, `None` if it does not parse.
 fn names(der: &[u8]) -> Option<Names> {
     let (_, subject, extensions) = tbs_parts(der)?;
-    let mut common_name = None;
+    let mut common_name: Option<Option<String>> = None;
     let mut rdns = subject;
     while let Some((0x31, set, after)) = tlv(rdns) {
         let mut attributes = set;
@@ -832,16 +832,16 @@ fn names(der: &[u8]) -> Option<Names> {
             let (0x06, oid, value) = tlv(attribute)? else {
                 return None;
             };
-            if oid == [0x55, 0x04, 0x03] {
+            if oid == [0x55, 0x04, 0x03] && common_name.is_none() {
                 // UTF8String, PrintableString, T61String, IA5String: bytes as libpq reads
-                // them; a name holding a NUL matches nothing.
+                // them; a name holding a NUL, or in another form, matches nothing.
                 let (tag, text, _) = tlv(value)?;
-                common_name = match tag {
+                common_name = Some(match tag {
                     0x0c | 0x13 | 0x14 | 0x16 if !text.contains(&0) => {
                         Some(String::from_utf8_lossy(text).into_owned())
                     }
                     _ => None,
-                };
+                });
             }
             attributes = next;
         }
@@ -870,7 +870,7 @@ fn names(der: &[u8]) -> Option<Names> {
         extensions = next;
     }
     Some(Names {
-        common_name,
+        common_name: common_name.flatten(),
         alt_names,
     })
 }
@@ -1437,6 +1437,44 @@ mod tests {
         assert_eq!(names(&both).map(|names| names.alt_names), Some(true));
         assert!(names_host(&both, &host("other.example.com")));
         assert!(!names_host(&both, &host("db.example.com")));
+        // Two common names: the first is read, as libpq reads it (rcgen keeps one).
+        let der = |tag: u8, contents: &[u8]| {
+            let mut out = vec![tag, u8::try_from(contents.len()).expect("short")];
+            out.extend_from_slice(contents);
+            out
+        };
+        let rdn = |name: &[u8]| {
+            der(
+                0x31,
+                &der(
+                    0x30,
+                    &[der(0x06, &[0x55, 0x04, 0x03]), der(0x0c, name)].concat(),
+                ),
+            )
+        };
+        let subject = der(
+            0x30,
+            &[rdn(b"first.example.com"), rdn(b"second.example.com")].concat(),
+        );
+        let empty = der(0x30, &[]);
+        let tbs = [
+            der(0xa0, &der(0x02, &[2])),
+            der(0x02, &[1]),
+            empty.clone(),
+            empty.clone(),
+            empty.clone(),
+            subject,
+            empty.clone(),
+        ]
+        .concat();
+        let two = der(0x30, &[der(0x30, &tbs), empty, der(0x03, &[0])].concat());
+        assert_eq!(
+            names(&two),
+            Some(Names {
+                common_name: Some("first.example.com".into()),
+                alt_names: false
+            })
+        );
         let address = cert("127.0.0.1", &[]);
         assert!(names_host(&address, &host("127.0.0.1")));
         assert!(!names_host(&address, &host("127.0.0.2")));
