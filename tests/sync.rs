@@ -2401,6 +2401,17 @@ async fn certificates_made_as_postgres_documents_them_are_checked_as_libpq_check
     let other = url("127.0.0.1", "verify-full", "permd-other");
     let refused = common::daemon_refused(&other).await;
     assert!(refused.contains("does not name the host"), "{refused}");
+    // Trusting another CA, the certificate is named for what it is.
+    let another = common::TestCa::new("another CA").file(&dir, "another.pem");
+    let elsewhere = url("localhost", "verify-ca", "permd-elsewhere").replace(
+        &format!("sslrootcert={}", root.display()),
+        &format!("sslrootcert={another}"),
+    );
+    let refused = common::daemon_refused(&elsewhere).await;
+    assert!(
+        refused.contains("the server's certificate is a CA's, CA:TRUE"),
+        "{refused}"
+    );
 
     let dir = common::scratch::Scratch::new("common-name");
     let (ca, cert_pem, key_pem) =

@@ -998,6 +998,16 @@ fn remedy(error: &std::io::Error) -> &'static str {
         _ => None,
     });
     match certificate {
+        Some(CertificateError::Other(other))
+            if matches!(
+                other.0.downcast_ref::<webpki::Error>(),
+                Some(webpki::Error::CaUsedAsEndEntity)
+            ) =>
+        {
+            " (the server's certificate is a CA's, CA:TRUE, such as the self-signed one \
+             Postgres's documentation makes: give that certificate itself as sslrootcert=PATH, \
+             or give the server one its CA signed for it)"
+        }
         Some(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
             " (the server's certificate is not signed by a CA permd trusts: give that CA's PEM \
              file as sslrootcert=PATH)"
