@@ -411,10 +411,11 @@ async fn a_killed_backend_makes_postgres_recover_and_permd_reload() {
     // The throwaway cluster commits without waiting for its WAL to be flushed, so the
     // crash may have lost `before`: whatever the database kept, permd holds.
     assert_eq!(daemon.digest_at(&after).await, db.digest().await);
+    let report = daemon.status.report();
+    assert_eq!(report.reloads, 2, "one reload for the crash");
     assert_eq!(
-        daemon.status.report().reloads,
-        2,
-        "one reload for the crash"
+        report.last_full_load_reason.as_deref(),
+        Some("postgres recovered from a crash")
     );
     daemon.stop().await;
 }
@@ -1171,6 +1172,71 @@ async fn a_standby_is_followed_by_polling() {
     promoted.close().await;
     daemon.stop().await;
 
+    db.pool.close().await;
+}
+
+/// A daemon that reconnects to another server than its last (here a URL naming a primary
+/// and its standby, the primary stopped) reloads from it, as after a crash: the new server
+/// need not hold all the last one held (a standby is behind; a standby promoted after an
+/// asynchronous failover may lack the last commits), nor continue its transaction ids. It
+/// says so, naming both servers, where before it said "postgres recovered from a crash"; a
+/// crash is still named as one (`a_killed_backend_makes_postgres_recover_and_permd_reload`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_moves_to_another_server_reloads_and_says_so() {
+    let Replica {
+        primary,
+        standby,
+        db,
+        url: on_standby,
+    } = replica().await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let (on_primary, on_replica) = (primary.port(), standby.port());
+    let both = format!("postgres://postgres@127.0.0.1:{on_primary},127.0.0.1:{on_replica}/{name}");
+    let daemon = TestDaemon::start(&both).await;
+    let report = daemon.status.report();
+    assert!(!report.standby, "the first host, the primary: {report:?}");
+    assert_eq!(report.last_full_load_reason.as_deref(), Some("start"));
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+
+    primary
+        .stop_server(StopMode::Fast)
+        .expect("stop the primary");
+    daemon
+        .wait_for_report("the reload from the standby", |report| {
+            report.connected && report.standby && report.reloads == 2
+        })
+        .await;
+    let report = daemon.status.report();
+    assert_eq!(
+        report.last_full_load_reason.as_deref(),
+        Some(
+            format!(
+                "another server than the last session's (127.0.0.1:{on_primary}, now \
+                 127.0.0.1:{on_replica}), which need not hold all the last one held"
+            )
+            .as_str()
+        ),
+        "{report:?}"
+    );
+    let replayed = permd::db::pool(&on_standby)
+        .await
+        .expect("connect to the standby");
+    let digest: String = sqlx::query_scalar("SELECT permd.digest()")
+        .fetch_one(&replayed)
+        .await
+        .expect("the standby's digest");
+    assert_eq!(daemon.digest_at("0").await, digest);
+    replayed.close().await;
+
+    // The primary back, the daemon stays on the standby and follows its replay.
+    primary.start_server().expect("start the primary again");
+    let token = insert_once_up(&db, "user:3").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert_eq!(daemon.status.report().reloads, 2, "no reload since");
+    daemon.stop().await;
     db.pool.close().await;
 }
 

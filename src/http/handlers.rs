@@ -527,6 +527,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "lag_seconds": report.lag_seconds,
         "last_full_load_at": report.last_full_load_at,
         "last_full_load_ms": report.last_full_load_ms,
+        "last_full_load_reason": report.last_full_load_reason,
         "reloads": report.reloads,
         "compactions": report.compactions,
         "last_compaction_ms": report.last_compaction_ms,

@@ -230,6 +230,33 @@ enum Polled {
     Reload(&'static str),
 }
 
+/// A server as it names itself: its address and port (`inet_server_addr()`,
+/// `inet_server_port()`), empty over a Unix socket.
+fn server_address(host: &str, port: &str) -> String {
+    match (host.is_empty(), host.contains(':')) {
+        (true, _) => String::new(),
+        (false, true) => format!("[{host}]:{port}"),
+        (false, false) => format!("{host}:{port}"),
+    }
+}
+
+/// Why a session reloads on the server at `now` where the last session's was at `last`,
+/// if the two differ.
+fn moved(last: &str, now: &str) -> Option<String> {
+    let named = |address: &str| match address {
+        "" => "a Unix socket".to_owned(),
+        address => address.to_owned(),
+    };
+    (last != now).then(|| {
+        format!(
+            "another server than the last session's ({}, now {}), which need not hold all \
+             the last one held",
+            named(last),
+            named(now)
+        )
+    })
+}
+
 /// The sync task. Owns the cursor; the only writer of the store.
 pub struct Applier {
     store: Store,
@@ -239,6 +266,8 @@ pub struct Applier {
     cursor: Option<Cursor>,
     /// The server incarnation of the last session: what a crash changes (see `session`).
     incarnation: Option<String>,
+    /// The address of the last session's server, as it named it (see `session`).
+    server: Option<String>,
     /// The server process of this session, as its first look found it (`same_backend`).
     backend: Option<i32>,
     /// The server's start time at the last session, for the log.
@@ -346,6 +375,7 @@ impl Applier {
             config,
             cursor: None,
             incarnation: None,
+            server: None,
             backend: None,
             started: None,
             driver: None,
@@ -513,27 +543,39 @@ impl Applier {
         // backend's restart of every process, a restored backup), and keeps them through
         // a clean restart, after which the changelog is whole and the cursor good. Were
         // the time ever null, a new postmaster start time is taken as a crash instead.
+        // Another server than the last session's (another host of the URL, a failover, an
+        // address that now leads elsewhere) has statistics reset at another time too, and
+        // needs the same reload: it need not hold all the last one held, nor continue its
+        // transaction ids. Which of the two it was, by the address the server gives (none
+        // over a Unix socket), is only said, never decided on.
         let row = self
             .timed(
                 "the server's start time",
                 client.query_one(
                     "SELECT pg_postmaster_start_time()::text, \
-                        coalesce((SELECT stats_reset FROM pg_stat_bgwriter)::text, '')",
+                        coalesce((SELECT stats_reset FROM pg_stat_bgwriter)::text, ''), \
+                        coalesce(host(inet_server_addr()), ''), \
+                        coalesce(inet_server_port()::text, '')",
                     &[],
                 ),
             )
             .await?;
         let (started, stats_reset): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let server = server_address(row.try_get(2)?, row.try_get(3)?);
         let incarnation = if stats_reset.is_empty() {
             format!("started {started}")
         } else {
             format!("statistics reset {stats_reset}")
         };
-        let recovered = self
-            .incarnation
-            .as_ref()
-            .is_some_and(|known| *known != incarnation);
-        if self.started.as_ref().is_some_and(|known| *known != started) && !recovered {
+        let recovered = match &self.incarnation {
+            Some(known) if *known != incarnation => Some(
+                (self.server.as_ref())
+                    .and_then(|last| moved(last, &server))
+                    .unwrap_or_else(|| "postgres recovered from a crash".into()),
+            ),
+            _ => None,
+        };
+        if self.started.as_ref().is_some_and(|known| *known != started) && recovered.is_none() {
             tracing::info!(
                 started,
                 "postgres restarted after a clean shutdown: catching up from the changelog"
@@ -542,9 +584,8 @@ impl Applier {
         self.started = Some(started);
         if self.cursor.is_none() {
             self.reload(&mut client, &tap, "start", false).await?;
-        } else if recovered {
-            self.reload(&mut client, &tap, "postgres recovered from a crash", true)
-                .await?;
+        } else if let Some(why) = recovered {
+            self.reload(&mut client, &tap, &why, true).await?;
         } else if let Some(why) = self.reload_due {
             self.reload(&mut client, &tap, why, false).await?;
         }
@@ -553,6 +594,7 @@ impl Applier {
         // which would otherwise find the incarnation known and catch up from a cursor the
         // crash may have passed.
         self.incarnation = Some(incarnation);
+        self.server = Some(server);
         // The watermark holds: the server did not recover from a crash since the last
         // session, or the load has rewound it.
         self.store.confirm();
@@ -1029,7 +1071,7 @@ impl Applier {
         self.last_load = Some((Instant::now(), took));
         // Count the load before the watermark moves, so whoever sees the new watermark
         // also sees the load counted.
-        self.status.full_load_done(took.as_millis() as u64);
+        self.status.full_load_done(took.as_millis() as u64, why);
         if rewind {
             self.store.rewind(xmin);
         } else {
@@ -1349,6 +1391,25 @@ fn hint(error: &Error) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_server_is_told_from_a_crash_by_its_address() {
+        assert_eq!(server_address("10.0.0.1", "5432"), "10.0.0.1:5432");
+        assert_eq!(server_address("::1", "5432"), "[::1]:5432");
+        assert_eq!(server_address("", ""), "");
+        // The same server: a changed incarnation is a crash.
+        assert_eq!(moved("10.0.0.1:5432", "10.0.0.1:5432"), None);
+        assert_eq!(moved("", ""), None);
+        assert_eq!(
+            moved("10.0.0.1:5432", "10.0.0.2:5432").as_deref(),
+            Some(
+                "another server than the last session's (10.0.0.1:5432, now 10.0.0.2:5432), \
+                 which need not hold all the last one held"
+            )
+        );
+        assert!(moved("", "10.0.0.1:5432")
+            .is_some_and(|why| why.contains("(a Unix socket, now 10.0.0.1:5432)")));
+    }
 
     #[test]
     fn a_skew_is_measured_from_the_middle_of_the_round_trip_and_judged_beyond_it() {

@@ -50,6 +50,8 @@ struct Inner {
     /// The last error, for operators. A `Mutex` because it is written rarely and read by
     /// the status route only.
     last_error: Mutex<Option<String>>,
+    /// Why the last full load ran. A `Mutex` for the same reason as `last_error`.
+    last_full_load_reason: Mutex<Option<String>>,
     /// Woken at each catch-up and full load: the events that can make the mirror ready.
     progressed: Notify,
 }
@@ -88,6 +90,9 @@ pub struct StatusReport {
     pub last_full_load_at: Option<f64>,
     /// How long the last full load took, in milliseconds.
     pub last_full_load_ms: u64,
+    /// Why the last full load ran (`start`, `postgres recovered from a crash`, `another
+    /// server than the last session's …`, …), as the log's `full load starting` says.
+    pub last_full_load_reason: Option<String>,
     /// Full loads since start, the first included.
     pub reloads: u64,
     /// Compactions since start: generations rebuilt from memory to reclaim what writes
@@ -140,6 +145,11 @@ impl Status {
             lag_seconds: self.lag_seconds(),
             last_full_load_at: micros_to_secs(i.last_full_load_at.load(Ordering::Relaxed)),
             last_full_load_ms: i.last_full_load_ms.load(Ordering::Relaxed),
+            last_full_load_reason: i
+                .last_full_load_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             reloads: i.reloads.load(Ordering::Relaxed),
             compactions: i.compactions.load(Ordering::Relaxed),
             last_compaction_ms: i.last_compaction_ms.load(Ordering::Relaxed),
@@ -224,8 +234,11 @@ impl Status {
         self.inner.progressed.notify_waiters();
     }
 
-    pub(crate) fn full_load_done(&self, took_ms: u64) {
+    pub(crate) fn full_load_done(&self, took_ms: u64, reason: &str) {
         let i = &self.inner;
+        *i.last_full_load_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
         i.loaded.store(true, Ordering::Relaxed);
         i.last_full_load_at.store(now_micros(), Ordering::Relaxed);
         i.last_full_load_ms.store(took_ms, Ordering::Relaxed);
@@ -320,7 +333,7 @@ mod tests {
             (&mut ready).now_or_never().is_none(),
             "ready before any load"
         );
-        status.full_load_done(10);
+        status.full_load_done(10, "start");
         assert!(
             (&mut ready).now_or_never().is_none(),
             "ready before the first catch-up"
@@ -340,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn a_lag_past_the_limit_is_not_ready() {
         let status = Status::default();
-        status.full_load_done(10);
+        status.full_load_done(10, "start");
         // Changes have waited behind an open transaction for a minute.
         status.caught_up(Some(now_micros() - 60_000_000));
         assert!(status.ready(5.0).now_or_never().is_none());
@@ -350,7 +363,7 @@ mod tests {
     #[test]
     fn on_a_standby_the_mirror_is_as_old_as_the_standby() {
         let status = Status::default();
-        status.full_load_done(10);
+        status.full_load_done(10, "start");
         status.set_upstream(Upstream::Unknown);
         status.caught_up(None);
         assert_eq!(
