@@ -379,6 +379,40 @@ async fn a_reload_after_a_crash_that_fails_is_tried_again() {
     daemon.stop().await;
 }
 
+/// A time zone or date style set for the database between two of permd's sessions (an
+/// operator's `ALTER DATABASE … SET timezone`) changes how the server writes its times as
+/// text, and not the server: permd reconnects and catches up, without a reload. Before
+/// session 60 it compared the reset time of the statistics as text, took the new zone for
+/// a crash and loaded the whole set again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_zone_set_between_two_sessions_is_no_crash() {
+    let db = database().await;
+    let daemon = TestDaemon::start(&db.url).await;
+    db.set_for_new_sessions("timezone", "'Pacific/Kiritimati'")
+        .await;
+    db.set_for_new_sessions("datestyle", "'SQL, DMY'").await;
+    let terminated: bool = sqlx::query_scalar(
+        "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'permd'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("terminate the sync connection's backend");
+    assert!(terminated, "no session of permd's to terminate");
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon
+        .wait_for_report("the reconnect", |report| {
+            report.connected && report.reconnects == 1
+        })
+        .await;
+    let report = daemon.status.report();
+    assert_eq!(report.reloads, 1, "no reload: {report:?}");
+    daemon.stop().await;
+}
+
 /// A backend killed: Postgres restarts every process and recovers from a crash, its
 /// postmaster still the same. permd reloads once, as after any crash, and loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -543,17 +543,21 @@ impl Applier {
         // backend's restart of every process, a restored backup), and keeps them through
         // a clean restart, after which the changelog is whole and the cursor good. Were
         // the time ever null, a new postmaster start time is taken as a crash instead.
-        // Another server than the last session's (another host of the URL, a failover, an
-        // address that now leads elsewhere) has statistics reset at another time too, and
-        // needs the same reload: it need not hold all the last one held, nor continue its
-        // transaction ids. Which of the two it was, by the address the server gives (none
-        // over a Unix socket), is only said, never decided on.
+        // Both times as seconds since the epoch: as text they would follow the session's
+        // time zone and date style, which the database's or the role's settings can change
+        // between two sessions of one server. Another server than the last session's
+        // (another host of the URL, a failover, an address that now leads elsewhere) has
+        // statistics reset at another time too, and needs the same reload: it need not
+        // hold all the last one held, nor continue its transaction ids. Which of the two
+        // it was, by the address the server gives (none over a Unix socket), is only said,
+        // never decided on.
         let row = self
             .timed(
                 "the server's start time",
                 client.query_one(
-                    "SELECT pg_postmaster_start_time()::text, \
-                        coalesce((SELECT stats_reset FROM pg_stat_bgwriter)::text, ''), \
+                    "SELECT extract(epoch FROM pg_postmaster_start_time())::text, \
+                        coalesce(extract(epoch FROM \
+                            (SELECT stats_reset FROM pg_stat_bgwriter))::text, ''), \
                         coalesce(host(inet_server_addr()), ''), \
                         coalesce(inet_server_port()::text, '')",
                     &[],
@@ -577,7 +581,7 @@ impl Applier {
         };
         if self.started.as_ref().is_some_and(|known| *known != started) && recovered.is_none() {
             tracing::info!(
-                started,
+                started_epoch_seconds = started,
                 "postgres restarted after a clean shutdown: catching up from the changelog"
             );
         }
