@@ -473,6 +473,74 @@ async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
     drop(pool);
 }
 
+/// Row-level security on permd's tables that would hide rows from permd's role (here a
+/// policy that shows it `user:1`'s alone) stops the daemon's load, and `verify`'s digest,
+/// with the reason, rather than mirroring part of the set: permd reads with
+/// `row_security = off`, as `pg_dump` does, so Postgres refuses the read instead of
+/// filtering it. Given `BYPASSRLS`, the role loads the whole set at the next attempt.
+/// Before (session 60), the daemon loaded `user:1`'s rows alone and denied every other
+/// grant, and `verify`, whose digest the policy filtered alike, found the two equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_that_would_hide_rows_stops_the_load_saying_so() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL),
+             ('user:2', 'doc:1', 'read', NULL);
+         ALTER TABLE permd.tuples ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY only_user_1 ON permd.tuples FOR SELECT USING (subject = 'user:1');",
+    )
+    .await;
+    let (pool, url) = db
+        .role(
+            "filtered",
+            "GRANT USAGE ON SCHEMA permd TO {role};
+             GRANT SELECT ON permd.tuples, permd.limits, permd.changelog, permd.retention,
+                 permd.notify_key TO {role};",
+        )
+        .await;
+    // What the role sees without the setting: one row of two.
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
+        .fetch_one(&pool)
+        .await
+        .expect("count as the role");
+    assert_eq!(seen, 1);
+    pool.close().await;
+
+    let daemon = TestDaemon::spawn(SyncConfig::new(&url), patient());
+    let error = daemon.failed_attempts(1).await;
+    assert!(
+        error.contains("row-level security") && error.contains("BYPASSRLS"),
+        "{error}"
+    );
+    let one_off = permd::db::pool(&url).await.expect("connect as the role");
+    let refused = sqlx::query_scalar::<_, String>("SELECT permd.digest()")
+        .fetch_one(&one_off)
+        .await
+        .expect_err("a digest the policy would filter");
+    assert!(
+        refused.to_string().contains("row-level security"),
+        "{refused}"
+    );
+    one_off.close().await;
+
+    db.exec(&format!(
+        "ALTER ROLE {} BYPASSRLS",
+        url.split('@')
+            .next()
+            .and_then(|u| u.rsplit('/').next())
+            .expect("the role")
+    ))
+    .await;
+    daemon
+        .wait_for_report("the load once the role bypasses the policy", |report| {
+            report.loaded
+        })
+        .await;
+    assert_eq!(daemon.digest_at("0").await, db.digest().await);
+    assert!(daemon.store.check("user:2", "read", "doc:1"));
+    daemon.stop().await;
+}
+
 /// A daemon that speaks to Postgres itself (here through a proxy that passes the bytes on
 /// and counts the connections) opens one connection: its server session's process is the
 /// one its start named (BackendKeyData), which no pooler in transaction mode can promise,

@@ -1383,6 +1383,18 @@ fn hint(error: &Error) -> Option<&'static str> {
                  migrate` against it; permd retries",
             )
         }
+        Error::Postgres(e)
+            if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
+                && e.as_db_error()
+                    .is_some_and(|e| e.message().contains("row-level security")) =>
+        {
+            Some(
+                "row-level security on permd's tables would hide rows from permd's role, \
+                 which reads them with row_security = off so as never to mirror part of the \
+                 set: give the role BYPASSRLS (ALTER ROLE … BYPASSRLS), or disable \
+                 row-level security on permd's tables; permd retries",
+            )
+        }
         Error::Postgres(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Some(
             "permd's role lacks a privilege it needs: USAGE on schema permd and SELECT on \
              its tables, as README's \"Running it against your database\" lists; permd \

@@ -98,6 +98,11 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
 ///   of its last COPY still being taken in, then the commit: at a database's 1 ms it never
 ///   loaded), and `verify`'s between its reads. permd keeps its own deadlines (the query
 ///   timeout for every other statement, the stall bound for a load, `lock_timeout`).
+/// - `row_security = off`, as `pg_dump` sets it: row-level security on permd's tables
+///   whose policies would hide rows from permd's role then makes Postgres refuse the read
+///   (`query would be affected by row-level security policy …`) rather than return part
+///   of the set, which the daemon would have mirrored (every hidden grant denied, every
+///   hidden change skipped) and `verify`, its digest filtered alike, found equal.
 ///
 /// `own` and the settings every server has first, as plain `SET`s in one batch, which
 /// take no snapshot (a standby would refuse one in that batch's transaction, whose
@@ -108,10 +113,11 @@ pub(crate) fn daemon_defaults(config: &mut Config) {
 /// PgBouncer refuses for a parameter it is not configured to track or ignore. A setting
 /// the URL's `options` or `PGOPTIONS` names is the operator's choice for permd and is kept.
 pub(crate) fn first_statements(config: &Config, own: &str) -> Vec<String> {
-    const EVERY_SERVER: [(&str, &str); 3] = [
+    const EVERY_SERVER: [(&str, &str); 4] = [
         ("default_transaction_isolation", "'read committed'"),
         ("statement_timeout", "0"),
         ("idle_in_transaction_session_timeout", "0"),
+        ("row_security", "off"),
     ];
     const NEWER_TIMEOUTS: [&str; 2] = ["transaction_timeout", "idle_session_timeout"];
     let kept = |name: &str| names_setting(config.get_options(), name);
@@ -801,7 +807,8 @@ mod tests {
         };
         let all = [
             "SET a = 1; SET default_transaction_isolation = 'read committed'; \
-             SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0"
+             SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             SET row_security = off"
                 .to_owned(),
             lifted("'transaction_timeout', 'idle_session_timeout'"),
         ];
@@ -814,7 +821,7 @@ mod tests {
             overrides("host=localhost options='-c statement_timeout=5s -c idle_session_timeout=0'"),
             [
                 "SET a = 1; SET default_transaction_isolation = 'read committed'; \
-                 SET idle_in_transaction_session_timeout = 0"
+                 SET idle_in_transaction_session_timeout = 0; SET row_security = off"
                     .to_owned(),
                 lifted("'transaction_timeout'")
             ]
@@ -824,7 +831,7 @@ mod tests {
                 "postgres://u@localhost/db?options=--Statement-Timeout%3D5s%20\
                  -cdefault_transaction_isolation%3Dserializable%20\
                  -c%20idle_session_timeout%3D1min%20-c%20transaction_timeout%3D0%20\
-                 -c%20idle_in_transaction_session_timeout%3D1min"
+                 -c%20idle_in_transaction_session_timeout%3D1min%20-c%20row_security%3Don"
             ),
             ["SET a = 1"]
         );
