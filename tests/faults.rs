@@ -670,6 +670,89 @@ async fn prepared_transactions_arrive_when_committed() {
     daemon.stop().await;
 }
 
+/// A dump of the database restored into another cluster brings the changelog's rows and
+/// its pruning mark with the transaction ids of the cluster that wrote them; where those
+/// are above this cluster's, no transaction here wrote them. Written here as a restore
+/// writes them (ids 5,000,000 above this cluster's, a row an hour old, a mark between).
+/// permd loads, is ready and follows writes, with one full load: the restored row waits
+/// for nothing, and the mark, found at the session's start, is passed over once loaded.
+/// `permd.prune_changelog()` (migration 0007) removes both, the mark replaced with the
+/// horizon (a daemon whose cursor is below it loads once more; this one, caught up, is
+/// not), and the daemon goes on in sync. Where the schema lacks
+/// migration 0007, whose prune could delete rows without moving such a mark, the daemon
+/// says so and what to run. Before (session 60), the restored row made permd's lag grow
+/// for ever (never ready), and the mark reloaded the whole set at every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_ids_restored_from_another_cluster_are_passed_over() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    let restore = "INSERT INTO permd.changelog (xid, kind, subject, object, created_at)
+             VALUES ((pg_current_xact_id()::text::int8 + 5000000)::text::xid8, 't',
+                     'user:1', 'doc:1', now() - interval '1 hour');
+         UPDATE permd.retention
+         SET pruned_xid = (pg_current_xact_id()::text::int8 + 4000000)::text::xid8,
+             pruned_id = 7;";
+    db.exec(restore).await;
+    let daemon = TestDaemon::start(&db.url).await;
+    daemon
+        .wait_for("ready", || daemon.status.is_ready(1.0))
+        .await;
+    for subject in ["user:2", "user:3"] {
+        let token = db
+            .write(&format!(
+                "INSERT INTO permd.tuples VALUES ('{subject}', 'doc:1', 'read', NULL)"
+            ))
+            .await;
+        assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    }
+    let report = daemon.status.report();
+    assert_eq!(report.reloads, 1, "{report:?}");
+    assert!(
+        report.lag_seconds.is_some_and(|lag| lag < 60.0),
+        "{report:?}"
+    );
+
+    let removed: i64 = sqlx::query_scalar("SELECT permd.prune_changelog()")
+        .fetch_one(&db.pool)
+        .await
+        .expect("prune");
+    assert_eq!(removed, 1, "the restored row");
+    let left: (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM permd.changelog
+                 WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())),
+                pruned_xid < pg_snapshot_xmax(pg_current_snapshot())
+         FROM permd.retention",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("what is left");
+    assert_eq!(left, (0, true));
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:4', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    // Caught up, its cursor already at the horizon the mark now names: no load more.
+    let report = daemon.status.report();
+    assert_eq!(report.reloads, 1, "{report:?}");
+    daemon.stop().await;
+
+    // A schema without migration 0007, restored the same way.
+    db.exec(&format!(
+        "DROP FUNCTION permd.forget_restored_xids() CASCADE; {restore}"
+    ))
+    .await;
+    let refused = TestDaemon::spawn(SyncConfig::new(&db.url), patient());
+    let error = refused.failed_attempts(1).await;
+    assert!(
+        error.contains("has not reached")
+            && error.contains("restored")
+            && error.contains("permd migrate"),
+        "{error}"
+    );
+    refused.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_forced_reloads_during_concurrent_writes() {
     let db = database().await;

@@ -188,7 +188,10 @@ SELECT 'h' AS tag, pg_current_snapshot()::text AS a, h.pruned_xid::text AS b,
        -- part of the query as a third of the table, and then read the whole changelog
        -- (0.6 ms a poll at 9,000 rows).
        (SELECT permd.epoch_micros(min(created_at) FILTER (WHERE true))
-        FROM permd.changelog WHERE xid >= pg_snapshot_xmin(pg_current_snapshot()))::text AS c,
+        FROM permd.changelog WHERE xid >= pg_snapshot_xmin(pg_current_snapshot())
+            -- None at or above the snapshot's xmax was written here: it was restored
+            -- from another cluster's dump (migration 0007), and waits for nothing.
+            AND xid < pg_snapshot_xmax(pg_current_snapshot()))::text AS c,
        h.pruned_id AS n
 FROM h
 UNION ALL
@@ -230,6 +233,11 @@ enum Polled {
     Reload(&'static str),
 }
 
+/// Why a session reloads that found a pruning mark restored from another cluster
+/// (`Applier::restored`).
+const RESTORED_MARK: &str =
+    "a pruning mark restored from another cluster, which says nothing of what was pruned here";
+
 /// A server as it names itself: its address and port (`inet_server_addr()`,
 /// `inet_server_port()`), empty over a Unix socket.
 fn server_address(host: &str, port: &str) -> String {
@@ -268,6 +276,9 @@ pub struct Applier {
     incarnation: Option<String>,
     /// The address of the last session's server, as it named it (see `session`).
     server: Option<String>,
+    /// This session has loaded since it found a pruning mark restored from another
+    /// cluster (`restored`), which its polls then pass over.
+    restored_mark_passed: bool,
     /// The server process of this session, as its first look found it (`same_backend`).
     backend: Option<i32>,
     /// The server's start time at the last session, for the log.
@@ -376,6 +387,7 @@ impl Applier {
             cursor: None,
             incarnation: None,
             server: None,
+            restored_mark_passed: false,
             backend: None,
             started: None,
             driver: None,
@@ -586,13 +598,17 @@ impl Applier {
             );
         }
         self.started = Some(started);
+        let restored_mark = self.restored(&client).await?;
         if self.cursor.is_none() {
             self.reload(&mut client, &tap, "start", false).await?;
         } else if let Some(why) = recovered {
             self.reload(&mut client, &tap, &why, true).await?;
         } else if let Some(why) = self.reload_due {
             self.reload(&mut client, &tap, why, false).await?;
+        } else if restored_mark {
+            self.reload(&mut client, &tap, RESTORED_MARK, false).await?;
         }
+        self.restored_mark_passed = restored_mark;
         self.reload_due = None;
         // Taken as known only now: a load that failed is tried again at the next session,
         // which would otherwise find the incarnation known and catch up from a cursor the
@@ -1049,6 +1065,70 @@ impl Applier {
         Ok((client, tap, heard_rx, closed))
     }
 
+    /// Whether permd's tables hold transaction ids restored from another cluster (a dump
+    /// of the database restored elsewhere: migration 0007), which no transaction of this
+    /// server wrote: changelog rows (passed over by the lag, and read as ordinary changes
+    /// once this server's ids pass theirs), and a pruning mark, which says nothing about
+    /// what was pruned here. `true` for such a mark, which this session passes over once
+    /// it has loaded (its cursor then past anything pruned before); the warning says how
+    /// to remove both. Where the schema lacks `permd.forget_restored_xids()`, its prune
+    /// could have deleted rows here without moving the mark: an error, which names the fix.
+    async fn restored(&self, client: &Client) -> Result<bool, Error> {
+        let row = self
+            .timed(
+                "the look for restored transaction ids",
+                client.query_one(
+                    "SELECT r.pruned_xid::text, pg_snapshot_xmax(pg_current_snapshot())::text, \
+                        (SELECT max(xid) FROM permd.changelog)::text, \
+                        to_regprocedure('permd.forget_restored_xids()') IS NOT NULL \
+                     FROM permd.retention r LIMIT 1",
+                    &[],
+                ),
+            )
+            .await?;
+        let (mark, next, newest): (String, String, Option<String>) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let forgets: bool = row.try_get(3)?;
+        let next = parse_xid(&next)?;
+        let restored_mark = parse_xid(&mark)? >= next;
+        let newest = newest.as_deref().map(parse_xid).transpose()?;
+        let restored_rows = newest.is_some_and(|newest| newest >= next);
+        if !(restored_mark || restored_rows) {
+            return Ok(false);
+        }
+        let what = match (restored_mark, restored_rows) {
+            (true, true) => format!(
+                "permd.changelog and permd.retention's pruning mark hold transaction ids \
+                 this server has not reached (up to {}, and the mark {mark}; the server is \
+                 at {next})",
+                newest.unwrap_or_default()
+            ),
+            (true, false) => format!(
+                "permd.retention's pruning mark ({mark}) is a transaction id this server \
+                 has not reached (it is at {next})"
+            ),
+            _ => format!(
+                "permd.changelog holds transaction ids this server has not reached (up to \
+                 {}; it is at {next})",
+                newest.unwrap_or_default()
+            ),
+        };
+        let restored = "written in another cluster and restored here (a dump of the \
+                        database restored into another server)";
+        if restored_mark && !forgets {
+            return Err(Error::Restored(format!(
+                "{what}: {restored}; run `permd migrate`, then `SELECT \
+                 permd.prune_changelog()` as the owner of schema permd"
+            )));
+        }
+        tracing::warn!(
+            "{what}: {restored}; permd passes over them, and `SELECT \
+             permd.forget_restored_xids()` (or the next `permd.prune_changelog()`) as the \
+             owner of schema permd removes them"
+        );
+        Ok(restored_mark)
+    }
+
     /// Loads a full snapshot, swaps it in and moves the cursor to its xmin.
     /// `rewind`: the watermark may go down (after a crash, xids below it were reissued).
     async fn reload(
@@ -1259,7 +1339,20 @@ impl Applier {
         );
 
         if cursor < pruned {
-            return Ok(Polled::Reload("changelog pruned past the cursor"));
+            // A mark no transaction of this server could have made was restored from
+            // another cluster (`restored`): passed over once this session has loaded
+            // since it found it; one that appeared since ends the session, whose next
+            // one looks at it first.
+            if pruned.xid < snapshot.xmax() {
+                return Ok(Polled::Reload("changelog pruned past the cursor"));
+            }
+            if !self.restored_mark_passed {
+                return Err(Error::Protocol(format!(
+                    "permd.retention's pruning mark became {} since the session began, \
+                     above every transaction id of this server: reconnecting to look at it",
+                    pruned.xid
+                )));
+            }
         }
         if reload {
             return Ok(Polled::Reload("TRUNCATE in the changelog"));

@@ -120,6 +120,11 @@ impl Snapshot {
         self.xmin
     }
 
+    /// No transaction at or above it had begun.
+    pub(crate) fn xmax(&self) -> u64 {
+        self.xmax
+    }
+
     /// Whether a transaction that committed is visible in this snapshot.
     pub(crate) fn sees(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))

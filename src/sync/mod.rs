@@ -83,6 +83,10 @@ pub enum Error {
          postgres directly"
     )]
     Pooled(String),
+    /// permd's changelog holds a pruning mark restored from another cluster, and the
+    /// schema lacks the function that removes it (`Applier::restored`); says what to do.
+    #[error("{0}; permd retries")]
+    Restored(String),
     /// Logical replication writes permd's tables in a way the changelog cannot follow
     /// (`subscription`); says what to do.
     #[error("logical replication: {0}; permd retries")]
