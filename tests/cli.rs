@@ -647,6 +647,68 @@ async fn a_service_of_the_service_file_names_the_database() {
     assert!(exit.success(), "exit status {exit}");
 }
 
+/// A service changed to name another database of the same server, the daemon's
+/// connection then cut: the next session, which reads the file again, reaches the other
+/// database, and loads it in full ("another database than the last session's"), so
+/// `verify` finds the daemon equal to it. Before (session 60), the server and its
+/// incarnation unchanged, the daemon caught up from the first database's cursor on the
+/// second's changelog and kept the first's rows: `verify` found them differing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_moved_to_another_database_is_loaded_from_it() {
+    let first = database().await;
+    let second = database().await;
+    readers(&first, 3).await;
+    second
+        .exec("INSERT INTO permd.tuples VALUES ('user:9', 'doc:1', 'read', NULL)")
+        .await;
+    let scratch = common::scratch::Scratch::new("moved-service");
+    let file = scratch.join("services");
+    let write_service = |db: &common::TestDb| {
+        let parameters: Vec<String> = db
+            .unix_url
+            .split_whitespace()
+            .map(|pair| pair.replace('\'', ""))
+            .collect();
+        std::fs::write(&file, format!("[permd_it]\n{}\n", parameters.join("\n")))
+            .expect("write the service file");
+    };
+    write_service(&first);
+    let file_text = file.display().to_string();
+    let env = [("PGSERVICEFILE", file_text.as_str())];
+    let (mut running, http) = serve("service=permd_it", &[], &env).await;
+    reads(http, 1);
+
+    write_service(&second);
+    first
+        .exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'permd'",
+        )
+        .await;
+    wait_until("permd to reconnect to the second database", || async {
+        second.sessions_named("permd").await == 1
+    })
+    .await;
+    let permd_url = format!("http://127.0.0.1:{http}");
+    let mut command = verify("postgres://", &permd_url);
+    command.envs(env).env("PGSERVICE", "permd_it");
+    let output = output_within_deadline(command);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, body) = http_get(http, "/v1/status").expect("the status");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("another database than the last session's"),
+        "{body}"
+    );
+    let (exit, _, _) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "exit status {exit}");
+}
+
 /// `permd serve` of `url` over HTTPS with `cert` and `key`, its log to `stderr`, once it
 /// listens (it may not have loaded yet).
 fn serve_https(

@@ -238,31 +238,53 @@ enum Polled {
 const RESTORED_MARK: &str =
     "a pruning mark restored from another cluster, which says nothing of what was pruned here";
 
-/// A server as it names itself: its address and port (`inet_server_addr()`,
-/// `inet_server_port()`), empty over a Unix socket.
-fn server_address(host: &str, port: &str) -> String {
-    match (host.is_empty(), host.contains(':')) {
-        (true, _) => String::new(),
-        (false, true) => format!("[{host}]:{port}"),
-        (false, false) => format!("{host}:{port}"),
-    }
+/// Where a session's statements ran: the server as it names itself (its address and
+/// port, `inet_server_addr()` and `inet_server_port()`; empty over a Unix socket) and the
+/// database (its name and oid, which a database dropped and created again changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Place {
+    server: String,
+    database: String,
+    oid: String,
 }
 
-/// Why a session reloads on the server at `now` where the last session's was at `last`,
-/// if the two differ.
-fn moved(last: &str, now: &str) -> Option<String> {
-    let named = |address: &str| match address {
-        "" => "a Unix socket".to_owned(),
-        address => address.to_owned(),
-    };
-    (last != now).then(|| {
-        format!(
-            "another server than the last session's ({}, now {}), which need not hold all \
-             the last one held",
-            named(last),
-            named(now)
-        )
-    })
+impl Place {
+    fn new(host: &str, port: &str, database: String, oid: String) -> Self {
+        let server = match (host.is_empty(), host.contains(':')) {
+            (true, _) => String::new(),
+            (false, true) => format!("[{host}]:{port}"),
+            (false, false) => format!("{host}:{port}"),
+        };
+        Self {
+            server,
+            database,
+            oid,
+        }
+    }
+
+    /// Why a session at `now` reloads where the last session's was here, if it is
+    /// elsewhere: another server, or another database.
+    fn moved_to(&self, now: &Place) -> Option<String> {
+        let named = |server: &str| match server {
+            "" => "a Unix socket".to_owned(),
+            server => server.to_owned(),
+        };
+        if self.server != now.server {
+            return Some(format!(
+                "another server than the last session's ({}, now {}), which need not hold \
+                 all the last one held",
+                named(&self.server),
+                named(&now.server)
+            ));
+        }
+        (self.oid != now.oid).then(|| {
+            format!(
+                "another database than the last session's ({}, oid {}, now {}, oid {}): \
+                 dropped and created again, or another one named",
+                self.database, self.oid, now.database, now.oid
+            )
+        })
+    }
 }
 
 /// The sync task. Owns the cursor; the only writer of the store.
@@ -274,8 +296,8 @@ pub struct Applier {
     cursor: Option<Cursor>,
     /// The server incarnation of the last session: what a crash changes (see `session`).
     incarnation: Option<String>,
-    /// The address of the last session's server, as it named it (see `session`).
-    server: Option<String>,
+    /// Where the last session's statements ran (see `session`).
+    place: Option<Place>,
     /// This session has loaded since it found a pruning mark restored from another
     /// cluster (`restored`), which its polls then pass over.
     restored_mark_passed: bool,
@@ -386,7 +408,7 @@ impl Applier {
             config,
             cursor: None,
             incarnation: None,
-            server: None,
+            place: None,
             restored_mark_passed: false,
             backend: None,
             started: None,
@@ -562,7 +584,8 @@ impl Applier {
         // statistics reset at another time too, and needs the same reload: it need not
         // hold all the last one held, nor continue its transaction ids. Which of the two
         // it was, by the address the server gives (none over a Unix socket), is only said,
-        // never decided on.
+        // never decided on. Another database of the same server (its oid) is reloaded
+        // from too, saying so.
         let row = self
             .timed(
                 "the server's start time",
@@ -571,25 +594,33 @@ impl Applier {
                         coalesce(extract(epoch FROM \
                             (SELECT stats_reset FROM pg_stat_bgwriter))::text, ''), \
                         coalesce(host(inet_server_addr()), ''), \
-                        coalesce(inet_server_port()::text, '')",
+                        coalesce(inet_server_port()::text, ''), current_database()::text, \
+                        (SELECT oid FROM pg_database WHERE datname = current_database())::text",
                     &[],
                 ),
             )
             .await?;
         let (started, stats_reset): (String, String) = (row.try_get(0)?, row.try_get(1)?);
-        let server = server_address(row.try_get(2)?, row.try_get(3)?);
+        let place = Place::new(
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+            row.try_get(5)?,
+        );
         let incarnation = if stats_reset.is_empty() {
             format!("started {started}")
         } else {
             format!("statistics reset {stats_reset}")
         };
+        let moved = self.place.as_ref().and_then(|last| last.moved_to(&place));
         let recovered = match &self.incarnation {
-            Some(known) if *known != incarnation => Some(
-                (self.server.as_ref())
-                    .and_then(|last| moved(last, &server))
-                    .unwrap_or_else(|| "postgres recovered from a crash".into()),
-            ),
-            _ => None,
+            Some(known) if *known != incarnation => {
+                Some(moved.unwrap_or_else(|| "postgres recovered from a crash".into()))
+            }
+            // The same server, another database (a service or a name that now leads to
+            // another, one dropped and created again under the same name): nothing of
+            // its changelog follows from the last one's cursor.
+            _ => moved,
         };
         if self.started.as_ref().is_some_and(|known| *known != started) && recovered.is_none() {
             tracing::info!(
@@ -614,7 +645,7 @@ impl Applier {
         // which would otherwise find the incarnation known and catch up from a cursor the
         // crash may have passed.
         self.incarnation = Some(incarnation);
-        self.server = Some(server);
+        self.place = Some(place);
         // The watermark holds: the server did not recover from a crash since the last
         // session, or the load has rewound it.
         self.store.confirm();
@@ -1502,21 +1533,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn another_server_is_told_from_a_crash_by_its_address() {
-        assert_eq!(server_address("10.0.0.1", "5432"), "10.0.0.1:5432");
-        assert_eq!(server_address("::1", "5432"), "[::1]:5432");
-        assert_eq!(server_address("", ""), "");
-        // The same server: a changed incarnation is a crash.
-        assert_eq!(moved("10.0.0.1:5432", "10.0.0.1:5432"), None);
-        assert_eq!(moved("", ""), None);
+    fn another_server_or_database_is_told_from_a_crash() {
+        let place =
+            |host: &str, port: &str, oid: &str| Place::new(host, port, "app".into(), oid.into());
+        let primary = place("10.0.0.1", "5432", "16384");
+        assert_eq!(primary.server, "10.0.0.1:5432");
+        assert_eq!(place("::1", "5432", "1").server, "[::1]:5432");
+        assert_eq!(place("", "", "1").server, "");
+        // The same place: a changed incarnation is a crash.
+        assert_eq!(primary.moved_to(&primary.clone()), None);
         assert_eq!(
-            moved("10.0.0.1:5432", "10.0.0.2:5432").as_deref(),
+            primary
+                .moved_to(&place("10.0.0.2", "5432", "16384"))
+                .as_deref(),
             Some(
                 "another server than the last session's (10.0.0.1:5432, now 10.0.0.2:5432), \
                  which need not hold all the last one held"
             )
         );
-        assert!(moved("", "10.0.0.1:5432")
+        assert_eq!(
+            primary
+                .moved_to(&place("10.0.0.1", "5432", "16390"))
+                .as_deref(),
+            Some(
+                "another database than the last session's (app, oid 16384, now app, oid \
+                 16390): dropped and created again, or another one named"
+            )
+        );
+        assert!(place("", "", "1")
+            .moved_to(&primary)
             .is_some_and(|why| why.contains("(a Unix socket, now 10.0.0.1:5432)")));
     }
 
