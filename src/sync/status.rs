@@ -211,7 +211,10 @@ impl Status {
     }
 
     /// Everything below the horizon is applied. `waiting_since`: committed changes have
-    /// been waiting behind an open transaction since then, so the mirror is that old. On
+    /// been waiting behind an open transaction since then (by the server's clock, which
+    /// wrote it: taken to this host's by the skew last measured, so that a server whose
+    /// clock is behind does not make the mirror look that much older), so the mirror is
+    /// that old. On
     /// a standby the mirror is also as old as the standby (as the last look at it found:
     /// the standby is at least that current now); while that is not known, the mirror
     /// is not known to be any more current than before.
@@ -222,8 +225,13 @@ impl Status {
             UNBOUNDED => Some(now),
             at => Some(at.min(now)),
         };
+        let skew = if self.inner.clock_measured.load(Ordering::Relaxed) {
+            self.inner.clock_skew.load(Ordering::Relaxed)
+        } else {
+            0
+        };
         if let Some(upstream) = upstream {
-            let at = waiting_since.map_or(upstream, |since| since.min(upstream));
+            let at = waiting_since.map_or(upstream, |since| (since - skew).min(upstream));
             self.inner.caught_up_at.store(at, Ordering::Relaxed);
         }
         *self
@@ -358,6 +366,27 @@ mod tests {
         status.caught_up(Some(now_micros() - 60_000_000));
         assert!(status.ready(5.0).now_or_never().is_none());
         assert!(status.ready(120.0).now_or_never().is_some());
+    }
+
+    #[test]
+    fn changes_waiting_are_aged_by_this_hosts_clock() {
+        let lag_after = |skew_seconds: Option<i64>, waited_seconds: i64| {
+            let status = Status::default();
+            status.full_load_done(10, "start");
+            if let Some(skew) = skew_seconds {
+                status.set_clock_skew(skew * 1_000_000);
+            }
+            // The server wrote the time by its own clock, `skew` from this host's.
+            let server_now = now_micros() + skew_seconds.unwrap_or(0) * 1_000_000;
+            status.caught_up(Some(server_now - waited_seconds * 1_000_000));
+            status.lag_seconds().expect("caught up")
+        };
+        // A server 30 s behind: changes that waited 2 s are 2 s old, not 32.
+        assert!((2.0..3.0).contains(&lag_after(Some(-30), 2)));
+        // 30 s ahead: 2 s, not none.
+        assert!((2.0..3.0).contains(&lag_after(Some(30), 2)));
+        // Before the first measurement, the server's clock is taken as this host's.
+        assert!((2.0..3.0).contains(&lag_after(None, 2)));
     }
 
     #[test]
