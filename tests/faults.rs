@@ -753,6 +753,82 @@ async fn transaction_ids_restored_from_another_cluster_are_passed_over() {
     refused.stop().await;
 }
 
+/// Rows deleted from the changelog by hand (`DELETE`, `TRUNCATE`: an operator reclaiming
+/// its space without `permd.prune_changelog()`) before a daemon read them: migration
+/// 0008's trigger moves the pruning mark past them, so the daemon loads in full rather than
+/// skip their changes. Here the daemon polls once an hour and the writes ring no doorbell,
+/// so it has read none of them when they go; a read-your-writes check then wakes it.
+/// Before (session 60), that check was answered from a mirror without the write: denied,
+/// for good. Then rows deleted by hand above the horizon, while an older transaction stays
+/// open: the daemon loads once, not at every poll (the mark its load saw is passed over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_rows_deleted_by_hand_are_not_skipped() {
+    let db = database().await;
+    let mut sync = SyncConfig::new(&db.url);
+    sync.poll_interval = Duration::from_secs(3600);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let quiet = |subject: &str| {
+        format!(
+            "SET LOCAL permd.notify = off;
+             INSERT INTO permd.tuples VALUES ('{subject}', 'doc', 'read', NULL)"
+        )
+    };
+    for (round, delete) in [
+        "DELETE FROM permd.changelog WHERE created_at <= now()",
+        "TRUNCATE permd.changelog",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let subject = format!("hand{round}");
+        let token = db.write(&quiet(&subject)).await;
+        db.exec(delete).await;
+        assert!(
+            daemon.check(&subject, "read", "doc", &token).await,
+            "{delete}"
+        );
+        assert_eq!(daemon.status.report().reloads, round as u64 + 2, "{delete}");
+    }
+
+    let (held, _) = db.open_write("SELECT pg_current_xact_id()").await;
+    let above = db.write(&quiet("above")).await;
+    db.exec("DELETE FROM permd.changelog").await;
+    // A read-your-writes check of it waits for the older transaction, and keeps the
+    // applier polling meanwhile: the first poll finds the mark moved and loads (which
+    // brings the write in), the others find the mark that load saw.
+    let waiting = tokio::spawn({
+        let api = daemon.api.clone();
+        let uri = format!("/v1/check?subject=above&permission=read&object=doc&at_least={above}");
+        async move {
+            let request = Request::get(uri).body(Body::empty()).expect("a request");
+            common::send(&api, request).await
+        }
+    });
+    daemon
+        .wait_for("the load that brings the write in", || {
+            daemon.store.check("above", "read", "doc")
+        })
+        .await;
+    let polls = daemon.status.report().polls;
+    daemon
+        .wait_for("ten polls more", || {
+            daemon.status.report().polls >= polls + 10
+        })
+        .await;
+    assert_eq!(
+        daemon.status.report().reloads,
+        4,
+        "one load, not one a poll"
+    );
+    held.commit().await.expect("commit");
+    let (status, body) = waiting.await.expect("the waiting check");
+    assert_eq!(
+        (status, body["allowed"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_forced_reloads_during_concurrent_writes() {
     let db = database().await;

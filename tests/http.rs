@@ -682,6 +682,7 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_reloads_total 0",
         "permd_compactions_total 0",
         "permd_reconnects_total 0",
+        "permd_polls_total 0",
         "permd_names_since_load 0",
         "permd_unused_packed_bytes 0",
         "permd_unused_heap_list_bytes 0",

@@ -532,6 +532,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "compactions": report.compactions,
         "last_compaction_ms": report.last_compaction_ms,
         "reconnects": report.reconnects,
+        "polls": report.polls,
         "following": report.following,
         "standby": report.standby,
         "standby_lag_seconds": report.standby_lag_seconds,

@@ -215,7 +215,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 30] = [
+        let gauges: [(&str, &str, &str, f64); 31] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -278,6 +278,7 @@ impl Metrics {
             ("permd_reloads_total", "counter", "Full loads, the first included.", report.reloads as f64),
             ("permd_compactions_total", "counter", "Generations rebuilt from memory to reclaim what writes left behind (--compaction-pct).", report.compactions as f64),
             ("permd_reconnects_total", "counter", "Sync connections lost and re-established.", report.reconnects as f64),
+            ("permd_polls_total", "counter", "Polls of the changelog (on each doorbell not followed, on the timer, and while a read-your-writes check waits).", report.polls as f64),
             ("permd_standby", "gauge", "1 while the sync connection reads a standby, where changes arrive by the poll after replay (no LISTEN).", f64::from(u8::from(report.standby))),
             ("permd_following", "gauge", "1 while committed changes are applied from their notifications, before the poll reads them.", f64::from(u8::from(report.following))),
             ("permd_notified_changes_total", "counter", "Statements applied from their notifications.", report.notified_changes as f64),

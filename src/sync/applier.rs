@@ -298,9 +298,10 @@ pub struct Applier {
     incarnation: Option<String>,
     /// Where the last session's statements ran (see `session`).
     place: Option<Place>,
-    /// This session has loaded since it found a pruning mark restored from another
-    /// cluster (`restored`), which its polls then pass over.
-    restored_mark_passed: bool,
+    /// The changelog's pruning mark as the last full load's snapshot saw it: what it
+    /// records was deleted before that load, which holds those changes, so only a mark
+    /// moved since says a change may have been missed.
+    mark_at_load: Cursor,
     /// The server process of this session, as its first look found it (`same_backend`).
     backend: Option<i32>,
     /// The server's start time at the last session, for the log.
@@ -409,7 +410,7 @@ impl Applier {
             cursor: None,
             incarnation: None,
             place: None,
-            restored_mark_passed: false,
+            mark_at_load: Cursor::default(),
             backend: None,
             started: None,
             driver: None,
@@ -636,10 +637,9 @@ impl Applier {
             self.reload(&mut client, &tap, &why, true).await?;
         } else if let Some(why) = self.reload_due {
             self.reload(&mut client, &tap, why, false).await?;
-        } else if restored_mark {
+        } else if restored_mark.is_some_and(|mark| mark != self.mark_at_load) {
             self.reload(&mut client, &tap, RESTORED_MARK, false).await?;
         }
-        self.restored_mark_passed = restored_mark;
         self.reload_due = None;
         // Taken as known only now: a load that failed is tried again at the next session,
         // which would otherwise find the incarnation known and catch up from a cursor the
@@ -1100,16 +1100,17 @@ impl Applier {
     /// of the database restored elsewhere: migration 0007), which no transaction of this
     /// server wrote: changelog rows (passed over by the lag, and read as ordinary changes
     /// once this server's ids pass theirs), and a pruning mark, which says nothing about
-    /// what was pruned here. `true` for such a mark, which this session passes over once
-    /// it has loaded (its cursor then past anything pruned before); the warning says how
-    /// to remove both. Where the schema lacks `permd.forget_restored_xids()`, its prune
+    /// what was pruned here. Such a mark is returned: the session loads unless its last
+    /// load saw it (its cursor then past anything pruned before), and its polls pass over
+    /// it (`mark_at_load`); the warning says how to remove both. Where the schema lacks `permd.forget_restored_xids()`, its prune
     /// could have deleted rows here without moving the mark: an error, which names the fix.
-    async fn restored(&self, client: &Client) -> Result<bool, Error> {
+    async fn restored(&self, client: &Client) -> Result<Option<Cursor>, Error> {
         let row = self
             .timed(
                 "the look for restored transaction ids",
                 client.query_one(
-                    "SELECT r.pruned_xid::text, pg_snapshot_xmax(pg_current_snapshot())::text, \
+                    "SELECT r.pruned_xid::text, r.pruned_id, \
+                        pg_snapshot_xmax(pg_current_snapshot())::text, \
                         (SELECT max(xid) FROM permd.changelog)::text, \
                         to_regprocedure('permd.forget_restored_xids()') IS NOT NULL \
                      FROM permd.retention r LIMIT 1",
@@ -1117,15 +1118,23 @@ impl Applier {
                 ),
             )
             .await?;
-        let (mark, next, newest): (String, String, Option<String>) =
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-        let forgets: bool = row.try_get(3)?;
+        let (mark, mark_id, next, newest): (String, i64, String, Option<String>) = (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        );
+        let forgets: bool = row.try_get(4)?;
         let next = parse_xid(&next)?;
-        let restored_mark = parse_xid(&mark)? >= next;
+        let pruned = Cursor {
+            xid: parse_xid(&mark)?,
+            id: mark_id,
+        };
+        let restored_mark = pruned.xid >= next;
         let newest = newest.as_deref().map(parse_xid).transpose()?;
         let restored_rows = newest.is_some_and(|newest| newest >= next);
         if !(restored_mark || restored_rows) {
-            return Ok(false);
+            return Ok(None);
         }
         let what = match (restored_mark, restored_rows) {
             (true, true) => format!(
@@ -1157,7 +1166,7 @@ impl Applier {
              permd.forget_restored_xids()` (or the next `permd.prune_changelog()`) as the \
              owner of schema permd removes them"
         );
-        Ok(restored_mark)
+        Ok(restored_mark.then_some(pruned))
     }
 
     /// Loads a full snapshot, swaps it in and moves the cursor to its xmin.
@@ -1175,6 +1184,7 @@ impl Applier {
             state,
             snapshot,
             rows,
+            mark,
         } = loader::load(client, tap, self.config.shard, self.config.query_timeout).await?;
         let xmin = Xid(snapshot.xmin());
         let old = self.store.replace(state);
@@ -1182,6 +1192,7 @@ impl Applier {
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
+        self.mark_at_load = mark;
         let took = started.elapsed();
         self.last_load = Some((Instant::now(), took));
         // Count the load before the watermark moves, so whoever sees the new watermark
@@ -1297,6 +1308,7 @@ impl Applier {
                 client.query(poll, &[&xid, &cursor.id, &self.config.batch_rows]),
             )
             .await?;
+        self.status.polled();
 
         let mut snapshot = None;
         let mut pruned = Cursor::default();
@@ -1369,21 +1381,21 @@ impl Applier {
             "polled the changelog"
         );
 
-        if cursor < pruned {
-            // A mark no transaction of this server could have made was restored from
-            // another cluster (`restored`): passed over once this session has loaded
-            // since it found it; one that appeared since ends the session, whose next
-            // one looks at it first.
+        // A mark the last load saw records deletions that load holds the changes of
+        // (rows deleted above its horizon by hand included: reloading for them would load
+        // again at every poll while an older transaction stays open). A mark no
+        // transaction of this server could have made was restored from another cluster
+        // (`restored`); one that became so since the load ends the session, whose next one
+        // looks at it first.
+        if cursor < pruned && pruned != self.mark_at_load {
             if pruned.xid < snapshot.xmax() {
                 return Ok(Polled::Reload("changelog pruned past the cursor"));
             }
-            if !self.restored_mark_passed {
-                return Err(Error::Protocol(format!(
-                    "permd.retention's pruning mark became {} since the session began, \
-                     above every transaction id of this server: reconnecting to look at it",
-                    pruned.xid
-                )));
-            }
+            return Err(Error::Protocol(format!(
+                "permd.retention's pruning mark became {} since the last full load, above \
+                 every transaction id of this server: reconnecting to look at it",
+                pruned.xid
+            )));
         }
         if reload {
             return Ok(Polled::Reload("TRUNCATE in the changelog"));

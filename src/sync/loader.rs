@@ -14,7 +14,7 @@ use tokio_postgres::{Client, IsolationLevel};
 use super::copy::{int8, text, timestamptz, CopyParser};
 use super::follow::Snapshot;
 use super::tap::Tap;
-use super::Error;
+use super::{parse_xid, Cursor, Error};
 use crate::shard::Shard;
 use crate::store::{State, StateBuilder};
 
@@ -35,6 +35,9 @@ pub(crate) struct Loaded {
     /// xmin, and some later ones).
     pub(crate) snapshot: Snapshot,
     pub(crate) rows: u64,
+    /// The changelog's pruning mark in the load's snapshot: what it records was deleted
+    /// before the load, whose state holds those changes.
+    pub(crate) mark: Cursor,
 }
 
 /// Loads everything in one snapshot. The returned `xmin` is where the changelog cursor
@@ -66,7 +69,9 @@ pub(crate) async fn load(
             .query_one(
                 "SELECT pg_current_snapshot()::text, \
                         (SELECT greatest(reltuples, 0)::bigint FROM pg_class \
-                         WHERE oid = 'permd.tuples'::regclass)",
+                         WHERE oid = 'permd.tuples'::regclass), \
+                        coalesce(r.pruned_xid::text, '0'), coalesce(r.pruned_id, 0) \
+                 FROM (SELECT) one LEFT JOIN permd.retention r ON true LIMIT 1",
                 &[],
             )
             .await?;
@@ -78,6 +83,10 @@ pub(crate) async fn load(
     };
     let (tx, row) = watched(begin, &progress, stall).await?;
     let snapshot = Snapshot::parse(row.get::<_, &str>(0))?;
+    let mark = Cursor {
+        xid: parse_xid(row.get::<_, &str>(2))?,
+        id: row.get(3),
+    };
     let estimate = usize::try_from(row.get::<_, i64>(1) / i64::from(shard.count())).unwrap_or(0);
 
     // The tap on the connection's socket takes each COPY's rows off the wire and sends
@@ -110,6 +119,7 @@ pub(crate) async fn load(
         state,
         snapshot,
         rows,
+        mark,
     })
 }
 

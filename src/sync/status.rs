@@ -28,6 +28,8 @@ struct Inner {
     last_compaction_ms: AtomicU64,
     compactions: AtomicU64,
     reconnects: AtomicU64,
+    /// Polls of the changelog.
+    polls: AtomicU64,
     /// Changes are being applied from the notifications as they arrive.
     following: AtomicBool,
     /// The server is a standby (in recovery).
@@ -102,6 +104,8 @@ pub struct StatusReport {
     pub last_compaction_ms: u64,
     /// Connections lost and re-established since start.
     pub reconnects: u64,
+    /// Polls of the changelog since start.
+    pub polls: u64,
     /// Committed changes are applied as their notifications arrive, before the poll
     /// reads them from the changelog (false with NOTIFY off, and for a moment after a
     /// reconnect or a statement too large for a notification).
@@ -154,6 +158,7 @@ impl Status {
             compactions: i.compactions.load(Ordering::Relaxed),
             last_compaction_ms: i.last_compaction_ms.load(Ordering::Relaxed),
             reconnects: i.reconnects.load(Ordering::Relaxed),
+            polls: i.polls.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
             standby: i.standby.load(Ordering::Relaxed),
             standby_lag_seconds: match i.upstream_at.load(Ordering::Relaxed) {
@@ -306,6 +311,11 @@ impl Status {
     /// A notification was dropped: too many waited for the applier.
     pub(crate) fn dropped(&self) {
         self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A poll of the changelog was answered.
+    pub(crate) fn polled(&self) {
+        self.inner.polls.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn reconnected(&self) {
