@@ -1534,6 +1534,71 @@ async fn replica() -> Replica {
     }
 }
 
+/// A full load on a standby cancelled by a conflict with replay: the standby's primary
+/// vacuumed away rows the load's snapshot still reads, and the standby, set not to wait
+/// (`max_standby_streaming_delay = 0`, no `hot_standby_feedback`), cancelled the load to
+/// replay on (a large load on a standby whose primary is busy meets the same once it takes
+/// longer than the 30 s default). The load is held by a proxy in the middle of its COPY
+/// while the primary deletes and vacuums. The error says what to set, and permd loads at
+/// its next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_cancelled_by_replay_on_a_standby_says_what_to_set() {
+    let primary = own_cluster(None);
+    let standby = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+        unsafe_fast: true,
+        standby_of: Some(primary.port()),
+        settings: vec![
+            "max_standby_streaming_delay=0".into(),
+            "hot_standby_feedback=off".into(),
+        ],
+        ..Default::default()
+    })
+    .expect("start a standby");
+    let db = database_on(&primary).await;
+    fill_a_long_copy(&db).await;
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let on_standby = standby.url(name);
+    wait_until("the standby to replay the rows", || {
+        let url = on_standby.clone();
+        async move {
+            let Ok(pool) = permd::db::pool(&url).await else {
+                return false;
+            };
+            let replayed: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
+                .fetch_one(&pool)
+                .await;
+            pool.close().await;
+            replayed.is_ok_and(|n| n == 300_000)
+        }
+    })
+    .await;
+    let (proxy, url) = Proxy::in_front_of(&on_standby, 1 << 20).await;
+    let daemon = TestDaemon::spawn(SyncConfig::new(&url), patient());
+    wait_until("the load's COPY to be held", || {
+        std::future::ready(proxy.frozen().is_some())
+    })
+    .await;
+    db.exec("DELETE FROM permd.tuples WHERE subject = 'user:1'")
+        .await;
+    db.exec("VACUUM permd.tuples").await;
+    proxy
+        .frozen()
+        .expect("the held connection")
+        .resumed
+        .cancel();
+    let error = daemon.failed_attempts(1).await;
+    assert!(
+        error.contains("conflict with recovery") && error.contains("hot_standby_feedback"),
+        "{error}"
+    );
+    daemon
+        .wait_for_report("the load at the next attempt", |report| report.loaded)
+        .await;
+    let token = db.write("SELECT 1").await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// permd on a standby is as current as the standby: when the standby's replay is held
 /// while its primary writes, or it loses its primary, permd's lag grows past the limit
 /// (not ready), and it is current again once the standby is. Both for a role that may see

@@ -1499,7 +1499,17 @@ impl Applier {
 
 /// What an operator can do about `error`, where Postgres's own message does not say.
 fn hint(error: &Error) -> Option<&'static str> {
+    let says = |e: &tokio_postgres::Error, what: &str| {
+        e.as_db_error().is_some_and(|e| e.message().contains(what))
+    };
     match error {
+        Error::Postgres(e) if says(e, "conflict with recovery") => Some(
+            "the standby cancelled permd's read to replay its primary's changes, which \
+             removed rows the read still needed (a full load on a standby whose primary \
+             vacuums meanwhile): set hot_standby_feedback = on on the standby, or raise its \
+             max_standby_streaming_delay (30 s by default) above a full load's time; permd \
+             retries",
+        ),
         Error::Postgres(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Some(
             "another session holds a lock on a table permd reads, e.g. LOCK TABLE, ALTER TABLE \
              or VACUUM FULL on permd.tuples; pg_locks shows which; permd retries",
@@ -1521,8 +1531,7 @@ fn hint(error: &Error) -> Option<&'static str> {
         }
         Error::Postgres(e)
             if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
-                && e.as_db_error()
-                    .is_some_and(|e| e.message().contains("row-level security")) =>
+                && says(e, "row-level security") =>
         {
             Some(
                 "row-level security on permd's tables would hide rows from permd's role, \
