@@ -1534,6 +1534,35 @@ async fn replica() -> Replica {
     }
 }
 
+/// permd's tables dropped and created again under a running daemon (`DROP SCHEMA permd
+/// CASCADE`, `permd migrate` again, the set written anew: what restoring the schema from a
+/// dump with `pg_restore --clean` does): the daemon loads the new tables in full. Before
+/// (session 60), its poll, which names the tables, read the new changelog from the old
+/// one's cursor, and the daemon kept the old set's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permd_tables_created_again_are_loaded_in_full() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('user:old', 'doc', 'read', NULL)")
+        .await;
+    let daemon = TestDaemon::start(&db.url).await;
+    assert!(daemon.store.check("user:old", "read", "doc"));
+    db.exec("DROP SCHEMA permd CASCADE; DROP TABLE _sqlx_migrations")
+        .await;
+    permd::db::migrate(&db.pool).await.expect("migrate again");
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:new', 'doc', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert!(!daemon.store.check("user:old", "read", "doc"));
+    let report = daemon.status.report();
+    assert_eq!(
+        report.last_full_load_reason.as_deref(),
+        Some("permd's tables were created again since the last full load"),
+        "{report:?}"
+    );
+    daemon.stop().await;
+}
+
 /// A full load on a standby cancelled by a conflict with replay: the standby's primary
 /// vacuumed away rows the load's snapshot still reads, and the standby, set not to wait
 /// (`max_standby_streaming_delay = 0`, no `hot_standby_feedback`), cancelled the load to

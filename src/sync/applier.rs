@@ -159,8 +159,10 @@ pub const SESSION: &str =
 /// - `t`: a current tuple of a changed key: a = subject, b = object, c = permission,
 ///   n = expires_at (µs since the epoch, NULL = never)
 /// - `l`: a current limit of a changed subject: a = subject, c = name, n = value
-/// - `p` (one row): n = the server process of the session (`Applier::same_backend`)
-pub const POLL: &str = "
+/// - `p` (one row): n = the server process of the session (`Applier::same_backend`),
+///   a = permd's tables as they are now (`permd_tables_sql`)
+pub const POLL: &str = concat!(
+    "
 WITH h AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, r.pruned_xid, r.pruned_id
     FROM permd.retention r
@@ -207,8 +209,11 @@ SELECT 'l', l.subject, NULL, l.name, l.value
 FROM (SELECT DISTINCT subject FROM k WHERE kind = 'l') s
 JOIN permd.limits l ON l.subject = s.subject
 UNION ALL
-SELECT 'p', NULL, NULL, NULL, pg_backend_pid()::int8
-";
+SELECT 'p', ",
+    crate::permd_tables_sql!(),
+    ", NULL, NULL, pg_backend_pid()::int8
+"
+);
 
 /// [`POLL`] for the daemon of `shard`: the changed keys of other shards' subjects are
 /// passed over (their rows never read), reload markers kept.
@@ -302,6 +307,8 @@ pub struct Applier {
     /// records was deleted before that load, which holds those changes, so only a mark
     /// moved since says a change may have been missed.
     mark_at_load: Cursor,
+    /// permd's tables as the last full load found them (`permd_tables_sql`).
+    tables_at_load: String,
     /// The server process of this session, as its first look found it (`same_backend`).
     backend: Option<i32>,
     /// The server's start time at the last session, for the log.
@@ -411,6 +418,7 @@ impl Applier {
             incarnation: None,
             place: None,
             mark_at_load: Cursor::default(),
+            tables_at_load: String::new(),
             backend: None,
             started: None,
             driver: None,
@@ -1185,6 +1193,7 @@ impl Applier {
             snapshot,
             rows,
             mark,
+            tables,
         } = loader::load(client, tap, self.config.shard, self.config.query_timeout).await?;
         let xmin = Xid(snapshot.xmin());
         let old = self.store.replace(state);
@@ -1193,6 +1202,7 @@ impl Applier {
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
         self.mark_at_load = mark;
+        self.tables_at_load = tables;
         let took = started.elapsed();
         self.last_load = Some((Instant::now(), took));
         // Count the load before the watermark moves, so whoever sees the new watermark
@@ -1319,6 +1329,7 @@ impl Applier {
         let mut reload = false;
         let mut pending_since: Option<i64> = None;
         let mut backend = None;
+        let mut tables = String::new();
         for row in &rows {
             let tag: &str = row.try_get(0)?;
             let a: Option<String> = row.try_get(1)?;
@@ -1364,7 +1375,10 @@ impl Applier {
                     .entry(a)
                     .or_default()
                     .push((c.unwrap_or_default(), n.unwrap_or(0))),
-                "p" => backend = n,
+                "p" => {
+                    backend = n;
+                    tables = a;
+                }
                 other => return Err(Error::Protocol(format!("unknown poll row tag {other:?}"))),
             }
         }
@@ -1381,6 +1395,14 @@ impl Applier {
             "polled the changelog"
         );
 
+        // Tables dropped and created again (a schema restored over them, `DROP SCHEMA
+        // permd` and `permd migrate` again) hold another set, and their changelog starts
+        // anew: nothing of them follows from the cursor.
+        if tables != self.tables_at_load {
+            return Ok(Polled::Reload(
+                "permd's tables were created again since the last full load",
+            ));
+        }
         // A mark the last load saw records deletions that load holds the changes of
         // (rows deleted above its horizon by hand included: reloading for them would load
         // again at every poll while an older transaction stays open). A mark no

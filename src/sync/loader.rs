@@ -38,6 +38,8 @@ pub(crate) struct Loaded {
     /// The changelog's pruning mark in the load's snapshot: what it records was deleted
     /// before the load, whose state holds those changes.
     pub(crate) mark: Cursor,
+    /// permd's tables as the load found them (`permd_tables_sql`).
+    pub(crate) tables: String,
 }
 
 /// Loads everything in one snapshot. The returned `xmin` is where the changelog cursor
@@ -67,11 +69,14 @@ pub(crate) async fn load(
         // The first statement fixes the snapshot of the whole transaction.
         let row = tx
             .query_one(
-                "SELECT pg_current_snapshot()::text, \
+                concat!(
+                    "SELECT pg_current_snapshot()::text, \
                         (SELECT greatest(reltuples, 0)::bigint FROM pg_class \
                          WHERE oid = 'permd.tuples'::regclass), \
-                        coalesce(r.pruned_xid::text, '0'), coalesce(r.pruned_id, 0) \
-                 FROM (SELECT) one LEFT JOIN permd.retention r ON true LIMIT 1",
+                        coalesce(r.pruned_xid::text, '0'), coalesce(r.pruned_id, 0), ",
+                    crate::permd_tables_sql!(),
+                    " FROM (SELECT) one LEFT JOIN permd.retention r ON true LIMIT 1"
+                ),
                 &[],
             )
             .await?;
@@ -87,6 +92,7 @@ pub(crate) async fn load(
         xid: parse_xid(row.get::<_, &str>(2))?,
         id: row.get(3),
     };
+    let tables = row.get(4);
     let estimate = usize::try_from(row.get::<_, i64>(1) / i64::from(shard.count())).unwrap_or(0);
 
     // The tap on the connection's socket takes each COPY's rows off the wire and sends
@@ -120,6 +126,7 @@ pub(crate) async fn load(
         snapshot,
         rows,
         mark,
+        tables,
     })
 }
 

@@ -181,6 +181,18 @@ impl SyncConfig {
     }
 }
 
+/// The SQL that names permd's tables as they are now (their oids, by name at each run, so
+/// that a statement prepared before they were dropped and created again, or a schema
+/// restored over them, sees the new ones): what a full load and each poll compare.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! permd_tables_sql {
+    () => {
+        "concat_ws(',', to_regclass('permd.tuples')::oid, to_regclass('permd.limits')::oid, \
+         to_regclass('permd.changelog')::oid, to_regclass('permd.retention')::oid)"
+    };
+}
+
 /// A position in the changelog: every row at or below it has been applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub(crate) struct Cursor {
