@@ -1563,6 +1563,55 @@ async fn permd_tables_created_again_are_loaded_in_full() {
     daemon.stop().await;
 }
 
+/// A writing transaction left open holds the changelog's horizon: a read-your-writes
+/// check of a later write that waits past `--max-wait-ms` says which transaction it waited
+/// behind, as `/v1/status` does (`held_back_by_xid`), and both clear once it ends. On a
+/// cluster of its own, where no other test's transaction is the oldest open one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_held_back_by_an_open_transaction_names_it() {
+    let cluster = own_cluster(None);
+    let db = database_on(&cluster).await;
+    let http = HttpConfig {
+        max_wait: Duration::from_millis(200),
+        ..HttpConfig::default()
+    };
+    let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), http).await;
+    let (held, held_xid) = db.open_write("SELECT 1").await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('late', 'doc', 'read', NULL)")
+        .await;
+    daemon
+        .wait_for_report("a poll that finds the horizon held", |report| {
+            report.held_back_by_xid.map(|xid| xid.to_string()) == Some(held_xid.clone())
+        })
+        .await;
+    let check = format!("/v1/check?subject=late&permission=read&object=doc&at_least={token}");
+    let (status, body) = daemon.get(&check).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "stale", "{body}");
+    assert_eq!(body["held_back_by_xid"], held_xid.as_str(), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("transaction {held_xid}, still open"))),
+        "{body}"
+    );
+    let (_, status) = daemon.get("/v1/status").await;
+    assert_eq!(status["held_back_by_xid"], held_xid.as_str(), "{status}");
+
+    held.commit().await.expect("commit");
+    wait_until("the check answered once the transaction ended", || async {
+        daemon.get(&check).await.0 == StatusCode::OK
+    })
+    .await;
+    daemon
+        .wait_for_report("nothing held back", |report| {
+            report.held_back_by_xid.is_none()
+        })
+        .await;
+    daemon.stop().await;
+}
+
 /// A full load on a standby cancelled by a conflict with replay: the standby's primary
 /// vacuumed away rows the load's snapshot still reads, and the standby, set not to wait
 /// (`max_standby_streaming_delay = 0`, no `hot_standby_feedback`), cancelled the load to

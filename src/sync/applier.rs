@@ -238,6 +238,10 @@ enum Polled {
     Reload(&'static str),
 }
 
+/// How long committed changes wait behind one open transaction before the log says so
+/// (`Applier::held_back`): the default `--ready-max-lag-ms`.
+const HELD_BACK_WARNING: Duration = Duration::from_secs(10);
+
 /// Why a session reloads that found a pruning mark restored from another cluster
 /// (`Applier::restored`).
 const RESTORED_MARK: &str =
@@ -309,6 +313,9 @@ pub struct Applier {
     mark_at_load: Cursor,
     /// permd's tables as the last full load found them (`permd_tables_sql`).
     tables_at_load: String,
+    /// The open transaction committed changes wait behind, since when, and whether the
+    /// log has said so (`held_back`).
+    held: Option<(u64, Instant, bool)>,
     /// The server process of this session, as its first look found it (`same_backend`).
     backend: Option<i32>,
     /// The server's start time at the last session, for the log.
@@ -419,6 +426,7 @@ impl Applier {
             place: None,
             mark_at_load: Cursor::default(),
             tables_at_load: String::new(),
+            held: None,
             backend: None,
             started: None,
             driver: None,
@@ -1104,6 +1112,32 @@ impl Applier {
         Ok((client, tap, heard_rx, closed))
     }
 
+    /// Says once in the log when committed changes have waited behind one open
+    /// transaction, `xid`, for `HELD_BACK_WARNING`: read-your-writes tokens of later
+    /// writes wait for it, and the lag, which `/readyz` bounds, counts from them.
+    fn held_back(&mut self, xid: Option<u64>) {
+        match (xid, &mut self.held) {
+            (None, held) => *held = None,
+            (Some(xid), Some((by, since, warned))) if *by == xid => {
+                if !*warned && since.elapsed() >= HELD_BACK_WARNING {
+                    *warned = true;
+                    tracing::warn!(
+                        xid,
+                        waited_seconds = since.elapsed().as_secs(),
+                        "committed changes wait behind a transaction still open: permd reads \
+                         the changelog only below the oldest open transaction, so \
+                         read-your-writes tokens of later writes wait for it to end (503 \
+                         stale past --max-wait-ms) and the lag counts from them (/readyz); \
+                         SELECT * FROM pg_stat_activity WHERE backend_xid = '{xid}' shows \
+                         its session; keep writing transactions short \
+                         (idle_in_transaction_session_timeout for the application's roles)"
+                    );
+                }
+            }
+            (Some(xid), held) => *held = Some((xid, Instant::now(), false)),
+        }
+    }
+
     /// Whether permd's tables hold transaction ids restored from another cluster (a dump
     /// of the database restored elsewhere: migration 0007), which no transaction of this
     /// server wrote: changelog rows (passed over by the lag, and read as ordinary changes
@@ -1477,7 +1511,9 @@ impl Applier {
                 self.cursor = Some(applied.max(caught_up));
                 self.store.advance(Xid(horizon));
                 // With changes waiting, the mirror is as old as the oldest of them.
-                self.status.caught_up(pending_since);
+                self.status
+                    .caught_up(pending_since, pending_since.map(|_| horizon));
+                self.held_back(pending_since.map(|_| horizon));
                 self.follower
                     .polled(snapshot, reread, true, pending_since.is_some());
                 Ok(Polled::CaughtUp {
