@@ -1433,6 +1433,9 @@ impl Applier {
         // permd` and `permd migrate` again) hold another set, and their changelog starts
         // anew: nothing of them follows from the cursor.
         if tables != self.tables_at_load {
+            // As at a session's start: restored from another cluster, they may hold its
+            // transaction ids.
+            self.restored(client).await?;
             return Ok(Polled::Reload(
                 "permd's tables were created again since the last full load",
             ));
