@@ -589,20 +589,13 @@ async fn a_service_of_the_service_file_names_the_database() {
     let db = database().await;
     readers(&db, 1).await;
     // The test database over the cluster's Unix socket, as a service file writes it.
-    let parameters: Vec<String> = db
-        .unix_url
-        .split_whitespace()
-        .map(|pair| pair.replace('\'', ""))
-        .collect();
+    let parameters = service_parameters(&db);
     let scratch = common::scratch::Scratch::new("services");
     let file = scratch.join("services");
     let write_service = |application_name: &str| {
         std::fs::write(
             &file,
-            format!(
-                "[permd_it]\n{}\napplication_name={application_name}\n",
-                parameters.join("\n")
-            ),
+            format!("[permd_it]\n{parameters}\napplication_name={application_name}\n"),
         )
         .expect("write the service file");
     };
@@ -625,15 +618,8 @@ async fn a_service_of_the_service_file_names_the_database() {
     })
     .await;
 
+    verified_through_the_service(&env, http);
     let permd_url = format!("http://127.0.0.1:{http}");
-    let mut command = verify("postgres://", &permd_url);
-    command.envs(env).env("PGSERVICE", "permd_it");
-    let output = output_within_deadline(command);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let mut command = verify("postgres://?service=elsewhere", &permd_url);
     command.envs(env);
     let output = output_within_deadline(command);
@@ -664,12 +650,8 @@ async fn a_service_moved_to_another_database_is_loaded_from_it() {
     let scratch = common::scratch::Scratch::new("moved-service");
     let file = scratch.join("services");
     let write_service = |db: &common::TestDb| {
-        let parameters: Vec<String> = db
-            .unix_url
-            .split_whitespace()
-            .map(|pair| pair.replace('\'', ""))
-            .collect();
-        std::fs::write(&file, format!("[permd_it]\n{}\n", parameters.join("\n")))
+        let parameters = service_parameters(db);
+        std::fs::write(&file, format!("[permd_it]\n{parameters}\n"))
             .expect("write the service file");
     };
     write_service(&first);
@@ -689,16 +671,7 @@ async fn a_service_moved_to_another_database_is_loaded_from_it() {
         second.sessions_named("permd").await == 1
     })
     .await;
-    let permd_url = format!("http://127.0.0.1:{http}");
-    let mut command = verify("postgres://", &permd_url);
-    command.envs(env).env("PGSERVICE", "permd_it");
-    let output = output_within_deadline(command);
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    verified_through_the_service(&env, http);
     let (status, body) = http_get(http, "/v1/status").expect("the status");
     assert_eq!(status, 200);
     assert!(
@@ -707,6 +680,32 @@ async fn a_service_moved_to_another_database_is_loaded_from_it() {
     );
     let (exit, _, _) = sigterm_and_wait(&mut running).await;
     assert!(exit.success(), "exit status {exit}");
+}
+
+/// `permd verify` of the daemon listening on `http` against the service `permd_it` of the
+/// service file `env` names (`PGSERVICEFILE`), which must find the two equal.
+fn verified_through_the_service(env: &[(&str, &str)], http: u16) {
+    let mut command = verify("postgres://", &format!("http://127.0.0.1:{http}"));
+    command
+        .envs(env.iter().copied())
+        .env("PGSERVICE", "permd_it");
+    let output = output_within_deadline(command);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The lines of a service file's entry for `db` over the cluster's Unix socket.
+fn service_parameters(db: &common::TestDb) -> String {
+    let parameters: Vec<String> = db
+        .unix_url
+        .split_whitespace()
+        .map(|pair| pair.replace('\'', ""))
+        .collect();
+    parameters.join("\n")
 }
 
 /// `permd serve` of `url` over HTTPS with `cert` and `key`, its log to `stderr`, once it

@@ -542,6 +542,26 @@ async fn a_long_open_writing_transaction_delays_but_skips_nothing() {
     daemon.stop().await;
 }
 
+/// A daemon of `url` whose idle poll comes once an hour: only notifications, and readers
+/// waiting for a token, make it poll.
+async fn hourly_daemon(url: &str) -> TestDaemon {
+    let mut sync = SyncConfig::new(url);
+    sync.poll_interval = Duration::from_secs(3600);
+    TestDaemon::start_with(sync, patient()).await
+}
+
+/// `GET uri` of `daemon`'s API, answered in a task of its own: a reader that waits.
+fn ask_meanwhile(
+    daemon: &TestDaemon,
+    uri: String,
+) -> tokio::task::JoinHandle<(StatusCode, serde_json::Value)> {
+    let api = daemon.api.clone();
+    tokio::spawn(async move {
+        let request = Request::get(uri).body(Body::empty()).expect("a request");
+        send(&api, request).await
+    })
+}
+
 /// A read-your-writes check whose token the horizon has not passed, because an older
 /// transaction that changed nothing of ours is still open, is answered once that
 /// transaction ends: the applier keeps polling while a reader waits, where it used to
@@ -549,23 +569,13 @@ async fn a_long_open_writing_transaction_delays_but_skips_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_held_back_by_an_unrelated_open_transaction_is_answered_when_it_ends() {
     let db = database().await;
-    let mut sync = SyncConfig::new(&db.url);
-    sync.poll_interval = Duration::from_secs(3600);
-    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let daemon = hourly_daemon(&db.url).await;
     let (older, _) = db.open_write("SELECT 1").await;
     let token = db.write("SELECT 1").await;
-    let asked = {
-        let api = daemon.api.clone();
-        tokio::spawn(async move {
-            common::send(
-                &api,
-                Request::get(format!("/v1/check?subject=u&permission=p&at_least={token}"))
-                    .body(Body::empty())
-                    .expect("request"),
-            )
-            .await
-        })
-    };
+    let asked = ask_meanwhile(
+        &daemon,
+        format!("/v1/check?subject=u&permission=p&at_least={token}"),
+    );
     daemon
         .wait_for("the reader to wait", || daemon.store.readers_waiting())
         .await;
@@ -764,9 +774,7 @@ async fn transaction_ids_restored_from_another_cluster_are_passed_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_rows_deleted_by_hand_are_not_skipped() {
     let db = database().await;
-    let mut sync = SyncConfig::new(&db.url);
-    sync.poll_interval = Duration::from_secs(3600);
-    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let daemon = hourly_daemon(&db.url).await;
     let quiet = |subject: &str| {
         format!(
             "SET LOCAL permd.notify = off;
@@ -796,14 +804,10 @@ async fn changelog_rows_deleted_by_hand_are_not_skipped() {
     // A read-your-writes check of it waits for the older transaction, and keeps the
     // applier polling meanwhile: the first poll finds the mark moved and loads (which
     // brings the write in), the others find the mark that load saw.
-    let waiting = tokio::spawn({
-        let api = daemon.api.clone();
-        let uri = format!("/v1/check?subject=above&permission=read&object=doc&at_least={above}");
-        async move {
-            let request = Request::get(uri).body(Body::empty()).expect("a request");
-            common::send(&api, request).await
-        }
-    });
+    let waiting = ask_meanwhile(
+        &daemon,
+        format!("/v1/check?subject=above&permission=read&object=doc&at_least={above}"),
+    );
     daemon
         .wait_for("the load that brings the write in", || {
             daemon.store.check("above", "read", "doc")
@@ -1055,9 +1059,7 @@ async fn an_idle_session_timeout_set_for_the_database_does_not_end_the_sync_conn
     let db = database().await;
     db.set_for_new_sessions("idle_session_timeout", "'300ms'")
         .await;
-    let mut sync = SyncConfig::new(&db.url);
-    sync.poll_interval = Duration::from_secs(3600);
-    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let daemon = hourly_daemon(&db.url).await;
     // Only the daemon's session had the setting: the test's own new sessions stay.
     db.set_for_new_sessions("idle_session_timeout", "DEFAULT")
         .await;
@@ -1266,9 +1268,7 @@ async fn a_standby_is_followed_by_polling() {
     let name = db.url.rsplit('/').next().expect("a database name");
 
     // An hourly idle poll: readers' `at_least` wakes the applier, and NOTIFY once promoted.
-    let mut sync = SyncConfig::new(&replica);
-    sync.poll_interval = Duration::from_secs(3600);
-    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let daemon = hourly_daemon(&replica).await;
     let (_, status) = daemon.get("/v1/status").await;
     assert_eq!(status["standby"], true, "{status}");
     assert_eq!(status["reconnects"], 0, "{status}");
