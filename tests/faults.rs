@@ -894,16 +894,16 @@ async fn twenty_forced_reloads_during_concurrent_writes() {
 /// holds Postgres back to the pace of the (debug build's) state builder. Filled without
 /// changelog rows.
 async fn fill_a_long_copy(db: &TestDb) {
-    db.exec(
-        "BEGIN;
-         SET LOCAL session_replication_role = replica;
-         INSERT INTO permd.tuples
-         SELECT 'user:' || (i / 10), 'doc:' || (i % 5000), 'perm' || (i % 40), NULL
-         FROM generate_series(1, 300000) i;
-         COMMIT;",
-    )
-    .await;
+    db.exec(LONG_COPY).await;
 }
+
+/// [`fill_a_long_copy`]'s statements.
+const LONG_COPY: &str = "BEGIN;
+     SET LOCAL session_replication_role = replica;
+     INSERT INTO permd.tuples
+     SELECT 'user:' || (i / 10), 'doc:' || (i % 5000), 'perm' || (i % 40), NULL
+     FROM generate_series(1, 300000) i;
+     COMMIT;";
 
 /// After a full load of [`fill_a_long_copy`]'s rows that failed and was done again: the
 /// daemon reconnected, holds every tuple, and equals the database.
@@ -1500,19 +1500,30 @@ struct Replica {
 }
 
 async fn replica() -> Replica {
+    replica_with(
+        &[],
+        "INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)",
+        1,
+    )
+    .await
+}
+
+/// [`replica`], the standby started with `settings` (`name=value`), the database seeded
+/// with `seed`, which writes `rows` tuples, and the standby waited for until it has them.
+async fn replica_with(settings: &[&str], seed: &str, rows: i64) -> Replica {
     let primary = own_cluster(None);
     let standby = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
         unsafe_fast: true,
         standby_of: Some(primary.port()),
+        settings: settings.iter().map(|&setting| setting.to_owned()).collect(),
         ..Default::default()
     })
     .expect("start a standby");
     let db = database_on(&primary).await;
-    db.exec("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
-        .await;
+    db.exec(seed).await;
     let name = db.url.rsplit('/').next().expect("a database name");
     let url = standby.url(name);
-    wait_until("the standby to replay the migrated database", || {
+    wait_until("the standby to replay the seeded database", || {
         let url = url.clone();
         async move {
             let Ok(pool) = permd::db::pool(&url).await else {
@@ -1522,7 +1533,7 @@ async fn replica() -> Replica {
                 .fetch_one(&pool)
                 .await;
             pool.close().await;
-            replayed.is_ok_and(|n| n == 1)
+            replayed.is_ok_and(|n| n == rows)
         }
     })
     .await;
@@ -1645,34 +1656,16 @@ async fn a_check_held_back_by_an_open_transaction_names_it() {
 /// its next attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_cancelled_by_replay_on_a_standby_says_what_to_set() {
-    let primary = own_cluster(None);
-    let standby = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
-        unsafe_fast: true,
-        standby_of: Some(primary.port()),
-        settings: vec![
-            "max_standby_streaming_delay=0".into(),
-            "hot_standby_feedback=off".into(),
-        ],
-        ..Default::default()
-    })
-    .expect("start a standby");
-    let db = database_on(&primary).await;
-    fill_a_long_copy(&db).await;
-    let name = db.url.rsplit('/').next().expect("a database name");
-    let on_standby = standby.url(name);
-    wait_until("the standby to replay the rows", || {
-        let url = on_standby.clone();
-        async move {
-            let Ok(pool) = permd::db::pool(&url).await else {
-                return false;
-            };
-            let replayed: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM permd.tuples")
-                .fetch_one(&pool)
-                .await;
-            pool.close().await;
-            replayed.is_ok_and(|n| n == 300_000)
-        }
-    })
+    let Replica {
+        primary: _primary,
+        standby: _standby,
+        db,
+        url: on_standby,
+    } = replica_with(
+        &["max_standby_streaming_delay=0", "hot_standby_feedback=off"],
+        LONG_COPY,
+        300_000,
+    )
     .await;
     let (proxy, url) = Proxy::in_front_of(&on_standby, 1 << 20).await;
     let daemon = TestDaemon::spawn(SyncConfig::new(&url), patient());
