@@ -1631,8 +1631,14 @@ async fn a_check_held_back_by_an_open_transaction_names_it() {
             .is_some_and(|m| m.contains(&format!("transaction {held_xid}, still open"))),
         "{body}"
     );
-    let (_, status) = daemon.get("/v1/status").await;
-    assert_eq!(status["held_back_by_xid"], held_xid.as_str(), "{status}");
+    for route in ["/v1/status", "/readyz"] {
+        let (_, body) = daemon.get(route).await;
+        assert_eq!(
+            body["held_back_by_xid"],
+            held_xid.as_str(),
+            "{route}: {body}"
+        );
+    }
 
     held.commit().await.expect("commit");
     wait_until("the check answered once the transaction ended", || async {

@@ -657,7 +657,11 @@ pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
     };
     (
         status,
-        Json(json!({ "ready": ready, "lag_seconds": app.status.lag_seconds() })),
+        Json(json!({
+            "ready": ready,
+            "lag_seconds": app.status.lag_seconds(),
+            "held_back_by_xid": app.status.held_back_by().map(|xid| xid.to_string()),
+        })),
     )
 }
 
