@@ -477,7 +477,8 @@ async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
 /// policy that shows it `user:1`'s alone) stops the daemon's load, and `verify`'s digest,
 /// with the reason, rather than mirroring part of the set: permd reads with
 /// `row_security = off`, as `pg_dump` does, so Postgres refuses the read instead of
-/// filtering it. Given `BYPASSRLS`, the role loads the whole set at the next attempt.
+/// filtering it; `row_security=on` in the URL's options, the operator's choice, is kept.
+/// Given `BYPASSRLS`, the role loads the whole set at the next attempt.
 /// Before (session 60), the daemon loaded `user:1`'s rows alone and denied every other
 /// grant, and `verify`, whose digest the policy filtered alike, found the two equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,6 +523,11 @@ async fn row_level_security_that_would_hide_rows_stops_the_load_saying_so() {
         "{refused}"
     );
     one_off.close().await;
+    // The operator's own choice in the URL is kept: policies applied, the rows they show.
+    let kept = TestDaemon::start(&format!("{url}?options=-c%20row_security%3Don")).await;
+    assert!(kept.store.check("user:1", "read", "doc:1"));
+    assert!(!kept.store.check("user:2", "read", "doc:1"));
+    kept.stop().await;
 
     db.exec(&format!(
         "ALTER ROLE {} BYPASSRLS",

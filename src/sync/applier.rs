@@ -1598,7 +1598,9 @@ fn hint(error: &Error) -> Option<&'static str> {
                 "row-level security on permd's tables would hide rows from permd's role, \
                  which reads them with row_security = off so as never to mirror part of the \
                  set: give the role BYPASSRLS (ALTER ROLE … BYPASSRLS), or disable \
-                 row-level security on permd's tables; permd retries",
+                 row-level security on permd's tables (or, where its policies show the \
+                 role every row, add options=-c row_security=on to the URL); permd \
+                 retries",
             )
         }
         Error::Postgres(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Some(
