@@ -1144,8 +1144,9 @@ impl Applier {
     /// once this server's ids pass theirs), and a pruning mark, which says nothing about
     /// what was pruned here. Such a mark is returned: the session loads unless its last
     /// load saw it (its cursor then past anything pruned before), and its polls pass over
-    /// it (`mark_at_load`); the warning says how to remove both. Where the schema lacks `permd.forget_restored_xids()`, its prune
-    /// could have deleted rows here without moving the mark: an error, which names the fix.
+    /// it (`mark_at_load`); the warning says how to remove both. Where the schema lacks
+    /// `permd.forget_restored_xids()`, its prune could have deleted rows here without
+    /// moving the mark: an error, which names the fix.
     async fn restored(&self, client: &Client) -> Result<Option<Cursor>, Error> {
         let row = self
             .timed(
