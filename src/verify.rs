@@ -147,6 +147,19 @@ const RECHECKS: u32 = 5;
 /// hold verify for the kernel's two minutes).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a read of the daemon at the database's snapshot is asked again while the
+/// daemon answers 503 `stale` (`get_json_applied`): a writing transaction open in the
+/// cluster holds its watermark below the snapshot until it ends.
+const APPLIED_WAIT: Duration = Duration::from_secs(30);
+
+/// A 503 `stale` from the daemon: it has not applied the snapshot asked for yet.
+#[derive(Debug, thiserror::Error)]
+#[error("permd answered 503 to {path}: {body}")]
+struct NotApplied {
+    path: String,
+    body: String,
+}
+
 /// Compares the daemon with the database at `database_url`; through a router, every
 /// daemon behind it, at once.
 pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdict> {
@@ -235,7 +248,7 @@ async fn verify_daemon(
                 (token, sum(&subjects)?, Some(subjects))
             }
         };
-        let answer = get_json(target, &format!("/v1/digest?at_least={token}")).await?;
+        let answer = get_json_applied(target, &format!("/v1/digest?at_least={token}")).await?;
         let daemon_digest = answer["digest"]
             .as_str()
             .context("the daemon's digest answer has no digest")?;
@@ -258,7 +271,8 @@ async fn verify_daemon(
         Some((token, Some(subjects))) => (token, subjects),
         _ => subject_digests(db, shard).await?,
     };
-    let answer = get_json(target, &format!("/v1/digest?by=subject&at_least={token}")).await?;
+    let answer =
+        get_json_applied(target, &format!("/v1/digest?by=subject&at_least={token}")).await?;
     let daemon_subjects: BTreeMap<String, String> = answer["subjects"]
         .as_object()
         .context("the daemon's answer has no subjects")?
@@ -381,7 +395,7 @@ async fn daemon_rows(
 ) -> anyhow::Result<StoredRows> {
     let at_least = token.map_or_else(String::new, |t| format!("?at_least={t}"));
     let path = format!("/v1/subjects/{}/rows{at_least}", encode(subject));
-    serde_json::from_value(get_json(target, &path).await?)
+    serde_json::from_value(get_json_applied(target, &path).await?)
         .context("read the daemon's rows of a subject")
 }
 
@@ -512,6 +526,32 @@ fn encode(segment: &str) -> String {
         .collect()
 }
 
+/// [`get_json`] of a route asked `at_least` the database's snapshot, asked again while
+/// the daemon answers 503 `stale` (its answer names the open transaction it waits
+/// behind), for `APPLIED_WAIT` at most; the first such answer is logged.
+async fn get_json_applied(target: &Target, path: &str) -> anyhow::Result<Value> {
+    let deadline = tokio::time::Instant::now() + APPLIED_WAIT;
+    let mut said = false;
+    loop {
+        match get_json(target, path).await {
+            Err(error)
+                if error.downcast_ref::<NotApplied>().is_some()
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    said = true;
+                    tracing::warn!(
+                        "{error}; asking again for up to {} s",
+                        APPLIED_WAIT.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answered => return answered,
+        }
+    }
+}
+
 /// An HTTP/1.1 GET to the daemon (over TLS for `https://`, over a Unix socket for
 /// `unix:PATH`), parsed as JSON; a non-200 is an error.
 async fn get_json(target: &Target, path: &str) -> anyhow::Result<Value> {
@@ -579,6 +619,16 @@ async fn exchange_json(
         body = dechunk(&body)?;
     }
     let status = head.split(' ').nth(1).unwrap_or_default().to_owned();
+    if status == "503" {
+        let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
+        if answer["error"] == "stale" {
+            return Err(NotApplied {
+                path: path.to_owned(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            }
+            .into());
+        }
+    }
     if status != "200" {
         let hint = match (status.as_str(), &target.token) {
             ("401", None) => {
