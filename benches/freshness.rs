@@ -23,6 +23,11 @@
 //! commit on the primary, and the rows measure replication, replay and the poll (NOTIFY on
 //! at 100 and 1,000 writes/s; the notifications go to the primary's listeners only).
 //!
+//! `BENCH_HELD=1` keeps a writing transaction open (a tuple inserted, not committed) from
+//! before the first row to after the last: each write commits while an older one is still
+//! open, which until session 61 held every later commit back from the poll until it
+//! ended (with the doorbell or NOTIFY off, nothing arrived at all).
+//!
 //! `BENCH_CHANGELOG=N` first fills the changelog with N rows of transactions long applied,
 //! as a day's retention keeps them (default 0, a fresh database): the poll must read the
 //! changelog by its key whatever its size.
@@ -268,6 +273,20 @@ fn main() {
             .unwrap();
         assert!(daemon.wait_ready(Duration::from_secs(60)).await);
         let store = daemon.store().clone();
+        // A writing transaction left open for the whole run (`BENCH_HELD=1`).
+        let held_pool = permd::db::pool(&url).await.unwrap();
+        let held = if env_or("BENCH_HELD", 0u8) == 1 {
+            let mut tx = held_pool.begin().await.unwrap();
+            sqlx::query("INSERT INTO permd.tuples VALUES ('held', 'doc', 'read', NULL)")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            println!();
+            println!("A writing transaction is held open for the whole run.");
+            Some(tx)
+        } else {
+            None
+        };
 
         // NOTIFY on (the notification carries the rows), doorbell (the transaction id
         // alone: permd polls for it at once) and off (the poll interval).
@@ -327,6 +346,10 @@ fn main() {
                 q(1.0)
             );
         }
+        if let Some(held) = held {
+            held.rollback().await.unwrap();
+        }
+        held_pool.close().await;
         shutdown.cancel();
         daemon.wait().await.expect("the daemon ran to its shutdown");
         if let Some(standby) = standby {

@@ -148,8 +148,8 @@ const RECHECKS: u32 = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a read of the daemon at the database's snapshot is asked again while the
-/// daemon answers 503 `stale` (`get_json_applied`): a writing transaction open in the
-/// cluster holds its watermark below the snapshot until it ends.
+/// daemon answers 503 `stale` (`get_json_applied`): one reconnecting to Postgres, or
+/// following a standby that has not replayed the snapshot yet.
 const APPLIED_WAIT: Duration = Duration::from_secs(30);
 
 /// A 503 `stale` from the daemon: it has not applied the snapshot asked for yet.
@@ -374,7 +374,8 @@ async fn recheck(
                 .await?;
         let mut stored = db_rows(&mut *tx, subject).await?;
         tx.commit().await?;
-        let mut daemon = daemon_rows(target, subject, Some(token_for(&xmax)?)).await?;
+        let token = token_after(db, &xmax).await?;
+        let mut daemon = daemon_rows(target, subject, Some(token)).await?;
         for rows in [&mut stored, &mut daemon] {
             rows.tuples.sort();
             rows.limits.sort();
@@ -387,7 +388,7 @@ async fn recheck(
     Ok(last)
 }
 
-/// The daemon's rows of `subject`, once it has applied everything below `token`.
+/// The daemon's rows of `subject`, once it has applied `token`'s transaction.
 async fn daemon_rows(
     target: &Target,
     subject: &str,
@@ -483,12 +484,23 @@ async fn in_snapshot(
         .await
         .context("compute the database's digests")?;
     tx.commit().await?;
-    Ok((token_for(&xmax)?, rows))
+    Ok((token_after(db, &xmax).await?, rows))
 }
 
-/// Every xid below the snapshot's xmax is finished; the daemon has applied them all once
-/// its watermark is above `xmax - 1`.
-fn token_for(xmax: &str) -> anyhow::Result<u64> {
+/// A token the daemon is past only once it holds every transaction a snapshot just taken
+/// sees: that of a transaction committed after it, since a snapshot that sees it was
+/// taken later. (The daemon holds what a snapshot of its own sees: `xmax - 1`, the last
+/// transaction begun before this snapshot, can be seen by one that lacks an older
+/// transaction, open then and ended since.) Where no transaction id can be had (a
+/// standby), `xmax - 1` all the same: the daemon may then answer at a snapshot that lacks
+/// a transaction this one has, and the comparison is tried again.
+async fn token_after(db: &mut sqlx::PgConnection, xmax: &str) -> anyhow::Result<u64> {
+    let after: Result<String, _> = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *db)
+        .await;
+    if let Ok(after) = after {
+        return after.parse().context("read a transaction id");
+    }
     let xmax: u64 = xmax.parse().context("read the snapshot's xmax")?;
     Ok(xmax.saturating_sub(1))
 }
@@ -527,8 +539,8 @@ fn encode(segment: &str) -> String {
 }
 
 /// [`get_json`] of a route asked `at_least` the database's snapshot, asked again while
-/// the daemon answers 503 `stale` (its answer names the open transaction it waits
-/// behind), for `APPLIED_WAIT` at most; the first such answer is logged.
+/// the daemon answers 503 `stale`, for `APPLIED_WAIT` at most; the first such answer is
+/// logged.
 async fn get_json_applied(target: &Target, path: &str) -> anyhow::Result<Value> {
     let deadline = tokio::time::Instant::now() + APPLIED_WAIT;
     let mut said = false;

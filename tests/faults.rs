@@ -486,19 +486,19 @@ async fn with_notify_off_polling_delivers_within_the_interval() {
     daemon.stop().await;
 }
 
-/// A transaction left open holds the changelog's horizon: commits after it that sent no
-/// notification (`permd.notify = off`) wait for it, and the status reports the lag; one
-/// whose notification carried its rows is seen at once. Once it commits, nothing is
-/// skipped.
+/// A transaction left open with a write of its own, while later ones commit without a
+/// notification (`permd.notify = off`) and one with: every later commit is read while it
+/// stays open (their tokens answered, the lag that of the polls), its own write is not
+/// seen, and once it commits nothing is skipped. Until session 61 the changelog was read
+/// below the oldest open transaction: the later commits without a notification waited
+/// for it, and the lag counted from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_open_writing_transaction_delays_but_skips_nothing() {
+async fn a_long_open_writing_transaction_holds_back_nothing_but_itself() {
     let db = database().await;
     let daemon = TestDaemon::start(&db.url).await;
-    let mut long = db.pool.begin().await.expect("begin");
-    sqlx::query("INSERT INTO permd.tuples VALUES ('long', 'doc', 'read', NULL)")
-        .execute(&mut *long)
-        .await
-        .expect("write");
+    let (long, long_xid) = db
+        .open_write("INSERT INTO permd.tuples VALUES ('long', 'doc', 'read', NULL)")
+        .await;
     let mut tokens = Vec::new();
     for i in 0..5 {
         tokens.push(
@@ -516,29 +516,19 @@ async fn a_long_open_writing_transaction_delays_but_skips_nothing() {
             daemon.store.check("notified", "read", "doc")
         })
         .await;
-    // The later commits wait behind the open transaction, and the status says so.
-    daemon
-        .wait_for("lag to be reported", || {
-            daemon.status.lag_seconds().is_some_and(|lag| lag > 0.3)
-        })
-        .await;
-    let lag = daemon.status.lag_seconds().unwrap_or_default();
-    assert!(
-        !daemon.store.check("later0", "read", "doc"),
-        "nothing past the open transaction is polled yet"
-    );
-    long.commit().await.expect("commit the long transaction");
-    let last = tokens.last().expect("tokens");
-    assert!(daemon.check("long", "read", "doc", last).await);
-    for i in 0..5 {
+    for (i, token) in tokens.iter().enumerate() {
         assert!(
             daemon
-                .check(&format!("later{i}"), "read", "doc", last)
+                .check(&format!("later{i}"), "read", "doc", token)
                 .await
         );
     }
-    assert_eq!(daemon.digest_at(last).await, db.digest().await);
-    println!("long transaction: lag reported {lag:.2}s while it was open; nothing skipped");
+    assert!(!daemon.store.check("long", "read", "doc"), "not committed");
+    let lag = daemon.status.lag_seconds().unwrap_or(f64::NAN);
+    long.commit().await.expect("commit the long transaction");
+    assert!(daemon.check("long", "read", "doc", &long_xid).await);
+    assert_eq!(daemon.digest_at(&long_xid).await, db.digest().await);
+    println!("long transaction: lag {lag:.3}s while it was open; nothing skipped");
     daemon.stop().await;
 }
 
@@ -550,46 +540,39 @@ async fn hourly_daemon(url: &str) -> TestDaemon {
     TestDaemon::start_with(sync, patient()).await
 }
 
-/// `GET uri` of `daemon`'s API, answered in a task of its own: a reader that waits.
-fn ask_meanwhile(
-    daemon: &TestDaemon,
-    uri: String,
-) -> tokio::task::JoinHandle<(StatusCode, serde_json::Value)> {
-    let api = daemon.api.clone();
-    tokio::spawn(async move {
-        let request = Request::get(uri).body(Body::empty()).expect("a request");
-        send(&api, request).await
-    })
-}
-
-/// A read-your-writes check whose token the horizon has not passed, because an older
-/// transaction that changed nothing of ours is still open, is answered once that
-/// transaction ends: the applier keeps polling while a reader waits, where it used to
-/// go back to its idle interval (an hour here) after the one poll the reader asked for.
+/// A read-your-writes check whose write committed while an older transaction is still
+/// open is answered at the poll its reader asks for (here the daemon polls once an hour
+/// and the write rings no doorbell): the poll's snapshot sees the write. Before session
+/// 61 the changelog was read only below the oldest open transaction, and the check waited
+/// for it to end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_held_back_by_an_unrelated_open_transaction_is_answered_when_it_ends() {
+async fn a_token_is_answered_at_the_poll_its_reader_asks_for_while_an_older_transaction_is_open() {
     let db = database().await;
     let daemon = hourly_daemon(&db.url).await;
     let (older, _) = db.open_write("SELECT 1").await;
-    let token = db.write("SELECT 1").await;
-    let asked = ask_meanwhile(
-        &daemon,
-        format!("/v1/check?subject=u&permission=p&at_least={token}"),
-    );
-    daemon
-        .wait_for("the reader to wait", || daemon.store.readers_waiting())
+    let token = db
+        .write("SET LOCAL permd.notify = off; INSERT INTO permd.tuples VALUES ('u', '', 'p', NULL)")
         .await;
+    let (status, body) = daemon
+        .get(&format!(
+            "/v1/check?subject=u&permission=p&at_least={token}"
+        ))
+        .await;
+    assert_eq!(
+        (status, body["allowed"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{body}"
+    );
     older.commit().await.expect("commit");
-    let (status, body) = asked.await.expect("the check");
-    assert_eq!(status, StatusCode::OK, "{body}");
     daemon.stop().await;
 }
 
 /// Two-phase commit. Postgres refuses to `PREPARE TRANSACTION` a transaction that sent a
 /// NOTIFY, which the triggers do: a writer that prepares sets `permd.notify = off` first,
 /// and its change arrives by the poll. A prepared transaction is still running: it holds
-/// the horizon as an open one does (a read-your-writes check on a later write waits), and
-/// it arrives at `COMMIT PREPARED`. `ROLLBACK PREPARED` leaves nothing behind.
+/// back nothing but itself, as an open one does (a read-your-writes check of a later write
+/// is answered while its own write is not seen), and it arrives at `COMMIT PREPARED`.
+/// `ROLLBACK PREPARED` leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_transactions_arrive_when_committed() {
     let cluster = permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
@@ -629,40 +612,13 @@ async fn prepared_transactions_arrive_when_committed() {
     let later = db
         .write("INSERT INTO permd.tuples VALUES ('later', 'doc', 'read', NULL)")
         .await;
-    let asked = {
-        let api = daemon.api.clone();
-        tokio::spawn(async move {
-            common::send(
-                &api,
-                Request::get(format!(
-                    "/v1/check?subject=later&permission=read&object=doc&at_least={later}"
-                ))
-                .body(Body::empty())
-                .expect("request"),
-            )
-            .await
-        })
-    };
-    daemon
-        .wait_for("lag to be reported", || {
-            daemon.status.lag_seconds().is_some_and(|lag| lag > 0.3)
-        })
-        .await;
-    assert!(
-        daemon.store.readers_waiting(),
-        "the later write's reader waits"
-    );
+    // A later write is seen while the prepared one is not.
+    assert!(daemon.check("later", "read", "doc", &later).await);
     assert!(
         !daemon.store.check("granted", "read", "doc"),
         "not committed yet"
     );
     db.exec("COMMIT PREPARED 'granted'").await;
-    let (status, body) = asked.await.expect("the check");
-    assert_eq!(
-        (status, body["allowed"].as_bool()),
-        (StatusCode::OK, Some(true)),
-        "{body}"
-    );
     assert!(daemon.check("granted", "read", "doc", &token).await);
 
     let (prepared, _) = prepare(
@@ -769,8 +725,8 @@ async fn transaction_ids_restored_from_another_cluster_are_passed_over() {
 /// skip their changes. Here the daemon polls once an hour and the writes ring no doorbell,
 /// so it has read none of them when they go; a read-your-writes check then wakes it.
 /// Before (session 60), that check was answered from a mirror without the write: denied,
-/// for good. Then rows deleted by hand above the horizon, while an older transaction stays
-/// open: the daemon loads once, not at every poll (the mark its load saw is passed over).
+/// for good. Then rows deleted by hand above an older transaction still open: the daemon
+/// loads once, not at every poll (the mark its load saw is passed over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_rows_deleted_by_hand_are_not_skipped() {
     let db = database().await;
@@ -801,35 +757,21 @@ async fn changelog_rows_deleted_by_hand_are_not_skipped() {
     let (held, _) = db.open_write("SELECT pg_current_xact_id()").await;
     let above = db.write(&quiet("above")).await;
     db.exec("DELETE FROM permd.changelog").await;
-    // A read-your-writes check of it waits for the older transaction, and keeps the
-    // applier polling meanwhile: the first poll finds the mark moved and loads (which
-    // brings the write in), the others find the mark that load saw.
-    let waiting = ask_meanwhile(
-        &daemon,
-        format!("/v1/check?subject=above&permission=read&object=doc&at_least={above}"),
-    );
-    daemon
-        .wait_for("the load that brings the write in", || {
-            daemon.store.check("above", "read", "doc")
-        })
-        .await;
-    let polls = daemon.status.report().polls;
-    daemon
-        .wait_for("ten polls more", || {
-            daemon.status.report().polls >= polls + 10
-        })
-        .await;
+    // A read-your-writes check of it wakes the applier: its poll finds the mark moved and
+    // loads, which brings the write in. The polls that checks of later writes wake find
+    // the mark that load saw.
+    assert!(daemon.check("above", "read", "doc", &above).await);
+    for later in 0..5 {
+        let subject = format!("later{later}");
+        let token = db.write(&quiet(&subject)).await;
+        assert!(daemon.check(&subject, "read", "doc", &token).await);
+    }
     assert_eq!(
         daemon.status.report().reloads,
         4,
         "one load, not one a poll"
     );
     held.commit().await.expect("commit");
-    let (status, body) = waiting.await.expect("the waiting check");
-    assert_eq!(
-        (status, body["allowed"].as_bool()),
-        (StatusCode::OK, Some(true))
-    );
     daemon.stop().await;
 }
 
@@ -1488,6 +1430,62 @@ async fn a_serializable_default_isolation_does_not_reach_the_sync_connection() {
     db.pool.close().await;
 }
 
+/// A transaction open on the primary while permd follows a standby: the standby's
+/// `pg_current_snapshot()` lists no transaction in progress (recovery keeps them apart),
+/// so taken at its word, a poll's snapshot would claim to see the open one, and its rows,
+/// once committed, would never be read (tried: its token answered at once, `allowed`
+/// false). permd reads a standby's changelog only below its snapshots' xmin
+/// (`Applier::horizon_only`), as before session 61: the lag counts from the later write,
+/// which waits, and the open one's write is read once it commits, the later one's with
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_on_the_primary_is_read_from_a_standby_once_committed() {
+    let Replica {
+        primary: _primary,
+        standby: _standby,
+        db,
+        url: replica,
+    } = replica().await;
+    let sync = SyncConfig {
+        poll_interval: Duration::from_millis(50),
+        ..SyncConfig::new(&replica)
+    };
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let (held, held_xid) = db
+        .open_write("INSERT INTO permd.tuples VALUES ('held', 'doc', 'read', NULL)")
+        .await;
+    let later = db
+        .write("INSERT INTO permd.tuples VALUES ('later', 'doc', 'read', NULL)")
+        .await;
+    let on_standby = permd::db::pool(&replica).await.expect("the standby");
+    wait_until("the standby to replay the later write", || async {
+        let xmax: Result<String, _> =
+            sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+                .fetch_one(&on_standby)
+                .await;
+        xmax.is_ok_and(|xmax| xmax.parse::<u64>().ok() > later.parse::<u64>().ok())
+    })
+    .await;
+    on_standby.close().await;
+    let polls = daemon.status.report().polls;
+    daemon
+        .wait_for("polls while the transaction is open", || {
+            daemon.status.report().polls >= polls + 3
+        })
+        .await;
+    // The mirror is as old as the later write, which waits (polls run every 50 ms).
+    daemon
+        .wait_for("the lag to count from the waiting write", || {
+            daemon.status.lag_seconds().is_some_and(|lag| lag > 0.3)
+        })
+        .await;
+    held.commit().await.expect("commit");
+    assert!(daemon.check("held", "read", "doc", &held_xid).await);
+    assert!(daemon.check("later", "read", "doc", &later).await);
+    assert_eq!(daemon.digest_at(&held_xid).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// A primary with a test database (one tuple in it), and a streaming standby of it that
 /// has replayed the database.
 struct Replica {
@@ -1598,58 +1596,63 @@ async fn permd_tables_created_again_are_loaded_in_full() {
     daemon.stop().await;
 }
 
-/// A writing transaction left open holds the changelog's horizon: a read-your-writes
-/// check of a later write that waits past `--max-wait-ms` says which transaction it waited
-/// behind, as `/v1/status` does (`held_back_by_xid`), and both clear once it ends. On a
-/// cluster of its own, where no other test's transaction is the oldest open one.
+/// A writing transaction left open in the cluster holds back nothing but itself. Each
+/// poll reads the rows of every transaction its snapshot sees that the last one did not,
+/// so a read-your-writes check of a write committed after the open transaction began is
+/// answered at once, the open one's own write is not seen until it commits, and the
+/// mirror is as current as its last poll: `/readyz` stays ready past its lag bound. Until
+/// session 61 the changelog was read only below the oldest open transaction: the check
+/// waited for it to end (503 `stale` past `--max-wait-ms`), and `/readyz` turned 503. On
+/// a cluster of its own, where no other test's transaction is open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_check_held_back_by_an_open_transaction_names_it() {
+async fn an_open_transaction_holds_back_nothing_but_itself() {
     let cluster = own_cluster(None);
     let db = database_on(&cluster).await;
     let http = HttpConfig {
-        max_wait: Duration::from_millis(200),
+        max_wait: Duration::from_secs(5),
+        ready_max_lag: Duration::from_secs(1),
         ..HttpConfig::default()
     };
-    let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), http).await;
-    let (held, held_xid) = db.open_write("SELECT 1").await;
+    let sync = SyncConfig {
+        poll_interval: Duration::from_millis(100),
+        ..SyncConfig::new(&db.url)
+    };
+    let daemon = TestDaemon::start_with(sync, http).await;
+    let (held, held_xid) = db
+        .open_write("INSERT INTO permd.tuples VALUES ('held', 'doc', 'read', NULL)")
+        .await;
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('late', 'doc', 'read', NULL)")
         .await;
+    let check = |subject: &str, token: &str| {
+        format!("/v1/check?subject={subject}&permission=read&object=doc&at_least={token}")
+    };
+    let (status, body) = daemon.get(&check("late", &token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["allowed"], true, "{body}");
+    let (_, body) = daemon.get(&check("held", "")).await;
+    assert_eq!(body["allowed"], false, "{body}");
+    let (_, body) = daemon.get("/v1/status").await;
+    assert!(
+        body["snapshot"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{held_xid}:"))),
+        "the open transaction is the oldest the mirror lacks: {body}"
+    );
+    // Past the lag bound since the late write, the mirror is as current as its polls.
+    let polls = daemon.status.report().polls;
     daemon
-        .wait_for_report("a poll that finds the horizon held", |report| {
-            report.held_back_by_xid.map(|xid| xid.to_string()) == Some(held_xid.clone())
+        .wait_for_report("polls for longer than the lag bound", |report| {
+            report.polls >= polls + 15
         })
         .await;
-    let check = format!("/v1/check?subject=late&permission=read&object=doc&at_least={token}");
-    let (status, body) = daemon.get(&check).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"], "stale", "{body}");
-    assert_eq!(body["held_back_by_xid"], held_xid.as_str(), "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains(&format!("transaction {held_xid}, still open"))),
-        "{body}"
-    );
-    for route in ["/v1/status", "/readyz"] {
-        let (_, body) = daemon.get(route).await;
-        assert_eq!(
-            body["held_back_by_xid"],
-            held_xid.as_str(),
-            "{route}: {body}"
-        );
-    }
+    let (status, body) = daemon.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 
     held.commit().await.expect("commit");
-    wait_until("the check answered once the transaction ended", || async {
-        daemon.get(&check).await.0 == StatusCode::OK
-    })
-    .await;
-    daemon
-        .wait_for_report("nothing held back", |report| {
-            report.held_back_by_xid.is_none()
-        })
-        .await;
+    let (status, body) = daemon.get(&check("held", &held_xid)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["allowed"], true, "{body}");
     daemon.stop().await;
 }
 

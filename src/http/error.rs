@@ -38,8 +38,6 @@ pub enum ApiError {
     Stale {
         /// The watermark when the wait gave up.
         revision: Xid,
-        /// The open transaction committed changes waited behind, if any.
-        held_back_by: Option<u64>,
     },
     /// The request took longer than the configured timeout.
     #[error("timeout")]
@@ -106,26 +104,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
-            Self::Stale {
-                revision,
-                held_back_by: None,
-            } => json!({
+            Self::Stale { revision } => json!({
                 "error": "stale",
                 "message": "the requested write is not applied yet; retry",
                 "revision": revision.to_string(),
-            }),
-            Self::Stale {
-                revision,
-                held_back_by: Some(xid),
-            } => json!({
-                "error": "stale",
-                "message": format!(
-                    "the requested write is not applied yet: changes committed after \
-                     transaction {xid}, still open, wait for it to end \
-                     (pg_stat_activity.backend_xid = '{xid}'); retry"
-                ),
-                "revision": revision.to_string(),
-                "held_back_by_xid": xid.to_string(),
             }),
             Self::Misdirected {
                 field,

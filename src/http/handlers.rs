@@ -97,7 +97,6 @@ impl App {
                     self.metrics.stale();
                     ApiError::Stale {
                         revision: stale.watermark,
-                        held_back_by: self.status.held_back_by(),
                     }
                 })?,
         };
@@ -526,7 +525,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "connected": report.connected,
         "loaded": report.loaded,
         "lag_seconds": report.lag_seconds,
-        "held_back_by_xid": report.held_back_by_xid.map(|xid| xid.to_string()),
+        "snapshot": app.store.seen().to_string(),
         "last_full_load_at": report.last_full_load_at,
         "last_full_load_ms": report.last_full_load_ms,
         "last_full_load_reason": report.last_full_load_reason,
@@ -660,7 +659,6 @@ pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
         Json(json!({
             "ready": ready,
             "lag_seconds": app.status.lag_seconds(),
-            "held_back_by_xid": app.status.held_back_by().map(|xid| xid.to_string()),
         })),
     )
 }

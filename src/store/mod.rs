@@ -7,6 +7,7 @@ mod arena;
 mod grants;
 mod interner;
 mod key;
+mod snapshot;
 mod state;
 mod subjects;
 
@@ -19,6 +20,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+pub use snapshot::Snapshot;
 pub(crate) use state::{now_micros, Growth, State, StateBuilder};
 pub use state::{Digest, Listing, StoredRows, TupleRow};
 
@@ -84,10 +86,14 @@ struct Shared {
     /// Counts the swaps of `state`, raised after each: a thread's `View` of the generation
     /// is current while this has not moved.
     generation: AtomicU64,
-    /// Every transaction with an xid below this is applied. An atomic for the check path;
-    /// the `watch` below is only for the few requests that wait.
+    /// Every transaction with an xid below this is applied: `seen`'s xmin, as an atomic
+    /// for the check path and the revision every answer carries.
     watermark: AtomicU64,
-    /// Wakes `at_least` waiters when the watermark moves, or is confirmed.
+    /// The transactions applied: exactly those this snapshot sees. Read only by a token
+    /// at or above the watermark (a write committed while an older transaction is still
+    /// open); the `watch` below is only for the few requests that wait.
+    seen: ArcSwap<Snapshot>,
+    /// Wakes `at_least` waiters when `seen` moves, or is confirmed.
     watermark_tx: watch::Sender<u64>,
     /// Set while the watermark is not known to hold: from the loss of the connection to
     /// Postgres until the next one has checked that the server did not recover from a
@@ -133,6 +139,7 @@ impl Store {
                 state: ArcSwap::from_pointee(State::with_capacity(0, 0)),
                 generation: AtomicU64::new(0),
                 watermark: AtomicU64::new(0),
+                seen: ArcSwap::from_pointee(Snapshot::default()),
                 watermark_tx,
                 unconfirmed: AtomicBool::new(false),
                 wanted: Notify::new(),
@@ -184,8 +191,8 @@ impl Store {
         Xid(self.inner.watermark.load(Ordering::Acquire))
     }
 
-    /// Waits until the watermark is above `token` (the writer's transaction is applied)
-    /// and confirmed (`unconfirm`), at most `timeout`.
+    /// Waits until the writer's transaction of `token` is applied, and the watermark
+    /// confirmed (`unconfirm`), at most `timeout`; returns the watermark.
     pub async fn wait_past(&self, token: Xid, timeout: Duration) -> Result<Xid, Stale> {
         let past = |watermark: u64| self.is_past(Xid(watermark), token);
         if let Some(now) = self.passed(token) {
@@ -197,28 +204,38 @@ impl Store {
         self.inner.wanted.notify_one();
         let waited = tokio::time::timeout(timeout, rx.wait_for(|w| past(*w))).await;
         match waited {
-            Ok(Ok(w)) => Ok(Xid(*w)),
+            Ok(Ok(_)) => Ok(self.watermark()),
             _ => Err(Stale {
                 watermark: self.watermark(),
             }),
         }
     }
 
-    /// The watermark, when it is above `token` and confirmed: what [`Store::wait_past`]
-    /// returns at once. A check whose write is applied is answered at it without waiting.
+    /// The watermark, when `token`'s write is applied and the watermark confirmed: what
+    /// [`Store::wait_past`] returns at once. A check whose write is applied is answered
+    /// at it without waiting.
     pub fn passed(&self, token: Xid) -> Option<Xid> {
         let now = self.watermark();
         self.is_past(now, token).then_some(now)
     }
 
-    /// Whether `watermark` is past `token`'s write, and confirmed.
+    /// Whether `token`'s write is applied (below `watermark`, or seen by the snapshot
+    /// the mirror holds: a write committed while an older transaction is still open), and
+    /// the watermark confirmed.
     fn is_past(&self, watermark: Xid, token: Xid) -> bool {
-        watermark.0 > token.0 && !self.inner.unconfirmed.load(Ordering::Acquire)
+        (watermark.0 > token.0 || self.inner.seen.load().sees(token.0))
+            && !self.inner.unconfirmed.load(Ordering::Acquire)
     }
 
-    /// Whether a read-your-writes check is waiting for the watermark to pass its token.
-    /// The applier keeps polling while one is: the poll its request woke may have found
-    /// the horizon held below the token by a transaction that has not ended yet.
+    /// The snapshot whose transactions the mirror holds.
+    pub fn seen(&self) -> Snapshot {
+        Snapshot::clone(&self.inner.seen.load())
+    }
+
+    /// Whether a read-your-writes check is waiting for its token's write to be applied.
+    /// The applier keeps polling while one is: the poll its request woke may not have
+    /// seen that write yet (a standby that has not replayed it, a token handed on before
+    /// its transaction committed).
     pub fn readers_waiting(&self) -> bool {
         self.inner.watermark_tx.receiver_count() > 0
     }
@@ -479,23 +496,30 @@ impl Store {
         }
     }
 
-    /// Sets the watermark even if lower: after Postgres recovered from a crash, xids
-    /// above the recovered counter are handed out again, so the old watermark no longer
-    /// proves anything. Applier only, right after a full load.
-    pub(crate) fn rewind(&self, watermark: Xid) {
-        self.inner.watermark.store(watermark.0, Ordering::Release);
-        self.inner.watermark_tx.send_replace(watermark.0);
+    /// Sets the transactions applied even if fewer: after Postgres recovered from a
+    /// crash, xids above the recovered counter are handed out again, so the old snapshot
+    /// no longer proves anything. Applier only, right after a full load.
+    pub(crate) fn rewind(&self, seen: &Snapshot) {
+        self.inner.seen.store(Arc::new(seen.clone()));
+        self.inner.watermark.store(seen.xmin(), Ordering::Release);
+        self.inner.watermark_tx.send_replace(seen.xmin());
     }
 
-    /// Raises the watermark (it never goes down except by `rewind`). Applier only.
-    pub(crate) fn advance(&self, watermark: Xid) {
+    /// The mirror holds the transactions `seen` sees: each snapshot the applier gives
+    /// covers the last one (the watermark never goes down except by `rewind`). Applier
+    /// only.
+    pub(crate) fn advance(&self, seen: &Snapshot) {
+        if **self.inner.seen.load() == *seen {
+            return;
+        }
+        self.inner.seen.store(Arc::new(seen.clone()));
         let previous = self
             .inner
             .watermark
-            .fetch_max(watermark.0, Ordering::AcqRel);
-        if watermark.0 > previous {
-            self.inner.watermark_tx.send_replace(watermark.0);
-        }
+            .fetch_max(seen.xmin(), Ordering::AcqRel);
+        self.inner
+            .watermark_tx
+            .send_replace(previous.max(seen.xmin()));
     }
 }
 
@@ -588,17 +612,43 @@ mod tests {
         }
     }
 
+    /// A snapshot that sees every transaction below `xid`.
+    fn at(xid: u64) -> Snapshot {
+        Snapshot::parse(&format!("{xid}:{xid}:")).expect("a snapshot")
+    }
+
+    #[tokio::test]
+    async fn a_token_above_the_watermark_is_past_once_the_snapshot_sees_it() {
+        let store = Store::new();
+        // 10 is still open; 11 and 13 committed, 12 is open too.
+        store.advance(&Snapshot::parse("10:14:10,12").expect("a snapshot"));
+        assert_eq!(store.watermark(), Xid(10));
+        assert_eq!(store.passed(Xid(9)), Some(Xid(10)));
+        assert_eq!(store.passed(Xid(11)), Some(Xid(10)));
+        assert_eq!(store.passed(Xid(13)), Some(Xid(10)));
+        assert_eq!(store.passed(Xid(10)), None);
+        assert_eq!(store.passed(Xid(12)), None);
+        assert_eq!(store.passed(Xid(14)), None);
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move { store.wait_past(Xid(12), Duration::from_secs(30)).await })
+        };
+        store.wanted().await;
+        store.advance(&Snapshot::parse("10:14:10").expect("a snapshot"));
+        assert_eq!(waiter.await.ok(), Some(Ok(Xid(10))));
+    }
+
     #[tokio::test]
     async fn waiters_wake_when_the_watermark_passes_their_token() {
         let store = Store::new();
-        store.advance(Xid(10));
+        store.advance(&at(10));
         assert_eq!(store.wait_past(Xid(9), Duration::ZERO).await, Ok(Xid(10)));
         let waiter = {
             let store = store.clone();
             tokio::spawn(async move { store.wait_past(Xid(10), Duration::from_secs(30)).await })
         };
         store.wanted().await; // the waiter asked for a poll
-        store.advance(Xid(11));
+        store.advance(&at(11));
         assert_eq!(waiter.await.ok(), Some(Ok(Xid(11))));
     }
 
@@ -607,7 +657,7 @@ mod tests {
     #[tokio::test]
     async fn an_unconfirmed_watermark_answers_no_token_until_confirmed() {
         let store = Store::new();
-        store.advance(Xid(10));
+        store.advance(&at(10));
         store.unconfirm();
         let stale = store.wait_past(Xid(5), Duration::from_millis(1)).await;
         assert_eq!(stale, Err(Stale { watermark: Xid(10) }));
@@ -622,7 +672,7 @@ mod tests {
         store.confirm();
         assert_eq!(below.await.ok(), Some(Ok(Xid(10))));
         assert!(!above.is_finished());
-        store.advance(Xid(13));
+        store.advance(&at(13));
         assert_eq!(above.await.ok(), Some(Ok(Xid(13))));
         store.confirm(); // confirmed already: nothing happens
         assert_eq!(store.wait_past(Xid(12), Duration::ZERO).await, Ok(Xid(13)));
@@ -631,7 +681,7 @@ mod tests {
     #[tokio::test]
     async fn a_wait_that_times_out_reports_the_watermark() {
         let store = Store::new();
-        store.advance(Xid(5));
+        store.advance(&at(5));
         let result = store.wait_past(Xid(7), Duration::from_millis(1)).await;
         assert_eq!(result, Err(Stale { watermark: Xid(5) }));
     }
@@ -639,9 +689,11 @@ mod tests {
     #[test]
     fn the_watermark_never_goes_down() {
         let store = Store::new();
-        store.advance(Xid(8));
-        store.advance(Xid(3));
+        store.advance(&at(8));
+        store.advance(&at(3));
         assert_eq!(store.watermark(), Xid(8));
+        store.rewind(&at(3));
+        assert_eq!(store.watermark(), Xid(3));
     }
 
     /// A store holding one tuple of `subject`, and a `Weak` to its generation.

@@ -15,15 +15,15 @@ use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::connect;
-use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Snapshot, Verdict};
+use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Verdict};
 use super::loader::{self, Loaded};
 use super::standby::{Look, Standby};
 use super::status::Upstream;
 use super::subscription::{self, Subscribed};
 use super::tap::Tap;
-use super::{error_chain, parse_xid, Cursor, Error, Status, SyncConfig};
+use super::{error_chain, parse_snapshot, parse_xid, Cursor, Error, Position, Status, SyncConfig};
 use crate::shard::Shard;
-use crate::store::{now_micros, State, Store, TupleRow, Xid};
+use crate::store::{now_micros, Snapshot, State, Store, TupleRow};
 
 /// How often a standby is looked at: whether it has been promoted, and how current it is
 /// with its primary (`LOOK`).
@@ -143,16 +143,25 @@ async fn why_closed<F: Future<Output = Error>>(error: Error, closed: Pin<&mut Fu
 pub const SESSION: &str =
     "SET jit = off; SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan";
 
-/// One poll of the changelog, in one statement so the horizon, the retention mark, the
+/// One poll of the changelog, in one statement so the snapshot, the retention mark, the
 /// changed keys and their current rows come from one snapshot. Public so that a test can
 /// check its plan (`EXPLAIN`): a poll runs many times a second, and a plan that reads a
 /// table whole is the slowest part of freshness long before anyone sees it.
 ///
+/// It reads the rows of the transactions the last poll's snapshot did not see
+/// (`Position`): $1 = its transactions in progress (text of `xid8`s), $2 = its xmax,
+/// $3 = the batch's size, $4 and $5 = the place of the last row applied of a transaction
+/// read in part (`0` and 0 for none), $6 = the id of the last row applied of transaction
+/// $2 (that place's when it is one of $2's, else the least `int8`), $7 = read only below
+/// the snapshot's xmin (on a standby: `Applier::horizon_only`). The statement's snapshot
+/// sees exactly the committed ones; none at or above its xmax was written here (a row
+/// that is was restored from another cluster's dump, migration 0007).
+///
 /// Rows are tagged; the columns mean, by tag:
-/// - `h` (one row): a = the poll's snapshot (`xmin:xmax:xip,...`, its xmin the
-///   horizon), b = pruned xid, n = pruned id, c = when committed
-///   rows first began waiting at or above the horizon (an older transaction is still
-///   open), in µs since the epoch, else NULL
+/// - `h` (one row): a = the poll's snapshot (`xmin:xmax:xip,...`), b = pruned xid,
+///   n = pruned id, c = with $7, when committed rows first began waiting at or above the
+///   snapshot's xmin (an older transaction is still open), in µs since the epoch, else
+///   NULL
 /// - `e` (at most one): a = xid of the batch's last row, n = its id, b = rows in the batch
 /// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object, n = the position of
 ///   its last change in the batch
@@ -164,14 +173,30 @@ pub const SESSION: &str =
 pub const POLL: &str = concat!(
     "
 WITH h AS MATERIALIZED (
-    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, r.pruned_xid, r.pruned_id
+    SELECT r.pruned_xid, r.pruned_id
     FROM permd.retention r
     LIMIT 1 -- a singleton; the planner, without statistics, guessed 1,810 rows
 ), b AS MATERIALIZED (
-    SELECT c.xid, c.id, c.kind, c.subject, c.object
-    FROM permd.changelog c
-    WHERE (c.xid, c.id) > ($1::text::xid8, $2::int8) AND c.xid < (SELECT xmin FROM h)
-    ORDER BY c.xid, c.id
+    SELECT u.xid, u.id, u.kind, u.subject, u.object
+    FROM ((
+        -- The last snapshot's transactions in progress: index look-ups.
+        SELECT c.xid, c.id, c.kind, c.subject, c.object
+        FROM permd.changelog c
+        WHERE c.xid = ANY($1::text[]::xid8[])
+            AND NOT (c.xid = $4::text::xid8 AND c.id <= $5::int8)
+        ORDER BY c.xid, c.id
+        LIMIT $3
+    ) UNION ALL (
+        -- Those begun since: a range of the primary key.
+        SELECT c.xid, c.id, c.kind, c.subject, c.object
+        FROM permd.changelog c
+        WHERE (c.xid, c.id) > ($2::text::xid8, $6::int8)
+            AND c.xid < CASE WHEN $7::bool THEN pg_snapshot_xmin(pg_current_snapshot())
+                ELSE pg_snapshot_xmax(pg_current_snapshot()) END
+        ORDER BY c.xid, c.id
+        LIMIT $3
+    )) u
+    ORDER BY u.xid, u.id
     LIMIT $3
 ), k AS MATERIALIZED (
     -- Each changed key, with the position of its last change in the changelog's order:
@@ -182,18 +207,18 @@ WITH h AS MATERIALIZED (
     GROUP BY kind, subject, object
 )
 SELECT 'h' AS tag, pg_current_snapshot()::text AS a, h.pruned_xid::text AS b,
-       -- FILTER keeps the planner from answering min() by walking the created_at index
-       -- from its start (which reads the whole retained changelog): this reads only the
-       -- few rows at or above the horizon, by the primary key. The horizon is written out
-       -- rather than taken from h: the planner estimates a condition on a stable function
-       -- with its value (the newest xids: a few rows, an index scan), but one on another
-       -- part of the query as a third of the table, and then read the whole changelog
-       -- (0.6 ms a poll at 9,000 rows).
-       (SELECT permd.epoch_micros(min(created_at) FILTER (WHERE true))
-        FROM permd.changelog WHERE xid >= pg_snapshot_xmin(pg_current_snapshot())
-            -- None at or above the snapshot's xmax was written here: it was restored
-            -- from another cluster's dump (migration 0007), and waits for nothing.
-            AND xid < pg_snapshot_xmax(pg_current_snapshot()))::text AS c,
+       -- On a standby, read below the xmin only: when committed rows began waiting
+       -- above it. FILTER keeps the planner from answering min() by walking the
+       -- created_at index from its start (which reads the whole retained changelog):
+       -- this reads only the rows at or above the xmin, by the primary key. The xmin is
+       -- written out rather than taken from another part of the query, whose condition
+       -- the planner estimates as a third of the table (it then read the whole
+       -- changelog: 0.6 ms a poll at 9,000 rows).
+       CASE WHEN $7::bool THEN
+           (SELECT permd.epoch_micros(min(created_at) FILTER (WHERE true))
+            FROM permd.changelog WHERE xid >= pg_snapshot_xmin(pg_current_snapshot())
+                AND xid < pg_snapshot_xmax(pg_current_snapshot()))::text
+       END AS c,
        h.pruned_id AS n
 FROM h
 UNION ALL
@@ -226,10 +251,11 @@ pub fn poll_statement(shard: Shard) -> String {
 
 /// What one poll found.
 enum Polled {
-    /// Everything below the horizon is applied. `pending`: committed changes wait above
-    /// it for an older transaction to end, which rings no doorbell, so poll again soon.
+    /// Every transaction the poll's snapshot sees is applied. `pending` (on a standby,
+    /// read below its snapshots' xmin): committed changes wait above it for an older
+    /// transaction to end, which rings no doorbell, so poll again soon.
     CaughtUp {
-        /// Committed changes wait above the horizon.
+        /// Committed changes wait above the xmin.
         pending: bool,
     },
     /// A full batch was applied; more rows are waiting.
@@ -237,10 +263,6 @@ enum Polled {
     /// The changelog cannot bring us up to date (TRUNCATE, or pruned past our cursor).
     Reload(&'static str),
 }
-
-/// How long committed changes wait behind one open transaction before the log says so
-/// (`Applier::held_back`): the default `--ready-max-lag-ms`.
-const HELD_BACK_WARNING: Duration = Duration::from_secs(10);
 
 /// Why a session reloads that found a pruning mark restored from another cluster
 /// (`Applier::restored`).
@@ -301,8 +323,15 @@ pub struct Applier {
     store: Store,
     status: Status,
     config: SyncConfig,
-    /// `None` until the first full load, and again when a reload is needed.
-    cursor: Option<Cursor>,
+    /// How far the changelog is applied. `None` until the first full load, and again
+    /// when a reload is needed.
+    cursor: Option<Position>,
+    /// This session's server is a standby, whose snapshots cannot be taken at their word
+    /// above their xmin: `pg_current_snapshot()` there lists no transaction in progress
+    /// (recovery keeps them where it does not look), so its snapshots are cut to their
+    /// xmin (`Snapshot::horizon`) and the changelog is read only below it, as DESIGN.md's
+    /// horizon cursor does.
+    horizon_only: bool,
     /// The server incarnation of the last session: what a crash changes (see `session`).
     incarnation: Option<String>,
     /// Where the last session's statements ran (see `session`).
@@ -313,9 +342,6 @@ pub struct Applier {
     mark_at_load: Cursor,
     /// permd's tables as the last full load found them (`permd_tables_sql`).
     tables_at_load: String,
-    /// The open transaction committed changes wait behind, since when, and whether the
-    /// log has said so (`held_back`).
-    held: Option<(u64, Instant, bool)>,
     /// The server process of this session, as its first look found it (`same_backend`).
     backend: Option<i32>,
     /// The server's start time at the last session, for the log.
@@ -422,11 +448,11 @@ impl Applier {
             status,
             config,
             cursor: None,
+            horizon_only: false,
             incarnation: None,
             place: None,
             mark_at_load: Cursor::default(),
             tables_at_load: String::new(),
-            held: None,
             backend: None,
             started: None,
             driver: None,
@@ -568,6 +594,7 @@ impl Applier {
         let mut looks = Standby::default();
         let standby = self.look(&client, &mut looks).await?;
         self.follower = Follower::new(self.status.clone(), !standby);
+        self.horizon_only = standby;
         if !standby {
             self.timed("LISTEN", client.batch_execute(&format!("LISTEN {CHANNEL}")))
                 .await?;
@@ -701,8 +728,10 @@ impl Applier {
                     self.reload(&mut client, &tap, why, false).await?;
                     continue;
                 }
-                // A reader waits for a token the horizon has not passed: a transaction
-                // older than it is still open, and nothing else will ring when it ends.
+                // Changes wait on a standby behind an open transaction, or a reader waits
+                // for a token the poll did not see (a standby that has not replayed it,
+                // or has but below an open transaction; a token handed on before its
+                // transaction committed): nothing else may ring when it is there.
                 Polled::CaughtUp { pending } if pending || self.store.readers_waiting() => {
                     let wait = behind;
                     behind = (behind * 2).min(BEHIND_MAX).min(self.config.poll_interval);
@@ -1112,32 +1141,6 @@ impl Applier {
         Ok((client, tap, heard_rx, closed))
     }
 
-    /// Says once in the log when committed changes have waited behind one open
-    /// transaction, `xid`, for `HELD_BACK_WARNING`: read-your-writes tokens of later
-    /// writes wait for it, and the lag, which `/readyz` bounds, counts from them.
-    fn held_back(&mut self, xid: Option<u64>) {
-        match (xid, &mut self.held) {
-            (None, held) => *held = None,
-            (Some(xid), Some((by, since, warned))) if *by == xid => {
-                if !*warned && since.elapsed() >= HELD_BACK_WARNING {
-                    *warned = true;
-                    tracing::warn!(
-                        xid,
-                        waited_seconds = since.elapsed().as_secs(),
-                        "committed changes wait behind a transaction still open: permd reads \
-                         the changelog only below the oldest open transaction, so \
-                         read-your-writes tokens of later writes wait for it to end (503 \
-                         stale past --max-wait-ms) and the lag counts from them (/readyz); \
-                         SELECT * FROM pg_stat_activity WHERE backend_xid = '{xid}' shows \
-                         its session; keep writing transactions short \
-                         (idle_in_transaction_session_timeout for the application's roles)"
-                    );
-                }
-            }
-            (Some(xid), held) => *held = Some((xid, Instant::now(), false)),
-        }
-    }
-
     /// Whether permd's tables hold transaction ids restored from another cluster (a dump
     /// of the database restored elsewhere: migration 0007), which no transaction of this
     /// server wrote: changelog rows (passed over by the lag, and read as ordinary changes
@@ -1212,7 +1215,7 @@ impl Applier {
         Ok(restored_mark.then_some(pruned))
     }
 
-    /// Loads a full snapshot, swaps it in and moves the cursor to its xmin.
+    /// Loads a full snapshot, swaps it in and reads the changelog from it on.
     /// `rewind`: the watermark may go down (after a crash, xids below it were reissued).
     async fn reload(
         &mut self,
@@ -1230,12 +1233,16 @@ impl Applier {
             mark,
             tables,
         } = loader::load(client, tap, self.config.shard, self.config.query_timeout).await?;
-        let xmin = Xid(snapshot.xmin());
+        let snapshot = if self.horizon_only {
+            snapshot.horizon()
+        } else {
+            snapshot
+        };
         let old = self.store.replace(state);
-        self.follower.loaded(snapshot);
+        self.follower.loaded(snapshot.clone());
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
-        self.cursor = Some(Cursor { xid: xmin.0, id: 0 });
+        self.cursor = Some(Position::at(snapshot.clone()));
         self.mark_at_load = mark;
         self.tables_at_load = tables;
         let took = started.elapsed();
@@ -1244,9 +1251,9 @@ impl Applier {
         // also sees the load counted.
         self.status.full_load_done(took.as_millis() as u64, why);
         if rewind {
-            self.store.rewind(xmin);
+            self.store.rewind(&snapshot);
         } else {
-            self.store.advance(xmin);
+            self.store.advance(&snapshot);
         }
         tracing::info!(
             reason = why,
@@ -1345,12 +1352,31 @@ impl Applier {
 
     /// Reads and applies one batch of the changelog.
     async fn poll(&mut self, client: &Client, poll: &Statement) -> Result<Polled, Error> {
-        let cursor = self.cursor.unwrap_or_default();
-        let xid = cursor.xid.to_string();
+        let Some(position) = self.cursor.clone() else {
+            return Ok(Polled::Reload("nothing loaded"));
+        };
+        let in_progress: Vec<String> = position.seen.xip().iter().map(u64::to_string).collect();
+        let xmax = position.seen.xmax();
+        let part = position.part.unwrap_or_default();
+        let part_of_xmax = match position.part {
+            Some(part) if part.xid == xmax => part.id,
+            _ => i64::MIN,
+        };
         let rows = self
             .timed(
                 "a poll",
-                client.query(poll, &[&xid, &cursor.id, &self.config.batch_rows]),
+                client.query(
+                    poll,
+                    &[
+                        &in_progress,
+                        &xmax.to_string(),
+                        &self.config.batch_rows,
+                        &part.xid.to_string(),
+                        &part.id,
+                        &part_of_xmax,
+                        &self.horizon_only,
+                    ],
+                ),
             )
             .await?;
         self.status.polled();
@@ -1374,7 +1400,7 @@ impl Applier {
             let a = a.unwrap_or_default();
             match tag {
                 "h" => {
-                    snapshot = Some(Snapshot::parse(&a)?);
+                    snapshot = Some(parse_snapshot(&a)?);
                     pruned = Cursor {
                         xid: parse_xid(b.as_deref().unwrap_or("0"))?,
                         id: n.unwrap_or(0),
@@ -1419,12 +1445,17 @@ impl Applier {
         }
         let backend = backend.ok_or_else(|| Error::Protocol("poll returned no process".into()))?;
         self.same_backend(i32::try_from(backend).unwrap_or_default())?;
-        let snapshot =
-            snapshot.ok_or_else(|| Error::Protocol("poll returned no horizon".into()))?;
-        let horizon = snapshot.xmin();
+        let taken: Snapshot =
+            snapshot.ok_or_else(|| Error::Protocol("poll returned no snapshot".into()))?;
+        let snapshot = if self.horizon_only {
+            taken.horizon()
+        } else {
+            taken.clone()
+        };
         tracing::debug!(
-            cursor = ?cursor,
-            horizon,
+            from = %position.seen,
+            part = ?position.part,
+            snapshot = %snapshot,
             keys = keys.len(),
             pending = pending_since.is_some(),
             "polled the changelog"
@@ -1447,8 +1478,8 @@ impl Applier {
         // transaction of this server could have made was restored from another cluster
         // (`restored`); one that became so since the load ends the session, whose next one
         // looks at it first.
-        if cursor < pruned && pruned != self.mark_at_load {
-            if pruned.xid < snapshot.xmax() {
+        if position.first_unapplied() < pruned && pruned != self.mark_at_load {
+            if pruned.xid < taken.xmax() {
                 return Ok(Polled::Reload("changelog pruned past the cursor"));
             }
             return Err(Error::Protocol(format!(
@@ -1498,28 +1529,24 @@ impl Applier {
 
         match last {
             Some((last, count)) if count >= self.config.batch_rows => {
-                // Rows of `last.xid` may remain; every smaller xid is complete.
-                self.cursor = Some(last);
-                self.store.advance(Xid(last.xid));
-                self.follower.polled(snapshot, reread, false, true);
+                // Rows of `last.xid` may remain; those of every transaction before it in
+                // the changelog's order that the snapshot sees are applied.
+                let seen = position.seen.extended(&snapshot, last.xid);
+                self.store.advance(&seen);
+                self.cursor = Some(Position {
+                    seen,
+                    part: Some(last),
+                });
+                self.follower.polled(snapshot, reread, false);
                 Ok(Polled::More)
             }
             _ => {
-                // Everything below the horizon is applied; jump the cursor there so a
-                // later prune of rows we already hold does not force a reload.
-                let caught_up = Cursor {
-                    xid: horizon,
-                    id: 0,
-                };
-                let applied = last.map_or(cursor, |(l, _)| l);
-                self.cursor = Some(applied.max(caught_up));
-                self.store.advance(Xid(horizon));
-                // With changes waiting, the mirror is as old as the oldest of them.
-                self.status
-                    .caught_up(pending_since, pending_since.map(|_| horizon));
-                self.held_back(pending_since.map(|_| horizon));
-                self.follower
-                    .polled(snapshot, reread, true, pending_since.is_some());
+                // The mirror is the database at the snapshot.
+                self.store.advance(&snapshot);
+                self.cursor = Some(Position::at(snapshot.clone()));
+                // With changes waiting (on a standby), the mirror is as old as the oldest.
+                self.status.caught_up(pending_since);
+                self.follower.polled(snapshot, reread, true);
                 Ok(Polled::CaughtUp {
                     pending: pending_since.is_some(),
                 })

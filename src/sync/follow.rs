@@ -39,15 +39,15 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
-use super::{parse_xid, Error, Status};
+use super::{parse_xid, Status};
 use crate::shard::Shard;
-use crate::store::{Store, TupleRow};
+use crate::store::{Snapshot, Store, TupleRow};
 
 /// How many polls' snapshots and re-read keys are kept to place a late notification.
 const HISTORY: usize = 16;
-/// How many ended transactions are remembered, to refuse a replay of one, until a poll
-/// reads them. Only a transaction left open for long holds the polls' horizon back for
-/// this many commits; past it following is suspended until that transaction ends.
+/// How many ended transactions are remembered, to refuse a replay of one, until a
+/// caught-up poll reads them. Only commits faster than the polls can read them make this
+/// many; past it following is suspended until a poll has caught up.
 const ENDED_MAX: usize = 100_000;
 /// A signature: 64 hex digits of HMAC-SHA256, before the JSON.
 const TAG_LEN: usize = 64;
@@ -82,52 +82,6 @@ impl NotifyKey {
 impl std::fmt::Debug for NotifyKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("NotifyKey(..)")
-    }
-}
-
-/// A Postgres snapshot, from `pg_current_snapshot()::text`: which transactions it sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Snapshot {
-    xmin: u64,
-    xmax: u64,
-    /// Transactions in progress when it was taken, between `xmin` and `xmax`.
-    xip: Vec<u64>,
-}
-
-impl Snapshot {
-    /// Parses `xmin:xmax:xip,xip,...`.
-    pub(crate) fn parse(text: &str) -> Result<Self, Error> {
-        let bad = || Error::Protocol(format!("not a snapshot: {text:?}"));
-        let mut parts = text.split(':');
-        let (Some(xmin), Some(xmax), Some(xip), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        Ok(Self {
-            xmin: parse_xid(xmin)?,
-            xmax: parse_xid(xmax)?,
-            xip: xip
-                .split(',')
-                .filter(|x| !x.is_empty())
-                .map(parse_xid)
-                .collect::<Result<_, _>>()?,
-        })
-    }
-
-    /// Every transaction below it has ended.
-    pub(crate) fn xmin(&self) -> u64 {
-        self.xmin
-    }
-
-    /// No transaction at or above it had begun.
-    pub(crate) fn xmax(&self) -> u64 {
-        self.xmax
-    }
-
-    /// Whether a transaction that committed is visible in this snapshot.
-    pub(crate) fn sees(&self, xid: u64) -> bool {
-        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
     }
 }
 
@@ -352,15 +306,9 @@ enum Reread {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Following,
-    /// Dropping notifications until the polls have caught up with every dropped commit.
-    Suspended {
-        /// The newest dropped transaction (`None`: none known).
-        dropped: Option<u64>,
-        /// Notifications were lost without being seen (a new connection, a full
-        /// channel): only a poll with no committed change left above its horizon covers
-        /// them.
-        unknown: bool,
-    },
+    /// Dropping notifications until a poll has caught up (and so read every dropped
+    /// commit).
+    Suspended,
 }
 
 /// What to do with one notification.
@@ -407,10 +355,7 @@ impl Follower {
         Self {
             history: VecDeque::new(),
             forgotten: true,
-            mode: Mode::Suspended {
-                dropped: None,
-                unknown: true,
-            },
+            mode: Mode::Suspended,
             current: None,
             ended: HashSet::new(),
             status,
@@ -432,19 +377,19 @@ impl Follower {
     /// A notification, in the order they arrived (`None`: refused, see [`Refused`]).
     pub(crate) fn heard(&mut self, heard: Option<Heard>) -> Verdict {
         let Some(heard) = heard else {
-            self.suspend(None);
+            self.suspend();
             return Verdict::Poll;
         };
         if heard.change.is_some() && self.replayed(heard.xid, heard.statement) {
-            self.suspend(Some(heard.xid));
+            self.suspend();
             return Verdict::Replayed;
         }
         if !self.following() {
-            self.suspend(Some(heard.xid));
+            self.suspend();
             return Verdict::Poll;
         }
         let Some(change) = heard.change else {
-            self.suspend(Some(heard.xid));
+            self.suspend();
             return Verdict::Poll;
         };
         let seen: Vec<&Reread> = self
@@ -462,7 +407,7 @@ impl Follower {
             .is_some_and(|(snapshot, _)| snapshot.sees(heard.xid));
         if self.forgotten && oldest_saw {
             // A poll we no longer remember may have re-read its keys.
-            self.suspend(Some(heard.xid));
+            self.suspend();
             return Verdict::Poll;
         }
         if seen.is_empty() {
@@ -494,7 +439,7 @@ impl Follower {
                         // Suspended until a poll has read every commit: none of the
                         // forgotten transactions can then be replayed to any effect.
                         self.ended.clear();
-                        self.suspend(None);
+                        self.suspend();
                     }
                     self.ended.insert(ended);
                 }
@@ -506,18 +451,11 @@ impl Follower {
 
     /// Notifications were lost (the channel to the applier was full).
     pub(crate) fn lost(&mut self) {
-        self.suspend(None);
+        self.suspend();
     }
 
-    fn suspend(&mut self, xid: Option<u64>) {
-        let (dropped, unknown) = match self.mode {
-            Mode::Following => (None, false),
-            Mode::Suspended { dropped, unknown } => (dropped, unknown),
-        };
-        self.set_mode(Mode::Suspended {
-            dropped: dropped.max(xid),
-            unknown: unknown || xid.is_none(),
-        });
+    fn suspend(&mut self) {
+        self.set_mode(Mode::Suspended);
     }
 
     /// A full load was swapped in: the mirror is the database at `snapshot`.
@@ -529,29 +467,16 @@ impl Follower {
         self.set_mode(Mode::Following);
     }
 
-    /// A poll at `snapshot` re-read `keys`. `caught_up`: it read everything below its
-    /// horizon; `pending`: committed changes wait above it (an older transaction is
-    /// still open).
-    pub(crate) fn polled(
-        &mut self,
-        snapshot: Snapshot,
-        keys: HashSet<Key>,
-        caught_up: bool,
-        pending: bool,
-    ) {
-        if let Mode::Suspended { dropped, unknown } = self.mode {
-            // Every dropped notification arrived before this poll was sent, so its
-            // transaction is in the snapshot. With nothing committed left above the
-            // horizon, the poll has read every such transaction; otherwise every dropped
-            // one must be below the horizon.
-            let covered =
-                caught_up && (!pending || (!unknown && dropped.is_none_or(|x| x < snapshot.xmin)));
-            if covered {
-                self.set_mode(Mode::Following);
-            }
-        }
+    /// A poll at `snapshot` re-read `keys`. `caught_up`: it read every transaction its
+    /// snapshot sees (the mirror is the database at `snapshot`); otherwise it stopped
+    /// at its batch's end.
+    pub(crate) fn polled(&mut self, snapshot: Snapshot, keys: HashSet<Key>, caught_up: bool) {
         if caught_up {
-            self.ended.retain(|&xid| xid >= snapshot.xmin);
+            // Every dropped notification, and every one lost before the connection's
+            // LISTEN, arrived (or would have) before this poll was sent: its transaction
+            // had committed, so the snapshot sees it, and the poll read it.
+            self.set_mode(Mode::Following);
+            self.ended.retain(|&xid| !snapshot.sees(xid));
         }
         self.history.push_back((snapshot, Reread::Keys(keys)));
         if self.history.len() > HISTORY {
@@ -585,27 +510,6 @@ mod tests {
         list.iter()
             .map(|(s, o)| Key::Grant((*s).into(), (*o).into()))
             .collect()
-    }
-
-    #[test]
-    fn a_snapshot_sees_what_ended_before_it() {
-        let s = snapshot("100:105:100,103");
-        assert!(s.sees(99));
-        assert!(!s.sees(100));
-        assert!(s.sees(101));
-        assert!(!s.sees(103));
-        assert!(s.sees(104));
-        assert!(!s.sees(105));
-        assert_eq!(
-            snapshot("7:7:"),
-            Snapshot {
-                xmin: 7,
-                xmax: 7,
-                xip: vec![]
-            }
-        );
-        assert!(Snapshot::parse("7:7").is_err());
-        assert!(Snapshot::parse("a:7:").is_err());
     }
 
     /// A key whose bytes are all 7.
@@ -704,13 +608,13 @@ mod tests {
         // 20 ended when 21 began; 21's first statement again is no later than its last.
         assert_eq!(f.heard(Some(heard(20, 3))), Verdict::Replayed);
         assert!(!f.following());
-        f.polled(snapshot("11:11:"), HashSet::new(), true, false);
+        f.polled(snapshot("11:11:"), HashSet::new(), true);
         assert!(f.following());
         assert_eq!(f.heard(Some(heard(21, 1))), Verdict::Replayed);
-        f.polled(snapshot("12:12:"), HashSet::new(), true, false);
-        // A poll whose horizon is past them read them: forgotten, and harmless (that
-        // poll re-read their keys).
-        f.polled(snapshot("22:22:"), keys(&[("u", "doc")]), true, false);
+        f.polled(snapshot("12:12:"), HashSet::new(), true);
+        // A caught-up poll that sees them read them: forgotten, and harmless (that poll
+        // re-read their keys).
+        f.polled(snapshot("22:22:"), keys(&[("u", "doc")]), true);
         assert!(f.ended.is_empty());
         assert_eq!(
             f.heard(Some(heard(20, 1))),
@@ -725,13 +629,14 @@ mod tests {
     }
 
     #[test]
-    fn a_new_connection_follows_after_a_load_or_a_poll_with_nothing_waiting() {
+    fn a_new_connection_follows_after_a_load_or_a_caught_up_poll() {
         let mut f = Follower::new(Status::default(), true);
         assert_eq!(f.heard(Some(tuple("u", "doc", 10))), Verdict::Poll);
-        // Changes wait above the horizon: what was lost before LISTEN may be among them.
-        f.polled(snapshot("9:12:9"), HashSet::new(), true, true);
+        // A batch that stopped short may not have read what was lost before LISTEN.
+        f.polled(snapshot("9:12:9"), HashSet::new(), false);
         assert!(!f.following());
-        f.polled(snapshot("12:12:"), HashSet::new(), true, false);
+        // A caught-up one read every commit it sees, an older transaction open or not.
+        f.polled(snapshot("9:12:9"), HashSet::new(), true);
         assert!(f.following());
 
         let mut f = Follower::new(Status::default(), true);
@@ -749,7 +654,7 @@ mod tests {
     fn a_late_notification_skips_the_keys_a_poll_that_saw_it_re_read() {
         let mut f = Follower::new(Status::default(), true);
         f.loaded(snapshot("10:10:"));
-        f.polled(snapshot("12:15:12"), keys(&[("a", "doc")]), true, true);
+        f.polled(snapshot("12:15:12"), keys(&[("a", "doc")]), true);
         let change = Change {
             tuples_came: vec![
                 ("a".into(), "doc".into(), "read".into(), None),
@@ -790,13 +695,11 @@ mod tests {
         );
         // Later commits are dropped, not applied before 11's rows.
         assert_eq!(f.heard(Some(tuple("u", "doc", 12))), Verdict::Poll);
-        // A poll whose horizon is not past 12 (and with changes waiting) does not resume.
-        f.polled(snapshot("12:14:12"), HashSet::new(), true, true);
+        // A batch that stopped short does not resume.
+        f.polled(snapshot("13:14:"), HashSet::new(), false);
         assert!(!f.following());
-        // Nor does a batch that did not reach its horizon.
-        f.polled(snapshot("13:14:"), HashSet::new(), false, true);
-        assert!(!f.following());
-        f.polled(snapshot("13:14:"), HashSet::new(), true, true);
+        // A caught-up poll read 11 and 12, an older transaction open or not.
+        f.polled(snapshot("9:14:9"), HashSet::new(), true);
         assert!(f.following());
     }
 
@@ -809,7 +712,6 @@ mod tests {
                 snapshot(&format!("{}:{}:", 11 + x, 11 + x)),
                 HashSet::new(),
                 true,
-                false,
             );
         }
         assert_eq!(f.heard(Some(tuple("u", "doc", 10))), Verdict::Poll);

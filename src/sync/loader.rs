@@ -12,11 +12,10 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, IsolationLevel};
 
 use super::copy::{int8, text, timestamptz, CopyParser};
-use super::follow::Snapshot;
 use super::tap::Tap;
-use super::{parse_xid, Cursor, Error};
+use super::{parse_snapshot, parse_xid, Cursor, Error};
 use crate::shard::Shard;
-use crate::store::{State, StateBuilder};
+use crate::store::{Snapshot, State, StateBuilder};
 
 /// The bare columns: `expires_at` travels as Postgres' own binary timestamp (microseconds
 /// since 2000-01-01) and is converted here, which costs Postgres less than any expression.
@@ -42,9 +41,8 @@ pub(crate) struct Loaded {
     pub(crate) tables: String,
 }
 
-/// Loads everything in one snapshot. The returned `xmin` is where the changelog cursor
-/// starts: replaying from there re-applies some changes already in the snapshot, which
-/// is harmless because replay re-reads current rows.
+/// Loads everything in one snapshot, which is where the changelog's reading starts
+/// (`Position::at`).
 ///
 /// A load takes as long as the data does, so no statement of it has a deadline; instead
 /// it fails with [`Error::Stalled`] once nothing arrived from Postgres for `stall` (a hung
@@ -87,7 +85,7 @@ pub(crate) async fn load(
         Ok::<_, tokio_postgres::Error>((tx, row))
     };
     let (tx, row) = watched(begin, &progress, stall).await?;
-    let snapshot = Snapshot::parse(row.get::<_, &str>(0))?;
+    let snapshot = parse_snapshot(row.get::<_, &str>(0))?;
     let mark = Cursor {
         xid: parse_xid(row.get::<_, &str>(2))?,
         id: row.get(3),

@@ -1,9 +1,11 @@
 //! Keeping the store equal to Postgres: the loader (snapshot COPY), the applier (the
 //! changelog cursor, the only writer of the store) and the doorbell (LISTEN/NOTIFY).
 //!
-//! Invariant: nothing committed is skipped. The applier reads the changelog only below
-//! the oldest running transaction (`pg_snapshot_xmin`), in (xid, id) order, and re-reads
-//! the current rows of each changed key, so replay is idempotent.
+//! Invariant: nothing committed is skipped. Each poll reads the changelog rows of the
+//! transactions its snapshot sees and the last one did not (those in progress then, and
+//! those begun since: `Position`), in (xid, id) order, and re-reads the current rows of
+//! each changed key, so replay is idempotent and the mirror is the database at the
+//! poll's snapshot.
 
 mod applier;
 mod connect;
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 pub(crate) use crate::error_chain;
 use crate::shard::Shard;
+use crate::store::Snapshot;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
 pub(crate) use connect::{
     one_session, second_name, second_session, Settings, SECOND_SESSION_WAIT, WHICH_SESSION,
@@ -193,11 +196,48 @@ macro_rules! permd_tables_sql {
     };
 }
 
-/// A position in the changelog: every row at or below it has been applied.
+/// A row of the changelog, by its place in the changelog's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub(crate) struct Cursor {
     pub(crate) xid: u64,
     pub(crate) id: i64,
+}
+
+/// How far the changelog is applied: every row of the transactions `seen` sees, and of
+/// transaction `part.xid` (which it does not see: a poll's batch ended in its rows) the
+/// rows up to `part`. The next poll reads the rest: the rows of `seen`'s transactions in
+/// progress and of those at or above its xmax (index look-ups and a range), so an open
+/// transaction holds back nothing but itself, and the rows of its era are read once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub(crate) seen: Snapshot,
+    pub(crate) part: Option<Cursor>,
+}
+
+impl Position {
+    /// Where a full load at `snapshot` leaves it: exactly the transactions it sees.
+    pub(crate) fn at(snapshot: Snapshot) -> Self {
+        Self {
+            seen: snapshot,
+            part: None,
+        }
+    }
+
+    /// The place of the first row that may not be applied: a row of an earlier place
+    /// deleted from the changelog is one applied.
+    pub(crate) fn first_unapplied(&self) -> Cursor {
+        let xid = self.seen.xmin();
+        let id = match self.part {
+            Some(part) if part.xid == xid => part.id,
+            _ => 0,
+        };
+        Cursor { xid, id }
+    }
+}
+
+/// Parses a snapshot from `pg_current_snapshot()::text`.
+pub(crate) fn parse_snapshot(text: &str) -> Result<Snapshot, Error> {
+    Snapshot::parse(text).ok_or_else(|| Error::Protocol(format!("not a snapshot: {text:?}")))
 }
 
 /// Parses an `xid8` from its text form.

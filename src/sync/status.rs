@@ -21,9 +21,6 @@ struct Inner {
     loaded: AtomicBool,
     /// When a poll last reached the changelog horizon (µs since the epoch; 0 = never).
     caught_up_at: AtomicI64,
-    /// The open transaction committed changes wait behind, as the last catch-up found
-    /// it (0 = none).
-    held_by: AtomicU64,
     /// When the last full load finished (µs since the epoch; 0 = never).
     last_full_load_at: AtomicI64,
     last_full_load_ms: AtomicU64,
@@ -91,12 +88,6 @@ pub struct StatusReport {
     /// Seconds since the mirror was last known to be caught up (`null` before the first
     /// catch-up). Grows while Postgres is unreachable.
     pub lag_seconds: Option<f64>,
-    /// The transaction (its xid) still open below which committed changes wait, as the
-    /// last poll found it: the changelog is read only below the oldest open transaction,
-    /// so read-your-writes tokens of later writes wait for it to end, and the lag counts
-    /// from the oldest of them (`pg_stat_activity.backend_xid` names its session). `null`
-    /// when nothing waits.
-    pub held_back_by_xid: Option<u64>,
     /// Unix time (seconds) of the end of the last full load.
     pub last_full_load_at: Option<f64>,
     /// How long the last full load took, in milliseconds.
@@ -156,7 +147,6 @@ impl Status {
             connected: i.connected.load(Ordering::Relaxed),
             loaded: i.loaded.load(Ordering::Relaxed),
             lag_seconds: self.lag_seconds(),
-            held_back_by_xid: self.held_back_by(),
             last_full_load_at: micros_to_secs(i.last_full_load_at.load(Ordering::Relaxed)),
             last_full_load_ms: i.last_full_load_ms.load(Ordering::Relaxed),
             last_full_load_reason: i
@@ -200,11 +190,6 @@ impl Status {
         (at != 0).then(|| micros_to_secs_since(at))
     }
 
-    /// The open transaction committed changes wait behind, if any (`held_back_by_xid`).
-    pub fn held_back_by(&self) -> Option<u64> {
-        Some(self.inner.held_by.load(Ordering::Relaxed)).filter(|&xid| xid != 0)
-    }
-
     /// Loaded, and caught up within `max_lag_seconds`.
     pub fn is_ready(&self, max_lag_seconds: f64) -> bool {
         self.inner.loaded.load(Ordering::Relaxed)
@@ -230,18 +215,16 @@ impl Status {
         self.inner.connected.store(connected, Ordering::Relaxed);
     }
 
-    /// Everything below the horizon is applied. `waiting_since`: committed changes have
-    /// been waiting behind an open transaction since then (by the server's clock, which
-    /// wrote it: taken to this host's by the skew last measured, so that a server whose
-    /// clock is behind does not make the mirror look that much older), so the mirror is
-    /// that old; `held_by`: the open transaction they wait behind. On
-    /// a standby the mirror is also as old as the standby (as the last look at it found:
-    /// the standby is at least that current now); while that is not known, the mirror
-    /// is not known to be any more current than before.
-    pub(crate) fn caught_up(&self, waiting_since: Option<i64>, held_by: Option<u64>) {
+    /// The mirror is the database at the poll's snapshot (on a standby, below its
+    /// xmin). `waiting_since`: on a standby, committed changes have been waiting behind
+    /// an open transaction since then (by the server's clock, which wrote it: taken to
+    /// this host's by the skew last measured, so that a server whose clock is behind
+    /// does not make the mirror look that much older), so the mirror is that old. On a
+    /// standby the mirror is also as old as the standby (as the last look at it found:
+    /// the standby is at least that current now); while that is not known, the mirror is
+    /// not known to be any more current than before.
+    pub(crate) fn caught_up(&self, waiting_since: Option<i64>) {
         let now = now_micros();
-        let held_by = waiting_since.and(held_by).unwrap_or(0);
-        self.inner.held_by.store(held_by, Ordering::Relaxed);
         let upstream = match self.inner.upstream_at.load(Ordering::Relaxed) {
             UNKNOWN => None,
             UNBOUNDED => Some(now),
@@ -373,7 +356,7 @@ mod tests {
             (&mut ready).now_or_never().is_none(),
             "ready before the first catch-up"
         );
-        status.caught_up(None, None);
+        status.caught_up(None);
         // A notified waiter is ready at its next poll: no waiting.
         assert!(
             (&mut ready).now_or_never().is_some(),
@@ -389,9 +372,8 @@ mod tests {
     async fn a_lag_past_the_limit_is_not_ready() {
         let status = Status::default();
         status.full_load_done(10, "start");
-        // Changes have waited behind an open transaction for a minute.
-        status.caught_up(Some(now_micros() - 60_000_000), Some(741));
-        assert_eq!(status.held_back_by(), Some(741));
+        // Changes have waited on a standby behind an open transaction for a minute.
+        status.caught_up(Some(now_micros() - 60_000_000));
         assert!(status.ready(5.0).now_or_never().is_none());
         assert!(status.ready(120.0).now_or_never().is_some());
     }
@@ -406,7 +388,7 @@ mod tests {
             }
             // The server wrote the time by its own clock, `skew` from this host's.
             let server_now = now_micros() + skew_seconds.unwrap_or(0) * 1_000_000;
-            status.caught_up(Some(server_now - waited_seconds * 1_000_000), Some(741));
+            status.caught_up(Some(server_now - waited_seconds * 1_000_000));
             status.lag_seconds().expect("caught up")
         };
         // A server 30 s behind: changes that waited 2 s are 2 s old, not 32.
@@ -422,7 +404,7 @@ mod tests {
         let status = Status::default();
         status.full_load_done(10, "start");
         status.set_upstream(Upstream::Unknown);
-        status.caught_up(None, None);
+        status.caught_up(None);
         assert_eq!(
             status.lag_seconds(),
             None,
@@ -430,7 +412,7 @@ mod tests {
         );
         let minute_ago = now_micros() - 60_000_000;
         status.set_upstream(Upstream::CurrentAt(minute_ago));
-        status.caught_up(None, None);
+        status.caught_up(None);
         let report = status.report();
         assert!(
             report.lag_seconds.is_some_and(|lag| lag >= 60.0),
@@ -442,11 +424,11 @@ mod tests {
         );
         // Not known again (a reconnect): the mirror is no more current than it was.
         status.set_upstream(Upstream::Unknown);
-        status.caught_up(None, None);
+        status.caught_up(None);
         assert!(status.lag_seconds().is_some_and(|lag| lag >= 60.0));
         assert_eq!(status.report().standby_lag_seconds, None);
         status.set_upstream(Upstream::Unbounded);
-        status.caught_up(None, None);
+        status.caught_up(None);
         assert!(status.lag_seconds().is_some_and(|lag| lag < 60.0));
     }
 }
