@@ -241,6 +241,42 @@ async fn insert_update_delete_and_truncate_become_visible() {
     daemon.stop().await;
 }
 
+/// Polls whose batch (`batch_rows`, 2 here) ends inside a transaction's rows: in the rows
+/// of one begun after the last snapshot (read by the range from its xmax), and in the
+/// rows of one that was in progress then (read by look-ups of its xid). Each batch
+/// leaves the mirror's snapshot without the transaction it ended in, and the next reads
+/// on from its last row. Writes ring no doorbell, the daemon polls once an hour: only
+/// the readers' tokens make it poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_that_end_inside_a_transaction_skip_nothing() {
+    let db = database().await;
+    let mut sync = doorbell_only(&db.url);
+    sync.batch_rows = 2;
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let quiet = |subject: &str, objects: u32| {
+        format!(
+            "SET LOCAL permd.notify = off;
+             INSERT INTO permd.tuples
+             SELECT '{subject}', 'doc:' || i, 'read', NULL FROM generate_series(1, {objects}) i"
+        )
+    };
+    let (open, open_xid) = db.open_write(&quiet("open", 3)).await;
+    let later = db.write(&quiet("later", 5)).await;
+    assert!(daemon.check("later", "read", "doc:5", &later).await);
+    assert!(!daemon.store.check("open", "read", "doc:1"));
+    let polls = daemon.status.report().polls;
+    open.commit().await.expect("commit");
+    let last = db.write(&quiet("last", 3)).await;
+    assert!(daemon.check("open", "read", "doc:3", &open_xid).await);
+    assert!(daemon.check("last", "read", "doc:3", &last).await);
+    assert!(
+        daemon.status.report().polls >= polls + 3,
+        "the rows read over several batches"
+    );
+    assert_eq!(daemon.digest_at(&last).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// Transaction A writes first but commits last; B writes later and commits first. A
 /// reader of `id > last_seen` would skip A's row forever. While A is open, B is applied
 /// and its token answered, A's is not; once A commits, both are there. (Until session 61
