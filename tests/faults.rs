@@ -775,6 +775,41 @@ async fn changelog_rows_deleted_by_hand_are_not_skipped() {
     daemon.stop().await;
 }
 
+/// `permd.retention`'s one row deleted by hand under a running daemon: its polls, and a
+/// new session's start, say what is wrong and how to put the row back (until session 61:
+/// "poll returned no horizon", and at a session's start "query returned an unexpected
+/// number of rows"). Put back as it says, the daemon goes on: loaded in full once, since
+/// the new mark is above its place, and in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_row_deleted_by_hand_is_named_with_its_fix() {
+    let db = database().await;
+    let daemon = TestDaemon::start(&db.url).await;
+    db.exec("DELETE FROM permd.retention").await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('u', 'doc', 'read', NULL)")
+        .await;
+    daemon
+        .wait_for_report("the poll to name the missing row", |report| {
+            report.last_error.as_deref().is_some_and(|error| {
+                error.contains("permd.retention holds no row")
+                    && error.contains("INSERT INTO permd.retention")
+            })
+        })
+        .await;
+    let reloads = daemon.status.report().reloads;
+    db.exec(
+        "INSERT INTO permd.retention (pruned_xid) SELECT pg_snapshot_xmin(pg_current_snapshot())",
+    )
+    .await;
+    assert!(daemon.check("u", "read", "doc", &token).await);
+    let later = db
+        .write("INSERT INTO permd.tuples VALUES ('v', 'doc', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&later).await, db.digest().await);
+    assert_eq!(daemon.status.report().reloads, reloads + 1);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_forced_reloads_during_concurrent_writes() {
     let db = database().await;

@@ -1154,7 +1154,7 @@ impl Applier {
         let row = self
             .timed(
                 "the look for restored transaction ids",
-                client.query_one(
+                client.query_opt(
                     "SELECT r.pruned_xid::text, r.pruned_id, \
                         pg_snapshot_xmax(pg_current_snapshot())::text, \
                         (SELECT max(xid) FROM permd.changelog)::text, \
@@ -1163,7 +1163,8 @@ impl Applier {
                     &[],
                 ),
             )
-            .await?;
+            .await?
+            .ok_or(Error::NoRetentionRow)?;
         let (mark, mark_id, next, newest): (String, i64, String, Option<String>) = (
             row.try_get(0)?,
             row.try_get(1)?,
@@ -1445,8 +1446,8 @@ impl Applier {
         }
         let backend = backend.ok_or_else(|| Error::Protocol("poll returned no process".into()))?;
         self.same_backend(i32::try_from(backend).unwrap_or_default())?;
-        let taken: Snapshot =
-            snapshot.ok_or_else(|| Error::Protocol("poll returned no snapshot".into()))?;
+        // The snapshot comes with the pruning mark, from permd.retention's one row.
+        let taken: Snapshot = snapshot.ok_or(Error::NoRetentionRow)?;
         let snapshot = if self.horizon_only {
             taken.horizon()
         } else {

@@ -90,6 +90,15 @@ pub enum Error {
     /// schema lacks the function that removes it (`Applier::restored`); says what to do.
     #[error("{0}; permd retries")]
     Restored(String),
+    /// `permd.retention` holds no row (deleted by hand): what was pruned from the changelog
+    /// cannot be told; says how to put it back.
+    #[error(
+        "permd.retention holds no row (deleted by hand?), so permd cannot tell what was \
+         pruned from the changelog; as the owner of schema permd, `INSERT INTO \
+         permd.retention (pruned_xid) SELECT pg_snapshot_xmin(pg_current_snapshot())` puts \
+         it back (a daemon behind that mark then loads in full once); permd retries"
+    )]
+    NoRetentionRow,
     /// Logical replication writes permd's tables in a way the changelog cannot follow
     /// (`subscription`); says what to do.
     #[error("logical replication: {0}; permd retries")]
