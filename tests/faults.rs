@@ -913,7 +913,7 @@ async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
         "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
          FROM pg_stat_activity
          WHERE datname = current_database() AND application_name = 'permd'
-           AND state = 'active' AND query LIKE 'COPY permd.tuples %'",
+           AND state = 'active' AND query LIKE 'COPY (SELECT % FROM permd.tuples)%'",
     )
     .fetch_one(&db.pool)
     .await

@@ -241,6 +241,27 @@ async fn insert_update_delete_and_truncate_become_visible() {
     daemon.stop().await;
 }
 
+/// Rows of a table that inherits from `permd.tuples`: the poll and `permd.digest()` read
+/// them (a query of a table reads its children), and so does the full load since session
+/// 61, whose `COPY permd.tuples TO` read the parent's own rows alone (the child's row
+/// denied, and `verify` would have found the digests apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_table_inheriting_from_tuples_are_loaded() {
+    let db = database().await;
+    db.exec(
+        "CREATE TABLE public.more_tuples () INHERITS (permd.tuples);
+         INSERT INTO public.more_tuples VALUES ('child', 'doc', 'read', NULL);
+         INSERT INTO permd.tuples VALUES ('parent', 'doc', 'read', NULL)",
+    )
+    .await;
+    let daemon = TestDaemon::start(&db.url).await;
+    let token = db.write("SELECT 1").await;
+    assert!(daemon.check("child", "read", "doc", &token).await);
+    assert!(daemon.check("parent", "read", "doc", &token).await);
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// Polls whose batch (`batch_rows`, 2 here) ends inside a transaction's rows: in the rows
 /// of one begun after the last snapshot (read by the range from its xmax), and in the
 /// rows of one that was in progress then (read by look-ups of its xid). Each batch
