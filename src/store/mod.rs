@@ -505,11 +505,12 @@ impl Store {
         self.inner.watermark_tx.send_replace(seen.xmin());
     }
 
-    /// The mirror holds the transactions `seen` sees: each snapshot the applier gives
-    /// covers the last one (the watermark never goes down except by `rewind`). Applier
-    /// only.
+    /// The mirror holds the transactions `seen` sees. Each snapshot the applier gives
+    /// covers the last one; one that does not is passed over, so that neither the
+    /// snapshot nor the watermark ever goes back but by `rewind`. Applier only.
     pub(crate) fn advance(&self, seen: &Snapshot) {
-        if **self.inner.seen.load() == *seen {
+        let current = self.inner.seen.load();
+        if **current == *seen || !seen.covers(&current) {
             return;
         }
         self.inner.seen.store(Arc::new(seen.clone()));
@@ -692,6 +693,7 @@ mod tests {
         store.advance(&at(8));
         store.advance(&at(3));
         assert_eq!(store.watermark(), Xid(8));
+        assert_eq!(store.seen(), at(8));
         store.rewind(&at(3));
         assert_eq!(store.watermark(), Xid(3));
     }
