@@ -241,6 +241,70 @@ async fn insert_update_delete_and_truncate_become_visible() {
     daemon.stop().await;
 }
 
+/// Four writers whose transactions overlap (each held open 0 to 29 ms before its
+/// commit), each commit's notification carrying its rows, its xid alone or nothing at
+/// random, while the daemon polls every 20 ms in batches of 3 rows: the polls' snapshots
+/// have transactions in progress, and batches end inside the rows of transactions read
+/// by the range and of those read by look-ups. Each writer checks its write with its
+/// token right after its commit (a grant, and the revocation of its grant of two rounds
+/// before), and the digest at the end equals the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_writers_read_in_small_batches_skip_nothing() {
+    let db = database().await;
+    let mut sync = polling_every(&db.url, Duration::from_millis(20));
+    sync.batch_rows = 3;
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let writer = |w: u64| {
+        let (db, daemon) = (&db, &daemon);
+        async move {
+            let mut rng = Rng(w);
+            let subject = format!("writer{w}");
+            let mut token = String::new();
+            for round in 0..15u64 {
+                let notify = ["on", "doorbell", "off"][rng.below(3) as usize];
+                let mut tx = db.pool.begin().await.expect("begin");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "SET LOCAL permd.notify = {notify};
+                     INSERT INTO permd.tuples VALUES ('{subject}', 'doc:{round}', 'read', NULL),
+                         ('{subject}', 'doc:{round}', 'write', NULL);
+                     DELETE FROM permd.tuples WHERE subject = '{subject}'
+                         AND object = 'doc:{}'",
+                    round.wrapping_sub(2)
+                )))
+                .execute(&mut *tx)
+                .await
+                .expect("write");
+                token = sqlx::query_scalar("SELECT permd.write_token()")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .expect("token");
+                // Held open while the other writers commit: this is the scenario, not a
+                // wait for a condition.
+                tokio::time::sleep(Duration::from_millis(rng.below(30))).await;
+                tx.commit().await.expect("commit");
+                let object = format!("doc:{round}");
+                assert!(
+                    daemon.check(&subject, "write", &object, &token).await,
+                    "{subject} {object}"
+                );
+                if round >= 2 {
+                    let revoked = format!("doc:{}", round - 2);
+                    assert!(
+                        !daemon.check(&subject, "read", &revoked, &token).await,
+                        "{subject} {revoked}"
+                    );
+                }
+            }
+            token
+        }
+    };
+    let tokens = futures_util::future::join_all((0..4).map(writer)).await;
+    for token in &tokens {
+        assert_eq!(daemon.digest_at(token).await, db.digest().await);
+    }
+    daemon.stop().await;
+}
+
 /// Rows of a table that inherits from `permd.tuples`: the poll and `permd.digest()` read
 /// them (a query of a table reads its children), and so does the full load since session
 /// 61, whose `COPY permd.tuples TO` read the parent's own rows alone (the child's row
