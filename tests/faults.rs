@@ -1521,6 +1521,38 @@ async fn a_transaction_open_on_the_primary_is_read_from_a_standby_once_committed
     daemon.stop().await;
 }
 
+/// A standby read in batches of 2 rows (below its snapshots' xmin, `horizon_only`): the
+/// batches end inside transactions' rows, and each transaction's token is answered once
+/// its last row is read; the digest equals the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_read_in_small_batches_skips_nothing() {
+    let Replica {
+        primary: _primary,
+        standby: _standby,
+        db,
+        url: replica,
+    } = replica().await;
+    let mut sync = SyncConfig::new(&replica);
+    sync.batch_rows = 2;
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    let mut last = String::new();
+    for round in 0..3 {
+        last = db
+            .write(&format!(
+                "INSERT INTO permd.tuples
+                 SELECT 'standby{round}', 'doc:' || i, 'read', NULL FROM generate_series(1, 5) i"
+            ))
+            .await;
+        assert!(
+            daemon
+                .check(&format!("standby{round}"), "read", "doc:5", &last)
+                .await
+        );
+    }
+    assert_eq!(daemon.digest_at(&last).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// A primary with a test database (one tuple in it), and a streaming standby of it that
 /// has replayed the database.
 struct Replica {
