@@ -391,14 +391,7 @@ async fn a_time_zone_set_between_two_sessions_is_no_crash() {
     db.set_for_new_sessions("timezone", "'Pacific/Kiritimati'")
         .await;
     db.set_for_new_sessions("datestyle", "'SQL, DMY'").await;
-    let terminated: bool = sqlx::query_scalar(
-        "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'permd'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("terminate the sync connection's backend");
-    assert!(terminated, "no session of permd's to terminate");
+    terminate_sync_backend(&db).await;
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
         .await;
@@ -411,6 +404,55 @@ async fn a_time_zone_set_between_two_sessions_is_no_crash() {
     let report = daemon.status.report();
     assert_eq!(report.reloads, 1, "no reload: {report:?}");
     daemon.stop().await;
+}
+
+/// A reset of one kind of shared statistics between two of permd's sessions (a monitoring
+/// job's `pg_stat_reset_shared('bgwriter')`, then `'archiver'` before the next) is no
+/// crash: permd reconnects and catches up each time, without a reload. Before session 62
+/// it told a crash by the background writer's reset time alone, and loaded the whole set
+/// again after the first reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_of_shared_statistics_between_two_sessions_is_no_crash() {
+    let db = database().await;
+    let daemon = TestDaemon::start(&db.url).await;
+    for (kind, reconnects) in [("bgwriter", 1), ("archiver", 2)] {
+        sqlx::query("SELECT pg_stat_reset_shared($1)")
+            .bind(kind)
+            .execute(&db.pool)
+            .await
+            .expect("reset the shared statistics");
+        terminate_sync_backend(&db).await;
+        let token = db
+            .write(&format!(
+                "INSERT INTO permd.tuples VALUES ('user:{reconnects}', 'doc:1', 'read', NULL)"
+            ))
+            .await;
+        assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+        daemon
+            .wait_for_report("the reconnect", |report| {
+                report.connected && report.reconnects == reconnects
+            })
+            .await;
+        let report = daemon.status.report();
+        assert_eq!(
+            report.reloads, 1,
+            "no reload after {kind}'s reset: {report:?}"
+        );
+    }
+    daemon.stop().await;
+}
+
+/// Terminates the backend of the daemon's sync connection to `db`, which the daemon
+/// answers with a new session.
+async fn terminate_sync_backend(db: &TestDb) {
+    let terminated: bool = sqlx::query_scalar(
+        "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'permd'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("terminate the sync connection's backend");
+    assert!(terminated, "no session of permd's to terminate");
 }
 
 /// A backend killed: Postgres restarts every process and recovers from a crash, its

@@ -269,6 +269,37 @@ enum Polled {
 const RESTORED_MARK: &str =
     "a pruning mark restored from another cluster, which says nothing of what was pruned here";
 
+/// What a crash changes about a server: the reset times of two kinds of its shared
+/// statistics, the background writer's and the WAL archiver's, which Postgres resets
+/// together whenever it starts after anything but a clean shutdown, and keeps through a
+/// clean one (see `Applier::session`). Its start time stands in where they are null.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Incarnation {
+    /// `pg_stat_bgwriter.stats_reset` and `pg_stat_archiver.stats_reset`, as seconds since
+    /// the epoch; `None` if either is null.
+    reset: Option<[String; 2]>,
+    /// `pg_postmaster_start_time()`, as seconds since the epoch.
+    started: String,
+}
+
+impl Incarnation {
+    /// Whether the server recovered from a crash (or is another one) since it was `last`.
+    /// Both reset times must have moved: a crash resets every kind of shared statistics,
+    /// while `pg_stat_reset_shared('bgwriter')` (or `'archiver'`), which a monitoring job
+    /// may run, resets one kind alone. A reset of each kind between two sessions reads as
+    /// a crash too, which costs a full load and loses nothing; a crash never reads as
+    /// anything else.
+    fn recovered_since(&self, last: &Incarnation) -> bool {
+        match (&self.reset, &last.reset) {
+            (Some([writer, archiver]), Some([last_writer, last_archiver])) => {
+                writer != last_writer && archiver != last_archiver
+            }
+            (None, None) => self.started != last.started,
+            _ => true,
+        }
+    }
+}
+
 /// Where a session's statements ran: the server as it names itself (its address and
 /// port, `inet_server_addr()` and `inet_server_port()`; empty over a Unix socket) and the
 /// database (its name and oid, which a database dropped and created again changes).
@@ -333,7 +364,7 @@ pub struct Applier {
     /// horizon cursor does.
     horizon_only: bool,
     /// The server incarnation of the last session: what a crash changes (see `session`).
-    incarnation: Option<String>,
+    incarnation: Option<Incarnation>,
     /// Where the last session's statements ran (see `session`).
     place: Option<Place>,
     /// The changelog's pruning mark as the last full load's snapshot saw it: what it
@@ -616,14 +647,14 @@ impl Applier {
         // Transaction ids that were handed out but never made durable before a crash are
         // handed out again after it, possibly below our cursor: a server that recovered
         // from a crash since our last session cannot be caught up from the changelog. The
-        // reset time of the shared statistics tells: Postgres discards them whenever it
-        // starts after anything but a clean shutdown (a crash, an immediate stop, a killed
-        // backend's restart of every process, a restored backup), and keeps them through
-        // a clean restart, after which the changelog is whole and the cursor good. Were
-        // the time ever null, a new postmaster start time is taken as a crash instead.
-        // Both times as seconds since the epoch: as text they would follow the session's
-        // time zone and date style, which the database's or the role's settings can change
-        // between two sessions of one server. Another server than the last session's
+        // reset times of the shared statistics tell (`Incarnation`): Postgres discards
+        // them whenever it starts after anything but a clean shutdown (a crash, an
+        // immediate stop, a killed backend's restart of every process, a restored
+        // backup), and keeps them through a clean restart, after which the changelog is
+        // whole and the cursor good. Were they ever null, a new postmaster start time is
+        // taken as a crash instead. The times as seconds since the epoch: as text they
+        // would follow the session's time zone and date style, which the database's or
+        // the role's settings can change between two sessions of one server. Another server than the last session's
         // (another host of the URL, a failover, an address that now leads elsewhere) has
         // statistics reset at another time too, and needs the same reload: it need not
         // hold all the last one held, nor continue its transaction ids. Which of the two
@@ -637,6 +668,8 @@ impl Applier {
                     "SELECT extract(epoch FROM pg_postmaster_start_time())::text, \
                         coalesce(extract(epoch FROM \
                             (SELECT stats_reset FROM pg_stat_bgwriter))::text, ''), \
+                        coalesce(extract(epoch FROM \
+                            (SELECT stats_reset FROM pg_stat_archiver))::text, ''), \
                         coalesce(host(inet_server_addr()), ''), \
                         coalesce(inet_server_port()::text, ''), current_database()::text, \
                         (SELECT oid FROM pg_database WHERE datname = current_database())::text",
@@ -644,21 +677,21 @@ impl Applier {
                 ),
             )
             .await?;
-        let (started, stats_reset): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let started: String = row.try_get(0)?;
+        let reset: [String; 2] = [row.try_get(1)?, row.try_get(2)?];
         let place = Place::new(
-            row.try_get(2)?,
             row.try_get(3)?,
             row.try_get(4)?,
             row.try_get(5)?,
+            row.try_get(6)?,
         );
-        let incarnation = if stats_reset.is_empty() {
-            format!("started {started}")
-        } else {
-            format!("statistics reset {stats_reset}")
+        let incarnation = Incarnation {
+            reset: (!reset.iter().any(String::is_empty)).then_some(reset),
+            started: started.clone(),
         };
         let moved = self.place.as_ref().and_then(|last| last.moved_to(&place));
         let recovered = match &self.incarnation {
-            Some(known) if *known != incarnation => {
+            Some(known) if incarnation.recovered_since(known) => {
                 Some(moved.unwrap_or_else(|| "postgres recovered from a crash".into()))
             }
             // The same server, another database (a service or a name that now leads to
@@ -1676,6 +1709,33 @@ mod tests {
         assert!(place("", "", "1")
             .moved_to(&primary)
             .is_some_and(|why| why.contains("(a Unix socket, now 10.0.0.1:5432)")));
+    }
+
+    #[test]
+    fn a_crash_moves_both_reset_times_where_a_reset_by_hand_moves_one() {
+        let at = |writer: &str, archiver: &str, started: &str| Incarnation {
+            reset: Some([writer.into(), archiver.into()]),
+            started: started.into(),
+        };
+        let last = at("100", "100", "90");
+        // A clean restart keeps the statistics.
+        assert!(!at("100", "100", "95").recovered_since(&last));
+        // `pg_stat_reset_shared('bgwriter')`, or `'archiver'`, resets one kind alone.
+        assert!(!at("120", "100", "90").recovered_since(&last));
+        assert!(!at("100", "120", "90").recovered_since(&last));
+        // A crash resets both (to one time); so do two resets by hand, read as a crash.
+        assert!(at("130", "130", "90").recovered_since(&last));
+        assert!(at("120", "125", "90").recovered_since(&last));
+        // Without reset times, the start time decides; a time that comes or goes is a
+        // crash.
+        let unknown = |started: &str| Incarnation {
+            reset: None,
+            started: started.into(),
+        };
+        assert!(!unknown("90").recovered_since(&unknown("90")));
+        assert!(unknown("95").recovered_since(&unknown("90")));
+        assert!(unknown("90").recovered_since(&last));
+        assert!(last.recovered_since(&unknown("90")));
     }
 
     #[test]
