@@ -181,6 +181,60 @@ async fn migrate_serve_and_stop_on_sigterm() {
     );
 }
 
+/// Transaction ids restored from another cluster (a changelog row and a pruning mark above
+/// this cluster's ids, as a dump restored elsewhere brings them) are warned of once, at the
+/// first session's start, and not again at each reconnect's while they stay as they were.
+/// Before session 62 every session's start warned again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_transaction_ids_are_warned_of_once() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.changelog (xid, kind, subject, object, created_at)
+             VALUES ((pg_current_xact_id()::text::int8 + 5000000)::text::xid8, 't',
+                     'user:1', 'doc:1', now() - interval '1 hour');
+         UPDATE permd.retention
+         SET pruned_xid = (pg_current_xact_id()::text::int8 + 4000000)::text::xid8,
+             pruned_id = 7;",
+    )
+    .await;
+    let (mut running, port) = serve(&db.url, &[], &[]).await;
+    for reconnects in 1..=2 {
+        let terminated: bool = sqlx::query_scalar(
+            "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'permd'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("terminate the sync connection's backend");
+        assert!(terminated, "no session of permd's to terminate");
+        wait_until("the reconnect", || {
+            std::future::ready(http_get(port, "/v1/status").is_some_and(|(_, body)| {
+                body.contains(&format!("\"reconnects\":{reconnects},"))
+                    && body.contains("\"connected\":true")
+            }))
+        })
+        .await;
+        // A write's token answered: the session is past its start's look.
+        let token = db
+            .write(&format!(
+                "INSERT INTO permd.tuples VALUES ('user:{reconnects}', 'doc:1', 'read', NULL)"
+            ))
+            .await;
+        let (status, body) = http_get(
+            port,
+            &format!(
+                "/v1/check?subject=user:{reconnects}&permission=read&object=doc:1&at_least={token}"
+            ),
+        )
+        .expect("check");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"allowed\":true"), "{body}");
+    }
+    let (exit, _, log) = sigterm_and_wait(&mut running).await;
+    assert!(exit.success(), "exit status {exit}");
+    assert_eq!(log.matches("permd passes over them").count(), 1, "{log}");
+}
+
 /// `--unix-socket`: the daemon answers on a Unix socket too (checks, batches, the token
 /// asked as over TCP), replaces a socket file left by a process that is gone, refuses a
 /// path a live process listens on or that is not a socket, and removes its file at exit;

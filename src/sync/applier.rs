@@ -385,6 +385,9 @@ pub struct Applier {
     signing: Signing,
     /// Refused notifications not yet logged, and when they last were.
     refused_quiet: (u64, Option<Instant>),
+    /// The restored transaction ids last warned of (`restored`: the pruning mark and the
+    /// changelog's highest id), so that each session's look warns of them once.
+    restored_said: Option<(String, Option<String>)>,
     /// When the last full load or compaction ended, and how long it took.
     last_load: Option<(Instant, Duration)>,
     /// The compaction running, if one is.
@@ -489,6 +492,7 @@ impl Applier {
             driver: None,
             signing: Signing::default(),
             refused_quiet: (0, None),
+            restored_said: None,
             last_load: None,
             compacting: None,
             rebuilt: Arc::new(Notify::new()),
@@ -1182,8 +1186,9 @@ impl Applier {
     /// load saw it (its cursor then past anything pruned before), and its polls pass over
     /// it (`mark_at_load`); the warning says how to remove both. Where the schema lacks
     /// `permd.forget_restored_xids()`, its prune could have deleted rows here without
-    /// moving the mark: an error, which names the fix.
-    async fn restored(&self, client: &Client) -> Result<Option<Cursor>, Error> {
+    /// moving the mark: an error, which names the fix. The warning is given once for the
+    /// same restored ids, and again only when they change.
+    async fn restored(&mut self, client: &Client) -> Result<Option<Cursor>, Error> {
         let row = self
             .timed(
                 "the look for restored transaction ids",
@@ -1214,6 +1219,7 @@ impl Applier {
         let newest = newest.as_deref().map(parse_xid).transpose()?;
         let restored_rows = newest.is_some_and(|newest| newest >= next);
         if !(restored_mark || restored_rows) {
+            self.restored_said = None;
             return Ok(None);
         }
         let what = match (restored_mark, restored_rows) {
@@ -1241,11 +1247,15 @@ impl Applier {
                  permd.prune_changelog()` as the owner of schema permd"
             )));
         }
-        tracing::warn!(
-            "{what}: {restored}; permd passes over them, and `SELECT \
-             permd.forget_restored_xids()` (or the next `permd.prune_changelog()`) as the \
-             owner of schema permd removes them"
-        );
+        let said = Some((mark, newest.map(|newest| newest.to_string())));
+        if self.restored_said != said {
+            tracing::warn!(
+                "{what}: {restored}; permd passes over them, and `SELECT \
+                 permd.forget_restored_xids()` (or the next `permd.prune_changelog()`) as \
+                 the owner of schema permd removes them"
+            );
+            self.restored_said = said;
+        }
         Ok(restored_mark.then_some(pruned))
     }
 
