@@ -16,7 +16,7 @@ use common::{
     database, database_on, own_cluster, patient, send, wait_until, Rng, TestDaemon, TestDb,
     DEADLINE,
 };
-use permd::embedded::StopMode;
+use permd::embedded::{Cluster, ClusterOptions, StopMode};
 use permd::http::HttpConfig;
 use permd::sync::SyncConfig;
 
@@ -403,6 +403,77 @@ async fn a_time_zone_set_between_two_sessions_is_no_crash() {
         .await;
     let report = daemon.status.report();
     assert_eq!(report.reloads, 1, "no reload: {report:?}");
+    daemon.stop().await;
+}
+
+/// Another cluster answering at the last session's Unix socket (the server stopped and
+/// another one started in its place, with a database of the same name: a host rebuilt, a
+/// test rig) is loaded from in full, and named as another server by its cluster's system
+/// identifier. Before session 62 the reload's reason said "postgres recovered from a
+/// crash": a Unix socket gives no address to tell the two by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_cluster_at_the_same_unix_socket_is_named_as_another_server() {
+    let first = tokio::task::spawn_blocking(|| own_cluster(None))
+        .await
+        .expect("cluster task");
+    let db = database_on(&first).await;
+    let daemon = TestDaemon::start(&db.unix_url).await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:1', 'doc:1', 'read', NULL)")
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    db.pool.close().await;
+    first
+        .stop_server(StopMode::Fast)
+        .expect("stop the first cluster");
+
+    let (port, socket) = (first.port(), first.dir().display().to_string());
+    let second = tokio::task::spawn_blocking(move || {
+        Cluster::start(&ClusterOptions {
+            unsafe_fast: true,
+            port: Some(port),
+            settings: vec![format!("unix_socket_directories='{socket}'")],
+            ..ClusterOptions::default()
+        })
+        .expect("start another cluster at the first one's socket")
+    })
+    .await
+    .expect("cluster task");
+    let name = db.url.rsplit('/').next().expect("a database name");
+    let admin = permd::db::pool(&second.url("postgres"))
+        .await
+        .expect("connect to the second cluster");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create the database again");
+    admin.close().await;
+    let other = permd::db::pool(&second.url(name))
+        .await
+        .expect("connect to the second cluster's database");
+    permd::db::migrate(&other).await.expect("migrate");
+    sqlx::query("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .execute(&other)
+        .await
+        .expect("write");
+
+    daemon
+        .wait_for_report("the reload from the other cluster", |report| {
+            report.connected && report.reloads == 2
+        })
+        .await;
+    let report = daemon.status.report();
+    let reason = report.last_full_load_reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("another server than the last session's (a Unix socket, cluster "),
+        "{report:?}"
+    );
+    let digest: String = sqlx::query_scalar("SELECT permd.digest()")
+        .fetch_one(&other)
+        .await
+        .expect("the second cluster's digest");
+    assert_eq!(daemon.digest_at("0").await, digest);
+    other.close().await;
     daemon.stop().await;
 }
 

@@ -301,11 +301,14 @@ impl Incarnation {
 }
 
 /// Where a session's statements ran: the server as it names itself (its address and
-/// port, `inet_server_addr()` and `inet_server_port()`; empty over a Unix socket) and the
-/// database (its name and oid, which a database dropped and created again changes).
+/// port, `inet_server_addr()` and `inet_server_port()`; empty over a Unix socket), its
+/// cluster (the system identifier `initdb` gave it, which its standbys share; empty where
+/// it cannot be read) and the database (its name and oid, which a database dropped and
+/// created again changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Place {
     server: String,
+    cluster: String,
     database: String,
     oid: String,
 }
@@ -319,24 +322,41 @@ impl Place {
         };
         Self {
             server,
+            cluster: String::new(),
             database,
             oid,
         }
     }
 
+    /// The same place, in the cluster of this system identifier.
+    fn of_cluster(self, cluster: String) -> Self {
+        Self { cluster, ..self }
+    }
+
     /// Why a session at `now` reloads where the last session's was here, if it is
-    /// elsewhere: another server, or another database.
+    /// elsewhere: another server (by its address, else by its cluster: over a Unix socket,
+    /// or at an address that now leads to another cluster), or another database.
     fn moved_to(&self, now: &Place) -> Option<String> {
-        let named = |server: &str| match server {
-            "" => "a Unix socket".to_owned(),
-            server => server.to_owned(),
+        let same_address = self.server == now.server;
+        let named = |place: &Place| {
+            let server = match place.server.as_str() {
+                "" => "a Unix socket".to_owned(),
+                server => server.to_owned(),
+            };
+            if same_address {
+                format!("{server}, cluster {}", place.cluster)
+            } else {
+                server
+            }
         };
-        if self.server != now.server {
+        let other_cluster =
+            !self.cluster.is_empty() && !now.cluster.is_empty() && self.cluster != now.cluster;
+        if !same_address || other_cluster {
             return Some(format!(
                 "another server than the last session's ({}, now {}), which need not hold \
                  all the last one held",
-                named(&self.server),
-                named(&now.server)
+                named(self),
+                named(now)
             ));
         }
         (self.oid != now.oid).then(|| {
@@ -658,13 +678,14 @@ impl Applier {
         // whole and the cursor good. Were they ever null, a new postmaster start time is
         // taken as a crash instead. The times as seconds since the epoch: as text they
         // would follow the session's time zone and date style, which the database's or
-        // the role's settings can change between two sessions of one server. Another server than the last session's
-        // (another host of the URL, a failover, an address that now leads elsewhere) has
-        // statistics reset at another time too, and needs the same reload: it need not
-        // hold all the last one held, nor continue its transaction ids. Which of the two
-        // it was, by the address the server gives (none over a Unix socket), is only said,
-        // never decided on. Another database of the same server (its oid) is reloaded
-        // from too, saying so.
+        // the role's settings can change between two sessions of one server. Another
+        // server than the last session's (another host of the URL, a failover, an address
+        // that now leads elsewhere) has statistics reset at other times too, and needs the
+        // same reload: it need not hold all the last one held, nor continue its
+        // transaction ids. Which of the two it was, by the address the server gives (none
+        // over a Unix socket) and its cluster's system identifier (which its standbys
+        // share), is only said, never decided on. Another database of the same server
+        // (its oid) is reloaded from too, saying so.
         let row = self
             .timed(
                 "the server's start time",
@@ -689,6 +710,7 @@ impl Applier {
             row.try_get(5)?,
             row.try_get(6)?,
         );
+        let place = place.of_cluster(self.system_identifier(&client).await);
         let incarnation = Incarnation {
             reset: (!reset.iter().any(String::is_empty)).then_some(reset),
             started: started.clone(),
@@ -1176,6 +1198,27 @@ impl Applier {
                 .await?;
         }
         Ok((client, tap, heard_rx, closed))
+    }
+
+    /// The system identifier of the server's cluster, or nothing where it cannot be read
+    /// (`pg_control_system()`, which a managed service may refuse): it only names another
+    /// server that a crash would otherwise be told from by nothing (`Place::moved_to`).
+    /// A statement of its own, outside any transaction, so that its error costs nothing.
+    async fn system_identifier(&self, client: &Client) -> String {
+        let read = self
+            .timed(
+                "the cluster's system identifier",
+                client.query_one(
+                    "SELECT system_identifier::text FROM pg_control_system()",
+                    &[],
+                ),
+            )
+            .await
+            .and_then(|row| Ok(row.try_get::<_, String>(0)?));
+        read.unwrap_or_else(|error| {
+            tracing::debug!(%error, "cannot read the cluster's system identifier");
+            String::new()
+        })
     }
 
     /// Whether permd's tables hold transaction ids restored from another cluster (a dump
@@ -1719,6 +1762,23 @@ mod tests {
         assert!(place("", "", "1")
             .moved_to(&primary)
             .is_some_and(|why| why.contains("(a Unix socket, now 10.0.0.1:5432)")));
+        // At one address, another cluster is another server; an identifier that could not
+        // be read tells nothing.
+        let socket = |cluster: &str| place("", "", "1").of_cluster(cluster.into());
+        assert_eq!(
+            socket("7001").moved_to(&socket("7002")).as_deref(),
+            Some(
+                "another server than the last session's (a Unix socket, cluster 7001, now a \
+                 Unix socket, cluster 7002), which need not hold all the last one held"
+            )
+        );
+        assert_eq!(socket("7001").moved_to(&socket("7001")), None);
+        assert_eq!(socket("7001").moved_to(&socket("")), None);
+        assert!(primary
+            .clone()
+            .of_cluster("7001".into())
+            .moved_to(&primary.of_cluster("7002".into()))
+            .is_some_and(|why| why.contains("(10.0.0.1:5432, cluster 7001, now")));
     }
 
     #[test]
