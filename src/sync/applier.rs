@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::connect;
 use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Verdict};
 use super::loader::{self, Loaded};
+use super::server::Server;
 use super::standby::{Look, Standby};
 use super::status::Upstream;
 use super::subscription::{self, Subscribed};
@@ -269,106 +270,6 @@ enum Polled {
 const RESTORED_MARK: &str =
     "a pruning mark restored from another cluster, which says nothing of what was pruned here";
 
-/// What a crash changes about a server: the reset times of two kinds of its shared
-/// statistics, the background writer's and the WAL archiver's, which Postgres resets
-/// together whenever it starts after anything but a clean shutdown, and keeps through a
-/// clean one (see `Applier::session`). Its start time stands in where they are null.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Incarnation {
-    /// `pg_stat_bgwriter.stats_reset` and `pg_stat_archiver.stats_reset`, as seconds since
-    /// the epoch; `None` if either is null.
-    reset: Option<[String; 2]>,
-    /// `pg_postmaster_start_time()`, as seconds since the epoch.
-    started: String,
-}
-
-impl Incarnation {
-    /// Whether the server recovered from a crash (or is another one) since it was `last`.
-    /// Both reset times must have moved: a crash resets every kind of shared statistics,
-    /// while `pg_stat_reset_shared('bgwriter')` (or `'archiver'`), which a monitoring job
-    /// may run, resets one kind alone. A reset of each kind between two sessions reads as
-    /// a crash too, which costs a full load and loses nothing; a crash never reads as
-    /// anything else.
-    fn recovered_since(&self, last: &Incarnation) -> bool {
-        match (&self.reset, &last.reset) {
-            (Some([writer, archiver]), Some([last_writer, last_archiver])) => {
-                writer != last_writer && archiver != last_archiver
-            }
-            (None, None) => self.started != last.started,
-            _ => true,
-        }
-    }
-}
-
-/// Where a session's statements ran: the server as it names itself (its address and
-/// port, `inet_server_addr()` and `inet_server_port()`; empty over a Unix socket), its
-/// cluster (the system identifier `initdb` gave it, which its standbys share; empty where
-/// it cannot be read) and the database (its name and oid, which a database dropped and
-/// created again changes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Place {
-    server: String,
-    cluster: String,
-    database: String,
-    oid: String,
-}
-
-impl Place {
-    fn new(host: &str, port: &str, database: String, oid: String) -> Self {
-        let server = match (host.is_empty(), host.contains(':')) {
-            (true, _) => String::new(),
-            (false, true) => format!("[{host}]:{port}"),
-            (false, false) => format!("{host}:{port}"),
-        };
-        Self {
-            server,
-            cluster: String::new(),
-            database,
-            oid,
-        }
-    }
-
-    /// The same place, in the cluster of this system identifier.
-    fn of_cluster(self, cluster: String) -> Self {
-        Self { cluster, ..self }
-    }
-
-    /// Why a session at `now` reloads where the last session's was here, if it is
-    /// elsewhere: another server (by its address, else by its cluster: over a Unix socket,
-    /// or at an address that now leads to another cluster), or another database.
-    fn moved_to(&self, now: &Place) -> Option<String> {
-        let same_address = self.server == now.server;
-        let named = |place: &Place| {
-            let server = match place.server.as_str() {
-                "" => "a Unix socket".to_owned(),
-                server => server.to_owned(),
-            };
-            if same_address {
-                format!("{server}, cluster {}", place.cluster)
-            } else {
-                server
-            }
-        };
-        let other_cluster =
-            !self.cluster.is_empty() && !now.cluster.is_empty() && self.cluster != now.cluster;
-        if !same_address || other_cluster {
-            return Some(format!(
-                "another server than the last session's ({}, now {}), which need not hold \
-                 all the last one held",
-                named(self),
-                named(now)
-            ));
-        }
-        (self.oid != now.oid).then(|| {
-            format!(
-                "another database than the last session's ({}, oid {}, now {}, oid {}): \
-                 dropped and created again, or another one named",
-                self.database, self.oid, now.database, now.oid
-            )
-        })
-    }
-}
-
 /// The sync task. Owns the cursor; the only writer of the store.
 pub struct Applier {
     store: Store,
@@ -383,10 +284,8 @@ pub struct Applier {
     /// xmin (`Snapshot::horizon`) and the changelog is read only below it, as DESIGN.md's
     /// horizon cursor does.
     horizon_only: bool,
-    /// The server incarnation of the last session: what a crash changes (see `session`).
-    incarnation: Option<Incarnation>,
-    /// Where the last session's statements ran (see `session`).
-    place: Option<Place>,
+    /// The server of the last session that caught up, or loaded, from it.
+    server: Option<Server>,
     /// The changelog's pruning mark as the last full load's snapshot saw it: what it
     /// records was deleted before that load, which holds those changes, so only a mark
     /// moved since says a change may have been missed.
@@ -395,8 +294,6 @@ pub struct Applier {
     tables_at_load: String,
     /// The server process of this session, as its first look found it (`same_backend`).
     backend: Option<i32>,
-    /// The server's start time at the last session, for the log.
-    started: Option<String>,
     /// The task that drives the current session's connection.
     driver: Option<AbortHandle>,
     /// Which notifications' changes may be applied as they arrive.
@@ -503,12 +400,10 @@ impl Applier {
             config,
             cursor: None,
             horizon_only: false,
-            incarnation: None,
-            place: None,
+            server: None,
             mark_at_load: Cursor::default(),
             tables_at_load: String::new(),
             backend: None,
-            started: None,
             driver: None,
             signing: Signing::default(),
             refused_quiet: (0, None),
@@ -668,70 +563,20 @@ impl Applier {
         self.read_key(&client, true).await?;
         self.check_subscriptions(&client).await?;
 
-        // Transaction ids that were handed out but never made durable before a crash are
-        // handed out again after it, possibly below our cursor: a server that recovered
-        // from a crash since our last session cannot be caught up from the changelog. The
-        // reset times of the shared statistics tell (`Incarnation`): Postgres discards
-        // them whenever it starts after anything but a clean shutdown (a crash, an
-        // immediate stop, a killed backend's restart of every process, a restored
-        // backup), and keeps them through a clean restart, after which the changelog is
-        // whole and the cursor good. Were they ever null, a new postmaster start time is
-        // taken as a crash instead. The times as seconds since the epoch: as text they
-        // would follow the session's time zone and date style, which the database's or
-        // the role's settings can change between two sessions of one server. Another
-        // server than the last session's (another host of the URL, a failover, an address
-        // that now leads elsewhere) has statistics reset at other times too, and needs the
-        // same reload: it need not hold all the last one held, nor continue its
-        // transaction ids. Which of the two it was, by the address the server gives (none
-        // over a Unix socket) and its cluster's system identifier (which its standbys
-        // share), is only said, never decided on. Another database of the same server
-        // (its oid) is reloaded from too, saying so.
-        let row = self
-            .timed(
-                "the server's start time",
-                client.query_one(
-                    "SELECT extract(epoch FROM pg_postmaster_start_time())::text, \
-                        coalesce(extract(epoch FROM \
-                            (SELECT stats_reset FROM pg_stat_bgwriter))::text, ''), \
-                        coalesce(extract(epoch FROM \
-                            (SELECT stats_reset FROM pg_stat_archiver))::text, ''), \
-                        coalesce(host(inet_server_addr()), ''), \
-                        coalesce(inet_server_port()::text, ''), current_database()::text, \
-                        (SELECT oid FROM pg_database WHERE datname = current_database())::text",
-                    &[],
-                ),
-            )
-            .await?;
-        let started: String = row.try_get(0)?;
-        let reset: [String; 2] = [row.try_get(1)?, row.try_get(2)?];
-        let place = Place::new(
-            row.try_get(3)?,
-            row.try_get(4)?,
-            row.try_get(5)?,
-            row.try_get(6)?,
-        );
-        let place = place.of_cluster(self.system_identifier(&client).await);
-        let incarnation = Incarnation {
-            reset: (!reset.iter().any(String::is_empty)).then_some(reset),
-            started: started.clone(),
-        };
-        let moved = self.place.as_ref().and_then(|last| last.moved_to(&place));
-        let recovered = match &self.incarnation {
-            Some(known) if incarnation.recovered_since(known) => {
-                Some(moved.unwrap_or_else(|| "postgres recovered from a crash".into()))
-            }
-            // The same server, another database (a service or a name that now leads to
-            // another, one dropped and created again under the same name): nothing of
-            // its changelog follows from the last one's cursor.
-            _ => moved,
-        };
-        if self.started.as_ref().is_some_and(|known| *known != started) && recovered.is_none() {
+        // A server that recovered from a crash since the last session, or another one,
+        // cannot be caught up from the changelog (`Server::reload_since`).
+        let server = Server::read(&client, self.config.query_timeout).await?;
+        let recovered = self
+            .server
+            .as_ref()
+            .and_then(|last| server.reload_since(last));
+        let restarted = |last: &Server| last.started != server.started;
+        if recovered.is_none() && self.server.as_ref().is_some_and(restarted) {
             tracing::info!(
-                started_epoch_seconds = started,
+                started_epoch_seconds = server.started,
                 "postgres restarted after a clean shutdown: catching up from the changelog"
             );
         }
-        self.started = Some(started);
         let restored_mark = self.restored(&client).await?;
         if self.cursor.is_none() {
             self.reload(&mut client, &tap, "start", false).await?;
@@ -744,10 +589,9 @@ impl Applier {
         }
         self.reload_due = None;
         // Taken as known only now: a load that failed is tried again at the next session,
-        // which would otherwise find the incarnation known and catch up from a cursor the
+        // which would otherwise find the server known and catch up from a cursor the
         // crash may have passed.
-        self.incarnation = Some(incarnation);
-        self.place = Some(place);
+        self.server = Some(server);
         // The watermark holds: the server did not recover from a crash since the last
         // session, or the load has rewound it.
         self.store.confirm();
@@ -1200,27 +1044,6 @@ impl Applier {
         Ok((client, tap, heard_rx, closed))
     }
 
-    /// The system identifier of the server's cluster, or nothing where it cannot be read
-    /// (`pg_control_system()`, which a managed service may refuse): it only names another
-    /// server that a crash would otherwise be told from by nothing (`Place::moved_to`).
-    /// A statement of its own, outside any transaction, so that its error costs nothing.
-    async fn system_identifier(&self, client: &Client) -> String {
-        let read = self
-            .timed(
-                "the cluster's system identifier",
-                client.query_one(
-                    "SELECT system_identifier::text FROM pg_control_system()",
-                    &[],
-                ),
-            )
-            .await
-            .and_then(|row| Ok(row.try_get::<_, String>(0)?));
-        read.unwrap_or_else(|error| {
-            tracing::debug!(%error, "cannot read the cluster's system identifier");
-            String::new()
-        })
-    }
-
     /// Whether permd's tables hold transaction ids restored from another cluster (a dump
     /// of the database restored elsewhere: migration 0007), which no transaction of this
     /// server wrote: changelog rows (passed over by the lag, and read as ordinary changes
@@ -1666,10 +1489,22 @@ impl Applier {
     where
         Error: From<E>,
     {
-        match tokio::time::timeout(self.config.query_timeout, fut).await {
-            Ok(result) => result.map_err(Error::from),
-            Err(_) => Err(Error::Timeout(what, self.config.query_timeout)),
-        }
+        timed(self.config.query_timeout, what, fut).await
+    }
+}
+
+/// Bounds one round trip, `what` (named in the error), by `limit`.
+pub(super) async fn timed<T, E>(
+    limit: Duration,
+    what: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, Error>
+where
+    Error: From<E>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => result.map_err(Error::from),
+        Err(_) => Err(Error::Timeout(what, limit)),
     }
 }
 
@@ -1730,83 +1565,6 @@ fn hint(error: &Error) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn another_server_or_database_is_told_from_a_crash() {
-        let place =
-            |host: &str, port: &str, oid: &str| Place::new(host, port, "app".into(), oid.into());
-        let primary = place("10.0.0.1", "5432", "16384");
-        assert_eq!(primary.server, "10.0.0.1:5432");
-        assert_eq!(place("::1", "5432", "1").server, "[::1]:5432");
-        assert_eq!(place("", "", "1").server, "");
-        // The same place: a changed incarnation is a crash.
-        assert_eq!(primary.moved_to(&primary.clone()), None);
-        assert_eq!(
-            primary
-                .moved_to(&place("10.0.0.2", "5432", "16384"))
-                .as_deref(),
-            Some(
-                "another server than the last session's (10.0.0.1:5432, now 10.0.0.2:5432), \
-                 which need not hold all the last one held"
-            )
-        );
-        assert_eq!(
-            primary
-                .moved_to(&place("10.0.0.1", "5432", "16390"))
-                .as_deref(),
-            Some(
-                "another database than the last session's (app, oid 16384, now app, oid \
-                 16390): dropped and created again, or another one named"
-            )
-        );
-        assert!(place("", "", "1")
-            .moved_to(&primary)
-            .is_some_and(|why| why.contains("(a Unix socket, now 10.0.0.1:5432)")));
-        // At one address, another cluster is another server; an identifier that could not
-        // be read tells nothing.
-        let socket = |cluster: &str| place("", "", "1").of_cluster(cluster.into());
-        assert_eq!(
-            socket("7001").moved_to(&socket("7002")).as_deref(),
-            Some(
-                "another server than the last session's (a Unix socket, cluster 7001, now a \
-                 Unix socket, cluster 7002), which need not hold all the last one held"
-            )
-        );
-        assert_eq!(socket("7001").moved_to(&socket("7001")), None);
-        assert_eq!(socket("7001").moved_to(&socket("")), None);
-        assert!(primary
-            .clone()
-            .of_cluster("7001".into())
-            .moved_to(&primary.of_cluster("7002".into()))
-            .is_some_and(|why| why.contains("(10.0.0.1:5432, cluster 7001, now")));
-    }
-
-    #[test]
-    fn a_crash_moves_both_reset_times_where_a_reset_by_hand_moves_one() {
-        let at = |writer: &str, archiver: &str, started: &str| Incarnation {
-            reset: Some([writer.into(), archiver.into()]),
-            started: started.into(),
-        };
-        let last = at("100", "100", "90");
-        // A clean restart keeps the statistics.
-        assert!(!at("100", "100", "95").recovered_since(&last));
-        // `pg_stat_reset_shared('bgwriter')`, or `'archiver'`, resets one kind alone.
-        assert!(!at("120", "100", "90").recovered_since(&last));
-        assert!(!at("100", "120", "90").recovered_since(&last));
-        // A crash resets both (to one time); so do two resets by hand, read as a crash.
-        assert!(at("130", "130", "90").recovered_since(&last));
-        assert!(at("120", "125", "90").recovered_since(&last));
-        // Without reset times, the start time decides; a time that comes or goes is a
-        // crash.
-        let unknown = |started: &str| Incarnation {
-            reset: None,
-            started: started.into(),
-        };
-        assert!(!unknown("90").recovered_since(&unknown("90")));
-        assert!(unknown("95").recovered_since(&unknown("90")));
-        assert!(unknown("90").recovered_since(&last));
-        assert!(last.recovered_since(&unknown("90")));
-    }
 
     #[test]
     fn a_skew_is_measured_from_the_middle_of_the_round_trip_and_judged_beyond_it() {

@@ -15,6 +15,7 @@ mod environment;
 mod follow;
 mod loader;
 mod relay;
+mod server;
 mod standby;
 mod status;
 mod subscription;
