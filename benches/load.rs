@@ -15,6 +15,11 @@
 //! UUIDs (`user:` and a UUID, 41 bytes; `doc:` and a UUID, 40), as many products name their
 //! users and documents, which is what sizing for them needs.
 //!
+//! The table holds each subject's rows together, as a fill in subject order writes them,
+//! unless `BENCH_ORDER=scattered`: then the rows go in in ten passes over the subjects,
+//! one row of each subject a pass, so that a subject's rows lie a tenth of the table apart,
+//! as rows written over months by triggers do.
+//!
 //! `BENCH_LOAD_TLS=1` serves TLS from the cluster and loads each size twice, side by side:
 //! over plain TCP (`sslmode=disable`) and over TLS (`sslmode=require`), for what TLS costs a
 //! load.
@@ -76,6 +81,13 @@ fn main() {
         other => panic!("BENCH_NAMES is short or uuid, not {other:?}"),
     };
     let (subject, object) = (id("i / 10"), id("(i * 7919) % 50000"));
+    let order = std::env::var("BENCH_ORDER").unwrap_or_else(|_| "subject".to_owned());
+    // The row number `i` of the `j`th row written, for a table of `size` rows.
+    let row_of = |size: u64| match order.as_str() {
+        "subject" => "j".to_owned(),
+        "scattered" => format!("(j % ({size} / 10)) * 10 + j / ({size} / 10)"),
+        other => panic!("BENCH_ORDER is subject or scattered, not {other:?}"),
+    };
     let tls = env_or("BENCH_LOAD_TLS", 0u8) == 1;
     let cluster = if tls { cluster_with_tls() } else { cluster() };
     let url = cluster.url("postgres");
@@ -91,7 +103,7 @@ fn main() {
     let shards: Vec<String> = env_list("BENCH_SHARDS", "0/1");
     let runtime = runtime();
     println!();
-    println!("Names: {names}.");
+    println!("Names: {names}. Order: {order}.");
     println!();
     println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction | peak during it | write to visible during it (largest, writes) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -99,6 +111,7 @@ fn main() {
         .map(|list| list.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
     for size in sizes {
+        let row = row_of(size);
         let filled = runtime.block_on(async {
             let pool = permd::db::pool(&url).await.unwrap();
             permd::db::migrate(&pool).await.unwrap();
@@ -112,7 +125,7 @@ fn main() {
                  ALTER TABLE permd.tuples DROP CONSTRAINT tuples_pkey;
                  INSERT INTO permd.tuples (subject, object, permission)
                  SELECT 'user:' || {subject}, 'doc:' || {object}, 'perm' || (i % 40)
-                 FROM generate_series(0::bigint, {size} - 1) i;
+                 FROM (SELECT {row} AS i FROM generate_series(0::bigint, {size} - 1) j) r;
                  ALTER TABLE permd.tuples ADD CONSTRAINT tuples_pkey
                      PRIMARY KEY (subject, object, permission);
                  TRUNCATE permd.changelog;"

@@ -468,6 +468,12 @@ pub struct ServerArgs {
     /// compaction made (percent; 0: never).
     #[arg(long, env = "PERMD_COMPACTION_PCT", default_value_t = 50)]
     pub compaction_pct: u32,
+    /// Load the set in full rather than read the changelog when so many rows wait there
+    /// (a bulk write, or a long outage's writes) that a full load is estimated at least
+    /// twice as fast, by the last full load's rate and the polls' (`true` or `false`). A
+    /// full load holds two copies of the set while it runs.
+    #[arg(long, env = "PERMD_BACKLOG_RELOAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub backlog_reload: bool,
     /// Mirror only the subjects of shard INDEX of COUNT (e.g. `0/4`), for a set larger
     /// than one machine's memory; requests about other subjects are answered 421 with
     /// their shard. A subject's shard is the first 4 bytes of the MD5 of its UTF-8,
@@ -525,6 +531,7 @@ impl ServerArgs {
         sync.poll_interval = Duration::from_millis(self.poll_interval_ms);
         sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
         sync.compaction_pct = self.compaction_pct;
+        sync.backlog_reload = self.backlog_reload;
         sync.shard = self.shard;
         let mut http = HttpConfig {
             token,

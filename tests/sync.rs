@@ -362,6 +362,41 @@ async fn batches_that_end_inside_a_transaction_skip_nothing() {
     daemon.stop().await;
 }
 
+/// A backlog of changelog rows that a full load reads at least twice as fast as the polls
+/// (a bulk write: here 120,000 rows in one transaction over a set of 1,000 tuples, where
+/// at least 100,000 must wait) is loaded in full rather than read a batch of 10,000 at a
+/// time; a smaller one (30,000 rows) is read from the changelog. Before session 62 every
+/// backlog was read: a million rows in one transaction became visible 15 s after their
+/// commit, against 1.1 s now ("Bulk writes" in benches/README.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_a_full_load_reads_faster_is_loaded_in_full() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples
+         SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 1000) i",
+    )
+    .await;
+    let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
+    let bulk = |objects: u32| {
+        format!(
+            "INSERT INTO permd.tuples
+             SELECT 'bulk:' || i, 'doc:{objects}', 'read', NULL
+             FROM generate_series(1, {objects}) i"
+        )
+    };
+    let token = db.write(&bulk(30_000)).await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    let report = daemon.status.report();
+    assert_eq!(report.reloads, 1, "read from the changelog: {report:?}");
+    let token = db.write(&bulk(120_000)).await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    let report = daemon.status.report();
+    assert_eq!(report.reloads, 2, "loaded in full: {report:?}");
+    let reason = report.last_full_load_reason.unwrap_or_default();
+    assert!(reason.contains("reads at least twice as fast"), "{reason}");
+    daemon.stop().await;
+}
+
 /// Transaction A writes first but commits last; B writes later and commits first. A
 /// reader of `id > last_seen` would skip A's row forever. While A is open, B is applied
 /// and its token answered, A's is not; once A commits, both are there. (Until session 61

@@ -256,6 +256,25 @@ pub fn poll_statement(shard: Shard) -> String {
     }
 }
 
+/// The fewest changelog rows waiting that are loaded in full rather than read
+/// (`Applier::backlog`): below it, reading them takes a second or so here, whatever the
+/// set.
+const BACKLOG_RELOAD_MIN: f64 = 100_000.0;
+
+/// The rate a full load is assumed to read tuples at (per second) until one of at least
+/// `LOAD_RATE_SAMPLE` rows has been measured: the slowest measured here, a set whose
+/// subjects' rows lie scattered through the table (benches/README.md, "load").
+const LOAD_RATE_ASSUMED: f64 = 700_000.0;
+
+/// The fewest rows of a full load whose rate is taken as measured: below it, the load's
+/// fixed costs weigh.
+const LOAD_RATE_SAMPLE: u64 = 1_000_000;
+
+/// The changelog's committed rows from a transaction id on, counted up to a limit: the
+/// limit bounds the count's cost by what it decides.
+const BACKLOG: &str = "SELECT count(*) FROM \
+    (SELECT 1 FROM permd.changelog WHERE xid >= $1::text::xid8 LIMIT $2) backlog";
+
 /// What one poll found.
 enum Polled {
     /// Every transaction the poll's snapshot sees is applied. `pending` (on a standby,
@@ -326,6 +345,10 @@ pub struct Applier {
     /// Why the next session must load in full before it follows the changelog, if it
     /// must: logical replication wrote permd's tables past the changelog meanwhile.
     reload_due: Option<&'static str>,
+    /// The changelog's backlog was counted since the last caught-up poll (`backlog`).
+    backlog_counted: bool,
+    /// Tuples a second of the last full load of at least `LOAD_RATE_SAMPLE` rows.
+    load_rate: Option<f64>,
 }
 
 /// A compaction under way: the generation it rebuilds, the thread rebuilding it, and why.
@@ -420,6 +443,8 @@ impl Applier {
             clock_off: false,
             subscriptions_unknown: false,
             reload_due: None,
+            backlog_counted: false,
+            load_rate: None,
         }
     }
 
@@ -609,6 +634,7 @@ impl Applier {
                 client.prepare(&poll_statement(self.config.shard)),
             )
             .await?;
+        self.backlog_counted = false;
         let mut behind = BEHIND_FIRST;
         // A standby promoted under the connection would be polled without LISTEN until the
         // next reconnect: it is asked every `RECOVERY_CHECK`, apart from the polls. A
@@ -630,6 +656,13 @@ impl Applier {
                 if let Some(why) = self.compaction_due() {
                     self.begin_compaction(why);
                 }
+            }
+            if matches!(polled, Polled::More) {
+                if let Some(why) = self.backlog(&client, started.elapsed()).await? {
+                    self.reload(&mut client, &tap, &why, false).await?;
+                }
+            } else {
+                self.backlog_counted = false;
             }
             let wait = match polled {
                 Polled::More => continue,
@@ -1163,6 +1196,9 @@ impl Applier {
         self.tables_at_load = tables;
         let took = started.elapsed();
         self.last_load = Some((Instant::now(), took));
+        if rows >= LOAD_RATE_SAMPLE {
+            self.load_rate = Some(rows as f64 / took.as_secs_f64().max(1e-6));
+        }
         // Count the load before the watermark moves, so whoever sees the new watermark
         // also sees the load counted.
         self.status.full_load_done(took.as_millis() as u64, why);
@@ -1483,6 +1519,64 @@ impl Applier {
         self.store
             .growth()
             .compaction_due(self.config.compaction_pct)
+    }
+
+    /// Why the changelog's rows still waiting after a full batch, read in `batch_took`,
+    /// should be loaded in full rather than read, if they should: a bulk write (a plan
+    /// edited for every subscriber, an import) or a long outage's writes. A poll reads a
+    /// change much slower than a full load reads a tuple (each changed key looked up in
+    /// `permd.tuples`: 80,000 changes a second here, against 0.7 to 4 million tuples), so
+    /// past some backlog the load, of the whole set and the backlog's rows, is quicker.
+    /// Loaded when estimated at least twice as fast, by this batch's rate and the last
+    /// full load's (`LOAD_RATE_ASSUMED` until one was measured), and at least
+    /// `BACKLOG_RELOAD_MIN` rows wait. Counted once until the applier has caught up again,
+    /// and only past a full batch, so small polls never pay for it; the rows counted are
+    /// those of transactions begun since the mirror's snapshot, up to the number that
+    /// decides. A shard's daemon reads every shard's rows but keeps its own: its set is
+    /// scaled to the whole.
+    async fn backlog(
+        &mut self,
+        client: &Client,
+        batch_took: Duration,
+    ) -> Result<Option<String>, Error> {
+        let Some(position) = self
+            .cursor
+            .as_ref()
+            .filter(|_| self.config.backlog_reload && !self.backlog_counted)
+        else {
+            return Ok(None);
+        };
+        self.backlog_counted = true;
+        let read_rate = self.config.batch_rows as f64 / batch_took.as_secs_f64().max(1e-6);
+        let load_rate = self.load_rate.unwrap_or(LOAD_RATE_ASSUMED);
+        let set = self.store.counts().tuples as f64 * f64::from(self.config.shard.count());
+        // Reading `n` rows takes n / read_rate; loading, (set + n) / load_rate. Twice as
+        // fast: n / read_rate >= 2 (set + n) / load_rate.
+        if load_rate <= 2.0 * read_rate {
+            return Ok(None);
+        }
+        let threshold = (2.0 * set * read_rate / (load_rate - 2.0 * read_rate))
+            .max(BACKLOG_RELOAD_MIN)
+            .ceil();
+        let limit = if threshold >= i64::MAX as f64 {
+            return Ok(None);
+        } else {
+            threshold as i64
+        };
+        let row = self
+            .timed(
+                "the count of the changelog's backlog",
+                client.query_one(BACKLOG, &[&position.seen.xmax().to_string(), &limit]),
+            )
+            .await?;
+        let waiting: i64 = row.try_get(0)?;
+        Ok((waiting >= limit).then(|| {
+            format!(
+                "{waiting} changelog rows or more waiting, which a full load of the {set:.0} \
+                 tuples loaded and them reads at least twice as fast (the last load read \
+                 {load_rate:.0} tuples a second, the changelog {read_rate:.0} rows)"
+            )
+        }))
     }
 
     /// Bounds one round trip, `what` (named in the error), so a silently dead server is

@@ -174,6 +174,10 @@ pub struct SyncConfig {
     /// the last one, packed grant lists no longer used) once that reaches this share of
     /// what the last one made, in percent (`store::Growth`); 0: never.
     pub compaction_pct: u32,
+    /// A backlog of changelog rows past a full batch is loaded in full instead of read
+    /// from the changelog when that is estimated at least twice as fast (`--backlog-reload`;
+    /// `Applier::backlog`).
+    pub backlog_reload: bool,
     /// The subjects to mirror: `--shard`; the whole set by default.
     pub shard: Shard,
 }
@@ -189,6 +193,7 @@ impl SyncConfig {
             max_backoff: Duration::from_secs(5),
             notification_capacity: 4096,
             compaction_pct: 50,
+            backlog_reload: true,
             shard: Shard::WHOLE,
         }
     }
