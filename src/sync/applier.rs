@@ -270,10 +270,12 @@ const LOAD_RATE_ASSUMED: f64 = 700_000.0;
 /// fixed costs weigh.
 const LOAD_RATE_SAMPLE: u64 = 1_000_000;
 
-/// The changelog's committed rows from a transaction id on, counted up to a limit: the
-/// limit bounds the count's cost by what it decides.
-const BACKLOG: &str = "SELECT count(*) FROM \
-    (SELECT 1 FROM permd.changelog WHERE xid >= $1::text::xid8 LIMIT $2) backlog";
+/// The changelog's committed rows that a snapshot does not see (of the transactions in
+/// progress in it, `$1`, and of those from its xmax on, `$2`), counted up to a limit each:
+/// the limit bounds the count's cost by what it decides.
+const BACKLOG: &str = "SELECT count(*) FROM (\
+    (SELECT 1 FROM permd.changelog WHERE xid = ANY($1::text[]::xid8[]) LIMIT $3) \
+    UNION ALL (SELECT 1 FROM permd.changelog WHERE xid >= $2::text::xid8 LIMIT $3)) backlog";
 
 /// What one poll found.
 enum Polled {
@@ -1531,8 +1533,8 @@ impl Applier {
     /// full load's (`LOAD_RATE_ASSUMED` until one was measured), and at least
     /// `BACKLOG_RELOAD_MIN` rows wait. Counted once until the applier has caught up again,
     /// and only past a full batch, so small polls never pay for it; the rows counted are
-    /// those of transactions begun since the mirror's snapshot, up to the number that
-    /// decides. A shard's daemon reads every shard's rows but keeps its own: its set is
+    /// those of the transactions the mirror's snapshot does not see (in progress in it, or
+    /// begun since), up to the number that decides. A shard's daemon reads every shard's rows but keeps its own: its set is
     /// scaled to the whole.
     async fn backlog(
         &mut self,
@@ -1566,7 +1568,19 @@ impl Applier {
         let row = self
             .timed(
                 "the count of the changelog's backlog",
-                client.query_one(BACKLOG, &[&position.seen.xmax().to_string(), &limit]),
+                client.query_one(
+                    BACKLOG,
+                    &[
+                        &position
+                            .seen
+                            .xip()
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>(),
+                        &position.seen.xmax().to_string(),
+                        &limit,
+                    ],
+                ),
             )
             .await?;
         let waiting: i64 = row.try_get(0)?;
