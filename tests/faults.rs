@@ -2062,6 +2062,29 @@ async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
     daemon.stop().await;
 }
 
+/// A daemon stopped in the middle of a full load stops at once, the load abandoned: here
+/// its rows frozen in the COPY (a load of a large set still streaming), the query timeout
+/// two minutes. Before session 62 the applier looked at the shutdown only between its
+/// polls: a SIGTERM waited for the load to end (here, for the query timeout), and the
+/// daemon exited at `--shutdown-timeout-ms` with work in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_stopped_in_the_middle_of_a_full_load_stops_at_once() {
+    let db = database().await;
+    fill_a_long_copy(&db).await;
+    let (proxy, url) = Proxy::in_front_of(&db.url, 1 << 20).await;
+    let mut sync = SyncConfig::new(&url);
+    sync.query_timeout = Duration::from_secs(120);
+    let daemon = TestDaemon::spawn(sync, patient());
+    wait_until(
+        "the full load's connection to be frozen in its COPY",
+        || std::future::ready(proxy.frozen().is_some()),
+    )
+    .await;
+    assert!(!daemon.status.report().loaded, "the load under way");
+    // Fails past the test deadline (30 s) if the load holds the applier.
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_at_start_is_retried_until_it_appears() {
     let port = permd::embedded::free_port().expect("port");

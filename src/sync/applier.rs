@@ -461,7 +461,14 @@ impl Applier {
                 self.status.reconnected();
             }
             first = false;
-            match self.session(&shutdown).await {
+            // The shutdown ends a session wherever it waits: a full load of a large set,
+            // or one whose rows stopped arriving, would otherwise hold it for as long as
+            // it takes, past the daemon's shutdown timeout.
+            let session = tokio::select! {
+                result = self.session(&shutdown) => result,
+                () = shutdown.cancelled() => return,
+            };
+            match session {
                 Ok(()) => return,
                 Err(error) => {
                     // Until the next session has seen whether the server recovered from a
