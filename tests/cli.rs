@@ -199,14 +199,7 @@ async fn restored_transaction_ids_are_warned_of_once() {
     .await;
     let (mut running, port) = serve(&db.url, &[], &[]).await;
     for reconnects in 1..=2 {
-        let terminated: bool = sqlx::query_scalar(
-            "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = 'permd'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .expect("terminate the sync connection's backend");
-        assert!(terminated, "no session of permd's to terminate");
+        db.terminate_sync_sessions().await;
         wait_until("the reconnect", || {
             std::future::ready(http_get(port, "/v1/status").is_some_and(|(_, body)| {
                 body.contains(&format!("\"reconnects\":{reconnects},"))

@@ -391,7 +391,7 @@ async fn a_time_zone_set_between_two_sessions_is_no_crash() {
     db.set_for_new_sessions("timezone", "'Pacific/Kiritimati'")
         .await;
     db.set_for_new_sessions("datestyle", "'SQL, DMY'").await;
-    terminate_sync_backend(&db).await;
+    db.terminate_sync_sessions().await;
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
         .await;
@@ -492,7 +492,7 @@ async fn a_reset_of_shared_statistics_between_two_sessions_is_no_crash() {
             .execute(&db.pool)
             .await
             .expect("reset the shared statistics");
-        terminate_sync_backend(&db).await;
+        db.terminate_sync_sessions().await;
         let token = db
             .write(&format!(
                 "INSERT INTO permd.tuples VALUES ('user:{reconnects}', 'doc:1', 'read', NULL)"
@@ -511,19 +511,6 @@ async fn a_reset_of_shared_statistics_between_two_sessions_is_no_crash() {
         );
     }
     daemon.stop().await;
-}
-
-/// Terminates the backend of the daemon's sync connection to `db`, which the daemon
-/// answers with a new session.
-async fn terminate_sync_backend(db: &TestDb) {
-    let terminated: bool = sqlx::query_scalar(
-        "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'permd'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("terminate the sync connection's backend");
-    assert!(terminated, "no session of permd's to terminate");
 }
 
 /// A backend killed: Postgres restarts every process and recovers from a crash, its

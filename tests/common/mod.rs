@@ -349,6 +349,20 @@ impl TestDb {
         .await;
     }
 
+    /// Terminates the backend of the sync connection of every daemon on this database
+    /// (its session named `permd`), which a daemon answers with a new session; asserts
+    /// there was one.
+    pub async fn terminate_sync_sessions(&self) {
+        let terminated: bool = sqlx::query_scalar(
+            "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'permd'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("terminate the sync connection's backend");
+        assert!(terminated, "no session of permd's to terminate");
+    }
+
     /// Whether a session of this database named `permd` (a daemon's sync connection)
     /// matches `condition`, on `pg_stat_activity`'s columns.
     pub async fn a_sync_session(&self, condition: &str) -> bool {
