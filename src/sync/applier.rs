@@ -1591,10 +1591,16 @@ impl Applier {
             )
             .await?;
         let waiting: i64 = row.try_get(0)?;
+        let measured = if self.load_rate.is_some() {
+            "the last load read"
+        } else {
+            "a load is taken to read"
+        };
+        let tuples = self.store.counts().tuples;
         Ok((waiting >= limit).then(|| {
             format!(
-                "{waiting} changelog rows or more waiting, which a full load of the {set:.0} \
-                 tuples loaded and them reads at least twice as fast (the last load read \
+                "{waiting} changelog rows or more waiting, which a full load of the {tuples} \
+                 tuples loaded and them reads at least twice as fast ({measured} \
                  {load_rate:.0} tuples a second, the changelog {read_rate:.0} rows)"
             )
         }))
