@@ -13,8 +13,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::proxy::Proxy;
 use common::{
-    database, database_on, own_cluster, patient, send, wait_until, Rng, TestDaemon, TestDb,
-    DEADLINE,
+    database, database_named_on, database_on, own_cluster, patient, send, wait_until, Rng,
+    TestDaemon, TestDb, DEADLINE,
 };
 use permd::embedded::{Cluster, ClusterOptions, StopMode};
 use permd::http::HttpConfig;
@@ -440,22 +440,10 @@ async fn another_cluster_at_the_same_unix_socket_is_named_as_another_server() {
     .await
     .expect("cluster task");
     let name = db.url.rsplit('/').next().expect("a database name");
-    let admin = permd::db::pool(&second.url("postgres"))
-        .await
-        .expect("connect to the second cluster");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create the database again");
-    admin.close().await;
-    let other = permd::db::pool(&second.url(name))
-        .await
-        .expect("connect to the second cluster's database");
-    permd::db::migrate(&other).await.expect("migrate");
-    sqlx::query("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
-        .execute(&other)
-        .await
-        .expect("write");
+    let other = database_named_on(&second, name).await;
+    other
+        .exec("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
+        .await;
 
     daemon
         .wait_for_report("the reload from the other cluster", |report| {
@@ -468,12 +456,8 @@ async fn another_cluster_at_the_same_unix_socket_is_named_as_another_server() {
         reason.starts_with("another server than the last session's (a Unix socket, cluster "),
         "{report:?}"
     );
-    let digest: String = sqlx::query_scalar("SELECT permd.digest()")
-        .fetch_one(&other)
-        .await
-        .expect("the second cluster's digest");
-    assert_eq!(daemon.digest_at("0").await, digest);
-    other.close().await;
+    assert_eq!(daemon.digest_at("0").await, other.digest().await);
+    other.pool.close().await;
     daemon.stop().await;
 }
 

@@ -277,6 +277,18 @@ async fn unmigrated_on(cluster: &Cluster) -> TestDb {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
+    unmigrated_named_on(cluster, &name).await
+}
+
+/// Creates the database `name` on `cluster` and applies the migrations: for a test that
+/// needs the same name on a second cluster.
+pub async fn database_named_on(cluster: &Cluster, name: &str) -> TestDb {
+    let db = unmigrated_named_on(cluster, name).await;
+    permd::db::migrate(&db.pool).await.expect("migrate");
+    db
+}
+
+async fn unmigrated_named_on(cluster: &Cluster, name: &str) -> TestDb {
     let admin = permd::db::pool(&cluster.url("postgres"))
         .await
         .expect("connect as admin");
@@ -285,7 +297,7 @@ async fn unmigrated_on(cluster: &Cluster) -> TestDb {
         .await
         .expect("create database");
     admin.close().await;
-    let url = cluster.url(&name);
+    let url = cluster.url(name);
     let pool = permd::db::pool(&url)
         .await
         .expect("connect to the test database");
