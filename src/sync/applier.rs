@@ -1558,7 +1558,8 @@ impl Applier {
         self.backlog_counted = true;
         let read_rate = self.config.batch_rows as f64 / batch_took.as_secs_f64().max(1e-6);
         let load_rate = self.load_rate.unwrap_or(LOAD_RATE_ASSUMED);
-        let set = self.store.counts().tuples as f64 * f64::from(self.config.shard.count());
+        let tuples = self.store.counts().tuples;
+        let set = tuples as f64 * f64::from(self.config.shard.count());
         // Reading `n` rows takes n / read_rate; loading, (set + n) / load_rate. Twice as
         // fast: n / read_rate >= 2 (set + n) / load_rate.
         if load_rate <= 2.0 * read_rate {
@@ -1596,7 +1597,6 @@ impl Applier {
         } else {
             "a load is taken to read"
         };
-        let tuples = self.store.counts().tuples;
         Ok((waiting >= limit).then(|| {
             format!(
                 "{waiting} changelog rows or more waiting, which a full load of the {tuples} \
