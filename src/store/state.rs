@@ -1755,12 +1755,35 @@ mod tests {
 
     #[test]
     fn a_load_in_any_order_equals_incremental_writes() {
-        // Rows first grouped by subject (runs of 7), then scattered over the same subjects
-        // (each row's subject differs from the previous one's), with expiring rows, limits
-        // on some subjects and on others that hold no tuple; subjects' names of every length
-        // (`subject_name`).
+        load_in_any_order(false, |_| {});
+    }
+
+    /// The same load with windows of 1,000 runs, so that the scattered runs are seen to
+    /// be (the first window of them tells), and all the rest go aside with no look-up.
+    #[test]
+    fn a_load_that_finds_its_rows_scattered_sets_them_all_aside() {
+        load_in_any_order(true, |builder| builder.window_size = 1_000);
+    }
+
+    /// The same load with the hashes of subjects' names cut to 3 bits: the rows set aside
+    /// for eight hashes, each shared by hundreds of names, still go to their own subjects.
+    #[test]
+    fn rows_set_aside_go_to_their_own_subjects_when_names_share_a_hash() {
+        load_in_any_order(true, |builder| {
+            builder.window_size = 1_000;
+            builder.aside.hash_mask = 0b111;
+        });
+    }
+
+    /// Rows first grouped by subject (runs of 7), then scattered over the same subjects
+    /// (each row's subject differs from the previous one's), with expiring rows, limits on
+    /// some subjects and on others that hold no tuple; subjects' names of every length
+    /// (`subject_name`); loaded by a builder `configure` sets up, which sets all the
+    /// scattered rows aside with no look-up if `aside_all`, and written one by one.
+    fn load_in_any_order(aside_all: bool, configure: impl FnOnce(&mut StateBuilder)) {
         let live = State::with_capacity(4, 4);
         let mut builder = StateBuilder::new();
+        configure(&mut builder);
         let mut by_key: BTreeMap<(String, String), Vec<TupleRow>> = BTreeMap::new();
         for i in 0..42_000u64 {
             let subject = if i < 21_000 {
@@ -1789,6 +1812,7 @@ mod tests {
             builder.limit(&format!("limits-only-{i}"), "seats", i);
             live.set_limits(&format!("limits-only-{i}"), &[("seats".into(), i)]);
         }
+        assert_eq!(builder.aside_all, aside_all);
         let built = builder.finish();
         assert_eq!(built.subject_count(), live.subject_count());
         assert_eq!(built.tuple_count(), live.tuple_count());

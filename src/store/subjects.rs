@@ -522,15 +522,6 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
     fn loaded_or_default(&mut self, name: &str) -> &mut V {
         self.load(name, V::default).0
     }
-
-    fn loaded_mut(&mut self, name: &str) -> Option<&mut V> {
-        let hash = self.hash(name);
-        let index = self.shard_index(hash);
-        self.loaded[index]
-            .table
-            .find_mut(hash, |(key, _)| key.is(name))
-            .map(|(_, value)| value)
-    }
 }
 
 impl<V: Default + Clone> Subjects<V> {
@@ -621,14 +612,6 @@ impl<V: Default + Clone> Subjects<V> {
             self.short.loaded_or_default(subject)
         } else {
             self.long.loaded_or_default(subject)
-        }
-    }
-
-    pub(super) fn loaded_mut(&mut self, subject: &str) -> Option<&mut V> {
-        if is_short(subject) {
-            self.short.loaded_mut(subject)
-        } else {
-            self.long.loaded_mut(subject)
         }
     }
 
@@ -732,7 +715,7 @@ mod tests {
         assert_eq!(subjects.len(), 3);
         assert_eq!(subjects.get(&long).map(|v| *v), Some(1));
         *subjects.loaded_or_default(&longer) += 10;
-        assert_eq!(subjects.loaded_mut(&longer).map(|v| *v), Some(12));
+        assert_eq!(subjects.get(&longer).map(|v| *v), Some(12));
         *subjects.entry_or_default(&longer) += 10;
         assert_eq!(subjects.get(&longer).map(|v| *v), Some(22));
         *subjects.entry_or_default("new") += 5;

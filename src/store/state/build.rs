@@ -2,6 +2,7 @@
 //! generation (a compaction's rebuild, `State::rebuilt`).
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 
@@ -160,21 +161,37 @@ impl Rebuild<'_> {
 
 /// Builds a `State` from a full snapshot, off the async runtime, while the rows stream in.
 ///
-/// Rows come in the table's physical order, in which a subject's rows usually sit together
-/// (they are written a user at a time). Each such run becomes the subject's entry as soon
-/// as the next subject's rows begin, so the build keeps pace with the COPY, nothing is
-/// left to sort at the end, and no more than one subject's rows are held aside. A subject
-/// met again after its first run (its rows are scattered over the table) has its later
-/// rows kept aside and merged into its entry once, at the end: correct for rows in any
-/// order, and as cheap as the grouped case where they are grouped.
+/// Rows come in the table's physical order. Where a subject's rows sit together (they
+/// were written a user at a time), each such run becomes the subject's entry as soon as
+/// the next subject's rows begin, so the build keeps pace with the COPY, nothing is left
+/// to sort at the end, and no more than one subject's rows are held aside. A subject met
+/// again after its first run (its rows are scattered over the table) has its later rows
+/// set aside (`Aside`) and merged into its entry once, at the end.
+///
+/// A table whose rows were written over time, a grant at a time, holds most subjects'
+/// rows scattered: a run is a row, and each one's look-up in a subject map of millions
+/// is a cache miss (a scattered table of 10M rows loaded at a third of the speed of one
+/// in subject order, 84 % of the time in those look-ups; benches/README.md, `load`).
+/// So once a window of runs shows that many of them are subjects met before
+/// (`SCATTERED`), every later run goes aside with no look-up: the rows set aside are
+/// sorted by their subject's hash at the end, and each subject's are then read side by
+/// side and looked up once.
 pub(crate) struct StateBuilder {
     state: State,
     /// The subject of the current run (when `run` is not empty); reused from run to run.
     subject: String,
     /// The current run's rows as (object id, slot); reused from run to run.
     run: Vec<(u32, Slot)>,
-    /// The rows of subjects met again after their first run, merged in `finish`.
-    scattered: HashMap<Box<str>, Vec<(u32, Slot)>, Hasher>,
+    /// The rows of subjects met again after their first run (all rows, once
+    /// `aside_all`), merged into their entries in `finish`.
+    pub(super) aside: Aside,
+    /// Set once the runs are seen to be scattered: every later run goes aside with no
+    /// look-up in the subject map.
+    pub(super) aside_all: bool,
+    /// Runs ended and runs of subjects met before, in the current window of runs.
+    window: (u32, u32),
+    /// How many runs a window counts; `WINDOW` but in tests.
+    pub(super) window_size: u32,
     limits: HashMap<Box<str>, Vec<(u32, i64)>, Hasher>,
     /// Tuple rows stored so far.
     tuples: u64,
@@ -196,7 +213,10 @@ impl StateBuilder {
             state: State::with_capacity(16, 16),
             subject: String::new(),
             run: Vec::new(),
-            scattered: HashMap::with_hasher(Hasher::default()),
+            aside: Aside::default(),
+            aside_all: false,
+            window: (0, 0),
+            window_size: WINDOW,
             limits: HashMap::with_hasher(Hasher::default()),
             tuples: 0,
             heap: 0,
@@ -242,34 +262,108 @@ impl StateBuilder {
     }
 
     /// Stores the current run under its subject: as the subject's entry when it is new,
-    /// aside for `finish` when the subject already has one. A subject already set aside is
-    /// known to have an entry: its later runs go aside without a look-up in the subject
-    /// map, which on a table whose subjects' rows lie scattered (a run a row) was one of
-    /// the two cache misses every row paid.
+    /// aside for `finish` when the subject already has one, and aside with no look-up once
+    /// runs are seen to be scattered.
     fn end_run(&mut self) {
         if self.run.is_empty() {
             return;
         }
-        if let Some(aside) = self.scattered.get_mut(self.subject.as_str()) {
-            aside.extend_from_slice(&self.run);
-            self.run.clear();
+        if !self.aside_all {
+            let (run, tuples, packed) = (&mut self.run, &mut self.tuples, &mut self.state.packed);
+            let heap = &mut self.heap;
+            let new = self.state.subjects.load_new(&self.subject, || {
+                let grants = grants_of(run, tuples, packed);
+                *heap += grants.heap_bytes();
+                SubjectEntry {
+                    grants,
+                    limits: Thin::default(),
+                }
+            });
+            self.count_run(new);
+            if new {
+                self.run.clear();
+                return;
+            }
+        }
+        if self.aside.names.len() + self.subject.len() > u32::MAX as usize {
+            self.merge_aside();
+        }
+        self.aside.push(&self.subject, &self.run);
+        self.run.clear();
+    }
+
+    /// Counts a run stored (`new`: under a subject met for the first time) in the window,
+    /// and sets `aside_all` at the end of a window in which `SCATTERED` or more of the
+    /// runs were of subjects met before.
+    fn count_run(&mut self, new: bool) {
+        let (runs, again) = &mut self.window;
+        *runs += 1;
+        *again += u32::from(!new);
+        if *runs < self.window_size {
             return;
         }
-        let (run, tuples, packed) = (&mut self.run, &mut self.tuples, &mut self.state.packed);
-        let heap = &mut self.heap;
-        let new = self.state.subjects.load_new(&self.subject, || {
-            let grants = grants_of(run, tuples, packed);
-            *heap += grants.heap_bytes();
-            SubjectEntry {
-                grants,
-                limits: Thin::default(),
-            }
-        });
-        if !new {
-            self.scattered
-                .insert(self.subject.as_str().into(), self.run.clone());
+        if f64::from(*again) >= SCATTERED * f64::from(*runs) {
+            self.aside_all = true;
+            tracing::info!(
+                runs = *runs,
+                of_subjects_met_before = *again,
+                "the subjects' rows lie scattered over the table: the rest are set aside and \
+                 grouped by subject at the end"
+            );
         }
-        self.run.clear();
+        self.window = (0, 0);
+    }
+
+    /// Merges the rows set aside into their subjects' entries (a subject's first entry
+    /// when it has none yet), and empties the aside. The rows are sorted by their
+    /// subject's hash, so that each subject's lie side by side, and its entry is looked
+    /// up once. Rows whose hash is the same are checked for the same name: those of two
+    /// names of one hash are sorted by name, so that each name's too are merged at once
+    /// (and were they not, each group of one name would still go to its own subject).
+    fn merge_aside(&mut self) {
+        let mut rows = std::mem::take(&mut self.aside.rows);
+        let names = std::mem::take(&mut self.aside.names);
+        rows.sort_unstable_by_key(|row| row.hash);
+        let name_of = |row: &AsideRow| &names[row.name as usize..][..row.name_len as usize];
+        let mut slots = Vec::new();
+        for same_hash in rows.chunk_by_mut(|a, b| a.hash == b.hash) {
+            let first = name_of(&same_hash[0]);
+            if !same_hash.iter().all(|row| name_of(row) == first) {
+                same_hash.sort_unstable_by(|a, b| name_of(a).cmp(name_of(b)));
+            }
+            for subject in same_hash.chunk_by(|a, b| name_of(a) == name_of(b)) {
+                slots.extend(subject.iter().map(|row| {
+                    let slot = Slot {
+                        permission: row.permission,
+                        expires_at: row.expires_at,
+                    };
+                    (row.object, slot)
+                }));
+                self.merge(name_of(&subject[0]), &mut slots);
+            }
+        }
+    }
+
+    /// Merges `rows` into `subject`'s entry, or makes them its first; leaves `rows` empty.
+    fn merge(&mut self, subject: &str, rows: &mut Vec<(u32, Slot)>) {
+        let state = &mut self.state;
+        let entry = state.subjects.loaded_or_default(subject);
+        let grants = std::mem::take(&mut entry.grants);
+        self.heap -= grants.heap_bytes();
+        for (object, grant) in grants.into_vec(&state.packed) {
+            let grant = grant.held();
+            self.tuples -= grant.row_count();
+            rows.extend(grant.rows().map(|(permission, expires_at)| {
+                let slot = Slot {
+                    permission,
+                    expires_at,
+                };
+                (object, slot)
+            }));
+        }
+        entry.grants = grants_of(rows, &mut self.tuples, &mut state.packed);
+        self.heap += entry.grants.heap_bytes();
+        rows.clear();
     }
 
     /// Adds one limit row.
@@ -286,36 +380,14 @@ impl StateBuilder {
     /// Merges the scattered rows and the limits and returns the finished state.
     pub(crate) fn finish(mut self) -> State {
         self.end_run();
+        self.merge_aside();
         let Self {
             mut state,
-            scattered,
             limits,
-            mut tuples,
+            tuples,
             mut heap,
             ..
         } = self;
-        for (subject, mut rows) in scattered {
-            let Some(entry) = state.subjects.loaded_mut(&subject) else {
-                continue; // never: a subject is scattered only once it has an entry
-            };
-            let grants = std::mem::take(&mut entry.grants);
-            heap -= grants.heap_bytes();
-            for (object, grant) in grants.into_vec(&state.packed) {
-                let grant = grant.held();
-                tuples -= grant.row_count();
-                rows.extend(grant.rows().map(|(permission, expires_at)| {
-                    (
-                        object,
-                        Slot {
-                            permission,
-                            expires_at,
-                        },
-                    )
-                }));
-            }
-            entry.grants = grants_of(&mut rows, &mut tuples, &mut state.packed);
-            heap += entry.grants.heap_bytes();
-        }
         let mut limit_rows = 0;
         for (subject, mut rows) in limits {
             rows.sort_unstable();
@@ -330,6 +402,69 @@ impl StateBuilder {
         state.tuples.store(tuples, Ordering::Relaxed);
         state.limits.store(limit_rows, Ordering::Relaxed);
         state
+    }
+}
+
+/// Runs a window of `StateBuilder::count_run` counts: 65,536 runs, a few milliseconds of
+/// a load.
+const WINDOW: u32 = 1 << 16;
+
+/// The share of a window's runs that are of subjects met before at and past which the
+/// table's rows are taken to be scattered (`StateBuilder::aside_all`). A table in subject
+/// order has next to none; one whose subjects' rows lie apart has most of its runs so
+/// once each subject was met.
+const SCATTERED: f64 = 0.25;
+
+/// Rows set aside by the full load (`StateBuilder::end_run`), each with its subject's
+/// name and hash, until they are merged into their subjects' entries (`merge_aside`).
+/// 32 bytes a row and the name once a run.
+pub(super) struct Aside {
+    rows: Vec<AsideRow>,
+    /// The runs' subject names, one after another.
+    names: String,
+    hasher: Hasher,
+    /// What is kept of a subject's name's hash: all of it, but in a test of names of one
+    /// hash.
+    pub(super) hash_mask: u64,
+}
+
+impl Default for Aside {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            names: String::new(),
+            hasher: Hasher::default(),
+            hash_mask: u64::MAX,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct AsideRow {
+    hash: u64,
+    expires_at: i64,
+    /// Where the subject's name is in `Aside::names`.
+    name: u32,
+    name_len: u32,
+    object: u32,
+    permission: u32,
+}
+
+impl Aside {
+    /// Sets `run`, `subject`'s rows, aside. `names` must have room for `subject` below
+    /// `u32::MAX` bytes.
+    fn push(&mut self, subject: &str, run: &[(u32, Slot)]) {
+        let hash = self.hasher.hash_one(subject) & self.hash_mask;
+        let name = self.names.len() as u32;
+        self.names.push_str(subject);
+        self.rows.extend(run.iter().map(|&(object, slot)| AsideRow {
+            hash,
+            expires_at: slot.expires_at,
+            name,
+            name_len: subject.len() as u32,
+            object,
+            permission: slot.permission,
+        }));
     }
 }
 
