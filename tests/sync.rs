@@ -111,6 +111,34 @@ async fn a_large_set_is_mirrored_exactly_over_a_unix_socket() {
     daemon.stop().await;
 }
 
+/// A table whose subjects' rows lie scattered, as rows written a grant at a time over
+/// months do: 15,000 subjects' rows in ten passes, one row of each a pass, so that every
+/// row is a run of its own. The first 65,536 runs (the builder's window) are three
+/// quarters of subjects met before, so the rest go aside with no look-up and are merged at
+/// the end; names of every kind the rows set aside hold (inline, apart, in the long map),
+/// and expiring rows among them. The mirror equals the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_set_whose_subjects_rows_lie_scattered_is_mirrored_exactly() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples (subject, object, permission, expires_at)
+         SELECT CASE s % 3 WHEN 0 THEN 'user:' || s
+                           WHEN 1 THEN 'group:' || s || '#members'
+                           ELSE 'service-account-with-a-long-name:' || s END,
+                'doc:' || ((7 * s + 13 * pass) % 2000), 'perm' || ((s + pass) % 40),
+                CASE WHEN (s + pass) % 11 = 0 THEN now() + interval '1 day' END
+         FROM generate_series(0, 9) pass, generate_series(0, 14999) s
+         ORDER BY pass, s",
+    )
+    .await;
+    let daemon = TestDaemon::start(&db.url).await;
+    assert_eq!(daemon.digest_at("0").await, db.digest().await);
+    let (_, status) = daemon.get("/v1/status").await;
+    assert_eq!(status["tuples"].as_i64(), Some(150_000), "{status}");
+    assert_eq!(status["subjects"].as_i64(), Some(15_000), "{status}");
+    daemon.stop().await;
+}
+
 /// Hosts are tried in turn, as libpq and tokio-postgres do, and `target_session_attrs`
 /// holds (permd opens its socket itself): the first host is down, the second is taken once
 /// it shows it allows writes; asking for a read-only server finds none.
