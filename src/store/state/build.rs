@@ -172,9 +172,10 @@ impl Rebuild<'_> {
 /// is a cache miss (a scattered table of 10M rows loaded at a third of the speed of one
 /// in subject order, 84 % of the time in those look-ups; benches/README.md, `load`).
 /// So once a window of runs shows that many of them are subjects met before
-/// (`SCATTERED`), every later run goes aside with no look-up: the rows set aside are
-/// sorted by their subject's hash at the end, and each subject's are then read side by
-/// side and looked up once.
+/// (`SCATTERED`), every later run goes aside with no look-up: at the end the rows set
+/// aside are sorted by where their subject's entry lies in the subject map, and each
+/// subject's are read side by side and looked up once, the look-ups sweeping the map
+/// (`merge_aside`).
 pub(crate) struct StateBuilder {
     state: State,
     /// The subject of the current run (when `run` is not empty); reused from run to run.
