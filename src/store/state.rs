@@ -1775,6 +1775,17 @@ mod tests {
         });
     }
 
+    /// The same load merging the rows set aside each 100 expiring rows, as one does when
+    /// `AsideRow::expires` could count no more: later rows are merged into the entries
+    /// those merges made.
+    #[test]
+    fn rows_set_aside_are_merged_alike_during_the_load() {
+        load_in_any_order(true, |builder| {
+            builder.window_size = 1_000;
+            builder.aside.expiring_limit = 100;
+        });
+    }
+
     /// Rows first grouped by subject (runs of 7), then scattered over the same subjects
     /// (each row's subject differs from the previous one's), with expiring rows, limits on
     /// some subjects and on others that hold no tuple; subjects' names of every length

@@ -285,7 +285,7 @@ impl StateBuilder {
                 return;
             }
         }
-        if self.aside.expiring.len() + self.run.len() >= NO_EXPIRY as usize {
+        if self.aside.expiring.len() + self.run.len() >= self.aside.expiring_limit {
             self.merge_aside();
         }
         let hash = self.state.subjects.hash(&self.subject);
@@ -451,6 +451,10 @@ pub(super) struct Aside {
     /// What is kept of a subject's name's hash: all of it, but in a test of names of one
     /// hash.
     pub(super) hash_mask: u64,
+    /// How many expiring rows may be set aside before the rows are merged, whatever the
+    /// COPY has left (`StateBuilder::end_run`): as many as `AsideRow::expires` can count,
+    /// but in a test of merges during the load.
+    pub(super) expiring_limit: usize,
 }
 
 impl Default for Aside {
@@ -460,6 +464,7 @@ impl Default for Aside {
             names: String::new(),
             expiring: Vec::new(),
             hash_mask: u64::MAX,
+            expiring_limit: NO_EXPIRY as usize,
         }
     }
 }
