@@ -1765,13 +1765,13 @@ mod tests {
         load_in_any_order(true, |builder| builder.window_size = 1_000);
     }
 
-    /// The same load with the hashes of subjects' names cut to 3 bits: the rows set aside
-    /// for eight hashes, each shared by hundreds of names, still go to their own subjects.
+    /// The same load with the places of subjects' names cut to 3 bits: the rows set aside
+    /// for eight places, each shared by hundreds of names, still go to their own subjects.
     #[test]
     fn rows_set_aside_go_to_their_own_subjects_when_names_share_a_hash() {
         load_in_any_order(true, |builder| {
             builder.window_size = 1_000;
-            builder.aside.hash_mask = 0b111;
+            builder.aside.place_mask = 0b111;
         });
     }
 
@@ -1789,7 +1789,7 @@ mod tests {
     /// Rows first grouped by subject (runs of 7), then scattered over the same subjects
     /// (each row's subject differs from the previous one's), with expiring rows, limits on
     /// some subjects and on others that hold no tuple; subjects' names of every length
-    /// (`subject_name`); loaded by a builder `configure` sets up, which sets all the
+    /// (`load_name`); loaded by a builder `configure` sets up, which sets all the
     /// scattered rows aside with no look-up if `aside_all`, and written one by one.
     fn load_in_any_order(aside_all: bool, configure: impl FnOnce(&mut StateBuilder)) {
         let live = State::with_capacity(4, 4);
@@ -1798,9 +1798,9 @@ mod tests {
         let mut by_key: BTreeMap<(String, String), Vec<TupleRow>> = BTreeMap::new();
         for i in 0..42_000u64 {
             let subject = if i < 21_000 {
-                subject_name(i / 7)
+                load_name(i / 7)
             } else {
-                subject_name((i * 7_919) % 3_001)
+                load_name((i * 7_919) % 3_001)
             };
             let object = format!("o{}", i % 97);
             let permission = format!("p{}", i % 70);
@@ -1816,8 +1816,8 @@ mod tests {
             live.set_grant(subject, object, rows);
         }
         for i in 0..100 {
-            builder.limit(&subject_name(i as u64 * 29), "projects", i);
-            live.set_limits(&subject_name(i as u64 * 29), &[("projects".into(), i)]);
+            builder.limit(&load_name(i as u64 * 29), "projects", i);
+            live.set_limits(&load_name(i as u64 * 29), &[("projects".into(), i)]);
         }
         for i in 0..10 {
             builder.limit(&format!("limits-only-{i}"), "seats", i);
@@ -1837,7 +1837,7 @@ mod tests {
         // Removing every row of a subject removes it, whichever map its name is in.
         let before = live.subject_count();
         for n in 0..30 {
-            let subject = subject_name(n);
+            let subject = load_name(n);
             for state in [&built, &live] {
                 for o in 0..97 {
                     state.set_grant(&subject, &format!("o{o}"), &[]);
@@ -1849,6 +1849,17 @@ mod tests {
         assert_eq!(live.subject_count(), before - 30);
         assert_eq!(built.subject_count(), live.subject_count());
         assert_eq!(built.digest(), live.digest());
+    }
+
+    /// Names of every length `subject_name` gives, and about the most a row set aside
+    /// holds itself (`AsideRow::name`): 16 bytes, 17, and short with a zero byte at the end.
+    fn load_name(s: u64) -> String {
+        match s % 6 {
+            3 => format!("n{s:015}"),
+            4 => format!("n{s:016}"),
+            5 => format!("z{s}\0"),
+            _ => subject_name(s),
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dashmap::mapref::one;
 use dashmap::DashMap;
 
-use super::key::{is_short, LongKey, SHORT};
+use super::key::{is_short, LongKey};
 use super::{same_bytes, Hasher, Name};
 
 /// Subject name to `V`, in the map its length picks.
@@ -524,6 +524,9 @@ impl<K: Key, V: Default + Clone> Tier<K, V> {
     }
 }
 
+/// The bit of a `Subjects::place` that says the long map.
+const LONG_MAP: u32 = 1 << 31;
+
 impl<V: Default + Clone> Subjects<V> {
     /// Room for `capacity` short names written after the load; the rest start empty.
     pub(super) fn with_capacity(capacity: usize) -> Self {
@@ -607,30 +610,34 @@ impl<V: Default + Clone> Subjects<V> {
         }
     }
 
-    /// The hash by which `subject`'s entry is placed in its map.
-    pub(super) fn hash(&self, subject: &str) -> u64 {
-        if is_short(subject) {
-            self.short.hash(subject)
+    /// Where `subject`'s entry lies in the maps, in 32 bits, for `place_order`: the low 31
+    /// bits of the hash its map places it by, the top bit set for the long map.
+    pub(super) fn place(&self, subject: &str) -> u32 {
+        let (map, hash) = if is_short(subject) {
+            (0, self.short.hash(subject))
         } else {
-            self.long.hash(subject)
-        }
+            (LONG_MAP, self.long.hash(subject))
+        };
+        map | hash as u32 & !LONG_MAP
     }
 
     /// An order of names by where their loaded entries lie as the maps stand, for the
-    /// full load to look many up in: the key of a name of `len` bytes and `hash`. The
-    /// short map's before the long map's, and in each by first bucket (the bits of the
-    /// hash below the largest shard's bucket count): in that order the look-ups sweep each
-    /// shard's table from start to end, side by side, where in the hash's order each was a
-    /// miss at random in a table of tens of megabytes. A table that grows meanwhile is
-    /// swept in two runs or more.
-    pub(super) fn place_order(&self) -> impl Fn(usize, u64) -> u64 {
+    /// full load to look many up in: the key of a name's `place`. The short map's before
+    /// the long map's, and in each by first bucket (the bits of the hash below the largest
+    /// shard's bucket count): in that order the look-ups sweep each shard's table from
+    /// start to end, side by side, where in the hash's order each was a miss at random in
+    /// a table of tens of megabytes. A table that grows meanwhile is swept in two runs or
+    /// more (and one of more than 2^31 buckets would be, its bits past the place's 31
+    /// unknown).
+    pub(super) fn place_order(&self) -> impl Fn(u32) -> u64 {
         fn mask<K, V>(tier: &Tier<K, V>) -> u64 {
             let buckets = tier.loaded.iter().map(|s| s.table.num_buckets()).max();
             buckets.unwrap_or(1).max(1) as u64 - 1
         }
         let (short, long) = (mask(&self.short), mask(&self.long));
-        move |len, hash| {
-            if len <= SHORT {
+        move |place| {
+            let hash = u64::from(place & !LONG_MAP);
+            if place & LONG_MAP == 0 {
                 hash & short
             } else {
                 1 << 63 | hash & long
@@ -750,7 +757,7 @@ mod tests {
         }
         let order = subjects.place_order();
         let mut sorted: Vec<&String> = names.iter().collect();
-        sorted.sort_by_key(|name| order(name.len(), subjects.hash(name)));
+        sorted.sort_by_key(|name| order(subjects.place(name)));
         // Where each name's entry is: its map, its shard, its bucket.
         let mut last = std::collections::HashMap::new();
         let mut backwards = 0;

@@ -288,8 +288,8 @@ impl StateBuilder {
         if self.aside.expiring.len() + self.run.len() >= self.aside.expiring_limit {
             self.merge_aside();
         }
-        let hash = self.state.subjects.hash(&self.subject);
-        self.aside.push(&self.subject, hash, &self.run);
+        let place = self.state.subjects.place(&self.subject);
+        self.aside.push(&self.subject, place, &self.run);
         self.run.clear();
     }
 
@@ -318,33 +318,33 @@ impl StateBuilder {
     /// Merges the rows set aside into their subjects' entries (a subject's first entry
     /// when it has none yet), and empties the aside. The rows are sorted by where their
     /// subject's entry lies in the subject map (`Subjects::place_order`), then by its
-    /// hash, so that each subject's rows lie side by side, its entry is looked up once,
-    /// and the look-ups sweep the map in order. Rows whose hash is the same are checked
-    /// for the same name: those of two names of one hash are sorted by name, so that each
-    /// name's too are merged at once (and were they not, each group of one name would
+    /// place, so that each subject's rows lie side by side, its entry is looked up once,
+    /// and the look-ups sweep the map in order. Rows whose place is the same are checked
+    /// for the same name: those of two names of one place are sorted by name, so that
+    /// each name's too are merged at once (and were they not, each group of one name would
     /// still go to its own subject).
     fn merge_aside(&mut self) {
         let mut rows = std::mem::take(&mut self.aside.rows);
         let names = std::mem::take(&mut self.aside.names);
         let expiring = std::mem::take(&mut self.aside.expiring);
         let order = self.state.subjects.place_order();
-        rows.sort_unstable_by_key(|row| (order(row.name_len as usize, row.hash), row.hash));
+        rows.sort_unstable_by_key(|row| (order(row.place), row.place));
         let mut slots = Vec::new();
         // From the end, letting go of the rows merged as the entries they make grow, so
         // that a reload's peak holds the larger of the two, not both (a scattered table
-        // of 50M rows sets ~1.8 GB aside).
+        // of 50M rows sets 1.6 GB aside).
         while let Some(last) = rows.last() {
-            let hash = last.hash;
+            let place = last.place;
             let start = rows
                 .iter()
-                .rposition(|row| row.hash != hash)
+                .rposition(|row| row.place != place)
                 .map_or(0, |i| i + 1);
-            let same_hash = &mut rows[start..];
-            let first = name_of(&same_hash[0], &names);
-            if !same_hash.iter().all(|row| name_of(row, &names) == first) {
-                same_hash.sort_unstable_by(|a, b| name_of(a, &names).cmp(name_of(b, &names)));
+            let same_place = &mut rows[start..];
+            let first = name_of(&same_place[0], &names);
+            if !same_place.iter().all(|row| name_of(row, &names) == first) {
+                same_place.sort_unstable_by(|a, b| name_of(a, &names).cmp(name_of(b, &names)));
             }
-            for subject in same_hash.chunk_by(|a, b| name_of(a, &names) == name_of(b, &names)) {
+            for subject in same_place.chunk_by(|a, b| name_of(a, &names) == name_of(b, &names)) {
                 slots.extend(subject.iter().map(|row| {
                     let expires_at = match row.expires {
                         NO_EXPIRY => NEVER,
@@ -440,17 +440,17 @@ const WINDOW: u32 = 1 << 16;
 const SCATTERED: f64 = 0.25;
 
 /// Rows set aside by the full load (`StateBuilder::end_run`), each with its subject's
-/// name and hash, until they are merged into their subjects' entries (`merge_aside`):
-/// 40 bytes a row, and a name of more than `INLINE` bytes once a run.
+/// name and place, until they are merged into their subjects' entries (`merge_aside`):
+/// 32 bytes a row, and a name of more than `INLINE` bytes once a run.
 pub(super) struct Aside {
     rows: Vec<AsideRow>,
-    /// The runs' subject names longer than `INLINE` bytes, one after another.
+    /// The runs' subject names not held in their rows (`AsideRow::name`), one after
+    /// another.
     names: String,
     /// The `expires_at` of the rows that have one.
     expiring: Vec<i64>,
-    /// What is kept of a subject's name's hash: all of it, but in a test of names of one
-    /// hash.
-    pub(super) hash_mask: u64,
+    /// What is kept of a subject's place: all of it, but in a test of names of one place.
+    pub(super) place_mask: u32,
     /// How many expiring rows may be set aside before the rows are merged, whatever the
     /// COPY has left (`StateBuilder::end_run`): as many as `AsideRow::expires` can count,
     /// but in a test of merges during the load.
@@ -463,7 +463,7 @@ impl Default for Aside {
             rows: Vec::new(),
             names: String::new(),
             expiring: Vec::new(),
-            hash_mask: u64::MAX,
+            place_mask: u32::MAX,
             expiring_limit: NO_EXPIRY as usize,
         }
     }
@@ -475,7 +475,7 @@ impl Default for Aside {
 const INLINE: usize = 16;
 
 /// Rows merged from the end of the rows set aside past which their memory is let go of
-/// (`StateBuilder::merge_aside`): 40 MiB.
+/// (`StateBuilder::merge_aside`): 32 MiB.
 const RELEASE_ROWS: usize = 1 << 20;
 
 /// `AsideRow::expires` of a row that never expires.
@@ -483,42 +483,49 @@ const NO_EXPIRY: u32 = u32::MAX;
 
 #[derive(Clone, Copy)]
 struct AsideRow {
-    hash: u64,
-    /// The subject's name, zero-padded, if it has at most `INLINE` bytes; else where it
-    /// starts in `Aside::names` (the first 8 bytes, little-endian).
+    /// Where the subject's entry lies (`Subjects::place`).
+    place: u32,
+    /// The subject's name, zero-padded, if it has 1 to `INLINE` bytes and no zero byte
+    /// (a Postgres text never has one); else a zero byte, then at 4 the name's length
+    /// (u32) and at 8 where it starts in `Aside::names` (u64), little-endian.
     name: [u8; INLINE],
-    name_len: u32,
     object: u32,
     permission: u32,
     /// Where the row's `expires_at` is in `Aside::expiring`, or `NO_EXPIRY`.
     expires: u32,
 }
 
+const _: () = assert!(std::mem::size_of::<AsideRow>() == 32);
+
 /// The bytes of `row`'s subject name; `names` is `Aside::names`.
 fn name_of<'a>(row: &'a AsideRow, names: &'a str) -> &'a [u8] {
-    let len = row.name_len as usize;
-    if len <= INLINE {
-        return &row.name[..len];
+    let name = &row.name;
+    if name[0] != 0 {
+        // Zero-padded: the zero bytes at the end are the most significant.
+        let padding = u128::from_le_bytes(*name).leading_zeros() / 8;
+        return &name[..INLINE - padding as usize];
     }
+    let len = u32::from_le_bytes([name[4], name[5], name[6], name[7]]);
     let mut at = [0; 8];
-    at.copy_from_slice(&row.name[..8]);
-    &names.as_bytes()[u64::from_le_bytes(at) as usize..][..len]
+    at.copy_from_slice(&name[8..]);
+    &names.as_bytes()[u64::from_le_bytes(at) as usize..][..len as usize]
 }
 
 impl Aside {
-    /// Sets `run`, `subject`'s rows, aside; `hash` is the one its subject map places it by.
-    /// `expiring` must have room for `run`'s rows below `NO_EXPIRY`.
-    fn push(&mut self, subject: &str, hash: u64, run: &[(u32, Slot)]) {
-        let hash = hash & self.hash_mask;
+    /// Sets `run`, `subject`'s rows, aside; `place` is where its entry lies
+    /// (`Subjects::place`). `expiring` must have room for `run`'s rows below `NO_EXPIRY`.
+    fn push(&mut self, subject: &str, place: u32, run: &[(u32, Slot)]) {
+        let place = place & self.place_mask;
         let mut name = [0; INLINE];
-        if subject.len() <= INLINE {
-            name[..subject.len()].copy_from_slice(subject.as_bytes());
+        let bytes = subject.as_bytes();
+        if (1..=INLINE).contains(&bytes.len()) && !bytes.contains(&0) {
+            name[..bytes.len()].copy_from_slice(bytes);
         } else {
-            name[..8].copy_from_slice(&(self.names.len() as u64).to_le_bytes());
+            // A COPY field's length is an i32: a name's fits.
+            name[4..8].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+            name[8..].copy_from_slice(&(self.names.len() as u64).to_le_bytes());
             self.names.push_str(subject);
         }
-        // A COPY field's length is an i32: a name's fits.
-        let name_len = subject.len() as u32;
         for &(object, slot) in run {
             let expires = if slot.expires_at == NEVER {
                 NO_EXPIRY
@@ -527,9 +534,8 @@ impl Aside {
                 (self.expiring.len() - 1) as u32
             };
             self.rows.push(AsideRow {
-                hash,
+                place,
                 name,
-                name_len,
                 object,
                 permission: slot.permission,
                 expires,
