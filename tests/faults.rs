@@ -819,6 +819,7 @@ async fn changelog_rows_deleted_by_hand_are_not_skipped() {
     .into_iter()
     .enumerate()
     {
+        let polls = daemon.status.report().polls;
         let subject = format!("hand{round}");
         let token = db.write(&quiet(&subject)).await;
         db.exec(delete).await;
@@ -827,6 +828,13 @@ async fn changelog_rows_deleted_by_hand_are_not_skipped() {
             "{delete}"
         );
         assert_eq!(daemon.status.report().reloads, round as u64 + 2, "{delete}");
+        // The poll that found the rows gone, then the one that catches the load up (it
+        // runs right after the swap, which answered the check): once that one has its
+        // snapshot, the next write is not in it. Before, the next round's write could
+        // be, and then read from the changelog before its rows went: no load.
+        daemon
+            .wait_for_report("the poll after the load", |r| r.polls >= polls + 2)
+            .await;
     }
 
     let (held, _) = db.open_write("SELECT pg_current_xact_id()").await;
