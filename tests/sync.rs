@@ -10,7 +10,9 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::bouncer::{Bouncer, PoolMode};
 use common::proxy::Proxy;
-use common::{database, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE};
+use common::{
+    database, database_in_encoding, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE,
+};
 use permd::http::HttpConfig;
 use permd::shard::Shard;
 use permd::sync::{StatusReport, SyncConfig};
@@ -142,6 +144,49 @@ async fn a_large_set_whose_subjects_rows_lie_scattered_is_mirrored_exactly() {
 /// Hosts are tried in turn, as libpq and tokio-postgres do, and `target_session_attrs`
 /// holds (permd opens its socket itself): the first host is down, the second is taken once
 /// it shows it allows writes; asking for a read-only server finds none.
+/// A name that is not UTF-8 (a `SQL_ASCII` database stores text of any bytes, written
+/// with the triggers off: they refuse it) stops the load with Postgres's own error, which
+/// checks what it sends a UTF-8 client; the daemon retries, and once the row is gone loads
+/// names that are UTF-8 but not ASCII (the load checks an object's or permission's bytes
+/// only when it first meets the name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_is_not_utf8_stops_the_load_with_postgres_error() {
+    let db = database_in_encoding("SQL_ASCII").await;
+    db.exec(
+        "INSERT INTO permd.tuples (subject, object, permission)
+         SELECT 'user:' || i, 'doc:café', 'lire' FROM generate_series(1, 50) i;
+         SET session_replication_role = replica;
+         INSERT INTO permd.tuples (subject, object, permission)
+         VALUES ('user:1', E'doc:\\xe9', 'read')",
+    )
+    .await;
+    let daemon = TestDaemon::spawn(SyncConfig::new(&db.url), patient());
+    let error = daemon.failed_attempts(2).await;
+    assert!(
+        error.contains("invalid byte sequence for encoding \"UTF8\""),
+        "{error}"
+    );
+    // Not loaded yet: the next attempt loads the table as it is.
+    db.exec(
+        "SET session_replication_role = replica;
+         DELETE FROM permd.tuples WHERE object <> 'doc:café'",
+    )
+    .await;
+    daemon
+        .wait_for("loaded", || daemon.status.is_ready(60.0))
+        .await;
+    let (status, body) = daemon
+        .get("/v1/check?subject=user:7&permission=lire&object=doc:caf%C3%A9")
+        .await;
+    assert_eq!(
+        (status, body["allowed"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{body}"
+    );
+    assert_eq!(daemon.digest_at("0").await, db.digest().await);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_are_tried_in_turn_and_target_session_attrs_holds() {
     let db = database().await;

@@ -92,25 +92,29 @@ impl Interner {
     /// The id of `name`, if it was ever interned.
     #[inline]
     pub(crate) fn get(&self, name: &str) -> Option<u32> {
-        let bytes = name.as_bytes();
-        let frozen = if is_short(name) {
-            self.frozen
-                .find(self.hasher.hash_one(name), |(key, _)| {
-                    same_bytes(key.as_bytes(), bytes)
-                })
-                .map(|(_, id)| id)
-        } else {
-            self.frozen_long
-                .find(self.hasher.hash_one(bytes), |(key, _)| {
-                    same_bytes(key.as_bytes(), bytes)
-                })
-                .map(|(_, id)| id)
-        };
-        match frozen {
-            Some(id) => Some(*id),
+        match self.frozen_id(name.as_bytes()) {
+            Some(id) => Some(id),
             None if self.has_recent.load(Ordering::Acquire) => self.recent.get(name).map(|id| *id),
             None => None,
         }
+    }
+
+    /// The id of the name of `bytes` in the frozen tier, if it is there. Both tables hash
+    /// a name as bytes, so that the full load can look up a COPY field's bytes before it
+    /// knows they are UTF-8 (`intern_mut_bytes`).
+    #[inline]
+    fn frozen_id(&self, bytes: &[u8]) -> Option<u32> {
+        let hash = self.hasher.hash_one(bytes);
+        let found = if is_short(bytes) {
+            self.frozen
+                .find(hash, |(key, _)| same_bytes(key.as_bytes(), bytes))
+                .map(|(_, id)| id)
+        } else {
+            self.frozen_long
+                .find(hash, |(key, _)| same_bytes(key.as_bytes(), bytes))
+                .map(|(_, id)| id)
+        };
+        found.copied()
     }
 
     /// The id of `name`, interning it if new, while the interner is still exclusively the
@@ -119,18 +123,35 @@ impl Interner {
         if let Some(id) = self.get(name) {
             return id;
         }
+        self.insert_frozen(name)
+    }
+
+    /// `intern_mut` of a name given as bytes, which are checked to be UTF-8 only when the
+    /// name is new: a full load names the same objects and permissions again and again,
+    /// and a check of every COPY field was 9 % of its CPU (benches/README.md, `load`).
+    /// `None` if the bytes are not UTF-8 (which Postgres checks too before it sends text
+    /// to a UTF-8 client, even from a `SQL_ASCII` database).
+    pub(crate) fn intern_mut_bytes(&mut self, bytes: &[u8]) -> Option<u32> {
+        match self.frozen_id(bytes) {
+            Some(id) => Some(id),
+            None => Some(self.insert_frozen(std::str::from_utf8(bytes).ok()?)),
+        }
+    }
+
+    /// Interns `name`, which is not interned yet, in the frozen tier.
+    fn insert_frozen(&mut self, name: &str) -> u32 {
         // The frozen tier's ids are `0..built()`: nothing may have been interned since.
         debug_assert!(!self.has_recent.load(Ordering::Relaxed));
         let id = u32::try_from(self.built_names.len()).unwrap_or(u32::MAX);
         self.built_names.push(Arc::from(name));
         let hasher = &self.hasher;
+        let bytes = name.as_bytes();
         if is_short(name) {
             self.frozen
-                .insert_unique(hasher.hash_one(name), (name.into(), id), |(key, _)| {
-                    hasher.hash_one(key.as_str())
+                .insert_unique(hasher.hash_one(bytes), (name.into(), id), |(key, _)| {
+                    hasher.hash_one(key.as_bytes())
                 });
         } else {
-            let bytes = name.as_bytes();
             self.frozen_long.insert_unique(
                 hasher.hash_one(bytes),
                 (name.into(), id),
@@ -262,6 +283,27 @@ mod tests {
             assert_eq!(interner.intern_mut(name), i as u32);
         }
         assert_eq!(interner.get(&"x".repeat(SHORT - 1)), None);
+    }
+
+    /// Names given as bytes are the same names given as `str`, in both tables; bytes that
+    /// are not UTF-8 are refused and not interned.
+    #[test]
+    fn names_given_as_bytes_are_the_names_given_as_str() {
+        let mut interner = Interner::with_capacity(4);
+        let (short, long) = ("perm".to_owned(), "x".repeat(SHORT + 1));
+        assert_eq!(interner.intern_mut(&short), 0);
+        assert_eq!(interner.intern_mut_bytes(short.as_bytes()), Some(0));
+        assert_eq!(interner.intern_mut_bytes(long.as_bytes()), Some(1));
+        assert_eq!(interner.intern_mut(&long), 1);
+        assert_eq!(interner.get(&long), Some(1));
+        let mut bad_long = long.clone().into_bytes();
+        bad_long.push(0xff);
+        assert_eq!(interner.intern_mut_bytes(b"caf\xe9"), None);
+        assert_eq!(interner.intern_mut_bytes(&bad_long), None);
+        assert_eq!(interner.built(), 2);
+        assert_eq!(interner.intern_mut_bytes("café".as_bytes()), Some(2));
+        assert_eq!(interner.get("café"), Some(2));
+        assert_eq!(&*interner.name(2), "café");
     }
 
     #[test]

@@ -21,10 +21,10 @@ pub(super) const SHORT: usize = 24;
 /// Bytes a `LongKey` holds inline.
 pub(super) const LONG: usize = 46;
 
-/// Whether `name` belongs in the short table.
+/// Whether `name` (a `str` or its bytes) belongs in the short table.
 #[inline]
-pub(super) fn is_short(name: &str) -> bool {
-    name.len() <= SHORT
+pub(super) fn is_short(name: &(impl AsRef<[u8]> + ?Sized)) -> bool {
+    name.as_ref().len() <= SHORT
 }
 
 /// A name, inline up to `LONG` bytes, else in the heap. Compared, hashed and borrowed as

@@ -83,10 +83,10 @@ impl SubjectEntry {
 /// The ids of the global object `''` (0) and the wildcard `*` (1), interned first in every
 /// generation (`State::with_capacity`), so that checks and loads need no look-up for them.
 #[inline]
-fn fixed_object_id(object: &str) -> Option<u32> {
-    match object {
-        "" => Some(GLOBAL_ID),
-        WILDCARD => Some(WILDCARD_ID),
+fn fixed_object_id(object: &(impl AsRef<[u8]> + ?Sized)) -> Option<u32> {
+    match object.as_ref() {
+        b"" => Some(GLOBAL_ID),
+        name if name == WILDCARD.as_bytes() => Some(WILDCARD_ID),
         _ => None,
     }
 }

@@ -154,8 +154,17 @@ fn read_i32(buf: &[u8]) -> i32 {
 
 /// A text field as `&str`; NULL or invalid UTF-8 is a protocol error.
 pub(crate) fn text<'a>(field: Option<&'a [u8]>, what: &str) -> Result<&'a str, Error> {
-    let bytes = field.ok_or_else(|| Error::Copy(format!("{what} is NULL")))?;
-    std::str::from_utf8(bytes).map_err(|_| Error::Copy(format!("{what} is not UTF-8")))
+    std::str::from_utf8(bytes(field, what)?).map_err(|_| not_utf8(what))
+}
+
+/// A field's bytes; NULL is a protocol error.
+pub(crate) fn bytes<'a>(field: Option<&'a [u8]>, what: &str) -> Result<&'a [u8], Error> {
+    field.ok_or_else(|| Error::Copy(format!("{what} is NULL")))
+}
+
+/// The error of a text field `what` that is not UTF-8.
+pub(crate) fn not_utf8(what: &str) -> Error {
+    Error::Copy(format!("{what} is not UTF-8"))
 }
 
 /// An int8 field; NULL is `None`.

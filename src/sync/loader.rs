@@ -11,7 +11,7 @@ use futures_util::{pin_mut, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, IsolationLevel};
 
-use super::copy::{int8, text, timestamptz, CopyParser};
+use super::copy::{bytes, int8, not_utf8, text, timestamptz, CopyParser};
 use super::tap::Tap;
 use super::{parse_snapshot, parse_xid, Cursor, Error};
 use crate::shard::Shard;
@@ -217,12 +217,14 @@ fn build(
             if !owned.owns(subject) {
                 return Ok(());
             }
-            builder.tuple(
-                subject,
-                text(f[1], "object")?,
-                text(f[2], "permission")?,
-                timestamptz(f[3], "expires_at")?,
-            );
+            builder
+                .copied_tuple(
+                    subject,
+                    bytes(f[1], "object")?,
+                    bytes(f[2], "permission")?,
+                    timestamptz(f[3], "expires_at")?,
+                )
+                .map_err(not_utf8)?;
             rows += 1;
             Ok(())
         })?;

@@ -258,6 +258,19 @@ pub async fn database() -> TestDb {
     database_on(cluster()).await
 }
 
+/// One fresh, migrated database on the shared cluster in the server encoding `encoding`
+/// (`SQL_ASCII` stores text of any bytes, as it came).
+pub async fn database_in_encoding(encoding: &str) -> TestDb {
+    let db = unmigrated_named_on(
+        cluster(),
+        &next_database_name(),
+        &format!("ENCODING '{encoding}' TEMPLATE template0"),
+    )
+    .await;
+    permd::db::migrate(&db.pool).await.expect("migrate");
+    db
+}
+
 /// Creates a database on `cluster` and applies the migrations.
 pub async fn database_on(cluster: &Cluster) -> TestDb {
     let db = unmigrated_on(cluster).await;
@@ -271,31 +284,38 @@ pub async fn unmigrated_database() -> TestDb {
 }
 
 async fn unmigrated_on(cluster: &Cluster) -> TestDb {
+    unmigrated_named_on(cluster, &next_database_name(), "").await
+}
+
+/// A database name no other test of this process uses.
+fn next_database_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
+    format!(
         "t{}_{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    unmigrated_named_on(cluster, &name).await
+    )
 }
 
 /// Creates the database `name` on `cluster` and applies the migrations: for a test that
 /// needs the same name on a second cluster.
 pub async fn database_named_on(cluster: &Cluster, name: &str) -> TestDb {
-    let db = unmigrated_named_on(cluster, name).await;
+    let db = unmigrated_named_on(cluster, name, "").await;
     permd::db::migrate(&db.pool).await.expect("migrate");
     db
 }
 
-async fn unmigrated_named_on(cluster: &Cluster, name: &str) -> TestDb {
+/// Creates the database `name` on `cluster`, with `options` to `CREATE DATABASE`.
+async fn unmigrated_named_on(cluster: &Cluster, name: &str, options: &str) -> TestDb {
     let admin = permd::db::pool(&cluster.url("postgres"))
         .await
         .expect("connect as admin");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create database");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} {options}"
+    )))
+    .execute(&admin)
+    .await
+    .expect("create database");
     admin.close().await;
     let url = cluster.url(name);
     let pool = permd::db::pool(&url)

@@ -138,7 +138,7 @@ impl Rebuild<'_> {
         for (o, p, expires_at) in rows {
             let object = now_id(&mut self.objects_now, o, || {
                 let name = old.objects.name(o);
-                fixed_object_id(&name).unwrap_or_else(|| builder.state.objects.intern_mut(&name))
+                fixed_object_id(&*name).unwrap_or_else(|| builder.state.objects.intern_mut(&name))
             });
             let permission = now_id(&mut self.permissions_now, p, || {
                 builder
@@ -231,13 +231,49 @@ impl StateBuilder {
         permission: &str,
         expires_at: Option<i64>,
     ) {
-        let slot = Slot {
-            permission: self.state.permissions.intern_mut(permission),
-            expires_at: expires_at.unwrap_or(NEVER),
-        };
+        let permission = self.state.permissions.intern_mut(permission);
         // Plan permissions are all on '': no look-up for them.
         let object =
             fixed_object_id(object).unwrap_or_else(|| self.state.objects.intern_mut(object));
+        self.tuple_of_ids(subject, object, permission, expires_at);
+    }
+
+    /// `tuple` of a COPY row's object and permission as they came: their bytes are
+    /// checked to be UTF-8 only when the name is new (`Interner::intern_mut_bytes`). The
+    /// error names the field that is not.
+    pub(crate) fn copied_tuple(
+        &mut self,
+        subject: &str,
+        object: &[u8],
+        permission: &[u8],
+        expires_at: Option<i64>,
+    ) -> Result<(), &'static str> {
+        let permission = (self.state.permissions)
+            .intern_mut_bytes(permission)
+            .ok_or("permission")?;
+        let object = match fixed_object_id(object) {
+            Some(id) => id,
+            None => self
+                .state
+                .objects
+                .intern_mut_bytes(object)
+                .ok_or("object")?,
+        };
+        self.tuple_of_ids(subject, object, permission, expires_at);
+        Ok(())
+    }
+
+    fn tuple_of_ids(
+        &mut self,
+        subject: &str,
+        object: u32,
+        permission: u32,
+        expires_at: Option<i64>,
+    ) {
+        let slot = Slot {
+            permission,
+            expires_at: expires_at.unwrap_or(NEVER),
+        };
         if self.run.is_empty() || self.subject != subject {
             self.start_run(subject);
         }
