@@ -14,8 +14,10 @@
 //! A chunk is written only while the generation is built (`pack` takes `&mut self`, as the
 //! interner's frozen tier does) and read-only once it is shared: the applier never writes
 //! here. A subject the applier changes moves its list to the heap, and the bytes it had
-//! here stay unused until the next full load builds a new generation (as do those of a
-//! subject whose rows the load met in two places). Lists with expiring permissions or
+//! here stay unused until the next full load or compaction builds a new generation. (A
+//! subject whose rows the load met in two places has its first list merged into a new one
+//! at the load's end; when such lists leave a fifth of the arena unused, the load packs
+//! every list again in a new one: `StateBuilder::repack`.) Lists with expiring permissions or
 //! permission ids past the inline bitset, and lists longer than a chunk, stay in the heap.
 
 use memmap2::{MmapMut, MmapOptions};
@@ -188,7 +190,7 @@ impl Arena {
     }
 
     /// Every (object id, bitset) of the list, by object id.
-    pub(super) fn iter(&self, list: Packed) -> impl Iterator<Item = (u32, u64)> + '_ {
+    pub(super) fn iter(&self, list: Packed) -> impl ExactSizeIterator<Item = (u32, u64)> + '_ {
         self.iter_at(list, 0)
     }
 
@@ -203,7 +205,7 @@ impl Arena {
     }
 
     /// The list's (object id, bitset) from its `from`-th on.
-    fn iter_at(&self, list: Packed, from: usize) -> impl Iterator<Item = (u32, u64)> + '_ {
+    fn iter_at(&self, list: Packed, from: usize) -> impl ExactSizeIterator<Item = (u32, u64)> + '_ {
         let (objects, bits) = self.parts(list);
         (from..list.len()).map(move |i| (u32_at(objects, i), u64_at(bits, i)))
     }

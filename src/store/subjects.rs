@@ -700,6 +700,17 @@ impl<V: Default + Clone> Subjects<V> {
         f(subjects.map(get).collect(), &get)
     }
 
+    /// Calls `f` with every entry of the loaded tiers, to change it: for the full load,
+    /// before the generation is shared (nothing is in the written tiers then).
+    pub(super) fn for_each_loaded_mut(&mut self, mut f: impl FnMut(&mut V)) {
+        for shard in self.short.loaded.iter_mut() {
+            shard.table.iter_mut().for_each(|(_, value)| f(value));
+        }
+        for shard in self.long.loaded.iter_mut() {
+            shard.table.iter_mut().for_each(|(_, value)| f(value));
+        }
+    }
+
     /// Calls `f` with every subject and its entry, each once (one shard of a written tier
     /// locked at a time, each written entry giving way to the writer first).
     pub(super) fn for_each(&self, mut f: impl FnMut(&str, &V)) {

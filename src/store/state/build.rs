@@ -197,6 +197,11 @@ pub(crate) struct StateBuilder {
     tuples: u64,
     /// Bytes of the heap the entries built so far hold (`SubjectEntry::heap_bytes`).
     heap: usize,
+    /// Bytes of the arena that lists merged since they were packed left unused.
+    abandoned: usize,
+    /// Tests: mapping a chunk for the lists packed again fails once this many are mapped.
+    #[cfg(test)]
+    repack_chunk_limit: Option<usize>,
 }
 
 impl StateBuilder {
@@ -220,6 +225,9 @@ impl StateBuilder {
             limits: HashMap::with_hasher(Hasher::default()),
             tuples: 0,
             heap: 0,
+            abandoned: 0,
+            #[cfg(test)]
+            repack_chunk_limit: None,
         }
     }
 
@@ -410,6 +418,7 @@ impl StateBuilder {
         let entry = state.subjects.loaded_or_default(subject);
         let grants = std::mem::take(&mut entry.grants);
         self.heap -= grants.heap_bytes();
+        self.abandoned += grants.packed_bytes();
         for (object, grant) in grants.into_vec(&state.packed) {
             let grant = grant.held();
             self.tuples -= grant.row_count();
@@ -424,6 +433,59 @@ impl StateBuilder {
         entry.grants = grants_of(rows, &mut self.tuples, &mut state.packed);
         self.heap += entry.grants.heap_bytes();
         rows.clear();
+    }
+
+    /// Packs every list again, in a new arena, when the lists merged left `REPACK_SHARE`
+    /// or more of the arena unused: a subject whose first rows came together had them
+    /// packed, and its rows met later were merged into a new list (a table whose users got
+    /// their first grants at once and more over time: half again the arena, unused until
+    /// a compaction; benches/README.md, `load`). The lists are copied in the order they lie
+    /// in the old arena, which is dropped after; if no memory can be mapped for the new
+    /// one, the old one stays as it is.
+    fn repack(&mut self) {
+        let state = &mut self.state;
+        let used = state.packed.used_bytes();
+        if self.abandoned == 0 || (self.abandoned as f64) < REPACK_SHARE * used as f64 {
+            return;
+        }
+        let started = std::time::Instant::now();
+        // Each list with its place in the walk, which goes the same way twice.
+        let mut lists = Vec::new();
+        state.subjects.for_each_loaded_mut(|entry| {
+            if let Grants::Packed(list) = entry.grants {
+                lists.push((list, lists.len() as u32));
+            }
+        });
+        lists.sort_unstable();
+        let mut arena = Arena::default();
+        #[cfg(test)]
+        {
+            arena.chunk_limit = self.repack_chunk_limit;
+        }
+        let mut now = vec![None; lists.len()];
+        for &(list, at) in &lists {
+            let Some(packed) = arena.pack(state.packed.iter(list)) else {
+                return; // No memory for the new arena: the old one stays.
+            };
+            now[at as usize] = Some(packed);
+        }
+        let mut now = now.into_iter().flatten();
+        state.subjects.for_each_loaded_mut(|entry| {
+            if let Grants::Packed(list) = &mut entry.grants {
+                if let Some(packed) = now.next() {
+                    *list = packed;
+                }
+            }
+        });
+        tracing::info!(
+            unused_mib = self.abandoned >> 20,
+            of_mib = used >> 20,
+            now_mib = arena.used_bytes() >> 20,
+            took_ms = started.elapsed().as_millis() as u64,
+            "the lists merged during the load left part of the arena unused: packed again"
+        );
+        state.packed = arena;
+        self.abandoned = 0;
     }
 
     /// Adds one limit row.
@@ -441,6 +503,7 @@ impl StateBuilder {
     pub(crate) fn finish(mut self) -> State {
         self.end_run();
         self.merge_aside();
+        self.repack();
         let Self {
             mut state,
             limits,
@@ -509,6 +572,10 @@ impl Default for Aside {
 /// with its neighbour's, and one read from the arena of names, in COPY order, was a cache
 /// miss a row once the rows were sorted (17 % of a scattered table's load).
 const INLINE: usize = 16;
+
+/// The share of the arena that lists merged during the load may leave unused before the
+/// lists are packed again (`StateBuilder::repack`).
+const REPACK_SHARE: f64 = 0.2;
 
 /// Rows merged from the end of the rows set aside past which their memory is let go of
 /// (`StateBuilder::merge_aside`): 32 MiB.
@@ -657,6 +724,75 @@ mod tests {
                         mixed.check(&subject, permission, &object, &mut Now::lazy()),
                         "{subject} {permission} {object}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Subjects whose first rows came together (packed as their run ended) and whose
+    /// later rows came apart (set aside, merged into a new list at the end): every list
+    /// is packed again, so that the arena holds what a rebuild's does, not half as much
+    /// again; where no memory can be mapped for the new arena, the old one stays, whole.
+    /// Both answer as a load of the same rows in subject order.
+    #[test]
+    fn lists_merged_during_the_load_are_packed_again() {
+        let subjects = 20_000;
+        let rows = |s: u64, n: u64| {
+            let object = format!("doc:{}", (s * 7 + n) % 5_000);
+            let permission = if n < 5 {
+                "read"
+            } else {
+                ["p0", "p1"][n as usize % 2]
+            };
+            (format!("user:{s}"), object, permission)
+        };
+        let load = |repack_chunk_limit| {
+            let mut builder = StateBuilder::new();
+            builder.repack_chunk_limit = repack_chunk_limit;
+            for s in 0..subjects {
+                for n in 0..5 {
+                    let (subject, object, permission) = rows(s, n);
+                    builder.tuple(&subject, &object, permission, None);
+                }
+            }
+            for n in 5..10 {
+                for s in 0..subjects {
+                    let (subject, object, permission) = rows(s, n);
+                    builder.tuple(&subject, &object, permission, None);
+                }
+            }
+            builder.finish()
+        };
+        let mut in_order = StateBuilder::new();
+        for s in 0..subjects {
+            for n in 0..10 {
+                let (subject, object, permission) = rows(s, n);
+                in_order.tuple(&subject, &object, permission, None);
+            }
+        }
+        let in_order = in_order.finish();
+        let repacked = load(None);
+        let kept = load(Some(0));
+        let rebuilt = repacked.rebuilt();
+        assert_eq!(repacked.packed.used_bytes(), rebuilt.packed.used_bytes());
+        assert_eq!(repacked.packed.used_bytes(), in_order.packed.used_bytes());
+        // The first lists (5 grants, 64 bytes each) beside the merged ones (120 bytes).
+        assert_eq!(
+            kept.packed.used_bytes(),
+            repacked.packed.used_bytes() + subjects as usize * 64
+        );
+        for state in [&repacked, &kept] {
+            assert_eq!(state.digest(), in_order.digest());
+            for s in (0..subjects).step_by(97) {
+                for n in [0, 4, 5, 9, 10] {
+                    let (subject, object, _) = rows(s, n);
+                    for permission in ["read", "p0", "p1"] {
+                        assert_eq!(
+                            state.check(&subject, permission, &object, &mut Now::lazy()),
+                            in_order.check(&subject, permission, &object, &mut Now::lazy()),
+                            "{subject} {permission} {object}"
+                        );
+                    }
                 }
             }
         }
