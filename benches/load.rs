@@ -18,7 +18,9 @@
 //! The table holds each subject's rows together, as a fill in subject order writes them,
 //! unless `BENCH_ORDER=scattered`: then the rows go in in ten passes over the subjects,
 //! one row of each subject a pass, so that a subject's rows lie a tenth of the table apart,
-//! as rows written over months by triggers do.
+//! as rows written over months by triggers do; or `BENCH_ORDER=grown`: each subject's
+//! first five rows together (its grants at sign-up), then its other five in five passes
+//! (those added over time).
 //!
 //! `BENCH_LOAD_TLS=1` serves TLS from the cluster and loads each size twice, side by side:
 //! over plain TCP (`sslmode=disable`) and over TLS (`sslmode=require`), for what TLS costs a
@@ -86,7 +88,16 @@ fn main() {
     let row_of = |size: u64| match order.as_str() {
         "subject" => "j".to_owned(),
         "scattered" => format!("(j % ({size} / 10)) * 10 + j / ({size} / 10)"),
-        other => panic!("BENCH_ORDER is subject or scattered, not {other:?}"),
+        // The first half of the rows: each subject's first five together; the second
+        // half: its other five in five passes.
+        "grown" => {
+            let (half, tenth) = (size / 2, size / 10);
+            format!(
+                "CASE WHEN j < {half} THEN (j / 5) * 10 + j % 5 \
+                 ELSE ((j - {half}) % {tenth}) * 10 + 5 + (j - {half}) / {tenth} END"
+            )
+        }
+        other => panic!("BENCH_ORDER is subject, scattered or grown, not {other:?}"),
     };
     let tls = env_or("BENCH_LOAD_TLS", 0u8) == 1;
     let cluster = if tls { cluster_with_tls() } else { cluster() };
@@ -173,6 +184,10 @@ fn main() {
             let stderr = child.stderr.take().unwrap();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    // What the load did besides: rows seen scattered, lists packed again.
+                    if line.contains("scattered over the table") || line.contains("packed again") {
+                        eprintln!("{line}");
+                    }
                     let wanted = line.contains("full load done")
                         || line.contains("full load swapped in")
                         || line.contains("compaction swapped in")
