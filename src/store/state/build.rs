@@ -271,6 +271,7 @@ impl StateBuilder {
         Ok(())
     }
 
+    /// Adds one tuple row whose object and permission are interned.
     fn tuple_of_ids(
         &mut self,
         subject: &str,
