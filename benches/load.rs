@@ -184,8 +184,14 @@ fn main() {
             let stderr = child.stderr.take().unwrap();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    // What the load did besides: rows seen scattered, lists packed again.
-                    if line.contains("scattered over the table") || line.contains("packed again") {
+                    // What the load did besides: rows seen scattered, then merged, lists
+                    // packed again.
+                    let besides = [
+                        "scattered over the table",
+                        "set aside merged",
+                        "packed again",
+                    ];
+                    if besides.iter().any(|said| line.contains(said)) {
                         eprintln!("{line}");
                     }
                     let wanted = line.contains("full load done")

@@ -372,8 +372,13 @@ impl StateBuilder {
         let mut rows = std::mem::take(&mut self.aside.rows);
         let names = std::mem::take(&mut self.aside.names);
         let expiring = std::mem::take(&mut self.aside.expiring);
+        if rows.is_empty() {
+            return;
+        }
+        let (count, started) = (rows.len(), std::time::Instant::now());
         let order = self.state.subjects.place_order();
         rows.sort_unstable_by_key(|row| (order(row.place), row.place));
+        let sorted = started.elapsed();
         let mut slots = Vec::new();
         // From the end, letting go of the rows merged as the entries they make grow, so
         // that a reload's peak holds the larger of the two, not both (a scattered table
@@ -411,6 +416,12 @@ impl StateBuilder {
                 rows.shrink_to_fit();
             }
         }
+        tracing::info!(
+            rows = count,
+            sort_ms = sorted.as_millis() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "the rows set aside merged into their subjects' entries"
+        );
     }
 
     /// Merges `rows` into `subject`'s entry, or makes them its first; leaves `rows` empty.
