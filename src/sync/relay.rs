@@ -7,7 +7,8 @@
 //! that socket is carried to the server over a socket opened as the sync connection's
 //! is (`connect::open`): the same `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, read
 //! by the same code, with the same fallback of `prefer`. The directory is removed when the
-//! relay stops (when the pool closes, or the runtime ends). With `require_auth` or
+//! relay stops (when the pool closes, or the runtime ends); one that a process killed
+//! outright left behind, by the next relay of its pid namespace (`PrivateDir::sweep`). With `require_auth` or
 //! `requirepeer` the relay is used over a Unix socket and without TLS too: the server's
 //! side of each connection is opened as the daemon's is (its peer checked) and goes
 //! through a tap (`tap.rs`) that holds the server to `require_auth`.
@@ -301,21 +302,37 @@ struct Server {
 
 /// A directory only this user may enter (0700) under the system's temporary directory,
 /// removed when dropped: whoever connects to the relay's socket gets a connection with the
-/// URL's client certificate.
+/// URL's client certificate. Named `permd-relay-<pid namespace>-<pid>-<random>`, so that one
+/// left by a process that could not remove it (killed with SIGKILL, or by the kernel out of
+/// memory) is removed by the next one that makes its own (`PrivateDir::sweep`).
 struct PrivateDir(PathBuf);
 
 impl PrivateDir {
     fn create() -> io::Result<PrivateDir> {
+        Self::create_in(&std::env::temp_dir())
+    }
+
+    fn create_in(parent: &Path) -> io::Result<PrivateDir> {
         use std::hash::{BuildHasher as _, Hasher as _};
+        let namespace = pid_namespace();
         let mut last = None;
         for _ in 0..8 {
             let random = std::collections::hash_map::RandomState::new()
                 .build_hasher()
                 .finish();
-            let path = std::env::temp_dir()
-                .join(format!("permd-relay-{}-{random:016x}", std::process::id()));
+            let path = parent.join(format!(
+                "{RELAY_DIR}{}-{}-{random:016x}",
+                namespace.as_deref().unwrap_or("unknown"),
+                std::process::id()
+            ));
             match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(PrivateDir(path)),
+                Ok(()) => {
+                    let dir = PrivateDir(path);
+                    if let Some(namespace) = namespace {
+                        dir.sweep(parent, &namespace);
+                    }
+                    return Ok(dir);
+                }
                 Err(error) if error.kind() == io::ErrorKind::AlreadyExists => last = Some(error),
                 Err(error) => {
                     return Err(io::Error::new(
@@ -327,6 +344,55 @@ impl PrivateDir {
         }
         Err(last.unwrap_or_else(|| io::Error::other("no directory name left to try")))
     }
+
+    /// Removes the relay directories in `parent` that processes of this pid namespace
+    /// (`namespace`) left behind: those whose process is gone, and which are directories
+    /// of this one's owner (as this one is; not a link). Of another namespace, the pid in
+    /// the name says nothing here: left alone. Best effort: what cannot be read or removed
+    /// stays.
+    fn sweep(&self, parent: &Path, namespace: &str) {
+        use std::os::unix::fs::MetadataExt as _;
+        let (Ok(own), Ok(entries)) = (
+            std::fs::symlink_metadata(&self.0),
+            std::fs::read_dir(parent),
+        ) else {
+            return;
+        };
+        let prefix = format!("{RELAY_DIR}{namespace}-");
+        for entry in entries.map_while(Result::ok) {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|name| name.strip_prefix(&prefix))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let ours = std::fs::symlink_metadata(&path)
+                .is_ok_and(|meta| meta.is_dir() && meta.uid() == own.uid());
+            if ours && path != self.0 && !Path::new(&format!("/proc/{pid}")).exists() {
+                let removed = std::fs::remove_dir_all(&path);
+                let dir = path.display();
+                tracing::debug!(%dir, ?removed, "the relay directory of a process gone");
+            }
+        }
+    }
+}
+
+/// The start of a relay directory's name.
+const RELAY_DIR: &str = "permd-relay-";
+
+/// This process's pid namespace, as the inode number `/proc/self/ns/pid` names (`None`
+/// where there is no such link to read).
+fn pid_namespace() -> Option<String> {
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let inode = link.to_str()?.strip_prefix("pid:[")?.strip_suffix(']')?;
+    inode
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| inode.to_owned())
 }
 
 impl Drop for PrivateDir {
@@ -399,5 +465,56 @@ mod tests {
             result.expect_err("refused"),
             "channel_binding=require, and no TLS, say"
         );
+    }
+
+    /// A relay directory whose process is gone is removed when the next one is made; one
+    /// of a live process, one named for another pid namespace, a file or a link of such a
+    /// name, and what the link points to, stay.
+    #[test]
+    fn a_relay_directory_left_by_a_process_gone_is_removed_by_the_next() {
+        let parent = std::env::temp_dir().join(format!(
+            "permd-relay-sweep-test-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_nanos()
+        ));
+        std::fs::create_dir(&parent).expect("a directory for the test");
+        let namespace = pid_namespace().expect("this process's pid namespace");
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let gone = child.id();
+        child.wait().expect("true ends");
+        let live = std::process::id();
+        let dir = |name: String| {
+            let path = parent.join(name);
+            std::fs::create_dir(&path).expect("a directory");
+            std::fs::write(path.join(".s.PGSQL.5432"), b"").expect("a file");
+            path
+        };
+        let left = dir(format!("{RELAY_DIR}{namespace}-{gone}-0123456789abcdef"));
+        let running = dir(format!("{RELAY_DIR}{namespace}-{live}-0123456789abcdef"));
+        let elsewhere = dir(format!("{RELAY_DIR}1-{gone}-0123456789abcdef"));
+        let target = dir("target".to_owned());
+        let link = parent.join(format!("{RELAY_DIR}{namespace}-{gone}-link"));
+        std::os::unix::fs::symlink(&target, &link).expect("a link");
+        let file = parent.join(format!("{RELAY_DIR}{namespace}-{gone}-file"));
+        std::fs::write(&file, b"").expect("a file");
+
+        let made = PrivateDir::create_in(&parent).expect("a relay directory");
+        assert!(made.0.is_dir());
+        assert!(!left.exists(), "the directory of a process gone stays");
+        for stays in [&running, &elsewhere, &file] {
+            assert!(stays.exists(), "{} removed", stays.display());
+        }
+        assert!(std::fs::symlink_metadata(&link).is_ok(), "the link removed");
+        assert!(
+            target.join(".s.PGSQL.5432").exists(),
+            "the link's target emptied"
+        );
+        let path = made.0.clone();
+        drop(made);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&parent).expect("the test's directory removed");
     }
 }
