@@ -481,6 +481,9 @@ mod tests {
                 .as_nanos()
         ));
         std::fs::create_dir(&parent).expect("a directory for the test");
+        // Removed however the test ends.
+        let parent = PrivateDir(parent);
+        let parent = &parent.0;
         let namespace = pid_namespace().expect("this process's pid namespace");
         let mut child = std::process::Command::new("true").spawn().expect("true");
         let gone = child.id();
@@ -501,7 +504,7 @@ mod tests {
         let file = parent.join(format!("{RELAY_DIR}{namespace}-{gone}-file"));
         std::fs::write(&file, b"").expect("a file");
 
-        let made = PrivateDir::create_in(&parent).expect("a relay directory");
+        let made = PrivateDir::create_in(parent).expect("a relay directory");
         assert!(made.0.is_dir());
         assert!(!left.exists(), "the directory of a process gone stays");
         for stays in [&running, &elsewhere, &file] {
@@ -515,6 +518,5 @@ mod tests {
         let path = made.0.clone();
         drop(made);
         assert!(!path.exists());
-        std::fs::remove_dir_all(&parent).expect("the test's directory removed");
     }
 }
