@@ -399,6 +399,90 @@ async fn rows_of_a_table_inheriting_from_tuples_are_loaded() {
     daemon.stop().await;
 }
 
+/// `permd.tuples` made a partitioned table (by hash of the subject, four partitions, the
+/// triggers made again on it as 0001 makes them), as a large set's owner may: its rows
+/// are loaded from every partition, and its changes followed, an update that moves a row
+/// to another partition among them, a TRUNCATE of it reloading once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_tuples_table_is_loaded_and_followed() {
+    let db = database().await;
+    db.exec(
+        "ALTER TABLE permd.tuples RENAME TO tuples_before;
+         CREATE TABLE permd.tuples (LIKE permd.tuples_before INCLUDING ALL)
+             PARTITION BY HASH (subject);
+         CREATE TABLE permd.tuples_0 PARTITION OF permd.tuples FOR VALUES WITH (MODULUS 4, REMAINDER 0);
+         CREATE TABLE permd.tuples_1 PARTITION OF permd.tuples FOR VALUES WITH (MODULUS 4, REMAINDER 1);
+         CREATE TABLE permd.tuples_2 PARTITION OF permd.tuples FOR VALUES WITH (MODULUS 4, REMAINDER 2);
+         CREATE TABLE permd.tuples_3 PARTITION OF permd.tuples FOR VALUES WITH (MODULUS 4, REMAINDER 3);
+         DROP TABLE permd.tuples_before;
+         CREATE TRIGGER tuples_insert AFTER INSERT ON permd.tuples
+             REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_new();
+         CREATE TRIGGER tuples_update AFTER UPDATE ON permd.tuples
+             REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_update();
+         CREATE TRIGGER tuples_delete AFTER DELETE ON permd.tuples
+             REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_old();
+         CREATE TRIGGER tuples_truncate AFTER TRUNCATE ON permd.tuples
+             FOR EACH STATEMENT EXECUTE FUNCTION permd.log_truncate();
+         INSERT INTO permd.tuples
+             SELECT 'user:' || i, 'doc:' || i, 'read', NULL FROM generate_series(1, 40) i",
+    )
+    .await;
+    let spread: i64 = sqlx::query_scalar("SELECT count(DISTINCT tableoid) FROM permd.tuples")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(spread, 4, "the rows lie in every partition");
+    let daemon = TestDaemon::start(&db.url).await;
+    let token = db.write("SELECT 1").await;
+    for i in [1, 17, 40] {
+        let subject = format!("user:{i}");
+        assert!(
+            daemon
+                .check(&subject, "read", &format!("doc:{i}"), &token)
+                .await
+        );
+    }
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+
+    let t = db
+        .write("INSERT INTO permd.tuples SELECT 'user:' || i, 'doc:0', 'write', NULL FROM generate_series(1, 40) i")
+        .await;
+    assert!(daemon.check("user:23", "write", "doc:0", &t).await);
+    let t = db
+        .write("UPDATE permd.tuples SET subject = subject || ':moved' WHERE object = 'doc:0'")
+        .await;
+    let moved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM permd.tuples a JOIN permd.tuples b ON b.subject = a.subject || ':moved'
+         WHERE a.object <> 'doc:0' AND b.object = 'doc:0' AND a.tableoid <> b.tableoid",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("count");
+    assert!(moved > 0, "no row moved to another partition");
+    assert!(!daemon.check("user:23", "write", "doc:0", &t).await);
+    assert!(daemon.check("user:23:moved", "write", "doc:0", &t).await);
+    let t = db
+        .write("DELETE FROM permd.tuples WHERE subject = 'user:5'")
+        .await;
+    assert!(!daemon.check("user:5", "read", "doc:5", &t).await);
+    assert_eq!(daemon.digest_at(&t).await, db.digest().await);
+
+    let reloads = daemon.status.report().reloads;
+    let t = db
+        .write("TRUNCATE permd.tuples; INSERT INTO permd.tuples VALUES ('carol', 'doc:9', 'read', NULL)")
+        .await;
+    assert!(daemon.check("carol", "read", "doc:9", &t).await);
+    assert!(!daemon.check("user:1", "read", "doc:1", &t).await);
+    assert_eq!(
+        daemon.status.report().reloads,
+        reloads + 1,
+        "TRUNCATE reloads once"
+    );
+    assert_eq!(daemon.digest_at(&t).await, db.digest().await);
+    daemon.stop().await;
+}
+
 /// Polls whose batch (`batch_rows`, 2 here) ends inside a transaction's rows: in the rows
 /// of one begun after the last snapshot (read by the range from its xmax), and in the
 /// rows of one that was in progress then (read by look-ups of its xid). Each batch

@@ -17,6 +17,20 @@ use super::{parse_snapshot, parse_xid, Cursor, Error};
 use crate::shard::Shard;
 use crate::store::{Snapshot, State, StateBuilder};
 
+/// Postgres's estimate of `permd.tuples`'s rows, for the load's progress: of the tables
+/// that inherit from it too, a partitioned table's partitions or a table's children. A
+/// parent table's own estimate counts its own rows; a partitioned table holds none, and
+/// its estimate, none until it is analyzed by hand, then counts its partitions' rows.
+macro_rules! rows_estimate_sql {
+    () => {
+        "(WITH RECURSIVE tree AS (\
+            SELECT 'permd.tuples'::regclass::oid AS oid \
+            UNION ALL SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid) \
+         SELECT sum(greatest(c.reltuples, 0))::bigint FROM pg_class c JOIN tree USING (oid) \
+         WHERE c.relkind <> 'p')"
+    };
+}
+
 /// The bare columns: `expires_at` travels as Postgres' own binary timestamp (microseconds
 /// since 2000-01-01) and is converted here, which costs Postgres less than any expression.
 /// A query rather than the table, as the poll and `permd.digest()` read it: `COPY
@@ -72,10 +86,9 @@ pub(crate) async fn load(
         let row = tx
             .query_one(
                 concat!(
-                    "SELECT pg_current_snapshot()::text, \
-                        (SELECT greatest(reltuples, 0)::bigint FROM pg_class \
-                         WHERE oid = 'permd.tuples'::regclass), \
-                        coalesce(r.pruned_xid::text, '0'), coalesce(r.pruned_id, 0), ",
+                    "SELECT pg_current_snapshot()::text, ",
+                    rows_estimate_sql!(),
+                    ", coalesce(r.pruned_xid::text, '0'), coalesce(r.pruned_id, 0), ",
                     crate::permd_tables_sql!(),
                     " FROM (SELECT) one LEFT JOIN permd.retention r ON true LIMIT 1"
                 ),
