@@ -16,8 +16,10 @@
 //! here. A subject the applier changes moves its list to the heap, and the bytes it had
 //! here stay unused until the next full load or compaction builds a new generation. (A
 //! subject whose rows the load met in two places has its first list merged into a new one
-//! at the load's end; when such lists leave a fifth of the arena unused, the load packs
-//! every list again in a new one: `StateBuilder::repack`.) Lists with expiring permissions or
+//! at the load's end, and the first left unused: a chunk left with no list in use is
+//! unmapped at once (`Arena::abandon`), and when such lists leave a fifth of the chunks
+//! still mapped unused, the load packs every list again in a new arena:
+//! `StateBuilder::repack`.) Lists with expiring permissions or
 //! permission ids past the inline bitset, and lists longer than a chunk, stay in the heap.
 
 use memmap2::{MmapMut, MmapOptions};
@@ -77,6 +79,8 @@ struct Chunk {
     map: MmapMut,
     start: usize,
     used: usize,
+    /// Bytes of lists no entry holds any more (`Arena::abandon`).
+    abandoned: usize,
 }
 
 impl Chunk {
@@ -99,7 +103,24 @@ impl Chunk {
             start: address.next_multiple_of(HUGE_PAGE) - address,
             map,
             used: 0,
+            abandoned: 0,
         })
+    }
+
+    /// Unmaps the chunk, keeping its place among the chunks (the lists' handles number
+    /// them): an empty mapping, which no list reads, stands in.
+    fn unmap(&mut self) {
+        match MmapOptions::new().len(0).map_anon() {
+            Ok(empty) => {
+                *self = Self {
+                    map: empty,
+                    start: 0,
+                    used: 0,
+                    abandoned: 0,
+                };
+            }
+            Err(error) => tracing::debug!(%error, "could not replace an unused chunk"),
+        }
     }
 
     fn bytes(&self) -> &[u8] {
@@ -111,6 +132,8 @@ impl Chunk {
 #[derive(Default)]
 pub(super) struct Arena {
     chunks: Vec<Chunk>,
+    /// Chunks unmapped since they were made (`abandon`).
+    unmapped: usize,
     /// Set once mapping a chunk failed: lists then stay in the heap.
     unavailable: bool,
     /// Tests: mapping a chunk fails once this many are mapped.
@@ -210,14 +233,42 @@ impl Arena {
         (from..list.len()).map(move |i| (u32_at(objects, i), u64_at(bits, i)))
     }
 
-    /// Bytes mapped for the lists (what they can hold, used or not).
-    pub(super) fn mapped_bytes(&self) -> usize {
-        self.chunks.len() * HUGE_PAGE
+    /// For the generation's builder: `list`, which no entry holds any more, leaves its
+    /// bytes unused. A chunk whose every list is so is unmapped at once (but the one being
+    /// filled): a full load that merges a subject's rows met later into a new list leaves
+    /// its first one behind, and where every subject got more rows later (a table grown
+    /// over time) the first lists' chunks are all unused by the end (benches/README.md,
+    /// `load`, session 65).
+    pub(super) fn abandon(&mut self, list: Packed) {
+        let filling = self.chunks.len() - 1;
+        let at = list.chunk as usize;
+        let chunk = &mut self.chunks[at];
+        chunk.abandoned += list.bytes();
+        if chunk.abandoned == chunk.used && at != filling {
+            chunk.unmap();
+            self.unmapped += 1;
+        }
     }
 
-    /// Bytes the lists take.
+    /// Bytes mapped for the lists (what they can hold, used or not).
+    pub(super) fn mapped_bytes(&self) -> usize {
+        (self.chunks.len() - self.unmapped) * HUGE_PAGE
+    }
+
+    /// Bytes the lists take in the chunks still mapped, those left unused (`abandon`)
+    /// among them.
     pub(super) fn used_bytes(&self) -> usize {
         self.chunks.iter().map(|chunk| chunk.used).sum()
+    }
+
+    /// Bytes of lists left unused (`abandon`) in chunks still mapped.
+    pub(super) fn abandoned_bytes(&self) -> usize {
+        self.chunks.iter().map(|chunk| chunk.abandoned).sum()
+    }
+
+    /// How many chunks `abandon` unmapped.
+    pub(super) fn unmapped_chunks(&self) -> usize {
+        self.unmapped
     }
 }
 
@@ -260,6 +311,46 @@ mod tests {
             assert_eq!(arena.get(p, 0), None);
             assert_eq!(arena.get(p, u32::MAX), None);
         }
+    }
+
+    /// A chunk whose every list is abandoned is unmapped, but for the one being filled;
+    /// one with a list still held stays, and the lists of the others read as packed.
+    #[test]
+    fn a_chunk_whose_lists_are_all_abandoned_is_unmapped() {
+        let mut arena = Arena::default();
+        // Lists of 1,000 grants (12,000 bytes): 174 to a chunk.
+        let list = |i: u32| (0..1_000u32).map(move |o| (o * 3 + i, u64::from(i) | 1));
+        let packed: Vec<Packed> = (0..400)
+            .map(|i| arena.pack(list(i)).expect("fits"))
+            .collect();
+        let in_chunk = |c: u32| packed.iter().filter(move |p| p.chunk == c).copied();
+        assert_eq!(arena.mapped_bytes(), 3 * HUGE_PAGE);
+        // The first chunk wholly, the second but for one list, the third (being filled)
+        // wholly.
+        for p in in_chunk(0).chain(in_chunk(1).skip(1)).chain(in_chunk(2)) {
+            arena.abandon(p);
+        }
+        assert_eq!(arena.unmapped_chunks(), 1);
+        assert_eq!(arena.mapped_bytes(), 2 * HUGE_PAGE);
+        assert!(arena.chunks[0].map.is_empty());
+        let kept = in_chunk(1).next().expect("a list");
+        let i = packed.iter().position(|&p| p == kept).expect("packed") as u32;
+        assert_eq!(
+            arena.iter(kept).collect::<Vec<_>>(),
+            list(i).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            arena.used_bytes() - arena.abandoned_bytes(),
+            kept.bytes(),
+            "what is still held"
+        );
+        // The chunk being filled takes more lists.
+        let more = arena.pack(list(7)).expect("fits");
+        assert_eq!(more.chunk, 2);
+        assert_eq!(
+            arena.iter(more).collect::<Vec<_>>(),
+            list(7).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -197,8 +197,6 @@ pub(crate) struct StateBuilder {
     tuples: u64,
     /// Bytes of the heap the entries built so far hold (`SubjectEntry::heap_bytes`).
     heap: usize,
-    /// Bytes of the arena that lists merged since they were packed left unused.
-    abandoned: usize,
     /// Tests: mapping a chunk for the lists packed again fails once this many are mapped.
     #[cfg(test)]
     repack_chunk_limit: Option<usize>,
@@ -225,7 +223,6 @@ impl StateBuilder {
             limits: HashMap::with_hasher(Hasher::default()),
             tuples: 0,
             heap: 0,
-            abandoned: 0,
             #[cfg(test)]
             repack_chunk_limit: None,
         }
@@ -420,6 +417,7 @@ impl StateBuilder {
             rows = count,
             sort_ms = sorted.as_millis() as u64,
             took_ms = started.elapsed().as_millis() as u64,
+            chunks_unmapped = self.state.packed.unmapped_chunks(),
             "the rows set aside merged into their subjects' entries"
         );
     }
@@ -430,7 +428,10 @@ impl StateBuilder {
         let entry = state.subjects.loaded_or_default(subject);
         let grants = std::mem::take(&mut entry.grants);
         self.heap -= grants.heap_bytes();
-        self.abandoned += grants.packed_bytes();
+        let packed = match grants {
+            Grants::Packed(list) => Some(list),
+            _ => None,
+        };
         for (object, grant) in grants.into_vec(&state.packed) {
             let grant = grant.held();
             self.tuples -= grant.row_count();
@@ -442,24 +443,29 @@ impl StateBuilder {
                 (object, slot)
             }));
         }
+        if let Some(list) = packed {
+            state.packed.abandon(list);
+        }
         entry.grants = grants_of(rows, &mut self.tuples, &mut state.packed);
         self.heap += entry.grants.heap_bytes();
         rows.clear();
     }
 
     /// Packs every list again, in a new arena, when the lists merged left `REPACK_SHARE`
-    /// or more of the arena unused: a subject whose first rows came together had them
-    /// packed, and its rows met later were merged into a new list (a table whose users got
-    /// their first grants at once and more over time: half again the arena, unused until
-    /// a compaction; benches/README.md, `load`). One walk of the subject map copies each
+    /// or more of the arena's mapped chunks unused: a subject whose first rows came
+    /// together had them packed, and its rows met later were merged into a new list (a
+    /// table whose users got their first grants at once and more over time: half again the
+    /// arena, unused until a compaction; benches/README.md, `load`). A chunk all of whose
+    /// lists were merged is unmapped as the merge goes (`Arena::abandon`): where every
+    /// subject got rows later, nothing is left to pack again. One walk of the subject map copies each
     /// list as its entry comes (a read at random in the old arena, as many as a sort by
     /// place would spare, where that sort's lists of places stayed with malloc), and the
     /// old arena is dropped after. A list the new arena has no memory mapped for goes to
     /// the heap, as at the load.
     fn repack(&mut self) {
         let state = &mut self.state;
-        let used = state.packed.used_bytes();
-        if self.abandoned == 0 || (self.abandoned as f64) < REPACK_SHARE * used as f64 {
+        let (used, abandoned) = (state.packed.used_bytes(), state.packed.abandoned_bytes());
+        if abandoned == 0 || (abandoned as f64) < REPACK_SHARE * used as f64 {
             return;
         }
         let started = std::time::Instant::now();
@@ -483,14 +489,13 @@ impl StateBuilder {
             };
         });
         tracing::info!(
-            unused_mib = self.abandoned >> 20,
+            unused_mib = abandoned >> 20,
             of_mib = used >> 20,
             now_mib = arena.used_bytes() >> 20,
             took_ms = started.elapsed().as_millis() as u64,
             "the lists merged during the load left part of the arena unused: packed again"
         );
         state.packed = arena;
-        self.abandoned = 0;
     }
 
     /// Adds one limit row.
@@ -797,6 +802,62 @@ mod tests {
                             "{subject} {permission} {object}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Where every subject got a row more after its first ones (a table grown over time),
+    /// the chunks that held nothing but first lists are unmapped as the merge goes, and
+    /// what is left unused is too little to pack again: the state answers as one loaded
+    /// in subject order.
+    #[test]
+    fn chunks_left_unused_by_the_merge_are_unmapped() {
+        let subjects = 12_000;
+        // First lists of 30 grants, 360 bytes: two chunks and a part of a third.
+        let row = |s: u64, n: u64| {
+            let object = format!("doc:{}", (s * 7 + n * 13) % 5_000);
+            (
+                format!("user:{s}"),
+                object,
+                ["read", "write"][n as usize % 2],
+            )
+        };
+        let mut grown = StateBuilder::new();
+        let mut in_order = StateBuilder::new();
+        for s in 0..subjects {
+            for n in 0..31 {
+                let (subject, object, permission) = row(s, n);
+                in_order.tuple(&subject, &object, permission, None);
+                if n < 30 {
+                    grown.tuple(&subject, &object, permission, None);
+                }
+            }
+        }
+        for s in 0..subjects {
+            let (subject, object, permission) = row(s, 30);
+            grown.tuple(&subject, &object, permission, None);
+        }
+        let (grown, in_order) = (grown.finish(), in_order.finish());
+        assert_eq!(grown.packed.unmapped_chunks(), 2);
+        // Not packed again: the first lists in the third chunk are still there, unused.
+        assert!(grown.packed.abandoned_bytes() > 0);
+        assert_eq!(
+            grown.packed.used_bytes() - grown.packed.abandoned_bytes(),
+            in_order.packed.used_bytes()
+        );
+        // At most the chunk that holds first lists and merged ones more than in order.
+        assert!(grown.packed.mapped_bytes() <= in_order.packed.mapped_bytes() + (2 << 20));
+        assert_eq!(grown.digest(), in_order.digest());
+        for s in (0..subjects).step_by(89) {
+            for n in [0, 29, 30, 31] {
+                let (subject, object, _) = row(s, n);
+                for permission in ["read", "write"] {
+                    assert_eq!(
+                        grown.check(&subject, permission, &object, &mut Now::lazy()),
+                        in_order.check(&subject, permission, &object, &mut Now::lazy()),
+                        "{subject} {permission} {object}"
+                    );
                 }
             }
         }
