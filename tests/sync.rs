@@ -400,7 +400,8 @@ async fn rows_of_a_table_inheriting_from_tuples_are_loaded() {
 }
 
 /// `permd.tuples` made a partitioned table (by hash of the subject, four partitions, the
-/// triggers made again on it as 0001 makes them), as a large set's owner may: its rows
+/// triggers made again on it as `pg_get_triggerdef` gives them), as a large set's owner
+/// may: its rows
 /// are loaded from every partition, and its changes followed, an update that moves a row
 /// to another partition among them, a TRUNCATE of it reloading once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,16 +415,17 @@ async fn a_partitioned_tuples_table_is_loaded_and_followed() {
          CREATE TABLE permd.tuples_1 PARTITION OF permd.tuples FOR VALUES WITH (MODULUS 4, REMAINDER 1);
          CREATE TABLE permd.tuples_2 PARTITION OF permd.tuples FOR VALUES WITH (MODULUS 4, REMAINDER 2);
          CREATE TABLE permd.tuples_3 PARTITION OF permd.tuples FOR VALUES WITH (MODULUS 4, REMAINDER 3);
+         DO $$
+         DECLARE
+             made text;
+         BEGIN
+             FOR made IN SELECT pg_get_triggerdef(oid) FROM pg_trigger
+                 WHERE tgrelid = 'permd.tuples_before'::regclass AND NOT tgisinternal
+             LOOP
+                 EXECUTE replace(made, 'permd.tuples_before', 'permd.tuples');
+             END LOOP;
+         END $$;
          DROP TABLE permd.tuples_before;
-         CREATE TRIGGER tuples_insert AFTER INSERT ON permd.tuples
-             REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_new();
-         CREATE TRIGGER tuples_update AFTER UPDATE ON permd.tuples
-             REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-             FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_update();
-         CREATE TRIGGER tuples_delete AFTER DELETE ON permd.tuples
-             REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION permd.log_tuples_old();
-         CREATE TRIGGER tuples_truncate AFTER TRUNCATE ON permd.tuples
-             FOR EACH STATEMENT EXECUTE FUNCTION permd.log_truncate();
          INSERT INTO permd.tuples
              SELECT 'user:' || i, 'doc:' || i, 'read', NULL FROM generate_series(1, 40) i",
     )
