@@ -108,8 +108,8 @@ impl Chunk {
     }
 
     /// Unmaps the chunk, keeping its place among the chunks (the lists' handles number
-    /// them): an empty mapping, which no list reads, stands in.
-    fn unmap(&mut self) {
+    /// them): an empty mapping, which no list reads, stands in. Whether it could.
+    fn unmap(&mut self) -> bool {
         match MmapOptions::new().len(0).map_anon() {
             Ok(empty) => {
                 *self = Self {
@@ -118,8 +118,12 @@ impl Chunk {
                     used: 0,
                     abandoned: 0,
                 };
+                true
             }
-            Err(error) => tracing::debug!(%error, "could not replace an unused chunk"),
+            Err(error) => {
+                tracing::debug!(%error, "could not replace an unused chunk");
+                false
+            }
         }
     }
 
@@ -244,8 +248,7 @@ impl Arena {
         let at = list.chunk as usize;
         let chunk = &mut self.chunks[at];
         chunk.abandoned += list.bytes();
-        if chunk.abandoned == chunk.used && at != filling {
-            chunk.unmap();
+        if chunk.abandoned == chunk.used && at != filling && chunk.unmap() {
             self.unmapped += 1;
         }
     }

@@ -8,10 +8,10 @@
 //! is (`connect::open`): the same `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, read
 //! by the same code, with the same fallback of `prefer`. The directory is removed when the
 //! relay stops (when the pool closes, or the runtime ends); one that a process killed
-//! outright left behind, by the next relay of its pid namespace (`PrivateDir::sweep`). With `require_auth` or
-//! `requirepeer` the relay is used over a Unix socket and without TLS too: the server's
-//! side of each connection is opened as the daemon's is (its peer checked) and goes
-//! through a tap (`tap.rs`) that holds the server to `require_auth`.
+//! outright left behind, by the next relay of its pid namespace (`PrivateDir::sweep`).
+//! With `require_auth` or `requirepeer` the relay is used over a Unix socket and without
+//! TLS too: the server's side of each connection is opened as the daemon's is (its peer
+//! checked) and goes through a tap (`tap.rs`) that holds the server to `require_auth`.
 
 use std::future::Future;
 use std::io;

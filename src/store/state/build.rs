@@ -454,14 +454,14 @@ impl StateBuilder {
     /// Packs every list again, in a new arena, when the lists merged left `REPACK_SHARE`
     /// or more of the arena's mapped chunks unused: a subject whose first rows came
     /// together had them packed, and its rows met later were merged into a new list (a
-    /// table whose users got their first grants at once and more over time: half again the
-    /// arena, unused until a compaction; benches/README.md, `load`). A chunk all of whose
-    /// lists were merged is unmapped as the merge goes (`Arena::abandon`): where every
-    /// subject got rows later, nothing is left to pack again. One walk of the subject map copies each
-    /// list as its entry comes (a read at random in the old arena, as many as a sort by
-    /// place would spare, where that sort's lists of places stayed with malloc), and the
-    /// old arena is dropped after. A list the new arena has no memory mapped for goes to
-    /// the heap, as at the load.
+    /// table whose users got their first grants at once and more over time: half again
+    /// the arena, unused until a compaction; benches/README.md, `load`). A chunk all of
+    /// whose lists were merged is unmapped as the merge goes (`Arena::abandon`): where
+    /// every subject got rows later, nothing is left to pack again. One walk of the
+    /// subject map copies each list as its entry comes (a read at random in the old
+    /// arena, as many as a sort by place would spare, where that sort's lists of places
+    /// stayed with malloc), and the old arena is dropped after. A list the new arena has
+    /// no memory mapped for goes to the heap, as at the load.
     fn repack(&mut self) {
         let state = &mut self.state;
         let (used, abandoned) = (state.packed.used_bytes(), state.packed.abandoned_bytes());
