@@ -294,17 +294,7 @@ async fn insert_update_delete_and_truncate_become_visible() {
         .await;
     assert_eq!(limits["limits"]["seats"], 4);
 
-    let reloads = daemon.status.report().reloads;
-    let t = db
-        .write("TRUNCATE permd.tuples; INSERT INTO permd.tuples VALUES ('carol', 'doc:9', 'read', NULL)")
-        .await;
-    assert!(daemon.check("carol", "read", "doc:9", &t).await);
-    assert!(!daemon.check("bob", "ADMIN", "", &t).await);
-    assert_eq!(
-        daemon.status.report().reloads,
-        reloads + 1,
-        "TRUNCATE forces one full reload"
-    );
+    truncate_reloads_once(&db, &daemon, ("bob", "ADMIN", "")).await;
     let t = db.write("TRUNCATE permd.limits").await;
     let (_, limits) = daemon
         .get(&format!("/v1/subjects/bob/limits?at_least={t}"))
@@ -312,6 +302,28 @@ async fn insert_update_delete_and_truncate_become_visible() {
     assert_eq!(limits["limits"], serde_json::json!({}));
     assert_eq!(daemon.digest_at(&t).await, db.digest().await);
     daemon.stop().await;
+}
+
+/// `TRUNCATE permd.tuples` and a row written after it in the same transaction: the daemon
+/// reloads once, holds the new row and no longer `gone` (subject, permission, object).
+/// Returns the write's token.
+async fn truncate_reloads_once(
+    db: &TestDb,
+    daemon: &TestDaemon,
+    gone: (&str, &str, &str),
+) -> String {
+    let reloads = daemon.status.report().reloads;
+    let t = db
+        .write("TRUNCATE permd.tuples; INSERT INTO permd.tuples VALUES ('carol', 'doc:9', 'read', NULL)")
+        .await;
+    assert!(daemon.check("carol", "read", "doc:9", &t).await);
+    assert!(!daemon.check(gone.0, gone.1, gone.2, &t).await);
+    assert_eq!(
+        daemon.status.report().reloads,
+        reloads + 1,
+        "TRUNCATE forces one full reload"
+    );
+    t
 }
 
 /// Four writers whose transactions overlap (each held open 0 to 29 ms before its
@@ -470,17 +482,7 @@ async fn a_partitioned_tuples_table_is_loaded_and_followed() {
     assert!(!daemon.check("user:5", "read", "doc:5", &t).await);
     assert_eq!(daemon.digest_at(&t).await, db.digest().await);
 
-    let reloads = daemon.status.report().reloads;
-    let t = db
-        .write("TRUNCATE permd.tuples; INSERT INTO permd.tuples VALUES ('carol', 'doc:9', 'read', NULL)")
-        .await;
-    assert!(daemon.check("carol", "read", "doc:9", &t).await);
-    assert!(!daemon.check("user:1", "read", "doc:1", &t).await);
-    assert_eq!(
-        daemon.status.report().reloads,
-        reloads + 1,
-        "TRUNCATE reloads once"
-    );
+    let t = truncate_reloads_once(&db, &daemon, ("user:1", "read", "doc:1")).await;
     assert_eq!(daemon.digest_at(&t).await, db.digest().await);
     daemon.stop().await;
 }

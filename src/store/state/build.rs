@@ -689,6 +689,25 @@ mod tests {
     use super::super::Now;
     use super::*;
 
+    /// Asserts that `a` and `b` answer each of `checks` (subject, permission, object)
+    /// alike.
+    fn assert_same_answers<'a>(
+        a: &State,
+        b: &State,
+        checks: impl Iterator<Item = (String, &'a str, String)>,
+    ) {
+        let mut asked = 0;
+        for (subject, permission, object) in checks {
+            assert_eq!(
+                a.check(&subject, permission, &object, &mut Now::lazy()),
+                b.check(&subject, permission, &object, &mut Now::lazy()),
+                "{subject} {permission} {object}"
+            );
+            asked += 1;
+        }
+        assert!(asked > 0, "no check asked");
+    }
+
     #[test]
     fn a_load_that_cannot_map_more_memory_keeps_the_rest_in_the_heap() {
         // The same rows loaded twice: once with every list packed, once with mapping
@@ -724,19 +743,12 @@ mod tests {
         );
         assert!(0 < mixed.packed_bytes() && mixed.packed_bytes() < packed.packed_bytes());
         assert_eq!(packed.digest(), mixed.digest());
-        for s in (0..1_000).step_by(7) {
-            let subject = format!("s{s}");
-            for o in (0..200).step_by(13) {
-                let object = format!("o{o}");
-                for permission in ["p0", "p1", "p2"] {
-                    assert_eq!(
-                        packed.check(&subject, permission, &object, &mut Now::lazy()),
-                        mixed.check(&subject, permission, &object, &mut Now::lazy()),
-                        "{subject} {permission} {object}"
-                    );
-                }
-            }
-        }
+        let checks = (0..1_000).step_by(7).flat_map(|s| {
+            (0..200).step_by(13).flat_map(move |o| {
+                ["p0", "p1", "p2"].map(|permission| (format!("s{s}"), permission, format!("o{o}")))
+            })
+        });
+        assert_same_answers(&packed, &mixed, checks);
     }
 
     /// Subjects whose first rows came together (packed as their run ended) and whose
@@ -792,18 +804,14 @@ mod tests {
         assert!(partly.heap_loaded > repacked.heap_loaded);
         for state in [&repacked, &partly] {
             assert_eq!(state.digest(), in_order.digest());
-            for s in (0..subjects).step_by(97) {
-                for n in [0, 4, 5, 9, 10] {
+            let checks = (0..subjects).step_by(97).flat_map(|s| {
+                [0, 4, 5, 9, 10].into_iter().flat_map(move |n| {
                     let (subject, object, _) = rows(s, n);
-                    for permission in ["read", "p0", "p1"] {
-                        assert_eq!(
-                            state.check(&subject, permission, &object, &mut Now::lazy()),
-                            in_order.check(&subject, permission, &object, &mut Now::lazy()),
-                            "{subject} {permission} {object}"
-                        );
-                    }
-                }
-            }
+                    ["read", "p0", "p1"]
+                        .map(|permission| (subject.clone(), permission, object.clone()))
+                })
+            });
+            assert_same_answers(state, &in_order, checks);
         }
     }
 
@@ -849,18 +857,13 @@ mod tests {
         // At most the chunk that holds first lists and merged ones more than in order.
         assert!(grown.packed.mapped_bytes() <= in_order.packed.mapped_bytes() + (2 << 20));
         assert_eq!(grown.digest(), in_order.digest());
-        for s in (0..subjects).step_by(89) {
-            for n in [0, 29, 30, 31] {
+        let checks = (0..subjects).step_by(89).flat_map(|s| {
+            [0, 29, 30, 31].into_iter().flat_map(move |n| {
                 let (subject, object, _) = row(s, n);
-                for permission in ["read", "write"] {
-                    assert_eq!(
-                        grown.check(&subject, permission, &object, &mut Now::lazy()),
-                        in_order.check(&subject, permission, &object, &mut Now::lazy()),
-                        "{subject} {permission} {object}"
-                    );
-                }
-            }
-        }
+                ["read", "write"].map(|permission| (subject.clone(), permission, object.clone()))
+            })
+        });
+        assert_same_answers(&grown, &in_order, checks);
     }
 
     /// A rebuilt generation holds the same rows and answers every check alike, with the
