@@ -21,6 +21,17 @@
 //! still mapped unused, the load packs every list again in a new arena:
 //! `StateBuilder::repack`.) Lists with expiring permissions or
 //! permission ids past the inline bitset, and lists longer than a chunk, stay in the heap.
+//!
+//! While a generation is built, a thread of its own maps chunks ahead of the lists and
+//! touches them (`Arena::map_ahead`): the first touch of memory is the kernel's work of
+//! zeroing it, and on a virtual machine whose host backs its memory lazily (and takes
+//! back what the guest frees) the host's work as well, 2.4 s of a load of 50M tuples on
+//! the machine of benches/README.md (`load`, session 66). The thread does it on the
+//! other core, which the load leaves idle once Postgres has sent the rows.
+
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -28,6 +39,14 @@ use super::grants::{find_object, first_from};
 
 /// The size of a huge page on x86-64 and arm64 with 4 KiB base pages, and of a chunk.
 const HUGE_PAGE: usize = 2 << 20;
+
+/// The smallest page size of the platforms permd runs on: `Chunk::touch` writes once in
+/// each.
+const PAGE: usize = 4 << 10;
+
+/// How many chunks the thread of `Arena::map_ahead` holds ready, besides the one it is
+/// touching: 4 MiB, a few milliseconds of a load's lists.
+const AHEAD: usize = 2;
 
 /// Where one subject's list is: 12 bytes, inside `Grants`. Ordered as the lists lie in
 /// the arena.
@@ -130,6 +149,56 @@ impl Chunk {
     fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.start + HUGE_PAGE]
     }
+
+    /// Writes a zero in each page of the chunk, so that the kernel backs it now: a huge
+    /// page at the first write where it grants one.
+    fn touch(&mut self) {
+        for at in (self.start..self.start + HUGE_PAGE).step_by(PAGE) {
+            self.map[at] = 0;
+        }
+    }
+}
+
+/// Chunks mapped and touched ahead of the lists by a thread of their own
+/// (`Arena::map_ahead`).
+#[derive(Default)]
+enum Ahead {
+    #[default]
+    Off,
+    /// The thread starts at the arena's second chunk, so that a small generation (most
+    /// tests') never starts one.
+    Wanted,
+    /// The thread, and the chunks it has ready. (A `Receiver` is not `Sync`, and a
+    /// generation is shared once built: the lock is never taken, `Mutex::get_mut`.)
+    Running(Mutex<Receiver<Chunk>>, JoinHandle<()>),
+}
+
+impl Ahead {
+    /// Starts the thread; `Off` when it cannot be.
+    fn start() -> Self {
+        let (ready, chunks) = std::sync::mpsc::sync_channel(AHEAD);
+        let spawned = std::thread::Builder::new()
+            .name("permd-arena".to_owned())
+            .spawn(move || Self::map_and_touch(&ready));
+        match spawned {
+            Ok(thread) => Self::Running(Mutex::new(chunks), thread),
+            Err(error) => {
+                tracing::debug!(%error, "could not start a thread to map chunks ahead");
+                Self::Off
+            }
+        }
+    }
+
+    /// The thread: maps chunks and touches them until the arena wants no more (or a
+    /// mapping fails: the arena then maps its own, as without the thread).
+    fn map_and_touch(ready: &SyncSender<Chunk>) {
+        while let Ok(mut chunk) = Chunk::new() {
+            chunk.touch();
+            if ready.send(chunk).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// The packed lists of one generation.
@@ -140,6 +209,10 @@ pub(super) struct Arena {
     unmapped: usize,
     /// Set once mapping a chunk failed: lists then stay in the heap.
     unavailable: bool,
+    ahead: Ahead,
+    /// Tests: chunks that came from the thread of `map_ahead`.
+    #[cfg(test)]
+    mapped_ahead: usize,
     /// Tests: mapping a chunk fails once this many are mapped.
     #[cfg(test)]
     pub(super) chunk_limit: Option<usize>,
@@ -185,8 +258,9 @@ impl Arena {
         })
     }
 
-    /// A new chunk (in tests, a failure past `chunk_limit`, as when the kernel refuses).
-    fn map_chunk(&self) -> std::io::Result<Chunk> {
+    /// A new chunk: from the thread of `map_ahead` when it runs (in tests, a failure past
+    /// `chunk_limit`, as when the kernel refuses).
+    fn map_chunk(&mut self) -> std::io::Result<Chunk> {
         #[cfg(test)]
         if self
             .chunk_limit
@@ -197,7 +271,49 @@ impl Arena {
                 "the test's chunk limit",
             ));
         }
+        if matches!(self.ahead, Ahead::Wanted) && !self.chunks.is_empty() {
+            self.ahead = Ahead::start();
+        }
+        if let Ahead::Running(chunks, _) = &mut self.ahead {
+            // Waits for the chunk being touched when none is ready: the wait is shorter
+            // than touching one here. None comes once the thread could map no more.
+            let chunks = chunks.get_mut().unwrap_or_else(PoisonError::into_inner);
+            if let Ok(chunk) = chunks.recv() {
+                #[cfg(test)]
+                {
+                    self.mapped_ahead += 1;
+                }
+                return Ok(chunk);
+            }
+        }
         Chunk::new()
+    }
+
+    /// For the generation's builder: from the arena's second chunk on, a thread maps
+    /// chunks ahead of the lists and touches them (see the module's comment), until
+    /// `stop_mapping_ahead`.
+    pub(super) fn map_ahead(&mut self) {
+        if matches!(self.ahead, Ahead::Off) {
+            self.ahead = Ahead::Wanted;
+        }
+    }
+
+    /// Stops the thread of `map_ahead`, if it runs, and waits for it to end; the chunks
+    /// it had ready are unmapped.
+    pub(super) fn stop_mapping_ahead(&mut self) {
+        if let Ahead::Running(chunks, thread) = std::mem::take(&mut self.ahead) {
+            // The thread's next send fails once the receiver is gone, and it ends.
+            drop(chunks);
+            if thread.join().is_err() {
+                tracing::warn!("the thread that mapped chunks ahead panicked");
+            }
+        }
+    }
+
+    /// Tests: how many chunks came from the thread of `map_ahead`, and whether it runs.
+    #[cfg(test)]
+    pub(super) fn mapped_ahead(&self) -> (usize, bool) {
+        (self.mapped_ahead, matches!(self.ahead, Ahead::Running(..)))
     }
 
     /// The list's object ids and bitsets.
@@ -354,6 +470,38 @@ mod tests {
             arena.iter(more).collect::<Vec<_>>(),
             list(7).collect::<Vec<_>>()
         );
+    }
+
+    /// Once asked to, the arena takes the chunks after its first from a thread that maps
+    /// them ahead, until the thread is stopped; the lists read back as packed.
+    #[test]
+    fn chunks_after_the_first_come_from_the_thread_that_maps_ahead() {
+        let mut arena = Arena::default();
+        arena.map_ahead();
+        // Lists of 1,000 grants (12,000 bytes): 174 to a chunk, so 5 chunks.
+        let list = |i: u32| (0..1_000u32).map(move |o| (o * 3 + i, u64::from(i) | 1));
+        let packed: Vec<Packed> = (0..800)
+            .map(|i| arena.pack(list(i)).expect("fits"))
+            .collect();
+        assert_eq!(arena.mapped_bytes(), 5 * HUGE_PAGE);
+        assert_eq!(arena.mapped_ahead(), (4, true), "chunks from the thread");
+        arena.stop_mapping_ahead();
+        assert_eq!(arena.mapped_ahead(), (4, false));
+        // Chunks mapped after it stopped are mapped here.
+        let more: Vec<Packed> = (800..1_000)
+            .map(|i| arena.pack(list(i)).expect("fits"))
+            .collect();
+        assert_eq!(arena.mapped_bytes(), 6 * HUGE_PAGE);
+        assert_eq!(arena.mapped_ahead(), (4, false));
+        for chunk in &arena.chunks {
+            assert_eq!(chunk.bytes().as_ptr() as usize % HUGE_PAGE, 0);
+        }
+        for (i, &p) in (0..).zip(packed.iter().chain(&more)) {
+            assert_eq!(
+                arena.iter(p).collect::<Vec<_>>(),
+                list(i).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]

@@ -204,16 +204,18 @@ pub(crate) struct StateBuilder {
 
 impl StateBuilder {
     pub(crate) fn new() -> Self {
+        // The subject map and the object interner start small and grow. A table
+        // pre-sized from a guess is touched all over by random inserts and stays
+        // resident at its full size; grown, it ends at the size an exact guess would
+        // have given (tables grow by powers of two). An oversized object table also
+        // slows the load: it was sized from the row count (rows / 64), 256k buckets
+        // (8 MiB) for 50,000 objects at 10M rows, and every row's object look-up
+        // missed the cache; grown, 64k buckets (2 MiB): about 10 % less CPU for the
+        // load (benches/README.md, `load`).
+        let mut state = State::with_capacity(16, 16);
+        state.packed.map_ahead();
         Self {
-            // The subject map and the object interner start small and grow. A table
-            // pre-sized from a guess is touched all over by random inserts and stays
-            // resident at its full size; grown, it ends at the size an exact guess would
-            // have given (tables grow by powers of two). An oversized object table also
-            // slows the load: it was sized from the row count (rows / 64), 256k buckets
-            // (8 MiB) for 50,000 objects at 10M rows, and every row's object look-up
-            // missed the cache; grown, 64k buckets (2 MiB): about 10 % less CPU for the
-            // load (benches/README.md, `load`).
-            state: State::with_capacity(16, 16),
+            state,
             subject: String::new(),
             run: Vec::new(),
             aside: Aside::default(),
@@ -469,7 +471,9 @@ impl StateBuilder {
             return;
         }
         let started = std::time::Instant::now();
+        state.packed.stop_mapping_ahead();
         let mut arena = Arena::default();
+        arena.map_ahead();
         #[cfg(test)]
         {
             arena.chunk_limit = self.repack_chunk_limit;
@@ -514,6 +518,7 @@ impl StateBuilder {
         self.end_run();
         self.merge_aside();
         self.repack();
+        self.state.packed.stop_mapping_ahead();
         let Self {
             mut state,
             limits,
@@ -848,6 +853,11 @@ mod tests {
         }
         let (grown, in_order) = (grown.finish(), in_order.finish());
         assert_eq!(grown.packed.unmapped_chunks(), 2);
+        // The chunks after the first came from the thread that maps ahead, which ended
+        // with the build.
+        let (ahead, running) = grown.packed.mapped_ahead();
+        assert_eq!(ahead + 1, grown.packed.mapped_bytes() / (2 << 20) + 2);
+        assert!(!running);
         // Not packed again: the first lists in the third chunk are still there, unused.
         assert!(grown.packed.abandoned_bytes() > 0);
         assert_eq!(
