@@ -376,7 +376,7 @@ impl StateBuilder {
         }
         let (count, started) = (rows.len(), std::time::Instant::now());
         let order = self.state.subjects.place_order();
-        rows.sort_unstable_by_key(|row| (order(row.place), row.place));
+        sort_on_two_threads(&mut rows, |row| (order(row.place), row.place));
         let sorted = started.elapsed();
         let mut slots = Vec::new();
         // From the end, letting go of the rows merged as the entries they make grow, so
@@ -662,6 +662,39 @@ impl Aside {
     }
 }
 
+/// Rows past which `sort_on_two_threads` sorts on two threads: a sort of fewer is over
+/// within a few milliseconds.
+const SORT_ON_TWO: usize = 1 << 16;
+
+/// Sorts `rows` by `key`, unstably, on two threads when there are many: they are split at
+/// their median (`select_nth_unstable_by_key`, one pass or a few), and each half is sorted
+/// on a thread of its own. The merge of the rows set aside sorts them once Postgres has
+/// sent every row, when the other core is idle (32M rows of a grown table at 50M tuples: 1.6
+/// to 2.2 s on one; benches/README.md, `load`, session 66). On one thread where a second
+/// cannot be started.
+fn sort_on_two_threads<T: Send, K: Ord>(rows: &mut [T], key: impl Fn(&T) -> K + Sync) {
+    if rows.len() < SORT_ON_TWO {
+        rows.sort_unstable_by_key(&key);
+        return;
+    }
+    let half = rows.len() / 2;
+    rows.select_nth_unstable_by_key(half, &key);
+    let (low, high) = rows.split_at_mut(half);
+    let key = &key;
+    let on_two = std::thread::scope(|scope| {
+        let low_sorted = std::thread::Builder::new()
+            .name("permd-sort".to_owned())
+            .spawn_scoped(scope, || low.sort_unstable_by_key(key));
+        high.sort_unstable_by_key(key);
+        low_sorted
+            .inspect_err(|error| tracing::debug!(%error, "could not start a thread to sort on"))
+            .is_ok()
+    });
+    if !on_two {
+        low.sort_unstable_by_key(key);
+    }
+}
+
 /// One subject's grants from its rows (object id, slot) in any order; adds the rows stored
 /// to `tuples`. Sorts `rows`. Several grants are packed in `arena` when they can be.
 fn grants_of(rows: &mut [(u32, Slot)], tuples: &mut u64, arena: &mut Arena) -> Grants {
@@ -874,6 +907,29 @@ mod tests {
             })
         });
         assert_same_answers(&grown, &in_order, checks);
+    }
+
+    /// Rows sorted on two threads are in order and all there, on either side of the size
+    /// past which a second thread sorts.
+    #[test]
+    fn rows_sorted_on_two_threads_are_in_order_and_all_there() {
+        for len in [0, 1, 1_000, 3 * SORT_ON_TWO as u32 + 7] {
+            // Keys of 1,000 values, repeated, in no order; the second field tells the rows
+            // of one key apart.
+            let rows: Vec<(u32, u32)> = (0..len)
+                .map(|i: u32| (i.wrapping_mul(2_654_435_761) % 1_000, i))
+                .collect();
+            let mut sorted = rows.clone();
+            sort_on_two_threads(&mut sorted, |&(key, _)| key);
+            assert!(
+                sorted.windows(2).all(|pair| pair[0].0 <= pair[1].0),
+                "{len}"
+            );
+            let (mut before, mut after) = (rows, sorted);
+            before.sort_unstable();
+            after.sort_unstable();
+            assert_eq!(before, after, "{len}");
+        }
     }
 
     /// A rebuilt generation holds the same rows and answers every check alike, with the
