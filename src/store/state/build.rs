@@ -667,11 +667,11 @@ impl Aside {
 const SORT_ON_TWO: usize = 1 << 16;
 
 /// Sorts `rows` by `key`, unstably, on two threads when there are many: they are split at
-/// their median (`select_nth_unstable_by_key`, one pass or a few), and each half is sorted
-/// on a thread of its own. The merge of the rows set aside sorts them once Postgres has
-/// sent every row, when the other core is idle (32M rows of a grown table at 50M tuples: 1.6
-/// to 2.2 s on one; benches/README.md, `load`, session 66). On one thread where a second
-/// cannot be started.
+/// their median (`select_nth_unstable_by_key`, one pass or a few), and the lower half is
+/// sorted on a thread of its own while this one sorts the upper. The merge of the rows set
+/// aside sorts them once Postgres has sent every row, when the other core is idle (32M rows
+/// of a grown table at 50M tuples: 1.6 to 2.2 s on one thread, 1.0 to 1.2 on two;
+/// benches/README.md, `load`, session 66). On one thread where a second cannot be started.
 fn sort_on_two_threads<T: Send, K: Ord>(rows: &mut [T], key: impl Fn(&T) -> K + Sync) {
     if rows.len() < SORT_ON_TWO {
         rows.sort_unstable_by_key(&key);
