@@ -2,7 +2,8 @@
 //! Postgres with 1M and 10M tuples (`BENCH_LOAD_SIZES`, comma-separated), starts permd as
 //! its own process for each, and reports the time to ready, rows per second, resident
 //! memory (and how much of it is in transparent huge pages) and bytes per tuple, permd's
-//! CPU seconds until ready (less noisy than the time when comparing two builds), and the
+//! CPU seconds until ready (less noisy than the time when comparing two builds), the share
+//! of the machine's time the hypervisor stole meanwhile (`host steal %`), and the
 //! peak resident memory during a forced reload (the new generation is built beside the
 //! old one, then swapped in); then the time of a compaction (the generation rebuilt from
 //! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's,
@@ -43,7 +44,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, cluster_with_tls, env_list, env_or, free_port, read_response, runtime};
+use common::{
+    cluster, cluster_with_tls, env_list, env_or, free_port, read_response, runtime, HostCpu,
+};
 use tokio::io::{AsyncWriteExt as _, BufStream};
 use tokio::net::TcpStream;
 
@@ -116,8 +119,8 @@ fn main() {
     println!();
     println!("Names: {names}. Order: {order}.");
     println!();
-    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction | peak during it | write to visible during it (largest, writes) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | host steal % | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction | peak during it | write to visible during it (largest, writes) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let binaries: Vec<String> = std::env::var("BENCH_PERMD")
         .map(|list| list.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
@@ -160,6 +163,7 @@ fn main() {
         for (permd, (serve_url, connection), shard) in runs {
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
+            let host = HostCpu::now();
             let started = Instant::now();
             let mut child = Command::new(permd)
                 .args([
@@ -208,6 +212,9 @@ fn main() {
             assert!(wait().contains("swapped in"));
             let ready = started.elapsed();
             let cpu = cpu_seconds(pid);
+            // The share of the machine the hypervisor took while permd loaded: the load's
+            // time moves with it.
+            let steal = HostCpu::steal_since(host);
             // The loader's own time: snapshot, COPY and build, without process start-up.
             let field = |name: &str| -> f64 {
                 first
@@ -324,7 +331,7 @@ fn main() {
                 pool.close().await;
             });
             println!(
-            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s | {:.0} MiB | {largest}, {} |",
+            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {steal} | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s | {:.0} MiB | {largest}, {} |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
