@@ -9,7 +9,7 @@
 //! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's,
 //! its peak resident memory (both generations, and what the rebuild holds aside), and how
 //! long writes made while it runs take to be visible (one at a time, each read back with
-//! its write token: the largest, and how many).
+//! its write token: the median, the 99th percentile, the largest, and how many).
 //!
 //! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names. Names are short
 //! (`user:N`, `doc:N`) unless `BENCH_NAMES=uuid`: then subjects and objects are named by
@@ -119,7 +119,7 @@ fn main() {
     println!();
     println!("Names: {names}. Order: {order}.");
     println!();
-    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | host steal % | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction | peak during it | write to visible during it (largest, writes) |");
+    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | host steal % | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction | peak during it | write to visible during it (p50 / p99 / largest, writes) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let binaries: Vec<String> = std::env::var("BENCH_PERMD")
         .map(|list| list.split(',').map(str::to_owned).collect())
@@ -269,7 +269,7 @@ fn main() {
                 .unwrap();
             // While it runs, one write at a time, each read back with its token (a 503
             // `stale` after the server's wait of 1 s is asked again).
-            let (compaction, visible) = runtime.block_on(async {
+            let (compaction, mut visible) = runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
                 let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
                 let (mut visible, mut body) = (Vec::new(), Vec::new());
@@ -312,9 +312,20 @@ fn main() {
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
                 .unwrap();
-            let largest = visible.iter().max().map_or("-".to_owned(), |d| {
-                format!("{:.1} ms", d.as_secs_f64() * 1e3)
-            });
+            visible.sort_unstable();
+            let largest = match visible.last() {
+                None => "-".to_owned(),
+                Some(largest) => {
+                    let at = |q: f64| visible[((visible.len() - 1) as f64 * q) as usize];
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    format!(
+                        "{:.1} / {:.1} / {:.1} ms",
+                        ms(at(0.5)),
+                        ms(at(0.99)),
+                        ms(*largest)
+                    )
+                }
+            };
             let compaction_peak = kib(pid, "status", "VmHWM:") * 1024;
             let _ = child.kill();
             let _ = child.wait();
