@@ -22,12 +22,14 @@
 //! `StateBuilder::repack`.) Lists with expiring permissions or
 //! permission ids past the inline bitset, and lists longer than a chunk, stay in the heap.
 //!
-//! While a generation is built, a thread of its own maps chunks ahead of the lists and
-//! touches them (`Arena::map_ahead`): the first touch of memory is the kernel's work of
-//! zeroing it, and on a virtual machine whose host backs its memory lazily (and takes
-//! back what the guest frees) the host's work as well, 2.4 s of a load of 50M tuples on
-//! the machine of benches/README.md (`load`, session 66). The thread does it on the
-//! other core, which the load leaves idle once Postgres has sent the rows.
+//! While a full load builds a generation, a thread of its own maps chunks ahead of the
+//! lists and touches them (`Arena::map_ahead`): the first touch of memory is the kernel's
+//! work of zeroing it, and on a virtual machine whose host backs its memory lazily (and
+//! takes back what the guest frees) the host's work as well, 2.4 s of a load of 50M tuples
+//! on the machine of benches/README.md (`load`, session 66). The thread does it on the
+//! other core, which the load leaves idle once Postgres has sent the rows. A compaction's
+//! rebuild does without it: it runs beside the applier and the checks, whose core the
+//! thread took (`StateBuilder::for_full_load`).
 
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Mutex, PoisonError};
@@ -296,6 +298,11 @@ impl Arena {
         if matches!(self.ahead, Ahead::Off) {
             self.ahead = Ahead::Wanted;
         }
+    }
+
+    /// Whether `map_ahead` was asked for and not stopped since.
+    pub(super) fn maps_ahead(&self) -> bool {
+        !matches!(self.ahead, Ahead::Off)
     }
 
     /// Stops the thread of `map_ahead`, if it runs, and waits for it to end; the chunks

@@ -218,7 +218,7 @@ fn build(
     estimate: usize,
     progress: &AtomicU64,
 ) -> Result<(State, u64), Error> {
-    let mut builder = StateBuilder::new();
+    let mut builder = StateBuilder::for_full_load();
     let mut owned = shard.runs();
     let mut parser = CopyParser::new();
     let mut rows = 0u64;
