@@ -313,7 +313,7 @@ fn main() {
                 .and_then(|v| v.parse().ok())
                 .unwrap();
             visible.sort_unstable();
-            let largest = match visible.last() {
+            let visible_times = match visible.last() {
                 None => "-".to_owned(),
                 Some(largest) => {
                     let at = |q: f64| visible[((visible.len() - 1) as f64 * q) as usize];
@@ -342,7 +342,7 @@ fn main() {
                 pool.close().await;
             });
             println!(
-            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {steal} | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s | {:.0} MiB | {largest}, {} |",
+            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {steal} | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s | {:.0} MiB | {visible_times}, {} |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
