@@ -291,9 +291,9 @@ impl Arena {
         Chunk::new()
     }
 
-    /// For the generation's builder: from the arena's second chunk on, a thread maps
-    /// chunks ahead of the lists and touches them (see the module's comment), until
-    /// `stop_mapping_ahead`.
+    /// For a full load's builder (`StateBuilder::for_full_load`): from the arena's second
+    /// chunk on, a thread maps chunks ahead of the lists and touches them (see the module's
+    /// comment), until `stop_mapping_ahead`.
     pub(super) fn map_ahead(&mut self) {
         if matches!(self.ahead, Ahead::Off) {
             self.ahead = Ahead::Wanted;
