@@ -112,17 +112,27 @@ async fn forward(
 /// The error of a session that ended with its connection closed: the server's reason
 /// where it sent one (a FATAL error: the session ended by a timeout, by an administrator,
 /// by a shutdown), else `error`. A request that finds the connection gone says only
-/// "connection closed"; what the server said went to the connection's driver (`closed`),
-/// when it came while no request waited for an answer. The driver ends as soon as it has
-/// read the close, so it is waited for briefly.
-async fn why_closed<F: Future<Output = Error>>(error: Error, closed: Pin<&mut Fuse<F>>) -> Error {
-    if closed.is_terminated() {
-        return error;
+/// "connection closed". What the server said went to the connection's driver (`closed`)
+/// when it came while no request was queued for an answer; the driver ends as soon as it
+/// has read the close, so it is waited for briefly. When a request was queued, the error
+/// went to it, and if that was one no one waits for (tokio-postgres's `Close` of a
+/// dropped statement, sent without waiting), it was dropped there: the tap on the socket
+/// kept it (`Tap::ended`).
+async fn why_closed<F: Future<Output = Error>>(
+    error: Error,
+    closed: Pin<&mut Fuse<F>>,
+    tap: &Tap,
+) -> Error {
+    if !closed.is_terminated() {
+        if let Ok(Error::Postgres(server)) =
+            tokio::time::timeout(Duration::from_millis(100), closed).await
+        {
+            if server.as_db_error().is_some() {
+                return Error::Postgres(server);
+            }
+        }
     }
-    match tokio::time::timeout(Duration::from_millis(100), closed).await {
-        Ok(Error::Postgres(server)) if server.as_db_error().is_some() => Error::Postgres(server),
-        _ => error,
-    }
+    tap.ended().map_or(error, Error::Ended)
 }
 
 /// The sync connection's planner settings, for the poll's sake: it is a small statement run
@@ -545,10 +555,10 @@ impl Applier {
         let closed = closed.fuse();
         tokio::pin!(closed);
         match self
-            .follow(client, tap, heard, closed.as_mut(), shutdown)
+            .follow(client, tap.clone(), heard, closed.as_mut(), shutdown)
             .await
         {
-            Err(error) if error.is_closed() => Err(why_closed(error, closed).await),
+            Err(error) if error.is_closed() => Err(why_closed(error, closed, &tap).await),
             // permd never deallocates a statement it prepared: one unknown to the server
             // was prepared in another server session.
             Err(Error::Postgres(error))
@@ -1635,19 +1645,25 @@ where
     }
 }
 
+/// The hint for a standby's read cancelled by its replay.
+const HINT_CONFLICT: &str =
+    "the standby cancelled permd's read to replay its primary's changes, which \
+             removed rows the read still needed (a full load on a standby whose primary \
+             vacuums meanwhile): set hot_standby_feedback = on on the standby, or raise its \
+             max_standby_streaming_delay (30 s by default) above a full load's time; permd \
+             retries";
+
 /// What an operator can do about `error`, where Postgres's own message does not say.
 fn hint(error: &Error) -> Option<&'static str> {
     let says = |e: &tokio_postgres::Error, what: &str| {
         e.as_db_error().is_some_and(|e| e.message().contains(what))
     };
+    // A standby's conflict can end the session (FATAL), whose reason may then come
+    // through the tap.
+    let conflict = "conflict with recovery";
     match error {
-        Error::Postgres(e) if says(e, "conflict with recovery") => Some(
-            "the standby cancelled permd's read to replay its primary's changes, which \
-             removed rows the read still needed (a full load on a standby whose primary \
-             vacuums meanwhile): set hot_standby_feedback = on on the standby, or raise its \
-             max_standby_streaming_delay (30 s by default) above a full load's time; permd \
-             retries",
-        ),
+        Error::Postgres(e) if says(e, conflict) => Some(HINT_CONFLICT),
+        Error::Ended(reason) if reason.contains(conflict) => Some(HINT_CONFLICT),
         Error::Postgres(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Some(
             "another session holds a lock on a table permd reads, e.g. LOCK TABLE, ALTER TABLE \
              or VACUUM FULL on permd.tuples; pg_locks shows which; permd retries",

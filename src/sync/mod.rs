@@ -61,6 +61,10 @@ pub enum Error {
     /// The connection ended.
     #[error("connection to postgres closed")]
     Closed,
+    /// The server ended the session, for this reason ("FATAL: …"), as the socket's tap
+    /// read it where tokio-postgres did not pass it on (`applier::why_closed`).
+    #[error("postgres ended the session: {0}")]
+    Ended(String),
     /// No socket to Postgres could be opened.
     #[error("connect to postgres: {0}")]
     Connect(#[source] std::io::Error),

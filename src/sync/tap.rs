@@ -20,6 +20,12 @@
 //! connection's start: Postgres names the server session's own process there, a pooler a
 //! number of its own (`connect::alone_in_its_session`).
 //!
+//! And it keeps the last FATAL (or PANIC) error the server sent, the reason it gave for
+//! ending the session: tokio-postgres hands such an error to whichever request is first
+//! in its queue, and when that is a request no one waits for (the `Close` it sends when a
+//! prepared statement is dropped), the reason is dropped with it and the session's next
+//! request finds only "connection closed" (`applier::why_closed`).
+//!
 //! Invariant: the tap hands the sink every byte of the COPY's data, in order, before it
 //! lets the CopyDone that ends it through; so when tokio-postgres reports the COPY done,
 //! all of its data has been sent to the sink.
@@ -58,6 +64,10 @@ pub(crate) struct Tap {
     /// mutex because the connection's task writes it and the applier reads it, each once
     /// a connection.
     announced: Arc<Mutex<Option<i32>>>,
+    /// The last FATAL or PANIC error the server sent on the socket tapped last, as text
+    /// ("FATAL: terminating connection due to …"). A mutex for the same reason: written
+    /// once, when the server ends the session, and read once after.
+    ended: Arc<Mutex<Option<String>>>,
 }
 
 impl Tap {
@@ -82,10 +92,17 @@ impl Tap {
         *self.announced.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The reason the server gave for ending the session on the socket tapped last (a
+    /// FATAL or PANIC error, as "SEVERITY: message (SQLSTATE code)"), if it sent one.
+    pub(crate) fn ended(&self) -> Option<String> {
+        self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Wraps the connection's socket; this handle then arms it.
     pub(crate) fn on<S>(&self, inner: S) -> Tapped<S> {
         // A new connection (another host's, after one refused): nothing named yet.
         *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Tapped {
             inner,
             tap: self.clone(),
@@ -139,6 +156,37 @@ impl<S> Tapped<S> {
             ),
         ))
     }
+}
+
+/// The error whose fields are `body` (an ErrorResponse's), as "SEVERITY: message
+/// (SQLSTATE code)", if it ends the session (FATAL or PANIC); `None` for one that fails
+/// only a statement, and for fields that cannot be read.
+fn session_ended(body: &[u8]) -> Option<String> {
+    let (mut severity, mut localized, mut code, mut message) = (None, None, None, None);
+    let mut fields = body;
+    // Each field: a type byte and a NUL-terminated string; a NUL type ends them.
+    while let [kind @ 1..=u8::MAX, rest @ ..] = fields {
+        let end = rest.iter().position(|&b| b == 0)?;
+        let value = String::from_utf8_lossy(&rest[..end]);
+        match kind {
+            b'V' => severity = Some(value),
+            b'S' => localized = Some(value),
+            b'C' => code = Some(value),
+            b'M' => message = Some(value),
+            _ => {}
+        }
+        fields = &rest[end + 1..];
+    }
+    // `V` (never translated) is sent since Postgres 9.6; `S` may be translated.
+    let severity = severity.or(localized)?;
+    if severity != "FATAL" && severity != "PANIC" {
+        return None;
+    }
+    let mut ended = format!("{severity}: {}", message.unwrap_or_default());
+    if let Some(code) = code {
+        ended.push_str(&format!(" (SQLSTATE {code})"));
+    }
+    Some(ended)
 }
 
 /// Where the tap is in the backend's message stream.
@@ -242,6 +290,18 @@ impl<S: AsyncRead + Unpin> Tapped<S> {
                         let process = [0, 1, 2, 3].map(|i| self.buf[at + i]);
                         *self.tap.announced.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(i32::from_be_bytes(process));
+                    }
+                    // Whole, to read its fields: an error is small, and tokio-postgres
+                    // waits for all of it anyway. (One larger than the buffer is passed
+                    // unread.)
+                    if tag == ERROR_RESPONSE && HEADER + body <= self.buf.len() {
+                        if available < HEADER + body {
+                            return Ok(Poll::Ready(true));
+                        }
+                        let at = self.start + HEADER;
+                        if let Some(ended) = session_ended(&self.buf[at..at + body]) {
+                            *self.tap.ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(ended);
+                        }
                     }
                     match (tag, &mut self.sink) {
                         (COPY_DATA, Some(_)) => {
@@ -462,6 +522,54 @@ mod tests {
         assert!(data.is_empty());
         assert!(passed.ends_with(&after));
         assert!(!passed.windows(5).any(|w| w == b"taken"));
+    }
+
+    /// The server's reason for ending the session is kept, wherever its error is split
+    /// across reads, and passed on untouched; an error that fails only a statement is not.
+    #[tokio::test]
+    async fn the_reason_the_server_ends_the_session_is_kept() {
+        let fatal = message(
+            ERROR_RESPONSE,
+            b"SFATAL\0VFATAL\0C25P03\0Mterminating connection due to \
+              idle-in-transaction timeout\0\0",
+        );
+        let error = message(
+            ERROR_RESPONSE,
+            b"SERROR\0VERROR\0C42P01\0Mno such table\0\0",
+        );
+        for (wire, kept) in [
+            (
+                [message(b'Z', b"T"), fatal.clone()].concat(),
+                Some(
+                    "FATAL: terminating connection due to idle-in-transaction timeout \
+                     (SQLSTATE 25P03)",
+                ),
+            ),
+            ([message(b'Z', b"T"), error].concat(), None),
+        ] {
+            for chunk in [wire.len(), 7, 1] {
+                let (mut server, client) = tokio::io::duplex(64 * 1024);
+                let tap = Tap::default();
+                let mut tapped = tap.on(client);
+                let sent = wire.clone();
+                let writer = tokio::spawn(async move {
+                    for piece in sent.chunks(chunk) {
+                        server.write_all(piece).await.expect("write");
+                    }
+                });
+                let mut passed = Vec::new();
+                tapped.read_to_end(&mut passed).await.expect("read");
+                writer.await.expect("writer");
+                assert!(passed == wire, "passed through, chunk {chunk}");
+                assert_eq!(tap.ended().as_deref(), kept, "chunk {chunk}");
+            }
+        }
+        // Fields that cannot be read are not a reason, and no panic.
+        assert_eq!(session_ended(b"VFATAL"), None);
+        assert_eq!(
+            session_ended(b"VPANIC\0Mgone\0\0").as_deref(),
+            Some("PANIC: gone")
+        );
     }
 
     #[tokio::test]
