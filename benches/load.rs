@@ -5,7 +5,9 @@
 //! CPU seconds until ready (less noisy than the time when comparing two builds), the share
 //! of the machine's time the hypervisor stole meanwhile (`host steal %`), and the
 //! peak resident memory during a forced reload (the new generation is built beside the
-//! old one, then swapped in); then the time of a compaction (the generation rebuilt from
+//! old one, then swapped in), the reload's time and how long checks made while it runs take
+//! (one at a time on one connection, of tuples sampled from the table: the median, the
+//! 99th percentile, the largest, and how many); then the time of a compaction (the generation rebuilt from
 //! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's,
 //! its peak resident memory (both generations, and what the rebuild holds aside), and how
 //! long writes made while it runs take to be visible (one at a time, each read back with
@@ -41,7 +43,8 @@ mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -74,6 +77,32 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     // USER_HZ is 100 on every Linux this runs on.
     ticks as f64 / 100.0
+}
+
+/// The `took_ms` a log line of permd's gives.
+fn took_ms(line: &str) -> f64 {
+    line.split(" took_ms=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// "p50 / p99 / largest ms, count" of `times`, or "-" for none.
+fn percentiles(mut times: Vec<Duration>) -> String {
+    times.sort_unstable();
+    let Some(largest) = times.last() else {
+        return "-".to_owned();
+    };
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "{:.2} / {:.2} / {:.2} ms, {}",
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(*largest),
+        times.len()
+    )
 }
 
 fn main() {
@@ -119,8 +148,8 @@ fn main() {
     println!();
     println!("Names: {names}. Order: {order}.");
     println!();
-    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | host steal % | resident | of it in huge pages | bytes/tuple | peak during a reload | compaction | peak during it | write to visible during it (p50 / p99 / largest, writes) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | host steal % | resident | of it in huge pages | bytes/tuple | peak during a reload | reload | check during it (p50 / p99 / largest, checks) | compaction | peak during it | write to visible during it (p50 / p99 / largest, writes) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let binaries: Vec<String> = std::env::var("BENCH_PERMD")
         .map(|list| list.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|_| vec![env!("CARGO_BIN_EXE_permd").to_owned()]);
@@ -232,6 +261,44 @@ fn main() {
             // Of which in transparent huge pages (the packed grant lists, where the kernel
             // grants them).
             let huge = kib(pid, "smaps_rollup", "AnonHugePages:") * 1024;
+            // Checks while the reload runs, of tuples the table holds (allowed, each a walk
+            // of its subject's grants), until the new generation is swapped in.
+            let sample: Vec<(String, String, String)> = runtime.block_on(async {
+                let pool = permd::db::pool(&url).await.unwrap();
+                let sample = sqlx::query_as(
+                    "SELECT subject, object, permission FROM permd.tuples
+                     TABLESAMPLE SYSTEM (1) LIMIT 1000",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+                sample
+            });
+            let reloaded = Arc::new(AtomicBool::new(false));
+            let checker = runtime.spawn({
+                let (listen, reloaded) = (listen.clone(), Arc::clone(&reloaded));
+                async move {
+                    let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
+                    let (mut times, mut body) = (Vec::new(), Vec::new());
+                    for (subject, object, permission) in sample.iter().cycle() {
+                        if reloaded.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let request = format!(
+                            "GET /v1/check?subject={subject}&permission={permission}&object={object} HTTP/1.1\r\nhost: permd\r\n\r\n"
+                        );
+                        let sent = Instant::now();
+                        stream.write_all(request.as_bytes()).await.unwrap();
+                        stream.flush().await.unwrap();
+                        let status = read_response(&mut stream, &mut body).await;
+                        times.push(sent.elapsed());
+                        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                        assert!(common::find(&body, b"\"allowed\":true").is_some());
+                    }
+                    times
+                }
+            });
             runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
                 sqlx::raw_sql("SELECT permd.request_reload()")
@@ -240,8 +307,12 @@ fn main() {
                     .unwrap();
                 pool.close().await;
             });
-            assert!(wait().contains("full load done"));
+            let reload = wait();
+            assert!(reload.contains("full load done"));
             assert!(wait().contains("swapped in"));
+            reloaded.store(true, Ordering::Relaxed);
+            let checked = percentiles(runtime.block_on(checker).unwrap());
+            let reload_ms = took_ms(&reload);
             let peak = kib(pid, "status", "VmHWM:") * 1024;
             // The peak from here on is the compaction's: the kernel resets it to the
             // resident size now.
@@ -269,7 +340,7 @@ fn main() {
                 .unwrap();
             // While it runs, one write at a time, each read back with its token (a 503
             // `stale` after the server's wait of 1 s is asked again).
-            let (compaction, mut visible) = runtime.block_on(async {
+            let (compaction, visible) = runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
                 let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
                 let (mut visible, mut body) = (Vec::new(), Vec::new());
@@ -306,26 +377,8 @@ fn main() {
                 }
                 unreachable!()
             });
-            let compaction_ms: f64 = compaction
-                .split(" took_ms=")
-                .nth(1)
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap();
-            visible.sort_unstable();
-            let visible_times = match visible.last() {
-                None => "-".to_owned(),
-                Some(largest) => {
-                    let at = |q: f64| visible[((visible.len() - 1) as f64 * q) as usize];
-                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-                    format!(
-                        "{:.1} / {:.1} / {:.1} ms",
-                        ms(at(0.5)),
-                        ms(at(0.99)),
-                        ms(*largest)
-                    )
-                }
-            };
+            let compaction_ms = took_ms(&compaction);
+            let visible = percentiles(visible);
             let compaction_peak = kib(pid, "status", "VmHWM:") * 1024;
             let _ = child.kill();
             let _ = child.wait();
@@ -342,7 +395,7 @@ fn main() {
                 pool.close().await;
             });
             println!(
-            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {steal} | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s | {:.0} MiB | {visible_times}, {} |",
+            "| {size} | {:.1} s | {:.2} s | {:.2} s | {:.2} M tuples/s | {cpu:.2} s | {steal} | {:.0} MiB | {:.0} MiB | {:.0} | {:.0} MiB | {:.2} s | {checked} | {:.2} s | {:.0} MiB | {visible} |",
             filled.as_secs_f64(),
             ready.as_secs_f64(),
             load_ms / 1e3,
@@ -351,9 +404,9 @@ fn main() {
             huge as f64 / 1048576.0,
             rss as f64 / rows,
             peak as f64 / 1048576.0,
+            reload_ms / 1e3,
             compaction_ms / 1e3,
             compaction_peak as f64 / 1048576.0,
-            visible.len(),
         );
             if binaries.len() > 1 {
                 println!("|  | ({permd}) |");
