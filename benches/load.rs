@@ -88,6 +88,11 @@ fn took_ms(line: &str) -> f64 {
         .unwrap()
 }
 
+/// `d` in milliseconds.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 /// "p50 / p99 / largest ms, count" of `times`, or "-" for none.
 fn percentiles(mut times: Vec<Duration>) -> String {
     times.sort_unstable();
@@ -95,7 +100,6 @@ fn percentiles(mut times: Vec<Duration>) -> String {
         return "-".to_owned();
     };
     let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     format!(
         "{:.2} / {:.2} / {:.2} ms, {}",
         ms(at(0.5)),
@@ -276,6 +280,7 @@ fn main() {
                 sample
             });
             let reloaded = Arc::new(AtomicBool::new(false));
+            let requested = Instant::now();
             let checker = runtime.spawn({
                 let (listen, reloaded) = (listen.clone(), Arc::clone(&reloaded));
                 async move {
@@ -292,7 +297,7 @@ fn main() {
                         stream.write_all(request.as_bytes()).await.unwrap();
                         stream.flush().await.unwrap();
                         let status = read_response(&mut stream, &mut body).await;
-                        times.push(sent.elapsed());
+                        times.push((sent.elapsed(), sent - requested));
                         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
                         assert!(common::find(&body, b"\"allowed\":true").is_some());
                     }
@@ -309,9 +314,23 @@ fn main() {
             });
             let reload = wait();
             assert!(reload.contains("full load done"));
+            let built = requested.elapsed();
             assert!(wait().contains("swapped in"));
             reloaded.store(true, Ordering::Relaxed);
-            let checked = percentiles(runtime.block_on(checker).unwrap());
+            let mut checks = runtime.block_on(checker).unwrap();
+            // When the slowest checks were sent, against the reload's course.
+            checks.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
+            let slowest: Vec<String> = checks
+                .iter()
+                .take(3)
+                .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
+                .collect();
+            let slowest = format!(
+                "slowest checks {}; the load done at {:.2} s",
+                slowest.join(", "),
+                built.as_secs_f64()
+            );
+            let checked = percentiles(checks.into_iter().map(|(took, _)| took).collect());
             let reload_ms = took_ms(&reload);
             let peak = kib(pid, "status", "VmHWM:") * 1024;
             // The peak from here on is the compaction's: the kernel resets it to the
@@ -411,6 +430,7 @@ fn main() {
             if binaries.len() > 1 {
                 println!("|  | ({permd}) |");
             }
+            println!("|  | (during the reload: {slowest}) |");
             if !connection.is_empty() {
                 println!("|  | ({connection}) |");
             }
