@@ -7,7 +7,8 @@
 //! peak resident memory during a forced reload (the new generation is built beside the
 //! old one, then swapped in), the reload's time and how long checks made while it runs take
 //! (one at a time on one connection, of tuples sampled from the table: the median, the
-//! 99th percentile, the largest, and how many); then the time of a compaction (the generation rebuilt from
+//! 99th percentile, the largest, and how many; under the row, the three slowest and when
+//! each was sent, against the time the load was done); then the time of a compaction (the generation rebuilt from
 //! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's,
 //! its peak resident memory (both generations, and what the rebuild holds aside), and how
 //! long writes made while it runs take to be visible (one at a time, each read back with
