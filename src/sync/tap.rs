@@ -461,10 +461,26 @@ mod tests {
             .collect()
     }
 
+    /// What tokio-postgres would read of `wire`, written in `chunk`-byte pieces into a
+    /// pipe under `tap` (the tapped socket is gone when it returns).
+    async fn read_through(tap: &Tap, wire: &[u8], chunk: usize) -> Vec<u8> {
+        let (mut server, client) = tokio::io::duplex(64 * 1024);
+        let mut tapped = tap.on(client);
+        let pieces = wire.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in pieces.chunks(chunk) {
+                server.write_all(piece).await.expect("write");
+            }
+        });
+        let mut passed = Vec::new();
+        tapped.read_to_end(&mut passed).await.expect("read");
+        writer.await.expect("writer");
+        passed
+    }
+
     /// Writes `wire` in `chunk`-byte pieces into a tapped pipe armed with a sink of
     /// `depth` blocks, and returns what tokio-postgres would read and what the sink got.
     async fn run(wire: Vec<u8>, chunk: usize, depth: usize, arm: bool) -> (Vec<u8>, Vec<u8>) {
-        let (mut server, client) = tokio::io::duplex(64 * 1024);
         let tap = Tap::default();
         let (sink, mut blocks) = mpsc::channel(depth);
         if arm {
@@ -472,12 +488,6 @@ mod tests {
         } else {
             drop(sink);
         }
-        let mut tapped = tap.on(client);
-        let writer = tokio::spawn(async move {
-            for piece in wire.chunks(chunk) {
-                server.write_all(piece).await.expect("write");
-            }
-        });
         let sunk = tokio::spawn(async move {
             let mut data = Vec::new();
             while let Some(block) = blocks.recv().await {
@@ -485,10 +495,7 @@ mod tests {
             }
             data
         });
-        let mut passed = Vec::new();
-        tapped.read_to_end(&mut passed).await.expect("read");
-        writer.await.expect("writer");
-        drop(tapped);
+        let passed = read_through(&tap, &wire, chunk).await;
         (passed, sunk.await.expect("sink"))
     }
 
@@ -548,18 +555,8 @@ mod tests {
             ([message(b'Z', b"T"), error].concat(), None),
         ] {
             for chunk in [wire.len(), 7, 1] {
-                let (mut server, client) = tokio::io::duplex(64 * 1024);
                 let tap = Tap::default();
-                let mut tapped = tap.on(client);
-                let sent = wire.clone();
-                let writer = tokio::spawn(async move {
-                    for piece in sent.chunks(chunk) {
-                        server.write_all(piece).await.expect("write");
-                    }
-                });
-                let mut passed = Vec::new();
-                tapped.read_to_end(&mut passed).await.expect("read");
-                writer.await.expect("writer");
+                let passed = read_through(&tap, &wire, chunk).await;
                 assert!(passed == wire, "passed through, chunk {chunk}");
                 assert_eq!(tap.ended().as_deref(), kept, "chunk {chunk}");
             }
@@ -714,18 +711,8 @@ mod tests {
         .concat();
         for chunk in [wire.len(), 7, 3, 1] {
             let tap = Tap::default();
-            let (mut server, client) = tokio::io::duplex(1024);
-            let mut tapped = tap.on(client);
             assert_eq!(tap.announced_process(), None);
-            let pieces = wire.clone();
-            let writer = tokio::spawn(async move {
-                for piece in pieces.chunks(chunk) {
-                    server.write_all(piece).await.expect("write");
-                }
-            });
-            let mut passed = Vec::new();
-            tapped.read_to_end(&mut passed).await.expect("read");
-            writer.await.expect("writer");
+            let passed = read_through(&tap, &wire, chunk).await;
             assert!(passed == wire, "chunk {chunk}");
             assert_eq!(tap.announced_process(), Some(4242), "chunk {chunk}");
             let _next = tap.on(tokio::io::empty());
