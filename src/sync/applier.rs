@@ -1647,11 +1647,10 @@ where
 
 /// The hint for a standby's read cancelled by its replay.
 const HINT_CONFLICT: &str =
-    "the standby cancelled permd's read to replay its primary's changes, which \
-             removed rows the read still needed (a full load on a standby whose primary \
-             vacuums meanwhile): set hot_standby_feedback = on on the standby, or raise its \
-             max_standby_streaming_delay (30 s by default) above a full load's time; permd \
-             retries";
+    "the standby cancelled permd's read to replay its primary's changes, which removed rows \
+     the read still needed (a full load on a standby whose primary vacuums meanwhile): set \
+     hot_standby_feedback = on on the standby, or raise its max_standby_streaming_delay (30 s \
+     by default) above a full load's time; permd retries";
 
 /// What an operator can do about `error`, where Postgres's own message does not say.
 fn hint(error: &Error) -> Option<&'static str> {
@@ -1852,6 +1851,21 @@ mod tests {
             }
         );
         assert!(!waited, "the wait went on until shut down");
+    }
+
+    /// A standby's conflict that ended the session, as the tap kept it, gets the
+    /// conflict's hint; another reason gets none.
+    #[test]
+    fn a_session_ended_by_a_standby_s_conflict_is_hinted() {
+        let ended = |reason: &str| hint(&Error::Ended(reason.to_owned()));
+        assert_eq!(
+            ended("FATAL: terminating connection due to conflict with recovery (SQLSTATE 40001)"),
+            Some(HINT_CONFLICT)
+        );
+        assert_eq!(
+            ended("FATAL: terminating connection due to administrator command (SQLSTATE 57P01)"),
+            None
+        );
     }
 
     fn row(permission: &str) -> TupleRow {
