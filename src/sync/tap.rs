@@ -182,11 +182,11 @@ fn session_ended(body: &[u8]) -> Option<String> {
     if severity != "FATAL" && severity != "PANIC" {
         return None;
     }
-    let mut ended = format!("{severity}: {}", message.unwrap_or_default());
-    if let Some(code) = code {
-        ended.push_str(&format!(" (SQLSTATE {code})"));
-    }
-    Some(ended)
+    let message = message.unwrap_or_default();
+    Some(match code {
+        Some(code) => format!("{severity}: {message} (SQLSTATE {code})"),
+        None => format!("{severity}: {message}"),
+    })
 }
 
 /// Where the tap is in the backend's message stream.
@@ -546,7 +546,7 @@ mod tests {
         );
         for (wire, kept) in [
             (
-                [message(b'Z', b"T"), fatal.clone()].concat(),
+                [message(b'Z', b"T"), fatal].concat(),
                 Some(
                     "FATAL: terminating connection due to idle-in-transaction timeout \
                      (SQLSTATE 25P03)",
