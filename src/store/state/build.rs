@@ -237,7 +237,7 @@ impl StateBuilder {
     /// longer and 1.6 ms against 4.3 (benches/README.md, `load`, session 67). A reload
     /// (a full load while a generation is served) keeps it: the checks made during one
     /// took the same at the 99th percentile without it, and a reload of 10M tuples
-    /// was 0.7 s slower (session 68).
+    /// took 0.7 s longer without it (session 68).
     pub(crate) fn for_full_load() -> Self {
         let mut builder = Self::new();
         builder.state.packed.map_ahead();
