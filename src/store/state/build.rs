@@ -234,7 +234,8 @@ impl StateBuilder {
     /// thread took the second core from them, and writes made during a compaction of 10M
     /// tuples took 3.0 to 4.5 ms to be visible at the 99th percentile against 0.4 to 0.9
     /// without it (in four of six runs), for a compaction about as long; at 50M, 1.6 s
-    /// longer and 1.6 ms against 4.3 (benches/README.md, `load`, session 67). A reload
+    /// longer and 1.6 ms against 4.3 (benches/README.md, `load`, session 67; in session
+    /// 70, 1.5 to 1.9 s longer and 1.3 to 1.5 ms against 3.5 to 4.0). A reload
     /// (a full load while a generation is served) keeps it: the checks made during one
     /// took the same at the 99th percentile without it, and a reload of 10M tuples
     /// took 0.7 s longer without it (session 68).
