@@ -6,9 +6,10 @@
 //! of the machine's time the hypervisor stole meanwhile (`host steal %`), and the
 //! peak resident memory during a forced reload (the new generation is built beside the
 //! old one, then swapped in), the reload's time and how long checks made while it runs take
-//! (one at a time on one connection, of tuples sampled from the table: the median, the
-//! 99th percentile, the largest, and how many; under the row, the three slowest and when
-//! each was sent, against the time the load was done); then the time of a compaction (the generation rebuilt from
+//! (one at a time on one connection, or on each of `BENCH_RELOAD_CHECKERS` connections, of
+//! tuples sampled from the table: the median, the 99th percentile, the largest, and how
+//! many; under the row, the three slowest and when each was sent, how many took over 1
+//! and over 5 ms, and when the load was done); then the time of a compaction (the generation rebuilt from
 //! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's,
 //! its peak resident memory (both generations, and what the rebuild holds aside), and how
 //! long writes made while it runs take to be visible (one at a time, each read back with
@@ -137,6 +138,8 @@ fn main() {
         other => panic!("BENCH_ORDER is subject, scattered or grown, not {other:?}"),
     };
     let tls = env_or("BENCH_LOAD_TLS", 0u8) == 1;
+    // Connections checking during the reload, each one check at a time.
+    let checkers = env_or("BENCH_RELOAD_CHECKERS", 1usize).max(1);
     let cluster = if tls { cluster_with_tls() } else { cluster() };
     let url = cluster.url("postgres");
     // Each run's URL: the cluster's, or plain and TLS side by side.
@@ -282,29 +285,37 @@ fn main() {
             });
             let reloaded = Arc::new(AtomicBool::new(false));
             let requested = Instant::now();
-            let checker = runtime.spawn({
-                let (listen, reloaded) = (listen.clone(), Arc::clone(&reloaded));
-                async move {
-                    let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
-                    let (mut times, mut body) = (Vec::new(), Vec::new());
-                    for (subject, object, permission) in sample.iter().cycle() {
-                        if reloaded.load(Ordering::Relaxed) {
-                            break;
+            let sample = Arc::new(sample);
+            let checkers: Vec<_> = (0..checkers)
+                .map(|n| {
+                    let (listen, reloaded) = (listen.clone(), Arc::clone(&reloaded));
+                    let sample = Arc::clone(&sample);
+                    runtime.spawn(async move {
+                        let mut stream =
+                            BufStream::new(TcpStream::connect(&listen).await.unwrap());
+                        let (mut times, mut body) = (Vec::new(), Vec::new());
+                        let start = n * sample.len() / checkers;
+                        for (subject, object, permission) in
+                            sample.iter().cycle().skip(start)
+                        {
+                            if reloaded.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            let request = format!(
+                                "GET /v1/check?subject={subject}&permission={permission}&object={object} HTTP/1.1\r\nhost: permd\r\n\r\n"
+                            );
+                            let sent = Instant::now();
+                            stream.write_all(request.as_bytes()).await.unwrap();
+                            stream.flush().await.unwrap();
+                            let status = read_response(&mut stream, &mut body).await;
+                            times.push((sent.elapsed(), sent - requested));
+                            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                            assert!(common::find(&body, b"\"allowed\":true").is_some());
                         }
-                        let request = format!(
-                            "GET /v1/check?subject={subject}&permission={permission}&object={object} HTTP/1.1\r\nhost: permd\r\n\r\n"
-                        );
-                        let sent = Instant::now();
-                        stream.write_all(request.as_bytes()).await.unwrap();
-                        stream.flush().await.unwrap();
-                        let status = read_response(&mut stream, &mut body).await;
-                        times.push((sent.elapsed(), sent - requested));
-                        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                        assert!(common::find(&body, b"\"allowed\":true").is_some());
-                    }
-                    times
-                }
-            });
+                        times
+                    })
+                })
+                .collect();
             runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
                 sqlx::raw_sql("SELECT permd.request_reload()")
@@ -318,7 +329,13 @@ fn main() {
             let built = requested.elapsed();
             assert!(wait().contains("swapped in"));
             reloaded.store(true, Ordering::Relaxed);
-            let mut checks = runtime.block_on(checker).unwrap();
+            let mut checks: Vec<_> = runtime.block_on(async {
+                let mut all = Vec::new();
+                for checker in checkers {
+                    all.extend(checker.await.unwrap());
+                }
+                all
+            });
             // When the slowest checks were sent, against the reload's course.
             checks.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
             let slowest: Vec<String> = checks
@@ -326,9 +343,16 @@ fn main() {
                 .take(3)
                 .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
                 .collect();
+            // How many waited past a scheduler's slice or more: steadier than the largest.
+            let over = |ms: u64| {
+                let limit = Duration::from_millis(ms);
+                checks.iter().take_while(|&&(took, _)| took > limit).count()
+            };
             let slowest = format!(
-                "slowest checks {}; the load done at {:.2} s",
+                "slowest checks {}; over 1 ms {}, over 5 ms {}; the load done at {:.2} s",
                 slowest.join(", "),
+                over(1),
+                over(5),
                 built.as_secs_f64()
             );
             let checked = percentiles(checks.into_iter().map(|(took, _)| took).collect());
