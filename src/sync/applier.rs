@@ -1200,7 +1200,14 @@ impl Applier {
             rows,
             mark,
             tables,
-        } = loader::load(client, tap, self.config.shard, self.config.query_timeout).await?;
+        } = loader::load(
+            client,
+            tap,
+            self.config.shard,
+            self.config.query_timeout,
+            self.store.loaded(),
+        )
+        .await?;
         let snapshot = if self.horizon_only {
             snapshot.horizon()
         } else {
