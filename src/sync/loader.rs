@@ -228,8 +228,9 @@ async fn copy(
 /// it). At the same priority a runtime worker woken for a check could wait runnable for 7
 /// to 17 ms while the builder and a local Postgres's backend held both cores; at +5 a
 /// reload of 10M tuples beside one connection checking made a quarter as many checks
-/// over 1 ms and took 15 % longer, beside 32 connections it made a third as many over 5 ms
-/// and took 9 % longer (+10 made it 1.8x as long there; benches/README.md, "Full load").
+/// over 1 ms and took 14 % longer, beside 32 connections it made two fifths as many over
+/// 5 ms and took 9 % longer (+10 made it 1.8x as long there; benches/README.md, "Full
+/// load"). A reload holds changes back until its swap, so its length is freshness.
 /// The first load, with no checks to answer, runs at the process's priority.
 const RELOAD_NICENESS: i32 = 5;
 
