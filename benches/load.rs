@@ -13,7 +13,9 @@
 //! memory), set off by 1,000 names churned with `--compaction-pct 1`, beside the load's,
 //! its peak resident memory (both generations, and what the rebuild holds aside), and how
 //! long writes made while it runs take to be visible (one at a time, each read back with
-//! its write token: the median, the 99th percentile, the largest, and how many).
+//! its write token: the median, the 99th percentile, the largest, and how many); with
+//! `BENCH_COMPACTION_CHECKERS` connections checking meanwhile too, under the row, their
+//! checks as the reload's are given.
 //!
 //! Shape: one subject per 10 tuples, 50,000 objects, 40 permission names. Names are short
 //! (`user:N`, `doc:N`) unless `BENCH_NAMES=uuid`: then subjects and objects are named by
@@ -111,6 +113,85 @@ fn percentiles(mut times: Vec<Duration>) -> String {
     )
 }
 
+/// Connections checking tuples of `sample` (allowed, each a walk of its subject's grants),
+/// each one check at a time, until stopped.
+struct Checkers {
+    stop: Arc<AtomicBool>,
+    running: Vec<tokio::task::JoinHandle<Vec<(Duration, Duration)>>>,
+}
+
+impl Checkers {
+    /// `connections` of them, from `since` on (each check's send is noted against it).
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        listen: &str,
+        sample: &Arc<Vec<(String, String, String)>>,
+        connections: usize,
+        since: Instant,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = (0..connections)
+            .map(|n| {
+                let (listen, stop, sample) = (listen.to_owned(), Arc::clone(&stop), Arc::clone(sample));
+                runtime.spawn(async move {
+                    let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
+                    let (mut times, mut body) = (Vec::new(), Vec::new());
+                    let start = n * sample.len() / connections;
+                    for (subject, object, permission) in sample.iter().cycle().skip(start) {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let request = format!(
+                            "GET /v1/check?subject={subject}&permission={permission}&object={object} HTTP/1.1\r\nhost: permd\r\n\r\n"
+                        );
+                        let sent = Instant::now();
+                        stream.write_all(request.as_bytes()).await.unwrap();
+                        stream.flush().await.unwrap();
+                        let status = read_response(&mut stream, &mut body).await;
+                        times.push((sent.elapsed(), sent - since));
+                        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                        assert!(common::find(&body, b"\"allowed\":true").is_some());
+                    }
+                    times
+                })
+            })
+            .collect();
+        Self { stop, running }
+    }
+
+    /// Stops them: the checks' percentiles and count, and a line of the three slowest
+    /// (each with when it was sent) and of how many took over 1 and over 5 ms.
+    fn stop(self, runtime: &tokio::runtime::Runtime) -> (String, String) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut checks: Vec<_> = runtime.block_on(async {
+            let mut all = Vec::new();
+            for checker in self.running {
+                all.extend(checker.await.unwrap());
+            }
+            all
+        });
+        checks.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
+        let slowest: Vec<String> = checks
+            .iter()
+            .take(3)
+            .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
+            .collect();
+        // How many waited past a scheduler's slice or more: steadier than the largest.
+        let over = |ms: u64| {
+            let limit = Duration::from_millis(ms);
+            checks.iter().take_while(|&&(took, _)| took > limit).count()
+        };
+        let slowest = format!(
+            "slowest checks {}; over 1 ms {}, over 5 ms {}",
+            slowest.join(", "),
+            over(1),
+            over(5)
+        );
+        let checked = percentiles(checks.into_iter().map(|(took, _)| took).collect());
+        (checked, slowest)
+    }
+}
+
 fn main() {
     let sizes: Vec<u64> = env_list("BENCH_LOAD_SIZES", "1000000,10000000");
     let names = std::env::var("BENCH_NAMES").unwrap_or_else(|_| "short".to_owned());
@@ -140,6 +221,8 @@ fn main() {
     let tls = env_or("BENCH_LOAD_TLS", 0u8) == 1;
     // Connections checking during the reload, each one check at a time.
     let checkers = env_or("BENCH_RELOAD_CHECKERS", 1usize).max(1);
+    // Connections checking during the compaction too, beside its writes (none unless asked).
+    let compaction_checkers = env_or("BENCH_COMPACTION_CHECKERS", 0usize);
     let cluster = if tls { cluster_with_tls() } else { cluster() };
     let url = cluster.url("postgres");
     // Each run's URL: the cluster's, or plain and TLS side by side.
@@ -283,39 +366,9 @@ fn main() {
                 pool.close().await;
                 sample
             });
-            let reloaded = Arc::new(AtomicBool::new(false));
             let requested = Instant::now();
             let sample = Arc::new(sample);
-            let checkers: Vec<_> = (0..checkers)
-                .map(|n| {
-                    let (listen, reloaded) = (listen.clone(), Arc::clone(&reloaded));
-                    let sample = Arc::clone(&sample);
-                    runtime.spawn(async move {
-                        let mut stream =
-                            BufStream::new(TcpStream::connect(&listen).await.unwrap());
-                        let (mut times, mut body) = (Vec::new(), Vec::new());
-                        let start = n * sample.len() / checkers;
-                        for (subject, object, permission) in
-                            sample.iter().cycle().skip(start)
-                        {
-                            if reloaded.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            let request = format!(
-                                "GET /v1/check?subject={subject}&permission={permission}&object={object} HTTP/1.1\r\nhost: permd\r\n\r\n"
-                            );
-                            let sent = Instant::now();
-                            stream.write_all(request.as_bytes()).await.unwrap();
-                            stream.flush().await.unwrap();
-                            let status = read_response(&mut stream, &mut body).await;
-                            times.push((sent.elapsed(), sent - requested));
-                            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                            assert!(common::find(&body, b"\"allowed\":true").is_some());
-                        }
-                        times
-                    })
-                })
-                .collect();
+            let checking = Checkers::start(&runtime, &listen, &sample, checkers, requested);
             runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
                 sqlx::raw_sql("SELECT permd.request_reload()")
@@ -328,34 +381,8 @@ fn main() {
             assert!(reload.contains("full load done"));
             let built = requested.elapsed();
             assert!(wait().contains("swapped in"));
-            reloaded.store(true, Ordering::Relaxed);
-            let mut checks: Vec<_> = runtime.block_on(async {
-                let mut all = Vec::new();
-                for checker in checkers {
-                    all.extend(checker.await.unwrap());
-                }
-                all
-            });
-            // When the slowest checks were sent, against the reload's course.
-            checks.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
-            let slowest: Vec<String> = checks
-                .iter()
-                .take(3)
-                .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
-                .collect();
-            // How many waited past a scheduler's slice or more: steadier than the largest.
-            let over = |ms: u64| {
-                let limit = Duration::from_millis(ms);
-                checks.iter().take_while(|&&(took, _)| took > limit).count()
-            };
-            let slowest = format!(
-                "slowest checks {}; over 1 ms {}, over 5 ms {}; the load done at {:.2} s",
-                slowest.join(", "),
-                over(1),
-                over(5),
-                built.as_secs_f64()
-            );
-            let checked = percentiles(checks.into_iter().map(|(took, _)| took).collect());
+            let (checked, slowest) = checking.stop(&runtime);
+            let slowest = format!("{slowest}; the load done at {:.2} s", built.as_secs_f64());
             let reload_ms = took_ms(&reload);
             let peak = kib(pid, "status", "VmHWM:") * 1024;
             // The peak from here on is the compaction's: the kernel resets it to the
@@ -382,6 +409,15 @@ fn main() {
             std::iter::repeat_with(wait)
                 .find(|line| is_compaction(line, "starting"))
                 .unwrap();
+            let checking_compaction = (compaction_checkers > 0).then(|| {
+                Checkers::start(
+                    &runtime,
+                    &listen,
+                    &sample,
+                    compaction_checkers,
+                    Instant::now(),
+                )
+            });
             // While it runs, one write at a time, each read back with its token (a 503
             // `stale` after the server's wait of 1 s is asked again).
             let (compaction, visible) = runtime.block_on(async {
@@ -421,6 +457,7 @@ fn main() {
                 }
                 unreachable!()
             });
+            let checked_compaction = checking_compaction.map(|c| c.stop(&runtime));
             let compaction_ms = took_ms(&compaction);
             let visible = percentiles(visible);
             let compaction_peak = kib(pid, "status", "VmHWM:") * 1024;
@@ -456,6 +493,9 @@ fn main() {
                 println!("|  | ({permd}) |");
             }
             println!("|  | (during the reload: {slowest}) |");
+            if let Some((checked, slowest)) = checked_compaction {
+                println!("|  | (during the compaction, {compaction_checkers} connections checking: {checked}; {slowest}) |");
+            }
             if !connection.is_empty() {
                 println!("|  | ({connection}) |");
             }
