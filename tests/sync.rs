@@ -5,11 +5,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::bouncer::{Bouncer, PoolMode};
-use common::proxy::Proxy;
+use common::proxy::{Link, Proxy};
 use common::{
     database, database_in_encoding, patient, wait_until, Rng, TestDaemon, TestDb, DEADLINE,
 };
@@ -74,6 +75,125 @@ async fn a_prefilled_database_is_mirrored_exactly() {
 /// itself, TCP or Unix).
 /// A daemon started on a database not migrated yet says what to run, retries, and loads
 /// the set once the migrations are applied.
+/// A daemon (polling only when rung) reloading on a request made after rows were written
+/// with the triggers off, as a bulk import does, its load held in a proxy in the middle
+/// of its COPY (the load's rows are some 1.5 MiB: past 256 KiB, its connection is held);
+/// changes committed after the load's snapshot are answered meanwhile: a grant, a
+/// revoke, a limit, and the revoke of a row only the load holds. A write token past the
+/// request waits for the reload: the generation answering lacks the bulk rows. Returns
+/// the daemon, the proxy's held connection and the changes' token.
+async fn a_reload_held_beside_changes(db: &TestDb) -> (TestDaemon, Arc<Link>, Proxy, String) {
+    db.exec(
+        "INSERT INTO permd.tuples VALUES ('u1', 'doc:1', 'read', NULL);
+         INSERT INTO permd.limits VALUES ('u1', 'projects', 1);",
+    )
+    .await;
+    let (proxy, url) = Proxy::in_front_of(&db.url, 256 << 10).await;
+    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
+    db.exec(
+        "SET session_replication_role = replica;
+         INSERT INTO permd.tuples SELECT 'bulk:' || i, 'doc:' || (i % 100), 'read', NULL
+         FROM generate_series(1, 30000) i;
+         RESET session_replication_role;",
+    )
+    .await;
+    db.exec("SELECT permd.request_reload()").await;
+    wait_until("the reload's connection to be held in its COPY", || {
+        std::future::ready(proxy.frozen().is_some())
+    })
+    .await;
+    let held = proxy.frozen().expect("the held connection");
+    let token = db
+        .write(
+            "INSERT INTO permd.tuples VALUES ('u2', 'doc:2', 'read', NULL);
+             DELETE FROM permd.tuples WHERE subject = 'u1';
+             UPDATE permd.limits SET value = 5 WHERE subject = 'u1';
+             DELETE FROM permd.tuples WHERE subject = 'bulk:7';",
+        )
+        .await;
+    wait_until("the changes to be answered during the reload", || {
+        std::future::ready(
+            daemon.store.check("u2", "read", "doc:2")
+                && !daemon.store.check("u1", "read", "doc:1")
+                && daemon.store.limit("u1", "projects") == Some(5),
+        )
+    })
+    .await;
+    // Answered from the generation being replaced: the bulk rows are not there yet, and
+    // the token waits.
+    assert!(!daemon.store.check("bulk:1", "read", "doc:1"));
+    let xid = permd::store::Xid(token.parse().expect("a token is an xid"));
+    assert_eq!(
+        daemon.store.passed(xid),
+        None,
+        "the token waits for the reload"
+    );
+    assert_eq!(
+        daemon.status.report().reloads,
+        1,
+        "only the first load swapped in"
+    );
+    assert!(!held.closed.is_cancelled(), "the load is still held");
+    (daemon, held, proxy, token)
+}
+
+/// `GET /v1/subjects/S/limits`'s value of `name`.
+async fn limit_of(daemon: &TestDaemon, subject: &str, name: &str) -> Option<i64> {
+    let (status, body) = daemon.get(&format!("/v1/subjects/{subject}/limits")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["limits"][name].as_i64()
+}
+
+/// A reload beside the polls (`a_reload_held_beside_changes`) swaps in with the changes
+/// made beside it already in its generation: read right after the swap, before any poll
+/// from the load's snapshot (none is rung), no key has gone back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_committed_during_a_reload_are_answered_before_it_ends_and_kept_after() {
+    let db = database().await;
+    let (daemon, held, _proxy, token) = a_reload_held_beside_changes(&db).await;
+    held.resumed.cancel();
+    daemon
+        .wait_for_report("the reload swapped in", |report| report.reloads >= 2)
+        .await;
+    // No token above the watermark: nothing wakes the applier.
+    assert!(daemon.check("bulk:1", "read", "doc:1", "0").await);
+    assert!(!daemon.check("bulk:7", "read", "doc:7", "0").await);
+    assert!(daemon.check("u2", "read", "doc:2", "0").await);
+    assert!(!daemon.check("u1", "read", "doc:1", "0").await);
+    assert_eq!(limit_of(&daemon, "u1", "projects").await, Some(5));
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    let report = daemon.status.report();
+    assert_eq!((report.reloads, report.reconnects), (2, 0), "{report:?}");
+    assert_eq!(
+        report.last_full_load_reason.as_deref(),
+        Some("TRUNCATE or permd.request_reload() in the changelog")
+    );
+    daemon.stop().await;
+}
+
+/// A reload asked for again while one loads beside the polls (`a_reload_held_beside_changes`):
+/// the polls stop at the second request, the first load swaps in when it ends, and a
+/// second load follows, which holds the changes made after the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_asked_for_during_a_reload_loads_again_after_it() {
+    let db = database().await;
+    let (daemon, held, _proxy, _) = a_reload_held_beside_changes(&db).await;
+    db.exec("SELECT permd.request_reload()").await;
+    let last = db
+        .write("INSERT INTO permd.tuples VALUES ('u3', 'doc:3', 'read', NULL)")
+        .await;
+    held.resumed.cancel();
+    daemon
+        .wait_for_report("the second reload swapped in", |report| report.reloads >= 3)
+        .await;
+    assert_eq!(daemon.digest_at(&last).await, db.digest().await);
+    assert!(daemon.check("bulk:1", "read", "doc:1", &last).await);
+    assert!(daemon.check("u3", "read", "doc:3", &last).await);
+    let report = daemon.status.report();
+    assert_eq!((report.reloads, report.reconnects), (3, 0), "{report:?}");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_migrated_after_the_daemon_started_is_loaded_then() {
     let db = common::unmigrated_database().await;

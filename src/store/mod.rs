@@ -12,7 +12,7 @@ mod state;
 mod subjects;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -104,17 +104,61 @@ struct Shared {
     /// A waiter asks the applier to poll now instead of at its next tick, so a
     /// read-your-writes check does not wait for the idle interval when NOTIFY is off.
     wanted: Notify,
-    /// The keys written since a compaction began, while one runs. A `Mutex`: only the
-    /// single writer takes it, once a write, so it is never contended.
+    /// The keys written while another generation is built beside the current one (a
+    /// compaction's or a reload's). A `Mutex`: only the single writer takes it, once a
+    /// write, so it is never contended.
     journal: Mutex<Option<Journal>>,
 }
 
-/// The keys the writer changed while a compaction rebuilt the generation
-/// (`Store::begin_compaction`): copied into the rebuilt one before it is swapped in.
-#[derive(Default)]
+/// The keys the writer changed while another generation was built beside the current one
+/// (`Store::begin_compaction`, `Store::begin_reload`), each with whether its last write
+/// was newer than what the generation built holds: those are copied into it before it is
+/// swapped in.
 struct Journal {
-    grants: HashSet<(Box<str>, Box<str>)>,
-    limits: HashSet<Box<str>>,
+    /// Whether the writes made now are newer than the generation being built holds
+    /// (`Store::writes_newer`): always for a compaction, whose rebuild may or may not
+    /// have read a key yet (a copy compares the rows); for a reload, whether the
+    /// changes being applied are past the load's snapshot.
+    newer: bool,
+    grants: HashMap<(Box<str>, Box<str>), bool>,
+    limits: HashMap<Box<str>, bool>,
+}
+
+impl Journal {
+    fn new(newer: bool) -> Self {
+        Self {
+            newer,
+            grants: HashMap::new(),
+            limits: HashMap::new(),
+        }
+    }
+
+    /// Copies each key whose last write was newer from `from`, the generation written,
+    /// into `into`, the one built beside it. A key `into` already holds as it is stays as
+    /// it was built (and its subject in the lock-free tier): ids differ between
+    /// generations, so rows are compared by name, sorted.
+    fn copy(&self, from: &State, into: &State) {
+        fn newer<K>((key, newer): (K, &bool)) -> Option<K> {
+            newer.then_some(key)
+        }
+        for (subject, object) in self.grants.iter().filter_map(newer) {
+            let mut rows = from.grant_rows(subject, object);
+            let mut built = into.grant_rows(subject, object);
+            rows.sort_unstable();
+            built.sort_unstable();
+            if rows != built {
+                into.set_grant(subject, object, &rows);
+            }
+        }
+        for subject in self.limits.iter().filter_map(newer) {
+            let (mut rows, mut built) = (from.limit_rows(subject), into.limit_rows(subject));
+            rows.sort_unstable();
+            built.sort_unstable();
+            if rows != built {
+                into.set_limits(subject, &rows);
+            }
+        }
+    }
 }
 
 /// Why a wait for a write token gave up.
@@ -391,7 +435,9 @@ impl Store {
     /// Replaces `subject`'s grants on `object`. Applier only.
     pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
         self.note(|journal| {
-            journal.grants.insert((subject.into(), object.into()));
+            journal
+                .grants
+                .insert((subject.into(), object.into()), journal.newer);
         });
         self.inner.state.load().set_grant(subject, object, rows);
     }
@@ -401,7 +447,9 @@ impl Store {
     pub(crate) fn set_grants(&self, subject: &str, changes: &[(&str, &[TupleRow])]) {
         self.note(|journal| {
             for (object, _) in changes {
-                journal.grants.insert((subject.into(), (*object).into()));
+                journal
+                    .grants
+                    .insert((subject.into(), (*object).into()), journal.newer);
             }
         });
         self.inner.state.load().set_grants(subject, changes);
@@ -410,19 +458,19 @@ impl Store {
     /// Replaces `subject`'s limits. Applier only.
     pub(crate) fn set_limits(&self, subject: &str, rows: &[(String, i64)]) {
         self.note(|journal| {
-            journal.limits.insert(subject.into());
+            journal.limits.insert(subject.into(), journal.newer);
         });
         self.inner.state.load().set_limits(subject, rows);
     }
 
-    /// Notes a write in the journal, while a compaction runs.
+    /// Notes a write in the journal, while one is kept.
     fn note(&self, f: impl FnOnce(&mut Journal)) {
         if let Some(journal) = self.journal().as_mut() {
             f(journal);
         }
     }
 
-    /// The journal, while a compaction runs (`None` otherwise).
+    /// The journal, while a compaction or a reload runs (`None` otherwise).
     fn journal(&self) -> std::sync::MutexGuard<'_, Option<Journal>> {
         self.inner.journal.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -431,12 +479,29 @@ impl Store {
     /// rebuild (`State::rebuilt`, on a thread of the caller's) is returned. The writer may
     /// go on writing; `finish_compaction` ends it. Applier only.
     pub(crate) fn begin_compaction(&self) -> Arc<State> {
-        *self.journal() = Some(Journal::default());
+        *self.journal() = Some(Journal::new(true));
         self.inner.state.load_full()
     }
 
-    /// Ends a compaction whose rebuild failed: writes are no longer noted. Applier only.
-    pub(crate) fn abandon_compaction(&self) {
+    /// Begins a reload beside the current generation: from now on every write is noted,
+    /// with whether it is past the load's snapshot (`writes_newer`, which the writer
+    /// says before each batch of writes: until it does, none is). The writer may go on
+    /// writing; `finish_reload` ends it. Applier only.
+    pub(crate) fn begin_reload(&self) {
+        *self.journal() = Some(Journal::new(false));
+    }
+
+    /// Says whether the writes made from now on are newer than what the generation being
+    /// loaded holds, while a reload runs (`begin_reload`). Applier only.
+    pub(crate) fn writes_newer(&self, newer: bool) {
+        if let Some(journal) = self.journal().as_mut() {
+            journal.newer = newer;
+        }
+    }
+
+    /// Ends a compaction whose rebuild failed, or a reload whose load did: writes are no
+    /// longer noted. Applier only.
+    pub(crate) fn abandon_journal(&self) {
         *self.journal() = None;
     }
 
@@ -446,31 +511,26 @@ impl Store {
     /// `None`, and `rebuilt` dropped, if `old` is no longer current (a full load replaced
     /// it). Applier only, with no write running meanwhile.
     pub(crate) fn finish_compaction(&self, old: &Arc<State>, rebuilt: State) -> Option<Arc<State>> {
-        let journal = self.journal().take().unwrap_or_default();
+        let journal = self.journal().take();
         if !Arc::ptr_eq(&self.inner.state.load(), old) {
             return None;
         }
-        // A key the rebuild already read as it is stays as the rebuild left it (and its
-        // subject in the lock-free tier): ids differ between generations, so rows are
-        // compared by name, sorted.
-        for (subject, object) in &journal.grants {
-            let mut rows = old.grant_rows(subject, object);
-            let mut built = rebuilt.grant_rows(subject, object);
-            rows.sort_unstable();
-            built.sort_unstable();
-            if rows != built {
-                rebuilt.set_grant(subject, object, &rows);
-            }
-        }
-        for subject in &journal.limits {
-            let (mut rows, mut built) = (old.limit_rows(subject), rebuilt.limit_rows(subject));
-            rows.sort_unstable();
-            built.sort_unstable();
-            if rows != built {
-                rebuilt.set_limits(subject, &rows);
-            }
+        if let Some(journal) = journal {
+            journal.copy(old, &rebuilt);
         }
         Some(self.replace(rebuilt))
+    }
+
+    /// Ends a reload: every key whose last write since `begin_reload` was newer than the
+    /// load's snapshot is copied from the current generation into `loaded`, which is then
+    /// swapped in; the generation replaced is returned (for the caller to drop off the
+    /// async runtime). Every other key is as new in `loaded`: its last change was one the
+    /// load's snapshot sees. Applier only, with no write running meanwhile.
+    pub(crate) fn finish_reload(&self, loaded: State) -> Arc<State> {
+        if let Some(journal) = self.journal().take() {
+            journal.copy(&self.inner.state.load(), &loaded);
+        }
+        self.replace(loaded)
     }
 
     /// Swaps in a freshly loaded generation and returns the old one (for the caller to
@@ -927,8 +987,55 @@ mod tests {
         let store = churned_store();
         drop(store.begin_compaction());
         store.set_grant("u1", "o1", &[]);
-        store.abandon_compaction();
+        store.abandon_journal();
         store.set_grant("u2", "o2", &[]);
+        assert!(store.journal().is_none());
+    }
+
+    /// A reload keeps the writes made beside its load that are newer than its snapshot,
+    /// and takes the load's rows for every other key, the last write deciding.
+    #[test]
+    fn a_reload_keeps_the_writes_past_its_snapshot_and_loads_the_rest() {
+        let store = churned_store();
+        store.begin_reload();
+        // Changes the load's snapshot saw: the load holds them (and here, one more that
+        // the writer had not applied yet).
+        store.set_grant("u1", "o1", &read("write"));
+        store.set_limits("u10", &[]);
+        // Past the load's snapshot.
+        store.writes_newer(true);
+        store.set_grant("u2", "o2", &[]);
+        store.set_grants("u3", &[("o3", &read("admin")), ("x3", &read("read"))]);
+        store.set_limits("u20", &[("max".to_owned(), 9)]);
+        store.set_grant("u4", "o4", &read("write"));
+        // A key written past the snapshot, then by a change the snapshot saw: the load
+        // holds it as new (the writer read it out of order), and is not overwritten.
+        store.writes_newer(false);
+        store.set_grant("u4", "o4", &read("admin"));
+
+        let mut builder = StateBuilder::new();
+        for s in 1..=4 {
+            builder.tuple(&format!("u{s}"), &format!("o{s}"), "read", None);
+        }
+        builder.tuple("u1", "o1", "admin", None);
+        builder.tuple("u4", "o4", "owner", None);
+        builder.tuple("bulk", "o", "read", None);
+        builder.limit("u10", "max", 1);
+        builder.limit("u20", "max", 2);
+        drop(store.finish_reload(builder.finish()));
+
+        // The load's rows where nothing newer was written.
+        assert!(store.check("u1", "admin", "o1") && !store.check("u1", "write", "o1"));
+        assert_eq!(store.limit("u10", "max"), Some(1));
+        assert!(store.check("u4", "owner", "o4") && !store.check("u4", "write", "o4"));
+        assert!(store.check("bulk", "read", "o"));
+        // The newer writes over them.
+        assert!(!store.check("u2", "read", "o2"));
+        assert!(store.check("u3", "admin", "o3") && !store.check("u3", "read", "o3"));
+        assert!(store.check("u3", "read", "x3"));
+        assert_eq!(store.limit("u20", "max"), Some(9));
+        // The journal is off again.
+        store.set_grant("u5", "o5", &[]);
         assert!(store.journal().is_none());
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{Fuse, FusedFuture as _};
 use futures_util::{FutureExt as _, StreamExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
@@ -180,8 +180,9 @@ pub const SESSION: &str = "SET jit = off; SET enable_seqscan = off; SET enable_b
 ///   snapshot's xmin (an older transaction is still open), in µs since the epoch, else
 ///   NULL
 /// - `e` (at most one): a = xid of the batch's last row, n = its id, b = rows in the batch
-/// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object, n = the position of
-///   its last change in the batch
+/// - `k`: a changed key: a = kind (t, l, r), b = subject, c = object (for a reload
+///   marker, r, its transaction's xid: one row for each), n = the position of its last
+///   change in the batch
 /// - `t`: a current tuple of a changed key: a = subject, b = object, c = permission,
 ///   n = expires_at (µs since the epoch, NULL = never)
 /// - `l`: a current limit of a changed subject: a = subject, c = name, n = value
@@ -219,7 +220,11 @@ WITH h AS MATERIALIZED (
     -- Each changed key, with the position of its last change in the changelog's order:
     -- keys are applied in that order (see `poll`).
     SELECT kind, subject, object, max(pos) AS pos
-    FROM (SELECT kind, subject, object, row_number() OVER (ORDER BY xid, id) AS pos FROM b) p
+    FROM (
+        SELECT kind, subject, CASE WHEN kind = 'r' THEN xid::text ELSE object END AS object,
+            row_number() OVER (ORDER BY xid, id) AS pos
+        FROM b
+    ) p
     /* shard */
     GROUP BY kind, subject, object
 )
@@ -361,6 +366,39 @@ pub struct Applier {
     backlog_counted: bool,
     /// Tuples a second of the last full load of at least `LOAD_RATE_SAMPLE` rows.
     load_rate: Option<f64>,
+    /// The reload running beside the polls, if one is.
+    reloading: Option<Reloading>,
+    /// Rung when that reload's load has ended, so that the wait between polls ends and it
+    /// is swapped in at once.
+    load_ended: Arc<Notify>,
+}
+
+/// A reload beside the polls (`Applier::begin_reload`): the load runs on a connection of
+/// its own, and the polls and notifications go on applying changes to the current
+/// generation, noting whether each is past the load's snapshot (`Store::writes_newer`);
+/// `Applier::finish_reload` keeps those in the loaded generation as it swaps it in.
+struct Reloading {
+    /// The load's outcome, sent as it ends.
+    loaded: oneshot::Receiver<Result<Loaded, Error>>,
+    /// The load's snapshot: the changes it sees are in the generation it builds.
+    snapshot: Snapshot,
+    /// The changelog's pruning mark in that snapshot.
+    mark: Cursor,
+    why: &'static str,
+    started: Instant,
+    /// The load's task and its connection's, stopped if the reload is dropped unfinished
+    /// (the session ended).
+    task: AbortHandle,
+    driver: Option<AbortHandle>,
+}
+
+impl Drop for Reloading {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(driver) = self.driver.take() {
+            driver.abort();
+        }
+    }
 }
 
 /// A compaction under way: the generation it rebuilds, the thread rebuilding it, and why.
@@ -457,6 +495,8 @@ impl Applier {
             reload_due: None,
             backlog_counted: false,
             load_rate: None,
+            reloading: None,
+            load_ended: Arc::new(Notify::new()),
         }
     }
 
@@ -554,10 +594,16 @@ impl Applier {
         let (client, tap, heard, closed) = self.connect().await?;
         let closed = closed.fuse();
         tokio::pin!(closed);
-        match self
+        let followed = self
             .follow(client, tap.clone(), heard, closed.as_mut(), shutdown)
-            .await
-        {
+            .await;
+        // A reload the session left unfinished is stopped, and the next session loads
+        // first: its polls may have passed the change that called for it.
+        if let Some(reloading) = self.reloading.take() {
+            self.store.abandon_journal();
+            self.reload_due.get_or_insert(reloading.why);
+        }
+        match followed {
             Err(error) if error.is_closed() => Err(why_closed(error, closed, &tap).await),
             // permd never deallocates a statement it prepared: one unknown to the server
             // was prepared in another server session.
@@ -671,12 +717,18 @@ impl Applier {
                 () = shutdown.cancelled() => return Ok(()),
             };
             self.finish_rebuilt_compaction().await?;
-            if matches!(polled, Polled::CaughtUp { .. }) && self.compacting.is_none() {
+            if let Some(reloading) = self.reloading.as_mut() {
+                if let Ok(loaded) = reloading.loaded.try_recv() {
+                    self.finish_reload(loaded).await?;
+                }
+            }
+            let idle = self.compacting.is_none() && self.reloading.is_none();
+            if matches!(polled, Polled::CaughtUp { .. }) && idle {
                 if let Some(why) = self.compaction_due() {
                     self.begin_compaction(why);
                 }
             }
-            if matches!(polled, Polled::More) {
+            if matches!(polled, Polled::More) && self.reloading.is_none() {
                 if let Some(why) = self.backlog(&client, started.elapsed()).await? {
                     self.reload(&mut client, &tap, &why, false).await?;
                 }
@@ -685,8 +737,27 @@ impl Applier {
             }
             let wait = match polled {
                 Polled::More => continue,
+                // A change the load under way does not cover: nothing past it can be
+                // applied, so the polls wait for the load, and the next one calls for a
+                // reload again.
+                Polled::Reload(why) if self.reloading.is_some() => {
+                    tracing::info!(
+                        reason = why,
+                        "the changelog calls for a reload past the one under way: waiting \
+                         for it, then loading again"
+                    );
+                    let loaded = tokio::select! {
+                        loaded = self.load_outcome() => loaded,
+                        result = &mut closed => return Err(result),
+                        () = shutdown.cancelled() => return Ok(()),
+                    };
+                    self.finish_reload(loaded).await?;
+                    continue;
+                }
                 Polled::Reload(why) => {
-                    self.reload(&mut client, &tap, why, false).await?;
+                    if !self.begin_reload(why).await? {
+                        self.reload(&mut client, &tap, why, false).await?;
+                    }
                     continue;
                 }
                 // Changes wait on a standby behind an open transaction, or a reader waits
@@ -730,6 +801,10 @@ impl Applier {
                     }
                     () = self.rebuilt.notified(), if self.compacting.is_some() => {
                         tracing::trace!("woken by a compaction's rebuild");
+                        break;
+                    }
+                    () = self.load_ended.notified(), if self.reloading.is_some() => {
+                        tracing::trace!("woken by a reload's load");
                         break;
                     }
                     () = tokio::time::sleep_until(next) => {
@@ -924,10 +999,12 @@ impl Applier {
 
     /// Takes in one message from the connection; true when it calls for a poll.
     fn hear(&mut self, message: Message) -> bool {
+        let mut xid = None;
         let verdict = match message {
             Message::Heard(payload) => match Heard::parse(&payload, self.signing.key.as_ref()) {
                 Ok(heard) => {
                     self.signing.proven |= heard.has_rows();
+                    xid = Some(heard.xid());
                     self.follower.heard(Some(heard))
                 }
                 // Without a key (said once at connect) every notification is a doorbell.
@@ -958,6 +1035,12 @@ impl Applier {
         };
         match verdict {
             Verdict::Apply(change) => {
+                // Beside a reload, the journal notes whether the commit is past its
+                // snapshot.
+                if let Some(reloading) = &self.reloading {
+                    let past = xid.is_none_or(|xid| !reloading.snapshot.sees(xid));
+                    self.store.writes_newer(past);
+                }
                 change.of_shard(self.config.shard).apply(&self.store);
                 self.status.followed();
                 false
@@ -1075,8 +1158,7 @@ impl Applier {
         // query timeout, a full load's stall) would take it for a dead connection: a poll
         // would be abandoned with its backend still queued for the lock, and a full load
         // would be reported as stalled.
-        let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
-        let own = format!("{SESSION}; SET lock_timeout = {lock_timeout}");
+        let own = self.own_settings();
         // Before the settings, which a pooler in transaction mode would leave behind in a
         // server session the application then gets. The second connection is waited for
         // half the query timeout at most, so that the first's statement has the rest.
@@ -1100,6 +1182,57 @@ impl Applier {
                 .await?;
         }
         Ok((client, tap, heard_rx, closed))
+    }
+
+    /// The settings of permd's own that a session of the sync connection, or of a reload's,
+    /// starts with: `SESSION` and `lock_timeout` (`connect`).
+    fn own_settings(&self) -> String {
+        let lock_timeout = (self.config.query_timeout.as_millis() / 2).max(1);
+        format!("{SESSION}; SET lock_timeout = {lock_timeout}")
+    }
+
+    /// Opens the connection a reload beside the polls loads on, and checks that it reached
+    /// the sync connection's server, as that one was when its session began (its snapshot
+    /// must be of the same transactions as the polls'). Its notices and its end are left
+    /// to a task of its own, returned.
+    async fn load_connection(&self) -> Result<(Client, Tap, JoinHandle<()>), Error> {
+        let (mut config, settings) = connect::config(&self.config.database_url)?;
+        connect::daemon_defaults(&mut config);
+        config.application_name(connect::reload_name(config.get_application_name()));
+        let tap = Tap::default();
+        let (client, connection) = self
+            .timed(
+                "the reload's connection",
+                connect::connect(&config, &settings, &tap),
+            )
+            .await?;
+        let driver = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error_chain(&error), "the reload's connection ended");
+            }
+        });
+        let opened = async {
+            for statements in connect::first_statements(&config, &self.own_settings()) {
+                self.timed("the reload's settings", client.batch_execute(&statements))
+                    .await?;
+            }
+            let server = Server::read(&client, self.config.query_timeout).await?;
+            match self.server.as_ref().map(|last| server.reload_since(last)) {
+                Some(None) => Ok(()),
+                Some(Some(why)) => Err(Error::Protocol(format!(
+                    "the reload's connection reached another server than the sync \
+                     connection's ({why})"
+                ))),
+                None => Err(Error::Protocol("no server known to the session".into())),
+            }
+        };
+        match opened.await {
+            Ok(()) => Ok((client, tap, driver)),
+            Err(error) => {
+                driver.abort();
+                Err(error)
+            }
+        }
     }
 
     /// Whether permd's tables hold transaction ids restored from another cluster (a dump
@@ -1206,6 +1339,7 @@ impl Applier {
             self.config.shard,
             self.config.query_timeout,
             self.store.loaded(),
+            None,
         )
         .await?;
         let snapshot = if self.horizon_only {
@@ -1238,6 +1372,140 @@ impl Applier {
             rows,
             took_ms = took.as_millis() as u64,
             "full load swapped in"
+        );
+        Ok(())
+    }
+
+    /// Begins a reload beside the polls, for `why` (a reason a poll gave): the load runs on
+    /// a connection of its own (`load_connection`) and a task of its own, while the polls
+    /// and notifications go on applying changes to the current generation, so that a
+    /// change committed during the reload is answered as soon as it would be without one,
+    /// rather than once the reload has swapped in. Returns once the load's snapshot is
+    /// taken (the writes from then on are told apart by it); `false` where no such
+    /// connection could be opened to the same server (the caller then loads on the sync
+    /// connection, which holds changes back until the load ends). Not on a standby, whose
+    /// snapshots are cut to their horizon. A compaction under way is dropped: the load
+    /// reclaims what it would.
+    async fn begin_reload(&mut self, why: &'static str) -> Result<bool, Error> {
+        if self.horizon_only {
+            return Ok(false);
+        }
+        let (mut client, tap, driver) = match self.load_connection().await {
+            Ok(opened) => opened,
+            Err(error) => {
+                tracing::warn!(
+                    reason = why,
+                    error = %error_chain(&error),
+                    "could not open a connection to reload beside the polls: loading on \
+                     the sync connection, which holds every change back until the load \
+                     ends"
+                );
+                return Ok(false);
+            }
+        };
+        if self.compacting.take().is_some() {
+            tracing::info!("compaction dropped: a reload begins, which reclaims as much");
+        }
+        tracing::info!(reason = why, "full load starting, beside the polls");
+        let started = Instant::now();
+        self.store.begin_reload();
+        self.load_ended = Arc::new(Notify::new());
+        let (begun, snapshot) = oneshot::channel();
+        let (outcome, loaded) = oneshot::channel();
+        let (shard, stall, ended) = (
+            self.config.shard,
+            self.config.query_timeout,
+            Arc::clone(&self.load_ended),
+        );
+        let task = tokio::spawn(async move {
+            let result = loader::load(&mut client, &tap, shard, stall, true, Some(begun)).await;
+            let _ = outcome.send(result);
+            ended.notify_one();
+        });
+        let Ok((snapshot, mark)) = snapshot.await else {
+            // The load ended before its snapshot: its error.
+            self.store.abandon_journal();
+            driver.abort();
+            self.reload_due.get_or_insert(why);
+            return Err(match loaded.await {
+                Ok(Err(error)) => error,
+                _ => Error::Builder("the reload's task ended before its snapshot".into()),
+            });
+        };
+        self.reloading = Some(Reloading {
+            loaded,
+            snapshot,
+            mark,
+            why,
+            started,
+            task: task.abort_handle(),
+            driver: Some(driver.abort_handle()),
+        });
+        Ok(true)
+    }
+
+    /// The outcome of the reload under way's load, once it has one.
+    async fn load_outcome(&mut self) -> Result<Loaded, Error> {
+        let Some(reloading) = self.reloading.as_mut() else {
+            return Err(Error::Builder("no reload under way".into()));
+        };
+        (&mut reloading.loaded)
+            .await
+            .unwrap_or_else(|_| Err(Error::Builder("the reload's task ended unanswered".into())))
+    }
+
+    /// Swaps in the generation a reload beside the polls loaded, with every key written
+    /// since past the load's snapshot copied into it from the current one (on a blocking
+    /// thread: this task, the only writer, waits, so no write runs meanwhile), and reads
+    /// the changelog from the load's snapshot on. The keys it copies already hold every
+    /// change up to where the polls are, and the others are as new in the loaded
+    /// generation, so no key goes back; the watermark stays (`Store::advance` passes over
+    /// a snapshot older than the one held) until the polls from the load's snapshot have
+    /// caught up past it. A load that failed ends the session, and the next one loads
+    /// first.
+    async fn finish_reload(&mut self, loaded: Result<Loaded, Error>) -> Result<(), Error> {
+        let Some(mut reloading) = self.reloading.take() else {
+            return Ok(());
+        };
+        let Loaded {
+            state,
+            snapshot,
+            rows,
+            mark,
+            tables,
+        } = match loaded {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                self.store.abandon_journal();
+                self.reload_due.get_or_insert(reloading.why);
+                return Err(error);
+            }
+        };
+        // The load's connection ends on its own with the load's task: not cut short.
+        reloading.driver = None;
+        let store = self.store.clone();
+        let old = tokio::task::spawn_blocking(move || store.finish_reload(state))
+            .await
+            .map_err(|e| Error::Builder(e.to_string()))?;
+        // The old generation may be large: free it off the async runtime.
+        tokio::task::spawn_blocking(move || drop(old));
+        self.follower.loaded(snapshot.clone());
+        self.cursor = Some(Position::at(snapshot.clone()));
+        self.mark_at_load = mark;
+        self.tables_at_load = tables;
+        let why = reloading.why;
+        let took = reloading.started.elapsed();
+        self.last_load = Some((Instant::now(), took));
+        if rows >= LOAD_RATE_SAMPLE {
+            self.load_rate = Some(rows as f64 / took.as_secs_f64().max(1e-6));
+        }
+        self.status.full_load_done(took.as_millis() as u64, why);
+        self.store.advance(&snapshot);
+        tracing::info!(
+            reason = why,
+            rows,
+            took_ms = took.as_millis() as u64,
+            "full load swapped in, with the changes applied beside it"
         );
         Ok(())
     }
@@ -1293,7 +1561,7 @@ impl Applier {
         let state = match rebuild.await {
             Ok(state) => state,
             Err(error) => {
-                self.store.abandon_compaction();
+                self.store.abandon_journal();
                 return Err(Error::Builder(error.to_string()));
             }
         };
@@ -1365,7 +1633,8 @@ impl Applier {
         let mut keys: Vec<(i64, Key)> = Vec::new();
         let mut tuples: HashMap<(String, String), Vec<TupleRow>> = HashMap::new();
         let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
-        let mut reload = false;
+        // The reload markers' transactions (a TRUNCATE's, `request_reload()`'s).
+        let mut markers: Vec<Option<u64>> = Vec::new();
         let mut pending_since: Option<i64> = None;
         let mut backend = None;
         let mut tables = String::new();
@@ -1401,7 +1670,7 @@ impl Applier {
                         Key::Grant(b.unwrap_or_default(), c.unwrap_or_default()),
                     )),
                     "l" => keys.push((n.unwrap_or(0), Key::Limits(b.unwrap_or_default()))),
-                    _ => reload = true,
+                    _ => markers.push(c.as_deref().and_then(|xid| parse_xid(xid).ok())),
                 },
                 "t" => tuples
                     .entry((a, b.unwrap_or_default()))
@@ -1456,7 +1725,12 @@ impl Applier {
         // transaction of this server could have made was restored from another cluster
         // (`restored`); one that became so since the load ends the session, whose next one
         // looks at it first.
-        if position.first_unapplied() < pruned && pruned != self.mark_at_load {
+        // A reload under way holds what its snapshot saw: the rows pruned before it, and
+        // the changes a reload marker it sees asked for. The polls beside it pass over
+        // those, and apply the rest.
+        let loading = self.reloading.as_ref();
+        let pruned_for_load = loading.is_some_and(|r| r.mark == pruned);
+        if position.first_unapplied() < pruned && pruned != self.mark_at_load && !pruned_for_load {
             if pruned.xid < taken.xmax() {
                 return Ok(Polled::Reload("changelog pruned past the cursor"));
             }
@@ -1466,8 +1740,18 @@ impl Applier {
                 pruned.xid
             )));
         }
-        if reload {
-            return Ok(Polled::Reload("TRUNCATE in the changelog"));
+        let loaded = |marker: &Option<u64>| {
+            loading.is_some_and(|r| marker.is_some_and(|xid| r.snapshot.sees(xid)))
+        };
+        if !markers.iter().all(loaded) {
+            return Ok(Polled::Reload(
+                "TRUNCATE or permd.request_reload() in the changelog",
+            ));
+        }
+        // Beside a reload, the journal notes whether these rows are past its snapshot: a
+        // poll's snapshot taken after the load's sees everything it does.
+        if let Some(reloading) = loading {
+            self.store.writes_newer(taken.covers(&reloading.snapshot));
         }
         // Each key is rewritten whole, in the order of its last change: a reader sees a
         // transaction's keys change in the order it wrote them, and the keys of
@@ -1510,7 +1794,7 @@ impl Applier {
                 // Rows of `last.xid` may remain; those of every transaction before it in
                 // the changelog's order that the snapshot sees are applied.
                 let seen = position.seen.extended(&snapshot, last.xid);
-                self.store.advance(&seen);
+                self.advance(&seen);
                 self.cursor = Some(Position {
                     seen,
                     part: Some(last),
@@ -1520,7 +1804,7 @@ impl Applier {
             }
             _ => {
                 // The mirror is the database at the snapshot.
-                self.store.advance(&snapshot);
+                self.advance(&snapshot);
                 self.cursor = Some(Position::at(snapshot.clone()));
                 // With changes waiting (on a standby), the mirror is as old as the oldest.
                 self.status.caught_up(pending_since);
@@ -1529,6 +1813,18 @@ impl Applier {
                     pending: pending_since.is_some(),
                 })
             }
+        }
+    }
+
+    /// Moves the watermark to what a poll applied, but not while a reload runs beside the
+    /// polls: the current generation then lacks whatever called for the reload (a bulk
+    /// write made with the triggers off before `permd.request_reload()`, changelog rows
+    /// pruned unread), so a write token past it, `request_reload()`'s own included, waits
+    /// for the reload's swap, as it did when a reload held every change back. Checks
+    /// without a token see the changes applied meanwhile.
+    fn advance(&self, seen: &Snapshot) {
+        if self.reloading.is_none() {
+            self.store.advance(seen);
         }
     }
 

@@ -265,6 +265,12 @@ pub(crate) fn second_name(name: Option<&str>) -> String {
     format!("{} (pooler check)", name.unwrap_or("permd"))
 }
 
+/// The `application_name` of the connection a reload beside the polls loads on: the sync
+/// connection's (`name`), told apart.
+pub(crate) fn reload_name(name: Option<&str>) -> String {
+    format!("{} (reload)", name.unwrap_or("permd"))
+}
+
 /// [`two_sessions`] of `first` and what `second` (a second connection's
 /// [`WHICH_SESSION`]) answers within `wait` (at most [`SECOND_SESSION_WAIT`]). Where it
 /// answers nothing (the connection failed, or waited longer: a session pooler with one

@@ -184,6 +184,11 @@ impl Heard {
         })
     }
 
+    /// The transaction that sent it.
+    pub(crate) fn xid(&self) -> u64 {
+        self.xid
+    }
+
     /// Whether it carries rows (and so was signed, and verified).
     pub(crate) fn has_rows(&self) -> bool {
         self.change.is_some()

@@ -61,7 +61,8 @@ pub(crate) struct Loaded {
 }
 
 /// Loads everything in one snapshot, which is where the changelog's reading starts
-/// (`Position::at`).
+/// (`Position::at`). `begun`, if any, is sent the snapshot and the pruning mark as soon as
+/// the snapshot is taken (a reload beside the applier's polls: `applier::Reloading`).
 ///
 /// A load takes as long as the data does, so no statement of it has a deadline; instead
 /// it fails with [`Error::Stalled`] once nothing arrived from Postgres for `stall` (a hung
@@ -74,6 +75,7 @@ pub(crate) async fn load(
     shard: Shard,
     stall: Duration,
     beside_checks: bool,
+    begun: Option<oneshot::Sender<(Snapshot, Cursor)>>,
 ) -> Result<Loaded, Error> {
     let started = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
@@ -110,6 +112,9 @@ pub(crate) async fn load(
         id: row.get(3),
     };
     let tables = row.get(4);
+    if let Some(begun) = begun {
+        let _ = begun.send((snapshot.clone(), mark));
+    }
     let estimate = usize::try_from(row.get::<_, i64>(1) / i64::from(shard.count())).unwrap_or(0);
 
     // The tap on the connection's socket takes each COPY's rows off the wire and sends
