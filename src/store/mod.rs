@@ -134,20 +134,36 @@ impl Journal {
     }
 
     /// Copies each key whose last write was newer from `from`, the generation written,
-    /// into `into`, the one built beside it. A key `into` already holds as it is stays as
-    /// it was built (and its subject in the lock-free tier): ids differ between
+    /// into `into`, the one built beside it, a subject's keys at once (one pass over its
+    /// list, `State::set_grants`: a key at a time, a subject written on thousands of
+    /// objects meanwhile moved its list once a key). A key `into` already holds as it is
+    /// stays as it was built (and its subject in the lock-free tier): ids differ between
     /// generations, so rows are compared by name, sorted.
     fn copy(&self, from: &State, into: &State) {
         fn newer<K>((key, newer): (K, &bool)) -> Option<K> {
             newer.then_some(key)
         }
+        let mut objects: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (subject, object) in self.grants.iter().filter_map(newer) {
-            let mut rows = from.grant_rows(subject, object);
-            let mut built = into.grant_rows(subject, object);
-            rows.sort_unstable();
-            built.sort_unstable();
-            if rows != built {
-                into.set_grant(subject, object, &rows);
+            objects.entry(subject).or_default().push(object);
+        }
+        for (subject, objects) in objects {
+            let changed: Vec<(&str, Vec<TupleRow>)> = objects
+                .into_iter()
+                .filter_map(|object| {
+                    let mut rows = from.grant_rows(subject, object);
+                    let mut built = into.grant_rows(subject, object);
+                    rows.sort_unstable();
+                    built.sort_unstable();
+                    (rows != built).then_some((object, rows))
+                })
+                .collect();
+            if !changed.is_empty() {
+                let changes: Vec<(&str, &[TupleRow])> = changed
+                    .iter()
+                    .map(|(object, rows)| (*object, rows.as_slice()))
+                    .collect();
+                into.set_grants(subject, &changes);
             }
         }
         for subject in self.limits.iter().filter_map(newer) {

@@ -1459,10 +1459,9 @@ impl Applier {
     /// thread: this task, the only writer, waits, so no write runs meanwhile), and reads
     /// the changelog from the load's snapshot on. The keys it copies already hold every
     /// change up to where the polls are, and the others are as new in the loaded
-    /// generation, so no key goes back; the watermark stays (`Store::advance` passes over
-    /// a snapshot older than the one held) until the polls from the load's snapshot have
-    /// caught up past it. A load that failed ends the session, and the next one loads
-    /// first.
+    /// generation, so no key goes back; the watermark, held where it was when the reload
+    /// began (`advance`), moves to the load's snapshot, which every key now holds. A load
+    /// that failed ends the session, and the next one loads first.
     async fn finish_reload(&mut self, loaded: Result<Loaded, Error>) -> Result<(), Error> {
         let Some(mut reloading) = self.reloading.take() else {
             return Ok(());
@@ -1484,9 +1483,13 @@ impl Applier {
         // The load's connection ends on its own with the load's task: not cut short.
         reloading.driver = None;
         let store = self.store.clone();
-        let old = tokio::task::spawn_blocking(move || store.finish_reload(state))
-            .await
-            .map_err(|e| Error::Builder(e.to_string()))?;
+        let old = match tokio::task::spawn_blocking(move || store.finish_reload(state)).await {
+            Ok(old) => old,
+            Err(error) => {
+                self.reload_due.get_or_insert(reloading.why);
+                return Err(Error::Builder(error.to_string()));
+            }
+        };
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         self.follower.loaded(snapshot.clone());
