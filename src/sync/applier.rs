@@ -1456,12 +1456,15 @@ impl Applier {
 
     /// Swaps in the generation a reload beside the polls loaded, with every key written
     /// since past the load's snapshot copied into it from the current one (on a blocking
-    /// thread: this task, the only writer, waits, so no write runs meanwhile), and reads
-    /// the changelog from the load's snapshot on. The keys it copies already hold every
-    /// change up to where the polls are, and the others are as new in the loaded
-    /// generation, so no key goes back; the watermark, held where it was when the reload
-    /// began (`advance`), moves to the load's snapshot, which every key now holds. A load
-    /// that failed ends the session, and the next one loads first.
+    /// thread: this task, the only writer, waits, so no write runs meanwhile). The keys it
+    /// copies hold every change up to where the polls are, and the others are as new in
+    /// the loaded generation, so no key goes back, and the mirror holds what the polls'
+    /// place says: the changelog is read on from there when that place covers the load's
+    /// snapshot (as it does unless the polls stopped early, at a change the load does not
+    /// cover), and from the load's snapshot otherwise (reading again, whole, the keys
+    /// applied past it). The watermark, held where it was when the reload began
+    /// (`advance`), moves to that place. A load that failed ends the session, and the
+    /// next one loads first.
     async fn finish_reload(&mut self, loaded: Result<Loaded, Error>) -> Result<(), Error> {
         let Some(mut reloading) = self.reloading.take() else {
             return Ok(());
@@ -1492,8 +1495,17 @@ impl Applier {
         };
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
-        self.follower.loaded(snapshot.clone());
-        self.cursor = Some(Position::at(snapshot.clone()));
+        // From the polls' place, the keys applied beside the load are not read again (a
+        // busy reload's thousands, in one poll that holds the notifications back).
+        let place = match self.cursor.take() {
+            Some(place) if place.seen.covers(&snapshot) => place,
+            _ => {
+                self.follower.loaded(snapshot.clone());
+                Position::at(snapshot.clone())
+            }
+        };
+        let seen = place.seen.clone();
+        self.cursor = Some(place);
         self.mark_at_load = mark;
         self.tables_at_load = tables;
         let why = reloading.why;
@@ -1503,7 +1515,7 @@ impl Applier {
             self.load_rate = Some(rows as f64 / took.as_secs_f64().max(1e-6));
         }
         self.status.full_load_done(took.as_millis() as u64, why);
-        self.store.advance(&snapshot);
+        self.store.advance(&seen);
         tracing::info!(
             reason = why,
             rows,
