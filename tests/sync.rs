@@ -878,7 +878,8 @@ async fn through_a_round_robin_transaction_pooler_of_two_sessions_the_daemon_say
 /// Through PgBouncer in session mode with one server session for permd
 /// (`default_pool_size = 1`): the second connection that asks which session the first
 /// has (`connect::alone_in_its_session`) waits for one that never comes free while the
-/// daemon's is open; it is given up, and the daemon loads and follows, here with a query
+/// daemon's is open; it is given up, and the daemon loads and follows (and reloads, on
+/// the sync connection, when a reload's own connection waits the same way), here with a query
 /// timeout of 1 s (the wait is half of it; before, the 2 s wait was cut by the query
 /// timeout, and every connect failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -891,8 +892,16 @@ async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows(
     let mut config = doorbell_only(&url);
     config.query_timeout = Duration::from_secs(1);
     let daemon = loads_and_follows(&db, config).await;
+    // A reload's own connection waits in the pool the same way: it is given up, and the
+    // reload made on the sync connection.
+    db.exec("SELECT permd.request_reload()").await;
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('after', 'doc', 'read', NULL)")
+        .await;
+    assert!(daemon.check("after", "read", "doc", &token).await);
     let report = daemon.status.report();
     assert_eq!((report.reconnects, report.last_error), (0, None));
+    assert_eq!(report.reloads, 2);
     daemon.stop().await;
 }
 

@@ -1390,7 +1390,14 @@ impl Applier {
         if self.horizon_only {
             return Ok(false);
         }
-        let (mut client, tap, driver) = match self.load_connection().await {
+        // Waited for no longer than the pooler check's second connection is: a session
+        // pooler with one server session for permd queues it until the first's is free,
+        // which it never is, and the polls wait meanwhile.
+        let wait = (self.config.query_timeout / 2).min(connect::SECOND_SESSION_WAIT);
+        let opened = tokio::time::timeout(wait, self.load_connection())
+            .await
+            .unwrap_or(Err(Error::Timeout("the reload's connection", wait)));
+        let (mut client, tap, driver) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 tracing::warn!(
