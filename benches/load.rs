@@ -411,11 +411,23 @@ fn main() {
                             break;
                         }
                     }
-                    visible.push(committed.elapsed());
+                    visible.push((committed.elapsed(), committed.duration_since(requested)));
                 }
                 unreachable!()
             });
-            let visible_reload = percentiles(visible_reload);
+            // The three slowest writes, each with when it was committed.
+            let mut slowest_writes = visible_reload.clone();
+            slowest_writes.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
+            let slowest_writes: Vec<String> = slowest_writes
+                .iter()
+                .take(3)
+                .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
+                .collect();
+            let visible_reload = format!(
+                "{}; slowest {}",
+                percentiles(visible_reload.into_iter().map(|(took, _)| took).collect()),
+                slowest_writes.join(", ")
+            );
             let (checked, slowest) = checking.stop(&runtime);
             let slowest = format!("{slowest}; the load done at {:.2} s", built.as_secs_f64());
             let reload_ms = took_ms(&reload);
