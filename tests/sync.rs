@@ -171,6 +171,31 @@ async fn changes_committed_during_a_reload_are_answered_before_it_ends_and_kept_
     daemon.stop().await;
 }
 
+/// The sync connection lost while a reload beside the polls is held in the middle of its
+/// COPY (`a_reload_held_beside_changes`): the reload is dropped with its own connection,
+/// and the next session loads before it follows (its polls had passed the request), so
+/// the bulk rows are there and the mirror is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_during_a_reload_beside_the_polls_loads_first_next_time() {
+    let db = database().await;
+    let (daemon, held, _proxy, token) = a_reload_held_beside_changes(&db).await;
+    db.terminate_sync_sessions().await;
+    wait_until("the reload's own connection to be dropped", || {
+        std::future::ready(held.closed.is_cancelled())
+    })
+    .await;
+    daemon
+        .wait_for_report("a full load in the next session", |report| {
+            report.reconnects >= 1 && report.reloads >= 2
+        })
+        .await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert!(daemon.store.check("bulk:1", "read", "doc:1"));
+    assert_eq!(daemon.status.report().reloads, 2);
+    assert_eq!(db.sessions_named("permd (reload)").await, 0);
+    daemon.stop().await;
+}
+
 /// A reload asked for again while one loads beside the polls (`a_reload_held_beside_changes`):
 /// the polls stop at the second request, the first load swaps in when it ends, and a
 /// second load follows, which holds the changes made after the request.

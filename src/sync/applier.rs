@@ -386,18 +386,13 @@ struct Reloading {
     mark: Cursor,
     why: &'static str,
     started: Instant,
-    /// The load's task and its connection's, stopped if the reload is dropped unfinished
-    /// (the session ended).
-    task: AbortHandle,
-    driver: Option<AbortHandle>,
+    /// Stops the load's thread if the reload is dropped unfinished (the session ended).
+    stop: CancellationToken,
 }
 
 impl Drop for Reloading {
     fn drop(&mut self) {
-        self.task.abort();
-        if let Some(driver) = self.driver.take() {
-            driver.abort();
-        }
+        self.stop.cancel();
     }
 }
 
@@ -1191,50 +1186,6 @@ impl Applier {
         format!("{SESSION}; SET lock_timeout = {lock_timeout}")
     }
 
-    /// Opens the connection a reload beside the polls loads on, and checks that it reached
-    /// the sync connection's server, as that one was when its session began (its snapshot
-    /// must be of the same transactions as the polls'). Its notices and its end are left
-    /// to a task of its own, returned.
-    async fn load_connection(&self) -> Result<(Client, Tap, JoinHandle<()>), Error> {
-        let (mut config, settings) = connect::config(&self.config.database_url)?;
-        connect::daemon_defaults(&mut config);
-        config.application_name(connect::reload_name(config.get_application_name()));
-        let tap = Tap::default();
-        let (client, connection) = self
-            .timed(
-                "the reload's connection",
-                connect::connect(&config, &settings, &tap),
-            )
-            .await?;
-        let driver = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error_chain(&error), "the reload's connection ended");
-            }
-        });
-        let opened = async {
-            for statements in connect::first_statements(&config, &self.own_settings()) {
-                self.timed("the reload's settings", client.batch_execute(&statements))
-                    .await?;
-            }
-            let server = Server::read(&client, self.config.query_timeout).await?;
-            match self.server.as_ref().map(|last| server.reload_since(last)) {
-                Some(None) => Ok(()),
-                Some(Some(why)) => Err(Error::Protocol(format!(
-                    "the reload's connection reached another server than the sync \
-                     connection's ({why})"
-                ))),
-                None => Err(Error::Protocol("no server known to the session".into())),
-            }
-        };
-        match opened.await {
-            Ok(()) => Ok((client, tap, driver)),
-            Err(error) => {
-                driver.abort();
-                Err(error)
-            }
-        }
-    }
-
     /// Whether permd's tables hold transaction ids restored from another cluster (a dump
     /// of the database restored elsewhere: migration 0007), which no transaction of this
     /// server wrote: changelog rows (passed over by the lag, and read as ordinary changes
@@ -1377,7 +1328,7 @@ impl Applier {
     }
 
     /// Begins a reload beside the polls, for `why` (a reason a poll gave): the load runs on
-    /// a connection of its own (`load_connection`) and a task of its own, while the polls
+    /// a connection and a thread of its own (`spawn_reload_thread`), while the polls
     /// and notifications go on applying changes to the current generation, so that a
     /// change committed during the reload is answered as soon as it would be without one,
     /// rather than once the reload has swapped in. Returns once the load's snapshot is
@@ -1394,11 +1345,28 @@ impl Applier {
         // pooler with one server session for permd queues it until the first's is free,
         // which it never is, and the polls wait meanwhile.
         let wait = (self.config.query_timeout / 2).min(connect::SECOND_SESSION_WAIT);
-        let opened = tokio::time::timeout(wait, self.load_connection())
-            .await
-            .unwrap_or(Err(Error::Timeout("the reload's connection", wait)));
-        let (mut client, tap, driver) = match opened {
-            Ok(opened) => opened,
+        let spawned = spawn_reload_thread(
+            self.config.clone(),
+            self.own_settings(),
+            self.server.clone(),
+            wait,
+        )
+        .map_err(|error| Error::Builder(format!("could not start the reload's thread: {error}")));
+        let open = match spawned {
+            Ok(mut thread) => (&mut thread.opened)
+                .await
+                .unwrap_or_else(|_| Err(Error::Builder("the reload's thread ended".into())))
+                .map(|()| thread),
+            Err(error) => Err(error),
+        };
+        let ReloadThread {
+            begun: snapshot,
+            loaded,
+            ended,
+            stop,
+            ..
+        } = match open {
+            Ok(thread) => thread,
             Err(error) => {
                 tracing::warn!(
                     reason = why,
@@ -1416,27 +1384,15 @@ impl Applier {
         tracing::info!(reason = why, "full load starting, beside the polls");
         let started = Instant::now();
         self.store.begin_reload();
-        self.load_ended = Arc::new(Notify::new());
-        let (begun, snapshot) = oneshot::channel();
-        let (outcome, loaded) = oneshot::channel();
-        let (shard, stall, ended) = (
-            self.config.shard,
-            self.config.query_timeout,
-            Arc::clone(&self.load_ended),
-        );
-        let task = tokio::spawn(async move {
-            let result = loader::load(&mut client, &tap, shard, stall, true, Some(begun)).await;
-            let _ = outcome.send(result);
-            ended.notify_one();
-        });
+        self.load_ended = ended;
         let Ok((snapshot, mark)) = snapshot.await else {
             // The load ended before its snapshot: its error.
             self.store.abandon_journal();
-            driver.abort();
+            stop.cancel();
             self.reload_due.get_or_insert(why);
             return Err(match loaded.await {
                 Ok(Err(error)) => error,
-                _ => Error::Builder("the reload's task ended before its snapshot".into()),
+                _ => Error::Builder("the reload's thread ended before its snapshot".into()),
             });
         };
         self.reloading = Some(Reloading {
@@ -1445,8 +1401,7 @@ impl Applier {
             mark,
             why,
             started,
-            task: task.abort_handle(),
-            driver: Some(driver.abort_handle()),
+            stop,
         });
         Ok(true)
     }
@@ -1473,7 +1428,7 @@ impl Applier {
     /// (`advance`), moves to that place. A load that failed ends the session, and the
     /// next one loads first.
     async fn finish_reload(&mut self, loaded: Result<Loaded, Error>) -> Result<(), Error> {
-        let Some(mut reloading) = self.reloading.take() else {
+        let Some(reloading) = self.reloading.take() else {
             return Ok(());
         };
         let Loaded {
@@ -1490,8 +1445,6 @@ impl Applier {
                 return Err(error);
             }
         };
-        // The load's connection ends on its own with the load's task: not cut short.
-        reloading.driver = None;
         let store = self.store.clone();
         let old = match tokio::task::spawn_blocking(move || store.finish_reload(state)).await {
             Ok(old) => old,
@@ -1953,6 +1906,146 @@ impl Applier {
     {
         timed(self.config.query_timeout, what, fut).await
     }
+}
+
+/// Opens the connection a reload beside the polls loads on, and checks that it reached
+/// `last`, the sync connection's server as it was when its session began (the load's
+/// snapshot must be of the same transactions as the polls'). Its notices and its end are
+/// left to a task of its own (of the caller's runtime), returned.
+async fn load_connection(
+    config: &SyncConfig,
+    own: &str,
+    last: Option<&Server>,
+) -> Result<(Client, Tap, JoinHandle<()>), Error> {
+    let (mut pg, settings) = connect::config(&config.database_url)?;
+    connect::daemon_defaults(&mut pg);
+    pg.application_name(connect::reload_name(pg.get_application_name()));
+    let tap = Tap::default();
+    let (client, connection) = timed(
+        config.query_timeout,
+        "the reload's connection",
+        connect::connect(&pg, &settings, &tap),
+    )
+    .await?;
+    let driver = tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %error_chain(&error), "the reload's connection ended");
+        }
+    });
+    let opened = async {
+        for statements in connect::first_statements(&pg, own) {
+            timed(
+                config.query_timeout,
+                "the reload's settings",
+                client.batch_execute(&statements),
+            )
+            .await?;
+        }
+        let server = Server::read(&client, config.query_timeout).await?;
+        match last.map(|last| server.reload_since(last)) {
+            Some(None) => Ok(()),
+            Some(Some(why)) => Err(Error::Protocol(format!(
+                "the reload's connection reached another server than the sync \
+                 connection's ({why})"
+            ))),
+            None => Err(Error::Protocol("no server known to the session".into())),
+        }
+    };
+    match opened.await {
+        Ok(()) => Ok((client, tap, driver)),
+        Err(error) => {
+            driver.abort();
+            Err(error)
+        }
+    }
+}
+
+/// What a reload's thread (`spawn_reload_thread`) tells the applier, and how it is
+/// stopped.
+struct ReloadThread {
+    /// Whether its connection opened within the wait.
+    opened: oneshot::Receiver<Result<(), Error>>,
+    /// The load's snapshot and pruning mark, as soon as it has them (`loader::load`).
+    begun: oneshot::Receiver<(Snapshot, Cursor)>,
+    /// The load's outcome.
+    loaded: oneshot::Receiver<Result<Loaded, Error>>,
+    /// Rung once `loaded` is sent.
+    ended: Arc<Notify>,
+    /// Cancelled to drop the load and its connection.
+    stop: CancellationToken,
+}
+
+/// A reload's load on a thread of its own (`permd-reload`), with a runtime of its own:
+/// its connection (`load_connection`, given `wait` to open), the COPY's rows read off its
+/// socket, and the load (`loader::load`, whose builder has a thread of its own too), so
+/// that none of it takes the daemon's workers from checks and the applier.
+fn spawn_reload_thread(
+    config: SyncConfig,
+    own: String,
+    last: Option<Server>,
+    wait: Duration,
+) -> std::io::Result<ReloadThread> {
+    let (opened, is_open) = oneshot::channel();
+    let (begun, snapshot) = oneshot::channel();
+    let (outcome, loaded) = oneshot::channel();
+    let (ended, stop) = (Arc::new(Notify::new()), CancellationToken::new());
+    let thread = ReloadThread {
+        opened: is_open,
+        begun: snapshot,
+        loaded,
+        ended: Arc::clone(&ended),
+        stop: stop.clone(),
+    };
+    std::thread::Builder::new()
+        .name("permd-reload".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = opened.send(Err(Error::Builder(format!(
+                        "could not start the reload's runtime: {error}"
+                    ))));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let connection =
+                    tokio::time::timeout(wait, load_connection(&config, &own, last.as_ref()))
+                        .await
+                        .unwrap_or(Err(Error::Timeout("the reload's connection", wait)));
+                let (mut client, tap, driver) = match connection {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        let _ = opened.send(Err(error));
+                        return;
+                    }
+                };
+                if opened.send(Ok(())).is_err() {
+                    return;
+                }
+                let load = loader::load(
+                    &mut client,
+                    &tap,
+                    config.shard,
+                    config.query_timeout,
+                    true,
+                    Some(begun),
+                );
+                let result = tokio::select! {
+                    result = load => result,
+                    () = stop.cancelled() => return,
+                };
+                let _ = outcome.send(result);
+                ended.notify_one();
+                // The connection ends once its client is gone: let it say goodbye.
+                drop(client);
+                let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
+            });
+        })
+        .map(|_| thread)
 }
 
 /// Bounds one round trip, `what` (named in the error), by `limit`.
