@@ -1303,28 +1303,42 @@ impl Applier {
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Position::at(snapshot.clone()));
-        self.mark_at_load = mark;
-        self.tables_at_load = tables;
-        let took = started.elapsed();
-        self.last_load = Some((Instant::now(), took));
-        if rows >= LOAD_RATE_SAMPLE {
-            self.load_rate = Some(rows as f64 / took.as_secs_f64().max(1e-6));
-        }
-        // Count the load before the watermark moves, so whoever sees the new watermark
-        // also sees the load counted.
-        self.status.full_load_done(took.as_millis() as u64, why);
+        self.note_load(mark, tables, rows, started.elapsed(), why, false);
         if rewind {
             self.store.rewind(&snapshot);
         } else {
             self.store.advance(&snapshot);
         }
+        Ok(())
+    }
+
+    /// Notes a full load swapped in (`beside_polls`: a reload beside the polls, with the
+    /// changes applied meanwhile): its pruning mark and tables, when it ended, how long it
+    /// took and at what rate; counts it and logs it. Before the watermark moves, so that
+    /// whoever sees the new watermark also sees the load counted.
+    fn note_load(
+        &mut self,
+        mark: Cursor,
+        tables: String,
+        rows: u64,
+        took: Duration,
+        why: &str,
+        beside_polls: bool,
+    ) {
+        self.mark_at_load = mark;
+        self.tables_at_load = tables;
+        self.last_load = Some((Instant::now(), took));
+        if rows >= LOAD_RATE_SAMPLE {
+            self.load_rate = Some(rows as f64 / took.as_secs_f64().max(1e-6));
+        }
+        self.status.full_load_done(took.as_millis() as u64, why);
         tracing::info!(
             reason = why,
             rows,
             took_ms = took.as_millis() as u64,
+            beside_polls,
             "full load swapped in"
         );
-        Ok(())
     }
 
     /// Begins a reload beside the polls, for `why` (a reason a poll gave): the load runs on
@@ -1466,22 +1480,9 @@ impl Applier {
         };
         let seen = place.seen.clone();
         self.cursor = Some(place);
-        self.mark_at_load = mark;
-        self.tables_at_load = tables;
-        let why = reloading.why;
         let took = reloading.started.elapsed();
-        self.last_load = Some((Instant::now(), took));
-        if rows >= LOAD_RATE_SAMPLE {
-            self.load_rate = Some(rows as f64 / took.as_secs_f64().max(1e-6));
-        }
-        self.status.full_load_done(took.as_millis() as u64, why);
+        self.note_load(mark, tables, rows, took, reloading.why, true);
         self.store.advance(&seen);
-        tracing::info!(
-            reason = why,
-            rows,
-            took_ms = took.as_millis() as u64,
-            "full load swapped in, with the changes applied beside it"
-        );
         Ok(())
     }
 
