@@ -115,6 +115,47 @@ fn percentiles(mut times: Vec<Duration>) -> String {
     )
 }
 
+/// Grants `user:1` `perm0` on `object` and asks permd on `stream` until it answers
+/// allowed: with the write's token (`at_least`; a 503 `stale` after the server's wait of
+/// 1 s is asked again), or without one, again and again. Returns how long that took from
+/// the commit, and when the commit was.
+async fn write_until_visible(
+    pool: &sqlx::PgPool,
+    stream: &mut BufStream<TcpStream>,
+    body: &mut Vec<u8>,
+    object: &str,
+    with_token: bool,
+) -> (Duration, Instant) {
+    let token: String = sqlx::query_scalar(
+        "INSERT INTO permd.tuples VALUES ('user:1', $1, 'perm0', NULL)
+         RETURNING permd.write_token()::text",
+    )
+    .bind(object)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let committed = Instant::now();
+    let at_least = if with_token {
+        format!("&at_least={token}")
+    } else {
+        String::new()
+    };
+    let request = format!(
+        "GET /v1/check?subject=user:1&permission=perm0&object={object}{at_least} HTTP/1.1\r\nhost: permd\r\n\r\n"
+    );
+    loop {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.flush().await.unwrap();
+        match read_response(stream, body).await {
+            200 if common::find(body, b"\"allowed\":true").is_some() => break,
+            200 => assert!(!with_token, "denied at its own token"),
+            503 if with_token => {}
+            other => panic!("{other}: {}", String::from_utf8_lossy(body)),
+        }
+    }
+    (committed.elapsed(), committed)
+}
+
 /// Connections checking tuples of `sample` (allowed, each a walk of its subject's grants),
 /// each one check at a time, until stopped.
 struct Checkers {
@@ -393,25 +434,10 @@ fn main() {
                             return (reload, built, visible);
                         }
                     }
-                    sqlx::query("INSERT INTO permd.tuples VALUES ('user:1', $1, 'perm0', NULL)")
-                        .bind(format!("during:{n}"))
-                        .execute(&pool)
-                        .await
-                        .unwrap();
-                    let committed = Instant::now();
-                    let request = format!(
-                        "GET /v1/check?subject=user:1&permission=perm0&object=during:{n} HTTP/1.1\r\nhost: permd\r\n\r\n"
-                    );
-                    loop {
-                        stream.write_all(request.as_bytes()).await.unwrap();
-                        stream.flush().await.unwrap();
-                        let status = read_response(&mut stream, &mut body).await;
-                        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                        if common::find(&body, b"\"allowed\":true").is_some() {
-                            break;
-                        }
-                    }
-                    visible.push((committed.elapsed(), committed.duration_since(requested)));
+                    let object = format!("during:{n}");
+                    let (took, committed) =
+                        write_until_visible(&pool, &mut stream, &mut body, &object, false).await;
+                    visible.push((took, committed.duration_since(requested)));
                 }
                 unreachable!()
             });
@@ -478,29 +504,10 @@ fn main() {
                             return (line, visible);
                         }
                     }
-                    let token: String = sqlx::query_scalar(
-                        "INSERT INTO permd.tuples VALUES ('user:1', $1, 'perm0', NULL)
-                         RETURNING permd.write_token()::text",
-                    )
-                    .bind(format!("fresh:{n}"))
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                    let committed = Instant::now();
-                    let request = format!(
-                        "GET /v1/check?subject=user:1&permission=perm0&object=fresh:{n}&at_least={token} HTTP/1.1\r\nhost: permd\r\n\r\n"
-                    );
-                    loop {
-                        stream.write_all(request.as_bytes()).await.unwrap();
-                        stream.flush().await.unwrap();
-                        match read_response(&mut stream, &mut body).await {
-                            200 => break,
-                            503 => continue,
-                            other => panic!("{other}: {}", String::from_utf8_lossy(&body)),
-                        }
-                    }
-                    assert!(common::find(&body, b"\"allowed\":true").is_some());
-                    visible.push(committed.elapsed());
+                    let object = format!("fresh:{n}");
+                    let (took, _) =
+                        write_until_visible(&pool, &mut stream, &mut body, &object, true).await;
+                    visible.push(took);
                 }
                 unreachable!()
             });
