@@ -871,6 +871,61 @@ async fn changelog_rows_deleted_by_hand_are_not_skipped() {
     daemon.stop().await;
 }
 
+/// A transaction that writes and then deletes its own changelog rows (by hand, by
+/// TRUNCATE, or by `permd.forget_restored_xids()`, which `prune_changelog()` calls):
+/// the write is answered at its token, by a full load. Until migration 0009 the
+/// deletion triggers and `forget_restored_xids()` took rows at or above the statement's
+/// snapshot xmax for rows restored from another cluster, and the writing transaction's
+/// own id is there (always under REPEATABLE READ, whose snapshot is taken before the id
+/// is given; under READ COMMITTED unless a later transaction ended first): the mark did
+/// not move, or `forget_restored_xids()` deleted the rows and put the mark below them,
+/// and the write was skipped for good (denied at its own token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_deleting_its_own_changelog_rows_is_not_skipped() {
+    let db = database().await;
+    let daemon = hourly_daemon(&db.url).await;
+    // Each way of deleting, and the full loads it takes: rows deleted move the mark past
+    // the cursor; `forget_restored_xids()` alone now leaves them, and a poll reads them.
+    let cases = [
+        ("DELETE FROM permd.changelog", 1),
+        ("TRUNCATE permd.changelog", 1),
+        ("SELECT permd.forget_restored_xids()", 0),
+        // The mark the DELETE moved to the transaction's own rows is not taken for one
+        // restored from another cluster and put back below them.
+        (
+            "DELETE FROM permd.changelog; SELECT permd.forget_restored_xids()",
+            1,
+        ),
+    ];
+    for (round, (delete, loads)) in cases.into_iter().enumerate() {
+        for (level, isolation) in ["READ COMMITTED", "REPEATABLE READ"]
+            .into_iter()
+            .enumerate()
+        {
+            let reloads = daemon.status.report().reloads;
+            let subject = format!("own{round}_{level}");
+            let token = db
+                .write(&format!(
+                    "SET TRANSACTION ISOLATION LEVEL {isolation};
+                     SET LOCAL permd.notify = off;
+                     INSERT INTO permd.tuples VALUES ('{subject}', 'doc', 'read', NULL);
+                     {delete}"
+                ))
+                .await;
+            assert!(
+                daemon.check(&subject, "read", "doc", &token).await,
+                "{delete} under {isolation}"
+            );
+            assert_eq!(
+                daemon.status.report().reloads,
+                reloads + loads,
+                "{delete} under {isolation}"
+            );
+        }
+    }
+    daemon.stop().await;
+}
+
 /// `permd.retention`'s one row deleted by hand under a running daemon: its polls, and a
 /// new session's start, say what is wrong and how to put the row back (until session 61:
 /// "poll returned no horizon", and at a session's start "query returned an unexpected
