@@ -680,6 +680,7 @@ async fn metrics_and_status_describe_the_daemon() {
         "permd_packed_grant_bytes 2097152",
         "permd_lag_seconds -1",
         "permd_reloads_total 0",
+        "permd_full_load_running_seconds -1",
         "permd_compactions_total 0",
         "permd_reconnects_total 0",
         "permd_polls_total 0",

@@ -56,6 +56,7 @@ async fn a_prefilled_database_is_mirrored_exactly() {
     assert_eq!(status["tuples"].as_i64(), Some(rows), "{status}");
     assert_eq!(status["limits"].as_i64(), Some(100));
     assert_eq!(status["reloads"].as_i64(), Some(1));
+    assert!(status["full_load_running"].is_null(), "{status}");
     // Postgres runs on this host: one clock, measured to within half a round trip (a
     // busy machine's round trip included).
     let skew = status["clock_skew_seconds"]
@@ -151,10 +152,26 @@ async fn limit_of(daemon: &TestDaemon, subject: &str, name: &str) -> Option<i64>
 async fn changes_committed_during_a_reload_are_answered_before_it_ends_and_kept_after() {
     let db = database().await;
     let (daemon, held, _proxy, token) = a_reload_held_beside_changes(&db).await;
+    let running = daemon
+        .status
+        .report()
+        .full_load_running
+        .expect("a load under way");
+    assert_eq!(
+        (running.reason.as_str(), running.beside_polls),
+        ("TRUNCATE or permd.request_reload() in the changelog", true)
+    );
+    let (_, status) = daemon.get("/v1/status").await;
+    assert_eq!(
+        status["full_load_running"]["beside_polls"], true,
+        "{status}"
+    );
+    assert!(status["full_load_running"]["seconds"].as_f64() >= Some(0.0));
     held.resumed.cancel();
     daemon
         .wait_for_report("the reload swapped in", |report| report.reloads >= 2)
         .await;
+    assert_eq!(daemon.status.report().full_load_running, None);
     // No token above the watermark: nothing wakes the applier.
     assert!(daemon.check("bulk:1", "read", "doc:1", "0").await);
     assert!(!daemon.check("bulk:7", "read", "doc:7", "0").await);
@@ -191,7 +208,8 @@ async fn a_session_lost_during_a_reload_beside_the_polls_loads_first_next_time()
         .await;
     assert_eq!(daemon.digest_at(&token).await, db.digest().await);
     assert!(daemon.store.check("bulk:1", "read", "doc:1"));
-    assert_eq!(daemon.status.report().reloads, 2);
+    let report = daemon.status.report();
+    assert_eq!((report.reloads, report.full_load_running), (2, None));
     assert_eq!(db.sessions_named("permd (reload)").await, 0);
     daemon.stop().await;
 }

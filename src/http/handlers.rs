@@ -530,6 +530,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "last_full_load_ms": report.last_full_load_ms,
         "last_full_load_reason": report.last_full_load_reason,
         "reloads": report.reloads,
+        "full_load_running": report.full_load_running,
         "compactions": report.compactions,
         "last_compaction_ms": report.last_compaction_ms,
         "reconnects": report.reconnects,

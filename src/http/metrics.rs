@@ -215,7 +215,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 31] = [
+        let gauges: [(&str, &str, &str, f64); 32] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -276,6 +276,12 @@ impl Metrics {
             ),
             ("permd_connected", "gauge", "1 while the sync connection to Postgres is up.", f64::from(u8::from(report.connected))),
             ("permd_reloads_total", "counter", "Full loads, the first included.", report.reloads as f64),
+            (
+                "permd_full_load_running_seconds",
+                "gauge",
+                "Seconds the full load under way has run (-1 when none is; counted in permd_reloads_total once it swaps in).",
+                report.full_load_running.as_ref().map_or(-1.0, |load| load.seconds),
+            ),
             ("permd_compactions_total", "counter", "Generations rebuilt from memory to reclaim what writes left behind (--compaction-pct).", report.compactions as f64),
             ("permd_reconnects_total", "counter", "Sync connections lost and re-established.", report.reconnects as f64),
             ("permd_polls_total", "counter", "Polls of the changelog (on each doorbell not followed, on the timer, and while a read-your-writes check waits).", report.polls as f64),

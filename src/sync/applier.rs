@@ -1277,6 +1277,7 @@ impl Applier {
         rewind: bool,
     ) -> Result<(), Error> {
         tracing::info!(reason = why, "full load starting");
+        self.status.full_load_started(why, false);
         let started = Instant::now();
         let Loaded {
             state,
@@ -1396,6 +1397,7 @@ impl Applier {
             tracing::info!("compaction dropped: a reload begins, which reclaims as much");
         }
         tracing::info!(reason = why, "full load starting, beside the polls");
+        self.status.full_load_started(why, true);
         let started = Instant::now();
         self.store.begin_reload();
         self.load_ended = ended;

@@ -32,7 +32,7 @@ pub(crate) use connect::{
     one_session, second_name, second_session, Settings, SECOND_SESSION_WAIT, WHICH_SESSION,
 };
 pub use relay::Relay;
-pub use status::{Status, StatusReport};
+pub use status::{RunningLoad, Status, StatusReport};
 pub(crate) use tls::private_key;
 pub use tls::{split as split_tls_options, TlsOptions};
 

@@ -54,6 +54,8 @@ struct Inner {
     last_error: Mutex<Option<String>>,
     /// Why the last full load ran. A `Mutex` for the same reason as `last_error`.
     last_full_load_reason: Mutex<Option<String>>,
+    /// The full load under way, if one is. A `Mutex` for the same reason.
+    running_load: Mutex<Option<RunningLoad>>,
     /// Woken at each catch-up and full load: the events that can make the mirror ready.
     progressed: Notify,
 }
@@ -78,6 +80,22 @@ pub(crate) enum Upstream {
     CurrentAt(i64),
 }
 
+/// A full load under way, as `/v1/status` shows it (`full_load_running`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunningLoad {
+    /// Why it runs, as the log's `full load starting` says (and, once it has swapped in,
+    /// `last_full_load_reason`).
+    pub reason: String,
+    /// Seconds since it began.
+    pub seconds: f64,
+    /// It loads beside the polls, which go on applying changes meanwhile; else on the
+    /// sync connection, which applies none until it swaps in.
+    pub beside_polls: bool,
+    /// When it began (µs since the epoch).
+    #[serde(skip)]
+    started_at: i64,
+}
+
 /// A point-in-time copy of the status, as `/v1/status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
@@ -97,6 +115,9 @@ pub struct StatusReport {
     pub last_full_load_reason: Option<String>,
     /// Full loads since start, the first included.
     pub reloads: u64,
+    /// The full load under way (`null` when none is): why, for how long, and whether
+    /// changes are applied meanwhile. Counted in `reloads` once it swaps in.
+    pub full_load_running: Option<RunningLoad>,
     /// Compactions since start: generations rebuilt from memory to reclaim what writes
     /// left behind (`store::State::rebuilt`).
     pub compactions: u64,
@@ -155,6 +176,15 @@ impl Status {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             reloads: i.reloads.load(Ordering::Relaxed),
+            full_load_running: i
+                .running_load
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .map(|load| RunningLoad {
+                    seconds: micros_to_secs_since(load.started_at),
+                    ..load
+                }),
             compactions: i.compactions.load(Ordering::Relaxed),
             last_compaction_ms: i.last_compaction_ms.load(Ordering::Relaxed),
             reconnects: i.reconnects.load(Ordering::Relaxed),
@@ -247,8 +277,24 @@ impl Status {
         self.inner.progressed.notify_waiters();
     }
 
+    /// A full load begins, for `reason` (`beside_polls`: changes are applied meanwhile).
+    pub(crate) fn full_load_started(&self, reason: &str, beside_polls: bool) {
+        *self
+            .inner
+            .running_load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(RunningLoad {
+            reason: reason.to_owned(),
+            seconds: 0.0,
+            beside_polls,
+            started_at: now_micros(),
+        });
+    }
+
+    /// The full load under way swapped in, `took_ms` after it began.
     pub(crate) fn full_load_done(&self, took_ms: u64, reason: &str) {
         let i = &self.inner;
+        *i.running_load.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *i.last_full_load_reason
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
@@ -322,9 +368,16 @@ impl Status {
         self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The session ended with `error`: the full load under way, if any, with it (the
+    /// next session begins its own).
     pub(crate) fn failed(&self, error: &str) {
         self.set_connected(false);
         self.set_following(false);
+        *self
+            .inner
+            .running_load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         *self
             .inner
             .last_error
