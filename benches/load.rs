@@ -411,6 +411,9 @@ fn main() {
                 sample
             });
             let requested = Instant::now();
+            // On the monotonic clock (`Instant`'s `Debug` on Linux), to find the writes
+            // and checks below in a `perf sched record -k CLOCK_MONOTONIC` trace.
+            eprintln!("reload requested at {requested:?}");
             let sample = Arc::new(sample);
             let checking = Checkers::start(&runtime, &listen, &sample, checkers, requested);
             // While it runs, one write at a time, each checked without a token until it
