@@ -419,7 +419,7 @@ fn main() {
             // While it runs, one write at a time, each checked without a token until it
             // is answered (a token waits for the reload's swap by design: the generation
             // answering lacks what called for the reload).
-            let (reload, built, visible_reload) = runtime.block_on(async {
+            let (reload, built, visible_reload, swapped) = runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
                 sqlx::raw_sql("SELECT permd.request_reload()")
                     .execute(&pool)
@@ -434,7 +434,7 @@ fn main() {
                         } else if line.contains("swapped in") {
                             pool.close().await;
                             let (reload, built) = done.expect("the load done before its swap");
-                            return (reload, built, visible);
+                            return (reload, built, visible, line);
                         }
                     }
                     let object = format!("during:{n}");
@@ -458,7 +458,18 @@ fn main() {
                 slowest_writes.join(", ")
             );
             let (checked, slowest) = checking.stop(&runtime);
-            let slowest = format!("{slowest}; the load done at {:.2} s", built.as_secs_f64());
+            // The swap's own time (the writes made beside the load copied into its
+            // generation), which the writes then wait for; absent where the reload
+            // could not go beside the polls.
+            let swap = swapped
+                .split(" swap_ms=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .unwrap_or("-");
+            let slowest = format!(
+                "{slowest}; the load done at {:.2} s, its swap {swap} ms",
+                built.as_secs_f64()
+            );
             let reload_ms = took_ms(&reload);
             let peak = kib(pid, "status", "VmHWM:") * 1024;
             // The peak from here on is the compaction's: the kernel resets it to the

@@ -1304,7 +1304,7 @@ impl Applier {
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         self.cursor = Some(Position::at(snapshot.clone()));
-        self.note_load(mark, tables, rows, started.elapsed(), why, false);
+        self.note_load(mark, tables, rows, started.elapsed(), why, None);
         if rewind {
             self.store.rewind(&snapshot);
         } else {
@@ -1313,10 +1313,11 @@ impl Applier {
         Ok(())
     }
 
-    /// Notes a full load swapped in (`beside_polls`: a reload beside the polls, with the
-    /// changes applied meanwhile): its pruning mark and tables, when it ended, how long it
-    /// took and at what rate; counts it and logs it. Before the watermark moves, so that
-    /// whoever sees the new watermark also sees the load counted.
+    /// Notes a full load swapped in (`swap`: a reload beside the polls, whose swap, with
+    /// the changes applied meanwhile copied into the loaded generation, took that long):
+    /// its pruning mark and tables, when it ended, how long it took and at what rate;
+    /// counts it and logs it. Before the watermark moves, so that whoever sees the new
+    /// watermark also sees the load counted.
     fn note_load(
         &mut self,
         mark: Cursor,
@@ -1324,7 +1325,7 @@ impl Applier {
         rows: u64,
         took: Duration,
         why: &str,
-        beside_polls: bool,
+        swap: Option<Duration>,
     ) {
         self.mark_at_load = mark;
         self.tables_at_load = tables;
@@ -1337,7 +1338,9 @@ impl Applier {
             reason = why,
             rows,
             took_ms = took.as_millis() as u64,
-            beside_polls,
+            beside_polls = swap.is_some(),
+            // Changes wait for it: the applier writes nothing else meanwhile.
+            swap_ms = swap.map(|swap| swap.as_millis() as u64),
             "full load swapped in"
         );
     }
@@ -1462,6 +1465,7 @@ impl Applier {
             }
         };
         let store = self.store.clone();
+        let swapping = Instant::now();
         let old = match tokio::task::spawn_blocking(move || store.finish_reload(state)).await {
             Ok(old) => old,
             Err(error) => {
@@ -1469,6 +1473,7 @@ impl Applier {
                 return Err(Error::Builder(error.to_string()));
             }
         };
+        let swap = swapping.elapsed();
         // The old generation may be large: free it off the async runtime.
         tokio::task::spawn_blocking(move || drop(old));
         // From the polls' place, the keys applied beside the load are not read again (a
@@ -1483,7 +1488,7 @@ impl Applier {
         let seen = place.seen.clone();
         self.cursor = Some(place);
         let took = reloading.started.elapsed();
-        self.note_load(mark, tables, rows, took, reloading.why, true);
+        self.note_load(mark, tables, rows, took, reloading.why, Some(swap));
         self.store.advance(&seen);
         Ok(())
     }
