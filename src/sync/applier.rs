@@ -674,7 +674,11 @@ impl Applier {
         } else if let Some(why) = recovered {
             self.reload(&mut client, &tap, &why, true).await?;
         } else if let Some(why) = self.reload_due {
-            self.reload(&mut client, &tap, why, false).await?;
+            // The server is the last session's and the cursor holds: the load goes beside
+            // the polls, as the one the last session left unfinished did.
+            if !self.begin_reload(why).await? {
+                self.reload(&mut client, &tap, why, false).await?;
+            }
         } else if restored_mark.is_some_and(|mark| mark != self.mark_at_load) {
             self.reload(&mut client, &tap, RESTORED_MARK, false).await?;
         }

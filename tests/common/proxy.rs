@@ -90,6 +90,12 @@ impl Proxy {
         self.freeze.frozen.lock().expect("frozen").clone()
     }
 
+    /// Freezes the next connection to carry more than the proxy's bytes too (counted
+    /// from its start), the one frozen before staying so until resumed.
+    pub fn freeze_next(&self) {
+        *self.freeze.frozen.lock().expect("frozen") = None;
+    }
+
     /// How many connections the proxy accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
