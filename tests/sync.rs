@@ -770,6 +770,64 @@ async fn a_backlog_a_full_load_reads_faster_is_loaded_in_full() {
     daemon.stop().await;
 }
 
+/// A backlog loaded in full (as in `a_backlog_a_full_load_reads_faster_is_loaded_in_full`)
+/// loads beside the polls, which go on from the load's snapshot: its load held in a proxy
+/// in the middle of its COPY (its 121,000 rows are some 5 MiB: past 2 MiB, its connection
+/// is held), a write committed meanwhile is answered without a token, its token waiting
+/// for the swap; once swapped in, the bulk rows and the write are there and the mirror is
+/// exact. (Until session 73 that load ran on the sync connection and held every change
+/// back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_loaded_in_full_loads_beside_the_polls() {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples
+         SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 1000) i",
+    )
+    .await;
+    let (proxy, url) = Proxy::in_front_of(&db.url, 2 << 20).await;
+    let daemon = TestDaemon::start_with(SyncConfig::new(&url), patient()).await;
+    db.exec(
+        "INSERT INTO permd.tuples
+         SELECT 'bulk:' || i, 'doc:bulk', 'read', NULL FROM generate_series(1, 120000) i",
+    )
+    .await;
+    wait_until("the backlog's load to be held in its COPY", || {
+        std::future::ready(proxy.frozen().is_some())
+    })
+    .await;
+    let held = proxy.frozen().expect("the held connection");
+    let running = daemon
+        .status
+        .report()
+        .full_load_running
+        .expect("a load under way");
+    assert!(running.beside_polls, "{running:?}");
+    assert!(
+        running.reason.contains("reads at least twice as fast"),
+        "{running:?}"
+    );
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('u', 'doc:2', 'read', NULL)")
+        .await;
+    wait_until("a write to be answered during the backlog's load", || {
+        std::future::ready(daemon.store.check("u", "read", "doc:2"))
+    })
+    .await;
+    // The last bulk rows are the load's to bring; the token waits for its swap.
+    assert!(!daemon.store.check("bulk:120000", "read", "doc:bulk"));
+    let xid = permd::store::Xid(token.parse().expect("a token is an xid"));
+    assert_eq!(daemon.store.passed(xid), None, "the token waits");
+    assert_eq!(daemon.status.report().reloads, 1);
+    held.resumed.cancel();
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert!(daemon.store.check("bulk:120000", "read", "doc:bulk"));
+    let report = daemon.status.report();
+    assert_eq!((report.reloads, report.reconnects), (2, 0), "{report:?}");
+    assert_eq!(db.sessions_named("permd (reload)").await, 0);
+    daemon.stop().await;
+}
+
 /// Transaction A writes first but commits last; B writes later and commits first. A
 /// reader of `id > last_seen` would skip A's row forever. While A is open, B is applied
 /// and its token answered, A's is not; once A commits, both are there. (Until session 61

@@ -1,5 +1,6 @@
 //! The applier: the one task that owns the changelog cursor and every write to the store.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -361,7 +362,7 @@ pub struct Applier {
     subscriptions_unknown: bool,
     /// Why the next session must load in full before it follows the changelog, if it
     /// must: logical replication wrote permd's tables past the changelog meanwhile.
-    reload_due: Option<&'static str>,
+    reload_due: Option<Cow<'static, str>>,
     /// The changelog's backlog was counted since the last caught-up poll (`backlog`).
     backlog_counted: bool,
     /// Tuples a second of the last full load of at least `LOAD_RATE_SAMPLE` rows.
@@ -384,7 +385,7 @@ struct Reloading {
     snapshot: Snapshot,
     /// The changelog's pruning mark in that snapshot.
     mark: Cursor,
-    why: &'static str,
+    why: Cow<'static, str>,
     started: Instant,
     /// Stops the load's thread if the reload is dropped unfinished (the session ended).
     stop: CancellationToken,
@@ -596,7 +597,7 @@ impl Applier {
         // first: its polls may have passed the change that called for it.
         if let Some(reloading) = self.reloading.take() {
             self.store.abandon_journal();
-            self.reload_due.get_or_insert(reloading.why);
+            self.reload_due.get_or_insert(reloading.why.clone());
         }
         match followed {
             Err(error) if error.is_closed() => Err(why_closed(error, closed, &tap).await),
@@ -673,11 +674,11 @@ impl Applier {
             self.reload(&mut client, &tap, "start", false).await?;
         } else if let Some(why) = recovered {
             self.reload(&mut client, &tap, &why, true).await?;
-        } else if let Some(why) = self.reload_due {
+        } else if let Some(why) = self.reload_due.clone() {
             // The server is the last session's and the cursor holds: the load goes beside
             // the polls, as the one the last session left unfinished did.
-            if !self.begin_reload(why).await? {
-                self.reload(&mut client, &tap, why, false).await?;
+            if !self.begin_reload(why.clone()).await? {
+                self.reload(&mut client, &tap, &why, false).await?;
             }
         } else if restored_mark.is_some_and(|mark| mark != self.mark_at_load) {
             self.reload(&mut client, &tap, RESTORED_MARK, false).await?;
@@ -729,7 +730,11 @@ impl Applier {
             }
             if matches!(polled, Polled::More) && self.reloading.is_none() {
                 if let Some(why) = self.backlog(&client, started.elapsed()).await? {
-                    self.reload(&mut client, &tap, &why, false).await?;
+                    if self.begin_reload(why.clone().into()).await? {
+                        self.polls_past_the_load();
+                    } else {
+                        self.reload(&mut client, &tap, &why, false).await?;
+                    }
                 }
             } else {
                 self.backlog_counted = false;
@@ -754,7 +759,7 @@ impl Applier {
                     continue;
                 }
                 Polled::Reload(why) => {
-                    if !self.begin_reload(why).await? {
+                    if !self.begin_reload(why.into()).await? {
                         self.reload(&mut client, &tap, why, false).await?;
                     }
                     continue;
@@ -876,7 +881,7 @@ impl Applier {
             None => Ok(()),
             Some(why) => {
                 self.reload_due =
-                    Some("logical replication wrote permd's tables past the changelog");
+                    Some("logical replication wrote permd's tables past the changelog".into());
                 Err(Error::Subscribed(why))
             }
         }
@@ -1359,7 +1364,7 @@ impl Applier {
     /// connection, which holds changes back until the load ends). Not on a standby, whose
     /// snapshots are cut to their horizon. A compaction under way is dropped: the load
     /// reclaims what it would.
-    async fn begin_reload(&mut self, why: &'static str) -> Result<bool, Error> {
+    async fn begin_reload(&mut self, why: Cow<'static, str>) -> Result<bool, Error> {
         if self.horizon_only {
             return Ok(false);
         }
@@ -1391,7 +1396,7 @@ impl Applier {
             Ok(thread) => thread,
             Err(error) => {
                 tracing::warn!(
-                    reason = why,
+                    reason = &*why,
                     error = %error_chain(&error),
                     "could not open a connection to reload beside the polls: loading on \
                      the sync connection, which holds every change back until the load \
@@ -1403,8 +1408,8 @@ impl Applier {
         if self.compacting.take().is_some() {
             tracing::info!("compaction dropped: a reload begins, which reclaims as much");
         }
-        tracing::info!(reason = why, "full load starting, beside the polls");
-        self.status.full_load_started(why, true);
+        tracing::info!(reason = &*why, "full load starting, beside the polls");
+        self.status.full_load_started(&why, true);
         let started = Instant::now();
         self.store.begin_reload();
         self.load_ended = ended;
@@ -1427,6 +1432,19 @@ impl Applier {
             stop,
         });
         Ok(true)
+    }
+
+    /// Moves the polls' place to the snapshot of the reload just begun, for a backlog
+    /// loaded in full: the rows it sees are the load's to bring (the current generation
+    /// lacks them until the swap, as it lacked them while they waited), and the polls
+    /// beside it read only those past it, applying what is committed meanwhile. The
+    /// watermark stays where it was until the swap (`advance`). Should the load not
+    /// swap in, the next session loads first (`reload_due`).
+    fn polls_past_the_load(&mut self) {
+        if let Some(reloading) = &self.reloading {
+            self.follower.loaded(reloading.snapshot.clone());
+            self.cursor = Some(Position::at(reloading.snapshot.clone()));
+        }
     }
 
     /// The outcome of the reload under way's load, once it has one.
@@ -1464,7 +1482,7 @@ impl Applier {
             Ok(loaded) => loaded,
             Err(error) => {
                 self.store.abandon_journal();
-                self.reload_due.get_or_insert(reloading.why);
+                self.reload_due.get_or_insert(reloading.why.clone());
                 return Err(error);
             }
         };
@@ -1473,7 +1491,7 @@ impl Applier {
         let old = match tokio::task::spawn_blocking(move || store.finish_reload(state)).await {
             Ok(old) => old,
             Err(error) => {
-                self.reload_due.get_or_insert(reloading.why);
+                self.reload_due.get_or_insert(reloading.why.clone());
                 return Err(Error::Builder(error.to_string()));
             }
         };
@@ -1492,7 +1510,7 @@ impl Applier {
         let seen = place.seen.clone();
         self.cursor = Some(place);
         let took = reloading.started.elapsed();
-        self.note_load(mark, tables, rows, took, reloading.why, Some(swap));
+        self.note_load(mark, tables, rows, took, &reloading.why, Some(swap));
         self.store.advance(&seen);
         Ok(())
     }
