@@ -138,6 +138,20 @@ async fn a_reload_held_beside_changes(db: &TestDb) -> (TestDaemon, Arc<Link>, Pr
     (daemon, held, proxy, token)
 }
 
+/// Asserts that a full load is under way beside the polls (`/v1/status`
+/// `full_load_running`), for a reason that says `reason`.
+fn loading_beside_the_polls(daemon: &TestDaemon, reason: &str) {
+    let running = daemon
+        .status
+        .report()
+        .full_load_running
+        .expect("a load under way");
+    assert!(
+        running.beside_polls && running.reason.contains(reason),
+        "{running:?}"
+    );
+}
+
 /// `GET /v1/subjects/S/limits`'s value of `name`.
 async fn limit_of(daemon: &TestDaemon, subject: &str, name: &str) -> Option<i64> {
     let (status, body) = daemon.get(&format!("/v1/subjects/{subject}/limits")).await;
@@ -152,14 +166,9 @@ async fn limit_of(daemon: &TestDaemon, subject: &str, name: &str) -> Option<i64>
 async fn changes_committed_during_a_reload_are_answered_before_it_ends_and_kept_after() {
     let db = database().await;
     let (daemon, held, _proxy, token) = a_reload_held_beside_changes(&db).await;
-    let running = daemon
-        .status
-        .report()
-        .full_load_running
-        .expect("a load under way");
-    assert_eq!(
-        (running.reason.as_str(), running.beside_polls),
-        ("TRUNCATE or permd.request_reload() in the changelog", true)
+    loading_beside_the_polls(
+        &daemon,
+        "TRUNCATE or permd.request_reload() in the changelog",
     );
     let (_, status) = daemon.get("/v1/status").await;
     assert_eq!(
@@ -213,14 +222,9 @@ async fn a_session_lost_during_a_reload_beside_the_polls_loads_again_beside_the_
     })
     .await;
     let again = proxy.frozen().expect("the next load held");
-    let running = daemon
-        .status
-        .report()
-        .full_load_running
-        .expect("a load under way");
-    assert_eq!(
-        (running.reason.as_str(), running.beside_polls),
-        ("TRUNCATE or permd.request_reload() in the changelog", true)
+    loading_beside_the_polls(
+        &daemon,
+        "TRUNCATE or permd.request_reload() in the changelog",
     );
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('u3', 'doc:3', 'read', NULL)")
@@ -797,16 +801,7 @@ async fn a_backlog_loaded_in_full_loads_beside_the_polls() {
     })
     .await;
     let held = proxy.frozen().expect("the held connection");
-    let running = daemon
-        .status
-        .report()
-        .full_load_running
-        .expect("a load under way");
-    assert!(running.beside_polls, "{running:?}");
-    assert!(
-        running.reason.contains("reads at least twice as fast"),
-        "{running:?}"
-    );
+    loading_beside_the_polls(&daemon, "reads at least twice as fast");
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('u', 'doc:2', 'read', NULL)")
         .await;

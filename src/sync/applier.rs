@@ -360,8 +360,11 @@ pub struct Applier {
     /// The server refused the look at its subscriptions (a role denied the catalogs):
     /// not asked again.
     subscriptions_unknown: bool,
-    /// Why the next session must load in full before it follows the changelog, if it
-    /// must: logical replication wrote permd's tables past the changelog meanwhile.
+    /// Why the next session must load in full before it reads the changelog on, if it
+    /// must: logical replication wrote permd's tables past the changelog meanwhile, or a
+    /// reload beside the polls did not swap in (its polls may have passed what called for
+    /// it; a backlog's moved the cursor past rows never applied). That load goes beside
+    /// the next session's polls too (`begin_reload`).
     reload_due: Option<Cow<'static, str>>,
     /// The changelog's backlog was counted since the last caught-up poll (`backlog`).
     backlog_counted: bool,
@@ -594,7 +597,8 @@ impl Applier {
             .follow(client, tap.clone(), heard, closed.as_mut(), shutdown)
             .await;
         // A reload the session left unfinished is stopped, and the next session loads
-        // first: its polls may have passed the change that called for it.
+        // again before it reads on: its polls may have passed the change that called for
+        // it.
         if let Some(reloading) = self.reloading.take() {
             self.store.abandon_journal();
             self.reload_due.get_or_insert(reloading.why.clone());

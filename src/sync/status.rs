@@ -279,22 +279,26 @@ impl Status {
 
     /// A full load begins, for `reason` (`beside_polls`: changes are applied meanwhile).
     pub(crate) fn full_load_started(&self, reason: &str, beside_polls: bool) {
-        *self
-            .inner
-            .running_load
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(RunningLoad {
+        self.set_running_load(Some(RunningLoad {
             reason: reason.to_owned(),
             seconds: 0.0,
             beside_polls,
             started_at: now_micros(),
-        });
+        }));
+    }
+
+    fn set_running_load(&self, load: Option<RunningLoad>) {
+        *self
+            .inner
+            .running_load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = load;
     }
 
     /// The full load under way swapped in, `took_ms` after it began.
     pub(crate) fn full_load_done(&self, took_ms: u64, reason: &str) {
+        self.set_running_load(None);
         let i = &self.inner;
-        *i.running_load.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *i.last_full_load_reason
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
@@ -373,11 +377,7 @@ impl Status {
     pub(crate) fn failed(&self, error: &str) {
         self.set_connected(false);
         self.set_following(false);
-        *self
-            .inner
-            .running_load
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.set_running_load(None);
         *self
             .inner
             .last_error
