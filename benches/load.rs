@@ -94,6 +94,18 @@ fn took_ms(line: &str) -> f64 {
         .unwrap()
 }
 
+/// The three slowest of `times` (each how long it took and when it began, since a
+/// start), slowest first, as `"12.3 ms at 1.45 s, …"`; sorts `times`.
+fn three_slowest(times: &mut [(Duration, Duration)]) -> String {
+    times.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
+    times
+        .iter()
+        .take(3)
+        .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `d` in milliseconds.
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -213,12 +225,7 @@ impl Checkers {
             }
             all
         });
-        checks.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
-        let slowest: Vec<String> = checks
-            .iter()
-            .take(3)
-            .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
-            .collect();
+        let slowest = three_slowest(&mut checks);
         // How many waited past a scheduler's slice or more: steadier than the largest.
         let over = |ms: u64| {
             let limit = Duration::from_millis(ms);
@@ -226,7 +233,7 @@ impl Checkers {
         };
         let slowest = format!(
             "slowest checks {}; over 1 ms {}, over 5 ms {}",
-            slowest.join(", "),
+            slowest,
             over(1),
             over(5)
         );
@@ -445,17 +452,11 @@ fn main() {
                 unreachable!()
             });
             // The three slowest writes, each with when it was committed.
-            let mut slowest_writes = visible_reload.clone();
-            slowest_writes.sort_unstable_by_key(|&(took, _)| std::cmp::Reverse(took));
-            let slowest_writes: Vec<String> = slowest_writes
-                .iter()
-                .take(3)
-                .map(|(took, at)| format!("{:.1} ms at {:.2} s", ms(*took), at.as_secs_f64()))
-                .collect();
+            let slowest_writes = three_slowest(&mut visible_reload.clone());
             let visible_reload = format!(
                 "{}; slowest {}",
                 percentiles(visible_reload.into_iter().map(|(took, _)| took).collect()),
-                slowest_writes.join(", ")
+                slowest_writes
             );
             let (checked, slowest) = checking.stop(&runtime);
             // The swap's own time (the writes made beside the load copied into its

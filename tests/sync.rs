@@ -721,6 +721,18 @@ async fn batches_that_end_inside_a_transaction_skip_nothing() {
     daemon.stop().await;
 }
 
+/// A database holding 1,000 tuples, one for each of 1,000 users: the set the backlog
+/// tests write their bulk beside.
+async fn a_thousand_users() -> TestDb {
+    let db = database().await;
+    db.exec(
+        "INSERT INTO permd.tuples
+         SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 1000) i",
+    )
+    .await;
+    db
+}
+
 /// A backlog of changelog rows that a full load reads at least twice as fast as the polls
 /// (a bulk write: here 120,000 rows in one transaction over a set of 1,000 tuples, where
 /// at least 100,000 must wait) is loaded in full rather than read a batch of 10,000 at a
@@ -730,12 +742,7 @@ async fn batches_that_end_inside_a_transaction_skip_nothing() {
 /// commit, against 1.1 s now ("Bulk writes" in benches/README.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_a_full_load_reads_faster_is_loaded_in_full() {
-    let db = database().await;
-    db.exec(
-        "INSERT INTO permd.tuples
-         SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 1000) i",
-    )
-    .await;
+    let db = a_thousand_users().await;
     let daemon = TestDaemon::start_with(SyncConfig::new(&db.url), patient()).await;
     let bulk = |objects: u32| {
         format!(
@@ -783,12 +790,7 @@ async fn a_backlog_a_full_load_reads_faster_is_loaded_in_full() {
 /// back.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_loaded_in_full_loads_beside_the_polls() {
-    let db = database().await;
-    db.exec(
-        "INSERT INTO permd.tuples
-         SELECT 'user:' || i, 'doc:1', 'read', NULL FROM generate_series(1, 1000) i",
-    )
-    .await;
+    let db = a_thousand_users().await;
     let (proxy, url) = Proxy::in_front_of(&db.url, 2 << 20).await;
     let daemon = TestDaemon::start_with(SyncConfig::new(&url), patient()).await;
     db.exec(
