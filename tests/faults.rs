@@ -510,18 +510,7 @@ async fn a_killed_backend_makes_postgres_recover_and_permd_reload() {
         .await;
     assert!(daemon.check("before", "read", "doc", &before).await);
     assert_eq!(daemon.status.report().reloads, 1);
-    // The postmaster answers a backend's SIGKILL by restarting every process and
-    // recovering: the killing backend (a superuser's `COPY ... TO PROGRAM`, run as the
-    // server's user) goes too, so its statement's error is expected.
-    let victim: i32 = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() LIMIT 1")
-        .fetch_one(&db.pool)
-        .await
-        .expect("another backend");
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "COPY (SELECT 1) TO PROGRAM 'kill -9 {victim}'"
-    )))
-    .execute(&db.pool)
-    .await;
+    crash_by_killing_a_backend(&db).await;
     daemon
         .wait_for("the reload after the crash", || {
             daemon.status.report().reloads >= 2
@@ -538,6 +527,87 @@ async fn a_killed_backend_makes_postgres_recover_and_permd_reload() {
         report.last_full_load_reason.as_deref(),
         Some("postgres recovered from a crash")
     );
+    daemon.stop().await;
+}
+
+/// Kills one of the cluster's backends as its superuser (`COPY … TO PROGRAM`, run as the
+/// server's user): the postmaster answers by restarting every process and recovering
+/// from a crash, the killing backend's statement failing with the rest.
+async fn crash_by_killing_a_backend(db: &TestDb) {
+    let victim: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("another backend");
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "COPY (SELECT 1) TO PROGRAM 'kill -9 {victim}'"
+    )))
+    .execute(&db.pool)
+    .await;
+}
+
+/// The reload after a crash goes beside the polls (since session 74), the polls reading
+/// on from its snapshot: held in its COPY by a proxy, a write committed meanwhile is
+/// answered without a token, while the write's token waits for the swap (the crash may
+/// hand out again xids below the watermark, so none of the old generation's answers
+/// proves a token). Once it swaps in, the rows written with the triggers off before the
+/// crash are there, the token is answered and the mirror is exact. Until session 74 the
+/// reload ran on the sync connection, and no change was applied until it swapped in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_a_crash_goes_beside_the_polls() {
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(None))
+        .await
+        .expect("cluster task");
+    let db = database_on(&cluster).await;
+    db.exec("INSERT INTO permd.tuples VALUES ('before', 'doc', 'read', NULL)")
+        .await;
+    let (proxy, url) = Proxy::in_front_of(&db.url, 256 << 10).await;
+    let daemon = TestDaemon::start_with(SyncConfig::new(&url), patient()).await;
+    // More than the proxy lets through before it freezes a connection, unseen by the
+    // changelog: only a full load brings them. Committed to the WAL at once, so that the
+    // crash keeps them (the throwaway cluster commits without waiting for it otherwise).
+    db.exec(
+        "SET synchronous_commit = on;
+         SET session_replication_role = replica;
+         INSERT INTO permd.tuples SELECT 'bulk:' || i, 'doc:' || (i % 100), 'read', NULL
+         FROM generate_series(1, 30000) i;
+         RESET session_replication_role;",
+    )
+    .await;
+    crash_by_killing_a_backend(&db).await;
+    wait_until("the reload's connection to be held in its COPY", || {
+        std::future::ready(proxy.frozen().is_some())
+    })
+    .await;
+    let running = daemon
+        .status
+        .report()
+        .full_load_running
+        .expect("a load under way");
+    assert!(
+        running.beside_polls && running.reason == "postgres recovered from a crash",
+        "{running:?}"
+    );
+    let token = insert_once_up(&db, "after").await;
+    wait_until("a write to be answered during the reload", || {
+        std::future::ready(daemon.store.check("after", "read", "doc"))
+    })
+    .await;
+    assert!(!daemon.store.check("bulk:1", "read", "doc:1"));
+    let xid = permd::store::Xid(token.parse().expect("a token is an xid"));
+    assert_eq!(
+        daemon.store.passed(xid),
+        None,
+        "the token waits for the reload"
+    );
+    assert_eq!(daemon.status.report().reloads, 1);
+    proxy.frozen().expect("the held load").resumed.cancel();
+    assert!(daemon.check("after", "read", "doc", &token).await);
+    assert!(daemon.store.check("bulk:1", "read", "doc:1"));
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    assert_eq!(daemon.status.report().reloads, 2);
     daemon.stop().await;
 }
 

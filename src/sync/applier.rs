@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connect;
 use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Verdict};
-use super::loader::{self, Loaded};
+use super::loader::{self, Begun, Loaded};
 use super::server::Server;
 use super::standby::{Look, Standby};
 use super::status::Upstream;
@@ -366,6 +366,10 @@ pub struct Applier {
     /// it; a backlog's moved the cursor past rows never applied). That load goes beside
     /// the next session's polls too (`begin_reload`).
     reload_due: Option<Cow<'static, str>>,
+    /// That load must rewind the watermark: it follows a crash or another server, whose
+    /// reload beside the polls did not swap in (the server is then known, and would not
+    /// call for it again).
+    rewind_due: bool,
     /// The changelog's backlog was counted since the last caught-up poll (`backlog`).
     backlog_counted: bool,
     /// Tuples a second of the last full load of at least `LOAD_RATE_SAMPLE` rows.
@@ -388,6 +392,12 @@ struct Reloading {
     snapshot: Snapshot,
     /// The changelog's pruning mark in that snapshot.
     mark: Cursor,
+    /// permd's tables as the load found them.
+    tables: String,
+    /// The watermark is rewound at the swap, and confirmed only then: the reload follows
+    /// a crash or another server, whose transaction ids say nothing of the mirror's
+    /// (`reload`), so a write token waits for the swap (`Store::unconfirm`).
+    rewind: bool,
     why: Cow<'static, str>,
     started: Instant,
     /// Stops the load's thread if the reload is dropped unfinished (the session ended).
@@ -492,6 +502,7 @@ impl Applier {
             clock_off: false,
             subscriptions_unknown: false,
             reload_due: None,
+            rewind_due: false,
             backlog_counted: false,
             load_rate: None,
             reloading: None,
@@ -601,7 +612,7 @@ impl Applier {
         // it.
         if let Some(reloading) = self.reloading.take() {
             self.store.abandon_journal();
-            self.reload_due.get_or_insert(reloading.why.clone());
+            self.load_again(&reloading);
         }
         match followed {
             Err(error) if error.is_closed() => Err(why_closed(error, closed, &tap).await),
@@ -674,27 +685,42 @@ impl Applier {
             );
         }
         let restored_mark = self.restored(&client).await?;
+        let due = match recovered {
+            Some(why) => Some((Cow::Owned(why), true)),
+            None => self.reload_due.clone().map(|why| (why, self.rewind_due)),
+        };
         if self.cursor.is_none() {
             self.reload(&mut client, &tap, "start", false).await?;
-        } else if let Some(why) = recovered {
-            self.reload(&mut client, &tap, &why, true).await?;
-        } else if let Some(why) = self.reload_due.clone() {
-            // The server is the last session's and the cursor holds: the load goes beside
-            // the polls, as the one the last session left unfinished did.
-            if !self.begin_reload(why.clone()).await? {
-                self.reload(&mut client, &tap, &why, false).await?;
+        } else if let Some((why, rewind)) = due {
+            // There is a generation to answer from meanwhile: the load goes beside the
+            // polls, which go on from its snapshot where the cursor says nothing of this
+            // server's transactions (`rewind`).
+            if !self
+                .begin_reload(why.clone(), Some(server.clone()), rewind)
+                .await?
+            {
+                self.reload(&mut client, &tap, &why, rewind).await?;
             }
         } else if restored_mark.is_some_and(|mark| mark != self.mark_at_load) {
             self.reload(&mut client, &tap, RESTORED_MARK, false).await?;
         }
         self.reload_due = None;
+        self.rewind_due = false;
         // Taken as known only now: a load that failed is tried again at the next session,
         // which would otherwise find the server known and catch up from a cursor the
-        // crash may have passed.
+        // crash may have passed. (A reload beside the polls that fails leaves its rewind
+        // due: `load_again`.)
         self.server = Some(server);
         // The watermark holds: the server did not recover from a crash since the last
-        // session, or the load has rewound it.
-        self.store.confirm();
+        // session, or the load has rewound it. A reload beside the polls that rewinds
+        // confirms it at its swap.
+        if !self
+            .reloading
+            .as_ref()
+            .is_some_and(|reloading| reloading.rewind)
+        {
+            self.store.confirm();
+        }
         // Prepared once per connection: the poll is one large statement, and planning it
         // on every poll cost about as much as running it.
         let poll = self
@@ -734,7 +760,10 @@ impl Applier {
             }
             if matches!(polled, Polled::More) && self.reloading.is_none() {
                 if let Some(why) = self.backlog(&client, started.elapsed()).await? {
-                    if self.begin_reload(why.clone().into()).await? {
+                    if self
+                        .begin_reload(why.clone().into(), self.server.clone(), false)
+                        .await?
+                    {
                         self.polls_past_the_load();
                     } else {
                         self.reload(&mut client, &tap, &why, false).await?;
@@ -763,7 +792,10 @@ impl Applier {
                     continue;
                 }
                 Polled::Reload(why) => {
-                    if !self.begin_reload(why.into()).await? {
+                    if !self
+                        .begin_reload(why.into(), self.server.clone(), false)
+                        .await?
+                    {
                         self.reload(&mut client, &tap, why, false).await?;
                     }
                     continue;
@@ -1365,10 +1397,18 @@ impl Applier {
     /// rather than once the reload has swapped in. Returns once the load's snapshot is
     /// taken (the writes from then on are told apart by it); `false` where no such
     /// connection could be opened to the same server (the caller then loads on the sync
-    /// connection, which holds changes back until the load ends). Not on a standby, whose
-    /// snapshots are cut to their horizon. A compaction under way is dropped: the load
-    /// reclaims what it would.
-    async fn begin_reload(&mut self, why: Cow<'static, str>) -> Result<bool, Error> {
+    /// connection, which holds changes back until the load ends). `server`: the sync
+    /// connection's, which the load's must reach. `rewind`: after a crash or on another
+    /// server, the polls go on from the load's snapshot (`polls_past_the_load`), and the
+    /// watermark is rewound and confirmed at the swap (`Reloading::rewind`). Not on a
+    /// standby, whose snapshots are cut to their horizon. A compaction under way is
+    /// dropped: the load reclaims what it would.
+    async fn begin_reload(
+        &mut self,
+        why: Cow<'static, str>,
+        server: Option<Server>,
+        rewind: bool,
+    ) -> Result<bool, Error> {
         if self.horizon_only {
             return Ok(false);
         }
@@ -1376,13 +1416,10 @@ impl Applier {
         // pooler with one server session for permd queues it until the first's is free,
         // which it never is, and the polls wait meanwhile.
         let wait = (self.config.query_timeout / 2).min(connect::SECOND_SESSION_WAIT);
-        let spawned = spawn_reload_thread(
-            self.config.clone(),
-            self.own_settings(),
-            self.server.clone(),
-            wait,
-        )
-        .map_err(|error| Error::Builder(format!("could not start the reload's thread: {error}")));
+        let spawned = spawn_reload_thread(self.config.clone(), self.own_settings(), server, wait)
+            .map_err(|error| {
+                Error::Builder(format!("could not start the reload's thread: {error}"))
+            });
         let open = match spawned {
             Ok(mut thread) => (&mut thread.opened)
                 .await
@@ -1391,7 +1428,7 @@ impl Applier {
             Err(error) => Err(error),
         };
         let ReloadThread {
-            begun: snapshot,
+            begun,
             loaded,
             ended,
             stop,
@@ -1417,11 +1454,17 @@ impl Applier {
         let started = Instant::now();
         self.store.begin_reload();
         self.load_ended = ended;
-        let Ok((snapshot, mark)) = snapshot.await else {
+        let Ok(Begun {
+            snapshot,
+            mark,
+            tables,
+        }) = begun.await
+        else {
             // The load ended before its snapshot: its error.
             self.store.abandon_journal();
             stop.cancel();
             self.reload_due.get_or_insert(why);
+            self.rewind_due |= rewind;
             return Err(match loaded.await {
                 Ok(Err(error)) => error,
                 _ => Error::Builder("the reload's thread ended before its snapshot".into()),
@@ -1431,23 +1474,37 @@ impl Applier {
             loaded,
             snapshot,
             mark,
+            tables,
+            rewind,
             why,
             started,
             stop,
         });
+        if rewind {
+            self.polls_past_the_load();
+        }
         Ok(true)
     }
 
-    /// Moves the polls' place to the snapshot of the reload just begun, for a backlog
-    /// loaded in full: the rows it sees are the load's to bring (the current generation
-    /// lacks them until the swap, as it lacked them while they waited), and the polls
-    /// beside it read only those past it, applying what is committed meanwhile. The
-    /// watermark stays where it was until the swap (`advance`). Should the load not
-    /// swap in, the next session loads first (`reload_due`).
+    /// Marks a reload beside the polls that did not swap in as due at the next session,
+    /// with its rewind.
+    fn load_again(&mut self, reloading: &Reloading) {
+        self.reload_due.get_or_insert(reloading.why.clone());
+        self.rewind_due |= reloading.rewind;
+    }
+
+    /// Moves the polls' place to the snapshot of the reload just begun, over its tables,
+    /// for a backlog loaded in full, or where the cursor says nothing of the server's
+    /// transactions (a crash, another server): the rows it sees are the load's to bring
+    /// (the current generation lacks them until the swap, as it lacked them while they
+    /// waited), and the polls beside it read only those past it, applying what is
+    /// committed meanwhile. The watermark stays where it was until the swap (`advance`).
+    /// Should the load not swap in, the next session loads first (`reload_due`).
     fn polls_past_the_load(&mut self) {
         if let Some(reloading) = &self.reloading {
             self.follower.loaded(reloading.snapshot.clone());
             self.cursor = Some(Position::at(reloading.snapshot.clone()));
+            self.tables_at_load.clone_from(&reloading.tables);
         }
     }
 
@@ -1470,8 +1527,9 @@ impl Applier {
     /// snapshot (as it does unless the polls stopped early, at a change the load does not
     /// cover), and from the load's snapshot otherwise (reading again, whole, the keys
     /// applied past it). The watermark, held where it was when the reload began
-    /// (`advance`), moves to that place. A load that failed ends the session, and the
-    /// next one loads first.
+    /// (`advance`), moves to that place, or is rewound to it and confirmed
+    /// (`Reloading::rewind`). A load that failed ends the session, and the next one loads
+    /// first.
     async fn finish_reload(&mut self, loaded: Result<Loaded, Error>) -> Result<(), Error> {
         let Some(reloading) = self.reloading.take() else {
             return Ok(());
@@ -1486,7 +1544,7 @@ impl Applier {
             Ok(loaded) => loaded,
             Err(error) => {
                 self.store.abandon_journal();
-                self.reload_due.get_or_insert(reloading.why.clone());
+                self.load_again(&reloading);
                 return Err(error);
             }
         };
@@ -1495,7 +1553,7 @@ impl Applier {
         let old = match tokio::task::spawn_blocking(move || store.finish_reload(state)).await {
             Ok(old) => old,
             Err(error) => {
-                self.reload_due.get_or_insert(reloading.why.clone());
+                self.load_again(&reloading);
                 return Err(Error::Builder(error.to_string()));
             }
         };
@@ -1515,7 +1573,12 @@ impl Applier {
         self.cursor = Some(place);
         let took = reloading.started.elapsed();
         self.note_load(mark, tables, rows, took, &reloading.why, Some(swap));
-        self.store.advance(&seen);
+        if reloading.rewind {
+            self.store.rewind(&seen);
+            self.store.confirm();
+        } else {
+            self.store.advance(&seen);
+        }
         Ok(())
     }
 
@@ -1999,8 +2062,9 @@ async fn load_connection(
 struct ReloadThread {
     /// Whether its connection opened within the wait.
     opened: oneshot::Receiver<Result<(), Error>>,
-    /// The load's snapshot and pruning mark, as soon as it has them (`loader::load`).
-    begun: oneshot::Receiver<(Snapshot, Cursor)>,
+    /// The load's snapshot, pruning mark and tables, as soon as it has them
+    /// (`loader::load`).
+    begun: oneshot::Receiver<Begun>,
     /// The load's outcome.
     loaded: oneshot::Receiver<Result<Loaded, Error>>,
     /// Rung once `loaded` is sent.

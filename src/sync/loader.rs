@@ -46,6 +46,17 @@ const LIMITS: &str =
 /// A progress line every this many rows.
 const PROGRESS_EVERY: u64 = 1_000_000;
 
+/// What a load knows as soon as its snapshot is taken, before its rows: what a reload
+/// beside the polls needs to tell the changes it holds from those it does not.
+#[derive(Debug, Clone)]
+pub(crate) struct Begun {
+    pub(crate) snapshot: Snapshot,
+    /// The changelog's pruning mark in the snapshot (`Loaded::mark`).
+    pub(crate) mark: Cursor,
+    /// permd's tables as the load found them (`Loaded::tables`).
+    pub(crate) tables: String,
+}
+
 /// A freshly loaded generation and the snapshot it reflects.
 pub(crate) struct Loaded {
     pub(crate) state: State,
@@ -61,8 +72,8 @@ pub(crate) struct Loaded {
 }
 
 /// Loads everything in one snapshot, which is where the changelog's reading starts
-/// (`Position::at`). `begun`, if any, is sent the snapshot and the pruning mark as soon as
-/// the snapshot is taken (a reload beside the applier's polls: `applier::Reloading`).
+/// (`Position::at`). `begun`, if any, is sent the snapshot, the pruning mark and the
+/// tables as soon as the snapshot is taken (a reload beside the applier's polls: `applier::Reloading`).
 ///
 /// A load takes as long as the data does, so no statement of it has a deadline; instead
 /// it fails with [`Error::Stalled`] once nothing arrived from Postgres for `stall` (a hung
@@ -75,7 +86,7 @@ pub(crate) async fn load(
     shard: Shard,
     stall: Duration,
     beside_checks: bool,
-    begun: Option<oneshot::Sender<(Snapshot, Cursor)>>,
+    begun: Option<oneshot::Sender<Begun>>,
 ) -> Result<Loaded, Error> {
     let started = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
@@ -111,9 +122,13 @@ pub(crate) async fn load(
         xid: parse_xid(row.get::<_, &str>(2))?,
         id: row.get(3),
     };
-    let tables = row.get(4);
+    let tables: String = row.get(4);
     if let Some(begun) = begun {
-        let _ = begun.send((snapshot.clone(), mark));
+        let _ = begun.send(Begun {
+            snapshot: snapshot.clone(),
+            mark,
+            tables: tables.clone(),
+        });
     }
     let estimate = usize::try_from(row.get::<_, i64>(1) / i64::from(shard.count())).unwrap_or(0);
 
