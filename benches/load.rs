@@ -39,6 +39,14 @@
 //! given, side by side: the whole set, and the quarter of it one daemon of `--shard 0/4`
 //! holds. The rate and bytes per tuple are then of the rows that shard loaded.
 //!
+//! `BENCH_RELOAD=crash` calls for the reload by a crash rather than by
+//! `permd.request_reload()`: a checkpoint, then one of Postgres's backends killed, so that
+//! the postmaster restarts every process and recovers (its WAL since the checkpoint
+//! replayed), and permd reloads as after any crash. The writes during it begin once permd
+//! has logged the reload's start (one committed between the recovery and the reload's
+//! snapshot is the reload's to bring, and waits for its swap in every build), and the
+//! times from the crash to the recovery and to that start are printed.
+//!
 //! `BENCH_PERMD` (comma-separated paths) runs other permd binaries instead of this build's,
 //! each on the same filled table: e.g. one built from an earlier commit and this one, to
 //! compare two versions side by side in one run.
@@ -49,7 +57,7 @@ mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -130,7 +138,8 @@ fn percentiles(mut times: Vec<Duration>) -> String {
 /// Grants `user:1` `perm0` on `object` and asks permd on `stream` until it answers
 /// allowed: with the write's token (`at_least`; a 503 `stale` after the server's wait of
 /// 1 s is asked again), or without one, again and again. Returns how long that took from
-/// the commit, and when the commit was.
+/// the commit, and when the commit was. A write Postgres refuses (recovering from a
+/// crash: `BENCH_RELOAD=crash`) is made again every 10 ms, for a minute at most.
 async fn write_until_visible(
     pool: &sqlx::PgPool,
     stream: &mut BufStream<TcpStream>,
@@ -138,14 +147,24 @@ async fn write_until_visible(
     object: &str,
     with_token: bool,
 ) -> (Duration, Instant) {
-    let token: String = sqlx::query_scalar(
-        "INSERT INTO permd.tuples VALUES ('user:1', $1, 'perm0', NULL)
-         RETURNING permd.write_token()::text",
-    )
-    .bind(object)
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let since = Instant::now();
+    let token: String = loop {
+        let written = sqlx::query_scalar(
+            "INSERT INTO permd.tuples VALUES ('user:1', $1, 'perm0', NULL)
+             RETURNING permd.write_token()::text",
+        )
+        .bind(object)
+        .fetch_one(pool)
+        .await;
+        match written {
+            Ok(token) => break token,
+            Err(error) if since.elapsed() < Duration::from_secs(60) => {
+                eprintln!("a write refused, made again: {error}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(error) => panic!("a write refused for a minute: {error}"),
+        }
+    };
     let committed = Instant::now();
     let at_least = if with_token {
         format!("&at_least={token}")
@@ -269,6 +288,11 @@ fn main() {
         other => panic!("BENCH_ORDER is subject, scattered or grown, not {other:?}"),
     };
     let tls = env_or("BENCH_LOAD_TLS", 0u8) == 1;
+    let crash = match std::env::var("BENCH_RELOAD").as_deref() {
+        Err(_) | Ok("request") => false,
+        Ok("crash") => true,
+        Ok(other) => panic!("BENCH_RELOAD is request or crash, not {other:?}"),
+    };
     // Connections checking during the reload, each one check at a time.
     let checkers = env_or("BENCH_RELOAD_CHECKERS", 1usize).max(1);
     // Connections checking during the compaction too, beside its writes (none unless asked).
@@ -287,7 +311,12 @@ fn main() {
     let shards: Vec<String> = env_list("BENCH_SHARDS", "0/1");
     let runtime = runtime();
     println!();
-    println!("Names: {names}. Order: {order}.");
+    let called = if crash {
+        "a crash (a backend killed)"
+    } else {
+        "permd.request_reload()"
+    };
+    println!("Names: {names}. Order: {order}. The reload called for by {called}.");
     println!();
     println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | host steal % | resident | of it in huge pages | bytes/tuple | peak during a reload | reload | check during it (p50 / p99 / largest, checks) | compaction | peak during it | write to visible during it (p50 / p99 / largest, writes) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -356,8 +385,14 @@ fn main() {
             let pid = child.id();
             let (tx, rx) = mpsc::channel();
             let stderr = child.stderr.take().unwrap();
+            // Full loads begun so far (the first, then the reload's).
+            let loads_begun = Arc::new(AtomicUsize::new(0));
+            let begun = Arc::clone(&loads_begun);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("full load starting") {
+                        begun.fetch_add(1, Ordering::SeqCst);
+                    }
                     // What the load did besides: rows seen scattered, then merged, lists
                     // packed again.
                     let besides = [
@@ -428,10 +463,54 @@ fn main() {
             // answering lacks what called for the reload).
             let (reload, built, visible_reload, swapped) = runtime.block_on(async {
                 let pool = permd::db::pool(&url).await.unwrap();
-                sqlx::raw_sql("SELECT permd.request_reload()")
+                if crash {
+                    // Reset when Postgres starts after a crash, as permd tells one.
+                    let reset = "SELECT coalesce(stats_reset::text, '') FROM pg_stat_archiver";
+                    let before: String = sqlx::query_scalar(reset).fetch_one(&pool).await.unwrap();
+                    // The WAL to replay is short: recovery is not what is measured.
+                    sqlx::raw_sql("CHECKPOINT").execute(&pool).await.unwrap();
+                    // The killing backend goes with the rest: its error is expected.
+                    let _ = sqlx::raw_sql(
+                        "DO $$ BEGIN EXECUTE format('COPY (SELECT 1) TO PROGRAM %L',
+                             'kill -9 ' || (SELECT pid FROM pg_stat_activity
+                                            WHERE backend_type = 'client backend'
+                                              AND pid <> pg_backend_pid() LIMIT 1));
+                         END $$",
+                    )
                     .execute(&pool)
-                    .await
-                    .unwrap();
+                    .await;
+                    // The writes begin once the server has recovered: one made before the
+                    // postmaster stopped every backend could commit and be lost with them.
+                    let since = Instant::now();
+                    loop {
+                        let now = sqlx::query_scalar::<_, String>(reset)
+                            .fetch_one(&pool)
+                            .await;
+                        if now.is_ok_and(|now| now != before) {
+                            break;
+                        }
+                        assert!(since.elapsed() < Duration::from_secs(60), "no recovery");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    let recovered = requested.elapsed();
+                    // A write committed before permd's reload takes its snapshot waits for
+                    // the swap whatever the build (the reload's to bring): the writes begin
+                    // once it has begun, and the time before is printed.
+                    while loads_begun.load(Ordering::SeqCst) < 2 {
+                        assert!(since.elapsed() < Duration::from_secs(60), "no reload");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    eprintln!(
+                        "recovered {:.2} s and the reload begun {:.2} s after the crash",
+                        recovered.as_secs_f64(),
+                        requested.elapsed().as_secs_f64()
+                    );
+                } else {
+                    sqlx::raw_sql("SELECT permd.request_reload()")
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                }
                 let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
                 let (mut visible, mut body, mut done) = (Vec::new(), Vec::new(), None);
                 for n in 0.. {
