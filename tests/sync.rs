@@ -123,10 +123,8 @@ async fn a_reload_held_beside_changes(db: &TestDb) -> (TestDaemon, Arc<Link>, Pr
     // Answered from the generation being replaced: the bulk rows are not there yet, and
     // the token waits.
     assert!(!daemon.store.check("bulk:1", "read", "doc:1"));
-    let xid = permd::store::Xid(token.parse().expect("a token is an xid"));
-    assert_eq!(
-        daemon.store.passed(xid),
-        None,
+    assert!(
+        !daemon.token_passed(&token),
         "the token waits for the reload"
     );
     assert_eq!(
@@ -136,20 +134,6 @@ async fn a_reload_held_beside_changes(db: &TestDb) -> (TestDaemon, Arc<Link>, Pr
     );
     assert!(!held.closed.is_cancelled(), "the load is still held");
     (daemon, held, proxy, token)
-}
-
-/// Asserts that a full load is under way beside the polls (`/v1/status`
-/// `full_load_running`), for a reason that says `reason`.
-fn loading_beside_the_polls(daemon: &TestDaemon, reason: &str) {
-    let running = daemon
-        .status
-        .report()
-        .full_load_running
-        .expect("a load under way");
-    assert!(
-        running.beside_polls && running.reason.contains(reason),
-        "{running:?}"
-    );
 }
 
 /// `GET /v1/subjects/S/limits`'s value of `name`.
@@ -166,10 +150,7 @@ async fn limit_of(daemon: &TestDaemon, subject: &str, name: &str) -> Option<i64>
 async fn changes_committed_during_a_reload_are_answered_before_it_ends_and_kept_after() {
     let db = database().await;
     let (daemon, held, _proxy, token) = a_reload_held_beside_changes(&db).await;
-    loading_beside_the_polls(
-        &daemon,
-        "TRUNCATE or permd.request_reload() in the changelog",
-    );
+    daemon.assert_loading_beside_the_polls("TRUNCATE or permd.request_reload() in the changelog");
     let (_, status) = daemon.get("/v1/status").await;
     assert_eq!(
         status["full_load_running"]["beside_polls"], true,
@@ -222,10 +203,7 @@ async fn a_session_lost_during_a_reload_beside_the_polls_loads_again_beside_the_
     })
     .await;
     let again = proxy.frozen().expect("the next load held");
-    loading_beside_the_polls(
-        &daemon,
-        "TRUNCATE or permd.request_reload() in the changelog",
-    );
+    daemon.assert_loading_beside_the_polls("TRUNCATE or permd.request_reload() in the changelog");
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('u3', 'doc:3', 'read', NULL)")
         .await;
@@ -803,7 +781,7 @@ async fn a_backlog_loaded_in_full_loads_beside_the_polls() {
     })
     .await;
     let held = proxy.frozen().expect("the held connection");
-    loading_beside_the_polls(&daemon, "reads at least twice as fast");
+    daemon.assert_loading_beside_the_polls("reads at least twice as fast");
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('u', 'doc:2', 'read', NULL)")
         .await;
@@ -813,8 +791,7 @@ async fn a_backlog_loaded_in_full_loads_beside_the_polls() {
     .await;
     // The last bulk rows are the load's to bring; the token waits for its swap.
     assert!(!daemon.store.check("bulk:120000", "read", "doc:bulk"));
-    let xid = permd::store::Xid(token.parse().expect("a token is an xid"));
-    assert_eq!(daemon.store.passed(xid), None, "the token waits");
+    assert!(!daemon.token_passed(&token), "the token waits");
     assert_eq!(daemon.status.report().reloads, 1);
     held.resumed.cancel();
     assert_eq!(daemon.digest_at(&token).await, db.digest().await);

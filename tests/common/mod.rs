@@ -574,6 +574,27 @@ impl TestDaemon {
         send(&self.api, request).await
     }
 
+    /// Asserts that a full load is under way beside the polls (`/v1/status`
+    /// `full_load_running`), for a reason that says `reason`.
+    pub fn assert_loading_beside_the_polls(&self, reason: &str) {
+        let running = self
+            .status
+            .report()
+            .full_load_running
+            .expect("a load under way");
+        assert!(
+            running.beside_polls && running.reason.contains(reason),
+            "{running:?}"
+        );
+    }
+
+    /// Whether a check with `token` would be answered at once: its write applied, and the
+    /// watermark confirmed (`Store::passed`).
+    pub fn token_passed(&self, token: &str) -> bool {
+        let xid = permd::store::Xid(token.parse().expect("a token is an xid"));
+        self.store.passed(xid).is_some()
+    }
+
     /// `GET /v1/check` with `at_least`, returning `allowed`.
     pub async fn check(
         &self,
