@@ -685,24 +685,28 @@ impl Applier {
             );
         }
         let restored_mark = self.restored(&client).await?;
+        let restored_mark = restored_mark.is_some_and(|mark| mark != self.mark_at_load);
         let due = match recovered {
             Some(why) => Some((Cow::Owned(why), true)),
-            None => self.reload_due.clone().map(|why| (why, self.rewind_due)),
+            None => self
+                .reload_due
+                .clone()
+                .map(|why| (why, self.rewind_due))
+                .or_else(|| restored_mark.then_some((Cow::Borrowed(RESTORED_MARK), false))),
         };
         if self.cursor.is_none() {
             self.reload(&mut client, &tap, "start", false).await?;
         } else if let Some((why, rewind)) = due {
             // There is a generation to answer from meanwhile: the load goes beside the
             // polls, which go on from its snapshot where the cursor says nothing of this
-            // server's transactions (`rewind`).
+            // server's transactions (`rewind`), and from the cursor otherwise (a restored
+            // mark the load sees is passed over, `Reloading::mark`).
             if !self
                 .begin_reload(why.clone(), Some(server.clone()), rewind)
                 .await?
             {
                 self.reload(&mut client, &tap, &why, rewind).await?;
             }
-        } else if restored_mark.is_some_and(|mark| mark != self.mark_at_load) {
-            self.reload(&mut client, &tap, RESTORED_MARK, false).await?;
         }
         self.reload_due = None;
         self.rewind_due = false;
