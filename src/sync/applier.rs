@@ -684,8 +684,10 @@ impl Applier {
                 "postgres restarted after a clean shutdown: catching up from the changelog"
             );
         }
-        let restored_mark = self.restored(&client).await?;
-        let restored_mark = restored_mark.is_some_and(|mark| mark != self.mark_at_load);
+        let restored_mark = self
+            .restored(&client)
+            .await?
+            .is_some_and(|mark| mark != self.mark_at_load);
         let due = match recovered {
             Some(why) => Some((Cow::Owned(why), true)),
             None => self
