@@ -548,6 +548,43 @@ async fn crash_by_killing_a_backend(db: &TestDb) {
     .await;
 }
 
+/// 30,000 rows written with the triggers off (`session_replication_role = replica`): no
+/// changelog row or notification tells permd of them, so only a full load brings them,
+/// and its COPY carries more of them than a `Proxy` freezing at 256 KiB lets through.
+/// Committed to the WAL at once, so that a crash keeps them (the throwaway cluster commits
+/// without waiting for it otherwise).
+const UNSEEN_BULK: &str = "SET synchronous_commit = on;
+    SET session_replication_role = replica;
+    INSERT INTO permd.tuples SELECT 'bulk:' || i, 'doc:' || (i % 100), 'read', NULL
+    FROM generate_series(1, 30000) i;
+    RESET session_replication_role;";
+
+/// With a reload beside the polls held in its COPY by `proxy`, and `UNSEEN_BULK` written
+/// before it: the write of `token` (a `read` grant to `subject` on `object`) is answered
+/// without a token meanwhile, from the generation being replaced (the bulk rows not in it
+/// yet), while its token waits for the swap; released, the load swaps in, the token is
+/// answered and the bulk rows are there.
+async fn answered_beside_the_held_load(
+    daemon: &TestDaemon,
+    proxy: &Proxy,
+    (subject, object): (&str, &str),
+    token: &str,
+) {
+    wait_until("a write to be answered during the reload", || {
+        std::future::ready(daemon.store.check(subject, "read", object))
+    })
+    .await;
+    assert!(!daemon.store.check("bulk:1", "read", "doc:1"));
+    assert!(
+        !daemon.token_passed(token),
+        "the token waits for the reload"
+    );
+    assert_eq!(daemon.status.report().reloads, 1, "only the first load");
+    proxy.frozen().expect("the held load").resumed.cancel();
+    assert!(daemon.check(subject, "read", object, token).await);
+    assert!(daemon.store.check("bulk:1", "read", "doc:1"));
+}
+
 /// The reload after a crash goes beside the polls (since session 74), the polls reading
 /// on from its snapshot: held in its COPY by a proxy, a write committed meanwhile is
 /// answered without a token, while the write's token waits for the swap (the crash may
@@ -565,17 +602,7 @@ async fn a_reload_after_a_crash_goes_beside_the_polls() {
         .await;
     let (proxy, url) = Proxy::in_front_of(&db.url, 256 << 10).await;
     let daemon = TestDaemon::start_with(SyncConfig::new(&url), patient()).await;
-    // More than the proxy lets through before it freezes a connection, unseen by the
-    // changelog: only a full load brings them. Committed to the WAL at once, so that the
-    // crash keeps them (the throwaway cluster commits without waiting for it otherwise).
-    db.exec(
-        "SET synchronous_commit = on;
-         SET session_replication_role = replica;
-         INSERT INTO permd.tuples SELECT 'bulk:' || i, 'doc:' || (i % 100), 'read', NULL
-         FROM generate_series(1, 30000) i;
-         RESET session_replication_role;",
-    )
-    .await;
+    db.exec(UNSEEN_BULK).await;
     crash_by_killing_a_backend(&db).await;
     wait_until("the reload's connection to be held in its COPY", || {
         std::future::ready(proxy.frozen().is_some())
@@ -583,19 +610,7 @@ async fn a_reload_after_a_crash_goes_beside_the_polls() {
     .await;
     daemon.assert_loading_beside_the_polls("postgres recovered from a crash");
     let token = insert_once_up(&db, "after").await;
-    wait_until("a write to be answered during the reload", || {
-        std::future::ready(daemon.store.check("after", "read", "doc"))
-    })
-    .await;
-    assert!(!daemon.store.check("bulk:1", "read", "doc:1"));
-    assert!(
-        !daemon.token_passed(&token),
-        "the token waits for the reload"
-    );
-    assert_eq!(daemon.status.report().reloads, 1);
-    proxy.frozen().expect("the held load").resumed.cancel();
-    assert!(daemon.check("after", "read", "doc", &token).await);
-    assert!(daemon.store.check("bulk:1", "read", "doc:1"));
+    answered_beside_the_held_load(&daemon, &proxy, ("after", "doc"), &token).await;
     assert_eq!(daemon.digest_at(&token).await, db.digest().await);
     assert_eq!(daemon.status.report().reloads, 2);
     daemon.stop().await;
@@ -874,15 +889,12 @@ async fn a_pruning_mark_restored_while_following_is_loaded_beside_the_polls() {
     let mut sync = SyncConfig::new(&url);
     sync.poll_interval = Duration::from_millis(100);
     let daemon = TestDaemon::start_with(sync, patient()).await;
-    db.exec(
-        "SET session_replication_role = replica;
-         INSERT INTO permd.tuples SELECT 'bulk:' || i, 'doc:' || (i % 100), 'read', NULL
-         FROM generate_series(1, 30000) i;
-         RESET session_replication_role;
+    db.exec(&format!(
+        "{UNSEEN_BULK}
          UPDATE permd.retention
          SET pruned_xid = (pg_current_xact_id()::text::int8 + 4000000)::text::xid8,
-             pruned_id = 7;",
-    )
+             pruned_id = 7;"
+    ))
     .await;
     wait_until("the reload's connection to be held in its COPY", || {
         std::future::ready(proxy.frozen().is_some())
@@ -892,18 +904,7 @@ async fn a_pruning_mark_restored_while_following_is_loaded_beside_the_polls() {
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
         .await;
-    wait_until("a write to be answered during the reload", || {
-        std::future::ready(daemon.store.check("user:2", "read", "doc:1"))
-    })
-    .await;
-    assert!(!daemon.store.check("bulk:1", "read", "doc:1"));
-    assert!(
-        !daemon.token_passed(&token),
-        "the token waits for the reload"
-    );
-    proxy.frozen().expect("the held load").resumed.cancel();
-    assert!(daemon.check("user:2", "read", "doc:1", &token).await);
-    assert!(daemon.store.check("bulk:1", "read", "doc:1"));
+    answered_beside_the_held_load(&daemon, &proxy, ("user:2", "doc:1"), &token).await;
     let last = db
         .write("INSERT INTO permd.tuples VALUES ('user:3', 'doc:1', 'read', NULL)")
         .await;
