@@ -250,6 +250,90 @@ async fn a_reload_asked_for_during_a_reload_loads_again_after_it() {
     daemon.stop().await;
 }
 
+/// A change heard during a reload beside the polls (a notification's rows), to a key that
+/// a bulk write made with the triggers off changed too, and that no poll read again before
+/// the swap: the polls stopped at a second `request_reload()`, committed after it, while
+/// the first load was held in its COPY, and the sync connection is held right after the
+/// swap. The swap makes the change again over the loaded rows, so the key holds both, and
+/// a token past the bulk write is answered right. Until session 75 the swap copied the key
+/// as the generation replaced held it, without the bulk write: that token was answered
+/// "denied" until a poll read the key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_heard_during_a_reload_is_made_again_over_the_loaded_rows() {
+    let db = database().await;
+    db.exec("INSERT INTO permd.tuples VALUES ('k', 'doc:k', 'read', NULL)")
+        .await;
+    let (proxy, url) = Proxy::in_front_of(&db.url, 256 << 10).await;
+    let daemon = TestDaemon::start_with(doorbell_only(&url), patient()).await;
+    let bulk = db
+        .write(
+            "SET LOCAL session_replication_role = replica;
+             INSERT INTO permd.tuples VALUES ('k', 'doc:k', 'write', NULL);
+             INSERT INTO permd.tuples SELECT 'bulk:' || i, 'doc:' || (i % 100), 'read', NULL
+             FROM generate_series(1, 30000) i;",
+        )
+        .await;
+    db.exec("SELECT permd.request_reload()").await;
+    wait_until("the reload's connection to be held in its COPY", || {
+        std::future::ready(proxy.frozen().is_some())
+    })
+    .await;
+    let held = proxy.frozen().expect("the held connection");
+    // Following again once a poll beside the load has read the request: the change below
+    // is applied from its notification, not read whole by a poll.
+    daemon
+        .wait_for("following the notifications beside the load", || {
+            daemon.status.report().following
+        })
+        .await;
+    let change = db
+        .write("INSERT INTO permd.tuples VALUES ('k', 'doc:k', 'admin', NULL)")
+        .await;
+    daemon
+        .wait_for("the change to be heard", || {
+            daemon.store.check("k", "admin", "doc:k")
+        })
+        .await;
+    assert!(
+        !daemon.store.check("k", "write", "doc:k"),
+        "the bulk write is the load's"
+    );
+    let polls = daemon.status.report().polls;
+    db.exec("SELECT permd.request_reload()").await;
+    daemon
+        .wait_for_report("the poll that stops at the second request", |report| {
+            report.polls > polls
+        })
+        .await;
+    let sync = proxy
+        .open_links()
+        .into_iter()
+        .filter(|link| !Arc::ptr_eq(link, &held))
+        .collect::<Vec<_>>();
+    let [sync] = sync.as_slice() else {
+        panic!("one connection besides the load's: {}", sync.len());
+    };
+    sync.frozen.cancel();
+    held.resumed.cancel();
+    daemon
+        .wait_for_report("the reload swapped in", |report| report.reloads >= 2)
+        .await;
+    assert!(
+        daemon.token_passed(&bulk),
+        "the swap moved the watermark past it"
+    );
+    assert!(daemon.check("k", "write", "doc:k", &bulk).await);
+    assert!(daemon.check("k", "admin", "doc:k", "0").await);
+    assert!(daemon.check("k", "read", "doc:k", "0").await);
+    assert_eq!(daemon.status.report().reloads, 2, "the next poll is held");
+    sync.resumed.cancel();
+    daemon
+        .wait_for_report("the second reload swapped in", |report| report.reloads >= 3)
+        .await;
+    assert_eq!(daemon.digest_at(&change).await, db.digest().await);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_migrated_after_the_daemon_started_is_loaded_then() {
     let db = common::unmigrated_database().await;

@@ -1,18 +1,19 @@
 //! The in-memory mirror: no I/O, no `.await` on the read path, nothing that can fail.
 //!
 //! Readers (HTTP handlers) call the query methods; only the applier calls the write
-//! methods (`set_grant`, `set_limits`, `replace`, `advance`).
+//! methods (`set_grants`, `edit_grant`, `set_limits`, `replace`, `advance`).
 
 mod arena;
 mod grants;
 mod interner;
+mod journal;
 mod key;
 mod snapshot;
 mod state;
 mod subjects;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -20,6 +21,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+pub(crate) use journal::Edit;
+use journal::Journal;
 pub use snapshot::Snapshot;
 pub(crate) use state::{now_micros, Growth, State, StateBuilder};
 pub use state::{Digest, Listing, StoredRows, TupleRow};
@@ -108,73 +111,6 @@ struct Shared {
     /// compaction's or a reload's). A `Mutex`: only the single writer takes it, once a
     /// write, so it is never contended.
     journal: Mutex<Option<Journal>>,
-}
-
-/// The keys the writer changed while another generation was built beside the current one
-/// (`Store::begin_compaction`, `Store::begin_reload`), each with whether its last write
-/// was newer than what the generation built holds: those are copied into it before it is
-/// swapped in.
-struct Journal {
-    /// Whether the writes made now are newer than the generation being built holds
-    /// (`Store::writes_newer`): always for a compaction, whose rebuild may or may not
-    /// have read a key yet (a copy compares the rows); for a reload, whether the
-    /// changes being applied are past the load's snapshot.
-    newer: bool,
-    grants: HashMap<(Box<str>, Box<str>), bool>,
-    limits: HashMap<Box<str>, bool>,
-}
-
-impl Journal {
-    fn new(newer: bool) -> Self {
-        Self {
-            newer,
-            grants: HashMap::new(),
-            limits: HashMap::new(),
-        }
-    }
-
-    /// Copies each key whose last write was newer from `from`, the generation written,
-    /// into `into`, the one built beside it, a subject's keys at once (one pass over its
-    /// list, `State::set_grants`: a key at a time, a subject written on thousands of
-    /// objects meanwhile moved its list once a key). A key `into` already holds as it is
-    /// stays as it was built (and its subject in the lock-free tier): ids differ between
-    /// generations, so rows are compared by name, sorted.
-    fn copy(&self, from: &State, into: &State) {
-        fn newer<K>((key, newer): (K, &bool)) -> Option<K> {
-            newer.then_some(key)
-        }
-        let mut objects: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (subject, object) in self.grants.iter().filter_map(newer) {
-            objects.entry(subject).or_default().push(object);
-        }
-        for (subject, objects) in objects {
-            let changed: Vec<(&str, Vec<TupleRow>)> = objects
-                .into_iter()
-                .filter_map(|object| {
-                    let mut rows = from.grant_rows(subject, object);
-                    let mut built = into.grant_rows(subject, object);
-                    rows.sort_unstable();
-                    built.sort_unstable();
-                    (rows != built).then_some((object, rows))
-                })
-                .collect();
-            if !changed.is_empty() {
-                let changes: Vec<(&str, &[TupleRow])> = changed
-                    .iter()
-                    .map(|(object, rows)| (*object, rows.as_slice()))
-                    .collect();
-                into.set_grants(subject, &changes);
-            }
-        }
-        for subject in self.limits.iter().filter_map(newer) {
-            let (mut rows, mut built) = (from.limit_rows(subject), into.limit_rows(subject));
-            rows.sort_unstable();
-            built.sort_unstable();
-            if rows != built {
-                into.set_limits(subject, &rows);
-            }
-        }
-    }
 }
 
 /// Why a wait for a write token gave up.
@@ -438,24 +374,22 @@ impl Store {
         self.inner.state.load().rows_of(subject)
     }
 
-    /// Every row `subject` holds on `object`, expired ones included. Applier only.
-    pub(crate) fn grant_rows(&self, subject: &str, object: &str) -> Vec<TupleRow> {
-        self.inner.state.load().grant_rows(subject, object)
-    }
-
-    /// `subject`'s own limits. Applier only.
-    pub(crate) fn limit_rows(&self, subject: &str) -> Vec<(String, i64)> {
-        self.inner.state.load().limit_rows(subject)
-    }
-
-    /// Replaces `subject`'s grants on `object`. Applier only.
+    /// Replaces `subject`'s grants on `object`, rows read whole (as a poll's
+    /// `set_grants`). The tests' single write.
+    #[cfg(test)]
     pub(crate) fn set_grant(&self, subject: &str, object: &str, rows: &[TupleRow]) {
-        self.note(|journal| {
-            journal
-                .grants
-                .insert((subject.into(), object.into()), journal.newer);
-        });
+        self.note(|journal| journal.grant(subject, object, None));
         self.inner.state.load().set_grant(subject, object, rows);
+    }
+
+    /// Makes one statement's change (a notification's) to `subject`'s grants on
+    /// `object`. Applier only.
+    pub(crate) fn edit_grant(&self, subject: &str, object: &str, edit: &Edit<TupleRow>) {
+        self.note(|journal| journal.grant(subject, object, Some(edit)));
+        let state = self.inner.state.load();
+        let mut rows = state.grant_rows(subject, object);
+        edit.apply(&mut rows);
+        state.set_grant(subject, object, &rows);
     }
 
     /// Replaces `subject`'s grants on each object of `changes` at once
@@ -463,9 +397,7 @@ impl Store {
     pub(crate) fn set_grants(&self, subject: &str, changes: &[(&str, &[TupleRow])]) {
         self.note(|journal| {
             for (object, _) in changes {
-                journal
-                    .grants
-                    .insert((subject.into(), (*object).into()), journal.newer);
+                journal.grant(subject, object, None);
             }
         });
         self.inner.state.load().set_grants(subject, changes);
@@ -473,10 +405,18 @@ impl Store {
 
     /// Replaces `subject`'s limits. Applier only.
     pub(crate) fn set_limits(&self, subject: &str, rows: &[(String, i64)]) {
-        self.note(|journal| {
-            journal.limits.insert(subject.into(), journal.newer);
-        });
+        self.note(|journal| journal.limits(subject, None));
         self.inner.state.load().set_limits(subject, rows);
+    }
+
+    /// Makes one statement's change (a notification's) to `subject`'s limits. Applier
+    /// only.
+    pub(crate) fn edit_limits(&self, subject: &str, edit: &Edit<(String, i64)>) {
+        self.note(|journal| journal.limits(subject, Some(edit)));
+        let state = self.inner.state.load();
+        let mut rows = state.limit_rows(subject);
+        edit.apply(&mut rows);
+        state.set_limits(subject, &rows);
     }
 
     /// Notes a write in the journal, while one is kept.
@@ -495,7 +435,7 @@ impl Store {
     /// rebuild (`State::rebuilt`, on a thread of the caller's) is returned. The writer may
     /// go on writing; `finish_compaction` ends it. Applier only.
     pub(crate) fn begin_compaction(&self) -> Arc<State> {
-        *self.journal() = Some(Journal::new(true));
+        *self.journal() = Some(Journal::compaction());
         self.inner.state.load_full()
     }
 
@@ -504,7 +444,7 @@ impl Store {
     /// says before each batch of writes: until it does, none is). The writer may go on
     /// writing; `finish_reload` ends it. Applier only.
     pub(crate) fn begin_reload(&self) {
-        *self.journal() = Some(Journal::new(false));
+        *self.journal() = Some(Journal::reload());
     }
 
     /// Says whether the writes made from now on are newer than what the generation being
@@ -1053,6 +993,40 @@ mod tests {
         // The journal is off again.
         store.set_grant("u5", "o5", &[]);
         assert!(store.journal().is_none());
+    }
+
+    /// A notification's edit made beside a reload, past its snapshot, over rows the load
+    /// brings newer (a bulk write made with the triggers off, which the current
+    /// generation lacks) is made again over the loaded rows at the swap: the key holds
+    /// both, not the edit over the old rows alone (the bulk write lost until the key is
+    /// read again), nor the loaded rows alone (the edit gone back).
+    #[test]
+    fn a_reload_makes_the_edits_past_its_snapshot_again_over_the_loaded_rows() {
+        let store = Store::from_tuples([("k", "doc", "read", None)]);
+        store.begin_reload();
+        store.writes_newer(true);
+        let edit = Edit {
+            gone: vec!["read".to_owned()],
+            came: read("admin"),
+        };
+        store.edit_grant("k", "doc", &edit);
+        let seats = Edit {
+            gone: Vec::new(),
+            came: vec![("seats".to_owned(), 3)],
+        };
+        store.edit_limits("k", &seats);
+        assert!(store.check("k", "admin", "doc") && !store.check("k", "read", "doc"));
+
+        let mut builder = StateBuilder::new();
+        builder.tuple("k", "doc", "read", None);
+        builder.tuple("k", "doc", "write", None);
+        builder.limit("k", "projects", 1);
+        drop(store.finish_reload(builder.finish()));
+
+        assert!(store.check("k", "admin", "doc") && store.check("k", "write", "doc"));
+        assert!(!store.check("k", "read", "doc"));
+        assert_eq!(store.limit("k", "projects"), Some(1));
+        assert_eq!(store.limit("k", "seats"), Some(3));
     }
 
     /// A full load that replaced the generation while it was rebuilt wins.

@@ -41,7 +41,7 @@ use sha2::Sha256;
 
 use super::{parse_xid, Status};
 use crate::shard::Shard;
-use crate::store::{Snapshot, Store, TupleRow};
+use crate::store::{Edit, Snapshot, Store, TupleRow};
 
 /// How many polls' snapshots and re-read keys are kept to place a late notification.
 const HISTORY: usize = 16;
@@ -232,7 +232,7 @@ impl Change {
     /// Applies the statement to the mirror: each key it touches is rewritten once, from
     /// its stored rows, so a check sees the key before or after, never in between.
     pub(crate) fn apply(self, store: &Store) {
-        rewrite(
+        let grants = edits(
             self.tuples_gone.into_iter().map(|(s, o, p)| ((s, o), p)),
             self.tuples_came
                 .into_iter()
@@ -243,60 +243,35 @@ impl Change {
                     };
                     ((s, o), row)
                 }),
-            |(s, o)| store.grant_rows(s, o),
-            |(s, o), rows| store.set_grant(s, o, rows),
         );
-        rewrite(
+        for ((subject, object), edit) in &grants {
+            store.edit_grant(subject, object, edit);
+        }
+        let limits = edits(
             self.limits_gone.into_iter(),
             self.limits_came
                 .into_iter()
                 .map(|(s, name, value)| (s, (name, value))),
-            |s| store.limit_rows(s),
-            |s, rows| store.set_limits(s, rows),
         );
+        for (subject, edit) in &limits {
+            store.edit_limits(subject, edit);
+        }
     }
 }
 
-/// A stored row of a key, named within it: a tuple by its permission, a limit by its name.
-trait Named {
-    fn name(&self) -> &str;
-}
-
-impl Named for TupleRow {
-    fn name(&self) -> &str {
-        &self.permission
-    }
-}
-
-impl Named for (String, i64) {
-    fn name(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Rewrites each key that rows `gone` (by name) and `came` touch, once: its stored rows
-/// (`read` the first time), less those gone, with those there in place of any of the
-/// same name; then `write`s it.
-fn rewrite<K: Eq + std::hash::Hash, R: Named>(
+/// The edit of each key that rows `gone` (by name) and `came` touch.
+fn edits<K: Eq + std::hash::Hash, R>(
     gone: impl Iterator<Item = (K, String)>,
     came: impl Iterator<Item = (K, R)>,
-    read: impl Fn(&K) -> Vec<R>,
-    write: impl Fn(&K, &[R]),
-) {
-    let mut keys: HashMap<K, Vec<R>> = HashMap::new();
+) -> HashMap<K, Edit<R>> {
+    let mut keys: HashMap<K, Edit<R>> = HashMap::new();
     for (key, name) in gone {
-        keys.entry(key)
-            .or_insert_with_key(&read)
-            .retain(|r| r.name() != name);
+        keys.entry(key).or_default().gone.push(name);
     }
     for (key, row) in came {
-        let rows = keys.entry(key).or_insert_with_key(&read);
-        rows.retain(|r| r.name() != row.name());
-        rows.push(row);
+        keys.entry(key).or_default().came.push(row);
     }
-    for (key, rows) in &keys {
-        write(key, rows);
-    }
+    keys
 }
 
 /// What a poll or a load re-read at its snapshot.

@@ -16,6 +16,8 @@ pub struct Proxy {
     freeze: Arc<Freeze>,
     /// Connections accepted so far.
     accepted: Arc<AtomicUsize>,
+    /// Every connection accepted, open or not.
+    links: Arc<std::sync::Mutex<Vec<Arc<Link>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -60,6 +62,8 @@ impl Proxy {
         let freezes = Arc::clone(&freeze);
         let accepted = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&accepted);
+        let links = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listed = Arc::clone(&links);
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
@@ -67,6 +71,7 @@ impl Proxy {
                     continue;
                 };
                 let link = Arc::new(Link::default());
+                listed.lock().expect("links").push(Arc::clone(&link));
                 tokio::spawn(link.forward(client, server, Arc::clone(&freezes)));
             }
         });
@@ -74,6 +79,7 @@ impl Proxy {
             Self {
                 freeze,
                 accepted,
+                links,
                 accept,
             },
             proxied,
@@ -94,6 +100,18 @@ impl Proxy {
     /// from its start), the one frozen before staying so until resumed.
     pub fn freeze_next(&self) {
         *self.freeze.frozen.lock().expect("frozen") = None;
+    }
+
+    /// The connections still open, in the order they were accepted. One is frozen by
+    /// hand with `link.frozen.cancel()`: what Postgres sends it then waits until it is
+    /// resumed.
+    pub fn open_links(&self) -> Vec<Arc<Link>> {
+        let links = self.links.lock().expect("links");
+        links
+            .iter()
+            .filter(|link| !link.closed.is_cancelled())
+            .cloned()
+            .collect()
     }
 
     /// How many connections the proxy accepted so far.
