@@ -1823,6 +1823,43 @@ async fn a_standby_read_in_small_batches_skips_nothing() {
     daemon.stop().await;
 }
 
+/// A reload on a standby goes beside the polls (since session 75; until then it loaded on
+/// the sync connection, and nothing the standby replayed was applied until it swapped
+/// in): the rows of `UNSEEN_BULK` written on the primary, then `permd.request_reload()`,
+/// the reload's COPY held by a proxy in front of the standby. A write made on the primary
+/// meanwhile is answered once the standby has replayed it, its token waiting for the swap;
+/// after it, the bulk rows are there and the mirror equals the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_on_a_standby_goes_beside_the_polls() {
+    let Replica {
+        primary: _primary,
+        standby: _standby,
+        db,
+        url: replica,
+    } = replica().await;
+    let (proxy, url) = Proxy::in_front_of(&replica, 256 << 10).await;
+    // Polls are a standby's only doorbell.
+    let mut sync = SyncConfig::new(&url);
+    sync.poll_interval = Duration::from_millis(50);
+    let daemon = TestDaemon::start_with(sync, patient()).await;
+    assert!(daemon.status.report().standby);
+    db.exec(UNSEEN_BULK).await;
+    db.exec("SELECT permd.request_reload()").await;
+    wait_until("the reload's COPY to be held", || {
+        std::future::ready(proxy.frozen().is_some())
+    })
+    .await;
+    daemon.assert_loading_beside_the_polls("TRUNCATE or permd.request_reload() in the changelog");
+    let token = db
+        .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:2', 'read', NULL)")
+        .await;
+    answered_beside_the_held_load(&daemon, &proxy, ("user:2", "doc:2"), &token).await;
+    assert_eq!(daemon.digest_at(&token).await, db.digest().await);
+    let report = daemon.status.report();
+    assert_eq!((report.reloads, report.reconnects), (2, 0), "{report:?}");
+    daemon.stop().await;
+}
+
 /// A primary with a test database (one tuple in it), and a streaming standby of it that
 /// has replayed the database.
 struct Replica {

@@ -388,7 +388,8 @@ pub struct Applier {
 struct Reloading {
     /// The load's outcome, sent as it ends.
     loaded: oneshot::Receiver<Result<Loaded, Error>>,
-    /// The load's snapshot: the changes it sees are in the generation it builds.
+    /// The load's snapshot (on a standby, cut to its horizon: `Applier::as_read`): the
+    /// changes it sees are in the generation it builds.
     snapshot: Snapshot,
     /// The changelog's pruning mark in that snapshot.
     mark: Cursor,
@@ -1345,11 +1346,7 @@ impl Applier {
             None,
         )
         .await?;
-        let snapshot = if self.horizon_only {
-            snapshot.horizon()
-        } else {
-            snapshot
-        };
+        let snapshot = self.as_read(&snapshot);
         let old = self.store.replace(state);
         self.follower.loaded(snapshot.clone());
         // The old generation may be large: free it off the async runtime.
@@ -1406,18 +1403,15 @@ impl Applier {
     /// connection, which holds changes back until the load ends). `server`: the sync
     /// connection's, which the load's must reach. `rewind`: after a crash or on another
     /// server, the polls go on from the load's snapshot (`polls_past_the_load`), and the
-    /// watermark is rewound and confirmed at the swap (`Reloading::rewind`). Not on a
-    /// standby, whose snapshots are cut to their horizon. A compaction under way is
-    /// dropped: the load reclaims what it would.
+    /// watermark is rewound and confirmed at the swap (`Reloading::rewind`). On a standby
+    /// too (since session 75), its snapshot cut to its horizon as the polls' are
+    /// (`as_read`). A compaction under way is dropped: the load reclaims what it would.
     async fn begin_reload(
         &mut self,
         why: Cow<'static, str>,
         server: Option<Server>,
         rewind: bool,
     ) -> Result<bool, Error> {
-        if self.horizon_only {
-            return Ok(false);
-        }
         // Waited for no longer than the pooler check's second connection is: a session
         // pooler with one server session for permd queues it until the first's is free,
         // which it never is, and the polls wait meanwhile.
@@ -1478,7 +1472,7 @@ impl Applier {
         };
         self.reloading = Some(Reloading {
             loaded,
-            snapshot,
+            snapshot: self.as_read(&snapshot),
             mark,
             tables,
             rewind,
@@ -1554,6 +1548,7 @@ impl Applier {
                 return Err(error);
             }
         };
+        let snapshot = self.as_read(&snapshot);
         let store = self.store.clone();
         let swapping = Instant::now();
         let old = match tokio::task::spawn_blocking(move || store.finish_reload(state)).await {
@@ -1772,11 +1767,7 @@ impl Applier {
         self.same_backend(i32::try_from(backend).unwrap_or_default())?;
         // The snapshot comes with the pruning mark, from permd.retention's one row.
         let taken: Snapshot = snapshot.ok_or(Error::NoRetentionRow)?;
-        let snapshot = if self.horizon_only {
-            taken.horizon()
-        } else {
-            taken.clone()
-        };
+        let snapshot = self.as_read(&taken);
         tracing::debug!(
             from = %position.seen,
             part = ?position.part,
@@ -1891,6 +1882,17 @@ impl Applier {
                     pending: pending_since.is_some(),
                 })
             }
+        }
+    }
+
+    /// A snapshot as the applier takes it: on a standby, only what it sees below its xmin
+    /// (`Snapshot::horizon`, `horizon_only`), a poll's, a load's on the sync connection
+    /// or beside the polls alike.
+    fn as_read(&self, snapshot: &Snapshot) -> Snapshot {
+        if self.horizon_only {
+            snapshot.horizon()
+        } else {
+            snapshot.clone()
         }
     }
 
