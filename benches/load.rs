@@ -47,6 +47,13 @@
 //! snapshot is the reload's to bring, and waits for its swap in every build), and the
 //! times from the crash to the recovery and to that start are printed.
 //!
+//! `BENCH_STANDBY=1` has permd follow a hot standby of the cluster (started by
+//! `pg_basebackup` once the table is filled, streaming), where it polls, every 100 ms
+//! (`--poll-interval-ms`: a standby allows no LISTEN): the reload, the writes and the
+//! sample are the primary's, the writes with `synchronous_commit = on` (the throwaway
+//! cluster's WAL writer would otherwise send them to the standby every 200 ms only). Not
+//! with `BENCH_RELOAD=crash` or `BENCH_LOAD_TLS`.
+//!
 //! `BENCH_PERMD` (comma-separated paths) runs other permd binaries instead of this build's,
 //! each on the same filled table: e.g. one built from an earlier commit and this one, to
 //! compare two versions side by side in one run.
@@ -297,6 +304,11 @@ fn main() {
     let checkers = env_or("BENCH_RELOAD_CHECKERS", 1usize).max(1);
     // Connections checking during the compaction too, beside its writes (none unless asked).
     let compaction_checkers = env_or("BENCH_COMPACTION_CHECKERS", 0usize);
+    let standby = env_or("BENCH_STANDBY", 0u8) == 1;
+    assert!(
+        !(standby && (crash || tls)),
+        "BENCH_STANDBY goes with neither BENCH_RELOAD=crash nor BENCH_LOAD_TLS"
+    );
     let cluster = if tls { cluster_with_tls() } else { cluster() };
     let url = cluster.url("postgres");
     // Each run's URL: the cluster's, or plain and TLS side by side.
@@ -317,6 +329,17 @@ fn main() {
         "permd.request_reload()"
     };
     println!("Names: {names}. Order: {order}. The reload called for by {called}.");
+    if standby {
+        println!(
+            "permd follows a standby of the primary the writes commit on (polling every 100 ms)."
+        );
+    }
+    // The writes' sessions: on a standby's primary, each commit flushed and sent at once.
+    let write_url = if standby {
+        format!("{url}?options=-c%20synchronous_commit%3Don")
+    } else {
+        url.clone()
+    };
     println!();
     println!("| tuples | fill Postgres | permd ready after | load (snapshot, COPY, build) | load rate | permd CPU | host steal % | resident | of it in huge pages | bytes/tuple | peak during a reload | reload | check during it (p50 / p99 / largest, checks) | compaction | peak during it | write to visible during it (p50 / p99 / largest, writes) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -353,6 +376,15 @@ fn main() {
             pool.close().await;
             started.elapsed()
         });
+        // Started once the table is filled: its base backup holds it.
+        let replica = standby.then(|| {
+            permd::embedded::Cluster::start(&permd::embedded::ClusterOptions {
+                unsafe_fast: true,
+                standby_of: Some(cluster.port()),
+                ..permd::embedded::ClusterOptions::default()
+            })
+            .expect("start a standby")
+        });
         let mut runs = Vec::new();
         for permd in &binaries {
             for connection in &connections {
@@ -360,23 +392,35 @@ fn main() {
             }
         }
         for (permd, (serve_url, connection), shard) in runs {
+            let serve_url = match &replica {
+                Some(replica) => {
+                    // What the runs before deleted, replayed.
+                    runtime.block_on(replayed(&url, &replica.url("postgres")));
+                    replica.url("postgres")
+                }
+                None => serve_url.clone(),
+            };
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
             let host = HostCpu::now();
             let started = Instant::now();
+            let mut args = vec![
+                "serve",
+                "--database-url",
+                &serve_url,
+                "--listen",
+                &listen,
+                "--shard",
+                shard,
+                // A compaction as soon as 1,000 names are churned (the floor).
+                "--compaction-pct",
+                "1",
+            ];
+            if standby {
+                args.extend(["--poll-interval-ms", "100"]);
+            }
             let mut child = Command::new(permd)
-                .args([
-                    "serve",
-                    "--database-url",
-                    serve_url,
-                    "--listen",
-                    &listen,
-                    "--shard",
-                    shard,
-                    // A compaction as soon as 1,000 names are churned (the floor).
-                    "--compaction-pct",
-                    "1",
-                ])
+                .args(args)
                 .env("PERMD_LOG", "info")
                 .env("NO_COLOR", "1")
                 .stderr(Stdio::piped())
@@ -462,7 +506,7 @@ fn main() {
             // is answered (a token waits for the reload's swap by design: the generation
             // answering lacks what called for the reload).
             let (reload, built, visible_reload, swapped) = runtime.block_on(async {
-                let pool = permd::db::pool(&url).await.unwrap();
+                let pool = permd::db::pool(&write_url).await.unwrap();
                 if crash {
                     // Reset when Postgres starts after a crash, as permd tells one.
                     let reset = "SELECT coalesce(stats_reset::text, '') FROM pg_stat_archiver";
@@ -588,7 +632,7 @@ fn main() {
             // While it runs, one write at a time, each read back with its token (a 503
             // `stale` after the server's wait of 1 s is asked again).
             let (compaction, visible) = runtime.block_on(async {
-                let pool = permd::db::pool(&url).await.unwrap();
+                let pool = permd::db::pool(&write_url).await.unwrap();
                 let mut stream = BufStream::new(TcpStream::connect(&listen).await.unwrap());
                 let (mut visible, mut body) = (Vec::new(), Vec::new());
                 for n in 0.. {
@@ -652,6 +696,35 @@ fn main() {
                 println!("|  | (shard {shard}: {rows} rows) |");
             }
         }
+        if let Some(replica) = replica {
+            replica.stop();
+        }
     }
     cluster.stop();
+}
+
+/// Waits until the standby at `standby` has replayed everything the primary at `primary`
+/// has written so far.
+async fn replayed(primary: &str, standby: &str) {
+    let pool = permd::db::pool(primary).await.unwrap();
+    let written: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let pool = permd::db::pool(standby).await.unwrap();
+    let since = Instant::now();
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+        .bind(&written)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    {
+        assert!(
+            since.elapsed() < Duration::from_secs(600),
+            "the standby replays nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pool.close().await;
 }
