@@ -67,6 +67,34 @@ enum Written<R> {
     Edited(Vec<Edit<R>>),
 }
 
+impl<R: Named + Clone + Ord> Written<R> {
+    /// The rows a key written so is to hold in the generation built, where they differ
+    /// from `built`, those it holds there: read whole from the current generation
+    /// (`current`), or its own edited again; `None` where it keeps them.
+    fn brought(
+        &self,
+        current: impl FnOnce() -> Vec<R>,
+        built: impl FnOnce() -> Vec<R>,
+    ) -> Option<Vec<R>> {
+        let (mut rows, mut built) = match self {
+            Self::Held => return None,
+            Self::Whole => (current(), built()),
+            Self::Edited(edits) => {
+                let built = built();
+                let mut rows = built.clone();
+                for edit in edits {
+                    edit.apply(&mut rows);
+                }
+                (rows, built)
+            }
+        };
+        // Ids differ between generations: rows are compared by name, sorted.
+        rows.sort_unstable();
+        built.sort_unstable();
+        (rows != built).then_some(rows)
+    }
+}
+
 /// Notes a write of `key` in `keys`: `edit`, a notification's, or rows read whole;
 /// `newer`, past what the generation being built holds; `over_stale`, whether an edit may
 /// be made over rows that lack what that generation holds (a reload's, not a
@@ -150,62 +178,25 @@ impl Journal {
     /// made again over `into`'s rows. A subject's keys are set at once (one pass over its
     /// list, `State::set_grants`: a key at a time, a subject written on thousands of
     /// objects meanwhile moved its list once a key). A key `into` already holds as it is
-    /// stays as it was built (and its subject in the lock-free tier): ids differ between
-    /// generations, so rows are compared by name, sorted.
+    /// stays as it was built (and its subject in the lock-free tier).
     pub(super) fn copy(&self, from: &State, into: &State) {
-        fn rows<R: Named + Clone>(
-            written: &Written<R>,
-            current: impl FnOnce() -> Vec<R>,
-            built: impl FnOnce() -> Vec<R>,
-        ) -> Option<Vec<R>> {
-            match written {
-                Written::Held => None,
-                Written::Whole => Some(current()),
-                Written::Edited(edits) => {
-                    let mut rows = built();
-                    for edit in edits {
-                        edit.apply(&mut rows);
-                    }
-                    Some(rows)
-                }
-            }
-        }
         let mut objects: BTreeMap<&str, Vec<(&str, Vec<TupleRow>)>> = BTreeMap::new();
         for ((subject, object), written) in &self.grants {
             let current = || from.grant_rows(subject, object);
-            let built = || into.grant_rows(subject, object);
-            if let Some(rows) = rows(written, current, built) {
+            if let Some(rows) = written.brought(current, || into.grant_rows(subject, object)) {
                 objects.entry(subject).or_default().push((object, rows));
             }
         }
-        for (subject, objects) in objects {
-            let changed: Vec<(&str, Vec<TupleRow>)> = objects
-                .into_iter()
-                .filter_map(|(object, mut rows)| {
-                    let mut built = into.grant_rows(subject, object);
-                    rows.sort_unstable();
-                    built.sort_unstable();
-                    (rows != built).then_some((object, rows))
-                })
+        for (subject, changed) in objects {
+            let changes: Vec<(&str, &[TupleRow])> = changed
+                .iter()
+                .map(|(object, rows)| (*object, rows.as_slice()))
                 .collect();
-            if !changed.is_empty() {
-                let changes: Vec<(&str, &[TupleRow])> = changed
-                    .iter()
-                    .map(|(object, rows)| (*object, rows.as_slice()))
-                    .collect();
-                into.set_grants(subject, &changes);
-            }
+            into.set_grants(subject, &changes);
         }
         for (subject, written) in &self.limits {
             let current = || from.limit_rows(subject);
-            let built = || into.limit_rows(subject);
-            let Some(mut rows) = rows(written, current, built) else {
-                continue;
-            };
-            let mut built = into.limit_rows(subject);
-            rows.sort_unstable();
-            built.sort_unstable();
-            if rows != built {
+            if let Some(rows) = written.brought(current, || into.limit_rows(subject)) {
                 into.set_limits(subject, &rows);
             }
         }
