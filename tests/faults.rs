@@ -604,10 +604,9 @@ async fn a_reload_after_a_crash_goes_beside_the_polls() {
     let daemon = TestDaemon::start_with(SyncConfig::new(&url), patient()).await;
     db.exec(UNSEEN_BULK).await;
     crash_by_killing_a_backend(&db).await;
-    wait_until("the reload's connection to be held in its COPY", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
+    proxy
+        .held("the reload's connection to be held in its COPY")
+        .await;
     daemon.assert_loading_beside_the_polls("postgres recovered from a crash");
     let token = insert_once_up(&db, "after").await;
     answered_beside_the_held_load(&daemon, &proxy, ("after", "doc"), &token).await;
@@ -896,10 +895,9 @@ async fn a_pruning_mark_restored_while_following_is_loaded_beside_the_polls() {
              pruned_id = 7;"
     ))
     .await;
-    wait_until("the reload's connection to be held in its COPY", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
+    proxy
+        .held("the reload's connection to be held in its COPY")
+        .await;
     daemon.assert_loading_beside_the_polls("a pruning mark restored from another cluster");
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:1', 'read', NULL)")
@@ -1173,10 +1171,9 @@ async fn a_connection_lost_in_the_middle_of_a_full_load_loses_nothing() {
     let (proxy, url) = Proxy::in_front_of(&db.url, 1 << 20).await;
     let started = Instant::now();
     let daemon = tokio::spawn(async move { TestDaemon::start(&url).await });
-    wait_until("the full load's connection to be held in its COPY", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
+    proxy
+        .held("the full load's connection to be held in its COPY")
+        .await;
     let terminated: bool = sqlx::query_scalar(
         "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
          FROM pg_stat_activity
@@ -1845,10 +1842,7 @@ async fn a_reload_on_a_standby_goes_beside_the_polls() {
     assert!(daemon.status.report().standby);
     db.exec(UNSEEN_BULK).await;
     db.exec("SELECT permd.request_reload()").await;
-    wait_until("the reload's COPY to be held", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
+    proxy.held("the reload's COPY to be held").await;
     daemon.assert_loading_beside_the_polls("TRUNCATE or permd.request_reload() in the changelog");
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('user:2', 'doc:2', 'read', NULL)")
@@ -2044,10 +2038,7 @@ async fn a_load_cancelled_by_replay_on_a_standby_says_what_to_set() {
     .await;
     let (proxy, url) = Proxy::in_front_of(&on_standby, 1 << 20).await;
     let daemon = TestDaemon::spawn(SyncConfig::new(&url), patient());
-    wait_until("the load's COPY to be held", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
+    proxy.held("the load's COPY to be held").await;
     db.exec("DELETE FROM permd.tuples WHERE subject = 'user:1'")
         .await;
     db.exec("VACUUM permd.tuples").await;
@@ -2240,12 +2231,9 @@ async fn a_full_load_whose_rows_stop_arriving_gives_up_and_loads_again() {
     sync.max_backoff = Duration::from_millis(400);
     let started = Instant::now();
     let daemon = TestDaemon::spawn(sync, patient());
-    wait_until(
-        "the full load's connection to be frozen in its COPY",
-        || std::future::ready(proxy.frozen().is_some()),
-    )
-    .await;
-    let link = proxy.frozen().expect("the frozen connection");
+    let link = proxy
+        .held("the full load's connection to be frozen in its COPY")
+        .await;
     let stalled = started.elapsed();
     daemon
         .wait_for("ready", || daemon.status.is_ready(60.0))
@@ -2278,11 +2266,9 @@ async fn a_daemon_stopped_in_the_middle_of_a_full_load_stops_at_once() {
     let mut sync = SyncConfig::new(&url);
     sync.query_timeout = Duration::from_secs(120);
     let daemon = TestDaemon::spawn(sync, patient());
-    wait_until(
-        "the full load's connection to be frozen in its COPY",
-        || std::future::ready(proxy.frozen().is_some()),
-    )
-    .await;
+    proxy
+        .held("the full load's connection to be frozen in its COPY")
+        .await;
     assert!(!daemon.status.report().loaded, "the load under way");
     // Fails past the test deadline (30 s) if the load holds the applier.
     daemon.stop().await;

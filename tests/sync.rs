@@ -99,11 +99,9 @@ async fn a_reload_held_beside_changes(db: &TestDb) -> (TestDaemon, Arc<Link>, Pr
     )
     .await;
     db.exec("SELECT permd.request_reload()").await;
-    wait_until("the reload's connection to be held in its COPY", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
-    let held = proxy.frozen().expect("the held connection");
+    let held = proxy
+        .held("the reload's connection to be held in its COPY")
+        .await;
     let token = db
         .write(
             "INSERT INTO permd.tuples VALUES ('u2', 'doc:2', 'read', NULL);
@@ -274,11 +272,9 @@ async fn a_change_heard_during_a_reload_is_made_again_over_the_loaded_rows() {
         )
         .await;
     db.exec("SELECT permd.request_reload()").await;
-    wait_until("the reload's connection to be held in its COPY", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
-    let held = proxy.frozen().expect("the held connection");
+    let held = proxy
+        .held("the reload's connection to be held in its COPY")
+        .await;
     // Following again once a poll beside the load has read the request: the change below
     // is applied from its notification, not read whole by a poll.
     daemon
@@ -860,11 +856,9 @@ async fn a_backlog_loaded_in_full_loads_beside_the_polls() {
          SELECT 'bulk:' || i, 'doc:bulk', 'read', NULL FROM generate_series(1, 120000) i",
     )
     .await;
-    wait_until("the backlog's load to be held in its COPY", || {
-        std::future::ready(proxy.frozen().is_some())
-    })
-    .await;
-    let held = proxy.frozen().expect("the held connection");
+    let held = proxy
+        .held("the backlog's load to be held in its COPY")
+        .await;
     daemon.assert_loading_beside_the_polls("reads at least twice as fast");
     let token = db
         .write("INSERT INTO permd.tuples VALUES ('u', 'doc:2', 'read', NULL)")

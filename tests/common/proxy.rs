@@ -96,6 +96,13 @@ impl Proxy {
         self.freeze.frozen.lock().expect("frozen").clone()
     }
 
+    /// Waits until a connection is frozen (`what` says which, for the deadline's message),
+    /// and returns it.
+    pub async fn held(&self, what: &str) -> Arc<Link> {
+        super::wait_until(what, || std::future::ready(self.frozen().is_some())).await;
+        self.frozen().expect("a frozen connection")
+    }
+
     /// Freezes the next connection to carry more than the proxy's bytes too (counted
     /// from its start), the one frozen before staying so until resumed.
     pub fn freeze_next(&self) {
