@@ -2169,12 +2169,34 @@ where
     }
 }
 
-/// The hint for a standby's read cancelled by its replay.
+/// The hint for a standby's read cancelled by its replay, for rows removed (or a reason
+/// not said).
 const HINT_CONFLICT: &str =
     "the standby cancelled permd's read to replay its primary's changes, which removed rows \
      the read still needed (a full load on a standby whose primary vacuums meanwhile): set \
      hot_standby_feedback = on on the standby, or raise its max_standby_streaming_delay (30 s \
      by default) above a full load's time; permd retries";
+
+/// The hint for a standby's read cancelled by its replay of a lock (or of a buffer the
+/// read had pinned), which `hot_standby_feedback` does not prevent.
+const HINT_LOCK_CONFLICT: &str =
+    "the standby cancelled permd's read to replay an exclusive lock its primary took on a \
+     table the read was using (most often VACUUM cutting off the empty end of permd.tuples, \
+     which ALTER TABLE permd.tuples SET (vacuum_truncate = false) on the primary stops; or \
+     an ALTER TABLE, a LOCK TABLE): raise the standby's max_standby_streaming_delay (30 s by \
+     default) above a full load's time; hot_standby_feedback does not prevent this one; \
+     permd retries";
+
+/// The hint for a standby's read cancelled by its replay, by what the standby said of
+/// why (its DETAIL, when it came with the error).
+fn conflict_hint(detail: Option<&str>) -> &'static str {
+    let held = ["relation lock", "buffer pin"];
+    if detail.is_some_and(|detail| held.iter().any(|what| detail.contains(what))) {
+        HINT_LOCK_CONFLICT
+    } else {
+        HINT_CONFLICT
+    }
+}
 
 /// What an operator can do about `error`, where Postgres's own message does not say.
 fn hint(error: &Error) -> Option<&'static str> {
@@ -2185,7 +2207,10 @@ fn hint(error: &Error) -> Option<&'static str> {
     // through the tap.
     let conflict = "conflict with recovery";
     match error {
-        Error::Postgres(e) if says(e, conflict) => Some(HINT_CONFLICT),
+        Error::Postgres(e) if says(e, conflict) => Some(conflict_hint(
+            e.as_db_error()
+                .and_then(tokio_postgres::error::DbError::detail),
+        )),
         Error::Ended(reason) if reason.contains(conflict) => Some(HINT_CONFLICT),
         Error::Postgres(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Some(
             "another session holds a lock on a table permd reads, e.g. LOCK TABLE, ALTER TABLE \
@@ -2390,6 +2415,30 @@ mod tests {
             ended("FATAL: terminating connection due to administrator command (SQLSTATE 57P01)"),
             None
         );
+    }
+
+    /// A standby's conflict is hinted by the reason its DETAIL gives: a lock (or a buffer
+    /// pin) replayed asks for a longer delay and says that `hot_standby_feedback` does not
+    /// help; rows removed, or no reason given, ask for either.
+    #[test]
+    fn a_standby_s_conflict_is_hinted_by_its_reason() {
+        for (detail, hint) in [
+            (
+                Some("User was holding a relation lock for too long."),
+                HINT_LOCK_CONFLICT,
+            ),
+            (
+                Some("User was holding shared buffer pin for too long."),
+                HINT_LOCK_CONFLICT,
+            ),
+            (
+                Some("User query might have needed to see row versions that must be removed."),
+                HINT_CONFLICT,
+            ),
+            (None, HINT_CONFLICT),
+        ] {
+            assert_eq!(conflict_hint(detail), hint, "{detail:?}");
+        }
     }
 
     fn row(permission: &str) -> TupleRow {
