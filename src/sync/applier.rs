@@ -2188,7 +2188,8 @@ const HINT_LOCK_CONFLICT: &str =
      permd retries";
 
 /// The hint for a standby's read cancelled by its replay, by what the standby said of
-/// why (its DETAIL, when it came with the error).
+/// why: its DETAIL, when it came with the error, or the reason a session ended with as
+/// the tap kept it (DETAIL included).
 fn conflict_hint(detail: Option<&str>) -> &'static str {
     let held = ["relation lock", "buffer pin"];
     if detail.is_some_and(|detail| held.iter().any(|what| detail.contains(what))) {
@@ -2211,7 +2212,7 @@ fn hint(error: &Error) -> Option<&'static str> {
             e.as_db_error()
                 .and_then(tokio_postgres::error::DbError::detail),
         )),
-        Error::Ended(reason) if reason.contains(conflict) => Some(HINT_CONFLICT),
+        Error::Ended(reason) if reason.contains(conflict) => Some(conflict_hint(Some(reason))),
         Error::Postgres(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Some(
             "another session holds a lock on a table permd reads, e.g. LOCK TABLE, ALTER TABLE \
              or VACUUM FULL on permd.tuples; pg_locks shows which; permd retries",
@@ -2410,6 +2411,13 @@ mod tests {
         assert_eq!(
             ended("FATAL: terminating connection due to conflict with recovery (SQLSTATE 40001)"),
             Some(HINT_CONFLICT)
+        );
+        assert_eq!(
+            ended(
+                "FATAL: terminating connection due to conflict with recovery (SQLSTATE 40001) \
+                 DETAIL: User was holding a relation lock for too long."
+            ),
+            Some(HINT_LOCK_CONFLICT)
         );
         assert_eq!(
             ended("FATAL: terminating connection due to administrator command (SQLSTATE 57P01)"),

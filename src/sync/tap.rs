@@ -159,10 +159,12 @@ impl<S> Tapped<S> {
 }
 
 /// The error whose fields are `body` (an ErrorResponse's), as "SEVERITY: message
-/// (SQLSTATE code)", if it ends the session (FATAL or PANIC); `None` for one that fails
-/// only a statement, and for fields that cannot be read.
+/// (SQLSTATE code)", and " DETAIL: detail" when it has one (a standby's conflict says
+/// there what it replayed), if it ends the session (FATAL or PANIC); `None` for one that
+/// fails only a statement, and for fields that cannot be read.
 fn session_ended(body: &[u8]) -> Option<String> {
     let (mut severity, mut localized, mut code, mut message) = (None, None, None, None);
+    let mut detail = None;
     let mut fields = body;
     // Each field: a type byte and a NUL-terminated string; a NUL type ends them.
     while let [kind @ 1..=u8::MAX, rest @ ..] = fields {
@@ -173,6 +175,7 @@ fn session_ended(body: &[u8]) -> Option<String> {
             b'S' => localized = Some(value),
             b'C' => code = Some(value),
             b'M' => message = Some(value),
+            b'D' => detail = Some(value),
             _ => {}
         }
         fields = &rest[end + 1..];
@@ -183,10 +186,15 @@ fn session_ended(body: &[u8]) -> Option<String> {
         return None;
     }
     let message = message.unwrap_or_default();
-    Some(match code {
+    let mut reason = match code {
         Some(code) => format!("{severity}: {message} (SQLSTATE {code})"),
         None => format!("{severity}: {message}"),
-    })
+    };
+    if let Some(detail) = detail {
+        reason.push_str(" DETAIL: ");
+        reason.push_str(&detail);
+    }
+    Some(reason)
 }
 
 /// Where the tap is in the backend's message stream.
@@ -540,6 +548,11 @@ mod tests {
             b"SFATAL\0VFATAL\0C25P03\0Mterminating connection due to \
               idle-in-transaction timeout\0\0",
         );
+        let conflict = message(
+            ERROR_RESPONSE,
+            b"SFATAL\0VFATAL\0C40001\0Mterminating connection due to conflict with \
+              recovery\0DUser was holding a relation lock for too long.\0\0",
+        );
         let error = message(
             ERROR_RESPONSE,
             b"SERROR\0VERROR\0C42P01\0Mno such table\0\0",
@@ -550,6 +563,13 @@ mod tests {
                 Some(
                     "FATAL: terminating connection due to idle-in-transaction timeout \
                      (SQLSTATE 25P03)",
+                ),
+            ),
+            (
+                [message(b'Z', b"T"), conflict].concat(),
+                Some(
+                    "FATAL: terminating connection due to conflict with recovery (SQLSTATE \
+                     40001) DETAIL: User was holding a relation lock for too long.",
                 ),
             ),
             ([message(b'Z', b"T"), error].concat(), None),
