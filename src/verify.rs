@@ -167,12 +167,12 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
     // Each daemon's comparison keeps to one connection of the pool (sqlx gives one back
     // by a task of its own, so that a step right after another may open a second).
     let mut connection = pool.acquire().await.context("connect to the database")?;
-    // Every transaction that had not ended when verify began has an xid at or above this:
-    // the changelog names the subjects they wrote, the only ones that can differ in flight.
-    let since: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        .fetch_one(&mut *connection)
-        .await
-        .context("read the database's snapshot")?;
+    let since: Since = sqlx::query_as(
+        "SELECT pg_current_snapshot()::text AS snapshot, pg_is_in_recovery() AS standby",
+    )
+    .fetch_one(&mut *connection)
+    .await
+    .context("read the database's snapshot")?;
     let daemons = match placement(target).await? {
         Placement::Daemon(shard) => {
             return verify_daemon(&mut connection, &since, target, shard, None).await
@@ -223,7 +223,7 @@ pub async fn verify(database_url: &str, target: &Target) -> anyhow::Result<Verdi
 /// the token of their snapshot.
 async fn verify_daemon(
     db: &mut sqlx::PgConnection,
-    since: &str,
+    since: &Since,
     target: &Target,
     shard: Shard,
     mut first: Option<(u64, BTreeMap<String, String>)>,
@@ -293,9 +293,12 @@ async fn verify_daemon(
     // judged, not as differing (a real difference of such a subject is then missed).
     let written: BTreeSet<String> = sqlx::query_scalar(
         "SELECT DISTINCT subject FROM permd.changelog
-         WHERE xid >= $1::text::xid8 AND subject = ANY($2)",
+         WHERE xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+           AND ($2 OR NOT pg_visible_in_snapshot(xid, $1::text::pg_snapshot))
+           AND subject = ANY($3)",
     )
-    .bind(since)
+    .bind(&since.snapshot)
+    .bind(since.standby)
     .bind(&differing)
     .fetch_all(&mut *db)
     .await
@@ -344,6 +347,19 @@ async fn verify_daemon(
         report,
         changing,
     })
+}
+
+/// The database's snapshot when verify began: the transactions it does not see (in
+/// progress then, or begun since) wrote the only subjects that can differ in flight, which
+/// the changelog names. On a standby, whose snapshot lists no transaction in progress,
+/// every transaction at or above its xmin is taken as such. (Until session 76 that was so
+/// on a primary too: a transaction left open anywhere in the cluster then made every
+/// subject written after it began, however long ago, look in flight, and a real
+/// difference of one was reported as not judged.)
+#[derive(sqlx::FromRow)]
+struct Since {
+    snapshot: String,
+    standby: bool,
 }
 
 /// The digest of the rows of all of these subjects, from theirs.
