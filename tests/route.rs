@@ -1037,10 +1037,21 @@ async fn checks_with_a_token_the_shard_has_reached_go_together() {
         .await
         .parse()
         .expect("a token");
-    // Both daemons have applied the write before the pipelines (each wait is 300 ms).
+    // Both daemons have applied the write before the pipelines (each wait is 300 ms), and
+    // their watermarks, which their answers carry, have passed it: only then does the
+    // router see the shard past the token. (Another test's transaction open in the shared
+    // cluster holds the watermarks below it meanwhile, and held them through the
+    // pipelines once in a full run: nothing went together.)
     for served in &served {
         served.wait_applied(token).await;
     }
+    common::wait_until("the watermarks past the write", || {
+        let passed = served
+            .iter()
+            .all(|served| served.daemon.store.watermark().0 > token);
+        std::future::ready(passed)
+    })
+    .await;
     let tls = SelfSigned::new("route-tokens");
     let router = router(&[&served[0].url, &served[1].url], &tls);
     let routing = serve_router(router.clone(), None).await;
