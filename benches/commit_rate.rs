@@ -1,0 +1,327 @@
+//! What permd's changelog costs the writers, and whether permd keeps up with them.
+//!
+//! `cargo bench --bench commit_rate` starts a throwaway Postgres and permd (in this process,
+//! as `freshness` does, polling every 100 ms), then has `W` writers (`BENCH_WRITERS`,
+//! default `1,4,16`; one connection each) commit single-tuple transactions as fast as they
+//! can (a closed loop of autocommitted `INSERT`s) for `BENCH_SECONDS` (default 5) a row,
+//! into:
+//! - `bare`: a table made `LIKE permd.tuples INCLUDING ALL` (its columns, checks and
+//!   primary key), without permd's triggers: what the same writes cost without permd;
+//! - `permd.tuples` with `permd.notify` `off` (the changelog's rows alone: permd polls),
+//!   `doorbell` (a notification of the transaction's id) and `on` (the default: the
+//!   notification carries the rows).
+//!
+//! Each on two servers in turn (`BENCH_DURABILITY`, default `durable,throwaway`): `durable`,
+//! a cluster with Postgres's defaults (`fsync`, `synchronous_commit` and
+//! `full_page_writes` on: a commit returns once its WAL is on disk), and `throwaway`, the
+//! other suites' (all three off). A transaction that notifies holds a cluster-wide lock from
+//! its commit's start until the commit is done (Postgres's `PreCommit_Notify`: so that
+//! notifications queue in commit order), so notifying commits cannot share a WAL flush, as
+//! concurrent commits otherwise do (group commit); the `durable` rows show what that costs.
+//!
+//! For each row: the commits made, how many a second in all and against `bare` with as
+//! many writers, the commit's round trip (p50, p99), how long after its COMMIT returned
+//! permd answered a write (every 64th of each writer's, and its last: p50, p99), how long
+//! after the row's last commit permd held every write (`caught up`), how many writes
+//! permd applied from their notifications (the others came by a poll), and the share of
+//! the machine the hypervisor stole.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use common::{env_list, env_or, runtime, HostCpu};
+use permd::embedded::{Cluster, ClusterOptions};
+use permd::store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Where a row's writers write, and how.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    /// A copy of `permd.tuples` without permd's triggers.
+    Bare,
+    /// `permd.tuples`, with `permd.notify` set to this.
+    Tuples(&'static str),
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Bare => "bare",
+            Self::Tuples(notify) => notify,
+        }
+    }
+}
+
+/// What a row measured.
+struct Row {
+    commits: usize,
+    seconds: f64,
+    /// Each commit's round trip, sorted.
+    round_trips: Vec<Duration>,
+    /// From a sampled write's COMMIT returning until permd answered it, sorted.
+    visible: Vec<Duration>,
+    /// From the row's last COMMIT returning until permd held every sampled write.
+    caught_up: Option<Duration>,
+}
+
+/// Which of a writer's writes are followed into permd (and its last).
+const SAMPLE_EVERY: u64 = 64;
+
+/// `writers` connections committing single-tuple transactions into `target` as fast as
+/// they can for `seconds`, each write's subject tagged `tag`; permd's `store` watched for
+/// the sampled ones.
+async fn run(
+    url: &str,
+    store: &Store,
+    target: Target,
+    writers: u64,
+    seconds: f64,
+    durable: bool,
+    tag: &str,
+) -> Row {
+    // (subject, when its COMMIT returned) of the sampled writes not yet seen in permd.
+    let pending: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = (target != Target::Bare).then(|| {
+        let pending = Arc::clone(&pending);
+        let done = Arc::clone(&done);
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let mut latencies = Vec::new();
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                {
+                    let mut list = pending.lock().unwrap();
+                    list.retain(|(subject, committed)| {
+                        if store.check(subject, "fresh", "") {
+                            latencies.push(committed.elapsed());
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    if finished && list.is_empty() {
+                        return (latencies, Instant::now());
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        })
+    });
+    let (table, notify) = match target {
+        Target::Bare => ("bench.bare", "off"),
+        Target::Tuples(notify) => ("permd.tuples", notify),
+    };
+    let synchronous = if durable { "on" } else { "off" };
+    // Every writer connected and prepared before the clock starts.
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "SET permd.notify = {notify}; SET synchronous_commit = {synchronous}"
+            ))
+            .await
+            .unwrap();
+        let insert = client
+            .prepare(&format!(
+                "INSERT INTO {table} VALUES ($1, '', 'fresh', NULL)"
+            ))
+            .await
+            .unwrap();
+        clients.push((client, insert));
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for (w, (client, insert)) in clients.into_iter().enumerate() {
+        let pending = Arc::clone(&pending);
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut round_trips = Vec::new();
+            let mut n = 0u64;
+            let mut last = Instant::now();
+            while last < deadline {
+                let subject = format!("{tag}:{w}:{n}");
+                let sent = Instant::now();
+                client.execute(&insert, &[&subject]).await.unwrap();
+                last = Instant::now();
+                round_trips.push(last - sent);
+                if n.is_multiple_of(SAMPLE_EVERY) || last >= deadline {
+                    pending.lock().unwrap().push((subject, last));
+                }
+                n += 1;
+            }
+            (round_trips, last)
+        }));
+    }
+    let mut round_trips = Vec::new();
+    let mut last_commit = started;
+    for task in tasks {
+        let (trips, last) = task.await.unwrap();
+        round_trips.extend(trips);
+        last_commit = last_commit.max(last);
+    }
+    let seconds = last_commit.duration_since(started).as_secs_f64();
+    done.store(true, Ordering::Release);
+    let (mut visible, caught_up) = match watcher {
+        Some(watcher) => {
+            let (visible, emptied) = watcher.join().unwrap();
+            (
+                visible,
+                Some(emptied.saturating_duration_since(last_commit)),
+            )
+        }
+        None => (Vec::new(), None),
+    };
+    round_trips.sort_unstable();
+    visible.sort_unstable();
+    Row {
+        commits: round_trips.len(),
+        seconds,
+        round_trips,
+        visible,
+        caught_up,
+    }
+}
+
+/// The `p`-quantile of sorted `values`, in milliseconds, as a table cell.
+fn ms(values: &[Duration], p: f64) -> String {
+    if values.is_empty() {
+        return "-".to_owned();
+    }
+    let i = ((values.len() - 1) as f64 * p).round() as usize;
+    format!("{:.2}", values[i].as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let writer_counts: Vec<u64> = env_list("BENCH_WRITERS", "1,4,16");
+    let durabilities: Vec<String> = env_list("BENCH_DURABILITY", "durable,throwaway");
+    let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
+    let targets = [
+        Target::Bare,
+        Target::Tuples("off"),
+        Target::Tuples("doorbell"),
+        Target::Tuples("on"),
+    ];
+    let runtime = runtime();
+    for durability in &durabilities {
+        let durable = match durability.as_str() {
+            "durable" => true,
+            "throwaway" => false,
+            other => panic!("BENCH_DURABILITY: {other:?} is neither durable nor throwaway"),
+        };
+        let cluster = Cluster::start(&ClusterOptions {
+            unsafe_fast: !durable,
+            ..ClusterOptions::default()
+        })
+        .expect("start a throwaway Postgres");
+        let url = cluster.url("postgres");
+        runtime.block_on(async {
+            let pool = permd::db::pool(&url).await.unwrap();
+            permd::db::migrate(&pool).await.unwrap();
+            sqlx::raw_sql(
+                "CREATE SCHEMA bench;
+                 CREATE TABLE bench.bare (LIKE permd.tuples INCLUDING ALL);",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            let server: (String, String, String) = sqlx::query_as(
+                "SELECT current_setting('server_version'), current_setting('fsync'),
+                        current_setting('full_page_writes')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            let cli = permd::config::Cli::parse_from([
+                "permd",
+                "serve",
+                "--database-url",
+                &url,
+                "--listen",
+                "127.0.0.1:0",
+                "--poll-interval-ms",
+                "100",
+            ]);
+            let permd::config::Command::Serve(args) = cli.command else {
+                unreachable!()
+            };
+            let serve = args.server.settings(&args.database_url).unwrap();
+            let shutdown = CancellationToken::new();
+            let daemon = permd::Daemon::start(serve, shutdown.clone())
+                .await
+                .unwrap();
+            assert!(daemon.wait_ready(Duration::from_secs(60)).await);
+            let store = daemon.store().clone();
+
+            println!();
+            println!(
+                "Single-tuple commits as fast as the writers go, {durability} server \
+                 (Postgres {}, fsync {}, full_page_writes {}, synchronous_commit {}), \
+                 {seconds} s a row, permd polling every 100 ms:",
+                server.0,
+                server.1,
+                server.2,
+                if durable { "on" } else { "off" }
+            );
+            println!();
+            println!(
+                "| writers | table, NOTIFY | commits | commits/s | against bare | commit p50 ms | commit p99 ms | visible p50 ms | visible p99 ms | caught up ms | from notifications | host steal % |"
+            );
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for &writers in &writer_counts {
+                let mut bare_rate = None;
+                for target in targets {
+                    let tag = format!("{durability}{writers}{}", target.name());
+                    let host = HostCpu::now();
+                    let notified = daemon.status().report().notified_changes;
+                    let row = run(&url, &store, target, writers, seconds, durable, &tag).await;
+                    let steal = HostCpu::steal_since(host);
+                    let notified = daemon.status().report().notified_changes - notified;
+                    let rate = row.commits as f64 / row.seconds;
+                    let against = match bare_rate {
+                        None => {
+                            bare_rate = Some(rate);
+                            "1.00x".to_owned()
+                        }
+                        Some(bare) => format!("{:.2}x", rate / bare),
+                    };
+                    let table = match target {
+                        Target::Bare => "bare (no triggers)".to_owned(),
+                        Target::Tuples(notify) => format!("permd.tuples, {notify}"),
+                    };
+                    let caught_up = row.caught_up.map_or("-".to_owned(), |d| {
+                        format!("{:.1}", d.as_secs_f64() * 1e3)
+                    });
+                    let notified = if target == Target::Bare {
+                        "-".to_owned()
+                    } else {
+                        notified.to_string()
+                    };
+                    println!(
+                        "| {writers} | {table} | {} | {rate:.0} | {against} | {} | {} | {} | {} | {caught_up} | {notified} | {steal} |",
+                        row.commits,
+                        ms(&row.round_trips, 0.5),
+                        ms(&row.round_trips, 0.99),
+                        ms(&row.visible, 0.5),
+                        ms(&row.visible, 0.99),
+                    );
+                }
+            }
+            shutdown.cancel();
+            daemon.wait().await.expect("the daemon ran to its shutdown");
+        });
+        cluster.stop();
+    }
+}
