@@ -1,7 +1,7 @@
 //! What permd's changelog costs the writers, and whether permd keeps up with them.
 //!
 //! `cargo bench --bench commit_rate` starts a throwaway Postgres and permd (in this process,
-//! as `freshness` does, polling every 100 ms), then has `W` writers (`BENCH_WRITERS`,
+//! as `freshness` does, polling every `BENCH_POLL_MS`, default 100 ms), then has `W` writers (`BENCH_WRITERS`,
 //! default `1,4,16`; one connection each) commit single-tuple transactions as fast as they
 //! can (a closed loop of autocommitted `INSERT`s) for `BENCH_SECONDS` (default 5) a row,
 //! into:
@@ -207,6 +207,7 @@ fn main() {
     let writer_counts: Vec<u64> = env_list("BENCH_WRITERS", "1,4,16");
     let durabilities: Vec<String> = env_list("BENCH_DURABILITY", "durable,throwaway");
     let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
+    let poll_ms: u64 = env_or("BENCH_POLL_MS", 100);
     let targets = [
         Target::Bare,
         Target::Tuples("off"),
@@ -252,7 +253,7 @@ fn main() {
                 "--listen",
                 "127.0.0.1:0",
                 "--poll-interval-ms",
-                "100",
+                &poll_ms.to_string(),
             ]);
             let permd::config::Command::Serve(args) = cli.command else {
                 unreachable!()
@@ -269,7 +270,7 @@ fn main() {
             println!(
                 "Single-tuple commits as fast as the writers go, {durability} server \
                  (Postgres {}, fsync {}, full_page_writes {}, synchronous_commit {}), \
-                 {seconds} s a row, permd polling every 100 ms:",
+                 {seconds} s a row, permd polling every {poll_ms} ms:",
                 server.0,
                 server.1,
                 server.2,
