@@ -84,11 +84,12 @@ pub async fn pool(database_url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-/// Refuses a pooler in transaction or statement mode (`sync::second_session`,
-/// `sync::one_session`): `first`'s server session, then a second connection's while
-/// `first` is open, then `first`'s again; then closes both.
-/// A second connection that fails or waits too long (a session pooler with one server
-/// session for permd) leaves the question open.
+/// Refuses a pooler in transaction or statement mode (`sync::one_session`,
+/// `sync::two_sessions`): `first`'s server session; then, once a second connection is up,
+/// `first`'s again, and the second's right after it (so that a transaction pooler hands
+/// the second the session `first` has just freed, as `sync::alone_in_its_session` does);
+/// then closes both. A second connection that fails or waits too long (a session pooler
+/// with one server session for permd) leaves the question open.
 async fn alone_in_its_session(
     mut first: PgConnection,
     options: &PgConnectOptions,
@@ -106,17 +107,25 @@ async fn alone_in_its_session(
     let options = options
         .clone()
         .application_name(&crate::sync::second_name(options.get_application_name()));
+    let mut again = None;
     let second = async {
         let mut second = options.connect().await?;
+        again = Some(which_session(&mut first).await);
         let theirs = which_session(&mut second).await;
         second.close().await?;
         theirs
     };
-    crate::sync::second_session(&ours, second, crate::sync::SECOND_SESSION_WAIT).await?;
-    let again = which_session(&mut first)
-        .await
-        .context("connect to the database")?;
+    let theirs = crate::sync::second_session(second, crate::sync::SECOND_SESSION_WAIT).await;
+    // Asked here where the second connection never came up.
+    let again = match again {
+        Some(again) => again,
+        None => which_session(&mut first).await,
+    }
+    .context("connect to the database")?;
     crate::sync::one_session((&ours.0, &ours.1), (&again.0, &again.1))?;
+    if let Some(theirs) = theirs {
+        crate::sync::two_sessions((&again.0, &again.1), (&theirs.0, &theirs.1))?;
+    }
     first.close().await.context("connect to the database")?;
     Ok(())
 }

@@ -1033,39 +1033,42 @@ async fn through_a_round_robin_transaction_pooler_the_daemon_says_so_at_connect(
 }
 
 /// Through PgBouncer in transaction mode that hands out its two idle server sessions in
-/// turn, the first connection, asked again after the second connection's, is handed its
-/// own session back, so the daemon cannot tell at its connect (its settings then go to
-/// the other session); it still ends the session and names the remedy once a statement
-/// it prepared in one server session is run in the other (SQLSTATE 26000,
-/// `Applier::session`) or a look finds another process (`Applier::same_backend`).
+/// turn, the first connection, asked again once the second connection is up, lands in the
+/// other session: the daemon says so before its first setting (`connect::one_session`),
+/// at each attempt, and no server session keeps a setting of its. Before (session 77) the
+/// first was asked again after the second's question, and handed its own session back,
+/// so the daemon could not tell at its connect (its settings then went to the other
+/// session) and said so only once a statement it prepared in one server session was run
+/// in the other (SQLSTATE 26000, `Applier::session`) or a look found another process
+/// (`Applier::same_backend`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_a_round_robin_transaction_pooler_of_two_sessions_the_daemon_says_so_later() {
+async fn through_a_round_robin_transaction_pooler_of_two_sessions_the_daemon_says_so_at_connect() {
     let db = database().await;
-    let (_bouncer, url) = Bouncer::with_settings(
+    let (bouncer, url) = Bouncer::with_settings(
         &db.url,
         PoolMode::Transaction,
         &[("server_round_robin", "1"), ("default_pool_size", "2")],
     );
     common::bouncer::idle_sessions(&url, 2).await;
     let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
-    daemon
-        .wait_for_report("the daemon to say it needs a session", |report| {
-            report.last_error.as_deref().is_some_and(|error| {
-                error.contains("the sync connection's statements ran in two server sessions")
-                    && error.contains("pool_mode=session")
-            })
-        })
-        .await;
+    let error = daemon.failed_attempts(2).await;
+    assert!(
+        error.contains("one of permd's connections ran its statements in two server sessions")
+            && error.contains("pool_mode=session"),
+        "{error}\n{}",
+        bouncer.log()
+    );
     daemon.stop().await;
+    for mut client in common::bouncer::clients_in_sessions(&url, 2).await {
+        assert_eq!(
+            common::bouncer::settings_of(&mut client, &["enable_seqscan", "lock_timeout", "jit"])
+                .await,
+            ["on", "0", "on"],
+            "no setting of the daemon's stays in PgBouncer's server sessions"
+        );
+    }
 }
 
-/// Through PgBouncer in session mode with one server session for permd
-/// (`default_pool_size = 1`): the second connection that asks which session the first
-/// has (`connect::alone_in_its_session`) waits for one that never comes free while the
-/// daemon's is open; it is given up, and the daemon loads and follows (and reloads, on
-/// the sync connection, when a reload's own connection waits the same way), here with a query
-/// timeout of 1 s (the wait is half of it; before, the 2 s wait was cut by the query
-/// timeout, and every connect failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows() {
     let db = database().await;

@@ -29,7 +29,8 @@ use crate::shard::Shard;
 use crate::store::Snapshot;
 pub use applier::{poll_statement, Applier, POLL, SESSION};
 pub(crate) use connect::{
-    one_session, second_name, second_session, Settings, SECOND_SESSION_WAIT, WHICH_SESSION,
+    one_session, second_name, second_session, two_sessions, Settings, SECOND_SESSION_WAIT,
+    WHICH_SESSION,
 };
 pub use relay::Relay;
 pub use status::{RunningLoad, Status, StatusReport};
