@@ -24,21 +24,19 @@
 //! permd answered a write (every 64th of each writer's, and its last: p50, p99), how long
 //! after the row's last commit permd held every write (`caught up`), how many writes
 //! permd applied from their notifications (the others came by a poll), and the share of
-//! the machine the hypervisor stole.
+//! the machine the hypervisor stole. The thread that watches the store for the writes
+//! (`common::Watcher`, as `freshness`'s) runs in every row, the bare one's too.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser as _;
-use common::{env_list, env_or, runtime, HostCpu};
+use common::{env_list, env_or, runtime, HostCpu, Watcher};
 use permd::embedded::{Cluster, ClusterOptions};
 use permd::store::Store;
-use tokio_util::sync::CancellationToken;
 
 /// Where a row's writers write, and how.
 #[derive(Clone, Copy, PartialEq)]
@@ -85,35 +83,10 @@ async fn run(
     durable: bool,
     tag: &str,
 ) -> Row {
-    // (subject, when its COMMIT returned) of the sampled writes not yet seen in permd.
-    let pending: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = (target != Target::Bare).then(|| {
-        let pending = Arc::clone(&pending);
-        let done = Arc::clone(&done);
-        let store = store.clone();
-        std::thread::spawn(move || {
-            let mut latencies = Vec::new();
-            loop {
-                let finished = done.load(Ordering::Acquire);
-                {
-                    let mut list = pending.lock().unwrap();
-                    list.retain(|(subject, committed)| {
-                        if store.check(subject, "fresh", "") {
-                            latencies.push(committed.elapsed());
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                    if finished && list.is_empty() {
-                        return (latencies, Instant::now());
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        })
-    });
+    // In every row, the bare one's too, so that each row's writers share the cores with
+    // it alike: its wake-ups, 50,000 a second, cost a share of them.
+    let watcher = Watcher::start(store);
+    let pending = watcher.pending();
     let (table, notify) = match target {
         Target::Bare => ("bench.bare", "off"),
         Target::Tuples(notify) => ("permd.tuples", notify),
@@ -142,6 +115,8 @@ async fn run(
     }
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
+    // permd never sees the bare table's writes.
+    let sampled = target != Target::Bare;
     let mut tasks = Vec::new();
     for (w, (client, insert)) in clients.into_iter().enumerate() {
         let pending = Arc::clone(&pending);
@@ -156,7 +131,7 @@ async fn run(
                 client.execute(&insert, &[&subject]).await.unwrap();
                 last = Instant::now();
                 round_trips.push(last - sent);
-                if n.is_multiple_of(SAMPLE_EVERY) || last >= deadline {
+                if sampled && (n.is_multiple_of(SAMPLE_EVERY) || last >= deadline) {
                     pending.lock().unwrap().push((subject, last));
                 }
                 n += 1;
@@ -172,19 +147,9 @@ async fn run(
         last_commit = last_commit.max(last);
     }
     let seconds = last_commit.duration_since(started).as_secs_f64();
-    done.store(true, Ordering::Release);
-    let (mut visible, caught_up) = match watcher {
-        Some(watcher) => {
-            let (visible, emptied) = watcher.join().unwrap();
-            (
-                visible,
-                Some(emptied.saturating_duration_since(last_commit)),
-            )
-        }
-        None => (Vec::new(), None),
-    };
+    let (visible, emptied) = watcher.finish();
+    let caught_up = sampled.then(|| emptied.saturating_duration_since(last_commit));
     round_trips.sort_unstable();
-    visible.sort_unstable();
     Row {
         commits: round_trips.len(),
         seconds,
@@ -245,25 +210,7 @@ fn main() {
             .await
             .unwrap();
             pool.close().await;
-            let cli = permd::config::Cli::parse_from([
-                "permd",
-                "serve",
-                "--database-url",
-                &url,
-                "--listen",
-                "127.0.0.1:0",
-                "--poll-interval-ms",
-                &poll_ms.to_string(),
-            ]);
-            let permd::config::Command::Serve(args) = cli.command else {
-                unreachable!()
-            };
-            let serve = args.server.settings(&args.database_url).unwrap();
-            let shutdown = CancellationToken::new();
-            let daemon = permd::Daemon::start(serve, shutdown.clone())
-                .await
-                .unwrap();
-            assert!(daemon.wait_ready(Duration::from_secs(60)).await);
+            let (daemon, shutdown) = common::daemon_in_process(&url, poll_ms).await;
             let store = daemon.store().clone();
 
             println!();

@@ -43,15 +43,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser as _;
-use common::{cluster, env_or, read_response, runtime, HostCpu};
+use common::{cluster, env_or, read_response, runtime, HostCpu, Watcher};
 use permd::store::Store;
 use tokio::io::{AsyncWriteExt as _, BufStream};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 /// Keeps `connections` keep-alive connections to permd at `addr` checking, `rate` requests/s
 /// in all (each connection its share, on a fixed schedule), until `stop`; each request a
@@ -130,35 +128,8 @@ async fn run(
     tag: &str,
     synchronous: bool,
 ) -> Vec<Duration> {
-    let pending: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let pending = Arc::clone(&pending);
-        let done = Arc::clone(&done);
-        let store = store.clone();
-        std::thread::spawn(move || {
-            let mut latencies = Vec::new();
-            loop {
-                let finished = done.load(Ordering::Relaxed);
-                {
-                    let mut list = pending.lock().unwrap();
-                    list.retain(|(subject, committed)| {
-                        if store.check(subject, "fresh", "") {
-                            latencies.push(committed.elapsed());
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                    if finished && list.is_empty() {
-                        break;
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(20));
-            }
-            latencies
-        })
-    };
+    let watcher = Watcher::start(store);
+    let pending = watcher.pending();
     let writers: u64 = env_or("BENCH_WRITERS", 4);
     let total = (rate * seconds) as u64;
     let started = Instant::now();
@@ -205,10 +176,7 @@ async fn run(
     for t in tasks {
         t.await.unwrap();
     }
-    done.store(true, Ordering::Relaxed);
-    let mut latencies = watcher.join().unwrap();
-    latencies.sort();
-    latencies
+    watcher.finish().0
 }
 
 fn main() {
@@ -253,25 +221,7 @@ fn main() {
         let serve_url = standby
             .as_ref()
             .map_or_else(|| url.clone(), |standby| standby.url("postgres"));
-        let cli = permd::config::Cli::parse_from([
-            "permd",
-            "serve",
-            "--database-url",
-            &serve_url,
-            "--listen",
-            "127.0.0.1:0",
-            "--poll-interval-ms",
-            "100",
-        ]);
-        let permd::config::Command::Serve(args) = cli.command else {
-            unreachable!()
-        };
-        let settings = args.server.settings(&args.database_url).unwrap();
-        let shutdown = CancellationToken::new();
-        let daemon = permd::Daemon::start(settings, shutdown.clone())
-            .await
-            .unwrap();
-        assert!(daemon.wait_ready(Duration::from_secs(60)).await);
+        let (daemon, shutdown) = common::daemon_in_process(&serve_url, 100).await;
         let store = daemon.store().clone();
         // A writing transaction left open for the whole run (`BENCH_HELD=1`).
         let held_pool = permd::db::pool(&url).await.unwrap();

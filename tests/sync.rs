@@ -997,59 +997,39 @@ async fn through_pgbouncer_in_session_mode_the_daemon_loads_follows_and_reconnec
 }
 
 /// Through PgBouncer in transaction mode that hands out its idle server sessions in turn
-/// (`server_round_robin = 1`, four idle), the second connection lands in another session
-/// than the first's, but the first, asked again after it, lands in a third: the daemon
-/// says so before its first setting (`connect::one_session`), at each attempt, and no
-/// server session keeps a setting of its. Before (session 58), it said so only once a
-/// statement it prepared in one session ran in another, its settings already left in
-/// the sessions its attempts went through.
+/// (`server_round_robin = 1`, four idle), the first connection, asked its session again
+/// once the second connection is up, lands in another: the daemon says so before its
+/// first setting (`connect::one_session`), at each attempt, and no server session keeps a
+/// setting of its. Before (session 58), it said so only once a statement it prepared in
+/// one session ran in another, its settings already left in the sessions its attempts
+/// went through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_round_robin_transaction_pooler_the_daemon_says_so_at_connect() {
-    let db = database().await;
-    let (bouncer, url) = Bouncer::with_settings(
-        &db.url,
-        PoolMode::Transaction,
-        &[("server_round_robin", "1")],
-    );
-    common::bouncer::idle_sessions(&url, 4).await;
-    let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
-    let error = daemon.failed_attempts(2).await;
-    assert!(
-        error.contains("one of permd's connections ran its statements in two server sessions")
-            && error.contains("pool_mode=session"),
-        "{error}\n{}",
-        bouncer.log()
-    );
-    daemon.stop().await;
-    // Each of the four sessions, held at once.
-    for mut client in common::bouncer::clients_in_sessions(&url, 4).await {
-        assert_eq!(
-            common::bouncer::settings_of(&mut client, &["enable_seqscan", "lock_timeout", "jit"])
-                .await,
-            ["on", "0", "on"],
-            "no setting of the daemon's stays in PgBouncer's server sessions"
-        );
-    }
+    round_robin_refused_at_connect(4, &[("server_round_robin", "1")]).await;
 }
 
-/// Through PgBouncer in transaction mode that hands out its two idle server sessions in
-/// turn, the first connection, asked again once the second connection is up, lands in the
-/// other session: the daemon says so before its first setting (`connect::one_session`),
-/// at each attempt, and no server session keeps a setting of its. Before (session 77) the
-/// first was asked again after the second's question, and handed its own session back,
-/// so the daemon could not tell at its connect (its settings then went to the other
+/// As the test above, with two idle server sessions. Before (session 77) the first
+/// connection was asked again after the second's question, and handed its own session
+/// back, so the daemon could not tell at its connect (its settings then went to the other
 /// session) and said so only once a statement it prepared in one server session was run
 /// in the other (SQLSTATE 26000, `Applier::session`) or a look found another process
 /// (`Applier::same_backend`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_round_robin_transaction_pooler_of_two_sessions_the_daemon_says_so_at_connect() {
-    let db = database().await;
-    let (bouncer, url) = Bouncer::with_settings(
-        &db.url,
-        PoolMode::Transaction,
+    round_robin_refused_at_connect(
+        2,
         &[("server_round_robin", "1"), ("default_pool_size", "2")],
-    );
-    common::bouncer::idle_sessions(&url, 2).await;
+    )
+    .await;
+}
+
+/// A daemon started through PgBouncer in transaction mode with `settings`, `idle` server
+/// sessions idle, is refused at each connect, and none of those sessions (each held at
+/// once afterwards) keeps a setting of its.
+async fn round_robin_refused_at_connect(idle: usize, settings: &[(&str, &str)]) {
+    let db = database().await;
+    let (bouncer, url) = Bouncer::with_settings(&db.url, PoolMode::Transaction, settings);
+    common::bouncer::idle_sessions(&url, idle).await;
     let daemon = TestDaemon::spawn(doorbell_only(&url), patient());
     let error = daemon.failed_attempts(2).await;
     assert!(
@@ -1059,7 +1039,7 @@ async fn through_a_round_robin_transaction_pooler_of_two_sessions_the_daemon_say
         bouncer.log()
     );
     daemon.stop().await;
-    for mut client in common::bouncer::clients_in_sessions(&url, 2).await {
+    for mut client in common::bouncer::clients_in_sessions(&url, idle).await {
         assert_eq!(
             common::bouncer::settings_of(&mut client, &["enable_seqscan", "lock_timeout", "jit"])
                 .await,

@@ -4,8 +4,13 @@
 #![allow(dead_code)]
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use permd::embedded::{Cluster, ClusterOptions};
+use permd::store::Store;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, BufStream};
 
 /// A throwaway Postgres from the machine's binaries, with `fsync=off` (a benchmark's data
@@ -208,4 +213,101 @@ pub fn clock_ticks() -> f64 {
             .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+/// Writes not yet seen in permd's store: each one's subject, granted `fresh` globally, and
+/// when its COMMIT returned.
+pub type Pending = Arc<Mutex<Vec<(String, Instant)>>>;
+
+/// A thread that checks permd's store every 20 µs for the writes in its [`Pending`] list,
+/// and takes each one's time from its COMMIT returning to its being answered.
+pub struct Watcher {
+    pending: Pending,
+    done: Arc<AtomicBool>,
+    thread: JoinHandle<(Vec<Duration>, Instant)>,
+}
+
+impl Watcher {
+    pub fn start(store: &Store) -> Self {
+        let pending: Pending = Arc::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (pending, done, store) = (Arc::clone(&pending), Arc::clone(&done), store.clone());
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                loop {
+                    let finished = done.load(Ordering::Acquire);
+                    {
+                        let mut list = pending.lock().expect("the pending list");
+                        list.retain(|(subject, committed)| {
+                            if store.check(subject, "fresh", "") {
+                                latencies.push(committed.elapsed());
+                                false
+                            } else {
+                                true
+                            }
+                        });
+                        if finished && list.is_empty() {
+                            return (latencies, Instant::now());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+            })
+        };
+        Self {
+            pending,
+            done,
+            thread,
+        }
+    }
+
+    /// The list the writers add their committed writes to.
+    pub fn pending(&self) -> Pending {
+        Arc::clone(&self.pending)
+    }
+
+    /// Waits until every write added has been seen, and returns the times from COMMIT to
+    /// visible, sorted, and when the last was seen.
+    pub fn finish(self) -> (Vec<Duration>, Instant) {
+        self.done.store(true, Ordering::Release);
+        let (mut latencies, emptied) = self.thread.join().expect("the watcher");
+        latencies.sort_unstable();
+        (latencies, emptied)
+    }
+}
+
+/// permd in this process, serving `url`'s database on a free loopback port and polling
+/// every `poll_ms`, once it is ready; stopped by cancelling the token returned.
+pub async fn daemon_in_process(
+    url: &str,
+    poll_ms: u64,
+) -> (permd::Daemon, tokio_util::sync::CancellationToken) {
+    use clap::Parser as _;
+    let cli = permd::config::Cli::parse_from([
+        "permd",
+        "serve",
+        "--database-url",
+        url,
+        "--listen",
+        "127.0.0.1:0",
+        "--poll-interval-ms",
+        &poll_ms.to_string(),
+    ]);
+    let permd::config::Command::Serve(args) = cli.command else {
+        unreachable!("parsed as serve")
+    };
+    let settings = args
+        .server
+        .settings(&args.database_url)
+        .expect("the daemon's settings");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let daemon = permd::Daemon::start(settings, shutdown.clone())
+        .await
+        .expect("start permd");
+    assert!(
+        daemon.wait_ready(Duration::from_secs(60)).await,
+        "permd ready"
+    );
+    (daemon, shutdown)
 }
