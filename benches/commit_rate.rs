@@ -1,10 +1,10 @@
 //! What permd's changelog costs the writers, and whether permd keeps up with them.
 //!
 //! `cargo bench --bench commit_rate` starts a throwaway Postgres and permd (in this process,
-//! as `freshness` does, polling every `BENCH_POLL_MS`, default 100 ms), then has `W` writers (`BENCH_WRITERS`,
-//! default `1,4,16`; one connection each) commit single-tuple transactions as fast as they
-//! can (a closed loop of autocommitted `INSERT`s) for `BENCH_SECONDS` (default 5) a row,
-//! into:
+//! as `freshness` does, polling every `BENCH_POLL_MS`, default 100 ms), then has `W`
+//! writers (`BENCH_WRITERS`, default `1,4,16`; one connection each) commit transactions of
+//! one `INSERT` of `BENCH_ROWS` tuples (default 1) as fast as they can (a closed loop of
+//! autocommitted statements) for `BENCH_SECONDS` (default 5) a row, into:
 //! - `bare`: a table made `LIKE permd.tuples INCLUDING ALL` (its columns, checks and
 //!   primary key), without permd's triggers: what the same writes cost without permd;
 //! - `permd.tuples` with `permd.notify` `off` (the changelog's rows alone: permd polls),
@@ -19,8 +19,8 @@
 //! notifications queue in commit order), so notifying commits cannot share a WAL flush, as
 //! concurrent commits otherwise do (group commit); the `durable` rows show what that costs.
 //!
-//! For each row: the commits made, how many a second in all and against `bare` with as
-//! many writers, the commit's round trip (p50, p99), how long after its COMMIT returned
+//! For each row: the commits made, how many a second in all (and tuples a second) and
+//! against `bare` with as many writers, the commit's round trip (p50, p99), how long after its COMMIT returned
 //! permd answered a write (every 64th of each writer's, and its last: p50, p99), how long
 //! after the row's last commit permd held every write (`caught up`), how many writes
 //! permd applied from their notifications (the others came by a poll), and the share of
@@ -56,6 +56,17 @@ impl Target {
     }
 }
 
+/// What every row of a server does.
+#[derive(Clone, Copy)]
+struct Each {
+    /// How long its writers write.
+    seconds: f64,
+    /// Whether its commits wait for their WAL's flush (`synchronous_commit`).
+    durable: bool,
+    /// Tuples a transaction.
+    rows: usize,
+}
+
 /// What a row measured.
 struct Row {
     commits: usize,
@@ -71,18 +82,22 @@ struct Row {
 /// Which of a writer's writes are followed into permd (and its last).
 const SAMPLE_EVERY: u64 = 64;
 
-/// `writers` connections committing single-tuple transactions into `target` as fast as
-/// they can for `seconds`, each write's subject tagged `tag`; permd's `store` watched for
-/// the sampled ones.
+/// `writers` connections committing transactions of `each.rows` tuples into `target` as
+/// fast as they can for `each.seconds`, each tuple's subject tagged `tag`; permd's `store`
+/// watched for the sampled ones.
 async fn run(
     url: &str,
     store: &Store,
     target: Target,
     writers: u64,
-    seconds: f64,
-    durable: bool,
+    each: &Each,
     tag: &str,
 ) -> Row {
+    let Each {
+        seconds,
+        durable,
+        rows,
+    } = *each;
     // In every row, the bare one's too, so that each row's writers share the cores with
     // it alike: its wake-ups, 50,000 a second, cost a share of them.
     let watcher = Watcher::start(store);
@@ -106,9 +121,11 @@ async fn run(
             .await
             .unwrap();
         let insert = client
-            .prepare(&format!(
-                "INSERT INTO {table} VALUES ($1, '', 'fresh', NULL)"
-            ))
+            .prepare(&if rows == 1 {
+                format!("INSERT INTO {table} VALUES ($1, '', 'fresh', NULL)")
+            } else {
+                format!("INSERT INTO {table} SELECT s, '', 'fresh', NULL FROM unnest($1::text[]) s")
+            })
             .await
             .unwrap();
         clients.push((client, insert));
@@ -126,9 +143,17 @@ async fn run(
             let mut n = 0u64;
             let mut last = Instant::now();
             while last < deadline {
-                let subject = format!("{tag}:{w}:{n}");
+                // The first subject stands for the statement's: permd applies a statement's
+                // rows at once.
+                let subjects: Vec<String> =
+                    (0..rows).map(|r| format!("{tag}:{w}:{n}:{r}")).collect();
                 let sent = Instant::now();
-                client.execute(&insert, &[&subject]).await.unwrap();
+                if rows == 1 {
+                    client.execute(&insert, &[&subjects[0]]).await.unwrap();
+                } else {
+                    client.execute(&insert, &[&subjects]).await.unwrap();
+                }
+                let subject = subjects.into_iter().next().expect("a row at least");
                 last = Instant::now();
                 round_trips.push(last - sent);
                 if sampled && (n.is_multiple_of(SAMPLE_EVERY) || last >= deadline) {
@@ -173,6 +198,8 @@ fn main() {
     let durabilities: Vec<String> = env_list("BENCH_DURABILITY", "durable,throwaway");
     let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
     let poll_ms: u64 = env_or("BENCH_POLL_MS", 100);
+    let rows: usize = env_or("BENCH_ROWS", 1);
+    assert!(rows > 0, "BENCH_ROWS must be 1 or more");
     let targets = [
         Target::Bare,
         Target::Tuples("off"),
@@ -192,6 +219,11 @@ fn main() {
         })
         .expect("start a throwaway Postgres");
         let url = cluster.url("postgres");
+        let each = Each {
+            seconds,
+            durable,
+            rows,
+        };
         runtime.block_on(async {
             let pool = permd::db::pool(&url).await.unwrap();
             permd::db::migrate(&pool).await.unwrap();
@@ -215,8 +247,8 @@ fn main() {
 
             println!();
             println!(
-                "Single-tuple commits as fast as the writers go, {durability} server \
-                 (Postgres {}, fsync {}, full_page_writes {}, synchronous_commit {}), \
+                "Commits of {rows} tuple(s) each as fast as the writers go, {durability} \
+                 server (Postgres {}, fsync {}, full_page_writes {}, synchronous_commit {}), \
                  {seconds} s a row, permd polling every {poll_ms} ms:",
                 server.0,
                 server.1,
@@ -225,16 +257,16 @@ fn main() {
             );
             println!();
             println!(
-                "| writers | table, NOTIFY | commits | commits/s | against bare | commit p50 ms | commit p99 ms | visible p50 ms | visible p99 ms | caught up ms | from notifications | host steal % |"
+                "| writers | table, NOTIFY | commits | commits/s | tuples/s | against bare | commit p50 ms | commit p99 ms | visible p50 ms | visible p99 ms | caught up ms | from notifications | host steal % |"
             );
-            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             for &writers in &writer_counts {
                 let mut bare_rate = None;
                 for target in targets {
                     let tag = format!("{durability}{writers}{}", target.name());
                     let host = HostCpu::now();
                     let notified = daemon.status().report().notified_changes;
-                    let row = run(&url, &store, target, writers, seconds, durable, &tag).await;
+                    let row = run(&url, &store, target, writers, &each, &tag).await;
                     let steal = HostCpu::steal_since(host);
                     let notified = daemon.status().report().notified_changes - notified;
                     let rate = row.commits as f64 / row.seconds;
@@ -258,8 +290,9 @@ fn main() {
                         notified.to_string()
                     };
                     println!(
-                        "| {writers} | {table} | {} | {rate:.0} | {against} | {} | {} | {} | {} | {caught_up} | {notified} | {steal} |",
+                        "| {writers} | {table} | {} | {rate:.0} | {:.0} | {against} | {} | {} | {} | {} | {caught_up} | {notified} | {steal} |",
                         row.commits,
+                        rate * rows as f64,
                         ms(&row.round_trips, 0.5),
                         ms(&row.round_trips, 0.99),
                         ms(&row.visible, 0.5),
