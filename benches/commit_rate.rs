@@ -25,7 +25,8 @@
 //! after the row's last commit permd held every write (`caught up`), how many writes
 //! permd applied from their notifications (the others came by a poll), and the share of
 //! the machine the hypervisor stole. The thread that watches the store for the writes
-//! (`common::Watcher`, as `freshness`'s) runs in every row, the bare one's too.
+//! (`common::Watcher`, as `freshness`'s) runs in every row, the bare one's too, and
+//! sleeps while no write waits to be seen.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -99,7 +100,7 @@ async fn run(
         rows,
     } = *each;
     // In every row, the bare one's too, so that each row's writers share the cores with
-    // it alike: its wake-ups, 50,000 a second, cost a share of them.
+    // it alike (it sleeps while no write waits to be seen).
     let watcher = Watcher::start(store);
     let pending = watcher.pending();
     let (table, notify) = match target {
@@ -157,7 +158,7 @@ async fn run(
                 last = Instant::now();
                 round_trips.push(last - sent);
                 if sampled && (n.is_multiple_of(SAMPLE_EVERY) || last >= deadline) {
-                    pending.lock().unwrap().push((subject, last));
+                    pending.push(subject, last);
                 }
                 n += 1;
             }
@@ -172,8 +173,8 @@ async fn run(
         last_commit = last_commit.max(last);
     }
     let seconds = last_commit.duration_since(started).as_secs_f64();
-    let (visible, emptied) = watcher.finish();
-    let caught_up = sampled.then(|| emptied.saturating_duration_since(last_commit));
+    let (visible, last_seen) = watcher.finish();
+    let caught_up = sampled.then(|| last_seen.saturating_duration_since(last_commit));
     round_trips.sort_unstable();
     Row {
         commits: round_trips.len(),

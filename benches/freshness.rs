@@ -168,7 +168,7 @@ async fn run(
                 tokio::time::sleep_until(due.into()).await;
                 let subject = format!("{tag}:{n}");
                 client.execute(&insert, &[&subject]).await.unwrap();
-                pending.lock().unwrap().push((subject, Instant::now()));
+                pending.push(subject, Instant::now());
                 n += writers;
             }
         }));

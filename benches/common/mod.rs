@@ -5,7 +5,7 @@
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -217,40 +217,70 @@ pub fn clock_ticks() -> f64 {
 
 /// Writes not yet seen in permd's store: each one's subject, granted `fresh` globally, and
 /// when its COMMIT returned.
-pub type Pending = Arc<Mutex<Vec<(String, Instant)>>>;
+#[derive(Default)]
+pub struct Pending {
+    list: Mutex<Vec<(String, Instant)>>,
+    /// Wakes the watcher, which sleeps while the list is empty.
+    added: Condvar,
+}
 
-/// A thread that checks permd's store every 20 µs for the writes in its [`Pending`] list,
-/// and takes each one's time from its COMMIT returning to its being answered.
+impl Pending {
+    /// Adds a write whose COMMIT returned at `committed`.
+    pub fn push(&self, subject: String, committed: Instant) {
+        self.list
+            .lock()
+            .expect("the pending list")
+            .push((subject, committed));
+        self.added.notify_one();
+    }
+}
+
+/// A thread that checks permd's store every 20 µs for the writes in its [`Pending`] list
+/// while it holds any (and sleeps while it is empty, so that a suite whose writers fill
+/// the cores shares them with no idle spinning), and takes each one's time from its
+/// COMMIT returning to its being answered.
 pub struct Watcher {
-    pending: Pending,
+    pending: Arc<Pending>,
     done: Arc<AtomicBool>,
     thread: JoinHandle<(Vec<Duration>, Instant)>,
 }
 
 impl Watcher {
     pub fn start(store: &Store) -> Self {
-        let pending: Pending = Arc::default();
+        let pending = Arc::new(Pending::default());
         let done = Arc::new(AtomicBool::new(false));
         let thread = {
             let (pending, done, store) = (Arc::clone(&pending), Arc::clone(&done), store.clone());
             std::thread::spawn(move || {
                 let mut latencies = Vec::new();
+                let mut last_seen = Instant::now();
                 loop {
                     let finished = done.load(Ordering::Acquire);
-                    {
-                        let mut list = pending.lock().expect("the pending list");
-                        list.retain(|(subject, committed)| {
-                            if store.check(subject, "fresh", "") {
-                                latencies.push(committed.elapsed());
-                                false
-                            } else {
-                                true
-                            }
-                        });
-                        if finished && list.is_empty() {
-                            return (latencies, Instant::now());
+                    let mut list = pending.list.lock().expect("the pending list");
+                    list.retain(|(subject, committed)| {
+                        if store.check(subject, "fresh", "") {
+                            last_seen = Instant::now();
+                            latencies.push(last_seen - *committed);
+                            false
+                        } else {
+                            true
                         }
+                    });
+                    if list.is_empty() {
+                        if finished {
+                            return (latencies, last_seen);
+                        }
+                        // Woken by the next write, or by `finish` (the timeout covers a
+                        // wake-up sent just before this wait).
+                        drop(
+                            pending
+                                .added
+                                .wait_timeout(list, Duration::from_millis(10))
+                                .expect("the pending list"),
+                        );
+                        continue;
                     }
+                    drop(list);
                     std::thread::sleep(Duration::from_micros(20));
                 }
             })
@@ -263,17 +293,19 @@ impl Watcher {
     }
 
     /// The list the writers add their committed writes to.
-    pub fn pending(&self) -> Pending {
+    pub fn pending(&self) -> Arc<Pending> {
         Arc::clone(&self.pending)
     }
 
     /// Waits until every write added has been seen, and returns the times from COMMIT to
-    /// visible, sorted, and when the last was seen.
+    /// visible, sorted, and when the last write was seen (the watcher's start if none was
+    /// added).
     pub fn finish(self) -> (Vec<Duration>, Instant) {
         self.done.store(true, Ordering::Release);
-        let (mut latencies, emptied) = self.thread.join().expect("the watcher");
+        self.pending.added.notify_one();
+        let (mut latencies, last_seen) = self.thread.join().expect("the watcher");
         latencies.sort_unstable();
-        (latencies, emptied)
+        (latencies, last_seen)
     }
 }
 
