@@ -121,6 +121,8 @@ async fn run(
             ))
             .await
             .unwrap();
+        // One tuple as a plain `VALUES`, the statement the first tables in benches/README
+        // were measured with; more as one `unnest` of an array.
         let insert = client
             .prepare(&if rows == 1 {
                 format!("INSERT INTO {table} VALUES ($1, '', 'fresh', NULL)")
