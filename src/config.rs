@@ -432,6 +432,11 @@ pub struct ServerArgs {
     /// Poll the changelog this often when no NOTIFY arrives (milliseconds).
     #[arg(long, env = "PERMD_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub poll_interval_ms: u64,
+    /// While writers with `permd.notify = auto` commit faster than 500 notifications a
+    /// second, stop listening for theirs and poll the changelog this often instead, so
+    /// that their commits share WAL flushes (milliseconds; 0: always listen).
+    #[arg(long, env = "PERMD_BUSY_POLL_MS", default_value_t = 2)]
+    pub busy_poll_ms: u64,
     /// Longest wait for an `at_least` token before answering 503 stale (milliseconds).
     #[arg(long, env = "PERMD_MAX_WAIT_MS", default_value_t = 1000)]
     pub max_wait_ms: u64,
@@ -529,6 +534,7 @@ impl ServerArgs {
         let token = clients_token(&self.token, &self.tls, self.listen.0)?;
         let mut sync = SyncConfig::new(database_url);
         sync.poll_interval = Duration::from_millis(self.poll_interval_ms);
+        sync.busy_poll = (self.busy_poll_ms > 0).then(|| Duration::from_millis(self.busy_poll_ms));
         sync.query_timeout = Duration::from_millis(self.query_timeout_ms);
         sync.compaction_pct = self.compaction_pct;
         sync.backlog_reload = self.backlog_reload;

@@ -1943,6 +1943,236 @@ async fn a_doorbell_only_writer_shows_no_rows_to_listeners() {
     daemon.stop().await;
 }
 
+/// How many daemons listen for `permd.notify = auto` writers in `db`: the exclusive
+/// advisory locks (1886547300, slot) held there (migration 0010).
+async fn listening_daemons(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND classid = 1886547300 AND objsubid = 2
+             AND mode = 'ExclusiveLock' AND granted
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("pg_locks")
+}
+
+/// Writers with `permd.notify = auto` until `stop`: one transaction of one tuple each, as
+/// fast as they go, each writer on subjects of its own.
+fn auto_writers(
+    db: &TestDb,
+    writers: usize,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    (0..writers)
+        .map(|w| {
+            let (pool, stop) = (db.pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut written = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut tx = pool.begin().await.expect("begin");
+                    sqlx::query("SET LOCAL permd.notify = auto")
+                        .execute(&mut *tx)
+                        .await
+                        .expect("set");
+                    sqlx::query("INSERT INTO permd.tuples VALUES ($1, $2, 'read', NULL)")
+                        .bind(format!("busy{w}"))
+                        .bind(format!("doc{written}"))
+                        .execute(&mut *tx)
+                        .await
+                        .expect("an auto write");
+                    tx.commit().await.expect("commit");
+                    written += 1;
+                }
+                written
+            })
+        })
+        .collect()
+}
+
+/// The next notification's payload that mentions `marker`, and whether any before it did
+/// not.
+async fn heard_until(listener: &mut sqlx::postgres::PgListener, marker: &str) -> Vec<String> {
+    let mut heard = Vec::new();
+    loop {
+        let payload = tokio::time::timeout(DEADLINE, listener.recv())
+            .await
+            .expect("a notification within the deadline")
+            .expect("notification")
+            .payload()
+            .to_owned();
+        let done = payload.contains(marker);
+        heard.push(payload);
+        if done {
+            return heard;
+        }
+    }
+}
+
+/// Once `daemon` polls for the busy writers, a transaction that writes `subject` with
+/// `permd.notify = auto` and decides to stay silent (a daemon that stalled for longer
+/// than its quiet time may have listened again meanwhile: then tried again), left open.
+async fn silent_write(
+    daemon: &TestDaemon,
+    db: &TestDb,
+    subject: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        daemon
+            .wait_for_report("busy polling", |r| r.busy_polling)
+            .await;
+        let mut tx = db.pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL permd.notify = auto")
+            .execute(&mut *tx)
+            .await
+            .expect("set");
+        sqlx::query("INSERT INTO permd.tuples VALUES ($1, 'doc', 'read', NULL)")
+            .bind(subject)
+            .execute(&mut *tx)
+            .await
+            .expect("write");
+        let rings: String = sqlx::query_scalar("SELECT current_setting('permd.rings')")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("permd.rings");
+        if rings == "no" {
+            assert_eq!(listening_daemons(db).await, 0);
+            return tx;
+        }
+        assert!(std::time::Instant::now() < deadline, "never silent");
+    }
+}
+
+/// `permd.notify = auto` (migration 0010): writers ring, with their rows, while permd
+/// listens; when they ring faster than 500 a second it lets its slot go and polls every
+/// `--busy-poll-ms` instead (an hourly idle poll here: only those polls bring a silent
+/// commit), and they send nothing; once the writes stop it listens again, and they ring.
+/// Fails if a writer rings whatever permd does (the silent write's notification comes
+/// before the marker's), if permd never stops listening, or never listens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_writers_ring_while_permd_listens_and_are_polled_for_while_they_come_fast() {
+    let db = database().await;
+    let daemon = following(&db).await;
+    wait_until("permd listens", || async {
+        listening_daemons(&db).await == 1
+    })
+    .await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .expect("connect");
+    listener.listen("permd_changes").await.expect("listen");
+    let before = daemon.status.report();
+    db.write(
+        "SET LOCAL permd.notify = auto;
+         INSERT INTO permd.tuples VALUES ('rung', 'doc', 'read', NULL);",
+    )
+    .await;
+    let heard = heard_until(&mut listener, "rung").await;
+    assert!(heard[0].contains(r#""a" : true"#), "{heard:?}");
+    daemon
+        .wait_for_report("the write applied from its notification", |r| {
+            r.notified_changes == before.notified_changes + 1
+        })
+        .await;
+    assert!(daemon.store.check("rung", "read", "doc"));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = auto_writers(&db, 4, &stop);
+    // While the others write, one more writes silently: a marker written with
+    // notifications on, heard after it, is the first thing heard of either.
+    while listener.next_buffered().is_some() {}
+    let silent = silent_write(&daemon, &db, "silent").await;
+    silent.commit().await.expect("commit");
+    db.write("INSERT INTO permd.tuples VALUES ('marker', 'doc', 'read', NULL);")
+        .await;
+    let heard = heard_until(&mut listener, "marker").await;
+    assert!(
+        heard.iter().all(|payload| !payload.contains("silent")),
+        "{heard:?}"
+    );
+    daemon
+        .wait_for("the silent write, by a busy poll", || {
+            daemon.store.check("silent", "read", "doc")
+        })
+        .await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.expect("writer");
+    }
+    daemon
+        .wait_for_report("listening again", |r| !r.busy_polling)
+        .await;
+    assert_eq!(listening_daemons(&db).await, 1);
+    assert!(written >= 50, "{written} written");
+    // Every commit is in the mirror, whether rung or polled for.
+    let expected = db.digest().await;
+    wait_until("the mirror to equal the database", || {
+        std::future::ready(daemon.store.digest() == expected)
+    })
+    .await;
+    db.write(
+        "SET LOCAL permd.notify = auto;
+         INSERT INTO permd.tuples VALUES ('rung again', 'doc', 'read', NULL);",
+    )
+    .await;
+    let heard = heard_until(&mut listener, "rung again").await;
+    assert!(
+        heard.last().is_some_and(|p| p.contains(r#""a" : true"#)),
+        "{heard:?}"
+    );
+    daemon.stop().await;
+}
+
+/// A silent `permd.notify = auto` transaction left open keeps permd from listening again
+/// (it holds every slot in share mode), so that the poll made once it ends reads it: a
+/// daemon that listened while it was open would leave its commit to the idle poll. Fails
+/// if a silent transaction holds no slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_auto_transaction_left_open_keeps_permd_polling_until_it_ends() {
+    let db = database().await;
+    let daemon = TestDaemon::start_with(
+        polling_every(&db.url, Duration::from_millis(200)),
+        patient(),
+    )
+    .await;
+    wait_until("permd listens", || async {
+        listening_daemons(&db).await == 1
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = auto_writers(&db, 4, &stop);
+    let open = silent_write(&daemon, &db, "open").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    // Quiet polls, each trying for a slot: past the quiet time.
+    let polls = daemon.status.report().polls;
+    daemon
+        .wait_for_report("polls past the quiet time", |r| r.polls >= polls + 60)
+        .await;
+    let report = daemon.status.report();
+    assert!(report.busy_polling, "{report:?}");
+    assert_eq!(listening_daemons(&db).await, 0);
+    assert!(!daemon.store.check("open", "read", "doc"));
+    open.commit().await.expect("commit");
+    daemon
+        .wait_for("the open write, and listening again", || {
+            daemon.store.check("open", "read", "doc") && !daemon.status.report().busy_polling
+        })
+        .await;
+    assert_eq!(listening_daemons(&db).await, 1);
+    let expected = db.digest().await;
+    wait_until("the mirror to equal the database", || {
+        std::future::ready(daemon.store.digest() == expected)
+    })
+    .await;
+    daemon.stop().await;
+}
+
 /// A writer needs no privilege on the key: the trigger functions run as the owner of
 /// permd's schema. A role that may write permd.tuples and permd.limits, and nothing else
 /// of permd's, writes; its rows arrive signed and are applied from their notifications,

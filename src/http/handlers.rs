@@ -536,6 +536,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "reconnects": report.reconnects,
         "polls": report.polls,
         "following": report.following,
+        "busy_polling": report.busy_polling,
         "standby": report.standby,
         "standby_lag_seconds": report.standby_lag_seconds,
         "clock_skew_seconds": report.clock_skew_seconds,

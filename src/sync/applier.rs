@@ -15,6 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
+use super::busy::{self, Busy};
 use super::connect;
 use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Verdict};
 use super::loader::{self, Begun, Loaded};
@@ -301,6 +302,8 @@ enum Polled {
     CaughtUp {
         /// Committed changes wait above the xmin.
         pending: bool,
+        /// The poll read a change.
+        changed: bool,
     },
     /// A full batch was applied; more rows are waiting.
     More,
@@ -379,6 +382,12 @@ pub struct Applier {
     /// Rung when that reload's load has ended, so that the wait between polls ends and it
     /// is swapped in at once.
     load_ended: Arc<Notify>,
+    /// Whether this session listens for writers with `permd.notify = 'auto'`, or polls
+    /// for them (`sync::busy`); `None` on a standby, which allows no LISTEN.
+    busy: Option<Busy>,
+    /// Their notifications came fast enough to poll instead: let the slot go before the
+    /// next poll.
+    busy_wanted: bool,
 }
 
 /// A reload beside the polls (`Applier::begin_reload`): the load runs on a connection of
@@ -508,6 +517,8 @@ impl Applier {
             load_rate: None,
             reloading: None,
             load_ended: Arc::new(Notify::new()),
+            busy: None,
+            busy_wanted: false,
         }
     }
 
@@ -653,6 +664,9 @@ impl Applier {
         let standby = self.look(&client, &mut looks).await?;
         self.follower = Follower::new(self.status.clone(), !standby);
         self.horizon_only = standby;
+        self.busy = (!standby).then(|| Busy::new(self.config.busy_poll));
+        self.busy_wanted = false;
+        self.status.set_busy_polling(false);
         if !standby {
             self.timed("LISTEN", client.batch_execute(&format!("LISTEN {CHANNEL}")))
                 .await?;
@@ -747,6 +761,9 @@ impl Applier {
             if self.signing.due() {
                 self.read_key(&client, false).await?;
             }
+            if std::mem::take(&mut self.busy_wanted) {
+                self.leave_slot(&client).await?;
+            }
             let started = Instant::now();
             let polled = tokio::select! {
                 polled = self.poll(&client, &poll) => polled?,
@@ -779,6 +796,7 @@ impl Applier {
             } else {
                 self.backlog_counted = false;
             }
+            let changed = matches!(polled, Polled::CaughtUp { changed: true, .. });
             let wait = match polled {
                 Polled::More => continue,
                 // A change the load under way does not cover: nothing past it can be
@@ -811,7 +829,7 @@ impl Applier {
                 // for a token the poll did not see (a standby that has not replayed it,
                 // or has but below an open transaction; a token handed on before its
                 // transaction committed): nothing else may ring when it is there.
-                Polled::CaughtUp { pending } if pending || self.store.readers_waiting() => {
+                Polled::CaughtUp { pending, .. } if pending || self.store.readers_waiting() => {
                     let wait = behind;
                     behind = (behind * 2).min(BEHIND_MAX).min(self.config.poll_interval);
                     wait
@@ -823,6 +841,15 @@ impl Applier {
                     // plus two.
                     self.config.poll_interval.saturating_sub(started.elapsed())
                 }
+            };
+            if self.take_slot(&client, changed).await? {
+                // Listening again: every silent commit has ended, and this poll reads
+                // those that ended after the last one's snapshot.
+                continue;
+            }
+            let wait = match &self.busy {
+                Some(busy) => busy.wait(wait, Instant::now()),
+                None => wait,
             };
             // Until the next poll: notifications are applied as they arrive while
             // following, and ring for a poll (as a plain doorbell) while not.
@@ -1047,11 +1074,19 @@ impl Applier {
     /// Takes in one message from the connection; true when it calls for a poll.
     fn hear(&mut self, message: Message) -> bool {
         let mut xid = None;
+        let mut busy = false;
         let verdict = match message {
             Message::Heard(payload) => match Heard::parse(&payload, self.signing.key.as_ref()) {
                 Ok(heard) => {
                     self.signing.proven |= heard.has_rows();
                     xid = Some(heard.xid());
+                    if heard.auto() {
+                        busy = self
+                            .busy
+                            .as_mut()
+                            .is_some_and(|busy| busy.heard(Instant::now()));
+                        self.busy_wanted |= busy;
+                    }
                     self.follower.heard(Some(heard))
                 }
                 // Without a key (said once at connect) every notification is a doorbell.
@@ -1080,7 +1115,7 @@ impl Applier {
                 Verdict::Poll
             }
         };
-        match verdict {
+        let poll = match verdict {
             Verdict::Apply(change) => {
                 // Beside a reload, the journal notes whether the commit is past its
                 // snapshot.
@@ -1098,7 +1133,55 @@ impl Applier {
                 self.refused("its transaction's notifications were already heard (a replay)");
                 true
             }
+        };
+        poll || busy
+    }
+
+    /// Stops listening for 'auto' writers (`sync::busy`): they send nothing from now on,
+    /// and the polls, every `--busy-poll-ms`, read their commits.
+    async fn leave_slot(&mut self, client: &Client) -> Result<(), Error> {
+        let Some(slot) = self
+            .busy
+            .as_mut()
+            .and_then(|busy| busy.leave(Instant::now()))
+        else {
+            return Ok(());
+        };
+        self.timed(
+            "letting the busy slot go",
+            client.query_one(busy::LEAVE_SLOT, &[&slot]),
+        )
+        .await?;
+        self.status.set_busy_polling(true);
+        tracing::debug!(
+            slot,
+            "writers with permd.notify = auto notify faster than 500 a second: polling for \
+             their commits instead"
+        );
+        Ok(())
+    }
+
+    /// After a poll that found a change or not: takes a slot if it is time to listen
+    /// again (`sync::busy`). True when one was taken where none was held.
+    async fn take_slot(&mut self, client: &Client, changed: bool) -> Result<bool, Error> {
+        let Some(busy) = self.busy.as_mut() else {
+            return Ok(false);
+        };
+        if !busy.after_poll(changed, Instant::now()) {
+            return Ok(false);
         }
+        let row = self
+            .timed("taking a busy slot", client.query_opt(busy::TAKE_SLOT, &[]))
+            .await?;
+        let slot: Option<i32> = row.map(|row| row.try_get(0)).transpose()?;
+        if let Some(busy) = self.busy.as_mut() {
+            busy.took(slot);
+        }
+        if slot.is_some() {
+            self.status.set_busy_polling(false);
+            tracing::debug!(slot, "listening for writers with permd.notify = auto");
+        }
+        Ok(slot.is_some())
     }
 
     /// Counts a notification whose rows were not applied, and logs it (a flood of them
@@ -1856,6 +1939,7 @@ impl Applier {
                 }
             }
         }
+        let changed = !keys.is_empty();
         let reread: HashSet<Key> = keys.into_iter().map(|(_, key)| key).collect();
 
         match last {
@@ -1880,6 +1964,7 @@ impl Applier {
                 self.follower.polled(snapshot, reread, true);
                 Ok(Polled::CaughtUp {
                     pending: pending_since.is_some(),
+                    changed,
                 })
             }
         }

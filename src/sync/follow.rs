@@ -99,6 +99,9 @@ pub(crate) struct Heard {
     xid: u64,
     /// The statement's number in its transaction (0 when absent).
     statement: u64,
+    /// Sent by a writer with `permd.notify = 'auto'` (migration 0010), which rings only
+    /// while a daemon listens.
+    auto: bool,
     /// `None`: too large to carry, a TRUNCATE or a reload request: read it from the
     /// changelog.
     change: Option<Change>,
@@ -132,6 +135,7 @@ pub(crate) struct Change {
 struct Payload<'a> {
     x: &'a str,
     n: Option<u64>,
+    a: Option<bool>,
     k: Option<&'a str>,
     #[serde(borrow)]
     d: Option<&'a RawValue>,
@@ -154,10 +158,12 @@ impl Heard {
         let p: Payload = serde_json::from_str(body).map_err(|_| Refused::Unreadable)?;
         let xid = parse_xid(p.x).map_err(|_| Refused::Unreadable)?;
         let statement = p.n.unwrap_or(0);
+        let auto = p.a.unwrap_or(false);
         let Some(kind) = p.k else {
             return Ok(Self {
                 xid,
                 statement,
+                auto,
                 change: None,
             });
         };
@@ -180,6 +186,7 @@ impl Heard {
         Ok(Self {
             xid,
             statement,
+            auto,
             change: Some(change),
         })
     }
@@ -187,6 +194,11 @@ impl Heard {
     /// The transaction that sent it.
     pub(crate) fn xid(&self) -> u64 {
         self.xid
+    }
+
+    /// Whether an 'auto' writer sent it (a forged one only makes permd poll sooner).
+    pub(crate) fn auto(&self) -> bool {
+        self.auto
     }
 
     /// Whether it carries rows (and so was signed, and verified).
@@ -479,6 +491,7 @@ mod tests {
         Heard {
             xid,
             statement: 1,
+            auto: false,
             change: Some(Change {
                 tuples_came: vec![(subject.into(), object.into(), "read".into(), None)],
                 ..Change::default()
@@ -524,16 +537,26 @@ mod tests {
             r#"{"x" : "9", "n" : 1, "k" : "l", "d" : null, "u" : [["u", "projects", 10]]}"#,
         ))
         .unwrap();
+        let limits_auto = limits.auto();
         assert_eq!(
             limits.change.unwrap().limits_came,
             vec![("u".into(), "projects".into(), 10)]
         );
+        // An 'auto' writer's says so (migration 0010).
+        assert!(parse(&signed(
+            r#"{"x" : "9", "n" : 1, "a" : true, "k" : "t", "d" : null, "u" : [["u", "doc", "read", null]]}"#,
+        ))
+        .unwrap()
+        .auto());
+        assert!(parse(r#"{"x" : "9", "n" : 2, "a" : true}"#).unwrap().auto());
+        assert!(!limits_auto);
         // Too large to carry, or a TRUNCATE: the xid alone, unsigned.
         assert_eq!(
             parse(r#"{"x" : "9", "n" : 1}"#),
             Ok(Heard {
                 xid: 9,
                 statement: 1,
+                auto: false,
                 change: None
             })
         );
@@ -645,6 +668,7 @@ mod tests {
         let verdict = f.heard(Some(Heard {
             xid: 13,
             statement: 1,
+            auto: false,
             change: Some(change),
         }));
         let Verdict::Apply(change) = verdict else {
@@ -669,6 +693,7 @@ mod tests {
             f.heard(Some(Heard {
                 xid: 11,
                 statement: 1,
+                auto: false,
                 change: None
             })),
             Verdict::Poll

@@ -8,6 +8,7 @@
 //! poll's snapshot.
 
 mod applier;
+mod busy;
 mod connect;
 mod conninfo;
 mod copy;
@@ -163,6 +164,9 @@ pub struct SyncConfig {
     pub database_url: String,
     /// How often to poll the changelog when no NOTIFY arrives.
     pub poll_interval: Duration,
+    /// How often to poll instead while writers with `permd.notify = 'auto'` come too fast
+    /// to listen for (`sync::busy`); `None`: always listen.
+    pub busy_poll: Option<Duration>,
     /// The longest any one statement may take before the connection is presumed dead.
     /// A full load is exempt (it scales with the data), but must receive something from
     /// Postgres at least this often. Half of it is the session's `lock_timeout`: no
@@ -193,6 +197,7 @@ impl SyncConfig {
         Self {
             database_url: database_url.into(),
             poll_interval: Duration::from_secs(1),
+            busy_poll: Some(Duration::from_millis(2)),
             query_timeout: Duration::from_secs(30),
             batch_rows: 10_000,
             max_backoff: Duration::from_secs(5),

@@ -32,6 +32,9 @@ struct Inner {
     polls: AtomicU64,
     /// Changes are being applied from the notifications as they arrive.
     following: AtomicBool,
+    /// 'auto' writers' commits are read by polls every `--busy-poll-ms`, no daemon slot
+    /// held (`sync::busy`).
+    busy_polling: AtomicBool,
     /// The server is a standby (in recovery).
     standby: AtomicBool,
     /// How current the server is with its primary: [`Upstream`] as µs since the epoch,
@@ -131,6 +134,10 @@ pub struct StatusReport {
     /// reads them from the changelog (false with NOTIFY off, and for a moment after a
     /// reconnect or a statement too large for a notification).
     pub following: bool,
+    /// Writers with `permd.notify = 'auto'` came faster than 500 notifications a second,
+    /// so permd stopped listening for theirs: it polls every `--busy-poll-ms` instead,
+    /// and they send none (migration 0010). False while it listens again.
+    pub busy_polling: bool,
     /// The server the sync connection reads is a standby (a read replica): it allows no
     /// LISTEN, so changes arrive by the poll, once the standby has replayed them.
     pub standby: bool,
@@ -190,6 +197,7 @@ impl Status {
             reconnects: i.reconnects.load(Ordering::Relaxed),
             polls: i.polls.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
+            busy_polling: i.busy_polling.load(Ordering::Relaxed),
             standby: i.standby.load(Ordering::Relaxed),
             standby_lag_seconds: match i.upstream_at.load(Ordering::Relaxed) {
                 UNBOUNDED | UNKNOWN => None,
@@ -348,6 +356,10 @@ impl Status {
         self.inner.following.store(following, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_busy_polling(&self, busy: bool) {
+        self.inner.busy_polling.store(busy, Ordering::Relaxed);
+    }
+
     /// A statement was applied from its notification.
     pub(crate) fn followed(&self) {
         self.inner.notified.fetch_add(1, Ordering::Relaxed);
@@ -377,6 +389,7 @@ impl Status {
     pub(crate) fn failed(&self, error: &str) {
         self.set_connected(false);
         self.set_following(false);
+        self.set_busy_polling(false);
         self.set_running_load(None);
         *self
             .inner

@@ -1,0 +1,196 @@
+//! Busy polling for `permd.notify = 'auto'` writers (migration 0010).
+//!
+//! A notifying commit holds a cluster-wide lock until its commit record is flushed, so
+//! notifying commits go one at a time. Writers with `permd.notify = 'auto'` ring only
+//! while a daemon listens: one holds an advisory lock `(1886547300, slot)` of eight
+//! exclusively. When such writers' notifications come faster than [`BUSY_RINGS`] in
+//! [`BUSY_WINDOW`], the daemon lets its slot go and polls every `--busy-poll-ms`
+//! instead; the writers then send nothing, and their commits share WAL flushes. Once its
+//! polls find nothing for [`QUIET`], it takes a slot again: it can only when no silent
+//! transaction is open (each holds every slot in share mode until it ends), so the poll
+//! made right after reads every silent commit, and writers ring again.
+//!
+//! Nothing here can lose a commit: a silent commit is in the changelog, and a poll reads
+//! it. What a wrong decision costs is time: a daemon that cannot take a slot back (a
+//! silent transaction left open, or eight daemons listening already) polls every
+//! `--busy-poll-ms` for [`LINGER`] after the last change it found, then at the poll
+//! interval, trying again at each poll.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Takes the first free slot of the eight, exclusively, for the session: its number, or
+/// no row. The advisory locks' first key is 'prmd'; eight daemons can listen at once.
+pub(crate) const TAKE_SLOT: &str = "SELECT s FROM generate_series(0, 7) s \
+     WHERE pg_try_advisory_lock(1886547300, s) LIMIT 1";
+/// Lets the slot go (`$1`).
+pub(crate) const LEAVE_SLOT: &str = "SELECT pg_advisory_unlock(1886547300, $1)";
+
+/// Notifications of 'auto' writers in [`BUSY_WINDOW`] that make the daemon poll instead.
+pub(crate) const BUSY_RINGS: usize = 50;
+/// 100 ms: [`BUSY_RINGS`] in it is 500 notifications a second.
+pub(crate) const BUSY_WINDOW: Duration = Duration::from_millis(100);
+/// How long the polls must find nothing before the daemon listens again.
+pub(crate) const QUIET: Duration = Duration::from_millis(50);
+/// How long after the last change found the daemon goes on polling every
+/// `--busy-poll-ms` while it cannot take a slot.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+
+/// Whether the daemon listens for 'auto' writers' notifications, and when to stop.
+#[derive(Debug)]
+pub(crate) struct Busy {
+    /// `--busy-poll-ms`; `None`: always listen (0).
+    interval: Option<Duration>,
+    /// The slot held: listening.
+    slot: Option<i32>,
+    /// When the recent 'auto' notifications arrived (at most [`BUSY_RINGS`]).
+    rings: VecDeque<Instant>,
+    /// When a poll last found a change since the slot was let go (`None`: at a session's
+    /// start, or long enough ago).
+    last_change: Option<Instant>,
+}
+
+impl Busy {
+    /// A session's start: no slot yet, one taken after its first poll.
+    pub(crate) fn new(interval: Option<Duration>) -> Self {
+        Self {
+            interval,
+            slot: None,
+            rings: VecDeque::with_capacity(BUSY_RINGS),
+            last_change: None,
+        }
+    }
+
+    /// An 'auto' writer's notification arrived at `now`; true when it is time to poll
+    /// instead of listening ([`Self::leave`]).
+    pub(crate) fn heard(&mut self, now: Instant) -> bool {
+        if self.interval.is_none() || self.slot.is_none() {
+            return false;
+        }
+        if self.rings.len() == BUSY_RINGS {
+            self.rings.pop_front();
+        }
+        self.rings.push_back(now);
+        self.rings.len() == BUSY_RINGS
+            && self
+                .rings
+                .front()
+                .is_some_and(|first| now.duration_since(*first) <= BUSY_WINDOW)
+    }
+
+    /// Stops listening at `now`: the slot to let go, if one is held.
+    pub(crate) fn leave(&mut self, now: Instant) -> Option<i32> {
+        self.rings.clear();
+        let slot = self.slot.take()?;
+        self.last_change = Some(now);
+        Some(slot)
+    }
+
+    /// A poll ended at `now`, having found a change or not: whether to try for a slot.
+    pub(crate) fn after_poll(&mut self, changed: bool, now: Instant) -> bool {
+        if self.slot.is_some() {
+            return false;
+        }
+        if changed && self.last_change.is_some() {
+            self.last_change = Some(now);
+        }
+        self.interval.is_none()
+            || self
+                .last_change
+                .is_none_or(|last| now.duration_since(last) >= QUIET)
+    }
+
+    /// The try for a slot gave `slot`.
+    pub(crate) fn took(&mut self, slot: Option<i32>) {
+        self.slot = slot;
+        if slot.is_some() {
+            self.last_change = None;
+        }
+    }
+
+    /// How long to wait at `now` for the next poll, which would otherwise be in `wait`:
+    /// no more than `--busy-poll-ms` while polling, until [`LINGER`] after the last
+    /// change found.
+    pub(crate) fn wait(&self, wait: Duration, now: Instant) -> Duration {
+        match (self.interval, self.last_change) {
+            (Some(interval), Some(last))
+                if self.slot.is_none() && now.duration_since(last) < LINGER =>
+            {
+                wait.min(interval)
+            }
+            _ => wait,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A session's start: a slot is taken after the first poll, whatever it found.
+    fn listening(interval: Option<Duration>) -> (Busy, Instant) {
+        let at = Instant::now();
+        let mut busy = Busy::new(interval);
+        assert!(busy.after_poll(true, at));
+        busy.took(Some(3));
+        (busy, at)
+    }
+
+    #[test]
+    fn many_rings_in_the_window_let_the_slot_go_few_do_not() {
+        let (mut busy, at) = listening(Some(2 * MS));
+        // One every 3 ms: 50 span 147 ms, past the window.
+        assert!(!(0..200u32).any(|i| busy.heard(at + i * 3 * MS)));
+        // One every millisecond: the 50th within 100 ms of the first.
+        let start = at + Duration::from_secs(1);
+        let heard: Vec<bool> = (0..BUSY_RINGS as u32)
+            .map(|i| busy.heard(start + i * MS))
+            .collect();
+        assert!(heard[..BUSY_RINGS - 1].iter().all(|busy| !busy));
+        assert!(heard[BUSY_RINGS - 1]);
+        assert_eq!(busy.leave(start + 50 * MS), Some(3));
+        assert_eq!(busy.leave(start + 50 * MS), None);
+        assert!(!busy.heard(start + 51 * MS));
+    }
+
+    #[test]
+    fn without_a_busy_interval_the_daemon_always_listens() {
+        let (mut busy, at) = listening(None);
+        assert!(!(0..1000u32).any(|i| busy.heard(at + i * Duration::from_micros(10))));
+        assert_eq!(
+            busy.wait(Duration::from_secs(1), at),
+            Duration::from_secs(1)
+        );
+        // A slot not had is tried for at every poll.
+        let mut busy = Busy::new(None);
+        assert!(busy.after_poll(true, at));
+        busy.took(None);
+        assert!(busy.after_poll(true, at + MS));
+        assert_eq!(
+            busy.wait(Duration::from_secs(1), at),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn polling_goes_on_until_the_polls_are_quiet_then_slows_down_while_no_slot_is_free() {
+        let (mut busy, at) = listening(Some(2 * MS));
+        assert_eq!(busy.leave(at), Some(3));
+        let second = Duration::from_secs(1);
+        assert_eq!(busy.wait(second, at), 2 * MS);
+        assert!(!busy.after_poll(true, at + 10 * MS));
+        assert!(!busy.after_poll(false, at + 40 * MS));
+        assert!(busy.after_poll(false, at + 60 * MS));
+        // No slot free: polled every 2 ms for a second after the last change, then at
+        // the poll interval, trying at each poll.
+        busy.took(None);
+        assert_eq!(busy.wait(second, at + 500 * MS), 2 * MS);
+        assert_eq!(busy.wait(second, at + 1010 * MS), second);
+        assert!(busy.after_poll(false, at + 1010 * MS));
+        busy.took(Some(0));
+        assert!(!busy.after_poll(true, at + 1020 * MS));
+        assert_eq!(busy.wait(second, at + 1020 * MS), second);
+    }
+}
