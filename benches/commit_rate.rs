@@ -8,8 +8,11 @@
 //! - `bare`: a table made `LIKE permd.tuples INCLUDING ALL` (its columns, checks and
 //!   primary key), without permd's triggers: what the same writes cost without permd;
 //! - `permd.tuples` with `permd.notify` `off` (the changelog's rows alone: permd polls),
-//!   `doorbell` (a notification of the transaction's id) and `on` (the default: the
-//!   notification carries the rows).
+//!   `doorbell` (a notification of the transaction's id), `on` (the default: the
+//!   notification carries the rows) and `auto` (migration 0010: as `on` while permd
+//!   listens; when the notifications come faster than 500 a second permd polls every
+//!   `--busy-poll-ms` instead, `PERMD_BUSY_POLL_MS`, default 2, and they send nothing).
+//!   `BENCH_NOTIFY` picks some (default `off,doorbell,on,auto`); `bare` always runs.
 //!
 //! Each on two servers in turn (`BENCH_DURABILITY`, default `durable,throwaway`): `durable`,
 //! a cluster with Postgres's defaults (`fsync`, `synchronous_commit` and
@@ -203,12 +206,17 @@ fn main() {
     let poll_ms: u64 = env_or("BENCH_POLL_MS", 100);
     let rows: usize = env_or("BENCH_ROWS", 1);
     assert!(rows > 0, "BENCH_ROWS must be 1 or more");
-    let targets = [
-        Target::Bare,
-        Target::Tuples("off"),
-        Target::Tuples("doorbell"),
-        Target::Tuples("on"),
-    ];
+    let mut targets = vec![Target::Bare];
+    for notify in env_list::<String>("BENCH_NOTIFY", "off,doorbell,on,auto") {
+        targets.push(Target::Tuples(match notify.as_str() {
+            "off" => "off",
+            "doorbell" => "doorbell",
+            "on" => "on",
+            "auto" => "auto",
+            other => panic!("BENCH_NOTIFY: {other:?} is not off, doorbell, on or auto"),
+        }));
+    }
+    let busy_ms = std::env::var("PERMD_BUSY_POLL_MS").unwrap_or_else(|_| "2".into());
     let runtime = runtime();
     for durability in &durabilities {
         let durable = match durability.as_str() {
@@ -252,7 +260,8 @@ fn main() {
             println!(
                 "Commits of {rows} tuple(s) each as fast as the writers go, {durability} \
                  server (Postgres {}, fsync {}, full_page_writes {}, synchronous_commit {}), \
-                 {seconds} s a row, permd polling every {poll_ms} ms:",
+                 {seconds} s a row, permd polling every {poll_ms} ms (busy: every {busy_ms} \
+                 ms):",
                 server.0,
                 server.1,
                 server.2,
@@ -265,7 +274,7 @@ fn main() {
             println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             for &writers in &writer_counts {
                 let mut bare_rate = None;
-                for target in targets {
+                for &target in &targets {
                     let tag = format!("{durability}{writers}{}", target.name());
                     let host = HostCpu::now();
                     let notified = daemon.status().report().notified_changes;
