@@ -4,8 +4,11 @@
 //! so that visibility is observed on the store itself, every 20 µs), then commits
 //! single-tuple transactions at a fixed rate (100 and 1,000 writes/s, over `BENCH_WRITERS`
 //! connections, default 4) with NOTIFY on (the notification carries the rows), with
-//! `permd.notify = doorbell` (the transaction id alone: permd polls for it at once) and
-//! with NOTIFY off (changes then arrive by polling, here every 100 ms).
+//! `permd.notify = doorbell` (the transaction id alone: permd polls for it at once), with
+//! `permd.notify = auto` (migration 0010: as on while permd listens; past 500
+//! notifications a second permd polls every `--busy-poll-ms` instead, default 2, and the
+//! writers send nothing) and with NOTIFY off (changes then arrive by polling, here every
+//! 100 ms).
 //!
 //! The rows with NOTIFY on are run again while `BENCH_READERS` (default 32, 0 to skip)
 //! HTTP connections send checks to permd at `BENCH_READ_RATE` checks/s in all (default
@@ -239,12 +242,15 @@ fn main() {
         };
 
         // NOTIFY on (the notification carries the rows), doorbell (the transaction id
-        // alone: permd polls for it at once) and off (the poll interval).
+        // alone: permd polls for it at once), auto (as on below 500 writes/s; busy polls
+        // above) and off (the poll interval).
         let mut rows = vec![
             ("on", 100.0, 0),
             ("on", 1000.0, 0),
             ("doorbell", 100.0, 0),
             ("doorbell", 1000.0, 0),
+            ("auto", 100.0, 0),
+            ("auto", 1000.0, 0),
             ("off", 100.0, 0),
             ("off", 1000.0, 0),
         ];

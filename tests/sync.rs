@@ -2010,8 +2010,9 @@ async fn heard_until(listener: &mut sqlx::postgres::PgListener, marker: &str) ->
 }
 
 /// Once `daemon` polls for the busy writers, a transaction that writes `subject` with
-/// `permd.notify = auto` and decides to stay silent (a daemon that stalled for longer
-/// than its quiet time may have listened again meanwhile: then tried again), left open.
+/// `permd.notify = auto` and decides to stay silent (a daemon that stalled long enough
+/// for its polls to look calm may have listened again meanwhile: then tried again), left
+/// open.
 async fn silent_write(
     daemon: &TestDaemon,
     db: &TestDb,
@@ -2149,10 +2150,11 @@ async fn a_silent_auto_transaction_left_open_keeps_permd_polling_until_it_ends()
     for writer in writers {
         writer.await.expect("writer");
     }
-    // Quiet polls, each trying for a slot: past the quiet time.
+    // Calm polls, each trying for a slot: 100 of them, every 2 ms, are twice the window
+    // they must be calm over.
     let polls = daemon.status.report().polls;
     daemon
-        .wait_for_report("polls past the quiet time", |r| r.polls >= polls + 60)
+        .wait_for_report("calm polls", |r| r.polls >= polls + 100)
         .await;
     let report = daemon.status.report();
     assert!(report.busy_polling, "{report:?}");

@@ -302,8 +302,8 @@ enum Polled {
     CaughtUp {
         /// Committed changes wait above the xmin.
         pending: bool,
-        /// The poll read a change.
-        changed: bool,
+        /// The changed keys it read.
+        keys: usize,
     },
     /// A full batch was applied; more rows are waiting.
     More,
@@ -796,7 +796,10 @@ impl Applier {
             } else {
                 self.backlog_counted = false;
             }
-            let changed = matches!(polled, Polled::CaughtUp { changed: true, .. });
+            let changed = match polled {
+                Polled::CaughtUp { keys, .. } => keys,
+                _ => 0,
+            };
             let wait = match polled {
                 Polled::More => continue,
                 // A change the load under way does not cover: nothing past it can be
@@ -1161,9 +1164,9 @@ impl Applier {
         Ok(())
     }
 
-    /// After a poll that found a change or not: takes a slot if it is time to listen
-    /// again (`sync::busy`). True when one was taken where none was held.
-    async fn take_slot(&mut self, client: &Client, changed: bool) -> Result<bool, Error> {
+    /// After a poll that found `changed` keys: takes a slot if it is time to listen again
+    /// (`sync::busy`). True when one was taken where none was held.
+    async fn take_slot(&mut self, client: &Client, changed: usize) -> Result<bool, Error> {
         let Some(busy) = self.busy.as_mut() else {
             return Ok(false);
         };
@@ -1939,7 +1942,7 @@ impl Applier {
                 }
             }
         }
-        let changed = !keys.is_empty();
+        let changed = keys.len();
         let reread: HashSet<Key> = keys.into_iter().map(|(_, key)| key).collect();
 
         match last {
@@ -1964,7 +1967,7 @@ impl Applier {
                 self.follower.polled(snapshot, reread, true);
                 Ok(Polled::CaughtUp {
                     pending: pending_since.is_some(),
-                    changed,
+                    keys: changed,
                 })
             }
         }

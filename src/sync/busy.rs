@@ -6,7 +6,8 @@
 //! exclusively. When such writers' notifications come faster than [`BUSY_RINGS`] in
 //! [`BUSY_WINDOW`], the daemon lets its slot go and polls every `--busy-poll-ms`
 //! instead; the writers then send nothing, and their commits share WAL flushes. Once its
-//! polls find nothing for [`QUIET`], it takes a slot again: it can only when no silent
+//! polls find fewer than [`CALM_KEYS`] changed keys in [`BUSY_WINDOW`] (half the rate it
+//! left at, so that it does not flap), it takes a slot again: it can only when no silent
 //! transaction is open (each holds every slot in share mode until it ends), so the poll
 //! made right after reads every silent commit, and writers ring again.
 //!
@@ -30,8 +31,9 @@ pub(crate) const LEAVE_SLOT: &str = "SELECT pg_advisory_unlock(1886547300, $1)";
 pub(crate) const BUSY_RINGS: usize = 50;
 /// 100 ms: [`BUSY_RINGS`] in it is 500 notifications a second.
 pub(crate) const BUSY_WINDOW: Duration = Duration::from_millis(100);
-/// How long the polls must find nothing before the daemon listens again.
-pub(crate) const QUIET: Duration = Duration::from_millis(50);
+/// Changed keys the polls of the last [`BUSY_WINDOW`] may find for the daemon to listen
+/// again: 250 a second.
+pub(crate) const CALM_KEYS: usize = 25;
 /// How long after the last change found the daemon goes on polling every
 /// `--busy-poll-ms` while it cannot take a slot.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
@@ -46,8 +48,12 @@ pub(crate) struct Busy {
     /// When the recent 'auto' notifications arrived (at most [`BUSY_RINGS`]).
     rings: VecDeque<Instant>,
     /// When a poll last found a change since the slot was let go (`None`: at a session's
-    /// start, or long enough ago).
+    /// start, or listening since).
     last_change: Option<Instant>,
+    /// When the slot was let go.
+    left_at: Option<Instant>,
+    /// The changed keys each poll of the last [`BUSY_WINDOW`] found, while polling.
+    found: VecDeque<(Instant, usize)>,
 }
 
 impl Busy {
@@ -58,6 +64,8 @@ impl Busy {
             slot: None,
             rings: VecDeque::with_capacity(BUSY_RINGS),
             last_change: None,
+            left_at: None,
+            found: VecDeque::new(),
         }
     }
 
@@ -83,21 +91,34 @@ impl Busy {
         self.rings.clear();
         let slot = self.slot.take()?;
         self.last_change = Some(now);
+        self.left_at = Some(now);
+        self.found.clear();
         Some(slot)
     }
 
-    /// A poll ended at `now`, having found a change or not: whether to try for a slot.
-    pub(crate) fn after_poll(&mut self, changed: bool, now: Instant) -> bool {
+    /// A poll ended at `now`, having found `keys` changed keys: whether to try for a
+    /// slot.
+    pub(crate) fn after_poll(&mut self, keys: usize, now: Instant) -> bool {
         if self.slot.is_some() {
             return false;
         }
-        if changed && self.last_change.is_some() {
+        let Some(left_at) = self.left_at.filter(|_| self.interval.is_some()) else {
+            // A session's start, or always listening.
+            return true;
+        };
+        if keys > 0 {
             self.last_change = Some(now);
         }
-        self.interval.is_none()
-            || self
-                .last_change
-                .is_none_or(|last| now.duration_since(last) >= QUIET)
+        self.found.push_back((now, keys));
+        while self
+            .found
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > BUSY_WINDOW)
+        {
+            self.found.pop_front();
+        }
+        now.duration_since(left_at) >= BUSY_WINDOW
+            && self.found.iter().map(|(_, keys)| keys).sum::<usize>() < CALM_KEYS
     }
 
     /// The try for a slot gave `slot`.
@@ -105,6 +126,8 @@ impl Busy {
         self.slot = slot;
         if slot.is_some() {
             self.last_change = None;
+            self.left_at = None;
+            self.found.clear();
         }
     }
 
@@ -133,7 +156,7 @@ mod tests {
     fn listening(interval: Option<Duration>) -> (Busy, Instant) {
         let at = Instant::now();
         let mut busy = Busy::new(interval);
-        assert!(busy.after_poll(true, at));
+        assert!(busy.after_poll(5, at));
         busy.took(Some(3));
         (busy, at)
     }
@@ -165,9 +188,9 @@ mod tests {
         );
         // A slot not had is tried for at every poll.
         let mut busy = Busy::new(None);
-        assert!(busy.after_poll(true, at));
+        assert!(busy.after_poll(5, at));
         busy.took(None);
-        assert!(busy.after_poll(true, at + MS));
+        assert!(busy.after_poll(5, at + MS));
         assert_eq!(
             busy.wait(Duration::from_secs(1), at),
             Duration::from_secs(1)
@@ -175,22 +198,31 @@ mod tests {
     }
 
     #[test]
-    fn polling_goes_on_until_the_polls_are_quiet_then_slows_down_while_no_slot_is_free() {
+    fn polling_goes_on_until_the_polls_are_calm_then_slows_down_while_no_slot_is_free() {
         let (mut busy, at) = listening(Some(2 * MS));
         assert_eq!(busy.leave(at), Some(3));
         let second = Duration::from_secs(1);
         assert_eq!(busy.wait(second, at), 2 * MS);
-        assert!(!busy.after_poll(true, at + 10 * MS));
-        assert!(!busy.after_poll(false, at + 40 * MS));
-        assert!(busy.after_poll(false, at + 60 * MS));
+        // Not before a whole window's polls, however calm.
+        assert!(!busy.after_poll(0, at + 50 * MS));
+        // A change every 2 ms: 50 in 100 ms.
+        let busy_until = (1..=100u32).all(|i| !busy.after_poll(1, at + i * 2 * MS));
+        assert!(busy_until);
+        // Then one every 10 ms: calm once the window holds fewer than 25, the busy polls'
+        // 18 and these 6 at 66 ms (51 - i of the one and i / 5 of the other at 2i ms).
+        let calm = (1..=60u32)
+            .map(|i| busy.after_poll(usize::from(i % 5 == 0), at + 200 * MS + i * 2 * MS))
+            .position(|take| take);
+        assert_eq!(calm, Some(32));
         // No slot free: polled every 2 ms for a second after the last change, then at
         // the poll interval, trying at each poll.
         busy.took(None);
-        assert_eq!(busy.wait(second, at + 500 * MS), 2 * MS);
-        assert_eq!(busy.wait(second, at + 1010 * MS), second);
-        assert!(busy.after_poll(false, at + 1010 * MS));
+        let last_change = at + 260 * MS;
+        assert_eq!(busy.wait(second, last_change + 500 * MS), 2 * MS);
+        assert_eq!(busy.wait(second, last_change + 1010 * MS), second);
+        assert!(busy.after_poll(0, last_change + 1010 * MS));
         busy.took(Some(0));
-        assert!(!busy.after_poll(true, at + 1020 * MS));
-        assert_eq!(busy.wait(second, at + 1020 * MS), second);
+        assert!(!busy.after_poll(3, last_change + 1020 * MS));
+        assert_eq!(busy.wait(second, last_change + 1020 * MS), second);
     }
 }
