@@ -246,7 +246,8 @@ SELECT 'h' AS tag, pg_current_snapshot()::text AS a, h.pruned_xid::text AS b,
        h.pruned_id AS n
 FROM h
 UNION ALL
-SELECT 'e', l.xid::text, (SELECT count(*) FROM b)::text, NULL, l.id
+SELECT 'e', l.xid::text, (SELECT count(*) FROM b)::text,
+       (SELECT count(DISTINCT xid) FROM b)::text, l.id
 FROM (SELECT xid, id FROM b ORDER BY xid DESC, id DESC LIMIT 1) l
 UNION ALL
 SELECT 'k', k.kind::text, k.subject, k.object, k.pos FROM k
@@ -302,8 +303,8 @@ enum Polled {
     CaughtUp {
         /// Committed changes wait above the xmin.
         pending: bool,
-        /// The changed keys it read.
-        keys: usize,
+        /// The transactions whose changes it read.
+        transactions: usize,
     },
     /// A full batch was applied; more rows are waiting.
     More,
@@ -796,8 +797,8 @@ impl Applier {
             } else {
                 self.backlog_counted = false;
             }
-            let changed = match polled {
-                Polled::CaughtUp { keys, .. } => keys,
+            let read = match polled {
+                Polled::CaughtUp { transactions, .. } => transactions,
                 _ => 0,
             };
             let wait = match polled {
@@ -845,7 +846,7 @@ impl Applier {
                     self.config.poll_interval.saturating_sub(started.elapsed())
                 }
             };
-            if self.take_slot(&client, changed).await? {
+            if self.take_slot(&client, read).await? {
                 // Listening again: every silent commit has ended, and this poll reads
                 // those that ended after the last one's snapshot.
                 continue;
@@ -1087,7 +1088,7 @@ impl Applier {
                         busy = self
                             .busy
                             .as_mut()
-                            .is_some_and(|busy| busy.heard(Instant::now()));
+                            .is_some_and(|busy| busy.heard(heard.xid(), Instant::now()));
                         self.busy_wanted |= busy;
                     }
                     self.follower.heard(Some(heard))
@@ -1164,13 +1165,13 @@ impl Applier {
         Ok(())
     }
 
-    /// After a poll that found `changed` keys: takes a slot if it is time to listen again
-    /// (`sync::busy`). True when one was taken where none was held.
-    async fn take_slot(&mut self, client: &Client, changed: usize) -> Result<bool, Error> {
+    /// After a poll that read the changes of `read` transactions: takes a slot if it is
+    /// time to listen again (`sync::busy`). True when one was taken where none was held.
+    async fn take_slot(&mut self, client: &Client, read: usize) -> Result<bool, Error> {
         let Some(busy) = self.busy.as_mut() else {
             return Ok(false);
         };
-        if !busy.after_poll(changed, Instant::now()) {
+        if !busy.after_poll(read, Instant::now()) {
             return Ok(false);
         }
         let row = self
@@ -1789,6 +1790,8 @@ impl Applier {
         let mut snapshot = None;
         let mut pruned = Cursor::default();
         let mut last: Option<(Cursor, i64)> = None;
+        // The transactions whose rows it read (`sync::busy`).
+        let mut transactions = 0;
         let mut keys: Vec<(i64, Key)> = Vec::new();
         let mut tuples: HashMap<(String, String), Vec<TupleRow>> = HashMap::new();
         let mut limits: HashMap<String, Vec<(String, i64)>> = HashMap::new();
@@ -1815,6 +1818,7 @@ impl Applier {
                 }
                 "e" => {
                     let count = b.as_deref().unwrap_or("0").parse::<i64>().unwrap_or(0);
+                    transactions = c.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
                     last = Some((
                         Cursor {
                             xid: parse_xid(&a)?,
@@ -1942,7 +1946,6 @@ impl Applier {
                 }
             }
         }
-        let changed = keys.len();
         let reread: HashSet<Key> = keys.into_iter().map(|(_, key)| key).collect();
 
         match last {
@@ -1967,7 +1970,7 @@ impl Applier {
                 self.follower.polled(snapshot, reread, true);
                 Ok(Polled::CaughtUp {
                     pending: pending_since.is_some(),
-                    keys: changed,
+                    transactions,
                 })
             }
         }

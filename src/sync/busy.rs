@@ -3,11 +3,11 @@
 //! A notifying commit holds a cluster-wide lock until its commit record is flushed, so
 //! notifying commits go one at a time. Writers with `permd.notify = 'auto'` ring only
 //! while a daemon listens: one holds an advisory lock `(1886547300, slot)` of eight
-//! exclusively. When such writers' notifications come faster than [`BUSY_RINGS`] in
+//! exclusively. When such writers' transactions ring faster than [`BUSY_RINGS`] in
 //! [`BUSY_WINDOW`], the daemon lets its slot go and polls every `--busy-poll-ms`
 //! instead; the writers then send nothing, and their commits share WAL flushes. Once its
-//! polls find fewer than [`CALM_KEYS`] changed keys in [`BUSY_WINDOW`] (half the rate it
-//! left at, so that it does not flap), it takes a slot again: it can only when no silent
+//! polls read fewer than [`CALM`] transactions in [`BUSY_WINDOW`] (half the rate it left
+//! at, so that it does not flap), it takes a slot again: it can only when no silent
 //! transaction is open (each holds every slot in share mode until it ends), so the poll
 //! made right after reads every silent commit, and writers ring again.
 //!
@@ -27,13 +27,14 @@ pub(crate) const TAKE_SLOT: &str = "SELECT s FROM generate_series(0, 7) s \
 /// Lets the slot go (`$1`).
 pub(crate) const LEAVE_SLOT: &str = "SELECT pg_advisory_unlock(1886547300, $1)";
 
-/// Notifications of 'auto' writers in [`BUSY_WINDOW`] that make the daemon poll instead.
+/// Transactions of 'auto' writers heard in [`BUSY_WINDOW`] that make the daemon poll
+/// instead.
 pub(crate) const BUSY_RINGS: usize = 50;
-/// 100 ms: [`BUSY_RINGS`] in it is 500 notifications a second.
+/// 100 ms: [`BUSY_RINGS`] in it is 500 transactions a second.
 pub(crate) const BUSY_WINDOW: Duration = Duration::from_millis(100);
-/// Changed keys the polls of the last [`BUSY_WINDOW`] may find for the daemon to listen
+/// Transactions the polls of the last [`BUSY_WINDOW`] may read for the daemon to listen
 /// again: 250 a second.
-pub(crate) const CALM_KEYS: usize = 25;
+pub(crate) const CALM: usize = 25;
 /// How long after the last change found the daemon goes on polling every
 /// `--busy-poll-ms` while it cannot take a slot.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
@@ -45,14 +46,16 @@ pub(crate) struct Busy {
     interval: Option<Duration>,
     /// The slot held: listening.
     slot: Option<i32>,
-    /// When the recent 'auto' notifications arrived (at most [`BUSY_RINGS`]).
+    /// When the recent 'auto' transactions were heard (at most [`BUSY_RINGS`]).
     rings: VecDeque<Instant>,
+    /// The transaction last heard: its other statements' notifications follow it.
+    last_xid: u64,
     /// When a poll last found a change since the slot was let go (`None`: at a session's
     /// start, or listening since).
     last_change: Option<Instant>,
     /// When the slot was let go.
     left_at: Option<Instant>,
-    /// The changed keys each poll of the last [`BUSY_WINDOW`] found, while polling.
+    /// The transactions each poll of the last [`BUSY_WINDOW`] read, while polling.
     found: VecDeque<(Instant, usize)>,
 }
 
@@ -63,18 +66,20 @@ impl Busy {
             interval,
             slot: None,
             rings: VecDeque::with_capacity(BUSY_RINGS),
+            last_xid: 0,
             last_change: None,
             left_at: None,
             found: VecDeque::new(),
         }
     }
 
-    /// An 'auto' writer's notification arrived at `now`; true when it is time to poll
-    /// instead of listening ([`Self::leave`]).
-    pub(crate) fn heard(&mut self, now: Instant) -> bool {
-        if self.interval.is_none() || self.slot.is_none() {
+    /// A notification of transaction `xid`, an 'auto' writer's, arrived at `now`; true
+    /// when it is time to poll instead of listening ([`Self::leave`]).
+    pub(crate) fn heard(&mut self, xid: u64, now: Instant) -> bool {
+        if self.interval.is_none() || self.slot.is_none() || xid == self.last_xid {
             return false;
         }
+        self.last_xid = xid;
         if self.rings.len() == BUSY_RINGS {
             self.rings.pop_front();
         }
@@ -96,9 +101,9 @@ impl Busy {
         Some(slot)
     }
 
-    /// A poll ended at `now`, having found `keys` changed keys: whether to try for a
-    /// slot.
-    pub(crate) fn after_poll(&mut self, keys: usize, now: Instant) -> bool {
+    /// A poll ended at `now`, having read the changes of `transactions`: whether to try
+    /// for a slot.
+    pub(crate) fn after_poll(&mut self, transactions: usize, now: Instant) -> bool {
         if self.slot.is_some() {
             return false;
         }
@@ -106,10 +111,10 @@ impl Busy {
             // A session's start, or always listening.
             return true;
         };
-        if keys > 0 {
+        if transactions > 0 {
             self.last_change = Some(now);
         }
-        self.found.push_back((now, keys));
+        self.found.push_back((now, transactions));
         while self
             .found
             .front()
@@ -118,7 +123,7 @@ impl Busy {
             self.found.pop_front();
         }
         now.duration_since(left_at) >= BUSY_WINDOW
-            && self.found.iter().map(|(_, keys)| keys).sum::<usize>() < CALM_KEYS
+            && self.found.iter().map(|(_, read)| read).sum::<usize>() < CALM
     }
 
     /// The try for a slot gave `slot`.
@@ -165,23 +170,26 @@ mod tests {
     fn many_rings_in_the_window_let_the_slot_go_few_do_not() {
         let (mut busy, at) = listening(Some(2 * MS));
         // One every 3 ms: 50 span 147 ms, past the window.
-        assert!(!(0..200u32).any(|i| busy.heard(at + i * 3 * MS)));
+        assert!(!(0..200u32).any(|i| busy.heard(u64::from(i) + 10, at + i * 3 * MS)));
         // One every millisecond: the 50th within 100 ms of the first.
         let start = at + Duration::from_secs(1);
+        // Another statement of the same transaction is not counted again.
+        assert!(!busy.heard(209, start));
         let heard: Vec<bool> = (0..BUSY_RINGS as u32)
-            .map(|i| busy.heard(start + i * MS))
+            .map(|i| busy.heard(u64::from(i) + 1000, start + i * MS))
             .collect();
         assert!(heard[..BUSY_RINGS - 1].iter().all(|busy| !busy));
         assert!(heard[BUSY_RINGS - 1]);
         assert_eq!(busy.leave(start + 50 * MS), Some(3));
         assert_eq!(busy.leave(start + 50 * MS), None);
-        assert!(!busy.heard(start + 51 * MS));
+        assert!(!busy.heard(2000, start + 51 * MS));
     }
 
     #[test]
     fn without_a_busy_interval_the_daemon_always_listens() {
         let (mut busy, at) = listening(None);
-        assert!(!(0..1000u32).any(|i| busy.heard(at + i * Duration::from_micros(10))));
+        assert!(!(0..1000u32)
+            .any(|i| busy.heard(u64::from(i) + 10, at + i * Duration::from_micros(10))));
         assert_eq!(
             busy.wait(Duration::from_secs(1), at),
             Duration::from_secs(1)
