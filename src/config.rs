@@ -432,7 +432,7 @@ pub struct ServerArgs {
     /// Poll the changelog this often when no NOTIFY arrives (milliseconds).
     #[arg(long, env = "PERMD_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub poll_interval_ms: u64,
-    /// While writers with `permd.notify = auto` commit faster than 500 notifications a
+    /// While writers with `permd.notify = auto` commit more than 500 transactions a
     /// second, stop listening for theirs and poll the changelog this often instead, so
     /// that their commits share WAL flushes (milliseconds; 0: always listen).
     #[arg(long, env = "PERMD_BUSY_POLL_MS", default_value_t = 2)]

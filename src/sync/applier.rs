@@ -1159,8 +1159,8 @@ impl Applier {
         self.status.set_busy_polling(true);
         tracing::debug!(
             slot,
-            "writers with permd.notify = auto notify faster than 500 a second: polling for \
-             their commits instead"
+            "writers with permd.notify = auto commit more than 500 transactions a second: \
+             polling for their commits instead"
         );
         Ok(())
     }

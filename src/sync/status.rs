@@ -134,9 +134,9 @@ pub struct StatusReport {
     /// reads them from the changelog (false with NOTIFY off, and for a moment after a
     /// reconnect or a statement too large for a notification).
     pub following: bool,
-    /// Writers with `permd.notify = 'auto'` came faster than 500 notifications a second,
-    /// so permd stopped listening for theirs: it polls every `--busy-poll-ms` instead,
-    /// and they send none (migration 0010). False while it listens again.
+    /// Writers with `permd.notify = 'auto'` committed more than 500 transactions a
+    /// second, so permd stopped listening for theirs: it polls every `--busy-poll-ms`
+    /// instead, and they send none (migration 0010). False while it listens.
     pub busy_polling: bool,
     /// The server the sync connection reads is a standby (a read replica): it allows no
     /// LISTEN, so changes arrive by the poll, once the standby has replayed them.
