@@ -1970,18 +1970,16 @@ fn auto_writers(
             tokio::spawn(async move {
                 let mut written = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let mut tx = pool.begin().await.expect("begin");
-                    sqlx::query("SET LOCAL permd.notify = auto")
-                        .execute(&mut *tx)
-                        .await
-                        .expect("set");
-                    sqlx::query("INSERT INTO permd.tuples VALUES ($1, $2, 'read', NULL)")
-                        .bind(format!("busy{w}"))
-                        .bind(format!("doc{written}"))
-                        .execute(&mut *tx)
-                        .await
-                        .expect("an auto write");
-                    tx.commit().await.expect("commit");
+                    // One round trip a transaction, so that four writers ring well past
+                    // the rate on a slow machine too (the names are numbers').
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "BEGIN; SET LOCAL permd.notify = auto;
+                         INSERT INTO permd.tuples VALUES ('busy{w}', 'doc{written}', 'read', NULL);
+                         COMMIT;"
+                    )))
+                    .execute(&pool)
+                    .await
+                    .expect("an auto write");
                     written += 1;
                 }
                 written
@@ -2173,6 +2171,47 @@ async fn a_silent_auto_transaction_left_open_keeps_permd_polling_until_it_ends()
     })
     .await;
     daemon.stop().await;
+}
+
+/// Two daemons on one database each hold a slot of their own while they listen (writers
+/// ring while either does), both poll while `auto` writers come fast, and both listen
+/// again once they stop, every commit in both mirrors. Fails if a daemon could hold no
+/// slot beside another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_each_listen_on_a_slot_of_their_own_and_both_poll_while_writes_come_fast() {
+    let db = database().await;
+    let first = following(&db).await;
+    let second = following(&db).await;
+    wait_until("both listen", || async {
+        listening_daemons(&db).await == 2
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = auto_writers(&db, 4, &stop);
+    for daemon in [&first, &second] {
+        daemon
+            .wait_for_report("busy polling", |r| r.busy_polling)
+            .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    for daemon in [&first, &second] {
+        daemon
+            .wait_for_report("listening again", |r| !r.busy_polling)
+            .await;
+    }
+    assert_eq!(listening_daemons(&db).await, 2);
+    let expected = db.digest().await;
+    for daemon in [&first, &second] {
+        wait_until("the mirror to equal the database", || {
+            std::future::ready(daemon.store.digest() == expected)
+        })
+        .await;
+    }
+    first.stop().await;
+    second.stop().await;
 }
 
 /// A writer needs no privilege on the key: the trigger functions run as the owner of
