@@ -752,6 +752,9 @@ impl Applier {
             )
             .await?;
         self.backlog_counted = false;
+        // Listening for 'auto' writers from before the first poll, which then reads every
+        // silent commit that ended before (`sync::busy`).
+        self.try_slot(&client).await?;
         let mut behind = BEHIND_FIRST;
         // A standby promoted under the connection would be polled without LISTEN until the
         // next reconnect: it is asked every `RECOVERY_CHECK`, apart from the polls. A
@@ -1168,10 +1171,16 @@ impl Applier {
     /// After a poll that read the changes of `read` transactions: takes a slot if it is
     /// time to listen again (`sync::busy`). True when one was taken where none was held.
     async fn take_slot(&mut self, client: &Client, read: usize) -> Result<bool, Error> {
-        let Some(busy) = self.busy.as_mut() else {
-            return Ok(false);
-        };
-        if !busy.after_poll(read, Instant::now()) {
+        let time = self
+            .busy
+            .as_mut()
+            .is_some_and(|busy| busy.after_poll(read, Instant::now()));
+        Ok(time && self.try_slot(client).await?)
+    }
+
+    /// Tries for a slot (`sync::busy`): true when one was taken.
+    async fn try_slot(&mut self, client: &Client) -> Result<bool, Error> {
+        if self.busy.is_none() {
             return Ok(false);
         }
         let row = self
@@ -1179,10 +1188,10 @@ impl Applier {
             .await?;
         let slot: Option<i32> = row.map(|row| row.try_get(0)).transpose()?;
         if let Some(busy) = self.busy.as_mut() {
-            busy.took(slot);
+            busy.took(slot, Instant::now());
+            self.status.set_busy_polling(busy.polling());
         }
         if slot.is_some() {
-            self.status.set_busy_polling(false);
             tracing::debug!(slot, "listening for writers with permd.notify = auto");
         }
         Ok(slot.is_some())

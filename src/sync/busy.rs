@@ -60,7 +60,7 @@ pub(crate) struct Busy {
 }
 
 impl Busy {
-    /// A session's start: no slot yet, one taken after its first poll.
+    /// A session's start: no slot yet, one tried for before its first poll.
     pub(crate) fn new(interval: Option<Duration>) -> Self {
         Self {
             interval,
@@ -108,7 +108,7 @@ impl Busy {
             return false;
         }
         let Some(left_at) = self.left_at.filter(|_| self.interval.is_some()) else {
-            // A session's start, or always listening.
+            // Always listening: try at each poll.
             return true;
         };
         if transactions > 0 {
@@ -126,14 +126,24 @@ impl Busy {
             && self.found.iter().map(|(_, read)| read).sum::<usize>() < CALM
     }
 
-    /// The try for a slot gave `slot`.
-    pub(crate) fn took(&mut self, slot: Option<i32>) {
+    /// The try for a slot at `now` gave `slot`. None at a session's start: polling, as
+    /// if the slot had just been let go (silent transactions are open).
+    pub(crate) fn took(&mut self, slot: Option<i32>, now: Instant) {
         self.slot = slot;
         if slot.is_some() {
             self.last_change = None;
             self.left_at = None;
             self.found.clear();
+        } else if self.left_at.is_none() {
+            self.left_at = Some(now);
+            self.last_change = Some(now);
         }
+    }
+
+    /// Whether it polls for 'auto' writers (holds no slot, and may poll every
+    /// `--busy-poll-ms`).
+    pub(crate) fn polling(&self) -> bool {
+        self.slot.is_none() && self.interval.is_some()
     }
 
     /// How long to wait at `now` for the next poll, which would otherwise be in `wait`:
@@ -157,12 +167,12 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// A session's start: a slot is taken after the first poll, whatever it found.
+    /// A session's start: a slot taken before the first poll.
     fn listening(interval: Option<Duration>) -> (Busy, Instant) {
         let at = Instant::now();
         let mut busy = Busy::new(interval);
-        assert!(busy.after_poll(5, at));
-        busy.took(Some(3));
+        busy.took(Some(3), at);
+        assert!(!busy.after_poll(5, at));
         (busy, at)
     }
 
@@ -196,9 +206,10 @@ mod tests {
         );
         // A slot not had is tried for at every poll.
         let mut busy = Busy::new(None);
-        assert!(busy.after_poll(5, at));
-        busy.took(None);
+        busy.took(None, at);
         assert!(busy.after_poll(5, at + MS));
+        busy.took(None, at + MS);
+        assert!(busy.after_poll(5, at + 2 * MS));
         assert_eq!(
             busy.wait(Duration::from_secs(1), at),
             Duration::from_secs(1)
@@ -224,13 +235,27 @@ mod tests {
         assert_eq!(calm, Some(32));
         // No slot free: polled every 2 ms for a second after the last change, then at
         // the poll interval, trying at each poll.
-        busy.took(None);
+        busy.took(None, at + 266 * MS);
         let last_change = at + 260 * MS;
         assert_eq!(busy.wait(second, last_change + 500 * MS), 2 * MS);
         assert_eq!(busy.wait(second, last_change + 1010 * MS), second);
         assert!(busy.after_poll(0, last_change + 1010 * MS));
-        busy.took(Some(0));
+        busy.took(Some(0), last_change + 1010 * MS);
         assert!(!busy.after_poll(3, last_change + 1020 * MS));
         assert_eq!(busy.wait(second, last_change + 1020 * MS), second);
+    }
+
+    #[test]
+    fn a_session_that_finds_no_slot_free_polls_as_if_it_had_just_let_one_go() {
+        let at = Instant::now();
+        let mut busy = Busy::new(Some(2 * MS));
+        busy.took(None, at);
+        let second = Duration::from_secs(1);
+        assert_eq!(busy.wait(second, at + MS), 2 * MS);
+        assert!(!busy.after_poll(0, at + 50 * MS));
+        assert!(busy.after_poll(0, at + 100 * MS));
+        busy.took(None, at + 100 * MS);
+        assert_eq!(busy.wait(second, at + 900 * MS), 2 * MS);
+        assert_eq!(busy.wait(second, at + 1001 * MS), second);
     }
 }
