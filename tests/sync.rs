@@ -2125,12 +2125,18 @@ async fn auto_writers_ring_while_permd_listens_and_are_polled_for_while_they_com
     daemon.stop().await;
 }
 
-/// A silent `permd.notify = auto` transaction left open keeps permd from listening again
-/// (it holds every slot in share mode), so that the poll made once it ends reads it: a
-/// daemon that listened while it was open would leave its commit to the idle poll. Fails
-/// if a silent transaction holds no slot.
+/// A silent `permd.notify = auto` transaction left open holds every slot in share mode,
+/// so that a daemon that wants to listen again cannot take one: it waits for one on a
+/// connection of its own, and writers ring meanwhile (their tries fail behind its wait),
+/// their rows applied from notifications while the open transaction stays open. Once it
+/// ends, the slot is the daemon's, and the poll right after reads its commit (a daemon
+/// that listened while it was open would have left that commit to the idle poll). Then
+/// the slot's connection is ended: permd notices, and listens again on a slot taken
+/// anew. Fails if a daemon only tries for a slot (writers stay silent while the
+/// transaction is open), if a silent transaction holds no slot, or if a slot lost with
+/// its connection goes unnoticed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_auto_transaction_left_open_keeps_permd_polling_until_it_ends() {
+async fn a_silent_auto_transaction_left_open_makes_permd_wait_for_a_slot_while_writers_ring() {
     let db = database().await;
     let daemon = TestDaemon::start_with(
         polling_every(&db.url, Duration::from_millis(200)),
@@ -2148,16 +2154,39 @@ async fn a_silent_auto_transaction_left_open_keeps_permd_polling_until_it_ends()
     for writer in writers {
         writer.await.expect("writer");
     }
-    // Calm polls, each trying for a slot: 100 of them, every 2 ms, are twice the window
-    // they must be calm over.
-    let polls = daemon.status.report().polls;
-    daemon
-        .wait_for_report("calm polls", |r| r.polls >= polls + 100)
-        .await;
+    // Calm, it tries for a slot, finds none free, and waits for one.
+    wait_until("permd waits for a slot", || async {
+        db.lock_waiters().await == 1
+    })
+    .await;
     let report = daemon.status.report();
     assert!(report.busy_polling, "{report:?}");
     assert_eq!(listening_daemons(&db).await, 0);
+    assert_eq!(db.sessions_named("permd (busy slot)").await, 1);
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL permd.notify = auto")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    sqlx::query("INSERT INTO permd.tuples VALUES ('rung', 'doc', 'read', NULL)")
+        .execute(&mut *tx)
+        .await
+        .expect("write");
+    let rings: String = sqlx::query_scalar("SELECT current_setting('permd.rings')")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("permd.rings");
+    assert_eq!(rings, "yes");
+    tx.commit().await.expect("commit");
+    daemon
+        .wait_for_report("the write applied from its notification", |r| {
+            r.notified_changes == report.notified_changes + 1
+        })
+        .await;
+    assert!(daemon.store.check("rung", "read", "doc"));
     assert!(!daemon.store.check("open", "read", "doc"));
+
     open.commit().await.expect("commit");
     daemon
         .wait_for("the open write, and listening again", || {
@@ -2165,6 +2194,20 @@ async fn a_silent_auto_transaction_left_open_keeps_permd_polling_until_it_ends()
         })
         .await;
     assert_eq!(listening_daemons(&db).await, 1);
+
+    // The slot's connection ended under it: taken anew, on the sync connection.
+    db.exec(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'permd (busy slot)'",
+    )
+    .await;
+    wait_until(
+        "permd listens again on a slot of the sync connection",
+        || async {
+            listening_daemons(&db).await == 1 && db.sessions_named("permd (busy slot)").await == 0
+        },
+    )
+    .await;
     let expected = db.digest().await;
     wait_until("the mirror to equal the database", || {
         std::future::ready(daemon.store.digest() == expected)

@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
-use super::busy::{self, Busy};
+use super::busy::{self, Busy, SlotWaiter};
 use super::connect;
 use super::follow::{Follower, Heard, Key, NotifyKey, Refused, Verdict};
 use super::loader::{self, Begun, Loaded};
@@ -389,6 +389,10 @@ pub struct Applier {
     /// Their notifications came fast enough to poll instead: let the slot go before the
     /// next poll.
     busy_wanted: bool,
+    /// The connection that waits for a slot, or holds the one it took (`sync::busy`).
+    slot_waiter: Option<SlotWaiter>,
+    /// When the last such connection failed: another waits [`busy::WAITER_RETRY`].
+    waiter_failed: Option<Instant>,
 }
 
 /// A reload beside the polls (`Applier::begin_reload`): the load runs on a connection of
@@ -520,6 +524,8 @@ impl Applier {
             load_ended: Arc::new(Notify::new()),
             busy: None,
             busy_wanted: false,
+            slot_waiter: None,
+            waiter_failed: None,
         }
     }
 
@@ -667,6 +673,7 @@ impl Applier {
         self.horizon_only = standby;
         self.busy = (!standby).then(|| Busy::new(self.config.busy_poll));
         self.busy_wanted = false;
+        self.slot_waiter = None;
         self.status.set_busy_polling(false);
         if !standby {
             self.timed("LISTEN", client.batch_execute(&format!("LISTEN {CHANNEL}")))
@@ -768,6 +775,7 @@ impl Applier {
             if std::mem::take(&mut self.busy_wanted) {
                 self.leave_slot(&client).await?;
             }
+            self.slot_waited();
             let started = Instant::now();
             let polled = tokio::select! {
                 polled = self.poll(&client, &poll) => polled?,
@@ -886,6 +894,11 @@ impl Applier {
                     }
                     () = self.load_ended.notified(), if self.reloading.is_some() => {
                         tracing::trace!("woken by a reload's load");
+                        break;
+                    }
+                    // Polled at once: it reads the silent commits that ended before.
+                    () = taking(&mut self.slot_waiter) => {
+                        tracing::trace!("woken by a busy slot taken");
                         break;
                     }
                     () = tokio::time::sleep_until(next) => {
@@ -1147,18 +1160,24 @@ impl Applier {
     /// Stops listening for 'auto' writers (`sync::busy`): they send nothing from now on,
     /// and the polls, every `--busy-poll-ms`, read their commits.
     async fn leave_slot(&mut self, client: &Client) -> Result<(), Error> {
-        let Some(slot) = self
-            .busy
-            .as_mut()
-            .and_then(|busy| busy.leave(Instant::now()))
-        else {
+        let Some(busy) = self.busy.as_mut() else {
             return Ok(());
         };
-        self.timed(
-            "letting the busy slot go",
-            client.query_one(busy::LEAVE_SLOT, &[&slot]),
-        )
-        .await?;
+        let waited = busy.waiting();
+        let slot = busy.leave(Instant::now());
+        // Dropped, the connection that waits for a slot or holds it lets it go.
+        let waiter = self.slot_waiter.take();
+        match slot {
+            Some(slot) if waiter.is_none() => {
+                self.timed(
+                    "letting the busy slot go",
+                    client.query_one(busy::LEAVE_SLOT, &[&slot]),
+                )
+                .await?;
+            }
+            None if !waited => return Ok(()),
+            _ => {}
+        }
         self.status.set_busy_polling(true);
         tracing::debug!(
             slot,
@@ -1168,6 +1187,36 @@ impl Applier {
         Ok(())
     }
 
+    /// Takes the slot the waiting connection took, or notes that its connection ended
+    /// (`sync::busy`). A slot taken is listened on from the next poll on, which reads
+    /// every silent commit.
+    fn slot_waited(&mut self) {
+        let Some(waiter) = self.slot_waiter.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(slot) = waiter.took() {
+            if let Some(busy) = self.busy.as_mut() {
+                busy.took(Some(slot), now);
+                self.status.set_busy_polling(busy.polling());
+            }
+            tracing::debug!(
+                slot,
+                "listening for writers with permd.notify = auto (the slot waited for)"
+            );
+        } else if waiter.ended() {
+            let held = waiter.held();
+            self.slot_waiter = None;
+            self.waiter_failed = Some(now);
+            if let Some(busy) = self.busy.as_mut() {
+                if held || busy.waiting() {
+                    busy.took(None, now);
+                    self.status.set_busy_polling(busy.polling());
+                }
+            }
+        }
+    }
+
     /// After a poll that read the changes of `read` transactions: takes a slot if it is
     /// time to listen again (`sync::busy`). True when one was taken where none was held.
     async fn take_slot(&mut self, client: &Client, read: usize) -> Result<bool, Error> {
@@ -1175,7 +1224,7 @@ impl Applier {
             .busy
             .as_mut()
             .is_some_and(|busy| busy.after_poll(read, Instant::now()));
-        Ok(time && self.try_slot(client).await?)
+        Ok(time && self.slot_waiter.is_none() && self.try_slot(client).await?)
     }
 
     /// Tries for a slot (`sync::busy`): true when one was taken.
@@ -1193,8 +1242,34 @@ impl Applier {
         }
         if slot.is_some() {
             tracing::debug!(slot, "listening for writers with permd.notify = auto");
+        } else {
+            self.wait_for_slot();
         }
         Ok(slot.is_some())
+    }
+
+    /// No slot was free: waits for one on a connection of its own, unless the last such
+    /// connection failed less than [`busy::WAITER_RETRY`] ago (`sync::busy`).
+    fn wait_for_slot(&mut self) {
+        let Some(busy) = self.busy.as_mut() else {
+            return;
+        };
+        let retry = self
+            .waiter_failed
+            .is_some_and(|failed| failed.elapsed() < busy::WAITER_RETRY);
+        if self.slot_waiter.is_some() || retry {
+            return;
+        }
+        busy.queued();
+        tracing::debug!(
+            "no busy slot free (a silent transaction of writers with permd.notify = auto is \
+             open, or eight daemons listen): waiting for one on a connection of its own"
+        );
+        self.slot_waiter = Some(SlotWaiter::spawn(
+            self.config.clone(),
+            self.own_settings(),
+            self.server.clone(),
+        ));
     }
 
     /// Counts a notification whose rows were not applied, and logs it (a flood of them
@@ -2113,35 +2188,83 @@ impl Applier {
     }
 }
 
-/// Opens the connection a reload beside the polls loads on, and checks that it reached
-/// `last`, the sync connection's server as it was when its session began (the load's
-/// snapshot must be of the same transactions as the polls'). Its notices and its end are
-/// left to a task of its own (of the caller's runtime), returned.
-async fn load_connection(
+/// Until the slot the waiting connection waits for is taken (`sync::busy`); never where
+/// there is none.
+async fn taking(waiter: &mut Option<SlotWaiter>) {
+    match waiter {
+        Some(waiter) => waiter.taking().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection permd opens beside the sync connection: what it is for names it in the
+/// log, in errors and in its `application_name`.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Second {
+    /// The connection a reload beside the polls loads on.
+    Reload,
+    /// The connection that waits for a busy slot, and holds it once taken (`sync::busy`).
+    Slot,
+}
+
+impl Second {
+    /// The connection, as the log and errors name it.
+    fn what(self) -> &'static str {
+        match self {
+            Self::Reload => "the reload's connection",
+            Self::Slot => "the busy slot's connection",
+        }
+    }
+
+    /// Its settings' round trip, as the log and errors name it.
+    fn settings(self) -> &'static str {
+        match self {
+            Self::Reload => "the reload's settings",
+            Self::Slot => "the busy slot's settings",
+        }
+    }
+
+    /// Its `application_name`, from the sync connection's (`name`).
+    fn name(self, name: Option<&str>) -> String {
+        match self {
+            Self::Reload => connect::reload_name(name),
+            Self::Slot => connect::slot_name(name),
+        }
+    }
+}
+
+/// Opens a connection beside the sync connection (`second`: a reload's, which loads
+/// beside the polls, or the busy slot's), and checks that it reached `last`, the sync
+/// connection's server as it was when its session began (a load's snapshot must be of
+/// the same transactions as the polls', and a slot held elsewhere would quiet writers
+/// no daemon hears). Its notices and its end are left to a task of its own (of the
+/// caller's runtime), returned.
+pub(super) async fn second_connection(
     config: &SyncConfig,
     own: &str,
     last: Option<&Server>,
+    second: Second,
 ) -> Result<(Client, Tap, JoinHandle<()>), Error> {
     let (mut pg, settings) = connect::config(&config.database_url)?;
     connect::daemon_defaults(&mut pg);
-    pg.application_name(connect::reload_name(pg.get_application_name()));
+    pg.application_name(second.name(pg.get_application_name()));
     let tap = Tap::default();
     let (client, connection) = timed(
         config.query_timeout,
-        "the reload's connection",
+        second.what(),
         connect::connect(&pg, &settings, &tap),
     )
     .await?;
     let driver = tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::debug!(error = %error_chain(&error), "the reload's connection ended");
+            tracing::debug!(error = %error_chain(&error), "{} ended", second.what());
         }
     });
     let opened = async {
         for statements in connect::first_statements(&pg, own) {
             timed(
                 config.query_timeout,
-                "the reload's settings",
+                second.settings(),
                 client.batch_execute(&statements),
             )
             .await?;
@@ -2150,8 +2273,8 @@ async fn load_connection(
         match last.map(|last| server.reload_since(last)) {
             Some(None) => Ok(()),
             Some(Some(why)) => Err(Error::Protocol(format!(
-                "the reload's connection reached another server than the sync \
-                 connection's ({why})"
+                "{} reached another server than the sync connection's ({why})",
+                second.what()
             ))),
             None => Err(Error::Protocol("no server known to the session".into())),
         }
@@ -2182,7 +2305,7 @@ struct ReloadThread {
 }
 
 /// A reload's load on a thread of its own (`permd-reload`), with a runtime of its own:
-/// its connection (`load_connection`, given `wait` to open), the COPY's rows read off its
+/// its connection (`second_connection`, given `wait` to open), the COPY's rows read off its
 /// socket, and the load (`loader::load`, whose builder has a thread of its own too), so
 /// that none of it takes the daemon's workers from checks and the applier.
 fn spawn_reload_thread(
@@ -2218,10 +2341,12 @@ fn spawn_reload_thread(
                 }
             };
             runtime.block_on(async move {
-                let connection =
-                    tokio::time::timeout(wait, load_connection(&config, &own, last.as_ref()))
-                        .await
-                        .unwrap_or(Err(Error::Timeout("the reload's connection", wait)));
+                let connection = tokio::time::timeout(
+                    wait,
+                    second_connection(&config, &own, last.as_ref(), Second::Reload),
+                )
+                .await
+                .unwrap_or(Err(Error::Timeout("the reload's connection", wait)));
                 let (mut client, tap, driver) = match connection {
                     Ok(connection) => connection,
                     Err(error) => {

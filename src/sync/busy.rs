@@ -11,14 +11,29 @@
 //! transaction is open (each holds every slot in share mode until it ends), so the poll
 //! made right after reads every silent commit, and writers ring again.
 //!
+//! A daemon that wants a slot when none is free (a silent transaction is open, or eight
+//! daemons listen already) queues for one on a connection of its own ([`SlotWaiter`]),
+//! and keeps polling. Postgres grants a lock in the order it was asked for: from the
+//! moment the daemon waits, a writer's try for that slot fails as if it were held, and
+//! writers ring; once the silent transactions before it end, the slot is the daemon's
+//! (held on that connection), and the poll made right after reads their commits. Until
+//! session 79 such a daemon tried again at each poll, polling every `--busy-poll-ms` for
+//! [`LINGER`] after the last change it found and then at the poll interval, so that while
+//! a silent transaction stayed open every `auto` write was seen only at the next poll.
+//!
 //! Nothing here can lose a commit: a silent commit is in the changelog, and a poll reads
-//! it. What a wrong decision costs is time: a daemon that cannot take a slot back (a
-//! silent transaction left open, or eight daemons listening already) polls every
-//! `--busy-poll-ms` for [`LINGER`] after the last change it found, then at the poll
-//! interval, trying again at each poll.
+//! it. What a wrong decision costs is time.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+
+use super::applier::{second_connection, timed, Second};
+use super::server::Server;
+use super::{error_chain, Error, SyncConfig};
 
 /// Takes the first free slot of the eight, exclusively, for the session: its number, or
 /// no row. The advisory locks' first key is 'prmd'; eight daemons can listen at once.
@@ -26,6 +41,31 @@ pub(crate) const TAKE_SLOT: &str = "SELECT s FROM generate_series(0, 7) s \
      WHERE pg_try_advisory_lock(1886547300, s) LIMIT 1";
 /// Lets the slot go (`$1`).
 pub(crate) const LEAVE_SLOT: &str = "SELECT pg_advisory_unlock(1886547300, $1)";
+/// The slot a daemon that found none free waits for: the first that no daemon of this
+/// database holds or waits for, else the first (eight daemons listen: it waits for one
+/// to let its slot go).
+const SLOT_TO_WAIT_FOR: &str = "SELECT coalesce(min(s), 0) FROM generate_series(0, 7) s \
+     WHERE NOT EXISTS (SELECT FROM pg_locks l WHERE l.locktype = 'advisory' \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND l.classid = 1886547300 AND l.objid = s::oid AND l.objsubid = 2 \
+         AND l.mode = 'ExclusiveLock')";
+/// Waits for slot `$1`, for the session, for as long as it takes. Two daemons that looked
+/// at once may wait for the same slot: the one that did not get it waits on while the
+/// other listens (writers ring for that one, and it hears them too), and takes the slot
+/// when the other lets it go. A wait the operator's `statement_timeout` cancels is begun
+/// again.
+const WAIT_FOR_SLOT: &str = "SELECT pg_advisory_lock(1886547300, $1)";
+/// The waiting connection's settings: no `lock_timeout` (the sync connection's, half the
+/// query timeout, would end the wait, and writers would go silent until it began again),
+/// and a wait let go (the daemon leaves, or its session ends) must leave the lock's queue
+/// at once, or writers would ring on for it: Postgres, waiting for a lock, notices a
+/// client gone only at `client_connection_check_interval`'s checks (14 and later; an
+/// older server keeps the wait until the lock is granted, and lets it go then).
+const WAITER_SETTINGS: &str = "SET lock_timeout = 0; \
+     SELECT set_config(name, '50', false) FROM pg_settings \
+         WHERE name = 'client_connection_check_interval'";
+/// How long after a connection that waited for a slot failed another may be opened.
+pub(crate) const WAITER_RETRY: Duration = Duration::from_secs(10);
 
 /// Transactions of 'auto' writers heard in [`BUSY_WINDOW`] that make the daemon poll
 /// instead.
@@ -46,6 +86,8 @@ pub(crate) struct Busy {
     interval: Option<Duration>,
     /// The slot held: listening.
     slot: Option<i32>,
+    /// Waiting for a slot, none held ([`SlotWaiter`]): writers ring meanwhile.
+    waiting: bool,
     /// When the recent 'auto' transactions were heard (at most [`BUSY_RINGS`]).
     rings: VecDeque<Instant>,
     /// The transaction last heard: its other statements' notifications follow it.
@@ -65,6 +107,7 @@ impl Busy {
         Self {
             interval,
             slot: None,
+            waiting: false,
             rings: VecDeque::with_capacity(BUSY_RINGS),
             last_xid: 0,
             last_change: None,
@@ -74,9 +117,11 @@ impl Busy {
     }
 
     /// A notification of transaction `xid`, an 'auto' writer's, arrived at `now`; true
-    /// when it is time to poll instead of listening ([`Self::leave`]).
+    /// when it is time to poll instead of listening, or of waiting to
+    /// ([`Self::leave`]).
     pub(crate) fn heard(&mut self, xid: u64, now: Instant) -> bool {
-        if self.interval.is_none() || self.slot.is_none() || xid == self.last_xid {
+        let rung = self.slot.is_some() || self.waiting;
+        if self.interval.is_none() || !rung || xid == self.last_xid {
             return false;
         }
         self.last_xid = xid;
@@ -91,14 +136,28 @@ impl Busy {
                 .is_some_and(|first| now.duration_since(*first) <= BUSY_WINDOW)
     }
 
-    /// Stops listening at `now`: the slot to let go, if one is held.
+    /// Stops listening, or waiting to, at `now`: the slot to let go, if one is held.
     pub(crate) fn leave(&mut self, now: Instant) -> Option<i32> {
         self.rings.clear();
-        let slot = self.slot.take()?;
-        self.last_change = Some(now);
-        self.left_at = Some(now);
-        self.found.clear();
-        Some(slot)
+        let waited = std::mem::take(&mut self.waiting);
+        let slot = self.slot.take();
+        if slot.is_some() || waited {
+            self.last_change = Some(now);
+            self.left_at = Some(now);
+            self.found.clear();
+        }
+        slot
+    }
+
+    /// Waits for a slot from now on ([`SlotWaiter`]): writers ring, and are counted as
+    /// if it listened.
+    pub(crate) fn queued(&mut self) {
+        self.waiting = self.slot.is_none();
+    }
+
+    /// Whether it waits for a slot.
+    pub(crate) fn waiting(&self) -> bool {
+        self.waiting
     }
 
     /// A poll ended at `now`, having read the changes of `transactions`: whether to try
@@ -126,10 +185,12 @@ impl Busy {
             && self.found.iter().map(|(_, read)| read).sum::<usize>() < CALM
     }
 
-    /// The try for a slot at `now` gave `slot`. None at a session's start: polling, as
-    /// if the slot had just been let go (silent transactions are open).
+    /// The try for a slot at `now` gave `slot` (or the wait for one did, or the slot
+    /// was lost with its connection: `None`). None at a session's start: polling, as if
+    /// the slot had just been let go (silent transactions are open).
     pub(crate) fn took(&mut self, slot: Option<i32>, now: Instant) {
         self.slot = slot;
+        self.waiting = false;
         if slot.is_some() {
             self.last_change = None;
             self.left_at = None;
@@ -159,6 +220,128 @@ impl Busy {
             _ => wait,
         }
     }
+}
+
+/// A connection of its own that waits for a slot, and holds it once taken, for a daemon
+/// that found none free: writers ring while it waits (Postgres grants the lock in turn,
+/// so their tries fail), and the slot is the daemon's once every silent transaction
+/// before it has ended. Dropped, it lets the slot or the wait go with its connection.
+#[derive(Debug)]
+pub(crate) struct SlotWaiter {
+    /// The slot, once taken.
+    taken: oneshot::Receiver<i32>,
+    /// The slot received.
+    slot: Option<i32>,
+    /// The slot received was given to the daemon ([`Self::took`]).
+    held: bool,
+    /// Its connection's task: ends with the connection, or with an error.
+    task: JoinHandle<()>,
+}
+
+impl Drop for SlotWaiter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SlotWaiter {
+    /// Opens the connection (to `server`, the sync connection's, with permd's settings
+    /// `own`) and waits.
+    pub(crate) fn spawn(config: SyncConfig, own: String, server: Option<Server>) -> Self {
+        let (taken, slot) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            if let Err(error) = wait_for_a_slot(&config, &own, server.as_ref(), taken).await {
+                tracing::info!(
+                    error = %error_chain(&error),
+                    "the connection that waits for a busy slot, or holds it, failed: polling \
+                     for writers with permd.notify = auto until a slot is free"
+                );
+            }
+        });
+        Self {
+            taken: slot,
+            slot: None,
+            held: false,
+            task,
+        }
+    }
+
+    /// The slot, if it was taken since the last call.
+    pub(crate) fn took(&mut self) -> Option<i32> {
+        if self.held {
+            return None;
+        }
+        if self.slot.is_none() {
+            self.slot = self.taken.try_recv().ok();
+        }
+        self.held = self.slot.is_some();
+        self.slot
+    }
+
+    /// Until the slot is taken, for [`Self::took`] to give; never once it was given
+    /// (cancel-safe).
+    pub(crate) async fn taking(&mut self) {
+        if self.held {
+            return std::future::pending().await;
+        }
+        if self.slot.is_none() {
+            match (&mut self.taken).await {
+                Ok(slot) => self.slot = Some(slot),
+                // Its task ended without one: the next poll finds it ended.
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Whether its connection ended: the slot, held or waited for, is gone.
+    pub(crate) fn ended(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Whether it holds the slot.
+    pub(crate) fn held(&self) -> bool {
+        self.held
+    }
+}
+
+/// [`SlotWaiter`]'s connection: waits for a slot, sends it through `taken`, and holds it
+/// until the connection ends (an error) or the task is dropped.
+async fn wait_for_a_slot(
+    config: &SyncConfig,
+    own: &str,
+    server: Option<&Server>,
+    taken: oneshot::Sender<i32>,
+) -> Result<(), Error> {
+    let (client, _tap, driver) = second_connection(config, own, server, Second::Slot).await?;
+    let limit = config.query_timeout;
+    timed(
+        limit,
+        "the busy slot's settings",
+        client.batch_execute(WAITER_SETTINGS),
+    )
+    .await?;
+    let slot = loop {
+        let slot: i32 = timed(
+            limit,
+            "the slot to wait for",
+            client.query_one(SLOT_TO_WAIT_FOR, &[]),
+        )
+        .await?
+        .try_get(0)?;
+        tracing::debug!(slot, "waiting for a busy slot");
+        match client.query_one(WAIT_FOR_SLOT, &[&slot]).await {
+            Ok(_) => break slot,
+            Err(error) if error.code() == Some(&SqlState::QUERY_CANCELED) => {}
+            Err(error) => return Err(error.into()),
+        }
+    };
+    if taken.send(slot).is_err() {
+        return Ok(());
+    }
+    // Held for as long as the connection is open: `client` lives as long.
+    let _ = driver.await;
+    drop(client);
+    Err(Error::Closed)
 }
 
 #[cfg(test)]
@@ -243,6 +426,36 @@ mod tests {
         busy.took(Some(0), last_change + 1010 * MS);
         assert!(!busy.after_poll(3, last_change + 1020 * MS));
         assert_eq!(busy.wait(second, last_change + 1020 * MS), second);
+    }
+
+    #[test]
+    fn a_daemon_waiting_for_a_slot_counts_rings_as_if_it_listened() {
+        let at = Instant::now();
+        let mut busy = Busy::new(Some(2 * MS));
+        busy.took(None, at);
+        // Neither listening nor waiting: not counted.
+        assert!(!(0..BUSY_RINGS as u32).any(|i| busy.heard(u64::from(i) + 10, at + i * MS)));
+        busy.queued();
+        assert!(busy.waiting() && busy.polling());
+        let heard: Vec<bool> = (0..BUSY_RINGS as u32)
+            .map(|i| busy.heard(u64::from(i) + 100, at + i * MS))
+            .collect();
+        assert!(heard[..BUSY_RINGS - 1].iter().all(|busy| !busy));
+        assert!(heard[BUSY_RINGS - 1]);
+        // The wait let go: no slot to let go, and a whole window of polls before calm.
+        assert_eq!(busy.leave(at + 50 * MS), None);
+        assert!(!busy.waiting() && busy.polling());
+        assert!(!busy.after_poll(0, at + 100 * MS));
+        assert!(busy.after_poll(0, at + 150 * MS));
+        // The slot waited for, taken.
+        busy.queued();
+        busy.took(Some(2), at + 151 * MS);
+        assert!(!busy.waiting() && !busy.polling());
+        // Lost with its connection: polling, as if just let go.
+        busy.took(None, at + 160 * MS);
+        assert!(busy.polling());
+        assert!(!busy.after_poll(0, at + 200 * MS));
+        assert!(busy.after_poll(0, at + 260 * MS));
     }
 
     #[test]

@@ -287,6 +287,12 @@ pub(crate) fn reload_name(name: Option<&str>) -> String {
     format!("{} (reload)", name.unwrap_or("permd"))
 }
 
+/// The `application_name` of the connection that waits for a busy slot, and holds it
+/// once taken (`sync::busy`): the sync connection's (`name`), told apart.
+pub(crate) fn slot_name(name: Option<&str>) -> String {
+    format!("{} (busy slot)", name.unwrap_or("permd"))
+}
+
 /// What `second` (a second connection's [`WHICH_SESSION`]) answers within `wait` (at
 /// most [`SECOND_SESSION_WAIT`]), for [`two_sessions`]. Where it answers nothing (the
 /// connection failed, or waited longer: a session pooler with one server session for
