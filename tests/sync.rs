@@ -2216,6 +2216,69 @@ async fn a_silent_auto_transaction_left_open_makes_permd_wait_for_a_slot_while_w
     daemon.stop().await;
 }
 
+/// A daemon whose polls fall behind `auto` writers (a poll reads a full batch) listens
+/// again, however fast they ring, where one that keeps up polls: the writers ring for
+/// the one that listens, with their rows, which it applies as they come. Two daemons on
+/// one database, the same writers: one reads 10,000 rows a poll and polls, the other,
+/// reading 5, listens. Fails if a daemon behind its writers goes on polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_polls_fall_behind_auto_writers_listens_however_fast_they_ring() {
+    let db = database().await;
+    let keeping_up = following(&db).await;
+    let mut config = doorbell_only(&db.url);
+    config.batch_rows = 5;
+    let behind = TestDaemon::start_with(config, patient()).await;
+    behind
+        .wait_for("following the notifications", || {
+            behind.status.report().following
+        })
+        .await;
+    wait_until("both listen", || async {
+        listening_daemons(&db).await == 2
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = auto_writers(&db, 4, &stop);
+    // The one behind polled too, once, before its polls fell behind.
+    wait_until(
+        "one polls, the other listens again, the writers writing",
+        || async {
+            let report = behind.status.report();
+            keeping_up.status.report().busy_polling
+                && report.busy_polling_started > 0
+                && !report.busy_polling
+                && listening_daemons(&db).await == 1
+        },
+    )
+    .await;
+    // Rings that would have made it poll (more than 50 in 100 ms) do not, now.
+    let listening = behind.status.report();
+    behind
+        .wait_for_report("writes applied from their notifications", |r| {
+            r.notified_changes >= listening.notified_changes + 200
+        })
+        .await;
+    let report = behind.status.report();
+    assert_eq!(
+        report.busy_polling_started, listening.busy_polling_started,
+        "{report:?}"
+    );
+    assert!(!report.busy_polling, "{report:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let expected = db.digest().await;
+    for daemon in [&keeping_up, &behind] {
+        wait_until("the mirror to equal the database", || {
+            std::future::ready(daemon.store.digest() == expected)
+        })
+        .await;
+    }
+    keeping_up.stop().await;
+    behind.stop().await;
+}
+
 /// Two daemons on one database each hold a slot of their own while they listen (writers
 /// ring while either does), both poll while `auto` writers come fast, and both listen
 /// again once they stop, every commit in both mirrors. Fails if a daemon could hold no

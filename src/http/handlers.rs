@@ -537,6 +537,7 @@ pub(super) async fn status(State(app): State<App>) -> ApiResult {
         "polls": report.polls,
         "following": report.following,
         "busy_polling": report.busy_polling,
+        "busy_polling_started": report.busy_polling_started,
         "standby": report.standby,
         "standby_lag_seconds": report.standby_lag_seconds,
         "clock_skew_seconds": report.clock_skew_seconds,

@@ -215,7 +215,7 @@ impl Metrics {
 
         let counts = store.counts();
         let report = status.report();
-        let gauges: [(&str, &str, &str, f64); 33] = [
+        let gauges: [(&str, &str, &str, f64); 34] = [
             ("permd_tuples", "gauge", "Stored tuple rows, expired ones included.", counts.tuples as f64),
             ("permd_subjects", "gauge", "Subjects with at least one tuple or limit.", counts.subjects as f64),
             ("permd_limits", "gauge", "Stored limit rows.", counts.limits as f64),
@@ -288,6 +288,7 @@ impl Metrics {
             ("permd_standby", "gauge", "1 while the sync connection reads a standby, where changes arrive by the poll after replay (no LISTEN).", f64::from(u8::from(report.standby))),
             ("permd_following", "gauge", "1 while committed changes are applied from their notifications, before the poll reads them.", f64::from(u8::from(report.following))),
             ("permd_busy_polling", "gauge", "1 while writers with permd.notify = 'auto' send no notifications, because they came too fast, and permd polls every --busy-poll-ms instead.", f64::from(u8::from(report.busy_polling))),
+            ("permd_busy_polling_started_total", "counter", "Times permd stopped listening for writers with permd.notify = 'auto' (or waiting for a slot to) and began polling for them every --busy-poll-ms.", report.busy_polling_started as f64),
             ("permd_notified_changes_total", "counter", "Statements applied from their notifications.", report.notified_changes as f64),
             ("permd_refused_notifications_total", "counter", "Notifications whose rows were not applied: unsigned, not verifying under permd.notify_key, or replayed (forged, or triggers older than migration 0006).", report.refused_notifications as f64),
             ("permd_dropped_notifications_total", "counter", "Notifications dropped because too many waited for the applier; their commits are read from the changelog.", report.dropped_notifications as f64),

@@ -813,7 +813,10 @@ impl Applier {
                 _ => 0,
             };
             let wait = match polled {
-                Polled::More => continue,
+                Polled::More => {
+                    self.fell_behind(&client).await?;
+                    continue;
+                }
                 // A change the load under way does not cover: nothing past it can be
                 // applied, so the polls wait for the load, and the next one calls for a
                 // reload again.
@@ -1178,7 +1181,7 @@ impl Applier {
             None if !waited => return Ok(()),
             _ => {}
         }
-        self.status.set_busy_polling(true);
+        self.status.busy_polling_started();
         tracing::debug!(
             slot,
             "writers with permd.notify = auto commit more than 500 transactions a second: \
@@ -1225,6 +1228,23 @@ impl Applier {
             .as_mut()
             .is_some_and(|busy| busy.after_poll(read, Instant::now()));
         Ok(time && self.slot_waiter.is_none() && self.try_slot(client).await?)
+    }
+
+    /// A poll read a full batch: a daemon polling for 'auto' writers listens again, its
+    /// polls having fallen behind them (`sync::busy::BEHIND_HOLD`).
+    async fn fell_behind(&mut self, client: &Client) -> Result<(), Error> {
+        let try_for_one = self
+            .busy
+            .as_mut()
+            .is_some_and(|busy| busy.behind(Instant::now()));
+        if try_for_one && self.slot_waiter.is_none() {
+            tracing::debug!(
+                "the polls for writers with permd.notify = auto fell behind them by a full \
+                 batch: listening again, for ten seconds at least"
+            );
+            self.try_slot(client).await?;
+        }
+        Ok(())
     }
 
     /// Tries for a slot (`sync::busy`): true when one was taken.

@@ -78,6 +78,12 @@ pub(crate) const CALM: usize = 25;
 /// How long after the last change found the daemon goes on polling every
 /// `--busy-poll-ms` while it cannot take a slot.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
+/// How long a daemon whose polls fell behind listens, however fast writers ring: a poll
+/// that reads a full batch (`--batch-rows`, 10,000) read less than was committed
+/// meanwhile, and notifications, applied as they arrive with their rows, follow faster
+/// (the writers then pace themselves on NOTIFY's lock, too). Large transactions (a
+/// hundred tuples each, at 500 a second) are written faster than a poll reads them.
+pub(crate) const BEHIND_HOLD: Duration = Duration::from_secs(10);
 
 /// Whether the daemon listens for 'auto' writers' notifications, and when to stop.
 #[derive(Debug)]
@@ -99,6 +105,9 @@ pub(crate) struct Busy {
     left_at: Option<Instant>,
     /// The transactions each poll of the last [`BUSY_WINDOW`] read, while polling.
     found: VecDeque<(Instant, usize)>,
+    /// Until when it listens however fast writers ring: its polls fell behind
+    /// ([`BEHIND_HOLD`]).
+    hold_until: Option<Instant>,
 }
 
 impl Busy {
@@ -113,6 +122,7 @@ impl Busy {
             last_change: None,
             left_at: None,
             found: VecDeque::new(),
+            hold_until: None,
         }
     }
 
@@ -121,7 +131,8 @@ impl Busy {
     /// ([`Self::leave`]).
     pub(crate) fn heard(&mut self, xid: u64, now: Instant) -> bool {
         let rung = self.slot.is_some() || self.waiting;
-        if self.interval.is_none() || !rung || xid == self.last_xid {
+        let held = self.hold_until.is_some_and(|until| now < until);
+        if self.interval.is_none() || !rung || held || xid == self.last_xid {
             return false;
         }
         self.last_xid = xid;
@@ -147,6 +158,18 @@ impl Busy {
             self.found.clear();
         }
         slot
+    }
+
+    /// A poll at `now` read a full batch: the daemon is behind by that much at least,
+    /// and listens for [`BEHIND_HOLD`] from now, however fast writers ring. True when it
+    /// holds no slot and waits for none: time to try for one.
+    pub(crate) fn behind(&mut self, now: Instant) -> bool {
+        if self.interval.is_none() {
+            return false;
+        }
+        self.hold_until = Some(now + BEHIND_HOLD);
+        self.rings.clear();
+        self.slot.is_none() && !self.waiting
     }
 
     /// Waits for a slot from now on ([`SlotWaiter`]): writers ring, and are counted as
@@ -456,6 +479,31 @@ mod tests {
         assert!(busy.polling());
         assert!(!busy.after_poll(0, at + 200 * MS));
         assert!(busy.after_poll(0, at + 260 * MS));
+    }
+
+    #[test]
+    fn polls_that_fall_behind_make_the_daemon_listen_however_fast_writers_ring() {
+        let (mut busy, at) = listening(Some(2 * MS));
+        assert_eq!(busy.leave(at), Some(3));
+        // A full batch while polling: time to try for a slot.
+        assert!(busy.behind(at + 10 * MS));
+        busy.queued();
+        // Already waiting: nothing more to do.
+        assert!(!busy.behind(at + 11 * MS));
+        busy.took(Some(4), at + 12 * MS);
+        // Rings as fast as they come do not make it leave for BEHIND_HOLD.
+        let fast = |busy: &mut Busy, from: Instant| {
+            (0..BUSY_RINGS as u32 * 2).any(|i| busy.heard(u64::from(i) + 10_000, from + i * MS / 4))
+        };
+        assert!(!fast(&mut busy, at + 20 * MS));
+        assert!(!fast(&mut busy, at + 9900 * MS));
+        // A later full batch holds it longer.
+        assert!(!busy.behind(at + 5000 * MS));
+        assert!(!fast(&mut busy, at + 14 * 1000 * MS));
+        assert!(fast(&mut busy, at + 15 * 1000 * MS + 10 * MS));
+        // Always listening: nothing to hold.
+        let (mut always, at) = listening(None);
+        assert!(!always.behind(at));
     }
 
     #[test]

@@ -35,6 +35,8 @@ struct Inner {
     /// 'auto' writers' commits are read by polls every `--busy-poll-ms`, no daemon slot
     /// held (`sync::busy`).
     busy_polling: AtomicBool,
+    /// Times it began to (`busy_polling_started`).
+    busy_polling_started: AtomicU64,
     /// The server is a standby (in recovery).
     standby: AtomicBool,
     /// How current the server is with its primary: [`Upstream`] as µs since the epoch,
@@ -138,6 +140,9 @@ pub struct StatusReport {
     /// second, so permd stopped listening for theirs: it polls every `--busy-poll-ms`
     /// instead, and they send none (migration 0010). False while it listens.
     pub busy_polling: bool,
+    /// Times permd stopped listening for `permd.notify = 'auto'` writers (or waiting for
+    /// a slot to) and began polling for them, since start.
+    pub busy_polling_started: u64,
     /// The server the sync connection reads is a standby (a read replica): it allows no
     /// LISTEN, so changes arrive by the poll, once the standby has replayed them.
     pub standby: bool,
@@ -198,6 +203,7 @@ impl Status {
             polls: i.polls.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
             busy_polling: i.busy_polling.load(Ordering::Relaxed),
+            busy_polling_started: i.busy_polling_started.load(Ordering::Relaxed),
             standby: i.standby.load(Ordering::Relaxed),
             standby_lag_seconds: match i.upstream_at.load(Ordering::Relaxed) {
                 UNBOUNDED | UNKNOWN => None,
@@ -358,6 +364,14 @@ impl Status {
 
     pub(crate) fn set_busy_polling(&self, busy: bool) {
         self.inner.busy_polling.store(busy, Ordering::Relaxed);
+    }
+
+    /// permd let its slot, or its wait for one, go, to poll for 'auto' writers.
+    pub(crate) fn busy_polling_started(&self) {
+        self.inner
+            .busy_polling_started
+            .fetch_add(1, Ordering::Relaxed);
+        self.set_busy_polling(true);
     }
 
     /// A statement was applied from its notification.
