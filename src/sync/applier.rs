@@ -626,6 +626,8 @@ impl Applier {
         let followed = self
             .follow(client, tap.clone(), heard, closed.as_mut(), shutdown)
             .await;
+        // A slot held on a connection of its own goes with the session (`sync::busy`).
+        self.slot_waiter = None;
         // A reload the session left unfinished is stopped, and the next session loads
         // again before it reads on: its polls may have passed the change that called for
         // it.
