@@ -1287,10 +1287,14 @@ impl Applier {
             "no busy slot free (a silent transaction of writers with permd.notify = auto is \
              open, or eight daemons listen): waiting for one on a connection of its own"
         );
+        let say = self
+            .waiter_failed
+            .is_none_or(|failed| failed.elapsed() >= busy::WAITER_QUIET);
         self.slot_waiter = Some(SlotWaiter::spawn(
             self.config.clone(),
             self.own_settings(),
             self.server.clone(),
+            say,
         ));
     }
 

@@ -66,6 +66,10 @@ const WAITER_SETTINGS: &str = "SET lock_timeout = 0; \
          WHERE name = 'client_connection_check_interval'";
 /// How long after a connection that waited for a slot failed another may be opened.
 pub(crate) const WAITER_RETRY: Duration = Duration::from_secs(10);
+/// A failure of that connection within this long of the last is logged at debug, not
+/// info: where permd's role may open no more connections, it would be said every
+/// [`WAITER_RETRY`].
+pub(crate) const WAITER_QUIET: Duration = Duration::from_secs(600);
 
 /// Transactions of 'auto' writers heard in [`BUSY_WINDOW`] that make the daemon poll
 /// instead.
@@ -269,16 +273,24 @@ impl Drop for SlotWaiter {
 
 impl SlotWaiter {
     /// Opens the connection (to `server`, the sync connection's, with permd's settings
-    /// `own`) and waits.
-    pub(crate) fn spawn(config: SyncConfig, own: String, server: Option<Server>) -> Self {
+    /// `own`) and waits. Its failure is logged at info if `say`, else at debug.
+    pub(crate) fn spawn(
+        config: SyncConfig,
+        own: String,
+        server: Option<Server>,
+        say: bool,
+    ) -> Self {
         let (taken, slot) = oneshot::channel();
         let task = tokio::spawn(async move {
             if let Err(error) = wait_for_a_slot(&config, &own, server.as_ref(), taken).await {
-                tracing::info!(
-                    error = %error_chain(&error),
-                    "the connection that waits for a busy slot, or holds it, failed: polling \
-                     for writers with permd.notify = auto until a slot is free"
-                );
+                const FAILED: &str = "the connection that waits for a busy slot, or holds it, \
+                     failed: polling for writers with permd.notify = auto until a slot is free";
+                let error = error_chain(&error);
+                if say {
+                    tracing::info!(error, "{FAILED}");
+                } else {
+                    tracing::debug!(error, "{FAILED}");
+                }
             }
         });
         Self {
