@@ -2216,6 +2216,57 @@ async fn a_silent_auto_transaction_left_open_makes_permd_wait_for_a_slot_while_w
     daemon.stop().await;
 }
 
+/// A daemon that may open no connection to wait for a slot on (its role's `CONNECTION
+/// LIMIT`), starting while a silent `permd.notify = auto` transaction is open, polls for
+/// `auto` writers as it did before it could wait: it loads and follows, and once the
+/// transaction ends, reads its commit and takes a slot on the sync connection. Fails if
+/// a waiting connection that failed kept the daemon from trying again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_cannot_open_a_connection_to_wait_for_a_slot_polls_until_one_is_free() {
+    let db = database().await;
+    let (pool, url) = db
+        .role(
+            "one",
+            "GRANT USAGE ON SCHEMA permd TO {role};
+             GRANT SELECT ON permd.tuples, permd.limits, permd.changelog, permd.retention,
+                 permd.notify_key TO {role};
+             ALTER ROLE {role} CONNECTION LIMIT 2;",
+        )
+        .await;
+    // The helper's pool holds one of the two: the daemon may hold one more.
+    assert_eq!(pool.size(), 1);
+    let mut open = db.pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL permd.notify = auto")
+        .execute(&mut *open)
+        .await
+        .expect("set");
+    sqlx::query("INSERT INTO permd.tuples VALUES ('open', 'doc', 'read', NULL)")
+        .execute(&mut *open)
+        .await
+        .expect("write");
+    let rings: String = sqlx::query_scalar("SELECT current_setting('permd.rings')")
+        .fetch_one(&mut *open)
+        .await
+        .expect("permd.rings");
+    assert_eq!(rings, "no");
+    let daemon = loads_and_follows(&db, polling_every(&url, Duration::from_millis(200))).await;
+    let report = daemon.status.report();
+    assert!(report.busy_polling, "{report:?}");
+    assert_eq!((report.reconnects, report.last_error), (0, None));
+    assert_eq!(listening_daemons(&db).await, 0);
+    assert_eq!(db.sessions_named("permd (busy slot)").await, 0);
+    open.commit().await.expect("commit");
+    daemon
+        .wait_for("the open write, and listening", || {
+            daemon.store.check("open", "read", "doc") && !daemon.status.report().busy_polling
+        })
+        .await;
+    assert_eq!(listening_daemons(&db).await, 1);
+    assert_eq!(db.sessions_named("permd (busy slot)").await, 0);
+    daemon.stop().await;
+    drop(pool);
+}
+
 /// A daemon whose polls fall behind `auto` writers (a poll reads a full batch) listens
 /// again, however fast they ring, where one that keeps up polls: the writers ring for
 /// the one that listens, with their rows, which it applies as they come. Two daemons on

@@ -261,6 +261,8 @@ pub(crate) struct SlotWaiter {
     slot: Option<i32>,
     /// The slot received was given to the daemon ([`Self::took`]).
     held: bool,
+    /// The task ended without sending a slot (`taken` is not to be awaited again).
+    closed: bool,
     /// Its connection's task: ends with the connection, or with an error.
     task: JoinHandle<()>,
 }
@@ -297,17 +299,22 @@ impl SlotWaiter {
             taken: slot,
             slot: None,
             held: false,
+            closed: false,
             task,
         }
     }
 
     /// The slot, if it was taken since the last call.
     pub(crate) fn took(&mut self) -> Option<i32> {
-        if self.held {
+        if self.held || self.closed {
             return None;
         }
         if self.slot.is_none() {
-            self.slot = self.taken.try_recv().ok();
+            match self.taken.try_recv() {
+                Ok(slot) => self.slot = Some(slot),
+                Err(oneshot::error::TryRecvError::Closed) => self.closed = true,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
         }
         self.held = self.slot.is_some();
         self.slot
@@ -316,21 +323,24 @@ impl SlotWaiter {
     /// Until the slot is taken, for [`Self::took`] to give; never once it was given
     /// (cancel-safe).
     pub(crate) async fn taking(&mut self) {
-        if self.held {
+        if self.held || self.closed {
             return std::future::pending().await;
         }
         if self.slot.is_none() {
             match (&mut self.taken).await {
                 Ok(slot) => self.slot = Some(slot),
                 // Its task ended without one: the next poll finds it ended.
-                Err(_) => std::future::pending().await,
+                Err(_) => {
+                    self.closed = true;
+                    std::future::pending::<()>().await;
+                }
             }
         }
     }
 
     /// Whether its connection ended: the slot, held or waited for, is gone.
     pub(crate) fn ended(&self) -> bool {
-        self.task.is_finished()
+        self.closed || self.task.is_finished()
     }
 
     /// Whether it holds the slot.
