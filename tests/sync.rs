@@ -1072,6 +1072,22 @@ async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows(
     daemon.stop().await;
 }
 
+/// A role that may read permd's tables and hold two connections, one of them held by
+/// the returned pool: a daemon as this role (the URL) may open one more.
+async fn role_with_one_connection_to_spare(db: &TestDb) -> (sqlx::PgPool, String) {
+    let (pool, url) = db
+        .role(
+            "one",
+            "GRANT USAGE ON SCHEMA permd TO {role};
+             GRANT SELECT ON permd.tuples, permd.limits, permd.changelog, permd.retention,
+                 permd.notify_key TO {role};
+             ALTER ROLE {role} CONNECTION LIMIT 2;",
+        )
+        .await;
+    assert_eq!(pool.size(), 1);
+    (pool, url)
+}
+
 /// A daemon whose role may hold one connection more (`CONNECTION LIMIT`) loads and
 /// follows. Speaking to Postgres itself, it opens no second connection to ask which
 /// server session the first has (`connect::alone_in_its_session`; the next test); before
@@ -1082,17 +1098,7 @@ async fn through_pgbouncer_with_one_server_session_the_daemon_loads_and_follows(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_whose_role_may_open_no_second_connection_loads_and_follows() {
     let db = database().await;
-    let (pool, url) = db
-        .role(
-            "one",
-            "GRANT USAGE ON SCHEMA permd TO {role};
-             GRANT SELECT ON permd.tuples, permd.limits, permd.changelog, permd.retention,
-                 permd.notify_key TO {role};
-             ALTER ROLE {role} CONNECTION LIMIT 2;",
-        )
-        .await;
-    // The helper's pool holds one of the two: the daemon may hold one more.
-    assert_eq!(pool.size(), 1);
+    let (pool, url) = role_with_one_connection_to_spare(&db).await;
     let daemon = loads_and_follows(&db, doorbell_only(&url)).await;
     let report = daemon.status.report();
     assert_eq!((report.reconnects, report.last_error), (0, None));
@@ -2007,6 +2013,29 @@ async fn heard_until(listener: &mut sqlx::postgres::PgListener, marker: &str) ->
     }
 }
 
+/// A transaction, left open, that writes `subject` with `permd.notify = auto`, and
+/// whether it rings (`permd.rings`: `yes` or `no`).
+async fn auto_write(
+    db: &TestDb,
+    subject: &str,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, String) {
+    let mut tx = db.pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL permd.notify = auto")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    sqlx::query("INSERT INTO permd.tuples VALUES ($1, 'doc', 'read', NULL)")
+        .bind(subject)
+        .execute(&mut *tx)
+        .await
+        .expect("write");
+    let rings: String = sqlx::query_scalar("SELECT current_setting('permd.rings')")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("permd.rings");
+    (tx, rings)
+}
+
 /// Once `daemon` polls for the busy writers, a transaction that writes `subject` with
 /// `permd.notify = auto` and decides to stay silent (a daemon that stalled long enough
 /// for its polls to look calm may have listened again meanwhile: then tried again), left
@@ -2021,20 +2050,7 @@ async fn silent_write(
         daemon
             .wait_for_report("busy polling", |r| r.busy_polling)
             .await;
-        let mut tx = db.pool.begin().await.expect("begin");
-        sqlx::query("SET LOCAL permd.notify = auto")
-            .execute(&mut *tx)
-            .await
-            .expect("set");
-        sqlx::query("INSERT INTO permd.tuples VALUES ($1, 'doc', 'read', NULL)")
-            .bind(subject)
-            .execute(&mut *tx)
-            .await
-            .expect("write");
-        let rings: String = sqlx::query_scalar("SELECT current_setting('permd.rings')")
-            .fetch_one(&mut *tx)
-            .await
-            .expect("permd.rings");
+        let (tx, rings) = auto_write(db, subject).await;
         if rings == "no" {
             assert_eq!(listening_daemons(db).await, 0);
             return tx;
@@ -2164,21 +2180,9 @@ async fn a_silent_auto_transaction_left_open_makes_permd_wait_for_a_slot_while_w
     assert_eq!(listening_daemons(&db).await, 0);
     assert_eq!(db.sessions_named("permd (busy slot)").await, 1);
 
-    let mut tx = db.pool.begin().await.expect("begin");
-    sqlx::query("SET LOCAL permd.notify = auto")
-        .execute(&mut *tx)
-        .await
-        .expect("set");
-    sqlx::query("INSERT INTO permd.tuples VALUES ('rung', 'doc', 'read', NULL)")
-        .execute(&mut *tx)
-        .await
-        .expect("write");
-    let rings: String = sqlx::query_scalar("SELECT current_setting('permd.rings')")
-        .fetch_one(&mut *tx)
-        .await
-        .expect("permd.rings");
+    let (rung, rings) = auto_write(&db, "rung").await;
     assert_eq!(rings, "yes");
-    tx.commit().await.expect("commit");
+    rung.commit().await.expect("commit");
     daemon
         .wait_for_report("the write applied from its notification", |r| {
             r.notified_changes == report.notified_changes + 1
@@ -2224,30 +2228,8 @@ async fn a_silent_auto_transaction_left_open_makes_permd_wait_for_a_slot_while_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_that_cannot_open_a_connection_to_wait_for_a_slot_polls_until_one_is_free() {
     let db = database().await;
-    let (pool, url) = db
-        .role(
-            "one",
-            "GRANT USAGE ON SCHEMA permd TO {role};
-             GRANT SELECT ON permd.tuples, permd.limits, permd.changelog, permd.retention,
-                 permd.notify_key TO {role};
-             ALTER ROLE {role} CONNECTION LIMIT 2;",
-        )
-        .await;
-    // The helper's pool holds one of the two: the daemon may hold one more.
-    assert_eq!(pool.size(), 1);
-    let mut open = db.pool.begin().await.expect("begin");
-    sqlx::query("SET LOCAL permd.notify = auto")
-        .execute(&mut *open)
-        .await
-        .expect("set");
-    sqlx::query("INSERT INTO permd.tuples VALUES ('open', 'doc', 'read', NULL)")
-        .execute(&mut *open)
-        .await
-        .expect("write");
-    let rings: String = sqlx::query_scalar("SELECT current_setting('permd.rings')")
-        .fetch_one(&mut *open)
-        .await
-        .expect("permd.rings");
+    let (pool, url) = role_with_one_connection_to_spare(&db).await;
+    let (open, rings) = auto_write(&db, "open").await;
     assert_eq!(rings, "no");
     let daemon = loads_and_follows(&db, polling_every(&url, Duration::from_millis(200))).await;
     let report = daemon.status.report();
