@@ -2249,6 +2249,59 @@ async fn a_daemon_that_cannot_open_a_connection_to_wait_for_a_slot_polls_until_o
     drop(pool);
 }
 
+/// Through PgBouncer in session mode, a daemon that starts while a silent
+/// `permd.notify = auto` transaction is open waits for a slot on a connection of its own
+/// through the pooler, and writers ring meanwhile. When they ring fast enough for it to
+/// poll instead, it lets the wait go, and cancels it: PgBouncer keeps the server
+/// connection of a client gone mid-query, wait and all. Once the writers stop, it waits
+/// again, and takes the slot when the transaction ends. Fails if a wait let go through
+/// the pooler stays queued (writers would ring on for no daemon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_pgbouncer_a_wait_for_a_slot_let_go_is_cancelled() {
+    let db = database().await;
+    let (_bouncer, url) = Bouncer::in_front_of(&db.url, PoolMode::Session);
+    let (open, rings) = auto_write(&db, "open").await;
+    assert_eq!(rings, "no");
+    let daemon = loads_and_follows(&db, doorbell_only(&url)).await;
+    wait_until("permd waits for a slot", || async {
+        db.lock_waiters().await == 1
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = auto_writers(&db, 4, &stop);
+    daemon
+        .wait_for_report("the wait let go, to poll", |r| r.busy_polling_started > 0)
+        .await;
+    wait_until("the wait gone from the lock's queue", || async {
+        db.lock_waiters().await == 0
+    })
+    .await;
+    let (silent, rings) = auto_write(&db, "silent").await;
+    assert_eq!(rings, "no");
+    silent.commit().await.expect("commit");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    wait_until("permd waits again", || async {
+        db.lock_waiters().await == 1
+    })
+    .await;
+    open.commit().await.expect("commit");
+    daemon
+        .wait_for("the open write, and listening", || {
+            daemon.store.check("open", "read", "doc") && !daemon.status.report().busy_polling
+        })
+        .await;
+    assert_eq!(listening_daemons(&db).await, 1);
+    let expected = db.digest().await;
+    wait_until("the mirror to equal the database", || {
+        std::future::ready(daemon.store.digest() == expected)
+    })
+    .await;
+    daemon.stop().await;
+}
+
 /// A daemon whose polls fall behind `auto` writers (a poll reads a full batch) listens
 /// again, however fast they ring, where one that keeps up polls: the writers ring for
 /// the one that listens, with their rows, which it applies as they come. Two daemons on

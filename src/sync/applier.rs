@@ -1170,10 +1170,21 @@ impl Applier {
         };
         let waited = busy.waiting();
         let slot = busy.leave(Instant::now());
-        // Dropped, the connection that waits for a slot or holds it lets it go.
+        // Dropped, the connection that waits for a slot or holds it lets it go; a wait
+        // is cancelled too, which a pooler between would keep (`busy::CANCEL_WAIT`).
         let waiter = self.slot_waiter.take();
+        let waiting = waiter.as_ref().and_then(SlotWaiter::waiting_process);
+        let had_waiter = waiter.is_some();
+        drop(waiter);
+        if let Some(process) = waiting {
+            self.timed(
+                "cancelling the wait for a busy slot",
+                client.query_one(busy::CANCEL_WAIT, &[&process]),
+            )
+            .await?;
+        }
         match slot {
-            Some(slot) if waiter.is_none() => {
+            Some(slot) if !had_waiter => {
                 self.timed(
                     "letting the busy slot go",
                     client.query_one(busy::LEAVE_SLOT, &[&slot]),

@@ -25,6 +25,8 @@
 //! it. What a wrong decision costs is time.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -64,6 +66,11 @@ const WAIT_FOR_SLOT: &str = "SELECT pg_advisory_lock(1886547300, $1)";
 const WAITER_SETTINGS: &str = "SET lock_timeout = 0; \
      SELECT set_config(name, '50', false) FROM pg_settings \
          WHERE name = 'client_connection_check_interval'";
+/// Cancels the wait of the server process `$1` (the waiting connection's), let go: a
+/// pooler between (PgBouncer) keeps a server connection whose client left mid-query,
+/// and the wait with it, until the lock is granted. A role may cancel its own sessions'
+/// statements.
+pub(crate) const CANCEL_WAIT: &str = "SELECT pg_cancel_backend($1)";
 /// How long after a connection that waited for a slot failed another may be opened.
 pub(crate) const WAITER_RETRY: Duration = Duration::from_secs(10);
 /// A failure of that connection within this long of the last is logged at debug, not
@@ -265,6 +272,8 @@ pub(crate) struct SlotWaiter {
     closed: bool,
     /// Its connection's task: ends with the connection, or with an error.
     task: JoinHandle<()>,
+    /// Its server process (`pg_backend_pid()`; 0 until known).
+    process: Arc<AtomicI32>,
 }
 
 impl Drop for SlotWaiter {
@@ -283,8 +292,11 @@ impl SlotWaiter {
         say: bool,
     ) -> Self {
         let (taken, slot) = oneshot::channel();
+        let process = Arc::new(AtomicI32::new(0));
+        let its = Arc::clone(&process);
         let task = tokio::spawn(async move {
-            if let Err(error) = wait_for_a_slot(&config, &own, server.as_ref(), taken).await {
+            let waited = wait_for_a_slot(&config, &own, server.as_ref(), taken, &its);
+            if let Err(error) = waited.await {
                 const FAILED: &str = "the connection that waits for a busy slot, or holds it, \
                      failed: polling for writers with permd.notify = auto until a slot is free";
                 let error = error_chain(&error);
@@ -301,7 +313,15 @@ impl SlotWaiter {
             held: false,
             closed: false,
             task,
+            process,
         }
+    }
+
+    /// The server process that waits for the slot (not once taken), for
+    /// [`CANCEL_WAIT`] when the wait is let go.
+    pub(crate) fn waiting_process(&self) -> Option<i32> {
+        let process = self.process.load(Ordering::Relaxed);
+        (!self.held && self.slot.is_none() && !self.closed && process != 0).then_some(process)
     }
 
     /// The slot, if it was taken since the last call.
@@ -356,6 +376,7 @@ async fn wait_for_a_slot(
     own: &str,
     server: Option<&Server>,
     taken: oneshot::Sender<i32>,
+    process: &AtomicI32,
 ) -> Result<(), Error> {
     let (client, _tap, driver) = second_connection(config, own, server, Second::Slot).await?;
     let limit = config.query_timeout;
@@ -365,6 +386,14 @@ async fn wait_for_a_slot(
         client.batch_execute(WAITER_SETTINGS),
     )
     .await?;
+    let its: i32 = timed(
+        limit,
+        "the busy slot's process",
+        client.query_one("SELECT pg_backend_pid()", &[]),
+    )
+    .await?
+    .try_get(0)?;
+    process.store(its, Ordering::Relaxed);
     let slot = loop {
         let slot: i32 = timed(
             limit,
