@@ -1675,11 +1675,7 @@ async fn notifications_alone_carry_every_committed_change() {
          INSERT INTO permd.tuples VALUES ('ünïcødé \"quoted\"', 'dôc', 'réad', NULL);",
     )
     .await;
-    let expected = db.digest().await;
-    wait_until("the mirror to equal the database", || {
-        std::future::ready(daemon.store.digest() == expected)
-    })
-    .await;
+    mirrors_the_database(&db, &daemon).await;
     let report = daemon.status.report();
     assert_eq!(
         daemon.store.watermark(),
@@ -1963,6 +1959,15 @@ async fn listening_daemons(db: &TestDb) -> i64 {
     .expect("pg_locks")
 }
 
+/// Until `daemon`'s mirror equals the database.
+async fn mirrors_the_database(db: &TestDb, daemon: &TestDaemon) {
+    let expected = db.digest().await;
+    wait_until("the mirror to equal the database", || {
+        std::future::ready(daemon.store.digest() == expected)
+    })
+    .await;
+}
+
 /// Writers with `permd.notify = auto` until `stop`: one transaction of one tuple each, as
 /// fast as they go, each writer on subjects of its own.
 fn auto_writers(
@@ -2123,11 +2128,7 @@ async fn auto_writers_ring_while_permd_listens_and_are_polled_for_while_they_com
     assert_eq!(listening_daemons(&db).await, 1);
     assert!(written >= 50, "{written} written");
     // Every commit is in the mirror, whether rung or polled for.
-    let expected = db.digest().await;
-    wait_until("the mirror to equal the database", || {
-        std::future::ready(daemon.store.digest() == expected)
-    })
-    .await;
+    mirrors_the_database(&db, &daemon).await;
     db.write(
         "SET LOCAL permd.notify = auto;
          INSERT INTO permd.tuples VALUES ('rung again', 'doc', 'read', NULL);",
@@ -2212,11 +2213,7 @@ async fn a_silent_auto_transaction_left_open_makes_permd_wait_for_a_slot_while_w
         },
     )
     .await;
-    let expected = db.digest().await;
-    wait_until("the mirror to equal the database", || {
-        std::future::ready(daemon.store.digest() == expected)
-    })
-    .await;
+    mirrors_the_database(&db, &daemon).await;
     daemon.stop().await;
 }
 
@@ -2294,11 +2291,7 @@ async fn through_pgbouncer_a_wait_for_a_slot_let_go_is_cancelled() {
         })
         .await;
     assert_eq!(listening_daemons(&db).await, 1);
-    let expected = db.digest().await;
-    wait_until("the mirror to equal the database", || {
-        std::future::ready(daemon.store.digest() == expected)
-    })
-    .await;
+    mirrors_the_database(&db, &daemon).await;
     daemon.stop().await;
 }
 
@@ -2354,12 +2347,8 @@ async fn a_daemon_whose_polls_fall_behind_auto_writers_listens_however_fast_they
     for writer in writers {
         writer.await.expect("writer");
     }
-    let expected = db.digest().await;
     for daemon in [&keeping_up, &behind] {
-        wait_until("the mirror to equal the database", || {
-            std::future::ready(daemon.store.digest() == expected)
-        })
-        .await;
+        mirrors_the_database(&db, daemon).await;
     }
     keeping_up.stop().await;
     behind.stop().await;
@@ -2395,12 +2384,8 @@ async fn two_daemons_each_listen_on_a_slot_of_their_own_and_both_poll_while_writ
             .await;
     }
     assert_eq!(listening_daemons(&db).await, 2);
-    let expected = db.digest().await;
     for daemon in [&first, &second] {
-        wait_until("the mirror to equal the database", || {
-            std::future::ready(daemon.store.digest() == expected)
-        })
-        .await;
+        mirrors_the_database(&db, daemon).await;
     }
     first.stop().await;
     second.stop().await;
