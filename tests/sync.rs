@@ -1999,6 +1999,19 @@ fn auto_writers(
         .collect()
 }
 
+/// Stops the [`auto_writers`] and waits for them: the transactions they wrote.
+async fn stop_writers(
+    stop: &std::sync::atomic::AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<usize>>,
+) -> usize {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.expect("writer");
+    }
+    written
+}
+
 /// The next notification's payload that mentions `marker`, and whether any before it did
 /// not.
 async fn heard_until(listener: &mut sqlx::postgres::PgListener, marker: &str) -> Vec<String> {
@@ -2117,11 +2130,7 @@ async fn auto_writers_ring_while_permd_listens_and_are_polled_for_while_they_com
         })
         .await;
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut written = 0;
-    for writer in writers {
-        written += writer.await.expect("writer");
-    }
+    let written = stop_writers(&stop, writers).await;
     daemon
         .wait_for_report("listening again", |r| !r.busy_polling)
         .await;
@@ -2167,10 +2176,7 @@ async fn a_silent_auto_transaction_left_open_makes_permd_wait_for_a_slot_while_w
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers = auto_writers(&db, 4, &stop);
     let open = silent_write(&daemon, &db, "open").await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for writer in writers {
-        writer.await.expect("writer");
-    }
+    stop_writers(&stop, writers).await;
     // Calm, it tries for a slot, finds none free, and waits for one.
     wait_until("permd waits for a slot", || async {
         db.lock_waiters().await == 1
@@ -2276,10 +2282,7 @@ async fn through_pgbouncer_a_wait_for_a_slot_let_go_is_cancelled() {
     let (silent, rings) = auto_write(&db, "silent").await;
     assert_eq!(rings, "no");
     silent.commit().await.expect("commit");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for writer in writers {
-        writer.await.expect("writer");
-    }
+    stop_writers(&stop, writers).await;
     wait_until("permd waits again", || async {
         db.lock_waiters().await == 1
     })
@@ -2343,10 +2346,7 @@ async fn a_daemon_whose_polls_fall_behind_auto_writers_listens_however_fast_they
         "{report:?}"
     );
     assert!(!report.busy_polling, "{report:?}");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for writer in writers {
-        writer.await.expect("writer");
-    }
+    stop_writers(&stop, writers).await;
     for daemon in [&keeping_up, &behind] {
         mirrors_the_database(&db, daemon).await;
     }
@@ -2374,10 +2374,7 @@ async fn two_daemons_each_listen_on_a_slot_of_their_own_and_both_poll_while_writ
             .wait_for_report("busy polling", |r| r.busy_polling)
             .await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for writer in writers {
-        writer.await.expect("writer");
-    }
+    stop_writers(&stop, writers).await;
     for daemon in [&first, &second] {
         daemon
             .wait_for_report("listening again", |r| !r.busy_polling)
